@@ -1,0 +1,313 @@
+//! SPIFFE identities and a node's loaded credentials.
+//!
+//! A node's name is never what a peer says: it is the path of the SPIFFE URI
+//! SAN (`spiffe://<trust-domain>/node/<name>`) in a certificate that verified
+//! against the mesh CA. This module parses those IDs out of DER certificates
+//! and loads a node's PEM files into the form rustls wants.
+
+use std::fmt;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+use crate::TransportError;
+
+/// What a SPIFFE ID names inside a trust domain.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Workload {
+    /// `spiffe://<td>/node/<name>`
+    Node(String),
+    /// `spiffe://<td>/tenant/<t>/agent/<a>`
+    Agent { tenant: String, agent: String },
+    /// `spiffe://<td>` with no path: the trust domain itself (carried by the CA).
+    TrustDomain,
+}
+
+/// A parsed `spiffe://` URI.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SpiffeId {
+    pub trust_domain: String,
+    pub workload: Workload,
+}
+
+/// Names (trust domains, node names, tenants, agents) are DNS-label-like so
+/// they can appear in SPIFFE paths and in `<agent>.<tenant>.dmsc` host names.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+/// Trust domains may hold dots (`mesh.example.org`), each label a [`valid_name`].
+pub fn valid_trust_domain(td: &str) -> bool {
+    td.len() <= 253 && td.split('.').all(valid_name)
+}
+
+impl SpiffeId {
+    pub fn node(trust_domain: &str, name: &str) -> Self {
+        SpiffeId {
+            trust_domain: trust_domain.to_string(),
+            workload: Workload::Node(name.to_string()),
+        }
+    }
+
+    pub fn trust_domain(trust_domain: &str) -> Self {
+        SpiffeId {
+            trust_domain: trust_domain.to_string(),
+            workload: Workload::TrustDomain,
+        }
+    }
+
+    /// Parses `spiffe://td[/path]`, refusing anything this mesh does not issue.
+    pub fn parse(uri: &str) -> Result<Self, TransportError> {
+        let bad = |why: &str| TransportError::Identity(format!("`{uri}`: {why}"));
+        let rest = uri
+            .strip_prefix("spiffe://")
+            .ok_or_else(|| bad("not a spiffe:// URI"))?;
+        let (td, path) = match rest.split_once('/') {
+            Some((td, path)) => (td, Some(path)),
+            None => (rest, None),
+        };
+        if !valid_trust_domain(td) {
+            return Err(bad("invalid trust domain"));
+        }
+        let segments: Vec<&str> = path.map(|p| p.split('/').collect()).unwrap_or_default();
+        let workload = match segments.as_slice() {
+            [] => Workload::TrustDomain,
+            ["node", name] if valid_name(name) => Workload::Node(name.to_string()),
+            ["tenant", t, "agent", a] if valid_name(t) && valid_name(a) => Workload::Agent {
+                tenant: t.to_string(),
+                agent: a.to_string(),
+            },
+            _ => return Err(bad("path is neither /node/<name> nor /tenant/<t>/agent/<a>")),
+        };
+        Ok(SpiffeId {
+            trust_domain: td.to_string(),
+            workload,
+        })
+    }
+
+    /// The node name, if this ID names a node.
+    pub fn node_name(&self) -> Option<&str> {
+        match &self.workload {
+            Workload::Node(n) => Some(n),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "spiffe://{}", self.trust_domain)?;
+        match &self.workload {
+            Workload::Node(n) => write!(f, "/node/{n}"),
+            Workload::Agent { tenant, agent } => write!(f, "/tenant/{tenant}/agent/{agent}"),
+            Workload::TrustDomain => Ok(()),
+        }
+    }
+}
+
+/// The facts about a certificate that the mesh acts on.
+#[derive(Debug, Clone)]
+pub struct CertInfo {
+    pub spiffe: SpiffeId,
+    pub subject: String,
+    pub issuer: String,
+    pub serial_hex: String,
+    pub not_after: SystemTime,
+}
+
+/// Reads the single SPIFFE URI SAN and the validity of a DER certificate.
+pub fn cert_info(der: &[u8]) -> Result<CertInfo, TransportError> {
+    let (_, cert) = X509Certificate::from_der(der)
+        .map_err(|e| TransportError::Identity(format!("unparsable certificate: {e}")))?;
+    let mut spiffe = None;
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let GeneralName::URI(uri) = name {
+                if uri.starts_with("spiffe://") {
+                    if spiffe.is_some() {
+                        return Err(TransportError::Identity(
+                            "more than one SPIFFE URI SAN".into(),
+                        ));
+                    }
+                    spiffe = Some(SpiffeId::parse(uri)?);
+                }
+            }
+        }
+    }
+    let spiffe = spiffe.ok_or_else(|| {
+        TransportError::Identity(format!(
+            "certificate `{}` carries no spiffe:// URI SAN",
+            cert.subject()
+        ))
+    })?;
+    let secs = cert.validity().not_after.timestamp();
+    let not_after = SystemTime::UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64);
+    Ok(CertInfo {
+        spiffe,
+        subject: cert.subject().to_string(),
+        issuer: cert.issuer().to_string(),
+        serial_hex: cert.raw_serial_as_string().replace(':', ""),
+        not_after,
+    })
+}
+
+/// Issuer distinguished name of a DER certificate, for error messages.
+pub fn issuer_of(der: &[u8]) -> String {
+    X509Certificate::from_der(der)
+        .map(|(_, c)| c.issuer().to_string())
+        .unwrap_or_else(|_| "<unparsable certificate>".into())
+}
+
+/// A node's credentials: its chain, its key, the mesh CA roots and the
+/// identity its own certificate carries.
+#[derive(Debug)]
+pub struct NodeIdentity {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    pub roots: Vec<CertificateDer<'static>>,
+    pub spiffe: SpiffeId,
+    pub info: CertInfo,
+    /// Subjects of the CA roots, for messages such as "expected the mesh CA `CN=..`".
+    pub root_subjects: Vec<String>,
+}
+
+impl NodeIdentity {
+    /// Loads `ca.pem` (one or more roots), `node.pem` (leaf first) and `node.key`.
+    pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TransportError> {
+        let ca_pem = read(ca)?;
+        let cert_pem = read(cert)?;
+        let key_pem = read(key)?;
+        Self::from_pem_named(&ca_pem, &cert_pem, &key_pem, (ca, cert, key))
+    }
+
+    /// Same as [`NodeIdentity::load`] from in-memory PEM text.
+    pub fn from_pem(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Self, TransportError> {
+        let n = Path::new("<memory>");
+        Self::from_pem_named(ca_pem, cert_pem, key_pem, (n, n, n))
+    }
+
+    fn from_pem_named(
+        ca_pem: &str,
+        cert_pem: &str,
+        key_pem: &str,
+        (ca, cert, key): (&Path, &Path, &Path),
+    ) -> Result<Self, TransportError> {
+        let roots = certs_from_pem(ca_pem, ca)?;
+        let chain = certs_from_pem(cert_pem, cert)?;
+        let key_der =
+            PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| TransportError::BadPem {
+                path: key.to_path_buf(),
+                what: "private key",
+                reason: e.to_string(),
+            })?;
+        let info = cert_info(&chain[0])?;
+        if info.spiffe.node_name().is_none() {
+            return Err(TransportError::Identity(format!(
+                "`{}` names `{}`, which is not a node identity (spiffe://<td>/node/<name>)",
+                cert.display(),
+                info.spiffe
+            )));
+        }
+        let mut root_subjects = Vec::new();
+        for r in &roots {
+            let ri = cert_info(r).map_err(|e| TransportError::BadPem {
+                path: ca.to_path_buf(),
+                what: "mesh CA certificate",
+                reason: e.to_string(),
+            })?;
+            if ri.spiffe.trust_domain != info.spiffe.trust_domain {
+                return Err(TransportError::Identity(format!(
+                    "node certificate is for trust domain `{}` but the CA in `{}` is for `{}`",
+                    info.spiffe.trust_domain,
+                    ca.display(),
+                    ri.spiffe.trust_domain
+                )));
+            }
+            root_subjects.push(ri.subject);
+        }
+        Ok(NodeIdentity {
+            spiffe: info.spiffe.clone(),
+            info,
+            chain,
+            key: key_der,
+            roots,
+            root_subjects,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        self.spiffe.node_name().unwrap_or_default()
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.spiffe.trust_domain
+    }
+}
+
+fn read(path: &Path) -> Result<String, TransportError> {
+    std::fs::read_to_string(path).map_err(|source| TransportError::ReadFile {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// All CERTIFICATE blocks of a PEM text; at least one.
+pub fn certs_from_pem(
+    pem: &str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TransportError> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TransportError::BadPem {
+            path: path.to_path_buf(),
+            what: "certificate",
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TransportError::NoPem {
+            path: path.to_path_buf(),
+            what: "certificate",
+        });
+    }
+    Ok(certs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spiffe_ids_round_trip() {
+        for s in [
+            "spiffe://mesh.local/node/eu-1",
+            "spiffe://td/tenant/acme/agent/billing-1",
+            "spiffe://td",
+        ] {
+            assert_eq!(SpiffeId::parse(s).expect(s).to_string(), s);
+        }
+    }
+
+    #[test]
+    fn spiffe_ids_refuse_junk() {
+        for s in [
+            "http://td/node/a",
+            "spiffe://TD/node/a",
+            "spiffe://td/node/",
+            "spiffe://td/node/a/b",
+            "spiffe://td/tenant/a",
+            "spiffe://td/node/UPPER",
+            "spiffe://td/node/-a",
+        ] {
+            assert!(SpiffeId::parse(s).is_err(), "{s} should be refused");
+        }
+    }
+}

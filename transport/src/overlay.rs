@@ -1,0 +1,621 @@
+//! The QUIC overlay: one mutual-TLS 1.3 connection per peer, reused.
+//!
+//! A node binds one UDP socket and uses it both to accept and to dial, so the
+//! address a peer sees our connections come from is the address we listen
+//! on; that is what lets gossip (which addresses peers by `SocketAddr`) reply
+//! on the connection a message arrived on instead of dialing back.
+//!
+//! Shape:
+//! - `send(addr, channel, bytes)` never blocks: it queues the message for a
+//!   per-peer sender task, which dials on demand (with exponential backoff
+//!   after a failure) and writes each message on its own unidirectional
+//!   stream. A slow or dead peer therefore never stalls the gossip loop, and
+//!   a full queue drops (gossip is loss-tolerant; drops are counted).
+//! - every connection, accepted or dialed, gets a reader task that turns
+//!   incoming streams into [`Inbound`] messages tagged with the peer's name
+//!   as read from its verified certificate.
+//! - if both sides dial at once, the connection initiated by the node with
+//!   the smaller name wins on both sides (the rule is symmetric, so both
+//!   keep the same one) and the other is closed.
+//!
+//! All tasks live in one `JoinSet` owned by the overlay: dropping the last
+//! [`Overlay`] handle or calling [`Overlay::shutdown`] stops them.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{Connection, Endpoint, VarInt};
+use rustls::pki_types::CertificateDer;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::frame::{self, Channel};
+use crate::identity::{cert_info, NodeIdentity};
+use crate::{tls, TransportError};
+
+/// Close code for a connection that lost the simultaneous-dial tie-break.
+const CLOSE_DUPLICATE: u32 = 1;
+/// Close code when the node shuts down.
+const CLOSE_SHUTDOWN: u32 = 2;
+/// Close code when a node dialed itself (its own address among bootstrap peers).
+const CLOSE_SELF: u32 = 3;
+/// Messages queued per peer before further ones are dropped.
+const PEER_QUEUE: usize = 256;
+/// A per-peer sender task exits after this long with nothing to send.
+const SENDER_IDLE: Duration = Duration::from_secs(60);
+/// Bound on reading one incoming message stream.
+const STREAM_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Overlay settings. Durations have production defaults in [`OverlayConfig::new`].
+#[derive(Debug, Clone)]
+pub struct OverlayConfig {
+    pub listen: SocketAddr,
+    pub identity: Arc<NodeIdentity>,
+    /// QUIC PING interval on idle connections (keeps NAT bindings and RTT fresh).
+    pub keep_alive: Duration,
+    /// A connection silent for this long is closed.
+    pub idle_timeout: Duration,
+    /// Bound on one dial including the TLS handshake.
+    pub connect_timeout: Duration,
+    /// Ceiling of the redial backoff after failures.
+    pub max_backoff: Duration,
+}
+
+impl OverlayConfig {
+    pub fn new(listen: SocketAddr, identity: Arc<NodeIdentity>) -> Self {
+        OverlayConfig {
+            listen,
+            identity,
+            keep_alive: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(3),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A message that arrived from a verified peer.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    /// The peer's overlay address (the address to reply to).
+    pub from: SocketAddr,
+    /// The peer's node name, from its verified SPIFFE ID.
+    pub peer: Arc<str>,
+    pub channel: Channel,
+    pub payload: Bytes,
+}
+
+/// Counters the node exports as metrics.
+#[derive(Debug, Default)]
+pub struct OverlayStats {
+    pub handshakes_ok_inbound: AtomicU64,
+    pub handshakes_ok_outbound: AtomicU64,
+    pub handshakes_failed_inbound: AtomicU64,
+    pub handshakes_failed_outbound: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub messages_sent: AtomicU64,
+    pub messages_received: AtomicU64,
+    pub messages_dropped: AtomicU64,
+    pub streams_refused: AtomicU64,
+}
+
+fn bump(c: &AtomicU64, by: u64) {
+    c.fetch_add(by, Ordering::Relaxed);
+}
+
+/// One live peer connection, as shown by `status`.
+#[derive(Debug, Clone)]
+pub struct PeerLink {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub rtt: Duration,
+    /// True if this node dialed the connection.
+    pub outbound: bool,
+    pub since: Instant,
+}
+
+struct Conn {
+    conn: Connection,
+    peer: Arc<str>,
+    outbound: bool,
+    since: Instant,
+}
+
+struct Inner {
+    endpoint: Endpoint,
+    local_addr: SocketAddr,
+    name: String,
+    cfg: OverlayConfig,
+    conns: Mutex<HashMap<SocketAddr, Conn>>,
+    senders: Mutex<HashMap<SocketAddr, mpsc::Sender<Bytes>>>,
+    stats: Arc<OverlayStats>,
+    inbound: mpsc::Sender<Inbound>,
+    tasks: Mutex<JoinSet<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.endpoint
+            .close(VarInt::from_u32(CLOSE_SHUTDOWN), b"shutdown");
+    }
+}
+
+/// Handle to the overlay. Cheap to clone; the last clone dropped stops it.
+#[derive(Clone)]
+pub struct Overlay {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Overlay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Overlay")
+            .field("name", &self.inner.name)
+            .field("local_addr", &self.inner.local_addr)
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these short, non-reentrant locks leaves
+    // the maps consistent (every critical section is a single map operation),
+    // so poisoning carries no information: take the guard.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn transport_config(cfg: &OverlayConfig) -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(cfg.keep_alive));
+    t.max_idle_timeout(cfg.idle_timeout.try_into().ok());
+    t.max_concurrent_uni_streams(VarInt::from_u32(1024));
+    Arc::new(t)
+}
+
+impl Overlay {
+    /// Binds the overlay and starts accepting. Returns the handle and the
+    /// stream of inbound messages (which the node dispatches by channel).
+    pub async fn bind(
+        cfg: OverlayConfig,
+    ) -> Result<(Overlay, mpsc::Receiver<Inbound>), TransportError> {
+        let identity = cfg.identity.clone();
+        let transport = transport_config(&cfg);
+        let server_tls = QuicServerConfig::try_from(tls::server_config(&identity)?)?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_tls));
+        server.transport_config(transport.clone());
+        let client_tls = QuicClientConfig::try_from(tls::client_config(&identity)?)?;
+        let mut client = quinn::ClientConfig::new(Arc::new(client_tls));
+        client.transport_config(transport);
+
+        let mut endpoint = Endpoint::server(server, cfg.listen).map_err(|source| {
+            TransportError::Bind {
+                addr: cfg.listen,
+                source,
+            }
+        })?;
+        endpoint.set_default_client_config(client);
+        let local_addr = endpoint.local_addr().map_err(|source| TransportError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+        let (inbound, rx) = mpsc::channel(1024);
+        let inner = Arc::new(Inner {
+            endpoint: endpoint.clone(),
+            local_addr,
+            name: identity.name().to_string(),
+            cfg,
+            conns: Mutex::new(HashMap::new()),
+            senders: Mutex::new(HashMap::new()),
+            stats: Arc::new(OverlayStats::default()),
+            inbound,
+            tasks: Mutex::new(JoinSet::new()),
+        });
+        let weak = Arc::downgrade(&inner);
+        let span = tracing::info_span!("overlay", node = %inner.name);
+        spawn(&inner, accept_loop(endpoint, weak).instrument(span));
+        info!(node = %inner.name, addr = %local_addr, "overlay listening (QUIC, mutual TLS 1.3)");
+        Ok((Overlay { inner }, rx))
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr
+    }
+
+    /// This node's name, from its own certificate.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    pub fn stats(&self) -> Arc<OverlayStats> {
+        self.inner.stats.clone()
+    }
+
+    /// Queues `payload` for `to` on `channel`. Never blocks; a message that
+    /// cannot be queued or delivered is dropped and counted.
+    pub fn send(&self, to: SocketAddr, channel: Channel, payload: &[u8]) -> Result<(), TransportError> {
+        if to == self.inner.local_addr {
+            return Ok(());
+        }
+        let msg = frame::encode_message(channel, payload)?;
+        let mut senders = lock(&self.inner.senders);
+        let tx = senders
+            .entry(to)
+            .or_insert_with(|| start_sender(&self.inner, to));
+        match tx.try_send(msg) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                bump(&self.inner.stats.messages_dropped, 1);
+            }
+            Err(mpsc::error::TrySendError::Closed(msg)) => {
+                // The sender went idle and exited between our lookup and now.
+                let tx = start_sender(&self.inner, to);
+                let _ = tx.try_send(msg);
+                senders.insert(to, tx);
+            }
+        }
+        Ok(())
+    }
+
+    /// The live connections, one per peer.
+    pub fn peers(&self) -> Vec<PeerLink> {
+        lock(&self.inner.conns)
+            .iter()
+            .filter(|(_, c)| c.conn.close_reason().is_none())
+            .map(|(addr, c)| PeerLink {
+                name: c.peer.to_string(),
+                addr: *addr,
+                rtt: c.conn.rtt(),
+                outbound: c.outbound,
+                since: c.since,
+            })
+            .collect()
+    }
+
+    /// RTT of the connection to `addr`, if one is up.
+    pub fn rtt(&self, addr: SocketAddr) -> Option<Duration> {
+        lock(&self.inner.conns)
+            .get(&addr)
+            .filter(|c| c.conn.close_reason().is_none())
+            .map(|c| c.conn.rtt())
+    }
+
+    /// Dials `addr` now (or returns the pooled connection) and reports the
+    /// peer's verified name. Used by `check` and tests; gossip uses `send`.
+    pub async fn connect(&self, addr: SocketAddr) -> Result<String, TransportError> {
+        let c = connection_to(&self.inner, addr).await?;
+        Ok(peer_name(&c).unwrap_or_default())
+    }
+
+    /// Closes every connection and stops all tasks, waiting briefly so peers
+    /// receive the close frames.
+    pub async fn shutdown(&self) {
+        self.inner
+            .endpoint
+            .close(VarInt::from_u32(CLOSE_SHUTDOWN), b"shutdown");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
+        lock(&self.inner.tasks).abort_all();
+    }
+}
+
+fn spawn<F>(inner: &Inner, fut: F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut tasks = lock(&inner.tasks);
+    while tasks.try_join_next().is_some() {}
+    tasks.spawn(fut);
+}
+
+fn start_sender(inner: &Arc<Inner>, to: SocketAddr) -> mpsc::Sender<Bytes> {
+    let (tx, rx) = mpsc::channel(PEER_QUEUE);
+    let span = tracing::debug_span!("peer-sender", node = %inner.name, peer = %to);
+    spawn(inner, sender_loop(Arc::downgrade(inner), to, rx).instrument(span));
+    tx
+}
+
+async fn accept_loop(endpoint: Endpoint, weak: Weak<Inner>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let Some(inner) = weak.upgrade() else { return };
+        let remote = incoming.remote_address();
+        let weak = weak.clone();
+        let stats = inner.stats.clone();
+        spawn(&inner, async move {
+            match incoming.await {
+                Ok(conn) => {
+                    bump(&stats.handshakes_ok_inbound, 1);
+                    if let Some(inner) = weak.upgrade() {
+                        adopt(&inner, conn, false);
+                    }
+                }
+                Err(e) => {
+                    bump(&stats.handshakes_failed_inbound, 1);
+                    warn!(peer = %remote, error = %e, "refused inbound overlay connection");
+                }
+            }
+        });
+    }
+}
+
+fn peer_name(conn: &Connection) -> Option<String> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    let info = cert_info(certs.first()?).ok()?;
+    info.spiffe.node_name().map(str::to_string)
+}
+
+/// Registers a verified connection in the pool and starts its reader. Returns
+/// the connection that the pool keeps for that address.
+fn adopt(inner: &Arc<Inner>, conn: Connection, outbound: bool) -> Option<Connection> {
+    let remote = conn.remote_address();
+    // The TLS verifier already required a node SPIFFE ID; this cannot fail
+    // for a connection that completed the handshake, but refuse if it does.
+    let Some(peer) = peer_name(&conn) else {
+        conn.close(VarInt::from_u32(CLOSE_SELF), b"no node identity");
+        return None;
+    };
+    if peer == inner.name {
+        debug!(addr = %remote, "dialed ourselves; closing");
+        conn.close(VarInt::from_u32(CLOSE_SELF), b"self");
+        return None;
+    }
+    let peer: Arc<str> = peer.into();
+    let initiator = |out: bool| -> &str { if out { &inner.name } else { &peer } };
+    let kept = {
+        let mut conns = lock(&inner.conns);
+        match conns.get(&remote) {
+            Some(old)
+                if old.conn.close_reason().is_none()
+                    && old.conn.stable_id() != conn.stable_id() =>
+            {
+                // Two live connections to one peer: keep the one initiated by
+                // the smaller node name, on both sides.
+                if initiator(outbound) < initiator(old.outbound) {
+                    let old = conns.insert(
+                        remote,
+                        Conn {
+                            conn: conn.clone(),
+                            peer: peer.clone(),
+                            outbound,
+                            since: Instant::now(),
+                        },
+                    );
+                    if let Some(old) = old {
+                        old.conn.close(VarInt::from_u32(CLOSE_DUPLICATE), b"duplicate");
+                    }
+                    conn.clone()
+                } else {
+                    conn.close(VarInt::from_u32(CLOSE_DUPLICATE), b"duplicate");
+                    return Some(old.conn.clone());
+                }
+            }
+            _ => {
+                conns.insert(
+                    remote,
+                    Conn {
+                        conn: conn.clone(),
+                        peer: peer.clone(),
+                        outbound,
+                        since: Instant::now(),
+                    },
+                );
+                conn.clone()
+            }
+        }
+    };
+    info!(peer = %peer, addr = %remote, direction = if outbound { "out" } else { "in" }, "overlay peer connected");
+    let span = tracing::info_span!("overlay-conn", node = %inner.name, peer = %peer);
+    spawn(
+        inner,
+        reader_loop(Arc::downgrade(inner), conn, peer).instrument(span),
+    );
+    Some(kept)
+}
+
+async fn reader_loop(weak: Weak<Inner>, conn: Connection, peer: Arc<str>) {
+    let Some((stats, inbound)) = weak
+        .upgrade()
+        .map(|i| (i.stats.clone(), i.inbound.clone()))
+    else {
+        return;
+    };
+    let from = conn.remote_address();
+    loop {
+        let mut stream = match conn.accept_uni().await {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(error = %e, "overlay connection ended");
+                break;
+            }
+        };
+        let read = tokio::time::timeout(
+            STREAM_READ_TIMEOUT,
+            stream.read_to_end(frame::PREAMBLE_LEN + 4 + frame::MAX_FRAME),
+        )
+        .await;
+        let bytes = match read {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                bump(&stats.streams_refused, 1);
+                debug!(error = %e, "dropping unreadable overlay stream");
+                continue;
+            }
+            Err(_) => {
+                bump(&stats.streams_refused, 1);
+                let _ = stream.stop(VarInt::from_u32(0));
+                debug!("dropping overlay stream that stalled");
+                continue;
+            }
+        };
+        bump(&stats.bytes_received, bytes.len() as u64);
+        match frame::decode_message(&bytes) {
+            Ok((channel, payload)) => {
+                bump(&stats.messages_received, 1);
+                let msg = Inbound {
+                    from,
+                    peer: peer.clone(),
+                    channel,
+                    payload: Bytes::copy_from_slice(payload),
+                };
+                if inbound.try_send(msg).is_err() {
+                    bump(&stats.messages_dropped, 1);
+                }
+            }
+            Err(e) => {
+                bump(&stats.streams_refused, 1);
+                warn!(error = %e, "refused malformed overlay stream");
+            }
+        }
+    }
+    if let Some(inner) = weak.upgrade() {
+        let mut conns = lock(&inner.conns);
+        if conns
+            .get(&from)
+            .is_some_and(|c| c.conn.stable_id() == conn.stable_id())
+        {
+            conns.remove(&from);
+            info!(peer = %peer, addr = %from, reason = ?conn.close_reason(), "overlay peer disconnected");
+        }
+    }
+}
+
+/// The pooled connection to `addr`, dialing if there is none.
+async fn connection_to(inner: &Arc<Inner>, addr: SocketAddr) -> Result<Connection, TransportError> {
+    if let Some(c) = lock(&inner.conns).get(&addr) {
+        if c.conn.close_reason().is_none() {
+            return Ok(c.conn.clone());
+        }
+    }
+    let connecting = inner
+        .endpoint
+        .connect(addr, "dmsc-node")
+        .map_err(|e| TransportError::Connect {
+            addr,
+            reason: e.to_string(),
+        })?;
+    let conn = match tokio::time::timeout(inner.cfg.connect_timeout, connecting).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            bump(&inner.stats.handshakes_failed_outbound, 1);
+            return Err(TransportError::Connect {
+                addr,
+                reason: e.to_string(),
+            });
+        }
+        Err(_) => {
+            bump(&inner.stats.handshakes_failed_outbound, 1);
+            return Err(TransportError::Connect {
+                addr,
+                reason: format!("no answer within {:?}", inner.cfg.connect_timeout),
+            });
+        }
+    };
+    // In TLS 1.3 the client finishes its handshake before the server has
+    // judged the client certificate, so a dial "succeeds" even when the peer
+    // is about to refuse us. Wait for the handshake to be *confirmed* (the
+    // server's HANDSHAKE_DONE frame, RFC 9001 4.1.2), or for the refusal.
+    if let Err(reason) = confirmed(&conn, inner.cfg.connect_timeout).await {
+        bump(&inner.stats.handshakes_failed_outbound, 1);
+        return Err(TransportError::Connect { addr, reason });
+    }
+    bump(&inner.stats.handshakes_ok_outbound, 1);
+    adopt(inner, conn, true).ok_or_else(|| TransportError::Connect {
+        addr,
+        reason: "the peer is this node itself".into(),
+    })
+}
+
+/// Resolves once the server confirmed the handshake; errs if it closed the
+/// connection instead (e.g. it refused our certificate) or never answered.
+async fn confirmed(conn: &Connection, within: Duration) -> Result<(), String> {
+    let wait = async {
+        loop {
+            if conn.stats().frame_rx.handshake_done > 0 {
+                return Ok(());
+            }
+            tokio::select! {
+                e = conn.closed() => return Err(format!("peer refused this node: {e}")),
+                _ = tokio::time::sleep(Duration::from_millis(2)) => {}
+            }
+        }
+    };
+    tokio::time::timeout(within, wait)
+        .await
+        .unwrap_or_else(|_| Err(format!("handshake not confirmed within {within:?}")))
+}
+
+async fn sender_loop(weak: Weak<Inner>, to: SocketAddr, mut rx: mpsc::Receiver<Bytes>) {
+    let mut backoff = Duration::ZERO;
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    let mut failures = 0u32;
+    while let Ok(Some(msg)) = tokio::time::timeout(SENDER_IDLE, rx.recv()).await {
+        let Some(inner) = weak.upgrade() else { return };
+        if retry_at.is_some_and(|t| tokio::time::Instant::now() < t) {
+            bump(&inner.stats.messages_dropped, 1);
+            continue;
+        }
+        let conn = match connection_to(&inner, to).await {
+            Ok(c) => {
+                if failures > 0 {
+                    info!(peer = %to, after_failures = failures, "overlay peer reachable again");
+                }
+                failures = 0;
+                backoff = Duration::ZERO;
+                retry_at = None;
+                c
+            }
+            Err(e) => {
+                bump(&inner.stats.messages_dropped, 1);
+                failures += 1;
+                backoff = (backoff * 2)
+                    .max(Duration::from_millis(100))
+                    .min(inner.cfg.max_backoff);
+                retry_at = Some(tokio::time::Instant::now() + backoff);
+                // First failure (and then every tenth) at warn: a refused or
+                // vanished peer is worth one clear line, not one per gossip round.
+                if failures == 1 || failures % 10 == 0 {
+                    warn!(peer = %to, failures, retry_in = ?backoff, error = %e, "cannot reach overlay peer");
+                } else {
+                    debug!(peer = %to, failures, error = %e, "cannot reach overlay peer");
+                }
+                continue;
+            }
+        };
+        let stats = inner.stats.clone();
+        drop(inner);
+        match write_message(&conn, &msg).await {
+            Ok(()) => {
+                bump(&stats.messages_sent, 1);
+                bump(&stats.bytes_sent, msg.len() as u64);
+            }
+            Err(e) => {
+                bump(&stats.messages_dropped, 1);
+                debug!(peer = %to, error = %e, "overlay send failed");
+            }
+        }
+    }
+    rx.close();
+    if let Some(inner) = weak.upgrade() {
+        let mut senders = lock(&inner.senders);
+        if senders.get(&to).is_some_and(|tx| tx.is_closed()) {
+            senders.remove(&to);
+        }
+    }
+}
+
+async fn write_message(conn: &Connection, msg: &[u8]) -> Result<(), TransportError> {
+    let mut s = conn
+        .open_uni()
+        .await
+        .map_err(|e| TransportError::Stream(e.to_string()))?;
+    s.write_all(msg)
+        .await
+        .map_err(|e| TransportError::Stream(e.to_string()))?;
+    s.finish().map_err(|e| TransportError::Stream(e.to_string()))
+}
