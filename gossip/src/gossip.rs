@@ -1,0 +1,311 @@
+//! The running gossip instance of one node.
+//!
+//! Wraps a chitchat server with: the membership tracker (sampled every half
+//! gossip interval by a task this struct owns), graceful leave, and a view
+//! of peers that shows each node name once, at its newest generation (a
+//! restarted node is a new chitchat generation; its old one is history).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chitchat::transport::Transport;
+use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{debug, info};
+
+use crate::link::GossipStats;
+use crate::membership::{MemberState, MembershipTracker, Observation};
+use crate::KEY_LEFT;
+
+/// Errors of this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum GossipError {
+    #[error("gossip could not start: {0}")]
+    Start(String),
+    #[error("invalid gossip setting: {0}")]
+    Config(String),
+}
+
+/// Gossip settings. See `BENCHMARKS.md` for how the defaults were chosen.
+#[derive(Debug, Clone)]
+pub struct GossipConfig {
+    pub node_name: String,
+    /// Distinguishes restarts of one node; start time in ms is the usual choice.
+    pub generation: u64,
+    /// Address peers gossip to (the overlay address).
+    pub advertise: SocketAddr,
+    /// Only nodes with the same cluster id exchange state (the trust domain).
+    pub cluster_id: String,
+    /// Bootstrap peers (`host:port`).
+    pub seeds: Vec<String>,
+    pub interval: Duration,
+    pub phi_threshold: f64,
+    /// A node's heartbeat quiet for this long makes it `suspect`.
+    pub suspect_after: Duration,
+    /// How long dead and departed nodes stay listed before they are forgotten.
+    pub dead_grace: Duration,
+}
+
+/// Default gossip interval (see BENCHMARKS.md: detection time and bandwidth).
+pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(200);
+/// Default phi threshold of the failure detector.
+pub const DEFAULT_PHI: f64 = 8.0;
+
+impl GossipConfig {
+    pub fn new(node_name: &str, advertise: SocketAddr, cluster_id: &str) -> Self {
+        GossipConfig {
+            node_name: node_name.to_string(),
+            generation: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or_default(),
+            advertise,
+            cluster_id: cluster_id.to_string(),
+            seeds: Vec::new(),
+            interval: DEFAULT_INTERVAL,
+            phi_threshold: DEFAULT_PHI,
+            suspect_after: DEFAULT_INTERVAL * 5,
+            dead_grace: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// A peer as `status` shows it.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub name: String,
+    pub generation: u64,
+    pub addr: SocketAddr,
+    pub state: MemberState,
+    /// Time since this node last saw the peer's heartbeat advance.
+    pub last_seen: Duration,
+    pub heartbeat: u64,
+    /// The peer's key-values (small by design; see DESIGN.md).
+    pub values: BTreeMap<String, String>,
+}
+
+type Tracker = Arc<Mutex<MembershipTracker<ChitchatId>>>;
+
+/// A node's running gossip. Dropping it stops chitchat and the sampler.
+pub struct Gossip {
+    handle: Option<ChitchatHandle>,
+    tracker: Tracker,
+    sampler: JoinHandle<()>,
+    cfg: GossipConfig,
+    stats: Arc<GossipStats>,
+}
+
+impl std::fmt::Debug for Gossip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gossip").field("node", &self.cfg.node_name).finish()
+    }
+}
+
+impl Drop for Gossip {
+    fn drop(&mut self) {
+        self.sampler.abort();
+        if let Some(h) = &self.handle {
+            h.abort();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The tracker is updated by single map operations; a poisoned lock
+    // leaves it consistent, so recover the guard.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Gossip {
+    /// Starts gossiping over `transport`, publishing `initial` key-values.
+    pub async fn start(
+        cfg: GossipConfig,
+        transport: &dyn Transport,
+        stats: Arc<GossipStats>,
+        initial: Vec<(String, String)>,
+    ) -> Result<Gossip, GossipError> {
+        if cfg.interval.is_zero() {
+            return Err(GossipError::Config("gossip interval must be > 0".into()));
+        }
+        if !(cfg.phi_threshold > 0.0) {
+            return Err(GossipError::Config("phi threshold must be > 0".into()));
+        }
+        let id = ChitchatId::new(cfg.node_name.clone(), cfg.generation, cfg.advertise);
+        let fd = FailureDetectorConfig {
+            phi_threshold: cfg.phi_threshold,
+            initial_interval: cfg.interval,
+            dead_node_grace_period: cfg.dead_grace,
+            ..FailureDetectorConfig::default()
+        };
+        let chitchat_cfg = ChitchatConfig {
+            chitchat_id: id,
+            cluster_id: cfg.cluster_id.clone(),
+            gossip_interval: cfg.interval,
+            listen_addr: cfg.advertise,
+            seed_nodes: cfg.seeds.clone(),
+            failure_detector_config: fd,
+            marked_for_deletion_grace_period: cfg.dead_grace,
+            catchup_callback: None,
+            extra_liveness_predicate: None,
+        };
+        let handle = spawn_chitchat(chitchat_cfg, initial, transport)
+            .await
+            .map_err(|e| GossipError::Start(e.to_string()))?;
+        let tracker: Tracker = Arc::new(Mutex::new(MembershipTracker::new(cfg.suspect_after)));
+        let sampler = tokio::spawn(sample_loop(
+            handle.chitchat(),
+            tracker.clone(),
+            cfg.interval / 2,
+        ));
+        info!(node = %cfg.node_name, generation = cfg.generation, seeds = ?cfg.seeds, interval = ?cfg.interval, "gossip started");
+        Ok(Gossip {
+            handle: Some(handle),
+            tracker,
+            sampler,
+            cfg,
+            stats,
+        })
+    }
+
+    pub fn config(&self) -> &GossipConfig {
+        &self.cfg
+    }
+
+    pub fn stats(&self) -> Arc<GossipStats> {
+        self.stats.clone()
+    }
+
+    fn handle(&self) -> &ChitchatHandle {
+        // Only `shutdown(self)` takes the handle, and it consumes `self`.
+        self.handle.as_ref().expect("gossip handle present until shutdown")
+    }
+
+    /// Sets one of this node's keys; it spreads with the next rounds.
+    pub async fn set(&self, key: &str, value: &str) {
+        self.handle()
+            .with_chitchat(|c| c.self_node_state().set(key, value))
+            .await;
+    }
+
+    /// Gossip rounds this node has run (its own heartbeat counter).
+    pub async fn rounds(&self) -> u64 {
+        let chitchat = self.handle().chitchat();
+        let mut c = chitchat.lock().await;
+        u64::from(c.self_node_state().heartbeat())
+    }
+
+    /// Every other node this node knows, each name once at its newest generation.
+    pub async fn members(&self) -> Vec<Member> {
+        let chitchat = self.handle().chitchat();
+        let c = chitchat.lock().await;
+        let now = Instant::now();
+        let tracker = lock(&self.tracker);
+        let mut newest: HashMap<&str, Member> = HashMap::new();
+        for (id, state) in c.node_states() {
+            if *id.node_id == *self.cfg.node_name {
+                continue;
+            }
+            let Some((member_state, last_seen)) = tracker.state(id, now) else {
+                continue;
+            };
+            let m = Member {
+                name: id.node_id.to_string(),
+                generation: id.generation_id,
+                addr: id.gossip_advertise_addr,
+                state: member_state,
+                last_seen,
+                heartbeat: u64::from(state.heartbeat()),
+                values: state
+                    .key_values()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            };
+            match newest.get(&*id.node_id) {
+                Some(old) if old.generation >= m.generation => {}
+                _ => {
+                    newest.insert(&id.node_id, m);
+                }
+            }
+        }
+        let mut out: Vec<Member> = newest.into_values().collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// The value of `key` on every node that has it (newest generation).
+    pub async fn values_of(&self, key: &str) -> Vec<(String, String)> {
+        let chitchat = self.handle().chitchat();
+        let c = chitchat.lock().await;
+        c.node_states()
+            .iter()
+            .filter_map(|(id, s)| s.get(key).map(|v| (id.node_id.to_string(), v.to_string())))
+            .collect()
+    }
+
+    /// Announces departure: sets `left`, pushes it to every live peer at
+    /// once, and waits (bounded) for the exchange to complete.
+    pub async fn leave(&self) {
+        let peers: Vec<SocketAddr> = self
+            .handle()
+            .with_chitchat(|c| {
+                c.self_node_state().set(KEY_LEFT, "true");
+                c.live_nodes()
+                    .filter(|id| *id != c.self_chitchat_id())
+                    .map(|id| id.gossip_advertise_addr)
+                    .collect()
+            })
+            .await;
+        for p in &peers {
+            let _ = self.handle().gossip(*p);
+        }
+        // Syn -> SynAck -> Ack carries the key; a few RTTs on any sane link.
+        let wait = (self.cfg.interval * 2).clamp(Duration::from_millis(300), Duration::from_secs(1));
+        tokio::time::sleep(wait).await;
+        info!(node = %self.cfg.node_name, peers = peers.len(), "announced leaving the mesh");
+    }
+
+    /// Stops gossip.
+    pub async fn shutdown(mut self) {
+        self.sampler.abort();
+        if let Some(h) = self.handle.take() {
+            let _ = h.shutdown().await;
+        }
+        debug!(node = %self.cfg.node_name, "gossip stopped");
+    }
+
+    /// Total gossip bytes sent by this node.
+    pub fn bytes_sent(&self) -> u64 {
+        self.stats.bytes_sent.load(Ordering::Relaxed)
+    }
+}
+
+async fn sample_loop(
+    chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>,
+    tracker: Tracker,
+    every: Duration,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let c = chitchat.lock().await;
+        let now = Instant::now();
+        let live: std::collections::HashSet<&ChitchatId> = c.live_nodes().collect();
+        let mut t = lock(&tracker);
+        for (id, state) in c.node_states() {
+            let obs = Observation {
+                heartbeat: u64::from(state.heartbeat()),
+                live: live.contains(id),
+                left: state.get(KEY_LEFT).is_some(),
+            };
+            t.observe(id, obs, now);
+        }
+        t.retain(|id| c.node_states().contains_key(id));
+        drop(t);
+        drop(c);
+    }
+}
