@@ -50,10 +50,14 @@ pub struct GossipConfig {
     pub dead_grace: Duration,
 }
 
-/// Default gossip interval (see BENCHMARKS.md: detection time and bandwidth).
-pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(200);
-/// Default phi threshold of the failure detector.
-pub const DEFAULT_PHI: f64 = 8.0;
+/// Defaults chosen from the measurements in BENCHMARKS.md (detection time vs bandwidth).
+pub mod defaults {
+    use std::time::Duration;
+    /// Gossip round interval.
+    pub const INTERVAL: Duration = Duration::from_millis(200);
+    /// Phi threshold of the failure detector.
+    pub const PHI: f64 = 8.0;
+}
 
 impl GossipConfig {
     pub fn new(node_name: &str, advertise: SocketAddr, cluster_id: &str) -> Self {
@@ -66,9 +70,9 @@ impl GossipConfig {
             advertise,
             cluster_id: cluster_id.to_string(),
             seeds: Vec::new(),
-            interval: DEFAULT_INTERVAL,
-            phi_threshold: DEFAULT_PHI,
-            suspect_after: DEFAULT_INTERVAL * 5,
+            interval: defaults::INTERVAL,
+            phi_threshold: defaults::PHI,
+            suspect_after: defaults::INTERVAL * 5,
             dead_grace: Duration::from_secs(3600),
         }
     }
@@ -268,7 +272,15 @@ impl Gossip {
         info!(node = %self.cfg.node_name, peers = peers.len(), "announced leaving the mesh");
     }
 
-    /// Stops gossip.
+    /// Stops gossip without consuming the handle (for owners that share it).
+    pub fn stop(&self) {
+        self.sampler.abort();
+        if let Some(h) = &self.handle {
+            let _ = h.initiate_shutdown();
+        }
+    }
+
+    /// Stops gossip and waits for it to finish.
     pub async fn shutdown(mut self) {
         self.sampler.abort();
         if let Some(h) = self.handle.take() {

@@ -24,7 +24,7 @@ pub mod sim;
 
 mod gossip;
 
-pub use gossip::{Gossip, GossipConfig, GossipError, Member};
+pub use gossip::{defaults as gossip_defaults, Gossip, GossipConfig, GossipError, Member};
 pub use link::{GossipStats, Link, LinkTransport};
 pub use membership::MemberState;
 

@@ -54,6 +54,8 @@ pub struct Observation {
 struct Seen {
     heartbeat: u64,
     changed_at: Instant,
+    first_seen: Instant,
+    ever_live: bool,
     obs: Observation,
 }
 
@@ -80,6 +82,7 @@ impl<K: std::hash::Hash + Eq + Clone> MembershipTracker<K> {
                     s.heartbeat = obs.heartbeat;
                     s.changed_at = now;
                 }
+                s.ever_live |= obs.live;
                 s.obs = obs;
             }
             None => {
@@ -88,6 +91,8 @@ impl<K: std::hash::Hash + Eq + Clone> MembershipTracker<K> {
                     Seen {
                         heartbeat: obs.heartbeat,
                         changed_at: now,
+                        first_seen: now,
+                        ever_live: obs.live,
                         obs,
                     },
                 );
@@ -106,6 +111,14 @@ impl<K: std::hash::Hash + Eq + Clone> MembershipTracker<K> {
         let quiet = now.saturating_duration_since(s.changed_at);
         let state = if s.obs.left {
             MemberState::Left
+        } else if !s.obs.live && !s.ever_live {
+            // Just learned of it; the failure detector has no samples yet.
+            // Not dead: unconfirmed, until it is live or stays silent too long.
+            if now.saturating_duration_since(s.first_seen) > self.suspect_after * 2 {
+                MemberState::Dead
+            } else {
+                MemberState::Suspect
+            }
         } else if !s.obs.live {
             MemberState::Dead
         } else if quiet > self.suspect_after {
@@ -151,6 +164,25 @@ mod tests {
         let (state, quiet) = t.state(&"a", t0 + Duration::from_secs(3)).expect("seen");
         assert_eq!(state, MemberState::Dead);
         assert_eq!(quiet, Duration::from_millis(2100));
+    }
+
+    #[test]
+    fn a_new_node_is_suspect_not_dead_until_confirmed() {
+        let t0 = Instant::now();
+        let mut t = MembershipTracker::new(Duration::from_secs(1));
+        t.observe(&"n", obs(1, false, false), t0);
+        assert_eq!(t.state(&"n", t0).map(|s| s.0), Some(MemberState::Suspect));
+        t.observe(&"n", obs(2, true, false), t0 + Duration::from_millis(300));
+        assert_eq!(
+            t.state(&"n", t0 + Duration::from_millis(300)).map(|s| s.0),
+            Some(MemberState::Alive)
+        );
+        // Never confirmed and silent for long: dead.
+        t.observe(&"m", obs(1, false, false), t0);
+        assert_eq!(
+            t.state(&"m", t0 + Duration::from_secs(3)).map(|s| s.0),
+            Some(MemberState::Dead)
+        );
     }
 
     #[test]

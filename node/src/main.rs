@@ -1,1 +1,285 @@
-fn main() {}
+//! `dmsc-node`: parse the command line, start logging, call the library.
+
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use dmsc_node::config::{RawAdmin, RawConfig, RawOverlay, RawTls};
+use dmsc_node::{status, App, NodeError};
+use dmsc_transport::pki::{self, CertificateAuthority};
+
+#[derive(Parser)]
+#[command(name = "dmsc-node", version, about = "A peer gateway node of the dmsc agent mesh")]
+struct Cli {
+    /// Log format: text or json (filter with RUST_LOG, e.g. RUST_LOG=debug).
+    #[arg(long, global = true, default_value = "text")]
+    log_format: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a node.
+    Run(RunArgs),
+    /// Show this node, its peers and their state (a client of the admin API).
+    Status {
+        /// Admin address of the node.
+        #[arg(long, default_value = dmsc_node::config::DEFAULT_ADMIN_LISTEN, env = "DMSC_ADMIN")]
+        admin: SocketAddr,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Operator CA: create it, issue node certificates.
+    #[command(subcommand)]
+    Ca(CaCmd),
+    /// A local 3-node mesh on loopback with a throwaway CA. Start here.
+    Demo {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Stop after this many seconds (default: run until Ctrl-C).
+        #[arg(long)]
+        duration: Option<u64>,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// TOML configuration file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Bootstrap peer HOST:PORT (repeatable; replaces overlay.bootstrap).
+    #[arg(long)]
+    bootstrap: Vec<String>,
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long)]
+    region: Option<String>,
+    /// Overlay listen address (overlay.listen).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Address peers dial (overlay.advertise).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Admin API listen address (admin.listen).
+    #[arg(long)]
+    admin: Option<String>,
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Check the configuration and exit.
+    #[arg(long)]
+    validate_only: bool,
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Create the operator root CA: writes ca.pem and ca.key (mode 0600).
+    Init {
+        #[arg(long)]
+        trust_domain: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Issue a node certificate: writes node.pem, node.key (0600) and ca.pem.
+    IssueNode {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u64,
+    },
+}
+
+fn init_logging(format: &str, default: &str) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+fn load_config(args: &RunArgs) -> Result<dmsc_node::NodeConfig, dmsc_node::ConfigError> {
+    let file = match &args.config {
+        Some(p) => RawConfig::from_file(p)?,
+        None => RawConfig::default(),
+    };
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let flags = RawConfig {
+        name: args.name.clone(),
+        region: args.region.clone(),
+        overlay: RawOverlay {
+            listen: args.listen.clone(),
+            advertise: args.advertise.clone(),
+            bootstrap: (!args.bootstrap.is_empty()).then(|| args.bootstrap.clone()),
+        },
+        tls: RawTls {
+            ca: args.ca.clone(),
+            cert: args.cert.clone(),
+            key: args.key.clone(),
+        },
+        admin: RawAdmin {
+            listen: args.admin.clone(),
+        },
+        gossip: Default::default(),
+    };
+    file.overlay_with(RawConfig::from_env(&env)?)
+        .overlay_with(flags)
+        .validate()
+}
+
+async fn run(args: RunArgs) -> Result<(), NodeError> {
+    let config = load_config(&args)?;
+    tracing::info!(config = %config.summary(), "effective configuration");
+    if args.validate_only {
+        // Loading the identity catches unreadable or mismatched credentials too.
+        dmsc_transport::NodeIdentity::load(&config.ca, &config.cert, &config.key)?;
+        println!("configuration is valid");
+        return Ok(());
+    }
+    let app = App::build(config).await?;
+    app.run(shutdown_signal()).await;
+    Ok(())
+}
+
+fn ca(cmd: CaCmd) -> anyhow::Result<()> {
+    match cmd {
+        CaCmd::Init { trust_domain, out } => {
+            let ca = CertificateAuthority::generate(&trust_domain)?;
+            std::fs::create_dir_all(&out)?;
+            ca.save(&out)?;
+            println!(
+                "created CA for trust domain `{trust_domain}`: {} and {} (keep ca.key offline)",
+                out.join(pki::CA_CERT).display(),
+                out.join(pki::CA_KEY).display()
+            );
+        }
+        CaCmd::IssueNode {
+            ca_dir,
+            name,
+            out,
+            days,
+        } => {
+            let ca = CertificateAuthority::load(&ca_dir)?;
+            ca.issue_node(&name, Duration::from_secs(days * 86400))?
+                .write_node_dir(&out, &ca.cert_pem)?;
+            println!(
+                "issued spiffe://{}/node/{name} valid {days} days: {}, {}, {}",
+                ca.trust_domain,
+                out.join(pki::NODE_CERT).display(),
+                out.join(pki::NODE_KEY).display(),
+                out.join(pki::CA_CERT).display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_log = match cli.cmd {
+        Cmd::Demo { .. } => "warn",
+        Cmd::Status { .. } | Cmd::Ca(_) => "warn",
+        Cmd::Run(_) => "info",
+    };
+    init_logging(&cli.log_format, default_log);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Run(args) => match run(args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(e.exit_code() as u8)
+                }
+            },
+            Cmd::Status { admin, json } => match status::fetch(admin).await {
+                Ok(report) => {
+                    if json {
+                        match serde_json::to_string_pretty(&report) {
+                            Ok(s) => println!("{s}"),
+                            Err(e) => {
+                                eprintln!("error: {e}");
+                                return ExitCode::from(1);
+                            }
+                        }
+                    } else {
+                        print!("{}", report.render());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            },
+            Cmd::Ca(cmd) => match ca(cmd) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
+                }
+            },
+            Cmd::Demo { nodes, duration } => {
+                let stop = async move {
+                    match duration {
+                        Some(s) => tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(s)) => {}
+                            _ = shutdown_signal() => {}
+                        },
+                        None => shutdown_signal().await,
+                    }
+                };
+                match dmsc_node::demo::run(nodes, stop).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::from(1)
+                    }
+                }
+            }
+        }
+    })
+}

@@ -1,0 +1,419 @@
+//! Node configuration: serde defaults < TOML file < `DMSC_*` environment < CLI flags.
+//!
+//! The file is parsed into a raw struct of `Option`s so each layer can say
+//! "I set this"; the merged result is validated into [`NodeConfig`], with
+//! *every* problem reported at once (an operator fixing a file should not
+//! have to run the node five times to find five typos). Relative paths in a
+//! file are relative to that file, so `dmsc-node run --config /etc/dmsc/node.toml`
+//! works from any directory.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// One layer of settings; `None` means "this layer does not set it".
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub name: Option<String>,
+    pub region: Option<String>,
+    #[serde(default)]
+    pub overlay: RawOverlay,
+    #[serde(default)]
+    pub tls: RawTls,
+    #[serde(default)]
+    pub admin: RawAdmin,
+    #[serde(default)]
+    pub gossip: RawGossip,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOverlay {
+    pub listen: Option<String>,
+    pub advertise: Option<String>,
+    pub bootstrap: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGossip {
+    pub interval_ms: Option<u64>,
+    pub phi_threshold: Option<f64>,
+    pub suspect_after_ms: Option<u64>,
+    pub dead_grace_secs: Option<u64>,
+}
+
+/// Defaults, the bottom layer.
+pub const DEFAULT_OVERLAY_LISTEN: &str = "127.0.0.1:7400";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9400";
+pub const DEFAULT_REGION: &str = "default";
+
+/// Validated configuration of one node.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Must match the certificate's SPIFFE name when set; `None`: take it from the certificate.
+    pub name: Option<String>,
+    pub region: String,
+    pub overlay_listen: SocketAddr,
+    pub advertise: Option<SocketAddr>,
+    pub bootstrap: Vec<String>,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub admin_listen: SocketAddr,
+    pub gossip_interval: Duration,
+    pub phi_threshold: f64,
+    pub suspect_after: Option<Duration>,
+    pub dead_grace: Duration,
+}
+
+/// All the problems found in a configuration.
+#[derive(Debug)]
+pub struct ConfigError(pub Vec<String>);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration ({} problem(s)):", self.0.len())?;
+        for p in &self.0 {
+            writeln!(f, "  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl RawConfig {
+    /// Reads a TOML file; relative TLS paths become relative to the file.
+    pub fn from_file(path: &Path) -> Result<RawConfig, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(vec![format!("cannot read `{}`: {e}", path.display())]))?;
+        let mut raw: RawConfig = toml::from_str(&text)
+            .map_err(|e| ConfigError(vec![format!("`{}`: {e}", path.display())]))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut raw.tls.ca, &mut raw.tls.cert, &mut raw.tls.key]
+            .into_iter()
+            .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(raw)
+    }
+
+    /// The `DMSC_*` environment layer.
+    pub fn from_env(env: &HashMap<String, String>) -> Result<RawConfig, ConfigError> {
+        let mut errors = Vec::new();
+        let get = |k: &str| env.get(k).filter(|v| !v.is_empty()).cloned();
+        let num = |k: &str, errors: &mut Vec<String>| -> Option<u64> {
+            get(k).and_then(|v| match v.parse() {
+                Ok(n) => Some(n),
+                Err(_) => {
+                    errors.push(format!("{k}=`{v}` is not a whole number"));
+                    None
+                }
+            })
+        };
+        let raw = RawConfig {
+            name: get("DMSC_NAME"),
+            region: get("DMSC_REGION"),
+            overlay: RawOverlay {
+                listen: get("DMSC_OVERLAY_LISTEN"),
+                advertise: get("DMSC_OVERLAY_ADVERTISE"),
+                bootstrap: get("DMSC_OVERLAY_BOOTSTRAP").map(|v| {
+                    v.split(',')
+                        .map(|s| s.trim().to_string())
+                        .filter(|s| !s.is_empty())
+                        .collect()
+                }),
+            },
+            tls: RawTls {
+                ca: get("DMSC_TLS_CA").map(PathBuf::from),
+                cert: get("DMSC_TLS_CERT").map(PathBuf::from),
+                key: get("DMSC_TLS_KEY").map(PathBuf::from),
+            },
+            admin: RawAdmin {
+                listen: get("DMSC_ADMIN_LISTEN"),
+            },
+            gossip: RawGossip {
+                interval_ms: num("DMSC_GOSSIP_INTERVAL_MS", &mut errors),
+                phi_threshold: get("DMSC_GOSSIP_PHI_THRESHOLD").and_then(|v| match v.parse() {
+                    Ok(n) => Some(n),
+                    Err(_) => {
+                        errors.push(format!("DMSC_GOSSIP_PHI_THRESHOLD=`{v}` is not a number"));
+                        None
+                    }
+                }),
+                suspect_after_ms: num("DMSC_GOSSIP_SUSPECT_AFTER_MS", &mut errors),
+                dead_grace_secs: num("DMSC_GOSSIP_DEAD_GRACE_SECS", &mut errors),
+            },
+        };
+        if errors.is_empty() {
+            Ok(raw)
+        } else {
+            Err(ConfigError(errors))
+        }
+    }
+
+    /// Lays `top` over `self`: every field `top` sets wins.
+    pub fn overlay_with(mut self, top: RawConfig) -> RawConfig {
+        fn set<T>(dst: &mut Option<T>, src: Option<T>) {
+            if src.is_some() {
+                *dst = src;
+            }
+        }
+        set(&mut self.name, top.name);
+        set(&mut self.region, top.region);
+        set(&mut self.overlay.listen, top.overlay.listen);
+        set(&mut self.overlay.advertise, top.overlay.advertise);
+        set(&mut self.overlay.bootstrap, top.overlay.bootstrap);
+        set(&mut self.tls.ca, top.tls.ca);
+        set(&mut self.tls.cert, top.tls.cert);
+        set(&mut self.tls.key, top.tls.key);
+        set(&mut self.admin.listen, top.admin.listen);
+        set(&mut self.gossip.interval_ms, top.gossip.interval_ms);
+        set(&mut self.gossip.phi_threshold, top.gossip.phi_threshold);
+        set(&mut self.gossip.suspect_after_ms, top.gossip.suspect_after_ms);
+        set(&mut self.gossip.dead_grace_secs, top.gossip.dead_grace_secs);
+        self
+    }
+
+    /// Applies defaults and checks everything, collecting all problems.
+    pub fn validate(self) -> Result<NodeConfig, ConfigError> {
+        let mut errors = Vec::new();
+        let addr = |what: &str, v: &str, errors: &mut Vec<String>| -> Option<SocketAddr> {
+            match v.parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    errors.push(format!("{what} = `{v}` is not an IP:port address"));
+                    None
+                }
+            }
+        };
+        if let Some(n) = &self.name {
+            if !dmsc_transport::identity::valid_name(n) {
+                errors.push(format!(
+                    "name = `{n}` must be 1-63 of a-z, 0-9 and - (it is the node's SPIFFE name)"
+                ));
+            }
+        }
+        let overlay_listen = addr(
+            "overlay.listen",
+            self.overlay.listen.as_deref().unwrap_or(DEFAULT_OVERLAY_LISTEN),
+            &mut errors,
+        );
+        let advertise = self
+            .overlay
+            .advertise
+            .as_deref()
+            .and_then(|v| addr("overlay.advertise", v, &mut errors));
+        if let (Some(l), None) = (overlay_listen, advertise) {
+            if l.ip().is_unspecified() {
+                errors.push(format!(
+                    "overlay.listen = `{l}` is a wildcard address: set overlay.advertise to the address peers should dial"
+                ));
+            }
+        }
+        if let Some(a) = advertise {
+            if a.ip().is_unspecified() || a.port() == 0 {
+                errors.push(format!("overlay.advertise = `{a}` must be a concrete IP and port"));
+            }
+        }
+        let bootstrap = self.overlay.bootstrap.unwrap_or_default();
+        for b in &bootstrap {
+            let ok = match b.rsplit_once(':') {
+                Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0),
+                None => false,
+            };
+            if !ok {
+                errors.push(format!("overlay.bootstrap entry `{b}` is not HOST:PORT"));
+            }
+        }
+        let admin_listen = addr(
+            "admin.listen",
+            self.admin.listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN),
+            &mut errors,
+        );
+        let ca = self.tls.ca.unwrap_or_else(|| PathBuf::from("ca.pem"));
+        let cert = self.tls.cert.unwrap_or_else(|| PathBuf::from("node.pem"));
+        let key = self.tls.key.unwrap_or_else(|| PathBuf::from("node.key"));
+        for (what, p) in [("tls.ca", &ca), ("tls.cert", &cert), ("tls.key", &key)] {
+            if !p.is_file() {
+                errors.push(format!("{what} = `{}`: no such file", p.display()));
+            }
+        }
+        let interval_ms = self
+            .gossip
+            .interval_ms
+            .unwrap_or(dmsc_gossip::gossip_defaults::INTERVAL.as_millis() as u64);
+        if !(10..=60_000).contains(&interval_ms) {
+            errors.push(format!("gossip.interval_ms = {interval_ms} must be within 10..=60000"));
+        }
+        let phi_threshold = self
+            .gossip
+            .phi_threshold
+            .unwrap_or(dmsc_gossip::gossip_defaults::PHI);
+        if !(phi_threshold > 0.0 && phi_threshold <= 100.0) {
+            errors.push(format!("gossip.phi_threshold = {phi_threshold} must be within (0, 100]"));
+        }
+        if !errors.is_empty() {
+            return Err(ConfigError(errors));
+        }
+        Ok(NodeConfig {
+            name: self.name,
+            region: self.region.unwrap_or_else(|| DEFAULT_REGION.to_string()),
+            // Every `None` above pushed an error, so these are present.
+            overlay_listen: overlay_listen.ok_or_else(|| ConfigError(vec![]))?,
+            advertise,
+            bootstrap,
+            ca,
+            cert,
+            key,
+            admin_listen: admin_listen.ok_or_else(|| ConfigError(vec![]))?,
+            gossip_interval: Duration::from_millis(interval_ms),
+            phi_threshold,
+            suspect_after: self.gossip.suspect_after_ms.map(Duration::from_millis),
+            dead_grace: Duration::from_secs(self.gossip.dead_grace_secs.unwrap_or(3600)),
+        })
+    }
+}
+
+impl NodeConfig {
+    /// The effective configuration as log fields (no secrets: key *paths* only).
+    pub fn summary(&self) -> String {
+        format!(
+            "name={} region={} overlay.listen={} overlay.advertise={} bootstrap={:?} admin.listen={} tls.ca={} tls.cert={} tls.key={} gossip.interval={:?} gossip.phi={}",
+            self.name.as_deref().unwrap_or("<from certificate>"),
+            self.region,
+            self.overlay_listen,
+            self.advertise.map(|a| a.to_string()).unwrap_or_else(|| "<listen address>".into()),
+            self.bootstrap,
+            self.admin_listen,
+            self.ca.display(),
+            self.cert.display(),
+            self.key.display(),
+            self.gossip_interval,
+            self.phi_threshold
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files() -> tempfile::TempDir {
+        let d = tempfile::tempdir().expect("tempdir");
+        for f in ["ca.pem", "node.pem", "node.key"] {
+            std::fs::write(d.path().join(f), "x").expect("write");
+        }
+        d
+    }
+
+    #[test]
+    fn layers_apply_in_order_and_paths_follow_the_file() {
+        let d = files();
+        let file = d.path().join("node.toml");
+        std::fs::write(
+            &file,
+            r#"
+name = "eu-1"
+region = "eu"
+[overlay]
+listen = "127.0.0.1:7401"
+bootstrap = ["127.0.0.1:7400"]
+[tls]
+ca = "ca.pem"
+cert = "node.pem"
+key = "node.key"
+[admin]
+listen = "127.0.0.1:9401"
+"#,
+        )
+        .expect("write");
+        let env: HashMap<String, String> = [
+            ("DMSC_REGION".to_string(), "us".to_string()),
+            ("DMSC_ADMIN_LISTEN".to_string(), "127.0.0.1:9999".to_string()),
+        ]
+        .into();
+        let flags = RawConfig {
+            admin: RawAdmin {
+                listen: Some("127.0.0.1:0".into()),
+            },
+            ..Default::default()
+        };
+        let cfg = RawConfig::from_file(&file)
+            .expect("file")
+            .overlay_with(RawConfig::from_env(&env).expect("env"))
+            .overlay_with(flags)
+            .validate()
+            .expect("valid");
+        assert_eq!(cfg.name.as_deref(), Some("eu-1"));
+        assert_eq!(cfg.region, "us", "env beats file");
+        assert_eq!(cfg.admin_listen.to_string(), "127.0.0.1:0", "flags beat env");
+        assert_eq!(cfg.overlay_listen.to_string(), "127.0.0.1:7401");
+        assert_eq!(cfg.bootstrap, vec!["127.0.0.1:7400".to_string()]);
+        assert_eq!(cfg.ca, d.path().join("ca.pem"));
+    }
+
+    #[test]
+    fn all_errors_are_reported_together() {
+        let raw = RawConfig {
+            name: Some("Bad Name".into()),
+            overlay: RawOverlay {
+                listen: Some("0.0.0.0:7400".into()),
+                advertise: None,
+                bootstrap: Some(vec!["nope".into()]),
+            },
+            admin: RawAdmin {
+                listen: Some("localhost".into()),
+            },
+            tls: RawTls {
+                ca: Some("/nonexistent/ca.pem".into()),
+                ..Default::default()
+            },
+            gossip: RawGossip {
+                interval_ms: Some(0),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let err = raw.validate().expect_err("invalid");
+        let text = err.to_string();
+        for needle in ["name", "wildcard", "nope", "admin.listen", "tls.ca", "interval_ms"] {
+            assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
+        }
+        assert!(err.0.len() >= 6, "{text}");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_env_are_errors() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let file = d.path().join("n.toml");
+        std::fs::write(&file, "nmae = \"x\"\n").expect("write");
+        assert!(RawConfig::from_file(&file).expect_err("typo").to_string().contains("nmae"));
+        let env: HashMap<String, String> =
+            [("DMSC_GOSSIP_INTERVAL_MS".to_string(), "fast".to_string())].into();
+        assert!(RawConfig::from_env(&env).is_err());
+    }
+}

@@ -1,0 +1,209 @@
+//! The status report: built by the node, served on `/v1/status`, rendered by
+//! `dmsc-node status`. The CLI is only a client of the admin API, so what an
+//! operator reads and what a script parses are the same data.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub node: NodeStatus,
+    pub peers: Vec<PeerStatus>,
+    pub gossip: GossipStatus,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub name: String,
+    pub region: String,
+    pub spiffe_id: String,
+    pub trust_domain: String,
+    pub overlay_addr: String,
+    pub admin_addr: String,
+    pub version: String,
+    pub generation: u64,
+    pub uptime_secs: u64,
+    /// RFC 3339.
+    pub cert_not_after: String,
+    /// Negative once expired.
+    pub cert_expires_in_secs: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub name: String,
+    pub region: String,
+    pub addr: String,
+    /// `alive`, `suspect`, `dead` or `left`.
+    pub state: String,
+    /// Round-trip time of the QUIC connection, when one is up.
+    pub rtt_ms: Option<f64>,
+    /// Milliseconds since this node last saw the peer's heartbeat advance.
+    pub last_seen_ms: u64,
+    pub generation: u64,
+    /// A QUIC connection to the peer is up right now.
+    pub connected: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GossipStatus {
+    pub interval_ms: u64,
+    pub phi_threshold: f64,
+    pub rounds: u64,
+    pub alive: usize,
+    pub suspect: usize,
+    pub dead: usize,
+    pub left: usize,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+/// `1d 2h`, `3m 4s`, `850ms`: short and readable.
+pub fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    if s == 0 {
+        return format!("{}ms", d.as_millis());
+    }
+    let (days, hours, mins, secs) = (s / 86400, s / 3600 % 24, s / 60 % 60, s % 60);
+    if days > 0 {
+        format!("{days}d {hours}h")
+    } else if hours > 0 {
+        format!("{hours}h {mins}m")
+    } else if mins > 0 {
+        format!("{mins}m {secs}s")
+    } else {
+        format!("{secs}s")
+    }
+}
+
+impl StatusReport {
+    /// The table `dmsc-node status` prints.
+    pub fn render(&self) -> String {
+        let n = &self.node;
+        let expiry = if n.cert_expires_in_secs < 0 {
+            format!("EXPIRED {} ago", human(Duration::from_secs(n.cert_expires_in_secs.unsigned_abs())))
+        } else {
+            format!("{} (in {})", n.cert_not_after, human(Duration::from_secs(n.cert_expires_in_secs as u64)))
+        };
+        let mut out = String::new();
+        out.push_str(&format!("node     {} ({})\n", n.name, n.spiffe_id));
+        out.push_str(&format!("region   {}\n", n.region));
+        out.push_str(&format!("overlay  {}   admin {}\n", n.overlay_addr, n.admin_addr));
+        out.push_str(&format!("uptime   {}   version {}\n", human(Duration::from_secs(n.uptime_secs)), n.version));
+        out.push_str(&format!("cert     expires {expiry}\n"));
+        let g = &self.gossip;
+        out.push_str(&format!(
+            "gossip   {} alive, {} suspect, {} dead, {} left; every {}ms, phi {}\n\n",
+            g.alive, g.suspect, g.dead, g.left, g.interval_ms, g.phi_threshold
+        ));
+        let header = ["NAME", "REGION", "ADDRESS", "STATE", "RTT", "LAST-SEEN"];
+        let rows: Vec<[String; 6]> = self
+            .peers
+            .iter()
+            .map(|p| {
+                [
+                    p.name.clone(),
+                    p.region.clone(),
+                    p.addr.clone(),
+                    p.state.clone(),
+                    p.rtt_ms.map(|r| format!("{r:.2}ms")).unwrap_or_else(|| "-".into()),
+                    format!("{} ago", human(Duration::from_millis(p.last_seen_ms))),
+                ]
+            })
+            .collect();
+        if rows.is_empty() {
+            out.push_str("no peers yet (check overlay.bootstrap and `dmsc-node` logs)\n");
+            return out;
+        }
+        let mut widths = header.map(str::len);
+        for r in &rows {
+            for (w, c) in widths.iter_mut().zip(r) {
+                *w = (*w).max(c.len());
+            }
+        }
+        let line = |cells: &[String]| {
+            let mut l = String::new();
+            for (i, (c, w)) in cells.iter().zip(widths).enumerate() {
+                if i + 1 == cells.len() {
+                    l.push_str(c);
+                } else {
+                    l.push_str(&format!("{c:<w$}  "));
+                }
+            }
+            l.push('\n');
+            l
+        };
+        out.push_str(&line(&header.map(String::from)));
+        for r in &rows {
+            out.push_str(&line(r));
+        }
+        out
+    }
+}
+
+/// Errors of the status client, each saying what to check.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("cannot reach the node's admin API at {addr}: {reason} (is `dmsc-node run` up, and is --admin the node's admin.listen?)")]
+    Unreachable { addr: SocketAddr, reason: String },
+    #[error("admin API at {addr} answered {status}: {body}")]
+    Http {
+        addr: SocketAddr,
+        status: u16,
+        body: String,
+    },
+    #[error("admin API at {addr} sent an unreadable status: {reason}")]
+    Decode { addr: SocketAddr, reason: String },
+}
+
+/// GETs `path` from the admin API (plain HTTP/1.1 on localhost).
+pub async fn admin_get(addr: SocketAddr, path: &str) -> Result<(u16, String), StatusError> {
+    use http_body_util::{BodyExt, Empty};
+    let unreachable = |reason: String| StatusError::Unreachable { addr, reason };
+    let stream = tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| unreachable("connect timed out".into()))?
+        .map_err(|e| unreachable(e.to_string()))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+    let driver = tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header(hyper::header::HOST, addr.to_string())
+        .body(Empty::<bytes::Bytes>::new())
+        .map_err(|e| unreachable(e.to_string()))?;
+    let fetch = async {
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| unreachable(e.to_string()))?
+            .to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    };
+    let out = tokio::time::timeout(Duration::from_secs(5), fetch)
+        .await
+        .map_err(|_| unreachable("no answer within 5s".into()))?;
+    driver.abort();
+    out
+}
+
+/// Fetches and decodes `/v1/status`.
+pub async fn fetch(addr: SocketAddr) -> Result<StatusReport, StatusError> {
+    let (status, body) = admin_get(addr, "/v1/status").await?;
+    if status != 200 {
+        return Err(StatusError::Http { addr, status, body });
+    }
+    serde_json::from_str(&body).map_err(|e| StatusError::Decode {
+        addr,
+        reason: e.to_string(),
+    })
+}
