@@ -1,0 +1,267 @@
+//! Tier 4: the real `dmsc-node` binary, several processes on loopback.
+//!
+//! CA init and node certificates through the CLI, three nodes chained by
+//! bootstrap peers, an intruder with a certificate from another CA, kill -9,
+//! SIGTERM and restart, with every membership claim read through
+//! `dmsc-node status --json` as a user would.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_dmsc-node");
+
+fn cli(args: &[&str]) -> std::process::Output {
+    let out = Command::new(BIN).args(args).output().expect("run dmsc-node");
+    assert!(
+        out.status.success(),
+        "dmsc-node {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+struct Node {
+    name: String,
+    child: Child,
+    overlay: String,
+    admin: String,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Node {
+    fn start(name: &str, config: &Path) -> Node {
+        let mut child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn node");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("dmsc-node ready") {
+                    let field = |k: &str| {
+                        line.split_whitespace()
+                            .find_map(|w| w.strip_prefix(k))
+                            .map(str::to_string)
+                    };
+                    let _ = tx.send((field("overlay="), field("admin=")));
+                }
+                sink.lock().expect("log").push(line);
+            }
+        });
+        let (overlay, admin) = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("{name} did not become ready; log:\n{}", log.lock().expect("log").join("\n")));
+        Node {
+            name: name.into(),
+            child,
+            overlay: overlay.expect("overlay addr"),
+            admin: admin.expect("admin addr"),
+            log,
+        }
+    }
+
+    fn peers(&self) -> Vec<(String, String)> {
+        let out = Command::new(BIN)
+            .args(["status", "--json", "--admin", &self.admin])
+            .output()
+            .expect("status");
+        if !out.status.success() {
+            return vec![];
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+        assert_eq!(v["node"]["name"], self.name.as_str());
+        assert_eq!(v["node"]["overlay_addr"], self.overlay.as_str());
+        v["peers"]
+            .as_array()
+            .expect("peers")
+            .iter()
+            .map(|p| {
+                (
+                    p["name"].as_str().expect("name").to_string(),
+                    p["state"].as_str().expect("state").to_string(),
+                )
+            })
+            .collect()
+    }
+
+    fn state_of(&self, peer: &str) -> Option<String> {
+        self.peers().into_iter().find(|(n, _)| n == peer).map(|(_, s)| s)
+    }
+
+    fn log_contains(&self, needle: &str) -> bool {
+        self.log.lock().expect("log").iter().any(|l| l.contains(needle))
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `cond` every 100 ms until it holds or `limit` passes; returns the time it took.
+fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < limit, "not within {limit:?}: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn write_config(dir: &Path, name: &str, creds: &Path, bootstrap: &[&str]) -> PathBuf {
+    let boots: Vec<String> = bootstrap.iter().map(|b| format!("\"{b}\"")).collect();
+    let text = format!(
+        r#"name = "{name}"
+region = "r-{name}"
+[overlay]
+listen = "127.0.0.1:0"
+bootstrap = [{}]
+[tls]
+ca = "{c}/ca.pem"
+cert = "{c}/node.pem"
+key = "{c}/node.key"
+[admin]
+listen = "127.0.0.1:0"
+"#,
+        boots.join(", "),
+        c = creds.display()
+    );
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+#[test]
+fn three_processes_form_a_mesh_refuse_an_intruder_and_track_failures() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let ca = d.join("ca");
+    cli(&["ca", "init", "--trust-domain", "mesh.test", "--out", ca.to_str().expect("utf8")]);
+    for n in ["n1", "n2", "n3"] {
+        cli(&[
+            "ca", "issue-node", "--ca-dir", ca.to_str().expect("utf8"), "--name", n, "--out",
+            d.join(n).to_str().expect("utf8"),
+        ]);
+    }
+    let n1 = Node::start("n1", &write_config(d, "n1", &d.join("n1"), &[]));
+    let n2 = Node::start("n2", &write_config(d, "n2", &d.join("n2"), &[&n1.overlay]));
+    let n3_config = write_config(d, "n3", &d.join("n3"), &[&n2.overlay]);
+    let mut n3 = Node::start("n3", &n3_config);
+
+    let t = eventually(Duration::from_secs(15), "all three see each other alive", || {
+        [(&n1, ["n2", "n3"]), (&n2, ["n1", "n3"]), (&n3, ["n1", "n2"])]
+            .iter()
+            .all(|(node, others)| others.iter().all(|o| node.state_of(o).as_deref() == Some("alive")))
+    });
+    eprintln!("3 processes converged in {t:?}");
+
+    // An intruder: valid-looking node certificate, but from another CA.
+    let other = d.join("other-ca");
+    cli(&["ca", "init", "--trust-domain", "mesh.test", "--out", other.to_str().expect("utf8")]);
+    cli(&[
+        "ca", "issue-node", "--ca-dir", other.to_str().expect("utf8"), "--name", "rogue", "--out",
+        d.join("rogue").to_str().expect("utf8"),
+    ]);
+    // It even copied the mesh's public ca.pem, so it accepts our nodes:
+    // the refusal must come from our side checking its certificate.
+    std::fs::copy(ca.join("ca.pem"), d.join("rogue").join("ca.pem")).expect("copy ca");
+    let rogue = Node::start("rogue", &write_config(d, "rogue", &d.join("rogue"), &[&n1.overlay]));
+    eventually(Duration::from_secs(10), "both sides log the refusal", || {
+        if std::env::var_os("DMSC_TEST_DEBUG").is_some() {
+            eprintln!("n1: {:?}\nrogue: {:?}", n1.log.lock().expect("l"), rogue.log.lock().expect("l"));
+        }
+        n1.log_contains("refused overlay peer certificate")
+            && n1.log_contains("expected the mesh CA")
+            && rogue.log_contains("cannot reach overlay peer")
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    for n in [&n1, &n2, &n3] {
+        assert!(n.state_of("rogue").is_none(), "{} lists the intruder", n.name);
+    }
+    assert!(rogue.peers().is_empty(), "the intruder learned no peers");
+    drop(rogue);
+
+    // kill -9: the others must see n3 dead within the bound.
+    n3.signal("-KILL");
+    let _ = n3.child.wait();
+    let t = eventually(Duration::from_secs(10), "n3 dead on n1 and n2", || {
+        n1.state_of("n3").as_deref() == Some("dead") && n2.state_of("n3").as_deref() == Some("dead")
+    });
+    eprintln!("kill -9 detected as dead in {t:?}");
+
+    // SIGTERM: n2 announces leaving.
+    n2.signal("-TERM");
+    let t = eventually(Duration::from_secs(5), "n2 left on n1", || {
+        n1.state_of("n2").as_deref() == Some("left")
+    });
+    eprintln!("SIGTERM seen as left in {t:?}");
+    let mut n2 = n2;
+    let status = n2.child.wait().expect("wait n2");
+    assert!(status.success(), "SIGTERM drains and exits 0, got {status}");
+    assert!(n2.log_contains("announced leaving the mesh"));
+
+    // Restart n3 (new generation, new port). Its old bootstrap peer n2 is
+    // gone, so, as an operator would, it lists n1 as well.
+    drop(n3);
+    let n3_config = write_config(d, "n3", &d.join("n3"), &[&n2.overlay, &n1.overlay]);
+    let n3 = Node::start("n3", &n3_config);
+    let t = eventually(Duration::from_secs(15), "restarted n3 alive on n1 and n1 alive on n3", || {
+        n1.state_of("n3").as_deref() == Some("alive") && n3.state_of("n1").as_deref() == Some("alive")
+    });
+    eprintln!("restarted node alive again in {t:?}");
+}
+
+#[test]
+fn status_fails_clearly_when_the_node_is_down() {
+    // Port 9 (discard) on loopback: nothing listens there.
+    let out = Command::new(BIN)
+        .args(["status", "--admin", "127.0.0.1:9"])
+        .output()
+        .expect("status");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot reach the node's admin API at 127.0.0.1:9"), "{err}");
+}
+
+#[test]
+fn bad_config_exits_64_listing_every_problem() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(
+        &cfg,
+        "name = \"Bad\"\n[overlay]\nlisten = \"nowhere\"\n[admin]\nlisten = \"0.0.0.0\"\n",
+    )
+    .expect("write");
+    let out = Command::new(BIN)
+        .args(["run", "--validate-only", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in ["name", "overlay.listen", "admin.listen", "tls.ca"] {
+        assert!(err.contains(needle), "missing {needle}: {err}");
+    }
+}
