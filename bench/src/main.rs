@@ -1,1 +1,268 @@
-fn main() {}
+//! `dmsc-bench`: reproducible measurements behind BENCHMARKS.md.
+//!
+//! `dmsc-bench gossip` measures, for each cluster size: membership
+//! convergence (every node sees every other alive), propagation of a key set
+//! on one node to all others, failure detection (one node stops abruptly,
+//! time until all others say dead) and gossip bytes per node per second at
+//! steady state. Sizes up to ~30 run as real nodes (QUIC, mutual TLS, the
+//! full `App`) on loopback in this process; larger sizes run in the
+//! simulator (same chitchat, same encoding, in-memory links, paused clock,
+//! so its times are simulated time, independent of machine load).
+
+use std::time::Duration;
+
+use clap::Parser;
+use dmsc_gossip::sim::SimNetwork;
+use dmsc_gossip::{Gossip, GossipConfig, MemberState};
+use dmsc_node::config::{RawAdmin, RawConfig, RawGossip, RawOverlay, RawTls};
+use dmsc_node::App;
+use dmsc_transport::pki::{CertificateAuthority, NODE_VALIDITY};
+use tokio::time::Instant;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Subcommand)]
+enum Cmd {
+    /// Gossip convergence, propagation, failure detection and bandwidth.
+    Gossip {
+        /// Real loopback cluster sizes.
+        #[arg(long, value_delimiter = ',', default_value = "3,10,30")]
+        real: Vec<usize>,
+        /// Simulated cluster sizes.
+        #[arg(long, value_delimiter = ',', default_value = "100,500")]
+        sim: Vec<usize>,
+        #[arg(long, default_value_t = 200)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 8.0)]
+        phi: f64,
+        /// Steady-state window for the bandwidth figure.
+        #[arg(long, default_value_t = 5)]
+        window_secs: u64,
+    },
+}
+
+struct Row {
+    kind: &'static str,
+    n: usize,
+    converge: Duration,
+    propagate: Duration,
+    detect: Duration,
+    bytes_per_node_sec: f64,
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+}
+
+async fn wait_until<F, Fut>(limit: Duration, mut cond: F) -> anyhow::Result<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if cond().await {
+            return Ok(start.elapsed());
+        }
+        anyhow::ensure!(start.elapsed() < limit, "condition not met within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn all_alive(nodes: &[&Gossip], n: usize) -> bool {
+    for g in nodes {
+        let alive = g
+            .members()
+            .await
+            .iter()
+            .filter(|m| m.state == MemberState::Alive)
+            .count();
+        if alive != n - 1 {
+            return false;
+        }
+    }
+    true
+}
+
+async fn all_have(nodes: &[&Gossip], key: &str, value: &str) -> bool {
+    for g in nodes {
+        if !g.values_of(key).await.iter().any(|(_, v)| v == value) {
+            return false;
+        }
+    }
+    true
+}
+
+async fn all_see_dead(nodes: &[&Gossip], name: &str) -> bool {
+    for g in nodes {
+        let m = g.members().await;
+        if m.iter().find(|m| m.name == name).map(|m| m.state) != Some(MemberState::Dead) {
+            return false;
+        }
+    }
+    true
+}
+
+async fn measure(
+    kind: &'static str,
+    n: usize,
+    gossips: Vec<&Gossip>,
+    started: Instant,
+    window: Duration,
+    kill: impl FnOnce(),
+) -> anyhow::Result<Row> {
+    let limit = Duration::from_secs(120);
+    wait_until(limit, || all_alive(&gossips, n)).await?;
+    let converge = started.elapsed();
+
+    let t = Instant::now();
+    gossips[n / 2].set("bench/key", "v1").await;
+    wait_until(limit, || all_have(&gossips, "bench/key", "v1")).await?;
+    let propagate = t.elapsed();
+
+    let before: u64 = gossips.iter().map(|g| g.bytes_sent()).sum();
+    let t = Instant::now();
+    tokio::time::sleep(window).await;
+    let after: u64 = gossips.iter().map(|g| g.bytes_sent()).sum();
+    let bytes_per_node_sec = (after - before) as f64 / n as f64 / t.elapsed().as_secs_f64();
+
+    let victim = gossips[n - 1].config().node_name.clone();
+    kill();
+    let t = Instant::now();
+    let others = &gossips[..n - 1];
+    wait_until(limit, || all_see_dead(others, &victim)).await?;
+    let detect = t.elapsed();
+    Ok(Row {
+        kind,
+        n,
+        converge,
+        propagate,
+        detect,
+        bytes_per_node_sec,
+    })
+}
+
+async fn real(n: usize, interval_ms: u64, phi: f64, window: Duration) -> anyhow::Result<Row> {
+    let dir = tempfile::tempdir()?;
+    let ca = CertificateAuthority::generate("bench.local")?;
+    let started = Instant::now();
+    let mut apps: Vec<App> = Vec::new();
+    for i in 0..n {
+        let name = format!("n{i}");
+        let nd = dir.path().join(&name);
+        ca.issue_node(&name, NODE_VALIDITY)?
+            .write_node_dir(&nd, &ca.cert_pem)?;
+        let raw = RawConfig {
+            name: Some(name),
+            region: None,
+            overlay: RawOverlay {
+                listen: Some("127.0.0.1:0".into()),
+                advertise: None,
+                bootstrap: apps.first().map(|a| vec![a.bound().overlay.to_string()]),
+            },
+            tls: RawTls {
+                ca: Some(nd.join("ca.pem")),
+                cert: Some(nd.join("node.pem")),
+                key: Some(nd.join("node.key")),
+            },
+            admin: RawAdmin {
+                listen: Some("127.0.0.1:0".into()),
+            },
+            gossip: RawGossip {
+                interval_ms: Some(interval_ms),
+                phi_threshold: Some(phi),
+                ..Default::default()
+            },
+        };
+        apps.push(App::build(raw.validate()?).await?);
+    }
+    let victim = apps.pop().ok_or_else(|| anyhow::anyhow!("no nodes"))?;
+    let mut gossips: Vec<&Gossip> = apps.iter().map(|a| &a.shared().gossip).collect();
+    gossips.push(&victim.shared().gossip);
+    // Crash, not leave: stop its gossip and close its overlay without announcing.
+    let crash = || {
+        victim.shared().gossip.stop();
+        let ov = victim.shared().overlay.clone();
+        tokio::spawn(async move { ov.shutdown().await });
+    };
+    let row = measure("real QUIC", n, gossips, started, window, crash).await?;
+    for a in apps {
+        a.stop().await;
+    }
+    Ok(row)
+}
+
+async fn sim(n: usize, interval_ms: u64, phi: f64, window: Duration) -> anyhow::Result<Row> {
+    let net = SimNetwork::new(65_507);
+    let addr = |i: usize| std::net::SocketAddr::from(([10, (i / 250) as u8, (i % 250) as u8, 1], 7400));
+    let started = Instant::now();
+    let mut nodes = Vec::new();
+    for i in 0..n {
+        let t = net.attach(addr(i));
+        let mut cfg = GossipConfig::new(&format!("n{i}"), addr(i), "sim");
+        cfg.seeds = vec![addr(0).to_string()];
+        cfg.interval = Duration::from_millis(interval_ms);
+        cfg.phi_threshold = phi;
+        cfg.suspect_after = cfg.interval * 5;
+        let stats = t.stats();
+        nodes.push(Gossip::start(cfg, &t, stats, vec![]).await?);
+    }
+    let gossips: Vec<&Gossip> = nodes.iter().collect();
+    let victim = addr(n - 1);
+    measure("simulated", n, gossips, started, window, || net.isolate(victim)).await
+}
+
+fn print(rows: &[Row], interval_ms: u64, phi: f64) {
+    println!("gossip interval {interval_ms} ms, phi threshold {phi}");
+    println!("| cluster | nodes | membership converged | key on all nodes | dead node detected by all | gossip bytes/node/s |");
+    println!("|---|---|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {} | {} | {:.0} |",
+            r.kind,
+            r.n,
+            ms(r.converge),
+            ms(r.propagate),
+            ms(r.detect),
+            r.bytes_per_node_sec
+        );
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Gossip {
+            real: real_sizes,
+            sim: sim_sizes,
+            interval_ms,
+            phi,
+            window_secs,
+        } => {
+            let window = Duration::from_secs(window_secs);
+            let mut rows = Vec::new();
+            for n in real_sizes {
+                let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+                let row = rt.block_on(real(n, interval_ms, phi, window))?;
+                eprintln!("real {n}: done");
+                rows.push(row);
+            }
+            for n in sim_sizes {
+                // Paused clock: time advances only when every node is idle.
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .start_paused(true)
+                    .build()?;
+                let row = rt.block_on(sim(n, interval_ms, phi, window))?;
+                eprintln!("sim {n}: done");
+                rows.push(row);
+            }
+            print(&rows, interval_ms, phi);
+        }
+    }
+    Ok(())
+}

@@ -105,7 +105,9 @@ pub struct Gossip {
 
 impl std::fmt::Debug for Gossip {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Gossip").field("node", &self.cfg.node_name).finish()
+        f.debug_struct("Gossip")
+            .field("node", &self.cfg.node_name)
+            .finish()
     }
 }
 
@@ -135,7 +137,7 @@ impl Gossip {
         if cfg.interval.is_zero() {
             return Err(GossipError::Config("gossip interval must be > 0".into()));
         }
-        if !(cfg.phi_threshold > 0.0) {
+        if cfg.phi_threshold.is_nan() || cfg.phi_threshold <= 0.0 {
             return Err(GossipError::Config("phi threshold must be > 0".into()));
         }
         let id = ChitchatId::new(cfg.node_name.clone(), cfg.generation, cfg.advertise);
@@ -185,7 +187,9 @@ impl Gossip {
 
     fn handle(&self) -> &ChitchatHandle {
         // Only `shutdown(self)` takes the handle, and it consumes `self`.
-        self.handle.as_ref().expect("gossip handle present until shutdown")
+        self.handle
+            .as_ref()
+            .expect("gossip handle present until shutdown")
     }
 
     /// Sets one of this node's keys; it spreads with the next rounds.
@@ -267,7 +271,8 @@ impl Gossip {
             let _ = self.handle().gossip(*p);
         }
         // Syn -> SynAck -> Ack carries the key; a few RTTs on any sane link.
-        let wait = (self.cfg.interval * 2).clamp(Duration::from_millis(300), Duration::from_secs(1));
+        let wait =
+            (self.cfg.interval * 2).clamp(Duration::from_millis(300), Duration::from_secs(1));
         tokio::time::sleep(wait).await;
         info!(node = %self.cfg.node_name, peers = peers.len(), "announced leaving the mesh");
     }

@@ -32,7 +32,9 @@ pub struct SimNetwork {
 
 impl std::fmt::Debug for SimNetwork {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SimNetwork").field("mtu", &self.mtu).finish()
+        f.debug_struct("SimNetwork")
+            .field("mtu", &self.mtu)
+            .finish()
     }
 }
 
@@ -101,10 +103,10 @@ impl Link for SimLink {
             return;
         }
         *s.bytes_sent.entry(self.addr).or_default() += payload.len() as u64;
-        let delivered = s
-            .inboxes
-            .get(&to)
-            .is_some_and(|tx| tx.try_send((self.addr, Bytes::copy_from_slice(payload))).is_ok());
+        let delivered = s.inboxes.get(&to).is_some_and(|tx| {
+            tx.try_send((self.addr, Bytes::copy_from_slice(payload)))
+                .is_ok()
+        });
         if !delivered {
             s.dropped += 1;
         }

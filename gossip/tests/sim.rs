@@ -26,7 +26,11 @@ async fn cluster(net: &SimNetwork, n: usize) -> Vec<Gossip> {
 }
 
 async fn count_state(g: &Gossip, state: MemberState) -> usize {
-    g.members().await.iter().filter(|m| m.state == state).count()
+    g.members()
+        .await
+        .iter()
+        .filter(|m| m.state == state)
+        .count()
 }
 
 /// Polls `cond` every 100 ms of simulated time, up to `limit`; returns the time taken.
@@ -37,7 +41,12 @@ macro_rules! eventually {
             if $cond {
                 break start.elapsed();
             }
-            assert!(start.elapsed() < $limit, "condition not met within {:?}: {}", $limit, stringify!($cond));
+            assert!(
+                start.elapsed() < $limit,
+                "condition not met within {:?}: {}",
+                $limit,
+                stringify!($cond)
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }};
@@ -80,7 +89,10 @@ async fn two_hundred_nodes_converge_detect_a_cut_node_and_readmit_it() {
         all
     });
     eprintln!("isolated node marked dead by all 199 others after {detect:?} (simulated)");
-    assert!(detect < Duration::from_secs(20), "detection took {detect:?}");
+    assert!(
+        detect < Duration::from_secs(20),
+        "detection took {detect:?}"
+    );
 
     // Heal: it is alive everywhere again, and it sees everyone alive.
     net.heal(victim);

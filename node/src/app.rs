@@ -57,7 +57,9 @@ pub struct Shared {
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared").field("bound", &self.bound).finish()
+        f.debug_struct("Shared")
+            .field("bound", &self.bound)
+            .finish()
     }
 }
 
@@ -85,7 +87,10 @@ impl App {
         Self::build_inner(config, identity).instrument(span).await
     }
 
-    async fn build_inner(config: NodeConfig, identity: Arc<NodeIdentity>) -> Result<App, NodeError> {
+    async fn build_inner(
+        config: NodeConfig,
+        identity: Arc<NodeIdentity>,
+    ) -> Result<App, NodeError> {
         let name = identity.name().to_string();
         let mut tasks = JoinSet::new();
 
@@ -131,8 +136,8 @@ impl App {
             started_at,
             roles: Vec::new(),
         };
-        let announcement = serde_json::to_string(&announcement)
-            .map_err(|e| NodeError::Internal(e.to_string()))?;
+        let announcement =
+            serde_json::to_string(&announcement).map_err(|e| NodeError::Internal(e.to_string()))?;
         let stats = transport.stats();
         let gossip = Gossip::start(
             gcfg,

@@ -193,7 +193,10 @@ impl RawConfig {
         set(&mut self.admin.listen, top.admin.listen);
         set(&mut self.gossip.interval_ms, top.gossip.interval_ms);
         set(&mut self.gossip.phi_threshold, top.gossip.phi_threshold);
-        set(&mut self.gossip.suspect_after_ms, top.gossip.suspect_after_ms);
+        set(
+            &mut self.gossip.suspect_after_ms,
+            top.gossip.suspect_after_ms,
+        );
         set(&mut self.gossip.dead_grace_secs, top.gossip.dead_grace_secs);
         self
     }
@@ -219,7 +222,10 @@ impl RawConfig {
         }
         let overlay_listen = addr(
             "overlay.listen",
-            self.overlay.listen.as_deref().unwrap_or(DEFAULT_OVERLAY_LISTEN),
+            self.overlay
+                .listen
+                .as_deref()
+                .unwrap_or(DEFAULT_OVERLAY_LISTEN),
             &mut errors,
         );
         let advertise = self
@@ -236,7 +242,9 @@ impl RawConfig {
         }
         if let Some(a) = advertise {
             if a.ip().is_unspecified() || a.port() == 0 {
-                errors.push(format!("overlay.advertise = `{a}` must be a concrete IP and port"));
+                errors.push(format!(
+                    "overlay.advertise = `{a}` must be a concrete IP and port"
+                ));
             }
         }
         let bootstrap = self.overlay.bootstrap.unwrap_or_default();
@@ -267,14 +275,18 @@ impl RawConfig {
             .interval_ms
             .unwrap_or(dmsc_gossip::gossip_defaults::INTERVAL.as_millis() as u64);
         if !(10..=60_000).contains(&interval_ms) {
-            errors.push(format!("gossip.interval_ms = {interval_ms} must be within 10..=60000"));
+            errors.push(format!(
+                "gossip.interval_ms = {interval_ms} must be within 10..=60000"
+            ));
         }
         let phi_threshold = self
             .gossip
             .phi_threshold
             .unwrap_or(dmsc_gossip::gossip_defaults::PHI);
-        if !(phi_threshold > 0.0 && phi_threshold <= 100.0) {
-            errors.push(format!("gossip.phi_threshold = {phi_threshold} must be within (0, 100]"));
+        if phi_threshold.is_nan() || phi_threshold <= 0.0 || phi_threshold > 100.0 {
+            errors.push(format!(
+                "gossip.phi_threshold = {phi_threshold} must be within (0, 100]"
+            ));
         }
         if !errors.is_empty() {
             return Err(ConfigError(errors));
@@ -353,7 +365,10 @@ listen = "127.0.0.1:9401"
         .expect("write");
         let env: HashMap<String, String> = [
             ("DMSC_REGION".to_string(), "us".to_string()),
-            ("DMSC_ADMIN_LISTEN".to_string(), "127.0.0.1:9999".to_string()),
+            (
+                "DMSC_ADMIN_LISTEN".to_string(),
+                "127.0.0.1:9999".to_string(),
+            ),
         ]
         .into();
         let flags = RawConfig {
@@ -370,7 +385,11 @@ listen = "127.0.0.1:9401"
             .expect("valid");
         assert_eq!(cfg.name.as_deref(), Some("eu-1"));
         assert_eq!(cfg.region, "us", "env beats file");
-        assert_eq!(cfg.admin_listen.to_string(), "127.0.0.1:0", "flags beat env");
+        assert_eq!(
+            cfg.admin_listen.to_string(),
+            "127.0.0.1:0",
+            "flags beat env"
+        );
         assert_eq!(cfg.overlay_listen.to_string(), "127.0.0.1:7401");
         assert_eq!(cfg.bootstrap, vec!["127.0.0.1:7400".to_string()]);
         assert_eq!(cfg.ca, d.path().join("ca.pem"));
@@ -400,7 +419,14 @@ listen = "127.0.0.1:9401"
         };
         let err = raw.validate().expect_err("invalid");
         let text = err.to_string();
-        for needle in ["name", "wildcard", "nope", "admin.listen", "tls.ca", "interval_ms"] {
+        for needle in [
+            "name",
+            "wildcard",
+            "nope",
+            "admin.listen",
+            "tls.ca",
+            "interval_ms",
+        ] {
             assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
         }
         assert!(err.0.len() >= 6, "{text}");
@@ -411,7 +437,10 @@ listen = "127.0.0.1:9401"
         let d = tempfile::tempdir().expect("tempdir");
         let file = d.path().join("n.toml");
         std::fs::write(&file, "nmae = \"x\"\n").expect("write");
-        assert!(RawConfig::from_file(&file).expect_err("typo").to_string().contains("nmae"));
+        assert!(RawConfig::from_file(&file)
+            .expect_err("typo")
+            .to_string()
+            .contains("nmae"));
         let env: HashMap<String, String> =
             [("DMSC_GOSSIP_INTERVAL_MS".to_string(), "fast".to_string())].into();
         assert!(RawConfig::from_env(&env).is_err());

@@ -23,12 +23,19 @@ pub async fn run(
     let dir = tempfile::Builder::new().prefix("dmsc-demo-").tempdir()?;
     let ca = CertificateAuthority::generate("demo.dmsc.local")?;
     ca.save(dir.path())?;
-    println!("dmsc demo: {nodes} nodes on loopback, throwaway CA (trust domain demo.dmsc.local) in {}", dir.path().display());
+    println!(
+        "dmsc demo: {nodes} nodes on loopback, throwaway CA (trust domain demo.dmsc.local) in {}",
+        dir.path().display()
+    );
 
     let mut apps: Vec<App> = Vec::new();
     for i in 0..nodes {
         let name = format!("{}-1", REGIONS[i % REGIONS.len()]);
-        let name = if i >= REGIONS.len() { format!("{name}-{i}") } else { name };
+        let name = if i >= REGIONS.len() {
+            format!("{name}-{i}")
+        } else {
+            name
+        };
         let node_dir = dir.path().join(&name);
         ca.issue_node(&name, NODE_VALIDITY)?
             .write_node_dir(&node_dir, &ca.cert_pem)?;
@@ -80,7 +87,11 @@ pub async fn run(
             }
             if view != last_view {
                 let first = &apps[0];
-                println!("[{:>6}ms] mesh as seen by {}:", started.elapsed().as_millis(), first.status().await.node.name);
+                println!(
+                    "[{:>6}ms] mesh as seen by {}:",
+                    started.elapsed().as_millis(),
+                    first.status().await.node.name
+                );
                 println!("{}", first.status().await.render());
                 last_view = view;
             }

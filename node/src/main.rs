@@ -14,7 +14,11 @@ use dmsc_node::{status, App, NodeError};
 use dmsc_transport::pki::{self, CertificateAuthority};
 
 #[derive(Parser)]
-#[command(name = "dmsc-node", version, about = "A peer gateway node of the dmsc agent mesh")]
+#[command(
+    name = "dmsc-node",
+    version,
+    about = "A peer gateway node of the dmsc agent mesh"
+)]
 struct Cli {
     /// Log format: text or json (filter with RUST_LOG, e.g. RUST_LOG=debug).
     #[arg(long, global = true, default_value = "text")]
@@ -219,7 +223,10 @@ fn main() -> ExitCode {
         Cmd::Run(_) => "info",
     };
     init_logging(&cli.log_format, default_log);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -65,17 +65,61 @@ impl Metrics {
             uptime_seconds: Gauge::default(),
             registry: Registry::default(),
         };
-        registry.register("peers", "Peers known through gossip, by state (alive, suspect, dead, left)", m.peers.clone());
-        registry.register("gossip_rounds", "Gossip rounds this node has run", m.gossip_rounds.clone());
-        registry.register("gossip_sent_bytes", "Gossip message bytes sent (before QUIC framing)", m.gossip_bytes_sent.clone());
-        registry.register("gossip_received_bytes", "Gossip message bytes received", m.gossip_bytes_received.clone());
-        registry.register("overlay_sent_bytes", "Overlay stream bytes sent (frames, all channels)", m.overlay_bytes_sent.clone());
-        registry.register("overlay_received_bytes", "Overlay stream bytes received (frames, all channels)", m.overlay_bytes_received.clone());
-        registry.register("overlay_messages_dropped", "Overlay messages dropped (peer unreachable, queue full, malformed)", m.overlay_messages_dropped.clone());
-        registry.register("overlay_handshakes", "Overlay TLS handshakes by direction (inbound, outbound) and result (ok, failed)", m.handshakes.clone());
-        registry.register("overlay_connections", "Live overlay QUIC connections", m.connections.clone());
-        registry.register("cert_expiry_seconds", "Seconds until this node's certificate expires (negative: expired)", m.cert_expiry_seconds.clone());
-        registry.register("uptime_seconds", "Seconds since this node started", m.uptime_seconds.clone());
+        registry.register(
+            "peers",
+            "Peers known through gossip, by state (alive, suspect, dead, left)",
+            m.peers.clone(),
+        );
+        registry.register(
+            "gossip_rounds",
+            "Gossip rounds this node has run",
+            m.gossip_rounds.clone(),
+        );
+        registry.register(
+            "gossip_sent_bytes",
+            "Gossip message bytes sent (before QUIC framing)",
+            m.gossip_bytes_sent.clone(),
+        );
+        registry.register(
+            "gossip_received_bytes",
+            "Gossip message bytes received",
+            m.gossip_bytes_received.clone(),
+        );
+        registry.register(
+            "overlay_sent_bytes",
+            "Overlay stream bytes sent (frames, all channels)",
+            m.overlay_bytes_sent.clone(),
+        );
+        registry.register(
+            "overlay_received_bytes",
+            "Overlay stream bytes received (frames, all channels)",
+            m.overlay_bytes_received.clone(),
+        );
+        registry.register(
+            "overlay_messages_dropped",
+            "Overlay messages dropped (peer unreachable, queue full, malformed)",
+            m.overlay_messages_dropped.clone(),
+        );
+        registry.register(
+            "overlay_handshakes",
+            "Overlay TLS handshakes by direction (inbound, outbound) and result (ok, failed)",
+            m.handshakes.clone(),
+        );
+        registry.register(
+            "overlay_connections",
+            "Live overlay QUIC connections",
+            m.connections.clone(),
+        );
+        registry.register(
+            "cert_expiry_seconds",
+            "Seconds until this node's certificate expires (negative: expired)",
+            m.cert_expiry_seconds.clone(),
+        );
+        registry.register(
+            "uptime_seconds",
+            "Seconds since this node started",
+            m.uptime_seconds.clone(),
+        );
         Metrics { registry, ..m }
     }
 

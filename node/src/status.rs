@@ -83,15 +83,29 @@ impl StatusReport {
     pub fn render(&self) -> String {
         let n = &self.node;
         let expiry = if n.cert_expires_in_secs < 0 {
-            format!("EXPIRED {} ago", human(Duration::from_secs(n.cert_expires_in_secs.unsigned_abs())))
+            format!(
+                "EXPIRED {} ago",
+                human(Duration::from_secs(n.cert_expires_in_secs.unsigned_abs()))
+            )
         } else {
-            format!("{} (in {})", n.cert_not_after, human(Duration::from_secs(n.cert_expires_in_secs as u64)))
+            format!(
+                "{} (in {})",
+                n.cert_not_after,
+                human(Duration::from_secs(n.cert_expires_in_secs as u64))
+            )
         };
         let mut out = String::new();
         out.push_str(&format!("node     {} ({})\n", n.name, n.spiffe_id));
         out.push_str(&format!("region   {}\n", n.region));
-        out.push_str(&format!("overlay  {}   admin {}\n", n.overlay_addr, n.admin_addr));
-        out.push_str(&format!("uptime   {}   version {}\n", human(Duration::from_secs(n.uptime_secs)), n.version));
+        out.push_str(&format!(
+            "overlay  {}   admin {}\n",
+            n.overlay_addr, n.admin_addr
+        ));
+        out.push_str(&format!(
+            "uptime   {}   version {}\n",
+            human(Duration::from_secs(n.uptime_secs)),
+            n.version
+        ));
         out.push_str(&format!("cert     expires {expiry}\n"));
         let g = &self.gossip;
         out.push_str(&format!(
@@ -108,7 +122,9 @@ impl StatusReport {
                     p.region.clone(),
                     p.addr.clone(),
                     p.state.clone(),
-                    p.rtt_ms.map(|r| format!("{r:.2}ms")).unwrap_or_else(|| "-".into()),
+                    p.rtt_ms
+                        .map(|r| format!("{r:.2}ms"))
+                        .unwrap_or_else(|| "-".into()),
                     format!("{} ago", human(Duration::from_millis(p.last_seen_ms))),
                 ]
             })

@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_dmsc-node");
 
 fn cli(args: &[&str]) -> std::process::Output {
-    let out = Command::new(BIN).args(args).output().expect("run dmsc-node");
+    let out = Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("run dmsc-node");
     assert!(
         out.status.success(),
         "dmsc-node {args:?} failed: {}",
@@ -60,7 +63,12 @@ impl Node {
         });
         let (overlay, admin) = rx
             .recv_timeout(Duration::from_secs(20))
-            .unwrap_or_else(|_| panic!("{name} did not become ready; log:\n{}", log.lock().expect("log").join("\n")));
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{name} did not become ready; log:\n{}",
+                    log.lock().expect("log").join("\n")
+                )
+            });
         Node {
             name: name.into(),
             child,
@@ -95,11 +103,18 @@ impl Node {
     }
 
     fn state_of(&self, peer: &str) -> Option<String> {
-        self.peers().into_iter().find(|(n, _)| n == peer).map(|(_, s)| s)
+        self.peers()
+            .into_iter()
+            .find(|(n, _)| n == peer)
+            .map(|(_, s)| s)
     }
 
     fn log_contains(&self, needle: &str) -> bool {
-        self.log.lock().expect("log").iter().any(|l| l.contains(needle))
+        self.log
+            .lock()
+            .expect("log")
+            .iter()
+            .any(|l| l.contains(needle))
     }
 
     fn signal(&self, sig: &str) {
@@ -158,10 +173,23 @@ fn three_processes_form_a_mesh_refuse_an_intruder_and_track_failures() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let ca = d.join("ca");
-    cli(&["ca", "init", "--trust-domain", "mesh.test", "--out", ca.to_str().expect("utf8")]);
+    cli(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "mesh.test",
+        "--out",
+        ca.to_str().expect("utf8"),
+    ]);
     for n in ["n1", "n2", "n3"] {
         cli(&[
-            "ca", "issue-node", "--ca-dir", ca.to_str().expect("utf8"), "--name", n, "--out",
+            "ca",
+            "issue-node",
+            "--ca-dir",
+            ca.to_str().expect("utf8"),
+            "--name",
+            n,
+            "--out",
             d.join(n).to_str().expect("utf8"),
         ]);
     }
@@ -170,35 +198,75 @@ fn three_processes_form_a_mesh_refuse_an_intruder_and_track_failures() {
     let n3_config = write_config(d, "n3", &d.join("n3"), &[&n2.overlay]);
     let mut n3 = Node::start("n3", &n3_config);
 
-    let t = eventually(Duration::from_secs(15), "all three see each other alive", || {
-        [(&n1, ["n2", "n3"]), (&n2, ["n1", "n3"]), (&n3, ["n1", "n2"])]
+    let t = eventually(
+        Duration::from_secs(15),
+        "all three see each other alive",
+        || {
+            [
+                (&n1, ["n2", "n3"]),
+                (&n2, ["n1", "n3"]),
+                (&n3, ["n1", "n2"]),
+            ]
             .iter()
-            .all(|(node, others)| others.iter().all(|o| node.state_of(o).as_deref() == Some("alive")))
-    });
+            .all(|(node, others)| {
+                others
+                    .iter()
+                    .all(|o| node.state_of(o).as_deref() == Some("alive"))
+            })
+        },
+    );
     eprintln!("3 processes converged in {t:?}");
 
     // An intruder: valid-looking node certificate, but from another CA.
     let other = d.join("other-ca");
-    cli(&["ca", "init", "--trust-domain", "mesh.test", "--out", other.to_str().expect("utf8")]);
     cli(&[
-        "ca", "issue-node", "--ca-dir", other.to_str().expect("utf8"), "--name", "rogue", "--out",
+        "ca",
+        "init",
+        "--trust-domain",
+        "mesh.test",
+        "--out",
+        other.to_str().expect("utf8"),
+    ]);
+    cli(&[
+        "ca",
+        "issue-node",
+        "--ca-dir",
+        other.to_str().expect("utf8"),
+        "--name",
+        "rogue",
+        "--out",
         d.join("rogue").to_str().expect("utf8"),
     ]);
     // It even copied the mesh's public ca.pem, so it accepts our nodes:
     // the refusal must come from our side checking its certificate.
     std::fs::copy(ca.join("ca.pem"), d.join("rogue").join("ca.pem")).expect("copy ca");
-    let rogue = Node::start("rogue", &write_config(d, "rogue", &d.join("rogue"), &[&n1.overlay]));
-    eventually(Duration::from_secs(10), "both sides log the refusal", || {
-        if std::env::var_os("DMSC_TEST_DEBUG").is_some() {
-            eprintln!("n1: {:?}\nrogue: {:?}", n1.log.lock().expect("l"), rogue.log.lock().expect("l"));
-        }
-        n1.log_contains("refused overlay peer certificate")
-            && n1.log_contains("expected the mesh CA")
-            && rogue.log_contains("cannot reach overlay peer")
-    });
+    let rogue = Node::start(
+        "rogue",
+        &write_config(d, "rogue", &d.join("rogue"), &[&n1.overlay]),
+    );
+    eventually(
+        Duration::from_secs(10),
+        "both sides log the refusal",
+        || {
+            if std::env::var_os("DMSC_TEST_DEBUG").is_some() {
+                eprintln!(
+                    "n1: {:?}\nrogue: {:?}",
+                    n1.log.lock().expect("l"),
+                    rogue.log.lock().expect("l")
+                );
+            }
+            n1.log_contains("refused overlay peer certificate")
+                && n1.log_contains("expected the mesh CA")
+                && rogue.log_contains("cannot reach overlay peer")
+        },
+    );
     std::thread::sleep(Duration::from_secs(1));
     for n in [&n1, &n2, &n3] {
-        assert!(n.state_of("rogue").is_none(), "{} lists the intruder", n.name);
+        assert!(
+            n.state_of("rogue").is_none(),
+            "{} lists the intruder",
+            n.name
+        );
     }
     assert!(rogue.peers().is_empty(), "the intruder learned no peers");
     drop(rogue);
@@ -227,9 +295,14 @@ fn three_processes_form_a_mesh_refuse_an_intruder_and_track_failures() {
     drop(n3);
     let n3_config = write_config(d, "n3", &d.join("n3"), &[&n2.overlay, &n1.overlay]);
     let n3 = Node::start("n3", &n3_config);
-    let t = eventually(Duration::from_secs(15), "restarted n3 alive on n1 and n1 alive on n3", || {
-        n1.state_of("n3").as_deref() == Some("alive") && n3.state_of("n1").as_deref() == Some("alive")
-    });
+    let t = eventually(
+        Duration::from_secs(15),
+        "restarted n3 alive on n1 and n1 alive on n3",
+        || {
+            n1.state_of("n3").as_deref() == Some("alive")
+                && n3.state_of("n1").as_deref() == Some("alive")
+        },
+    );
     eprintln!("restarted node alive again in {t:?}");
 }
 
@@ -242,7 +315,10 @@ fn status_fails_clearly_when_the_node_is_down() {
         .expect("status");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("cannot reach the node's admin API at 127.0.0.1:9"), "{err}");
+    assert!(
+        err.contains("cannot reach the node's admin API at 127.0.0.1:9"),
+        "{err}"
+    );
 }
 
 #[test]

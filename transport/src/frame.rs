@@ -242,6 +242,9 @@ mod tests {
     fn foreign_and_future_streams_are_named() {
         assert_eq!(decode_preamble(b"GET "), Err(FrameError::BadMagic(*b"GE")));
         assert_eq!(decode_preamble(b"DM\x02\x01"), Err(FrameError::Version(2)));
-        assert_eq!(decode_preamble(b"DM\x01\x09"), Err(FrameError::UnknownChannel(9)));
+        assert_eq!(
+            decode_preamble(b"DM\x01\x09"),
+            Err(FrameError::UnknownChannel(9))
+        );
     }
 }

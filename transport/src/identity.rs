@@ -86,7 +86,11 @@ impl SpiffeId {
                 tenant: t.to_string(),
                 agent: a.to_string(),
             },
-            _ => return Err(bad("path is neither /node/<name> nor /tenant/<t>/agent/<a>")),
+            _ => {
+                return Err(bad(
+                    "path is neither /node/<name> nor /tenant/<t>/agent/<a>",
+                ))
+            }
         };
         Ok(SpiffeId {
             trust_domain: td.to_string(),
@@ -203,12 +207,13 @@ impl NodeIdentity {
     ) -> Result<Self, TransportError> {
         let roots = certs_from_pem(ca_pem, ca)?;
         let chain = certs_from_pem(cert_pem, cert)?;
-        let key_der =
-            PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| TransportError::BadPem {
+        let key_der = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| {
+            TransportError::BadPem {
                 path: key.to_path_buf(),
                 what: "private key",
                 reason: e.to_string(),
-            })?;
+            }
+        })?;
         let info = cert_info(&chain[0])?;
         if info.spiffe.node_name().is_none() {
             return Err(TransportError::Identity(format!(

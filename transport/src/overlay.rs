@@ -192,17 +192,18 @@ impl Overlay {
         let mut client = quinn::ClientConfig::new(Arc::new(client_tls));
         client.transport_config(transport);
 
-        let mut endpoint = Endpoint::server(server, cfg.listen).map_err(|source| {
-            TransportError::Bind {
+        let mut endpoint =
+            Endpoint::server(server, cfg.listen).map_err(|source| TransportError::Bind {
                 addr: cfg.listen,
                 source,
-            }
-        })?;
+            })?;
         endpoint.set_default_client_config(client);
-        let local_addr = endpoint.local_addr().map_err(|source| TransportError::Bind {
-            addr: cfg.listen,
-            source,
-        })?;
+        let local_addr = endpoint
+            .local_addr()
+            .map_err(|source| TransportError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
         let (inbound, rx) = mpsc::channel(1024);
         let inner = Arc::new(Inner {
             endpoint: endpoint.clone(),
@@ -237,7 +238,12 @@ impl Overlay {
 
     /// Queues `payload` for `to` on `channel`. Never blocks; a message that
     /// cannot be queued or delivered is dropped and counted.
-    pub fn send(&self, to: SocketAddr, channel: Channel, payload: &[u8]) -> Result<(), TransportError> {
+    pub fn send(
+        &self,
+        to: SocketAddr,
+        channel: Channel,
+        payload: &[u8],
+    ) -> Result<(), TransportError> {
         if to == self.inner.local_addr {
             return Ok(());
         }
@@ -314,7 +320,10 @@ where
 fn start_sender(inner: &Arc<Inner>, to: SocketAddr) -> mpsc::Sender<Bytes> {
     let (tx, rx) = mpsc::channel(PEER_QUEUE);
     let span = tracing::debug_span!("peer-sender", node = %inner.name, peer = %to);
-    spawn(inner, sender_loop(Arc::downgrade(inner), to, rx).instrument(span));
+    spawn(
+        inner,
+        sender_loop(Arc::downgrade(inner), to, rx).instrument(span),
+    );
     tx
 }
 
@@ -366,7 +375,13 @@ fn adopt(inner: &Arc<Inner>, conn: Connection, outbound: bool) -> Option<Connect
         return None;
     }
     let peer: Arc<str> = peer.into();
-    let initiator = |out: bool| -> &str { if out { &inner.name } else { &peer } };
+    let initiator = |out: bool| -> &str {
+        if out {
+            &inner.name
+        } else {
+            &peer
+        }
+    };
     let kept = {
         let mut conns = lock(&inner.conns);
         match conns.get(&remote) {
@@ -387,7 +402,8 @@ fn adopt(inner: &Arc<Inner>, conn: Connection, outbound: bool) -> Option<Connect
                         },
                     );
                     if let Some(old) = old {
-                        old.conn.close(VarInt::from_u32(CLOSE_DUPLICATE), b"duplicate");
+                        old.conn
+                            .close(VarInt::from_u32(CLOSE_DUPLICATE), b"duplicate");
                     }
                     conn.clone()
                 } else {
@@ -419,9 +435,7 @@ fn adopt(inner: &Arc<Inner>, conn: Connection, outbound: bool) -> Option<Connect
 }
 
 async fn reader_loop(weak: Weak<Inner>, conn: Connection, peer: Arc<str>) {
-    let Some((stats, inbound)) = weak
-        .upgrade()
-        .map(|i| (i.stats.clone(), i.inbound.clone()))
+    let Some((stats, inbound)) = weak.upgrade().map(|i| (i.stats.clone(), i.inbound.clone()))
     else {
         return;
     };
@@ -492,13 +506,14 @@ async fn connection_to(inner: &Arc<Inner>, addr: SocketAddr) -> Result<Connectio
             return Ok(c.conn.clone());
         }
     }
-    let connecting = inner
-        .endpoint
-        .connect(addr, "dmsc-node")
-        .map_err(|e| TransportError::Connect {
-            addr,
-            reason: e.to_string(),
-        })?;
+    let connecting =
+        inner
+            .endpoint
+            .connect(addr, "dmsc-node")
+            .map_err(|e| TransportError::Connect {
+                addr,
+                reason: e.to_string(),
+            })?;
     let conn = match tokio::time::timeout(inner.cfg.connect_timeout, connecting).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
@@ -617,5 +632,6 @@ async fn write_message(conn: &Connection, msg: &[u8]) -> Result<(), TransportErr
     s.write_all(msg)
         .await
         .map_err(|e| TransportError::Stream(e.to_string()))?;
-    s.finish().map_err(|e| TransportError::Stream(e.to_string()))
+    s.finish()
+        .map_err(|e| TransportError::Stream(e.to_string()))
 }

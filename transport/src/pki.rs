@@ -13,8 +13,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use time::OffsetDateTime;
 
@@ -88,7 +88,9 @@ impl CertificateAuthority {
             KeyUsagePurpose::DigitalSignature,
         ];
         params.subject_alt_names = vec![SanType::URI(
-            SpiffeId::trust_domain(trust_domain).to_string().try_into()?,
+            SpiffeId::trust_domain(trust_domain)
+                .to_string()
+                .try_into()?,
         )];
         params.not_before = now() - BACKDATE;
         params.not_after = now() + CA_VALIDITY;
@@ -105,17 +107,15 @@ impl CertificateAuthority {
     pub fn load(dir: &Path) -> Result<Self, TransportError> {
         let cert_path = dir.join(CA_CERT);
         let key_path = dir.join(CA_KEY);
-        let cert_pem = fs::read_to_string(&cert_path).map_err(|source| {
-            TransportError::ReadFile {
+        let cert_pem =
+            fs::read_to_string(&cert_path).map_err(|source| TransportError::ReadFile {
                 path: cert_path.clone(),
                 source,
-            }
-        })?;
-        let key_pem =
-            fs::read_to_string(&key_path).map_err(|source| TransportError::ReadFile {
-                path: key_path.clone(),
-                source,
             })?;
+        let key_pem = fs::read_to_string(&key_path).map_err(|source| TransportError::ReadFile {
+            path: key_path.clone(),
+            source,
+        })?;
         let key = KeyPair::from_pem(&key_pem).map_err(|e| TransportError::BadPem {
             path: key_path,
             what: "CA private key",
@@ -238,7 +238,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let ca = CertificateAuthority::generate("mesh.test").expect("ca");
         ca.save(dir.path()).expect("save");
-        let mode = fs::metadata(dir.path().join(CA_KEY)).expect("key").permissions().mode();
+        let mode = fs::metadata(dir.path().join(CA_KEY))
+            .expect("key")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         assert!(ca.save(dir.path()).is_err(), "must not overwrite a CA key");
 
@@ -257,7 +260,10 @@ mod tests {
         .expect("identity");
         assert_eq!(id.spiffe.to_string(), "spiffe://mesh.test/node/eu-1");
         assert_eq!(id.name(), "eu-1");
-        let mode = fs::metadata(node_dir.join(NODE_KEY)).expect("key").permissions().mode();
+        let mode = fs::metadata(node_dir.join(NODE_KEY))
+            .expect("key")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 

@@ -234,9 +234,10 @@ pub fn client_config(identity: &NodeIdentity) -> Result<ClientConfig, TransportE
 /// certificates required and verified by the mesh verifier.
 pub fn server_config(identity: &NodeIdentity) -> Result<ServerConfig, TransportError> {
     let provider = provider();
-    let inner = WebPkiClientVerifier::builder_with_provider(root_store(identity)?, provider.clone())
-        .build()
-        .map_err(|e| TransportError::Identity(format!("client verifier: {e}")))?;
+    let inner =
+        WebPkiClientVerifier::builder_with_provider(root_store(identity)?, provider.clone())
+            .build()
+            .map_err(|e| TransportError::Identity(format!("client verifier: {e}")))?;
     let verifier = MeshClientVerifier {
         inner,
         policy: policy(identity),
