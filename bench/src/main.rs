@@ -68,7 +68,10 @@ where
         if cond().await {
             return Ok(start.elapsed());
         }
-        anyhow::ensure!(start.elapsed() < limit, "condition not met within {limit:?}");
+        anyhow::ensure!(
+            start.elapsed() < limit,
+            "condition not met within {limit:?}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -185,9 +188,12 @@ async fn real(n: usize, interval_ms: u64, phi: f64, window: Duration) -> anyhow:
     gossips.push(&victim.shared().gossip);
     // Crash, not leave: stop its gossip and close its overlay without announcing.
     let crash = || {
-        victim.shared().gossip.stop();
-        let ov = victim.shared().overlay.clone();
-        tokio::spawn(async move { ov.shutdown().await });
+        // Abort its tasks outright (no leave), and close its overlay.
+        let shared = victim.shared().clone();
+        tokio::spawn(async move {
+            shared.gossip.stop().await;
+            shared.overlay.shutdown().await;
+        });
     };
     let row = measure("real QUIC", n, gossips, started, window, crash).await?;
     for a in apps {
@@ -198,7 +204,8 @@ async fn real(n: usize, interval_ms: u64, phi: f64, window: Duration) -> anyhow:
 
 async fn sim(n: usize, interval_ms: u64, phi: f64, window: Duration) -> anyhow::Result<Row> {
     let net = SimNetwork::new(65_507);
-    let addr = |i: usize| std::net::SocketAddr::from(([10, (i / 250) as u8, (i % 250) as u8, 1], 7400));
+    let addr =
+        |i: usize| std::net::SocketAddr::from(([10, (i / 250) as u8, (i % 250) as u8, 1], 7400));
     let started = Instant::now();
     let mut nodes = Vec::new();
     for i in 0..n {
@@ -213,7 +220,10 @@ async fn sim(n: usize, interval_ms: u64, phi: f64, window: Duration) -> anyhow::
     }
     let gossips: Vec<&Gossip> = nodes.iter().collect();
     let victim = addr(n - 1);
-    measure("simulated", n, gossips, started, window, || net.isolate(victim)).await
+    measure("simulated", n, gossips, started, window, || {
+        net.isolate(victim)
+    })
+    .await
 }
 
 fn print(rows: &[Row], interval_ms: u64, phi: f64) {
@@ -246,7 +256,9 @@ fn main() -> anyhow::Result<()> {
             let window = Duration::from_secs(window_secs);
             let mut rows = Vec::new();
             for n in real_sizes {
-                let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .build()?;
                 let row = rt.block_on(real(n, interval_ms, phi, window))?;
                 eprintln!("real {n}: done");
                 rows.push(row);

@@ -199,11 +199,9 @@ impl Gossip {
             .await;
     }
 
-    /// Gossip rounds this node has run (its own heartbeat counter).
-    pub async fn rounds(&self) -> u64 {
-        let chitchat = self.handle().chitchat();
-        let mut c = chitchat.lock().await;
-        u64::from(c.self_node_state().heartbeat())
+    /// Gossip rounds this node has initiated.
+    pub fn rounds(&self) -> u64 {
+        self.stats.rounds.load(Ordering::Relaxed)
     }
 
     /// Every other node this node knows, each name once at its newest generation.
@@ -277,11 +275,15 @@ impl Gossip {
         info!(node = %self.cfg.node_name, peers = peers.len(), "announced leaving the mesh");
     }
 
-    /// Stops gossip without consuming the handle (for owners that share it).
-    pub fn stop(&self) {
+    /// Stops gossip without consuming the handle (for owners that share
+    /// it) and waits, bounded, until chitchat's loop has exited.
+    pub async fn stop(&self) {
         self.sampler.abort();
         if let Some(h) = &self.handle {
-            let _ = h.initiate_shutdown();
+            let done = h.termination_watcher();
+            if h.initiate_shutdown().is_ok() {
+                let _ = tokio::time::timeout(Duration::from_secs(1), done).await;
+            }
         }
     }
 

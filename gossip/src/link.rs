@@ -41,6 +41,9 @@ pub struct GossipStats {
     pub messages_sent: AtomicU64,
     pub messages_received: AtomicU64,
     pub invalid_messages: AtomicU64,
+    /// Gossip rounds initiated: bursts of SYN messages (chitchat sends a
+    /// round's SYNs back to back, one interval apart from the next round's).
+    pub rounds: AtomicU64,
 }
 
 /// chitchat `Transport` over a [`Link`] plus an inbox of `(from, bytes)`.
@@ -90,6 +93,7 @@ impl Transport for LinkTransport {
             inbox,
             stats: self.stats.clone(),
             buf: Vec::with_capacity(4096),
+            last_syn: None,
         }))
     }
 }
@@ -99,11 +103,25 @@ struct LinkSocket {
     inbox: mpsc::Receiver<(SocketAddr, Bytes)>,
     stats: Arc<GossipStats>,
     buf: Vec<u8>,
+    last_syn: Option<tokio::time::Instant>,
 }
+
+/// SYNs closer together than this belong to the same round.
+const SAME_ROUND: std::time::Duration = std::time::Duration::from_millis(5);
 
 #[async_trait]
 impl Socket for LinkSocket {
     async fn send(&mut self, to: SocketAddr, msg: ChitchatMessage) -> anyhow::Result<()> {
+        if matches!(msg, ChitchatMessage::Syn { .. }) {
+            let now = tokio::time::Instant::now();
+            if self
+                .last_syn
+                .is_none_or(|t| now.duration_since(t) > SAME_ROUND)
+            {
+                self.stats.rounds.fetch_add(1, Ordering::Relaxed);
+            }
+            self.last_syn = Some(now);
+        }
         self.buf.clear();
         msg.serialize(&mut self.buf);
         if self.buf.len() > MAX_GOSSIP_MESSAGE {

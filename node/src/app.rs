@@ -219,9 +219,7 @@ impl App {
         info!(node = %name, "shutting down: announcing departure");
         self.shared.ready.store(false, Ordering::Release);
         let _ = tokio::time::timeout(Duration::from_secs(2), self.shared.gossip.leave()).await;
-        self.shared.gossip.stop();
-        // Let chitchat see the shutdown command before its inbox closes.
-        tokio::task::yield_now().await;
+        self.shared.gossip.stop().await;
         self.tasks.abort_all();
         self.shared.overlay.shutdown().await;
         info!(node = %name, "stopped");
@@ -285,7 +283,7 @@ pub async fn status_report(s: &Shared) -> StatusReport {
         gossip: GossipStatus {
             interval_ms: s.gossip.config().interval.as_millis() as u64,
             phi_threshold: s.gossip.config().phi_threshold,
-            rounds: s.gossip.rounds().await,
+            rounds: s.gossip.rounds(),
             alive: counts[0],
             suspect: counts[1],
             dead: counts[2],
