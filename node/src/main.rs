@@ -218,7 +218,8 @@ fn ca(cmd: CaCmd) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_log = match cli.cmd {
-        Cmd::Demo { .. } => "warn",
+        // The demo stops its nodes together; their goodbyes to each other are not news.
+        Cmd::Demo { .. } => "warn,dmsc_transport::overlay=error",
         Cmd::Status { .. } | Cmd::Ca(_) => "warn",
         Cmd::Run(_) => "info",
     };
