@@ -14,7 +14,7 @@ use std::time::Duration;
 use clap::Parser;
 use dmsc_gossip::sim::SimNetwork;
 use dmsc_gossip::{Gossip, GossipConfig, MemberState};
-use dmsc_node::config::{RawAdmin, RawConfig, RawGossip, RawOverlay, RawTls};
+use dmsc_node::config::{RawConfig, RawGossip};
 use dmsc_node::App;
 use dmsc_transport::pki::{CertificateAuthority, NODE_VALIDITY};
 use tokio::time::Instant;
@@ -159,27 +159,11 @@ async fn real(n: usize, interval_ms: u64, phi: f64, window: Duration) -> anyhow:
         let nd = dir.path().join(&name);
         ca.issue_node(&name, NODE_VALIDITY)?
             .write_node_dir(&nd, &ca.cert_pem)?;
-        let raw = RawConfig {
-            name: Some(name),
-            region: None,
-            overlay: RawOverlay {
-                listen: Some("127.0.0.1:0".into()),
-                advertise: None,
-                bootstrap: apps.first().map(|a| vec![a.bound().overlay.to_string()]),
-            },
-            tls: RawTls {
-                ca: Some(nd.join("ca.pem")),
-                cert: Some(nd.join("node.pem")),
-                key: Some(nd.join("node.key")),
-            },
-            admin: RawAdmin {
-                listen: Some("127.0.0.1:0".into()),
-            },
-            gossip: RawGossip {
-                interval_ms: Some(interval_ms),
-                phi_threshold: Some(phi),
-                ..Default::default()
-            },
+        let mut raw = RawConfig::loopback(&name, &nd, apps.first().map(|a| a.bound().overlay));
+        raw.gossip = RawGossip {
+            interval_ms: Some(interval_ms),
+            phi_threshold: Some(phi),
+            ..Default::default()
         };
         apps.push(App::build(raw.validate()?).await?);
     }

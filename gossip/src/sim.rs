@@ -112,3 +112,41 @@ impl Link for SimLink {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn mtu_and_cuts_drop_exactly_what_they_should() {
+        let net = SimNetwork::new(100);
+        let a: SocketAddr = ([10, 0, 0, 1], 1).into();
+        let b: SocketAddr = ([10, 0, 0, 2], 1).into();
+        let _ta = net.attach(a);
+        let (tx, mut rx) = mpsc::channel(8);
+        net.state().inboxes.insert(b, tx);
+        let link = SimLink {
+            net: net.clone(),
+            addr: a,
+        };
+
+        link.send(b, &[0u8; 100]);
+        assert_eq!(rx.try_recv().expect("at the MTU: delivered").1.len(), 100);
+        link.send(b, &[0u8; 101]);
+        assert!(rx.try_recv().is_err(), "over the MTU: dropped");
+        assert_eq!(net.dropped(), 1);
+
+        net.cut(a, b);
+        link.send(b, b"x");
+        assert!(rx.try_recv().is_err(), "cut link: dropped");
+        net.state().cut.clear();
+        net.isolate(b);
+        link.send(b, b"x");
+        assert!(rx.try_recv().is_err(), "isolated peer: dropped");
+        net.heal(b);
+        link.send(b, b"x");
+        assert_eq!(&rx.try_recv().expect("healed").1[..], b"x");
+        assert_eq!(net.dropped(), 3);
+        assert_eq!(net.bytes_sent(a), 101);
+    }
+}

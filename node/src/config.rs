@@ -103,6 +103,30 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 impl RawConfig {
+    /// A node on loopback with every listener on port 0 and its credentials
+    /// in `creds` (`ca.pem`, `node.pem`, `node.key`): what the demo, the
+    /// benchmarks and in-process test clusters start.
+    pub fn loopback(name: &str, creds: &Path, bootstrap: Option<SocketAddr>) -> RawConfig {
+        RawConfig {
+            name: Some(name.to_string()),
+            region: None,
+            overlay: RawOverlay {
+                listen: Some("127.0.0.1:0".into()),
+                advertise: None,
+                bootstrap: bootstrap.map(|b| vec![b.to_string()]),
+            },
+            tls: RawTls {
+                ca: Some(creds.join("ca.pem")),
+                cert: Some(creds.join("node.pem")),
+                key: Some(creds.join("node.key")),
+            },
+            admin: RawAdmin {
+                listen: Some("127.0.0.1:0".into()),
+            },
+            gossip: RawGossip::default(),
+        }
+    }
+
     /// Reads a TOML file; relative TLS paths become relative to the file.
     pub fn from_file(path: &Path) -> Result<RawConfig, ConfigError> {
         let text = std::fs::read_to_string(path)

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use dmsc_transport::pki::{CertificateAuthority, NODE_VALIDITY};
 
-use crate::config::{RawAdmin, RawConfig, RawGossip, RawOverlay, RawTls};
+use crate::config::RawConfig;
 use crate::App;
 
 const REGIONS: [&str; 5] = ["eu", "us", "ap", "sa", "af"];
@@ -39,24 +39,9 @@ pub async fn run(
         let node_dir = dir.path().join(&name);
         ca.issue_node(&name, NODE_VALIDITY)?
             .write_node_dir(&node_dir, &ca.cert_pem)?;
-        let raw = RawConfig {
-            name: Some(name.clone()),
-            region: Some(REGIONS[i % REGIONS.len()].to_string()),
-            overlay: RawOverlay {
-                listen: Some("127.0.0.1:0".into()),
-                advertise: None,
-                bootstrap: apps.first().map(|a| vec![a.bound().overlay.to_string()]),
-            },
-            tls: RawTls {
-                ca: Some(node_dir.join("ca.pem")),
-                cert: Some(node_dir.join("node.pem")),
-                key: Some(node_dir.join("node.key")),
-            },
-            admin: RawAdmin {
-                listen: Some("127.0.0.1:0".into()),
-            },
-            gossip: RawGossip::default(),
-        };
+        let mut raw =
+            RawConfig::loopback(&name, &node_dir, apps.first().map(|a| a.bound().overlay));
+        raw.region = Some(REGIONS[i % REGIONS.len()].to_string());
         let app = App::build(raw.validate()?).await?;
         println!(
             "  started {name:<6} overlay {}  admin {}   (try: dmsc-node status --admin {})",
