@@ -235,9 +235,30 @@ pub async fn status_report(s: &Shared) -> StatusReport {
         Ok(d) => d.as_secs() as i64,
         Err(e) => -(e.duration().as_secs() as i64),
     };
+    // Names the overlay read from verified certificates, by peer address.
+    // Gossip names are what peers *say*; where a live connection proves a
+    // different name for the same address, the gossip entry is an impostor.
+    let verified: std::collections::HashMap<SocketAddr, String> = s
+        .overlay
+        .peers()
+        .into_iter()
+        .map(|p| (p.addr, p.name))
+        .collect();
     let mut counts = [0usize; 4];
     let peers: Vec<PeerStatus> = members
         .iter()
+        .filter(|m| match verified.get(&m.addr) {
+            Some(cert_name) if *cert_name != m.name => {
+                warn!(
+                    claimed = %m.name,
+                    certificate = %cert_name,
+                    addr = %m.addr,
+                    "gossip names a peer differently from its certificate; not listing it"
+                );
+                false
+            }
+            _ => true,
+        })
         .map(|m| {
             counts[match m.state {
                 MemberState::Alive => 0,
@@ -259,6 +280,7 @@ pub async fn status_report(s: &Shared) -> StatusReport {
                 last_seen_ms: m.last_seen.as_millis() as u64,
                 generation: m.generation,
                 connected: rtt.is_some(),
+                verified: verified.get(&m.addr).is_some_and(|n| *n == m.name),
             }
         })
         .collect();

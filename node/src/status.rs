@@ -45,6 +45,8 @@ pub struct PeerStatus {
     pub generation: u64,
     /// A QUIC connection to the peer is up right now.
     pub connected: bool,
+    /// That connection's certificate proves the name shown (SPIFFE ID).
+    pub verified: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

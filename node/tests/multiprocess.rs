@@ -94,6 +94,12 @@ impl Node {
             .expect("peers")
             .iter()
             .map(|p| {
+                if p["state"] == "alive" && p["connected"] == true {
+                    assert_eq!(
+                        p["verified"], true,
+                        "a connected peer's name is proven by its certificate"
+                    );
+                }
                 (
                     p["name"].as_str().expect("name").to_string(),
                     p["state"].as_str().expect("state").to_string(),
