@@ -25,12 +25,15 @@ async fn cluster(net: &SimNetwork, n: usize) -> Vec<Gossip> {
     nodes
 }
 
-async fn count_state(g: &Gossip, state: MemberState) -> usize {
-    g.members()
-        .await
-        .iter()
-        .filter(|m| m.state == state)
-        .count()
+/// Every node sees every other one alive.
+async fn all_alive(nodes: &[Gossip], n: usize) -> bool {
+    for g in nodes {
+        let m = g.members().await;
+        if m.iter().filter(|m| m.state == MemberState::Alive).count() != n - 1 {
+            return false;
+        }
+    }
+    true
 }
 
 /// Polls `cond` every 100 ms of simulated time, up to `limit`; returns the time taken.
@@ -58,16 +61,7 @@ async fn two_hundred_nodes_converge_detect_a_cut_node_and_readmit_it() {
     let net = SimNetwork::new(65_507);
     let nodes = cluster(&net, N).await;
 
-    let converge = eventually!(Duration::from_secs(60), {
-        let mut all = true;
-        for g in &nodes {
-            if count_state(g, MemberState::Alive).await != N - 1 {
-                all = false;
-                break;
-            }
-        }
-        all
-    });
+    let converge = eventually!(Duration::from_secs(60), all_alive(&nodes, N).await);
     eprintln!("200 nodes: full membership after {converge:?} (simulated)");
 
     // Cut every link of one node: all others must mark it dead.
@@ -96,16 +90,7 @@ async fn two_hundred_nodes_converge_detect_a_cut_node_and_readmit_it() {
 
     // Heal: it is alive everywhere again, and it sees everyone alive.
     net.heal(victim);
-    let back = eventually!(Duration::from_secs(60), {
-        let mut all = true;
-        for g in &nodes {
-            if count_state(g, MemberState::Alive).await != N - 1 {
-                all = false;
-                break;
-            }
-        }
-        all
-    });
+    let back = eventually!(Duration::from_secs(60), all_alive(&nodes, N).await);
     eprintln!("healed node alive everywhere again after {back:?} (simulated)");
     assert!(net.dropped() > 0, "the cut really dropped traffic");
 }

@@ -26,6 +26,25 @@ fn cli(args: &[&str]) -> std::process::Output {
     out
 }
 
+fn ca_init(dir: &Path) {
+    let out = dir.to_str().expect("utf8 path");
+    cli(&["ca", "init", "--trust-domain", "mesh.test", "--out", out]);
+}
+
+fn issue_node(ca: &Path, name: &str, out: &Path) {
+    let (ca, out) = (ca.to_str().expect("utf8"), out.to_str().expect("utf8"));
+    cli(&[
+        "ca",
+        "issue-node",
+        "--ca-dir",
+        ca,
+        "--name",
+        name,
+        "--out",
+        out,
+    ]);
+}
+
 struct Node {
     name: String,
     child: Child,
@@ -179,25 +198,9 @@ fn three_processes_form_a_mesh_refuse_an_intruder_and_track_failures() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let ca = d.join("ca");
-    cli(&[
-        "ca",
-        "init",
-        "--trust-domain",
-        "mesh.test",
-        "--out",
-        ca.to_str().expect("utf8"),
-    ]);
+    ca_init(&ca);
     for n in ["n1", "n2", "n3"] {
-        cli(&[
-            "ca",
-            "issue-node",
-            "--ca-dir",
-            ca.to_str().expect("utf8"),
-            "--name",
-            n,
-            "--out",
-            d.join(n).to_str().expect("utf8"),
-        ]);
+        issue_node(&ca, n, &d.join(n));
     }
     let n1 = Node::start("n1", &write_config(d, "n1", &d.join("n1"), &[]));
     let n2 = Node::start("n2", &write_config(d, "n2", &d.join("n2"), &[&n1.overlay]));
@@ -225,24 +228,8 @@ fn three_processes_form_a_mesh_refuse_an_intruder_and_track_failures() {
 
     // An intruder: valid-looking node certificate, but from another CA.
     let other = d.join("other-ca");
-    cli(&[
-        "ca",
-        "init",
-        "--trust-domain",
-        "mesh.test",
-        "--out",
-        other.to_str().expect("utf8"),
-    ]);
-    cli(&[
-        "ca",
-        "issue-node",
-        "--ca-dir",
-        other.to_str().expect("utf8"),
-        "--name",
-        "rogue",
-        "--out",
-        d.join("rogue").to_str().expect("utf8"),
-    ]);
+    ca_init(&other);
+    issue_node(&other, "rogue", &d.join("rogue"));
     // It even copied the mesh's public ca.pem, so it accepts our nodes:
     // the refusal must come from our side checking its certificate.
     std::fs::copy(ca.join("ca.pem"), d.join("rogue").join("ca.pem")).expect("copy ca");
