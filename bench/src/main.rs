@@ -127,10 +127,24 @@ async fn measure(
     wait_until(limit, || all_have(&gossips, "bench/key", "v1")).await?;
     let propagate = t.elapsed();
 
-    let before: u64 = gossips.iter().map(|g| g.bytes_sent()).sum();
+    let before: u64 = gossips
+        .iter()
+        .map(|g| {
+            g.stats()
+                .bytes_sent
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .sum();
     let t = Instant::now();
     tokio::time::sleep(window).await;
-    let after: u64 = gossips.iter().map(|g| g.bytes_sent()).sum();
+    let after: u64 = gossips
+        .iter()
+        .map(|g| {
+            g.stats()
+                .bytes_sent
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .sum();
     let bytes_per_node_sec = (after - before) as f64 / n as f64 / t.elapsed().as_secs_f64();
 
     let victim = gossips[n - 1].config().node_name.clone();
@@ -199,8 +213,7 @@ async fn sim(n: usize, interval_ms: u64, phi: f64, window: Duration) -> anyhow::
         cfg.interval = Duration::from_millis(interval_ms);
         cfg.phi_threshold = phi;
         cfg.suspect_after = cfg.interval * 5;
-        let stats = t.stats();
-        nodes.push(Gossip::start(cfg, &t, stats, vec![]).await?);
+        nodes.push(Gossip::start(cfg, &t, vec![]).await?);
     }
     let gossips: Vec<&Gossip> = nodes.iter().collect();
     let victim = addr(n - 1);

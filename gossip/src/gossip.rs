@@ -11,13 +11,12 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chitchat::transport::Transport;
 use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing::{debug, info};
+use tracing::info;
 
-use crate::link::GossipStats;
+use crate::link::{GossipStats, LinkTransport};
 use crate::membership::{MemberState, MembershipTracker, Observation};
 use crate::KEY_LEFT;
 
@@ -96,7 +95,7 @@ type Tracker = Arc<Mutex<MembershipTracker<ChitchatId>>>;
 
 /// A node's running gossip. Dropping it stops chitchat and the sampler.
 pub struct Gossip {
-    handle: Option<ChitchatHandle>,
+    handle: ChitchatHandle,
     tracker: Tracker,
     sampler: JoinHandle<()>,
     cfg: GossipConfig,
@@ -114,9 +113,7 @@ impl std::fmt::Debug for Gossip {
 impl Drop for Gossip {
     fn drop(&mut self) {
         self.sampler.abort();
-        if let Some(h) = &self.handle {
-            h.abort();
-        }
+        self.handle.abort();
     }
 }
 
@@ -130,8 +127,7 @@ impl Gossip {
     /// Starts gossiping over `transport`, publishing `initial` key-values.
     pub async fn start(
         cfg: GossipConfig,
-        transport: &dyn Transport,
-        stats: Arc<GossipStats>,
+        transport: &LinkTransport,
         initial: Vec<(String, String)>,
     ) -> Result<Gossip, GossipError> {
         if cfg.interval.is_zero() {
@@ -169,11 +165,11 @@ impl Gossip {
         ));
         info!(node = %cfg.node_name, generation = cfg.generation, seeds = ?cfg.seeds, interval = ?cfg.interval, "gossip started");
         Ok(Gossip {
-            handle: Some(handle),
+            stats: transport.stats(),
+            handle,
             tracker,
             sampler,
             cfg,
-            stats,
         })
     }
 
@@ -186,10 +182,7 @@ impl Gossip {
     }
 
     fn handle(&self) -> &ChitchatHandle {
-        // Only `shutdown(self)` takes the handle, and it consumes `self`.
-        self.handle
-            .as_ref()
-            .expect("gossip handle present until shutdown")
+        &self.handle
     }
 
     /// Sets one of this node's keys; it spreads with the next rounds.
@@ -275,30 +268,13 @@ impl Gossip {
         info!(node = %self.cfg.node_name, peers = peers.len(), "announced leaving the mesh");
     }
 
-    /// Stops gossip without consuming the handle (for owners that share
-    /// it) and waits, bounded, until chitchat's loop has exited.
+    /// Stops gossip and waits, bounded, until chitchat's loop has exited.
     pub async fn stop(&self) {
         self.sampler.abort();
-        if let Some(h) = &self.handle {
-            let done = h.termination_watcher();
-            if h.initiate_shutdown().is_ok() {
-                let _ = tokio::time::timeout(Duration::from_secs(1), done).await;
-            }
+        let done = self.handle.termination_watcher();
+        if self.handle.initiate_shutdown().is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), done).await;
         }
-    }
-
-    /// Stops gossip and waits for it to finish.
-    pub async fn shutdown(mut self) {
-        self.sampler.abort();
-        if let Some(h) = self.handle.take() {
-            let _ = h.shutdown().await;
-        }
-        debug!(node = %self.cfg.node_name, "gossip stopped");
-    }
-
-    /// Total gossip bytes sent by this node.
-    pub fn bytes_sent(&self) -> u64 {
-        self.stats.bytes_sent.load(Ordering::Relaxed)
     }
 }
 

@@ -19,8 +19,7 @@ async fn cluster(net: &SimNetwork, n: usize) -> Vec<Gossip> {
         let mut cfg = GossipConfig::new(&format!("n{i}"), addr(i), "sim");
         cfg.generation = 1;
         cfg.seeds = vec![addr(0).to_string()];
-        let stats = t.stats();
-        nodes.push(Gossip::start(cfg, &t, stats, vec![]).await.expect("start"));
+        nodes.push(Gossip::start(cfg, &t, vec![]).await.expect("start"));
     }
     nodes
 }

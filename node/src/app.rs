@@ -138,11 +138,9 @@ impl App {
         };
         let announcement =
             serde_json::to_string(&announcement).map_err(|e| NodeError::Internal(e.to_string()))?;
-        let stats = transport.stats();
         let gossip = Gossip::start(
             gcfg,
             &transport,
-            stats,
             vec![(dmsc_gossip::KEY_NODE.to_string(), announcement)],
         )
         .await?;
