@@ -192,6 +192,47 @@ impl Gossip {
             .await;
     }
 
+    /// Deletes one of this node's keys; peers learn of the deletion by gossip.
+    pub async fn delete(&self, key: &str) {
+        self.handle()
+            .with_chitchat(|c| c.self_node_state().delete(key))
+            .await;
+    }
+
+    /// The keys starting with `prefix` of every other node, with that node's
+    /// membership state (newest generation per name). Cheaper than
+    /// [`Gossip::members`] when only one family of keys is wanted.
+    pub async fn scan(&self, prefix: &str) -> Vec<(String, MemberState, Vec<(String, String)>)> {
+        let chitchat = self.handle().chitchat();
+        let c = chitchat.lock().await;
+        let now = Instant::now();
+        let tracker = lock(&self.tracker);
+        let mut newest: HashMap<&str, (u64, MemberState, Vec<(String, String)>)> = HashMap::new();
+        for (id, state) in c.node_states() {
+            if *id.node_id == *self.cfg.node_name {
+                continue;
+            }
+            let Some((member_state, _)) = tracker.state(id, now) else {
+                continue;
+            };
+            if newest
+                .get(&*id.node_id)
+                .is_some_and(|(g, _, _)| *g >= id.generation_id)
+            {
+                continue;
+            }
+            let values = state
+                .iter_prefix(prefix)
+                .map(|(k, v)| (k.to_string(), v.value.clone()))
+                .collect();
+            newest.insert(&id.node_id, (id.generation_id, member_state, values));
+        }
+        newest
+            .into_iter()
+            .map(|(name, (_, st, v))| (name.to_string(), st, v))
+            .collect()
+    }
+
     /// Gossip rounds this node has initiated.
     pub fn rounds(&self) -> u64 {
         self.stats.rounds.load(Ordering::Relaxed)

@@ -1,5 +1,7 @@
 //! The admin HTTP API (localhost by default): `/live`, `/ready`, `/metrics`,
-//! `/v1/status`. Plain HTTP/1.1; it is an operator's and a scraper's port,
+//! `/v1/status`, and `/v1/agents` (GET the agent table, POST
+//! `{"tenant","url","name"?}` to onboard an agent, DELETE
+//! `/v1/agents/<tenant>/<name>` to remove one). Plain HTTP/1.1; it is an operator's and a scraper's port,
 //! not a data path, so it stays small and dependency-free beyond hyper.
 
 use std::convert::Infallible;
@@ -27,7 +29,100 @@ fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Resp
     r
 }
 
+fn json(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
+    reply(status, "application/json", format!("{v}\n"))
+}
+
+/// `/v1/agents` and `/v1/agents/<tenant>/<name>`.
+async fn agents_route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) -> Response<Body> {
+    use http_body_util::BodyExt;
+    let path = req.uri().path().trim_end_matches('/').to_string();
+    let rest = path.strip_prefix("/v1/agents").unwrap_or("");
+    match (req.method().clone(), rest) {
+        (Method::GET, "") => match serde_json::to_value(crate::app::agent_statuses(&s)) {
+            Ok(v) => json(StatusCode::OK, &serde_json::json!({ "agents": v })),
+            Err(e) => json(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &serde_json::json!({"error": e.to_string()}),
+            ),
+        },
+        (Method::POST, "") => {
+            let body = match http_body_util::Limited::new(req.into_body(), 1 << 20)
+                .collect()
+                .await
+            {
+                Ok(b) => b.to_bytes(),
+                Err(e) => {
+                    return json(
+                        StatusCode::BAD_REQUEST,
+                        &serde_json::json!({"error": e.to_string()}),
+                    )
+                }
+            };
+            let spec: crate::config::RawAgent = match serde_json::from_slice(&body) {
+                Ok(s) => s,
+                Err(e) => {
+                    return json(
+                        StatusCode::BAD_REQUEST,
+                        &serde_json::json!({"error": format!("expected {{\"tenant\", \"url\", \"name\"?}}: {e}")}),
+                    )
+                }
+            };
+            match s.agents.add(&spec).await {
+                Ok(a) => json(
+                    StatusCode::CREATED,
+                    &serde_json::json!({
+                        "tenant": a.id.tenant,
+                        "name": a.id.name,
+                        "node": s.identity.name(),
+                        "digest": a.digest,
+                        "skills": a.card.skill_tags(),
+                        "mesh_url": format!("http://{}.{}.dmsc", a.id.name, a.id.tenant),
+                    }),
+                ),
+                Err(e) => {
+                    let status = match e {
+                        crate::agents::AgentError::Spec(_) => StatusCode::BAD_REQUEST,
+                        crate::agents::AgentError::Duplicate(_) => StatusCode::CONFLICT,
+                        _ => StatusCode::UNPROCESSABLE_ENTITY,
+                    };
+                    json(status, &serde_json::json!({"error": e.to_string()}))
+                }
+            }
+        }
+        (Method::DELETE, rest) => {
+            let mut it = rest.trim_start_matches('/').splitn(2, '/');
+            let (Some(tenant), Some(name)) = (it.next(), it.next()) else {
+                return json(
+                    StatusCode::BAD_REQUEST,
+                    &serde_json::json!({"error": "use DELETE /v1/agents/<tenant>/<name>"}),
+                );
+            };
+            let id = dmsc_registry::AgentId {
+                tenant: tenant.to_string(),
+                name: name.to_string(),
+            };
+            if s.agents.remove(&id).await {
+                reply(StatusCode::NO_CONTENT, "text/plain", "")
+            } else {
+                json(
+                    StatusCode::NOT_FOUND,
+                    &serde_json::json!({"error": format!("`{id}` is not an agent of this node")}),
+                )
+            }
+        }
+        _ => reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET or POST /v1/agents, DELETE /v1/agents/<tenant>/<name>\n",
+        ),
+    }
+}
+
 async fn route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) -> Response<Body> {
+    if req.uri().path().starts_with("/v1/agents") {
+        return agents_route(req, s).await;
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n");
     }
@@ -56,7 +151,7 @@ async fn route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) -> Response<
         other => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
-            format!("no route {other}; try /live, /ready, /metrics, /v1/status\n"),
+            format!("no route {other}; try /live, /ready, /metrics, /v1/status, /v1/agents\n"),
         ),
     }
 }

@@ -1,4 +1,5 @@
-//! The node, assembled: identity -> overlay -> gossip -> admin API.
+//! The node, assembled: identity -> overlay -> gossip -> registry view ->
+//! delegation (ingress listeners, overlay delegation streams) -> admin API.
 //!
 //! `App::build` binds everything (port 0 works everywhere) and returns what it
 //! bound in [`Bound`], so tests and the demo never guess ports. `App::run`
@@ -12,22 +13,29 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use dmsc_gossip::{Gossip, GossipConfig, LinkTransport, MemberState};
-use dmsc_transport::{Channel, NodeIdentity, Overlay, OverlayConfig};
+use dmsc_transport::{BiStream, Channel, NodeIdentity, Overlay, OverlayConfig};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{info, warn, Instrument};
 
+use crate::agents::{AgentsCtx, LocalAgents};
 use crate::config::NodeConfig;
+use crate::delegate::Delegator;
+use crate::http::Upstream;
+use crate::ingress::Ingress;
+use crate::mesh::MeshView;
 use crate::metrics::Metrics;
 use crate::status::{GossipStatus, NodeStatus, PeerStatus, StatusReport};
 use crate::{admin, NodeError};
 
 /// The addresses a built node actually listens on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Bound {
     pub overlay: SocketAddr,
     pub admin: SocketAddr,
+    /// One per `[[ingress]]` entry, in config order.
+    pub ingress: Vec<SocketAddr>,
 }
 
 /// What a node publishes about itself under the gossip key `node`.
@@ -48,7 +56,10 @@ pub struct Shared {
     pub config: NodeConfig,
     pub identity: Arc<NodeIdentity>,
     pub overlay: Overlay,
-    pub gossip: Gossip,
+    pub gossip: Arc<Gossip>,
+    pub mesh: Arc<MeshView>,
+    pub agents: AgentsCtx,
+    pub delegator: Arc<Delegator>,
     pub metrics: Metrics,
     pub started: Instant,
     pub bound: Bound,
@@ -107,6 +118,9 @@ impl App {
                         Channel::Gossip => {
                             let _ = gossip_tx.try_send((msg.from, msg.payload));
                         }
+                        Channel::Delegate => {
+                            tracing::debug!(peer = %msg.peer, "ignoring a delegation sent as a one-way message");
+                        }
                     }
                 }
             }
@@ -144,6 +158,62 @@ impl App {
             vec![(dmsc_gossip::KEY_NODE.to_string(), announcement)],
         )
         .await?;
+        let gossip = Arc::new(gossip);
+
+        let mesh = Arc::new(MeshView::new(&name, config.delegation.circuit.clone()));
+        let local_agents = Arc::new(LocalAgents::default());
+        let upstream = Upstream::new();
+        let delegator = Arc::new(Delegator {
+            me: name.clone(),
+            mesh: mesh.clone(),
+            agents: local_agents.clone(),
+            upstream: upstream.clone(),
+            overlay: overlay.clone(),
+            cfg: config.delegation.clone(),
+        });
+        let agents = AgentsCtx {
+            agents: local_agents,
+            mesh: mesh.clone(),
+            upstream,
+            gossip: gossip.clone(),
+            cfg: config.delegation.clone(),
+        };
+        let mut ingress_addrs = Vec::new();
+        for spec in &config.ingress {
+            let listener = tokio::net::TcpListener::bind(spec.listen)
+                .await
+                .map_err(|source| NodeError::Bind {
+                    what: "ingress",
+                    addr: spec.listen,
+                    source,
+                })?;
+            let addr = listener.local_addr().map_err(|source| NodeError::Bind {
+                what: "ingress",
+                addr: spec.listen,
+                source,
+            })?;
+            let ingress = Ingress {
+                tenant: spec.tenant.clone(),
+                listen: addr,
+                delegator: delegator.clone(),
+            };
+            tasks.spawn(ingress.serve(listener).in_current_span());
+            info!(addr = %addr, tenant = %spec.tenant, "ingress listening (HTTP/1.1, h2, h2c)");
+            ingress_addrs.push(addr);
+        }
+        if let Some(streams) = overlay.incoming_streams() {
+            tasks.spawn(stream_loop(streams, delegator.clone()).in_current_span());
+        }
+        tasks.spawn(
+            sync_loop(
+                gossip.clone(),
+                mesh.clone(),
+                delegator.clone(),
+                (config.gossip_interval / 2).max(Duration::from_millis(20)),
+            )
+            .in_current_span(),
+        );
+        tasks.spawn(crate::agents::run(agents.clone(), config.agents.clone()).in_current_span());
 
         let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
             .await
@@ -162,15 +232,19 @@ impl App {
         let bound = Bound {
             overlay: overlay_addr,
             admin: admin_addr,
+            ingress: ingress_addrs,
         };
         let shared = Arc::new(Shared {
             config,
             identity,
             overlay,
             gossip,
+            mesh,
+            agents,
+            delegator,
             metrics: Metrics::new(),
             started: Instant::now(),
-            bound,
+            bound: bound.clone(),
             ready: AtomicBool::new(false),
         });
         tasks.spawn(admin::serve(admin_listener, shared.clone()).in_current_span());
@@ -186,7 +260,7 @@ impl App {
     }
 
     pub fn bound(&self) -> Bound {
-        self.shared.bound
+        self.shared.bound.clone()
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
@@ -221,6 +295,69 @@ impl App {
         self.tasks.abort_all();
         self.shared.overlay.shutdown().await;
         info!(node = %name, "stopped");
+    }
+}
+
+/// Serves delegation streams that peers open to this node (it is the
+/// agents' home node). Each stream is a task of this loop's set.
+async fn stream_loop(mut rx: mpsc::Receiver<BiStream>, delegator: Arc<Delegator>) {
+    let mut set = JoinSet::new();
+    loop {
+        tokio::select! {
+            s = rx.recv() => {
+                let Some(mut s) = s else { break };
+                match s.channel {
+                    Channel::Delegate => {
+                        let d = delegator.clone();
+                        set.spawn(async move { d.serve_stream(s).await }.in_current_span());
+                    }
+                    Channel::Gossip => {
+                        s.send.reset(dmsc_transport::overlay::RESET_BUSY);
+                    }
+                }
+            }
+            Some(_) = set.join_next(), if !set.is_empty() => {}
+        }
+    }
+}
+
+/// Keeps the registry in step with gossip, and fetches the cards of remote
+/// agents this node has not seen yet (their text feeds intent matching).
+async fn sync_loop(
+    gossip: Arc<Gossip>,
+    mesh: Arc<MeshView>,
+    delegator: Arc<Delegator>,
+    every: Duration,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut cards = tokio::time::interval(Duration::from_millis(500));
+    cards.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failed: std::collections::HashMap<String, Instant> = Default::default();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let scan = gossip.scan("").await;
+                mesh.apply_scan(scan);
+            }
+            _ = cards.tick() => {
+                for (id, digest) in mesh.missing_cards().into_iter().take(16) {
+                    if failed.get(&digest).is_some_and(|t| t.elapsed() < Duration::from_secs(10)) {
+                        continue;
+                    }
+                    match crate::delegate::fetch_card(&delegator, &id).await {
+                        Ok(card) if card.digest() == digest => mesh.add_card(card),
+                        Ok(_) => {
+                            failed.insert(digest, Instant::now());
+                        }
+                        Err(e) => {
+                            tracing::debug!(agent = %id, error = %e, "card fetch failed");
+                            failed.insert(digest, Instant::now());
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -283,7 +420,21 @@ pub async fn status_report(s: &Shared) -> StatusReport {
         })
         .collect();
     let gstats = s.gossip.stats();
+    let agents = agent_statuses(s);
+    let pending_agents = s
+        .agents
+        .agents
+        .pending()
+        .into_iter()
+        .map(|(spec, error)| crate::status::PendingAgent {
+            tenant: spec.tenant,
+            url: spec.url,
+            error,
+        })
+        .collect();
     StatusReport {
+        agents,
+        pending_agents,
         node: NodeStatus {
             name: s.identity.name().to_string(),
             region: s.config.region.clone(),
@@ -312,6 +463,41 @@ pub async fn status_report(s: &Shared) -> StatusReport {
             bytes_received: gstats.bytes_received.load(Ordering::Relaxed),
         },
     }
+}
+
+/// The agent table: every registered agent, with this node's view of it.
+pub fn agent_statuses(s: &Shared) -> Vec<crate::status::AgentStatus> {
+    let reg = s.mesh.read();
+    reg.iter()
+        .map(|e| {
+            let local = s.agents.agents.get(&e.id);
+            let mut tags: Vec<String> = e
+                .record
+                .skills
+                .iter()
+                .flat_map(|k| k.tags.iter().cloned())
+                .collect();
+            tags.sort();
+            tags.dedup();
+            crate::status::AgentStatus {
+                tenant: e.id.tenant.clone(),
+                name: e.id.name.clone(),
+                node: e.node.clone(),
+                skills: e.record.skills.iter().map(|k| k.id.clone()).collect(),
+                tags,
+                health: e.record.health.to_string(),
+                circuit: s.mesh.circuit_state(&e.id).to_string(),
+                in_flight: e.load.in_flight,
+                outstanding: s.mesh.outstanding(&e.id),
+                p50_ms: local
+                    .as_ref()
+                    .and_then(|a| a.stats.lock().unwrap_or_else(|p| p.into_inner()).p50_ms()),
+                ewma_ms: f64::from(e.load.ewma_ms),
+                error_rate: f64::from(e.load.error_rate),
+                local: local.is_some(),
+            }
+        })
+        .collect()
 }
 
 /// Refreshes the metrics registry from live state and encodes it.

@@ -29,6 +29,104 @@ pub struct RawConfig {
     pub admin: RawAdmin,
     #[serde(default)]
     pub gossip: RawGossip,
+    /// Agents attached to this node (file only; a layer that sets any replaces the list).
+    #[serde(default)]
+    pub agents: Vec<RawAgent>,
+    /// Ingress listeners for agents, each bound to one tenant for now.
+    #[serde(default)]
+    pub ingress: Vec<RawIngress>,
+    #[serde(default)]
+    pub delegation: RawDelegation,
+}
+
+/// `[[agents]]`: an agent this node is home to.
+#[derive(Debug, Default, Clone, Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawAgent {
+    pub tenant: String,
+    /// The agent's own endpoint, e.g. `http://127.0.0.1:9101`.
+    pub url: String,
+    /// Mesh name; default: the card's name, slugged.
+    pub name: Option<String>,
+    /// For agents without an agent card: declare the skills here and the
+    /// node builds the card (no fetch).
+    pub skills: Option<Vec<RawSkill>>,
+    pub description: Option<String>,
+    /// Health-check path (default: the agent card path; `/` for declared agents).
+    pub health_path: Option<String>,
+}
+
+/// A skill declared in config for an agent without a card.
+#[derive(Debug, Default, Clone, Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawSkill {
+    pub id: String,
+    pub name: Option<String>,
+    pub description: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub examples: Vec<String>,
+}
+
+/// `[[ingress]]`: where local agents send their requests.
+#[derive(Debug, Default, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawIngress {
+    pub listen: String,
+    pub tenant: String,
+}
+
+/// `[delegation]`: timeouts, retries, circuit breaking, agent health.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDelegation {
+    pub timeout_ms: Option<u64>,
+    pub retries: Option<u32>,
+    pub max_buffered_body: Option<usize>,
+    pub circuit_failures: Option<u32>,
+    pub circuit_error_rate: Option<f32>,
+    pub circuit_open_ms: Option<u64>,
+    pub health_interval_ms: Option<u64>,
+    pub agent_ttl_secs: Option<u64>,
+    pub load_interval_ms: Option<u64>,
+}
+
+/// Delegation settings, validated.
+#[derive(Debug, Clone)]
+pub struct DelegationConfig {
+    /// Deadline of a request that sets none (`dmsc-timeout` header).
+    pub timeout: Duration,
+    /// Further candidates tried when a request certainly did not reach an agent.
+    pub retries: u32,
+    /// Request bodies up to this size are buffered (so they can be retried
+    /// and read for intent); larger or unsized ones stream.
+    pub max_buffered_body: usize,
+    pub circuit: dmsc_registry::CircuitConfig,
+    pub health_interval: Duration,
+    pub agent_ttl: Duration,
+    pub load_interval: Duration,
+}
+
+impl Default for DelegationConfig {
+    fn default() -> Self {
+        DelegationConfig {
+            timeout: Duration::from_secs(30),
+            retries: 2,
+            max_buffered_body: 1 << 20,
+            circuit: dmsc_registry::CircuitConfig::default(),
+            health_interval: Duration::from_secs(2),
+            agent_ttl: Duration::from_secs(60),
+            load_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+/// An ingress listener, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IngressSpec {
+    pub listen: SocketAddr,
+    pub tenant: String,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -84,6 +182,72 @@ pub struct NodeConfig {
     pub phi_threshold: f64,
     pub suspect_after: Option<Duration>,
     pub dead_grace: Duration,
+    pub agents: Vec<RawAgent>,
+    pub ingress: Vec<IngressSpec>,
+    pub delegation: DelegationConfig,
+}
+
+impl RawDelegation {
+    fn validate(&self, errors: &mut Vec<String>) -> DelegationConfig {
+        let d = DelegationConfig::default();
+        let ms = |v: Option<u64>, what: &str, default: Duration, errors: &mut Vec<String>| match v {
+            Some(0) => {
+                errors.push(format!("delegation.{what} must be > 0"));
+                default
+            }
+            Some(n) => Duration::from_millis(n),
+            None => default,
+        };
+        let mut circuit = d.circuit.clone();
+        if let Some(n) = self.circuit_failures {
+            if n == 0 {
+                errors.push("delegation.circuit_failures must be > 0".into());
+            } else {
+                circuit.consecutive_failures = n;
+            }
+        }
+        if let Some(r) = self.circuit_error_rate {
+            if !(r > 0.0 && r <= 1.0) {
+                errors.push(format!(
+                    "delegation.circuit_error_rate = {r} must be within (0, 1]"
+                ));
+            } else {
+                circuit.error_rate = r;
+            }
+        }
+        circuit.open_for = ms(
+            self.circuit_open_ms,
+            "circuit_open_ms",
+            circuit.open_for,
+            errors,
+        );
+        DelegationConfig {
+            timeout: ms(self.timeout_ms, "timeout_ms", d.timeout, errors),
+            retries: self.retries.unwrap_or(d.retries),
+            max_buffered_body: self.max_buffered_body.unwrap_or(d.max_buffered_body),
+            circuit,
+            health_interval: ms(
+                self.health_interval_ms,
+                "health_interval_ms",
+                d.health_interval,
+                errors,
+            ),
+            agent_ttl: match self.agent_ttl_secs {
+                Some(0) => {
+                    errors.push("delegation.agent_ttl_secs must be > 0".into());
+                    d.agent_ttl
+                }
+                Some(n) => Duration::from_secs(n),
+                None => d.agent_ttl,
+            },
+            load_interval: ms(
+                self.load_interval_ms,
+                "load_interval_ms",
+                d.load_interval,
+                errors,
+            ),
+        }
+    }
 }
 
 /// All the problems found in a configuration.
@@ -124,6 +288,9 @@ impl RawConfig {
                 listen: Some("127.0.0.1:0".into()),
             },
             gossip: RawGossip::default(),
+            agents: Vec::new(),
+            ingress: Vec::new(),
+            delegation: RawDelegation::default(),
         }
     }
 
@@ -191,6 +358,7 @@ impl RawConfig {
                 suspect_after_ms: num("DMSC_GOSSIP_SUSPECT_AFTER_MS", &mut errors),
                 dead_grace_secs: num("DMSC_GOSSIP_DEAD_GRACE_SECS", &mut errors),
             },
+            ..Default::default()
         };
         if errors.is_empty() {
             Ok(raw)
@@ -222,6 +390,22 @@ impl RawConfig {
             top.gossip.suspect_after_ms,
         );
         set(&mut self.gossip.dead_grace_secs, top.gossip.dead_grace_secs);
+        if !top.agents.is_empty() {
+            self.agents = top.agents;
+        }
+        if !top.ingress.is_empty() {
+            self.ingress = top.ingress;
+        }
+        let (d, t) = (&mut self.delegation, top.delegation);
+        set(&mut d.timeout_ms, t.timeout_ms);
+        set(&mut d.retries, t.retries);
+        set(&mut d.max_buffered_body, t.max_buffered_body);
+        set(&mut d.circuit_failures, t.circuit_failures);
+        set(&mut d.circuit_error_rate, t.circuit_error_rate);
+        set(&mut d.circuit_open_ms, t.circuit_open_ms);
+        set(&mut d.health_interval_ms, t.health_interval_ms);
+        set(&mut d.agent_ttl_secs, t.agent_ttl_secs);
+        set(&mut d.load_interval_ms, t.load_interval_ms);
         self
     }
 
@@ -312,10 +496,34 @@ impl RawConfig {
                 "gossip.phi_threshold = {phi_threshold} must be within (0, 100]"
             ));
         }
+        for (i, a) in self.agents.iter().enumerate() {
+            if let Err(e) = crate::agents::check_spec(a) {
+                errors.push(format!("agents[{i}]: {e}"));
+            }
+        }
+        let mut ingress = Vec::new();
+        for (i, g) in self.ingress.iter().enumerate() {
+            if let Some(listen) = addr(&format!("ingress[{i}].listen"), &g.listen, &mut errors) {
+                ingress.push(IngressSpec {
+                    listen,
+                    tenant: g.tenant.clone(),
+                });
+            }
+            if !dmsc_transport::identity::valid_name(&g.tenant) {
+                errors.push(format!(
+                    "ingress[{i}].tenant = `{}` must be 1-63 of a-z, 0-9 and -",
+                    g.tenant
+                ));
+            }
+        }
+        let delegation = self.delegation.validate(&mut errors);
         if !errors.is_empty() {
             return Err(ConfigError(errors));
         }
         Ok(NodeConfig {
+            agents: self.agents,
+            ingress,
+            delegation,
             name: self.name,
             region: self.region.unwrap_or_else(|| DEFAULT_REGION.to_string()),
             // Every `None` above pushed an error, so these are present.

@@ -4,16 +4,26 @@
 //! this library, so every behaviour here is driven directly by tests:
 //! [`config`] (layered settings), [`app`] (build, run, drain), [`admin`]
 //! (the operator API), [`status`] (the report and its rendering),
-//! [`metrics`] and [`demo`].
+//! [`metrics`] and [`demo`]. A delegation walks [`ingress`] -> [`delegate`]
+//! (selection in [`mesh`], delivery locally or over the overlay in the
+//! [`wire`] format) -> the agent; [`agents`] onboards this node's own agents.
 
 #![forbid(unsafe_code)]
 
+pub mod a2a;
 pub mod admin;
+pub mod agents;
 pub mod app;
 pub mod config;
+pub mod delegate;
 pub mod demo;
+pub mod http;
+pub mod ingress;
+pub mod mesh;
 pub mod metrics;
+pub mod sample_agent;
 pub mod status;
+pub mod wire;
 
 pub use app::{App, Bound};
 pub use config::{ConfigError, NodeConfig, RawConfig};

@@ -161,7 +161,7 @@ fn load_config(args: &RunArgs) -> Result<dmsc_node::NodeConfig, dmsc_node::Confi
         admin: RawAdmin {
             listen: args.admin.clone(),
         },
-        gossip: Default::default(),
+        ..Default::default()
     };
     file.overlay_with(RawConfig::from_env(&env)?)
         .overlay_with(flags)

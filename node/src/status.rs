@@ -12,6 +12,44 @@ pub struct StatusReport {
     pub node: NodeStatus,
     pub peers: Vec<PeerStatus>,
     pub gossip: GossipStatus,
+    /// Every agent this node can route to (its own and the mesh's).
+    #[serde(default)]
+    pub agents: Vec<AgentStatus>,
+    /// This node's agents that have not onboarded yet, with the reason.
+    #[serde(default)]
+    pub pending_agents: Vec<PendingAgent>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub tenant: String,
+    pub name: String,
+    /// Home node.
+    pub node: String,
+    pub skills: Vec<String>,
+    pub tags: Vec<String>,
+    /// `healthy`, `unhealthy` or `unknown` (as the home node reports it).
+    pub health: String,
+    /// This node's circuit for the agent: `closed`, `open`, `half-open`.
+    pub circuit: String,
+    /// Requests in progress at the agent (home node's count).
+    pub in_flight: u32,
+    /// Requests this node has outstanding to the agent.
+    pub outstanding: u32,
+    /// Median latency over recent requests (home node only), else null.
+    pub p50_ms: Option<f64>,
+    /// The home node's moving average of the agent's latency.
+    pub ewma_ms: f64,
+    pub error_rate: f64,
+    /// True when this node is the agent's home.
+    pub local: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PendingAgent {
+    pub tenant: String,
+    pub url: String,
+    pub error: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -133,32 +171,83 @@ impl StatusReport {
             .collect();
         if rows.is_empty() {
             out.push_str("no peers yet (check overlay.bootstrap and `dmsc-node` logs)\n");
-            return out;
+        } else {
+            out.push_str(&table(&header, &rows));
         }
-        let mut widths = header.map(str::len);
-        for r in &rows {
-            for (w, c) in widths.iter_mut().zip(r) {
-                *w = (*w).max(c.len());
-            }
-        }
-        let line = |cells: &[String]| {
-            let mut l = String::new();
-            for (i, (c, w)) in cells.iter().zip(widths).enumerate() {
-                if i + 1 == cells.len() {
-                    l.push_str(c);
-                } else {
-                    l.push_str(&format!("{c:<w$}  "));
+        out.push('\n');
+        let header = [
+            "TENANT",
+            "AGENT",
+            "SKILLS/TAGS",
+            "NODE",
+            "HEALTH",
+            "CIRCUIT",
+            "IN-FLIGHT",
+            "P50",
+        ];
+        let rows: Vec<[String; 8]> = self
+            .agents
+            .iter()
+            .map(|a| {
+                let mut skills = a.tags.join(",");
+                if skills.is_empty() {
+                    skills = a.skills.join(",");
                 }
-            }
-            l.push('\n');
-            l
-        };
-        out.push_str(&line(&header.map(String::from)));
-        for r in &rows {
-            out.push_str(&line(r));
+                [
+                    a.tenant.clone(),
+                    a.name.clone(),
+                    skills,
+                    a.node.clone(),
+                    a.health.clone(),
+                    a.circuit.clone(),
+                    a.in_flight.to_string(),
+                    match a.p50_ms {
+                        Some(p) => format!("{p:.1}ms"),
+                        None if a.ewma_ms > 0.0 => format!("~{:.1}ms", a.ewma_ms),
+                        None => "-".into(),
+                    },
+                ]
+            })
+            .collect();
+        if rows.is_empty() {
+            out.push_str(
+                "no agents registered (add [[agents]] to the config or POST /v1/agents)\n",
+            );
+        } else {
+            out.push_str(&table(&header, &rows));
+        }
+        for p in &self.pending_agents {
+            out.push_str(&format!("pending  {} {}: {}\n", p.tenant, p.url, p.error));
         }
         out
     }
+}
+
+/// Left-aligned columns, two spaces apart, last column unpadded.
+fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
+    let mut widths = header.map(str::len);
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: &[String]| {
+        let mut l = String::new();
+        for (i, (c, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(c);
+            } else {
+                l.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        l.push('\n');
+        l
+    };
+    let mut out = line(&header.map(String::from));
+    for r in rows {
+        out.push_str(&line(r));
+    }
+    out
 }
 
 /// Errors of the status client, each saying what to check.

@@ -3,7 +3,9 @@
 //! Every QUIC stream between nodes opens with a 4-byte preamble,
 //! `b"DM"`, the wire version, and the [`Channel`] the stream belongs to; then
 //! come frames, each a big-endian `u32` length and that many payload bytes.
-//! A message stream (gossip) carries exactly one frame and ends.
+//! A message stream (gossip) carries exactly one frame and ends; a
+//! delegation stream is bidirectional and carries frames both ways until
+//! each side finishes.
 //!
 //! Decoding is sans-I/O: [`decode_message`] takes a whole stream's bytes and
 //! [`FrameDecoder`] takes bytes as they arrive; both refuse oversized frames
@@ -27,12 +29,16 @@ pub const MAX_FRAME: usize = 1 << 20;
 pub enum Channel {
     /// One chitchat message per stream.
     Gossip = 1,
+    /// One delegation per bidirectional stream: request frames one way,
+    /// response frames the other (format owned by the node's `wire` module).
+    Delegate = 2,
 }
 
 impl Channel {
     pub fn from_code(code: u8) -> Option<Channel> {
         match code {
             1 => Some(Channel::Gossip),
+            2 => Some(Channel::Delegate),
             _ => None,
         }
     }

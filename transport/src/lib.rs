@@ -21,4 +21,6 @@ pub mod tls;
 pub use error::TransportError;
 pub use frame::Channel;
 pub use identity::{NodeIdentity, SpiffeId};
-pub use overlay::{Inbound, Overlay, OverlayConfig, OverlayStats, PeerLink};
+pub use overlay::{
+    BiStream, Inbound, Overlay, OverlayConfig, OverlayStats, PeerLink, StreamRecv, StreamSend,
+};

@@ -18,6 +18,12 @@
 //!   the smaller name wins on both sides (the rule is symmetric, so both
 //!   keep the same one) and the other is closed.
 //!
+//! - delegations use bidirectional streams: [`Overlay::open_stream`] opens
+//!   one on the pooled connection (a new stream is cheap; a new connection
+//!   or handshake per request is not), and the peer's reader hands streams
+//!   it accepts to [`Overlay::incoming_streams`] after checking the preamble.
+//!   The wrappers [`StreamSend`]/[`StreamRecv`] keep quinn out of callers.
+//!
 //! All tasks live in one `JoinSet` owned by the overlay: dropping the last
 //! [`Overlay`] handle or calling [`Overlay::shutdown`] stops them.
 
@@ -51,6 +57,12 @@ const PEER_QUEUE: usize = 256;
 const SENDER_IDLE: Duration = Duration::from_secs(60);
 /// Bound on reading one incoming message stream.
 const STREAM_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Accepted bidirectional streams waiting for the node to take them.
+const STREAM_QUEUE: usize = 1024;
+/// Stream reset code: the receiving node has no room for another stream.
+pub const RESET_BUSY: u32 = 1;
+/// Stream reset code: the sender gave up (deadline, caller went away).
+pub const RESET_CANCELLED: u32 = 2;
 
 /// Overlay settings. Durations have production defaults in [`OverlayConfig::new`].
 #[derive(Debug, Clone)]
@@ -91,6 +103,75 @@ pub struct Inbound {
     pub payload: Bytes,
 }
 
+/// A bidirectional stream with a verified peer, preamble already handled.
+#[derive(Debug)]
+pub struct BiStream {
+    /// The peer's node name, from its verified SPIFFE ID.
+    pub peer: Arc<str>,
+    pub from: SocketAddr,
+    pub channel: Channel,
+    pub send: StreamSend,
+    pub recv: StreamRecv,
+}
+
+/// Sending half of a [`BiStream`].
+#[derive(Debug)]
+pub struct StreamSend(quinn::SendStream);
+
+/// Receiving half of a [`BiStream`].
+#[derive(Debug)]
+pub struct StreamRecv(quinn::RecvStream);
+
+impl StreamSend {
+    pub async fn write_all(&mut self, bytes: &[u8]) -> Result<(), TransportError> {
+        self.0
+            .write_all(bytes)
+            .await
+            .map_err(|e| TransportError::Stream(e.to_string()))
+    }
+
+    /// Writes several buffers without copying them together.
+    pub async fn write_chunks(&mut self, chunks: &mut [Bytes]) -> Result<(), TransportError> {
+        self.0
+            .write_all_chunks(chunks)
+            .await
+            .map_err(|e| TransportError::Stream(e.to_string()))
+    }
+
+    /// Ends the stream cleanly (the peer reads end-of-stream).
+    pub fn finish(&mut self) -> Result<(), TransportError> {
+        self.0
+            .finish()
+            .map_err(|e| TransportError::Stream(e.to_string()))
+    }
+
+    /// Abandons the stream; the peer's reads fail with `code`.
+    pub fn reset(&mut self, code: u32) {
+        let _ = self.0.reset(VarInt::from_u32(code));
+    }
+
+    /// Resolves when the peer stops reading (it gave up on this stream).
+    pub async fn stopped(&mut self) {
+        let _ = self.0.stopped().await;
+    }
+}
+
+impl StreamRecv {
+    /// The next chunk of at most `max` bytes; `None` at a clean end of stream.
+    pub async fn read_chunk(&mut self, max: usize) -> Result<Option<Bytes>, TransportError> {
+        match self.0.read_chunk(max, true).await {
+            Ok(Some(c)) => Ok(Some(c.bytes)),
+            Ok(None) => Ok(None),
+            Err(e) => Err(TransportError::Stream(e.to_string())),
+        }
+    }
+
+    /// Tells the peer to stop sending on this stream.
+    pub fn stop(&mut self, code: u32) {
+        let _ = self.0.stop(VarInt::from_u32(code));
+    }
+}
+
 /// Counters the node exports as metrics.
 #[derive(Debug, Default)]
 pub struct OverlayStats {
@@ -104,6 +185,8 @@ pub struct OverlayStats {
     pub messages_received: AtomicU64,
     pub messages_dropped: AtomicU64,
     pub streams_refused: AtomicU64,
+    pub streams_opened: AtomicU64,
+    pub streams_accepted: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, by: u64) {
@@ -137,6 +220,8 @@ struct Inner {
     senders: Mutex<HashMap<SocketAddr, mpsc::Sender<Bytes>>>,
     stats: Arc<OverlayStats>,
     inbound: mpsc::Sender<Inbound>,
+    streams: mpsc::Sender<BiStream>,
+    streams_rx: Mutex<Option<mpsc::Receiver<BiStream>>>,
     tasks: Mutex<JoinSet<()>>,
 }
 
@@ -174,6 +259,7 @@ fn transport_config(cfg: &OverlayConfig) -> Arc<quinn::TransportConfig> {
     t.keep_alive_interval(Some(cfg.keep_alive));
     t.max_idle_timeout(cfg.idle_timeout.try_into().ok());
     t.max_concurrent_uni_streams(VarInt::from_u32(1024));
+    t.max_concurrent_bidi_streams(VarInt::from_u32(4096));
     Arc::new(t)
 }
 
@@ -205,6 +291,7 @@ impl Overlay {
                 source,
             })?;
         let (inbound, rx) = mpsc::channel(1024);
+        let (streams, streams_rx) = mpsc::channel(STREAM_QUEUE);
         let inner = Arc::new(Inner {
             endpoint: endpoint.clone(),
             local_addr,
@@ -214,6 +301,8 @@ impl Overlay {
             senders: Mutex::new(HashMap::new()),
             stats: Arc::new(OverlayStats::default()),
             inbound,
+            streams,
+            streams_rx: Mutex::new(Some(streams_rx)),
             tasks: Mutex::new(JoinSet::new()),
         });
         let weak = Arc::downgrade(&inner);
@@ -265,6 +354,44 @@ impl Overlay {
             }
         }
         Ok(())
+    }
+
+    /// Opens a bidirectional stream on `channel` to the peer at `to`, on the
+    /// pooled connection (dialing if there is none). The preamble is queued
+    /// with the first write, so it costs no extra packet.
+    pub async fn open_stream(
+        &self,
+        to: SocketAddr,
+        channel: Channel,
+    ) -> Result<BiStream, TransportError> {
+        if to == self.inner.local_addr {
+            return Err(TransportError::Connect {
+                addr: to,
+                reason: "the peer is this node itself".into(),
+            });
+        }
+        let conn = connection_to(&self.inner, to).await?;
+        let peer: Arc<str> = peer_name(&conn).unwrap_or_default().into();
+        let (send, recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| TransportError::Stream(e.to_string()))?;
+        let mut send = StreamSend(send);
+        send.write_all(&frame::preamble(channel)).await?;
+        bump(&self.inner.stats.streams_opened, 1);
+        Ok(BiStream {
+            peer,
+            from: to,
+            channel,
+            send,
+            recv: StreamRecv(recv),
+        })
+    }
+
+    /// The bidirectional streams peers open to this node. Returns the
+    /// receiver once; the node's dispatcher owns it.
+    pub fn incoming_streams(&self) -> Option<mpsc::Receiver<BiStream>> {
+        lock(&self.inner.streams_rx).take()
     }
 
     /// The live connections, one per peer.
@@ -441,12 +568,28 @@ async fn reader_loop(weak: Weak<Inner>, conn: Connection, peer: Arc<str>) {
     };
     let from = conn.remote_address();
     loop {
-        let mut stream = match conn.accept_uni().await {
-            Ok(s) => s,
-            Err(e) => {
-                debug!(error = %e, "overlay connection ended");
-                break;
-            }
+        let mut stream = tokio::select! {
+            uni = conn.accept_uni() => match uni {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!(error = %e, "overlay connection ended");
+                    break;
+                }
+            },
+            bi = conn.accept_bi() => match bi {
+                Ok((send, recv)) => {
+                    if let Some(inner) = weak.upgrade() {
+                        bump(&stats.streams_accepted, 1);
+                        let task = take_stream(weak.clone(), peer.clone(), from, send, recv);
+                        spawn(&inner, task);
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    debug!(error = %e, "overlay connection ended");
+                    break;
+                }
+            },
         };
         let read = tokio::time::timeout(
             STREAM_READ_TIMEOUT,
@@ -496,6 +639,55 @@ async fn reader_loop(weak: Weak<Inner>, conn: Connection, peer: Arc<str>) {
             conns.remove(&from);
             info!(peer = %peer, addr = %from, reason = ?conn.close_reason(), "overlay peer disconnected");
         }
+    }
+}
+
+/// Reads the preamble of an accepted bidirectional stream and hands the
+/// stream to the node. Runs in its own task so a peer that opens a stream
+/// and says nothing never holds up the connection's reader.
+async fn take_stream(
+    weak: Weak<Inner>,
+    peer: Arc<str>,
+    from: SocketAddr,
+    send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let mut pre = [0u8; frame::PREAMBLE_LEN];
+    let read = tokio::time::timeout(STREAM_READ_TIMEOUT, recv.read_exact(&mut pre)).await;
+    let Some(inner) = weak.upgrade() else { return };
+    let channel = match read {
+        Ok(Ok(())) => frame::decode_preamble(&pre),
+        Ok(Err(e)) => {
+            debug!(peer = %peer, error = %e, "overlay stream ended before its preamble");
+            return;
+        }
+        Err(_) => Err(frame::FrameError::ShortPreamble(0)),
+    };
+    let mut send = StreamSend(send);
+    let mut recv = StreamRecv(recv);
+    let channel = match channel {
+        Ok(c) => c,
+        Err(e) => {
+            bump(&inner.stats.streams_refused, 1);
+            warn!(peer = %peer, error = %e, "refused overlay stream");
+            send.reset(RESET_BUSY);
+            recv.stop(RESET_BUSY);
+            return;
+        }
+    };
+    let stream = BiStream {
+        peer,
+        from,
+        channel,
+        send,
+        recv,
+    };
+    if let Err(e) = inner.streams.try_send(stream) {
+        bump(&inner.stats.streams_refused, 1);
+        let mut stream = e.into_inner();
+        debug!(peer = %stream.peer, "no room for another overlay stream; resetting");
+        stream.send.reset(RESET_BUSY);
+        stream.recv.stop(RESET_BUSY);
     }
 }
 

@@ -1,0 +1,54 @@
+//! What the mesh reads from A2A traffic, in both dialects (DESIGN.md, "A2A
+//! on the wire"): the text of a message, for routing by intent.
+//!
+//! A2A 0.3 sends JSON-RPC `message/send` / `message/stream` with parts
+//! `{"kind": "text", "text": ...}`; A2A 1.0 sends `SendMessage` /
+//! `SendStreamingMessage` with parts `{"text": ...}`, or the HTTP+JSON
+//! binding (`POST /message:send`) with the message at the top level. Only
+//! `text` matters here, so one walk covers all three.
+
+use serde_json::Value;
+
+/// JSON-RPC methods that carry a message to route by intent.
+pub const MESSAGE_METHODS: [&str; 4] = [
+    "message/send",
+    "message/stream",
+    "SendMessage",
+    "SendStreamingMessage",
+];
+
+/// The text parts of an A2A message request, joined by spaces.
+pub fn intent_text(body: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    let message = match v.get("method").and_then(Value::as_str) {
+        Some(m) if MESSAGE_METHODS.contains(&m) => v.pointer("/params/message")?,
+        Some(_) => return None,
+        // HTTP+JSON binding: the request object itself.
+        None => v.get("message")?,
+    };
+    let texts: Vec<&str> = message
+        .get("parts")?
+        .as_array()?
+        .iter()
+        .filter_map(|p| p.get("text").and_then(Value::as_str))
+        .collect();
+    (!texts.is_empty()).then(|| texts.join(" "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_dialects_yield_the_text() {
+        let v03 = br#"{"jsonrpc":"2.0","id":1,"method":"message/send","params":{"message":{"role":"user","messageId":"m","parts":[{"kind":"text","text":"summarize this invoice"}]}}}"#;
+        assert_eq!(intent_text(v03).as_deref(), Some("summarize this invoice"));
+        let v10 = br#"{"jsonrpc":"2.0","id":"a","method":"SendStreamingMessage","params":{"message":{"role":"ROLE_USER","messageId":"m","parts":[{"text":"translate"},{"text":"to French"}]}}}"#;
+        assert_eq!(intent_text(v10).as_deref(), Some("translate to French"));
+        let rest = br#"{"message":{"role":"ROLE_USER","parts":[{"text":"weather in Paris"}]}}"#;
+        assert_eq!(intent_text(rest).as_deref(), Some("weather in Paris"));
+        let other = br#"{"jsonrpc":"2.0","id":1,"method":"tasks/get","params":{"id":"t"}}"#;
+        assert_eq!(intent_text(other), None);
+        assert_eq!(intent_text(b"not json"), None);
+    }
+}

@@ -1,0 +1,565 @@
+//! The agents this node is home to: onboarding, health, and what the mesh
+//! learns about them through gossip.
+//!
+//! Onboarding needs no SDK: the node fetches the agent's A2A card
+//! (`/.well-known/agent-card.json`, falling back to the 0.2-era
+//! `/.well-known/agent.json`), validates it, and registers the agent under
+//! `<tenant>/<name>`. Agents without a card are declared with their skills in
+//! config and the node builds the card. A card that fails validation is
+//! reported field by field and the agent stays *pending*, retried every
+//! health interval: a bad or late agent never stops the node.
+//!
+//! Each registered agent is published as two small gossip keys: the record
+//! (`agent/<tenant>/<name>`: card digest, skill ids and tags, protocols,
+//! health, expiry) refreshed well within its TTL, and its load
+//! (`load/<tenant>/<name>`), republished when it changes.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dmsc_registry::{slug, AgentCard, AgentId, AgentRecord, Health, LoadReport};
+use http_body_util::BodyExt;
+use hyper::{Method, Request, StatusCode, Uri};
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::config::RawAgent;
+use crate::http::{empty, Upstream};
+use crate::mesh::{now_ms, MeshView};
+
+/// Card paths, newest first.
+pub const CARD_PATHS: [&str; 2] = ["/.well-known/agent-card.json", "/.well-known/agent.json"];
+const FETCH_TIMEOUT: Duration = Duration::from_secs(3);
+const MAX_CARD: usize = 1 << 20;
+
+/// Why an agent could not be onboarded.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("invalid agent spec: {0}")]
+    Spec(String),
+    #[error("cannot fetch the agent card from {url}: {reason}")]
+    Fetch { url: String, reason: String },
+    #[error("agent card from {url}: {error}")]
+    Card {
+        url: String,
+        error: dmsc_registry::CardError,
+    },
+    #[error("agent `{0}` is already registered on this node (set a distinct `name`)")]
+    Duplicate(AgentId),
+}
+
+/// Checks an agent spec without touching the network (config validation).
+pub fn check_spec(a: &RawAgent) -> Result<(), String> {
+    let mut problems = Vec::new();
+    if !dmsc_transport::identity::valid_name(&a.tenant) {
+        problems.push(format!(
+            "tenant = `{}` must be 1-63 of a-z, 0-9 and -",
+            a.tenant
+        ));
+    }
+    match a.url.parse::<Uri>() {
+        Ok(u) if u.scheme_str() == Some("http") && u.authority().is_some() => {}
+        Ok(_) => problems.push(format!(
+            "url = `{}` must be an absolute http:// URL (the agent's own endpoint)",
+            a.url
+        )),
+        Err(e) => problems.push(format!("url = `{}` is not a URL: {e}", a.url)),
+    }
+    if let Some(n) = &a.name {
+        if !dmsc_transport::identity::valid_name(n) || n == "mesh" {
+            problems.push(format!(
+                "name = `{n}` must be 1-63 of a-z, 0-9 and - (and not `mesh`, which is reserved)"
+            ));
+        }
+    }
+    if let Some(skills) = &a.skills {
+        if a.name.is_none() {
+            problems.push("an agent declared with `skills` needs a `name`".into());
+        }
+        for (i, s) in skills.iter().enumerate() {
+            if s.id.trim().is_empty() {
+                problems.push(format!("skills[{i}].id must not be empty"));
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+/// Request statistics the home node keeps per agent (its load report).
+#[derive(Debug, Default)]
+pub struct AgentStats {
+    pub ewma_ms: f64,
+    pub error_rate: f64,
+    pub served: u64,
+    pub latencies: Vec<f64>,
+}
+
+impl AgentStats {
+    const ALPHA: f64 = 0.2;
+    const WINDOW: usize = 256;
+
+    pub fn observe(&mut self, elapsed: Duration, ok: bool) {
+        let ms = elapsed.as_secs_f64() * 1000.0;
+        if self.served == 0 {
+            self.ewma_ms = ms;
+        } else {
+            self.ewma_ms += Self::ALPHA * (ms - self.ewma_ms);
+        }
+        let e = if ok { 0.0 } else { 1.0 };
+        self.error_rate += Self::ALPHA * (e - self.error_rate);
+        self.served += 1;
+        if self.latencies.len() >= Self::WINDOW {
+            self.latencies.remove(0);
+        }
+        self.latencies.push(ms);
+    }
+
+    pub fn p50_ms(&self) -> Option<f64> {
+        if self.latencies.is_empty() {
+            return None;
+        }
+        let mut v = self.latencies.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        Some(v[v.len() / 2])
+    }
+}
+
+/// One agent this node is home to.
+#[derive(Debug)]
+pub struct LocalAgent {
+    pub id: AgentId,
+    pub spec: RawAgent,
+    /// The agent's endpoint, requests go to `base` + path.
+    pub base: Uri,
+    /// The card as the agent serves it.
+    pub card: AgentCard,
+    /// The card as the mesh serves it (every URL rewritten to the mesh
+    /// name), pre-encoded; its digest is the one gossiped and the ETag, so
+    /// a card fetched through the mesh from anywhere has the same digest.
+    pub mesh_card: Bytes,
+    pub digest: String,
+    health: AtomicU8,
+    /// Requests in progress at the agent through this node (from anywhere).
+    pub in_flight: AtomicU32,
+    pub stats: Mutex<AgentStats>,
+    pub health_path: String,
+    published: Mutex<Option<(Instant, Health)>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl LocalAgent {
+    pub fn health(&self) -> Health {
+        match self.health.load(Ordering::Relaxed) {
+            1 => Health::Healthy,
+            2 => Health::Unhealthy,
+            _ => Health::Unknown,
+        }
+    }
+
+    fn set_health(&self, h: Health) -> bool {
+        let v = match h {
+            Health::Healthy => 1,
+            Health::Unhealthy => 2,
+            Health::Unknown => 0,
+        };
+        self.health.swap(v, Ordering::Relaxed) != v
+    }
+
+    /// The agent URL for a request path (`/x?y` -> `http://agent:port/prefix/x?y`).
+    pub fn uri_for(&self, path_and_query: &str) -> Result<Uri, hyper::http::Error> {
+        let prefix = self.base.path().trim_end_matches('/');
+        let mut parts = self.base.clone().into_parts();
+        parts.path_and_query = Some(format!("{prefix}{path_and_query}").parse()?);
+        Ok(Uri::from_parts(parts)?)
+    }
+
+    pub fn record(&self, ttl: Duration) -> AgentRecord {
+        AgentRecord {
+            digest: self.digest.clone(),
+            skills: self.card.skill_tags(),
+            protocols: self.card.protocols(),
+            health: self.health(),
+            expires_ms: now_ms() + ttl.as_millis() as u64,
+        }
+    }
+
+    pub fn load(&self) -> LoadReport {
+        let s = lock(&self.stats);
+        LoadReport {
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            queue: 0,
+            ewma_ms: s.ewma_ms as f32,
+            error_rate: s.error_rate as f32,
+            cpu: 0.0,
+        }
+    }
+}
+
+/// A JSON view of a local agent for the admin API.
+#[derive(Debug, Serialize)]
+pub struct AgentView {
+    pub tenant: String,
+    pub name: String,
+    pub url: String,
+    pub health: Health,
+    pub digest: String,
+    pub skills: Vec<dmsc_registry::SkillTags>,
+}
+
+/// The agents of this node, and those still waiting to onboard.
+#[derive(Debug, Default)]
+pub struct LocalAgents {
+    map: RwLock<HashMap<AgentId, Arc<LocalAgent>>>,
+    /// Specs that failed to onboard, with the last error; retried.
+    pending: Mutex<Vec<(RawAgent, String)>>,
+}
+
+impl LocalAgents {
+    pub fn get(&self, id: &AgentId) -> Option<Arc<LocalAgent>> {
+        self.map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    pub fn all(&self) -> Vec<Arc<LocalAgent>> {
+        let mut v: Vec<_> = self
+            .map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    pub fn pending(&self) -> Vec<(RawAgent, String)> {
+        lock(&self.pending).clone()
+    }
+
+    fn insert(&self, agent: Arc<LocalAgent>) -> Result<(), AgentError> {
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = map.get(&agent.id) {
+            if old.spec.url != agent.spec.url {
+                return Err(AgentError::Duplicate(agent.id.clone()));
+            }
+        }
+        map.insert(agent.id.clone(), agent);
+        Ok(())
+    }
+
+    pub fn remove(&self, id: &AgentId) -> Option<Arc<LocalAgent>> {
+        self.map
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
+    }
+
+    fn set_pending(&self, spec: RawAgent, error: String) {
+        let mut p = lock(&self.pending);
+        p.retain(|(s, _)| s != &spec);
+        p.push((spec, error));
+    }
+
+    fn clear_pending(&self, spec: &RawAgent) {
+        lock(&self.pending).retain(|(s, _)| s != spec);
+    }
+}
+
+/// Fetches a card: `agent-card.json`, then `agent.json` if that is 404.
+async fn fetch_card(base: &Uri, upstream: &Upstream) -> Result<(AgentCard, String), AgentError> {
+    let mut last = String::new();
+    for path in CARD_PATHS {
+        let url = join(base, path);
+        let fail = |reason: String| AgentError::Fetch {
+            url: url.clone(),
+            reason,
+        };
+        let uri: Uri = url.parse().map_err(|e| fail(format!("{e}")))?;
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(uri)
+            .header("accept", "application/json")
+            .body(empty())
+            .map_err(|e| fail(e.to_string()))?;
+        let resp = tokio::time::timeout(FETCH_TIMEOUT, upstream.h1.request(req))
+            .await
+            .map_err(|_| fail(format!("no answer within {FETCH_TIMEOUT:?}")))?
+            .map_err(|e| fail(format!("{e:#}")))?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            last = format!("{url}: 404");
+            continue;
+        }
+        if !resp.status().is_success() {
+            return Err(fail(format!("HTTP {}", resp.status())));
+        }
+        let body = http_body_util::Limited::new(resp.into_body(), MAX_CARD)
+            .collect()
+            .await
+            .map_err(|e| fail(format!("reading the card: {e}")))?
+            .to_bytes();
+        let card = AgentCard::parse(&body).map_err(|error| AgentError::Card {
+            url: url.clone(),
+            error,
+        })?;
+        return Ok((card, url));
+    }
+    Err(AgentError::Fetch {
+        url: join(base, CARD_PATHS[0]),
+        reason: format!("no agent card (tried both well-known paths; {last})"),
+    })
+}
+
+fn join(base: &Uri, path: &str) -> String {
+    format!("{}{}", base.to_string().trim_end_matches('/'), path)
+}
+
+/// A card for an agent declared in config with its skills.
+fn declared_card(spec: &RawAgent) -> Result<AgentCard, AgentError> {
+    let skills: Vec<serde_json::Value> = spec
+        .skills
+        .iter()
+        .flatten()
+        .map(|s| {
+            let mut o = serde_json::json!({
+                "id": s.id,
+                "name": s.name.clone().unwrap_or_else(|| s.id.clone()),
+                "tags": s.tags,
+            });
+            if let Some(d) = &s.description {
+                o["description"] = d.clone().into();
+            }
+            if !s.examples.is_empty() {
+                o["examples"] = s.examples.clone().into();
+            }
+            o
+        })
+        .collect();
+    let card = serde_json::json!({
+        "name": spec.name.clone().unwrap_or_default(),
+        "description": spec.description.clone().unwrap_or_default(),
+        "version": "0",
+        "url": spec.url,
+        "capabilities": {},
+        "defaultInputModes": ["text/plain"],
+        "defaultOutputModes": ["text/plain"],
+        "skills": skills,
+    });
+    AgentCard::parse(card.to_string().as_bytes()).map_err(|error| AgentError::Card {
+        url: "(declared in config)".into(),
+        error,
+    })
+}
+
+/// Onboards one agent: card, name, registration in `agents` and `mesh`.
+pub async fn onboard(
+    spec: &RawAgent,
+    upstream: &Upstream,
+    agents: &LocalAgents,
+    mesh: &MeshView,
+) -> Result<Arc<LocalAgent>, AgentError> {
+    check_spec(spec).map_err(AgentError::Spec)?;
+    let base: Uri = spec
+        .url
+        .parse()
+        .map_err(|e| AgentError::Spec(format!("url: {e}")))?;
+    let (card, health_default) = if spec.skills.is_some() {
+        (declared_card(spec)?, "/".to_string())
+    } else {
+        let (card, url) = fetch_card(&base, upstream).await?;
+        let path = CARD_PATHS
+            .iter()
+            .find(|p| url.ends_with(*p))
+            .copied()
+            .unwrap_or(CARD_PATHS[0]);
+        (card, path.to_string())
+    };
+    let name = spec.name.clone().unwrap_or_else(|| slug(&card.name));
+    let id = AgentId {
+        tenant: spec.tenant.clone(),
+        name,
+    };
+    let mut mesh_card = card.clone();
+    mesh_card.rewrite_urls(&format!("http://{}.{}.dmsc", id.name, id.tenant));
+    let digest = mesh_card.digest();
+    let mesh_card_bytes = Bytes::from(mesh_card.to_bytes());
+    mesh.add_card(mesh_card);
+    let agent = Arc::new(LocalAgent {
+        id: id.clone(),
+        spec: spec.clone(),
+        base,
+        card,
+        mesh_card: mesh_card_bytes,
+        digest,
+        health: AtomicU8::new(1),
+        in_flight: AtomicU32::new(0),
+        stats: Mutex::new(AgentStats::default()),
+        health_path: spec.health_path.clone().unwrap_or(health_default),
+        published: Mutex::new(None),
+    });
+    agents.insert(agent.clone())?;
+    agents.clear_pending(spec);
+    info!(agent = %id, url = %spec.url, skills = agent.card.skills.len(), "agent onboarded");
+    Ok(agent)
+}
+
+/// Health-checks one agent: any answer below 500 within the timeout is
+/// alive (a declared agent may have no route at `/`); refused, reset or
+/// silent is not.
+async fn check_health(agent: &LocalAgent, upstream: &Upstream) -> Health {
+    let Ok(uri) = agent.uri_for(&agent.health_path) else {
+        return Health::Unhealthy;
+    };
+    let Ok(req) = Request::builder().uri(uri).body(empty()) else {
+        return Health::Unhealthy;
+    };
+    match tokio::time::timeout(Duration::from_secs(1), upstream.h1.request(req)).await {
+        Ok(Ok(resp)) if resp.status().as_u16() < 500 => {
+            let _ = resp.into_body().collect().await;
+            Health::Healthy
+        }
+        _ => Health::Unhealthy,
+    }
+}
+
+/// Everything the agent loop needs.
+#[derive(Clone)]
+pub struct AgentsCtx {
+    pub agents: Arc<LocalAgents>,
+    pub mesh: Arc<MeshView>,
+    pub upstream: Upstream,
+    pub gossip: Arc<dmsc_gossip::Gossip>,
+    pub cfg: crate::config::DelegationConfig,
+}
+
+impl AgentsCtx {
+    /// Publishes an agent's record and load now.
+    pub async fn publish(&self, agent: &LocalAgent) {
+        let record = agent.record(self.cfg.agent_ttl);
+        let load = agent.load();
+        self.mesh
+            .upsert_own(agent.id.clone(), record.clone(), load.clone());
+        self.gossip
+            .set(
+                &dmsc_registry::agent_key(&agent.id.tenant, &agent.id.name),
+                &record.encode(),
+            )
+            .await;
+        self.gossip
+            .set(
+                &dmsc_registry::load_key(&agent.id.tenant, &agent.id.name),
+                &load.encode(),
+            )
+            .await;
+        *lock(&agent.published) = Some((Instant::now(), record.health));
+    }
+
+    /// Onboards and publishes; on failure the spec stays pending (retried).
+    pub async fn add(&self, spec: &RawAgent) -> Result<Arc<LocalAgent>, AgentError> {
+        match onboard(spec, &self.upstream, &self.agents, &self.mesh).await {
+            Ok(a) => {
+                self.publish(&a).await;
+                Ok(a)
+            }
+            Err(e) => {
+                if !matches!(e, AgentError::Spec(_) | AgentError::Duplicate(_)) {
+                    self.agents.set_pending(spec.clone(), e.to_string());
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Deregisters an agent: gone from this node, the registry and gossip.
+    pub async fn remove(&self, id: &AgentId) -> bool {
+        let Some(a) = self.agents.remove(id) else {
+            return false;
+        };
+        self.mesh.remove_own(id);
+        self.gossip
+            .delete(&dmsc_registry::agent_key(&id.tenant, &id.name))
+            .await;
+        self.gossip
+            .delete(&dmsc_registry::load_key(&id.tenant, &id.name))
+            .await;
+        info!(agent = %a.id, "agent deregistered");
+        true
+    }
+
+    /// One health round: retry pending agents, check every agent, publish
+    /// what changed and refresh records at a third of their TTL.
+    pub async fn health_round(&self) {
+        for (spec, _) in self.agents.pending() {
+            if let Err(e) = self.add(&spec).await {
+                tracing::debug!(url = %spec.url, error = %e, "agent still pending");
+            }
+        }
+        let agents = self.agents.all();
+        let checks = agents.iter().map(|a| check_health(a, &self.upstream));
+        let results = futures_util::future::join_all(checks).await;
+        for (a, h) in agents.iter().zip(results) {
+            if a.set_health(h) {
+                match h {
+                    Health::Healthy => info!(agent = %a.id, "agent healthy again"),
+                    _ => warn!(agent = %a.id, url = %a.spec.url, "agent failed its health check"),
+                }
+            }
+            let due = lock(&a.published).is_none_or(|(at, published)| {
+                published != h || at.elapsed() >= self.cfg.agent_ttl / 3
+            });
+            if due {
+                self.publish(a).await;
+            }
+        }
+    }
+
+    /// Republishes load reports that changed (cheap: small values).
+    pub async fn load_round(&self, last: &mut HashMap<AgentId, LoadReport>) {
+        for a in self.agents.all() {
+            let load = a.load();
+            if last.get(&a.id) != Some(&load) {
+                self.mesh
+                    .upsert_own(a.id.clone(), a.record(self.cfg.agent_ttl), load.clone());
+                self.gossip
+                    .set(
+                        &dmsc_registry::load_key(&a.id.tenant, &a.id.name),
+                        &load.encode(),
+                    )
+                    .await;
+                last.insert(a.id.clone(), load);
+            }
+        }
+    }
+}
+
+/// The agent loop: onboard the configured agents, then health and load rounds.
+pub async fn run(ctx: AgentsCtx, configured: Vec<RawAgent>) {
+    for spec in &configured {
+        if let Err(e) = ctx.add(spec).await {
+            warn!(tenant = %spec.tenant, url = %spec.url, error = %e, "agent not onboarded yet; will retry");
+        }
+    }
+    let mut health = tokio::time::interval(ctx.cfg.health_interval);
+    let mut load = tokio::time::interval(ctx.cfg.load_interval);
+    health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    load.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = health.tick() => ctx.health_round().await,
+            _ = load.tick() => ctx.load_round(&mut last).await,
+        }
+    }
+}

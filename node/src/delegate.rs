@@ -1,0 +1,860 @@
+//! Delegation: one request, from a resolved target to an agent's response.
+//!
+//! The path is one straight line: select (registry, under a read lock) ->
+//! admit (this node's circuit for that agent) -> deliver, either to a local
+//! agent over the pooled HTTP client or to the agent's home node over one
+//! QUIC bidirectional stream (`wire` format) -> record the outcome (circuit,
+//! outstanding count). The home node runs the same `deliver_local` after
+//! re-checking that the target is its own agent of that tenant.
+//!
+//! Retries: a failure that certainly happened before the agent saw the
+//! request (connection refused, unknown at the home node, home node
+//! unreachable, circuit open) moves on to the next candidate; one that may
+//! have reached the agent is retried only for idempotent methods. Both need a
+//! replayable (buffered) body and stay within the caller's deadline. The
+//! deadline bounds the wait for the response head at every hop (the home
+//! node receives what is left of it); a streamed response body then flows
+//! for as long as the agent sends it.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use dmsc_registry::{AgentId, SelectError, Target};
+use dmsc_transport::{BiStream, Channel, Overlay, StreamRecv, StreamSend};
+use http_body_util::BodyExt;
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::header::{HeaderValue, CONTENT_TYPE, ETAG, HOST, IF_NONE_MATCH};
+use hyper::{Method, Request, Response, StatusCode, Version};
+use tokio::time::Instant;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::agents::{LocalAgent, LocalAgents, CARD_PATHS};
+use crate::config::DelegationConfig;
+use crate::http::{full, strip_hop_by_hop, Body, BoxError, ErrorKind, MeshError, Upstream};
+use crate::mesh::MeshView;
+use crate::wire::{self, Part, PartDecoder, RequestHead, ResponseHead, DELEGATION_VERSION};
+
+/// How long a home node waits for the head of an incoming delegation.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+const READ_CHUNK: usize = 64 * 1024;
+
+/// A request body: buffered (replayable, readable for intent) or streamed.
+#[derive(Debug)]
+pub enum ReqBody {
+    Buffered(Bytes),
+    Streaming(Body),
+}
+
+impl ReqBody {
+    pub fn into_body(self) -> Body {
+        match self {
+            ReqBody::Buffered(b) => full(b),
+            ReqBody::Streaming(b) => b,
+        }
+    }
+}
+
+/// One delegation as ingress hands it over.
+#[derive(Debug)]
+pub struct Delegation {
+    pub tenant: String,
+    pub caller: String,
+    pub target: Target,
+    pub deadline: Instant,
+    pub trace_id: String,
+    pub method: Method,
+    pub path: String,
+    pub http2: bool,
+    pub headers: hyper::HeaderMap,
+    pub body: ReqBody,
+}
+
+/// How one delivery attempt failed.
+#[derive(Debug)]
+enum Failure {
+    /// The agent certainly never saw the request.
+    NotDelivered(MeshError),
+    /// It may have.
+    MaybeDelivered(MeshError),
+}
+
+/// The delegation engine of a node (shared by ingress and the overlay side).
+#[derive(Debug)]
+pub struct Delegator {
+    pub me: String,
+    pub mesh: Arc<MeshView>,
+    pub agents: Arc<LocalAgents>,
+    pub upstream: Upstream,
+    pub overlay: Overlay,
+    pub cfg: DelegationConfig,
+}
+
+/// A response body that holds guards (outstanding count, writer task)
+/// until the body is done or dropped.
+struct Guarded {
+    inner: Body,
+    _guards: Vec<Box<dyn Send + Sync>>,
+}
+
+impl hyper::body::Body for Guarded {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn guarded(body: Body, guards: Vec<Box<dyn Send + Sync>>) -> Body {
+    Guarded {
+        inner: body,
+        _guards: guards,
+    }
+    .boxed()
+}
+
+/// Aborts a task when dropped (a request-body writer lives as long as its
+/// response).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn incoming(body: Incoming) -> Body {
+    body.map_err(|e| Box::new(e) as BoxError).boxed()
+}
+
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS | Method::TRACE
+    )
+}
+
+fn is_card_path(path: &str) -> bool {
+    let p = path.split('?').next().unwrap_or(path);
+    CARD_PATHS.contains(&p)
+}
+
+fn select_error(me: &str, tenant: &str, target: &Target, e: SelectError) -> MeshError {
+    let kind = match &e {
+        SelectError::UnknownAgent { .. } => ErrorKind::UnknownAgent,
+        SelectError::NoMatch { .. } => ErrorKind::NoMatch,
+        _ => ErrorKind::NoneAvailable,
+    };
+    let what = match target {
+        Target::Agent(n) => format!("agent `{tenant}/{n}`"),
+        Target::Tag(t) => format!("capability `{t}` in tenant `{tenant}`"),
+        Target::Intent(_) => format!("intent in tenant `{tenant}`"),
+    };
+    MeshError::new(kind, me, format!("{what}: {e}"))
+}
+
+impl Delegator {
+    /// Routes one delegation and returns the response to give the caller.
+    pub async fn delegate(&self, d: Delegation) -> Response<Body> {
+        let target_desc = match &d.target {
+            Target::Agent(n) => format!("agent:{n}"),
+            Target::Tag(t) => format!("tag:{t}"),
+            Target::Intent(_) => "intent".to_string(),
+        };
+        let span = tracing::info_span!("delegation", tenant = %d.tenant, target = %target_desc, trace = %d.trace_id);
+        self.delegate_inner(d).instrument(span).await
+    }
+
+    async fn delegate_inner(&self, d: Delegation) -> Response<Body> {
+        let Delegation {
+            tenant,
+            caller,
+            target,
+            deadline,
+            trace_id,
+            method,
+            path,
+            http2,
+            mut headers,
+            body,
+        } = d;
+        strip_hop_by_hop(&mut headers);
+        let request_bytes = match &body {
+            ReqBody::Buffered(b) => Some(b.clone()),
+            ReqBody::Streaming(_) => None,
+        };
+        let err = |e: MeshError| e.response(request_bytes.as_deref());
+        let mut streaming = match body {
+            ReqBody::Streaming(b) => Some(b),
+            ReqBody::Buffered(_) => None,
+        };
+        let mut exclude: Vec<AgentId> = Vec::new();
+        let mut last: Option<MeshError> = None;
+        for attempt in 0..=self.cfg.retries {
+            if Instant::now() >= deadline {
+                return err(MeshError::new(
+                    ErrorKind::Timeout,
+                    &self.me,
+                    "the deadline passed before an agent answered",
+                ));
+            }
+            let selection = {
+                let reg = self.mesh.read();
+                reg.select(
+                    &tenant,
+                    &target,
+                    &*self.mesh,
+                    &exclude,
+                    &mut rand::thread_rng(),
+                )
+            };
+            let sel = match selection {
+                Ok(s) => s,
+                Err(e) => {
+                    let e = select_error(&self.me, &tenant, &target, e);
+                    return err(match last {
+                        Some(prev) if attempt > 0 => MeshError::new(
+                            prev.kind,
+                            &self.me,
+                            format!("{}; no other candidate: {}", prev.detail, e.detail),
+                        ),
+                        _ => e,
+                    });
+                }
+            };
+            let id = sel.id.clone();
+            if !self.mesh.admit(&id) {
+                exclude.push(id);
+                continue;
+            }
+            let body = match &request_bytes {
+                Some(b) => ReqBody::Buffered(b.clone()),
+                None => match streaming.take() {
+                    Some(b) => ReqBody::Streaming(b),
+                    None => break,
+                },
+            };
+            let (_, outstanding) = self.mesh.begin(&id);
+            debug!(agent = %id, node = %sel.node, attempt, why = %sel.why, "delegating");
+            let result = if sel.node == self.me {
+                match self.agents.get(&id) {
+                    Some(agent) => {
+                        deliver_local(
+                            &agent,
+                            &self.upstream,
+                            &self.me,
+                            method.clone(),
+                            &path,
+                            http2,
+                            headers.clone(),
+                            body.into_body(),
+                            deadline,
+                        )
+                        .await
+                    }
+                    None => Err(Failure::NotDelivered(
+                        MeshError::new(
+                            ErrorKind::UnknownAgent,
+                            &self.me,
+                            "agent deregistered from this node",
+                        )
+                        .agent(&id),
+                    )),
+                }
+            } else {
+                let head = RequestHead {
+                    version: DELEGATION_VERSION,
+                    tenant: tenant.clone(),
+                    caller: caller.clone(),
+                    agent: id.name.clone(),
+                    deadline_ms: deadline
+                        .saturating_duration_since(Instant::now())
+                        .as_millis() as u64,
+                    trace_id: trace_id.clone(),
+                    method: method.to_string(),
+                    path: path.clone(),
+                    http: if http2 { 2 } else { 1 },
+                    headers: wire::to_wire_headers(&headers),
+                };
+                self.deliver_remote(&sel.node, &id, head, body, deadline)
+                    .await
+            };
+            match result {
+                Ok(mut resp) => {
+                    let ok = !resp.status().is_server_error();
+                    self.mesh.record_outcome(&id, ok);
+                    let h = resp.headers_mut();
+                    if let Ok(v) = HeaderValue::from_str(&id.to_string()) {
+                        h.insert("dmsc-agent", v);
+                    }
+                    if !h.contains_key("dmsc-node") {
+                        if let Ok(v) = HeaderValue::from_str(&sel.node) {
+                            h.insert("dmsc-node", v);
+                        }
+                    }
+                    if let Ok(v) = HeaderValue::from_str(&sel.why) {
+                        h.insert("dmsc-route", v);
+                    }
+                    info!(agent = %id, node = %sel.node, status = resp.status().as_u16(), attempt, "delegated");
+                    return resp.map(|b| guarded(b, vec![Box::new(outstanding)]));
+                }
+                Err(Failure::NotDelivered(e)) => {
+                    self.mesh.record_outcome(&id, false);
+                    warn!(agent = %id, node = %sel.node, error = %e, "not delivered; trying the next candidate");
+                    exclude.push(id);
+                    last = Some(e);
+                    if request_bytes.is_none() {
+                        break;
+                    }
+                }
+                Err(Failure::MaybeDelivered(e)) => {
+                    self.mesh.record_outcome(&id, false);
+                    if request_bytes.is_some()
+                        && idempotent(&method)
+                        && e.kind != ErrorKind::Timeout
+                    {
+                        warn!(agent = %id, error = %e, "failed after sending; retrying (idempotent)");
+                        exclude.push(id);
+                        last = Some(e);
+                        continue;
+                    }
+                    return err(e);
+                }
+            }
+        }
+        err(last.unwrap_or_else(|| {
+            MeshError::new(
+                ErrorKind::NoneAvailable,
+                &self.me,
+                "no candidate admitted the request",
+            )
+        }))
+    }
+
+    /// Sends a delegation to a remote agent's home node over the overlay.
+    async fn deliver_remote(
+        &self,
+        node: &str,
+        id: &AgentId,
+        head: RequestHead,
+        body: ReqBody,
+        deadline: Instant,
+    ) -> Result<Response<Body>, Failure> {
+        let not_delivered = |detail: String| {
+            Failure::NotDelivered(
+                MeshError::new(ErrorKind::Unreachable, &self.me, detail).agent(id),
+            )
+        };
+        let Some(addr) = self.mesh.node_addr(node) else {
+            return Err(not_delivered(format!(
+                "home node `{node}` has no known overlay address"
+            )));
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let stream = match tokio::time::timeout(
+            remaining,
+            self.overlay.open_stream(addr, Channel::Delegate),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return Err(not_delivered(format!(
+                    "home node `{node}` unreachable: {e}"
+                )))
+            }
+            Err(_) => {
+                return Err(not_delivered(format!(
+                    "home node `{node}` did not answer in time"
+                )))
+            }
+        };
+        let BiStream {
+            mut send, mut recv, ..
+        } = stream;
+        let mut parts: Vec<Bytes> = match wire::encode_request_head(&head) {
+            Ok(p) => p.to_vec(),
+            Err(e) => return Err(not_delivered(format!("cannot encode the request: {e}"))),
+        };
+        let mut guards: Vec<Box<dyn Send + Sync>> = Vec::new();
+        if let ReqBody::Buffered(bytes) = body {
+            // The common case: head and body in one write.
+            wire::encode_data(bytes, &mut parts);
+            if let Err(e) = send.write_chunks(&mut parts).await {
+                return Err(not_delivered(format!("home node `{node}`: {e}")));
+            }
+            let _ = send.finish();
+        } else {
+            let body = body.into_body();
+            if let Err(e) = send.write_chunks(&mut parts).await {
+                return Err(not_delivered(format!("home node `{node}`: {e}")));
+            }
+            let task = tokio::spawn(pump_body(body, send).in_current_span());
+            guards.push(Box::new(AbortOnDrop(task)));
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let mut decoder = PartDecoder::new();
+        let head = match tokio::time::timeout(remaining, read_part(&mut recv, &mut decoder)).await {
+            Err(_) => {
+                recv.stop(dmsc_transport::overlay::RESET_CANCELLED);
+                return Err(Failure::MaybeDelivered(
+                    MeshError::new(
+                        ErrorKind::Timeout,
+                        &self.me,
+                        format!("no response from `{id}` (via node `{node}`) within the deadline"),
+                    )
+                    .agent(id),
+                ));
+            }
+            Ok(Ok(Some(Part::Head(h)))) => wire::decode_response_head(&h),
+            Ok(Ok(other)) => {
+                return Err(Failure::MaybeDelivered(
+                    MeshError::new(
+                        ErrorKind::Unreachable,
+                        &self.me,
+                        format!("home node `{node}` sent {other:?} instead of a response head"),
+                    )
+                    .agent(id),
+                ))
+            }
+            Ok(Err(e)) => {
+                return Err(Failure::MaybeDelivered(
+                    MeshError::new(
+                        ErrorKind::Unreachable,
+                        &self.me,
+                        format!("home node `{node}` failed mid-delegation: {e}"),
+                    )
+                    .agent(id),
+                ))
+            }
+        };
+        let head = head.map_err(|e| {
+            Failure::MaybeDelivered(
+                MeshError::new(
+                    ErrorKind::Unreachable,
+                    &self.me,
+                    format!("home node `{node}`: {e}"),
+                )
+                .agent(id),
+            )
+        })?;
+        let mut resp = Response::new(guarded(stream_body(recv, decoder), guards));
+        *resp.status_mut() = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
+        *resp.headers_mut() = wire::from_wire_headers(&head.headers);
+        if !head.delivered {
+            // The home node answered for the agent (it refused the
+            // connection, or is no longer there): its problem body says why.
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            let detail = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| {
+                    v.get("detail")
+                        .or_else(|| v.pointer("/error/message"))
+                        .and_then(|d| d.as_str())
+                        .map(str::to_string)
+                })
+                .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+            return Err(Failure::NotDelivered(
+                MeshError::new(ErrorKind::Unreachable, node, detail).agent(id),
+            ));
+        }
+        Ok(resp)
+    }
+
+    /// Serves one delegation stream from a peer node (this node is home).
+    pub async fn serve_stream(&self, stream: BiStream) {
+        let BiStream {
+            peer,
+            mut send,
+            mut recv,
+            ..
+        } = stream;
+        let mut decoder = PartDecoder::new();
+        let head =
+            match tokio::time::timeout(HEAD_TIMEOUT, read_part(&mut recv, &mut decoder)).await {
+                Ok(Ok(Some(Part::Head(h)))) => wire::decode_request_head(&h),
+                Ok(Ok(_)) | Err(_) => {
+                    debug!(peer = %peer, "delegation stream without a head; dropping");
+                    send.reset(dmsc_transport::overlay::RESET_CANCELLED);
+                    return;
+                }
+                Ok(Err(e)) => {
+                    debug!(peer = %peer, error = %e, "unreadable delegation stream");
+                    send.reset(dmsc_transport::overlay::RESET_CANCELLED);
+                    return;
+                }
+            };
+        let head = match head {
+            Ok(h) => h,
+            Err(e) => {
+                warn!(peer = %peer, error = %e, "refused delegation");
+                let me = MeshError::new(ErrorKind::BadRequest, &self.me, e.to_string());
+                let _ = write_error(&mut send, &me, false, None).await;
+                return;
+            }
+        };
+        let id = AgentId {
+            tenant: head.tenant.clone(),
+            name: head.agent.clone(),
+        };
+        let span =
+            tracing::info_span!("delegation-in", from = %peer, agent = %id, trace = %head.trace_id);
+        async {
+            // Destination-side check: deliver only to our own agent of that tenant.
+            let Some(agent) = self.agents.get(&id) else {
+                let me = MeshError::new(
+                    ErrorKind::UnknownAgent,
+                    &self.me,
+                    format!("`{id}` is not an agent of node `{}`", self.me),
+                )
+                .agent(&id);
+                let _ = write_error(&mut send, &me, false, None).await;
+                return;
+            };
+            let deadline = Instant::now() + Duration::from_millis(head.deadline_ms);
+            let method = Method::from_bytes(head.method.as_bytes()).unwrap_or(Method::GET);
+            let headers = wire::from_wire_headers(&head.headers);
+            let body = stream_body(recv, decoder);
+            let result = deliver_local(
+                &agent,
+                &self.upstream,
+                &self.me,
+                method,
+                &head.path,
+                head.http == 2,
+                headers,
+                body,
+                deadline,
+            )
+            .await;
+            match result {
+                Ok(resp) => {
+                    if let Err(e) = write_response(&mut send, resp).await {
+                        debug!(error = %e, "caller went away mid-response");
+                    }
+                }
+                Err(Failure::NotDelivered(e)) => {
+                    let _ = write_error(&mut send, &e, false, None).await;
+                }
+                Err(Failure::MaybeDelivered(e)) => {
+                    let _ = write_error(&mut send, &e, true, None).await;
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// Fetches a remote agent's card through the mesh (from its home node,
+/// which serves it from its cache with the mesh URLs).
+pub async fn fetch_card(d: &Delegator, id: &AgentId) -> Result<dmsc_registry::AgentCard, String> {
+    let resp = d
+        .delegate(Delegation {
+            tenant: id.tenant.clone(),
+            caller: format!("node:{}", d.me),
+            target: Target::Agent(id.name.clone()),
+            deadline: Instant::now() + Duration::from_secs(3),
+            trace_id: format!("{:032x}", rand::random::<u128>()),
+            method: Method::GET,
+            path: CARD_PATHS[0].to_string(),
+            http2: false,
+            headers: hyper::HeaderMap::new(),
+            body: ReqBody::Buffered(Bytes::new()),
+        })
+        .await;
+    if !resp.status().is_success() {
+        return Err(format!("HTTP {}", resp.status()));
+    }
+    // (Not `Limited`: its boxed error trips rustc's Send check in spawned
+    // futures; the home node serves a card it already validated, so a
+    // plain collect with a size check after is enough.)
+    let body = match resp.into_body().collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) => return Err(e.to_string()),
+    };
+    if body.len() > 1 << 20 {
+        return Err(format!("card of {} bytes is too large", body.len()));
+    }
+    dmsc_registry::AgentCard::parse(&body).map_err(|e| e.to_string())
+}
+
+/// Delivers to an agent of this node; used for local callers and for
+/// delegations arriving from peers alike.
+#[allow(clippy::too_many_arguments)]
+async fn deliver_local(
+    agent: &LocalAgent,
+    upstream: &Upstream,
+    me: &str,
+    method: Method,
+    path: &str,
+    http2: bool,
+    mut headers: hyper::HeaderMap,
+    body: Body,
+    deadline: Instant,
+) -> Result<Response<Body>, Failure> {
+    if method == Method::GET && is_card_path(path) {
+        return Ok(serve_card(agent, &headers, me));
+    }
+    let uri = agent.uri_for(path).map_err(|e| {
+        Failure::NotDelivered(
+            MeshError::new(ErrorKind::BadRequest, me, format!("bad path `{path}`: {e}"))
+                .agent(&agent.id),
+        )
+    })?;
+    strip_hop_by_hop(&mut headers);
+    headers.remove(HOST);
+    if let Some(a) = agent.base.authority() {
+        if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+            headers.insert(HOST, v);
+        }
+    }
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    if let Ok(v) = HeaderValue::from_str(&format!("{}ms", remaining.as_millis().max(1))) {
+        headers.insert("dmsc-timeout", v);
+    }
+    let mut req = Request::new(body);
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+    let client = if http2 {
+        *req.version_mut() = Version::HTTP_2;
+        &upstream.h2
+    } else {
+        &upstream.h1
+    };
+    agent
+        .in_flight
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let started = std::time::Instant::now();
+    let result = tokio::time::timeout(remaining, client.request(req)).await;
+    agent
+        .in_flight
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    let observe = |ok: bool| {
+        agent
+            .stats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .observe(started.elapsed(), ok)
+    };
+    match result {
+        Err(_) => {
+            observe(false);
+            Err(Failure::MaybeDelivered(
+                MeshError::new(
+                    ErrorKind::Timeout,
+                    me,
+                    format!(
+                        "agent `{}` did not answer within the deadline ({remaining:?})",
+                        agent.id
+                    ),
+                )
+                .agent(&agent.id),
+            ))
+        }
+        Ok(Err(e)) => {
+            observe(false);
+            let detail = format!("agent `{}` at {}: {e:#}", agent.id, agent.spec.url);
+            let err = MeshError::new(ErrorKind::Unreachable, me, detail).agent(&agent.id);
+            if e.is_connect() {
+                Err(Failure::NotDelivered(err))
+            } else {
+                Err(Failure::MaybeDelivered(err))
+            }
+        }
+        Ok(Ok(resp)) => {
+            observe(!resp.status().is_server_error());
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            if let Ok(v) = HeaderValue::from_str(me) {
+                parts.headers.insert("dmsc-node", v);
+            }
+            Ok(Response::from_parts(parts, incoming(body)))
+        }
+    }
+}
+
+/// The agent's card as the mesh serves it (URLs rewritten), with an ETag.
+fn serve_card(agent: &LocalAgent, headers: &hyper::HeaderMap, me: &str) -> Response<Body> {
+    let etag = format!("\"{}\"", agent.digest);
+    let not_modified = headers
+        .get(IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+    let mut resp = if not_modified {
+        let mut r = Response::new(crate::http::empty());
+        *r.status_mut() = StatusCode::NOT_MODIFIED;
+        r
+    } else {
+        Response::new(full(agent.mesh_card.clone()))
+    };
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        h.insert(ETAG, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(me) {
+        h.insert("dmsc-node", v);
+    }
+    resp
+}
+
+/// Reads until one whole part is available; `None` at a clean end of stream.
+async fn read_part(
+    recv: &mut StreamRecv,
+    decoder: &mut PartDecoder,
+) -> Result<Option<Part>, wire::WireError> {
+    loop {
+        if let Some(p) = decoder.next_part()? {
+            return Ok(Some(p));
+        }
+        let chunk = recv
+            .read_chunk(READ_CHUNK)
+            .await
+            .map_err(|e| wire::WireError::Stream(e.to_string()))?;
+        match chunk {
+            Some(bytes) => decoder.push(&bytes),
+            None => {
+                decoder.finish()?;
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// The rest of a delegation stream as an HTTP body (data and trailers).
+fn stream_body(recv: StreamRecv, decoder: PartDecoder) -> Body {
+    let s = futures_util::stream::unfold(Some((recv, decoder)), |state| async move {
+        let (mut recv, mut decoder) = state?;
+        loop {
+            match read_part(&mut recv, &mut decoder).await {
+                Ok(Some(Part::Data(d))) => {
+                    if d.is_empty() {
+                        continue;
+                    }
+                    return Some((Ok(Frame::data(d)), Some((recv, decoder))));
+                }
+                Ok(Some(Part::Trailers(t))) => {
+                    return Some((
+                        Ok(Frame::trailers(wire::from_wire_headers(&t))),
+                        Some((recv, decoder)),
+                    ));
+                }
+                Ok(Some(Part::Head(_))) => {
+                    let e: BoxError = Box::new(wire::WireError::Unexpected("second head"));
+                    return Some((Err(e), None));
+                }
+                Ok(None) => return None,
+                Err(e) => return Some((Err(Box::new(e) as BoxError), None)),
+            }
+        }
+    });
+    http_body_util::StreamBody::new(s).boxed()
+}
+
+/// Copies an HTTP body into a delegation stream, then finishes it.
+async fn pump_body(mut body: Body, mut send: StreamSend) {
+    while let Some(frame) = body.frame().await {
+        let res = match frame {
+            Ok(f) => match f.into_data() {
+                Ok(data) => {
+                    let mut parts = Vec::with_capacity(2);
+                    wire::encode_data(data, &mut parts);
+                    send.write_chunks(&mut parts)
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+                Err(f) => match f.into_trailers() {
+                    Ok(t) => match wire::encode_trailers(&t) {
+                        Ok(p) => send
+                            .write_chunks(&mut p.to_vec())
+                            .await
+                            .map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    },
+                    Err(_) => Ok(()),
+                },
+            },
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = res {
+            debug!(error = %e, "body copy into the overlay stopped");
+            send.reset(dmsc_transport::overlay::RESET_CANCELLED);
+            return;
+        }
+    }
+    let _ = send.finish();
+}
+
+async fn write_response(send: &mut StreamSend, resp: Response<Body>) -> Result<(), BoxError> {
+    let (parts, body) = resp.into_parts();
+    let head = ResponseHead {
+        version: DELEGATION_VERSION,
+        status: parts.status.as_u16(),
+        headers: wire::to_wire_headers(&parts.headers),
+        delivered: true,
+    };
+    send.write_chunks(&mut wire::encode_response_head(&head)?.to_vec())
+        .await?;
+    let mut body = body;
+    while let Some(frame) = body.frame().await {
+        let f = frame?;
+        match f.into_data() {
+            Ok(data) => {
+                let mut p = Vec::with_capacity(2);
+                wire::encode_data(data, &mut p);
+                send.write_chunks(&mut p).await?;
+            }
+            Err(f) => {
+                if let Ok(t) = f.into_trailers() {
+                    send.write_chunks(&mut wire::encode_trailers(&t)?.to_vec())
+                        .await?;
+                }
+            }
+        }
+    }
+    send.finish()?;
+    Ok(())
+}
+
+async fn write_error(
+    send: &mut StreamSend,
+    e: &MeshError,
+    delivered: bool,
+    request: Option<&[u8]>,
+) -> Result<(), BoxError> {
+    let resp = e.response(request);
+    let (parts, body) = resp.into_parts();
+    let bytes = body.collect().await?.to_bytes();
+    let head = ResponseHead {
+        version: DELEGATION_VERSION,
+        status: parts.status.as_u16(),
+        headers: wire::to_wire_headers(&parts.headers),
+        delivered,
+    };
+    let mut p = wire::encode_response_head(&head)?.to_vec();
+    wire::encode_data(bytes, &mut p);
+    send.write_chunks(&mut p).await?;
+    send.finish()?;
+    Ok(())
+}

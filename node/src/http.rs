@@ -1,0 +1,300 @@
+//! HTTP plumbing shared by ingress, forwarding and the admin API: one body
+//! type, the pooled upstream clients, hop-by-hop header handling, and the
+//! structured errors the mesh itself answers with.
+//!
+//! Errors follow the dialect of the request: a JSON-RPC request (A2A 0.3 or
+//! 1.0) gets a JSON-RPC error object with its `id` echoed; anything else
+//! gets RFC 9457 problem details. Either way the body says what failed and
+//! where (`node`, `agent`), and the `dmsc-error` header carries a stable
+//! machine-readable kind.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
+use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
+use hyper::{Response, StatusCode};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The one body type requests and responses are converted to.
+pub type Body = BoxBody<Bytes, BoxError>;
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).map_err(|e| match e {}).boxed()
+}
+
+pub fn empty() -> Body {
+    Empty::new().map_err(|e| match e {}).boxed()
+}
+
+/// Pooled clients to local agents: HTTP/1.1 for most, h2c (prior
+/// knowledge) when the caller spoke HTTP/2, which is what gRPC needs.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    pub h1: Client<HttpConnector, Body>,
+    pub h2: Client<HttpConnector, Body>,
+}
+
+impl Upstream {
+    pub fn new() -> Upstream {
+        let mut conn = HttpConnector::new();
+        conn.set_nodelay(true);
+        conn.set_connect_timeout(Some(Duration::from_secs(2)));
+        let h1 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(256)
+            .build(conn.clone());
+        let h2 = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(conn);
+        Upstream { h1, h2 }
+    }
+}
+
+impl Default for Upstream {
+    fn default() -> Self {
+        Upstream::new()
+    }
+}
+
+/// Headers that belong to one connection, not to the request (RFC 9110 7.6.1).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(hyper::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for h in [
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+    ] {
+        headers.remove(h);
+    }
+    // `te: trailers` is how gRPC says it understands trailers; keep only that.
+    if headers
+        .get(hyper::header::TE)
+        .is_some_and(|v| v.as_bytes() != b"trailers")
+    {
+        headers.remove(hyper::header::TE);
+    }
+}
+
+/// What kind of failure the mesh reports; also the `dmsc-error` header value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    BadTarget,
+    Forbidden,
+    UnknownAgent,
+    NoMatch,
+    NoneAvailable,
+    Unreachable,
+    Timeout,
+    BadRequest,
+    Internal,
+}
+
+impl ErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::BadTarget => "bad-target",
+            ErrorKind::Forbidden => "forbidden",
+            ErrorKind::UnknownAgent => "unknown-agent",
+            ErrorKind::NoMatch => "no-match",
+            ErrorKind::NoneAvailable => "none-available",
+            ErrorKind::Unreachable => "unreachable",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::BadRequest => "bad-request",
+            ErrorKind::Internal => "internal",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorKind::BadTarget | ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+            ErrorKind::UnknownAgent | ErrorKind::NoMatch => StatusCode::NOT_FOUND,
+            ErrorKind::NoneAvailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::Unreachable => StatusCode::BAD_GATEWAY,
+            ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// JSON-RPC error code: -32600 for a bad request, -32001 (A2A "task not
+    /// found" family is -32001..-32006; the mesh uses -32050..) otherwise.
+    fn jsonrpc_code(self) -> i64 {
+        match self {
+            ErrorKind::BadRequest | ErrorKind::BadTarget => -32600,
+            ErrorKind::Forbidden => -32050,
+            ErrorKind::UnknownAgent | ErrorKind::NoMatch => -32051,
+            ErrorKind::NoneAvailable => -32052,
+            ErrorKind::Unreachable => -32053,
+            ErrorKind::Timeout => -32054,
+            ErrorKind::Internal => -32603,
+        }
+    }
+}
+
+/// A failure the mesh answers itself.
+#[derive(Debug, Clone)]
+pub struct MeshError {
+    pub kind: ErrorKind,
+    pub detail: String,
+    /// The node that decided.
+    pub node: String,
+    /// `tenant/agent` when one was involved.
+    pub agent: Option<String>,
+}
+
+impl MeshError {
+    pub fn new(kind: ErrorKind, node: &str, detail: impl Into<String>) -> MeshError {
+        MeshError {
+            kind,
+            detail: detail.into(),
+            node: node.to_string(),
+            agent: None,
+        }
+    }
+
+    pub fn agent(mut self, agent: impl ToString) -> MeshError {
+        self.agent = Some(agent.to_string());
+        self
+    }
+
+    /// The response, in the dialect of the request whose body is `request`
+    /// (a JSON-RPC request gets a JSON-RPC error with its id).
+    pub fn response(&self, request: Option<&[u8]>) -> Response<Body> {
+        let jsonrpc = request.and_then(jsonrpc_id);
+        let (ctype, body) = match jsonrpc {
+            Some(id) => (
+                "application/json",
+                json!({
+                    "jsonrpc": "2.0",
+                    "id": id,
+                    "error": {
+                        "code": self.kind.jsonrpc_code(),
+                        "message": self.detail,
+                        "data": {"kind": self.kind.as_str(), "node": self.node, "agent": self.agent},
+                    }
+                }),
+            ),
+            None => (
+                "application/problem+json",
+                json!({
+                    "type": format!("https://dmsc.dev/errors/{}", self.kind.as_str()),
+                    "title": self.kind.as_str(),
+                    "status": self.kind.status().as_u16(),
+                    "detail": self.detail,
+                    "node": self.node,
+                    "agent": self.agent,
+                }),
+            ),
+        };
+        let mut resp = Response::new(full(body.to_string()));
+        *resp.status_mut() = self.kind.status();
+        let h = resp.headers_mut();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
+        h.insert("dmsc-error", HeaderValue::from_static(self.kind.as_str()));
+        if let Ok(v) = HeaderValue::from_str(&self.node) {
+            h.insert("dmsc-node", v);
+        }
+        resp
+    }
+}
+
+impl std::fmt::Display for MeshError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} at node {}: {}",
+            self.kind.as_str(),
+            self.node,
+            self.detail
+        )
+    }
+}
+
+/// The `id` of a JSON-RPC request body, if it is one.
+pub fn jsonrpc_id(body: &[u8]) -> Option<Value> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace())?;
+    if *first != b'{' {
+        return None;
+    }
+    let v: Value = serde_json::from_slice(body).ok()?;
+    if v.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+        return None;
+    }
+    Some(v.get("id").cloned().unwrap_or(Value::Null))
+}
+
+/// Parses a `dmsc-timeout` value: `250ms`, `2s`, `1.5s`, or plain milliseconds.
+pub fn parse_timeout(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    let (num, unit) = if let Some(n) = v.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (v, 0.001)
+    };
+    let n: f64 = num.trim().parse().ok()?;
+    (n.is_finite() && n > 0.0).then(|| Duration::from_secs_f64(n * unit))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_parse() {
+        assert_eq!(parse_timeout("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_timeout("2s"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_timeout("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_timeout("400"), Some(Duration::from_millis(400)));
+        assert_eq!(parse_timeout("soon"), None);
+        assert_eq!(parse_timeout("-1s"), None);
+    }
+
+    #[test]
+    fn errors_follow_the_request_dialect() {
+        let e =
+            MeshError::new(ErrorKind::Timeout, "eu-1", "deadline of 300ms passed").agent("acme/x");
+        let rpc = br#"{"jsonrpc":"2.0","id":7,"method":"message/send","params":{}}"#;
+        let r = e.response(Some(rpc));
+        assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(r.headers()["content-type"], "application/json");
+        let r = e.response(Some(b"hello"));
+        assert_eq!(r.headers()["content-type"], "application/problem+json");
+        assert_eq!(r.headers()["dmsc-error"], "timeout");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("close, x-private"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("content-type", HeaderValue::from_static("text/plain"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("x-private").is_none() && h.get("connection").is_none());
+        assert_eq!(h["te"], "trailers");
+        assert_eq!(h["content-type"], "text/plain");
+    }
+}
