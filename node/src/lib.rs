@@ -23,6 +23,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod sample_agent;
 pub mod status;
+pub mod testkit;
 pub mod wire;
 
 pub use app::{App, Bound};

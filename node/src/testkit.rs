@@ -1,0 +1,165 @@
+//! A whole mesh in one process, for the demo, benchmarks and tests: a
+//! throwaway CA, N nodes on loopback (real QUIC with mutual TLS, real
+//! gossip, every listener on port 0), each with one ingress listener for a
+//! tenant, plus a small HTTP client that talks to an ingress the way an
+//! agent would (origin form, target in `Host`).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use dmsc_transport::pki::{CertificateAuthority, NODE_VALIDITY};
+use http_body_util::BodyExt;
+use hyper::{Request, Response};
+
+use crate::config::{RawAgent, RawConfig, RawIngress};
+use crate::http::{full, Body, Upstream};
+use crate::App;
+
+/// Nodes of a local mesh, started in order, each bootstrapping through the first.
+#[derive(Debug)]
+pub struct LocalMesh {
+    pub dir: tempfile::TempDir,
+    pub ca: CertificateAuthority,
+    pub nodes: Vec<App>,
+    pub tenant: String,
+    client: Upstream,
+}
+
+impl LocalMesh {
+    /// Starts `names.len()` nodes with an ingress for `tenant` each;
+    /// `tweak` may adjust each node's config (index, config) before it starts.
+    pub async fn start(
+        names: &[&str],
+        tenant: &str,
+        tweak: impl Fn(usize, &mut RawConfig),
+    ) -> anyhow::Result<LocalMesh> {
+        let dir = tempfile::Builder::new().prefix("dmsc-mesh-").tempdir()?;
+        let ca = CertificateAuthority::generate("mesh.dmsc.local")?;
+        ca.save(dir.path())?;
+        let mut nodes: Vec<App> = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let node_dir = dir.path().join(name);
+            ca.issue_node(name, NODE_VALIDITY)?
+                .write_node_dir(&node_dir, &ca.cert_pem)?;
+            let mut raw =
+                RawConfig::loopback(name, &node_dir, nodes.first().map(|a| a.bound().overlay));
+            raw.ingress = vec![RawIngress {
+                listen: "127.0.0.1:0".into(),
+                tenant: tenant.to_string(),
+            }];
+            tweak(i, &mut raw);
+            nodes.push(App::build(raw.validate()?).await?);
+        }
+        Ok(LocalMesh {
+            dir,
+            ca,
+            nodes,
+            tenant: tenant.to_string(),
+            client: Upstream::new(),
+        })
+    }
+
+    /// The first ingress address of node `i`.
+    pub fn ingress(&self, i: usize) -> SocketAddr {
+        self.nodes[i].bound().ingress[0]
+    }
+
+    /// Attaches an agent to node `i` (as `POST /v1/agents` does).
+    pub async fn attach(&self, i: usize, url: &str, name: Option<&str>) -> anyhow::Result<String> {
+        let spec = RawAgent {
+            tenant: self.tenant.clone(),
+            url: url.to_string(),
+            name: name.map(str::to_string),
+            ..Default::default()
+        };
+        let a = self.nodes[i].shared().agents.add(&spec).await?;
+        Ok(a.id.to_string())
+    }
+
+    /// True once every node can route to `tenant/agent`.
+    pub fn routable_everywhere(&self, agent: &str) -> bool {
+        let id = dmsc_registry::AgentId {
+            tenant: self.tenant.clone(),
+            name: agent.to_string(),
+        };
+        self.nodes
+            .iter()
+            .all(|n| n.shared().mesh.read().get(&id).is_some())
+    }
+
+    /// Sends a request to node `i`'s ingress for `host` and reads it whole.
+    pub async fn call(
+        &self,
+        i: usize,
+        method: &str,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> anyhow::Result<(Response<()>, Bytes)> {
+        let resp = self
+            .send(i, method, host, path, headers, full(body.into()))
+            .await?;
+        let (parts, body) = resp.into_parts();
+        let bytes = body
+            .collect()
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .to_bytes();
+        Ok((Response::from_parts(parts, ()), bytes))
+    }
+
+    /// Sends a request to node `i`'s ingress; the body streams back.
+    pub async fn send(
+        &self,
+        i: usize,
+        method: &str,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Body,
+    ) -> anyhow::Result<Response<hyper::body::Incoming>> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.ingress(i)))
+            .header("host", host);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = tokio::time::timeout(
+            Duration::from_secs(30),
+            self.client.h1.request(req.body(body)?),
+        )
+        .await??;
+        Ok(resp)
+    }
+
+    pub async fn stop(self) {
+        let mut set = tokio::task::JoinSet::new();
+        for app in self.nodes {
+            set.spawn(app.stop());
+        }
+        while set.join_next().await.is_some() {}
+    }
+}
+
+/// An A2A 0.3 `message/send` request body with one text part.
+pub fn message_send(text: &str) -> String {
+    serde_json::json!({
+        "jsonrpc": "2.0", "id": 1, "method": "message/send",
+        "params": {"message": {"role": "user", "messageId": "m-1",
+            "parts": [{"kind": "text", "text": text}]}}
+    })
+    .to_string()
+}
+
+/// An A2A 1.0 `SendMessage` request body with one text part.
+pub fn send_message_v10(text: &str) -> String {
+    serde_json::json!({
+        "jsonrpc": "2.0", "id": "r-1", "method": "SendMessage",
+        "params": {"message": {"role": "ROLE_USER", "messageId": "m-1",
+            "parts": [{"text": text}]}}
+    })
+    .to_string()
+}

@@ -1,0 +1,583 @@
+//! Delegation across a real in-process mesh: real QUIC with mutual TLS
+//! between nodes, real gossip, real HTTP agents (the built-in sample agent),
+//! requests sent to a node's ingress the way an agent would.
+
+mod grpc;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use dmsc_node::sample_agent::{CardDialect, SampleAgent, SampleConfig, SampleSkill};
+use dmsc_node::testkit::{message_send, send_message_v10, LocalMesh};
+use http_body_util::BodyExt;
+
+/// Polls `cond` every 50 ms until it holds or `within` passes.
+async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < within, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn loopback() -> SocketAddr {
+    "127.0.0.1:0".parse().expect("addr")
+}
+
+async fn agent(name: &str, tags: &[&str], description: &str) -> SampleAgent {
+    agent_with(name, tags, description, Duration::ZERO, CardDialect::V03).await
+}
+
+async fn agent_with(
+    name: &str,
+    tags: &[&str],
+    description: &str,
+    delay: Duration,
+    dialect: CardDialect,
+) -> SampleAgent {
+    SampleAgent::start(
+        loopback(),
+        SampleConfig {
+            name: name.to_string(),
+            description: description.to_string(),
+            skills: vec![SampleSkill {
+                id: format!("{name}-skill"),
+                name: description.to_string(),
+                description: description.to_string(),
+                tags: tags.iter().map(|t| t.to_string()).collect(),
+                examples: vec![description.to_string()],
+            }],
+            delay,
+            dialect,
+        },
+    )
+    .await
+    .expect("sample agent")
+}
+
+fn header(resp: &hyper::Response<()>, name: &str) -> String {
+    resp.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
+async fn mesh3(tweak: impl Fn(usize, &mut dmsc_node::RawConfig)) -> LocalMesh {
+    LocalMesh::start(&["n0", "n1", "n2"], "acme", |i, raw| {
+        raw.gossip.interval_ms = Some(100);
+        raw.delegation.health_interval_ms = Some(200);
+        raw.delegation.load_interval_ms = Some(100);
+        tweak(i, raw)
+    })
+    .await
+    .expect("mesh")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_name_by_capability_and_by_intent_across_nodes() {
+    let mesh = mesh3(|_, _| {}).await;
+    let billing = agent(
+        "billing",
+        &["invoice", "billing"],
+        "Process and pay invoices",
+    )
+    .await;
+    let translator = agent_with(
+        "translator",
+        &["translation", "french"],
+        "Translate text between English and French",
+        Duration::ZERO,
+        CardDialect::V10,
+    )
+    .await;
+    let summarizer = agent("summarizer", &["summarization"], "Summarize long reports").await;
+    let t0 = Instant::now();
+    mesh.attach(0, &billing.url(), None).await.expect("attach");
+    mesh.attach(1, &translator.url(), None)
+        .await
+        .expect("attach");
+    mesh.attach(2, &summarizer.url(), None)
+        .await
+        .expect("attach");
+    eventually(Duration::from_secs(5), "agents routable everywhere", || {
+        ["billing", "translator", "summarizer"]
+            .iter()
+            .all(|a| mesh.routable_everywhere(a))
+    })
+    .await;
+    let converged = t0.elapsed();
+    assert!(converged < Duration::from_secs(3), "took {converged:?}");
+
+    // By name, from the node that is not billing's home.
+    let (resp, body) = mesh
+        .call(
+            2,
+            "POST",
+            "billing.acme.dmsc",
+            "/",
+            &[],
+            message_send("pay invoice 42"),
+        )
+        .await
+        .expect("call");
+    assert_eq!(resp.status(), 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(header(&resp, "dmsc-agent"), "acme/billing");
+    assert_eq!(header(&resp, "dmsc-node"), "n0");
+    assert!(String::from_utf8_lossy(&body).contains("billing handled: pay invoice 42"));
+
+    // By capability tag.
+    let (resp, _) = mesh
+        .call(
+            0,
+            "POST",
+            "french.cap.acme.dmsc",
+            "/",
+            &[],
+            send_message_v10("bonjour"),
+        )
+        .await
+        .expect("call");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(header(&resp, "dmsc-agent"), "acme/translator");
+    assert_eq!(header(&resp, "dmsc-node"), "n1");
+    assert!(
+        header(&resp, "dmsc-route").contains("french"),
+        "{:?}",
+        resp.headers()
+    );
+
+    // By intent, both dialects and the header form.
+    for (node, body, want) in [
+        (
+            0,
+            message_send("please summarize this long report"),
+            "acme/summarizer",
+        ),
+        (
+            1,
+            send_message_v10("translate this to French"),
+            "acme/translator",
+        ),
+        (2, message_send("I need to pay an invoice"), "acme/billing"),
+    ] {
+        let (resp, rbody) = mesh
+            .call(node, "POST", "mesh.acme.dmsc", "/", &[], body)
+            .await
+            .expect("call");
+        assert_eq!(resp.status(), 200, "{}", String::from_utf8_lossy(&rbody));
+        assert_eq!(header(&resp, "dmsc-agent"), want);
+    }
+    let (resp, _) = mesh
+        .call(
+            1,
+            "GET",
+            "mesh.acme.dmsc",
+            "/status",
+            &[("dmsc-intent", "invoices billing")],
+            "",
+        )
+        .await
+        .expect("call");
+    assert_eq!(header(&resp, "dmsc-agent"), "acme/billing");
+
+    // The card through the mesh: URLs rewritten, ETag and 304 work.
+    let (resp, card) = mesh
+        .call(
+            0,
+            "GET",
+            "translator.acme.dmsc",
+            "/.well-known/agent-card.json",
+            &[],
+            "",
+        )
+        .await
+        .expect("card");
+    assert_eq!(resp.status(), 200);
+    let text = String::from_utf8_lossy(&card);
+    assert!(
+        !text.contains(&translator.addr.to_string()),
+        "agent address leaked: {text}"
+    );
+    assert!(text.contains("http://translator.acme.dmsc/"), "{text}");
+    let etag = header(&resp, "etag");
+    let (resp, _) = mesh
+        .call(
+            2,
+            "GET",
+            "translator.acme.dmsc",
+            "/.well-known/agent-card.json",
+            &[("if-none-match", &etag)],
+            "",
+        )
+        .await
+        .expect("card");
+    assert_eq!(resp.status(), 304);
+
+    // Tenant isolation and unknown targets fail clearly.
+    let (resp, body) = mesh
+        .call(0, "GET", "billing.other.dmsc", "/", &[], "")
+        .await
+        .expect("call");
+    assert_eq!(resp.status(), 403);
+    assert!(String::from_utf8_lossy(&body).contains("cross-tenant"));
+    let (resp, body) = mesh
+        .call(0, "POST", "nobody.acme.dmsc", "/", &[], message_send("hi"))
+        .await
+        .expect("call");
+    assert_eq!(resp.status(), 404);
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("json-rpc error");
+    assert_eq!(v["id"], 1, "JSON-RPC error echoes the id: {v}");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("nobody"));
+
+    // Status shows the agent table.
+    let status = mesh.nodes[0].status().await;
+    assert_eq!(status.agents.len(), 3, "{:?}", status.agents);
+    assert!(status.agents.iter().any(|a| a.name == "translator"
+        && a.node == "n1"
+        && a.tags.contains(&"french".to_string())));
+    assert!(status.render().contains("TENANT"));
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_agent_stops_receiving_and_callers_keep_succeeding() {
+    let mesh = mesh3(|_, _| {}).await;
+    let a = agent("worker-a", &["work"], "does work").await;
+    let b = agent("worker-b", &["work"], "does work").await;
+    mesh.attach(1, &a.url(), None).await.expect("attach");
+    mesh.attach(2, &b.url(), None).await.expect("attach");
+    eventually(Duration::from_secs(5), "both routable", || {
+        mesh.routable_everywhere("worker-a") && mesh.routable_everywhere("worker-b")
+    })
+    .await;
+    for _ in 0..20 {
+        let (resp, _) = mesh
+            .call(
+                0,
+                "POST",
+                "work.cap.acme.dmsc",
+                "/",
+                &[],
+                message_send("job"),
+            )
+            .await
+            .expect("call");
+        assert_eq!(resp.status(), 200);
+    }
+    let (served_a, served_b) = (
+        a.state.served.load(Ordering::Relaxed),
+        b.state.served.load(Ordering::Relaxed),
+    );
+    assert_eq!(served_a + served_b, 20);
+    // Kill the agent that was getting the work (P2C prefers the one with
+    // the lower expected wait, so at this light load one may get it all).
+    let (victim, survivor, survivor_name) = if served_a >= served_b {
+        (a, b, "acme/worker-b")
+    } else {
+        (b, a, "acme/worker-a")
+    };
+    let victim_name = if survivor_name == "acme/worker-b" {
+        "worker-a"
+    } else {
+        "worker-b"
+    };
+    drop(victim); // the agent process dies: its port refuses connections
+    let before = survivor.state.served.load(Ordering::Relaxed);
+    for i in 0..40 {
+        let (resp, body) = mesh
+            .call(
+                0,
+                "POST",
+                "work.cap.acme.dmsc",
+                "/",
+                &[],
+                message_send("job"),
+            )
+            .await
+            .expect("call");
+        assert_eq!(
+            resp.status(),
+            200,
+            "request {i}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        assert_eq!(header(&resp, "dmsc-agent"), survivor_name);
+    }
+    assert_eq!(survivor.state.served.load(Ordering::Relaxed), before + 40);
+    // Its home node marks it unhealthy, and every node learns so.
+    let id = dmsc_registry::AgentId::new("acme", victim_name);
+    eventually(
+        Duration::from_secs(5),
+        "victim unhealthy everywhere",
+        || {
+            mesh.nodes.iter().all(|n| {
+                n.shared()
+                    .mesh
+                    .read()
+                    .get(&id)
+                    .is_some_and(|e| e.record.health == dmsc_registry::Health::Unhealthy)
+            })
+        },
+    )
+    .await;
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erroring_agent_gets_its_circuit_opened_and_later_closed() {
+    let mesh = mesh3(|_, raw| {
+        raw.delegation.circuit_failures = Some(3);
+        raw.delegation.circuit_open_ms = Some(400);
+    })
+    .await;
+    let bad = agent("flaky", &["calc"], "calculates").await;
+    let good = agent("steady", &["calc"], "calculates").await;
+    mesh.attach(1, &bad.url(), None).await.expect("attach");
+    mesh.attach(2, &good.url(), None).await.expect("attach");
+    eventually(Duration::from_secs(5), "both routable", || {
+        mesh.routable_everywhere("flaky") && mesh.routable_everywhere("steady")
+    })
+    .await;
+    bad.state.fail.store(true, Ordering::Relaxed);
+    let id = dmsc_registry::AgentId::new("acme", "flaky");
+    let circuit = |m: &LocalMesh| m.nodes[0].shared().mesh.circuit_state(&id).to_string();
+    // Errors by name (capability routing would steer around it anyway).
+    for i in 0..3 {
+        let (resp, _) = mesh
+            .call(0, "POST", "flaky.acme.dmsc", "/", &[], message_send("1+1"))
+            .await
+            .expect("call");
+        assert_eq!(resp.status(), 500, "error {i} passes through");
+    }
+    assert_eq!(circuit(&mesh), "open");
+    // While open: the agent sees nothing, by name is refused at once, by
+    // capability goes to the steady agent.
+    let before = bad.state.served.load(Ordering::Relaxed);
+    let (resp, body) = mesh
+        .call(0, "POST", "flaky.acme.dmsc", "/", &[], "plain")
+        .await
+        .expect("call");
+    assert_eq!(resp.status(), 503, "{}", String::from_utf8_lossy(&body));
+    assert!(
+        String::from_utf8_lossy(&body).contains("circuit"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    for _ in 0..10 {
+        let (resp, _) = mesh
+            .call(
+                0,
+                "POST",
+                "calc.cap.acme.dmsc",
+                "/",
+                &[],
+                message_send("1+1"),
+            )
+            .await
+            .expect("call");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(header(&resp, "dmsc-agent"), "acme/steady");
+    }
+    assert_eq!(bad.state.served.load(Ordering::Relaxed), before);
+    let status = mesh.nodes[0].status().await;
+    assert!(status
+        .agents
+        .iter()
+        .any(|a| a.name == "flaky" && a.circuit == "open"));
+    // The agent recovers; after the open period a probe closes the circuit.
+    bad.state.fail.store(false, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let start = Instant::now();
+    while circuit(&mesh) != "closed" {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "circuit stays {}",
+            circuit(&mesh)
+        );
+        let _ = mesh
+            .call(
+                0,
+                "POST",
+                "flaky.acme.dmsc",
+                "/",
+                &[],
+                message_send("probe"),
+            )
+            .await
+            .expect("call");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deadline_holds_across_two_hops() {
+    let mesh = mesh3(|_, _| {}).await;
+    let slow = agent_with(
+        "slow",
+        &["slow"],
+        "takes its time",
+        Duration::from_secs(3),
+        CardDialect::V03,
+    )
+    .await;
+    mesh.attach(2, &slow.url(), None).await.expect("attach");
+    eventually(Duration::from_secs(5), "routable", || {
+        mesh.routable_everywhere("slow")
+    })
+    .await;
+    let start = Instant::now();
+    let (resp, body) = mesh
+        .call(
+            0,
+            "POST",
+            "slow.acme.dmsc",
+            "/",
+            &[("dmsc-timeout", "300ms")],
+            message_send("hurry"),
+        )
+        .await
+        .expect("call");
+    let took = start.elapsed();
+    assert_eq!(resp.status(), 504, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(header(&resp, "dmsc-error"), "timeout");
+    assert!(took < Duration::from_millis(1500), "took {took:?}");
+    assert!(took >= Duration::from_millis(290), "took {took:?}");
+    // The home node enforced it too: its own answer says so (not only the
+    // caller's node giving up).
+    let text = String::from_utf8_lossy(&body);
+    assert!(text.contains("deadline"), "{text}");
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_response_flows_through_two_nodes_as_it_comes() {
+    let mesh = mesh3(|_, _| {}).await;
+    let streamer = agent("streamer", &["stream"], "streams answers").await;
+    mesh.attach(1, &streamer.url(), None).await.expect("attach");
+    eventually(Duration::from_secs(5), "routable", || {
+        mesh.routable_everywhere("streamer")
+    })
+    .await;
+    let body = serde_json::json!({
+        "jsonrpc": "2.0", "id": 9, "method": "message/stream",
+        "params": {"message": {"role": "user", "messageId": "m", "parts": [{"kind": "text", "text": "go"}]}}
+    })
+    .to_string();
+    let start = Instant::now();
+    let resp = mesh
+        .send(
+            0,
+            "POST",
+            "streamer.acme.dmsc",
+            "/",
+            &[],
+            dmsc_node::http::full(body),
+        )
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.into_body();
+    let mut events = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.expect("frame").into_data() {
+            events.push((start.elapsed(), String::from_utf8_lossy(&data).into_owned()));
+        }
+    }
+    let all: String = events.iter().map(|(_, e)| e.as_str()).collect();
+    assert_eq!(all.matches("data: ").count(), 3, "{all}");
+    // The agent spaces its events 100 ms apart: the first must arrive well
+    // before the last, or the mesh buffered the stream.
+    let first = events.first().expect("events").0;
+    let last = events.last().expect("events").0;
+    assert!(
+        last - first >= Duration::from_millis(150),
+        "first {first:?} last {last:?}"
+    );
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_onboard_and_leave_through_the_admin_api() {
+    let mesh = mesh3(|_, _| {}).await;
+    let a = agent("helper", &["help"], "helps").await;
+    let admin = mesh.nodes[1].bound().admin;
+    let client = dmsc_node::http::Upstream::new();
+    let req = hyper::Request::post(format!("http://{admin}/v1/agents"))
+        .body(dmsc_node::http::full(
+            serde_json::json!({"tenant": "acme", "url": a.url(), "name": "helper-1"}).to_string(),
+        ))
+        .expect("req");
+    let resp = client.h1.request(req).await.expect("post");
+    assert_eq!(resp.status(), 201);
+    eventually(Duration::from_secs(5), "routable", || {
+        mesh.routable_everywhere("helper-1")
+    })
+    .await;
+    // A bad card is a clear error, not a crash.
+    let req = hyper::Request::post(format!("http://{admin}/v1/agents"))
+        .body(dmsc_node::http::full(
+            serde_json::json!({"tenant": "acme", "url": "http://127.0.0.1:1"}).to_string(),
+        ))
+        .expect("req");
+    let resp = client.h1.request(req).await.expect("post");
+    assert_eq!(resp.status(), 422);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("cannot fetch the agent card"));
+    let req = hyper::Request::delete(format!("http://{admin}/v1/agents/acme/helper-1"))
+        .body(dmsc_node::http::empty())
+        .expect("req");
+    let resp = client.h1.request(req).await.expect("delete");
+    assert_eq!(resp.status(), 204);
+    let id = dmsc_registry::AgentId::new("acme", "helper-1");
+    eventually(Duration::from_secs(5), "gone everywhere", || {
+        mesh.nodes
+            .iter()
+            .all(|n| n.shared().mesh.read().get(&id).is_none())
+    })
+    .await;
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_nodes_agents_leave_every_candidate_set() {
+    let mut mesh = mesh3(|_, raw| raw.gossip.interval_ms = Some(100)).await;
+    let a = agent("edge", &["edge"], "edge work").await;
+    let b = agent("core", &["edge"], "edge work").await;
+    mesh.attach(2, &a.url(), None).await.expect("attach");
+    mesh.attach(1, &b.url(), None).await.expect("attach");
+    eventually(Duration::from_secs(5), "routable", || {
+        mesh.routable_everywhere("edge") && mesh.routable_everywhere("core")
+    })
+    .await;
+    // Node n2 dies abruptly (dropped, no goodbye).
+    let n2 = mesh.nodes.pop().expect("node");
+    drop(n2);
+    let id = dmsc_registry::AgentId::new("acme", "edge");
+    let start = Instant::now();
+    eventually(Duration::from_secs(10), "edge gone from n0 and n1", || {
+        mesh.nodes
+            .iter()
+            .all(|n| n.shared().mesh.read().get(&id).is_none())
+    })
+    .await;
+    eprintln!(
+        "dead node's agent left the candidate sets after {:?}",
+        start.elapsed()
+    );
+    for _ in 0..5 {
+        let (resp, _) = mesh
+            .call(0, "POST", "edge.cap.acme.dmsc", "/", &[], message_send("x"))
+            .await
+            .expect("call");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(header(&resp, "dmsc-agent"), "acme/core");
+    }
+    mesh.stop().await;
+}
