@@ -35,6 +35,24 @@ pub fn intent_text(body: &[u8]) -> Option<String> {
     (!texts.is_empty()).then(|| texts.join(" "))
 }
 
+/// The text of an A2A JSON-RPC answer: a message result (0.3: the message
+/// itself; 1.0: `{"message": ...}`) or a task's status message.
+pub fn reply_text(response: &Value) -> Option<String> {
+    let result = response.get("result")?;
+    let message = result
+        .get("message")
+        .or_else(|| result.pointer("/status/message"))
+        .or_else(|| result.pointer("/task/status/message"))
+        .unwrap_or(result);
+    let texts: Vec<&str> = message
+        .get("parts")?
+        .as_array()?
+        .iter()
+        .filter_map(|p| p.get("text").and_then(Value::as_str))
+        .collect();
+    (!texts.is_empty()).then(|| texts.join(" "))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,18 +1,82 @@
 //! `dmsc-node demo`: a whole mesh on loopback with no setup.
 //!
 //! A throwaway CA in a temp dir, N nodes in this process (each with its own
-//! QUIC overlay, gossip and admin API on port 0), the later ones bootstrapping
-//! through the first. It prints the mesh as it converges and then whenever a
-//! peer changes state, until Ctrl-C (or `--duration`).
+//! QUIC overlay, gossip, admin API and an ingress for tenant `demo`, all on
+//! port 0), the later ones bootstrapping through the first, and built-in
+//! sample agents spread over the nodes. Once the mesh has converged it sends
+//! delegations by name, by capability and by intent from different nodes and
+//! prints who served each and why, then prints the ingress addresses to try
+//! with `curl`, and runs until Ctrl-C (or `--duration`), reporting peer and
+//! agent changes.
 
 use std::time::{Duration, Instant};
 
-use dmsc_transport::pki::{CertificateAuthority, NODE_VALIDITY};
-
-use crate::config::RawConfig;
-use crate::App;
+use crate::sample_agent::{CardDialect, SampleAgent, SampleConfig, SampleSkill};
+use crate::testkit::{message_send, send_message_v10, LocalMesh};
 
 const REGIONS: [&str; 5] = ["eu", "us", "ap", "sa", "af"];
+const TENANT: &str = "demo";
+
+struct Sample {
+    name: &'static str,
+    description: &'static str,
+    tags: &'static [&'static str],
+    examples: &'static [&'static str],
+    delay_ms: u64,
+    dialect: CardDialect,
+}
+
+const SAMPLES: [Sample; 5] = [
+    Sample {
+        name: "billing",
+        description: "Process, check and pay invoices",
+        tags: &["invoice", "billing", "payments"],
+        examples: &["pay invoice 42", "is invoice 7 overdue?"],
+        delay_ms: 5,
+        dialect: CardDialect::V03,
+    },
+    Sample {
+        name: "translator",
+        description: "Translate text between English, French and German",
+        tags: &["translation", "french", "german"],
+        examples: &["translate good morning to German"],
+        delay_ms: 5,
+        dialect: CardDialect::V10,
+    },
+    Sample {
+        name: "summarizer-fast",
+        description: "Summarize long documents and reports",
+        tags: &["summarization", "reports"],
+        examples: &["summarize this quarterly report"],
+        delay_ms: 5,
+        dialect: CardDialect::V03,
+    },
+    Sample {
+        name: "summarizer-slow",
+        description: "Summarize long documents and reports",
+        tags: &["summarization", "reports"],
+        examples: &["summarize this quarterly report"],
+        delay_ms: 60,
+        dialect: CardDialect::V10,
+    },
+    Sample {
+        name: "weather",
+        description: "Weather forecasts for any city",
+        tags: &["weather", "forecast"],
+        examples: &["what is the weather in Paris tomorrow"],
+        delay_ms: 5,
+        dialect: CardDialect::V03,
+    },
+];
+
+fn node_name(i: usize) -> String {
+    let name = format!("{}-1", REGIONS[i % REGIONS.len()]);
+    if i >= REGIONS.len() {
+        format!("{name}-{i}")
+    } else {
+        name
+    }
+}
 
 /// Runs the demo until `shutdown` resolves.
 pub async fn run(
@@ -20,75 +84,185 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     anyhow::ensure!((1..=20).contains(&nodes), "--nodes must be within 1..=20");
-    let dir = tempfile::Builder::new().prefix("dmsc-demo-").tempdir()?;
-    let ca = CertificateAuthority::generate("demo.dmsc.local")?;
-    ca.save(dir.path())?;
-    println!(
-        "dmsc demo: {nodes} nodes on loopback, throwaway CA (trust domain demo.dmsc.local) in {}",
-        dir.path().display()
-    );
-
-    let mut apps: Vec<App> = Vec::new();
-    for i in 0..nodes {
-        let name = format!("{}-1", REGIONS[i % REGIONS.len()]);
-        let name = if i >= REGIONS.len() {
-            format!("{name}-{i}")
-        } else {
-            name
-        };
-        let node_dir = dir.path().join(&name);
-        ca.issue_node(&name, NODE_VALIDITY)?
-            .write_node_dir(&node_dir, &ca.cert_pem)?;
-        let mut raw =
-            RawConfig::loopback(&name, &node_dir, apps.first().map(|a| a.bound().overlay));
+    let names: Vec<String> = (0..nodes).map(node_name).collect();
+    let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mesh = LocalMesh::start(&name_refs, TENANT, |i, raw| {
         raw.region = Some(REGIONS[i % REGIONS.len()].to_string());
-        let app = App::build(raw.validate()?).await?;
+        raw.delegation.health_interval_ms = Some(1000);
+        raw.delegation.load_interval_ms = Some(200);
+    })
+    .await?;
+    println!(
+        "dmsc demo: {nodes} nodes on loopback, throwaway CA in {}, tenant `{TENANT}`",
+        mesh.dir.path().display()
+    );
+    for (i, app) in mesh.nodes.iter().enumerate() {
+        let b = app.bound();
         println!(
-            "  started {name:<6} overlay {}  admin {}   (try: dmsc-node status --admin {})",
-            app.bound().overlay,
-            app.bound().admin,
-            app.bound().admin
+            "  {:<6} overlay {}  admin {}  ingress {}",
+            names[i], b.overlay, b.admin, b.ingress[0]
         );
-        apps.push(app);
     }
-    println!();
+
+    // Sample agents, spread over the nodes.
+    let mut agents: Vec<SampleAgent> = Vec::new();
+    for (k, s) in SAMPLES.iter().enumerate() {
+        let agent = SampleAgent::start(
+            "127.0.0.1:0".parse()?,
+            SampleConfig {
+                name: s.name.to_string(),
+                description: s.description.to_string(),
+                skills: vec![SampleSkill {
+                    id: s.name.to_string(),
+                    name: s.description.to_string(),
+                    description: s.description.to_string(),
+                    tags: s.tags.iter().map(|t| t.to_string()).collect(),
+                    examples: s.examples.iter().map(|t| t.to_string()).collect(),
+                }],
+                delay: Duration::from_millis(s.delay_ms),
+                dialect: s.dialect,
+            },
+        )
+        .await?;
+        let home = k % nodes;
+        mesh.attach(home, &agent.url(), None).await?;
+        println!(
+            "  agent {TENANT}/{:<16} at {}  home {:<6} tags {}",
+            s.name,
+            agent.url(),
+            names[home],
+            s.tags.join(",")
+        );
+        agents.push(agent);
+    }
 
     let started = Instant::now();
-    let mut converged = false;
-    let mut last_view = String::new();
+    loop {
+        let mut alive = true;
+        for app in &mesh.nodes {
+            alive &= app.status().await.gossip.alive == nodes - 1;
+        }
+        if alive && SAMPLES.iter().all(|s| mesh.routable_everywhere(s.name)) {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(20),
+            "the mesh did not converge within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "\nconverged: every node sees every other alive and can route to all {} agents after {} ms\n",
+        SAMPLES.len(),
+        started.elapsed().as_millis()
+    );
+    print!("{}", mesh.nodes[0].status().await.render());
+
+    println!("\ndelegations (sent to an ingress the way an agent would):");
+    let last = nodes - 1;
+    let calls: Vec<(&str, usize, String, String)> = vec![
+        (
+            "by name",
+            last,
+            format!("billing.{TENANT}.dmsc"),
+            message_send("pay invoice 42"),
+        ),
+        (
+            "by capability",
+            0,
+            format!("french.cap.{TENANT}.dmsc"),
+            send_message_v10("good morning"),
+        ),
+        (
+            "by intent",
+            0,
+            format!("mesh.{TENANT}.dmsc"),
+            message_send("what is the weather in Paris tomorrow?"),
+        ),
+        (
+            "by intent",
+            last,
+            format!("mesh.{TENANT}.dmsc"),
+            send_message_v10("translate 'thank you' to German"),
+        ),
+    ];
+    for (how, from, host, body) in calls {
+        delegate_and_print(&mesh, how, from, &names[from], &host, body).await;
+    }
+    println!(
+        "\nload balancing: 3 waves of 12 concurrent requests for capability `summarization`\n\
+         (summarizer-slow answers 12x slower; nodes learn agent latency from gossiped load):"
+    );
+    let host = format!("summarization.cap.{TENANT}.dmsc");
+    for wave in 1..=3 {
+        let mut counts = std::collections::BTreeMap::<String, usize>::new();
+        let sends = (0..12).map(|i| {
+            mesh.call(
+                i % nodes,
+                "POST",
+                &host,
+                "/",
+                &[],
+                message_send("summarize this quarterly report"),
+            )
+        });
+        for r in futures_util::future::join_all(sends).await {
+            let agent = match r {
+                Ok((resp, _)) => resp
+                    .headers()
+                    .get("dmsc-agent")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("?")
+                    .to_string(),
+                Err(e) => format!("failed: {e}"),
+            };
+            *counts.entry(agent).or_default() += 1;
+        }
+        let line: Vec<String> = counts.iter().map(|(a, n)| format!("{a}: {n}")).collect();
+        println!("  wave {wave}: {}", line.join(", "));
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+
+    let ingress = mesh.ingress(0);
+    println!(
+        "\ntry it yourself (ingress of {} for tenant `{TENANT}`):",
+        names[0]
+    );
+    println!(
+        "  curl -s -H 'Host: billing.{TENANT}.dmsc' http://{ingress}/ -d '{}'",
+        message_send("pay invoice 7")
+    );
+    println!(
+        "  curl -s -x http://{ingress} http://translator.{TENANT}.dmsc/.well-known/agent-card.json"
+    );
+    println!("  curl -s -H 'Host: mesh.{TENANT}.dmsc' -H 'dmsc-intent: weather in Rome' http://{ingress}/ -d hello -i");
+    println!("  dmsc-node status --admin {}", mesh.nodes[0].bound().admin);
+    println!("\nrunning; Ctrl-C to stop.\n");
+
     let watch = async {
+        let mut last_view = String::new();
         loop {
+            let s = mesh.nodes[0].status().await;
             let mut view = String::new();
-            let mut all_alive = true;
-            for app in &apps {
-                let s = app.status().await;
-                let alive = s.peers.iter().filter(|p| p.state == "alive").count();
-                all_alive &= alive == nodes - 1;
-                view.push_str(&format!("{}:", s.node.name));
-                for p in &s.peers {
-                    view.push_str(&format!(" {}={}", p.name, p.state));
-                }
-                view.push('\n');
+            for p in &s.peers {
+                view.push_str(&format!("{}={} ", p.name, p.state));
             }
-            if view != last_view {
-                let first = &apps[0];
+            for a in &s.agents {
+                view.push_str(&format!(
+                    "{}/{}={}:{} ",
+                    a.tenant, a.name, a.health, a.circuit
+                ));
+            }
+            if view != last_view && !last_view.is_empty() {
                 println!(
-                    "[{:>6}ms] mesh as seen by {}:",
+                    "[{:>6}ms] change seen by {}:",
                     started.elapsed().as_millis(),
-                    first.status().await.node.name
+                    s.node.name
                 );
-                println!("{}", first.status().await.render());
-                last_view = view;
+                print!("{}", s.render());
             }
-            if all_alive && !converged {
-                converged = true;
-                println!(
-                    "converged: every node sees the other {} as alive after {}ms. Ctrl-C to stop.\n",
-                    nodes - 1,
-                    started.elapsed().as_millis()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            last_view = view;
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
     };
     tokio::select! {
@@ -96,10 +270,43 @@ pub async fn run(
         _ = watch => {}
     }
     println!("stopping the demo mesh...");
-    let mut stopping = tokio::task::JoinSet::new();
-    for app in apps {
-        stopping.spawn(app.stop());
-    }
-    while stopping.join_next().await.is_some() {}
+    mesh.stop().await;
+    drop(agents);
     Ok(())
+}
+
+async fn delegate_and_print(
+    mesh: &LocalMesh,
+    how: &str,
+    from: usize,
+    from_name: &str,
+    host: &str,
+    body: String,
+) {
+    let text = crate::a2a::intent_text(body.as_bytes()).unwrap_or_default();
+    let start = Instant::now();
+    match mesh.call(from, "POST", host, "/", &[], body).await {
+        Ok((resp, rbody)) => {
+            let h = |n: &str| {
+                resp.headers()
+                    .get(n)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-")
+                    .to_string()
+            };
+            let answer = serde_json::from_slice::<serde_json::Value>(&rbody)
+                .ok()
+                .and_then(|v| crate::a2a::reply_text(&v))
+                .unwrap_or_else(|| String::from_utf8_lossy(&rbody).chars().take(80).collect());
+            println!(
+                "  [{how:<13}] {host:<26} from {from_name:<6} -> {} on {} in {:.1} ms, HTTP {}\n      asked: {text:?}\n      answer: {answer:?}\n      why: {}",
+                h("dmsc-agent"),
+                h("dmsc-node"),
+                start.elapsed().as_secs_f64() * 1000.0,
+                resp.status().as_u16(),
+                h("dmsc-route"),
+            );
+        }
+        Err(e) => println!("  [{how}] {host}: failed: {e}"),
+    }
 }

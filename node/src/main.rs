@@ -43,6 +43,25 @@ enum Cmd {
     /// Operator CA: create it, issue node certificates.
     #[command(subcommand)]
     Ca(CaCmd),
+    /// Run the built-in sample A2A agent (serves a card, answers
+    /// message/send and message/stream in both A2A dialects).
+    SampleAgent {
+        #[arg(long, default_value = "127.0.0.1:9101")]
+        listen: std::net::SocketAddr,
+        #[arg(long, default_value = "sample")]
+        name: String,
+        #[arg(long, default_value = "A sample agent")]
+        description: String,
+        /// A skill as id:description:tag1,tag2 (repeatable).
+        #[arg(long = "skill")]
+        skills: Vec<String>,
+        /// Added before every answer.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+        /// Card shape: 0.3 (url, preferredTransport) or 1.0 (supportedInterfaces).
+        #[arg(long, default_value = "0.3")]
+        a2a: String,
+    },
     /// A local 3-node mesh on loopback with a throwaway CA. Start here.
     Demo {
         #[arg(long, default_value_t = 3)]
@@ -215,12 +234,54 @@ fn ca(cmd: CaCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn sample_agent(
+    listen: std::net::SocketAddr,
+    name: String,
+    description: String,
+    skills: Vec<String>,
+    delay_ms: u64,
+    a2a: &str,
+) -> anyhow::Result<()> {
+    use dmsc_node::sample_agent::{CardDialect, SampleAgent, SampleConfig, SampleSkill};
+    let dialect = match a2a {
+        "0.3" => CardDialect::V03,
+        "1.0" => CardDialect::V10,
+        other => anyhow::bail!("--a2a `{other}`: expected 0.3 or 1.0"),
+    };
+    let mut parsed = Vec::new();
+    for s in &skills {
+        parsed.push(SampleSkill::parse(s).map_err(anyhow::Error::msg)?);
+    }
+    if parsed.is_empty() {
+        parsed.push(
+            SampleSkill::parse(&format!("{name}:{description}:{name}"))
+                .map_err(anyhow::Error::msg)?,
+        );
+    }
+    let agent = SampleAgent::start(
+        listen,
+        SampleConfig {
+            name: name.clone(),
+            description,
+            skills: parsed,
+            delay: Duration::from_millis(delay_ms),
+            dialect,
+        },
+    )
+    .await?;
+    tracing::info!(name = %name, url = %agent.url(), "sample agent ready");
+    eprintln!("sample agent `{name}` listening on {}", agent.url());
+    shutdown_signal().await;
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_log = match cli.cmd {
         // The demo stops its nodes together; their goodbyes to each other are not news.
         Cmd::Demo { .. } => "warn,dmsc_transport::overlay=error",
         Cmd::Status { .. } | Cmd::Ca(_) => "warn",
+        Cmd::SampleAgent { .. } => "info",
         Cmd::Run(_) => "info",
     };
     init_logging(&cli.log_format, default_log);
@@ -268,6 +329,20 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("error: {e}");
                     ExitCode::from(1)
+                }
+            },
+            Cmd::SampleAgent {
+                listen,
+                name,
+                description,
+                skills,
+                delay_ms,
+                a2a,
+            } => match sample_agent(listen, name, description, skills, delay_ms, &a2a).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(64)
                 }
             },
             Cmd::Demo { nodes, duration } => {
