@@ -161,6 +161,7 @@ impl App {
         let gossip = Arc::new(gossip);
 
         let mesh = Arc::new(MeshView::new(&name, config.delegation.circuit.clone()));
+        let delegation_metrics = crate::metrics::DelegationMetrics::default();
         let local_agents = Arc::new(LocalAgents::default());
         let upstream = Upstream::new();
         let delegator = Arc::new(Delegator {
@@ -170,6 +171,7 @@ impl App {
             upstream: upstream.clone(),
             overlay: overlay.clone(),
             cfg: config.delegation.clone(),
+            metrics: delegation_metrics.clone(),
         });
         let agents = AgentsCtx {
             agents: local_agents,
@@ -242,7 +244,7 @@ impl App {
             mesh,
             agents,
             delegator,
-            metrics: Metrics::new(),
+            metrics: Metrics::new(delegation_metrics),
             started: Instant::now(),
             bound: bound.clone(),
             ready: AtomicBool::new(false),
@@ -531,5 +533,6 @@ pub async fn metrics_text(s: &Shared) -> String {
     m.connections.set(s.overlay.peers().len() as i64);
     m.cert_expiry_seconds.set(report.node.cert_expires_in_secs);
     m.uptime_seconds.set(s.started.elapsed().as_secs() as i64);
+    m.agents.set(s.mesh.read().len() as i64);
     m.encode()
 }

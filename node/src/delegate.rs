@@ -90,6 +90,7 @@ pub struct Delegator {
     pub upstream: Upstream,
     pub overlay: Overlay,
     pub cfg: DelegationConfig,
+    pub metrics: crate::metrics::DelegationMetrics,
 }
 
 /// A response body that holds guards (outstanding count, writer task)
@@ -176,7 +177,20 @@ impl Delegator {
             Target::Intent(_) => "intent".to_string(),
         };
         let span = tracing::info_span!("delegation", tenant = %d.tenant, target = %target_desc, trace = %d.trace_id);
-        self.delegate_inner(d).instrument(span).await
+        let tenant = d.tenant.clone();
+        let started = std::time::Instant::now();
+        let resp = self.delegate_inner(d).instrument(span).await;
+        let outcome = match resp
+            .headers()
+            .get("dmsc-error")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(kind) => kind.to_string(),
+            None if resp.status().is_server_error() => "agent-error".to_string(),
+            None => "ok".to_string(),
+        };
+        self.metrics.record(&tenant, &outcome, started.elapsed());
+        resp
     }
 
     async fn delegate_inner(&self, d: Delegation) -> Response<Body> {
@@ -320,6 +334,7 @@ impl Delegator {
                     if request_bytes.is_none() {
                         break;
                     }
+                    self.metrics.retries.inc();
                 }
                 Err(Failure::MaybeDelivered(e)) => {
                     self.mesh.record_outcome(&id, false);
@@ -328,6 +343,7 @@ impl Delegator {
                         && e.kind != ErrorKind::Timeout
                     {
                         warn!(agent = %id, error = %e, "failed after sending; retrying (idempotent)");
+                        self.metrics.retries.inc();
                         exclude.push(id);
                         last = Some(e);
                         continue;

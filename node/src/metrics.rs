@@ -6,6 +6,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
@@ -18,6 +19,49 @@ pub struct StateLabel {
 pub struct HandshakeLabels {
     pub direction: String,
     pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DelegationLabels {
+    pub tenant: String,
+    /// `ok`, `agent-error` (the agent answered 5xx) or the mesh error kind.
+    pub outcome: String,
+}
+
+/// Counters the delegation path bumps directly (cheap: atomics behind a
+/// read-mostly label map).
+#[derive(Clone, Debug)]
+pub struct DelegationMetrics {
+    pub requests: Family<DelegationLabels, Counter<u64, AtomicU64>>,
+    pub duration: Histogram,
+    pub retries: Counter<u64, AtomicU64>,
+    pub inbound: Counter<u64, AtomicU64>,
+}
+
+impl Default for DelegationMetrics {
+    fn default() -> Self {
+        DelegationMetrics {
+            requests: Family::default(),
+            // 100 us .. ~3.3 s, doubling.
+            duration: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                0.0001, 2.0, 16,
+            )),
+            retries: Counter::default(),
+            inbound: Counter::default(),
+        }
+    }
+}
+
+impl DelegationMetrics {
+    pub fn record(&self, tenant: &str, outcome: &str, elapsed: std::time::Duration) {
+        self.requests
+            .get_or_create(&DelegationLabels {
+                tenant: tenant.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+        self.duration.observe(elapsed.as_secs_f64());
+    }
 }
 
 /// Every metric a node exports.
@@ -34,6 +78,8 @@ pub struct Metrics {
     pub connections: Gauge<i64, AtomicI64>,
     pub cert_expiry_seconds: Gauge<i64, AtomicI64>,
     pub uptime_seconds: Gauge<i64, AtomicI64>,
+    pub agents: Gauge<i64, AtomicI64>,
+    pub delegation: DelegationMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -44,12 +90,12 @@ impl std::fmt::Debug for Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self::new()
+        Self::new(DelegationMetrics::default())
     }
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    pub fn new(delegation: DelegationMetrics) -> Self {
         let mut registry = Registry::with_prefix("dmsc");
         let m = Metrics {
             peers: Family::default(),
@@ -63,6 +109,8 @@ impl Metrics {
             connections: Gauge::default(),
             cert_expiry_seconds: Gauge::default(),
             uptime_seconds: Gauge::default(),
+            agents: Gauge::default(),
+            delegation,
             registry: Registry::default(),
         };
         registry.register(
@@ -119,6 +167,31 @@ impl Metrics {
             "uptime_seconds",
             "Seconds since this node started",
             m.uptime_seconds.clone(),
+        );
+        registry.register(
+            "agents",
+            "Agents this node can route to (its own and the mesh's)",
+            m.agents.clone(),
+        );
+        registry.register(
+            "delegations",
+            "Delegations this node routed for its callers, by tenant and outcome",
+            m.delegation.requests.clone(),
+        );
+        registry.register(
+            "delegation_duration_seconds",
+            "Time from a delegation's arrival at ingress to the response head (or the error)",
+            m.delegation.duration.clone(),
+        );
+        registry.register(
+            "delegation_retries",
+            "Delegation attempts moved to another candidate after a failure",
+            m.delegation.retries.clone(),
+        );
+        registry.register(
+            "delegations_inbound",
+            "Delegations peers sent to this node's agents over the overlay",
+            m.delegation.inbound.clone(),
         );
         Metrics { registry, ..m }
     }
