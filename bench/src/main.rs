@@ -8,6 +8,13 @@
 //! full `App`) on loopback in this process; larger sizes run in the
 //! simulator (same chitchat, same encoding, in-memory links, paused clock,
 //! so its times are simulated time, independent of machine load).
+//!
+//! `dmsc-bench balance` compares the registry's selection (P2C on gossiped
+//! load plus local in-flight counts) with round-robin, random and an
+//! omniscient oracle in a deterministic discrete-event simulation of
+//! heterogeneous agents (see `balance.rs`).
+
+mod balance;
 
 use std::time::Duration;
 
@@ -43,6 +50,8 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         window_secs: u64,
     },
+    /// Load balancing quality: dmsc selection vs round-robin, random, oracle (simulated).
+    Balance(balance::Args),
 }
 
 struct Row {
@@ -182,7 +191,7 @@ async fn real(n: usize, interval_ms: u64, phi: f64, window: Duration) -> anyhow:
         apps.push(App::build(raw.validate()?).await?);
     }
     let victim = apps.pop().ok_or_else(|| anyhow::anyhow!("no nodes"))?;
-    let mut gossips: Vec<&Gossip> = apps.iter().map(|a| &a.shared().gossip).collect();
+    let mut gossips: Vec<&Gossip> = apps.iter().map(|a| &*a.shared().gossip).collect();
     gossips.push(&victim.shared().gossip);
     // Crash, not leave: stop its gossip and close its overlay without announcing.
     let crash = || {
@@ -272,6 +281,7 @@ fn main() -> anyhow::Result<()> {
             }
             print(&rows, interval_ms, phi);
         }
+        Cmd::Balance(args) => balance::run(args)?,
     }
     Ok(())
 }

@@ -1,0 +1,241 @@
+//! What one node gossips about each agent it hosts, and the keys it is gossiped under.
+//!
+//! Owns: the `agent/<tenant>/<name>` value ([`AgentRecord`]: card digest,
+//! skill ids/names/tags, protocols, health, registration expiry), the
+//! `load/<tenant>/<name>` value ([`LoadReport`]), their compact JSON
+//! encoding, and the key builders and parsers.
+//!
+//! Why it is shaped so: gossip values must stay small (DESIGN.md, "what is
+//! gossiped"): the full card is fetched on demand from the home node and
+//! cached by digest, so the record carries only what selection by tag needs
+//! and the digest that says whether a cached card is current. Load is a
+//! separate key because it changes every gossip round while the record
+//! changes only when the agent does. Field names stay readable (`digest`,
+//! `expires_ms`): the record is a few hundred bytes either way, and a human
+//! reading gossip state in `status --json` should not need a decoder ring.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::card::{is_slug, AgentCard};
+
+/// Largest encoded record or load report [`AgentRecord::decode`] and
+/// [`LoadReport::decode`] accept. Far above a real record (an agent with 50
+/// skills of 10 tags each is ~10 KiB); it bounds what a peer can make us parse.
+pub const MAX_VALUE_BYTES: usize = 64 * 1024;
+
+/// Why a gossiped value could not be read.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RecordError {
+    #[error("gossip value is not a valid {what}: {reason}")]
+    Json { what: &'static str, reason: String },
+    #[error("gossip value of {len} bytes is over the limit of {max} bytes")]
+    TooLarge { len: usize, max: usize },
+}
+
+/// Skill summary carried in gossip: enough to select by tag and to show in status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkillTags {
+    pub id: String,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+}
+
+/// Health of an agent as its home node last saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    Healthy,
+    Unhealthy,
+    /// Not probed yet. Not eligible for selection (see `select`).
+    #[default]
+    Unknown,
+}
+
+impl fmt::Display for Health {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Health::Healthy => "healthy",
+            Health::Unhealthy => "unhealthy",
+            Health::Unknown => "unknown",
+        })
+    }
+}
+
+/// Value of the gossip key `agent/<tenant>/<name>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    /// [`AgentCard::digest`] of the card the home node serves (URLs rewritten).
+    pub digest: String,
+    #[serde(default)]
+    pub skills: Vec<SkillTags>,
+    /// Protocol bindings (`JSONRPC`, `GRPC`, `HTTP+JSON`, `MQTT`).
+    #[serde(default)]
+    pub protocols: Vec<String>,
+    #[serde(default)]
+    pub health: Health,
+    /// Registration expiry, unix milliseconds; the home node renews it.
+    pub expires_ms: u64,
+}
+
+impl AgentRecord {
+    /// The record for a card as the home node serves it (`card` should
+    /// already have its URLs rewritten, so the digest matches what peers fetch).
+    pub fn from_card(card: &AgentCard, health: Health, expires_ms: u64) -> AgentRecord {
+        AgentRecord {
+            digest: card.digest(),
+            skills: card.skill_tags(),
+            protocols: card.protocols(),
+            health,
+            expires_ms,
+        }
+    }
+
+    /// Compact JSON.
+    pub fn encode(&self) -> String {
+        // A struct of strings, vectors and integers always serializes.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    pub fn decode(s: &str) -> Result<AgentRecord, RecordError> {
+        check_len(s)?;
+        serde_json::from_str(s).map_err(|e| RecordError::Json {
+            what: "agent record",
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// Value of the gossip key `load/<tenant>/<name>`, refreshed about every gossip round.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LoadReport {
+    /// Requests the agent is serving now (all callers, as its home node counts them).
+    pub in_flight: u32,
+    /// Requests waiting at the home node for a free slot of the agent.
+    pub queue: u32,
+    /// EWMA of the agent's service latency (time to answer), milliseconds.
+    pub ewma_ms: f32,
+    /// Share of recent requests that failed, 0..=1.
+    pub error_rate: f32,
+    /// CPU use of the agent (or its node) 0..=1, informational.
+    pub cpu: f32,
+}
+
+impl LoadReport {
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    pub fn decode(s: &str) -> Result<LoadReport, RecordError> {
+        check_len(s)?;
+        serde_json::from_str(s).map_err(|e| RecordError::Json {
+            what: "load report",
+            reason: e.to_string(),
+        })
+    }
+}
+
+fn check_len(s: &str) -> Result<(), RecordError> {
+    if s.len() > MAX_VALUE_BYTES {
+        Err(RecordError::TooLarge {
+            len: s.len(),
+            max: MAX_VALUE_BYTES,
+        })
+    } else {
+        Ok(())
+    }
+}
+
+/// `agent/<tenant>/<name>`.
+pub fn agent_key(tenant: &str, name: &str) -> String {
+    format!("agent/{tenant}/{name}")
+}
+
+/// `load/<tenant>/<name>`.
+pub fn load_key(tenant: &str, name: &str) -> String {
+    format!("load/{tenant}/{name}")
+}
+
+/// `(tenant, name)` of an `agent/...` key; `None` unless both parts are slugs.
+pub fn parse_agent_key(key: &str) -> Option<(String, String)> {
+    parse_key(key, "agent/")
+}
+
+/// `(tenant, name)` of a `load/...` key; `None` unless both parts are slugs.
+pub fn parse_load_key(key: &str) -> Option<(String, String)> {
+    parse_key(key, "load/")
+}
+
+fn parse_key(key: &str, prefix: &str) -> Option<(String, String)> {
+    // Slugs only: a peer cannot smuggle `a/b` or `../` into a tenant or name.
+    let (tenant, name) = key.strip_prefix(prefix)?.split_once('/')?;
+    (is_slug(tenant) && is_slug(name)).then(|| (tenant.to_string(), name.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys() {
+        assert_eq!(agent_key("acme", "billing"), "agent/acme/billing");
+        assert_eq!(load_key("acme", "billing"), "load/acme/billing");
+        assert_eq!(
+            parse_agent_key("agent/acme/billing"),
+            Some(("acme".into(), "billing".into()))
+        );
+        assert_eq!(
+            parse_load_key("load/acme/billing"),
+            Some(("acme".into(), "billing".into()))
+        );
+        assert_eq!(parse_agent_key("load/acme/billing"), None);
+        assert_eq!(parse_agent_key("agent/acme/bill/ing"), None);
+        assert_eq!(parse_agent_key("agent/acme/"), None);
+        assert_eq!(parse_agent_key("agent//x"), None);
+        assert_eq!(parse_agent_key("agent/Acme/x"), None);
+        assert_eq!(parse_agent_key("agent/acme"), None);
+    }
+
+    #[test]
+    fn record_round_trip_and_size() {
+        let r = AgentRecord {
+            digest: "ab".repeat(32),
+            skills: vec![SkillTags {
+                id: "sum".into(),
+                name: "Summarize".into(),
+                tags: vec!["invoice".into(), "summarization".into()],
+            }],
+            protocols: vec!["JSONRPC".into()],
+            health: Health::Healthy,
+            expires_ms: 1_700_000_000_000,
+        };
+        let s = r.encode();
+        assert!(s.contains("\"health\":\"healthy\""), "{s}");
+        assert!(s.len() < 250, "{} bytes: {s}", s.len());
+        assert_eq!(AgentRecord::decode(&s), Ok(r));
+        assert!(AgentRecord::decode("{").is_err());
+        let big = format!("\"{}\"", "x".repeat(MAX_VALUE_BYTES));
+        assert!(matches!(
+            AgentRecord::decode(&big),
+            Err(RecordError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn load_round_trip() {
+        let l = LoadReport {
+            in_flight: 3,
+            queue: 1,
+            ewma_ms: 12.5,
+            error_rate: 0.25,
+            cpu: 0.5,
+        };
+        assert_eq!(LoadReport::decode(&l.encode()), Ok(l));
+        assert_eq!(LoadReport::default().in_flight, 0);
+        let err = LoadReport::decode("{\"in_flight\":-1}").expect_err("negative");
+        assert!(err.to_string().contains("load report"), "{err}");
+    }
+}

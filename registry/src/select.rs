@@ -1,0 +1,875 @@
+//! Selection: which agent gets this delegation?
+//!
+//! Owns: the candidate set of a [`Target`], the eligibility rule, the
+//! power-of-two-choices (P2C) decision and its explanation.
+//!
+//! - Candidates. `Agent(name)`: that agent of the caller's tenant.
+//!   `Tag(tag)`: the tenant's agents with a skill tagged `tag`
+//!   (case-insensitive). `Intent(text)`: the tenant's agents whose BM25 score
+//!   is at least [`INTENT_RELATIVE`] (half) of the best score, at most
+//!   [`INTENT_POOL`]; of those, the [`INTENT_MAX`] best-ranked *eligible*
+//!   ones compete, so an unhealthy top match does not hide a healthy runner-up.
+//!   Candidates come only from the caller's tenant's indexes: another
+//!   tenant's agents are never candidates (tenant isolation).
+//! - Eligible: gossip says [`Health::Healthy`](crate::Health::Healthy) (an agent whose health is
+//!   `Unknown` has not been probed yet by its home node and is not sent
+//!   traffic), this node's circuit for it admits ([`LocalState::admits`]),
+//!   and it is not in `exclude` (already tried for this request).
+//! - Choice ([`Choice`], default [`Choice::PowerOfTwo`]): two distinct
+//!   eligible candidates at random, the one with the lower [`load_score`]
+//!   wins. P2C avoids the herd behaviour of "always the least loaded" on
+//!   stale data: every node would pile onto the same agent until the next
+//!   gossip round. [`Choice::LeastLoaded`] instead takes the lowest score
+//!   among all eligible candidates of a scanned set (ties broken at random;
+//!   sampled sets still use P2C). Because the score includes this node's
+//!   own outstanding requests, its herd is self-limiting, and with agents of
+//!   very different speeds it avoids P2C's floor: P2C must send a request to
+//!   a slow agent whenever both of its draws are slow (3 slow of 10: 6.7%
+//!   of requests). `dmsc-bench balance` measures both (10 agents, 3 of
+//!   them 5x slower, 4 nodes, 70% load: p99 2.5x the oracle's with P2C,
+//!   1.2x with least-loaded). P2C stays the default as the documented
+//!   design; switching is one call, [`Registry::set_choice`].
+//!
+//! Hot path: tag candidates are a slice of `u32` slots (inline in the index
+//! for small tags), each slot's eligibility and load one 64-byte record of
+//! a dense array, so a decision touches a few cache lines whatever the
+//! registry's size; for sets larger than
+//! [`SCAN_LIMIT`] the selector samples random positions until it has two
+//! eligible ones (at most [`SAMPLE_TRIES`] tries each) and falls back to a
+//! linear scan only when sampling fails. Smaller sets are scanned, which is
+//! as fast and gives an exact eligible count. Nothing allocated per decision
+//! grows with the candidate count.
+
+use std::borrow::Cow;
+use std::fmt::{self, Write as _};
+
+use rand::Rng;
+
+use crate::record::LoadReport;
+use crate::{AgentId, Registry};
+
+/// Candidate sets up to this size are scanned (exact eligible count).
+pub const SCAN_LIMIT: usize = 32;
+/// Random positions tried per pick before falling back to a scan.
+pub const SAMPLE_TRIES: usize = 8;
+/// Intent matches must score at least this share of the best score.
+pub const INTENT_RELATIVE: f32 = 0.5;
+/// At most this many intent matches are considered.
+pub const INTENT_POOL: usize = 64;
+/// At most this many eligible intent matches compete.
+pub const INTENT_MAX: usize = 8;
+
+/// What a delegation is addressed to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// One agent by name.
+    Agent(String),
+    /// Any agent with a skill of this tag.
+    Tag(String),
+    /// The agents whose skills best match this text.
+    Intent(String),
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Agent(n) => write!(f, "agent `{n}`"),
+            Target::Tag(t) => write!(f, "tag `{t}`"),
+            Target::Intent(text) => {
+                let mut s: String = text.chars().take(60).collect();
+                if s.len() < text.len() {
+                    s.push_str("...");
+                }
+                write!(f, "intent \"{s}\"")
+            }
+        }
+    }
+}
+
+/// This node's own view of agents: its in-flight requests and its circuits.
+pub trait LocalState {
+    /// Requests this node has sent to `id` and not yet seen answered.
+    fn outstanding(&self, id: &AgentId) -> u32;
+    /// Does this node's circuit for `id` let a request through?
+    fn admits(&self, id: &AgentId) -> bool;
+}
+
+/// No local state: nothing outstanding, every circuit closed (tests, benches).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoLocal;
+
+impl LocalState for NoLocal {
+    fn outstanding(&self, _: &AgentId) -> u32 {
+        0
+    }
+    fn admits(&self, _: &AgentId) -> bool {
+        true
+    }
+}
+
+/// How [`Registry::select`] chooses among eligible candidates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Choice {
+    /// Power of two choices: two at random, the lower score wins.
+    #[default]
+    PowerOfTwo,
+    /// The lowest score of all eligible candidates when the set is scanned
+    /// (at most [`SCAN_LIMIT`] candidates); P2C on larger, sampled sets.
+    LeastLoaded,
+}
+
+/// The chosen agent and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Selection {
+    pub id: AgentId,
+    /// Its home node.
+    pub node: String,
+    /// Size of the candidate set.
+    pub candidates: usize,
+    /// Eligible candidates. Exact unless `sampled`; then it is the number of
+    /// candidates (an upper bound), because counting would mean a scan. For
+    /// an intent, the eligible ones among those that competed (at most
+    /// [`INTENT_MAX`]).
+    pub eligible: usize,
+    /// True when the choice came from random sampling of a large set.
+    pub sampled: bool,
+    /// [`load_score`] of the chosen agent.
+    pub score: f64,
+    /// The other contender and its score, when there was one (P2C: the
+    /// other draw; least-loaded: the runner-up).
+    pub other: Option<(AgentId, f64)>,
+    /// One sentence for logs and the demo.
+    pub why: String,
+}
+
+/// Why nothing was selected. Messages are meant for HTTP problem details.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SelectError {
+    #[error("tenant `{tenant}` has no agent `{name}`")]
+    UnknownAgent { tenant: String, name: String },
+    #[error("no agent of tenant `{tenant}` matches {target}")]
+    NoMatch { tenant: String, target: String },
+    #[error("{target} of tenant `{tenant}`: {candidates} candidate(s), none eligible ({unhealthy} not healthy, {circuit_open} circuit open on this node, {excluded} already tried)")]
+    NoneEligible {
+        tenant: String,
+        target: String,
+        candidates: usize,
+        unhealthy: usize,
+        circuit_open: usize,
+        excluded: usize,
+    },
+}
+
+/// Expected wait at an agent, in milliseconds-ish:
+/// `(in_flight + queue + outstanding + 1) * max(ewma_ms, 1) * (1 + 4 * error_rate)`.
+///
+/// Gossiped load is up to a gossip round old; `outstanding` is this node's
+/// own in-flight count, exact and current, so a node that just sent several
+/// requests to an agent sees it as busier right away instead of sending it
+/// everything until the next round (stale gossip self-corrects). Failing
+/// agents look slower, since a failure costs a retry.
+pub fn load_score(load: &LoadReport, outstanding: u32) -> f64 {
+    let work = f64::from(load.in_flight) + f64::from(load.queue) + f64::from(outstanding) + 1.0;
+    let ewma = f64::from(load.ewma_ms).max(1.0);
+    let err = f64::from(load.error_rate);
+    let err = if err.is_finite() {
+        err.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    work * ewma * (1.0 + 4.0 * err)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// A free slot (never in an index; defensive).
+    Gone,
+    Eligible,
+    Unhealthy,
+    Excluded,
+    CircuitOpen,
+}
+
+impl Registry {
+    /// Eligibility of one slot, reading the dense `hot` record first; the
+    /// entry itself is only touched to hand its id to `exclude` and `local`.
+    fn verdict(&self, slot: u32, cx: &Ctx<'_>) -> Verdict {
+        let Some(h) = self.hot.get(slot as usize).filter(|h| h.live) else {
+            return Verdict::Gone;
+        };
+        if !h.healthy {
+            return Verdict::Unhealthy;
+        }
+        let Some(e) = self.entries.get(slot as usize) else {
+            return Verdict::Gone;
+        };
+        if !cx.exclude.is_empty() && cx.exclude.contains(&e.id) {
+            Verdict::Excluded
+        } else if !cx.local.admits(&e.id) {
+            Verdict::CircuitOpen
+        } else {
+            Verdict::Eligible
+        }
+    }
+
+    /// [`load_score`] of a slot from its hot record and the local count.
+    fn score(&self, slot: u32, local: &dyn LocalState) -> f64 {
+        match (self.hot.get(slot as usize), self.entries.get(slot as usize)) {
+            (Some(h), Some(e)) => load_score(&h.load, local.outstanding(&e.id)),
+            _ => f64::INFINITY,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Counts {
+    eligible: usize,
+    unhealthy: usize,
+    excluded: usize,
+    circuit_open: usize,
+}
+
+/// The question being answered, passed down the selection helpers.
+#[derive(Clone, Copy)]
+struct Ctx<'a> {
+    tenant: &'a str,
+    target: &'a Target,
+    local: &'a dyn LocalState,
+    exclude: &'a [AgentId],
+}
+
+/// Result of picking up to two eligible slots.
+struct Pick {
+    a: u32,
+    b: Option<u32>,
+    eligible: usize,
+    sampled: bool,
+    /// Chosen by [`Choice::LeastLoaded`] (b is the runner-up).
+    least: bool,
+}
+
+impl Registry {
+    /// Chooses an agent of `tenant` for `target`. See the module docs for
+    /// the candidate, eligibility and choice rules.
+    pub fn select<R: Rng + ?Sized>(
+        &self,
+        tenant: &str,
+        target: &Target,
+        local: &dyn LocalState,
+        exclude: &[AgentId],
+        rng: &mut R,
+    ) -> Result<Selection, SelectError> {
+        let cx = Ctx {
+            tenant,
+            target,
+            local,
+            exclude,
+        };
+        let t = self.tenants.get(tenant);
+        let no_match = || SelectError::NoMatch {
+            tenant: tenant.to_string(),
+            target: target.to_string(),
+        };
+        match target {
+            Target::Agent(name) => {
+                let slot = t.and_then(|t| t.by_name.get(name.as_str())).copied();
+                let Some(slot) = slot else {
+                    return Err(SelectError::UnknownAgent {
+                        tenant: tenant.to_string(),
+                        name: name.clone(),
+                    });
+                };
+                self.decide(&cx, &[slot], 1, rng)
+            }
+            Target::Tag(tag) => {
+                let key: Cow<str> = if tag.chars().any(char::is_uppercase)
+                    || tag.starts_with(char::is_whitespace)
+                    || tag.ends_with(char::is_whitespace)
+                {
+                    Cow::Owned(crate::tag_key(tag))
+                } else {
+                    Cow::Borrowed(tag.as_str())
+                };
+                let list = t
+                    .zip(self.tags.get(key.as_ref()))
+                    .and_then(|(t, tag)| t.by_tag.get(&tag))
+                    .map(crate::Members::as_slice)
+                    .ok_or_else(no_match)?;
+                self.decide(&cx, list, list.len(), rng)
+            }
+            Target::Intent(text) => {
+                let t = t.ok_or_else(no_match)?;
+                let ranked = t.scorer.query(text, INTENT_POOL);
+                let best = ranked.first().map(|x| x.1).ok_or_else(no_match)?;
+                let relevant: Vec<u32> = ranked
+                    .iter()
+                    .take_while(|(_, s)| *s >= INTENT_RELATIVE * best)
+                    .map(|(slot, _)| *slot)
+                    .collect();
+                let candidates = relevant.len();
+                let mut top: Vec<u32> = relevant
+                    .iter()
+                    .copied()
+                    .filter(|&s| self.verdict(s, &cx) == Verdict::Eligible)
+                    .take(INTENT_MAX)
+                    .collect();
+                if top.is_empty() {
+                    // nothing eligible: let `decide` count the reasons
+                    top = relevant;
+                }
+                self.decide(&cx, &top, candidates, rng)
+            }
+        }
+    }
+
+    fn decide<R: Rng + ?Sized>(
+        &self,
+        cx: &Ctx<'_>,
+        slots: &[u32],
+        candidates: usize,
+        rng: &mut R,
+    ) -> Result<Selection, SelectError> {
+        let Ctx {
+            tenant,
+            target,
+            local,
+            ..
+        } = *cx;
+        let pick = if slots.len() > SCAN_LIMIT {
+            self.sample(cx, slots, rng)
+        } else {
+            None
+        };
+        let pick = match pick {
+            Some(p) => p,
+            None => self.scan(cx, slots, candidates, rng)?,
+        };
+        // Entries and their strings are the coldest memory a decision
+        // touches, so none is read here: the tenant is the caller's (equal
+        // by construction), names come inline from the `hot` records
+        // eligibility already loaded, node names from the small interned
+        // table, and `why` is written once into one buffer.
+        let sa = self.score(pick.a, local);
+        let (wslot, ws, other) = match pick.b {
+            Some(b) => {
+                let sb = self.score(b, local);
+                if sb < sa {
+                    (b, sb, Some((pick.a, sa)))
+                } else {
+                    (pick.a, sa, Some((b, sb)))
+                }
+            }
+            None => (pick.a, sa, None),
+        };
+        let win_name = self.name_of(wslot);
+        let mut why = String::with_capacity(160);
+        // Writing to a String cannot fail.
+        let _ = if pick.sampled {
+            write!(why, "{target}: {candidates} candidates, sampled")
+        } else {
+            write!(
+                why,
+                "{target}: {candidates} candidates, {} eligible",
+                pick.eligible
+            )
+        };
+        let rule = if pick.least { "least-loaded" } else { "p2c" };
+        let _ = match other {
+            Some((o, os)) => write!(
+                why,
+                "; {rule} chose {tenant}/{win_name} (load {ws:.1}) over {tenant}/{} ({os:.1})",
+                self.name_of(o)
+            ),
+            None => write!(why, "; only {tenant}/{win_name} (load {ws:.1})"),
+        };
+        let id = |name: &str| AgentId {
+            tenant: tenant.to_string(),
+            name: name.to_string(),
+        };
+        Ok(Selection {
+            id: id(win_name),
+            node: self.node_of(wslot).to_string(),
+            candidates,
+            eligible: pick.eligible,
+            sampled: pick.sampled,
+            score: ws,
+            other: other.map(|(o, os)| (id(self.name_of(o)), os)),
+            why,
+        })
+    }
+
+    /// Two distinct eligible slots by random probing, or `None` to fall back
+    /// to a scan (too few eligible found in [`SAMPLE_TRIES`] tries each).
+    fn sample<R: Rng + ?Sized>(&self, cx: &Ctx<'_>, slots: &[u32], rng: &mut R) -> Option<Pick> {
+        let ok = |s: u32| self.verdict(s, cx) == Verdict::Eligible;
+        let mut probe = |not: Option<usize>| {
+            (0..SAMPLE_TRIES).find_map(|_| {
+                let i = rng.gen_range(0..slots.len());
+                (Some(i) != not && ok(slots[i])).then_some(i)
+            })
+        };
+        let i = probe(None)?;
+        let j = probe(Some(i))?;
+        Some(Pick {
+            a: slots[i],
+            b: Some(slots[j]),
+            eligible: slots.len(),
+            sampled: true,
+            least: false,
+        })
+    }
+
+    /// Scans every candidate: exact counts, and a uniform random pair of
+    /// eligible ones by reservoir sampling (no allocation).
+    fn scan<R: Rng + ?Sized>(
+        &self,
+        cx: &Ctx<'_>,
+        slots: &[u32],
+        candidates: usize,
+        rng: &mut R,
+    ) -> Result<Pick, SelectError> {
+        let Ctx {
+            tenant,
+            target,
+            local,
+            ..
+        } = *cx;
+        let mut c = Counts::default();
+        let (mut a, mut b) = (None, None);
+        let least = self.choice == Choice::LeastLoaded;
+        // (slot, score) of the best and the runner-up, for `Choice::LeastLoaded`
+        let mut best: Option<(u32, f64)> = None;
+        let mut runner: Option<(u32, f64)> = None;
+        let mut ties = 1u32;
+        for &s in slots {
+            debug_assert!(
+                self.slot(s).is_some_and(|e| e.id.tenant == tenant),
+                "index leaked another tenant"
+            );
+            match self.verdict(s, cx) {
+                Verdict::Gone => {}
+                Verdict::Unhealthy => c.unhealthy += 1,
+                Verdict::Excluded => c.excluded += 1,
+                Verdict::CircuitOpen => c.circuit_open += 1,
+                Verdict::Eligible if least => {
+                    c.eligible += 1;
+                    let sc = self.score(s, local);
+                    match best {
+                        None => best = Some((s, sc)),
+                        Some((_, bs)) if sc == bs => {
+                            // uniform among equal scores, so idle agents share
+                            ties += 1;
+                            if rng.gen_range(0..ties) == 0 {
+                                runner = best;
+                                best = Some((s, sc));
+                            } else if runner.is_none_or(|(_, rs)| sc < rs) {
+                                runner = Some((s, sc));
+                            }
+                        }
+                        Some((_, bs)) if sc < bs => {
+                            ties = 1;
+                            runner = best;
+                            best = Some((s, sc));
+                        }
+                        Some(_) => {
+                            if runner.is_none_or(|(_, rs)| sc < rs) {
+                                runner = Some((s, sc));
+                            }
+                        }
+                    }
+                }
+                Verdict::Eligible => {
+                    c.eligible += 1;
+                    match c.eligible {
+                        1 => a = Some(s),
+                        2 => b = Some(s),
+                        k => match rng.gen_range(0..k) {
+                            0 => a = Some(s),
+                            1 => b = Some(s),
+                            _ => {}
+                        },
+                    }
+                }
+            }
+        }
+        if least {
+            a = best.map(|x| x.0);
+            b = runner.map(|x| x.0);
+        }
+        match a {
+            Some(a) => Ok(Pick {
+                a,
+                b,
+                eligible: c.eligible,
+                sampled: false,
+                least,
+            }),
+            None => Err(SelectError::NoneEligible {
+                tenant: tenant.to_string(),
+                target: target.to_string(),
+                candidates,
+                unhealthy: c.unhealthy,
+                circuit_open: c.circuit_open,
+                excluded: c.excluded,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{HashMap, HashSet};
+
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    use super::*;
+    use crate::record::{AgentRecord, Health, SkillTags};
+
+    fn rec(tags: &[&str], health: Health) -> AgentRecord {
+        AgentRecord {
+            digest: "d".into(),
+            skills: vec![SkillTags {
+                id: "s".into(),
+                name: "skill".into(),
+                tags: tags.iter().map(|t| t.to_string()).collect(),
+            }],
+            protocols: vec![],
+            health,
+            expires_ms: 0,
+        }
+    }
+
+    fn load(in_flight: u32) -> LoadReport {
+        LoadReport {
+            in_flight,
+            ewma_ms: 10.0,
+            ..Default::default()
+        }
+    }
+
+    #[derive(Default)]
+    struct Local {
+        open: HashSet<AgentId>,
+        outstanding: HashMap<AgentId, u32>,
+    }
+
+    impl LocalState for Local {
+        fn outstanding(&self, id: &AgentId) -> u32 {
+            self.outstanding.get(id).copied().unwrap_or(0)
+        }
+        fn admits(&self, id: &AgentId) -> bool {
+            !self.open.contains(id)
+        }
+    }
+
+    fn id(t: &str, n: &str) -> AgentId {
+        AgentId::new(t, n)
+    }
+
+    #[test]
+    fn p2c_prefers_the_less_loaded_and_explains() {
+        let mut r = Registry::new();
+        r.upsert("n1", id("acme", "a"), rec(&["billing"], Health::Healthy));
+        r.upsert("n2", id("acme", "b"), rec(&["billing"], Health::Healthy));
+        r.upsert("n2", id("acme", "c"), rec(&["Billing"], Health::Unhealthy));
+        r.set_load(&id("acme", "a"), load(0));
+        r.set_load(&id("acme", "b"), load(2));
+        let mut rng = StdRng::seed_from_u64(1);
+        for _ in 0..20 {
+            let s = r
+                .select(
+                    "acme",
+                    &Target::Tag("BILLING".into()),
+                    &NoLocal,
+                    &[],
+                    &mut rng,
+                )
+                .expect("selected");
+            assert_eq!(s.id, id("acme", "a"));
+            assert_eq!(s.node, "n1");
+            assert_eq!((s.candidates, s.eligible), (3, 2));
+            assert_eq!(s.other, Some((id("acme", "b"), 30.0)));
+            assert_eq!(
+                s.why,
+                "tag `BILLING`: 3 candidates, 2 eligible; p2c chose acme/a (load 10.0) over acme/b (30.0)"
+            );
+        }
+        // local outstanding requests make a idle-looking agent busy
+        let mut local = Local::default();
+        local.outstanding.insert(id("acme", "a"), 5);
+        let s = r
+            .select(
+                "acme",
+                &Target::Tag("billing".into()),
+                &local,
+                &[],
+                &mut rng,
+            )
+            .expect("selected");
+        assert_eq!(s.id, id("acme", "b"));
+    }
+
+    #[test]
+    fn exclusion_circuit_and_errors() {
+        let mut r = Registry::new();
+        r.upsert("n1", id("acme", "a"), rec(&["x"], Health::Healthy));
+        r.upsert("n1", id("acme", "b"), rec(&["x"], Health::Healthy));
+        r.upsert("n1", id("acme", "c"), rec(&["x"], Health::Unknown));
+        let mut rng = StdRng::seed_from_u64(2);
+        let mut local = Local::default();
+        local.open.insert(id("acme", "a"));
+        let s = r
+            .select("acme", &Target::Tag("x".into()), &local, &[], &mut rng)
+            .expect("b");
+        assert_eq!(s.id, id("acme", "b"));
+        assert!(s.why.ends_with("only acme/b (load 1.0)"), "{}", s.why);
+        let err = r
+            .select(
+                "acme",
+                &Target::Tag("x".into()),
+                &local,
+                &[id("acme", "b")],
+                &mut rng,
+            )
+            .expect_err("none");
+        assert_eq!(
+            err,
+            SelectError::NoneEligible {
+                tenant: "acme".into(),
+                target: "tag `x`".into(),
+                candidates: 3,
+                unhealthy: 1,
+                circuit_open: 1,
+                excluded: 1
+            }
+        );
+        assert_eq!(err.to_string(), "tag `x` of tenant `acme`: 3 candidate(s), none eligible (1 not healthy, 1 circuit open on this node, 1 already tried)");
+        let err = r
+            .select("acme", &Target::Tag("y".into()), &NoLocal, &[], &mut rng)
+            .expect_err("no tag");
+        assert_eq!(err.to_string(), "no agent of tenant `acme` matches tag `y`");
+        let err = r
+            .select("acme", &Target::Agent("zz".into()), &NoLocal, &[], &mut rng)
+            .expect_err("no agent");
+        assert_eq!(err.to_string(), "tenant `acme` has no agent `zz`");
+        let s = r
+            .select("acme", &Target::Agent("b".into()), &NoLocal, &[], &mut rng)
+            .expect("by name");
+        assert_eq!(s.id, id("acme", "b"));
+        let err = r
+            .select("acme", &Target::Agent("c".into()), &NoLocal, &[], &mut rng)
+            .expect_err("unknown health");
+        assert!(matches!(
+            err,
+            SelectError::NoneEligible { unhealthy: 1, .. }
+        ));
+    }
+
+    #[test]
+    fn tenants_are_isolated() {
+        let mut r = Registry::new();
+        r.upsert("n1", id("acme", "a"), rec(&["x"], Health::Healthy));
+        r.upsert("n1", id("evil", "b"), rec(&["x"], Health::Healthy));
+        let mut rng = StdRng::seed_from_u64(3);
+        for _ in 0..50 {
+            let s = r
+                .select("acme", &Target::Tag("x".into()), &NoLocal, &[], &mut rng)
+                .expect("a");
+            assert_eq!(s.id, id("acme", "a"));
+        }
+        for t in [
+            Target::Agent("b".into()),
+            Target::Agent("evil/b".into()),
+            Target::Agent("../evil/b".into()),
+        ] {
+            assert!(matches!(
+                r.select("acme", &t, &NoLocal, &[], &mut rng),
+                Err(SelectError::UnknownAgent { .. })
+            ));
+        }
+        assert!(r
+            .select("nobody", &Target::Tag("x".into()), &NoLocal, &[], &mut rng)
+            .is_err());
+    }
+
+    #[test]
+    fn p2c_spreads_over_a_large_set_and_avoids_ineligible() {
+        let mut r = Registry::new();
+        for i in 0..200 {
+            let h = if i % 4 == 0 {
+                Health::Unhealthy
+            } else {
+                Health::Healthy
+            };
+            r.upsert("n", id("t", &format!("a{i:03}")), rec(&["big"], h));
+        }
+        let mut local = Local::default();
+        local.open.insert(id("t", "a001"));
+        let mut rng = StdRng::seed_from_u64(4);
+        let mut seen = HashSet::new();
+        for _ in 0..2000 {
+            let s = r
+                .select(
+                    "t",
+                    &Target::Tag("big".into()),
+                    &local,
+                    &[id("t", "a002")],
+                    &mut rng,
+                )
+                .expect("some");
+            assert!(s.sampled);
+            let n: usize = s.id.name[1..].parse().expect("num");
+            assert!(n % 4 != 0 && n != 1 && n != 2, "{}", s.id);
+            seen.insert(s.id);
+        }
+        assert!(seen.len() > 100, "{}", seen.len());
+        // Only one eligible in a large set: sampling fails, the scan finds it.
+        let mut r = Registry::new();
+        for i in 0..100 {
+            let h = if i == 77 {
+                Health::Healthy
+            } else {
+                Health::Unhealthy
+            };
+            r.upsert("n", id("t", &format!("a{i}")), rec(&["big"], h));
+        }
+        let s = r
+            .select("t", &Target::Tag("big".into()), &NoLocal, &[], &mut rng)
+            .expect("the one");
+        assert_eq!(s.id, id("t", "a77"));
+        assert!(!s.sampled);
+        assert_eq!(s.eligible, 1);
+    }
+
+    #[test]
+    fn intent_selects_among_relevant_eligible() {
+        let mut r = Registry::new();
+        let mut add = |n: &str, tags: &[&str], name: &str, h| {
+            let mut rr = rec(tags, h);
+            rr.skills[0].name = name.into();
+            r.upsert("n", id("acme", n), rr);
+        };
+        add(
+            "inv",
+            &["invoice", "summarization"],
+            "Invoice summary",
+            Health::Healthy,
+        );
+        add(
+            "inv2",
+            &["invoice", "summarization"],
+            "Invoice summary",
+            Health::Unhealthy,
+        );
+        add("wx", &["weather"], "Forecast", Health::Healthy);
+        add("tr", &["translation"], "Translate", Health::Healthy);
+        let mut rng = StdRng::seed_from_u64(5);
+        let s = r
+            .select(
+                "acme",
+                &Target::Intent("summarize this invoice".into()),
+                &NoLocal,
+                &[],
+                &mut rng,
+            )
+            .expect("intent");
+        assert_eq!(s.id, id("acme", "inv"));
+        assert_eq!(s.candidates, 2);
+        let err = r
+            .select(
+                "acme",
+                &Target::Intent("quantum".into()),
+                &NoLocal,
+                &[],
+                &mut rng,
+            )
+            .expect_err("no match");
+        assert!(matches!(err, SelectError::NoMatch { .. }));
+        let err = r
+            .select(
+                "acme",
+                &Target::Intent("invoice".into()),
+                &NoLocal,
+                &[id("acme", "inv")],
+                &mut rng,
+            )
+            .expect_err("none eligible");
+        assert!(
+            matches!(
+                err,
+                SelectError::NoneEligible {
+                    candidates: 2,
+                    unhealthy: 1,
+                    excluded: 1,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(r
+            .select(
+                "other",
+                &Target::Intent("invoice".into()),
+                &NoLocal,
+                &[],
+                &mut rng
+            )
+            .is_err());
+    }
+
+    #[test]
+    fn least_loaded_takes_the_minimum_and_shares_ties() {
+        let mut r = Registry::new();
+        r.set_choice(Choice::LeastLoaded);
+        for (n, l) in [("a", 3), ("b", 1), ("c", 2), ("d", 1), ("e", 9)] {
+            r.upsert("n", id("t", n), rec(&["x"], Health::Healthy));
+            r.set_load(&id("t", n), load(l));
+        }
+        let mut rng = StdRng::seed_from_u64(6);
+        let mut seen = HashSet::new();
+        for _ in 0..100 {
+            let s = r
+                .select("t", &Target::Tag("x".into()), &NoLocal, &[], &mut rng)
+                .expect("some");
+            assert!(s.id == id("t", "b") || s.id == id("t", "d"), "{}", s.id);
+            assert_eq!(s.score, 20.0);
+            assert_eq!(
+                s.other.as_ref().map(|o| o.1),
+                Some(20.0),
+                "runner-up is the tie"
+            );
+            assert!(s.why.contains("least-loaded chose"), "{}", s.why);
+            seen.insert(s.id);
+        }
+        assert_eq!(seen.len(), 2, "ties are shared");
+        let mut local = Local::default();
+        local.outstanding.insert(id("t", "b"), 3);
+        local.outstanding.insert(id("t", "d"), 3);
+        local.open.insert(id("t", "c"));
+        let s = r
+            .select("t", &Target::Tag("x".into()), &local, &[], &mut rng)
+            .expect("some");
+        assert_eq!(s.id, id("t", "a"));
+        assert_eq!((s.score, s.other.map(|o| o.1)), (40.0, Some(50.0)));
+    }
+
+    #[test]
+    fn score_formula() {
+        let l = LoadReport {
+            in_flight: 2,
+            queue: 1,
+            ewma_ms: 20.0,
+            error_rate: 0.5,
+            cpu: 0.0,
+        };
+        assert_eq!(load_score(&l, 1), 5.0 * 20.0 * 3.0);
+        assert_eq!(load_score(&LoadReport::default(), 0), 1.0);
+        let bad = LoadReport {
+            ewma_ms: f32::NAN,
+            error_rate: f32::NAN,
+            ..Default::default()
+        };
+        assert_eq!(load_score(&bad, 0), 1.0);
+    }
+}
