@@ -15,6 +15,7 @@
 //! heterogeneous agents (see `balance.rs`).
 
 mod balance;
+mod e2e;
 
 use std::time::Duration;
 
@@ -52,6 +53,10 @@ enum Cmd {
     },
     /// Load balancing quality: dmsc selection vs round-robin, random, oracle (simulated).
     Balance(balance::Args),
+    /// End-to-end overhead, server side: backend + two nodes (run via bench/e2e.sh).
+    E2eServe,
+    /// End-to-end overhead, load side: direct vs 1 node vs 2 nodes (run via bench/e2e.sh).
+    E2eLoad(e2e::LoadArgs),
 }
 
 struct Row {
@@ -282,6 +287,20 @@ fn main() -> anyhow::Result<()> {
             print(&rows, interval_ms, phi);
         }
         Cmd::Balance(args) => balance::run(args)?,
+        Cmd::E2eServe => {
+            // One worker per available core: pinned to one core, one worker.
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(e2e::serve())?
+        }
+        Cmd::E2eLoad(args) => {
+            // The load generator is one thread (its own core).
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(e2e::load(args))?
+        }
     }
     Ok(())
 }

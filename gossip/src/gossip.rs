@@ -93,6 +93,9 @@ pub struct Member {
 
 type Tracker = Arc<Mutex<MembershipTracker<ChitchatId>>>;
 
+/// One node's keys from [`Gossip::scan`]: name, membership state, key-values.
+pub type ScannedNode = (String, MemberState, Vec<(String, String)>);
+
 /// A node's running gossip. Dropping it stops chitchat and the sampler.
 pub struct Gossip {
     handle: ChitchatHandle,
@@ -202,7 +205,7 @@ impl Gossip {
     /// The keys starting with `prefix` of every other node, with that node's
     /// membership state (newest generation per name). Cheaper than
     /// [`Gossip::members`] when only one family of keys is wanted.
-    pub async fn scan(&self, prefix: &str) -> Vec<(String, MemberState, Vec<(String, String)>)> {
+    pub async fn scan(&self, prefix: &str) -> Vec<ScannedNode> {
         let chitchat = self.handle().chitchat();
         let c = chitchat.lock().await;
         let now = Instant::now();

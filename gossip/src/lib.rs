@@ -24,7 +24,9 @@ pub mod sim;
 
 mod gossip;
 
-pub use gossip::{defaults as gossip_defaults, Gossip, GossipConfig, GossipError, Member};
+pub use gossip::{
+    defaults as gossip_defaults, Gossip, GossipConfig, GossipError, Member, ScannedNode,
+};
 pub use link::{GossipStats, Link, LinkTransport};
 pub use membership::MemberState;
 

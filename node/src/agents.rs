@@ -449,8 +449,7 @@ impl AgentsCtx {
     pub async fn publish(&self, agent: &LocalAgent) {
         let record = agent.record(self.cfg.agent_ttl);
         let load = agent.load();
-        self.mesh
-            .upsert_own(agent.id.clone(), record.clone(), load.clone());
+        self.mesh.upsert_own(agent.id.clone(), record.clone(), load);
         self.gossip
             .set(
                 &dmsc_registry::agent_key(&agent.id.tenant, &agent.id.name),
@@ -530,8 +529,7 @@ impl AgentsCtx {
         for a in self.agents.all() {
             let load = a.load();
             if last.get(&a.id) != Some(&load) {
-                self.mesh
-                    .upsert_own(a.id.clone(), a.record(self.cfg.agent_ttl), load.clone());
+                self.mesh.set_load(&a.id, load);
                 self.gossip
                     .set(
                         &dmsc_registry::load_key(&a.id.tenant, &a.id.name),

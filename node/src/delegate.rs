@@ -154,18 +154,14 @@ fn is_card_path(path: &str) -> bool {
     CARD_PATHS.contains(&p)
 }
 
-fn select_error(me: &str, tenant: &str, target: &Target, e: SelectError) -> MeshError {
+fn select_error(me: &str, e: SelectError) -> MeshError {
     let kind = match &e {
         SelectError::UnknownAgent { .. } => ErrorKind::UnknownAgent,
         SelectError::NoMatch { .. } => ErrorKind::NoMatch,
         _ => ErrorKind::NoneAvailable,
     };
-    let what = match target {
-        Target::Agent(n) => format!("agent `{tenant}/{n}`"),
-        Target::Tag(t) => format!("capability `{t}` in tenant `{tenant}`"),
-        Target::Intent(_) => format!("intent in tenant `{tenant}`"),
-    };
-    MeshError::new(kind, me, format!("{what}: {e}"))
+    // The registry's messages already name the tenant and the target.
+    MeshError::new(kind, me, e.to_string())
 }
 
 impl Delegator {
@@ -239,7 +235,7 @@ impl Delegator {
             let sel = match selection {
                 Ok(s) => s,
                 Err(e) => {
-                    let e = select_error(&self.me, &tenant, &target, e);
+                    let e = select_error(&self.me, e);
                     return err(match last {
                         Some(prev) if attempt > 0 => MeshError::new(
                             prev.kind,

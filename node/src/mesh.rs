@@ -187,13 +187,20 @@ impl MeshView {
 
     /// Registers (or refreshes) one of this node's own agents.
     pub fn upsert_own(&self, id: AgentId, record: AgentRecord, load: LoadReport) {
-        let digest = record.digest.clone();
+        // Lock order: never hold the registry while taking `cards` (or the
+        // reverse); `missing_cards` and `add_card` rely on it too.
+        let card = lock(&self.cards).get(&record.digest).cloned();
         let mut reg = self.write();
         reg.upsert(&self.me, id.clone(), record);
         reg.set_load(&id, load);
-        if let Some(card) = lock(&self.cards).get(&digest) {
-            reg.set_card(&id, card);
+        if let Some(card) = card {
+            reg.set_card(&id, &card);
         }
+    }
+
+    /// Updates the load of one of this node's own agents (no re-indexing).
+    pub fn set_load(&self, id: &AgentId, load: LoadReport) {
+        self.write().set_load(id, load);
     }
 
     pub fn remove_own(&self, id: &AgentId) {
@@ -203,7 +210,7 @@ impl MeshView {
     /// Applies one gossip scan: `node` keys for the address book, `agent/`
     /// and `load/` keys for the registry. `members` are the other nodes
     /// with their state and all their keys.
-    pub fn apply_scan(&self, members: Vec<(String, MemberState, Vec<(String, String)>)>) {
+    pub fn apply_scan(&self, members: Vec<dmsc_gossip::ScannedNode>) {
         let mut nodes = HashMap::new();
         let mut live: HashMap<AgentId, (String, String, String)> = HashMap::new();
         for (node, state, kvs) in members {
@@ -298,11 +305,15 @@ impl MeshView {
 
     /// Agents whose cards this node has not seen yet (digest unknown).
     pub fn missing_cards(&self) -> Vec<(AgentId, String)> {
-        let cards = lock(&self.cards);
-        self.read()
+        let all: Vec<(AgentId, String)> = self
+            .read()
             .iter()
-            .filter(|e| !e.record.digest.is_empty() && !cards.contains_key(&e.record.digest))
+            .filter(|e| !e.record.digest.is_empty() && !e.has_card())
             .map(|e| (e.id.clone(), e.record.digest.clone()))
+            .collect();
+        let cards = lock(&self.cards);
+        all.into_iter()
+            .filter(|(_, d)| !cards.contains_key(d))
             .collect()
     }
 }
