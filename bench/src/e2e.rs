@@ -181,8 +181,8 @@ async fn open_loop(client: &Upstream, p: &Path, rate: u64, secs: u64) -> (Vec<f6
         // Coarse sleep, then yield-spin to the exact time (tokio timers
         // have millisecond resolution; sub-ms scheduling needs this).
         let now = Instant::now();
-        if due > now + Duration::from_millis(2) {
-            tokio::time::sleep(due - now - Duration::from_millis(1)).await;
+        if due > now + Duration::from_millis(3) {
+            tokio::time::sleep(due - now - Duration::from_millis(2)).await;
         }
         while Instant::now() < due {
             tokio::task::yield_now().await;
@@ -301,10 +301,16 @@ pub async fn load(args: LoadArgs) -> anyhow::Result<()> {
         for (ri, &rate) in args.rates.iter().enumerate() {
             for &pi in &order {
                 let (l, e) = open_loop(&client, &paths[pi], rate, args.secs).await;
+                let mut sorted = l.clone();
                 eprintln!(
-                    "round {round} {:>15} @{rate}/s: {} ok, {e} failed",
+                    "round {round} {:>15} @{rate}/s: {} ok, {e} failed; p50 {:.3} p90 {:.3} p99 {:.3} p99.9 {:.3} max {:.3} ms",
                     paths[pi].name,
-                    l.len()
+                    l.len(),
+                    pct(&mut sorted, 0.5),
+                    pct(&mut sorted, 0.9),
+                    pct(&mut sorted, 0.99),
+                    pct(&mut sorted, 0.999),
+                    pct(&mut sorted, 1.0)
                 );
                 lat[pi][ri].extend(l);
                 errs[pi] += e;

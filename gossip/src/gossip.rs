@@ -210,7 +210,8 @@ impl Gossip {
         let c = chitchat.lock().await;
         let now = Instant::now();
         let tracker = lock(&self.tracker);
-        let mut newest: HashMap<&str, (u64, MemberState, Vec<(String, String)>)> = HashMap::new();
+        // name -> (generation, state, key-values)
+        let mut newest: HashMap<&str, (u64, ScannedNode)> = HashMap::new();
         for (id, state) in c.node_states() {
             if *id.node_id == *self.cfg.node_name {
                 continue;
@@ -220,7 +221,7 @@ impl Gossip {
             };
             if newest
                 .get(&*id.node_id)
-                .is_some_and(|(g, _, _)| *g >= id.generation_id)
+                .is_some_and(|(g, _)| *g >= id.generation_id)
             {
                 continue;
             }
@@ -228,12 +229,10 @@ impl Gossip {
                 .iter_prefix(prefix)
                 .map(|(k, v)| (k.to_string(), v.value.clone()))
                 .collect();
-            newest.insert(&id.node_id, (id.generation_id, member_state, values));
+            let node = (id.node_id.to_string(), member_state, values);
+            newest.insert(&id.node_id, (id.generation_id, node));
         }
-        newest
-            .into_iter()
-            .map(|(name, (_, st, v))| (name.to_string(), st, v))
-            .collect()
+        newest.into_values().map(|(_, node)| node).collect()
     }
 
     /// Gossip rounds this node has initiated.

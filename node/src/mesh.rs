@@ -238,7 +238,9 @@ impl MeshView {
         *self.nodes.write().unwrap_or_else(|p| p.into_inner()) = nodes;
 
         let mut seen = lock(&self.seen);
-        let mut changes: Vec<(AgentId, Option<(String, AgentRecord, LoadReport)>)> = Vec::new();
+        // (agent, Some((home node, record, load))) to upsert, None to remove.
+        type Change = (AgentId, Option<(String, AgentRecord, LoadReport)>);
+        let mut changes: Vec<Change> = Vec::new();
         for (id, (node, rec, load)) in &live {
             let same = seen
                 .get(id)
