@@ -160,7 +160,11 @@ impl App {
         .await?;
         let gossip = Arc::new(gossip);
 
-        let mesh = Arc::new(MeshView::new(&name, config.delegation.circuit.clone()));
+        let mesh = Arc::new(MeshView::new(
+            &name,
+            config.delegation.circuit.clone(),
+            config.delegation.selection,
+        ));
         let delegation_metrics = crate::metrics::DelegationMetrics::default();
         let local_agents = Arc::new(LocalAgents::default());
         let upstream = Upstream::new();

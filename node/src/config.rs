@@ -90,6 +90,8 @@ pub struct RawDelegation {
     pub health_interval_ms: Option<u64>,
     pub agent_ttl_secs: Option<u64>,
     pub load_interval_ms: Option<u64>,
+    /// `p2c` (power of two choices, default) or `least-loaded`.
+    pub selection: Option<String>,
 }
 
 /// Delegation settings, validated.
@@ -106,6 +108,7 @@ pub struct DelegationConfig {
     pub health_interval: Duration,
     pub agent_ttl: Duration,
     pub load_interval: Duration,
+    pub selection: dmsc_registry::Choice,
 }
 
 impl Default for DelegationConfig {
@@ -118,6 +121,7 @@ impl Default for DelegationConfig {
             health_interval: Duration::from_secs(2),
             agent_ttl: Duration::from_secs(60),
             load_interval: Duration::from_millis(500),
+            selection: dmsc_registry::Choice::PowerOfTwo,
         }
     }
 }
@@ -246,6 +250,16 @@ impl RawDelegation {
                 d.load_interval,
                 errors,
             ),
+            selection: match self.selection.as_deref() {
+                None | Some("p2c") => dmsc_registry::Choice::PowerOfTwo,
+                Some("least-loaded") => dmsc_registry::Choice::LeastLoaded,
+                Some(other) => {
+                    errors.push(format!(
+                        "delegation.selection = `{other}` must be `p2c` or `least-loaded`"
+                    ));
+                    d.selection
+                }
+            },
         }
     }
 }
@@ -406,6 +420,7 @@ impl RawConfig {
         set(&mut d.health_interval_ms, t.health_interval_ms);
         set(&mut d.agent_ttl_secs, t.agent_ttl_secs);
         set(&mut d.load_interval_ms, t.load_interval_ms);
+        set(&mut d.selection, t.selection);
         self
     }
 

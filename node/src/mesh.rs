@@ -73,10 +73,12 @@ pub struct MeshView {
 }
 
 impl MeshView {
-    pub fn new(me: &str, circuit_cfg: CircuitConfig) -> MeshView {
+    pub fn new(me: &str, circuit_cfg: CircuitConfig, choice: dmsc_registry::Choice) -> MeshView {
+        let mut registry = Registry::new();
+        registry.set_choice(choice);
         MeshView {
             me: me.to_string(),
-            registry: RwLock::new(Registry::new()),
+            registry: RwLock::new(registry),
             local: RwLock::new(HashMap::new()),
             circuit_cfg,
             nodes: RwLock::new(HashMap::new()),
