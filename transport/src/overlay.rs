@@ -371,7 +371,12 @@ impl Overlay {
             });
         }
         let conn = connection_to(&self.inner, to).await?;
-        let peer: Arc<str> = peer_name(&conn).unwrap_or_default().into();
+        // The pool knows the verified name; parsing the certificate again
+        // per stream would cost more than the stream itself.
+        let peer: Arc<str> = match lock(&self.inner.conns).get(&to) {
+            Some(c) if c.conn.stable_id() == conn.stable_id() => c.peer.clone(),
+            _ => peer_name(&conn).unwrap_or_default().into(),
+        };
         let (send, recv) = conn
             .open_bi()
             .await
