@@ -127,6 +127,26 @@ async fn by_name_by_capability_and_by_intent_across_nodes() {
     assert_eq!(header(&resp, "dmsc-node"), "n0");
     assert!(String::from_utf8_lossy(&body).contains("billing handled: pay invoice 42"));
 
+    // Proxy form (an agent with HTTP_PROXY pointing at its node): the
+    // absolute URI names the target, as curl -x or any HTTP client sends it.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let body = message_send("proxy form");
+        let mut s = tokio::net::TcpStream::connect(mesh.ingress(1))
+            .await
+            .expect("connect");
+        let req = format!(
+            "POST http://billing.acme.dmsc/ HTTP/1.1\r\nhost: billing.acme.dmsc\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await.expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.expect("read");
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        assert!(out.contains("dmsc-agent: acme/billing"), "{out}");
+        assert!(out.contains("billing handled: proxy form"), "{out}");
+    }
+
     // By capability tag.
     let (resp, _) = mesh
         .call(
