@@ -561,7 +561,7 @@ impl NodeConfig {
     /// The effective configuration as log fields (no secrets: key *paths* only).
     pub fn summary(&self) -> String {
         format!(
-            "name={} region={} overlay.listen={} overlay.advertise={} bootstrap={:?} admin.listen={} tls.ca={} tls.cert={} tls.key={} gossip.interval={:?} gossip.phi={}",
+            "name={} region={} overlay.listen={} overlay.advertise={} bootstrap={:?} admin.listen={} tls.ca={} tls.cert={} tls.key={} gossip.interval={:?} gossip.phi={} ingress=[{}] agents={} delegation.timeout={:?} delegation.retries={} delegation.selection={:?}",
             self.name.as_deref().unwrap_or("<from certificate>"),
             self.region,
             self.overlay_listen,
@@ -572,7 +572,16 @@ impl NodeConfig {
             self.cert.display(),
             self.key.display(),
             self.gossip_interval,
-            self.phi_threshold
+            self.phi_threshold,
+            self.ingress
+                .iter()
+                .map(|i| format!("{}:{}", i.tenant, i.listen))
+                .collect::<Vec<_>>()
+                .join(","),
+            self.agents.len(),
+            self.delegation.timeout,
+            self.delegation.retries,
+            self.delegation.selection,
         )
     }
 }
