@@ -340,11 +340,22 @@ async fn sync_loop(
     let mut cards = tokio::time::interval(Duration::from_millis(500));
     cards.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failed: std::collections::HashMap<String, Instant> = Default::default();
+    let mut closed: std::collections::HashSet<SocketAddr> = Default::default();
     loop {
         tokio::select! {
             _ = tick.tick() => {
                 let scan = gossip.scan("").await;
-                mesh.apply_scan(scan);
+                let gone = mesh.apply_scan(scan);
+                for addr in &gone {
+                    // Once per death: in-flight delegations to a dead node
+                    // fail now (idempotent ones retry elsewhere) instead of
+                    // waiting for the QUIC idle timeout. Not again while it
+                    // stays dead, so a node that comes back can reconnect.
+                    if closed.insert(*addr) {
+                        delegator.overlay.close_peer(*addr);
+                    }
+                }
+                closed.retain(|a| gone.contains(a));
             }
             _ = cards.tick() => {
                 for (id, digest) in mesh.missing_cards().into_iter().take(16) {

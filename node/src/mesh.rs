@@ -212,11 +212,20 @@ impl MeshView {
     /// Applies one gossip scan: `node` keys for the address book, `agent/`
     /// and `load/` keys for the registry. `members` are the other nodes
     /// with their state and all their keys.
-    pub fn apply_scan(&self, members: Vec<dmsc_gossip::ScannedNode>) {
+    /// Returns the overlay addresses of nodes that are dead or left.
+    pub fn apply_scan(&self, members: Vec<dmsc_gossip::ScannedNode>) -> Vec<SocketAddr> {
         let mut nodes = HashMap::new();
+        let mut gone_nodes = Vec::new();
         let mut live: HashMap<AgentId, (String, String, String)> = HashMap::new();
         for (node, state, kvs) in members {
             if matches!(state, MemberState::Dead | MemberState::Left) {
+                if let Some(a) = kvs
+                    .iter()
+                    .find(|(k, _)| k == dmsc_gossip::KEY_NODE)
+                    .and_then(|(_, v)| serde_json::from_str::<NodeAnnouncement>(v).ok())
+                {
+                    gone_nodes.push(a.overlay_addr);
+                }
                 continue;
             }
             let mut loads: HashMap<AgentId, String> = HashMap::new();
@@ -305,6 +314,17 @@ impl MeshView {
         for id in reg.expire(now) {
             tracing::info!(agent = %id, "agent registration expired");
         }
+        // A restarted node at the same address is alive under its new
+        // generation; never close the connection of a live node.
+        let live_addrs: Vec<SocketAddr> = self
+            .nodes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .copied()
+            .collect();
+        gone_nodes.retain(|a| !live_addrs.contains(a));
+        gone_nodes
     }
 
     /// Agents whose cards this node has not seen yet (digest unknown).

@@ -271,6 +271,13 @@ fn three_processes_form_a_mesh_refuse_an_intruder_and_track_failures() {
         n1.state_of("n3").as_deref() == Some("dead") && n2.state_of("n3").as_deref() == Some("dead")
     });
     eprintln!("kill -9 detected as dead in {t:?}");
+    // Its connection is closed at once (in-flight delegations fail fast
+    // instead of waiting for the QUIC idle timeout).
+    eventually(
+        Duration::from_secs(5),
+        "n1 closes its connection to n3",
+        || n1.log_contains("closed the connection to a peer declared dead or departed"),
+    );
 
     // SIGTERM: n2 announces leaving.
     n2.signal("-TERM");

@@ -51,6 +51,8 @@ const CLOSE_DUPLICATE: u32 = 1;
 const CLOSE_SHUTDOWN: u32 = 2;
 /// Close code when a node dialed itself (its own address among bootstrap peers).
 const CLOSE_SELF: u32 = 3;
+/// Close code when membership declared the peer dead or departed.
+const CLOSE_PEER_GONE: u32 = 4;
 /// Messages queued per peer before further ones are dropped.
 const PEER_QUEUE: usize = 256;
 /// A per-peer sender task exits after this long with nothing to send.
@@ -397,6 +399,23 @@ impl Overlay {
     /// receiver once; the node's dispatcher owns it.
     pub fn incoming_streams(&self) -> Option<mpsc::Receiver<BiStream>> {
         lock(&self.inner.streams_rx).take()
+    }
+
+    /// Closes the connection to `addr`, if any: streams in flight on it
+    /// fail at once instead of waiting for the idle timeout. The node calls
+    /// this when membership declares the peer dead or departed; a later send
+    /// dials again.
+    pub fn close_peer(&self, addr: SocketAddr) -> bool {
+        let removed = lock(&self.inner.conns).remove(&addr);
+        match removed {
+            Some(c) => {
+                c.conn
+                    .close(VarInt::from_u32(CLOSE_PEER_GONE), b"peer declared gone");
+                info!(peer = %c.peer, addr = %addr, "closed the connection to a peer declared dead or departed");
+                true
+            }
+            None => false,
+        }
     }
 
     /// The live connections, one per peer.
