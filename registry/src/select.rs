@@ -364,12 +364,17 @@ impl Registry {
         let win_name = self.name_of(wslot);
         let mut why = String::with_capacity(160);
         // Writing to a String cannot fail.
+        let noun = if candidates == 1 {
+            "candidate"
+        } else {
+            "candidates"
+        };
         let _ = if pick.sampled {
-            write!(why, "{target}: {candidates} candidates, sampled")
+            write!(why, "{target}: {candidates} {noun}, sampled")
         } else {
             write!(
                 why,
-                "{target}: {candidates} candidates, {} eligible",
+                "{target}: {candidates} {noun}, {} eligible",
                 pick.eligible
             )
         };
