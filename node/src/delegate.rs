@@ -29,7 +29,7 @@ use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::header::{HeaderValue, CONTENT_TYPE, ETAG, HOST, IF_NONE_MATCH};
 use hyper::{Method, Request, Response, StatusCode, Version};
 use tokio::time::Instant;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, warn, Instrument};
 
 use crate::agents::{LocalAgent, LocalAgents, CARD_PATHS};
 use crate::config::DelegationConfig;
@@ -319,7 +319,7 @@ impl Delegator {
                     if let Ok(v) = HeaderValue::from_str(&sel.why) {
                         h.insert("dmsc-route", v);
                     }
-                    info!(agent = %id, node = %sel.node, status = resp.status().as_u16(), attempt, "delegated");
+                    debug!(agent = %id, node = %sel.node, status = resp.status().as_u16(), attempt, "delegated");
                     return resp.map(|b| guarded(b, vec![Box::new(outstanding)]));
                 }
                 Err(Failure::NotDelivered(e)) => {
