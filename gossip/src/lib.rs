@@ -25,7 +25,7 @@ pub mod sim;
 mod gossip;
 
 pub use gossip::{
-    defaults as gossip_defaults, Gossip, GossipConfig, GossipError, Member, ScannedNode,
+    defaults as gossip_defaults, Gossip, GossipConfig, GossipError, Member, NodeScan,
 };
 pub use link::{GossipStats, Link, LinkTransport};
 pub use membership::MemberState;

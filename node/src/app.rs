@@ -344,7 +344,7 @@ async fn sync_loop(
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let scan = gossip.scan("").await;
+                let scan = gossip.scan_since("", &mesh.scan_cursor()).await;
                 let gone = mesh.apply_scan(scan);
                 for addr in &gone {
                     // Once per death: in-flight delegations to a dead node

@@ -3,9 +3,10 @@
 //! and its circuit breaker).
 //!
 //! The registry is read-mostly: selection takes a read lock for a few
-//! microseconds; the sync loop takes the write lock only to apply what
-//! changed since the last gossip scan (records are diffed as raw strings, so
-//! an unchanged mesh costs no re-indexing). Agents of nodes that are dead or
+//! microseconds. The sync loop asks gossip only for the nodes whose state
+//! version moved since the last scan, diffs their raw values against what
+//! it applied before, and takes the write lock only for what changed, so an
+//! unchanged mesh costs neither copying nor re-indexing. Agents of nodes that are dead or
 //! left are dropped at the scan that first sees them so, which is how a
 //! failed node's agents leave every candidate set within the failure
 //! detection time; records whose TTL lapsed (a node alive but no longer
@@ -57,6 +58,31 @@ impl Drop for Outstanding {
     }
 }
 
+/// What the last scans said about one node.
+#[derive(Debug)]
+struct NodeCache {
+    name: String,
+    generation: u64,
+    version: u64,
+    live: bool,
+    addr: Option<SocketAddr>,
+    /// Raw `agent/` and `load/` values by agent.
+    records: HashMap<AgentId, (String, String)>,
+}
+
+impl NodeCache {
+    fn new(name: &str, generation: u64) -> NodeCache {
+        NodeCache {
+            name: name.to_string(),
+            generation,
+            version: 0,
+            live: false,
+            addr: None,
+            records: HashMap::new(),
+        }
+    }
+}
+
 /// The registry plus per-agent local state and the node address book.
 #[derive(Debug)]
 pub struct MeshView {
@@ -66,8 +92,10 @@ pub struct MeshView {
     circuit_cfg: CircuitConfig,
     /// Node name -> overlay address, from the gossiped `node` key.
     nodes: RwLock<HashMap<String, SocketAddr>>,
-    /// Last raw record/load value seen per agent, to apply only changes.
-    seen: Mutex<HashMap<AgentId, (String, String, String)>>,
+    /// What the last scans said per node (raw values), to apply only changes.
+    per_node: Mutex<HashMap<String, NodeCache>>,
+    /// Unix ms of the last TTL expiry pass.
+    last_expiry: std::sync::atomic::AtomicU64,
     /// Agent cards by digest (local agents' and remote ones fetched on demand).
     cards: Mutex<HashMap<String, Arc<AgentCard>>>,
 }
@@ -82,7 +110,8 @@ impl MeshView {
             local: RwLock::new(HashMap::new()),
             circuit_cfg,
             nodes: RwLock::new(HashMap::new()),
-            seen: Mutex::new(HashMap::new()),
+            per_node: Mutex::new(HashMap::new()),
+            last_expiry: std::sync::atomic::AtomicU64::new(0),
             cards: Mutex::new(HashMap::new()),
         }
     }
@@ -209,121 +238,161 @@ impl MeshView {
         self.write().remove(id);
     }
 
-    /// Applies one gossip scan: `node` keys for the address book, `agent/`
-    /// and `load/` keys for the registry. `members` are the other nodes
-    /// with their state and all their keys.
-    /// Returns the overlay addresses of nodes that are dead or left.
-    pub fn apply_scan(&self, members: Vec<dmsc_gossip::ScannedNode>) -> Vec<SocketAddr> {
-        let mut nodes = HashMap::new();
+    /// `name -> (generation, version)` of every node this view has applied,
+    /// for [`dmsc_gossip::Gossip::scan_since`].
+    pub fn scan_cursor(&self) -> HashMap<String, (u64, u64)> {
+        lock(&self.per_node)
+            .iter()
+            .map(|(n, c)| (n.clone(), (c.generation, c.version)))
+            .collect()
+    }
+
+    /// Applies one gossip scan: the `node` key feeds the address book,
+    /// `agent/` and `load/` keys the registry. Only nodes whose state
+    /// changed carry values; a node going dead or left takes its agents out
+    /// of the registry, coming back puts them in again. Returns the overlay
+    /// addresses of nodes that are dead or left.
+    pub fn apply_scan(&self, scans: Vec<dmsc_gossip::NodeScan>) -> Vec<SocketAddr> {
+        enum Op {
+            Upsert(String, AgentId, String, String),
+            Load(AgentId, String),
+            Remove(AgentId),
+        }
+        let mut ops: Vec<Op> = Vec::new();
         let mut gone_nodes = Vec::new();
-        let mut live: HashMap<AgentId, (String, String, String)> = HashMap::new();
-        for (node, state, kvs) in members {
-            if matches!(state, MemberState::Dead | MemberState::Left) {
-                if let Some(a) = kvs
-                    .iter()
-                    .find(|(k, _)| k == dmsc_gossip::KEY_NODE)
-                    .and_then(|(_, v)| serde_json::from_str::<NodeAnnouncement>(v).ok())
-                {
-                    gone_nodes.push(a.overlay_addr);
+        let mut cache = lock(&self.per_node);
+        let mut present = std::collections::HashSet::new();
+        for scan in scans {
+            present.insert(scan.name.clone());
+            let live = !matches!(scan.state, MemberState::Dead | MemberState::Left);
+            let entry = cache
+                .entry(scan.name.clone())
+                .or_insert_with(|| NodeCache::new(&scan.name, scan.generation));
+            if entry.generation != scan.generation {
+                // Restarted: its old agents go; the new generation's come in.
+                if entry.live {
+                    ops.extend(entry.records.keys().cloned().map(Op::Remove));
                 }
-                continue;
+                *entry = NodeCache::new(&scan.name, scan.generation);
             }
-            let mut loads: HashMap<AgentId, String> = HashMap::new();
-            let mut records: Vec<(AgentId, String)> = Vec::new();
-            for (k, v) in kvs {
-                if k == dmsc_gossip::KEY_NODE {
-                    if let Ok(a) = serde_json::from_str::<NodeAnnouncement>(&v) {
-                        nodes.insert(node.clone(), a.overlay_addr);
+            if let Some(values) = scan.values {
+                let mut records: HashMap<AgentId, (String, String)> = HashMap::new();
+                let mut loads: HashMap<AgentId, String> = HashMap::new();
+                for (k, v) in values {
+                    if k == dmsc_gossip::KEY_NODE {
+                        entry.addr = serde_json::from_str::<NodeAnnouncement>(&v)
+                            .ok()
+                            .map(|a| a.overlay_addr);
+                    } else if let Some((t, n)) = dmsc_registry::parse_agent_key(&k) {
+                        records.insert(AgentId { tenant: t, name: n }, (v, String::new()));
+                    } else if let Some((t, n)) = dmsc_registry::parse_load_key(&k) {
+                        loads.insert(AgentId { tenant: t, name: n }, v);
                     }
-                } else if let Some((t, n)) = dmsc_registry::parse_agent_key(&k) {
-                    records.push((AgentId { tenant: t, name: n }, v));
-                } else if let Some((t, n)) = dmsc_registry::parse_load_key(&k) {
-                    loads.insert(AgentId { tenant: t, name: n }, v);
                 }
+                for (id, (_, load)) in records.iter_mut() {
+                    if let Some(l) = loads.remove(id) {
+                        *load = l;
+                    }
+                }
+                if entry.live {
+                    for (id, (r, l)) in &records {
+                        match entry.records.get(id) {
+                            Some((or, ol)) if or == r && ol == l => {}
+                            Some((or, _)) if or == r => ops.push(Op::Load(id.clone(), l.clone())),
+                            _ => ops.push(Op::Upsert(
+                                scan.name.clone(),
+                                id.clone(),
+                                r.clone(),
+                                l.clone(),
+                            )),
+                        }
+                    }
+                    for id in entry.records.keys() {
+                        if !records.contains_key(id) {
+                            ops.push(Op::Remove(id.clone()));
+                        }
+                    }
+                }
+                entry.records = records;
+                entry.version = scan.version;
             }
-            for (id, rec) in records {
-                let load = loads.remove(&id).unwrap_or_default();
-                live.insert(id, (node.clone(), rec, load));
+            if live != entry.live {
+                for (id, (r, l)) in &entry.records {
+                    ops.push(if live {
+                        Op::Upsert(scan.name.clone(), id.clone(), r.clone(), l.clone())
+                    } else {
+                        Op::Remove(id.clone())
+                    });
+                }
+                entry.live = live;
+            }
+            if !live {
+                gone_nodes.extend(entry.addr);
             }
         }
+        // Nodes gossip forgot entirely (past their dead grace).
+        cache.retain(|_, e| {
+            let keep = present.contains(&e.name);
+            if !keep && e.live {
+                ops.extend(e.records.keys().cloned().map(Op::Remove));
+            }
+            keep
+        });
+        let nodes: HashMap<String, SocketAddr> = cache
+            .values()
+            .filter(|e| e.live)
+            .filter_map(|e| e.addr.map(|a| (e.name.clone(), a)))
+            .collect();
+        drop(cache);
         *self.nodes.write().unwrap_or_else(|p| p.into_inner()) = nodes;
 
-        let mut seen = lock(&self.seen);
-        // (agent, Some((home node, record, load))) to upsert, None to remove.
-        type Change = (AgentId, Option<(String, AgentRecord, LoadReport)>);
-        let mut changes: Vec<Change> = Vec::new();
-        for (id, (node, rec, load)) in &live {
-            let same = seen
-                .get(id)
-                .is_some_and(|(n, r, l)| n == node && r == rec && l == load);
-            if same {
-                continue;
-            }
-            match AgentRecord::decode(rec) {
-                Ok(r) => {
-                    let l = LoadReport::decode(load).unwrap_or_default();
-                    changes.push((id.clone(), Some((node.clone(), r, l))));
-                }
-                Err(e) => {
-                    tracing::debug!(agent = %id, node = %node, error = %e, "ignoring undecodable agent record");
-                }
-            }
-        }
-        let gone: Vec<AgentId> = seen
-            .keys()
-            .filter(|id| !live.contains_key(*id))
-            .cloned()
-            .collect();
-        for id in &gone {
-            changes.push((id.clone(), None));
-        }
-        *seen = live;
-        drop(seen);
-
         let now = now_ms();
-        let cards = lock(&self.cards).clone();
-        let mut reg = self.write();
-        for (id, change) in changes {
-            match change {
-                Some((node, record, load)) => {
-                    let digest = record.digest.clone();
-                    let was = reg.get(&id).map(|e| (e.node.clone(), e.record.clone()));
-                    match was {
-                        Some((n, r)) if n == node && r == record => {}
-                        _ => {
+        if !ops.is_empty() {
+            // Lock order: cards, released, then the registry.
+            let cards = lock(&self.cards).clone();
+            let mut reg = self.write();
+            for op in ops {
+                match op {
+                    Op::Upsert(node, id, raw, load) => match AgentRecord::decode(&raw) {
+                        Ok(record) => {
                             if reg.get(&id).is_none() {
                                 tracing::info!(agent = %id, node = %node, "agent registered");
                             }
+                            let digest = record.digest.clone();
                             reg.upsert(&node, id.clone(), record);
+                            reg.set_load(&id, LoadReport::decode(&load).unwrap_or_default());
                             if let Some(card) = cards.get(&digest) {
                                 reg.set_card(&id, card);
                             }
                         }
+                        Err(e) => {
+                            tracing::debug!(agent = %id, node = %node, error = %e, "ignoring undecodable agent record");
+                        }
+                    },
+                    Op::Load(id, load) => {
+                        reg.set_load(&id, LoadReport::decode(&load).unwrap_or_default());
                     }
-                    reg.set_load(&id, load);
-                }
-                None => {
-                    // Own agents are not in gossip scans (they are ours).
-                    if reg.get(&id).is_some_and(|e| e.node != self.me) {
-                        tracing::info!(agent = %id, "agent left the registry (node gone or deregistered)");
-                        reg.remove(&id);
+                    Op::Remove(id) => {
+                        // Own agents never come from scans (they are ours).
+                        if reg.get(&id).is_some_and(|e| e.node != self.me) {
+                            tracing::info!(agent = %id, "agent left the registry (node gone or deregistered)");
+                            reg.remove(&id);
+                        }
                     }
                 }
             }
         }
-        for id in reg.expire(now) {
+        // TTL expiry walks every record: once a second is plenty.
+        let last = self.last_expiry.load(Ordering::Relaxed);
+        let expired = if now.saturating_sub(last) >= 1000 {
+            self.last_expiry.store(now, Ordering::Relaxed);
+            self.write().expire(now)
+        } else {
+            Vec::new()
+        };
+        for id in expired {
             tracing::info!(agent = %id, "agent registration expired");
         }
-        // A restarted node at the same address is alive under its new
-        // generation; never close the connection of a live node.
-        let live_addrs: Vec<SocketAddr> = self
-            .nodes
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .copied()
-            .collect();
-        gone_nodes.retain(|a| !live_addrs.contains(a));
         gone_nodes
     }
 
@@ -355,5 +424,98 @@ impl LocalState for MeshView {
             .unwrap_or_else(|p| p.into_inner())
             .get(id)
             .is_none_or(|l| lock(&l.circuit).state(Instant::now()) != CircuitState::Open)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dmsc_gossip::NodeScan;
+    use dmsc_registry::{Health, NoLocal, SkillTags, Target};
+
+    fn record() -> String {
+        AgentRecord {
+            digest: "d".into(),
+            skills: vec![SkillTags {
+                id: "s".into(),
+                name: "s".into(),
+                tags: vec!["t".into()],
+            }],
+            protocols: vec!["jsonrpc".into()],
+            health: Health::Healthy,
+            expires_ms: now_ms() + 60_000,
+        }
+        .encode()
+    }
+
+    fn scan(gen: u64, version: u64, state: MemberState, values: bool) -> NodeScan {
+        let ann = serde_json::json!({"name": "x", "region": "r", "overlay_addr": "127.0.0.1:7409",
+            "spiffe_id": "spiffe://t/node/x", "version": "0", "started_at": 0});
+        NodeScan {
+            name: "x".into(),
+            generation: gen,
+            state,
+            version,
+            values: values.then(|| {
+                vec![
+                    ("agent/acme/a".to_string(), record()),
+                    ("node".to_string(), ann.to_string()),
+                ]
+            }),
+        }
+    }
+
+    fn selectable(m: &MeshView) -> bool {
+        m.read()
+            .select(
+                "acme",
+                &Target::Tag("t".into()),
+                &NoLocal,
+                &[],
+                &mut rand::thread_rng(),
+            )
+            .is_ok()
+    }
+
+    #[test]
+    fn scans_apply_changes_deaths_returns_and_restarts() {
+        let m = MeshView::new(
+            "me",
+            CircuitConfig::default(),
+            dmsc_registry::Choice::PowerOfTwo,
+        );
+        assert!(m
+            .apply_scan(vec![scan(1, 5, MemberState::Alive, true)])
+            .is_empty());
+        assert!(selectable(&m));
+        assert_eq!(m.scan_cursor().get("x"), Some(&(1, 5)));
+        assert!(m.node_addr("x").is_some());
+        // Unchanged (no values): still there.
+        m.apply_scan(vec![scan(1, 5, MemberState::Alive, false)]);
+        assert!(selectable(&m));
+        // Dead: out of every candidate set, and reported for disconnection.
+        let gone = m.apply_scan(vec![scan(1, 5, MemberState::Dead, false)]);
+        assert_eq!(gone, vec!["127.0.0.1:7409".parse().expect("addr")]);
+        assert!(!selectable(&m));
+        assert!(m.node_addr("x").is_none());
+        // Back alive with nothing changed: its agents come back.
+        assert!(m
+            .apply_scan(vec![scan(1, 5, MemberState::Alive, false)])
+            .is_empty());
+        assert!(selectable(&m));
+        // The key deleted (deregistered): gone.
+        let mut s = scan(1, 6, MemberState::Alive, true);
+        if let Some(v) = s.values.as_mut() {
+            v.retain(|(k, _)| k == "node");
+        }
+        m.apply_scan(vec![s]);
+        assert!(!selectable(&m));
+        // A restart (new generation) with the agent again.
+        m.apply_scan(vec![scan(2, 1, MemberState::Alive, true)]);
+        assert!(selectable(&m));
+        // Forgotten by gossip altogether: gone.
+        m.apply_scan(vec![]);
+        assert!(!selectable(&m));
+        assert!(m.scan_cursor().is_empty());
     }
 }
