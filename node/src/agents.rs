@@ -98,7 +98,7 @@ pub struct AgentStats {
     pub ewma_ms: f64,
     pub error_rate: f64,
     pub served: u64,
-    pub latencies: Vec<f64>,
+    pub latencies: std::collections::VecDeque<f64>,
 }
 
 impl AgentStats {
@@ -116,16 +116,16 @@ impl AgentStats {
         self.error_rate += Self::ALPHA * (e - self.error_rate);
         self.served += 1;
         if self.latencies.len() >= Self::WINDOW {
-            self.latencies.remove(0);
+            self.latencies.pop_front();
         }
-        self.latencies.push(ms);
+        self.latencies.push_back(ms);
     }
 
     pub fn p50_ms(&self) -> Option<f64> {
         if self.latencies.is_empty() {
             return None;
         }
-        let mut v = self.latencies.clone();
+        let mut v: Vec<f64> = self.latencies.iter().copied().collect();
         v.sort_by(|a, b| a.total_cmp(b));
         Some(v[v.len() / 2])
     }

@@ -341,6 +341,8 @@ async fn sync_loop(
     cards.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failed: std::collections::HashMap<String, Instant> = Default::default();
     let mut closed: std::collections::HashSet<SocketAddr> = Default::default();
+    let mut in_progress: std::collections::HashSet<String> = Default::default();
+    let mut fetching: JoinSet<(String, bool)> = JoinSet::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {
@@ -358,19 +360,41 @@ async fn sync_loop(
                 closed.retain(|a| gone.contains(a));
             }
             _ = cards.tick() => {
-                for (id, digest) in mesh.missing_cards().into_iter().take(16) {
-                    if failed.get(&digest).is_some_and(|t| t.elapsed() < Duration::from_secs(10)) {
+                // Fetches run beside the scans (a dead home node must not
+                // hold up the scan that notices it), a few at a time.
+                failed.retain(|_, t: &mut Instant| t.elapsed() < Duration::from_secs(10));
+                for (id, digest) in mesh.missing_cards() {
+                    if fetching.len() >= 8 {
+                        break;
+                    }
+                    if failed.contains_key(&digest) || !in_progress.insert(digest.clone()) {
                         continue;
                     }
-                    match crate::delegate::fetch_card(&delegator, &id).await {
-                        Ok(card) if card.digest() == digest => mesh.add_card(card),
-                        Ok(_) => {
-                            failed.insert(digest, Instant::now());
+                    let (d, m) = (delegator.clone(), mesh.clone());
+                    fetching.spawn(
+                        async move {
+                            let ok = match crate::delegate::fetch_card(&d, &id).await {
+                                Ok(card) if card.digest() == digest => {
+                                    m.add_card(card);
+                                    true
+                                }
+                                Ok(_) => false,
+                                Err(e) => {
+                                    tracing::debug!(agent = %id, error = %e, "card fetch failed");
+                                    false
+                                }
+                            };
+                            (digest, ok)
                         }
-                        Err(e) => {
-                            tracing::debug!(agent = %id, error = %e, "card fetch failed");
-                            failed.insert(digest, Instant::now());
-                        }
+                        .in_current_span(),
+                    );
+                }
+            }
+            Some(done) = fetching.join_next(), if !fetching.is_empty() => {
+                if let Ok((digest, ok)) = done {
+                    in_progress.remove(&digest);
+                    if !ok {
+                        failed.insert(digest, Instant::now());
                     }
                 }
             }

@@ -40,6 +40,9 @@ use crate::wire::{self, Part, PartDecoder, RequestHead, ResponseHead, DELEGATION
 /// How long a home node waits for the head of an incoming delegation.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 const READ_CHUNK: usize = 64 * 1024;
+/// Ceiling on any deadline, from a header or the wire (no overflow, no
+/// request held for days).
+pub const MAX_DEADLINE: Duration = Duration::from_secs(3600);
 
 /// A request body: buffered (replayable, readable for intent) or streamed.
 #[derive(Debug)]
@@ -128,6 +131,26 @@ fn guarded(body: Body, guards: Vec<Box<dyn Send + Sync>>) -> Body {
     .boxed()
 }
 
+/// One request in progress at a local agent, counted until dropped.
+struct InFlight(Arc<LocalAgent>);
+
+impl InFlight {
+    fn new(agent: Arc<LocalAgent>) -> InFlight {
+        agent
+            .in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        InFlight(agent)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Aborts a task when dropped (a request-body writer lives as long as its
 /// response).
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -145,7 +168,7 @@ fn incoming(body: Incoming) -> Body {
 fn idempotent(m: &Method) -> bool {
     matches!(
         *m,
-        Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS | Method::TRACE
+        Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS
     )
 }
 
@@ -199,10 +222,9 @@ impl Delegator {
             method,
             path,
             http2,
-            mut headers,
+            headers,
             body,
         } = d;
-        strip_hop_by_hop(&mut headers);
         let request_bytes = match &body {
             ReqBody::Buffered(b) => Some(b.clone()),
             ReqBody::Streaming(_) => None,
@@ -299,6 +321,7 @@ impl Delegator {
                     path: path.clone(),
                     http: if http2 { 2 } else { 1 },
                     headers: wire::to_wire_headers(&headers),
+                    empty_body: matches!(&body, ReqBody::Buffered(b) if b.is_empty()),
                 };
                 self.deliver_remote(&sel.node, &id, head, body, deadline)
                     .await
@@ -396,8 +419,18 @@ impl Delegator {
             }
         };
         let BiStream {
-            mut send, mut recv, ..
+            mut send,
+            mut recv,
+            peer,
+            ..
         } = stream;
+        if *peer != *node {
+            // A stale address now belongs to another node: not our target.
+            send.reset(dmsc_transport::overlay::RESET_CANCELLED);
+            return Err(not_delivered(format!(
+                "the address of home node `{node}` now answers as `{peer}`"
+            )));
+        }
         let mut parts: Vec<Bytes> = match wire::encode_request_head(&head) {
             Ok(p) => p.to_vec(),
             Err(e) => return Err(not_delivered(format!("cannot encode the request: {e}"))),
@@ -467,9 +500,16 @@ impl Delegator {
         let mut resp = Response::new(guarded(stream_body(recv, decoder), guards));
         *resp.status_mut() = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
         *resp.headers_mut() = wire::from_wire_headers(&head.headers);
-        if !head.delivered {
-            // The home node answered for the agent (it refused the
-            // connection, or is no longer there): its problem body says why.
+        let mesh_error = resp
+            .headers()
+            .get("dmsc-error")
+            .and_then(|v| v.to_str().ok())
+            .and_then(ErrorKind::parse);
+        if !head.delivered || mesh_error.is_some() {
+            // The home node answered for the agent (refused connection, not
+            // its agent, the agent failed mid-request, deadline): its
+            // problem body says why; the retry rules and the caller's error
+            // dialect then apply as for a local failure.
             let body = resp
                 .into_body()
                 .collect()
@@ -485,9 +525,13 @@ impl Delegator {
                         .map(str::to_string)
                 })
                 .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
-            return Err(Failure::NotDelivered(
-                MeshError::new(ErrorKind::Unreachable, node, detail).agent(id),
-            ));
+            let e = MeshError::new(mesh_error.unwrap_or(ErrorKind::Unreachable), node, detail)
+                .agent(id);
+            return Err(if head.delivered {
+                Failure::MaybeDelivered(e)
+            } else {
+                Failure::NotDelivered(e)
+            });
         }
         Ok(resp)
     }
@@ -542,11 +586,24 @@ impl Delegator {
                 let _ = write_error(&mut send, &me, false, None).await;
                 return;
             };
-            let deadline = Instant::now() + Duration::from_millis(head.deadline_ms);
-            let method = Method::from_bytes(head.method.as_bytes()).unwrap_or(Method::GET);
+            let budget = Duration::from_millis(head.deadline_ms).min(MAX_DEADLINE);
+            let deadline = Instant::now() + budget;
+            let Ok(method) = Method::from_bytes(head.method.as_bytes()) else {
+                let me = MeshError::new(
+                    ErrorKind::BadRequest,
+                    &self.me,
+                    format!("invalid HTTP method `{}`", head.method),
+                );
+                let _ = write_error(&mut send, &me, false, None).await;
+                return;
+            };
             let headers = wire::from_wire_headers(&head.headers);
-            let body = stream_body(recv, decoder);
-            let result = deliver_local(
+            let body = if head.empty_body {
+                crate::http::empty()
+            } else {
+                stream_body(recv, decoder)
+            };
+            let delivery = deliver_local(
                 &agent,
                 &self.upstream,
                 &self.me,
@@ -556,12 +613,22 @@ impl Delegator {
                 headers,
                 body,
                 deadline,
-            )
-            .await;
+            );
+            // A caller that gives up (deadline, client gone) stops the stream:
+            // stop working for it at once.
+            let result = tokio::select! {
+                r = delivery => r,
+                _ = send.stopped() => {
+                    debug!("caller gave up before the response head");
+                    return;
+                }
+            };
             match result {
                 Ok(resp) => {
                     if let Err(e) = write_response(&mut send, resp).await {
-                        debug!(error = %e, "caller went away mid-response");
+                        // Reset, never finish: a cut-off body must not look complete.
+                        send.reset(dmsc_transport::overlay::RESET_CANCELLED);
+                        debug!(error = %e, "response copy stopped (agent or caller went away)");
                     }
                 }
                 Err(Failure::NotDelivered(e)) => {
@@ -614,7 +681,7 @@ pub async fn fetch_card(d: &Delegator, id: &AgentId) -> Result<dmsc_registry::Ag
 /// delegations arriving from peers alike.
 #[allow(clippy::too_many_arguments)]
 async fn deliver_local(
-    agent: &LocalAgent,
+    agent: &Arc<LocalAgent>,
     upstream: &Upstream,
     me: &str,
     method: Method,
@@ -624,7 +691,7 @@ async fn deliver_local(
     body: Body,
     deadline: Instant,
 ) -> Result<Response<Body>, Failure> {
-    if method == Method::GET && is_card_path(path) {
+    if (method == Method::GET || method == Method::HEAD) && is_card_path(path) {
         return Ok(serve_card(agent, &headers, me));
     }
     let uri = agent.uri_for(path).map_err(|e| {
@@ -654,14 +721,11 @@ async fn deliver_local(
     } else {
         &upstream.h1
     };
-    agent
-        .in_flight
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // Counts until the response body is done (or this future is dropped
+    // because the caller went away): the gossiped in-flight load.
+    let in_flight = InFlight::new(agent.clone());
     let started = std::time::Instant::now();
     let result = tokio::time::timeout(remaining, client.request(req)).await;
-    agent
-        .in_flight
-        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     let observe = |ok: bool| {
         agent
             .stats
@@ -701,7 +765,8 @@ async fn deliver_local(
             if let Ok(v) = HeaderValue::from_str(me) {
                 parts.headers.insert("dmsc-node", v);
             }
-            Ok(Response::from_parts(parts, incoming(body)))
+            let body = guarded(incoming(body), vec![Box::new(in_flight)]);
+            Ok(Response::from_parts(parts, body))
         }
     }
 }

@@ -123,6 +123,23 @@ impl ErrorKind {
         }
     }
 
+    /// The kind named by a `dmsc-error` header value.
+    pub fn parse(s: &str) -> Option<ErrorKind> {
+        [
+            ErrorKind::BadTarget,
+            ErrorKind::Forbidden,
+            ErrorKind::UnknownAgent,
+            ErrorKind::NoMatch,
+            ErrorKind::NoneAvailable,
+            ErrorKind::Unreachable,
+            ErrorKind::Timeout,
+            ErrorKind::BadRequest,
+            ErrorKind::Internal,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+    }
+
     pub fn status(self) -> StatusCode {
         match self {
             ErrorKind::BadTarget | ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
@@ -255,7 +272,9 @@ pub fn parse_timeout(v: &str) -> Option<Duration> {
         (v, 0.001)
     };
     let n: f64 = num.trim().parse().ok()?;
-    (n.is_finite() && n > 0.0).then(|| Duration::from_secs_f64(n * unit))
+    // Clamped: a huge value must not overflow (it means "no hurry").
+    let secs = (n * unit).min(crate::delegate::MAX_DEADLINE.as_secs_f64());
+    (n.is_finite() && n > 0.0).then(|| Duration::from_secs_f64(secs))
 }
 
 #[cfg(test)]
@@ -270,6 +289,7 @@ mod tests {
         assert_eq!(parse_timeout("400"), Some(Duration::from_millis(400)));
         assert_eq!(parse_timeout("soon"), None);
         assert_eq!(parse_timeout("-1s"), None);
+        assert_eq!(parse_timeout("1e20s"), Some(crate::delegate::MAX_DEADLINE));
     }
 
     #[test]

@@ -197,10 +197,20 @@ impl Ingress {
                 .exact()
                 .is_some_and(|n| n as usize <= cfg.max_buffered_body);
         let body = if buffer {
-            match http_body_util::Limited::new(body, cfg.max_buffered_body)
-                .collect()
-                .await
-            {
+            let read = tokio::time::timeout_at(
+                deadline,
+                http_body_util::Limited::new(body, cfg.max_buffered_body).collect(),
+            )
+            .await;
+            let Ok(read) = read else {
+                return MeshError::new(
+                    ErrorKind::Timeout,
+                    me,
+                    "the deadline passed while reading the request body",
+                )
+                .response(None);
+            };
+            match read {
                 Ok(c) => ReqBody::Buffered(c.to_bytes()),
                 Err(e) => {
                     return MeshError::new(

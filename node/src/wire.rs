@@ -53,6 +53,8 @@ pub struct RequestHead {
     /// 2 when the caller spoke HTTP/2 (gRPC needs it end to end), else 1.
     pub http: u8,
     pub headers: WireHeaders,
+    /// The request has no body (the home node sends none, not an empty chunked one).
+    pub empty_body: bool,
 }
 
 /// The response head the home node sends back.
@@ -143,6 +145,7 @@ pub fn encode_trailers(trailers: &HeaderMap) -> Result<[Bytes; 2], WireError> {
 }
 
 pub fn decode_request_head(bytes: &[u8]) -> Result<RequestHead, WireError> {
+    check_version(bytes)?;
     let head: RequestHead = postcard::from_bytes(bytes).map_err(|e| WireError::Decode {
         what: "request head",
         reason: e.to_string(),
@@ -154,6 +157,7 @@ pub fn decode_request_head(bytes: &[u8]) -> Result<RequestHead, WireError> {
 }
 
 pub fn decode_response_head(bytes: &[u8]) -> Result<ResponseHead, WireError> {
+    check_version(bytes)?;
     let head: ResponseHead = postcard::from_bytes(bytes).map_err(|e| WireError::Decode {
         what: "response head",
         reason: e.to_string(),
@@ -162,6 +166,15 @@ pub fn decode_response_head(bytes: &[u8]) -> Result<ResponseHead, WireError> {
         return Err(WireError::Version(head.version));
     }
     Ok(head)
+}
+
+/// The version is the head's first field, one postcard byte: check it
+/// before decoding the rest, so a head of another version gets a clear error.
+fn check_version(bytes: &[u8]) -> Result<(), WireError> {
+    match bytes.first() {
+        Some(&v) if v != DELEGATION_VERSION => Err(WireError::Version(v)),
+        _ => Ok(()),
+    }
 }
 
 /// Incremental decoder of parts: push bytes as they arrive, take parts out.
@@ -248,6 +261,7 @@ mod tests {
             path,
             http: 1,
             headers: body_headers,
+            empty_body: false,
         }
     }
 

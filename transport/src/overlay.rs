@@ -118,15 +118,33 @@ pub struct BiStream {
 
 /// Sending half of a [`BiStream`].
 #[derive(Debug)]
-pub struct StreamSend(quinn::SendStream);
+pub struct StreamSend {
+    inner: quinn::SendStream,
+    done: bool,
+}
+
+/// Dropped without [`StreamSend::finish`]: the stream is *reset*, so the
+/// peer sees an error, never a clean end (quinn would finish it, and a body
+/// cut short by a failure would look complete).
+impl Drop for StreamSend {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.inner.reset(VarInt::from_u32(RESET_CANCELLED));
+        }
+    }
+}
 
 /// Receiving half of a [`BiStream`].
 #[derive(Debug)]
 pub struct StreamRecv(quinn::RecvStream);
 
 impl StreamSend {
+    fn new(inner: quinn::SendStream) -> StreamSend {
+        StreamSend { inner, done: false }
+    }
+
     pub async fn write_all(&mut self, bytes: &[u8]) -> Result<(), TransportError> {
-        self.0
+        self.inner
             .write_all(bytes)
             .await
             .map_err(|e| TransportError::Stream(e.to_string()))
@@ -134,7 +152,7 @@ impl StreamSend {
 
     /// Writes several buffers without copying them together.
     pub async fn write_chunks(&mut self, chunks: &mut [Bytes]) -> Result<(), TransportError> {
-        self.0
+        self.inner
             .write_all_chunks(chunks)
             .await
             .map_err(|e| TransportError::Stream(e.to_string()))
@@ -142,19 +160,21 @@ impl StreamSend {
 
     /// Ends the stream cleanly (the peer reads end-of-stream).
     pub fn finish(&mut self) -> Result<(), TransportError> {
-        self.0
+        self.done = true;
+        self.inner
             .finish()
             .map_err(|e| TransportError::Stream(e.to_string()))
     }
 
     /// Abandons the stream; the peer's reads fail with `code`.
     pub fn reset(&mut self, code: u32) {
-        let _ = self.0.reset(VarInt::from_u32(code));
+        self.done = true;
+        let _ = self.inner.reset(VarInt::from_u32(code));
     }
 
     /// Resolves when the peer stops reading (it gave up on this stream).
     pub async fn stopped(&mut self) {
-        let _ = self.0.stopped().await;
+        let _ = self.inner.stopped().await;
     }
 }
 
@@ -359,8 +379,7 @@ impl Overlay {
     }
 
     /// Opens a bidirectional stream on `channel` to the peer at `to`, on the
-    /// pooled connection (dialing if there is none). The preamble is queued
-    /// with the first write, so it costs no extra packet.
+    /// pooled connection (dialing if there is none), and writes the preamble.
     pub async fn open_stream(
         &self,
         to: SocketAddr,
@@ -383,7 +402,7 @@ impl Overlay {
             .open_bi()
             .await
             .map_err(|e| TransportError::Stream(e.to_string()))?;
-        let mut send = StreamSend(send);
+        let mut send = StreamSend::new(send);
         send.write_all(&frame::preamble(channel)).await?;
         bump(&self.inner.stats.streams_opened, 1);
         Ok(BiStream {
@@ -580,6 +599,10 @@ fn adopt(inner: &Arc<Inner>, conn: Connection, outbound: bool) -> Option<Connect
     let span = tracing::info_span!("overlay-conn", node = %inner.name, peer = %peer);
     spawn(
         inner,
+        bi_loop(Arc::downgrade(inner), conn.clone(), peer.clone()).instrument(span.clone()),
+    );
+    spawn(
+        inner,
         reader_loop(Arc::downgrade(inner), conn, peer).instrument(span),
     );
     Some(kept)
@@ -592,28 +615,12 @@ async fn reader_loop(weak: Weak<Inner>, conn: Connection, peer: Arc<str>) {
     };
     let from = conn.remote_address();
     loop {
-        let mut stream = tokio::select! {
-            uni = conn.accept_uni() => match uni {
-                Ok(s) => s,
-                Err(e) => {
-                    debug!(error = %e, "overlay connection ended");
-                    break;
-                }
-            },
-            bi = conn.accept_bi() => match bi {
-                Ok((send, recv)) => {
-                    if let Some(inner) = weak.upgrade() {
-                        bump(&stats.streams_accepted, 1);
-                        let task = take_stream(weak.clone(), peer.clone(), from, send, recv);
-                        spawn(&inner, task);
-                    }
-                    continue;
-                }
-                Err(e) => {
-                    debug!(error = %e, "overlay connection ended");
-                    break;
-                }
-            },
+        let mut stream = match conn.accept_uni().await {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(error = %e, "overlay connection ended");
+                break;
+            }
         };
         let read = tokio::time::timeout(
             STREAM_READ_TIMEOUT,
@@ -666,6 +673,18 @@ async fn reader_loop(weak: Weak<Inner>, conn: Connection, peer: Arc<str>) {
     }
 }
 
+/// Accepts a connection's bidirectional (delegation) streams. A loop of its
+/// own, so a slow one-way (gossip) stream never delays a delegation.
+async fn bi_loop(weak: Weak<Inner>, conn: Connection, peer: Arc<str>) {
+    let from = conn.remote_address();
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        let Some(inner) = weak.upgrade() else { return };
+        bump(&inner.stats.streams_accepted, 1);
+        let task = take_stream(weak.clone(), peer.clone(), from, send, recv);
+        spawn(&inner, task);
+    }
+}
+
 /// Reads the preamble of an accepted bidirectional stream and hands the
 /// stream to the node. Runs in its own task so a peer that opens a stream
 /// and says nothing never holds up the connection's reader.
@@ -687,7 +706,7 @@ async fn take_stream(
         }
         Err(_) => Err(frame::FrameError::ShortPreamble(0)),
     };
-    let mut send = StreamSend(send);
+    let mut send = StreamSend::new(send);
     let mut recv = StreamRecv(recv);
     let channel = match channel {
         Ok(c) => c,
