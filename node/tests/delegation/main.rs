@@ -601,3 +601,47 @@ async fn a_dead_nodes_agents_leave_every_candidate_set() {
     }
     mesh.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_gives_up_frees_the_agent_on_the_home_node() {
+    let mesh = mesh3(|_, _| {}).await;
+    let slow = agent_with(
+        "sleepy",
+        &["sleep"],
+        "sleeps",
+        Duration::from_secs(5),
+        CardDialect::V03,
+    )
+    .await;
+    mesh.attach(1, &slow.url(), None).await.expect("attach");
+    eventually(Duration::from_secs(5), "routable", || {
+        mesh.routable_everywhere("sleepy")
+    })
+    .await;
+    let id = dmsc_registry::AgentId::new("acme", "sleepy");
+    let home = mesh.nodes[1]
+        .shared()
+        .agents
+        .agents
+        .get(&id)
+        .expect("local agent");
+    // The client gives up after 300 ms (drops the request).
+    let call = mesh.call(0, "POST", "sleepy.acme.dmsc", "/", &[], message_send("zzz"));
+    assert!(tokio::time::timeout(Duration::from_millis(300), call)
+        .await
+        .is_err());
+    // Both nodes let go well before the agent would have answered (5 s):
+    // the caller's outstanding count and the home node's in-flight count.
+    let start = Instant::now();
+    eventually(
+        Duration::from_secs(2),
+        "in-flight back to zero on both nodes",
+        || {
+            home.in_flight.load(Ordering::Relaxed) == 0
+                && mesh.nodes[0].shared().mesh.outstanding(&id) == 0
+        },
+    )
+    .await;
+    eprintln!("released after {:?}", start.elapsed());
+    mesh.stop().await;
+}
