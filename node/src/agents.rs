@@ -526,7 +526,9 @@ impl AgentsCtx {
 
     /// Republishes load reports that changed (cheap: small values).
     pub async fn load_round(&self, last: &mut HashMap<AgentId, LoadReport>) {
-        for a in self.agents.all() {
+        let agents = self.agents.all();
+        last.retain(|id, _| agents.iter().any(|a| &a.id == id));
+        for a in agents {
             let load = a.load();
             if last.get(&a.id) != Some(&load) {
                 self.mesh.set_load(&a.id, load);

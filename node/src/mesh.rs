@@ -170,6 +170,18 @@ impl MeshView {
         }
     }
 
+    /// Drops this node's state for an agent that left, unless requests to
+    /// it are still in flight (their guards hold it).
+    fn forget_local(&self, id: &AgentId) {
+        let mut local = self.local.write().unwrap_or_else(|p| p.into_inner());
+        if local
+            .get(id)
+            .is_some_and(|l| l.outstanding.load(Ordering::Relaxed) == 0)
+        {
+            local.remove(id);
+        }
+    }
+
     pub fn circuit_state(&self, id: &AgentId) -> CircuitState {
         lock(&self.local(id).circuit).state(Instant::now())
     }
@@ -236,6 +248,7 @@ impl MeshView {
 
     pub fn remove_own(&self, id: &AgentId) {
         self.write().remove(id);
+        self.forget_local(id);
     }
 
     /// `name -> (generation, version)` of every node this view has applied,
@@ -377,6 +390,7 @@ impl MeshView {
                         if reg.get(&id).is_some_and(|e| e.node != self.me) {
                             tracing::info!(agent = %id, "agent left the registry (node gone or deregistered)");
                             reg.remove(&id);
+                            self.forget_local(&id);
                         }
                     }
                 }
