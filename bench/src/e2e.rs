@@ -55,6 +55,10 @@ pub struct LoadArgs {
     /// Rounds; each alternates the order of the paths.
     #[arg(long, default_value_t = 2)]
     pub rounds: usize,
+    /// Address of an nginx mTLS chain in front of the same backend
+    /// (bench/e2e.sh starts one when nginx is installed).
+    #[arg(long)]
+    pub nginx: Option<SocketAddr>,
 }
 
 const BODY: usize = 1024;
@@ -260,7 +264,7 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 /// `e2e-load`.
 pub async fn load(args: LoadArgs) -> anyhow::Result<()> {
     let addrs: Addrs = serde_json::from_str(&args.addrs)?;
-    let paths = [
+    let mut paths = vec![
         Path {
             name: "direct",
             addr: addrs.direct,
@@ -277,6 +281,13 @@ pub async fn load(args: LoadArgs) -> anyhow::Result<()> {
             host: "echo.bench.dmsc",
         },
     ];
+    if let Some(addr) = args.nginx {
+        paths.push(Path {
+            name: "nginx mTLS chain",
+            addr,
+            host: "backend",
+        });
+    }
     let client = Upstream::new();
     // Warm up every path (connections, pools, registry caches).
     for p in &paths {
@@ -293,11 +304,10 @@ pub async fn load(args: LoadArgs) -> anyhow::Result<()> {
     let mut errs: Vec<usize> = vec![0; paths.len()];
     let mut thr: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
     for round in 0..args.rounds {
-        let order: Vec<usize> = if round % 2 == 0 {
-            vec![0, 1, 2]
-        } else {
-            vec![2, 1, 0]
-        };
+        let mut order: Vec<usize> = (0..paths.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
         for (ri, &rate) in args.rates.iter().enumerate() {
             for &pi in &order {
                 let (l, e) = open_loop(&client, &paths[pi], rate, args.secs).await;
@@ -364,6 +374,20 @@ pub async fn load(args: LoadArgs) -> anyhow::Result<()> {
         }
         let t = |i: usize| thr[i].iter().sum::<f64>() / thr[i].len().max(1) as f64;
         println!("{}: max throughput {:.2}x of direct", p.name, t(pi) / t(0));
+    }
+    if let Some(ng) = paths.iter().position(|p| p.name.starts_with("nginx")) {
+        let t = |i: usize| thr[i].iter().sum::<f64>() / thr[i].len().max(1) as f64;
+        for (ri, r) in args.rates.iter().enumerate() {
+            println!(
+                "2 nodes vs nginx chain @{r}/s: p50 {:.2}x, p99 {:.2}x",
+                p50s[2][ri] / p50s[ng][ri],
+                p99s[2][ri] / p99s[ng][ri]
+            );
+        }
+        println!(
+            "2 nodes vs nginx chain: max throughput {:.2}x",
+            t(2) / t(ng)
+        );
     }
     Ok(())
 }
