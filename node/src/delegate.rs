@@ -572,6 +572,7 @@ impl Delegator {
             tenant: head.tenant.clone(),
             name: head.agent.clone(),
         };
+        self.metrics.inbound.inc();
         let span =
             tracing::info_span!("delegation-in", from = %peer, agent = %id, trace = %head.trace_id);
         async {

@@ -254,6 +254,21 @@ async fn by_name_by_capability_and_by_intent_across_nodes() {
         .unwrap_or_default()
         .contains("nobody"));
 
+    // Metrics count both sides of a delegation.
+    let home = dmsc_node::app::metrics_text(mesh.nodes[0].shared()).await;
+    let inbound = home
+        .lines()
+        .find(|l| l.starts_with("dmsc_delegations_inbound_total"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<u64>().ok())
+        .expect("inbound counter");
+    assert!(inbound >= 1, "{home}");
+    let caller = dmsc_node::app::metrics_text(mesh.nodes[2].shared()).await;
+    assert!(
+        caller.contains("dmsc_delegations_total{tenant=\"acme\",outcome=\"ok\"}"),
+        "{caller}"
+    );
+
     // Status shows the agent table.
     let status = mesh.nodes[0].status().await;
     assert_eq!(status.agents.len(), 3, "{:?}", status.agents);
