@@ -321,7 +321,16 @@ async fn a_killed_agent_stops_receiving_and_callers_keep_succeeding() {
     } else {
         "worker-b"
     };
+    let victim_addr = victim.addr;
     drop(victim); // the agent process dies: its port refuses connections
+                  // Dropping aborts its tasks, which takes effect at their next poll:
+                  // wait until the port really refuses, as a dead process's would.
+    eventually(
+        Duration::from_secs(2),
+        "victim port refuses connections",
+        || std::net::TcpStream::connect(victim_addr).is_err(),
+    )
+    .await;
     let before = survivor.state.served.load(Ordering::Relaxed);
     for i in 0..40 {
         let (resp, body) = mesh
