@@ -136,6 +136,7 @@ pub async fn serve() -> anyhow::Result<()> {
     Ok(())
 }
 
+#[derive(Clone, Copy)]
 struct Path {
     name: &'static str,
     addr: SocketAddr,
@@ -193,13 +194,8 @@ async fn open_loop(client: &Upstream, p: &Path, rate: u64, secs: u64) -> (Vec<f6
         }
         let client = client.clone();
         let body = body.clone();
-        let (addr, host) = (p.addr, p.host);
+        let path = *p;
         set.spawn(async move {
-            let path = Path {
-                name: "",
-                addr,
-                host,
-            };
             let ok = one(&client, &path, &body).await;
             (ok, due.elapsed().as_secs_f64() * 1000.0)
         });
@@ -225,13 +221,8 @@ async fn max_throughput(client: &Upstream, p: &Path, c: usize, secs: u64) -> (f6
     for _ in 0..c {
         let client = client.clone();
         let body = body.clone();
-        let (addr, host) = (p.addr, p.host);
+        let path = *p;
         set.spawn(async move {
-            let path = Path {
-                name: "",
-                addr,
-                host,
-            };
             let (mut ok, mut err) = (0usize, 0usize);
             while Instant::now() < until {
                 if one(&client, &path, &body).await {

@@ -26,6 +26,11 @@ pub fn intent_text(body: &[u8]) -> Option<String> {
         // HTTP+JSON binding: the request object itself.
         None => v.get("message")?,
     };
+    message_text(message)
+}
+
+/// The text parts of one A2A message (either dialect), joined by spaces.
+fn message_text(message: &Value) -> Option<String> {
     let texts: Vec<&str> = message
         .get("parts")?
         .as_array()?
@@ -44,13 +49,7 @@ pub fn reply_text(response: &Value) -> Option<String> {
         .or_else(|| result.pointer("/status/message"))
         .or_else(|| result.pointer("/task/status/message"))
         .unwrap_or(result);
-    let texts: Vec<&str> = message
-        .get("parts")?
-        .as_array()?
-        .iter()
-        .filter_map(|p| p.get("text").and_then(Value::as_str))
-        .collect();
-    (!texts.is_empty()).then(|| texts.join(" "))
+    message_text(message)
 }
 
 #[cfg(test)]

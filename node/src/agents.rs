@@ -23,7 +23,6 @@ use bytes::Bytes;
 use dmsc_registry::{slug, AgentCard, AgentId, AgentRecord, Health, LoadReport};
 use http_body_util::BodyExt;
 use hyper::{Method, Request, StatusCode, Uri};
-use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::config::RawAgent;
@@ -203,17 +202,6 @@ impl LocalAgent {
             cpu: 0.0,
         }
     }
-}
-
-/// A JSON view of a local agent for the admin API.
-#[derive(Debug, Serialize)]
-pub struct AgentView {
-    pub tenant: String,
-    pub name: String,
-    pub url: String,
-    pub health: Health,
-    pub digest: String,
-    pub skills: Vec<dmsc_registry::SkillTags>,
 }
 
 /// The agents of this node, and those still waiting to onboard.

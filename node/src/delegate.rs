@@ -851,53 +851,11 @@ fn stream_body(recv: StreamRecv, decoder: PartDecoder) -> Body {
 }
 
 /// Copies an HTTP body into a delegation stream, then finishes it.
-async fn pump_body(mut body: Body, mut send: StreamSend) {
+/// Copies an HTTP body (data and trailers) into a delegation stream and
+/// finishes it. On an error the caller resets the stream.
+async fn copy_body(mut body: Body, send: &mut StreamSend) -> Result<(), BoxError> {
     while let Some(frame) = body.frame().await {
-        let res = match frame {
-            Ok(f) => match f.into_data() {
-                Ok(data) => {
-                    let mut parts = Vec::with_capacity(2);
-                    wire::encode_data(data, &mut parts);
-                    send.write_chunks(&mut parts)
-                        .await
-                        .map_err(|e| e.to_string())
-                }
-                Err(f) => match f.into_trailers() {
-                    Ok(t) => match wire::encode_trailers(&t) {
-                        Ok(p) => send
-                            .write_chunks(&mut p.to_vec())
-                            .await
-                            .map_err(|e| e.to_string()),
-                        Err(e) => Err(e.to_string()),
-                    },
-                    Err(_) => Ok(()),
-                },
-            },
-            Err(e) => Err(e.to_string()),
-        };
-        if let Err(e) = res {
-            debug!(error = %e, "body copy into the overlay stopped");
-            send.reset(dmsc_transport::overlay::RESET_CANCELLED);
-            return;
-        }
-    }
-    let _ = send.finish();
-}
-
-async fn write_response(send: &mut StreamSend, resp: Response<Body>) -> Result<(), BoxError> {
-    let (parts, body) = resp.into_parts();
-    let head = ResponseHead {
-        version: DELEGATION_VERSION,
-        status: parts.status.as_u16(),
-        headers: wire::to_wire_headers(&parts.headers),
-        delivered: true,
-    };
-    send.write_chunks(&mut wire::encode_response_head(&head)?.to_vec())
-        .await?;
-    let mut body = body;
-    while let Some(frame) = body.frame().await {
-        let f = frame?;
-        match f.into_data() {
+        match frame?.into_data() {
             Ok(data) => {
                 let mut p = Vec::with_capacity(2);
                 wire::encode_data(data, &mut p);
@@ -913,6 +871,28 @@ async fn write_response(send: &mut StreamSend, resp: Response<Body>) -> Result<(
     }
     send.finish()?;
     Ok(())
+}
+
+/// The request body of a streamed remote delegation (runs beside the
+/// response read).
+async fn pump_body(body: Body, mut send: StreamSend) {
+    if let Err(e) = copy_body(body, &mut send).await {
+        debug!(error = %e, "body copy into the overlay stopped");
+        send.reset(dmsc_transport::overlay::RESET_CANCELLED);
+    }
+}
+
+async fn write_response(send: &mut StreamSend, resp: Response<Body>) -> Result<(), BoxError> {
+    let (parts, body) = resp.into_parts();
+    let head = ResponseHead {
+        version: DELEGATION_VERSION,
+        status: parts.status.as_u16(),
+        headers: wire::to_wire_headers(&parts.headers),
+        delivered: true,
+    };
+    send.write_chunks(&mut wire::encode_response_head(&head)?.to_vec())
+        .await?;
+    copy_body(body, send).await
 }
 
 async fn write_error(

@@ -203,10 +203,6 @@ impl MeshView {
             .copied()
     }
 
-    pub fn card(&self, digest: &str) -> Option<Arc<AgentCard>> {
-        lock(&self.cards).get(digest).cloned()
-    }
-
     /// Caches a card and feeds its text to the intent index of every
     /// registered agent whose record carries that digest.
     pub fn add_card(&self, card: AgentCard) {

@@ -21,6 +21,15 @@ async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool
     }
 }
 
+/// Attaches `agent` to node `node` and waits until every node can route to it.
+async fn attach_routable(mesh: &LocalMesh, node: usize, agent: &SampleAgent, name: &str) {
+    mesh.attach(node, &agent.url(), None).await.expect("attach");
+    eventually(Duration::from_secs(5), "routable", || {
+        mesh.routable_everywhere(name)
+    })
+    .await;
+}
+
 fn loopback() -> SocketAddr {
     "127.0.0.1:0".parse().expect("addr")
 }
@@ -470,11 +479,7 @@ async fn the_deadline_holds_across_two_hops() {
         CardDialect::V03,
     )
     .await;
-    mesh.attach(2, &slow.url(), None).await.expect("attach");
-    eventually(Duration::from_secs(5), "routable", || {
-        mesh.routable_everywhere("slow")
-    })
-    .await;
+    attach_routable(&mesh, 2, &slow, "slow").await;
     let start = Instant::now();
     let (resp, body) = mesh
         .call(
@@ -503,11 +508,7 @@ async fn the_deadline_holds_across_two_hops() {
 async fn a_streamed_response_flows_through_two_nodes_as_it_comes() {
     let mesh = mesh3(|_, _| {}).await;
     let streamer = agent("streamer", &["stream"], "streams answers").await;
-    mesh.attach(1, &streamer.url(), None).await.expect("attach");
-    eventually(Duration::from_secs(5), "routable", || {
-        mesh.routable_everywhere("streamer")
-    })
-    .await;
+    attach_routable(&mesh, 1, &streamer, "streamer").await;
     let body = serde_json::json!({
         "jsonrpc": "2.0", "id": 9, "method": "message/stream",
         "params": {"message": {"role": "user", "messageId": "m", "parts": [{"kind": "text", "text": "go"}]}}
@@ -637,11 +638,7 @@ async fn a_caller_that_gives_up_frees_the_agent_on_the_home_node() {
         CardDialect::V03,
     )
     .await;
-    mesh.attach(1, &slow.url(), None).await.expect("attach");
-    eventually(Duration::from_secs(5), "routable", || {
-        mesh.routable_everywhere("sleepy")
-    })
-    .await;
+    attach_routable(&mesh, 1, &slow, "sleepy").await;
     let id = dmsc_registry::AgentId::new("acme", "sleepy");
     let home = mesh.nodes[1]
         .shared()
