@@ -1,7 +1,10 @@
 //! The admin HTTP API (localhost by default): `/live`, `/ready`, `/metrics`,
 //! `/v1/status`, and `/v1/agents` (GET the agent table, POST
 //! `{"tenant","url","name"?}` to onboard an agent, DELETE
-//! `/v1/agents/<tenant>/<name>` to remove one). Plain HTTP/1.1; it is an operator's and a scraper's port,
+//! `/v1/agents/<tenant>/<name>` to remove one), `/v1/tokens` (POST
+//! `{"tenant","agent","ttl_secs"?}`: a one-time join token), `/v1/revocations`
+//! (GET the list, POST a statement from `dmsc-node ca revoke`), and
+//! `/v1/check` (clock skew and reachability of every peer). Plain HTTP/1.1; it is an operator's and a scraper's port,
 //! not a data path, so it stays small and dependency-free beyond hyper.
 
 use std::convert::Infallible;
@@ -74,7 +77,7 @@ async fn agents_route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) -> Re
                     &serde_json::json!({
                         "tenant": a.id.tenant,
                         "name": a.id.name,
-                        "node": s.identity.name(),
+                        "node": s.security.identity().name(),
                         "digest": a.digest,
                         "skills": a.card.skill_tags(),
                         "mesh_url": format!("http://{}.{}.dmsc", a.id.name, a.id.tenant),
@@ -119,9 +122,118 @@ async fn agents_route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) -> Re
     }
 }
 
+async fn read_body(req: Request<hyper::body::Incoming>) -> Result<Bytes, Response<Body>> {
+    use http_body_util::BodyExt;
+    match http_body_util::Limited::new(req.into_body(), 64 * 1024)
+        .collect()
+        .await
+    {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) => Err(json(
+            StatusCode::BAD_REQUEST,
+            &serde_json::json!({"error": e.to_string()}),
+        )),
+    }
+}
+
+/// `POST /v1/tokens`: a one-time join token for one agent of one tenant.
+async fn tokens_route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) -> Response<Body> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Ask {
+        tenant: String,
+        agent: String,
+        ttl_secs: Option<u64>,
+    }
+    if req.method() != Method::POST {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "POST /v1/tokens\n");
+    }
+    let body = match read_body(req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let ask: Ask = match serde_json::from_slice(&body) {
+        Ok(a) => a,
+        Err(e) => {
+            return json(
+                StatusCode::BAD_REQUEST,
+                &serde_json::json!({"error": format!("expected {{\"tenant\", \"agent\", \"ttl_secs\"?}}: {e}")}),
+            )
+        }
+    };
+    let ttl = std::time::Duration::from_secs(ask.ttl_secs.unwrap_or(3600));
+    match s.security.create_token(&ask.tenant, &ask.agent, ttl) {
+        Ok((token, info)) => json(
+            StatusCode::CREATED,
+            &serde_json::json!({
+                "token": token,
+                "id": info.id,
+                "tenant": info.tenant,
+                "agent": info.agent,
+                "expires_at": info.expires_at.unix_timestamp(),
+            }),
+        ),
+        Err(r) => json(r.status, &serde_json::json!({"error": r.reason, "code": r.code})),
+    }
+}
+
+/// `GET /v1/revocations`, `POST /v1/revocations` (a signed statement).
+async fn revocations_route(
+    req: Request<hyper::body::Incoming>,
+    s: Arc<Shared>,
+) -> Response<Body> {
+    match *req.method() {
+        Method::GET => json(
+            StatusCode::OK,
+            &serde_json::json!({ "revocations": s.security.revoked.all() }),
+        ),
+        Method::POST => {
+            let body = match read_body(req).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let r = match dmsc_transport::Revocation::parse(&body) {
+                Ok(r) => r,
+                Err(e) => {
+                    return json(
+                        StatusCode::BAD_REQUEST,
+                        &serde_json::json!({"error": e.to_string()}),
+                    )
+                }
+            };
+            match s.security.apply_revocation(r.clone(), "admin") {
+                Ok(new) => {
+                    crate::app::publish_revocation(&s.gossip, &r).await;
+                    let closed = s.overlay.close_revoked();
+                    json(
+                        if new { StatusCode::CREATED } else { StatusCode::OK },
+                        &serde_json::json!({
+                            "serial": r.serial,
+                            "new": new,
+                            "closed_connections": closed,
+                        }),
+                    )
+                }
+                Err(e) => json(StatusCode::FORBIDDEN, &serde_json::json!({"error": e})),
+            }
+        }
+        _ => reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET or POST /v1/revocations\n",
+        ),
+    }
+}
+
 async fn route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) -> Response<Body> {
     if req.uri().path().starts_with("/v1/agents") {
         return agents_route(req, s).await;
+    }
+    if req.uri().path() == "/v1/tokens" {
+        return tokens_route(req, s).await;
+    }
+    if req.uri().path() == "/v1/revocations" {
+        return revocations_route(req, s).await;
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n");
@@ -140,6 +252,7 @@ async fn route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) -> Response<
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             metrics_text(&s).await,
         ),
+        "/v1/check" => json(StatusCode::OK, &crate::app::peer_checks(&s).await),
         "/v1/status" => match serde_json::to_vec_pretty(&status_report(&s).await) {
             Ok(body) => reply(StatusCode::OK, "application/json", body),
             Err(e) => reply(

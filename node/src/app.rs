@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use dmsc_gossip::{Gossip, GossipConfig, LinkTransport, MemberState};
-use dmsc_transport::{BiStream, Channel, NodeIdentity, Overlay, OverlayConfig};
+use dmsc_transport::{BiStream, Channel, NodeIdentity, Overlay, OverlayConfig, RevocationSet};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -26,6 +26,7 @@ use crate::http::Upstream;
 use crate::ingress::Ingress;
 use crate::mesh::MeshView;
 use crate::metrics::Metrics;
+use crate::security::Security;
 use crate::status::{GossipStatus, NodeStatus, PeerStatus, StatusReport};
 use crate::{admin, NodeError};
 
@@ -54,7 +55,7 @@ pub struct NodeAnnouncement {
 /// State shared by the admin API and the app.
 pub struct Shared {
     pub config: NodeConfig,
-    pub identity: Arc<NodeIdentity>,
+    pub security: Arc<Security>,
     pub overlay: Overlay,
     pub gossip: Arc<Gossip>,
     pub mesh: Arc<MeshView>,
@@ -79,6 +80,7 @@ impl std::fmt::Debug for Shared {
 pub struct App {
     shared: Arc<Shared>,
     tasks: JoinSet<()>,
+    audit: Option<dmsc_audit::AuditTask>,
 }
 
 impl App {
@@ -105,8 +107,12 @@ impl App {
         let name = identity.name().to_string();
         let mut tasks = JoinSet::new();
 
-        let (overlay, mut inbound) =
-            Overlay::bind(OverlayConfig::new(config.overlay_listen, identity.clone())).await?;
+        let revoked = Arc::new(RevocationSet::new());
+        let (security, audit) = Security::build(&config, identity.clone(), revoked.clone()).await?;
+        let security = Arc::new(security);
+        let mut ocfg = OverlayConfig::new(config.overlay_listen, identity.clone());
+        ocfg.revoked = revoked.clone();
+        let (overlay, mut inbound) = Overlay::bind(ocfg).await?;
         let overlay_addr = config.advertise.unwrap_or_else(|| overlay.local_addr());
 
         // Inbound dispatch: one place where overlay channels meet their consumers.
@@ -118,8 +124,8 @@ impl App {
                         Channel::Gossip => {
                             let _ = gossip_tx.try_send((msg.from, msg.payload));
                         }
-                        Channel::Delegate => {
-                            tracing::debug!(peer = %msg.peer, "ignoring a delegation sent as a one-way message");
+                        Channel::Delegate | Channel::Control => {
+                            tracing::debug!(peer = %msg.peer, "ignoring a stream-only channel sent as a one-way message");
                         }
                     }
                 }
@@ -152,12 +158,13 @@ impl App {
         };
         let announcement =
             serde_json::to_string(&announcement).map_err(|e| NodeError::Internal(e.to_string()))?;
-        let gossip = Gossip::start(
-            gcfg,
-            &transport,
-            vec![(dmsc_gossip::KEY_NODE.to_string(), announcement)],
-        )
-        .await?;
+        // Every revocation this node knows is re-published under its own
+        // state, so a node that was away learns it from whoever it meets.
+        let mut initial = vec![(dmsc_gossip::KEY_NODE.to_string(), announcement)];
+        for r in revoked.all() {
+            initial.push((revoked_key(&r.serial), r.to_json()));
+        }
+        let gossip = Gossip::start(gcfg, &transport, initial).await?;
         let gossip = Arc::new(gossip);
 
         let mesh = Arc::new(MeshView::new(
@@ -176,6 +183,7 @@ impl App {
             overlay: overlay.clone(),
             cfg: config.delegation.clone(),
             metrics: delegation_metrics.clone(),
+            security: security.clone(),
         });
         let agents = AgentsCtx {
             agents: local_agents,
@@ -198,13 +206,27 @@ impl App {
                 addr: spec.listen,
                 source,
             })?;
+            let tls = if spec.tls {
+                Some(security.tls_ingress(spec.mtls, spec.allow_tls12)?)
+            } else {
+                None
+            };
             let ingress = Ingress {
-                tenant: spec.tenant.clone(),
+                spec: spec.clone(),
                 listen: addr,
                 delegator: delegator.clone(),
+                security: security.clone(),
+                tls,
             };
             tasks.spawn(ingress.serve(listener).in_current_span());
-            info!(addr = %addr, tenant = %spec.tenant, "ingress listening (HTTP/1.1, h2, h2c)");
+            info!(
+                addr = %addr,
+                tenant = spec.tenant.as_deref().unwrap_or("<from the caller>"),
+                tls = spec.tls,
+                mtls = spec.mtls,
+                jwt = spec.jwt,
+                "ingress listening"
+            );
             ingress_addrs.push(addr);
         }
         if let Some(streams) = overlay.incoming_streams() {
@@ -216,6 +238,14 @@ impl App {
                 mesh.clone(),
                 delegator.clone(),
                 (config.gossip_interval / 2).max(Duration::from_millis(20)),
+            )
+            .in_current_span(),
+        );
+        tasks.spawn(
+            crate::security::watch_credentials(
+                security.clone(),
+                overlay.clone(),
+                config.reload_interval,
             )
             .in_current_span(),
         );
@@ -242,7 +272,7 @@ impl App {
         };
         let shared = Arc::new(Shared {
             config,
-            identity,
+            security,
             overlay,
             gossip,
             mesh,
@@ -259,10 +289,14 @@ impl App {
             node = %name,
             overlay = %bound.overlay,
             admin = %bound.admin,
-            spiffe = %shared.identity.spiffe,
+            spiffe = %identity.spiffe,
             "dmsc-node ready"
         );
-        Ok(App { shared, tasks })
+        Ok(App {
+            shared,
+            tasks,
+            audit,
+        })
     }
 
     pub fn bound(&self) -> Bound {
@@ -293,13 +327,19 @@ impl App {
 
     /// Leaves the mesh and stops everything.
     pub async fn stop(mut self) {
-        let name = self.shared.identity.name().to_string();
+        let name = self.shared.security.identity().name().to_string();
         info!(node = %name, "shutting down: announcing departure");
         self.shared.ready.store(false, Ordering::Release);
         let _ = tokio::time::timeout(Duration::from_secs(2), self.shared.gossip.leave()).await;
         self.shared.gossip.stop().await;
         self.tasks.abort_all();
         self.shared.overlay.shutdown().await;
+        if let Some(audit) = self.audit.take() {
+            // Drains what is queued, writes a signed checkpoint, fsyncs.
+            if let Err(e) = audit.shutdown_within(Duration::from_secs(5)).await {
+                warn!(error = %e, "audit log did not close cleanly");
+            }
+        }
         info!(node = %name, "stopped");
     }
 }
@@ -317,6 +357,9 @@ async fn stream_loop(mut rx: mpsc::Receiver<BiStream>, delegator: Arc<Delegator>
                         let d = delegator.clone();
                         set.spawn(async move { d.serve_stream(s).await }.in_current_span());
                     }
+                    Channel::Control => {
+                        set.spawn(serve_control(s).in_current_span());
+                    }
                     Channel::Gossip => {
                         s.send.reset(dmsc_transport::overlay::RESET_BUSY);
                     }
@@ -325,6 +368,112 @@ async fn stream_loop(mut rx: mpsc::Receiver<BiStream>, delegator: Arc<Delegator>
             Some(_) = set.join_next(), if !set.is_empty() => {}
         }
     }
+}
+
+/// The gossip key of a revocation.
+pub fn revoked_key(serial: &str) -> String {
+    format!("{}{serial}", KEY_REVOKED_PREFIX)
+}
+
+/// Gossip key prefix of revocations: `revoked/<serial>`.
+pub const KEY_REVOKED_PREFIX: &str = "revoked/";
+
+/// Takes in the revocations peers publish: each is checked against the
+/// mesh CA, persisted, re-published under this node's state, and the live
+/// connections it condemns are closed.
+fn apply_revocations(
+    scan: &[dmsc_gossip::NodeScan],
+    gossip: &Arc<Gossip>,
+    delegator: &Delegator,
+) {
+    let mut any = false;
+    for (key, value) in scan
+        .iter()
+        .filter_map(|n| n.values.as_ref())
+        .flatten()
+        .filter(|(k, _)| k.starts_with(KEY_REVOKED_PREFIX))
+    {
+        let r = match dmsc_transport::Revocation::parse(value.as_bytes()) {
+            Ok(r) if revoked_key(&r.serial) == *key => r,
+            Ok(_) | Err(_) => {
+                tracing::debug!(key = %key, "ignoring a malformed revocation in gossip");
+                continue;
+            }
+        };
+        match delegator.security.apply_revocation(r.clone(), "gossip") {
+            Ok(true) => {
+                let g = gossip.clone();
+                tokio::spawn(async move { publish_revocation(&g, &r).await }.in_current_span());
+                any = true;
+            }
+            Ok(false) => {}
+            Err(e) => tracing::debug!(key = %key, error = %e, "ignoring a revocation that does not verify"),
+        }
+    }
+    if any {
+        delegator.overlay.close_revoked();
+    }
+}
+
+/// Publishes a revocation under this node's gossip state.
+pub async fn publish_revocation(gossip: &Gossip, r: &dmsc_transport::Revocation) {
+    gossip.set(&revoked_key(&r.serial), &r.to_json()).await;
+}
+
+/// Answers a peer's control question. The only one today: `clock`, the
+/// node's wall clock in unix milliseconds (for `dmsc-node check`).
+async fn serve_control(mut s: BiStream) {
+    let mut q = Vec::new();
+    while q.len() < 64 {
+        match s.recv.read_chunk(64).await {
+            Ok(Some(b)) => q.extend_from_slice(&b),
+            _ => break,
+        }
+    }
+    if q != b"clock" {
+        s.send.reset(dmsc_transport::overlay::RESET_BUSY);
+        return;
+    }
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default();
+    if s.send.write_all(&now.to_be_bytes()).await.is_ok() {
+        let _ = s.send.finish();
+    }
+}
+
+/// Asks a peer for its clock; returns (peer clock - our clock at the
+/// midpoint, round trip), in milliseconds.
+pub async fn clock_skew(overlay: &Overlay, addr: SocketAddr) -> Result<(i64, u64), String> {
+    let now_ms = || {
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or_default()
+    };
+    let t0 = now_ms();
+    let mut s = overlay
+        .open_stream(addr, Channel::Control)
+        .await
+        .map_err(|e| e.to_string())?;
+    s.send.write_all(b"clock").await.map_err(|e| e.to_string())?;
+    s.send.finish().map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    while buf.len() < 8 {
+        match s.recv.read_chunk(8).await {
+            Ok(Some(b)) => buf.extend_from_slice(&b),
+            Ok(None) => break,
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    let t1 = now_ms();
+    let bytes: [u8; 8] = buf
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or("short clock answer")?;
+    let theirs = u64::from_be_bytes(bytes) as i64;
+    Ok((theirs - (t0 + t1) / 2, (t1 - t0).max(0) as u64))
 }
 
 /// Keeps the registry in step with gossip, and fetches the cards of remote
@@ -347,6 +496,7 @@ async fn sync_loop(
         tokio::select! {
             _ = tick.tick() => {
                 let scan = gossip.scan_since("", &mesh.scan_cursor()).await;
+                apply_revocations(&scan, &gossip, &delegator);
                 let gone = mesh.apply_scan(scan);
                 for addr in &gone {
                     // Once per death: in-flight delegations to a dead node
@@ -406,7 +556,8 @@ async fn sync_loop(
 pub async fn status_report(s: &Shared) -> StatusReport {
     let members = s.gossip.members().await;
     let now = SystemTime::now();
-    let not_after = s.identity.info.not_after;
+    let identity = s.security.identity();
+    let not_after = identity.info.not_after;
     let expires_in = match not_after.duration_since(now) {
         Ok(d) => d.as_secs() as i64,
         Err(e) => -(e.duration().as_secs() as i64),
@@ -477,10 +628,10 @@ pub async fn status_report(s: &Shared) -> StatusReport {
         agents,
         pending_agents,
         node: NodeStatus {
-            name: s.identity.name().to_string(),
+            name: identity.name().to_string(),
             region: s.config.region.clone(),
-            spiffe_id: s.identity.spiffe.to_string(),
-            trust_domain: s.identity.trust_domain().to_string(),
+            spiffe_id: identity.spiffe.to_string(),
+            trust_domain: identity.trust_domain().to_string(),
             overlay_addr: s.bound.overlay.to_string(),
             admin_addr: s.bound.admin.to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -574,4 +725,47 @@ pub async fn metrics_text(s: &Shared) -> String {
     m.uptime_seconds.set(s.started.elapsed().as_secs() as i64);
     m.agents.set(s.mesh.read().len() as i64);
     m.encode()
+}
+
+/// What `dmsc-node check` asks the running node: every connected peer's
+/// clock skew (over a control stream, error bounded by half the RTT) and
+/// whether each bootstrap peer accepts this node's certificate (a CA
+/// mismatch shows up here as a refused handshake).
+pub async fn peer_checks(s: &Shared) -> serde_json::Value {
+    let mut peers = Vec::new();
+    for p in s.overlay.peers() {
+        let (skew, rtt, error) = match tokio::time::timeout(
+            Duration::from_secs(3),
+            clock_skew(&s.overlay, p.addr),
+        )
+        .await
+        {
+            Ok(Ok((skew, rtt))) => (Some(skew), Some(rtt), None),
+            Ok(Err(e)) => (None, None, Some(e)),
+            Err(_) => (None, None, Some("no clock answer within 3 s".to_string())),
+        };
+        peers.push(serde_json::json!({
+            "name": p.name, "addr": p.addr.to_string(),
+            "skew_ms": skew, "rtt_ms": rtt, "error": error,
+        }));
+    }
+    let mut bootstrap = Vec::new();
+    for b in &s.config.bootstrap {
+        let addrs: Vec<SocketAddr> = match tokio::net::lookup_host(b.as_str()).await {
+            Ok(a) => a.collect(),
+            Err(e) => {
+                bootstrap.push(serde_json::json!({"peer": b, "error": format!("cannot resolve: {e}")}));
+                continue;
+            }
+        };
+        for addr in addrs {
+            let error = match tokio::time::timeout(Duration::from_secs(5), s.overlay.connect(addr)).await {
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some("no answer within 5 s".to_string()),
+            };
+            bootstrap.push(serde_json::json!({"peer": b, "addr": addr.to_string(), "error": error}));
+        }
+    }
+    serde_json::json!({ "peers": peers, "bootstrap": bootstrap })
 }

@@ -32,11 +32,46 @@ pub struct RawConfig {
     /// Agents attached to this node (file only; a layer that sets any replaces the list).
     #[serde(default)]
     pub agents: Vec<RawAgent>,
-    /// Ingress listeners for agents, each bound to one tenant for now.
+    /// Ingress listeners for agents: unauthenticated (one tenant) or authenticated (mTLS, JWT).
     #[serde(default)]
     pub ingress: Vec<RawIngress>,
     #[serde(default)]
     pub delegation: RawDelegation,
+    /// Where the node keeps state: join tokens, revocations, the audit log.
+    pub data_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub jwt: Option<RawJwt>,
+    #[serde(default)]
+    pub audit: RawAudit,
+}
+
+/// `[jwt]`: OAuth 2.0 bearer tokens accepted at authenticated ingress.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJwt {
+    #[serde(default)]
+    pub issuers: Vec<String>,
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    pub jwks_file: Option<PathBuf>,
+    pub jwks_url: Option<String>,
+    pub tenant_claim: Option<String>,
+    pub agent_claim: Option<String>,
+    pub refresh_secs: Option<u64>,
+    pub leeway_secs: Option<u64>,
+}
+
+/// `[audit]`: the node's append-only, hash-chained audit log.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    pub enabled: Option<bool>,
+    /// Default: `<data_dir>/audit`.
+    pub dir: Option<PathBuf>,
+    /// `batch` (default), `interval:<ms>` or `never`.
+    pub fsync: Option<String>,
+    pub checkpoint_every: Option<u64>,
+    pub checkpoint_interval_ms: Option<u64>,
 }
 
 /// `[[agents]]`: an agent this node is home to.
@@ -74,7 +109,16 @@ pub struct RawSkill {
 #[serde(deny_unknown_fields)]
 pub struct RawIngress {
     pub listen: String,
-    pub tenant: String,
+    /// The tenant of every caller of an unauthenticated listener (local
+    /// agents); authenticated listeners take the tenant from the caller.
+    pub tenant: Option<String>,
+    /// Serve TLS with the node certificate (default: false).
+    pub tls: Option<bool>,
+    /// How callers prove who they are: any of `mtls`, `jwt`; empty or
+    /// absent with `tenant` set: none (the listener's tenant).
+    pub auth: Option<Vec<String>>,
+    /// `1.3` (default) or `1.2`.
+    pub min_tls: Option<String>,
 }
 
 /// `[delegation]`: timeouts, retries, circuit breaking, agent health.
@@ -130,7 +174,34 @@ impl Default for DelegationConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct IngressSpec {
     pub listen: SocketAddr,
-    pub tenant: String,
+    /// Set for unauthenticated listeners: every caller is of this tenant.
+    pub tenant: Option<String>,
+    pub tls: bool,
+    pub mtls: bool,
+    pub jwt: bool,
+    pub allow_tls12: bool,
+}
+
+/// JWT validation settings, validated.
+#[derive(Debug, Clone)]
+pub struct JwtSettings {
+    pub issuers: Vec<String>,
+    pub audiences: Vec<String>,
+    pub jwks_file: Option<PathBuf>,
+    pub jwks_url: Option<String>,
+    pub tenant_claim: String,
+    pub agent_claim: String,
+    pub refresh: Duration,
+    pub leeway: Duration,
+}
+
+/// Audit log settings, validated.
+#[derive(Debug, Clone)]
+pub struct AuditSettings {
+    pub dir: PathBuf,
+    pub fsync: String,
+    pub checkpoint_every: u64,
+    pub checkpoint_interval: Duration,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -147,6 +218,14 @@ pub struct RawTls {
     pub ca: Option<PathBuf>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    /// The node's issuing certificate and key (agent enrollment); default:
+    /// `issuer.pem` / `issuer.key` beside the node certificate, if present.
+    pub issuer_cert: Option<PathBuf>,
+    pub issuer_key: Option<PathBuf>,
+    /// Lifetime of the agent certificates this node issues (default 86400).
+    pub agent_cert_ttl_secs: Option<u64>,
+    /// How often the credential files are checked for changes (default 5000).
+    pub reload_interval_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -189,6 +268,14 @@ pub struct NodeConfig {
     pub agents: Vec<RawAgent>,
     pub ingress: Vec<IngressSpec>,
     pub delegation: DelegationConfig,
+    pub issuer_cert: Option<PathBuf>,
+    pub issuer_key: Option<PathBuf>,
+    pub agent_cert_ttl: Duration,
+    pub reload_interval: Duration,
+    pub data_dir: PathBuf,
+    pub jwt: Option<JwtSettings>,
+    /// `None`: audit disabled.
+    pub audit: Option<AuditSettings>,
 }
 
 impl RawDelegation {
@@ -297,6 +384,7 @@ impl RawConfig {
                 ca: Some(creds.join("ca.pem")),
                 cert: Some(creds.join("node.pem")),
                 key: Some(creds.join("node.key")),
+                ..Default::default()
             },
             admin: RawAdmin {
                 listen: Some("127.0.0.1:0".into()),
@@ -305,6 +393,9 @@ impl RawConfig {
             agents: Vec::new(),
             ingress: Vec::new(),
             delegation: RawDelegation::default(),
+            data_dir: Some(creds.join("data")),
+            jwt: None,
+            audit: RawAudit::default(),
         }
     }
 
@@ -315,9 +406,19 @@ impl RawConfig {
         let mut raw: RawConfig = toml::from_str(&text)
             .map_err(|e| ConfigError(vec![format!("`{}`: {e}", path.display())]))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut raw.tls.ca, &mut raw.tls.cert, &mut raw.tls.key]
-            .into_iter()
-            .flatten()
+        let jwks = raw.jwt.as_mut().and_then(|j| j.jwks_file.as_mut());
+        for p in [
+            &mut raw.tls.ca,
+            &mut raw.tls.cert,
+            &mut raw.tls.key,
+            &mut raw.tls.issuer_cert,
+            &mut raw.tls.issuer_key,
+            &mut raw.data_dir,
+            &mut raw.audit.dir,
+        ]
+        .into_iter()
+        .flatten()
+        .chain(jwks)
         {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -356,7 +457,9 @@ impl RawConfig {
                 ca: get("DMSC_TLS_CA").map(PathBuf::from),
                 cert: get("DMSC_TLS_CERT").map(PathBuf::from),
                 key: get("DMSC_TLS_KEY").map(PathBuf::from),
+                ..Default::default()
             },
+            data_dir: get("DMSC_DATA_DIR").map(PathBuf::from),
             admin: RawAdmin {
                 listen: get("DMSC_ADMIN_LISTEN"),
             },
@@ -396,6 +499,20 @@ impl RawConfig {
         set(&mut self.tls.ca, top.tls.ca);
         set(&mut self.tls.cert, top.tls.cert);
         set(&mut self.tls.key, top.tls.key);
+        set(&mut self.tls.issuer_cert, top.tls.issuer_cert);
+        set(&mut self.tls.issuer_key, top.tls.issuer_key);
+        set(&mut self.tls.agent_cert_ttl_secs, top.tls.agent_cert_ttl_secs);
+        set(&mut self.tls.reload_interval_ms, top.tls.reload_interval_ms);
+        set(&mut self.data_dir, top.data_dir);
+        set(&mut self.jwt, top.jwt);
+        set(&mut self.audit.enabled, top.audit.enabled);
+        set(&mut self.audit.dir, top.audit.dir);
+        set(&mut self.audit.fsync, top.audit.fsync);
+        set(&mut self.audit.checkpoint_every, top.audit.checkpoint_every);
+        set(
+            &mut self.audit.checkpoint_interval_ms,
+            top.audit.checkpoint_interval_ms,
+        );
         set(&mut self.admin.listen, top.admin.listen);
         set(&mut self.gossip.interval_ms, top.gossip.interval_ms);
         set(&mut self.gossip.phi_threshold, top.gossip.phi_threshold);
@@ -518,17 +635,122 @@ impl RawConfig {
         }
         let mut ingress = Vec::new();
         for (i, g) in self.ingress.iter().enumerate() {
+            let tls = g.tls.unwrap_or(false);
+            let (mut mtls, mut jwt) = (false, false);
+            for m in g.auth.iter().flatten() {
+                match m.as_str() {
+                    "mtls" => mtls = true,
+                    "jwt" => jwt = true,
+                    "none" => {}
+                    other => errors.push(format!(
+                        "ingress[{i}].auth: `{other}` is not one of `mtls`, `jwt`, `none`"
+                    )),
+                }
+            }
+            if mtls && !tls {
+                errors.push(format!(
+                    "ingress[{i}]: auth `mtls` needs `tls = true` (client certificates travel in the TLS handshake)"
+                ));
+            }
+            if jwt && self.jwt.is_none() {
+                errors.push(format!(
+                    "ingress[{i}]: auth `jwt` needs a [jwt] section (issuers, audiences, jwks_file or jwks_url)"
+                ));
+            }
+            match (&g.tenant, mtls || jwt) {
+                (Some(t), false) if !dmsc_transport::identity::valid_name(t) => errors.push(format!(
+                    "ingress[{i}].tenant = `{t}` must be 1-63 of a-z, 0-9 and -"
+                )),
+                (Some(_), true) => errors.push(format!(
+                    "ingress[{i}]: `tenant` is for unauthenticated listeners; with `auth` the caller's identity decides the tenant"
+                )),
+                (None, false) => errors.push(format!(
+                    "ingress[{i}]: set `tenant` (every caller is of that tenant) or `auth = [\"mtls\", \"jwt\"]`"
+                )),
+                _ => {}
+            }
+            let allow_tls12 = match g.min_tls.as_deref() {
+                None | Some("1.3") => false,
+                Some("1.2") => true,
+                Some(other) => {
+                    errors.push(format!(
+                        "ingress[{i}].min_tls = `{other}` must be `1.3` or `1.2`"
+                    ));
+                    false
+                }
+            };
             if let Some(listen) = addr(&format!("ingress[{i}].listen"), &g.listen, &mut errors) {
                 ingress.push(IngressSpec {
                     listen,
                     tenant: g.tenant.clone(),
+                    tls,
+                    mtls,
+                    jwt,
+                    allow_tls12,
                 });
             }
-            if !dmsc_transport::identity::valid_name(&g.tenant) {
-                errors.push(format!(
-                    "ingress[{i}].tenant = `{}` must be 1-63 of a-z, 0-9 and -",
-                    g.tenant
-                ));
+        }
+        let jwt = self.jwt.as_ref().map(|j| {
+            if j.issuers.is_empty() || j.audiences.is_empty() {
+                errors.push("jwt: set at least one of `issuers` and of `audiences`".into());
+            }
+            if j.jwks_file.is_some() == j.jwks_url.is_some() {
+                errors.push("jwt: set exactly one of `jwks_file` and `jwks_url`".into());
+            }
+            JwtSettings {
+                issuers: j.issuers.clone(),
+                audiences: j.audiences.clone(),
+                jwks_file: j.jwks_file.clone(),
+                jwks_url: j.jwks_url.clone(),
+                tenant_claim: j.tenant_claim.clone().unwrap_or_else(|| "tenant".into()),
+                agent_claim: j.agent_claim.clone().unwrap_or_else(|| "sub".into()),
+                refresh: Duration::from_secs(j.refresh_secs.unwrap_or(300).max(1)),
+                leeway: Duration::from_secs(j.leeway_secs.unwrap_or(30)),
+            }
+        });
+        // Default: beside the node's credentials, which are per node already.
+        let data_dir = self.data_dir.clone().unwrap_or_else(|| {
+            cert.parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+                .join("data")
+        });
+        let audit = if self.audit.enabled.unwrap_or(true) {
+            let fsync = self.audit.fsync.clone().unwrap_or_else(|| "batch".into());
+            if let Err(e) = fsync.parse::<dmsc_audit::FsyncPolicy>() {
+                errors.push(format!("audit.fsync: {e}"));
+            }
+            Some(AuditSettings {
+                dir: self
+                    .audit
+                    .dir
+                    .clone()
+                    .unwrap_or_else(|| data_dir.join("audit")),
+                fsync,
+                checkpoint_every: self.audit.checkpoint_every.unwrap_or(1000).max(1),
+                checkpoint_interval: Duration::from_millis(
+                    self.audit.checkpoint_interval_ms.unwrap_or(10_000).max(10),
+                ),
+            })
+        } else {
+            None
+        };
+        let beside = |name: &str| cert.parent().map(|d| d.join(name));
+        let issuer_cert = self
+            .tls
+            .issuer_cert
+            .clone()
+            .or_else(|| beside(dmsc_transport::pki::ISSUER_CERT).filter(|p| p.is_file()));
+        let issuer_key = self
+            .tls
+            .issuer_key
+            .clone()
+            .or_else(|| beside(dmsc_transport::pki::ISSUER_KEY).filter(|p| p.is_file()));
+        for (what, p) in [("tls.issuer_cert", &issuer_cert), ("tls.issuer_key", &issuer_key)] {
+            if let Some(p) = p {
+                if !p.is_file() {
+                    errors.push(format!("{what} = `{}`: no such file", p.display()));
+                }
             }
         }
         let delegation = self.delegation.validate(&mut errors);
@@ -536,6 +758,13 @@ impl RawConfig {
             return Err(ConfigError(errors));
         }
         Ok(NodeConfig {
+            issuer_cert,
+            issuer_key,
+            agent_cert_ttl: Duration::from_secs(self.tls.agent_cert_ttl_secs.unwrap_or(86_400).max(60)),
+            reload_interval: Duration::from_millis(self.tls.reload_interval_ms.unwrap_or(5_000).max(50)),
+            data_dir,
+            jwt,
+            audit,
             agents: self.agents,
             ingress,
             delegation,
@@ -575,7 +804,12 @@ impl NodeConfig {
             self.phi_threshold,
             self.ingress
                 .iter()
-                .map(|i| format!("{}:{}", i.tenant, i.listen))
+                .map(|i| format!(
+                    "{}:{}{}",
+                    i.tenant.as_deref().unwrap_or("auth"),
+                    i.listen,
+                    if i.tls { "/tls" } else { "" }
+                ))
                 .collect::<Vec<_>>()
                 .join(","),
             self.agents.len(),

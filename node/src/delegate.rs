@@ -94,6 +94,8 @@ pub struct Delegator {
     pub overlay: Overlay,
     pub cfg: DelegationConfig,
     pub metrics: crate::metrics::DelegationMetrics,
+    /// Audit trail (and the rest of the node's security state).
+    pub security: Arc<crate::security::Security>,
 }
 
 /// A response body that holds guards (outstanding count, writer task)
@@ -197,6 +199,8 @@ impl Delegator {
         };
         let span = tracing::info_span!("delegation", tenant = %d.tenant, target = %target_desc, trace = %d.trace_id);
         let tenant = d.tenant.clone();
+        let caller = d.caller.clone();
+        let trace = d.trace_id.clone();
         let started = std::time::Instant::now();
         let resp = self.delegate_inner(d).instrument(span).await;
         let outcome = match resp
@@ -209,6 +213,28 @@ impl Delegator {
             None => "ok".to_string(),
         };
         self.metrics.record(&tenant, &outcome, started.elapsed());
+        if self.security.audit.is_some() {
+            let header = |name: &str| {
+                resp.headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            };
+            self.security.record(dmsc_audit::Event::tenant(
+                tenant,
+                dmsc_audit::Delegation {
+                    caller,
+                    target: target_desc,
+                    route: header("dmsc-route").unwrap_or_default(),
+                    agent: header("dmsc-agent"),
+                    serving_node: header("dmsc-node"),
+                    outcome,
+                    status: Some(resp.status().as_u16()),
+                    duration_ms: started.elapsed().as_millis() as u64,
+                    trace_id: Some(trace),
+                },
+            ));
+        }
         resp
     }
 

@@ -98,6 +98,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
     BadTarget,
+    Unauthorized,
     Forbidden,
     UnknownAgent,
     NoMatch,
@@ -112,6 +113,7 @@ impl ErrorKind {
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorKind::BadTarget => "bad-target",
+            ErrorKind::Unauthorized => "unauthorized",
             ErrorKind::Forbidden => "forbidden",
             ErrorKind::UnknownAgent => "unknown-agent",
             ErrorKind::NoMatch => "no-match",
@@ -127,6 +129,7 @@ impl ErrorKind {
     pub fn parse(s: &str) -> Option<ErrorKind> {
         [
             ErrorKind::BadTarget,
+            ErrorKind::Unauthorized,
             ErrorKind::Forbidden,
             ErrorKind::UnknownAgent,
             ErrorKind::NoMatch,
@@ -143,6 +146,7 @@ impl ErrorKind {
     pub fn status(self) -> StatusCode {
         match self {
             ErrorKind::BadTarget | ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorKind::Forbidden => StatusCode::FORBIDDEN,
             ErrorKind::UnknownAgent | ErrorKind::NoMatch => StatusCode::NOT_FOUND,
             ErrorKind::NoneAvailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -157,6 +161,7 @@ impl ErrorKind {
     fn jsonrpc_code(self) -> i64 {
         match self {
             ErrorKind::BadRequest | ErrorKind::BadTarget => -32600,
+            ErrorKind::Unauthorized => -32055,
             ErrorKind::Forbidden => -32050,
             ErrorKind::UnknownAgent | ErrorKind::NoMatch => -32051,
             ErrorKind::NoneAvailable => -32052,

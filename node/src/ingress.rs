@@ -1,8 +1,14 @@
 //! Ingress: where agents send their requests to the mesh.
 //!
-//! One listener per `[[ingress]]` entry, each bound to a tenant (callers get
-//! per-request identities in a later issue). HTTP/1.1, h2 and h2c are
-//! detected per connection. Both request forms work: proxy form (an agent
+//! One listener per `[[ingress]]` entry. An unauthenticated listener (local
+//! agents) gives every caller its configured tenant; an authenticated one
+//! (TLS, `auth = ["mtls", "jwt"]`) takes tenant and agent from the caller's
+//! verified client certificate (`spiffe://<td>/tenant/<t>/agent/<a>`) or
+//! bearer JWT, and answers 401 (no or bad credentials) or 403 (another
+//! tenant's address) with the reason, audited, before anything reaches an
+//! agent. TLS ingress also serves enrollment (`POST /v1/enroll`, join token)
+//! and renewal (`POST /v1/renew`, current certificate). HTTP/1.1, h2 and
+//! h2c (or h2 by ALPN) are detected per connection. Both request forms work: proxy form (an agent
 //! with `HTTP_PROXY` sends `GET http://billing.acme.dmsc/...`) and origin
 //! form (intercepted traffic, target in `Host`). The target comes from the
 //! host name:
@@ -33,8 +39,27 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tracing::{debug, Instrument};
 
+use crate::config::IngressSpec;
 use crate::delegate::{Delegation, Delegator, ReqBody};
-use crate::http::{parse_timeout, Body, BoxError, ErrorKind, MeshError};
+use crate::http::{full, parse_timeout, Body, BoxError, ErrorKind, MeshError};
+use crate::security::{Caller, Refusal, Security, TlsIngress};
+use dmsc_transport::tls::AgentIdentity;
+use rustls::pki_types::CertificateDer;
+
+/// Bound on a TLS handshake at the ingress.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Largest enrollment request body.
+const MAX_ENROLL_BODY: usize = 64 * 1024;
+
+/// What one connection proved, judged once after the handshake.
+#[derive(Debug, Default)]
+struct ConnAuth {
+    peer: Option<SocketAddr>,
+    /// The client certificate chain, if one was presented.
+    chain: Vec<CertificateDer<'static>>,
+    /// The chain's verdict: the agent it proves, or why it proves nothing.
+    verdict: Option<Result<AgentIdentity, String>>,
+}
 
 /// What a host name asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,11 +126,46 @@ fn trace_id<B>(req: &Request<B>) -> String {
 }
 
 /// One ingress listener.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Ingress {
-    pub tenant: String,
+    pub spec: IngressSpec,
     pub listen: SocketAddr,
     pub delegator: Arc<Delegator>,
+    pub security: Arc<Security>,
+    pub tls: Option<Arc<TlsIngress>>,
+}
+
+impl std::fmt::Debug for Ingress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ingress")
+            .field("listen", &self.listen)
+            .field("spec", &self.spec)
+            .finish_non_exhaustive()
+    }
+}
+
+fn refusal_response(r: &Refusal, me: &str, bearer: bool) -> Response<Body> {
+    let kind = match r.status {
+        hyper::StatusCode::UNAUTHORIZED => ErrorKind::Unauthorized,
+        hyper::StatusCode::FORBIDDEN => ErrorKind::Forbidden,
+        hyper::StatusCode::BAD_REQUEST => ErrorKind::BadRequest,
+        hyper::StatusCode::SERVICE_UNAVAILABLE => ErrorKind::NoneAvailable,
+        _ => ErrorKind::Internal,
+    };
+    let mut resp = MeshError::new(kind, me, format!("{} ({})", r.reason, r.code)).response(None);
+    *resp.status_mut() = r.status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(&r.code) {
+        resp.headers_mut().insert("dmsc-auth-error", v);
+    }
+    if bearer && r.status == hyper::StatusCode::UNAUTHORIZED {
+        let desc: String = r.reason.chars().filter(|c| *c != '"' && *c != '\\').collect();
+        if let Ok(v) = hyper::header::HeaderValue::from_str(&format!(
+            "Bearer error=\"invalid_token\", error_description=\"{desc}\""
+        )) {
+            resp.headers_mut().insert(hyper::header::WWW_AUTHENTICATE, v);
+        }
+    }
+    resp
 }
 
 impl Ingress {
@@ -128,15 +188,34 @@ impl Ingress {
                     let this = this.clone();
                     conns.spawn(
                         async move {
-                            let svc = service_fn(move |req| {
-                                let this = this.clone();
-                                async move { Ok::<_, std::convert::Infallible>(this.handle(req).await) }
-                            });
-                            if let Err(e) = auto::Builder::new(TokioExecutor::new())
-                                .serve_connection(TokioIo::new(stream), svc)
-                                .await
-                            {
-                                debug!(peer = %peer, error = %e, "ingress connection ended");
+                            match this.tls.as_ref().map(|t| t.acceptor()) {
+                                None => {
+                                    let auth = Arc::new(ConnAuth { peer: Some(peer), ..Default::default() });
+                                    this.serve_conn(TokioIo::new(stream), auth, peer).await
+                                }
+                                Some(acceptor) => {
+                                    let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                                        Ok(Ok(s)) => s,
+                                        Ok(Err(e)) => {
+                                            debug!(peer = %peer, error = %e, "ingress TLS handshake failed");
+                                            return;
+                                        }
+                                        Err(_) => {
+                                            debug!(peer = %peer, "ingress TLS handshake timed out");
+                                            return;
+                                        }
+                                    };
+                                    let chain: Vec<CertificateDer<'static>> = tls
+                                        .get_ref()
+                                        .1
+                                        .peer_certificates()
+                                        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+                                        .unwrap_or_default();
+                                    let verdict = (!chain.is_empty() && this.spec.mtls)
+                                        .then(|| this.security.verify_agent(&chain));
+                                    let auth = Arc::new(ConnAuth { peer: Some(peer), chain, verdict });
+                                    this.serve_conn(TokioIo::new(tls), auth, peer).await
+                                }
                             }
                         }
                         .in_current_span(),
@@ -147,25 +226,244 @@ impl Ingress {
         }
     }
 
-    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn serve_conn<I>(self: &Arc<Self>, io: I, auth: Arc<ConnAuth>, peer: SocketAddr)
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let this = self.clone();
+        let svc = service_fn(move |req| {
+            let (this, auth) = (this.clone(), auth.clone());
+            async move { Ok::<_, std::convert::Infallible>(this.handle(req, &auth).await) }
+        });
+        if let Err(e) = auto::Builder::new(TokioExecutor::new())
+            .serve_connection(io, svc)
+            .await
+        {
+            debug!(peer = %peer, error = %e, "ingress connection ended");
+        }
+    }
+
+    fn audit_auth_failure(
+        &self,
+        method: dmsc_audit::AuthMethod,
+        reason: &str,
+        auth: &ConnAuth,
+        claimed: Option<String>,
+        tenant: Option<String>,
+    ) {
+        self.security.record(dmsc_audit::Event {
+            tenant,
+            kind: dmsc_audit::AuthFailure {
+                listener: format!("ingress:{}", self.listen),
+                method,
+                reason: reason.to_string(),
+                peer: auth.peer.map(|p| p.to_string()).unwrap_or_default(),
+                claimed,
+            }
+            .into(),
+        });
+    }
+
+    /// Who is calling: bearer JWT if one is sent, else the client
+    /// certificate, else (unauthenticated listeners) the listener's tenant.
+    async fn authenticate<B>(
+        &self,
+        req: &Request<B>,
+        auth: &ConnAuth,
+    ) -> Result<Caller, Refusal> {
+        use dmsc_audit::AuthMethod;
+        let unauthorized =
+            |code: &str, reason: String| Refusal::new(hyper::StatusCode::UNAUTHORIZED, code, reason);
+        if let Some(tenant) = &self.spec.tenant {
+            return Ok(Caller {
+                tenant: tenant.clone(),
+                agent: None,
+                id: format!("ingress:{}", self.listen),
+            });
+        }
+        let bearer = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            });
+        if let (Some(token), true) = (bearer, self.spec.jwt) {
+            let Some(jwt) = &self.security.jwt else {
+                return Err(unauthorized("jwt_unavailable", "this node validates no JWTs".into()));
+            };
+            return match jwt.validate(token.trim()).await {
+                Ok(c) => Ok(Caller {
+                    id: format!(
+                        "jwt:{}#{}",
+                        c.issuer,
+                        c.subject.as_deref().unwrap_or(&c.agent)
+                    ),
+                    tenant: c.tenant,
+                    agent: Some(c.agent),
+                }),
+                Err(e) => {
+                    self.audit_auth_failure(AuthMethod::Jwt, &e.reason(), auth, None, None);
+                    Err(unauthorized(e.code(), e.reason()))
+                }
+            };
+        }
+        match &auth.verdict {
+            Some(Ok(who)) => {
+                // The verdict is per connection; a revocation that arrived
+                // since must still stop the next request on it.
+                if let Some(r) = self.security.revoked.revoked_in(auth.chain.iter()) {
+                    let reason = format!(
+                        "certificate `{}` is revoked (serial {}: {})",
+                        who.spiffe, r.serial, r.reason
+                    );
+                    self.audit_auth_failure(
+                        AuthMethod::Mtls,
+                        &reason,
+                        auth,
+                        Some(who.spiffe.to_string()),
+                        Some(who.tenant.clone()),
+                    );
+                    return Err(unauthorized("cert_revoked", reason));
+                }
+                Ok(Caller {
+                    tenant: who.tenant.clone(),
+                    agent: Some(who.agent.clone()),
+                    id: who.spiffe.to_string(),
+                })
+            }
+            Some(Err(reason)) => {
+                let claimed = auth
+                    .chain
+                    .first()
+                    .and_then(|c| dmsc_transport::identity::cert_info(c).ok())
+                    .map(|i| i.spiffe.to_string());
+                self.audit_auth_failure(AuthMethod::Mtls, reason, auth, claimed, None);
+                Err(unauthorized("cert_refused", reason.clone()))
+            }
+            None => {
+                let how = match (self.spec.mtls, self.spec.jwt) {
+                    (true, true) => "a client certificate from the mesh CA or an `Authorization: Bearer` token",
+                    (true, false) => "a client certificate from the mesh CA",
+                    _ => "an `Authorization: Bearer` token",
+                };
+                let reason = format!("no credentials: this ingress needs {how}");
+                let method = if self.spec.mtls { AuthMethod::Mtls } else { AuthMethod::Jwt };
+                self.audit_auth_failure(method, &reason, auth, None, None);
+                Err(unauthorized("no_credentials", reason))
+            }
+        }
+    }
+
+    /// `POST /v1/enroll` and `POST /v1/renew` (TLS listeners only).
+    async fn enrollment(&self, req: Request<Incoming>, auth: &ConnAuth) -> Response<Body> {
+        let me = &self.delegator.me;
+        if self.tls.is_none() {
+            return MeshError::new(
+                ErrorKind::BadRequest,
+                me,
+                "enrollment is served on TLS ingress listeners only (the response carries credentials)",
+            )
+            .response(None);
+        }
+        if req.method() != hyper::Method::POST {
+            let mut r = MeshError::new(ErrorKind::BadRequest, me, "use POST").response(None);
+            *r.status_mut() = hyper::StatusCode::METHOD_NOT_ALLOWED;
+            return r;
+        }
+        let renew = req.uri().path() == "/v1/renew";
+        let body = match http_body_util::Limited::new(req.into_body(), MAX_ENROLL_BODY)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                return MeshError::new(ErrorKind::BadRequest, me, format!("request body: {e}"))
+                    .response(None)
+            }
+        };
+        let peer = auth
+            .peer
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let result = if renew {
+            match &auth.verdict {
+                Some(Ok(who)) => match self.security.revoked.revoked_in(auth.chain.iter()) {
+                    None => self.security.renew(who, &body),
+                    Some(r) => Err(Refusal::new(
+                        hyper::StatusCode::UNAUTHORIZED,
+                        "cert_revoked",
+                        format!("certificate serial {} is revoked: {}", r.serial, r.reason),
+                    )),
+                },
+                Some(Err(reason)) => Err(Refusal::new(
+                    hyper::StatusCode::UNAUTHORIZED,
+                    "cert_refused",
+                    reason.clone(),
+                )),
+                None => Err(Refusal::new(
+                    hyper::StatusCode::UNAUTHORIZED,
+                    "no_credentials",
+                    "renewal needs the current agent certificate as TLS client certificate",
+                )),
+            }
+            .inspect_err(|r| {
+                self.audit_auth_failure(
+                    dmsc_audit::AuthMethod::Mtls,
+                    &r.reason,
+                    auth,
+                    None,
+                    None,
+                )
+            })
+        } else {
+            self.security.enroll(&body, peer)
+        };
+        match result {
+            Ok(resp) => {
+                let json = serde_json::to_vec(&resp).unwrap_or_default();
+                let mut r = Response::new(full(json));
+                r.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("application/json"),
+                );
+                r
+            }
+            Err(refusal) => refusal_response(&refusal, me, false),
+        }
+    }
+
+    async fn handle(&self, req: Request<Incoming>, auth: &ConnAuth) -> Response<Body> {
         let me = &self.delegator.me;
         let Some(host) = request_host(&req) else {
             return MeshError::new(ErrorKind::BadTarget, me, "request has no Host").response(None);
         };
-        let (tenant, target) = match parse_host(&host) {
+        let parsed = parse_host(&host);
+        if parsed.is_err() && matches!(req.uri().path(), "/v1/enroll" | "/v1/renew") {
+            return self.enrollment(req, auth).await;
+        }
+        let caller = match self.authenticate(&req, auth).await {
+            Ok(c) => c,
+            Err(r) => return refusal_response(&r, me, self.spec.jwt),
+        };
+        let (tenant, target) = match parsed {
             Ok(t) => t,
             Err(e) => return MeshError::new(ErrorKind::BadTarget, me, e).response(None),
         };
-        if tenant != self.tenant {
-            return MeshError::new(
-                ErrorKind::Forbidden,
-                me,
-                format!(
-                    "this ingress serves tenant `{}`; `{host}` belongs to tenant `{tenant}` and cross-tenant delegation is not allowed",
-                    self.tenant
-                ),
-            )
-            .response(None);
+        if tenant != caller.tenant {
+            let reason = format!(
+                "caller `{}` is of tenant `{}`; `{host}` belongs to tenant `{tenant}` and cross-tenant delegation is not allowed",
+                caller.id, caller.tenant
+            );
+            self.security.record(dmsc_audit::Event::tenant(
+                caller.tenant.clone(),
+                dmsc_audit::Denied {
+                    caller: caller.id.clone(),
+                    target: host.clone(),
+                    reason: reason.clone(),
+                },
+            ));
+            return MeshError::new(ErrorKind::Forbidden, me, reason).response(None);
         }
         let cfg = &self.delegator.cfg;
         let timeout = req
@@ -256,7 +554,7 @@ impl Ingress {
         self.delegator
             .delegate(Delegation {
                 tenant,
-                caller: format!("ingress:{}", self.listen),
+                caller: caller.id,
                 target,
                 deadline,
                 trace_id: trace,

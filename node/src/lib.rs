@@ -7,6 +7,8 @@
 //! [`metrics`] and [`demo`]. A delegation walks [`ingress`] -> [`delegate`]
 //! (selection in [`mesh`], delivery locally or over the overlay in the
 //! [`wire`] format) -> the agent; [`agents`] onboards this node's own agents.
+//! [`security`] holds credentials, enrollment, revocations, caller
+//! authentication and the audit trail.
 
 #![forbid(unsafe_code)]
 
@@ -21,7 +23,9 @@ pub mod http;
 pub mod ingress;
 pub mod mesh;
 pub mod metrics;
+pub mod ops;
 pub mod sample_agent;
+pub mod security;
 pub mod status;
 pub mod testkit;
 pub mod wire;

@@ -40,9 +40,27 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Operator CA: create it, issue node certificates.
+    /// Operator CA: create it, issue node certificates, sign revocations.
     #[command(subcommand)]
     Ca(CaCmd),
+    /// One-time, tenant-scoped join tokens for agent enrollment.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Hand a signed revocation to a running node (it spreads by gossip).
+    #[command(subcommand)]
+    Revoke(RevokeCmd),
+    /// Verify or read a node's audit log.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+    /// Check certificates, key files, CA agreement and clock skew with
+    /// peers; exits 1 with a clear line for each problem.
+    Check {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Clock skew with a peer above this fails the check.
+        #[arg(long, default_value_t = 1000)]
+        max_skew_ms: u64,
+    },
     /// Run the built-in sample A2A agent (serves a card, answers
     /// message/send and message/stream in both A2A dialects).
     SampleAgent {
@@ -124,6 +142,74 @@ enum CaCmd {
         /// Validity in days.
         #[arg(long, default_value_t = 365)]
         days: u64,
+        /// Extra DNS name or IP address agents reach the node's TLS ingress
+        /// by (repeatable; default: localhost and 127.0.0.1).
+        #[arg(long = "san")]
+        sans: Vec<String>,
+    },
+    /// Sign a revocation of a certificate (by serial or file) with the CA
+    /// key; prints the statement (JSON) for `dmsc-node revoke apply`.
+    Revoke {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Serial in hex (as `status`, the audit log or openssl print it).
+        #[arg(long, conflicts_with = "cert", required_unless_present = "cert")]
+        serial: Option<String>,
+        /// A PEM certificate to revoke (its leaf).
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        #[arg(long, default_value = "unspecified")]
+        reason: String,
+        /// Write the statement here instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create a join token for one agent of one tenant (printed once).
+    Create {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        agent: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+        #[arg(long, default_value = dmsc_node::config::DEFAULT_ADMIN_LISTEN, env = "DMSC_ADMIN")]
+        admin: SocketAddr,
+    },
+}
+
+#[derive(Subcommand)]
+enum RevokeCmd {
+    /// Publish a revocation from `dmsc-node ca revoke` through a node.
+    Apply {
+        file: PathBuf,
+        #[arg(long, default_value = dmsc_node::config::DEFAULT_ADMIN_LISTEN, env = "DMSC_ADMIN")]
+        admin: SocketAddr,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Check the hash chain and the signed checkpoints; report the first
+    /// entry modified, removed, reordered or inserted. Exit 1 if any.
+    Verify {
+        /// The audit directory (or the audit.jsonl file).
+        #[arg(long, default_value = "data/audit")]
+        dir: PathBuf,
+        /// CA bundle the checkpoint signers must chain to.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+    },
+    /// Print entries (JSON lines), optionally of one tenant only.
+    Tail {
+        #[arg(long, default_value = "data/audit")]
+        dir: PathBuf,
+        #[arg(long)]
+        tenant: Option<String>,
     },
 }
 
@@ -176,6 +262,7 @@ fn load_config(args: &RunArgs) -> Result<dmsc_node::NodeConfig, dmsc_node::Confi
             ca: args.ca.clone(),
             cert: args.cert.clone(),
             key: args.key.clone(),
+            ..Default::default()
         },
         admin: RawAdmin {
             listen: args.admin.clone(),
@@ -218,17 +305,50 @@ fn ca(cmd: CaCmd) -> anyhow::Result<()> {
             name,
             out,
             days,
+            mut sans,
         } => {
             let ca = CertificateAuthority::load(&ca_dir)?;
-            ca.issue_node(&name, Duration::from_secs(days * 86400))?
-                .write_node_dir(&out, &ca.cert_pem)?;
+            if sans.is_empty() {
+                sans = vec!["localhost".into(), "127.0.0.1".into()];
+            }
+            ca.issue_node_credentials(&name, Duration::from_secs(days * 86400), &sans)?
+                .write_dir(&out, &ca.cert_pem)?;
             println!(
-                "issued spiffe://{}/node/{name} valid {days} days: {}, {}, {}",
+                "issued spiffe://{}/node/{name} valid {days} days: {}, {}, {}; issuing certificate for agents: {}, {}",
                 ca.trust_domain,
                 out.join(pki::NODE_CERT).display(),
                 out.join(pki::NODE_KEY).display(),
-                out.join(pki::CA_CERT).display()
+                out.join(pki::CA_CERT).display(),
+                out.join(pki::ISSUER_CERT).display(),
+                out.join(pki::ISSUER_KEY).display()
             );
+        }
+        CaCmd::Revoke {
+            ca_dir,
+            serial,
+            cert,
+            reason,
+            out,
+        } => {
+            let ca = CertificateAuthority::load(&ca_dir)?;
+            let serial = match (serial, cert) {
+                (Some(s), _) => s,
+                (None, Some(path)) => {
+                    let pem = std::fs::read_to_string(&path)?;
+                    let der = dmsc_transport::identity::certs_from_pem(&pem, &path)?;
+                    dmsc_transport::identity::serial_of(&der[0])
+                        .ok_or_else(|| anyhow::anyhow!("`{}` does not parse", path.display()))?
+                }
+                (None, None) => anyhow::bail!("give --serial or --cert"),
+            };
+            let r = dmsc_transport::Revocation::sign(&ca, &serial, &reason)?;
+            match out {
+                Some(path) => {
+                    pki::write_file(&path, &(r.to_json() + "\n"), 0o644)?;
+                    eprintln!("revocation of serial {} written to {}", r.serial, path.display());
+                }
+                None => println!("{}", r.to_json()),
+            }
         }
     }
     Ok(())
@@ -275,12 +395,98 @@ async fn sample_agent(
     Ok(())
 }
 
+async fn ops(cmd: Cmd) -> anyhow::Result<ExitCode> {
+    use dmsc_node::ops;
+    match cmd {
+        Cmd::Token(TokenCmd::Create {
+            tenant,
+            agent,
+            ttl,
+            admin,
+        }) => {
+            let v = ops::token_create(admin, &tenant, &agent, Duration::from_secs(ttl)).await?;
+            eprintln!(
+                "join token for agent `{agent}` of tenant `{tenant}` (one use, expires at unix {}):",
+                v["expires_at"]
+            );
+            println!("{}", v["token"].as_str().unwrap_or_default());
+        }
+        Cmd::Revoke(RevokeCmd::Apply { file, admin }) => {
+            let statement = std::fs::read_to_string(&file)
+                .map_err(|e| anyhow::anyhow!("cannot read `{}`: {e}", file.display()))?;
+            let v = ops::revoke_apply(admin, statement.trim().to_string()).await?;
+            println!(
+                "serial {} revoked ({}); closed connections: {}",
+                v["serial"].as_str().unwrap_or("?"),
+                if v["new"].as_bool() == Some(true) { "new" } else { "already known" },
+                v["closed_connections"]
+            );
+        }
+        Cmd::Audit(AuditCmd::Verify { dir, ca }) => {
+            let opts = match ca {
+                Some(p) => dmsc_audit::VerifyOptions::with_roots_pem(&std::fs::read_to_string(&p)?)?,
+                None => dmsc_audit::VerifyOptions::default(),
+            };
+            let r = dmsc_audit::verify(&dir, &opts)?;
+            match &r.problem {
+                None => println!(
+                    "{}: {} entries, {} signed checkpoints verified, {} entries after the last checkpoint; tenants: {}",
+                    r.path.display(),
+                    r.entries,
+                    r.checkpoints,
+                    r.unsealed,
+                    r.tenants.iter().cloned().collect::<Vec<_>>().join(", ")
+                ),
+                Some(p) => {
+                    println!("{}: TAMPERED: {p}", r.path.display());
+                    return Ok(ExitCode::from(1));
+                }
+            }
+        }
+        Cmd::Audit(AuditCmd::Tail { dir, tenant }) => {
+            for line in dmsc_audit::tail(&dir, tenant.as_deref())? {
+                match line {
+                    Ok(l) => println!(
+                        "{}",
+                        serde_json::json!({
+                            "seq": l.seq, "ts": l.ts, "node": l.node, "tenant": l.tenant,
+                            "kind": l.kind, "detail": l.detail,
+                        })
+                    ),
+                    Err(e) => eprintln!("error: {e}"),
+                }
+            }
+        }
+        Cmd::Check { run, max_skew_ms } => {
+            let config = load_config(&run)?;
+            let findings =
+                ops::check(&config, config.admin_listen, Duration::from_millis(max_skew_ms)).await;
+            let mut bad = 0;
+            for f in &findings {
+                println!("{} {}", if f.ok { "ok  " } else { "FAIL" }, f.line);
+                bad += usize::from(!f.ok);
+            }
+            if bad > 0 {
+                eprintln!("{bad} problem(s)");
+                return Ok(ExitCode::from(1));
+            }
+        }
+        _ => {}
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_log = match cli.cmd {
         // The demo stops its nodes together; their goodbyes to each other are not news.
         Cmd::Demo { .. } => "warn,dmsc_transport::overlay=error",
-        Cmd::Status { .. } | Cmd::Ca(_) => "warn",
+        Cmd::Status { .. }
+        | Cmd::Ca(_)
+        | Cmd::Token(_)
+        | Cmd::Revoke(_)
+        | Cmd::Audit(_)
+        | Cmd::Check { .. } => "warn",
         Cmd::SampleAgent { .. } => "info",
         Cmd::Run(_) => "info",
     };
@@ -324,6 +530,15 @@ fn main() -> ExitCode {
                     ExitCode::from(2)
                 }
             },
+            cmd @ (Cmd::Token(_) | Cmd::Revoke(_) | Cmd::Audit(_) | Cmd::Check { .. }) => {
+                match ops(cmd).await {
+                    Ok(code) => code,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::from(2)
+                    }
+                }
+            }
             Cmd::Ca(cmd) => match ca(cmd) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -267,7 +267,17 @@ pub enum StatusError {
 
 /// GETs `path` from the admin API (plain HTTP/1.1 on localhost).
 pub async fn admin_get(addr: SocketAddr, path: &str) -> Result<(u16, String), StatusError> {
-    use http_body_util::{BodyExt, Empty};
+    admin_call(addr, hyper::Method::GET, path, bytes::Bytes::new()).await
+}
+
+/// One request to the admin API; returns status and body text.
+pub async fn admin_call(
+    addr: SocketAddr,
+    method: hyper::Method,
+    path: &str,
+    body: bytes::Bytes,
+) -> Result<(u16, String), StatusError> {
+    use http_body_util::{BodyExt, Full};
     let unreachable = |reason: String| StatusError::Unreachable { addr, reason };
     let stream = tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(addr))
         .await
@@ -278,9 +288,12 @@ pub async fn admin_get(addr: SocketAddr, path: &str) -> Result<(u16, String), St
             .await
             .map_err(|e| unreachable(e.to_string()))?;
     let driver = tokio::spawn(conn);
-    let req = hyper::Request::get(path)
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
         .header(hyper::header::HOST, addr.to_string())
-        .body(Empty::<bytes::Bytes>::new())
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(body))
         .map_err(|e| unreachable(e.to_string()))?;
     let fetch = async {
         let resp = sender
@@ -296,9 +309,9 @@ pub async fn admin_get(addr: SocketAddr, path: &str) -> Result<(u16, String), St
             .to_bytes();
         Ok((status, String::from_utf8_lossy(&body).into_owned()))
     };
-    let out = tokio::time::timeout(Duration::from_secs(5), fetch)
+    let out = tokio::time::timeout(Duration::from_secs(30), fetch)
         .await
-        .map_err(|_| unreachable("no answer within 5s".into()))?;
+        .map_err(|_| unreachable("no answer within 30s".into()))?;
     driver.abort();
     out
 }

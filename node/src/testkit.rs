@@ -40,13 +40,14 @@ impl LocalMesh {
         let mut nodes: Vec<App> = Vec::new();
         for (i, name) in names.iter().enumerate() {
             let node_dir = dir.path().join(name);
-            ca.issue_node(name, NODE_VALIDITY)?
-                .write_node_dir(&node_dir, &ca.cert_pem)?;
+            ca.issue_node_credentials(name, NODE_VALIDITY, &["localhost".to_string()])?
+                .write_dir(&node_dir, &ca.cert_pem)?;
             let mut raw =
                 RawConfig::loopback(name, &node_dir, nodes.first().map(|a| a.bound().overlay));
             raw.ingress = vec![RawIngress {
                 listen: "127.0.0.1:0".into(),
-                tenant: tenant.to_string(),
+                tenant: Some(tenant.to_string()),
+                ..Default::default()
             }];
             tweak(i, &mut raw);
             nodes.push(App::build(raw.validate()?).await?);

@@ -32,6 +32,9 @@ pub enum Channel {
     /// One delegation per bidirectional stream: request frames one way,
     /// response frames the other (format owned by the node's `wire` module).
     Delegate = 2,
+    /// Small node-to-node questions on a bidirectional stream (the clock
+    /// reading `dmsc-node check` compares for skew).
+    Control = 3,
 }
 
 impl Channel {
@@ -39,6 +42,7 @@ impl Channel {
         match code {
             1 => Some(Channel::Gossip),
             2 => Some(Channel::Delegate),
+            3 => Some(Channel::Control),
             _ => None,
         }
     }

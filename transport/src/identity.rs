@@ -124,8 +124,38 @@ pub struct CertInfo {
     pub spiffe: SpiffeId,
     pub subject: String,
     pub issuer: String,
+    /// Lowercase hex, no separators, no leading zeros ([`normalize_serial`]).
     pub serial_hex: String,
+    pub not_before: SystemTime,
     pub not_after: SystemTime,
+    /// True for CA certificates (basic constraints cA): never a workload identity.
+    pub is_ca: bool,
+}
+
+/// The one spelling of a certificate serial the mesh compares: lowercase hex
+/// without `:`/spaces/`0x` and without leading zeros, so `01:AB`, `0x1ab`
+/// and `1ab` all name the same certificate.
+pub fn normalize_serial(s: &str) -> String {
+    let s = s.trim();
+    let s = s
+        .strip_prefix("0x")
+        .or_else(|| s.strip_prefix("0X"))
+        .unwrap_or(s);
+    let hex: String = s
+        .chars()
+        .filter(|c| *c != ':' && !c.is_whitespace())
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    let trimmed = hex.trim_start_matches('0');
+    if trimmed.is_empty() {
+        "0".to_string()
+    } else {
+        trimmed.to_string()
+    }
+}
+
+fn unix(secs: i64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64)
 }
 
 /// Reads the single SPIFFE URI SAN and the validity of a DER certificate.
@@ -153,15 +183,28 @@ pub fn cert_info(der: &[u8]) -> Result<CertInfo, TransportError> {
             cert.subject()
         ))
     })?;
-    let secs = cert.validity().not_after.timestamp();
-    let not_after = SystemTime::UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64);
+    let is_ca = cert
+        .basic_constraints()
+        .ok()
+        .flatten()
+        .is_some_and(|bc| bc.value.ca);
     Ok(CertInfo {
         spiffe,
         subject: cert.subject().to_string(),
         issuer: cert.issuer().to_string(),
-        serial_hex: cert.raw_serial_as_string().replace(':', ""),
-        not_after,
+        serial_hex: normalize_serial(&cert.raw_serial_as_string()),
+        not_before: unix(cert.validity().not_before.timestamp()),
+        not_after: unix(cert.validity().not_after.timestamp()),
+        is_ca,
     })
+}
+
+/// Serial (normalized) of a DER certificate, whatever it carries; `None` if
+/// it does not parse.
+pub fn serial_of(der: &[u8]) -> Option<String> {
+    X509Certificate::from_der(der)
+        .ok()
+        .map(|(_, c)| normalize_serial(&c.raw_serial_as_string()))
 }
 
 /// Issuer distinguished name of a DER certificate, for error messages.

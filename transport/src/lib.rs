@@ -16,11 +16,13 @@ pub mod frame;
 pub mod identity;
 pub mod overlay;
 pub mod pki;
+pub mod revoke;
 pub mod tls;
 
 pub use error::TransportError;
 pub use frame::Channel;
 pub use identity::{NodeIdentity, SpiffeId};
+pub use revoke::{Revocation, RevocationSet};
 pub use overlay::{
     BiStream, Inbound, Overlay, OverlayConfig, OverlayStats, PeerLink, StreamRecv, StreamSend,
 };

@@ -43,6 +43,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::frame::{self, Channel};
 use crate::identity::{cert_info, NodeIdentity};
+use crate::revoke::RevocationSet;
 use crate::{tls, TransportError};
 
 /// Close code for a connection that lost the simultaneous-dial tie-break.
@@ -53,6 +54,8 @@ const CLOSE_SHUTDOWN: u32 = 2;
 const CLOSE_SELF: u32 = 3;
 /// Close code when membership declared the peer dead or departed.
 const CLOSE_PEER_GONE: u32 = 4;
+/// Close code when a certificate of the peer's chain was revoked.
+const CLOSE_REVOKED: u32 = 5;
 /// Messages queued per peer before further ones are dropped.
 const PEER_QUEUE: usize = 256;
 /// A per-peer sender task exits after this long with nothing to send.
@@ -79,6 +82,8 @@ pub struct OverlayConfig {
     pub connect_timeout: Duration,
     /// Ceiling of the redial backoff after failures.
     pub max_backoff: Duration,
+    /// Revocations every handshake (both directions) is checked against.
+    pub revoked: Arc<RevocationSet>,
 }
 
 impl OverlayConfig {
@@ -90,6 +95,7 @@ impl OverlayConfig {
             idle_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(3),
             max_backoff: Duration::from_secs(5),
+            revoked: Arc::new(RevocationSet::new()),
         }
     }
 }
@@ -238,6 +244,9 @@ struct Inner {
     local_addr: SocketAddr,
     name: String,
     cfg: OverlayConfig,
+    /// Swapped by [`Overlay::reload_identity`]; each dial clones the current one.
+    client: Mutex<quinn::ClientConfig>,
+    transport: Arc<quinn::TransportConfig>,
     conns: Mutex<HashMap<SocketAddr, Conn>>,
     senders: Mutex<HashMap<SocketAddr, mpsc::Sender<Bytes>>>,
     stats: Arc<OverlayStats>,
@@ -285,6 +294,20 @@ fn transport_config(cfg: &OverlayConfig) -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
+fn quic_configs(
+    identity: &NodeIdentity,
+    revoked: &Arc<RevocationSet>,
+    transport: &Arc<quinn::TransportConfig>,
+) -> Result<(quinn::ServerConfig, quinn::ClientConfig), TransportError> {
+    let server_tls = QuicServerConfig::try_from(tls::server_config(identity, revoked)?)?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_tls));
+    server.transport_config(transport.clone());
+    let client_tls = QuicClientConfig::try_from(tls::client_config(identity, revoked)?)?;
+    let mut client = quinn::ClientConfig::new(Arc::new(client_tls));
+    client.transport_config(transport.clone());
+    Ok((server, client))
+}
+
 impl Overlay {
     /// Binds the overlay and starts accepting. Returns the handle and the
     /// stream of inbound messages (which the node dispatches by channel).
@@ -293,19 +316,12 @@ impl Overlay {
     ) -> Result<(Overlay, mpsc::Receiver<Inbound>), TransportError> {
         let identity = cfg.identity.clone();
         let transport = transport_config(&cfg);
-        let server_tls = QuicServerConfig::try_from(tls::server_config(&identity)?)?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_tls));
-        server.transport_config(transport.clone());
-        let client_tls = QuicClientConfig::try_from(tls::client_config(&identity)?)?;
-        let mut client = quinn::ClientConfig::new(Arc::new(client_tls));
-        client.transport_config(transport);
-
-        let mut endpoint =
+        let (server, client) = quic_configs(&identity, &cfg.revoked, &transport)?;
+        let endpoint =
             Endpoint::server(server, cfg.listen).map_err(|source| TransportError::Bind {
                 addr: cfg.listen,
                 source,
             })?;
-        endpoint.set_default_client_config(client);
         let local_addr = endpoint
             .local_addr()
             .map_err(|source| TransportError::Bind {
@@ -319,6 +335,8 @@ impl Overlay {
             local_addr,
             name: identity.name().to_string(),
             cfg,
+            client: Mutex::new(client),
+            transport,
             conns: Mutex::new(HashMap::new()),
             senders: Mutex::new(HashMap::new()),
             stats: Arc::new(OverlayStats::default()),
@@ -435,6 +453,57 @@ impl Overlay {
             }
             None => false,
         }
+    }
+
+    /// Switches to new credentials (a renewed node certificate, a CA bundle
+    /// with a second root): handshakes from now on, in both directions, use
+    /// them; live connections stay up. The node name must not change.
+    pub fn reload_identity(&self, identity: &NodeIdentity) -> Result<(), TransportError> {
+        if identity.name() != self.inner.name {
+            return Err(TransportError::Identity(format!(
+                "the new certificate names node `{}`, this node is `{}`; a node cannot change its name while running",
+                identity.name(),
+                self.inner.name
+            )));
+        }
+        let (server, client) =
+            quic_configs(identity, &self.inner.cfg.revoked, &self.inner.transport)?;
+        self.inner.endpoint.set_server_config(Some(server));
+        *lock(&self.inner.client) = client;
+        info!(node = %self.inner.name, serial = %identity.info.serial_hex, "overlay now presents the reloaded certificate");
+        Ok(())
+    }
+
+    /// Closes every live connection whose peer presented a chain with a
+    /// revoked certificate; returns the peers closed. Handshakes already
+    /// refuse such chains; this ends the connections made before.
+    pub fn close_revoked(&self) -> Vec<String> {
+        let revoked = &self.inner.cfg.revoked;
+        if revoked.is_empty() {
+            return Vec::new();
+        }
+        let mut closed = Vec::new();
+        let mut conns = lock(&self.inner.conns);
+        conns.retain(|addr, c| {
+            let chain = c
+                .conn
+                .peer_identity()
+                .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok());
+            let Some(r) = chain.and_then(|chain| revoked.revoked_in(chain.iter())) else {
+                return true;
+            };
+            c.conn
+                .close(VarInt::from_u32(CLOSE_REVOKED), b"certificate revoked");
+            warn!(peer = %c.peer, addr = %addr, serial = %r.serial, reason = %r.reason, "closed the connection of a peer whose certificate was revoked");
+            closed.push(c.peer.to_string());
+            false
+        });
+        closed
+    }
+
+    /// The revocation set the overlay's verifiers consult.
+    pub fn revocations(&self) -> Arc<RevocationSet> {
+        self.inner.cfg.revoked.clone()
     }
 
     /// The live connections, one per peer.
@@ -741,14 +810,14 @@ async fn connection_to(inner: &Arc<Inner>, addr: SocketAddr) -> Result<Connectio
             return Ok(c.conn.clone());
         }
     }
-    let connecting =
-        inner
-            .endpoint
-            .connect(addr, "dmsc-node")
-            .map_err(|e| TransportError::Connect {
-                addr,
-                reason: e.to_string(),
-            })?;
+    let client = lock(&inner.client).clone();
+    let connecting = inner
+        .endpoint
+        .connect_with(client, addr, "dmsc-node")
+        .map_err(|e| TransportError::Connect {
+            addr,
+            reason: e.to_string(),
+        })?;
     let conn = match tokio::time::timeout(inner.cfg.connect_timeout, connecting).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {

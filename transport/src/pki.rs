@@ -26,10 +26,18 @@ pub const CA_CERT: &str = "ca.pem";
 pub const CA_KEY: &str = "ca.key";
 pub const NODE_CERT: &str = "node.pem";
 pub const NODE_KEY: &str = "node.key";
+/// The node's issuing certificate (an intermediate CA the operator signed
+/// for that node) and its key: what the node signs agent certificates with.
+pub const ISSUER_CERT: &str = "issuer.pem";
+pub const ISSUER_KEY: &str = "issuer.key";
 
 /// Default lifetimes.
 pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 pub const NODE_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Agent certificates are short-lived: a leaked one is worth a day at most.
+pub const AGENT_VALIDITY: Duration = Duration::from_secs(24 * 3600);
+/// The longest agent certificate a node issues, whatever it is asked.
+pub const AGENT_VALIDITY_MAX: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Certificates start a little in the past so a peer with a slightly slow
 /// clock does not refuse a freshly issued certificate.
 const BACKDATE: Duration = Duration::from_secs(5 * 60);
@@ -152,6 +160,69 @@ impl CertificateAuthority {
         self.issue_node_between(name, now() - BACKDATE, now() + validity)
     }
 
+    /// Everything `ca issue-node` writes: the node certificate (with `sans`,
+    /// DNS names or IP addresses, for agents that reach the node's TLS
+    /// ingress by name) and the node's issuing certificate.
+    pub fn issue_node_credentials(
+        &self,
+        name: &str,
+        validity: Duration,
+        sans: &[String],
+    ) -> Result<NodeCredentials, TransportError> {
+        let node = self.issue_leaf(name, now() - BACKDATE, now() + validity, sans)?;
+        let issuer = self.issue_node_issuer(name, validity)?;
+        Ok(NodeCredentials { node, issuer })
+    }
+
+    /// An intermediate CA for one node (path length 0: it can sign agent
+    /// certificates, never another CA). It carries the bare trust domain
+    /// (`spiffe://<td>`), so it can never pass as a node or agent identity.
+    pub fn issue_node_issuer(
+        &self,
+        name: &str,
+        validity: Duration,
+    ) -> Result<IssuedCert, TransportError> {
+        if !valid_name(name) {
+            return Err(TransportError::Identity(format!(
+                "node name `{name}` must be 1-63 of a-z, 0-9 and - (not at either end)"
+            )));
+        }
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "dmsc");
+        dn.push(DnType::CommonName, format!("dmsc issuer {name}"));
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.subject_alt_names = vec![SanType::URI(
+            SpiffeId::trust_domain(&self.trust_domain)
+                .to_string()
+                .try_into()?,
+        )];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = now() - BACKDATE;
+        params.not_after = now() + validity;
+        params.serial_number = Some(random_serial());
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok(IssuedCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Signs `msg` with the CA key (ECDSA P-256, SHA-256, ASN.1 DER
+    /// signature): revocations are statements of the operator CA.
+    pub fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, TransportError> {
+        use rcgen::SigningKey;
+        Ok(self.key.sign(msg)?)
+    }
+
     /// Issues a node certificate with explicit validity bounds (tests use this
     /// to make expired certificates).
     pub fn issue_node_between(
@@ -159,6 +230,16 @@ impl CertificateAuthority {
         name: &str,
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
+    ) -> Result<IssuedCert, TransportError> {
+        self.issue_leaf(name, not_before, not_after, &[])
+    }
+
+    fn issue_leaf(
+        &self,
+        name: &str,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+        sans: &[String],
     ) -> Result<IssuedCert, TransportError> {
         if !valid_name(name) {
             return Err(TransportError::Identity(format!(
@@ -177,6 +258,12 @@ impl CertificateAuthority {
                 .to_string()
                 .try_into()?,
         )];
+        for san in sans {
+            params.subject_alt_names.push(match san.parse() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(san.as_str().try_into()?),
+            });
+        }
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
@@ -190,6 +277,184 @@ impl CertificateAuthority {
         Ok(IssuedCert {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+/// A node certificate and the node's issuing certificate.
+#[derive(Debug, Clone)]
+pub struct NodeCredentials {
+    pub node: IssuedCert,
+    pub issuer: IssuedCert,
+}
+
+impl NodeCredentials {
+    /// Writes `node.pem`, `node.key`, `issuer.pem`, `issuer.key` (keys 0600)
+    /// and a copy of the CA as `ca.pem`.
+    pub fn write_dir(&self, dir: &Path, ca_pem: &str) -> Result<(), TransportError> {
+        self.node.write_node_dir(dir, ca_pem)?;
+        write_file(&dir.join(ISSUER_CERT), &self.issuer.cert_pem, 0o644)?;
+        write_file(&dir.join(ISSUER_KEY), &self.issuer.key_pem, 0o600)
+    }
+}
+
+/// Where an agent certificate's key comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum AgentKey<'a> {
+    /// The agent sent a PKCS#10 request (PEM); its key never leaves it.
+    Csr(&'a str),
+    /// The node generates a key pair and returns the private key once.
+    Generate,
+}
+
+/// An agent certificate as handed out at enrollment.
+#[derive(Debug, Clone)]
+pub struct AgentCert {
+    pub spiffe: SpiffeId,
+    /// Leaf first, then the node's issuing certificate.
+    pub chain_pem: String,
+    /// Only when the node generated the key.
+    pub key_pem: Option<String>,
+    pub serial_hex: String,
+    pub not_after: std::time::SystemTime,
+}
+
+/// A node's issuing certificate and key, loaded: signs agent certificates.
+pub struct NodeIssuer {
+    pub trust_domain: String,
+    pub cert_pem: String,
+    pub info: crate::identity::CertInfo,
+    key: KeyPair,
+}
+
+impl std::fmt::Debug for NodeIssuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeIssuer")
+            .field("subject", &self.info.subject)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeIssuer {
+    /// Loads `issuer.pem` and `issuer.key`; the certificate must be a CA of
+    /// this trust domain.
+    pub fn load(cert: &Path, key: &Path) -> Result<Self, TransportError> {
+        let cert_pem = fs::read_to_string(cert).map_err(|source| TransportError::ReadFile {
+            path: cert.to_path_buf(),
+            source,
+        })?;
+        let key_pem = fs::read_to_string(key).map_err(|source| TransportError::ReadFile {
+            path: key.to_path_buf(),
+            source,
+        })?;
+        Self::from_pem_named(&cert_pem, &key_pem, cert, key)
+    }
+
+    /// Same as [`NodeIssuer::load`] from in-memory PEM text.
+    pub fn load_pem(cert_pem: &str, key_pem: &str) -> Result<Self, TransportError> {
+        let n = Path::new("<memory>");
+        Self::from_pem_named(cert_pem, key_pem, n, n)
+    }
+
+    fn from_pem_named(
+        cert_pem: &str,
+        key_pem: &str,
+        cert: &Path,
+        key: &Path,
+    ) -> Result<Self, TransportError> {
+        let key = KeyPair::from_pem(key_pem).map_err(|e| TransportError::BadPem {
+            path: key.to_path_buf(),
+            what: "issuing key",
+            reason: e.to_string(),
+        })?;
+        let der = crate::identity::certs_from_pem(cert_pem, cert)?;
+        let info = cert_info(&der[0])?;
+        if !info.is_ca {
+            return Err(TransportError::Identity(format!(
+                "`{}` is not an issuing (CA) certificate; make one with `dmsc-node ca issue-node`",
+                cert.display()
+            )));
+        }
+        Ok(NodeIssuer {
+            trust_domain: info.spiffe.trust_domain.clone(),
+            cert_pem: cert_pem.to_string(),
+            info,
+            key,
+        })
+    }
+
+    /// Issues `spiffe://<td>/tenant/<tenant>/agent/<agent>` for `validity`
+    /// (capped at [`AGENT_VALIDITY_MAX`] and at the issuer's own expiry).
+    /// Whatever names a CSR asks for are ignored: the identity is the one the
+    /// caller was authorised for, nothing else.
+    pub fn issue_agent(
+        &self,
+        tenant: &str,
+        agent: &str,
+        key: AgentKey<'_>,
+        validity: Duration,
+    ) -> Result<AgentCert, TransportError> {
+        if !valid_name(tenant) || !valid_name(agent) {
+            return Err(TransportError::Identity(format!(
+                "tenant `{tenant}` and agent `{agent}` must be 1-63 of a-z, 0-9 and -"
+            )));
+        }
+        let spiffe = SpiffeId {
+            trust_domain: self.trust_domain.clone(),
+            workload: crate::identity::Workload::Agent {
+                tenant: tenant.to_string(),
+                agent: agent.to_string(),
+            },
+        };
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, format!("dmsc tenant {tenant}"));
+        dn.push(DnType::CommonName, agent);
+        params.distinguished_name = dn;
+        params.subject_alt_names = vec![SanType::URI(spiffe.to_string().try_into()?)];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let start = now() - BACKDATE;
+        let issuer_end = OffsetDateTime::from(self.info.not_after);
+        let end = (now() + validity.min(AGENT_VALIDITY_MAX)).min(issuer_end);
+        params.not_before = start;
+        params.not_after = end;
+        let serial = random_serial();
+        let serial_hex = crate::identity::normalize_serial(
+            &serial
+                .to_bytes()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>(),
+        );
+        params.serial_number = Some(serial);
+        let (cert, key_pem) = match key {
+            AgentKey::Csr(pem) => {
+                let csr = rcgen::CertificateSigningRequestParams::from_pem(pem).map_err(|e| {
+                    TransportError::Identity(format!(
+                        "the certificate request is not usable: {e} (send a PEM PKCS#10 request signed by its key)"
+                    ))
+                })?;
+                (params.signed_by(&csr.public_key, &issuer)?, None)
+            }
+            AgentKey::Generate => {
+                let kp = KeyPair::generate()?;
+                (params.signed_by(&kp, &issuer)?, Some(kp.serialize_pem()))
+            }
+        };
+        let mut chain_pem = cert.pem();
+        chain_pem.push_str(&self.cert_pem);
+        Ok(AgentCert {
+            spiffe,
+            chain_pem,
+            key_pem,
+            serial_hex,
+            not_after: std::time::SystemTime::from(end),
         })
     }
 }

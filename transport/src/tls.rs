@@ -7,6 +7,18 @@
 //! is a custom verifier built on rustls' own webpki path validation rather
 //! than on `WebPkiServerVerifier`, which insists on a DNS/IP SAN match.
 //!
+//! Revocations ([`crate::revoke`]) are checked in the same place: a chain in
+//! which any certificate is revoked is refused at the handshake, so a
+//! revoked node cannot reconnect anywhere once the statement has gossiped.
+//! Node certificates must be issued by a root directly: a node's issuing
+//! certificate signs agents, never other nodes.
+//!
+//! Agent ingress ([`ingress_server_config`], [`verify_agent`]) works the
+//! other way round: the TLS handshake only proves the client holds the key
+//! of the certificate it sent, and the chain is judged right after, at the
+//! HTTP layer, so a refused agent gets a 401 that says *why* (expired,
+//! revoked, other CA) instead of a bare TLS alert.
+//!
 //! A refusal is logged here, where the precise reason is known ("issued by
 //! `CN=other`, expected the mesh CA `CN=dmsc mesh CA td`"); the other side
 //! only learns a TLS alert, and the overlay logs that.
@@ -23,7 +35,8 @@ use rustls::{
     ServerConfig, SignatureScheme,
 };
 
-use crate::identity::{cert_info, issuer_of, NodeIdentity, Workload};
+use crate::identity::{cert_info, issuer_of, NodeIdentity, SpiffeId, Workload};
+use crate::revoke::RevocationSet;
 use crate::TransportError;
 
 /// ALPN protocol id of the overlay; bumped on an incompatible wire change.
@@ -40,10 +53,15 @@ pub fn provider() -> Arc<CryptoProvider> {
 struct MeshPolicy {
     trust_domain: String,
     root_subjects: Vec<String>,
+    revoked: Arc<RevocationSet>,
 }
 
 impl MeshPolicy {
-    fn check_identity(&self, end_entity: &CertificateDer<'_>) -> Result<String, rustls::Error> {
+    fn check_identity(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+    ) -> Result<String, rustls::Error> {
         let info = cert_info(end_entity).map_err(|e| self.refuse(e.to_string()))?;
         if info.spiffe.trust_domain != self.trust_domain {
             return Err(self.refuse(format!(
@@ -51,13 +69,29 @@ impl MeshPolicy {
                 info.spiffe, info.spiffe.trust_domain, self.trust_domain
             )));
         }
-        match info.spiffe.workload {
-            Workload::Node(name) => Ok(name),
-            _ => Err(self.refuse(format!(
-                "certificate `{}` is not a node identity",
-                info.spiffe
-            ))),
+        if let Some(r) = self
+            .revoked
+            .revoked_in(std::iter::once(end_entity).chain(intermediates))
+        {
+            tracing::warn!(peer = %info.spiffe, serial = %r.serial, reason = %r.reason, "refused overlay peer certificate: revoked");
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
         }
+        let name = match &info.spiffe.workload {
+            Workload::Node(name) if !info.is_ca => name.clone(),
+            _ => {
+                return Err(self.refuse(format!(
+                    "certificate `{}` is not a node identity",
+                    info.spiffe
+                )))
+            }
+        };
+        if !self.root_subjects.contains(&info.issuer) {
+            return Err(self.refuse(format!(
+                "node certificate `{}` was issued by `{}`, not by a mesh root; node certificates come from `dmsc-node ca issue-node`",
+                info.spiffe, info.issuer
+            )));
+        }
+        Ok(name)
     }
 
     fn refuse(&self, reason: String) -> rustls::Error {
@@ -119,7 +153,7 @@ impl ServerCertVerifier for MeshServerVerifier {
             self.algs.all,
         )
         .map_err(|e| self.policy.explain(end_entity, e))?;
-        self.policy.check_identity(end_entity)?;
+        self.policy.check_identity(end_entity, intermediates)?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -170,7 +204,7 @@ impl ClientCertVerifier for MeshClientVerifier {
         self.inner
             .verify_client_cert(end_entity, intermediates, now)
             .map_err(|e| self.policy.explain(end_entity, e))?;
-        self.policy.check_identity(end_entity)?;
+        self.policy.check_identity(end_entity, intermediates)?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -205,21 +239,25 @@ fn root_store(identity: &NodeIdentity) -> Result<Arc<RootCertStore>, TransportEr
     Ok(Arc::new(roots))
 }
 
-fn policy(identity: &NodeIdentity) -> MeshPolicy {
+fn policy(identity: &NodeIdentity, revoked: &Arc<RevocationSet>) -> MeshPolicy {
     MeshPolicy {
         trust_domain: identity.trust_domain().to_string(),
         root_subjects: identity.root_subjects.clone(),
+        revoked: revoked.clone(),
     }
 }
 
 /// The config a node uses when it dials a peer: TLS 1.3 only, our node
 /// certificate as client certificate, the mesh verifier for the server.
-pub fn client_config(identity: &NodeIdentity) -> Result<ClientConfig, TransportError> {
+pub fn client_config(
+    identity: &NodeIdentity,
+    revoked: &Arc<RevocationSet>,
+) -> Result<ClientConfig, TransportError> {
     let provider = provider();
     let verifier = MeshServerVerifier {
         roots: root_store(identity)?,
         algs: provider.signature_verification_algorithms,
-        policy: policy(identity),
+        policy: policy(identity, revoked),
     };
     let mut cfg = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -232,7 +270,10 @@ pub fn client_config(identity: &NodeIdentity) -> Result<ClientConfig, TransportE
 
 /// The config a node uses when it accepts a peer: TLS 1.3 only, client
 /// certificates required and verified by the mesh verifier.
-pub fn server_config(identity: &NodeIdentity) -> Result<ServerConfig, TransportError> {
+pub fn server_config(
+    identity: &NodeIdentity,
+    revoked: &Arc<RevocationSet>,
+) -> Result<ServerConfig, TransportError> {
     let provider = provider();
     let inner =
         WebPkiClientVerifier::builder_with_provider(root_store(identity)?, provider.clone())
@@ -240,7 +281,7 @@ pub fn server_config(identity: &NodeIdentity) -> Result<ServerConfig, TransportE
             .map_err(|e| TransportError::Identity(format!("client verifier: {e}")))?;
     let verifier = MeshClientVerifier {
         inner,
-        policy: policy(identity),
+        policy: policy(identity, revoked),
     };
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -248,4 +289,171 @@ pub fn server_config(identity: &NodeIdentity) -> Result<ServerConfig, TransportE
         .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
     Ok(cfg)
+}
+
+/// ALPN ids an agent-facing ingress offers.
+pub const INGRESS_ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+/// Accepts any client certificate, or none, at the handshake: rustls still
+/// checks the client's CertificateVerify signature (proof that it holds the
+/// key), and [`verify_agent`] judges the chain right after, where a refusal
+/// can be answered with a reason.
+#[derive(Debug)]
+struct DeferredClientVerifier {
+    hints: Vec<DistinguishedName>,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ClientCertVerifier for DeferredClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &self.hints
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// The TLS config of an agent-facing ingress listener: the node certificate
+/// as server certificate, TLS 1.3 only unless `allow_tls12`, client
+/// certificates requested (not required) when `client_certs`; h2 and
+/// http/1.1 by ALPN.
+pub fn ingress_server_config(
+    identity: &NodeIdentity,
+    client_certs: bool,
+    allow_tls12: bool,
+) -> Result<ServerConfig, TransportError> {
+    let provider = provider();
+    let versions: &[&rustls::SupportedProtocolVersion] = if allow_tls12 {
+        &[&rustls::version::TLS13, &rustls::version::TLS12]
+    } else {
+        &[&rustls::version::TLS13]
+    };
+    let builder =
+        ServerConfig::builder_with_provider(provider.clone()).with_protocol_versions(versions)?;
+    let builder = if client_certs {
+        let hints = root_store(identity)?
+            .subjects();
+        builder.with_client_cert_verifier(Arc::new(DeferredClientVerifier {
+            hints,
+            algs: provider.signature_verification_algorithms,
+        }))
+    } else {
+        builder.with_no_client_auth()
+    };
+    let mut cfg = builder.with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
+    cfg.alpn_protocols = INGRESS_ALPN.iter().map(|p| p.to_vec()).collect();
+    Ok(cfg)
+}
+
+/// An agent identity proven by a client certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentIdentity {
+    pub spiffe: SpiffeId,
+    pub tenant: String,
+    pub agent: String,
+    pub serial_hex: String,
+    pub not_after: std::time::SystemTime,
+}
+
+/// Judges a client certificate chain presented at the agent ingress: it must
+/// chain to a mesh root (through a node's issuing certificate), be within
+/// its validity, carry an agent SPIFFE ID of our trust domain, and contain
+/// no revoked certificate. The error is the reason, fit for a 401 body.
+pub fn verify_agent(
+    chain: &[CertificateDer<'_>],
+    identity: &NodeIdentity,
+    revoked: &RevocationSet,
+    now: UnixTime,
+) -> Result<AgentIdentity, String> {
+    let Some((leaf, intermediates)) = chain.split_first() else {
+        return Err("no client certificate".into());
+    };
+    let info = cert_info(leaf).map_err(|e| e.to_string())?;
+    let roots = root_store(identity).map_err(|e| e.to_string())?;
+    let webpki = WebPkiClientVerifier::builder_with_provider(roots, provider())
+        .build()
+        .map_err(|e| format!("client verifier: {e}"))?;
+    webpki
+        .verify_client_cert(leaf, intermediates, now)
+        .map_err(|e| match e {
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
+        | rustls::Error::InvalidCertificate(CertificateError::BadSignature) => format!(
+            "certificate `{}` is not from this mesh: issued by `{}`, expected a chain to `{}`",
+            info.spiffe,
+            issuer_of(leaf),
+            identity.root_subjects.join("` or `")
+        ),
+        rustls::Error::InvalidCertificate(CertificateError::Expired)
+        | rustls::Error::InvalidCertificate(CertificateError::ExpiredContext { .. }) => {
+            format!("certificate `{}` has expired", info.spiffe)
+        }
+        rustls::Error::InvalidCertificate(CertificateError::NotValidYet)
+        | rustls::Error::InvalidCertificate(CertificateError::NotValidYetContext { .. }) => {
+            format!("certificate `{}` is not valid yet (check clocks)", info.spiffe)
+        }
+            other => format!("certificate `{}` refused: {other}", info.spiffe),
+        })?;
+    if info.spiffe.trust_domain != identity.trust_domain() {
+        return Err(format!(
+            "certificate `{}` names trust domain `{}`, this mesh is `{}`",
+            info.spiffe,
+            info.spiffe.trust_domain,
+            identity.trust_domain()
+        ));
+    }
+    if let Some(r) = revoked.revoked_in(chain.iter()) {
+        return Err(format!(
+            "certificate `{}` is revoked (serial {}: {})",
+            info.spiffe, r.serial, r.reason
+        ));
+    }
+    match &info.spiffe.workload {
+        Workload::Agent { tenant, agent } if !info.is_ca => Ok(AgentIdentity {
+            tenant: tenant.clone(),
+            agent: agent.clone(),
+            spiffe: info.spiffe.clone(),
+            serial_hex: info.serial_hex.clone(),
+            not_after: info.not_after,
+        }),
+        _ => Err(format!(
+            "certificate `{}` is not an agent identity (spiffe://<td>/tenant/<t>/agent/<a>)",
+            info.spiffe
+        )),
+    }
 }

@@ -1,0 +1,199 @@
+//! What the node records: one typed struct per event kind.
+//!
+//! The line format keeps `kind` and `detail` as separate top-level fields
+//! (with `prev` between them), so [`EventKind`] is not a serde-tagged enum:
+//! each variant wraps a plain struct that becomes `detail`, and
+//! [`EventKind::name`] gives `kind`. The tenant is not repeated inside
+//! `detail`: it is the line's top-level `tenant`, which `tail --tenant`
+//! filters on. Checkpoints and crash recoveries are written by the log itself
+//! and so are not [`EventKind`]s; a reader gets all of them from
+//! [`crate::Line::body`].
+
+use serde::{Deserialize, Serialize};
+
+/// One event for the audit log: the tenant it concerns (if any) and what
+/// happened. The writer adds `seq`, `ts`, `node` and `prev`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub tenant: Option<String>,
+    pub kind: EventKind,
+}
+
+impl Event {
+    /// An event concerning `tenant`.
+    pub fn tenant(tenant: impl Into<String>, kind: impl Into<EventKind>) -> Self {
+        Event {
+            tenant: Some(tenant.into()),
+            kind: kind.into(),
+        }
+    }
+
+    /// An event not tied to a tenant (e.g. a failed handshake before any
+    /// identity is known).
+    pub fn global(kind: impl Into<EventKind>) -> Self {
+        Event {
+            tenant: None,
+            kind: kind.into(),
+        }
+    }
+}
+
+/// The kinds of event a node records. `kind` in the line is [`Self::name`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventKind {
+    Delegation(Delegation),
+    Denied(Denied),
+    AuthFailure(AuthFailure),
+    Enrollment(Enrollment),
+    Revocation(Revocation),
+}
+
+impl EventKind {
+    /// The `kind` string written in the line.
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::Delegation(_) => KIND_DELEGATION,
+            EventKind::Denied(_) => KIND_DENIED,
+            EventKind::AuthFailure(_) => KIND_AUTH_FAILURE,
+            EventKind::Enrollment(_) => KIND_ENROLLMENT,
+            EventKind::Revocation(_) => KIND_REVOCATION,
+        }
+    }
+}
+
+pub(crate) const KIND_DELEGATION: &str = "delegation";
+pub(crate) const KIND_DENIED: &str = "denied";
+pub(crate) const KIND_AUTH_FAILURE: &str = "auth_failure";
+pub(crate) const KIND_ENROLLMENT: &str = "enrollment";
+pub(crate) const KIND_REVOCATION: &str = "revocation";
+pub(crate) const KIND_CHECKPOINT: &str = "checkpoint";
+pub(crate) const KIND_RECOVERY: &str = "recovery";
+
+/// Serializes the `detail` object of an event without an enum wrapper.
+pub(crate) struct DetailRef<'a>(pub(crate) &'a EventKind);
+
+impl Serialize for DetailRef<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            EventKind::Delegation(d) => d.serialize(s),
+            EventKind::Denied(d) => d.serialize(s),
+            EventKind::AuthFailure(d) => d.serialize(s),
+            EventKind::Enrollment(d) => d.serialize(s),
+            EventKind::Revocation(d) => d.serialize(s),
+        }
+    }
+}
+
+/// A delegation this node routed (one per caller request, after retries).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delegation {
+    /// The calling agent's identity.
+    pub caller: String,
+    /// What was asked for: `agent:<name>`, `tag:<tag>` or `intent`.
+    pub target: String,
+    /// Why this agent was chosen (e.g. `p2c load 0.3 vs 0.7`, `only candidate`).
+    pub route: String,
+    /// The agent that served it, if one was reached.
+    pub agent: Option<String>,
+    /// The node that agent sits behind, if one was reached.
+    pub serving_node: Option<String>,
+    /// `ok`, `agent-error` or the mesh error kind (as in the metrics label).
+    pub outcome: String,
+    /// HTTP status returned to the caller, if a response was produced.
+    pub status: Option<u16>,
+    pub duration_ms: u64,
+    pub trace_id: Option<String>,
+}
+
+/// A request the tenant policy refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Denied {
+    pub caller: String,
+    pub target: String,
+    pub reason: String,
+}
+
+/// How a peer tried to authenticate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMethod {
+    Mtls,
+    Jwt,
+    Token,
+}
+
+/// A failed authentication on one of the node's listeners.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthFailure {
+    /// Which listener (`overlay`, `ingress`, `admin`, ...).
+    pub listener: String,
+    pub method: AuthMethod,
+    pub reason: String,
+    /// The peer's socket address.
+    pub peer: String,
+    /// The identity the peer claimed, if it got far enough to claim one.
+    pub claimed: Option<String>,
+}
+
+/// How a certificate was obtained.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EnrollVia {
+    /// First enrollment with a one-time token (its id, never the secret).
+    Token(String),
+    /// Renewal with the still-valid previous certificate.
+    Renewal,
+}
+
+/// An agent certificate issued by this node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrollment {
+    pub agent: String,
+    /// Certificate serial, lowercase hex.
+    pub serial: String,
+    /// End of validity, unix seconds.
+    pub not_after: u64,
+    pub via: EnrollVia,
+}
+
+/// A certificate this node learned is revoked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    /// Certificate serial, lowercase hex.
+    pub serial: String,
+    pub reason: String,
+    /// Where the revocation came from (`admin`, `gossip`, `crl`, ...).
+    pub source: String,
+}
+
+/// A signed statement over the chain so far; written by the log itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Hash of the previous line: equal to this line's `prev`.
+    pub head: String,
+    /// This line's own `seq` (so `head` covers lines `0..seq`).
+    pub seq: u64,
+    /// The signer's certificate, base64 DER.
+    pub cert: String,
+    /// ECDSA P-256 SHA-256 (ASN.1 DER) over [`crate::checkpoint_message`], base64.
+    pub sig: String,
+}
+
+/// Written first after reopening a log whose last line was cut short by a
+/// crash: the partial bytes were moved to `saved_to` and cut from the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recovery {
+    pub truncated_bytes: u64,
+    pub saved_to: Option<String>,
+}
+
+macro_rules! into_kind {
+    ($($t:ident),*) => {$(
+        impl From<$t> for EventKind {
+            fn from(v: $t) -> Self {
+                EventKind::$t(v)
+            }
+        }
+    )*};
+}
+into_kind!(Delegation, Denied, AuthFailure, Enrollment, Revocation);

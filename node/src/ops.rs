@@ -1,0 +1,238 @@
+//! Operator commands that are more than a flag parse: `dmsc-node check`,
+//! `token create`, `revoke apply`, `audit verify|tail`. They live here, not
+//! in the binary, so tests drive them directly; the ones that talk to a
+//! running node are clients of its admin API, like `status`.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use crate::config::NodeConfig;
+use crate::status::{admin_call, StatusError};
+
+/// Certificates expiring sooner than this fail `check`.
+pub const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// One line of `dmsc-node check`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub ok: bool,
+    pub line: String,
+}
+
+impl Finding {
+    fn ok(line: impl Into<String>) -> Self {
+        Finding {
+            ok: true,
+            line: line.into(),
+        }
+    }
+    fn fail(line: impl Into<String>) -> Self {
+        Finding {
+            ok: false,
+            line: line.into(),
+        }
+    }
+}
+
+fn check_key_file(what: &str, path: &Path, out: &mut Vec<Finding>) {
+    match std::fs::File::open(path) {
+        Err(e) => out.push(Finding::fail(format!(
+            "{what} `{}` is unreadable: {e}",
+            path.display()
+        ))),
+        Ok(f) => match f.metadata() {
+            Ok(m) if m.permissions().mode() & 0o004 != 0 => out.push(Finding::fail(format!(
+                "{what} `{}` is world-readable (mode {:o}); run `chmod 600 {}`",
+                path.display(),
+                m.permissions().mode() & 0o777,
+                path.display()
+            ))),
+            Ok(m) if m.permissions().mode() & 0o040 != 0 => out.push(Finding::ok(format!(
+                "{what} `{}` is group-readable (mode {:o}); 600 is safer",
+                path.display(),
+                m.permissions().mode() & 0o777
+            ))),
+            Ok(_) => out.push(Finding::ok(format!(
+                "{what} `{}` is readable by its owner only",
+                path.display()
+            ))),
+            Err(e) => out.push(Finding::fail(format!(
+                "{what} `{}`: {e}",
+                path.display()
+            ))),
+        },
+    }
+}
+
+fn check_cert_file(what: &str, path: &Path, now: SystemTime, out: &mut Vec<Finding>) {
+    let pem = match std::fs::read_to_string(path) {
+        Ok(p) => p,
+        Err(e) => {
+            out.push(Finding::fail(format!(
+                "{what} `{}` is unreadable: {e}",
+                path.display()
+            )));
+            return;
+        }
+    };
+    let certs = match dmsc_transport::identity::certs_from_pem(&pem, path) {
+        Ok(c) => c,
+        Err(e) => {
+            out.push(Finding::fail(format!("{what}: {e}")));
+            return;
+        }
+    };
+    for c in &certs {
+        let Ok(info) = dmsc_transport::identity::cert_info(c) else {
+            continue;
+        };
+        match info.not_after.duration_since(now) {
+            Err(_) => out.push(Finding::fail(format!(
+                "{what} `{}` ({}) has expired",
+                path.display(),
+                info.subject
+            ))),
+            Ok(left) if left < EXPIRY_WARNING => out.push(Finding::fail(format!(
+                "{what} `{}` ({}) expires in {} h (less than 7 days): renew it",
+                path.display(),
+                info.subject,
+                left.as_secs() / 3600
+            ))),
+            Ok(left) => out.push(Finding::ok(format!(
+                "{what} `{}` ({}) valid for {} more days",
+                path.display(),
+                info.subject,
+                left.as_secs() / 86400
+            ))),
+        }
+    }
+}
+
+/// Checks the files a config names, then (if the node answers on `admin`)
+/// its peers: reachability with our certificate (a CA mismatch shows as a
+/// refused handshake) and clock skew.
+pub async fn check(config: &NodeConfig, admin: SocketAddr, max_skew: Duration) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let now = SystemTime::now();
+    check_cert_file("CA bundle", &config.ca, now, &mut out);
+    check_cert_file("node certificate", &config.cert, now, &mut out);
+    check_key_file("node key", &config.key, &mut out);
+    if let (Some(c), Some(k)) = (&config.issuer_cert, &config.issuer_key) {
+        check_cert_file("issuing certificate", c, now, &mut out);
+        check_key_file("issuing key", k, &mut out);
+    }
+    match dmsc_transport::NodeIdentity::load(&config.ca, &config.cert, &config.key) {
+        Ok(id) if id.root_subjects.contains(&id.info.issuer) => out.push(Finding::ok(format!(
+            "node certificate `{}` is issued by the CA in `{}`",
+            id.spiffe,
+            config.ca.display()
+        ))),
+        Ok(id) => out.push(Finding::fail(format!(
+            "CA mismatch: node certificate `{}` is issued by `{}`, but `{}` holds `{}`",
+            id.spiffe,
+            id.info.issuer,
+            config.ca.display(),
+            id.root_subjects.join("`, `")
+        ))),
+        Err(e) => out.push(Finding::fail(format!("node credentials do not load: {e}"))),
+    }
+    match admin_call(admin, hyper::Method::GET, "/v1/check", bytes::Bytes::new()).await {
+        Err(e) => out.push(Finding::fail(format!(
+            "{e}; peer checks (CA mismatch, clock skew) need the running node"
+        ))),
+        Ok((status, body)) if status != 200 => out.push(Finding::fail(format!(
+            "admin API at {admin} answered {status} to /v1/check: {body}"
+        ))),
+        Ok((_, body)) => peer_findings(&body, max_skew, &mut out),
+    }
+    out
+}
+
+fn peer_findings(body: &str, max_skew: Duration, out: &mut Vec<Finding>) {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(body) else {
+        out.push(Finding::fail("unreadable /v1/check answer".to_string()));
+        return;
+    };
+    let peers = v["peers"].as_array().cloned().unwrap_or_default();
+    if peers.is_empty() {
+        out.push(Finding::ok("no connected peers to compare clocks with"));
+    }
+    let max = max_skew.as_millis() as i64;
+    for p in peers {
+        let name = p["name"].as_str().unwrap_or("?");
+        match (p["skew_ms"].as_i64(), p["rtt_ms"].as_u64()) {
+            (Some(skew), Some(rtt)) if skew.abs() > max => out.push(Finding::fail(format!(
+                "clock skew with peer `{name}` is {skew} ms (bound {max} ms, rtt {rtt} ms): fix NTP on one of them"
+            ))),
+            (Some(skew), Some(rtt)) => out.push(Finding::ok(format!(
+                "clock skew with peer `{name}`: {skew} ms (rtt {rtt} ms)"
+            ))),
+            _ => out.push(Finding::fail(format!(
+                "peer `{name}` did not answer the clock check: {}",
+                p["error"].as_str().unwrap_or("?")
+            ))),
+        }
+    }
+    for b in v["bootstrap"].as_array().cloned().unwrap_or_default() {
+        let peer = b["peer"].as_str().unwrap_or("?");
+        match b["error"].as_str() {
+            None => out.push(Finding::ok(format!(
+                "bootstrap peer {peer} accepts this node's certificate"
+            ))),
+            Some(e) => {
+                let hint = if ["certificate", "refused", "UnknownIssuer", "unknown ca"]
+                    .iter()
+                    .any(|w| e.contains(w))
+                {
+                    " (CA mismatch: the peer and this node trust different CAs, or one certificate is expired or revoked)"
+                } else {
+                    ""
+                };
+                out.push(Finding::fail(format!(
+                    "bootstrap peer {peer}: {e}{hint}"
+                )))
+            }
+        }
+    }
+}
+
+/// `dmsc-node token create`: asks the node for a one-time join token.
+pub async fn token_create(
+    admin: SocketAddr,
+    tenant: &str,
+    agent: &str,
+    ttl: Duration,
+) -> Result<serde_json::Value, StatusError> {
+    let body = serde_json::json!({"tenant": tenant, "agent": agent, "ttl_secs": ttl.as_secs()});
+    post_json(admin, "/v1/tokens", body.to_string()).await
+}
+
+/// `dmsc-node revoke apply FILE`: hands a signed revocation to the node,
+/// which checks it and spreads it by gossip.
+pub async fn revoke_apply(
+    admin: SocketAddr,
+    statement: String,
+) -> Result<serde_json::Value, StatusError> {
+    post_json(admin, "/v1/revocations", statement).await
+}
+
+async fn post_json(
+    admin: SocketAddr,
+    path: &str,
+    body: String,
+) -> Result<serde_json::Value, StatusError> {
+    let (status, text) = admin_call(admin, hyper::Method::POST, path, body.into()).await?;
+    if !(200..300).contains(&status) {
+        return Err(StatusError::Http {
+            addr: admin,
+            status,
+            body: text,
+        });
+    }
+    serde_json::from_str(&text).map_err(|e| StatusError::Decode {
+        addr: admin,
+        reason: e.to_string(),
+    })
+}

@@ -1,0 +1,568 @@
+//! The node's security offload: the credentials it presents, the ones it
+//! issues, the revocations it enforces, the callers it authenticates and
+//! the audit trail it keeps. Agents carry none of this logic.
+//!
+//! - Credentials are reloaded when their files change ([`watch_credentials`]):
+//!   new overlay and ingress handshakes use them at once, live connections
+//!   stay up. A CA file with two roots verifies both during a root rotation.
+//! - Agents enroll with a one-time, tenant-scoped join token (`POST
+//!   /v1/enroll` on a TLS ingress) and renew with their current certificate
+//!   (`POST /v1/renew`, mTLS). The tenant and agent of a certificate come
+//!   from the token or the presented certificate, never from the request.
+//! - Revocations are statements signed by the operator CA; they are
+//!   persisted in `<data_dir>/revoked.jsonl`, re-published by every node
+//!   that learns them (`revoked/<serial>` in its gossip state, so a node that
+//!   was away learns them from anyone), and enforced by the overlay
+//!   verifiers and the ingress on every request.
+//! - Every decision goes to the audit log ([`Security::record`]); appends
+//!   never wait on the disk unless the writer is 64k entries behind.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use dmsc_audit::{AuditHandle, Event};
+use dmsc_auth::token::TokenStore;
+use dmsc_auth::JwtValidator;
+use dmsc_transport::pki::{AgentKey, NodeIssuer};
+use dmsc_transport::tls::AgentIdentity;
+use dmsc_transport::{NodeIdentity, Overlay, Revocation, RevocationSet};
+use hyper::StatusCode;
+use rustls::pki_types::CertificateDer;
+use serde::Serialize;
+use tokio_rustls::TlsAcceptor;
+use tracing::{info, warn};
+
+use crate::config::NodeConfig;
+use crate::NodeError;
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Who is calling, as proven at the ingress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub tenant: String,
+    /// The calling agent, when the credential names one.
+    pub agent: Option<String>,
+    /// For logs and the audit trail: a SPIFFE ID, `jwt:<iss>#<sub>`, or `ingress:<addr>`.
+    pub id: String,
+}
+
+/// A refusal with the status to answer and the reason to give.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub status: StatusCode,
+    /// Stable machine code (`token_used`, `jwt_expired`, `cert_revoked`...).
+    pub code: String,
+    pub reason: String,
+}
+
+impl Refusal {
+    pub fn new(status: StatusCode, code: impl Into<String>, reason: impl Into<String>) -> Self {
+        Refusal {
+            status,
+            code: code.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// What an agent gets back from enrollment or renewal.
+#[derive(Debug, Clone, Serialize)]
+pub struct EnrollResponse {
+    pub spiffe_id: String,
+    /// PEM, leaf first, then the node's issuing certificate.
+    pub certificate_chain: String,
+    /// PEM; only when the node generated the key (no CSR was sent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub private_key: Option<String>,
+    /// The mesh CA bundle (PEM) to verify nodes with.
+    pub ca: String,
+    pub serial: String,
+    /// RFC 3339.
+    pub not_after: String,
+}
+
+/// TLS settings of one agent-facing listener, swapped on credential reload.
+pub struct TlsIngress {
+    acceptor: RwLock<TlsAcceptor>,
+    client_certs: bool,
+    allow_tls12: bool,
+}
+
+impl TlsIngress {
+    pub fn new(
+        identity: &NodeIdentity,
+        client_certs: bool,
+        allow_tls12: bool,
+    ) -> Result<Self, NodeError> {
+        Ok(TlsIngress {
+            acceptor: RwLock::new(Self::build(identity, client_certs, allow_tls12)?),
+            client_certs,
+            allow_tls12,
+        })
+    }
+
+    fn build(
+        identity: &NodeIdentity,
+        client_certs: bool,
+        allow_tls12: bool,
+    ) -> Result<TlsAcceptor, NodeError> {
+        let cfg =
+            dmsc_transport::tls::ingress_server_config(identity, client_certs, allow_tls12)?;
+        Ok(TlsAcceptor::from(Arc::new(cfg)))
+    }
+
+    pub fn acceptor(&self) -> TlsAcceptor {
+        read(&self.acceptor).clone()
+    }
+
+    fn reload(&self, identity: &NodeIdentity) -> Result<(), NodeError> {
+        *write(&self.acceptor) = Self::build(identity, self.client_certs, self.allow_tls12)?;
+        Ok(())
+    }
+}
+
+/// The files a node's credentials come from.
+#[derive(Debug, Clone)]
+struct Paths {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    issuer: Option<(PathBuf, PathBuf)>,
+    revoked: PathBuf,
+}
+
+/// The security state of one node.
+pub struct Security {
+    me: String,
+    identity: RwLock<Arc<NodeIdentity>>,
+    pub revoked: Arc<RevocationSet>,
+    issuer: RwLock<Option<Arc<NodeIssuer>>>,
+    tokens: Option<TokenStore>,
+    pub jwt: Option<JwtValidator>,
+    pub audit: Option<AuditHandle>,
+    issued: AtomicU64,
+    reloads: AtomicU64,
+    agent_ttl: Duration,
+    paths: Paths,
+    tls: Mutex<Vec<Arc<TlsIngress>>>,
+}
+
+impl std::fmt::Debug for Security {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Security")
+            .field("me", &self.me)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Security {
+    /// Loads what the config names: the issuing certificate (optional: no
+    /// enrollment without it), the join token store, persisted revocations,
+    /// the JWKS, and opens the audit log.
+    pub async fn build(
+        config: &NodeConfig,
+        identity: Arc<NodeIdentity>,
+        revoked: Arc<RevocationSet>,
+    ) -> Result<(Security, Option<dmsc_audit::AuditTask>), NodeError> {
+        let me = identity.name().to_string();
+        let data = &config.data_dir;
+        std::fs::create_dir_all(data).map_err(|e| {
+            NodeError::Internal(format!(
+                "cannot create the data directory `{}`: {e}",
+                data.display()
+            ))
+        })?;
+        let paths = Paths {
+            ca: config.ca.clone(),
+            cert: config.cert.clone(),
+            key: config.key.clone(),
+            issuer: config.issuer_cert.clone().zip(config.issuer_key.clone()),
+            revoked: data.join("revoked.jsonl"),
+        };
+        let issuer = match &paths.issuer {
+            Some((c, k)) => Some(Arc::new(NodeIssuer::load(c, k)?)),
+            None => None,
+        };
+        let n = revoked.load(&paths.revoked, &identity.roots)?;
+        if n > 0 {
+            info!(count = n, "loaded persisted revocations");
+        }
+        let tokens = TokenStore::open(&data.join("join-tokens.json"))
+            .map_err(|e| NodeError::Internal(e.to_string()))?;
+        let jwt = match &config.jwt {
+            Some(j) => {
+                let source = match (&j.jwks_file, &j.jwks_url) {
+                    (Some(f), _) => dmsc_auth::JwksSource::File(f.clone()),
+                    (None, Some(u)) => dmsc_auth::JwksSource::Url(u.clone()),
+                    (None, None) => {
+                        return Err(NodeError::Internal("jwt: no JWKS source".into()))
+                    }
+                };
+                let mut cfg =
+                    dmsc_auth::JwtConfig::new(j.issuers.clone(), j.audiences.clone(), source);
+                cfg.tenant_claim = j.tenant_claim.clone();
+                cfg.agent_claim = j.agent_claim.clone();
+                cfg.refresh = j.refresh;
+                cfg.leeway = j.leeway;
+                Some(
+                    JwtValidator::new(cfg)
+                        .await
+                        .map_err(|e| NodeError::Internal(format!("jwt: {e}")))?,
+                )
+            }
+            None => None,
+        };
+        let (audit, task) = match &config.audit {
+            Some(a) => {
+                let signer = match dmsc_audit::Signer::load(&config.key, &config.cert) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        warn!(error = %e, "audit checkpoints will not be signed");
+                        None
+                    }
+                };
+                let mut cfg = dmsc_audit::AuditConfig::new(&a.dir, &me);
+                cfg.fsync = a.fsync.parse::<dmsc_audit::FsyncPolicy>()
+                    .map_err(|e| NodeError::Internal(format!("audit.fsync: {e}")))?;
+                cfg.checkpoint_every = a.checkpoint_every;
+                cfg.checkpoint_interval = a.checkpoint_interval;
+                let (h, t) = dmsc_audit::AuditLog::open(cfg, signer).map_err(|e| NodeError::Internal(format!("audit log: {e}")))?;
+                (Some(h), Some(t))
+            }
+            None => (None, None),
+        };
+        Ok((
+            Security {
+                me,
+                identity: RwLock::new(identity),
+                revoked,
+                issuer: RwLock::new(issuer),
+                tokens: Some(tokens),
+                jwt,
+                audit,
+                issued: AtomicU64::new(0),
+                reloads: AtomicU64::new(0),
+                agent_ttl: config.agent_cert_ttl,
+                paths,
+                tls: Mutex::new(Vec::new()),
+            },
+            task,
+        ))
+    }
+
+    pub fn identity(&self) -> Arc<NodeIdentity> {
+        read(&self.identity).clone()
+    }
+
+    pub fn issuer(&self) -> Option<Arc<NodeIssuer>> {
+        read(&self.issuer).clone()
+    }
+
+    /// Agent certificates issued since the node started.
+    pub fn issued(&self) -> u64 {
+        self.issued.load(Ordering::Relaxed)
+    }
+
+    /// Credential reloads applied since the node started.
+    pub fn reloads(&self) -> u64 {
+        self.reloads.load(Ordering::Relaxed)
+    }
+
+    /// A TLS ingress that follows credential reloads.
+    pub fn tls_ingress(
+        &self,
+        client_certs: bool,
+        allow_tls12: bool,
+    ) -> Result<Arc<TlsIngress>, NodeError> {
+        let t = Arc::new(TlsIngress::new(
+            &self.identity(),
+            client_certs,
+            allow_tls12,
+        )?);
+        self.tls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(t.clone());
+        Ok(t)
+    }
+
+    /// Appends to the audit log without waiting; if the writer is far
+    /// behind, a task waits for room so the entry is not lost.
+    pub fn record(&self, e: Event) {
+        if let Some(a) = &self.audit {
+            if !a.try_record(e.clone()) {
+                let a = a.clone();
+                tokio::spawn(async move {
+                    if let Err(err) = a.record(e).await {
+                        warn!(error = %err, "audit entry not recorded");
+                    }
+                });
+            }
+        }
+    }
+
+    /// Creates a one-time join token (admin API / `dmsc-node token create`).
+    pub fn create_token(
+        &self,
+        tenant: &str,
+        agent: &str,
+        ttl: Duration,
+    ) -> Result<(String, dmsc_auth::token::TokenInfo), Refusal> {
+        let store = self.tokens.as_ref().ok_or_else(|| {
+            Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_token_store",
+                "this node keeps no join tokens",
+            )
+        })?;
+        store
+            .create(tenant, agent, ttl)
+            .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.code(), e.reason()))
+    }
+
+    fn issue(
+        &self,
+        tenant: &str,
+        agent: &str,
+        csr: Option<&str>,
+    ) -> Result<dmsc_transport::pki::AgentCert, Refusal> {
+        let issuer = self.issuer().ok_or_else(|| {
+            Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_issuer",
+                "this node has no issuing certificate (tls.issuer_cert/issuer_key; `dmsc-node ca issue-node` writes them)",
+            )
+        })?;
+        let key = match csr {
+            Some(pem) => AgentKey::Csr(pem),
+            None => AgentKey::Generate,
+        };
+        let cert = issuer
+            .issue_agent(tenant, agent, key, self.agent_ttl)
+            .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, "bad_csr", e.to_string()))?;
+        self.issued.fetch_add(1, Ordering::Relaxed);
+        Ok(cert)
+    }
+
+    fn response(&self, cert: dmsc_transport::pki::AgentCert) -> EnrollResponse {
+        let not_after = time::OffsetDateTime::from(cert.not_after)
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        let ca = std::fs::read_to_string(&self.paths.ca).unwrap_or_default();
+        EnrollResponse {
+            spiffe_id: cert.spiffe.to_string(),
+            certificate_chain: cert.chain_pem,
+            private_key: cert.key_pem,
+            ca,
+            serial: cert.serial_hex,
+            not_after,
+        }
+    }
+
+    /// `POST /v1/enroll`: redeem a join token for a certificate.
+    pub fn enroll(&self, body: &[u8], peer: SocketAddr) -> Result<EnrollResponse, Refusal> {
+        let refuse = |r: Refusal, tenant: Option<String>, claimed: Option<String>| {
+            self.record(Event {
+                tenant,
+                kind: dmsc_audit::AuthFailure {
+                    listener: "enroll".into(),
+                    method: dmsc_audit::AuthMethod::Token,
+                    reason: r.reason.clone(),
+                    peer: peer.to_string(),
+                    claimed,
+                }
+                .into(),
+            });
+            r
+        };
+        let req = dmsc_auth::enroll::parse_enroll(body).map_err(|e| {
+            refuse(
+                Refusal::new(StatusCode::BAD_REQUEST, e.code(), e.reason()),
+                None,
+                None,
+            )
+        })?;
+        let store = self.tokens.as_ref().ok_or_else(|| {
+            Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_token_store",
+                "this node keeps no join tokens",
+            )
+        })?;
+        let claimed = req
+            .tenant
+            .as_ref()
+            .map(|t| format!("{t}/{}", req.agent.as_deref().unwrap_or("*")));
+        let expect = req
+            .tenant
+            .as_deref()
+            .map(|t| (t, req.agent.as_deref()));
+        let info = store
+            .redeem(&req.token, expect, time::OffsetDateTime::now_utc())
+            .map_err(|e| {
+                let status = match e {
+                    dmsc_auth::TokenError::TenantMismatch { .. }
+                    | dmsc_auth::TokenError::AgentMismatch { .. } => StatusCode::FORBIDDEN,
+                    dmsc_auth::TokenError::Malformed(_) => StatusCode::BAD_REQUEST,
+                    dmsc_auth::TokenError::Store { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+                    _ => StatusCode::UNAUTHORIZED,
+                };
+                refuse(
+                    Refusal::new(status, e.code(), e.reason()),
+                    req.tenant.clone(),
+                    claimed.clone(),
+                )
+            })?;
+        let cert = self
+            .issue(&info.tenant, &info.agent, req.csr_pem.as_deref())
+            .map_err(|r| refuse(r, Some(info.tenant.clone()), claimed.clone()))?;
+        self.record(Event::tenant(
+            info.tenant.clone(),
+            dmsc_audit::Enrollment {
+                agent: info.agent.clone(),
+                serial: cert.serial_hex.clone(),
+                not_after: unix(cert.not_after),
+                via: dmsc_audit::EnrollVia::Token(info.id.clone()),
+            },
+        ));
+        info!(tenant = %info.tenant, agent = %info.agent, serial = %cert.serial_hex, "agent enrolled");
+        Ok(self.response(cert))
+    }
+
+    /// `POST /v1/renew`: a fresh certificate for the identity the caller
+    /// proved with its current (valid, unrevoked) certificate.
+    pub fn renew(&self, who: &AgentIdentity, body: &[u8]) -> Result<EnrollResponse, Refusal> {
+        let req = dmsc_auth::enroll::parse_renew(body)
+            .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.code(), e.reason()))?;
+        let cert = self.issue(&who.tenant, &who.agent, req.csr_pem.as_deref())?;
+        self.record(Event::tenant(
+            who.tenant.clone(),
+            dmsc_audit::Enrollment {
+                agent: who.agent.clone(),
+                serial: cert.serial_hex.clone(),
+                not_after: unix(cert.not_after),
+                via: dmsc_audit::EnrollVia::Renewal,
+            },
+        ));
+        Ok(self.response(cert))
+    }
+
+    /// Judges a client certificate chain from the agent ingress.
+    pub fn verify_agent(&self, chain: &[CertificateDer<'_>]) -> Result<AgentIdentity, String> {
+        dmsc_transport::tls::verify_agent(
+            chain,
+            &self.identity(),
+            &self.revoked,
+            rustls::pki_types::UnixTime::now(),
+        )
+    }
+
+    /// Verifies and records a revocation; true if it was new here. The
+    /// caller publishes it and closes affected connections.
+    pub fn apply_revocation(&self, r: Revocation, source: &str) -> Result<bool, String> {
+        if self.revoked.get(&r.serial).is_some() {
+            return Ok(false);
+        }
+        r.verify(&self.identity().roots).map_err(|e| e.to_string())?;
+        let new = self.revoked.insert(r.clone());
+        if new {
+            if let Err(e) = self.revoked.save(&self.paths.revoked) {
+                warn!(error = %e, "cannot persist revocations; they stay in memory and in gossip");
+            }
+            warn!(serial = %r.serial, reason = %r.reason, source, "certificate revoked");
+            self.record(Event::global(dmsc_audit::Revocation {
+                serial: r.serial.clone(),
+                reason: r.reason.clone(),
+                source: source.to_string(),
+            }));
+        }
+        Ok(new)
+    }
+
+    /// Reloads credentials from disk if their files changed since `seen`;
+    /// applies them to the overlay and every TLS ingress.
+    fn reload_if_changed(&self, overlay: &Overlay, seen: &mut Vec<FileStamp>) {
+        let now = stamps(&self.paths);
+        if now == *seen {
+            return;
+        }
+        let identity = match NodeIdentity::load(&self.paths.ca, &self.paths.cert, &self.paths.key)
+        {
+            Ok(i) => Arc::new(i),
+            Err(e) => {
+                // Often a half-written pair (cert updated, key not yet):
+                // keep the old credentials and look again next time.
+                warn!(error = %e, "credential files changed but do not load; keeping the current ones");
+                return;
+            }
+        };
+        if let Err(e) = overlay.reload_identity(&identity) {
+            warn!(error = %e, "cannot apply the reloaded node certificate");
+            return;
+        }
+        for t in self.tls.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            if let Err(e) = t.reload(&identity) {
+                warn!(error = %e, "cannot apply the reloaded certificate to an ingress");
+            }
+        }
+        if let Some((c, k)) = &self.paths.issuer {
+            match NodeIssuer::load(c, k) {
+                Ok(i) => *write(&self.issuer) = Some(Arc::new(i)),
+                Err(e) => warn!(error = %e, "cannot reload the issuing certificate"),
+            }
+        }
+        info!(serial = %identity.info.serial_hex, "node credentials reloaded");
+        *write(&self.identity) = identity;
+        self.reloads.fetch_add(1, Ordering::Relaxed);
+        *seen = now;
+    }
+}
+
+/// What identifies one version of a credential file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp(Option<(SystemTime, u64)>);
+
+fn stamps(p: &Paths) -> Vec<FileStamp> {
+    let mut files: Vec<&Path> = vec![&p.ca, &p.cert, &p.key];
+    if let Some((c, k)) = &p.issuer {
+        files.push(c);
+        files.push(k);
+    }
+    files
+        .into_iter()
+        .map(|f| {
+            FileStamp(
+                std::fs::metadata(f)
+                    .ok()
+                    .and_then(|m| Some((m.modified().ok()?, m.len()))),
+            )
+        })
+        .collect()
+}
+
+/// Watches the credential files and applies changes (rotation without restart).
+pub async fn watch_credentials(sec: Arc<Security>, overlay: Overlay, every: Duration) {
+    let mut seen = stamps(&sec.paths);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        sec.reload_if_changed(&overlay, &mut seen);
+    }
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
