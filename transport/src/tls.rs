@@ -265,6 +265,10 @@ pub fn client_config(
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
+    // A resumed TLS 1.3 session skips certificate verification, so a
+    // revoked peer could come back on an old ticket: always full handshakes
+    // (overlay connections are long-lived; the cost is per connection).
+    cfg.resumption = rustls::client::Resumption::disabled();
     Ok(cfg)
 }
 
@@ -288,7 +292,34 @@ pub fn server_config(
         .with_client_cert_verifier(Arc::new(verifier))
         .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
+    no_resumption(&mut cfg);
     Ok(cfg)
+}
+
+/// Server side of "no resumption": no tickets, no session cache, so every
+/// handshake verifies the client's chain against the current revocations.
+fn no_resumption(cfg: &mut ServerConfig) {
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
+    cfg.ticketer = Arc::new(NoTickets);
+}
+
+#[derive(Debug)]
+struct NoTickets;
+
+impl rustls::server::ProducesTickets for NoTickets {
+    fn enabled(&self) -> bool {
+        false
+    }
+    fn lifetime(&self) -> u32 {
+        0
+    }
+    fn encrypt(&self, _plain: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
+    fn decrypt(&self, _cipher: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
 }
 
 /// ALPN ids an agent-facing ingress offers.
@@ -378,6 +409,9 @@ pub fn ingress_server_config(
     };
     let mut cfg = builder.with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
     cfg.alpn_protocols = INGRESS_ALPN.iter().map(|p| p.to_vec()).collect();
+    // The client chain is judged per connection after the handshake, so a
+    // resumed session would carry no chain to judge: full handshakes only.
+    no_resumption(&mut cfg);
     Ok(cfg)
 }
 

@@ -140,3 +140,119 @@ async fn other_trust_domain_is_refused() {
     let (bad, _b) = overlay(id).await;
     assert_refused(&good, &bad).await;
 }
+
+async fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let end = tokio::time::Instant::now() + within;
+    while !f() {
+        assert!(tokio::time::Instant::now() < end, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn revoked_peer_is_refused_and_its_live_connection_closed() {
+    use dmsc_transport::Revocation;
+    let ca = CertificateAuthority::generate("mesh.test").expect("ca");
+    let (a, _a) = overlay(identity(&ca, "a")).await;
+    let b_id = identity(&ca, "b");
+    let b_serial = b_id.info.serial_hex.clone();
+    let (b, _b) = overlay(b_id).await;
+    assert_eq!(b.connect(a.local_addr()).await.expect("connect"), "a");
+    wait_until("a sees b", Duration::from_secs(5), || a.peers().len() == 1).await;
+
+    // Nothing revoked: close_revoked is a no-op.
+    assert!(a.close_revoked().is_empty());
+    let r = Revocation::sign(&ca, &b_serial, "key-compromise").expect("sign");
+    assert!(a.revocations().insert(r));
+    assert_eq!(a.close_revoked(), vec!["b".to_string()]);
+    assert!(a.peers().is_empty(), "the live connection is gone");
+    // b learns its connection died and cannot come back, either way round.
+    wait_until("b sees the close", Duration::from_secs(5), || {
+        b.peers().is_empty()
+    })
+    .await;
+    assert!(b.connect(a.local_addr()).await.is_err(), "b dialing a");
+    assert!(a.connect(b.local_addr()).await.is_err(), "a dialing b");
+    // A third node with a fresh certificate is unaffected.
+    let (c, _c) = overlay(identity(&ca, "c")).await;
+    assert_eq!(c.connect(a.local_addr()).await.expect("c"), "a");
+}
+
+#[tokio::test]
+async fn reloaded_identity_is_used_for_new_connections_and_old_ones_stay() {
+    let ca = CertificateAuthority::generate("mesh.test").expect("ca");
+    let (a, _a) = overlay(identity(&ca, "a")).await;
+    let old = identity(&ca, "b");
+    let (b, _b) = overlay(old.clone()).await;
+    assert_eq!(b.connect(a.local_addr()).await.expect("connect"), "a");
+    let (c, _c) = overlay(identity(&ca, "c")).await;
+
+    let new = identity(&ca, "b");
+    assert_ne!(new.info.serial_hex, old.info.serial_hex);
+    b.reload_identity(&new).expect("reload");
+    assert_eq!(b.peers().len(), 1, "the existing connection stays");
+    // c dials b: b must present the new certificate. Revoke the old one on
+    // c to prove it: the handshake still succeeds.
+    let r = dmsc_transport::Revocation::sign(&ca, &old.info.serial_hex, "superseded")
+        .expect("sign");
+    c.revocations().insert(r);
+    assert_eq!(c.connect(b.local_addr()).await.expect("c to b"), "b");
+    // And b dialing out presents the new one too.
+    let (d, _d) = overlay(identity(&ca, "d")).await;
+    let r = dmsc_transport::Revocation::sign(&ca, &old.info.serial_hex, "superseded")
+        .expect("sign");
+    d.revocations().insert(r);
+    assert_eq!(b.connect(d.local_addr()).await.expect("b to d"), "d");
+    // A reload may not rename the node.
+    assert!(b.reload_identity(&identity(&ca, "zz")).is_err());
+}
+
+#[tokio::test]
+async fn a_bundle_with_two_roots_admits_nodes_of_both_during_rotation() {
+    let old = CertificateAuthority::generate("mesh.test").expect("old");
+    let new = CertificateAuthority::generate("mesh.test").expect("new");
+    let bundle = format!("{}{}", old.cert_pem, new.cert_pem);
+    let with = |ca: &CertificateAuthority, roots: &str, name: &str| {
+        let c = ca.issue_node(name, NODE_VALIDITY).expect("issue");
+        Arc::new(NodeIdentity::from_pem(roots, &c.cert_pem, &c.key_pem).expect("id"))
+    };
+    // Mid-rotation: a (bundle, old cert), b (bundle, new cert), c (old root only, old cert).
+    let (a, _a) = overlay(with(&old, &bundle, "a")).await;
+    let (b, _b) = overlay(with(&new, &bundle, "b")).await;
+    let (c, _c) = overlay(with(&old, &old.cert_pem, "c")).await;
+    assert_eq!(a.connect(b.local_addr()).await.expect("a-b"), "b");
+    assert_eq!(c.connect(a.local_addr()).await.expect("c-a"), "a");
+    // c does not trust the new root yet: b is refused by c.
+    assert!(b.connect(c.local_addr()).await.is_err());
+}
+
+#[tokio::test]
+async fn a_node_issuer_cannot_mint_node_certificates() {
+    use dmsc_transport::pki::NodeIssuer;
+    let ca = CertificateAuthority::generate("mesh.test").expect("ca");
+    let (good, _g) = overlay(identity(&ca, "good")).await;
+    // The issuing certificate itself (a CA cert) used as a node identity,
+    // and an agent certificate presented as a node: both refused.
+    let creds = ca
+        .issue_node_credentials("n1", NODE_VALIDITY, &[])
+        .expect("creds");
+    let issuer = NodeIssuer::load_pem(&creds.issuer.cert_pem, &creds.issuer.key_pem).expect("issuer");
+    let agent = issuer
+        .issue_agent(
+            "acme",
+            "a1",
+            dmsc_transport::pki::AgentKey::Generate,
+            dmsc_transport::pki::AGENT_VALIDITY,
+        )
+        .expect("agent");
+    assert!(
+        NodeIdentity::from_pem(&ca.cert_pem, &agent.chain_pem, agent.key_pem.as_deref().unwrap_or_default())
+            .is_err(),
+        "an agent certificate is not a node identity"
+    );
+    assert!(
+        NodeIdentity::from_pem(&ca.cert_pem, &creds.issuer.cert_pem, &creds.issuer.key_pem).is_err(),
+        "an issuing certificate is not a node identity"
+    );
+    let _ = good;
+}
