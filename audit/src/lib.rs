@@ -82,9 +82,7 @@ pub use event::{
 };
 pub use line::{line_hash, parse_line, Body, Line, GENESIS_PREV, MAX_LINE};
 pub use signer::{checkpoint_message, Signer};
-pub use verify::{
-    log_path, tail, verify, Problem, ProblemKind, Tail, VerifyOptions, VerifyReport,
-};
+pub use verify::{log_path, tail, verify, Problem, ProblemKind, Tail, VerifyOptions, VerifyReport};
 pub use writer::{
     AuditConfig, AuditHandle, AuditLog, AuditStats, AuditTask, FsyncPolicy, LOG_FILE,
 };

@@ -284,8 +284,7 @@ mod tests {
             (s(), 0u8..3, s(), s(), arb_opt_string()).prop_map(
                 |(listener, m, reason, peer, claimed)| EventKind::AuthFailure(AuthFailure {
                     listener,
-                    method: [AuthMethod::Mtls, AuthMethod::Jwt, AuthMethod::Token]
-                        [usize::from(m)],
+                    method: [AuthMethod::Mtls, AuthMethod::Jwt, AuthMethod::Token][usize::from(m)],
                     reason,
                     peer,
                     claimed,

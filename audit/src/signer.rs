@@ -53,9 +53,8 @@ impl Signer {
             ));
         }
         let der = first_cert_der(cert_pem)?;
-        let (_, cert) = X509Certificate::from_der(&der).map_err(|e| {
-            AuditError::Signer(format!("the node certificate does not parse: {e}"))
-        })?;
+        let (_, cert) = X509Certificate::from_der(&der)
+            .map_err(|e| AuditError::Signer(format!("the node certificate does not parse: {e}")))?;
         if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
             return Err(AuditError::Signer(
                 "the node certificate is not for the node key (public keys differ); pass the matching node.pem and node.key".into(),
@@ -268,7 +267,9 @@ mod tests {
         assert!(check_checkpoint("n1", 0, head, now_ms, &cp, &own).is_ok());
         // rcgen's default validity starts in 1975: a 1970 checkpoint is outside it.
         let early = check_checkpoint("n1", 0, head, 0, &cp, &own);
-        assert!(early.expect_err("before not_before").contains("not valid at"));
+        assert!(early
+            .expect_err("before not_before")
+            .contains("not valid at"));
         // Roots that do not include the self-signed cert.
         let stranger = Signer::generate_self_signed("n1").expect("signer");
         let err = check_checkpoint("n1", 0, head, now_ms, &cp, &[stranger.cert_der().to_vec()])
@@ -281,7 +282,9 @@ mod tests {
         let a = KeyPair::generate().expect("key");
         let b = KeyPair::generate().expect("key");
         let mut params = rcgen::CertificateParams::default();
-        params.distinguished_name.push(rcgen::DnType::CommonName, "n1");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "n1");
         let cert_b = params.self_signed(&b).expect("cert");
         assert!(Signer::from_pem(&b.serialize_pem(), &cert_b.pem()).is_ok());
         let err = Signer::from_pem(&a.serialize_pem(), &cert_b.pem()).expect_err("mismatch");

@@ -395,7 +395,10 @@ impl Chain {
                     cur.no,
                     Some(e),
                     ProblemKind::Removed,
-                    format!("{missing} before line {} (which has seq {s}): removed", cur.no),
+                    format!(
+                        "{missing} before line {} (which has seq {s}): removed",
+                        cur.no
+                    ),
                 ));
             }
             // s < e: a seq that was already used.
@@ -579,8 +582,7 @@ impl Iterator for Tail {
                     }))
                 }
                 Ok(line) => {
-                    if self.tenant.is_none() || self.tenant.as_deref() == line.tenant.as_deref()
-                    {
+                    if self.tenant.is_none() || self.tenant.as_deref() == line.tenant.as_deref() {
                         return Some(Ok(line));
                     }
                 }

@@ -244,7 +244,10 @@ impl AuditHandle {
     /// case it waits for room (counted in `queue_full_waits`). Fails only
     /// when the log is shut down.
     pub async fn record(&self, event: Event) -> Result<(), AuditError> {
-        let msg = Msg::Event { ts: now_ms(), event };
+        let msg = Msg::Event {
+            ts: now_ms(),
+            event,
+        };
         match self.tx.try_send(msg) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(msg)) => {
@@ -258,7 +261,10 @@ impl AuditHandle {
     /// Queues `event` if there is room right now; never waits. `false` means
     /// it was not recorded (queue full or log shut down).
     pub fn try_record(&self, event: Event) -> bool {
-        match self.tx.try_send(Msg::Event { ts: now_ms(), event }) {
+        match self.tx.try_send(Msg::Event {
+            ts: now_ms(),
+            event,
+        }) {
             Ok(()) => true,
             Err(_) => {
                 self.rejected();
@@ -375,7 +381,9 @@ impl AuditLog {
     /// partial last line from a crash is moved to
     /// `audit.jsonl.partial-<unix ms>` and cut off, and a `recovery` line
     /// records that), and spawns the writer task on the current tokio
-    /// runtime. Without a `signer` no checkpoints are written.
+    /// runtime. Without a `signer` no checkpoints are written. Does a little
+    /// blocking file I/O (reads at most the last 2 MiB): call it at startup,
+    /// not per request.
     pub fn open(
         cfg: AuditConfig,
         signer: Option<Signer>,
@@ -605,12 +613,16 @@ impl Writer {
         mut stop: oneshot::Receiver<()>,
         checkpoint_interval: Duration,
     ) -> Result<(), AuditError> {
+        // Clamp absurd periods (`interval:<huge ms>`): `Instant + Duration`
+        // would overflow, and a year is "never" for a running node anyway.
+        const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+        let checkpoint_interval = checkpoint_interval.min(YEAR);
         let start = tokio::time::Instant::now();
         let mut cp_tick =
             tokio::time::interval_at(start + checkpoint_interval, checkpoint_interval);
         cp_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let sync_period = match self.fsync {
-            FsyncPolicy::Interval(d) => d,
+            FsyncPolicy::Interval(d) => d.min(YEAR),
             _ => Duration::from_secs(3600),
         };
         let mut sync_tick = tokio::time::interval_at(start + sync_period, sync_period);
@@ -744,7 +756,10 @@ impl Writer {
             }
             Err(e) => {
                 self.counters.lost.fetch_add(1, Relaxed);
-                tracing::error!(kind, "audit entry could not be encoded and was not written: {e}");
+                tracing::error!(
+                    kind,
+                    "audit entry could not be encoded and was not written: {e}"
+                );
                 false
             }
         }
@@ -852,10 +867,9 @@ impl Writer {
                 self.dirty = false;
                 self.last_sync = Instant::now();
                 self.counters.fsyncs.fetch_add(1, Relaxed);
-                self.counters.last_fsync_micros.store(
-                    u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
-                    Relaxed,
-                );
+                self.counters
+                    .last_fsync_micros
+                    .store(u64::try_from(took.as_micros()).unwrap_or(u64::MAX), Relaxed);
                 for w in self.waiters.drain(..) {
                     let _ = w.send(());
                 }
@@ -882,14 +896,28 @@ mod tests {
 
     #[test]
     fn fsync_policy_parses() {
-        assert_eq!("batch".parse::<FsyncPolicy>().ok(), Some(FsyncPolicy::Batch));
-        assert_eq!("never".parse::<FsyncPolicy>().ok(), Some(FsyncPolicy::Never));
+        assert_eq!(
+            "batch".parse::<FsyncPolicy>().ok(),
+            Some(FsyncPolicy::Batch)
+        );
+        assert_eq!(
+            "never".parse::<FsyncPolicy>().ok(),
+            Some(FsyncPolicy::Never)
+        );
         assert_eq!(
             "interval:250".parse::<FsyncPolicy>().ok(),
             Some(FsyncPolicy::Interval(Duration::from_millis(250)))
         );
         assert_eq!(FsyncPolicy::default(), FsyncPolicy::Batch);
-        for bad in ["", "always", "interval:", "interval:0", "interval:-5", "interval:1s", "Batch"] {
+        for bad in [
+            "",
+            "always",
+            "interval:",
+            "interval:0",
+            "interval:-5",
+            "interval:1s",
+            "Batch",
+        ] {
             let err = bad.parse::<FsyncPolicy>().expect_err(bad);
             assert!(err.to_string().contains("interval"), "{bad}: {err}");
         }

@@ -259,7 +259,10 @@ async fn edited_detail_is_modified_at_that_line() {
         (ProblemKind::Modified, 30, Some(29)),
         "{p}"
     );
-    assert_eq!(r.entries, 30, "lines up to the edited one passed their own link");
+    assert_eq!(
+        r.entries, 30,
+        "lines up to the edited one passed their own link"
+    );
 }
 
 #[tokio::test]
@@ -431,9 +434,7 @@ async fn resigned_rewrite_needs_roots_to_be_caught() {
             let mut v: serde_json::Value = serde_json::from_slice(&lines[i]).expect("json");
             let seq = v["seq"].as_u64().expect("seq");
             v["detail"]["head"] = h.clone().into();
-            let sig = key
-                .sign(&checkpoint_message(NODE, seq, &h))
-                .expect("sign");
+            let sig = key.sign(&checkpoint_message(NODE, seq, &h)).expect("sign");
             v["detail"]["sig"] = b64.encode(sig).into();
             lines[i] = serde_json::to_vec(&v).expect("json");
         }
@@ -444,7 +445,11 @@ async fn resigned_rewrite_needs_roots_to_be_caught() {
     let r = verify(dir.path(), &VerifyOptions { roots: vec![root] }).expect("verify");
     let p = problem(&r);
     assert_eq!(p.kind, ProblemKind::BadSignature, "{p}");
-    assert_eq!(p.line as u64, EVERY + 1, "already the first checkpoint is foreign");
+    assert_eq!(
+        p.line as u64,
+        EVERY + 1,
+        "already the first checkpoint is foreign"
+    );
 }
 
 #[tokio::test]
@@ -456,7 +461,11 @@ async fn tampered_checkpoint_signature_is_bad_signature() {
     lines[last][at] = if lines[last][at] == b'A' { b'B' } else { b'A' };
     write_lines(dir.path(), &lines);
     let p = problem(&check(dir.path())).clone();
-    assert_eq!((p.kind, p.line), (ProblemKind::BadSignature, lines.len()), "{p}");
+    assert_eq!(
+        (p.kind, p.line),
+        (ProblemKind::BadSignature, lines.len()),
+        "{p}"
+    );
 }
 
 #[tokio::test]
@@ -499,7 +508,11 @@ async fn reopen_continues_seq_and_chain() {
     // The next run of the node, with a renewed certificate from the same CA.
     write(dir.path(), Some(mesh.issue(NODE)), 30, 45).await;
     let all = read_lines(dir.path());
-    assert_eq!(all.len(), first.len() + 15 + 1, "15 events and a checkpoint");
+    assert_eq!(
+        all.len(),
+        first.len() + 15 + 1,
+        "15 events and a checkpoint"
+    );
     let next = parse_line(&all[first.len()]).expect("parse");
     let last_before = parse_line(&first[first.len() - 1]).expect("parse");
     assert_eq!(next.seq, last_before.seq + 1);
@@ -509,8 +522,13 @@ async fn reopen_continues_seq_and_chain() {
         .map(|l| l.expect("line").seq)
         .collect();
     assert_eq!(seqs, (0..all.len() as u64).collect::<Vec<_>>());
-    let r = verify(dir.path(), &VerifyOptions { roots: vec![mesh.root.clone()] })
-        .expect("verify");
+    let r = verify(
+        dir.path(),
+        &VerifyOptions {
+            roots: vec![mesh.root.clone()],
+        },
+    )
+    .expect("verify");
     assert!(r.is_clean(), "{:?}", r.problem);
     assert_eq!(r.entries, all.len() as u64);
     assert_eq!(r.signers.len(), 2, "one certificate per run");
@@ -518,7 +536,13 @@ async fn reopen_continues_seq_and_chain() {
 
     // A run without a signer leaves its entries unsealed, but chained.
     write(dir.path(), None, 45, 50).await;
-    let r = verify(dir.path(), &VerifyOptions { roots: vec![mesh.root] }).expect("verify");
+    let r = verify(
+        dir.path(),
+        &VerifyOptions {
+            roots: vec![mesh.root],
+        },
+    )
+    .expect("verify");
     assert!(r.is_clean(), "{:?}", r.problem);
     assert_eq!(r.unsealed, 5);
 
@@ -536,10 +560,7 @@ async fn tail_filters_by_tenant() {
         .expect("lines");
     assert_eq!(acme.len(), 30);
     assert!(acme.iter().all(|l| l.tenant.as_deref() == Some("acme")));
-    assert_eq!(
-        tail(dir.path(), Some("nobody")).expect("tail").count(),
-        0
-    );
+    assert_eq!(tail(dir.path(), Some("nobody")).expect("tail").count(), 0);
     assert_eq!(tail(dir.path(), None).expect("tail").count(), lines.len());
     // A directory or the file itself.
     assert_eq!(
@@ -657,4 +678,20 @@ async fn unsigned_log_verifies_without_checkpoints() {
     let r = check(dir.path());
     assert!(r.is_clean());
     assert_eq!((r.entries, r.checkpoints, r.unsealed), (120, 0, 120));
+}
+
+#[tokio::test]
+async fn absurd_periods_do_not_panic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path());
+    cfg.checkpoint_interval = Duration::MAX;
+    cfg.fsync = "interval:18446744073709551615".parse().expect("policy");
+    let (h, task) = AuditLog::open(cfg, None).expect("open");
+    h.record(event(0)).await.expect("record");
+    let stats = task.shutdown().await.expect("shutdown");
+    assert_eq!(
+        (stats.appended, stats.fsyncs),
+        (1, 1),
+        "synced once at shutdown"
+    );
 }

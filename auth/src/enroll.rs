@@ -206,7 +206,10 @@ mod tests {
     #[test]
     fn missing_token() {
         let e = parse_enroll(br#"{"csr":null}"#).expect_err("missing");
-        assert_eq!(e.reason(), "invalid enrollment request: field `token` missing");
+        assert_eq!(
+            e.reason(),
+            "invalid enrollment request: field `token` missing"
+        );
         assert_eq!(e.code(), "enroll_invalid");
         assert!(parse_enroll(br#"{"token":""}"#).is_err());
     }
@@ -214,11 +217,12 @@ mod tests {
     #[test]
     fn bad_csr() {
         let cert = CSR.replace("CERTIFICATE REQUEST", "CERTIFICATE");
-        let e = parse_enroll(&body(serde_json::json!({"token": "t", "csr": cert})))
-            .expect_err("cert");
+        let e =
+            parse_enroll(&body(serde_json::json!({"token": "t", "csr": cert}))).expect_err("cert");
         assert!(
-            e.reason()
-                .contains("`csr` is not a PEM CERTIFICATE REQUEST: it is `-----BEGIN CERTIFICATE-----`"),
+            e.reason().contains(
+                "`csr` is not a PEM CERTIFICATE REQUEST: it is `-----BEGIN CERTIFICATE-----`"
+            ),
             "{e}"
         );
         for bad in [
@@ -228,9 +232,13 @@ mod tests {
             "-----BEGIN CERTIFICATE REQUEST-----\n!!!\n-----END CERTIFICATE REQUEST-----",
             &format!("{CSR}{CSR}"),
         ] {
-            let e = parse_enroll(&body(serde_json::json!({"token": "t", "csr": bad})))
-                .expect_err(bad);
-            assert!(e.reason().contains("`csr` is not a PEM CERTIFICATE REQUEST"), "{e}");
+            let e =
+                parse_enroll(&body(serde_json::json!({"token": "t", "csr": bad}))).expect_err(bad);
+            assert!(
+                e.reason()
+                    .contains("`csr` is not a PEM CERTIFICATE REQUEST"),
+                "{e}"
+            );
         }
     }
 
@@ -259,7 +267,10 @@ mod tests {
     #[test]
     fn bad_names() {
         let e = parse_enroll(br#"{"token":"t","tenant":"Acme"}"#).expect_err("tenant");
-        assert!(e.reason().contains("field `tenant` is not a valid name"), "{e}");
+        assert!(
+            e.reason().contains("field `tenant` is not a valid name"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -285,10 +296,21 @@ mod tests {
             serde_json::from_slice(&serde_json::to_vec(&r).expect("ser")).expect("json");
         assert_eq!(v["not_after"], "1970-01-01T00:00:00Z");
         assert!(v.get("private_key").is_none());
-        let keys: Vec<&str> = v.as_object().expect("obj").keys().map(String::as_str).collect();
+        let keys: Vec<&str> = v
+            .as_object()
+            .expect("obj")
+            .keys()
+            .map(String::as_str)
+            .collect();
         assert_eq!(
             keys,
-            ["ca", "certificate_chain", "not_after", "serial", "spiffe_id"]
+            [
+                "ca",
+                "certificate_chain",
+                "not_after",
+                "serial",
+                "spiffe_id"
+            ]
         );
         let back: EnrollResponse = serde_json::from_value(v).expect("de");
         assert_eq!(back, r);

@@ -231,7 +231,9 @@ fn parse_key(value: serde_json::Value) -> Result<Key, String> {
         None => None,
         Some(a) => match a.parse::<Algorithm>() {
             Ok(Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) | Err(_) => {
-                return Err(format!("`alg` `{a}` is not a supported signature algorithm"))
+                return Err(format!(
+                    "`alg` `{a}` is not a supported signature algorithm"
+                ))
             }
             Ok(alg) => Some(alg),
         },
@@ -472,7 +474,10 @@ where
         .map_err(|e| format!("HTTP handshake: {e}"))?;
     let request = hyper::Request::get(target.path.as_str())
         .header(hyper::header::HOST, target.authority.as_str())
-        .header(hyper::header::ACCEPT, "application/json, application/jwk-set+json")
+        .header(
+            hyper::header::ACCEPT,
+            "application/json, application/jwk-set+json",
+        )
         .header(hyper::header::USER_AGENT, "dmsc-auth")
         .header(hyper::header::CONNECTION, "close")
         .body(Empty::<Bytes>::new())
@@ -677,10 +682,7 @@ mod tests {
         assert_eq!(jwks.kids(), vec!["ed".to_owned(), "ec".to_owned()]);
         assert!(jwks.find(Some("enc")).is_err());
         assert!(jwks.find(Some("hmac")).is_err());
-        assert!(matches!(
-            jwks.find(None),
-            Err(AuthError::NoKid { keys: 2 })
-        ));
+        assert!(matches!(jwks.find(None), Err(AuthError::NoKid { keys: 2 })));
         assert_eq!(
             jwks.find(Some("ec")).map(|k| k.kind).ok(),
             Some(KeyKind::EcP256)
@@ -689,8 +691,8 @@ mod tests {
 
     #[test]
     fn no_usable_key_is_an_error_with_reasons() {
-        let err = Jwks::from_json(br#"{"keys":[{"kty":"oct","k":"AA"}]}"#)
-            .expect_err("no usable key");
+        let err =
+            Jwks::from_json(br#"{"keys":[{"kty":"oct","k":"AA"}]}"#).expect_err("no usable key");
         assert!(err.reason().contains("unsupported key type `oct`"), "{err}");
         assert!(Jwks::from_json(br#"{"keys":[]}"#).is_err());
         assert!(Jwks::from_json(b"[]").is_err());
@@ -711,7 +713,10 @@ mod tests {
         assert_eq!((t.host.as_str(), t.port), ("idp.example.com", 443));
         assert_eq!(t.path, "/.well-known/jwks.json");
         let t = parse_url("http://[::1]:8080").expect("url");
-        assert_eq!((t.host.as_str(), t.port, t.path.as_str()), ("::1", 8080, "/"));
+        assert_eq!(
+            (t.host.as_str(), t.port, t.path.as_str()),
+            ("::1", 8080, "/")
+        );
         assert!(parse_url("ftp://x/").is_err());
         assert!(parse_url("https://user:pw@x/").is_err());
         assert!(parse_url("/relative").is_err());

@@ -112,7 +112,13 @@ pub(crate) fn shown(s: &str) -> String {
     let mut out: String = s
         .chars()
         .take(MAX)
-        .map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' })
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
         .collect();
     if s.chars().count() > MAX {
         out.push('…');
@@ -161,7 +167,8 @@ fn split(token: &str) -> Result<Parsed<'_>, AuthError> {
         )));
     }
     let mut parts = token.splitn(4, '.');
-    let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(h), Some(p), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(malformed("expected three dot-separated parts"));
     };
@@ -278,7 +285,9 @@ impl JwtPolicy {
             ("agent_claim", &cfg.agent_claim),
         ] {
             if name.is_empty() || name.split('.').any(str::is_empty) {
-                problems.push(format!("`{field}` `{name}` is not a claim name or dotted path"));
+                problems.push(format!(
+                    "`{field}` `{name}` is not a claim name or dotted path"
+                ));
             }
         }
         if cfg.leeway > JwtConfig::MAX_LEEWAY {
@@ -383,10 +392,7 @@ impl JwtPolicy {
         self.check_audience(claims.get("aud"))?;
         let tenant = self.name_claim(&claims, &self.tenant)?;
         let agent = self.name_claim(&claims, &self.agent)?;
-        let subject = claims
-            .get("sub")
-            .and_then(Value::as_str)
-            .map(str::to_owned);
+        let subject = claims.get("sub").and_then(Value::as_str).map(str::to_owned);
         let expires_at = OffsetDateTime::from_unix_timestamp(exp)
             .map_err(|_| invalid("exp", "is out of range"))?;
         Ok(JwtCaller {
@@ -426,7 +432,11 @@ impl JwtPolicy {
         })
     }
 
-    fn name_claim(&self, claims: &Map<String, Value>, path: &ClaimPath) -> Result<String, AuthError> {
+    fn name_claim(
+        &self,
+        claims: &Map<String, Value>,
+        path: &ClaimPath,
+    ) -> Result<String, AuthError> {
         match path.lookup(claims) {
             None | Some(Value::Null) => Err(missing(&path.name)),
             Some(Value::String(s)) if crate::is_valid_name(s) => Ok(s.clone()),
@@ -572,7 +582,11 @@ pub(crate) mod tests {
 
     #[test]
     fn header_parses() {
-        let t = format!("{}.{}.", b64(r#"{"alg":"ES256","kid":"k1","typ":"JWT","x":1}"#), b64("{}"));
+        let t = format!(
+            "{}.{}.",
+            b64(r#"{"alg":"ES256","kid":"k1","typ":"JWT","x":1}"#),
+            b64("{}")
+        );
         let h = parse_header(&t).expect("header");
         assert_eq!(h.alg, "ES256");
         assert_eq!(h.kid.as_deref(), Some("k1"));
@@ -589,18 +603,31 @@ pub(crate) mod tests {
             ("a.b", "three"),
             ("a.b.c.d", "three"),
             ("!!.e30.", "header is not base64url"),
-            (&format!("{}.e30.", b64("[1]")), "header is not a JSON object"),
+            (
+                &format!("{}.e30.", b64("[1]")),
+                "header is not a JSON object",
+            ),
             (&format!("{}.e30.", b64(r#"{"typ":"JWT"}"#)), "no `alg`"),
             (&format!("{}.!.", b64(r#"{"alg":"ES256"}"#)), "payload"),
-            (&format!("{}.e30.a+b", b64(r#"{"alg":"ES256"}"#)), "signature"),
+            (
+                &format!("{}.e30.a+b", b64(r#"{"alg":"ES256"}"#)),
+                "signature",
+            ),
         ];
         for (token, want) in cases {
             let e = parse_header(token).expect_err(token);
             assert_eq!(e.code(), "jwt_malformed");
             assert!(e.reason().contains(want), "{token}: {e}");
         }
-        let long = format!("{}.{}.", b64(r#"{"alg":"ES256"}"#), "A".repeat(MAX_TOKEN_LEN));
-        assert!(parse_header(&long).expect_err("long").reason().contains("more than"));
+        let long = format!(
+            "{}.{}.",
+            b64(r#"{"alg":"ES256"}"#),
+            "A".repeat(MAX_TOKEN_LEN)
+        );
+        assert!(parse_header(&long)
+            .expect_err("long")
+            .reason()
+            .contains("more than"));
     }
 
     #[test]

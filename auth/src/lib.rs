@@ -63,7 +63,17 @@ mod tests {
         for ok in ["a", "acme", "team-1", "0", &"a".repeat(63)] {
             assert!(is_valid_name(ok), "{ok}");
         }
-        for bad in ["", "-a", "a-", "Acme", "a_b", "a.b", "é", &"a".repeat(64), " a"] {
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "Acme",
+            "a_b",
+            "a.b",
+            "é",
+            &"a".repeat(64),
+            " a",
+        ] {
             assert!(!is_valid_name(bad), "{bad}");
         }
     }

@@ -334,7 +334,14 @@ impl TokenStore {
             info.used_at = Some(now);
             Ok(info.clone())
         })
-        .inspect(|info| tracing::info!(id = info.id, tenant = info.tenant, agent = info.agent, "join token redeemed"))
+        .inspect(|info| {
+            tracing::info!(
+                id = info.id,
+                tenant = info.tenant,
+                agent = info.agent,
+                "join token redeemed"
+            )
+        })
     }
 
     /// All entries, oldest first.
@@ -406,8 +413,7 @@ fn write_atomic(path: &Path, entries: &BTreeMap<String, Entry>) -> Result<(), St
         version: FILE_VERSION,
         tokens: entries.values().cloned().collect(),
     };
-    let mut json =
-        serde_json::to_vec_pretty(&file).map_err(|e| format!("cannot encode: {e}"))?;
+    let mut json = serde_json::to_vec_pretty(&file).map_err(|e| format!("cannot encode: {e}"))?;
     json.push(b'\n');
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -475,7 +481,9 @@ mod tests {
     #[test]
     fn create_validates() {
         let (_d, s) = store();
-        let e = s.create("Acme", "bot", DEFAULT_TTL).expect_err("bad tenant");
+        let e = s
+            .create("Acme", "bot", DEFAULT_TTL)
+            .expect_err("bad tenant");
         assert_eq!(e.code(), "token_invalid_name");
         assert!(s.create("acme", "-bot", DEFAULT_TTL).is_err());
         assert!(s.create("acme", "bot", Duration::ZERO).is_err());
@@ -491,7 +499,9 @@ mod tests {
         let (_d, s) = store();
         let (token, _) = s.create("acme", "bot", DEFAULT_TTL).expect("create");
         let t = now();
-        let info = s.redeem(&token, Some(("acme", Some("bot"))), t).expect("redeem");
+        let info = s
+            .redeem(&token, Some(("acme", Some("bot"))), t)
+            .expect("redeem");
         assert_eq!(info.used_at, Some(t));
         assert_eq!((info.tenant.as_str(), info.agent.as_str()), ("acme", "bot"));
         let e = s.redeem(&token, None, t).expect_err("reuse");
@@ -545,7 +555,9 @@ mod tests {
                 at: info.expires_at
             }
         );
-        assert!(e.reason().starts_with(&format!("join token `{}` expired at 20", info.id)));
+        assert!(e
+            .reason()
+            .starts_with(&format!("join token `{}` expired at 20", info.id)));
         // Not consumed either: at a time inside its life it would still work.
         assert!(s
             .redeem(&token, None, created + time::Duration::minutes(30))
@@ -654,10 +666,7 @@ mod tests {
         assert_eq!(agents.remove(0), "d");
         agents.sort();
         assert_eq!(agents, vec!["a", "b"]);
-        assert_eq!(
-            TokenStore::open(s.path()).expect("reopen").list().len(),
-            3
-        );
+        assert_eq!(TokenStore::open(s.path()).expect("reopen").list().len(), 3);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use base64::Engine as _;
 use dmsc_auth::{AuthError, Jwks, JwksSource, JwtConfig, JwtPolicy, JwtValidator};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use ring::rand::SystemRandom;
-use ring::signature::{self, Ed25519KeyPair, EcdsaKeyPair, KeyPair as _};
+use ring::signature::{self, EcdsaKeyPair, Ed25519KeyPair, KeyPair as _};
 use serde_json::{json, Value};
 use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -30,10 +30,7 @@ struct TestKey {
 }
 
 fn pem_to_der(pem: &str) -> Vec<u8> {
-    let b64: String = pem
-        .lines()
-        .filter(|l| !l.starts_with("-----"))
-        .collect();
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
     STANDARD.decode(b64).expect("fixture PEM")
 }
 
@@ -149,12 +146,19 @@ impl Fixture {
     }
 
     async fn err(&self, token: &str) -> AuthError {
-        self.v.validate(token).await.expect_err("token must be refused")
+        self.v
+            .validate(token)
+            .await
+            .expect_err("token must be refused")
     }
 }
 
 fn config(source: JwksSource) -> JwtConfig {
-    JwtConfig::new(vec![ISS.into()], vec![AUD.into(), "dmsc-alt".into()], source)
+    JwtConfig::new(
+        vec![ISS.into()],
+        vec![AUD.into(), "dmsc-alt".into()],
+        source,
+    )
 }
 
 async fn eventually<F, Fut>(what: &str, mut cond: F)
@@ -164,7 +168,10 @@ where
 {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !cond().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -175,7 +182,10 @@ async fn valid_tokens_of_each_algorithm_are_accepted() {
     for key in [&f.rsa, &f.es, &f.ed] {
         let exp = now() + 600;
         let token = sign(key, &with(claims(), json!({"exp": exp})));
-        let caller = f.v.validate(&token).await.unwrap_or_else(|e| panic!("{:?}: {e}", key.alg));
+        let caller =
+            f.v.validate(&token)
+                .await
+                .unwrap_or_else(|e| panic!("{:?}: {e}", key.alg));
         assert_eq!(caller.tenant, "acme");
         assert_eq!(caller.agent, "bot-1");
         assert_eq!(caller.subject.as_deref(), Some("bot-1"));
@@ -200,7 +210,10 @@ async fn audience_array_and_custom_claims() {
         ),
     );
     let caller = f.v.validate(&token).await.expect("valid");
-    assert_eq!((caller.tenant.as_str(), caller.agent.as_str()), ("beta", "summarizer"));
+    assert_eq!(
+        (caller.tenant.as_str(), caller.agent.as_str()),
+        ("beta", "summarizer")
+    );
     // The top-level claim no longer counts.
     let token = sign(&f.es, &with(claims(), json!({"agent_name": "summarizer"})));
     assert_eq!(f.err(&token).await.reason(), "claim `ext.tenant` missing");
@@ -210,7 +223,9 @@ async fn audience_array_and_custom_claims() {
 async fn expired_and_leeway() {
     let f = Fixture::new().await;
     let exp = now() - 120;
-    let e = f.err(&sign(&f.ed, &with(claims(), json!({"exp": exp})))).await;
+    let e = f
+        .err(&sign(&f.ed, &with(claims(), json!({"exp": exp}))))
+        .await;
     assert_eq!(e.code(), "jwt_expired");
     let at = OffsetDateTime::from_unix_timestamp(exp).expect("time");
     let at = at
@@ -221,14 +236,18 @@ async fn expired_and_leeway() {
     let token = sign(&f.ed, &with(claims(), json!({"exp": now() - 10})));
     assert!(f.v.validate(&token).await.is_ok());
     // No exp at all.
-    let e = f.err(&sign(&f.ed, &with(claims(), json!({"exp": null})))).await;
+    let e = f
+        .err(&sign(&f.ed, &with(claims(), json!({"exp": null}))))
+        .await;
     assert_eq!(e.reason(), "claim `exp` missing");
 }
 
 #[tokio::test]
 async fn not_before_in_the_future() {
     let f = Fixture::new().await;
-    let e = f.err(&sign(&f.es, &with(claims(), json!({"nbf": now() + 300})))).await;
+    let e = f
+        .err(&sign(&f.es, &with(claims(), json!({"nbf": now() + 300}))))
+        .await;
     assert_eq!(e.code(), "jwt_not_yet_valid");
     assert!(e.reason().starts_with("token not valid before 20"), "{e}");
     // validate_at in the future accepts it.
@@ -240,15 +259,27 @@ async fn not_before_in_the_future() {
 #[tokio::test]
 async fn wrong_audience_and_issuer() {
     let f = Fixture::new().await;
-    let e = f.err(&sign(&f.rsa, &with(claims(), json!({"aud": "billing"})))).await;
+    let e = f
+        .err(&sign(&f.rsa, &with(claims(), json!({"aud": "billing"}))))
+        .await;
     assert_eq!(e.code(), "jwt_audience_not_accepted");
     assert_eq!(
         e.reason(),
         "audience `billing` is not accepted (expected `dmsc`, `dmsc-alt`)"
     );
-    let e = f.err(&sign(&f.rsa, &with(claims(), json!({"aud": ["a", "b"]})))).await;
-    assert!(e.reason().starts_with("audience `a`, `b` is not accepted"), "{e}");
-    let e = f.err(&sign(&f.rsa, &with(claims(), json!({"iss": "https://evil.test"})))).await;
+    let e = f
+        .err(&sign(&f.rsa, &with(claims(), json!({"aud": ["a", "b"]}))))
+        .await;
+    assert!(
+        e.reason().starts_with("audience `a`, `b` is not accepted"),
+        "{e}"
+    );
+    let e = f
+        .err(&sign(
+            &f.rsa,
+            &with(claims(), json!({"iss": "https://evil.test"})),
+        ))
+        .await;
     assert_eq!(e.code(), "jwt_issuer_not_accepted");
     assert_eq!(e.reason(), "issuer `https://evil.test` is not accepted");
 }
@@ -261,7 +292,10 @@ async fn another_key_with_the_same_kid_is_refused() {
     assert_eq!(e.code(), "jwt_bad_signature");
     assert_eq!(e.reason(), "signature does not verify with key `es-1`");
     let impostor = ed_key("ed-1");
-    assert_eq!(f.err(&sign(&impostor, &claims())).await.code(), "jwt_bad_signature");
+    assert_eq!(
+        f.err(&sign(&impostor, &claims())).await.code(),
+        "jwt_bad_signature"
+    );
     // A tampered payload under a genuine signature.
     let token = sign(&f.ed, &claims());
     let mut parts: Vec<&str> = token.split('.').collect();
@@ -288,12 +322,20 @@ async fn kidless_token_uses_the_only_key() {
     let mut ed = ed_key("x");
     ed.jwk.as_object_mut().expect("jwk").remove("kid");
     std::fs::write(&path, jwks_json(&[&ed])).expect("write");
-    let v = JwtValidator::new(config(JwksSource::File(path))).await.expect("validator");
-    let caller = v.validate(&sign_with(&ed, None, &claims())).await.expect("valid");
+    let v = JwtValidator::new(config(JwksSource::File(path)))
+        .await
+        .expect("validator");
+    let caller = v
+        .validate(&sign_with(&ed, None, &claims()))
+        .await
+        .expect("valid");
     assert_eq!(caller.key_id, None);
     // Another key without kid does not verify.
     let other = ed_key("y");
-    let e = v.validate(&sign_with(&other, None, &claims())).await.expect_err("other");
+    let e = v
+        .validate(&sign_with(&other, None, &claims()))
+        .await
+        .expect_err("other");
     assert_eq!(e.reason(), "signature does not verify with key `(none)`");
 }
 
@@ -341,12 +383,18 @@ async fn hmac_and_unlisted_algorithms_are_refused() {
     );
     // Unknown names are shown, bounded.
     let token = format!("{}.{}.", b64(r#"{"alg":"XY999"}"#), b64("{}"));
-    assert_eq!(f.err(&token).await.reason(), "algorithm `XY999` is not accepted");
+    assert_eq!(
+        f.err(&token).await.reason(),
+        "algorithm `XY999` is not accepted"
+    );
     // HMAC can never be configured.
     let mut cfg = config(JwksSource::File(f.path.clone()));
     cfg.algorithms = vec![Algorithm::HS256, Algorithm::ES256];
     assert_eq!(
-        JwtValidator::new(cfg).await.expect_err("hmac config").code(),
+        JwtValidator::new(cfg)
+            .await
+            .expect_err("hmac config")
+            .code(),
         "config_invalid"
     );
 }
@@ -357,10 +405,23 @@ async fn key_type_must_fit_the_algorithm() {
     // An RS256 signature presented under the EC key's kid.
     let e = f.err(&sign_with(&f.rsa, Some("es-1"), &claims())).await;
     assert_eq!(e.code(), "jwt_key_mismatch");
-    assert_eq!(e.reason(), "key `es-1` is an EC P-256 key, it cannot verify `RS256`");
+    assert_eq!(
+        e.reason(),
+        "key `es-1` is an EC P-256 key, it cannot verify `RS256`"
+    );
     // ES256 under the Ed25519 key, EdDSA under the RSA key.
-    assert_eq!(f.err(&sign_with(&f.es, Some("ed-1"), &claims())).await.code(), "jwt_key_mismatch");
-    assert_eq!(f.err(&sign_with(&f.ed, Some("rsa-1"), &claims())).await.code(), "jwt_key_mismatch");
+    assert_eq!(
+        f.err(&sign_with(&f.es, Some("ed-1"), &claims()))
+            .await
+            .code(),
+        "jwt_key_mismatch"
+    );
+    assert_eq!(
+        f.err(&sign_with(&f.ed, Some("rsa-1"), &claims()))
+            .await
+            .code(),
+        "jwt_key_mismatch"
+    );
     // The RSA JWK pins RS256, so PS256 with the same key is refused even
     // though the family fits.
     let mut header = Header::new(Algorithm::PS256);
@@ -372,17 +433,37 @@ async fn key_type_must_fit_the_algorithm() {
 #[tokio::test]
 async fn claims_tenant_and_agent() {
     let f = Fixture::new().await;
-    let e = f.err(&sign(&f.es, &with(claims(), json!({"tenant": null})))).await;
+    let e = f
+        .err(&sign(&f.es, &with(claims(), json!({"tenant": null}))))
+        .await;
     assert_eq!(e.code(), "jwt_claim_missing");
     assert_eq!(e.reason(), "claim `tenant` missing");
-    let e = f.err(&sign(&f.es, &with(claims(), json!({"sub": null})))).await;
+    let e = f
+        .err(&sign(&f.es, &with(claims(), json!({"sub": null}))))
+        .await;
     assert_eq!(e.reason(), "claim `sub` missing");
-    let e = f.err(&sign(&f.es, &with(claims(), json!({"tenant": "Acme Corp"})))).await;
+    let e = f
+        .err(&sign(
+            &f.es,
+            &with(claims(), json!({"tenant": "Acme Corp"})),
+        ))
+        .await;
     assert_eq!(e.code(), "jwt_claim_invalid");
-    assert!(e.reason().starts_with("claim `tenant` is not a valid name: `Acme Corp`"), "{e}");
-    let e = f.err(&sign(&f.es, &with(claims(), json!({"tenant": 7})))).await;
+    assert!(
+        e.reason()
+            .starts_with("claim `tenant` is not a valid name: `Acme Corp`"),
+        "{e}"
+    );
+    let e = f
+        .err(&sign(&f.es, &with(claims(), json!({"tenant": 7}))))
+        .await;
     assert_eq!(e.reason(), "claim `tenant` is not a string");
-    let e = f.err(&sign(&f.es, &with(claims(), json!({"sub": "x".repeat(64)})))).await;
+    let e = f
+        .err(&sign(
+            &f.es,
+            &with(claims(), json!({"sub": "x".repeat(64)})),
+        ))
+        .await;
     assert_eq!(e.code(), "jwt_claim_invalid");
 }
 
@@ -417,14 +498,23 @@ async fn file_jwks_unknown_kid_refresh_is_rate_limited() {
     let new1 = ed_key("ed-2");
     std::fs::write(&f.path, jwks_json(&[&f.es, &new1])).expect("rewrite");
     // Unknown kid: one refresh, picks the new key up immediately.
-    let caller = f.v.validate(&sign(&new1, &claims())).await.expect("after refresh");
+    let caller =
+        f.v.validate(&sign(&new1, &claims()))
+            .await
+            .expect("after refresh");
     assert_eq!(caller.key_id.as_deref(), Some("ed-2"));
     // The removed RSA key is gone with the same refresh.
-    assert_eq!(f.err(&sign(&f.rsa, &claims())).await.code(), "jwt_unknown_kid");
+    assert_eq!(
+        f.err(&sign(&f.rsa, &claims())).await.code(),
+        "jwt_unknown_kid"
+    );
     // A second unknown kid within 10 s does not re-read the file.
     let new2 = ed_key("ed-3");
     std::fs::write(&f.path, jwks_json(&[&f.es, &new1, &new2])).expect("rewrite");
-    assert_eq!(f.err(&sign(&new2, &claims())).await.code(), "jwt_unknown_kid");
+    assert_eq!(
+        f.err(&sign(&new2, &claims())).await.code(),
+        "jwt_unknown_kid"
+    );
     assert_eq!(f.v.jwks_status().loads_ok, 2);
 }
 
@@ -450,7 +540,14 @@ async fn file_jwks_periodic_refresh_and_last_good_set() {
     assert!(f.v.validate(&token).await.is_ok());
     let status = f.v.jwks_status();
     assert_eq!(status.kids, vec!["es-1".to_owned(), "es-2".to_owned()]);
-    assert!(status.last_error.as_deref().unwrap_or("").contains("jwks.json"), "{status:?}");
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("jwks.json"),
+        "{status:?}"
+    );
 }
 
 #[tokio::test]
@@ -465,7 +562,9 @@ async fn startup_errors_name_the_source() {
 
     let junk = dir.path().join("junk.json");
     std::fs::write(&junk, r#"{"keys":[{"kty":"oct","k":"c2VjcmV0"}]}"#).expect("write");
-    let e = JwtValidator::new(config(JwksSource::File(junk))).await.expect_err("junk");
+    let e = JwtValidator::new(config(JwksSource::File(junk)))
+        .await
+        .expect_err("junk");
     assert!(e.reason().contains("no usable signing key"), "{e}");
 
     // A port nothing listens on.
@@ -492,15 +591,22 @@ struct JwksServer {
 
 impl JwksServer {
     async fn start(body: String) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let url = format!("http://{}/.well-known/jwks.json", listener.local_addr().expect("addr"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!(
+            "http://{}/.well-known/jwks.json",
+            listener.local_addr().expect("addr")
+        );
         let body = Arc::new(Mutex::new(body));
         let fail = Arc::new(AtomicBool::new(false));
         let hits = Arc::new(AtomicUsize::new(0));
         let (b, fl, h) = (body.clone(), fail.clone(), hits.clone());
         let task = tokio::spawn(async move {
             loop {
-                let Ok((mut sock, _)) = listener.accept().await else { return };
+                let Ok((mut sock, _)) = listener.accept().await else {
+                    return;
+                };
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 1024];
                 while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -547,12 +653,18 @@ async fn url_jwks_works_and_keeps_the_last_good_set() {
     let mut cfg = config(JwksSource::Url(server.url.clone()));
     cfg.refresh = Duration::from_millis(50);
     let v = JwtValidator::new(cfg).await.expect("validator");
-    assert_eq!(v.validate(&sign(&es, &claims())).await.expect("es").tenant, "acme");
+    assert_eq!(
+        v.validate(&sign(&es, &claims())).await.expect("es").tenant,
+        "acme"
+    );
 
     // The server starts publishing a second key: picked up.
     *server.body.lock().expect("body") = jwks_json(&[&es, &ed]);
     let token = sign(&ed, &claims());
-    eventually("ed-1 from the URL", || async { v.validate(&token).await.is_ok() }).await;
+    eventually("ed-1 from the URL", || async {
+        v.validate(&token).await.is_ok()
+    })
+    .await;
 
     // Then it fails: refreshes fail, the last good set stays.
     server.fail.store(true, Ordering::SeqCst);
@@ -564,7 +676,10 @@ async fn url_jwks_works_and_keeps_the_last_good_set() {
     assert!(v.validate(&sign(&es, &claims())).await.is_ok());
     assert!(v.validate(&token).await.is_ok());
     let status = v.jwks_status();
-    assert!(status.last_error.as_deref().unwrap_or("").contains("500"), "{status:?}");
+    assert!(
+        status.last_error.as_deref().unwrap_or("").contains("500"),
+        "{status:?}"
+    );
     assert!(status.source.contains(&server.url));
 }
 
@@ -576,7 +691,10 @@ async fn dropping_the_validator_stops_the_refresh_task() {
     cfg.refresh = Duration::from_millis(20);
     let v = JwtValidator::new(cfg).await.expect("validator");
     let clone = v.clone();
-    eventually("a few refreshes", || async { server.hits.load(Ordering::SeqCst) >= 4 }).await;
+    eventually("a few refreshes", || async {
+        server.hits.load(Ordering::SeqCst) >= 4
+    })
+    .await;
     drop(v);
     // A clone keeps it running.
     let at = server.hits.load(Ordering::SeqCst);
@@ -589,14 +707,18 @@ async fn dropping_the_validator_stops_the_refresh_task() {
     // Absence of activity can only be observed over time: 15 periods.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let later = server.hits.load(Ordering::SeqCst);
-    assert!(later <= after_drop + 1, "refresh task outlived its validator: {after_drop} -> {later}");
+    assert!(
+        later <= after_drop + 1,
+        "refresh task outlived its validator: {after_drop} -> {later}"
+    );
 }
 
 // ---- the pure policy against a fixed key set, for the no-panic property ----
 
 fn fixed_policy_and_keys() -> (JwtPolicy, Jwks, Vec<TestKey>) {
     let keys = vec![rsa_key(), es_key("es-1"), ed_key("ed-1")];
-    let jwks = Jwks::from_json(jwks_json(&keys.iter().collect::<Vec<_>>()).as_bytes()).expect("jwks");
+    let jwks =
+        Jwks::from_json(jwks_json(&keys.iter().collect::<Vec<_>>()).as_bytes()).expect("jwks");
     let mut cfg = config(JwksSource::File("unused".into()));
     cfg.algorithms = vec![
         Algorithm::RS256,

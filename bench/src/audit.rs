@@ -12,9 +12,7 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use dmsc_audit::{
-    AuditConfig, AuditLog, Delegation, Event, FsyncPolicy, Signer, VerifyOptions,
-};
+use dmsc_audit::{AuditConfig, AuditLog, Delegation, Event, FsyncPolicy, Signer, VerifyOptions};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct AuditArgs {

@@ -15,8 +15,21 @@ fuzz_target!(|data: &[u8]| {
         let printed = line.to_string();
         match parse_line(printed.as_bytes()) {
             Ok(again) => assert!(
-                (again.seq, again.ts, &again.node, &again.tenant, &again.kind, &again.prev)
-                    == (line.seq, line.ts, &line.node, &line.tenant, &line.kind, &line.prev),
+                (
+                    again.seq,
+                    again.ts,
+                    &again.node,
+                    &again.tenant,
+                    &again.kind,
+                    &again.prev
+                ) == (
+                    line.seq,
+                    line.ts,
+                    &line.node,
+                    &line.tenant,
+                    &line.kind,
+                    &line.prev
+                ),
                 "a printed line must parse back to the same envelope"
             ),
             // Re-encoding (escapes, number formats) can push a line near the

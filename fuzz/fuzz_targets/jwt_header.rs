@@ -34,7 +34,10 @@ fuzz_target!(|data: &[u8]| {
     let header = parse_header(token);
     let (policy, jwks) = fixed();
     let verdict = policy.verify(jwks, token, time::OffsetDateTime::now_utc());
-    assert!(verdict.is_err(), "an unsigned input was accepted: {token:?}");
+    assert!(
+        verdict.is_err(),
+        "an unsigned input was accepted: {token:?}"
+    );
     // The policy runs the same parser first: what the header parser refuses
     // the policy refuses, for the same reason.
     if let Err(e) = header {

@@ -2,6 +2,7 @@
 //! counters of the overlay and gossip at scrape time (the data path only
 //! bumps atomics; nothing is computed for metrics unless someone asks).
 
+use std::sync::Arc;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -36,6 +37,8 @@ pub struct DelegationMetrics {
     pub duration: Histogram,
     pub retries: Counter<u64, AtomicU64>,
     pub inbound: Counter<u64, AtomicU64>,
+    /// All delegations recorded (the sum over `requests`), for tests and status.
+    count: Arc<AtomicU64>,
 }
 
 impl Default for DelegationMetrics {
@@ -48,6 +51,7 @@ impl Default for DelegationMetrics {
             )),
             retries: Counter::default(),
             inbound: Counter::default(),
+            count: Arc::default(),
         }
     }
 }
@@ -61,6 +65,12 @@ impl DelegationMetrics {
             })
             .inc();
         self.duration.observe(elapsed.as_secs_f64());
+        self.count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Delegations recorded since start.
+    pub fn total(&self) -> u64 {
+        self.count.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

@@ -66,6 +66,34 @@ impl LocalMesh {
         self.nodes[i].bound().ingress[0]
     }
 
+    /// Where node `i`'s credentials (and data) live.
+    pub fn node_dir(&self, i: usize) -> std::path::PathBuf {
+        self.dir
+            .path()
+            .join(self.nodes[i].shared().security.identity().name())
+    }
+
+    /// Starts one more node (bootstrapping through the first) and returns its index.
+    pub async fn join(
+        &mut self,
+        name: &str,
+        tweak: impl Fn(&mut RawConfig),
+    ) -> anyhow::Result<usize> {
+        let node_dir = self.dir.path().join(name);
+        self.ca
+            .issue_node_credentials(name, NODE_VALIDITY, &["localhost".to_string()])?
+            .write_dir(&node_dir, &self.ca.cert_pem)?;
+        let mut raw = RawConfig::loopback(name, &node_dir, self.nodes.first().map(|a| a.bound().overlay));
+        raw.ingress = vec![RawIngress {
+            listen: "127.0.0.1:0".into(),
+            tenant: Some(self.tenant.clone()),
+            ..Default::default()
+        }];
+        tweak(&mut raw);
+        self.nodes.push(App::build(raw.validate()?).await?);
+        Ok(self.nodes.len() - 1)
+    }
+
     /// Attaches an agent to node `i` (as `POST /v1/agents` does).
     pub async fn attach(&self, i: usize, url: &str, name: Option<&str>) -> anyhow::Result<String> {
         let spec = RawAgent {

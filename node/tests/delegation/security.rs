@@ -1,0 +1,555 @@
+//! Security at the edge, with real TLS handshakes: enrollment with join
+//! tokens, mTLS and JWT authentication at a TLS ingress, revocation spread by
+//! gossip, credential rotation without restart, and the audit trail of each
+//! decision.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use bytes::Bytes;
+use dmsc_node::testkit::LocalMesh;
+use http_body_util::{BodyExt, Full};
+use hyper::StatusCode;
+use rustls::pki_types::ServerName;
+
+use super::{agent, eventually};
+
+const TD_OTHER: &str = "other.test";
+const JWT_ISS: &str = "https://idp.test";
+const JWT_AUD: &str = "dmsc";
+
+/// A TLS client config trusting the mesh CA, with an optional client certificate.
+fn client_config(ca_pem: &str, client: Option<(&str, &str)>) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in dmsc_transport::identity::certs_from_pem(ca_pem, Path::new("ca")).expect("ca") {
+        roots.add(c).expect("root");
+    }
+    let b = rustls::ClientConfig::builder_with_provider(dmsc_transport::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .with_root_certificates(roots);
+    let mut cfg = match client {
+        None => b.with_no_client_auth(),
+        Some((chain, key)) => {
+            use rustls::pki_types::pem::PemObject;
+            let chain = dmsc_transport::identity::certs_from_pem(chain, Path::new("chain"))
+                .expect("chain");
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("key");
+            b.with_client_auth_cert(chain, key).expect("client auth")
+        }
+    };
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(cfg)
+}
+
+/// One request over a fresh TLS connection; returns status, headers, body.
+async fn tls_call(
+    addr: std::net::SocketAddr,
+    cfg: Arc<rustls::ClientConfig>,
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> (StatusCode, hyper::HeaderMap, String) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(ServerName::try_from("localhost").expect("name"), tcp)
+        .await
+        .expect("TLS handshake");
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .expect("http handshake");
+    let driver = tokio::spawn(conn);
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", host);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = tokio::time::timeout(
+        Duration::from_secs(20),
+        send.send_request(req.body(Full::new(body.into())).expect("request")),
+    )
+    .await
+    .expect("answer in time")
+    .expect("response");
+    let (parts, body) = resp.into_parts();
+    let bytes = body.collect().await.expect("body").to_bytes();
+    driver.abort();
+    (
+        parts.status,
+        parts.headers,
+        String::from_utf8_lossy(&bytes).into_owned(),
+    )
+}
+
+/// Everything audited on node `i` so far, one JSON value per entry.
+async fn audit_entries(mesh: &LocalMesh, i: usize) -> Vec<serde_json::Value> {
+    let sec = &mesh.nodes[i].shared().security;
+    sec.audit.as_ref().expect("audit on").flush().await.expect("flush");
+    let dir = mesh.node_dir(i).join("data").join("audit");
+    dmsc_audit::tail(&dir, None)
+        .expect("tail")
+        .map(|l| {
+            let l = l.expect("line");
+            serde_json::json!({"tenant": l.tenant, "kind": l.kind, "detail": l.detail})
+        })
+        .collect()
+}
+
+/// Asserts the last auth failure audited on node `i` carries `reason`.
+async fn assert_audited(mesh: &LocalMesh, i: usize, kind: &str, needle: &str) {
+    let entries = audit_entries(mesh, i).await;
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["kind"] == kind && e["detail"].to_string().contains(needle)),
+        "no `{kind}` entry containing `{needle}` in the audit log: {entries:#?}"
+    );
+}
+
+/// A JWKS with one P-256 key and the PKCS#8 of its private half.
+struct JwtKey {
+    pkcs8: Vec<u8>,
+    jwk: serde_json::Value,
+}
+
+fn es256_key(kid: &str) -> JwtKey {
+    use ring::signature::KeyPair;
+    let rng = ring::rand::SystemRandom::new();
+    let alg = &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING;
+    let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(alg, &rng).expect("keygen");
+    let kp = ring::signature::EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng).expect("key");
+    let point = kp.public_key().as_ref();
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    JwtKey {
+        pkcs8: pkcs8.as_ref().to_vec(),
+        jwk: serde_json::json!({
+            "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": kid,
+            "x": b64(&point[1..33]), "y": b64(&point[33..65]),
+        }),
+    }
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64
+}
+
+fn jwt(key: &JwtKey, kid: &str, claims: serde_json::Value) -> String {
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some(kid.to_string());
+    jsonwebtoken::encode(
+        &header,
+        &claims,
+        &jsonwebtoken::EncodingKey::from_ec_der(&key.pkcs8),
+    )
+    .expect("sign")
+}
+
+fn claims(tenant: &str, aud: &str, exp_in: i64) -> serde_json::Value {
+    serde_json::json!({
+        "iss": JWT_ISS, "aud": aud, "sub": "billing-client", "tenant": tenant,
+        "exp": now_secs() + exp_in, "nbf": now_secs() - 10, "iat": now_secs() - 10,
+    })
+}
+
+/// A two-node mesh whose node 0 also has an authenticated TLS ingress
+/// (mTLS and JWT), and a sample agent `billing` of tenant `acme` on node 1.
+struct SecureMesh {
+    mesh: LocalMesh,
+    tls_ingress: std::net::SocketAddr,
+    jwt_key: JwtKey,
+    _jwks_dir: tempfile::TempDir,
+    _agent: dmsc_node::sample_agent::SampleAgent,
+}
+
+async fn secure_mesh() -> SecureMesh {
+    let jwks_dir = tempfile::tempdir().expect("dir");
+    let jwt_key = es256_key("k1");
+    let jwks_path: PathBuf = jwks_dir.path().join("jwks.json");
+    std::fs::write(
+        &jwks_path,
+        serde_json::json!({ "keys": [jwt_key.jwk] }).to_string(),
+    )
+    .expect("jwks");
+    let mesh = LocalMesh::start(&["n0", "n1"], "acme", |i, raw| {
+        raw.gossip.interval_ms = Some(100);
+        raw.delegation.health_interval_ms = Some(200);
+        if i == 0 {
+            raw.ingress.push(dmsc_node::config::RawIngress {
+                listen: "127.0.0.1:0".into(),
+                tls: Some(true),
+                auth: Some(vec!["mtls".into(), "jwt".into()]),
+                ..Default::default()
+            });
+            raw.jwt = Some(dmsc_node::config::RawJwt {
+                issuers: vec![JWT_ISS.into()],
+                audiences: vec![JWT_AUD.into()],
+                jwks_file: Some(jwks_path.clone()),
+                ..Default::default()
+            });
+        }
+    })
+    .await
+    .expect("mesh");
+    let billing = agent("billing", &["invoice"], "Pay invoices").await;
+    mesh.attach(1, &billing.url(), None).await.expect("attach");
+    eventually(Duration::from_secs(5), "billing routable", || {
+        mesh.routable_everywhere("billing")
+    })
+    .await;
+    let tls_ingress = mesh.nodes[0].bound().ingress[1];
+    SecureMesh {
+        mesh,
+        tls_ingress,
+        jwt_key,
+        _jwks_dir: jwks_dir,
+        _agent: billing,
+    }
+}
+
+fn ca_pem(mesh: &LocalMesh) -> String {
+    mesh.ca.cert_pem.clone()
+}
+
+async fn enroll(
+    m: &SecureMesh,
+    body: serde_json::Value,
+) -> (StatusCode, hyper::HeaderMap, String) {
+    tls_call(
+        m.tls_ingress,
+        client_config(&ca_pem(&m.mesh), None),
+        "POST",
+        "localhost",
+        "/v1/enroll",
+        &[("content-type", "application/json")],
+        body.to_string(),
+    )
+    .await
+}
+
+fn token(m: &SecureMesh, tenant: &str, agent: &str, ttl: Duration) -> String {
+    m.mesh.nodes[0]
+        .shared()
+        .security
+        .create_token(tenant, agent, ttl)
+        .expect("token")
+        .0
+}
+
+/// Enrolls `agent` of `acme` with a fresh token; returns (chain, key) PEM.
+async fn enrolled(m: &SecureMesh, agent: &str) -> (String, String, String) {
+    let t = token(m, "acme", agent, Duration::from_secs(600));
+    let (status, _, body) = enroll(m, serde_json::json!({ "token": t })).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    (
+        v["certificate_chain"].as_str().expect("chain").to_string(),
+        v["private_key"].as_str().expect("key").to_string(),
+        v["serial"].as_str().expect("serial").to_string(),
+    )
+}
+
+async fn call_billing(
+    m: &SecureMesh,
+    cfg: Arc<rustls::ClientConfig>,
+    headers: &[(&str, &str)],
+) -> (StatusCode, hyper::HeaderMap, String) {
+    tls_call(
+        m.tls_ingress,
+        cfg,
+        "POST",
+        "billing.acme.dmsc",
+        "/",
+        headers,
+        super::message_send("pay invoice 7"),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrollment_with_valid_reused_expired_and_other_tenant_tokens() {
+    let m = secure_mesh().await;
+
+    // Valid token, node-generated key: a chain for exactly the token's identity.
+    let t = token(&m, "acme", "payer", Duration::from_secs(600));
+    let (status, _, body) = enroll(&m, serde_json::json!({ "token": t })).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(
+        v["spiffe_id"],
+        "spiffe://mesh.dmsc.local/tenant/acme/agent/payer"
+    );
+    let chain = dmsc_transport::identity::certs_from_pem(
+        v["certificate_chain"].as_str().expect("chain"),
+        Path::new("chain"),
+    )
+    .expect("pem");
+    assert_eq!(chain.len(), 2, "leaf and the node's issuing certificate");
+    let info = dmsc_transport::identity::cert_info(&chain[0]).expect("info");
+    let left = info
+        .not_after
+        .duration_since(SystemTime::now())
+        .expect("valid");
+    assert!(
+        left <= Duration::from_secs(24 * 3600) && left > Duration::from_secs(23 * 3600),
+        "24 h by default, got {left:?}"
+    );
+    assert!(v["private_key"].as_str().is_some());
+    assert_audited(&m.mesh, 0, "enrollment", &info.serial_hex).await;
+
+    // Reused: refused, and says so.
+    let (status, headers, body) = enroll(&m, serde_json::json!({ "token": t })).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert!(body.contains("already used"), "{body}");
+    assert_eq!(headers["dmsc-auth-error"], "token_used");
+    assert_audited(&m.mesh, 0, "auth_failure", "already used").await;
+
+    // Expired.
+    let t = token(&m, "acme", "late", Duration::from_secs(1));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (status, _, body) = enroll(&m, serde_json::json!({ "token": t })).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert!(body.contains("expired"), "{body}");
+    assert_audited(&m.mesh, 0, "auth_failure", "expired").await;
+
+    // A token of tenant acme presented for tenant globex: refused, not consumed.
+    let t = token(&m, "acme", "payer2", Duration::from_secs(600));
+    let (status, _, body) = enroll(
+        &m,
+        serde_json::json!({ "token": t, "tenant": "globex", "agent": "payer2" }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("is for tenant `acme`, not `globex`"), "{body}");
+    assert_audited(&m.mesh, 0, "auth_failure", "not `globex`").await;
+    // With a CSR this time: the key never leaves the agent, the identity is
+    // the token's whatever the CSR asks for.
+    let kp = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(vec!["evil.example".to_string()]).expect("p");
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    let csr = params.serialize_request(&kp).expect("csr").pem().expect("pem");
+    let (status, _, body) = enroll(&m, serde_json::json!({ "token": t, "csr": csr })).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert!(v.get("private_key").is_none(), "no key when a CSR was sent");
+    assert_eq!(
+        v["spiffe_id"],
+        "spiffe://mesh.dmsc.local/tenant/acme/agent/payer2"
+    );
+    // Junk token.
+    let (status, _, body) = enroll(&m, serde_json::json!({ "token": "nope" })).await;
+    assert!(status.is_client_error(), "{status} {body}");
+    m.mesh.stop().await;
+}
+
+/// Signs a leaf with node 0's issuing key directly (what a buggy or hostile
+/// issuer could produce), with the given SPIFFE ID and validity.
+fn leaf_from_issuer(
+    dir: &Path,
+    spiffe: &str,
+    not_before: time::OffsetDateTime,
+    not_after: time::OffsetDateTime,
+) -> (String, String) {
+    let issuer_pem = std::fs::read_to_string(dir.join("issuer.pem")).expect("issuer");
+    let issuer_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(dir.join("issuer.key")).expect("key"))
+            .expect("key");
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&issuer_pem, &issuer_key).expect("issuer");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::URI(spiffe.try_into().expect("uri"))];
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    params.not_before = not_before;
+    params.not_after = not_after;
+    let cert = params.signed_by(&key, &issuer).expect("sign");
+    (format!("{}{issuer_pem}", cert.pem()), key.serialize_pem())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_ingress_valid_expired_revoked_wrong_ca_and_other_trust_domain() {
+    let m = secure_mesh().await;
+    let ca = ca_pem(&m.mesh);
+
+    // Valid: reaches the agent on the other node; the caller is the agent identity.
+    let (chain, key, serial) = enrolled(&m, "payer").await;
+    let good = client_config(&ca, Some((&chain, &key)));
+    let (status, headers, body) = call_billing(&m, good.clone(), &[]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(headers["dmsc-agent"], "acme/billing");
+    assert_audited(
+        &m.mesh,
+        0,
+        "delegation",
+        "spiffe://mesh.dmsc.local/tenant/acme/agent/payer",
+    )
+    .await;
+
+    // No credentials at all: 401 with what to present.
+    let (status, headers, body) = call_billing(&m, client_config(&ca, None), &[]).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert!(body.contains("no credentials"), "{body}");
+    assert!(headers.contains_key("www-authenticate"));
+
+    // Another tenant's address with a valid certificate: 403, audited as a denial.
+    let (status, _, body) = tls_call(
+        m.tls_ingress,
+        good.clone(),
+        "POST",
+        "billing.globex.dmsc",
+        "/",
+        &[],
+        "{}",
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_audited(&m.mesh, 0, "denied", "billing.globex.dmsc").await;
+
+    // Expired (signed by the real issuer, validity in the past).
+    let now = time::OffsetDateTime::now_utc();
+    let dir = m.mesh.node_dir(0);
+    let (c, k) = leaf_from_issuer(
+        &dir,
+        "spiffe://mesh.dmsc.local/tenant/acme/agent/old",
+        now - time::Duration::days(3),
+        now - time::Duration::days(1),
+    );
+    let (status, _, body) = call_billing(&m, client_config(&ca, Some((&c, &k))), &[]).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert!(body.contains("has expired"), "{body}");
+    assert_audited(&m.mesh, 0, "auth_failure", "has expired").await;
+
+    // Other trust domain, chained to our own CA: the SPIFFE check refuses it.
+    let (c, k) = leaf_from_issuer(
+        &dir,
+        &format!("spiffe://{TD_OTHER}/tenant/acme/agent/alien"),
+        now - time::Duration::hours(1),
+        now + time::Duration::hours(1),
+    );
+    let (status, _, body) = call_billing(&m, client_config(&ca, Some((&c, &k))), &[]).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert!(body.contains("trust domain `other.test`"), "{body}");
+    assert_audited(&m.mesh, 0, "auth_failure", "trust domain `other.test`").await;
+
+    // Wrong CA: a complete, valid chain from another mesh's CA.
+    let other = dmsc_transport::pki::CertificateAuthority::generate("mesh.dmsc.local").expect("ca");
+    let creds = other
+        .issue_node_credentials("x", dmsc_transport::pki::NODE_VALIDITY, &[])
+        .expect("creds");
+    let foreign = dmsc_transport::pki::NodeIssuer::load_pem(&creds.issuer.cert_pem, &creds.issuer.key_pem)
+        .expect("issuer")
+        .issue_agent(
+            "acme",
+            "payer",
+            dmsc_transport::pki::AgentKey::Generate,
+            Duration::from_secs(3600),
+        )
+        .expect("agent");
+    let fkey = foreign.key_pem.clone().expect("key");
+    let (status, _, body) =
+        call_billing(&m, client_config(&ca, Some((&foreign.chain_pem, &fkey))), &[]).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert!(body.contains("is not from this mesh"), "{body}");
+    assert_audited(&m.mesh, 0, "auth_failure", "is not from this mesh").await;
+
+    // Revoked: the operator signs, node 0 applies, gossip spreads it. The
+    // still-open connection is refused on its next request too.
+    let rev = dmsc_transport::Revocation::sign(&m.mesh.ca, &serial, "key-compromise").expect("sign");
+    let v = dmsc_node::ops::revoke_apply(m.mesh.nodes[0].bound().admin, rev.to_json())
+        .await
+        .expect("apply");
+    assert_eq!(v["new"], true);
+    let (status, headers, body) = call_billing(&m, good, &[]).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert!(body.contains("revoked"), "{body}");
+    assert_eq!(headers["dmsc-auth-error"], "cert_refused");
+    assert_audited(&m.mesh, 0, "auth_failure", "revoked").await;
+    assert_audited(&m.mesh, 0, "revocation", &serial).await;
+    eventually(Duration::from_secs(5), "revocation reaches node 1", || {
+        m.mesh.nodes[1].shared().security.revoked.get(&serial).is_some()
+    })
+    .await;
+    // And node 1 persisted it.
+    let persisted =
+        std::fs::read_to_string(m.mesh.node_dir(1).join("data").join("revoked.jsonl"))
+            .expect("persisted");
+    assert!(persisted.contains(&serial));
+    m.mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_valid_expired_wrong_audience_wrong_key_and_alg_none() {
+    let m = secure_mesh().await;
+    let ca = ca_pem(&m.mesh);
+    let plain = client_config(&ca, None);
+    let bearer = |t: &str| format!("Bearer {t}");
+
+    let ok = jwt(&m.jwt_key, "k1", claims("acme", JWT_AUD, 300));
+    let (status, headers, body) =
+        call_billing(&m, plain.clone(), &[("authorization", &bearer(&ok))]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(headers["dmsc-agent"], "acme/billing");
+    assert_audited(&m.mesh, 0, "delegation", "jwt:https://idp.test#billing-client").await;
+
+    // Each refusal: 401, the reason in the body and in the audit log, and
+    // the agent never sees the request.
+    let served_before = m.mesh.nodes[0].shared().delegator.metrics.total();
+    let other_key = es256_key("k1");
+    let header = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(br#"{"alg":"none","typ":"JWT"}"#);
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(claims("acme", JWT_AUD, 300).to_string());
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("expired", jwt(&m.jwt_key, "k1", claims("acme", JWT_AUD, -3600)), "expired"),
+        (
+            "wrong audience",
+            jwt(&m.jwt_key, "k1", claims("acme", "someone-else", 300)),
+            "audience `someone-else` is not accepted",
+        ),
+        (
+            "wrong key",
+            jwt(&other_key, "k1", claims("acme", JWT_AUD, 300)),
+            "signature does not verify",
+        ),
+        (
+            "alg none",
+            format!("{header}.{payload}."),
+            "algorithm `none` is not accepted",
+        ),
+    ];
+    for (what, token, reason) in cases {
+        let (status, headers, body) =
+            call_billing(&m, plain.clone(), &[("authorization", &bearer(&token))]).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{what}: {body}");
+        assert!(body.contains(reason), "{what}: `{reason}` not in {body}");
+        assert!(
+            headers["www-authenticate"]
+                .to_str()
+                .unwrap_or_default()
+                .contains("invalid_token"),
+            "{what}"
+        );
+        assert_audited(&m.mesh, 0, "auth_failure", reason).await;
+    }
+    assert_eq!(
+        m.mesh.nodes[0].shared().delegator.metrics.total(),
+        served_before,
+        "no refused request was delegated"
+    );
+
+    // A valid token of another tenant cannot reach acme's agent.
+    let globex = jwt(&m.jwt_key, "k1", claims("globex", JWT_AUD, 300));
+    let (status, _, body) =
+        call_billing(&m, plain, &[("authorization", &bearer(&globex))]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("tenant `globex`"), "{body}");
+    m.mesh.stop().await;
+}
