@@ -3,8 +3,8 @@
 //!
 //! Keys are decoded once per load into [`DecodingKey`]s indexed by `kid`, so
 //! the per-token path is a map lookup plus the signature check. A [`Jwks`] is
-//! immutable; [`KeyCache`] swaps whole sets behind an `Arc`, so a validation
-//! never sees half a refresh and never waits for one.
+//! immutable; the validator's key cache swaps whole sets behind an `Arc`, so
+//! a validation never sees half a refresh and never waits for one.
 //!
 //! Refresh policy: a task owned by the validator re-reads the source every
 //! `refresh` period (it holds only a `Weak` and is aborted when the validator

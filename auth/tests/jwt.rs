@@ -811,3 +811,9 @@ mod props {
         }
     }
 }
+
+#[test]
+fn public_fixture_for_the_fuzz_target_parses() {
+    let jwks = Jwks::from_json(include_bytes!("fixtures/public-jwks.json")).expect("fixture");
+    assert_eq!(jwks.kids(), ["rsa-1", "es-1", "ed-1"]);
+}

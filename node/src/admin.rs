@@ -146,7 +146,11 @@ async fn tokens_route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) -> Re
         ttl_secs: Option<u64>,
     }
     if req.method() != Method::POST {
-        return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "POST /v1/tokens\n");
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "POST /v1/tokens\n",
+        );
     }
     let body = match read_body(req).await {
         Ok(b) => b,
@@ -173,15 +177,15 @@ async fn tokens_route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) -> Re
                 "expires_at": info.expires_at.unix_timestamp(),
             }),
         ),
-        Err(r) => json(r.status, &serde_json::json!({"error": r.reason, "code": r.code})),
+        Err(r) => json(
+            r.status,
+            &serde_json::json!({"error": r.reason, "code": r.code}),
+        ),
     }
 }
 
 /// `GET /v1/revocations`, `POST /v1/revocations` (a signed statement).
-async fn revocations_route(
-    req: Request<hyper::body::Incoming>,
-    s: Arc<Shared>,
-) -> Response<Body> {
+async fn revocations_route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) -> Response<Body> {
     match *req.method() {
         Method::GET => json(
             StatusCode::OK,
@@ -206,7 +210,11 @@ async fn revocations_route(
                     crate::app::publish_revocation(&s.gossip, &r).await;
                     let closed = s.overlay.close_revoked();
                     json(
-                        if new { StatusCode::CREATED } else { StatusCode::OK },
+                        if new {
+                            StatusCode::CREATED
+                        } else {
+                            StatusCode::OK
+                        },
                         &serde_json::json!({
                             "serial": r.serial,
                             "new": new,

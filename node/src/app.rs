@@ -381,11 +381,7 @@ pub const KEY_REVOKED_PREFIX: &str = "revoked/";
 /// Takes in the revocations peers publish: each is checked against the
 /// mesh CA, persisted, re-published under this node's state, and the live
 /// connections it condemns are closed.
-fn apply_revocations(
-    scan: &[dmsc_gossip::NodeScan],
-    gossip: &Arc<Gossip>,
-    delegator: &Delegator,
-) {
+fn apply_revocations(scan: &[dmsc_gossip::NodeScan], gossip: &Arc<Gossip>, delegator: &Delegator) {
     let mut any = false;
     for (key, value) in scan
         .iter()
@@ -407,7 +403,9 @@ fn apply_revocations(
                 any = true;
             }
             Ok(false) => {}
-            Err(e) => tracing::debug!(key = %key, error = %e, "ignoring a revocation that does not verify"),
+            Err(e) => {
+                tracing::debug!(key = %key, error = %e, "ignoring a revocation that does not verify")
+            }
         }
     }
     if any {
@@ -457,7 +455,10 @@ pub async fn clock_skew(overlay: &Overlay, addr: SocketAddr) -> Result<(i64, u64
         .open_stream(addr, Channel::Control)
         .await
         .map_err(|e| e.to_string())?;
-    s.send.write_all(b"clock").await.map_err(|e| e.to_string())?;
+    s.send
+        .write_all(b"clock")
+        .await
+        .map_err(|e| e.to_string())?;
     s.send.finish().map_err(|e| e.to_string())?;
     let mut buf = Vec::new();
     while buf.len() < 8 {
@@ -754,17 +755,20 @@ pub async fn peer_checks(s: &Shared) -> serde_json::Value {
         let addrs: Vec<SocketAddr> = match tokio::net::lookup_host(b.as_str()).await {
             Ok(a) => a.collect(),
             Err(e) => {
-                bootstrap.push(serde_json::json!({"peer": b, "error": format!("cannot resolve: {e}")}));
+                bootstrap
+                    .push(serde_json::json!({"peer": b, "error": format!("cannot resolve: {e}")}));
                 continue;
             }
         };
         for addr in addrs {
-            let error = match tokio::time::timeout(Duration::from_secs(5), s.overlay.connect(addr)).await {
-                Ok(Ok(_)) => None,
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(_) => Some("no answer within 5 s".to_string()),
-            };
-            bootstrap.push(serde_json::json!({"peer": b, "addr": addr.to_string(), "error": error}));
+            let error =
+                match tokio::time::timeout(Duration::from_secs(5), s.overlay.connect(addr)).await {
+                    Ok(Ok(_)) => None,
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(_) => Some("no answer within 5 s".to_string()),
+                };
+            bootstrap
+                .push(serde_json::json!({"peer": b, "addr": addr.to_string(), "error": error}));
         }
     }
     serde_json::json!({ "peers": peers, "bootstrap": bootstrap })

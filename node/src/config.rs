@@ -501,7 +501,10 @@ impl RawConfig {
         set(&mut self.tls.key, top.tls.key);
         set(&mut self.tls.issuer_cert, top.tls.issuer_cert);
         set(&mut self.tls.issuer_key, top.tls.issuer_key);
-        set(&mut self.tls.agent_cert_ttl_secs, top.tls.agent_cert_ttl_secs);
+        set(
+            &mut self.tls.agent_cert_ttl_secs,
+            top.tls.agent_cert_ttl_secs,
+        );
         set(&mut self.tls.reload_interval_ms, top.tls.reload_interval_ms);
         set(&mut self.data_dir, top.data_dir);
         set(&mut self.jwt, top.jwt);
@@ -746,7 +749,10 @@ impl RawConfig {
             .issuer_key
             .clone()
             .or_else(|| beside(dmsc_transport::pki::ISSUER_KEY).filter(|p| p.is_file()));
-        for (what, p) in [("tls.issuer_cert", &issuer_cert), ("tls.issuer_key", &issuer_key)] {
+        for (what, p) in [
+            ("tls.issuer_cert", &issuer_cert),
+            ("tls.issuer_key", &issuer_key),
+        ] {
             if let Some(p) = p {
                 if !p.is_file() {
                     errors.push(format!("{what} = `{}`: no such file", p.display()));
@@ -760,8 +766,12 @@ impl RawConfig {
         Ok(NodeConfig {
             issuer_cert,
             issuer_key,
-            agent_cert_ttl: Duration::from_secs(self.tls.agent_cert_ttl_secs.unwrap_or(86_400).max(60)),
-            reload_interval: Duration::from_millis(self.tls.reload_interval_ms.unwrap_or(5_000).max(50)),
+            agent_cert_ttl: Duration::from_secs(
+                self.tls.agent_cert_ttl_secs.unwrap_or(86_400).max(60),
+            ),
+            reload_interval: Duration::from_millis(
+                self.tls.reload_interval_ms.unwrap_or(5_000).max(50),
+            ),
             data_dir,
             jwt,
             audit,

@@ -158,11 +158,16 @@ fn refusal_response(r: &Refusal, me: &str, bearer: bool) -> Response<Body> {
         resp.headers_mut().insert("dmsc-auth-error", v);
     }
     if bearer && r.status == hyper::StatusCode::UNAUTHORIZED {
-        let desc: String = r.reason.chars().filter(|c| *c != '"' && *c != '\\').collect();
+        let desc: String = r
+            .reason
+            .chars()
+            .filter(|c| *c != '"' && *c != '\\')
+            .collect();
         if let Ok(v) = hyper::header::HeaderValue::from_str(&format!(
             "Bearer error=\"invalid_token\", error_description=\"{desc}\""
         )) {
-            resp.headers_mut().insert(hyper::header::WWW_AUTHENTICATE, v);
+            resp.headers_mut()
+                .insert(hyper::header::WWW_AUTHENTICATE, v);
         }
     }
     resp
@@ -266,14 +271,11 @@ impl Ingress {
 
     /// Who is calling: bearer JWT if one is sent, else the client
     /// certificate, else (unauthenticated listeners) the listener's tenant.
-    async fn authenticate<B>(
-        &self,
-        req: &Request<B>,
-        auth: &ConnAuth,
-    ) -> Result<Caller, Refusal> {
+    async fn authenticate<B>(&self, req: &Request<B>, auth: &ConnAuth) -> Result<Caller, Refusal> {
         use dmsc_audit::AuthMethod;
-        let unauthorized =
-            |code: &str, reason: String| Refusal::new(hyper::StatusCode::UNAUTHORIZED, code, reason);
+        let unauthorized = |code: &str, reason: String| {
+            Refusal::new(hyper::StatusCode::UNAUTHORIZED, code, reason)
+        };
         if let Some(tenant) = &self.spec.tenant {
             return Ok(Caller {
                 tenant: tenant.clone(),
@@ -291,7 +293,10 @@ impl Ingress {
             });
         if let (Some(token), true) = (bearer, self.spec.jwt) {
             let Some(jwt) = &self.security.jwt else {
-                return Err(unauthorized("jwt_unavailable", "this node validates no JWTs".into()));
+                return Err(unauthorized(
+                    "jwt_unavailable",
+                    "this node validates no JWTs".into(),
+                ));
             };
             return match jwt.validate(token.trim()).await {
                 Ok(c) => Ok(Caller {
@@ -344,12 +349,18 @@ impl Ingress {
             }
             None => {
                 let how = match (self.spec.mtls, self.spec.jwt) {
-                    (true, true) => "a client certificate from the mesh CA or an `Authorization: Bearer` token",
+                    (true, true) => {
+                        "a client certificate from the mesh CA or an `Authorization: Bearer` token"
+                    }
                     (true, false) => "a client certificate from the mesh CA",
                     _ => "an `Authorization: Bearer` token",
                 };
                 let reason = format!("no credentials: this ingress needs {how}");
-                let method = if self.spec.mtls { AuthMethod::Mtls } else { AuthMethod::Jwt };
+                let method = if self.spec.mtls {
+                    AuthMethod::Mtls
+                } else {
+                    AuthMethod::Jwt
+                };
                 self.audit_auth_failure(method, &reason, auth, None, None);
                 Err(unauthorized("no_credentials", reason))
             }
@@ -408,13 +419,7 @@ impl Ingress {
                 )),
             }
             .inspect_err(|r| {
-                self.audit_auth_failure(
-                    dmsc_audit::AuthMethod::Mtls,
-                    &r.reason,
-                    auth,
-                    None,
-                    None,
-                )
+                self.audit_auth_failure(dmsc_audit::AuthMethod::Mtls, &r.reason, auth, None, None)
             })
         } else {
             self.security.enroll(&body, peer)

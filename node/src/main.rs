@@ -345,7 +345,11 @@ fn ca(cmd: CaCmd) -> anyhow::Result<()> {
             match out {
                 Some(path) => {
                     pki::write_file(&path, &(r.to_json() + "\n"), 0o644)?;
-                    eprintln!("revocation of serial {} written to {}", r.serial, path.display());
+                    eprintln!(
+                        "revocation of serial {} written to {}",
+                        r.serial,
+                        path.display()
+                    );
                 }
                 None => println!("{}", r.to_json()),
             }
@@ -418,13 +422,19 @@ async fn ops(cmd: Cmd) -> anyhow::Result<ExitCode> {
             println!(
                 "serial {} revoked ({}); closed connections: {}",
                 v["serial"].as_str().unwrap_or("?"),
-                if v["new"].as_bool() == Some(true) { "new" } else { "already known" },
+                if v["new"].as_bool() == Some(true) {
+                    "new"
+                } else {
+                    "already known"
+                },
                 v["closed_connections"]
             );
         }
         Cmd::Audit(AuditCmd::Verify { dir, ca }) => {
             let opts = match ca {
-                Some(p) => dmsc_audit::VerifyOptions::with_roots_pem(&std::fs::read_to_string(&p)?)?,
+                Some(p) => {
+                    dmsc_audit::VerifyOptions::with_roots_pem(&std::fs::read_to_string(&p)?)?
+                }
                 None => dmsc_audit::VerifyOptions::default(),
             };
             let r = dmsc_audit::verify(&dir, &opts)?;
@@ -459,8 +469,12 @@ async fn ops(cmd: Cmd) -> anyhow::Result<ExitCode> {
         }
         Cmd::Check { run, max_skew_ms } => {
             let config = load_config(&run)?;
-            let findings =
-                ops::check(&config, config.admin_listen, Duration::from_millis(max_skew_ms)).await;
+            let findings = ops::check(
+                &config,
+                config.admin_listen,
+                Duration::from_millis(max_skew_ms),
+            )
+            .await;
             let mut bad = 0;
             for f in &findings {
                 println!("{} {}", if f.ok { "ok  " } else { "FAIL" }, f.line);

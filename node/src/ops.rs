@@ -58,10 +58,7 @@ fn check_key_file(what: &str, path: &Path, out: &mut Vec<Finding>) {
                 "{what} `{}` is readable by its owner only",
                 path.display()
             ))),
-            Err(e) => out.push(Finding::fail(format!(
-                "{what} `{}`: {e}",
-                path.display()
-            ))),
+            Err(e) => out.push(Finding::fail(format!("{what} `{}`: {e}", path.display()))),
         },
     }
 }
@@ -190,9 +187,7 @@ fn peer_findings(body: &str, max_skew: Duration, out: &mut Vec<Finding>) {
                 } else {
                     ""
                 };
-                out.push(Finding::fail(format!(
-                    "bootstrap peer {peer}: {e}{hint}"
-                )))
+                out.push(Finding::fail(format!("bootstrap peer {peer}: {e}{hint}")))
             }
         }
     }

@@ -116,8 +116,7 @@ impl TlsIngress {
         client_certs: bool,
         allow_tls12: bool,
     ) -> Result<TlsAcceptor, NodeError> {
-        let cfg =
-            dmsc_transport::tls::ingress_server_config(identity, client_certs, allow_tls12)?;
+        let cfg = dmsc_transport::tls::ingress_server_config(identity, client_certs, allow_tls12)?;
         Ok(TlsAcceptor::from(Arc::new(cfg)))
     }
 
@@ -204,9 +203,7 @@ impl Security {
                 let source = match (&j.jwks_file, &j.jwks_url) {
                     (Some(f), _) => dmsc_auth::JwksSource::File(f.clone()),
                     (None, Some(u)) => dmsc_auth::JwksSource::Url(u.clone()),
-                    (None, None) => {
-                        return Err(NodeError::Internal("jwt: no JWKS source".into()))
-                    }
+                    (None, None) => return Err(NodeError::Internal("jwt: no JWKS source".into())),
                 };
                 let mut cfg =
                     dmsc_auth::JwtConfig::new(j.issuers.clone(), j.audiences.clone(), source);
@@ -232,11 +229,14 @@ impl Security {
                     }
                 };
                 let mut cfg = dmsc_audit::AuditConfig::new(&a.dir, &me);
-                cfg.fsync = a.fsync.parse::<dmsc_audit::FsyncPolicy>()
+                cfg.fsync = a
+                    .fsync
+                    .parse::<dmsc_audit::FsyncPolicy>()
                     .map_err(|e| NodeError::Internal(format!("audit.fsync: {e}")))?;
                 cfg.checkpoint_every = a.checkpoint_every;
                 cfg.checkpoint_interval = a.checkpoint_interval;
-                let (h, t) = dmsc_audit::AuditLog::open(cfg, signer).map_err(|e| NodeError::Internal(format!("audit log: {e}")))?;
+                let (h, t) = dmsc_audit::AuditLog::open(cfg, signer)
+                    .map_err(|e| NodeError::Internal(format!("audit log: {e}")))?;
                 (Some(h), Some(t))
             }
             None => (None, None),
@@ -403,10 +403,7 @@ impl Security {
             .tenant
             .as_ref()
             .map(|t| format!("{t}/{}", req.agent.as_deref().unwrap_or("*")));
-        let expect = req
-            .tenant
-            .as_deref()
-            .map(|t| (t, req.agent.as_deref()));
+        let expect = req.tenant.as_deref().map(|t| (t, req.agent.as_deref()));
         let info = store
             .redeem(&req.token, expect, time::OffsetDateTime::now_utc())
             .map_err(|e| {
@@ -473,7 +470,8 @@ impl Security {
         if self.revoked.get(&r.serial).is_some() {
             return Ok(false);
         }
-        r.verify(&self.identity().roots).map_err(|e| e.to_string())?;
+        r.verify(&self.identity().roots)
+            .map_err(|e| e.to_string())?;
         let new = self.revoked.insert(r.clone());
         if new {
             if let Err(e) = self.revoked.save(&self.paths.revoked) {
@@ -496,8 +494,7 @@ impl Security {
         if now == *seen {
             return;
         }
-        let identity = match NodeIdentity::load(&self.paths.ca, &self.paths.cert, &self.paths.key)
-        {
+        let identity = match NodeIdentity::load(&self.paths.ca, &self.paths.cert, &self.paths.key) {
             Ok(i) => Arc::new(i),
             Err(e) => {
                 // Often a half-written pair (cert updated, key not yet):

@@ -83,7 +83,11 @@ impl LocalMesh {
         self.ca
             .issue_node_credentials(name, NODE_VALIDITY, &["localhost".to_string()])?
             .write_dir(&node_dir, &self.ca.cert_pem)?;
-        let mut raw = RawConfig::loopback(name, &node_dir, self.nodes.first().map(|a| a.bound().overlay));
+        let mut raw = RawConfig::loopback(
+            name,
+            &node_dir,
+            self.nodes.first().map(|a| a.bound().overlay),
+        );
         raw.ingress = vec![RawIngress {
             listen: "127.0.0.1:0".into(),
             tenant: Some(self.tenant.clone()),

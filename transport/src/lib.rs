@@ -22,7 +22,7 @@ pub mod tls;
 pub use error::TransportError;
 pub use frame::Channel;
 pub use identity::{NodeIdentity, SpiffeId};
-pub use revoke::{Revocation, RevocationSet};
 pub use overlay::{
     BiStream, Inbound, Overlay, OverlayConfig, OverlayStats, PeerLink, StreamRecv, StreamSend,
 };
+pub use revoke::{Revocation, RevocationSet};

@@ -230,6 +230,8 @@ pub struct PeerLink {
     /// True if this node dialed the connection.
     pub outbound: bool,
     pub since: Instant,
+    /// Serial of the certificate the peer presented on this connection.
+    pub serial: String,
 }
 
 struct Conn {
@@ -237,6 +239,7 @@ struct Conn {
     peer: Arc<str>,
     outbound: bool,
     since: Instant,
+    serial: Arc<str>,
 }
 
 struct Inner {
@@ -517,6 +520,7 @@ impl Overlay {
                 rtt: c.conn.rtt(),
                 outbound: c.outbound,
                 since: c.since,
+                serial: c.serial.to_string(),
             })
             .collect()
     }
@@ -614,6 +618,12 @@ fn adopt(inner: &Arc<Inner>, conn: Connection, outbound: bool) -> Option<Connect
         return None;
     }
     let peer: Arc<str> = peer.into();
+    let serial: Arc<str> = conn
+        .peer_identity()
+        .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .and_then(|c| c.first().and_then(|c| crate::identity::serial_of(c)))
+        .unwrap_or_default()
+        .into();
     let initiator = |out: bool| -> &str {
         if out {
             &inner.name
@@ -638,6 +648,7 @@ fn adopt(inner: &Arc<Inner>, conn: Connection, outbound: bool) -> Option<Connect
                             peer: peer.clone(),
                             outbound,
                             since: Instant::now(),
+                            serial: serial.clone(),
                         },
                     );
                     if let Some(old) = old {
@@ -658,6 +669,7 @@ fn adopt(inner: &Arc<Inner>, conn: Connection, outbound: bool) -> Option<Connect
                         peer: peer.clone(),
                         outbound,
                         since: Instant::now(),
+                        serial: serial.clone(),
                     },
                 );
                 conn.clone()

@@ -243,7 +243,9 @@ impl RevocationSet {
                     self.insert(r);
                     n += 1;
                 }
-                Err(e) => tracing::warn!(path = %path.display(), error = %e, "skipping a persisted revocation"),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "skipping a persisted revocation")
+                }
             }
         }
         Ok(n)
@@ -307,10 +309,16 @@ mod tests {
         let creds = ca
             .issue_node_credentials("n1", crate::pki::NODE_VALIDITY, &[])
             .expect("creds");
-        let issuer = crate::pki::NodeIssuer::load_pem(&creds.issuer.cert_pem, &creds.issuer.key_pem)
-            .expect("issuer");
+        let issuer =
+            crate::pki::NodeIssuer::load_pem(&creds.issuer.cert_pem, &creds.issuer.key_pem)
+                .expect("issuer");
         let agent = issuer
-            .issue_agent("acme", "a1", crate::pki::AgentKey::Generate, crate::pki::AGENT_VALIDITY)
+            .issue_agent(
+                "acme",
+                "a1",
+                crate::pki::AgentKey::Generate,
+                crate::pki::AGENT_VALIDITY,
+            )
             .expect("agent");
         let chain = certs_from_pem(&agent.chain_pem, Path::new("chain")).expect("chain");
         assert_eq!(chain.len(), 2);
@@ -333,14 +341,25 @@ mod tests {
         assert!(back.revoked_in(&chain).is_some());
         let other = CertificateAuthority::generate("td").expect("other");
         let other_roots = certs_from_pem(&other.cert_pem, Path::new("o")).expect("roots");
-        assert_eq!(RevocationSet::new().load(&path, &other_roots).expect("load"), 0);
+        assert_eq!(
+            RevocationSet::new()
+                .load(&path, &other_roots)
+                .expect("load"),
+            0
+        );
     }
 
     #[test]
     fn junk_is_refused() {
         assert!(Revocation::parse(b"{").is_err());
         assert!(Revocation::parse(&[b' '; MAX_REVOCATION_BYTES + 1]).is_err());
-        assert!(Revocation::parse(br#"{"v":2,"serial":"1","reason":"","revoked_at":0,"sig":""}"#).is_err());
-        assert!(Revocation::parse(br#"{"v":1,"serial":"01","reason":"","revoked_at":0,"sig":""}"#).is_err());
+        assert!(
+            Revocation::parse(br#"{"v":2,"serial":"1","reason":"","revoked_at":0,"sig":""}"#)
+                .is_err()
+        );
+        assert!(
+            Revocation::parse(br#"{"v":1,"serial":"01","reason":"","revoked_at":0,"sig":""}"#)
+                .is_err()
+        );
     }
 }

@@ -398,8 +398,7 @@ pub fn ingress_server_config(
     let builder =
         ServerConfig::builder_with_provider(provider.clone()).with_protocol_versions(versions)?;
     let builder = if client_certs {
-        let hints = root_store(identity)?
-            .subjects();
+        let hints = root_store(identity)?.subjects();
         builder.with_client_cert_verifier(Arc::new(DeferredClientVerifier {
             hints,
             algs: provider.signature_verification_algorithms,
@@ -446,21 +445,24 @@ pub fn verify_agent(
     webpki
         .verify_client_cert(leaf, intermediates, now)
         .map_err(|e| match e {
-        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
-        | rustls::Error::InvalidCertificate(CertificateError::BadSignature) => format!(
-            "certificate `{}` is not from this mesh: issued by `{}`, expected a chain to `{}`",
-            info.spiffe,
-            issuer_of(leaf),
-            identity.root_subjects.join("` or `")
-        ),
-        rustls::Error::InvalidCertificate(CertificateError::Expired)
-        | rustls::Error::InvalidCertificate(CertificateError::ExpiredContext { .. }) => {
-            format!("certificate `{}` has expired", info.spiffe)
-        }
-        rustls::Error::InvalidCertificate(CertificateError::NotValidYet)
-        | rustls::Error::InvalidCertificate(CertificateError::NotValidYetContext { .. }) => {
-            format!("certificate `{}` is not valid yet (check clocks)", info.spiffe)
-        }
+            rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
+            | rustls::Error::InvalidCertificate(CertificateError::BadSignature) => format!(
+                "certificate `{}` is not from this mesh: issued by `{}`, expected a chain to `{}`",
+                info.spiffe,
+                issuer_of(leaf),
+                identity.root_subjects.join("` or `")
+            ),
+            rustls::Error::InvalidCertificate(CertificateError::Expired)
+            | rustls::Error::InvalidCertificate(CertificateError::ExpiredContext { .. }) => {
+                format!("certificate `{}` has expired", info.spiffe)
+            }
+            rustls::Error::InvalidCertificate(CertificateError::NotValidYet)
+            | rustls::Error::InvalidCertificate(CertificateError::NotValidYetContext { .. }) => {
+                format!(
+                    "certificate `{}` is not valid yet (check clocks)",
+                    info.spiffe
+                )
+            }
             other => format!("certificate `{}` refused: {other}", info.spiffe),
         })?;
     if info.spiffe.trust_domain != identity.trust_domain() {

@@ -193,14 +193,14 @@ async fn reloaded_identity_is_used_for_new_connections_and_old_ones_stay() {
     assert_eq!(b.peers().len(), 1, "the existing connection stays");
     // c dials b: b must present the new certificate. Revoke the old one on
     // c to prove it: the handshake still succeeds.
-    let r = dmsc_transport::Revocation::sign(&ca, &old.info.serial_hex, "superseded")
-        .expect("sign");
+    let r =
+        dmsc_transport::Revocation::sign(&ca, &old.info.serial_hex, "superseded").expect("sign");
     c.revocations().insert(r);
     assert_eq!(c.connect(b.local_addr()).await.expect("c to b"), "b");
     // And b dialing out presents the new one too.
     let (d, _d) = overlay(identity(&ca, "d")).await;
-    let r = dmsc_transport::Revocation::sign(&ca, &old.info.serial_hex, "superseded")
-        .expect("sign");
+    let r =
+        dmsc_transport::Revocation::sign(&ca, &old.info.serial_hex, "superseded").expect("sign");
     d.revocations().insert(r);
     assert_eq!(b.connect(d.local_addr()).await.expect("b to d"), "d");
     // A reload may not rename the node.
@@ -236,7 +236,8 @@ async fn a_node_issuer_cannot_mint_node_certificates() {
     let creds = ca
         .issue_node_credentials("n1", NODE_VALIDITY, &[])
         .expect("creds");
-    let issuer = NodeIssuer::load_pem(&creds.issuer.cert_pem, &creds.issuer.key_pem).expect("issuer");
+    let issuer =
+        NodeIssuer::load_pem(&creds.issuer.cert_pem, &creds.issuer.key_pem).expect("issuer");
     let agent = issuer
         .issue_agent(
             "acme",
@@ -246,12 +247,17 @@ async fn a_node_issuer_cannot_mint_node_certificates() {
         )
         .expect("agent");
     assert!(
-        NodeIdentity::from_pem(&ca.cert_pem, &agent.chain_pem, agent.key_pem.as_deref().unwrap_or_default())
-            .is_err(),
+        NodeIdentity::from_pem(
+            &ca.cert_pem,
+            &agent.chain_pem,
+            agent.key_pem.as_deref().unwrap_or_default()
+        )
+        .is_err(),
         "an agent certificate is not a node identity"
     );
     assert!(
-        NodeIdentity::from_pem(&ca.cert_pem, &creds.issuer.cert_pem, &creds.issuer.key_pem).is_err(),
+        NodeIdentity::from_pem(&ca.cert_pem, &creds.issuer.cert_pem, &creds.issuer.key_pem)
+            .is_err(),
         "an issuing certificate is not a node identity"
     );
     let _ = good;

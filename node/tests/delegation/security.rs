@@ -34,9 +34,10 @@ fn client_config(ca_pem: &str, client: Option<(&str, &str)>) -> Arc<rustls::Clie
         None => b.with_no_client_auth(),
         Some((chain, key)) => {
             use rustls::pki_types::pem::PemObject;
-            let chain = dmsc_transport::identity::certs_from_pem(chain, Path::new("chain"))
-                .expect("chain");
-            let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("key");
+            let chain =
+                dmsc_transport::identity::certs_from_pem(chain, Path::new("chain")).expect("chain");
+            let key =
+                rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("key");
             b.with_client_auth_cert(chain, key).expect("client auth")
         }
     };
@@ -59,10 +60,9 @@ async fn tls_call(
         .connect(ServerName::try_from("localhost").expect("name"), tcp)
         .await
         .expect("TLS handshake");
-    let (mut send, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-            .await
-            .expect("http handshake");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .expect("http handshake");
     let driver = tokio::spawn(conn);
     let mut req = hyper::Request::builder()
         .method(method)
@@ -91,7 +91,12 @@ async fn tls_call(
 /// Everything audited on node `i` so far, one JSON value per entry.
 async fn audit_entries(mesh: &LocalMesh, i: usize) -> Vec<serde_json::Value> {
     let sec = &mesh.nodes[i].shared().security;
-    sec.audit.as_ref().expect("audit on").flush().await.expect("flush");
+    sec.audit
+        .as_ref()
+        .expect("audit on")
+        .flush()
+        .await
+        .expect("flush");
     let dir = mesh.node_dir(i).join("data").join("audit");
     dmsc_audit::tail(&dir, None)
         .expect("tail")
@@ -220,10 +225,7 @@ fn ca_pem(mesh: &LocalMesh) -> String {
     mesh.ca.cert_pem.clone()
 }
 
-async fn enroll(
-    m: &SecureMesh,
-    body: serde_json::Value,
-) -> (StatusCode, hyper::HeaderMap, String) {
+async fn enroll(m: &SecureMesh, body: serde_json::Value) -> (StatusCode, hyper::HeaderMap, String) {
     tls_call(
         m.tls_ingress,
         client_config(&ca_pem(&m.mesh), None),
@@ -329,14 +331,21 @@ async fn enrollment_with_valid_reused_expired_and_other_tenant_tokens() {
     )
     .await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
-    assert!(body.contains("is for tenant `acme`, not `globex`"), "{body}");
+    assert!(
+        body.contains("is for tenant `acme`, not `globex`"),
+        "{body}"
+    );
     assert_audited(&m.mesh, 0, "auth_failure", "not `globex`").await;
     // With a CSR this time: the key never leaves the agent, the identity is
     // the token's whatever the CSR asks for.
     let kp = rcgen::KeyPair::generate().expect("key");
     let mut params = rcgen::CertificateParams::new(vec!["evil.example".to_string()]).expect("p");
     params.distinguished_name = rcgen::DistinguishedName::new();
-    let csr = params.serialize_request(&kp).expect("csr").pem().expect("pem");
+    let csr = params
+        .serialize_request(&kp)
+        .expect("csr")
+        .pem()
+        .expect("pem");
     let (status, _, body) = enroll(&m, serde_json::json!({ "token": t, "csr": csr })).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).expect("json");
@@ -444,25 +453,31 @@ async fn mtls_ingress_valid_expired_revoked_wrong_ca_and_other_trust_domain() {
     let creds = other
         .issue_node_credentials("x", dmsc_transport::pki::NODE_VALIDITY, &[])
         .expect("creds");
-    let foreign = dmsc_transport::pki::NodeIssuer::load_pem(&creds.issuer.cert_pem, &creds.issuer.key_pem)
-        .expect("issuer")
-        .issue_agent(
-            "acme",
-            "payer",
-            dmsc_transport::pki::AgentKey::Generate,
-            Duration::from_secs(3600),
-        )
-        .expect("agent");
+    let foreign =
+        dmsc_transport::pki::NodeIssuer::load_pem(&creds.issuer.cert_pem, &creds.issuer.key_pem)
+            .expect("issuer")
+            .issue_agent(
+                "acme",
+                "payer",
+                dmsc_transport::pki::AgentKey::Generate,
+                Duration::from_secs(3600),
+            )
+            .expect("agent");
     let fkey = foreign.key_pem.clone().expect("key");
-    let (status, _, body) =
-        call_billing(&m, client_config(&ca, Some((&foreign.chain_pem, &fkey))), &[]).await;
+    let (status, _, body) = call_billing(
+        &m,
+        client_config(&ca, Some((&foreign.chain_pem, &fkey))),
+        &[],
+    )
+    .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
     assert!(body.contains("is not from this mesh"), "{body}");
     assert_audited(&m.mesh, 0, "auth_failure", "is not from this mesh").await;
 
     // Revoked: the operator signs, node 0 applies, gossip spreads it. The
     // still-open connection is refused on its next request too.
-    let rev = dmsc_transport::Revocation::sign(&m.mesh.ca, &serial, "key-compromise").expect("sign");
+    let rev =
+        dmsc_transport::Revocation::sign(&m.mesh.ca, &serial, "key-compromise").expect("sign");
     let v = dmsc_node::ops::revoke_apply(m.mesh.nodes[0].bound().admin, rev.to_json())
         .await
         .expect("apply");
@@ -474,13 +489,17 @@ async fn mtls_ingress_valid_expired_revoked_wrong_ca_and_other_trust_domain() {
     assert_audited(&m.mesh, 0, "auth_failure", "revoked").await;
     assert_audited(&m.mesh, 0, "revocation", &serial).await;
     eventually(Duration::from_secs(5), "revocation reaches node 1", || {
-        m.mesh.nodes[1].shared().security.revoked.get(&serial).is_some()
+        m.mesh.nodes[1]
+            .shared()
+            .security
+            .revoked
+            .get(&serial)
+            .is_some()
     })
     .await;
     // And node 1 persisted it.
-    let persisted =
-        std::fs::read_to_string(m.mesh.node_dir(1).join("data").join("revoked.jsonl"))
-            .expect("persisted");
+    let persisted = std::fs::read_to_string(m.mesh.node_dir(1).join("data").join("revoked.jsonl"))
+        .expect("persisted");
     assert!(persisted.contains(&serial));
     m.mesh.stop().await;
 }
@@ -497,18 +516,28 @@ async fn jwt_valid_expired_wrong_audience_wrong_key_and_alg_none() {
         call_billing(&m, plain.clone(), &[("authorization", &bearer(&ok))]).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(headers["dmsc-agent"], "acme/billing");
-    assert_audited(&m.mesh, 0, "delegation", "jwt:https://idp.test#billing-client").await;
+    assert_audited(
+        &m.mesh,
+        0,
+        "delegation",
+        "jwt:https://idp.test#billing-client",
+    )
+    .await;
 
     // Each refusal: 401, the reason in the body and in the audit log, and
     // the agent never sees the request.
     let served_before = m.mesh.nodes[0].shared().delegator.metrics.total();
     let other_key = es256_key("k1");
-    let header = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .encode(br#"{"alg":"none","typ":"JWT"}"#);
+    let header =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
     let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .encode(claims("acme", JWT_AUD, 300).to_string());
     let cases: Vec<(&str, String, &str)> = vec![
-        ("expired", jwt(&m.jwt_key, "k1", claims("acme", JWT_AUD, -3600)), "expired"),
+        (
+            "expired",
+            jwt(&m.jwt_key, "k1", claims("acme", JWT_AUD, -3600)),
+            "expired",
+        ),
         (
             "wrong audience",
             jwt(&m.jwt_key, "k1", claims("acme", "someone-else", 300)),
@@ -547,9 +576,215 @@ async fn jwt_valid_expired_wrong_audience_wrong_key_and_alg_none() {
 
     // A valid token of another tenant cannot reach acme's agent.
     let globex = jwt(&m.jwt_key, "k1", claims("globex", JWT_AUD, 300));
-    let (status, _, body) =
-        call_billing(&m, plain, &[("authorization", &bearer(&globex))]).await;
+    let (status, _, body) = call_billing(&m, plain, &[("authorization", &bearer(&globex))]).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     assert!(body.contains("tenant `globex`"), "{body}");
     m.mesh.stop().await;
+}
+
+fn has_peer(mesh: &LocalMesh, i: usize, name: &str) -> bool {
+    mesh.nodes[i]
+        .shared()
+        .overlay
+        .peers()
+        .iter()
+        .any(|p| p.name == name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_node_certificate_is_refused_by_every_node_and_its_connections_closed() {
+    let mesh = LocalMesh::start(&["n0", "n1", "n2"], "acme", |_, raw| {
+        raw.gossip.interval_ms = Some(100);
+    })
+    .await
+    .expect("mesh");
+    eventually(Duration::from_secs(10), "n2 connected to n0 and n1", || {
+        has_peer(&mesh, 0, "n2") && has_peer(&mesh, 1, "n2")
+    })
+    .await;
+    let serial = mesh.nodes[2]
+        .shared()
+        .security
+        .identity()
+        .info
+        .serial_hex
+        .clone();
+    let rev =
+        dmsc_transport::Revocation::sign(&mesh.ca, &serial, "node decommissioned").expect("sign");
+    let t0 = std::time::Instant::now();
+    dmsc_node::ops::revoke_apply(mesh.nodes[0].bound().admin, rev.to_json())
+        .await
+        .expect("apply");
+    // Bound: gossip convergence for 3 nodes at 100 ms is well under a
+    // second; 3 s leaves room for a loaded CI machine.
+    eventually(Duration::from_secs(3), "n2 cut off by n0 and n1", || {
+        !has_peer(&mesh, 0, "n2")
+            && !has_peer(&mesh, 1, "n2")
+            && mesh.nodes[1]
+                .shared()
+                .security
+                .revoked
+                .get(&serial)
+                .is_some()
+    })
+    .await;
+    let took = t0.elapsed();
+    eprintln!("revoked node cut off mesh-wide in {took:?}");
+    // It stays out: n2 keeps redialing (its gossip still knows the others)
+    // and every handshake is refused, both ways.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!has_peer(&mesh, 0, "n2") && !has_peer(&mesh, 1, "n2"));
+    let n2 = &mesh.nodes[2].shared().overlay;
+    assert!(n2.connect(mesh.nodes[1].bound().overlay).await.is_err());
+    assert!(mesh.nodes[1]
+        .shared()
+        .overlay
+        .connect(mesh.nodes[2].bound().overlay)
+        .await
+        .is_err());
+    // n0 and n1 still talk to each other.
+    assert!(has_peer(&mesh, 0, "n1") || has_peer(&mesh, 1, "n0"));
+    assert_audited(&mesh, 1, "revocation", &serial).await;
+    mesh.stop().await;
+}
+
+/// Replaces a file atomically (write beside, rename), as an operator's
+/// deployment tool or cert-manager would.
+fn replace(path: &Path, contents: &str) {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, contents).expect("write");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_node_certificate_is_used_without_restart_or_failed_delegations() {
+    let mut mesh = LocalMesh::start(&["n0", "n1"], "acme", |_, raw| {
+        raw.gossip.interval_ms = Some(100);
+        raw.delegation.health_interval_ms = Some(200);
+        raw.tls.reload_interval_ms = Some(100);
+    })
+    .await
+    .expect("mesh");
+    let billing = agent("billing", &["invoice"], "Pay invoices").await;
+    mesh.attach(1, &billing.url(), None).await.expect("attach");
+    eventually(Duration::from_secs(5), "billing routable", || {
+        mesh.routable_everywhere("billing")
+    })
+    .await;
+    let old = mesh.nodes[1]
+        .shared()
+        .security
+        .identity()
+        .info
+        .serial_hex
+        .clone();
+    let link = |mesh: &LocalMesh| {
+        mesh.nodes[0]
+            .shared()
+            .overlay
+            .peers()
+            .into_iter()
+            .find(|p| p.name == "n1")
+            .expect("n0-n1 link")
+    };
+    // Warm the n0 -> n1 path, then remember that connection.
+    let (r, body) = mesh
+        .call(
+            0,
+            "POST",
+            "billing.acme.dmsc",
+            "/",
+            &[],
+            super::message_send("warm"),
+        )
+        .await
+        .expect("call");
+    assert_eq!(r.status(), 200, "{body:?}");
+    let before = link(&mesh);
+    assert_eq!(before.serial, old);
+
+    // Delegations run while node 1's certificate is replaced on disk.
+    let mesh_ref = &mesh;
+    let load = async move {
+        let mut failures = Vec::new();
+        for i in 0..60 {
+            match mesh_ref
+                .call(
+                    0,
+                    "POST",
+                    "billing.acme.dmsc",
+                    "/",
+                    &[],
+                    super::message_send(&format!("r{i}")),
+                )
+                .await
+            {
+                Ok((r, _)) if r.status() == 200 => {}
+                Ok((r, b)) => failures.push(format!("{}: {:?}", r.status(), b)),
+                Err(e) => failures.push(e.to_string()),
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        failures
+    };
+    let rotate = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let dir = mesh_ref.node_dir(1);
+        let fresh = mesh_ref
+            .ca
+            .issue_node_credentials(
+                "n1",
+                dmsc_transport::pki::NODE_VALIDITY,
+                &["localhost".into()],
+            )
+            .expect("issue");
+        replace(&dir.join("node.key"), &fresh.node.key_pem);
+        replace(&dir.join("node.pem"), &fresh.node.cert_pem);
+        fresh
+    };
+    let (failures, fresh) = tokio::join!(load, rotate);
+    assert!(
+        failures.is_empty(),
+        "delegations failed during rotation: {failures:?}"
+    );
+    let sec = &mesh.nodes[1].shared().security;
+    eventually(Duration::from_secs(5), "n1 reloaded", || {
+        sec.identity().info.serial_hex != old
+    })
+    .await;
+    let new = sec.identity().info.serial_hex.clone();
+    assert!(sec.reloads() >= 1);
+    assert!(fresh.node.cert_pem.contains("BEGIN CERTIFICATE"));
+    // The existing connection was not dropped...
+    let after = link(&mesh);
+    assert_eq!(after.since, before.since, "the n0-n1 connection was kept");
+    assert_eq!(
+        after.serial, old,
+        "it still carries the handshake's certificate"
+    );
+    // ...and a new connection sees the new certificate.
+    let n2 = mesh
+        .join("n2", |raw| raw.gossip.interval_ms = Some(100))
+        .await
+        .expect("join");
+    let n1_addr = mesh.nodes[1].bound().overlay;
+    assert_eq!(
+        mesh.nodes[n2]
+            .shared()
+            .overlay
+            .connect(n1_addr)
+            .await
+            .expect("n2 to n1"),
+        "n1"
+    );
+    let seen = mesh.nodes[n2]
+        .shared()
+        .overlay
+        .peers()
+        .into_iter()
+        .find(|p| p.name == "n1")
+        .expect("n2-n1 link")
+        .serial;
+    assert_eq!(seen, new, "new connections present the rotated certificate");
+    mesh.stop().await;
 }
