@@ -63,7 +63,8 @@ pub struct LoadArgs {
 
 const BODY: usize = 1024;
 
-async fn backend(listener: tokio::net::TcpListener) {
+/// A minimal HTTP backend: every request gets 1 KiB.
+pub(crate) async fn backend(listener: tokio::net::TcpListener) {
     let answer = Bytes::from(vec![b'x'; BODY]);
     let mut conns = tokio::task::JoinSet::new();
     loop {

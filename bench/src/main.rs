@@ -9,13 +9,19 @@
 //! simulator (same chitchat, same encoding, in-memory links, paused clock,
 //! so its times are simulated time, independent of machine load).
 //!
+//! `dmsc-bench audit`, `jwt`, `handshake` and `auth-e2e` measure what the
+//! security offload costs (see `audit.rs`, `jwt.rs`, `security.rs`).
+//!
 //! `dmsc-bench balance` compares the registry's selection (P2C on gossiped
 //! load plus local in-flight counts) with round-robin, random and an
 //! omniscient oracle in a deterministic discrete-event simulation of
 //! heterogeneous agents (see `balance.rs`).
 
+mod audit;
 mod balance;
 mod e2e;
+mod jwt;
+mod security;
 
 use std::time::Duration;
 
@@ -57,6 +63,14 @@ enum Cmd {
     E2eServe,
     /// End-to-end overhead, load side: direct vs 1 node vs 2 nodes (run via bench/e2e.sh).
     E2eLoad(e2e::LoadArgs),
+    /// Audit log append throughput and record() latency per fsync policy.
+    Audit(audit::AuditArgs),
+    /// JWT validations per second (RS256, ES256, EdDSA).
+    Jwt(jwt::JwtArgs),
+    /// New overlay connections (QUIC + mutual TLS 1.3 handshakes) per second.
+    Handshake(security::HandshakeArgs),
+    /// Delegation through two nodes with authentication off vs mTLS vs JWT.
+    AuthE2e(security::AuthE2eArgs),
 }
 
 struct Row {
@@ -254,6 +268,12 @@ fn print(rows: &[Row], interval_ms: u64, phi: f64) {
     }
 }
 
+fn rt() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
@@ -287,6 +307,10 @@ fn main() -> anyhow::Result<()> {
             print(&rows, interval_ms, phi);
         }
         Cmd::Balance(args) => balance::run(args)?,
+        Cmd::Audit(args) => rt()?.block_on(audit::run(args))?,
+        Cmd::Jwt(args) => rt()?.block_on(jwt::run(args))?,
+        Cmd::Handshake(args) => rt()?.block_on(security::handshake(args))?,
+        Cmd::AuthE2e(args) => rt()?.block_on(security::auth_e2e(args))?,
         Cmd::E2eServe => {
             // One worker per available core: pinned to one core, one worker.
             let rt = tokio::runtime::Builder::new_multi_thread()

@@ -196,7 +196,7 @@ impl Security {
         if n > 0 {
             info!(count = n, "loaded persisted revocations");
         }
-        let tokens = TokenStore::open(&data.join("join-tokens.json"))
+        let tokens = TokenStore::open(data.join("join-tokens.json"))
             .map_err(|e| NodeError::Internal(e.to_string()))?;
         let jwt = match &config.jwt {
             Some(j) => {

@@ -196,3 +196,50 @@ pub fn send_message_v10(text: &str) -> String {
     })
     .to_string()
 }
+
+/// A TLS client config (TLS 1.3, HTTP/1.1 by ALPN) that trusts the mesh CA
+/// in `ca_pem` and, if given, presents `client = (chain PEM, key PEM)`:
+/// what an enrolled agent uses to reach an authenticated ingress.
+pub fn tls_client_config(
+    ca_pem: &str,
+    client: Option<(&str, &str)>,
+) -> anyhow::Result<std::sync::Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in dmsc_transport::identity::certs_from_pem(ca_pem, std::path::Path::new("ca"))? {
+        roots.add(c)?;
+    }
+    let b = rustls::ClientConfig::builder_with_provider(dmsc_transport::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots);
+    let mut cfg = match client {
+        None => b.with_no_client_auth(),
+        Some((chain, key)) => {
+            let chain =
+                dmsc_transport::identity::certs_from_pem(chain, std::path::Path::new("chain"))?;
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes())
+                .map_err(|e| anyhow::anyhow!("client key: {e}"))?;
+            b.with_client_auth_cert(chain, key)?
+        }
+    };
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(std::sync::Arc::new(cfg))
+}
+
+/// An HTTP/1.1 connection over TLS to an ingress (server name `localhost`).
+pub async fn tls_connect(
+    addr: SocketAddr,
+    cfg: std::sync::Arc<rustls::ClientConfig>,
+) -> anyhow::Result<hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let _ = tcp.set_nodelay(true);
+    let tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(rustls::pki_types::ServerName::try_from("localhost")?, tcp)
+        .await?;
+    let (send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(send)
+}

@@ -12,7 +12,6 @@ use bytes::Bytes;
 use dmsc_node::testkit::LocalMesh;
 use http_body_util::{BodyExt, Full};
 use hyper::StatusCode;
-use rustls::pki_types::ServerName;
 
 use super::{agent, eventually};
 
@@ -20,29 +19,8 @@ const TD_OTHER: &str = "other.test";
 const JWT_ISS: &str = "https://idp.test";
 const JWT_AUD: &str = "dmsc";
 
-/// A TLS client config trusting the mesh CA, with an optional client certificate.
 fn client_config(ca_pem: &str, client: Option<(&str, &str)>) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in dmsc_transport::identity::certs_from_pem(ca_pem, Path::new("ca")).expect("ca") {
-        roots.add(c).expect("root");
-    }
-    let b = rustls::ClientConfig::builder_with_provider(dmsc_transport::tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("tls13")
-        .with_root_certificates(roots);
-    let mut cfg = match client {
-        None => b.with_no_client_auth(),
-        Some((chain, key)) => {
-            use rustls::pki_types::pem::PemObject;
-            let chain =
-                dmsc_transport::identity::certs_from_pem(chain, Path::new("chain")).expect("chain");
-            let key =
-                rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("key");
-            b.with_client_auth_cert(chain, key).expect("client auth")
-        }
-    };
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Arc::new(cfg)
+    dmsc_node::testkit::tls_client_config(ca_pem, client).expect("client config")
 }
 
 /// One request over a fresh TLS connection; returns status, headers, body.
@@ -55,15 +33,9 @@ async fn tls_call(
     headers: &[(&str, &str)],
     body: impl Into<Bytes>,
 ) -> (StatusCode, hyper::HeaderMap, String) {
-    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let tls = tokio_rustls::TlsConnector::from(cfg)
-        .connect(ServerName::try_from("localhost").expect("name"), tcp)
+    let mut send = dmsc_node::testkit::tls_connect(addr, cfg)
         .await
-        .expect("TLS handshake");
-    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-        .await
-        .expect("http handshake");
-    let driver = tokio::spawn(conn);
+        .expect("TLS connection");
     let mut req = hyper::Request::builder()
         .method(method)
         .uri(path)
@@ -80,7 +52,6 @@ async fn tls_call(
     .expect("response");
     let (parts, body) = resp.into_parts();
     let bytes = body.collect().await.expect("body").to_bytes();
-    driver.abort();
     (
         parts.status,
         parts.headers,
