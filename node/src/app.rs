@@ -270,6 +270,7 @@ impl App {
             admin: admin_addr,
             ingress: ingress_addrs,
         };
+        let security_metrics = security.metrics.clone();
         let shared = Arc::new(Shared {
             config,
             security,
@@ -278,7 +279,7 @@ impl App {
             mesh,
             agents,
             delegator,
-            metrics: Metrics::new(delegation_metrics),
+            metrics: Metrics::new(delegation_metrics, security_metrics),
             started: Instant::now(),
             bound: bound.clone(),
             ready: AtomicBool::new(false),
@@ -625,7 +626,21 @@ pub async fn status_report(s: &Shared) -> StatusReport {
             error,
         })
         .collect();
+    let rfc3339 = |t: SystemTime| {
+        time::OffsetDateTime::from(t)
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    };
+    let certificates = crate::status::CertStatus {
+        node_serial: identity.info.serial_hex.clone(),
+        issuer_not_after: s.security.issuer().map(|i| rfc3339(i.info.not_after)),
+        agents_issued: s.security.issued(),
+        revoked: s.security.revoked.len(),
+        tokens: s.security.token_counts(),
+        reloads: s.security.reloads(),
+    };
     StatusReport {
+        certificates,
         agents,
         pending_agents,
         node: NodeStatus {
@@ -725,6 +740,12 @@ pub async fn metrics_text(s: &Shared) -> String {
     m.cert_expiry_seconds.set(report.node.cert_expires_in_secs);
     m.uptime_seconds.set(s.started.elapsed().as_secs() as i64);
     m.agents.set(s.mesh.read().len() as i64);
+    m.security.revoked.set(s.security.revoked.len() as i64);
+    if let Some(a) = &s.security.audit {
+        let st = a.stats();
+        Metrics::set_counter(&m.security.audit_appended, st.appended);
+        Metrics::set_counter(&m.security.audit_queue_full_waits, st.queue_full_waits);
+    }
     m.encode()
 }
 

@@ -75,6 +75,23 @@ impl DelegationMetrics {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabel {
+    pub method: String,
+}
+
+/// Counters of the security offload, bumped where the decisions are made.
+#[derive(Clone, Debug, Default)]
+pub struct SecurityMetrics {
+    pub auth_failures: Family<MethodLabel, Counter<u64, AtomicU64>>,
+    pub denials: Counter<u64, AtomicU64>,
+    pub enrollments: Counter<u64, AtomicU64>,
+    pub revocations: Counter<u64, AtomicU64>,
+    pub revoked: Gauge<i64, AtomicI64>,
+    pub audit_appended: Counter<u64, AtomicU64>,
+    pub audit_queue_full_waits: Counter<u64, AtomicU64>,
+}
+
 /// Every metric a node exports.
 pub struct Metrics {
     registry: Registry,
@@ -91,6 +108,7 @@ pub struct Metrics {
     pub uptime_seconds: Gauge<i64, AtomicI64>,
     pub agents: Gauge<i64, AtomicI64>,
     pub delegation: DelegationMetrics,
+    pub security: SecurityMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -101,12 +119,12 @@ impl std::fmt::Debug for Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self::new(DelegationMetrics::default())
+        Self::new(DelegationMetrics::default(), SecurityMetrics::default())
     }
 }
 
 impl Metrics {
-    pub fn new(delegation: DelegationMetrics) -> Self {
+    pub fn new(delegation: DelegationMetrics, security: SecurityMetrics) -> Self {
         let mut registry = Registry::with_prefix("dmsc");
         let m = Metrics {
             peers: Family::default(),
@@ -122,6 +140,7 @@ impl Metrics {
             uptime_seconds: Gauge::default(),
             agents: Gauge::default(),
             delegation,
+            security,
             registry: Registry::default(),
         };
         registry.register(
@@ -203,6 +222,42 @@ impl Metrics {
             "delegations_inbound",
             "Delegations peers sent to this node's agents over the overlay",
             m.delegation.inbound.clone(),
+        );
+        let sec = &m.security;
+        registry.register(
+            "auth_failures",
+            "Callers refused at ingress or enrollment, by method (mtls, jwt, token)",
+            sec.auth_failures.clone(),
+        );
+        registry.register(
+            "policy_denials",
+            "Authenticated requests refused by tenant policy (e.g. another tenant's address)",
+            sec.denials.clone(),
+        );
+        registry.register(
+            "agent_certificates_issued",
+            "Agent certificates this node issued (enrollment and renewal)",
+            sec.enrollments.clone(),
+        );
+        registry.register(
+            "revocations_applied",
+            "Revocations this node learned (admin API or gossip) and enforced",
+            sec.revocations.clone(),
+        );
+        registry.register(
+            "revoked_certificates",
+            "Revoked certificates known to this node",
+            sec.revoked.clone(),
+        );
+        registry.register(
+            "audit_appended",
+            "Audit log lines written (events and checkpoints)",
+            sec.audit_appended.clone(),
+        );
+        registry.register(
+            "audit_queue_full_waits",
+            "Audit appends that waited because the writer was a full queue behind",
+            sec.audit_queue_full_waits.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -121,19 +121,24 @@ pub async fn check(config: &NodeConfig, admin: SocketAddr, max_skew: Duration) -
         check_key_file("issuing key", k, &mut out);
     }
     match dmsc_transport::NodeIdentity::load(&config.ca, &config.cert, &config.key) {
-        Ok(id) if id.root_subjects.contains(&id.info.issuer) => out.push(Finding::ok(format!(
-            "node certificate `{}` is issued by the CA in `{}`",
-            id.spiffe,
-            config.ca.display()
-        ))),
-        Ok(id) => out.push(Finding::fail(format!(
-            "CA mismatch: node certificate `{}` is issued by `{}`, but `{}` holds `{}`",
-            id.spiffe,
-            id.info.issuer,
-            config.ca.display(),
-            id.root_subjects.join("`, `")
-        ))),
+        Ok(id) => match dmsc_transport::tls::verify_own_chain(&id) {
+            Ok(()) => out.push(Finding::ok(format!(
+                "node certificate `{}` chains to the CA in `{}`",
+                id.spiffe,
+                config.ca.display()
+            ))),
+            Err(e) => out.push(Finding::fail(format!(
+                "CA mismatch: node certificate `{}` is {e}",
+                id.spiffe
+            ))),
+        },
         Err(e) => out.push(Finding::fail(format!("node credentials do not load: {e}"))),
+    }
+    if admin.port() == 0 {
+        out.push(Finding::fail(
+            "admin.listen has port 0 (chosen at start): pass --admin ADDR of the running node for the peer checks".to_string(),
+        ));
+        return out;
     }
     match admin_call(admin, hyper::Method::GET, "/v1/check", bytes::Bytes::new()).await {
         Err(e) => out.push(Finding::fail(format!(
@@ -230,4 +235,63 @@ async fn post_json(
         addr: admin,
         reason: e.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dmsc_transport::pki::CertificateAuthority;
+
+    fn failing(f: &[Finding], needle: &str) -> bool {
+        f.iter().any(|f| !f.ok && f.line.contains(needle))
+    }
+
+    #[tokio::test]
+    async fn check_names_expiring_certificates_ca_mismatch_and_an_unreachable_node() {
+        let dir = tempfile::tempdir().expect("dir");
+        let ca = CertificateAuthority::generate("td").expect("ca");
+        ca.issue_node_credentials("n1", Duration::from_secs(3 * 86400), &[])
+            .expect("issue")
+            .write_dir(dir.path(), &ca.cert_pem)
+            .expect("write");
+        let cfg = crate::RawConfig::loopback("n1", dir.path(), None)
+            .validate()
+            .expect("config");
+        let unreachable: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+        let f = check(&cfg, unreachable, Duration::from_secs(1)).await;
+        assert!(failing(&f, "expires in"), "{f:#?}");
+        assert!(failing(&f, "less than 7 days"), "{f:#?}");
+        assert!(failing(&f, "cannot reach the node's admin API"), "{f:#?}");
+        assert!(
+            f.iter()
+                .any(|f| f.ok && f.line.contains("readable by its owner only")),
+            "{f:#?}"
+        );
+        assert!(!failing(&f, "CA mismatch:"), "{f:#?}");
+
+        // Another CA in ca.pem: the node certificate no longer matches it.
+        let other = CertificateAuthority::generate("td").expect("other");
+        std::fs::write(dir.path().join("ca.pem"), &other.cert_pem).expect("write");
+        let f = check(&cfg, unreachable, Duration::from_secs(1)).await;
+        assert!(failing(&f, "CA mismatch: node certificate"), "{f:#?}");
+    }
+
+    #[test]
+    fn peer_findings_flag_skew_and_refusals() {
+        let body = serde_json::json!({
+            "peers": [
+                {"name": "a", "skew_ms": 12, "rtt_ms": 1},
+                {"name": "b", "skew_ms": -5000, "rtt_ms": 2},
+                {"name": "c", "error": "timed out"},
+            ],
+            "bootstrap": [{"peer": "x:1", "error": "overlay connection to x failed: peer refused this node's certificate"}],
+        })
+        .to_string();
+        let mut f = Vec::new();
+        peer_findings(&body, Duration::from_millis(1000), &mut f);
+        assert!(f.iter().any(|f| f.ok && f.line.contains("peer `a`: 12 ms")));
+        assert!(failing(&f, "clock skew with peer `b` is -5000 ms"));
+        assert!(failing(&f, "peer `c` did not answer"));
+        assert!(failing(&f, "CA mismatch"));
+    }
 }

@@ -151,6 +151,7 @@ pub struct Security {
     pub audit: Option<AuditHandle>,
     issued: AtomicU64,
     reloads: AtomicU64,
+    pub metrics: crate::metrics::SecurityMetrics,
     agent_ttl: Duration,
     paths: Paths,
     tls: Mutex<Vec<Arc<TlsIngress>>>,
@@ -252,6 +253,7 @@ impl Security {
                 audit,
                 issued: AtomicU64::new(0),
                 reloads: AtomicU64::new(0),
+                metrics: crate::metrics::SecurityMetrics::default(),
                 agent_ttl: config.agent_cert_ttl,
                 paths,
                 tls: Mutex::new(Vec::new()),
@@ -271,6 +273,15 @@ impl Security {
     /// Agent certificates issued since the node started.
     pub fn issued(&self) -> u64 {
         self.issued.load(Ordering::Relaxed)
+    }
+
+    /// Join tokens: issued, used, expired, active.
+    pub fn token_counts(&self) -> Option<[usize; 4]> {
+        let c = self
+            .tokens
+            .as_ref()?
+            .counts(time::OffsetDateTime::now_utc());
+        Some([c.issued, c.used, c.expired, c.active])
     }
 
     /// Credential reloads applied since the node started.
@@ -299,6 +310,31 @@ impl Security {
     /// Appends to the audit log without waiting; if the writer is far
     /// behind, a task waits for room so the entry is not lost.
     pub fn record(&self, e: Event) {
+        let m = &self.metrics;
+        match &e.kind {
+            dmsc_audit::EventKind::AuthFailure(f) => {
+                let method = match f.method {
+                    dmsc_audit::AuthMethod::Mtls => "mtls",
+                    dmsc_audit::AuthMethod::Jwt => "jwt",
+                    dmsc_audit::AuthMethod::Token => "token",
+                };
+                m.auth_failures
+                    .get_or_create(&crate::metrics::MethodLabel {
+                        method: method.into(),
+                    })
+                    .inc();
+            }
+            dmsc_audit::EventKind::Denied(_) => {
+                m.denials.inc();
+            }
+            dmsc_audit::EventKind::Enrollment(_) => {
+                m.enrollments.inc();
+            }
+            dmsc_audit::EventKind::Revocation(_) => {
+                m.revocations.inc();
+            }
+            dmsc_audit::EventKind::Delegation(_) => {}
+        }
         if let Some(a) = &self.audit {
             if !a.try_record(e.clone()) {
                 let a = a.clone();

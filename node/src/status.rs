@@ -18,6 +18,25 @@ pub struct StatusReport {
     /// This node's agents that have not onboarded yet, with the reason.
     #[serde(default)]
     pub pending_agents: Vec<PendingAgent>,
+    #[serde(default)]
+    pub certificates: CertStatus,
+}
+
+/// Certificates: what this node presents, issues and refuses.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CertStatus {
+    /// Serial of the node certificate in use (after any reload).
+    pub node_serial: String,
+    /// RFC 3339 expiry of the node's issuing certificate, if it has one.
+    pub issuer_not_after: Option<String>,
+    /// Agent certificates this node issued since it started.
+    pub agents_issued: u64,
+    /// Revoked certificates known mesh-wide.
+    pub revoked: usize,
+    /// Join tokens: issued, used, expired, active.
+    pub tokens: Option<[usize; 4]>,
+    /// Credential reloads since start.
+    pub reloads: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -147,6 +166,21 @@ impl StatusReport {
             n.version
         ));
         out.push_str(&format!("cert     expires {expiry}\n"));
+        let c = &self.certificates;
+        out.push_str(&format!(
+            "certs    serial {}; issuer {}; {} agent certificate(s) issued, {} revoked mesh-wide, {} reload(s){}\n",
+            c.node_serial,
+            c.issuer_not_after
+                .as_deref()
+                .map(|t| format!("expires {t}"))
+                .unwrap_or_else(|| "none (no enrollment)".into()),
+            c.agents_issued,
+            c.revoked,
+            c.reloads,
+            c.tokens
+                .map(|[i, u, e, a]| format!("; join tokens {i} issued, {u} used, {e} expired, {a} active"))
+                .unwrap_or_default()
+        ));
         let g = &self.gossip;
         out.push_str(&format!(
             "gossip   {} alive, {} suspect, {} dead, {} left; every {}ms, phi {}\n\n",

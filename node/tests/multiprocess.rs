@@ -341,3 +341,142 @@ fn bad_config_exits_64_listing_every_problem() {
         assert!(err.contains(needle), "missing {needle}: {err}");
     }
 }
+
+fn run(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("run dmsc-node")
+}
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn operator_commands_token_revoke_check_and_audit_verify() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let ca = d.join("ca");
+    ca_init(&ca);
+    for n in ["n1", "n2"] {
+        issue_node(&ca, n, &d.join(n));
+        assert!(
+            d.join(n).join("issuer.pem").is_file(),
+            "issue-node writes the issuing certificate"
+        );
+    }
+    let n1_config = write_config(d, "n1", &d.join("n1"), &[]);
+    let n1 = Node::start("n1", &n1_config);
+    let n2 = Node::start("n2", &write_config(d, "n2", &d.join("n2"), &[&n1.overlay]));
+    eventually(Duration::from_secs(15), "n1 and n2 alive", || {
+        n1.state_of("n2").as_deref() == Some("alive")
+    });
+
+    // A join token, printed once.
+    let out = run(&[
+        "token", "create", "--tenant", "acme", "--agent", "payer", "--admin", &n1.admin,
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("dmsc-jt."),
+        "{}",
+        text(&out)
+    );
+
+    // check: all good while both run.
+    let check = |n1: &Node| {
+        run(&[
+            "check",
+            "--config",
+            n1_config.to_str().expect("utf8"),
+            "--admin",
+            &n1.admin,
+        ])
+    };
+    let out = check(&n1);
+    assert!(out.status.success(), "check failed: {}", text(&out));
+    assert!(
+        text(&out).contains("clock skew with peer `n2`"),
+        "{}",
+        text(&out)
+    );
+
+    // Revoke n2's node certificate through the CLI.
+    let rev = d.join("rev.json");
+    let n2_cert = d.join("n2").join("node.pem");
+    let out = run(&[
+        "ca",
+        "revoke",
+        "--ca-dir",
+        ca.to_str().expect("utf8"),
+        "--cert",
+        n2_cert.to_str().expect("utf8"),
+        "--reason",
+        "decommissioned",
+        "--out",
+        rev.to_str().expect("utf8"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = run(&[
+        "revoke",
+        "apply",
+        rev.to_str().expect("utf8"),
+        "--admin",
+        &n1.admin,
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("closed connections: [\"n2\"]"),
+        "{}",
+        text(&out)
+    );
+    let status = run(&["status", "--json", "--admin", &n1.admin]);
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).expect("json");
+    assert_eq!(v["certificates"]["revoked"], 1);
+    assert!(n1.log_contains("certificate revoked"));
+    drop(n2);
+
+    // check fails on a world-readable key, naming it.
+    let key = d.join("n1").join("node.key");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let out = check(&n1);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("world-readable"), "{}", text(&out));
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+
+    // Stop n1 (drains the audit log, signs a final checkpoint), verify it,
+    // then tamper with it and verify again.
+    n1.signal("-TERM");
+    let mut n1 = n1;
+    assert!(n1.child.wait().expect("wait").success());
+    let audit = d.join("n1").join("data").join("audit");
+    let (audit_s, ca_pem) = (
+        audit.to_str().expect("utf8").to_string(),
+        ca.join("ca.pem").to_str().expect("utf8").to_string(),
+    );
+    let out = run(&["audit", "verify", "--dir", &audit_s, "--ca", &ca_pem]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("signed checkpoints verified"),
+        "{}",
+        text(&out)
+    );
+    let out = run(&["audit", "tail", "--dir", &audit_s]);
+    assert!(
+        text(&out).contains("\"kind\":\"revocation\""),
+        "{}",
+        text(&out)
+    );
+    let log = audit.join("audit.jsonl");
+    let original = std::fs::read_to_string(&log).expect("log");
+    std::fs::write(&log, original.replace("decommissioned", "decommissionee")).expect("tamper");
+    let out = run(&["audit", "verify", "--dir", &audit_s, "--ca", &ca_pem]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("TAMPERED"), "{}", text(&out));
+}

@@ -493,3 +493,30 @@ pub fn verify_agent(
         )),
     }
 }
+
+/// Checks that a node's own certificate chains to the roots it trusts (what
+/// `dmsc-node check` calls a CA mismatch: peers holding the same bundle
+/// would refuse this node).
+pub fn verify_own_chain(identity: &NodeIdentity) -> Result<(), String> {
+    let Some((leaf, intermediates)) = identity.chain.split_first() else {
+        return Err("no certificate".into());
+    };
+    let webpki = WebPkiClientVerifier::builder_with_provider(
+        root_store(identity).map_err(|e| e.to_string())?,
+        provider(),
+    )
+    .build()
+    .map_err(|e| e.to_string())?;
+    webpki
+        .verify_client_cert(leaf, intermediates, UnixTime::now())
+        .map(|_| ())
+        .map_err(|e| match e {
+            rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
+            | rustls::Error::InvalidCertificate(CertificateError::BadSignature) => format!(
+                "issued by `{}`, which is not (or not signed by) a root in the CA bundle `{}`",
+                issuer_of(leaf),
+                identity.root_subjects.join("`, `")
+            ),
+            other => other.to_string(),
+        })
+}

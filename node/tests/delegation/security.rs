@@ -544,6 +544,11 @@ async fn jwt_valid_expired_wrong_audience_wrong_key_and_alg_none() {
         served_before,
         "no refused request was delegated"
     );
+    let metrics = dmsc_node::app::metrics_text(m.mesh.nodes[0].shared()).await;
+    assert!(
+        metrics.contains("dmsc_auth_failures_total{method=\"jwt\"} 4"),
+        "{metrics}"
+    );
 
     // A valid token of another tenant cannot reach acme's agent.
     let globex = jwt(&m.jwt_key, "k1", claims("globex", JWT_AUD, 300));
