@@ -141,8 +141,9 @@ pub struct AuthFailure {
 pub enum EnrollVia {
     /// First enrollment with a one-time token (its id, never the secret).
     Token(String),
-    /// Renewal with the still-valid previous certificate.
-    Renewal,
+    /// Renewal with the still-valid previous certificate (its serial: a
+    /// revocation of a stolen certificate should cover what it renewed).
+    Renewal(String),
 }
 
 /// An agent certificate issued by this node.

@@ -293,9 +293,11 @@ mod tests {
             (s(), s(), any::<u64>(), arb_opt_string()).prop_map(|(agent, serial, na, tok)| {
                 EventKind::Enrollment(Enrollment {
                     agent,
+                    via: tok
+                        .map(EnrollVia::Token)
+                        .unwrap_or_else(|| EnrollVia::Renewal(serial.clone())),
                     serial,
                     not_after: na,
-                    via: tok.map(EnrollVia::Token).unwrap_or(EnrollVia::Renewal),
                 })
             }),
             (s(), s(), s()).prop_map(|(serial, reason, source)| EventKind::Revocation(

@@ -92,7 +92,7 @@ fn event(i: u64) -> Event {
             serial: "0a1b2c".into(),
             not_after: 1_900_000_000,
             via: if i % 2 == 0 {
-                EnrollVia::Renewal
+                EnrollVia::Renewal("09".into())
             } else {
                 EnrollVia::Token("tok-7".into())
             },

@@ -423,11 +423,20 @@ pub async fn publish_revocation(gossip: &Gossip, r: &dmsc_transport::Revocation)
 /// node's wall clock in unix milliseconds (for `dmsc-node check`).
 async fn serve_control(mut s: BiStream) {
     let mut q = Vec::new();
-    while q.len() < 64 {
-        match s.recv.read_chunk(64).await {
-            Ok(Some(b)) => q.extend_from_slice(&b),
-            _ => break,
+    let read = async {
+        while q.len() < 64 {
+            match s.recv.read_chunk(64).await {
+                Ok(Some(b)) => q.extend_from_slice(&b),
+                _ => break,
+            }
         }
+    };
+    if tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .is_err()
+    {
+        s.send.reset(dmsc_transport::overlay::RESET_BUSY);
+        return;
     }
     if q != b"clock" {
         s.send.reset(dmsc_transport::overlay::RESET_BUSY);

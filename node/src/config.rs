@@ -638,7 +638,6 @@ impl RawConfig {
         }
         let mut ingress = Vec::new();
         for (i, g) in self.ingress.iter().enumerate() {
-            let tls = g.tls.unwrap_or(false);
             let (mut mtls, mut jwt) = (false, false);
             for m in g.auth.iter().flatten() {
                 match m.as_str() {
@@ -650,9 +649,17 @@ impl RawConfig {
                     )),
                 }
             }
+            // Authenticated listeners are TLS unless told otherwise, and
+            // credentials never travel in clear text.
+            let tls = g.tls.unwrap_or(mtls || jwt);
             if mtls && !tls {
                 errors.push(format!(
                     "ingress[{i}]: auth `mtls` needs `tls = true` (client certificates travel in the TLS handshake)"
+                ));
+            }
+            if jwt && !tls {
+                errors.push(format!(
+                    "ingress[{i}]: auth `jwt` needs `tls = true` (a bearer token in clear text can be replayed by anyone on the path)"
                 ));
             }
             if jwt && self.jwt.is_none() {
@@ -944,5 +951,105 @@ listen = "127.0.0.1:9401"
         let env: HashMap<String, String> =
             [("DMSC_GOSSIP_INTERVAL_MS".to_string(), "fast".to_string())].into();
         assert!(RawConfig::from_env(&env).is_err());
+    }
+}
+
+#[cfg(test)]
+mod ingress_tests {
+    use super::*;
+
+    fn with_ingress(dir: &Path, ingress: RawIngress, jwt: bool) -> Result<NodeConfig, ConfigError> {
+        for f in ["ca.pem", "node.pem", "node.key"] {
+            std::fs::write(dir.join(f), "x").expect("write");
+        }
+        let mut raw = RawConfig::loopback("n1", dir, None);
+        raw.ingress = vec![ingress];
+        if jwt {
+            raw.jwt = Some(RawJwt {
+                issuers: vec!["https://idp".into()],
+                audiences: vec!["dmsc".into()],
+                jwks_file: Some(dir.join("jwks.json")),
+                ..Default::default()
+            });
+        }
+        raw.validate()
+    }
+
+    #[test]
+    fn authenticated_listeners_are_tls_and_never_take_credentials_in_clear() {
+        let d = tempfile::tempdir().expect("dir");
+        let auth = |a: &[&str]| Some(a.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        // auth set, tls unset: TLS by default.
+        let c = with_ingress(
+            d.path(),
+            RawIngress {
+                listen: "127.0.0.1:0".into(),
+                auth: auth(&["jwt"]),
+                ..Default::default()
+            },
+            true,
+        )
+        .expect("valid");
+        assert!(c.ingress[0].tls && c.ingress[0].jwt && c.ingress[0].tenant.is_none());
+        // JWT over plain HTTP, mTLS without TLS, auth plus tenant, nothing: refused, each named.
+        for (ingress, needle) in [
+            (
+                RawIngress {
+                    listen: "127.0.0.1:0".into(),
+                    auth: auth(&["jwt"]),
+                    tls: Some(false),
+                    ..Default::default()
+                },
+                "clear text",
+            ),
+            (
+                RawIngress {
+                    listen: "127.0.0.1:0".into(),
+                    auth: auth(&["mtls"]),
+                    tls: Some(false),
+                    ..Default::default()
+                },
+                "client certificates travel in the TLS handshake",
+            ),
+            (
+                RawIngress {
+                    listen: "127.0.0.1:0".into(),
+                    auth: auth(&["mtls"]),
+                    tenant: Some("acme".into()),
+                    ..Default::default()
+                },
+                "the caller's identity decides the tenant",
+            ),
+            (
+                RawIngress {
+                    listen: "127.0.0.1:0".into(),
+                    ..Default::default()
+                },
+                "set `tenant`",
+            ),
+            (
+                RawIngress {
+                    listen: "127.0.0.1:0".into(),
+                    auth: auth(&["kerberos"]),
+                    ..Default::default()
+                },
+                "`kerberos` is not one of",
+            ),
+        ] {
+            let e = with_ingress(d.path(), ingress, true).expect_err(needle);
+            assert!(e.to_string().contains(needle), "{needle}: {e}");
+        }
+        // jwt without a [jwt] section.
+        let e = with_ingress(
+            d.path(),
+            RawIngress {
+                listen: "127.0.0.1:0".into(),
+                auth: auth(&["jwt"]),
+                ..Default::default()
+            },
+            false,
+        )
+        .expect_err("no jwt section");
+        assert!(e.to_string().contains("needs a [jwt] section"), "{e}");
     }
 }

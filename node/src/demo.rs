@@ -90,6 +90,15 @@ pub async fn run(
         raw.region = Some(REGIONS[i % REGIONS.len()].to_string());
         raw.delegation.health_interval_ms = Some(1000);
         raw.delegation.load_interval_ms = Some(200);
+        if i == 0 {
+            // Remote agents: TLS, identity from an enrolled client certificate.
+            raw.ingress.push(crate::config::RawIngress {
+                listen: "127.0.0.1:0".into(),
+                tls: Some(true),
+                auth: Some(vec!["mtls".into()]),
+                ..Default::default()
+            });
+        }
     })
     .await?;
     println!(
@@ -223,6 +232,10 @@ pub async fn run(
         tokio::time::sleep(Duration::from_millis(700)).await;
     }
 
+    if let Err(e) = security_act(&mesh).await {
+        println!("  security walkthrough failed: {e:#}");
+    }
+
     let ingress = mesh.ingress(0);
     println!(
         "\ntry it yourself (ingress of {} for tenant `{TENANT}`):",
@@ -272,6 +285,134 @@ pub async fn run(
     println!("stopping the demo mesh...");
     mesh.stop().await;
     drop(agents);
+    Ok(())
+}
+
+/// One POST over a fresh TLS connection to an authenticated ingress.
+async fn tls_post(
+    addr: std::net::SocketAddr,
+    cfg: std::sync::Arc<rustls::ClientConfig>,
+    host: &str,
+    path: &str,
+    body: String,
+) -> anyhow::Result<(u16, String, String)> {
+    use http_body_util::BodyExt;
+    let mut send = crate::testkit::tls_connect(addr, cfg).await?;
+    let req = hyper::Request::post(path)
+        .header("host", host)
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))?;
+    let resp = tokio::time::timeout(Duration::from_secs(10), send.send_request(req)).await??;
+    let served_by = resp
+        .headers()
+        .get("dmsc-node")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_string();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((
+        status,
+        served_by,
+        String::from_utf8_lossy(&body).into_owned(),
+    ))
+}
+
+/// The reason a refusal carries (`detail` of the problem or JSON-RPC error).
+fn reason(body: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+    v["detail"]
+        .as_str()
+        .or_else(|| v["error"]["message"].as_str())
+        .unwrap_or(body)
+        .to_string()
+}
+
+/// Enrollment, mTLS, refusals, revocation and the audit trail, on node 0's
+/// TLS ingress, the way a remote agent and an operator would do them.
+async fn security_act(mesh: &LocalMesh) -> anyhow::Result<()> {
+    let tls = mesh.nodes[0].bound().ingress[1];
+    let ca = &mesh.ca.cert_pem;
+    let sec = &mesh.nodes[0].shared().security;
+    println!(
+        "\nsecurity (TLS ingress {tls} of {}: the caller's certificate decides its tenant):",
+        sec.identity().name()
+    );
+    let (token, _) = sec
+        .create_token(TENANT, "payer", Duration::from_secs(600))
+        .map_err(|r| anyhow::anyhow!(r.reason))?;
+    let anon = crate::testkit::tls_client_config(ca, None)?;
+    let enroll = serde_json::json!({ "token": token }).to_string();
+    let (status, _, body) =
+        tls_post(tls, anon.clone(), "localhost", "/v1/enroll", enroll.clone()).await?;
+    anyhow::ensure!(status == 200, "enrollment answered {status}: {body}");
+    let v: serde_json::Value = serde_json::from_str(&body)?;
+    let (chain, key) = (
+        v["certificate_chain"].as_str().unwrap_or_default(),
+        v["private_key"].as_str().unwrap_or_default(),
+    );
+    println!(
+        "  enrolled with a one-time join token: {} (serial {}, until {})",
+        v["spiffe_id"].as_str().unwrap_or("?"),
+        v["serial"].as_str().unwrap_or("?"),
+        v["not_after"].as_str().unwrap_or("?")
+    );
+    let agent = crate::testkit::tls_client_config(ca, Some((chain, key)))?;
+    let call = message_send("pay invoice 7");
+    let (status, node, _) = tls_post(
+        tls,
+        agent.clone(),
+        &format!("billing.{TENANT}.dmsc"),
+        "/",
+        call.clone(),
+    )
+    .await?;
+    println!("  [mTLS] billing.{TENANT}.dmsc -> {status}, served via {node}");
+    let (status, _, body) = tls_post(
+        tls,
+        anon,
+        &format!("billing.{TENANT}.dmsc"),
+        "/",
+        call.clone(),
+    )
+    .await?;
+    println!("  [no certificate] -> {status}: {}", reason(&body));
+    let (status, _, body) =
+        tls_post(tls, agent.clone(), "billing.globex.dmsc", "/", call.clone()).await?;
+    println!(
+        "  [mTLS, other tenant's address] -> {status}: {}",
+        reason(&body)
+    );
+    let (status, _, body) = tls_post(
+        tls,
+        crate::testkit::tls_client_config(ca, None)?,
+        "localhost",
+        "/v1/enroll",
+        enroll,
+    )
+    .await?;
+    println!("  [join token used again] -> {status}: {}", reason(&body));
+    let rev = dmsc_transport::Revocation::sign(
+        &mesh.ca,
+        v["serial"].as_str().unwrap_or_default(),
+        "demo: key compromised",
+    )?;
+    crate::ops::revoke_apply(mesh.nodes[0].bound().admin, rev.to_json()).await?;
+    let (status, _, body) =
+        tls_post(tls, agent, &format!("billing.{TENANT}.dmsc"), "/", call).await?;
+    println!("  [after `revoke apply`] -> {status}: {}", reason(&body));
+    if let Some(a) = &sec.audit {
+        a.flush().await?;
+        let dir = mesh.node_dir(0).join("data").join("audit");
+        let report = dmsc_audit::verify(&dir, &dmsc_audit::VerifyOptions::default())?;
+        println!(
+            "  audit log of {}: {} entries ({} tenants), chain intact: {}; `dmsc-node audit tail --dir {}`",
+            sec.identity().name(),
+            report.entries,
+            report.tenants.len(),
+            report.problem.is_none(),
+            dir.display()
+        );
+    }
     Ok(())
 }
 

@@ -281,6 +281,7 @@ impl Ingress {
                 tenant: tenant.clone(),
                 agent: None,
                 id: format!("ingress:{}", self.listen),
+                bearer: false,
             });
         }
         let bearer = req
@@ -307,6 +308,7 @@ impl Ingress {
                     ),
                     tenant: c.tenant,
                     agent: Some(c.agent),
+                    bearer: true,
                 }),
                 Err(e) => {
                     self.audit_auth_failure(AuthMethod::Jwt, &e.reason(), auth, None, None);
@@ -332,10 +334,23 @@ impl Ingress {
                     );
                     return Err(unauthorized("cert_revoked", reason));
                 }
+                // Likewise expiry: a connection may outlive its certificate.
+                if std::time::SystemTime::now() > who.not_after {
+                    let reason = format!("certificate `{}` has expired", who.spiffe);
+                    self.audit_auth_failure(
+                        AuthMethod::Mtls,
+                        &reason,
+                        auth,
+                        Some(who.spiffe.to_string()),
+                        Some(who.tenant.clone()),
+                    );
+                    return Err(unauthorized("cert_expired", reason));
+                }
                 Ok(Caller {
                     tenant: who.tenant.clone(),
                     agent: Some(who.agent.clone()),
                     id: who.spiffe.to_string(),
+                    bearer: false,
                 })
             }
             Some(Err(reason)) => {
@@ -397,10 +412,32 @@ impl Ingress {
         let peer = auth
             .peer
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let sec = self.security.clone();
+        let blocking = |f: Box<dyn FnOnce() -> Result<_, Refusal> + Send>| async move {
+            // Issuance signs and the token store fsyncs: off the async workers.
+            tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+                Err(Refusal::new(
+                    hyper::StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    format!("enrollment task failed: {e}"),
+                ))
+            })
+        };
         let result = if renew {
             match &auth.verdict {
+                Some(Ok(who)) if std::time::SystemTime::now() > who.not_after => Err(Refusal::new(
+                    hyper::StatusCode::UNAUTHORIZED,
+                    "cert_expired",
+                    format!(
+                        "certificate `{}` has expired; enroll again with a join token",
+                        who.spiffe
+                    ),
+                )),
                 Some(Ok(who)) => match self.security.revoked.revoked_in(auth.chain.iter()) {
-                    None => self.security.renew(who, &body),
+                    None => {
+                        let who = who.clone();
+                        blocking(Box::new(move || sec.renew(&who, &body))).await
+                    }
                     Some(r) => Err(Refusal::new(
                         hyper::StatusCode::UNAUTHORIZED,
                         "cert_revoked",
@@ -422,7 +459,7 @@ impl Ingress {
                 self.audit_auth_failure(dmsc_audit::AuthMethod::Mtls, &r.reason, auth, None, None)
             })
         } else {
-            self.security.enroll(&body, peer)
+            blocking(Box::new(move || sec.enroll(&body, peer))).await
         };
         match result {
             Ok(resp) => {
@@ -556,6 +593,10 @@ impl Ingress {
                 }
             }
         };
+        let mut headers = parts.headers;
+        if caller.bearer {
+            headers.remove(hyper::header::AUTHORIZATION);
+        }
         self.delegator
             .delegate(Delegation {
                 tenant,
@@ -566,7 +607,7 @@ impl Ingress {
                 method,
                 path,
                 http2,
-                headers: parts.headers,
+                headers,
                 body,
             })
             .await

@@ -90,6 +90,7 @@ pub struct SecurityMetrics {
     pub revoked: Gauge<i64, AtomicI64>,
     pub audit_appended: Counter<u64, AtomicU64>,
     pub audit_queue_full_waits: Counter<u64, AtomicU64>,
+    pub audit_dropped: Counter<u64, AtomicU64>,
 }
 
 /// Every metric a node exports.
@@ -258,6 +259,11 @@ impl Metrics {
             "audit_queue_full_waits",
             "Audit appends that waited because the writer was a full queue behind",
             sec.audit_queue_full_waits.clone(),
+        );
+        registry.register(
+            "audit_dropped",
+            "Audit entries dropped because thousands of appends were already waiting for a full queue (a flood)",
+            sec.audit_dropped.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -38,6 +38,9 @@ use tracing::{info, warn};
 use crate::config::NodeConfig;
 use crate::NodeError;
 
+/// Audit entries allowed to wait for queue room at once (each is a task).
+const MAX_AUDIT_WAITERS: usize = 4096;
+
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     l.read().unwrap_or_else(|p| p.into_inner())
 }
@@ -54,6 +57,9 @@ pub struct Caller {
     pub agent: Option<String>,
     /// For logs and the audit trail: a SPIFFE ID, `jwt:<iss>#<sub>`, or `ingress:<addr>`.
     pub id: String,
+    /// The credential was an `Authorization: Bearer` token (consumed by the
+    /// mesh: it is not forwarded to the agent, which could replay it).
+    pub bearer: bool,
 }
 
 /// A refusal with the status to answer and the reason to give.
@@ -154,6 +160,10 @@ pub struct Security {
     pub metrics: crate::metrics::SecurityMetrics,
     agent_ttl: Duration,
     paths: Paths,
+    /// The CA bundle as PEM, handed to enrolling agents (follows reloads).
+    ca_pem: RwLock<String>,
+    /// Audit appends waiting for queue room (bounded: see `record`).
+    audit_waiting: Arc<std::sync::atomic::AtomicUsize>,
     tls: Mutex<Vec<Arc<TlsIngress>>>,
 }
 
@@ -255,6 +265,8 @@ impl Security {
                 reloads: AtomicU64::new(0),
                 metrics: crate::metrics::SecurityMetrics::default(),
                 agent_ttl: config.agent_cert_ttl,
+                ca_pem: RwLock::new(std::fs::read_to_string(&paths.ca).unwrap_or_default()),
+                audit_waiting: Arc::default(),
                 paths,
                 tls: Mutex::new(Vec::new()),
             },
@@ -337,11 +349,21 @@ impl Security {
         }
         if let Some(a) = &self.audit {
             if !a.try_record(e.clone()) {
-                let a = a.clone();
+                // The writer is a full queue behind. Wait for room, but
+                // with a bound on waiters: a flood of refused requests must
+                // not turn into unbounded tasks. Beyond it, entries are
+                // dropped and counted (`dmsc_audit_dropped_total`).
+                if self.audit_waiting.fetch_add(1, Ordering::AcqRel) >= MAX_AUDIT_WAITERS {
+                    self.audit_waiting.fetch_sub(1, Ordering::AcqRel);
+                    m.audit_dropped.inc();
+                    return;
+                }
+                let (a, waiting) = (a.clone(), self.audit_waiting.clone());
                 tokio::spawn(async move {
                     if let Err(err) = a.record(e).await {
                         warn!(error = %err, "audit entry not recorded");
                     }
+                    waiting.fetch_sub(1, Ordering::AcqRel);
                 });
             }
         }
@@ -366,19 +388,21 @@ impl Security {
             .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.code(), e.reason()))
     }
 
+    fn no_issuer(&self) -> Refusal {
+        Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_issuer",
+            "this node has no issuing certificate (tls.issuer_cert/issuer_key; `dmsc-node ca issue-node` writes them)",
+        )
+    }
+
     fn issue(
         &self,
         tenant: &str,
         agent: &str,
         csr: Option<&str>,
     ) -> Result<dmsc_transport::pki::AgentCert, Refusal> {
-        let issuer = self.issuer().ok_or_else(|| {
-            Refusal::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no_issuer",
-                "this node has no issuing certificate (tls.issuer_cert/issuer_key; `dmsc-node ca issue-node` writes them)",
-            )
-        })?;
+        let issuer = self.issuer().ok_or_else(|| self.no_issuer())?;
         let key = match csr {
             Some(pem) => AgentKey::Csr(pem),
             None => AgentKey::Generate,
@@ -394,7 +418,7 @@ impl Security {
         let not_after = time::OffsetDateTime::from(cert.not_after)
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default();
-        let ca = std::fs::read_to_string(&self.paths.ca).unwrap_or_default();
+        let ca = read(&self.ca_pem).clone();
         EnrollResponse {
             spiffe_id: cert.spiffe.to_string(),
             certificate_chain: cert.chain_pem,
@@ -435,6 +459,20 @@ impl Security {
                 "this node keeps no join tokens",
             )
         })?;
+        // Everything that can fail after the token is spent is checked
+        // before spending it: a one-time token is not burnt by a bad CSR.
+        if self.issuer().is_none() {
+            return Err(self.no_issuer());
+        }
+        if let Some(csr) = &req.csr_pem {
+            dmsc_transport::pki::check_csr(csr).map_err(|e| {
+                refuse(
+                    Refusal::new(StatusCode::BAD_REQUEST, "bad_csr", e.to_string()),
+                    req.tenant.clone(),
+                    None,
+                )
+            })?;
+        }
         let claimed = req
             .tenant
             .as_ref()
@@ -484,7 +522,7 @@ impl Security {
                 agent: who.agent.clone(),
                 serial: cert.serial_hex.clone(),
                 not_after: unix(cert.not_after),
-                via: dmsc_audit::EnrollVia::Renewal,
+                via: dmsc_audit::EnrollVia::Renewal(who.serial_hex.clone()),
             },
         ));
         Ok(self.response(cert))
@@ -539,6 +577,19 @@ impl Security {
                 return;
             }
         };
+        // Never switch to credentials that peers would refuse.
+        let problem = if let Err(e) = dmsc_transport::tls::verify_own_chain(&identity) {
+            Some(format!("it does not chain to the CA bundle: {e}"))
+        } else if let Some(r) = self.revoked.revoked_in(identity.chain.iter()) {
+            Some(format!("serial {} is revoked ({})", r.serial, r.reason))
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            warn!(%problem, "credential files changed but the new node certificate is unusable; keeping the current one");
+            *seen = now;
+            return;
+        }
         if let Err(e) = overlay.reload_identity(&identity) {
             warn!(error = %e, "cannot apply the reloaded node certificate");
             return;
@@ -555,6 +606,7 @@ impl Security {
             }
         }
         info!(serial = %identity.info.serial_hex, "node credentials reloaded");
+        *write(&self.ca_pem) = std::fs::read_to_string(&self.paths.ca).unwrap_or_default();
         *write(&self.identity) = identity;
         self.reloads.fetch_add(1, Ordering::Relaxed);
         *seen = now;
@@ -583,14 +635,31 @@ fn stamps(p: &Paths) -> Vec<FileStamp> {
         .collect()
 }
 
+/// How often expired join tokens are pruned.
+const TOKEN_PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
 /// Watches the credential files and applies changes (rotation without restart).
 pub async fn watch_credentials(sec: Arc<Security>, overlay: Overlay, every: Duration) {
     let mut seen = stamps(&sec.paths);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pruned = tokio::time::Instant::now();
     loop {
         tick.tick().await;
         sec.reload_if_changed(&overlay, &mut seen);
+        if pruned.elapsed() >= TOKEN_PRUNE_EVERY {
+            pruned = tokio::time::Instant::now();
+            let s = sec.clone();
+            // Expired tokens go after a week; the store is rewritten (fsync).
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Some(t) = &s.tokens {
+                    if let Err(e) = t.prune(time::OffsetDateTime::now_utc()) {
+                        warn!(error = %e, "cannot prune join tokens");
+                    }
+                }
+            })
+            .await;
+        }
     }
 }
 

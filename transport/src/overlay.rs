@@ -540,6 +540,37 @@ impl Overlay {
         Ok(peer_name(&c).unwrap_or_default())
     }
 
+    /// Dials `addr` on a fresh connection (never the pooled one), waits for
+    /// the handshake to be confirmed, closes it, and reports the peer's
+    /// verified name: a check that the peer accepts this node's *current*
+    /// certificate (`dmsc-node check`).
+    pub async fn probe(&self, addr: SocketAddr) -> Result<String, TransportError> {
+        let inner = &self.inner;
+        let client = lock(&inner.client).clone();
+        let connecting = inner
+            .endpoint
+            .connect_with(client, addr, "dmsc-node")
+            .map_err(|e| TransportError::Connect {
+                addr,
+                reason: e.to_string(),
+            })?;
+        let conn = tokio::time::timeout(inner.cfg.connect_timeout, connecting)
+            .await
+            .map_err(|_| TransportError::Connect {
+                addr,
+                reason: format!("no answer within {:?}", inner.cfg.connect_timeout),
+            })?
+            .map_err(|e| TransportError::Connect {
+                addr,
+                reason: e.to_string(),
+            })?;
+        let result = confirmed(&conn, inner.cfg.connect_timeout).await;
+        let name = peer_name(&conn).unwrap_or_default();
+        conn.close(VarInt::from_u32(CLOSE_DUPLICATE), b"probe");
+        result.map_err(|reason| TransportError::Connect { addr, reason })?;
+        Ok(name)
+    }
+
     /// Closes every connection and stops all tasks, waiting briefly so peers
     /// receive the close frames.
     pub async fn shutdown(&self) {
@@ -633,6 +664,19 @@ fn adopt(inner: &Arc<Inner>, conn: Connection, outbound: bool) -> Option<Connect
     };
     let kept = {
         let mut conns = lock(&inner.conns);
+        // Checked under the pool lock: a revocation that lands between the
+        // handshake and this point is either seen here or, if it lands
+        // after, finds the connection in the pool (close_revoked takes the
+        // same lock after inserting the revocation).
+        let chain = conn
+            .peer_identity()
+            .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok());
+        if let Some(r) = chain.and_then(|c| inner.cfg.revoked.revoked_in(c.iter())) {
+            drop(conns);
+            warn!(peer = %peer, serial = %r.serial, "refusing a connection whose certificate was revoked during the handshake");
+            conn.close(VarInt::from_u32(CLOSE_REVOKED), b"certificate revoked");
+            return None;
+        }
         match conns.get(&remote) {
             Some(old)
                 if old.conn.close_reason().is_none()
@@ -865,6 +909,9 @@ async fn connection_to(inner: &Arc<Inner>, addr: SocketAddr) -> Result<Connectio
 /// Resolves once the server confirmed the handshake; errs if it closed the
 /// connection instead (e.g. it refused our certificate) or never answered.
 async fn confirmed(conn: &Connection, within: Duration) -> Result<(), String> {
+    // quinn has no event for it, so poll the frame counter at the timer's
+    // resolution (1 ms): this was 2 ms, and it dominated the handshake
+    // latency on loopback (BENCHMARKS.md, handshakes).
     let wait = async {
         loop {
             if conn.stats().frame_rx.handshake_done > 0 {
@@ -872,7 +919,7 @@ async fn confirmed(conn: &Connection, within: Duration) -> Result<(), String> {
             }
             tokio::select! {
                 e = conn.closed() => return Err(format!("peer refused this node: {e}")),
-                _ = tokio::time::sleep(Duration::from_millis(2)) => {}
+                _ = tokio::time::sleep(Duration::from_millis(1)) => {}
             }
         }
     };

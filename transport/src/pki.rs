@@ -17,6 +17,7 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use time::OffsetDateTime;
+use x509_parser::prelude::FromDer;
 
 use crate::identity::{cert_info, valid_name, valid_trust_domain, SpiffeId};
 use crate::TransportError;
@@ -281,6 +282,18 @@ impl CertificateAuthority {
     }
 }
 
+/// Checks that `pem` is a PKCS#10 request whose signature verifies (what
+/// issuance will need), without issuing anything.
+pub fn check_csr(pem: &str) -> Result<(), TransportError> {
+    rcgen::CertificateSigningRequestParams::from_pem(pem)
+        .map(|_| ())
+        .map_err(|e| {
+            TransportError::Identity(format!(
+                "the certificate request is not usable: {e} (send a PEM PKCS#10 request signed by its key)"
+            ))
+        })
+}
+
 /// A node certificate and the node's issuing certificate.
 #[derive(Debug, Clone)]
 pub struct NodeCredentials {
@@ -372,6 +385,17 @@ impl NodeIssuer {
         if !info.is_ca {
             return Err(TransportError::Identity(format!(
                 "`{}` is not an issuing (CA) certificate; make one with `dmsc-node ca issue-node`",
+                cert.display()
+            )));
+        }
+        // A key that does not belong to the certificate would sign agent
+        // certificates nobody can verify (e.g. a half-finished file swap).
+        let spki = x509_parser::prelude::X509Certificate::from_der(&der[0])
+            .map(|(_, c)| c.public_key().raw.to_vec())
+            .unwrap_or_default();
+        if rcgen::PublicKeyData::subject_public_key_info(&key) != spki {
+            return Err(TransportError::Identity(format!(
+                "the issuing key does not belong to the certificate `{}`",
                 cert.display()
             )));
         }

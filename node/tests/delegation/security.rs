@@ -307,6 +307,10 @@ async fn enrollment_with_valid_reused_expired_and_other_tenant_tokens() {
         "{body}"
     );
     assert_audited(&m.mesh, 0, "auth_failure", "not `globex`").await;
+    // A broken CSR is refused before the token is spent.
+    let bad_csr = "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n";
+    let (status, _, body) = enroll(&m, serde_json::json!({ "token": t, "csr": bad_csr })).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     // With a CSR this time: the key never leaves the agent, the identity is
     // the token's whatever the CSR asks for.
     let kp = rcgen::KeyPair::generate().expect("key");
@@ -406,6 +410,33 @@ async fn mtls_ingress_valid_expired_revoked_wrong_ca_and_other_trust_domain() {
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
     assert!(body.contains("has expired"), "{body}");
     assert_audited(&m.mesh, 0, "auth_failure", "has expired").await;
+
+    // A certificate that expires while its connection stays open: the next
+    // request on that same connection is refused.
+    let (c, k) = leaf_from_issuer(
+        &dir,
+        "spiffe://mesh.dmsc.local/tenant/acme/agent/brief",
+        now - time::Duration::hours(1),
+        now + time::Duration::seconds(2),
+    );
+    let mut conn =
+        dmsc_node::testkit::tls_connect(m.tls_ingress, client_config(&ca, Some((&c, &k))))
+            .await
+            .expect("connect");
+    let req = || {
+        hyper::Request::post("/")
+            .header("host", "billing.acme.dmsc")
+            .body(Full::new(Bytes::from(super::message_send("hi"))))
+            .expect("request")
+    };
+    let first = conn.send_request(req()).await.expect("first");
+    assert_eq!(first.status(), StatusCode::OK);
+    first.into_body().collect().await.expect("body");
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    let second = conn.send_request(req()).await.expect("second");
+    assert_eq!(second.status(), StatusCode::UNAUTHORIZED);
+    let body = second.into_body().collect().await.expect("body").to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("has expired"));
 
     // Other trust domain, chained to our own CA: the SPIFFE check refuses it.
     let (c, k) = leaf_from_issuer(
@@ -738,6 +769,26 @@ async fn a_rotated_node_certificate_is_used_without_restart_or_failed_delegation
         after.serial, old,
         "it still carries the handshake's certificate"
     );
+    // A certificate from another CA is not applied (peers would refuse it).
+    let rogue = dmsc_transport::pki::CertificateAuthority::generate("mesh.dmsc.local")
+        .expect("ca")
+        .issue_node("n1", dmsc_transport::pki::NODE_VALIDITY)
+        .expect("issue");
+    let dir = mesh.node_dir(1);
+    let (good_key, good_cert) = (
+        std::fs::read_to_string(dir.join("node.key")).expect("key"),
+        std::fs::read_to_string(dir.join("node.pem")).expect("cert"),
+    );
+    replace(&dir.join("node.key"), &rogue.key_pem);
+    replace(&dir.join("node.pem"), &rogue.cert_pem);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        sec.identity().info.serial_hex,
+        new,
+        "an unusable certificate is not applied"
+    );
+    replace(&dir.join("node.key"), &good_key);
+    replace(&dir.join("node.pem"), &good_cert);
     // ...and a new connection sees the new certificate.
     let n2 = mesh
         .join("n2", |raw| raw.gossip.interval_ms = Some(100))
