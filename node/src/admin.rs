@@ -233,7 +233,51 @@ async fn revocations_route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) 
     }
 }
 
+/// Only IP literals and `localhost` are accepted as `Host`: a web page the
+/// operator opens cannot reach this port through DNS rebinding.
+fn host_ok<B>(req: &Request<B>) -> bool {
+    let Some(host) = req
+        .headers()
+        .get(hyper::header::HOST)
+        .and_then(|h| h.to_str().ok())
+    else {
+        return true; // HTTP/1.0 without Host: not a browser
+    };
+    let name = match host.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    };
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok()
+}
+
+/// Mutating calls need `Authorization: Bearer <admin token>`.
+fn authorized<B>(req: &Request<B>, s: &Shared) -> bool {
+    req.headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| s.security.admin_token_ok(t))
+}
+
 async fn route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) -> Response<Body> {
+    if !host_ok(&req) {
+        return reply(
+            StatusCode::FORBIDDEN,
+            "text/plain",
+            "the admin API answers to IP addresses and localhost only\n",
+        );
+    }
+    let mutating = !matches!(*req.method(), Method::GET | Method::HEAD);
+    if mutating && !authorized(&req, &s) {
+        return json(
+            StatusCode::UNAUTHORIZED,
+            &serde_json::json!({"error": format!(
+                "changing the node needs its admin token: `Authorization: Bearer <token>` with the token from `{}` (CLI: --admin-token FILE)",
+                s.config.data_dir.join(crate::security::ADMIN_TOKEN_FILE).display()
+            )}),
+        );
+    }
     if req.uri().path().starts_with("/v1/agents") {
         return agents_route(req, s).await;
     }

@@ -650,20 +650,50 @@ impl Delegator {
                     return;
                 }
             };
-            match result {
+            let (outcome, status) = match result {
                 Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    let outcome = if resp.status().is_server_error() {
+                        "agent-error"
+                    } else {
+                        "ok"
+                    };
                     if let Err(e) = write_response(&mut send, resp).await {
                         // Reset, never finish: a cut-off body must not look complete.
                         send.reset(dmsc_transport::overlay::RESET_CANCELLED);
                         debug!(error = %e, "response copy stopped (agent or caller went away)");
                     }
+                    (outcome.to_string(), Some(status))
                 }
                 Err(Failure::NotDelivered(e)) => {
                     let _ = write_error(&mut send, &e, false, None).await;
+                    (e.kind.as_str().to_string(), Some(e.kind.status().as_u16()))
                 }
                 Err(Failure::MaybeDelivered(e)) => {
                     let _ = write_error(&mut send, &e, true, None).await;
+                    (e.kind.as_str().to_string(), Some(e.kind.status().as_u16()))
                 }
+            };
+            // The serving side keeps its own record: who (as the calling
+            // node vouched, over a verified overlay connection) reached
+            // which of its agents, and how it went.
+            if self.security.audit.is_some() {
+                self.security.record(dmsc_audit::Event::tenant(
+                    head.tenant.clone(),
+                    dmsc_audit::Delegation {
+                        caller: format!("{} (via node {peer})", head.caller),
+                        target: format!("agent:{}", head.agent),
+                        route: "inbound".into(),
+                        agent: Some(id.to_string()),
+                        serving_node: Some(self.me.clone()),
+                        outcome,
+                        status,
+                        duration_ms: budget
+                            .saturating_sub(deadline.saturating_duration_since(Instant::now()))
+                            .as_millis() as u64,
+                        trace_id: Some(head.trace_id.clone()),
+                    },
+                ));
             }
         }
         .instrument(span)

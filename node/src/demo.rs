@@ -396,7 +396,12 @@ async fn security_act(mesh: &LocalMesh) -> anyhow::Result<()> {
         v["serial"].as_str().unwrap_or_default(),
         "demo: key compromised",
     )?;
-    crate::ops::revoke_apply(mesh.nodes[0].bound().admin, rev.to_json()).await?;
+    crate::ops::revoke_apply(
+        mesh.nodes[0].bound().admin,
+        &mesh.admin_token(0),
+        rev.to_json(),
+    )
+    .await?;
     let (status, _, body) =
         tls_post(tls, agent, &format!("billing.{TENANT}.dmsc"), "/", call).await?;
     println!("  [after `revoke apply`] -> {status}: {}", reason(&body));

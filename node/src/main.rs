@@ -179,6 +179,13 @@ enum TokenCmd {
         ttl: u64,
         #[arg(long, default_value = dmsc_node::config::DEFAULT_ADMIN_LISTEN, env = "DMSC_ADMIN")]
         admin: SocketAddr,
+        /// The node's admin token file (`<data_dir>/admin.token`).
+        #[arg(
+            long,
+            default_value = "data/admin.token",
+            env = "DMSC_ADMIN_TOKEN_FILE"
+        )]
+        admin_token: PathBuf,
     },
 }
 
@@ -189,6 +196,13 @@ enum RevokeCmd {
         file: PathBuf,
         #[arg(long, default_value = dmsc_node::config::DEFAULT_ADMIN_LISTEN, env = "DMSC_ADMIN")]
         admin: SocketAddr,
+        /// The node's admin token file (`<data_dir>/admin.token`).
+        #[arg(
+            long,
+            default_value = "data/admin.token",
+            env = "DMSC_ADMIN_TOKEN_FILE"
+        )]
+        admin_token: PathBuf,
     },
 }
 
@@ -407,18 +421,26 @@ async fn ops(cmd: Cmd) -> anyhow::Result<ExitCode> {
             agent,
             ttl,
             admin,
+            admin_token,
         }) => {
-            let v = ops::token_create(admin, &tenant, &agent, Duration::from_secs(ttl)).await?;
+            let secret = ops::read_admin_token(&admin_token).map_err(anyhow::Error::msg)?;
+            let v = ops::token_create(admin, &secret, &tenant, &agent, Duration::from_secs(ttl))
+                .await?;
             eprintln!(
                 "join token for agent `{agent}` of tenant `{tenant}` (one use, expires at unix {}):",
                 v["expires_at"]
             );
             println!("{}", v["token"].as_str().unwrap_or_default());
         }
-        Cmd::Revoke(RevokeCmd::Apply { file, admin }) => {
+        Cmd::Revoke(RevokeCmd::Apply {
+            file,
+            admin,
+            admin_token,
+        }) => {
             let statement = std::fs::read_to_string(&file)
                 .map_err(|e| anyhow::anyhow!("cannot read `{}`: {e}", file.display()))?;
-            let v = ops::revoke_apply(admin, statement.trim().to_string()).await?;
+            let secret = ops::read_admin_token(&admin_token).map_err(anyhow::Error::msg)?;
+            let v = ops::revoke_apply(admin, &secret, statement.trim().to_string()).await?;
             println!(
                 "serial {} revoked ({}); closed connections: {}",
                 v["serial"].as_str().unwrap_or("?"),

@@ -140,7 +140,15 @@ pub async fn check(config: &NodeConfig, admin: SocketAddr, max_skew: Duration) -
         ));
         return out;
     }
-    match admin_call(admin, hyper::Method::GET, "/v1/check", bytes::Bytes::new()).await {
+    match admin_call(
+        admin,
+        hyper::Method::GET,
+        "/v1/check",
+        None,
+        bytes::Bytes::new(),
+    )
+    .await
+    {
         Err(e) => out.push(Finding::fail(format!(
             "{e}; peer checks (CA mismatch, clock skew) need the running node"
         ))),
@@ -198,32 +206,54 @@ fn peer_findings(body: &str, max_skew: Duration, out: &mut Vec<Finding>) {
     }
 }
 
+/// Reads the admin token file a node wrote (`<data_dir>/admin.token`).
+pub fn read_admin_token(path: &Path) -> Result<String, String> {
+    std::fs::read_to_string(path)
+        .map(|t| t.trim().to_string())
+        .map_err(|e| {
+            format!(
+                "cannot read the admin token `{}`: {e} (the node writes it to <data_dir>/admin.token; pass --admin-token FILE)",
+                path.display()
+            )
+        })
+}
+
 /// `dmsc-node token create`: asks the node for a one-time join token.
 pub async fn token_create(
     admin: SocketAddr,
+    admin_token: &str,
     tenant: &str,
     agent: &str,
     ttl: Duration,
 ) -> Result<serde_json::Value, StatusError> {
     let body = serde_json::json!({"tenant": tenant, "agent": agent, "ttl_secs": ttl.as_secs()});
-    post_json(admin, "/v1/tokens", body.to_string()).await
+    post_json(admin, admin_token, "/v1/tokens", body.to_string()).await
 }
 
 /// `dmsc-node revoke apply FILE`: hands a signed revocation to the node,
 /// which checks it and spreads it by gossip.
 pub async fn revoke_apply(
     admin: SocketAddr,
+    admin_token: &str,
     statement: String,
 ) -> Result<serde_json::Value, StatusError> {
-    post_json(admin, "/v1/revocations", statement).await
+    post_json(admin, admin_token, "/v1/revocations", statement).await
 }
 
 async fn post_json(
     admin: SocketAddr,
+    admin_token: &str,
     path: &str,
     body: String,
 ) -> Result<serde_json::Value, StatusError> {
-    let (status, text) = admin_call(admin, hyper::Method::POST, path, body.into()).await?;
+    let (status, text) = admin_call(
+        admin,
+        hyper::Method::POST,
+        path,
+        Some(admin_token),
+        body.into(),
+    )
+    .await?;
     if !(200..300).contains(&status) {
         return Err(StatusError::Http {
             addr: admin,

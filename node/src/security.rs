@@ -38,6 +38,32 @@ use tracing::{info, warn};
 use crate::config::NodeConfig;
 use crate::NodeError;
 
+/// The admin token file in the data directory.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// Reads the admin token (creating it, 0600, on first start) and returns
+/// its hash. Mutating admin calls (onboarding agents, join tokens,
+/// revocations) need it: the admin port is on localhost, but so are the
+/// agents of every tenant, and none of them may mint another tenant's
+/// credentials.
+fn admin_token(path: &Path) -> Result<[u8; 32], NodeError> {
+    use sha2::Digest;
+    let token = match std::fs::read_to_string(path) {
+        Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
+        _ => {
+            let t = format!(
+                "{:032x}{:032x}",
+                rand::random::<u128>(),
+                rand::random::<u128>()
+            );
+            dmsc_transport::pki::write_file(path, &format!("{t}\n"), 0o600)?;
+            info!(path = %path.display(), "created the admin token (needed by `token create`, `revoke apply`, POST /v1/agents)");
+            t
+        }
+    };
+    Ok(sha2::Sha256::digest(token.as_bytes()).into())
+}
+
 /// Audit entries allowed to wait for queue room at once (each is a task).
 const MAX_AUDIT_WAITERS: usize = 4096;
 
@@ -164,6 +190,8 @@ pub struct Security {
     ca_pem: RwLock<String>,
     /// Audit appends waiting for queue room (bounded: see `record`).
     audit_waiting: Arc<std::sync::atomic::AtomicUsize>,
+    /// SHA-256 of the admin token that mutating admin calls must present.
+    admin_token_hash: [u8; 32],
     tls: Mutex<Vec<Arc<TlsIngress>>>,
 }
 
@@ -207,6 +235,7 @@ impl Security {
         if n > 0 {
             info!(count = n, "loaded persisted revocations");
         }
+        let admin_token_hash = admin_token(&data.join(ADMIN_TOKEN_FILE))?;
         let tokens = TokenStore::open(data.join("join-tokens.json"))
             .map_err(|e| NodeError::Internal(e.to_string()))?;
         let jwt = match &config.jwt {
@@ -267,11 +296,23 @@ impl Security {
                 agent_ttl: config.agent_cert_ttl,
                 ca_pem: RwLock::new(std::fs::read_to_string(&paths.ca).unwrap_or_default()),
                 audit_waiting: Arc::default(),
+                admin_token_hash,
                 paths,
                 tls: Mutex::new(Vec::new()),
             },
             task,
         ))
+    }
+
+    /// True if `presented` is the admin token (constant-time comparison of
+    /// hashes, so timing says nothing about the token).
+    pub fn admin_token_ok(&self, presented: &str) -> bool {
+        use sha2::Digest;
+        let h: [u8; 32] = sha2::Sha256::digest(presented.trim().as_bytes()).into();
+        h.iter()
+            .zip(self.admin_token_hash.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
     }
 
     pub fn identity(&self) -> Arc<NodeIdentity> {

@@ -301,14 +301,16 @@ pub enum StatusError {
 
 /// GETs `path` from the admin API (plain HTTP/1.1 on localhost).
 pub async fn admin_get(addr: SocketAddr, path: &str) -> Result<(u16, String), StatusError> {
-    admin_call(addr, hyper::Method::GET, path, bytes::Bytes::new()).await
+    admin_call(addr, hyper::Method::GET, path, None, bytes::Bytes::new()).await
 }
 
-/// One request to the admin API; returns status and body text.
+/// One request to the admin API (with the admin token for mutating calls);
+/// returns status and body text.
 pub async fn admin_call(
     addr: SocketAddr,
     method: hyper::Method,
     path: &str,
+    token: Option<&str>,
     body: bytes::Bytes,
 ) -> Result<(u16, String), StatusError> {
     use http_body_util::{BodyExt, Full};
@@ -322,11 +324,15 @@ pub async fn admin_call(
             .await
             .map_err(|e| unreachable(e.to_string()))?;
     let driver = tokio::spawn(conn);
-    let req = hyper::Request::builder()
+    let mut req = hyper::Request::builder()
         .method(method)
         .uri(path)
         .header(hyper::header::HOST, addr.to_string())
-        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .header(hyper::header::CONTENT_TYPE, "application/json");
+    if let Some(t) = token {
+        req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {}", t.trim()));
+    }
+    let req = req
         .body(Full::new(body))
         .map_err(|e| unreachable(e.to_string()))?;
     let fetch = async {

@@ -73,6 +73,18 @@ impl LocalMesh {
             .join(self.nodes[i].shared().security.identity().name())
     }
 
+    /// Node `i`'s admin token (for mutating admin calls).
+    pub fn admin_token(&self, i: usize) -> String {
+        crate::ops::read_admin_token(
+            &self.nodes[i]
+                .shared()
+                .config
+                .data_dir
+                .join(crate::security::ADMIN_TOKEN_FILE),
+        )
+        .unwrap_or_default()
+    }
+
     /// Starts one more node (bootstrapping through the first) and returns its index.
     pub async fn join(
         &mut self,

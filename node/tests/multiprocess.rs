@@ -378,8 +378,38 @@ fn operator_commands_token_revoke_check_and_audit_verify() {
     });
 
     // A join token, printed once.
+    let admin_token = d.join("n1").join("data").join("admin.token");
+    let admin_token = admin_token.to_str().expect("utf8");
+    // Without the admin token: refused.
     let out = run(&[
-        "token", "create", "--tenant", "acme", "--agent", "payer", "--admin", &n1.admin,
+        "token",
+        "create",
+        "--tenant",
+        "acme",
+        "--agent",
+        "payer",
+        "--admin",
+        &n1.admin,
+        "--admin-token",
+        "/nonexistent",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("cannot read the admin token"),
+        "{}",
+        text(&out)
+    );
+    let out = run(&[
+        "token",
+        "create",
+        "--tenant",
+        "acme",
+        "--agent",
+        "payer",
+        "--admin",
+        &n1.admin,
+        "--admin-token",
+        admin_token,
     ]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(
@@ -428,6 +458,8 @@ fn operator_commands_token_revoke_check_and_audit_verify() {
         rev.to_str().expect("utf8"),
         "--admin",
         &n1.admin,
+        "--admin-token",
+        admin_token,
     ]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(

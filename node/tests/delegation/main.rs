@@ -555,10 +555,23 @@ async fn agents_onboard_and_leave_through_the_admin_api() {
     let a = agent("helper", &["help"], "helps").await;
     let admin = mesh.nodes[1].bound().admin;
     let client = dmsc_node::http::Upstream::new();
+    let bearer = format!("Bearer {}", mesh.admin_token(1));
+    let onboard = serde_json::json!({"tenant": "acme", "url": a.url(), "name": "helper-1"});
+    // Without the admin token (any local process, any tenant): refused.
     let req = hyper::Request::post(format!("http://{admin}/v1/agents"))
-        .body(dmsc_node::http::full(
-            serde_json::json!({"tenant": "acme", "url": a.url(), "name": "helper-1"}).to_string(),
-        ))
+        .body(dmsc_node::http::full(onboard.to_string()))
+        .expect("req");
+    let resp = client.h1.request(req).await.expect("post");
+    assert_eq!(resp.status(), 401);
+    // A browser reaching the port through DNS rebinding: refused.
+    let req = hyper::Request::get(format!("http://{admin}/v1/status"))
+        .header("host", "evil.example:80")
+        .body(dmsc_node::http::empty())
+        .expect("req");
+    assert_eq!(client.h1.request(req).await.expect("get").status(), 403);
+    let req = hyper::Request::post(format!("http://{admin}/v1/agents"))
+        .header("authorization", &bearer)
+        .body(dmsc_node::http::full(onboard.to_string()))
         .expect("req");
     let resp = client.h1.request(req).await.expect("post");
     assert_eq!(resp.status(), 201);
@@ -568,6 +581,7 @@ async fn agents_onboard_and_leave_through_the_admin_api() {
     .await;
     // A bad card is a clear error, not a crash.
     let req = hyper::Request::post(format!("http://{admin}/v1/agents"))
+        .header("authorization", &bearer)
         .body(dmsc_node::http::full(
             serde_json::json!({"tenant": "acme", "url": "http://127.0.0.1:1"}).to_string(),
         ))
@@ -577,6 +591,7 @@ async fn agents_onboard_and_leave_through_the_admin_api() {
     let body = resp.into_body().collect().await.expect("body").to_bytes();
     assert!(String::from_utf8_lossy(&body).contains("cannot fetch the agent card"));
     let req = hyper::Request::delete(format!("http://{admin}/v1/agents/acme/helper-1"))
+        .header("authorization", &bearer)
         .body(dmsc_node::http::empty())
         .expect("req");
     let resp = client.h1.request(req).await.expect("delete");

@@ -377,6 +377,9 @@ async fn mtls_ingress_valid_expired_revoked_wrong_ca_and_other_trust_domain() {
     )
     .await;
 
+    // The serving node keeps its own record of the same delegation.
+    assert_audited(&m.mesh, 1, "delegation", "(via node n0)").await;
+
     // No credentials at all: 401 with what to present.
     let (status, headers, body) = call_billing(&m, client_config(&ca, None), &[]).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
@@ -480,9 +483,13 @@ async fn mtls_ingress_valid_expired_revoked_wrong_ca_and_other_trust_domain() {
     // still-open connection is refused on its next request too.
     let rev =
         dmsc_transport::Revocation::sign(&m.mesh.ca, &serial, "key-compromise").expect("sign");
-    let v = dmsc_node::ops::revoke_apply(m.mesh.nodes[0].bound().admin, rev.to_json())
-        .await
-        .expect("apply");
+    let v = dmsc_node::ops::revoke_apply(
+        m.mesh.nodes[0].bound().admin,
+        &m.mesh.admin_token(0),
+        rev.to_json(),
+    )
+    .await
+    .expect("apply");
     assert_eq!(v["new"], true);
     let (status, headers, body) = call_billing(&m, good, &[]).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
@@ -619,9 +626,13 @@ async fn a_revoked_node_certificate_is_refused_by_every_node_and_its_connections
     let rev =
         dmsc_transport::Revocation::sign(&mesh.ca, &serial, "node decommissioned").expect("sign");
     let t0 = std::time::Instant::now();
-    dmsc_node::ops::revoke_apply(mesh.nodes[0].bound().admin, rev.to_json())
-        .await
-        .expect("apply");
+    dmsc_node::ops::revoke_apply(
+        mesh.nodes[0].bound().admin,
+        &mesh.admin_token(0),
+        rev.to_json(),
+    )
+    .await
+    .expect("apply");
     // Bound: gossip convergence for 3 nodes at 100 ms is well under a
     // second; 3 s leaves room for a loaded CI machine.
     eventually(Duration::from_secs(3), "n2 cut off by n0 and n1", || {
