@@ -293,13 +293,7 @@ impl Ingress {
                     .or_else(|| v.strip_prefix("bearer "))
             });
         if let (Some(token), true) = (bearer, self.spec.jwt) {
-            let Some(jwt) = &self.security.jwt else {
-                return Err(unauthorized(
-                    "jwt_unavailable",
-                    "this node validates no JWTs".into(),
-                ));
-            };
-            return match jwt.validate(token.trim()).await {
+            return match self.security.validate_jwt(token.trim()).await {
                 Ok(c) => Ok(Caller {
                     id: format!(
                         "jwt:{}#{}",

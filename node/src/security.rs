@@ -38,6 +38,11 @@ use tracing::{info, warn};
 use crate::config::NodeConfig;
 use crate::NodeError;
 
+/// How long a validated JWT is trusted without checking it again.
+pub const JWT_CACHE_TTL: Duration = Duration::from_secs(60);
+/// Distinct tokens remembered at most.
+const JWT_CACHE_MAX: usize = 10_000;
+
 /// The admin token file in the data directory.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
@@ -192,6 +197,9 @@ pub struct Security {
     audit_waiting: Arc<std::sync::atomic::AtomicUsize>,
     /// SHA-256 of the admin token that mutating admin calls must present.
     admin_token_hash: [u8; 32],
+    /// Recently validated bearer tokens (by SHA-256): see `validate_jwt`.
+    jwt_cache:
+        Mutex<std::collections::HashMap<[u8; 32], (dmsc_auth::JwtCaller, std::time::Instant)>>,
     tls: Mutex<Vec<Arc<TlsIngress>>>,
 }
 
@@ -297,6 +305,7 @@ impl Security {
                 ca_pem: RwLock::new(std::fs::read_to_string(&paths.ca).unwrap_or_default()),
                 audit_waiting: Arc::default(),
                 admin_token_hash,
+                jwt_cache: Mutex::default(),
                 paths,
                 tls: Mutex::new(Vec::new()),
             },
@@ -313,6 +322,42 @@ impl Security {
             .zip(self.admin_token_hash.iter())
             .fold(0u8, |acc, (a, b)| acc | (a ^ b))
             == 0
+    }
+
+    /// Validates a bearer JWT, remembering good ones for a short while: an
+    /// agent sends the same token on every request until it expires, and a
+    /// signature check costs tens of microseconds (BENCHMARKS.md). A cached
+    /// verdict lasts at most [`JWT_CACHE_TTL`] and never past the token's
+    /// `exp`, so a key removed from the JWKS stops working within a minute.
+    pub async fn validate_jwt(
+        &self,
+        token: &str,
+    ) -> Result<dmsc_auth::JwtCaller, dmsc_auth::AuthError> {
+        use sha2::Digest;
+        let Some(v) = &self.jwt else {
+            return Err(dmsc_auth::AuthError::Config(vec![
+                "this node validates no JWTs (no [jwt] section)".into(),
+            ]));
+        };
+        let key: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        let now = std::time::Instant::now();
+        {
+            let cache = self.jwt_cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((caller, until)) = cache.get(&key) {
+                if now < *until && time::OffsetDateTime::now_utc() < caller.expires_at {
+                    return Ok(caller.clone());
+                }
+            }
+        }
+        let caller = v.validate(token).await?;
+        let mut cache = self.jwt_cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= JWT_CACHE_MAX {
+            // Rare (10k distinct live tokens on one node): start over
+            // rather than track recency on every hit.
+            cache.clear();
+        }
+        cache.insert(key, (caller.clone(), now + JWT_CACHE_TTL));
+        Ok(caller)
     }
 
     pub fn identity(&self) -> Arc<NodeIdentity> {
