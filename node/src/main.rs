@@ -516,7 +516,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_log = match cli.cmd {
         // The demo stops its nodes together; their goodbyes to each other are not news.
-        Cmd::Demo { .. } => "warn,dmsc_transport::overlay=error",
+        Cmd::Demo { .. } => "warn,dmsc_transport::overlay=error,dmsc_node::security=error",
         Cmd::Status { .. }
         | Cmd::Ca(_)
         | Cmd::Token(_)
