@@ -826,3 +826,76 @@ async fn a_rotated_node_certificate_is_used_without_restart_or_failed_delegation
     assert_eq!(seen, new, "new connections present the rotated certificate");
     mesh.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_persist_and_reach_a_node_that_was_away_even_after_their_origin_left() {
+    let mut mesh = LocalMesh::start(&["n0", "n1", "n2"], "acme", |_, raw| {
+        raw.gossip.interval_ms = Some(100);
+    })
+    .await
+    .expect("mesh");
+    eventually(Duration::from_secs(10), "all connected", || {
+        has_peer(&mesh, 0, "n1") && has_peer(&mesh, 0, "n2")
+    })
+    .await;
+    // n2 goes away; the operator revokes a certificate through n0.
+    mesh.nodes.remove(2).stop().await;
+    let rev = dmsc_transport::Revocation::sign(&mesh.ca, "5eed", "lost laptop").expect("sign");
+    dmsc_node::ops::revoke_apply(
+        mesh.nodes[0].bound().admin,
+        &mesh.admin_token(0),
+        rev.to_json(),
+    )
+    .await
+    .expect("apply");
+    eventually(Duration::from_secs(5), "n1 learns it", || {
+        mesh.nodes[1]
+            .shared()
+            .security
+            .revoked
+            .get("5eed")
+            .is_some()
+    })
+    .await;
+    // The node that published it leaves too: n1 re-published it.
+    mesh.nodes.remove(0).stop().await;
+    // n2 comes back (same data directory, new process state).
+    let n2 = mesh
+        .join("n2", |raw| raw.gossip.interval_ms = Some(100))
+        .await
+        .expect("rejoin");
+    eventually(
+        Duration::from_secs(10),
+        "the returning node learns it",
+        || {
+            mesh.nodes[n2]
+                .shared()
+                .security
+                .revoked
+                .get("5eed")
+                .is_some()
+        },
+    )
+    .await;
+    let persisted = mesh.node_dir(n2).join("data").join("revoked.jsonl");
+    eventually(Duration::from_secs(5), "persisted on n2", || {
+        std::fs::read_to_string(&persisted).is_ok_and(|t| t.contains("5eed"))
+    })
+    .await;
+    // A restart loads it from disk before any gossip.
+    mesh.nodes.remove(n2).stop().await;
+    let alone = mesh
+        .join("n2", |raw| raw.overlay.bootstrap = None)
+        .await
+        .expect("restart");
+    assert!(
+        mesh.nodes[alone]
+            .shared()
+            .security
+            .revoked
+            .get("5eed")
+            .is_some(),
+        "loaded from revoked.jsonl at start"
+    );
+    mesh.stop().await;
+}
