@@ -166,6 +166,26 @@ enum CaCmd {
     },
 }
 
+/// Where a mutating admin call goes, and the token it needs.
+#[derive(clap::Args)]
+struct AdminArgs {
+    #[arg(long, default_value = dmsc_node::config::DEFAULT_ADMIN_LISTEN, env = "DMSC_ADMIN")]
+    admin: SocketAddr,
+    /// The node's admin token file (`<data_dir>/admin.token`).
+    #[arg(
+        long,
+        default_value = "data/admin.token",
+        env = "DMSC_ADMIN_TOKEN_FILE"
+    )]
+    admin_token: PathBuf,
+}
+
+impl AdminArgs {
+    fn token(&self) -> anyhow::Result<String> {
+        dmsc_node::ops::read_admin_token(&self.admin_token).map_err(anyhow::Error::msg)
+    }
+}
+
 #[derive(Subcommand)]
 enum TokenCmd {
     /// Create a join token for one agent of one tenant (printed once).
@@ -177,15 +197,8 @@ enum TokenCmd {
         /// Lifetime in seconds.
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
-        #[arg(long, default_value = dmsc_node::config::DEFAULT_ADMIN_LISTEN, env = "DMSC_ADMIN")]
-        admin: SocketAddr,
-        /// The node's admin token file (`<data_dir>/admin.token`).
-        #[arg(
-            long,
-            default_value = "data/admin.token",
-            env = "DMSC_ADMIN_TOKEN_FILE"
-        )]
-        admin_token: PathBuf,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
 }
 
@@ -194,15 +207,8 @@ enum RevokeCmd {
     /// Publish a revocation from `dmsc-node ca revoke` through a node.
     Apply {
         file: PathBuf,
-        #[arg(long, default_value = dmsc_node::config::DEFAULT_ADMIN_LISTEN, env = "DMSC_ADMIN")]
-        admin: SocketAddr,
-        /// The node's admin token file (`<data_dir>/admin.token`).
-        #[arg(
-            long,
-            default_value = "data/admin.token",
-            env = "DMSC_ADMIN_TOKEN_FILE"
-        )]
-        admin_token: PathBuf,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
 }
 
@@ -421,26 +427,26 @@ async fn ops(cmd: Cmd) -> anyhow::Result<ExitCode> {
             agent,
             ttl,
             admin,
-            admin_token,
         }) => {
-            let secret = ops::read_admin_token(&admin_token).map_err(anyhow::Error::msg)?;
-            let v = ops::token_create(admin, &secret, &tenant, &agent, Duration::from_secs(ttl))
-                .await?;
+            let v = ops::token_create(
+                admin.admin,
+                &admin.token()?,
+                &tenant,
+                &agent,
+                Duration::from_secs(ttl),
+            )
+            .await?;
             eprintln!(
                 "join token for agent `{agent}` of tenant `{tenant}` (one use, expires at unix {}):",
                 v["expires_at"]
             );
             println!("{}", v["token"].as_str().unwrap_or_default());
         }
-        Cmd::Revoke(RevokeCmd::Apply {
-            file,
-            admin,
-            admin_token,
-        }) => {
+        Cmd::Revoke(RevokeCmd::Apply { file, admin }) => {
             let statement = std::fs::read_to_string(&file)
                 .map_err(|e| anyhow::anyhow!("cannot read `{}`: {e}", file.display()))?;
-            let secret = ops::read_admin_token(&admin_token).map_err(anyhow::Error::msg)?;
-            let v = ops::revoke_apply(admin, &secret, statement.trim().to_string()).await?;
+            let v = ops::revoke_apply(admin.admin, &admin.token()?, statement.trim().to_string())
+                .await?;
             println!(
                 "serial {} revoked ({}); closed connections: {}",
                 v["serial"].as_str().unwrap_or("?"),

@@ -128,7 +128,7 @@ pub async fn check(config: &NodeConfig, admin: SocketAddr, max_skew: Duration) -
                 config.ca.display()
             ))),
             Err(e) => out.push(Finding::fail(format!(
-                "CA mismatch: node certificate `{}` is {e}",
+                "CA mismatch: node certificate `{}` {e}",
                 id.spiffe
             ))),
         },

@@ -583,17 +583,32 @@ impl Security {
         let cert = self
             .issue(&info.tenant, &info.agent, req.csr_pem.as_deref())
             .map_err(|r| refuse(r, Some(info.tenant.clone()), claimed.clone()))?;
-        self.record(Event::tenant(
-            info.tenant.clone(),
-            dmsc_audit::Enrollment {
-                agent: info.agent.clone(),
-                serial: cert.serial_hex.clone(),
-                not_after: unix(cert.not_after),
-                via: dmsc_audit::EnrollVia::Token(info.id.clone()),
-            },
-        ));
+        self.record_issued(
+            &info.tenant,
+            &info.agent,
+            &cert,
+            dmsc_audit::EnrollVia::Token(info.id.clone()),
+        );
         info!(tenant = %info.tenant, agent = %info.agent, serial = %cert.serial_hex, "agent enrolled");
         Ok(self.response(cert))
+    }
+
+    fn record_issued(
+        &self,
+        tenant: &str,
+        agent: &str,
+        cert: &dmsc_transport::pki::AgentCert,
+        via: dmsc_audit::EnrollVia,
+    ) {
+        self.record(Event::tenant(
+            tenant,
+            dmsc_audit::Enrollment {
+                agent: agent.to_string(),
+                serial: cert.serial_hex.clone(),
+                not_after: unix(cert.not_after),
+                via,
+            },
+        ));
     }
 
     /// `POST /v1/renew`: a fresh certificate for the identity the caller
@@ -602,15 +617,12 @@ impl Security {
         let req = dmsc_auth::enroll::parse_renew(body)
             .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.code(), e.reason()))?;
         let cert = self.issue(&who.tenant, &who.agent, req.csr_pem.as_deref())?;
-        self.record(Event::tenant(
-            who.tenant.clone(),
-            dmsc_audit::Enrollment {
-                agent: who.agent.clone(),
-                serial: cert.serial_hex.clone(),
-                not_after: unix(cert.not_after),
-                via: dmsc_audit::EnrollVia::Renewal(who.serial_hex.clone()),
-            },
-        ));
+        self.record_issued(
+            &who.tenant,
+            &who.agent,
+            &cert,
+            dmsc_audit::EnrollVia::Renewal(who.serial_hex.clone()),
+        );
         Ok(self.response(cert))
     }
 

@@ -545,29 +545,9 @@ impl Overlay {
     /// verified name: a check that the peer accepts this node's *current*
     /// certificate (`dmsc-node check`).
     pub async fn probe(&self, addr: SocketAddr) -> Result<String, TransportError> {
-        let inner = &self.inner;
-        let client = lock(&inner.client).clone();
-        let connecting = inner
-            .endpoint
-            .connect_with(client, addr, "dmsc-node")
-            .map_err(|e| TransportError::Connect {
-                addr,
-                reason: e.to_string(),
-            })?;
-        let conn = tokio::time::timeout(inner.cfg.connect_timeout, connecting)
-            .await
-            .map_err(|_| TransportError::Connect {
-                addr,
-                reason: format!("no answer within {:?}", inner.cfg.connect_timeout),
-            })?
-            .map_err(|e| TransportError::Connect {
-                addr,
-                reason: e.to_string(),
-            })?;
-        let result = confirmed(&conn, inner.cfg.connect_timeout).await;
+        let conn = dial(&self.inner, addr).await?;
         let name = peer_name(&conn).unwrap_or_default();
         conn.close(VarInt::from_u32(CLOSE_DUPLICATE), b"probe");
-        result.map_err(|reason| TransportError::Connect { addr, reason })?;
         Ok(name)
     }
 
@@ -866,6 +846,22 @@ async fn connection_to(inner: &Arc<Inner>, addr: SocketAddr) -> Result<Connectio
             return Ok(c.conn.clone());
         }
     }
+    let conn = dial(inner, addr).await?;
+    bump(&inner.stats.handshakes_ok_outbound, 1);
+    adopt(inner, conn, true).ok_or_else(|| TransportError::Connect {
+        addr,
+        reason: "the peer is this node itself".into(),
+    })
+}
+
+/// Dials `addr` with the current client config and waits until the peer
+/// has accepted our certificate. Counts failed handshakes; the caller
+/// counts a success once it keeps the connection.
+async fn dial(inner: &Inner, addr: SocketAddr) -> Result<Connection, TransportError> {
+    let failed = |reason: String| {
+        bump(&inner.stats.handshakes_failed_outbound, 1);
+        TransportError::Connect { addr, reason }
+    };
     let client = lock(&inner.client).clone();
     let connecting = inner
         .endpoint
@@ -876,34 +872,22 @@ async fn connection_to(inner: &Arc<Inner>, addr: SocketAddr) -> Result<Connectio
         })?;
     let conn = match tokio::time::timeout(inner.cfg.connect_timeout, connecting).await {
         Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            bump(&inner.stats.handshakes_failed_outbound, 1);
-            return Err(TransportError::Connect {
-                addr,
-                reason: e.to_string(),
-            });
-        }
+        Ok(Err(e)) => return Err(failed(e.to_string())),
         Err(_) => {
-            bump(&inner.stats.handshakes_failed_outbound, 1);
-            return Err(TransportError::Connect {
-                addr,
-                reason: format!("no answer within {:?}", inner.cfg.connect_timeout),
-            });
+            return Err(failed(format!(
+                "no answer within {:?}",
+                inner.cfg.connect_timeout
+            )))
         }
     };
     // In TLS 1.3 the client finishes its handshake before the server has
     // judged the client certificate, so a dial "succeeds" even when the peer
     // is about to refuse us. Wait for the handshake to be *confirmed* (the
     // server's HANDSHAKE_DONE frame, RFC 9001 4.1.2), or for the refusal.
-    if let Err(reason) = confirmed(&conn, inner.cfg.connect_timeout).await {
-        bump(&inner.stats.handshakes_failed_outbound, 1);
-        return Err(TransportError::Connect { addr, reason });
-    }
-    bump(&inner.stats.handshakes_ok_outbound, 1);
-    adopt(inner, conn, true).ok_or_else(|| TransportError::Connect {
-        addr,
-        reason: "the peer is this node itself".into(),
-    })
+    confirmed(&conn, inner.cfg.connect_timeout)
+        .await
+        .map_err(failed)?;
+    Ok(conn)
 }
 
 /// Resolves once the server confirmed the handshake; errs if it closed the

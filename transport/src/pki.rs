@@ -72,6 +72,16 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
+fn check_node_name(name: &str) -> Result<(), TransportError> {
+    if valid_name(name) {
+        Ok(())
+    } else {
+        Err(TransportError::Identity(format!(
+            "node name `{name}` must be 1-63 of a-z, 0-9 and - (not at either end)"
+        )))
+    }
+}
+
 fn now() -> OffsetDateTime {
     OffsetDateTime::now_utc()
 }
@@ -183,11 +193,7 @@ impl CertificateAuthority {
         name: &str,
         validity: Duration,
     ) -> Result<IssuedCert, TransportError> {
-        if !valid_name(name) {
-            return Err(TransportError::Identity(format!(
-                "node name `{name}` must be 1-63 of a-z, 0-9 and - (not at either end)"
-            )));
-        }
+        check_node_name(name)?;
         let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
@@ -242,11 +248,7 @@ impl CertificateAuthority {
         not_after: OffsetDateTime,
         sans: &[String],
     ) -> Result<IssuedCert, TransportError> {
-        if !valid_name(name) {
-            return Err(TransportError::Identity(format!(
-                "node name `{name}` must be 1-63 of a-z, 0-9 and - (not at either end)"
-            )));
-        }
+        check_node_name(name)?;
         let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();

@@ -101,28 +101,35 @@ impl MeshPolicy {
 
     /// Turns a path-validation failure into a log line that says what to fix.
     fn explain(&self, end_entity: &CertificateDer<'_>, err: rustls::Error) -> rustls::Error {
-        let reason = match &err {
-            rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
-            | rustls::Error::InvalidCertificate(CertificateError::BadSignature) => format!(
-                "issued by `{}`, expected the mesh CA `{}`",
-                issuer_of(end_entity),
-                self.root_subjects.join("` or `")
-            ),
-            rustls::Error::InvalidCertificate(CertificateError::Expired)
-            | rustls::Error::InvalidCertificate(CertificateError::ExpiredContext { .. }) => {
-                "certificate has expired".to_string()
-            }
-            rustls::Error::InvalidCertificate(CertificateError::NotValidYet)
-            | rustls::Error::InvalidCertificate(CertificateError::NotValidYetContext { .. }) => {
-                "certificate is not valid yet (check clocks)".to_string()
-            }
-            other => other.to_string(),
-        };
+        let reason = path_failure(&err, end_entity, &self.root_subjects);
         let subject = cert_info(end_entity)
             .map(|i| i.spiffe.to_string())
             .unwrap_or_else(|_| "<no SPIFFE ID>".into());
         tracing::warn!(peer = %subject, %reason, "refused overlay peer certificate");
         err
+    }
+}
+
+/// Why path validation refused `leaf`, as a phrase that follows
+/// "certificate X ...": the one wording for the overlay's log lines, the
+/// ingress's 401 bodies and `dmsc-node check`.
+fn path_failure(err: &rustls::Error, leaf: &CertificateDer<'_>, roots: &[String]) -> String {
+    match err {
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
+        | rustls::Error::InvalidCertificate(CertificateError::BadSignature) => format!(
+            "is not from this mesh: issued by `{}`, expected the mesh CA `{}`",
+            issuer_of(leaf),
+            roots.join("` or `")
+        ),
+        rustls::Error::InvalidCertificate(CertificateError::Expired)
+        | rustls::Error::InvalidCertificate(CertificateError::ExpiredContext { .. }) => {
+            "has expired".to_string()
+        }
+        rustls::Error::InvalidCertificate(CertificateError::NotValidYet)
+        | rustls::Error::InvalidCertificate(CertificateError::NotValidYetContext { .. }) => {
+            "is not valid yet (check clocks)".to_string()
+        }
+        other => format!("is refused: {other}"),
     }
 }
 
@@ -444,26 +451,12 @@ pub fn verify_agent(
         .map_err(|e| format!("client verifier: {e}"))?;
     webpki
         .verify_client_cert(leaf, intermediates, now)
-        .map_err(|e| match e {
-            rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
-            | rustls::Error::InvalidCertificate(CertificateError::BadSignature) => format!(
-                "certificate `{}` is not from this mesh: issued by `{}`, expected a chain to `{}`",
+        .map_err(|e| {
+            format!(
+                "certificate `{}` {}",
                 info.spiffe,
-                issuer_of(leaf),
-                identity.root_subjects.join("` or `")
-            ),
-            rustls::Error::InvalidCertificate(CertificateError::Expired)
-            | rustls::Error::InvalidCertificate(CertificateError::ExpiredContext { .. }) => {
-                format!("certificate `{}` has expired", info.spiffe)
-            }
-            rustls::Error::InvalidCertificate(CertificateError::NotValidYet)
-            | rustls::Error::InvalidCertificate(CertificateError::NotValidYetContext { .. }) => {
-                format!(
-                    "certificate `{}` is not valid yet (check clocks)",
-                    info.spiffe
-                )
-            }
-            other => format!("certificate `{}` refused: {other}", info.spiffe),
+                path_failure(&e, leaf, &identity.root_subjects)
+            )
         })?;
     if info.spiffe.trust_domain != identity.trust_domain() {
         return Err(format!(
@@ -510,13 +503,5 @@ pub fn verify_own_chain(identity: &NodeIdentity) -> Result<(), String> {
     webpki
         .verify_client_cert(leaf, intermediates, UnixTime::now())
         .map(|_| ())
-        .map_err(|e| match e {
-            rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
-            | rustls::Error::InvalidCertificate(CertificateError::BadSignature) => format!(
-                "issued by `{}`, which is not (or not signed by) a root in the CA bundle `{}`",
-                issuer_of(leaf),
-                identity.root_subjects.join("`, `")
-            ),
-            other => other.to_string(),
-        })
+        .map_err(|e| path_failure(&e, leaf, &identity.root_subjects))
 }
