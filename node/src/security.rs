@@ -183,7 +183,7 @@ pub struct Security {
     identity: RwLock<Arc<NodeIdentity>>,
     pub revoked: Arc<RevocationSet>,
     issuer: RwLock<Option<Arc<NodeIssuer>>>,
-    tokens: Option<TokenStore>,
+    tokens: TokenStore,
     pub jwt: Option<JwtValidator>,
     pub audit: Option<AuditHandle>,
     issued: AtomicU64,
@@ -295,7 +295,7 @@ impl Security {
                 identity: RwLock::new(identity),
                 revoked,
                 issuer: RwLock::new(issuer),
-                tokens: Some(tokens),
+                tokens,
                 jwt,
                 audit,
                 issued: AtomicU64::new(0),
@@ -375,10 +375,7 @@ impl Security {
 
     /// Join tokens: issued, used, expired, active.
     pub fn token_counts(&self) -> Option<[usize; 4]> {
-        let c = self
-            .tokens
-            .as_ref()?
-            .counts(time::OffsetDateTime::now_utc());
+        let c = self.tokens.counts(time::OffsetDateTime::now_utc());
         Some([c.issued, c.used, c.expired, c.active])
     }
 
@@ -462,13 +459,7 @@ impl Security {
         agent: &str,
         ttl: Duration,
     ) -> Result<(String, dmsc_auth::token::TokenInfo), Refusal> {
-        let store = self.tokens.as_ref().ok_or_else(|| {
-            Refusal::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no_token_store",
-                "this node keeps no join tokens",
-            )
-        })?;
+        let store = &self.tokens;
         store
             .create(tenant, agent, ttl)
             .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.code(), e.reason()))
@@ -538,13 +529,7 @@ impl Security {
                 None,
             )
         })?;
-        let store = self.tokens.as_ref().ok_or_else(|| {
-            Refusal::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no_token_store",
-                "this node keeps no join tokens",
-            )
-        })?;
+        let store = &self.tokens;
         // Everything that can fail after the token is spent is checked
         // before spending it: a one-time token is not burnt by a bad CSR.
         if self.issuer().is_none() {
@@ -750,10 +735,8 @@ pub async fn watch_credentials(sec: Arc<Security>, overlay: Overlay, every: Dura
             let s = sec.clone();
             // Expired tokens go after a week; the store is rewritten (fsync).
             let _ = tokio::task::spawn_blocking(move || {
-                if let Some(t) = &s.tokens {
-                    if let Err(e) = t.prune(time::OffsetDateTime::now_utc()) {
-                        warn!(error = %e, "cannot prune join tokens");
-                    }
+                if let Err(e) = s.tokens.prune(time::OffsetDateTime::now_utc()) {
+                    warn!(error = %e, "cannot prune join tokens");
                 }
             })
             .await;
