@@ -801,5 +801,19 @@ pub async fn peer_checks(s: &Shared) -> serde_json::Value {
                 .push(serde_json::json!({"peer": b, "addr": addr.to_string(), "error": error}));
         }
     }
-    serde_json::json!({ "peers": peers, "bootstrap": bootstrap })
+    // Peers that tried and were refused never show up as peers: their
+    // refusals are the trace of a CA mismatch (or a revoked node) here.
+    let refused: Vec<serde_json::Value> = s
+        .overlay
+        .refusals(Duration::from_secs(600))
+        .into_iter()
+        .map(|(t, reason)| {
+            let ago = SystemTime::now()
+                .duration_since(t)
+                .unwrap_or_default()
+                .as_secs();
+            serde_json::json!({"secs_ago": ago, "reason": reason})
+        })
+        .collect();
+    serde_json::json!({ "peers": peers, "bootstrap": bootstrap, "refused": refused })
 }

@@ -185,6 +185,13 @@ fn peer_findings(body: &str, max_skew: Duration, out: &mut Vec<Finding>) {
             ))),
         }
     }
+    for r in v["refused"].as_array().cloned().unwrap_or_default() {
+        out.push(Finding::fail(format!(
+            "{} s ago this node refused a peer's certificate: {} (another CA, trust domain, expiry or revocation on that peer)",
+            r["secs_ago"],
+            r["reason"].as_str().unwrap_or("?")
+        )));
+    }
     for b in v["bootstrap"].as_array().cloned().unwrap_or_default() {
         let peer = b["peer"].as_str().unwrap_or("?");
         match b["error"].as_str() {
@@ -315,6 +322,7 @@ mod tests {
                 {"name": "c", "error": "timed out"},
             ],
             "bootstrap": [{"peer": "x:1", "error": "overlay connection to x failed: peer refused this node's certificate"}],
+            "refused": [{"secs_ago": 3, "reason": "certificate `spiffe://td/node/rogue` is not from this mesh: issued by `CN=other`"}],
         })
         .to_string();
         let mut f = Vec::new();
@@ -323,5 +331,6 @@ mod tests {
         assert!(failing(&f, "clock skew with peer `b` is -5000 ms"));
         assert!(failing(&f, "peer `c` did not answer"));
         assert!(failing(&f, "CA mismatch"));
+        assert!(failing(&f, "refused a peer's certificate: certificate `spiffe://td/node/rogue` is not from this mesh"));
     }
 }

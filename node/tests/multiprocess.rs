@@ -202,7 +202,8 @@ fn three_processes_form_a_mesh_refuse_an_intruder_and_track_failures() {
     for n in ["n1", "n2", "n3"] {
         issue_node(&ca, n, &d.join(n));
     }
-    let n1 = Node::start("n1", &write_config(d, "n1", &d.join("n1"), &[]));
+    let n1_config = write_config(d, "n1", &d.join("n1"), &[]);
+    let n1 = Node::start("n1", &n1_config);
     let n2 = Node::start("n2", &write_config(d, "n2", &d.join("n2"), &[&n1.overlay]));
     let n3_config = write_config(d, "n3", &d.join("n3"), &[&n2.overlay]);
     let mut n3 = Node::start("n3", &n3_config);
@@ -262,6 +263,19 @@ fn three_processes_form_a_mesh_refuse_an_intruder_and_track_failures() {
         );
     }
     assert!(rogue.peers().is_empty(), "the intruder learned no peers");
+    // `check` on n1 reports the refused certificate and why.
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&n1_config)
+        .args(["--admin", &n1.admin])
+        .output()
+        .expect("check");
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("refused a peer's certificate") && said.contains("is not from this mesh"),
+        "{said}"
+    );
     drop(rogue);
 
     // kill -9: the others must see n3 dead within the bound.

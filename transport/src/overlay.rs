@@ -84,6 +84,8 @@ pub struct OverlayConfig {
     pub max_backoff: Duration,
     /// Revocations every handshake (both directions) is checked against.
     pub revoked: Arc<RevocationSet>,
+    /// Where refused peer certificates are noted (for `dmsc-node check`).
+    pub refusals: Arc<tls::RefusalLog>,
 }
 
 impl OverlayConfig {
@@ -96,6 +98,7 @@ impl OverlayConfig {
             connect_timeout: Duration::from_secs(3),
             max_backoff: Duration::from_secs(5),
             revoked: Arc::new(RevocationSet::new()),
+            refusals: Arc::default(),
         }
     }
 }
@@ -299,13 +302,17 @@ fn transport_config(cfg: &OverlayConfig) -> Arc<quinn::TransportConfig> {
 
 fn quic_configs(
     identity: &NodeIdentity,
-    revoked: &Arc<RevocationSet>,
+    cfg: &OverlayConfig,
     transport: &Arc<quinn::TransportConfig>,
 ) -> Result<(quinn::ServerConfig, quinn::ClientConfig), TransportError> {
-    let server_tls = QuicServerConfig::try_from(tls::server_config(identity, revoked)?)?;
+    let guard = tls::PeerGuard {
+        revoked: cfg.revoked.clone(),
+        refusals: cfg.refusals.clone(),
+    };
+    let server_tls = QuicServerConfig::try_from(tls::server_config(identity, &guard)?)?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_tls));
     server.transport_config(transport.clone());
-    let client_tls = QuicClientConfig::try_from(tls::client_config(identity, revoked)?)?;
+    let client_tls = QuicClientConfig::try_from(tls::client_config(identity, &guard)?)?;
     let mut client = quinn::ClientConfig::new(Arc::new(client_tls));
     client.transport_config(transport.clone());
     Ok((server, client))
@@ -319,7 +326,7 @@ impl Overlay {
     ) -> Result<(Overlay, mpsc::Receiver<Inbound>), TransportError> {
         let identity = cfg.identity.clone();
         let transport = transport_config(&cfg);
-        let (server, client) = quic_configs(&identity, &cfg.revoked, &transport)?;
+        let (server, client) = quic_configs(&identity, &cfg, &transport)?;
         let endpoint =
             Endpoint::server(server, cfg.listen).map_err(|source| TransportError::Bind {
                 addr: cfg.listen,
@@ -469,8 +476,7 @@ impl Overlay {
                 self.inner.name
             )));
         }
-        let (server, client) =
-            quic_configs(identity, &self.inner.cfg.revoked, &self.inner.transport)?;
+        let (server, client) = quic_configs(identity, &self.inner.cfg, &self.inner.transport)?;
         self.inner.endpoint.set_server_config(Some(server));
         *lock(&self.inner.client) = client;
         info!(node = %self.inner.name, serial = %identity.info.serial_hex, "overlay now presents the reloaded certificate");
@@ -502,6 +508,11 @@ impl Overlay {
             false
         });
         closed
+    }
+
+    /// Peer certificates refused recently, with the reasons.
+    pub fn refusals(&self, window: Duration) -> Vec<(std::time::SystemTime, String)> {
+        self.inner.cfg.refusals.since(window)
     }
 
     /// The revocation set the overlay's verifiers consult.

@@ -54,6 +54,39 @@ struct MeshPolicy {
     trust_domain: String,
     root_subjects: Vec<String>,
     revoked: Arc<RevocationSet>,
+    refusals: Arc<RefusalLog>,
+}
+
+/// The last refusals of peer certificates, with their reasons, for
+/// `dmsc-node check` (a peer with another CA never becomes a peer, so the
+/// refusal is the only trace of the mismatch on this side).
+#[derive(Debug, Default)]
+pub struct RefusalLog {
+    recent: std::sync::Mutex<std::collections::VecDeque<(std::time::SystemTime, String)>>,
+}
+
+impl RefusalLog {
+    const KEEP: usize = 32;
+
+    pub fn push(&self, reason: String) {
+        let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if r.len() == Self::KEEP {
+            r.pop_front();
+        }
+        r.push_back((std::time::SystemTime::now(), reason));
+    }
+
+    /// Refusals within `window`, oldest first.
+    pub fn since(&self, window: std::time::Duration) -> Vec<(std::time::SystemTime, String)> {
+        let now = std::time::SystemTime::now();
+        self.recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(t, _)| now.duration_since(*t).unwrap_or_default() <= window)
+            .cloned()
+            .collect()
+    }
 }
 
 impl MeshPolicy {
@@ -74,6 +107,10 @@ impl MeshPolicy {
             .revoked_in(std::iter::once(end_entity).chain(intermediates))
         {
             tracing::warn!(peer = %info.spiffe, serial = %r.serial, reason = %r.reason, "refused overlay peer certificate: revoked");
+            self.refusals.push(format!(
+                "certificate `{}` is revoked (serial {}: {})",
+                info.spiffe, r.serial, r.reason
+            ));
             return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
         }
         let name = match &info.spiffe.workload {
@@ -96,6 +133,7 @@ impl MeshPolicy {
 
     fn refuse(&self, reason: String) -> rustls::Error {
         tracing::warn!(%reason, "refused overlay peer certificate");
+        self.refusals.push(reason);
         rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
     }
 
@@ -106,6 +144,8 @@ impl MeshPolicy {
             .map(|i| i.spiffe.to_string())
             .unwrap_or_else(|_| "<no SPIFFE ID>".into());
         tracing::warn!(peer = %subject, %reason, "refused overlay peer certificate");
+        self.refusals
+            .push(format!("certificate `{subject}` {reason}"));
         err
     }
 }
@@ -246,11 +286,19 @@ fn root_store(identity: &NodeIdentity) -> Result<Arc<RootCertStore>, TransportEr
     Ok(Arc::new(roots))
 }
 
-fn policy(identity: &NodeIdentity, revoked: &Arc<RevocationSet>) -> MeshPolicy {
+/// What the overlay's verifiers consult and report to, beyond the identity.
+#[derive(Debug, Clone, Default)]
+pub struct PeerGuard {
+    pub revoked: Arc<RevocationSet>,
+    pub refusals: Arc<RefusalLog>,
+}
+
+fn policy(identity: &NodeIdentity, guard: &PeerGuard) -> MeshPolicy {
     MeshPolicy {
         trust_domain: identity.trust_domain().to_string(),
         root_subjects: identity.root_subjects.clone(),
-        revoked: revoked.clone(),
+        revoked: guard.revoked.clone(),
+        refusals: guard.refusals.clone(),
     }
 }
 
@@ -258,13 +306,13 @@ fn policy(identity: &NodeIdentity, revoked: &Arc<RevocationSet>) -> MeshPolicy {
 /// certificate as client certificate, the mesh verifier for the server.
 pub fn client_config(
     identity: &NodeIdentity,
-    revoked: &Arc<RevocationSet>,
+    guard: &PeerGuard,
 ) -> Result<ClientConfig, TransportError> {
     let provider = provider();
     let verifier = MeshServerVerifier {
         roots: root_store(identity)?,
         algs: provider.signature_verification_algorithms,
-        policy: policy(identity, revoked),
+        policy: policy(identity, guard),
     };
     let mut cfg = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -283,7 +331,7 @@ pub fn client_config(
 /// certificates required and verified by the mesh verifier.
 pub fn server_config(
     identity: &NodeIdentity,
-    revoked: &Arc<RevocationSet>,
+    guard: &PeerGuard,
 ) -> Result<ServerConfig, TransportError> {
     let provider = provider();
     let inner =
@@ -292,7 +340,7 @@ pub fn server_config(
             .map_err(|e| TransportError::Identity(format!("client verifier: {e}")))?;
     let verifier = MeshClientVerifier {
         inner,
-        policy: policy(identity, revoked),
+        policy: policy(identity, guard),
     };
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
