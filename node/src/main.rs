@@ -146,6 +146,10 @@ enum CaCmd {
         /// by (repeatable; default: localhost and 127.0.0.1).
         #[arg(long = "san")]
         sans: Vec<String>,
+        /// Limit the node's issuing certificate to this tenant (repeatable;
+        /// default: any tenant).
+        #[arg(long = "tenant")]
+        tenants: Vec<String>,
     },
     /// Sign a revocation of a certificate (by serial or file) with the CA
     /// key; prints the statement (JSON) for `dmsc-node revoke apply`.
@@ -326,13 +330,19 @@ fn ca(cmd: CaCmd) -> anyhow::Result<()> {
             out,
             days,
             mut sans,
+            tenants,
         } => {
             let ca = CertificateAuthority::load(&ca_dir)?;
             if sans.is_empty() {
                 sans = vec!["localhost".into(), "127.0.0.1".into()];
             }
-            ca.issue_node_credentials(&name, Duration::from_secs(days * 86400), &sans)?
-                .write_dir(&out, &ca.cert_pem)?;
+            ca.issue_node_credentials_for(
+                &name,
+                Duration::from_secs(days * 86400),
+                &sans,
+                &tenants,
+            )?
+            .write_dir(&out, &ca.cert_pem)?;
             println!(
                 "issued spiffe://{}/node/{name} valid {days} days: {}, {}, {}; issuing certificate for agents: {}, {}",
                 ca.trust_domain,

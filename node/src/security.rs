@@ -459,6 +459,19 @@ impl Security {
         agent: &str,
         ttl: Duration,
     ) -> Result<(String, dmsc_auth::token::TokenInfo), Refusal> {
+        // A token this node could never honour is refused now, not at enrollment.
+        if let Some(i) = self.issuer() {
+            if !i.may_issue_for(tenant) {
+                return Err(Refusal::new(
+                    StatusCode::BAD_REQUEST,
+                    "tenant_not_hosted",
+                    format!(
+                        "this node's issuing certificate may only issue for tenants `{}`, not `{tenant}`",
+                        i.tenants.as_deref().unwrap_or_default().join("`, `")
+                    ),
+                ));
+            }
+        }
         let store = &self.tokens;
         store
             .create(tenant, agent, ttl)

@@ -199,6 +199,27 @@ pub fn cert_info(der: &[u8]) -> Result<CertInfo, TransportError> {
     })
 }
 
+/// URI SAN prefix that limits a node's issuing certificate to a tenant.
+pub const TENANT_URN: &str = "urn:dmsc:tenant:";
+
+/// The tenants an issuing certificate is limited to (its
+/// `urn:dmsc:tenant:<t>` URI SANs); `None` when it carries none (any
+/// tenant) or does not parse.
+pub fn issuer_tenants(der: &[u8]) -> Option<Vec<String>> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    let tenants: Vec<String> = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(u) => u.strip_prefix(TENANT_URN).map(str::to_string),
+            _ => None,
+        })
+        .collect();
+    (!tenants.is_empty()).then_some(tenants)
+}
+
 /// Serial (normalized) of a DER certificate, whatever it carries; `None` if
 /// it does not parse.
 pub fn serial_of(der: &[u8]) -> Option<String> {

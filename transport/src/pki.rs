@@ -180,20 +180,41 @@ impl CertificateAuthority {
         validity: Duration,
         sans: &[String],
     ) -> Result<NodeCredentials, TransportError> {
+        self.issue_node_credentials_for(name, validity, sans, &[])
+    }
+
+    /// Same, with the issuing certificate limited to `tenants` (empty: any
+    /// tenant): a node that hosts only `acme`'s agents cannot be made to
+    /// mint a certificate for another tenant, even with its key stolen.
+    pub fn issue_node_credentials_for(
+        &self,
+        name: &str,
+        validity: Duration,
+        sans: &[String],
+        tenants: &[String],
+    ) -> Result<NodeCredentials, TransportError> {
         let node = self.issue_leaf(name, now() - BACKDATE, now() + validity, sans)?;
-        let issuer = self.issue_node_issuer(name, validity)?;
+        let issuer = self.issue_node_issuer(name, validity, tenants)?;
         Ok(NodeCredentials { node, issuer })
     }
 
     /// An intermediate CA for one node (path length 0: it can sign agent
     /// certificates, never another CA). It carries the bare trust domain
-    /// (`spiffe://<td>`), so it can never pass as a node or agent identity.
+    /// (`spiffe://<td>`), so it can never pass as a node or agent identity,
+    /// and, when `tenants` is not empty, one `urn:dmsc:tenant:<t>` URI SAN
+    /// per tenant it may issue for ([`crate::identity::issuer_tenants`]).
     pub fn issue_node_issuer(
         &self,
         name: &str,
         validity: Duration,
+        tenants: &[String],
     ) -> Result<IssuedCert, TransportError> {
         check_node_name(name)?;
+        if let Some(t) = tenants.iter().find(|t| !valid_name(t)) {
+            return Err(TransportError::Identity(format!(
+                "tenant `{t}` must be 1-63 of a-z, 0-9 and -"
+            )));
+        }
         let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
@@ -212,6 +233,11 @@ impl CertificateAuthority {
                 .to_string()
                 .try_into()?,
         )];
+        for t in tenants {
+            params.subject_alt_names.push(SanType::URI(
+                format!("{}{t}", crate::identity::TENANT_URN).try_into()?,
+            ));
+        }
         params.use_authority_key_identifier_extension = true;
         params.not_before = now() - BACKDATE;
         params.not_after = now() + validity;
@@ -339,6 +365,8 @@ pub struct NodeIssuer {
     pub trust_domain: String,
     pub cert_pem: String,
     pub info: crate::identity::CertInfo,
+    /// Tenants this issuer may sign for; `None`: any.
+    pub tenants: Option<Vec<String>>,
     key: KeyPair,
 }
 
@@ -404,9 +432,17 @@ impl NodeIssuer {
         Ok(NodeIssuer {
             trust_domain: info.spiffe.trust_domain.clone(),
             cert_pem: cert_pem.to_string(),
+            tenants: crate::identity::issuer_tenants(&der[0]),
             info,
             key,
         })
+    }
+
+    /// True if this issuer may sign agent certificates of `tenant`.
+    pub fn may_issue_for(&self, tenant: &str) -> bool {
+        self.tenants
+            .as_ref()
+            .is_none_or(|ts| ts.iter().any(|t| t == tenant))
     }
 
     /// Issues `spiffe://<td>/tenant/<tenant>/agent/<agent>` for `validity`
@@ -423,6 +459,12 @@ impl NodeIssuer {
         if !valid_name(tenant) || !valid_name(agent) {
             return Err(TransportError::Identity(format!(
                 "tenant `{tenant}` and agent `{agent}` must be 1-63 of a-z, 0-9 and -"
+            )));
+        }
+        if !self.may_issue_for(tenant) {
+            return Err(TransportError::Identity(format!(
+                "this node's issuing certificate may only issue for tenants `{}`, not `{tenant}`",
+                self.tenants.as_deref().unwrap_or_default().join("`, `")
             )));
         }
         let spiffe = SpiffeId {

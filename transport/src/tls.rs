@@ -520,6 +520,23 @@ pub fn verify_agent(
             info.spiffe, r.serial, r.reason
         ));
     }
+    // The issuing certificate that signed it (path validation passed, so
+    // it is the intermediate named as issuer) may be limited to tenants.
+    if let Workload::Agent { tenant, .. } = &info.spiffe.workload {
+        let issuer = intermediates
+            .iter()
+            .find(|c| cert_info(c).is_ok_and(|i| i.subject == info.issuer));
+        if let Some(allowed) = issuer.and_then(|c| crate::identity::issuer_tenants(c)) {
+            if !allowed.iter().any(|t| t == tenant) {
+                return Err(format!(
+                    "certificate `{}` was signed by `{}`, which may only issue for tenants `{}`",
+                    info.spiffe,
+                    info.issuer,
+                    allowed.join("`, `")
+                ));
+            }
+        }
+    }
     match &info.spiffe.workload {
         Workload::Agent { tenant, agent } if !info.is_ca => Ok(AgentIdentity {
             tenant: tenant.clone(),
@@ -552,4 +569,70 @@ pub fn verify_own_chain(identity: &NodeIdentity) -> Result<(), String> {
         .verify_client_cert(leaf, intermediates, UnixTime::now())
         .map(|_| ())
         .map_err(|e| path_failure(&e, leaf, &identity.root_subjects))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{AgentKey, CertificateAuthority, NodeIssuer, AGENT_VALIDITY, NODE_VALIDITY};
+
+    #[test]
+    fn an_issuer_limited_to_a_tenant_cannot_vouch_for_another() {
+        let ca = CertificateAuthority::generate("td").expect("ca");
+        let creds = ca
+            .issue_node_credentials_for("n1", NODE_VALIDITY, &[], &["acme".to_string()])
+            .expect("creds");
+        let identity =
+            NodeIdentity::from_pem(&ca.cert_pem, &creds.node.cert_pem, &creds.node.key_pem)
+                .expect("identity");
+        let issuer =
+            NodeIssuer::load_pem(&creds.issuer.cert_pem, &creds.issuer.key_pem).expect("issuer");
+        assert_eq!(issuer.tenants.as_deref(), Some(&["acme".to_string()][..]));
+        assert!(issuer.may_issue_for("acme") && !issuer.may_issue_for("globex"));
+        let refused = issuer
+            .issue_agent("globex", "a", AgentKey::Generate, AGENT_VALIDITY)
+            .expect_err("other tenant");
+        assert!(refused
+            .to_string()
+            .contains("may only issue for tenants `acme`"));
+
+        let revoked = RevocationSet::new();
+        let chain_of = |pem: &str| {
+            crate::identity::certs_from_pem(pem, std::path::Path::new("c")).expect("pem")
+        };
+        let ok = issuer
+            .issue_agent("acme", "a", AgentKey::Generate, AGENT_VALIDITY)
+            .expect("acme");
+        let who = verify_agent(
+            &chain_of(&ok.chain_pem),
+            &identity,
+            &revoked,
+            UnixTime::now(),
+        )
+        .expect("acme agent accepted");
+        assert_eq!(who.tenant, "acme");
+
+        // The issuing key signs a globex certificate directly (a stolen key):
+        // it chains to the mesh CA, and is still refused.
+        let key = rcgen::KeyPair::from_pem(&creds.issuer.key_pem).expect("key");
+        let signer = rcgen::Issuer::from_ca_cert_pem(&creds.issuer.cert_pem, &key).expect("issuer");
+        let leaf_key = rcgen::KeyPair::generate().expect("leaf key");
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(
+            "spiffe://td/tenant/globex/agent/a".try_into().expect("uri"),
+        )];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let forged = params.signed_by(&leaf_key, &signer).expect("sign");
+        let chain = chain_of(&format!("{}{}", forged.pem(), creds.issuer.cert_pem));
+        let e = verify_agent(&chain, &identity, &revoked, UnixTime::now()).expect_err("forged");
+        assert!(e.contains("may only issue for tenants `acme`"), "{e}");
+
+        // An unrestricted issuer (no tenant SANs) issues for anyone.
+        let open = ca
+            .issue_node_credentials("n2", NODE_VALIDITY, &[])
+            .expect("creds");
+        let open =
+            NodeIssuer::load_pem(&open.issuer.cert_pem, &open.issuer.key_pem).expect("issuer");
+        assert!(open.tenants.is_none() && open.may_issue_for("globex"));
+    }
 }
