@@ -84,6 +84,9 @@ pub struct SampleState {
     pub served: AtomicU64,
     /// Extra delay in ms (on top of the configured one).
     pub extra_delay_ms: AtomicU64,
+    /// Requests that arrived carrying an `Authorization` header (the mesh
+    /// consumes callers' bearer tokens; an agent should never see one).
+    pub saw_authorization: AtomicU64,
 }
 
 /// A running sample agent; dropping it stops it (and closes its connections).
@@ -188,6 +191,11 @@ async fn handle(
     addr: SocketAddr,
 ) -> Response<Body> {
     let path = req.uri().path().to_string();
+    if req.headers().contains_key(hyper::header::AUTHORIZATION) {
+        state
+            .saw_authorization
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     if req.method() == Method::GET && crate::agents::CARD_PATHS.contains(&path.as_str()) {
         let mut r = Response::new(full(card(cfg, addr).to_string()));
         r.headers_mut().insert(

@@ -144,7 +144,7 @@ struct SecureMesh {
     tls_ingress: std::net::SocketAddr,
     jwt_key: JwtKey,
     _jwks_dir: tempfile::TempDir,
-    _agent: dmsc_node::sample_agent::SampleAgent,
+    agent: dmsc_node::sample_agent::SampleAgent,
 }
 
 async fn secure_mesh() -> SecureMesh {
@@ -188,7 +188,7 @@ async fn secure_mesh() -> SecureMesh {
         tls_ingress,
         jwt_key,
         _jwks_dir: jwks_dir,
-        _agent: billing,
+        agent: billing,
     }
 }
 
@@ -479,8 +479,14 @@ async fn mtls_ingress_valid_expired_revoked_wrong_ca_and_other_trust_domain() {
     assert!(body.contains("is not from this mesh"), "{body}");
     assert_audited(&m.mesh, 0, "auth_failure", "is not from this mesh").await;
 
-    // Revoked: the operator signs, node 0 applies, gossip spreads it. The
-    // still-open connection is refused on its next request too.
+    // Revoked: the operator signs, node 0 applies, gossip spreads it. A
+    // connection opened before is refused on its next request too.
+    let mut open = dmsc_node::testkit::tls_connect(m.tls_ingress, good.clone())
+        .await
+        .expect("connect");
+    let before = open.send_request(req()).await.expect("before");
+    assert_eq!(before.status(), StatusCode::OK);
+    before.into_body().collect().await.expect("body");
     let rev =
         dmsc_transport::Revocation::sign(&m.mesh.ca, &serial, "key-compromise").expect("sign");
     let v = dmsc_node::ops::revoke_apply(
@@ -491,6 +497,11 @@ async fn mtls_ingress_valid_expired_revoked_wrong_ca_and_other_trust_domain() {
     .await
     .expect("apply");
     assert_eq!(v["new"], true);
+    let after = open.send_request(req()).await.expect("after");
+    assert_eq!(after.status(), StatusCode::UNAUTHORIZED);
+    let body = after.into_body().collect().await.expect("body").to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("is revoked"));
+    // And a new connection with it is refused as well.
     let (status, headers, body) = call_billing(&m, good, &[]).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
     assert!(body.contains("revoked"), "{body}");
@@ -532,6 +543,14 @@ async fn jwt_valid_expired_wrong_audience_wrong_key_and_alg_none() {
         "jwt:https://idp.test#billing-client",
     )
     .await;
+    // The mesh consumed the bearer token: the agent never saw it.
+    let st = &m.agent.state;
+    assert!(st.served.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    assert_eq!(
+        st.saw_authorization
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
 
     // Each refusal: 401, the reason in the body and in the audit log, and
     // the agent never sees the request.
