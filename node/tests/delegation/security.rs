@@ -332,6 +332,46 @@ async fn enrollment_with_valid_reused_expired_and_other_tenant_tokens() {
     // Junk token.
     let (status, _, body) = enroll(&m, serde_json::json!({ "token": "nope" })).await;
     assert!(status.is_client_error(), "{status} {body}");
+
+    // Renewal with the current certificate: a new serial for the same
+    // identity, audited with the serial it renewed; without one: 401.
+    let (chain, key, serial) = enrolled(&m, "renewer").await;
+    let ca = ca_pem(&m.mesh);
+    let (status, _, body) = tls_call(
+        m.tls_ingress,
+        client_config(&ca, Some((&chain, &key))),
+        "POST",
+        "localhost",
+        "/v1/renew",
+        &[],
+        "{}",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(
+        v["spiffe_id"],
+        "spiffe://mesh.dmsc.local/tenant/acme/agent/renewer"
+    );
+    assert_ne!(v["serial"], serial.as_str());
+    assert_audited(
+        &m.mesh,
+        0,
+        "enrollment",
+        &format!("\"renewal\":\"{serial}\""),
+    )
+    .await;
+    let (status, _, body) = tls_call(
+        m.tls_ingress,
+        client_config(&ca, None),
+        "POST",
+        "localhost",
+        "/v1/renew",
+        &[],
+        "{}",
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
     m.mesh.stop().await;
 }
 
