@@ -39,14 +39,17 @@
 //!
 //! # Durability ([`FsyncPolicy`])
 //!
-//! One task owns the file; `record()` only queues. The task takes everything
-//! queued (up to 4096 entries), writes it with one `write` call, then:
+//! One task owns the file; `record()` only queues. When an entry arrives the
+//! task lingers ([`AuditConfig::linger`], 5 ms by default, none for
+//! `interval`) for the entries of the next moment, takes everything queued
+//! (up to 4096 entries), writes it with one `write` call, then:
 //!
 //! * `batch` (default): `sync_data` after every such write. An entry is on
-//!   stable storage once the batch it landed in is synced — under load that
-//!   is one fsync per batch (group commit), typically well under a
-//!   millisecond of added latency on SSDs and shared by thousands of
-//!   entries. A crash loses at most the entries queued but not yet synced.
+//!   stable storage at most one linger plus one sync after it was recorded;
+//!   under load one fsync covers every entry of those milliseconds (group
+//!   commit: with no linger, a sync per handful of entries cost the
+//!   delegation path a third of its throughput, BENCHMARKS.md). A crash
+//!   loses at most the entries queued but not yet synced.
 //! * `interval:<ms>`: `sync_data` at most once per interval (the timer
 //!   syncs an idle log too). A crash can lose up to one interval of entries.
 //! * `never`: the kernel writes back when it likes (typically within

@@ -118,6 +118,12 @@ pub struct AuditConfig {
     pub checkpoint_interval: Duration,
     /// Queue capacity between producers and the writer.
     pub queue: usize,
+    /// Group commit: after the first entry of a batch arrives, the writer
+    /// waits up to this long for more before it writes and syncs, so that
+    /// under load one `write` and one `sync_data` cover many entries (and
+    /// when idle an entry is still on disk within this plus one sync).
+    /// `Duration::ZERO` writes each arrival at once.
+    pub linger: Duration,
 }
 
 impl AuditConfig {
@@ -131,6 +137,7 @@ impl AuditConfig {
             checkpoint_every: 1000,
             checkpoint_interval: Duration::from_secs(10),
             queue: 65536,
+            linger: Duration::from_millis(5),
         }
     }
 
@@ -404,6 +411,11 @@ impl AuditLog {
             node: cfg.node.clone(),
             fsync: cfg.fsync,
             checkpoint_every: cfg.checkpoint_every,
+            linger: match cfg.fsync {
+                // An interval policy already batches its syncs.
+                FsyncPolicy::Interval(_) => Duration::ZERO,
+                _ => cfg.linger,
+            },
             signer,
             next_seq: prepared.next_seq,
             prev: prepared.prev,
@@ -588,6 +600,7 @@ struct Writer {
     node: String,
     fsync: FsyncPolicy,
     checkpoint_every: u64,
+    linger: Duration,
     signer: Option<Signer>,
     next_seq: u64,
     prev: String,
@@ -651,6 +664,18 @@ impl Writer {
                 n = rx.recv_many(&mut batch, MAX_BATCH) => {
                     if n == 0 {
                         break; // every handle is gone
+                    }
+                    if !self.linger.is_zero() {
+                        // Group commit: let the entries of the next moment
+                        // join this write and this sync.
+                        let until = tokio::time::Instant::now() + self.linger;
+                        while batch.len() < MAX_BATCH {
+                            let room = MAX_BATCH - batch.len();
+                            match tokio::time::timeout_at(until, rx.recv_many(&mut batch, room)).await {
+                                Ok(n) if n > 0 => {}
+                                _ => break,
+                            }
+                        }
                     }
                     let force = self.absorb(&mut batch);
                     let _ = self.commit(force).await;

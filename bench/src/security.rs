@@ -99,6 +99,12 @@ pub struct AuthE2eArgs {
     pub concurrency: usize,
     #[arg(long, default_value_t = 2)]
     pub rounds: usize,
+    /// Write the audit log (one delegation record per node per request).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub audit: bool,
+    /// The audit log's fsync policy (`batch`, `interval:<ms>`, `never`).
+    #[arg(long, default_value = "batch")]
+    pub fsync: String,
 }
 
 #[derive(Clone)]
@@ -206,8 +212,11 @@ pub async fn auth_e2e(args: AuthE2eArgs) -> anyhow::Result<()> {
     let backend_task = tokio::spawn(crate::e2e::backend(backend));
     let url = format!("http://{backend_addr}");
     let jwks2 = jwks.clone();
+    let audit = args.audit;
+    let fsync = args.fsync.clone();
     let mesh = LocalMesh::start(&["a", "b"], "acme", move |i, raw| {
-        raw.audit.enabled = Some(true);
+        raw.audit.enabled = Some(audit);
+        raw.audit.fsync = Some(fsync.clone());
         if i == 0 {
             raw.agents = vec![RawAgent {
                 tenant: "acme".into(),
@@ -286,8 +295,15 @@ pub async fn auth_e2e(args: AuthE2eArgs) -> anyhow::Result<()> {
         }
     }
     println!(
-        "delegation through two nodes (ingress on b -> QUIC -> a -> backend), {} keep-alive connections, closed loop, {} s x {} rounds, audit on",
-        args.concurrency, args.secs, args.rounds
+        "delegation through two nodes (ingress on b -> QUIC -> a -> backend), {} keep-alive connections, closed loop, {} s x {} rounds, audit {}",
+        args.concurrency,
+        args.secs,
+        args.rounds,
+        if args.audit {
+            format!("on (fsync {})", args.fsync)
+        } else {
+            "off".to_string()
+        }
     );
     println!("| path | req/s | vs off | p50 | p99 |");
     println!("|---|---:|---:|---:|---:|");
