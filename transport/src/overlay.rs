@@ -252,6 +252,8 @@ struct Inner {
     cfg: OverlayConfig,
     /// Swapped by [`Overlay::reload_identity`]; each dial clones the current one.
     client: Mutex<quinn::ClientConfig>,
+    /// The same credentials with the probe ALPN ([`Overlay::probe`]).
+    probe_client: Mutex<quinn::ClientConfig>,
     transport: Arc<quinn::TransportConfig>,
     conns: Mutex<HashMap<SocketAddr, Conn>>,
     senders: Mutex<HashMap<SocketAddr, mpsc::Sender<Bytes>>>,
@@ -300,11 +302,17 @@ fn transport_config(cfg: &OverlayConfig) -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
+type QuicConfigs = (
+    quinn::ServerConfig,
+    quinn::ClientConfig,
+    quinn::ClientConfig,
+);
+
 fn quic_configs(
     identity: &NodeIdentity,
     cfg: &OverlayConfig,
     transport: &Arc<quinn::TransportConfig>,
-) -> Result<(quinn::ServerConfig, quinn::ClientConfig), TransportError> {
+) -> Result<QuicConfigs, TransportError> {
     let guard = tls::PeerGuard {
         revoked: cfg.revoked.clone(),
         refusals: cfg.refusals.clone(),
@@ -315,7 +323,11 @@ fn quic_configs(
     let client_tls = QuicClientConfig::try_from(tls::client_config(identity, &guard)?)?;
     let mut client = quinn::ClientConfig::new(Arc::new(client_tls));
     client.transport_config(transport.clone());
-    Ok((server, client))
+    let mut probe_tls = tls::client_config(identity, &guard)?;
+    probe_tls.alpn_protocols = vec![tls::ALPN_PROBE.to_vec()];
+    let mut probe = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(probe_tls)?));
+    probe.transport_config(transport.clone());
+    Ok((server, client, probe))
 }
 
 impl Overlay {
@@ -326,7 +338,7 @@ impl Overlay {
     ) -> Result<(Overlay, mpsc::Receiver<Inbound>), TransportError> {
         let identity = cfg.identity.clone();
         let transport = transport_config(&cfg);
-        let (server, client) = quic_configs(&identity, &cfg, &transport)?;
+        let (server, client, probe_client) = quic_configs(&identity, &cfg, &transport)?;
         let endpoint =
             Endpoint::server(server, cfg.listen).map_err(|source| TransportError::Bind {
                 addr: cfg.listen,
@@ -346,6 +358,7 @@ impl Overlay {
             name: identity.name().to_string(),
             cfg,
             client: Mutex::new(client),
+            probe_client: Mutex::new(probe_client),
             transport,
             conns: Mutex::new(HashMap::new()),
             senders: Mutex::new(HashMap::new()),
@@ -476,9 +489,11 @@ impl Overlay {
                 self.inner.name
             )));
         }
-        let (server, client) = quic_configs(identity, &self.inner.cfg, &self.inner.transport)?;
+        let (server, client, probe) =
+            quic_configs(identity, &self.inner.cfg, &self.inner.transport)?;
         self.inner.endpoint.set_server_config(Some(server));
         *lock(&self.inner.client) = client;
+        *lock(&self.inner.probe_client) = probe;
         info!(node = %self.inner.name, serial = %identity.info.serial_hex, "overlay now presents the reloaded certificate");
         Ok(())
     }
@@ -556,7 +571,7 @@ impl Overlay {
     /// verified name: a check that the peer accepts this node's *current*
     /// certificate (`dmsc-node check`).
     pub async fn probe(&self, addr: SocketAddr) -> Result<String, TransportError> {
-        let conn = dial(&self.inner, addr).await?;
+        let conn = dial(&self.inner, addr, true).await?;
         let name = peer_name(&conn).unwrap_or_default();
         conn.close(VarInt::from_u32(CLOSE_DUPLICATE), b"probe");
         Ok(name)
@@ -600,6 +615,12 @@ async fn accept_loop(endpoint: Endpoint, weak: Weak<Inner>) {
         let stats = inner.stats.clone();
         spawn(&inner, async move {
             match incoming.await {
+                Ok(conn) if is_probe(&conn) => {
+                    // The handshake was the whole point (the dialer waits
+                    // for its confirmation); never pool a probe.
+                    bump(&stats.handshakes_ok_inbound, 1);
+                    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+                }
                 Ok(conn) => {
                     bump(&stats.handshakes_ok_inbound, 1);
                     if let Some(inner) = weak.upgrade() {
@@ -613,6 +634,13 @@ async fn accept_loop(endpoint: Endpoint, weak: Weak<Inner>) {
             }
         });
     }
+}
+
+fn is_probe(conn: &Connection) -> bool {
+    conn.handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol)
+        .is_some_and(|p| p == tls::ALPN_PROBE)
 }
 
 fn peer_name(conn: &Connection) -> Option<String> {
@@ -857,7 +885,7 @@ async fn connection_to(inner: &Arc<Inner>, addr: SocketAddr) -> Result<Connectio
             return Ok(c.conn.clone());
         }
     }
-    let conn = dial(inner, addr).await?;
+    let conn = dial(inner, addr, false).await?;
     bump(&inner.stats.handshakes_ok_outbound, 1);
     adopt(inner, conn, true).ok_or_else(|| TransportError::Connect {
         addr,
@@ -868,12 +896,16 @@ async fn connection_to(inner: &Arc<Inner>, addr: SocketAddr) -> Result<Connectio
 /// Dials `addr` with the current client config and waits until the peer
 /// has accepted our certificate. Counts failed handshakes; the caller
 /// counts a success once it keeps the connection.
-async fn dial(inner: &Inner, addr: SocketAddr) -> Result<Connection, TransportError> {
+async fn dial(inner: &Inner, addr: SocketAddr, probe: bool) -> Result<Connection, TransportError> {
     let failed = |reason: String| {
         bump(&inner.stats.handshakes_failed_outbound, 1);
         TransportError::Connect { addr, reason }
     };
-    let client = lock(&inner.client).clone();
+    let client = if probe {
+        lock(&inner.probe_client).clone()
+    } else {
+        lock(&inner.client).clone()
+    };
     let connecting = inner
         .endpoint
         .connect_with(client, addr, "dmsc-node")

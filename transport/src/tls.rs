@@ -41,6 +41,10 @@ use crate::TransportError;
 
 /// ALPN protocol id of the overlay; bumped on an incompatible wire change.
 pub const ALPN: &[u8] = b"dmsc/1";
+/// ALPN of a probe: a full handshake that checks the peer accepts our
+/// certificate (`dmsc-node check`), which the peer must not adopt as a
+/// connection (it would displace the pooled one).
+pub const ALPN_PROBE: &[u8] = b"dmsc-probe/1";
 
 /// The crypto provider used everywhere (ring: small, no C++/cmake build).
 pub fn provider() -> Arc<CryptoProvider> {
@@ -346,7 +350,7 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(verifier))
         .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
-    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    cfg.alpn_protocols = vec![ALPN.to_vec(), ALPN_PROBE.to_vec()];
     no_resumption(&mut cfg);
     Ok(cfg)
 }

@@ -262,3 +262,27 @@ async fn a_node_issuer_cannot_mint_node_certificates() {
     );
     let _ = good;
 }
+
+#[tokio::test]
+async fn a_probe_checks_the_handshake_without_touching_the_pooled_connection() {
+    let ca = CertificateAuthority::generate("mesh.test").expect("ca");
+    // Names chosen so a pooled-connection tie-break would favour the probe.
+    let (a, _a) = overlay(identity(&ca, "a")).await;
+    let (z, _z) = overlay(identity(&ca, "z")).await;
+    assert_eq!(z.connect(a.local_addr()).await.expect("z dials a"), "a");
+    wait_until("a sees z", Duration::from_secs(5), || a.peers().len() == 1).await;
+    let (before_a, before_z) = (a.peers()[0].since, z.peers()[0].since);
+    for _ in 0..3 {
+        assert_eq!(a.probe(z.local_addr()).await.expect("probe"), "z");
+        assert_eq!(z.probe(a.local_addr()).await.expect("probe"), "a");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(a.peers().len(), 1);
+    assert_eq!(z.peers().len(), 1);
+    assert_eq!(a.peers()[0].since, before_a, "a kept its connection");
+    assert_eq!(z.peers()[0].since, before_z, "z kept its connection");
+    // A probe to a node that refuses us fails with the reason.
+    let other = CertificateAuthority::generate("mesh.test").expect("other");
+    let (x, _x) = overlay(identity(&other, "x")).await;
+    assert!(a.probe(x.local_addr()).await.is_err());
+}
