@@ -280,6 +280,23 @@ impl AuditHandle {
         }
     }
 
+    /// Queues `event` if there is room right now; never waits. A full queue
+    /// hands the event back (so the caller can wait for room without having
+    /// cloned it first); a shut-down log drops it and says `Ok`.
+    pub fn offer(&self, event: Event) -> Result<(), Event> {
+        match self.tx.try_send(Msg::Event {
+            ts: now_ms(),
+            event,
+        }) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(Msg::Event { event, .. })) => Err(event),
+            Err(_) => {
+                self.rejected();
+                Ok(())
+            }
+        }
+    }
+
     /// Waits until everything queued before this call is written and synced
     /// to disk, whatever the fsync policy.
     pub async fn flush(&self) -> Result<(), AuditError> {

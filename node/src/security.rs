@@ -431,7 +431,7 @@ impl Security {
             dmsc_audit::EventKind::Delegation(_) => {}
         }
         if let Some(a) = &self.audit {
-            if !a.try_record(e.clone()) {
+            if let Err(e) = a.offer(e) {
                 // The writer is a full queue behind. Wait for room, but
                 // with a bound on waiters: a flood of refused requests must
                 // not turn into unbounded tasks. Beyond it, entries are
