@@ -283,6 +283,9 @@ impl AuditHandle {
     /// Queues `event` if there is room right now; never waits. A full queue
     /// hands the event back (so the caller can wait for room without having
     /// cloned it first); a shut-down log drops it and says `Ok`.
+    // The event goes back by value on purpose (boxing it would allocate on
+    // every call to save a move on the rare full-queue path).
+    #[allow(clippy::result_large_err)]
     pub fn offer(&self, event: Event) -> Result<(), Event> {
         match self.tx.try_send(Msg::Event {
             ts: now_ms(),

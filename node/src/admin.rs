@@ -166,7 +166,18 @@ async fn tokens_route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) -> Re
         }
     };
     let ttl = std::time::Duration::from_secs(ask.ttl_secs.unwrap_or(3600));
-    match s.security.create_token(&ask.tenant, &ask.agent, ttl) {
+    // The token store fsyncs: off the async workers.
+    let sec = s.security.clone();
+    let made = tokio::task::spawn_blocking(move || sec.create_token(&ask.tenant, &ask.agent, ttl))
+        .await
+        .unwrap_or_else(|e| {
+            Err(crate::security::Refusal::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("token task failed: {e}"),
+            ))
+        });
+    match made {
         Ok((token, info)) => json(
             StatusCode::CREATED,
             &serde_json::json!({
@@ -236,12 +247,11 @@ async fn revocations_route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) 
 /// Only IP literals and `localhost` are accepted as `Host`: a web page the
 /// operator opens cannot reach this port through DNS rebinding.
 fn host_ok<B>(req: &Request<B>) -> bool {
-    let Some(host) = req
-        .headers()
-        .get(hyper::header::HOST)
-        .and_then(|h| h.to_str().ok())
-    else {
+    let Some(host) = req.headers().get(hyper::header::HOST) else {
         return true; // HTTP/1.0 without Host: not a browser
+    };
+    let Ok(host) = host.to_str() else {
+        return false;
     };
     let name = match host.rsplit_once(':') {
         Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,

@@ -792,7 +792,7 @@ pub async fn peer_checks(s: &Shared) -> serde_json::Value {
         };
         for addr in addrs {
             let error =
-                match tokio::time::timeout(Duration::from_secs(5), s.overlay.connect(addr)).await {
+                match tokio::time::timeout(Duration::from_secs(5), s.overlay.probe(addr)).await {
                     Ok(Ok(_)) => None,
                     Ok(Err(e)) => Some(e.to_string()),
                     Err(_) => Some("no answer within 5 s".to_string()),

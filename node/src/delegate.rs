@@ -601,7 +601,8 @@ impl Delegator {
         self.metrics.inbound.inc();
         let span =
             tracing::info_span!("delegation-in", from = %peer, agent = %id, trace = %head.trace_id);
-        async {
+        let started = Instant::now();
+        let (outcome, status) = async {
             // Destination-side check: deliver only to our own agent of that tenant.
             let Some(agent) = self.agents.get(&id) else {
                 let me = MeshError::new(
@@ -611,7 +612,10 @@ impl Delegator {
                 )
                 .agent(&id);
                 let _ = write_error(&mut send, &me, false, None).await;
-                return;
+                return (
+                    me.kind.as_str().to_string(),
+                    Some(me.kind.status().as_u16()),
+                );
             };
             let budget = Duration::from_millis(head.deadline_ms).min(MAX_DEADLINE);
             let deadline = Instant::now() + budget;
@@ -622,7 +626,10 @@ impl Delegator {
                     format!("invalid HTTP method `{}`", head.method),
                 );
                 let _ = write_error(&mut send, &me, false, None).await;
-                return;
+                return (
+                    me.kind.as_str().to_string(),
+                    Some(me.kind.status().as_u16()),
+                );
             };
             let headers = wire::from_wire_headers(&head.headers);
             let body = if head.empty_body {
@@ -647,10 +654,10 @@ impl Delegator {
                 r = delivery => r,
                 _ = send.stopped() => {
                     debug!("caller gave up before the response head");
-                    return;
+                    return ("cancelled".to_string(), None);
                 }
             };
-            let (outcome, status) = match result {
+            match result {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
                     let outcome = if resp.status().is_server_error() {
@@ -662,6 +669,7 @@ impl Delegator {
                         // Reset, never finish: a cut-off body must not look complete.
                         send.reset(dmsc_transport::overlay::RESET_CANCELLED);
                         debug!(error = %e, "response copy stopped (agent or caller went away)");
+                        return ("cut-off".to_string(), Some(status));
                     }
                     (outcome.to_string(), Some(status))
                 }
@@ -673,31 +681,29 @@ impl Delegator {
                     let _ = write_error(&mut send, &e, true, None).await;
                     (e.kind.as_str().to_string(), Some(e.kind.status().as_u16()))
                 }
-            };
-            // The serving side keeps its own record: who (as the calling
-            // node vouched, over a verified overlay connection) reached
-            // which of its agents, and how it went.
-            if self.security.audit.is_some() {
-                self.security.record(dmsc_audit::Event::tenant(
-                    head.tenant.clone(),
-                    dmsc_audit::Delegation {
-                        caller: format!("{} (via node {peer})", head.caller),
-                        target: format!("agent:{}", head.agent),
-                        route: "inbound".into(),
-                        agent: Some(id.to_string()),
-                        serving_node: Some(self.me.clone()),
-                        outcome,
-                        status,
-                        duration_ms: budget
-                            .saturating_sub(deadline.saturating_duration_since(Instant::now()))
-                            .as_millis() as u64,
-                        trace_id: Some(head.trace_id.clone()),
-                    },
-                ));
             }
         }
         .instrument(span)
-        .await
+        .await;
+        // The serving side keeps its own record of every delegation it was
+        // asked for: who (as the calling node vouched, over a verified
+        // overlay connection) reached which of its agents, and how it went.
+        if self.security.audit.is_some() {
+            self.security.record(dmsc_audit::Event::tenant(
+                head.tenant.clone(),
+                dmsc_audit::Delegation {
+                    caller: format!("{} (via node {peer})", head.caller),
+                    target: format!("agent:{}", head.agent),
+                    route: "inbound".into(),
+                    agent: Some(id.to_string()),
+                    serving_node: Some(self.me.clone()),
+                    outcome,
+                    status,
+                    duration_ms: started.elapsed().as_millis() as u64,
+                    trace_id: Some(head.trace_id.clone()),
+                },
+            ));
+        }
     }
 }
 

@@ -38,6 +38,17 @@ use tracing::{info, warn};
 use crate::config::NodeConfig;
 use crate::NodeError;
 
+fn not_hosted(issuer: &NodeIssuer, tenant: &str) -> Refusal {
+    Refusal::new(
+        StatusCode::FORBIDDEN,
+        "tenant_not_hosted",
+        format!(
+            "this node's issuing certificate may only issue for tenants `{}`, not `{tenant}`",
+            issuer.tenants.as_deref().unwrap_or_default().join("`, `")
+        ),
+    )
+}
+
 /// How long a validated JWT is trusted without checking it again.
 pub const JWT_CACHE_TTL: Duration = Duration::from_secs(60);
 /// Distinct tokens remembered at most.
@@ -53,9 +64,24 @@ pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 /// credentials.
 fn admin_token(path: &Path) -> Result<[u8; 32], NodeError> {
     use sha2::Digest;
+    use std::os::unix::fs::PermissionsExt;
+    let unusable = |why: String| {
+        NodeError::Internal(format!(
+            "admin token `{}`: {why}; fix or remove the file (a new one is made when it is missing)",
+            path.display()
+        ))
+    };
     let token = match std::fs::read_to_string(path) {
-        Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
-        _ => {
+        Ok(t) if !t.trim().is_empty() => {
+            if let Ok(m) = std::fs::metadata(path) {
+                if m.permissions().mode() & 0o077 != 0 {
+                    warn!(path = %path.display(), mode = format!("{:o}", m.permissions().mode() & 0o777), "the admin token is readable by other users: chmod 600 it");
+                }
+            }
+            t.trim().to_string()
+        }
+        Ok(_) => return Err(unusable("the file is empty".into())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let t = format!(
                 "{:032x}{:032x}",
                 rand::random::<u128>(),
@@ -65,6 +91,7 @@ fn admin_token(path: &Path) -> Result<[u8; 32], NodeError> {
             info!(path = %path.display(), "created the admin token (needed by `token create`, `revoke apply`, POST /v1/agents)");
             t
         }
+        Err(e) => return Err(unusable(e.to_string())),
     };
     Ok(sha2::Sha256::digest(token.as_bytes()).into())
 }
@@ -328,7 +355,9 @@ impl Security {
     /// agent sends the same token on every request until it expires, and a
     /// signature check costs tens of microseconds (BENCHMARKS.md). A cached
     /// verdict lasts at most [`JWT_CACHE_TTL`] and never past the token's
-    /// `exp`, so a key removed from the JWKS stops working within a minute.
+    /// `exp`: a token signed with a key later removed from the JWKS keeps
+    /// working until the JWKS refresh notices (`jwt.refresh_secs`) plus up
+    /// to this minute.
     pub async fn validate_jwt(
         &self,
         token: &str,
@@ -460,17 +489,8 @@ impl Security {
         ttl: Duration,
     ) -> Result<(String, dmsc_auth::token::TokenInfo), Refusal> {
         // A token this node could never honour is refused now, not at enrollment.
-        if let Some(i) = self.issuer() {
-            if !i.may_issue_for(tenant) {
-                return Err(Refusal::new(
-                    StatusCode::BAD_REQUEST,
-                    "tenant_not_hosted",
-                    format!(
-                        "this node's issuing certificate may only issue for tenants `{}`, not `{tenant}`",
-                        i.tenants.as_deref().unwrap_or_default().join("`, `")
-                    ),
-                ));
-            }
+        if let Some(i) = self.issuer().filter(|i| !i.may_issue_for(tenant)) {
+            return Err(not_hosted(&i, tenant));
         }
         let store = &self.tokens;
         store
@@ -493,6 +513,9 @@ impl Security {
         csr: Option<&str>,
     ) -> Result<dmsc_transport::pki::AgentCert, Refusal> {
         let issuer = self.issuer().ok_or_else(|| self.no_issuer())?;
+        if !issuer.may_issue_for(tenant) {
+            return Err(not_hosted(&issuer, tenant));
+        }
         let key = match csr {
             Some(pem) => AgentKey::Csr(pem),
             None => AgentKey::Generate,
@@ -545,8 +568,21 @@ impl Security {
         let store = &self.tokens;
         // Everything that can fail after the token is spent is checked
         // before spending it: a one-time token is not burnt by a bad CSR.
-        if self.issuer().is_none() {
+        let Some(issuer) = self.issuer() else {
             return Err(self.no_issuer());
+        };
+        // The tenant the certificate would be for: the one claimed, else the
+        // token's own (looked up by its public id, without spending it).
+        let token_id = req.token.split('.').nth(1).unwrap_or_default();
+        let tenant = req.tenant.clone().or_else(|| {
+            self.tokens
+                .list()
+                .into_iter()
+                .find(|t| t.id == token_id)
+                .map(|t| t.tenant)
+        });
+        if let Some(t) = tenant.filter(|t| !issuer.may_issue_for(t)) {
+            return Err(refuse(not_hosted(&issuer, &t), Some(t.clone()), None));
         }
         if let Some(csr) = &req.csr_pem {
             dmsc_transport::pki::check_csr(csr).map_err(|e| {

@@ -220,6 +220,17 @@ pub fn issuer_tenants(der: &[u8]) -> Option<Vec<String>> {
     (!tenants.is_empty()).then_some(tenants)
 }
 
+/// True if `issuer`'s key made the signature on `leaf` (both DER).
+pub fn signed_by(leaf: &[u8], issuer: &[u8]) -> bool {
+    let (Ok((_, leaf)), Ok((_, issuer))) = (
+        X509Certificate::from_der(leaf),
+        X509Certificate::from_der(issuer),
+    ) else {
+        return false;
+    };
+    leaf.verify_signature(Some(issuer.public_key())).is_ok()
+}
+
 /// Serial (normalized) of a DER certificate, whatever it carries; `None` if
 /// it does not parse.
 pub fn serial_of(der: &[u8]) -> Option<String> {

@@ -56,6 +56,8 @@ const CLOSE_SELF: u32 = 3;
 const CLOSE_PEER_GONE: u32 = 4;
 /// Close code when a certificate of the peer's chain was revoked.
 const CLOSE_REVOKED: u32 = 5;
+/// Close code of a probe connection once its handshake is confirmed.
+const CLOSE_PROBE: u32 = 6;
 /// Messages queued per peer before further ones are dropped.
 const PEER_QUEUE: usize = 256;
 /// A per-peer sender task exits after this long with nothing to send.
@@ -572,8 +574,9 @@ impl Overlay {
     /// certificate (`dmsc-node check`).
     pub async fn probe(&self, addr: SocketAddr) -> Result<String, TransportError> {
         let conn = dial(&self.inner, addr, true).await?;
+        bump(&self.inner.stats.handshakes_ok_outbound, 1);
         let name = peer_name(&conn).unwrap_or_default();
-        conn.close(VarInt::from_u32(CLOSE_DUPLICATE), b"probe");
+        conn.close(VarInt::from_u32(CLOSE_PROBE), b"probe");
         Ok(name)
     }
 

@@ -73,6 +73,12 @@ impl RefusalLog {
     const KEEP: usize = 32;
 
     pub fn push(&self, reason: String) {
+        // Names in it come from a peer's certificate: keep them printable.
+        let reason: String = reason
+            .chars()
+            .take(400)
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect();
         let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         if r.len() == Self::KEEP {
             r.pop_front();
@@ -137,19 +143,28 @@ impl MeshPolicy {
 
     fn refuse(&self, reason: String) -> rustls::Error {
         tracing::warn!(%reason, "refused overlay peer certificate");
-        self.refusals.push(reason);
         rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
     }
 
     /// Turns a path-validation failure into a log line that says what to fix.
     fn explain(&self, end_entity: &CertificateDer<'_>, err: rustls::Error) -> rustls::Error {
         let reason = path_failure(&err, end_entity, &self.root_subjects);
-        let subject = cert_info(end_entity)
+        let info = cert_info(end_entity).ok();
+        let subject = info
+            .as_ref()
             .map(|i| i.spiffe.to_string())
-            .unwrap_or_else(|_| "<no SPIFFE ID>".into());
+            .unwrap_or_else(|| "<no SPIFFE ID>".into());
         tracing::warn!(peer = %subject, %reason, "refused overlay peer certificate");
-        self.refusals
-            .push(format!("certificate `{subject}` {reason}"));
+        // Kept for `check` only when the certificate claims to be a node of
+        // this mesh: that is a CA mismatch (or an expired node), while a
+        // random scanner's self-signed certificate is not worth an alarm.
+        if info.is_some_and(|i| {
+            i.spiffe.trust_domain == self.trust_domain
+                && matches!(i.spiffe.workload, Workload::Node(_))
+        }) {
+            self.refusals
+                .push(format!("certificate `{subject}` {reason}"));
+        }
         err
     }
 }
@@ -524,20 +539,23 @@ pub fn verify_agent(
             info.spiffe, r.serial, r.reason
         ));
     }
-    // The issuing certificate that signed it (path validation passed, so
-    // it is the intermediate named as issuer) may be limited to tenants.
+    // The issuing certificate that signed it may be limited to tenants.
+    // Which one signed is decided by the signature, not by the name: a
+    // client may present extra certificates with the issuer's name.
     if let Workload::Agent { tenant, .. } = &info.spiffe.workload {
-        let issuer = intermediates
+        for signer in intermediates
             .iter()
-            .find(|c| cert_info(c).is_ok_and(|i| i.subject == info.issuer));
-        if let Some(allowed) = issuer.and_then(|c| crate::identity::issuer_tenants(c)) {
-            if !allowed.iter().any(|t| t == tenant) {
-                return Err(format!(
-                    "certificate `{}` was signed by `{}`, which may only issue for tenants `{}`",
-                    info.spiffe,
-                    info.issuer,
-                    allowed.join("`, `")
-                ));
+            .filter(|c| crate::identity::signed_by(leaf, c))
+        {
+            if let Some(allowed) = crate::identity::issuer_tenants(signer) {
+                if !allowed.iter().any(|t| t == tenant) {
+                    return Err(format!(
+                        "certificate `{}` was signed by `{}`, which may only issue for tenants `{}`",
+                        info.spiffe,
+                        info.issuer,
+                        allowed.join("`, `")
+                    ));
+                }
             }
         }
     }
@@ -629,6 +647,24 @@ mod tests {
         let forged = params.signed_by(&leaf_key, &signer).expect("sign");
         let chain = chain_of(&format!("{}{}", forged.pem(), creds.issuer.cert_pem));
         let e = verify_agent(&chain, &identity, &revoked, UnixTime::now()).expect_err("forged");
+        assert!(e.contains("may only issue for tenants `acme`"), "{e}");
+        // A decoy with the issuer's name (and no tenant limit) placed first
+        // in the chain changes nothing: the signature decides the issuer.
+        let decoy_key = rcgen::KeyPair::generate().expect("key");
+        let mut decoy = rcgen::CertificateParams::default();
+        let mut dn = rcgen::DistinguishedName::new();
+        dn.push(rcgen::DnType::OrganizationName, "dmsc");
+        dn.push(rcgen::DnType::CommonName, "dmsc issuer n1");
+        decoy.distinguished_name = dn;
+        decoy.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+        let decoy = decoy.self_signed(&decoy_key).expect("decoy");
+        let chain = chain_of(&format!(
+            "{}{}{}",
+            forged.pem(),
+            decoy.pem(),
+            creds.issuer.cert_pem
+        ));
+        let e = verify_agent(&chain, &identity, &revoked, UnixTime::now()).expect_err("decoy");
         assert!(e.contains("may only issue for tenants `acme`"), "{e}");
 
         // An unrestricted issuer (no tenant SANs) issues for anyone.
