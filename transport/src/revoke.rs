@@ -349,6 +349,25 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        #[test]
+        fn parsing_never_panics_and_made_up_statements_never_verify(
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            serial in "[0-9a-f]{1,32}",
+            sig in "[0-9a-f]{0,160}",
+        ) {
+            let _ = Revocation::parse(&data);
+            let forged = format!(
+                r#"{{"v":1,"serial":"{serial}","reason":"x","revoked_at":1,"sig":"{sig}"}}"#
+            );
+            if let Ok(r) = Revocation::parse(forged.as_bytes()) {
+                let ca = CertificateAuthority::generate("td").expect("ca");
+                let roots = certs_from_pem(&ca.cert_pem, Path::new("ca")).expect("roots");
+                proptest::prop_assert!(r.verify(&roots).is_err());
+            }
+        }
+    }
+
     #[test]
     fn junk_is_refused() {
         assert!(Revocation::parse(b"{").is_err());
