@@ -511,6 +511,7 @@ impl Security {
         tenant: &str,
         agent: &str,
         csr: Option<&str>,
+        ancestors: &[String],
     ) -> Result<dmsc_transport::pki::AgentCert, Refusal> {
         let issuer = self.issuer().ok_or_else(|| self.no_issuer())?;
         if !issuer.may_issue_for(tenant) {
@@ -521,7 +522,7 @@ impl Security {
             None => AgentKey::Generate,
         };
         let cert = issuer
-            .issue_agent(tenant, agent, key, self.agent_ttl)
+            .issue_agent_renewing(tenant, agent, key, self.agent_ttl, ancestors)
             .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, "bad_csr", e.to_string()))?;
         self.issued.fetch_add(1, Ordering::Relaxed);
         Ok(cert)
@@ -615,7 +616,7 @@ impl Security {
                 )
             })?;
         let cert = self
-            .issue(&info.tenant, &info.agent, req.csr_pem.as_deref())
+            .issue(&info.tenant, &info.agent, req.csr_pem.as_deref(), &[])
             .map_err(|r| refuse(r, Some(info.tenant.clone()), claimed.clone()))?;
         self.record_issued(
             &info.tenant,
@@ -650,7 +651,12 @@ impl Security {
     pub fn renew(&self, who: &AgentIdentity, body: &[u8]) -> Result<EnrollResponse, Refusal> {
         let req = dmsc_auth::enroll::parse_renew(body)
             .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.code(), e.reason()))?;
-        let cert = self.issue(&who.tenant, &who.agent, req.csr_pem.as_deref())?;
+        // The new certificate remembers what it renews (and what that
+        // renewed), so revoking any of them revokes it too.
+        let ancestors: Vec<String> = std::iter::once(who.serial_hex.clone())
+            .chain(who.renewed_from.iter().cloned())
+            .collect();
+        let cert = self.issue(&who.tenant, &who.agent, req.csr_pem.as_deref(), &ancestors)?;
         self.record_issued(
             &who.tenant,
             &who.agent,

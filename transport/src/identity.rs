@@ -199,6 +199,28 @@ pub fn cert_info(der: &[u8]) -> Result<CertInfo, TransportError> {
     })
 }
 
+/// URI SAN prefix naming a serial an agent certificate was renewed from.
+pub const RENEWED_FROM_URN: &str = "urn:dmsc:renewed-from:";
+
+/// The serials a certificate says it was renewed from (its
+/// `urn:dmsc:renewed-from:<serial>` URI SANs), normalized.
+pub fn renewed_from(der: &[u8]) -> Vec<String> {
+    let Ok((_, cert)) = X509Certificate::from_der(der) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(u) => u.strip_prefix(RENEWED_FROM_URN).map(normalize_serial),
+            _ => None,
+        })
+        .collect()
+}
+
 /// URI SAN prefix that limits a node's issuing certificate to a tenant.
 pub const TENANT_URN: &str = "urn:dmsc:tenant:";
 

@@ -37,6 +37,10 @@ pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 pub const NODE_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Agent certificates are short-lived: a leaked one is worth a day at most.
 pub const AGENT_VALIDITY: Duration = Duration::from_secs(24 * 3600);
+/// Renewal ancestors an agent certificate remembers (with 24 h certificates
+/// renewed daily: about a week; an older stolen certificate has expired and
+/// could not renew anyway).
+pub const MAX_ANCESTORS: usize = 8;
 /// The longest agent certificate a node issues, whatever it is asked.
 pub const AGENT_VALIDITY_MAX: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Certificates start a little in the past so a peer with a slightly slow
@@ -456,6 +460,22 @@ impl NodeIssuer {
         key: AgentKey<'_>,
         validity: Duration,
     ) -> Result<AgentCert, TransportError> {
+        self.issue_agent_renewing(tenant, agent, key, validity, &[])
+    }
+
+    /// Same, for a renewal: `ancestors` (newest first, the serial being
+    /// renewed first) are written into the new certificate as
+    /// `urn:dmsc:renewed-from:<serial>` URI SANs (at most
+    /// [`MAX_ANCESTORS`]), so revoking a stolen certificate also revokes
+    /// whatever it was renewed into ([`crate::revoke::RevocationSet`]).
+    pub fn issue_agent_renewing(
+        &self,
+        tenant: &str,
+        agent: &str,
+        key: AgentKey<'_>,
+        validity: Duration,
+        ancestors: &[String],
+    ) -> Result<AgentCert, TransportError> {
         if !valid_name(tenant) || !valid_name(agent) {
             return Err(TransportError::Identity(format!(
                 "tenant `{tenant}` and agent `{agent}` must be 1-63 of a-z, 0-9 and -"
@@ -481,6 +501,17 @@ impl NodeIssuer {
         dn.push(DnType::CommonName, agent);
         params.distinguished_name = dn;
         params.subject_alt_names = vec![SanType::URI(spiffe.to_string().try_into()?)];
+        for serial in ancestors.iter().take(MAX_ANCESTORS) {
+            let serial = crate::identity::normalize_serial(serial);
+            if !serial.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(TransportError::Identity(format!(
+                    "`{serial}` is not a certificate serial"
+                )));
+            }
+            params.subject_alt_names.push(SanType::URI(
+                format!("{}{serial}", crate::identity::RENEWED_FROM_URN).try_into()?,
+            ));
+        }
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ClientAuth,

@@ -208,7 +208,9 @@ impl RevocationSet {
         v
     }
 
-    /// The first revoked certificate of a presented chain (leaf first).
+    /// The first revoked certificate of a presented chain (leaf first),
+    /// counting the serials a certificate was renewed from: revoking a
+    /// stolen certificate also revokes what it was renewed into.
     pub fn revoked_in<'a>(
         &self,
         chain: impl IntoIterator<Item = &'a CertificateDer<'a>>,
@@ -217,10 +219,12 @@ impl RevocationSet {
         if map.is_empty() {
             return None;
         }
-        chain
-            .into_iter()
-            .filter_map(|c| serial_of(c))
-            .find_map(|s| map.get(&s).cloned())
+        chain.into_iter().find_map(|c| {
+            serial_of(c)
+                .into_iter()
+                .chain(crate::identity::renewed_from(c))
+                .find_map(|s| map.get(&s).cloned())
+        })
     }
 
     /// Loads persisted revocations (one JSON statement per line), keeping

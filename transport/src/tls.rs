@@ -496,6 +496,8 @@ pub struct AgentIdentity {
     pub agent: String,
     pub serial_hex: String,
     pub not_after: std::time::SystemTime,
+    /// Serials this certificate was renewed from, newest first.
+    pub renewed_from: Vec<String>,
 }
 
 /// Judges a client certificate chain presented at the agent ingress: it must
@@ -566,6 +568,7 @@ pub fn verify_agent(
             spiffe: info.spiffe.clone(),
             serial_hex: info.serial_hex.clone(),
             not_after: info.not_after,
+            renewed_from: crate::identity::renewed_from(leaf),
         }),
         _ => Err(format!(
             "certificate `{}` is not an agent identity (spiffe://<td>/tenant/<t>/agent/<a>)",

@@ -354,6 +354,26 @@ async fn enrollment_with_valid_reused_expired_and_other_tenant_tokens() {
         "spiffe://mesh.dmsc.local/tenant/acme/agent/renewer"
     );
     assert_ne!(v["serial"], serial.as_str());
+    let (renewed_chain, renewed_key) = (
+        v["certificate_chain"].as_str().expect("chain").to_string(),
+        v["private_key"].as_str().expect("key").to_string(),
+    );
+    let renewed = client_config(&ca, Some((&renewed_chain, &renewed_key)));
+    let (status, _, body) = call_billing(&m, renewed.clone(), &[]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // Revoking the certificate that was renewed (say it was stolen and the
+    // thief renewed first) revokes the renewal too.
+    let rev = dmsc_transport::Revocation::sign(&m.mesh.ca, &serial, "stolen").expect("sign");
+    dmsc_node::ops::revoke_apply(
+        m.mesh.nodes[0].bound().admin,
+        &m.mesh.admin_token(0),
+        rev.to_json(),
+    )
+    .await
+    .expect("apply");
+    let (status, _, body) = call_billing(&m, renewed, &[]).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert!(body.contains("is revoked"), "{body}");
     assert_audited(
         &m.mesh,
         0,
