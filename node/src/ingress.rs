@@ -269,6 +269,55 @@ impl Ingress {
         });
     }
 
+    /// The agent a connection's client certificate proves *now*: judged at
+    /// the handshake, and still unrevoked and unexpired for this request (a
+    /// connection may outlive its certificate, or a revocation arrive).
+    fn cert_caller<'a>(
+        &self,
+        auth: &'a ConnAuth,
+        none: &str,
+    ) -> Result<&'a AgentIdentity, Refusal> {
+        let unauthorized = |code: &str, reason: String| {
+            Refusal::new(hyper::StatusCode::UNAUTHORIZED, code, reason)
+        };
+        match &auth.verdict {
+            None => Err(unauthorized("no_credentials", none.to_string())),
+            Some(Err(reason)) => Err(unauthorized("cert_refused", reason.clone())),
+            Some(Ok(who)) => {
+                if let Some(r) = self.security.revoked.revoked_in(auth.chain.iter()) {
+                    Err(unauthorized(
+                        "cert_revoked",
+                        format!(
+                            "certificate `{}` is revoked (serial {}: {})",
+                            who.spiffe, r.serial, r.reason
+                        ),
+                    ))
+                } else if std::time::SystemTime::now() > who.not_after {
+                    Err(unauthorized(
+                        "cert_expired",
+                        format!("certificate `{}` has expired", who.spiffe),
+                    ))
+                } else {
+                    Ok(who)
+                }
+            }
+        }
+    }
+
+    /// Audits a refused client certificate with whatever identity it claimed.
+    fn audit_cert_refusal(&self, method: dmsc_audit::AuthMethod, r: &Refusal, auth: &ConnAuth) {
+        let claimed = auth
+            .chain
+            .first()
+            .and_then(|c| dmsc_transport::identity::cert_info(c).ok())
+            .map(|i| i.spiffe.to_string());
+        let tenant = match &auth.verdict {
+            Some(Ok(who)) => Some(who.tenant.clone()),
+            _ => None,
+        };
+        self.audit_auth_failure(method, &r.reason, auth, claimed, tenant);
+    }
+
     /// Who is calling: bearer JWT if one is sent, else the client
     /// certificate, else (unauthenticated listeners) the listener's tenant.
     async fn authenticate<B>(&self, req: &Request<B>, auth: &ConnAuth) -> Result<Caller, Refusal> {
@@ -310,68 +359,28 @@ impl Ingress {
                 }
             };
         }
-        match &auth.verdict {
-            Some(Ok(who)) => {
-                // The verdict is per connection; a revocation that arrived
-                // since must still stop the next request on it.
-                if let Some(r) = self.security.revoked.revoked_in(auth.chain.iter()) {
-                    let reason = format!(
-                        "certificate `{}` is revoked (serial {}: {})",
-                        who.spiffe, r.serial, r.reason
-                    );
-                    self.audit_auth_failure(
-                        AuthMethod::Mtls,
-                        &reason,
-                        auth,
-                        Some(who.spiffe.to_string()),
-                        Some(who.tenant.clone()),
-                    );
-                    return Err(unauthorized("cert_revoked", reason));
-                }
-                // Likewise expiry: a connection may outlive its certificate.
-                if std::time::SystemTime::now() > who.not_after {
-                    let reason = format!("certificate `{}` has expired", who.spiffe);
-                    self.audit_auth_failure(
-                        AuthMethod::Mtls,
-                        &reason,
-                        auth,
-                        Some(who.spiffe.to_string()),
-                        Some(who.tenant.clone()),
-                    );
-                    return Err(unauthorized("cert_expired", reason));
-                }
-                Ok(Caller {
-                    tenant: who.tenant.clone(),
-                    agent: Some(who.agent.clone()),
-                    id: who.spiffe.to_string(),
-                    bearer: false,
-                })
+        let how = match (self.spec.mtls, self.spec.jwt) {
+            (true, true) => {
+                "a client certificate from the mesh CA or an `Authorization: Bearer` token"
             }
-            Some(Err(reason)) => {
-                let claimed = auth
-                    .chain
-                    .first()
-                    .and_then(|c| dmsc_transport::identity::cert_info(c).ok())
-                    .map(|i| i.spiffe.to_string());
-                self.audit_auth_failure(AuthMethod::Mtls, reason, auth, claimed, None);
-                Err(unauthorized("cert_refused", reason.clone()))
-            }
-            None => {
-                let how = match (self.spec.mtls, self.spec.jwt) {
-                    (true, true) => {
-                        "a client certificate from the mesh CA or an `Authorization: Bearer` token"
-                    }
-                    (true, false) => "a client certificate from the mesh CA",
-                    _ => "an `Authorization: Bearer` token",
-                };
-                let reason = format!("no credentials: this ingress needs {how}");
+            (true, false) => "a client certificate from the mesh CA",
+            _ => "an `Authorization: Bearer` token",
+        };
+        match self.cert_caller(auth, &format!("no credentials: this ingress needs {how}")) {
+            Ok(who) => Ok(Caller {
+                tenant: who.tenant.clone(),
+                agent: Some(who.agent.clone()),
+                id: who.spiffe.to_string(),
+                bearer: false,
+            }),
+            Err(r) => {
                 let method = if self.spec.mtls {
                     AuthMethod::Mtls
                 } else {
                     AuthMethod::Jwt
                 };
-                self.audit_auth_failure(method, &reason, auth, None, None);
-                Err(unauthorized("no_credentials", reason))
+                self.audit_cert_refusal(method, &r, auth);
+                Err(r)
             }
         }
     }
@@ -418,40 +427,19 @@ impl Ingress {
             })
         };
         let result = if renew {
-            match &auth.verdict {
-                Some(Ok(who)) if std::time::SystemTime::now() > who.not_after => Err(Refusal::new(
-                    hyper::StatusCode::UNAUTHORIZED,
-                    "cert_expired",
-                    format!(
-                        "certificate `{}` has expired; enroll again with a join token",
-                        who.spiffe
-                    ),
-                )),
-                Some(Ok(who)) => match self.security.revoked.revoked_in(auth.chain.iter()) {
-                    None => {
-                        let who = who.clone();
-                        blocking(Box::new(move || sec.renew(&who, &body))).await
-                    }
-                    Some(r) => Err(Refusal::new(
-                        hyper::StatusCode::UNAUTHORIZED,
-                        "cert_revoked",
-                        format!("certificate serial {} is revoked: {}", r.serial, r.reason),
-                    )),
-                },
-                Some(Err(reason)) => Err(Refusal::new(
-                    hyper::StatusCode::UNAUTHORIZED,
-                    "cert_refused",
-                    reason.clone(),
-                )),
-                None => Err(Refusal::new(
-                    hyper::StatusCode::UNAUTHORIZED,
-                    "no_credentials",
-                    "renewal needs the current agent certificate as TLS client certificate",
-                )),
+            match self.cert_caller(
+                auth,
+                "renewal needs the current agent certificate as TLS client certificate",
+            ) {
+                Ok(who) => {
+                    let who = who.clone();
+                    blocking(Box::new(move || sec.renew(&who, &body))).await
+                }
+                Err(r) => {
+                    self.audit_cert_refusal(dmsc_audit::AuthMethod::Mtls, &r, auth);
+                    Err(r)
+                }
             }
-            .inspect_err(|r| {
-                self.audit_auth_failure(dmsc_audit::AuthMethod::Mtls, &r.reason, auth, None, None)
-            })
         } else {
             blocking(Box::new(move || sec.enroll(&body, peer))).await
         };
