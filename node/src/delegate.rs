@@ -199,8 +199,12 @@ impl Delegator {
         };
         let span = tracing::info_span!("delegation", tenant = %d.tenant, target = %target_desc, trace = %d.trace_id);
         let tenant = d.tenant.clone();
-        let caller = d.caller.clone();
-        let trace = d.trace_id.clone();
+        // Kept for the audit record only when there is an audit log.
+        let audited = self
+            .security
+            .audit
+            .is_some()
+            .then(|| (d.caller.clone(), d.trace_id.clone()));
         let started = std::time::Instant::now();
         let resp = self.delegate_inner(d).instrument(span).await;
         let outcome = match resp
@@ -213,7 +217,7 @@ impl Delegator {
             None => "ok".to_string(),
         };
         self.metrics.record(&tenant, &outcome, started.elapsed());
-        if self.security.audit.is_some() {
+        if let Some((caller, trace)) = audited {
             let header = |name: &str| {
                 resp.headers()
                     .get(name)

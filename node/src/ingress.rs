@@ -57,6 +57,9 @@ struct ConnAuth {
     peer: Option<SocketAddr>,
     /// The client certificate chain, if one was presented.
     chain: Vec<CertificateDer<'static>>,
+    /// Its serials that a revocation could name (parsed once per connection;
+    /// checked on every request).
+    serials: Vec<String>,
     /// The chain's verdict: the agent it proves, or why it proves nothing.
     verdict: Option<Result<AgentIdentity, String>>,
 }
@@ -218,7 +221,8 @@ impl Ingress {
                                         .unwrap_or_default();
                                     let verdict = (!chain.is_empty() && this.spec.mtls)
                                         .then(|| this.security.verify_agent(&chain));
-                                    let auth = Arc::new(ConnAuth { peer: Some(peer), chain, verdict });
+                                    let serials = dmsc_transport::revoke::chain_serials(chain.iter());
+                                    let auth = Arc::new(ConnAuth { peer: Some(peer), chain, serials, verdict });
                                     this.serve_conn(TokioIo::new(tls), auth, peer).await
                                 }
                             }
@@ -284,7 +288,7 @@ impl Ingress {
             None => Err(unauthorized("no_credentials", none.to_string())),
             Some(Err(reason)) => Err(unauthorized("cert_refused", reason.clone())),
             Some(Ok(who)) => {
-                if let Some(r) = self.security.revoked.revoked_in(auth.chain.iter()) {
+                if let Some(r) = self.security.revoked.revoked_among(&auth.serials) {
                     Err(unauthorized(
                         "cert_revoked",
                         format!(

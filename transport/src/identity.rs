@@ -202,43 +202,44 @@ pub fn cert_info(der: &[u8]) -> Result<CertInfo, TransportError> {
 /// URI SAN prefix naming a serial an agent certificate was renewed from.
 pub const RENEWED_FROM_URN: &str = "urn:dmsc:renewed-from:";
 
-/// The serials a certificate says it was renewed from (its
-/// `urn:dmsc:renewed-from:<serial>` URI SANs), normalized.
-pub fn renewed_from(der: &[u8]) -> Vec<String> {
+/// URI SAN prefix that limits a node's issuing certificate to a tenant.
+pub const TENANT_URN: &str = "urn:dmsc:tenant:";
+
+/// The rest of every URI SAN of `cert` that starts with `prefix`.
+fn uri_sans<'a>(cert: &'a X509Certificate<'_>, prefix: &'a str) -> impl Iterator<Item = &'a str> {
+    let names = match cert.subject_alternative_name() {
+        Ok(Some(san)) => san.value.general_names.as_slice(),
+        _ => &[],
+    };
+    names.iter().filter_map(move |n| match n {
+        GeneralName::URI(u) => u.strip_prefix(prefix),
+        _ => None,
+    })
+}
+
+/// The serials whose revocation condemns a certificate: its own and those
+/// it says it was renewed from (`urn:dmsc:renewed-from:<serial>` URI SANs),
+/// normalized; empty if it does not parse.
+pub fn revocation_serials(der: &[u8]) -> Vec<String> {
     let Ok((_, cert)) = X509Certificate::from_der(der) else {
         return Vec::new();
     };
-    let Ok(Some(san)) = cert.subject_alternative_name() else {
-        return Vec::new();
-    };
-    san.value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            GeneralName::URI(u) => u.strip_prefix(RENEWED_FROM_URN).map(normalize_serial),
-            _ => None,
-        })
+    std::iter::once(normalize_serial(&cert.raw_serial_as_string()))
+        .chain(uri_sans(&cert, RENEWED_FROM_URN).map(normalize_serial))
         .collect()
 }
 
-/// URI SAN prefix that limits a node's issuing certificate to a tenant.
-pub const TENANT_URN: &str = "urn:dmsc:tenant:";
+/// The serials a certificate says it was renewed from, normalized.
+pub fn renewed_from(der: &[u8]) -> Vec<String> {
+    revocation_serials(der).into_iter().skip(1).collect()
+}
 
 /// The tenants an issuing certificate is limited to (its
 /// `urn:dmsc:tenant:<t>` URI SANs); `None` when it carries none (any
 /// tenant) or does not parse.
 pub fn issuer_tenants(der: &[u8]) -> Option<Vec<String>> {
     let (_, cert) = X509Certificate::from_der(der).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
-    let tenants: Vec<String> = san
-        .value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            GeneralName::URI(u) => u.strip_prefix(TENANT_URN).map(str::to_string),
-            _ => None,
-        })
-        .collect();
+    let tenants: Vec<String> = uri_sans(&cert, TENANT_URN).map(str::to_string).collect();
     (!tenants.is_empty()).then_some(tenants)
 }
 

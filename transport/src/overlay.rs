@@ -511,11 +511,8 @@ impl Overlay {
         let mut closed = Vec::new();
         let mut conns = lock(&self.inner.conns);
         conns.retain(|addr, c| {
-            let chain = c
-                .conn
-                .peer_identity()
-                .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok());
-            let Some(r) = chain.and_then(|chain| revoked.revoked_in(chain.iter())) else {
+            let Some(r) = peer_chain(&c.conn).and_then(|chain| revoked.revoked_in(chain.iter()))
+            else {
                 return true;
             };
             c.conn
@@ -649,11 +646,16 @@ fn is_probe(conn: &Connection) -> bool {
         .is_some_and(|p| p == tls::ALPN_PROBE)
 }
 
-fn peer_name(conn: &Connection) -> Option<String> {
-    let certs = conn
-        .peer_identity()?
+/// The certificate chain the peer presented (and the verifier accepted).
+fn peer_chain(conn: &Connection) -> Option<Vec<CertificateDer<'static>>> {
+    conn.peer_identity()?
         .downcast::<Vec<CertificateDer<'static>>>()
-        .ok()?;
+        .ok()
+        .map(|c| *c)
+}
+
+fn peer_name(conn: &Connection) -> Option<String> {
+    let certs = peer_chain(conn)?;
     let info = cert_info(certs.first()?).ok()?;
     info.spiffe.node_name().map(str::to_string)
 }
@@ -674,9 +676,7 @@ fn adopt(inner: &Arc<Inner>, conn: Connection, outbound: bool) -> Option<Connect
         return None;
     }
     let peer: Arc<str> = peer.into();
-    let serial: Arc<str> = conn
-        .peer_identity()
-        .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok())
+    let serial: Arc<str> = peer_chain(&conn)
         .and_then(|c| c.first().and_then(|c| crate::identity::serial_of(c)))
         .unwrap_or_default()
         .into();
@@ -693,10 +693,7 @@ fn adopt(inner: &Arc<Inner>, conn: Connection, outbound: bool) -> Option<Connect
         // handshake and this point is either seen here or, if it lands
         // after, finds the connection in the pool (close_revoked takes the
         // same lock after inserting the revocation).
-        let chain = conn
-            .peer_identity()
-            .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok());
-        if let Some(r) = chain.and_then(|c| inner.cfg.revoked.revoked_in(c.iter())) {
+        if let Some(r) = peer_chain(&conn).and_then(|c| inner.cfg.revoked.revoked_in(c.iter())) {
             drop(conns);
             warn!(peer = %peer, serial = %r.serial, "refusing a connection whose certificate was revoked during the handshake");
             conn.close(VarInt::from_u32(CLOSE_REVOKED), b"certificate revoked");

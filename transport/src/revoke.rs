@@ -24,7 +24,7 @@ use rustls::pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::identity::{normalize_serial, serial_of};
+use crate::identity::normalize_serial;
 use crate::pki::CertificateAuthority;
 use crate::TransportError;
 
@@ -155,6 +155,15 @@ impl Revocation {
     }
 }
 
+/// Every serial whose revocation condemns a chain, leaf first: each
+/// certificate's own and those it was renewed from.
+pub fn chain_serials<'a>(chain: impl IntoIterator<Item = &'a CertificateDer<'a>>) -> Vec<String> {
+    chain
+        .into_iter()
+        .flat_map(|c| crate::identity::revocation_serials(c))
+        .collect()
+}
+
 /// The revocations a node knows, shared by every verifier of the node.
 /// Reads (one per handshake and per ingress request) vastly outnumber
 /// writes (one per revocation), hence the `RwLock`.
@@ -215,16 +224,21 @@ impl RevocationSet {
         &self,
         chain: impl IntoIterator<Item = &'a CertificateDer<'a>>,
     ) -> Option<Revocation> {
+        if self.is_empty() {
+            return None;
+        }
+        self.revoked_among(&chain_serials(chain))
+    }
+
+    /// The first revoked serial among `serials` (from [`chain_serials`]):
+    /// for callers that check one chain many times, e.g. per request on a
+    /// long-lived connection, without parsing its certificates each time.
+    pub fn revoked_among(&self, serials: &[String]) -> Option<Revocation> {
         let map = self.by_serial.read().unwrap_or_else(|p| p.into_inner());
         if map.is_empty() {
             return None;
         }
-        chain.into_iter().find_map(|c| {
-            serial_of(c)
-                .into_iter()
-                .chain(crate::identity::renewed_from(c))
-                .find_map(|s| map.get(&s).cloned())
-        })
+        serials.iter().find_map(|s| map.get(s).cloned())
     }
 
     /// Loads persisted revocations (one JSON statement per line), keeping

@@ -312,6 +312,15 @@ pub struct PeerGuard {
     pub refusals: Arc<RefusalLog>,
 }
 
+/// rustls' own path validation of client chains against the mesh roots.
+fn webpki_client_verifier(
+    identity: &NodeIdentity,
+) -> Result<Arc<dyn ClientCertVerifier>, TransportError> {
+    WebPkiClientVerifier::builder_with_provider(root_store(identity)?, provider())
+        .build()
+        .map_err(|e| TransportError::Identity(format!("client verifier: {e}")))
+}
+
 fn policy(identity: &NodeIdentity, guard: &PeerGuard) -> MeshPolicy {
     MeshPolicy {
         trust_domain: identity.trust_domain().to_string(),
@@ -353,12 +362,8 @@ pub fn server_config(
     guard: &PeerGuard,
 ) -> Result<ServerConfig, TransportError> {
     let provider = provider();
-    let inner =
-        WebPkiClientVerifier::builder_with_provider(root_store(identity)?, provider.clone())
-            .build()
-            .map_err(|e| TransportError::Identity(format!("client verifier: {e}")))?;
     let verifier = MeshClientVerifier {
-        inner,
+        inner: webpki_client_verifier(identity)?,
         policy: policy(identity, guard),
     };
     let mut cfg = ServerConfig::builder_with_provider(provider)
@@ -514,11 +519,8 @@ pub fn verify_agent(
         return Err("no client certificate".into());
     };
     let info = cert_info(leaf).map_err(|e| e.to_string())?;
-    let roots = root_store(identity).map_err(|e| e.to_string())?;
-    let webpki = WebPkiClientVerifier::builder_with_provider(roots, provider())
-        .build()
-        .map_err(|e| format!("client verifier: {e}"))?;
-    webpki
+    webpki_client_verifier(identity)
+        .map_err(|e| e.to_string())?
         .verify_client_cert(leaf, intermediates, now)
         .map_err(|e| {
             format!(
@@ -584,13 +586,8 @@ pub fn verify_own_chain(identity: &NodeIdentity) -> Result<(), String> {
     let Some((leaf, intermediates)) = identity.chain.split_first() else {
         return Err("no certificate".into());
     };
-    let webpki = WebPkiClientVerifier::builder_with_provider(
-        root_store(identity).map_err(|e| e.to_string())?,
-        provider(),
-    )
-    .build()
-    .map_err(|e| e.to_string())?;
-    webpki
+    webpki_client_verifier(identity)
+        .map_err(|e| e.to_string())?
         .verify_client_cert(leaf, intermediates, UnixTime::now())
         .map(|_| ())
         .map_err(|e| path_failure(&e, leaf, &identity.root_subjects))
