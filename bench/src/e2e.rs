@@ -24,8 +24,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dmsc_node::config::{RawAgent, RawSkill};
-use dmsc_node::http::{full, Upstream};
-use dmsc_node::testkit::LocalMesh;
+use dmsc_node::demo::mesh::LocalMesh;
+use dmsc_node::forward::client::Upstream;
+use dmsc_node::proto::http::full;
 use http_body_util::BodyExt;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
@@ -144,7 +145,7 @@ struct Path {
     host: &'static str,
 }
 
-fn request(p: &Path, body: &Bytes) -> anyhow::Result<Request<dmsc_node::http::Body>> {
+fn request(p: &Path, body: &Bytes) -> anyhow::Result<Request<dmsc_node::proto::http::Body>> {
     Ok(Request::post(format!("http://{}/", p.addr))
         .header("host", p.host)
         .header("content-type", "application/octet-stream")

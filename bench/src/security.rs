@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use bytes::Bytes;
 use dmsc_node::config::{RawAgent, RawIngress, RawJwt, RawSkill};
-use dmsc_node::testkit::{tls_client_config, tls_connect, LocalMesh};
+use dmsc_node::demo::mesh::{tls_client_config, tls_connect, LocalMesh};
 use dmsc_transport::pki::{CertificateAuthority, NODE_VALIDITY};
 use dmsc_transport::{NodeIdentity, Overlay, OverlayConfig};
 use http_body_util::{BodyExt, Full};

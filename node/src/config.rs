@@ -632,7 +632,7 @@ impl RawConfig {
             ));
         }
         for (i, a) in self.agents.iter().enumerate() {
-            if let Err(e) = crate::agents::check_spec(a) {
+            if let Err(e) = check_spec(a) {
                 errors.push(format!("agents[{i}]: {e}"));
             }
         }
@@ -834,6 +834,47 @@ impl NodeConfig {
             self.delegation.retries,
             self.delegation.selection,
         )
+    }
+}
+
+/// Checks an agent spec without touching the network (config validation).
+pub fn check_spec(a: &RawAgent) -> Result<(), String> {
+    let mut problems = Vec::new();
+    if !dmsc_transport::identity::valid_name(&a.tenant) {
+        problems.push(format!(
+            "tenant = `{}` must be 1-63 of a-z, 0-9 and -",
+            a.tenant
+        ));
+    }
+    match a.url.parse::<hyper::Uri>() {
+        Ok(u) if u.scheme_str() == Some("http") && u.authority().is_some() => {}
+        Ok(_) => problems.push(format!(
+            "url = `{}` must be an absolute http:// URL (the agent's own endpoint)",
+            a.url
+        )),
+        Err(e) => problems.push(format!("url = `{}` is not a URL: {e}", a.url)),
+    }
+    if let Some(n) = &a.name {
+        if !dmsc_transport::identity::valid_name(n) || n == "mesh" {
+            problems.push(format!(
+                "name = `{n}` must be 1-63 of a-z, 0-9 and - (and not `mesh`, which is reserved)"
+            ));
+        }
+    }
+    if let Some(skills) = &a.skills {
+        if a.name.is_none() {
+            problems.push("an agent declared with `skills` needs a `name`".into());
+        }
+        for (i, s) in skills.iter().enumerate() {
+            if s.id.trim().is_empty() {
+                problems.push(format!("skills[{i}].id must not be empty"));
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
     }
 }
 

@@ -40,8 +40,8 @@ use tokio::task::JoinSet;
 use tracing::{debug, Instrument};
 
 use crate::config::IngressSpec;
-use crate::delegate::{Delegation, Delegator, ReqBody};
-use crate::http::{full, parse_timeout, Body, BoxError, ErrorKind, MeshError};
+use crate::forward::{Delegation, Delegator, ReqBody};
+use crate::proto::http::{full, parse_timeout, Body, BoxError, ErrorKind, MeshError};
 use crate::security::{Caller, Refusal, Security, TlsIngress};
 use dmsc_transport::tls::AgentIdentity;
 use rustls::pki_types::CertificateDer;
@@ -559,7 +559,7 @@ impl Ingress {
             HostTarget::Intent => {
                 let text = match (&header_intent, &body) {
                     (Some(t), _) => Some(t.clone()),
-                    (None, ReqBody::Buffered(b)) => crate::a2a::intent_text(b),
+                    (None, ReqBody::Buffered(b)) => crate::proto::a2a::intent_text(b),
                     _ => None,
                 };
                 match text {

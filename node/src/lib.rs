@@ -1,34 +1,43 @@
 //! dmsc-node: the application that assembles a mesh node.
 //!
-//! The binary (`src/main.rs`) only parses the command line and calls into
-//! this library, so every behaviour here is driven directly by tests:
-//! [`config`] (layered settings), [`app`] (build, run, drain), [`admin`]
-//! (the operator API), [`status`] (the report and its rendering),
-//! [`metrics`] and [`demo`]. A delegation walks [`ingress`] -> [`delegate`]
-//! (selection in [`mesh`], delivery locally or over the overlay in the
-//! [`wire`] format) -> the agent; [`agents`] onboards this node's own agents.
-//! [`security`] holds credentials, enrollment, revocations, caller
-//! authentication and the audit trail.
+//! Read it top down: each layer imports only the layers listed before it,
+//! and a request walks them in order (ARCHITECTURE in docs/architecture.md):
+//!
+//! - [`proto`]: protocol types: the delegation wire format, the HTTP body
+//!   type and header rules, the mesh's error kinds, A2A texts, gossip keys.
+//! - [`config`]: layered settings, validated into typed values.
+//! - [`metrics`]: the node's Prometheus registry.
+//! - [`security`]: the node's trust state: its credentials, the ones it
+//!   issues, revocations, bearer-token validation, the audit trail.
+//! - [`route`]: the registry view of this node (gossiped records, load,
+//!   circuits, outstanding requests) and selection.
+//! - [`forward`]: delivery: to a local agent, to a remote agent's home node
+//!   over the overlay, and the home node's side of that stream.
+//! - [`ingress`]: where agents send requests: listeners, TLS, request
+//!   parsing, caller authentication; hands each request to [`forward`].
+//! - [`control`]: what keeps the tables true: agent onboarding and health,
+//!   gossip sync, revocations, credential rotation, the clock channel.
+//! - [`admin`]: the operator API (router, status, metrics, checks).
+//! - [`app`]: assembles the layers and runs them, nothing else.
+//!
+//! Apart from the request path: [`ops`] (the operator commands behind the
+//! CLI) and [`demo`] (a local mesh with sample agents).
 
 #![forbid(unsafe_code)]
 
-pub mod a2a;
 pub mod admin;
-pub mod agents;
 pub mod app;
 pub mod config;
-pub mod delegate;
-pub mod demo;
-pub mod http;
+pub mod control;
+pub mod forward;
 pub mod ingress;
-pub mod mesh;
 pub mod metrics;
-pub mod ops;
-pub mod sample_agent;
+pub mod proto;
+pub mod route;
 pub mod security;
-pub mod status;
-pub mod testkit;
-pub mod wire;
+
+pub mod demo;
+pub mod ops;
 
 pub use app::{App, Bound};
 pub use config::{ConfigError, NodeConfig, RawConfig};

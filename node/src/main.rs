@@ -9,8 +9,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use dmsc_node::admin::status;
 use dmsc_node::config::{RawAdmin, RawConfig, RawOverlay, RawTls};
-use dmsc_node::{status, App, NodeError};
+use dmsc_node::{App, NodeError};
 use dmsc_transport::pki::{self, CertificateAuthority};
 
 #[derive(Parser)]
@@ -396,7 +397,7 @@ async fn sample_agent(
     delay_ms: u64,
     a2a: &str,
 ) -> anyhow::Result<()> {
-    use dmsc_node::sample_agent::{CardDialect, SampleAgent, SampleConfig, SampleSkill};
+    use dmsc_node::demo::sample_agent::{CardDialect, SampleAgent, SampleConfig, SampleSkill};
     let dialect = match a2a {
         "0.3" => CardDialect::V03,
         "1.0" => CardDialect::V10,

@@ -8,8 +8,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
+use crate::admin::status::{admin_call, StatusError};
 use crate::config::NodeConfig;
-use crate::status::{admin_call, StatusError};
 
 /// Certificates expiring sooner than this fail `check`.
 pub const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 24 * 3600);

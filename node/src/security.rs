@@ -701,7 +701,7 @@ impl Security {
 
     /// Reloads credentials from disk if their files changed since `seen`;
     /// applies them to the overlay and every TLS ingress.
-    fn reload_if_changed(&self, overlay: &Overlay, seen: &mut Vec<FileStamp>) {
+    pub fn reload_if_changed(&self, overlay: &Overlay, seen: &mut Vec<FileStamp>) {
         let now = stamps(&self.paths);
         if now == *seen {
             return;
@@ -753,7 +753,21 @@ impl Security {
 
 /// What identifies one version of a credential file.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct FileStamp(Option<(SystemTime, u64)>);
+pub struct FileStamp(Option<(SystemTime, u64)>);
+
+impl Security {
+    /// The current stamps of the credential files (see [`Security::reload_if_changed`]).
+    pub fn credential_stamps(&self) -> Vec<FileStamp> {
+        stamps(&self.paths)
+    }
+
+    /// Drops join tokens that expired more than a week ago (rewrites the store, fsync).
+    pub fn prune_tokens(&self) {
+        if let Err(e) = self.tokens.prune(time::OffsetDateTime::now_utc()) {
+            warn!(error = %e, "cannot prune join tokens");
+        }
+    }
+}
 
 fn stamps(p: &Paths) -> Vec<FileStamp> {
     let mut files: Vec<&Path> = vec![&p.ca, &p.cert, &p.key];
@@ -771,32 +785,6 @@ fn stamps(p: &Paths) -> Vec<FileStamp> {
             )
         })
         .collect()
-}
-
-/// How often expired join tokens are pruned.
-const TOKEN_PRUNE_EVERY: Duration = Duration::from_secs(3600);
-
-/// Watches the credential files and applies changes (rotation without restart).
-pub async fn watch_credentials(sec: Arc<Security>, overlay: Overlay, every: Duration) {
-    let mut seen = stamps(&sec.paths);
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut pruned = tokio::time::Instant::now();
-    loop {
-        tick.tick().await;
-        sec.reload_if_changed(&overlay, &mut seen);
-        if pruned.elapsed() >= TOKEN_PRUNE_EVERY {
-            pruned = tokio::time::Instant::now();
-            let s = sec.clone();
-            // Expired tokens go after a week; the store is rewritten (fsync).
-            let _ = tokio::task::spawn_blocking(move || {
-                if let Err(e) = s.tokens.prune(time::OffsetDateTime::now_utc()) {
-                    warn!(error = %e, "cannot prune join tokens");
-                }
-            })
-            .await;
-        }
-    }
 }
 
 fn unix(t: SystemTime) -> u64 {

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dmsc_node::config::{RawAgent, RawSkill};
-use dmsc_node::testkit::LocalMesh;
+use dmsc_node::demo::mesh::LocalMesh;
 use futures_util::stream::{self, Iter};
 use hyper::body::Incoming;
 use hyper::http::uri::PathAndQuery;

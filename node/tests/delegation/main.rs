@@ -9,8 +9,8 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use dmsc_node::sample_agent::{CardDialect, SampleAgent, SampleConfig, SampleSkill};
-use dmsc_node::testkit::{message_send, send_message_v10, LocalMesh};
+use dmsc_node::demo::mesh::{message_send, send_message_v10, LocalMesh};
+use dmsc_node::demo::sample_agent::{CardDialect, SampleAgent, SampleConfig, SampleSkill};
 use http_body_util::BodyExt;
 
 /// Polls `cond` every 50 ms until it holds or `within` passes.
@@ -265,7 +265,7 @@ async fn by_name_by_capability_and_by_intent_across_nodes() {
         .contains("nobody"));
 
     // Metrics count both sides of a delegation.
-    let home = dmsc_node::app::metrics_text(mesh.nodes[0].shared()).await;
+    let home = dmsc_node::admin::report::metrics_text(mesh.nodes[0].shared()).await;
     let inbound = home
         .lines()
         .find(|l| l.starts_with("dmsc_delegations_inbound_total"))
@@ -273,7 +273,7 @@ async fn by_name_by_capability_and_by_intent_across_nodes() {
         .and_then(|v| v.parse::<u64>().ok())
         .expect("inbound counter");
     assert!(inbound >= 1, "{home}");
-    let caller = dmsc_node::app::metrics_text(mesh.nodes[2].shared()).await;
+    let caller = dmsc_node::admin::report::metrics_text(mesh.nodes[2].shared()).await;
     assert!(
         caller.contains("dmsc_delegations_total{tenant=\"acme\",outcome=\"ok\"}"),
         "{caller}"
@@ -523,7 +523,7 @@ async fn a_streamed_response_flows_through_two_nodes_as_it_comes() {
             "streamer.acme.dmsc",
             "/",
             &[],
-            dmsc_node::http::full(body),
+            dmsc_node::proto::http::full(body),
         )
         .await
         .expect("send");
@@ -554,24 +554,24 @@ async fn agents_onboard_and_leave_through_the_admin_api() {
     let mesh = mesh3(|_, _| {}).await;
     let a = agent("helper", &["help"], "helps").await;
     let admin = mesh.nodes[1].bound().admin;
-    let client = dmsc_node::http::Upstream::new();
+    let client = dmsc_node::forward::client::Upstream::new();
     let bearer = format!("Bearer {}", mesh.admin_token(1));
     let onboard = serde_json::json!({"tenant": "acme", "url": a.url(), "name": "helper-1"});
     // Without the admin token (any local process, any tenant): refused.
     let req = hyper::Request::post(format!("http://{admin}/v1/agents"))
-        .body(dmsc_node::http::full(onboard.to_string()))
+        .body(dmsc_node::proto::http::full(onboard.to_string()))
         .expect("req");
     let resp = client.h1.request(req).await.expect("post");
     assert_eq!(resp.status(), 401);
     // A browser reaching the port through DNS rebinding: refused.
     let req = hyper::Request::get(format!("http://{admin}/v1/status"))
         .header("host", "evil.example:80")
-        .body(dmsc_node::http::empty())
+        .body(dmsc_node::proto::http::empty())
         .expect("req");
     assert_eq!(client.h1.request(req).await.expect("get").status(), 403);
     let req = hyper::Request::post(format!("http://{admin}/v1/agents"))
         .header("authorization", &bearer)
-        .body(dmsc_node::http::full(onboard.to_string()))
+        .body(dmsc_node::proto::http::full(onboard.to_string()))
         .expect("req");
     let resp = client.h1.request(req).await.expect("post");
     assert_eq!(resp.status(), 201);
@@ -582,7 +582,7 @@ async fn agents_onboard_and_leave_through_the_admin_api() {
     // A bad card is a clear error, not a crash.
     let req = hyper::Request::post(format!("http://{admin}/v1/agents"))
         .header("authorization", &bearer)
-        .body(dmsc_node::http::full(
+        .body(dmsc_node::proto::http::full(
             serde_json::json!({"tenant": "acme", "url": "http://127.0.0.1:1"}).to_string(),
         ))
         .expect("req");
@@ -592,7 +592,7 @@ async fn agents_onboard_and_leave_through_the_admin_api() {
     assert!(String::from_utf8_lossy(&body).contains("cannot fetch the agent card"));
     let req = hyper::Request::delete(format!("http://{admin}/v1/agents/acme/helper-1"))
         .header("authorization", &bearer)
-        .body(dmsc_node::http::empty())
+        .body(dmsc_node::proto::http::empty())
         .expect("req");
     let resp = client.h1.request(req).await.expect("delete");
     assert_eq!(resp.status(), 204);

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use bytes::Bytes;
-use dmsc_node::testkit::LocalMesh;
+use dmsc_node::demo::mesh::LocalMesh;
 use http_body_util::{BodyExt, Full};
 use hyper::StatusCode;
 
@@ -20,7 +20,7 @@ const JWT_ISS: &str = "https://idp.test";
 const JWT_AUD: &str = "dmsc";
 
 fn client_config(ca_pem: &str, client: Option<(&str, &str)>) -> Arc<rustls::ClientConfig> {
-    dmsc_node::testkit::tls_client_config(ca_pem, client).expect("client config")
+    dmsc_node::demo::mesh::tls_client_config(ca_pem, client).expect("client config")
 }
 
 /// One request over a fresh TLS connection; returns status, headers, body.
@@ -33,7 +33,7 @@ async fn tls_call(
     headers: &[(&str, &str)],
     body: impl Into<Bytes>,
 ) -> (StatusCode, hyper::HeaderMap, String) {
-    let mut send = dmsc_node::testkit::tls_connect(addr, cfg)
+    let mut send = dmsc_node::demo::mesh::tls_connect(addr, cfg)
         .await
         .expect("TLS connection");
     let mut req = hyper::Request::builder()
@@ -144,7 +144,7 @@ struct SecureMesh {
     tls_ingress: std::net::SocketAddr,
     jwt_key: JwtKey,
     _jwks_dir: tempfile::TempDir,
-    agent: dmsc_node::sample_agent::SampleAgent,
+    agent: dmsc_node::demo::sample_agent::SampleAgent,
 }
 
 async fn secure_mesh() -> SecureMesh {
@@ -483,7 +483,7 @@ async fn mtls_ingress_valid_expired_revoked_wrong_ca_and_other_trust_domain() {
         now + time::Duration::seconds(2),
     );
     let mut conn =
-        dmsc_node::testkit::tls_connect(m.tls_ingress, client_config(&ca, Some((&c, &k))))
+        dmsc_node::demo::mesh::tls_connect(m.tls_ingress, client_config(&ca, Some((&c, &k))))
             .await
             .expect("connect");
     let req = || {
@@ -541,7 +541,7 @@ async fn mtls_ingress_valid_expired_revoked_wrong_ca_and_other_trust_domain() {
 
     // Revoked: the operator signs, node 0 applies, gossip spreads it. A
     // connection opened before is refused on its next request too.
-    let mut open = dmsc_node::testkit::tls_connect(m.tls_ingress, good.clone())
+    let mut open = dmsc_node::demo::mesh::tls_connect(m.tls_ingress, good.clone())
         .await
         .expect("connect");
     let before = open.send_request(req()).await.expect("before");
@@ -661,7 +661,7 @@ async fn jwt_valid_expired_wrong_audience_wrong_key_and_alg_none() {
         served_before,
         "no refused request was delegated"
     );
-    let metrics = dmsc_node::app::metrics_text(m.mesh.nodes[0].shared()).await;
+    let metrics = dmsc_node::admin::report::metrics_text(m.mesh.nodes[0].shared()).await;
     assert!(
         metrics.contains("dmsc_auth_failures_total{method=\"jwt\"} 4"),
         "{metrics}"

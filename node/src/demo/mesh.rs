@@ -13,7 +13,8 @@ use http_body_util::BodyExt;
 use hyper::{Request, Response};
 
 use crate::config::{RawAgent, RawConfig, RawIngress};
-use crate::http::{full, Body, Upstream};
+use crate::forward::client::Upstream;
+use crate::proto::http::{full, Body};
 use crate::App;
 
 /// Nodes of a local mesh, started in order, each bootstrapping through the first.

@@ -31,18 +31,21 @@ use hyper::{Method, Request, Response, StatusCode, Version};
 use tokio::time::Instant;
 use tracing::{debug, warn, Instrument};
 
-use crate::agents::{LocalAgent, LocalAgents, CARD_PATHS};
 use crate::config::DelegationConfig;
-use crate::http::{full, strip_hop_by_hop, Body, BoxError, ErrorKind, MeshError, Upstream};
-use crate::mesh::MeshView;
-use crate::wire::{self, Part, PartDecoder, RequestHead, ResponseHead, DELEGATION_VERSION};
+use crate::proto::http::{
+    full, strip_hop_by_hop, Body, BoxError, ErrorKind, MeshError, MAX_DEADLINE,
+};
+use crate::proto::wire::{self, Part, PartDecoder, RequestHead, ResponseHead, DELEGATION_VERSION};
+use crate::route::MeshView;
+use client::Upstream;
+use local::{LocalAgent, LocalAgents, CARD_PATHS};
+
+pub mod client;
+pub mod local;
 
 /// How long a home node waits for the head of an incoming delegation.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 const READ_CHUNK: usize = 64 * 1024;
-/// Ceiling on any deadline, from a header or the wire (no overflow, no
-/// request held for days).
-pub const MAX_DEADLINE: Duration = Duration::from_secs(3600);
 
 /// A request body: buffered (replayable, readable for intent) or streamed.
 #[derive(Debug)]
@@ -637,7 +640,7 @@ impl Delegator {
             };
             let headers = wire::from_wire_headers(&head.headers);
             let body = if head.empty_body {
-                crate::http::empty()
+                crate::proto::http::empty()
             } else {
                 stream_body(recv, decoder)
             };
@@ -846,7 +849,7 @@ fn serve_card(agent: &LocalAgent, headers: &hyper::HeaderMap, me: &str) -> Respo
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
     let mut resp = if not_modified {
-        let mut r = Response::new(crate::http::empty());
+        let mut r = Response::new(crate::proto::http::empty());
         *r.status_mut() = StatusCode::NOT_MODIFIED;
         r
     } else {

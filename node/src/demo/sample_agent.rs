@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
-use crate::http::{full, Body, BoxError};
+use crate::proto::http::{full, Body, BoxError};
 
 /// One advertised skill.
 #[derive(Debug, Clone, Default)]
@@ -196,7 +196,7 @@ async fn handle(
             .saw_authorization
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
-    if req.method() == Method::GET && crate::agents::CARD_PATHS.contains(&path.as_str()) {
+    if req.method() == Method::GET && crate::forward::local::CARD_PATHS.contains(&path.as_str()) {
         let mut r = Response::new(full(card(cfg, addr).to_string()));
         r.headers_mut().insert(
             "content-type",
@@ -240,7 +240,7 @@ fn answer(method: &Method, body: &Bytes, cfg: &SampleConfig) -> Response<Body> {
         .as_ref()
         .and_then(|v| v.get("id").cloned())
         .unwrap_or(Value::Null);
-    let text = crate::a2a::intent_text(body).unwrap_or_default();
+    let text = crate::proto::a2a::intent_text(body).unwrap_or_default();
     let said = format!("{} handled: {text}", cfg.name);
     match rpc_method.as_deref() {
         Some(m @ ("message/send" | "SendMessage")) => {

@@ -11,8 +11,11 @@
 
 use std::time::{Duration, Instant};
 
-use crate::sample_agent::{CardDialect, SampleAgent, SampleConfig, SampleSkill};
-use crate::testkit::{message_send, send_message_v10, LocalMesh};
+use mesh::{message_send, send_message_v10, LocalMesh};
+use sample_agent::{CardDialect, SampleAgent, SampleConfig, SampleSkill};
+
+pub mod mesh;
+pub mod sample_agent;
 
 const REGIONS: [&str; 5] = ["eu", "us", "ap", "sa", "af"];
 const TENANT: &str = "demo";
@@ -297,7 +300,7 @@ async fn tls_post(
     body: String,
 ) -> anyhow::Result<(u16, String, String)> {
     use http_body_util::BodyExt;
-    let mut send = crate::testkit::tls_connect(addr, cfg).await?;
+    let mut send = mesh::tls_connect(addr, cfg).await?;
     let req = hyper::Request::post(path)
         .header("host", host)
         .body(http_body_util::Full::new(bytes::Bytes::from(body)))?;
@@ -340,7 +343,7 @@ async fn security_act(mesh: &LocalMesh) -> anyhow::Result<()> {
     let (token, _) = sec
         .create_token(TENANT, "payer", Duration::from_secs(600))
         .map_err(|r| anyhow::anyhow!(r.reason))?;
-    let anon = crate::testkit::tls_client_config(ca, None)?;
+    let anon = mesh::tls_client_config(ca, None)?;
     let enroll = serde_json::json!({ "token": token }).to_string();
     let (status, _, body) =
         tls_post(tls, anon.clone(), "localhost", "/v1/enroll", enroll.clone()).await?;
@@ -356,7 +359,7 @@ async fn security_act(mesh: &LocalMesh) -> anyhow::Result<()> {
         v["serial"].as_str().unwrap_or("?"),
         v["not_after"].as_str().unwrap_or("?")
     );
-    let agent = crate::testkit::tls_client_config(ca, Some((chain, key)))?;
+    let agent = mesh::tls_client_config(ca, Some((chain, key)))?;
     let call = message_send("pay invoice 7");
     let (status, node, _) = tls_post(
         tls,
@@ -384,7 +387,7 @@ async fn security_act(mesh: &LocalMesh) -> anyhow::Result<()> {
     );
     let (status, _, body) = tls_post(
         tls,
-        crate::testkit::tls_client_config(ca, None)?,
+        mesh::tls_client_config(ca, None)?,
         "localhost",
         "/v1/enroll",
         enroll,
@@ -429,7 +432,7 @@ async fn delegate_and_print(
     host: &str,
     body: String,
 ) {
-    let text = crate::a2a::intent_text(body.as_bytes()).unwrap_or_default();
+    let text = crate::proto::a2a::intent_text(body.as_bytes()).unwrap_or_default();
     let start = Instant::now();
     match mesh.call(from, "POST", host, "/", &[], body).await {
         Ok((resp, rbody)) => {
@@ -442,7 +445,7 @@ async fn delegate_and_print(
             };
             let answer = serde_json::from_slice::<serde_json::Value>(&rbody)
                 .ok()
-                .and_then(|v| crate::a2a::reply_text(&v))
+                .and_then(|v| crate::proto::a2a::reply_text(&v))
                 .unwrap_or_else(|| String::from_utf8_lossy(&rbody).chars().take(80).collect());
             println!(
                 "  [{how:<13}] {host:<26} from {from_name:<6} -> {} on {} in {:.1} ms, HTTP {}\n      asked: {text:?}\n      answer: {answer:?}\n      why: {}",

@@ -19,7 +19,50 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tracing::debug;
 
-use crate::app::{metrics_text, status_report, Shared};
+use crate::config::NodeConfig;
+use crate::control::agents::AgentsCtx;
+use crate::forward::Delegator;
+use crate::metrics::Metrics;
+use crate::route::MeshView;
+use crate::security::Security;
+use dmsc_gossip::Gossip;
+use dmsc_transport::Overlay;
+use report::{metrics_text, status_report};
+
+pub mod report;
+pub mod status;
+
+/// The addresses a built node actually listens on.
+#[derive(Debug, Clone)]
+pub struct Bound {
+    pub overlay: std::net::SocketAddr,
+    pub admin: std::net::SocketAddr,
+    /// One per `[[ingress]]` entry, in config order.
+    pub ingress: Vec<std::net::SocketAddr>,
+}
+
+/// State shared by the admin API and the app.
+pub struct Shared {
+    pub config: NodeConfig,
+    pub security: Arc<Security>,
+    pub overlay: Overlay,
+    pub gossip: Arc<Gossip>,
+    pub mesh: Arc<MeshView>,
+    pub agents: AgentsCtx,
+    pub delegator: Arc<Delegator>,
+    pub metrics: Metrics,
+    pub started: std::time::Instant,
+    pub bound: Bound,
+    pub ready: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("bound", &self.bound)
+            .finish()
+    }
+}
 
 type Body = Full<Bytes>;
 
@@ -42,7 +85,7 @@ async fn agents_route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) -> Re
     let path = req.uri().path().trim_end_matches('/').to_string();
     let rest = path.strip_prefix("/v1/agents").unwrap_or("");
     match (req.method().clone(), rest) {
-        (Method::GET, "") => match serde_json::to_value(crate::app::agent_statuses(&s)) {
+        (Method::GET, "") => match serde_json::to_value(report::agent_statuses(&s)) {
             Ok(v) => json(StatusCode::OK, &serde_json::json!({ "agents": v })),
             Err(e) => json(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -85,8 +128,8 @@ async fn agents_route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) -> Re
                 ),
                 Err(e) => {
                     let status = match e {
-                        crate::agents::AgentError::Spec(_) => StatusCode::BAD_REQUEST,
-                        crate::agents::AgentError::Duplicate(_) => StatusCode::CONFLICT,
+                        crate::control::agents::AgentError::Spec(_) => StatusCode::BAD_REQUEST,
+                        crate::control::agents::AgentError::Duplicate(_) => StatusCode::CONFLICT,
                         _ => StatusCode::UNPROCESSABLE_ENTITY,
                     };
                     json(status, &serde_json::json!({"error": e.to_string()}))
@@ -218,7 +261,7 @@ async fn revocations_route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) 
             };
             match s.security.apply_revocation(r.clone(), "admin") {
                 Ok(new) => {
-                    crate::app::publish_revocation(&s.gossip, &r).await;
+                    crate::control::sync::publish_revocation(&s.gossip, &r).await;
                     let closed = s.overlay.close_revoked();
                     json(
                         if new {
@@ -314,7 +357,7 @@ async fn route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) -> Response<
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             metrics_text(&s).await,
         ),
-        "/v1/check" => json(StatusCode::OK, &crate::app::peer_checks(&s).await),
+        "/v1/check" => json(StatusCode::OK, &report::peer_checks(&s).await),
         "/v1/status" => match serde_json::to_vec_pretty(&status_report(&s).await) {
             Ok(body) => reply(StatusCode::OK, "application/json", body),
             Err(e) => reply(

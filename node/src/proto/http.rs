@@ -14,10 +14,11 @@ use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
 use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 use hyper::{Response, StatusCode};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
+
+/// Ceiling on any deadline, from a header or the wire (no overflow, no
+/// request held for days).
+pub const MAX_DEADLINE: Duration = Duration::from_secs(3600);
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The one body type requests and responses are converted to.
@@ -29,37 +30,6 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 
 pub fn empty() -> Body {
     Empty::new().map_err(|e| match e {}).boxed()
-}
-
-/// Pooled clients to local agents: HTTP/1.1 for most, h2c (prior
-/// knowledge) when the caller spoke HTTP/2, which is what gRPC needs.
-#[derive(Clone, Debug)]
-pub struct Upstream {
-    pub h1: Client<HttpConnector, Body>,
-    pub h2: Client<HttpConnector, Body>,
-}
-
-impl Upstream {
-    pub fn new() -> Upstream {
-        let mut conn = HttpConnector::new();
-        conn.set_nodelay(true);
-        conn.set_connect_timeout(Some(Duration::from_secs(2)));
-        let h1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(256)
-            .build(conn.clone());
-        let h2 = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(conn);
-        Upstream { h1, h2 }
-    }
-}
-
-impl Default for Upstream {
-    fn default() -> Self {
-        Upstream::new()
-    }
 }
 
 /// Headers that belong to one connection, not to the request (RFC 9110 7.6.1).
@@ -278,7 +248,7 @@ pub fn parse_timeout(v: &str) -> Option<Duration> {
     };
     let n: f64 = num.trim().parse().ok()?;
     // Clamped: a huge value must not overflow (it means "no hurry").
-    let secs = (n * unit).min(crate::delegate::MAX_DEADLINE.as_secs_f64());
+    let secs = (n * unit).min(MAX_DEADLINE.as_secs_f64());
     (n.is_finite() && n > 0.0).then(|| Duration::from_secs_f64(secs))
 }
 
@@ -294,7 +264,7 @@ mod tests {
         assert_eq!(parse_timeout("400"), Some(Duration::from_millis(400)));
         assert_eq!(parse_timeout("soon"), None);
         assert_eq!(parse_timeout("-1s"), None);
-        assert_eq!(parse_timeout("1e20s"), Some(crate::delegate::MAX_DEADLINE));
+        assert_eq!(parse_timeout("1e20s"), Some(MAX_DEADLINE));
     }
 
     #[test]

@@ -24,7 +24,7 @@ use dmsc_registry::{
     Registry,
 };
 
-use crate::app::NodeAnnouncement;
+use crate::proto::gossip::NodeAnnouncement;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Critical sections are single map or state-machine operations; a

@@ -1,0 +1,271 @@
+//! What the admin API reports, built from live state: the status report,
+//! the agent table, the Prometheus text and the peer checks behind
+//! `dmsc-node check`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+use dmsc_gossip::MemberState;
+use tracing::warn;
+
+use super::status::{GossipStatus, NodeStatus, PeerStatus, StatusReport};
+use super::Shared;
+use crate::control::clock::clock_skew;
+use crate::metrics::Metrics;
+use crate::proto::gossip::NodeAnnouncement;
+
+/// Builds the status report from live state.
+pub async fn status_report(s: &Shared) -> StatusReport {
+    let members = s.gossip.members().await;
+    let now = SystemTime::now();
+    let identity = s.security.identity();
+    let not_after = identity.info.not_after;
+    let expires_in = match not_after.duration_since(now) {
+        Ok(d) => d.as_secs() as i64,
+        Err(e) => -(e.duration().as_secs() as i64),
+    };
+    // Names the overlay read from verified certificates, by peer address.
+    // Gossip names are what peers *say*; where a live connection proves a
+    // different name for the same address, the gossip entry is an impostor.
+    let verified: std::collections::HashMap<SocketAddr, String> = s
+        .overlay
+        .peers()
+        .into_iter()
+        .map(|p| (p.addr, p.name))
+        .collect();
+    let mut counts = [0usize; 4];
+    let peers: Vec<PeerStatus> = members
+        .iter()
+        .filter(|m| match verified.get(&m.addr) {
+            Some(cert_name) if *cert_name != m.name => {
+                warn!(
+                    claimed = %m.name,
+                    certificate = %cert_name,
+                    addr = %m.addr,
+                    "gossip names a peer differently from its certificate; not listing it"
+                );
+                false
+            }
+            _ => true,
+        })
+        .map(|m| {
+            counts[match m.state {
+                MemberState::Alive => 0,
+                MemberState::Suspect => 1,
+                MemberState::Dead => 2,
+                MemberState::Left => 3,
+            }] += 1;
+            let ann: Option<NodeAnnouncement> = m
+                .values
+                .get(dmsc_gossip::KEY_NODE)
+                .and_then(|v| serde_json::from_str(v).ok());
+            let rtt = s.overlay.rtt(m.addr);
+            PeerStatus {
+                name: m.name.clone(),
+                region: ann.map(|a| a.region).unwrap_or_else(|| "?".into()),
+                addr: m.addr.to_string(),
+                state: m.state.to_string(),
+                rtt_ms: rtt.map(|r| r.as_secs_f64() * 1000.0),
+                last_seen_ms: m.last_seen.as_millis() as u64,
+                generation: m.generation,
+                connected: rtt.is_some(),
+                verified: verified.get(&m.addr).is_some_and(|n| *n == m.name),
+            }
+        })
+        .collect();
+    let gstats = s.gossip.stats();
+    let agents = agent_statuses(s);
+    let pending_agents = s
+        .agents
+        .agents
+        .pending()
+        .into_iter()
+        .map(|(spec, error)| super::status::PendingAgent {
+            tenant: spec.tenant,
+            url: spec.url,
+            error,
+        })
+        .collect();
+    let rfc3339 = |t: SystemTime| {
+        time::OffsetDateTime::from(t)
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    };
+    let certificates = super::status::CertStatus {
+        node_serial: identity.info.serial_hex.clone(),
+        issuer_not_after: s.security.issuer().map(|i| rfc3339(i.info.not_after)),
+        agents_issued: s.security.issued(),
+        revoked: s.security.revoked.len(),
+        tokens: s.security.token_counts(),
+        reloads: s.security.reloads(),
+    };
+    StatusReport {
+        certificates,
+        agents,
+        pending_agents,
+        node: NodeStatus {
+            name: identity.name().to_string(),
+            region: s.config.region.clone(),
+            spiffe_id: identity.spiffe.to_string(),
+            trust_domain: identity.trust_domain().to_string(),
+            overlay_addr: s.bound.overlay.to_string(),
+            admin_addr: s.bound.admin.to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            generation: s.gossip.config().generation,
+            uptime_secs: s.started.elapsed().as_secs(),
+            cert_not_after: time::OffsetDateTime::from(not_after)
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+            cert_expires_in_secs: expires_in,
+        },
+        peers,
+        gossip: GossipStatus {
+            interval_ms: s.gossip.config().interval.as_millis() as u64,
+            phi_threshold: s.gossip.config().phi_threshold,
+            rounds: s.gossip.rounds(),
+            alive: counts[0],
+            suspect: counts[1],
+            dead: counts[2],
+            left: counts[3],
+            bytes_sent: gstats.bytes_sent.load(Ordering::Relaxed),
+            bytes_received: gstats.bytes_received.load(Ordering::Relaxed),
+        },
+    }
+}
+
+/// The agent table: every registered agent, with this node's view of it.
+pub fn agent_statuses(s: &Shared) -> Vec<super::status::AgentStatus> {
+    let reg = s.mesh.read();
+    reg.iter()
+        .map(|e| {
+            let local = s.agents.agents.get(&e.id);
+            let mut tags: Vec<String> = e
+                .record
+                .skills
+                .iter()
+                .flat_map(|k| k.tags.iter().cloned())
+                .collect();
+            tags.sort();
+            tags.dedup();
+            super::status::AgentStatus {
+                tenant: e.id.tenant.clone(),
+                name: e.id.name.clone(),
+                node: e.node.clone(),
+                skills: e.record.skills.iter().map(|k| k.id.clone()).collect(),
+                tags,
+                health: e.record.health.to_string(),
+                circuit: s.mesh.circuit_state(&e.id).to_string(),
+                in_flight: e.load.in_flight,
+                outstanding: s.mesh.outstanding(&e.id),
+                p50_ms: local
+                    .as_ref()
+                    .and_then(|a| a.stats.lock().unwrap_or_else(|p| p.into_inner()).p50_ms()),
+                ewma_ms: f64::from(e.load.ewma_ms),
+                error_rate: f64::from(e.load.error_rate),
+                local: local.is_some(),
+            }
+        })
+        .collect()
+}
+
+/// Refreshes the metrics registry from live state and encodes it.
+pub async fn metrics_text(s: &Shared) -> String {
+    let report = status_report(s).await;
+    let m = &s.metrics;
+    for (state, n) in [
+        ("alive", report.gossip.alive),
+        ("suspect", report.gossip.suspect),
+        ("dead", report.gossip.dead),
+        ("left", report.gossip.left),
+    ] {
+        m.peers
+            .get_or_create(&crate::metrics::StateLabel {
+                state: state.into(),
+            })
+            .set(n as i64);
+    }
+    Metrics::set_counter(&m.gossip_rounds, report.gossip.rounds);
+    Metrics::set_counter(&m.gossip_bytes_sent, report.gossip.bytes_sent);
+    Metrics::set_counter(&m.gossip_bytes_received, report.gossip.bytes_received);
+    let o = s.overlay.stats();
+    let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    Metrics::set_counter(&m.overlay_bytes_sent, ld(&o.bytes_sent));
+    Metrics::set_counter(&m.overlay_bytes_received, ld(&o.bytes_received));
+    Metrics::set_counter(&m.overlay_messages_dropped, ld(&o.messages_dropped));
+    m.set_handshakes("inbound", "ok", ld(&o.handshakes_ok_inbound));
+    m.set_handshakes("inbound", "failed", ld(&o.handshakes_failed_inbound));
+    m.set_handshakes("outbound", "ok", ld(&o.handshakes_ok_outbound));
+    m.set_handshakes("outbound", "failed", ld(&o.handshakes_failed_outbound));
+    m.connections.set(s.overlay.peers().len() as i64);
+    m.cert_expiry_seconds.set(report.node.cert_expires_in_secs);
+    m.uptime_seconds.set(s.started.elapsed().as_secs() as i64);
+    m.agents.set(s.mesh.read().len() as i64);
+    m.security.revoked.set(s.security.revoked.len() as i64);
+    if let Some(a) = &s.security.audit {
+        let st = a.stats();
+        Metrics::set_counter(&m.security.audit_appended, st.appended);
+        Metrics::set_counter(&m.security.audit_queue_full_waits, st.queue_full_waits);
+    }
+    m.encode()
+}
+
+/// What `dmsc-node check` asks the running node: every connected peer's
+/// clock skew (over a control stream, error bounded by half the RTT) and
+/// whether each bootstrap peer accepts this node's certificate (a CA
+/// mismatch shows up here as a refused handshake).
+pub async fn peer_checks(s: &Shared) -> serde_json::Value {
+    let mut peers = Vec::new();
+    for p in s.overlay.peers() {
+        let (skew, rtt, error) = match tokio::time::timeout(
+            Duration::from_secs(3),
+            clock_skew(&s.overlay, p.addr),
+        )
+        .await
+        {
+            Ok(Ok((skew, rtt))) => (Some(skew), Some(rtt), None),
+            Ok(Err(e)) => (None, None, Some(e)),
+            Err(_) => (None, None, Some("no clock answer within 3 s".to_string())),
+        };
+        peers.push(serde_json::json!({
+            "name": p.name, "addr": p.addr.to_string(),
+            "skew_ms": skew, "rtt_ms": rtt, "error": error,
+        }));
+    }
+    let mut bootstrap = Vec::new();
+    for b in &s.config.bootstrap {
+        let addrs: Vec<SocketAddr> = match tokio::net::lookup_host(b.as_str()).await {
+            Ok(a) => a.collect(),
+            Err(e) => {
+                bootstrap
+                    .push(serde_json::json!({"peer": b, "error": format!("cannot resolve: {e}")}));
+                continue;
+            }
+        };
+        for addr in addrs {
+            let error =
+                match tokio::time::timeout(Duration::from_secs(5), s.overlay.probe(addr)).await {
+                    Ok(Ok(_)) => None,
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(_) => Some("no answer within 5 s".to_string()),
+                };
+            bootstrap
+                .push(serde_json::json!({"peer": b, "addr": addr.to_string(), "error": error}));
+        }
+    }
+    // Peers that tried and were refused never show up as peers: their
+    // refusals are the trace of a CA mismatch (or a revoked node) here.
+    let refused: Vec<serde_json::Value> = s
+        .overlay
+        .refusals(Duration::from_secs(600))
+        .into_iter()
+        .map(|(t, reason)| {
+            let ago = SystemTime::now()
+                .duration_since(t)
+                .unwrap_or_default()
+                .as_secs();
+            serde_json::json!({"secs_ago": ago, "reason": reason})
+        })
+        .collect();
+    serde_json::json!({ "peers": peers, "bootstrap": bootstrap, "refused": refused })
+}

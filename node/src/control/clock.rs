@@ -1,0 +1,75 @@
+//! The control channel between nodes: today one question, `clock`, which a
+//! peer answers with its wall clock so `dmsc-node check` can report skew.
+
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
+
+use dmsc_transport::{BiStream, Channel, Overlay};
+
+/// Answers a peer's control question. The only one today: `clock`, the
+/// node's wall clock in unix milliseconds (for `dmsc-node check`).
+pub async fn serve_control(mut s: BiStream) {
+    let mut q = Vec::new();
+    let read = async {
+        while q.len() < 64 {
+            match s.recv.read_chunk(64).await {
+                Ok(Some(b)) => q.extend_from_slice(&b),
+                _ => break,
+            }
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .is_err()
+    {
+        s.send.reset(dmsc_transport::overlay::RESET_BUSY);
+        return;
+    }
+    if q != b"clock" {
+        s.send.reset(dmsc_transport::overlay::RESET_BUSY);
+        return;
+    }
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default();
+    if s.send.write_all(&now.to_be_bytes()).await.is_ok() {
+        let _ = s.send.finish();
+    }
+}
+
+/// Asks a peer for its clock; returns (peer clock - our clock at the
+/// midpoint, round trip), in milliseconds.
+pub async fn clock_skew(overlay: &Overlay, addr: SocketAddr) -> Result<(i64, u64), String> {
+    let now_ms = || {
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or_default()
+    };
+    let t0 = now_ms();
+    let mut s = overlay
+        .open_stream(addr, Channel::Control)
+        .await
+        .map_err(|e| e.to_string())?;
+    s.send
+        .write_all(b"clock")
+        .await
+        .map_err(|e| e.to_string())?;
+    s.send.finish().map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    while buf.len() < 8 {
+        match s.recv.read_chunk(8).await {
+            Ok(Some(b)) => buf.extend_from_slice(&b),
+            Ok(None) => break,
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    let t1 = now_ms();
+    let bytes: [u8; 8] = buf
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or("short clock answer")?;
+    let theirs = u64::from_be_bytes(bytes) as i64;
+    Ok((theirs - (t0 + t1) / 2, (t1 - t0).max(0) as u64))
+}

@@ -1,0 +1,131 @@
+//! Keeps this node in step with the mesh: the registry view follows gossip,
+//! remote agents' cards are fetched through the mesh, and revocations
+//! published by any peer are verified, persisted, re-published and enforced.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dmsc_gossip::Gossip;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use crate::forward::Delegator;
+use crate::proto::gossip::{revoked_key, KEY_REVOKED_PREFIX};
+use crate::route::MeshView;
+
+/// Takes in the revocations peers publish: each is checked against the
+/// mesh CA, persisted, re-published under this node's state, and the live
+/// connections it condemns are closed.
+fn apply_revocations(scan: &[dmsc_gossip::NodeScan], gossip: &Arc<Gossip>, delegator: &Delegator) {
+    let mut any = false;
+    for (key, value) in scan
+        .iter()
+        .filter_map(|n| n.values.as_ref())
+        .flatten()
+        .filter(|(k, _)| k.starts_with(KEY_REVOKED_PREFIX))
+    {
+        let r = match dmsc_transport::Revocation::parse(value.as_bytes()) {
+            Ok(r) if revoked_key(&r.serial) == *key => r,
+            Ok(_) | Err(_) => {
+                tracing::debug!(key = %key, "ignoring a malformed revocation in gossip");
+                continue;
+            }
+        };
+        match delegator.security.apply_revocation(r.clone(), "gossip") {
+            Ok(true) => {
+                let g = gossip.clone();
+                tokio::spawn(async move { publish_revocation(&g, &r).await }.in_current_span());
+                any = true;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::debug!(key = %key, error = %e, "ignoring a revocation that does not verify")
+            }
+        }
+    }
+    if any {
+        delegator.overlay.close_revoked();
+    }
+}
+
+/// Publishes a revocation under this node's gossip state.
+pub async fn publish_revocation(gossip: &Gossip, r: &dmsc_transport::Revocation) {
+    gossip.set(&revoked_key(&r.serial), &r.to_json()).await;
+}
+
+/// Keeps the registry in step with gossip, and fetches the cards of remote
+/// agents this node has not seen yet (their text feeds intent matching).
+pub async fn sync_loop(
+    gossip: Arc<Gossip>,
+    mesh: Arc<MeshView>,
+    delegator: Arc<Delegator>,
+    every: Duration,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut cards = tokio::time::interval(Duration::from_millis(500));
+    cards.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failed: std::collections::HashMap<String, Instant> = Default::default();
+    let mut closed: std::collections::HashSet<SocketAddr> = Default::default();
+    let mut in_progress: std::collections::HashSet<String> = Default::default();
+    let mut fetching: JoinSet<(String, bool)> = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let scan = gossip.scan_since("", &mesh.scan_cursor()).await;
+                apply_revocations(&scan, &gossip, &delegator);
+                let gone = mesh.apply_scan(scan);
+                for addr in &gone {
+                    // Once per death: in-flight delegations to a dead node
+                    // fail now (idempotent ones retry elsewhere) instead of
+                    // waiting for the QUIC idle timeout. Not again while it
+                    // stays dead, so a node that comes back can reconnect.
+                    if closed.insert(*addr) {
+                        delegator.overlay.close_peer(*addr);
+                    }
+                }
+                closed.retain(|a| gone.contains(a));
+            }
+            _ = cards.tick() => {
+                // Fetches run beside the scans (a dead home node must not
+                // hold up the scan that notices it), a few at a time.
+                failed.retain(|_, t: &mut Instant| t.elapsed() < Duration::from_secs(10));
+                for (id, digest) in mesh.missing_cards() {
+                    if fetching.len() >= 8 {
+                        break;
+                    }
+                    if failed.contains_key(&digest) || !in_progress.insert(digest.clone()) {
+                        continue;
+                    }
+                    let (d, m) = (delegator.clone(), mesh.clone());
+                    fetching.spawn(
+                        async move {
+                            let ok = match crate::forward::fetch_card(&d, &id).await {
+                                Ok(card) if card.digest() == digest => {
+                                    m.add_card(card);
+                                    true
+                                }
+                                Ok(_) => false,
+                                Err(e) => {
+                                    tracing::debug!(agent = %id, error = %e, "card fetch failed");
+                                    false
+                                }
+                            };
+                            (digest, ok)
+                        }
+                        .in_current_span(),
+                    );
+                }
+            }
+            Some(done) = fetching.join_next(), if !fetching.is_empty() => {
+                if let Ok((digest, ok)) = done {
+                    in_progress.remove(&digest);
+                    if !ok {
+                        failed.insert(digest, Instant::now());
+                    }
+                }
+            }
+        }
+    }
+}

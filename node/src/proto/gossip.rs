@@ -1,0 +1,27 @@
+//! The gossip keys a node publishes under its own state (besides the
+//! registry's `agent/` and `load/` keys, defined in `dmsc-registry`).
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// What a node publishes about itself under the gossip key `node`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeAnnouncement {
+    pub name: String,
+    pub region: String,
+    pub overlay_addr: SocketAddr,
+    pub spiffe_id: String,
+    pub version: String,
+    pub started_at: u64,
+    #[serde(default)]
+    pub roles: Vec<String>,
+}
+
+/// Gossip key prefix of revocations: `revoked/<serial>`.
+pub const KEY_REVOKED_PREFIX: &str = "revoked/";
+
+/// The gossip key of a revocation.
+pub fn revoked_key(serial: &str) -> String {
+    format!("{KEY_REVOKED_PREFIX}{serial}")
+}
