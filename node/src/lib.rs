@@ -83,3 +83,98 @@ impl NodeError {
         }
     }
 }
+
+/// The layers of [`crate`] in import order: a module may use the modules of
+/// its own layer and of layers before it, never one after it. Checked by a
+/// test that reads every source file, so a new import against the grain
+/// fails CI instead of growing a cycle back.
+#[cfg(test)]
+mod layering {
+    use std::path::{Path, PathBuf};
+
+    /// Top-level modules, lowest layer first. `demo` and `ops` stand apart:
+    /// they may use everything, and nothing on the request path uses them.
+    const LAYERS: &[&str] = &[
+        "proto", "config", "metrics", "security", "policy", "route", "forward", "ingress",
+        "control", "admin", "app", "ops", "demo",
+    ];
+
+    fn layer_of(module: &str) -> Option<usize> {
+        LAYERS.iter().position(|l| *l == module)
+    }
+
+    fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(dir).expect("read src dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                sources(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+
+    /// The top-level module a file belongs to (`forward/local.rs` -> `forward`).
+    fn module_of(src: &Path, file: &Path) -> Option<String> {
+        let rel = file.strip_prefix(src).ok()?;
+        let first = rel.components().next()?.as_os_str().to_str()?;
+        Some(first.trim_end_matches(".rs").to_string())
+    }
+
+    /// Every `crate::<module>` a source file names (in `use` or in paths).
+    fn crate_refs(text: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut rest = text;
+        while let Some(i) = rest.find("crate::") {
+            rest = &rest[i + "crate::".len()..];
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            if !name.is_empty() {
+                out.push(name);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn modules_import_only_earlier_layers() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = Vec::new();
+        sources(&src, &mut files);
+        let mut violations = Vec::new();
+        for f in &files {
+            let Some(module) = module_of(&src, f) else {
+                continue;
+            };
+            let Some(mine) = layer_of(&module) else {
+                // lib.rs, main.rs: the root and the binary see everything.
+                continue;
+            };
+            let text = std::fs::read_to_string(f).expect("read source");
+            // Only code: a test module may reach up to build fixtures.
+            let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+            for r in crate_refs(code) {
+                if let Some(theirs) = layer_of(&r) {
+                    if theirs > mine {
+                        violations.push(format!(
+                            "{} (layer `{module}`) uses `crate::{r}`, a later layer",
+                            f.strip_prefix(&src).unwrap_or(f).display()
+                        ));
+                    }
+                }
+            }
+        }
+        assert!(violations.is_empty(), "{}", violations.join("\n"));
+        // The check itself must see the tree (a moved src dir would pass vacuously).
+        assert!(files.len() > 20, "only {} sources found", files.len());
+    }
+
+    #[test]
+    fn the_check_catches_an_upward_import() {
+        assert_eq!(crate_refs("use crate::forward::Delegator;"), ["forward"]);
+        let (forward, route) = (layer_of("forward"), layer_of("route"));
+        assert!(route < forward, "route sits below forward");
+    }
+}
