@@ -12,7 +12,6 @@ use clap::{Parser, Subcommand};
 use dmsc_node::admin::status;
 use dmsc_node::config::{RawAdmin, RawConfig, RawOverlay, RawTls};
 use dmsc_node::{App, NodeError};
-use dmsc_transport::pki::{self, CertificateAuthority};
 
 #[derive(Parser)]
 #[command(
@@ -314,45 +313,26 @@ async fn run(args: RunArgs) -> Result<(), NodeError> {
 }
 
 fn ca(cmd: CaCmd) -> anyhow::Result<()> {
+    use dmsc_node::ops::ca;
     match cmd {
-        CaCmd::Init { trust_domain, out } => {
-            let ca = CertificateAuthority::generate(&trust_domain)?;
-            std::fs::create_dir_all(&out)?;
-            ca.save(&out)?;
-            println!(
-                "created CA for trust domain `{trust_domain}`: {} and {} (keep ca.key offline)",
-                out.join(pki::CA_CERT).display(),
-                out.join(pki::CA_KEY).display()
-            );
-        }
+        CaCmd::Init { trust_domain, out } => println!("{}", ca::init(&trust_domain, &out)?),
         CaCmd::IssueNode {
             ca_dir,
             name,
             out,
             days,
-            mut sans,
+            sans,
             tenants,
         } => {
-            let ca = CertificateAuthority::load(&ca_dir)?;
-            if sans.is_empty() {
-                sans = vec!["localhost".into(), "127.0.0.1".into()];
-            }
-            ca.issue_node_credentials_for(
-                &name,
-                Duration::from_secs(days * 86400),
-                &sans,
-                &tenants,
-            )?
-            .write_dir(&out, &ca.cert_pem)?;
-            println!(
-                "issued spiffe://{}/node/{name} valid {days} days: {}, {}, {}; issuing certificate for agents: {}, {}",
-                ca.trust_domain,
-                out.join(pki::NODE_CERT).display(),
-                out.join(pki::NODE_KEY).display(),
-                out.join(pki::CA_CERT).display(),
-                out.join(pki::ISSUER_CERT).display(),
-                out.join(pki::ISSUER_KEY).display()
-            );
+            let req = ca::IssueNode {
+                ca_dir,
+                name,
+                out,
+                days,
+                sans,
+                tenants,
+            };
+            println!("{}", ca::issue_node(&req)?);
         }
         CaCmd::Revoke {
             ca_dir,
@@ -361,21 +341,10 @@ fn ca(cmd: CaCmd) -> anyhow::Result<()> {
             reason,
             out,
         } => {
-            let ca = CertificateAuthority::load(&ca_dir)?;
-            let serial = match (serial, cert) {
-                (Some(s), _) => s,
-                (None, Some(path)) => {
-                    let pem = std::fs::read_to_string(&path)?;
-                    let der = dmsc_transport::identity::certs_from_pem(&pem, &path)?;
-                    dmsc_transport::identity::serial_of(&der[0])
-                        .ok_or_else(|| anyhow::anyhow!("`{}` does not parse", path.display()))?
-                }
-                (None, None) => anyhow::bail!("give --serial or --cert"),
-            };
-            let r = dmsc_transport::Revocation::sign(&ca, &serial, &reason)?;
+            let r = ca::revoke(&ca_dir, serial, cert.as_deref(), &reason)?;
             match out {
                 Some(path) => {
-                    pki::write_file(&path, &(r.to_json() + "\n"), 0o644)?;
+                    ca::write_revocation(&r, &path)?;
                     eprintln!(
                         "revocation of serial {} written to {}",
                         r.serial,
@@ -470,26 +439,10 @@ async fn ops(cmd: Cmd) -> anyhow::Result<ExitCode> {
             );
         }
         Cmd::Audit(AuditCmd::Verify { dir, ca }) => {
-            let opts = match ca {
-                Some(p) => {
-                    dmsc_audit::VerifyOptions::with_roots_pem(&std::fs::read_to_string(&p)?)?
-                }
-                None => dmsc_audit::VerifyOptions::default(),
-            };
-            let r = dmsc_audit::verify(&dir, &opts)?;
-            match &r.problem {
-                None => println!(
-                    "{}: {} entries, {} signed checkpoints verified, {} entries after the last checkpoint; tenants: {}",
-                    r.path.display(),
-                    r.entries,
-                    r.checkpoints,
-                    r.unsealed,
-                    r.tenants.iter().cloned().collect::<Vec<_>>().join(", ")
-                ),
-                Some(p) => {
-                    println!("{}: TAMPERED: {p}", r.path.display());
-                    return Ok(ExitCode::from(1));
-                }
+            let (line, intact) = ops::audit_verify(&dir, ca.as_deref())?;
+            println!("{line}");
+            if !intact {
+                return Ok(ExitCode::from(1));
             }
         }
         Cmd::Audit(AuditCmd::Tail { dir, tenant }) => {

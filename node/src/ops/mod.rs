@@ -1,5 +1,5 @@
-//! Operator commands that are more than a flag parse: `dmsc-node check`,
-//! `token create`, `revoke apply`, `audit verify|tail`. They live here, not
+//! Operator commands that are more than a flag parse: `dmsc-node ca ...`
+//! ([`ca`]), `check`, `token create`, `revoke apply`, `audit verify`. They live here, not
 //! in the binary, so tests drive them directly; the ones that talk to a
 //! running node are clients of its admin API, like `status`.
 
@@ -10,6 +10,8 @@ use std::time::{Duration, SystemTime};
 
 use crate::admin::status::{admin_call, StatusError};
 use crate::config::NodeConfig;
+
+pub mod ca;
 
 /// Certificates expiring sooner than this fail `check`.
 pub const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -271,6 +273,39 @@ async fn post_json(
     serde_json::from_str(&text).map_err(|e| StatusError::Decode {
         addr: admin,
         reason: e.to_string(),
+    })
+}
+
+/// `dmsc-node audit verify`: one line of summary, and whether the log is intact.
+pub fn audit_verify(
+    dir: &Path,
+    ca: Option<&Path>,
+) -> Result<(String, bool), dmsc_audit::AuditError> {
+    let opts = match ca {
+        Some(p) => {
+            let pem = std::fs::read_to_string(p).map_err(|source| dmsc_audit::AuditError::Io {
+                path: p.to_path_buf(),
+                op: "reading the CA bundle",
+                source,
+            })?;
+            dmsc_audit::VerifyOptions::with_roots_pem(&pem)?
+        }
+        None => dmsc_audit::VerifyOptions::default(),
+    };
+    let r = dmsc_audit::verify(dir, &opts)?;
+    Ok(match &r.problem {
+        None => (
+            format!(
+                "{}: {} entries, {} signed checkpoints verified, {} entries after the last checkpoint; tenants: {}",
+                r.path.display(),
+                r.entries,
+                r.checkpoints,
+                r.unsealed,
+                r.tenants.iter().cloned().collect::<Vec<_>>().join(", ")
+            ),
+            true,
+        ),
+        Some(p) => (format!("{}: TAMPERED: {p}", r.path.display()), false),
     })
 }
 
