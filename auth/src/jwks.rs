@@ -29,12 +29,11 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::Deserialize;
 use time::OffsetDateTime;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 
 use crate::error::AuthError;
 
@@ -316,20 +315,25 @@ pub struct JwksStatus {
     pub last_error: Option<String>,
 }
 
+/// The HTTP client the node uses for outside URLs: hyper-util's pooled
+/// client over hyper-rustls (ring, the system's roots), the same stack as
+/// the node's agent clients.
+type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
 /// Fetches a JWKS document.
 struct Loader {
     source: JwksSource,
-    /// Set for `https://` sources.
-    tls: Option<tokio_rustls::TlsConnector>,
+    /// Set for URL sources.
+    client: Option<HttpsClient>,
 }
 
 impl Loader {
     fn new(source: JwksSource) -> Result<Self, AuthError> {
-        let tls = match &source {
-            JwksSource::Url(url) if url.starts_with("https://") => Some(tls_connector(url)?),
-            _ => None,
+        let client = match &source {
+            JwksSource::Url(url) => Some(https_client(url)?),
+            JwksSource::File(_) => None,
         };
-        Ok(Loader { source, tls })
+        Ok(Loader { source, client })
     }
 
     async fn load(&self) -> Result<Jwks, AuthError> {
@@ -353,7 +357,11 @@ impl Loader {
                     .map_err(|e| unavailable(e.to_string()))?
             }
             JwksSource::Url(url) => {
-                match tokio::time::timeout(FETCH_TIMEOUT, fetch(url, self.tls.as_ref())).await {
+                let client = self
+                    .client
+                    .as_ref()
+                    .ok_or_else(|| unavailable("no HTTP client for this URL".into()))?;
+                match tokio::time::timeout(FETCH_TIMEOUT, fetch(url, client)).await {
                     Ok(r) => r.map_err(unavailable)?,
                     Err(_) => {
                         return Err(unavailable(format!(
@@ -371,11 +379,27 @@ impl Loader {
     }
 }
 
-fn tls_connector(url: &str) -> Result<tokio_rustls::TlsConnector, AuthError> {
+fn https_client(url: &str) -> Result<HttpsClient, AuthError> {
     let unavailable = |detail: String| AuthError::JwksUnavailable {
         location: format!("URL `{url}`"),
         detail,
     };
+    if !url.starts_with("https://") {
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(
+                rustls::ClientConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| unavailable(format!("TLS setup: {e}")))?
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth(),
+            )
+            .https_or_http()
+            .enable_http1()
+            .build();
+        return Ok(Client::builder(TokioExecutor::new()).build(https));
+    }
     let found = rustls_native_certs::load_native_certs();
     let mut roots = rustls::RootCertStore::empty();
     let (added, _ignored) = roots.add_parsable_certificates(found.certs);
@@ -397,15 +421,22 @@ fn tls_connector(url: &str) -> Result<tokio_rustls::TlsConnector, AuthError> {
         .map_err(|e| unavailable(format!("TLS setup: {e}")))?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_only()
+        .enable_http1()
+        .build();
+    Ok(Client::builder(TokioExecutor::new()).build(https))
 }
 
 /// Where a URL points, checked once at configuration time.
 pub(crate) struct Target {
+    #[cfg_attr(not(test), allow(dead_code))]
     https: bool,
     host: String,
     port: u16,
     authority: String,
+    #[cfg_attr(not(test), allow(dead_code))]
     path: String,
 }
 
@@ -444,78 +475,42 @@ pub(crate) fn parse_url(url: &str) -> Result<Target, String> {
     })
 }
 
-async fn fetch(url: &str, tls: Option<&tokio_rustls::TlsConnector>) -> Result<Vec<u8>, String> {
+async fn fetch(url: &str, client: &HttpsClient) -> Result<Vec<u8>, String> {
     let target = parse_url(url)?;
-    let tcp = TcpStream::connect((target.host.as_str(), target.port))
-        .await
-        .map_err(|e| format!("connect to {}:{}: {e}", target.host, target.port))?;
-    // Best effort: a refresh is one small request.
-    let _ = tcp.set_nodelay(true);
-    if target.https {
-        let tls = tls.ok_or_else(|| "TLS is not configured for this URL".to_owned())?;
-        let name = rustls::pki_types::ServerName::try_from(target.host.clone())
-            .map_err(|e| format!("`{}` is not a valid TLS server name: {e}", target.host))?;
-        let stream = tls
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("TLS handshake: {e}"))?;
-        get(stream, &target).await
-    } else {
-        get(tcp, &target).await
-    }
-}
-
-async fn get<S>(io: S, target: &Target) -> Result<Vec<u8>, String>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-        .await
-        .map_err(|e| format!("HTTP handshake: {e}"))?;
-    let request = hyper::Request::get(target.path.as_str())
+    let uri: hyper::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
+    let request = hyper::Request::get(uri)
         .header(hyper::header::HOST, target.authority.as_str())
         .header(
             hyper::header::ACCEPT,
             "application/json, application/jwk-set+json",
         )
         .header(hyper::header::USER_AGENT, "dmsc-auth")
-        .header(hyper::header::CONNECTION, "close")
         .body(Empty::<Bytes>::new())
         .map_err(|e| format!("building the request: {e}"))?;
-    // The connection future drives the socket; run it beside the exchange in
-    // this task instead of spawning a task nobody owns.
-    let exchange = async move {
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| format!("request: {e}"))?;
-        let status = response.status();
-        if status != hyper::StatusCode::OK {
-            let location = response
-                .headers()
-                .get(hyper::header::LOCATION)
-                .and_then(|l| l.to_str().ok())
-                .map(|l| format!(" (redirect to `{l}` is not followed; configure that URL)"))
-                .unwrap_or_default();
-            return Err(format!("HTTP status {status}{location}"));
+    let response = client.request(request).await.map_err(|e| {
+        let mut msg = format!("request to {}:{}: {e}", target.host, target.port);
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            msg.push_str(&format!(": {s}"));
+            source = s.source();
         }
-        let body = Limited::new(response.into_body(), MAX_JWKS_BYTES)
-            .collect()
-            .await
-            .map_err(|e| format!("reading the body: {e}"))?;
-        Ok(body.to_bytes().to_vec())
-    };
-    tokio::pin!(exchange);
-    tokio::pin!(conn);
-    tokio::select! {
-        biased;
-        r = &mut exchange => r,
-        c = &mut conn => match c {
-            Err(e) => Err(format!("connection: {e}")),
-            // The server closed cleanly; the exchange has what it got.
-            Ok(()) => exchange.await,
-        },
+        msg
+    })?;
+    let status = response.status();
+    if status != hyper::StatusCode::OK {
+        let location = response
+            .headers()
+            .get(hyper::header::LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .map(|l| format!(" (redirect to `{l}` is not followed; configure that URL)"))
+            .unwrap_or_default();
+        return Err(format!("HTTP status {status}{location}"));
     }
+    let body = Limited::new(response.into_body(), MAX_JWKS_BYTES)
+        .collect()
+        .await
+        .map_err(|e| format!("reading the body: {e}"))?;
+    Ok(body.to_bytes().to_vec())
 }
 
 /// Aborts a task when dropped, so the refresher dies with its validator.

@@ -79,89 +79,77 @@ fn json(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
     reply(status, "application/json", format!("{v}\n"))
 }
 
-/// `/v1/agents` and `/v1/agents/<tenant>/<name>`.
-async fn agents_route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) -> Response<Body> {
-    use http_body_util::BodyExt;
-    let path = req.uri().path().trim_end_matches('/').to_string();
-    let rest = path.strip_prefix("/v1/agents").unwrap_or("");
-    match (req.method().clone(), rest) {
-        (Method::GET, "") => match serde_json::to_value(report::agent_statuses(&s)) {
-            Ok(v) => json(StatusCode::OK, &serde_json::json!({ "agents": v })),
-            Err(e) => json(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                &serde_json::json!({"error": e.to_string()}),
-            ),
-        },
-        (Method::POST, "") => {
-            let body = match http_body_util::Limited::new(req.into_body(), 1 << 20)
-                .collect()
-                .await
-            {
-                Ok(b) => b.to_bytes(),
-                Err(e) => {
-                    return json(
-                        StatusCode::BAD_REQUEST,
-                        &serde_json::json!({"error": e.to_string()}),
-                    )
-                }
-            };
-            let spec: crate::config::RawAgent = match serde_json::from_slice(&body) {
-                Ok(s) => s,
-                Err(e) => {
-                    return json(
-                        StatusCode::BAD_REQUEST,
-                        &serde_json::json!({"error": format!("expected {{\"tenant\", \"url\", \"name\"?}}: {e}")}),
-                    )
-                }
-            };
-            match s.agents.add(&spec).await {
-                Ok(a) => json(
-                    StatusCode::CREATED,
-                    &serde_json::json!({
-                        "tenant": a.id.tenant,
-                        "name": a.id.name,
-                        "node": s.security.identity().name(),
-                        "digest": a.digest,
-                        "skills": a.card.skill_tags(),
-                        "mesh_url": format!("http://{}.{}.dmsc", a.id.name, a.id.tenant),
-                    }),
-                ),
-                Err(e) => {
-                    let status = match e {
-                        crate::control::agents::AgentError::Spec(_) => StatusCode::BAD_REQUEST,
-                        crate::control::agents::AgentError::Duplicate(_) => StatusCode::CONFLICT,
-                        _ => StatusCode::UNPROCESSABLE_ENTITY,
-                    };
-                    json(status, &serde_json::json!({"error": e.to_string()}))
-                }
-            }
-        }
-        (Method::DELETE, rest) => {
-            let mut it = rest.trim_start_matches('/').splitn(2, '/');
-            let (Some(tenant), Some(name)) = (it.next(), it.next()) else {
-                return json(
-                    StatusCode::BAD_REQUEST,
-                    &serde_json::json!({"error": "use DELETE /v1/agents/<tenant>/<name>"}),
-                );
-            };
-            let id = dmsc_registry::AgentId {
-                tenant: tenant.to_string(),
-                name: name.to_string(),
-            };
-            if s.agents.remove(&id).await {
-                reply(StatusCode::NO_CONTENT, "text/plain", "")
-            } else {
-                json(
-                    StatusCode::NOT_FOUND,
-                    &serde_json::json!({"error": format!("`{id}` is not an agent of this node")}),
-                )
-            }
-        }
-        _ => reply(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain",
-            "GET or POST /v1/agents, DELETE /v1/agents/<tenant>/<name>\n",
+/// `GET /v1/agents`: the agent table.
+fn agents_list(s: &Shared) -> Response<Body> {
+    match serde_json::to_value(report::agent_statuses(s)) {
+        Ok(v) => json(StatusCode::OK, &serde_json::json!({ "agents": v })),
+        Err(e) => json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &serde_json::json!({"error": e.to_string()}),
         ),
+    }
+}
+
+/// `POST /v1/agents`: onboard an agent.
+async fn agents_add(req: Request<hyper::body::Incoming>, s: &Shared) -> Response<Body> {
+    use http_body_util::BodyExt;
+    let body = match http_body_util::Limited::new(req.into_body(), 1 << 20)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return json(
+                StatusCode::BAD_REQUEST,
+                &serde_json::json!({"error": e.to_string()}),
+            )
+        }
+    };
+    let spec: crate::config::RawAgent = match serde_json::from_slice(&body) {
+        Ok(s) => s,
+        Err(e) => {
+            return json(
+                StatusCode::BAD_REQUEST,
+                &serde_json::json!({"error": format!("expected {{\"tenant\", \"url\", \"name\"?}}: {e}")}),
+            )
+        }
+    };
+    match s.agents.add(&spec).await {
+        Ok(a) => json(
+            StatusCode::CREATED,
+            &serde_json::json!({
+                "tenant": a.id.tenant,
+                "name": a.id.name,
+                "node": s.security.identity().name(),
+                "digest": a.digest,
+                "skills": a.card.skill_tags(),
+                "mesh_url": format!("http://{}.{}.dmsc", a.id.name, a.id.tenant),
+            }),
+        ),
+        Err(e) => {
+            let status = match e {
+                crate::control::agents::AgentError::Spec(_) => StatusCode::BAD_REQUEST,
+                crate::control::agents::AgentError::Duplicate(_) => StatusCode::CONFLICT,
+                _ => StatusCode::UNPROCESSABLE_ENTITY,
+            };
+            json(status, &serde_json::json!({"error": e.to_string()}))
+        }
+    }
+}
+
+/// `DELETE /v1/agents/<tenant>/<name>`.
+async fn agent_delete(tenant: &str, name: &str, s: &Shared) -> Response<Body> {
+    let id = dmsc_registry::AgentId {
+        tenant: tenant.to_string(),
+        name: name.to_string(),
+    };
+    if s.agents.remove(&id).await {
+        reply(StatusCode::NO_CONTENT, "text/plain", "")
+    } else {
+        json(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({"error": format!("`{id}` is not an agent of this node")}),
+        )
     }
 }
 
@@ -180,20 +168,13 @@ async fn read_body(req: Request<hyper::body::Incoming>) -> Result<Bytes, Respons
 }
 
 /// `POST /v1/tokens`: a one-time join token for one agent of one tenant.
-async fn tokens_route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) -> Response<Body> {
+async fn tokens_route(req: Request<hyper::body::Incoming>, s: &Shared) -> Response<Body> {
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Ask {
         tenant: String,
         agent: String,
         ttl_secs: Option<u64>,
-    }
-    if req.method() != Method::POST {
-        return reply(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain",
-            "POST /v1/tokens\n",
-        );
     }
     let body = match read_body(req).await {
         Ok(b) => b,
@@ -239,51 +220,47 @@ async fn tokens_route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) -> Re
 }
 
 /// `GET /v1/revocations`, `POST /v1/revocations` (a signed statement).
-async fn revocations_route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) -> Response<Body> {
-    match *req.method() {
-        Method::GET => json(
-            StatusCode::OK,
-            &serde_json::json!({ "revocations": s.security.revoked.all() }),
-        ),
-        Method::POST => {
-            let body = match read_body(req).await {
-                Ok(b) => b,
-                Err(r) => return r,
-            };
-            let r = match dmsc_transport::Revocation::parse(&body) {
-                Ok(r) => r,
-                Err(e) => {
-                    return json(
-                        StatusCode::BAD_REQUEST,
-                        &serde_json::json!({"error": e.to_string()}),
-                    )
-                }
-            };
-            match s.security.apply_revocation(r.clone(), "admin") {
-                Ok(new) => {
-                    crate::control::sync::publish_revocation(&s.gossip, &r).await;
-                    let closed = s.overlay.close_revoked();
-                    json(
-                        if new {
-                            StatusCode::CREATED
-                        } else {
-                            StatusCode::OK
-                        },
-                        &serde_json::json!({
-                            "serial": r.serial,
-                            "new": new,
-                            "closed_connections": closed,
-                        }),
-                    )
-                }
-                Err(e) => json(StatusCode::FORBIDDEN, &serde_json::json!({"error": e})),
-            }
+/// `GET /v1/revocations`.
+fn revocations_list(s: &Shared) -> Response<Body> {
+    json(
+        StatusCode::OK,
+        &serde_json::json!({ "revocations": s.security.revoked.all() }),
+    )
+}
+
+/// `POST /v1/revocations`: apply a statement signed by `dmsc-node ca revoke`.
+async fn revocations_apply(req: Request<hyper::body::Incoming>, s: &Shared) -> Response<Body> {
+    let body = match read_body(req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let r = match dmsc_transport::Revocation::parse(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return json(
+                StatusCode::BAD_REQUEST,
+                &serde_json::json!({"error": e.to_string()}),
+            )
         }
-        _ => reply(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain",
-            "GET or POST /v1/revocations\n",
-        ),
+    };
+    match s.security.apply_revocation(r.clone(), "admin") {
+        Ok(new) => {
+            crate::control::sync::publish_revocation(&s.gossip, &r).await;
+            let closed = s.overlay.close_revoked();
+            json(
+                if new {
+                    StatusCode::CREATED
+                } else {
+                    StatusCode::OK
+                },
+                &serde_json::json!({
+                    "serial": r.serial,
+                    "new": new,
+                    "closed_connections": closed,
+                }),
+            )
+        }
+        Err(e) => json(StatusCode::FORBIDDEN, &serde_json::json!({"error": e})),
     }
 }
 
@@ -313,6 +290,55 @@ fn authorized<B>(req: &Request<B>, s: &Shared) -> bool {
         .is_some_and(|t| s.security.admin_token_ok(t))
 }
 
+/// What a path of the admin API names.
+#[derive(Debug, Clone, Copy)]
+enum Endpoint {
+    Live,
+    Ready,
+    Metrics,
+    Status,
+    Check,
+    Agents,
+    Agent,
+    Tokens,
+    Revocations,
+}
+
+impl Endpoint {
+    /// The methods it answers (for 405 and `Allow`).
+    fn allow(self) -> &'static str {
+        match self {
+            Endpoint::Agents | Endpoint::Revocations => "GET, HEAD, POST",
+            Endpoint::Agent => "DELETE",
+            Endpoint::Tokens => "POST",
+            _ => "GET, HEAD",
+        }
+    }
+}
+
+fn router() -> &'static matchit::Router<Endpoint> {
+    static ROUTER: std::sync::OnceLock<matchit::Router<Endpoint>> = std::sync::OnceLock::new();
+    ROUTER.get_or_init(|| {
+        let mut r = matchit::Router::new();
+        for (path, e) in [
+            ("/live", Endpoint::Live),
+            ("/ready", Endpoint::Ready),
+            ("/metrics", Endpoint::Metrics),
+            ("/v1/status", Endpoint::Status),
+            ("/v1/check", Endpoint::Check),
+            ("/v1/agents", Endpoint::Agents),
+            ("/v1/agents/{tenant}/{name}", Endpoint::Agent),
+            ("/v1/tokens", Endpoint::Tokens),
+            ("/v1/revocations", Endpoint::Revocations),
+        ] {
+            // The table above is fixed and its paths are distinct.
+            #[allow(clippy::expect_used)]
+            r.insert(path, e).expect("admin routes are distinct");
+        }
+        r
+    })
+}
+
 async fn route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) -> Response<Body> {
     if !host_ok(&req) {
         return reply(
@@ -331,34 +357,38 @@ async fn route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) -> Response<
             )}),
         );
     }
-    if req.uri().path().starts_with("/v1/agents") {
-        return agents_route(req, s).await;
-    }
-    if req.uri().path() == "/v1/tokens" {
-        return tokens_route(req, s).await;
-    }
-    if req.uri().path() == "/v1/revocations" {
-        return revocations_route(req, s).await;
-    }
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n");
-    }
-    match req.uri().path() {
-        "/live" => reply(StatusCode::OK, "text/plain", "live\n"),
-        "/ready" => {
+    let path = req.uri().path().to_string();
+    let lookup = match path.trim_end_matches('/') {
+        "" => "/",
+        p => p,
+    };
+    let Ok(found) = router().at(lookup) else {
+        return reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            format!("no route {path}; try /live, /ready, /metrics, /v1/status, /v1/agents\n"),
+        );
+    };
+    let endpoint = *found.value;
+    let param = |k: &str| found.params.get(k).unwrap_or_default().to_string();
+    let (tenant, name) = (param("tenant"), param("name"));
+    let get = matches!(*req.method(), Method::GET | Method::HEAD);
+    match (endpoint, req.method().clone()) {
+        (Endpoint::Live, _) if get => reply(StatusCode::OK, "text/plain", "live\n"),
+        (Endpoint::Ready, _) if get => {
             if s.ready.load(Ordering::Acquire) {
                 reply(StatusCode::OK, "text/plain", "ready\n")
             } else {
                 reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")
             }
         }
-        "/metrics" => reply(
+        (Endpoint::Metrics, _) if get => reply(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             metrics_text(&s).await,
         ),
-        "/v1/check" => json(StatusCode::OK, &report::peer_checks(&s).await),
-        "/v1/status" => match serde_json::to_vec_pretty(&status_report(&s).await) {
+        (Endpoint::Check, _) if get => json(StatusCode::OK, &report::peer_checks(&s).await),
+        (Endpoint::Status, _) if get => match serde_json::to_vec_pretty(&status_report(&s).await) {
             Ok(body) => reply(StatusCode::OK, "application/json", body),
             Err(e) => reply(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -366,11 +396,24 @@ async fn route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) -> Response<
                 format!("status encoding failed: {e}\n"),
             ),
         },
-        other => reply(
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            format!("no route {other}; try /live, /ready, /metrics, /v1/status, /v1/agents\n"),
-        ),
+        (Endpoint::Agents, _) if get => agents_list(&s),
+        (Endpoint::Agents, Method::POST) => agents_add(req, &s).await,
+        (Endpoint::Agent, Method::DELETE) => agent_delete(&tenant, &name, &s).await,
+        (Endpoint::Tokens, Method::POST) => tokens_route(req, &s).await,
+        (Endpoint::Revocations, _) if get => revocations_list(&s),
+        (Endpoint::Revocations, Method::POST) => revocations_apply(req, &s).await,
+        (e, _) => {
+            let mut r = reply(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                format!("{path} answers {}\n", e.allow()),
+            );
+            r.headers_mut().insert(
+                hyper::header::ALLOW,
+                hyper::header::HeaderValue::from_static(e.allow()),
+            );
+            r
+        }
     }
 }
 

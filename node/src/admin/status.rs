@@ -314,20 +314,19 @@ pub async fn admin_call(
     body: bytes::Bytes,
 ) -> Result<(u16, String), StatusError> {
     use http_body_util::{BodyExt, Full};
+    use hyper_util::client::legacy::{connect::HttpConnector, Client};
     let unreachable = |reason: String| StatusError::Unreachable { addr, reason };
-    let stream = tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(addr))
-        .await
-        .map_err(|_| unreachable("connect timed out".into()))?
-        .map_err(|e| unreachable(e.to_string()))?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-    let driver = tokio::spawn(conn);
+    // The same pooled client stack as the node's own (hyper-util), one
+    // connection for one call.
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(Duration::from_secs(3)));
+    let client: Client<_, Full<bytes::Bytes>> =
+        Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_max_idle_per_host(0)
+            .build(connector);
     let mut req = hyper::Request::builder()
         .method(method)
-        .uri(path)
-        .header(hyper::header::HOST, addr.to_string())
+        .uri(format!("http://{addr}{path}"))
         .header(hyper::header::CONTENT_TYPE, "application/json");
     if let Some(t) = token {
         req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {}", t.trim()));
@@ -336,10 +335,16 @@ pub async fn admin_call(
         .body(Full::new(body))
         .map_err(|e| unreachable(e.to_string()))?;
     let fetch = async {
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
+        let resp = client.request(req).await.map_err(|e| {
+            // hyper-util's error says "client error (Connect)"; the cause is below it.
+            let mut msg = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                msg.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            unreachable(msg)
+        })?;
         let status = resp.status().as_u16();
         let body = resp
             .into_body()
@@ -349,11 +354,9 @@ pub async fn admin_call(
             .to_bytes();
         Ok((status, String::from_utf8_lossy(&body).into_owned()))
     };
-    let out = tokio::time::timeout(Duration::from_secs(30), fetch)
+    tokio::time::timeout(Duration::from_secs(30), fetch)
         .await
-        .map_err(|_| unreachable("no answer within 30s".into()))?;
-    driver.abort();
-    out
+        .map_err(|_| unreachable("no answer within 30s".into()))?
 }
 
 /// Fetches and decodes `/v1/status`.
