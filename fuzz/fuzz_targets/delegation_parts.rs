@@ -2,7 +2,7 @@
 //! with arbitrary peer bytes: `cargo +nightly fuzz run delegation_parts`.
 #![no_main]
 
-use dmsc_node::wire::{decode_request_head, decode_response_head, Part, PartDecoder};
+use dmsc_node::proto::wire::{decode_request_head, decode_response_head, Part, PartDecoder};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

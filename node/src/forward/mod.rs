@@ -958,6 +958,7 @@ async fn write_response(send: &mut StreamSend, resp: Response<Body>) -> Result<(
         status: parts.status.as_u16(),
         headers: wire::to_wire_headers(&parts.headers),
         delivered: true,
+        failure: None,
     };
     send.write_chunks(&mut wire::encode_response_head(&head)?.to_vec())
         .await?;
@@ -978,6 +979,7 @@ async fn write_error(
         status: parts.status.as_u16(),
         headers: wire::to_wire_headers(&parts.headers),
         delivered,
+        failure: None,
     };
     let mut p = wire::encode_response_head(&head)?.to_vec();
     wire::encode_data(bytes, &mut p);

@@ -16,14 +16,22 @@
 //! format has its own version byte inside each head so a future change can be
 //! refused with a clear error instead of misread. Decoding is sans-I/O
 //! ([`PartDecoder`]) and property-tested.
+//!
+//! Versions: 2 added a typed failure to the response head (what went wrong,
+//! where, for which agent), so the calling node never parses an error body.
+//! A node decodes both; it answers in the version of the request, and sends
+//! version 2 requests only to peers that announce it (`wire` in their gossip
+//! announcement): during a rolling upgrade old and new nodes keep talking.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use dmsc_transport::frame::{FrameDecoder, FrameError, MAX_FRAME};
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
 
-/// Version of the delegation heads this node writes and accepts.
-pub const DELEGATION_VERSION: u8 = 1;
+/// Newest version of the delegation heads this node writes and accepts.
+pub const DELEGATION_VERSION: u8 = 2;
+/// Oldest version still decoded (and answered in kind).
+pub const OLDEST_VERSION: u8 = 1;
 
 const KIND_HEAD: u8 = 1;
 const KIND_DATA: u8 = 2;
@@ -66,6 +74,31 @@ pub struct ResponseHead {
     /// False when the home node is sure the agent never saw the request
     /// (unknown agent, connect refused, circuit open): safe to retry elsewhere.
     pub delivered: bool,
+    /// Version 2: set when the home node (not the agent) failed the
+    /// delegation; no body follows. Version 1 heads decode with `None`.
+    pub failure: Option<WireFailure>,
+}
+
+/// A failure as it crosses the overlay (version 2): the calling node
+/// rebuilds the typed error from it and renders it for its caller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireFailure {
+    /// Stable kind name (`timeout`, `forbidden`, ...: `ErrorKind::as_str`).
+    pub kind: String,
+    pub detail: String,
+    /// The node that decided.
+    pub node: String,
+    /// `tenant/agent` when one was involved.
+    pub agent: Option<String>,
+}
+
+/// The version 1 response head (no failure field).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct ResponseHeadV1 {
+    version: u8,
+    status: u16,
+    headers: WireHeaders,
+    delivered: bool,
 }
 
 /// One decoded part.
@@ -89,7 +122,7 @@ pub enum WireError {
     Kind(u8),
     #[error("undecodable {what}: {reason}")]
     Decode { what: &'static str, reason: String },
-    #[error("delegation version {0} (this node speaks {DELEGATION_VERSION})")]
+    #[error("delegation version {0} (this node speaks {OLDEST_VERSION} to {DELEGATION_VERSION})")]
     Version(u8),
     #[error("overlay stream: {0}")]
     Stream(String),
@@ -119,7 +152,17 @@ pub fn encode_request_head(head: &RequestHead) -> Result<[Bytes; 2], WireError> 
     encode_head(head)
 }
 
+/// Encodes a response head in its `version` (1: without the failure, which
+/// the caller then renders into status, headers and body itself).
 pub fn encode_response_head(head: &ResponseHead) -> Result<[Bytes; 2], WireError> {
+    if head.version == 1 {
+        return encode_head(&ResponseHeadV1 {
+            version: 1,
+            status: head.status,
+            headers: head.headers.clone(),
+            delivered: head.delivered,
+        });
+    }
     encode_head(head)
 }
 
@@ -144,36 +187,45 @@ pub fn encode_trailers(trailers: &HeaderMap) -> Result<[Bytes; 2], WireError> {
     Ok([part_header(KIND_TRAILERS, body.len()), Bytes::from(body)])
 }
 
+/// Decodes a request head of any version this node speaks (the fields are
+/// the same; the version says which response head the caller reads).
 pub fn decode_request_head(bytes: &[u8]) -> Result<RequestHead, WireError> {
     check_version(bytes)?;
-    let head: RequestHead = postcard::from_bytes(bytes).map_err(|e| WireError::Decode {
+    postcard::from_bytes(bytes).map_err(|e| WireError::Decode {
         what: "request head",
         reason: e.to_string(),
-    })?;
-    if head.version != DELEGATION_VERSION {
-        return Err(WireError::Version(head.version));
-    }
-    Ok(head)
+    })
 }
 
+/// Decodes a response head of any version this node speaks.
 pub fn decode_response_head(bytes: &[u8]) -> Result<ResponseHead, WireError> {
-    check_version(bytes)?;
-    let head: ResponseHead = postcard::from_bytes(bytes).map_err(|e| WireError::Decode {
+    let decode = |e: postcard::Error| WireError::Decode {
         what: "response head",
         reason: e.to_string(),
-    })?;
-    if head.version != DELEGATION_VERSION {
-        return Err(WireError::Version(head.version));
+    };
+    if check_version(bytes)? == 1 {
+        let v1: ResponseHeadV1 = postcard::from_bytes(bytes).map_err(decode)?;
+        return Ok(ResponseHead {
+            version: 1,
+            status: v1.status,
+            headers: v1.headers,
+            delivered: v1.delivered,
+            failure: None,
+        });
     }
-    Ok(head)
+    postcard::from_bytes(bytes).map_err(decode)
 }
 
 /// The version is the head's first field, one postcard byte: check it
 /// before decoding the rest, so a head of another version gets a clear error.
-fn check_version(bytes: &[u8]) -> Result<(), WireError> {
+fn check_version(bytes: &[u8]) -> Result<u8, WireError> {
     match bytes.first() {
-        Some(&v) if v != DELEGATION_VERSION => Err(WireError::Version(v)),
-        _ => Ok(()),
+        Some(&v) if (OLDEST_VERSION..=DELEGATION_VERSION).contains(&v) => Ok(v),
+        Some(&v) => Err(WireError::Version(v)),
+        None => Err(WireError::Decode {
+            what: "head",
+            reason: "empty".into(),
+        }),
     }
 }
 
@@ -324,6 +376,43 @@ mod tests {
             d.push(&wire[..cut]);
             prop_assert!(matches!(d.next_part(), Ok(None)));
             prop_assert!(d.finish().is_err() || cut == 0);
+        }
+    }
+
+    fn response(version: u8, failure: Option<WireFailure>) -> ResponseHead {
+        ResponseHead {
+            version,
+            status: 504,
+            headers: vec![("content-type".into(), b"text/plain".to_vec())],
+            delivered: true,
+            failure,
+        }
+    }
+
+    #[test]
+    fn response_heads_of_both_versions_round_trip() {
+        let failure = WireFailure {
+            kind: "timeout".into(),
+            detail: "agent `acme/x` did not answer within 300ms".into(),
+            node: "eu-1".into(),
+            agent: Some("acme/x".into()),
+        };
+        let v2 = response(2, Some(failure));
+        let [_, body] = encode_response_head(&v2).expect("encode");
+        assert_eq!(decode_response_head(&body).expect("decode"), v2);
+        // A version 1 head (what a node before the bump sends and reads)
+        // carries no failure; it decodes with none.
+        let v1 = response(1, None);
+        let [_, body] = encode_response_head(&v1).expect("encode");
+        let old: ResponseHeadV1 = postcard::from_bytes(&body).expect("a v1 reader reads it");
+        assert_eq!((old.version, old.status, old.delivered), (1, 504, true));
+        assert_eq!(decode_response_head(&body).expect("decode"), v1);
+        // Request heads of both versions decode.
+        for v in [1, 2] {
+            let mut h = head("/".into(), vec![]);
+            h.version = v;
+            let [_, body] = encode_request_head(&h).expect("encode");
+            assert_eq!(decode_request_head(&body).expect("decode").version, v);
         }
     }
 
