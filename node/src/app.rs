@@ -118,6 +118,7 @@ impl App {
             version: env!("CARGO_PKG_VERSION").to_string(),
             started_at,
             roles: Vec::new(),
+            wire: crate::proto::wire::DELEGATION_VERSION,
         };
         let announcement =
             serde_json::to_string(&announcement).map_err(|e| NodeError::Internal(e.to_string()))?;

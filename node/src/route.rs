@@ -66,6 +66,8 @@ struct NodeCache {
     version: u64,
     live: bool,
     addr: Option<SocketAddr>,
+    /// Newest delegation wire version the node announced.
+    wire: u8,
     /// Raw `agent/` and `load/` values by agent.
     records: HashMap<AgentId, (String, String)>,
 }
@@ -78,6 +80,7 @@ impl NodeCache {
             version: 0,
             live: false,
             addr: None,
+            wire: 1,
             records: HashMap::new(),
         }
     }
@@ -91,7 +94,8 @@ pub struct MeshView {
     local: RwLock<HashMap<AgentId, Arc<AgentLocal>>>,
     circuit_cfg: CircuitConfig,
     /// Node name -> overlay address, from the gossiped `node` key.
-    nodes: RwLock<HashMap<String, SocketAddr>>,
+    /// Live nodes: overlay address and the delegation wire version they speak.
+    nodes: RwLock<HashMap<String, (SocketAddr, u8)>>,
     /// What the last scans said per node (raw values), to apply only changes.
     per_node: Mutex<HashMap<String, NodeCache>>,
     /// Unix ms of the last TTL expiry pass.
@@ -196,6 +200,11 @@ impl MeshView {
     }
 
     pub fn node_addr(&self, node: &str) -> Option<SocketAddr> {
+        self.node_route(node).map(|(a, _)| a)
+    }
+
+    /// A live node's overlay address and the delegation wire version it speaks.
+    pub fn node_route(&self, node: &str) -> Option<(SocketAddr, u8)> {
         self.nodes
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -289,9 +298,9 @@ impl MeshView {
                 let mut loads: HashMap<AgentId, String> = HashMap::new();
                 for (k, v) in values {
                     if k == dmsc_gossip::KEY_NODE {
-                        entry.addr = serde_json::from_str::<NodeAnnouncement>(&v)
-                            .ok()
-                            .map(|a| a.overlay_addr);
+                        let ann = serde_json::from_str::<NodeAnnouncement>(&v).ok();
+                        entry.addr = ann.as_ref().map(|a| a.overlay_addr);
+                        entry.wire = ann.map(|a| a.wire).unwrap_or(1);
                     } else if let Some((t, n)) = dmsc_registry::parse_agent_key(&k) {
                         records.insert(AgentId { tenant: t, name: n }, (v, String::new()));
                     } else if let Some((t, n)) = dmsc_registry::parse_load_key(&k) {
@@ -347,10 +356,10 @@ impl MeshView {
             }
             keep
         });
-        let nodes: HashMap<String, SocketAddr> = cache
+        let nodes: HashMap<String, (SocketAddr, u8)> = cache
             .values()
             .filter(|e| e.live)
-            .filter_map(|e| e.addr.map(|a| (e.name.clone(), a)))
+            .filter_map(|e| e.addr.map(|a| (e.name.clone(), (a, e.wire))))
             .collect();
         drop(cache);
         *self.nodes.write().unwrap_or_else(|p| p.into_inner()) = nodes;

@@ -16,6 +16,14 @@ pub struct NodeAnnouncement {
     pub started_at: u64,
     #[serde(default)]
     pub roles: Vec<String>,
+    /// Newest delegation wire version the node speaks (absent: 1, a node
+    /// from before the field).
+    #[serde(default = "wire_v1")]
+    pub wire: u8,
+}
+
+fn wire_v1() -> u8 {
+    1
 }
 
 /// Gossip key prefix of revocations: `revoked/<serial>`.
