@@ -6,7 +6,9 @@
 //! (the operator API), [`status`] (the report and its rendering),
 //! [`metrics`] and [`demo`]. A delegation walks [`ingress`] -> [`delegate`]
 //! (selection in [`mesh`], delivery locally or over the overlay in the
-//! [`wire`] format) -> the agent; [`agents`] onboards this node's own agents.
+//! [`wire`] format) -> the agent; [`policy`] decides which tenant a caller,
+//! and a calling node, may act for (at the ingress and again on the home
+//! node); [`agents`] onboards this node's own agents.
 //! [`security`] holds credentials, enrollment, revocations, caller
 //! authentication and the audit trail.
 
@@ -24,6 +26,7 @@ pub mod ingress;
 pub mod mesh;
 pub mod metrics;
 pub mod ops;
+pub mod policy;
 pub mod sample_agent;
 pub mod security;
 pub mod status;
