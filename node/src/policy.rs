@@ -114,10 +114,10 @@ pub fn inbound<A>(
     req: Inbound<'_>,
     local: impl FnOnce() -> Option<A>,
 ) -> Result<A, Denial> {
-    if let Some(scope) = req.scope.filter(|s| !in_scope(Some(s), req.tenant)) {
+    if !in_scope(req.scope, req.tenant) {
         return Err(Denial::OutsideNodeScope {
             node: req.node.to_string(),
-            scope: scope.to_vec(),
+            scope: req.scope.unwrap_or_default().to_vec(),
             tenant: req.tenant.to_string(),
             caller: req.caller.to_string(),
         });
