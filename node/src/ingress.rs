@@ -478,11 +478,8 @@ impl Ingress {
             Ok(t) => t,
             Err(e) => return MeshError::new(ErrorKind::BadTarget, me, e).response(None),
         };
-        if tenant != caller.tenant {
-            let reason = format!(
-                "caller `{}` is of tenant `{}`; `{host}` belongs to tenant `{tenant}` and cross-tenant delegation is not allowed",
-                caller.id, caller.tenant
-            );
+        if let Err(denial) = crate::policy::ingress(&caller.id, &caller.tenant, &host, &tenant) {
+            let reason = denial.to_string();
             self.security.record(dmsc_audit::Event::tenant(
                 caller.tenant.clone(),
                 dmsc_audit::Denied {

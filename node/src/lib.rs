@@ -9,6 +9,8 @@
 //! - [`metrics`]: the node's Prometheus registry.
 //! - [`security`]: the node's trust state: its credentials, the ones it
 //!   issues, revocations, bearer-token validation, the audit trail.
+//! - [`policy`]: which tenant a caller, and a calling node, may act for:
+//!   pure decisions, the same at the ingress and on the home node.
 //! - [`route`]: the registry view of this node (gossiped records, load,
 //!   circuits, outstanding requests) and selection.
 //! - [`forward`]: delivery: to a local agent, to a remote agent's home node
@@ -32,6 +34,7 @@ pub mod control;
 pub mod forward;
 pub mod ingress;
 pub mod metrics;
+pub mod policy;
 pub mod proto;
 pub mod route;
 pub mod security;

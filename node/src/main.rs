@@ -146,8 +146,10 @@ enum CaCmd {
         /// by (repeatable; default: localhost and 127.0.0.1).
         #[arg(long = "san")]
         sans: Vec<String>,
-        /// Limit the node's issuing certificate to this tenant (repeatable;
-        /// default: any tenant).
+        /// Limit the node to this tenant (repeatable; default: any tenant):
+        /// both certificates carry the scope; its issuing certificate signs
+        /// agents of these tenants only, and home nodes deliver its
+        /// delegations for these tenants only.
         #[arg(long = "tenant")]
         tenants: Vec<String>,
     },

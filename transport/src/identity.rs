@@ -130,6 +130,10 @@ pub struct CertInfo {
     pub not_after: SystemTime,
     /// True for CA certificates (basic constraints cA): never a workload identity.
     pub is_ca: bool,
+    /// The tenants the certificate is limited to (its `urn:dmsc:tenant:<t>`
+    /// URI SANs): an issuing certificate signs agents of those tenants only,
+    /// a node certificate acts for them only. `None`: no limit.
+    pub tenants: Option<Vec<String>>,
 }
 
 /// The one spelling of a certificate serial the mesh compares: lowercase hex
@@ -163,10 +167,13 @@ pub fn cert_info(der: &[u8]) -> Result<CertInfo, TransportError> {
     let (_, cert) = X509Certificate::from_der(der)
         .map_err(|e| TransportError::Identity(format!("unparsable certificate: {e}")))?;
     let mut spiffe = None;
+    let mut tenants = Vec::new();
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for name in &san.value.general_names {
             if let GeneralName::URI(uri) = name {
-                if uri.starts_with("spiffe://") {
+                if let Some(t) = uri.strip_prefix(TENANT_URN) {
+                    tenants.push(t.to_string());
+                } else if uri.starts_with("spiffe://") {
                     if spiffe.is_some() {
                         return Err(TransportError::Identity(
                             "more than one SPIFFE URI SAN".into(),
@@ -196,13 +203,15 @@ pub fn cert_info(der: &[u8]) -> Result<CertInfo, TransportError> {
         not_before: unix(cert.validity().not_before.timestamp()),
         not_after: unix(cert.validity().not_after.timestamp()),
         is_ca,
+        tenants: (!tenants.is_empty()).then_some(tenants),
     })
 }
 
 /// URI SAN prefix naming a serial an agent certificate was renewed from.
 pub const RENEWED_FROM_URN: &str = "urn:dmsc:renewed-from:";
 
-/// URI SAN prefix that limits a node's issuing certificate to a tenant.
+/// URI SAN prefix that limits a node's issuing certificate, and its node
+/// certificate, to a tenant.
 pub const TENANT_URN: &str = "urn:dmsc:tenant:";
 
 /// The rest of every URI SAN of `cert` that starts with `prefix`.
@@ -234,9 +243,10 @@ pub fn renewed_from(der: &[u8]) -> Vec<String> {
     revocation_serials(der).into_iter().skip(1).collect()
 }
 
-/// The tenants an issuing certificate is limited to (its
-/// `urn:dmsc:tenant:<t>` URI SANs); `None` when it carries none (any
-/// tenant) or does not parse.
+/// The tenants a certificate (an issuing or a node certificate) is limited
+/// to (its `urn:dmsc:tenant:<t>` URI SANs); `None` when it carries none
+/// (any tenant) or does not parse. [`CertInfo::tenants`] holds the same for
+/// a certificate parsed whole.
 pub fn issuer_tenants(der: &[u8]) -> Option<Vec<String>> {
     let (_, cert) = X509Certificate::from_der(der).ok()?;
     let tenants: Vec<String> = uri_sans(&cert, TENANT_URN).map(str::to_string).collect();

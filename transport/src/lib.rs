@@ -24,5 +24,6 @@ pub use frame::Channel;
 pub use identity::{NodeIdentity, SpiffeId};
 pub use overlay::{
     BiStream, Inbound, Overlay, OverlayConfig, OverlayStats, PeerLink, StreamRecv, StreamSend,
+    TenantScope,
 };
 pub use revoke::{Revocation, RevocationSet};

@@ -23,6 +23,9 @@
 //!   or handshake per request is not), and the peer's reader hands streams
 //!   it accepts to [`Overlay::incoming_streams`] after checking the preamble.
 //!   The wrappers [`StreamSend`]/[`StreamRecv`] keep quinn out of callers.
+//!   Each stream carries the peer's name and tenant scope, read once per
+//!   connection from the certificate the handshake verified, so the node's
+//!   policy judges the peer by its certificate, never by what it says.
 //!
 //! All tasks live in one `JoinSet` owned by the overlay: dropping the last
 //! [`Overlay`] handle or calling [`Overlay::shutdown`] stops them.
@@ -116,11 +119,17 @@ pub struct Inbound {
     pub payload: Bytes,
 }
 
+/// The tenants a peer's certificate limits it to (`urn:dmsc:tenant:<t>` URI
+/// SANs of its verified node certificate); `None`: unscoped, any tenant.
+pub type TenantScope = Option<Arc<[String]>>;
+
 /// A bidirectional stream with a verified peer, preamble already handled.
 #[derive(Debug)]
 pub struct BiStream {
     /// The peer's node name, from its verified SPIFFE ID.
     pub peer: Arc<str>,
+    /// The peer's tenant scope, from the same verified certificate.
+    pub scope: TenantScope,
     pub from: SocketAddr,
     pub channel: Channel,
     pub send: StreamSend,
@@ -242,6 +251,7 @@ pub struct PeerLink {
 struct Conn {
     conn: Connection,
     peer: Arc<str>,
+    scope: TenantScope,
     outbound: bool,
     since: Instant,
     serial: Arc<str>,
@@ -435,11 +445,23 @@ impl Overlay {
             });
         }
         let conn = connection_to(&self.inner, to).await?;
-        // The pool knows the verified name; parsing the certificate again
-        // per stream would cost more than the stream itself.
-        let peer: Arc<str> = match lock(&self.inner.conns).get(&to) {
-            Some(c) if c.conn.stable_id() == conn.stable_id() => c.peer.clone(),
-            _ => peer_name(&conn).unwrap_or_default().into(),
+        // The pool knows the verified name and scope; parsing the
+        // certificate again per stream would cost more than the stream itself.
+        let pooled = match lock(&self.inner.conns).get(&to) {
+            Some(c) if c.conn.stable_id() == conn.stable_id() => {
+                Some((c.peer.clone(), c.scope.clone()))
+            }
+            _ => None,
+        };
+        let (peer, scope) = match pooled {
+            Some(p) => p,
+            None => {
+                let v = verified_peer(&conn);
+                (
+                    v.as_ref().map(|v| v.name.clone()).unwrap_or_default(),
+                    v.and_then(|v| v.scope),
+                )
+            }
         };
         let (send, recv) = conn
             .open_bi()
@@ -450,6 +472,7 @@ impl Overlay {
         bump(&self.inner.stats.streams_opened, 1);
         Ok(BiStream {
             peer,
+            scope,
             from: to,
             channel,
             send,
@@ -655,9 +678,26 @@ fn peer_chain(conn: &Connection) -> Option<Vec<CertificateDer<'static>>> {
 }
 
 fn peer_name(conn: &Connection) -> Option<String> {
+    verified_peer(conn).map(|v| v.name.to_string())
+}
+
+/// What a connection's verified peer certificate says about the peer.
+struct VerifiedPeer {
+    name: Arc<str>,
+    scope: TenantScope,
+    serial: Arc<str>,
+}
+
+/// Reads the peer's leaf certificate once: its node name (the verifier
+/// already required exactly one node SPIFFE ID), tenant scope and serial.
+fn verified_peer(conn: &Connection) -> Option<VerifiedPeer> {
     let certs = peer_chain(conn)?;
     let info = cert_info(certs.first()?).ok()?;
-    info.spiffe.node_name().map(str::to_string)
+    Some(VerifiedPeer {
+        name: info.spiffe.node_name()?.into(),
+        scope: info.tenants.map(Into::into),
+        serial: info.serial_hex.into(),
+    })
 }
 
 /// Registers a verified connection in the pool and starts its reader. Returns
@@ -666,20 +706,20 @@ fn adopt(inner: &Arc<Inner>, conn: Connection, outbound: bool) -> Option<Connect
     let remote = conn.remote_address();
     // The TLS verifier already required a node SPIFFE ID; this cannot fail
     // for a connection that completed the handshake, but refuse if it does.
-    let Some(peer) = peer_name(&conn) else {
+    let Some(VerifiedPeer {
+        name: peer,
+        scope,
+        serial,
+    }) = verified_peer(&conn)
+    else {
         conn.close(VarInt::from_u32(CLOSE_SELF), b"no node identity");
         return None;
     };
-    if peer == inner.name {
+    if *peer == *inner.name {
         debug!(addr = %remote, "dialed ourselves; closing");
         conn.close(VarInt::from_u32(CLOSE_SELF), b"self");
         return None;
     }
-    let peer: Arc<str> = peer.into();
-    let serial: Arc<str> = peer_chain(&conn)
-        .and_then(|c| c.first().and_then(|c| crate::identity::serial_of(c)))
-        .unwrap_or_default()
-        .into();
     let initiator = |out: bool| -> &str {
         if out {
             &inner.name
@@ -715,6 +755,7 @@ fn adopt(inner: &Arc<Inner>, conn: Connection, outbound: bool) -> Option<Connect
                         Conn {
                             conn: conn.clone(),
                             peer: peer.clone(),
+                            scope: scope.clone(),
                             outbound,
                             since: Instant::now(),
                             serial: serial.clone(),
@@ -736,6 +777,7 @@ fn adopt(inner: &Arc<Inner>, conn: Connection, outbound: bool) -> Option<Connect
                     Conn {
                         conn: conn.clone(),
                         peer: peer.clone(),
+                        scope: scope.clone(),
                         outbound,
                         since: Instant::now(),
                         serial: serial.clone(),
@@ -749,7 +791,7 @@ fn adopt(inner: &Arc<Inner>, conn: Connection, outbound: bool) -> Option<Connect
     let span = tracing::info_span!("overlay-conn", node = %inner.name, peer = %peer);
     spawn(
         inner,
-        bi_loop(Arc::downgrade(inner), conn.clone(), peer.clone()).instrument(span.clone()),
+        bi_loop(Arc::downgrade(inner), conn.clone(), peer.clone(), scope).instrument(span.clone()),
     );
     spawn(
         inner,
@@ -825,12 +867,18 @@ async fn reader_loop(weak: Weak<Inner>, conn: Connection, peer: Arc<str>) {
 
 /// Accepts a connection's bidirectional (delegation) streams. A loop of its
 /// own, so a slow one-way (gossip) stream never delays a delegation.
-async fn bi_loop(weak: Weak<Inner>, conn: Connection, peer: Arc<str>) {
+async fn bi_loop(weak: Weak<Inner>, conn: Connection, peer: Arc<str>, scope: TenantScope) {
     let from = conn.remote_address();
     while let Ok((send, recv)) = conn.accept_bi().await {
         let Some(inner) = weak.upgrade() else { return };
         bump(&inner.stats.streams_accepted, 1);
-        let task = take_stream(weak.clone(), peer.clone(), from, send, recv);
+        let task = take_stream(
+            weak.clone(),
+            (peer.clone(), scope.clone()),
+            from,
+            send,
+            recv,
+        );
         spawn(&inner, task);
     }
 }
@@ -840,7 +888,7 @@ async fn bi_loop(weak: Weak<Inner>, conn: Connection, peer: Arc<str>) {
 /// and says nothing never holds up the connection's reader.
 async fn take_stream(
     weak: Weak<Inner>,
-    peer: Arc<str>,
+    (peer, scope): (Arc<str>, TenantScope),
     from: SocketAddr,
     send: quinn::SendStream,
     mut recv: quinn::RecvStream,
@@ -870,6 +918,7 @@ async fn take_stream(
     };
     let stream = BiStream {
         peer,
+        scope,
         from,
         channel,
         send,

@@ -4,7 +4,11 @@
 //! as its SPIFFE URI SAN (`spiffe://<td>`), so every later command reads the
 //! trust domain from the CA itself instead of trusting a flag to match.
 //! Node certificates are ECDSA P-256, valid for client and server auth (a node
-//! both dials and accepts), and carry `spiffe://<td>/node/<name>`.
+//! both dials and accepts), and carry `spiffe://<td>/node/<name>`; a node
+//! issued for some tenants only (`--tenant`) carries one
+//! `urn:dmsc:tenant:<t>` URI SAN per tenant on both its certificates: the
+//! issuing certificate signs agents of those tenants only, and home nodes
+//! deliver the node's delegations for those tenants only.
 
 use std::fs;
 use std::io::Write;
@@ -84,6 +88,27 @@ fn check_node_name(name: &str) -> Result<(), TransportError> {
             "node name `{name}` must be 1-63 of a-z, 0-9 and - (not at either end)"
         )))
     }
+}
+
+fn check_tenants(tenants: &[String]) -> Result<(), TransportError> {
+    match tenants.iter().find(|t| !valid_name(t)) {
+        Some(t) => Err(TransportError::Identity(format!(
+            "tenant `{t}` must be 1-63 of a-z, 0-9 and -"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// One `urn:dmsc:tenant:<t>` URI SAN per tenant.
+fn tenant_sans(tenants: &[String]) -> Result<Vec<SanType>, TransportError> {
+    tenants
+        .iter()
+        .map(|t| {
+            Ok(SanType::URI(
+                format!("{}{t}", crate::identity::TENANT_URN).try_into()?,
+            ))
+        })
+        .collect()
 }
 
 fn now() -> OffsetDateTime {
@@ -187,9 +212,10 @@ impl CertificateAuthority {
         self.issue_node_credentials_for(name, validity, sans, &[])
     }
 
-    /// Same, with the issuing certificate limited to `tenants` (empty: any
+    /// Same, with both certificates limited to `tenants` (empty: any
     /// tenant): a node that hosts only `acme`'s agents cannot be made to
-    /// mint a certificate for another tenant, even with its key stolen.
+    /// mint a certificate for another tenant, even with its key stolen, and
+    /// other nodes deliver its delegations for `acme` only.
     pub fn issue_node_credentials_for(
         &self,
         name: &str,
@@ -197,7 +223,8 @@ impl CertificateAuthority {
         sans: &[String],
         tenants: &[String],
     ) -> Result<NodeCredentials, TransportError> {
-        let node = self.issue_leaf(name, now() - BACKDATE, now() + validity, sans)?;
+        check_tenants(tenants)?;
+        let node = self.issue_leaf(name, now() - BACKDATE, now() + validity, sans, tenants)?;
         let issuer = self.issue_node_issuer(name, validity, tenants)?;
         Ok(NodeCredentials { node, issuer })
     }
@@ -214,11 +241,7 @@ impl CertificateAuthority {
         tenants: &[String],
     ) -> Result<IssuedCert, TransportError> {
         check_node_name(name)?;
-        if let Some(t) = tenants.iter().find(|t| !valid_name(t)) {
-            return Err(TransportError::Identity(format!(
-                "tenant `{t}` must be 1-63 of a-z, 0-9 and -"
-            )));
-        }
+        check_tenants(tenants)?;
         let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
@@ -237,11 +260,7 @@ impl CertificateAuthority {
                 .to_string()
                 .try_into()?,
         )];
-        for t in tenants {
-            params.subject_alt_names.push(SanType::URI(
-                format!("{}{t}", crate::identity::TENANT_URN).try_into()?,
-            ));
-        }
+        params.subject_alt_names.extend(tenant_sans(tenants)?);
         params.use_authority_key_identifier_extension = true;
         params.not_before = now() - BACKDATE;
         params.not_after = now() + validity;
@@ -268,7 +287,7 @@ impl CertificateAuthority {
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
     ) -> Result<IssuedCert, TransportError> {
-        self.issue_leaf(name, not_before, not_after, &[])
+        self.issue_leaf(name, not_before, not_after, &[], &[])
     }
 
     fn issue_leaf(
@@ -277,6 +296,7 @@ impl CertificateAuthority {
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
         sans: &[String],
+        tenants: &[String],
     ) -> Result<IssuedCert, TransportError> {
         check_node_name(name)?;
         let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
@@ -297,6 +317,7 @@ impl CertificateAuthority {
                 Err(_) => SanType::DnsName(san.as_str().try_into()?),
             });
         }
+        params.subject_alt_names.extend(tenant_sans(tenants)?);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
@@ -436,7 +457,7 @@ impl NodeIssuer {
         Ok(NodeIssuer {
             trust_domain: info.spiffe.trust_domain.clone(),
             cert_pem: cert_pem.to_string(),
-            tenants: crate::identity::issuer_tenants(&der[0]),
+            tenants: info.tenants.clone(),
             info,
             key,
         })
@@ -629,6 +650,38 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn tenant_scope_is_on_both_node_certificates_or_on_neither() {
+        let ca = CertificateAuthority::generate("td").expect("ca");
+        let scoped = ca
+            .issue_node_credentials_for("n1", NODE_VALIDITY, &[], &["acme".into(), "beta".into()])
+            .expect("scoped");
+        let id = crate::NodeIdentity::from_pem(
+            &ca.cert_pem,
+            &scoped.node.cert_pem,
+            &scoped.node.key_pem,
+        )
+        .expect("scoped node certificate loads as a node identity");
+        let both = Some(vec!["acme".to_string(), "beta".to_string()]);
+        assert_eq!(id.info.tenants, both, "node.pem carries the scope");
+        assert_eq!(id.name(), "n1");
+        let issuer =
+            NodeIssuer::load_pem(&scoped.issuer.cert_pem, &scoped.issuer.key_pem).expect("issuer");
+        assert_eq!(issuer.tenants, both, "issuer.pem carries the same scope");
+
+        let open = ca
+            .issue_node_credentials("n2", NODE_VALIDITY, &[])
+            .expect("unscoped");
+        let id =
+            crate::NodeIdentity::from_pem(&ca.cert_pem, &open.node.cert_pem, &open.node.key_pem)
+                .expect("identity");
+        assert_eq!(id.info.tenants, None, "no --tenant: unscoped, as before");
+
+        assert!(ca
+            .issue_node_credentials_for("n3", NODE_VALIDITY, &[], &["Bad Tenant".into()])
+            .is_err());
     }
 
     #[test]

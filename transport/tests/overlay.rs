@@ -286,3 +286,62 @@ async fn a_probe_checks_the_handshake_without_touching_the_pooled_connection() {
     let (x, _x) = overlay(identity(&other, "x")).await;
     assert!(a.probe(x.local_addr()).await.is_err());
 }
+
+/// A node certificate scoped to tenants (`ca issue-node --tenant`) carries
+/// `urn:dmsc:tenant:<t>` URI SANs beside its SPIFFE ID: the overlay accepts
+/// it in both directions, and every stream from that peer carries the scope
+/// read from the verified certificate; an unscoped peer's streams carry none.
+#[tokio::test]
+async fn streams_carry_the_tenant_scope_of_the_peers_verified_certificate() {
+    let ca = CertificateAuthority::generate("mesh.test").expect("ca");
+    let scoped = ca
+        .issue_node_credentials_for("scoped", NODE_VALIDITY, &[], &["acme".to_string()])
+        .expect("issue");
+    let scoped = Arc::new(
+        NodeIdentity::from_pem(&ca.cert_pem, &scoped.node.cert_pem, &scoped.node.key_pem)
+            .expect("identity"),
+    );
+    let (a, _a_rx) = overlay(scoped).await;
+    let (b, _b_rx) = overlay(identity(&ca, "open")).await;
+    let mut a_streams = a.incoming_streams().expect("a's streams");
+    let mut b_streams = b.incoming_streams().expect("b's streams");
+
+    // The scoped node dials: b verified its certificate as a server verifies a client.
+    let out = a
+        .open_stream(b.local_addr(), Channel::Delegate)
+        .await
+        .expect("scoped node accepted by an unscoped one");
+    assert_eq!(&*out.peer, "open");
+    assert_eq!(out.scope, None, "the unscoped peer, as a's side sees it");
+    let got = tokio::time::timeout(Duration::from_secs(5), b_streams.recv())
+        .await
+        .expect("in time")
+        .expect("open");
+    assert_eq!(&*got.peer, "scoped");
+    assert_eq!(got.scope.as_deref(), Some(&["acme".to_string()][..]));
+
+    // And the other way round, on the same connection.
+    let back = b
+        .open_stream(a.local_addr(), Channel::Delegate)
+        .await
+        .expect("stream to the scoped node");
+    assert_eq!(back.scope.as_deref(), Some(&["acme".to_string()][..]));
+    let got = tokio::time::timeout(Duration::from_secs(5), a_streams.recv())
+        .await
+        .expect("in time")
+        .expect("open");
+    assert_eq!(&*got.peer, "open");
+    assert_eq!(got.scope, None);
+    assert_eq!(a.peers().len(), 1, "one connection serves both directions");
+
+    // A fresh connection the other way: the scoped certificate passes the
+    // client-side (server certificate) verifier too.
+    let (c, _c_rx) = overlay(identity(&ca, "third")).await;
+    assert_eq!(
+        c.connect(a.local_addr()).await.expect("dial scoped"),
+        "scoped"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+    c.shutdown().await;
+}

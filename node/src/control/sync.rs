@@ -91,9 +91,15 @@ pub async fn sync_loop(
                 // Fetches run beside the scans (a dead home node must not
                 // hold up the scan that notices it), a few at a time.
                 failed.retain(|_, t: &mut Instant| t.elapsed() < Duration::from_secs(10));
+                // A node whose certificate is scoped to some tenants would be
+                // refused (and audited) by the home nodes of all the others.
+                let scope = delegator.security.identity().info.tenants.clone();
                 for (id, digest) in mesh.missing_cards() {
                     if fetching.len() >= 8 {
                         break;
+                    }
+                    if !crate::policy::in_scope(scope.as_deref(), &id.tenant) {
+                        continue;
                     }
                     if failed.contains_key(&digest) || !in_progress.insert(digest.clone()) {
                         continue;

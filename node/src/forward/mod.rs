@@ -5,7 +5,11 @@
 //! agent over the pooled HTTP client or to the agent's home node over one
 //! QUIC bidirectional stream (`wire` format) -> record the outcome (circuit,
 //! outstanding count). The home node runs the same `deliver_local` after
-//! re-checking that the target is its own agent of that tenant.
+//! [`crate::policy::inbound`] re-checks the head against the calling node's
+//! verified tenant scope and finds the target among its own agents of that
+//! tenant. A policy refusal (403) comes back not delivered; it is neither
+//! retried elsewhere (every home node judges the same certificate) nor
+//! charged to the agent, and both nodes audit it as a denial.
 //!
 //! Retries: a failure that certainly happened before the agent saw the
 //! request (connection refused, unknown at the home node, home node
@@ -378,6 +382,18 @@ impl Delegator {
                     debug!(agent = %id, node = %sel.node, status = resp.status().as_u16(), attempt, "delegated");
                     return resp.map(|b| guarded(b, vec![Box::new(outstanding)]));
                 }
+                Err(Failure::NotDelivered(e)) if e.kind == ErrorKind::Forbidden => {
+                    warn!(agent = %id, node = %sel.node, error = %e, "refused by the home node's tenant policy");
+                    self.security.record(dmsc_audit::Event::tenant(
+                        tenant.clone(),
+                        dmsc_audit::Denied {
+                            caller: caller.clone(),
+                            target: format!("agent:{}", id.name),
+                            reason: format!("home node `{}` refused: {}", sel.node, e.detail),
+                        },
+                    ));
+                    return err(e);
+                }
                 Err(Failure::NotDelivered(e)) => {
                     self.mesh.record_outcome(&id, false);
                     warn!(agent = %id, node = %sel.node, error = %e, "not delivered; trying the next candidate");
@@ -573,6 +589,7 @@ impl Delegator {
     pub async fn serve_stream(&self, stream: BiStream) {
         let BiStream {
             peer,
+            scope,
             mut send,
             mut recv,
             ..
@@ -610,19 +627,43 @@ impl Delegator {
             tracing::info_span!("delegation-in", from = %peer, agent = %id, trace = %head.trace_id);
         let started = Instant::now();
         let (outcome, status) = async {
-            // Destination-side check: deliver only to our own agent of that tenant.
-            let Some(agent) = self.agents.get(&id) else {
-                let me = MeshError::new(
-                    ErrorKind::UnknownAgent,
-                    &self.me,
-                    format!("`{id}` is not an agent of node `{}`", self.me),
-                )
-                .agent(&id);
-                let _ = write_error(&mut send, &me, false, None).await;
-                return (
-                    me.kind.as_str().to_string(),
-                    Some(me.kind.status().as_u16()),
-                );
+            // Destination-side check: the head's tenant within the calling
+            // node's certificate scope, the target our own agent of it.
+            let decision = crate::policy::inbound(
+                &self.me,
+                crate::policy::Inbound {
+                    node: &peer,
+                    scope: scope.as_deref(),
+                    tenant: &head.tenant,
+                    agent: &head.agent,
+                    caller: &head.caller,
+                },
+                || self.agents.get(&id),
+            );
+            let agent = match decision {
+                Ok(agent) => agent,
+                Err(denial) => {
+                    let kind = if denial.is_forbidden() {
+                        warn!(%denial, "refused delegation");
+                        self.security.record(dmsc_audit::Event::tenant(
+                            head.tenant.clone(),
+                            dmsc_audit::Denied {
+                                caller: format!("{} (via node {peer})", head.caller),
+                                target: format!("agent:{}", head.agent),
+                                reason: denial.to_string(),
+                            },
+                        ));
+                        ErrorKind::Forbidden
+                    } else {
+                        ErrorKind::UnknownAgent
+                    };
+                    let me = MeshError::new(kind, &self.me, denial.to_string()).agent(&id);
+                    let _ = write_error(&mut send, &me, false, None).await;
+                    return (
+                        me.kind.as_str().to_string(),
+                        Some(me.kind.status().as_u16()),
+                    );
+                }
             };
             let budget = Duration::from_millis(head.deadline_ms).min(MAX_DEADLINE);
             let deadline = Instant::now() + budget;

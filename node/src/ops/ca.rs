@@ -72,8 +72,16 @@ pub fn issue_node(req: &IssueNode) -> Result<String, CaError> {
     )?
     .write_dir(&req.out, &ca.cert_pem)?;
     let out = &req.out;
+    let scope = if req.tenants.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "\nboth certificates are scoped to tenants `{}`",
+            req.tenants.join("`, `")
+        )
+    };
     Ok(format!(
-        "issued spiffe://{}/node/{} valid {} days: {}, {}, {}; issuing certificate for agents: {}, {}",
+        "issued spiffe://{}/node/{} valid {} days: {}, {}, {}; issuing certificate for agents: {}, {}{scope}",
         ca.trust_domain,
         req.name,
         req.days,

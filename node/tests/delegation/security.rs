@@ -978,3 +978,276 @@ async fn revocations_persist_and_reach_a_node_that_was_away_even_after_their_ori
     );
     mesh.stop().await;
 }
+
+/// Starts one more node, bootstrapping through node 0, whose certificate is
+/// scoped to `scope` (`ca issue-node --tenant`; empty: unscoped), with one
+/// unauthenticated ingress for `ingress_tenant`; returns its index.
+async fn join_node(
+    mesh: &mut LocalMesh,
+    name: &str,
+    scope: &[&str],
+    ingress_tenant: &str,
+) -> usize {
+    let dir = mesh.dir.path().join(name);
+    let scope: Vec<String> = scope.iter().map(|t| t.to_string()).collect();
+    mesh.ca
+        .issue_node_credentials_for(
+            name,
+            dmsc_transport::pki::NODE_VALIDITY,
+            &["localhost".into()],
+            &scope,
+        )
+        .expect("issue")
+        .write_dir(&dir, &mesh.ca.cert_pem)
+        .expect("write");
+    let mut raw = dmsc_node::RawConfig::loopback(name, &dir, Some(mesh.nodes[0].bound().overlay));
+    raw.gossip.interval_ms = Some(100);
+    raw.delegation.health_interval_ms = Some(200);
+    raw.ingress = vec![dmsc_node::config::RawIngress {
+        listen: "127.0.0.1:0".into(),
+        tenant: Some(ingress_tenant.into()),
+        ..Default::default()
+    }];
+    let app = dmsc_node::App::build(raw.validate().expect("config"))
+        .await
+        .expect("node");
+    mesh.nodes.push(app);
+    mesh.nodes.len() - 1
+}
+
+/// Attaches `agent` as an agent of `tenant` to node `i`.
+async fn attach_for(
+    mesh: &LocalMesh,
+    i: usize,
+    tenant: &str,
+    agent: &dmsc_node::demo::sample_agent::SampleAgent,
+) {
+    mesh.nodes[i]
+        .shared()
+        .agents
+        .add(&dmsc_node::config::RawAgent {
+            tenant: tenant.into(),
+            url: agent.url(),
+            ..Default::default()
+        })
+        .await
+        .expect("attach");
+}
+
+fn routable(mesh: &LocalMesh, i: usize, tenant: &str, agent: &str) -> bool {
+    let id = dmsc_registry::AgentId {
+        tenant: tenant.into(),
+        name: agent.into(),
+    };
+    mesh.nodes[i].shared().mesh.read().get(&id).is_some()
+}
+
+/// The audit entries of node `i` of `kind` whose caller is `caller`.
+async fn audited_for(
+    mesh: &LocalMesh,
+    i: usize,
+    kind: &str,
+    caller: &str,
+) -> Vec<serde_json::Value> {
+    audit_entries(mesh, i)
+        .await
+        .into_iter()
+        .filter(|e| e["kind"] == kind && e["detail"]["caller"] == caller)
+        .collect()
+}
+
+/// A node whose certificate is scoped to `acme` but whose ingress serves
+/// tenant `other` (misconfigured, or compromised and forging heads on the
+/// overlay) cannot reach `other`'s agents: the home node judges the tenant
+/// by the calling node's certificate, answers 403 with the reason, delivers
+/// nothing, and both nodes audit the refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_scoped_node_cannot_act_for_another_tenant_on_the_overlay() {
+    let mut mesh = LocalMesh::start(&["home"], "acme", |_, raw| {
+        raw.gossip.interval_ms = Some(100);
+        raw.delegation.health_interval_ms = Some(200);
+    })
+    .await
+    .expect("mesh");
+    let ledger = agent("ledger", &["books"], "Keep the books").await;
+    attach_for(&mesh, 0, "other", &ledger).await;
+    let rogue = join_node(&mut mesh, "rogue", &["acme"], "other").await;
+    eventually(
+        Duration::from_secs(10),
+        "rogue routes to other/ledger",
+        || routable(&mesh, rogue, "other", "ledger"),
+    )
+    .await;
+
+    // 1. Through the rogue node's ingress: its own check passes (the
+    // listener's tenant is `other`), the home node's does not.
+    let (resp, body) = mesh
+        .call(
+            rogue,
+            "POST",
+            "ledger.other.dmsc",
+            "/",
+            &[],
+            super::message_send("pay"),
+        )
+        .await
+        .expect("call");
+    let body = String::from_utf8_lossy(&body).into_owned();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(super::header(&resp, "dmsc-error"), "forbidden");
+    for needle in ["node `rogue`", "tenants `acme`", "not for tenant `other`"] {
+        assert!(body.contains(needle), "`{needle}` missing from: {body}");
+    }
+    let caller = format!("ingress:{}", mesh.ingress(rogue));
+    let home_denied = audited_for(&mesh, 0, "denied", &format!("{caller} (via node rogue)")).await;
+    assert_eq!(home_denied.len(), 1, "{home_denied:#?}");
+    assert_eq!(home_denied[0]["tenant"], "other");
+    assert!(home_denied[0]["detail"]["reason"]
+        .to_string()
+        .contains("node `rogue` may act only for tenants `acme`"));
+    let rogue_denied = audited_for(&mesh, rogue, "denied", &caller).await;
+    assert_eq!(rogue_denied.len(), 1, "{rogue_denied:#?}");
+    assert!(rogue_denied[0]["detail"]["reason"]
+        .to_string()
+        .contains("home node `home` refused"));
+    let rogue_delegations = audited_for(&mesh, rogue, "delegation", &caller).await;
+    assert_eq!(
+        rogue_delegations.len(),
+        1,
+        "one attempt, not retried: {rogue_delegations:#?}"
+    );
+    assert_eq!(rogue_delegations[0]["detail"]["outcome"], "forbidden");
+    assert_eq!(rogue_delegations[0]["detail"]["status"], 403);
+
+    // 2. A head forged directly on the rogue node's overlay connection.
+    let overlay = &mesh.nodes[rogue].shared().overlay;
+    let mut stream = overlay
+        .open_stream(
+            mesh.nodes[0].bound().overlay,
+            dmsc_transport::Channel::Delegate,
+        )
+        .await
+        .expect("stream");
+    let head = dmsc_node::proto::wire::RequestHead {
+        version: dmsc_node::proto::wire::DELEGATION_VERSION,
+        tenant: "other".into(),
+        caller: "spiffe://mesh.dmsc.local/tenant/other/agent/forger".into(),
+        agent: "ledger".into(),
+        deadline_ms: 5000,
+        trace_id: "forged".into(),
+        method: "POST".into(),
+        path: "/".into(),
+        http: 1,
+        headers: Vec::new(),
+        empty_body: true,
+    };
+    let mut parts = dmsc_node::proto::wire::encode_request_head(&head)
+        .expect("encode")
+        .to_vec();
+    stream.send.write_chunks(&mut parts).await.expect("write");
+    stream.send.finish().expect("finish");
+    let mut decoder = dmsc_node::proto::wire::PartDecoder::new();
+    let mut parts = Vec::new();
+    let read = async {
+        while let Some(chunk) = stream.recv.read_chunk(64 * 1024).await.expect("read") {
+            decoder.push(&chunk);
+            while let Some(p) = decoder.next_part().expect("part") {
+                parts.push(p);
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("answer in time");
+    let Some(dmsc_node::proto::wire::Part::Head(h)) = parts.first() else {
+        panic!("no response head: {parts:?}");
+    };
+    let h = dmsc_node::proto::wire::decode_response_head(h).expect("response head");
+    assert_eq!(h.status, 403);
+    assert!(!h.delivered, "refused before the agent");
+    let body: Vec<u8> = parts
+        .iter()
+        .filter_map(|p| match p {
+            dmsc_node::proto::wire::Part::Data(d) => Some(d.to_vec()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        body.contains("node `rogue` may act only for tenants `acme`"),
+        "{body}"
+    );
+    let forged = audited_for(
+        &mesh,
+        0,
+        "denied",
+        "spiffe://mesh.dmsc.local/tenant/other/agent/forger (via node rogue)",
+    )
+    .await;
+    assert_eq!(forged.len(), 1, "{forged:#?}");
+
+    assert_eq!(
+        ledger
+            .state
+            .served
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "the agent never saw a request"
+    );
+    mesh.stop().await;
+}
+
+/// Scopes take nothing away from the nodes that keep to them: a node scoped
+/// to `acme` reaches `acme`'s agents on other nodes, and a node without a
+/// scope reaches any tenant's, as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scoped_nodes_reach_their_tenants_and_unscoped_nodes_any() {
+    let mut mesh = LocalMesh::start(&["home"], "acme", |_, raw| {
+        raw.gossip.interval_ms = Some(100);
+        raw.delegation.health_interval_ms = Some(200);
+    })
+    .await
+    .expect("mesh");
+    let billing = agent("billing", &["invoice"], "Pay invoices").await;
+    attach_for(&mesh, 0, "acme", &billing).await;
+    let ledger = agent("ledger", &["books"], "Keep the books").await;
+    attach_for(&mesh, 0, "other", &ledger).await;
+    let member = join_node(&mut mesh, "member", &["acme", "beta"], "acme").await;
+    let open = join_node(&mut mesh, "open", &[], "other").await;
+    eventually(Duration::from_secs(10), "routable from both", || {
+        routable(&mesh, member, "acme", "billing") && routable(&mesh, open, "other", "ledger")
+    })
+    .await;
+    let (resp, body) = mesh
+        .call(
+            member,
+            "POST",
+            "billing.acme.dmsc",
+            "/",
+            &[],
+            super::message_send("pay"),
+        )
+        .await
+        .expect("call");
+    assert_eq!(resp.status(), StatusCode::OK, "{body:?}");
+    assert_eq!(super::header(&resp, "dmsc-node"), "home");
+    let (resp, body) = mesh
+        .call(
+            open,
+            "POST",
+            "ledger.other.dmsc",
+            "/",
+            &[],
+            super::message_send("book"),
+        )
+        .await
+        .expect("call");
+    assert_eq!(resp.status(), StatusCode::OK, "{body:?}");
+    assert_eq!(super::header(&resp, "dmsc-node"), "home");
+    let served = |a: &dmsc_node::demo::sample_agent::SampleAgent| {
+        a.state.served.load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert_eq!((served(&billing), served(&ledger)), (1, 1));
+    mesh.stop().await;
+}

@@ -1,0 +1,223 @@
+//! Tenant policy: who may act for which tenant, decided the same way on
+//! both nodes a delegation crosses.
+//!
+//! - At the ingress, [`ingress`]: an authenticated caller reaches its own
+//!   tenant's addresses only.
+//! - On the home node, [`inbound`]: the request head a calling node sends
+//!   names a tenant, and the home node does not take its word for it. The
+//!   calling node's *verified overlay certificate* may limit it to some
+//!   tenants (`urn:dmsc:tenant:<t>` URI SANs, written by
+//!   `ca issue-node --tenant`); a head for a tenant outside that scope is
+//!   refused, whatever the calling node's ingress let through (a
+//!   misconfigured node, or a compromised one forging heads). Only then is
+//!   the target looked up among this node's agents of that tenant, so a node
+//!   outside its scope learns nothing about which agents exist. A node
+//!   certificate without tenant SANs is unscoped, as before scopes existed.
+//!
+//! Pure on purpose: facts in, a typed decision out, no I/O and no logging,
+//! so the rules are tested exhaustively here and each caller renders a
+//! refusal once at its edge (the 403 body, the audit entry, the log line).
+//! Nothing here knows HTTP; [`Denial::is_forbidden`] tells a renderer
+//! whether it is a policy refusal or a plain "not here".
+
+/// Why a delegation is refused. `Display` is the reason given to the
+/// caller and written to the audit log.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denial {
+    /// An authenticated caller addressed another tenant's agents.
+    #[error(
+        "caller `{caller}` is of tenant `{caller_tenant}`; `{target}` belongs to tenant `{tenant}` and cross-tenant delegation is not allowed"
+    )]
+    CrossTenant {
+        caller: String,
+        caller_tenant: String,
+        target: String,
+        tenant: String,
+    },
+    /// A calling node delegated for a tenant its certificate does not cover.
+    #[error(
+        "node `{node}` may act only for tenants `{}` (the tenant scope of its certificate), not for tenant `{tenant}` (caller `{caller}`)",
+        scope.join("`, `")
+    )]
+    OutsideNodeScope {
+        node: String,
+        scope: Vec<String>,
+        tenant: String,
+        caller: String,
+    },
+    /// The target is not an agent of that tenant on this node (a stale
+    /// registry entry at the calling node, or a made-up name).
+    #[error("`{tenant}/{agent}` is not an agent of node `{node}`")]
+    NotHere {
+        tenant: String,
+        agent: String,
+        node: String,
+    },
+}
+
+impl Denial {
+    /// True for a policy refusal (403, audited as a denial); false for
+    /// [`Denial::NotHere`], which the calling node may retry elsewhere.
+    pub fn is_forbidden(&self) -> bool {
+        !matches!(self, Denial::NotHere { .. })
+    }
+}
+
+/// True if a node whose certificate has tenant `scope` (`None`: unscoped)
+/// may act for `tenant`.
+pub fn in_scope(scope: Option<&[String]>, tenant: &str) -> bool {
+    scope.is_none_or(|s| s.iter().any(|t| t == tenant))
+}
+
+/// Ingress: may `caller`, authenticated as a member of `caller_tenant`,
+/// address `target` (the host it asked for), which belongs to `tenant`?
+pub fn ingress(
+    caller: &str,
+    caller_tenant: &str,
+    target: &str,
+    tenant: &str,
+) -> Result<(), Denial> {
+    if caller_tenant == tenant {
+        Ok(())
+    } else {
+        Err(Denial::CrossTenant {
+            caller: caller.to_string(),
+            caller_tenant: caller_tenant.to_string(),
+            target: target.to_string(),
+            tenant: tenant.to_string(),
+        })
+    }
+}
+
+/// A delegation arriving at its home node: who sent it, as the verified
+/// overlay connection proves, and what its head asks for.
+#[derive(Debug, Clone, Copy)]
+pub struct Inbound<'a> {
+    /// The calling node's name, from its verified certificate.
+    pub node: &'a str,
+    /// The calling node's tenant scope, from the same certificate.
+    pub scope: Option<&'a [String]>,
+    /// The tenant the head names.
+    pub tenant: &'a str,
+    /// The agent the head names.
+    pub agent: &'a str,
+    /// The caller as the calling node vouches for it (named in reasons only).
+    pub caller: &'a str,
+}
+
+/// Home node: may this delegation be delivered, and to which agent?
+/// `local` finds this node's agent of that tenant by name; it is asked only
+/// once the calling node's scope admits the tenant. `me` names this node in
+/// the reason.
+pub fn inbound<A>(
+    me: &str,
+    req: Inbound<'_>,
+    local: impl FnOnce() -> Option<A>,
+) -> Result<A, Denial> {
+    if !in_scope(req.scope, req.tenant) {
+        return Err(Denial::OutsideNodeScope {
+            node: req.node.to_string(),
+            scope: req.scope.unwrap_or_default().to_vec(),
+            tenant: req.tenant.to_string(),
+            caller: req.caller.to_string(),
+        });
+    }
+    local().ok_or_else(|| Denial::NotHere {
+        tenant: req.tenant.to_string(),
+        agent: req.agent.to_string(),
+        node: me.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scope(ts: &[&str]) -> Vec<String> {
+        ts.iter().map(|t| t.to_string()).collect()
+    }
+
+    fn req<'a>(scope: Option<&'a [String]>, tenant: &'a str) -> Inbound<'a> {
+        Inbound {
+            node: "n0",
+            scope,
+            tenant,
+            agent: "billing",
+            caller: "ingress:127.0.0.1:15001",
+        }
+    }
+
+    #[test]
+    fn ingress_admits_the_callers_own_tenant_only() {
+        assert_eq!(
+            ingress(
+                "spiffe://td/tenant/acme/agent/a",
+                "acme",
+                "b.acme.dmsc",
+                "acme"
+            ),
+            Ok(())
+        );
+        let d = ingress("jwt:x#a", "globex", "billing.acme.dmsc", "acme").expect_err("other");
+        assert!(d.is_forbidden());
+        assert_eq!(
+            d.to_string(),
+            "caller `jwt:x#a` is of tenant `globex`; `billing.acme.dmsc` belongs to tenant `acme` and cross-tenant delegation is not allowed"
+        );
+    }
+
+    #[test]
+    fn an_unscoped_node_may_act_for_any_tenant() {
+        assert!(in_scope(None, "acme") && in_scope(None, "other"));
+        assert_eq!(inbound("n1", req(None, "other"), || Some(7)), Ok(7));
+    }
+
+    #[test]
+    fn a_scoped_node_may_act_for_its_tenants_only() {
+        let s = scope(&["acme", "beta"]);
+        assert!(in_scope(Some(&s), "acme") && in_scope(Some(&s), "beta"));
+        assert!(!in_scope(Some(&s), "other"));
+        assert!(
+            !in_scope(Some(&[]), "acme"),
+            "an empty scope admits nothing"
+        );
+        assert_eq!(inbound("n1", req(Some(&s), "beta"), || Some(7)), Ok(7));
+    }
+
+    #[test]
+    fn outside_the_scope_is_refused_before_the_agent_is_looked_up() {
+        let s = scope(&["acme", "beta"]);
+        let mut looked_up = false;
+        let d = inbound("n1", req(Some(&s), "other"), || {
+            looked_up = true;
+            Some(7)
+        })
+        .expect_err("outside the scope");
+        assert!(
+            !looked_up,
+            "a node outside its scope learns nothing of our agents"
+        );
+        assert!(d.is_forbidden());
+        let reason = d.to_string();
+        for needle in [
+            "node `n0`",
+            "tenants `acme`, `beta`",
+            "not for tenant `other`",
+            "caller `ingress:127.0.0.1:15001`",
+        ] {
+            assert!(reason.contains(needle), "`{needle}` missing from: {reason}");
+        }
+        // The same refusal whether or not the agent exists.
+        assert_eq!(inbound("n1", req(Some(&s), "other"), || None::<u8>), Err(d));
+    }
+
+    #[test]
+    fn a_target_that_is_not_ours_is_not_here_not_forbidden() {
+        let s = scope(&["acme"]);
+        for r in [req(None, "acme"), req(Some(&s), "acme")] {
+            let d = inbound("n1", r, || None::<u8>).expect_err("not ours");
+            assert!(!d.is_forbidden());
+            assert_eq!(d.to_string(), "`acme/billing` is not an agent of node `n1`");
+        }
+    }
+}
