@@ -6,7 +6,8 @@
 //! (the operator API), [`status`] (the report and its rendering),
 //! [`metrics`] and [`demo`]. A delegation walks [`ingress`] -> [`delegate`]
 //! (selection in [`mesh`], delivery locally or over the overlay in the
-//! [`wire`] format) -> the agent; [`agents`] onboards this node's own agents.
+//! [`wire`] format) -> the agent; [`agents`] onboards this node's own agents
+//! and [`health`] finds out which protocol each speaks and whether it is up.
 //! [`security`] holds credentials, enrollment, revocations, caller
 //! authentication and the audit trail.
 
@@ -19,6 +20,7 @@ pub mod app;
 pub mod config;
 pub mod delegate;
 pub mod demo;
+pub mod health;
 pub mod http;
 pub mod ingress;
 pub mod mesh;
