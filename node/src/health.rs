@@ -196,10 +196,11 @@ pub async fn check(
     }
     let known = state.current();
     let mut wrong = Vec::new();
-    // What answered last time first, then the rest in discovery order.
-    let order = known
-        .into_iter()
-        .chain(Protocol::ALL.into_iter().filter(|p| Some(*p) != known));
+    // What answered last time first; if that fails at the protocol level
+    // (the agent changed, or its connection broke mid-exchange), discovery
+    // from the start, so that a gRPC server is found as gRPC again and not
+    // as the plain h2c server it also is.
+    let order = known.into_iter().chain(Protocol::ALL);
     for p in order {
         match probe(upstream, p, health, grpc).await {
             Attempt::Answered(p, verdict) => {
@@ -676,9 +677,10 @@ mod tests {
         #[test]
         fn any_status_value_round_trips(v in any::<i32>()) {
             let msg = HealthCheckResponse { status: v }.encode_to_vec();
-            let got = serving_status(&first_message(&framed(&msg)).unwrap().unwrap()).unwrap();
+            let framed = framed(&msg);
+            let got = first_message(&framed).map(|m| m.map(serving_status));
             // prost encodes a negative enum as a 10-byte varint (sign-extended).
-            prop_assert_eq!(got, ServingStatus::from_wire(i64::from(v) as u64));
+            prop_assert_eq!(got, Ok(Some(Ok(ServingStatus::from_wire(i64::from(v) as u64)))));
         }
     }
 }

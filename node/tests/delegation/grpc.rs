@@ -21,7 +21,6 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use dmsc_node::config::{RawAgent, RawSkill};
 use dmsc_node::health::Protocol;
 use dmsc_node::testkit::LocalMesh;
@@ -407,6 +406,38 @@ fn grpc_frame(m: &impl Message) -> Vec<u8> {
     v
 }
 
+/// `SayHello(name)` from an HTTP/1.1 caller of node `i` (gRPC framing by
+/// hand), with headers HTTP/2 forbids; the reply's message.
+async fn say_hello_over_http1(mesh: &LocalMesh, i: usize, name: &str) -> String {
+    let resp = mesh
+        .send(
+            i,
+            "POST",
+            "greeter.acme.dmsc",
+            SAY_HELLO,
+            &[
+                ("content-type", "application/grpc"),
+                ("te", "trailers"),
+                ("connection", "keep-alive, x-hop"),
+                ("keep-alive", "timeout=5"),
+                ("x-hop", "1"),
+            ],
+            dmsc_node::http::full(grpc_frame(&HelloRequest { name: name.into() })),
+        )
+        .await
+        .expect("HTTP/1.1 call through the mesh");
+    assert_eq!(resp.status(), 200, "{resp:?}");
+    assert_eq!(resp.version(), Version::HTTP_11);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    let msg = body.get(5..).expect("one gRPC message");
+    assert_eq!(
+        usize::try_from(u32::from_be_bytes(body[1..5].try_into().expect("4 bytes"))),
+        Ok(msg.len()),
+        "{body:?}"
+    );
+    HelloReply::decode(msg).expect("HelloReply").message
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_only_grpc_server_is_healthy_and_called_through_two_nodes() {
     let server = greeter_server(true).await;
@@ -589,32 +620,8 @@ async fn an_http2_only_grpc_server_is_healthy_and_called_through_two_nodes() {
 
     // An HTTP/1.1 caller reaches the HTTP/2-only agent too: node 1 calls it
     // over HTTP/2, without the headers HTTP/2 forbids.
-    let resp = mesh
-        .send(
-            0,
-            "POST",
-            "greeter.acme.dmsc",
-            SAY_HELLO,
-            &[
-                ("content-type", "application/grpc"),
-                ("te", "trailers"),
-                ("connection", "keep-alive, x-hop"),
-                ("keep-alive", "timeout=5"),
-                ("x-hop", "1"),
-            ],
-            dmsc_node::http::full(grpc_frame(&HelloRequest { name: "h1".into() })),
-        )
-        .await
-        .expect("HTTP/1.1 call through the mesh");
-    assert_eq!(resp.status(), 200, "{resp:?}");
-    assert_eq!(resp.version(), Version::HTTP_11);
-    let body = resp.into_body().collect().await.expect("body").to_bytes();
-    assert_eq!(
-        body,
-        Bytes::from(grpc_frame(&HelloReply {
-            message: "hello, h1".into()
-        }))
-    );
+    let reply = say_hello_over_http1(&mesh, 0, "h1").await;
+    assert_eq!(reply, "hello, h1");
     let calls = server.log.calls();
     let (_, version, headers) = calls.last().expect("the HTTP/1.1 call");
     assert_eq!(*version, Version::HTTP_2, "{headers:?}");
@@ -724,4 +731,119 @@ async fn a_pinned_protocol_is_the_only_one_probed() {
         "one HTTP/2 connection, pooled; no HTTP/1.1 probe"
     );
     mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_added_through_the_admin_api_is_probed_before_its_first_call() {
+    // No health round after the start (the interval is a minute): what the
+    // node knows of the new agent, it learnt while onboarding it.
+    let server = greeter_server(true).await;
+    let mesh = LocalMesh::start(&["n0"], "acme", |_, raw| {
+        raw.delegation.health_interval_ms = Some(60_000);
+    })
+    .await
+    .expect("mesh");
+    let admin = mesh.nodes[0].bound().admin;
+    let client = dmsc_node::http::Upstream::new();
+    let post = |spec: serde_json::Value| {
+        hyper::Request::post(format!("http://{admin}/v1/agents"))
+            .header("authorization", format!("Bearer {}", mesh.admin_token(0)))
+            .body(dmsc_node::http::full(spec.to_string()))
+            .expect("request")
+    };
+    let spec = serde_json::json!({
+        "tenant": "acme",
+        "url": format!("http://{}", server.addr),
+        "name": AGENT,
+        "skills": [{"id": "greet"}],
+    });
+    let mut bad = spec.clone();
+    bad["protocol"] = "http2".into();
+    let resp = client.h1.request(post(bad)).await.expect("post");
+    assert_eq!(resp.status(), 400);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    assert!(
+        String::from_utf8_lossy(&body).contains("must be `grpc`, `h2c` or `http1`"),
+        "{body:?}"
+    );
+
+    let resp = client.h1.request(post(spec)).await.expect("post");
+    assert_eq!(resp.status(), 201);
+    assert_eq!(protocol_on(&mesh, 0), Some(Protocol::Grpc));
+    assert_eq!(health_on(&mesh, 0), "healthy");
+    // So the first HTTP/1.1 caller already reaches it over HTTP/2.
+    assert_eq!(
+        say_hello_over_http1(&mesh, 0, "first").await,
+        "hello, first"
+    );
+    mesh.stop().await;
+}
+
+/// A plain HTTP server that speaks only HTTP/2 (h2c), not gRPC: answers
+/// the gRPC health method with a 404 page and anything else with its path.
+async fn plain_h2c_server() -> (
+    SocketAddr,
+    Arc<Mutex<Vec<(String, Version)>>>,
+    JoinHandle<()>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    let seen: Arc<Mutex<Vec<(String, Version)>>> = Arc::default();
+    let log = seen.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: hyper::Request<_>| {
+                    let path = req.uri().path().to_string();
+                    log.lock()
+                        .expect("log lock")
+                        .push((path.clone(), req.version()));
+                    let mut resp =
+                        hyper::Response::new(dmsc_node::http::full(format!("h2c {path}")));
+                    if path.starts_with("/grpc.") {
+                        *resp.status_mut() = hyper::StatusCode::NOT_FOUND;
+                    }
+                    ready(Ok::<_, Infallible>(resp))
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                        .await;
+            });
+        }
+    });
+    (addr, seen, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_only_server_that_is_not_grpc_is_found_as_h2c() {
+    let (addr, seen, server) = plain_h2c_server().await;
+    let mesh = mesh_with(&["n0"], declared(addr)).await;
+    eventually(
+        Duration::from_secs(15),
+        "not gRPC (404, no grpc-status), but alive over h2c",
+        || protocol_on(&mesh, 0) == Some(Protocol::H2c) && health_on(&mesh, 0) == "healthy",
+    )
+    .await;
+    let (resp, body) = mesh
+        .call(0, "GET", "greeter.acme.dmsc", "/hello", &[], "")
+        .await
+        .expect("HTTP/1.1 call");
+    assert_eq!(resp.status(), 200, "{resp:?}");
+    assert_eq!(&body[..], b"h2c /hello");
+    let seen = seen.lock().expect("log lock").clone();
+    assert!(
+        seen.iter()
+            .any(|(p, _)| p == "/grpc.health.v1.Health/Check")
+            && seen.iter().any(|(p, _)| p == "/"),
+        "probed with gRPC health, then the health path: {seen:?}"
+    );
+    assert_eq!(
+        seen.last(),
+        Some(&("/hello".to_string(), Version::HTTP_2)),
+        "{seen:?}"
+    );
+    mesh.stop().await;
+    server.abort();
 }
