@@ -89,6 +89,9 @@ pub struct RawAgent {
     pub description: Option<String>,
     /// Health-check path (default: the agent card path; `/` for declared agents).
     pub health_path: Option<String>,
+    /// `grpc`, `h2c` or `http1`: how the node speaks to the agent, for
+    /// health checks and calls. Default: found out by the health checks.
+    pub protocol: Option<String>,
 }
 
 /// A skill declared in config for an agent without a card.
@@ -861,6 +864,13 @@ pub fn check_spec(a: &RawAgent) -> Result<(), String> {
             ));
         }
     }
+    if let Some(p) = &a.protocol {
+        if crate::proto::agent::Protocol::parse(p).is_none() {
+            problems.push(format!(
+                "protocol = `{p}` must be `grpc`, `h2c` or `http1` (or left out: the node finds out)"
+            ));
+        }
+    }
     if let Some(skills) = &a.skills {
         if a.name.is_none() {
             problems.push("an agent declared with `skills` needs a `name`".into());
@@ -992,6 +1002,44 @@ listen = "127.0.0.1:9401"
         let env: HashMap<String, String> =
             [("DMSC_GOSSIP_INTERVAL_MS".to_string(), "fast".to_string())].into();
         assert!(RawConfig::from_env(&env).is_err());
+    }
+    #[test]
+    fn an_agent_protocol_is_one_of_three() {
+        let d = files();
+        let file = d.path().join("node.toml");
+        let with = |protocol: &str| {
+            std::fs::write(
+                &file,
+                format!(
+                    r#"
+name = "eu-1"
+[tls]
+ca = "ca.pem"
+cert = "node.pem"
+key = "node.key"
+[[agents]]
+tenant = "acme"
+url = "http://127.0.0.1:50051"
+name = "greeter"
+skills = [{{ id = "greet" }}]
+{protocol}
+"#
+                ),
+            )
+            .expect("write");
+            RawConfig::from_file(&file).expect("file").validate()
+        };
+        let cfg = with(r#"protocol = "grpc""#).expect("grpc is valid");
+        assert_eq!(cfg.agents[0].protocol.as_deref(), Some("grpc"));
+        for ok in ["", r#"protocol = "h2c""#, r#"protocol = "http1""#] {
+            with(ok).expect(ok);
+        }
+        let e = with(r#"protocol = "http2""#).expect_err("http2 is not a protocol name");
+        assert!(
+            e.to_string()
+                .contains("agents[0]: protocol = `http2` must be `grpc`, `h2c` or `http1`"),
+            "{e}"
+        );
     }
 }
 

@@ -26,8 +26,11 @@ use hyper::{Method, Request, StatusCode, Uri};
 use tracing::{info, warn};
 
 use crate::config::{check_spec, RawAgent};
+use crate::control::health::{self, GRPC_HEALTH_CHECK};
 use crate::forward::client::Upstream;
-use crate::forward::local::{lock, AgentStats, LocalAgent, LocalAgents, CARD_PATHS};
+use crate::forward::local::{
+    lock, AgentStats, LocalAgent, LocalAgents, Protocol, ProtocolState, CARD_PATHS,
+};
 use crate::proto::http::empty;
 use crate::route::MeshView;
 
@@ -50,8 +53,18 @@ pub enum AgentError {
     Duplicate(AgentId),
 }
 
-/// Fetches a card: `agent-card.json`, then `agent.json` if that is 404.
-async fn fetch_card(base: &Uri, upstream: &Upstream) -> Result<(AgentCard, String), AgentError> {
+/// Fetches a card: `agent-card.json`, then `agent.json` if that is 404;
+/// over h2c for an agent pinned to an HTTP/2-only protocol.
+async fn fetch_card(
+    base: &Uri,
+    upstream: &Upstream,
+    pinned: Option<Protocol>,
+) -> Result<(AgentCard, String), AgentError> {
+    let client = if pinned.is_some_and(Protocol::http2_only) {
+        &upstream.h2
+    } else {
+        &upstream.h1
+    };
     let mut last = String::new();
     for path in CARD_PATHS {
         let url = join(base, path);
@@ -66,7 +79,7 @@ async fn fetch_card(base: &Uri, upstream: &Upstream) -> Result<(AgentCard, Strin
             .header("accept", "application/json")
             .body(empty())
             .map_err(|e| fail(e.to_string()))?;
-        let resp = tokio::time::timeout(FETCH_TIMEOUT, upstream.h1.request(req))
+        let resp = tokio::time::timeout(FETCH_TIMEOUT, client.request(req))
             .await
             .map_err(|_| fail(format!("no answer within {FETCH_TIMEOUT:?}")))?
             .map_err(|e| fail(format!("{e:#}")))?;
@@ -150,7 +163,7 @@ pub async fn onboard(
     let (card, health_default) = if spec.skills.is_some() {
         (declared_card(spec)?, "/".to_string())
     } else {
-        let (card, url) = fetch_card(&base, upstream).await?;
+        let (card, url) = fetch_card(&base, upstream, pinned(spec)).await?;
         let path = CARD_PATHS
             .iter()
             .find(|p| url.ends_with(*p))
@@ -179,6 +192,7 @@ pub async fn onboard(
         in_flight: AtomicU32::new(0),
         stats: Mutex::new(AgentStats::default()),
         health_path: spec.health_path.clone().unwrap_or(health_default),
+        protocol: ProtocolState::new(pinned(spec)),
         published: Mutex::new(None),
     });
     agents
@@ -189,23 +203,18 @@ pub async fn onboard(
     Ok(agent)
 }
 
-/// Health-checks one agent: any answer below 500 within the timeout is
-/// alive (a declared agent may have no route at `/`); refused, reset or
-/// silent is not.
-async fn check_health(agent: &LocalAgent, upstream: &Upstream) -> Health {
-    let Ok(uri) = agent.uri_for(&agent.health_path) else {
-        return Health::Unhealthy;
-    };
-    let Ok(req) = Request::builder().uri(uri).body(empty()) else {
-        return Health::Unhealthy;
-    };
-    match tokio::time::timeout(Duration::from_secs(1), upstream.h1.request(req)).await {
-        Ok(Ok(resp)) if resp.status().as_u16() < 500 => {
-            let _ = resp.into_body().collect().await;
-            Health::Healthy
-        }
-        _ => Health::Unhealthy,
-    }
+fn pinned(spec: &RawAgent) -> Option<Protocol> {
+    spec.protocol.as_deref().and_then(Protocol::parse)
+}
+
+/// Health-checks one agent in the protocol it speaks (see [`health`]): an
+/// HTTP answer below 500 or a serving gRPC server is alive (a declared
+/// agent may have no route at `/`); refused, reset or silent is not.
+async fn check_health(agent: &LocalAgent, upstream: &Upstream) -> Result<Protocol, health::Down> {
+    let bad = |e: hyper::http::Error| health::Down::BadUri(e.to_string());
+    let page = agent.uri_for(&agent.health_path).map_err(bad)?;
+    let grpc = agent.uri_for(GRPC_HEALTH_CHECK).map_err(bad)?;
+    health::check(upstream, &agent.id, &agent.protocol, &page, &grpc).await
 }
 
 /// Everything the agent loop needs.
@@ -239,10 +248,17 @@ impl AgentsCtx {
         *lock(&agent.published) = Some((Instant::now(), record.health));
     }
 
-    /// Onboards and publishes; on failure the spec stays pending (retried).
+    /// Onboards, health-checks and publishes; on failure the spec stays
+    /// pending (retried). The check comes first so that the first record
+    /// tells the truth and delivery knows the agent's protocol from the
+    /// first call (an HTTP/2-only agent must not get an HTTP/1.1 request).
     pub async fn add(&self, spec: &RawAgent) -> Result<Arc<LocalAgent>, AgentError> {
         match onboard(spec, &self.upstream, &self.agents, &self.mesh).await {
             Ok(a) => {
+                if let Err(e) = check_health(&a, &self.upstream).await {
+                    warn!(agent = %a.id, url = %a.spec.url, reason = %e, "agent onboarded but failed its health check");
+                    a.set_health(Health::Unhealthy);
+                }
                 self.publish(&a).await;
                 Ok(a)
             }
@@ -282,11 +298,18 @@ impl AgentsCtx {
         let agents = self.agents.all();
         let checks = agents.iter().map(|a| check_health(a, &self.upstream));
         let results = futures_util::future::join_all(checks).await;
-        for (a, h) in agents.iter().zip(results) {
+        for (a, result) in agents.iter().zip(results) {
+            let h = if result.is_ok() {
+                Health::Healthy
+            } else {
+                Health::Unhealthy
+            };
             if a.set_health(h) {
-                match h {
-                    Health::Healthy => info!(agent = %a.id, "agent healthy again"),
-                    _ => warn!(agent = %a.id, url = %a.spec.url, "agent failed its health check"),
+                match result {
+                    Ok(_) => info!(agent = %a.id, "agent healthy again"),
+                    Err(e) => {
+                        warn!(agent = %a.id, url = %a.spec.url, reason = %e, "agent failed its health check")
+                    }
                 }
             }
             let due = lock(&a.published).is_none_or(|(at, published)| {

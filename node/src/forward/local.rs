@@ -14,6 +14,7 @@ use dmsc_registry::{AgentCard, AgentId, AgentRecord, Health, LoadReport};
 use hyper::Uri;
 
 use crate::config::RawAgent;
+pub use crate::proto::agent::{Protocol, ProtocolState};
 use crate::route::now_ms;
 
 /// Card paths, newest first.
@@ -77,6 +78,8 @@ pub struct LocalAgent {
     pub in_flight: AtomicU32,
     pub stats: Mutex<AgentStats>,
     pub health_path: String,
+    /// Pinned in config or learnt by the health checks; read by delivery.
+    pub protocol: ProtocolState,
     pub(crate) published: Mutex<Option<(Instant, Health)>>,
 }
 

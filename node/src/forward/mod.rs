@@ -826,10 +826,14 @@ async fn deliver_local(
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.headers_mut() = headers;
-    let client = if http2 {
+    // An HTTP/2-only agent (learnt by its health checks, or pinned) is
+    // called over HTTP/2 whatever the caller spoke; the headers an HTTP/1.1
+    // request may carry that HTTP/2 forbids went with the hop-by-hop ones.
+    let client = if agent.protocol.use_http2(http2) {
         *req.version_mut() = Version::HTTP_2;
         &upstream.h2
     } else {
+        *req.version_mut() = Version::HTTP_11;
         &upstream.h1
     };
     // Counts until the response body is done (or this future is dropped
