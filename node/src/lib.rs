@@ -8,7 +8,8 @@
 //! (selection in [`mesh`], delivery locally or over the overlay in the
 //! [`wire`] format) -> the agent; [`agents`] onboards this node's own agents.
 //! [`security`] holds credentials, enrollment, revocations, caller
-//! authentication and the audit trail.
+//! authentication and the audit trail. [`listen`] is the hardened accept
+//! loop and connection serving that ingress and admin listeners share.
 
 #![forbid(unsafe_code)]
 
@@ -21,6 +22,7 @@ pub mod delegate;
 pub mod demo;
 pub mod http;
 pub mod ingress;
+pub mod listen;
 pub mod mesh;
 pub mod metrics;
 pub mod ops;
