@@ -358,13 +358,7 @@ impl Conn {
                     let resp = svc.oneshot(req).await.unwrap_or_else(|e| s.refusal(&e));
                     // The guard lives as long as the body: idle means no
                     // request *and* no response still streaming.
-                    Ok::<_, Infallible>(resp.map(|b| {
-                        b.map_frame(move |f| {
-                            let _held = &guard;
-                            f
-                        })
-                        .boxed()
-                    }))
+                    Ok::<_, Infallible>(resp.map(|b| GuardedBody { inner: b, _guard: guard }.boxed()))
                 }
             })
         };
@@ -515,6 +509,34 @@ impl Drop for ActivityGuard {
     }
 }
 
+/// A response body that holds its request's [`ActivityGuard`] until it is
+/// dropped; length and end of stream pass through, so HTTP/1 responses keep
+/// their `content-length`.
+struct GuardedBody {
+    inner: Body,
+    _guard: ActivityGuard,
+}
+
+impl hyper::body::Body for GuardedBody {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// The pause after each failed accept: doubling from [`ACCEPT_PAUSE_MIN`]
 /// to [`ACCEPT_PAUSE_MAX`], back to the start after a success.
 #[derive(Debug, Default)]
@@ -660,7 +682,9 @@ mod tests {
             .expect("write");
         let mut buf = vec![0u8; 1024];
         let n = client.read(&mut buf).await.expect("read");
-        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+        let head = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(head.contains("content-length: 2\r\n"), "length kept: {head}");
         // Keep-alive, then one byte of the next head every 4 s: the head
         // timer runs from the end of the last response, not per byte.
         let start = Instant::now();
