@@ -195,11 +195,8 @@ impl App {
         };
         // One connection budget for every ingress and admin listener.
         let listener_metrics = crate::metrics::ListenerMetrics::default();
-        let listeners = crate::listen::Listeners::new(
-            &name,
-            config.limits.clone(),
-            listener_metrics.clone(),
-        );
+        let listeners =
+            crate::listen::Listeners::new(&name, config.limits.clone(), listener_metrics.clone());
         let mut ingress_addrs = Vec::new();
         for spec in &config.ingress {
             let listener = tokio::net::TcpListener::bind(spec.listen)

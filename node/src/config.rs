@@ -711,7 +711,10 @@ impl RawConfig {
         );
         set(&mut l.max_header_bytes, t.max_header_bytes);
         set(&mut l.max_headers, t.max_headers);
-        set(&mut l.h2_max_concurrent_streams, t.h2_max_concurrent_streams);
+        set(
+            &mut l.h2_max_concurrent_streams,
+            t.h2_max_concurrent_streams,
+        );
         self
     }
 
@@ -1153,11 +1156,17 @@ mod limits_tests {
         assert_eq!(c.limits, LimitsConfig::default());
         assert_eq!(c.limits.header_read_timeout, Duration::from_secs(10));
         assert_eq!(c.limits.max_connections, 10_000);
-        let c = with_limits("[limits]\nheader_read_timeout_ms = 1500\nmax_in_flight_per_listener = 4\n")
-            .expect("valid");
+        let c = with_limits(
+            "[limits]\nheader_read_timeout_ms = 1500\nmax_in_flight_per_listener = 4\n",
+        )
+        .expect("valid");
         assert_eq!(c.limits.header_read_timeout, Duration::from_millis(1500));
         assert_eq!(c.limits.max_in_flight_per_listener, 4);
-        assert_eq!(c.limits.idle_timeout, Duration::from_secs(60), "unset keys keep their default");
+        assert_eq!(
+            c.limits.idle_timeout,
+            Duration::from_secs(60),
+            "unset keys keep their default"
+        );
         // A higher layer sets one key and keeps the file's others.
         let file = RawConfig {
             limits: RawLimits {
@@ -1198,7 +1207,10 @@ mod limits_tests {
             "max_headers",
             "h2_max_concurrent_streams",
         ] {
-            assert!(text.contains(&format!("limits.{key}")), "missing {key}:\n{text}");
+            assert!(
+                text.contains(&format!("limits.{key}")),
+                "missing {key}:\n{text}"
+            );
         }
         assert_eq!(e.0.len(), 8, "{text}");
         assert!(with_limits("[limits]\nmax_conections = 5\n")

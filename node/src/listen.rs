@@ -358,7 +358,13 @@ impl Conn {
                     let resp = svc.oneshot(req).await.unwrap_or_else(|e| s.refusal(&e));
                     // The guard lives as long as the body: idle means no
                     // request *and* no response still streaming.
-                    Ok::<_, Infallible>(resp.map(|b| GuardedBody { inner: b, _guard: guard }.boxed()))
+                    Ok::<_, Infallible>(resp.map(|b| {
+                        GuardedBody {
+                            inner: b,
+                            _guard: guard,
+                        }
+                        .boxed()
+                    }))
                 }
             })
         };
@@ -639,7 +645,10 @@ mod tests {
     }
 
     /// Serves one in-memory connection; returns the client end and the task.
-    fn serve<S>(server: &Server, service: S) -> (tokio::io::DuplexStream, tokio::task::JoinHandle<()>)
+    fn serve<S>(
+        server: &Server,
+        service: S,
+    ) -> (tokio::io::DuplexStream, tokio::task::JoinHandle<()>)
     where
         S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
             + Clone
@@ -684,7 +693,10 @@ mod tests {
         let n = client.read(&mut buf).await.expect("read");
         let head = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
         assert!(head.starts_with("http/1.1 200"), "{head}");
-        assert!(head.contains("content-length: 2\r\n"), "length kept: {head}");
+        assert!(
+            head.contains("content-length: 2\r\n"),
+            "length kept: {head}"
+        );
         // Keep-alive, then one byte of the next head every 4 s: the head
         // timer runs from the end of the last response, not per byte.
         let start = Instant::now();
@@ -701,7 +713,11 @@ mod tests {
             _ = task => {}
         }
         assert!(start.elapsed() >= Duration::from_secs(10));
-        assert!(start.elapsed() < Duration::from_secs(13), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() < Duration::from_secs(13),
+            "{:?}",
+            start.elapsed()
+        );
         assert_eq!(metrics.timed_out("t", "header"), 1);
     }
 
@@ -743,7 +759,11 @@ mod tests {
         let body = resp.into_body().collect().await.expect("whole stream");
         assert_eq!(body.to_bytes().len(), 9);
         assert!(start.elapsed() >= Duration::from_secs(90));
-        assert_eq!(metrics.timed_out("t", "idle"), 0, "a streaming body is activity");
+        assert_eq!(
+            metrics.timed_out("t", "idle"),
+            0,
+            "a streaming body is activity"
+        );
         // Now idle: GOAWAY after the idle timeout, and the connection ends.
         let idle_from = Instant::now();
         task.await.expect("server side ended");
@@ -830,6 +850,8 @@ mod tests {
         assert_eq!(metrics.open("a"), 2);
         drop(a1);
         assert_eq!(metrics.open("a"), 1);
-        let _b2 = b.admit(peer()).expect("a freed permit serves the other listener");
+        let _b2 = b
+            .admit(peer())
+            .expect("a freed permit serves the other listener");
     }
 }

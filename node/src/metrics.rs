@@ -133,12 +133,9 @@ impl ListenerMetrics {
 
     /// Requests shed on `listener` so far.
     pub fn shed(&self, listener: &str) -> u64 {
-        self.requests_shed.get_or_create(&Self::label(listener)).get()
-    }
-
-    /// Accept errors on `listener` so far.
-    pub fn accept_failures(&self, listener: &str) -> u64 {
-        self.accept_errors.get_or_create(&Self::label(listener)).get()
+        self.requests_shed
+            .get_or_create(&Self::label(listener))
+            .get()
     }
 
     /// Connections of `listener` closed for `reason` (`header`, `idle`) so far.

@@ -587,7 +587,11 @@ fn get(addr: &str, path: &str) -> Option<u16> {
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     use std::io::{Read, Write};
-    write!(s, "GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut out = Vec::new();
     s.read_to_end(&mut out).ok()?;
     String::from_utf8_lossy(&out)
@@ -613,9 +617,12 @@ fn a_connection_flood_past_the_open_files_limit_leaves_the_node_idle_and_it_reco
     );
     std::fs::write(&config, text).expect("config");
     let mut cmd = Command::new("sh");
-    cmd.args(["-c", &format!("ulimit -n {FDS} && exec \"$0\" run --config \"$1\"")])
-        .arg(BIN)
-        .arg(&config);
+    cmd.args([
+        "-c",
+        &format!("ulimit -n {FDS} && exec \"$0\" run --config \"$1\""),
+    ])
+    .arg(BIN)
+    .arg(&config);
     let node = Node::start_with("n1", cmd);
     let pid = node.child.id();
     let ingress = {

@@ -41,7 +41,9 @@ async fn slow_head(
     s.write_all(b"G").await.expect("first byte");
     started.fetch_add(1, Ordering::SeqCst);
     let (mut rd, mut wr) = s.split();
-    let mut rest = b"ET / HTTP/1.1\r\nhost: echo.acme.dmsc\r\nx-slow: ".iter().cycle();
+    let mut rest = b"ET / HTTP/1.1\r\nhost: echo.acme.dmsc\r\nx-slow: "
+        .iter()
+        .cycle();
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     let mut buf = [0u8; 512];
     let deadline = tokio::time::sleep(limit);
@@ -64,10 +66,7 @@ async fn slow_head(
 }
 
 /// Opens `n` slow-head clients and waits until each has sent its first byte.
-async fn slow_heads(
-    addr: SocketAddr,
-    n: usize,
-) -> tokio::task::JoinSet<Option<Duration>> {
+async fn slow_heads(addr: SocketAddr, n: usize) -> tokio::task::JoinSet<Option<Duration>> {
     let started = Arc::new(AtomicUsize::new(0));
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..n {
@@ -147,7 +146,9 @@ async fn admin_closes_slow_heads_and_silent_connections_too() {
     let slow = slow_heads(admin, 20).await;
     // A connection that sends nothing at all.
     let t0 = Instant::now();
-    let mut silent = tokio::net::TcpStream::connect(admin).await.expect("connect");
+    let mut silent = tokio::net::TcpStream::connect(admin)
+        .await
+        .expect("connect");
     let mut buf = [0u8; 64];
     let n = tokio::time::timeout(Duration::from_secs(60), silent.read(&mut buf))
         .await
@@ -157,13 +158,19 @@ async fn admin_closes_slow_heads_and_silent_connections_too() {
     all_closed_after_the_header_timeout(slow).await;
     assert!(metrics.timed_out(&listener, "header") >= 21);
     // A prompt client is served.
-    let mut s = tokio::net::TcpStream::connect(admin).await.expect("connect");
+    let mut s = tokio::net::TcpStream::connect(admin)
+        .await
+        .expect("connect");
     s.write_all(b"GET /live HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n")
         .await
         .expect("write");
     let mut out = Vec::new();
     s.read_to_end(&mut out).await.expect("read");
-    assert!(out.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&out));
+    assert!(
+        out.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
     mesh.stop().await;
 }
 
@@ -314,4 +321,85 @@ async fn a_burst_beyond_the_in_flight_limit_is_shed_and_the_node_stays_responsiv
         )),
         "{text}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_listener_limit_are_closed_at_once_and_counted() {
+    // A header timeout longer than the test: any close seen here is a refusal.
+    let mesh = LocalMesh::start(&["n0"], "acme", |_, raw| {
+        raw.limits.header_read_timeout_ms = Some(120_000);
+        raw.limits.max_connections_per_listener = Some(3);
+    })
+    .await
+    .expect("mesh");
+    let addr = mesh.ingress(0);
+    let listener = format!("ingress:{addr}");
+    let metrics = mesh.nodes[0].shared().metrics.listeners.clone();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+    }
+    eventually(Duration::from_secs(20), "three admitted", || {
+        metrics.open(&listener) == 3
+    })
+    .await;
+    let mut fourth = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(30), fourth.read(&mut buf))
+        .await
+        .expect("the fourth connection was held, not refused");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    assert_eq!(metrics.refused(&listener), 1);
+    assert_eq!(metrics.timed_out(&listener, "header"), 0);
+    // A freed slot admits the next client, which is served.
+    drop(held.pop());
+    eventually(Duration::from_secs(20), "a slot freed", || {
+        metrics.open(&listener) == 2
+    })
+    .await;
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nhost: nobody.acme.dmsc\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.expect("read");
+    assert!(
+        out.starts_with(b"HTTP/1.1 404"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_tls_connection_is_closed_after_the_handshake() {
+    let mesh = one_node(|raw| {
+        raw.ingress.push(dmsc_node::config::RawIngress {
+            listen: "127.0.0.1:0".into(),
+            tls: Some(true),
+            auth: Some(vec!["mtls".into()]),
+            ..Default::default()
+        })
+    })
+    .await;
+    let addr = mesh.nodes[0].bound().ingress[1];
+    let cfg = dmsc_node::testkit::tls_client_config(&mesh.ca.cert_pem, None).expect("tls config");
+    let t0 = Instant::now();
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").expect("name"),
+            tcp,
+        )
+        .await
+        .expect("handshake");
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(60), tls.read(&mut buf))
+        .await
+        .expect("the node never closed an idle TLS connection");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    assert!(t0.elapsed() >= HEADER_TIMEOUT, "{:?}", t0.elapsed());
+    let metrics = &mesh.nodes[0].shared().metrics.listeners;
+    assert_eq!(metrics.timed_out(&format!("ingress:{addr}"), "header"), 1);
+    mesh.stop().await;
 }
