@@ -20,8 +20,9 @@
 //!   connections, so a small per-connection watchdog closes those: no
 //!   request within the header timeout, or none in flight for the idle
 //!   timeout (gracefully: GOAWAY on HTTP/2). It reads request activity from
-//!   a counter that a guard holds until the response *body* ends, so a long
-//!   stream is never mistaken for idleness.
+//!   counters that a guard holds until the response *body* ends, so a long
+//!   stream is never mistaken for idleness, and only when its own timer
+//!   fires, so requests never wake it.
 //! - **Requests in flight** per listener: tower's `ConcurrencyLimit` on a
 //!   semaphore shared by the listener's connections, behind `LoadShed`, so
 //!   a request over the limit is answered 503 with `Retry-After: 1` at once
@@ -46,7 +47,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,7 +59,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tower::limit::GlobalConcurrencyLimitLayer;
@@ -221,8 +222,11 @@ impl Server {
                             Ok(conn) => {
                                 let _ = stream.set_nodelay(true);
                                 conns.spawn(
+                                    // The node's span even when the
+                                    // (debug) connection span is off.
                                     on_conn(stream, peer, conn)
-                                        .instrument(tracing::debug_span!("conn", %peer)),
+                                        .instrument(tracing::debug_span!("conn", %peer))
+                                        .in_current_span(),
                                 );
                             }
                             Err(limit) => {
@@ -316,7 +320,7 @@ impl Drop for Conn {
     }
 }
 
-/// Why the watchdog is waiting.
+/// Where a connection is in its life, as the watchdog sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     /// No request yet: the first must arrive within the header timeout.
@@ -325,6 +329,58 @@ enum Phase {
     Open,
     /// Graceful shutdown asked; dropped if it has not ended after a grace.
     Closing,
+}
+
+/// What the watchdog read of a connection's activity when its timer fired.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    started: Instant,
+    requests: u64,
+    in_flight: usize,
+    /// When the last request ended (or the connection began).
+    idle_since: Instant,
+}
+
+/// What the watchdog does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Look again then.
+    Wait(Instant),
+    /// Count an idle close, shut down gracefully, look again then.
+    Shutdown(Instant),
+    /// Close now, counting `reason` if given.
+    Drop(Option<&'static str>),
+}
+
+/// The watchdog's decision, without I/O or clocks of its own: it runs only
+/// when its timer fires, so requests cost it nothing (no wake-ups), and its
+/// boundaries are tested exactly.
+fn judge(phase: Phase, now: Instant, seen: Seen, limits: &LimitsConfig) -> (Phase, Verdict) {
+    let grace = limits.header_read_timeout;
+    match phase {
+        Phase::FirstRequest if seen.requests == 0 => {
+            let by = seen.started + limits.header_read_timeout;
+            if now >= by {
+                // Nothing in flight and nothing ever asked: nothing to be graceful about.
+                (phase, Verdict::Drop(Some("header")))
+            } else {
+                (phase, Verdict::Wait(by))
+            }
+        }
+        Phase::FirstRequest | Phase::Open => {
+            if seen.in_flight > 0 {
+                return (Phase::Open, Verdict::Wait(now + limits.idle_timeout));
+            }
+            let idle_at = seen.idle_since + limits.idle_timeout;
+            if now >= idle_at {
+                (Phase::Closing, Verdict::Shutdown(now + grace))
+            } else {
+                (Phase::Open, Verdict::Wait(idle_at))
+            }
+        }
+        Phase::Closing if seen.in_flight == 0 => (phase, Verdict::Drop(None)),
+        Phase::Closing => (phase, Verdict::Wait(now + grace)),
+    }
 }
 
 impl Conn {
@@ -341,7 +397,7 @@ impl Conn {
         S::Future: Send + 'static,
     {
         let s = self.server.inner.clone();
-        let activity = Arc::new(Activity::default());
+        let activity = Arc::new(Activity::new());
         let limited = ServiceBuilder::new()
             .load_shed()
             .layer(GlobalConcurrencyLimitLayer::with_semaphore(
@@ -384,7 +440,8 @@ impl Conn {
         };
         let peer = self.peer;
         let mut phase = Phase::FirstRequest;
-        let mut deadline = Some(Instant::now() + limits.header_read_timeout);
+        let timer = tokio::time::sleep_until(activity.started + limits.header_read_timeout);
+        let mut timer = std::pin::pin!(timer);
         loop {
             tokio::select! {
                 ended = conn.as_mut() => {
@@ -398,33 +455,23 @@ impl Conn {
                     }
                     return;
                 }
-                _ = activity.changed.notified(), if phase != Phase::Closing => {
-                    phase = Phase::Open;
-                    deadline = (activity.in_flight() == 0).then(|| Instant::now() + limits.idle_timeout);
-                }
-                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
-                    match phase {
-                        Phase::FirstRequest => {
-                            // Nothing in flight and nothing ever asked:
-                            // nothing to be graceful about.
-                            timed_out("header");
-                            debug!(%peer, "no request within the header timeout; closing");
-                            return;
-                        }
-                        Phase::Open if activity.in_flight() == 0 => {
+                _ = timer.as_mut() => {
+                    let (next, verdict) = judge(phase, Instant::now(), activity.seen(), limits);
+                    phase = next;
+                    match verdict {
+                        Verdict::Wait(at) => timer.as_mut().reset(at),
+                        Verdict::Shutdown(at) => {
                             timed_out("idle");
                             debug!(%peer, "idle; closing");
                             conn.as_mut().graceful_shutdown();
-                            phase = Phase::Closing;
-                            deadline = Some(Instant::now() + limits.header_read_timeout);
+                            timer.as_mut().reset(at);
                         }
-                        Phase::Open => deadline = None,
-                        Phase::Closing if activity.in_flight() == 0 => {
-                            debug!(%peer, "did not close after a graceful shutdown; dropping");
+                        Verdict::Drop(reason) => {
+                            if let Some(reason) = reason {
+                                timed_out(reason);
+                            }
+                            debug!(%peer, reason, "closing");
                             return;
-                        }
-                        Phase::Closing => {
-                            deadline = Some(Instant::now() + limits.header_read_timeout);
                         }
                     }
                 }
@@ -483,23 +530,43 @@ impl ServerInner {
     }
 }
 
-/// Requests (and their response bodies) in flight on one connection; the
-/// watchdog is told whenever a request starts or the last one ends.
-#[derive(Debug, Default)]
+/// Requests (and their response bodies) on one connection, read by the
+/// watchdog when its timer fires.
+#[derive(Debug)]
 struct Activity {
+    started: Instant,
+    requests: AtomicU64,
     in_flight: AtomicUsize,
-    changed: Notify,
+    /// When the last request ended, in ms after `started`.
+    last_end_ms: AtomicU64,
 }
 
 impl Activity {
+    fn new() -> Activity {
+        Activity {
+            started: Instant::now(),
+            requests: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            last_end_ms: AtomicU64::new(0),
+        }
+    }
+
     fn begin(self: &Arc<Self>) -> ActivityGuard {
+        self.requests.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        self.changed.notify_one();
         ActivityGuard(self.clone())
     }
 
-    fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Acquire)
+    fn seen(&self) -> Seen {
+        // in_flight first: a reader that sees the last request ended sees its end time.
+        let in_flight = self.in_flight.load(Ordering::Acquire);
+        Seen {
+            started: self.started,
+            requests: self.requests.load(Ordering::Relaxed),
+            in_flight,
+            idle_since: self.started
+                + Duration::from_millis(self.last_end_ms.load(Ordering::Relaxed)),
+        }
     }
 }
 
@@ -509,9 +576,13 @@ struct ActivityGuard(Arc<Activity>);
 
 impl Drop for ActivityGuard {
     fn drop(&mut self) {
-        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.changed.notify_one();
-        }
+        let a = &self.0;
+        let ms = Instant::now()
+            .saturating_duration_since(a.started)
+            .as_millis();
+        a.last_end_ms
+            .fetch_max(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
+        a.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -603,6 +674,7 @@ mod tests {
     use super::*;
     use hyper_util::rt::TokioIo;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::Notify;
 
     #[test]
     fn accept_pauses_double_to_a_second_and_reset() {
@@ -623,6 +695,55 @@ mod tests {
         assert_eq!(r.allow(t0 + Duration::from_millis(5000)), Some(2));
         assert_eq!(r.allow(t0 + Duration::from_millis(9999)), None);
         assert_eq!(r.allow(t0 + Duration::from_millis(10_000)), Some(1));
+    }
+
+    #[test]
+    fn the_watchdog_decides_at_exact_boundaries() {
+        let l = limits();
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let seen = |requests, in_flight, idle_since| Seen {
+            started: t0,
+            requests,
+            in_flight,
+            idle_since,
+        };
+        let first = Phase::FirstRequest;
+        // No request: wait for the header timeout, then close, counted.
+        assert_eq!(
+            judge(first, t0 + ms(9_999), seen(0, 0, t0), &l),
+            (first, Verdict::Wait(t0 + ms(10_000)))
+        );
+        assert_eq!(
+            judge(first, t0 + ms(10_000), seen(0, 0, t0), &l),
+            (first, Verdict::Drop(Some("header")))
+        );
+        // A request in flight: look again an idle timeout later.
+        let now = t0 + ms(10_000);
+        assert_eq!(
+            judge(first, now, seen(1, 1, t0), &l),
+            (Phase::Open, Verdict::Wait(now + ms(60_000)))
+        );
+        // Idle since t: shut down at t + idle, not a millisecond before.
+        let t = t0 + ms(30_000);
+        assert_eq!(
+            judge(Phase::Open, t + ms(59_999), seen(3, 0, t), &l),
+            (Phase::Open, Verdict::Wait(t + ms(60_000)))
+        );
+        assert_eq!(
+            judge(Phase::Open, t + ms(60_000), seen(3, 0, t), &l),
+            (Phase::Closing, Verdict::Shutdown(t + ms(70_000)))
+        );
+        // Closing: dropped once nothing is in flight, else given more grace.
+        let late = t + ms(70_000);
+        assert_eq!(
+            judge(Phase::Closing, late, seen(3, 1, t), &l),
+            (Phase::Closing, Verdict::Wait(late + ms(10_000)))
+        );
+        assert_eq!(
+            judge(Phase::Closing, late, seen(3, 0, t), &l),
+            (Phase::Closing, Verdict::Drop(None))
+        );
     }
 
     fn limits() -> LimitsConfig {
