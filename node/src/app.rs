@@ -29,6 +29,7 @@ use crate::control::sync::sync_loop;
 use crate::forward::client::Upstream;
 use crate::forward::local::LocalAgents;
 use crate::forward::Delegator;
+use crate::ingress::listen::{Listeners, Protocols};
 use crate::ingress::Ingress;
 use crate::metrics::Metrics;
 use crate::proto::gossip::{revoked_key, NodeAnnouncement};
@@ -156,6 +157,9 @@ impl App {
             gossip: gossip.clone(),
             cfg: config.delegation.clone(),
         };
+        // One connection budget for every ingress and admin listener.
+        let listener_metrics = crate::metrics::ListenerMetrics::default();
+        let listeners = Listeners::new(&name, config.limits.clone(), listener_metrics.clone());
         let mut ingress_addrs = Vec::new();
         for spec in &config.ingress {
             let listener = tokio::net::TcpListener::bind(spec.listen)
@@ -182,7 +186,8 @@ impl App {
                 security: security.clone(),
                 tls,
             };
-            tasks.spawn(ingress.serve(listener).in_current_span());
+            let server = listeners.server(format!("ingress:{addr}"), Protocols::Auto);
+            tasks.spawn(ingress.serve(listener, server).in_current_span());
             info!(
                 addr = %addr,
                 tenant = spec.tenant.as_deref().unwrap_or("<from the caller>"),
@@ -241,12 +246,13 @@ impl App {
             mesh,
             agents,
             delegator,
-            metrics: Metrics::new(delegation_metrics, security_metrics),
+            metrics: Metrics::new(delegation_metrics, security_metrics, listener_metrics),
             started: Instant::now(),
             bound: bound.clone(),
             ready: AtomicBool::new(false),
         });
-        tasks.spawn(admin::serve(admin_listener, shared.clone()).in_current_span());
+        let server = listeners.server(format!("admin:{admin_addr}"), Protocols::Http1);
+        tasks.spawn(admin::serve(admin_listener, shared.clone(), server).in_current_span());
         shared.ready.store(true, Ordering::Release);
         info!(
             node = %name,

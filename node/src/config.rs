@@ -43,6 +43,8 @@ pub struct RawConfig {
     pub jwt: Option<RawJwt>,
     #[serde(default)]
     pub audit: RawAudit,
+    #[serde(default)]
+    pub limits: RawLimits,
 }
 
 /// `[jwt]`: OAuth 2.0 bearer tokens accepted at authenticated ingress.
@@ -139,6 +141,158 @@ pub struct RawDelegation {
     pub load_interval_ms: Option<u64>,
     /// `p2c` (power of two choices, default) or `least-loaded`.
     pub selection: Option<String>,
+}
+
+/// `[limits]`: what the ingress and admin listeners accept before they
+/// refuse, shed or close (see [`crate::ingress::listen`]).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub header_read_timeout_ms: Option<u64>,
+    pub idle_timeout_ms: Option<u64>,
+    pub max_connections: Option<usize>,
+    pub max_connections_per_listener: Option<usize>,
+    pub max_in_flight_per_listener: Option<usize>,
+    pub max_header_bytes: Option<usize>,
+    pub max_headers: Option<usize>,
+    pub h2_max_concurrent_streams: Option<u32>,
+}
+
+/// Listener limits, validated. The defaults suit a node on a host with the
+/// common 1024..20000 open-files limit serving agents on the same host or
+/// network: generous for real callers, small enough that a flood meets a
+/// refusal before it meets the kernel's limits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LimitsConfig {
+    /// A request head (HTTP/1) or the first request (any protocol, also
+    /// after a TLS handshake) must arrive within this; an HTTP/1 keep-alive
+    /// connection waits at most this long for its next request.
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight is closed after this
+    /// (HTTP/2 with GOAWAY; HTTP/1 is usually closed sooner by the header timeout).
+    pub idle_timeout: Duration,
+    /// Open connections over all ingress and admin listeners of the node.
+    pub max_connections: usize,
+    /// Open connections per listener.
+    pub max_connections_per_listener: usize,
+    /// Requests being answered at once per listener; more are shed (503).
+    pub max_in_flight_per_listener: usize,
+    /// Largest request head in bytes (HTTP/1: request line and headers;
+    /// HTTP/2: the header list).
+    pub max_header_bytes: usize,
+    /// Most header fields in an HTTP/1 request (431 beyond).
+    pub max_headers: usize,
+    /// Concurrent streams an HTTP/2 client may open on one connection.
+    pub h2_max_concurrent_streams: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 10_000,
+            max_connections_per_listener: 4096,
+            max_in_flight_per_listener: 1024,
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            h2_max_concurrent_streams: 256,
+        }
+    }
+}
+
+/// Smallest `limits.max_header_bytes`: hyper's smallest HTTP/1 read buffer.
+pub const MIN_HEADER_BYTES: usize = 8192;
+
+impl RawLimits {
+    fn validate(&self, errors: &mut Vec<String>) -> LimitsConfig {
+        let d = LimitsConfig::default();
+        let ms = |v: Option<u64>, what: &str, default: Duration, errors: &mut Vec<String>| match v {
+            Some(n) if !(1..=3_600_000).contains(&n) => {
+                errors.push(format!("limits.{what} = {n} must be within 1..=3600000"));
+                default
+            }
+            Some(n) => Duration::from_millis(n),
+            None => default,
+        };
+        // Upper bounds keep semaphores and buffers in sane ranges (tokio's
+        // semaphore panics above usize::MAX >> 3; hyper's buffer below 8 KiB).
+        let count = |v: Option<usize>,
+                     what: &str,
+                     range: std::ops::RangeInclusive<usize>,
+                     default: usize,
+                     errors: &mut Vec<String>| match v {
+            Some(n) if !range.contains(&n) => {
+                errors.push(format!(
+                    "limits.{what} = {n} must be within {}..={}",
+                    range.start(),
+                    range.end()
+                ));
+                default
+            }
+            Some(n) => n,
+            None => default,
+        };
+        LimitsConfig {
+            header_read_timeout: ms(
+                self.header_read_timeout_ms,
+                "header_read_timeout_ms",
+                d.header_read_timeout,
+                errors,
+            ),
+            idle_timeout: ms(
+                self.idle_timeout_ms,
+                "idle_timeout_ms",
+                d.idle_timeout,
+                errors,
+            ),
+            max_connections: count(
+                self.max_connections,
+                "max_connections",
+                1..=1_000_000,
+                d.max_connections,
+                errors,
+            ),
+            max_connections_per_listener: count(
+                self.max_connections_per_listener,
+                "max_connections_per_listener",
+                1..=1_000_000,
+                d.max_connections_per_listener,
+                errors,
+            ),
+            max_in_flight_per_listener: count(
+                self.max_in_flight_per_listener,
+                "max_in_flight_per_listener",
+                1..=1_000_000,
+                d.max_in_flight_per_listener,
+                errors,
+            ),
+            max_header_bytes: count(
+                self.max_header_bytes,
+                "max_header_bytes",
+                MIN_HEADER_BYTES..=16 << 20,
+                d.max_header_bytes,
+                errors,
+            ),
+            max_headers: count(
+                self.max_headers,
+                "max_headers",
+                1..=10_000,
+                d.max_headers,
+                errors,
+            ),
+            h2_max_concurrent_streams: match self.h2_max_concurrent_streams {
+                Some(n) if !(1..=100_000).contains(&n) => {
+                    errors.push(format!(
+                        "limits.h2_max_concurrent_streams = {n} must be within 1..=100000"
+                    ));
+                    d.h2_max_concurrent_streams
+                }
+                Some(n) => n,
+                None => d.h2_max_concurrent_streams,
+            },
+        }
+    }
 }
 
 /// Delegation settings, validated.
@@ -279,6 +433,7 @@ pub struct NodeConfig {
     pub jwt: Option<JwtSettings>,
     /// `None`: audit disabled.
     pub audit: Option<AuditSettings>,
+    pub limits: LimitsConfig,
 }
 
 impl RawDelegation {
@@ -399,6 +554,7 @@ impl RawConfig {
             data_dir: Some(creds.join("data")),
             jwt: None,
             audit: RawAudit::default(),
+            limits: RawLimits::default(),
         }
     }
 
@@ -544,6 +700,24 @@ impl RawConfig {
         set(&mut d.agent_ttl_secs, t.agent_ttl_secs);
         set(&mut d.load_interval_ms, t.load_interval_ms);
         set(&mut d.selection, t.selection);
+        let (l, t) = (&mut self.limits, top.limits);
+        set(&mut l.header_read_timeout_ms, t.header_read_timeout_ms);
+        set(&mut l.idle_timeout_ms, t.idle_timeout_ms);
+        set(&mut l.max_connections, t.max_connections);
+        set(
+            &mut l.max_connections_per_listener,
+            t.max_connections_per_listener,
+        );
+        set(
+            &mut l.max_in_flight_per_listener,
+            t.max_in_flight_per_listener,
+        );
+        set(&mut l.max_header_bytes, t.max_header_bytes);
+        set(&mut l.max_headers, t.max_headers);
+        set(
+            &mut l.h2_max_concurrent_streams,
+            t.h2_max_concurrent_streams,
+        );
         self
     }
 
@@ -770,6 +944,7 @@ impl RawConfig {
             }
         }
         let delegation = self.delegation.validate(&mut errors);
+        let limits = self.limits.validate(&mut errors);
         if !errors.is_empty() {
             return Err(ConfigError(errors));
         }
@@ -788,6 +963,7 @@ impl RawConfig {
             agents: self.agents,
             ingress,
             delegation,
+            limits,
             name: self.name,
             region: self.region.unwrap_or_else(|| DEFAULT_REGION.to_string()),
             // Every `None` above pushed an error, so these are present.
@@ -810,7 +986,7 @@ impl NodeConfig {
     /// The effective configuration as log fields (no secrets: key *paths* only).
     pub fn summary(&self) -> String {
         format!(
-            "name={} region={} overlay.listen={} overlay.advertise={} bootstrap={:?} admin.listen={} tls.ca={} tls.cert={} tls.key={} gossip.interval={:?} gossip.phi={} ingress=[{}] agents={} delegation.timeout={:?} delegation.retries={} delegation.selection={:?}",
+            "name={} region={} overlay.listen={} overlay.advertise={} bootstrap={:?} admin.listen={} tls.ca={} tls.cert={} tls.key={} gossip.interval={:?} gossip.phi={} ingress=[{}] agents={} delegation.timeout={:?} delegation.retries={} delegation.selection={:?} limits.header_read_timeout={:?} limits.idle_timeout={:?} limits.max_connections={} limits.max_connections_per_listener={} limits.max_in_flight_per_listener={}",
             self.name.as_deref().unwrap_or("<from certificate>"),
             self.region,
             self.overlay_listen,
@@ -836,6 +1012,11 @@ impl NodeConfig {
             self.delegation.timeout,
             self.delegation.retries,
             self.delegation.selection,
+            self.limits.header_read_timeout,
+            self.limits.idle_timeout,
+            self.limits.max_connections,
+            self.limits.max_connections_per_listener,
+            self.limits.max_in_flight_per_listener,
         )
     }
 }
@@ -1040,6 +1221,91 @@ skills = [{{ id = "greet" }}]
                 .contains("agents[0]: protocol = `http2` must be `grpc`, `h2c` or `http1`"),
             "{e}"
         );
+    }
+}
+
+#[cfg(test)]
+mod limits_tests {
+    use super::*;
+
+    fn with_limits(toml_text: &str) -> Result<NodeConfig, ConfigError> {
+        let d = tempfile::tempdir().expect("tempdir");
+        for f in ["ca.pem", "node.pem", "node.key"] {
+            std::fs::write(d.path().join(f), "x").expect("write");
+        }
+        let file = d.path().join("n.toml");
+        let tls = "[tls]\nca = \"ca.pem\"\ncert = \"node.pem\"\nkey = \"node.key\"\n";
+        std::fs::write(&file, format!("{toml_text}\n{tls}")).expect("write");
+        RawConfig::from_file(&file)?.validate()
+    }
+
+    #[test]
+    fn limits_default_when_absent_and_layer_per_key() {
+        let c = with_limits("").expect("valid");
+        assert_eq!(c.limits, LimitsConfig::default());
+        assert_eq!(c.limits.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.limits.max_connections, 10_000);
+        let c = with_limits(
+            "[limits]\nheader_read_timeout_ms = 1500\nmax_in_flight_per_listener = 4\n",
+        )
+        .expect("valid");
+        assert_eq!(c.limits.header_read_timeout, Duration::from_millis(1500));
+        assert_eq!(c.limits.max_in_flight_per_listener, 4);
+        assert_eq!(
+            c.limits.idle_timeout,
+            Duration::from_secs(60),
+            "unset keys keep their default"
+        );
+        // A higher layer sets one key and keeps the file's others.
+        let file = RawConfig {
+            limits: RawLimits {
+                max_headers: Some(50),
+                idle_timeout_ms: Some(5000),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let top = RawConfig {
+            limits: RawLimits {
+                idle_timeout_ms: Some(7000),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let merged = file.overlay_with(top).limits;
+        assert_eq!(merged.max_headers, Some(50));
+        assert_eq!(merged.idle_timeout_ms, Some(7000));
+    }
+
+    #[test]
+    fn every_bad_limit_is_reported_at_once() {
+        let e = with_limits(
+            "[limits]\nheader_read_timeout_ms = 0\nidle_timeout_ms = 0\nmax_connections = 0\n\
+             max_connections_per_listener = 0\nmax_in_flight_per_listener = 0\n\
+             max_header_bytes = 100\nmax_headers = 0\nh2_max_concurrent_streams = 0\n",
+        )
+        .expect_err("invalid");
+        let text = e.to_string();
+        for key in [
+            "header_read_timeout_ms",
+            "idle_timeout_ms",
+            "max_connections =",
+            "max_connections_per_listener",
+            "max_in_flight_per_listener",
+            "max_header_bytes = 100 must be within 8192",
+            "max_headers",
+            "h2_max_concurrent_streams",
+        ] {
+            assert!(
+                text.contains(&format!("limits.{key}")),
+                "missing {key}:\n{text}"
+            );
+        }
+        assert_eq!(e.0.len(), 8, "{text}");
+        assert!(with_limits("[limits]\nmax_conections = 5\n")
+            .expect_err("typo")
+            .to_string()
+            .contains("max_conections"));
     }
 }
 

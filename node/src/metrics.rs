@@ -93,6 +93,67 @@ pub struct SecurityMetrics {
     pub audit_dropped: Counter<u64, AtomicU64>,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    /// `ingress:<addr>` or `admin:<addr>`.
+    pub listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TimeoutLabels {
+    pub listener: String,
+    /// `header` (no complete request head in time) or `idle` (no request in flight for the idle timeout).
+    pub reason: String,
+}
+
+/// Counters of the ingress and admin listeners ([`crate::ingress::listen`]), bumped
+/// where the listener refuses, sheds or closes.
+#[derive(Clone, Debug, Default)]
+pub struct ListenerMetrics {
+    pub connections: Family<ListenerLabel, Gauge<i64, AtomicI64>>,
+    pub connections_refused: Family<ListenerLabel, Counter<u64, AtomicU64>>,
+    pub connections_timed_out: Family<TimeoutLabels, Counter<u64, AtomicU64>>,
+    pub requests_shed: Family<ListenerLabel, Counter<u64, AtomicU64>>,
+    pub accept_errors: Family<ListenerLabel, Counter<u64, AtomicU64>>,
+}
+
+impl ListenerMetrics {
+    fn label(listener: &str) -> ListenerLabel {
+        ListenerLabel {
+            listener: listener.to_string(),
+        }
+    }
+
+    /// Connections refused on `listener` so far.
+    pub fn refused(&self, listener: &str) -> u64 {
+        self.connections_refused
+            .get_or_create(&Self::label(listener))
+            .get()
+    }
+
+    /// Requests shed on `listener` so far.
+    pub fn shed(&self, listener: &str) -> u64 {
+        self.requests_shed
+            .get_or_create(&Self::label(listener))
+            .get()
+    }
+
+    /// Connections of `listener` closed for `reason` (`header`, `idle`) so far.
+    pub fn timed_out(&self, listener: &str, reason: &str) -> u64 {
+        self.connections_timed_out
+            .get_or_create(&TimeoutLabels {
+                listener: listener.to_string(),
+                reason: reason.to_string(),
+            })
+            .get()
+    }
+
+    /// Connections open on `listener` now.
+    pub fn open(&self, listener: &str) -> i64 {
+        self.connections.get_or_create(&Self::label(listener)).get()
+    }
+}
+
 /// Every metric a node exports.
 pub struct Metrics {
     registry: Registry,
@@ -110,6 +171,7 @@ pub struct Metrics {
     pub agents: Gauge<i64, AtomicI64>,
     pub delegation: DelegationMetrics,
     pub security: SecurityMetrics,
+    pub listeners: ListenerMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -120,12 +182,20 @@ impl std::fmt::Debug for Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self::new(DelegationMetrics::default(), SecurityMetrics::default())
+        Self::new(
+            DelegationMetrics::default(),
+            SecurityMetrics::default(),
+            ListenerMetrics::default(),
+        )
     }
 }
 
 impl Metrics {
-    pub fn new(delegation: DelegationMetrics, security: SecurityMetrics) -> Self {
+    pub fn new(
+        delegation: DelegationMetrics,
+        security: SecurityMetrics,
+        listeners: ListenerMetrics,
+    ) -> Self {
         let mut registry = Registry::with_prefix("dmsc");
         let m = Metrics {
             peers: Family::default(),
@@ -142,6 +212,7 @@ impl Metrics {
             agents: Gauge::default(),
             delegation,
             security,
+            listeners,
             registry: Registry::default(),
         };
         registry.register(
@@ -264,6 +335,32 @@ impl Metrics {
             "audit_dropped",
             "Audit entries dropped because thousands of appends were already waiting for a full queue (a flood)",
             sec.audit_dropped.clone(),
+        );
+        let l = &m.listeners;
+        registry.register(
+            "listener_connections",
+            "Open connections of each ingress and admin listener",
+            l.connections.clone(),
+        );
+        registry.register(
+            "listener_connections_refused",
+            "Connections closed at once because the listener's or the node's connection limit ([limits] max_connections*) was reached",
+            l.connections_refused.clone(),
+        );
+        registry.register(
+            "listener_connections_timed_out",
+            "Connections the node closed by reason: header (no complete request head within [limits] header_read_timeout_ms) or idle (no request in flight for idle_timeout_ms)",
+            l.connections_timed_out.clone(),
+        );
+        registry.register(
+            "listener_requests_shed",
+            "Requests answered 503 with Retry-After because the listener was serving [limits] max_in_flight_per_listener requests",
+            l.requests_shed.clone(),
+        );
+        registry.register(
+            "listener_accept_errors",
+            "Failed accepts (e.g. out of file descriptors); the listener pauses 50 ms, growing to 1 s, while they persist",
+            l.accept_errors.clone(),
         );
         Metrics { registry, ..m }
     }

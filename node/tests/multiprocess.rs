@@ -55,9 +55,14 @@ struct Node {
 
 impl Node {
     fn start(name: &str, config: &Path) -> Node {
-        let mut child = Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(config)
+        let mut cmd = Command::new(BIN);
+        cmd.args(["run", "--config"]).arg(config);
+        Node::start_with(name, cmd)
+    }
+
+    /// Starts the node with `cmd` (the binary, or a shell that execs it).
+    fn start_with(name: &str, mut cmd: Command) -> Node {
+        let mut child = cmd
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -525,4 +530,189 @@ fn operator_commands_token_revoke_check_and_audit_verify() {
     let out = run(&["audit", "verify", "--dir", &audit_s, "--ca", &ca_pem]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("TAMPERED"), "{}", text(&out));
+}
+
+/// utime + stime of a process, in clock ticks (/proc/<pid>/stat fields 14, 15).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // The command name may hold spaces: fields are counted after its `)`.
+    let after = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // `after` starts at field 3 (state): utime is field 14, stime 15.
+    f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
+}
+
+fn clock_ticks_per_sec() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100)
+}
+
+/// One request on a kept-alive HTTP/1.1 connection: (status, body).
+fn get_on(s: &mut std::net::TcpStream, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    write!(s, "GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n").expect("write");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).expect("response head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status");
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .expect("content-length");
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).expect("body");
+    (status, String::from_utf8_lossy(&body).to_string())
+}
+
+/// `GET path` on a new connection; `None` if the node does not answer.
+fn get(addr: &str, path: &str) -> Option<u16> {
+    let addr: std::net::SocketAddr = addr.parse().expect("addr");
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    use std::io::{Read, Write};
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).ok()?;
+    String::from_utf8_lossy(&out)
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+#[test]
+fn a_connection_flood_past_the_open_files_limit_leaves_the_node_idle_and_it_recovers() {
+    const FDS: usize = 256;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    ca_init(&d.join("ca"));
+    issue_node(&d.join("ca"), "n1", &d.join("n1"));
+    let config = write_config(d, "n1", &d.join("n1"), &[]);
+    // An ingress, and a header timeout longer than the test, so the flood
+    // holds its connections (it is the accept loop under test, not the timeout).
+    let mut text = std::fs::read_to_string(&config).expect("config");
+    text.push_str(
+        "[limits]\nheader_read_timeout_ms = 120000\n[[ingress]]\nlisten = \"127.0.0.1:0\"\ntenant = \"acme\"\n",
+    );
+    std::fs::write(&config, text).expect("config");
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        &format!("ulimit -n {FDS} && exec \"$0\" run --config \"$1\""),
+    ])
+    .arg(BIN)
+    .arg(&config);
+    let node = Node::start_with("n1", cmd);
+    let pid = node.child.id();
+    let ingress = {
+        let log = node.log.lock().expect("log");
+        log.iter()
+            .filter(|l| l.contains("ingress listening"))
+            .find_map(|l| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix("addr="))
+                    .map(str::to_string)
+            })
+            .expect("ingress address in the log")
+    };
+    let ingress: std::net::SocketAddr = ingress.parse().expect("ingress addr");
+    // Opened before the flood: the admin port cannot accept during it.
+    let admin_addr: std::net::SocketAddr = node.admin.parse().expect("admin addr");
+    let mut admin = std::net::TcpStream::connect(admin_addr).expect("admin");
+    admin
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    assert_eq!(get_on(&mut admin, "/live").0, 200);
+
+    // The flood: far more connections than the node has descriptors, held.
+    let flood_start = Instant::now();
+    let mut flood = Vec::new();
+    for _ in 0..FDS * 4 {
+        // Once the node's descriptors and the listen backlog are full,
+        // connects time out: the flood is as big as it gets.
+        match std::net::TcpStream::connect_timeout(&ingress, Duration::from_secs(2)) {
+            Ok(s) => flood.push(s),
+            Err(_) => break,
+        }
+    }
+    assert!(flood.len() > FDS, "only {} connections", flood.len());
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    eventually(
+        Duration::from_secs(30),
+        "the node runs out of descriptors",
+        || fds() >= FDS - 4,
+    );
+    // CPU over ~2 s while the flood holds: a retrying accept loop burns a
+    // whole core here; a pausing one next to nothing.
+    let hz = clock_ticks_per_sec();
+    let (t0, c0) = (Instant::now(), cpu_ticks(pid));
+    std::thread::sleep(Duration::from_secs(2));
+    let (t1, c1) = (Instant::now(), cpu_ticks(pid));
+    let share = (c1 - c0) as f64 / hz as f64 / (t1 - t0).as_secs_f64();
+    eprintln!(
+        "flood of {} connections, node at {} descriptors: {:.1} % of a core",
+        flood.len(),
+        fds(),
+        share * 100.0
+    );
+    assert!(
+        share < 0.3,
+        "the node used {:.0} % of a core while out of descriptors",
+        share * 100.0
+    );
+    // The failures are counted and logged, rate-limited.
+    let (status, metrics) = get_on(&mut admin, "/metrics");
+    assert_eq!(status, 200);
+    let errors: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("dmsc_listener_accept_errors_total{") && l.contains("ingress"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no accept error count in:\n{metrics}"));
+    assert!(errors > 0);
+    let held_for = flood_start.elapsed();
+    let warnings = node
+        .log
+        .lock()
+        .expect("log")
+        .iter()
+        .filter(|l| l.contains("accept failed") && l.contains("WARN"))
+        .count();
+    assert!(warnings >= 1, "no warning logged");
+    assert!(
+        warnings as u64 <= held_for.as_secs() / 5 + 2,
+        "{warnings} warnings in {held_for:?} for {errors} accept errors"
+    );
+    drop(admin);
+
+    // Flood gone: the node answers again.
+    drop(flood);
+    let t = eventually(Duration::from_secs(30), "/live answers again", || {
+        get(&node.admin, "/live") == Some(200)
+    });
+    eprintln!("/live answered {t:?} after the flood dropped");
 }

@@ -5,7 +5,8 @@
 //! `{"tenant","agent","ttl_secs"?}`: a one-time join token), `/v1/revocations`
 //! (GET the list, POST a statement from `dmsc-node ca revoke`), and
 //! `/v1/check` (clock skew and reachability of every peer). Plain HTTP/1.1; it is an operator's and a scraper's port,
-//! not a data path, so it stays small and dependency-free beyond hyper.
+//! not a data path, so it stays small; it sits behind the same listener
+//! limits as the ingress ([`crate::ingress::listen`]).
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -16,8 +17,6 @@ use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
-use tracing::debug;
 
 use crate::config::NodeConfig;
 use crate::control::agents::AgentsCtx;
@@ -417,30 +416,28 @@ async fn route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) -> Response<
     }
 }
 
-/// Accepts admin connections until the task is aborted.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
-    let mut conns = JoinSet::new();
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                debug!(error = %e, "admin accept failed");
-                continue;
-            }
-        };
-        while conns.try_join_next().is_some() {}
-        let shared = shared.clone();
-        conns.spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
+/// Accepts admin connections until the task is aborted, with the limits
+/// of [`crate::ingress::listen`] (HTTP/1.1 only).
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    server: crate::ingress::listen::Server,
+) {
+    use http_body_util::BodyExt;
+    server
+        .run(listener, move |stream, _peer, conn| {
+            let shared = shared.clone();
+            let svc = tower::service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(route(req, shared).await) }
+                async move {
+                    Ok::<_, Infallible>(
+                        route(req, shared)
+                            .await
+                            .map(|b| b.map_err(|e| match e {}).boxed()),
+                    )
+                }
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
-                debug!(%peer, error = %e, "admin connection error");
-            }
-        });
-    }
+            conn.serve(TokioIo::new(stream), svc)
+        })
+        .await
 }

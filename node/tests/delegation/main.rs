@@ -3,6 +3,7 @@
 //! requests sent to a node's ingress the way an agent would.
 
 mod grpc;
+mod listen;
 mod security;
 
 use std::net::SocketAddr;

@@ -31,17 +31,17 @@ use dmsc_registry::Target;
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
 use hyper::header::HOST;
-use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
-use tracing::{debug, Instrument};
+use tracing::debug;
 
 use crate::config::IngressSpec;
 use crate::forward::{Delegation, Delegator, ReqBody};
 use crate::proto::http::{full, parse_timeout, Body, BoxError, ErrorKind, MeshError};
+use listen::{Conn, Server};
+
+pub mod listen;
 use crate::security::{Caller, Refusal, Security, TlsIngress};
 use dmsc_transport::tls::AgentIdentity;
 use rustls::pki_types::CertificateDer;
@@ -177,79 +177,73 @@ fn refusal_response(r: &Refusal, me: &str, bearer: bool) -> Response<Body> {
 }
 
 impl Ingress {
-    /// Accepts connections until the task is dropped; each connection is a
-    /// task of this loop's own set, so stopping the loop stops them.
-    pub async fn serve(self, listener: TcpListener) {
+    /// Accepts connections until the task is dropped, with the limits of
+    /// [`crate::ingress::listen`]; a TLS listener completes the handshake and judges
+    /// the client certificate before any HTTP is read.
+    pub async fn serve(self, listener: TcpListener, server: Server) {
         let this = Arc::new(self);
-        let mut conns = JoinSet::new();
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => {
-                    let (stream, peer) = match accepted {
-                        Ok(a) => a,
-                        Err(e) => {
-                            debug!(error = %e, "ingress accept failed");
-                            continue;
+        server
+            .run(listener, move |stream, peer, conn| {
+                let this = this.clone();
+                async move {
+                    match this.tls.as_ref().map(|t| t.acceptor()) {
+                        None => {
+                            let auth = Arc::new(ConnAuth {
+                                peer: Some(peer),
+                                ..Default::default()
+                            });
+                            this.serve_conn(conn, TokioIo::new(stream), auth).await
                         }
-                    };
-                    let _ = stream.set_nodelay(true);
-                    let this = this.clone();
-                    conns.spawn(
-                        async move {
-                            match this.tls.as_ref().map(|t| t.acceptor()) {
-                                None => {
-                                    let auth = Arc::new(ConnAuth { peer: Some(peer), ..Default::default() });
-                                    this.serve_conn(TokioIo::new(stream), auth, peer).await
+                        Some(acceptor) => {
+                            let tls = match tokio::time::timeout(
+                                TLS_HANDSHAKE_TIMEOUT,
+                                acceptor.accept(stream),
+                            )
+                            .await
+                            {
+                                Ok(Ok(s)) => s,
+                                Ok(Err(e)) => {
+                                    debug!(peer = %peer, error = %e, "ingress TLS handshake failed");
+                                    return;
                                 }
-                                Some(acceptor) => {
-                                    let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                                        Ok(Ok(s)) => s,
-                                        Ok(Err(e)) => {
-                                            debug!(peer = %peer, error = %e, "ingress TLS handshake failed");
-                                            return;
-                                        }
-                                        Err(_) => {
-                                            debug!(peer = %peer, "ingress TLS handshake timed out");
-                                            return;
-                                        }
-                                    };
-                                    let chain: Vec<CertificateDer<'static>> = tls
-                                        .get_ref()
-                                        .1
-                                        .peer_certificates()
-                                        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
-                                        .unwrap_or_default();
-                                    let verdict = (!chain.is_empty() && this.spec.mtls)
-                                        .then(|| this.security.verify_agent(&chain));
-                                    let serials = dmsc_transport::revoke::chain_serials(chain.iter());
-                                    let auth = Arc::new(ConnAuth { peer: Some(peer), chain, serials, verdict });
-                                    this.serve_conn(TokioIo::new(tls), auth, peer).await
+                                Err(_) => {
+                                    debug!(peer = %peer, "ingress TLS handshake timed out");
+                                    return;
                                 }
-                            }
+                            };
+                            let chain: Vec<CertificateDer<'static>> = tls
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+                                .unwrap_or_default();
+                            let verdict = (!chain.is_empty() && this.spec.mtls)
+                                .then(|| this.security.verify_agent(&chain));
+                            let serials = dmsc_transport::revoke::chain_serials(chain.iter());
+                            let auth = Arc::new(ConnAuth {
+                                peer: Some(peer),
+                                chain,
+                                serials,
+                                verdict,
+                            });
+                            this.serve_conn(conn, TokioIo::new(tls), auth).await
                         }
-                        .in_current_span(),
-                    );
+                    }
                 }
-                Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            }
-        }
+            })
+            .await
     }
 
-    async fn serve_conn<I>(self: &Arc<Self>, io: I, auth: Arc<ConnAuth>, peer: SocketAddr)
+    async fn serve_conn<I>(self: &Arc<Self>, conn: Conn, io: I, auth: Arc<ConnAuth>)
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
         let this = self.clone();
-        let svc = service_fn(move |req| {
+        let svc = tower::service_fn(move |req| {
             let (this, auth) = (this.clone(), auth.clone());
             async move { Ok::<_, std::convert::Infallible>(this.handle(req, &auth).await) }
         });
-        if let Err(e) = auto::Builder::new(TokioExecutor::new())
-            .serve_connection(io, svc)
-            .await
-        {
-            debug!(peer = %peer, error = %e, "ingress connection ended");
-        }
+        conn.serve(io, svc).await
     }
 
     fn audit_auth_failure(
