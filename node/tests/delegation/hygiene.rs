@@ -309,43 +309,49 @@ async fn slow_buffered_bodies_stay_within_the_node_budget() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_callers_deadline_is_clamped_at_ingress_and_on_the_home_node() {
-    // Node 1 (the agent's home) allows 400 ms at most; node 0 the default.
+    // Node 0 allows 400 ms at most; node 1 the default (5 minutes).
     let mesh = mesh2(|i, raw| {
-        if i == 1 {
+        if i == 0 {
             raw.delegation.timeout_ms = Some(400);
             raw.delegation.max_timeout_ms = Some(400);
         }
     })
     .await;
-    let slow = agent_with(
-        "slow",
-        &["slow"],
-        "answers in 3 s",
-        Duration::from_secs(3),
-        dmsc_node::sample_agent::CardDialect::V03,
-    )
-    .await;
-    attach_routable(&mesh, 1, &slow, "slow").await;
-    let told = || {
-        let h = slow.state.last_headers().expect("agent saw a request");
+    let slow = |name: &'static str| {
+        agent_with(
+            name,
+            &["slow"],
+            "answers in 3 s",
+            Duration::from_secs(3),
+            dmsc_node::sample_agent::CardDialect::V03,
+        )
+    };
+    let (slow0, slow1) = (slow("slow0").await, slow("slow1").await);
+    attach_routable(&mesh, 0, &slow0, "slow0").await;
+    attach_routable(&mesh, 1, &slow1, "slow1").await;
+    let told = |a: &dmsc_node::sample_agent::SampleAgent| {
+        let h = a.state.last_headers().expect("agent saw a request");
         let v = h["dmsc-timeout"].to_str().expect("ascii").to_string();
         v.trim_end_matches("ms").parse::<u64>().expect("ms")
     };
-    // Through node 0: it passes an hour on; the home node holds to 400 ms.
+    let hour = [("dmsc-timeout", "3600s")];
+    // Node 0's ingress clamps the caller's hour before anything else: node
+    // 1, which would allow 5 minutes, receives 400 ms at most.
     let (resp, body) = mesh
-        .call(0, "POST", "slow.acme.dmsc", "/", &[("dmsc-timeout", "3600s")], "zz")
+        .call(0, "POST", "slow1.acme.dmsc", "/", &hour, "zz")
         .await
         .expect("call");
     assert_eq!(resp.status(), 504, "{}", String::from_utf8_lossy(&body));
-    assert_eq!(header(&resp, "dmsc-node"), "n1", "the home node decided");
-    assert!(told() <= 400, "agent was told {} ms", told());
-    // At node 1's own ingress the caller's hour is clamped before anything.
+    assert!(told(&slow1) <= 400, "agent was told {} ms", told(&slow1));
+    // Node 1 passes (up to) 5 minutes on; node 0, the agent's home, holds
+    // to its own 400 ms.
     let (resp, body) = mesh
-        .call(1, "POST", "slow.acme.dmsc", "/", &[("dmsc-timeout", "3600s")], "zz")
+        .call(1, "POST", "slow0.acme.dmsc", "/", &hour, "zz")
         .await
         .expect("call");
     assert_eq!(resp.status(), 504, "{}", String::from_utf8_lossy(&body));
-    assert!(told() <= 400, "agent was told {} ms", told());
+    assert_eq!(header(&resp, "dmsc-node"), "n0", "the home node decided");
+    assert!(told(&slow0) <= 400, "agent was told {} ms", told(&slow0));
     mesh.stop().await;
 }
 
