@@ -151,9 +151,11 @@ mod tests {
 
     fn channel_body() -> (Tx, Body) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let s = futures_util::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|f| (f, rx))
-        });
+        let s =
+            futures_util::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|f| (f, rx)) },
+            );
         (tx, http_body_util::StreamBody::new(s).boxed())
     }
 
@@ -172,7 +174,8 @@ mod tests {
             .expect("send");
         assert!(body.frame().await.is_some());
         assert_eq!(watch.fault(ErrorKind::Unreachable), None);
-        tx.send(Err("invalid chunk size line".into())).expect("send");
+        tx.send(Err("invalid chunk size line".into()))
+            .expect("send");
         assert!(matches!(body.frame().await, Some(Err(_))));
         assert_eq!(
             watch.fault(ErrorKind::Unreachable),

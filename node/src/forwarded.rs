@@ -94,10 +94,7 @@ pub fn vouch(headers: &mut HeaderMap, v: Vouched<'_>) {
     set(CALLER, v.caller);
     set(CALLER_TENANT, v.tenant);
     set(TRACE_ID, v.trace_id);
-    set(
-        TIMEOUT,
-        &format!("{}ms", v.remaining.as_millis().max(1)),
-    );
+    set(TIMEOUT, &format!("{}ms", v.remaining.as_millis().max(1)));
 }
 
 #[cfg(test)]

@@ -50,9 +50,9 @@ use tracing::{debug, Instrument};
 use crate::budget::BodyPermit;
 use crate::config::IngressSpec;
 use crate::delegate::{Delegation, Delegator, ReqBody};
-use crate::throttle::Attempt;
 use crate::http::{full, parse_timeout, Body, BoxError, ErrorKind, MeshError};
 use crate::security::{Caller, Refusal, Security, TlsIngress};
+use crate::throttle::Attempt;
 use dmsc_transport::tls::AgentIdentity;
 use rustls::pki_types::CertificateDer;
 
@@ -665,11 +665,9 @@ impl Ingress {
                 return over_budget();
             };
             let p = permit.insert(p);
-            let read = tokio::time::timeout_at(
-                deadline,
-                read_buffered(body, cfg.max_buffered_body, p),
-            )
-            .await;
+            let read =
+                tokio::time::timeout_at(deadline, read_buffered(body, cfg.max_buffered_body, p))
+                    .await;
             let Ok(read) = read else {
                 return MeshError::new(
                     ErrorKind::Timeout,

@@ -218,10 +218,7 @@ async fn handle(
         return r;
     }
     let method = req.method().clone();
-    *state
-        .last_headers
-        .lock()
-        .unwrap_or_else(|p| p.into_inner()) = Some(req.headers().clone());
+    *state.last_headers.lock().unwrap_or_else(|p| p.into_inner()) = Some(req.headers().clone());
     let body = req
         .into_body()
         .collect()

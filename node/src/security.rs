@@ -489,8 +489,7 @@ impl Security {
     /// (run periodically, so a flood's last window is not left unwritten).
     pub fn flush_sampled_failures(&self) {
         let mut due = Vec::new();
-        self.enroll_guard
-            .flush(std::time::Instant::now(), &mut due);
+        self.enroll_guard.flush(std::time::Instant::now(), &mut due);
         self.append_aggregates(due);
     }
 
@@ -619,17 +618,21 @@ impl Security {
     /// `POST /v1/enroll`: redeem a join token for a certificate.
     pub fn enroll(&self, body: &[u8], peer: SocketAddr) -> Result<EnrollResponse, Refusal> {
         let refuse = |r: Refusal, tenant: Option<String>, claimed: Option<String>| {
-            self.record_attempt_failure(crate::throttle::Attempt::Enroll, peer.ip(), Event {
-                tenant,
-                kind: dmsc_audit::AuthFailure {
-                    listener: "enroll".into(),
-                    method: dmsc_audit::AuthMethod::Token,
-                    reason: r.reason.clone(),
-                    peer: peer.to_string(),
-                    claimed,
-                }
-                .into(),
-            });
+            self.record_attempt_failure(
+                crate::throttle::Attempt::Enroll,
+                peer.ip(),
+                Event {
+                    tenant,
+                    kind: dmsc_audit::AuthFailure {
+                        listener: "enroll".into(),
+                        method: dmsc_audit::AuthMethod::Token,
+                        reason: r.reason.clone(),
+                        peer: peer.to_string(),
+                        claimed,
+                    }
+                    .into(),
+                },
+            );
             r
         };
         let req = dmsc_auth::enroll::parse_enroll(body).map_err(|e| {

@@ -70,7 +70,10 @@ struct Bucket {
 
 impl Bucket {
     fn full(burst: f64, now: Instant) -> Bucket {
-        Bucket { tokens: burst, at: now }
+        Bucket {
+            tokens: burst,
+            at: now,
+        }
     }
 
     fn refill(&mut self, rate: f64, burst: f64, now: Instant) {
@@ -344,7 +347,12 @@ impl EnrollGuard {
     pub fn new(limits: &crate::config::EnrollmentLimits) -> EnrollGuard {
         EnrollGuard {
             inner: std::sync::Mutex::new((
-                RateLimiter::new(limits.rate_per_sec, limits.burst, MAX_TRACKED, Instant::now()),
+                RateLimiter::new(
+                    limits.rate_per_sec,
+                    limits.burst,
+                    MAX_TRACKED,
+                    Instant::now(),
+                ),
                 FailureSampler::new(
                     limits.audit_failures_per_window,
                     limits.audit_window,
@@ -454,7 +462,9 @@ mod tests {
         let mut s = FailureSampler::new(3, w, 16);
         let a = ip("10.0.0.1");
         let mut due = Vec::new();
-        let samples: Vec<Sample> = (0..10).map(|_| s.failed("token", a, t0, &mut due)).collect();
+        let samples: Vec<Sample> = (0..10)
+            .map(|_| s.failed("token", a, t0, &mut due))
+            .collect();
         assert_eq!(samples.iter().filter(|x| **x == Sample::Audit).count(), 3);
         s.throttled("token", a, t0, &mut due);
         s.flush(t0 + w - Duration::from_millis(1), &mut due);
@@ -503,7 +513,12 @@ mod tests {
         let mut s = FailureSampler::new(1, Duration::from_secs(10), 4);
         let mut due = Vec::new();
         for i in 0..100 {
-            s.failed("token", ip(&format!("10.0.{}.{}", i / 250, i % 250)), t0, &mut due);
+            s.failed(
+                "token",
+                ip(&format!("10.0.{}.{}", i / 250, i % 250)),
+                t0,
+                &mut due,
+            );
         }
         // Four tracked addresses plus one shared overflow window.
         assert_eq!(s.open(), 5);

@@ -147,7 +147,11 @@ async fn malformed_cut_and_stalled_uploads_leave_the_agents_circuit_closed() {
                     r.head
                 );
             }
-            assert_eq!(circuit(&mesh, node, "echo"), "closed", "node {node}: {what}");
+            assert_eq!(
+                circuit(&mesh, node, "echo"),
+                "closed",
+                "node {node}: {what}"
+            );
             assert_eq!(error_rate(&mesh, 0, "echo"), 0.0, "node {node}: {what}");
         }
         // Everyone else is still served.
@@ -179,7 +183,10 @@ async fn the_agent_hears_the_caller_from_the_node_never_from_the_caller() {
     let echo = agent("echo", &["echo"], "echoes").await;
     attach_routable(&mesh, 0, &echo, "echo").await;
     let forged = [
-        ("dmsc-caller", "spiffe://mesh.dmsc.local/tenant/acme/agent/root"),
+        (
+            "dmsc-caller",
+            "spiffe://mesh.dmsc.local/tenant/acme/agent/root",
+        ),
         ("dmsc-caller-tenant", "globex"),
         ("dmsc-tenant", "globex"),
         ("dmsc-trace-id", "caller-chosen"),
@@ -207,10 +214,17 @@ async fn the_agent_hears_the_caller_from_the_node_never_from_the_caller() {
                 .collect();
             all.join(" | ")
         };
-        assert_eq!(get("dmsc-caller"), format!("ingress:{}", mesh.ingress(node)));
+        assert_eq!(
+            get("dmsc-caller"),
+            format!("ingress:{}", mesh.ingress(node))
+        );
         assert_eq!(get("dmsc-caller-tenant"), "acme");
         assert_eq!(get("dmsc-trace-id"), "0af7651916cd43dd8448eb211c80319c");
-        assert!(get("dmsc-timeout").ends_with("ms"), "{}", get("dmsc-timeout"));
+        assert!(
+            get("dmsc-timeout").ends_with("ms"),
+            "{}",
+            get("dmsc-timeout")
+        );
         assert_eq!(get("dmsc-tenant"), "");
         assert_eq!(get("dmsc-route"), "");
         assert_eq!(get("x-forwarded-for"), "203.0.113.9, 127.0.0.1");
@@ -272,7 +286,11 @@ async fn slow_buffered_bodies_stay_within_the_node_budget() {
         let r = tokio::time::timeout(Duration::from_millis(100), read_head(s)).await;
         if let Ok(r) = r {
             assert_eq!(r.status, 503, "{}", r.head);
-            assert!(r.head.to_ascii_lowercase().contains("retry-after: 1"), "{}", r.head);
+            assert!(
+                r.head.to_ascii_lowercase().contains("retry-after: 1"),
+                "{}",
+                r.head
+            );
             assert!(r.head.contains("dmsc-error: overloaded"), "{}", r.head);
             refused += 1;
         }
@@ -297,7 +315,10 @@ async fn slow_buffered_bodies_stay_within_the_node_budget() {
     );
     // The callers go away: their reservations come back.
     drop(conns);
-    eventually(Duration::from_secs(10), "budget released", || budget.used() == 0).await;
+    eventually(Duration::from_secs(10), "budget released", || {
+        budget.used() == 0
+    })
+    .await;
     let (resp, _) = mesh
         .call(0, "POST", "echo.acme.dmsc", "/", &[], "x".repeat(1000))
         .await
@@ -374,7 +395,10 @@ fn aggregate_counts(reason: &str) -> (u64, u64) {
     let num_before = |what: &str| {
         reason
             .split(" and ")
-            .find_map(|p| p.strip_suffix(what).or_else(|| p.split(what).next().filter(|_| p.contains(what))))
+            .find_map(|p| {
+                p.strip_suffix(what)
+                    .or_else(|| p.split(what).next().filter(|_| p.contains(what)))
+            })
             .and_then(|p| p.split_whitespace().last())
             .and_then(|n| n.parse().ok())
             .unwrap_or(0)
@@ -405,7 +429,12 @@ async fn an_enrollment_flood_meets_429s_and_a_bounded_audit_trail() {
     let audit_dir = mesh.node_dir(0).join("data").join("audit");
     let sec = mesh.nodes[0].shared().security.clone();
     let flush = || async {
-        sec.audit.as_ref().expect("audit on").flush().await.expect("flush");
+        sec.audit
+            .as_ref()
+            .expect("audit on")
+            .flush()
+            .await
+            .expect("flush");
     };
     flush().await;
     let lines_before = dmsc_audit::tail(&audit_dir, None).expect("tail").count();
@@ -470,8 +499,16 @@ async fn an_enrollment_flood_meets_429s_and_a_bounded_audit_trail() {
         if individual.len() as u64 + failed == refused && limited == throttled {
             // One individual sample per address and window, one aggregate per window.
             let windows = elapsed.ceil() as usize + 2;
-            assert!(individual.len() <= 10 * windows, "{} individual", individual.len());
-            assert!(aggregated.len() <= windows, "{} aggregates", aggregated.len());
+            assert!(
+                individual.len() <= 10 * windows,
+                "{} individual",
+                individual.len()
+            );
+            assert!(
+                aggregated.len() <= windows,
+                "{} aggregates",
+                aggregated.len()
+            );
             break;
         }
         assert!(
@@ -500,8 +537,8 @@ async fn an_enrollment_flood_meets_429s_and_a_bounded_audit_trail() {
     );
     // The audit log still verifies.
     flush().await;
-    let report = dmsc_audit::verify(&audit_dir, &dmsc_audit::VerifyOptions::default())
-        .expect("verify");
+    let report =
+        dmsc_audit::verify(&audit_dir, &dmsc_audit::VerifyOptions::default()).expect("verify");
     assert!(report.is_clean(), "{report:?}");
     mesh.stop().await;
 }

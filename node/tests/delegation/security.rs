@@ -426,7 +426,8 @@ async fn mtls_ingress_valid_expired_revoked_wrong_ca_and_other_trust_domain() {
     // Valid: reaches the agent on the other node; the caller is the agent identity.
     let (chain, key, serial) = enrolled(&m, "payer").await;
     let good = client_config(&ca, Some((&chain, &key)));
-    let (status, headers, body) = call_billing(&m, good.clone(), &[("dmsc-caller", "forged")]).await;
+    let (status, headers, body) =
+        call_billing(&m, good.clone(), &[("dmsc-caller", "forged")]).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(headers["dmsc-agent"], "acme/billing");
     // The agent (on node 1) hears the verified caller from the node.
