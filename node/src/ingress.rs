@@ -108,7 +108,8 @@ async fn read_buffered(
     })
 }
 
-/// 503 with `Retry-After`: the node is at a bound, the request may succeed later.
+/// The mesh error with `Retry-After` (whole seconds, at least 1): 503 at a
+/// node bound, 429 at a caller's rate limit; either may succeed later.
 fn retry_later(e: MeshError, after: std::time::Duration) -> Response<Body> {
     let mut resp = e.response(None);
     let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
