@@ -99,22 +99,18 @@ enum Failure {
 }
 
 impl Failure {
-    fn kind(&self) -> ErrorKind {
+    fn error(&self) -> &MeshError {
         match self {
-            Failure::NotDelivered(e) | Failure::MaybeDelivered(e) | Failure::Caller(e) => e.kind,
+            Failure::NotDelivered(e) | Failure::MaybeDelivered(e) | Failure::Caller(e) => e,
         }
     }
 
     /// Re-judged as the caller's if the request body says so.
     fn blame(self, watch: &BodyWatch, me: &str) -> Failure {
-        match watch.fault(self.kind()) {
+        match watch.fault(self.error().kind) {
             Some(fault) => {
                 let mut e = fault.error(me);
-                e.agent = match &self {
-                    Failure::NotDelivered(e) | Failure::MaybeDelivered(e) | Failure::Caller(e) => {
-                        e.agent.clone()
-                    }
-                };
+                e.agent = self.error().agent.clone();
                 Failure::Caller(e)
             }
             None => self,
@@ -630,9 +626,11 @@ impl Delegator {
                 .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
             let e = MeshError::new(mesh_error.unwrap_or(ErrorKind::Unreachable), node, detail)
                 .agent(id);
-            if e.kind == ErrorKind::BadRequest {
-                // The home node judged the request (or the stream it
-                // arrived on) malformed: nothing the agent did.
+            if e.kind == ErrorKind::BadRequest && head.delivered {
+                // The home node took the delegation and judged the request
+                // (or the stream it arrived on) malformed: nothing the
+                // agent did. (A head it could not read stays "not
+                // delivered", so another candidate is tried.)
                 return Err(Failure::Caller(e));
             }
             return Err(if head.delivered {

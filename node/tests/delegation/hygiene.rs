@@ -280,11 +280,26 @@ async fn slow_buffered_bodies_stay_within_the_node_budget() {
         s.write_all(head.as_bytes()).await.expect("write");
         conns.push(s);
     }
-    // Four fit; every other one is refused at once with 503 + Retry-After.
-    let mut refused = 0;
-    for s in conns.iter_mut() {
-        let r = tokio::time::timeout(Duration::from_millis(100), read_head(s)).await;
-        if let Ok(r) = r {
+    // Four fit (their reservations held while they stall); every other one
+    // is refused at once, before its body is read.
+    eventually(Duration::from_secs(30), "all 300 judged", || {
+        budget.used() == 4 * MIB && budget.refused() >= 296
+    })
+    .await;
+    assert!(budget.peak() <= 4 * MIB, "peak {}", budget.peak());
+    // On the wire: 503 + Retry-After. (The held four never answer while they
+    // stall; the others' answers were decided already, so seconds are plenty.)
+    let mut reads = tokio::task::JoinSet::new();
+    for mut s in conns {
+        reads.spawn(async move {
+            let r = tokio::time::timeout(Duration::from_secs(5), read_head(&mut s)).await;
+            (r.ok(), s)
+        });
+    }
+    let (mut refused, mut conns) = (0, Vec::new());
+    while let Some(done) = reads.join_next().await {
+        let (r, s) = done.expect("read task");
+        if let Some(r) = r {
             assert_eq!(r.status, 503, "{}", r.head);
             assert!(
                 r.head.to_ascii_lowercase().contains("retry-after: 1"),
@@ -294,12 +309,10 @@ async fn slow_buffered_bodies_stay_within_the_node_budget() {
             assert!(r.head.contains("dmsc-error: overloaded"), "{}", r.head);
             refused += 1;
         }
+        conns.push(s);
     }
-    // (A head not read within 100 ms belongs to a held body: that many can only be few.)
     assert!(refused >= 296, "only {refused} refused");
-    assert!(budget.peak() <= 4 * MIB, "peak {}", budget.peak());
     assert_eq!(budget.used(), 4 * MIB);
-    assert!(budget.refused() >= 296);
     // A request without a body still gets through while the budget is spent.
     let (resp, _) = mesh
         .call(0, "GET", "echo.acme.dmsc", "/", &[], Bytes::new())
@@ -497,7 +510,8 @@ async fn an_enrollment_flood_meets_429s_and_a_bounded_audit_trail() {
             (f + a, t + b)
         });
         if individual.len() as u64 + failed == refused && limited == throttled {
-            // One individual sample per address and window, one aggregate per window.
+            // A sample of 10 per (1 s) window, one aggregate per window:
+            // bounded by time, not by the number of attempts.
             let windows = elapsed.ceil() as usize + 2;
             assert!(
                 individual.len() <= 10 * windows,
@@ -523,9 +537,11 @@ async fn an_enrollment_flood_meets_429s_and_a_bounded_audit_trail() {
         "1000 attempts in {elapsed:.1}s: {refused} refused, {throttled} throttled, {} audit lines",
         lines_after - lines_before
     );
+    // The same bound on the whole log (plus its own checkpoints).
+    let windows = elapsed.ceil() as usize + 2;
     assert!(
-        lines_after - lines_before < 150,
-        "{} audit lines for 1000 attempts",
+        lines_after - lines_before <= 11 * windows + 2,
+        "{} audit lines for 1000 attempts in {elapsed:.1}s",
         lines_after - lines_before
     );
     let (_, metrics) = dmsc_node::status::admin_get(mesh.nodes[0].bound().admin, "/metrics")
