@@ -8,7 +8,10 @@
 //! (selection in [`mesh`], delivery locally or over the overlay in the
 //! [`wire`] format) -> the agent; [`agents`] onboards this node's own agents.
 //! [`security`] holds credentials, enrollment, revocations, caller
-//! authentication and the audit trail.
+//! authentication and the audit trail. What a caller can make the node do
+//! is bounded by [`budget`] (buffered bodies), [`throttle`] (enrollment),
+//! [`forwarded`] (the headers an agent may believe) and [`fault`] (a
+//! caller's failure is never charged to an agent).
 
 #![forbid(unsafe_code)]
 
