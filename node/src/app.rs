@@ -148,6 +148,11 @@ impl App {
             overlay: overlay.clone(),
             cfg: config.delegation.clone(),
             metrics: delegation_metrics.clone(),
+            body_budget: crate::forward::budget::BodyBudget::new(
+                config.delegation.max_buffered_total,
+                delegation_metrics.buffered_bytes.clone(),
+                delegation_metrics.budget_refusals.clone(),
+            ),
             security: security.clone(),
         });
         let agents = AgentsCtx {

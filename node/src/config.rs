@@ -45,6 +45,82 @@ pub struct RawConfig {
     pub audit: RawAudit,
     #[serde(default)]
     pub limits: RawLimits,
+    #[serde(default)]
+    pub enrollment: RawEnrollment,
+}
+
+/// `[enrollment]`: bounds on `/v1/enroll` and `/v1/renew` per source
+/// address (IPv4 address or IPv6 /64).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEnrollment {
+    /// Sustained requests per second per source (default 5).
+    pub rate_per_sec: Option<f64>,
+    /// Requests a source may send at once before the rate applies (default 20).
+    pub burst: Option<u32>,
+    /// Failed attempts per source and window audited one by one; the rest
+    /// go into one aggregate entry per window (default 10).
+    pub audit_failures_per_window: Option<u32>,
+    /// The sampling window (default 10).
+    pub audit_window_secs: Option<u64>,
+}
+
+/// Enrollment limits, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnrollmentLimits {
+    pub rate_per_sec: f64,
+    pub burst: u32,
+    pub audit_failures_per_window: u32,
+    pub audit_window: Duration,
+}
+
+impl Default for EnrollmentLimits {
+    fn default() -> Self {
+        EnrollmentLimits {
+            rate_per_sec: 5.0,
+            burst: 20,
+            audit_failures_per_window: 10,
+            audit_window: Duration::from_secs(10),
+        }
+    }
+}
+
+impl RawEnrollment {
+    fn validate(&self, errors: &mut Vec<String>) -> EnrollmentLimits {
+        let d = EnrollmentLimits::default();
+        let rate_per_sec = match self.rate_per_sec {
+            Some(r) if !(r.is_finite() && r > 0.0) => {
+                errors.push(format!("enrollment.rate_per_sec = {r} must be > 0"));
+                d.rate_per_sec
+            }
+            Some(r) => r,
+            None => d.rate_per_sec,
+        };
+        let burst = match self.burst {
+            Some(0) => {
+                errors.push("enrollment.burst must be > 0".into());
+                d.burst
+            }
+            Some(b) => b,
+            None => d.burst,
+        };
+        let audit_window = match self.audit_window_secs {
+            Some(0) => {
+                errors.push("enrollment.audit_window_secs must be > 0".into());
+                d.audit_window
+            }
+            Some(s) => Duration::from_secs(s),
+            None => d.audit_window,
+        };
+        EnrollmentLimits {
+            rate_per_sec,
+            burst,
+            audit_failures_per_window: self
+                .audit_failures_per_window
+                .unwrap_or(d.audit_failures_per_window),
+            audit_window,
+        }
+    }
 }
 
 /// `[jwt]`: OAuth 2.0 bearer tokens accepted at authenticated ingress.
@@ -133,6 +209,10 @@ pub struct RawDelegation {
     pub timeout_ms: Option<u64>,
     pub retries: Option<u32>,
     pub max_buffered_body: Option<usize>,
+    /// Bytes of buffered request bodies the node holds at once (all callers).
+    pub max_buffered_total: Option<usize>,
+    /// Largest deadline a caller may ask for with `dmsc-timeout`.
+    pub max_timeout_ms: Option<u64>,
     pub circuit_failures: Option<u32>,
     pub circuit_error_rate: Option<f32>,
     pub circuit_open_ms: Option<u64>,
@@ -305,6 +385,11 @@ pub struct DelegationConfig {
     /// Request bodies up to this size are buffered (so they can be retried
     /// and read for intent); larger or unsized ones stream.
     pub max_buffered_body: usize,
+    /// Node-wide budget for buffered request bodies; beyond it, 503.
+    pub max_buffered_total: usize,
+    /// Ceiling on any deadline: a larger `dmsc-timeout` (or the deadline a
+    /// calling node states on the wire) is clamped to it.
+    pub max_timeout: Duration,
     pub circuit: dmsc_registry::CircuitConfig,
     pub health_interval: Duration,
     pub agent_ttl: Duration,
@@ -318,6 +403,8 @@ impl Default for DelegationConfig {
             timeout: Duration::from_secs(30),
             retries: 2,
             max_buffered_body: 1 << 20,
+            max_buffered_total: 64 << 20,
+            max_timeout: Duration::from_secs(300),
             circuit: dmsc_registry::CircuitConfig::default(),
             health_interval: Duration::from_secs(2),
             agent_ttl: Duration::from_secs(60),
@@ -434,6 +521,7 @@ pub struct NodeConfig {
     /// `None`: audit disabled.
     pub audit: Option<AuditSettings>,
     pub limits: LimitsConfig,
+    pub enrollment: EnrollmentLimits,
 }
 
 impl RawDelegation {
@@ -470,10 +558,28 @@ impl RawDelegation {
             circuit.open_for,
             errors,
         );
+        let timeout = ms(self.timeout_ms, "timeout_ms", d.timeout, errors);
+        let max_timeout = ms(self.max_timeout_ms, "max_timeout_ms", d.max_timeout, errors);
+        if timeout > max_timeout {
+            errors.push(format!(
+                "delegation.timeout_ms = {} exceeds delegation.max_timeout_ms = {}",
+                timeout.as_millis(),
+                max_timeout.as_millis()
+            ));
+        }
+        let max_buffered_body = self.max_buffered_body.unwrap_or(d.max_buffered_body);
+        let max_buffered_total = self.max_buffered_total.unwrap_or(d.max_buffered_total);
+        if max_buffered_body > max_buffered_total {
+            errors.push(format!(
+                "delegation.max_buffered_body = {max_buffered_body} exceeds delegation.max_buffered_total = {max_buffered_total} (no body that size could ever be buffered)"
+            ));
+        }
         DelegationConfig {
-            timeout: ms(self.timeout_ms, "timeout_ms", d.timeout, errors),
+            timeout,
             retries: self.retries.unwrap_or(d.retries),
-            max_buffered_body: self.max_buffered_body.unwrap_or(d.max_buffered_body),
+            max_buffered_body,
+            max_buffered_total,
+            max_timeout,
             circuit,
             health_interval: ms(
                 self.health_interval_ms,
@@ -555,6 +661,7 @@ impl RawConfig {
             jwt: None,
             audit: RawAudit::default(),
             limits: RawLimits::default(),
+            enrollment: RawEnrollment::default(),
         }
     }
 
@@ -676,6 +783,14 @@ impl RawConfig {
             top.audit.checkpoint_interval_ms,
         );
         set(&mut self.admin.listen, top.admin.listen);
+        let (e, t) = (&mut self.enrollment, top.enrollment);
+        set(&mut e.rate_per_sec, t.rate_per_sec);
+        set(&mut e.burst, t.burst);
+        set(
+            &mut e.audit_failures_per_window,
+            t.audit_failures_per_window,
+        );
+        set(&mut e.audit_window_secs, t.audit_window_secs);
         set(&mut self.gossip.interval_ms, top.gossip.interval_ms);
         set(&mut self.gossip.phi_threshold, top.gossip.phi_threshold);
         set(
@@ -693,6 +808,8 @@ impl RawConfig {
         set(&mut d.timeout_ms, t.timeout_ms);
         set(&mut d.retries, t.retries);
         set(&mut d.max_buffered_body, t.max_buffered_body);
+        set(&mut d.max_buffered_total, t.max_buffered_total);
+        set(&mut d.max_timeout_ms, t.max_timeout_ms);
         set(&mut d.circuit_failures, t.circuit_failures);
         set(&mut d.circuit_error_rate, t.circuit_error_rate);
         set(&mut d.circuit_open_ms, t.circuit_open_ms);
@@ -945,6 +1062,7 @@ impl RawConfig {
         }
         let delegation = self.delegation.validate(&mut errors);
         let limits = self.limits.validate(&mut errors);
+        let enrollment = self.enrollment.validate(&mut errors);
         if !errors.is_empty() {
             return Err(ConfigError(errors));
         }
@@ -964,6 +1082,7 @@ impl RawConfig {
             ingress,
             delegation,
             limits,
+            enrollment,
             name: self.name,
             region: self.region.unwrap_or_else(|| DEFAULT_REGION.to_string()),
             // Every `None` above pushed an error, so these are present.
@@ -1406,5 +1525,85 @@ mod ingress_tests {
         )
         .expect_err("no jwt section");
         assert!(e.to_string().contains("needs a [jwt] section"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod request_limits_tests {
+    use super::*;
+
+    fn raw_with(dir: &Path, toml_text: &str) -> Result<NodeConfig, ConfigError> {
+        for f in ["ca.pem", "node.pem", "node.key"] {
+            std::fs::write(dir.join(f), "x").expect("write");
+        }
+        let file = dir.join("n.toml");
+        std::fs::write(&file, toml_text).expect("write");
+        RawConfig::loopback("n1", dir, None)
+            .overlay_with(RawConfig::from_file(&file)?)
+            .validate()
+    }
+
+    #[test]
+    fn body_budget_timeout_ceiling_and_enrollment_limits_have_defaults_and_keys() {
+        let d = tempfile::tempdir().expect("dir");
+        let cfg = raw_with(d.path(), "").expect("valid");
+        assert_eq!(cfg.delegation.max_buffered_total, 64 << 20);
+        assert_eq!(cfg.delegation.max_timeout, Duration::from_secs(300));
+        assert_eq!(cfg.enrollment, EnrollmentLimits::default());
+        let cfg = raw_with(
+            d.path(),
+            r#"
+[delegation]
+max_buffered_body = 1024
+max_buffered_total = 4096
+max_timeout_ms = 60000
+[enrollment]
+rate_per_sec = 0.5
+burst = 3
+audit_failures_per_window = 2
+audit_window_secs = 60
+"#,
+        )
+        .expect("valid");
+        assert_eq!(cfg.delegation.max_buffered_total, 4096);
+        assert_eq!(cfg.delegation.max_timeout, Duration::from_secs(60));
+        assert_eq!(
+            cfg.enrollment,
+            EnrollmentLimits {
+                rate_per_sec: 0.5,
+                burst: 3,
+                audit_failures_per_window: 2,
+                audit_window: Duration::from_secs(60),
+            }
+        );
+    }
+
+    #[test]
+    fn inconsistent_limits_are_reported_together() {
+        let d = tempfile::tempdir().expect("dir");
+        let err = raw_with(
+            d.path(),
+            r#"
+[delegation]
+timeout_ms = 600000
+max_buffered_body = 8192
+max_buffered_total = 4096
+[enrollment]
+rate_per_sec = 0
+burst = 0
+audit_window_secs = 0
+"#,
+        )
+        .expect_err("invalid");
+        let text = err.to_string();
+        for needle in [
+            "max_timeout_ms",
+            "max_buffered_total",
+            "enrollment.rate_per_sec",
+            "enrollment.burst",
+            "enrollment.audit_window_secs",
+        ] {
+            assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
+        }
     }
 }

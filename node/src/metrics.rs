@@ -37,6 +37,10 @@ pub struct DelegationMetrics {
     pub duration: Histogram,
     pub retries: Counter<u64, AtomicU64>,
     pub inbound: Counter<u64, AtomicU64>,
+    /// Bytes of buffered request bodies held now (the body budget's count).
+    pub buffered_bytes: Gauge<i64, AtomicI64>,
+    /// Requests refused with 503 because the body budget was spent.
+    pub budget_refusals: Counter<u64, AtomicU64>,
     /// All delegations recorded (the sum over `requests`), for tests and status.
     count: Arc<AtomicU64>,
 }
@@ -51,6 +55,8 @@ impl Default for DelegationMetrics {
             )),
             retries: Counter::default(),
             inbound: Counter::default(),
+            buffered_bytes: Gauge::default(),
+            budget_refusals: Counter::default(),
             count: Arc::default(),
         }
     }
@@ -91,6 +97,11 @@ pub struct SecurityMetrics {
     pub audit_appended: Counter<u64, AtomicU64>,
     pub audit_queue_full_waits: Counter<u64, AtomicU64>,
     pub audit_dropped: Counter<u64, AtomicU64>,
+    /// Enrollment and renewal requests refused by the per-address rate limit.
+    pub enroll_throttled: Counter<u64, AtomicU64>,
+    /// Failed enrollment/renewal attempts counted into an aggregate audit
+    /// entry instead of one entry each.
+    pub audit_sampled_out: Counter<u64, AtomicU64>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -295,6 +306,16 @@ impl Metrics {
             "Delegations peers sent to this node's agents over the overlay",
             m.delegation.inbound.clone(),
         );
+        registry.register(
+            "buffered_body_bytes",
+            "Bytes of request bodies buffered at ingress now (bounded by delegation.max_buffered_total)",
+            m.delegation.buffered_bytes.clone(),
+        );
+        registry.register(
+            "body_budget_refusals",
+            "Requests refused with 503 because buffering their body would exceed delegation.max_buffered_total",
+            m.delegation.budget_refusals.clone(),
+        );
         let sec = &m.security;
         registry.register(
             "auth_failures",
@@ -361,6 +382,16 @@ impl Metrics {
             "listener_accept_errors",
             "Failed accepts (e.g. out of file descriptors); the listener pauses 50 ms, growing to 1 s, while they persist",
             l.accept_errors.clone(),
+        );
+        registry.register(
+            "enroll_throttled",
+            "Enrollment and renewal requests refused with 429 by the per-address rate limit",
+            sec.enroll_throttled.clone(),
+        );
+        registry.register(
+            "audit_sampled_out",
+            "Failed enrollment and renewal attempts summed into an aggregate audit entry instead of one entry each",
+            sec.audit_sampled_out.clone(),
         );
         Metrics { registry, ..m }
     }

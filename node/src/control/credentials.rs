@@ -22,6 +22,7 @@ pub async fn watch_credentials(sec: Arc<Security>, overlay: Overlay, every: Dura
     loop {
         tick.tick().await;
         sec.reload_if_changed(&overlay, &mut seen);
+        sec.flush_sampled_failures();
         if pruned.elapsed() >= TOKEN_PRUNE_EVERY {
             pruned = tokio::time::Instant::now();
             let s = sec.clone();

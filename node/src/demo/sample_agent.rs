@@ -87,6 +87,19 @@ pub struct SampleState {
     /// Requests that arrived carrying an `Authorization` header (the mesh
     /// consumes callers' bearer tokens; an agent should never see one).
     pub saw_authorization: AtomicU64,
+    /// The headers of the last request answered (excluding card fetches),
+    /// so a test can see what the mesh told the agent.
+    pub last_headers: std::sync::Mutex<Option<hyper::HeaderMap>>,
+}
+
+impl SampleState {
+    /// The headers of the last request answered (excluding card fetches).
+    pub fn last_headers(&self) -> Option<hyper::HeaderMap> {
+        self.last_headers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 /// A running sample agent; dropping it stops it (and closes its connections).
@@ -205,6 +218,7 @@ async fn handle(
         return r;
     }
     let method = req.method().clone();
+    *state.last_headers.lock().unwrap_or_else(|p| p.into_inner()) = Some(req.headers().clone());
     let body = req
         .into_body()
         .collect()

@@ -11,6 +11,12 @@
 //! retried elsewhere (every home node judges the same certificate) nor
 //! charged to the agent, and both nodes audit it as a denial.
 //!
+//! Blame: a failure the caller caused (its streamed body failed, or it
+//! stalled its upload past the deadline; see [`crate::fault`]) is answered
+//! to the caller and charged to no agent: neither this node's circuit for
+//! the agent nor the agent's error rate hears of it. The home node judges
+//! the same way for the stream it receives from the calling node.
+//!
 //! Retries: a failure that certainly happened before the agent saw the
 //! request (connection refused, unknown at the home node, home node
 //! unreachable, circuit open) moves on to the next candidate; one that may
@@ -36,15 +42,18 @@ use tokio::time::Instant;
 use tracing::{debug, warn, Instrument};
 
 use crate::config::DelegationConfig;
-use crate::proto::http::{
-    full, strip_hop_by_hop, Body, BoxError, ErrorKind, MeshError, MAX_DEADLINE,
-};
+use crate::forward::budget::BodyBudget;
+use crate::forward::fault::BodyWatch;
+use crate::proto::forwarded::{self, Vouched};
+use crate::proto::http::{full, strip_hop_by_hop, Body, BoxError, ErrorKind, MeshError};
 use crate::proto::wire::{self, Part, PartDecoder, RequestHead, ResponseHead, DELEGATION_VERSION};
 use crate::route::MeshView;
 use client::Upstream;
 use local::{LocalAgent, LocalAgents, CARD_PATHS};
 
+pub mod budget;
 pub mod client;
+pub mod fault;
 pub mod local;
 
 /// How long a home node waits for the head of an incoming delegation.
@@ -89,6 +98,47 @@ enum Failure {
     NotDelivered(MeshError),
     /// It may have.
     MaybeDelivered(MeshError),
+    /// The caller caused it (bad or cut request body, stalled upload, a
+    /// request the home node judged malformed): charged to no agent, never
+    /// retried.
+    Caller(MeshError),
+}
+
+impl Failure {
+    fn error(&self) -> &MeshError {
+        match self {
+            Failure::NotDelivered(e) | Failure::MaybeDelivered(e) | Failure::Caller(e) => e,
+        }
+    }
+
+    /// Re-judged as the caller's if the request body says so.
+    fn blame(self, watch: &BodyWatch, me: &str) -> Failure {
+        match watch.fault(self.error().kind) {
+            Some(fault) => {
+                let mut e = fault.error(me);
+                e.agent = self.error().agent.clone();
+                Failure::Caller(e)
+            }
+            None => self,
+        }
+    }
+}
+
+/// One request as it goes to a local agent.
+struct ToAgent<'a> {
+    method: Method,
+    path: &'a str,
+    http2: bool,
+    headers: hyper::HeaderMap,
+    body: Body,
+    deadline: Instant,
+    /// Who the node vouches for (as authenticated at ingress, or as the
+    /// calling node stated over the verified overlay).
+    caller: &'a str,
+    tenant: &'a str,
+    trace_id: &'a str,
+    /// Watches a streamed request body (blame for failures).
+    watch: &'a BodyWatch,
 }
 
 /// The delegation engine of a node (shared by ingress and the overlay side).
@@ -101,6 +151,8 @@ pub struct Delegator {
     pub overlay: Overlay,
     pub cfg: DelegationConfig,
     pub metrics: crate::metrics::DelegationMetrics,
+    /// Node-wide budget for request bodies buffered at ingress.
+    pub body_budget: Arc<BodyBudget>,
     /// Audit trail (and the rest of the node's security state).
     pub security: Arc<crate::security::Security>,
 }
@@ -267,8 +319,10 @@ impl Delegator {
             ReqBody::Streaming(_) => None,
         };
         let err = |e: MeshError| e.response(request_bytes.as_deref());
+        // A streamed body goes to one agent only, so one watch covers it.
+        let watch = BodyWatch::default();
         let mut streaming = match body {
-            ReqBody::Streaming(b) => Some(b),
+            ReqBody::Streaming(b) => Some(watch.watch(b)),
             ReqBody::Buffered(_) => None,
         };
         let mut exclude: Vec<AgentId> = Vec::new();
@@ -326,12 +380,18 @@ impl Delegator {
                             &agent,
                             &self.upstream,
                             &self.me,
-                            method.clone(),
-                            &path,
-                            http2,
-                            headers.clone(),
-                            body.into_body(),
-                            deadline,
+                            ToAgent {
+                                method: method.clone(),
+                                path: &path,
+                                http2,
+                                headers: headers.clone(),
+                                body: body.into_body(),
+                                deadline,
+                                caller: &caller,
+                                tenant: &tenant,
+                                trace_id: &trace_id,
+                                watch: &watch,
+                            },
                         )
                         .await
                     }
@@ -363,10 +423,14 @@ impl Delegator {
                 self.deliver_remote(&sel.node, &id, head, body, deadline)
                     .await
             };
-            match result {
+            match result.map_err(|f| f.blame(&watch, &self.me)) {
                 Ok(mut resp) => {
-                    let ok = !resp.status().is_server_error();
-                    self.mesh.record_outcome(&id, ok);
+                    // An answer to a request whose body then failed says
+                    // nothing about the agent.
+                    if !watch.failed() {
+                        self.mesh
+                            .record_outcome(&id, !resp.status().is_server_error());
+                    }
                     let h = resp.headers_mut();
                     if let Ok(v) = HeaderValue::from_str(&id.to_string()) {
                         h.insert("dmsc-agent", v);
@@ -403,6 +467,10 @@ impl Delegator {
                         break;
                     }
                     self.metrics.retries.inc();
+                }
+                Err(Failure::Caller(e)) => {
+                    debug!(agent = %id, node = %sel.node, error = %e, "the caller's side failed; the agent is not charged");
+                    return err(e);
                 }
                 Err(Failure::MaybeDelivered(e)) => {
                     self.mesh.record_outcome(&id, false);
@@ -576,6 +644,13 @@ impl Delegator {
                 .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
             let e = MeshError::new(mesh_error.unwrap_or(ErrorKind::Unreachable), node, detail)
                 .agent(id);
+            if e.kind == ErrorKind::BadRequest && head.delivered {
+                // The home node took the delegation and judged the request
+                // (or the stream it arrived on) malformed: nothing the
+                // agent did. (A head it could not read stays "not
+                // delivered", so another candidate is tried.)
+                return Err(Failure::Caller(e));
+            }
             return Err(if head.delivered {
                 Failure::MaybeDelivered(e)
             } else {
@@ -665,7 +740,8 @@ impl Delegator {
                     );
                 }
             };
-            let budget = Duration::from_millis(head.deadline_ms).min(MAX_DEADLINE);
+            // This node's own ceiling, whatever the calling node asks for.
+            let budget = Duration::from_millis(head.deadline_ms).min(self.cfg.max_timeout);
             let deadline = Instant::now() + budget;
             let Ok(method) = Method::from_bytes(head.method.as_bytes()) else {
                 let me = MeshError::new(
@@ -680,21 +756,30 @@ impl Delegator {
                 );
             };
             let headers = wire::from_wire_headers(&head.headers);
+            // The calling node is this side's caller: a stream it cuts or
+            // garbles is its failure, not the agent's.
+            let watch = BodyWatch::default();
             let body = if head.empty_body {
                 crate::proto::http::empty()
             } else {
-                stream_body(recv, decoder)
+                watch.watch(stream_body(recv, decoder))
             };
             let delivery = deliver_local(
                 &agent,
                 &self.upstream,
                 &self.me,
-                method,
-                &head.path,
-                head.http == 2,
-                headers,
-                body,
-                deadline,
+                ToAgent {
+                    method,
+                    path: &head.path,
+                    http2: head.http == 2,
+                    headers,
+                    body,
+                    deadline,
+                    caller: &head.caller,
+                    tenant: &head.tenant,
+                    trace_id: &head.trace_id,
+                    watch: &watch,
+                },
             );
             // A caller that gives up (deadline, client gone) stops the stream:
             // stop working for it at once.
@@ -725,7 +810,7 @@ impl Delegator {
                     let _ = write_error(&mut send, &e, false, None).await;
                     (e.kind.as_str().to_string(), Some(e.kind.status().as_u16()))
                 }
-                Err(Failure::MaybeDelivered(e)) => {
+                Err(Failure::MaybeDelivered(e)) | Err(Failure::Caller(e)) => {
                     let _ = write_error(&mut send, &e, true, None).await;
                     (e.kind.as_str().to_string(), Some(e.kind.status().as_u16()))
                 }
@@ -789,24 +874,31 @@ pub async fn fetch_card(d: &Delegator, id: &AgentId) -> Result<dmsc_registry::Ag
 }
 
 /// Delivers to an agent of this node; used for local callers and for
-/// delegations arriving from peers alike.
-#[allow(clippy::too_many_arguments)]
+/// delegations arriving from peers alike. The agent's error rate counts
+/// what the agent did, never what the caller did (see [`crate::fault`]).
 async fn deliver_local(
     agent: &Arc<LocalAgent>,
     upstream: &Upstream,
     me: &str,
-    method: Method,
-    path: &str,
-    http2: bool,
-    mut headers: hyper::HeaderMap,
-    body: Body,
-    deadline: Instant,
+    to: ToAgent<'_>,
 ) -> Result<Response<Body>, Failure> {
+    let ToAgent {
+        method,
+        path,
+        http2,
+        mut headers,
+        body,
+        deadline,
+        caller,
+        tenant,
+        trace_id,
+        watch,
+    } = to;
     if (method == Method::GET || method == Method::HEAD) && is_card_path(path) {
         return Ok(serve_card(agent, &headers, me));
     }
     let uri = agent.uri_for(path).map_err(|e| {
-        Failure::NotDelivered(
+        Failure::Caller(
             MeshError::new(ErrorKind::BadRequest, me, format!("bad path `{path}`: {e}"))
                 .agent(&agent.id),
         )
@@ -819,9 +911,15 @@ async fn deliver_local(
         }
     }
     let remaining = deadline.saturating_duration_since(Instant::now());
-    if let Ok(v) = HeaderValue::from_str(&format!("{}ms", remaining.as_millis().max(1))) {
-        headers.insert("dmsc-timeout", v);
-    }
+    forwarded::vouch(
+        &mut headers,
+        Vouched {
+            caller,
+            tenant,
+            trace_id,
+            remaining,
+        },
+    );
     let mut req = Request::new(body);
     *req.method_mut() = method;
     *req.uri_mut() = uri;
@@ -848,40 +946,48 @@ async fn deliver_local(
             .unwrap_or_else(|p| p.into_inner())
             .observe(started.elapsed(), ok)
     };
-    match result {
-        Err(_) => {
-            observe(false);
-            Err(Failure::MaybeDelivered(
-                MeshError::new(
-                    ErrorKind::Timeout,
-                    me,
-                    format!(
-                        "agent `{}` did not answer within the deadline ({remaining:?})",
-                        agent.id
-                    ),
-                )
-                .agent(&agent.id),
-            ))
-        }
+    let failure = match result {
+        Err(_) => Failure::MaybeDelivered(
+            MeshError::new(
+                ErrorKind::Timeout,
+                me,
+                format!(
+                    "agent `{}` did not answer within the deadline ({remaining:?})",
+                    agent.id
+                ),
+            )
+            .agent(&agent.id),
+        ),
         Ok(Err(e)) => {
-            observe(false);
             let detail = format!("agent `{}` at {}: {e:#}", agent.id, agent.spec.url);
             let err = MeshError::new(ErrorKind::Unreachable, me, detail).agent(&agent.id);
             if e.is_connect() {
-                Err(Failure::NotDelivered(err))
+                Failure::NotDelivered(err)
             } else {
-                Err(Failure::MaybeDelivered(err))
+                Failure::MaybeDelivered(err)
             }
         }
         Ok(Ok(resp)) => {
-            observe(!resp.status().is_server_error());
+            if !watch.failed() {
+                observe(!resp.status().is_server_error());
+            }
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             if let Ok(v) = HeaderValue::from_str(me) {
                 parts.headers.insert("dmsc-node", v);
             }
             let body = guarded(incoming(body), vec![Box::new(in_flight)]);
-            Ok(Response::from_parts(parts, body))
+            return Ok(Response::from_parts(parts, body));
+        }
+    };
+    match failure.blame(watch, me) {
+        f @ Failure::Caller(_) => {
+            debug!(agent = %agent.id, error = ?f, "the caller's side failed; the agent is not charged");
+            Err(f)
+        }
+        f => {
+            observe(false);
+            Err(f)
         }
     }
 }

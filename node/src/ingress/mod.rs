@@ -20,8 +20,16 @@
 //!
 //! Bodies up to `delegation.max_buffered_body` with a known length are read
 //! first (so a failed attempt can be retried elsewhere and intent can be
-//! read); others stream through untouched. Nothing else of the body is
-//! parsed on the hot path.
+//! read), each within the node-wide body budget ([`crate::budget`]: 503
+//! and `Retry-After` when it is spent); others stream through untouched.
+//! Nothing else of the body is parsed on the hot path.
+//!
+//! What the caller says about itself is not passed on: the `dmsc-*` headers
+//! it sends are consumed or removed, a second `Host` is refused, its address
+//! is appended to `X-Forwarded-For`, and the agent's node states the
+//! verified caller ([`crate::proto::forwarded`]). A `dmsc-timeout` beyond
+//! `delegation.max_timeout_ms` is clamped to it. Enrollment and renewal are
+//! rate-limited per source address ([`crate::throttle`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,11 +45,13 @@ use tokio::net::TcpListener;
 use tracing::debug;
 
 use crate::config::IngressSpec;
+use crate::forward::budget::BodyPermit;
 use crate::forward::{Delegation, Delegator, ReqBody};
 use crate::proto::http::{full, parse_timeout, Body, BoxError, ErrorKind, MeshError};
 use listen::{Conn, Server};
 
 pub mod listen;
+use crate::security::throttle::Attempt;
 use crate::security::{Caller, Refusal, Security, TlsIngress};
 use dmsc_transport::tls::AgentIdentity;
 use rustls::pki_types::CertificateDer;
@@ -50,6 +60,65 @@ use rustls::pki_types::CertificateDer;
 const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Largest enrollment request body.
 const MAX_ENROLL_BODY: usize = 64 * 1024;
+
+/// Why a body could not be buffered.
+#[derive(Debug, thiserror::Error)]
+enum BufferError {
+    #[error("{0}")]
+    Body(#[from] hyper::Error),
+    #[error("the body is larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("the node's budget for buffered request bodies is spent")]
+    OverBudget,
+}
+
+/// Reads a body whole, at most `limit` bytes, growing `permit` as the
+/// bytes arrive (a body that declared its length reserved it already).
+async fn read_buffered(
+    mut body: Incoming,
+    limit: usize,
+    permit: &mut BodyPermit,
+) -> Result<Bytes, BufferError> {
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut total = 0usize;
+    while let Some(frame) = body.frame().await {
+        // Trailers of a buffered body are dropped, as before.
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        total += data.len();
+        if total > limit {
+            return Err(BufferError::TooLarge { limit });
+        }
+        if !permit.grow_to(total) {
+            return Err(BufferError::OverBudget);
+        }
+        chunks.push(data);
+    }
+    Ok(match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.swap_remove(0),
+        _ => {
+            let mut all = bytes::BytesMut::with_capacity(total);
+            for c in chunks {
+                all.extend_from_slice(&c);
+            }
+            all.freeze()
+        }
+    })
+}
+
+/// The mesh error with `Retry-After` (whole seconds, at least 1): 503 at a
+/// node bound, 429 at a caller's rate limit; either may succeed later.
+fn retry_later(e: MeshError, after: std::time::Duration) -> Response<Body> {
+    let mut resp = e.response(None);
+    let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+    resp.headers_mut().insert(
+        hyper::header::RETRY_AFTER,
+        hyper::header::HeaderValue::from(secs.max(1)),
+    );
+    resp
+}
 
 /// What one connection proved, judged once after the handshake.
 #[derive(Debug, Default)]
@@ -254,7 +323,19 @@ impl Ingress {
         claimed: Option<String>,
         tenant: Option<String>,
     ) {
-        self.security.record(dmsc_audit::Event {
+        self.security
+            .record(self.auth_failure_event(method, reason, auth, claimed, tenant));
+    }
+
+    fn auth_failure_event(
+        &self,
+        method: dmsc_audit::AuthMethod,
+        reason: &str,
+        auth: &ConnAuth,
+        claimed: Option<String>,
+        tenant: Option<String>,
+    ) -> dmsc_audit::Event {
+        dmsc_audit::Event {
             tenant,
             kind: dmsc_audit::AuthFailure {
                 listener: format!("ingress:{}", self.listen),
@@ -264,7 +345,7 @@ impl Ingress {
                 claimed,
             }
             .into(),
-        });
+        }
     }
 
     /// The agent a connection's client certificate proves *now*: judged at
@@ -304,6 +385,17 @@ impl Ingress {
 
     /// Audits a refused client certificate with whatever identity it claimed.
     fn audit_cert_refusal(&self, method: dmsc_audit::AuthMethod, r: &Refusal, auth: &ConnAuth) {
+        self.security
+            .record(self.cert_refusal_event(method, r, auth));
+    }
+
+    /// The audit entry of a refused client certificate.
+    fn cert_refusal_event(
+        &self,
+        method: dmsc_audit::AuthMethod,
+        r: &Refusal,
+        auth: &ConnAuth,
+    ) -> dmsc_audit::Event {
         let claimed = auth
             .chain
             .first()
@@ -313,7 +405,7 @@ impl Ingress {
             Some(Ok(who)) => Some(who.tenant.clone()),
             _ => None,
         };
-        self.audit_auth_failure(method, &r.reason, auth, claimed, tenant);
+        self.auth_failure_event(method, &r.reason, auth, claimed, tenant)
     }
 
     /// Who is calling: bearer JWT if one is sent, else the client
@@ -400,6 +492,25 @@ impl Ingress {
             return r;
         }
         let renew = req.uri().path() == "/v1/renew";
+        let attempt = if renew {
+            Attempt::Renew
+        } else {
+            Attempt::Enroll
+        };
+        let source = auth
+            .peer
+            .map(|p| p.ip())
+            .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
+        if let Err(wait) = self.security.admit_enrollment(attempt, source) {
+            return retry_later(
+                MeshError::new(
+                    ErrorKind::RateLimited,
+                    me,
+                    format!("too many enrollment and renewal requests from {source}; retry later"),
+                ),
+                wait,
+            );
+        }
         let body = match http_body_util::Limited::new(req.into_body(), MAX_ENROLL_BODY)
             .collect()
             .await
@@ -434,7 +545,9 @@ impl Ingress {
                     blocking(Box::new(move || sec.renew(&who, &body))).await
                 }
                 Err(r) => {
-                    self.audit_cert_refusal(dmsc_audit::AuthMethod::Mtls, &r, auth);
+                    let e = self.cert_refusal_event(dmsc_audit::AuthMethod::Mtls, &r, auth);
+                    self.security
+                        .record_attempt_failure(Attempt::Renew, source, e);
                     Err(r)
                 }
             }
@@ -457,6 +570,14 @@ impl Ingress {
 
     async fn handle(&self, req: Request<Incoming>, auth: &ConnAuth) -> Response<Body> {
         let me = &self.delegator.me;
+        if crate::proto::forwarded::duplicate_host(req.headers()) {
+            return MeshError::new(
+                ErrorKind::BadRequest,
+                me,
+                "the request has more than one Host header",
+            )
+            .response(None);
+        }
         let Some(host) = request_host(&req) else {
             return MeshError::new(ErrorKind::BadTarget, me, "request has no Host").response(None);
         };
@@ -490,7 +611,8 @@ impl Ingress {
             .get("dmsc-timeout")
             .and_then(|v| v.to_str().ok())
             .and_then(parse_timeout)
-            .unwrap_or(cfg.timeout);
+            .unwrap_or(cfg.timeout)
+            .min(cfg.max_timeout);
         let deadline = tokio::time::Instant::now() + timeout;
         let trace = trace_id(&req);
         let http2 = req.version() == hyper::Version::HTTP_2;
@@ -513,12 +635,31 @@ impl Ingress {
                 .size_hint()
                 .exact()
                 .is_some_and(|n| n as usize <= cfg.max_buffered_body);
+        // Held until the delegation is done: the buffered bytes live as long.
+        let mut permit: Option<BodyPermit> = None;
         let body = if buffer {
-            let read = tokio::time::timeout_at(
-                deadline,
-                http_body_util::Limited::new(body, cfg.max_buffered_body).collect(),
-            )
-            .await;
+            let budget = &self.delegator.body_budget;
+            let over_budget = || {
+                retry_later(
+                    MeshError::new(
+                        ErrorKind::Overloaded,
+                        me,
+                        format!(
+                            "this node is holding its limit of buffered request bodies ({} bytes); retry later",
+                            budget.limit()
+                        ),
+                    ),
+                    std::time::Duration::from_secs(1),
+                )
+            };
+            let declared = body.size_hint().exact().unwrap_or(0) as usize;
+            let Some(p) = budget.try_reserve(declared.min(cfg.max_buffered_body)) else {
+                return over_budget();
+            };
+            let p = permit.insert(p);
+            let read =
+                tokio::time::timeout_at(deadline, read_buffered(body, cfg.max_buffered_body, p))
+                    .await;
             let Ok(read) = read else {
                 return MeshError::new(
                     ErrorKind::Timeout,
@@ -528,7 +669,8 @@ impl Ingress {
                 .response(None);
             };
             match read {
-                Ok(c) => ReqBody::Buffered(c.to_bytes()),
+                Ok(b) => ReqBody::Buffered(b),
+                Err(BufferError::OverBudget) => return over_budget(),
                 Err(e) => {
                     return MeshError::new(
                         ErrorKind::BadRequest,
@@ -574,7 +716,14 @@ impl Ingress {
         if caller.bearer {
             headers.remove(hyper::header::AUTHORIZATION);
         }
-        self.delegator
+        // What the caller says in the mesh's namespace was read above or is
+        // not for the agent; the agent's node states the verified caller.
+        crate::proto::forwarded::strip_mesh_headers(&mut headers);
+        if let Some(peer) = auth.peer {
+            crate::proto::forwarded::append_forwarded_for(&mut headers, peer.ip());
+        }
+        let resp = self
+            .delegator
             .delegate(Delegation {
                 tenant,
                 caller: caller.id,
@@ -587,7 +736,9 @@ impl Ingress {
                 headers,
                 body,
             })
-            .await
+            .await;
+        drop(permit);
+        resp
     }
 }
 

@@ -76,6 +76,10 @@ pub enum ErrorKind {
     Unreachable,
     Timeout,
     BadRequest,
+    /// The node is at a resource bound (e.g. the body budget); retry later.
+    Overloaded,
+    /// The caller exceeded a rate limit; retry later.
+    RateLimited,
     Internal,
 }
 
@@ -91,6 +95,8 @@ impl ErrorKind {
             ErrorKind::Unreachable => "unreachable",
             ErrorKind::Timeout => "timeout",
             ErrorKind::BadRequest => "bad-request",
+            ErrorKind::Overloaded => "overloaded",
+            ErrorKind::RateLimited => "rate-limited",
             ErrorKind::Internal => "internal",
         }
     }
@@ -107,6 +113,8 @@ impl ErrorKind {
             ErrorKind::Unreachable,
             ErrorKind::Timeout,
             ErrorKind::BadRequest,
+            ErrorKind::Overloaded,
+            ErrorKind::RateLimited,
             ErrorKind::Internal,
         ]
         .into_iter()
@@ -119,7 +127,8 @@ impl ErrorKind {
             ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorKind::Forbidden => StatusCode::FORBIDDEN,
             ErrorKind::UnknownAgent | ErrorKind::NoMatch => StatusCode::NOT_FOUND,
-            ErrorKind::NoneAvailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::NoneAvailable | ErrorKind::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::Unreachable => StatusCode::BAD_GATEWAY,
             ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -137,6 +146,8 @@ impl ErrorKind {
             ErrorKind::NoneAvailable => -32052,
             ErrorKind::Unreachable => -32053,
             ErrorKind::Timeout => -32054,
+            ErrorKind::Overloaded => -32056,
+            ErrorKind::RateLimited => -32057,
             ErrorKind::Internal => -32603,
         }
     }

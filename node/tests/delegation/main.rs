@@ -3,6 +3,7 @@
 //! requests sent to a node's ingress the way an agent would.
 
 mod grpc;
+mod hygiene;
 mod listen;
 mod security;
 

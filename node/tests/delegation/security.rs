@@ -426,9 +426,17 @@ async fn mtls_ingress_valid_expired_revoked_wrong_ca_and_other_trust_domain() {
     // Valid: reaches the agent on the other node; the caller is the agent identity.
     let (chain, key, serial) = enrolled(&m, "payer").await;
     let good = client_config(&ca, Some((&chain, &key)));
-    let (status, headers, body) = call_billing(&m, good.clone(), &[]).await;
+    let (status, headers, body) =
+        call_billing(&m, good.clone(), &[("dmsc-caller", "forged")]).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(headers["dmsc-agent"], "acme/billing");
+    // The agent (on node 1) hears the verified caller from the node.
+    let seen = m.agent.state.last_headers().expect("agent saw the call");
+    assert_eq!(
+        seen["dmsc-caller"],
+        "spiffe://mesh.dmsc.local/tenant/acme/agent/payer"
+    );
+    assert_eq!(seen["dmsc-caller-tenant"], "acme");
     assert_audited(
         &m.mesh,
         0,
@@ -611,6 +619,10 @@ async fn jwt_valid_expired_wrong_audience_wrong_key_and_alg_none() {
             .load(std::sync::atomic::Ordering::Relaxed),
         0
     );
+    // It hears who called from the node: the token's issuer and subject.
+    let seen = st.last_headers().expect("agent saw the call");
+    assert_eq!(seen["dmsc-caller"], "jwt:https://idp.test#billing-client");
+    assert_eq!(seen["dmsc-caller-tenant"], "acme");
 
     // Each refusal: 401, the reason in the body and in the audit log, and
     // the agent never sees the request.

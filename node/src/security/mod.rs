@@ -16,6 +16,9 @@
 //!   verifiers and the ingress on every request.
 //! - Every decision goes to the audit log ([`Security::record`]); appends
 //!   never wait on the disk unless the writer is 64k entries behind.
+//! - Enrollment and renewal are rate-limited per source address, and their
+//!   failures are audited one by one only up to a sample per address and
+//!   window, then summed into one entry per window ([`crate::throttle`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -36,6 +39,8 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 use crate::config::NodeConfig;
+
+pub mod throttle;
 use crate::NodeError;
 
 fn not_hosted(issuer: &NodeIssuer, tenant: &str) -> Refusal {
@@ -228,6 +233,8 @@ pub struct Security {
     jwt_cache:
         Mutex<std::collections::HashMap<[u8; 32], (dmsc_auth::JwtCaller, std::time::Instant)>>,
     tls: Mutex<Vec<Arc<TlsIngress>>>,
+    /// Rate limit and audit sampling of `/v1/enroll` and `/v1/renew`.
+    enroll_guard: crate::security::throttle::EnrollGuard,
 }
 
 impl std::fmt::Debug for Security {
@@ -335,6 +342,7 @@ impl Security {
                 jwt_cache: Mutex::default(),
                 paths,
                 tls: Mutex::new(Vec::new()),
+                enroll_guard: crate::security::throttle::EnrollGuard::new(&config.enrollment),
             },
             task,
         ))
@@ -434,8 +442,72 @@ impl Security {
     /// Appends to the audit log without waiting; if the writer is far
     /// behind, a task waits for room so the entry is not lost.
     pub fn record(&self, e: Event) {
+        self.count(&e.kind);
+        self.append(e);
+    }
+
+    /// Admits one enrollment or renewal request from `ip`, or says when it
+    /// may come back (answered 429 with `Retry-After`).
+    pub fn admit_enrollment(
+        &self,
+        attempt: crate::security::throttle::Attempt,
+        ip: std::net::IpAddr,
+    ) -> Result<(), Duration> {
+        let mut due = Vec::new();
+        let r = self
+            .enroll_guard
+            .admit(attempt, ip, std::time::Instant::now(), &mut due);
+        if r.is_err() {
+            self.metrics.enroll_throttled.inc();
+        }
+        self.append_aggregates(due);
+        r
+    }
+
+    /// Records a failed enrollment or renewal attempt from `ip`: audited
+    /// alone while the source is within its sample, else summed into the
+    /// window's aggregate entry. Counted in the metrics either way.
+    pub fn record_attempt_failure(
+        &self,
+        attempt: crate::security::throttle::Attempt,
+        ip: std::net::IpAddr,
+        e: Event,
+    ) {
+        let mut due = Vec::new();
+        let sample = self
+            .enroll_guard
+            .failed(attempt, ip, std::time::Instant::now(), &mut due);
+        match sample {
+            crate::security::throttle::Sample::Audit => self.record(e),
+            crate::security::throttle::Sample::Count => {
+                self.count(&e.kind);
+                self.metrics.audit_sampled_out.inc();
+            }
+        }
+        self.append_aggregates(due);
+    }
+
+    /// Writes the aggregate entries of sampling windows that are over
+    /// (run periodically, so a flood's last window is not left unwritten).
+    pub fn flush_sampled_failures(&self) {
+        let mut due = Vec::new();
+        self.enroll_guard.flush(std::time::Instant::now(), &mut due);
+        self.append_aggregates(due);
+    }
+
+    fn append_aggregates(
+        &self,
+        due: Vec<crate::security::throttle::Aggregate<crate::security::throttle::Attempt>>,
+    ) {
+        for a in due {
+            self.append(a.event());
+        }
+    }
+
+    /// Counts an event in the metrics.
+    fn count(&self, kind: &dmsc_audit::EventKind) {
         let m = &self.metrics;
-        match &e.kind {
+        match kind {
             dmsc_audit::EventKind::AuthFailure(f) => {
                 let method = match f.method {
                     dmsc_audit::AuthMethod::Mtls => "mtls",
@@ -459,6 +531,11 @@ impl Security {
             }
             dmsc_audit::EventKind::Delegation(_) => {}
         }
+    }
+
+    /// Appends to the audit log (see [`Self::record`]).
+    fn append(&self, e: Event) {
+        let m = &self.metrics;
         if let Some(a) = &self.audit {
             if let Err(e) = a.offer(e) {
                 // The writer is a full queue behind. Wait for room, but
@@ -546,17 +623,21 @@ impl Security {
     /// `POST /v1/enroll`: redeem a join token for a certificate.
     pub fn enroll(&self, body: &[u8], peer: SocketAddr) -> Result<EnrollResponse, Refusal> {
         let refuse = |r: Refusal, tenant: Option<String>, claimed: Option<String>| {
-            self.record(Event {
-                tenant,
-                kind: dmsc_audit::AuthFailure {
-                    listener: "enroll".into(),
-                    method: dmsc_audit::AuthMethod::Token,
-                    reason: r.reason.clone(),
-                    peer: peer.to_string(),
-                    claimed,
-                }
-                .into(),
-            });
+            self.record_attempt_failure(
+                crate::security::throttle::Attempt::Enroll,
+                peer.ip(),
+                Event {
+                    tenant,
+                    kind: dmsc_audit::AuthFailure {
+                        listener: "enroll".into(),
+                        method: dmsc_audit::AuthMethod::Token,
+                        reason: r.reason.clone(),
+                        peer: peer.to_string(),
+                        claimed,
+                    }
+                    .into(),
+                },
+            );
             r
         };
         let req = dmsc_auth::enroll::parse_enroll(body).map_err(|e| {
