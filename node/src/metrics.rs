@@ -36,7 +36,8 @@ pub struct DelegationMetrics {
     pub requests: Family<DelegationLabels, Counter<u64, AtomicU64>>,
     pub duration: Histogram,
     pub retries: Counter<u64, AtomicU64>,
-    pub inbound: Counter<u64, AtomicU64>,
+    /// Delegations this node served as the home node, by tenant and outcome.
+    pub inbound: Family<DelegationLabels, Counter<u64, AtomicU64>>,
     /// Bytes of buffered request bodies held now (the body budget's count).
     pub buffered_bytes: Gauge<i64, AtomicI64>,
     /// Requests refused with 503 because the body budget was spent.
@@ -54,7 +55,7 @@ impl Default for DelegationMetrics {
                 0.0001, 2.0, 16,
             )),
             retries: Counter::default(),
-            inbound: Counter::default(),
+            inbound: Family::default(),
             buffered_bytes: Gauge::default(),
             budget_refusals: Counter::default(),
             count: Arc::default(),
@@ -73,6 +74,16 @@ impl DelegationMetrics {
         self.duration.observe(elapsed.as_secs_f64());
         self.count
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// One delegation this node served as the home node (for a peer).
+    pub fn record_inbound(&self, tenant: &str, outcome: &str) {
+        self.inbound
+            .get_or_create(&DelegationLabels {
+                tenant: tenant.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
     }
 
     /// Delegations recorded since start.
@@ -303,7 +314,7 @@ impl Metrics {
         );
         registry.register(
             "delegations_inbound",
-            "Delegations peers sent to this node's agents over the overlay",
+            "Delegations peers sent to this node's agents over the overlay, by tenant and outcome (this node enforcing the deadline shows as outcome=\"timeout\")",
             m.delegation.inbound.clone(),
         );
         registry.register(

@@ -2,7 +2,8 @@
 //! endpoint, card, health, the protocol they speak, and the counters the
 //! node keeps for them (in flight, latency, error rate). The control layer
 //! onboards and health-checks them (`control::agents`); forwarding only reads
-//! this table.
+//! this table, and delivers to them ([`deliver_local`]: for local callers and
+//! for delegations arriving from peers alike).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
@@ -13,8 +14,18 @@ use bytes::Bytes;
 use dmsc_registry::{AgentCard, AgentId, AgentRecord, Health, LoadReport};
 use hyper::Uri;
 
+use hyper::header::{HeaderValue, CONTENT_TYPE, ETAG, HOST, IF_NONE_MATCH};
+use hyper::{Method, Request, Response, StatusCode, Version};
+use tracing::debug;
+
+use super::body::{guarded, incoming};
+use super::client::Upstream;
+use super::fault::BodyWatch;
 use crate::config::RawAgent;
 pub use crate::proto::agent::{Protocol, ProtocolState};
+use crate::proto::forwarded::{self, Vouched};
+use crate::proto::http::{full, strip_hop_by_hop, Body, ErrorKind, MeshError};
+use crate::proto::outcome::Failure;
 use crate::route::now_ms;
 
 /// Card paths, newest first.
@@ -196,4 +207,196 @@ impl LocalAgents {
     pub(crate) fn clear_pending(&self, spec: &RawAgent) {
         lock(&self.pending).retain(|(s, _)| s != spec);
     }
+}
+
+/// One request in progress at a local agent, counted until dropped.
+struct InFlight(Arc<LocalAgent>);
+
+impl InFlight {
+    fn new(agent: Arc<LocalAgent>) -> InFlight {
+        agent
+            .in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        InFlight(agent)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+pub(crate) fn is_card_path(path: &str) -> bool {
+    let p = path.split('?').next().unwrap_or(path);
+    CARD_PATHS.contains(&p)
+}
+
+/// One request as it goes to a local agent.
+pub(crate) struct ToAgent<'a> {
+    pub(crate) method: Method,
+    pub(crate) path: &'a str,
+    pub(crate) http2: bool,
+    pub(crate) headers: hyper::HeaderMap,
+    pub(crate) body: Body,
+    pub(crate) deadline: tokio::time::Instant,
+    /// Who the node vouches for (as authenticated at ingress, or as the
+    /// calling node stated over the verified overlay).
+    pub(crate) caller: &'a str,
+    pub(crate) tenant: &'a str,
+    pub(crate) trace_id: &'a str,
+    /// Watches a streamed request body (blame for failures).
+    pub(crate) watch: &'a BodyWatch,
+}
+
+/// Re-judges a failure as the caller's if the request body says so.
+pub(crate) fn blame(failure: Failure, watch: &BodyWatch, me: &str) -> Failure {
+    match watch.fault(failure.error().kind) {
+        Some(fault) => {
+            let mut e = fault.error(me);
+            e.agent = failure.error().agent.clone();
+            Failure::Caller(e)
+        }
+        None => failure,
+    }
+}
+
+/// Delivers to an agent of this node; used for local callers and for
+/// delegations arriving from peers alike. The agent's error rate counts
+/// what the agent did, never what the caller did (see [`super::fault`]).
+pub(crate) async fn deliver_local(
+    agent: &Arc<LocalAgent>,
+    upstream: &Upstream,
+    me: &str,
+    to: ToAgent<'_>,
+) -> Result<Response<Body>, Failure> {
+    let ToAgent {
+        method,
+        path,
+        http2,
+        mut headers,
+        body,
+        deadline,
+        caller,
+        tenant,
+        trace_id,
+        watch,
+    } = to;
+    if (method == Method::GET || method == Method::HEAD) && is_card_path(path) {
+        return Ok(serve_card(agent, &headers));
+    }
+    let uri = agent.uri_for(path).map_err(|e| {
+        Failure::Caller(
+            MeshError::new(ErrorKind::BadRequest, me, format!("bad path `{path}`: {e}"))
+                .agent(&agent.id),
+        )
+    })?;
+    strip_hop_by_hop(&mut headers);
+    headers.remove(HOST);
+    if let Some(a) = agent.base.authority() {
+        if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+            headers.insert(HOST, v);
+        }
+    }
+    let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+    forwarded::vouch(
+        &mut headers,
+        Vouched {
+            caller,
+            tenant,
+            trace_id,
+            remaining,
+        },
+    );
+    let mut req = Request::new(body);
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+    // An HTTP/2-only agent (learnt by its health checks, or pinned) is
+    // called over HTTP/2 whatever the caller spoke; the headers an HTTP/1.1
+    // request may carry that HTTP/2 forbids went with the hop-by-hop ones.
+    let client = if agent.protocol.use_http2(http2) {
+        *req.version_mut() = Version::HTTP_2;
+        &upstream.h2
+    } else {
+        *req.version_mut() = Version::HTTP_11;
+        &upstream.h1
+    };
+    // Counts until the response body is done (or this future is dropped
+    // because the caller went away): the gossiped in-flight load.
+    let in_flight = InFlight::new(agent.clone());
+    let started = std::time::Instant::now();
+    let result = tokio::time::timeout(remaining, client.request(req)).await;
+    let observe = |ok: bool| {
+        agent
+            .stats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .observe(started.elapsed(), ok)
+    };
+    let failure = match result {
+        Err(_) => Failure::MaybeDelivered(
+            MeshError::new(
+                ErrorKind::Timeout,
+                me,
+                format!(
+                    "agent `{}` did not answer within the deadline ({remaining:?})",
+                    agent.id
+                ),
+            )
+            .agent(&agent.id),
+        ),
+        Ok(Err(e)) => {
+            let detail = format!("agent `{}` at {}: {e:#}", agent.id, agent.spec.url);
+            let err = MeshError::new(ErrorKind::Unreachable, me, detail).agent(&agent.id);
+            if e.is_connect() {
+                Failure::NotDelivered(err)
+            } else {
+                Failure::MaybeDelivered(err)
+            }
+        }
+        Ok(Ok(resp)) => {
+            if !watch.failed() {
+                observe(!resp.status().is_server_error());
+            }
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            let body = guarded(incoming(body), vec![Box::new(in_flight)]);
+            return Ok(Response::from_parts(parts, body));
+        }
+    };
+    match blame(failure, watch, me) {
+        f @ Failure::Caller(_) => {
+            debug!(agent = %agent.id, error = ?f, "the caller's side failed; the agent is not charged");
+            Err(f)
+        }
+        f => {
+            observe(false);
+            Err(f)
+        }
+    }
+}
+
+/// The agent's card as the mesh serves it (URLs rewritten), with an ETag.
+fn serve_card(agent: &LocalAgent, headers: &hyper::HeaderMap) -> Response<Body> {
+    let etag = format!("\"{}\"", agent.digest);
+    let not_modified = headers
+        .get(IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+    let mut resp = if not_modified {
+        let mut r = Response::new(crate::proto::http::empty());
+        *r.status_mut() = StatusCode::NOT_MODIFIED;
+        r
+    } else {
+        Response::new(full(agent.mesh_card.clone()))
+    };
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        h.insert(ETAG, v);
+    }
+    resp
 }

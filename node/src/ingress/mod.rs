@@ -722,7 +722,13 @@ impl Ingress {
         if let Some(peer) = auth.peer {
             crate::proto::forwarded::append_forwarded_for(&mut headers, peer.ip());
         }
-        let resp = self
+        // The request's dialect decides how an error is rendered (a JSON-RPC
+        // request gets a JSON-RPC error with its id).
+        let request_bytes = match &body {
+            ReqBody::Buffered(b) => Some(b.clone()),
+            ReqBody::Streaming(_) => None,
+        };
+        let outcome = self
             .delegator
             .delegate(Delegation {
                 tenant,
@@ -738,7 +744,7 @@ impl Ingress {
             })
             .await;
         drop(permit);
-        resp
+        outcome.render(request_bytes.as_deref())
     }
 }
 

@@ -220,6 +220,31 @@ impl MeshError {
     }
 }
 
+impl MeshError {
+    /// As it crosses the overlay in a version 2 response head.
+    pub fn to_wire(&self) -> super::wire::WireFailure {
+        super::wire::WireFailure {
+            kind: self.kind.as_str().to_string(),
+            detail: self.detail.clone(),
+            node: self.node.clone(),
+            agent: self.agent.clone(),
+        }
+    }
+
+    /// Rebuilt from a response head; a kind this node does not know (a
+    /// newer peer's) counts as `unreachable`.
+    pub fn from_wire(w: super::wire::WireFailure) -> MeshError {
+        MeshError {
+            kind: ErrorKind::parse(&w.kind).unwrap_or(ErrorKind::Unreachable),
+            detail: w.detail,
+            node: w.node,
+            agent: w.agent,
+        }
+    }
+}
+
+impl std::error::Error for MeshError {}
+
 impl std::fmt::Display for MeshError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(

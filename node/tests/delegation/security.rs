@@ -1131,65 +1131,79 @@ async fn a_tenant_scoped_node_cannot_act_for_another_tenant_on_the_overlay() {
     assert_eq!(rogue_delegations[0]["detail"]["outcome"], "forbidden");
     assert_eq!(rogue_delegations[0]["detail"]["status"], 403);
 
-    // 2. A head forged directly on the rogue node's overlay connection.
-    let overlay = &mesh.nodes[rogue].shared().overlay;
-    let mut stream = overlay
-        .open_stream(
-            mesh.nodes[0].bound().overlay,
-            dmsc_transport::Channel::Delegate,
-        )
-        .await
-        .expect("stream");
-    let head = dmsc_node::proto::wire::RequestHead {
-        version: dmsc_node::proto::wire::DELEGATION_VERSION,
-        tenant: "other".into(),
-        caller: "spiffe://mesh.dmsc.local/tenant/other/agent/forger".into(),
-        agent: "ledger".into(),
-        deadline_ms: 5000,
-        trace_id: "forged".into(),
-        method: "POST".into(),
-        path: "/".into(),
-        http: 1,
-        headers: Vec::new(),
-        empty_body: true,
-    };
-    let mut parts = dmsc_node::proto::wire::encode_request_head(&head)
-        .expect("encode")
-        .to_vec();
-    stream.send.write_chunks(&mut parts).await.expect("write");
-    stream.send.finish().expect("finish");
-    let mut decoder = dmsc_node::proto::wire::PartDecoder::new();
-    let mut parts = Vec::new();
-    let read = async {
-        while let Some(chunk) = stream.recv.read_chunk(64 * 1024).await.expect("read") {
-            decoder.push(&chunk);
-            while let Some(p) = decoder.next_part().expect("part") {
-                parts.push(p);
+    // 2. A head forged directly on the rogue node's overlay connection, in
+    // the current wire version (a typed failure comes back) and in version 1
+    // (what a node before the bump reads: the refusal rendered as a body).
+    for version in [dmsc_node::proto::wire::DELEGATION_VERSION, 1] {
+        let overlay = &mesh.nodes[rogue].shared().overlay;
+        let mut stream = overlay
+            .open_stream(
+                mesh.nodes[0].bound().overlay,
+                dmsc_transport::Channel::Delegate,
+            )
+            .await
+            .expect("stream");
+        let head = dmsc_node::proto::wire::RequestHead {
+            version,
+            tenant: "other".into(),
+            caller: "spiffe://mesh.dmsc.local/tenant/other/agent/forger".into(),
+            agent: "ledger".into(),
+            deadline_ms: 5000,
+            trace_id: "forged".into(),
+            method: "POST".into(),
+            path: "/".into(),
+            http: 1,
+            headers: Vec::new(),
+            empty_body: true,
+        };
+        let mut parts = dmsc_node::proto::wire::encode_request_head(&head)
+            .expect("encode")
+            .to_vec();
+        stream.send.write_chunks(&mut parts).await.expect("write");
+        stream.send.finish().expect("finish");
+        let mut decoder = dmsc_node::proto::wire::PartDecoder::new();
+        let mut parts = Vec::new();
+        let read = async {
+            while let Some(chunk) = stream.recv.read_chunk(64 * 1024).await.expect("read") {
+                decoder.push(&chunk);
+                while let Some(p) = decoder.next_part().expect("part") {
+                    parts.push(p);
+                }
             }
+        };
+        tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .expect("answer in time");
+        let Some(dmsc_node::proto::wire::Part::Head(h)) = parts.first() else {
+            panic!("no response head: {parts:?}");
+        };
+        let h = dmsc_node::proto::wire::decode_response_head(h).expect("response head");
+        assert_eq!((h.version, h.status), (version, 403));
+        assert!(!h.delivered, "refused before the agent");
+        let reason = "node `rogue` may act only for tenants `acme`";
+        if version >= 2 {
+            // Typed: kind, reason and deciding node; no body to parse.
+            let failure = h.failure.expect("a typed failure");
+            assert_eq!(
+                (failure.kind.as_str(), failure.node.as_str()),
+                ("forbidden", "home")
+            );
+            assert!(failure.detail.contains(reason), "{failure:?}");
+            assert_eq!(parts.len(), 1, "no body after a typed failure: {parts:?}");
+        } else {
+            assert!(h.failure.is_none());
+            let body: Vec<u8> = parts
+                .iter()
+                .filter_map(|p| match p {
+                    dmsc_node::proto::wire::Part::Data(d) => Some(d.to_vec()),
+                    _ => None,
+                })
+                .flatten()
+                .collect();
+            let body = String::from_utf8_lossy(&body);
+            assert!(body.contains(reason), "{body}");
         }
-    };
-    tokio::time::timeout(Duration::from_secs(10), read)
-        .await
-        .expect("answer in time");
-    let Some(dmsc_node::proto::wire::Part::Head(h)) = parts.first() else {
-        panic!("no response head: {parts:?}");
-    };
-    let h = dmsc_node::proto::wire::decode_response_head(h).expect("response head");
-    assert_eq!(h.status, 403);
-    assert!(!h.delivered, "refused before the agent");
-    let body: Vec<u8> = parts
-        .iter()
-        .filter_map(|p| match p {
-            dmsc_node::proto::wire::Part::Data(d) => Some(d.to_vec()),
-            _ => None,
-        })
-        .flatten()
-        .collect();
-    let body = String::from_utf8_lossy(&body);
-    assert!(
-        body.contains("node `rogue` may act only for tenants `acme`"),
-        "{body}"
-    );
+    }
     let forged = audited_for(
         &mesh,
         0,
@@ -1197,7 +1211,7 @@ async fn a_tenant_scoped_node_cannot_act_for_another_tenant_on_the_overlay() {
         "spiffe://mesh.dmsc.local/tenant/other/agent/forger (via node rogue)",
     )
     .await;
-    assert_eq!(forged.len(), 1, "{forged:#?}");
+    assert_eq!(forged.len(), 2, "one per wire version: {forged:#?}");
 
     assert_eq!(
         ledger

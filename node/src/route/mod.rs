@@ -12,6 +12,8 @@
 //! detection time; records whose TTL lapsed (a node alive but no longer
 //! refreshing them) are dropped too.
 
+pub mod attempts;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -1,0 +1,266 @@
+//! The home node's side of a delegation: a peer node opened a stream to
+//! reach one of this node's agents. The head is read, the same tenant
+//! policy as at the ingress runs against the calling node's verified
+//! certificate scope ([`crate::policy::inbound`]), and the request goes to
+//! the agent with [`deliver_local`], under this node's own deadline ceiling.
+//! Failures go back typed (wire version 2) or rendered (version 1 callers),
+//! in the version of the request; every inbound delegation is counted and
+//! audited here too.
+
+use std::time::Duration;
+
+use dmsc_registry::AgentId;
+use dmsc_transport::{BiStream, StreamSend};
+use http_body_util::BodyExt;
+use hyper::{Method, Response};
+use tokio::time::Instant;
+use tracing::{debug, warn, Instrument};
+
+use super::fault::BodyWatch;
+use super::local::{deliver_local, ToAgent};
+use super::remote::{copy_body, read_part, stream_body};
+use super::Delegator;
+use crate::proto::http::{Body, BoxError, ErrorKind, MeshError};
+use crate::proto::outcome::Failure;
+use crate::proto::wire::{self, Part, PartDecoder, ResponseHead, OLDEST_VERSION};
+
+/// How long a home node waits for the head of an incoming delegation.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Delegator {
+    /// Serves one delegation stream from a peer node (this node is home).
+    pub async fn serve_stream(&self, stream: BiStream) {
+        let BiStream {
+            peer,
+            scope,
+            mut send,
+            mut recv,
+            ..
+        } = stream;
+        let mut decoder = PartDecoder::new();
+        let head =
+            match tokio::time::timeout(HEAD_TIMEOUT, read_part(&mut recv, &mut decoder)).await {
+                Ok(Ok(Some(Part::Head(h)))) => wire::decode_request_head(&h),
+                Ok(Ok(_)) | Err(_) => {
+                    debug!(peer = %peer, "delegation stream without a head; dropping");
+                    send.reset(dmsc_transport::overlay::RESET_CANCELLED);
+                    return;
+                }
+                Ok(Err(e)) => {
+                    debug!(peer = %peer, error = %e, "unreadable delegation stream");
+                    send.reset(dmsc_transport::overlay::RESET_CANCELLED);
+                    return;
+                }
+            };
+        let head = match head {
+            Ok(h) => h,
+            Err(e) => {
+                warn!(peer = %peer, error = %e, "refused delegation");
+                let me = MeshError::new(ErrorKind::BadRequest, &self.me, e.to_string());
+                // Unreadable: answer in the oldest version, which every peer reads.
+                let _ = write_error(&mut send, &me, false, OLDEST_VERSION).await;
+                return;
+            }
+        };
+        let version = head.version;
+        let id = AgentId {
+            tenant: head.tenant.clone(),
+            name: head.agent.clone(),
+        };
+        let span =
+            tracing::info_span!("delegation-in", from = %peer, agent = %id, trace = %head.trace_id);
+        let started = Instant::now();
+        let (outcome, status) = async {
+            // Destination-side check: the head's tenant within the calling
+            // node's certificate scope, the target our own agent of it.
+            let decision = crate::policy::inbound(
+                &self.me,
+                crate::policy::Inbound {
+                    node: &peer,
+                    scope: scope.as_deref(),
+                    tenant: &head.tenant,
+                    agent: &head.agent,
+                    caller: &head.caller,
+                },
+                || self.agents.get(&id),
+            );
+            let agent = match decision {
+                Ok(agent) => agent,
+                Err(denial) => {
+                    let kind = if denial.is_forbidden() {
+                        warn!(%denial, "refused delegation");
+                        self.security.record(dmsc_audit::Event::tenant(
+                            head.tenant.clone(),
+                            dmsc_audit::Denied {
+                                caller: format!("{} (via node {peer})", head.caller),
+                                target: format!("agent:{}", head.agent),
+                                reason: denial.to_string(),
+                            },
+                        ));
+                        ErrorKind::Forbidden
+                    } else {
+                        ErrorKind::UnknownAgent
+                    };
+                    let me = MeshError::new(kind, &self.me, denial.to_string()).agent(&id);
+                    let _ = write_error(&mut send, &me, false, version).await;
+                    return (
+                        me.kind.as_str().to_string(),
+                        Some(me.kind.status().as_u16()),
+                    );
+                }
+            };
+            // This node's own ceiling, whatever the calling node asks for.
+            let budget = Duration::from_millis(head.deadline_ms).min(self.cfg.max_timeout);
+            let deadline = Instant::now() + budget;
+            let Ok(method) = Method::from_bytes(head.method.as_bytes()) else {
+                let me = MeshError::new(
+                    ErrorKind::BadRequest,
+                    &self.me,
+                    format!("invalid HTTP method `{}`", head.method),
+                );
+                let _ = write_error(&mut send, &me, false, version).await;
+                return (
+                    me.kind.as_str().to_string(),
+                    Some(me.kind.status().as_u16()),
+                );
+            };
+            let headers = wire::from_wire_headers(&head.headers);
+            // The calling node is this side's caller: a stream it cuts or
+            // garbles is its failure, not the agent's.
+            let watch = BodyWatch::default();
+            let body = if head.empty_body {
+                crate::proto::http::empty()
+            } else {
+                watch.watch(stream_body(recv, decoder))
+            };
+            let delivery = deliver_local(
+                &agent,
+                &self.upstream,
+                &self.me,
+                ToAgent {
+                    method,
+                    path: &head.path,
+                    http2: head.http == 2,
+                    headers,
+                    body,
+                    deadline,
+                    caller: &head.caller,
+                    tenant: &head.tenant,
+                    trace_id: &head.trace_id,
+                    watch: &watch,
+                },
+            );
+            // A caller that gives up (deadline, client gone) stops the stream:
+            // stop working for it at once.
+            let result = tokio::select! {
+                r = delivery => r,
+                _ = send.stopped() => {
+                    debug!("caller gave up before the response head");
+                    return ("cancelled".to_string(), None);
+                }
+            };
+            match result {
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    let outcome = if resp.status().is_server_error() {
+                        "agent-error"
+                    } else {
+                        "ok"
+                    };
+                    if let Err(e) = write_response(&mut send, resp, version).await {
+                        // Reset, never finish: a cut-off body must not look complete.
+                        send.reset(dmsc_transport::overlay::RESET_CANCELLED);
+                        debug!(error = %e, "response copy stopped (agent or caller went away)");
+                        return ("cut-off".to_string(), Some(status));
+                    }
+                    (outcome.to_string(), Some(status))
+                }
+                Err(Failure::NotDelivered(e)) => {
+                    let _ = write_error(&mut send, &e, false, version).await;
+                    (e.kind.as_str().to_string(), Some(e.kind.status().as_u16()))
+                }
+                Err(Failure::MaybeDelivered(e)) | Err(Failure::Caller(e)) => {
+                    let _ = write_error(&mut send, &e, true, version).await;
+                    (e.kind.as_str().to_string(), Some(e.kind.status().as_u16()))
+                }
+            }
+        }
+        .instrument(span)
+        .await;
+        // The serving side keeps its own record of every delegation it was
+        // asked for: who (as the calling node vouched, over a verified
+        // overlay connection) reached which of its agents, and how it went.
+        self.metrics.record_inbound(&head.tenant, &outcome);
+        if self.security.audit.is_some() {
+            self.security.record(dmsc_audit::Event::tenant(
+                head.tenant.clone(),
+                dmsc_audit::Delegation {
+                    caller: format!("{} (via node {peer})", head.caller),
+                    target: format!("agent:{}", head.agent),
+                    route: "inbound".into(),
+                    agent: Some(id.to_string()),
+                    serving_node: Some(self.me.clone()),
+                    outcome,
+                    status,
+                    duration_ms: started.elapsed().as_millis() as u64,
+                    trace_id: Some(head.trace_id.clone()),
+                },
+            ));
+        }
+    }
+}
+
+/// The agent's response, in the version of the request.
+async fn write_response(
+    send: &mut StreamSend,
+    resp: Response<Body>,
+    version: u8,
+) -> Result<(), BoxError> {
+    let (parts, body) = resp.into_parts();
+    let head = ResponseHead {
+        version,
+        status: parts.status.as_u16(),
+        headers: wire::to_wire_headers(&parts.headers),
+        delivered: true,
+        failure: None,
+    };
+    send.write_chunks(&mut wire::encode_response_head(&head)?.to_vec())
+        .await?;
+    copy_body(body, send).await
+}
+
+/// A failure of this node's, typed (version 2) or, for a version 1
+/// caller, rendered into status, headers and a problem-details body.
+async fn write_error(
+    send: &mut StreamSend,
+    e: &MeshError,
+    delivered: bool,
+    version: u8,
+) -> Result<(), BoxError> {
+    let mut p = if version >= 2 {
+        let head = ResponseHead {
+            version,
+            status: e.kind.status().as_u16(),
+            headers: Vec::new(),
+            delivered,
+            failure: Some(e.to_wire()),
+        };
+        wire::encode_response_head(&head)?.to_vec()
+    } else {
+        let (parts, body) = e.response(None).into_parts();
+        let bytes = body.collect().await?.to_bytes();
+        let head = ResponseHead {
+            version,
+            status: parts.status.as_u16(),
+            headers: wire::to_wire_headers(&parts.headers),
+            delivered,
+            failure: None,
+        };
+        let mut p = wire::encode_response_head(&head)?.to_vec();
+        wire::encode_data(bytes, &mut p);
+        p
+    };
+    send.write_chunks(&mut p).await?;
+    send.finish()?;
+    Ok(())
+}

@@ -1,0 +1,267 @@
+//! Delivery to a remote agent's home node: one QUIC bidirectional stream
+//! per delegation, the head and body written in the delegation wire format
+//! (`proto::wire`), the response head read back (its typed failure, when the
+//! home node failed it, becomes this node's [`Failure`]), the body streamed
+//! through as it comes.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use dmsc_registry::AgentId;
+use dmsc_transport::{BiStream, Channel, StreamRecv, StreamSend};
+use http_body_util::BodyExt;
+use hyper::body::Frame;
+use hyper::{Response, StatusCode};
+use tokio::time::Instant;
+use tracing::{debug, Instrument};
+
+use super::body::{guarded, AbortOnDrop};
+use super::{Delegator, ReqBody};
+use crate::proto::http::{Body, BoxError, ErrorKind, MeshError};
+use crate::proto::outcome::Failure;
+use crate::proto::wire::{
+    self, Part, PartDecoder, RequestHead, DELEGATION_VERSION, OLDEST_VERSION,
+};
+
+/// How long past the deadline the calling node waits for the home node's
+/// own verdict (it enforces the same deadline and reports where it ran
+/// out) before answering the timeout itself.
+const HOME_VERDICT_GRACE: Duration = Duration::from_millis(100);
+const READ_CHUNK: usize = 64 * 1024;
+
+impl Delegator {
+    /// Sends a delegation to a remote agent's home node over the overlay.
+    pub(super) async fn deliver_remote(
+        &self,
+        node: &str,
+        id: &AgentId,
+        mut head: RequestHead,
+        body: ReqBody,
+        deadline: Instant,
+    ) -> Result<Response<Body>, Failure> {
+        let not_delivered = |detail: String| {
+            Failure::NotDelivered(
+                MeshError::new(ErrorKind::Unreachable, &self.me, detail).agent(id),
+            )
+        };
+        let Some((addr, speaks)) = self.mesh.node_route(node) else {
+            return Err(not_delivered(format!(
+                "home node `{node}` has no known overlay address"
+            )));
+        };
+        // The newest version both sides speak (an older peer during a
+        // rolling upgrade gets the version it reads, and answers in it).
+        head.version = speaks.clamp(OLDEST_VERSION, DELEGATION_VERSION);
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let stream = match tokio::time::timeout(
+            remaining,
+            self.overlay.open_stream(addr, Channel::Delegate),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return Err(not_delivered(format!(
+                    "home node `{node}` unreachable: {e}"
+                )))
+            }
+            Err(_) => {
+                return Err(not_delivered(format!(
+                    "home node `{node}` did not answer in time"
+                )))
+            }
+        };
+        let BiStream {
+            mut send,
+            mut recv,
+            peer,
+            ..
+        } = stream;
+        if *peer != *node {
+            // A stale address now belongs to another node: not our target.
+            send.reset(dmsc_transport::overlay::RESET_CANCELLED);
+            return Err(not_delivered(format!(
+                "the address of home node `{node}` now answers as `{peer}`"
+            )));
+        }
+        let mut parts: Vec<Bytes> = match wire::encode_request_head(&head) {
+            Ok(p) => p.to_vec(),
+            Err(e) => return Err(not_delivered(format!("cannot encode the request: {e}"))),
+        };
+        let mut guards: Vec<Box<dyn Send + Sync>> = Vec::new();
+        if let ReqBody::Buffered(bytes) = body {
+            // The common case: head and body in one write.
+            wire::encode_data(bytes, &mut parts);
+            if let Err(e) = send.write_chunks(&mut parts).await {
+                return Err(not_delivered(format!("home node `{node}`: {e}")));
+            }
+            let _ = send.finish();
+        } else {
+            let body = body.into_body();
+            if let Err(e) = send.write_chunks(&mut parts).await {
+                return Err(not_delivered(format!("home node `{node}`: {e}")));
+            }
+            let task = tokio::spawn(pump_body(body, send).in_current_span());
+            guards.push(Box::new(AbortOnDrop(task)));
+        }
+        // The home node enforces the deadline itself and says so; give its
+        // verdict a moment to arrive before answering for it.
+        let remaining = (deadline + HOME_VERDICT_GRACE).saturating_duration_since(Instant::now());
+        let mut decoder = PartDecoder::new();
+        let head = match tokio::time::timeout(remaining, read_part(&mut recv, &mut decoder)).await {
+            Err(_) => {
+                recv.stop(dmsc_transport::overlay::RESET_CANCELLED);
+                return Err(Failure::MaybeDelivered(
+                    MeshError::new(
+                        ErrorKind::Timeout,
+                        &self.me,
+                        format!("no response from `{id}` (via node `{node}`) within the deadline"),
+                    )
+                    .agent(id),
+                ));
+            }
+            Ok(Ok(Some(Part::Head(h)))) => wire::decode_response_head(&h),
+            Ok(Ok(other)) => {
+                return Err(Failure::MaybeDelivered(
+                    MeshError::new(
+                        ErrorKind::Unreachable,
+                        &self.me,
+                        format!("home node `{node}` sent {other:?} instead of a response head"),
+                    )
+                    .agent(id),
+                ))
+            }
+            Ok(Err(e)) => {
+                return Err(Failure::MaybeDelivered(
+                    MeshError::new(
+                        ErrorKind::Unreachable,
+                        &self.me,
+                        format!("home node `{node}` failed mid-delegation: {e}"),
+                    )
+                    .agent(id),
+                ))
+            }
+        };
+        let head = head.map_err(|e| {
+            Failure::MaybeDelivered(
+                MeshError::new(
+                    ErrorKind::Unreachable,
+                    &self.me,
+                    format!("home node `{node}`: {e}"),
+                )
+                .agent(id),
+            )
+        })?;
+        if let Some(failure) = head.failure {
+            // Version 2: the home node (not the agent) failed it, typed.
+            let e = MeshError::from_wire(failure);
+            return Err(if e.kind == ErrorKind::BadRequest && head.delivered {
+                // The home node took the delegation and judged the request
+                // (or the stream it arrived on) malformed: nothing the
+                // agent did. (A head it could not read stays "not
+                // delivered", so another candidate is tried.)
+                Failure::Caller(e)
+            } else if head.delivered {
+                Failure::MaybeDelivered(e)
+            } else {
+                Failure::NotDelivered(e)
+            });
+        }
+        if !head.delivered {
+            // A version 1 home node renders its failures into the response;
+            // what counts for the retry rules is that nothing was delivered.
+            return Err(not_delivered(format!(
+                "home node `{node}` answered {} without delivering (delegation wire version {})",
+                head.status, head.version
+            )));
+        }
+        let mut resp = Response::new(guarded(stream_body(recv, decoder), guards));
+        *resp.status_mut() = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
+        *resp.headers_mut() = wire::from_wire_headers(&head.headers);
+        Ok(resp)
+    }
+}
+
+/// Reads until one whole part is available; `None` at a clean end of stream.
+pub(super) async fn read_part(
+    recv: &mut StreamRecv,
+    decoder: &mut PartDecoder,
+) -> Result<Option<Part>, wire::WireError> {
+    loop {
+        if let Some(p) = decoder.next_part()? {
+            return Ok(Some(p));
+        }
+        let chunk = recv
+            .read_chunk(READ_CHUNK)
+            .await
+            .map_err(|e| wire::WireError::Stream(e.to_string()))?;
+        match chunk {
+            Some(bytes) => decoder.push(&bytes),
+            None => {
+                decoder.finish()?;
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// The rest of a delegation stream as an HTTP body (data and trailers).
+pub(super) fn stream_body(recv: StreamRecv, decoder: PartDecoder) -> Body {
+    let s = futures_util::stream::unfold(Some((recv, decoder)), |state| async move {
+        let (mut recv, mut decoder) = state?;
+        loop {
+            match read_part(&mut recv, &mut decoder).await {
+                Ok(Some(Part::Data(d))) => {
+                    if d.is_empty() {
+                        continue;
+                    }
+                    return Some((Ok(Frame::data(d)), Some((recv, decoder))));
+                }
+                Ok(Some(Part::Trailers(t))) => {
+                    return Some((
+                        Ok(Frame::trailers(wire::from_wire_headers(&t))),
+                        Some((recv, decoder)),
+                    ));
+                }
+                Ok(Some(Part::Head(_))) => {
+                    let e: BoxError = Box::new(wire::WireError::Unexpected("second head"));
+                    return Some((Err(e), None));
+                }
+                Ok(None) => return None,
+                Err(e) => return Some((Err(Box::new(e) as BoxError), None)),
+            }
+        }
+    });
+    http_body_util::StreamBody::new(s).boxed()
+}
+
+/// Copies an HTTP body (data and trailers) into a delegation stream and
+/// finishes it. On an error the caller resets the stream.
+pub(super) async fn copy_body(mut body: Body, send: &mut StreamSend) -> Result<(), BoxError> {
+    while let Some(frame) = body.frame().await {
+        match frame?.into_data() {
+            Ok(data) => {
+                let mut p = Vec::with_capacity(2);
+                wire::encode_data(data, &mut p);
+                send.write_chunks(&mut p).await?;
+            }
+            Err(f) => {
+                if let Ok(t) = f.into_trailers() {
+                    send.write_chunks(&mut wire::encode_trailers(&t)?.to_vec())
+                        .await?;
+                }
+            }
+        }
+    }
+    send.finish()?;
+    Ok(())
+}
+
+/// The request body of a streamed remote delegation (runs beside the
+/// response read).
+async fn pump_body(body: Body, mut send: StreamSend) {
+    if let Err(e) = copy_body(body, &mut send).await {
+        debug!(error = %e, "body copy into the overlay stopped");
+        send.reset(dmsc_transport::overlay::RESET_CANCELLED);
+    }
+}

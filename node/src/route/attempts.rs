@@ -1,0 +1,243 @@
+//! Retry decisions for one delegation, as a sans-I/O state machine: the
+//! forwarding loop asks which candidates to leave out, reports each attempt's
+//! failure, and is told whether to charge the agent's circuit and whether to
+//! try the next candidate or stop with an error. No clocks, sockets or
+//! registry here, so every rule is tested on values.
+//!
+//! The rules (docs/delegation.md):
+//! - a failure that certainly happened before the agent saw the request
+//!   (refused connection, unknown at the home node, home node unreachable)
+//!   moves on to the next candidate, if the body can be sent again;
+//! - one that may have reached the agent is retried only for idempotent
+//!   methods with a replayable body, and never after a timeout (the
+//!   deadline is spent);
+//! - the caller's own failures (bad or cut body) and a home node's policy
+//!   refusal are never retried and never charged to the agent;
+//! - at most `retries` further candidates; a candidate whose circuit is
+//!   open is skipped and counts as one.
+
+use dmsc_registry::AgentId;
+
+use crate::proto::http::{ErrorKind, MeshError};
+use crate::proto::outcome::Failure;
+
+/// What to do after a failed attempt.
+#[derive(Debug)]
+pub enum Next {
+    /// Try the next candidate.
+    Retry,
+    /// Give the caller this error.
+    Stop(MeshError),
+}
+
+/// The verdict on one failed attempt.
+#[derive(Debug)]
+pub struct Verdict {
+    /// Count it against the agent (circuit breaker, error rate).
+    pub charge_agent: bool,
+    pub next: Next,
+}
+
+/// The attempts of one delegation.
+#[derive(Debug)]
+pub struct Attempts {
+    exclude: Vec<AgentId>,
+    last: Option<MeshError>,
+    made: u32,
+    max: u32,
+    replayable: bool,
+    idempotent: bool,
+}
+
+impl Attempts {
+    /// `retries` further candidates at most; `replayable`: the body is
+    /// buffered; `idempotent`: the method may safely be repeated.
+    pub fn new(retries: u32, replayable: bool, idempotent: bool) -> Attempts {
+        Attempts {
+            exclude: Vec::new(),
+            last: None,
+            made: 0,
+            max: retries.saturating_add(1),
+            replayable,
+            idempotent,
+        }
+    }
+
+    /// Candidates already tried or skipped (left out of the next selection).
+    pub fn excluded(&self) -> &[AgentId] {
+        &self.exclude
+    }
+
+    /// Starts the next attempt; false when the budget is spent.
+    pub fn begin(&mut self) -> bool {
+        if self.made >= self.max {
+            return false;
+        }
+        self.made += 1;
+        true
+    }
+
+    /// Attempts made so far (the one in progress included).
+    pub fn made(&self) -> u32 {
+        self.made
+    }
+
+    /// The candidate's circuit did not admit the request: leave it out.
+    pub fn skip(&mut self, id: AgentId) {
+        self.exclude.push(id);
+    }
+
+    /// Judges a failed attempt at `id`.
+    pub fn failed(&mut self, id: AgentId, failure: Failure) -> Verdict {
+        match failure {
+            Failure::Caller(e) => Verdict {
+                charge_agent: false,
+                next: Next::Stop(e),
+            },
+            // A home node's tenant policy refused: another candidate of the
+            // same tenant would be refused alike, and the agent did nothing.
+            Failure::NotDelivered(e) if e.kind == ErrorKind::Forbidden => Verdict {
+                charge_agent: false,
+                next: Next::Stop(e),
+            },
+            Failure::NotDelivered(e) => {
+                self.exclude.push(id);
+                if self.replayable {
+                    self.last = Some(e);
+                    Verdict {
+                        charge_agent: true,
+                        next: Next::Retry,
+                    }
+                } else {
+                    Verdict {
+                        charge_agent: true,
+                        next: Next::Stop(e),
+                    }
+                }
+            }
+            Failure::MaybeDelivered(e) => {
+                let retry = self.replayable && self.idempotent && e.kind != ErrorKind::Timeout;
+                if retry {
+                    self.exclude.push(id);
+                    self.last = Some(e);
+                    Verdict {
+                        charge_agent: true,
+                        next: Next::Retry,
+                    }
+                } else {
+                    Verdict {
+                        charge_agent: true,
+                        next: Next::Stop(e),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Selection found no (further) candidate: the error to give, naming
+    /// the last failure if there was one.
+    pub fn no_candidate(&mut self, me: &str, e: MeshError) -> MeshError {
+        match self.last.take() {
+            Some(prev) => MeshError::new(
+                prev.kind,
+                me,
+                format!("{}; no other candidate: {}", prev.detail, e.detail),
+            ),
+            None => e,
+        }
+    }
+
+    /// The budget is spent: the last failure, or that nothing admitted it.
+    pub fn exhausted(&mut self, me: &str) -> MeshError {
+        self.last.take().unwrap_or_else(|| {
+            MeshError::new(
+                ErrorKind::NoneAvailable,
+                me,
+                "no candidate admitted the request",
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: &str) -> AgentId {
+        AgentId::new("acme", n)
+    }
+
+    fn err(kind: ErrorKind) -> MeshError {
+        MeshError::new(kind, "n1", "it failed")
+    }
+
+    fn retried(v: &Verdict) -> bool {
+        matches!(v.next, Next::Retry)
+    }
+
+    #[test]
+    fn not_delivered_moves_on_only_with_a_replayable_body() {
+        let mut a = Attempts::new(2, true, false);
+        assert!(a.begin());
+        let v = a.failed(id("a"), Failure::NotDelivered(err(ErrorKind::Unreachable)));
+        assert!(retried(&v) && v.charge_agent);
+        assert_eq!(a.excluded(), [id("a")]);
+        let mut streamed = Attempts::new(2, false, true);
+        assert!(streamed.begin());
+        let v = streamed.failed(id("a"), Failure::NotDelivered(err(ErrorKind::Unreachable)));
+        assert!(!retried(&v) && v.charge_agent);
+    }
+
+    #[test]
+    fn maybe_delivered_is_retried_only_when_idempotent_replayable_and_not_a_timeout() {
+        for (replayable, idempotent, kind, retry) in [
+            (true, true, ErrorKind::Unreachable, true),
+            (true, false, ErrorKind::Unreachable, false),
+            (false, true, ErrorKind::Unreachable, false),
+            (true, true, ErrorKind::Timeout, false),
+        ] {
+            let mut a = Attempts::new(2, replayable, idempotent);
+            a.begin();
+            let v = a.failed(id("a"), Failure::MaybeDelivered(err(kind)));
+            assert_eq!(retried(&v), retry, "{replayable} {idempotent} {kind:?}");
+            assert!(v.charge_agent);
+        }
+    }
+
+    #[test]
+    fn the_callers_failures_and_policy_refusals_stop_and_charge_nobody() {
+        let mut a = Attempts::new(2, true, true);
+        a.begin();
+        let v = a.failed(id("a"), Failure::Caller(err(ErrorKind::BadRequest)));
+        assert!(!retried(&v) && !v.charge_agent);
+        let v = a.failed(id("a"), Failure::NotDelivered(err(ErrorKind::Forbidden)));
+        assert!(!retried(&v) && !v.charge_agent);
+        assert!(a.excluded().is_empty());
+    }
+
+    #[test]
+    fn the_budget_is_retries_plus_one_and_skips_count() {
+        let mut a = Attempts::new(1, true, true);
+        assert!(a.begin());
+        a.skip(id("open-circuit"));
+        assert!(a.begin());
+        assert!(!a.begin(), "two attempts for one retry");
+        assert_eq!(a.made(), 2);
+        assert_eq!(a.exhausted("n1").kind, ErrorKind::NoneAvailable);
+    }
+
+    #[test]
+    fn no_candidate_names_the_last_failure() {
+        let mut a = Attempts::new(2, true, false);
+        a.begin();
+        a.failed(id("a"), Failure::NotDelivered(err(ErrorKind::Unreachable)));
+        let e = a.no_candidate("n1", err(ErrorKind::NoneAvailable));
+        assert_eq!(e.kind, ErrorKind::Unreachable);
+        assert!(e.detail.contains("no other candidate"), "{}", e.detail);
+        let mut fresh = Attempts::new(2, true, false);
+        assert_eq!(
+            fresh.no_candidate("n1", err(ErrorKind::NoMatch)).kind,
+            ErrorKind::NoMatch
+        );
+    }
+}
