@@ -210,15 +210,15 @@ async fn real(n: usize, interval_ms: u64, phi: f64, window: Duration) -> anyhow:
         apps.push(App::build(raw.validate()?).await?);
     }
     let victim = apps.pop().ok_or_else(|| anyhow::anyhow!("no nodes"))?;
-    let mut gossips: Vec<&Gossip> = apps.iter().map(|a| &*a.shared().gossip).collect();
-    gossips.push(&victim.shared().gossip);
+    let mut gossips: Vec<&Gossip> = apps.iter().map(|a| &**a.gossip()).collect();
+    gossips.push(&**victim.gossip());
     // Crash, not leave: stop its gossip and close its overlay without announcing.
     let crash = || {
         // Abort its tasks outright (no leave), and close its overlay.
-        let shared = victim.shared().clone();
+        let (gossip, overlay) = (victim.gossip().clone(), victim.overlay().clone());
         tokio::spawn(async move {
-            shared.gossip.stop().await;
-            shared.overlay.shutdown().await;
+            gossip.stop().await;
+            overlay.shutdown().await;
         });
     };
     let row = measure("real QUIC", n, gossips, started, window, crash).await?;

@@ -257,13 +257,11 @@ pub async fn auth_e2e(args: AuthE2eArgs) -> anyhow::Result<()> {
     let plain = mesh.ingress(1);
     let tls = mesh.nodes[1].bound().ingress[1];
     let (cert, _) = mesh.nodes[1]
-        .shared()
-        .security
+        .security()
         .create_token("acme", "client", Duration::from_secs(600))
         .map_err(|r| anyhow::anyhow!("{}", r.reason))?;
     let enrolled = mesh.nodes[1]
-        .shared()
-        .security
+        .security()
         .enroll(
             serde_json::json!({ "token": cert }).to_string().as_bytes(),
             "127.0.0.1:1".parse()?,

@@ -25,12 +25,13 @@ use crate::config::NodeConfig;
 use crate::control::agents::AgentsCtx;
 use crate::control::clock::serve_control;
 use crate::control::credentials::watch_credentials;
-use crate::control::sync::sync_loop;
+use crate::control::sync::{sync_loop, Sync};
+use crate::forward::budget::BodyBudget;
 use crate::forward::client::Upstream;
 use crate::forward::local::LocalAgents;
 use crate::forward::Delegator;
 use crate::ingress::listen::{Listeners, Protocols};
-use crate::ingress::Ingress;
+use crate::ingress::{Ingress, IngressParts};
 use crate::metrics::Metrics;
 use crate::proto::gossip::{revoked_key, NodeAnnouncement};
 use crate::route::MeshView;
@@ -43,6 +44,7 @@ pub use crate::admin::Bound;
 #[derive(Debug)]
 pub struct App {
     shared: Arc<Shared>,
+    body_budget: Arc<BodyBudget>,
     tasks: JoinSet<()>,
     audit: Option<dmsc_audit::AuditTask>,
 }
@@ -140,6 +142,11 @@ impl App {
         let delegation_metrics = crate::metrics::DelegationMetrics::default();
         let local_agents = Arc::new(LocalAgents::default());
         let upstream = Upstream::new();
+        let body_budget = crate::forward::budget::BodyBudget::new(
+            config.delegation.max_buffered_total,
+            delegation_metrics.buffered_bytes.clone(),
+            delegation_metrics.budget_refusals.clone(),
+        );
         let delegator = Arc::new(Delegator {
             me: name.clone(),
             mesh: mesh.clone(),
@@ -148,11 +155,6 @@ impl App {
             overlay: overlay.clone(),
             cfg: config.delegation.clone(),
             metrics: delegation_metrics.clone(),
-            body_budget: crate::forward::budget::BodyBudget::new(
-                config.delegation.max_buffered_total,
-                delegation_metrics.buffered_bytes.clone(),
-                delegation_metrics.budget_refusals.clone(),
-            ),
             security: security.clone(),
         });
         let agents = AgentsCtx {
@@ -184,13 +186,16 @@ impl App {
             } else {
                 None
             };
-            let ingress = Ingress {
+            let ingress = Ingress::new(IngressParts {
                 spec: spec.clone(),
                 listen: addr,
+                me: name.clone(),
+                cfg: config.delegation.clone(),
+                budget: body_budget.clone(),
                 delegator: delegator.clone(),
                 security: security.clone(),
                 tls,
-            };
+            });
             let server = listeners.server(format!("ingress:{addr}"), Protocols::Auto);
             tasks.spawn(ingress.serve(listener, server).in_current_span());
             info!(
@@ -207,12 +212,14 @@ impl App {
             tasks.spawn(stream_loop(streams, delegator.clone()).in_current_span());
         }
         tasks.spawn(
-            sync_loop(
-                gossip.clone(),
-                mesh.clone(),
-                delegator.clone(),
-                (config.gossip_interval / 2).max(Duration::from_millis(20)),
-            )
+            sync_loop(Sync {
+                gossip: gossip.clone(),
+                mesh: mesh.clone(),
+                security: security.clone(),
+                overlay: overlay.clone(),
+                cards: delegator.clone(),
+                every: (config.gossip_interval / 2).max(Duration::from_millis(20)),
+            })
             .in_current_span(),
         );
         tasks.spawn(
@@ -250,7 +257,6 @@ impl App {
             gossip,
             mesh,
             agents,
-            delegator,
             metrics: Metrics::new(delegation_metrics, security_metrics, listener_metrics),
             started: Instant::now(),
             bound: bound.clone(),
@@ -268,6 +274,7 @@ impl App {
         );
         Ok(App {
             shared,
+            body_budget,
             tasks,
             audit,
         })
@@ -277,8 +284,51 @@ impl App {
         self.shared.bound.clone()
     }
 
-    pub fn shared(&self) -> &Arc<Shared> {
-        &self.shared
+    /// The node's trust state (credentials, revocations, audit).
+    pub fn security(&self) -> &Arc<Security> {
+        &self.shared.security
+    }
+
+    /// The node's registry view (records, load, circuits).
+    pub fn mesh(&self) -> &Arc<MeshView> {
+        &self.shared.mesh
+    }
+
+    pub fn overlay(&self) -> &Overlay {
+        &self.shared.overlay
+    }
+
+    pub fn gossip(&self) -> &Arc<Gossip> {
+        &self.shared.gossip
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.shared.config
+    }
+
+    /// This node's own agents: onboarding and removal.
+    pub fn agents(&self) -> &AgentsCtx {
+        &self.shared.agents
+    }
+
+    /// The node's metrics (delegation, listener and security counters).
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// The node-wide budget for buffered request bodies.
+    pub fn body_budget(&self) -> &Arc<BodyBudget> {
+        &self.body_budget
+    }
+
+    /// The Prometheus text `/metrics` serves.
+    pub async fn metrics_text(&self) -> String {
+        crate::admin::report::metrics_text(&self.shared).await
+    }
+
+    /// The agent table `GET /v1/agents` serves.
+    pub fn agent_statuses(&self) -> Vec<crate::admin::status::AgentStatus> {
+        crate::admin::report::agent_statuses(&self.shared)
     }
 
     pub async fn status(&self) -> StatusReport {

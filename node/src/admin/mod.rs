@@ -20,7 +20,6 @@ use tokio::net::TcpListener;
 
 use crate::config::NodeConfig;
 use crate::control::agents::AgentsCtx;
-use crate::forward::Delegator;
 use crate::metrics::Metrics;
 use crate::route::MeshView;
 use crate::security::Security;
@@ -40,19 +39,19 @@ pub struct Bound {
     pub ingress: Vec<std::net::SocketAddr>,
 }
 
-/// State shared by the admin API and the app.
-pub struct Shared {
-    pub config: NodeConfig,
-    pub security: Arc<Security>,
-    pub overlay: Overlay,
-    pub gossip: Arc<Gossip>,
-    pub mesh: Arc<MeshView>,
-    pub agents: AgentsCtx,
-    pub delegator: Arc<Delegator>,
-    pub metrics: Metrics,
-    pub started: std::time::Instant,
-    pub bound: Bound,
-    pub ready: std::sync::atomic::AtomicBool,
+/// What the admin API reads and changes: handed to its handlers by the
+/// app, never outside the crate (tests and tools use `App`'s accessors).
+pub(crate) struct Shared {
+    pub(crate) config: NodeConfig,
+    pub(crate) security: Arc<Security>,
+    pub(crate) overlay: Overlay,
+    pub(crate) gossip: Arc<Gossip>,
+    pub(crate) mesh: Arc<MeshView>,
+    pub(crate) agents: AgentsCtx,
+    pub(crate) metrics: Metrics,
+    pub(crate) started: std::time::Instant,
+    pub(crate) bound: Bound,
+    pub(crate) ready: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Shared {
@@ -418,7 +417,7 @@ async fn route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) -> Response<
 
 /// Accepts admin connections until the task is aborted, with the limits
 /// of [`crate::ingress::listen`] (HTTP/1.1 only).
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
     server: crate::ingress::listen::Server,

@@ -16,7 +16,7 @@ use crate::metrics::Metrics;
 use crate::proto::gossip::NodeAnnouncement;
 
 /// Builds the status report from live state.
-pub async fn status_report(s: &Shared) -> StatusReport {
+pub(crate) async fn status_report(s: &Shared) -> StatusReport {
     let members = s.gossip.members().await;
     let now = SystemTime::now();
     let identity = s.security.identity();
@@ -135,7 +135,7 @@ pub async fn status_report(s: &Shared) -> StatusReport {
 }
 
 /// The agent table: every registered agent, with this node's view of it.
-pub fn agent_statuses(s: &Shared) -> Vec<super::status::AgentStatus> {
+pub(crate) fn agent_statuses(s: &Shared) -> Vec<super::status::AgentStatus> {
     let reg = s.mesh.read();
     reg.iter()
         .map(|e| {
@@ -170,7 +170,7 @@ pub fn agent_statuses(s: &Shared) -> Vec<super::status::AgentStatus> {
 }
 
 /// Refreshes the metrics registry from live state and encodes it.
-pub async fn metrics_text(s: &Shared) -> String {
+pub(crate) async fn metrics_text(s: &Shared) -> String {
     let report = status_report(s).await;
     let m = &s.metrics;
     for (state, n) in [
@@ -214,7 +214,7 @@ pub async fn metrics_text(s: &Shared) -> String {
 /// clock skew (over a control stream, error bounded by half the RTT) and
 /// whether each bootstrap peer accepts this node's certificate (a CA
 /// mismatch shows up here as a refused handshake).
-pub async fn peer_checks(s: &Shared) -> serde_json::Value {
+pub(crate) async fn peer_checks(s: &Shared) -> serde_json::Value {
     let mut peers = Vec::new();
     for p in s.overlay.peers() {
         let (skew, rtt, error) = match tokio::time::timeout(

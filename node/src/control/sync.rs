@@ -10,14 +10,22 @@ use dmsc_gossip::Gossip;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use dmsc_transport::Overlay;
+
 use crate::forward::Delegator;
 use crate::proto::gossip::{revoked_key, KEY_REVOKED_PREFIX};
 use crate::route::MeshView;
+use crate::security::Security;
 
 /// Takes in the revocations peers publish: each is checked against the
 /// mesh CA, persisted, re-published under this node's state, and the live
 /// connections it condemns are closed.
-fn apply_revocations(scan: &[dmsc_gossip::NodeScan], gossip: &Arc<Gossip>, delegator: &Delegator) {
+fn apply_revocations(
+    scan: &[dmsc_gossip::NodeScan],
+    gossip: &Arc<Gossip>,
+    security: &Security,
+    overlay: &Overlay,
+) {
     let mut any = false;
     for (key, value) in scan
         .iter()
@@ -32,7 +40,7 @@ fn apply_revocations(scan: &[dmsc_gossip::NodeScan], gossip: &Arc<Gossip>, deleg
                 continue;
             }
         };
-        match delegator.security.apply_revocation(r.clone(), "gossip") {
+        match security.apply_revocation(r.clone(), "gossip") {
             Ok(true) => {
                 let g = gossip.clone();
                 tokio::spawn(async move { publish_revocation(&g, &r).await }.in_current_span());
@@ -45,7 +53,7 @@ fn apply_revocations(scan: &[dmsc_gossip::NodeScan], gossip: &Arc<Gossip>, deleg
         }
     }
     if any {
-        delegator.overlay.close_revoked();
+        overlay.close_revoked();
     }
 }
 
@@ -56,12 +64,22 @@ pub async fn publish_revocation(gossip: &Gossip, r: &dmsc_transport::Revocation)
 
 /// Keeps the registry in step with gossip, and fetches the cards of remote
 /// agents this node has not seen yet (their text feeds intent matching).
-pub async fn sync_loop(
-    gossip: Arc<Gossip>,
-    mesh: Arc<MeshView>,
-    delegator: Arc<Delegator>,
-    every: Duration,
-) {
+/// What the sync loop works with.
+#[derive(Debug, Clone)]
+pub struct Sync {
+    pub gossip: Arc<Gossip>,
+    pub mesh: Arc<MeshView>,
+    /// Verifies and persists revocations.
+    pub security: Arc<Security>,
+    /// Connections to close (dead peers, revoked certificates).
+    pub overlay: Overlay,
+    /// Fetches remote agents' cards through the mesh.
+    pub cards: Arc<Delegator>,
+    pub every: Duration,
+}
+
+pub async fn sync_loop(sync: Sync) {
+    let (gossip, mesh, every) = (sync.gossip.clone(), sync.mesh.clone(), sync.every);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut cards = tokio::time::interval(Duration::from_millis(500));
@@ -74,7 +92,7 @@ pub async fn sync_loop(
         tokio::select! {
             _ = tick.tick() => {
                 let scan = gossip.scan_since("", &mesh.scan_cursor()).await;
-                apply_revocations(&scan, &gossip, &delegator);
+                apply_revocations(&scan, &gossip, &sync.security, &sync.overlay);
                 let gone = mesh.apply_scan(scan);
                 for addr in &gone {
                     // Once per death: in-flight delegations to a dead node
@@ -82,7 +100,7 @@ pub async fn sync_loop(
                     // waiting for the QUIC idle timeout. Not again while it
                     // stays dead, so a node that comes back can reconnect.
                     if closed.insert(*addr) {
-                        delegator.overlay.close_peer(*addr);
+                        sync.overlay.close_peer(*addr);
                     }
                 }
                 closed.retain(|a| gone.contains(a));
@@ -93,7 +111,7 @@ pub async fn sync_loop(
                 failed.retain(|_, t: &mut Instant| t.elapsed() < Duration::from_secs(10));
                 // A node whose certificate is scoped to some tenants would be
                 // refused (and audited) by the home nodes of all the others.
-                let scope = delegator.security.identity().info.tenants.clone();
+                let scope = sync.security.identity().info.tenants.clone();
                 for (id, digest) in mesh.missing_cards() {
                     if fetching.len() >= 8 {
                         break;
@@ -104,7 +122,7 @@ pub async fn sync_loop(
                     if failed.contains_key(&digest) || !in_progress.insert(digest.clone()) {
                         continue;
                     }
-                    let (d, m) = (delegator.clone(), mesh.clone());
+                    let (d, m) = (sync.cards.clone(), mesh.clone());
                     fetching.spawn(
                         async move {
                             let ok = match crate::forward::fetch_card(&d, &id).await {

@@ -71,15 +71,14 @@ impl LocalMesh {
     pub fn node_dir(&self, i: usize) -> std::path::PathBuf {
         self.dir
             .path()
-            .join(self.nodes[i].shared().security.identity().name())
+            .join(self.nodes[i].security().identity().name())
     }
 
     /// Node `i`'s admin token (for mutating admin calls).
     pub fn admin_token(&self, i: usize) -> String {
         crate::ops::read_admin_token(
             &self.nodes[i]
-                .shared()
-                .config
+                .config()
                 .data_dir
                 .join(crate::security::ADMIN_TOKEN_FILE),
         )
@@ -119,7 +118,7 @@ impl LocalMesh {
             name: name.map(str::to_string),
             ..Default::default()
         };
-        let a = self.nodes[i].shared().agents.add(&spec).await?;
+        let a = self.nodes[i].agents().add(&spec).await?;
         Ok(a.id.to_string())
     }
 
@@ -131,7 +130,7 @@ impl LocalMesh {
         };
         self.nodes
             .iter()
-            .all(|n| n.shared().mesh.read().get(&id).is_some())
+            .all(|n| n.mesh().read().get(&id).is_some())
     }
 
     /// Sends a request to node `i`'s ingress for `host` and reads it whole.

@@ -335,7 +335,7 @@ fn reason(body: &str) -> String {
 async fn security_act(mesh: &LocalMesh) -> anyhow::Result<()> {
     let tls = mesh.nodes[0].bound().ingress[1];
     let ca = &mesh.ca.cert_pem;
-    let sec = &mesh.nodes[0].shared().security;
+    let sec = &mesh.nodes[0].security();
     println!(
         "\nsecurity (TLS ingress {tls} of {}: the caller's certificate decides its tenant):",
         sec.identity().name()

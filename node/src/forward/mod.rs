@@ -43,7 +43,6 @@ use crate::proto::wire::{self, RequestHead, DELEGATION_VERSION};
 use crate::route::attempts::{Attempts, Next};
 use crate::route::MeshView;
 use body::guarded;
-use budget::BodyBudget;
 use client::Upstream;
 use fault::BodyWatch;
 use local::{deliver_local, LocalAgents, ToAgent, CARD_PATHS};
@@ -90,17 +89,15 @@ pub struct Delegation {
 /// The delegation engine of a node (shared by ingress and the overlay side).
 #[derive(Debug)]
 pub struct Delegator {
-    pub me: String,
-    pub mesh: Arc<MeshView>,
-    pub agents: Arc<LocalAgents>,
-    pub upstream: Upstream,
-    pub overlay: Overlay,
-    pub cfg: DelegationConfig,
-    pub metrics: crate::metrics::DelegationMetrics,
-    /// Node-wide budget for request bodies buffered at ingress.
-    pub body_budget: Arc<BodyBudget>,
+    pub(crate) me: String,
+    pub(crate) mesh: Arc<MeshView>,
+    pub(crate) agents: Arc<LocalAgents>,
+    pub(crate) upstream: Upstream,
+    pub(crate) overlay: Overlay,
+    pub(crate) cfg: DelegationConfig,
+    pub(crate) metrics: crate::metrics::DelegationMetrics,
     /// Audit trail (and the rest of the node's security state).
-    pub security: Arc<crate::security::Security>,
+    pub(crate) security: Arc<crate::security::Security>,
 }
 
 fn idempotent(m: &Method) -> bool {

@@ -20,7 +20,7 @@
 //!
 //! Bodies up to `delegation.max_buffered_body` with a known length are read
 //! first (so a failed attempt can be retried elsewhere and intent can be
-//! read), each within the node-wide body budget ([`crate::budget`]: 503
+//! read), each within the node-wide body budget ([`crate::forward::budget`]: 503
 //! and `Retry-After` when it is spent); others stream through untouched.
 //! Nothing else of the body is parsed on the hot path.
 //!
@@ -29,7 +29,7 @@
 //! is appended to `X-Forwarded-For`, and the agent's node states the
 //! verified caller ([`crate::proto::forwarded`]). A `dmsc-timeout` beyond
 //! `delegation.max_timeout_ms` is clamped to it. Enrollment and renewal are
-//! rate-limited per source address ([`crate::throttle`]).
+//! rate-limited per source address ([`crate::security::throttle`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -44,16 +44,17 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::debug;
 
-use crate::config::IngressSpec;
+use crate::config::{DelegationConfig, IngressSpec};
+use crate::forward::budget::BodyBudget;
 use crate::forward::budget::BodyPermit;
 use crate::forward::{Delegation, Delegator, ReqBody};
 use crate::proto::http::{full, parse_timeout, Body, BoxError, ErrorKind, MeshError};
 use listen::{Conn, Server};
 
 pub mod listen;
+use crate::policy::caller::{Authenticator, ConnIdentity};
 use crate::security::throttle::Attempt;
-use crate::security::{Caller, Refusal, Security, TlsIngress};
-use dmsc_transport::tls::AgentIdentity;
+use crate::security::{Refusal, Security, TlsIngress};
 use rustls::pki_types::CertificateDer;
 
 /// Bound on a TLS handshake at the ingress.
@@ -118,19 +119,6 @@ fn retry_later(e: MeshError, after: std::time::Duration) -> Response<Body> {
         hyper::header::HeaderValue::from(secs.max(1)),
     );
     resp
-}
-
-/// What one connection proved, judged once after the handshake.
-#[derive(Debug, Default)]
-struct ConnAuth {
-    peer: Option<SocketAddr>,
-    /// The client certificate chain, if one was presented.
-    chain: Vec<CertificateDer<'static>>,
-    /// Its serials that a revocation could name (parsed once per connection;
-    /// checked on every request).
-    serials: Vec<String>,
-    /// The chain's verdict: the agent it proves, or why it proves nothing.
-    verdict: Option<Result<AgentIdentity, String>>,
 }
 
 /// What a host name asks for.
@@ -200,11 +188,48 @@ fn trace_id<B>(req: &Request<B>) -> String {
 /// One ingress listener.
 #[derive(Clone)]
 pub struct Ingress {
+    spec: IngressSpec,
+    listen: SocketAddr,
+    /// `ingress:<addr>`, for audit entries and unauthenticated callers.
+    label: String,
+    /// This node's name (errors say where they happened).
+    me: String,
+    /// Deadlines and body limits.
+    cfg: DelegationConfig,
+    /// Node-wide budget for buffered request bodies.
+    budget: Arc<BodyBudget>,
+    /// Where parsed, authenticated, authorised requests go.
+    delegator: Arc<Delegator>,
+    security: Arc<Security>,
+    tls: Option<Arc<TlsIngress>>,
+}
+
+/// What one ingress listener needs from the node.
+pub struct IngressParts {
     pub spec: IngressSpec,
     pub listen: SocketAddr,
+    pub me: String,
+    pub cfg: DelegationConfig,
+    pub budget: Arc<BodyBudget>,
     pub delegator: Arc<Delegator>,
     pub security: Arc<Security>,
     pub tls: Option<Arc<TlsIngress>>,
+}
+
+impl Ingress {
+    pub fn new(p: IngressParts) -> Ingress {
+        Ingress {
+            label: format!("ingress:{}", p.listen),
+            spec: p.spec,
+            listen: p.listen,
+            me: p.me,
+            cfg: p.cfg,
+            budget: p.budget,
+            delegator: p.delegator,
+            security: p.security,
+            tls: p.tls,
+        }
+    }
 }
 
 impl std::fmt::Debug for Ingress {
@@ -246,6 +271,15 @@ fn refusal_response(r: &Refusal, me: &str, bearer: bool) -> Response<Body> {
 }
 
 impl Ingress {
+    /// Who is calling, by this listener's rules.
+    fn authenticator(&self) -> Authenticator<'_> {
+        Authenticator {
+            security: &self.security,
+            spec: &self.spec,
+            listener: &self.label,
+        }
+    }
+
     /// Accepts connections until the task is dropped, with the limits of
     /// [`crate::ingress::listen`]; a TLS listener completes the handshake and judges
     /// the client certificate before any HTTP is read.
@@ -257,7 +291,7 @@ impl Ingress {
                 async move {
                     match this.tls.as_ref().map(|t| t.acceptor()) {
                         None => {
-                            let auth = Arc::new(ConnAuth {
+                            let auth = Arc::new(ConnIdentity {
                                 peer: Some(peer),
                                 ..Default::default()
                             });
@@ -289,7 +323,7 @@ impl Ingress {
                             let verdict = (!chain.is_empty() && this.spec.mtls)
                                 .then(|| this.security.verify_agent(&chain));
                             let serials = dmsc_transport::revoke::chain_serials(chain.iter());
-                            let auth = Arc::new(ConnAuth {
+                            let auth = Arc::new(ConnIdentity {
                                 peer: Some(peer),
                                 chain,
                                 serials,
@@ -303,7 +337,7 @@ impl Ingress {
             .await
     }
 
-    async fn serve_conn<I>(self: &Arc<Self>, conn: Conn, io: I, auth: Arc<ConnAuth>)
+    async fn serve_conn<I>(self: &Arc<Self>, conn: Conn, io: I, auth: Arc<ConnIdentity>)
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
@@ -315,169 +349,9 @@ impl Ingress {
         conn.serve(io, svc).await
     }
 
-    fn audit_auth_failure(
-        &self,
-        method: dmsc_audit::AuthMethod,
-        reason: &str,
-        auth: &ConnAuth,
-        claimed: Option<String>,
-        tenant: Option<String>,
-    ) {
-        self.security
-            .record(self.auth_failure_event(method, reason, auth, claimed, tenant));
-    }
-
-    fn auth_failure_event(
-        &self,
-        method: dmsc_audit::AuthMethod,
-        reason: &str,
-        auth: &ConnAuth,
-        claimed: Option<String>,
-        tenant: Option<String>,
-    ) -> dmsc_audit::Event {
-        dmsc_audit::Event {
-            tenant,
-            kind: dmsc_audit::AuthFailure {
-                listener: format!("ingress:{}", self.listen),
-                method,
-                reason: reason.to_string(),
-                peer: auth.peer.map(|p| p.to_string()).unwrap_or_default(),
-                claimed,
-            }
-            .into(),
-        }
-    }
-
-    /// The agent a connection's client certificate proves *now*: judged at
-    /// the handshake, and still unrevoked and unexpired for this request (a
-    /// connection may outlive its certificate, or a revocation arrive).
-    fn cert_caller<'a>(
-        &self,
-        auth: &'a ConnAuth,
-        none: &str,
-    ) -> Result<&'a AgentIdentity, Refusal> {
-        let unauthorized = |code: &str, reason: String| {
-            Refusal::new(hyper::StatusCode::UNAUTHORIZED, code, reason)
-        };
-        match &auth.verdict {
-            None => Err(unauthorized("no_credentials", none.to_string())),
-            Some(Err(reason)) => Err(unauthorized("cert_refused", reason.clone())),
-            Some(Ok(who)) => {
-                if let Some(r) = self.security.revoked.revoked_among(&auth.serials) {
-                    Err(unauthorized(
-                        "cert_revoked",
-                        format!(
-                            "certificate `{}` is revoked (serial {}: {})",
-                            who.spiffe, r.serial, r.reason
-                        ),
-                    ))
-                } else if std::time::SystemTime::now() > who.not_after {
-                    Err(unauthorized(
-                        "cert_expired",
-                        format!("certificate `{}` has expired", who.spiffe),
-                    ))
-                } else {
-                    Ok(who)
-                }
-            }
-        }
-    }
-
-    /// Audits a refused client certificate with whatever identity it claimed.
-    fn audit_cert_refusal(&self, method: dmsc_audit::AuthMethod, r: &Refusal, auth: &ConnAuth) {
-        self.security
-            .record(self.cert_refusal_event(method, r, auth));
-    }
-
-    /// The audit entry of a refused client certificate.
-    fn cert_refusal_event(
-        &self,
-        method: dmsc_audit::AuthMethod,
-        r: &Refusal,
-        auth: &ConnAuth,
-    ) -> dmsc_audit::Event {
-        let claimed = auth
-            .chain
-            .first()
-            .and_then(|c| dmsc_transport::identity::cert_info(c).ok())
-            .map(|i| i.spiffe.to_string());
-        let tenant = match &auth.verdict {
-            Some(Ok(who)) => Some(who.tenant.clone()),
-            _ => None,
-        };
-        self.auth_failure_event(method, &r.reason, auth, claimed, tenant)
-    }
-
-    /// Who is calling: bearer JWT if one is sent, else the client
-    /// certificate, else (unauthenticated listeners) the listener's tenant.
-    async fn authenticate<B>(&self, req: &Request<B>, auth: &ConnAuth) -> Result<Caller, Refusal> {
-        use dmsc_audit::AuthMethod;
-        let unauthorized = |code: &str, reason: String| {
-            Refusal::new(hyper::StatusCode::UNAUTHORIZED, code, reason)
-        };
-        if let Some(tenant) = &self.spec.tenant {
-            return Ok(Caller {
-                tenant: tenant.clone(),
-                agent: None,
-                id: format!("ingress:{}", self.listen),
-                bearer: false,
-            });
-        }
-        let bearer = req
-            .headers()
-            .get(hyper::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            });
-        if let (Some(token), true) = (bearer, self.spec.jwt) {
-            return match self.security.validate_jwt(token.trim()).await {
-                Ok(c) => Ok(Caller {
-                    id: format!(
-                        "jwt:{}#{}",
-                        c.issuer,
-                        c.subject.as_deref().unwrap_or(&c.agent)
-                    ),
-                    tenant: c.tenant,
-                    agent: Some(c.agent),
-                    bearer: true,
-                }),
-                Err(e) => {
-                    self.audit_auth_failure(AuthMethod::Jwt, &e.reason(), auth, None, None);
-                    Err(unauthorized(e.code(), e.reason()))
-                }
-            };
-        }
-        let how = match (self.spec.mtls, self.spec.jwt) {
-            (true, true) => {
-                "a client certificate from the mesh CA or an `Authorization: Bearer` token"
-            }
-            (true, false) => "a client certificate from the mesh CA",
-            _ => "an `Authorization: Bearer` token",
-        };
-        match self.cert_caller(auth, &format!("no credentials: this ingress needs {how}")) {
-            Ok(who) => Ok(Caller {
-                tenant: who.tenant.clone(),
-                agent: Some(who.agent.clone()),
-                id: who.spiffe.to_string(),
-                bearer: false,
-            }),
-            Err(r) => {
-                let method = if self.spec.mtls {
-                    AuthMethod::Mtls
-                } else {
-                    AuthMethod::Jwt
-                };
-                self.audit_cert_refusal(method, &r, auth);
-                Err(r)
-            }
-        }
-    }
-
     /// `POST /v1/enroll` and `POST /v1/renew` (TLS listeners only).
-    async fn enrollment(&self, req: Request<Incoming>, auth: &ConnAuth) -> Response<Body> {
-        let me = &self.delegator.me;
+    async fn enrollment(&self, req: Request<Incoming>, auth: &ConnIdentity) -> Response<Body> {
+        let me = &self.me;
         if self.tls.is_none() {
             return MeshError::new(
                 ErrorKind::BadRequest,
@@ -536,7 +410,7 @@ impl Ingress {
             })
         };
         let result = if renew {
-            match self.cert_caller(
+            match self.authenticator().cert_caller(
                 auth,
                 "renewal needs the current agent certificate as TLS client certificate",
             ) {
@@ -545,7 +419,11 @@ impl Ingress {
                     blocking(Box::new(move || sec.renew(&who, &body))).await
                 }
                 Err(r) => {
-                    let e = self.cert_refusal_event(dmsc_audit::AuthMethod::Mtls, &r, auth);
+                    let e = self.authenticator().cert_refusal_event(
+                        dmsc_audit::AuthMethod::Mtls,
+                        &r,
+                        auth,
+                    );
                     self.security
                         .record_attempt_failure(Attempt::Renew, source, e);
                     Err(r)
@@ -568,8 +446,8 @@ impl Ingress {
         }
     }
 
-    async fn handle(&self, req: Request<Incoming>, auth: &ConnAuth) -> Response<Body> {
-        let me = &self.delegator.me;
+    async fn handle(&self, req: Request<Incoming>, auth: &ConnIdentity) -> Response<Body> {
+        let me = &self.me;
         if crate::proto::forwarded::duplicate_host(req.headers()) {
             return MeshError::new(
                 ErrorKind::BadRequest,
@@ -585,7 +463,7 @@ impl Ingress {
         if parsed.is_err() && matches!(req.uri().path(), "/v1/enroll" | "/v1/renew") {
             return self.enrollment(req, auth).await;
         }
-        let caller = match self.authenticate(&req, auth).await {
+        let caller = match self.authenticator().caller(req.headers(), auth).await {
             Ok(c) => c,
             Err(r) => return refusal_response(&r, me, self.spec.jwt),
         };
@@ -605,7 +483,7 @@ impl Ingress {
             ));
             return MeshError::new(ErrorKind::Forbidden, me, reason).response(None);
         }
-        let cfg = &self.delegator.cfg;
+        let cfg = &self.cfg;
         let timeout = req
             .headers()
             .get("dmsc-timeout")
@@ -638,7 +516,7 @@ impl Ingress {
         // Held until the delegation is done: the buffered bytes live as long.
         let mut permit: Option<BodyPermit> = None;
         let body = if buffer {
-            let budget = &self.delegator.body_budget;
+            let budget = &self.budget;
             let over_budget = || {
                 retry_later(
                     MeshError::new(

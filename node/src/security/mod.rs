@@ -2,7 +2,7 @@
 //! issues, the revocations it enforces, the callers it authenticates and
 //! the audit trail it keeps. Agents carry none of this logic.
 //!
-//! - Credentials are reloaded when their files change ([`watch_credentials`]):
+//! - Credentials are reloaded when their files change (`control::credentials::watch_credentials`):
 //!   new overlay and ingress handshakes use them at once, live connections
 //!   stay up. A CA file with two roots verifies both during a root rotation.
 //! - Agents enroll with a one-time, tenant-scoped join token (`POST
@@ -18,7 +18,7 @@
 //!   never wait on the disk unless the writer is 64k entries behind.
 //! - Enrollment and renewal are rate-limited per source address, and their
 //!   failures are audited one by one only up to a sample per address and
-//!   window, then summed into one entry per window ([`crate::throttle`]).
+//!   window, then summed into one entry per window ([`throttle`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -110,19 +110,6 @@ fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 
 fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Who is calling, as proven at the ingress.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Caller {
-    pub tenant: String,
-    /// The calling agent, when the credential names one.
-    pub agent: Option<String>,
-    /// For logs and the audit trail: a SPIFFE ID, `jwt:<iss>#<sub>`, or `ingress:<addr>`.
-    pub id: String,
-    /// The credential was an `Authorization: Bearer` token (consumed by the
-    /// mesh: it is not forwarded to the agent, which could replay it).
-    pub bearer: bool,
 }
 
 /// A refusal with the status to answer and the reason to give.

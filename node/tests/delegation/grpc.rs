@@ -338,7 +338,8 @@ async fn mesh_with(names: &[&str], agent: RawAgent) -> LocalMesh {
 
 /// The agent's health as node `i`'s status reports it.
 fn health_on(mesh: &LocalMesh, i: usize) -> String {
-    dmsc_node::admin::report::agent_statuses(mesh.nodes[i].shared())
+    mesh.nodes[i]
+        .agent_statuses()
         .into_iter()
         .find(|a| a.name == AGENT)
         .map(|a| a.health)
@@ -352,8 +353,7 @@ fn protocol_on(mesh: &LocalMesh, i: usize) -> Option<Protocol> {
         name: AGENT.into(),
     };
     mesh.nodes[i]
-        .shared()
-        .agents
+        .agents()
         .agents
         .get(&id)
         .and_then(|a| a.protocol.current())

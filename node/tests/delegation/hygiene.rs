@@ -62,18 +62,13 @@ async fn raw(addr: SocketAddr, bytes: &[u8], cut: bool) -> RawResponse {
 
 fn circuit(mesh: &LocalMesh, node: usize, agent: &str) -> String {
     let id = dmsc_registry::AgentId::new("acme", agent);
-    mesh.nodes[node]
-        .shared()
-        .mesh
-        .circuit_state(&id)
-        .to_string()
+    mesh.nodes[node].mesh().circuit_state(&id).to_string()
 }
 
 fn error_rate(mesh: &LocalMesh, node: usize, agent: &str) -> f64 {
     let id = dmsc_registry::AgentId::new("acme", agent);
     let a = mesh.nodes[node]
-        .shared()
-        .agents
+        .agents()
         .agents
         .get(&id)
         .expect("local agent");
@@ -268,7 +263,7 @@ async fn slow_buffered_bodies_stay_within_the_node_budget() {
     .expect("mesh");
     let echo = agent("echo", &["echo"], "echoes").await;
     attach_routable(&mesh, 0, &echo, "echo").await;
-    let budget = mesh.nodes[0].shared().delegator.body_budget.clone();
+    let budget = mesh.nodes[0].body_budget().clone();
     // 300 callers each announce 1 MiB and send 1 KiB of it, then stall.
     let head = format!(
         "POST / HTTP/1.1\r\nhost: echo.acme.dmsc\r\ncontent-length: {MIB}\r\n\r\n{}",
@@ -440,7 +435,7 @@ async fn an_enrollment_flood_meets_429s_and_a_bounded_audit_trail() {
     let cfg: Arc<rustls::ClientConfig> =
         dmsc_node::demo::mesh::tls_client_config(&mesh.ca.cert_pem, None).expect("config");
     let audit_dir = mesh.node_dir(0).join("data").join("audit");
-    let sec = mesh.nodes[0].shared().security.clone();
+    let sec = mesh.nodes[0].security().clone();
     let flush = || async {
         sec.audit
             .as_ref()

@@ -107,7 +107,7 @@ async fn five_hundred_slow_heads_are_closed_and_do_not_stop_normal_requests() {
     })
     .await;
     let listener = format!("ingress:{}", mesh.ingress(0));
-    let metrics = mesh.nodes[0].shared().metrics.listeners.clone();
+    let metrics = mesh.nodes[0].metrics().listeners.clone();
 
     let slow = slow_heads(mesh.ingress(0), 500).await;
     eprintln!(
@@ -142,7 +142,7 @@ async fn admin_closes_slow_heads_and_silent_connections_too() {
     let mesh = one_node(|_| {}).await;
     let admin = mesh.nodes[0].bound().admin;
     let listener = format!("admin:{admin}");
-    let metrics = mesh.nodes[0].shared().metrics.listeners.clone();
+    let metrics = mesh.nodes[0].metrics().listeners.clone();
     let slow = slow_heads(admin, 20).await;
     // A connection that sends nothing at all.
     let t0 = Instant::now();
@@ -233,8 +233,7 @@ async fn a_burst_beyond_the_in_flight_limit_is_shed_and_the_node_stays_responsiv
     let mesh = one_node(|raw| raw.limits.max_in_flight_per_listener = Some(LIMIT)).await;
     let gate = GateAgent::start().await;
     mesh.nodes[0]
-        .shared()
-        .agents
+        .agents()
         .add(&RawAgent {
             tenant: "acme".into(),
             url: format!("http://{}", gate.addr),
@@ -253,7 +252,7 @@ async fn a_burst_beyond_the_in_flight_limit_is_shed_and_the_node_stays_responsiv
     })
     .await;
     let listener = format!("ingress:{}", mesh.ingress(0));
-    let metrics = mesh.nodes[0].shared().metrics.listeners.clone();
+    let metrics = mesh.nodes[0].metrics().listeners.clone();
     let mesh = Arc::new(mesh);
 
     // The limit's worth of requests, held by the agent.
@@ -334,7 +333,7 @@ async fn connections_over_the_listener_limit_are_closed_at_once_and_counted() {
     .expect("mesh");
     let addr = mesh.ingress(0);
     let listener = format!("ingress:{addr}");
-    let metrics = mesh.nodes[0].shared().metrics.listeners.clone();
+    let metrics = mesh.nodes[0].metrics().listeners.clone();
     let mut held = Vec::new();
     for _ in 0..3 {
         held.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
@@ -400,7 +399,7 @@ async fn an_idle_tls_connection_is_closed_after_the_handshake() {
         .expect("the node never closed an idle TLS connection");
     assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
     assert!(t0.elapsed() >= HEADER_TIMEOUT, "{:?}", t0.elapsed());
-    let metrics = &mesh.nodes[0].shared().metrics.listeners;
+    let metrics = &mesh.nodes[0].metrics().listeners;
     assert_eq!(metrics.timed_out(&format!("ingress:{addr}"), "header"), 1);
     mesh.stop().await;
 }

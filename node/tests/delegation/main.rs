@@ -267,7 +267,7 @@ async fn by_name_by_capability_and_by_intent_across_nodes() {
         .contains("nobody"));
 
     // Metrics count both sides of a delegation.
-    let home = dmsc_node::admin::report::metrics_text(mesh.nodes[0].shared()).await;
+    let home = mesh.nodes[0].metrics_text().await;
     let inbound = home
         .lines()
         .find(|l| l.starts_with("dmsc_delegations_inbound_total"))
@@ -275,7 +275,7 @@ async fn by_name_by_capability_and_by_intent_across_nodes() {
         .and_then(|v| v.parse::<u64>().ok())
         .expect("inbound counter");
     assert!(inbound >= 1, "{home}");
-    let caller = dmsc_node::admin::report::metrics_text(mesh.nodes[2].shared()).await;
+    let caller = mesh.nodes[2].metrics_text().await;
     assert!(
         caller.contains("dmsc_delegations_total{tenant=\"acme\",outcome=\"ok\"}"),
         "{caller}"
@@ -372,8 +372,7 @@ async fn a_killed_agent_stops_receiving_and_callers_keep_succeeding() {
         "victim unhealthy everywhere",
         || {
             mesh.nodes.iter().all(|n| {
-                n.shared()
-                    .mesh
+                n.mesh()
                     .read()
                     .get(&id)
                     .is_some_and(|e| e.record.health == dmsc_registry::Health::Unhealthy)
@@ -401,7 +400,7 @@ async fn an_erroring_agent_gets_its_circuit_opened_and_later_closed() {
     .await;
     bad.state.fail.store(true, Ordering::Relaxed);
     let id = dmsc_registry::AgentId::new("acme", "flaky");
-    let circuit = |m: &LocalMesh| m.nodes[0].shared().mesh.circuit_state(&id).to_string();
+    let circuit = |m: &LocalMesh| m.nodes[0].mesh().circuit_state(&id).to_string();
     // Errors by name (capability routing would steer around it anyway).
     for i in 0..3 {
         let (resp, _) = mesh
@@ -503,7 +502,7 @@ async fn the_deadline_holds_across_two_hops() {
     // delegation that ran out of time, and it did so while the agent (3 s)
     // had not answered, so it did not wait for the agent either. (Whose
     // verdict reaches the caller first is a race this does not depend on.)
-    let home = mesh.nodes[2].shared().delegator.metrics.inbound.clone();
+    let home = mesh.nodes[2].metrics().delegation.inbound.clone();
     let timed_out = || {
         home.get_or_create(&dmsc_node::metrics::DelegationLabels {
             tenant: "acme".into(),
@@ -620,7 +619,7 @@ async fn agents_onboard_and_leave_through_the_admin_api() {
     eventually(Duration::from_secs(5), "gone everywhere", || {
         mesh.nodes
             .iter()
-            .all(|n| n.shared().mesh.read().get(&id).is_none())
+            .all(|n| n.mesh().read().get(&id).is_none())
     })
     .await;
     mesh.stop().await;
@@ -645,7 +644,7 @@ async fn a_dead_nodes_agents_leave_every_candidate_set() {
     eventually(Duration::from_secs(10), "edge gone from n0 and n1", || {
         mesh.nodes
             .iter()
-            .all(|n| n.shared().mesh.read().get(&id).is_none())
+            .all(|n| n.mesh().read().get(&id).is_none())
     })
     .await;
     eprintln!(
@@ -676,12 +675,7 @@ async fn a_caller_that_gives_up_frees_the_agent_on_the_home_node() {
     .await;
     attach_routable(&mesh, 1, &slow, "sleepy").await;
     let id = dmsc_registry::AgentId::new("acme", "sleepy");
-    let home = mesh.nodes[1]
-        .shared()
-        .agents
-        .agents
-        .get(&id)
-        .expect("local agent");
+    let home = mesh.nodes[1].agents().agents.get(&id).expect("local agent");
     // The client gives up after 300 ms (drops the request).
     let call = mesh.call(0, "POST", "sleepy.acme.dmsc", "/", &[], message_send("zzz"));
     assert!(tokio::time::timeout(Duration::from_millis(300), call)
@@ -695,7 +689,7 @@ async fn a_caller_that_gives_up_frees_the_agent_on_the_home_node() {
         "in-flight back to zero on both nodes",
         || {
             home.in_flight.load(Ordering::Relaxed) == 0
-                && mesh.nodes[0].shared().mesh.outstanding(&id) == 0
+                && mesh.nodes[0].mesh().outstanding(&id) == 0
         },
     )
     .await;

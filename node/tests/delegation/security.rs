@@ -61,7 +61,7 @@ async fn tls_call(
 
 /// Everything audited on node `i` so far, one JSON value per entry.
 async fn audit_entries(mesh: &LocalMesh, i: usize) -> Vec<serde_json::Value> {
-    let sec = &mesh.nodes[i].shared().security;
+    let sec = &mesh.nodes[i].security();
     sec.audit
         .as_ref()
         .expect("audit on")
@@ -211,8 +211,7 @@ async fn enroll(m: &SecureMesh, body: serde_json::Value) -> (StatusCode, hyper::
 
 fn token(m: &SecureMesh, tenant: &str, agent: &str, ttl: Duration) -> String {
     m.mesh.nodes[0]
-        .shared()
-        .security
+        .security()
         .create_token(tenant, agent, ttl)
         .expect("token")
         .0
@@ -577,12 +576,7 @@ async fn mtls_ingress_valid_expired_revoked_wrong_ca_and_other_trust_domain() {
     assert_audited(&m.mesh, 0, "auth_failure", "revoked").await;
     assert_audited(&m.mesh, 0, "revocation", &serial).await;
     eventually(Duration::from_secs(5), "revocation reaches node 1", || {
-        m.mesh.nodes[1]
-            .shared()
-            .security
-            .revoked
-            .get(&serial)
-            .is_some()
+        m.mesh.nodes[1].security().revoked.get(&serial).is_some()
     })
     .await;
     // And node 1 persisted it.
@@ -626,7 +620,7 @@ async fn jwt_valid_expired_wrong_audience_wrong_key_and_alg_none() {
 
     // Each refusal: 401, the reason in the body and in the audit log, and
     // the agent never sees the request.
-    let served_before = m.mesh.nodes[0].shared().delegator.metrics.total();
+    let served_before = m.mesh.nodes[0].metrics().delegation.total();
     let other_key = es256_key("k1");
     let header =
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
@@ -669,11 +663,11 @@ async fn jwt_valid_expired_wrong_audience_wrong_key_and_alg_none() {
         assert_audited(&m.mesh, 0, "auth_failure", reason).await;
     }
     assert_eq!(
-        m.mesh.nodes[0].shared().delegator.metrics.total(),
+        m.mesh.nodes[0].metrics().delegation.total(),
         served_before,
         "no refused request was delegated"
     );
-    let metrics = dmsc_node::admin::report::metrics_text(m.mesh.nodes[0].shared()).await;
+    let metrics = m.mesh.nodes[0].metrics_text().await;
     assert!(
         metrics.contains("dmsc_auth_failures_total{method=\"jwt\"} 4"),
         "{metrics}"
@@ -689,8 +683,7 @@ async fn jwt_valid_expired_wrong_audience_wrong_key_and_alg_none() {
 
 fn has_peer(mesh: &LocalMesh, i: usize, name: &str) -> bool {
     mesh.nodes[i]
-        .shared()
-        .overlay
+        .overlay()
         .peers()
         .iter()
         .any(|p| p.name == name)
@@ -707,13 +700,7 @@ async fn a_revoked_node_certificate_is_refused_by_every_node_and_its_connections
         has_peer(&mesh, 0, "n2") && has_peer(&mesh, 1, "n2")
     })
     .await;
-    let serial = mesh.nodes[2]
-        .shared()
-        .security
-        .identity()
-        .info
-        .serial_hex
-        .clone();
+    let serial = mesh.nodes[2].security().identity().info.serial_hex.clone();
     let rev =
         dmsc_transport::Revocation::sign(&mesh.ca, &serial, "node decommissioned").expect("sign");
     let t0 = std::time::Instant::now();
@@ -729,12 +716,7 @@ async fn a_revoked_node_certificate_is_refused_by_every_node_and_its_connections
     eventually(Duration::from_secs(3), "n2 cut off by n0 and n1", || {
         !has_peer(&mesh, 0, "n2")
             && !has_peer(&mesh, 1, "n2")
-            && mesh.nodes[1]
-                .shared()
-                .security
-                .revoked
-                .get(&serial)
-                .is_some()
+            && mesh.nodes[1].security().revoked.get(&serial).is_some()
     })
     .await;
     let took = t0.elapsed();
@@ -743,11 +725,10 @@ async fn a_revoked_node_certificate_is_refused_by_every_node_and_its_connections
     // and every handshake is refused, both ways.
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert!(!has_peer(&mesh, 0, "n2") && !has_peer(&mesh, 1, "n2"));
-    let n2 = &mesh.nodes[2].shared().overlay;
+    let n2 = &mesh.nodes[2].overlay();
     assert!(n2.connect(mesh.nodes[1].bound().overlay).await.is_err());
     assert!(mesh.nodes[1]
-        .shared()
-        .overlay
+        .overlay()
         .connect(mesh.nodes[2].bound().overlay)
         .await
         .is_err());
@@ -780,17 +761,10 @@ async fn a_rotated_node_certificate_is_used_without_restart_or_failed_delegation
         mesh.routable_everywhere("billing")
     })
     .await;
-    let old = mesh.nodes[1]
-        .shared()
-        .security
-        .identity()
-        .info
-        .serial_hex
-        .clone();
+    let old = mesh.nodes[1].security().identity().info.serial_hex.clone();
     let link = |mesh: &LocalMesh| {
         mesh.nodes[0]
-            .shared()
-            .overlay
+            .overlay()
             .peers()
             .into_iter()
             .find(|p| p.name == "n1")
@@ -856,7 +830,7 @@ async fn a_rotated_node_certificate_is_used_without_restart_or_failed_delegation
         failures.is_empty(),
         "delegations failed during rotation: {failures:?}"
     );
-    let sec = &mesh.nodes[1].shared().security;
+    let sec = &mesh.nodes[1].security();
     eventually(Duration::from_secs(5), "n1 reloaded", || {
         sec.identity().info.serial_hex != old
     })
@@ -899,16 +873,14 @@ async fn a_rotated_node_certificate_is_used_without_restart_or_failed_delegation
     let n1_addr = mesh.nodes[1].bound().overlay;
     assert_eq!(
         mesh.nodes[n2]
-            .shared()
-            .overlay
+            .overlay()
             .connect(n1_addr)
             .await
             .expect("n2 to n1"),
         "n1"
     );
     let seen = mesh.nodes[n2]
-        .shared()
-        .overlay
+        .overlay()
         .peers()
         .into_iter()
         .find(|p| p.name == "n1")
@@ -940,12 +912,7 @@ async fn revocations_persist_and_reach_a_node_that_was_away_even_after_their_ori
     .await
     .expect("apply");
     eventually(Duration::from_secs(5), "n1 learns it", || {
-        mesh.nodes[1]
-            .shared()
-            .security
-            .revoked
-            .get("5eed")
-            .is_some()
+        mesh.nodes[1].security().revoked.get("5eed").is_some()
     })
     .await;
     // The node that published it leaves too: n1 re-published it.
@@ -958,14 +925,7 @@ async fn revocations_persist_and_reach_a_node_that_was_away_even_after_their_ori
     eventually(
         Duration::from_secs(10),
         "the returning node learns it",
-        || {
-            mesh.nodes[n2]
-                .shared()
-                .security
-                .revoked
-                .get("5eed")
-                .is_some()
-        },
+        || mesh.nodes[n2].security().revoked.get("5eed").is_some(),
     )
     .await;
     let persisted = mesh.node_dir(n2).join("data").join("revoked.jsonl");
@@ -980,12 +940,7 @@ async fn revocations_persist_and_reach_a_node_that_was_away_even_after_their_ori
         .await
         .expect("restart");
     assert!(
-        mesh.nodes[alone]
-            .shared()
-            .security
-            .revoked
-            .get("5eed")
-            .is_some(),
+        mesh.nodes[alone].security().revoked.get("5eed").is_some(),
         "loaded from revoked.jsonl at start"
     );
     mesh.stop().await;
@@ -1035,8 +990,7 @@ async fn attach_for(
     agent: &dmsc_node::demo::sample_agent::SampleAgent,
 ) {
     mesh.nodes[i]
-        .shared()
-        .agents
+        .agents()
         .add(&dmsc_node::config::RawAgent {
             tenant: tenant.into(),
             url: agent.url(),
@@ -1051,7 +1005,7 @@ fn routable(mesh: &LocalMesh, i: usize, tenant: &str, agent: &str) -> bool {
         tenant: tenant.into(),
         name: agent.into(),
     };
-    mesh.nodes[i].shared().mesh.read().get(&id).is_some()
+    mesh.nodes[i].mesh().read().get(&id).is_some()
 }
 
 /// The audit entries of node `i` of `kind` whose caller is `caller`.
@@ -1135,7 +1089,7 @@ async fn a_tenant_scoped_node_cannot_act_for_another_tenant_on_the_overlay() {
     // the current wire version (a typed failure comes back) and in version 1
     // (what a node before the bump reads: the refusal rendered as a body).
     for version in [dmsc_node::proto::wire::DELEGATION_VERSION, 1] {
-        let overlay = &mesh.nodes[rogue].shared().overlay;
+        let overlay = &mesh.nodes[rogue].overlay();
         let mut stream = overlay
             .open_stream(
                 mesh.nodes[0].bound().overlay,

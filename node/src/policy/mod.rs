@@ -20,6 +20,8 @@
 //! Nothing here knows HTTP; [`Denial::is_forbidden`] tells a renderer
 //! whether it is a policy refusal or a plain "not here".
 
+pub mod caller;
+
 /// Why a delegation is refused. `Display` is the reason given to the
 /// caller and written to the audit log.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
