@@ -13,10 +13,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// One layer of settings; `None` means "this layer does not set it".
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     pub name: Option<String>,
@@ -31,9 +31,11 @@ pub struct RawConfig {
     pub gossip: RawGossip,
     /// Agents attached to this node (file only; a layer that sets any replaces the list).
     #[serde(default)]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub agents: Vec<RawAgent>,
     /// Ingress listeners for agents: unauthenticated (one tenant) or authenticated (mTLS, JWT).
     #[serde(default)]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub ingress: Vec<RawIngress>,
     #[serde(default)]
     pub delegation: RawDelegation,
@@ -51,7 +53,7 @@ pub struct RawConfig {
 
 /// `[enrollment]`: bounds on `/v1/enroll` and `/v1/renew` per source
 /// address (IPv4 address or IPv6 /64).
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawEnrollment {
     /// Sustained requests per second per source (default 5).
@@ -124,7 +126,7 @@ impl RawEnrollment {
 }
 
 /// `[jwt]`: OAuth 2.0 bearer tokens accepted at authenticated ingress.
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawJwt {
     #[serde(default)]
@@ -140,7 +142,7 @@ pub struct RawJwt {
 }
 
 /// `[audit]`: the node's append-only, hash-chained audit log.
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAudit {
     pub enabled: Option<bool>,
@@ -153,7 +155,7 @@ pub struct RawAudit {
 }
 
 /// `[[agents]]`: an agent this node is home to.
-#[derive(Debug, Default, Clone, Deserialize, serde::Serialize, PartialEq)]
+#[derive(Debug, Default, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RawAgent {
     pub tenant: String,
@@ -173,7 +175,7 @@ pub struct RawAgent {
 }
 
 /// A skill declared in config for an agent without a card.
-#[derive(Debug, Default, Clone, Deserialize, serde::Serialize, PartialEq)]
+#[derive(Debug, Default, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RawSkill {
     pub id: String,
@@ -186,7 +188,7 @@ pub struct RawSkill {
 }
 
 /// `[[ingress]]`: where local agents send their requests.
-#[derive(Debug, Default, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Default, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RawIngress {
     pub listen: String,
@@ -203,7 +205,7 @@ pub struct RawIngress {
 }
 
 /// `[delegation]`: timeouts, retries, circuit breaking, agent health.
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawDelegation {
     pub timeout_ms: Option<u64>,
@@ -225,7 +227,7 @@ pub struct RawDelegation {
 
 /// `[limits]`: what the ingress and admin listeners accept before they
 /// refuse, shed or close (see [`crate::ingress::listen`]).
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawLimits {
     pub header_read_timeout_ms: Option<u64>,
@@ -448,7 +450,7 @@ pub struct AuditSettings {
     pub checkpoint_interval: Duration,
 }
 
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawOverlay {
     pub listen: Option<String>,
@@ -456,7 +458,7 @@ pub struct RawOverlay {
     pub bootstrap: Option<Vec<String>>,
 }
 
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTls {
     pub ca: Option<PathBuf>,
@@ -472,13 +474,13 @@ pub struct RawTls {
     pub reload_interval_ms: Option<u64>,
 }
 
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub listen: Option<String>,
 }
 
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawGossip {
     pub interval_ms: Option<u64>,
@@ -631,6 +633,100 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// How an environment variable's text becomes a value.
+#[derive(Debug, Clone, Copy)]
+pub enum EnvKind {
+    Text,
+    /// Comma-separated.
+    List,
+    Whole,
+    Number,
+}
+
+/// Every `DMSC_*` variable and the key it sets (one row per key).
+pub const ENV: &[(&str, &str, EnvKind)] = &[
+    ("DMSC_NAME", "name", EnvKind::Text),
+    ("DMSC_REGION", "region", EnvKind::Text),
+    ("DMSC_OVERLAY_LISTEN", "overlay.listen", EnvKind::Text),
+    ("DMSC_OVERLAY_ADVERTISE", "overlay.advertise", EnvKind::Text),
+    ("DMSC_OVERLAY_BOOTSTRAP", "overlay.bootstrap", EnvKind::List),
+    ("DMSC_TLS_CA", "tls.ca", EnvKind::Text),
+    ("DMSC_TLS_CERT", "tls.cert", EnvKind::Text),
+    ("DMSC_TLS_KEY", "tls.key", EnvKind::Text),
+    ("DMSC_DATA_DIR", "data_dir", EnvKind::Text),
+    ("DMSC_ADMIN_LISTEN", "admin.listen", EnvKind::Text),
+    (
+        "DMSC_GOSSIP_INTERVAL_MS",
+        "gossip.interval_ms",
+        EnvKind::Whole,
+    ),
+    (
+        "DMSC_GOSSIP_PHI_THRESHOLD",
+        "gossip.phi_threshold",
+        EnvKind::Number,
+    ),
+    (
+        "DMSC_GOSSIP_SUSPECT_AFTER_MS",
+        "gossip.suspect_after_ms",
+        EnvKind::Whole,
+    ),
+    (
+        "DMSC_GOSSIP_DEAD_GRACE_SECS",
+        "gossip.dead_grace_secs",
+        EnvKind::Whole,
+    ),
+    (
+        "DMSC_DELEGATION_TIMEOUT_MS",
+        "delegation.timeout_ms",
+        EnvKind::Whole,
+    ),
+    (
+        "DMSC_DELEGATION_MAX_TIMEOUT_MS",
+        "delegation.max_timeout_ms",
+        EnvKind::Whole,
+    ),
+    (
+        "DMSC_DELEGATION_RETRIES",
+        "delegation.retries",
+        EnvKind::Whole,
+    ),
+    (
+        "DMSC_DELEGATION_MAX_BUFFERED_BODY",
+        "delegation.max_buffered_body",
+        EnvKind::Whole,
+    ),
+    (
+        "DMSC_DELEGATION_MAX_BUFFERED_TOTAL",
+        "delegation.max_buffered_total",
+        EnvKind::Whole,
+    ),
+    (
+        "DMSC_LIMITS_HEADER_READ_TIMEOUT_MS",
+        "limits.header_read_timeout_ms",
+        EnvKind::Whole,
+    ),
+    (
+        "DMSC_LIMITS_IDLE_TIMEOUT_MS",
+        "limits.idle_timeout_ms",
+        EnvKind::Whole,
+    ),
+    (
+        "DMSC_LIMITS_MAX_CONNECTIONS",
+        "limits.max_connections",
+        EnvKind::Whole,
+    ),
+    (
+        "DMSC_LIMITS_MAX_CONNECTIONS_PER_LISTENER",
+        "limits.max_connections_per_listener",
+        EnvKind::Whole,
+    ),
+    (
+        "DMSC_LIMITS_MAX_IN_FLIGHT_PER_LISTENER",
+        "limits.max_in_flight_per_listener",
+        EnvKind::Whole,
+    ),
+];
+
 impl RawConfig {
     /// A node on loopback with every listener on port 0 and its credentials
     /// in `creds` (`ca.pem`, `node.pem`, `node.key`): what the demo, the
@@ -693,149 +789,93 @@ impl RawConfig {
         Ok(raw)
     }
 
-    /// The `DMSC_*` environment layer.
+    /// The `DMSC_*` environment layer: each variable of [`ENV`] sets its
+    /// key; the values are typed as the key wants, and every bad one is
+    /// reported.
     pub fn from_env(env: &HashMap<String, String>) -> Result<RawConfig, ConfigError> {
         let mut errors = Vec::new();
-        let get = |k: &str| env.get(k).filter(|v| !v.is_empty()).cloned();
-        let num = |k: &str, errors: &mut Vec<String>| -> Option<u64> {
-            get(k).and_then(|v| match v.parse() {
-                Ok(n) => Some(n),
-                Err(_) => {
-                    errors.push(format!("{k}=`{v}` is not a whole number"));
-                    None
-                }
-            })
-        };
-        let raw = RawConfig {
-            name: get("DMSC_NAME"),
-            region: get("DMSC_REGION"),
-            overlay: RawOverlay {
-                listen: get("DMSC_OVERLAY_LISTEN"),
-                advertise: get("DMSC_OVERLAY_ADVERTISE"),
-                bootstrap: get("DMSC_OVERLAY_BOOTSTRAP").map(|v| {
+        let mut root = toml::Table::new();
+        for (var, path, kind) in ENV {
+            let Some(v) = env.get(*var).filter(|v| !v.is_empty()) else {
+                continue;
+            };
+            let value = match kind {
+                EnvKind::Text => toml::Value::String(v.clone()),
+                EnvKind::List => toml::Value::Array(
                     v.split(',')
-                        .map(|s| s.trim().to_string())
+                        .map(|s| s.trim())
                         .filter(|s| !s.is_empty())
-                        .collect()
-                }),
-            },
-            tls: RawTls {
-                ca: get("DMSC_TLS_CA").map(PathBuf::from),
-                cert: get("DMSC_TLS_CERT").map(PathBuf::from),
-                key: get("DMSC_TLS_KEY").map(PathBuf::from),
-                ..Default::default()
-            },
-            data_dir: get("DMSC_DATA_DIR").map(PathBuf::from),
-            admin: RawAdmin {
-                listen: get("DMSC_ADMIN_LISTEN"),
-            },
-            gossip: RawGossip {
-                interval_ms: num("DMSC_GOSSIP_INTERVAL_MS", &mut errors),
-                phi_threshold: get("DMSC_GOSSIP_PHI_THRESHOLD").and_then(|v| match v.parse() {
-                    Ok(n) => Some(n),
-                    Err(_) => {
-                        errors.push(format!("DMSC_GOSSIP_PHI_THRESHOLD=`{v}` is not a number"));
-                        None
+                        .map(|s| toml::Value::String(s.to_string()))
+                        .collect(),
+                ),
+                EnvKind::Whole => match v.trim().parse::<i64>() {
+                    Ok(n) if n >= 0 => toml::Value::Integer(n),
+                    _ => {
+                        errors.push(format!("{var}=`{v}` is not a whole number"));
+                        continue;
                     }
-                }),
-                suspect_after_ms: num("DMSC_GOSSIP_SUSPECT_AFTER_MS", &mut errors),
-                dead_grace_secs: num("DMSC_GOSSIP_DEAD_GRACE_SECS", &mut errors),
-            },
-            ..Default::default()
-        };
-        if errors.is_empty() {
-            Ok(raw)
-        } else {
-            Err(ConfigError(errors))
-        }
-    }
-
-    /// Lays `top` over `self`: every field `top` sets wins.
-    pub fn overlay_with(mut self, top: RawConfig) -> RawConfig {
-        fn set<T>(dst: &mut Option<T>, src: Option<T>) {
-            if src.is_some() {
-                *dst = src;
+                },
+                EnvKind::Number => match v.trim().parse::<f64>() {
+                    Ok(n) => toml::Value::Float(n),
+                    Err(_) => {
+                        errors.push(format!("{var}=`{v}` is not a number"));
+                        continue;
+                    }
+                },
+            };
+            let mut table = &mut root;
+            let mut keys = path.split('.').peekable();
+            while let Some(k) = keys.next() {
+                if keys.peek().is_none() {
+                    table.insert(k.to_string(), value);
+                    break;
+                }
+                let entry = table
+                    .entry(k.to_string())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                match entry {
+                    toml::Value::Table(t) => table = t,
+                    // ENV's paths never make a key both a value and a table.
+                    _ => break,
+                }
             }
         }
-        set(&mut self.name, top.name);
-        set(&mut self.region, top.region);
-        set(&mut self.overlay.listen, top.overlay.listen);
-        set(&mut self.overlay.advertise, top.overlay.advertise);
-        set(&mut self.overlay.bootstrap, top.overlay.bootstrap);
-        set(&mut self.tls.ca, top.tls.ca);
-        set(&mut self.tls.cert, top.tls.cert);
-        set(&mut self.tls.key, top.tls.key);
-        set(&mut self.tls.issuer_cert, top.tls.issuer_cert);
-        set(&mut self.tls.issuer_key, top.tls.issuer_key);
-        set(
-            &mut self.tls.agent_cert_ttl_secs,
-            top.tls.agent_cert_ttl_secs,
-        );
-        set(&mut self.tls.reload_interval_ms, top.tls.reload_interval_ms);
-        set(&mut self.data_dir, top.data_dir);
-        set(&mut self.jwt, top.jwt);
-        set(&mut self.audit.enabled, top.audit.enabled);
-        set(&mut self.audit.dir, top.audit.dir);
-        set(&mut self.audit.fsync, top.audit.fsync);
-        set(&mut self.audit.checkpoint_every, top.audit.checkpoint_every);
-        set(
-            &mut self.audit.checkpoint_interval_ms,
-            top.audit.checkpoint_interval_ms,
-        );
-        set(&mut self.admin.listen, top.admin.listen);
-        let (e, t) = (&mut self.enrollment, top.enrollment);
-        set(&mut e.rate_per_sec, t.rate_per_sec);
-        set(&mut e.burst, t.burst);
-        set(
-            &mut e.audit_failures_per_window,
-            t.audit_failures_per_window,
-        );
-        set(&mut e.audit_window_secs, t.audit_window_secs);
-        set(&mut self.gossip.interval_ms, top.gossip.interval_ms);
-        set(&mut self.gossip.phi_threshold, top.gossip.phi_threshold);
-        set(
-            &mut self.gossip.suspect_after_ms,
-            top.gossip.suspect_after_ms,
-        );
-        set(&mut self.gossip.dead_grace_secs, top.gossip.dead_grace_secs);
-        if !top.agents.is_empty() {
-            self.agents = top.agents;
+        if !errors.is_empty() {
+            return Err(ConfigError(errors));
         }
-        if !top.ingress.is_empty() {
-            self.ingress = top.ingress;
+        toml::Value::Table(root)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError(vec![format!("environment: {e}")]))
+    }
+
+    /// Lays `top` over `self`: every field `top` sets wins. Written once
+    /// for every field: both layers become TOML trees (an unset field is
+    /// absent), tables merge key by key, anything else `top` sets replaces.
+    pub fn overlay_with(self, top: RawConfig) -> Result<RawConfig, ConfigError> {
+        fn merge(base: &mut toml::Value, top: toml::Value) {
+            match (base, top) {
+                (toml::Value::Table(b), toml::Value::Table(t)) => {
+                    for (k, v) in t {
+                        match b.get_mut(&k) {
+                            Some(bv) => merge(bv, v),
+                            None => {
+                                b.insert(k, v);
+                            }
+                        }
+                    }
+                }
+                (b, t) => *b = t,
+            }
         }
-        let (d, t) = (&mut self.delegation, top.delegation);
-        set(&mut d.timeout_ms, t.timeout_ms);
-        set(&mut d.retries, t.retries);
-        set(&mut d.max_buffered_body, t.max_buffered_body);
-        set(&mut d.max_buffered_total, t.max_buffered_total);
-        set(&mut d.max_timeout_ms, t.max_timeout_ms);
-        set(&mut d.circuit_failures, t.circuit_failures);
-        set(&mut d.circuit_error_rate, t.circuit_error_rate);
-        set(&mut d.circuit_open_ms, t.circuit_open_ms);
-        set(&mut d.health_interval_ms, t.health_interval_ms);
-        set(&mut d.agent_ttl_secs, t.agent_ttl_secs);
-        set(&mut d.load_interval_ms, t.load_interval_ms);
-        set(&mut d.selection, t.selection);
-        let (l, t) = (&mut self.limits, top.limits);
-        set(&mut l.header_read_timeout_ms, t.header_read_timeout_ms);
-        set(&mut l.idle_timeout_ms, t.idle_timeout_ms);
-        set(&mut l.max_connections, t.max_connections);
-        set(
-            &mut l.max_connections_per_listener,
-            t.max_connections_per_listener,
-        );
-        set(
-            &mut l.max_in_flight_per_listener,
-            t.max_in_flight_per_listener,
-        );
-        set(&mut l.max_header_bytes, t.max_header_bytes);
-        set(&mut l.max_headers, t.max_headers);
-        set(
-            &mut l.h2_max_concurrent_streams,
-            t.h2_max_concurrent_streams,
-        );
-        self
+        let tree = |raw: &RawConfig| {
+            toml::Value::try_from(raw)
+                .map_err(|e| ConfigError(vec![format!("cannot layer the configuration: {e}")]))
+        };
+        let mut base = tree(&self)?;
+        merge(&mut base, tree(&top)?);
+        base.try_into().map_err(|e: toml::de::Error| {
+            ConfigError(vec![format!("cannot layer the configuration: {e}")])
+        })
     }
 
     /// Applies defaults and checks everything, collecting all problems.
@@ -1238,7 +1278,9 @@ listen = "127.0.0.1:9401"
         let cfg = RawConfig::from_file(&file)
             .expect("file")
             .overlay_with(RawConfig::from_env(&env).expect("env"))
+            .expect("env layer")
             .overlay_with(flags)
+            .expect("flag layer")
             .validate()
             .expect("valid");
         assert_eq!(cfg.name.as_deref(), Some("eu-1"));
@@ -1288,6 +1330,40 @@ listen = "127.0.0.1:9401"
             assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
         }
         assert!(err.0.len() >= 6, "{text}");
+    }
+
+    #[test]
+    fn every_environment_variable_names_a_real_key_and_layers_over_the_file() {
+        // deny_unknown_fields: a row whose path is not a key fails here.
+        for (var, path, kind) in ENV {
+            let v = match kind {
+                EnvKind::Text => "text",
+                EnvKind::List => "a:1,b:2",
+                EnvKind::Whole => "7",
+                EnvKind::Number => "2.5",
+            };
+            let env: HashMap<String, String> = [(var.to_string(), v.to_string())].into();
+            RawConfig::from_env(&env).unwrap_or_else(|e| panic!("{var} -> {path}: {e}"));
+        }
+        let env: HashMap<String, String> = [
+            ("DMSC_LIMITS_MAX_CONNECTIONS", "77"),
+            ("DMSC_DELEGATION_TIMEOUT_MS", "1234"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .into();
+        let mut file = RawConfig::default();
+        file.limits.max_connections = Some(5);
+        file.limits.idle_timeout_ms = Some(999);
+        let merged = file
+            .overlay_with(RawConfig::from_env(&env).expect("env"))
+            .expect("layer");
+        assert_eq!(merged.limits.max_connections, Some(77), "env wins");
+        assert_eq!(
+            merged.limits.idle_timeout_ms,
+            Some(999),
+            "the file's other keys stay"
+        );
+        assert_eq!(merged.delegation.timeout_ms, Some(1234));
     }
 
     #[test]
@@ -1391,7 +1467,7 @@ mod limits_tests {
             },
             ..Default::default()
         };
-        let merged = file.overlay_with(top).limits;
+        let merged = file.overlay_with(top).expect("layer").limits;
         assert_eq!(merged.max_headers, Some(50));
         assert_eq!(merged.idle_timeout_ms, Some(7000));
     }
@@ -1539,7 +1615,7 @@ mod request_limits_tests {
         let file = dir.join("n.toml");
         std::fs::write(&file, toml_text).expect("write");
         RawConfig::loopback("n1", dir, None)
-            .overlay_with(RawConfig::from_file(&file)?)
+            .overlay_with(RawConfig::from_file(&file)?)?
             .validate()
     }
 

@@ -295,8 +295,8 @@ fn load_config(args: &RunArgs) -> Result<dmsc_node::NodeConfig, dmsc_node::Confi
         },
         ..Default::default()
     };
-    file.overlay_with(RawConfig::from_env(&env)?)
-        .overlay_with(flags)
+    file.overlay_with(RawConfig::from_env(&env)?)?
+        .overlay_with(flags)?
         .validate()
 }
 
