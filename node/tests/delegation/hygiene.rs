@@ -77,14 +77,7 @@ fn error_rate(mesh: &LocalMesh, node: usize, agent: &str) -> f64 {
 }
 
 async fn mesh2(tweak: impl Fn(usize, &mut dmsc_node::RawConfig)) -> LocalMesh {
-    LocalMesh::start(&["n0", "n1"], "acme", |i, raw| {
-        raw.gossip.interval_ms = Some(100);
-        raw.delegation.health_interval_ms = Some(200);
-        raw.delegation.load_interval_ms = Some(100);
-        tweak(i, raw)
-    })
-    .await
-    .expect("mesh")
+    super::mesh_of(&["n0", "n1"], tweak).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

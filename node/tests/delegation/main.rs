@@ -77,7 +77,12 @@ fn header(resp: &hyper::Response<()>, name: &str) -> String {
 }
 
 async fn mesh3(tweak: impl Fn(usize, &mut dmsc_node::RawConfig)) -> LocalMesh {
-    LocalMesh::start(&["n0", "n1", "n2"], "acme", |i, raw| {
+    mesh_of(&["n0", "n1", "n2"], tweak).await
+}
+
+/// A mesh of `names` for tenant `acme` with fast gossip, health and load rounds.
+async fn mesh_of(names: &[&str], tweak: impl Fn(usize, &mut dmsc_node::RawConfig)) -> LocalMesh {
+    LocalMesh::start(names, "acme", |i, raw| {
         raw.gossip.interval_ms = Some(100);
         raw.delegation.health_interval_ms = Some(200);
         raw.delegation.load_interval_ms = Some(100);
