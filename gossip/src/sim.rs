@@ -21,6 +21,7 @@ struct State {
     isolated: HashSet<SocketAddr>,
     bytes_sent: HashMap<SocketAddr, u64>,
     dropped: u64,
+    dropped_over_mtu: u64,
 }
 
 /// The shared network. Clone freely.
@@ -81,8 +82,14 @@ impl SimNetwork {
         self.state().bytes_sent.get(&addr).copied().unwrap_or(0)
     }
 
+    /// Messages dropped for any reason (MTU, cut, isolation, full inbox).
     pub fn dropped(&self) -> u64 {
         self.state().dropped
+    }
+
+    /// Of [`dropped`](Self::dropped), the messages larger than the MTU.
+    pub fn dropped_over_mtu(&self) -> u64 {
+        self.state().dropped_over_mtu
     }
 }
 
@@ -94,7 +101,11 @@ struct SimLink {
 impl Link for SimLink {
     fn send(&self, to: SocketAddr, payload: &[u8]) {
         let mut s = self.net.state();
-        let blocked = payload.len() > self.net.mtu
+        let over_mtu = payload.len() > self.net.mtu;
+        if over_mtu {
+            s.dropped_over_mtu += 1;
+        }
+        let blocked = over_mtu
             || s.isolated.contains(&self.addr)
             || s.isolated.contains(&to)
             || s.cut.contains(&(self.addr, to));
@@ -147,6 +158,7 @@ mod tests {
         link.send(b, b"x");
         assert_eq!(&rx.try_recv().expect("healed").1[..], b"x");
         assert_eq!(net.dropped(), 3);
+        assert_eq!(net.dropped_over_mtu(), 1, "only the 101-byte message");
         assert_eq!(net.bytes_sent(a), 101);
     }
 }

@@ -54,27 +54,49 @@ macro_rules! eventually {
     }};
 }
 
+/// The state `g` shows for the node called `name`, if it knows it.
+async fn state_of(g: &Gossip, name: &str) -> Option<MemberState> {
+    g.members()
+        .await
+        .into_iter()
+        .find(|m| m.name == name)
+        .map(|m| m.state)
+}
+
+/// True if `g` holds `node`'s value `value` for `key`.
+async fn holds(g: &Gossip, key: &str, node: &str, value: &str) -> bool {
+    g.values_of(key)
+        .await
+        .iter()
+        .any(|(n, v)| n == node && v == value)
+}
+
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn two_hundred_nodes_converge_detect_a_cut_node_and_readmit_it() {
     const N: usize = 200;
+    const V: usize = 17;
+    const CONTROL: usize = 42;
     let net = SimNetwork::new(65_507);
     let nodes = cluster(&net, N).await;
+    let others = || (0..N).filter(|&i| i != V);
 
     let converge = eventually!(Duration::from_secs(60), all_alive(&nodes, N).await);
     eprintln!("200 nodes: full membership after {converge:?} (simulated)");
 
-    // Cut every link of one node: all others must mark it dead.
-    let victim = addr(17);
+    // Cut every link of one node, then change a key on it and on a node on
+    // the connected side: the partition must show on both sides.
+    let victim = addr(V);
     net.isolate(victim);
+    let victim_delivered = net.bytes_sent(victim);
+    let victim_rounds = nodes[V].rounds();
+    nodes[V].set("probe", "while-cut").await;
+    nodes[CONTROL].set("probe", "control").await;
     let detect = eventually!(Duration::from_secs(60), {
         let mut all = true;
-        for (i, g) in nodes.iter().enumerate() {
-            if i == 17 {
-                continue;
-            }
-            let m = g.members().await;
-            let v = m.iter().find(|m| m.name == "n17").expect("known");
-            if v.state != MemberState::Dead {
+        for i in others() {
+            if state_of(&nodes[i], "n17").await != Some(MemberState::Dead)
+                || !holds(&nodes[i], "probe", "n42", "control").await
+            {
                 all = false;
                 break;
             }
@@ -82,16 +104,54 @@ async fn two_hundred_nodes_converge_detect_a_cut_node_and_readmit_it() {
         all
     });
     eprintln!("isolated node marked dead by all 199 others after {detect:?} (simulated)");
+    // Simulated time on a paused clock: deterministic, not machine load.
     assert!(
         detect < Duration::from_secs(20),
         "detection took {detect:?}"
     );
+    // The cut node, for its part, sees every other node die.
+    let blind = eventually!(Duration::from_secs(60), {
+        let m = nodes[V].members().await;
+        m.len() == N - 1 && m.iter().all(|m| m.state == MemberState::Dead)
+    });
+    eprintln!("the isolated node saw all 199 others dead after {blind:?} more (simulated)");
+    // By now the control key has reached all 199 connected nodes, and the
+    // cut node kept gossiping; yet nothing crossed the cut either way.
+    assert!(
+        nodes[V].rounds() > victim_rounds + 10,
+        "the cut node kept running gossip rounds"
+    );
+    assert_eq!(
+        net.bytes_sent(victim),
+        victim_delivered,
+        "no message of the cut node was delivered"
+    );
+    for i in others() {
+        assert!(
+            !holds(&nodes[i], "probe", "n17", "while-cut").await,
+            "n{i} learned a key the cut node set after the cut"
+        );
+    }
+    assert!(
+        !holds(&nodes[V], "probe", "n42", "control").await,
+        "the cut node learned a key set on the other side"
+    );
 
-    // Heal: it is alive everywhere again, and it sees everyone alive.
+    // Heal: it is alive everywhere again, sees everyone alive, and the
+    // keys set during the cut cross in both directions.
     net.heal(victim);
-    let back = eventually!(Duration::from_secs(60), all_alive(&nodes, N).await);
-    eprintln!("healed node alive everywhere again after {back:?} (simulated)");
-    assert!(net.dropped() > 0, "the cut really dropped traffic");
+    let back = eventually!(Duration::from_secs(60), {
+        let mut all =
+            all_alive(&nodes, N).await && holds(&nodes[V], "probe", "n42", "control").await;
+        for i in others() {
+            if !all {
+                break;
+            }
+            all = holds(&nodes[i], "probe", "n17", "while-cut").await;
+        }
+        all
+    });
+    eprintln!("healed node alive and its key everywhere after {back:?} (simulated)");
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
@@ -129,12 +189,52 @@ async fn a_key_set_on_one_node_reaches_all_and_leave_is_seen_as_left() {
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn oversized_messages_are_dropped_by_the_mtu() {
-    // A 1 KB MTU cannot carry a digest of 40 nodes: the cluster cannot form
-    // through the seed, which shows the MTU is enforced rather than ignored.
+    // A 1 KB MTU carries a node's first SYN (its digest names only itself)
+    // but not the seed's replies once its digest names a few dozen nodes:
+    // the seed hears everyone, nobody hears the whole cluster back.
+    const N: usize = 40;
     let net = SimNetwork::new(1_024);
-    let nodes = cluster(&net, 40).await;
-    tokio::time::sleep(Duration::from_secs(10)).await;
-    assert!(net.dropped() > 0);
-    let seen = nodes[0].members().await.len();
-    assert!(seen > 0, "small messages still flow");
+    let nodes = cluster(&net, N).await;
+    // Enough rounds that 40 nodes converge several times over without the
+    // MTU (checked below on the same cluster with a large MTU).
+    eventually!(
+        Duration::from_secs(60),
+        nodes.iter().all(|g| g.rounds() >= 50)
+    );
+    assert!(
+        net.dropped_over_mtu() > 0,
+        "oversized messages were dropped"
+    );
+    assert_eq!(
+        net.dropped(),
+        net.dropped_over_mtu(),
+        "nothing but oversized messages was dropped"
+    );
+    let mut seen = Vec::with_capacity(N);
+    for g in &nodes {
+        seen.push(g.members().await.len());
+    }
+    eprintln!("members seen per node under a 1 KB MTU: {seen:?}");
+    assert_eq!(seen[0], N - 1, "small SYNs reach the seed: {seen:?}");
+    assert!(
+        seen[1..].iter().all(|&s| s < N - 1),
+        "no node learned the whole cluster through oversized replies: {seen:?}"
+    );
+    assert!(
+        seen[1..].iter().any(|&s| s > 1),
+        "while the seed's digest was small, its replies got through: {seen:?}"
+    );
+
+    // Control: the same cluster under a large MTU forms in fewer rounds.
+    let net = SimNetwork::new(65_507);
+    let nodes = cluster(&net, N).await;
+    eventually!(
+        Duration::from_secs(60),
+        nodes.iter().all(|g| g.rounds() >= 50)
+    );
+    assert!(
+        all_alive(&nodes, N).await,
+        "without the MTU the cluster forms"
+    );
+    assert_eq!(net.dropped(), 0);
 }
