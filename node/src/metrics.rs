@@ -187,6 +187,7 @@ pub struct Metrics {
     pub overlay_bytes_received: Counter<u64, AtomicU64>,
     pub overlay_messages_dropped: Counter<u64, AtomicU64>,
     pub handshakes: Family<HandshakeLabels, Counter<u64, AtomicU64>>,
+    pub probes_answered: Counter<u64, AtomicU64>,
     pub connections: Gauge<i64, AtomicI64>,
     pub cert_expiry_seconds: Gauge<i64, AtomicI64>,
     pub uptime_seconds: Gauge<i64, AtomicI64>,
@@ -228,6 +229,7 @@ impl Metrics {
             overlay_bytes_received: Counter::default(),
             overlay_messages_dropped: Counter::default(),
             handshakes: Family::default(),
+            probes_answered: Counter::default(),
             connections: Gauge::default(),
             cert_expiry_seconds: Gauge::default(),
             uptime_seconds: Gauge::default(),
@@ -276,6 +278,11 @@ impl Metrics {
             "overlay_handshakes",
             "Overlay TLS handshakes by direction (inbound, outbound) and result (ok, failed)",
             m.handshakes.clone(),
+        );
+        registry.register(
+            "overlay_probes_answered",
+            "Probe connections of peers checking that this node accepts their certificate (dmsc-node check), answered and closed without pooling",
+            m.probes_answered.clone(),
         );
         registry.register(
             "overlay_connections",

@@ -229,6 +229,9 @@ pub struct OverlayStats {
     pub streams_refused: AtomicU64,
     pub streams_opened: AtomicU64,
     pub streams_accepted: AtomicU64,
+    /// Probe connections (`dmsc-node check`) this node welcomed and let go
+    /// without pooling; counted once the probe is closed or timed out.
+    pub probes_answered: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, by: u64) {
@@ -644,6 +647,7 @@ async fn accept_loop(endpoint: Endpoint, weak: Weak<Inner>) {
                     bump(&stats.handshakes_ok_inbound, 1);
                     welcome(&conn).await;
                     let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+                    bump(&stats.probes_answered, 1);
                 }
                 Ok(conn) => {
                     bump(&stats.handshakes_ok_inbound, 1);

@@ -276,7 +276,17 @@ async fn a_probe_checks_the_handshake_without_touching_the_pooled_connection() {
         assert_eq!(a.probe(z.local_addr()).await.expect("probe"), "z");
         assert_eq!(z.probe(a.local_addr()).await.expect("probe"), "a");
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Each side has let go of the other's three probes (the accepting side
+    // decides to pool a connection or not before it counts a probe).
+    wait_until(
+        "both sides answered 3 probes",
+        Duration::from_secs(10),
+        || {
+            a.stats().probes_answered.load(Ordering::Relaxed) == 3
+                && z.stats().probes_answered.load(Ordering::Relaxed) == 3
+        },
+    )
+    .await;
     assert_eq!(a.peers().len(), 1);
     assert_eq!(z.peers().len(), 1);
     assert_eq!(a.peers()[0].since, before_a, "a kept its connection");

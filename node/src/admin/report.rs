@@ -197,6 +197,7 @@ pub(crate) async fn metrics_text(s: &Shared) -> String {
     m.set_handshakes("inbound", "failed", ld(&o.handshakes_failed_inbound));
     m.set_handshakes("outbound", "ok", ld(&o.handshakes_ok_outbound));
     m.set_handshakes("outbound", "failed", ld(&o.handshakes_failed_outbound));
+    Metrics::set_counter(&m.probes_answered, ld(&o.probes_answered));
     m.connections.set(s.overlay.peers().len() as i64);
     m.cert_expiry_seconds.set(report.node.cert_expires_in_secs);
     m.uptime_seconds.set(s.started.elapsed().as_secs() as i64);
