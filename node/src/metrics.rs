@@ -113,6 +113,9 @@ pub struct SecurityMetrics {
     /// Failed enrollment/renewal attempts counted into an aggregate audit
     /// entry instead of one entry each.
     pub audit_sampled_out: Counter<u64, AtomicU64>,
+    /// Changed credential files whose node certificate was not applied
+    /// because peers would refuse it (not from the mesh CA, or revoked).
+    pub reloads_refused: Counter<u64, AtomicU64>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -410,6 +413,11 @@ impl Metrics {
             "audit_sampled_out",
             "Failed enrollment and renewal attempts summed into an aggregate audit entry instead of one entry each",
             sec.audit_sampled_out.clone(),
+        );
+        registry.register(
+            "credential_reloads_refused",
+            "Changed credential files the node did not apply because their node certificate does not chain to the CA bundle or is revoked (the current certificate stays in use)",
+            sec.reloads_refused.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -793,6 +793,7 @@ impl Security {
         };
         if let Some(problem) = problem {
             warn!(%problem, "credential files changed but the new node certificate is unusable; keeping the current one");
+            self.metrics.reloads_refused.inc();
             *seen = now;
             return;
         }
