@@ -163,6 +163,25 @@ impl Drop for Node {
     }
 }
 
+/// The failed inbound overlay handshakes series on `/metrics`.
+const INBOUND_REFUSED: &str =
+    "dmsc_overlay_handshakes_total{direction=\"inbound\",result=\"failed\"} ";
+
+/// The value of the first `/metrics` series of the node at `admin` that
+/// starts with `series` (name and labels; 0 if absent).
+fn metric(admin: &str, series: &str) -> u64 {
+    let addr: std::net::SocketAddr = admin.parse().expect("admin addr");
+    let mut s = std::net::TcpStream::connect(addr).expect("admin");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let (status, metrics) = get_on(&mut s, "/metrics");
+    assert_eq!(status, 200, "{metrics}");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// Polls `cond` every 100 ms until it holds or `limit` passes; returns the time it took.
 fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
     let start = Instant::now();
@@ -259,7 +278,19 @@ fn three_processes_form_a_mesh_refuse_an_intruder_and_track_failures() {
                 && rogue.log_contains("cannot reach overlay peer")
         },
     );
-    std::thread::sleep(Duration::from_secs(1));
+    // Before looking for it: n1 has refused the intruder's redials since,
+    // and every node has run gossip rounds that would have spread it.
+    let refused = || metric(&n1.admin, INBOUND_REFUSED);
+    let rounds = || [&n1, &n2, &n3].map(|n| metric(&n.admin, "dmsc_gossip_rounds_total "));
+    let (refused_then, rounds_then) = (refused(), rounds());
+    eventually(
+        Duration::from_secs(30),
+        "n1 refuses the intruder twice more, 5 gossip rounds everywhere",
+        || {
+            let now = rounds();
+            refused() >= refused_then + 2 && (0..3).all(|i| now[i] >= rounds_then[i] + 5)
+        },
+    );
     for n in [&n1, &n2, &n3] {
         assert!(
             n.state_of("rogue").is_none(),
@@ -283,10 +314,11 @@ fn three_processes_form_a_mesh_refuse_an_intruder_and_track_failures() {
     );
     drop(rogue);
 
-    // kill -9: the others must see n3 dead within the bound.
+    // kill -9: the others must see n3 dead. The bound is a sanity limit
+    // (about 1 s here; detection time is measured in BENCHMARKS.md).
     n3.signal("-KILL");
     let _ = n3.child.wait();
-    let t = eventually(Duration::from_secs(10), "n3 dead on n1 and n2", || {
+    let t = eventually(Duration::from_secs(30), "n3 dead on n1 and n2", || {
         n1.state_of("n3").as_deref() == Some("dead") && n2.state_of("n3").as_deref() == Some("dead")
     });
     eprintln!("kill -9 detected as dead in {t:?}");
@@ -667,33 +699,45 @@ fn a_connection_flood_past_the_open_files_limit_leaves_the_node_idle_and_it_reco
         "the node runs out of descriptors",
         || fds() >= FDS - 4,
     );
-    // CPU over ~2 s while the flood holds: a retrying accept loop burns a
-    // whole core here; a pausing one next to nothing.
+    // CPU over at least 2 s while the flood holds, and until the accept loop
+    // has failed twice more within that window (counted on /metrics): a
+    // retrying loop burns a whole core here; a pausing one next to nothing.
+    let accept_errors = |admin: &mut std::net::TcpStream| {
+        let (status, metrics) = get_on(admin, "/metrics");
+        assert_eq!(status, 200);
+        metrics
+            .lines()
+            .find(|l| l.starts_with("dmsc_listener_accept_errors_total{") && l.contains("ingress"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no accept error count in:\n{metrics}"))
+    };
     let hz = clock_ticks_per_sec();
-    let (t0, c0) = (Instant::now(), cpu_ticks(pid));
-    std::thread::sleep(Duration::from_secs(2));
+    let (t0, c0, e0) = (Instant::now(), cpu_ticks(pid), accept_errors(&mut admin));
+    let mut errors = e0;
+    while t0.elapsed() < Duration::from_secs(2) || errors < e0 + 2 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the accept loop stopped failing while out of descriptors"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        errors = accept_errors(&mut admin);
+    }
     let (t1, c1) = (Instant::now(), cpu_ticks(pid));
     let share = (c1 - c0) as f64 / hz as f64 / (t1 - t0).as_secs_f64();
     eprintln!(
-        "flood of {} connections, node at {} descriptors: {:.1} % of a core",
+        "flood of {} connections, node at {} descriptors: {:.1} % of a core over {:?} and {} accept errors",
         flood.len(),
         fds(),
-        share * 100.0
+        share * 100.0,
+        t1 - t0,
+        errors - e0
     );
     assert!(
         share < 0.3,
         "the node used {:.0} % of a core while out of descriptors",
         share * 100.0
     );
-    // The failures are counted and logged, rate-limited.
-    let (status, metrics) = get_on(&mut admin, "/metrics");
-    assert_eq!(status, 200);
-    let errors: u64 = metrics
-        .lines()
-        .find(|l| l.starts_with("dmsc_listener_accept_errors_total{") && l.contains("ingress"))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no accept error count in:\n{metrics}"));
-    assert!(errors > 0);
+    // The failures are logged, rate-limited.
     let held_for = flood_start.elapsed();
     let warnings = node
         .log
