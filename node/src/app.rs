@@ -123,8 +123,7 @@ impl App {
             roles: Vec::new(),
             wire: crate::proto::wire::DELEGATION_VERSION,
         };
-        let announcement =
-            serde_json::to_string(&announcement).map_err(|e| NodeError::Internal(e.to_string()))?;
+        let announcement = serde_json::to_string(&announcement).map_err(NodeError::Announcement)?;
         // Every revocation this node knows is re-published under its own
         // state, so a node that was away learns it from whoever it meets.
         let mut initial = vec![(dmsc_gossip::KEY_NODE.to_string(), announcement)];

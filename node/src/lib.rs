@@ -69,19 +69,34 @@ pub enum NodeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("internal error: {0}")]
-    Internal(String),
+    #[error(transparent)]
+    Security(#[from] security::SecurityError),
+    #[error("cannot encode this node's gossip announcement: {0}")]
+    Announcement(serde_json::Error),
 }
 
 impl NodeError {
     /// Exit code for the binary: 64 (EX_USAGE) for configuration problems.
     pub fn exit_code(&self) -> i32 {
+        // Unreadable or malformed credential files are configuration too.
+        let file = |t: &dmsc_transport::TransportError| {
+            matches!(
+                t,
+                dmsc_transport::TransportError::ReadFile { .. }
+                    | dmsc_transport::TransportError::BadPem { .. }
+                    | dmsc_transport::TransportError::NoPem { .. }
+                    | dmsc_transport::TransportError::Identity(_)
+            )
+        };
         match self {
             NodeError::Config(_) | NodeError::NameMismatch { .. } => 64,
-            NodeError::Transport(dmsc_transport::TransportError::ReadFile { .. })
-            | NodeError::Transport(dmsc_transport::TransportError::BadPem { .. })
-            | NodeError::Transport(dmsc_transport::TransportError::NoPem { .. })
-            | NodeError::Transport(dmsc_transport::TransportError::Identity(_)) => 64,
+            NodeError::Security(security::SecurityError::NoJwksSource) => 64,
+            NodeError::Transport(t)
+            | NodeError::Security(security::SecurityError::Transport(t))
+                if file(t) =>
+            {
+                64
+            }
             _ => 1,
         }
     }

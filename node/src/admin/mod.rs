@@ -258,7 +258,10 @@ async fn revocations_apply(req: Request<hyper::body::Incoming>, s: &Shared) -> R
                 }),
             )
         }
-        Err(e) => json(StatusCode::FORBIDDEN, &serde_json::json!({"error": e})),
+        Err(e) => json(
+            StatusCode::FORBIDDEN,
+            &serde_json::json!({"error": e.to_string()}),
+        ),
     }
 }
 

@@ -225,7 +225,7 @@ pub(crate) async fn peer_checks(s: &Shared) -> serde_json::Value {
         .await
         {
             Ok(Ok((skew, rtt))) => (Some(skew), Some(rtt), None),
-            Ok(Err(e)) => (None, None, Some(e)),
+            Ok(Err(e)) => (None, None, Some(e.to_string())),
             Err(_) => (None, None, Some("no clock answer within 3 s".to_string())),
         };
         peers.push(serde_json::json!({

@@ -38,9 +38,18 @@ pub async fn serve_control(mut s: BiStream) {
     }
 }
 
+/// Why a peer's clock could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ClockError {
+    #[error(transparent)]
+    Stream(#[from] dmsc_transport::TransportError),
+    #[error("short clock answer ({0} of 8 bytes)")]
+    Short(usize),
+}
+
 /// Asks a peer for its clock; returns (peer clock - our clock at the
 /// midpoint, round trip), in milliseconds.
-pub async fn clock_skew(overlay: &Overlay, addr: SocketAddr) -> Result<(i64, u64), String> {
+pub async fn clock_skew(overlay: &Overlay, addr: SocketAddr) -> Result<(i64, u64), ClockError> {
     let now_ms = || {
         SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -48,28 +57,21 @@ pub async fn clock_skew(overlay: &Overlay, addr: SocketAddr) -> Result<(i64, u64
             .unwrap_or_default()
     };
     let t0 = now_ms();
-    let mut s = overlay
-        .open_stream(addr, Channel::Control)
-        .await
-        .map_err(|e| e.to_string())?;
-    s.send
-        .write_all(b"clock")
-        .await
-        .map_err(|e| e.to_string())?;
-    s.send.finish().map_err(|e| e.to_string())?;
+    let mut s = overlay.open_stream(addr, Channel::Control).await?;
+    s.send.write_all(b"clock").await?;
+    s.send.finish()?;
     let mut buf = Vec::new();
     while buf.len() < 8 {
-        match s.recv.read_chunk(8).await {
-            Ok(Some(b)) => buf.extend_from_slice(&b),
-            Ok(None) => break,
-            Err(e) => return Err(e.to_string()),
+        match s.recv.read_chunk(8).await? {
+            Some(b) => buf.extend_from_slice(&b),
+            None => break,
         }
     }
     let t1 = now_ms();
     let bytes: [u8; 8] = buf
         .get(..8)
         .and_then(|b| b.try_into().ok())
-        .ok_or("short clock answer")?;
+        .ok_or(ClockError::Short(buf.len()))?;
     let theirs = u64::from_be_bytes(bytes) as i64;
     Ok((theirs - (t0 + t1) / 2, (t1 - t0).max(0) as u64))
 }

@@ -129,13 +129,17 @@ pub enum HostTarget {
     Intent,
 }
 
+/// A host name that names nothing in the mesh.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a mesh address: mesh addresses are <agent>.<tenant>.dmsc, <tag>.cap.<tenant>.dmsc or mesh.<tenant>.dmsc")]
+pub struct NotMeshAddress(pub String);
+
 /// Parses `<agent>.<tenant>.dmsc`, `<tag>.cap.<tenant>.dmsc`, `mesh.<tenant>.dmsc`.
-pub fn parse_host(host: &str) -> Result<(String, HostTarget), String> {
+pub fn parse_host(host: &str) -> Result<(String, HostTarget), NotMeshAddress> {
     let h = host.trim_end_matches('.').to_ascii_lowercase();
-    let usage =
-        "mesh addresses are <agent>.<tenant>.dmsc, <tag>.cap.<tenant>.dmsc or mesh.<tenant>.dmsc";
+    let bad = || NotMeshAddress(host.to_string());
     let Some(rest) = h.strip_suffix(".dmsc") else {
-        return Err(format!("`{host}` is not a mesh address: {usage}"));
+        return Err(bad());
     };
     let labels: Vec<&str> = rest.split('.').collect();
     match labels.as_slice() {
@@ -146,7 +150,7 @@ pub fn parse_host(host: &str) -> Result<(String, HostTarget), String> {
         [tag, "cap", tenant] if !tag.is_empty() && !tenant.is_empty() => {
             Ok((tenant.to_string(), HostTarget::Tag(tag.to_string())))
         }
-        _ => Err(format!("`{host}` is not a mesh address: {usage}")),
+        _ => Err(bad()),
     }
 }
 
@@ -469,7 +473,9 @@ impl Ingress {
         };
         let (tenant, target) = match parsed {
             Ok(t) => t,
-            Err(e) => return MeshError::new(ErrorKind::BadTarget, me, e).response(None),
+            Err(e) => {
+                return MeshError::new(ErrorKind::BadTarget, me, e.to_string()).response(None)
+            }
         };
         if let Err(denial) = crate::policy::ingress(&caller.id, &caller.tenant, &host, &tenant) {
             let reason = denial.to_string();

@@ -41,7 +41,6 @@ use tracing::{info, warn};
 use crate::config::NodeConfig;
 
 pub mod throttle;
-use crate::NodeError;
 
 fn not_hosted(issuer: &NodeIssuer, tenant: &str) -> Refusal {
     Refusal::new(
@@ -59,6 +58,28 @@ pub const JWT_CACHE_TTL: Duration = Duration::from_secs(60);
 /// Distinct tokens remembered at most.
 const JWT_CACHE_MAX: usize = 10_000;
 
+/// Why the node's trust state could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum SecurityError {
+    #[error(transparent)]
+    Transport(#[from] dmsc_transport::TransportError),
+    #[error("cannot create the data directory `{}`: {source}", path.display())]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("admin token `{}`: {why}; fix or remove the file (a new one is made when it is missing)", path.display())]
+    AdminToken { path: PathBuf, why: String },
+    #[error("join token store: {0}")]
+    Tokens(#[from] dmsc_auth::TokenError),
+    #[error("jwt: {0}")]
+    Jwt(#[from] dmsc_auth::AuthError),
+    #[error("jwt: set jwks_file or jwks_url")]
+    NoJwksSource,
+    #[error("audit log: {0}")]
+    Audit(#[from] dmsc_audit::AuditError),
+}
+
 /// The admin token file in the data directory.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
@@ -67,14 +88,12 @@ pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 /// revocations) need it: the admin port is on localhost, but so are the
 /// agents of every tenant, and none of them may mint another tenant's
 /// credentials.
-fn admin_token(path: &Path) -> Result<[u8; 32], NodeError> {
+fn admin_token(path: &Path) -> Result<[u8; 32], SecurityError> {
     use sha2::Digest;
     use std::os::unix::fs::PermissionsExt;
-    let unusable = |why: String| {
-        NodeError::Internal(format!(
-            "admin token `{}`: {why}; fix or remove the file (a new one is made when it is missing)",
-            path.display()
-        ))
+    let unusable = |why: String| SecurityError::AdminToken {
+        path: path.to_path_buf(),
+        why,
     };
     let token = match std::fs::read_to_string(path) {
         Ok(t) if !t.trim().is_empty() => {
@@ -159,7 +178,7 @@ impl TlsIngress {
         identity: &NodeIdentity,
         client_certs: bool,
         allow_tls12: bool,
-    ) -> Result<Self, NodeError> {
+    ) -> Result<Self, SecurityError> {
         Ok(TlsIngress {
             acceptor: RwLock::new(Self::build(identity, client_certs, allow_tls12)?),
             client_certs,
@@ -171,7 +190,7 @@ impl TlsIngress {
         identity: &NodeIdentity,
         client_certs: bool,
         allow_tls12: bool,
-    ) -> Result<TlsAcceptor, NodeError> {
+    ) -> Result<TlsAcceptor, SecurityError> {
         let cfg = dmsc_transport::tls::ingress_server_config(identity, client_certs, allow_tls12)?;
         Ok(TlsAcceptor::from(Arc::new(cfg)))
     }
@@ -180,7 +199,7 @@ impl TlsIngress {
         read(&self.acceptor).clone()
     }
 
-    fn reload(&self, identity: &NodeIdentity) -> Result<(), NodeError> {
+    fn reload(&self, identity: &NodeIdentity) -> Result<(), SecurityError> {
         *write(&self.acceptor) = Self::build(identity, self.client_certs, self.allow_tls12)?;
         Ok(())
     }
@@ -240,14 +259,12 @@ impl Security {
         config: &NodeConfig,
         identity: Arc<NodeIdentity>,
         revoked: Arc<RevocationSet>,
-    ) -> Result<(Security, Option<dmsc_audit::AuditTask>), NodeError> {
+    ) -> Result<(Security, Option<dmsc_audit::AuditTask>), SecurityError> {
         let me = identity.name().to_string();
         let data = &config.data_dir;
-        std::fs::create_dir_all(data).map_err(|e| {
-            NodeError::Internal(format!(
-                "cannot create the data directory `{}`: {e}",
-                data.display()
-            ))
+        std::fs::create_dir_all(data).map_err(|source| SecurityError::DataDir {
+            path: data.clone(),
+            source,
         })?;
         let paths = Paths {
             ca: config.ca.clone(),
@@ -265,14 +282,13 @@ impl Security {
             info!(count = n, "loaded persisted revocations");
         }
         let admin_token_hash = admin_token(&data.join(ADMIN_TOKEN_FILE))?;
-        let tokens = TokenStore::open(data.join("join-tokens.json"))
-            .map_err(|e| NodeError::Internal(e.to_string()))?;
+        let tokens = TokenStore::open(data.join("join-tokens.json"))?;
         let jwt = match &config.jwt {
             Some(j) => {
                 let source = match (&j.jwks_file, &j.jwks_url) {
                     (Some(f), _) => dmsc_auth::JwksSource::File(f.clone()),
                     (None, Some(u)) => dmsc_auth::JwksSource::Url(u.clone()),
-                    (None, None) => return Err(NodeError::Internal("jwt: no JWKS source".into())),
+                    (None, None) => return Err(SecurityError::NoJwksSource),
                 };
                 let mut cfg =
                     dmsc_auth::JwtConfig::new(j.issuers.clone(), j.audiences.clone(), source);
@@ -280,11 +296,7 @@ impl Security {
                 cfg.agent_claim = j.agent_claim.clone();
                 cfg.refresh = j.refresh;
                 cfg.leeway = j.leeway;
-                Some(
-                    JwtValidator::new(cfg)
-                        .await
-                        .map_err(|e| NodeError::Internal(format!("jwt: {e}")))?,
-                )
+                Some(JwtValidator::new(cfg).await?)
             }
             None => None,
         };
@@ -298,14 +310,10 @@ impl Security {
                     }
                 };
                 let mut cfg = dmsc_audit::AuditConfig::new(&a.dir, &me);
-                cfg.fsync = a
-                    .fsync
-                    .parse::<dmsc_audit::FsyncPolicy>()
-                    .map_err(|e| NodeError::Internal(format!("audit.fsync: {e}")))?;
+                cfg.fsync = a.fsync.parse::<dmsc_audit::FsyncPolicy>()?;
                 cfg.checkpoint_every = a.checkpoint_every;
                 cfg.checkpoint_interval = a.checkpoint_interval;
-                let (h, t) = dmsc_audit::AuditLog::open(cfg, signer)
-                    .map_err(|e| NodeError::Internal(format!("audit log: {e}")))?;
+                let (h, t) = dmsc_audit::AuditLog::open(cfg, signer)?;
                 (Some(h), Some(t))
             }
             None => (None, None),
@@ -413,7 +421,7 @@ impl Security {
         &self,
         client_certs: bool,
         allow_tls12: bool,
-    ) -> Result<Arc<TlsIngress>, NodeError> {
+    ) -> Result<Arc<TlsIngress>, SecurityError> {
         let t = Arc::new(TlsIngress::new(
             &self.identity(),
             client_certs,
@@ -746,12 +754,15 @@ impl Security {
 
     /// Verifies and records a revocation; true if it was new here. The
     /// caller publishes it and closes affected connections.
-    pub fn apply_revocation(&self, r: Revocation, source: &str) -> Result<bool, String> {
+    pub fn apply_revocation(
+        &self,
+        r: Revocation,
+        source: &str,
+    ) -> Result<bool, dmsc_transport::TransportError> {
         if self.revoked.get(&r.serial).is_some() {
             return Ok(false);
         }
-        r.verify(&self.identity().roots)
-            .map_err(|e| e.to_string())?;
+        r.verify(&self.identity().roots)?;
         let new = self.revoked.insert(r.clone());
         if new {
             if let Err(e) = self.revoked.save(&self.paths.revoked) {
