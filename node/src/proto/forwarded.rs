@@ -43,6 +43,10 @@ fn is_mesh_header(name: &HeaderName) -> bool {
 
 /// Removes every `dmsc-*` header.
 pub fn strip_mesh_headers(headers: &mut HeaderMap) {
+    // The common case, no mesh header at all, allocates nothing.
+    if !headers.keys().any(is_mesh_header) {
+        return;
+    }
     let names: Vec<HeaderName> = headers
         .keys()
         .filter(|n| is_mesh_header(n))
@@ -61,15 +65,21 @@ pub fn duplicate_host(headers: &HeaderMap) -> bool {
 /// Appends `client` to `X-Forwarded-For` (several of the caller's own
 /// headers are joined into one list first, as RFC 9110 allows).
 pub fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
-    let mut list: Vec<String> = headers
+    let mut list = String::new();
+    for v in headers
         .get_all(X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .map(|v| v.trim().to_string())
+        .map(str::trim)
         .filter(|v| !v.is_empty())
-        .collect();
-    list.push(client.to_string());
-    if let Ok(v) = HeaderValue::from_str(&list.join(", ")) {
+    {
+        list.push_str(v);
+        list.push_str(", ");
+    }
+    use std::fmt::Write as _;
+    // Writing to a String cannot fail.
+    let _ = write!(list, "{client}");
+    if let Ok(v) = HeaderValue::from_str(&list) {
         headers.insert(X_FORWARDED_FOR, v);
     }
 }
