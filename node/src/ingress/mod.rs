@@ -597,6 +597,7 @@ impl Ingress {
             }
         };
         let mut headers = parts.headers;
+        let grpc = crate::proto::http::is_grpc(&headers);
         if caller.bearer {
             headers.remove(hyper::header::AUTHORIZATION);
         }
@@ -628,7 +629,7 @@ impl Ingress {
             })
             .await;
         drop(permit);
-        outcome.render(request_bytes.as_deref())
+        outcome.render(request_bytes.as_deref(), grpc)
     }
 }
 

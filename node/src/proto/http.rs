@@ -135,6 +135,20 @@ impl ErrorKind {
         }
     }
 
+    /// The gRPC status code a gRPC caller gets for it.
+    pub fn grpc_code(self) -> u16 {
+        match self {
+            ErrorKind::BadTarget | ErrorKind::BadRequest => 3, // INVALID_ARGUMENT
+            ErrorKind::Unauthorized => 16,                     // UNAUTHENTICATED
+            ErrorKind::Forbidden => 7,                         // PERMISSION_DENIED
+            ErrorKind::UnknownAgent | ErrorKind::NoMatch => 5, // NOT_FOUND
+            ErrorKind::NoneAvailable | ErrorKind::Unreachable => 14, // UNAVAILABLE
+            ErrorKind::Timeout => 4,                           // DEADLINE_EXCEEDED
+            ErrorKind::Overloaded | ErrorKind::RateLimited => 8, // RESOURCE_EXHAUSTED
+            ErrorKind::Internal => 13,                         // INTERNAL
+        }
+    }
+
     /// JSON-RPC error code: -32600 for a bad request, -32001 (A2A "task not
     /// found" family is -32001..-32006; the mesh uses -32050..) otherwise.
     fn jsonrpc_code(self) -> i64 {
@@ -221,6 +235,25 @@ impl MeshError {
 }
 
 impl MeshError {
+    /// The response for a gRPC caller: trailers-only (HTTP 200, no body)
+    /// with `grpc-status` and `grpc-message`, which is how gRPC clients
+    /// (grpcio, grpc-go, tonic) read a failure; `dmsc-error` and
+    /// `dmsc-node` ride along as metadata.
+    pub fn grpc_response(&self) -> Response<Body> {
+        let mut resp = Response::new(empty());
+        let h = resp.headers_mut();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        h.insert("grpc-status", HeaderValue::from(self.kind.grpc_code()));
+        if let Ok(v) = HeaderValue::from_str(&grpc_message(&self.to_string())) {
+            h.insert("grpc-message", v);
+        }
+        h.insert("dmsc-error", HeaderValue::from_static(self.kind.as_str()));
+        if let Ok(v) = HeaderValue::from_str(&self.node) {
+            h.insert("dmsc-node", v);
+        }
+        resp
+    }
+
     /// As it crosses the overlay in a version 2 response head.
     pub fn to_wire(&self) -> super::wire::WireFailure {
         super::wire::WireFailure {
@@ -255,6 +288,27 @@ impl std::fmt::Display for MeshError {
             self.detail
         )
     }
+}
+
+/// A `grpc-message` value: percent-encoded UTF-8 (gRPC over HTTP/2 spec).
+fn grpc_message(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// True for a gRPC request (`content-type: application/grpc[+proto|...]`).
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
 /// The `id` of a JSON-RPC request body, if it is one.
@@ -314,6 +368,27 @@ mod tests {
         let r = e.response(Some(b"hello"));
         assert_eq!(r.headers()["content-type"], "application/problem+json");
         assert_eq!(r.headers()["dmsc-error"], "timeout");
+    }
+
+    #[test]
+    fn grpc_callers_get_a_trailers_only_status() {
+        let e = MeshError::new(ErrorKind::NoneAvailable, "eu-1", "no healthy agent: 100%");
+        let r = e.grpc_response();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()["grpc-status"], "14");
+        assert_eq!(r.headers()["content-type"], "application/grpc");
+        let msg = r.headers()["grpc-message"].to_str().expect("ascii");
+        assert!(msg.contains("no healthy agent: 100%25"), "{msg}");
+        assert!(
+            hyper::body::Body::is_end_stream(r.body()),
+            "no body: trailers-only"
+        );
+        let mut h = HeaderMap::new();
+        h.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc+proto"),
+        );
+        assert!(is_grpc(&h));
     }
 
     #[test]

@@ -94,9 +94,11 @@ impl Outcome {
 
     /// The response for the caller: the agent's, with who served it and
     /// why (`dmsc-agent`, `dmsc-node`, `dmsc-route`), or the mesh's error in
-    /// the dialect of the request whose body is `request`.
-    pub fn render(self, request: Option<&[u8]>) -> Response<Body> {
+    /// the dialect of the request: a gRPC status for a gRPC call, else by
+    /// the request's body `request` (JSON-RPC or problem details).
+    pub fn render(self, request: Option<&[u8]>, grpc: bool) -> Response<Body> {
         match self {
+            Outcome::Failed(e) if grpc => e.grpc_response(),
             Outcome::Failed(e) => e.response(request),
             Outcome::Served(s, mut resp) => {
                 let h = resp.headers_mut();
@@ -139,7 +141,7 @@ mod tests {
         };
         let o = Outcome::Served(served, agent_resp);
         assert_eq!(o.label(), "ok");
-        let r = o.render(None);
+        let r = o.render(None, false);
         assert_eq!(r.headers()["dmsc-agent"], "acme/billing");
         assert_eq!(r.headers()["dmsc-node"], "eu-1");
         assert!(r.headers().get("dmsc-error").is_none());
@@ -150,7 +152,7 @@ mod tests {
             (o.label(), o.status()),
             ("forbidden", StatusCode::FORBIDDEN)
         );
-        let r = o.render(None);
+        let r = o.render(None, false);
         assert_eq!(r.headers()["dmsc-error"], "forbidden");
         assert_eq!(r.headers()["dmsc-node"], "us-1");
     }

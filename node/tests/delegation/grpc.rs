@@ -654,7 +654,9 @@ async fn an_http2_only_grpc_server_is_healthy_and_called_through_two_nodes() {
     let status = say_hello(&mut client, hello("ada"))
         .await
         .expect_err("no candidate while NOT_SERVING");
-    // (The mesh answers in problem+json, not with a grpc-status yet.)
+    // A gRPC caller gets the mesh's answer as a gRPC status.
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("none-available"), "{status:?}");
     assert_eq!(
         metadata(status.metadata(), "dmsc-error"),
         "none-available",
