@@ -163,6 +163,10 @@ pub(crate) fn agent_statuses(s: &Shared) -> Vec<super::status::AgentStatus> {
                     .and_then(|a| a.stats.lock().unwrap_or_else(|p| p.into_inner()).p50_ms()),
                 ewma_ms: f64::from(e.load.ewma_ms),
                 error_rate: f64::from(e.load.error_rate),
+                protocol: local
+                    .as_ref()
+                    .and_then(|a| a.protocol.current())
+                    .map(|p| p.as_str().to_string()),
                 local: local.is_some(),
             }
         })

@@ -62,6 +62,10 @@ pub struct AgentStatus {
     pub error_rate: f64,
     /// True when this node is the agent's home.
     pub local: bool,
+    /// How the home node speaks to it (`http1`, `h2c`, `grpc`: pinned or
+    /// found by the health checks); only on the home node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

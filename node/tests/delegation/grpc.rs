@@ -448,6 +448,13 @@ async fn an_http2_only_grpc_server_is_healthy_and_called_through_two_nodes() {
         || protocol_on(&mesh, 1) == Some(Protocol::Grpc) && health_on(&mesh, 0) == "healthy",
     )
     .await;
+    // The home node's agent table says what it found.
+    let on_home = mesh.nodes[1]
+        .agent_statuses()
+        .into_iter()
+        .find(|a| a.name == AGENT)
+        .expect("listed");
+    assert_eq!(on_home.protocol.as_deref(), Some("grpc"));
     let mut client = client_to(&mesh, 0).await;
 
     // Unary: the reply, and the mesh's headers in the response metadata
