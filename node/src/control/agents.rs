@@ -27,7 +27,7 @@ use tracing::{info, warn};
 
 use crate::config::{check_spec, RawAgent};
 use crate::control::health::{self, GRPC_HEALTH_CHECK};
-use crate::forward::client::Upstream;
+use crate::forward::client::{Client, Upstream};
 use crate::forward::local::{
     lock, AgentStats, LocalAgent, LocalAgents, Protocol, ProtocolState, CARD_PATHS,
 };
@@ -54,13 +54,15 @@ pub enum AgentError {
 }
 
 /// Fetches a card: `agent-card.json`, then `agent.json` if that is 404;
-/// over h2c for an agent pinned to an HTTP/2-only protocol.
+/// over h2c for an agent pinned to an HTTP/2-only protocol, and over h2c
+/// again when an unpinned agent took the connection but could not speak
+/// HTTP/1.1 (an HTTP/2-only server answers the request line with a GOAWAY).
 async fn fetch_card(
     base: &Uri,
     upstream: &Upstream,
     pinned: Option<Protocol>,
 ) -> Result<(AgentCard, String), AgentError> {
-    let client = if pinned.is_some_and(Protocol::http2_only) {
+    let mut client = if pinned.is_some_and(Protocol::http2_only) {
         &upstream.h2
     } else {
         &upstream.h1
@@ -73,16 +75,34 @@ async fn fetch_card(
             reason,
         };
         let uri: Uri = url.parse().map_err(|e| fail(format!("{e}")))?;
-        let req = Request::builder()
-            .method(Method::GET)
-            .uri(uri)
-            .header("accept", "application/json")
-            .body(empty())
-            .map_err(|e| fail(e.to_string()))?;
-        let resp = tokio::time::timeout(FETCH_TIMEOUT, client.request(req))
-            .await
-            .map_err(|_| fail(format!("no answer within {FETCH_TIMEOUT:?}")))?
-            .map_err(|e| fail(format!("{e:#}")))?;
+        let request = |uri: Uri| {
+            Request::builder()
+                .method(Method::GET)
+                .uri(uri)
+                .header("accept", "application/json")
+                .body(empty())
+                .map_err(|e| fail(e.to_string()))
+        };
+        let fetch = |client: &Client, uri: Uri| {
+            let req = request(uri);
+            let client = client.clone();
+            async move {
+                tokio::time::timeout(FETCH_TIMEOUT, client.request(req?))
+                    .await
+                    .map_err(|_| fail(format!("no answer within {FETCH_TIMEOUT:?}")))
+            }
+        };
+        let resp = match fetch(client, uri.clone()).await? {
+            Ok(r) => r,
+            Err(e) if pinned.is_none() && !e.is_connect() && std::ptr::eq(client, &upstream.h1) => {
+                // Connected, but no HTTP/1.1 answer: try HTTP/2 (prior knowledge).
+                client = &upstream.h2;
+                fetch(client, uri)
+                    .await?
+                    .map_err(|h2| fail(format!("HTTP/1.1: {e:#}; HTTP/2: {h2:#}")))?
+            }
+            Err(e) => return Err(fail(format!("{e:#}"))),
+        };
         if resp.status() == StatusCode::NOT_FOUND {
             last = format!("{url}: 404");
             continue;

@@ -3,17 +3,19 @@
 use std::time::Duration;
 
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use crate::proto::http::Body;
+
+/// A pooled client to agents (plain TCP; one for each HTTP version).
+pub type Client = hyper_util::client::legacy::Client<HttpConnector, Body>;
 
 /// Pooled clients to local agents: HTTP/1.1 for most, h2c (prior
 /// knowledge) when the caller spoke HTTP/2, which is what gRPC needs.
 #[derive(Clone, Debug)]
 pub struct Upstream {
-    pub h1: Client<HttpConnector, Body>,
-    pub h2: Client<HttpConnector, Body>,
+    pub h1: Client,
+    pub h2: Client,
 }
 
 impl Upstream {
@@ -21,11 +23,11 @@ impl Upstream {
         let mut conn = HttpConnector::new();
         conn.set_nodelay(true);
         conn.set_connect_timeout(Some(Duration::from_secs(2)));
-        let h1 = Client::builder(TokioExecutor::new())
+        let h1 = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(256)
             .build(conn.clone());
-        let h2 = Client::builder(TokioExecutor::new())
+        let h2 = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .http2_only(true)
             .pool_idle_timeout(Duration::from_secs(30))
             .build(conn);

@@ -788,8 +788,24 @@ async fn an_agent_added_through_the_admin_api_is_probed_before_its_first_call() 
     mesh.stop().await;
 }
 
+/// The A2A card the plain h2c server serves.
+fn h2_card(addr: SocketAddr) -> String {
+    serde_json::json!({
+        "name": "h2-only",
+        "description": "an agent that speaks only HTTP/2",
+        "version": "1",
+        "url": format!("http://{addr}/"),
+        "capabilities": {},
+        "defaultInputModes": ["text/plain"],
+        "defaultOutputModes": ["text/plain"],
+        "skills": [{"id": "echo", "name": "echo", "tags": ["echo"]}],
+    })
+    .to_string()
+}
+
 /// A plain HTTP server that speaks only HTTP/2 (h2c), not gRPC: answers
-/// the gRPC health method with a 404 page and anything else with its path.
+/// the gRPC health method with a 404 page, serves an A2A card, and answers
+/// anything else with its path.
 async fn plain_h2c_server() -> (
     SocketAddr,
     Arc<Mutex<Vec<(String, Version)>>>,
@@ -808,8 +824,11 @@ async fn plain_h2c_server() -> (
                     log.lock()
                         .expect("log lock")
                         .push((path.clone(), req.version()));
-                    let mut resp =
-                        hyper::Response::new(dmsc_node::proto::http::full(format!("h2c {path}")));
+                    let mut resp = if path == "/.well-known/agent-card.json" {
+                        hyper::Response::new(dmsc_node::proto::http::full(h2_card(addr)))
+                    } else {
+                        hyper::Response::new(dmsc_node::proto::http::full(format!("h2c {path}")))
+                    };
                     if path.starts_with("/grpc.") {
                         *resp.status_mut() = hyper::StatusCode::NOT_FOUND;
                     }
@@ -851,6 +870,33 @@ async fn an_http2_only_server_that_is_not_grpc_is_found_as_h2c() {
     assert_eq!(
         seen.last(),
         Some(&("/hello".to_string(), Version::HTTP_2)),
+        "{seen:?}"
+    );
+    mesh.stop().await;
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_only_agent_with_a_card_onboards_with_nothing_but_its_url() {
+    let (addr, seen, server) = plain_h2c_server().await;
+    let mesh = LocalMesh::start(&["n0"], "acme", |_, _| {})
+        .await
+        .expect("mesh");
+    // No skills, no pin: the card can only come over HTTP/2.
+    let id = mesh
+        .attach(0, &format!("http://{addr}"), None)
+        .await
+        .expect("onboarded: the card came over h2c");
+    assert_eq!(id, "acme/h2-only");
+    let (resp, body) = mesh
+        .call(0, "GET", "h2-only.acme.dmsc", "/hello", &[], "")
+        .await
+        .expect("HTTP/1.1 call");
+    assert_eq!(resp.status(), 200, "{resp:?}");
+    assert_eq!(&body[..], b"h2c /hello");
+    let seen = seen.lock().expect("log lock").clone();
+    assert!(
+        seen.contains(&("/.well-known/agent-card.json".to_string(), Version::HTTP_2)),
         "{seen:?}"
     );
     mesh.stop().await;
