@@ -167,7 +167,20 @@ impl App {
         let listener_metrics = crate::metrics::ListenerMetrics::default();
         let listeners = Listeners::new(&name, config.limits.clone(), listener_metrics.clone());
         let mut ingress_addrs = Vec::new();
+        let scope = identity.info.tenants.clone();
         for spec in &config.ingress {
+            if let Some(t) = spec
+                .tenant
+                .as_ref()
+                .filter(|t| !crate::policy::in_scope(scope.as_deref(), t))
+            {
+                warn!(
+                    listen = %spec.listen,
+                    tenant = %t,
+                    scope = %scope.as_deref().unwrap_or_default().join(","),
+                    "this ingress serves a tenant outside the node certificate's scope: every home node will refuse its delegations (403)"
+                );
+            }
             let listener = tokio::net::TcpListener::bind(spec.listen)
                 .await
                 .map_err(|source| NodeError::Bind {
