@@ -339,16 +339,10 @@ pub async fn admin_call(
         .body(Full::new(body))
         .map_err(|e| unreachable(e.to_string()))?;
     let fetch = async {
-        let resp = client.request(req).await.map_err(|e| {
-            // hyper-util's error says "client error (Connect)"; the cause is below it.
-            let mut msg = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                msg.push_str(&format!(": {s}"));
-                source = s.source();
-            }
-            unreachable(msg)
-        })?;
+        let resp = client
+            .request(req)
+            .await
+            .map_err(|e| unreachable(crate::proto::http::error_chain(&e)))?;
         let status = resp.status().as_u16();
         let body = resp
             .into_body()

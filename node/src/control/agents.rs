@@ -62,11 +62,7 @@ async fn fetch_card(
     upstream: &Upstream,
     pinned: Option<Protocol>,
 ) -> Result<(AgentCard, String), AgentError> {
-    let mut client = if pinned.is_some_and(Protocol::http2_only) {
-        &upstream.h2
-    } else {
-        &upstream.h1
-    };
+    let mut h2 = pinned.is_some_and(Protocol::http2_only);
     let mut last = String::new();
     for path in CARD_PATHS {
         let url = join(base, path);
@@ -92,12 +88,13 @@ async fn fetch_card(
                     .map_err(|_| fail(format!("no answer within {FETCH_TIMEOUT:?}")))
             }
         };
-        let resp = match fetch(client, uri.clone()).await? {
+        let client = |h2: bool| if h2 { &upstream.h2 } else { &upstream.h1 };
+        let resp = match fetch(client(h2), uri.clone()).await? {
             Ok(r) => r,
-            Err(e) if pinned.is_none() && !e.is_connect() && std::ptr::eq(client, &upstream.h1) => {
+            Err(e) if pinned.is_none() && !e.is_connect() && !h2 => {
                 // Connected, but no HTTP/1.1 answer: try HTTP/2 (prior knowledge).
-                client = &upstream.h2;
-                fetch(client, uri)
+                h2 = true;
+                fetch(client(h2), uri)
                     .await?
                     .map_err(|h2| fail(format!("HTTP/1.1: {e:#}; HTTP/2: {h2:#}")))?
             }

@@ -34,7 +34,7 @@ use tracing::info;
 
 use crate::forward::client::Upstream;
 use crate::forward::local::{Protocol, ProtocolState};
-use crate::proto::http::{empty, full};
+use crate::proto::http::{empty, error_chain, full};
 
 /// The gRPC health method (grpc.health.v1), relative to the agent's URL.
 pub const GRPC_HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
@@ -142,11 +142,13 @@ async fn probe(upstream: &Upstream, p: Protocol, health: &Uri, grpc: &Uri) -> At
     };
     let (head, body) = match tokio::time::timeout(PROBE_TIMEOUT, client.request(req)).await {
         Err(_) => return Attempt::Unreachable(Down::Timeout(PROBE_TIMEOUT)),
-        Ok(Err(e)) if e.is_connect() => return Attempt::Unreachable(Down::Connect(chain(&e))),
+        Ok(Err(e)) if e.is_connect() => {
+            return Attempt::Unreachable(Down::Connect(error_chain(&e)))
+        }
         Ok(Err(e)) => {
             return Attempt::WrongProtocol(Down::Protocol {
                 protocol: p,
-                reason: chain(&e),
+                reason: error_chain(&e),
             })
         }
         Ok(Ok(resp)) => resp.into_parts(),
@@ -210,18 +212,6 @@ fn grpc_check(uri: &Uri) -> Result<Request<crate::proto::http::Body>, hyper::htt
         .header(CONTENT_TYPE, HeaderValue::from_static("application/grpc"))
         .header(TE, HeaderValue::from_static("trailers"))
         .body(full(Bytes::from_static(&EMPTY_CHECK_REQUEST)))
-}
-
-/// An error with its sources ("client error (SendRequest): connection closed …").
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// The serving status of a `HealthCheckResponse` (grpc.health.v1).

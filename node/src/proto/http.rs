@@ -290,6 +290,19 @@ impl std::fmt::Display for MeshError {
     }
 }
 
+/// An error with its sources, `outer: inner: ...` (hyper's client errors
+/// say "client error (Connect)"; the cause is below).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 /// A `grpc-message` value: percent-encoded UTF-8 (gRPC over HTTP/2 spec).
 fn grpc_message(text: &str) -> String {
     let mut out = String::with_capacity(text.len());

@@ -9,7 +9,7 @@ use dmsc_registry::AgentId;
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::{Response, StatusCode};
 
-use super::http::{Body, ErrorKind, MeshError};
+use super::http::{Body, MeshError};
 
 /// Who served a delegation, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,12 +38,6 @@ pub enum Failure {
 
 impl Failure {
     pub fn error(&self) -> &MeshError {
-        match self {
-            Failure::NotDelivered(e) | Failure::MaybeDelivered(e) | Failure::Caller(e) => e,
-        }
-    }
-
-    pub fn into_error(self) -> MeshError {
         match self {
             Failure::NotDelivered(e) | Failure::MaybeDelivered(e) | Failure::Caller(e) => e,
         }
@@ -85,13 +79,6 @@ impl Outcome {
         }
     }
 
-    pub fn error_kind(&self) -> Option<ErrorKind> {
-        match self {
-            Outcome::Failed(e) => Some(e.kind),
-            Outcome::Served(..) => None,
-        }
-    }
-
     /// The response for the caller: the agent's, with who served it and
     /// why (`dmsc-agent`, `dmsc-node`, `dmsc-route`), or the mesh's error in
     /// the dialect of the request: a gRPC status for a gRPC call, else by
@@ -122,7 +109,7 @@ impl Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::http::full;
+    use crate::proto::http::{full, ErrorKind};
 
     #[test]
     fn the_edge_renders_who_served_and_drops_an_agents_own_mesh_headers() {

@@ -100,37 +100,26 @@ impl Attempts {
                 charge_agent: false,
                 next: Next::Stop(e),
             },
-            Failure::NotDelivered(e) => {
-                self.exclude.push(id);
-                if self.replayable {
-                    self.last = Some(e);
-                    Verdict {
-                        charge_agent: true,
-                        next: Next::Retry,
-                    }
-                } else {
-                    Verdict {
-                        charge_agent: true,
-                        next: Next::Stop(e),
-                    }
-                }
-            }
+            Failure::NotDelivered(e) => self.after(id, self.replayable, e),
             Failure::MaybeDelivered(e) => {
                 let retry = self.replayable && self.idempotent && e.kind != ErrorKind::Timeout;
-                if retry {
-                    self.exclude.push(id);
-                    self.last = Some(e);
-                    Verdict {
-                        charge_agent: true,
-                        next: Next::Retry,
-                    }
-                } else {
-                    Verdict {
-                        charge_agent: true,
-                        next: Next::Stop(e),
-                    }
-                }
+                self.after(id, retry, e)
             }
+        }
+    }
+
+    /// A failure charged to the agent: try the next candidate, or stop.
+    fn after(&mut self, id: AgentId, retry: bool, e: MeshError) -> Verdict {
+        let next = if retry {
+            self.exclude.push(id);
+            self.last = Some(e);
+            Next::Retry
+        } else {
+            Next::Stop(e)
+        };
+        Verdict {
+            charge_agent: true,
+            next,
         }
     }
 

@@ -201,10 +201,6 @@ impl MeshView {
             .unwrap_or(0)
     }
 
-    pub fn node_addr(&self, node: &str) -> Option<SocketAddr> {
-        self.node_route(node).map(|(a, _)| a)
-    }
-
     /// A live node's overlay address and the delegation wire version it speaks.
     pub fn node_route(&self, node: &str) -> Option<(SocketAddr, u8)> {
         self.nodes
@@ -510,7 +506,7 @@ mod tests {
             .is_empty());
         assert!(selectable(&m));
         assert_eq!(m.scan_cursor().get("x"), Some(&(1, 5)));
-        assert!(m.node_addr("x").is_some());
+        assert!(m.node_route("x").is_some());
         // Unchanged (no values): still there.
         m.apply_scan(vec![scan(1, 5, MemberState::Alive, false)]);
         assert!(selectable(&m));
@@ -518,7 +514,7 @@ mod tests {
         let gone = m.apply_scan(vec![scan(1, 5, MemberState::Dead, false)]);
         assert_eq!(gone, vec!["127.0.0.1:7409".parse().expect("addr")]);
         assert!(!selectable(&m));
-        assert!(m.node_addr("x").is_none());
+        assert!(m.node_route("x").is_none());
         // Back alive with nothing changed: its agents come back.
         assert!(m
             .apply_scan(vec![scan(1, 5, MemberState::Alive, false)])
