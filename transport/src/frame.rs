@@ -35,6 +35,8 @@ pub enum Channel {
     /// Small node-to-node questions on a bidirectional stream (the clock
     /// reading `dmsc-node check` compares for skew).
     Control = 3,
+    /// A relay session (`relay::frame`) on a bidirectional stream to a relay.
+    Relay = 4,
 }
 
 impl Channel {
@@ -43,6 +45,7 @@ impl Channel {
             1 => Some(Channel::Gossip),
             2 => Some(Channel::Delegate),
             3 => Some(Channel::Control),
+            4 => Some(Channel::Relay),
             _ => None,
         }
     }

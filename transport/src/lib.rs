@@ -15,7 +15,9 @@ pub mod error;
 pub mod frame;
 pub mod identity;
 pub mod overlay;
+pub mod path;
 pub mod pki;
+pub mod relay;
 pub mod revoke;
 pub mod tls;
 
@@ -23,7 +25,9 @@ pub use error::TransportError;
 pub use frame::Channel;
 pub use identity::{NodeIdentity, SpiffeId};
 pub use overlay::{
-    BiStream, Inbound, Overlay, OverlayConfig, OverlayStats, PeerLink, StreamRecv, StreamSend,
-    TenantScope,
+    BiStream, Established, Inbound, Overlay, OverlayConfig, OverlayStats, PeerLink, StreamRecv,
+    StreamSend, TenantScope,
 };
+pub use path::{Impair, PathInfo, Reachability, Transport};
+pub use relay::client::RelayAddr;
 pub use revoke::{Revocation, RevocationSet};

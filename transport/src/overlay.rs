@@ -30,7 +30,7 @@
 //! All tasks live in one `JoinSet` owned by the overlay: dropping the last
 //! [`Overlay`] handle or calling [`Overlay::shutdown`] stops them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -46,6 +46,9 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::frame::{self, Channel};
 use crate::identity::{cert_info, NodeIdentity};
+use crate::path::{self, Impair, PathInfo, PathSocket, Paths, Reachability, Transport};
+use crate::relay::client::{self as relay_client, RelayAddr, TcpTls};
+use crate::relay::{RelayEvent, RelayLimits, RelayServer};
 use crate::revoke::RevocationSet;
 use crate::{tls, TransportError};
 
@@ -91,6 +94,8 @@ pub struct OverlayConfig {
     pub revoked: Arc<RevocationSet>,
     /// Where refused peer certificates are noted (for `dmsc-node check`).
     pub refusals: Arc<tls::RefusalLog>,
+    /// Loss and delay on outgoing UDP (chaos tests; `DMSC_IMPAIR`).
+    pub impair: Option<Impair>,
 }
 
 impl OverlayConfig {
@@ -104,6 +109,7 @@ impl OverlayConfig {
             max_backoff: Duration::from_secs(5),
             revoked: Arc::new(RevocationSet::new()),
             refusals: Arc::default(),
+            impair: None,
         }
     }
 }
@@ -214,6 +220,43 @@ impl StreamRecv {
     }
 }
 
+impl tokio::io::AsyncRead for StreamRecv {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for StreamSend {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner)
+            .poll_write(cx, buf)
+            .map_err(std::io::Error::other)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.done = true;
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// Counters the node exports as metrics.
 #[derive(Debug, Default)]
 pub struct OverlayStats {
@@ -249,6 +292,8 @@ pub struct PeerLink {
     pub since: Instant,
     /// Serial of the certificate the peer presented on this connection.
     pub serial: String,
+    /// How its packets travel now: direct or through a relay, over UDP or TCP.
+    pub path: PathInfo,
 }
 
 struct Conn {
@@ -277,6 +322,26 @@ struct Inner {
     streams: mpsc::Sender<BiStream>,
     streams_rx: Mutex<Option<mpsc::Receiver<BiStream>>>,
     tasks: Mutex<JoinSet<()>>,
+    /// Which way each packet goes (shared with the endpoint's socket).
+    paths: Arc<Paths>,
+    /// The relay role, once started.
+    relay: Mutex<Option<Arc<RelayServer>>>,
+    /// Relays a session task runs for.
+    relays: Mutex<HashSet<RelayAddr>>,
+    /// TLS for TCP relay sessions (client side), swapped on reload.
+    tcp_tls: TcpTls,
+    /// TLS for the TCP relay listener (relay role), swapped on reload.
+    tcp_server_tls: Arc<Mutex<Arc<rustls::ServerConfig>>>,
+}
+
+/// A handle that does not keep the overlay alive (its own tasks hold it).
+#[derive(Clone)]
+pub(crate) struct WeakOverlay(Weak<Inner>);
+
+impl WeakOverlay {
+    pub(crate) fn upgrade(&self) -> Option<Overlay> {
+        self.0.upgrade().map(|inner| Overlay { inner })
+    }
 }
 
 impl Drop for Inner {
@@ -354,11 +419,23 @@ impl Overlay {
         let identity = cfg.identity.clone();
         let transport = transport_config(&cfg);
         let (server, client, probe_client) = quic_configs(&identity, &cfg, &transport)?;
-        let endpoint =
-            Endpoint::server(server, cfg.listen).map_err(|source| TransportError::Bind {
-                addr: cfg.listen,
-                source,
-            })?;
+        let (tcp_client, tcp_server) = relay_tls(&identity, &cfg)?;
+        let bind_err = |source| TransportError::Bind {
+            addr: cfg.listen,
+            source,
+        };
+        let (paths, disco_rx) = Paths::new(identity.name());
+        let udp = std::net::UdpSocket::bind(cfg.listen).map_err(bind_err)?;
+        let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
+        let udp = runtime.wrap_udp_socket(udp).map_err(bind_err)?;
+        let socket = PathSocket::new(udp, paths.clone(), cfg.impair).map_err(bind_err)?;
+        let endpoint = Endpoint::new_with_abstract_socket(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            Arc::new(socket),
+            runtime,
+        )
+        .map_err(bind_err)?;
         let local_addr = endpoint
             .local_addr()
             .map_err(|source| TransportError::Bind {
@@ -382,6 +459,15 @@ impl Overlay {
             streams,
             streams_rx: Mutex::new(Some(streams_rx)),
             tasks: Mutex::new(JoinSet::new()),
+            paths: paths.clone(),
+            relay: Mutex::new(None),
+            relays: Mutex::new(HashSet::new()),
+            tcp_tls: Arc::new(Mutex::new(tcp_client)),
+            tcp_server_tls: Arc::new(Mutex::new(tcp_server)),
+        });
+        let engine = path::spawn_engine(paths, disco_rx);
+        spawn(&inner, async move {
+            let _ = engine.await;
         });
         let weak = Arc::downgrade(&inner);
         let span = tracing::info_span!("overlay", node = %inner.name);
@@ -450,12 +536,10 @@ impl Overlay {
         let conn = connection_to(&self.inner, to).await?;
         // The pool knows the verified name and scope; parsing the
         // certificate again per stream would cost more than the stream itself.
-        let pooled = match lock(&self.inner.conns).get(&to) {
-            Some(c) if c.conn.stable_id() == conn.stable_id() => {
-                Some((c.peer.clone(), c.scope.clone()))
-            }
-            _ => None,
-        };
+        let pooled = lock(&self.inner.conns)
+            .values()
+            .find(|c| c.conn.stable_id() == conn.stable_id())
+            .map(|c| (c.peer.clone(), c.scope.clone()));
         let (peer, scope) = match pooled {
             Some(p) => p,
             None => {
@@ -519,9 +603,12 @@ impl Overlay {
         }
         let (server, client, probe) =
             quic_configs(identity, &self.inner.cfg, &self.inner.transport)?;
+        let (tcp_client, tcp_server) = relay_tls(identity, &self.inner.cfg)?;
         self.inner.endpoint.set_server_config(Some(server));
         *lock(&self.inner.client) = client;
         *lock(&self.inner.probe_client) = probe;
+        *lock(&self.inner.tcp_tls) = tcp_client;
+        *lock(&self.inner.tcp_server_tls) = tcp_server;
         info!(node = %self.inner.name, serial = %identity.info.serial_hex, "overlay now presents the reloaded certificate");
         Ok(())
     }
@@ -547,6 +634,16 @@ impl Overlay {
             closed.push(c.peer.to_string());
             false
         });
+        drop(conns);
+        let relay = lock(&self.inner.relay).clone();
+        if let Some(relay) = relay {
+            for name in relay.close_revoked(revoked) {
+                warn!(peer = %name, "closed the relay session of a node whose certificate was revoked");
+                if !closed.contains(&name) {
+                    closed.push(name);
+                }
+            }
+        }
         closed
     }
 
@@ -572,6 +669,7 @@ impl Overlay {
                 outbound: c.outbound,
                 since: c.since,
                 serial: c.serial.to_string(),
+                path: self.inner.paths.describe(*addr),
             })
             .collect()
     }
@@ -611,6 +709,272 @@ impl Overlay {
             .close(VarInt::from_u32(CLOSE_SHUTDOWN), b"shutdown");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
         lock(&self.inner.tasks).abort_all();
+    }
+}
+
+/// TLS for TCP relay sessions: the overlay's mutual TLS 1.3 with the relay
+/// ALPN (same certificates, verifiers and revocations).
+fn relay_tls(
+    identity: &NodeIdentity,
+    cfg: &OverlayConfig,
+) -> Result<(Arc<rustls::ClientConfig>, Arc<rustls::ServerConfig>), TransportError> {
+    let guard = tls::PeerGuard {
+        revoked: cfg.revoked.clone(),
+        refusals: cfg.refusals.clone(),
+    };
+    let mut client = tls::client_config(identity, &guard)?;
+    client.alpn_protocols = vec![tls::ALPN_RELAY.to_vec()];
+    let mut server = tls::server_config(identity, &guard)?;
+    server.alpn_protocols = vec![tls::ALPN_RELAY.to_vec()];
+    Ok((Arc::new(client), Arc::new(server)))
+}
+
+/// Reachability as decided at start: the address to advertise and why.
+#[derive(Debug, Clone)]
+pub struct Established {
+    pub advertised: SocketAddr,
+    /// True: peers reach this node through a relay (`advertised` is its
+    /// mapped address).
+    pub relayed: bool,
+    pub reason: String,
+}
+
+/// How long [`Overlay::establish`] waits for a first relay session.
+const FIRST_SESSION_WAIT: Duration = Duration::from_millis(3500);
+/// How long it waits for a relay's dial-back probe.
+const DIAL_BACK_WAIT: Duration = Duration::from_millis(1500);
+/// TCP relay sessions a relay serves at once.
+const MAX_TCP_SESSIONS: usize = 4096;
+
+impl Overlay {
+    pub(crate) fn downgrade(&self) -> WeakOverlay {
+        WeakOverlay(Arc::downgrade(&self.inner))
+    }
+
+    /// The path layer: routes, relay sessions, direct upgrades.
+    pub fn paths(&self) -> Arc<Paths> {
+        self.inner.paths.clone()
+    }
+
+    /// The relay role, if started.
+    pub fn relay(&self) -> Option<Arc<RelayServer>> {
+        lock(&self.inner.relay).clone()
+    }
+
+    /// Makes this node a relay: relay sessions over QUIC streams on the
+    /// overlay, and over TCP + TLS 1.3 on `tcp_listen`. Returns the server,
+    /// its refusals for the audit log and the TCP address bound.
+    pub async fn start_relay(
+        &self,
+        tcp_listen: SocketAddr,
+        limits: RelayLimits,
+    ) -> Result<(Arc<RelayServer>, mpsc::Receiver<RelayEvent>, SocketAddr), TransportError> {
+        let (server, events) = RelayServer::new(&self.inner.name, self.inner.paths.clone(), limits);
+        let listener = tokio::net::TcpListener::bind(tcp_listen)
+            .await
+            .map_err(|source| TransportError::Bind {
+                addr: tcp_listen,
+                source,
+            })?;
+        let bound = listener
+            .local_addr()
+            .map_err(|source| TransportError::Bind {
+                addr: tcp_listen,
+                source,
+            })?;
+        *lock(&self.inner.relay) = Some(server.clone());
+        let span = tracing::info_span!("relay", node = %self.inner.name);
+        spawn(
+            &self.inner,
+            tcp_accept_loop(
+                listener,
+                server.clone(),
+                self.inner.tcp_server_tls.clone(),
+            )
+            .instrument(span),
+        );
+        info!(node = %self.inner.name, tcp = %bound, udp = %self.inner.local_addr, "relay role on: sessions over QUIC and TCP + TLS 1.3, mesh nodes only");
+        Ok((server, events, bound))
+    }
+
+    /// Keeps a session to `relay` from now on (no-op if one is kept, or if
+    /// `relay` is this node).
+    pub fn add_relay(&self, relay: RelayAddr) {
+        if relay.overlay == self.inner.local_addr || relay.overlay == self.inner.paths.me() {
+            return;
+        }
+        if !lock(&self.inner.relays).insert(relay) {
+            return;
+        }
+        self.inner.paths.add_relay_addr(relay.overlay);
+        self.inner.paths.activate();
+        let span = tracing::info_span!("relay-session", node = %self.inner.name, relay = %relay.overlay);
+        spawn(
+            &self.inner,
+            relay_client::keep_session(
+                self.downgrade(),
+                self.inner.paths.clone(),
+                relay,
+                self.inner.tcp_tls.clone(),
+            )
+            .instrument(span),
+        );
+    }
+
+    pub(crate) fn tcp_tls(&self) -> TcpTls {
+        self.inner.tcp_tls.clone()
+    }
+
+    /// The relays sessions are kept to.
+    pub fn relays(&self) -> Vec<RelayAddr> {
+        lock(&self.inner.relays).iter().copied().collect()
+    }
+
+    /// Decides whether peers can dial this node at `direct` or must go
+    /// through a relay, and sets the address relay sessions announce.
+    /// `Auto` asks the relays to dial back the address they see.
+    pub async fn establish(&self, reach: Reachability, direct: SocketAddr) -> Established {
+        let paths = &self.inner.paths;
+        let mapped = path::mapped_addr(&self.inner.name);
+        let has_relays = !lock(&self.inner.relays).is_empty();
+        let decided = |relayed: bool, reason: String| {
+            let advertised = if relayed { mapped } else { direct };
+            paths.set_me(advertised, relayed);
+            Established {
+                advertised,
+                relayed,
+                reason,
+            }
+        };
+        if !has_relays {
+            return match reach {
+                Reachability::Relayed => decided(
+                    true,
+                    "reachability = relayed, but no relay is configured yet: peers reach this node once a relay is learned".into(),
+                ),
+                _ => decided(false, "no relay configured: reachable directly".into()),
+            };
+        }
+        let waited = Instant::now();
+        while paths.sessions().is_empty() && waited.elapsed() < FIRST_SESSION_WAIT {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        match reach {
+            Reachability::Direct => decided(false, "reachability = direct".into()),
+            Reachability::Relayed => decided(true, "reachability = relayed".into()),
+            Reachability::Auto => {
+                let sessions = paths.sessions();
+                if sessions.is_empty() {
+                    return decided(
+                        false,
+                        format!("no relay answered within {FIRST_SESSION_WAIT:?}: assuming this node is reachable directly"),
+                    );
+                }
+                let quic: Vec<_> = sessions
+                    .iter()
+                    .filter(|s| s.transport == Transport::Quic)
+                    .collect();
+                if quic.is_empty() {
+                    return decided(
+                        true,
+                        "UDP does not get through (relay sessions over TCP only): reachable through relays".into(),
+                    );
+                }
+                let nonce: [u8; 16] = rand::random();
+                for s in &quic {
+                    relay_client::request_dial_back(s, nonce);
+                }
+                let waited = Instant::now();
+                while waited.elapsed() < DIAL_BACK_WAIT {
+                    if lock(&paths.st).dialbacks.remove(&nonce) {
+                        return decided(
+                            false,
+                            "a relay's dial-back from an unsolicited address arrived: reachable directly".into(),
+                        );
+                    }
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+                decided(
+                    true,
+                    format!("no relay could dial back the address it sees ({}): behind NAT or a firewall, reachable through relays", quic.iter().filter_map(|s| s.observed).map(|o| o.to_string()).collect::<Vec<_>>().join(", ")),
+                )
+            }
+        }
+    }
+
+    /// Records the relays the peer at `addr` advertises (from gossip).
+    pub fn set_peer_via(&self, addr: SocketAddr, via: Vec<Arc<str>>) {
+        self.inner.paths.set_via(addr, via);
+    }
+
+    /// Opens a relay session to `relay` over `transport` once, measures it
+    /// and closes it (`dmsc-node netcheck`).
+    pub async fn try_relay(&self, relay: RelayAddr, transport: Transport) -> relay_client::Attempt {
+        relay_client::try_once(self, relay, transport).await
+    }
+}
+
+async fn tcp_accept_loop(
+    listener: tokio::net::TcpListener,
+    server: Arc<RelayServer>,
+    tls: Arc<Mutex<Arc<rustls::ServerConfig>>>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_TCP_SESSIONS));
+    loop {
+        let (tcp, from) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                debug!(error = %e, "relay TCP accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            debug!(peer = %from, "relay TCP sessions at their limit; refusing");
+            continue;
+        };
+        let cfg = lock(&tls).clone();
+        let server = server.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _ = tcp.set_nodelay(true);
+            let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+            let stream = match tokio::time::timeout(Duration::from_secs(5), acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    warn!(peer = %from, error = %e, "refused a TCP relay session (TLS)");
+                    return;
+                }
+                Err(_) => {
+                    debug!(peer = %from, "TCP relay handshake timed out");
+                    return;
+                }
+            };
+            let chain: Vec<CertificateDer<'static>> = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+                .unwrap_or_default();
+            let Some(name) = chain
+                .first()
+                .and_then(|c| cert_info(c).ok())
+                .and_then(|i| i.spiffe.node_name().map(str::to_string))
+            else {
+                warn!(peer = %from, "refused a TCP relay session: no node identity");
+                return;
+            };
+            let (rd, wr) = tokio::io::split(stream);
+            server
+                .serve(
+                    (Box::new(rd), Box::new(wr)),
+                    name.into(),
+                    None,
+                    Transport::Tcp,
+                    Some(chain),
+                )
+                .await;
+        });
     }
 }
 
@@ -920,6 +1284,29 @@ async fn take_stream(
             return;
         }
     };
+    if channel == Channel::Relay {
+        let relay = lock(&inner.relay).clone();
+        // The session may outlive this overlay handle's users: hold no
+        // strong reference to the overlay while serving it.
+        let refused = inner.stats.clone();
+        drop(inner);
+        match relay {
+            Some(relay) => {
+                let io: (crate::relay::SessionRead, crate::relay::SessionWrite) =
+                    (Box::new(recv), Box::new(send));
+                relay
+                    .serve(io, peer, Some(from), Transport::Quic, None)
+                    .await;
+            }
+            None => {
+                bump(&refused.streams_refused, 1);
+                debug!(peer = %peer, "refused a relay session: this node is not a relay");
+                send.reset(RESET_BUSY);
+                recv.stop(RESET_BUSY);
+            }
+        }
+        return;
+    }
     let stream = BiStream {
         peer,
         scope,
@@ -939,10 +1326,8 @@ async fn take_stream(
 
 /// The pooled connection to `addr`, dialing if there is none.
 async fn connection_to(inner: &Arc<Inner>, addr: SocketAddr) -> Result<Connection, TransportError> {
-    if let Some(c) = lock(&inner.conns).get(&addr) {
-        if c.conn.close_reason().is_none() {
-            return Ok(c.conn.clone());
-        }
+    if let Some(c) = pooled(inner, addr) {
+        return Ok(c);
     }
     let conn = dial(inner, addr, false).await?;
     bump(&inner.stats.handshakes_ok_outbound, 1);
@@ -955,6 +1340,24 @@ async fn connection_to(inner: &Arc<Inner>, addr: SocketAddr) -> Result<Connectio
 /// Dials `addr` with the current client config and waits until the peer
 /// has accepted our certificate. Counts failed handshakes; the caller
 /// counts a success once it keeps the connection.
+/// The live pooled connection for `addr`. A mapped address (a relayed
+/// node's) also finds a connection that node made to us directly, so a pair
+/// keeps one connection whichever way it was opened.
+fn pooled(inner: &Inner, addr: SocketAddr) -> Option<Connection> {
+    let conns = lock(&inner.conns);
+    if let Some(c) = conns.get(&addr).filter(|c| c.conn.close_reason().is_none()) {
+        return Some(c.conn.clone());
+    }
+    if !path::is_mapped(addr) {
+        return None;
+    }
+    let addr = path::canonical(addr);
+    conns
+        .values()
+        .find(|c| c.conn.close_reason().is_none() && path::mapped_addr(&c.peer) == addr)
+        .map(|c| c.conn.clone())
+}
+
 async fn dial(inner: &Inner, addr: SocketAddr, probe: bool) -> Result<Connection, TransportError> {
     let failed = |reason: String| {
         bump(&inner.stats.handshakes_failed_outbound, 1);

@@ -45,6 +45,9 @@ pub const ALPN: &[u8] = b"dmsc/1";
 /// certificate (`dmsc-node check`), which the peer must not adopt as a
 /// connection (it would displace the pooled one).
 pub const ALPN_PROBE: &[u8] = b"dmsc-probe/1";
+/// ALPN of TCP + TLS relay sessions (`relay`): same certificates and
+/// verifiers as the overlay, another protocol on the wire.
+pub const ALPN_RELAY: &[u8] = b"dmsc-relay/1";
 
 /// The crypto provider used everywhere (ring: small, no C++/cmake build).
 pub fn provider() -> Arc<CryptoProvider> {

@@ -1,0 +1,346 @@
+//! [`PathSocket`]: the `quinn::AsyncUdpSocket` the overlay's endpoint runs
+//! on. It wraps the real UDP socket; sends follow [`Paths::route`], relayed
+//! datagrams are handed to QUIC as if they came off the wire from the
+//! sender's advertised address, disco packets are taken out for the engine,
+//! and direct packets from a peer with a confirmed direct path are reported
+//! from its advertised address, so QUIC sees one stable address per peer.
+//!
+//! [`Impair`] drops and delays outgoing UDP datagrams for chaos tests on a
+//! kernel without netem (`DMSC_IMPAIR`, read by the node).
+
+use std::fmt;
+use std::io::{self, IoSliceMut};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use quinn::udp::{RecvMeta, Transmit};
+use quinn::{AsyncUdpSocket, UdpPoller};
+use tokio::sync::mpsc;
+
+use super::{canonical, disco, lock, DiscoIn, Paths, Route};
+
+/// Loss and delay applied to outgoing UDP datagrams (test networks).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Impair {
+    /// Probability in [0, 1] that a datagram is dropped.
+    pub loss: f64,
+    /// Added one-way delay.
+    pub delay: Duration,
+}
+
+impl Impair {
+    /// Parses `loss=0.05,delay_ms=50` (either key may be left out).
+    pub fn parse(s: &str) -> Result<Impair, String> {
+        let mut imp = Impair {
+            loss: 0.0,
+            delay: Duration::ZERO,
+        };
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("`{part}` is not KEY=VALUE"))?;
+            match k.trim() {
+                "loss" => {
+                    imp.loss = v
+                        .trim()
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|l| (0.0..=1.0).contains(l))
+                        .ok_or_else(|| format!("loss `{v}` is not a number in [0, 1]"))?
+                }
+                "delay_ms" => {
+                    imp.delay = Duration::from_millis(
+                        v.trim()
+                            .parse()
+                            .map_err(|_| format!("delay_ms `{v}` is not a whole number"))?,
+                    )
+                }
+                other => return Err(format!("unknown impairment `{other}` (loss, delay_ms)")),
+            }
+        }
+        Ok(imp)
+    }
+}
+
+/// The socket state shared with the disco engine (direct disco sends).
+pub(crate) struct Inner {
+    pub(crate) udp: Arc<dyn AsyncUdpSocket>,
+    ipv6: bool,
+    impair: Option<Impair>,
+    delayed: Option<mpsc::UnboundedSender<(tokio::time::Instant, SocketAddr, Bytes)>>,
+}
+
+impl fmt::Debug for Inner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PathSocketInner")
+            .field("ipv6", &self.ipv6)
+            .field("impair", &self.impair)
+            .finish()
+    }
+}
+
+impl Inner {
+    /// The address in the socket's family (a dual-stack socket wants IPv4
+    /// destinations in the mapped form).
+    fn family(&self, addr: SocketAddr) -> SocketAddr {
+        match (self.ipv6, addr) {
+            (true, SocketAddr::V4(v4)) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
+            _ => addr,
+        }
+    }
+
+    /// Sends one datagram straight to `to` (disco packets, impaired sends).
+    pub(crate) fn send_direct(&self, to: SocketAddr, bytes: &[u8]) {
+        let t = Transmit {
+            destination: self.family(to),
+            ecn: None,
+            contents: bytes,
+            segment_size: None,
+            src_ip: None,
+        };
+        let _ = self.udp.try_send(&t);
+    }
+}
+
+/// The overlay endpoint's socket.
+pub struct PathSocket {
+    inner: Arc<Inner>,
+    paths: Arc<Paths>,
+}
+
+impl fmt::Debug for PathSocket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PathSocket")
+            .field("inner", &self.inner)
+            .finish()
+    }
+}
+
+impl PathSocket {
+    pub(crate) fn new(
+        udp: Arc<dyn AsyncUdpSocket>,
+        paths: Arc<Paths>,
+        impair: Option<Impair>,
+    ) -> io::Result<PathSocket> {
+        let ipv6 = udp.local_addr()?.is_ipv6();
+        let impair = impair.filter(|i| i.loss > 0.0 || !i.delay.is_zero());
+        let mut inner = Inner {
+            udp,
+            ipv6,
+            impair,
+            delayed: None,
+        };
+        if let Some(delay) = impair.map(|i| i.delay).filter(|d| !d.is_zero()) {
+            let (tx, mut rx) =
+                mpsc::unbounded_channel::<(tokio::time::Instant, SocketAddr, Bytes)>();
+            let udp = inner.udp.clone();
+            let fam = ipv6;
+            tokio::spawn(async move {
+                let _ = delay;
+                while let Some((due, to, bytes)) = rx.recv().await {
+                    tokio::time::sleep_until(due).await;
+                    let to = match (fam, to) {
+                        (true, SocketAddr::V4(v4)) => {
+                            SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+                        }
+                        _ => to,
+                    };
+                    let t = Transmit {
+                        destination: to,
+                        ecn: None,
+                        contents: &bytes,
+                        segment_size: None,
+                        src_ip: None,
+                    };
+                    let _ = udp.try_send(&t);
+                }
+            });
+            inner.delayed = Some(tx);
+        }
+        let inner = Arc::new(inner);
+        *lock(&paths.direct_out) = Some(Arc::downgrade(&inner));
+        Ok(PathSocket { inner, paths })
+    }
+
+    /// A direct send, through the impairment when one is set.
+    fn send_udp(&self, transmit: &Transmit, to: SocketAddr) -> io::Result<()> {
+        let Some(imp) = self.inner.impair else {
+            if canonical(transmit.destination) == to {
+                return self.inner.udp.try_send(transmit);
+            }
+            let t = Transmit {
+                destination: self.inner.family(to),
+                ecn: transmit.ecn,
+                contents: transmit.contents,
+                segment_size: transmit.segment_size,
+                src_ip: transmit.src_ip,
+            };
+            return self.inner.udp.try_send(&t);
+        };
+        for seg in segments(transmit) {
+            if imp.loss > 0.0 && rand::random::<f64>() < imp.loss {
+                self.paths
+                    .stats
+                    .impaired_dropped
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            match &self.inner.delayed {
+                Some(q) => {
+                    let due = tokio::time::Instant::now() + imp.delay;
+                    let _ = q.send((due, to, Bytes::copy_from_slice(seg)));
+                }
+                None => self.inner.send_direct(to, seg),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The datagrams of a transmit (several when GSO batches them).
+fn segments<'a>(t: &'a Transmit<'a>) -> impl Iterator<Item = &'a [u8]> + 'a {
+    let size = t.segment_size.unwrap_or(t.contents.len()).max(1);
+    t.contents.chunks(size)
+}
+
+/// Weak handle the disco engine sends through.
+pub(crate) fn direct_out(paths: &Paths) -> Option<Arc<Inner>> {
+    lock(&paths.direct_out).as_ref().and_then(Weak::upgrade)
+}
+
+impl AsyncUdpSocket for PathSocket {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+        self.inner.udp.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
+        if !self.paths.is_active() {
+            return match self.inner.impair {
+                None => self.inner.udp.try_send(transmit),
+                Some(_) => self.send_udp(transmit, canonical(transmit.destination)),
+            };
+        }
+        let dst = canonical(transmit.destination);
+        match self.paths.route(dst) {
+            Route::Direct(to) => self.send_udp(transmit, to),
+            Route::Session(s) => {
+                for seg in segments(transmit) {
+                    self.paths.enqueue(&s, dst, Bytes::copy_from_slice(seg));
+                }
+                Ok(())
+            }
+            Route::Local(server) => {
+                for seg in segments(transmit) {
+                    server.deliver_local(dst, Bytes::copy_from_slice(seg));
+                }
+                Ok(())
+            }
+            Route::Drop => {
+                self.paths
+                    .stats
+                    .relayed_dropped
+                    .fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+        }
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            if self.paths.is_active() {
+                // Waker first, queue second: a datagram queued in between
+                // wakes us instead of being missed.
+                *lock(&self.paths.recv_waker) = Some(cx.waker().clone());
+                let mut q = lock(&self.paths.relayed_in);
+                let mut n = 0;
+                while n < bufs.len().min(meta.len()) {
+                    let Some((src, payload)) = q.pop_front() else {
+                        break;
+                    };
+                    if payload.len() > bufs[n].len() {
+                        continue;
+                    }
+                    bufs[n][..payload.len()].copy_from_slice(&payload);
+                    meta[n] = RecvMeta {
+                        addr: self.inner.family(src),
+                        len: payload.len(),
+                        stride: payload.len(),
+                        ecn: None,
+                        dst_ip: None,
+                    };
+                    n += 1;
+                }
+                if n > 0 {
+                    return Poll::Ready(Ok(n));
+                }
+            }
+            let n = match self.inner.udp.poll_recv(cx, bufs, meta) {
+                Poll::Ready(Ok(n)) => n,
+                other => return other,
+            };
+            if !self.paths.is_active() {
+                return Poll::Ready(Ok(n));
+            }
+            let kept = self.sift(n, bufs, meta);
+            if kept > 0 {
+                return Poll::Ready(Ok(kept));
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.udp.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.inner.udp.max_transmit_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.udp.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.udp.may_fragment()
+    }
+}
+
+impl PathSocket {
+    /// Takes disco packets out of a received batch and rewrites the source
+    /// of direct packets from peers with a confirmed direct path; returns
+    /// how many datagrams are left for QUIC (moved to the front).
+    fn sift(&self, n: usize, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> usize {
+        let st = lock(&self.paths.st);
+        let mut kept = 0;
+        for i in 0..n {
+            let m = meta[i];
+            let from = canonical(m.addr);
+            if m.len == m.stride && disco::is_disco(&bufs[i][..m.len]) {
+                let bytes = Bytes::copy_from_slice(&bufs[i][..m.len]);
+                let _ = self.paths.disco_tx.try_send(DiscoIn::Direct { from, bytes });
+                continue;
+            }
+            let mut m = m;
+            if let Some(adv) = st.by_direct.get(&from) {
+                m.addr = self.inner.family(*adv);
+            }
+            if kept != i {
+                let (head, tail) = bufs.split_at_mut(i);
+                head[kept][..m.len].copy_from_slice(&tail[0][..m.len]);
+            }
+            meta[kept] = m;
+            kept += 1;
+        }
+        kept
+    }
+}

@@ -1,0 +1,27 @@
+//! Relays: ordinary mesh nodes (`[relay] enabled = true`) that forward the
+//! overlay's UDP datagrams between nodes that cannot reach each other
+//! directly, over sessions that only mesh-authenticated nodes can open.
+//!
+//! - [`frame`]: the session protocol, sans-I/O;
+//! - [`server`]: the relay role: sessions by node, forwarding with per-pair
+//!   limits, dial-back probes, metrics, refusals for the audit log;
+//! - [`client`]: every node's sessions to the relays it knows, over QUIC
+//!   (a stream on the overlay connection to the relay) or, when UDP does
+//!   not get through, TCP + TLS 1.3 with the same certificates.
+//!
+//! A session carries datagrams, never streams: the nodes' own QUIC
+//! connection runs end to end inside them, so a relay sees ciphertext only.
+
+pub mod client;
+pub mod frame;
+pub mod server;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// The reading half of a session's byte stream.
+pub type SessionRead = Box<dyn AsyncRead + Send + Unpin>;
+/// The writing half of a session's byte stream.
+pub type SessionWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+pub use frame::{Frame, RelayFrameError};
+pub use server::{RelayEvent, RelayLimits, RelayServer, RelayStats};

@@ -1,0 +1,474 @@
+//! The relay role. A session is registered under the overlay address its
+//! node advertises (checked: the node's mapped address, the address the
+//! relay observes the session from, or an address the mesh's gossip gives
+//! for that node) and under the node's mapped address; `Send` frames are
+//! forwarded to the session registered for their destination as `Recv`
+//! frames naming the sender's registered address.
+//!
+//! Admission is the mesh's mutual TLS (same CA, SPIFFE rules and
+//! revocations as the overlay): no open relay. Limits are per pair of
+//! sender and destination (packets and bytes per second, a token bucket
+//! with one second of burst), so a flood from one node is cut at its limit
+//! and other pairs keep their share; each session's outbound queue is
+//! bounded and drops when full, as UDP would. Refusals are counted and, at
+//! most once per pair every ten seconds, reported for the audit log.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use rustls::pki_types::CertificateDer;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, Notify};
+use tracing::{debug, info, warn};
+
+use super::frame::{Decoder, Frame};
+use super::{SessionRead, SessionWrite};
+use crate::path::disco::Disco;
+use crate::path::{canonical, lock, mapped_addr, Paths, Transport};
+use crate::revoke::RevocationSet;
+
+/// A session that sends nothing (not even its keepalive) for this long ends.
+const SESSION_IDLE: Duration = Duration::from_secs(10);
+/// Frames queued towards one session before further ones are dropped.
+const SESSION_QUEUE: usize = 2048;
+/// One dial-back per session per this interval.
+const DIALBACK_EVERY: Duration = Duration::from_secs(2);
+/// One audit event per (node, destination) per this interval.
+const EVENT_EVERY: Duration = Duration::from_secs(10);
+
+/// Per-pair forwarding limits.
+#[derive(Debug, Clone, Copy)]
+pub struct RelayLimits {
+    pub pair_packets_per_sec: u32,
+    pub pair_bytes_per_sec: u64,
+}
+
+impl Default for RelayLimits {
+    fn default() -> Self {
+        RelayLimits {
+            pair_packets_per_sec: 20_000,
+            pair_bytes_per_sec: 32 << 20,
+        }
+    }
+}
+
+/// Relay counters (`dmsc_relay_*`).
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    pub datagrams: AtomicU64,
+    pub bytes: AtomicU64,
+    pub refused_unknown: AtomicU64,
+    pub refused_limit: AtomicU64,
+    pub refused_claim: AtomicU64,
+    pub refused_queue: AtomicU64,
+    pub malformed: AtomicU64,
+    pub sessions: AtomicU64,
+    pub sessions_total: AtomicU64,
+}
+
+/// A refusal worth an audit entry.
+#[derive(Debug, Clone)]
+pub struct RelayEvent {
+    /// The node whose frame was refused.
+    pub peer: String,
+    pub reason: String,
+}
+
+#[derive(Clone)]
+struct Client {
+    id: u64,
+    name: Arc<str>,
+    adv: SocketAddr,
+    tx: mpsc::Sender<Bytes>,
+    close: Arc<Notify>,
+    chain: Option<Arc<Vec<CertificateDer<'static>>>>,
+}
+
+/// Checks a node's claim to an advertised address (wired to gossip).
+pub type ClaimCheck = Arc<dyn Fn(&str, SocketAddr) -> bool + Send + Sync>;
+
+/// The relay of one node.
+pub struct RelayServer {
+    name: String,
+    paths: Arc<Paths>,
+    clients: Mutex<HashMap<SocketAddr, Client>>,
+    limits: RelayLimits,
+    pub stats: Arc<RelayStats>,
+    events: mpsc::Sender<RelayEvent>,
+    claim: Mutex<Option<ClaimCheck>>,
+    next_id: AtomicU64,
+}
+
+impl std::fmt::Debug for RelayServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayServer")
+            .field("name", &self.name)
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+/// Token bucket for one pair.
+#[derive(Debug)]
+struct Bucket {
+    packets: f64,
+    bytes: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(l: &RelayLimits) -> Bucket {
+        Bucket {
+            packets: l.pair_packets_per_sec as f64,
+            bytes: l.pair_bytes_per_sec as f64,
+            at: Instant::now(),
+        }
+    }
+
+    fn take(&mut self, l: &RelayLimits, len: usize) -> bool {
+        let now = Instant::now();
+        let dt = now.duration_since(self.at).as_secs_f64();
+        self.at = now;
+        let (pmax, bmax) = (l.pair_packets_per_sec as f64, l.pair_bytes_per_sec as f64);
+        self.packets = (self.packets + dt * pmax).min(pmax);
+        self.bytes = (self.bytes + dt * bmax).min(bmax);
+        if self.packets >= 1.0 && self.bytes >= len as f64 {
+            self.packets -= 1.0;
+            self.bytes -= len as f64;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+fn frame_bytes(f: &Frame) -> Option<Bytes> {
+    f.to_bytes().ok()
+}
+
+impl RelayServer {
+    pub(crate) fn new(
+        name: &str,
+        paths: Arc<Paths>,
+        limits: RelayLimits,
+    ) -> (Arc<RelayServer>, mpsc::Receiver<RelayEvent>) {
+        let (events, rx) = mpsc::channel(256);
+        let server = Arc::new(RelayServer {
+            name: name.to_string(),
+            paths: paths.clone(),
+            clients: Mutex::new(HashMap::new()),
+            limits,
+            stats: Arc::new(RelayStats::default()),
+            events,
+            claim: Mutex::new(None),
+            next_id: AtomicU64::new(1),
+        });
+        paths.set_local_relay(&server);
+        (server, rx)
+    }
+
+    /// Installs the check of advertised addresses against gossip.
+    pub fn set_claim_check(&self, check: ClaimCheck) {
+        *lock(&self.claim) = Some(check);
+    }
+
+    /// True if a session answers for `dst`.
+    pub fn knows(&self, dst: SocketAddr) -> bool {
+        lock(&self.clients).contains_key(&canonical(dst))
+    }
+
+    /// The node names with a live session.
+    pub fn client_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = lock(&self.clients)
+            .values()
+            .map(|c| c.name.to_string())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// A datagram this node's own endpoint sends to a session's node.
+    pub(crate) fn deliver_local(&self, dst: SocketAddr, payload: Bytes) -> bool {
+        let target = lock(&self.clients).get(&canonical(dst)).cloned();
+        let Some(target) = target else { return false };
+        let len = payload.len();
+        let Some(f) = frame_bytes(&Frame::Recv {
+            src: self.paths.me(),
+            payload,
+        }) else {
+            return false;
+        };
+        let ok = target.tx.try_send(f).is_ok();
+        if ok {
+            self.stats.datagrams.fetch_add(1, Ordering::Relaxed);
+            self.stats.bytes.fetch_add(len as u64, Ordering::Relaxed);
+        } else {
+            self.stats.refused_queue.fetch_add(1, Ordering::Relaxed);
+        }
+        ok
+    }
+
+    /// Ends the sessions (TCP ones; QUIC ones end with their connection)
+    /// of nodes whose chain holds a revoked certificate.
+    pub fn close_revoked(&self, revoked: &RevocationSet) -> Vec<String> {
+        let mut closed = Vec::new();
+        for c in lock(&self.clients).values() {
+            if let Some(chain) = &c.chain {
+                if revoked.revoked_in(chain.iter()).is_some() {
+                    c.close.notify_one();
+                    closed.push(c.name.to_string());
+                }
+            }
+        }
+        closed.sort();
+        closed.dedup();
+        closed
+    }
+
+    fn event(&self, last: &mut HashMap<String, Instant>, peer: &str, key: String, reason: String) {
+        let due = last
+            .get(&key)
+            .is_none_or(|t| t.elapsed() >= EVENT_EVERY);
+        if due {
+            last.insert(key, Instant::now());
+            let _ = self.events.try_send(RelayEvent {
+                peer: peer.to_string(),
+                reason,
+            });
+        }
+    }
+
+    /// Serves one session until it ends. `observed`: the UDP address the
+    /// session comes from (QUIC sessions); `chain`: the peer's certificate
+    /// chain (TCP sessions, for revocation).
+    pub async fn serve(
+        self: Arc<Self>,
+        (mut rd, mut wr): (SessionRead, SessionWrite),
+        peer: Arc<str>,
+        observed: Option<SocketAddr>,
+        transport: Transport,
+        chain: Option<Vec<CertificateDer<'static>>>,
+    ) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let observed = observed.map(canonical);
+        let (tx, mut rx) = mpsc::channel::<Bytes>(SESSION_QUEUE);
+        let close = Arc::new(Notify::new());
+        let token: [u8; 16] = rand::random();
+        lock(&self.paths.st).welcome_tokens.insert(token);
+        self.stats.sessions.fetch_add(1, Ordering::Relaxed);
+        self.stats.sessions_total.fetch_add(1, Ordering::Relaxed);
+        let writer = tokio::spawn(async move {
+            let mut batch = BytesMut::new();
+            while let Some(b) = rx.recv().await {
+                batch.extend_from_slice(&b);
+                while batch.len() < 64 * 1024 {
+                    match rx.try_recv() {
+                        Ok(b) => batch.extend_from_slice(&b),
+                        Err(_) => break,
+                    }
+                }
+                if wr.write_all(&batch).await.is_err() || wr.flush().await.is_err() {
+                    break;
+                }
+                batch.clear();
+            }
+            let _ = wr.shutdown().await;
+        });
+        let chain = chain.map(Arc::new);
+        let mut dec = Decoder::new();
+        let mut buf = vec![0u8; 32 * 1024];
+        let mut adv: Option<SocketAddr> = None;
+        let mut buckets: HashMap<SocketAddr, Bucket> = HashMap::new();
+        let mut unknown_said: HashMap<SocketAddr, Instant> = HashMap::new();
+        let mut events: HashMap<String, Instant> = HashMap::new();
+        let mut last_dialback: Option<Instant> = None;
+        let why: String = 'session: loop {
+            let n = tokio::select! {
+                _ = close.notified() => break 'session "certificate revoked".into(),
+                r = tokio::time::timeout(SESSION_IDLE, rd.read(&mut buf)) => match r {
+                    Ok(Ok(0)) => break 'session "closed by the node".into(),
+                    Ok(Ok(n)) => n,
+                    Ok(Err(e)) => break 'session format!("read error: {e}"),
+                    Err(_) => break 'session "idle".into(),
+                },
+            };
+            dec.push(&buf[..n]);
+            loop {
+                let f = match dec.next_frame() {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                        warn!(peer = %peer, error = %e, "malformed relay frame; closing this session");
+                        if let Some(b) = frame_bytes(&Frame::Refused {
+                            reason: e.to_string(),
+                        }) {
+                            let _ = tx.try_send(b);
+                        }
+                        break 'session format!("malformed frame: {e}");
+                    }
+                };
+                match f {
+                    Frame::Hello { advertised } => {
+                        let a = canonical(advertised);
+                        let claim = lock(&self.claim).clone();
+                        let ok = a == mapped_addr(&peer)
+                            || Some(a) == observed
+                            || claim.is_some_and(|c| c(&peer, a));
+                        if !ok {
+                            self.stats.refused_claim.fetch_add(1, Ordering::Relaxed);
+                            let reason = format!("node `{peer}` claims overlay address {a}, which is neither its mapped address, nor the address this relay sees, nor the one gossip gives for it");
+                            self.event(&mut events, &peer, "claim".into(), reason.clone());
+                            if let Some(b) = frame_bytes(&Frame::Refused {
+                                reason: reason.clone(),
+                            }) {
+                                let _ = tx.try_send(b);
+                            }
+                            break 'session reason;
+                        }
+                        self.register(id, &peer, a, &tx, &close, &chain);
+                        adv = Some(a);
+                        if let Some(b) = frame_bytes(&Frame::Welcome { observed, token }) {
+                            let _ = tx.try_send(b);
+                        }
+                    }
+                    Frame::Send { dst, payload } => {
+                        let Some(src) = adv else {
+                            break 'session "datagram before Hello".into();
+                        };
+                        let dst = canonical(dst);
+                        let len = payload.len();
+                        let bucket = buckets.entry(dst).or_insert_with(|| Bucket::new(&self.limits));
+                        if !bucket.take(&self.limits, len) {
+                            self.stats.refused_limit.fetch_add(1, Ordering::Relaxed);
+                            self.event(&mut events, &peer, format!("limit {dst}"), format!("per-pair relay limit reached towards {dst}"));
+                            continue;
+                        }
+                        if dst == self.paths.me() || dst == mapped_addr(&self.name) {
+                            self.paths.on_relayed(src, payload);
+                            self.stats.datagrams.fetch_add(1, Ordering::Relaxed);
+                            self.stats.bytes.fetch_add(len as u64, Ordering::Relaxed);
+                            continue;
+                        }
+                        let target = lock(&self.clients).get(&dst).cloned();
+                        match target {
+                            Some(t) => {
+                                let sent = frame_bytes(&Frame::Recv { src, payload })
+                                    .is_some_and(|f| t.tx.try_send(f).is_ok());
+                                if sent {
+                                    self.stats.datagrams.fetch_add(1, Ordering::Relaxed);
+                                    self.stats.bytes.fetch_add(len as u64, Ordering::Relaxed);
+                                } else {
+                                    self.stats.refused_queue.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                            None => {
+                                self.stats.refused_unknown.fetch_add(1, Ordering::Relaxed);
+                                let due = unknown_said
+                                    .get(&dst)
+                                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+                                if due {
+                                    unknown_said.insert(dst, Instant::now());
+                                    if let Some(b) = frame_bytes(&Frame::Unknown { dst }) {
+                                        let _ = tx.try_send(b);
+                                    }
+                                    self.event(&mut events, &peer, format!("unknown {dst}"), format!("no mesh node with a session here is known as {dst}: not forwarded"));
+                                }
+                            }
+                        }
+                    }
+                    Frame::Ping { nonce } => {
+                        if let Some(b) = frame_bytes(&Frame::Pong { nonce }) {
+                            let _ = tx.try_send(b);
+                        }
+                    }
+                    Frame::DialBack { nonce } => {
+                        let due = last_dialback.is_none_or(|t| t.elapsed() >= DIALBACK_EVERY);
+                        if let (Some(to), true) = (observed, due) {
+                            last_dialback = Some(Instant::now());
+                            tokio::spawn(dial_back(to, nonce));
+                        }
+                    }
+                    Frame::Pong { .. } => {}
+                    other => {
+                        debug!(peer = %peer, frame = ?other, "ignoring a relay-to-node frame sent by a node");
+                    }
+                }
+            }
+        };
+        self.unregister(id);
+        lock(&self.paths.st).welcome_tokens.remove(&token);
+        self.stats.sessions.fetch_sub(1, Ordering::Relaxed);
+        drop(tx);
+        let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+        info!(peer = %peer, transport = transport.as_str(), reason = %why, "relay session ended");
+    }
+
+    fn register(
+        &self,
+        id: u64,
+        peer: &Arc<str>,
+        adv: SocketAddr,
+        tx: &mpsc::Sender<Bytes>,
+        close: &Arc<Notify>,
+        chain: &Option<Arc<Vec<CertificateDer<'static>>>>,
+    ) {
+        let client = Client {
+            id,
+            name: peer.clone(),
+            adv,
+            tx: tx.clone(),
+            close: close.clone(),
+            chain: chain.clone(),
+        };
+        let mut clients = lock(&self.clients);
+        // A re-Hello (new advertised address) replaces this session's keys.
+        clients.retain(|_, c| c.id != id);
+        let fresh = !clients.values().any(|c| c.name == *peer);
+        for key in [adv, mapped_addr(peer)] {
+            clients.insert(key, client.clone());
+        }
+        drop(clients);
+        if fresh {
+            info!(peer = %peer, advertised = %adv, "relay session registered");
+        }
+    }
+
+    fn unregister(&self, id: u64) {
+        lock(&self.clients).retain(|_, c| c.id != id);
+    }
+
+    /// Registered advertised address of each node, for `status`.
+    pub fn sessions(&self) -> Vec<(String, SocketAddr)> {
+        let mut v: Vec<(String, SocketAddr)> = lock(&self.clients)
+            .values()
+            .map(|c| (c.name.to_string(), c.adv))
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+}
+
+/// Sends a dial-back probe to `to` from a fresh socket the node never sent
+/// to: only a node reachable from anywhere receives it.
+async fn dial_back(to: SocketAddr, nonce: [u8; 16]) {
+    let bind: SocketAddr = if to.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let Ok(sock) = UdpSocket::bind(bind) else {
+        return;
+    };
+    let msg = Disco::DialBack { nonce }.to_bytes();
+    for _ in 0..3 {
+        let _ = sock.send_to(&msg, to);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
