@@ -162,14 +162,20 @@ impl Attempts {
 }
 
 /// A response that is a stream by its content type (server-sent events,
-/// gRPC, whose unary and streaming calls look alike): it flows to the
-/// caller as it comes, never held back.
+/// newline-delimited JSON, gRPC, whose unary and streaming calls look
+/// alike): it flows to the caller as it comes, never held back.
 pub fn streams(content_type: Option<&str>) -> bool {
     let Some(ct) = content_type else {
         return false;
     };
     let essence = ct.split(';').next().unwrap_or(ct).trim();
-    essence.eq_ignore_ascii_case("text/event-stream")
+    [
+        "text/event-stream",
+        "application/x-ndjson",
+        "application/jsonl",
+    ]
+    .iter()
+    .any(|s| essence.eq_ignore_ascii_case(s))
         || essence
             .get(..16)
             .is_some_and(|p| p.eq_ignore_ascii_case("application/grpc"))
@@ -290,6 +296,7 @@ mod tests {
             "application/grpc",
             "application/grpc+proto",
             "application/grpc-web",
+            "application/x-ndjson",
         ] {
             assert!(streams(Some(ct)), "{ct}");
             assert!(!a.holds_response(Some(ct)), "{ct}");
