@@ -154,6 +154,7 @@ impl App {
             overlay: overlay.clone(),
             cfg: config.delegation.clone(),
             metrics: delegation_metrics.clone(),
+            budget: body_budget.clone(),
             security: security.clone(),
         });
         let agents = AgentsCtx {

@@ -9,7 +9,9 @@
 //! reservation is a [`BodyPermit`] that gives its bytes back when dropped,
 //! which is when the delegation that holds the body is done. A body that
 //! does not fit is refused with 503 and `Retry-After`, never an allocation
-//! the node cannot afford.
+//! the node cannot afford. A response held back until it is whole (so that
+//! losing it can be retried, `forward::remote`) is charged to the same
+//! budget; when it does not fit it is handed on as it comes, not refused.
 //!
 //! The count of reserved bytes *is* the exported gauge (one atomic, updated
 //! with compare-and-swap so the limit holds under concurrency); the peak is
@@ -83,7 +85,9 @@ impl BodyBudget {
         permit.grow_to(n).then_some(permit)
     }
 
-    fn take(&self, n: usize) -> bool {
+    /// `count`: a refusal is counted (a body refused), else the caller
+    /// just stops asking (a held response handed on instead).
+    fn take(&self, n: usize, count: bool) -> bool {
         if n == 0 {
             return true;
         }
@@ -92,7 +96,9 @@ impl BodyBudget {
         loop {
             let next = (cur.max(0) as usize).saturating_add(n);
             if next > self.limit {
-                self.refused.inc();
+                if count {
+                    self.refused.inc();
+                }
                 return false;
             }
             match cell.compare_exchange_weak(cur, next as i64, Ordering::AcqRel, Ordering::Relaxed)
@@ -117,10 +123,21 @@ impl BodyPermit {
     /// Grows the reservation to `total` bytes; false (and unchanged) if the
     /// budget cannot cover it.
     pub fn grow_to(&mut self, total: usize) -> bool {
+        self.grow(total, true)
+    }
+
+    /// [`BodyPermit::grow_to`] for a holder that has a fallback when the
+    /// budget is spent (a held response is handed on as it is): not counted
+    /// as a refusal.
+    pub fn grow_or_not(&mut self, total: usize) -> bool {
+        self.grow(total, false)
+    }
+
+    fn grow(&mut self, total: usize, count: bool) -> bool {
         if total <= self.held {
             return true;
         }
-        if !self.budget.take(total - self.held) {
+        if !self.budget.take(total - self.held, count) {
             return false;
         }
         self.held = total;
@@ -165,7 +182,11 @@ mod tests {
         assert_eq!(b.peak(), 100);
         // Empty bodies always pass, even with the budget spent.
         let _full = b.try_reserve(100).expect("fits");
-        assert!(b.try_reserve(0).is_some());
+        let mut held = b.try_reserve(0).expect("empty");
+        // A holder with a fallback is told no, and no refusal is counted.
+        let refused = b.refused();
+        assert!(!held.grow_or_not(1));
+        assert_eq!((held.held(), b.refused()), (0, refused));
     }
 
     #[test]

@@ -96,16 +96,24 @@ pub struct Delegator {
     pub(crate) overlay: Overlay,
     pub(crate) cfg: DelegationConfig,
     pub(crate) metrics: crate::metrics::DelegationMetrics,
+    /// The node's budget for bodies held in memory: request bodies buffered
+    /// at ingress, and responses held back until whole (see [`remote`]).
+    pub(crate) budget: Arc<budget::BodyBudget>,
     /// Audit trail (and the rest of the node's security state).
     pub(crate) security: Arc<crate::security::Security>,
 }
 
-fn idempotent(m: &Method) -> bool {
+/// A request that may safely be sent again: an idempotent method, or any
+/// method with an `Idempotency-Key` (the caller vouches that the agent
+/// deduplicates by it; draft-ietf-httpapi-idempotency-key-header).
+fn idempotent(m: &Method, headers: &hyper::HeaderMap) -> bool {
     matches!(
         *m,
         Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS
-    )
+    ) || headers.contains_key(IDEMPOTENCY_KEY)
 }
+
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 fn select_error(me: &str, e: SelectError) -> MeshError {
     let kind = match &e {
@@ -190,7 +198,7 @@ impl Delegator {
         let mut plan = Attempts::new(
             self.cfg.retries,
             request_bytes.is_some(),
-            idempotent(&method),
+            idempotent(&method, &headers),
         );
         loop {
             if !plan.begin() {
@@ -281,7 +289,7 @@ impl Delegator {
                     headers: wire::to_wire_headers(&headers),
                     empty_body: matches!(&body, ReqBody::Buffered(b) if b.is_empty()),
                 };
-                self.deliver_remote(&sel.node, &id, head, body, deadline)
+                self.deliver_remote(&sel.node, &id, head, body, deadline, &plan)
                     .await
             };
             let failure = match result {
@@ -394,4 +402,23 @@ pub async fn fetch_card(
         return Err(CardFetchError::TooLarge(body.len()));
     }
     Ok(dmsc_registry::AgentCard::parse(&body)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_idempotency_key_makes_any_method_idempotent() {
+        let none = hyper::HeaderMap::new();
+        let mut keyed = hyper::HeaderMap::new();
+        keyed.insert("Idempotency-Key", "\"8e03978e\"".parse().expect("value"));
+        for m in [Method::GET, Method::HEAD, Method::PUT, Method::DELETE] {
+            assert!(idempotent(&m, &none), "{m}");
+        }
+        for m in [Method::POST, Method::PATCH] {
+            assert!(!idempotent(&m, &none), "{m}");
+            assert!(idempotent(&m, &keyed), "{m} with a key");
+        }
+    }
 }

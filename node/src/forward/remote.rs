@@ -3,6 +3,15 @@
 //! (`proto::wire`), the response head read back (its typed failure, when the
 //! home node failed it, becomes this node's [`Failure`]), the body streamed
 //! through as it comes.
+//!
+//! Except when losing the response could still be retried
+//! ([`Attempts::holds_response`]: idempotent, replayable, not a stream):
+//! then the body is read here until it is whole, [`RESPONSE_HOLD_LIMIT`]
+//! bytes arrived, the node's body budget says no, or the deadline passes,
+//! and only then handed on. Nothing reaches the caller before that, so a
+//! home node or path lost meanwhile is an ordinary maybe-delivered failure
+//! and the next candidate is tried. Once handed on, a cut still reaches the
+//! caller as an error (the body fails; the edge never ends it cleanly).
 
 use std::time::Duration;
 
@@ -16,18 +25,24 @@ use tokio::time::Instant;
 use tracing::{debug, Instrument};
 
 use super::body::{guarded, AbortOnDrop};
+use super::budget::BodyPermit;
 use super::{Delegator, ReqBody};
 use crate::proto::http::{Body, BoxError, ErrorKind, MeshError};
 use crate::proto::outcome::Failure;
 use crate::proto::wire::{
     self, Part, PartDecoder, RequestHead, DELEGATION_VERSION, OLDEST_VERSION,
 };
+use crate::route::attempts::Attempts;
 
 /// How long past the deadline the calling node waits for the home node's
 /// own verdict (it enforces the same deadline and reports where it ran
 /// out) before answering the timeout itself.
 const HOME_VERDICT_GRACE: Duration = Duration::from_millis(100);
 const READ_CHUNK: usize = 64 * 1024;
+/// The most of one response the calling node holds back (charged to the
+/// node's body budget) so that losing it can still be retried elsewhere;
+/// a larger body is handed on once this much has arrived.
+pub(crate) const RESPONSE_HOLD_LIMIT: usize = 64 * 1024;
 
 impl Delegator {
     /// Sends a delegation to a remote agent's home node over the overlay.
@@ -38,6 +53,7 @@ impl Delegator {
         mut head: RequestHead,
         body: ReqBody,
         deadline: Instant,
+        plan: &Attempts,
     ) -> Result<Response<Body>, Failure> {
         let not_delivered = |detail: String| {
             Failure::NotDelivered(
@@ -175,9 +191,36 @@ impl Delegator {
                 head.status, head.version
             )));
         }
-        let mut resp = Response::new(guarded(stream_body(recv, decoder), guards));
+        let headers = wire::from_wire_headers(&head.headers);
+        let content_type = headers
+            .get(hyper::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok());
+        let body = if plan.holds_response(content_type) {
+            // Empty reservations always succeed.
+            let mut permit = self.budget.try_reserve(0);
+            match hold(recv, decoder, deadline, permit.as_mut()).await {
+                Ok(held) => {
+                    guards.extend(permit.map(|p| Box::new(p) as Box<dyn Send + Sync>));
+                    held
+                }
+                Err(e) => {
+                    debug!(agent = %id, node = %node, error = %e, "response lost while held back");
+                    return Err(Failure::MaybeDelivered(
+                        MeshError::new(
+                            ErrorKind::Unreachable,
+                            &self.me,
+                            format!("home node `{node}` lost mid-response (nothing had reached the caller): {e}"),
+                        )
+                        .agent(id),
+                    ));
+                }
+            }
+        } else {
+            stream_body(recv, decoder)
+        };
+        let mut resp = Response::new(guarded(body, guards));
         *resp.status_mut() = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
-        *resp.headers_mut() = wire::from_wire_headers(&head.headers);
+        *resp.headers_mut() = headers;
         Ok(resp)
     }
 }
@@ -205,9 +248,61 @@ pub(super) async fn read_part(
     }
 }
 
+/// Reads a response body until it is whole, [`RESPONSE_HOLD_LIMIT`] bytes
+/// arrived, `permit` cannot cover more, or `deadline` passes; then it is
+/// the body to hand on: what was held, followed by the rest of the stream
+/// if there is more. An error while holding means the response was lost
+/// before any of it was handed on.
+async fn hold(
+    mut recv: StreamRecv,
+    mut decoder: PartDecoder,
+    deadline: Instant,
+    mut permit: Option<&mut BodyPermit>,
+) -> Result<Body, wire::WireError> {
+    let mut held: Vec<Frame<Bytes>> = Vec::new();
+    let mut bytes = 0usize;
+    let whole = loop {
+        let part = match tokio::time::timeout_at(deadline, read_part(&mut recv, &mut decoder)).await
+        {
+            // Slow to finish: hand on what came, the rest follows as it comes.
+            Err(_) => break false,
+            Ok(part) => part?,
+        };
+        match part {
+            None => break true,
+            Some(Part::Data(d)) if d.is_empty() => {}
+            Some(Part::Data(d)) => {
+                bytes += d.len();
+                held.push(Frame::data(d));
+                let covered = permit.as_mut().is_none_or(|p| p.grow_or_not(bytes));
+                if bytes >= RESPONSE_HOLD_LIMIT || !covered {
+                    break false;
+                }
+            }
+            Some(Part::Trailers(t)) => held.push(Frame::trailers(wire::from_wire_headers(&t))),
+            Some(Part::Head(_)) => return Err(wire::WireError::Unexpected("second head")),
+        }
+    };
+    let held = futures_util::stream::iter(held.into_iter().map(Ok::<_, BoxError>));
+    Ok(if whole {
+        http_body_util::StreamBody::new(held).boxed()
+    } else {
+        http_body_util::StreamBody::new(futures_util::StreamExt::chain(held, frames(recv, decoder)))
+            .boxed()
+    })
+}
+
 /// The rest of a delegation stream as an HTTP body (data and trailers).
 pub(super) fn stream_body(recv: StreamRecv, decoder: PartDecoder) -> Body {
-    let s = futures_util::stream::unfold(Some((recv, decoder)), |state| async move {
+    http_body_util::StreamBody::new(frames(recv, decoder)).boxed()
+}
+
+/// The rest of a delegation stream as HTTP body frames.
+fn frames(
+    recv: StreamRecv,
+    decoder: PartDecoder,
+) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, BoxError>> + Send {
+    futures_util::stream::unfold(Some((recv, decoder)), |state| async move {
         let (mut recv, mut decoder) = state?;
         loop {
             match read_part(&mut recv, &mut decoder).await {
@@ -231,8 +326,7 @@ pub(super) fn stream_body(recv: StreamRecv, decoder: PartDecoder) -> Body {
                 Err(e) => return Some((Err(Box::new(e) as BoxError), None)),
             }
         }
-    });
-    http_body_util::StreamBody::new(s).boxed()
+    })
 }
 
 /// Copies an HTTP body (data and trailers) into a delegation stream and

@@ -14,7 +14,13 @@
 //! - the caller's own failures (bad or cut body) and a home node's policy
 //!   refusal are never retried and never charged to the agent;
 //! - at most `retries` further candidates; a candidate whose circuit is
-//!   open is skipped and counts as one.
+//!   open is skipped and counts as one;
+//! - a response is held back from the caller (until it is whole, or the
+//!   hold limit or the deadline is reached) only while losing it could
+//!   still be retried: idempotent, replayable, with an attempt left, and
+//!   not a stream (SSE, gRPC), which must flow as it comes. A response lost
+//!   while held is a maybe-delivered failure like any other; once handed
+//!   over, it is the caller's, and a later cut reaches it as an error.
 
 use dmsc_registry::AgentId;
 
@@ -87,6 +93,13 @@ impl Attempts {
         self.exclude.push(id);
     }
 
+    /// Whether the response of the attempt in progress, of content type
+    /// `content_type`, is held back until it is whole (up to the hold
+    /// limit): only when its loss could be retried on another candidate.
+    pub fn holds_response(&self, content_type: Option<&str>) -> bool {
+        self.replayable && self.idempotent && self.made < self.max && !streams(content_type)
+    }
+
     /// Judges a failed attempt at `id`.
     pub fn failed(&mut self, id: AgentId, failure: Failure) -> Verdict {
         match failure {
@@ -146,6 +159,26 @@ impl Attempts {
             )
         })
     }
+}
+
+/// A response that is a stream by its content type (server-sent events,
+/// newline-delimited JSON, gRPC, whose unary and streaming calls look
+/// alike): it flows to the caller as it comes, never held back.
+pub fn streams(content_type: Option<&str>) -> bool {
+    let Some(ct) = content_type else {
+        return false;
+    };
+    let essence = ct.split(';').next().unwrap_or(ct).trim();
+    [
+        "text/event-stream",
+        "application/x-ndjson",
+        "application/jsonl",
+    ]
+    .iter()
+    .any(|s| essence.eq_ignore_ascii_case(s))
+        || essence
+            .get(..16)
+            .is_some_and(|p| p.eq_ignore_ascii_case("application/grpc"))
 }
 
 #[cfg(test)]
@@ -228,5 +261,74 @@ mod tests {
             fresh.no_candidate("n1", err(ErrorKind::NoMatch)).kind,
             ErrorKind::NoMatch
         );
+    }
+
+    #[test]
+    fn a_response_is_held_only_while_its_loss_could_be_retried() {
+        for (replayable, idempotent, hold) in [
+            (true, true, true),
+            (true, false, false),
+            (false, true, false),
+        ] {
+            let mut a = Attempts::new(1, replayable, idempotent);
+            a.begin();
+            assert_eq!(
+                a.holds_response(Some("application/json")),
+                hold,
+                "{replayable} {idempotent}"
+            );
+        }
+        // The last attempt: nothing to retry on, so nothing to hold for.
+        let mut a = Attempts::new(1, true, true);
+        a.begin();
+        assert!(a.holds_response(None));
+        a.begin();
+        assert!(!a.holds_response(None));
+    }
+
+    #[test]
+    fn streams_flow_and_are_never_held() {
+        let mut a = Attempts::new(2, true, true);
+        a.begin();
+        for ct in [
+            "text/event-stream",
+            "Text/Event-Stream; charset=utf-8",
+            "application/grpc",
+            "application/grpc+proto",
+            "application/grpc-web",
+            "application/x-ndjson",
+        ] {
+            assert!(streams(Some(ct)), "{ct}");
+            assert!(!a.holds_response(Some(ct)), "{ct}");
+        }
+        for ct in [
+            None,
+            Some("text/plain"),
+            Some("application/json"),
+            Some("app"),
+        ] {
+            assert!(!streams(ct), "{ct:?}");
+            assert!(a.holds_response(ct), "{ct:?}");
+        }
+    }
+
+    #[test]
+    fn a_response_lost_while_held_is_retried_like_any_maybe_delivered_failure() {
+        let lost = || {
+            Failure::MaybeDelivered(MeshError::new(
+                ErrorKind::Unreachable,
+                "n1",
+                "home node `n2` lost mid-response",
+            ))
+        };
+        let mut a = Attempts::new(2, true, true);
+        a.begin();
+        assert!(a.holds_response(None));
+        let v = a.failed(id("a"), lost());
+        assert!(retried(&v) && v.charge_agent);
+        let mut post = Attempts::new(2, true, false);
+        post.begin();
+        assert!(!post.holds_response(None));
+        assert!(!retried(&post.failed(id("a"), lost())));
     }
 }

@@ -5,6 +5,7 @@
 mod grpc;
 mod hygiene;
 mod listen;
+mod midresponse;
 mod security;
 
 use std::net::SocketAddr;
