@@ -78,8 +78,21 @@ impl App {
         let security = Arc::new(security);
         let mut ocfg = OverlayConfig::new(config.overlay_listen, identity.clone());
         ocfg.revoked = revoked.clone();
+        ocfg.impair = impairment()?;
         let (overlay, mut inbound) = Overlay::bind(ocfg).await?;
-        let overlay_addr = config.advertise.unwrap_or_else(|| overlay.local_addr());
+        let direct_addr = config.advertise.unwrap_or_else(|| overlay.local_addr());
+        let relay = start_relay(&config, &overlay, direct_addr).await?;
+        for r in resolve_relays(&config).await {
+            overlay.add_relay(r);
+        }
+        let established = overlay.establish(config.reachability, direct_addr).await;
+        info!(
+            advertised = %established.advertised,
+            relayed = established.relayed,
+            reason = %established.reason,
+            "overlay reachability"
+        );
+        let overlay_addr = established.advertised;
 
         // Inbound dispatch: one place where overlay channels meet their consumers.
         let (gossip_tx, gossip_rx) = mpsc::channel::<(SocketAddr, Bytes)>(1024);
@@ -90,7 +103,7 @@ impl App {
                         Channel::Gossip => {
                             let _ = gossip_tx.try_send((msg.from, msg.payload));
                         }
-                        Channel::Delegate | Channel::Control => {
+                        Channel::Delegate | Channel::Control | Channel::Relay => {
                             tracing::debug!(peer = %msg.peer, "ignoring a stream-only channel sent as a one-way message");
                         }
                     }
@@ -120,9 +133,24 @@ impl App {
             spiffe_id: identity.spiffe.to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             started_at,
-            roles: Vec::new(),
+            roles: if relay.is_some() {
+                vec!["relay".to_string()]
+            } else {
+                Vec::new()
+            },
             wire: crate::proto::wire::DELEGATION_VERSION,
+            reachability: if established.relayed {
+                "relayed"
+            } else {
+                "direct"
+            }
+            .to_string(),
+            via: Vec::new(),
+            relay: relay
+                .as_ref()
+                .map(|r| crate::proto::gossip::RelayInfo { tcp: r.tcp }),
         };
+        let node_record = announcement.clone();
         let announcement = serde_json::to_string(&announcement).map_err(NodeError::Announcement)?;
         // Every revocation this node knows is re-published under its own
         // state, so a node that was away learns it from whoever it meets.
@@ -240,6 +268,16 @@ impl App {
                 .in_current_span(),
         );
         tasks.spawn(
+            announce_paths(
+                gossip.clone(),
+                overlay.clone(),
+                node_record,
+                relay.map(|r| r.events),
+                security.clone(),
+            )
+            .in_current_span(),
+        );
+        tasks.spawn(
             crate::control::agents::run(agents.clone(), config.agents.clone()).in_current_span(),
         );
 
@@ -291,6 +329,10 @@ impl App {
             tasks,
             audit,
         })
+    }
+
+    pub fn bound_overlay(&self) -> SocketAddr {
+        self.shared.bound.overlay
     }
 
     pub fn bound(&self) -> Bound {
@@ -397,12 +439,132 @@ async fn stream_loop(mut rx: mpsc::Receiver<BiStream>, delegator: Arc<Delegator>
                     Channel::Control => {
                         set.spawn(serve_control(s).in_current_span());
                     }
-                    Channel::Gossip => {
+                    Channel::Gossip | Channel::Relay => {
                         s.send.reset(dmsc_transport::overlay::RESET_BUSY);
                     }
                 }
             }
             Some(_) = set.join_next(), if !set.is_empty() => {}
+        }
+    }
+}
+
+/// `DMSC_IMPAIR` (chaos tests on kernels without netem): loss and delay on
+/// the overlay's outgoing UDP, e.g. `loss=0.05,delay_ms=50`.
+fn impairment() -> Result<Option<dmsc_transport::Impair>, NodeError> {
+    match std::env::var("DMSC_IMPAIR") {
+        Ok(v) if !v.trim().is_empty() => {
+            let imp = dmsc_transport::Impair::parse(&v).map_err(|e| {
+                NodeError::Config(crate::config::ConfigError(vec![format!(
+                    "DMSC_IMPAIR: {e}"
+                )]))
+            })?;
+            warn!(loss = imp.loss, delay = ?imp.delay, "DMSC_IMPAIR: the overlay drops and delays its own UDP datagrams (test networks only)");
+            Ok(Some(imp))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The relay role, when `[relay] enabled`.
+struct RelayRole {
+    tcp: SocketAddr,
+    events: tokio::sync::mpsc::Receiver<dmsc_transport::relay::RelayEvent>,
+}
+
+async fn start_relay(
+    config: &NodeConfig,
+    overlay: &Overlay,
+    direct: SocketAddr,
+) -> Result<Option<RelayRole>, NodeError> {
+    let Some(settings) = &config.relay else {
+        return Ok(None);
+    };
+    let listen = config.tcp_listen.unwrap_or(config.overlay_listen);
+    let (_, events, bound) = overlay.start_relay(listen, settings.limits).await?;
+    // Announce the TCP listener at the address peers dial for the overlay.
+    let tcp = if bound.ip().is_unspecified() {
+        SocketAddr::new(direct.ip(), bound.port())
+    } else {
+        bound
+    };
+    Ok(Some(RelayRole { tcp, events }))
+}
+
+/// `overlay.relays`, resolved; the TCP listener is assumed on the same
+/// address until the relay's gossip record says otherwise.
+async fn resolve_relays(config: &NodeConfig) -> Vec<dmsc_transport::RelayAddr> {
+    let mut out = Vec::new();
+    for r in &config.relays {
+        match tokio::net::lookup_host(r.as_str()).await {
+            Ok(addrs) => {
+                if let Some(a) = addrs.into_iter().next() {
+                    out.push(dmsc_transport::RelayAddr { overlay: a, tcp: a });
+                }
+            }
+            Err(e) => {
+                warn!(relay = %r, error = %e, "cannot resolve a configured relay; skipping it")
+            }
+        }
+    }
+    out
+}
+
+/// Keeps the `node` record's `via` list (the relays this node has sessions
+/// with) and, on a relay, the `relay/clients` list current in gossip, and
+/// writes relay refusals to the audit log.
+async fn announce_paths(
+    gossip: Arc<Gossip>,
+    overlay: Overlay,
+    mut record: NodeAnnouncement,
+    mut events: Option<tokio::sync::mpsc::Receiver<dmsc_transport::relay::RelayEvent>>,
+    security: Arc<Security>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut clients = String::new();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            ev = async {
+                match events.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                match ev {
+                    Some(ev) => security.record(dmsc_audit::Event::global(dmsc_audit::Denied {
+                        caller: format!("node:{}", ev.peer),
+                        target: "relay".to_string(),
+                        reason: ev.reason,
+                    })),
+                    None => events = None,
+                }
+                continue;
+            }
+        }
+        let mut via: Vec<String> = overlay
+            .paths()
+            .sessions()
+            .iter()
+            .map(|s| s.relay.to_string())
+            .collect();
+        via.sort();
+        via.dedup();
+        if via != record.via {
+            record.via = via;
+            if let Ok(json) = serde_json::to_string(&record) {
+                gossip.set(dmsc_gossip::KEY_NODE, &json).await;
+            }
+        }
+        if let Some(relay) = overlay.relay() {
+            let now = relay.client_names().join(",");
+            if now != clients {
+                clients = now;
+                gossip
+                    .set(crate::proto::gossip::KEY_RELAY_CLIENTS, &clients)
+                    .await;
+            }
         }
     }
 }

@@ -49,6 +49,8 @@ pub struct RawConfig {
     pub limits: RawLimits,
     #[serde(default)]
     pub enrollment: RawEnrollment,
+    #[serde(default)]
+    pub relay: RawRelay,
 }
 
 /// `[enrollment]`: bounds on `/v1/enroll` and `/v1/renew` per source
@@ -456,6 +458,31 @@ pub struct RawOverlay {
     pub listen: Option<String>,
     pub advertise: Option<String>,
     pub bootstrap: Option<Vec<String>>,
+    /// Overlay addresses (HOST:PORT) of relays to keep sessions with.
+    pub relays: Option<Vec<String>>,
+    /// `auto` (default), `direct` or `relayed`.
+    pub reachability: Option<String>,
+    /// The TCP + TLS relay listener of a relay (default: the overlay's
+    /// listen address, TCP); also where nodes expect a relay's TCP listener
+    /// when its gossip record does not say.
+    pub tcp_listen: Option<String>,
+}
+
+/// `[relay]`: this node forwards datagrams between mesh nodes.
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRelay {
+    pub enabled: Option<bool>,
+    /// Per (sender, destination) pair (default 20000).
+    pub pair_packets_per_sec: Option<u32>,
+    /// Per (sender, destination) pair (default 33554432, 32 MiB/s).
+    pub pair_bytes_per_sec: Option<u64>,
+}
+
+/// The relay role, validated.
+#[derive(Debug, Clone)]
+pub struct RelaySettings {
+    pub limits: dmsc_transport::relay::RelayLimits,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]
@@ -524,6 +551,13 @@ pub struct NodeConfig {
     pub audit: Option<AuditSettings>,
     pub limits: LimitsConfig,
     pub enrollment: EnrollmentLimits,
+    /// Relays to keep sessions with (HOST:PORT, resolved at start).
+    pub relays: Vec<String>,
+    pub reachability: dmsc_transport::Reachability,
+    /// TCP relay listener (relay role); `None`: the overlay listen address.
+    pub tcp_listen: Option<SocketAddr>,
+    /// `Some`: this node is a relay.
+    pub relay: Option<RelaySettings>,
 }
 
 impl RawDelegation {
@@ -650,6 +684,17 @@ pub const ENV: &[(&str, &str, EnvKind)] = &[
     ("DMSC_OVERLAY_LISTEN", "overlay.listen", EnvKind::Text),
     ("DMSC_OVERLAY_ADVERTISE", "overlay.advertise", EnvKind::Text),
     ("DMSC_OVERLAY_BOOTSTRAP", "overlay.bootstrap", EnvKind::List),
+    ("DMSC_OVERLAY_RELAYS", "overlay.relays", EnvKind::List),
+    (
+        "DMSC_OVERLAY_REACHABILITY",
+        "overlay.reachability",
+        EnvKind::Text,
+    ),
+    (
+        "DMSC_OVERLAY_TCP_LISTEN",
+        "overlay.tcp_listen",
+        EnvKind::Text,
+    ),
     ("DMSC_TLS_CA", "tls.ca", EnvKind::Text),
     ("DMSC_TLS_CERT", "tls.cert", EnvKind::Text),
     ("DMSC_TLS_KEY", "tls.key", EnvKind::Text),
@@ -739,6 +784,7 @@ impl RawConfig {
                 listen: Some("127.0.0.1:0".into()),
                 advertise: None,
                 bootstrap: bootstrap.map(|b| vec![b.to_string()]),
+                ..Default::default()
             },
             tls: RawTls {
                 ca: Some(creds.join("ca.pem")),
@@ -758,6 +804,7 @@ impl RawConfig {
             audit: RawAudit::default(),
             limits: RawLimits::default(),
             enrollment: RawEnrollment::default(),
+            relay: RawRelay::default(),
         }
     }
 
@@ -924,6 +971,55 @@ impl RawConfig {
                 ));
             }
         }
+        let relays = self.overlay.relays.clone().unwrap_or_default();
+        for r in &relays {
+            let ok = match r.rsplit_once(':') {
+                Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0),
+                None => false,
+            };
+            if !ok {
+                errors.push(format!("overlay.relays entry `{r}` is not HOST:PORT"));
+            }
+        }
+        let reachability = match self.overlay.reachability.as_deref() {
+            None | Some("auto") => dmsc_transport::Reachability::Auto,
+            Some("direct") => dmsc_transport::Reachability::Direct,
+            Some("relayed") => dmsc_transport::Reachability::Relayed,
+            Some(other) => {
+                errors.push(format!(
+                    "overlay.reachability = `{other}`: use auto, direct or relayed"
+                ));
+                dmsc_transport::Reachability::Auto
+            }
+        };
+        let tcp_listen = self
+            .overlay
+            .tcp_listen
+            .as_deref()
+            .and_then(|v| addr("overlay.tcp_listen", v, &mut errors));
+        let relay = match self.relay.enabled {
+            Some(true) => {
+                let d = dmsc_transport::relay::RelayLimits::default();
+                let limits = dmsc_transport::relay::RelayLimits {
+                    pair_packets_per_sec: self
+                        .relay
+                        .pair_packets_per_sec
+                        .unwrap_or(d.pair_packets_per_sec),
+                    pair_bytes_per_sec: self
+                        .relay
+                        .pair_bytes_per_sec
+                        .unwrap_or(d.pair_bytes_per_sec),
+                };
+                if limits.pair_packets_per_sec == 0 || limits.pair_bytes_per_sec < 2048 {
+                    errors.push("relay.pair_packets_per_sec must be > 0 and relay.pair_bytes_per_sec at least 2048".into());
+                }
+                if reachability == dmsc_transport::Reachability::Relayed {
+                    errors.push("relay.enabled = true with overlay.reachability = relayed: a relay must be reachable directly".into());
+                }
+                Some(RelaySettings { limits })
+            }
+            _ => None,
+        };
         let bootstrap = self.overlay.bootstrap.unwrap_or_default();
         for b in &bootstrap {
             let ok = match b.rsplit_once(':') {
@@ -1123,6 +1219,10 @@ impl RawConfig {
             delegation,
             limits,
             enrollment,
+            relays,
+            reachability,
+            tcp_listen,
+            relay,
             name: self.name,
             region: self.region.unwrap_or_else(|| DEFAULT_REGION.to_string()),
             // Every `None` above pushed an error, so these are present.

@@ -283,6 +283,7 @@ fn load_config(args: &RunArgs) -> Result<dmsc_node::NodeConfig, dmsc_node::Confi
             listen: args.listen.clone(),
             advertise: args.advertise.clone(),
             bootstrap: (!args.bootstrap.is_empty()).then(|| args.bootstrap.clone()),
+            ..Default::default()
         },
         tls: RawTls {
             ca: args.ca.clone(),

@@ -96,6 +96,8 @@ pub struct OverlayConfig {
     pub refusals: Arc<tls::RefusalLog>,
     /// Loss and delay on outgoing UDP (chaos tests; `DMSC_IMPAIR`).
     pub impair: Option<Impair>,
+    /// Try to move relayed peers to a direct path (hole punching).
+    pub direct_upgrade: bool,
 }
 
 impl OverlayConfig {
@@ -110,6 +112,7 @@ impl OverlayConfig {
             revoked: Arc::new(RevocationSet::new()),
             refusals: Arc::default(),
             impair: None,
+            direct_upgrade: true,
         }
     }
 }
@@ -424,7 +427,7 @@ impl Overlay {
             addr: cfg.listen,
             source,
         };
-        let (paths, disco_rx) = Paths::new(identity.name());
+        let (paths, disco_rx) = Paths::new(identity.name(), cfg.direct_upgrade);
         let udp = std::net::UdpSocket::bind(cfg.listen).map_err(bind_err)?;
         let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
         let udp = runtime.wrap_udp_socket(udp).map_err(bind_err)?;
@@ -786,12 +789,8 @@ impl Overlay {
         let span = tracing::info_span!("relay", node = %self.inner.name);
         spawn(
             &self.inner,
-            tcp_accept_loop(
-                listener,
-                server.clone(),
-                self.inner.tcp_server_tls.clone(),
-            )
-            .instrument(span),
+            tcp_accept_loop(listener, server.clone(), self.inner.tcp_server_tls.clone())
+                .instrument(span),
         );
         info!(node = %self.inner.name, tcp = %bound, udp = %self.inner.local_addr, "relay role on: sessions over QUIC and TCP + TLS 1.3, mesh nodes only");
         Ok((server, events, bound))
@@ -808,7 +807,8 @@ impl Overlay {
         }
         self.inner.paths.add_relay_addr(relay.overlay);
         self.inner.paths.activate();
-        let span = tracing::info_span!("relay-session", node = %self.inner.name, relay = %relay.overlay);
+        let span =
+            tracing::info_span!("relay-session", node = %self.inner.name, relay = %relay.overlay);
         spawn(
             &self.inner,
             relay_client::keep_session(
@@ -939,17 +939,18 @@ async fn tcp_accept_loop(
             let _permit = permit;
             let _ = tcp.set_nodelay(true);
             let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
-            let stream = match tokio::time::timeout(Duration::from_secs(5), acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    warn!(peer = %from, error = %e, "refused a TCP relay session (TLS)");
-                    return;
-                }
-                Err(_) => {
-                    debug!(peer = %from, "TCP relay handshake timed out");
-                    return;
-                }
-            };
+            let stream =
+                match tokio::time::timeout(Duration::from_secs(5), acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        warn!(peer = %from, error = %e, "refused a TCP relay session (TLS)");
+                        return;
+                    }
+                    Err(_) => {
+                        debug!(peer = %from, "TCP relay handshake timed out");
+                        return;
+                    }
+                };
             let chain: Vec<CertificateDer<'static>> = stream
                 .get_ref()
                 .1

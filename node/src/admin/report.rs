@@ -28,12 +28,22 @@ pub(crate) async fn status_report(s: &Shared) -> StatusReport {
     // Names the overlay read from verified certificates, by peer address.
     // Gossip names are what peers *say*; where a live connection proves a
     // different name for the same address, the gossip entry is an impostor.
-    let verified: std::collections::HashMap<SocketAddr, String> = s
-        .overlay
-        .peers()
-        .into_iter()
-        .map(|p| (p.addr, p.name))
-        .collect();
+    let links = s.overlay.peers();
+    let verified: std::collections::HashMap<SocketAddr, String> =
+        links.iter().map(|p| (p.addr, p.name.clone())).collect();
+    // A relayed peer is listed under its mapped address; its connection may
+    // be keyed by the address it dialed us from: find it by name then.
+    let link_of = |m: &dmsc_gossip::Member| {
+        links
+            .iter()
+            .find(|l| l.addr == m.addr)
+            .or_else(|| {
+                dmsc_transport::path::is_mapped(m.addr)
+                    .then(|| links.iter().find(|l| l.name == m.name))
+                    .flatten()
+            })
+            .cloned()
+    };
     let mut counts = [0usize; 4];
     let peers: Vec<PeerStatus> = members
         .iter()
@@ -60,8 +70,20 @@ pub(crate) async fn status_report(s: &Shared) -> StatusReport {
                 .values
                 .get(dmsc_gossip::KEY_NODE)
                 .and_then(|v| serde_json::from_str(v).ok());
-            let rtt = s.overlay.rtt(m.addr);
+            let link = link_of(m);
+            let rtt = link.as_ref().map(|l| l.rtt);
+            let reachability = ann
+                .as_ref()
+                .map(|a| a.reachability.clone())
+                .unwrap_or_else(|| "direct".into());
+            let via_claimed = ann.as_ref().map(|a| a.via.clone()).unwrap_or_default();
             PeerStatus {
+                path: link.as_ref().map(|l| l.path.path.to_string()),
+                via: link.as_ref().and_then(|l| l.path.via.clone()),
+                transport: link.as_ref().map(|l| l.path.transport.to_string()),
+                path_note: link.as_ref().and_then(|l| l.path.note.clone()),
+                reachability,
+                relays: via_claimed,
                 name: m.name.clone(),
                 region: ann.map(|a| a.region).unwrap_or_else(|| "?".into()),
                 addr: m.addr.to_string(),
@@ -70,7 +92,8 @@ pub(crate) async fn status_report(s: &Shared) -> StatusReport {
                 last_seen_ms: m.last_seen.as_millis() as u64,
                 generation: m.generation,
                 connected: rtt.is_some(),
-                verified: verified.get(&m.addr).is_some_and(|n| *n == m.name),
+                verified: link.as_ref().is_some_and(|l| l.name == m.name)
+                    || verified.get(&m.addr).is_some_and(|n| *n == m.name),
             }
         })
         .collect();
@@ -120,6 +143,7 @@ pub(crate) async fn status_report(s: &Shared) -> StatusReport {
             cert_expires_in_secs: expires_in,
         },
         peers,
+        paths: paths_status(s),
         gossip: GossipStatus {
             interval_ms: s.gossip.config().interval.as_millis() as u64,
             phi_threshold: s.gossip.config().phi_threshold,
@@ -273,4 +297,55 @@ pub(crate) async fn peer_checks(s: &Shared) -> serde_json::Value {
         })
         .collect();
     serde_json::json!({ "peers": peers, "bootstrap": bootstrap, "refused": refused })
+}
+
+/// This node's side of the path layer: how peers reach it, its relay
+/// sessions, and its relay role.
+fn paths_status(s: &Shared) -> super::status::PathsStatus {
+    let paths = s.overlay.paths();
+    let sessions = paths.sessions();
+    let observed = paths.observed();
+    let udp = if paths.udp_blocked() {
+        "blocked"
+    } else if paths.udp_answered_within(Duration::from_secs(30))
+        || sessions
+            .iter()
+            .any(|x| x.transport == dmsc_transport::Transport::Quic)
+    {
+        "ok"
+    } else {
+        "unknown"
+    };
+    super::status::PathsStatus {
+        reachability: if paths.relayed_mode() {
+            "relayed".into()
+        } else {
+            "direct".into()
+        },
+        advertised: s.bound.overlay.to_string(),
+        udp: udp.into(),
+        sessions: sessions
+            .iter()
+            .map(|x| super::status::RelaySessionStatus {
+                relay: x.relay.to_string(),
+                addr: x.relay_addr.to_string(),
+                transport: x.transport.as_str().into(),
+                rtt_ms: x.rtt().map(|r| r.as_secs_f64() * 1000.0),
+                observed: observed
+                    .iter()
+                    .find(|(r, _)| *r == x.relay_addr)
+                    .map(|(_, o)| o.to_string())
+                    .or_else(|| x.observed.map(|o| o.to_string())),
+            })
+            .collect(),
+        relay: s.overlay.relay().map(|r| super::status::RelayRoleStatus {
+            clients: r.client_names(),
+            datagrams: r.stats.datagrams.load(Ordering::Relaxed),
+            bytes: r.stats.bytes.load(Ordering::Relaxed),
+            refused: r.stats.refused_unknown.load(Ordering::Relaxed)
+                + r.stats.refused_limit.load(Ordering::Relaxed)
+                + r.stats.refused_claim.load(Ordering::Relaxed)
+                + r.stats.refused_queue.load(Ordering::Relaxed),
+        }),
+    }
 }

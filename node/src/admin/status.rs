@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 pub struct StatusReport {
     pub node: NodeStatus,
     pub peers: Vec<PeerStatus>,
+    #[serde(default)]
+    pub paths: PathsStatus,
     pub gossip: GossipStatus,
     /// Every agent this node can route to (its own and the mesh's).
     #[serde(default)]
@@ -108,6 +110,56 @@ pub struct PeerStatus {
     pub connected: bool,
     /// That connection's certificate proves the name shown (SPIFFE ID).
     pub verified: bool,
+    /// How the connection's packets travel: `direct` or `relayed`.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// The relay, when relayed.
+    #[serde(default)]
+    pub via: Option<String>,
+    /// `quic` (UDP) or `tcp` (a TCP + TLS relay session).
+    #[serde(default)]
+    pub transport: Option<String>,
+    /// Why a relayed peer is not direct, or how its direct path was found.
+    #[serde(default)]
+    pub path_note: Option<String>,
+    /// What the peer announces: `direct` or `relayed`.
+    #[serde(default)]
+    pub reachability: String,
+    /// The relays the peer announces sessions with.
+    #[serde(default)]
+    pub relays: Vec<String>,
+}
+
+/// This node's reachability and relay sessions.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PathsStatus {
+    /// `direct` or `relayed`.
+    pub reachability: String,
+    /// The overlay address peers use for this node.
+    pub advertised: String,
+    /// `ok`, `blocked` (relay sessions over TCP only) or `unknown`.
+    pub udp: String,
+    pub sessions: Vec<RelaySessionStatus>,
+    /// Set when this node is a relay.
+    pub relay: Option<RelayRoleStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RelaySessionStatus {
+    pub relay: String,
+    pub addr: String,
+    pub transport: String,
+    pub rtt_ms: Option<f64>,
+    /// This node's address as that relay sees it.
+    pub observed: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RelayRoleStatus {
+    pub clients: Vec<String>,
+    pub datagrams: u64,
+    pub bytes: u64,
+    pub refused: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -190,16 +242,62 @@ impl StatusReport {
             "gossip   {} alive, {} suspect, {} dead, {} left; every {}ms, phi {}\n\n",
             g.alive, g.suspect, g.dead, g.left, g.interval_ms, g.phi_threshold
         ));
-        let header = ["NAME", "REGION", "ADDRESS", "STATE", "RTT", "LAST-SEEN"];
-        let rows: Vec<[String; 6]> = self
+        let pa = &self.paths;
+        out.push_str(&format!(
+            "paths    {} at {}; UDP {}",
+            pa.reachability, pa.advertised, pa.udp
+        ));
+        for x in &pa.sessions {
+            out.push_str(&format!(
+                "; relay {} over {}{}{}",
+                x.relay,
+                x.transport,
+                x.rtt_ms.map(|r| format!(" {r:.2}ms")).unwrap_or_default(),
+                x.observed
+                    .as_ref()
+                    .map(|o| format!(" (sees us at {o})"))
+                    .unwrap_or_default()
+            ));
+        }
+        if let Some(r) = &pa.relay {
+            out.push_str(&format!(
+                "; relaying for {} node(s): {} datagrams, {} bytes, {} refused",
+                r.clients.len(),
+                r.datagrams,
+                r.bytes,
+                r.refused
+            ));
+        }
+        out.push_str("\n\n");
+        let header = [
+            "NAME",
+            "REGION",
+            "ADDRESS",
+            "STATE",
+            "PATH",
+            "RTT",
+            "LAST-SEEN",
+        ];
+        let rows: Vec<[String; 7]> = self
             .peers
             .iter()
             .map(|p| {
+                let path = match (&p.path, &p.via) {
+                    (Some(path), Some(via)) => format!(
+                        "{path} via {via} ({})",
+                        p.transport.as_deref().unwrap_or("quic")
+                    ),
+                    (Some(path), None) => {
+                        format!("{path} ({})", p.transport.as_deref().unwrap_or("quic"))
+                    }
+                    _ => "-".into(),
+                };
                 [
                     p.name.clone(),
                     p.region.clone(),
                     p.addr.clone(),
                     p.state.clone(),
+                    path,
                     p.rtt_ms
                         .map(|r| format!("{r:.2}ms"))
                         .unwrap_or_else(|| "-".into()),

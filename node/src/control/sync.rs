@@ -57,6 +57,29 @@ fn apply_revocations(
     }
 }
 
+/// Hands the overlay what gossip says about paths, when it changed: every
+/// relay (a session is kept to each) and the relays each node is reachable
+/// through. Returns the version applied.
+fn feed_paths(mesh: &MeshView, overlay: &Overlay, applied: u64) -> u64 {
+    let (version, anns) = mesh.announcements();
+    if version == applied {
+        return applied;
+    }
+    for a in anns.iter().filter(|a| a.name != overlay.name()) {
+        if let Some(r) = &a.relay {
+            overlay.add_relay(dmsc_transport::RelayAddr {
+                overlay: a.overlay_addr,
+                tcp: r.tcp,
+            });
+        }
+        overlay.set_peer_via(
+            a.overlay_addr,
+            a.via.iter().map(|v| Arc::from(v.as_str())).collect(),
+        );
+    }
+    version
+}
+
 /// Publishes a revocation under this node's gossip state.
 pub async fn publish_revocation(gossip: &Gossip, r: &dmsc_transport::Revocation) {
     gossip.set(&revoked_key(&r.serial), &r.to_json()).await;
@@ -88,6 +111,7 @@ pub async fn sync_loop(sync: Sync) {
     let mut closed: std::collections::HashSet<SocketAddr> = Default::default();
     let mut in_progress: std::collections::HashSet<String> = Default::default();
     let mut fetching: JoinSet<(String, bool)> = JoinSet::new();
+    let mut paths_version = u64::MAX;
     loop {
         tokio::select! {
             _ = tick.tick() => {
@@ -104,6 +128,7 @@ pub async fn sync_loop(sync: Sync) {
                     }
                 }
                 closed.retain(|a| gone.contains(a));
+                paths_version = feed_paths(&mesh, &sync.overlay, paths_version);
             }
             _ = cards.tick() => {
                 // Fetches run beside the scans (a dead home node must not

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 /// What a node publishes about itself under the gossip key `node`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeAnnouncement {
     pub name: String,
     pub region: String,
@@ -20,7 +20,37 @@ pub struct NodeAnnouncement {
     /// from before the field).
     #[serde(default = "wire_v1")]
     pub wire: u8,
+    /// `direct` (peers dial `overlay_addr`) or `relayed` (`overlay_addr` is
+    /// the node's mapped address; peers reach it through the relays in
+    /// `via`). Absent: direct, a node from before relays.
+    #[serde(default = "direct", skip_serializing_if = "is_direct")]
+    pub reachability: String,
+    /// Names of the relays this node keeps sessions with.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub via: Vec<String>,
+    /// Set on relays: where their TCP + TLS relay listener is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<RelayInfo>,
 }
+
+/// What a relay announces besides its overlay address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayInfo {
+    pub tcp: SocketAddr,
+}
+
+fn direct() -> String {
+    "direct".to_string()
+}
+
+fn is_direct(s: &str) -> bool {
+    s == "direct"
+}
+
+/// Gossip key under which a relay lists the nodes with a live session
+/// (comma-separated names): a node that claims a relay which does not list
+/// it is not counted as reachable through it.
+pub const KEY_RELAY_CLIENTS: &str = "relay/clients";
 
 fn wire_v1() -> u8 {
     1

@@ -72,6 +72,10 @@ struct NodeCache {
     wire: u8,
     /// Raw `agent/` and `load/` values by agent.
     records: HashMap<AgentId, (String, String)>,
+    /// Its `node` record, as announced.
+    ann: Option<NodeAnnouncement>,
+    /// Relays: the nodes with a live session (`relay/clients`).
+    relay_clients: Option<Vec<String>>,
 }
 
 impl NodeCache {
@@ -82,6 +86,8 @@ impl NodeCache {
             version: 0,
             live: false,
             addr: None,
+            ann: None,
+            relay_clients: None,
             wire: 1,
             records: HashMap::new(),
         }
@@ -98,6 +104,9 @@ pub struct MeshView {
     /// Node name -> overlay address, from the gossiped `node` key.
     /// Live nodes: overlay address and the delegation wire version they speak.
     nodes: RwLock<HashMap<String, (SocketAddr, u8)>>,
+    /// Live nodes' `node` records, and a counter bumped when they change.
+    announcements: Mutex<Vec<NodeAnnouncement>>,
+    announcements_version: std::sync::atomic::AtomicU64,
     /// What the last scans said per node (raw values), to apply only changes.
     per_node: Mutex<HashMap<String, NodeCache>>,
     /// Unix ms of the last TTL expiry pass.
@@ -116,6 +125,8 @@ impl MeshView {
             local: RwLock::new(HashMap::new()),
             circuit_cfg,
             nodes: RwLock::new(HashMap::new()),
+            announcements: Mutex::new(Vec::new()),
+            announcements_version: Default::default(),
             per_node: Mutex::new(HashMap::new()),
             last_expiry: std::sync::atomic::AtomicU64::new(0),
             cards: Mutex::new(HashMap::new()),
@@ -199,6 +210,17 @@ impl MeshView {
             .get(id)
             .map(|l| l.outstanding.load(Ordering::Relaxed))
             .unwrap_or(0)
+    }
+
+    /// Live nodes' `node` records and their version (bumped on change), so
+    /// the sync loop hands relays and `via` lists to the overlay only when
+    /// they changed.
+    pub fn announcements(&self) -> (u64, Vec<NodeAnnouncement>) {
+        let a = lock(&self.announcements);
+        (
+            self.announcements_version.load(Ordering::Relaxed),
+            a.clone(),
+        )
     }
 
     /// A live node's overlay address and the delegation wire version it speaks.
@@ -298,7 +320,15 @@ impl MeshView {
                     if k == dmsc_gossip::KEY_NODE {
                         let ann = serde_json::from_str::<NodeAnnouncement>(&v).ok();
                         entry.addr = ann.as_ref().map(|a| a.overlay_addr);
-                        entry.wire = ann.map(|a| a.wire).unwrap_or(1);
+                        entry.wire = ann.as_ref().map(|a| a.wire).unwrap_or(1);
+                        entry.ann = ann;
+                    } else if k == crate::proto::gossip::KEY_RELAY_CLIENTS {
+                        entry.relay_clients = Some(
+                            v.split(',')
+                                .filter(|n| !n.is_empty())
+                                .map(str::to_string)
+                                .collect(),
+                        );
                     } else if let Some((t, n)) = dmsc_registry::parse_agent_key(&k) {
                         records.insert(AgentId { tenant: t, name: n }, (v, String::new()));
                     } else if let Some((t, n)) = dmsc_registry::parse_load_key(&k) {
@@ -354,13 +384,39 @@ impl MeshView {
             }
             keep
         });
+        // A relayed node counts as reachable only through a live relay that
+        // lists it among its sessions: a claim no relay backs is no route.
+        let backed = |e: &NodeCache| match &e.ann {
+            Some(a) if a.reachability == "relayed" => a.via.iter().any(|r| {
+                cache.get(r).is_some_and(|rc| {
+                    rc.live
+                        && rc
+                            .relay_clients
+                            .as_ref()
+                            .is_some_and(|c| c.iter().any(|n| *n == e.name))
+                })
+            }),
+            _ => true,
+        };
         let nodes: HashMap<String, (SocketAddr, u8)> = cache
             .values()
-            .filter(|e| e.live)
+            .filter(|e| e.live && backed(e))
             .filter_map(|e| e.addr.map(|a| (e.name.clone(), (a, e.wire))))
+            .collect();
+        let anns: Vec<NodeAnnouncement> = cache
+            .values()
+            .filter(|e| e.live)
+            .filter_map(|e| e.ann.clone())
             .collect();
         drop(cache);
         *self.nodes.write().unwrap_or_else(|p| p.into_inner()) = nodes;
+        {
+            let mut a = lock(&self.announcements);
+            if *a != anns {
+                *a = anns;
+                self.announcements_version.fetch_add(1, Ordering::Relaxed);
+            }
+        }
 
         let now = now_ms();
         if !ops.is_empty() {

@@ -162,7 +162,10 @@ mod tests {
         for m in [
             Disco::CallMeMaybe {
                 token: [3; 16],
-                candidates: vec!["1.2.3.4:5".parse().expect("a"), "[::1]:7".parse().expect("a")],
+                candidates: vec![
+                    "1.2.3.4:5".parse().expect("a"),
+                    "[::1]:7".parse().expect("a"),
+                ],
             },
             Disco::Ping {
                 tx: [1; 12],

@@ -70,7 +70,10 @@ struct Engine {
 }
 
 /// Starts the engine; it stops when the paths' owner drops the sender.
-pub(crate) fn spawn_engine(paths: Arc<Paths>, rx: mpsc::Receiver<DiscoIn>) -> tokio::task::JoinHandle<()> {
+pub(crate) fn spawn_engine(
+    paths: Arc<Paths>,
+    rx: mpsc::Receiver<DiscoIn>,
+) -> tokio::task::JoinHandle<()> {
     let engine = Engine {
         paths,
         peers: HashMap::new(),
@@ -285,10 +288,10 @@ impl Engine {
                 p.backoff = MIN_BACKOFF;
                 continue;
             }
-            let due = self
-                .peers
-                .get(&adv)
-                .is_none_or(|p| p.last_ping.is_none_or(|t| now.duration_since(t) >= KEEPALIVE));
+            let due = self.peers.get(&adv).is_none_or(|p| {
+                p.last_ping
+                    .is_none_or(|t| now.duration_since(t) >= KEEPALIVE)
+            });
             if due {
                 if let Some(token) = self.peers.get(&adv).and_then(|p| p.theirs) {
                     if let Some(p) = self.peers.get_mut(&adv) {
@@ -298,7 +301,7 @@ impl Engine {
                 }
             }
         }
-        if udp_blocked {
+        if udp_blocked || !self.paths.upgrade {
             return;
         }
         // Try to upgrade relayed peers in use.

@@ -237,6 +237,8 @@ pub struct Paths {
     pub stats: PathStats,
     /// Set by the socket once bound: sends disco packets directly.
     pub(crate) direct_out: Mutex<Option<Weak<socket::Inner>>>,
+    /// Hole punching on (`overlay.direct_upgrade`).
+    pub(crate) upgrade: bool,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -244,7 +246,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Paths {
-    pub(crate) fn new(name: &str) -> (Arc<Paths>, mpsc::Receiver<DiscoIn>) {
+    pub(crate) fn new(name: &str, upgrade: bool) -> (Arc<Paths>, mpsc::Receiver<DiscoIn>) {
         let (disco_tx, rx) = mpsc::channel(1024);
         let paths = Paths {
             name: name.to_string(),
@@ -259,6 +261,7 @@ impl Paths {
             local_relay: Mutex::new(None),
             stats: PathStats::default(),
             direct_out: Mutex::new(None),
+            upgrade,
         };
         (Arc::new(paths), rx)
     }
@@ -276,10 +279,16 @@ impl Paths {
         lock(&self.st).me.unwrap_or_else(|| mapped_addr(&self.name))
     }
 
+    /// Sets the advertised address; live relay sessions announce it at once.
     pub(crate) fn set_me(&self, me: SocketAddr, relayed: bool) {
         let mut st = lock(&self.st);
         st.me = Some(me);
         st.relayed_mode = relayed;
+        if let Ok(hello) = (Frame::Hello { advertised: me }).to_bytes() {
+            for s in &st.sessions {
+                let _ = s.tx.try_send(hello.clone());
+            }
+        }
     }
 
     pub fn relayed_mode(&self) -> bool {
@@ -498,7 +507,10 @@ impl Paths {
                 path: "direct",
                 via: None,
                 transport: quic,
-                note: lock(&self.st).direct.get(&addr).map(|d| format!("hole punched; probe RTT {:?}", d.rtt)),
+                note: lock(&self.st)
+                    .direct
+                    .get(&addr)
+                    .map(|d| format!("hole punched; probe RTT {:?}", d.rtt)),
             },
             Route::Session(s) => PathInfo {
                 path: "relayed",

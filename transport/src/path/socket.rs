@@ -89,7 +89,9 @@ impl Inner {
     /// destinations in the mapped form).
     fn family(&self, addr: SocketAddr) -> SocketAddr {
         match (self.ipv6, addr) {
-            (true, SocketAddr::V4(v4)) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
+            (true, SocketAddr::V4(v4)) => {
+                SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+            }
             _ => addr,
         }
     }
@@ -327,7 +329,10 @@ impl PathSocket {
             let from = canonical(m.addr);
             if m.len == m.stride && disco::is_disco(&bufs[i][..m.len]) {
                 let bytes = Bytes::copy_from_slice(&bufs[i][..m.len]);
-                let _ = self.paths.disco_tx.try_send(DiscoIn::Direct { from, bytes });
+                let _ = self
+                    .paths
+                    .disco_tx
+                    .try_send(DiscoIn::Direct { from, bytes });
                 continue;
             }
             let mut m = m;

@@ -248,7 +248,9 @@ async fn run(
                             rtt_us.store(now_us().saturating_sub(nonce).max(1), Ordering::Relaxed)
                         }
                         Frame::Ping { nonce } => send(Frame::Pong { nonce }),
-                        Frame::Refused { reason } => break 'session Err(format!("refused: {reason}")),
+                        Frame::Refused { reason } => {
+                            break 'session Err(format!("refused: {reason}"))
+                        }
                         _ => {}
                     }
                 }
@@ -359,7 +361,10 @@ pub(crate) async fn try_once(
             ok: true,
             rtt: Some(rtt),
             detail: match observed {
-                Some(o) => format!("relay `{name}` sees this node at {o}; set up in {:?}", started.elapsed()),
+                Some(o) => format!(
+                    "relay `{name}` sees this node at {o}; set up in {:?}",
+                    started.elapsed()
+                ),
                 None => format!("relay `{name}`; set up in {:?}", started.elapsed()),
             },
         },

@@ -27,7 +27,9 @@ pub const MAX_BODY: usize = u16::MAX as usize;
 pub enum Frame {
     /// Node to relay, first frame: the overlay address this node is known
     /// by (its advertised address; the relay checks the claim).
-    Hello { advertised: SocketAddr },
+    Hello {
+        advertised: SocketAddr,
+    },
     /// Relay to node, answer to `Hello`: the node's address as the relay
     /// sees it (QUIC sessions only; a TCP source port says nothing about
     /// UDP) and a token the node's UDP probes to this relay must carry.
@@ -36,19 +38,35 @@ pub enum Frame {
         token: [u8; 16],
     },
     /// Node to relay: deliver `payload` to the node known as `dst`.
-    Send { dst: SocketAddr, payload: Bytes },
+    Send {
+        dst: SocketAddr,
+        payload: Bytes,
+    },
     /// Relay to node: `payload` from the node whose address is `src`.
-    Recv { src: SocketAddr, payload: Bytes },
+    Recv {
+        src: SocketAddr,
+        payload: Bytes,
+    },
     /// Relay to node: no session of this relay answers for `dst`.
-    Unknown { dst: SocketAddr },
+    Unknown {
+        dst: SocketAddr,
+    },
     /// Either way: liveness and RTT.
-    Ping { nonce: u64 },
-    Pong { nonce: u64 },
+    Ping {
+        nonce: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
     /// Node to relay: send a probe carrying `nonce` to my observed address
     /// from a socket I never sent to (am I reachable from anywhere?).
-    DialBack { nonce: [u8; 16] },
+    DialBack {
+        nonce: [u8; 16],
+    },
     /// Relay to node, before it closes the session: why.
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
 }
 
 const T_HELLO: u8 = 1;

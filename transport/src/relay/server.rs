@@ -101,6 +101,7 @@ pub struct RelayServer {
     events: mpsc::Sender<RelayEvent>,
     claim: Mutex<Option<ClaimCheck>>,
     next_id: AtomicU64,
+    capture: Mutex<Option<mpsc::UnboundedSender<Bytes>>>,
 }
 
 impl std::fmt::Debug for RelayServer {
@@ -166,9 +167,25 @@ impl RelayServer {
             events,
             claim: Mutex::new(None),
             next_id: AtomicU64::new(1),
+            capture: Mutex::new(None),
         });
         paths.set_local_relay(&server);
         (server, rx)
+    }
+
+    /// A copy of every datagram payload this relay forwards from now on:
+    /// what tests (and an operator in doubt) inspect to see that a relay
+    /// handles only ciphertext.
+    pub fn capture(&self) -> mpsc::UnboundedReceiver<Bytes> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *lock(&self.capture) = Some(tx);
+        rx
+    }
+
+    fn captured(&self, payload: &Bytes) {
+        if let Some(c) = lock(&self.capture).as_ref() {
+            let _ = c.send(payload.clone());
+        }
     }
 
     /// Installs the check of advertised addresses against gossip.
@@ -196,6 +213,7 @@ impl RelayServer {
     pub(crate) fn deliver_local(&self, dst: SocketAddr, payload: Bytes) -> bool {
         let target = lock(&self.clients).get(&canonical(dst)).cloned();
         let Some(target) = target else { return false };
+        self.captured(&payload);
         let len = payload.len();
         let Some(f) = frame_bytes(&Frame::Recv {
             src: self.paths.me(),
@@ -231,9 +249,7 @@ impl RelayServer {
     }
 
     fn event(&self, last: &mut HashMap<String, Instant>, peer: &str, key: String, reason: String) {
-        let due = last
-            .get(&key)
-            .is_none_or(|t| t.elapsed() >= EVENT_EVERY);
+        let due = last.get(&key).is_none_or(|t| t.elapsed() >= EVENT_EVERY);
         if due {
             last.insert(key, Instant::now());
             let _ = self.events.try_send(RelayEvent {
@@ -343,12 +359,20 @@ impl RelayServer {
                         };
                         let dst = canonical(dst);
                         let len = payload.len();
-                        let bucket = buckets.entry(dst).or_insert_with(|| Bucket::new(&self.limits));
+                        let bucket = buckets
+                            .entry(dst)
+                            .or_insert_with(|| Bucket::new(&self.limits));
                         if !bucket.take(&self.limits, len) {
                             self.stats.refused_limit.fetch_add(1, Ordering::Relaxed);
-                            self.event(&mut events, &peer, format!("limit {dst}"), format!("per-pair relay limit reached towards {dst}"));
+                            self.event(
+                                &mut events,
+                                &peer,
+                                format!("limit {dst}"),
+                                format!("per-pair relay limit reached towards {dst}"),
+                            );
                             continue;
                         }
+                        self.captured(&payload);
                         if dst == self.paths.me() || dst == mapped_addr(&self.name) {
                             self.paths.on_relayed(src, payload);
                             self.stats.datagrams.fetch_add(1, Ordering::Relaxed);
