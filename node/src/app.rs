@@ -79,6 +79,7 @@ impl App {
         let mut ocfg = OverlayConfig::new(config.overlay_listen, identity.clone());
         ocfg.revoked = revoked.clone();
         ocfg.impair = impairment()?;
+        ocfg.direct_upgrade = config.direct_upgrade;
         let (overlay, mut inbound) = Overlay::bind(ocfg).await?;
         let direct_addr = config.advertise.unwrap_or_else(|| overlay.local_addr());
         let relay = start_relay(&config, &overlay, direct_addr).await?;

@@ -466,6 +466,8 @@ pub struct RawOverlay {
     /// listen address, TCP); also where nodes expect a relay's TCP listener
     /// when its gossip record does not say.
     pub tcp_listen: Option<String>,
+    /// Move relayed peers to a direct path by hole punching (default true).
+    pub direct_upgrade: Option<bool>,
 }
 
 /// `[relay]`: this node forwards datagrams between mesh nodes.
@@ -558,6 +560,7 @@ pub struct NodeConfig {
     pub tcp_listen: Option<SocketAddr>,
     /// `Some`: this node is a relay.
     pub relay: Option<RelaySettings>,
+    pub direct_upgrade: bool,
 }
 
 impl RawDelegation {
@@ -1223,6 +1226,7 @@ impl RawConfig {
             reachability,
             tcp_listen,
             relay,
+            direct_upgrade: self.overlay.direct_upgrade.unwrap_or(true),
             name: self.name,
             region: self.region.unwrap_or_else(|| DEFAULT_REGION.to_string()),
             // Every `None` above pushed an error, so these are present.

@@ -61,6 +61,16 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         max_skew_ms: u64,
     },
+    /// What the network lets through to the mesh: UDP, the public address
+    /// relays see, NAT mapping behaviour, TCP fallback, RTT to each relay and
+    /// bootstrap peer.
+    Netcheck {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the built-in sample A2A agent (serves a card, answers
     /// message/send and message/stream in both A2A dialects).
     SampleAgent {
@@ -462,6 +472,18 @@ async fn ops(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        Cmd::Netcheck { run, json } => {
+            let config = load_config(&run)?;
+            let report = ops::netcheck::netcheck(&config).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                print!("{}", report.text());
+            }
+        }
         Cmd::Check { run, max_skew_ms } => {
             let config = load_config(&run)?;
             let findings = ops::check(
@@ -495,7 +517,8 @@ fn main() -> ExitCode {
         | Cmd::Token(_)
         | Cmd::Revoke(_)
         | Cmd::Audit(_)
-        | Cmd::Check { .. } => "warn",
+        | Cmd::Check { .. }
+        | Cmd::Netcheck { .. } => "warn",
         Cmd::SampleAgent { .. } => "info",
         Cmd::Run(_) => "info",
     };
@@ -539,7 +562,8 @@ fn main() -> ExitCode {
                     ExitCode::from(2)
                 }
             },
-            cmd @ (Cmd::Token(_) | Cmd::Revoke(_) | Cmd::Audit(_) | Cmd::Check { .. }) => {
+            cmd @ (Cmd::Token(_) | Cmd::Revoke(_) | Cmd::Audit(_) | Cmd::Check { .. }
+            | Cmd::Netcheck { .. }) => {
                 match ops(cmd).await {
                     Ok(code) => code,
                     Err(e) => {

@@ -12,6 +12,11 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabel {
     pub state: String,
 }
@@ -195,6 +200,13 @@ pub struct Metrics {
     pub cert_expiry_seconds: Gauge<i64, AtomicI64>,
     pub uptime_seconds: Gauge<i64, AtomicI64>,
     pub agents: Gauge<i64, AtomicI64>,
+    pub relay_datagrams: Counter<u64, AtomicU64>,
+    pub relay_bytes: Counter<u64, AtomicU64>,
+    pub relay_refused: Family<ReasonLabel, Counter<u64, AtomicU64>>,
+    pub relay_sessions: Gauge<i64, AtomicI64>,
+    pub path_relayed: Family<StateLabel, Counter<u64, AtomicU64>>,
+    pub path_direct_upgrades: Counter<u64, AtomicU64>,
+    pub path_direct_lost: Counter<u64, AtomicU64>,
     pub delegation: DelegationMetrics,
     pub security: SecurityMetrics,
     pub listeners: ListenerMetrics,
@@ -237,6 +249,13 @@ impl Metrics {
             cert_expiry_seconds: Gauge::default(),
             uptime_seconds: Gauge::default(),
             agents: Gauge::default(),
+            relay_datagrams: Counter::default(),
+            relay_bytes: Counter::default(),
+            relay_refused: Family::default(),
+            relay_sessions: Gauge::default(),
+            path_relayed: Family::default(),
+            path_direct_upgrades: Counter::default(),
+            path_direct_lost: Counter::default(),
             delegation,
             security,
             listeners,
@@ -286,6 +305,41 @@ impl Metrics {
             "overlay_probes_answered",
             "Probe connections of peers checking that this node accepts their certificate (dmsc-node check), answered and closed without pooling",
             m.probes_answered.clone(),
+        );
+        registry.register(
+            "relay_datagrams",
+            "Datagrams this relay forwarded between mesh nodes",
+            m.relay_datagrams.clone(),
+        );
+        registry.register(
+            "relay_bytes",
+            "Datagram bytes this relay forwarded (QUIC ciphertext)",
+            m.relay_bytes.clone(),
+        );
+        registry.register(
+            "relay_refused",
+            "Datagrams or sessions this relay refused, by reason (unknown destination, limit, claim, queue full, malformed)",
+            m.relay_refused.clone(),
+        );
+        registry.register(
+            "relay_sessions",
+            "Live relay sessions this relay serves",
+            m.relay_sessions.clone(),
+        );
+        registry.register(
+            "overlay_relayed_datagrams",
+            "Overlay datagrams this node sent or received through relays, or dropped on the relayed path (state = sent, received, dropped)",
+            m.path_relayed.clone(),
+        );
+        registry.register(
+            "overlay_direct_upgrades",
+            "Relayed peers moved to a direct path by hole punching",
+            m.path_direct_upgrades.clone(),
+        );
+        registry.register(
+            "overlay_direct_lost",
+            "Direct paths to relayed peers that stopped answering (traffic back through a relay)",
+            m.path_direct_lost.clone(),
         );
         registry.register(
             "overlay_connections",

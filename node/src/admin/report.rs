@@ -221,6 +221,37 @@ pub(crate) async fn metrics_text(s: &Shared) -> String {
     Metrics::set_counter(&m.overlay_bytes_sent, ld(&o.bytes_sent));
     Metrics::set_counter(&m.overlay_bytes_received, ld(&o.bytes_received));
     Metrics::set_counter(&m.overlay_messages_dropped, ld(&o.messages_dropped));
+    let ps = &s.overlay.paths().stats;
+    for (state, c) in [
+        ("sent", &ps.relayed_sent),
+        ("received", &ps.relayed_received),
+        ("dropped", &ps.relayed_dropped),
+    ] {
+        let f = m.path_relayed.get_or_create(&crate::metrics::StateLabel {
+            state: state.into(),
+        });
+        Metrics::set_counter(&f, ld(c));
+    }
+    Metrics::set_counter(&m.path_direct_upgrades, ld(&ps.direct_upgrades));
+    Metrics::set_counter(&m.path_direct_lost, ld(&ps.direct_lost));
+    if let Some(r) = s.overlay.relay() {
+        let st = &r.stats;
+        Metrics::set_counter(&m.relay_datagrams, ld(&st.datagrams));
+        Metrics::set_counter(&m.relay_bytes, ld(&st.bytes));
+        m.relay_sessions.set(ld(&st.sessions) as i64);
+        for (reason, c) in [
+            ("unknown_destination", &st.refused_unknown),
+            ("limit", &st.refused_limit),
+            ("claim", &st.refused_claim),
+            ("queue_full", &st.refused_queue),
+            ("malformed", &st.malformed),
+        ] {
+            let f = m.relay_refused.get_or_create(&crate::metrics::ReasonLabel {
+                reason: reason.into(),
+            });
+            Metrics::set_counter(&f, ld(c));
+        }
+    }
     m.set_handshakes("inbound", "ok", ld(&o.handshakes_ok_inbound));
     m.set_handshakes("inbound", "failed", ld(&o.handshakes_failed_inbound));
     m.set_handshakes("outbound", "ok", ld(&o.handshakes_ok_outbound));

@@ -12,6 +12,7 @@ use crate::admin::status::{admin_call, StatusError};
 use crate::config::NodeConfig;
 
 pub mod ca;
+pub mod netcheck;
 
 /// Certificates expiring sooner than this fail `check`.
 pub const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 24 * 3600);

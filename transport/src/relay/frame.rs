@@ -175,8 +175,7 @@ impl Frame {
                 T_DIALBACK
             }
             Frame::Refused { reason } => {
-                let r = reason.as_bytes();
-                body.put_slice(&r[..r.len().min(512)]);
+                body.put_slice(reason.as_bytes());
                 T_REFUSED
             }
         };
@@ -253,7 +252,9 @@ impl Frame {
                 Frame::DialBack { nonce }
             }
             T_REFUSED => {
-                let reason = String::from_utf8_lossy(b).into_owned();
+                let reason = std::str::from_utf8(b)
+                    .map_err(|_| malformed(kind, "reason is not UTF-8"))?
+                    .to_string();
                 b = &[];
                 Frame::Refused { reason }
             }

@@ -496,3 +496,195 @@ async fn dial_back(to: SocketAddr, nonce: [u8; 16]) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    struct Peer {
+        io: DuplexStream,
+        dec: Decoder,
+    }
+
+    impl Peer {
+        async fn send(&mut self, f: Frame) {
+            let b = f.to_bytes().expect("encode");
+            self.io.write_all(&b).await.expect("write");
+        }
+
+        /// The next frame, or `None` if the session closed or went quiet.
+        async fn next(&mut self) -> Option<Frame> {
+            let mut buf = [0u8; 4096];
+            loop {
+                if let Ok(Some(f)) = self.dec.next_frame() {
+                    return Some(f);
+                }
+                let n = tokio::time::timeout(Duration::from_secs(2), self.io.read(&mut buf))
+                    .await
+                    .ok()?
+                    .ok()?;
+                if n == 0 {
+                    return None;
+                }
+                self.dec.push(&buf[..n]);
+            }
+        }
+    }
+
+    /// A session of node `name` on `server`, said hello with its mapped
+    /// address and welcomed.
+    async fn join(server: &Arc<RelayServer>, name: &str) -> Peer {
+        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        let (rd, wr) = tokio::io::split(theirs);
+        tokio::spawn(server.clone().serve(
+            (Box::new(rd), Box::new(wr)),
+            name.into(),
+            None,
+            Transport::Tcp,
+            None,
+        ));
+        let mut p = Peer {
+            io: ours,
+            dec: Decoder::new(),
+        };
+        p.send(Frame::Hello {
+            advertised: mapped_addr(name),
+        })
+        .await;
+        assert!(matches!(p.next().await, Some(Frame::Welcome { .. })));
+        p
+    }
+
+    fn server(limits: RelayLimits) -> (Arc<RelayServer>, mpsc::Receiver<RelayEvent>) {
+        let (paths, _rx) = Paths::new("relay", true);
+        RelayServer::new("relay", paths, limits)
+    }
+
+    fn dgram(i: u32) -> Bytes {
+        Bytes::from(format!("datagram {i}").into_bytes())
+    }
+
+    #[tokio::test]
+    async fn datagrams_go_to_the_named_node_with_the_senders_address() {
+        let (s, _ev) = server(RelayLimits::default());
+        let mut a = join(&s, "a").await;
+        let mut b = join(&s, "b").await;
+        a.send(Frame::Send {
+            dst: mapped_addr("b"),
+            payload: dgram(1),
+        })
+        .await;
+        assert_eq!(
+            b.next().await,
+            Some(Frame::Recv {
+                src: mapped_addr("a"),
+                payload: dgram(1)
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn a_malformed_frame_closes_only_that_session() {
+        let (s, _ev) = server(RelayLimits::default());
+        let mut a = join(&s, "a").await;
+        let mut b = join(&s, "b").await;
+        let mut bad = join(&s, "bad").await;
+        bad.io.write_all(&[0xee, 0, 1, 0]).await.expect("write");
+        assert!(matches!(bad.next().await, Some(Frame::Refused { .. })));
+        assert_eq!(bad.next().await, None, "the bad session is closed");
+        assert!(!s.knows(mapped_addr("bad")));
+        assert_eq!(s.stats.malformed.load(Ordering::Relaxed), 1);
+        a.send(Frame::Send {
+            dst: mapped_addr("b"),
+            payload: dgram(2),
+        })
+        .await;
+        assert!(matches!(b.next().await, Some(Frame::Recv { .. })), "others unaffected");
+    }
+
+    #[tokio::test]
+    async fn a_claim_to_another_address_is_refused_and_reported() {
+        let (s, mut ev) = server(RelayLimits::default());
+        let (ours, theirs) = tokio::io::duplex(1 << 16);
+        let (rd, wr) = tokio::io::split(theirs);
+        tokio::spawn(s.clone().serve(
+            (Box::new(rd), Box::new(wr)),
+            "mallory".into(),
+            None,
+            Transport::Tcp,
+            None,
+        ));
+        let mut m = Peer {
+            io: ours,
+            dec: Decoder::new(),
+        };
+        m.send(Frame::Hello {
+            advertised: mapped_addr("victim"),
+        })
+        .await;
+        assert!(matches!(m.next().await, Some(Frame::Refused { .. })));
+        assert!(!s.knows(mapped_addr("victim")));
+        let e = ev.recv().await.expect("event");
+        assert_eq!(e.peer, "mallory");
+    }
+
+    #[tokio::test]
+    async fn unknown_destinations_are_refused_not_forwarded() {
+        let (s, mut ev) = server(RelayLimits::default());
+        let mut a = join(&s, "a").await;
+        let nobody: SocketAddr = "203.0.113.9:7400".parse().expect("addr");
+        a.send(Frame::Send {
+            dst: nobody,
+            payload: dgram(3),
+        })
+        .await;
+        assert_eq!(a.next().await, Some(Frame::Unknown { dst: nobody }));
+        assert_eq!(s.stats.refused_unknown.load(Ordering::Relaxed), 1);
+        assert!(ev.recv().await.is_some(), "reported for the audit log");
+    }
+
+    #[tokio::test]
+    async fn a_flood_hits_its_pair_limit_and_other_pairs_keep_flowing() {
+        let limits = RelayLimits {
+            pair_packets_per_sec: 100,
+            pair_bytes_per_sec: 1 << 20,
+        };
+        let (s, _ev) = server(limits);
+        let mut flood = join(&s, "flood").await;
+        let mut calm = join(&s, "calm").await;
+        let mut b = join(&s, "b").await;
+        for i in 0..1000 {
+            flood
+                .send(Frame::Send {
+                    dst: mapped_addr("b"),
+                    payload: dgram(i),
+                })
+                .await;
+        }
+        calm.send(Frame::Send {
+            dst: mapped_addr("b"),
+            payload: Bytes::from_static(b"calm"),
+        })
+        .await;
+        let mut from_flood = 0;
+        let mut calm_seen = false;
+        while let Some(f) = b.next().await {
+            match f {
+                Frame::Recv { src, payload } if src == mapped_addr("calm") => {
+                    assert_eq!(&payload[..], b"calm");
+                    calm_seen = true;
+                    break;
+                }
+                Frame::Recv { .. } => from_flood += 1,
+                _ => {}
+            }
+        }
+        assert!(calm_seen, "the calm pair got through");
+        assert!(
+            from_flood <= 150,
+            "{from_flood} of 1000 flood datagrams forwarded with a 100/s pair limit"
+        );
+        assert!(s.stats.refused_limit.load(Ordering::Relaxed) >= 850);
+    }
+}

@@ -1,0 +1,268 @@
+//! `dmsc-node netcheck`: what the network between this host and the mesh
+//! lets through, in plain words (after `tailscale netcheck`). It binds a
+//! throwaway overlay endpoint with the node's certificate on an ephemeral
+//! UDP port (so it runs beside a live node), opens relay sessions to every
+//! configured relay and bootstrap peer that is one, and reports:
+//! - UDP: did any relay answer over UDP (QUIC session or UDP probe)?
+//! - the public address(es) relays see for this host;
+//! - NAT mapping: the same address seen by two relays means the NAT maps
+//!   per source (endpoint-independent: hole punching works), different ones
+//!   mean it maps per destination (peers stay relayed); one observer:
+//!   unknown;
+//! - per relay: QUIC and TCP session set-up, RTT;
+//! - per bootstrap peer: a full handshake and its RTT.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dmsc_transport::{NodeIdentity, Overlay, OverlayConfig, RelayAddr, Transport};
+use serde::Serialize;
+
+use crate::config::NodeConfig;
+use crate::NodeError;
+
+/// How long sessions get to come up and UDP probes to be answered.
+const SETTLE: Duration = Duration::from_millis(3000);
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub udp: bool,
+    pub tcp: bool,
+    /// `endpoint-independent`, `endpoint-dependent` or `unknown`.
+    pub mapping: String,
+    /// This host's address as each relay saw it.
+    pub observed: Vec<Observed>,
+    pub relays: Vec<RelayReport>,
+    pub peers: Vec<PeerReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Observed {
+    pub relay: String,
+    pub address: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RelayReport {
+    pub addr: String,
+    pub quic: bool,
+    pub quic_rtt_ms: Option<f64>,
+    pub tcp: bool,
+    pub tcp_rtt_ms: Option<f64>,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerReport {
+    pub addr: String,
+    pub name: Option<String>,
+    pub rtt_ms: Option<f64>,
+    pub error: Option<String>,
+}
+
+async fn resolve(list: &[String]) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for h in list {
+        if let Ok(mut a) = tokio::net::lookup_host(h.as_str()).await {
+            if let Some(a) = a.next() {
+                out.push(a);
+            }
+        }
+    }
+    out
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1000.0 * 100.0).round() / 100.0
+}
+
+/// Runs the checks for `config`.
+pub async fn netcheck(config: &NodeConfig) -> Result<Report, NodeError> {
+    let identity = Arc::new(NodeIdentity::load(&config.ca, &config.cert, &config.key)?);
+    let bind = SocketAddr::new(config.overlay_listen.ip(), 0);
+    let (overlay, _inbound) = Overlay::bind(OverlayConfig::new(bind, identity)).await?;
+    let relays = resolve(&config.relays).await;
+    let peers = resolve(&config.bootstrap).await;
+    // Relays: the configured ones, plus bootstrap peers that turn out to be.
+    let mut candidates: Vec<RelayAddr> = relays
+        .iter()
+        .map(|a| RelayAddr {
+            overlay: *a,
+            tcp: *a,
+        })
+        .collect();
+    for p in &peers {
+        if !relays.contains(p) {
+            let a = RelayAddr {
+                overlay: *p,
+                tcp: *p,
+            };
+            if overlay.try_relay(a, Transport::Quic).await.ok {
+                candidates.push(a);
+            }
+        }
+    }
+    for r in &candidates {
+        overlay.add_relay(*r);
+    }
+    let started = Instant::now();
+    let paths = overlay.paths();
+    while started.elapsed() < SETTLE {
+        let seen = paths.observed().len();
+        if seen >= candidates.len() && paths.udp_answered_within(SETTLE) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut relay_reports = Vec::new();
+    for r in &candidates {
+        let q = overlay.try_relay(*r, Transport::Quic).await;
+        let t = overlay.try_relay(*r, Transport::Tcp).await;
+        relay_reports.push(RelayReport {
+            addr: r.overlay.to_string(),
+            quic: q.ok,
+            quic_rtt_ms: q.rtt.map(ms),
+            tcp: t.ok,
+            tcp_rtt_ms: t.rtt.map(ms),
+            detail: if q.ok {
+                q.detail
+            } else {
+                format!("QUIC: {}; TCP: {}", q.detail, t.detail)
+            },
+        });
+    }
+    let observed: Vec<(SocketAddr, SocketAddr)> = paths.observed();
+    let mut distinct: Vec<SocketAddr> = observed.iter().map(|(_, o)| *o).collect();
+    distinct.sort();
+    distinct.dedup();
+    let observers = {
+        let mut r: Vec<SocketAddr> = observed.iter().map(|(r, _)| *r).collect();
+        r.sort();
+        r.dedup();
+        r.len()
+    };
+    let mapping = match (observers, distinct.len()) {
+        (0 | 1, _) => "unknown",
+        (_, 1) => "endpoint-independent",
+        _ => "endpoint-dependent",
+    };
+    let mut peer_reports = Vec::new();
+    for p in &peers {
+        let t = Instant::now();
+        let r = tokio::time::timeout(Duration::from_secs(4), overlay.probe(*p)).await;
+        peer_reports.push(match r {
+            Ok(Ok(name)) => PeerReport {
+                addr: p.to_string(),
+                name: Some(name),
+                rtt_ms: Some(ms(t.elapsed())),
+                error: None,
+            },
+            Ok(Err(e)) => PeerReport {
+                addr: p.to_string(),
+                name: None,
+                rtt_ms: None,
+                error: Some(e.to_string()),
+            },
+            Err(_) => PeerReport {
+                addr: p.to_string(),
+                name: None,
+                rtt_ms: None,
+                error: Some("no answer within 4s".into()),
+            },
+        });
+    }
+    let udp = relay_reports.iter().any(|r| r.quic) || paths.udp_answered_within(SETTLE * 2);
+    let tcp = relay_reports.iter().any(|r| r.tcp);
+    overlay.shutdown().await;
+    Ok(Report {
+        udp,
+        tcp,
+        mapping: mapping.to_string(),
+        observed: observed
+            .iter()
+            .map(|(r, o)| Observed {
+                relay: r.to_string(),
+                address: o.to_string(),
+            })
+            .collect(),
+        relays: relay_reports,
+        peers: peer_reports,
+    })
+}
+
+impl Report {
+    /// The report in words.
+    pub fn text(&self) -> String {
+        let mut out = String::from("netcheck\n");
+        let yes = |b: bool| if b { "yes" } else { "no" };
+        out.push_str(&format!(
+            "  * UDP: {}{}\n",
+            yes(self.udp),
+            if self.udp {
+                ""
+            } else if self.relays.is_empty() {
+                " (no relay to ask: set overlay.relays)"
+            } else {
+                " (blocked: the node will reach the mesh through a relay over TCP)"
+            }
+        ));
+        if self.observed.is_empty() {
+            out.push_str("  * Public address: unknown (no relay saw this host over UDP)\n");
+        }
+        for o in &self.observed {
+            out.push_str(&format!(
+                "  * Public address: {} (as relay {} sees it)\n",
+                o.address, o.relay
+            ));
+        }
+        out.push_str(&format!(
+            "  * NAT mapping: {}\n",
+            match self.mapping.as_str() {
+                "endpoint-independent" => "endpoint-independent (every relay sees the same address: hole punching can work)",
+                "endpoint-dependent" => "endpoint-dependent (the address differs per destination, a symmetric NAT: relayed peers stay relayed)",
+                _ => "unknown (needs two relays to compare)",
+            }
+        ));
+        out.push_str(&format!(
+            "  * TCP fallback: {}\n",
+            if self.tcp {
+                "reachable"
+            } else if self.relays.is_empty() {
+                "no relay to try"
+            } else {
+                "not reachable"
+            }
+        ));
+        if !self.relays.is_empty() {
+            out.push_str("  * Relays:\n");
+        }
+        for r in &self.relays {
+            let rtt = |ok: bool, v: Option<f64>| match (ok, v) {
+                (true, Some(v)) => format!("{v}ms"),
+                (true, None) => "ok".into(),
+                _ => "no".into(),
+            };
+            out.push_str(&format!(
+                "      - {}: quic {}, tcp {} ({})\n",
+                r.addr,
+                rtt(r.quic, r.quic_rtt_ms),
+                rtt(r.tcp, r.tcp_rtt_ms),
+                r.detail
+            ));
+        }
+        if !self.peers.is_empty() {
+            out.push_str("  * Bootstrap peers:\n");
+        }
+        for p in &self.peers {
+            match (&p.name, p.rtt_ms, &p.error) {
+                (Some(n), Some(rtt), _) => {
+                    out.push_str(&format!("      - {} (node {n}): {rtt}ms\n", p.addr))
+                }
+                (_, _, Some(e)) => out.push_str(&format!("      - {}: {e}\n", p.addr)),
+                _ => {}
+            }
+        }
+        out
+    }
+}
