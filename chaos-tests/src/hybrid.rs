@@ -57,7 +57,14 @@ pub fn up(bin: &Path, configs: &Path) -> Result<Hybrid> {
     let mut nodes = Vec::new();
     for (host, _, agent, tag) in HOSTS {
         if !agent.is_empty() {
-            agents.push(AgentProc::start(&lab, bin, host, "127.0.0.1:9101", agent, tag)?);
+            agents.push(AgentProc::start(
+                &lab,
+                bin,
+                host,
+                "127.0.0.1:9101",
+                agent,
+                tag,
+            )?);
         }
         let src = configs.join(format!("{host}.toml"));
         let dst = lab.dir().join(format!("{host}.toml"));

@@ -19,7 +19,7 @@
 //!   `inet dmsc_chaos` table, in separate chains so that [`Lab::heal`] and
 //!   [`Lab::unblock_udp`] undo exactly their own rules.
 //!
-//! Namespaces are named `dmsc-<pid>-<name>`: unique per test process, and
+//! Namespaces are named `dmsc-<pid>-<lab>-<name>`: unique per lab, and
 //! a later run deletes those left by a process that no longer exists (a
 //! crashed or killed run), with every process still inside them.
 
@@ -73,7 +73,10 @@ impl Lab {
     /// A new, empty lab; first deletes namespaces left by dead earlier runs.
     pub fn new() -> Result<Lab> {
         clean_stale()?;
-        let prefix = format!("dmsc-{}-", std::process::id());
+        // Several labs in one process (tests) each get their own number.
+        static LABS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let k = LABS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let prefix = format!("dmsc-{}-{k}-", std::process::id());
         // Same pid as a crashed run (pid reuse): its leftovers are ours to remove.
         for ns in list_namespaces()? {
             if ns.starts_with(&prefix) {
@@ -146,7 +149,13 @@ impl Lab {
     /// Adds router `name` between `inside` (it becomes that network's
     /// gateway, `.1`, and its hosts' default route) and `outside`, where it
     /// gets a host address; returns that outside address.
-    pub fn router(&mut self, name: &str, inside: &str, outside: &str, nat: Nat) -> Result<Ipv4Addr> {
+    pub fn router(
+        &mut self,
+        name: &str,
+        inside: &str,
+        outside: &str,
+        nat: Nat,
+    ) -> Result<Ipv4Addr> {
         let ns = self.ns_name(name)?;
         let gw = {
             let n = self.net(inside)?;
@@ -181,7 +190,10 @@ table inet {TABLE}_fw {{
             )?;
         }
         for h in self.hosts.values().filter(|h| h.net == inside) {
-            ip(&h.ns, &["route", "replace", "default", "via", &gw.to_string()])?;
+            ip(
+                &h.ns,
+                &["route", "replace", "default", "via", &gw.to_string()],
+            )?;
         }
         if let Some(n) = self.networks.get_mut(inside) {
             n.gateway = Some(gw);
@@ -293,7 +305,13 @@ add rule inet {TABLE} block_out oifname != \"lo\" meta l4proto udp drop"
 
     /// Connects namespace `ns` to network `net`: a veth whose inside end is
     /// named after the network; returns the address given to it.
-    fn attach(&mut self, ns: &str, name: &str, net: &str, fixed: Option<Ipv4Addr>) -> Result<Ipv4Addr> {
+    fn attach(
+        &mut self,
+        ns: &str,
+        name: &str,
+        net: &str,
+        fixed: Option<Ipv4Addr>,
+    ) -> Result<Ipv4Addr> {
         let n = self
             .networks
             .get_mut(net)
@@ -313,8 +331,13 @@ add rule inet {TABLE} block_out oifname != \"lo\" meta l4proto udp drop"
         // most 15 bytes), from the network and host octets.
         let port = format!("p{}-{}", n.index, addr.octets()[3]);
         let sw = self.switch.clone();
-        ip(&sw, &["link", "add", &port, "type", "veth", "peer", "name", net, "netns", ns])
-            .map_err(|e| Error::Setup(format!("connect `{name}` to `{net}`: {e}")))?;
+        ip(
+            &sw,
+            &[
+                "link", "add", &port, "type", "veth", "peer", "name", net, "netns", ns,
+            ],
+        )
+        .map_err(|e| Error::Setup(format!("connect `{name}` to `{net}`: {e}")))?;
         ip(&sw, &["link", "set", &port, "master", &br(net)])?;
         ip(&sw, &["link", "set", &port, "up"])?;
         ip(ns, &["addr", "add", &format!("{addr}/24"), "dev", net])?;

@@ -33,10 +33,7 @@ use std::process::Command;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot run `{cmd}`: {source} (is it installed and on PATH?)")]
-    Spawn {
-        cmd: String,
-        source: std::io::Error,
-    },
+    Spawn { cmd: String, source: std::io::Error },
     #[error("`{cmd}` failed ({status}): {stderr}")]
     Command {
         cmd: String,
@@ -50,7 +47,9 @@ pub enum Error {
     },
     #[error("invalid lab setup: {0}")]
     Setup(String),
-    #[error("node `{name}` did not print `dmsc-node ready` within {secs} s; its last log lines:\n{log}")]
+    #[error(
+        "node `{name}` did not print `dmsc-node ready` within {secs} s; its last log lines:\n{log}"
+    )]
     NotReady {
         name: String,
         secs: u64,

@@ -267,7 +267,11 @@ fn attempt(
     let (mut len, mut chunked, mut close, mut node) = (0usize, false, false, None);
     loop {
         let mut h = String::new();
-        if c.reader.read_line(&mut h).map_err(|e| broken(e.to_string()))? == 0 {
+        if c.reader
+            .read_line(&mut h)
+            .map_err(|e| broken(e.to_string()))?
+            == 0
+        {
             return Err(broken("closed in the head".into()));
         }
         let h = h.trim_end();

@@ -13,7 +13,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "dmsc-chaos", about = "dmsc chaos lab: load generator and topologies in network namespaces")]
+#[command(
+    name = "dmsc-chaos",
+    about = "dmsc chaos lab: load generator and topologies in network namespaces"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -139,7 +142,10 @@ fn up(topology: &str, node_bin: Option<PathBuf>, configs: Option<PathBuf>) -> an
         .build()?;
     let hybrid = dmsc_chaos::hybrid::up(&bin, &configs)?;
     let ns = |h: &str| hybrid.lab.ns(h).unwrap_or_default();
-    println!("hybrid-cloud is up; run directory {}", hybrid.lab.dir().display());
+    println!(
+        "hybrid-cloud is up; run directory {}",
+        hybrid.lab.dir().display()
+    );
     println!("try (each host's ingress is 127.0.0.1:15001 in its namespace):");
     println!(
         "  ip netns exec {} {} status --admin 127.0.0.1:9400",

@@ -357,13 +357,27 @@ pub struct AgentProc {
 }
 
 impl AgentProc {
-    pub fn start(lab: &Lab, bin: &Path, host: &str, listen: &str, name: &str, tag: &str) -> Result<AgentProc> {
+    pub fn start(
+        lab: &Lab,
+        bin: &Path,
+        host: &str,
+        listen: &str,
+        name: &str,
+        tag: &str,
+    ) -> Result<AgentProc> {
         let mut cmd = lab.command(host, bin)?;
-        cmd.args(["sample-agent", "--listen", listen, "--name", name, "--skill"])
-            .arg(format!("{tag}:Chaos test capability {tag}:{tag}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        cmd.args([
+            "sample-agent",
+            "--listen",
+            listen,
+            "--name",
+            name,
+            "--skill",
+        ])
+        .arg(format!("{tag}:Chaos test capability {tag}:{tag}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
         let child = cmd.spawn().map_err(|source| Error::Spawn {
             cmd: crate::show(&cmd),
             source,
