@@ -8,7 +8,7 @@
 //!
 //! ```text
 //!  wan 10.99.0.0/24 ("the internet")
-//!    eu-1 .2   us-1 .3   relay-1 .4      (cloud regions, the relay)
+//!    relay-1 .2   eu-1 .3   us-1 .4      (the relay, two cloud regions)
 //!    onprem-gw .5 --NAT-- onprem 10.99.1.0/24: onprem-1 .2
 //!    branch-gw .6 --NAT-- branch 10.99.2.0/24: branch-1 .2 (UDP blocked)
 //! ```

@@ -64,6 +64,9 @@ pub struct Lab {
     hosts: BTreeMap<String, Host>,
     /// Namespaces of routers (they have no single address).
     routers: BTreeMap<String, String>,
+    /// Every namespace created, in order: teardown deletes these, also
+    /// those of a host or router whose setup failed half-way.
+    created: Vec<String>,
     dir: tempfile::TempDir,
 }
 
@@ -85,21 +88,33 @@ impl Lab {
         }
         let switch = format!("{prefix}sw");
         add_namespace(&switch)?;
+        let switch_ns = switch.clone();
+        // DMSC_CHAOS_KEEP=1 keeps configs and node logs for a post-mortem.
+        let keep = std::env::var_os("DMSC_CHAOS_KEEP").is_some();
         let dir = tempfile::Builder::new()
             .prefix("dmsc-chaos-")
+            .disable_cleanup(keep)
             .tempdir()
             .map_err(Error::io("create the lab's run directory"))?;
+        if keep {
+            eprintln!(
+                "dmsc-chaos: keeping the lab's files in {}",
+                dir.path().display()
+            );
+        }
         Ok(Lab {
             prefix,
-            switch,
+            switch: switch_ns,
             networks: BTreeMap::new(),
             hosts: BTreeMap::new(),
             routers: BTreeMap::new(),
+            created: vec![switch],
             dir,
         })
     }
 
-    /// The lab's run directory (configs, certificates, logs); removed on drop.
+    /// The lab's run directory (configs, certificates, logs); removed on
+    /// drop unless `DMSC_CHAOS_KEEP` is set.
     pub fn dir(&self) -> PathBuf {
         self.dir.path().to_path_buf()
     }
@@ -179,10 +194,10 @@ impl Lab {
                 &ns,
                 &format!(
                     "table ip {TABLE}_nat {{
-  chain post {{ type nat hook postrouting priority srcnat; policy accept; oifname \"{outside}\" {m}; }}
+  chain nat_post {{ type nat hook postrouting priority srcnat; policy accept; oifname \"{outside}\" {m}; }}
 }}
 table inet {TABLE}_fw {{
-  chain fwd {{ type filter hook forward priority filter; policy accept;
+  chain forward_filter {{ type filter hook forward priority filter; policy accept;
     iifname \"{outside}\" ct state established,related accept;
     iifname \"{outside}\" drop; }}
 }}"
@@ -277,20 +292,14 @@ add rule inet {TABLE} block_out oifname != \"lo\" meta l4proto udp drop"
 
     /// Kills every process in the lab's namespaces and deletes them.
     pub fn teardown(&mut self) {
-        for ns in self
-            .hosts
-            .values()
-            .map(|h| h.ns.clone())
-            .chain(self.routers.values().cloned())
-            .chain(std::iter::once(self.switch.clone()))
-        {
+        for ns in self.created.drain(..).rev() {
             delete_namespace(&ns);
         }
         self.hosts.clear();
         self.routers.clear();
     }
 
-    fn ns_name(&self, name: &str) -> Result<String> {
+    fn ns_name(&mut self, name: &str) -> Result<String> {
         if self.hosts.contains_key(name) || self.routers.contains_key(name) {
             return Err(Error::Setup(format!("host `{name}` exists")));
         }
@@ -299,6 +308,7 @@ add rule inet {TABLE} block_out oifname != \"lo\" meta l4proto udp drop"
         }
         let ns = format!("{}{name}", self.prefix);
         add_namespace(&ns)?;
+        self.created.push(ns.clone());
         ip(&ns, &["link", "set", "lo", "up"])?;
         Ok(ns)
     }

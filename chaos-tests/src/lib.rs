@@ -48,10 +48,11 @@ pub enum Error {
     #[error("invalid lab setup: {0}")]
     Setup(String),
     #[error(
-        "node `{name}` did not print `dmsc-node ready` within {secs} s; its last log lines:\n{log}"
+        "node `{name}` did not print `dmsc-node ready` ({why}; limit {secs} s); its last log lines:\n{log}"
     )]
     NotReady {
         name: String,
+        why: String,
         secs: u64,
         log: String,
     },

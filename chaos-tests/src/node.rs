@@ -223,15 +223,27 @@ impl NodeProc {
             }
         });
         self.child = Some(child);
-        if rx.recv_timeout(READY_WITHIN).is_err() {
-            self.kill();
-            return Err(Error::NotReady {
-                name: self.name.clone(),
-                secs: READY_WITHIN.as_secs(),
-                log: self.tail(30),
-            });
-        }
-        Ok(started.elapsed())
+        // Ready, or gone (a refused config exits at once), or too slow.
+        let why = loop {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(()) => return Ok(started.elapsed()),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break "it exited",
+                Err(mpsc::RecvTimeoutError::Timeout) if !self.running() => break "it exited",
+                Err(mpsc::RecvTimeoutError::Timeout) if started.elapsed() > READY_WITHIN => {
+                    break "timed out"
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+        };
+        self.kill();
+        // The reader thread may still be copying the last lines.
+        std::thread::sleep(Duration::from_millis(100));
+        Err(Error::NotReady {
+            name: self.name.clone(),
+            why: why.to_string(),
+            secs: READY_WITHIN.as_secs(),
+            log: self.tail(30),
+        })
     }
 
     /// `kill -9`, and reaps the process.
