@@ -217,6 +217,11 @@ table inet {TABLE}_fw {{
         Ok(public)
     }
 
+    /// The namespace name prefix of this lab (`dmsc-<pid>-<lab>-`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// The address of host `name`.
     pub fn addr(&self, name: &str) -> Result<Ipv4Addr> {
         Ok(self.get(name)?.addr)

@@ -15,6 +15,7 @@
 //! - [`load`]: a minimal blocking HTTP/1.1 load generator (keep-alive),
 //!   run as `dmsc-chaos load` inside a namespace, since the workspace
 //!   forbids the `unsafe` a `setns` from the test process would need;
+//! - [`udp`]: UDP echo and probe, to check the lab's NATs and filters;
 //! - [`hybrid`]: the `topology-examples/hybrid-cloud` lab behind
 //!   `dmsc-chaos up hybrid-cloud`.
 
@@ -22,6 +23,7 @@ pub mod hybrid;
 pub mod lab;
 pub mod load;
 pub mod node;
+pub mod udp;
 
 pub use lab::{Lab, Nat};
 pub use load::{LoadSpec, Summary};

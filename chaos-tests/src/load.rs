@@ -56,6 +56,19 @@ pub struct Summary {
     pub elapsed_s: f64,
     /// The first few failures, for the test's message.
     pub first_errors: Vec<String>,
+    /// The slowest requests: when they started, where to, how they ended.
+    pub slowest: Vec<Slow>,
+}
+
+/// One slow request, to tell a fault's victims from a mesh problem.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Slow {
+    pub ms: f64,
+    /// Seconds after the load started.
+    pub at_s: f64,
+    pub host: String,
+    /// `200 from n2`, or the error.
+    pub outcome: String,
 }
 
 impl Summary {
@@ -77,6 +90,9 @@ impl Summary {
         self.elapsed_s = self.elapsed_s.max(other.elapsed_s);
         self.first_errors
             .extend(other.first_errors.iter().take(5).cloned());
+        self.slowest.extend(other.slowest.iter().cloned());
+        self.slowest.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+        self.slowest.truncate(SLOWEST);
     }
 
     /// Successful share of the requests sent (1.0 when none were sent).
@@ -91,10 +107,16 @@ impl Summary {
 
 /// One outcome.
 struct Done {
+    host: String,
+    /// Seconds since the start of the run.
+    at: f64,
     status: Result<(u16, Option<String>), String>,
     latency: Duration,
     stale_retry: bool,
 }
+
+/// How many of the slowest requests a summary lists.
+const SLOWEST: usize = 5;
 
 /// Runs the load to completion.
 pub fn generate(spec: &LoadSpec) -> Result<Summary> {
@@ -120,6 +142,8 @@ pub fn generate(spec: &LoadSpec) -> Result<Summary> {
                 let t = Instant::now();
                 let (status, stale_retry) = request(&spec, &mut conn, host);
                 let _ = tx.send(Done {
+                    host: host.clone(),
+                    at: (t - start).as_secs_f64(),
                     status,
                     latency: t.elapsed(),
                     stale_retry,
@@ -134,7 +158,22 @@ pub fn generate(spec: &LoadSpec) -> Result<Summary> {
     for d in rx {
         s.sent += 1;
         s.stale_retries += u64::from(d.stale_retry);
-        lat.push(d.latency.as_secs_f64() * 1000.0);
+        let ms = d.latency.as_secs_f64() * 1000.0;
+        lat.push(ms);
+        if s.slowest.len() < SLOWEST || s.slowest.last().is_some_and(|x| x.ms < ms) {
+            let outcome = match &d.status {
+                Ok((code, node)) => format!("{code} from {}", node.as_deref().unwrap_or("?")),
+                Err(e) => e.clone(),
+            };
+            s.slowest.push(Slow {
+                ms,
+                at_s: d.at,
+                host: d.host.clone(),
+                outcome,
+            });
+            s.slowest.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+            s.slowest.truncate(SLOWEST);
+        }
         match d.status {
             Ok((code, node)) => {
                 *s.statuses.entry(code.to_string()).or_default() += 1;

@@ -3,6 +3,8 @@
 //!
 //! - `load`: runs inside a lab namespace (`ip netns exec`), where the
 //!   test process cannot go without `unsafe` `setns`; prints a JSON summary;
+//! - `udp-echo`, `udp-probe`: check that the lab's NATs map and its
+//!   filters drop as they claim;
 //! - `up hybrid-cloud`: builds `topology-examples/hybrid-cloud` in
 //!   namespaces and keeps it up until Ctrl-C, then tears it all down.
 
@@ -49,6 +51,19 @@ enum Cmd {
         /// Print the summary as JSON (else a line of text)
         #[arg(long)]
         json: bool,
+    },
+    /// Answer UDP probes with the source address seen (checks the lab's NATs)
+    UdpEcho {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// From one UDP socket, ask each echo server which source address it
+    /// sees; prints a JSON list (null: no answer)
+    UdpProbe {
+        #[arg(long = "to", required = true)]
+        to: Vec<SocketAddr>,
+        #[arg(long, default_value_t = 500)]
+        timeout_ms: u64,
     },
     /// Bring a topology up in network namespaces until Ctrl-C (root)
     Up {
@@ -98,6 +113,12 @@ fn main() -> anyhow::Result<()> {
                     s.statuses
                 );
             }
+            Ok(())
+        }
+        Cmd::UdpEcho { listen } => Ok(dmsc_chaos::udp::echo(listen)?),
+        Cmd::UdpProbe { to, timeout_ms } => {
+            let seen = dmsc_chaos::udp::probe(&to, Duration::from_millis(timeout_ms))?;
+            println!("{}", serde_json::to_string(&seen)?);
             Ok(())
         }
         Cmd::Up {
