@@ -14,7 +14,8 @@
 //! with `CI=true` they fail instead (CI installs the tools and runs as root).
 //! The `dmsc-node` binary is the one beside this crate's binary in the
 //! target directory; when it is missing the tests build it
-//! (`cargo build -p dmsc-node`). Build it yourself first to test a fresh one.
+//! (`cargo build -p dmsc-node`). Build it yourself first to test a fresh one,
+//! or point `DMSC_NODE_BIN` at another build.
 //!
 //! Goals (BENCHMARKS.md): >= 99.99 % of requests succeed, a partitioned or
 //! killed node seen dead <= 3 s, a heal converged <= 5 s, a restarted node's
@@ -59,6 +60,10 @@ fn setup() -> Option<PathBuf> {
         assert!(!ci, "CI=true and the chaos lab cannot run: {why}");
         eprintln!("skipping the chaos tests: {why}");
         return None;
+    }
+    // Another build of the node (e.g. a branch under review).
+    if let Some(bin) = std::env::var_os("DMSC_NODE_BIN") {
+        return Some(PathBuf::from(bin));
     }
     let dir = PathBuf::from(CHAOS)
         .parent()
@@ -512,10 +517,22 @@ const SITE_LOAD: [&str; 4] = [
 fn nat_relay_tcp_fallback_and_relay_failover_under_load() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let Some(bin) = setup() else { return };
-    if !has_relay_support(&bin) {
+    let netcheck_cli = has_relay_support(&bin);
+    // DMSC_CHAOS_RELAY=1 runs them against a node with relays but no
+    // `netcheck` yet (its netcheck assertions are then left out).
+    let forced = std::env::var("DMSC_CHAOS_RELAY").is_ok_and(|v| v == "1");
+    if !netcheck_cli && !forced {
         eprintln!("skipping relay scenarios: this dmsc-node has no relay support ({} --help lists no `netcheck`)", bin.display());
         return;
     }
+    let netcheck = |mesh: &Mesh, node: &str| {
+        if netcheck_cli {
+            Some(netcheck(mesh, node))
+        } else {
+            eprintln!("note: no `dmsc-node netcheck`; its assertions are skipped");
+            None
+        }
+    };
     let suite = Instant::now();
     let mut all = Summary::default();
 
@@ -523,9 +540,10 @@ fn nat_relay_tcp_fallback_and_relay_failover_under_load() {
     // direct once hole punching succeeds.
     {
         let mesh = relay_mesh(bin.clone(), Nat::EndpointIndependent, false, false);
-        let nc = netcheck(&mesh, "s1");
-        assert_eq!(nc["mapping"], "endpoint-independent", "{nc}");
-        assert_eq!(nc["udp"], true, "{nc}");
+        if let Some(nc) = netcheck(&mesh, "s1") {
+            assert_eq!(nc["mapping"], "endpoint-independent", "{nc}");
+            assert_eq!(nc["udp"], true, "{nc}");
+        }
         let started = Instant::now();
         let runs = mesh.load(&["c1", "c2", "s1"], &SITE_LOAD);
         let direct = eventually(HEAL_WITHIN, || {
@@ -555,8 +573,9 @@ fn nat_relay_tcp_fallback_and_relay_failover_under_load() {
     // (a2) Symmetric NAT: hole punching cannot work; stays relayed via r1.
     {
         let mesh = relay_mesh(bin.clone(), Nat::Symmetric, false, false);
-        let nc = netcheck(&mesh, "s1");
-        assert_eq!(nc["mapping"], "endpoint-dependent", "{nc}");
+        if let Some(nc) = netcheck(&mesh, "s1") {
+            assert_eq!(nc["mapping"], "endpoint-dependent", "{nc}");
+        }
         let started = Instant::now();
         let runs = mesh.load(&["c1", "c2", "s1"], &SITE_LOAD);
         let mut checks = 0;
@@ -591,20 +610,26 @@ fn nat_relay_tcp_fallback_and_relay_failover_under_load() {
     // relay over TCP + TLS and serves from there.
     {
         let mesh = relay_mesh(bin.clone(), Nat::EndpointIndependent, false, true);
-        let nc = netcheck(&mesh, "s1");
-        assert_eq!(
-            (nc["udp"].clone(), nc["tcp"].clone()),
-            (false.into(), true.into()),
-            "{nc}"
-        );
+        if let Some(nc) = netcheck(&mesh, "s1") {
+            assert_eq!(
+                (nc["udp"].clone(), nc["tcp"].clone()),
+                (false.into(), true.into()),
+                "{nc}"
+            );
+        }
         let started = Instant::now();
         let runs = mesh.load(&["c1", "c2", "s1"], &SITE_LOAD);
+        // s1's packets to any peer travel in its TCP session to r1.
         let st = mesh.node("s1").status().expect("status");
         assert_eq!(
-            st.peer_transport("r1").as_deref(),
-            Some("tcp"),
+            (
+                st.peer_path("c1").as_deref(),
+                st.peer_via("c1").as_deref(),
+                st.peer_transport("c1").as_deref()
+            ),
+            (Some("relayed"), Some("r1"), Some("tcp")),
             "{:?}",
-            st.peer("r1")
+            st.peer("c1")
         );
         let c1 = mesh.node("c1").status().expect("status");
         assert_eq!(
