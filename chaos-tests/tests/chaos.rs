@@ -461,11 +461,18 @@ fn relay_mesh(bin: PathBuf, nat: Nat, two_relays: bool, block_udp: bool) -> Mesh
         let url = mesh.agent(h, 9101 + i as u16, &format!("{tag}-{h}"), tag);
         urls.entry(h).or_default().push(url);
     }
+    // c1 is also a bootstrap peer: `netcheck` on s1 then has a relay and
+    // a direct peer as two observers of its public address.
+    let c1 = overlay(&mesh.lab, "c1");
     for h in ["c1", "c2", "s1"] {
+        let mut bootstrap = relay_addrs.clone();
+        if h != "c1" {
+            bootstrap.push(c1);
+        }
         let config = NodeConfig {
             name: h.to_string(),
             overlay: Some(overlay(&mesh.lab, h)),
-            bootstrap: relay_addrs.clone(),
+            bootstrap,
             relays: relay_addrs.clone(),
             agents: urls.remove(h).unwrap_or_default(),
             ..NodeConfig::default()

@@ -562,16 +562,17 @@ fn main() -> ExitCode {
                     ExitCode::from(2)
                 }
             },
-            cmd @ (Cmd::Token(_) | Cmd::Revoke(_) | Cmd::Audit(_) | Cmd::Check { .. }
-            | Cmd::Netcheck { .. }) => {
-                match ops(cmd).await {
-                    Ok(code) => code,
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        ExitCode::from(2)
-                    }
+            cmd @ (Cmd::Token(_)
+            | Cmd::Revoke(_)
+            | Cmd::Audit(_)
+            | Cmd::Check { .. }
+            | Cmd::Netcheck { .. }) => match ops(cmd).await {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
                 }
-            }
+            },
             Cmd::Ca(cmd) => match ca(cmd) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

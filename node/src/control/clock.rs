@@ -1,5 +1,8 @@
-//! The control channel between nodes: today one question, `clock`, which a
-//! peer answers with its wall clock so `dmsc-node check` can report skew.
+//! The control channel between nodes: two questions. `clock`, which a peer
+//! answers with its wall clock so `dmsc-node check` can report skew, and
+//! `whoami`, which it answers with the address it sees the asker at, so
+//! `dmsc-node netcheck` has a second observer of this host's public address
+//! besides a relay.
 
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
@@ -23,6 +26,16 @@ pub async fn serve_control(mut s: BiStream) {
         .is_err()
     {
         s.send.reset(dmsc_transport::overlay::RESET_BUSY);
+        return;
+    }
+    if q == b"whoami" {
+        if s.send
+            .write_all(s.from.to_string().as_bytes())
+            .await
+            .is_ok()
+        {
+            let _ = s.send.finish();
+        }
         return;
     }
     if q != b"clock" {
@@ -74,4 +87,22 @@ pub async fn clock_skew(overlay: &Overlay, addr: SocketAddr) -> Result<(i64, u64
         .ok_or(ClockError::Short(buf.len()))?;
     let theirs = u64::from_be_bytes(bytes) as i64;
     Ok((theirs - (t0 + t1) / 2, (t1 - t0).max(0) as u64))
+}
+
+/// Asks a peer which address it sees this node at (`netcheck`).
+pub async fn observed_by(overlay: &Overlay, addr: SocketAddr) -> Result<SocketAddr, ClockError> {
+    let mut s = overlay.open_stream(addr, Channel::Control).await?;
+    s.send.write_all(b"whoami").await?;
+    s.send.finish()?;
+    let mut buf = Vec::new();
+    while buf.len() < 64 {
+        match s.recv.read_chunk(64).await? {
+            Some(b) => buf.extend_from_slice(&b),
+            None => break,
+        }
+    }
+    std::str::from_utf8(&buf)
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .ok_or(ClockError::Short(buf.len()))
 }

@@ -5,7 +5,8 @@
 //! configured relay and bootstrap peer that is one, and reports:
 //! - UDP: did any relay answer over UDP (QUIC session or UDP probe)?
 //! - the public address(es) relays see for this host;
-//! - NAT mapping: the same address seen by two relays means the NAT maps
+//! - NAT mapping: the same address seen by two observers (relays, or a
+//!   relay and a bootstrap peer asked `whoami`) means the NAT maps
 //!   per source (endpoint-independent: hole punching works), different ones
 //!   mean it maps per destination (peers stay relayed); one observer:
 //!   unknown;
@@ -82,6 +83,8 @@ pub async fn netcheck(config: &NodeConfig) -> Result<Report, NodeError> {
     let identity = Arc::new(NodeIdentity::load(&config.ca, &config.cert, &config.key)?);
     let bind = SocketAddr::new(config.overlay_listen.ip(), 0);
     let (overlay, _inbound) = Overlay::bind(OverlayConfig::new(bind, identity)).await?;
+    // Same name as the running node: never take over its relay sessions.
+    overlay.paths().set_probe_only();
     let relays = resolve(&config.relays).await;
     let peers = resolve(&config.bootstrap).await;
     // Relays: the configured ones, plus bootstrap peers that turn out to be.
@@ -132,7 +135,24 @@ pub async fn netcheck(config: &NodeConfig) -> Result<Report, NodeError> {
             },
         });
     }
-    let observed: Vec<(SocketAddr, SocketAddr)> = paths.observed();
+    let mut observed: Vec<(SocketAddr, SocketAddr)> = paths.observed();
+    // Bootstrap peers that are not relays observe us too (a relay and a
+    // direct peer are two observers).
+    for p in &peers {
+        if candidates.iter().any(|c| c.overlay == *p) {
+            continue;
+        }
+        let asked = tokio::time::timeout(
+            Duration::from_secs(3),
+            crate::control::clock::observed_by(&overlay, *p),
+        )
+        .await;
+        if let Ok(Ok(o)) = asked {
+            if !dmsc_transport::path::is_mapped(o) {
+                observed.push((*p, o));
+            }
+        }
+    }
     let mut distinct: Vec<SocketAddr> = observed.iter().map(|(_, o)| *o).collect();
     distinct.sort();
     distinct.dedup();

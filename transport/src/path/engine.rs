@@ -170,6 +170,7 @@ impl Engine {
 
     fn on_message(&mut self, m: DiscoIn) {
         match m {
+            DiscoIn::Relayed { .. } if !self.paths.upgrade => {}
             DiscoIn::Relayed { src, bytes } => {
                 let src = canonical(src);
                 if let Some(Disco::CallMeMaybe { token, candidates }) = Disco::parse(&bytes) {

@@ -279,6 +279,12 @@ impl Paths {
         lock(&self.st).me.unwrap_or_else(|| mapped_addr(&self.name))
     }
 
+    /// Makes relay sessions probes that never register this endpoint for
+    /// delivery (`netcheck` beside a running node with the same name).
+    pub fn set_probe_only(&self) {
+        self.set_me(SocketAddr::from(([0, 0, 0, 0], 0)), false);
+    }
+
     /// Sets the advertised address; live relay sessions announce it at once.
     pub(crate) fn set_me(&self, me: SocketAddr, relayed: bool) {
         let mut st = lock(&self.st);

@@ -26,7 +26,9 @@ pub const MAX_BODY: usize = u16::MAX as usize;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
     /// Node to relay, first frame: the overlay address this node is known
-    /// by (its advertised address; the relay checks the claim).
+    /// by (its advertised address; the relay checks the claim). An
+    /// unspecified address marks a probe (`netcheck`): welcomed, measured,
+    /// never registered for delivery.
     Hello {
         advertised: SocketAddr,
     },

@@ -330,6 +330,14 @@ impl RelayServer {
                     }
                 };
                 match f {
+                    // An unspecified address: a probe (`netcheck`) that
+                    // measures the relay and must not take over the
+                    // node's registration.
+                    Frame::Hello { advertised } if advertised.ip().is_unspecified() => {
+                        if let Some(b) = frame_bytes(&Frame::Welcome { observed, token }) {
+                            let _ = tx.try_send(b);
+                        }
+                    }
                     Frame::Hello { advertised } => {
                         let a = canonical(advertised);
                         let claim = lock(&self.claim).clone();
@@ -600,7 +608,10 @@ mod tests {
             payload: dgram(2),
         })
         .await;
-        assert!(matches!(b.next().await, Some(Frame::Recv { .. })), "others unaffected");
+        assert!(
+            matches!(b.next().await, Some(Frame::Recv { .. })),
+            "others unaffected"
+        );
     }
 
     #[tokio::test]
