@@ -417,17 +417,31 @@ fn partition_node_loss_and_impairment_under_load() {
 /// A relay lab: relays r1 (and r2) and cloud nodes c1, c2 on `wan`; a
 /// site node s1 behind router gw (NAT `nat`) on `site`. alpha is served on
 /// s1 and c1, beta on s1 and c2.
-fn relay_mesh(bin: PathBuf, nat: Nat, two_relays: bool, block_udp: bool) -> Mesh {
+/// Relays and c1 on `wan`; s1 behind `gw` with `nat`; c2 on `wan`, or
+/// with `c2_nat` behind its own endpoint-independent NAT `gw2` (two NAT'd
+/// sites: what a symmetric NAT keeps relayed; a symmetric NAT facing a
+/// public peer still gets a direct path, learned from the peer's pings).
+fn relay_mesh(bin: PathBuf, nat: Nat, two_relays: bool, block_udp: bool, c2_nat: bool) -> Mesh {
     let mut lab = Lab::new().expect("lab");
     lab.network("wan").expect("wan");
     lab.network("site").expect("site");
+    if c2_nat {
+        lab.network("site2").expect("site2");
+    }
     let relays: Vec<&str> = if two_relays {
         vec!["r1", "r2"]
     } else {
         vec!["r1"]
     };
-    for h in relays.iter().chain(&["c1", "c2"]) {
+    for h in relays.iter().chain(&["c1"]) {
         lab.host(h, "wan").expect("host");
+    }
+    if c2_nat {
+        lab.router("gw2", "site2", "wan", Nat::EndpointIndependent)
+            .expect("router");
+        lab.host("c2", "site2").expect("c2");
+    } else {
+        lab.host("c2", "wan").expect("c2");
     }
     lab.router("gw", "site", "wan", nat).expect("router");
     lab.host("s1", "site").expect("s1");
@@ -546,7 +560,7 @@ fn nat_relay_tcp_fallback_and_relay_failover_under_load() {
     // (a1) Endpoint-independent NAT: reachable through the relay, then
     // direct once hole punching succeeds.
     {
-        let mesh = relay_mesh(bin.clone(), Nat::EndpointIndependent, false, false);
+        let mesh = relay_mesh(bin.clone(), Nat::EndpointIndependent, false, false, false);
         if let Some(nc) = netcheck(&mesh, "s1") {
             assert_eq!(nc["mapping"], "endpoint-independent", "{nc}");
             assert_eq!(nc["udp"], true, "{nc}");
@@ -577,9 +591,11 @@ fn nat_relay_tcp_fallback_and_relay_failover_under_load() {
         all.merge(&s);
     }
 
-    // (a2) Symmetric NAT: hole punching cannot work; stays relayed via r1.
+    // (a2) Symmetric NAT at s1, c2 behind its own NAT: hole punching
+    // between the two sites cannot work; c2 -> s1 stays relayed via r1.
+    // (c1 is public: s1's pings reach it, so c1 -> s1 may go direct.)
     {
-        let mesh = relay_mesh(bin.clone(), Nat::Symmetric, false, false);
+        let mesh = relay_mesh(bin.clone(), Nat::Symmetric, false, false, true);
         if let Some(nc) = netcheck(&mesh, "s1") {
             assert_eq!(nc["mapping"], "endpoint-dependent", "{nc}");
         }
@@ -587,7 +603,7 @@ fn nat_relay_tcp_fallback_and_relay_failover_under_load() {
         let runs = mesh.load(&["c1", "c2", "s1"], &SITE_LOAD);
         let mut checks = 0;
         while started.elapsed() < Duration::from_secs(15) {
-            let s = mesh.node("c1").status().expect("status");
+            let s = mesh.node("c2").status().expect("status");
             assert_eq!(
                 s.peer_path("s1").as_deref(),
                 Some("relayed"),
@@ -603,7 +619,7 @@ fn nat_relay_tcp_fallback_and_relay_failover_under_load() {
             checks += 1;
             std::thread::sleep(Duration::from_secs(1));
         }
-        eprintln!("[a] symmetric NAT: c1 -> s1 relayed via r1 at all {checks} checks");
+        eprintln!("[a] symmetric NAT: c2 (behind NAT) -> s1 relayed via r1 at all {checks} checks");
         let s = finish("a/symmetric", runs, started);
         check_success("a/symmetric", &s, 3 * PER_GEN);
         assert!(
@@ -616,7 +632,7 @@ fn nat_relay_tcp_fallback_and_relay_failover_under_load() {
     // (b) UDP blocked at the site: QUIC cannot leave s1; it reaches the
     // relay over TCP + TLS and serves from there.
     {
-        let mesh = relay_mesh(bin.clone(), Nat::EndpointIndependent, false, true);
+        let mesh = relay_mesh(bin.clone(), Nat::EndpointIndependent, false, true, false);
         if let Some(nc) = netcheck(&mesh, "s1") {
             assert_eq!(
                 (nc["udp"].clone(), nc["tcp"].clone()),
@@ -657,26 +673,26 @@ fn nat_relay_tcp_fallback_and_relay_failover_under_load() {
     // (c) Two relays; s1 stays relayed (symmetric NAT); the relay it uses
     // is killed; the other takes over.
     {
-        let mut mesh = relay_mesh(bin.clone(), Nat::Symmetric, true, false);
+        let mut mesh = relay_mesh(bin.clone(), Nat::Symmetric, true, false, true);
         let via = mesh
-            .node("c1")
+            .node("c2")
             .status()
             .expect("status")
             .peer_via("s1")
-            .expect("c1 reaches s1 via a relay");
+            .expect("c2 reaches s1 via a relay");
         let other = if via == "r1" { "r2" } else { "r1" };
         let started = Instant::now();
         let runs = mesh.load(&["c1", "c2", "s1"], &SITE_LOAD);
         std::thread::sleep(Duration::from_secs(3));
         mesh.nodes.get_mut(&via).expect("relay").kill();
         let t = eventually(HEAL_WITHIN, || {
-            mesh.node("c1")
+            mesh.node("c2")
                 .status()
                 .ok()
                 .and_then(|s| s.peer_via("s1"))
                 .as_deref()
                 == Some(other)
-                && mesh.probe("c1", "alpha-s1.acme.dmsc").as_deref() == Some("s1")
+                && mesh.probe("c2", "alpha-s1.acme.dmsc").as_deref() == Some("s1")
         });
         if t.is_none() {
             mesh.dump_logs();
