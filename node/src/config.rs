@@ -1400,6 +1400,39 @@ listen = "127.0.0.1:9401"
     }
 
     #[test]
+    fn relay_settings_parse_and_a_relay_cannot_be_relayed() {
+        let text = r#"
+[overlay]
+relays = ["10.0.0.1:7400", "relay.example:443"]
+reachability = "relayed"
+tcp_listen = "0.0.0.0:8443"
+direct_upgrade = false
+[relay]
+enabled = true
+"#;
+        let raw: RawConfig = toml::from_str(text).expect("toml");
+        let err = raw
+            .clone()
+            .validate()
+            .expect_err("a relay must be reachable");
+        assert!(err.to_string().contains("reachable directly"), "{err}");
+        let d = files();
+        let mut raw = raw;
+        raw.overlay.reachability = Some("auto".into());
+        raw.tls.ca = Some(d.path().join("ca.pem"));
+        raw.tls.cert = Some(d.path().join("node.pem"));
+        raw.tls.key = Some(d.path().join("node.key"));
+        let cfg = raw.validate().expect("valid");
+        assert_eq!(cfg.relays.len(), 2);
+        assert_eq!(cfg.tcp_listen, Some("0.0.0.0:8443".parse().expect("addr")));
+        assert!(!cfg.direct_upgrade);
+        assert_eq!(
+            cfg.relay.expect("relay role").limits.pair_packets_per_sec,
+            20_000
+        );
+    }
+
+    #[test]
     fn all_errors_are_reported_together() {
         let raw = RawConfig {
             name: Some("Bad Name".into()),
@@ -1407,6 +1440,14 @@ listen = "127.0.0.1:9401"
                 listen: Some("0.0.0.0:7400".into()),
                 advertise: None,
                 bootstrap: Some(vec!["nope".into()]),
+                relays: Some(vec!["relay-without-port".into()]),
+                reachability: Some("sometimes".into()),
+                ..Default::default()
+            },
+            relay: RawRelay {
+                enabled: Some(true),
+                pair_packets_per_sec: Some(0),
+                ..Default::default()
             },
             admin: RawAdmin {
                 listen: Some("localhost".into()),
@@ -1430,10 +1471,13 @@ listen = "127.0.0.1:9401"
             "admin.listen",
             "tls.ca",
             "interval_ms",
+            "relay-without-port",
+            "sometimes",
+            "pair_packets_per_sec",
         ] {
             assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
         }
-        assert!(err.0.len() >= 6, "{text}");
+        assert!(err.0.len() >= 9, "{text}");
     }
 
     #[test]
