@@ -201,12 +201,9 @@ async fn the_same_connection_moves_to_a_direct_path_once_hole_punching_succeeds(
         handshakes,
         "no new connection: the path changed under the same one"
     );
-    assert_eq!(
-        n.o.paths().stats.direct_upgrades.load(Ordering::Relaxed)
-            + a.o.paths().stats.direct_upgrades.load(Ordering::Relaxed)
-            >= 1,
-        true
-    );
+    let upgrades = n.o.paths().stats.direct_upgrades.load(Ordering::Relaxed)
+        + a.o.paths().stats.direct_upgrades.load(Ordering::Relaxed);
+    assert!(upgrades >= 1, "counted as a direct upgrade");
     for x in [&a.o, &n.o, &r.o] {
         x.shutdown().await;
     }

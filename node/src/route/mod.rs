@@ -393,7 +393,7 @@ impl MeshView {
                         && rc
                             .relay_clients
                             .as_ref()
-                            .is_some_and(|c| c.iter().any(|n| *n == e.name))
+                            .is_some_and(|c| c.contains(&e.name))
                 })
             }),
             _ => true,
