@@ -535,7 +535,11 @@ async fn announce_paths(
             } => {
                 match ev {
                     Some(ev) => security.record(dmsc_audit::Event::global(dmsc_audit::Denied {
-                        caller: format!("node:{}", ev.peer),
+                        caller: if ev.peer.parse::<SocketAddr>().is_ok() {
+                            format!("addr:{}", ev.peer)
+                        } else {
+                            format!("node:{}", ev.peer)
+                        },
                         target: "relay".to_string(),
                         reason: ev.reason,
                     })),

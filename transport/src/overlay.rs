@@ -944,6 +944,7 @@ async fn tcp_accept_loop(
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
                         warn!(peer = %from, error = %e, "refused a TCP relay session (TLS)");
+                        server.refused_handshake(from, &e.to_string());
                         return;
                     }
                     Err(_) => {

@@ -250,3 +250,31 @@ async fn a_node_whose_udp_is_dropped_joins_over_tcp() {
         x.shutdown().await;
     }
 }
+
+#[tokio::test]
+async fn a_relay_admits_no_one_outside_the_mesh() {
+    let ca = CertificateAuthority::generate("mesh.test").expect("ca");
+    let (r, raddr) = relay(&ca).await;
+    let server = r.o.relay().expect("relay");
+    // A node of another CA, with its UDP dropped so it tries TCP as well.
+    let intruder_ca = CertificateAuthority::generate("mesh.test").expect("ca");
+    let blocked = |c: &mut OverlayConfig| {
+        c.impair = Some(Impair {
+            loss: 1.0,
+            delay: Duration::ZERO,
+        })
+    };
+    let x = node(&intruder_ca, "x", &[raddr], Reachability::Auto, blocked).await;
+    assert!(
+        x.o.paths().sessions().is_empty(),
+        "no session for a non-member"
+    );
+    assert!(!server.knows(mapped_addr("x")));
+    assert!(
+        server.stats.refused_handshake.load(Ordering::Relaxed) >= 1,
+        "the TCP attempt was refused at the handshake"
+    );
+    assert_eq!(server.stats.sessions.load(Ordering::Relaxed), 0);
+    x.o.shutdown().await;
+    r.o.shutdown().await;
+}

@@ -243,6 +243,7 @@ pub(crate) async fn metrics_text(s: &Shared) -> String {
             ("unknown_destination", &st.refused_unknown),
             ("limit", &st.refused_limit),
             ("claim", &st.refused_claim),
+            ("handshake", &st.refused_handshake),
             ("queue_full", &st.refused_queue),
             ("malformed", &st.malformed),
         ] {
@@ -376,6 +377,7 @@ fn paths_status(s: &Shared) -> super::status::PathsStatus {
             refused: r.stats.refused_unknown.load(Ordering::Relaxed)
                 + r.stats.refused_limit.load(Ordering::Relaxed)
                 + r.stats.refused_claim.load(Ordering::Relaxed)
+                + r.stats.refused_handshake.load(Ordering::Relaxed)
                 + r.stats.refused_queue.load(Ordering::Relaxed),
         }),
     }

@@ -64,6 +64,8 @@ pub struct RelayStats {
     pub refused_unknown: AtomicU64,
     pub refused_limit: AtomicU64,
     pub refused_claim: AtomicU64,
+    /// TCP sessions refused at the TLS handshake (not a mesh node, revoked).
+    pub refused_handshake: AtomicU64,
     pub refused_queue: AtomicU64,
     pub malformed: AtomicU64,
     pub sessions: AtomicU64,
@@ -102,6 +104,7 @@ pub struct RelayServer {
     claim: Mutex<Option<ClaimCheck>>,
     next_id: AtomicU64,
     capture: Mutex<Option<mpsc::UnboundedSender<Bytes>>>,
+    handshake_events: Mutex<HashMap<std::net::IpAddr, Instant>>,
 }
 
 impl std::fmt::Debug for RelayServer {
@@ -168,6 +171,7 @@ impl RelayServer {
             claim: Mutex::new(None),
             next_id: AtomicU64::new(1),
             capture: Mutex::new(None),
+            handshake_events: Mutex::new(HashMap::new()),
         });
         paths.set_local_relay(&server);
         (server, rx)
@@ -185,6 +189,27 @@ impl RelayServer {
     fn captured(&self, payload: &Bytes) {
         if let Some(c) = lock(&self.capture).as_ref() {
             let _ = c.send(payload.clone());
+        }
+    }
+
+    /// A TCP session refused at the TLS handshake (no mesh certificate, a
+    /// revoked one): counted, and reported for the audit log at most once
+    /// per source address every ten seconds.
+    pub(crate) fn refused_handshake(&self, from: SocketAddr, why: &str) {
+        self.stats.refused_handshake.fetch_add(1, Ordering::Relaxed);
+        let mut last = lock(&self.handshake_events);
+        if last.len() > 4096 {
+            last.retain(|_, t| t.elapsed() < EVENT_EVERY);
+        }
+        let due = last
+            .get(&from.ip())
+            .is_none_or(|t| t.elapsed() >= EVENT_EVERY);
+        if due {
+            last.insert(from.ip(), Instant::now());
+            let _ = self.events.try_send(RelayEvent {
+                peer: from.to_string(),
+                reason: format!("relay session refused at the TLS handshake: {why}"),
+            });
         }
     }
 
