@@ -197,7 +197,7 @@ async fn run(
     })
     .await
     .map_err(|_| "no welcome".to_string())??;
-    let (tx, mut rx) = mpsc::channel::<Bytes>(QUEUE);
+    let (tx, rx) = mpsc::channel::<Bytes>(QUEUE);
     let rtt_us = Arc::new(AtomicU64::new(0));
     let id = paths.add_session(Session {
         id: 0,
@@ -211,23 +211,7 @@ async fn run(
         tx: tx.clone(),
     });
     info!(relay = %name, addr = %relay.overlay, transport = transport.as_str(), observed = ?observed, "relay session up");
-    let writer = tokio::spawn(async move {
-        let mut batch = BytesMut::new();
-        while let Some(b) = rx.recv().await {
-            batch.extend_from_slice(&b);
-            while batch.len() < 64 * 1024 {
-                match rx.try_recv() {
-                    Ok(b) => batch.extend_from_slice(&b),
-                    Err(_) => break,
-                }
-            }
-            if wr.write_all(&batch).await.is_err() || wr.flush().await.is_err() {
-                break;
-            }
-            batch.clear();
-        }
-        let _ = wr.shutdown().await;
-    });
+    let writer = super::spawn_writer(wr, rx);
     let mut tick = tokio::time::interval(PING_EVERY);
     let mut last_rx = Instant::now();
     let send = |f: Frame| {

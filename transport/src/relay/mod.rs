@@ -16,7 +16,9 @@ pub mod client;
 pub mod frame;
 pub mod server;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
 
 /// The reading half of a session's byte stream.
 pub type SessionRead = Box<dyn AsyncRead + Send + Unpin>;
@@ -25,3 +27,29 @@ pub type SessionWrite = Box<dyn AsyncWrite + Send + Unpin>;
 
 pub use frame::{Frame, RelayFrameError};
 pub use server::{RelayEvent, RelayLimits, RelayServer, RelayStats};
+
+/// Writes a session's queued frames, as many as are waiting (up to 64 KiB)
+/// per write, so a busy session costs one write per batch, not per
+/// datagram. Ends when the queue closes or a write fails.
+pub(crate) fn spawn_writer(
+    mut wr: SessionWrite,
+    mut rx: mpsc::Receiver<Bytes>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut batch = BytesMut::new();
+        while let Some(b) = rx.recv().await {
+            batch.extend_from_slice(&b);
+            while batch.len() < 64 * 1024 {
+                match rx.try_recv() {
+                    Ok(b) => batch.extend_from_slice(&b),
+                    Err(_) => break,
+                }
+            }
+            if wr.write_all(&batch).await.is_err() || wr.flush().await.is_err() {
+                break;
+            }
+            batch.clear();
+        }
+        let _ = wr.shutdown().await;
+    })
+}

@@ -19,9 +19,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use rustls::pki_types::CertificateDer;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, Notify};
 use tracing::{debug, info, warn};
 
@@ -289,7 +289,7 @@ impl RelayServer {
     /// chain (TCP sessions, for revocation).
     pub async fn serve(
         self: Arc<Self>,
-        (mut rd, mut wr): (SessionRead, SessionWrite),
+        (mut rd, wr): (SessionRead, SessionWrite),
         peer: Arc<str>,
         observed: Option<SocketAddr>,
         transport: Transport,
@@ -297,29 +297,13 @@ impl RelayServer {
     ) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let observed = observed.map(canonical);
-        let (tx, mut rx) = mpsc::channel::<Bytes>(SESSION_QUEUE);
+        let (tx, rx) = mpsc::channel::<Bytes>(SESSION_QUEUE);
         let close = Arc::new(Notify::new());
         let token: [u8; 16] = rand::random();
         lock(&self.paths.st).welcome_tokens.insert(token);
         self.stats.sessions.fetch_add(1, Ordering::Relaxed);
         self.stats.sessions_total.fetch_add(1, Ordering::Relaxed);
-        let writer = tokio::spawn(async move {
-            let mut batch = BytesMut::new();
-            while let Some(b) = rx.recv().await {
-                batch.extend_from_slice(&b);
-                while batch.len() < 64 * 1024 {
-                    match rx.try_recv() {
-                        Ok(b) => batch.extend_from_slice(&b),
-                        Err(_) => break,
-                    }
-                }
-                if wr.write_all(&batch).await.is_err() || wr.flush().await.is_err() {
-                    break;
-                }
-                batch.clear();
-            }
-            let _ = wr.shutdown().await;
-        });
+        let writer = super::spawn_writer(wr, rx);
         let chain = chain.map(Arc::new);
         let mut dec = Decoder::new();
         let mut buf = vec![0u8; 32 * 1024];
