@@ -403,23 +403,26 @@ impl Paths {
     /// direct path); a status read does not.
     fn route_with(&self, dst: SocketAddr, mark: bool) -> Route {
         let dst = canonical(dst);
-        let local = self.local_relay();
-        let mut st = lock(&self.st);
-        if !st.udp_blocked {
-            if let Some(d) = st.direct.get(&dst) {
-                return Route::Direct(d.addr);
+        {
+            let st = lock(&self.st);
+            if !st.udp_blocked {
+                if let Some(d) = st.direct.get(&dst) {
+                    return Route::Direct(d.addr);
+                }
+                if st.relay_addrs.contains(&dst) {
+                    return Route::Direct(dst);
+                }
             }
-            if st.relay_addrs.contains(&dst) {
+            if !(st.udp_blocked || is_mapped(dst) || st.relayed_mode) {
                 return Route::Direct(dst);
             }
         }
-        let relay = st.udp_blocked || is_mapped(dst) || st.relayed_mode;
-        if !relay {
-            return Route::Direct(dst);
-        }
-        if let Some(server) = local.filter(|s| s.knows(dst)) {
+        // Relayed. This node's own relay first (no lock held: the relay's
+        // session table has its own).
+        if let Some(server) = self.local_relay().filter(|s| s.knows(dst)) {
             return Route::Local(server);
         }
+        let mut st = lock(&self.st);
         match Self::pick_session(&mut st, dst) {
             Some(s) => {
                 if mark {
@@ -437,8 +440,14 @@ impl Paths {
     /// A relay session for `dst`: one the destination advertises first,
     /// skipping sessions whose relay recently said it does not know `dst`.
     fn pick_session(st: &mut State, dst: SocketAddr) -> Option<Session> {
-        st.unknown.retain(|_, t| t.elapsed() < UNKNOWN_HOLD);
-        let usable = |s: &&Session| !st.unknown.contains_key(&(dst, s.id));
+        if st.unknown.len() > 1024 {
+            st.unknown.retain(|_, t| t.elapsed() < UNKNOWN_HOLD);
+        }
+        let usable = |s: &&Session| {
+            st.unknown
+                .get(&(dst, s.id))
+                .is_none_or(|t| t.elapsed() >= UNKNOWN_HOLD)
+        };
         if let Some(via) = st.via.get(&dst) {
             if let Some(s) = st
                 .sessions
