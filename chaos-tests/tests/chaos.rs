@@ -414,13 +414,12 @@ fn partition_node_loss_and_impairment_under_load() {
 
 // ---- relay scenarios (a), (b), (c) ----------------------------------------
 
-/// A relay lab: relays r1 (and r2) and cloud nodes c1, c2 on `wan`; a
-/// site node s1 behind router gw (NAT `nat`) on `site`. alpha is served on
-/// s1 and c1, beta on s1 and c2.
-/// Relays and c1 on `wan`; s1 behind `gw` with `nat`; c2 on `wan`, or
-/// with `c2_nat` behind its own endpoint-independent NAT `gw2` (two NAT'd
-/// sites: what a symmetric NAT keeps relayed; a symmetric NAT facing a
-/// public peer still gets a direct path, learned from the peer's pings).
+/// A relay lab: relays r1 (and r2) and cloud node c1 on `wan`; site node
+/// s1 behind router gw (NAT `nat`) on `site`; c2 on `wan`, or with
+/// `c2_nat` behind its own endpoint-independent NAT gw2 (two NAT'd sites:
+/// what a symmetric NAT keeps relayed; a symmetric NAT facing a public
+/// peer still gets a direct path, learned from the peer's pings). alpha is
+/// served on s1 and c1, beta on s1 and c2.
 fn relay_mesh(bin: PathBuf, nat: Nat, two_relays: bool, block_udp: bool, c2_nat: bool) -> Mesh {
     let mut lab = Lab::new().expect("lab");
     lab.network("wan").expect("wan");
