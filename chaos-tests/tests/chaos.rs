@@ -55,6 +55,20 @@ static SERIAL: Mutex<()> = Mutex::new(());
 /// The dmsc-node binary, or `None` (with the reason printed) when the lab
 /// cannot run here.
 fn setup() -> Option<PathBuf> {
+    let node = find_node()?;
+    // Which build is under test matters (a shared target directory holds
+    // whichever worktree built last): say it.
+    let built = std::fs::metadata(&node)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .map(|e| format!("built {} s ago", e.as_secs()))
+        .unwrap_or_default();
+    eprintln!("dmsc-node under test: {} ({built})", node.display());
+    Some(node)
+}
+
+fn find_node() -> Option<PathBuf> {
     if let Some(why) = dmsc_chaos::preflight() {
         let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
         assert!(!ci, "CI=true and the chaos lab cannot run: {why}");
