@@ -55,6 +55,20 @@ static SERIAL: Mutex<()> = Mutex::new(());
 /// The dmsc-node binary, or `None` (with the reason printed) when the lab
 /// cannot run here.
 fn setup() -> Option<PathBuf> {
+    let node = find_node()?;
+    // Which build is under test matters (a shared target directory holds
+    // whichever worktree built last): say it.
+    let built = std::fs::metadata(&node)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .map(|e| format!("built {} s ago", e.as_secs()))
+        .unwrap_or_default();
+    eprintln!("dmsc-node under test: {} ({built})", node.display());
+    Some(node)
+}
+
+fn find_node() -> Option<PathBuf> {
     if let Some(why) = dmsc_chaos::preflight() {
         let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
         assert!(!ci, "CI=true and the chaos lab cannot run: {why}");
@@ -414,13 +428,12 @@ fn partition_node_loss_and_impairment_under_load() {
 
 // ---- relay scenarios (a), (b), (c) ----------------------------------------
 
-/// A relay lab: relays r1 (and r2) and cloud nodes c1, c2 on `wan`; a
-/// site node s1 behind router gw (NAT `nat`) on `site`. alpha is served on
-/// s1 and c1, beta on s1 and c2.
-/// Relays and c1 on `wan`; s1 behind `gw` with `nat`; c2 on `wan`, or
-/// with `c2_nat` behind its own endpoint-independent NAT `gw2` (two NAT'd
-/// sites: what a symmetric NAT keeps relayed; a symmetric NAT facing a
-/// public peer still gets a direct path, learned from the peer's pings).
+/// A relay lab: relays r1 (and r2) and cloud node c1 on `wan`; site node
+/// s1 behind router gw (NAT `nat`) on `site`; c2 on `wan`, or with
+/// `c2_nat` behind its own endpoint-independent NAT gw2 (two NAT'd sites:
+/// what a symmetric NAT keeps relayed; a symmetric NAT facing a public
+/// peer still gets a direct path, learned from the peer's pings). alpha is
+/// served on s1 and c1, beta on s1 and c2.
 fn relay_mesh(bin: PathBuf, nat: Nat, two_relays: bool, block_udp: bool, c2_nat: bool) -> Mesh {
     let mut lab = Lab::new().expect("lab");
     lab.network("wan").expect("wan");
