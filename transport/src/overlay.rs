@@ -302,6 +302,8 @@ pub struct PeerLink {
 struct Conn {
     conn: Connection,
     peer: Arc<str>,
+    /// The peer's mapped address (what it is known by when relayed).
+    mapped: SocketAddr,
     scope: TenantScope,
     outbound: bool,
     since: Instant,
@@ -427,7 +429,7 @@ impl Overlay {
             addr: cfg.listen,
             source,
         };
-        let (paths, disco_rx) = Paths::new(identity.name(), cfg.direct_upgrade);
+        let (paths, (disco_rx, relayed_disco_rx)) = Paths::new(identity.name(), cfg.direct_upgrade);
         let udp = std::net::UdpSocket::bind(cfg.listen).map_err(bind_err)?;
         let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
         let udp = runtime.wrap_udp_socket(udp).map_err(bind_err)?;
@@ -468,7 +470,18 @@ impl Overlay {
             tcp_tls: Arc::new(Mutex::new(tcp_client)),
             tcp_server_tls: Arc::new(Mutex::new(tcp_server)),
         });
-        let engine = path::spawn_engine(paths, disco_rx);
+        // Disco messages are MAC'd with a key exported from the pair's own
+        // connection: only the two ends can steer its packets.
+        let weak_keys = Arc::downgrade(&inner);
+        paths.set_key_source(Arc::new(move |addr| {
+            let inner = weak_keys.upgrade()?;
+            let conn = pooled(&inner, addr)?;
+            let mut material = [0u8; 32];
+            conn.export_keying_material(&mut material, path::disco::EXPORTER_LABEL, b"")
+                .ok()?;
+            Some(path::disco::pair_key(&material))
+        }));
+        let engine = path::spawn_engine(paths, disco_rx, relayed_disco_rx);
         spawn(&inner, async move {
             let _ = engine.await;
         });
@@ -638,6 +651,9 @@ impl Overlay {
             false
         });
         drop(conns);
+        for name in self.inner.paths.close_revoked(revoked) {
+            warn!(relay = %name, "closed the relay session to a relay whose certificate was revoked");
+        }
         let relay = lock(&self.inner.relay).clone();
         if let Some(relay) = relay {
             for name in relay.close_revoked(revoked) {
@@ -772,7 +788,12 @@ impl Overlay {
         tcp_listen: SocketAddr,
         limits: RelayLimits,
     ) -> Result<(Arc<RelayServer>, mpsc::Receiver<RelayEvent>, SocketAddr), TransportError> {
-        let (server, events) = RelayServer::new(&self.inner.name, self.inner.paths.clone(), limits);
+        let (server, events) = RelayServer::new(
+            &self.inner.name,
+            self.inner.paths.clone(),
+            limits,
+            self.inner.cfg.revoked.clone(),
+        );
         let listener = tokio::net::TcpListener::bind(tcp_listen)
             .await
             .map_err(|source| TransportError::Bind {
@@ -881,12 +902,13 @@ impl Overlay {
                     );
                 }
                 let nonce: [u8; 16] = rand::random();
+                paths.expect_dial_back(nonce);
                 for s in &quic {
                     relay_client::request_dial_back(s, nonce);
                 }
                 let waited = Instant::now();
                 while waited.elapsed() < DIAL_BACK_WAIT {
-                    if lock(&paths.st).dialbacks.remove(&nonce) {
+                    if paths.dial_back_seen() {
                         return decided(
                             false,
                             "a relay's dial-back from an unsolicited address arrived: reachable directly".into(),
@@ -1125,6 +1147,7 @@ fn adopt(inner: &Arc<Inner>, conn: Connection, outbound: bool) -> Option<Connect
                         Conn {
                             conn: conn.clone(),
                             peer: peer.clone(),
+                            mapped: path::mapped_addr(&peer),
                             scope: scope.clone(),
                             outbound,
                             since: Instant::now(),
@@ -1147,6 +1170,7 @@ fn adopt(inner: &Arc<Inner>, conn: Connection, outbound: bool) -> Option<Connect
                     Conn {
                         conn: conn.clone(),
                         peer: peer.clone(),
+                        mapped: path::mapped_addr(&peer),
                         scope: scope.clone(),
                         outbound,
                         since: Instant::now(),
@@ -1353,10 +1377,12 @@ fn pooled(inner: &Inner, addr: SocketAddr) -> Option<Connection> {
     if !path::is_mapped(addr) {
         return None;
     }
+    // The newest: an older one may be a restarted node's last connection.
     let addr = path::canonical(addr);
     conns
         .values()
-        .find(|c| c.conn.close_reason().is_none() && path::mapped_addr(&c.peer) == addr)
+        .filter(|c| c.conn.close_reason().is_none() && c.mapped == addr)
+        .max_by_key(|c| c.since)
         .map(|c| c.conn.clone())
 }
 

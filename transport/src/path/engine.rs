@@ -4,26 +4,31 @@
 //! and what address does the world see), and answers pings.
 //!
 //! Upgrade, per relayed peer in use: send it `CallMeMaybe` through the relay
-//! with our candidate addresses (what relays observed, our bound address)
-//! and a fresh token; it answers in kind; both sides ping every candidate of
-//! the other at once, which opens both NATs' mappings; the first pong fixes
-//! the direct path. A peer that pings us from an address we did not know is
-//! pinged back there (one side public, the other behind any NAT). Attempts
-//! back off from 1 s to 60 s; a direct path unanswered for 6.5 s goes back
-//! to the relay at once and is retried.
+//! with our candidate addresses (what relays observed, our bound address);
+//! it answers in kind; both sides ping every candidate of the other at
+//! once, which opens both NATs' mappings; the first pong from the address
+//! pinged fixes the direct path. A peer that pings us from an address we did
+//! not know is pinged back there (one side public, the other behind any
+//! NAT). Every pair message is MAC'd with a key exported from the pair's own
+//! QUIC connection (`disco.rs`): without that connection there is nothing
+//! to upgrade, and nobody else can steer the pair's packets.
+//!
+//! Attempts back off from 1 s to 60 s; a peer is pinged at most once a
+//! second per candidate round; a direct path unanswered for 6.5 s goes back
+//! to the relay at once and is retried. Every table is bounded and pruned.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
 use tracing::{debug, info};
 
-use super::disco::Disco;
+use super::disco::{Disco, PairKey};
 use super::socket::direct_out;
-use super::{canonical, lock, Direct, DiscoIn, Paths};
+use super::{canonical, is_mapped, lock, Direct, DiscoIn, Paths};
 
 const TICK: Duration = Duration::from_millis(250);
 /// A direct path is pinged this often.
@@ -37,21 +42,44 @@ const RELAY_PROBE_BLOCKED: Duration = Duration::from_secs(2);
 const RECENT: Duration = Duration::from_secs(30);
 const MIN_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// One round of pings to a peer's candidates at most this often.
+const PING_ROUND_EVERY: Duration = Duration::from_secs(1);
 /// Unanswered attempts after which a peer's note says why it stays relayed.
 const NOTE_AFTER: u32 = 3;
+/// Pings older than this (by the sender's clock) are refused: replays.
+const PING_MAX_AGE_MS: u64 = 30_000;
+/// Table bounds.
+const MAX_PEERS: usize = 4096;
+const MAX_PINGS: usize = 8192;
+const MAX_SEEN_TX: usize = 8192;
+/// A peer state unused this long is forgotten.
+const PEER_IDLE: Duration = Duration::from_secs(300);
 
 #[derive(Debug)]
 struct Peer {
-    /// The token this node gave the peer (its pings to us carry it).
-    mine: [u8; 16],
-    /// The token the peer gave us.
-    theirs: Option<[u8; 16]>,
     candidates: Vec<SocketAddr>,
     last_cmm: Option<Instant>,
+    last_round: Option<Instant>,
     next_attempt: Instant,
     backoff: Duration,
     failures: u32,
-    last_ping: Option<Instant>,
+    last_keepalive: Option<Instant>,
+    touched: Instant,
+}
+
+impl Peer {
+    fn new() -> Peer {
+        Peer {
+            candidates: Vec::new(),
+            last_cmm: None,
+            last_round: None,
+            next_attempt: Instant::now(),
+            backoff: MIN_BACKOFF,
+            failures: 0,
+            last_keepalive: None,
+            touched: Instant::now(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -64,33 +92,62 @@ enum Target {
 struct Engine {
     paths: Arc<Paths>,
     peers: HashMap<SocketAddr, Peer>,
-    tokens: HashMap<[u8; 16], SocketAddr>,
     pings: HashMap<[u8; 12], (Target, SocketAddr, Instant)>,
+    seen_tx: HashSet<[u8; 12]>,
     relay_probed: HashMap<SocketAddr, Instant>,
 }
 
-/// Starts the engine; it stops when the paths' owner drops the sender.
+/// Starts the engine; it stops when the paths' owner drops the senders.
 pub(crate) fn spawn_engine(
     paths: Arc<Paths>,
-    rx: mpsc::Receiver<DiscoIn>,
+    direct: mpsc::Receiver<DiscoIn>,
+    relayed: mpsc::Receiver<DiscoIn>,
 ) -> tokio::task::JoinHandle<()> {
     let engine = Engine {
         paths,
         peers: HashMap::new(),
-        tokens: HashMap::new(),
         pings: HashMap::new(),
+        seen_tx: HashSet::new(),
         relay_probed: HashMap::new(),
     };
-    tokio::spawn(engine.run(rx))
+    tokio::spawn(engine.run(direct, relayed))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+/// Candidates worth pinging: not unspecified, multicast, broadcast or a
+/// mapped address (a peer cannot make us spray packets at those).
+fn usable_candidate(a: &SocketAddr) -> bool {
+    let a = canonical(*a);
+    if a.port() == 0 || is_mapped(a) {
+        return false;
+    }
+    match a.ip() {
+        IpAddr::V4(ip) => !(ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast()),
+        IpAddr::V6(ip) => !(ip.is_unspecified() || ip.is_multicast()),
+    }
 }
 
 impl Engine {
-    async fn run(mut self, mut rx: mpsc::Receiver<DiscoIn>) {
+    async fn run(
+        mut self,
+        mut direct: mpsc::Receiver<DiscoIn>,
+        mut relayed: mpsc::Receiver<DiscoIn>,
+    ) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                m = rx.recv() => match m {
+                m = relayed.recv() => match m {
+                    Some(m) => self.on_message(m),
+                    None => return,
+                },
+                m = direct.recv() => match m {
                     Some(m) => self.on_message(m),
                     None => return,
                 },
@@ -99,22 +156,17 @@ impl Engine {
         }
     }
 
-    fn peer(&mut self, adv: SocketAddr) -> &mut Peer {
-        let tokens = &mut self.tokens;
-        self.peers.entry(adv).or_insert_with(|| {
-            let mine: [u8; 16] = rand::random();
-            tokens.insert(mine, adv);
-            Peer {
-                mine,
-                theirs: None,
-                candidates: Vec::new(),
-                last_cmm: None,
-                next_attempt: Instant::now(),
-                backoff: MIN_BACKOFF,
-                failures: 0,
-                last_ping: None,
-            }
-        })
+    fn key(&self, adv: SocketAddr) -> Option<PairKey> {
+        self.paths.pair_key(adv)
+    }
+
+    fn peer(&mut self, adv: SocketAddr) -> Option<&mut Peer> {
+        if !self.peers.contains_key(&adv) && self.peers.len() >= MAX_PEERS {
+            return None;
+        }
+        let p = self.peers.entry(adv).or_insert_with(Peer::new);
+        p.touched = Instant::now();
+        Some(p)
     }
 
     fn send_direct(&self, to: SocketAddr, msg: &Disco) {
@@ -123,138 +175,193 @@ impl Engine {
         }
     }
 
-    fn ping(&mut self, target: Target, to: SocketAddr, token: [u8; 16]) {
-        let tx: [u8; 12] = rand::random();
+    fn remember_ping(&mut self, tx: [u8; 12], target: Target, to: SocketAddr) {
+        if self.pings.len() >= MAX_PINGS {
+            return;
+        }
         self.pings.insert(tx, (target, to, Instant::now()));
-        self.send_direct(to, &Disco::Ping { tx, token });
+    }
+
+    fn ping_peer(&mut self, adv: SocketAddr, to: SocketAddr, key: &PairKey) {
+        let tx: [u8; 12] = rand::random();
+        self.remember_ping(tx, Target::Peer(adv), to);
+        let me = self.paths.me();
+        self.send_direct(to, &Disco::ping(key, tx, me, now_ms()));
     }
 
     fn candidates(&self) -> Vec<SocketAddr> {
         let mut c: Vec<SocketAddr> = self.paths.observed().into_iter().map(|(_, o)| o).collect();
         if let Some(out) = direct_out(&self.paths) {
             if let Ok(local) = out.udp.local_addr() {
-                let local = canonical(local);
-                if !local.ip().is_unspecified() {
-                    c.push(local);
-                }
+                c.push(canonical(local));
             }
         }
+        c.retain(usable_candidate);
         c.sort();
         c.dedup();
         c.truncate(super::disco::MAX_CANDIDATES);
         c
     }
 
-    fn call_me_maybe(&mut self, adv: SocketAddr) {
-        let candidates = self.candidates();
-        let p = self.peer(adv);
-        p.last_cmm = Some(Instant::now());
-        let msg = Disco::CallMeMaybe {
-            token: p.mine,
-            candidates,
-        };
+    fn call_me_maybe(&mut self, adv: SocketAddr, key: &PairKey) {
+        let msg = Disco::call_me_maybe(key, self.candidates());
+        if let Some(p) = self.peer(adv) {
+            p.last_cmm = Some(Instant::now());
+        }
         self.paths.send_relayed(adv, msg.to_bytes());
     }
 
-    fn ping_candidates(&mut self, adv: SocketAddr) {
+    /// One round of pings to the peer's candidates, at most once a second.
+    fn ping_round(&mut self, adv: SocketAddr, key: &PairKey) {
         let Some(p) = self.peers.get_mut(&adv) else {
             return;
         };
-        let Some(token) = p.theirs else { return };
-        p.last_ping = Some(Instant::now());
+        if p.last_round.is_some_and(|t| t.elapsed() < PING_ROUND_EVERY) {
+            return;
+        }
+        p.last_round = Some(Instant::now());
         let cands = p.candidates.clone();
         for c in cands {
-            self.ping(Target::Peer(adv), c, token);
+            self.ping_peer(adv, c, key);
         }
     }
 
     fn on_message(&mut self, m: DiscoIn) {
         match m {
-            DiscoIn::Relayed { .. } if !self.paths.upgrade => {}
             DiscoIn::Relayed { src, bytes } => {
+                if !self.paths.upgrade {
+                    return;
+                }
                 let src = canonical(src);
-                if let Some(Disco::CallMeMaybe { token, candidates }) = Disco::parse(&bytes) {
-                    debug!(peer = %src, ?candidates, "call-me-maybe through the relay");
-                    let p = self.peer(src);
-                    p.theirs = Some(token);
-                    p.candidates = candidates;
-                    let answer = p
-                        .last_cmm
-                        .is_none_or(|t| t.elapsed() > Duration::from_millis(500));
-                    self.ping_candidates(src);
-                    if answer {
-                        self.call_me_maybe(src);
-                    }
+                let Some(msg @ Disco::CallMeMaybe { .. }) = Disco::parse(&bytes) else {
+                    return;
+                };
+                // Only from a peer we hold a connection with, MAC'd with
+                // that connection's key: a relay cannot forge it.
+                let Some(key) = self.key(src).filter(|k| msg.verify(k)) else {
+                    debug!(peer = %src, "dropping a call-me-maybe that does not verify");
+                    return;
+                };
+                let Disco::CallMeMaybe { candidates, .. } = msg else {
+                    return;
+                };
+                debug!(peer = %src, ?candidates, "call-me-maybe through the relay");
+                let Some(p) = self.peer(src) else { return };
+                p.candidates = candidates.into_iter().filter(usable_candidate).collect();
+                let answer = p
+                    .last_cmm
+                    .is_none_or(|t| t.elapsed() > Duration::from_millis(500));
+                self.ping_round(src, &key);
+                if answer {
+                    self.call_me_maybe(src, &key);
                 }
             }
             DiscoIn::Direct { from, bytes } => match Disco::parse(&bytes) {
-                Some(Disco::Ping { tx, token }) => self.on_ping(from, tx, token),
-                Some(Disco::Pong { tx, observed }) => self.on_pong(from, tx, observed),
-                Some(Disco::DialBack { nonce }) => {
-                    lock(&self.paths.st).dialbacks.insert(nonce);
+                Some(msg @ Disco::Ping { .. }) => self.on_ping(from, msg),
+                Some(msg @ Disco::Pong { .. }) => self.on_pong(from, msg),
+                Some(Disco::RelayPing { tx, token }) => {
+                    // A probe of one of this relay's session clients.
+                    if lock(&self.paths.st).welcome_tokens.contains(&token) {
+                        self.send_direct(from, &Disco::RelayPong { tx, observed: from });
+                    }
                 }
+                Some(Disco::RelayPong { tx, observed }) => {
+                    if let Some((Target::Relay(relay), to, _)) = self.pings.get(&tx).copied() {
+                        if to == from {
+                            self.pings.remove(&tx);
+                            self.paths.note_udp_ok(relay, canonical(observed));
+                        }
+                    }
+                }
+                Some(Disco::DialBack { nonce }) => self.paths.note_dial_back(nonce),
                 _ => {}
             },
         }
     }
 
-    fn on_ping(&mut self, from: SocketAddr, tx: [u8; 12], token: [u8; 16]) {
-        // A probe of a relay session's client (relay role): tell it what we see.
-        if lock(&self.paths.st).welcome_tokens.contains(&token) {
-            self.send_direct(from, &Disco::Pong { tx, observed: from });
-            return;
-        }
-        let Some(&adv) = self.tokens.get(&token) else {
+    fn on_ping(&mut self, from: SocketAddr, msg: Disco) {
+        let Disco::Ping {
+            tx, sender, ts_ms, ..
+        } = msg
+        else {
             return;
         };
-        self.send_direct(from, &Disco::Pong { tx, observed: from });
+        let sender = canonical(sender);
+        let Some(key) = self.key(sender).filter(|k| msg.verify(k)) else {
+            return;
+        };
+        if now_ms().abs_diff(ts_ms) > PING_MAX_AGE_MS || !self.seen_tx.insert(tx) {
+            return;
+        }
+        if self.seen_tx.len() > MAX_SEEN_TX {
+            self.seen_tx.clear();
+        }
+        self.send_direct(from, &Disco::pong(&key, tx, from));
         let has_direct = {
             let mut st = lock(&self.paths.st);
-            st.by_direct.insert(from, adv);
-            st.direct.contains_key(&adv)
+            // Never relabel a relay's address or one already mapped to
+            // another peer.
+            let taken = st.relay_addrs.contains(&from)
+                || st.by_direct.get(&from).is_some_and(|a| *a != sender);
+            if !taken && st.by_direct.len() < super::MAX_BY_DIRECT {
+                st.by_direct.insert(from, sender);
+            }
+            st.direct.contains_key(&sender)
         };
         // Pinged from an address we never tried (the peer is behind a NAT
         // and we are not): ping back there.
         if !has_direct {
-            if let Some(theirs) = self.peers.get(&adv).and_then(|p| p.theirs) {
-                self.ping(Target::Peer(adv), from, theirs);
+            if let Some(p) = self.peer(sender) {
+                if !p.candidates.contains(&from)
+                    && p.candidates.len() < 2 * super::disco::MAX_CANDIDATES
+                {
+                    p.candidates.push(from);
+                }
             }
+            self.ping_peer(sender, from, &key);
         }
     }
 
-    fn on_pong(&mut self, from: SocketAddr, tx: [u8; 12], observed: SocketAddr) {
-        let Some((target, _to, sent)) = self.pings.remove(&tx) else {
+    fn on_pong(&mut self, from: SocketAddr, msg: Disco) {
+        let Disco::Pong { tx, .. } = msg else { return };
+        let Some((Target::Peer(adv), to, sent)) = self.pings.get(&tx).copied() else {
             return;
         };
+        // From the address pinged, MAC'd by the peer.
+        if to != from || !self.key(adv).is_some_and(|k| msg.verify(&k)) {
+            return;
+        }
+        self.pings.remove(&tx);
         let rtt = sent.elapsed();
-        match target {
-            Target::Relay(relay) => self.paths.note_udp_ok(relay, canonical(observed)),
-            Target::Peer(adv) => {
-                let mut st = lock(&self.paths.st);
-                let fresh = !st.direct.contains_key(&adv);
-                st.direct.insert(
-                    adv,
-                    Direct {
-                        addr: from,
-                        last_pong: Instant::now(),
-                        rtt,
-                    },
-                );
-                st.by_direct.insert(from, adv);
-                st.notes.remove(&adv);
-                drop(st);
-                if fresh {
-                    self.paths
-                        .stats
-                        .direct_upgrades
-                        .fetch_add(1, Ordering::Relaxed);
-                    info!(peer = %adv, direct = %from, rtt = ?rtt, "direct path to a relayed peer confirmed (hole punched); its QUIC connection moves to it");
-                }
-                if let Some(p) = self.peers.get_mut(&adv) {
-                    p.failures = 0;
-                    p.backoff = MIN_BACKOFF;
-                }
-            }
+        let mut st = lock(&self.paths.st);
+        let fresh = match st.direct.get(&adv) {
+            // The first path found stays while it answers.
+            Some(d) if d.addr != from => return,
+            Some(_) => false,
+            None => true,
+        };
+        st.direct.insert(
+            adv,
+            Direct {
+                addr: from,
+                last_pong: Instant::now(),
+                rtt,
+            },
+        );
+        st.by_direct.retain(|k, a| *a != adv || *k == from);
+        st.by_direct.insert(from, adv);
+        st.notes.remove(&adv);
+        drop(st);
+        if fresh {
+            self.paths
+                .stats
+                .direct_upgrades
+                .fetch_add(1, Ordering::Relaxed);
+            info!(peer = %adv, direct = %from, rtt = ?rtt, "direct path to a relayed peer confirmed (hole punched); its QUIC connection moves to it");
+        }
+        if let Some(p) = self.peers.get_mut(&adv) {
+            p.failures = 0;
+            p.backoff = MIN_BACKOFF;
         }
     }
 
@@ -262,11 +369,11 @@ impl Engine {
         let now = Instant::now();
         self.pings
             .retain(|_, (_, _, t)| now.duration_since(*t) < Duration::from_secs(10));
+        self.paths.refresh_udp();
         self.probe_relays(now);
         if !self.paths.is_active() {
             return;
         }
-        // Keep direct paths alive; drop the silent ones.
         let (direct, recent, udp_blocked) = {
             let mut st = lock(&self.paths.st);
             st.relayed_recent
@@ -276,6 +383,11 @@ impl Engine {
             let recent: Vec<SocketAddr> = st.relayed_recent.keys().copied().collect();
             (direct, recent, st.udp_blocked)
         };
+        // Forget peers neither in use nor direct.
+        self.peers.retain(|adv, p| {
+            now.duration_since(p.touched) < PEER_IDLE || direct.iter().any(|(a, _)| a == adv)
+        });
+        // Keep direct paths alive; drop the silent ones.
         for (adv, d) in direct {
             if now.duration_since(d.last_pong) > DIRECT_TIMEOUT {
                 let mut st = lock(&self.paths.st);
@@ -284,22 +396,22 @@ impl Engine {
                 drop(st);
                 self.paths.stats.direct_lost.fetch_add(1, Ordering::Relaxed);
                 info!(peer = %adv, direct = %d.addr, "direct path stopped answering; back through the relay");
-                let p = self.peer(adv);
-                p.next_attempt = now + MIN_BACKOFF;
-                p.backoff = MIN_BACKOFF;
+                if let Some(p) = self.peer(adv) {
+                    p.next_attempt = now + MIN_BACKOFF;
+                    p.backoff = MIN_BACKOFF;
+                }
                 continue;
             }
+            let Some(key) = self.key(adv) else { continue };
             let due = self.peers.get(&adv).is_none_or(|p| {
-                p.last_ping
+                p.last_keepalive
                     .is_none_or(|t| now.duration_since(t) >= KEEPALIVE)
             });
             if due {
-                if let Some(token) = self.peers.get(&adv).and_then(|p| p.theirs) {
-                    if let Some(p) = self.peers.get_mut(&adv) {
-                        p.last_ping = Some(now);
-                    }
-                    self.ping(Target::Peer(adv), d.addr, token);
+                if let Some(p) = self.peer(adv) {
+                    p.last_keepalive = Some(now);
                 }
+                self.ping_peer(adv, d.addr, &key);
             }
         }
         if udp_blocked || !self.paths.upgrade {
@@ -308,7 +420,8 @@ impl Engine {
         // Try to upgrade relayed peers in use.
         for adv in recent {
             let has_direct = lock(&self.paths.st).direct.contains_key(&adv);
-            let p = self.peer(adv);
+            let Some(key) = self.key(adv) else { continue };
+            let Some(p) = self.peer(adv) else { continue };
             if has_direct || now < p.next_attempt {
                 continue;
             }
@@ -322,8 +435,8 @@ impl Engine {
                     format!("direct path: {} probe rounds unanswered (a NAT that maps per destination, or a firewall); staying relayed", failures - 1),
                 );
             }
-            self.call_me_maybe(adv);
-            self.ping_candidates(adv);
+            self.call_me_maybe(adv, &key);
+            self.ping_round(adv, &key);
         }
     }
 
@@ -342,8 +455,12 @@ impl Engine {
                 .is_none_or(|t| now.duration_since(*t) >= every);
             if due {
                 self.relay_probed.insert(s.relay_addr, now);
-                self.ping(Target::Relay(s.relay_addr), s.relay_addr, s.token);
+                let tx: [u8; 12] = rand::random();
+                self.remember_ping(tx, Target::Relay(s.relay_addr), s.relay_addr);
+                self.send_direct(s.relay_addr, &Disco::RelayPing { tx, token: s.token });
             }
         }
+        self.relay_probed
+            .retain(|_, t| now.duration_since(*t) < Duration::from_secs(60));
     }
 }

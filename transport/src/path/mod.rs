@@ -52,6 +52,17 @@ use crate::relay::server::RelayServer;
 const UNKNOWN_HOLD: Duration = Duration::from_secs(5);
 /// Relayed datagrams waiting for the QUIC endpoint to read them.
 const RELAYED_QUEUE: usize = 4096;
+/// Bound of the direct-source -> peer table.
+pub(crate) const MAX_BY_DIRECT: usize = 4096;
+/// A UDP probe answered this recently means UDP gets out.
+const UDP_FRESH: Duration = Duration::from_secs(15);
+/// After a QUIC session attempt failed while probes got through, UDP is
+/// not trusted again for this long (small probes pass, QUIC does not).
+const QUIC_DISTRUST: Duration = Duration::from_secs(60);
+
+/// Where the path layer gets the disco key of a pair: from the pair's QUIC
+/// connection (the overlay installs it).
+pub type KeySource = Arc<dyn Fn(SocketAddr) -> Option<disco::PairKey> + Send + Sync>;
 
 /// The address that stands for node `name` when it is reached through a
 /// relay: 240.0.0.0/4 plus 28 bits of a hash of the name, and a port from
@@ -118,6 +129,11 @@ pub struct Session {
     pub since: Instant,
     pub(crate) rtt_us: Arc<AtomicU64>,
     pub(crate) tx: mpsc::Sender<Bytes>,
+    /// Ends the session (the relay's certificate was revoked).
+    pub(crate) close: Arc<tokio::sync::Notify>,
+    /// The relay's certificate chain (TCP sessions; QUIC ones end with
+    /// their overlay connection).
+    pub(crate) chain: Option<Arc<Vec<rustls::pki_types::CertificateDer<'static>>>>,
 }
 
 impl Session {
@@ -197,8 +213,11 @@ pub(crate) struct State {
     pub observed: HashMap<SocketAddr, SocketAddr>,
     /// When a UDP probe to a relay was last answered.
     pub udp_ok_at: Option<Instant>,
-    /// Dial-back probes received (nonce).
-    pub dialbacks: HashSet<[u8; 16]>,
+    /// The dial-back nonce `establish` waits for, and whether it came.
+    pub pending_dialback: Option<[u8; 16]>,
+    pub dialback_seen: bool,
+    /// When a QUIC relay session last failed to open.
+    pub quic_failed_at: Option<Instant>,
     pub next_session: u64,
 }
 
@@ -213,6 +232,9 @@ pub struct PathStats {
     pub impaired_dropped: AtomicU64,
 }
 
+/// The engine's inputs: direct disco packets, disco inside relay sessions.
+pub(crate) type DiscoQueues = (mpsc::Receiver<DiscoIn>, mpsc::Receiver<DiscoIn>);
+
 /// What arrives for the disco engine.
 #[derive(Debug)]
 pub(crate) enum DiscoIn {
@@ -223,7 +245,6 @@ pub(crate) enum DiscoIn {
 }
 
 /// The state the socket, the relay sessions and the disco engine share.
-#[derive(Debug)]
 pub struct Paths {
     pub(crate) name: String,
     /// False until relays or the relay role exist: then every packet goes
@@ -233,6 +254,10 @@ pub struct Paths {
     relayed_in: Mutex<VecDeque<(SocketAddr, Bytes)>>,
     recv_waker: Mutex<Option<Waker>>,
     pub(crate) disco_tx: mpsc::Sender<DiscoIn>,
+    /// Disco inside relay sessions: its own queue, so a flood of junk UDP
+    /// cannot crowd out call-me-maybes.
+    relayed_disco_tx: mpsc::Sender<DiscoIn>,
+    keys: Mutex<Option<KeySource>>,
     pub(crate) local_relay: Mutex<Option<Weak<RelayServer>>>,
     pub stats: PathStats,
     /// Set by the socket once bound: sends disco packets directly.
@@ -241,13 +266,23 @@ pub struct Paths {
     pub(crate) upgrade: bool,
 }
 
+impl std::fmt::Debug for Paths {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Paths")
+            .field("name", &self.name)
+            .field("active", &self.is_active())
+            .finish()
+    }
+}
+
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Paths {
-    pub(crate) fn new(name: &str, upgrade: bool) -> (Arc<Paths>, mpsc::Receiver<DiscoIn>) {
+    pub(crate) fn new(name: &str, upgrade: bool) -> (Arc<Paths>, DiscoQueues) {
         let (disco_tx, rx) = mpsc::channel(1024);
+        let (relayed_disco_tx, relayed_rx) = mpsc::channel(1024);
         let paths = Paths {
             name: name.to_string(),
             active: AtomicBool::new(false),
@@ -258,12 +293,67 @@ impl Paths {
             relayed_in: Mutex::new(VecDeque::new()),
             recv_waker: Mutex::new(None),
             disco_tx,
+            relayed_disco_tx,
+            keys: Mutex::new(None),
             local_relay: Mutex::new(None),
             stats: PathStats::default(),
             direct_out: Mutex::new(None),
             upgrade,
         };
-        (Arc::new(paths), rx)
+        (Arc::new(paths), (rx, relayed_rx))
+    }
+
+    pub(crate) fn set_key_source(&self, keys: KeySource) {
+        *lock(&self.keys) = Some(keys);
+    }
+
+    /// The disco key shared with the peer at `adv`, while a connection is up.
+    pub(crate) fn pair_key(&self, adv: SocketAddr) -> Option<disco::PairKey> {
+        let keys = lock(&self.keys).clone()?;
+        keys(adv)
+    }
+
+    pub(crate) fn expect_dial_back(&self, nonce: [u8; 16]) {
+        let mut st = lock(&self.st);
+        st.pending_dialback = Some(nonce);
+        st.dialback_seen = false;
+    }
+
+    pub(crate) fn note_dial_back(&self, nonce: [u8; 16]) {
+        let mut st = lock(&self.st);
+        if st.pending_dialback == Some(nonce) {
+            st.dialback_seen = true;
+        }
+    }
+
+    pub(crate) fn dial_back_seen(&self) -> bool {
+        lock(&self.st).dialback_seen
+    }
+
+    /// A QUIC relay session could not be opened.
+    pub(crate) fn note_quic_failed(&self) {
+        let mut st = lock(&self.st);
+        st.quic_failed_at = Some(Instant::now());
+        Self::recompute_udp(&mut st);
+    }
+
+    /// Re-evaluates the time-based part of "UDP is blocked" (the engine
+    /// calls it every tick).
+    pub(crate) fn refresh_udp(&self) {
+        Self::recompute_udp(&mut lock(&self.st));
+    }
+
+    /// UDP probes get answered and QUIC has not failed since: worth moving
+    /// TCP sessions back to QUIC.
+    pub(crate) fn udp_usable(&self) -> bool {
+        Self::udp_fresh(&lock(&self.st))
+    }
+
+    fn udp_fresh(st: &State) -> bool {
+        st.udp_ok_at.is_some_and(|t| t.elapsed() < UDP_FRESH)
+            && st
+                .quic_failed_at
+                .is_none_or(|f| f.elapsed() >= QUIC_DISTRUST)
     }
 
     pub(crate) fn activate(&self) {
@@ -330,15 +420,12 @@ impl Paths {
         Self::recompute_udp(&mut st);
     }
 
-    /// UDP counts as blocked when the only sessions are over TCP and no UDP
-    /// probe was answered lately.
+    /// UDP counts as blocked when the only sessions are over TCP and UDP
+    /// is not known to work (no fresh probe answer, or QUIC failed since).
     fn recompute_udp(st: &mut State) {
         let quic = st.sessions.iter().any(|s| s.transport == Transport::Quic);
         let tcp = st.sessions.iter().any(|s| s.transport == Transport::Tcp);
-        let probed = st
-            .udp_ok_at
-            .is_some_and(|t| t.elapsed() < Duration::from_secs(15));
-        st.udp_blocked = tcp && !quic && !probed;
+        st.udp_blocked = tcp && !quic && !Self::udp_fresh(st);
     }
 
     pub(crate) fn note_udp_ok(&self, relay: SocketAddr, observed: SocketAddr) {
@@ -346,6 +433,22 @@ impl Paths {
         st.udp_ok_at = Some(Instant::now());
         st.observed.insert(relay, observed);
         Self::recompute_udp(&mut st);
+    }
+
+    /// Ends live sessions to relays whose certificate chain holds a revoked
+    /// certificate; returns the relays.
+    pub(crate) fn close_revoked(&self, revoked: &crate::RevocationSet) -> Vec<String> {
+        let st = lock(&self.st);
+        let mut out = Vec::new();
+        for s in &st.sessions {
+            if let Some(chain) = &s.chain {
+                if revoked.revoked_in(chain.iter()).is_some() {
+                    s.close.notify_one();
+                    out.push(s.relay.to_string());
+                }
+            }
+        }
+        out
     }
 
     /// True if a UDP probe to a relay was answered in the last `within`.
@@ -443,10 +546,13 @@ impl Paths {
         if st.unknown.len() > 1024 {
             st.unknown.retain(|_, t| t.elapsed() < UNKNOWN_HOLD);
         }
+        // A QUIC session to a relay rides the overlay connection to that
+        // relay: that connection's packets must never go inside it.
         let usable = |s: &&Session| {
             st.unknown
                 .get(&(dst, s.id))
                 .is_none_or(|t| t.elapsed() >= UNKNOWN_HOLD)
+                && !(s.transport == Transport::Quic && s.relay_addr == dst)
         };
         if let Some(via) = st.via.get(&dst) {
             if let Some(s) = st
@@ -492,7 +598,7 @@ impl Paths {
     /// A datagram a relay delivered from the node at `src`.
     pub(crate) fn on_relayed(&self, src: SocketAddr, payload: Bytes) {
         if disco::is_disco(&payload) {
-            let _ = self.disco_tx.try_send(DiscoIn::Relayed {
+            let _ = self.relayed_disco_tx.try_send(DiscoIn::Relayed {
                 src,
                 bytes: payload,
             });

@@ -113,6 +113,8 @@ impl Inner {
 pub struct PathSocket {
     inner: Arc<Inner>,
     paths: Arc<Paths>,
+    /// Which receive source goes first this time.
+    flip: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for PathSocket {
@@ -166,7 +168,11 @@ impl PathSocket {
         }
         let inner = Arc::new(inner);
         *lock(&paths.direct_out) = Some(Arc::downgrade(&inner));
-        Ok(PathSocket { inner, paths })
+        Ok(PathSocket {
+            inner,
+            paths,
+            flip: std::sync::atomic::AtomicBool::new(false),
+        })
     }
 
     /// A direct send, through the impairment when one is set.
@@ -258,46 +264,45 @@ impl AsyncUdpSocket for PathSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        loop {
-            if self.paths.is_active() {
-                // Waker first, queue second: a datagram queued in between
-                // wakes us instead of being missed.
-                *lock(&self.paths.recv_waker) = Some(cx.waker().clone());
-                let mut q = lock(&self.paths.relayed_in);
-                let mut n = 0;
-                while n < bufs.len().min(meta.len()) {
-                    let Some((src, payload)) = q.pop_front() else {
-                        break;
-                    };
-                    if payload.len() > bufs[n].len() {
-                        continue;
-                    }
-                    bufs[n][..payload.len()].copy_from_slice(&payload);
-                    meta[n] = RecvMeta {
-                        addr: self.inner.family(src),
-                        len: payload.len(),
-                        stride: payload.len(),
-                        ecn: None,
-                        dst_ip: None,
-                    };
-                    n += 1;
-                }
-                if n > 0 {
+        // Register first, always: relays can be learned (and datagrams
+        // relayed to us) while the driver is parked on the UDP socket.
+        {
+            let mut w = lock(&self.paths.recv_waker);
+            if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *w = Some(cx.waker().clone());
+            }
+        }
+        // Alternate which source goes first, so neither starves the other.
+        let relayed_first = self.flip.fetch_xor(true, Ordering::Relaxed);
+        for _ in 0..16 {
+            if relayed_first {
+                if let Some(n) = self.take_relayed(bufs, meta) {
                     return Poll::Ready(Ok(n));
                 }
             }
-            let n = match self.inner.udp.poll_recv(cx, bufs, meta) {
-                Poll::Ready(Ok(n)) => n,
-                other => return other,
-            };
-            if !self.paths.is_active() {
-                return Poll::Ready(Ok(n));
-            }
-            let kept = self.sift(n, bufs, meta);
-            if kept > 0 {
-                return Poll::Ready(Ok(kept));
+            match self.inner.udp.poll_recv(cx, bufs, meta) {
+                Poll::Ready(Ok(n)) => {
+                    if !self.paths.is_active() {
+                        return Poll::Ready(Ok(n));
+                    }
+                    let kept = self.sift(n, bufs, meta);
+                    if kept > 0 {
+                        return Poll::Ready(Ok(kept));
+                    }
+                    // Only disco packets: read on.
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    return match self.take_relayed(bufs, meta) {
+                        Some(n) => Poll::Ready(Ok(n)),
+                        None => Poll::Pending,
+                    };
+                }
             }
         }
+        // A flood of disco packets: give the runtime a turn.
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -318,6 +323,37 @@ impl AsyncUdpSocket for PathSocket {
 }
 
 impl PathSocket {
+    /// Datagrams relays delivered, into the buffers; `None` if there are none.
+    fn take_relayed(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> Option<usize> {
+        if !self.paths.is_active() {
+            return None;
+        }
+        let mut q = lock(&self.paths.relayed_in);
+        let mut n = 0;
+        while n < bufs.len().min(meta.len()) {
+            let Some((src, payload)) = q.pop_front() else {
+                break;
+            };
+            if payload.len() > bufs[n].len() {
+                self.paths
+                    .stats
+                    .relayed_dropped
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            bufs[n][..payload.len()].copy_from_slice(&payload);
+            meta[n] = RecvMeta {
+                addr: self.inner.family(src),
+                len: payload.len(),
+                stride: payload.len(),
+                ecn: None,
+                dst_ip: None,
+            };
+            n += 1;
+        }
+        (n > 0).then_some(n)
+    }
+
     /// Takes disco packets out of a received batch and rewrites the source
     /// of direct packets from peers with a confirmed direct path; returns
     /// how many datagrams are left for QUIC (moved to the front).

@@ -68,7 +68,7 @@ pub(crate) async fn keep_session(
         }
         let started = Instant::now();
         let result = match open(&overlay, &paths, relay, &tls).await {
-            Ok((io, name, transport)) => run(&paths, relay, transport, name, io).await,
+            Ok(opened) => run(&paths, relay, opened).await,
             Err(e) => Err(e),
         };
         match result {
@@ -93,7 +93,15 @@ pub(crate) async fn keep_session(
     }
 }
 
-type Opened = ((SessionRead, SessionWrite), Arc<str>, Transport);
+/// A session stream just opened, not yet greeted.
+pub(crate) struct Opened {
+    io: (SessionRead, SessionWrite),
+    /// The relay's node name, from its verified certificate.
+    name: Arc<str>,
+    transport: Transport,
+    /// The relay's chain (TCP), for revocation.
+    chain: Option<Vec<rustls::pki_types::CertificateDer<'static>>>,
+}
 
 /// QUIC first unless UDP is known blocked; TCP otherwise.
 async fn open(
@@ -106,7 +114,10 @@ async fn open(
     if !paths.udp_blocked() {
         match open_quic(overlay, relay.overlay).await {
             Ok(o) => return Ok(o),
-            Err(e) => why = format!("QUIC: {e}; "),
+            Err(e) => {
+                paths.note_quic_failed();
+                why = format!("QUIC: {e}; ");
+            }
         }
     }
     match open_tcp(relay.tcp, tls).await {
@@ -121,10 +132,14 @@ pub(crate) async fn open_quic(overlay: &WeakOverlay, addr: SocketAddr) -> Result
         .await
         .map_err(|_| format!("no answer within {CONNECT_TIMEOUT:?}"))?
         .map_err(|e| e.to_string())?;
-    let peer = bi.peer.clone();
     let rd: SessionRead = Box::new(bi.recv);
     let wr: SessionWrite = Box::new(bi.send);
-    Ok(((rd, wr), peer, Transport::Quic))
+    Ok(Opened {
+        io: (rd, wr),
+        name: bi.peer.clone(),
+        transport: Transport::Quic,
+        chain: None,
+    })
 }
 
 pub(crate) async fn open_tcp(addr: SocketAddr, tls: &TcpTls) -> Result<Opened, String> {
@@ -143,16 +158,24 @@ pub(crate) async fn open_tcp(addr: SocketAddr, tls: &TcpTls) -> Result<Opened, S
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, connect)
         .await
         .map_err(|_| format!("no answer within {CONNECT_TIMEOUT:?}"))??;
-    let peer = stream
+    let chain: Vec<rustls::pki_types::CertificateDer<'static>> = stream
         .get_ref()
         .1
         .peer_certificates()
-        .and_then(|c| c.first())
+        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default();
+    let peer = chain
+        .first()
         .and_then(|c| cert_info(c).ok())
         .and_then(|i| i.spiffe.node_name().map(str::to_string))
         .ok_or("the relay presented no node identity")?;
     let (rd, wr) = tokio::io::split(stream);
-    Ok(((Box::new(rd), Box::new(wr)), peer.into(), Transport::Tcp))
+    Ok(Opened {
+        io: (Box::new(rd), Box::new(wr)),
+        name: peer.into(),
+        transport: Transport::Tcp,
+        chain: Some(chain),
+    })
 }
 
 fn now_us() -> u64 {
@@ -164,13 +187,13 @@ fn now_us() -> u64 {
 
 /// Runs one session; `Ok(reason)` when it ended for a reason that is not a
 /// failure (moving back to QUIC), `Err` otherwise.
-async fn run(
-    paths: &Arc<Paths>,
-    relay: RelayAddr,
-    transport: Transport,
-    name: Arc<str>,
-    (mut rd, mut wr): (SessionRead, SessionWrite),
-) -> Result<String, String> {
+async fn run(paths: &Arc<Paths>, relay: RelayAddr, opened: Opened) -> Result<String, String> {
+    let Opened {
+        io: (mut rd, mut wr),
+        name,
+        transport,
+        chain,
+    } = opened;
     let mut me = paths.me();
     let hello = Frame::Hello { advertised: me }
         .to_bytes()
@@ -199,7 +222,10 @@ async fn run(
     .map_err(|_| "no welcome".to_string())??;
     let (tx, rx) = mpsc::channel::<Bytes>(QUEUE);
     let rtt_us = Arc::new(AtomicU64::new(0));
+    let close = Arc::new(tokio::sync::Notify::new());
     let id = paths.add_session(Session {
+        close: close.clone(),
+        chain: chain.map(Arc::new),
         id: 0,
         relay: name.clone(),
         relay_addr: relay.overlay,
@@ -211,7 +237,7 @@ async fn run(
         tx: tx.clone(),
     });
     info!(relay = %name, addr = %relay.overlay, transport = transport.as_str(), observed = ?observed, "relay session up");
-    let writer = super::spawn_writer(wr, rx);
+    let writer = super::spawn_writer(wr, rx, None);
     let mut tick = tokio::time::interval(PING_EVERY);
     let mut last_rx = Instant::now();
     let send = |f: Frame| {
@@ -243,6 +269,7 @@ async fn run(
             }
         }
         tokio::select! {
+            _ = close.notified() => break 'session Err("the relay's certificate was revoked".into()),
             r = rd.read(&mut buf) => match r {
                 Ok(0) => break 'session Err("closed by the relay".into()),
                 Ok(n) => dec.push(&buf[..n]),
@@ -258,7 +285,7 @@ async fn run(
                     me = now_me;
                     send(Frame::Hello { advertised: me });
                 }
-                if transport == Transport::Tcp && paths.udp_answered_within(Duration::from_secs(4)) {
+                if transport == Transport::Tcp && paths.udp_usable() {
                     break 'session Ok("UDP gets through again: moving this session to QUIC".into());
                 }
             }
@@ -301,7 +328,11 @@ pub(crate) async fn try_once(
         rtt: None,
         detail,
     };
-    let ((mut rd, mut wr), name, _) = match opened {
+    let Opened {
+        io: (mut rd, mut wr),
+        name,
+        ..
+    } = match opened {
         Ok(o) => o,
         Err(e) => return fail(e),
     };

@@ -31,9 +31,12 @@ pub use server::{RelayEvent, RelayLimits, RelayServer, RelayStats};
 /// Writes a session's queued frames, as many as are waiting (up to 64 KiB)
 /// per write, so a busy session costs one write per batch, not per
 /// datagram. Ends when the queue closes or a write fails.
+/// `queued`, when given, counts the bytes waiting (the sender adds, this
+/// subtracts).
 pub(crate) fn spawn_writer(
     mut wr: SessionWrite,
     mut rx: mpsc::Receiver<Bytes>,
+    queued: Option<std::sync::Arc<std::sync::atomic::AtomicUsize>>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut batch = BytesMut::new();
@@ -44,6 +47,9 @@ pub(crate) fn spawn_writer(
                     Ok(b) => batch.extend_from_slice(&b),
                     Err(_) => break,
                 }
+            }
+            if let Some(q) = &queued {
+                q.fetch_sub(batch.len(), std::sync::atomic::Ordering::Relaxed);
             }
             if wr.write_all(&batch).await.is_err() || wr.flush().await.is_err() {
                 break;

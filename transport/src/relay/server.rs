@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,10 +31,17 @@ use crate::path::disco::Disco;
 use crate::path::{canonical, lock, mapped_addr, Paths, Transport};
 use crate::revoke::RevocationSet;
 
-/// A session that sends nothing (not even its keepalive) for this long ends.
-const SESSION_IDLE: Duration = Duration::from_secs(10);
+/// A session that sends nothing (not even its keepalive, every second) for
+/// this long ends: its node is gone, and senders get `Unknown` at once.
+const SESSION_IDLE: Duration = Duration::from_secs(4);
 /// Frames queued towards one session before further ones are dropped.
-const SESSION_QUEUE: usize = 2048;
+const SESSION_QUEUE: usize = 4096;
+/// Bytes queued towards one session before further frames are dropped.
+const SESSION_QUEUE_BYTES: usize = 4 << 20;
+/// Live sessions one node may hold at a relay.
+const MAX_SESSIONS_PER_NODE: usize = 4;
+/// Bound of each session's own tables (limits, refusals said).
+const SESSION_TABLE: usize = 1024;
 /// One dial-back per session per this interval.
 const DIALBACK_EVERY: Duration = Duration::from_secs(2);
 /// One audit event per (node, destination) per this interval.
@@ -86,8 +93,26 @@ struct Client {
     name: Arc<str>,
     adv: SocketAddr,
     tx: mpsc::Sender<Bytes>,
+    /// Bytes queued towards this session.
+    queued: Arc<AtomicUsize>,
     close: Arc<Notify>,
     chain: Option<Arc<Vec<CertificateDer<'static>>>>,
+}
+
+impl Client {
+    /// Queues a frame unless the session's queue is full (frames or bytes).
+    fn offer(&self, frame: Bytes) -> bool {
+        let len = frame.len();
+        if self.queued.fetch_add(len, Ordering::Relaxed) + len > SESSION_QUEUE_BYTES {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            return false;
+        }
+        if self.tx.try_send(frame).is_err() {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
 }
 
 /// Checks a node's claim to an advertised address (wired to gossip).
@@ -103,7 +128,13 @@ pub struct RelayServer {
     events: mpsc::Sender<RelayEvent>,
     claim: Mutex<Option<ClaimCheck>>,
     next_id: AtomicU64,
+    capturing: AtomicBool,
     capture: Mutex<Option<mpsc::UnboundedSender<Bytes>>>,
+    /// This relay's own mapped address (datagrams for it are delivered here).
+    own_mapped: SocketAddr,
+    revoked: Arc<RevocationSet>,
+    /// Live sessions per node name (registered or not).
+    per_node: Mutex<HashMap<Arc<str>, usize>>,
     handshake_events: Mutex<HashMap<std::net::IpAddr, Instant>>,
 }
 
@@ -159,6 +190,7 @@ impl RelayServer {
         name: &str,
         paths: Arc<Paths>,
         limits: RelayLimits,
+        revoked: Arc<RevocationSet>,
     ) -> (Arc<RelayServer>, mpsc::Receiver<RelayEvent>) {
         let (events, rx) = mpsc::channel(256);
         let server = Arc::new(RelayServer {
@@ -170,7 +202,11 @@ impl RelayServer {
             events,
             claim: Mutex::new(None),
             next_id: AtomicU64::new(1),
+            capturing: AtomicBool::new(false),
             capture: Mutex::new(None),
+            own_mapped: mapped_addr(name),
+            revoked,
+            per_node: Mutex::new(HashMap::new()),
             handshake_events: Mutex::new(HashMap::new()),
         });
         paths.set_local_relay(&server);
@@ -183,10 +219,14 @@ impl RelayServer {
     pub fn capture(&self) -> mpsc::UnboundedReceiver<Bytes> {
         let (tx, rx) = mpsc::unbounded_channel();
         *lock(&self.capture) = Some(tx);
+        self.capturing.store(true, Ordering::Release);
         rx
     }
 
     fn captured(&self, payload: &Bytes) {
+        if !self.capturing.load(Ordering::Acquire) {
+            return;
+        }
         if let Some(c) = lock(&self.capture).as_ref() {
             let _ = c.send(payload.clone());
         }
@@ -246,7 +286,7 @@ impl RelayServer {
         }) else {
             return false;
         };
-        let ok = target.tx.try_send(f).is_ok();
+        let ok = target.offer(f);
         if ok {
             self.stats.datagrams.fetch_add(1, Ordering::Relaxed);
             self.stats.bytes.fetch_add(len as u64, Ordering::Relaxed);
@@ -297,18 +337,44 @@ impl RelayServer {
     ) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let observed = observed.map(canonical);
+        {
+            let mut per = lock(&self.per_node);
+            let n = per.entry(peer.clone()).or_insert(0);
+            if *n >= MAX_SESSIONS_PER_NODE {
+                drop(per);
+                self.stats.refused_limit.fetch_add(1, Ordering::Relaxed);
+                debug!(peer = %peer, "refusing a relay session: this node holds {MAX_SESSIONS_PER_NODE} already");
+                return;
+            }
+            *n += 1;
+        }
         let (tx, rx) = mpsc::channel::<Bytes>(SESSION_QUEUE);
+        let queued = Arc::new(AtomicUsize::new(0));
         let close = Arc::new(Notify::new());
         let token: [u8; 16] = rand::random();
-        lock(&self.paths.st).welcome_tokens.insert(token);
         self.stats.sessions.fetch_add(1, Ordering::Relaxed);
         self.stats.sessions_total.fetch_add(1, Ordering::Relaxed);
-        let writer = super::spawn_writer(wr, rx);
+        let writer = super::spawn_writer(wr, rx, Some(queued.clone()));
         let chain = chain.map(Arc::new);
+        let me = Client {
+            id,
+            name: peer.clone(),
+            adv: self.own_mapped,
+            tx: tx.clone(),
+            queued,
+            close: close.clone(),
+            chain: chain.clone(),
+        };
+        let say = |f: Frame| {
+            if let Some(b) = frame_bytes(&f) {
+                me.offer(b);
+            }
+        };
         let mut dec = Decoder::new();
         let mut buf = vec![0u8; 32 * 1024];
         let mut adv: Option<SocketAddr> = None;
-        let mut buckets: HashMap<SocketAddr, Bucket> = HashMap::new();
+        let mut greeted = false;
+        let mut buckets: HashMap<u64, Bucket> = HashMap::new();
         let mut unknown_said: HashMap<SocketAddr, Instant> = HashMap::new();
         let mut events: HashMap<String, Instant> = HashMap::new();
         let mut last_dialback: Option<Instant> = None;
@@ -330,23 +396,28 @@ impl RelayServer {
                     Err(e) => {
                         self.stats.malformed.fetch_add(1, Ordering::Relaxed);
                         warn!(peer = %peer, error = %e, "malformed relay frame; closing this session");
-                        if let Some(b) = frame_bytes(&Frame::Refused {
+                        say(Frame::Refused {
                             reason: e.to_string(),
-                        }) {
-                            let _ = tx.try_send(b);
-                        }
+                        });
                         break 'session format!("malformed frame: {e}");
                     }
                 };
+                if !greeted && !matches!(f, Frame::Hello { .. }) {
+                    say(Frame::Refused {
+                        reason: "the first frame must be Hello".into(),
+                    });
+                    break 'session "a frame before Hello".into();
+                }
                 match f {
                     // An unspecified address: a probe (`netcheck`) that
                     // measures the relay and must not take over the
                     // node's registration.
                     Frame::Hello { advertised } if advertised.ip().is_unspecified() => {
-                        if let Some(b) = frame_bytes(&Frame::Welcome { observed, token }) {
-                            let _ = tx.try_send(b);
-                        }
+                        greeted = true;
+                        say(Frame::Welcome { observed, token });
                     }
+                    // Unchanged: nothing to do (a Hello flood costs nothing).
+                    Frame::Hello { advertised } if adv == Some(canonical(advertised)) => {}
                     Frame::Hello { advertised } => {
                         let a = canonical(advertised);
                         let claim = lock(&self.claim).clone();
@@ -354,80 +425,88 @@ impl RelayServer {
                             || Some(a) == observed
                             || claim.is_some_and(|c| c(&peer, a));
                         if !ok {
+                            // Keep the session under the node's mapped
+                            // address only; say why once in a while.
                             self.stats.refused_claim.fetch_add(1, Ordering::Relaxed);
-                            let reason = format!("node `{peer}` claims overlay address {a}, which is neither its mapped address, nor the address this relay sees, nor the one gossip gives for it");
-                            self.event(&mut events, &peer, "claim".into(), reason.clone());
-                            if let Some(b) = frame_bytes(&Frame::Refused {
-                                reason: reason.clone(),
-                            }) {
-                                let _ = tx.try_send(b);
-                            }
-                            break 'session reason;
+                            let reason = format!("node `{peer}` claims overlay address {a}, which is neither its mapped address, nor the address this relay sees, nor the one gossip gives for it: registered under its mapped address only");
+                            warn!(peer = %peer, claimed = %a, "relay claim refused");
+                            self.event(&mut events, &peer, "claim".into(), reason);
                         }
-                        self.register(id, &peer, a, &tx, &close, &chain);
-                        adv = Some(a);
-                        if let Some(b) = frame_bytes(&Frame::Welcome { observed, token }) {
-                            let _ = tx.try_send(b);
+                        let key = if ok { a } else { mapped_addr(&peer) };
+                        match self.register(&me, key, &chain) {
+                            Ok(()) => {}
+                            Err(why) => {
+                                say(Frame::Refused {
+                                    reason: why.clone(),
+                                });
+                                break 'session why;
+                            }
+                        }
+                        adv = Some(key);
+                        if !greeted {
+                            greeted = true;
+                            lock(&self.paths.st).welcome_tokens.insert(token);
+                            say(Frame::Welcome { observed, token });
                         }
                     }
                     Frame::Send { dst, payload } => {
                         let Some(src) = adv else {
-                            break 'session "datagram before Hello".into();
+                            break 'session "datagram from a probe session".into();
                         };
                         let dst = canonical(dst);
                         let len = payload.len();
-                        let bucket = buckets
-                            .entry(dst)
-                            .or_insert_with(|| Bucket::new(&self.limits));
-                        if !bucket.take(&self.limits, len) {
-                            self.stats.refused_limit.fetch_add(1, Ordering::Relaxed);
-                            self.event(
-                                &mut events,
-                                &peer,
-                                format!("limit {dst}"),
-                                format!("per-pair relay limit reached towards {dst}"),
-                            );
-                            continue;
-                        }
-                        self.captured(&payload);
-                        if dst == self.paths.me() || dst == mapped_addr(&self.name) {
+                        if dst == self.paths.me() || dst == self.own_mapped {
+                            self.captured(&payload);
                             self.paths.on_relayed(src, payload);
                             self.stats.datagrams.fetch_add(1, Ordering::Relaxed);
                             self.stats.bytes.fetch_add(len as u64, Ordering::Relaxed);
                             continue;
                         }
                         let target = lock(&self.clients).get(&dst).cloned();
-                        match target {
-                            Some(t) => {
-                                let sent = frame_bytes(&Frame::Recv { src, payload })
-                                    .is_some_and(|f| t.tx.try_send(f).is_ok());
-                                if sent {
-                                    self.stats.datagrams.fetch_add(1, Ordering::Relaxed);
-                                    self.stats.bytes.fetch_add(len as u64, Ordering::Relaxed);
-                                } else {
-                                    self.stats.refused_queue.fetch_add(1, Ordering::Relaxed);
-                                }
+                        let Some(t) = target else {
+                            self.stats.refused_unknown.fetch_add(1, Ordering::Relaxed);
+                            if unknown_said.len() > SESSION_TABLE {
+                                unknown_said.clear();
                             }
-                            None => {
-                                self.stats.refused_unknown.fetch_add(1, Ordering::Relaxed);
-                                let due = unknown_said
-                                    .get(&dst)
-                                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
-                                if due {
-                                    unknown_said.insert(dst, Instant::now());
-                                    if let Some(b) = frame_bytes(&Frame::Unknown { dst }) {
-                                        let _ = tx.try_send(b);
-                                    }
-                                    self.event(&mut events, &peer, format!("unknown {dst}"), format!("no mesh node with a session here is known as {dst}: not forwarded"));
-                                }
+                            let due = unknown_said
+                                .get(&dst)
+                                .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+                            if due {
+                                unknown_said.insert(dst, Instant::now());
+                                say(Frame::Unknown { dst });
+                                self.event(&mut events, &peer, "unknown".into(), format!("no mesh node with a session here is known as {dst}: not forwarded"));
                             }
+                            continue;
+                        };
+                        // One bucket per destination node, whatever address
+                        // names it.
+                        if buckets.len() > SESSION_TABLE {
+                            buckets.clear();
+                        }
+                        let bucket = buckets
+                            .entry(t.id)
+                            .or_insert_with(|| Bucket::new(&self.limits));
+                        if !bucket.take(&self.limits, len) {
+                            self.stats.refused_limit.fetch_add(1, Ordering::Relaxed);
+                            self.event(
+                                &mut events,
+                                &peer,
+                                format!("limit {}", t.name),
+                                format!("per-pair relay limit reached towards node `{}`", t.name),
+                            );
+                            continue;
+                        }
+                        self.captured(&payload);
+                        let sent =
+                            frame_bytes(&Frame::Recv { src, payload }).is_some_and(|f| t.offer(f));
+                        if sent {
+                            self.stats.datagrams.fetch_add(1, Ordering::Relaxed);
+                            self.stats.bytes.fetch_add(len as u64, Ordering::Relaxed);
+                        } else {
+                            self.stats.refused_queue.fetch_add(1, Ordering::Relaxed);
                         }
                     }
-                    Frame::Ping { nonce } => {
-                        if let Some(b) = frame_bytes(&Frame::Pong { nonce }) {
-                            let _ = tx.try_send(b);
-                        }
-                    }
+                    Frame::Ping { nonce } => say(Frame::Pong { nonce }),
                     Frame::DialBack { nonce } => {
                         let due = last_dialback.is_none_or(|t| t.elapsed() >= DIALBACK_EVERY);
                         if let (Some(to), true) = (observed, due) {
@@ -444,40 +523,60 @@ impl RelayServer {
         };
         self.unregister(id);
         lock(&self.paths.st).welcome_tokens.remove(&token);
+        {
+            let mut per = lock(&self.per_node);
+            if let Some(n) = per.get_mut(&peer) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    per.remove(&peer);
+                }
+            }
+        }
         self.stats.sessions.fetch_sub(1, Ordering::Relaxed);
+        drop(me);
         drop(tx);
         let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
         info!(peer = %peer, transport = transport.as_str(), reason = %why, "relay session ended");
     }
 
+    /// Registers `me` under `adv` and its node's mapped address. Refused
+    /// for a revoked chain, and never over another node's keys.
     fn register(
         &self,
-        id: u64,
-        peer: &Arc<str>,
+        me: &Client,
         adv: SocketAddr,
-        tx: &mpsc::Sender<Bytes>,
-        close: &Arc<Notify>,
         chain: &Option<Arc<Vec<CertificateDer<'static>>>>,
-    ) {
-        let client = Client {
-            id,
-            name: peer.clone(),
-            adv,
-            tx: tx.clone(),
-            close: close.clone(),
-            chain: chain.clone(),
-        };
+    ) -> Result<(), String> {
+        if let Some(r) = chain
+            .as_ref()
+            .and_then(|c| self.revoked.revoked_in(c.iter()))
+        {
+            return Err(format!("certificate {} is revoked", r.serial));
+        }
+        let client = Client { adv, ..me.clone() };
         let mut clients = lock(&self.clients);
+        let keys = [adv, mapped_addr(&me.name)];
+        if let Some(other) = keys
+            .iter()
+            .filter_map(|k| clients.get(k))
+            .find(|c| c.name != me.name)
+        {
+            return Err(format!(
+                "address {adv} is registered by node `{}`",
+                other.name
+            ));
+        }
         // A re-Hello (new advertised address) replaces this session's keys.
-        clients.retain(|_, c| c.id != id);
-        let fresh = !clients.values().any(|c| c.name == *peer);
-        for key in [adv, mapped_addr(peer)] {
+        clients.retain(|_, c| c.id != me.id);
+        let fresh = !clients.values().any(|c| c.name == me.name);
+        for key in keys {
             clients.insert(key, client.clone());
         }
         drop(clients);
         if fresh {
-            info!(peer = %peer, advertised = %adv, "relay session registered");
+            info!(peer = %me.name, advertised = %adv, "relay session registered");
         }
+        Ok(())
     }
 
     fn unregister(&self, id: u64) {
@@ -575,7 +674,7 @@ mod tests {
 
     fn server(limits: RelayLimits) -> (Arc<RelayServer>, mpsc::Receiver<RelayEvent>) {
         let (paths, _rx) = Paths::new("relay", true);
-        RelayServer::new("relay", paths, limits)
+        RelayServer::new("relay", paths, limits, Arc::default())
     }
 
     fn dgram(i: u32) -> Bytes {
@@ -626,6 +725,7 @@ mod tests {
     #[tokio::test]
     async fn a_claim_to_another_address_is_refused_and_reported() {
         let (s, mut ev) = server(RelayLimits::default());
+        let _victim = join(&s, "victim").await;
         let (ours, theirs) = tokio::io::duplex(1 << 16);
         let (rd, wr) = tokio::io::split(theirs);
         tokio::spawn(s.clone().serve(
@@ -639,14 +739,59 @@ mod tests {
             io: ours,
             dec: Decoder::new(),
         };
+        let elsewhere: SocketAddr = "198.51.100.1:7400".parse().expect("addr");
+        m.send(Frame::Hello {
+            advertised: elsewhere,
+        })
+        .await;
+        assert!(matches!(m.next().await, Some(Frame::Welcome { .. })));
+        assert!(!s.knows(elsewhere), "the claim is not registered");
+        assert!(
+            s.knows(mapped_addr("mallory")),
+            "only its own mapped address"
+        );
+        assert_eq!(ev.recv().await.expect("event").peer, "mallory");
+        // Nor can it take the victim's mapped address.
         m.send(Frame::Hello {
             advertised: mapped_addr("victim"),
         })
         .await;
-        assert!(matches!(m.next().await, Some(Frame::Refused { .. })));
-        assert!(!s.knows(mapped_addr("victim")));
-        let e = ev.recv().await.expect("event");
-        assert_eq!(e.peer, "mallory");
+        for _ in 0..200 {
+            if s.stats.refused_claim.load(Ordering::Relaxed) == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(s.stats.refused_claim.load(Ordering::Relaxed), 2);
+        assert!(s
+            .sessions()
+            .iter()
+            .any(|(n, a)| n == "victim" && *a == mapped_addr("victim")));
+        assert!(!s
+            .sessions()
+            .iter()
+            .any(|(n, a)| n == "mallory" && *a == mapped_addr("victim")));
+    }
+
+    #[tokio::test]
+    async fn a_session_must_say_hello_first() {
+        let (s, _ev) = server(RelayLimits::default());
+        let (ours, theirs) = tokio::io::duplex(1 << 16);
+        let (rd, wr) = tokio::io::split(theirs);
+        tokio::spawn(s.clone().serve(
+            (Box::new(rd), Box::new(wr)),
+            "early".into(),
+            None,
+            Transport::Tcp,
+            None,
+        ));
+        let mut p = Peer {
+            io: ours,
+            dec: Decoder::new(),
+        };
+        p.send(Frame::DialBack { nonce: [1; 16] }).await;
+        assert!(matches!(p.next().await, Some(Frame::Refused { .. })));
+        assert_eq!(p.next().await, None);
     }
 
     #[tokio::test]
