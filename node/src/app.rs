@@ -93,6 +93,15 @@ impl App {
             reason = %established.reason,
             "overlay reachability"
         );
+        // A relay nobody can dial relays for no one: keep serving sessions
+        // that reach it, but do not announce the role.
+        let relay = match relay {
+            Some(_) if established.relayed => {
+                warn!("relay.enabled, but this node is not reachable directly: not announced as a relay (give it a reachable address, or reachability = \"direct\")");
+                None
+            }
+            r => r,
+        };
         let overlay_addr = established.advertised;
 
         // Inbound dispatch: one place where overlay channels meet their consumers.
@@ -167,6 +176,17 @@ impl App {
             config.delegation.circuit.clone(),
             config.delegation.selection,
         ));
+        // A relay accepts an advertised address gossip gives for the node
+        // (a node behind 1:1 NAT whose relay sees another address).
+        if let Some(server) = overlay.relay() {
+            let m = mesh.clone();
+            server.set_claim_check(Arc::new(move |name, addr| {
+                m.announcements()
+                    .1
+                    .iter()
+                    .any(|a| a.name == name && a.overlay_addr == addr)
+            }));
+        }
         let delegation_metrics = crate::metrics::DelegationMetrics::default();
         let local_agents = Arc::new(LocalAgents::default());
         let upstream = Upstream::new();

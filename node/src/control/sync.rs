@@ -66,7 +66,13 @@ fn feed_paths(mesh: &MeshView, overlay: &Overlay, applied: u64) -> u64 {
         return applied;
     }
     for a in anns.iter().filter(|a| a.name != overlay.name()) {
-        if let Some(r) = &a.relay {
+        // Only a directly reachable node on a real address can relay: a
+        // record naming a mapped address (or a relayed node) as a relay
+        // would black-hole or bounce whatever took it.
+        let usable = a.reachability == "direct"
+            && !dmsc_transport::path::is_mapped(a.overlay_addr)
+            && a.roles.iter().any(|r| r == "relay");
+        if let Some(r) = a.relay.as_ref().filter(|_| usable) {
             overlay.add_relay(dmsc_transport::RelayAddr {
                 overlay: a.overlay_addr,
                 tcp: r.tcp,

@@ -386,16 +386,27 @@ impl MeshView {
         });
         // A relayed node counts as reachable only through a live relay that
         // lists it among its sessions: a claim no relay backs is no route.
+        // Relayed: announced so, or on a mapped address whatever it says.
+        // The backing relay must be another live node with the relay role.
         let backed = |e: &NodeCache| match &e.ann {
-            Some(a) if a.reachability == "relayed" => a.via.iter().any(|r| {
-                cache.get(r).is_some_and(|rc| {
-                    rc.live
-                        && rc
-                            .relay_clients
-                            .as_ref()
-                            .is_some_and(|c| c.contains(&e.name))
+            Some(a)
+                if a.reachability != "direct"
+                    || dmsc_transport::path::is_mapped(a.overlay_addr) =>
+            {
+                a.via.iter().filter(|r| **r != e.name).any(|r| {
+                    cache.get(r).is_some_and(|rc| {
+                        rc.live
+                            && rc
+                                .ann
+                                .as_ref()
+                                .is_some_and(|ra| ra.roles.iter().any(|x| x == "relay"))
+                            && rc
+                                .relay_clients
+                                .as_ref()
+                                .is_some_and(|c| c.contains(&e.name))
+                    })
                 })
-            }),
+            }
             _ => true,
         };
         let nodes: HashMap<String, (SocketAddr, u8)> = cache
