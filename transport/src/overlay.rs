@@ -764,6 +764,9 @@ const FIRST_SESSION_WAIT: Duration = Duration::from_millis(3500);
 const DIAL_BACK_WAIT: Duration = Duration::from_millis(1500);
 /// TCP relay sessions a relay serves at once.
 const MAX_TCP_SESSIONS: usize = 4096;
+/// TCP relay handshakes in progress at once, in all and per source address.
+const MAX_TCP_HANDSHAKES: usize = 256;
+const MAX_TCP_HANDSHAKES_PER_IP: usize = 16;
 
 impl Overlay {
     pub(crate) fn downgrade(&self) -> WeakOverlay {
@@ -942,6 +945,11 @@ async fn tcp_accept_loop(
     tls: Arc<Mutex<Arc<rustls::ServerConfig>>>,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_TCP_SESSIONS));
+    // Handshakes in progress, apart from established sessions and per
+    // source address, so unauthenticated connections cannot hold the slots
+    // of mesh nodes.
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_TCP_HANDSHAKES));
+    let per_ip: Arc<Mutex<HashMap<std::net::IpAddr, usize>>> = Arc::default();
     loop {
         let (tcp, from) = match listener.accept().await {
             Ok(a) => a,
@@ -951,29 +959,53 @@ async fn tcp_accept_loop(
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            debug!(peer = %from, "relay TCP sessions at their limit; refusing");
+        let Ok(shaking) = handshakes.clone().try_acquire_owned() else {
+            debug!(peer = %from, "relay TCP handshakes at their limit; refusing");
             continue;
         };
+        {
+            let mut per = lock(&per_ip);
+            let n = per.entry(from.ip()).or_insert(0);
+            if *n >= MAX_TCP_HANDSHAKES_PER_IP {
+                debug!(peer = %from, "too many relay TCP handshakes from this address; refusing");
+                continue;
+            }
+            *n += 1;
+        }
         let cfg = lock(&tls).clone();
         let server = server.clone();
+        let slots = slots.clone();
+        let per_ip = per_ip.clone();
         tokio::spawn(async move {
-            let _permit = permit;
             let _ = tcp.set_nodelay(true);
             let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
-            let stream =
-                match tokio::time::timeout(Duration::from_secs(5), acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        warn!(peer = %from, error = %e, "refused a TCP relay session (TLS)");
-                        server.refused_handshake(from, &e.to_string());
-                        return;
+            let result = tokio::time::timeout(Duration::from_secs(5), acceptor.accept(tcp)).await;
+            drop(shaking);
+            {
+                let mut per = lock(&per_ip);
+                if let Some(n) = per.get_mut(&from.ip()) {
+                    *n -= 1;
+                    if *n == 0 {
+                        per.remove(&from.ip());
                     }
-                    Err(_) => {
-                        debug!(peer = %from, "TCP relay handshake timed out");
-                        return;
-                    }
-                };
+                }
+            }
+            let Ok(_permit) = slots.try_acquire_owned() else {
+                debug!(peer = %from, "relay TCP sessions at their limit; refusing");
+                return;
+            };
+            let stream = match result {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    warn!(peer = %from, error = %e, "refused a TCP relay session (TLS)");
+                    server.refused_handshake(from, &e.to_string());
+                    return;
+                }
+                Err(_) => {
+                    debug!(peer = %from, "TCP relay handshake timed out");
+                    return;
+                }
+            };
             let chain: Vec<CertificateDer<'static>> = stream
                 .get_ref()
                 .1

@@ -68,6 +68,11 @@ pub(crate) async fn keep_session(
         }
         let started = Instant::now();
         let result = match open(&overlay, &paths, relay, &tls).await {
+            // Listed as its own relay (a shared config): nothing to keep.
+            Ok(opened) if *opened.name == *paths.name => {
+                info!(relay = %relay.overlay, "this relay address is this node itself; no session to keep");
+                return;
+            }
             Ok(opened) => run(&paths, relay, opened).await,
             Err(e) => Err(e),
         };
