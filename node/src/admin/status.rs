@@ -309,6 +309,11 @@ impl StatusReport {
             out.push_str("no peers yet (check overlay.bootstrap and `dmsc-node` logs)\n");
         } else {
             out.push_str(&table(&header, &rows));
+            for p in &self.peers {
+                if let (Some("relayed"), Some(note)) = (p.path.as_deref(), &p.path_note) {
+                    out.push_str(&format!("  {}: {note}\n", p.name));
+                }
+            }
         }
         out.push('\n');
         let header = [
