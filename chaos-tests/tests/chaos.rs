@@ -595,6 +595,25 @@ fn nat_relay_tcp_fallback_and_relay_failover_under_load() {
             "[a] endpoint-independent NAT: c1 -> s1 direct after {:?}",
             direct.expect("(a) hole punched within 15 s")
         );
+        // Before the hole was punched, s1 was reached through the relay: s1
+        // advertises itself as relayed, r1 holds its session and forwarded
+        // datagrams (QUIC ciphertext) for it.
+        let c1 = mesh.node("c1").status().expect("status");
+        assert_eq!(
+            c1.peer("s1").and_then(|p| p["reachability"].as_str()),
+            Some("relayed"),
+            "{:?}",
+            c1.peer("s1")
+        );
+        let r1 = mesh.node("r1").status().expect("status");
+        let relay = &r1.0["paths"]["relay"];
+        assert!(
+            relay["clients"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|n| n == "s1")),
+            "{relay}"
+        );
+        assert!(relay["datagrams"].as_u64().unwrap_or(0) > 0, "{relay}");
         let s = finish("a/endpoint-independent", runs, started);
         check_success("a/endpoint-independent", &s, 3 * PER_GEN);
         assert!(
