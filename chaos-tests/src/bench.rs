@@ -64,6 +64,10 @@ pub struct BenchSpec {
     pub reps: usize,
     /// Pin nodes and agents to CPU 0, the load generator to CPU 1.
     pub pin: bool,
+    /// Seconds to wait, after the client sees the killed server gone,
+    /// before restarting it (a direct path is dropped after 6.5 s without
+    /// an answer: under that, the client may still hold the old one).
+    pub settle_secs: f64,
 }
 
 /// One variant: who calls whom.
@@ -132,6 +136,9 @@ pub struct Sample {
 pub struct Establish {
     pub server: String,
     pub client: String,
+    /// Kill to the client's `status` no longer showing the server alive.
+    pub gone_s: Option<f64>,
+    pub settle_s: f64,
     /// Process start to `dmsc-node ready`.
     pub ready_s: f64,
     /// Process start to the first successful request (None: not within the limit).
@@ -205,8 +212,19 @@ pub fn run_bench(spec: &BenchSpec) -> Result<Report> {
             .ok()
             .and_then(|s| s.peer(v.server).cloned())
             .unwrap_or_default();
+        // The server's view of the client: on a UDP-blocked server, the
+        // transport of *its* relay session (tcp) shows here.
+        let back = b.nodes[v.server]
+            .status()
+            .ok()
+            .and_then(|s| s.peer(v.client).cloned())
+            .unwrap_or_default();
         eprintln!("{} -> {}: {p}", v.client, v.server);
-        paths_before.insert(v.key.to_string(), p);
+        eprintln!("{} -> {}: {back}", v.server, v.client);
+        paths_before.insert(
+            v.key.to_string(),
+            serde_json::json!({ "client_view": p, "server_view": back }),
+        );
     }
     let r1 = pid_in(&b.lab, "r1")?;
     let tick = clk_tck();
@@ -258,7 +276,11 @@ pub fn run_bench(spec: &BenchSpec) -> Result<Report> {
                     achieved_per_s: s.ok as f64 / s.elapsed_s.max(1e-9),
                     relay_cpu_us_per_req: cpu / ok * 1e6,
                     relay_cpu_net_us_per_req: (cpu - idle_rate * wall) / ok * 1e6,
-                    path_after: path_of(&b, v.client, v.server),
+                    path_after: format!(
+                        "{} / back: {}",
+                        path_of(&b, v.client, v.server),
+                        path_of(&b, v.server, v.client)
+                    ),
                     first_errors: s.first_errors.iter().take(3).cloned().collect(),
                 };
                 eprintln!(
@@ -493,7 +515,7 @@ fn establish_once(
     if gone.is_none() {
         eprintln!("warning: {client} still saw {server} alive {LIMIT:?} after the kill");
     }
-    std::thread::sleep(Duration::from_secs(1));
+    std::thread::sleep(Duration::from_secs_f64(spec.settle_secs));
     let start = Instant::now();
     let ready = match b.nodes.get_mut(server) {
         Some(n) => n.spawn()?,
@@ -528,6 +550,8 @@ fn establish_once(
     Ok(Establish {
         server: server.into(),
         client: client.into(),
+        gone_s: gone.map(|d| d.as_secs_f64()),
+        settle_s: spec.settle_secs,
         ready_s: ready.as_secs_f64(),
         first_ok_s: first_ok.map(|d| d.as_secs_f64()),
         path_at_first_ok,
@@ -671,8 +695,9 @@ pub fn render(r: &Report) -> String {
         let direct: Vec<f64> = e.iter().filter_map(|e| e.to_direct_s).collect();
         let ready: Vec<f64> = e.iter().map(|e| e.ready_s).collect();
         out.push_str(&format!(
-            "establish {server} (client {}), {} reps: ready median {:.2} s; first ok median {:.2} s {:?}; paths at first ok {:?}; to direct median {:.2} s {:?} ({} of {} reached direct)\n",
+            "establish {server} (client {}, settle {} s), {} reps: ready median {:.2} s; first ok median {:.2} s {:?}; paths at first ok {:?}; to direct median {:.2} s {:?} ({} of {} reached direct)\n",
             e[0].client,
+            e[0].settle_s,
             e.len(),
             median(ready),
             median(first.clone()),

@@ -91,6 +91,10 @@ enum Cmd {
         /// Repetitions of the path-establishment measure
         #[arg(long, default_value_t = 5)]
         reps: usize,
+        /// Seconds between the client seeing a killed server gone and its
+        /// restart, in the path-establishment measure
+        #[arg(long, default_value_t = 1.0)]
+        settle_secs: f64,
         /// Do not pin (nodes to CPU 0, load to CPU 1)
         #[arg(long)]
         no_pin: bool,
@@ -162,6 +166,7 @@ fn main() -> anyhow::Result<()> {
             max_workers,
             rounds,
             reps,
+            settle_secs,
             no_pin,
             json,
         } => {
@@ -183,6 +188,7 @@ fn main() -> anyhow::Result<()> {
                 rounds,
                 reps,
                 pin: !no_pin,
+                settle_secs,
             };
             let report = dmsc_chaos::bench::run_bench(&spec)?;
             if json {
