@@ -16,9 +16,11 @@
 //!   run as `dmsc-chaos load` inside a namespace, since the workspace
 //!   forbids the `unsafe` a `setns` from the test process would need;
 //! - [`udp`]: UDP echo and probe, to check the lab's NATs and filters;
+//! - [`bench`]: `dmsc-chaos bench-relay`, issue 11's relay benchmarks;
 //! - [`hybrid`]: the `topology-examples/hybrid-cloud` lab behind
 //!   `dmsc-chaos up hybrid-cloud`.
 
+pub mod bench;
 pub mod hybrid;
 pub mod lab;
 pub mod load;

@@ -5,6 +5,8 @@
 //!   test process cannot go without `unsafe` `setns`; prints a JSON summary;
 //! - `udp-echo`, `udp-probe`: check that the lab's NATs map and its
 //!   filters drop as they claim;
+//! - `bench-relay`: issue 11's benchmarks of relays and NAT traversal
+//!   (`bench` module; root);
 //! - `up hybrid-cloud`: builds `topology-examples/hybrid-cloud` in
 //!   namespaces and keeps it up until Ctrl-C, then tears it all down.
 
@@ -65,6 +67,41 @@ enum Cmd {
         #[arg(long, default_value_t = 500)]
         timeout_ms: u64,
     },
+    /// Benchmarks of relays and NAT traversal in one lab (root): direct,
+    /// relayed over QUIC, hole punched, relayed over TCP
+    BenchRelay {
+        /// The dmsc-node binary (default: next to this binary)
+        #[arg(long)]
+        node_bin: Option<PathBuf>,
+        /// Fixed rates, requests per second
+        #[arg(long, value_delimiter = ',', default_values_t = [200.0, 1000.0])]
+        rates: Vec<f64>,
+        /// Seconds per fixed-rate load
+        #[arg(long, default_value_t = 5.0)]
+        secs: f64,
+        /// Requests of the closed-loop max-throughput load
+        #[arg(long, default_value_t = 15_000)]
+        max_count: u64,
+        /// Workers of the max-throughput load
+        #[arg(long, default_value_t = 16)]
+        max_workers: usize,
+        /// Rounds (variant order alternates)
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        /// Repetitions of the path-establishment measure
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// Seconds between the client seeing a killed server gone and its
+        /// restart, in the path-establishment measure
+        #[arg(long, default_value_t = 1.0)]
+        settle_secs: f64,
+        /// Do not pin (nodes to CPU 0, load to CPU 1)
+        #[arg(long)]
+        no_pin: bool,
+        /// Print the full report as JSON (else Markdown tables)
+        #[arg(long)]
+        json: bool,
+    },
     /// Bring a topology up in network namespaces until Ctrl-C (root)
     Up {
         /// Topology name: `hybrid-cloud`
@@ -119,6 +156,47 @@ fn main() -> anyhow::Result<()> {
         Cmd::UdpProbe { to, timeout_ms } => {
             let seen = dmsc_chaos::udp::probe(&to, Duration::from_millis(timeout_ms))?;
             println!("{}", serde_json::to_string(&seen)?);
+            Ok(())
+        }
+        Cmd::BenchRelay {
+            node_bin,
+            rates,
+            secs,
+            max_count,
+            max_workers,
+            rounds,
+            reps,
+            settle_secs,
+            no_pin,
+            json,
+        } => {
+            if let Some(why) = dmsc_chaos::preflight() {
+                anyhow::bail!("cannot build the lab: {why}");
+            }
+            let node_bin = node_bin
+                .or_else(dmsc_chaos::bench::default_node_bin)
+                .context("no dmsc-node binary")?;
+            dmsc_chaos::bench::check_bin(&node_bin)?;
+            let spec = dmsc_chaos::bench::BenchSpec {
+                node_bin,
+                chaos_bin: std::env::current_exe()?,
+                rates,
+                secs,
+                rate_workers: 8,
+                max_count,
+                max_workers,
+                rounds,
+                reps,
+                pin: !no_pin,
+                settle_secs,
+            };
+            let report = dmsc_chaos::bench::run_bench(&spec)?;
+            if json {
+                eprint!("{}", dmsc_chaos::bench::render(&report));
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", dmsc_chaos::bench::render(&report));
+            }
             Ok(())
         }
         Cmd::Up {
