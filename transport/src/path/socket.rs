@@ -264,8 +264,14 @@ impl AsyncUdpSocket for PathSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        // Register first, always: relays can be learned (and datagrams
-        // relayed to us) while the driver is parked on the UDP socket.
+        // No relay in sight: the plain socket, nothing else on this path.
+        // (When relays come later, the driver's next wake-up, at most a
+        // keep-alive interval away, registers the waker below.)
+        if !self.paths.is_active() {
+            return self.inner.udp.poll_recv(cx, bufs, meta);
+        }
+        // Waker first, queue second: a datagram relayed in between wakes
+        // us instead of being missed.
         {
             let mut w = lock(&self.paths.recv_waker);
             if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
