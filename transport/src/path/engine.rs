@@ -259,11 +259,11 @@ impl Engine {
             DiscoIn::Direct { from, bytes } => match Disco::parse(&bytes) {
                 Some(msg @ Disco::Ping { .. }) => self.on_ping(from, msg),
                 Some(msg @ Disco::Pong { .. }) => self.on_pong(from, msg),
-                Some(Disco::RelayPing { tx, token }) => {
-                    // A probe of one of this relay's session clients.
-                    if lock(&self.paths.st).welcome_tokens.contains(&token) {
-                        self.send_direct(from, &Disco::RelayPong { tx, observed: from });
-                    }
+                // A probe of one of this relay's session clients.
+                Some(Disco::RelayPing { tx, token })
+                    if lock(&self.paths.st).welcome_tokens.contains(&token) =>
+                {
+                    self.send_direct(from, &Disco::RelayPong { tx, observed: from });
                 }
                 Some(Disco::RelayPong { tx, observed }) => {
                     if let Some((Target::Relay(relay), to, _)) = self.pings.get(&tx).copied() {
