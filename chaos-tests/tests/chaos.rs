@@ -700,6 +700,30 @@ fn nat_relay_tcp_fallback_and_relay_failover_under_load() {
             "s1 served requests"
         );
         all.merge(&s);
+        // UDP comes back: s1's session moves back to QUIC by itself (UDP
+        // probes every 2 s; the TCP session closes once one is answered).
+        mesh.lab.unblock_udp("s1").expect("unblock udp");
+        let unblocked = Instant::now();
+        let back = eventually(HEAL_WITHIN, || {
+            mesh.node("s1").status().ok().is_some_and(|st| {
+                st.0["paths"]["sessions"].as_array().is_some_and(|v| {
+                    !v.is_empty() && v.iter().all(|x| x["transport"] == "quic")
+                }) && st.0["paths"]["udp"] == "ok"
+            })
+        });
+        if back.is_none() {
+            mesh.dump_logs();
+        }
+        eprintln!(
+            "[b] UDP unblocked: s1's relay session back on QUIC after {:?}",
+            back.expect("(b) back to QUIC within 15 s of UDP working again")
+        );
+        assert_eq!(
+            mesh.probe("c1", "alpha-s1.acme.dmsc").as_deref(),
+            Some("s1"),
+            "s1 still serves after the switch ({:?} since the unblock)",
+            unblocked.elapsed()
+        );
     }
 
     // (c) Two relays; s1 stays relayed (symmetric NAT); the relay it uses
