@@ -706,9 +706,10 @@ fn nat_relay_tcp_fallback_and_relay_failover_under_load() {
         let unblocked = Instant::now();
         let back = eventually(HEAL_WITHIN, || {
             mesh.node("s1").status().ok().is_some_and(|st| {
-                st.0["paths"]["sessions"].as_array().is_some_and(|v| {
-                    !v.is_empty() && v.iter().all(|x| x["transport"] == "quic")
-                }) && st.0["paths"]["udp"] == "ok"
+                st.0["paths"]["sessions"]
+                    .as_array()
+                    .is_some_and(|v| !v.is_empty() && v.iter().all(|x| x["transport"] == "quic"))
+                    && st.0["paths"]["udp"] == "ok"
             })
         });
         if back.is_none() {
@@ -718,12 +719,17 @@ fn nat_relay_tcp_fallback_and_relay_failover_under_load() {
             "[b] UDP unblocked: s1's relay session back on QUIC after {:?}",
             back.expect("(b) back to QUIC within 15 s of UDP working again")
         );
-        assert_eq!(
-            mesh.probe("c1", "alpha-s1.acme.dmsc").as_deref(),
-            Some("s1"),
-            "s1 still serves after the switch ({:?} since the unblock)",
-            unblocked.elapsed()
+        let serving = eventually(HEAL_WITHIN, || {
+            mesh.probe("c1", "alpha-s1.acme.dmsc").as_deref() == Some("s1")
+        });
+        if serving.is_none() {
+            mesh.dump_logs();
+        }
+        eprintln!(
+            "[b] s1 serves c1 again {:?} after the unblock",
+            serving.map(|_| unblocked.elapsed())
         );
+        assert!(serving.is_some(), "(b) s1 serves after the switch to QUIC");
     }
 
     // (c) Two relays; s1 stays relayed (symmetric NAT); the relay it uses

@@ -216,7 +216,8 @@ pub(crate) struct State {
     /// The dial-back nonce `establish` waits for, and whether it came.
     pub pending_dialback: Option<[u8; 16]>,
     pub dialback_seen: bool,
-    /// When a QUIC relay session last failed to open.
+    /// When a QUIC relay session last failed to open although UDP probes
+    /// were answered.
     pub quic_failed_at: Option<Instant>,
     pub next_session: u64,
 }
@@ -330,10 +331,14 @@ impl Paths {
         lock(&self.st).dialback_seen
     }
 
-    /// A QUIC relay session could not be opened.
+    /// A QUIC relay session could not be opened. Only a failure while UDP
+    /// probes get answered (small packets pass, QUIC does not) makes UDP
+    /// untrusted for a while; one while UDP is blocked says nothing new.
     pub(crate) fn note_quic_failed(&self) {
         let mut st = lock(&self.st);
-        st.quic_failed_at = Some(Instant::now());
+        if st.udp_ok_at.is_some_and(|t| t.elapsed() < UDP_FRESH) {
+            st.quic_failed_at = Some(Instant::now());
+        }
         Self::recompute_udp(&mut st);
     }
 
@@ -564,7 +569,16 @@ impl Paths {
                 return Some(s.clone());
             }
         }
-        st.sessions.iter().find(usable).cloned()
+        if let Some(s) = st.sessions.iter().find(usable) {
+            return Some(s.clone());
+        }
+        // Every relay said it does not know this mapped address lately: ask
+        // one anyway rather than drop (the node may be re-registering right
+        // now). A real address goes direct instead (the caller's rule).
+        if !is_mapped(dst) {
+            return None;
+        }
+        st.sessions.first().cloned()
     }
 
     /// Sends `payload` to `dst` through a relay, whatever the direct path
