@@ -333,6 +333,10 @@ struct Inner {
     relay: Mutex<Option<Arc<RelayServer>>>,
     /// Relays a session task runs for.
     relays: Mutex<HashSet<RelayAddr>>,
+    /// Those of them learned from gossip (dropped when gossip drops them).
+    learned: Mutex<HashSet<RelayAddr>>,
+    /// Overlay addresses of configured relays (kept whatever gossip says).
+    configured: Mutex<HashSet<SocketAddr>>,
     /// TLS for TCP relay sessions (client side), swapped on reload.
     tcp_tls: TcpTls,
     /// TLS for the TCP relay listener (relay role), swapped on reload.
@@ -467,6 +471,8 @@ impl Overlay {
             paths: paths.clone(),
             relay: Mutex::new(None),
             relays: Mutex::new(HashSet::new()),
+            learned: Mutex::new(HashSet::new()),
+            configured: Mutex::new(HashSet::new()),
             tcp_tls: Arc::new(Mutex::new(tcp_client)),
             tcp_server_tls: Arc::new(Mutex::new(tcp_server)),
         });
@@ -820,14 +826,27 @@ impl Overlay {
         Ok((server, events, bound))
     }
 
-    /// Keeps a session to `relay` from now on (no-op if one is kept, or if
-    /// `relay` is this node).
+    /// Keeps a session to `relay` from now on, whatever gossip says later
+    /// (a configured relay; no-op if one is kept, or if `relay` is this
+    /// node).
     pub fn add_relay(&self, relay: RelayAddr) {
+        lock(&self.inner.configured).insert(relay.overlay);
+        self.keep_relay(relay);
+    }
+
+    fn keep_relay(&self, relay: RelayAddr) {
         if relay.overlay == self.inner.local_addr || relay.overlay == self.inner.paths.me() {
             return;
         }
-        if !lock(&self.inner.relays).insert(relay) {
-            return;
+        {
+            let mut relays = lock(&self.inner.relays);
+            if relays.contains(&relay) {
+                return;
+            }
+            // One session per relay: a newer TCP address (its gossip
+            // record) replaces the one assumed from the config.
+            relays.retain(|r| r.overlay != relay.overlay);
+            relays.insert(relay);
         }
         self.inner.paths.add_relay_addr(relay.overlay);
         self.inner.paths.activate();
@@ -852,6 +871,37 @@ impl Overlay {
     /// The relays sessions are kept to.
     pub fn relays(&self) -> Vec<RelayAddr> {
         lock(&self.inner.relays).iter().copied().collect()
+    }
+
+    /// True while a session to `relay` is wanted.
+    pub(crate) fn wants_relay(&self, relay: RelayAddr) -> bool {
+        lock(&self.inner.relays).contains(&relay)
+    }
+
+    /// The relays gossip knows now: sessions start to new ones, and stop
+    /// to learned ones gossip no longer lists (configured ones stay).
+    pub fn set_learned_relays(&self, now: Vec<RelayAddr>) {
+        let gone: Vec<RelayAddr> = {
+            let mut learned = lock(&self.inner.learned);
+            let gone = learned
+                .iter()
+                .filter(|r| !now.contains(r))
+                .copied()
+                .collect();
+            *learned = now.iter().copied().collect();
+            gone
+        };
+        let configured = lock(&self.inner.configured).clone();
+        for r in gone
+            .into_iter()
+            .filter(|r| !configured.contains(&r.overlay))
+        {
+            lock(&self.inner.relays).remove(&r);
+            info!(relay = %r.overlay, "relay gone from gossip: its session stops");
+        }
+        for r in now {
+            self.keep_relay(r);
+        }
     }
 
     /// Decides whether peers can dial this node at `direct` or must go

@@ -65,6 +65,7 @@ fn feed_paths(mesh: &MeshView, overlay: &Overlay, applied: u64) -> u64 {
     if version == applied {
         return applied;
     }
+    let mut relays = Vec::new();
     for a in anns.iter().filter(|a| a.name != overlay.name()) {
         // Only a directly reachable node on a real address can relay: a
         // record naming a mapped address (or a relayed node) as a relay
@@ -73,7 +74,7 @@ fn feed_paths(mesh: &MeshView, overlay: &Overlay, applied: u64) -> u64 {
             && !dmsc_transport::path::is_mapped(a.overlay_addr)
             && a.roles.iter().any(|r| r == "relay");
         if let Some(r) = a.relay.as_ref().filter(|_| usable) {
-            overlay.add_relay(dmsc_transport::RelayAddr {
+            relays.push(dmsc_transport::RelayAddr {
                 overlay: a.overlay_addr,
                 tcp: r.tcp,
             });
@@ -83,6 +84,7 @@ fn feed_paths(mesh: &MeshView, overlay: &Overlay, applied: u64) -> u64 {
             a.via.iter().map(|v| Arc::from(v.as_str())).collect(),
         );
     }
+    overlay.set_learned_relays(relays);
     version
 }
 

@@ -63,8 +63,9 @@ pub(crate) async fn keep_session(
     let mut backoff = Duration::from_millis(250);
     let mut failures = 0u32;
     loop {
-        if overlay.upgrade().is_none() {
-            return;
+        match overlay.upgrade() {
+            Some(o) if o.wants_relay(relay) => {}
+            _ => return,
         }
         let started = Instant::now();
         let result = match open(&overlay, &paths, relay, &tls).await {
