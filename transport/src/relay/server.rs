@@ -648,9 +648,8 @@ mod tests {
         }
     }
 
-    /// A session of node `name` on `server`, said hello with its mapped
-    /// address and welcomed.
-    async fn join(server: &Arc<RelayServer>, name: &str) -> Peer {
+    /// A session of node `name` on `server`, nothing said yet.
+    fn open(server: &Arc<RelayServer>, name: &str) -> Peer {
         let (ours, theirs) = tokio::io::duplex(1 << 20);
         let (rd, wr) = tokio::io::split(theirs);
         tokio::spawn(server.clone().serve(
@@ -660,10 +659,16 @@ mod tests {
             Transport::Tcp,
             None,
         ));
-        let mut p = Peer {
+        Peer {
             io: ours,
             dec: Decoder::new(),
-        };
+        }
+    }
+
+    /// A session of node `name` on `server`, said hello with its mapped
+    /// address and welcomed.
+    async fn join(server: &Arc<RelayServer>, name: &str) -> Peer {
+        let mut p = open(server, name);
         p.send(Frame::Hello {
             advertised: mapped_addr(name),
         })
@@ -726,19 +731,7 @@ mod tests {
     async fn a_claim_to_another_address_is_refused_and_reported() {
         let (s, mut ev) = server(RelayLimits::default());
         let _victim = join(&s, "victim").await;
-        let (ours, theirs) = tokio::io::duplex(1 << 16);
-        let (rd, wr) = tokio::io::split(theirs);
-        tokio::spawn(s.clone().serve(
-            (Box::new(rd), Box::new(wr)),
-            "mallory".into(),
-            None,
-            Transport::Tcp,
-            None,
-        ));
-        let mut m = Peer {
-            io: ours,
-            dec: Decoder::new(),
-        };
+        let mut m = open(&s, "mallory");
         let elsewhere: SocketAddr = "198.51.100.1:7400".parse().expect("addr");
         m.send(Frame::Hello {
             advertised: elsewhere,
@@ -776,19 +769,7 @@ mod tests {
     #[tokio::test]
     async fn a_session_must_say_hello_first() {
         let (s, _ev) = server(RelayLimits::default());
-        let (ours, theirs) = tokio::io::duplex(1 << 16);
-        let (rd, wr) = tokio::io::split(theirs);
-        tokio::spawn(s.clone().serve(
-            (Box::new(rd), Box::new(wr)),
-            "early".into(),
-            None,
-            Transport::Tcp,
-            None,
-        ));
-        let mut p = Peer {
-            io: ours,
-            dec: Decoder::new(),
-        };
+        let mut p = open(&s, "early");
         p.send(Frame::DialBack { nonce: [1; 16] }).await;
         assert!(matches!(p.next().await, Some(Frame::Refused { .. })));
         assert_eq!(p.next().await, None);
