@@ -439,7 +439,7 @@ impl Overlay {
         let udp = runtime.wrap_udp_socket(udp).map_err(bind_err)?;
         let socket = PathSocket::new(udp, paths.clone(), cfg.impair).map_err(bind_err)?;
         let endpoint = Endpoint::new_with_abstract_socket(
-            quinn::EndpointConfig::default(),
+            quinn::EndpointConfig::new(Arc::new(stateless_reset_key(&identity))),
             Some(server),
             Arc::new(socket),
             runtime,
@@ -735,6 +735,18 @@ impl Overlay {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
         lock(&self.inner.tasks).abort_all();
     }
+}
+
+/// The key QUIC stateless resets are made with, derived from the node's
+/// private key: a node restarted with the same key can reset the
+/// connections its predecessor left in peers' pools (RFC 9000, 10.3), so a
+/// peer drops such a connection at its next packet instead of holding
+/// delegations on it until the idle timeout.
+fn stateless_reset_key(identity: &NodeIdentity) -> ring::hmac::Key {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(b"dmsc quic stateless reset v1");
+    ctx.update(identity.key.secret_der());
+    ring::hmac::Key::new(ring::hmac::HMAC_SHA256, ctx.finish().as_ref())
 }
 
 /// TLS for TCP relay sessions: the overlay's mutual TLS 1.3 with the relay
