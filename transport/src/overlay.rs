@@ -439,7 +439,7 @@ impl Overlay {
         let udp = runtime.wrap_udp_socket(udp).map_err(bind_err)?;
         let socket = PathSocket::new(udp, paths.clone(), cfg.impair).map_err(bind_err)?;
         let endpoint = Endpoint::new_with_abstract_socket(
-            quinn::EndpointConfig::new(Arc::new(stateless_reset_key(&identity))),
+            endpoint_config(&identity),
             Some(server),
             Arc::new(socket),
             runtime,
@@ -737,16 +737,32 @@ impl Overlay {
     }
 }
 
-/// The key QUIC stateless resets are made with, derived from the node's
-/// private key: a node restarted with the same key can reset the
-/// connections its predecessor left in peers' pools (RFC 9000, 10.3), so a
-/// peer drops such a connection at its next packet instead of holding
-/// delegations on it until the idle timeout.
-fn stateless_reset_key(identity: &NodeIdentity) -> ring::hmac::Key {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    ctx.update(b"dmsc quic stateless reset v1");
-    ctx.update(identity.key.secret_der());
-    ring::hmac::Key::new(ring::hmac::HMAC_SHA256, ctx.finish().as_ref())
+/// The endpoint's stateless-reset key and connection-ID key, derived from
+/// the node's private key: a node restarted with the same key recognises
+/// the connection IDs its predecessor issued and can reset the connections
+/// it left in peers' pools (RFC 9000, 10.3), so a peer drops such a
+/// connection at its next packet instead of holding delegations on it until
+/// the idle timeout.
+fn endpoint_config(identity: &NodeIdentity) -> quinn::EndpointConfig {
+    let derive = |label: &[u8]| {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(label);
+        ctx.update(identity.key.secret_der());
+        ctx.finish()
+    };
+    let reset = derive(b"dmsc quic stateless reset v1");
+    let cid = derive(b"dmsc quic connection id v1");
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&cid.as_ref()[..8]);
+    let cid_key = u64::from_be_bytes(cid_key);
+    let mut cfg = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        reset.as_ref(),
+    )));
+    cfg.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    cfg
 }
 
 /// TLS for TCP relay sessions: the overlay's mutual TLS 1.3 with the relay

@@ -355,3 +355,48 @@ async fn streams_carry_the_tenant_scope_of_the_peers_verified_certificate() {
     b.shutdown().await;
     c.shutdown().await;
 }
+
+/// A node that dies without a word (kill -9) and comes back on the same
+/// address with the same key: its QUIC stateless resets make the peer drop
+/// the dead connection at its next packet, not at the 10 s idle timeout.
+#[test]
+fn a_restarted_node_resets_the_connections_of_its_predecessor() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let ca = CertificateAuthority::generate("mesh.test").expect("ca");
+    let b_id = identity(&ca, "b");
+    let (a, _a_rx) = rt.block_on(overlay(identity(&ca, "a")));
+    // b lives in a runtime of its own, so that it can die abruptly.
+    let b_rt = tokio::runtime::Runtime::new().expect("runtime");
+    let (b, b_rx) = b_rt.block_on(overlay(b_id.clone()));
+    let b_addr = b.local_addr();
+    rt.block_on(async {
+        a.connect(b_addr).await.expect("connect");
+    });
+    let first = a.peers()[0].since;
+    // kill -9: its runtime stops first, so no CONNECTION_CLOSE can leave;
+    // then the socket goes away.
+    drop(b_rt);
+    drop(b);
+    drop(b_rx);
+    let died = std::time::Instant::now();
+    rt.block_on(async {
+        let mut cfg = OverlayConfig::new(b_addr, b_id);
+        cfg.connect_timeout = Duration::from_secs(2);
+        let (_b2, _rx) = Overlay::bind(cfg).await.expect("rebind the same address");
+        // a's keep-alive (every second) reaches b2, which resets it.
+        let mut gone = false;
+        while died.elapsed() < Duration::from_secs(5) {
+            if !a.peers().iter().any(|p| p.since == first) {
+                gone = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            gone,
+            "the dead connection was still pooled {:?} after the restart (idle timeout is 10 s)",
+            died.elapsed()
+        );
+        a.connect(b_addr).await.expect("a reaches the restarted b");
+    });
+}
