@@ -295,6 +295,7 @@ impl App {
                 node_record,
                 relay.map(|r| r.events),
                 security.clone(),
+                mesh.clone(),
             )
             .in_current_span(),
         );
@@ -540,6 +541,7 @@ async fn announce_paths(
     mut record: NodeAnnouncement,
     mut events: Option<tokio::sync::mpsc::Receiver<dmsc_transport::relay::RelayEvent>>,
     security: Arc<Security>,
+    mesh: Arc<MeshView>,
 ) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -583,7 +585,9 @@ async fn announce_paths(
             }
         }
         if let Some(relay) = overlay.relay() {
-            let now = relay.client_names().join(",");
+            let names = relay.client_names();
+            mesh.set_own_relay_clients(names.clone());
+            let now = names.join(",");
             if now != clients {
                 clients = now;
                 gossip

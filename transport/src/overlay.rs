@@ -792,8 +792,10 @@ pub struct Established {
     pub reason: String,
 }
 
-/// How long [`Overlay::establish`] waits for a first relay session.
-const FIRST_SESSION_WAIT: Duration = Duration::from_millis(3500);
+/// How long [`Overlay::establish`] waits for a first relay session: long
+/// enough for a QUIC attempt to time out and a TCP + TLS session to come up
+/// over a slow path (a node whose UDP is dropped).
+const FIRST_SESSION_WAIT: Duration = Duration::from_secs(8);
 /// How long it waits for a relay's dial-back probe.
 const DIAL_BACK_WAIT: Duration = Duration::from_millis(1500);
 /// TCP relay sessions a relay serves at once.
@@ -988,8 +990,17 @@ impl Overlay {
                     relay_client::request_dial_back(s, nonce);
                 }
                 let waited = Instant::now();
+                let seen_at: Vec<SocketAddr> = quic.iter().filter_map(|s| s.observed).collect();
                 while waited.elapsed() < DIAL_BACK_WAIT {
                     if paths.dial_back_seen() {
+                        // Reachable, but at the address the relays see: if
+                        // that is not the one peers would dial, it is not.
+                        if !seen_at.is_empty() && !seen_at.contains(&path::canonical(direct)) {
+                            return decided(
+                                true,
+                                format!("a relay reached this node at {}, not at {direct} (the address it would advertise): reachable through relays", seen_at.iter().map(|o| o.to_string()).collect::<Vec<_>>().join(", ")),
+                            );
+                        }
                         return decided(
                             false,
                             "a relay's dial-back from an unsolicited address arrived: reachable directly".into(),

@@ -106,6 +106,9 @@ pub struct MeshView {
     nodes: RwLock<HashMap<String, (SocketAddr, u8)>>,
     /// Live nodes' `node` records, and a counter bumped when they change.
     announcements: Mutex<Vec<NodeAnnouncement>>,
+    /// On a relay: the nodes with a live session here (gossip does not show
+    /// a node its own state).
+    own_relay_clients: Mutex<Vec<String>>,
     announcements_version: std::sync::atomic::AtomicU64,
     /// What the last scans said per node (raw values), to apply only changes.
     per_node: Mutex<HashMap<String, NodeCache>>,
@@ -126,6 +129,7 @@ impl MeshView {
             circuit_cfg,
             nodes: RwLock::new(HashMap::new()),
             announcements: Mutex::new(Vec::new()),
+            own_relay_clients: Mutex::new(Vec::new()),
             announcements_version: Default::default(),
             per_node: Mutex::new(HashMap::new()),
             last_expiry: std::sync::atomic::AtomicU64::new(0),
@@ -210,6 +214,11 @@ impl MeshView {
             .get(id)
             .map(|l| l.outstanding.load(Ordering::Relaxed))
             .unwrap_or(0)
+    }
+
+    /// On a relay: records the nodes with a live session here.
+    pub fn set_own_relay_clients(&self, names: Vec<String>) {
+        *lock(&self.own_relay_clients) = names;
     }
 
     /// Live nodes' `node` records and their version (bumped on change), so
@@ -387,13 +396,18 @@ impl MeshView {
         // A relayed node counts as reachable only through a live relay that
         // lists it among its sessions: a claim no relay backs is no route.
         // Relayed: announced so, or on a mapped address whatever it says.
-        // The backing relay must be another live node with the relay role.
+        // The backing relay must be another live node with the relay role,
+        // or this node itself with a session for it.
+        let own_clients = lock(&self.own_relay_clients).clone();
         let backed = |e: &NodeCache| match &e.ann {
             Some(a)
                 if a.reachability != "direct"
                     || dmsc_transport::path::is_mapped(a.overlay_addr) =>
             {
                 a.via.iter().filter(|r| **r != e.name).any(|r| {
+                    if *r == self.me {
+                        return own_clients.contains(&e.name);
+                    }
                     cache.get(r).is_some_and(|rc| {
                         rc.live
                             && rc
@@ -559,6 +573,67 @@ mod tests {
                 &mut rand::thread_rng(),
             )
             .is_ok()
+    }
+
+    fn relayed_scan(via: &str) -> NodeScan {
+        let ann = serde_json::json!({"name": "x", "region": "r", "overlay_addr": "240.1.2.3:7409",
+            "spiffe_id": "spiffe://t/node/x", "version": "0", "started_at": 0,
+            "reachability": "relayed", "via": [via]});
+        NodeScan {
+            name: "x".into(),
+            generation: 1,
+            state: MemberState::Alive,
+            version: 1,
+            values: Some(vec![
+                ("agent/acme/a".to_string(), record()),
+                ("node".to_string(), ann.to_string()),
+            ]),
+        }
+    }
+
+    fn relay_scan(clients: &str) -> NodeScan {
+        let ann = serde_json::json!({"name": "r", "region": "r", "overlay_addr": "127.0.0.1:7400",
+            "spiffe_id": "spiffe://t/node/r", "version": "0", "started_at": 0,
+            "roles": ["relay"], "relay": {"tcp": "127.0.0.1:7400"}});
+        NodeScan {
+            name: "r".into(),
+            generation: 1,
+            state: MemberState::Alive,
+            version: 1,
+            values: Some(vec![
+                ("node".to_string(), ann.to_string()),
+                ("relay/clients".to_string(), clients.to_string()),
+            ]),
+        }
+    }
+
+    #[test]
+    fn a_relayed_node_is_routable_only_through_a_relay_that_lists_it() {
+        let m = || {
+            MeshView::new(
+                "me",
+                CircuitConfig::default(),
+                dmsc_registry::Choice::PowerOfTwo,
+            )
+        };
+        // Claims relay r, which does not list it: no route.
+        let v = m();
+        v.apply_scan(vec![relay_scan("y"), relayed_scan("r")]);
+        assert!(v.node_route("x").is_none());
+        // r lists it: routable.
+        let v = m();
+        v.apply_scan(vec![relay_scan("x,y"), relayed_scan("r")]);
+        assert!(v.node_route("x").is_some());
+        // Through this node's own relay (gossip never shows a node its own
+        // state): routable once this relay has a session for it.
+        let v = m();
+        v.apply_scan(vec![relayed_scan("me")]);
+        assert!(v.node_route("x").is_none());
+        v.set_own_relay_clients(vec!["x".into()]);
+        let v2 = m();
+        v2.set_own_relay_clients(vec!["x".into()]);
+        v2.apply_scan(vec![relayed_scan("me")]);
+        assert!(v2.node_route("x").is_some());
     }
 
     #[test]

@@ -31,6 +31,8 @@ const PING_EVERY: Duration = Duration::from_secs(1);
 const DEAD_AFTER: Duration = Duration::from_millis(3500);
 const QUEUE: usize = 4096;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// `Hello` is said again every this many pings.
+const HELLO_AGAIN_TICKS: u64 = 10;
 
 /// Where a relay listens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -74,7 +76,7 @@ pub(crate) async fn keep_session(
                 info!(relay = %relay.overlay, "this relay address is this node itself; no session to keep");
                 return;
             }
-            Ok(opened) => run(&paths, relay, opened).await,
+            Ok(opened) => run(&overlay, &paths, relay, opened).await,
             Err(e) => Err(e),
         };
         match result {
@@ -193,7 +195,12 @@ fn now_us() -> u64 {
 
 /// Runs one session; `Ok(reason)` when it ended for a reason that is not a
 /// failure (moving back to QUIC), `Err` otherwise.
-async fn run(paths: &Arc<Paths>, relay: RelayAddr, opened: Opened) -> Result<String, String> {
+async fn run(
+    overlay: &WeakOverlay,
+    paths: &Arc<Paths>,
+    relay: RelayAddr,
+    opened: Opened,
+) -> Result<String, String> {
     let Opened {
         io: (mut rd, mut wr),
         name,
@@ -245,6 +252,7 @@ async fn run(paths: &Arc<Paths>, relay: RelayAddr, opened: Opened) -> Result<Str
     info!(relay = %name, addr = %relay.overlay, transport = transport.as_str(), observed = ?observed, "relay session up");
     let writer = super::spawn_writer(wr, rx, None);
     let mut tick = tokio::time::interval(PING_EVERY);
+    let mut ticks = 0u64;
     let mut last_rx = Instant::now();
     let send = |f: Frame| {
         if let Ok(b) = f.to_bytes() {
@@ -286,10 +294,16 @@ async fn run(paths: &Arc<Paths>, relay: RelayAddr, opened: Opened) -> Result<Str
                     break 'session Err(format!("silent for {:?}", last_rx.elapsed()));
                 }
                 send(Frame::Ping { nonce: now_us() });
+                ticks += 1;
                 let now_me = paths.me();
-                if now_me != me {
+                // Again every 10 s too: a claim the relay could not check
+                // yet (its gossip did not know this node) is checked again.
+                if now_me != me || ticks % HELLO_AGAIN_TICKS == 0 {
                     me = now_me;
                     send(Frame::Hello { advertised: me });
+                }
+                if !overlay.upgrade().is_some_and(|o| o.wants_relay(relay)) {
+                    break 'session Ok("this relay is no longer wanted".into());
                 }
                 if transport == Transport::Tcp && paths.udp_usable() {
                     break 'session Ok("UDP gets through again: moving this session to QUIC".into());

@@ -413,8 +413,11 @@ impl RelayServer {
                     // measures the relay and must not take over the
                     // node's registration.
                     Frame::Hello { advertised } if advertised.ip().is_unspecified() => {
-                        greeted = true;
-                        say(Frame::Welcome { observed, token });
+                        if !greeted {
+                            greeted = true;
+                            lock(&self.paths.st).welcome_tokens.insert(token);
+                            say(Frame::Welcome { observed, token });
+                        }
                     }
                     // Unchanged: nothing to do (a Hello flood costs nothing).
                     Frame::Hello { advertised } if adv == Some(canonical(advertised)) => {}
