@@ -1262,7 +1262,17 @@ fn adopt(inner: &Arc<Inner>, conn: Connection, outbound: bool) -> Option<Connect
                 // only dials when it has no live connection of its own, so
                 // the old one is dead on its side (closed, or not yet seen
                 // closed here): keep the new one.
-                if initiator(outbound) <= initiator(old.outbound) {
+                // A relayed node keeps its own connection to a relay: its
+                // relay session rides on it, and the relay's dial (to our
+                // mapped address) arrived through that very session. The
+                // relay sees no duplicate (it keys the two apart), so the
+                // choice stays consistent.
+                let keep_new = if inner.paths.relayed_mode() && inner.paths.is_relay_addr(remote) {
+                    outbound || !old.outbound
+                } else {
+                    initiator(outbound) <= initiator(old.outbound)
+                };
+                if keep_new {
                     let old = conns.insert(
                         remote,
                         Conn {

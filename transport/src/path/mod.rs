@@ -400,6 +400,10 @@ impl Paths {
         lock(&self.st).udp_blocked
     }
 
+    pub(crate) fn is_relay_addr(&self, addr: SocketAddr) -> bool {
+        lock(&self.st).relay_addrs.contains(&canonical(addr))
+    }
+
     pub(crate) fn add_relay_addr(&self, addr: SocketAddr) {
         lock(&self.st).relay_addrs.insert(canonical(addr));
     }
