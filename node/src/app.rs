@@ -83,8 +83,10 @@ impl App {
         let (overlay, mut inbound) = Overlay::bind(ocfg).await?;
         let direct_addr = config.advertise.unwrap_or_else(|| overlay.local_addr());
         let relay = start_relay(&config, &overlay, direct_addr).await?;
-        for r in resolve_relays(&config).await {
-            overlay.add_relay(r);
+        // A relay's TCP listener is assumed on its overlay address until its
+        // gossip record says otherwise.
+        for a in crate::config::resolve_hosts("a configured relay", &config.relays).await {
+            overlay.add_relay(dmsc_transport::RelayAddr { overlay: a, tcp: a });
         }
         let established = overlay.establish(config.reachability, direct_addr).await;
         info!(
@@ -511,25 +513,6 @@ async fn start_relay(
         bound
     };
     Ok(Some(RelayRole { tcp, events }))
-}
-
-/// `overlay.relays`, resolved; the TCP listener is assumed on the same
-/// address until the relay's gossip record says otherwise.
-async fn resolve_relays(config: &NodeConfig) -> Vec<dmsc_transport::RelayAddr> {
-    let mut out = Vec::new();
-    for r in &config.relays {
-        match tokio::net::lookup_host(r.as_str()).await {
-            Ok(addrs) => {
-                if let Some(a) = addrs.into_iter().next() {
-                    out.push(dmsc_transport::RelayAddr { overlay: a, tcp: a });
-                }
-            }
-            Err(e) => {
-                warn!(relay = %r, error = %e, "cannot resolve a configured relay; skipping it")
-            }
-        }
-    }
-    out
 }
 
 /// Keeps the `node` record's `via` list (the relays this node has sessions

@@ -1245,6 +1245,19 @@ impl RawConfig {
     }
 }
 
+/// Resolves `HOST:PORT` entries (relays, bootstrap peers) to their first
+/// address; an entry that does not resolve is logged and left out.
+pub async fn resolve_hosts(what: &str, list: &[String]) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for h in list {
+        match tokio::net::lookup_host(h.as_str()).await {
+            Ok(mut addrs) => out.extend(addrs.next()),
+            Err(e) => tracing::warn!(entry = %h, error = %e, "cannot resolve {what}; skipping it"),
+        }
+    }
+    out
+}
+
 impl NodeConfig {
     /// The effective configuration as log fields (no secrets: key *paths* only).
     pub fn summary(&self) -> String {

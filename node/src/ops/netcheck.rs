@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use dmsc_transport::{NodeIdentity, Overlay, OverlayConfig, RelayAddr, Transport};
 use serde::Serialize;
 
-use crate::config::NodeConfig;
+use crate::config::{resolve_hosts, NodeConfig};
 use crate::NodeError;
 
 /// How long sessions get to come up and UDP probes to be answered.
@@ -62,18 +62,6 @@ pub struct PeerReport {
     pub error: Option<String>,
 }
 
-async fn resolve(list: &[String]) -> Vec<SocketAddr> {
-    let mut out = Vec::new();
-    for h in list {
-        if let Ok(mut a) = tokio::net::lookup_host(h.as_str()).await {
-            if let Some(a) = a.next() {
-                out.push(a);
-            }
-        }
-    }
-    out
-}
-
 fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1000.0 * 100.0).round() / 100.0
 }
@@ -85,8 +73,8 @@ pub async fn netcheck(config: &NodeConfig) -> Result<Report, NodeError> {
     let (overlay, _inbound) = Overlay::bind(OverlayConfig::new(bind, identity)).await?;
     // Same name as the running node: never take over its relay sessions.
     overlay.paths().set_probe_only();
-    let relays = resolve(&config.relays).await;
-    let peers = resolve(&config.bootstrap).await;
+    let relays = resolve_hosts("a configured relay", &config.relays).await;
+    let peers = resolve_hosts("a bootstrap peer", &config.bootstrap).await;
     // Relays: the configured ones, plus bootstrap peers that turn out to be.
     let mut candidates: Vec<RelayAddr> = relays
         .iter()

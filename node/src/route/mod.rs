@@ -309,6 +309,8 @@ impl MeshView {
         let mut gone_nodes = Vec::new();
         let mut cache = lock(&self.per_node);
         let mut present = std::collections::HashSet::new();
+        // Node records or liveness changed: the announcements need a rebuild.
+        let mut anns_dirty = false;
         for scan in scans {
             present.insert(scan.name.clone());
             let live = !matches!(scan.state, MemberState::Dead | MemberState::Left);
@@ -321,6 +323,7 @@ impl MeshView {
                     ops.extend(entry.records.keys().cloned().map(Op::Remove));
                 }
                 *entry = NodeCache::new(&scan.name, scan.generation);
+                anns_dirty = true;
             }
             if let Some(values) = scan.values {
                 let mut records: HashMap<AgentId, (String, String)> = HashMap::new();
@@ -330,6 +333,7 @@ impl MeshView {
                         let ann = serde_json::from_str::<NodeAnnouncement>(&v).ok();
                         entry.addr = ann.as_ref().map(|a| a.overlay_addr);
                         entry.wire = ann.as_ref().map(|a| a.wire).unwrap_or(1);
+                        anns_dirty |= entry.ann != ann;
                         entry.ann = ann;
                     } else if k == crate::proto::gossip::KEY_RELAY_CLIENTS {
                         entry.relay_clients = Some(
@@ -372,6 +376,7 @@ impl MeshView {
                 entry.version = scan.version;
             }
             if live != entry.live {
+                anns_dirty = true;
                 for (id, (r, l)) in &entry.records {
                     ops.push(if live {
                         Op::Upsert(scan.name.clone(), id.clone(), r.clone(), l.clone())
@@ -388,6 +393,7 @@ impl MeshView {
         // Nodes gossip forgot entirely (past their dead grace).
         cache.retain(|_, e| {
             let keep = present.contains(&e.name);
+            anns_dirty |= !keep;
             if !keep && e.live {
                 ops.extend(e.records.keys().cloned().map(Op::Remove));
             }
@@ -428,14 +434,16 @@ impl MeshView {
             .filter(|e| e.live && backed(e))
             .filter_map(|e| e.addr.map(|a| (e.name.clone(), (a, e.wire))))
             .collect();
-        let anns: Vec<NodeAnnouncement> = cache
-            .values()
-            .filter(|e| e.live)
-            .filter_map(|e| e.ann.clone())
-            .collect();
+        let anns: Option<Vec<NodeAnnouncement>> = anns_dirty.then(|| {
+            cache
+                .values()
+                .filter(|e| e.live)
+                .filter_map(|e| e.ann.clone())
+                .collect()
+        });
         drop(cache);
         *self.nodes.write().unwrap_or_else(|p| p.into_inner()) = nodes;
-        {
+        if let Some(anns) = anns {
             let mut a = lock(&self.announcements);
             if *a != anns {
                 *a = anns;

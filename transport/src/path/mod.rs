@@ -594,13 +594,13 @@ impl Paths {
         }
         let session = Self::pick_session(&mut lock(&self.st), dst);
         match session {
-            Some(s) => self.enqueue(&s, dst, payload),
+            Some(s) => self.enqueue(&s, dst, &payload),
             None => false,
         }
     }
 
-    pub(crate) fn enqueue(&self, s: &Session, dst: SocketAddr, payload: Bytes) -> bool {
-        let Ok(frame) = (Frame::Send { dst, payload }).to_bytes() else {
+    pub(crate) fn enqueue(&self, s: &Session, dst: SocketAddr, payload: &[u8]) -> bool {
+        let Ok(frame) = Frame::send_bytes(dst, payload) else {
             return false;
         };
         let ok = s.tx.try_send(frame).is_ok();

@@ -84,16 +84,18 @@ impl fmt::Debug for Inner {
     }
 }
 
+/// `addr` in the socket's family (a dual-stack socket wants IPv4
+/// destinations in the mapped form).
+fn in_family(ipv6: bool, addr: SocketAddr) -> SocketAddr {
+    match (ipv6, addr) {
+        (true, SocketAddr::V4(v4)) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
+        _ => addr,
+    }
+}
+
 impl Inner {
-    /// The address in the socket's family (a dual-stack socket wants IPv4
-    /// destinations in the mapped form).
     fn family(&self, addr: SocketAddr) -> SocketAddr {
-        match (self.ipv6, addr) {
-            (true, SocketAddr::V4(v4)) => {
-                SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
-            }
-            _ => addr,
-        }
+        in_family(self.ipv6, addr)
     }
 
     /// Sends one datagram straight to `to` (disco packets, impaired sends).
@@ -139,23 +141,16 @@ impl PathSocket {
             impair,
             delayed: None,
         };
-        if let Some(delay) = impair.map(|i| i.delay).filter(|d| !d.is_zero()) {
+        if impair.is_some_and(|i| !i.delay.is_zero()) {
             let (tx, mut rx) =
                 mpsc::unbounded_channel::<(tokio::time::Instant, SocketAddr, Bytes)>();
             let udp = inner.udp.clone();
             let fam = ipv6;
             tokio::spawn(async move {
-                let _ = delay;
                 while let Some((due, to, bytes)) = rx.recv().await {
                     tokio::time::sleep_until(due).await;
-                    let to = match (fam, to) {
-                        (true, SocketAddr::V4(v4)) => {
-                            SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
-                        }
-                        _ => to,
-                    };
                     let t = Transmit {
-                        destination: to,
+                        destination: in_family(fam, to),
                         ecn: None,
                         contents: &bytes,
                         segment_size: None,
@@ -238,7 +233,7 @@ impl AsyncUdpSocket for PathSocket {
             Route::Direct(to) => self.send_udp(transmit, to),
             Route::Session(s) => {
                 for seg in segments(transmit) {
-                    self.paths.enqueue(&s, dst, Bytes::copy_from_slice(seg));
+                    self.paths.enqueue(&s, dst, seg);
                 }
                 Ok(())
             }
