@@ -762,7 +762,7 @@ name = "x"
             assert!(all.contains(needle), "`{needle}` missing from:\n{all}");
         }
         assert!(
-            all.contains("pci, pii, public"),
+            all.contains("pci, phi, pii, public"),
             "unknown tags list the known ones: {all}"
         );
     }
