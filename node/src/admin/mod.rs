@@ -27,6 +27,7 @@ use dmsc_gossip::Gossip;
 use dmsc_transport::Overlay;
 use report::{metrics_text, status_report};
 
+mod policies;
 pub mod report;
 pub mod status;
 
@@ -303,13 +304,15 @@ enum Endpoint {
     Agent,
     Tokens,
     Revocations,
+    Policies,
+    Policy,
 }
 
 impl Endpoint {
     /// The methods it answers (for 405 and `Allow`).
     fn allow(self) -> &'static str {
         match self {
-            Endpoint::Agents | Endpoint::Revocations => "GET, HEAD, POST",
+            Endpoint::Agents | Endpoint::Revocations | Endpoint::Policies => "GET, HEAD, POST",
             Endpoint::Agent => "DELETE",
             Endpoint::Tokens => "POST",
             _ => "GET, HEAD",
@@ -331,6 +334,8 @@ fn router() -> &'static matchit::Router<Endpoint> {
             ("/v1/agents/{tenant}/{name}", Endpoint::Agent),
             ("/v1/tokens", Endpoint::Tokens),
             ("/v1/revocations", Endpoint::Revocations),
+            ("/v1/policies", Endpoint::Policies),
+            ("/v1/policies/{tenant}", Endpoint::Policy),
         ] {
             // The table above is fixed and its paths are distinct.
             #[allow(clippy::expect_used)]
@@ -403,6 +408,9 @@ async fn route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) -> Response<
         (Endpoint::Tokens, Method::POST) => tokens_route(req, &s).await,
         (Endpoint::Revocations, _) if get => revocations_list(&s),
         (Endpoint::Revocations, Method::POST) => revocations_apply(req, &s).await,
+        (Endpoint::Policies, _) if get => policies::list(&s),
+        (Endpoint::Policies, Method::POST) => policies::apply(req, &s).await,
+        (Endpoint::Policy, _) if get => policies::show(&s, &tenant),
         (e, _) => {
             let mut r = reply(
                 StatusCode::METHOD_NOT_ALLOWED,
