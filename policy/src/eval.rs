@@ -137,7 +137,7 @@ pub fn cross_tenant(
     let no_export = || Refusal {
         rule: format!("{}:export", c.to),
         reason: format!(
-            "tenant `{}` does not export {} to tenant `{}`",
+            "cross-tenant call refused: tenant `{}` does not export {} to tenant `{}`",
             c.to, c.target, c.from
         ),
         tags: false,
@@ -170,7 +170,7 @@ pub fn cross_tenant(
     let no_import = || Refusal {
         rule: format!("{}:import", c.from),
         reason: format!(
-            "tenant `{}` does not import {} from tenant `{}`",
+            "cross-tenant call refused: tenant `{}` does not import {} from tenant `{}`",
             c.from, c.target, c.to
         ),
         tags: false,
@@ -364,7 +364,7 @@ data_tags = ["public"]
         assert_eq!(r.rule, "acme:export");
         assert_eq!(
             r.to_string(),
-            "tenant `acme` does not export agent `billing` to tenant `globex` (rule `acme:export`)"
+            "cross-tenant call refused: tenant `acme` does not export agent `billing` to tenant `globex` (rule `acme:export`)"
         );
         // An agent nobody exported.
         let other = Addressed::Agent {

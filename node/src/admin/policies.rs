@@ -6,7 +6,7 @@ use hyper::{Request, Response, StatusCode};
 use serde_json::json as j;
 
 use super::{json, read_body, Body, Shared};
-use crate::policy::store::{Applied, ApplyError};
+use crate::security::policies::{Applied, ApplyError};
 
 /// `GET /v1/policies`: one line per tenant.
 pub(super) fn list(s: &Shared) -> Response<Body> {

@@ -24,11 +24,15 @@ pub const MAX_QUESTION: usize = 4096;
 /// Denial reports in flight from this node; more are dropped (logged).
 const MAX_REPORTS_IN_FLIGHT: usize = 16;
 
-/// A refusal the calling node reports to the target agent's home node.
+/// Home nodes a refusal is reported to, at most.
+const MAX_REPORT_NODES: usize = 4;
+
+/// A refusal the calling node reports to the target's home node(s).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DenialReport {
     pub tenant: String,
-    pub agent: String,
+    /// What was addressed: `agent:<name>`, `tag:<tag>` or `intent`.
+    pub target: String,
     pub caller: String,
     pub reason: String,
     pub rule: Option<String>,
@@ -48,21 +52,28 @@ pub async fn answer_policy(s: &mut BiStream, d: &Delegator, tenant: &str) {
     }
 }
 
-/// Audits a denial a calling node reports, if it concerns one of our agents.
+/// Audits a denial a calling node reports, if it concerns our agents (the
+/// named one, or any of the tenant's for a capability or intent address).
 pub fn take_report(s: &BiStream, d: &Delegator, json: &[u8]) {
     let Ok(r) = serde_json::from_slice::<DenialReport>(json) else {
         tracing::debug!(peer = %s.peer, "unreadable denial report");
         return;
     };
-    let id = dmsc_registry::AgentId::new(r.tenant.as_str(), r.agent.as_str());
-    if d.agents.get(&id).is_none() {
+    let ours = match r.target.strip_prefix("agent:") {
+        Some(name) => d
+            .agents
+            .get(&dmsc_registry::AgentId::new(r.tenant.as_str(), name))
+            .is_some(),
+        None => d.agents.all().iter().any(|a| a.id.tenant == r.tenant),
+    };
+    if !ours {
         return;
     }
     d.security.record(dmsc_audit::Event::tenant(
         r.tenant,
         dmsc_audit::Denied {
             caller: format!("{} (via node {})", r.caller, s.peer),
-            target: format!("agent:{}", r.agent),
+            target: r.target,
             reason: format!("refused by calling node `{}`: {}", s.peer, r.reason),
             rule: r.rule,
         },
@@ -116,28 +127,56 @@ pub async fn fetch_policy(
 static REPORTS_IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 
 impl Delegator {
-    /// Reports a tenant-policy refusal of a request for `agent` of `tenant`
-    /// to that agent's home node when it is another node (fire and forget,
-    /// bounded). A refusal of a capability or intent address names no
-    /// single home node and is audited here only.
+    /// Reports a tenant-policy refusal of a request for `target` of
+    /// `tenant` to the home nodes of the agents it could have reached (the
+    /// named agent's; for a capability or intent address, of the tenant's
+    /// agents with that tag, or all of them), at most a few, other nodes
+    /// only. Fire and forget, bounded.
     pub(crate) fn report_denial(
         &self,
         caller: &str,
         tenant: &str,
-        agent: &Option<String>,
+        target: &dmsc_registry::Target,
         e: &crate::proto::http::MeshError,
     ) {
-        let Some(agent) = agent else { return };
-        let id = dmsc_registry::AgentId::new(tenant, agent.as_str());
-        let Some(node) = self.mesh.read().get(&id).map(|e| e.node.clone()) else {
-            return;
-        };
-        if node == self.me {
-            return;
+        let mut nodes: Vec<String> = Vec::new();
+        {
+            let reg = self.mesh.read();
+            for entry in reg.tenant_entries(tenant) {
+                let hit = match target {
+                    dmsc_registry::Target::Agent(n) => entry.id.name == *n,
+                    dmsc_registry::Target::Tag(t) => entry
+                        .record
+                        .skills
+                        .iter()
+                        .flat_map(|s| &s.tags)
+                        .any(|x| x.eq_ignore_ascii_case(t)),
+                    dmsc_registry::Target::Intent(_) => true,
+                };
+                if hit && entry.node != self.me && !nodes.contains(&entry.node) {
+                    nodes.push(entry.node.clone());
+                }
+                if nodes.len() >= MAX_REPORT_NODES {
+                    break;
+                }
+            }
         }
-        let Some((addr, _)) = self.mesh.node_route(&node) else {
-            return;
-        };
+        for node in nodes {
+            if let Some((addr, _)) = self.mesh.node_route(&node) {
+                self.send_report(addr, node, caller, tenant, target, e);
+            }
+        }
+    }
+
+    fn send_report(
+        &self,
+        addr: std::net::SocketAddr,
+        node: String,
+        caller: &str,
+        tenant: &str,
+        target: &dmsc_registry::Target,
+        e: &crate::proto::http::MeshError,
+    ) {
         if REPORTS_IN_FLIGHT.fetch_add(1, Ordering::Relaxed) >= MAX_REPORTS_IN_FLIGHT {
             REPORTS_IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
             tracing::debug!(%node, "too many denial reports in flight; this one is audited here only");
@@ -145,7 +184,7 @@ impl Delegator {
         }
         let report = DenialReport {
             tenant: tenant.to_string(),
-            agent: agent.clone(),
+            target: crate::forward::describe(target),
             caller: caller.chars().take(512).collect(),
             reason: e.detail.chars().take(2048).collect(),
             rule: crate::forward::rule_of(&e.detail),

@@ -13,9 +13,9 @@ use tracing::Instrument;
 use dmsc_transport::Overlay;
 
 use crate::forward::Delegator;
-use crate::policy::store::{announcement, parse_announcement};
 use crate::proto::gossip::{policy_key, revoked_key, KEY_POLICY_PREFIX, KEY_REVOKED_PREFIX};
 use crate::route::MeshView;
+use crate::security::policies::{announcement, parse_announcement};
 use crate::security::Security;
 
 /// Takes in the revocations peers publish: each is checked against the
@@ -128,15 +128,14 @@ fn wanted_policies(
         .collect()
 }
 
+/// A policy fetch: the version and digest applied, or nothing new, or why
+/// it could not be had.
+type FetchResult = Result<Option<(u64, String)>, String>;
+
 /// Fetches `tenant`'s policy from `node` and applies it; true if it was
 /// applied (the caller announces it), false if it could not be had or was
 /// refused (and audited).
-async fn fetch_and_apply(
-    sync: &Sync,
-    tenant: &str,
-    digest: &str,
-    node: &str,
-) -> Result<Option<(u64, String)>, String> {
+async fn fetch_and_apply(sync: &Sync, tenant: &str, digest: &str, node: &str) -> FetchResult {
     let (addr, _) = sync
         .mesh
         .node_route(node)
@@ -159,10 +158,10 @@ async fn fetch_and_apply(
         .security
         .apply_policy(&bytes, &format!("gossip:{node}"))
     {
-        Ok(crate::policy::store::Applied::New {
+        Ok(crate::security::policies::Applied::New {
             version, digest, ..
         }) => Ok(Some((version, digest))),
-        Ok(crate::policy::store::Applied::Unchanged { .. }) => Ok(None),
+        Ok(crate::security::policies::Applied::Unchanged { .. }) => Ok(None),
         // Refused and audited; not fetched again for a while.
         Err(e) => {
             tracing::debug!(%tenant, error = %e, "refused a policy from gossip");
@@ -213,8 +212,7 @@ pub async fn sync_loop(sync: Sync) {
         )
         .await;
     }
-    let mut policy_fetches: JoinSet<(String, String, Result<Option<(u64, String)>, String>)> =
-        JoinSet::new();
+    let mut policy_fetches: JoinSet<(String, String, FetchResult)> = JoinSet::new();
     let mut policy_seen: std::collections::HashMap<String, Instant> = Default::default();
     loop {
         tokio::select! {

@@ -131,7 +131,7 @@ fn select_error(me: &str, e: SelectError) -> MeshError {
     MeshError::new(kind, me, e.to_string())
 }
 
-fn describe(target: &Target) -> String {
+pub(crate) fn describe(target: &Target) -> String {
     match target {
         Target::Agent(n) => format!("agent:{n}"),
         Target::Tag(t) => format!("tag:{t}"),
@@ -258,7 +258,12 @@ impl Delegator {
                 }
                 Err(e) => {
                     if let Some(denial) = refused {
-                        return Outcome::Failed(self.refuse(&caller, &tenant, &target, denial));
+                        return Outcome::Failed(self.refuse(
+                            &caller,
+                            &tenant,
+                            describe(&target),
+                            denial,
+                        ));
                     }
                     let e = select_error(&self.me, e);
                     return Outcome::Failed(plan.no_candidate(&self.me, e));
@@ -416,7 +421,7 @@ impl Delegator {
         &self,
         caller: &str,
         tenant: &str,
-        target: &Target,
+        target: String,
         denial: crate::policy::Denial,
     ) -> MeshError {
         let reason = denial.to_string();
@@ -424,7 +429,7 @@ impl Delegator {
             tenant.to_string(),
             dmsc_audit::Denied {
                 caller: caller.to_string(),
-                target: describe(target),
+                target,
                 reason: reason.clone(),
                 rule: denial.rule().map(str::to_string),
             },

@@ -69,14 +69,6 @@ fn host_target(t: &HostTarget) -> Target {
     }
 }
 
-/// The agent a host names, if it names one.
-fn target_agent(t: &HostTarget) -> Option<String> {
-    match t {
-        HostTarget::Agent(a) => Some(a.clone()),
-        _ => None,
-    }
-}
-
 /// Bound on a TLS handshake at the ingress.
 const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Largest enrollment request body.
@@ -662,11 +654,12 @@ impl Ingress {
                 ReqBody::Buffered(b) => Some(b.clone()),
                 ReqBody::Streaming(_) => None,
             };
+            let addressed = host_target(&target);
             let e = self
                 .delegator
-                .refuse(&caller.id, &tenant, &host_target(&target), denial);
+                .refuse(&caller.id, &tenant, host.clone(), denial);
             self.delegator
-                .report_denial(&caller.id, &tenant, &target_agent(&target), &e);
+                .report_denial(&caller.id, &tenant, &addressed, &e);
             return e.response(request_bytes.as_deref());
         }
         let target = match target {

@@ -17,7 +17,7 @@
 //! - Between tenants, [`outbound`] on the calling node (at the ingress, and
 //!   again for the agent that selection picks) and on the home node: a
 //!   cross-tenant call needs the provider tenant's export *and* the consumer
-//!   tenant's import in their signed policies ([`store`]); data tags must
+//!   tenant's import in their signed policies ([`crate::security::policies`]); data tags must
 //!   pass every gate on the way. The rules themselves are `dmsc_policy`'s.
 //!
 //! Pure on purpose: facts in, a typed decision out, no I/O and no logging,
@@ -27,10 +27,9 @@
 //! whether it is a policy refusal or a plain "not here".
 
 pub mod caller;
-pub mod store;
 
+use crate::security::policies::PolicyStore;
 use dmsc_policy::{Addressed, Crossing, Refusal};
-use store::PolicyStore;
 
 /// Why a delegation is refused. `Display` is the reason given to the
 /// caller and written to the audit log.
@@ -214,7 +213,7 @@ mod tests {
         assert_eq!(d.rule(), Some("acme:export"));
         assert_eq!(
             d.to_string(),
-            "caller `jwt:x#a` of tenant `globex`: tenant `acme` does not export agent `billing` to tenant `globex` (rule `acme:export`)"
+            "caller `jwt:x#a` of tenant `globex`: cross-tenant call refused: tenant `acme` does not export agent `billing` to tenant `globex` (rule `acme:export`)"
         );
         assert_eq!(outbound(&store, "a", "acme", "acme", billing, &[]), Ok(()));
         let apply = |doc: &str| {

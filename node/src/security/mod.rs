@@ -40,6 +40,7 @@ use tracing::{info, warn};
 
 use crate::config::NodeConfig;
 
+pub mod policies;
 pub mod throttle;
 
 fn not_hosted(issuer: &NodeIssuer, tenant: &str) -> Refusal {
@@ -221,7 +222,7 @@ pub struct Security {
     identity: RwLock<Arc<NodeIdentity>>,
     pub revoked: Arc<RevocationSet>,
     /// Tenant policies in force here (`<data_dir>/policies/`).
-    pub policies: Arc<crate::policy::store::PolicyStore>,
+    pub policies: Arc<crate::security::policies::PolicyStore>,
     issuer: RwLock<Option<Arc<NodeIssuer>>>,
     tokens: TokenStore,
     pub jwt: Option<JwtValidator>,
@@ -285,7 +286,7 @@ impl Security {
         }
         let policies = {
             let revoked = revoked.clone();
-            crate::policy::store::PolicyStore::open(
+            crate::security::policies::PolicyStore::open(
                 data.join("policies"),
                 &identity.roots,
                 move |serial| revoked.get(serial).is_some(),
@@ -799,8 +800,8 @@ impl Security {
         &self,
         bytes: &[u8],
         source: &str,
-    ) -> Result<crate::policy::store::Applied, crate::policy::store::ApplyError> {
-        use crate::policy::store::Applied;
+    ) -> Result<crate::security::policies::Applied, crate::security::policies::ApplyError> {
+        use crate::security::policies::Applied;
         let roots = self.identity().roots.clone();
         let revoked = &self.revoked;
         let result = self
