@@ -240,6 +240,72 @@ pub async fn token_create(
     post_json(admin, admin_token, "/v1/tokens", body.to_string()).await
 }
 
+/// `dmsc-node admin-token create --tenant T --read-only`: asks the node for
+/// a read-only token of one tenant (printed once; the node keeps a hash).
+pub async fn admin_token_create(
+    admin: SocketAddr,
+    admin_token: &str,
+    tenant: &str,
+    ttl: Option<Duration>,
+) -> Result<serde_json::Value, StatusError> {
+    let body = serde_json::json!({
+        "tenant": tenant,
+        "read_only": true,
+        "ttl_secs": ttl.map(|t| t.as_secs()),
+    });
+    post_json(admin, admin_token, "/v1/admin-tokens", body.to_string()).await
+}
+
+/// `dmsc-node admin-token list`: the node's tenant read tokens (no secrets).
+pub async fn admin_token_list(
+    admin: SocketAddr,
+    admin_token: &str,
+) -> Result<serde_json::Value, StatusError> {
+    let (status, text) = admin_call(
+        admin,
+        hyper::Method::GET,
+        "/v1/admin-tokens",
+        Some(admin_token),
+        bytes::Bytes::new(),
+    )
+    .await?;
+    if status != 200 {
+        return Err(StatusError::Http {
+            addr: admin,
+            status,
+            body: text,
+        });
+    }
+    serde_json::from_str(&text).map_err(|e| StatusError::Decode {
+        addr: admin,
+        reason: e.to_string(),
+    })
+}
+
+/// `dmsc-node admin-token revoke ID`.
+pub async fn admin_token_revoke(
+    admin: SocketAddr,
+    admin_token: &str,
+    id: &str,
+) -> Result<(), StatusError> {
+    let (status, text) = admin_call(
+        admin,
+        hyper::Method::DELETE,
+        &format!("/v1/admin-tokens/{id}"),
+        Some(admin_token),
+        bytes::Bytes::new(),
+    )
+    .await?;
+    if status != 204 {
+        return Err(StatusError::Http {
+            addr: admin,
+            status,
+            body: text,
+        });
+    }
+    Ok(())
+}
+
 /// `dmsc-node revoke apply FILE`: hands a signed revocation to the node,
 /// which checks it and spreads it by gossip.
 pub async fn revoke_apply(
