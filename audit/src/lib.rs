@@ -73,6 +73,7 @@
 
 mod event;
 mod line;
+pub mod report;
 mod signer;
 mod verify;
 mod writer;

@@ -280,6 +280,25 @@ enum AuditCmd {
         #[arg(long)]
         ca: Option<PathBuf>,
     },
+    /// Counts of one tenant's audit entries for compliance: delegations by
+    /// outcome, denials by rule, rate-limited requests, masked values by
+    /// rule, enrollments, policy changes, auth failures, and any other kind.
+    Report {
+        #[arg(long)]
+        tenant: String,
+        /// Count entries from this RFC 3339 time, or this long ago (24h, 7d).
+        #[arg(long)]
+        since: Option<String>,
+        /// The audit directory or its audit.jsonl (default: data/audit).
+        #[arg(long, alias = "dir", conflicts_with = "data_dir")]
+        file: Option<PathBuf>,
+        /// The node's data directory (the log is in <data_dir>/audit).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print entries (JSON lines), optionally of one tenant only.
     Tail {
         #[arg(long, default_value = "data/audit")]
@@ -536,6 +555,30 @@ async fn ops(cmd: Cmd) -> anyhow::Result<ExitCode> {
             println!("{line}");
             if !intact {
                 return Ok(ExitCode::from(1));
+            }
+        }
+        Cmd::Audit(AuditCmd::Report {
+            tenant,
+            since,
+            file,
+            data_dir,
+            json,
+        }) => {
+            let since_ms = since
+                .as_deref()
+                .map(|s| dmsc_node::admin::audit::parse_since(s, std::time::SystemTime::now()))
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--since: {e}"))?;
+            let path = match (file, data_dir) {
+                (Some(f), _) => f,
+                (None, Some(d)) => d.join("audit"),
+                (None, None) => PathBuf::from("data/audit"),
+            };
+            let report = ops::audit_report(&path, &tenant, since_ms)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render(ops::rfc3339_ms));
             }
         }
         Cmd::Audit(AuditCmd::Tail { dir, tenant }) => {

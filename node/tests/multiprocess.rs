@@ -760,3 +760,73 @@ fn a_connection_flood_past_the_open_files_limit_leaves_the_node_idle_and_it_reco
     });
     eprintln!("/live answered {t:?} after the flood dropped");
 }
+
+#[test]
+fn audit_report_counts_one_tenant_from_the_command_line() {
+    let dir = tempfile::tempdir().expect("dir");
+    let audit = dir.path().join("data").join("audit");
+    std::fs::create_dir_all(&audit).expect("mkdir");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let old = now - 3 * 86_400_000;
+    let prev = "0".repeat(64);
+    let entries = [
+        (old, "acme", "delegation", r#"{"outcome":"ok"}"#),
+        (now, "acme", "delegation", r#"{"outcome":"ok"}"#),
+        (now, "acme", "denied", r#"{"reason":"x","rule":"export"}"#),
+        (
+            now,
+            "acme",
+            "rate_limited",
+            r#"{"refused":40,"scope":"tenant"}"#,
+        ),
+        (now, "acme", "policy_applied", r#"{"version":2}"#),
+        (now, "globex", "delegation", r#"{"outcome":"ok"}"#),
+    ];
+    let mut log = String::new();
+    for (seq, (ts, tenant, kind, detail)) in entries.iter().enumerate() {
+        log.push_str(&format!(
+            r#"{{"seq":{seq},"ts":{ts},"node":"n0","tenant":"{tenant}","kind":"{kind}","prev":"{prev}","detail":{detail}}}"#
+        ));
+        log.push('\n');
+    }
+    std::fs::write(audit.join("audit.jsonl"), log).expect("write log");
+    let data = dir.path().join("data");
+    let out = cli(&[
+        "audit",
+        "report",
+        "--tenant",
+        "acme",
+        "--data-dir",
+        data.to_str().expect("utf8"),
+        "--since",
+        "24h",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["kinds"]["delegation"]["events"], 1, "{v}");
+    assert_eq!(v["kinds"]["rate_limited"]["events"], 40, "{v}");
+    assert_eq!(v["kinds"]["policy_applied"]["events"], 1, "{v}");
+    assert_eq!(v["denials_by_rule"]["export"], 1, "{v}");
+    let out = cli(&[
+        "audit",
+        "report",
+        "--tenant",
+        "acme",
+        "--file",
+        audit.join("audit.jsonl").to_str().expect("utf8"),
+    ]);
+    let t = text(&out);
+    assert!(t.contains("tenant   acme"), "{t}");
+    assert!(
+        t.lines()
+            .any(|l| l.starts_with("delegation") && l.contains(" 2")),
+        "{t}"
+    );
+    assert!(!t.contains("globex"), "{t}");
+    let bad = run(&["audit", "report", "--tenant", "acme", "--since", "soon"]);
+    assert!(!bad.status.success());
+    assert!(text(&bad).contains("--since"), "{}", text(&bad));
+}

@@ -376,6 +376,37 @@ pub fn audit_verify(
     })
 }
 
+/// `dmsc-node audit report`: counts one tenant's entries in the log at
+/// `path` (the audit directory or its `audit.jsonl`), streaming. Lines that
+/// do not parse are counted in [`dmsc_audit::report::Report::unreadable`];
+/// a read error ends the report with the error.
+pub fn audit_report(
+    path: &Path,
+    tenant: &str,
+    since_ms: Option<u64>,
+) -> Result<dmsc_audit::report::Report, dmsc_audit::AuditError> {
+    let mut report = dmsc_audit::report::Report::new(tenant, since_ms);
+    for line in dmsc_audit::tail(path, None)? {
+        match line {
+            Ok(l) => report.add(&l),
+            Err(dmsc_audit::AuditError::Corrupt { .. }) => report.unreadable += 1,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(report)
+}
+
+/// Unix milliseconds as RFC 3339 (UTC), for the report's text.
+pub fn rfc3339_ms(ms: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("unix ms {ms}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
