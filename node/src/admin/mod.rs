@@ -547,6 +547,12 @@ pub(crate) async fn serve(
     server: crate::ingress::listen::Server,
 ) {
     use http_body_util::BodyExt;
+    if shared.config.admin_open_reads && !shared.bound.admin.ip().is_loopback() {
+        tracing::warn!(
+            admin = %shared.bound.admin,
+            "the admin API listens beyond localhost with open reads: anyone who reaches it sees every tenant's agents; set [admin] open_reads = false"
+        );
+    }
     server
         .run(listener, move |stream, _peer, conn| {
             let shared = shared.clone();

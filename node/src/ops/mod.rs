@@ -1,5 +1,6 @@
 //! Operator commands that are more than a flag parse: `dmsc-node ca ...`
-//! ([`ca`]), `check`, `token create`, `revoke apply`, `audit verify`. They live here, not
+//! ([`ca`]), `check`, `token create`, `admin-token create|list|revoke`,
+//! `revoke apply`, `audit verify`, `audit report`. They live here, not
 //! in the binary, so tests drive them directly; the ones that talk to a
 //! running node are clients of its admin API, like `status`.
 
