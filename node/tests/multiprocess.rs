@@ -469,6 +469,85 @@ fn operator_commands_token_revoke_check_and_audit_verify() {
         text(&out)
     );
 
+    // A tenant read token: printed once, then `status` with it shows that
+    // tenant's view; `--read-only` is required.
+    let out = run(&[
+        "admin-token",
+        "create",
+        "--tenant",
+        "acme",
+        "--admin",
+        &n1.admin,
+        "--admin-token",
+        admin_token,
+    ]);
+    assert!(!out.status.success(), "--read-only is required");
+    let out = run(&[
+        "admin-token",
+        "create",
+        "--tenant",
+        "acme",
+        "--read-only",
+        "--ttl",
+        "1h",
+        "--admin",
+        &n1.admin,
+        "--admin-token",
+        admin_token,
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let read_token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(read_token.starts_with("dmsc-rt."), "{}", text(&out));
+    let read_file = d.join("acme.token");
+    std::fs::write(&read_file, &read_token).expect("write token");
+    let out = run(&[
+        "status",
+        "--json",
+        "--admin",
+        &n1.admin,
+        "--admin-token",
+        read_file.to_str().expect("utf8"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+    assert_eq!(
+        v["certificates"]["tokens"],
+        serde_json::Value::Null,
+        "a tenant sees no join-token counts"
+    );
+    let out = run(&[
+        "admin-token",
+        "list",
+        "--admin",
+        &n1.admin,
+        "--admin-token",
+        admin_token,
+    ]);
+    assert!(
+        out.status.success() && text(&out).contains("acme"),
+        "{}",
+        text(&out)
+    );
+    // The read token cannot mint join tokens.
+    let out = run(&[
+        "token",
+        "create",
+        "--tenant",
+        "acme",
+        "--agent",
+        "x",
+        "--admin",
+        &n1.admin,
+        "--admin-token",
+        read_file.to_str().expect("utf8"),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("403") && text(&out).contains("read-only"),
+        "{}",
+        text(&out)
+    );
+
     // check: all good while both run.
     let check = |n1: &Node| {
         run(&[
