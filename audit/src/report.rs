@@ -20,10 +20,13 @@
 //!   own kind); counted per rule (`(no rule recorded)` when absent).
 //! * `masked`: values masked, by rule — an object `{"<rule>": n}` or a list
 //!   of `{"rule": "<rule>", "count": n}`; on any kind.
-//! * `sealed` (present): the tenant payload of the entry is sealed with the
-//!   tenant's key. The entry still counts by kind, time, tenant and outcome;
-//!   `rule` and `masked` are then unreadable, and the entry counts in
-//!   [`Report::sealed`] (its rule as `(sealed)`).
+//! * `sealed` or `withheld` (present): the tenant payload of the entry is
+//!   sealed with the tenant's key (or was not written). The entry still
+//!   counts by kind, time, tenant and whatever fields the writer kept in the
+//!   clear (`outcome`, a denial's `rule`, ...); a denial whose rule was
+//!   sealed counts under `(sealed)`; the entry counts in [`Report::sealed`].
+//!   For masked and aggregate counts to survive sealing, the writer must
+//!   keep `masked`, `refused` and `count` in the clear.
 //!
 //! Entries without a tenant (node-wide events: revocations, failed
 //! handshakes before any identity) are counted apart, in
@@ -175,19 +178,21 @@ impl Report {
         }
         r.first_ts = Some(r.first_ts.map_or(line.ts, |f| f.min(line.ts)));
         r.last_ts = Some(r.last_ts.map_or(line.ts, |l| l.max(line.ts)));
-        let sealed = d.get("sealed").is_some_and(|v| !v.is_null());
+        let sealed = ["sealed", "withheld"]
+            .iter()
+            .any(|f| d.get(*f).is_some_and(|v| !v.is_null()));
         if sealed {
             r.sealed += 1;
         }
         if is_refusal(&line.kind) {
-            let rule = if sealed {
-                SEALED
-            } else {
-                ["rule", "code"]
-                    .iter()
-                    .find_map(|f| d.get(*f).and_then(serde_json::Value::as_str))
-                    .filter(|s| !s.is_empty())
-                    .unwrap_or(NO_RULE)
+            let named = ["rule", "code"]
+                .iter()
+                .find_map(|f| d.get(*f).and_then(serde_json::Value::as_str))
+                .filter(|s| !s.is_empty());
+            let rule = match (named, sealed) {
+                (Some(rule), _) => rule,
+                (None, true) => SEALED,
+                (None, false) => NO_RULE,
             };
             add(&mut r.denials_by_rule, rule, n);
         }
@@ -372,7 +377,14 @@ mod tests {
                 4_200,
                 Some("acme"),
                 "denied",
-                json!({"sealed": "v1.abc", "outcome": "denied"}),
+                json!({"sealed": "sealed:v1:abc", "outcome": "denied"}),
+            ),
+            line(
+                18,
+                4_300,
+                Some("acme"),
+                "denied",
+                json!({"sealed": "sealed:v1:def", "rule": "acme:export"}),
             ),
             line(
                 7,
@@ -462,14 +474,16 @@ mod tests {
         assert_eq!((del.entries, del.events), (4, 4), "globex's is not counted");
         assert_eq!(del.outcomes["ok"], 3);
         assert_eq!(del.outcomes["agent-error"], 1);
-        assert_eq!(r.events("denied"), 3);
+        assert_eq!(r.events("denied"), 4);
         assert_eq!(
             r.denials_by_rule,
             BTreeMap::from([
                 ("export:billing".to_string(), 1),
+                ("acme:export".to_string(), 1),
                 (NO_RULE.to_string(), 1),
                 (SEALED.to_string(), 1),
-            ])
+            ]),
+            "a rule kept in the clear counts even when the rest is sealed"
         );
         let rl = &r.kinds["rate_limited"];
         assert_eq!(
@@ -486,7 +500,7 @@ mod tests {
         assert_eq!(r.kinds["policy_applied"].outcomes["applied"], 1);
         assert_eq!(r.events("tenant_key_rotated"), 1);
         assert_eq!(r.kinds["tenant_key_rotated"].outcomes[NO_OUTCOME], 1);
-        assert_eq!(r.sealed, 1);
+        assert_eq!(r.sealed, 2);
         assert_eq!(
             r.kinds["denied"].outcomes["denied"], 1,
             "outcome stays in the clear"
