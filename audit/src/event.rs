@@ -46,6 +46,7 @@ pub enum EventKind {
     AuthFailure(AuthFailure),
     Enrollment(Enrollment),
     Revocation(Revocation),
+    Policy(PolicyChange),
 }
 
 impl EventKind {
@@ -57,6 +58,7 @@ impl EventKind {
             EventKind::AuthFailure(_) => KIND_AUTH_FAILURE,
             EventKind::Enrollment(_) => KIND_ENROLLMENT,
             EventKind::Revocation(_) => KIND_REVOCATION,
+            EventKind::Policy(_) => KIND_POLICY,
         }
     }
 }
@@ -66,6 +68,7 @@ pub(crate) const KIND_DENIED: &str = "denied";
 pub(crate) const KIND_AUTH_FAILURE: &str = "auth_failure";
 pub(crate) const KIND_ENROLLMENT: &str = "enrollment";
 pub(crate) const KIND_REVOCATION: &str = "revocation";
+pub(crate) const KIND_POLICY: &str = "policy";
 pub(crate) const KIND_CHECKPOINT: &str = "checkpoint";
 pub(crate) const KIND_RECOVERY: &str = "recovery";
 
@@ -80,6 +83,7 @@ impl Serialize for DetailRef<'_> {
             EventKind::AuthFailure(d) => d.serialize(s),
             EventKind::Enrollment(d) => d.serialize(s),
             EventKind::Revocation(d) => d.serialize(s),
+            EventKind::Policy(d) => d.serialize(s),
         }
     }
 }
@@ -111,6 +115,29 @@ pub struct Denied {
     pub caller: String,
     pub target: String,
     pub reason: String,
+    /// The policy rule that refused (`<tenant>:<entry>`, e.g. `acme:export`,
+    /// `globex:import[0].data_tags`), when a tenant policy decided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+}
+
+/// A tenant policy document this node applied or refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyChange {
+    /// `applied` or `refused`.
+    pub outcome: String,
+    pub version: u64,
+    /// SHA-256 of the document's bytes, hex (empty when it did not parse).
+    pub digest: String,
+    /// `operator` or `tenant-admin:<serial>`; empty when refused unverified.
+    pub signer: String,
+    /// Where it came from: `admin`, or `gossip:<node>`.
+    pub source: String,
+    /// Why it was refused (`bad_signature`, `other_tenant_key`, `older_version`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// How a peer tried to authenticate.
@@ -198,3 +225,9 @@ macro_rules! into_kind {
     )*};
 }
 into_kind!(Delegation, Denied, AuthFailure, Enrollment, Revocation);
+
+impl From<PolicyChange> for EventKind {
+    fn from(v: PolicyChange) -> Self {
+        EventKind::Policy(v)
+    }
+}

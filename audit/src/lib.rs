@@ -84,7 +84,7 @@ use std::path::PathBuf;
 
 pub use event::{
     AuthFailure, AuthMethod, Checkpoint, Delegation, Denied, EnrollVia, Enrollment, Event,
-    EventKind, Recovery, Revocation,
+    EventKind, PolicyChange, Recovery, Revocation,
 };
 pub use line::{line_hash, parse_line, Body, Line, GENESIS_PREV, MAX_LINE};
 pub use signer::{checkpoint_message, Signer};

@@ -32,6 +32,7 @@ use dmsc_transport::Overlay;
 use report::{metrics_text, status_report};
 
 pub mod audit;
+mod policies;
 pub mod report;
 pub mod scope;
 pub mod status;
@@ -393,13 +394,18 @@ enum Endpoint {
     Audit,
     AdminTokens,
     AdminToken,
+    Policies,
+    Policy,
 }
 
 impl Endpoint {
     /// The methods it answers (for 405 and `Allow`).
     fn allow(self) -> &'static str {
         match self {
-            Endpoint::Agents | Endpoint::Revocations | Endpoint::AdminTokens => "GET, HEAD, POST",
+            Endpoint::Agents
+            | Endpoint::Revocations
+            | Endpoint::AdminTokens
+            | Endpoint::Policies => "GET, HEAD, POST",
             Endpoint::Agent | Endpoint::AdminToken => "DELETE",
             Endpoint::Tokens => "POST",
             _ => "GET, HEAD",
@@ -424,6 +430,8 @@ fn router() -> &'static matchit::Router<Endpoint> {
             ("/v1/audit", Endpoint::Audit),
             ("/v1/admin-tokens", Endpoint::AdminTokens),
             ("/v1/admin-tokens/{id}", Endpoint::AdminToken),
+            ("/v1/policies", Endpoint::Policies),
+            ("/v1/policies/{tenant}", Endpoint::Policy),
         ] {
             // The table above is fixed and its paths are distinct.
             #[allow(clippy::expect_used)]
@@ -524,6 +532,9 @@ async fn route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) -> Response<
         ),
         (Endpoint::AdminTokens, Method::POST) => admin_tokens_create(req, &s).await,
         (Endpoint::AdminToken, Method::DELETE) => admin_token_revoke(id, &s).await,
+        (Endpoint::Policies, _) if get => policies::list(&s, &scope),
+        (Endpoint::Policies, Method::POST) => policies::apply(req, &s).await,
+        (Endpoint::Policy, _) if get => policies::show(&s, &tenant, &scope),
         (e, _) => {
             let mut r = reply(
                 StatusCode::METHOD_NOT_ALLOWED,

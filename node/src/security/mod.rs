@@ -223,6 +223,8 @@ pub struct Security {
     me: String,
     identity: RwLock<Arc<NodeIdentity>>,
     pub revoked: Arc<RevocationSet>,
+    /// Tenant policies in force here (`<data_dir>/policies/`).
+    pub policies: Arc<crate::policy::store::PolicyStore>,
     issuer: RwLock<Option<Arc<NodeIssuer>>>,
     tokens: TokenStore,
     pub jwt: Option<JwtValidator>,
@@ -286,6 +288,18 @@ impl Security {
         if n > 0 {
             info!(count = n, "loaded persisted revocations");
         }
+        let policies = {
+            let revoked = revoked.clone();
+            crate::policy::store::PolicyStore::open(
+                data.join("policies"),
+                &identity.roots,
+                move |serial| revoked.get(serial).is_some(),
+            )
+            .map_err(|source| SecurityError::DataDir {
+                path: data.join("policies"),
+                source,
+            })?
+        };
         let admin_token_hash = admin_token(&data.join(ADMIN_TOKEN_FILE))?;
         let tokens = TokenStore::open(data.join("join-tokens.json"))?;
         let read_tokens = read_tokens::ReadTokens::open(data.join(read_tokens::READ_TOKENS_FILE))?;
@@ -329,6 +343,7 @@ impl Security {
                 me,
                 identity: RwLock::new(identity),
                 revoked,
+                policies: Arc::new(policies),
                 issuer: RwLock::new(issuer),
                 tokens,
                 jwt,
@@ -531,7 +546,7 @@ impl Security {
             dmsc_audit::EventKind::Revocation(_) => {
                 m.revocations.inc();
             }
-            dmsc_audit::EventKind::Delegation(_) => {}
+            dmsc_audit::EventKind::Delegation(_) | dmsc_audit::EventKind::Policy(_) => {}
         }
     }
 
@@ -783,6 +798,69 @@ impl Security {
             }));
         }
         Ok(new)
+    }
+
+    /// Verifies and applies a signed tenant policy (from the admin API or a
+    /// peer: `source`), audited either way. The caller announces a new one.
+    pub fn apply_policy(
+        &self,
+        bytes: &[u8],
+        source: &str,
+    ) -> Result<crate::policy::store::Applied, crate::policy::store::ApplyError> {
+        use crate::policy::store::Applied;
+        let roots = self.identity().roots.clone();
+        let revoked = &self.revoked;
+        let result = self
+            .policies
+            .apply(bytes, &roots, |serial| revoked.get(serial).is_some());
+        match &result {
+            Ok(Applied::New {
+                tenant,
+                version,
+                digest,
+                signer,
+                previous,
+            }) => {
+                info!(%tenant, version, ?previous, %signer, source, "tenant policy applied");
+                self.record(Event::tenant(
+                    tenant.clone(),
+                    dmsc_audit::PolicyChange {
+                        outcome: "applied".into(),
+                        version: *version,
+                        digest: digest.clone(),
+                        signer: signer.clone(),
+                        source: source.to_string(),
+                        code: None,
+                        reason: None,
+                    },
+                ));
+            }
+            Ok(Applied::Unchanged { .. }) => {}
+            Err(e) => {
+                // What the refused document claims, for the record (its
+                // claims are not trusted: it did not verify).
+                let claimed = dmsc_policy::SignedPolicy::parse(bytes)
+                    .ok()
+                    .and_then(|s| s.doc_bytes().ok())
+                    .map(|d| (dmsc_policy::digest(&d), dmsc_policy::Policy::parse(&d).ok()));
+                let (digest, doc) = claimed.unwrap_or_default();
+                warn!(source, error = %e, "tenant policy refused");
+                self.record(Event {
+                    tenant: doc.as_ref().map(|p| p.tenant.clone()),
+                    kind: dmsc_audit::PolicyChange {
+                        outcome: "refused".into(),
+                        version: doc.as_ref().map_or(0, |p| p.version),
+                        digest,
+                        signer: String::new(),
+                        source: source.to_string(),
+                        code: Some(e.code().to_string()),
+                        reason: Some(e.to_string()),
+                    }
+                    .into(),
+                });
+            }
+        }
+        result
     }
 
     /// Reloads credentials from disk if their files changed since `seen`;

@@ -68,6 +68,7 @@ async fn a_tenant_read_token_sees_its_tenant_only_and_changes_nothing() {
                 caller: format!("{tenant}/x"),
                 target: "agent:y".into(),
                 reason: "test".into(),
+                rule: None,
             },
         ));
     }
@@ -137,6 +138,23 @@ async fn a_tenant_read_token_sees_its_tenant_only_and_changes_nothing() {
         !entries.is_empty() && entries.iter().all(|e| e["tenant"] == "globex"),
         "{audit}"
     );
+    // Policies: each tenant's own only.
+    for doc in [
+        "tenant = \"acme\"\nversion = 1\n",
+        "tenant = \"globex\"\nversion = 1\n",
+    ] {
+        let signed =
+            dmsc_policy::SignedPolicy::sign_operator(&mesh.ca, doc.as_bytes()).expect("sign");
+        sec.apply_policy(signed.to_json().as_bytes(), "test")
+            .expect("apply");
+    }
+    let all = get_json(admin, "/v1/policies", Some(&root)).await;
+    assert_eq!(tenants_of(&all["policies"]), ["acme", "globex"]);
+    let mine = get_json(admin, "/v1/policies", Some(&acme)).await;
+    assert_eq!(tenants_of(&mine["policies"]), ["acme"]);
+    get_json(admin, "/v1/policies/acme", Some(&acme)).await;
+    let (status, body) = call(admin, Method::GET, "/v1/policies/globex", Some(&acme)).await;
+    assert_eq!(status, 403, "{body}");
     // What spans tenants is the admin's.
     for path in ["/metrics", "/v1/revocations", "/v1/admin-tokens"] {
         let (status, body) = call(admin, Method::GET, path, Some(&acme)).await;

@@ -1161,6 +1161,8 @@ async fn a_tenant_scoped_node_cannot_act_for_another_tenant_on_the_overlay() {
             http: 1,
             headers: Vec::new(),
             empty_body: true,
+            caller_tenant: "other".into(),
+            data_tags: Vec::new(),
         };
         let mut parts = dmsc_node::proto::wire::encode_request_head(&head)
             .expect("encode")
