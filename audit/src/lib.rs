@@ -20,6 +20,8 @@
 //! [`verify`] finds. Kinds: `delegation`, `denied`, `auth_failure`,
 //! `enrollment`, `revocation` (see [`EventKind`]), plus two the log writes
 //! itself: `checkpoint` and `recovery`.
+//! [`report`] counts one tenant's entries for compliance (`dmsc-node audit
+//! report`), by kind, so kinds added later are counted without code changes.
 //!
 //! A hash chain alone does not stop someone who rewrites everything after
 //! an edit and recomputes every hash. Checkpoints do: every
@@ -73,6 +75,7 @@
 
 mod event;
 mod line;
+pub mod report;
 mod signer;
 mod verify;
 mod writer;

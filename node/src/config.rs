@@ -507,6 +507,11 @@ pub struct RawTls {
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub listen: Option<String>,
+    /// Reads without a token (`/v1/status`, `/v1/agents`, `/v1/audit`, ...):
+    /// default true. False leaves unauthenticated callers node health only
+    /// (`/live`, `/ready`, `/v1/check`); the node admin token or a tenant
+    /// read token (`dmsc-node admin-token create`) is needed for the rest.
+    pub open_reads: Option<bool>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]
@@ -536,6 +541,8 @@ pub struct NodeConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub admin_listen: SocketAddr,
+    /// `[admin] open_reads` (default true): see [`RawAdmin::open_reads`].
+    pub admin_open_reads: bool,
     pub gossip_interval: Duration,
     pub phi_threshold: f64,
     pub suspect_after: Option<Duration>,
@@ -678,6 +685,8 @@ pub enum EnvKind {
     List,
     Whole,
     Number,
+    /// `true`/`false` (also `1`/`0`, `yes`/`no`).
+    Bool,
 }
 
 /// Every `DMSC_*` variable and the key it sets (one row per key).
@@ -703,6 +712,7 @@ pub const ENV: &[(&str, &str, EnvKind)] = &[
     ("DMSC_TLS_KEY", "tls.key", EnvKind::Text),
     ("DMSC_DATA_DIR", "data_dir", EnvKind::Text),
     ("DMSC_ADMIN_LISTEN", "admin.listen", EnvKind::Text),
+    ("DMSC_ADMIN_OPEN_READS", "admin.open_reads", EnvKind::Bool),
     (
         "DMSC_GOSSIP_INTERVAL_MS",
         "gossip.interval_ms",
@@ -797,6 +807,7 @@ impl RawConfig {
             },
             admin: RawAdmin {
                 listen: Some("127.0.0.1:0".into()),
+                open_reads: None,
             },
             gossip: RawGossip::default(),
             agents: Vec::new(),
@@ -862,6 +873,14 @@ impl RawConfig {
                     Ok(n) if n >= 0 => toml::Value::Integer(n),
                     _ => {
                         errors.push(format!("{var}=`{v}` is not a whole number"));
+                        continue;
+                    }
+                },
+                EnvKind::Bool => match v.trim().to_ascii_lowercase().as_str() {
+                    "true" | "1" | "yes" => toml::Value::Boolean(true),
+                    "false" | "0" | "no" => toml::Value::Boolean(false),
+                    _ => {
+                        errors.push(format!("{var}=`{v}` is not true or false"));
                         continue;
                     }
                 },
@@ -1237,6 +1256,7 @@ impl RawConfig {
             cert,
             key,
             admin_listen: admin_listen.ok_or_else(|| ConfigError(vec![]))?,
+            admin_open_reads: self.admin.open_reads.unwrap_or(true),
             gossip_interval: Duration::from_millis(interval_ms),
             phi_threshold,
             suspect_after: self.gossip.suspect_after_ms.map(Duration::from_millis),
@@ -1262,13 +1282,14 @@ impl NodeConfig {
     /// The effective configuration as log fields (no secrets: key *paths* only).
     pub fn summary(&self) -> String {
         format!(
-            "name={} region={} overlay.listen={} overlay.advertise={} bootstrap={:?} admin.listen={} tls.ca={} tls.cert={} tls.key={} gossip.interval={:?} gossip.phi={} ingress=[{}] agents={} delegation.timeout={:?} delegation.retries={} delegation.selection={:?} limits.header_read_timeout={:?} limits.idle_timeout={:?} limits.max_connections={} limits.max_connections_per_listener={} limits.max_in_flight_per_listener={}",
+            "name={} region={} overlay.listen={} overlay.advertise={} bootstrap={:?} admin.listen={} admin.open_reads={} tls.ca={} tls.cert={} tls.key={} gossip.interval={:?} gossip.phi={} ingress=[{}] agents={} delegation.timeout={:?} delegation.retries={} delegation.selection={:?} limits.header_read_timeout={:?} limits.idle_timeout={:?} limits.max_connections={} limits.max_connections_per_listener={} limits.max_in_flight_per_listener={}",
             self.name.as_deref().unwrap_or("<from certificate>"),
             self.region,
             self.overlay_listen,
             self.advertise.map(|a| a.to_string()).unwrap_or_else(|| "<listen address>".into()),
             self.bootstrap,
             self.admin_listen,
+            self.admin_open_reads,
             self.ca.display(),
             self.cert.display(),
             self.key.display(),
@@ -1389,6 +1410,7 @@ listen = "127.0.0.1:9401"
         let flags = RawConfig {
             admin: RawAdmin {
                 listen: Some("127.0.0.1:0".into()),
+                ..Default::default()
             },
             ..Default::default()
         };
@@ -1410,6 +1432,31 @@ listen = "127.0.0.1:9401"
         assert_eq!(cfg.overlay_listen.to_string(), "127.0.0.1:7401");
         assert_eq!(cfg.bootstrap, vec!["127.0.0.1:7400".to_string()]);
         assert_eq!(cfg.ca, d.path().join("ca.pem"));
+    }
+
+    #[test]
+    fn admin_open_reads_defaults_open_and_the_env_can_close_it() {
+        let d = files();
+        let file = d.path().join("node.toml");
+        std::fs::write(
+            &file,
+            "[tls]\nca = \"ca.pem\"\ncert = \"node.pem\"\nkey = \"node.key\"\n",
+        )
+        .expect("write");
+        let base = RawConfig::from_file(&file).expect("file");
+        assert!(base.clone().validate().expect("valid").admin_open_reads);
+        let env: HashMap<String, String> =
+            [("DMSC_ADMIN_OPEN_READS".to_string(), "false".to_string())].into();
+        let closed = base
+            .overlay_with(RawConfig::from_env(&env).expect("env"))
+            .expect("layer")
+            .validate()
+            .expect("valid");
+        assert!(!closed.admin_open_reads, "the env closes reads");
+        let bad: HashMap<String, String> =
+            [("DMSC_ADMIN_OPEN_READS".to_string(), "maybe".to_string())].into();
+        let e = RawConfig::from_env(&bad).expect_err("not a bool");
+        assert!(e.to_string().contains("DMSC_ADMIN_OPEN_READS"), "{e}");
     }
 
     #[test]
@@ -1464,6 +1511,7 @@ enabled = true
             },
             admin: RawAdmin {
                 listen: Some("localhost".into()),
+                ..Default::default()
             },
             tls: RawTls {
                 ca: Some("/nonexistent/ca.pem".into()),
@@ -1502,6 +1550,7 @@ enabled = true
                 EnvKind::List => "a:1,b:2",
                 EnvKind::Whole => "7",
                 EnvKind::Number => "2.5",
+                EnvKind::Bool => "false",
             };
             let env: HashMap<String, String> = [(var.to_string(), v.to_string())].into();
             RawConfig::from_env(&env).unwrap_or_else(|e| panic!("{var} -> {path}: {e}"));

@@ -39,6 +39,10 @@ enum Cmd {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// A token file to send: the node admin token, or a tenant read
+        /// token (needed when the node sets `[admin] open_reads = false`).
+        #[arg(long, env = "DMSC_STATUS_TOKEN_FILE")]
+        admin_token: Option<PathBuf>,
     },
     /// Operator CA: create it, issue node certificates, sign revocations.
     #[command(subcommand)]
@@ -46,6 +50,9 @@ enum Cmd {
     /// One-time, tenant-scoped join tokens for agent enrollment.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Tenant-scoped, read-only tokens for the admin API.
+    #[command(subcommand)]
+    AdminToken(AdminTokenCmd),
     /// Hand a signed revocation to a running node (it spreads by gossip).
     #[command(subcommand)]
     Revoke(RevokeCmd),
@@ -237,6 +244,39 @@ enum TokenCmd {
 }
 
 #[derive(Subcommand)]
+enum AdminTokenCmd {
+    /// Create a read-only token for one tenant's operators (printed once):
+    /// with it `/v1/status`, `/v1/agents`, `/v1/audit` show that tenant only.
+    Create {
+        #[arg(long)]
+        tenant: String,
+        /// Required: tenant tokens can only read.
+        #[arg(long, required = true)]
+        read_only: bool,
+        /// Lifetime, e.g. 24h, 30d (default: until revoked).
+        #[arg(long, value_parser = parse_ttl)]
+        ttl: Option<Duration>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List the node's tenant read tokens (ids, tenants, expiry; no secrets).
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Revoke a tenant read token by its id.
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    dmsc_node::admin::audit::parse_duration(s)
+}
+
+#[derive(Subcommand)]
 enum PolicyCmd {
     /// Check a policy document (every problem at once) and sign its exact
     /// bytes with the operator CA key or a tenant admin key.
@@ -301,6 +341,25 @@ enum AuditCmd {
         #[arg(long)]
         ca: Option<PathBuf>,
     },
+    /// Counts of one tenant's audit entries for compliance: delegations by
+    /// outcome, denials by rule, rate-limited requests, masked values by
+    /// rule, enrollments, policy changes, auth failures, and any other kind.
+    Report {
+        #[arg(long)]
+        tenant: String,
+        /// Count entries from this RFC 3339 time, or this long ago (24h, 7d).
+        #[arg(long)]
+        since: Option<String>,
+        /// The audit directory or its audit.jsonl (default: data/audit).
+        #[arg(long, alias = "dir", conflicts_with = "data_dir")]
+        file: Option<PathBuf>,
+        /// The node's data directory (the log is in <data_dir>/audit).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print entries (JSON lines), optionally of one tenant only.
     Tail {
         #[arg(long, default_value = "data/audit")]
@@ -364,6 +423,7 @@ fn load_config(args: &RunArgs) -> Result<dmsc_node::NodeConfig, dmsc_node::Confi
         },
         admin: RawAdmin {
             listen: args.admin.clone(),
+            ..Default::default()
         },
         ..Default::default()
     };
@@ -633,6 +693,45 @@ async fn ops(cmd: Cmd) -> anyhow::Result<ExitCode> {
             );
             println!("{}", v["token"].as_str().unwrap_or_default());
         }
+        Cmd::AdminToken(AdminTokenCmd::Create {
+            tenant,
+            read_only: _,
+            ttl,
+            admin,
+        }) => {
+            let v = ops::admin_token_create(admin.admin, &admin.token()?, &tenant, ttl).await?;
+            eprintln!(
+                "read-only admin token `{}` for tenant `{tenant}` ({}); pass it as `Authorization: Bearer <token>` or `dmsc-node status --admin-token FILE`:",
+                v["id"].as_str().unwrap_or("?"),
+                match v["expires_at"].as_u64() {
+                    Some(t) => format!("expires at unix {t}"),
+                    None => "until revoked".to_string(),
+                }
+            );
+            println!("{}", v["token"].as_str().unwrap_or_default());
+        }
+        Cmd::AdminToken(AdminTokenCmd::List { admin }) => {
+            let v = ops::admin_token_list(admin.admin, &admin.token()?).await?;
+            println!("{:<16}  {:<24}  EXPIRES", "ID", "TENANT");
+            for t in v["tokens"].as_array().cloned().unwrap_or_default() {
+                println!(
+                    "{:<16}  {:<24}  {}",
+                    t["id"].as_str().unwrap_or("?"),
+                    t["tenant"].as_str().unwrap_or("?"),
+                    t["expires_at"]
+                        .as_u64()
+                        .map(|e| format!("unix {e}"))
+                        .unwrap_or_else(|| "never".into())
+                );
+            }
+        }
+        Cmd::AdminToken(AdminTokenCmd::Revoke { id, admin }) => {
+            if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                anyhow::bail!("`{id}` is not a token id (hex, as `admin-token list` shows)");
+            }
+            ops::admin_token_revoke(admin.admin, &admin.token()?, &id).await?;
+            println!("tenant read token `{id}` revoked");
+        }
         Cmd::Revoke(RevokeCmd::Apply { file, admin }) => {
             let statement = std::fs::read_to_string(&file)
                 .map_err(|e| anyhow::anyhow!("cannot read `{}`: {e}", file.display()))?;
@@ -655,6 +754,30 @@ async fn ops(cmd: Cmd) -> anyhow::Result<ExitCode> {
             println!("{line}");
             if !intact {
                 return Ok(ExitCode::from(1));
+            }
+        }
+        Cmd::Audit(AuditCmd::Report {
+            tenant,
+            since,
+            file,
+            data_dir,
+            json,
+        }) => {
+            let since_ms = since
+                .as_deref()
+                .map(|s| dmsc_node::admin::audit::parse_since(s, std::time::SystemTime::now()))
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--since: {e}"))?;
+            let path = match (file, data_dir) {
+                (Some(f), _) => f,
+                (None, Some(d)) => d.join("audit"),
+                (None, None) => PathBuf::from("data/audit"),
+            };
+            let report = ops::audit_report(&path, &tenant, since_ms)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render(ops::rfc3339_ms));
             }
         }
         Cmd::Audit(AuditCmd::Tail { dir, tenant }) => {
@@ -714,6 +837,7 @@ fn main() -> ExitCode {
         Cmd::Status { .. }
         | Cmd::Ca(_)
         | Cmd::Token(_)
+        | Cmd::AdminToken(_)
         | Cmd::Revoke(_)
         | Cmd::Policy(_)
         | Cmd::Audit(_)
@@ -742,27 +866,42 @@ fn main() -> ExitCode {
                     ExitCode::from(e.exit_code() as u8)
                 }
             },
-            Cmd::Status { admin, json } => match status::fetch(admin).await {
-                Ok(report) => {
-                    if json {
-                        match serde_json::to_string_pretty(&report) {
-                            Ok(s) => println!("{s}"),
-                            Err(e) => {
-                                eprintln!("error: {e}");
-                                return ExitCode::from(1);
-                            }
-                        }
-                    } else {
-                        print!("{}", report.render());
+            Cmd::Status {
+                admin,
+                json,
+                admin_token,
+            } => {
+                let token = match admin_token.as_deref().map(dmsc_node::ops::read_admin_token) {
+                    None => None,
+                    Some(Ok(t)) => Some(t),
+                    Some(Err(e)) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::from(2);
                     }
-                    ExitCode::SUCCESS
+                };
+                match status::fetch_with(admin, token.as_deref()).await {
+                    Ok(report) => {
+                        if json {
+                            match serde_json::to_string_pretty(&report) {
+                                Ok(s) => println!("{s}"),
+                                Err(e) => {
+                                    eprintln!("error: {e}");
+                                    return ExitCode::from(1);
+                                }
+                            }
+                        } else {
+                            print!("{}", report.render());
+                        }
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::from(2)
+                    }
                 }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(2)
-                }
-            },
+            }
             cmd @ (Cmd::Token(_)
+            | Cmd::AdminToken(_)
             | Cmd::Revoke(_)
             | Cmd::Policy(_)
             | Cmd::Audit(_)

@@ -469,6 +469,85 @@ fn operator_commands_token_revoke_check_and_audit_verify() {
         text(&out)
     );
 
+    // A tenant read token: printed once, then `status` with it shows that
+    // tenant's view; `--read-only` is required.
+    let out = run(&[
+        "admin-token",
+        "create",
+        "--tenant",
+        "acme",
+        "--admin",
+        &n1.admin,
+        "--admin-token",
+        admin_token,
+    ]);
+    assert!(!out.status.success(), "--read-only is required");
+    let out = run(&[
+        "admin-token",
+        "create",
+        "--tenant",
+        "acme",
+        "--read-only",
+        "--ttl",
+        "1h",
+        "--admin",
+        &n1.admin,
+        "--admin-token",
+        admin_token,
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let read_token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(read_token.starts_with("dmsc-rt."), "{}", text(&out));
+    let read_file = d.join("acme.token");
+    std::fs::write(&read_file, &read_token).expect("write token");
+    let out = run(&[
+        "status",
+        "--json",
+        "--admin",
+        &n1.admin,
+        "--admin-token",
+        read_file.to_str().expect("utf8"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+    assert_eq!(
+        v["certificates"]["tokens"],
+        serde_json::Value::Null,
+        "a tenant sees no join-token counts"
+    );
+    let out = run(&[
+        "admin-token",
+        "list",
+        "--admin",
+        &n1.admin,
+        "--admin-token",
+        admin_token,
+    ]);
+    assert!(
+        out.status.success() && text(&out).contains("acme"),
+        "{}",
+        text(&out)
+    );
+    // The read token cannot mint join tokens.
+    let out = run(&[
+        "token",
+        "create",
+        "--tenant",
+        "acme",
+        "--agent",
+        "x",
+        "--admin",
+        &n1.admin,
+        "--admin-token",
+        read_file.to_str().expect("utf8"),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("403") && text(&out).contains("read-only"),
+        "{}",
+        text(&out)
+    );
+
     // check: all good while both run.
     let check = |n1: &Node| {
         run(&[
@@ -759,4 +838,74 @@ fn a_connection_flood_past_the_open_files_limit_leaves_the_node_idle_and_it_reco
         get(&node.admin, "/live") == Some(200)
     });
     eprintln!("/live answered {t:?} after the flood dropped");
+}
+
+#[test]
+fn audit_report_counts_one_tenant_from_the_command_line() {
+    let dir = tempfile::tempdir().expect("dir");
+    let audit = dir.path().join("data").join("audit");
+    std::fs::create_dir_all(&audit).expect("mkdir");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let old = now - 3 * 86_400_000;
+    let prev = "0".repeat(64);
+    let entries = [
+        (old, "acme", "delegation", r#"{"outcome":"ok"}"#),
+        (now, "acme", "delegation", r#"{"outcome":"ok"}"#),
+        (now, "acme", "denied", r#"{"reason":"x","rule":"export"}"#),
+        (
+            now,
+            "acme",
+            "rate_limited",
+            r#"{"refused":40,"scope":"tenant"}"#,
+        ),
+        (now, "acme", "policy_applied", r#"{"version":2}"#),
+        (now, "globex", "delegation", r#"{"outcome":"ok"}"#),
+    ];
+    let mut log = String::new();
+    for (seq, (ts, tenant, kind, detail)) in entries.iter().enumerate() {
+        log.push_str(&format!(
+            r#"{{"seq":{seq},"ts":{ts},"node":"n0","tenant":"{tenant}","kind":"{kind}","prev":"{prev}","detail":{detail}}}"#
+        ));
+        log.push('\n');
+    }
+    std::fs::write(audit.join("audit.jsonl"), log).expect("write log");
+    let data = dir.path().join("data");
+    let out = cli(&[
+        "audit",
+        "report",
+        "--tenant",
+        "acme",
+        "--data-dir",
+        data.to_str().expect("utf8"),
+        "--since",
+        "24h",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["kinds"]["delegation"]["events"], 1, "{v}");
+    assert_eq!(v["kinds"]["rate_limited"]["events"], 40, "{v}");
+    assert_eq!(v["kinds"]["policy_applied"]["events"], 1, "{v}");
+    assert_eq!(v["denials_by_rule"]["export"], 1, "{v}");
+    let out = cli(&[
+        "audit",
+        "report",
+        "--tenant",
+        "acme",
+        "--file",
+        audit.join("audit.jsonl").to_str().expect("utf8"),
+    ]);
+    let t = text(&out);
+    assert!(t.contains("tenant   acme"), "{t}");
+    assert!(
+        t.lines()
+            .any(|l| l.starts_with("delegation") && l.contains(" 2")),
+        "{t}"
+    );
+    assert!(!t.contains("globex"), "{t}");
+    let bad = run(&["audit", "report", "--tenant", "acme", "--since", "soon"]);
+    assert!(!bad.status.success());
+    assert!(text(&bad).contains("--since"), "{}", text(&bad));
 }

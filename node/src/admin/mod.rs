@@ -4,7 +4,11 @@
 //! `/v1/agents/<tenant>/<name>` to remove one), `/v1/tokens` (POST
 //! `{"tenant","agent","ttl_secs"?}`: a one-time join token), `/v1/revocations`
 //! (GET the list, POST a statement from `dmsc-node ca revoke`), and
-//! `/v1/check` (clock skew and reachability of every peer). Plain HTTP/1.1; it is an operator's and a scraper's port,
+//! `/v1/check` (clock skew and reachability of every peer), `/v1/audit`
+//! (recent audit entries, [`audit`]) and `/v1/admin-tokens` (POST
+//! `{"tenant","read_only":true,"ttl_secs"?}`: a tenant read token; GET the
+//! list; DELETE `/v1/admin-tokens/<id>`). Who may read what is
+//! [`scope::read_scope`]; changes need the node admin token. Plain HTTP/1.1; it is an operator's and a scraper's port,
 //! not a data path, so it stays small; it sits behind the same listener
 //! limits as the ingress ([`crate::ingress::listen`]).
 
@@ -27,9 +31,14 @@ use dmsc_gossip::Gossip;
 use dmsc_transport::Overlay;
 use report::{metrics_text, status_report};
 
+pub mod audit;
 mod policies;
 pub mod report;
+pub mod scope;
 pub mod status;
+
+pub(crate) use scope::read_scope;
+pub use scope::ReadScope;
 
 /// The addresses a built node actually listens on.
 #[derive(Debug, Clone)]
@@ -78,9 +87,12 @@ fn json(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
     reply(status, "application/json", format!("{v}\n"))
 }
 
-/// `GET /v1/agents`: the agent table.
-fn agents_list(s: &Shared) -> Response<Body> {
-    match serde_json::to_value(report::agent_statuses(s)) {
+/// `GET /v1/agents`: the agent table (of the reader's tenant only, for a
+/// tenant read token).
+fn agents_list(s: &Shared, scope: &ReadScope) -> Response<Body> {
+    let mut agents = report::agent_statuses(s);
+    agents.retain(|a| scope.allows(&a.tenant));
+    match serde_json::to_value(agents) {
         Ok(v) => json(StatusCode::OK, &serde_json::json!({ "agents": v })),
         Err(e) => json(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -283,13 +295,88 @@ fn host_ok<B>(req: &Request<B>) -> bool {
     name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok()
 }
 
-/// Mutating calls need `Authorization: Bearer <admin token>`.
-fn authorized<B>(req: &Request<B>, s: &Shared) -> bool {
-    req.headers()
-        .get(hyper::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| s.security.admin_token_ok(t))
+/// `POST /v1/admin-tokens`: a read-only token for one tenant's operators.
+async fn admin_tokens_create(req: Request<hyper::body::Incoming>, s: &Shared) -> Response<Body> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Ask {
+        tenant: String,
+        read_only: bool,
+        ttl_secs: Option<u64>,
+    }
+    let body = match read_body(req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let ask: Ask = match serde_json::from_slice(&body) {
+        Ok(a) => a,
+        Err(e) => {
+            return json(
+                StatusCode::BAD_REQUEST,
+                &serde_json::json!({"error": format!("expected {{\"tenant\", \"read_only\": true, \"ttl_secs\"?}}: {e}")}),
+            )
+        }
+    };
+    if !ask.read_only {
+        return json(
+            StatusCode::BAD_REQUEST,
+            &serde_json::json!({"error": "only read-only tenant tokens exist (\"read_only\": true); changes need the node admin token"}),
+        );
+    }
+    let ttl = ask.ttl_secs.map(std::time::Duration::from_secs);
+    // The store fsyncs: off the async workers.
+    let sec = s.security.clone();
+    let made = tokio::task::spawn_blocking(move || {
+        sec.read_tokens
+            .create(&ask.tenant, ttl, std::time::SystemTime::now())
+    })
+    .await;
+    match made {
+        Ok(Ok((token, info))) => json(
+            StatusCode::CREATED,
+            &serde_json::json!({
+                "token": token,
+                "id": info.id,
+                "tenant": info.tenant,
+                "read_only": true,
+                "expires_at": info.expires_at,
+            }),
+        ),
+        Ok(Err(e)) => {
+            let status = match e {
+                crate::security::read_tokens::ReadTokenError::Store { .. } => {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                }
+                _ => StatusCode::BAD_REQUEST,
+            };
+            json(status, &serde_json::json!({"error": e.to_string()}))
+        }
+        Err(e) => json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &serde_json::json!({"error": format!("token task failed: {e}")}),
+        ),
+    }
+}
+
+/// `DELETE /v1/admin-tokens/<id>`.
+async fn admin_token_revoke(id: String, s: &Shared) -> Response<Body> {
+    let sec = s.security.clone();
+    let shown = id.clone();
+    match tokio::task::spawn_blocking(move || sec.read_tokens.revoke(&id)).await {
+        Ok(Ok(true)) => reply(StatusCode::NO_CONTENT, "text/plain", ""),
+        Ok(Ok(false)) => json(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({"error": format!("no tenant read token `{shown}` on this node (see GET /v1/admin-tokens)")}),
+        ),
+        Ok(Err(e)) => json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &serde_json::json!({"error": e.to_string()}),
+        ),
+        Err(e) => json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &serde_json::json!({"error": format!("token task failed: {e}")}),
+        ),
+    }
 }
 
 /// What a path of the admin API names.
@@ -304,6 +391,9 @@ enum Endpoint {
     Agent,
     Tokens,
     Revocations,
+    Audit,
+    AdminTokens,
+    AdminToken,
     Policies,
     Policy,
 }
@@ -312,8 +402,11 @@ impl Endpoint {
     /// The methods it answers (for 405 and `Allow`).
     fn allow(self) -> &'static str {
         match self {
-            Endpoint::Agents | Endpoint::Revocations | Endpoint::Policies => "GET, HEAD, POST",
-            Endpoint::Agent => "DELETE",
+            Endpoint::Agents
+            | Endpoint::Revocations
+            | Endpoint::AdminTokens
+            | Endpoint::Policies => "GET, HEAD, POST",
+            Endpoint::Agent | Endpoint::AdminToken => "DELETE",
             Endpoint::Tokens => "POST",
             _ => "GET, HEAD",
         }
@@ -334,6 +427,9 @@ fn router() -> &'static matchit::Router<Endpoint> {
             ("/v1/agents/{tenant}/{name}", Endpoint::Agent),
             ("/v1/tokens", Endpoint::Tokens),
             ("/v1/revocations", Endpoint::Revocations),
+            ("/v1/audit", Endpoint::Audit),
+            ("/v1/admin-tokens", Endpoint::AdminTokens),
+            ("/v1/admin-tokens/{id}", Endpoint::AdminToken),
             ("/v1/policies", Endpoint::Policies),
             ("/v1/policies/{tenant}", Endpoint::Policy),
         ] {
@@ -354,14 +450,10 @@ async fn route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) -> Response<
         );
     }
     let mutating = !matches!(*req.method(), Method::GET | Method::HEAD);
-    if mutating && !authorized(&req, &s) {
-        return json(
-            StatusCode::UNAUTHORIZED,
-            &serde_json::json!({"error": format!(
-                "changing the node needs its admin token: `Authorization: Bearer <token>` with the token from `{}` (CLI: --admin-token FILE)",
-                s.config.data_dir.join(crate::security::ADMIN_TOKEN_FILE).display()
-            )}),
-        );
+    if mutating {
+        if let Err(r) = scope::require_admin(&req, &s) {
+            return r;
+        }
     }
     let path = req.uri().path().to_string();
     let lookup = match path.trim_end_matches('/') {
@@ -377,8 +469,31 @@ async fn route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) -> Response<
     };
     let endpoint = *found.value;
     let param = |k: &str| found.params.get(k).unwrap_or_default().to_string();
-    let (tenant, name) = (param("tenant"), param("name"));
+    let (tenant, name, id) = (param("tenant"), param("name"), param("id"));
     let get = matches!(*req.method(), Method::GET | Method::HEAD);
+    // Node health is open to all; every other read is scoped (and with
+    // `open_reads = false`, needs a token).
+    let health = matches!(endpoint, Endpoint::Live | Endpoint::Ready | Endpoint::Check);
+    let scope = if get && !health {
+        match read_scope(&req, &s) {
+            Ok(scope) => scope,
+            Err(r) => return r,
+        }
+    } else {
+        ReadScope::All
+    };
+    // What cannot be split by tenant is for the node admin scope only.
+    let whole_node = match endpoint {
+        Endpoint::Metrics => Some("/metrics"),
+        Endpoint::Revocations => Some("the revocation list"),
+        Endpoint::AdminTokens => Some("the token list"),
+        _ => None,
+    };
+    if let (true, Some(what)) = (get, whole_node) {
+        if let Err(r) = scope::require_all(&scope, what) {
+            return r;
+        }
+    }
     match (endpoint, req.method().clone()) {
         (Endpoint::Live, _) if get => reply(StatusCode::OK, "text/plain", "live\n"),
         (Endpoint::Ready, _) if get => {
@@ -394,23 +509,32 @@ async fn route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) -> Response<
             metrics_text(&s).await,
         ),
         (Endpoint::Check, _) if get => json(StatusCode::OK, &report::peer_checks(&s).await),
-        (Endpoint::Status, _) if get => match serde_json::to_vec_pretty(&status_report(&s).await) {
-            Ok(body) => reply(StatusCode::OK, "application/json", body),
-            Err(e) => reply(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "text/plain",
-                format!("status encoding failed: {e}\n"),
-            ),
-        },
-        (Endpoint::Agents, _) if get => agents_list(&s),
+        (Endpoint::Status, _) if get => {
+            match serde_json::to_vec_pretty(&scope::scope_status(status_report(&s).await, &scope)) {
+                Ok(body) => reply(StatusCode::OK, "application/json", body),
+                Err(e) => reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    format!("status encoding failed: {e}\n"),
+                ),
+            }
+        }
+        (Endpoint::Agents, _) if get => agents_list(&s, &scope),
         (Endpoint::Agents, Method::POST) => agents_add(req, &s).await,
         (Endpoint::Agent, Method::DELETE) => agent_delete(&tenant, &name, &s).await,
         (Endpoint::Tokens, Method::POST) => tokens_route(req, &s).await,
         (Endpoint::Revocations, _) if get => revocations_list(&s),
         (Endpoint::Revocations, Method::POST) => revocations_apply(req, &s).await,
-        (Endpoint::Policies, _) if get => policies::list(&s),
+        (Endpoint::Audit, _) if get => audit::audit_route(&req, &s).await,
+        (Endpoint::AdminTokens, _) if get => json(
+            StatusCode::OK,
+            &serde_json::json!({ "tokens": s.security.read_tokens.list() }),
+        ),
+        (Endpoint::AdminTokens, Method::POST) => admin_tokens_create(req, &s).await,
+        (Endpoint::AdminToken, Method::DELETE) => admin_token_revoke(id, &s).await,
+        (Endpoint::Policies, _) if get => policies::list(&s, &scope),
         (Endpoint::Policies, Method::POST) => policies::apply(req, &s).await,
-        (Endpoint::Policy, _) if get => policies::show(&s, &tenant),
+        (Endpoint::Policy, _) if get => policies::show(&s, &tenant, &scope),
         (e, _) => {
             let mut r = reply(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -434,6 +558,12 @@ pub(crate) async fn serve(
     server: crate::ingress::listen::Server,
 ) {
     use http_body_util::BodyExt;
+    if shared.config.admin_open_reads && !shared.bound.admin.ip().is_loopback() {
+        tracing::warn!(
+            admin = %shared.bound.admin,
+            "the admin API listens beyond localhost with open reads: anyone who reaches it sees every tenant's agents; set [admin] open_reads = false"
+        );
+    }
     server
         .run(listener, move |stream, _peer, conn| {
             let shared = shared.clone();

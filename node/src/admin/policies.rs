@@ -5,16 +5,18 @@
 use hyper::{Request, Response, StatusCode};
 use serde_json::json as j;
 
-use super::{json, read_body, Body, Shared};
+use super::{json, read_body, Body, ReadScope, Shared};
 use crate::security::policies::{Applied, ApplyError};
 
-/// `GET /v1/policies`: one line per tenant.
-pub(super) fn list(s: &Shared) -> Response<Body> {
+/// `GET /v1/policies`: one line per tenant (the reader's own only, for a
+/// tenant read token).
+pub(super) fn list(s: &Shared, scope: &ReadScope) -> Response<Body> {
     let list: Vec<_> = s
         .security
         .policies
         .all()
         .iter()
+        .filter(|h| scope.allows(&h.policy.tenant))
         .map(|h| {
             j!({
                 "tenant": h.policy.tenant,
@@ -28,8 +30,18 @@ pub(super) fn list(s: &Shared) -> Response<Body> {
     json(StatusCode::OK, &j!({ "policies": list }))
 }
 
-/// `GET /v1/policies/{tenant}`: the document as signed, and its envelope.
-pub(super) fn show(s: &Shared, tenant: &str) -> Response<Body> {
+/// `GET /v1/policies/{tenant}`: the document as signed, and its envelope
+/// (403 for a read token of another tenant).
+pub(super) fn show(s: &Shared, tenant: &str, scope: &ReadScope) -> Response<Body> {
+    if !scope.allows(tenant) {
+        return json(
+            StatusCode::FORBIDDEN,
+            &j!({
+                "error": format!("a read token of tenant `{}` cannot read tenant `{tenant}`'s policy", scope.tenant().unwrap_or_default()),
+                "code": "tenant_scope",
+            }),
+        );
+    }
     match s.security.policies.held(tenant) {
         Some(h) => json(
             StatusCode::OK,

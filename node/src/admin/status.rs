@@ -462,7 +462,23 @@ pub async fn admin_call(
 
 /// Fetches and decodes `/v1/status`.
 pub async fn fetch(addr: SocketAddr) -> Result<StatusReport, StatusError> {
-    let (status, body) = admin_get(addr, "/v1/status").await?;
+    fetch_with(addr, None).await
+}
+
+/// [`fetch`] with a bearer token: the node admin token, or a tenant read
+/// token (the report then holds that tenant's agents only).
+pub async fn fetch_with(
+    addr: SocketAddr,
+    token: Option<&str>,
+) -> Result<StatusReport, StatusError> {
+    let (status, body) = admin_call(
+        addr,
+        hyper::Method::GET,
+        "/v1/status",
+        token,
+        bytes::Bytes::new(),
+    )
+    .await?;
     if status != 200 {
         return Err(StatusError::Http { addr, status, body });
     }

@@ -1,5 +1,6 @@
 //! Operator commands that are more than a flag parse: `dmsc-node ca ...`
-//! ([`ca`]), `check`, `token create`, `revoke apply`, `audit verify`. They live here, not
+//! ([`ca`]), `check`, `token create`, `admin-token create|list|revoke`,
+//! `revoke apply`, `audit verify`, `audit report`. They live here, not
 //! in the binary, so tests drive them directly; the ones that talk to a
 //! running node are clients of its admin API, like `status`.
 
@@ -241,6 +242,72 @@ pub async fn token_create(
     post_json(admin, admin_token, "/v1/tokens", body.to_string()).await
 }
 
+/// `dmsc-node admin-token create --tenant T --read-only`: asks the node for
+/// a read-only token of one tenant (printed once; the node keeps a hash).
+pub async fn admin_token_create(
+    admin: SocketAddr,
+    admin_token: &str,
+    tenant: &str,
+    ttl: Option<Duration>,
+) -> Result<serde_json::Value, StatusError> {
+    let body = serde_json::json!({
+        "tenant": tenant,
+        "read_only": true,
+        "ttl_secs": ttl.map(|t| t.as_secs()),
+    });
+    post_json(admin, admin_token, "/v1/admin-tokens", body.to_string()).await
+}
+
+/// `dmsc-node admin-token list`: the node's tenant read tokens (no secrets).
+pub async fn admin_token_list(
+    admin: SocketAddr,
+    admin_token: &str,
+) -> Result<serde_json::Value, StatusError> {
+    let (status, text) = admin_call(
+        admin,
+        hyper::Method::GET,
+        "/v1/admin-tokens",
+        Some(admin_token),
+        bytes::Bytes::new(),
+    )
+    .await?;
+    if status != 200 {
+        return Err(StatusError::Http {
+            addr: admin,
+            status,
+            body: text,
+        });
+    }
+    serde_json::from_str(&text).map_err(|e| StatusError::Decode {
+        addr: admin,
+        reason: e.to_string(),
+    })
+}
+
+/// `dmsc-node admin-token revoke ID`.
+pub async fn admin_token_revoke(
+    admin: SocketAddr,
+    admin_token: &str,
+    id: &str,
+) -> Result<(), StatusError> {
+    let (status, text) = admin_call(
+        admin,
+        hyper::Method::DELETE,
+        &format!("/v1/admin-tokens/{id}"),
+        Some(admin_token),
+        bytes::Bytes::new(),
+    )
+    .await?;
+    if status != 204 {
+        return Err(StatusError::Http {
+            addr: admin,
+            status,
+            body: text,
+        });
+    }
+    Ok(())
+}
+
 /// `dmsc-node revoke apply FILE`: hands a signed revocation to the node,
 /// which checks it and spreads it by gossip.
 pub async fn revoke_apply(
@@ -309,6 +376,37 @@ pub fn audit_verify(
         ),
         Some(p) => (format!("{}: TAMPERED: {p}", r.path.display()), false),
     })
+}
+
+/// `dmsc-node audit report`: counts one tenant's entries in the log at
+/// `path` (the audit directory or its `audit.jsonl`), streaming. Lines that
+/// do not parse are counted in [`dmsc_audit::report::Report::unreadable`];
+/// a read error ends the report with the error.
+pub fn audit_report(
+    path: &Path,
+    tenant: &str,
+    since_ms: Option<u64>,
+) -> Result<dmsc_audit::report::Report, dmsc_audit::AuditError> {
+    let mut report = dmsc_audit::report::Report::new(tenant, since_ms);
+    for line in dmsc_audit::tail(path, None)? {
+        match line {
+            Ok(l) => report.add(&l),
+            Err(dmsc_audit::AuditError::Corrupt { .. }) => report.unreadable += 1,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(report)
+}
+
+/// Unix milliseconds as RFC 3339 (UTC), for the report's text.
+pub fn rfc3339_ms(ms: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("unix ms {ms}"))
 }
 
 #[cfg(test)]

@@ -41,6 +41,7 @@ use tracing::{info, warn};
 use crate::config::NodeConfig;
 
 pub mod policies;
+pub mod read_tokens;
 pub mod throttle;
 
 fn not_hosted(issuer: &NodeIssuer, tenant: &str) -> Refusal {
@@ -73,6 +74,8 @@ pub enum SecurityError {
     AdminToken { path: PathBuf, why: String },
     #[error("join token store: {0}")]
     Tokens(#[from] dmsc_auth::TokenError),
+    #[error(transparent)]
+    ReadTokens(#[from] read_tokens::ReadTokenError),
     #[error("jwt: {0}")]
     Jwt(#[from] dmsc_auth::AuthError),
     #[error("jwt: set jwks_file or jwks_url")]
@@ -238,6 +241,8 @@ pub struct Security {
     audit_waiting: Arc<std::sync::atomic::AtomicUsize>,
     /// SHA-256 of the admin token that mutating admin calls must present.
     admin_token_hash: [u8; 32],
+    /// Tenant-scoped, read-only admin tokens (`dmsc-node admin-token create`).
+    pub read_tokens: read_tokens::ReadTokens,
     /// Recently validated bearer tokens (by SHA-256): see `validate_jwt`.
     jwt_cache:
         Mutex<std::collections::HashMap<[u8; 32], (dmsc_auth::JwtCaller, std::time::Instant)>>,
@@ -298,6 +303,7 @@ impl Security {
         };
         let admin_token_hash = admin_token(&data.join(ADMIN_TOKEN_FILE))?;
         let tokens = TokenStore::open(data.join("join-tokens.json"))?;
+        let read_tokens = read_tokens::ReadTokens::open(data.join(read_tokens::READ_TOKENS_FILE))?;
         let jwt = match &config.jwt {
             Some(j) => {
                 let source = match (&j.jwks_file, &j.jwks_url) {
@@ -350,6 +356,7 @@ impl Security {
                 ca_pem: RwLock::new(std::fs::read_to_string(&paths.ca).unwrap_or_default()),
                 audit_waiting: Arc::default(),
                 admin_token_hash,
+                read_tokens,
                 jwt_cache: Mutex::default(),
                 paths,
                 tls: Mutex::new(Vec::new()),

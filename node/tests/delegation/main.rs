@@ -2,6 +2,7 @@
 //! between nodes, real gossip, real HTTP agents (the built-in sample agent),
 //! requests sent to a node's ingress the way an agent would.
 
+mod admin;
 mod grpc;
 mod hygiene;
 mod listen;
