@@ -207,6 +207,7 @@ impl App {
             metrics: delegation_metrics.clone(),
             budget: body_budget.clone(),
             security: security.clone(),
+            region: config.region.clone(),
         });
         let agents = AgentsCtx {
             agents: local_agents,

@@ -90,14 +90,17 @@ impl Delegator {
                 let tags = super::agent_tags(&self.mesh.read(), &id);
                 crate::policy::outbound(
                     &self.security.policies,
-                    &head.caller,
-                    &head.caller_tenant,
-                    &head.tenant,
-                    dmsc_policy::Addressed::Agent {
-                        name: &head.agent,
-                        tags: &tags,
+                    crate::policy::Route {
+                        caller: &head.caller,
+                        caller_tenant: &head.caller_tenant,
+                        tenant: &head.tenant,
+                        target: dmsc_policy::Addressed::Agent {
+                            name: &head.agent,
+                            tags: &tags,
+                        },
+                        data_tags: &head.data_tags,
+                        crosses_region: self.crosses_region(&peer),
                     },
-                    &head.data_tags,
                 )
                 .map(|()| agent)
             });

@@ -107,6 +107,8 @@ pub struct Delegator {
     pub(crate) budget: Arc<budget::BodyBudget>,
     /// Audit trail (and the rest of the node's security state).
     pub(crate) security: Arc<crate::security::Security>,
+    /// This node's region (a tenant policy may keep data tags inside it).
+    pub(crate) region: String,
 }
 
 /// A request that may safely be sent again: an idempotent method, or any
@@ -235,14 +237,17 @@ impl Delegator {
                     let tags = agent_tags(&reg, &sel.id);
                     let verdict = crate::policy::outbound(
                         &self.security.policies,
-                        &caller,
-                        &caller_tenant,
-                        &tenant,
-                        dmsc_policy::Addressed::Agent {
-                            name: &sel.id.name,
-                            tags: &tags,
+                        crate::policy::Route {
+                            caller: &caller,
+                            caller_tenant: &caller_tenant,
+                            tenant: &tenant,
+                            target: dmsc_policy::Addressed::Agent {
+                                name: &sel.id.name,
+                                tags: &tags,
+                            },
+                            data_tags: &data_tags,
+                            crosses_region: self.crosses_region(&sel.node),
                         },
-                        &data_tags,
                     );
                     (sel, verdict)
                 })
@@ -415,6 +420,12 @@ pub(crate) fn rule_of(detail: &str) -> Option<String> {
 }
 
 impl Delegator {
+    /// True when `node` announced another region than this node's (a node
+    /// not seen yet counts as elsewhere: the gate fails closed).
+    pub(crate) fn crosses_region(&self, node: &str) -> bool {
+        node != self.me && self.mesh.node_region(node).as_deref() != Some(self.region.as_str())
+    }
+
     /// Renders a tenant-policy refusal of the calling node: audited here,
     /// 403 for the caller (`policy_violation` for a data-tag rule).
     pub(crate) fn refuse(

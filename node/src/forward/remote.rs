@@ -68,6 +68,14 @@ impl Delegator {
         // The newest version both sides speak (an older peer during a
         // rolling upgrade gets the version it reads, and answers in it).
         head.version = speaks.clamp(OLDEST_VERSION, DELEGATION_VERSION);
+        if head.version < 3 && (head.caller_tenant != head.tenant || !head.data_tags.is_empty()) {
+            // A head before version 3 cannot say whose call it is or what
+            // data it carries: the home node could not check its policy.
+            return Err(not_delivered(format!(
+                "home node `{node}` speaks delegation wire version {} and cannot check a cross-tenant or data-tagged call (version 3 can); upgrade it",
+                head.version
+            )));
+        }
         let remaining = deadline.saturating_duration_since(Instant::now());
         let stream = match tokio::time::timeout(
             remaining,

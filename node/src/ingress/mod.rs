@@ -642,11 +642,15 @@ impl Ingress {
             };
             crate::policy::outbound(
                 &self.security.policies,
-                &caller.id,
-                &caller.tenant,
-                &tenant,
-                addressed,
-                &data_tags,
+                crate::policy::Route {
+                    caller: &caller.id,
+                    caller_tenant: &caller.tenant,
+                    tenant: &tenant,
+                    target: addressed,
+                    data_tags: &data_tags,
+                    // Not known before selection; checked for the agent picked.
+                    crosses_region: false,
+                },
             )
         };
         if let Err(denial) = verdict {

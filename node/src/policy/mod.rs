@@ -92,38 +92,61 @@ pub fn in_scope(scope: Option<&[String]>, tenant: &str) -> bool {
     scope.is_none_or(|s| s.iter().any(|t| t == tenant))
 }
 
+/// Where a request goes, as far as policy cares.
+#[derive(Debug, Clone, Copy)]
+pub struct Route<'a> {
+    pub caller: &'a str,
+    pub caller_tenant: &'a str,
+    /// The target's tenant.
+    pub tenant: &'a str,
+    pub target: Addressed<'a>,
+    pub data_tags: &'a [String],
+    /// The calling node and the home node are in different regions.
+    pub crosses_region: bool,
+}
+
 /// May `caller`, of `caller_tenant`, reach `target` of `tenant` with a
 /// request carrying `data_tags`? Within a tenant only the target agent's
 /// accepted data tags apply; between tenants the provider's export and the
-/// consumer's import, and their data-tag gates. Run at the ingress, for the
-/// agent that selection picked, and on the home node.
-pub fn outbound(
-    policies: &PolicyStore,
-    caller: &str,
-    caller_tenant: &str,
-    tenant: &str,
-    target: Addressed<'_>,
-    data_tags: &[String],
-) -> Result<(), Denial> {
-    let decided = if caller_tenant == tenant {
-        match target {
-            Addressed::Agent { name, .. } => {
-                dmsc_policy::accepts(policies.get(tenant).as_deref(), name, data_tags)
-            }
-            _ => Ok(()),
-        }
+/// consumer's import, and their data-tag gates; across regions the
+/// consumer's region gate. Run at the ingress, for the agent that selection
+/// picked, and on the home node.
+pub fn outbound(policies: &PolicyStore, r: Route<'_>) -> Result<(), Denial> {
+    let Route {
+        caller,
+        caller_tenant,
+        tenant,
+        target,
+        data_tags,
+        crosses_region,
+    } = r;
+    let consumer = policies.get(caller_tenant);
+    let region = if crosses_region {
+        dmsc_policy::leaves_region(consumer.as_deref(), data_tags)
     } else {
-        dmsc_policy::cross_tenant(
-            policies.get(caller_tenant).as_deref(),
-            policies.get(tenant).as_deref(),
-            Crossing {
-                from: caller_tenant,
-                to: tenant,
-                target,
-                data_tags,
-            },
-        )
+        Ok(())
     };
+    let decided = region.and_then(|()| {
+        if caller_tenant == tenant {
+            match target {
+                Addressed::Agent { name, .. } => {
+                    dmsc_policy::accepts(policies.get(tenant).as_deref(), name, data_tags)
+                }
+                _ => Ok(()),
+            }
+        } else {
+            dmsc_policy::cross_tenant(
+                consumer.as_deref(),
+                policies.get(tenant).as_deref(),
+                Crossing {
+                    from: caller_tenant,
+                    to: tenant,
+                    target,
+                    data_tags,
+                },
+            )
+        }
+    });
     decided.map_err(|refusal| Denial::Policy {
         caller: caller.to_string(),
         caller_tenant: caller_tenant.to_string(),
@@ -193,6 +216,23 @@ mod tests {
         }
     }
 
+    fn route<'a>(
+        caller: &'a str,
+        from: &'a str,
+        to: &'a str,
+        target: Addressed<'a>,
+        data_tags: &'a [String],
+    ) -> Route<'a> {
+        Route {
+            caller,
+            caller_tenant: from,
+            tenant: to,
+            target,
+            data_tags,
+            crosses_region: false,
+        }
+    }
+
     #[test]
     fn cross_tenant_needs_an_export_and_an_import() {
         let ca = dmsc_transport::pki::CertificateAuthority::generate("td").expect("ca");
@@ -208,14 +248,18 @@ mod tests {
             name: "billing",
             tags: &[],
         };
-        let d = outbound(&store, "jwt:x#a", "globex", "acme", billing, &[]).expect_err("none");
+        let d =
+            outbound(&store, route("jwt:x#a", "globex", "acme", billing, &[])).expect_err("none");
         assert!(d.is_forbidden() && !d.is_tag_violation());
         assert_eq!(d.rule(), Some("acme:export"));
         assert_eq!(
             d.to_string(),
             "caller `jwt:x#a` of tenant `globex`: cross-tenant call refused: tenant `acme` does not export agent `billing` to tenant `globex` (rule `acme:export`)"
         );
-        assert_eq!(outbound(&store, "a", "acme", "acme", billing, &[]), Ok(()));
+        assert_eq!(
+            outbound(&store, route("a", "acme", "acme", billing, &[])),
+            Ok(())
+        );
         let apply = |doc: &str| {
             let s = dmsc_policy::SignedPolicy::sign_operator(&ca, doc.as_bytes()).expect("sign");
             store
@@ -223,15 +267,16 @@ mod tests {
                 .expect("apply");
         };
         apply("tenant = \"acme\"\nversion = 1\n[[export]]\nto = [\"globex\"]\nagents = [\"billing\"]\n");
-        let d = outbound(&store, "a", "globex", "acme", billing, &[]).expect_err("no import");
+        let d =
+            outbound(&store, route("a", "globex", "acme", billing, &[])).expect_err("no import");
         assert_eq!(d.rule(), Some("globex:import"));
         apply("tenant = \"globex\"\nversion = 1\n[[import]]\nfrom = [\"acme\"]\nagents = [\"billing\"]\n");
         assert_eq!(
-            outbound(&store, "a", "globex", "acme", billing, &[]),
+            outbound(&store, route("a", "globex", "acme", billing, &[])),
             Ok(())
         );
         let pii = vec!["pii".to_string()];
-        let d = outbound(&store, "a", "globex", "acme", billing, &pii).expect_err("tags");
+        let d = outbound(&store, route("a", "globex", "acme", billing, &pii)).expect_err("tags");
         assert!(d.is_tag_violation(), "{d}");
     }
 

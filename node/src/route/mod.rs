@@ -232,6 +232,14 @@ impl MeshView {
         )
     }
 
+    /// The region a node announced (`None`: unknown or not seen).
+    pub fn node_region(&self, node: &str) -> Option<String> {
+        lock(&self.per_node)
+            .get(node)
+            .and_then(|c| c.ann.as_ref())
+            .map(|a| a.region.clone())
+    }
+
     /// A live node's overlay address and the delegation wire version it speaks.
     pub fn node_route(&self, node: &str) -> Option<(SocketAddr, u8)> {
         self.nodes
