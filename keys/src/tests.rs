@@ -1,0 +1,210 @@
+use super::*;
+use std::os::unix::fs::PermissionsExt as _;
+
+fn store() -> (tempfile::TempDir, KeyStore) {
+    let dir = tempfile::tempdir().expect("dir");
+    let ks = KeyStore::load(dir.path()).expect("open");
+    (dir, ks)
+}
+
+#[test]
+fn seal_open_round_trip_and_kek_is_private() {
+    let (dir, ks) = store();
+    let kek = dir.path().join(KEYS_DIR).join(KEK_FILE);
+    let meta = std::fs::metadata(&kek).expect("kek exists");
+    assert_eq!(meta.len(), 32);
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let s = ks.seal("acme", "ctx", b"hello caller").expect("seal");
+    assert!(s.starts_with("sealed:v1:acme:1:"), "{s}");
+    assert!(!s.contains("hello"));
+    assert_eq!(ks.open("ctx", &s).expect("open"), b"hello caller");
+    // Two seals of the same text differ (random nonces).
+    assert_ne!(
+        ks.seal("acme", "ctx", b"x").ok(),
+        ks.seal("acme", "ctx", b"x").ok()
+    );
+    let info = ks.info("acme").expect("info");
+    assert_eq!(info.keys, vec![1]);
+    assert!(!info.shredded);
+    let file = std::fs::metadata(dir.path().join(KEYS_DIR).join("acme.json")).expect("file");
+    assert_eq!(file.permissions().mode() & 0o777, 0o600);
+}
+
+#[test]
+fn sealed_values_cannot_move_between_tenants_or_contexts() {
+    let (_d, ks) = store();
+    let a = ks.seal("acme", "audit:n1:3", b"secret").expect("seal");
+    ks.seal("globex", "x", b"make globex key 1").expect("seal");
+    assert!(matches!(
+        ks.open("audit:n1:4", &a),
+        Err(KeyError::Tampered { .. })
+    ));
+    let moved = a.replacen("sealed:v1:acme:", "sealed:v1:globex:", 1);
+    assert!(matches!(
+        ks.open("audit:n1:3", &moved),
+        Err(KeyError::Tampered { .. })
+    ));
+    // A flipped ciphertext byte.
+    let mut tok = Token::parse(&a).expect("parse");
+    let last = tok.sealed.len() - 1;
+    tok.sealed[last] ^= 1;
+    assert!(matches!(
+        ks.open("audit:n1:3", &tok.encode()),
+        Err(KeyError::Tampered { .. })
+    ));
+    assert!(matches!(
+        ks.open("c", "plain text"),
+        Err(KeyError::Malformed(_))
+    ));
+    assert!(matches!(
+        ks.seal("../etc", "c", b"x"),
+        Err(KeyError::BadTenant { .. })
+    ));
+}
+
+#[test]
+fn rotation_keeps_old_data_readable_and_seals_with_the_new_key() {
+    let dir = tempfile::tempdir().expect("dir");
+    let ks = KeyStore::load(dir.path()).expect("open");
+    let old = ks.seal("acme", "c", b"old").expect("seal");
+    assert_eq!(ks.rotate("acme").expect("rotate"), 2);
+    let new = ks.seal("acme", "c", b"new").expect("seal");
+    assert!(new.starts_with("sealed:v1:acme:2:"), "{new}");
+    assert_eq!(ks.open("c", &old).expect("old opens"), b"old");
+    assert_eq!(ks.open("c", &new).expect("new opens"), b"new");
+    drop(ks);
+    // Survives a restart: keys unwrap with the persisted KEK.
+    let ks = KeyStore::load(dir.path()).expect("reopen");
+    assert_eq!(ks.open("c", &old).expect("old opens"), b"old");
+    assert_eq!(ks.open("c", &new).expect("new opens"), b"new");
+    assert_eq!(ks.info("acme").expect("info").keys, vec![1, 2]);
+}
+
+#[test]
+fn shredding_destroys_one_tenant_only_and_refuses_new_seals_until_rotate() {
+    let dir = tempfile::tempdir().expect("dir");
+    let ks = KeyStore::load(dir.path()).expect("open");
+    let a1 = ks.seal("acme", "c", b"a1").expect("seal");
+    ks.rotate("acme").expect("rotate");
+    let a2 = ks.seal("acme", "c", b"a2").expect("seal");
+    let g = ks.seal("globex", "c", b"g").expect("seal");
+    let path = dir.path().join(KEYS_DIR).join("acme.json");
+    let before = std::fs::read_to_string(&path).expect("read");
+    assert_eq!(ks.shred("acme").expect("shred"), 2);
+    for t in [&a1, &a2] {
+        match ks.open("c", t) {
+            Err(KeyError::Shredded { tenant, .. }) => assert_eq!(tenant, "acme"),
+            other => panic!("expected Shredded, got {other:?}"),
+        }
+    }
+    assert_eq!(ks.open("c", &g).expect("globex unaffected"), b"g");
+    assert!(matches!(
+        ks.seal("acme", "c", b"more"),
+        Err(KeyError::SealRefused { .. })
+    ));
+    // No wrapped key survives in the file.
+    let after = std::fs::read_to_string(&path).expect("read");
+    let wrapped: Vec<&str> = before
+        .lines()
+        .filter(|l| l.contains("\"wrapped\""))
+        .collect();
+    assert_eq!(wrapped.len(), 2);
+    for w in wrapped {
+        assert!(!after.contains(w.trim()), "wrapped key left behind");
+    }
+    assert!(!after.contains("wrapped"));
+    drop(ks);
+    // Still shredded after a restart, and the error still says why.
+    let ks = KeyStore::load(dir.path()).expect("reopen");
+    assert!(matches!(ks.open("c", &a1), Err(KeyError::Shredded { .. })));
+    assert!(matches!(
+        ks.seal("acme", "c", b"x"),
+        Err(KeyError::SealRefused { .. })
+    ));
+    // A rotate starts a new generation; ids are not reused.
+    assert_eq!(ks.rotate("acme").expect("rotate"), 3);
+    let a3 = ks.seal("acme", "c", b"a3").expect("seal after rotate");
+    assert_eq!(ks.open("c", &a3).expect("open"), b"a3");
+    assert!(matches!(ks.open("c", &a2), Err(KeyError::Shredded { .. })));
+    assert!(!ks.info("acme").expect("info").shredded);
+}
+
+#[test]
+fn unknown_keys_say_no_key_not_shredded() {
+    let (_d1, a) = store();
+    let (_d2, b) = store();
+    let s = a.seal("acme", "c", b"x").expect("seal");
+    assert!(matches!(b.open("c", &s), Err(KeyError::NoKey { .. })));
+    b.seal("acme", "c", b"y").expect("b's own key 1");
+    // Same tenant and id, another node's key: does not open.
+    assert!(matches!(b.open("c", &s), Err(KeyError::Tampered { .. })));
+}
+
+#[test]
+fn statements_apply_once_in_order() {
+    let dir = tempfile::tempdir().expect("dir");
+    let ks = KeyStore::load(dir.path()).expect("open");
+    let s = ks.seal("acme", "c", b"x").expect("seal");
+    assert_eq!(
+        ks.apply("acme", KeyAction::RotateKey, 10).expect("apply"),
+        Applied::Rotated { key_id: 2 }
+    );
+    assert_eq!(
+        ks.apply("acme", KeyAction::RotateKey, 10).expect("apply"),
+        Applied::AlreadyApplied { applied_seq: 10 }
+    );
+    assert_eq!(
+        ks.apply("acme", KeyAction::Delete, 9).expect("older"),
+        Applied::AlreadyApplied { applied_seq: 10 }
+    );
+    assert_eq!(ks.open("c", &s).expect("still readable"), b"x");
+    drop(ks);
+    let ks = KeyStore::load(dir.path()).expect("reopen");
+    assert_eq!(
+        ks.apply("acme", KeyAction::RotateKey, 10).expect("apply"),
+        Applied::AlreadyApplied { applied_seq: 10 },
+        "the applied sequence survives a restart"
+    );
+    assert_eq!(
+        ks.apply("acme", KeyAction::Delete, 11).expect("delete"),
+        Applied::Shredded { keys: 2 }
+    );
+    // A delete for a tenant this node never had keys for leaves a tombstone.
+    assert_eq!(
+        ks.apply("initech", KeyAction::Delete, 1).expect("delete"),
+        Applied::Shredded { keys: 0 }
+    );
+    assert!(matches!(
+        ks.seal("initech", "c", b"x"),
+        Err(KeyError::SealRefused { .. })
+    ));
+    let list: Vec<String> = ks.list().into_iter().map(|i| i.tenant).collect();
+    assert_eq!(list, vec!["acme".to_string(), "initech".to_string()]);
+}
+
+#[test]
+fn a_replaced_kek_is_reported_not_ignored() {
+    let dir = tempfile::tempdir().expect("dir");
+    let ks = KeyStore::load(dir.path()).expect("open");
+    ks.seal("acme", "c", b"x").expect("seal");
+    drop(ks);
+    let kek = dir.path().join(KEYS_DIR).join(KEK_FILE);
+    std::fs::write(&kek, [7u8; 32]).expect("replace kek");
+    let err = KeyStore::load(dir.path()).expect_err("wrong kek");
+    assert!(err.to_string().contains("does not unwrap"), "{err}");
+    std::fs::write(&kek, [7u8; 5]).expect("short kek");
+    assert!(matches!(
+        KeyStore::load(dir.path()),
+        Err(KeyError::Corrupt { .. })
+    ));
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+    #[test]
+    fn any_plaintext_round_trips(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300), ctx in "\\PC{0,20}") {
+        let (_d, ks) = store();
+        let s = ks.seal("t1", &ctx, &data).expect("seal");
+        proptest::prop_assert_eq!(ks.open(&ctx, &s).expect("open"), data);
+    }
+}
