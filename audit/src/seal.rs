@@ -1,0 +1,145 @@
+//! Sealing the tenant payload of audit lines with the tenant's key.
+//!
+//! A tenant's callers, targets and reasons are tenant data at rest; once the
+//! tenant is deleted (its keys crypto-shredded) they must become unreadable,
+//! yet the hash chain must still verify and compliance reports must still
+//! count events. So the writer seals, per line, the fields of an event that
+//! carry tenant payload into one value (`"sealed":"sealed:v1:…"`) and keeps
+//! the envelope (`tenant`, `kind`, `ts`, …) and the fields reports need
+//! ([`clear_fields`]: outcome, status, …) in the clear. The chain hashes
+//! the line as written, sealed text included, so `audit verify` needs no
+//! keys. The sealed value is bound to the line (`audit:<node>:<seq>`), so it
+//! cannot be moved to another line.
+//!
+//! This crate knows nothing of key stores: the node implements [`Sealer`]
+//! (with `dmsc-keys`). Sealing runs in the writer task, one AEAD per line,
+//! not on the request path. A seal that fails (the tenant's keys were
+//! deleted) withholds the fields (`"withheld":"<why>"`) rather than writing
+//! them in the clear.
+
+use serde_json::{Map, Value};
+
+/// Seals and opens tenant payload for the audit log.
+pub trait Sealer: Send + Sync + std::fmt::Debug {
+    /// Seals `plaintext` for `tenant`, bound to `context`; `Err` says why it
+    /// cannot (the fields are then withheld).
+    fn seal(&self, tenant: &str, context: &str, plaintext: &[u8]) -> Result<String, String>;
+    /// Opens a value from [`Self::seal`]; `Err` says why not (e.g. "key
+    /// destroyed: tenant deleted", "no key on this node").
+    fn open(&self, context: &str, sealed: &str) -> Result<Vec<u8>, String>;
+}
+
+/// The detail field holding the sealed payload.
+pub const SEALED_FIELD: &str = "sealed";
+/// The detail field saying why payload fields were not written.
+pub const WITHHELD_FIELD: &str = "withheld";
+/// Added by [`open_line`] when the payload cannot be opened: why.
+pub const UNREADABLE_FIELD: &str = "unreadable";
+
+/// The fields of an event kind that stay in the clear in a sealed line;
+/// every other field of `detail` is sealed. `None`: the kind carries no
+/// tenant payload (operator facts: revocations, key statements) and is not
+/// sealed at all.
+pub fn clear_fields(kind: &str) -> Option<&'static [&'static str]> {
+    match kind {
+        crate::event::KIND_DELEGATION => {
+            Some(&["outcome", "status", "duration_ms", "serving_node"])
+        }
+        crate::event::KIND_DENIED => Some(&["rule"]),
+        crate::event::KIND_AUTH_FAILURE => Some(&["listener", "method"]),
+        crate::event::KIND_ENROLLMENT => Some(&["not_after"]),
+        crate::event::KIND_REVOCATION
+        | crate::event::KIND_TENANT_KEY
+        | crate::event::KIND_CHECKPOINT
+        | crate::event::KIND_RECOVERY => None,
+        // Kinds added later are sealed except for what reports count.
+        _ => Some(&["outcome", "status", "rule"]),
+    }
+}
+
+/// The audit context a line's sealed value is bound to.
+pub fn line_context(node: &str, seq: u64) -> String {
+    format!("audit:{node}:{seq}")
+}
+
+/// Splits `detail` into clear fields and a sealed rest. `None` if nothing
+/// is to be sealed (the caller writes `detail` as it is).
+pub(crate) fn seal_detail(
+    sealer: &dyn Sealer,
+    tenant: &str,
+    kind: &str,
+    context: &str,
+    detail: Value,
+) -> Option<Value> {
+    let clear = clear_fields(kind)?;
+    let Value::Object(map) = detail else {
+        return None;
+    };
+    let (keep, payload): (Map<String, Value>, Map<String, Value>) = map
+        .into_iter()
+        .partition(|(k, _)| clear.contains(&k.as_str()));
+    let mut out = keep;
+    if payload.is_empty() {
+        return Some(Value::Object(out));
+    }
+    // A map of JSON values always serializes.
+    let bytes = serde_json::to_vec(&payload).unwrap_or_default();
+    match sealer.seal(tenant, context, &bytes) {
+        Ok(s) => {
+            out.insert(SEALED_FIELD.into(), Value::String(s));
+        }
+        Err(why) => {
+            out.insert(WITHHELD_FIELD.into(), Value::String(why));
+        }
+    }
+    Some(Value::Object(out))
+}
+
+/// How a line's payload reads after [`open_line`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SealState {
+    /// The line had nothing sealed.
+    Clear,
+    /// The sealed fields were opened and put back into `detail`.
+    Opened,
+    /// The sealed fields could not be opened; `detail` keeps the sealed
+    /// value and gains `"unreadable": why`.
+    Sealed(String),
+    /// The writer could not seal them and did not write them.
+    Withheld(String),
+}
+
+/// Opens the sealed payload of `line` in place, if `sealer` can: the
+/// opened fields go back into `detail` (so [`crate::Line::body`] decodes
+/// the typed event) and `sealed` is removed. For display only: the line's
+/// hash is over the file's bytes, never over this.
+pub fn open_line(line: &mut crate::Line, sealer: Option<&dyn Sealer>) -> SealState {
+    let Value::Object(map) = &mut line.detail else {
+        return SealState::Clear;
+    };
+    if let Some(Value::String(why)) = map.get(WITHHELD_FIELD) {
+        return SealState::Withheld(why.clone());
+    }
+    let Some(Value::String(token)) = map.get(SEALED_FIELD) else {
+        return SealState::Clear;
+    };
+    let context = line_context(&line.node, line.seq);
+    let opened = match sealer {
+        None => Err("no tenant keys given (run on the node, with its data dir)".to_string()),
+        Some(s) => s.open(&context, token).and_then(|bytes| {
+            serde_json::from_slice::<Map<String, Value>>(&bytes)
+                .map_err(|e| format!("the opened payload is not a JSON object: {e}"))
+        }),
+    };
+    match opened {
+        Ok(fields) => {
+            map.remove(SEALED_FIELD);
+            map.extend(fields);
+            SealState::Opened
+        }
+        Err(why) => {
+            map.insert(UNREADABLE_FIELD.into(), Value::String(why.clone()));
+            SealState::Sealed(why)
+        }
+    }
+}
