@@ -3,7 +3,9 @@
 //! `{"tenant","url","name"?}` to onboard an agent, DELETE
 //! `/v1/agents/<tenant>/<name>` to remove one), `/v1/tokens` (POST
 //! `{"tenant","agent","ttl_secs"?}`: a one-time join token), `/v1/revocations`
-//! (GET the list, POST a statement from `dmsc-node ca revoke`), and
+//! (GET the list, POST a statement from `dmsc-node ca revoke`),
+//! `/v1/tenant-keys` (GET each tenant's key ids and statements, POST a
+//! statement from `dmsc-node tenant rotate-key|delete`), and
 //! `/v1/check` (clock skew and reachability of every peer). Plain HTTP/1.1; it is an operator's and a scraper's port,
 //! not a data path, so it stays small; it sits behind the same listener
 //! limits as the ingress ([`crate::ingress::listen`]).
@@ -265,6 +267,84 @@ async fn revocations_apply(req: Request<hyper::body::Incoming>, s: &Shared) -> R
     }
 }
 
+/// `GET /v1/tenant-keys`: each tenant's key ids on this node (never key
+/// material) and the statements it applied.
+fn tenant_keys_list(s: &Shared) -> Response<Body> {
+    let tk = &s.security.tenant_keys;
+    let tenants: Vec<serde_json::Value> = tk
+        .store
+        .list()
+        .into_iter()
+        .map(|i| {
+            let statements = tk.statements(&i.tenant);
+            serde_json::json!({
+                "tenant": i.tenant,
+                "keys": i.keys,
+                "shredded": i.shredded,
+                "destroyed_below": i.destroyed_below,
+                "applied_seq": i.applied_seq,
+                "statements": statements,
+            })
+        })
+        .collect();
+    json(StatusCode::OK, &serde_json::json!({ "tenants": tenants }))
+}
+
+/// `POST /v1/tenant-keys`: apply a statement signed by `dmsc-node tenant
+/// rotate-key|delete`, then spread it by gossip.
+async fn tenant_keys_apply(req: Request<hyper::body::Incoming>, s: &Shared) -> Response<Body> {
+    let body = match read_body(req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let st = match dmsc_transport::TenantKeyStatement::parse(&body) {
+        Ok(st) => st,
+        Err(e) => {
+            return json(
+                StatusCode::BAD_REQUEST,
+                &serde_json::json!({"error": e.to_string()}),
+            )
+        }
+    };
+    match s.security.apply_tenant_key_statement(&st, "admin") {
+        Ok(outcome) => {
+            use crate::security::tenant_keys::StatementOutcome;
+            let new = matches!(outcome, StatementOutcome::Applied { .. });
+            crate::control::sync::publish_tenant_keys(&s.gossip, &s.security, &st.tenant).await;
+            let (key_id, destroyed) = match outcome {
+                StatementOutcome::Applied {
+                    key_id,
+                    keys_destroyed,
+                } => (key_id, keys_destroyed),
+                StatementOutcome::Known => (None, None),
+            };
+            json(
+                if new {
+                    StatusCode::CREATED
+                } else {
+                    StatusCode::OK
+                },
+                &serde_json::json!({
+                    "tenant": st.tenant,
+                    "action": st.action,
+                    "seq": st.seq,
+                    "new": new,
+                    "key_id": key_id,
+                    "keys_destroyed": destroyed,
+                }),
+            )
+        }
+        Err(crate::security::tenant_keys::TenantKeyError::Statement(e)) => json(
+            StatusCode::FORBIDDEN,
+            &serde_json::json!({"error": e.to_string()}),
+        ),
+        Err(e) => json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &serde_json::json!({"error": e.to_string()}),
+        ),
+    }
+}
+
 /// Only IP literals and `localhost` are accepted as `Host`: a web page the
 /// operator opens cannot reach this port through DNS rebinding.
 fn host_ok<B>(req: &Request<B>) -> bool {
@@ -303,13 +383,14 @@ enum Endpoint {
     Agent,
     Tokens,
     Revocations,
+    TenantKeys,
 }
 
 impl Endpoint {
     /// The methods it answers (for 405 and `Allow`).
     fn allow(self) -> &'static str {
         match self {
-            Endpoint::Agents | Endpoint::Revocations => "GET, HEAD, POST",
+            Endpoint::Agents | Endpoint::Revocations | Endpoint::TenantKeys => "GET, HEAD, POST",
             Endpoint::Agent => "DELETE",
             Endpoint::Tokens => "POST",
             _ => "GET, HEAD",
@@ -331,6 +412,7 @@ fn router() -> &'static matchit::Router<Endpoint> {
             ("/v1/agents/{tenant}/{name}", Endpoint::Agent),
             ("/v1/tokens", Endpoint::Tokens),
             ("/v1/revocations", Endpoint::Revocations),
+            ("/v1/tenant-keys", Endpoint::TenantKeys),
         ] {
             // The table above is fixed and its paths are distinct.
             #[allow(clippy::expect_used)]
@@ -403,6 +485,8 @@ async fn route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) -> Response<
         (Endpoint::Tokens, Method::POST) => tokens_route(req, &s).await,
         (Endpoint::Revocations, _) if get => revocations_list(&s),
         (Endpoint::Revocations, Method::POST) => revocations_apply(req, &s).await,
+        (Endpoint::TenantKeys, _) if get => tenant_keys_list(&s),
+        (Endpoint::TenantKeys, Method::POST) => tenant_keys_apply(req, &s).await,
         (e, _) => {
             let mut r = reply(
                 StatusCode::METHOD_NOT_ALLOWED,

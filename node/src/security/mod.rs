@@ -40,6 +40,7 @@ use tracing::{info, warn};
 
 use crate::config::NodeConfig;
 
+pub mod tenant_keys;
 pub mod throttle;
 
 fn not_hosted(issuer: &NodeIssuer, tenant: &str) -> Refusal {
@@ -78,6 +79,8 @@ pub enum SecurityError {
     NoJwksSource,
     #[error("audit log: {0}")]
     Audit(#[from] dmsc_audit::AuditError),
+    #[error("tenant keys: {0}")]
+    TenantKeys(#[from] tenant_keys::TenantKeyError),
 }
 
 /// The admin token file in the data directory.
@@ -224,6 +227,10 @@ pub struct Security {
     tokens: TokenStore,
     pub jwt: Option<JwtValidator>,
     pub audit: Option<AuditHandle>,
+    /// Per-tenant data keys (seal/open of tenant data at rest: audit
+    /// payload, and whatever else the node persists for a tenant) and the
+    /// operator statements that rotate or destroy them.
+    pub tenant_keys: Arc<tenant_keys::TenantKeys>,
     issued: AtomicU64,
     reloads: AtomicU64,
     pub metrics: crate::metrics::SecurityMetrics,
@@ -281,6 +288,7 @@ impl Security {
         if n > 0 {
             info!(count = n, "loaded persisted revocations");
         }
+        let tenant_keys = Arc::new(tenant_keys::TenantKeys::load(data, &identity.roots)?);
         let admin_token_hash = admin_token(&data.join(ADMIN_TOKEN_FILE))?;
         let tokens = TokenStore::open(data.join("join-tokens.json"))?;
         let jwt = match &config.jwt {
@@ -313,6 +321,9 @@ impl Security {
                 cfg.fsync = a.fsync.parse::<dmsc_audit::FsyncPolicy>()?;
                 cfg.checkpoint_every = a.checkpoint_every;
                 cfg.checkpoint_interval = a.checkpoint_interval;
+                cfg.sealer = Some(Arc::new(tenant_keys::AuditSealer(
+                    tenant_keys.store.clone(),
+                )));
                 let (h, t) = dmsc_audit::AuditLog::open(cfg, signer)?;
                 (Some(h), Some(t))
             }
@@ -327,6 +338,7 @@ impl Security {
                 tokens,
                 jwt,
                 audit,
+                tenant_keys,
                 issued: AtomicU64::new(0),
                 reloads: AtomicU64::new(0),
                 metrics: crate::metrics::SecurityMetrics::default(),
@@ -524,7 +536,7 @@ impl Security {
             dmsc_audit::EventKind::Revocation(_) => {
                 m.revocations.inc();
             }
-            dmsc_audit::EventKind::Delegation(_) => {}
+            dmsc_audit::EventKind::Delegation(_) | dmsc_audit::EventKind::TenantKey(_) => {}
         }
     }
 
@@ -776,6 +788,42 @@ impl Security {
             }));
         }
         Ok(new)
+    }
+
+    /// Verifies and applies an operator statement about a tenant's data keys
+    /// (rotate: a new key on this node; delete: this node's keys of that
+    /// tenant destroyed), audited. The caller re-publishes it when new.
+    pub fn apply_tenant_key_statement(
+        &self,
+        s: &dmsc_transport::TenantKeyStatement,
+        source: &str,
+    ) -> Result<tenant_keys::StatementOutcome, tenant_keys::TenantKeyError> {
+        let outcome = self.tenant_keys.apply(s, &self.identity().roots)?;
+        if let tenant_keys::StatementOutcome::Applied {
+            key_id,
+            keys_destroyed,
+        } = &outcome
+        {
+            warn!(tenant = %s.tenant, action = %s.action, seq = s.seq, source, "tenant key statement applied");
+            self.record(Event::tenant(
+                s.tenant.clone(),
+                dmsc_audit::TenantKey {
+                    action: s.action.clone(),
+                    seq: s.seq,
+                    key_id: *key_id,
+                    keys_destroyed: *keys_destroyed,
+                    source: source.to_string(),
+                },
+            ));
+        }
+        Ok(outcome)
+    }
+
+    /// Opens the sealed tenant payload of an audit line with this node's
+    /// keys, for display (see [`dmsc_audit::open_line`]).
+    pub fn open_audit_line(&self, line: &mut dmsc_audit::Line) -> dmsc_audit::SealState {
+        let sealer = tenant_keys::AuditSealer(self.tenant_keys.store.clone());
+        dmsc_audit::open_line(line, Some(&sealer))
     }
 
     /// Reloads credentials from disk if their files changed since `seen`;
