@@ -167,6 +167,26 @@ mod tests {
         assert!(f.verify(&roots).is_err(), "seq is covered");
     }
 
+    proptest::proptest! {
+        #[test]
+        fn parsing_never_panics_and_made_up_statements_never_verify(
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            tenant in "[a-z0-9]{1,12}",
+            seq in proptest::prelude::any::<u64>(),
+            sig in "[0-9a-f]{0,160}",
+        ) {
+            let _ = TenantKeyStatement::parse(&data);
+            let forged = format!(
+                r#"{{"v":1,"tenant":"{tenant}","action":"delete","seq":{seq},"sig":"{sig}"}}"#
+            );
+            if let Ok(s) = TenantKeyStatement::parse(forged.as_bytes()) {
+                let ca = CertificateAuthority::generate("td").expect("ca");
+                let roots = certs_from_pem(&ca.cert_pem, Path::new("ca")).expect("roots");
+                proptest::prop_assert!(s.verify(&roots).is_err());
+            }
+        }
+    }
+
     #[test]
     fn junk_is_refused() {
         let ca = CertificateAuthority::generate("td").expect("ca");
