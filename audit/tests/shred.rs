@@ -172,7 +172,10 @@ async fn deleting_a_tenants_keys_shreds_its_audit_payload_and_the_chain_still_ve
     // The operator deletes acme: its key is destroyed.
     assert_eq!(
         keys.apply("acme", KeyAction::Delete, 1).expect("delete"),
-        dmsc_keys::Applied::Shredded { keys: 1 }
+        dmsc_keys::Applied::Shredded {
+            keys: 1,
+            new_key: None
+        }
     );
     // Events about acme after the delete are not written in the clear.
     h.record(delegation("acme", "acme-after-delete", "x"))

@@ -141,8 +141,11 @@ impl std::str::FromStr for KeyAction {
 pub enum Applied {
     /// A new key with this id is now the tenant's newest.
     Rotated { key_id: u32 },
-    /// This many keys were destroyed.
-    Shredded { keys: usize },
+    /// This many keys were destroyed. `new_key`: the delete was older than
+    /// a rotate already applied here (this node missed it), so after
+    /// destroying everything the store made the new generation that rotate
+    /// asked for, with this id.
+    Shredded { keys: usize, new_key: Option<u32> },
     /// A statement with this sequence number or a newer one was already
     /// applied; nothing changed.
     AlreadyApplied { applied_seq: u64 },
@@ -184,6 +187,9 @@ struct TenantFile {
     destroyed_below: u32,
     /// A delete happened and no rotate since: seals are refused.
     sealing_refused: bool,
+    /// Sequence number of the last delete statement applied (0: none).
+    #[serde(default)]
+    deleted_seq: u64,
     keys: Vec<StoredKey>,
 }
 
@@ -196,6 +202,7 @@ impl TenantFile {
             next_id: 1,
             destroyed_below: 0,
             sealing_refused: false,
+            deleted_seq: 0,
             keys: Vec::new(),
         }
     }
@@ -395,9 +402,8 @@ impl KeyStore {
         fsutil::write_atomic(&self.tenant_path(&file.tenant), &bytes)
     }
 
-    /// Makes a new key for `t` (in memory and on disk) and returns its id.
-    fn add_key(&self, t: &mut Tenant) -> Result<u32, KeyError> {
-        let id = t.file.next_id;
+    /// A fresh data key with id `id` for `tenant`, and its KEK-wrapped form.
+    fn new_key(&self, tenant: &str, id: u32) -> Result<(StoredKey, LessSafeKey), KeyError> {
         let mut key = [0u8; KEY_LEN];
         self.rng.fill(&mut key).map_err(|_| KeyError::Rng)?;
         let mut nonce = [0u8; NONCE_LEN];
@@ -406,41 +412,95 @@ impl KeyStore {
         self.kek
             .seal_in_place_append_tag(
                 Nonce::assume_unique_for_key(nonce),
-                Aad::from(wrap_aad(&t.file.tenant, id)),
+                Aad::from(wrap_aad(tenant, id)),
                 &mut buf,
             )
             .map_err(|_| KeyError::Rng)?;
         let mut wrapped = nonce.to_vec();
         wrapped.extend_from_slice(&buf);
-        let mut file = t.file.clone();
-        file.next_id = id.saturating_add(1);
-        file.sealing_refused = false;
-        file.keys.push(StoredKey {
+        let stored = StoredKey {
             id,
             created_at: now_secs(),
             wrapped: URL_SAFE_NO_PAD.encode(&wrapped),
-        });
-        self.save(&file)?;
+        };
         let k = aead_key(&key).ok_or(KeyError::Rng)?;
-        t.file = file;
-        t.keys.insert(id, k);
-        Ok(id)
+        Ok((stored, k))
     }
 
-    /// Destroys every key of `t`: zeros over the old file, then a tombstone
-    /// in its place.
-    fn destroy(&self, t: &mut Tenant) -> Result<usize, KeyError> {
-        let n = t.keys.len();
-        let path = self.tenant_path(&t.file.tenant);
-        fsutil::overwrite_zeros(&path)?;
+    /// Applies `action` to `t`: computes the new file, writes it with one
+    /// atomic replacement (after zeroing the old file for a delete), and
+    /// only then changes the in-memory state, so a failed write changes
+    /// nothing and a crash leaves the old or the new state.
+    fn change(
+        &self,
+        t: &mut Tenant,
+        action: KeyAction,
+        seq: Option<u64>,
+    ) -> Result<Applied, KeyError> {
         let mut file = t.file.clone();
-        file.keys.clear();
-        file.destroyed_below = file.next_id;
-        file.sealing_refused = true;
-        self.save(&file)?;
-        t.file = file;
-        t.keys.clear();
-        Ok(n)
+        let tenant = file.tenant.clone();
+        match action {
+            KeyAction::RotateKey => {
+                if let Some(seq) = seq {
+                    if seq <= file.applied_seq {
+                        return Ok(Applied::AlreadyApplied {
+                            applied_seq: file.applied_seq,
+                        });
+                    }
+                    file.applied_seq = seq;
+                }
+                let id = file.next_id;
+                let (stored, key) = self.new_key(&tenant, id)?;
+                file.next_id = id.saturating_add(1);
+                file.sealing_refused = false;
+                file.keys.push(stored);
+                self.save(&file)?;
+                t.file = file;
+                t.keys.insert(id, key);
+                Ok(Applied::Rotated { key_id: id })
+            }
+            KeyAction::Delete => {
+                let mut regenerate = false;
+                if let Some(seq) = seq {
+                    if seq <= file.deleted_seq {
+                        return Ok(Applied::AlreadyApplied {
+                            applied_seq: file.applied_seq,
+                        });
+                    }
+                    file.deleted_seq = seq;
+                    // Anything applied after this delete's number, yet not a
+                    // delete (that would have a higher deleted_seq), was a
+                    // rotate: the delete arrived late.
+                    regenerate = seq < file.applied_seq;
+                    file.applied_seq = file.applied_seq.max(seq);
+                }
+                let destroyed = t.keys.len();
+                file.keys.clear();
+                file.destroyed_below = file.next_id;
+                file.sealing_refused = true;
+                let mut new_key = None;
+                if regenerate {
+                    let id = file.next_id;
+                    let (stored, key) = self.new_key(&tenant, id)?;
+                    file.next_id = id.saturating_add(1);
+                    file.sealing_refused = false;
+                    file.keys.push(stored);
+                    new_key = Some((id, key));
+                }
+                fsutil::overwrite_zeros(&self.tenant_path(&tenant))?;
+                self.save(&file)?;
+                t.file = file;
+                t.keys.clear();
+                let new_id = new_key.map(|(id, key)| {
+                    t.keys.insert(id, key);
+                    id
+                });
+                Ok(Applied::Shredded {
+                    keys: destroyed,
+                    new_key: new_id,
+                })
+            }
+        }
     }
 
     /// Seals `plaintext` for `tenant` with its newest key (made on first
@@ -476,7 +536,7 @@ impl KeyStore {
             });
         }
         if t.newest().is_none() {
-            self.add_key(t)?;
+            self.change(t, KeyAction::RotateKey, None)?;
         }
         let (id, key) = t.newest().ok_or(KeyError::Rng)?;
         self.seal_with(tenant, id, key, context, plaintext)
@@ -564,14 +624,17 @@ impl KeyStore {
     pub fn shred(&self, tenant: &str) -> Result<usize, KeyError> {
         self.apply_inner(tenant, KeyAction::Delete, None)
             .map(|a| match a {
-                Applied::Shredded { keys } => keys,
+                Applied::Shredded { keys, .. } => keys,
                 _ => 0,
             })
     }
 
-    /// Applies an operator statement numbered `seq` for `tenant` unless one
-    /// with that number or a newer one was applied already; the change and
-    /// the new `applied_seq` are written in one atomic file replacement.
+    /// Applies an operator statement numbered `seq` for `tenant`, once: a
+    /// rotate unless a statement with that number or a newer one was
+    /// applied, a delete unless a delete with that number or a newer one was
+    /// (a delete older than an applied rotate still shreds, then makes the
+    /// new generation: see [`Applied::Shredded`]). The change and the
+    /// numbers are written in one atomic file replacement.
     pub fn apply(&self, tenant: &str, action: KeyAction, seq: u64) -> Result<Applied, KeyError> {
         self.apply_inner(tenant, action, Some(seq))
     }
@@ -592,27 +655,7 @@ impl KeyStore {
             file: TenantFile::new(tenant),
             keys: BTreeMap::new(),
         });
-        if let Some(seq) = seq {
-            if seq <= t.file.applied_seq {
-                return Ok(Applied::AlreadyApplied {
-                    applied_seq: t.file.applied_seq,
-                });
-            }
-        }
-        // The sequence number is recorded by the same write as the change:
-        // set it on the in-memory file first, restore it if the write fails.
-        let before = t.file.applied_seq;
-        if let Some(seq) = seq {
-            t.file.applied_seq = seq;
-        }
-        let res = match action {
-            KeyAction::RotateKey => self.add_key(t).map(|key_id| Applied::Rotated { key_id }),
-            KeyAction::Delete => self.destroy(t).map(|keys| Applied::Shredded { keys }),
-        };
-        if res.is_err() {
-            t.file.applied_seq = before;
-        }
-        res
+        self.change(t, action, seq)
     }
 
     /// Key state of one tenant, if this node has any for it.

@@ -154,7 +154,7 @@ fn statements_apply_once_in_order() {
         Applied::AlreadyApplied { applied_seq: 10 }
     );
     assert_eq!(
-        ks.apply("acme", KeyAction::Delete, 9).expect("older"),
+        ks.apply("acme", KeyAction::RotateKey, 9).expect("older"),
         Applied::AlreadyApplied { applied_seq: 10 }
     );
     assert_eq!(ks.open("c", &s).expect("still readable"), b"x");
@@ -167,12 +167,18 @@ fn statements_apply_once_in_order() {
     );
     assert_eq!(
         ks.apply("acme", KeyAction::Delete, 11).expect("delete"),
-        Applied::Shredded { keys: 2 }
+        Applied::Shredded {
+            keys: 2,
+            new_key: None
+        }
     );
     // A delete for a tenant this node never had keys for leaves a tombstone.
     assert_eq!(
         ks.apply("initech", KeyAction::Delete, 1).expect("delete"),
-        Applied::Shredded { keys: 0 }
+        Applied::Shredded {
+            keys: 0,
+            new_key: None
+        }
     );
     assert!(matches!(
         ks.seal("initech", "c", b"x"),
@@ -180,6 +186,61 @@ fn statements_apply_once_in_order() {
     ));
     let list: Vec<String> = ks.list().into_iter().map(|i| i.tenant).collect();
     assert_eq!(list, vec!["acme".to_string(), "initech".to_string()]);
+}
+
+#[test]
+fn a_late_delete_shreds_then_makes_the_newer_rotates_generation_and_replays_change_nothing() {
+    let dir = tempfile::tempdir().expect("dir");
+    let ks = KeyStore::load(dir.path()).expect("open");
+    let old = ks.seal("acme", "c", b"old").expect("seal");
+    // This node hears rotate 6 before delete 5.
+    assert_eq!(
+        ks.apply("acme", KeyAction::RotateKey, 6).expect("rotate"),
+        Applied::Rotated { key_id: 2 }
+    );
+    assert_eq!(
+        ks.apply("acme", KeyAction::Delete, 5).expect("late delete"),
+        Applied::Shredded {
+            keys: 2,
+            new_key: Some(3)
+        }
+    );
+    assert!(matches!(ks.open("c", &old), Err(KeyError::Shredded { .. })));
+    let new = ks
+        .seal("acme", "c", b"new")
+        .expect("the new generation seals");
+    drop(ks);
+    // Replaying both after a restart (as a node does with its persisted
+    // statements) changes nothing: the new generation survives.
+    let ks = KeyStore::load(dir.path()).expect("reopen");
+    for (action, seq) in [(KeyAction::Delete, 5), (KeyAction::RotateKey, 6)] {
+        assert!(matches!(
+            ks.apply("acme", action, seq).expect("replay"),
+            Applied::AlreadyApplied { .. }
+        ));
+    }
+    assert_eq!(ks.open("c", &new).expect("still opens"), b"new");
+    // In order (delete 7, then rotate 8) on the same store.
+    assert_eq!(
+        ks.apply("acme", KeyAction::Delete, 7).expect("delete"),
+        Applied::Shredded {
+            keys: 1,
+            new_key: None
+        }
+    );
+    assert_eq!(
+        ks.apply("acme", KeyAction::RotateKey, 8).expect("rotate"),
+        Applied::Rotated { key_id: 4 }
+    );
+    drop(ks);
+    let ks = KeyStore::load(dir.path()).expect("reopen");
+    for (action, seq) in [(KeyAction::Delete, 7), (KeyAction::RotateKey, 8)] {
+        assert!(matches!(
+            ks.apply("acme", action, seq).expect("replay"),
+            Applied::AlreadyApplied { .. }
+        ));
+    }
+    assert_eq!(ks.info("acme").expect("info").keys, vec![4]);
 }
 
 #[test]

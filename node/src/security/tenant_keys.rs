@@ -185,7 +185,10 @@ impl TenantKeys {
         self.apply_verified(s)
     }
 
-    /// Applies a verified statement to the key store, retains and persists it.
+    /// Applies a verified statement to the key store (which applies each
+    /// statement once, in a crash-safe way: see [`KeyStore::apply`]), and
+    /// retains and persists it if it is the tenant's newest delete or newest
+    /// statement.
     fn apply_verified(&self, s: &TenantKeyStatement) -> Result<StatementOutcome, TenantKeyError> {
         let action: KeyAction = s.action.parse()?;
         let mut map = self.retained.lock().unwrap_or_else(|p| p.into_inner());
@@ -193,59 +196,40 @@ impl TenantKeys {
         if r.knows(s) {
             return Ok(StatementOutcome::Known);
         }
-        let newer_than_last = r.last.as_ref().is_none_or(|l| s.seq > l.seq);
-        let outcome = match action {
-            KeyAction::RotateKey if !newer_than_last => {
-                // A rotate older than what this node applied changes nothing.
-                return Ok(StatementOutcome::Known);
+        let applied = self.store.apply(&s.tenant, action, s.seq)?;
+        let mut retained = false;
+        if action == KeyAction::Delete && r.delete.as_ref().is_none_or(|d| s.seq > d.seq) {
+            r.delete = Some(s.clone());
+            retained = true;
+        }
+        if r.last.as_ref().is_none_or(|l| s.seq > l.seq) {
+            r.last = Some(s.clone());
+            retained = true;
+        }
+        if retained {
+            let all: Vec<TenantKeyStatement> = map.values().flat_map(Retained::all).collect();
+            if let Err(e) = save(&self.path, &all) {
+                warn!(error = %e, "cannot persist tenant key statements; they stay in memory and in gossip");
             }
-            KeyAction::RotateKey => match self.store.apply(&s.tenant, action, s.seq)? {
-                Applied::Rotated { key_id } => StatementOutcome::Applied {
+        }
+        drop(map);
+        Ok(match applied {
+            Applied::Rotated { key_id } => {
+                info!(tenant = %s.tenant, seq = s.seq, key_id, "tenant data key rotated");
+                StatementOutcome::Applied {
                     key_id: Some(key_id),
                     keys_destroyed: None,
-                },
-                _ => StatementOutcome::Applied {
-                    key_id: None,
-                    keys_destroyed: None,
-                },
-            },
-            KeyAction::Delete => {
-                if r.delete.as_ref().is_some_and(|d| d.seq >= s.seq) {
-                    return Ok(StatementOutcome::Known);
-                }
-                let destroyed = match self.store.apply(&s.tenant, action, s.seq)? {
-                    Applied::Shredded { keys } => keys,
-                    // A delete older than a rotate this node already applied
-                    // (it missed the delete): shred anyway, then start the
-                    // generation that newer rotate asked for. Shredding more
-                    // than asked is the safe side of a deletion.
-                    _ => {
-                        let n = self.store.shred(&s.tenant)?;
-                        if r.last.as_ref().is_some_and(|l| l.action == "rotate-key") {
-                            self.store.rotate(&s.tenant)?;
-                        }
-                        n
-                    }
-                };
-                StatementOutcome::Applied {
-                    key_id: None,
-                    keys_destroyed: Some(destroyed as u64),
                 }
             }
-        };
-        if action == KeyAction::Delete {
-            r.delete = Some(s.clone());
-        }
-        if newer_than_last {
-            r.last = Some(s.clone());
-        }
-        let all: Vec<TenantKeyStatement> = map.values().flat_map(Retained::all).collect();
-        drop(map);
-        if let Err(e) = save(&self.path, &all) {
-            warn!(error = %e, "cannot persist tenant key statements; they stay in memory and in gossip");
-        }
-        info!(tenant = %s.tenant, action = %s.action, seq = s.seq, "tenant key statement applied");
-        Ok(outcome)
+            Applied::Shredded { keys, new_key } => {
+                info!(tenant = %s.tenant, seq = s.seq, keys, "tenant data keys destroyed");
+                StatementOutcome::Applied {
+                    key_id: new_key,
+                    keys_destroyed: Some(keys as u64),
+                }
+            }
+            Applied::AlreadyApplied { .. } => StatementOutcome::Known,
+        })
     }
 }
 
@@ -395,9 +379,22 @@ mod tests {
             tk2.store.open("c", &old2),
             Err(KeyError::Shredded { .. })
         ));
-        tk2.store
+        let kept = tk2
+            .store
             .seal("acme", "c", b"x")
             .expect("still seals after the newer rotate");
+        drop(tk2);
+        // A restart re-applies the persisted statements: nothing changes.
+        for d in [&dir, &dir2] {
+            let again = TenantKeys::load(d.path(), &roots).expect("reload");
+            again
+                .store
+                .seal("acme", "c", b"y")
+                .expect("the new generation survives a restart");
+            assert_eq!(again.statements("acme"), vec![del.clone(), rot.clone()]);
+        }
+        let tk2 = TenantKeys::load(dir2.path(), &roots).expect("reload");
+        assert_eq!(tk2.store.open("c", &kept).expect("opens"), b"x");
     }
 
     #[test]
