@@ -27,9 +27,26 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), KeyError> {
 /// Writes `bytes` to `path` atomically: a 0600 temp file beside it, fsync,
 /// rename over `path`, fsync the directory.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), KeyError> {
+    write_atomic_then(path, bytes, || Ok(()))
+}
+
+/// The temp file [`write_atomic`] writes beside `path`.
+pub(crate) fn tmp_path(path: &Path) -> std::path::PathBuf {
     let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
     tmp_name.push(".tmp");
-    let tmp = path.with_file_name(tmp_name);
+    path.with_file_name(tmp_name)
+}
+
+/// [`write_atomic`], running `before_rename` once the new content is durable
+/// in the temp file and before it replaces `path` (a delete zeroes the old
+/// file there: a crash then leaves zeros plus a complete temp file, which
+/// the loader finishes renaming).
+pub(crate) fn write_atomic_then(
+    path: &Path,
+    bytes: &[u8],
+    before_rename: impl FnOnce() -> Result<(), KeyError>,
+) -> Result<(), KeyError> {
+    let tmp = tmp_path(path);
     let _ = fs::remove_file(&tmp);
     let mut f = OpenOptions::new()
         .write(true)
@@ -41,6 +58,7 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), KeyError> {
         .and_then(|()| f.sync_all())
         .map_err(io(&tmp, "writing a temporary file"))?;
     drop(f);
+    before_rename()?;
     fs::rename(&tmp, path).map_err(io(path, "renaming the temporary file into place"))?;
     if let Some(dir) = path.parent() {
         sync_dir(dir)?;

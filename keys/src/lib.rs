@@ -353,11 +353,32 @@ impl KeyStore {
             path: path.clone(),
             reason,
         };
-        let bytes = std::fs::read(&path).map_err(|source| KeyError::Io {
+        let mut bytes = std::fs::read(&path).map_err(|source| KeyError::Io {
             path: path.clone(),
             op: "reading a tenant's keys",
             source,
         })?;
+        if bytes.iter().all(|b| *b == 0) {
+            // A delete was cut short after zeroing the old file: its
+            // complete replacement waits in the temp file.
+            let tmp = fsutil::tmp_path(&path);
+            let next = std::fs::read(&tmp).ok().filter(|b| {
+                serde_json::from_slice::<TenantFile>(b).is_ok_and(|f| f.tenant == tenant)
+            });
+            let Some(next) = next else {
+                return Err(corrupt(
+                    "the file is zeroed (a delete was interrupted) and no complete replacement is beside it".into(),
+                ));
+            };
+            std::fs::rename(&tmp, &path).map_err(|source| KeyError::Io {
+                path: path.clone(),
+                op: "finishing an interrupted delete",
+                source,
+            })?;
+            fsutil::sync_dir(&self.dir)?;
+            tracing::warn!(path = %path.display(), "finished a tenant key delete that a crash interrupted");
+            bytes = next;
+        }
         let file: TenantFile = serde_json::from_slice(&bytes)
             .map_err(|e| corrupt(format!("not a tenant key file: {e}")))?;
         if file.v != 1 || file.tenant != tenant {
@@ -487,8 +508,10 @@ impl KeyStore {
                     file.keys.push(stored);
                     new_key = Some((id, key));
                 }
-                fsutil::overwrite_zeros(&self.tenant_path(&tenant))?;
-                self.save(&file)?;
+                let path = self.tenant_path(&tenant);
+                // Serializing plain strings and integers cannot fail.
+                let bytes = serde_json::to_vec_pretty(&file).unwrap_or_default();
+                fsutil::write_atomic_then(&path, &bytes, || fsutil::overwrite_zeros(&path))?;
                 t.file = file;
                 t.keys.clear();
                 let new_id = new_key.map(|(id, key)| {

@@ -244,6 +244,34 @@ fn a_late_delete_shreds_then_makes_the_newer_rotates_generation_and_replays_chan
 }
 
 #[test]
+fn a_delete_cut_short_after_zeroing_is_finished_at_load() {
+    let dir = tempfile::tempdir().expect("dir");
+    let ks = KeyStore::load(dir.path()).expect("open");
+    let s = ks.seal("acme", "c", b"x").expect("seal");
+    drop(ks);
+    // Simulate the crash: the tombstone is complete in the temp file, the
+    // old file zeroed, the rename not done.
+    let path = dir.path().join(KEYS_DIR).join("acme.json");
+    let len = std::fs::metadata(&path).expect("meta").len() as usize;
+    let ks = KeyStore::load(dir.path()).expect("open");
+    ks.shred("acme").expect("shred");
+    drop(ks);
+    let tombstone = std::fs::read(&path).expect("tombstone");
+    std::fs::write(fsutil::tmp_path(&path), &tombstone).expect("tmp");
+    std::fs::write(&path, vec![0u8; len]).expect("zeroed");
+    let ks = KeyStore::load(dir.path()).expect("loads, finishing the delete");
+    assert!(matches!(ks.open("c", &s), Err(KeyError::Shredded { .. })));
+    assert!(!fsutil::tmp_path(&path).exists());
+    drop(ks);
+    // Zeros with nothing beside them: refused, not silently empty.
+    std::fs::write(&path, vec![0u8; 10]).expect("zeroed");
+    assert!(matches!(
+        KeyStore::load(dir.path()),
+        Err(KeyError::Corrupt { .. })
+    ));
+}
+
+#[test]
 fn a_replaced_kek_is_reported_not_ignored() {
     let dir = tempfile::tempdir().expect("dir");
     let ks = KeyStore::load(dir.path()).expect("open");

@@ -14,6 +14,10 @@
 //!   that learns them (`revoked/<serial>` in its gossip state, so a node that
 //!   was away learns them from anyone), and enforced by the overlay
 //!   verifiers and the ingress on every request.
+//! - Tenant data keys ([`tenant_keys`]): the tenant payload of audit lines is
+//!   sealed with the tenant's key in the audit writer; operator `rotate-key`
+//!   / `delete` statements spread like revocations (`tenant-key/<tenant>`)
+//!   and a delete destroys this node's keys (crypto-shredding).
 //! - Every decision goes to the audit log ([`Security::record`]); appends
 //!   never wait on the disk unless the writer is 64k entries behind.
 //! - Enrollment and renewal are rate-limited per source address, and their
