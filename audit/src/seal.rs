@@ -143,3 +143,103 @@ pub fn open_line(line: &mut crate::Line, sealer: Option<&dyn Sealer>) -> SealSta
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reversible, keyless stand-in: "sealed" = `t:<tenant>:<ctx>:<json>`.
+    #[derive(Debug)]
+    struct Fake {
+        refuse: bool,
+    }
+
+    impl Sealer for Fake {
+        fn seal(&self, tenant: &str, context: &str, p: &[u8]) -> Result<String, String> {
+            if self.refuse {
+                return Err("tenant deleted".into());
+            }
+            Ok(format!(
+                "t:{tenant}:{context}:{}",
+                String::from_utf8_lossy(p)
+            ))
+        }
+        fn open(&self, context: &str, sealed: &str) -> Result<Vec<u8>, String> {
+            let rest = sealed
+                .strip_prefix("t:acme:")
+                .and_then(|r| r.strip_prefix(context))
+                .and_then(|r| r.strip_prefix(':'))
+                .ok_or("wrong context")?;
+            Ok(rest.as_bytes().to_vec())
+        }
+    }
+
+    fn delegation() -> Value {
+        serde_json::json!({"caller":"c","target":"t","route":"r","agent":null,
+            "serving_node":"n2","outcome":"ok","status":200,"duration_ms":3,"trace_id":"x"})
+    }
+
+    #[test]
+    fn only_the_payload_is_sealed_and_it_opens_back_in_place() {
+        let ctx = line_context("n1", 7);
+        let out = seal_detail(
+            &Fake { refuse: false },
+            "acme",
+            "delegation",
+            &ctx,
+            delegation(),
+        )
+        .expect("sealed");
+        let map = out.as_object().expect("object");
+        let mut keys: Vec<&str> = map.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            ["duration_ms", "outcome", "sealed", "serving_node", "status"]
+        );
+        let mut line = crate::Line {
+            seq: 7,
+            ts: 0,
+            node: "n1".into(),
+            tenant: Some("acme".into()),
+            kind: "delegation".into(),
+            prev: crate::GENESIS_PREV.into(),
+            detail: out.clone(),
+        };
+        assert_eq!(
+            open_line(&mut line, Some(&Fake { refuse: false })),
+            SealState::Opened
+        );
+        assert_eq!(line.detail, delegation());
+        // Bound to its line: the same value on seq 8 does not open.
+        let mut moved = crate::Line {
+            seq: 8,
+            detail: out,
+            ..line.clone()
+        };
+        assert!(matches!(
+            open_line(&mut moved, Some(&Fake { refuse: false })),
+            SealState::Sealed(_)
+        ));
+        assert!(moved.detail.get(UNREADABLE_FIELD).is_some());
+    }
+
+    #[test]
+    fn a_refused_seal_withholds_and_operator_kinds_stay_clear() {
+        let out = seal_detail(&Fake { refuse: true }, "acme", "denied", "c", delegation())
+            .expect("withheld");
+        let text = out.to_string();
+        assert!(!text.contains("\"caller\""), "{text}");
+        assert!(text.contains("\"withheld\":\"tenant deleted\""), "{text}");
+        for kind in ["revocation", "tenant_key", "checkpoint", "recovery"] {
+            assert!(clear_fields(kind).is_none(), "{kind}");
+            assert!(
+                seal_detail(&Fake { refuse: false }, "acme", kind, "c", delegation()).is_none()
+            );
+        }
+        // A kind this build does not know is sealed except what reports count.
+        let out = seal_detail(&Fake { refuse: false }, "acme", "masked", "c", delegation())
+            .expect("sealed");
+        assert!(out.get("outcome").is_some() && out.get("caller").is_none());
+    }
+}
