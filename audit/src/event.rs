@@ -47,6 +47,7 @@ pub enum EventKind {
     Enrollment(Enrollment),
     Revocation(Revocation),
     TenantKey(TenantKey),
+    Policy(PolicyChange),
 }
 
 impl EventKind {
@@ -59,6 +60,7 @@ impl EventKind {
             EventKind::Enrollment(_) => KIND_ENROLLMENT,
             EventKind::Revocation(_) => KIND_REVOCATION,
             EventKind::TenantKey(_) => KIND_TENANT_KEY,
+            EventKind::Policy(_) => KIND_POLICY,
         }
     }
 }
@@ -69,6 +71,7 @@ pub(crate) const KIND_AUTH_FAILURE: &str = "auth_failure";
 pub(crate) const KIND_ENROLLMENT: &str = "enrollment";
 pub(crate) const KIND_REVOCATION: &str = "revocation";
 pub(crate) const KIND_TENANT_KEY: &str = "tenant_key";
+pub(crate) const KIND_POLICY: &str = "policy";
 pub(crate) const KIND_CHECKPOINT: &str = "checkpoint";
 pub(crate) const KIND_RECOVERY: &str = "recovery";
 
@@ -84,6 +87,7 @@ impl Serialize for DetailRef<'_> {
             EventKind::Enrollment(d) => d.serialize(s),
             EventKind::Revocation(d) => d.serialize(s),
             EventKind::TenantKey(d) => d.serialize(s),
+            EventKind::Policy(d) => d.serialize(s),
         }
     }
 }
@@ -115,6 +119,29 @@ pub struct Denied {
     pub caller: String,
     pub target: String,
     pub reason: String,
+    /// The policy rule that refused (`<tenant>:<entry>`, e.g. `acme:export`,
+    /// `globex:import[0].data_tags`), when a tenant policy decided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+}
+
+/// A tenant policy document this node applied or refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyChange {
+    /// `applied` or `refused`.
+    pub outcome: String,
+    pub version: u64,
+    /// SHA-256 of the document's bytes, hex (empty when it did not parse).
+    pub digest: String,
+    /// `operator` or `tenant-admin:<serial>`; empty when refused unverified.
+    pub signer: String,
+    /// Where it came from: `admin`, or `gossip:<node>`.
+    pub source: String,
+    /// Why it was refused (`bad_signature`, `other_tenant_key`, `older_version`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// How a peer tried to authenticate.
@@ -226,3 +253,9 @@ into_kind!(
     Revocation,
     TenantKey
 );
+
+impl From<PolicyChange> for EventKind {
+    fn from(v: PolicyChange) -> Self {
+        EventKind::Policy(v)
+    }
+}

@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 use crate::event::{
     Checkpoint, EventKind, Recovery, KIND_AUTH_FAILURE, KIND_CHECKPOINT, KIND_DELEGATION,
-    KIND_DENIED, KIND_ENROLLMENT, KIND_RECOVERY, KIND_REVOCATION, KIND_TENANT_KEY,
+    KIND_DENIED, KIND_ENROLLMENT, KIND_POLICY, KIND_RECOVERY, KIND_REVOCATION, KIND_TENANT_KEY,
 };
 use crate::AuditError;
 
@@ -72,6 +72,7 @@ impl Line {
         Ok(match self.kind.as_str() {
             KIND_DELEGATION => Body::Event(EventKind::Delegation(de(self)?)),
             KIND_DENIED => Body::Event(EventKind::Denied(de(self)?)),
+            KIND_POLICY => Body::Event(EventKind::Policy(de(self)?)),
             KIND_AUTH_FAILURE => Body::Event(EventKind::AuthFailure(de(self)?)),
             KIND_ENROLLMENT => Body::Event(EventKind::Enrollment(de(self)?)),
             KIND_REVOCATION => Body::Event(EventKind::Revocation(de(self)?)),
@@ -217,6 +218,7 @@ mod tests {
             caller: "a".into(),
             target: "agent:b".into(),
             reason: "policy".into(),
+            rule: None,
         });
         let hash = encode_line(&mut buf, &env, crate::event::DetailRef(&kind)).expect("encode");
         let text = String::from_utf8(buf).expect("utf8");
@@ -277,11 +279,14 @@ mod tests {
                         })
                     }
                 ),
-            (s(), s(), s()).prop_map(|(caller, target, reason)| EventKind::Denied(Denied {
-                caller,
-                target,
-                reason
-            })),
+            (s(), s(), s(), arb_opt_string()).prop_map(|(caller, target, reason, rule)| {
+                EventKind::Denied(Denied {
+                    caller,
+                    target,
+                    reason,
+                    rule,
+                })
+            }),
             (s(), 0u8..3, s(), s(), arb_opt_string()).prop_map(
                 |(listener, m, reason, peer, claimed)| EventKind::AuthFailure(AuthFailure {
                     listener,

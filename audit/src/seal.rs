@@ -38,8 +38,8 @@ pub const UNREADABLE_FIELD: &str = "unreadable";
 
 /// The fields of an event kind that stay in the clear in a sealed line;
 /// every other field of `detail` is sealed. `None`: the kind carries no
-/// tenant payload (operator facts: revocations, key statements) and is not
-/// sealed at all.
+/// tenant payload (operator facts: revocations, policy changes, key
+/// statements) and is not sealed at all.
 pub fn clear_fields(kind: &str) -> Option<&'static [&'static str]> {
     match kind {
         crate::event::KIND_DELEGATION => {
@@ -49,6 +49,7 @@ pub fn clear_fields(kind: &str) -> Option<&'static [&'static str]> {
         crate::event::KIND_AUTH_FAILURE => Some(&["listener", "method"]),
         crate::event::KIND_ENROLLMENT => Some(&["not_after"]),
         crate::event::KIND_REVOCATION
+        | crate::event::KIND_POLICY
         | crate::event::KIND_TENANT_KEY
         | crate::event::KIND_CHECKPOINT
         | crate::event::KIND_RECOVERY => None,
@@ -231,7 +232,13 @@ mod tests {
         let text = out.to_string();
         assert!(!text.contains("\"caller\""), "{text}");
         assert!(text.contains("\"withheld\":\"tenant deleted\""), "{text}");
-        for kind in ["revocation", "tenant_key", "checkpoint", "recovery"] {
+        for kind in [
+            "revocation",
+            "policy",
+            "tenant_key",
+            "checkpoint",
+            "recovery",
+        ] {
             assert!(clear_fields(kind).is_none(), "{kind}");
             assert!(
                 seal_detail(&Fake { refuse: false }, "acme", kind, "c", delegation()).is_none()

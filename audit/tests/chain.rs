@@ -77,6 +77,7 @@ fn event(i: u64) -> Event {
             caller: format!("caller-{i}"),
             target: "tag:billing".into(),
             reason: "tenant policy forbids billing".into(),
+            rule: Some("acme:export".into()),
         }
         .into(),
         2 => AuthFailure {

@@ -108,6 +108,7 @@ async fn deleting_a_tenants_keys_shreds_its_audit_payload_and_the_chain_still_ve
             caller: "acme-secret-caller".into(),
             target: "agent:acme-denied-target".into(),
             reason: "acme-private-reason".into(),
+            rule: None,
         },
     ))
     .await

@@ -464,7 +464,7 @@ async fn stream_loop(mut rx: mpsc::Receiver<BiStream>, delegator: Arc<Delegator>
                         set.spawn(async move { d.serve_stream(s).await }.in_current_span());
                     }
                     Channel::Control => {
-                        set.spawn(serve_control(s).in_current_span());
+                        set.spawn(serve_control(s, delegator.clone()).in_current_span());
                     }
                     Channel::Gossip | Channel::Relay => {
                         s.send.reset(dmsc_transport::overlay::RESET_BUSY);
@@ -550,6 +550,7 @@ async fn announce_paths(
                         },
                         target: "relay".to_string(),
                         reason: ev.reason,
+                        rule: Some("relay-claim".into()),
                     })),
                     None => events = None,
                 }

@@ -49,6 +49,10 @@ enum Cmd {
     /// Hand a signed revocation to a running node (it spreads by gossip).
     #[command(subcommand)]
     Revoke(RevokeCmd),
+    /// Tenant policies: sign a document, apply it through a node (it
+    /// spreads by gossip), show what a node enforces, diff against it.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
     /// Verify or read a node's audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
@@ -167,6 +171,20 @@ enum CaCmd {
         #[arg(long = "tenant")]
         tenants: Vec<String>,
     },
+    /// Issue a tenant admin key: it signs that tenant's policy documents
+    /// only (`policy sign --cert --key`). Writes tenant-<T>.pem and .key.
+    IssueTenant {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long)]
+        tenant: String,
+        /// Directory to write to (default: the CA directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u64,
+    },
     /// Sign a revocation of a certificate (by serial or file) with the CA
     /// key; prints the statement (JSON) for `dmsc-node revoke apply`.
     Revoke {
@@ -219,6 +237,49 @@ enum TokenCmd {
         ttl: u64,
         #[command(flatten)]
         admin: AdminArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Check a policy document (every problem at once) and sign its exact
+    /// bytes with the operator CA key or a tenant admin key.
+    Sign {
+        /// The policy document (TOML or JSON).
+        file: PathBuf,
+        /// Sign with the operator CA in this directory.
+        #[arg(long, conflicts_with_all = ["cert", "key"])]
+        ca_dir: Option<PathBuf>,
+        /// Tenant admin certificate (`ca issue-tenant`).
+        #[arg(long, requires = "key")]
+        cert: Option<PathBuf>,
+        /// Tenant admin key.
+        #[arg(long, requires = "cert")]
+        key: Option<PathBuf>,
+        /// Write the signed policy here instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Hand a signed policy to a node: verified, persisted, spread by gossip.
+    Apply {
+        file: PathBuf,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// The policies a node enforces (one tenant's document with TENANT).
+    Show {
+        tenant: Option<String>,
+        #[arg(long, default_value = dmsc_node::config::DEFAULT_ADMIN_LISTEN, env = "DMSC_ADMIN")]
+        admin: SocketAddr,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Line diff between the document a node enforces for a tenant and a
+    /// file (a document or a signed policy). Exit 1 when they differ.
+    Diff {
+        file: PathBuf,
+        #[arg(long, default_value = dmsc_node::config::DEFAULT_ADMIN_LISTEN, env = "DMSC_ADMIN")]
+        admin: SocketAddr,
     },
 }
 
@@ -395,6 +456,18 @@ fn ca(cmd: CaCmd) -> anyhow::Result<()> {
             };
             println!("{}", ca::issue_node(&req)?);
         }
+        CaCmd::IssueTenant {
+            ca_dir,
+            tenant,
+            out,
+            days,
+        } => {
+            let out = out.unwrap_or_else(|| ca_dir.clone());
+            println!(
+                "{}",
+                dmsc_node::ops::policy::issue_tenant(&ca_dir, &tenant, &out, days)?
+            );
+        }
         CaCmd::Revoke {
             ca_dir,
             serial,
@@ -417,6 +490,131 @@ fn ca(cmd: CaCmd) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+async fn policy(cmd: PolicyCmd) -> anyhow::Result<ExitCode> {
+    use dmsc_node::ops::policy as p;
+    match cmd {
+        PolicyCmd::Sign {
+            file,
+            ca_dir,
+            cert,
+            key,
+            out,
+        } => {
+            let with = match (ca_dir, cert, key) {
+                (Some(ca_dir), _, _) => p::SignWith::Operator { ca_dir },
+                (None, Some(cert), Some(key)) => p::SignWith::TenantAdmin { cert, key },
+                _ => return Err(p::PolicyCmdError::NoKey.into()),
+            };
+            let signed = match p::sign(&file, &with) {
+                Ok(s) => s,
+                Err(p::PolicyCmdError::Policy(dmsc_policy::PolicyError::Invalid(problems))) => {
+                    eprintln!(
+                        "{}: {} problem(s), nothing signed:",
+                        file.display(),
+                        problems.len()
+                    );
+                    for pr in problems {
+                        eprintln!("  {pr}");
+                    }
+                    return Ok(ExitCode::from(1));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            match out {
+                Some(path) => {
+                    dmsc_transport::pki::write_file(&path, &signed, 0o644)?;
+                    eprintln!("signed policy written to {}", path.display());
+                }
+                None => println!("{signed}"),
+            }
+        }
+        PolicyCmd::Apply { file, admin } => {
+            let (status, v) = p::apply(admin.admin, &admin.token()?, &file).await?;
+            if (200..300).contains(&status) {
+                println!(
+                    "tenant `{}`: policy version {} {}",
+                    v["tenant"].as_str().unwrap_or("?"),
+                    v["version"],
+                    if v["new"].as_bool() == Some(true) {
+                        "applied; it spreads by gossip"
+                    } else {
+                        "already in force"
+                    }
+                );
+            } else {
+                eprintln!(
+                    "refused ({status}): {}",
+                    v["error"].as_str().unwrap_or_default()
+                );
+                for pr in v["problems"].as_array().into_iter().flatten() {
+                    eprintln!("  {}", pr.as_str().unwrap_or_default());
+                }
+                return Ok(ExitCode::from(1));
+            }
+        }
+        PolicyCmd::Show {
+            tenant,
+            admin,
+            json,
+        } => {
+            let v = p::show(admin, tenant.as_deref()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if tenant.is_some() {
+                eprintln!(
+                    "# tenant `{}` version {} signed by {} (digest {})",
+                    v["tenant"].as_str().unwrap_or("?"),
+                    v["version"],
+                    v["signer"].as_str().unwrap_or("?"),
+                    v["digest"].as_str().unwrap_or("?")
+                );
+                print!("{}", v["document"].as_str().unwrap_or_default());
+            } else {
+                println!(
+                    "{:<24} {:>8} {:>6}  {:<24} DIGEST",
+                    "TENANT", "VERSION", "RULES", "SIGNER"
+                );
+                for e in v["policies"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<24} {:>8} {:>6}  {:<24} {}",
+                        e["tenant"].as_str().unwrap_or("?"),
+                        e["version"],
+                        e["rules"],
+                        e["signer"].as_str().unwrap_or("?"),
+                        e["digest"].as_str().unwrap_or("?").get(..16).unwrap_or("")
+                    );
+                }
+            }
+        }
+        PolicyCmd::Diff { file, admin } => {
+            let new = p::document_text(&file)?;
+            let tenant = dmsc_policy::Policy::parse(new.as_bytes())
+                .map(|p| p.tenant)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let held = match p::show(admin, Some(&tenant)).await {
+                Ok(v) => v["document"].as_str().unwrap_or_default().to_string(),
+                Err(p::PolicyCmdError::Admin(dmsc_node::admin::status::StatusError::Http {
+                    status: 404,
+                    ..
+                })) => String::new(),
+                Err(e) => return Err(e.into()),
+            };
+            let d = p::diff(&held, &new);
+            if d.is_empty() {
+                println!("tenant `{tenant}`: the node enforces exactly this document");
+            } else {
+                println!(
+                    "--- node's policy of tenant `{tenant}`\n+++ {}",
+                    file.display()
+                );
+                print!("{d}");
+                return Ok(ExitCode::from(1));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn sample_agent(
@@ -555,6 +753,7 @@ async fn ops(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 .await?;
             print_tenant_applied(&v);
         }
+        Cmd::Policy(cmd) => return policy(cmd).await,
         Cmd::Audit(AuditCmd::Verify { dir, ca }) => {
             let (line, intact) = ops::audit_verify(&dir, ca.as_deref())?;
             println!("{line}");
@@ -636,6 +835,7 @@ fn main() -> ExitCode {
         | Cmd::Ca(_)
         | Cmd::Token(_)
         | Cmd::Revoke(_)
+        | Cmd::Policy(_)
         | Cmd::Audit(_)
         | Cmd::Tenant(_)
         | Cmd::Check { .. }
@@ -685,6 +885,7 @@ fn main() -> ExitCode {
             },
             cmd @ (Cmd::Token(_)
             | Cmd::Revoke(_)
+            | Cmd::Policy(_)
             | Cmd::Audit(_)
             | Cmd::Tenant(_)
             | Cmd::Check { .. }

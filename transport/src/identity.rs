@@ -214,6 +214,29 @@ pub const RENEWED_FROM_URN: &str = "urn:dmsc:renewed-from:";
 /// certificate, to a tenant.
 pub const TENANT_URN: &str = "urn:dmsc:tenant:";
 
+/// URI SAN prefix of a tenant admin certificate (`ca issue-tenant`): its key
+/// signs policy documents of exactly that tenant. Such a certificate carries
+/// no SPIFFE ID, so it can never pass as a node or agent identity.
+pub const TENANT_ADMIN_URN: &str = "urn:dmsc:tenant-admin:";
+
+/// The tenant a tenant admin certificate is for (its one
+/// `urn:dmsc:tenant-admin:<t>` URI SAN); `None` if it has none, several, or
+/// does not parse.
+pub fn tenant_admin_of(der: &[u8]) -> Option<String> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let mut it = uri_sans(&cert, TENANT_ADMIN_URN);
+    let t = it.next()?.to_string();
+    it.next().is_none().then_some(t)
+}
+
+/// True if `der` is within its validity period at `now`.
+pub fn valid_at(der: &[u8], now: SystemTime) -> bool {
+    X509Certificate::from_der(der).is_ok_and(|(_, c)| {
+        unix(c.validity().not_before.timestamp()) <= now
+            && now <= unix(c.validity().not_after.timestamp())
+    })
+}
+
 /// The rest of every URI SAN of `cert` that starts with `prefix`.
 fn uri_sans<'a>(cert: &'a X509Certificate<'_>, prefix: &'a str) -> impl Iterator<Item = &'a str> {
     let names = match cert.subject_alternative_name() {

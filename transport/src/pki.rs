@@ -272,6 +272,37 @@ impl CertificateAuthority {
         })
     }
 
+    /// A tenant admin certificate: its key signs policy documents of
+    /// `tenant` only (`urn:dmsc:tenant-admin:<t>`, no SPIFFE ID and no TLS
+    /// key usage, so it authenticates nothing else), signed by this root.
+    pub fn issue_tenant_admin(
+        &self,
+        tenant: &str,
+        validity: Duration,
+    ) -> Result<IssuedCert, TransportError> {
+        check_tenants(&[tenant.to_string()])?;
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "dmsc");
+        dn.push(DnType::CommonName, format!("dmsc tenant admin {tenant}"));
+        params.distinguished_name = dn;
+        params.subject_alt_names = vec![SanType::URI(
+            format!("{}{tenant}", crate::identity::TENANT_ADMIN_URN).try_into()?,
+        )];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = now() - BACKDATE;
+        params.not_after = now() + validity;
+        params.serial_number = Some(random_serial());
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok(IssuedCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
     /// Signs `msg` with the CA key (ECDSA P-256, SHA-256, ASN.1 DER
     /// signature): revocations are statements of the operator CA.
     pub fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, TransportError> {

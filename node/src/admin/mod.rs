@@ -29,6 +29,7 @@ use dmsc_gossip::Gossip;
 use dmsc_transport::Overlay;
 use report::{metrics_text, status_report};
 
+mod policies;
 pub mod report;
 pub mod status;
 
@@ -383,6 +384,8 @@ enum Endpoint {
     Agent,
     Tokens,
     Revocations,
+    Policies,
+    Policy,
     TenantKeys,
 }
 
@@ -390,7 +393,10 @@ impl Endpoint {
     /// The methods it answers (for 405 and `Allow`).
     fn allow(self) -> &'static str {
         match self {
-            Endpoint::Agents | Endpoint::Revocations | Endpoint::TenantKeys => "GET, HEAD, POST",
+            Endpoint::Agents
+            | Endpoint::Revocations
+            | Endpoint::Policies
+            | Endpoint::TenantKeys => "GET, HEAD, POST",
             Endpoint::Agent => "DELETE",
             Endpoint::Tokens => "POST",
             _ => "GET, HEAD",
@@ -412,6 +418,8 @@ fn router() -> &'static matchit::Router<Endpoint> {
             ("/v1/agents/{tenant}/{name}", Endpoint::Agent),
             ("/v1/tokens", Endpoint::Tokens),
             ("/v1/revocations", Endpoint::Revocations),
+            ("/v1/policies", Endpoint::Policies),
+            ("/v1/policies/{tenant}", Endpoint::Policy),
             ("/v1/tenant-keys", Endpoint::TenantKeys),
         ] {
             // The table above is fixed and its paths are distinct.
@@ -485,6 +493,9 @@ async fn route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) -> Response<
         (Endpoint::Tokens, Method::POST) => tokens_route(req, &s).await,
         (Endpoint::Revocations, _) if get => revocations_list(&s),
         (Endpoint::Revocations, Method::POST) => revocations_apply(req, &s).await,
+        (Endpoint::Policies, _) if get => policies::list(&s),
+        (Endpoint::Policies, Method::POST) => policies::apply(req, &s).await,
+        (Endpoint::Policy, _) if get => policies::show(&s, &tenant),
         (Endpoint::TenantKeys, _) if get => tenant_keys_list(&s),
         (Endpoint::TenantKeys, Method::POST) => tenant_keys_apply(req, &s).await,
         (e, _) => {

@@ -1,4 +1,5 @@
-//! The control channel between nodes: two questions. `clock`, which a peer
+//! The control channel between nodes: the clock and address questions here,
+//! the tenant-policy ones in [`super::policy`]. `clock`, which a peer
 //! answers with its wall clock so `dmsc-node check` can report skew, and
 //! `whoami`, which it answers with the address it sees the asker at, so
 //! `dmsc-node netcheck` has a second observer of this host's public address
@@ -9,13 +10,14 @@ use std::time::{Duration, SystemTime};
 
 use dmsc_transport::{BiStream, Channel, Overlay};
 
-/// Answers a peer's control question. The only one today: `clock`, the
-/// node's wall clock in unix milliseconds (for `dmsc-node check`).
-pub async fn serve_control(mut s: BiStream) {
+/// Answers a peer's control question: `clock`, the node's wall clock in
+/// unix milliseconds (for `dmsc-node check`), `whoami`, or one of the
+/// tenant-policy questions of [`super::policy`].
+pub async fn serve_control(mut s: BiStream, d: std::sync::Arc<crate::forward::Delegator>) {
     let mut q = Vec::new();
     let read = async {
-        while q.len() < 64 {
-            match s.recv.read_chunk(64).await {
+        while q.len() < super::policy::MAX_QUESTION {
+            match s.recv.read_chunk(super::policy::MAX_QUESTION).await {
                 Ok(Some(b)) => q.extend_from_slice(&b),
                 _ => break,
             }
@@ -26,6 +28,16 @@ pub async fn serve_control(mut s: BiStream) {
         .is_err()
     {
         s.send.reset(dmsc_transport::overlay::RESET_BUSY);
+        return;
+    }
+    if let Some(tenant) = q.strip_prefix(b"policy ") {
+        let tenant = String::from_utf8_lossy(tenant).into_owned();
+        super::policy::answer_policy(&mut s, &d, &tenant).await;
+        return;
+    }
+    if let Some(report) = q.strip_prefix(b"denied\n") {
+        super::policy::take_report(&s, &d, report);
+        let _ = s.send.finish();
         return;
     }
     if q == b"whoami" {

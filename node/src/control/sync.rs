@@ -14,9 +14,11 @@ use dmsc_transport::Overlay;
 
 use crate::forward::Delegator;
 use crate::proto::gossip::{
-    revoked_key, tenant_key_key, KEY_REVOKED_PREFIX, KEY_TENANT_KEY_PREFIX,
+    policy_key, revoked_key, tenant_key_key, KEY_POLICY_PREFIX, KEY_REVOKED_PREFIX,
+    KEY_TENANT_KEY_PREFIX,
 };
 use crate::route::MeshView;
+use crate::security::policies::{announcement, parse_announcement};
 use crate::security::Security;
 
 /// Takes in the revocations peers publish: each is checked against the
@@ -137,6 +139,87 @@ fn feed_paths(mesh: &MeshView, overlay: &Overlay, applied: u64) -> u64 {
     version
 }
 
+/// Announces a tenant policy this node holds (`policy/<tenant>`).
+pub async fn publish_policy(gossip: &Gossip, tenant: &str, version: u64, digest: &str) {
+    gossip
+        .set(&policy_key(tenant), &announcement(version, digest))
+        .await;
+}
+
+/// Policies announced by peers with a newer version than this node holds:
+/// `(tenant, version, digest, announcing node)`, one per tenant (the
+/// highest version announced).
+fn wanted_policies(
+    scan: &[dmsc_gossip::NodeScan],
+    security: &Security,
+) -> Vec<(String, u64, String, String)> {
+    let mut best: std::collections::HashMap<String, (u64, String, String)> = Default::default();
+    for n in scan {
+        for (key, value) in n.values.iter().flatten() {
+            let Some(tenant) = key.strip_prefix(KEY_POLICY_PREFIX) else {
+                continue;
+            };
+            let Some((version, digest)) = parse_announcement(value) else {
+                continue;
+            };
+            if version <= security.policies.version(tenant) {
+                continue;
+            }
+            let e = best
+                .entry(tenant.to_string())
+                .or_insert_with(|| (0, String::new(), String::new()));
+            if version > e.0 {
+                *e = (version, digest.to_string(), n.name.clone());
+            }
+        }
+    }
+    best.into_iter()
+        .map(|(t, (v, d, n))| (t, v, d, n))
+        .collect()
+}
+
+/// A policy fetch: the version and digest applied, or nothing new, or why
+/// it could not be had.
+type FetchResult = Result<Option<(u64, String)>, String>;
+
+/// Fetches `tenant`'s policy from `node` and applies it; true if it was
+/// applied (the caller announces it), false if it could not be had or was
+/// refused (and audited).
+async fn fetch_and_apply(sync: &Sync, tenant: &str, digest: &str, node: &str) -> FetchResult {
+    let (addr, _) = sync
+        .mesh
+        .node_route(node)
+        .ok_or_else(|| format!("no route to node `{node}`"))?;
+    let bytes = crate::control::policy::fetch_policy(&sync.overlay, addr, tenant)
+        .await
+        .map_err(|e| e.to_string())?;
+    // The bytes must be what was announced: a peer that announces one
+    // document and serves another is not followed.
+    let claimed = dmsc_policy::SignedPolicy::parse(&bytes)
+        .and_then(|s| s.doc_bytes())
+        .map(|d| dmsc_policy::digest(&d))
+        .map_err(|e| e.to_string())?;
+    if claimed != digest {
+        return Err(format!(
+            "node `{node}` served a document other than the one it announces"
+        ));
+    }
+    match sync
+        .security
+        .apply_policy(&bytes, &format!("gossip:{node}"))
+    {
+        Ok(crate::security::policies::Applied::New {
+            version, digest, ..
+        }) => Ok(Some((version, digest))),
+        Ok(crate::security::policies::Applied::Unchanged { .. }) => Ok(None),
+        // Refused and audited; not fetched again for a while.
+        Err(e) => {
+            tracing::debug!(%tenant, error = %e, "refused a policy from gossip");
+            Ok(None)
+        }
+    }
+}
+
 /// Publishes a revocation under this node's gossip state.
 pub async fn publish_revocation(gossip: &Gossip, r: &dmsc_transport::Revocation) {
     gossip.set(&revoked_key(&r.serial), &r.to_json()).await;
@@ -169,12 +252,42 @@ pub async fn sync_loop(sync: Sync) {
     let mut in_progress: std::collections::HashSet<String> = Default::default();
     let mut fetching: JoinSet<(String, bool)> = JoinSet::new();
     let mut paths_version = u64::MAX;
+    // Policies: re-announce what was persisted; fetch newer ones peers announce.
+    for h in sync.security.policies.all() {
+        publish_policy(
+            &gossip,
+            &h.policy.tenant,
+            h.policy.version,
+            &h.policy.digest,
+        )
+        .await;
+    }
+    let mut policy_fetches: JoinSet<(String, String, FetchResult)> = JoinSet::new();
+    let mut policy_seen: std::collections::HashMap<String, Instant> = Default::default();
     loop {
         tokio::select! {
             _ = tick.tick() => {
                 let scan = gossip.scan_since("", &mesh.scan_cursor()).await;
                 apply_revocations(&scan, &gossip, &sync.security, &sync.overlay);
                 apply_tenant_keys(&scan, &gossip, &sync.security);
+                // A digest that was fetched (applied, refused or failed) is
+                // not fetched again for a while: a forged document is
+                // audited once per minute at most, not once per scan.
+                policy_seen.retain(|_, t: &mut Instant| t.elapsed() < Duration::from_secs(60));
+                for (tenant, _version, digest, node) in wanted_policies(&scan, &sync.security) {
+                    if policy_fetches.len() >= 4 || policy_seen.contains_key(&digest) {
+                        continue;
+                    }
+                    policy_seen.insert(digest.clone(), Instant::now());
+                    let s2 = sync.clone();
+                    policy_fetches.spawn(
+                        async move {
+                            let r = fetch_and_apply(&s2, &tenant, &digest, &node).await;
+                            (tenant, digest, r)
+                        }
+                        .in_current_span(),
+                    );
+                }
                 let gone = mesh.apply_scan(scan);
                 for addr in &gone {
                     // Once per death: in-flight delegations to a dead node
@@ -223,6 +336,20 @@ pub async fn sync_loop(sync: Sync) {
                         }
                         .in_current_span(),
                     );
+                }
+            }
+            Some(done) = policy_fetches.join_next(), if !policy_fetches.is_empty() => {
+                match done {
+                    Ok((tenant, _, Ok(Some((version, digest))))) => {
+                        publish_policy(&gossip, &tenant, version, &digest).await;
+                    }
+                    Ok((tenant, digest, Err(e))) => {
+                        // Another peer may have it: try again soon.
+                        tracing::debug!(%tenant, error = %e, "policy fetch failed");
+                        let soon = Instant::now().checked_sub(Duration::from_secs(50));
+                        policy_seen.insert(digest, soon.unwrap_or_else(Instant::now));
+                    }
+                    _ => {}
                 }
             }
             Some(done) = fetching.join_next(), if !fetching.is_empty() => {

@@ -71,19 +71,36 @@ impl Delegator {
             tracing::info_span!("delegation-in", from = %peer, agent = %id, trace = %head.trace_id);
         let started = Instant::now();
         let (outcome, status) = async {
-            // Destination-side check: the head's tenant within the calling
-            // node's certificate scope, the target our own agent of it.
+            // Destination-side check: the caller's tenant within the calling
+            // node's certificate scope, the target our own agent, and the
+            // tenant policy (exports, imports, data tags) as this node holds it.
             let decision = crate::policy::inbound(
                 &self.me,
                 crate::policy::Inbound {
                     node: &peer,
                     scope: scope.as_deref(),
                     tenant: &head.tenant,
+                    caller_tenant: &head.caller_tenant,
                     agent: &head.agent,
                     caller: &head.caller,
                 },
                 || self.agents.get(&id),
-            );
+            )
+            .and_then(|agent| {
+                let tags = super::agent_tags(&self.mesh.read(), &id);
+                crate::policy::outbound(
+                    &self.security.policies,
+                    &head.caller,
+                    &head.caller_tenant,
+                    &head.tenant,
+                    dmsc_policy::Addressed::Agent {
+                        name: &head.agent,
+                        tags: &tags,
+                    },
+                    &head.data_tags,
+                )
+                .map(|()| agent)
+            });
             let agent = match decision {
                 Ok(agent) => agent,
                 Err(denial) => {
@@ -95,9 +112,14 @@ impl Delegator {
                                 caller: format!("{} (via node {peer})", head.caller),
                                 target: format!("agent:{}", head.agent),
                                 reason: denial.to_string(),
+                                rule: denial.rule().map(str::to_string),
                             },
                         ));
-                        ErrorKind::Forbidden
+                        if denial.is_tag_violation() {
+                            ErrorKind::PolicyViolation
+                        } else {
+                            ErrorKind::Forbidden
+                        }
                     } else {
                         ErrorKind::UnknownAgent
                     };

@@ -74,8 +74,14 @@ impl ReqBody {
 /// One delegation as ingress hands it over.
 #[derive(Debug)]
 pub struct Delegation {
+    /// The target's tenant.
     pub tenant: String,
     pub caller: String,
+    /// The caller's tenant (another than `tenant` for a cross-tenant call
+    /// that both tenants' policies allow).
+    pub caller_tenant: String,
+    /// The request's data tags, sorted and deduplicated.
+    pub data_tags: Vec<String>,
     pub target: Target,
     pub deadline: Instant,
     pub trace_id: String,
@@ -125,7 +131,7 @@ fn select_error(me: &str, e: SelectError) -> MeshError {
     MeshError::new(kind, me, e.to_string())
 }
 
-fn describe(target: &Target) -> String {
+pub(crate) fn describe(target: &Target) -> String {
     match target {
         Target::Agent(n) => format!("agent:{n}"),
         Target::Tag(t) => format!("tag:{t}"),
@@ -176,6 +182,8 @@ impl Delegator {
         let Delegation {
             tenant,
             caller,
+            caller_tenant,
+            data_tags,
             target,
             deadline,
             trace_id,
@@ -200,6 +208,7 @@ impl Delegator {
             request_bytes.is_some(),
             idempotent(&method, &headers),
         );
+        let mut refused: Option<crate::policy::Denial> = None;
         loop {
             if !plan.begin() {
                 return Outcome::Failed(plan.exhausted(&self.me));
@@ -220,10 +229,42 @@ impl Delegator {
                     plan.excluded(),
                     &mut rand::thread_rng(),
                 )
+                .map(|sel| {
+                    // The tenant policy for the agent picked (its name and
+                    // tags), under the same read of the registry.
+                    let tags = agent_tags(&reg, &sel.id);
+                    let verdict = crate::policy::outbound(
+                        &self.security.policies,
+                        &caller,
+                        &caller_tenant,
+                        &tenant,
+                        dmsc_policy::Addressed::Agent {
+                            name: &sel.id.name,
+                            tags: &tags,
+                        },
+                        &data_tags,
+                    );
+                    (sel, verdict)
+                })
             };
             let sel = match selection {
-                Ok(s) => s,
+                Ok((s, Ok(()))) => s,
+                Ok((s, Err(denial))) => {
+                    // Not this agent; another that the policy allows may
+                    // serve (a capability exported by some agents only).
+                    plan.skip(s.id);
+                    refused.get_or_insert(denial);
+                    continue;
+                }
                 Err(e) => {
+                    if let Some(denial) = refused {
+                        return Outcome::Failed(self.refuse(
+                            &caller,
+                            &tenant,
+                            describe(&target),
+                            denial,
+                        ));
+                    }
                     let e = select_error(&self.me, e);
                     return Outcome::Failed(plan.no_candidate(&self.me, e));
                 }
@@ -288,6 +329,8 @@ impl Delegator {
                     http: if http2 { 2 } else { 1 },
                     headers: wire::to_wire_headers(&headers),
                     empty_body: matches!(&body, ReqBody::Buffered(b) if b.is_empty()),
+                    caller_tenant: caller_tenant.clone(),
+                    data_tags: data_tags.clone(),
                 };
                 self.deliver_remote(&sel.node, &id, head, body, deadline, &plan)
                     .await
@@ -314,9 +357,9 @@ impl Delegator {
                 }
                 Err(f) => local::blame(f, &watch, &self.me),
             };
-            let refused =
-                matches!(&failure, Failure::NotDelivered(e) if e.kind == ErrorKind::Forbidden);
-            if refused {
+            let home_refused = matches!(&failure, Failure::NotDelivered(e)
+                if matches!(e.kind, ErrorKind::Forbidden | ErrorKind::PolicyViolation));
+            if home_refused {
                 let e = failure.error();
                 warn!(agent = %id, node = %sel.node, error = %e, "refused by the home node's tenant policy");
                 self.security.record(dmsc_audit::Event::tenant(
@@ -325,6 +368,7 @@ impl Delegator {
                         caller: caller.clone(),
                         target: format!("agent:{}", id.name),
                         reason: format!("home node `{}` refused: {}", sel.node, e.detail),
+                        rule: rule_of(&e.detail),
                     },
                 ));
             }
@@ -343,6 +387,59 @@ impl Delegator {
                 Next::Stop(e) => return Outcome::Failed(e),
             }
         }
+    }
+}
+
+/// The tags of an agent's skills, as its gossiped record lists them.
+pub(crate) fn agent_tags(
+    reg: &dmsc_registry::Registry,
+    id: &dmsc_registry::AgentId,
+) -> Vec<String> {
+    reg.get(id)
+        .map(|e| {
+            e.record
+                .skills
+                .iter()
+                .flat_map(|s| s.tags.iter().map(|t| t.to_ascii_lowercase()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The rule a refusal's text names (`... (rule `acme:export`)`), for the
+/// audit entry of a refusal that came back from a home node.
+pub(crate) fn rule_of(detail: &str) -> Option<String> {
+    let start = detail.rfind("(rule `")? + "(rule `".len();
+    let end = start + detail.get(start..)?.find('`')?;
+    Some(detail.get(start..end)?.to_string())
+}
+
+impl Delegator {
+    /// Renders a tenant-policy refusal of the calling node: audited here,
+    /// 403 for the caller (`policy_violation` for a data-tag rule).
+    pub(crate) fn refuse(
+        &self,
+        caller: &str,
+        tenant: &str,
+        target: String,
+        denial: crate::policy::Denial,
+    ) -> MeshError {
+        let reason = denial.to_string();
+        self.security.record(dmsc_audit::Event::tenant(
+            tenant.to_string(),
+            dmsc_audit::Denied {
+                caller: caller.to_string(),
+                target,
+                reason: reason.clone(),
+                rule: denial.rule().map(str::to_string),
+            },
+        ));
+        let kind = if denial.is_tag_violation() {
+            ErrorKind::PolicyViolation
+        } else {
+            ErrorKind::Forbidden
+        };
+        MeshError::new(kind, &self.me, reason)
     }
 }
 
@@ -372,6 +469,8 @@ pub async fn fetch_card(
         .run(Delegation {
             tenant: id.tenant.clone(),
             caller: format!("node:{}", d.me),
+            caller_tenant: id.tenant.clone(),
+            data_tags: Vec::new(),
             target: Target::Agent(id.name.clone()),
             deadline: Instant::now() + Duration::from_secs(3),
             trace_id: format!("{:032x}", rand::random::<u128>()),

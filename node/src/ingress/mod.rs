@@ -57,6 +57,18 @@ use crate::security::throttle::Attempt;
 use crate::security::{Refusal, Security, TlsIngress};
 use rustls::pki_types::CertificateDer;
 
+/// Header a caller declares its request's data tags in (`pii, phi`).
+const DATA_TAGS: &str = "dmsc-data-tags";
+
+/// The registry target a host target names (for audit entries).
+fn host_target(t: &HostTarget) -> Target {
+    match t {
+        HostTarget::Agent(a) => Target::Agent(a.clone()),
+        HostTarget::Tag(t) => Target::Tag(t.clone()),
+        HostTarget::Intent => Target::Intent(String::new()),
+    }
+}
+
 /// Bound on a TLS handshake at the ingress.
 const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Largest enrollment request body.
@@ -477,18 +489,32 @@ impl Ingress {
                 return MeshError::new(ErrorKind::BadTarget, me, e.to_string()).response(None)
             }
         };
-        if let Err(denial) = crate::policy::ingress(&caller.id, &caller.tenant, &host, &tenant) {
-            let reason = denial.to_string();
-            self.security.record(dmsc_audit::Event::tenant(
-                caller.tenant.clone(),
-                dmsc_audit::Denied {
-                    caller: caller.id.clone(),
-                    target: host.clone(),
-                    reason: reason.clone(),
-                },
-            ));
-            return MeshError::new(ErrorKind::Forbidden, me, reason).response(None);
-        }
+        // Data tags the caller declares (`dmsc-data-tags`); the A2A
+        // metadata adds to them below when a policy has tag rules.
+        let consumer_policy = self.security.policies.get(&caller.tenant);
+        let header_tags = req
+            .headers()
+            .get_all(DATA_TAGS)
+            .iter()
+            .filter_map(|v| v.to_str().ok());
+        let mut data_tags = match dmsc_policy::parse_tags(header_tags, consumer_policy.as_deref()) {
+            Ok(t) => t,
+            Err(e) => {
+                return MeshError::new(ErrorKind::BadRequest, me, format!("`{DATA_TAGS}`: {e}"))
+                    .response(None)
+            }
+        };
+        let provider_policy = if caller.tenant == tenant {
+            consumer_policy.clone()
+        } else {
+            self.security.policies.get(&tenant)
+        };
+        let tag_rules = consumer_policy
+            .as_deref()
+            .is_some_and(|p| p.has_tag_rules())
+            || provider_policy
+                .as_deref()
+                .is_some_and(|p| p.has_tag_rules());
         let cfg = &self.cfg;
         let timeout = req
             .headers()
@@ -515,6 +541,7 @@ impl Ingress {
         let needs_text = target == HostTarget::Intent && header_intent.is_none();
         let buffer = body.is_end_stream()
             || needs_text
+            || tag_rules
             || body
                 .size_hint()
                 .exact()
@@ -570,6 +597,71 @@ impl Ingress {
         } else {
             ReqBody::Streaming(body.map_err(|e| Box::new(e) as BoxError).boxed())
         };
+        if tag_rules {
+            if let ReqBody::Buffered(b) = &body {
+                let found = crate::proto::a2a::data_tags(b);
+                match dmsc_policy::parse_tags(
+                    found.iter().map(String::as_str),
+                    consumer_policy.as_deref(),
+                ) {
+                    Ok(more) => {
+                        data_tags.extend(more);
+                        data_tags.sort_unstable();
+                        data_tags.dedup();
+                    }
+                    Err(e) => {
+                        return MeshError::new(
+                            ErrorKind::BadRequest,
+                            me,
+                            format!("A2A metadata `dmsc.dataTags`: {e}"),
+                        )
+                        .response(Some(b))
+                    }
+                }
+            }
+        }
+        // The tenant policy, before anything leaves this node: the
+        // addressed agent (with its tags) or capability; intent routing
+        // stays in the tenant the host names, and the agent it picks is
+        // checked again after selection.
+        let verdict = {
+            let agent_tags;
+            let addressed = match &target {
+                HostTarget::Agent(a) => {
+                    agent_tags = crate::forward::agent_tags(
+                        &self.delegator.mesh.read(),
+                        &dmsc_registry::AgentId::new(tenant.as_str(), a.as_str()),
+                    );
+                    dmsc_policy::Addressed::Agent {
+                        name: a,
+                        tags: &agent_tags,
+                    }
+                }
+                HostTarget::Tag(t) => dmsc_policy::Addressed::Tag(t),
+                HostTarget::Intent => dmsc_policy::Addressed::Intent,
+            };
+            crate::policy::outbound(
+                &self.security.policies,
+                &caller.id,
+                &caller.tenant,
+                &tenant,
+                addressed,
+                &data_tags,
+            )
+        };
+        if let Err(denial) = verdict {
+            let request_bytes = match &body {
+                ReqBody::Buffered(b) => Some(b.clone()),
+                ReqBody::Streaming(_) => None,
+            };
+            let addressed = host_target(&target);
+            let e = self
+                .delegator
+                .refuse(&caller.id, &tenant, host.clone(), denial);
+            self.delegator
+                .report_denial(&caller.id, &tenant, &addressed, &e);
+            return e.response(request_bytes.as_deref());
+        }
         let target = match target {
             HostTarget::Agent(a) => Target::Agent(a),
             HostTarget::Tag(t) => Target::Tag(t),
@@ -618,6 +710,8 @@ impl Ingress {
             .delegate(Delegation {
                 tenant,
                 caller: caller.id,
+                caller_tenant: caller.tenant,
+                data_tags,
                 target,
                 deadline,
                 trace_id: trace,

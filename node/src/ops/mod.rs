@@ -13,6 +13,7 @@ use crate::config::NodeConfig;
 
 pub mod ca;
 pub mod netcheck;
+pub mod policy;
 
 /// Certificates expiring sooner than this fail `check`.
 pub const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 24 * 3600);

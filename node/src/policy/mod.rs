@@ -14,6 +14,12 @@
 //!   outside its scope learns nothing about which agents exist. A node
 //!   certificate without tenant SANs is unscoped, as before scopes existed.
 //!
+//! - Between tenants, [`outbound`] on the calling node (at the ingress, and
+//!   again for the agent that selection picks) and on the home node: a
+//!   cross-tenant call needs the provider tenant's export *and* the consumer
+//!   tenant's import in their signed policies ([`crate::security::policies`]); data tags must
+//!   pass every gate on the way. The rules themselves are `dmsc_policy`'s.
+//!
 //! Pure on purpose: facts in, a typed decision out, no I/O and no logging,
 //! so the rules are tested exhaustively here and each caller renders a
 //! refusal once at its edge (the 403 body, the audit entry, the log line).
@@ -22,19 +28,20 @@
 
 pub mod caller;
 
+use crate::security::policies::PolicyStore;
+use dmsc_policy::{Addressed, Crossing, Refusal};
+
 /// Why a delegation is refused. `Display` is the reason given to the
 /// caller and written to the audit log.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Denial {
-    /// An authenticated caller addressed another tenant's agents.
-    #[error(
-        "caller `{caller}` is of tenant `{caller_tenant}`; `{target}` belongs to tenant `{tenant}` and cross-tenant delegation is not allowed"
-    )]
-    CrossTenant {
+    /// A tenant policy refused: no export or import for a cross-tenant
+    /// call, or a data tag that may not pass.
+    #[error("caller `{caller}` of tenant `{caller_tenant}`: {refusal}")]
+    Policy {
         caller: String,
         caller_tenant: String,
-        target: String,
-        tenant: String,
+        refusal: Refusal,
     },
     /// A calling node delegated for a tenant its certificate does not cover.
     #[error(
@@ -58,6 +65,20 @@ pub enum Denial {
 }
 
 impl Denial {
+    /// The policy rule that refused, for the audit entry.
+    pub fn rule(&self) -> Option<&str> {
+        match self {
+            Denial::Policy { refusal, .. } => Some(&refusal.rule),
+            Denial::OutsideNodeScope { .. } => Some("node-scope"),
+            Denial::NotHere { .. } => None,
+        }
+    }
+
+    /// A data-tag rule refused (`policy_violation`), not a missing allowlist entry.
+    pub fn is_tag_violation(&self) -> bool {
+        matches!(self, Denial::Policy { refusal, .. } if refusal.tags)
+    }
+
     /// True for a policy refusal (403, audited as a denial); false for
     /// [`Denial::NotHere`], which the calling node may retry elsewhere.
     pub fn is_forbidden(&self) -> bool {
@@ -71,24 +92,43 @@ pub fn in_scope(scope: Option<&[String]>, tenant: &str) -> bool {
     scope.is_none_or(|s| s.iter().any(|t| t == tenant))
 }
 
-/// Ingress: may `caller`, authenticated as a member of `caller_tenant`,
-/// address `target` (the host it asked for), which belongs to `tenant`?
-pub fn ingress(
+/// May `caller`, of `caller_tenant`, reach `target` of `tenant` with a
+/// request carrying `data_tags`? Within a tenant only the target agent's
+/// accepted data tags apply; between tenants the provider's export and the
+/// consumer's import, and their data-tag gates. Run at the ingress, for the
+/// agent that selection picked, and on the home node.
+pub fn outbound(
+    policies: &PolicyStore,
     caller: &str,
     caller_tenant: &str,
-    target: &str,
     tenant: &str,
+    target: Addressed<'_>,
+    data_tags: &[String],
 ) -> Result<(), Denial> {
-    if caller_tenant == tenant {
-        Ok(())
+    let decided = if caller_tenant == tenant {
+        match target {
+            Addressed::Agent { name, .. } => {
+                dmsc_policy::accepts(policies.get(tenant).as_deref(), name, data_tags)
+            }
+            _ => Ok(()),
+        }
     } else {
-        Err(Denial::CrossTenant {
-            caller: caller.to_string(),
-            caller_tenant: caller_tenant.to_string(),
-            target: target.to_string(),
-            tenant: tenant.to_string(),
-        })
-    }
+        dmsc_policy::cross_tenant(
+            policies.get(caller_tenant).as_deref(),
+            policies.get(tenant).as_deref(),
+            Crossing {
+                from: caller_tenant,
+                to: tenant,
+                target,
+                data_tags,
+            },
+        )
+    };
+    decided.map_err(|refusal| Denial::Policy {
+        caller: caller.to_string(),
+        caller_tenant: caller_tenant.to_string(),
+        refusal,
+    })
 }
 
 /// A delegation arriving at its home node: who sent it, as the verified
@@ -99,8 +139,10 @@ pub struct Inbound<'a> {
     pub node: &'a str,
     /// The calling node's tenant scope, from the same certificate.
     pub scope: Option<&'a [String]>,
-    /// The tenant the head names.
+    /// The tenant the head names (the target agent's).
     pub tenant: &'a str,
+    /// The caller's tenant: the one the calling node acts for.
+    pub caller_tenant: &'a str,
     /// The agent the head names.
     pub agent: &'a str,
     /// The caller as the calling node vouches for it (named in reasons only).
@@ -109,18 +151,19 @@ pub struct Inbound<'a> {
 
 /// Home node: may this delegation be delivered, and to which agent?
 /// `local` finds this node's agent of that tenant by name; it is asked only
-/// once the calling node's scope admits the tenant. `me` names this node in
+/// once the calling node's scope admits the caller's tenant (the tenant
+/// policy, [`outbound`], is checked next with the agent's tags). `me` names this node in
 /// the reason.
 pub fn inbound<A>(
     me: &str,
     req: Inbound<'_>,
     local: impl FnOnce() -> Option<A>,
 ) -> Result<A, Denial> {
-    if !in_scope(req.scope, req.tenant) {
+    if !in_scope(req.scope, req.caller_tenant) {
         return Err(Denial::OutsideNodeScope {
             node: req.node.to_string(),
             scope: req.scope.unwrap_or_default().to_vec(),
-            tenant: req.tenant.to_string(),
+            tenant: req.caller_tenant.to_string(),
             caller: req.caller.to_string(),
         });
     }
@@ -144,28 +187,52 @@ mod tests {
             node: "n0",
             scope,
             tenant,
+            caller_tenant: tenant,
             agent: "billing",
             caller: "ingress:127.0.0.1:15001",
         }
     }
 
     #[test]
-    fn ingress_admits_the_callers_own_tenant_only() {
-        assert_eq!(
-            ingress(
-                "spiffe://td/tenant/acme/agent/a",
-                "acme",
-                "b.acme.dmsc",
-                "acme"
-            ),
-            Ok(())
-        );
-        let d = ingress("jwt:x#a", "globex", "billing.acme.dmsc", "acme").expect_err("other");
-        assert!(d.is_forbidden());
+    fn cross_tenant_needs_an_export_and_an_import() {
+        let ca = dmsc_transport::pki::CertificateAuthority::generate("td").expect("ca");
+        let roots = vec![
+            <rustls::pki_types::CertificateDer as rustls::pki_types::pem::PemObject>::from_pem_slice(
+                ca.cert_pem.as_bytes(),
+            )
+            .expect("pem"),
+        ];
+        let dir = tempfile::tempdir().expect("dir");
+        let store = PolicyStore::open(dir.path().to_path_buf(), &roots, |_| false).expect("open");
+        let billing = Addressed::Agent {
+            name: "billing",
+            tags: &[],
+        };
+        let d = outbound(&store, "jwt:x#a", "globex", "acme", billing, &[]).expect_err("none");
+        assert!(d.is_forbidden() && !d.is_tag_violation());
+        assert_eq!(d.rule(), Some("acme:export"));
         assert_eq!(
             d.to_string(),
-            "caller `jwt:x#a` is of tenant `globex`; `billing.acme.dmsc` belongs to tenant `acme` and cross-tenant delegation is not allowed"
+            "caller `jwt:x#a` of tenant `globex`: cross-tenant call refused: tenant `acme` does not export agent `billing` to tenant `globex` (rule `acme:export`)"
         );
+        assert_eq!(outbound(&store, "a", "acme", "acme", billing, &[]), Ok(()));
+        let apply = |doc: &str| {
+            let s = dmsc_policy::SignedPolicy::sign_operator(&ca, doc.as_bytes()).expect("sign");
+            store
+                .apply(s.to_json().as_bytes(), &roots, |_| false)
+                .expect("apply");
+        };
+        apply("tenant = \"acme\"\nversion = 1\n[[export]]\nto = [\"globex\"]\nagents = [\"billing\"]\n");
+        let d = outbound(&store, "a", "globex", "acme", billing, &[]).expect_err("no import");
+        assert_eq!(d.rule(), Some("globex:import"));
+        apply("tenant = \"globex\"\nversion = 1\n[[import]]\nfrom = [\"acme\"]\nagents = [\"billing\"]\n");
+        assert_eq!(
+            outbound(&store, "a", "globex", "acme", billing, &[]),
+            Ok(())
+        );
+        let pii = vec!["pii".to_string()];
+        let d = outbound(&store, "a", "globex", "acme", billing, &pii).expect_err("tags");
+        assert!(d.is_tag_violation(), "{d}");
     }
 
     #[test]

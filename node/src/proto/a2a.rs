@@ -40,6 +40,33 @@ fn message_text(message: &Value) -> Option<String> {
     (!texts.is_empty()).then(|| texts.join(" "))
 }
 
+/// The A2A metadata key a request's data tags are declared under.
+pub const DATA_TAGS_KEY: &str = "dmsc.dataTags";
+
+/// Data tags an A2A request declares: `dmsc.dataTags` (an array of strings,
+/// or one comma-separated string) in the request's `metadata`, or in its
+/// message's (JSON-RPC `params`, or the HTTP+JSON request object).
+pub fn data_tags(body: &[u8]) -> Vec<String> {
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        return Vec::new();
+    };
+    let root = v.get("params").unwrap_or(&v);
+    let mut out = Vec::new();
+    for meta in [root.get("metadata"), root.pointer("/message/metadata")]
+        .into_iter()
+        .flatten()
+    {
+        match meta.get(DATA_TAGS_KEY) {
+            Some(Value::String(s)) => out.push(s.clone()),
+            Some(Value::Array(a)) => {
+                out.extend(a.iter().filter_map(Value::as_str).map(str::to_string))
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
 /// The text of an A2A JSON-RPC answer: a message result (0.3: the message
 /// itself; 1.0: `{"message": ...}`) or a task's status message.
 pub fn reply_text(response: &Value) -> Option<String> {
@@ -67,5 +94,14 @@ mod tests {
         let other = br#"{"jsonrpc":"2.0","id":1,"method":"tasks/get","params":{"id":"t"}}"#;
         assert_eq!(intent_text(other), None);
         assert_eq!(intent_text(b"not json"), None);
+    }
+
+    #[test]
+    fn data_tags_come_from_either_metadata() {
+        let v03 = br#"{"jsonrpc":"2.0","id":1,"method":"message/send","params":{"metadata":{"dmsc.dataTags":["pii"]},"message":{"metadata":{"dmsc.dataTags":"phi, pci"},"parts":[]}}}"#;
+        assert_eq!(data_tags(v03), vec!["pii", "phi, pci"]);
+        let rest = br#"{"message":{"parts":[]},"metadata":{"dmsc.dataTags":["confidential"]}}"#;
+        assert_eq!(data_tags(rest), vec!["confidential"]);
+        assert!(data_tags(b"{}").is_empty() && data_tags(b"nope").is_empty());
     }
 }

@@ -64,6 +64,16 @@ pub fn revoked_key(serial: &str) -> String {
     format!("{KEY_REVOKED_PREFIX}{serial}")
 }
 
+/// Gossip key prefix of tenant policies: `policy/<tenant>` =
+/// `<version>:<digest>` of the signed document a node holds (the document
+/// itself is fetched from a peer, see [`crate::control::policy`]).
+pub const KEY_POLICY_PREFIX: &str = "policy/";
+
+/// The gossip key of a tenant's policy.
+pub fn policy_key(tenant: &str) -> String {
+    format!("{KEY_POLICY_PREFIX}{tenant}")
+}
+
 /// Gossip key prefix of tenant key statements: `tenant-key/<tenant>`.
 pub const KEY_TENANT_KEY_PREFIX: &str = "tenant-key/";
 

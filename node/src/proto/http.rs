@@ -80,6 +80,12 @@ pub enum ErrorKind {
     Overloaded,
     /// The caller exceeded a rate limit; retry later.
     RateLimited,
+    /// A data-tag rule of a tenant policy refused the request (403).
+    PolicyViolation,
+    /// Policy says the body must be masked, but it cannot be parsed (415).
+    Unmaskable,
+    /// Policy says the body must be masked, but it is over the buffer limit (413).
+    TooLarge,
     Internal,
 }
 
@@ -97,6 +103,10 @@ impl ErrorKind {
             ErrorKind::BadRequest => "bad-request",
             ErrorKind::Overloaded => "overloaded",
             ErrorKind::RateLimited => "rate-limited",
+            // As the tenancy docs name it.
+            ErrorKind::PolicyViolation => "policy_violation",
+            ErrorKind::Unmaskable => "unmaskable",
+            ErrorKind::TooLarge => "too-large",
             ErrorKind::Internal => "internal",
         }
     }
@@ -115,6 +125,9 @@ impl ErrorKind {
             ErrorKind::BadRequest,
             ErrorKind::Overloaded,
             ErrorKind::RateLimited,
+            ErrorKind::PolicyViolation,
+            ErrorKind::Unmaskable,
+            ErrorKind::TooLarge,
             ErrorKind::Internal,
         ]
         .into_iter()
@@ -125,7 +138,9 @@ impl ErrorKind {
         match self {
             ErrorKind::BadTarget | ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
             ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
-            ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+            ErrorKind::Forbidden | ErrorKind::PolicyViolation => StatusCode::FORBIDDEN,
+            ErrorKind::Unmaskable => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::UnknownAgent | ErrorKind::NoMatch => StatusCode::NOT_FOUND,
             ErrorKind::NoneAvailable | ErrorKind::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
@@ -140,7 +155,8 @@ impl ErrorKind {
         match self {
             ErrorKind::BadTarget | ErrorKind::BadRequest => 3, // INVALID_ARGUMENT
             ErrorKind::Unauthorized => 16,                     // UNAUTHENTICATED
-            ErrorKind::Forbidden => 7,                         // PERMISSION_DENIED
+            ErrorKind::Forbidden | ErrorKind::PolicyViolation => 7, // PERMISSION_DENIED
+            ErrorKind::Unmaskable | ErrorKind::TooLarge => 9,  // FAILED_PRECONDITION
             ErrorKind::UnknownAgent | ErrorKind::NoMatch => 5, // NOT_FOUND
             ErrorKind::NoneAvailable | ErrorKind::Unreachable => 14, // UNAVAILABLE
             ErrorKind::Timeout => 4,                           // DEADLINE_EXCEEDED
@@ -156,6 +172,8 @@ impl ErrorKind {
             ErrorKind::BadRequest | ErrorKind::BadTarget => -32600,
             ErrorKind::Unauthorized => -32055,
             ErrorKind::Forbidden => -32050,
+            ErrorKind::PolicyViolation => -32058,
+            ErrorKind::Unmaskable | ErrorKind::TooLarge => -32059,
             ErrorKind::UnknownAgent | ErrorKind::NoMatch => -32051,
             ErrorKind::NoneAvailable => -32052,
             ErrorKind::Unreachable => -32053,

@@ -29,7 +29,7 @@ use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
 
 /// Newest version of the delegation heads this node writes and accepts.
-pub const DELEGATION_VERSION: u8 = 2;
+pub const DELEGATION_VERSION: u8 = 3;
 /// Oldest version still decoded (and answered in kind).
 pub const OLDEST_VERSION: u8 = 1;
 
@@ -63,6 +63,28 @@ pub struct RequestHead {
     pub headers: WireHeaders,
     /// The request has no body (the home node sends none, not an empty chunked one).
     pub empty_body: bool,
+    /// Version 3: the caller's tenant (the consumer of a cross-tenant call;
+    /// `tenant` otherwise). Versions 1 and 2 decode with `tenant`.
+    pub caller_tenant: String,
+    /// Version 3: the request's data tags, sorted (the home node checks
+    /// them against the target's policy). Older versions: none.
+    pub data_tags: Vec<String>,
+}
+
+/// The request head of versions 1 and 2 (no caller tenant, no data tags).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct RequestHeadV2 {
+    version: u8,
+    tenant: String,
+    caller: String,
+    agent: String,
+    deadline_ms: u64,
+    trace_id: String,
+    method: String,
+    path: String,
+    http: u8,
+    headers: WireHeaders,
+    empty_body: bool,
 }
 
 /// The response head the home node sends back.
@@ -148,7 +170,24 @@ fn encode_head<T: Serialize>(head: &T) -> Result<[Bytes; 2], WireError> {
     Ok([part_header(KIND_HEAD, body.len()), Bytes::from(body)])
 }
 
+/// Encodes a request head in its `version` (before 3: without the caller
+/// tenant and the data tags).
 pub fn encode_request_head(head: &RequestHead) -> Result<[Bytes; 2], WireError> {
+    if head.version < 3 {
+        return encode_head(&RequestHeadV2 {
+            version: head.version,
+            tenant: head.tenant.clone(),
+            caller: head.caller.clone(),
+            agent: head.agent.clone(),
+            deadline_ms: head.deadline_ms,
+            trace_id: head.trace_id.clone(),
+            method: head.method.clone(),
+            path: head.path.clone(),
+            http: head.http,
+            headers: head.headers.clone(),
+            empty_body: head.empty_body,
+        });
+    }
     encode_head(head)
 }
 
@@ -190,11 +229,29 @@ pub fn encode_trailers(trailers: &HeaderMap) -> Result<[Bytes; 2], WireError> {
 /// Decodes a request head of any version this node speaks (the fields are
 /// the same; the version says which response head the caller reads).
 pub fn decode_request_head(bytes: &[u8]) -> Result<RequestHead, WireError> {
-    check_version(bytes)?;
-    postcard::from_bytes(bytes).map_err(|e| WireError::Decode {
+    let decode = |e: postcard::Error| WireError::Decode {
         what: "request head",
         reason: e.to_string(),
-    })
+    };
+    if check_version(bytes)? < 3 {
+        let h: RequestHeadV2 = postcard::from_bytes(bytes).map_err(decode)?;
+        return Ok(RequestHead {
+            version: h.version,
+            caller_tenant: h.tenant.clone(),
+            tenant: h.tenant,
+            caller: h.caller,
+            agent: h.agent,
+            deadline_ms: h.deadline_ms,
+            trace_id: h.trace_id,
+            method: h.method,
+            path: h.path,
+            http: h.http,
+            headers: h.headers,
+            empty_body: h.empty_body,
+            data_tags: Vec::new(),
+        });
+    }
+    postcard::from_bytes(bytes).map_err(decode)
 }
 
 /// Decodes a response head of any version this node speaks.
@@ -314,6 +371,8 @@ mod tests {
             http: 1,
             headers: body_headers,
             empty_body: false,
+            caller_tenant: "globex".into(),
+            data_tags: vec!["pii".into()],
         }
     }
 
@@ -407,12 +466,22 @@ mod tests {
         let old: ResponseHeadV1 = postcard::from_bytes(&body).expect("a v1 reader reads it");
         assert_eq!((old.version, old.status, old.delivered), (1, 504, true));
         assert_eq!(decode_response_head(&body).expect("decode"), v1);
-        // Request heads of both versions decode.
-        for v in [1, 2] {
+        // Request heads of every version decode; before 3 the caller's
+        // tenant is the target's and there are no data tags.
+        for v in [1, 2, 3] {
             let mut h = head("/".into(), vec![]);
             h.version = v;
             let [_, body] = encode_request_head(&h).expect("encode");
-            assert_eq!(decode_request_head(&body).expect("decode").version, v);
+            let back = decode_request_head(&body).expect("decode");
+            assert_eq!(back.version, v);
+            if v < 3 {
+                assert_eq!(
+                    (back.caller_tenant.as_str(), back.data_tags.len()),
+                    ("acme", 0)
+                );
+            } else {
+                assert_eq!(back, h);
+            }
         }
     }
 

@@ -109,10 +109,14 @@ impl Attempts {
             },
             // A home node's tenant policy refused: another candidate of the
             // same tenant would be refused alike, and the agent did nothing.
-            Failure::NotDelivered(e) if e.kind == ErrorKind::Forbidden => Verdict {
-                charge_agent: false,
-                next: Next::Stop(e),
-            },
+            Failure::NotDelivered(e)
+                if matches!(e.kind, ErrorKind::Forbidden | ErrorKind::PolicyViolation) =>
+            {
+                Verdict {
+                    charge_agent: false,
+                    next: Next::Stop(e),
+                }
+            }
             Failure::NotDelivered(e) => self.after(id, self.replayable, e),
             Failure::MaybeDelivered(e) => {
                 let retry = self.replayable && self.idempotent && e.kind != ErrorKind::Timeout;

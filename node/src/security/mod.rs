@@ -44,6 +44,7 @@ use tracing::{info, warn};
 
 use crate::config::NodeConfig;
 
+pub mod policies;
 pub mod tenant_keys;
 pub mod throttle;
 
@@ -227,6 +228,8 @@ pub struct Security {
     me: String,
     identity: RwLock<Arc<NodeIdentity>>,
     pub revoked: Arc<RevocationSet>,
+    /// Tenant policies in force here (`<data_dir>/policies/`).
+    pub policies: Arc<crate::security::policies::PolicyStore>,
     issuer: RwLock<Option<Arc<NodeIssuer>>>,
     tokens: TokenStore,
     pub jwt: Option<JwtValidator>,
@@ -293,6 +296,18 @@ impl Security {
             info!(count = n, "loaded persisted revocations");
         }
         let tenant_keys = Arc::new(tenant_keys::TenantKeys::load(data, &identity.roots)?);
+        let policies = {
+            let revoked = revoked.clone();
+            crate::security::policies::PolicyStore::open(
+                data.join("policies"),
+                &identity.roots,
+                move |serial| revoked.get(serial).is_some(),
+            )
+            .map_err(|source| SecurityError::DataDir {
+                path: data.join("policies"),
+                source,
+            })?
+        };
         let admin_token_hash = admin_token(&data.join(ADMIN_TOKEN_FILE))?;
         let tokens = TokenStore::open(data.join("join-tokens.json"))?;
         let jwt = match &config.jwt {
@@ -338,6 +353,7 @@ impl Security {
                 me,
                 identity: RwLock::new(identity),
                 revoked,
+                policies: Arc::new(policies),
                 issuer: RwLock::new(issuer),
                 tokens,
                 jwt,
@@ -540,7 +556,9 @@ impl Security {
             dmsc_audit::EventKind::Revocation(_) => {
                 m.revocations.inc();
             }
-            dmsc_audit::EventKind::Delegation(_) | dmsc_audit::EventKind::TenantKey(_) => {}
+            dmsc_audit::EventKind::Delegation(_)
+            | dmsc_audit::EventKind::Policy(_)
+            | dmsc_audit::EventKind::TenantKey(_) => {}
         }
     }
 
@@ -828,6 +846,69 @@ impl Security {
     pub fn open_audit_line(&self, line: &mut dmsc_audit::Line) -> dmsc_audit::SealState {
         let sealer = tenant_keys::AuditSealer(self.tenant_keys.store.clone());
         dmsc_audit::open_line(line, Some(&sealer))
+    }
+
+    /// Verifies and applies a signed tenant policy (from the admin API or a
+    /// peer: `source`), audited either way. The caller announces a new one.
+    pub fn apply_policy(
+        &self,
+        bytes: &[u8],
+        source: &str,
+    ) -> Result<crate::security::policies::Applied, crate::security::policies::ApplyError> {
+        use crate::security::policies::Applied;
+        let roots = self.identity().roots.clone();
+        let revoked = &self.revoked;
+        let result = self
+            .policies
+            .apply(bytes, &roots, |serial| revoked.get(serial).is_some());
+        match &result {
+            Ok(Applied::New {
+                tenant,
+                version,
+                digest,
+                signer,
+                previous,
+            }) => {
+                info!(%tenant, version, ?previous, %signer, source, "tenant policy applied");
+                self.record(Event::tenant(
+                    tenant.clone(),
+                    dmsc_audit::PolicyChange {
+                        outcome: "applied".into(),
+                        version: *version,
+                        digest: digest.clone(),
+                        signer: signer.clone(),
+                        source: source.to_string(),
+                        code: None,
+                        reason: None,
+                    },
+                ));
+            }
+            Ok(Applied::Unchanged { .. }) => {}
+            Err(e) => {
+                // What the refused document claims, for the record (its
+                // claims are not trusted: it did not verify).
+                let claimed = dmsc_policy::SignedPolicy::parse(bytes)
+                    .ok()
+                    .and_then(|s| s.doc_bytes().ok())
+                    .map(|d| (dmsc_policy::digest(&d), dmsc_policy::Policy::parse(&d).ok()));
+                let (digest, doc) = claimed.unwrap_or_default();
+                warn!(source, error = %e, "tenant policy refused");
+                self.record(Event {
+                    tenant: doc.as_ref().map(|p| p.tenant.clone()),
+                    kind: dmsc_audit::PolicyChange {
+                        outcome: "refused".into(),
+                        version: doc.as_ref().map_or(0, |p| p.version),
+                        digest,
+                        signer: String::new(),
+                        source: source.to_string(),
+                        code: Some(e.code().to_string()),
+                        reason: Some(e.to_string()),
+                    }
+                    .into(),
+                });
+            }
+        }
+        result
     }
 
     /// Reloads credentials from disk if their files changed since `seen`;

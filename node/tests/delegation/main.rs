@@ -7,6 +7,7 @@ mod hygiene;
 mod listen;
 mod midresponse;
 mod security;
+mod tenancy;
 mod tenant_keys;
 
 use std::net::SocketAddr;

@@ -17,15 +17,18 @@ use hyper::StatusCode;
 use super::{agent, eventually};
 
 const TD_OTHER: &str = "other.test";
-const JWT_ISS: &str = "https://idp.test";
-const JWT_AUD: &str = "dmsc";
+pub(super) const JWT_ISS: &str = "https://idp.test";
+pub(super) const JWT_AUD: &str = "dmsc";
 
-fn client_config(ca_pem: &str, client: Option<(&str, &str)>) -> Arc<rustls::ClientConfig> {
+pub(super) fn client_config(
+    ca_pem: &str,
+    client: Option<(&str, &str)>,
+) -> Arc<rustls::ClientConfig> {
     dmsc_node::demo::mesh::tls_client_config(ca_pem, client).expect("client config")
 }
 
 /// One request over a fresh TLS connection; returns status, headers, body.
-async fn tls_call(
+pub(super) async fn tls_call(
     addr: std::net::SocketAddr,
     cfg: Arc<rustls::ClientConfig>,
     method: &str,
@@ -61,7 +64,7 @@ async fn tls_call(
 }
 
 /// Everything audited on node `i` so far, one JSON value per entry.
-async fn audit_entries(mesh: &LocalMesh, i: usize) -> Vec<serde_json::Value> {
+pub(super) async fn audit_entries(mesh: &LocalMesh, i: usize) -> Vec<serde_json::Value> {
     let sec = &mesh.nodes[i].security();
     sec.audit
         .as_ref()
@@ -103,12 +106,12 @@ async fn until_past(t: time::OffsetDateTime) {
 }
 
 /// A JWKS with one P-256 key and the PKCS#8 of its private half.
-struct JwtKey {
+pub(super) struct JwtKey {
     pkcs8: Vec<u8>,
-    jwk: serde_json::Value,
+    pub(super) jwk: serde_json::Value,
 }
 
-fn es256_key(kid: &str) -> JwtKey {
+pub(super) fn es256_key(kid: &str) -> JwtKey {
     use ring::signature::KeyPair;
     let rng = ring::rand::SystemRandom::new();
     let alg = &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING;
@@ -132,7 +135,7 @@ fn now_secs() -> i64 {
         .as_secs() as i64
 }
 
-fn jwt(key: &JwtKey, kid: &str, claims: serde_json::Value) -> String {
+pub(super) fn jwt(key: &JwtKey, kid: &str, claims: serde_json::Value) -> String {
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
     header.kid = Some(kid.to_string());
     jsonwebtoken::encode(
@@ -143,7 +146,7 @@ fn jwt(key: &JwtKey, kid: &str, claims: serde_json::Value) -> String {
     .expect("sign")
 }
 
-fn claims(tenant: &str, aud: &str, exp_in: i64) -> serde_json::Value {
+pub(super) fn claims(tenant: &str, aud: &str, exp_in: i64) -> serde_json::Value {
     serde_json::json!({
         "iss": JWT_ISS, "aud": aud, "sub": "billing-client", "tenant": tenant,
         "exp": now_secs() + exp_in, "nbf": now_secs() - 10, "iat": now_secs() - 10,
@@ -1037,7 +1040,7 @@ async fn join_node(
 }
 
 /// Attaches `agent` as an agent of `tenant` to node `i`.
-async fn attach_for(
+pub(super) async fn attach_for(
     mesh: &LocalMesh,
     i: usize,
     tenant: &str,
@@ -1163,6 +1166,8 @@ async fn a_tenant_scoped_node_cannot_act_for_another_tenant_on_the_overlay() {
             http: 1,
             headers: Vec::new(),
             empty_body: true,
+            caller_tenant: "other".into(),
+            data_tags: Vec::new(),
         };
         let mut parts = dmsc_node::proto::wire::encode_request_head(&head)
             .expect("encode")

@@ -26,6 +26,7 @@ fn denied(tenant: &str, caller: &str, target: &str, reason: &str) -> Event {
             caller: caller.into(),
             target: target.into(),
             reason: reason.into(),
+            rule: None,
         },
     )
 }

@@ -1,0 +1,531 @@
+//! Tenants as first-class: signed policies spread by gossip decide which
+//! cross-tenant calls pass (the provider's export and the consumer's import
+//! both), through every addressing form, plain and authenticated ingress,
+//! to local and remote agents; every denial is audited on both nodes with
+//! the rule that refused it. Forged policies are refused and audited.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use dmsc_node::demo::mesh::LocalMesh;
+use dmsc_node::demo::sample_agent::SampleAgent;
+use http_body_util::{BodyExt, Full};
+use hyper::StatusCode;
+
+use super::security::{
+    attach_for, audit_entries, claims, client_config, es256_key, jwt, tls_call, JwtKey, JWT_AUD,
+    JWT_ISS,
+};
+use super::{agent, eventually};
+
+const TENANTS: [&str; 3] = ["acme", "globex", "initech"];
+
+/// One request to a plain ingress; returns status and body.
+async fn plain_call(
+    addr: SocketAddr,
+    host: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (StatusCode, String) {
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
+    let mut req = hyper::Request::builder()
+        .method("POST")
+        .uri("/")
+        .header("host", host)
+        .header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = tokio::time::timeout(
+        Duration::from_secs(20),
+        send.send_request(
+            req.body(Full::new(Bytes::from(body.to_string())))
+                .expect("request"),
+        ),
+    )
+    .await
+    .expect("answer in time")
+    .expect("response");
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// Two nodes; node 0 has a plain ingress per tenant and a TLS ingress that
+/// authenticates JWTs (the tenant comes from the token). Each tenant has an
+/// agent on node 0 (`<t>-local`, tag `<t>-l`) and one on node 1
+/// (`<t>-remote`, tag `<t>-r`).
+struct TenantMesh {
+    mesh: LocalMesh,
+    plain: Vec<SocketAddr>,
+    tls: SocketAddr,
+    key: JwtKey,
+    _jwks: tempfile::TempDir,
+    _agents: Vec<SampleAgent>,
+}
+
+async fn tenant_mesh() -> TenantMesh {
+    let jwks = tempfile::tempdir().expect("dir");
+    let key = es256_key("k1");
+    let jwks_path = jwks.path().join("jwks.json");
+    std::fs::write(
+        &jwks_path,
+        serde_json::json!({ "keys": [key.jwk] }).to_string(),
+    )
+    .expect("jwks");
+    let mesh = LocalMesh::start(&["n0", "n1"], "acme", |i, raw| {
+        raw.gossip.interval_ms = Some(100);
+        raw.delegation.health_interval_ms = Some(200);
+        if i == 0 {
+            for t in &TENANTS[1..] {
+                raw.ingress.push(dmsc_node::config::RawIngress {
+                    listen: "127.0.0.1:0".into(),
+                    tenant: Some(t.to_string()),
+                    ..Default::default()
+                });
+            }
+            raw.ingress.push(dmsc_node::config::RawIngress {
+                listen: "127.0.0.1:0".into(),
+                tls: Some(true),
+                auth: Some(vec!["jwt".into()]),
+                ..Default::default()
+            });
+            raw.jwt = Some(dmsc_node::config::RawJwt {
+                issuers: vec![JWT_ISS.into()],
+                audiences: vec![JWT_AUD.into()],
+                jwks_file: Some(jwks_path.clone()),
+                ..Default::default()
+            });
+        }
+    })
+    .await
+    .expect("mesh");
+    let mut agents = Vec::new();
+    for t in TENANTS {
+        for (node, side, tag) in [(0, "local", "l"), (1, "remote", "r")] {
+            let a = agent(
+                &format!("{t}-{side}"),
+                &[&format!("{t}-{tag}")],
+                &format!("Handle {t} {side} work"),
+            )
+            .await;
+            attach_for(&mesh, node, t, &a).await;
+            agents.push(a);
+        }
+    }
+    eventually(
+        Duration::from_secs(10),
+        "every agent routable from node 0",
+        || {
+            TENANTS.iter().all(|t| {
+                ["local", "remote"].iter().all(|side| {
+                    let id = dmsc_registry::AgentId::new(*t, format!("{t}-{side}"));
+                    mesh.nodes[0].mesh().read().get(&id).is_some()
+                        && mesh.nodes[1].mesh().read().get(&id).is_some()
+                })
+            })
+        },
+    )
+    .await;
+    let ingress = &mesh.nodes[0].bound().ingress;
+    TenantMesh {
+        plain: ingress[..3].to_vec(),
+        tls: ingress[3],
+        mesh,
+        key,
+        _jwks: jwks,
+        _agents: agents,
+    }
+}
+
+/// Every addressing form of tenant `p`: (label, host, intent header, the
+/// home node of whatever it reaches is remote).
+fn forms(p: &str) -> Vec<(String, String, Option<String>, bool)> {
+    vec![
+        (
+            "agent-local".into(),
+            format!("{p}-local.{p}.dmsc"),
+            None,
+            false,
+        ),
+        (
+            "agent-remote".into(),
+            format!("{p}-remote.{p}.dmsc"),
+            None,
+            true,
+        ),
+        (
+            "cap-local".into(),
+            format!("{p}-l.cap.{p}.dmsc"),
+            None,
+            false,
+        ),
+        (
+            "cap-remote".into(),
+            format!("{p}-r.cap.{p}.dmsc"),
+            None,
+            true,
+        ),
+        (
+            "intent".into(),
+            format!("mesh.{p}.dmsc"),
+            Some(format!("handle {p} work")),
+            true,
+        ),
+    ]
+}
+
+/// Calls `host` as a caller of tenant `c`, through the plain ingress or the
+/// JWT ingress.
+async fn call_as(
+    m: &TenantMesh,
+    c: &str,
+    authenticated: bool,
+    host: &str,
+    intent: &Option<String>,
+) -> (StatusCode, String) {
+    let body = super::message_send("do the work");
+    let mut headers: Vec<(&str, &str)> = Vec::new();
+    if let Some(i) = intent {
+        headers.push(("dmsc-intent", i));
+    }
+    if authenticated {
+        let token = jwt(&m.key, "k1", claims(c, JWT_AUD, 300));
+        let bearer = format!("Bearer {token}");
+        headers.push(("authorization", &bearer));
+        let (status, _, body) = tls_call(
+            m.tls,
+            client_config(&m.mesh.ca.cert_pem, None),
+            "POST",
+            host,
+            "/",
+            &headers,
+            body,
+        )
+        .await;
+        (status, body)
+    } else {
+        let i = TENANTS.iter().position(|t| *t == c).expect("tenant");
+        plain_call(m.plain[i], host, &headers, &body).await
+    }
+}
+
+fn signed(mesh: &LocalMesh, doc: &str) -> String {
+    dmsc_policy::SignedPolicy::sign_operator(&mesh.ca, doc.as_bytes())
+        .expect("sign")
+        .to_json()
+}
+
+async fn post_policy(mesh: &LocalMesh, i: usize, body: String) -> (u16, serde_json::Value) {
+    let (status, text) = dmsc_node::admin::status::admin_call(
+        mesh.nodes[i].bound().admin,
+        hyper::Method::POST,
+        "/v1/policies",
+        Some(&mesh.admin_token(i)),
+        body.into(),
+    )
+    .await
+    .expect("admin call");
+    (status, serde_json::from_str(&text).expect("json"))
+}
+
+/// Denials audited on node `i` whose target matches and whose caller
+/// mentions `caller_part`, with their rules.
+async fn denial_rules(mesh: &LocalMesh, i: usize, tenant: &str) -> Vec<String> {
+    audit_entries(mesh, i)
+        .await
+        .into_iter()
+        .filter(|e| e["kind"] == "denied" && e["tenant"] == tenant)
+        .map(|e| e["detail"]["rule"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_tenant_matrix_needs_export_and_import_and_audits_both_nodes() {
+    let m = tenant_mesh().await;
+    // Own tenant: always allowed, with or without policies.
+    for auth in [false, true] {
+        for (label, host, intent, _) in forms("acme") {
+            let (status, body) = call_as(&m, "acme", auth, &host, &intent).await;
+            assert_eq!(
+                status,
+                StatusCode::OK,
+                "acme -> acme {label} (auth {auth}): {body}"
+            );
+        }
+    }
+
+    // No policies: every cross-tenant call is refused by the provider's
+    // side (no export), whatever the form, ingress or home node.
+    let mut expected_denials: std::collections::HashMap<(usize, String), usize> =
+        Default::default();
+    for c in TENANTS {
+        for p in TENANTS.iter().filter(|p| **p != c) {
+            for auth in [false, true] {
+                for (label, host, intent, remote) in forms(p) {
+                    let (status, body) = call_as(&m, c, auth, &host, &intent).await;
+                    assert_eq!(
+                        status,
+                        StatusCode::FORBIDDEN,
+                        "{c} -> {p} {label} (auth {auth}) without policies: {body}"
+                    );
+                    let rule = format!("{p}:export");
+                    assert!(body.contains(&rule), "{c} -> {p} {label}: {body}");
+                    *expected_denials.entry((0, p.to_string())).or_default() += 1;
+                    if remote {
+                        *expected_denials.entry((1, p.to_string())).or_default() += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    // acme exports everything to globex; globex imports all of acme;
+    // initech imports acme too, but acme does not export to it.
+    let acme = "tenant = \"acme\"\nversion = 1\n[[export]]\nto = [\"globex\"]\nagents = [\"acme-local\", \"acme-remote\"]\ntags = [\"acme-l\", \"acme-r\"]\n";
+    let globex = "tenant = \"globex\"\nversion = 1\n[[import]]\nfrom = [\"acme\"]\nagents = [\"*\"]\ntags = [\"*\"]\n";
+    let initech = "tenant = \"initech\"\nversion = 1\n[[import]]\nfrom = [\"acme\", \"globex\"]\nagents = [\"*\"]\ntags = [\"*\"]\n";
+    for doc in [acme, globex, initech] {
+        let (status, v) = post_policy(&m.mesh, 0, signed(&m.mesh, doc)).await;
+        assert_eq!(status, 201, "{v}");
+    }
+    eventually(
+        Duration::from_secs(10),
+        "policies reach node 1 by gossip",
+        || {
+            TENANTS
+                .iter()
+                .all(|t| m.mesh.nodes[1].security().policies.version(t) == 1)
+        },
+    )
+    .await;
+
+    for c in TENANTS {
+        for p in TENANTS.iter().filter(|p| **p != c) {
+            let allowed = c == "globex" && *p == "acme";
+            for auth in [false, true] {
+                for (label, host, intent, remote) in forms(p) {
+                    let (status, body) = call_as(&m, c, auth, &host, &intent).await;
+                    if allowed {
+                        assert_eq!(
+                            status,
+                            StatusCode::OK,
+                            "{c} -> {p} {label} (auth {auth}): {body}"
+                        );
+                        continue;
+                    }
+                    assert_eq!(
+                        status,
+                        StatusCode::FORBIDDEN,
+                        "{c} -> {p} {label} (auth {auth}): {body}"
+                    );
+                    // acme exports nothing to initech; nobody exports to acme
+                    // or from globex/initech.
+                    let rule = format!("{p}:export");
+                    assert!(body.contains(&rule), "{c} -> {p} {label}: {body}");
+                    *expected_denials.entry((0, p.to_string())).or_default() += 1;
+                    if remote {
+                        *expected_denials.entry((1, p.to_string())).or_default() += 1;
+                    }
+                }
+            }
+        }
+    }
+    // The consumer's side: globex drops its import (version 2); now acme's
+    // export alone does not let globex in.
+    let globex2 =
+        "tenant = \"globex\"\nversion = 2\n[[import]]\nfrom = [\"initech\"]\nagents = [\"*\"]\n";
+    let (status, v) = post_policy(&m.mesh, 0, signed(&m.mesh, globex2)).await;
+    assert_eq!(status, 201, "{v}");
+    eventually(Duration::from_secs(10), "globex v2 on node 1", || {
+        m.mesh.nodes[1].security().policies.version("globex") == 2
+    })
+    .await;
+    for auth in [false, true] {
+        for (label, host, intent, remote) in forms("acme") {
+            let (status, body) = call_as(&m, "globex", auth, &host, &intent).await;
+            assert_eq!(
+                status,
+                StatusCode::FORBIDDEN,
+                "globex -> acme {label}: {body}"
+            );
+            assert!(body.contains("globex:import"), "{label}: {body}");
+            *expected_denials.entry((0, "acme".into())).or_default() += 1;
+            if remote {
+                *expected_denials.entry((1, "acme".into())).or_default() += 1;
+            }
+        }
+    }
+
+    // Every denial is on record with its rule: on the calling node, and on
+    // the home node of what it addressed when that is another node.
+    for ((node, tenant), n) in expected_denials {
+        let i = node;
+        let want = n;
+        let tenant2 = tenant.clone();
+        let mesh = &m.mesh;
+        let mut got = 0;
+        for _ in 0..100 {
+            let rules = denial_rules(mesh, i, &tenant2).await;
+            assert!(
+                rules
+                    .iter()
+                    .all(|r| r.starts_with(&format!("{tenant2}:")) || r.ends_with(":import")),
+                "node {i}, tenant {tenant2}: a denial without its rule: {rules:?}"
+            );
+            got = rules.len();
+            if got >= want {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            got, want,
+            "denials of tenant `{tenant}` audited on node {node}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_stale_policies_are_refused_and_audited() {
+    let mesh = LocalMesh::start(&["n0"], "acme", |_, raw| {
+        raw.gossip.interval_ms = Some(100);
+    })
+    .await
+    .expect("mesh");
+    let v2 = "tenant = \"acme\"\nversion = 2\n";
+    let (status, v) = post_policy(&mesh, 0, signed(&mesh, v2)).await;
+    assert_eq!(status, 201, "{v}");
+
+    // An older version.
+    let (status, v) =
+        post_policy(&mesh, 0, signed(&mesh, "tenant = \"acme\"\nversion = 1\n")).await;
+    assert_eq!(
+        (status, v["code"].as_str()),
+        (409, Some("older_version")),
+        "{v}"
+    );
+
+    // A bad signature: the document changed after signing.
+    let mut forged: dmsc_policy::SignedPolicy =
+        serde_json::from_str(&signed(&mesh, "tenant = \"acme\"\nversion = 3\n")).expect("json");
+    use base64::Engine as _;
+    forged.doc = base64::engine::general_purpose::STANDARD
+        .encode("tenant = \"acme\"\nversion = 3\n[[export]]\nto = [\"*\"]\nagents = [\"*\"]\n");
+    let (status, v) = post_policy(&mesh, 0, forged.to_json()).await;
+    assert_eq!(
+        (status, v["code"].as_str()),
+        (403, Some("bad_signature")),
+        "{v}"
+    );
+
+    // Another tenant's admin key signing acme's document.
+    let globex_admin = mesh
+        .ca
+        .issue_tenant_admin("globex", Duration::from_secs(3600))
+        .expect("issue");
+    let doc = "tenant = \"acme\"\nversion = 4\n[[export]]\nto = [\"globex\"]\nagents = [\"*\"]\n";
+    let key = rcgen::KeyPair::from_pem(&globex_admin.key_pem).expect("key");
+    use rcgen::SigningKey as _;
+    let mut msg = b"dmsc-policy-v1\0".to_vec();
+    msg.extend_from_slice(doc.as_bytes());
+    let sig: String = key
+        .sign(&msg)
+        .expect("sign")
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let other_key = dmsc_policy::SignedPolicy {
+        v: 1,
+        doc: base64::engine::general_purpose::STANDARD.encode(doc),
+        signer: Some(globex_admin.cert_pem.clone()),
+        sig,
+    };
+    let (status, v) = post_policy(&mesh, 0, other_key.to_json()).await;
+    assert_eq!(
+        (status, v["code"].as_str()),
+        (403, Some("other_tenant_key")),
+        "{v}"
+    );
+
+    // acme's own admin key works.
+    let acme_admin = mesh
+        .ca
+        .issue_tenant_admin("acme", Duration::from_secs(3600))
+        .expect("issue");
+    let own = dmsc_policy::SignedPolicy::sign_tenant_admin(
+        &acme_admin.cert_pem,
+        &acme_admin.key_pem,
+        b"tenant = \"acme\"\nversion = 5\n",
+    )
+    .expect("sign");
+    let (status, v) = post_policy(&mesh, 0, own.to_json()).await;
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(mesh.nodes[0].security().policies.version("acme"), 5);
+
+    // A document with problems: every one reported, nothing applied.
+    let bad = signed_unchecked(
+        &mesh,
+        "tenant = \"acme\"\nversion = 9\n[[export]]\nto = []\ndata_tags = [\"nuclear\"]\n",
+    );
+    let (status, v) = post_policy(&mesh, 0, bad).await;
+    assert_eq!(status, 400, "{v}");
+    let problems = v["problems"].as_array().expect("problems");
+    assert!(problems.len() >= 3, "{v}");
+    assert!(
+        v.to_string().contains("known: "),
+        "unknown tags list the known ones: {v}"
+    );
+    assert_eq!(mesh.nodes[0].security().policies.version("acme"), 5);
+
+    let entries = audit_entries(&mesh, 0).await;
+    let policy: Vec<_> = entries.iter().filter(|e| e["kind"] == "policy").collect();
+    let codes: Vec<&str> = policy
+        .iter()
+        .filter_map(|e| e["detail"]["code"].as_str())
+        .collect();
+    for code in [
+        "older_version",
+        "bad_signature",
+        "other_tenant_key",
+        "invalid",
+    ] {
+        assert!(
+            codes.contains(&code),
+            "`{code}` refusal not audited: {policy:#?}"
+        );
+    }
+    let applied = policy
+        .iter()
+        .filter(|e| e["detail"]["outcome"] == "applied")
+        .count();
+    assert_eq!(applied, 2, "{policy:#?}");
+}
+
+/// Signs a document without checking it (what a careless or hostile tool
+/// could send): the node must still refuse it with every problem.
+fn signed_unchecked(mesh: &LocalMesh, doc: &str) -> String {
+    use base64::Engine as _;
+    let mut msg = b"dmsc-policy-v1\0".to_vec();
+    msg.extend_from_slice(doc.as_bytes());
+    let sig: String = mesh
+        .ca
+        .sign(&msg)
+        .expect("sign")
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    dmsc_policy::SignedPolicy {
+        v: 1,
+        doc: base64::engine::general_purpose::STANDARD.encode(doc),
+        signer: None,
+        sig,
+    }
+    .to_json()
+}
