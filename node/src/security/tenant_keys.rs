@@ -84,10 +84,10 @@ impl Retained {
 /// What applying one statement did on this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StatementOutcome {
-    /// New here: applied (or, for an older rotate, recorded) and to be
-    /// re-published.
+    /// New here: this node's keys changed; audited and to be re-published.
     Applied {
-        /// The id of the key made by a rotate.
+        /// The id of the key made (by a rotate, or by a late delete that
+        /// started the newer rotate's generation).
         key_id: Option<u32>,
         /// The keys destroyed by a delete.
         keys_destroyed: Option<u64>,
