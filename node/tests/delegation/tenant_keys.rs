@@ -150,6 +150,25 @@ async fn a_tenant_delete_statement_shreds_its_audit_payload_on_every_node() {
             .is_some_and(|i| i.shredded && i.keys.is_empty())
     })
     .await;
+    // The admin API lists key ids and the applied statement, no key material.
+    let (status, body) = dmsc_node::admin::status::admin_call(
+        mesh.nodes[1].bound().admin,
+        hyper::Method::GET,
+        "/v1/tenant-keys",
+        None,
+        bytes::Bytes::new(),
+    )
+    .await
+    .expect("GET /v1/tenant-keys");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let acme = v["tenants"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["tenant"] == "acme"))
+        .expect("acme listed");
+    assert_eq!(acme["shredded"], true, "{v}");
+    assert_eq!(acme["statements"][0]["action"], "delete", "{v}");
+    assert!(!body.contains("wrapped"), "{body}");
     // A forged statement is refused by the admin API.
     let rogue =
         dmsc_transport::pki::CertificateAuthority::generate("mesh.dmsc.local").expect("rogue ca");
