@@ -46,6 +46,7 @@ pub enum EventKind {
     AuthFailure(AuthFailure),
     Enrollment(Enrollment),
     Revocation(Revocation),
+    TenantKey(TenantKey),
     Policy(PolicyChange),
 }
 
@@ -58,6 +59,7 @@ impl EventKind {
             EventKind::AuthFailure(_) => KIND_AUTH_FAILURE,
             EventKind::Enrollment(_) => KIND_ENROLLMENT,
             EventKind::Revocation(_) => KIND_REVOCATION,
+            EventKind::TenantKey(_) => KIND_TENANT_KEY,
             EventKind::Policy(_) => KIND_POLICY,
         }
     }
@@ -68,6 +70,7 @@ pub(crate) const KIND_DENIED: &str = "denied";
 pub(crate) const KIND_AUTH_FAILURE: &str = "auth_failure";
 pub(crate) const KIND_ENROLLMENT: &str = "enrollment";
 pub(crate) const KIND_REVOCATION: &str = "revocation";
+pub(crate) const KIND_TENANT_KEY: &str = "tenant_key";
 pub(crate) const KIND_POLICY: &str = "policy";
 pub(crate) const KIND_CHECKPOINT: &str = "checkpoint";
 pub(crate) const KIND_RECOVERY: &str = "recovery";
@@ -83,6 +86,7 @@ impl Serialize for DetailRef<'_> {
             EventKind::AuthFailure(d) => d.serialize(s),
             EventKind::Enrollment(d) => d.serialize(s),
             EventKind::Revocation(d) => d.serialize(s),
+            EventKind::TenantKey(d) => d.serialize(s),
             EventKind::Policy(d) => d.serialize(s),
         }
     }
@@ -194,6 +198,23 @@ pub struct Revocation {
     pub source: String,
 }
 
+/// An operator statement about a tenant's data keys that this node applied
+/// (its tenant is the line's `tenant`). Operator facts, never sealed: a
+/// delete must stay readable after the keys it destroyed are gone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantKey {
+    /// `rotate-key` or `delete`.
+    pub action: String,
+    /// The statement's sequence number (unix ms when the operator signed it).
+    pub seq: u64,
+    /// For a rotate: the id of the key this node made.
+    pub key_id: Option<u32>,
+    /// For a delete: how many keys this node destroyed.
+    pub keys_destroyed: Option<u64>,
+    /// Where the statement came from (`admin`, `gossip`).
+    pub source: String,
+}
+
 /// A signed statement over the chain so far; written by the log itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
@@ -224,7 +245,14 @@ macro_rules! into_kind {
         }
     )*};
 }
-into_kind!(Delegation, Denied, AuthFailure, Enrollment, Revocation);
+into_kind!(
+    Delegation,
+    Denied,
+    AuthFailure,
+    Enrollment,
+    Revocation,
+    TenantKey
+);
 
 impl From<PolicyChange> for EventKind {
     fn from(v: PolicyChange) -> Self {

@@ -18,10 +18,15 @@
 //! exact bytes (without its newline), 64 zeros for the first line. Editing,
 //! removing, inserting or swapping any line therefore breaks a link that
 //! [`verify`] finds. Kinds: `delegation`, `denied`, `auth_failure`,
-//! `enrollment`, `revocation` (see [`EventKind`]), plus two the log writes
-//! itself: `checkpoint` and `recovery`.
+//! `enrollment`, `revocation`, `policy`, `tenant_key` (see [`EventKind`]),
+//! plus two the log writes itself: `checkpoint` and `recovery`.
 //! [`report`] counts one tenant's entries for compliance (`dmsc-node audit
 //! report`), by kind, so kinds added later are counted without code changes.
+//!
+//! With a [`Sealer`] ([`AuditConfig::sealer`]), the tenant payload fields of
+//! a tenant's events are sealed with that tenant's key before the line is
+//! hashed (see the `seal` module): `verify` needs no keys, and deleting a
+//! tenant's keys makes its payload unreadable without breaking the chain.
 //!
 //! A hash chain alone does not stop someone who rewrites everything after
 //! an edit and recomputes every hash. Checkpoints do: every
@@ -76,6 +81,7 @@
 mod event;
 mod line;
 pub mod report;
+mod seal;
 mod signer;
 mod verify;
 mod writer;
@@ -84,9 +90,13 @@ use std::path::PathBuf;
 
 pub use event::{
     AuthFailure, AuthMethod, Checkpoint, Delegation, Denied, EnrollVia, Enrollment, Event,
-    EventKind, PolicyChange, Recovery, Revocation,
+    EventKind, PolicyChange, Recovery, Revocation, TenantKey,
 };
 pub use line::{line_hash, parse_line, Body, Line, GENESIS_PREV, MAX_LINE};
+pub use seal::{
+    clear_fields, line_context, open_line, SealState, Sealer, SEALED_FIELD, UNREADABLE_FIELD,
+    WITHHELD_FIELD,
+};
 pub use signer::{checkpoint_message, Signer};
 pub use verify::{log_path, tail, verify, Problem, ProblemKind, Tail, VerifyOptions, VerifyReport};
 pub use writer::{

@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 use crate::event::{
     Checkpoint, EventKind, Recovery, KIND_AUTH_FAILURE, KIND_CHECKPOINT, KIND_DELEGATION,
-    KIND_DENIED, KIND_ENROLLMENT, KIND_POLICY, KIND_RECOVERY, KIND_REVOCATION,
+    KIND_DENIED, KIND_ENROLLMENT, KIND_POLICY, KIND_RECOVERY, KIND_REVOCATION, KIND_TENANT_KEY,
 };
 use crate::AuditError;
 
@@ -76,6 +76,7 @@ impl Line {
             KIND_AUTH_FAILURE => Body::Event(EventKind::AuthFailure(de(self)?)),
             KIND_ENROLLMENT => Body::Event(EventKind::Enrollment(de(self)?)),
             KIND_REVOCATION => Body::Event(EventKind::Revocation(de(self)?)),
+            KIND_TENANT_KEY => Body::Event(EventKind::TenantKey(de(self)?)),
             KIND_CHECKPOINT => Body::Checkpoint(de(self)?),
             KIND_RECOVERY => Body::Recovery(de(self)?),
             other => {

@@ -31,7 +31,8 @@ use tracing::Instrument as _;
 
 use crate::event::{DetailRef, Event, Recovery, KIND_CHECKPOINT, KIND_RECOVERY};
 use crate::line::{encode_line, line_hash, parse_line, Envelope, GENESIS_PREV, MAX_LINE};
-use crate::{AuditError, Signer};
+use crate::seal::{line_context, seal_detail};
+use crate::{AuditError, Sealer, Signer};
 
 /// The log's file name inside the audit directory.
 pub const LOG_FILE: &str = "audit.jsonl";
@@ -124,6 +125,9 @@ pub struct AuditConfig {
     /// when idle an entry is still on disk within this plus one sync).
     /// `Duration::ZERO` writes each arrival at once.
     pub linger: Duration,
+    /// Seals the tenant payload of tenant events (see the crate docs);
+    /// `None` writes everything in the clear.
+    pub sealer: Option<Arc<dyn Sealer>>,
 }
 
 impl AuditConfig {
@@ -138,6 +142,7 @@ impl AuditConfig {
             checkpoint_interval: Duration::from_secs(10),
             queue: 65536,
             linger: Duration::from_millis(5),
+            sealer: None,
         }
     }
 
@@ -437,6 +442,7 @@ impl AuditLog {
                 _ => cfg.linger,
             },
             signer,
+            sealer: cfg.sealer.clone(),
             next_seq: prepared.next_seq,
             prev: prepared.prev,
             since_checkpoint: prepared.since_checkpoint,
@@ -622,6 +628,7 @@ struct Writer {
     checkpoint_every: u64,
     linger: Duration,
     signer: Option<Signer>,
+    sealer: Option<Arc<dyn Sealer>>,
     next_seq: u64,
     prev: String,
     /// Lines since the last checkpoint.
@@ -756,13 +763,19 @@ impl Writer {
         for msg in batch.drain(..) {
             match msg {
                 Msg::Event { ts, event } => {
-                    if self.push_line(
-                        event.tenant.as_deref(),
-                        event.kind.name(),
-                        DetailRef(&event.kind),
-                        ts,
-                    ) && self.since_checkpoint >= self.checkpoint_every
-                    {
+                    let sealed = self.seal(&event);
+                    let pushed = match sealed {
+                        Some(detail) => {
+                            self.push_line(event.tenant.as_deref(), event.kind.name(), detail, ts)
+                        }
+                        None => self.push_line(
+                            event.tenant.as_deref(),
+                            event.kind.name(),
+                            DetailRef(&event.kind),
+                            ts,
+                        ),
+                    };
+                    if pushed && self.since_checkpoint >= self.checkpoint_every {
                         self.push_checkpoint();
                     }
                 }
@@ -773,6 +786,23 @@ impl Writer {
             }
         }
         force
+    }
+
+    /// The sealed `detail` of a tenant's event, bound to the seq it is about
+    /// to get; `None` when there is no sealer, no tenant or nothing to seal.
+    fn seal(&self, event: &Event) -> Option<serde_json::Value> {
+        let sealer = self.sealer.as_deref()?;
+        let tenant = event.tenant.as_deref()?;
+        let kind = event.kind.name();
+        crate::seal::clear_fields(kind)?;
+        let detail = match serde_json::to_value(DetailRef(&event.kind)) {
+            Ok(d) => d,
+            // Unreachable for these plain structs; never fall back to
+            // writing the payload in the clear.
+            Err(e) => serde_json::json!({ crate::WITHHELD_FIELD: format!("not encodable: {e}") }),
+        };
+        let context = line_context(&self.node, self.next_seq);
+        seal_detail(sealer, tenant, kind, &context, detail)
     }
 
     /// Appends one encoded line to the buffer and advances the chain.

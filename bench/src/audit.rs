@@ -7,6 +7,7 @@
 //! `shutdown()` (everything written, sealed and synced), and the latency of
 //! the `record()` call itself (what a delegation pays), p50 / p99 / max.
 //! The log is verified afterwards so a fast but broken writer cannot win.
+//! `--sealed` seals each event's tenant payload as a node does.
 
 use std::str::FromStr;
 use std::time::{Duration, Instant};
@@ -25,6 +26,10 @@ pub struct AuditArgs {
     /// Producer tasks recording concurrently.
     #[arg(long, default_value_t = 4)]
     pub concurrency: usize,
+    /// Seal each event's tenant payload with a tenant key (as a node does;
+    /// a key store in the temp dir, 8 tenants).
+    #[arg(long)]
+    pub sealed: bool,
 }
 
 struct Row {
@@ -70,6 +75,12 @@ async fn run_one(policy: &str, args: &AuditArgs) -> anyhow::Result<Row> {
     let dir = tempfile::tempdir().context("temp dir for the audit log")?;
     let mut cfg = AuditConfig::new(dir.path(), "bench");
     cfg.fsync = fsync;
+    if args.sealed {
+        let keys = dmsc_keys::KeyStore::load(dir.path()).context("tenant key store")?;
+        cfg.sealer = Some(std::sync::Arc::new(
+            dmsc_node::security::tenant_keys::AuditSealer(std::sync::Arc::new(keys)),
+        ));
+    }
     let signer = Signer::generate_self_signed("bench")?;
     let (handle, task) = AuditLog::open(cfg, Some(signer))?;
 
@@ -111,7 +122,11 @@ async fn run_one(policy: &str, args: &AuditArgs) -> anyhow::Result<Row> {
         stats.appended
     );
     Ok(Row {
-        policy: policy.to_string(),
+        policy: if args.sealed {
+            format!("{policy} (sealed)")
+        } else {
+            policy.to_string()
+        },
         entries: args.entries,
         elapsed,
         p50: pct(&lat, 0.50),

@@ -170,6 +170,9 @@ impl App {
         for r in revoked.all() {
             initial.push((revoked_key(&r.serial), r.to_json()));
         }
+        for (tenant, value) in security.tenant_keys.gossip_values() {
+            initial.push((crate::proto::gossip::tenant_key_key(&tenant), value));
+        }
         let gossip = Gossip::start(gcfg, &transport, initial).await?;
         let gossip = Arc::new(gossip);
 

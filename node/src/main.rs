@@ -63,6 +63,10 @@ enum Cmd {
     /// Verify or read a node's audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Tenant data keys: sign and apply `rotate-key` / `delete` (crypto-
+    /// shredding) statements; they spread to every node by gossip.
+    #[command(subcommand)]
+    Tenant(TenantCmd),
     /// Check certificates, key files, CA agreement and clock skew with
     /// peers; exits 1 with a clear line for each problem.
     Check {
@@ -330,6 +334,45 @@ enum RevokeCmd {
 }
 
 #[derive(Subcommand)]
+enum TenantCmd {
+    /// Sign a statement making every node create a new data key for the
+    /// tenant (new data uses it, old data stays readable); without --out,
+    /// apply it through the local node.
+    RotateKey {
+        #[command(flatten)]
+        statement: TenantStatementArgs,
+    },
+    /// Sign a statement making every node destroy the tenant's data keys
+    /// (crypto-shredding: its sealed data becomes unreadable); without
+    /// --out, apply it through the local node.
+    Delete {
+        #[command(flatten)]
+        statement: TenantStatementArgs,
+    },
+    /// Hand a signed statement (from `--out`) to a running node.
+    Apply {
+        file: PathBuf,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct TenantStatementArgs {
+    /// The operator CA directory (its key signs the statement).
+    #[arg(long)]
+    ca_dir: PathBuf,
+    #[arg(long)]
+    tenant: String,
+    /// Write the statement here (for `tenant apply` on any node) instead
+    /// of applying it through the local node.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    admin: AdminArgs,
+}
+
+#[derive(Subcommand)]
 enum AuditCmd {
     /// Check the hash chain and the signed checkpoints; report the first
     /// entry modified, removed, reordered or inserted. Exit 1 if any.
@@ -360,12 +403,17 @@ enum AuditCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Print entries (JSON lines), optionally of one tenant only.
+    /// Print entries (JSON lines), optionally of one tenant only. Sealed
+    /// tenant fields are opened with the node's tenant keys where present;
+    /// otherwise they stay sealed with `"unreadable"` saying why.
     Tail {
         #[arg(long, default_value = "data/audit")]
         dir: PathBuf,
         #[arg(long)]
         tenant: Option<String>,
+        /// The node's data dir (its `tenant-keys/` opens sealed fields).
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
     },
 }
 
@@ -670,6 +718,49 @@ async fn sample_agent(
     Ok(())
 }
 
+/// `tenant rotate-key|delete`: sign, then write to `--out` or apply
+/// through the local node.
+async fn tenant_statement(args: TenantStatementArgs, action: &str) -> anyhow::Result<()> {
+    use dmsc_node::ops::ca;
+    let st = ca::tenant_key_statement(&args.ca_dir, &args.tenant, action)?;
+    match args.out {
+        Some(path) => {
+            ca::write_tenant_key_statement(&st, &path)?;
+            eprintln!(
+                "`{action}` statement for tenant `{}` written to {} (apply with `dmsc-node tenant apply`)",
+                st.tenant,
+                path.display()
+            );
+        }
+        None => {
+            let v = dmsc_node::ops::tenant_key_apply(
+                args.admin.admin,
+                &args.admin.token()?,
+                st.to_json(),
+            )
+            .await?;
+            print_tenant_applied(&v);
+        }
+    }
+    Ok(())
+}
+
+fn print_tenant_applied(v: &serde_json::Value) {
+    let tenant = v["tenant"].as_str().unwrap_or("?");
+    let what = match (v["action"].as_str(), v["new"].as_bool()) {
+        (_, Some(false)) => "already applied on this node".to_string(),
+        (Some("delete"), _) => format!(
+            "keys destroyed on this node: {} (other nodes shred theirs when gossip reaches them)",
+            v["keys_destroyed"]
+        ),
+        _ => format!("new key {} on this node", v["key_id"]),
+    };
+    println!(
+        "tenant `{tenant}` {}: {what}",
+        v["action"].as_str().unwrap_or("?")
+    );
+}
+
 async fn ops(cmd: Cmd) -> anyhow::Result<ExitCode> {
     use dmsc_node::ops;
     match cmd {
@@ -748,6 +839,19 @@ async fn ops(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 v["closed_connections"]
             );
         }
+        Cmd::Tenant(TenantCmd::RotateKey { statement }) => {
+            tenant_statement(statement, "rotate-key").await?
+        }
+        Cmd::Tenant(TenantCmd::Delete { statement }) => {
+            tenant_statement(statement, "delete").await?
+        }
+        Cmd::Tenant(TenantCmd::Apply { file, admin }) => {
+            let statement = std::fs::read_to_string(&file)
+                .map_err(|e| anyhow::anyhow!("cannot read `{}`: {e}", file.display()))?;
+            let v = ops::tenant_key_apply(admin.admin, &admin.token()?, statement.trim().into())
+                .await?;
+            print_tenant_applied(&v);
+        }
         Cmd::Policy(cmd) => return policy(cmd).await,
         Cmd::Audit(AuditCmd::Verify { dir, ca }) => {
             let (line, intact) = ops::audit_verify(&dir, ca.as_deref())?;
@@ -780,16 +884,32 @@ async fn ops(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 print!("{}", report.render(ops::rfc3339_ms));
             }
         }
-        Cmd::Audit(AuditCmd::Tail { dir, tenant }) => {
+        Cmd::Audit(AuditCmd::Tail {
+            dir,
+            tenant,
+            data_dir,
+        }) => {
+            // Without readable keys, tail still prints every line (sealed
+            // fields say why they stay sealed).
+            let sealer = ops::audit_sealer(&data_dir).unwrap_or_else(|e| {
+                eprintln!("warning: sealed tenant fields stay sealed: {e}");
+                None
+            });
             for line in dmsc_audit::tail(&dir, tenant.as_deref())? {
                 match line {
-                    Ok(l) => println!(
-                        "{}",
-                        serde_json::json!({
-                            "seq": l.seq, "ts": l.ts, "node": l.node, "tenant": l.tenant,
-                            "kind": l.kind, "detail": l.detail,
-                        })
-                    ),
+                    Ok(mut l) => {
+                        dmsc_audit::open_line(
+                            &mut l,
+                            sealer.as_ref().map(|s| s as &dyn dmsc_audit::Sealer),
+                        );
+                        println!(
+                            "{}",
+                            serde_json::json!({
+                                "seq": l.seq, "ts": l.ts, "node": l.node, "tenant": l.tenant,
+                                "kind": l.kind, "detail": l.detail,
+                            })
+                        )
+                    }
                     Err(e) => eprintln!("error: {e}"),
                 }
             }
@@ -841,6 +961,7 @@ fn main() -> ExitCode {
         | Cmd::Revoke(_)
         | Cmd::Policy(_)
         | Cmd::Audit(_)
+        | Cmd::Tenant(_)
         | Cmd::Check { .. }
         | Cmd::Netcheck { .. } => "warn",
         Cmd::SampleAgent { .. } => "info",
@@ -905,6 +1026,7 @@ fn main() -> ExitCode {
             | Cmd::Revoke(_)
             | Cmd::Policy(_)
             | Cmd::Audit(_)
+            | Cmd::Tenant(_)
             | Cmd::Check { .. }
             | Cmd::Netcheck { .. }) => match ops(cmd).await {
                 Ok(code) => code,

@@ -603,6 +603,41 @@ fn operator_commands_token_revoke_check_and_audit_verify() {
     assert!(n1.log_contains("certificate revoked"));
     drop(n2);
 
+    // Tenant keys: rotate through the local node, then a delete signed to a
+    // file and applied with `tenant apply`.
+    let ca_s = ca.to_str().expect("utf8");
+    let out = run(&[
+        "tenant",
+        "rotate-key",
+        "--ca-dir",
+        ca_s,
+        "--tenant",
+        "acme",
+        "--admin",
+        &n1.admin,
+        "--admin-token",
+        admin_token,
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("new key"), "{}", text(&out));
+    let del = d.join("delete-acme.json");
+    let del_s = del.to_str().expect("utf8");
+    let out = run(&[
+        "tenant", "delete", "--ca-dir", ca_s, "--tenant", "acme", "--out", del_s,
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = run(&[
+        "tenant",
+        "apply",
+        del_s,
+        "--admin",
+        &n1.admin,
+        "--admin-token",
+        admin_token,
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("keys destroyed"), "{}", text(&out));
+
     // check fails on a world-readable key, naming it.
     let key = d.join("n1").join("node.key");
     use std::os::unix::fs::PermissionsExt;
@@ -629,10 +664,21 @@ fn operator_commands_token_revoke_check_and_audit_verify() {
         "{}",
         text(&out)
     );
-    let out = run(&["audit", "tail", "--dir", &audit_s]);
+    let data_s = d
+        .join("n1")
+        .join("data")
+        .to_str()
+        .expect("utf8")
+        .to_string();
+    let out = run(&["audit", "tail", "--dir", &audit_s, "--data-dir", &data_s]);
     assert!(
         text(&out).contains("\"kind\":\"revocation\""),
         "{}",
+        text(&out)
+    );
+    assert!(
+        text(&out).contains("\"action\":\"delete\""),
+        "the tenant key statements are audited: {}",
         text(&out)
     );
     let log = audit.join("audit.jsonl");

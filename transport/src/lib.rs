@@ -19,6 +19,8 @@ pub mod path;
 pub mod pki;
 pub mod relay;
 pub mod revoke;
+pub mod statement;
+pub mod tenant_key;
 pub mod tls;
 
 pub use error::TransportError;
@@ -31,3 +33,4 @@ pub use overlay::{
 pub use path::{Impair, PathInfo, Reachability, Transport};
 pub use relay::client::RelayAddr;
 pub use revoke::{Revocation, RevocationSet};
+pub use tenant_key::TenantKeyStatement;

@@ -22,10 +22,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rustls::pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
-use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::identity::normalize_serial;
 use crate::pki::CertificateAuthority;
+use crate::statement::{sign_hex, signed_by_roots};
 use crate::TransportError;
 
 /// Largest revocation statement accepted from outside (a real one is ~250 bytes).
@@ -53,20 +53,6 @@ fn canonical(serial: &str, reason: &str, revoked_at: u64) -> String {
     format!("{DOMAIN}\n{serial}\n{reason}\n{revoked_at}")
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
 impl Revocation {
     /// Signs a revocation of `serial` with the operator CA.
     pub fn sign(
@@ -89,13 +75,13 @@ impl Revocation {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or_default();
-        let sig = ca.sign(canonical(&serial, reason, revoked_at).as_bytes())?;
+        let sig = sign_hex(ca, canonical(&serial, reason, revoked_at).as_bytes())?;
         Ok(Revocation {
             v: 1,
             serial,
             reason: reason.to_string(),
             revoked_at,
-            sig: hex(&sig),
+            sig,
         })
     }
 
@@ -132,21 +118,9 @@ impl Revocation {
     /// Checks the signature against the operator roots; the statement is
     /// valid if any root signed it (two roots during a root rotation).
     pub fn verify(&self, roots: &[CertificateDer<'_>]) -> Result<(), TransportError> {
-        let sig = unhex(&self.sig)
-            .ok_or_else(|| TransportError::Identity("revocation signature is not hex".into()))?;
         let msg = canonical(&self.serial, &self.reason, self.revoked_at);
-        for root in roots {
-            let Ok((_, cert)) = X509Certificate::from_der(root) else {
-                continue;
-            };
-            let spki = cert.public_key().subject_public_key.data.as_ref();
-            let key = ring::signature::UnparsedPublicKey::new(
-                &ring::signature::ECDSA_P256_SHA256_ASN1,
-                spki,
-            );
-            if key.verify(msg.as_bytes(), &sig).is_ok() {
-                return Ok(());
-            }
+        if signed_by_roots(roots, msg.as_bytes(), &self.sig) {
+            return Ok(());
         }
         Err(TransportError::Identity(format!(
             "revocation of serial {} is not signed by the mesh CA",

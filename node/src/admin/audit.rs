@@ -196,7 +196,18 @@ pub(crate) async fn audit_route<B>(req: &Request<B>, s: &Shared) -> Response<Bod
     };
     let dir = audit.dir.clone();
     let query = q.clone();
-    let read = tokio::task::spawn_blocking(move || recent(&dir, &query)).await;
+    let security = s.security.clone();
+    // Sealed tenant fields are opened with this node's tenant keys (those
+    // whose keys were destroyed say so, `unreadable`).
+    let read = tokio::task::spawn_blocking(move || {
+        recent(&dir, &query).map(|(mut entries, truncated)| {
+            for l in &mut entries {
+                security.open_audit_line(l);
+            }
+            (entries, truncated)
+        })
+    })
+    .await;
     match read {
         Ok(Ok((entries, truncated))) => json(
             StatusCode::OK,

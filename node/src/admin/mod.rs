@@ -3,7 +3,9 @@
 //! `{"tenant","url","name"?}` to onboard an agent, DELETE
 //! `/v1/agents/<tenant>/<name>` to remove one), `/v1/tokens` (POST
 //! `{"tenant","agent","ttl_secs"?}`: a one-time join token), `/v1/revocations`
-//! (GET the list, POST a statement from `dmsc-node ca revoke`), and
+//! (GET the list, POST a statement from `dmsc-node ca revoke`),
+//! `/v1/tenant-keys` (GET each tenant's key ids and statements, POST a
+//! statement from `dmsc-node tenant rotate-key|delete`), and
 //! `/v1/check` (clock skew and reachability of every peer), `/v1/audit`
 //! (recent audit entries, [`audit`]) and `/v1/admin-tokens` (POST
 //! `{"tenant","read_only":true,"ttl_secs"?}`: a tenant read token; GET the
@@ -278,6 +280,84 @@ async fn revocations_apply(req: Request<hyper::body::Incoming>, s: &Shared) -> R
     }
 }
 
+/// `GET /v1/tenant-keys`: each tenant's key ids on this node (never key
+/// material) and the statements it applied.
+fn tenant_keys_list(s: &Shared) -> Response<Body> {
+    let tk = &s.security.tenant_keys;
+    let tenants: Vec<serde_json::Value> = tk
+        .store
+        .list()
+        .into_iter()
+        .map(|i| {
+            let statements = tk.statements(&i.tenant);
+            serde_json::json!({
+                "tenant": i.tenant,
+                "keys": i.keys,
+                "shredded": i.shredded,
+                "destroyed_below": i.destroyed_below,
+                "applied_seq": i.applied_seq,
+                "statements": statements,
+            })
+        })
+        .collect();
+    json(StatusCode::OK, &serde_json::json!({ "tenants": tenants }))
+}
+
+/// `POST /v1/tenant-keys`: apply a statement signed by `dmsc-node tenant
+/// rotate-key|delete`, then spread it by gossip.
+async fn tenant_keys_apply(req: Request<hyper::body::Incoming>, s: &Shared) -> Response<Body> {
+    let body = match read_body(req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let st = match dmsc_transport::TenantKeyStatement::parse(&body) {
+        Ok(st) => st,
+        Err(e) => {
+            return json(
+                StatusCode::BAD_REQUEST,
+                &serde_json::json!({"error": e.to_string()}),
+            )
+        }
+    };
+    match s.security.apply_tenant_key_statement(&st, "admin") {
+        Ok(outcome) => {
+            use crate::security::tenant_keys::StatementOutcome;
+            let new = matches!(outcome, StatementOutcome::Applied { .. });
+            crate::control::sync::publish_tenant_keys(&s.gossip, &s.security, &st.tenant).await;
+            let (key_id, destroyed) = match outcome {
+                StatementOutcome::Applied {
+                    key_id,
+                    keys_destroyed,
+                } => (key_id, keys_destroyed),
+                StatementOutcome::Known => (None, None),
+            };
+            json(
+                if new {
+                    StatusCode::CREATED
+                } else {
+                    StatusCode::OK
+                },
+                &serde_json::json!({
+                    "tenant": st.tenant,
+                    "action": st.action,
+                    "seq": st.seq,
+                    "new": new,
+                    "key_id": key_id,
+                    "keys_destroyed": destroyed,
+                }),
+            )
+        }
+        Err(crate::security::tenant_keys::TenantKeyError::Statement(e)) => json(
+            StatusCode::FORBIDDEN,
+            &serde_json::json!({"error": e.to_string()}),
+        ),
+        Err(e) => json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &serde_json::json!({"error": e.to_string()}),
+        ),
+    }
+}
+
 /// Only IP literals and `localhost` are accepted as `Host`: a web page the
 /// operator opens cannot reach this port through DNS rebinding.
 fn host_ok<B>(req: &Request<B>) -> bool {
@@ -396,6 +476,7 @@ enum Endpoint {
     AdminToken,
     Policies,
     Policy,
+    TenantKeys,
 }
 
 impl Endpoint {
@@ -405,7 +486,8 @@ impl Endpoint {
             Endpoint::Agents
             | Endpoint::Revocations
             | Endpoint::AdminTokens
-            | Endpoint::Policies => "GET, HEAD, POST",
+            | Endpoint::Policies
+            | Endpoint::TenantKeys => "GET, HEAD, POST",
             Endpoint::Agent | Endpoint::AdminToken => "DELETE",
             Endpoint::Tokens => "POST",
             _ => "GET, HEAD",
@@ -432,6 +514,7 @@ fn router() -> &'static matchit::Router<Endpoint> {
             ("/v1/admin-tokens/{id}", Endpoint::AdminToken),
             ("/v1/policies", Endpoint::Policies),
             ("/v1/policies/{tenant}", Endpoint::Policy),
+            ("/v1/tenant-keys", Endpoint::TenantKeys),
         ] {
             // The table above is fixed and its paths are distinct.
             #[allow(clippy::expect_used)]
@@ -535,6 +618,8 @@ async fn route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) -> Response<
         (Endpoint::Policies, _) if get => policies::list(&s, &scope),
         (Endpoint::Policies, Method::POST) => policies::apply(req, &s).await,
         (Endpoint::Policy, _) if get => policies::show(&s, &tenant, &scope),
+        (Endpoint::TenantKeys, _) if get => tenant_keys_list(&s),
+        (Endpoint::TenantKeys, Method::POST) => tenant_keys_apply(req, &s).await,
         (e, _) => {
             let mut r = reply(
                 StatusCode::METHOD_NOT_ALLOWED,

@@ -13,7 +13,10 @@ use tracing::Instrument;
 use dmsc_transport::Overlay;
 
 use crate::forward::Delegator;
-use crate::proto::gossip::{policy_key, revoked_key, KEY_POLICY_PREFIX, KEY_REVOKED_PREFIX};
+use crate::proto::gossip::{
+    policy_key, revoked_key, tenant_key_key, KEY_POLICY_PREFIX, KEY_REVOKED_PREFIX,
+    KEY_TENANT_KEY_PREFIX,
+};
 use crate::route::MeshView;
 use crate::security::policies::{announcement, parse_announcement};
 use crate::security::Security;
@@ -56,6 +59,53 @@ fn apply_revocations(
     if any {
         overlay.close_revoked();
     }
+}
+
+/// Takes in the tenant key statements peers publish: each is verified
+/// against the mesh CA and applied once (a rotate makes this node rotate its
+/// own key for that tenant, a delete destroys its keys), and this node
+/// re-publishes the tenant's statements under its own state.
+fn apply_tenant_keys(scan: &[dmsc_gossip::NodeScan], gossip: &Arc<Gossip>, security: &Security) {
+    let mut changed = std::collections::BTreeSet::new();
+    for (key, value) in scan
+        .iter()
+        .filter_map(|n| n.values.as_ref())
+        .flatten()
+        .filter(|(k, _)| k.starts_with(KEY_TENANT_KEY_PREFIX))
+    {
+        let mut statements = crate::security::tenant_keys::parse_gossip_value(value);
+        statements.sort_by_key(|s| s.seq);
+        for s in statements {
+            if tenant_key_key(&s.tenant) != *key {
+                tracing::debug!(key = %key, "ignoring a tenant key statement under another tenant's key");
+                continue;
+            }
+            match security.apply_tenant_key_statement(&s, "gossip") {
+                Ok(crate::security::tenant_keys::StatementOutcome::Applied { .. }) => {
+                    changed.insert(s.tenant.clone());
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(key = %key, error = %e, "ignoring a tenant key statement that does not apply")
+                }
+            }
+        }
+    }
+    for tenant in changed {
+        let g = gossip.clone();
+        let value =
+            crate::security::tenant_keys::gossip_value(&security.tenant_keys.statements(&tenant));
+        tokio::spawn(
+            async move { g.set(&tenant_key_key(&tenant), &value).await }.in_current_span(),
+        );
+    }
+}
+
+/// Publishes a tenant's retained key statements under this node's gossip state.
+pub async fn publish_tenant_keys(gossip: &Gossip, security: &Security, tenant: &str) {
+    let value =
+        crate::security::tenant_keys::gossip_value(&security.tenant_keys.statements(tenant));
+    gossip.set(&tenant_key_key(tenant), &value).await;
 }
 
 /// Hands the overlay what gossip says about paths, when it changed: every
@@ -219,6 +269,7 @@ pub async fn sync_loop(sync: Sync) {
             _ = tick.tick() => {
                 let scan = gossip.scan_since("", &mesh.scan_cursor()).await;
                 apply_revocations(&scan, &gossip, &sync.security, &sync.overlay);
+                apply_tenant_keys(&scan, &gossip, &sync.security);
                 // A digest that was fetched (applied, refused or failed) is
                 // not fetched again for a while: a forged document is
                 // audited once per minute at most, not once per scan.

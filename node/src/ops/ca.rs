@@ -124,3 +124,24 @@ pub fn revoke(
 pub fn write_revocation(r: &Revocation, path: &Path) -> Result<(), CaError> {
     Ok(pki::write_file(path, &(r.to_json() + "\n"), 0o644)?)
 }
+
+/// `tenant rotate-key|delete`: a statement about `tenant`'s data keys,
+/// signed with the CA key.
+pub fn tenant_key_statement(
+    ca_dir: &Path,
+    tenant: &str,
+    action: &str,
+) -> Result<dmsc_transport::TenantKeyStatement, CaError> {
+    let ca = CertificateAuthority::load(ca_dir)?;
+    Ok(dmsc_transport::TenantKeyStatement::sign(
+        &ca, tenant, action,
+    )?)
+}
+
+/// Writes a tenant key statement where `--out` says.
+pub fn write_tenant_key_statement(
+    s: &dmsc_transport::TenantKeyStatement,
+    path: &Path,
+) -> Result<(), CaError> {
+    Ok(pki::write_file(path, &(s.to_json() + "\n"), 0o644)?)
+}

@@ -318,6 +318,32 @@ pub async fn revoke_apply(
     post_json(admin, admin_token, "/v1/revocations", statement).await
 }
 
+/// `dmsc-node tenant apply FILE` (and `tenant rotate-key|delete` without
+/// `--out`): hands a signed tenant key statement to the node, which applies
+/// it and spreads it by gossip.
+pub async fn tenant_key_apply(
+    admin: SocketAddr,
+    admin_token: &str,
+    statement: String,
+) -> Result<serde_json::Value, StatusError> {
+    post_json(admin, admin_token, "/v1/tenant-keys", statement).await
+}
+
+/// `dmsc-node audit tail`: the node's tenant key store in `data_dir`, if it
+/// has one, to open sealed payload with (never creates one: `tail` reads).
+pub fn audit_sealer(
+    data_dir: &Path,
+) -> Result<Option<crate::security::tenant_keys::AuditSealer>, dmsc_keys::KeyError> {
+    let kek = data_dir.join(dmsc_keys::KEYS_DIR).join(dmsc_keys::KEK_FILE);
+    if !kek.exists() {
+        return Ok(None);
+    }
+    let store = dmsc_keys::KeyStore::load(data_dir)?;
+    Ok(Some(crate::security::tenant_keys::AuditSealer(
+        std::sync::Arc::new(store),
+    )))
+}
+
 async fn post_json(
     admin: SocketAddr,
     admin_token: &str,

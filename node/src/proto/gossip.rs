@@ -73,3 +73,12 @@ pub const KEY_POLICY_PREFIX: &str = "policy/";
 pub fn policy_key(tenant: &str) -> String {
     format!("{KEY_POLICY_PREFIX}{tenant}")
 }
+
+/// Gossip key prefix of tenant key statements: `tenant-key/<tenant>`.
+pub const KEY_TENANT_KEY_PREFIX: &str = "tenant-key/";
+
+/// The gossip key of a tenant's key statements (a JSON array: the newest
+/// `delete` and the newest statement, when that is not the same one).
+pub fn tenant_key_key(tenant: &str) -> String {
+    format!("{KEY_TENANT_KEY_PREFIX}{tenant}")
+}

@@ -14,6 +14,10 @@
 //!   that learns them (`revoked/<serial>` in its gossip state, so a node that
 //!   was away learns them from anyone), and enforced by the overlay
 //!   verifiers and the ingress on every request.
+//! - Tenant data keys ([`tenant_keys`]): the tenant payload of audit lines is
+//!   sealed with the tenant's key in the audit writer; operator `rotate-key`
+//!   / `delete` statements spread like revocations (`tenant-key/<tenant>`)
+//!   and a delete destroys this node's keys (crypto-shredding).
 //! - Every decision goes to the audit log ([`Security::record`]); appends
 //!   never wait on the disk unless the writer is 64k entries behind.
 //! - Enrollment and renewal are rate-limited per source address, and their
@@ -42,6 +46,7 @@ use crate::config::NodeConfig;
 
 pub mod policies;
 pub mod read_tokens;
+pub mod tenant_keys;
 pub mod throttle;
 
 fn not_hosted(issuer: &NodeIssuer, tenant: &str) -> Refusal {
@@ -82,6 +87,8 @@ pub enum SecurityError {
     NoJwksSource,
     #[error("audit log: {0}")]
     Audit(#[from] dmsc_audit::AuditError),
+    #[error("tenant keys: {0}")]
+    TenantKeys(#[from] tenant_keys::TenantKeyError),
 }
 
 /// The admin token file in the data directory.
@@ -230,6 +237,10 @@ pub struct Security {
     tokens: TokenStore,
     pub jwt: Option<JwtValidator>,
     pub audit: Option<AuditHandle>,
+    /// Per-tenant data keys (seal/open of tenant data at rest: audit
+    /// payload, and whatever else the node persists for a tenant) and the
+    /// operator statements that rotate or destroy them.
+    pub tenant_keys: Arc<tenant_keys::TenantKeys>,
     issued: AtomicU64,
     reloads: AtomicU64,
     pub metrics: crate::metrics::SecurityMetrics,
@@ -289,6 +300,7 @@ impl Security {
         if n > 0 {
             info!(count = n, "loaded persisted revocations");
         }
+        let tenant_keys = Arc::new(tenant_keys::TenantKeys::load(data, &identity.roots)?);
         let policies = {
             let revoked = revoked.clone();
             crate::security::policies::PolicyStore::open(
@@ -334,6 +346,9 @@ impl Security {
                 cfg.fsync = a.fsync.parse::<dmsc_audit::FsyncPolicy>()?;
                 cfg.checkpoint_every = a.checkpoint_every;
                 cfg.checkpoint_interval = a.checkpoint_interval;
+                cfg.sealer = Some(Arc::new(tenant_keys::AuditSealer(
+                    tenant_keys.store.clone(),
+                )));
                 let (h, t) = dmsc_audit::AuditLog::open(cfg, signer)?;
                 (Some(h), Some(t))
             }
@@ -349,6 +364,7 @@ impl Security {
                 tokens,
                 jwt,
                 audit,
+                tenant_keys,
                 issued: AtomicU64::new(0),
                 reloads: AtomicU64::new(0),
                 metrics: crate::metrics::SecurityMetrics::default(),
@@ -547,7 +563,9 @@ impl Security {
             dmsc_audit::EventKind::Revocation(_) => {
                 m.revocations.inc();
             }
-            dmsc_audit::EventKind::Delegation(_) | dmsc_audit::EventKind::Policy(_) => {}
+            dmsc_audit::EventKind::Delegation(_)
+            | dmsc_audit::EventKind::Policy(_)
+            | dmsc_audit::EventKind::TenantKey(_) => {}
         }
     }
 
@@ -799,6 +817,42 @@ impl Security {
             }));
         }
         Ok(new)
+    }
+
+    /// Verifies and applies an operator statement about a tenant's data keys
+    /// (rotate: a new key on this node; delete: this node's keys of that
+    /// tenant destroyed), audited. The caller re-publishes it when new.
+    pub fn apply_tenant_key_statement(
+        &self,
+        s: &dmsc_transport::TenantKeyStatement,
+        source: &str,
+    ) -> Result<tenant_keys::StatementOutcome, tenant_keys::TenantKeyError> {
+        let outcome = self.tenant_keys.apply(s, &self.identity().roots)?;
+        if let tenant_keys::StatementOutcome::Applied {
+            key_id,
+            keys_destroyed,
+        } = &outcome
+        {
+            warn!(tenant = %s.tenant, action = %s.action, seq = s.seq, source, "tenant key statement applied");
+            self.record(Event::tenant(
+                s.tenant.clone(),
+                dmsc_audit::TenantKey {
+                    action: s.action.clone(),
+                    seq: s.seq,
+                    key_id: *key_id,
+                    keys_destroyed: *keys_destroyed,
+                    source: source.to_string(),
+                },
+            ));
+        }
+        Ok(outcome)
+    }
+
+    /// Opens the sealed tenant payload of an audit line with this node's
+    /// keys, for display (see [`dmsc_audit::open_line`]).
+    pub fn open_audit_line(&self, line: &mut dmsc_audit::Line) -> dmsc_audit::SealState {
+        let sealer = tenant_keys::AuditSealer(self.tenant_keys.store.clone());
+        dmsc_audit::open_line(line, Some(&sealer))
     }
 
     /// Verifies and applies a signed tenant policy (from the admin API or a

@@ -480,7 +480,11 @@ async fn an_enrollment_flood_meets_429s_and_a_bounded_audit_trail() {
     let entries = || {
         dmsc_audit::tail(&audit_dir, None)
             .expect("tail")
-            .map(|l| l.expect("line"))
+            .map(|l| {
+                let mut l = l.expect("line");
+                sec.open_audit_line(&mut l);
+                l
+            })
             .filter(|l| l.kind == "auth_failure")
             .map(|l| l.detail)
             .collect::<Vec<_>>()

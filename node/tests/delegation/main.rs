@@ -9,6 +9,7 @@ mod listen;
 mod midresponse;
 mod security;
 mod tenancy;
+mod tenant_keys;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;

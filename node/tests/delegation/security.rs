@@ -76,7 +76,9 @@ pub(super) async fn audit_entries(mesh: &LocalMesh, i: usize) -> Vec<serde_json:
     dmsc_audit::tail(&dir, None)
         .expect("tail")
         .map(|l| {
-            let l = l.expect("line");
+            // Tenant payload is sealed with the tenant's key: open it.
+            let mut l = l.expect("line");
+            sec.open_audit_line(&mut l);
             serde_json::json!({"tenant": l.tenant, "kind": l.kind, "detail": l.detail})
         })
         .collect()
