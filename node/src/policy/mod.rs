@@ -243,7 +243,8 @@ mod tests {
             .expect("pem"),
         ];
         let dir = tempfile::tempdir().expect("dir");
-        let store = PolicyStore::open(dir.path().to_path_buf(), &roots, |_| false).expect("open");
+        let keys = std::sync::Arc::new(dmsc_keys::KeyStore::load(dir.path()).expect("keys"));
+        let store = PolicyStore::open(dir.path().join("p"), &roots, |_| false, keys).expect("open");
         let billing = Addressed::Agent {
             name: "billing",
             tags: &[],

@@ -307,6 +307,7 @@ impl Security {
                 data.join("policies"),
                 &identity.roots,
                 move |serial| revoked.get(serial).is_some(),
+                tenant_keys.store.clone(),
             )
             .map_err(|source| SecurityError::DataDir {
                 path: data.join("policies"),

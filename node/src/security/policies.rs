@@ -9,6 +9,12 @@
 //! the same version with other bytes, is refused. Each node re-announces
 //! what it holds, so a document outlives the node it was applied on. The
 //! request path reads [`PolicyStore::get`]: one read lock and an `Arc` clone.
+//!
+//! A copy at rest is tenant data: it is sealed with the tenant's data key
+//! (`<tenant>.sealed`, [`dmsc_keys`]). After the tenant's keys are
+//! destroyed (`tenant delete`) the copy cannot be read, is not loaded, and
+//! no new copy is written until a new key generation exists; the policy then
+//! lives in memory and in its peers' copies only.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -87,7 +93,12 @@ pub enum Applied {
 pub struct PolicyStore {
     dir: PathBuf,
     held: RwLock<HashMap<String, Arc<Held>>>,
+    /// Seals copies at rest with the tenant's key.
+    keys: Arc<dmsc_keys::KeyStore>,
 }
+
+/// The context a sealed policy copy is bound to.
+const SEAL_CONTEXT: &str = "policy";
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     l.read().unwrap_or_else(|e| e.into_inner())
@@ -114,19 +125,28 @@ impl PolicyStore {
         dir: PathBuf,
         roots: &[CertificateDer<'_>],
         revoked: impl Fn(&str) -> bool,
+        keys: Arc<dmsc_keys::KeyStore>,
     ) -> std::io::Result<PolicyStore> {
         std::fs::create_dir_all(&dir)?;
         let store = PolicyStore {
             dir,
             held: RwLock::default(),
+            keys,
         };
         let mut loaded = 0;
         for entry in std::fs::read_dir(&store.dir)? {
             let path = entry?.path();
-            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+            if path.extension().and_then(|e| e.to_str()) != Some("sealed") {
                 continue;
             }
-            let bytes = std::fs::read(&path)?;
+            let sealed = std::fs::read_to_string(&path)?;
+            let bytes = match store.keys.open(SEAL_CONTEXT, sealed.trim()) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "a persisted policy cannot be opened; peers will supply it");
+                    continue;
+                }
+            };
             match store.check(&bytes, roots, &revoked) {
                 Ok((held, _)) => {
                     let tenant = held.policy.tenant.clone();
@@ -201,10 +221,18 @@ impl PolicyStore {
                 });
             }
         }
-        if let Err(e) = write_atomic(
-            &self.dir.join(format!("{}.json", p.tenant)),
-            envelope.as_bytes(),
-        ) {
+        let persisted = self
+            .keys
+            .seal(&p.tenant, SEAL_CONTEXT, envelope.as_bytes())
+            .map_err(|e| e.to_string())
+            .and_then(|sealed| {
+                write_atomic(
+                    &self.dir.join(format!("{}.sealed", p.tenant)),
+                    sealed.as_bytes(),
+                )
+                .map_err(|e| e.to_string())
+            });
+        if let Err(e) = persisted {
             // Enforced now and re-fetched from peers after a restart.
             tracing::warn!(tenant = %p.tenant, error = %e, "cannot persist the policy; it is in force in memory");
         }
@@ -271,7 +299,9 @@ mod tests {
         let ca = CertificateAuthority::generate("td").expect("ca");
         let roots = vec![CertificateDer::from_pem_slice(ca.cert_pem.as_bytes()).expect("pem")];
         let dir = tempfile::tempdir().expect("dir");
-        let store = PolicyStore::open(dir.path().join("p"), &roots, |_| false).expect("open");
+        let keys = || Arc::new(dmsc_keys::KeyStore::load(dir.path()).expect("keys"));
+        let store =
+            PolicyStore::open(dir.path().join("p"), &roots, |_| false, keys()).expect("open");
         let v2 = signed(&ca, "tenant = \"acme\"\nversion = 2\n");
         let applied = store.apply(&v2, &roots, |_| false).expect("v2");
         assert!(matches!(
@@ -307,9 +337,22 @@ mod tests {
             }
         ));
         drop(store);
-        let store = PolicyStore::open(dir.path().join("p"), &roots, |_| false).expect("reopen");
+        // At rest the copy is sealed: the document's text is not on disk.
+        let raw = std::fs::read_to_string(dir.path().join("p").join("acme.sealed")).expect("copy");
+        assert!(
+            raw.starts_with("sealed:v1:acme:") && !raw.contains("version"),
+            "{raw}"
+        );
+        let store =
+            PolicyStore::open(dir.path().join("p"), &roots, |_| false, keys()).expect("reopen");
         assert_eq!(store.version("acme"), 3);
         assert_eq!(store.version("globex"), 0);
+        // After crypto-shredding the copy no longer loads.
+        drop(store);
+        keys().shred("acme").expect("shred");
+        let store =
+            PolicyStore::open(dir.path().join("p"), &roots, |_| false, keys()).expect("reopen");
+        assert_eq!(store.version("acme"), 0);
     }
 
     #[test]
