@@ -21,6 +21,7 @@ mod audit;
 mod balance;
 mod e2e;
 mod jwt;
+mod policy;
 mod security;
 
 use std::time::Duration;
@@ -71,6 +72,8 @@ enum Cmd {
     Handshake(security::HandshakeArgs),
     /// Delegation through two nodes with authentication off vs mTLS vs JWT.
     AuthE2e(security::AuthE2eArgs),
+    /// Tenant-policy decision latency with documents of many rules.
+    Policy(policy::PolicyArgs),
 }
 
 struct Row {
@@ -311,6 +314,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Jwt(args) => rt()?.block_on(jwt::run(args))?,
         Cmd::Handshake(args) => rt()?.block_on(security::handshake(args))?,
         Cmd::AuthE2e(args) => rt()?.block_on(security::auth_e2e(args))?,
+        Cmd::Policy(args) => policy::run(args)?,
         Cmd::E2eServe => {
             // One worker per available core: pinned to one core, one worker.
             let rt = tokio::runtime::Builder::new_multi_thread()
