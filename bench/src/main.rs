@@ -12,6 +12,9 @@
 //! `dmsc-bench audit`, `jwt`, `handshake` and `auth-e2e` measure what the
 //! security offload costs (see `audit.rs`, `jwt.rs`, `security.rs`).
 //!
+//! `dmsc-bench mask` measures masking throughput on JSON and SSE bodies
+//! (see `mask.rs`).
+//!
 //! `dmsc-bench balance` compares the registry's selection (P2C on gossiped
 //! load plus local in-flight counts) with round-robin, random and an
 //! omniscient oracle in a deterministic discrete-event simulation of
@@ -21,6 +24,7 @@ mod audit;
 mod balance;
 mod e2e;
 mod jwt;
+mod mask;
 mod security;
 
 use std::time::Duration;
@@ -71,6 +75,8 @@ enum Cmd {
     Handshake(security::HandshakeArgs),
     /// Delegation through two nodes with authentication off vs mTLS vs JWT.
     AuthE2e(security::AuthE2eArgs),
+    /// Masking throughput (MB/s) on a ~64 KiB A2A body: JSON and SSE.
+    Mask(mask::MaskArgs),
 }
 
 struct Row {
@@ -311,6 +317,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Jwt(args) => rt()?.block_on(jwt::run(args))?,
         Cmd::Handshake(args) => rt()?.block_on(security::handshake(args))?,
         Cmd::AuthE2e(args) => rt()?.block_on(security::auth_e2e(args))?,
+        Cmd::Mask(args) => mask::run(args)?,
         Cmd::E2eServe => {
             // One worker per available core: pinned to one core, one worker.
             let rt = tokio::runtime::Builder::new_multi_thread()
