@@ -291,12 +291,33 @@ struct Hit {
     matcher: usize,
 }
 
-/// How a body is to be read, from its content type.
+/// How a body will be masked, from its content type ([`classify`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub enum BodyKind {
+    /// `application/json` or a `+json` type: string values.
     Json,
+    /// `text/event-stream`: event by event; stream it through an [`SseMasker`].
     EventStream,
+    /// Other `text/*`: the whole text.
     Text,
+}
+
+/// Decide from the headers alone whether and how a body can be masked,
+/// before reading it: the caller streams [`BodyKind::EventStream`]
+/// through an [`SseMasker`] and buffers the others (up to its limit) for
+/// [`Masker::mask_body`]. Refuses other types, charsets other than UTF-8
+/// and any content encoding other than `identity`.
+pub fn classify(
+    content_type: Option<&str>,
+    content_encoding: Option<&str>,
+) -> Result<BodyKind, Unmaskable> {
+    if let Some(enc) = content_encoding {
+        let enc = enc.trim();
+        if !enc.is_empty() && !enc.eq_ignore_ascii_case("identity") {
+            return Err(Unmaskable::Encoded(enc.to_owned()));
+        }
+    }
+    body_kind(content_type)
 }
 
 fn valid_rule_name(name: &str) -> bool {
@@ -554,15 +575,9 @@ impl Masker {
         if body.is_empty() {
             return Ok(Cow::Borrowed(body));
         }
-        if let Some(enc) = content_encoding {
-            let enc = enc.trim();
-            if !enc.is_empty() && !enc.eq_ignore_ascii_case("identity") {
-                return Err(Unmaskable::Encoded(enc.to_owned()));
-            }
-        }
-        match body_kind(content_type)? {
-            Kind::Json => self.mask_json(body, counts),
-            Kind::Text => {
+        match classify(content_type, content_encoding)? {
+            BodyKind::Json => self.mask_json(body, counts),
+            BodyKind::Text => {
                 let s = std::str::from_utf8(body).map_err(|e| Unmaskable::InvalidUtf8 {
                     at: e.valid_up_to(),
                 })?;
@@ -571,7 +586,7 @@ impl Masker {
                     Cow::Owned(s) => Cow::Owned(s.into_bytes()),
                 })
             }
-            Kind::EventStream => {
+            BodyKind::EventStream => {
                 let mut local = Counts::new();
                 let mut sse = SseMasker::new(self.clone(), usize::MAX);
                 let mut out = sse.feed(body, &mut local)?;
@@ -593,7 +608,7 @@ impl Masker {
     }
 }
 
-fn body_kind(content_type: Option<&str>) -> Result<Kind, Unmaskable> {
+fn body_kind(content_type: Option<&str>) -> Result<BodyKind, Unmaskable> {
     let ct = content_type.ok_or(Unmaskable::MissingContentType)?;
     let mut parts = ct.split(';');
     let essence = parts.next().unwrap_or_default().trim().to_ascii_lowercase();
@@ -613,10 +628,10 @@ fn body_kind(content_type: Option<&str>) -> Result<Kind, Unmaskable> {
         .split_once('/')
         .ok_or_else(|| Unmaskable::UnsupportedContentType(ct.to_owned()))?;
     match (ty, sub) {
-        ("application", "json") => Ok(Kind::Json),
-        (_, sub) if sub.ends_with("+json") && !ty.is_empty() => Ok(Kind::Json),
-        ("text", "event-stream") => Ok(Kind::EventStream),
-        ("text", sub) if !sub.is_empty() => Ok(Kind::Text),
+        ("application", "json") => Ok(BodyKind::Json),
+        (_, sub) if sub.ends_with("+json") && !ty.is_empty() => Ok(BodyKind::Json),
+        ("text", "event-stream") => Ok(BodyKind::EventStream),
+        ("text", sub) if !sub.is_empty() => Ok(BodyKind::Text),
         _ => Err(Unmaskable::UnsupportedContentType(ct.to_owned())),
     }
 }

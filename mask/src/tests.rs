@@ -552,3 +552,26 @@ fn masker_is_send_sync() {
     check::<Masker>();
     check::<SseMasker>();
 }
+
+#[test]
+fn classify_before_reading_the_body() {
+    assert_eq!(
+        classify(Some("text/event-stream"), None),
+        Ok(BodyKind::EventStream)
+    );
+    assert_eq!(
+        classify(Some("application/problem+json"), Some(" identity ")),
+        Ok(BodyKind::Json)
+    );
+    assert_eq!(
+        classify(Some("text/markdown; charset=UTF-8"), None),
+        Ok(BodyKind::Text)
+    );
+    assert_eq!(
+        classify(Some("text/event-stream"), Some("gzip")),
+        Err(Unmaskable::Encoded("gzip".into()))
+    );
+    assert!(classify(Some("image/png"), None).is_err());
+    assert!(classify(Some("json"), None).is_err());
+    assert!(classify(Some("/+json"), None).is_err());
+}
