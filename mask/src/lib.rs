@@ -46,8 +46,9 @@
 //! `(a+)+$` costs the same per byte as any other and cannot stall a
 //! request. What a pattern could still cost is memory; patterns are
 //! limited to [`MAX_PATTERN_LEN`] bytes and [`PATTERN_SIZE_LIMIT`] bytes of
-//! compiled program, and a rule set to [`MAX_RULES`] rules of
-//! [`MAX_PATTERNS_PER_RULE`] patterns. All rules and detectors run
+//! compiled program, and a rule set to [`MAX_RULES`] rules,
+//! [`MAX_PATTERNS_PER_RULE`] patterns per rule, [`MAX_PATTERNS`] in all and
+//! [`SET_SIZE_LIMIT`] bytes compiled together. All rules and detectors run
 //! together as one `RegexSet` first, so a string without any match is
 //! scanned once.
 //!
@@ -85,12 +86,20 @@ pub const DETECTORS: &[&str] = &[
 /// Longest custom pattern accepted, in bytes of source.
 pub const MAX_PATTERN_LEN: usize = 1024;
 /// Compiled size limit of one custom pattern (the `regex` crate's
-/// `size_limit`; the lazy DFA cache gets the same).
+/// `size_limit`; its lazy DFA cache gets the same).
 pub const PATTERN_SIZE_LIMIT: usize = 1 << 20;
 /// Most rules in one masker.
 pub const MAX_RULES: usize = 64;
 /// Most custom patterns in one rule.
 pub const MAX_PATTERNS_PER_RULE: usize = 32;
+/// Most custom patterns in one masker, all rules together: with
+/// [`PATTERN_SIZE_LIMIT`] this bounds a masker's memory.
+pub const MAX_PATTERNS: usize = 128;
+/// Compiled size limit of all patterns and detectors together (the
+/// pre-scan set, where the detectors take about 350 KiB). Each pattern is
+/// also compiled alone, so a masker's compiled programs stay under about
+/// twice this.
+pub const SET_SIZE_LIMIT: usize = 16 << 20;
 /// Default largest event [`SseMasker`] buffers before refusing the stream.
 pub const DEFAULT_MAX_EVENT: usize = 1 << 20;
 
@@ -156,6 +165,10 @@ pub enum MaskError {
     },
     #[error("{count} masking rules; the limit is {limit}: merge rules that share a purpose")]
     TooManyRules { count: usize, limit: usize },
+    #[error("{count} custom masking patterns in all rules together; the limit is {limit}: combine patterns with `|`")]
+    TooManyPatternsInAll { count: usize, limit: usize },
+    #[error("the masking rules together compile to more than {limit} bytes; remove or simplify custom patterns")]
+    RulesTooBig { limit: usize },
     #[error("masking rule `{rule}`: its replacement `[masked:{rule}]` would itself be found by the `{detector}` detector; rename the rule")]
     NameMatchesDetector { rule: String, detector: String },
 }
@@ -338,6 +351,13 @@ impl Masker {
                 limit: MAX_RULES,
             });
         }
+        let total_patterns: usize = rules.iter().map(|r| r.patterns.len()).sum();
+        if total_patterns > MAX_PATTERNS {
+            errors.push(MaskError::TooManyPatternsInAll {
+                count: total_patterns,
+                limit: MAX_PATTERNS,
+            });
+        }
         let detectors = detect::detectors();
         let mut names: Vec<String> = Vec::new();
         // Detector matchers are shared between rules that list the same
@@ -431,15 +451,12 @@ impl Masker {
         let mut matchers = detector_matchers;
         matchers.extend(custom);
         let set = RegexSetBuilder::new(&all)
-            .size_limit(PATTERN_SIZE_LIMIT * (MAX_PATTERNS_PER_RULE + 16))
-            .dfa_size_limit(8 << 20)
+            .size_limit(SET_SIZE_LIMIT)
+            .dfa_size_limit(4 << 20)
             .build()
-            .map_err(|e| {
-                vec![MaskError::BadPattern {
-                    rule: "(all rules together)".to_owned(),
-                    index: 0,
-                    pattern: String::new(),
-                    reason: e.to_string(),
+            .map_err(|_| {
+                vec![MaskError::RulesTooBig {
+                    limit: SET_SIZE_LIMIT,
                 }]
             })?;
         Ok(Masker {

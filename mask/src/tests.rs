@@ -575,3 +575,56 @@ fn classify_before_reading_the_body() {
     assert!(classify(Some("json"), None).is_err());
     assert!(classify(Some("/+json"), None).is_err());
 }
+
+#[test]
+fn realistic_patterns_fit_the_limits_and_sets_are_bounded() {
+    let m = Masker::new(&[rule(
+        "corp",
+        &[],
+        &[
+            r"(?i)\b[a-z0-9._%+-]+@acme\.com\b",
+            r"\bEMP-\d{6}\b",
+            r"(?i)project\s+(falcon|eagle)",
+            r"\b[A-Z]{2}\d{6}[A-Z]\b",
+            r"\w{1,16}@internal",
+        ],
+    )])
+    .expect("ordinary patterns compile");
+    let mut c = Counts::new();
+    assert_eq!(
+        m.mask_text("Bob@ACME.com on project eagle", &mut c),
+        "[masked:corp] on [masked:corp]"
+    );
+    let many: Vec<RuleSpec> = (0..5)
+        .map(|i| {
+            let pats: Vec<String> = (0..30).map(|j| format!("x{i}y{j}z")).collect();
+            RuleSpec {
+                name: format!("r{i}"),
+                detectors: vec![],
+                patterns: pats,
+            }
+        })
+        .collect();
+    let errs = Masker::new(&many).expect_err("150 patterns");
+    assert_eq!(
+        errs,
+        vec![MaskError::TooManyPatternsInAll {
+            count: 150,
+            limit: MAX_PATTERNS
+        }]
+    );
+}
+
+#[test]
+fn rules_too_big_together_are_refused() {
+    // Each fits alone (about 650 KB); together they exceed the set limit.
+    let pats: Vec<String> = (0..30).map(|i| format!(r"\w{{1,12}}@x{i}")).collect();
+    let refs: Vec<&str> = pats.iter().map(String::as_str).collect();
+    let errs = Masker::new(&[rule("big", &[], &refs)]).expect_err("too big together");
+    assert_eq!(
+        errs,
+        vec![MaskError::RulesTooBig {
+            limit: SET_SIZE_LIMIT
+        }]
+    );
+}
