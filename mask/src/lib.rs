@@ -36,15 +36,35 @@
 //!
 //! Overlapping matches merge into one replacement, so no fragment of a
 //! detected value survives because another detector found a neighbouring
-//! one.
+//! one; each rule with a match in the merged span counts one value.
+//!
+//! # Detectors
+//!
+//! | name | masks | does not mask |
+//! |---|---|---|
+//! | `email` | `local@domain.tld`, Unicode letters included | `user@localhost`, `@handle` |
+//! | `phone` | `+` and 7 to 15 digits in any common grouping (`+1 (415) 555-2671`, `+33 6 12 34 56 78`, `+14155552671`); national numbers written in 3+ groups (`030 1234 5678`, `415-555-2671`, `(415) 555-2671`, `415.555.2671`) | bare digit runs (`4155552671`: ids, timestamps), dates (`2024-01-15`, `15 01 2024`), grouped amounts (`10 000 000`), two-group numbers (`555-2671`) |
+//! | `iban` | known country, that country's length, mod-97 check; with or without spaces, any case | a wrong check digit or length |
+//! | `payment_card` | 13 to 19 digits starting 2 to 6, spaces or dashes anywhere, Luhn-valid | Luhn-invalid numbers, millisecond timestamps |
+//! | `ipv4` | dotted quads with octets 0 to 255 | `256.1.1.1`, versions and OIDs with more parts (`1.2.3.4.5`) |
+//! | `ipv6` | what `std` parses as IPv6 with 3+ groups or an embedded IPv4 (`2001:db8::1`, `::ffff:192.0.2.1`) | `::1`, `a::b`, `std::io`, clock times, MAC addresses |
+//! | `api_key` | AWS `AKIA…`/`ASIA…`, GitHub `ghp_…`/`github_pat_…`, Slack `xox?-…`, `sk-…` (mixed classes), Stripe `sk_live_…`, Google `AIza…`, JWTs `eyJ….eyJ….…`, the token after `Bearer` (the word stays), PEM private key blocks | `sk-learn-…`, `bearer of bad news` |
+//!
+//! Digits are ASCII digits: other scripts' digits are not detected.
+//!
+//! Not masked: object keys (by design: masking a key could merge two keys),
+//! JSON numbers (a card number sent as a number stays: that would change
+//! the value's type), and values split across several strings or events.
+//! Base64 payloads (A2A file parts) are scanned as text like any string,
+//! so a rare accidental match inside one changes those bytes.
 //!
 //! # Bounded cost
 //!
 //! Custom patterns run on the `regex` crate, whose engines (lazy DFA,
 //! PikeVM) are linear in the input: there are no backreferences or
 //! look-around to backtrack on, so a pathological pattern such as
-//! `(a+)+$` costs the same per byte as any other and cannot stall a
-//! request. What a pattern could still cost is memory; patterns are
+//! `(a+)+$` takes time linear in the body like any other and cannot
+//! stall a request. What a pattern could still cost is memory; patterns are
 //! limited to [`MAX_PATTERN_LEN`] bytes and [`PATTERN_SIZE_LIMIT`] bytes of
 //! compiled program, and a rule set to [`MAX_RULES`] rules,
 //! [`MAX_PATTERNS_PER_RULE`] patterns per rule, [`MAX_PATTERNS`] in all and
