@@ -372,7 +372,10 @@ fn validate_api_key(s: &str, start: usize, end: usize) -> Verdict {
             + u8::from(t.bytes().any(|c| c.is_ascii_uppercase()))
             + u8::from(t.bytes().any(|c| c.is_ascii_digit()))
     };
-    if cand.len() > 7 && cand[..6].eq_ignore_ascii_case("bearer") {
+    if cand
+        .get(..6)
+        .is_some_and(|w| w.eq_ignore_ascii_case("bearer"))
+    {
         // Mask the credential, keep the scheme word; prose ("bearer of
         // bad news") has no digit in the next word.
         let tok_start = start + 6 + cand[6..].len() - cand[6..].trim_start().len();
