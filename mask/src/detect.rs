@@ -345,14 +345,25 @@ fn validate_phone(s: &str, start: usize, end: usize) -> Verdict {
         // Too long to be a phone number (a card, an account): skip all of it.
         return Verdict::Reject(end);
     }
+    // Glued to more of a token by `-`, `.`, `/` or `:` (a UUID, a
+    // timestamp `2024-01-15 10:30`, a path): part of something else.
+    let b = s.as_bytes();
+    let joiner = |c: Option<&u8>| matches!(c, Some(b'-' | b'.' | b'/' | b':'));
+    let glued_before =
+        start >= 2 && joiner(b.get(start - 1)) && b[start - 2].is_ascii_alphanumeric();
+    let glued_after = joiner(b.get(end)) && b.get(end + 1).is_some_and(u8::is_ascii_alphanumeric);
+    if glued_before || glued_after {
+        return Verdict::Reject(end);
+    }
     let groups: Vec<usize> = cand
         .split(|c: char| !c.is_ascii_digit())
         .filter(|g| !g.is_empty())
         .map(str::len)
         .collect();
     if !cand.starts_with('+') {
-        // Dates (2024-01-15, 15 01 2024) and grouped amounts (10 000 000).
-        let date = matches!(groups.as_slice(), [4, 2, 2] | [2, 2, 4]);
+        // Dates (2024-01-15, 15 01 2024, also followed by a time) and
+        // grouped amounts (10 000 000).
+        let date = matches!(groups.as_slice(), [4, 2, 2, ..] | [2, 2, 4, ..]);
         let thousands = groups.len() >= 3
             && groups[0] <= 3
             && !cand.starts_with('0')

@@ -43,7 +43,7 @@
 //! | name | masks | does not mask |
 //! |---|---|---|
 //! | `email` | `local@domain.tld`, Unicode letters included | `user@localhost`, `@handle` |
-//! | `phone` | `+` and 7 to 15 digits in any common grouping (`+1 (415) 555-2671`, `+33 6 12 34 56 78`, `+14155552671`); national numbers written in 3+ groups (`030 1234 5678`, `415-555-2671`, `(415) 555-2671`, `415.555.2671`) | bare digit runs (`4155552671`: ids, timestamps), dates (`2024-01-15`, `15 01 2024`), grouped amounts (`10 000 000`), two-group numbers (`555-2671`) |
+//! | `phone` | `+` and 7 to 15 digits in any common grouping (`+1 (415) 555-2671`, `+33 6 12 34 56 78`, `+14155552671`); national numbers written in 3+ groups (`030 1234 5678`, `415-555-2671`, `(415) 555-2671`, `415.555.2671`) | bare digit runs (`4155552671`: ids, timestamps), dates and timestamps (`2024-01-15 10:30`, `15 01 2024`), digit groups glued into a longer token by `-`, `.`, `/` or `:` (UUIDs, paths), grouped amounts (`10 000 000`), two-group numbers (`555-2671`) |
 //! | `iban` | known country, that country's length, mod-97 check; with or without spaces, any case | a wrong check digit or length |
 //! | `payment_card` | 13 to 19 digits starting 2 to 6, spaces or dashes anywhere, Luhn-valid | Luhn-invalid numbers, millisecond timestamps |
 //! | `ipv4` | dotted quads with octets 0 to 255 | `256.1.1.1`, versions and OIDs with more parts (`1.2.3.4.5`) |
