@@ -385,6 +385,7 @@ impl Masker {
         let mut detector_matchers: Vec<Matcher> = Vec::new();
         let mut custom: Vec<Matcher> = Vec::new();
         let mut set_patterns: Vec<String> = Vec::new();
+        let mut attempted = 0usize;
         for (ri, rule) in rules.iter().enumerate() {
             let name = &rule.name;
             if !valid_rule_name(name) {
@@ -436,6 +437,13 @@ impl Masker {
                 continue;
             }
             for (index, pattern) in rule.patterns.iter().enumerate() {
+                // Over the total, compiling the rest would only cost time
+                // (a 256 KiB policy holds thousands of patterns); the
+                // count error above already refuses the set.
+                attempted += 1;
+                if attempted > MAX_PATTERNS {
+                    break;
+                }
                 match compile_custom(name, index, pattern) {
                     Ok(regex) => {
                         set_patterns.push(pattern.clone());

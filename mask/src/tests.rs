@@ -603,7 +603,12 @@ fn realistic_patterns_fit_the_limits_and_sets_are_bounded() {
     );
     let many: Vec<RuleSpec> = (0..5)
         .map(|i| {
-            let pats: Vec<String> = (0..30).map(|j| format!("x{i}y{j}z")).collect();
+            let pats: Vec<String> = (0..30)
+                .map(|j| match i * 30 + j {
+                    140 => "(broken".to_owned(),
+                    _ => format!("x{i}y{j}z"),
+                })
+                .collect();
             RuleSpec {
                 name: format!("r{i}"),
                 detectors: vec![],
@@ -612,6 +617,7 @@ fn realistic_patterns_fit_the_limits_and_sets_are_bounded() {
         })
         .collect();
     let errs = Masker::new(&many).expect_err("150 patterns");
+    // Pattern 140 is broken too, but past the total nothing is compiled.
     assert_eq!(
         errs,
         vec![MaskError::TooManyPatternsInAll {
