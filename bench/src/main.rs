@@ -12,6 +12,9 @@
 //! `dmsc-bench audit`, `jwt`, `handshake` and `auth-e2e` measure what the
 //! security offload costs (see `audit.rs`, `jwt.rs`, `security.rs`).
 //!
+//! `dmsc-bench mask` measures masking throughput on JSON and SSE bodies
+//! (see `mask.rs`).
+//!
 //! `dmsc-bench balance` compares the registry's selection (P2C on gossiped
 //! load plus local in-flight counts) with round-robin, random and an
 //! omniscient oracle in a deterministic discrete-event simulation of
@@ -21,6 +24,7 @@ mod audit;
 mod balance;
 mod e2e;
 mod jwt;
+mod mask;
 mod policy;
 mod security;
 
@@ -74,6 +78,8 @@ enum Cmd {
     AuthE2e(security::AuthE2eArgs),
     /// Tenant-policy decision latency with documents of many rules.
     Policy(policy::PolicyArgs),
+    /// Masking throughput (MB/s) on a ~64 KiB A2A body: JSON and SSE.
+    Mask(mask::MaskArgs),
 }
 
 struct Row {
@@ -315,6 +321,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Handshake(args) => rt()?.block_on(security::handshake(args))?,
         Cmd::AuthE2e(args) => rt()?.block_on(security::auth_e2e(args))?,
         Cmd::Policy(args) => policy::run(args)?,
+        Cmd::Mask(args) => mask::run(args)?,
         Cmd::E2eServe => {
             // One worker per available core: pinned to one core, one worker.
             let rt = tokio::runtime::Builder::new_multi_thread()
