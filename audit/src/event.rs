@@ -48,6 +48,7 @@ pub enum EventKind {
     Revocation(Revocation),
     TenantKey(TenantKey),
     Policy(PolicyChange),
+    Masked(Masked),
 }
 
 impl EventKind {
@@ -61,6 +62,7 @@ impl EventKind {
             EventKind::Revocation(_) => KIND_REVOCATION,
             EventKind::TenantKey(_) => KIND_TENANT_KEY,
             EventKind::Policy(_) => KIND_POLICY,
+            EventKind::Masked(_) => KIND_MASKED,
         }
     }
 }
@@ -72,6 +74,7 @@ pub(crate) const KIND_ENROLLMENT: &str = "enrollment";
 pub(crate) const KIND_REVOCATION: &str = "revocation";
 pub(crate) const KIND_TENANT_KEY: &str = "tenant_key";
 pub(crate) const KIND_POLICY: &str = "policy";
+pub(crate) const KIND_MASKED: &str = "masked";
 pub(crate) const KIND_CHECKPOINT: &str = "checkpoint";
 pub(crate) const KIND_RECOVERY: &str = "recovery";
 
@@ -88,6 +91,7 @@ impl Serialize for DetailRef<'_> {
             EventKind::Revocation(d) => d.serialize(s),
             EventKind::TenantKey(d) => d.serialize(s),
             EventKind::Policy(d) => d.serialize(s),
+            EventKind::Masked(d) => d.serialize(s),
         }
     }
 }
@@ -123,6 +127,23 @@ pub struct Denied {
     /// `globex:import[0].data_tags`), when a tenant policy decided.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
+}
+
+/// A body a tenant's masking rules applied to: how many values each rule
+/// masked (never the values), or why it was refused or passed unmasked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Masked {
+    /// `request` or `response`.
+    pub direction: String,
+    pub caller: String,
+    pub target: String,
+    /// `masked`, `refused` (a body that had to be masked but could not be
+    /// parsed) or `passed` (the same, let through by `unparseable = "pass"`).
+    pub outcome: String,
+    /// Values masked per rule name.
+    pub masked: std::collections::BTreeMap<String, u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// A tenant policy document this node applied or refused.
@@ -253,6 +274,12 @@ into_kind!(
     Revocation,
     TenantKey
 );
+
+impl From<Masked> for EventKind {
+    fn from(v: Masked) -> Self {
+        EventKind::Masked(v)
+    }
+}
 
 impl From<PolicyChange> for EventKind {
     fn from(v: PolicyChange) -> Self {

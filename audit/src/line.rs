@@ -15,7 +15,8 @@ use sha2::{Digest, Sha256};
 
 use crate::event::{
     Checkpoint, EventKind, Recovery, KIND_AUTH_FAILURE, KIND_CHECKPOINT, KIND_DELEGATION,
-    KIND_DENIED, KIND_ENROLLMENT, KIND_POLICY, KIND_RECOVERY, KIND_REVOCATION, KIND_TENANT_KEY,
+    KIND_DENIED, KIND_ENROLLMENT, KIND_MASKED, KIND_POLICY, KIND_RECOVERY, KIND_REVOCATION,
+    KIND_TENANT_KEY,
 };
 use crate::AuditError;
 
@@ -73,6 +74,7 @@ impl Line {
             KIND_DELEGATION => Body::Event(EventKind::Delegation(de(self)?)),
             KIND_DENIED => Body::Event(EventKind::Denied(de(self)?)),
             KIND_POLICY => Body::Event(EventKind::Policy(de(self)?)),
+            KIND_MASKED => Body::Event(EventKind::Masked(de(self)?)),
             KIND_AUTH_FAILURE => Body::Event(EventKind::AuthFailure(de(self)?)),
             KIND_ENROLLMENT => Body::Event(EventKind::Enrollment(de(self)?)),
             KIND_REVOCATION => Body::Event(EventKind::Revocation(de(self)?)),

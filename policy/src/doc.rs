@@ -204,7 +204,7 @@ impl Limits {
     }
 }
 
-/// A masking rule as the document states it; the request path compiles it.
+/// A masking rule as the document states it (compiled per situation: [`Policy::masking`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct MaskRule {
     pub name: String,
@@ -269,8 +269,45 @@ pub(crate) struct Import {
     pub(crate) data: Gate,
 }
 
+/// The masking one situation needs: the rules that apply, compiled, and
+/// whether a body they cannot parse is refused.
+#[derive(Debug, Clone)]
+pub struct Masking {
+    pub masker: dmsc_mask::Masker,
+    /// Some applicable rule says `unparseable = "refuse"`.
+    pub refuse_unparseable: bool,
+}
+
+/// Where a body is going, as masking rules see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Situation {
+    /// It crosses a tenant boundary.
+    pub cross_tenant: bool,
+    /// It crosses a region boundary.
+    pub cross_region: bool,
+    /// It is a response (rules with `responses = true` only).
+    pub response: bool,
+}
+
+impl Situation {
+    fn index(self) -> usize {
+        usize::from(self.cross_tenant)
+            | usize::from(self.cross_region) << 1
+            | usize::from(self.response) << 2
+    }
+
+    fn admits(self, r: &MaskRule) -> bool {
+        (!self.response || r.responses)
+            && match r.on {
+                Boundary::Always => true,
+                Boundary::CrossTenant => self.cross_tenant,
+                Boundary::CrossRegion => self.cross_region,
+            }
+    }
+}
+
 /// A checked policy document of one tenant.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Policy {
     pub tenant: String,
     pub version: u64,
@@ -287,6 +324,8 @@ pub struct Policy {
     /// Data tags each named agent may receive (absent: any).
     pub(crate) accepts: HashMap<String, BTreeSet<String>>,
     pub(crate) region: Option<Gate>,
+    /// Compiled masking per [`Situation`] (eight of them; `None`: no rule applies).
+    pub(crate) maskings: Vec<Option<Masking>>,
     /// Number of rules, for `status` and benchmarks.
     pub rules: usize,
 }
@@ -589,11 +628,40 @@ impl Policy {
                 unparseable: m.unparseable,
             });
         }
-        if let Err(mut errs) = crate::masks_check(&masks) {
-            p.append(&mut errs);
+        let spec = |r: &MaskRule| dmsc_mask::RuleSpec {
+            name: r.name.clone(),
+            detectors: r.detectors.clone(),
+            patterns: r.patterns.clone(),
+        };
+        if !masks.is_empty() {
+            let all: Vec<_> = masks.iter().map(spec).collect();
+            if let Err(errs) = dmsc_mask::Masker::new(&all) {
+                p.extend(errs.into_iter().map(|e| format!("mask: {e}")));
+            }
         }
         if !p.is_empty() {
             return Err(PolicyError::Invalid(p));
+        }
+        let mut maskings = vec![None; 8];
+        for (i, slot) in maskings.iter_mut().enumerate() {
+            let s = Situation {
+                cross_tenant: i & 1 != 0,
+                cross_region: i & 2 != 0,
+                response: i & 4 != 0,
+            };
+            debug_assert_eq!(s.index(), i);
+            let rules: Vec<&MaskRule> = masks.iter().filter(|r| s.admits(r)).collect();
+            if rules.is_empty() {
+                continue;
+            }
+            let specs: Vec<_> = rules.iter().map(|r| spec(r)).collect();
+            // A subset of rules that compiled together compiles alone.
+            if let Ok(masker) = dmsc_mask::Masker::new(&specs) {
+                *slot = Some(Masking {
+                    masker,
+                    refuse_unparseable: rules.iter().any(|r| r.unparseable == Unparseable::Refuse),
+                });
+            }
         }
         let rules = raw.export.len()
             + raw.import.len()
@@ -619,7 +687,26 @@ impl Policy {
             imports_any,
             accepts,
             region,
+            maskings,
             rules,
+        })
+    }
+
+    /// The masking a body needs in situation `s`, if any rule applies.
+    pub fn masking(&self, s: Situation) -> Option<&Masking> {
+        self.maskings.get(s.index()).and_then(Option::as_ref)
+    }
+
+    /// True if some masking rule could apply to a request of this tenant
+    /// that crosses a tenant boundary or not (`cross_tenant`), in any region.
+    pub fn may_mask_request(&self, cross_tenant: bool) -> bool {
+        [false, true].into_iter().any(|cross_region| {
+            self.masking(Situation {
+                cross_tenant,
+                cross_region,
+                response: false,
+            })
+            .is_some()
         })
     }
 

@@ -19,7 +19,9 @@ pub mod doc;
 pub mod eval;
 pub mod signed;
 
-pub use doc::{digest, Boundary, Limit, Limits, MaskRule, Policy, Unparseable, Untagged};
+pub use doc::{
+    digest, Boundary, Limit, Limits, MaskRule, Masking, Policy, Situation, Unparseable, Untagged,
+};
 pub use eval::{accepts, cross_tenant, leaves_region, parse_tags, Addressed, Crossing, Refusal};
 pub use signed::{SignedPolicy, Signer, Verified};
 
@@ -49,37 +51,5 @@ impl PolicyError {
             PolicyError::OtherTenant { .. } => "other_tenant_key",
             PolicyError::Sign(_) => "sign_failed",
         }
-    }
-}
-
-/// Detector names masking rules may use.
-pub const MASK_DETECTORS: &[&str] = &[
-    "email",
-    "phone",
-    "iban",
-    "payment_card",
-    "ipv4",
-    "ipv6",
-    "api_key",
-];
-
-/// Checks masking rules beyond their shape: detector names known, patterns
-/// compile within their bounds.
-pub(crate) fn masks_check(rules: &[MaskRule]) -> Result<(), Vec<String>> {
-    let mut problems = Vec::new();
-    for (i, r) in rules.iter().enumerate() {
-        for d in &r.detectors {
-            if !MASK_DETECTORS.contains(&d.as_str()) {
-                problems.push(format!(
-                    "mask[{i}].detectors: unknown detector `{d}` (known: {})",
-                    MASK_DETECTORS.join(", ")
-                ));
-            }
-        }
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(problems)
     }
 }

@@ -53,6 +53,7 @@ pub mod client;
 pub mod fault;
 mod home;
 pub mod local;
+pub mod mask;
 mod remote;
 
 /// A request body: buffered (replayable, readable for intent) or streamed.
@@ -155,7 +156,12 @@ impl Delegator {
             .is_some()
             .then(|| (d.caller.clone(), d.trace_id.clone()));
         let started = std::time::Instant::now();
-        let outcome = self.run(d).instrument(span).await;
+        let (caller_tenant, caller_id) = (d.caller_tenant.clone(), d.caller.clone());
+        let outcome = self.run(d).instrument(span.clone()).await;
+        let outcome = self
+            .mask_response(&caller_id, &caller_tenant, &tenant, &target, outcome)
+            .instrument(span)
+            .await;
         self.metrics
             .record(&tenant, outcome.label(), started.elapsed());
         if let Some((caller, trace)) = audited {
@@ -211,6 +217,11 @@ impl Delegator {
             idempotent(&method, &headers),
         );
         let mut refused: Option<crate::policy::Denial> = None;
+        // The caller's tenant's masking rules, for data leaving it; the
+        // masked body is kept for the situation it was made for.
+        let consumer = self.security.policies.get(&caller_tenant);
+        let mut masked_for: Option<(dmsc_policy::Situation, Bytes)> = None;
+        let mut headers = headers;
         loop {
             if !plan.begin() {
                 return Outcome::Failed(plan.exhausted(&self.me));
@@ -279,6 +290,79 @@ impl Delegator {
                 plan.skip(id);
                 continue;
             }
+            let situation = mask::situation(
+                &caller_tenant,
+                &tenant,
+                self.crosses_region(&sel.node),
+                false,
+            );
+            let masking = consumer.as_deref().and_then(|p| p.masking(situation));
+            let request_bytes = match (masking, &request_bytes) {
+                (None, _) => request_bytes.clone(),
+                (Some(_), Some(_)) if masked_for.as_ref().is_some_and(|(s, _)| *s == situation) => {
+                    masked_for.as_ref().map(|(_, b)| b.clone())
+                }
+                (Some(m), Some(b)) => {
+                    let mut counts = dmsc_mask::Counts::new();
+                    match mask::request(m, &headers, b, &mut counts) {
+                        Ok(out) => {
+                            if out.is_some() {
+                                // The agent gets the masked length.
+                                headers.remove(hyper::header::CONTENT_LENGTH);
+                            }
+                            let out = out.unwrap_or_else(|| b.clone());
+                            self.audit_masked(
+                                &caller_tenant,
+                                &caller,
+                                &target,
+                                "request",
+                                "masked",
+                                &counts,
+                                None,
+                            );
+                            masked_for = Some((situation, out.clone()));
+                            Some(out)
+                        }
+                        Err(e) => {
+                            let e = mask::unmaskable(&self.me, &caller_tenant, "request", &e);
+                            self.audit_masked(
+                                &caller_tenant,
+                                &caller,
+                                &target,
+                                "request",
+                                "refused",
+                                &counts,
+                                Some(&e.detail),
+                            );
+                            return Outcome::Failed(e);
+                        }
+                    }
+                }
+                (Some(m), None) => {
+                    // A body too large to buffer cannot be masked.
+                    if m.refuse_unparseable {
+                        let e = MeshError::new(
+                            ErrorKind::TooLarge,
+                            &self.me,
+                            format!(
+                                "tenant `{caller_tenant}`'s policy requires masking the request, whose body is over the {}-byte buffer limit (rule `{caller_tenant}:mask`)",
+                                self.cfg.max_buffered_body
+                            ),
+                        );
+                        self.audit_masked(
+                            &caller_tenant,
+                            &caller,
+                            &target,
+                            "request",
+                            "refused",
+                            &dmsc_mask::Counts::new(),
+                            Some(&e.detail),
+                        );
+                        return Outcome::Failed(e);
+                    }
+                    None
+                }
+            };
             let body = match &request_bytes {
                 Some(b) => ReqBody::Buffered(b.clone()),
                 None => match streaming.take() {
@@ -420,6 +504,107 @@ pub(crate) fn rule_of(detail: &str) -> Option<String> {
 }
 
 impl Delegator {
+    /// Records what masking did to one body (nothing when no rule masked
+    /// anything and nothing was refused).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn audit_masked(
+        &self,
+        tenant: &str,
+        caller: &str,
+        target: &Target,
+        direction: &str,
+        outcome: &str,
+        counts: &dmsc_mask::Counts,
+        reason: Option<&str>,
+    ) {
+        if counts.is_empty() && reason.is_none() {
+            return;
+        }
+        self.security.record(dmsc_audit::Event::tenant(
+            tenant.to_string(),
+            dmsc_audit::Masked {
+                direction: direction.to_string(),
+                caller: caller.to_string(),
+                target: describe(target),
+                outcome: outcome.to_string(),
+                masked: counts.as_map().clone(),
+                reason: reason.map(str::to_string),
+            },
+        ));
+    }
+
+    /// Masks a served response by the provider tenant's rules with
+    /// `responses = true`, when they apply to where it goes.
+    async fn mask_response(
+        &self,
+        caller: &str,
+        caller_tenant: &str,
+        tenant: &str,
+        target: &str,
+        outcome: Outcome,
+    ) -> Outcome {
+        let Outcome::Served(served, resp) = outcome else {
+            return outcome;
+        };
+        let Some(provider) = self.security.policies.get(tenant) else {
+            return Outcome::Served(served, resp);
+        };
+        let situation = mask::situation(
+            caller_tenant,
+            tenant,
+            self.crosses_region(&served.node),
+            true,
+        );
+        let Some(m) = provider.masking(situation).cloned() else {
+            return Outcome::Served(served, resp);
+        };
+        drop(provider);
+        let security = self.security.clone();
+        let (t, c, tg) = (tenant.to_string(), caller.to_string(), target.to_string());
+        let done: mask::OnDone = Box::new(move |counts: &dmsc_mask::Counts| {
+            if counts.is_empty() {
+                return;
+            }
+            security.record(dmsc_audit::Event::tenant(
+                t,
+                dmsc_audit::Masked {
+                    direction: "response".into(),
+                    caller: c,
+                    target: tg,
+                    outcome: "masked".into(),
+                    masked: counts.as_map().clone(),
+                    reason: None,
+                },
+            ));
+        });
+        let masked = mask::response(
+            m,
+            self.me.clone(),
+            tenant.to_string(),
+            resp,
+            self.cfg.max_buffered_body,
+            done,
+        )
+        .await;
+        match masked {
+            Ok(resp) => Outcome::Served(served, resp),
+            Err(e) => {
+                self.security.record(dmsc_audit::Event::tenant(
+                    tenant.to_string(),
+                    dmsc_audit::Masked {
+                        direction: "response".into(),
+                        caller: caller.to_string(),
+                        target: target.to_string(),
+                        outcome: "refused".into(),
+                        masked: Default::default(),
+                        reason: Some(e.detail.clone()),
+                    },
+                ));
+                Outcome::Failed(e)
+            }
+        }
+    }
+
     /// True when `node` announced another region than this node's (a node
     /// not seen yet counts as elsewhere: the gate fails closed).
     pub(crate) fn crosses_region(&self, node: &str) -> bool {

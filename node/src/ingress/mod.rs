@@ -515,6 +515,12 @@ impl Ingress {
             || provider_policy
                 .as_deref()
                 .is_some_and(|p| p.has_tag_rules());
+        // The caller's tenant masks what leaves it: the body is read whole
+        // for it (a body too large for that is refused by the delegation
+        // when a rule must mask it).
+        let mask_rules = consumer_policy
+            .as_deref()
+            .is_some_and(|p| p.may_mask_request(caller.tenant != tenant));
         let cfg = &self.cfg;
         let timeout = req
             .headers()
@@ -539,13 +545,13 @@ impl Ingress {
             .map(str::to_string);
         let (parts, body) = req.into_parts();
         let needs_text = target == HostTarget::Intent && header_intent.is_none();
+        // Policy reads bodies of unknown length too; a body that declares
+        // more than the limit streams (header tags only; masking refuses it).
+        let exact = body.size_hint().exact();
         let buffer = body.is_end_stream()
             || needs_text
-            || tag_rules
-            || body
-                .size_hint()
-                .exact()
-                .is_some_and(|n| n as usize <= cfg.max_buffered_body);
+            || exact.is_some_and(|n| n as usize <= cfg.max_buffered_body)
+            || ((tag_rules || mask_rules) && exact.is_none());
         // Held until the delegation is done: the buffered bytes live as long.
         let mut permit: Option<BodyPermit> = None;
         let body = if buffer {
@@ -583,15 +589,20 @@ impl Ingress {
                 Ok(b) => ReqBody::Buffered(b),
                 Err(BufferError::OverBudget) => return over_budget(),
                 Err(e) => {
+                    let kind = if mask_rules && matches!(e, BufferError::TooLarge { .. }) {
+                        ErrorKind::TooLarge
+                    } else {
+                        ErrorKind::BadRequest
+                    };
                     return MeshError::new(
-                        ErrorKind::BadRequest,
+                        kind,
                         me,
                         format!(
                             "reading the request body (limit {} bytes): {e}",
                             cfg.max_buffered_body
                         ),
                     )
-                    .response(None)
+                    .response(None);
                 }
             }
         } else {

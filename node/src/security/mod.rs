@@ -565,6 +565,7 @@ impl Security {
                 m.revocations.inc();
             }
             dmsc_audit::EventKind::Delegation(_)
+            | dmsc_audit::EventKind::Masked(_)
             | dmsc_audit::EventKind::Policy(_)
             | dmsc_audit::EventKind::TenantKey(_) => {}
         }

@@ -529,3 +529,278 @@ fn signed_unchecked(mesh: &LocalMesh, doc: &str) -> String {
     }
     .to_json()
 }
+
+/// Two nodes; node 0 has plain ingresses for acme and globex; acme's agent
+/// `ledger` lives on node 1. Returns the mesh and the agent (kept alive).
+async fn two_tenants() -> (LocalMesh, Vec<SocketAddr>, SampleAgent) {
+    let mesh = LocalMesh::start(&["n0", "n1"], "acme", |i, raw| {
+        raw.gossip.interval_ms = Some(100);
+        raw.delegation.health_interval_ms = Some(200);
+        if i == 0 {
+            raw.ingress.push(dmsc_node::config::RawIngress {
+                listen: "127.0.0.1:0".into(),
+                tenant: Some("globex".into()),
+                ..Default::default()
+            });
+        }
+    })
+    .await
+    .expect("mesh");
+    let ledger = agent("ledger", &["books"], "Keep the books").await;
+    attach_for(&mesh, 1, "acme", &ledger).await;
+    eventually(
+        Duration::from_secs(10),
+        "ledger routable from node 0",
+        || {
+            let id = dmsc_registry::AgentId::new("acme", "ledger");
+            mesh.nodes[0].mesh().read().get(&id).is_some()
+        },
+    )
+    .await;
+    let plain = mesh.nodes[0].bound().ingress.clone();
+    (mesh, plain, ledger)
+}
+
+const ACME_TAGS: &str = r#"tenant = "acme"
+version = 1
+[[export]]
+to = ["globex"]
+agents = ["ledger"]
+data_tags = ["pii"]
+[agents.ledger]
+accepts = ["pii", "financial"]
+[[mask]]
+name = "replies"
+detectors = ["email"]
+on = "cross-tenant"
+responses = true
+"#;
+
+const GLOBEX_TAGS: &str = r#"tenant = "globex"
+version = 1
+[[import]]
+from = ["acme"]
+agents = ["*"]
+data_tags = ["pii"]
+[[mask]]
+name = "globex-pii"
+detectors = ["payment_card"]
+patterns = ["GLX-[0-9]{4}"]
+on = "cross-tenant"
+"#;
+
+fn stream_request(text: &str) -> String {
+    serde_json::json!({
+        "jsonrpc": "2.0", "id": 2, "method": "message/stream",
+        "params": {"message": {"role": "user", "messageId": "m-2",
+            "parts": [{"kind": "text", "text": text}]}}
+    })
+    .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_tags_and_masking_end_to_end_through_two_nodes() {
+    let (mesh, plain, _ledger) = two_tenants().await;
+    let (acme_in, globex_in) = (plain[0], plain[1]);
+    for doc in [ACME_TAGS, GLOBEX_TAGS] {
+        let (status, v) = post_policy(&mesh, 0, signed(&mesh, doc)).await;
+        assert_eq!(status, 201, "{v}");
+    }
+    eventually(Duration::from_secs(10), "policies on node 1", || {
+        ["acme", "globex"]
+            .iter()
+            .all(|t| mesh.nodes[1].security().policies.version(t) == 1)
+    })
+    .await;
+    let host = "ledger.acme.dmsc";
+
+    // 1. A tag the export does not let in: 403 policy_violation with the
+    // tag and the rule, from the header or from the A2A metadata.
+    let (status, body) = plain_call(
+        globex_in,
+        host,
+        &[("dmsc-data-tags", "phi")],
+        &super::message_send("x"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    for needle in ["policy_violation", "`phi`", "acme:export[0].data_tags"] {
+        assert!(body.contains(needle), "`{needle}` missing: {body}");
+    }
+    let with_meta = serde_json::json!({
+        "jsonrpc": "2.0", "id": 1, "method": "message/send",
+        "params": {"metadata": {"dmsc.dataTags": ["phi"]},
+            "message": {"role": "user", "messageId": "m", "parts": [{"kind": "text", "text": "x"}]}}
+    })
+    .to_string();
+    let (status, body) = plain_call(globex_in, host, &[], &with_meta).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("acme:export[0].data_tags"), "{body}");
+    // Unknown tag names are refused with the known ones listed.
+    let (status, body) = plain_call(
+        globex_in,
+        host,
+        &[("dmsc-data-tags", "nuclear")],
+        &super::message_send("x"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.contains("nuclear") && body.contains("pii"), "{body}");
+    // Within acme, the agent's own accept list: `secret` may not reach it,
+    // by name or through its capability (checked for the agent picked).
+    for h in [host, "books.cap.acme.dmsc"] {
+        let (status, body) = plain_call(
+            acme_in,
+            h,
+            &[("dmsc-data-tags", "secret")],
+            &super::message_send("x"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{h}: {body}");
+        assert!(body.contains("acme:agents.ledger.accepts"), "{h}: {body}");
+    }
+    let (status, body) = plain_call(
+        acme_in,
+        host,
+        &[("dmsc-data-tags", "financial")],
+        &super::message_send("x"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // 2. Tags travel through the overlay and the home node checks them
+    // itself: a head forged on node 0's overlay connection with a tag the
+    // agent may not receive is refused by node 1.
+    let overlay = mesh.nodes[0].overlay();
+    let mut stream = overlay
+        .open_stream(
+            mesh.nodes[1].bound().overlay,
+            dmsc_transport::Channel::Delegate,
+        )
+        .await
+        .expect("stream");
+    let head = dmsc_node::proto::wire::RequestHead {
+        version: dmsc_node::proto::wire::DELEGATION_VERSION,
+        tenant: "acme".into(),
+        caller: "forged".into(),
+        agent: "ledger".into(),
+        deadline_ms: 5000,
+        trace_id: "forged-tags".into(),
+        method: "POST".into(),
+        path: "/".into(),
+        http: 1,
+        headers: Vec::new(),
+        empty_body: true,
+        caller_tenant: "globex".into(),
+        data_tags: vec!["phi".into()],
+    };
+    let mut parts = dmsc_node::proto::wire::encode_request_head(&head)
+        .expect("encode")
+        .to_vec();
+    stream.send.write_chunks(&mut parts).await.expect("write");
+    stream.send.finish().expect("finish");
+    let mut decoder = dmsc_node::proto::wire::PartDecoder::new();
+    let mut failure = None;
+    while let Some(chunk) = stream.recv.read_chunk(64 * 1024).await.expect("read") {
+        decoder.push(&chunk);
+        if let Some(dmsc_node::proto::wire::Part::Head(h)) = decoder.next_part().expect("part") {
+            failure = dmsc_node::proto::wire::decode_response_head(&h)
+                .expect("head")
+                .failure;
+            break;
+        }
+    }
+    let failure = failure.expect("a typed failure");
+    assert_eq!(failure.kind, "policy_violation", "{failure:?}");
+    assert!(
+        failure.detail.contains("acme:export[0].data_tags"),
+        "{failure:?}"
+    );
+
+    // 3. Masking: globex's rules mask the card number and its own pattern
+    // in what it sends to acme; acme's rule masks emails in what its agent
+    // answers to another tenant. The agent echoes what it received.
+    let secret = "card 4111 1111 1111 1111 ref GLX-1234 mail bob@example.com";
+    let (status, body) = plain_call(
+        globex_in,
+        host,
+        &[("dmsc-data-tags", "pii")],
+        &super::message_send(secret),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for raw in ["4111 1111 1111 1111", "GLX-1234", "bob@example.com"] {
+        assert!(!body.contains(raw), "`{raw}` leaked: {body}");
+    }
+    for mark in [
+        "[masked:payment_card]",
+        "[masked:globex-pii]",
+        "[masked:email]",
+    ] {
+        assert!(body.contains(mark), "`{mark}` missing: {body}");
+    }
+    // The same over SSE: every event masked as it streams.
+    let (status, body) = plain_call(globex_in, host, &[], &stream_request(secret)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body.matches("data: ").count(), 3, "three events: {body}");
+    for raw in ["4111 1111 1111 1111", "GLX-1234", "bob@example.com"] {
+        assert!(!body.contains(raw), "`{raw}` leaked in the stream: {body}");
+    }
+    assert_eq!(body.matches("[masked:email]").count(), 3, "{body}");
+    // Within acme nothing is masked (the rules are for what leaves it).
+    let (status, body) = plain_call(acme_in, host, &[], &super::message_send(secret)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("bob@example.com"), "{body}");
+
+    // 4. Fail closed: a body globex must mask but cannot parse is refused.
+    let (status, body) = {
+        let stream = tokio::net::TcpStream::connect(globex_in)
+            .await
+            .expect("connect");
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .expect("handshake");
+        tokio::spawn(conn);
+        let req = hyper::Request::builder()
+            .method("POST")
+            .uri("/")
+            .header("host", host)
+            .header("content-type", "application/octet-stream")
+            .body(Full::new(Bytes::from_static(&[0, 159, 146, 150])))
+            .expect("request");
+        let resp = send.send_request(req).await.expect("response");
+        let status = resp.status();
+        let b = resp.into_body().collect().await.expect("body").to_bytes();
+        (status, String::from_utf8_lossy(&b).into_owned())
+    };
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{body}");
+    assert!(body.contains("globex:mask"), "{body}");
+
+    // The audit log has the counts per rule, never the values, and the
+    // refusals with their rules on both nodes.
+    let entries = audit_entries(&mesh, 0).await;
+    let text = serde_json::to_string(&entries).expect("json");
+    for raw in ["4111 1111 1111 1111", "GLX-1234", "bob@example.com"] {
+        assert!(!text.contains(raw), "`{raw}` in the audit log");
+    }
+    let masked: Vec<_> = entries.iter().filter(|e| e["kind"] == "masked").collect();
+    let count = |dir: &str, rule: &str| -> u64 {
+        masked
+            .iter()
+            .filter(|e| e["detail"]["direction"] == dir && e["detail"]["outcome"] == "masked")
+            .filter_map(|e| e["detail"]["masked"][rule].as_u64())
+            .sum()
+    };
+    assert_eq!(count("request", "globex-pii"), 4, "{masked:#?}");
+    assert_eq!(count("response", "replies"), 4, "{masked:#?}");
+    assert!(
+        masked.iter().any(|e| e["detail"]["outcome"] == "refused"),
+        "{masked:#?}"
+    );
+    let n1 = denial_rules(&mesh, 1, "acme").await;
+    assert!(
+        n1.iter().any(|r| r == "acme:export[0].data_tags"),
+        "node 1 audits the tag refusals too: {n1:?}"
+    );
+}
