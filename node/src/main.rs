@@ -311,6 +311,10 @@ enum PolicyCmd {
         tenant: Option<String>,
         #[arg(long, default_value = dmsc_node::config::DEFAULT_ADMIN_LISTEN, env = "DMSC_ADMIN")]
         admin: SocketAddr,
+        /// A token file for a node with `[admin] open_reads = false` (the
+        /// node admin token, or a tenant read token: its own policy only).
+        #[arg(long, env = "DMSC_STATUS_TOKEN_FILE")]
+        admin_token: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -320,6 +324,8 @@ enum PolicyCmd {
         file: PathBuf,
         #[arg(long, default_value = dmsc_node::config::DEFAULT_ADMIN_LISTEN, env = "DMSC_ADMIN")]
         admin: SocketAddr,
+        #[arg(long, env = "DMSC_STATUS_TOKEN_FILE")]
+        admin_token: Option<PathBuf>,
     },
 }
 
@@ -552,6 +558,13 @@ fn ca(cmd: CaCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Reads an optional admin token file.
+fn read_token(path: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    path.map(dmsc_node::ops::read_admin_token)
+        .transpose()
+        .map_err(anyhow::Error::msg)
+}
+
 async fn policy(cmd: PolicyCmd) -> anyhow::Result<ExitCode> {
     use dmsc_node::ops::policy as p;
     match cmd {
@@ -617,9 +630,11 @@ async fn policy(cmd: PolicyCmd) -> anyhow::Result<ExitCode> {
         PolicyCmd::Show {
             tenant,
             admin,
+            admin_token,
             json,
         } => {
-            let v = p::show(admin, tenant.as_deref()).await?;
+            let token = read_token(admin_token.as_deref())?;
+            let v = p::show(admin, tenant.as_deref(), token.as_deref()).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else if tenant.is_some() {
@@ -648,12 +663,17 @@ async fn policy(cmd: PolicyCmd) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        PolicyCmd::Diff { file, admin } => {
+        PolicyCmd::Diff {
+            file,
+            admin,
+            admin_token,
+        } => {
+            let token = read_token(admin_token.as_deref())?;
             let new = p::document_text(&file)?;
             let tenant = dmsc_policy::Policy::parse(new.as_bytes())
                 .map(|p| p.tenant)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-            let held = match p::show(admin, Some(&tenant)).await {
+            let held = match p::show(admin, Some(&tenant), token.as_deref()).await {
                 Ok(v) => v["document"].as_str().unwrap_or_default().to_string(),
                 Err(p::PolicyCmdError::Admin(dmsc_node::admin::status::StatusError::Http {
                     status: 404,

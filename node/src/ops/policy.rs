@@ -117,13 +117,14 @@ pub async fn apply(
 pub async fn show(
     admin: SocketAddr,
     tenant: Option<&str>,
+    token: Option<&str>,
 ) -> Result<serde_json::Value, PolicyCmdError> {
     let path = match tenant {
         Some(t) => format!("/v1/policies/{t}"),
         None => "/v1/policies".to_string(),
     };
     let (status, text) =
-        admin_call(admin, hyper::Method::GET, &path, None, Default::default()).await?;
+        admin_call(admin, hyper::Method::GET, &path, token, Default::default()).await?;
     if !(200..300).contains(&status) {
         return Err(StatusError::Http {
             addr: admin,

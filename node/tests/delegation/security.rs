@@ -603,9 +603,11 @@ async fn mtls_ingress_valid_expired_revoked_wrong_ca_and_other_trust_domain() {
     .await;
     // And node 1 persisted it (written just after it is in force).
     let path = m.mesh.node_dir(1).join("data").join("revoked.jsonl");
-    eventually(Duration::from_secs(5), "node 1 persisted the revocation", || {
-        std::fs::read_to_string(&path).is_ok_and(|p| p.contains(&serial))
-    })
+    eventually(
+        Duration::from_secs(5),
+        "node 1 persisted the revocation",
+        || std::fs::read_to_string(&path).is_ok_and(|p| p.contains(&serial)),
+    )
     .await;
     m.mesh.stop().await;
 }
