@@ -955,3 +955,137 @@ fn audit_report_counts_one_tenant_from_the_command_line() {
     assert!(!bad.status.success());
     assert!(text(&bad).contains("--since"), "{}", text(&bad));
 }
+
+#[test]
+fn policy_commands_issue_tenant_sign_apply_show_and_diff() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let ca = d.join("ca");
+    ca_init(&ca);
+    let ca_s = ca.to_str().expect("utf8");
+    let out = run(&["ca", "issue-tenant", "--ca-dir", ca_s, "--tenant", "acme"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let (cert, key) = (ca.join("tenant-acme.pem"), ca.join("tenant-acme.key"));
+    assert!(cert.is_file() && key.is_file(), "{}", text(&out));
+    let (cert_s, key_s) = (cert.to_str().expect("utf8"), key.to_str().expect("utf8"));
+
+    // A document with problems: every one listed, nothing signed.
+    let bad = d.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "tenant = \"acme\"\nversion = 0\n[[export]]\nto = [\"globex\"]\ndata_tags = [\"nuclear\"]\n",
+    )
+    .expect("write");
+    let out = run(&[
+        "policy",
+        "sign",
+        bad.to_str().expect("utf8"),
+        "--ca-dir",
+        ca_s,
+    ]);
+    assert!(!out.status.success());
+    let t = text(&out);
+    for needle in [
+        "version: must be at least 1",
+        "exports nothing",
+        "unknown data tag `nuclear`",
+    ] {
+        assert!(t.contains(needle), "`{needle}` missing: {t}");
+    }
+
+    // acme's admin key signs acme's document, not globex's.
+    let doc = d.join("acme.toml");
+    let v1 =
+        "tenant = \"acme\"\nversion = 1\n[[export]]\nto = [\"globex\"]\nagents = [\"billing\"]\n";
+    std::fs::write(&doc, v1).expect("write");
+    let signed = d.join("acme.signed");
+    let out = run(&[
+        "policy",
+        "sign",
+        doc.to_str().expect("utf8"),
+        "--cert",
+        cert_s,
+        "--key",
+        key_s,
+        "--out",
+        signed.to_str().expect("utf8"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let globex = d.join("globex.toml");
+    std::fs::write(&globex, "tenant = \"globex\"\nversion = 1\n").expect("write");
+    let out = run(&[
+        "policy",
+        "sign",
+        globex.to_str().expect("utf8"),
+        "--cert",
+        cert_s,
+        "--key",
+        key_s,
+    ]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("tenant `acme`"), "{}", text(&out));
+
+    // Applied on one node, it reaches the other by gossip.
+    for n in ["n1", "n2"] {
+        issue_node(&ca, n, &d.join(n));
+    }
+    let n1 = Node::start("n1", &write_config(d, "n1", &d.join("n1"), &[]));
+    let n2 = Node::start("n2", &write_config(d, "n2", &d.join("n2"), &[&n1.overlay]));
+    eventually(Duration::from_secs(15), "n1 and n2 alive", || {
+        n1.state_of("n2").as_deref() == Some("alive")
+    });
+    let token = d.join("n1").join("data").join("admin.token");
+    let out = run(&[
+        "policy",
+        "apply",
+        signed.to_str().expect("utf8"),
+        "--admin",
+        &n1.admin,
+        "--admin-token",
+        token.to_str().expect("utf8"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("version 1 applied"), "{}", text(&out));
+    eventually(Duration::from_secs(15), "n2 enforces acme's policy", || {
+        let out = run(&["policy", "show", "acme", "--admin", &n2.admin]);
+        out.status.success() && String::from_utf8_lossy(&out.stdout) == v1
+    });
+    let out = run(&["policy", "show", "--admin", &n2.admin]);
+    assert!(
+        text(&out).contains("acme") && text(&out).contains("tenant-admin:"),
+        "{}",
+        text(&out)
+    );
+    // diff: the same document is no difference; an edit is shown, exit 1.
+    let out = run(&[
+        "policy",
+        "diff",
+        doc.to_str().expect("utf8"),
+        "--admin",
+        &n2.admin,
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    std::fs::write(
+        &doc,
+        v1.replace("version = 1", "version = 2")
+            .replace("billing", "ledger"),
+    )
+    .expect("write");
+    let out = run(&[
+        "policy",
+        "diff",
+        doc.to_str().expect("utf8"),
+        "--admin",
+        &n2.admin,
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let t = String::from_utf8_lossy(&out.stdout).into_owned();
+    for line in [
+        "- version = 1",
+        "+ version = 2",
+        "- agents = [\"billing\"]",
+        "+ agents = [\"ledger\"]",
+    ] {
+        assert!(t.contains(line), "`{line}` missing: {t}");
+    }
+}
