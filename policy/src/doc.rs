@@ -249,24 +249,85 @@ pub(crate) struct Gate {
     pub(crate) untagged: Untagged,
 }
 
-/// One export: `to` tenants may call `agents` (by name) or agents with a
-/// skill tagged one of `tags`.
+/// One export (the listed tenants may call these agents of ours) or import
+/// (our callers may call these agents of the listed tenants): agents by name,
+/// or agents with a skill tagged one of `tags`, and the data tags that may
+/// pass with the call.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Export {
+pub(crate) struct Allow {
+    /// Its position in the document, for the rule a refusal names.
     pub(crate) index: usize,
     pub(crate) agents: Names,
     pub(crate) tags: Names,
     pub(crate) data: Gate,
 }
 
-/// One import: this tenant's agents may call `from` tenants' exports of
-/// `agents` / `tags`.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Import {
-    pub(crate) index: usize,
-    pub(crate) agents: Names,
-    pub(crate) tags: Names,
-    pub(crate) data: Gate,
+/// Which list an [`Allow`] entry is in.
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    Export,
+    Import,
+}
+
+/// An allowlist indexed by the other tenant, and its entries for any tenant.
+type Indexed = (HashMap<String, Vec<Allow>>, Vec<Allow>);
+
+/// Checks and indexes the `[[export]]` or `[[import]]` entries:
+/// `(tenants, agents, tags, data_tags, untagged)` each.
+fn allowlist<'a>(
+    side: Side,
+    own: &str,
+    entries: impl Iterator<
+        Item = (
+            &'a Vec<String>,
+            &'a Vec<String>,
+            &'a Vec<String>,
+            &'a Vec<String>,
+            Untagged,
+        ),
+    >,
+    known: &BTreeSet<String>,
+    p: &mut Vec<String>,
+) -> Indexed {
+    let (list, field, verb) = match side {
+        Side::Export => ("export", "to", "exports"),
+        Side::Import => ("import", "from", "imports"),
+    };
+    let (mut by_tenant, mut any): Indexed = Default::default();
+    for (i, (tenants, agents, tags, data_tags, untagged)) in entries.enumerate() {
+        let path = format!("{list}[{i}]");
+        let tenants = names(&format!("{path}.{field}"), tenants, p);
+        if tenants.is_empty() {
+            p.push(format!(
+                "{path}.{field}: names no tenant (`*` for every tenant)"
+            ));
+        }
+        if tenants.contains(own) && tenants != Names::Any {
+            p.push(format!(
+                "{path}.{field}: `{own}` is this policy's own tenant (a tenant's agents always reach each other)"
+            ));
+        }
+        let agents = names(&format!("{path}.agents"), agents, p);
+        let tags = names(&format!("{path}.tags"), tags, p);
+        if agents.is_empty() && tags.is_empty() {
+            p.push(format!("{path}: {verb} nothing (give `agents` or `tags`)"));
+        }
+        let entry = Allow {
+            index: i,
+            agents,
+            tags,
+            data: gate(&path, data_tags, untagged, known, p),
+        };
+        match tenants {
+            Names::Any => any.push(entry),
+            Names::Set(set) => {
+                for t in set {
+                    by_tenant.entry(t).or_default().push(entry.clone());
+                }
+            }
+        }
+    }
+    (by_tenant, any)
 }
 
 /// The masking one situation needs: the rules that apply, compiled, and
@@ -317,10 +378,10 @@ pub struct Policy {
     pub masks: Vec<MaskRule>,
     pub(crate) known_tags: BTreeSet<String>,
     /// Exports by consumer tenant, and those to any tenant.
-    pub(crate) exports_to: HashMap<String, Vec<Export>>,
-    pub(crate) exports_any: Vec<Export>,
-    pub(crate) imports_from: HashMap<String, Vec<Import>>,
-    pub(crate) imports_any: Vec<Import>,
+    pub(crate) exports_to: HashMap<String, Vec<Allow>>,
+    pub(crate) exports_any: Vec<Allow>,
+    pub(crate) imports_from: HashMap<String, Vec<Allow>>,
+    pub(crate) imports_any: Vec<Allow>,
     /// Data tags each named agent may receive (absent: any).
     pub(crate) accepts: HashMap<String, BTreeSet<String>>,
     pub(crate) region: Option<Gate>,
@@ -491,76 +552,24 @@ impl Policy {
                 p.push(format!("data_tags[{i}]: `{t}` is already a known tag"));
             }
         }
-        let mut exports_to: HashMap<String, Vec<Export>> = HashMap::new();
-        let mut exports_any = Vec::new();
-        for (i, e) in raw.export.iter().enumerate() {
-            let path = format!("export[{i}]");
-            let to = names(&format!("{path}.to"), &e.to, &mut p);
-            if to.is_empty() {
-                p.push(format!("{path}.to: names no tenant (`*` for every tenant)"));
-            }
-            if to.contains(&raw.tenant) && to != Names::Any {
-                p.push(format!(
-                    "{path}.to: `{}` is this policy's own tenant (a tenant's agents always reach each other)",
-                    raw.tenant
-                ));
-            }
-            let agents = names(&format!("{path}.agents"), &e.agents, &mut p);
-            let tags = names(&format!("{path}.tags"), &e.tags, &mut p);
-            if agents.is_empty() && tags.is_empty() {
-                p.push(format!("{path}: exports nothing (give `agents` or `tags`)"));
-            }
-            let ex = Export {
-                index: i,
-                agents,
-                tags,
-                data: gate(&path, &e.data_tags, e.untagged, &known, &mut p),
-            };
-            match to {
-                Names::Any => exports_any.push(ex),
-                Names::Set(set) => {
-                    for t in set {
-                        exports_to.entry(t).or_default().push(ex.clone());
-                    }
-                }
-            }
-        }
-        let mut imports_from: HashMap<String, Vec<Import>> = HashMap::new();
-        let mut imports_any = Vec::new();
-        for (i, im) in raw.import.iter().enumerate() {
-            let path = format!("import[{i}]");
-            let from = names(&format!("{path}.from"), &im.from, &mut p);
-            if from.is_empty() {
-                p.push(format!(
-                    "{path}.from: names no tenant (`*` for every tenant)"
-                ));
-            }
-            if from.contains(&raw.tenant) && from != Names::Any {
-                p.push(format!(
-                    "{path}.from: `{}` is this policy's own tenant",
-                    raw.tenant
-                ));
-            }
-            let agents = names(&format!("{path}.agents"), &im.agents, &mut p);
-            let tags = names(&format!("{path}.tags"), &im.tags, &mut p);
-            if agents.is_empty() && tags.is_empty() {
-                p.push(format!("{path}: imports nothing (give `agents` or `tags`)"));
-            }
-            let imp = Import {
-                index: i,
-                agents,
-                tags,
-                data: gate(&path, &im.data_tags, im.untagged, &known, &mut p),
-            };
-            match from {
-                Names::Any => imports_any.push(imp),
-                Names::Set(set) => {
-                    for t in set {
-                        imports_from.entry(t).or_default().push(imp.clone());
-                    }
-                }
-            }
-        }
+        let (exports_to, exports_any) = allowlist(
+            Side::Export,
+            &raw.tenant,
+            raw.export
+                .iter()
+                .map(|e| (&e.to, &e.agents, &e.tags, &e.data_tags, e.untagged)),
+            &known,
+            &mut p,
+        );
+        let (imports_from, imports_any) = allowlist(
+            Side::Import,
+            &raw.tenant,
+            raw.import
+                .iter()
+                .map(|e| (&e.from, &e.agents, &e.tags, &e.data_tags, e.untagged)),
+            &known,
+            &mut p,
+        );
         let mut accepts = HashMap::new();
         for (name, a) in &raw.agents {
             let path = format!("agents.{name}");

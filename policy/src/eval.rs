@@ -9,7 +9,7 @@
 //! A cross-tenant call needs both sides: the provider's export *and* the
 //! consumer's import; a tenant without a policy exports and imports nothing.
 
-use crate::doc::{Export, Gate, Import, Names, Policy, Untagged};
+use crate::doc::{Allow, Gate, Names, Policy, Untagged};
 
 /// What a caller addressed in the provider's tenant.
 #[derive(Debug, Clone, Copy)]
@@ -98,7 +98,7 @@ fn exports<'p, 't: 'p>(
     provider: &'p Policy,
     consumer: &str,
     target: Addressed<'t>,
-) -> impl Iterator<Item = &'p Export> + 'p {
+) -> impl Iterator<Item = &'p Allow> + 'p {
     let named = provider
         .exports_to
         .get(consumer)
@@ -114,7 +114,7 @@ fn imports<'p, 't: 'p>(
     consumer: &'p Policy,
     provider: &str,
     target: Addressed<'t>,
-) -> impl Iterator<Item = &'p Import> + 'p {
+) -> impl Iterator<Item = &'p Allow> + 'p {
     let named = consumer
         .imports_from
         .get(provider)
