@@ -166,6 +166,20 @@ async fn agent_delete(tenant: &str, name: &str, s: &Shared) -> Response<Body> {
     }
 }
 
+/// Reads a JSON request body of the `shape` the error message names.
+async fn read_json<T: serde::de::DeserializeOwned>(
+    req: Request<hyper::body::Incoming>,
+    shape: &str,
+) -> Result<T, Response<Body>> {
+    let body = read_body(req).await?;
+    serde_json::from_slice(&body).map_err(|e| {
+        json(
+            StatusCode::BAD_REQUEST,
+            &serde_json::json!({"error": format!("expected {shape}: {e}")}),
+        )
+    })
+}
+
 async fn read_body(req: Request<hyper::body::Incoming>) -> Result<Bytes, Response<Body>> {
     use http_body_util::BodyExt;
     match http_body_util::Limited::new(req.into_body(), 64 * 1024)
@@ -189,18 +203,9 @@ async fn tokens_route(req: Request<hyper::body::Incoming>, s: &Shared) -> Respon
         agent: String,
         ttl_secs: Option<u64>,
     }
-    let body = match read_body(req).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let ask: Ask = match serde_json::from_slice(&body) {
+    let ask: Ask = match read_json(req, r#"{"tenant", "agent", "ttl_secs"?}"#).await {
         Ok(a) => a,
-        Err(e) => {
-            return json(
-                StatusCode::BAD_REQUEST,
-                &serde_json::json!({"error": format!("expected {{\"tenant\", \"agent\", \"ttl_secs\"?}}: {e}")}),
-            )
-        }
+        Err(r) => return r,
     };
     let ttl = std::time::Duration::from_secs(ask.ttl_secs.unwrap_or(3600));
     // The token store fsyncs: off the async workers.
@@ -384,18 +389,9 @@ async fn admin_tokens_create(req: Request<hyper::body::Incoming>, s: &Shared) ->
         read_only: bool,
         ttl_secs: Option<u64>,
     }
-    let body = match read_body(req).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let ask: Ask = match serde_json::from_slice(&body) {
+    let ask: Ask = match read_json(req, r#"{"tenant", "read_only": true, "ttl_secs"?}"#).await {
         Ok(a) => a,
-        Err(e) => {
-            return json(
-                StatusCode::BAD_REQUEST,
-                &serde_json::json!({"error": format!("expected {{\"tenant\", \"read_only\": true, \"ttl_secs\"?}}: {e}")}),
-            )
-        }
+        Err(r) => return r,
     };
     if !ask.read_only {
         return json(
