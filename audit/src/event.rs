@@ -46,6 +46,7 @@ pub enum EventKind {
     AuthFailure(AuthFailure),
     Enrollment(Enrollment),
     Revocation(Revocation),
+    RateLimited(RateLimited),
 }
 
 impl EventKind {
@@ -57,6 +58,7 @@ impl EventKind {
             EventKind::AuthFailure(_) => KIND_AUTH_FAILURE,
             EventKind::Enrollment(_) => KIND_ENROLLMENT,
             EventKind::Revocation(_) => KIND_REVOCATION,
+            EventKind::RateLimited(_) => KIND_RATE_LIMITED,
         }
     }
 }
@@ -66,6 +68,7 @@ pub(crate) const KIND_DENIED: &str = "denied";
 pub(crate) const KIND_AUTH_FAILURE: &str = "auth_failure";
 pub(crate) const KIND_ENROLLMENT: &str = "enrollment";
 pub(crate) const KIND_REVOCATION: &str = "revocation";
+pub(crate) const KIND_RATE_LIMITED: &str = "rate_limited";
 pub(crate) const KIND_CHECKPOINT: &str = "checkpoint";
 pub(crate) const KIND_RECOVERY: &str = "recovery";
 
@@ -80,6 +83,7 @@ impl Serialize for DetailRef<'_> {
             EventKind::AuthFailure(d) => d.serialize(s),
             EventKind::Enrollment(d) => d.serialize(s),
             EventKind::Revocation(d) => d.serialize(s),
+            EventKind::RateLimited(d) => d.serialize(s),
         }
     }
 }
@@ -167,6 +171,27 @@ pub struct Revocation {
     pub source: String,
 }
 
+/// Requests a tenant rate limit refused (429). Under a flood the log is
+/// sampled: the first refusals of a tenant and scope in a window are one
+/// entry each (`refused: 1`), the rest of the window one entry with the
+/// count and `window_s` set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateLimited {
+    /// The calling agent (empty in an aggregate entry).
+    pub caller: String,
+    /// What was asked for (empty in an aggregate entry).
+    pub target: String,
+    /// Which limit: `tenant` (mesh-wide), `caller` or `target`.
+    pub scope: String,
+    /// The limit, as the caller was told (e.g. `10 requests/s (burst 5) mesh-wide`).
+    pub limit: String,
+    /// How many refusals this entry stands for.
+    pub refused: u64,
+    /// Set on an aggregate entry: the window it sums, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_s: Option<u64>,
+}
+
 /// A signed statement over the chain so far; written by the log itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
@@ -197,4 +222,11 @@ macro_rules! into_kind {
         }
     )*};
 }
-into_kind!(Delegation, Denied, AuthFailure, Enrollment, Revocation);
+into_kind!(
+    Delegation,
+    Denied,
+    AuthFailure,
+    Enrollment,
+    Revocation,
+    RateLimited
+);

@@ -81,7 +81,7 @@ use std::path::PathBuf;
 
 pub use event::{
     AuthFailure, AuthMethod, Checkpoint, Delegation, Denied, EnrollVia, Enrollment, Event,
-    EventKind, Recovery, Revocation,
+    EventKind, RateLimited, Recovery, Revocation,
 };
 pub use line::{line_hash, parse_line, Body, Line, GENESIS_PREV, MAX_LINE};
 pub use signer::{checkpoint_message, Signer};

@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 use crate::event::{
     Checkpoint, EventKind, Recovery, KIND_AUTH_FAILURE, KIND_CHECKPOINT, KIND_DELEGATION,
-    KIND_DENIED, KIND_ENROLLMENT, KIND_RECOVERY, KIND_REVOCATION,
+    KIND_DENIED, KIND_ENROLLMENT, KIND_RATE_LIMITED, KIND_RECOVERY, KIND_REVOCATION,
 };
 use crate::AuditError;
 
@@ -75,6 +75,7 @@ impl Line {
             KIND_AUTH_FAILURE => Body::Event(EventKind::AuthFailure(de(self)?)),
             KIND_ENROLLMENT => Body::Event(EventKind::Enrollment(de(self)?)),
             KIND_REVOCATION => Body::Event(EventKind::Revocation(de(self)?)),
+            KIND_RATE_LIMITED => Body::Event(EventKind::RateLimited(de(self)?)),
             KIND_CHECKPOINT => Body::Checkpoint(de(self)?),
             KIND_RECOVERY => Body::Recovery(de(self)?),
             other => {
@@ -307,6 +308,23 @@ mod tests {
                     source
                 }
             )),
+            (
+                s(),
+                s(),
+                s(),
+                any::<u64>(),
+                proptest::option::of(any::<u64>())
+            )
+                .prop_map(|(caller, target, limit, refused, window_s)| {
+                    EventKind::RateLimited(RateLimited {
+                        caller,
+                        target,
+                        scope: "tenant".into(),
+                        limit,
+                        refused,
+                        window_s,
+                    })
+                }),
         ]
     }
 

@@ -48,6 +48,7 @@ use crate::config::{DelegationConfig, IngressSpec};
 use crate::forward::budget::BodyBudget;
 use crate::forward::budget::BodyPermit;
 use crate::forward::{Delegation, Delegator, ReqBody};
+use crate::limits::FairShed;
 use crate::proto::http::{full, parse_timeout, Body, BoxError, ErrorKind, MeshError};
 use listen::{Conn, Server};
 
@@ -206,6 +207,8 @@ pub struct Ingress {
     delegator: Arc<Delegator>,
     security: Arc<Security>,
     tls: Option<Arc<TlsIngress>>,
+    /// Per-tenant shedding, on a listener that serves several tenants.
+    fair: Option<Arc<FairShed>>,
 }
 
 /// What one ingress listener needs from the node.
@@ -218,6 +221,7 @@ pub struct IngressParts {
     pub delegator: Arc<Delegator>,
     pub security: Arc<Security>,
     pub tls: Option<Arc<TlsIngress>>,
+    pub fair: Option<Arc<FairShed>>,
 }
 
 impl Ingress {
@@ -232,6 +236,7 @@ impl Ingress {
             delegator: p.delegator,
             security: p.security,
             tls: p.tls,
+            fair: p.fair,
         }
     }
 }
@@ -489,6 +494,30 @@ impl Ingress {
             ));
             return MeshError::new(ErrorKind::Forbidden, me, reason).response(None);
         }
+        // Fair shedding and rate limits, before the body is read: a
+        // refusal under flood costs no more than a policy denial. Both are
+        // held until the response (its body, for the limits) is done.
+        let grpc = crate::proto::http::is_grpc(req.headers());
+        let refuse = |e: MeshError| {
+            if grpc {
+                e.grpc_response()
+            } else {
+                e.response(None)
+            }
+        };
+        let _slot = match self.fair.as_ref().map(|f| f.admit(&tenant, me)) {
+            Some(Err(e)) => return refuse(e),
+            Some(Ok(slot)) => Some(slot),
+            None => None,
+        };
+        let limits = match self
+            .delegator
+            .limiter
+            .admit_ingress(&tenant, &caller.id, &host)
+        {
+            Ok(p) => p,
+            Err(e) => return refuse(e),
+        };
         let cfg = &self.cfg;
         let timeout = req
             .headers()
@@ -597,7 +626,6 @@ impl Ingress {
             }
         };
         let mut headers = parts.headers;
-        let grpc = crate::proto::http::is_grpc(&headers);
         if caller.bearer {
             headers.remove(hyper::header::AUTHORIZATION);
         }
@@ -629,7 +657,11 @@ impl Ingress {
             })
             .await;
         drop(permit);
-        outcome.render(request_bytes.as_deref(), grpc)
+        let resp = outcome.render(request_bytes.as_deref(), grpc);
+        match limits {
+            Some(p) => resp.map(|b| crate::forward::body::guarded(b, vec![Box::new(p)])),
+            None => resp,
+        }
     }
 }
 

@@ -524,7 +524,7 @@ impl Security {
             dmsc_audit::EventKind::Revocation(_) => {
                 m.revocations.inc();
             }
-            dmsc_audit::EventKind::Delegation(_) => {}
+            dmsc_audit::EventKind::Delegation(_) | dmsc_audit::EventKind::RateLimited(_) => {}
         }
     }
 

@@ -4,6 +4,7 @@
 
 mod grpc;
 mod hygiene;
+mod limits;
 mod listen;
 mod midresponse;
 mod security;
