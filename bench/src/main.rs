@@ -12,6 +12,10 @@
 //! `dmsc-bench audit`, `jwt`, `handshake` and `auth-e2e` measure what the
 //! security offload costs (see `audit.rs`, `jwt.rs`, `security.rs`).
 //!
+//! `dmsc-bench flood` checks that one tenant's flood (10x its rate limit)
+//! leaves another tenant's latency and error rate as they were (see
+//! `flood.rs`).
+//!
 //! `dmsc-bench balance` compares the registry's selection (P2C on gossiped
 //! load plus local in-flight counts) with round-robin, random and an
 //! omniscient oracle in a deterministic discrete-event simulation of
@@ -20,6 +24,7 @@
 mod audit;
 mod balance;
 mod e2e;
+mod flood;
 mod jwt;
 mod security;
 
@@ -71,6 +76,9 @@ enum Cmd {
     Handshake(security::HandshakeArgs),
     /// Delegation through two nodes with authentication off vs mTLS vs JWT.
     AuthE2e(security::AuthE2eArgs),
+    /// Isolation under flood: tenant B's latency and errors while tenant A
+    /// sends 10x its rate limit, alternating rounds.
+    Flood(flood::FloodArgs),
 }
 
 struct Row {
@@ -311,6 +319,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Jwt(args) => rt()?.block_on(jwt::run(args))?,
         Cmd::Handshake(args) => rt()?.block_on(security::handshake(args))?,
         Cmd::AuthE2e(args) => rt()?.block_on(security::auth_e2e(args))?,
+        Cmd::Flood(args) => rt()?.block_on(flood::run(args))?,
         Cmd::E2eServe => {
             // One worker per available core: pinned to one core, one worker.
             let rt = tokio::runtime::Builder::new_multi_thread()

@@ -111,11 +111,16 @@ impl Delegator {
             };
             // The target's own limit: this node sees every request to it.
             // Held until the response is written.
-            let _permit = match self
-                .limiter
-                .admit_target(&head.tenant, &head.caller, &head.agent)
+            // A node's own fetches (cards) are not the tenant's requests.
+            let own = head.caller.starts_with(super::NODE_CALLER);
+            let _permit = match (!own)
+                .then(|| {
+                    self.limiter
+                        .admit_target(&head.tenant, &head.caller, &head.agent)
+                })
+                .transpose()
             {
-                Ok(p) => p,
+                Ok(p) => p.flatten(),
                 Err(e) => {
                     let e = e.agent(&id);
                     let _ = write_error(&mut send, &e, false, version).await;

@@ -117,6 +117,10 @@ fn idempotent(m: &Method, headers: &hyper::HeaderMap) -> bool {
 
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
+/// The caller id of a node's own requests (card fetches): exempt from the
+/// tenants' target limits.
+pub(crate) const NODE_CALLER: &str = "node:";
+
 fn select_error(me: &str, e: SelectError) -> MeshError {
     let kind = match &e {
         SelectError::UnknownAgent { .. } => ErrorKind::UnknownAgent,
@@ -245,7 +249,7 @@ impl Delegator {
             // A local agent's own limit is checked here (this node is its
             // home); a remote one's on its home node.
             let mut target_permit = None;
-            if sel.node == self.me {
+            if sel.node == self.me && !caller.starts_with(NODE_CALLER) {
                 match self.limiter.admit_target(&tenant, &caller, &id.name) {
                     Ok(p) => target_permit = p,
                     Err(e) => {
@@ -400,7 +404,7 @@ pub async fn fetch_card(
     let outcome = d
         .run(Delegation {
             tenant: id.tenant.clone(),
-            caller: format!("node:{}", d.me),
+            caller: format!("{NODE_CALLER}{}", d.me),
             target: Target::Agent(id.name.clone()),
             deadline: Instant::now() + Duration::from_secs(3),
             trace_id: format!("{:032x}", rand::random::<u128>()),

@@ -496,7 +496,8 @@ impl Ingress {
         }
         // Fair shedding and rate limits, before the body is read: a
         // refusal under flood costs no more than a policy denial. Both are
-        // held until the response (its body, for the limits) is done.
+        // held until the response (its body, for the limits) is done. The
+        // calling tenant's limits: its callers' requests are what it spends.
         let grpc = crate::proto::http::is_grpc(req.headers());
         let refuse = |e: MeshError| {
             if grpc {
@@ -505,7 +506,7 @@ impl Ingress {
                 e.response(None)
             }
         };
-        let _slot = match self.fair.as_ref().map(|f| f.admit(&tenant, me)) {
+        let _slot = match self.fair.as_ref().map(|f| f.admit(&caller.tenant, me)) {
             Some(Err(e)) => return refuse(e),
             Some(Ok(slot)) => Some(slot),
             None => None,
@@ -513,7 +514,7 @@ impl Ingress {
         let limits = match self
             .delegator
             .limiter
-            .admit_ingress(&tenant, &caller.id, &host)
+            .admit_ingress(&caller.tenant, &caller.id, &host)
         {
             Ok(p) => p,
             Err(e) => return refuse(e),

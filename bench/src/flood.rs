@@ -1,0 +1,307 @@
+//! `dmsc-bench flood`: isolation under flood (issue 12, item 4).
+//!
+//! Two nodes in this process: `a` is home to one agent of each of two
+//! tenants (the same 1 KiB backend), `b` has a plain ingress per tenant.
+//! Tenant `a` has a rate limit; tenant `b` sends a steady open-loop load
+//! (latency from each request's intended send time, so queueing is not
+//! hidden) through `b`, in rounds that alternate "quiet" (B alone) and
+//! "flood" (A at `--flood-x` times its limit at the same time), the order
+//! switching every round. Reported: B's p50/p99 per phase and round, the
+//! median p99 of each phase and their ratio (the bound: at most 1.2), every
+//! B request that was not a 200 (the bound: none; a 429 or a shed 503 would
+//! show here), and what A got (admitted rate against its limit).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dmsc_node::config::{RawAgent, RawIngress, RawSkill};
+use dmsc_node::demo::mesh::LocalMesh;
+use dmsc_node::forward::client::Upstream;
+use dmsc_node::limits::{Limit, Rate, TenantLimits};
+use dmsc_node::proto::http::full;
+use http_body_util::BodyExt;
+use hyper::Request;
+
+#[derive(clap::Args, Debug)]
+pub struct FloodArgs {
+    /// Tenant A's mesh-wide limit, requests a second.
+    #[arg(long, default_value_t = 100.0)]
+    pub limit: f64,
+    /// Tenant A's burst.
+    #[arg(long, default_value_t = 20)]
+    pub burst: u32,
+    /// A's load as a multiple of its limit.
+    #[arg(long, default_value_t = 10.0)]
+    pub flood_x: f64,
+    /// Tenant B's steady rate, requests a second.
+    #[arg(long, default_value_t = 200)]
+    pub b_rate: u64,
+    /// Seconds per phase.
+    #[arg(long, default_value_t = 4)]
+    pub secs: u64,
+    /// Rounds (each has a quiet and a flood phase, order alternating).
+    #[arg(long, default_value_t = 6)]
+    pub rounds: usize,
+}
+
+const BODY: usize = 1024;
+
+/// Statuses of one open-loop run, and latencies (ms) of its 200s.
+#[derive(Default)]
+struct Tally {
+    lat: Vec<f64>,
+    ok: u64,
+    limited: u64,
+    shed: u64,
+    other: u64,
+}
+
+async fn one(client: &Upstream, addr: std::net::SocketAddr, host: &str, body: &Bytes) -> u16 {
+    let Ok(req) = Request::post(format!("http://{addr}/"))
+        .header("host", host)
+        .header("content-type", "application/octet-stream")
+        .body(full(body.clone()))
+    else {
+        return 0;
+    };
+    match client.h1.request(req).await {
+        Ok(resp) => {
+            let status = resp.status().as_u16();
+            match resp.into_body().collect().await {
+                Ok(_) => status,
+                Err(_) => 0,
+            }
+        }
+        Err(_) => 0,
+    }
+}
+
+/// Open loop at `rate`/s for `secs` against `host` at `addr`.
+async fn open_loop(
+    client: &Upstream,
+    addr: std::net::SocketAddr,
+    host: &'static str,
+    rate: f64,
+    secs: u64,
+) -> Tally {
+    let body = Bytes::from(vec![b'y'; BODY]);
+    let n = (rate * secs as f64) as u64;
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let start = Instant::now() + Duration::from_millis(5);
+    let mut set = tokio::task::JoinSet::new();
+    let client = Arc::new(client.clone());
+    let mut t = Tally::default();
+    let take = |t: &mut Tally, (status, ms): (u16, f64)| match status {
+        200 => {
+            t.ok += 1;
+            t.lat.push(ms);
+        }
+        429 => t.limited += 1,
+        503 => t.shed += 1,
+        _ => t.other += 1,
+    };
+    for i in 0..n {
+        let due = start + interval.mul_f64(i as f64);
+        let now = Instant::now();
+        if due > now + Duration::from_millis(3) {
+            tokio::time::sleep(due - now - Duration::from_millis(2)).await;
+        }
+        while Instant::now() < due {
+            tokio::task::yield_now().await;
+        }
+        let (client, body) = (client.clone(), body.clone());
+        set.spawn(async move {
+            let s = one(&client, addr, host, &body).await;
+            (s, due.elapsed().as_secs_f64() * 1000.0)
+        });
+        while let Some(r) = set.try_join_next() {
+            if let Ok(r) = r {
+                take(&mut t, r);
+            }
+        }
+    }
+    while let Some(r) = set.join_next().await {
+        if let Ok(r) = r {
+            take(&mut t, r);
+        }
+    }
+    t
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() as f64 * p) as usize).min(v.len() - 1)]
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// `flood`.
+pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
+    let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", backend.local_addr()?);
+    let backend_task = tokio::spawn(crate::e2e::backend(backend));
+    let agent = |tenant: &str| RawAgent {
+        tenant: tenant.into(),
+        url: url.clone(),
+        name: Some("echo".into()),
+        skills: Some(vec![RawSkill {
+            id: "echo".into(),
+            tags: vec!["echo".into()],
+            ..Default::default()
+        }]),
+        ..Default::default()
+    };
+    let mesh = LocalMesh::start(&["a", "b"], "ta", |i, raw| {
+        if i == 0 {
+            raw.agents = vec![agent("ta"), agent("tb")];
+        } else {
+            raw.ingress.push(RawIngress {
+                listen: "127.0.0.1:0".into(),
+                tenant: Some("tb".into()),
+                ..Default::default()
+            });
+        }
+    })
+    .await?;
+    let started = Instant::now();
+    while !mesh.nodes[1]
+        .agent_statuses()
+        .iter()
+        .filter(|a| a.name == "echo")
+        .count()
+        .eq(&2)
+    {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(20),
+            "mesh did not converge"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ingress = mesh.nodes[1].bound().ingress;
+    let (a_addr, b_addr) = (ingress[0], ingress[1]);
+    let client = Upstream::new();
+    // Warm up both tenants' paths before any limit is set.
+    for _ in 0..200 {
+        let body = Bytes::from(vec![b'w'; BODY]);
+        anyhow::ensure!(
+            one(&client, a_addr, "echo.ta.dmsc", &body).await == 200
+                && one(&client, b_addr, "echo.tb.dmsc", &body).await == 200,
+            "warm-up request failed"
+        );
+    }
+    let rate = |per_sec, burst| Limit {
+        rate: Some(Rate { per_sec, burst }),
+        concurrent: None,
+    };
+    for n in &mesh.nodes {
+        n.limiter().set(
+            "ta",
+            Some(TenantLimits {
+                tenant: rate(args.limit, args.burst),
+                ..Default::default()
+            }),
+        );
+        // B has a limit too (well above its load): its requests take the
+        // same path through the limiter as A's.
+        n.limiter().set(
+            "tb",
+            Some(TenantLimits {
+                tenant: rate(args.b_rate as f64 * 5.0, 100),
+                ..Default::default()
+            }),
+        );
+    }
+    let flood_rate = args.limit * args.flood_x;
+    println!(
+        "flood: A limit {} req/s (burst {}), A load {flood_rate} req/s; B load {} req/s; {} s phases, {} rounds",
+        args.limit, args.burst, args.b_rate, args.secs, args.rounds
+    );
+    println!("round  phase   B p50 ms  B p99 ms  B ok  B 429  B 503  B other  A ok/s  A 429/s");
+    let (mut quiet_p99, mut flood_p99) = (Vec::new(), Vec::new());
+    let (mut b_bad, mut a_ok, mut a_limited, mut a_other) = (0u64, 0u64, 0u64, 0u64);
+    for round in 0..args.rounds {
+        let order = if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for flood in order {
+            let a = flood.then(|| {
+                let client = client.clone();
+                let secs = args.secs;
+                tokio::spawn(async move {
+                    open_loop(&client, a_addr, "echo.ta.dmsc", flood_rate, secs).await
+                })
+            });
+            let mut b = open_loop(
+                &client,
+                b_addr,
+                "echo.tb.dmsc",
+                args.b_rate as f64,
+                args.secs,
+            )
+            .await;
+            let a = match a {
+                Some(h) => Some(h.await?),
+                None => None,
+            };
+            let (p50, p99) = (pct(&mut b.lat, 0.5), pct(&mut b.lat, 0.99));
+            b_bad += b.limited + b.shed + b.other;
+            let (a_ok_s, a_lim_s) = match &a {
+                Some(a) => {
+                    a_ok += a.ok;
+                    a_limited += a.limited;
+                    a_other += a.shed + a.other;
+                    (
+                        format!("{:.0}", a.ok as f64 / args.secs as f64),
+                        format!("{:.0}", a.limited as f64 / args.secs as f64),
+                    )
+                }
+                None => ("-".into(), "-".into()),
+            };
+            println!(
+                "{round:>5}  {:<6} {p50:>9.2} {p99:>9.2} {:>5} {:>6} {:>6} {:>8} {a_ok_s:>7} {a_lim_s:>8}",
+                if flood { "flood" } else { "quiet" },
+                b.ok,
+                b.limited,
+                b.shed,
+                b.other
+            );
+            if flood {
+                flood_p99.push(p99);
+            } else {
+                quiet_p99.push(p99);
+            }
+        }
+    }
+    let (q, f) = (median(quiet_p99), median(flood_p99));
+    let flood_secs = (args.secs * args.rounds as u64) as f64;
+    println!(
+        "B p99 median: quiet {q:.2} ms, flood {f:.2} ms, ratio {:.3} (bound 1.2)",
+        f / q
+    );
+    println!("B requests not answered 200: {b_bad} (bound 0)");
+    println!(
+        "A: {:.1} req/s admitted of a {} req/s limit ({:.2}x), {:.0} req/s refused with 429, {a_other} other",
+        a_ok as f64 / flood_secs,
+        args.limit,
+        a_ok as f64 / flood_secs / args.limit,
+        a_limited as f64 / flood_secs
+    );
+    let pass = f / q <= 1.2 && b_bad == 0;
+    println!("{}", if pass { "PASS" } else { "FAIL" });
+    mesh.stop().await;
+    backend_task.abort();
+    Ok(())
+}
