@@ -271,12 +271,20 @@ impl Limiter {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut peers = peers::PeerUsage::default();
+        self.table().set_warmup(warmup(every));
         loop {
             tick.tick().await;
             self.round(&gossip, &mut peers).await;
             debug!("tenant limits: usage exchanged");
         }
     }
+}
+
+/// The warm-up for a gossip round of `every`: a peer that starts seeing
+/// a tenant publishes within a round and is heard everywhere a round or
+/// two later.
+pub fn warmup(every: Duration) -> Duration {
+    (every * 3).max(Duration::from_millis(300))
 }
 
 /// Per-tenant shedding on one multi-tenant listener ([`fair`]).

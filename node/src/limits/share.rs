@@ -14,7 +14,7 @@
 //!
 //! A node that has just started seeing a tenant's traffic does not yet know
 //! whether the other nodes do too (their values may still be on the way),
-//! so for `WARMUP` it counts each live node that published nothing as
+//! so for a warm-up of three gossip rounds it counts each live node that published nothing as
 //! having its own demand: a spray that starts on every node at once is
 //! split evenly from the first request instead of every node taking the
 //! whole limit until gossip catches up. After the warm-up, no value means
@@ -25,7 +25,8 @@ use std::time::Duration;
 /// The share of the limit the floors may add up to across the mesh.
 pub const FLOOR_SLACK: f64 = 0.2;
 /// How long a node that starts seeing a tenant assumes silent peers have
-/// its demand (a few gossip rounds).
+/// its demand, unless the node sets it from its gossip interval (three
+/// rounds, [`super::warmup`]).
 pub const WARMUP: Duration = Duration::from_secs(3);
 
 /// What a node knows when it computes its share.

@@ -184,6 +184,9 @@ pub struct Table {
     live: usize,
     /// Tenants whose limits were removed: their `usage/` key is withdrawn.
     retired: Vec<String>,
+    /// How long a node that starts seeing a tenant assumes silent peers
+    /// are as busy as itself (`None`: [`share::WARMUP`]).
+    warmup: Option<Duration>,
 }
 
 fn describe(l: &Limit, mesh_wide: bool) -> String {
@@ -280,11 +283,18 @@ impl Table {
         self.peers = peers;
     }
 
+    /// Sets the warm-up (a few gossip rounds: long enough for peers that
+    /// started seeing the tenant at the same moment to be heard).
+    pub fn set_warmup(&mut self, warmup: Duration) {
+        self.warmup = Some(warmup);
+    }
+
     /// This node's fraction of `tenant`'s mesh-wide limit now.
     pub fn fraction(&mut self, tenant: &str, now: Instant) -> f64 {
         let (live, peers) = (self.live, self.peers.get(tenant).copied());
+        let warmup = self.warmup.unwrap_or(share::WARMUP);
         match self.tenants.get_mut(tenant) {
-            Some(s) => fraction_of(s, live, peers, now),
+            Some(s) => fraction_of(s, live, peers, warmup, now),
             None => 1.0,
         }
     }
@@ -299,6 +309,7 @@ impl Table {
         now: Instant,
     ) -> Result<Held, Refused> {
         let (live, peers) = (self.live, self.peers.get(tenant).copied());
+        let warmup = self.warmup.unwrap_or(share::WARMUP);
         let Some(s) = self.tenants.get_mut(tenant) else {
             return Ok(Held::default());
         };
@@ -306,7 +317,7 @@ impl Table {
             s.active_since = Some(now);
         }
         s.demand.note(now);
-        let f = fraction_of(s, live, peers, now);
+        let f = fraction_of(s, live, peers, warmup, now);
         let (whole_l, caller_l) = (s.limits.tenant, s.limits.caller(caller));
         let mut held = Held::default();
         let caller_e = if caller_l.is_none() {
@@ -482,11 +493,17 @@ fn rate_of(l: &Limit) -> (f64, f64) {
         .unwrap_or((0.0, 0.0))
 }
 
-fn fraction_of(s: &mut TenantState, live: usize, peers: Option<Peers>, now: Instant) -> f64 {
+fn fraction_of(
+    s: &mut TenantState,
+    live: usize,
+    peers: Option<Peers>,
+    warmup: Duration,
+    now: Instant,
+) -> f64 {
     let peers = peers.unwrap_or_default();
     let warming = s
         .active_since
-        .is_some_and(|t| now.saturating_duration_since(t) < share::WARMUP);
+        .is_some_and(|t| now.saturating_duration_since(t) < warmup);
     // Within the band where nothing is republished, use what the others
     // see of this node: every node then divides by the same numbers and
     // the fractions add up to one (fresh own against stale others would
@@ -667,6 +684,24 @@ mod tests {
         // An idle node of the three has the floor.
         t.set("idle", Some(TenantLimits::default()), t0);
         assert_eq!(t.fraction("idle", later), share::FLOOR_SLACK / 3.0);
+    }
+
+    #[test]
+    fn silent_peers_count_as_busy_only_during_the_warm_up() {
+        let t0 = Instant::now();
+        let mut t = table(
+            TenantLimits {
+                tenant: rate(90.0, 9),
+                ..Default::default()
+            },
+            t0,
+        );
+        t.set_peers(3, HashMap::new());
+        t.set_warmup(300 * MS);
+        assert!(t.admit_ingress("acme", "c", t0).is_ok());
+        assert_eq!(t.fraction("acme", t0 + 299 * MS), 1.0 / 3.0);
+        // Nobody else spoke up: the tenant's traffic is all here.
+        assert_eq!(t.fraction("acme", t0 + 300 * MS), 1.0);
     }
 
     #[test]

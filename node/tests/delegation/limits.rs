@@ -26,7 +26,12 @@ fn set_everywhere(mesh: &LocalMesh, limits: &TenantLimits) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spray_over_three_nodes_is_held_to_the_mesh_wide_limit() {
-    let mesh = Arc::new(mesh3(|_, _| {}).await);
+    let mesh = Arc::new(
+        mesh3(|_, raw| {
+            raw.audit.enabled = Some(true);
+        })
+        .await,
+    );
     let echo = agent("echo", &["echo"], "echoes").await;
     attach_routable(&mesh, 0, &echo, "echo").await;
     const LIMIT: f64 = 20.0;
@@ -111,6 +116,26 @@ async fn a_spray_over_three_nodes_is_held_to_the_mesh_wide_limit() {
         n
     };
     assert_eq!(counted, limited, "every refusal counted");
+    // Audited, sampled: at most the first few per node in the window.
+    let mut audited = 0;
+    for (i, node) in mesh.nodes.iter().enumerate() {
+        let audit = node.security().audit.as_ref().expect("audit on");
+        audit.flush().await.expect("flush");
+        let dir = mesh.node_dir(i).join("data").join("audit");
+        let n = dmsc_audit::tail(&dir, None)
+            .expect("tail")
+            .filter(|l| l.as_ref().is_ok_and(|l| l.kind == "rate_limited"))
+            .count();
+        assert!(
+            n <= dmsc_node::limits::AUDIT_PER_WINDOW as usize,
+            "node {i}: {n} entries"
+        );
+        audited += n;
+    }
+    assert!(
+        audited >= 3,
+        "each node audited its first refusals: {audited}"
+    );
     let mesh = Arc::into_inner(mesh).expect("sole owner");
     mesh.stop().await;
 }
