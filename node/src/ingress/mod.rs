@@ -113,13 +113,7 @@ async fn read_buffered(
 /// The mesh error with `Retry-After` (whole seconds, at least 1): 503 at a
 /// node bound, 429 at a caller's rate limit; either may succeed later.
 fn retry_later(e: MeshError, after: std::time::Duration) -> Response<Body> {
-    let mut resp = e.response(None);
-    let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-    resp.headers_mut().insert(
-        hyper::header::RETRY_AFTER,
-        hyper::header::HeaderValue::from(secs.max(1)),
-    );
-    resp
+    e.retry_after(after).response(None)
 }
 
 /// What a host name asks for.

@@ -18,7 +18,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use dmsc_gossip::Gossip;
-use tracing::debug;
 
 use crate::metrics::{DelegationMetrics, TenantScopeLabels};
 use crate::proto::http::{ErrorKind, MeshError};
@@ -275,7 +274,6 @@ impl Limiter {
         loop {
             tick.tick().await;
             self.round(&gossip, &mut peers).await;
-            debug!("tenant limits: usage exchanged");
         }
     }
 }
