@@ -97,7 +97,7 @@ impl Concurrency {
 pub const DEMAND_PERIOD: Duration = Duration::from_secs(1);
 
 /// The shortest span a rate is measured over.
-pub const DEMAND_MIN_SPAN: Duration = Duration::from_millis(250);
+pub const DEMAND_MIN_SPAN: Duration = Duration::from_millis(100);
 
 /// Requests a second asked of this node (admitted and refused alike: a
 /// node whose callers are refused still has that demand, and its share
@@ -217,7 +217,7 @@ mod tests {
         for _ in 0..5 {
             d.note(t0);
         }
-        assert_eq!(d.rate(t0), 20.0, "5 over the shortest span");
+        assert_eq!(d.rate(t0), 50.0, "5 over the shortest span");
         assert_eq!(d.rate(t0 + 500 * MS), 10.0, "so far this period");
         assert_eq!(d.rate(t0 + 1000 * MS), 5.0, "the last whole period");
         for _ in 0..8 {
