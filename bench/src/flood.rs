@@ -6,7 +6,9 @@
 //! through `b` (each request its own task, so a slow answer never holds
 //! back the next), in rounds that alternate "quiet" (B alone) and
 //! "flood" (A at `--flood-x` times its limit at the same time), the order
-//! switching every round. Reported: B's p50/p99 per phase and round, the
+//! switching every round. In the quiet phases A sends `--quiet-x` times its
+//! limit (default 1: A at its limit, so the comparison is what the flood's
+//! excess costs B; 0: A silent). Reported: B's p50/p99 per phase and round, the
 //! median p99 of each phase and their ratio (the bound: at most 1.2), every
 //! B request that was not a 200 (the bound: none; a 429 or a shed 503 would
 //! show here), and what A got (admitted rate against its limit).
@@ -22,6 +24,7 @@ use dmsc_node::limits::{Limit, Rate, TenantLimits};
 use dmsc_node::proto::http::full;
 use http_body_util::BodyExt;
 use hyper::Request;
+use serde::{Deserialize, Serialize};
 
 #[derive(clap::Args, Debug)]
 pub struct FloodArgs {
@@ -31,9 +34,14 @@ pub struct FloodArgs {
     /// Tenant A's burst.
     #[arg(long, default_value_t = 20)]
     pub burst: u32,
-    /// A's load as a multiple of its limit.
+    /// A's load in the flood phases, as a multiple of its limit.
     #[arg(long, default_value_t = 10.0)]
     pub flood_x: f64,
+    /// A's load in the quiet phases, as a multiple of its limit: 1 (A at
+    /// its limit: what the flood adds is the excess the limiter refuses),
+    /// or 0 (A silent: the flood's admitted part counts too).
+    #[arg(long, default_value_t = 1.0)]
+    pub quiet_x: f64,
     /// Tenant B's steady rate, requests a second.
     #[arg(long, default_value_t = 200)]
     pub b_rate: u64,
@@ -43,6 +51,9 @@ pub struct FloodArgs {
     /// Rounds (each has a quiet and a flood phase, order alternating).
     #[arg(long, default_value_t = 6)]
     pub rounds: usize,
+    /// `flood-load`: the JSON line `flood-serve` printed.
+    #[arg(long)]
+    pub addrs: Option<String>,
 }
 
 const BODY: usize = 1024;
@@ -153,8 +164,21 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// `flood`.
-pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
+/// The two nodes, the backend and the limits.
+struct Served {
+    mesh: LocalMesh,
+    backend: tokio::task::JoinHandle<()>,
+    addrs: Addrs,
+}
+
+/// Where tenant A's and tenant B's ingress listen (`flood-serve` prints it).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Addrs {
+    pub a: std::net::SocketAddr,
+    pub b: std::net::SocketAddr,
+}
+
+async fn setup(args: &FloodArgs) -> anyhow::Result<Served> {
     let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", backend.local_addr()?);
     let backend_task = tokio::spawn(crate::e2e::backend(backend));
@@ -199,16 +223,6 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
     }
     let ingress = mesh.nodes[1].bound().ingress;
     let (a_addr, b_addr) = (ingress[0], ingress[1]);
-    let client = Upstream::new();
-    // Warm up both tenants' paths before any limit is set.
-    for _ in 0..200 {
-        let body = Bytes::from(vec![b'w'; BODY]);
-        anyhow::ensure!(
-            one(&client, a_addr, "echo.ta.dmsc", &body).await == 200
-                && one(&client, b_addr, "echo.tb.dmsc", &body).await == 200,
-            "warm-up request failed"
-        );
-    }
     let rate = |per_sec, burst| Limit {
         rate: Some(Rate { per_sec, burst }),
         concurrent: None,
@@ -231,9 +245,63 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
             }),
         );
     }
+    Ok(Served {
+        mesh,
+        backend: backend_task,
+        addrs: Addrs {
+            a: a_addr,
+            b: b_addr,
+        },
+    })
+}
+
+impl Served {
+    /// What the flood cost the audit log of the ingress node; stops all.
+    async fn finish(self) -> anyhow::Result<()> {
+        let mesh = &self.mesh;
+        // What the flood cost the audit log of the ingress node.
+        if let Some(audit) = mesh.nodes[1].security().audit.as_ref() {
+            audit.flush().await?;
+            let dir = mesh.node_dir(1).join("data").join("audit");
+            let (mut entries, mut refused) = (0u64, 0u64);
+            for line in dmsc_audit::tail(&dir, None)? {
+                let line = line?;
+                if line.kind == "rate_limited" {
+                    entries += 1;
+                    refused += line.detail["refused"].as_u64().unwrap_or(0);
+                }
+            }
+            println!(
+            "audit: {entries} rate_limited entries standing for {refused} refusals (the window still open is written when it closes)"
+        );
+        }
+        self.mesh.stop().await;
+        self.backend.abort();
+        Ok(())
+    }
+}
+
+/// Warms both paths (A may already be limited), then runs the phases.
+async fn phases(args: &FloodArgs, addrs: &Addrs) -> anyhow::Result<bool> {
+    let (a_addr, b_addr) = (addrs.a, addrs.b);
+    let client = Upstream::new();
+    // Warm both paths (connections, pools); the limits are already set,
+    // so a quick warm-up may meet them.
+    for _ in 0..200 {
+        let body = Bytes::from(vec![b'w'; BODY]);
+        for (addr, host) in [(a_addr, "echo.ta.dmsc"), (b_addr, "echo.tb.dmsc")] {
+            let status = one(&client, addr, host, &body).await;
+            anyhow::ensure!(
+                status == 200 || status == 429,
+                "warm-up request to {host} answered {status}"
+            );
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let flood_rate = args.limit * args.flood_x;
+    let quiet_rate = args.limit * args.quiet_x;
     println!(
-        "flood: A limit {} req/s (burst {}), A load {flood_rate} req/s; B load {} req/s; {} s phases, {} rounds",
+        "flood: A limit {} req/s (burst {}), A load {flood_rate} req/s in flood phases, {quiet_rate} req/s in quiet ones; B load {} req/s; {} s phases, {} rounds",
         args.limit, args.burst, args.b_rate, args.secs, args.rounds
     );
     println!("audit log on (fsync batch); A's 429s are audited sampled");
@@ -247,12 +315,13 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
             [true, false]
         };
         for flood in order {
-            let a = flood.then(|| {
+            let a_rate = if flood { flood_rate } else { quiet_rate };
+            let a = (a_rate > 0.0).then(|| {
                 let client = client.clone();
                 let secs = args.secs;
                 tokio::spawn(async move {
-                    let tick = Duration::from_millis(10);
-                    open_loop(&client, a_addr, "echo.ta.dmsc", flood_rate, secs, tick).await
+                    let tick = Duration::from_millis(1);
+                    open_loop(&client, a_addr, "echo.ta.dmsc", a_rate, secs, tick).await
                 })
             });
             let tick = Duration::from_secs_f64(1.0 / args.b_rate as f64);
@@ -273,8 +342,10 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
             b_bad += b.limited + b.shed + b.other;
             let (a_ok_s, a_lim_s) = match &a {
                 Some(a) => {
-                    a_ok += a.ok;
-                    a_limited += a.limited;
+                    if flood {
+                        a_ok += a.ok;
+                        a_limited += a.limited;
+                    }
                     a_other += a.shed + a.other;
                     (
                         format!("{:.0}", a.ok as f64 / args.secs as f64),
@@ -306,31 +377,44 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
     );
     println!("B requests not answered 200: {b_bad} (bound 0)");
     println!(
-        "A: {:.1} req/s admitted of a {} req/s limit ({:.2}x), {:.0} req/s refused with 429, {a_other} other",
+        "A in the flood phases: {:.1} req/s admitted of a {} req/s limit ({:.2}x), {:.0} req/s refused with 429; A requests neither 200 nor 429: {a_other}",
         a_ok as f64 / flood_secs,
         args.limit,
         a_ok as f64 / flood_secs / args.limit,
         a_limited as f64 / flood_secs
     );
-    // What the flood cost the audit log of the ingress node.
-    if let Some(audit) = mesh.nodes[1].security().audit.as_ref() {
-        audit.flush().await?;
-        let dir = mesh.node_dir(1).join("data").join("audit");
-        let (mut entries, mut refused) = (0u64, 0u64);
-        for line in dmsc_audit::tail(&dir, None)? {
-            let line = line?;
-            if line.kind == "rate_limited" {
-                entries += 1;
-                refused += line.detail["refused"].as_u64().unwrap_or(0);
-            }
-        }
-        println!(
-            "audit: {entries} rate_limited entries for {a_limited} refusals ({refused} accounted so far; the open window's aggregate is written when it closes)"
-        );
-    }
     let pass = f / q <= 1.2 && b_bad == 0;
     println!("{}", if pass { "PASS" } else { "FAIL" });
-    mesh.stop().await;
-    backend_task.abort();
+    Ok(pass)
+}
+
+/// `flood`: everything in this process.
+pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
+    let served = setup(&args).await?;
+    phases(&args, &served.addrs).await?;
+    served.finish().await
+}
+
+/// `flood-serve`: backend and nodes; prints the addresses; serves until
+/// stdin closes, then reports the audit log.
+pub async fn serve(args: FloodArgs) -> anyhow::Result<()> {
+    let served = setup(&args).await?;
+    println!("{}", serde_json::to_string(&served.addrs)?);
+    let _ = tokio::task::spawn_blocking(|| {
+        let mut sink = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink)
+    })
+    .await;
+    served.finish().await
+}
+
+/// `flood-load`: the phases against a `flood-serve`.
+pub async fn load(args: FloodArgs) -> anyhow::Result<()> {
+    let addrs: Addrs = serde_json::from_str(
+        args.addrs
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("--addrs: the JSON line flood-serve printed"))?,
+    )?;
+    phases(&args, &addrs).await?;
     Ok(())
 }

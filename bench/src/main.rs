@@ -79,6 +79,10 @@ enum Cmd {
     /// Isolation under flood: tenant B's latency and errors while tenant A
     /// sends 10x its rate limit, alternating rounds.
     Flood(flood::FloodArgs),
+    /// The flood benchmark's servers (backend, two nodes): run via bench/flood.sh.
+    FloodServe(flood::FloodArgs),
+    /// The flood benchmark's load (A and B): run via bench/flood.sh.
+    FloodLoad(flood::FloodArgs),
 }
 
 struct Row {
@@ -320,6 +324,14 @@ fn main() -> anyhow::Result<()> {
         Cmd::Handshake(args) => rt()?.block_on(security::handshake(args))?,
         Cmd::AuthE2e(args) => rt()?.block_on(security::auth_e2e(args))?,
         Cmd::Flood(args) => rt()?.block_on(flood::run(args))?,
+        Cmd::FloodServe(args) => rt()?.block_on(flood::serve(args))?,
+        Cmd::FloodLoad(args) => {
+            // One thread, on its own core (bench/flood.sh pins it).
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(flood::load(args))?
+        }
         Cmd::E2eServe => {
             // One worker per available core: pinned to one core, one worker.
             let rt = tokio::runtime::Builder::new_multi_thread()
