@@ -49,6 +49,7 @@ pub enum EventKind {
     TenantKey(TenantKey),
     Policy(PolicyChange),
     Masked(Masked),
+    RateLimited(RateLimited),
 }
 
 impl EventKind {
@@ -63,6 +64,7 @@ impl EventKind {
             EventKind::TenantKey(_) => KIND_TENANT_KEY,
             EventKind::Policy(_) => KIND_POLICY,
             EventKind::Masked(_) => KIND_MASKED,
+            EventKind::RateLimited(_) => KIND_RATE_LIMITED,
         }
     }
 }
@@ -75,6 +77,7 @@ pub(crate) const KIND_REVOCATION: &str = "revocation";
 pub(crate) const KIND_TENANT_KEY: &str = "tenant_key";
 pub(crate) const KIND_POLICY: &str = "policy";
 pub(crate) const KIND_MASKED: &str = "masked";
+pub(crate) const KIND_RATE_LIMITED: &str = "rate_limited";
 pub(crate) const KIND_CHECKPOINT: &str = "checkpoint";
 pub(crate) const KIND_RECOVERY: &str = "recovery";
 
@@ -92,6 +95,7 @@ impl Serialize for DetailRef<'_> {
             EventKind::TenantKey(d) => d.serialize(s),
             EventKind::Policy(d) => d.serialize(s),
             EventKind::Masked(d) => d.serialize(s),
+            EventKind::RateLimited(d) => d.serialize(s),
         }
     }
 }
@@ -236,6 +240,27 @@ pub struct TenantKey {
     pub source: String,
 }
 
+/// Requests a tenant rate limit refused (429). Under a flood the log is
+/// sampled: the first refusals of a tenant and scope in a window are one
+/// entry each (`refused: 1`), the rest of the window one entry with the
+/// count and `window_s` set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateLimited {
+    /// The calling agent (empty in an aggregate entry).
+    pub caller: String,
+    /// What was asked for (empty in an aggregate entry).
+    pub target: String,
+    /// Which limit: `tenant` (mesh-wide), `caller` or `target`.
+    pub scope: String,
+    /// The limit, as the caller was told (e.g. `10 requests/s (burst 5) mesh-wide`).
+    pub limit: String,
+    /// How many refusals this entry stands for.
+    pub refused: u64,
+    /// Set on an aggregate entry: the window it sums, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_s: Option<u64>,
+}
+
 /// A signed statement over the chain so far; written by the log itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
@@ -272,7 +297,8 @@ into_kind!(
     AuthFailure,
     Enrollment,
     Revocation,
-    TenantKey
+    TenantKey,
+    RateLimited
 );
 
 impl From<Masked> for EventKind {

@@ -15,8 +15,8 @@ use sha2::{Digest, Sha256};
 
 use crate::event::{
     Checkpoint, EventKind, Recovery, KIND_AUTH_FAILURE, KIND_CHECKPOINT, KIND_DELEGATION,
-    KIND_DENIED, KIND_ENROLLMENT, KIND_MASKED, KIND_POLICY, KIND_RECOVERY, KIND_REVOCATION,
-    KIND_TENANT_KEY,
+    KIND_DENIED, KIND_ENROLLMENT, KIND_MASKED, KIND_POLICY, KIND_RATE_LIMITED, KIND_RECOVERY,
+    KIND_REVOCATION, KIND_TENANT_KEY,
 };
 use crate::AuditError;
 
@@ -79,6 +79,7 @@ impl Line {
             KIND_ENROLLMENT => Body::Event(EventKind::Enrollment(de(self)?)),
             KIND_REVOCATION => Body::Event(EventKind::Revocation(de(self)?)),
             KIND_TENANT_KEY => Body::Event(EventKind::TenantKey(de(self)?)),
+            KIND_RATE_LIMITED => Body::Event(EventKind::RateLimited(de(self)?)),
             KIND_CHECKPOINT => Body::Checkpoint(de(self)?),
             KIND_RECOVERY => Body::Recovery(de(self)?),
             other => {
@@ -315,6 +316,23 @@ mod tests {
                     source
                 }
             )),
+            (
+                s(),
+                s(),
+                s(),
+                any::<u64>(),
+                proptest::option::of(any::<u64>())
+            )
+                .prop_map(|(caller, target, limit, refused, window_s)| {
+                    EventKind::RateLimited(RateLimited {
+                        caller,
+                        target,
+                        scope: "tenant".into(),
+                        limit,
+                        refused,
+                        window_s,
+                    })
+                }),
         ]
     }
 

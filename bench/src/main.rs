@@ -15,6 +15,10 @@
 //! `dmsc-bench mask` measures masking throughput on JSON and SSE bodies
 //! (see `mask.rs`).
 //!
+//! `dmsc-bench flood` checks that one tenant's flood (10x its rate limit)
+//! leaves another tenant's latency and error rate as they were (see
+//! `flood.rs`).
+//!
 //! `dmsc-bench balance` compares the registry's selection (P2C on gossiped
 //! load plus local in-flight counts) with round-robin, random and an
 //! omniscient oracle in a deterministic discrete-event simulation of
@@ -23,6 +27,7 @@
 mod audit;
 mod balance;
 mod e2e;
+mod flood;
 mod jwt;
 mod mask;
 mod policy;
@@ -80,6 +85,13 @@ enum Cmd {
     Policy(policy::PolicyArgs),
     /// Masking throughput (MB/s) on a ~64 KiB A2A body: JSON and SSE.
     Mask(mask::MaskArgs),
+    /// Isolation under flood: tenant B's latency and errors while tenant A
+    /// sends 10x its rate limit, alternating rounds.
+    Flood(flood::FloodArgs),
+    /// The flood benchmark's servers (backend, two nodes): run via bench/flood.sh.
+    FloodServe(flood::FloodArgs),
+    /// The flood benchmark's load (A and B): run via bench/flood.sh.
+    FloodLoad(flood::FloodArgs),
 }
 
 struct Row {
@@ -322,6 +334,15 @@ fn main() -> anyhow::Result<()> {
         Cmd::AuthE2e(args) => rt()?.block_on(security::auth_e2e(args))?,
         Cmd::Policy(args) => policy::run(args)?,
         Cmd::Mask(args) => mask::run(args)?,
+        Cmd::Flood(args) => rt()?.block_on(flood::run(args))?,
+        Cmd::FloodServe(args) => rt()?.block_on(flood::serve(args))?,
+        Cmd::FloodLoad(args) => {
+            // One thread, on its own core (bench/flood.sh pins it).
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(flood::load(args))?
+        }
         Cmd::E2eServe => {
             // One worker per available core: pinned to one core, one worker.
             let rt = tokio::runtime::Builder::new_multi_thread()

@@ -45,6 +45,7 @@ pub use crate::admin::Bound;
 pub struct App {
     shared: Arc<Shared>,
     body_budget: Arc<BodyBudget>,
+    limiter: Arc<crate::limits::Limiter>,
     tasks: JoinSet<()>,
     audit: Option<dmsc_audit::AuditTask>,
 }
@@ -200,6 +201,25 @@ impl App {
             delegation_metrics.buffered_bytes.clone(),
             delegation_metrics.budget_refusals.clone(),
         );
+        let limiter =
+            crate::limits::Limiter::new(&name, security.clone(), delegation_metrics.clone());
+        // A tenant's limits are its policy's: set now for the policies
+        // loaded at start, and again whenever one comes into force.
+        {
+            let l = limiter.clone();
+            security.policies.watch(Box::new(move |p| {
+                l.set(
+                    &p.tenant,
+                    crate::limits::TenantLimits::from_policy(&p.limits),
+                );
+            }));
+        }
+        tasks.spawn(
+            limiter
+                .clone()
+                .run(gossip.clone(), config.gossip_interval)
+                .in_current_span(),
+        );
         let delegator = Arc::new(Delegator {
             me: name.clone(),
             mesh: mesh.clone(),
@@ -211,6 +231,7 @@ impl App {
             budget: body_budget.clone(),
             security: security.clone(),
             region: config.region.clone(),
+            limiter: limiter.clone(),
         });
         let agents = AgentsCtx {
             agents: local_agents,
@@ -254,6 +275,15 @@ impl App {
             } else {
                 None
             };
+            // A listener of several tenants splits its in-flight budget
+            // fairly between them; a plain one serves one tenant.
+            let fair = spec.tenant.is_none().then(|| {
+                crate::limits::FairShed::new(
+                    &format!("ingress:{addr}"),
+                    config.limits.max_in_flight_per_listener,
+                    delegation_metrics.clone(),
+                )
+            });
             let ingress = Ingress::new(IngressParts {
                 spec: spec.clone(),
                 listen: addr,
@@ -263,6 +293,7 @@ impl App {
                 delegator: delegator.clone(),
                 security: security.clone(),
                 tls,
+                fair,
             });
             let server = listeners.server(format!("ingress:{addr}"), Protocols::Auto);
             tasks.spawn(ingress.serve(listener, server).in_current_span());
@@ -354,6 +385,7 @@ impl App {
         Ok(App {
             shared,
             body_budget,
+            limiter,
             tasks,
             audit,
         })
@@ -402,6 +434,12 @@ impl App {
     /// The node-wide budget for buffered request bodies.
     pub fn body_budget(&self) -> &Arc<BodyBudget> {
         &self.body_budget
+    }
+
+    /// The node's tenant limits: set a tenant's with
+    /// [`crate::limits::Limiter::set`] when its policy changes.
+    pub fn limiter(&self) -> &Arc<crate::limits::Limiter> {
+        &self.limiter
     }
 
     /// The Prometheus text `/metrics` serves.

@@ -33,6 +33,7 @@ pub mod config;
 pub mod control;
 pub mod forward;
 pub mod ingress;
+pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod proto;
@@ -113,8 +114,8 @@ mod layering {
     /// Top-level modules, lowest layer first. `demo` and `ops` stand apart:
     /// they may use everything, and nothing on the request path uses them.
     const LAYERS: &[&str] = &[
-        "proto", "config", "metrics", "security", "policy", "route", "forward", "ingress",
-        "control", "admin", "app", "ops", "demo",
+        "proto", "config", "metrics", "security", "policy", "limits", "route", "forward",
+        "ingress", "control", "admin", "app", "ops", "demo",
     ];
 
     fn layer_of(module: &str) -> Option<usize> {

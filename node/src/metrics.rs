@@ -34,6 +34,19 @@ pub struct DelegationLabels {
     pub outcome: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantScopeLabels {
+    pub tenant: String,
+    /// `tenant` (mesh-wide), `caller` or `target`.
+    pub scope: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantListenerLabels {
+    pub tenant: String,
+    pub listener: String,
+}
+
 /// Counters the delegation path bumps directly (cheap: atomics behind a
 /// read-mostly label map).
 #[derive(Clone, Debug)]
@@ -47,6 +60,11 @@ pub struct DelegationMetrics {
     pub buffered_bytes: Gauge<i64, AtomicI64>,
     /// Requests refused with 503 because the body budget was spent.
     pub budget_refusals: Counter<u64, AtomicU64>,
+    /// Requests refused (429) by a tenant rate limit, by tenant and scope.
+    pub rate_limited: Family<TenantScopeLabels, Counter<u64, AtomicU64>>,
+    /// Requests shed (503) on a multi-tenant listener because their tenant
+    /// held its fair share of the listener's in-flight budget.
+    pub tenant_shed: Family<TenantListenerLabels, Counter<u64, AtomicU64>>,
     /// All delegations recorded (the sum over `requests`), for tests and status.
     count: Arc<AtomicU64>,
 }
@@ -63,6 +81,8 @@ impl Default for DelegationMetrics {
             inbound: Family::default(),
             buffered_bytes: Gauge::default(),
             budget_refusals: Counter::default(),
+            rate_limited: Family::default(),
+            tenant_shed: Family::default(),
             count: Arc::default(),
         }
     }
@@ -390,6 +410,16 @@ impl Metrics {
             "body_budget_refusals",
             "Requests refused with 503 because buffering their body would exceed delegation.max_buffered_total",
             m.delegation.budget_refusals.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Requests refused with 429 by a tenant rate limit, by tenant and scope (tenant, caller, target)",
+            m.delegation.rate_limited.clone(),
+        );
+        registry.register(
+            "tenant_shed",
+            "Requests shed with 503 on a multi-tenant listener: their tenant held its fair share of the in-flight budget",
+            m.delegation.tenant_shed.clone(),
         );
         let sec = &m.security;
         registry.register(

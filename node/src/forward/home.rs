@@ -134,6 +134,24 @@ impl Delegator {
                     );
                 }
             };
+            // The target's own limit: this node sees every request to it.
+            // Held until the response is written.
+            // A node's own fetches (cards) are not the tenant's requests.
+            let own = head.caller.starts_with(super::NODE_CALLER);
+            let _permit = match (!own)
+                .then(|| {
+                    self.limiter
+                        .admit_target(&head.tenant, &head.caller, &head.agent)
+                })
+                .transpose()
+            {
+                Ok(p) => p.flatten(),
+                Err(e) => {
+                    let e = e.agent(&id);
+                    let _ = write_error(&mut send, &e, false, version).await;
+                    return (e.kind.as_str().to_string(), Some(e.kind.status().as_u16()));
+                }
+            };
             // This node's own ceiling, whatever the calling node asks for.
             let budget = Duration::from_millis(head.deadline_ms).min(self.cfg.max_timeout);
             let deadline = Instant::now() + budget;

@@ -47,7 +47,7 @@ use client::Upstream;
 use fault::BodyWatch;
 use local::{deliver_local, LocalAgents, ToAgent, CARD_PATHS};
 
-mod body;
+pub(crate) mod body;
 pub mod budget;
 pub mod client;
 pub mod fault;
@@ -110,6 +110,8 @@ pub struct Delegator {
     pub(crate) security: Arc<crate::security::Security>,
     /// This node's region (a tenant policy may keep data tags inside it).
     pub(crate) region: String,
+    /// Tenant limits: a target's limit is checked here, on its home node.
+    pub(crate) limiter: Arc<crate::limits::Limiter>,
 }
 
 /// A request that may safely be sent again: an idempotent method, or any
@@ -123,6 +125,10 @@ fn idempotent(m: &Method, headers: &hyper::HeaderMap) -> bool {
 }
 
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// The caller id of a node's own requests (card fetches): exempt from the
+/// tenants' target limits.
+pub(crate) const NODE_CALLER: &str = "node:";
 
 fn select_error(me: &str, e: SelectError) -> MeshError {
     let kind = match &e {
@@ -370,6 +376,21 @@ impl Delegator {
                     None => return Outcome::Failed(plan.exhausted(&self.me)),
                 },
             };
+            // A local agent's own limit is checked here (this node is its
+            // home); a remote one's on its home node.
+            let mut target_permit = None;
+            if sel.node == self.me && !caller.starts_with(NODE_CALLER) {
+                match self.limiter.admit_target(&tenant, &caller, &id.name) {
+                    Ok(p) => target_permit = p,
+                    Err(e) => {
+                        debug!(agent = %id, error = %e, "target rate limit");
+                        match plan.failed(id.clone(), Failure::NotDelivered(e)).next {
+                            Next::Retry => continue,
+                            Next::Stop(e) => return Outcome::Failed(e),
+                        }
+                    }
+                }
+            }
             let (_, outstanding) = self.mesh.begin(&id);
             debug!(agent = %id, node = %sel.node, attempt = plan.made(), why = %sel.why, "delegating");
             let result = if sel.node == self.me {
@@ -439,12 +460,24 @@ impl Delegator {
                         why: sel.why,
                         attempts: plan.made(),
                     };
-                    return Outcome::Served(
-                        served,
-                        resp.map(|b| guarded(b, vec![Box::new(outstanding)])),
-                    );
+                    let mut guards: Vec<Box<dyn Send + Sync>> = vec![Box::new(outstanding)];
+                    if let Some(p) = target_permit {
+                        guards.push(Box::new(p));
+                    }
+                    return Outcome::Served(served, resp.map(|b| guarded(b, guards)));
                 }
                 Err(f) => local::blame(f, &watch, &self.me),
+            };
+            // A home node's refusal by the target's limit crosses the
+            // overlay without its wait; this node knows the same limits.
+            let failure = match failure {
+                Failure::NotDelivered(e)
+                    if e.kind == ErrorKind::RateLimited && e.retry_after.is_none() =>
+                {
+                    let wait = self.limiter.target_wait(&tenant, &id.name);
+                    Failure::NotDelivered(e.retry_after(wait))
+                }
+                f => f,
             };
             let home_refused = matches!(&failure, Failure::NotDelivered(e)
                 if matches!(e.kind, ErrorKind::Forbidden | ErrorKind::PolicyViolation));
@@ -664,7 +697,7 @@ pub async fn fetch_card(
     let outcome = d
         .run(Delegation {
             tenant: id.tenant.clone(),
-            caller: format!("node:{}", d.me),
+            caller: format!("{NODE_CALLER}{}", d.me),
             caller_tenant: id.tenant.clone(),
             data_tags: Vec::new(),
             target: Target::Agent(id.name.clone()),

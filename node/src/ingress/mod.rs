@@ -48,6 +48,7 @@ use crate::config::{DelegationConfig, IngressSpec};
 use crate::forward::budget::BodyBudget;
 use crate::forward::budget::BodyPermit;
 use crate::forward::{Delegation, Delegator, ReqBody};
+use crate::limits::FairShed;
 use crate::proto::http::{full, parse_timeout, Body, BoxError, ErrorKind, MeshError};
 use listen::{Conn, Server};
 
@@ -124,13 +125,7 @@ async fn read_buffered(
 /// The mesh error with `Retry-After` (whole seconds, at least 1): 503 at a
 /// node bound, 429 at a caller's rate limit; either may succeed later.
 fn retry_later(e: MeshError, after: std::time::Duration) -> Response<Body> {
-    let mut resp = e.response(None);
-    let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-    resp.headers_mut().insert(
-        hyper::header::RETRY_AFTER,
-        hyper::header::HeaderValue::from(secs.max(1)),
-    );
-    resp
+    e.retry_after(after).response(None)
 }
 
 /// What a host name asks for.
@@ -218,6 +213,8 @@ pub struct Ingress {
     delegator: Arc<Delegator>,
     security: Arc<Security>,
     tls: Option<Arc<TlsIngress>>,
+    /// Per-tenant shedding, on a listener that serves several tenants.
+    fair: Option<Arc<FairShed>>,
 }
 
 /// What one ingress listener needs from the node.
@@ -230,6 +227,7 @@ pub struct IngressParts {
     pub delegator: Arc<Delegator>,
     pub security: Arc<Security>,
     pub tls: Option<Arc<TlsIngress>>,
+    pub fair: Option<Arc<FairShed>>,
 }
 
 impl Ingress {
@@ -244,6 +242,7 @@ impl Ingress {
             delegator: p.delegator,
             security: p.security,
             tls: p.tls,
+            fair: p.fair,
         }
     }
 }
@@ -521,6 +520,31 @@ impl Ingress {
         let mask_rules = consumer_policy
             .as_deref()
             .is_some_and(|p| p.may_mask_request(caller.tenant != tenant));
+        // Fair shedding and rate limits, before the body is read: a
+        // refusal under flood costs no more than a policy denial. Both are
+        // held until the response (its body, for the limits) is done. The
+        // calling tenant's limits: its callers' requests are what it spends.
+        let grpc = crate::proto::http::is_grpc(req.headers());
+        let refuse = |e: MeshError| {
+            if grpc {
+                e.grpc_response()
+            } else {
+                e.response(None)
+            }
+        };
+        let _slot = match self.fair.as_ref().map(|f| f.admit(&caller.tenant, me)) {
+            Some(Err(e)) => return refuse(e),
+            Some(Ok(slot)) => Some(slot),
+            None => None,
+        };
+        let limits = match self
+            .delegator
+            .limiter
+            .admit_ingress(&caller.tenant, &caller.id, &host)
+        {
+            Ok(p) => p,
+            Err(e) => return refuse(e),
+        };
         let cfg = &self.cfg;
         let timeout = req
             .headers()
@@ -704,7 +728,6 @@ impl Ingress {
             }
         };
         let mut headers = parts.headers;
-        let grpc = crate::proto::http::is_grpc(&headers);
         if caller.bearer {
             headers.remove(hyper::header::AUTHORIZATION);
         }
@@ -738,7 +761,11 @@ impl Ingress {
             })
             .await;
         drop(permit);
-        outcome.render(request_bytes.as_deref(), grpc)
+        let resp = outcome.render(request_bytes.as_deref(), grpc);
+        match limits {
+            Some(p) => resp.map(|b| crate::forward::body::guarded(b, vec![Box::new(p)])),
+            None => resp,
+        }
     }
 }
 

@@ -194,6 +194,9 @@ pub struct MeshError {
     pub node: String,
     /// `tenant/agent` when one was involved.
     pub agent: Option<String>,
+    /// When the caller may try again (`Retry-After`, whole seconds, at
+    /// least 1); set on the calling node, not carried over the overlay.
+    pub retry_after: Option<Duration>,
 }
 
 impl MeshError {
@@ -203,6 +206,22 @@ impl MeshError {
             detail: detail.into(),
             node: node.to_string(),
             agent: None,
+            retry_after: None,
+        }
+    }
+
+    /// Tells the caller when to try again.
+    pub fn retry_after(mut self, after: Duration) -> MeshError {
+        self.retry_after = Some(after);
+        self
+    }
+
+    fn set_retry_after(&self, h: &mut HeaderMap) {
+        if let Some(after) = self.retry_after {
+            h.insert(
+                hyper::header::RETRY_AFTER,
+                HeaderValue::from(retry_after_secs(after)),
+            );
         }
     }
 
@@ -245,6 +264,7 @@ impl MeshError {
         let h = resp.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
         h.insert("dmsc-error", HeaderValue::from_static(self.kind.as_str()));
+        self.set_retry_after(h);
         if let Ok(v) = HeaderValue::from_str(&self.node) {
             h.insert("dmsc-node", v);
         }
@@ -262,6 +282,7 @@ impl MeshError {
         let h = resp.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
         h.insert("grpc-status", HeaderValue::from(self.kind.grpc_code()));
+        self.set_retry_after(h);
         if let Ok(v) = HeaderValue::from_str(&grpc_message(&self.to_string())) {
             h.insert("grpc-message", v);
         }
@@ -290,8 +311,14 @@ impl MeshError {
             detail: w.detail,
             node: w.node,
             agent: w.agent,
+            retry_after: None,
         }
     }
+}
+
+/// `Retry-After` in whole seconds: rounded up, at least 1.
+pub fn retry_after_secs(after: Duration) -> u64 {
+    (after.as_secs() + u64::from(after.subsec_nanos() > 0)).max(1)
 }
 
 impl std::error::Error for MeshError {}

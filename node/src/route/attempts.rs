@@ -117,6 +117,13 @@ impl Attempts {
                     next: Next::Stop(e),
                 }
             }
+            // A target's rate limit at its home node: the agent did nothing
+            // wrong; another replica may have room.
+            Failure::NotDelivered(e) if e.kind == ErrorKind::RateLimited => {
+                let mut v = self.after(id, self.replayable, e);
+                v.charge_agent = false;
+                v
+            }
             Failure::NotDelivered(e) => self.after(id, self.replayable, e),
             Failure::MaybeDelivered(e) => {
                 let retry = self.replayable && self.idempotent && e.kind != ErrorKind::Timeout;
@@ -144,11 +151,14 @@ impl Attempts {
     /// the last failure if there was one.
     pub fn no_candidate(&mut self, me: &str, e: MeshError) -> MeshError {
         match self.last.take() {
-            Some(prev) => MeshError::new(
-                prev.kind,
-                me,
-                format!("{}; no other candidate: {}", prev.detail, e.detail),
-            ),
+            Some(prev) => MeshError {
+                retry_after: prev.retry_after,
+                ..MeshError::new(
+                    prev.kind,
+                    me,
+                    format!("{}; no other candidate: {}", prev.detail, e.detail),
+                )
+            },
             None => e,
         }
     }
@@ -239,6 +249,24 @@ mod tests {
         let v = a.failed(id("a"), Failure::NotDelivered(err(ErrorKind::Forbidden)));
         assert!(!retried(&v) && !v.charge_agent);
         assert!(a.excluded().is_empty());
+    }
+
+    #[test]
+    fn a_targets_rate_limit_tries_another_replica_and_charges_nobody() {
+        let mut a = Attempts::new(1, true, false);
+        a.begin();
+        let limited = err(ErrorKind::RateLimited).retry_after(std::time::Duration::from_secs(2));
+        let v = a.failed(id("a"), Failure::NotDelivered(limited));
+        assert!(retried(&v) && !v.charge_agent);
+        // No other replica: the caller gets the 429 with its wait.
+        let e = a.no_candidate("n1", err(ErrorKind::UnknownAgent));
+        assert_eq!(e.kind, ErrorKind::RateLimited);
+        assert_eq!(e.retry_after, Some(std::time::Duration::from_secs(2)));
+        // A streamed body cannot go to another replica.
+        let mut a = Attempts::new(1, false, false);
+        a.begin();
+        let v = a.failed(id("a"), Failure::NotDelivered(err(ErrorKind::RateLimited)));
+        assert!(!retried(&v) && !v.charge_agent);
     }
 
     #[test]

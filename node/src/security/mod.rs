@@ -567,7 +567,8 @@ impl Security {
             dmsc_audit::EventKind::Delegation(_)
             | dmsc_audit::EventKind::Masked(_)
             | dmsc_audit::EventKind::Policy(_)
-            | dmsc_audit::EventKind::TenantKey(_) => {}
+            | dmsc_audit::EventKind::TenantKey(_)
+            | dmsc_audit::EventKind::RateLimited(_) => {}
         }
     }
 

@@ -89,12 +89,24 @@ pub enum Applied {
 }
 
 /// The policies this node holds, by tenant.
-#[derive(Debug)]
 pub struct PolicyStore {
     dir: PathBuf,
     held: RwLock<HashMap<String, Arc<Held>>>,
     /// Seals copies at rest with the tenant's key.
     keys: Arc<dmsc_keys::KeyStore>,
+    /// Told of every policy that comes into force (rate limits follow).
+    watchers: RwLock<Vec<Watcher>>,
+}
+
+/// Called with each policy that comes into force.
+pub type Watcher = Box<dyn Fn(&Policy) + Send + Sync>;
+
+impl std::fmt::Debug for PolicyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyStore")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The context a sealed policy copy is bound to.
@@ -132,6 +144,7 @@ impl PolicyStore {
             dir,
             held: RwLock::default(),
             keys,
+            watchers: RwLock::default(),
         };
         let mut loaded = 0;
         for entry in std::fs::read_dir(&store.dir)? {
@@ -238,6 +251,10 @@ impl PolicyStore {
         }
         let signer = held.signer.to_string();
         map.insert(p.tenant.clone(), Arc::new(held));
+        drop(map);
+        for w in read(&self.watchers).iter() {
+            w(&p);
+        }
         Ok(Applied::New {
             tenant: p.tenant.clone(),
             version: p.version,
@@ -245,6 +262,18 @@ impl PolicyStore {
             signer,
             previous: previous.map(|p| p.version),
         })
+    }
+
+    /// Calls `w` with every policy held now and each that comes into force
+    /// later.
+    pub fn watch(&self, w: Watcher) {
+        for h in self.all() {
+            w(&h.policy);
+        }
+        self.watchers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(w);
     }
 
     /// The policy of `tenant`, if it has one.

@@ -144,13 +144,14 @@ pub enum Sample {
 }
 
 /// One aggregate audit entry: what a source did in a window beyond the
-/// failures audited individually.
+/// failures audited individually. The source is an address by default;
+/// the tenant rate limits sample per tenant ([`crate::limits`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Aggregate<K> {
+pub struct Aggregate<K, S = SourceKey> {
     /// What kind of attempt (the caller's own label, e.g. the auth method).
     pub kind: K,
     /// `None`: the sources beyond the tracking bound, together.
-    pub source: Option<SourceKey>,
+    pub source: Option<S>,
     /// Failures not audited individually.
     pub failed: u64,
     /// Requests refused by the rate limit.
@@ -158,7 +159,7 @@ pub struct Aggregate<K> {
     pub window: Duration,
 }
 
-impl<K> Aggregate<K> {
+impl<K, S: std::fmt::Display> Aggregate<K, S> {
     /// The audit `reason`, e.g. `37 more failed attempts and 950 requests
     /// refused by the rate limit from 10.0.0.7 within 10s`.
     pub fn reason(&self) -> String {
@@ -195,15 +196,15 @@ struct Window {
 /// Audits the first `per_window` failures of each source per window
 /// individually and sums the rest into one aggregate per window.
 #[derive(Debug)]
-pub struct FailureSampler<K> {
+pub struct FailureSampler<K, S = SourceKey> {
     per_window: u32,
     window: Duration,
     max_tracked: usize,
-    windows: HashMap<(K, Option<SourceKey>), Window>,
+    windows: HashMap<(K, Option<S>), Window>,
 }
 
-impl<K: Clone + Eq + std::hash::Hash> FailureSampler<K> {
-    pub fn new(per_window: u32, window: Duration, max_tracked: usize) -> FailureSampler<K> {
+impl<K: Clone + Eq + std::hash::Hash, S: Clone + Eq + std::hash::Hash> FailureSampler<K, S> {
+    pub fn new(per_window: u32, window: Duration, max_tracked: usize) -> FailureSampler<K, S> {
         FailureSampler {
             per_window,
             window,
@@ -217,9 +218,9 @@ impl<K: Clone + Eq + std::hash::Hash> FailureSampler<K> {
     pub fn failed(
         &mut self,
         kind: K,
-        src: SourceKey,
+        src: S,
         now: Instant,
-        due: &mut Vec<Aggregate<K>>,
+        due: &mut Vec<Aggregate<K, S>>,
     ) -> Sample {
         let per_window = self.per_window;
         let w = self.window_for(kind, src, now, due);
@@ -234,19 +235,13 @@ impl<K: Clone + Eq + std::hash::Hash> FailureSampler<K> {
 
     /// A request of `kind` from `src` refused by the rate limit: never
     /// audited alone, always counted.
-    pub fn throttled(
-        &mut self,
-        kind: K,
-        src: SourceKey,
-        now: Instant,
-        due: &mut Vec<Aggregate<K>>,
-    ) {
+    pub fn throttled(&mut self, kind: K, src: S, now: Instant, due: &mut Vec<Aggregate<K, S>>) {
         self.window_for(kind, src, now, due).throttled += 1;
     }
 
     /// Closes the windows that are over, appending their aggregates (if
     /// anything was left unaudited) to `due`.
-    pub fn flush(&mut self, now: Instant, due: &mut Vec<Aggregate<K>>) {
+    pub fn flush(&mut self, now: Instant, due: &mut Vec<Aggregate<K, S>>) {
         let window = self.window;
         self.windows.retain(|(kind, source), w| {
             if now.saturating_duration_since(w.started) < window {
@@ -255,7 +250,7 @@ impl<K: Clone + Eq + std::hash::Hash> FailureSampler<K> {
             if w.failed > 0 || w.throttled > 0 {
                 due.push(Aggregate {
                     kind: kind.clone(),
-                    source: *source,
+                    source: source.clone(),
                     failed: w.failed,
                     throttled: w.throttled,
                     window,
@@ -268,9 +263,9 @@ impl<K: Clone + Eq + std::hash::Hash> FailureSampler<K> {
     fn window_for(
         &mut self,
         kind: K,
-        src: SourceKey,
+        src: S,
         now: Instant,
-        due: &mut Vec<Aggregate<K>>,
+        due: &mut Vec<Aggregate<K, S>>,
     ) -> &mut Window {
         let mut key = (kind, Some(src));
         let over = self

@@ -5,6 +5,7 @@
 mod admin;
 mod grpc;
 mod hygiene;
+mod limits;
 mod listen;
 mod midresponse;
 mod security;

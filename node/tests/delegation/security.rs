@@ -1294,3 +1294,129 @@ async fn scoped_nodes_reach_their_tenants_and_unscoped_nodes_any() {
     assert_eq!((served(&billing), served(&ledger)), (1, 1));
     mesh.stop().await;
 }
+
+/// A listener that serves several tenants splits its in-flight budget: one
+/// tenant holding every slot it may gets its next request shed, while
+/// another tenant's request still goes through (without the split, the
+/// first tenant would fill the listener and the second would be shed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_holding_its_share_of_a_shared_listener_does_not_shed_another() {
+    let jwks_dir = tempfile::tempdir().expect("dir");
+    let jwt_key = es256_key("k1");
+    let jwks_path: PathBuf = jwks_dir.path().join("jwks.json");
+    std::fs::write(
+        &jwks_path,
+        serde_json::json!({ "keys": [jwt_key.jwk] }).to_string(),
+    )
+    .expect("jwks");
+    let mesh = LocalMesh::start(&["n0"], "acme", |_, raw| {
+        raw.limits.max_in_flight_per_listener = Some(4);
+        raw.ingress.push(dmsc_node::config::RawIngress {
+            listen: "127.0.0.1:0".into(),
+            tls: Some(true),
+            auth: Some(vec!["jwt".into()]),
+            ..Default::default()
+        });
+        raw.jwt = Some(dmsc_node::config::RawJwt {
+            issuers: vec![JWT_ISS.into()],
+            audiences: vec![JWT_AUD.into()],
+            jwks_file: Some(jwks_path.clone()),
+            ..Default::default()
+        });
+    })
+    .await
+    .expect("mesh");
+    let slow = super::agent_with(
+        "slow",
+        &["slow"],
+        "slow work",
+        Duration::from_secs(2),
+        dmsc_node::demo::sample_agent::CardDialect::V03,
+    )
+    .await;
+    let quick = agent("quick", &["quick"], "quick work").await;
+    attach_for(&mesh, 0, "acme", &slow).await;
+    attach_for(&mesh, 0, "globex", &quick).await;
+    eventually(Duration::from_secs(5), "agents routable", || {
+        routable(&mesh, 0, "acme", "slow") && routable(&mesh, 0, "globex", "quick")
+    })
+    .await;
+    let addr = mesh.nodes[0].bound().ingress[1];
+    let cfg = client_config(&ca_pem(&mesh), None);
+    let acme = format!(
+        "Bearer {}",
+        jwt(&jwt_key, "k1", claims("acme", JWT_AUD, 300))
+    );
+    let globex = format!(
+        "Bearer {}",
+        jwt(&jwt_key, "k1", claims("globex", JWT_AUD, 300))
+    );
+    // Four slow requests of acme at once: alone on the listener it may hold
+    // all but the reserve (4 - 1), so one of them is shed.
+    let spawned = std::time::Instant::now();
+    let mut slow_calls = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (cfg, acme) = (cfg.clone(), acme.clone());
+        slow_calls.spawn(async move {
+            tls_call(
+                addr,
+                cfg,
+                "POST",
+                "slow.acme.dmsc",
+                "/",
+                &[("authorization", &acme)],
+                super::message_send("slow"),
+            )
+            .await
+        });
+    }
+    let shed = |text: &str| {
+        text.lines()
+            .find(|l| l.starts_with("dmsc_tenant_shed_total{tenant=\"acme\""))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let start = std::time::Instant::now();
+    loop {
+        if shed(&mesh.nodes[0].metrics_text().await) == 1 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "acme's fourth request was not shed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // acme's three are still at the slow agent; globex gets through.
+    let (status, _, body) = tls_call(
+        addr,
+        cfg.clone(),
+        "POST",
+        "quick.globex.dmsc",
+        "/",
+        &[("authorization", &globex)],
+        super::message_send("quick"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        spawned.elapsed() < Duration::from_secs(2),
+        "acme's three were still at the slow agent"
+    );
+    let mut statuses = Vec::new();
+    while let Some(r) = slow_calls.join_next().await {
+        let (status, headers, body) = r.expect("task");
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            assert_eq!(headers["retry-after"], "1");
+            assert!(
+                body.contains("share of requests for tenant `acme`"),
+                "{body}"
+            );
+        }
+        statuses.push(status.as_u16());
+    }
+    statuses.sort();
+    assert_eq!(statuses, vec![200, 200, 200, 503]);
+    mesh.stop().await;
+}

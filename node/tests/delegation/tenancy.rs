@@ -804,3 +804,63 @@ async fn data_tags_and_masking_end_to_end_through_two_nodes() {
         "node 1 audits the tag refusals too: {n1:?}"
     );
 }
+
+/// The rate limits a tenant's policy states are in force on every node
+/// once the policy reaches it by gossip: over the limit, 429 with
+/// `Retry-After`; another tenant is not limited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policys_rate_limits_apply_on_every_node() {
+    let (mesh, _plain, _ledger) = two_tenants().await;
+    let doc = "tenant = \"acme\"\nversion = 1\n[limits.caller]\nrps = 2\nburst = 3\n";
+    let (status, v) = post_policy(&mesh, 0, signed(&mesh, doc)).await;
+    assert_eq!(status, 201, "{v}");
+    eventually(Duration::from_secs(10), "the policy reaches node 1", || {
+        mesh.nodes[1].security().policies.version("acme") == 1
+    })
+    .await;
+    // Node 1's acme ingress: the caller is the listener; burst 3, then 429.
+    let ingress = mesh.nodes[1].bound().ingress[0];
+    let mut limited = None;
+    for _ in 0..10 {
+        let (status, body) =
+            plain_call(ingress, "ledger.acme.dmsc", &[], &super::message_send("x")).await;
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            limited = Some(body);
+            break;
+        }
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let body = limited.expect("a 429 within 10 calls at 2/s with burst 3");
+    assert!(
+        body.contains("rate-limited") || body.contains("rate limit"),
+        "{body}"
+    );
+    let resp = mesh
+        .call(
+            1,
+            "POST",
+            "ledger.acme.dmsc",
+            "/",
+            &[],
+            super::message_send("x"),
+        )
+        .await
+        .expect("call")
+        .0;
+    assert_eq!(resp.status(), 429);
+    let retry: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!(retry >= 1, "Retry-After {retry}");
+    // globex (node 0's second ingress) has no limits.
+    let globex = mesh.nodes[0].bound().ingress[1];
+    let doc = "tenant = \"globex\"\nversion = 1\n";
+    let (status, v) = post_policy(&mesh, 0, signed(&mesh, doc)).await;
+    assert_eq!(status, 201, "{v}");
+    for _ in 0..10 {
+        let (status, body) = plain_call(globex, "nobody.globex.dmsc", &[], "").await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "not limited: {body}");
+    }
+}
