@@ -181,8 +181,16 @@ async fn read_json<T: serde::de::DeserializeOwned>(
 }
 
 async fn read_body(req: Request<hyper::body::Incoming>) -> Result<Bytes, Response<Body>> {
+    read_body_up_to(req, 64 * 1024).await
+}
+
+/// Reads a request body of at most `limit` bytes.
+async fn read_body_up_to(
+    req: Request<hyper::body::Incoming>,
+    limit: usize,
+) -> Result<Bytes, Response<Body>> {
     use http_body_util::BodyExt;
-    match http_body_util::Limited::new(req.into_body(), 64 * 1024)
+    match http_body_util::Limited::new(req.into_body(), limit)
         .collect()
         .await
     {
@@ -566,6 +574,7 @@ async fn route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) -> Response<
         Endpoint::Metrics => Some("/metrics"),
         Endpoint::Revocations => Some("the revocation list"),
         Endpoint::AdminTokens => Some("the token list"),
+        Endpoint::TenantKeys => Some("the tenant key list"),
         _ => None,
     };
     if let (true, Some(what)) = (get, whole_node) {

@@ -5,7 +5,7 @@
 use hyper::{Request, Response, StatusCode};
 use serde_json::json as j;
 
-use super::{json, read_body, Body, ReadScope, Shared};
+use super::{json, read_body_up_to, Body, ReadScope, Shared};
 use crate::security::policies::{Applied, ApplyError};
 
 /// `GET /v1/policies`: one line per tenant (the reader's own only, for a
@@ -64,7 +64,8 @@ pub(super) fn show(s: &Shared, tenant: &str, scope: &ReadScope) -> Response<Body
 
 /// `POST /v1/policies`: applies a signed policy.
 pub(super) async fn apply(req: Request<hyper::body::Incoming>, s: &Shared) -> Response<Body> {
-    let body = match read_body(req).await {
+    // A signed policy of a maximal document is larger than other admin bodies.
+    let body = match read_body_up_to(req, dmsc_policy::signed::MAX_ENVELOPE_BYTES).await {
         Ok(b) => b,
         Err(r) => return r,
     };

@@ -137,7 +137,9 @@ impl Delegator {
             // The target's own limit: this node sees every request to it.
             // Held until the response is written.
             // A node's own fetches (cards) are not the tenant's requests.
-            let own = head.caller.starts_with(super::NODE_CALLER);
+            // Only the calling node's own (its verified name), not any
+            // `node:` a head claims.
+            let own = head.caller.strip_prefix(super::NODE_CALLER) == Some(&*peer);
             let _permit = match (!own)
                 .then(|| {
                     self.limiter

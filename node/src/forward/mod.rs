@@ -274,7 +274,8 @@ impl Delegator {
                 Ok((s, Err(denial))) => {
                     // Not this agent; another that the policy allows may
                     // serve (a capability exported by some agents only).
-                    plan.skip(s.id);
+                    // Not an attempt: the retry budget is for failures.
+                    plan.pass_over(s.id);
                     refused.get_or_insert(denial);
                     continue;
                 }

@@ -93,6 +93,14 @@ impl Attempts {
         self.exclude.push(id);
     }
 
+    /// Passes over a candidate the tenant policy does not allow: it is
+    /// excluded and the attempt in progress is not counted (nothing was
+    /// tried; the candidates are finite, so this ends).
+    pub fn pass_over(&mut self, id: AgentId) {
+        self.exclude.push(id);
+        self.made = self.made.saturating_sub(1);
+    }
+
     /// Whether the response of the attempt in progress, of content type
     /// `content_type`, is held back until it is whole (up to the hold
     /// limit): only when its loss could be retried on another candidate.

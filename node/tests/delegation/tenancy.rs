@@ -864,3 +864,60 @@ async fn a_policys_rate_limits_apply_on_every_node() {
         assert_eq!(status, StatusCode::NOT_FOUND, "not limited: {body}");
     }
 }
+
+/// Intent routing into another tenant picks among the exported agents only,
+/// however many unexported ones match better or equally: a candidate the
+/// policy refuses is passed over without spending the retry budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intent_into_another_tenant_reaches_only_exported_agents() {
+    let (mesh, plain, _ledger) = two_tenants().await;
+    let mut agents = Vec::new();
+    for name in ["books-a", "books-b", "books-c", "books-d"] {
+        let a = agent(name, &["books"], "Keep the books").await;
+        attach_for(&mesh, 1, "acme", &a).await;
+        agents.push(a);
+    }
+    eventually(
+        Duration::from_secs(10),
+        "agents routable from node 0",
+        || {
+            ["books-a", "books-b", "books-c", "books-d"]
+                .iter()
+                .all(|n| {
+                    let id = dmsc_registry::AgentId::new("acme", *n);
+                    mesh.nodes[0].mesh().read().get(&id).is_some()
+                })
+        },
+    )
+    .await;
+    let acme =
+        "tenant = \"acme\"\nversion = 1\n[[export]]\nto = [\"globex\"]\nagents = [\"books-d\"]\n";
+    let globex =
+        "tenant = \"globex\"\nversion = 1\n[[import]]\nfrom = [\"acme\"]\nagents = [\"*\"]\n";
+    for doc in [acme, globex] {
+        let (status, v) = post_policy(&mesh, 0, signed(&mesh, doc)).await;
+        assert_eq!(status, 201, "{v}");
+    }
+    eventually(Duration::from_secs(10), "policies on node 1", || {
+        mesh.nodes[1].security().policies.version("globex") == 1
+    })
+    .await;
+    for _ in 0..8 {
+        let (status, body) = plain_call(
+            plain[1],
+            "mesh.acme.dmsc",
+            &[("dmsc-intent", "keep the books")],
+            &super::message_send("keep the books"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(
+            body.contains("books-d handled"),
+            "only the exported agent: {body}"
+        );
+    }
+    // A capability the export does not list stays refused.
+    let (status, body) = plain_call(plain[1], "books.cap.acme.dmsc", &[], "").await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    drop(agents);
+}
