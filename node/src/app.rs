@@ -204,13 +204,14 @@ impl App {
         let limiter =
             crate::limits::Limiter::new(&name, security.clone(), delegation_metrics.clone());
         // A tenant's limits are its policy's: set now for the policies
-        // loaded at start, and again whenever one comes into force.
+        // loaded at start, again whenever one comes into force, and
+        // cleared when one is dropped.
         {
             let l = limiter.clone();
-            security.policies.watch(Box::new(move |p| {
+            security.policies.watch(Box::new(move |tenant, p| {
                 l.set(
-                    &p.tenant,
-                    crate::limits::TenantLimits::from_policy(&p.limits),
+                    tenant,
+                    p.and_then(|p| crate::limits::TenantLimits::from_policy(&p.limits)),
                 );
             }));
         }

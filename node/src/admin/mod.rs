@@ -273,6 +273,7 @@ async fn revocations_apply(req: Request<hyper::body::Incoming>, s: &Shared) -> R
         Ok(new) => {
             crate::control::sync::publish_revocation(&s.gossip, &r).await;
             let closed = s.overlay.close_revoked();
+            crate::control::sync::drop_revoked_policies(&s.gossip, &s.security);
             json(
                 if new {
                     StatusCode::CREATED

@@ -58,6 +58,34 @@ fn apply_revocations(
     }
     if any {
         overlay.close_revoked();
+        drop_revoked_policies(gossip, security);
+    }
+}
+
+/// Drops the tenant policies whose signer a revocation condemned: audited,
+/// no longer announced (a peer re-fetching it would refuse it anyway).
+pub fn drop_revoked_policies(gossip: &Arc<Gossip>, security: &Security) {
+    let roots = security.identity().roots.clone();
+    let revoked = &security.revoked;
+    for (tenant, version, why) in security
+        .policies
+        .drop_unverified(&roots, |serial| revoked.get(serial).is_some())
+    {
+        tracing::warn!(%tenant, version, %why, "tenant policy dropped: its signature no longer holds");
+        security.record(dmsc_audit::Event::tenant(
+            tenant.clone(),
+            dmsc_audit::PolicyChange {
+                outcome: "dropped".into(),
+                version,
+                digest: String::new(),
+                signer: String::new(),
+                source: "revocation".into(),
+                code: Some("signer_revoked".into()),
+                reason: Some(why),
+            },
+        ));
+        let g = gossip.clone();
+        tokio::spawn(async move { g.delete(&policy_key(&tenant)).await }.in_current_span());
     }
 }
 
@@ -147,13 +175,14 @@ pub async fn publish_policy(gossip: &Gossip, tenant: &str, version: u64, digest:
 }
 
 /// Policies announced by peers with a newer version than this node holds:
-/// `(tenant, version, digest, announcing node)`, one per tenant (the
-/// highest version announced).
+/// `(tenant, version, digest, announcing node)`, highest version first (a
+/// candidate that fails, e.g. a forged maximal version, does not hide the
+/// next one).
 fn wanted_policies(
     scan: &[dmsc_gossip::NodeScan],
     security: &Security,
 ) -> Vec<(String, u64, String, String)> {
-    let mut best: std::collections::HashMap<String, (u64, String, String)> = Default::default();
+    let mut out = Vec::new();
     for n in scan {
         for (key, value) in n.values.iter().flatten() {
             let Some(tenant) = key.strip_prefix(KEY_POLICY_PREFIX) else {
@@ -162,20 +191,18 @@ fn wanted_policies(
             let Some((version, digest)) = parse_announcement(value) else {
                 continue;
             };
-            if version <= security.policies.version(tenant) {
-                continue;
-            }
-            let e = best
-                .entry(tenant.to_string())
-                .or_insert_with(|| (0, String::new(), String::new()));
-            if version > e.0 {
-                *e = (version, digest.to_string(), n.name.clone());
+            if version > security.policies.version(tenant) {
+                out.push((
+                    tenant.to_string(),
+                    version,
+                    digest.to_string(),
+                    n.name.clone(),
+                ));
             }
         }
     }
-    best.into_iter()
-        .map(|(t, (v, d, n))| (t, v, d, n))
-        .collect()
+    out.sort_by(|a, b| b.1.cmp(&a.1));
+    out
 }
 
 /// A policy fetch: the version and digest applied, or nothing new, or why
@@ -264,6 +291,8 @@ pub async fn sync_loop(sync: Sync) {
     }
     let mut policy_fetches: JoinSet<(String, String, FetchResult)> = JoinSet::new();
     let mut policy_seen: std::collections::HashMap<String, Instant> = Default::default();
+    let mut fetching_tenants: std::collections::HashSet<String> = Default::default();
+    let mut last_full_policy_scan = Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {
@@ -274,8 +303,21 @@ pub async fn sync_loop(sync: Sync) {
                 // not fetched again for a while: a forged document is
                 // audited once per minute at most, not once per scan.
                 policy_seen.retain(|_, t: &mut Instant| t.elapsed() < Duration::from_secs(60));
-                for (tenant, _version, digest, node) in wanted_policies(&scan, &sync.security) {
-                    if policy_fetches.len() >= 4 || policy_seen.contains_key(&digest) {
+                // A scan carries only the nodes whose state changed; every
+                // few seconds all announcements are read again, so a fetch
+                // that failed (no route yet, a timeout) is tried again.
+                let mut wanted = wanted_policies(&scan, &sync.security);
+                if last_full_policy_scan.elapsed() >= Duration::from_secs(5) {
+                    last_full_policy_scan = Instant::now();
+                    let all = gossip.scan_since(KEY_POLICY_PREFIX, &Default::default()).await;
+                    wanted.extend(wanted_policies(&all, &sync.security));
+                    wanted.sort_by(|a, b| b.1.cmp(&a.1));
+                }
+                for (tenant, _version, digest, node) in wanted {
+                    if policy_fetches.len() >= 4
+                        || policy_seen.contains_key(&digest)
+                        || !fetching_tenants.insert(tenant.clone())
+                    {
                         continue;
                     }
                     policy_seen.insert(digest.clone(), Instant::now());
@@ -339,6 +381,9 @@ pub async fn sync_loop(sync: Sync) {
                 }
             }
             Some(done) = policy_fetches.join_next(), if !policy_fetches.is_empty() => {
+                if let Ok((tenant, _, _)) = &done {
+                    fetching_tenants.remove(tenant);
+                }
                 match done {
                     Ok((tenant, _, Ok(Some((version, digest))))) => {
                         publish_policy(&gossip, &tenant, version, &digest).await;

@@ -98,8 +98,9 @@ pub struct PolicyStore {
     watchers: RwLock<Vec<Watcher>>,
 }
 
-/// Called with each policy that comes into force.
-pub type Watcher = Box<dyn Fn(&Policy) + Send + Sync>;
+/// Called with each policy that comes into force (`Some`), and with a
+/// tenant whose policy was dropped (`None`: its signer was revoked).
+pub type Watcher = Box<dyn Fn(&str, Option<&Policy>) + Send + Sync>;
 
 impl std::fmt::Debug for PolicyStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -253,7 +254,7 @@ impl PolicyStore {
         map.insert(p.tenant.clone(), Arc::new(held));
         drop(map);
         for w in read(&self.watchers).iter() {
-            w(&p);
+            w(&p.tenant, Some(&p));
         }
         Ok(Applied::New {
             tenant: p.tenant.clone(),
@@ -268,12 +269,43 @@ impl PolicyStore {
     /// later.
     pub fn watch(&self, w: Watcher) {
         for h in self.all() {
-            w(&h.policy);
+            w(&h.policy.tenant, Some(&h.policy));
         }
         self.watchers
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .push(w);
+    }
+
+    /// Verifies every held policy again (after a revocation) and drops
+    /// those that no longer verify, with their persisted copies: a policy
+    /// signed with a key that was since revoked is no longer in force, and
+    /// any version may replace it. Returns `(tenant, version, why)` of each.
+    pub fn drop_unverified(
+        &self,
+        roots: &[CertificateDer<'_>],
+        revoked: impl Fn(&str) -> bool,
+    ) -> Vec<(String, u64, String)> {
+        let held = self.all();
+        let mut dropped = Vec::new();
+        for h in held {
+            let Err(e) = self.check(h.envelope.as_bytes(), roots, &revoked) else {
+                continue;
+            };
+            let tenant = h.policy.tenant.clone();
+            let mut map = self.held.write().unwrap_or_else(|e| e.into_inner());
+            // Only the copy that failed (a newer one may have come meanwhile).
+            if map.get(&tenant).is_some_and(|c| Arc::ptr_eq(c, &h)) {
+                map.remove(&tenant);
+                drop(map);
+                let _ = std::fs::remove_file(self.dir.join(format!("{tenant}.sealed")));
+                for w in read(&self.watchers).iter() {
+                    w(&tenant, None);
+                }
+                dropped.push((tenant, h.policy.version, e.to_string()));
+            }
+        }
+        dropped
     }
 
     /// The policy of `tenant`, if it has one.

@@ -484,6 +484,32 @@ async fn forged_and_stale_policies_are_refused_and_audited() {
     );
     assert_eq!(mesh.nodes[0].security().policies.version("acme"), 5);
 
+    // The tenant admin key is stolen and revoked: the policy it signed is
+    // no longer in force, and the operator replaces it at any version.
+    let serial = dmsc_transport::identity::serial_of(
+        &<rustls::pki_types::CertificateDer as rustls::pki_types::pem::PemObject>::from_pem_slice(
+            acme_admin.cert_pem.as_bytes(),
+        )
+        .expect("pem"),
+    )
+    .expect("serial");
+    let revocation =
+        dmsc_transport::Revocation::sign(&mesh.ca, &serial, "key-compromise").expect("revoke");
+    let (status, text) = dmsc_node::admin::status::admin_call(
+        mesh.nodes[0].bound().admin,
+        hyper::Method::POST,
+        "/v1/revocations",
+        Some(&mesh.admin_token(0)),
+        revocation.to_json().into(),
+    )
+    .await
+    .expect("admin call");
+    assert!(status < 300, "{text}");
+    assert_eq!(mesh.nodes[0].security().policies.version("acme"), 0);
+    let (status, v) =
+        post_policy(&mesh, 0, signed(&mesh, "tenant = \"acme\"\nversion = 1\n")).await;
+    assert_eq!(status, 201, "{v}");
+
     let entries = audit_entries(&mesh, 0).await;
     let policy: Vec<_> = entries.iter().filter(|e| e["kind"] == "policy").collect();
     let codes: Vec<&str> = policy
@@ -505,7 +531,11 @@ async fn forged_and_stale_policies_are_refused_and_audited() {
         .iter()
         .filter(|e| e["detail"]["outcome"] == "applied")
         .count();
-    assert_eq!(applied, 2, "{policy:#?}");
+    assert_eq!(applied, 3, "{policy:#?}");
+    assert!(
+        codes.contains(&"signer_revoked"),
+        "the dropped policy is audited: {policy:#?}"
+    );
 }
 
 /// Signs a document without checking it (what a careless or hostile tool
