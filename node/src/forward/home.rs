@@ -204,6 +204,22 @@ impl Delegator {
                     return ("cancelled".to_string(), None);
                 }
             };
+            // The agent's tenant masks what its agents answer before it
+            // leaves this node (`responses = true` rules).
+            let result = match result {
+                Ok(resp) => self
+                    .mask_answer(
+                        &head.caller,
+                        &head.caller_tenant,
+                        &head.tenant,
+                        &format!("agent:{}", head.agent),
+                        &peer,
+                        resp,
+                    )
+                    .await
+                    .map_err(Failure::MaybeDelivered),
+                Err(f) => Err(f),
+            };
             match result {
                 Ok(resp) => {
                     let status = resp.status().as_u16();

@@ -567,8 +567,9 @@ impl Delegator {
         ));
     }
 
-    /// Masks a served response by the provider tenant's rules with
-    /// `responses = true`, when they apply to where it goes.
+    /// Masks a response served by a local agent for a caller of this node
+    /// (a remote agent's response was masked by its home node, which sends
+    /// nothing unmasked over the overlay: [`Self::mask_answer`]).
     async fn mask_response(
         &self,
         caller: &str,
@@ -580,17 +581,37 @@ impl Delegator {
         let Outcome::Served(served, resp) = outcome else {
             return outcome;
         };
+        if served.node != self.me {
+            return Outcome::Served(served, resp);
+        }
+        let me = self.me.clone();
+        match self
+            .mask_answer(caller, caller_tenant, tenant, target, &me, resp)
+            .await
+        {
+            Ok(resp) => Outcome::Served(served, resp),
+            Err(e) => Outcome::Failed(e),
+        }
+    }
+
+    /// Masks an agent's answer by its tenant's rules with `responses =
+    /// true`, when they apply to where it goes (to a caller of
+    /// `caller_tenant` on node `to`); audits the counts, or the refusal.
+    pub(crate) async fn mask_answer(
+        &self,
+        caller: &str,
+        caller_tenant: &str,
+        tenant: &str,
+        target: &str,
+        to: &str,
+        resp: hyper::Response<crate::proto::http::Body>,
+    ) -> Result<hyper::Response<crate::proto::http::Body>, MeshError> {
         let Some(provider) = self.security.policies.get(tenant) else {
-            return Outcome::Served(served, resp);
+            return Ok(resp);
         };
-        let situation = mask::situation(
-            caller_tenant,
-            tenant,
-            self.crosses_region(&served.node),
-            true,
-        );
+        let situation = mask::situation(caller_tenant, tenant, self.crosses_region(to), true);
         let Some(m) = provider.masking(situation).cloned() else {
-            return Outcome::Served(served, resp);
+            return Ok(resp);
         };
         drop(provider);
         let security = self.security.clone();
@@ -620,23 +641,20 @@ impl Delegator {
             done,
         )
         .await;
-        match masked {
-            Ok(resp) => Outcome::Served(served, resp),
-            Err(e) => {
-                self.security.record(dmsc_audit::Event::tenant(
-                    tenant.to_string(),
-                    dmsc_audit::Masked {
-                        direction: "response".into(),
-                        caller: caller.to_string(),
-                        target: target.to_string(),
-                        outcome: "refused".into(),
-                        masked: Default::default(),
-                        reason: Some(e.detail.clone()),
-                    },
-                ));
-                Outcome::Failed(e)
-            }
+        if let Err(e) = &masked {
+            self.security.record(dmsc_audit::Event::tenant(
+                tenant.to_string(),
+                dmsc_audit::Masked {
+                    direction: "response".into(),
+                    caller: caller.to_string(),
+                    target: target.to_string(),
+                    outcome: "refused".into(),
+                    masked: Default::default(),
+                    reason: Some(e.detail.clone()),
+                },
+            ));
         }
+        masked
     }
 
     /// True when `node` announced another region than this node's (a node

@@ -96,6 +96,8 @@ pub struct PolicyStore {
     keys: Arc<dmsc_keys::KeyStore>,
     /// Told of every policy that comes into force (rate limits follow).
     watchers: RwLock<Vec<Watcher>>,
+    /// Held while one document is applied (checked, persisted, inserted).
+    applying: std::sync::Mutex<()>,
 }
 
 /// Called with each policy that comes into force (`Some`), and with a
@@ -146,6 +148,7 @@ impl PolicyStore {
             held: RwLock::default(),
             keys,
             watchers: RwLock::default(),
+            applying: std::sync::Mutex::default(),
         };
         let mut loaded = 0;
         for entry in std::fs::read_dir(&store.dir)? {
@@ -211,8 +214,10 @@ impl PolicyStore {
     ) -> Result<Applied, ApplyError> {
         let (held, envelope) = self.check(bytes, roots, &revoked)?;
         let p = held.policy.clone();
-        let mut map = self.held.write().unwrap_or_else(|e| e.into_inner());
-        let previous = map.get(&p.tenant).map(|h| h.policy.clone());
+        // Applies are one at a time; the request path's reads wait only for
+        // the insert, never for the sealed copy's fsync.
+        let _one = self.applying.lock().unwrap_or_else(|e| e.into_inner());
+        let previous = read(&self.held).get(&p.tenant).map(|h| h.policy.clone());
         if let Some(prev) = &previous {
             if prev.version > p.version {
                 return Err(ApplyError::Older {
@@ -251,8 +256,10 @@ impl PolicyStore {
             tracing::warn!(tenant = %p.tenant, error = %e, "cannot persist the policy; it is in force in memory");
         }
         let signer = held.signer.to_string();
-        map.insert(p.tenant.clone(), Arc::new(held));
-        drop(map);
+        self.held
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(p.tenant.clone(), Arc::new(held));
         for w in read(&self.watchers).iter() {
             w(&p.tenant, Some(&p));
         }
@@ -286,6 +293,7 @@ impl PolicyStore {
         roots: &[CertificateDer<'_>],
         revoked: impl Fn(&str) -> bool,
     ) -> Vec<(String, u64, String)> {
+        let _one = self.applying.lock().unwrap_or_else(|e| e.into_inner());
         let held = self.all();
         let mut dropped = Vec::new();
         for h in held {

@@ -815,15 +815,29 @@ async fn data_tags_and_masking_end_to_end_through_two_nodes() {
         assert!(!text.contains(raw), "`{raw}` in the audit log");
     }
     let masked: Vec<_> = entries.iter().filter(|e| e["kind"] == "masked").collect();
-    let count = |dir: &str, rule: &str| -> u64 {
-        masked
+    let count = |entries: &[serde_json::Value], dir: &str, rule: &str| -> u64 {
+        entries
             .iter()
+            .filter(|e| e["kind"] == "masked")
             .filter(|e| e["detail"]["direction"] == dir && e["detail"]["outcome"] == "masked")
             .filter_map(|e| e["detail"]["masked"][rule].as_u64())
             .sum()
     };
-    assert_eq!(count("request", "globex-pii"), 4, "{masked:#?}");
-    assert_eq!(count("response", "replies"), 4, "{masked:#?}");
+    // Requests are masked by the calling node, before the overlay;
+    // responses by the agent's home node, before the overlay too.
+    assert_eq!(count(&entries, "request", "globex-pii"), 4, "{masked:#?}");
+    let home = audit_entries(&mesh, 1).await;
+    let home_text = serde_json::to_string(&home).expect("json");
+    assert!(
+        !home_text.contains("4111 1111 1111 1111"),
+        "request masked before node 1"
+    );
+    assert_eq!(count(&home, "response", "replies"), 4, "{home:#?}");
+    assert_eq!(
+        count(&entries, "response", "replies"),
+        0,
+        "not masked twice"
+    );
     assert!(
         masked.iter().any(|e| e["detail"]["outcome"] == "refused"),
         "{masked:#?}"
