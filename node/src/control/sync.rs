@@ -201,7 +201,7 @@ fn wanted_policies(
             }
         }
     }
-    out.sort_by(|a, b| b.1.cmp(&a.1));
+    out.sort_by_key(|c| std::cmp::Reverse(c.1));
     out
 }
 
@@ -311,7 +311,7 @@ pub async fn sync_loop(sync: Sync) {
                     last_full_policy_scan = Instant::now();
                     let all = gossip.scan_since(KEY_POLICY_PREFIX, &Default::default()).await;
                     wanted.extend(wanted_policies(&all, &sync.security));
-                    wanted.sort_by(|a, b| b.1.cmp(&a.1));
+                    wanted.sort_by_key(|c| std::cmp::Reverse(c.1));
                 }
                 for (tenant, _version, digest, node) in wanted {
                     if policy_fetches.len() >= 4
