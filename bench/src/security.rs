@@ -105,6 +105,13 @@ pub struct AuthE2eArgs {
     /// The audit log's fsync policy (`batch`, `interval:<ms>`, `never`).
     #[arg(long, default_value = "batch")]
     pub fsync: String,
+    /// Compare tenant policy off vs on instead of the authentication modes:
+    /// a tenant with no policy calling its own agent, against a cross-tenant
+    /// call that a signed export and import allow, carrying a `pii` data tag
+    /// through export, import and agent gates, under (never reached) rate
+    /// limits of both tenants. Both plain ingress, same backend.
+    #[arg(long)]
+    pub policy: bool,
 }
 
 #[derive(Clone)]
@@ -112,6 +119,10 @@ enum Path {
     Plain,
     Mtls,
     Jwt(String),
+    /// Tenant `open` (no policy) calling `backend.open.dmsc`.
+    PolicyOff,
+    /// Tenant `globex` calling `backend.acme.dmsc` with `dmsc-data-tags: pii`.
+    PolicyOn,
 }
 
 impl Path {
@@ -120,6 +131,8 @@ impl Path {
             Path::Plain => "auth off (plain HTTP ingress)",
             Path::Mtls => "mTLS (TLS 1.3 ingress, client certificate)",
             Path::Jwt(_) => "JWT (TLS 1.3 ingress, bearer ES256)",
+            Path::PolicyOff => "policy off (tenant without a policy, own agent)",
+            Path::PolicyOn => "policy on (cross-tenant export+import, pii tag, rate limits)",
         }
     }
 }
@@ -152,11 +165,17 @@ async fn run_path(
         set.spawn(async move {
             let mut lat = Vec::new();
             while Instant::now() < until {
+                let host = match &path {
+                    Path::PolicyOff => "backend.open.dmsc",
+                    _ => "backend.acme.dmsc",
+                };
                 let mut req = hyper::Request::post("/")
-                    .header("host", "backend.acme.dmsc")
+                    .header("host", host)
                     .header("content-type", "application/octet-stream");
-                if let Path::Jwt(t) = &path {
-                    req = req.header("authorization", format!("Bearer {t}"));
+                match &path {
+                    Path::Jwt(t) => req = req.header("authorization", format!("Bearer {t}")),
+                    Path::PolicyOn => req = req.header("dmsc-data-tags", "pii"),
+                    _ => {}
                 }
                 let req = req.body(Full::new(body.clone()))?;
                 let t = Instant::now();
@@ -214,21 +233,35 @@ pub async fn auth_e2e(args: AuthE2eArgs) -> anyhow::Result<()> {
     let jwks2 = jwks.clone();
     let audit = args.audit;
     let fsync = args.fsync.clone();
+    let policy = args.policy;
     let mesh = LocalMesh::start(&["a", "b"], "acme", move |i, raw| {
         raw.audit.enabled = Some(audit);
         raw.audit.fsync = Some(fsync.clone());
         if i == 0 {
-            raw.agents = vec![RawAgent {
-                tenant: "acme".into(),
-                url: url.clone(),
-                name: Some("backend".into()),
-                skills: Some(vec![RawSkill {
-                    id: "echo".into(),
-                    tags: vec!["echo".into()],
+            // The same backend as an agent of `acme` and of `open`.
+            raw.agents = ["acme", "open"]
+                .iter()
+                .map(|t| RawAgent {
+                    tenant: t.to_string(),
+                    url: url.clone(),
+                    name: Some("backend".into()),
+                    skills: Some(vec![RawSkill {
+                        id: "echo".into(),
+                        tags: vec!["echo".into()],
+                        ..Default::default()
+                    }]),
                     ..Default::default()
-                }]),
-                ..Default::default()
-            }];
+                })
+                .collect();
+        }
+        if i == 1 && policy {
+            for t in ["open", "globex"] {
+                raw.ingress.push(RawIngress {
+                    listen: "127.0.0.1:0".into(),
+                    tenant: Some(t.into()),
+                    ..Default::default()
+                });
+            }
         }
         if i == 1 {
             raw.ingress.push(RawIngress {
@@ -253,6 +286,9 @@ pub async fn auth_e2e(args: AuthE2eArgs) -> anyhow::Result<()> {
             "mesh did not converge"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if args.policy {
+        return policy_e2e(&args, mesh, backend_task).await;
     }
     let plain = mesh.ingress(1);
     let tls = mesh.nodes[1].bound().ingress[1];
@@ -285,6 +321,7 @@ pub async fn auth_e2e(args: AuthE2eArgs) -> anyhow::Result<()> {
                     Path::Plain => plain_connect(plain).await?,
                     Path::Mtls => tls_connect(tls, mtls_cfg.clone()).await?,
                     Path::Jwt(_) => tls_connect(tls, anon_cfg.clone()).await?,
+                    Path::PolicyOff | Path::PolicyOn => unreachable!("--policy runs apart"),
                 });
             }
             let (rps, lat) = run_path(senders, &paths[i], args.secs).await?;
@@ -313,6 +350,93 @@ pub async fn auth_e2e(args: AuthE2eArgs) -> anyhow::Result<()> {
             p.name(),
             rps,
             *rps / base,
+            us(pct(lat, 0.5)),
+            us(pct(lat, 0.99))
+        );
+    }
+    mesh.stop().await;
+    backend_task.abort();
+    Ok(())
+}
+
+/// `auth-e2e --policy`: the same two-node path with tenant policy off and
+/// on, alternating in one run.
+async fn policy_e2e(
+    args: &AuthE2eArgs,
+    mesh: LocalMesh,
+    backend_task: tokio::task::JoinHandle<()>,
+) -> anyhow::Result<()> {
+    let ca = &mesh.ca;
+    let docs = [
+        "tenant = \"acme\"\nversion = 1\n[[export]]\nto = [\"globex\"]\nagents = [\"backend\"]\ndata_tags = [\"pii\"]\n[agents.backend]\naccepts = [\"pii\"]\n[limits.tenant]\nrps = 1000000\nburst = 1000000\n[limits.target]\nconcurrent = 100000\n",
+        "tenant = \"globex\"\nversion = 1\n[[import]]\nfrom = [\"acme\"]\nagents = [\"backend\"]\ndata_tags = [\"pii\"]\n[limits.tenant]\nrps = 1000000\nburst = 1000000\n[limits.caller]\nrps = 1000000\nburst = 1000000\n",
+    ];
+    for doc in docs {
+        let signed = dmsc_policy::SignedPolicy::sign_operator(ca, doc.as_bytes())?.to_json();
+        mesh.nodes[0]
+            .security()
+            .apply_policy(signed.as_bytes(), "bench")
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        mesh.nodes[1]
+            .security()
+            .apply_policy(signed.as_bytes(), "bench")
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    let start = Instant::now();
+    while !mesh.nodes[1]
+        .mesh()
+        .read()
+        .get(&dmsc_registry::AgentId::new("open", "backend"))
+        .is_some()
+    {
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(20),
+            "open/backend not routable"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ingress = mesh.nodes[1].bound().ingress.clone();
+    // [acme (the mesh's default), open, globex, the TLS ingress]
+    let (open_in, globex_in) = (ingress[1], ingress[2]);
+    let paths = [Path::PolicyOff, Path::PolicyOn];
+    let mut results: Vec<(Vec<f64>, Vec<Duration>)> = vec![(Vec::new(), Vec::new()); 2];
+    for round in 0..args.rounds {
+        let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let addr = if i == 0 { open_in } else { globex_in };
+            let mut senders = Vec::new();
+            for _ in 0..args.concurrency {
+                senders.push(plain_connect(addr).await?);
+            }
+            let (rps, lat) = run_path(senders, &paths[i], args.secs).await?;
+            results[i].0.push(rps);
+            results[i].1.extend(lat);
+        }
+    }
+    println!(
+        "tenant policy off vs on through two nodes (plain ingress on b -> QUIC -> a -> backend), {} keep-alive connections, closed loop, {} s x {} rounds alternating, audit {}",
+        args.concurrency,
+        args.secs,
+        args.rounds,
+        if args.audit { "on" } else { "off" }
+    );
+    println!("| path | req/s per round | median req/s | vs off | p50 | p99 |");
+    println!("|---|---|---:|---:|---:|---:|");
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let base = median(&results[0].0);
+    for (p, (rps, lat)) in paths.iter().zip(results.iter_mut()) {
+        lat.sort();
+        let rounds: Vec<String> = rps.iter().map(|r| format!("{r:.0}")).collect();
+        println!(
+            "| {} | {} | {:.0} | {:.3}x | {} | {} |",
+            p.name(),
+            rounds.join(", "),
+            median(rps),
+            median(rps) / base,
             us(pct(lat, 0.5)),
             us(pct(lat, 0.99))
         );
