@@ -383,12 +383,8 @@ async fn policy_e2e(
             .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     let start = Instant::now();
-    while !mesh.nodes[1]
-        .mesh()
-        .read()
-        .get(&dmsc_registry::AgentId::new("open", "backend"))
-        .is_some()
-    {
+    let open = dmsc_registry::AgentId::new("open", "backend");
+    while mesh.nodes[1].mesh().read().get(&open).is_none() {
         anyhow::ensure!(
             start.elapsed() < Duration::from_secs(20),
             "open/backend not routable"
