@@ -174,6 +174,10 @@ pub struct RawAgent {
     /// `grpc`, `h2c` or `http1`: how the node speaks to the agent, for
     /// health checks and calls. Default: found out by the health checks.
     pub protocol: Option<String>,
+    /// Data tags the agent may receive (`["pii", "financial"]`); a request
+    /// with another tag is refused (403 `policy_violation`) by this node.
+    /// Default: any (the tenant policy's `[agents.<name>] accepts` still applies).
+    pub accepts: Option<Vec<String>>,
 }
 
 /// A skill declared in config for an agent without a card.
@@ -1342,6 +1346,13 @@ pub fn check_spec(a: &RawAgent) -> Result<(), String> {
             ));
         }
     }
+    for t in a.accepts.iter().flatten() {
+        if !dmsc_transport::identity::valid_name(t) {
+            problems.push(format!(
+                "accepts: `{t}` is not a data tag name (1-63 of a-z, 0-9 and -; e.g. pii, phi, pci, financial, confidential)"
+            ));
+        }
+    }
     if let Some(p) = &a.protocol {
         if crate::proto::agent::Protocol::parse(p).is_none() {
             problems.push(format!(
@@ -1625,7 +1636,14 @@ skills = [{{ id = "greet" }}]
             e.to_string()
                 .contains("agents[0]: protocol = `http2` must be `grpc`, `h2c` or `http1`"),
             "{e}"
+        ); // Data tags an agent accepts: names, checked at load.
+        let cfg = with(r#"accepts = ["pii", "financial"]"#).expect("tags");
+        assert_eq!(
+            cfg.agents[0].accepts.as_deref(),
+            Some(&["pii".to_string(), "financial".to_string()][..])
         );
+        let e = with(r#"accepts = ["P I I"]"#).expect_err("not a tag name");
+        assert!(e.to_string().contains("accepts: `P I I`"), "{e}");
     }
 }
 

@@ -102,6 +102,16 @@ impl Delegator {
                         crosses_region: self.crosses_region(&peer),
                     },
                 )
+                .and_then(|()| {
+                    crate::policy::config_accepts(
+                        &head.caller,
+                        &head.caller_tenant,
+                        &head.tenant,
+                        &head.agent,
+                        agent.spec.accepts.as_deref(),
+                        &head.data_tags,
+                    )
+                })
                 .map(|()| agent)
             });
             let agent = match decision {

@@ -395,7 +395,26 @@ impl Delegator {
             let (_, outstanding) = self.mesh.begin(&id);
             debug!(agent = %id, node = %sel.node, attempt = plan.made(), why = %sel.why, "delegating");
             let result = if sel.node == self.me {
-                match self.agents.get(&id) {
+                let local = self.agents.get(&id);
+                if let Some(agent) = &local {
+                    // This node is the agent's home: its config's accept list.
+                    if let Err(denial) = crate::policy::config_accepts(
+                        &caller,
+                        &caller_tenant,
+                        &tenant,
+                        &id.name,
+                        agent.spec.accepts.as_deref(),
+                        &data_tags,
+                    ) {
+                        return Outcome::Failed(self.refuse(
+                            &caller,
+                            &tenant,
+                            describe(&target),
+                            denial,
+                        ));
+                    }
+                }
+                match local {
                     Some(agent) => {
                         deliver_local(
                             &agent,

@@ -154,6 +154,35 @@ pub fn outbound(policies: &PolicyStore, r: Route<'_>) -> Result<(), Denial> {
     })
 }
 
+/// Home node: may this agent, whose `[[agents]]` config declares the data
+/// tags it `accepts` (`None`: any), receive a request with `data_tags`?
+pub fn config_accepts(
+    caller: &str,
+    caller_tenant: &str,
+    tenant: &str,
+    agent: &str,
+    accepts: Option<&[String]>,
+    data_tags: &[String],
+) -> Result<(), Denial> {
+    let Some(allowed) = accepts else {
+        return Ok(());
+    };
+    match data_tags.iter().find(|t| !allowed.contains(*t)) {
+        None => Ok(()),
+        Some(t) => Err(Denial::Policy {
+            caller: caller.to_string(),
+            caller_tenant: caller_tenant.to_string(),
+            refusal: Refusal {
+                rule: format!("{tenant}:config.agents.{agent}.accepts"),
+                reason: format!(
+                    "agent `{agent}` of tenant `{tenant}` may not receive data tagged `{t}` (its node's [[agents]] accepts)"
+                ),
+                tags: true,
+            },
+        }),
+    }
+}
+
 /// A delegation arriving at its home node: who sent it, as the verified
 /// overlay connection proves, and what its head asks for.
 #[derive(Debug, Clone, Copy)]

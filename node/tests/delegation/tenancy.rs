@@ -965,3 +965,54 @@ async fn intent_into_another_tenant_reaches_only_exported_agents() {
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     drop(agents);
 }
+
+/// An agent's `[[agents]] accepts` (its home node's config) refuses other
+/// data tags, for callers on any node; no tenant policy needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_configured_accept_list_is_enforced_by_its_home_node() {
+    let (mesh, plain, _ledger) = two_tenants().await;
+    let vault = agent("vault", &["secrets"], "Keep secrets").await;
+    mesh.nodes[1]
+        .agents()
+        .add(&dmsc_node::config::RawAgent {
+            tenant: "acme".into(),
+            url: vault.url(),
+            accepts: Some(vec!["public".into()]),
+            ..Default::default()
+        })
+        .await
+        .expect("attach");
+    eventually(
+        Duration::from_secs(10),
+        "vault routable from node 0",
+        || {
+            let id = dmsc_registry::AgentId::new("acme", "vault");
+            mesh.nodes[0].mesh().read().get(&id).is_some()
+        },
+    )
+    .await;
+    let local_in = mesh.nodes[1].bound().ingress[0];
+    for (ingress, node) in [(plain[0], "remote"), (local_in, "local")] {
+        let (status, body) = plain_call(
+            ingress,
+            "vault.acme.dmsc",
+            &[("dmsc-data-tags", "pii")],
+            &super::message_send("x"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{node}: {body}");
+        assert!(body.contains("policy_violation"), "{node}: {body}");
+        assert!(
+            body.contains("acme:config.agents.vault.accepts"),
+            "{node}: {body}"
+        );
+        let (status, body) = plain_call(
+            ingress,
+            "vault.acme.dmsc",
+            &[("dmsc-data-tags", "public")],
+            &super::message_send("x"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{node}: {body}");
+    }
+}
