@@ -182,6 +182,7 @@ impl App {
             config.delegation.circuit.clone(),
             config.delegation.selection,
         ));
+        mesh.set_intent_margin(config.delegation.intent_margin);
         // A relay accepts an advertised address gossip gives for the node
         // (a node behind 1:1 NAT whose relay sees another address).
         if let Some(server) = overlay.relay() {

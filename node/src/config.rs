@@ -229,6 +229,10 @@ pub struct RawDelegation {
     pub load_interval_ms: Option<u64>,
     /// `p2c` (power of two choices, default) or `least-loaded`.
     pub selection: Option<String>,
+    /// Routing by intent balances load only among the best-matching agent
+    /// and its equals: the same card or skills, or an intent score within
+    /// this share of the best (default 0.05).
+    pub intent_margin: Option<f32>,
 }
 
 /// `[limits]`: what the ingress and admin listeners accept before they
@@ -403,6 +407,7 @@ pub struct DelegationConfig {
     pub agent_ttl: Duration,
     pub load_interval: Duration,
     pub selection: dmsc_registry::Choice,
+    pub intent_margin: f32,
 }
 
 impl Default for DelegationConfig {
@@ -418,6 +423,7 @@ impl Default for DelegationConfig {
             agent_ttl: Duration::from_secs(60),
             load_interval: Duration::from_millis(500),
             selection: dmsc_registry::Choice::PowerOfTwo,
+            intent_margin: dmsc_registry::select::INTENT_MARGIN,
         }
     }
 }
@@ -659,6 +665,16 @@ impl RawDelegation {
                         "delegation.selection = `{other}` must be `p2c` or `least-loaded`"
                     ));
                     d.selection
+                }
+            },
+            intent_margin: match self.intent_margin {
+                None => d.intent_margin,
+                Some(m) if (0.0..=1.0).contains(&m) => m,
+                Some(m) => {
+                    errors.push(format!(
+                        "delegation.intent_margin = {m} must be within 0..=1 (a share of the best intent score, e.g. 0.05)"
+                    ));
+                    d.intent_margin
                 }
             },
         }

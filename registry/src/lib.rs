@@ -360,6 +360,9 @@ pub struct Registry {
     nodes: Interner,
     new_scorer: ScorerFactory,
     pub(crate) choice: Choice,
+    /// Intent scores within this share of the best count as equal (load is
+    /// balanced among them); see [`Registry::set_intent_margin`].
+    pub(crate) intent_margin: f32,
 }
 
 impl fmt::Debug for Registry {
@@ -395,12 +398,25 @@ impl Registry {
             nodes: Interner::default(),
             new_scorer: Box::new(factory),
             choice: Choice::default(),
+            intent_margin: select::INTENT_MARGIN,
         }
     }
 
     /// How `select` chooses among eligible candidates (default P2C).
     pub fn set_choice(&mut self, choice: Choice) {
         self.choice = choice;
+    }
+
+    /// Intent routing ranks, then balances: load is shared only among the
+    /// best-matching agent and those equivalent to it (the same card or
+    /// skills, or an intent score within `margin` of the best, as a share:
+    /// 0.05 = 5 %). Clamped to 0..=1.
+    pub fn set_intent_margin(&mut self, margin: f32) {
+        self.intent_margin = if margin.is_nan() {
+            0.0
+        } else {
+            margin.clamp(0.0, 1.0)
+        };
     }
 
     pub fn choice(&self) -> Choice {

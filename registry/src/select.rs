@@ -58,6 +58,9 @@ pub const INTENT_RELATIVE: f32 = 0.5;
 pub const INTENT_POOL: usize = 64;
 /// At most this many eligible intent matches compete.
 pub const INTENT_MAX: usize = 8;
+/// Default margin within which another agent's intent score counts as
+/// equal to the best one's (a share of the best score).
+pub const INTENT_MARGIN: f32 = 0.05;
 
 /// What a delegation is addressed to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -301,25 +304,74 @@ impl Registry {
                 let t = t.ok_or_else(no_match)?;
                 let ranked = t.scorer.query(text, INTENT_POOL);
                 let best = ranked.first().map(|x| x.1).ok_or_else(no_match)?;
-                let relevant: Vec<u32> = ranked
+                let relevant: Vec<(u32, f32)> = ranked
                     .iter()
                     .take_while(|(_, s)| *s >= INTENT_RELATIVE * best)
-                    .map(|(slot, _)| *slot)
+                    .copied()
                     .collect();
                 let candidates = relevant.len();
-                let mut top: Vec<u32> = relevant
+                // Rank, then balance: the best-matching eligible agent, and
+                // only the agents equivalent to it (replicas: the same card
+                // or the same skills, or a score within the margin), share
+                // the load; a different specialist is never picked because
+                // the best one is busier.
+                let eligible: Vec<(u32, f32)> = relevant
                     .iter()
                     .copied()
-                    .filter(|&s| self.verdict(s, &cx) == Verdict::Eligible)
-                    .take(INTENT_MAX)
+                    .filter(|&(s, _)| self.verdict(s, &cx) == Verdict::Eligible)
                     .collect();
-                if top.is_empty() {
+                let top: Vec<u32> = match eligible.first() {
+                    Some(&(lead, lead_score)) => eligible
+                        .iter()
+                        .filter(|&&(s, score)| {
+                            s == lead
+                                || score >= (1.0 - self.intent_margin) * lead_score
+                                || self.equivalent(lead, s)
+                        })
+                        .map(|&(s, _)| s)
+                        .take(INTENT_MAX)
+                        .collect(),
                     // nothing eligible: let `decide` count the reasons
-                    top = relevant;
+                    None => relevant.iter().map(|&(s, _)| s).collect(),
+                };
+                let mut sel = self.decide(&cx, &top, candidates, rng)?;
+                // `dmsc-route` says why: the top candidates and their scores.
+                let _ = write!(sel.why, "; ranked:");
+                for (i, &(s, score)) in ranked.iter().take(3).enumerate() {
+                    let sep = if i == 0 { " " } else { ", " };
+                    let _ = write!(sel.why, "{sep}{} {score:.2}", self.name_of(s));
                 }
-                self.decide(&cx, &top, candidates, rng)
+                if top.len() > 1 {
+                    let _ = write!(sel.why, "; {} equivalent", top.len());
+                }
+                Ok(sel)
             }
         }
+    }
+
+    /// True if the agents in slots `a` and `b` offer the same capability:
+    /// the same card, or the same set of skill tags.
+    fn equivalent(&self, a: u32, b: u32) -> bool {
+        let (Some(ea), Some(eb)) = (self.entries.get(a as usize), self.entries.get(b as usize))
+        else {
+            return false;
+        };
+        if !ea.record.digest.is_empty() && ea.record.digest == eb.record.digest {
+            return true;
+        }
+        fn tags(e: &crate::Entry) -> Vec<&str> {
+            let mut t: Vec<&str> = e
+                .record
+                .skills
+                .iter()
+                .flat_map(|s| s.tags.iter().map(String::as_str))
+                .collect();
+            t.sort_unstable();
+            t.dedup();
+            t
+        }
+        let ta = tags(ea);
+        !ta.is_empty() && ta == tags(eb)
     }
 
     fn decide<R: Rng + ?Sized>(
@@ -745,6 +797,77 @@ mod tests {
         assert_eq!(s.id, id("t", "a77"));
         assert!(!s.sampled);
         assert_eq!(s.eligible, 1);
+    }
+
+    #[test]
+    fn intent_ranks_then_balances_among_equivalent_agents_only() {
+        let mut r = Registry::new();
+        let mut add = |n: &str, digest: &str, tags: &[&str], name: &str| {
+            let mut rr = rec(tags, Health::Healthy);
+            rr.digest = digest.into();
+            rr.skills[0].name = name.into();
+            r.upsert("n", id("acme", n), rr);
+        };
+        // The specialist for invoices, a replica of it (same card), and
+        // another specialist whose card also mentions invoices.
+        add(
+            "inv",
+            "card-inv",
+            &["invoice", "billing"],
+            "Invoice payment",
+        );
+        add(
+            "inv-replica",
+            "card-inv",
+            &["invoice", "billing"],
+            "Invoice payment",
+        );
+        add(
+            "ledger",
+            "card-ledger",
+            &["invoice", "archive"],
+            "Invoice archive",
+        );
+        // The specialist and its replica are far busier than the generalist.
+        r.set_load(&id("acme", "inv"), load(50));
+        r.set_load(&id("acme", "inv-replica"), load(40));
+        r.set_load(&id("acme", "ledger"), load(0));
+        let mut rng = StdRng::seed_from_u64(9);
+        let mut seen = HashSet::new();
+        for _ in 0..50 {
+            let s = r
+                .select(
+                    "acme",
+                    &Target::Intent("invoice payment".into()),
+                    &NoLocal,
+                    &[],
+                    &mut rng,
+                )
+                .expect("intent");
+            assert_ne!(
+                s.id,
+                id("acme", "ledger"),
+                "a different specialist is not picked because the best is busier: {}",
+                s.why
+            );
+            assert!(s.why.contains("; ranked: inv"), "{}", s.why);
+            assert!(s.why.contains("2 equivalent"), "{}", s.why);
+            seen.insert(s.id);
+        }
+        // Load is balanced between the two replicas: the less loaded wins.
+        assert_eq!(seen, HashSet::from([id("acme", "inv-replica")]));
+        // A margin of 100 % pools every relevant agent again.
+        r.set_intent_margin(1.0);
+        let s = r
+            .select(
+                "acme",
+                &Target::Intent("invoice payment".into()),
+                &NoLocal,
+                &[],
+                &mut rng,
+            )
+            .expect("intent");
+        assert!(s.why.contains("3 equivalent"), "{}", s.why);
     }
 
     #[test]

@@ -137,6 +137,11 @@ impl MeshView {
         }
     }
 
+    /// Intent routing's margin of equal scores (`delegation.intent_margin`).
+    pub fn set_intent_margin(&self, margin: f32) {
+        self.write().set_intent_margin(margin);
+    }
+
     pub fn read(&self) -> std::sync::RwLockReadGuard<'_, Registry> {
         self.registry.read().unwrap_or_else(|p| p.into_inner())
     }
