@@ -406,8 +406,7 @@ impl TokenStore {
     }
 }
 
-/// Writes the store: temp file (0600) in the same directory, fsync, rename
-/// over the old file, fsync the directory so the rename itself is durable.
+/// Writes the store (see [`write_private_atomic`]).
 fn write_atomic(path: &Path, entries: &BTreeMap<String, Entry>) -> Result<(), String> {
     let file = File {
         version: FILE_VERSION,
@@ -415,6 +414,14 @@ fn write_atomic(path: &Path, entries: &BTreeMap<String, Entry>) -> Result<(), St
     };
     let mut json = serde_json::to_vec_pretty(&file).map_err(|e| format!("cannot encode: {e}"))?;
     json.push(b'\n');
+    write_private_atomic(path, &json)
+}
+
+/// Replaces the file at `path` with `bytes`, readable by its owner only:
+/// a temp file (0600) in the same directory, fsync, rename over the old
+/// file, fsync the directory so the rename itself is durable. A crash
+/// leaves the old file or the new one, never a mix.
+pub fn write_private_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -435,7 +442,7 @@ fn write_atomic(path: &Path, entries: &BTreeMap<String, Entry>) -> Result<(), St
             .create_new(true)
             .mode(0o600)
             .open(&tmp)?;
-        f.write_all(&json)?;
+        f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
         std::fs::File::open(&dir)?.sync_all()

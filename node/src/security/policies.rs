@@ -17,7 +17,7 @@
 //! lives in memory and in its peers' copies only.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
@@ -245,11 +245,10 @@ impl PolicyStore {
             .seal(&p.tenant, SEAL_CONTEXT, envelope.as_bytes())
             .map_err(|e| e.to_string())
             .and_then(|sealed| {
-                write_atomic(
+                dmsc_auth::token::write_private_atomic(
                     &self.dir.join(format!("{}.sealed", p.tenant)),
                     sealed.as_bytes(),
                 )
-                .map_err(|e| e.to_string())
             });
         if let Err(e) = persisted {
             // Enforced now and re-fetched from peers after a restart.
@@ -337,17 +336,6 @@ impl PolicyStore {
     pub fn version(&self, tenant: &str) -> u64 {
         read(&self.held).get(tenant).map_or(0, |h| h.policy.version)
     }
-}
-
-/// Writes `bytes` to `path` atomically (temporary file, fsync, rename).
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -16,8 +16,7 @@
 //! create/revoke (rare operator actions); checks are in memory.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -255,8 +254,7 @@ impl ReadTokens {
     }
 }
 
-/// Temp file (0600) in the same directory, fsync, rename over the old file,
-/// fsync the directory so the rename itself is durable.
+/// Writes the store, readable by the node only, atomically.
 fn write_atomic(path: &Path, entries: &BTreeMap<String, Entry>) -> Result<(), String> {
     let file = File {
         version: FILE_VERSION,
@@ -264,35 +262,7 @@ fn write_atomic(path: &Path, entries: &BTreeMap<String, Entry>) -> Result<(), St
     };
     let mut json = serde_json::to_vec_pretty(&file).map_err(|e| format!("cannot encode: {e}"))?;
     json.push(b'\n');
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| "the path has no file name".to_owned())?
-        .to_string_lossy()
-        .into_owned();
-    let tmp = dir.join(format!(
-        ".{name}.tmp-{}-{:016x}",
-        std::process::id(),
-        rand::random::<u64>()
-    ));
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(&json)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(&dir)?.sync_all()
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        format!("cannot write (in `{}`): {e}", dir.display())
-    })
+    dmsc_auth::token::write_private_atomic(path, &json)
 }
 
 #[cfg(test)]
