@@ -88,8 +88,16 @@ impl Delegator {
             )
             .and_then(|agent| {
                 let tags = super::agent_tags(&self.mesh.read(), &id);
+                let policies = &self.security.policies;
+                let provider = policies.get(&head.tenant);
+                let consumer = if head.caller_tenant == head.tenant {
+                    provider.clone()
+                } else {
+                    policies.get(&head.caller_tenant)
+                };
                 crate::policy::outbound(
-                    &self.security.policies,
+                    consumer.as_deref(),
+                    provider.as_deref(),
                     crate::policy::Route {
                         caller: &head.caller,
                         caller_tenant: &head.caller_tenant,

@@ -226,6 +226,11 @@ impl Delegator {
         // The caller's tenant's masking rules, for data leaving it; the
         // masked body is kept for the situation it was made for.
         let consumer = self.security.policies.get(&caller_tenant);
+        let provider = if caller_tenant == tenant {
+            consumer.clone()
+        } else {
+            self.security.policies.get(&tenant)
+        };
         let mut masked_for: Option<(dmsc_policy::Situation, Bytes)> = None;
         let mut headers = headers;
         loop {
@@ -253,7 +258,8 @@ impl Delegator {
                     // tags), under the same read of the registry.
                     let tags = agent_tags(&reg, &sel.id);
                     let verdict = crate::policy::outbound(
-                        &self.security.policies,
+                        consumer.as_deref(),
+                        provider.as_deref(),
                         crate::policy::Route {
                             caller: &caller,
                             caller_tenant: &caller_tenant,

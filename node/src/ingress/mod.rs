@@ -676,7 +676,8 @@ impl Ingress {
                 HostTarget::Intent => dmsc_policy::Addressed::Intent,
             };
             crate::policy::outbound(
-                &self.security.policies,
+                consumer_policy.as_deref(),
+                provider_policy.as_deref(),
                 crate::policy::Route {
                     caller: &caller.id,
                     caller_tenant: &caller.tenant,

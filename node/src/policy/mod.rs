@@ -28,8 +28,7 @@
 
 pub mod caller;
 
-use crate::security::policies::PolicyStore;
-use dmsc_policy::{Addressed, Crossing, Refusal};
+use dmsc_policy::{Addressed, Crossing, Policy, Refusal};
 
 /// Why a delegation is refused. `Display` is the reason given to the
 /// caller and written to the audit log.
@@ -110,8 +109,14 @@ pub struct Route<'a> {
 /// accepted data tags apply; between tenants the provider's export and the
 /// consumer's import, and their data-tag gates; across regions the
 /// consumer's region gate. Run at the ingress, for the agent that selection
-/// picked, and on the home node.
-pub fn outbound(policies: &PolicyStore, r: Route<'_>) -> Result<(), Denial> {
+/// picked, and on the home node. `consumer` and `provider` are the
+/// policies of `caller_tenant` and `tenant` (the same one within a tenant),
+/// looked up once per request by the caller.
+pub fn outbound(
+    consumer: Option<&Policy>,
+    provider: Option<&Policy>,
+    r: Route<'_>,
+) -> Result<(), Denial> {
     let Route {
         caller,
         caller_tenant,
@@ -120,24 +125,21 @@ pub fn outbound(policies: &PolicyStore, r: Route<'_>) -> Result<(), Denial> {
         data_tags,
         crosses_region,
     } = r;
-    let consumer = policies.get(caller_tenant);
     let region = if crosses_region {
-        dmsc_policy::leaves_region(consumer.as_deref(), data_tags)
+        dmsc_policy::leaves_region(consumer, data_tags)
     } else {
         Ok(())
     };
     let decided = region.and_then(|()| {
         if caller_tenant == tenant {
             match target {
-                Addressed::Agent { name, .. } => {
-                    dmsc_policy::accepts(policies.get(tenant).as_deref(), name, data_tags)
-                }
+                Addressed::Agent { name, .. } => dmsc_policy::accepts(provider, name, data_tags),
                 _ => Ok(()),
             }
         } else {
             dmsc_policy::cross_tenant(
-                consumer.as_deref(),
-                policies.get(tenant).as_deref(),
+                consumer,
+                provider,
                 Crossing {
                     from: caller_tenant,
                     to: tenant,
@@ -245,6 +247,14 @@ mod tests {
         }
     }
 
+    use crate::security::policies::PolicyStore;
+
+    /// Looks both tenants' policies up, as the request path does, and decides.
+    fn decide(store: &PolicyStore, r: Route<'_>) -> Result<(), Denial> {
+        let (c, p) = (store.get(r.caller_tenant), store.get(r.tenant));
+        outbound(c.as_deref(), p.as_deref(), r)
+    }
+
     fn route<'a>(
         caller: &'a str,
         from: &'a str,
@@ -278,8 +288,7 @@ mod tests {
             name: "billing",
             tags: &[],
         };
-        let d =
-            outbound(&store, route("jwt:x#a", "globex", "acme", billing, &[])).expect_err("none");
+        let d = decide(&store, route("jwt:x#a", "globex", "acme", billing, &[])).expect_err("none");
         assert!(d.is_forbidden() && !d.is_tag_violation());
         assert_eq!(d.rule(), Some("acme:export"));
         assert_eq!(
@@ -287,7 +296,7 @@ mod tests {
             "caller `jwt:x#a` of tenant `globex`: cross-tenant call refused: tenant `acme` does not export agent `billing` to tenant `globex` (rule `acme:export`)"
         );
         assert_eq!(
-            outbound(&store, route("a", "acme", "acme", billing, &[])),
+            decide(&store, route("a", "acme", "acme", billing, &[])),
             Ok(())
         );
         let apply = |doc: &str| {
@@ -297,16 +306,15 @@ mod tests {
                 .expect("apply");
         };
         apply("tenant = \"acme\"\nversion = 1\n[[export]]\nto = [\"globex\"]\nagents = [\"billing\"]\n");
-        let d =
-            outbound(&store, route("a", "globex", "acme", billing, &[])).expect_err("no import");
+        let d = decide(&store, route("a", "globex", "acme", billing, &[])).expect_err("no import");
         assert_eq!(d.rule(), Some("globex:import"));
         apply("tenant = \"globex\"\nversion = 1\n[[import]]\nfrom = [\"acme\"]\nagents = [\"billing\"]\n");
         assert_eq!(
-            outbound(&store, route("a", "globex", "acme", billing, &[])),
+            decide(&store, route("a", "globex", "acme", billing, &[])),
             Ok(())
         );
         let pii = vec!["pii".to_string()];
-        let d = outbound(&store, route("a", "globex", "acme", billing, &pii)).expect_err("tags");
+        let d = decide(&store, route("a", "globex", "acme", billing, &pii)).expect_err("tags");
         assert!(d.is_tag_violation(), "{d}");
     }
 
