@@ -93,37 +93,56 @@ fn tag_refusal(rule: String, who: &str, tag: Option<String>, boundary: &str) -> 
     }
 }
 
-/// The exports of `provider` to `consumer` that cover `target`.
-fn exports<'p, 't: 'p>(
-    provider: &'p Policy,
-    consumer: &str,
-    target: Addressed<'t>,
-) -> impl Iterator<Item = &'p Allow> + 'p {
-    let named = provider
-        .exports_to
-        .get(consumer)
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    named
-        .iter()
-        .chain(&provider.exports_any)
-        .filter(move |e| matches(&e.agents, &e.tags, target))
+/// One side of a cross-tenant call: an allowlist of one tenant (its exports
+/// or its imports), indexed by the other tenant.
+struct Side<'p> {
+    by_tenant: &'p std::collections::HashMap<String, Vec<Allow>>,
+    any: &'p [Allow],
+    /// `export` or `import`, for rules and reasons.
+    list: &'static str,
+    /// The tenant whose list it is.
+    owner: &'p str,
+    /// How data crosses at this side: `into` (export) or `out of` (import).
+    direction: &'static str,
 }
 
-fn imports<'p, 't: 'p>(
-    consumer: &'p Policy,
-    provider: &str,
-    target: Addressed<'t>,
-) -> impl Iterator<Item = &'p Allow> + 'p {
-    let named = consumer
-        .imports_from
-        .get(provider)
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    named
-        .iter()
-        .chain(&consumer.imports_any)
-        .filter(move |e| matches(&e.agents, &e.tags, target))
+impl Side<'_> {
+    /// Passes if an entry for `other` covers `target` and its gate admits
+    /// the data tags; else the first entry's tag refusal, or `missing`.
+    fn pass(
+        &self,
+        other: &str,
+        target: Addressed<'_>,
+        data_tags: &[String],
+        missing: impl FnOnce() -> Refusal,
+    ) -> Result<(), Refusal> {
+        let named = self
+            .by_tenant
+            .get(other)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let mut first_tag_refusal = None;
+        for e in named
+            .iter()
+            .chain(self.any)
+            .filter(|e| matches(&e.agents, &e.tags, target))
+        {
+            match admits(&e.data, data_tags) {
+                Ok(()) => return Ok(()),
+                Err(tag) => {
+                    first_tag_refusal.get_or_insert_with(|| {
+                        tag_refusal(
+                            format!("{}:{}[{}].data_tags", self.owner, self.list, e.index),
+                            &format!("{} of tenant `{}`", self.list, self.owner),
+                            tag,
+                            &format!("{} tenant `{}`", self.direction, self.owner),
+                        )
+                    });
+                }
+            }
+        }
+        Err(first_tag_refusal.unwrap_or_else(missing))
+    }
 }
 
 /// May a caller of tenant `c.from` reach `c.target` of tenant `c.to`?
@@ -143,29 +162,14 @@ pub fn cross_tenant(
         tags: false,
     };
     let provider = provider.ok_or_else(no_export)?;
-    let mut first_tag_refusal = None;
-    let mut exported = false;
-    for e in exports(provider, c.from, c.target) {
-        match admits(&e.data, c.data_tags) {
-            Ok(()) => {
-                exported = true;
-                break;
-            }
-            Err(tag) => {
-                first_tag_refusal.get_or_insert_with(|| {
-                    tag_refusal(
-                        format!("{}:export[{}].data_tags", c.to, e.index),
-                        &format!("export of tenant `{}`", c.to),
-                        tag,
-                        &format!("into tenant `{}`", c.to),
-                    )
-                });
-            }
-        }
+    Side {
+        by_tenant: &provider.exports_to,
+        any: &provider.exports_any,
+        list: "export",
+        owner: c.to,
+        direction: "into",
     }
-    if !exported {
-        return Err(first_tag_refusal.unwrap_or_else(no_export));
-    }
+    .pass(c.from, c.target, c.data_tags, no_export)?;
     // ...then the consumer's: an import of it.
     let no_import = || Refusal {
         rule: format!("{}:import", c.from),
@@ -176,29 +180,14 @@ pub fn cross_tenant(
         tags: false,
     };
     let consumer = consumer.ok_or_else(no_import)?;
-    let mut first_tag_refusal = None;
-    let mut imported = false;
-    for i in imports(consumer, c.to, c.target) {
-        match admits(&i.data, c.data_tags) {
-            Ok(()) => {
-                imported = true;
-                break;
-            }
-            Err(tag) => {
-                first_tag_refusal.get_or_insert_with(|| {
-                    tag_refusal(
-                        format!("{}:import[{}].data_tags", c.from, i.index),
-                        &format!("import of tenant `{}`", c.from),
-                        tag,
-                        &format!("out of tenant `{}`", c.from),
-                    )
-                });
-            }
-        }
+    Side {
+        by_tenant: &consumer.imports_from,
+        any: &consumer.imports_any,
+        list: "import",
+        owner: c.from,
+        direction: "out of",
     }
-    if !imported {
-        return Err(first_tag_refusal.unwrap_or_else(no_import));
-    }
+    .pass(c.to, c.target, c.data_tags, no_import)?;
     if let Addressed::Agent { name, .. } = c.target {
         accepts(Some(provider), name, c.data_tags)?;
     }
