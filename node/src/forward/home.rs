@@ -107,7 +107,8 @@ impl Delegator {
                             tags: &tags,
                         },
                         data_tags: &head.data_tags,
-                        crosses_region: self.crosses_region(&peer),
+                        // Only the consumer's policy has region rules.
+                        crosses_region: consumer.is_some() && self.crosses_region(&peer),
                     },
                 )
                 .and_then(|()| {

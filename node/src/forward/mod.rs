@@ -257,6 +257,9 @@ impl Delegator {
                     // The tenant policy for the agent picked (its name and
                     // tags), under the same read of the registry.
                     let tags = agent_tags(&reg, &sel.id);
+                    // Only the consumer's policy has region rules (its gate
+                    // and its masking): without one, no need to know.
+                    let cross_region = consumer.is_some() && self.crosses_region(&sel.node);
                     let verdict = crate::policy::outbound(
                         consumer.as_deref(),
                         provider.as_deref(),
@@ -269,15 +272,15 @@ impl Delegator {
                                 tags: &tags,
                             },
                             data_tags: &data_tags,
-                            crosses_region: self.crosses_region(&sel.node),
+                            crosses_region: cross_region,
                         },
                     );
-                    (sel, verdict)
+                    (sel, verdict, cross_region)
                 })
             };
-            let sel = match selection {
-                Ok((s, Ok(()))) => s,
-                Ok((s, Err(denial))) => {
+            let (sel, cross_region) = match selection {
+                Ok((s, Ok(()), cross_region)) => (s, cross_region),
+                Ok((s, Err(denial), _)) => {
                     // Not this agent; another that the policy allows may
                     // serve (a capability exported by some agents only).
                     // Not an attempt: the retry budget is for failures.
@@ -303,12 +306,7 @@ impl Delegator {
                 plan.skip(id);
                 continue;
             }
-            let situation = mask::situation(
-                &caller_tenant,
-                &tenant,
-                self.crosses_region(&sel.node),
-                false,
-            );
+            let situation = mask::situation(&caller_tenant, &tenant, cross_region, false);
             let masking = consumer.as_deref().and_then(|p| p.masking(situation));
             let request_bytes = match (masking, &request_bytes) {
                 (None, _) => request_bytes.clone(),
@@ -685,7 +683,7 @@ impl Delegator {
     /// True when `node` announced another region than this node's (a node
     /// not seen yet counts as elsewhere: the gate fails closed).
     pub(crate) fn crosses_region(&self, node: &str) -> bool {
-        node != self.me && self.mesh.node_region(node).as_deref() != Some(self.region.as_str())
+        node != self.me && !self.mesh.in_region(node, &self.region)
     }
 
     /// Renders a tenant-policy refusal of the calling node: audited here,

@@ -237,12 +237,12 @@ impl MeshView {
         )
     }
 
-    /// The region a node announced (`None`: unknown or not seen).
-    pub fn node_region(&self, node: &str) -> Option<String> {
+    /// True if `node` announced `region` (false when unknown or not seen).
+    pub fn in_region(&self, node: &str, region: &str) -> bool {
         lock(&self.per_node)
             .get(node)
             .and_then(|c| c.ann.as_ref())
-            .map(|a| a.region.clone())
+            .is_some_and(|a| a.region == region)
     }
 
     /// A live node's overlay address and the delegation wire version it speaks.
