@@ -28,6 +28,7 @@ mod audit;
 mod balance;
 mod e2e;
 mod flood;
+mod intent;
 mod jwt;
 mod mask;
 mod policy;
@@ -51,6 +52,8 @@ struct Cli {
 
 #[derive(clap::Subcommand)]
 enum Cmd {
+    /// Intent routing accuracy on labelled sets (bench/intent/*.json).
+    Intent(intent::IntentArgs),
     /// Gossip convergence, propagation, failure detection and bandwidth.
     Gossip {
         /// Real loopback cluster sizes.
@@ -334,6 +337,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::AuthE2e(args) => rt()?.block_on(security::auth_e2e(args))?,
         Cmd::Policy(args) => policy::run(args)?,
         Cmd::Mask(args) => mask::run(args)?,
+        Cmd::Intent(args) => intent::run(args)?,
         Cmd::Flood(args) => rt()?.block_on(flood::run(args))?,
         Cmd::FloodServe(args) => rt()?.block_on(flood::serve(args))?,
         Cmd::FloodLoad(args) => {

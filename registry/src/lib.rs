@@ -40,10 +40,12 @@ mod fx;
 pub mod intent;
 pub mod record;
 pub mod select;
+pub mod semantic;
 
 pub use card::{slug, AgentCard, CardError, Dialect, FieldProblem, Interface, Skill};
 pub use circuit::{Circuit, CircuitConfig, CircuitState};
 pub use intent::{Bm25, Document, FieldKind, Scorer};
+pub use semantic::{CardVectors, Fusion, Piece, Scores, Q8};
 pub use record::{
     agent_key, load_key, parse_agent_key, parse_load_key, AgentRecord, Health, LoadReport,
     RecordError, SkillTags,
@@ -89,6 +91,12 @@ pub struct Entry {
     /// Card text (descriptions, examples) indexed for intent, when the card
     /// with `record.digest` has been fetched.
     card_text: Option<Vec<(FieldKind, String)>>,
+    /// The card's embedded pieces (same digest), when the node embeds this
+    /// tenant's cards; shared by every agent with that card.
+    vectors: Option<std::sync::Arc<CardVectors>>,
+    /// Examples learned from callers' choices (text, and its vector when
+    /// embedded); both scorers read them like the card's examples.
+    learned: Vec<(String, Option<Q8>)>,
 }
 
 impl Entry {
@@ -105,6 +113,8 @@ impl Entry {
             },
             load: LoadReport::default(),
             card_text: None,
+            vectors: None,
+            learned: Vec::new(),
         }
     }
 
@@ -128,6 +138,16 @@ impl Entry {
         tags
     }
 
+    /// Vectors of the examples learned for this agent.
+    pub(crate) fn learned_vectors(&self) -> impl Iterator<Item = &Q8> {
+        self.learned.iter().filter_map(|(_, v)| v.as_ref())
+    }
+
+    /// Examples learned for this agent from callers' choices.
+    pub fn learned(&self) -> impl Iterator<Item = &str> {
+        self.learned.iter().map(|(t, _)| t.as_str())
+    }
+
     fn document(&self) -> Document {
         let mut d = Document::default();
         for s in &self.record.skills {
@@ -138,6 +158,9 @@ impl Entry {
             }
         }
         d.fields.extend(self.card_text.iter().flatten().cloned());
+        for (t, _) in &self.learned {
+            d.push(FieldKind::Example, t.as_str());
+        }
         d
     }
 }
@@ -363,6 +386,7 @@ pub struct Registry {
     /// Intent scores within this share of the best count as equal (load is
     /// balanced among them); see [`Registry::set_intent_margin`].
     pub(crate) intent_margin: f32,
+    pub(crate) fusion: Fusion,
 }
 
 impl fmt::Debug for Registry {
@@ -399,6 +423,7 @@ impl Registry {
             new_scorer: Box::new(factory),
             choice: Choice::default(),
             intent_margin: select::INTENT_MARGIN,
+            fusion: Fusion::default(),
         }
     }
 
@@ -432,6 +457,7 @@ impl Registry {
             if let Some(e) = self.slot_mut(slot) {
                 if e.record.digest != record.digest {
                     e.card_text = None;
+                    e.vectors = None;
                 }
                 e.record = record;
                 if e.node != node {
@@ -470,6 +496,8 @@ impl Registry {
             record,
             load: LoadReport::default(),
             card_text: None,
+            vectors: None,
+            learned: Vec::new(),
         };
         let slot = match self.free.pop() {
             Some(s) => {
@@ -535,6 +563,59 @@ impl Registry {
             t.scorer.index(slot, &doc);
         }
         true
+    }
+
+    /// Sets the embedded pieces of the agent's card. Ignored, returning
+    /// false, when the agent is unknown or its record has another digest
+    /// (the card changed while it was being embedded).
+    pub fn set_vectors(
+        &mut self,
+        id: &AgentId,
+        digest: &str,
+        vectors: std::sync::Arc<CardVectors>,
+    ) -> bool {
+        let Some(&slot) = self.ids.get(id) else {
+            return false;
+        };
+        match self.slot_mut(slot) {
+            Some(e) if e.record.digest == digest => {
+                e.vectors = Some(vectors);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Replaces the examples learned for an agent (text and, when the node
+    /// embeds its tenant, vector); re-indexes its intent document. False
+    /// when the agent is unknown.
+    pub fn set_learned(&mut self, id: &AgentId, learned: Vec<(String, Option<Q8>)>) -> bool {
+        let Some(&slot) = self.ids.get(id) else {
+            return false;
+        };
+        let Some(e) = self.slot_mut(slot) else {
+            return false;
+        };
+        if e.learned == learned {
+            return true;
+        }
+        e.learned = learned;
+        let doc = e.document();
+        if let Some(t) = self.tenants.get_mut(&id.tenant) {
+            t.scorer.index(slot, &doc);
+        }
+        true
+    }
+
+    /// The agent's embedded card, if set.
+    pub fn vectors(&self, id: &AgentId) -> Option<&std::sync::Arc<CardVectors>> {
+        let slot = *self.ids.get(id)?;
+        self.slot(slot)?.vectors.as_ref()
+    }
+
+    /// How intent scores are fused (see [`semantic`]).
+    pub fn set_fusion(&mut self, fusion: Fusion) {
+        self.fusion = fusion;
     }
 
     pub fn has_card(&self, id: &AgentId) -> bool {

@@ -46,6 +46,7 @@ use std::fmt::{self, Write as _};
 use rand::Rng;
 
 use crate::record::LoadReport;
+use crate::semantic::{Scores, Q8};
 use crate::{AgentId, Registry};
 
 /// Candidate sets up to this size are scanned (exact eligible count).
@@ -262,6 +263,21 @@ impl Registry {
         exclude: &[AgentId],
         rng: &mut R,
     ) -> Result<Selection, SelectError> {
+        self.select_with(tenant, target, None, local, exclude, rng)
+    }
+
+    /// [`Registry::select`] with the query's embedding for an intent (the
+    /// node embeds it before taking the registry's lock); `None`, or a
+    /// target that is not an intent: lexical only.
+    pub fn select_with<R: Rng + ?Sized>(
+        &self,
+        tenant: &str,
+        target: &Target,
+        query: Option<&Q8>,
+        local: &dyn LocalState,
+        exclude: &[AgentId],
+        rng: &mut R,
+    ) -> Result<Selection, SelectError> {
         let cx = Ctx {
             tenant,
             target,
@@ -302,12 +318,13 @@ impl Registry {
             }
             Target::Intent(text) => {
                 let t = t.ok_or_else(no_match)?;
-                let ranked = t.scorer.query(text, INTENT_POOL);
-                let best = ranked.first().map(|x| x.1).ok_or_else(no_match)?;
+                let ranked = self.rank_in(t, text, query);
+                let best = ranked.first().map(|x| x.fused).ok_or_else(no_match)?;
                 let relevant: Vec<(u32, f32)> = ranked
                     .iter()
-                    .take_while(|(_, s)| *s >= INTENT_RELATIVE * best)
-                    .copied()
+                    .take(INTENT_POOL)
+                    .take_while(|s| s.fused >= INTENT_RELATIVE * best)
+                    .map(|s| (s.slot, s.fused))
                     .collect();
                 let candidates = relevant.len();
                 // Rank, then balance: the best-matching eligible agent, and
@@ -336,10 +353,12 @@ impl Registry {
                 };
                 let mut sel = self.decide(&cx, &top, candidates, rng)?;
                 // `dmsc-route` says why: the top candidates and their scores.
-                let _ = write!(sel.why, "; ranked:");
-                for (i, &(s, score)) in ranked.iter().take(3).enumerate() {
+                let hybrid = ranked.iter().any(|s| s.semantic.is_some());
+                let scorer = if hybrid { "hybrid" } else { "lexical" };
+                let _ = write!(sel.why, "; ranked ({scorer}):");
+                for (i, s) in ranked.iter().take(3).enumerate() {
                     let sep = if i == 0 { " " } else { ", " };
-                    let _ = write!(sel.why, "{sep}{} {score:.2}", self.name_of(s));
+                    let _ = write!(sel.why, "{sep}{} {:.2}", self.name_of(s.slot), s.fused);
                 }
                 if top.len() > 1 {
                     let _ = write!(sel.why, "; {} equivalent", top.len());
@@ -347,6 +366,37 @@ impl Registry {
                 Ok(sel)
             }
         }
+    }
+
+    /// The tenant's agents ranked for an intent: BM25 fused with the
+    /// semantic scores of agents whose cards are embedded (when `query` is
+    /// given). Best first; agents scoring 0 are left out.
+    pub fn rank_intent(&self, tenant: &str, text: &str, query: Option<&Q8>) -> Vec<(AgentId, Scores)> {
+        let Some(t) = self.tenants.get(tenant) else {
+            return Vec::new();
+        };
+        self.rank_in(t, text, query)
+            .into_iter()
+            .filter_map(|s| Some((self.slot(s.slot)?.id.clone(), s)))
+            .collect()
+    }
+
+    fn rank_in(&self, t: &crate::Tenant, text: &str, query: Option<&Q8>) -> Vec<Scores> {
+        let lexical = t.scorer.query(text, INTENT_POOL);
+        let semantic: Vec<(u32, f32)> = match query {
+            Some(q) => t
+                .by_name
+                .values()
+                .filter_map(|&slot| {
+                    let e = self.slot(slot)?;
+                    let v = e.vectors.as_ref()?;
+                    let score = crate::semantic::agent_score(q, v, e.learned_vectors())?;
+                    Some((slot, score))
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        crate::semantic::fuse(self.fusion, &lexical, &semantic)
     }
 
     /// True if the agents in slots `a` and `b` offer the same capability:
@@ -850,7 +900,7 @@ mod tests {
                 "a different specialist is not picked because the best is busier: {}",
                 s.why
             );
-            assert!(s.why.contains("; ranked: inv"), "{}", s.why);
+            assert!(s.why.contains("; ranked (lexical): inv"), "{}", s.why);
             assert!(s.why.contains("2 equivalent"), "{}", s.why);
             seen.insert(s.id);
         }
