@@ -183,6 +183,34 @@ impl App {
             config.delegation.selection,
         ));
         mesh.set_intent_margin(config.delegation.intent_margin);
+        mesh.write().set_fusion(config.intent.fusion);
+        // A configured model that cannot be read is a configuration error
+        // naming the file (exit 64), not a silent lexical fallback.
+        let intent = Arc::new(
+            crate::intent::Intent::load(&name, config.intent.clone()).map_err(|e| {
+                NodeError::Config(crate::config::ConfigError(vec![format!(
+                    "intent.model_dir: {e}"
+                )]))
+            })?,
+        );
+        for t in config
+            .ingress
+            .iter()
+            .filter_map(|i| i.tenant.as_deref())
+            .chain(config.agents.iter().map(|a| a.tenant.as_str()))
+        {
+            intent.serve_tenant(t);
+        }
+        tasks.spawn(intent.clone().run(mesh.clone()).in_current_span());
+        tasks.spawn(
+            crate::intent::learned_loop(
+                intent.clone(),
+                mesh.clone(),
+                gossip.clone(),
+                config.gossip_interval,
+            )
+            .in_current_span(),
+        );
         // A relay accepts an advertised address gossip gives for the node
         // (a node behind 1:1 NAT whose relay sees another address).
         if let Some(server) = overlay.relay() {
@@ -234,6 +262,7 @@ impl App {
             security: security.clone(),
             region: config.region.clone(),
             limiter: limiter.clone(),
+            intent: intent.clone(),
         });
         let agents = AgentsCtx {
             agents: local_agents,
@@ -369,6 +398,7 @@ impl App {
             gossip,
             mesh,
             agents,
+            intent,
             metrics: Metrics::new(delegation_metrics, security_metrics, listener_metrics),
             started: Instant::now(),
             bound: bound.clone(),

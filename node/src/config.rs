@@ -51,6 +51,123 @@ pub struct RawConfig {
     pub enrollment: RawEnrollment,
     #[serde(default)]
     pub relay: RawRelay,
+    #[serde(default)]
+    pub intent: RawIntent,
+}
+
+/// `[intent]`: routing by intent (`mesh.<tenant>.dmsc`).
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIntent {
+    /// A sentence-embedding model (`config.json`, `tokenizer.json`,
+    /// `model.safetensors`; `scripts/fetch-model.sh` installs one). Unset:
+    /// lexical matching only. Set but unreadable: a configuration error.
+    pub model_dir: Option<PathBuf>,
+    /// `best` (default): route to the best match. `ask`: when unsure,
+    /// answer with the candidates instead. A request's `dmsc-intent-mode`
+    /// header overrides it.
+    pub mode: Option<String>,
+    /// Tenants whose cards this node embeds (default: the tenants of its
+    /// ingress listeners and agents, and any tenant it routes an intent for).
+    pub tenants: Option<Vec<String>>,
+    /// Ask when the runner-up's score is within this of the best's (0..1,
+    /// default 0.3).
+    pub ask_margin: Option<f32>,
+    /// Ask when the best match's semantic score is below this (default 0.45).
+    pub ask_min_semantic: Option<f32>,
+    /// Share of the semantic score in the fused one (0..=1, default 0.8).
+    pub semantic_weight: Option<f32>,
+    /// Seconds within which a call by name resolves an ask (default 300).
+    pub learn_window_secs: Option<u64>,
+    /// Examples one caller may teach this node per hour (default 20).
+    pub learn_per_caller: Option<u32>,
+    /// Learned examples kept per agent (default 32).
+    pub learn_per_agent: Option<usize>,
+}
+
+/// Routing by intent, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IntentConfig {
+    pub model_dir: Option<PathBuf>,
+    pub ask: bool,
+    pub tenants: Option<Vec<String>>,
+    pub ask_rule: dmsc_registry::semantic::AskRule,
+    pub fusion: dmsc_registry::Fusion,
+    pub learn_window: Duration,
+    pub learn_per_caller: u32,
+    pub learn_per_agent: usize,
+}
+
+impl Default for IntentConfig {
+    fn default() -> Self {
+        IntentConfig {
+            model_dir: None,
+            ask: false,
+            tenants: None,
+            ask_rule: Default::default(),
+            fusion: Default::default(),
+            learn_window: Duration::from_secs(300),
+            learn_per_caller: 20,
+            learn_per_agent: 32,
+        }
+    }
+}
+
+impl RawIntent {
+    fn validate(&self, errors: &mut Vec<String>) -> IntentConfig {
+        let d = IntentConfig::default();
+        let ask = match self.mode.as_deref() {
+            None | Some("best") => false,
+            Some("ask") => true,
+            Some(m) => {
+                errors.push(format!("intent.mode = {m:?}: expected \"best\" or \"ask\""));
+                false
+            }
+        };
+        let mut share = |what: &str, v: Option<f32>, default: f32| match v {
+            None => default,
+            Some(x) if (0.0..=1.0).contains(&x) => x,
+            Some(x) => {
+                errors.push(format!("intent.{what} = {x} must be within 0..=1"));
+                default
+            }
+        };
+        let ask_rule = dmsc_registry::semantic::AskRule {
+            margin: share("ask_margin", self.ask_margin, d.ask_rule.margin),
+            min_semantic: share(
+                "ask_min_semantic",
+                self.ask_min_semantic,
+                d.ask_rule.min_semantic,
+            ),
+            ..d.ask_rule
+        };
+        let fusion = dmsc_registry::Fusion {
+            semantic_weight: share(
+                "semantic_weight",
+                self.semantic_weight,
+                d.fusion.semantic_weight,
+            ),
+            ..d.fusion
+        };
+        if let Some(dir) = &self.model_dir {
+            if !dir.is_dir() {
+                errors.push(format!(
+                    "intent.model_dir = `{}`: no such directory (scripts/fetch-model.sh installs the model)",
+                    dir.display()
+                ));
+            }
+        }
+        IntentConfig {
+            model_dir: self.model_dir.clone(),
+            ask,
+            tenants: self.tenants.clone(),
+            ask_rule,
+            fusion,
+            learn_window: Duration::from_secs(self.learn_window_secs.unwrap_or(300).max(1)),
+            learn_per_caller: self.learn_per_caller.unwrap_or(d.learn_per_caller),
+            learn_per_agent: self.learn_per_agent.unwrap_or(d.learn_per_agent).clamp(1, 1024),
+        }
+    }
 }
 
 /// `[enrollment]`: bounds on `/v1/enroll` and `/v1/renew` per source
@@ -578,6 +695,7 @@ pub struct NodeConfig {
     /// `Some`: this node is a relay.
     pub relay: Option<RelaySettings>,
     pub direct_upgrade: bool,
+    pub intent: IntentConfig,
 }
 
 impl RawDelegation {
@@ -713,6 +831,8 @@ pub enum EnvKind {
 pub const ENV: &[(&str, &str, EnvKind)] = &[
     ("DMSC_NAME", "name", EnvKind::Text),
     ("DMSC_REGION", "region", EnvKind::Text),
+    ("DMSC_INTENT_MODEL_DIR", "intent.model_dir", EnvKind::Text),
+    ("DMSC_INTENT_MODE", "intent.mode", EnvKind::Text),
     ("DMSC_OVERLAY_LISTEN", "overlay.listen", EnvKind::Text),
     ("DMSC_OVERLAY_ADVERTISE", "overlay.advertise", EnvKind::Text),
     ("DMSC_OVERLAY_BOOTSTRAP", "overlay.bootstrap", EnvKind::List),
@@ -839,6 +959,7 @@ impl RawConfig {
             limits: RawLimits::default(),
             enrollment: RawEnrollment::default(),
             relay: RawRelay::default(),
+            intent: RawIntent::default(),
         }
     }
 
@@ -858,6 +979,7 @@ impl RawConfig {
             &mut raw.tls.issuer_key,
             &mut raw.data_dir,
             &mut raw.audit.dir,
+            &mut raw.intent.model_dir,
         ]
         .into_iter()
         .flatten()
@@ -1241,6 +1363,7 @@ impl RawConfig {
         let delegation = self.delegation.validate(&mut errors);
         let limits = self.limits.validate(&mut errors);
         let enrollment = self.enrollment.validate(&mut errors);
+        let intent = self.intent.validate(&mut errors);
         if !errors.is_empty() {
             return Err(ConfigError(errors));
         }
@@ -1266,6 +1389,7 @@ impl RawConfig {
             tcp_listen,
             relay,
             direct_upgrade: self.overlay.direct_upgrade.unwrap_or(true),
+            intent,
             name: self.name,
             region: self.region.unwrap_or_else(|| DEFAULT_REGION.to_string()),
             // Every `None` above pushed an error, so these are present.

@@ -33,6 +33,7 @@ pub mod config;
 pub mod control;
 pub mod forward;
 pub mod ingress;
+pub mod intent;
 pub mod limits;
 pub mod metrics;
 pub mod policy;

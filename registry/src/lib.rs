@@ -138,6 +138,19 @@ impl Entry {
         tags
     }
 
+    /// Is the card of this agent embedded?
+    pub fn has_vectors(&self) -> bool {
+        self.vectors.is_some()
+    }
+
+    /// Learned examples not embedded yet.
+    pub fn learned_unembedded(&self) -> impl Iterator<Item = &str> {
+        self.learned
+            .iter()
+            .filter(|(_, v)| v.is_none())
+            .map(|(t, _)| t.as_str())
+    }
+
     /// Vectors of the examples learned for this agent.
     pub(crate) fn learned_vectors(&self) -> impl Iterator<Item = &Q8> {
         self.learned.iter().filter_map(|(_, v)| v.as_ref())

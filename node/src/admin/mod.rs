@@ -60,6 +60,7 @@ pub(crate) struct Shared {
     pub(crate) gossip: Arc<Gossip>,
     pub(crate) mesh: Arc<MeshView>,
     pub(crate) agents: AgentsCtx,
+    pub(crate) intent: Arc<crate::intent::Intent>,
     pub(crate) metrics: Metrics,
     pub(crate) started: std::time::Instant,
     pub(crate) bound: Bound,
@@ -87,6 +88,82 @@ fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Resp
 
 fn json(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
     reply(status, "application/json", format!("{v}\n"))
+}
+
+/// `GET /v1/learned`: examples learned from callers' choices, merged
+/// across nodes, of the tenants the caller may read.
+fn learned_list(s: &Shared, scope: &ReadScope) -> Response<Body> {
+    let merged = s
+        .intent
+        .learned
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .merged();
+    let list: Vec<serde_json::Value> = merged
+        .into_iter()
+        .filter(|((t, _), _)| scope.allows(t))
+        .map(|((tenant, agent), examples)| {
+            serde_json::json!({"tenant": tenant, "agent": agent, "examples": examples})
+        })
+        .collect();
+    json(StatusCode::OK, &serde_json::json!({ "learned": list }))
+}
+
+/// `DELETE /v1/learned/{tenant}/{agent}[?text=...]`: removes one learned
+/// example (or all of the agent's) on every node.
+fn learned_remove(
+    req: &Request<hyper::body::Incoming>,
+    tenant: &str,
+    agent: &str,
+    s: &Shared,
+) -> Response<Body> {
+    let text: Option<String> = req.uri().query().and_then(|q| {
+        q.split('&').find_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            (k == "text").then(|| percent_decode(v))
+        })
+    });
+    let removed = s
+        .intent
+        .learned
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(tenant, agent, text.as_deref());
+    s.intent.apply_learned(&s.mesh);
+    tracing::info!(tenant = %tenant, agent = %agent, removed, "learned examples removed by the operator");
+    json(
+        if removed == 0 {
+            StatusCode::NOT_FOUND
+        } else {
+            StatusCode::OK
+        },
+        &serde_json::json!({ "removed": removed }),
+    )
+}
+
+/// `%XX` and `+` decoded (invalid escapes kept as they are).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// `GET /v1/agents`: the agent table (of the reader's tenant only, for a
@@ -482,6 +559,8 @@ enum Endpoint {
     Policies,
     Policy,
     TenantKeys,
+    Learned,
+    LearnedAgent,
 }
 
 impl Endpoint {
@@ -493,7 +572,7 @@ impl Endpoint {
             | Endpoint::AdminTokens
             | Endpoint::Policies
             | Endpoint::TenantKeys => "GET, HEAD, POST",
-            Endpoint::Agent | Endpoint::AdminToken => "DELETE",
+            Endpoint::Agent | Endpoint::AdminToken | Endpoint::LearnedAgent => "DELETE",
             Endpoint::Tokens => "POST",
             _ => "GET, HEAD",
         }
@@ -520,6 +599,8 @@ fn router() -> &'static matchit::Router<Endpoint> {
             ("/v1/policies", Endpoint::Policies),
             ("/v1/policies/{tenant}", Endpoint::Policy),
             ("/v1/tenant-keys", Endpoint::TenantKeys),
+            ("/v1/learned", Endpoint::Learned),
+            ("/v1/learned/{tenant}/{name}", Endpoint::LearnedAgent),
         ] {
             // The table above is fixed and its paths are distinct.
             #[allow(clippy::expect_used)]
@@ -626,6 +707,8 @@ async fn route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) -> Response<
         (Endpoint::Policy, _) if get => policies::show(&s, &tenant, &scope),
         (Endpoint::TenantKeys, _) if get => tenant_keys_list(&s),
         (Endpoint::TenantKeys, Method::POST) => tenant_keys_apply(req, &s).await,
+        (Endpoint::Learned, _) if get => learned_list(&s, &scope),
+        (Endpoint::LearnedAgent, Method::DELETE) => learned_remove(&req, &tenant, &name, &s),
         (e, _) => {
             let mut r = reply(
                 StatusCode::METHOD_NOT_ALLOWED,

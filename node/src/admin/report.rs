@@ -123,7 +123,14 @@ pub(crate) async fn status_report(s: &Shared) -> StatusReport {
         tokens: s.security.token_counts(),
         reloads: s.security.reloads(),
     };
+    let intent = super::status::IntentStatus {
+        scorer: s.intent.scorer().to_string(),
+        model_dir: s.intent.model_dir(),
+        mode: if s.intent.cfg.ask { "ask" } else { "best" }.to_string(),
+        tenants: s.intent.tenants(),
+    };
     StatusReport {
+        intent,
         certificates,
         agents,
         pending_agents,

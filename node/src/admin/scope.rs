@@ -188,6 +188,7 @@ pub fn scope_status(mut report: StatusReport, scope: &ReadScope) -> StatusReport
     if let Some(r) = &mut report.paths.relay {
         r.clients.clear();
     }
+    report.intent.tenants.retain(|t| t == tenant);
     report
 }
 
@@ -294,6 +295,7 @@ mod tests {
                 revoked: 2,
                 ..Default::default()
             },
+            intent: IntentStatus::default(),
         }
     }
 

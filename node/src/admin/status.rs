@@ -22,6 +22,20 @@ pub struct StatusReport {
     pub pending_agents: Vec<PendingAgent>,
     #[serde(default)]
     pub certificates: CertStatus,
+    #[serde(default)]
+    pub intent: IntentStatus,
+}
+
+/// Routing by intent on this node.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct IntentStatus {
+    /// `hybrid` (BM25 + sentence embeddings) or `lexical-only`.
+    pub scorer: String,
+    pub model_dir: Option<String>,
+    /// `best` or `ask` (the default; a request's `dmsc-intent-mode` wins).
+    pub mode: String,
+    /// Tenants whose cards this node embeds.
+    pub tenants: Vec<String>,
 }
 
 /// Certificates: what this node presents, issues and refuses.
@@ -237,6 +251,23 @@ impl StatusReport {
                 .map(|[i, u, e, a]| format!("; join tokens {i} issued, {u} used, {e} expired, {a} active"))
                 .unwrap_or_default()
         ));
+        let i = &self.intent;
+        if !i.scorer.is_empty() {
+            out.push_str(&format!(
+                "intent   {}{}; mode {}{}\n",
+                i.scorer,
+                i.model_dir
+                    .as_deref()
+                    .map(|d| format!(" (model {d})"))
+                    .unwrap_or_else(|| " (no [intent] model_dir)".into()),
+                i.mode,
+                if i.tenants.is_empty() {
+                    String::new()
+                } else {
+                    format!("; embeds {}", i.tenants.join(", "))
+                }
+            ));
+        }
         let g = &self.gossip;
         out.push_str(&format!(
             "gossip   {} alive, {} suspect, {} dead, {} left; every {}ms, phi {}\n\n",

@@ -91,6 +91,9 @@ pub struct Delegation {
     pub http2: bool,
     pub headers: hyper::HeaderMap,
     pub body: ReqBody,
+    /// For an intent: the query's embedding (made before selection, off
+    /// the registry's lock); `None`: lexical ranking.
+    pub intent: Option<crate::intent::QueryVector>,
 }
 
 /// The delegation engine of a node (shared by ingress and the overlay side).
@@ -112,6 +115,8 @@ pub struct Delegator {
     pub(crate) region: String,
     /// Tenant limits: a target's limit is checked here, on its home node.
     pub(crate) limiter: Arc<crate::limits::Limiter>,
+    /// Routing by intent: the model, asks, learned examples.
+    pub(crate) intent: Arc<crate::intent::Intent>,
 }
 
 /// A request that may safely be sent again: an idempotent method, or any
@@ -206,6 +211,7 @@ impl Delegator {
             http2,
             headers,
             body,
+            intent,
         } = d;
         let request_bytes = match &body {
             ReqBody::Buffered(b) => Some(b.clone()),
@@ -246,9 +252,10 @@ impl Delegator {
             }
             let selection = {
                 let reg = self.mesh.read();
-                reg.select(
+                reg.select_with(
                     &tenant,
                     &target,
+                    intent.as_ref().map(|q| &*q.vector),
                     &*self.mesh,
                     plan.excluded(),
                     &mut rand::thread_rng(),
@@ -279,7 +286,12 @@ impl Delegator {
                 })
             };
             let (sel, cross_region) = match selection {
-                Ok((s, Ok(()), cross_region)) => (s, cross_region),
+                Ok((mut s, Ok(()), cross_region)) => {
+                    if intent.as_ref().is_some_and(|q| q.truncated) {
+                        s.why.push_str("; query truncated to the model's window");
+                    }
+                    (s, cross_region)
+                }
                 Ok((s, Err(denial), _)) => {
                     // Not this agent; another that the policy allows may
                     // serve (a capability exported by some agents only).
@@ -750,6 +762,7 @@ pub async fn fetch_card(
             http2: false,
             headers: hyper::HeaderMap::new(),
             body: ReqBody::Buffered(Bytes::new()),
+            intent: None,
         })
         .await;
     let resp = match outcome {

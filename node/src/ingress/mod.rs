@@ -562,11 +562,15 @@ impl Ingress {
             .map(|p| p.as_str().to_string())
             .unwrap_or_else(|| "/".into());
         let method = req.method().clone();
-        let header_intent = req
-            .headers()
-            .get("dmsc-intent")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let header_intent = header("dmsc-intent");
+        let intent_mode = header("dmsc-intent-mode");
+        let intent_choice = header("dmsc-intent-choice");
         let (parts, body) = req.into_parts();
         let needs_text = target == HostTarget::Intent && header_intent.is_none();
         // Policy reads bodies of unknown length too; a body that declares
@@ -728,6 +732,20 @@ impl Ingress {
                 }
             }
         };
+        let intent = match self
+            .intent_step(
+                &tenant,
+                &caller,
+                &target,
+                &body,
+                intent_mode.as_deref(),
+                intent_choice.as_deref(),
+            )
+            .await
+        {
+            Ok(q) => q,
+            Err(resp) => return resp,
+        };
         let mut headers = parts.headers;
         if caller.bearer {
             headers.remove(hyper::header::AUTHORIZATION);
@@ -759,6 +777,7 @@ impl Ingress {
                 http2,
                 headers,
                 body,
+                intent,
             })
             .await;
         drop(permit);
@@ -767,6 +786,39 @@ impl Ingress {
             Some(p) => resp.map(|b| crate::forward::body::guarded(b, vec![Box::new(p)])),
             None => resp,
         }
+    }
+}
+
+impl Ingress {
+    /// Intent before delegating: the query's embedding, an ask (ask mode),
+    /// learning from a call that resolves one ([`crate::intent`]).
+    async fn intent_step(
+        &self,
+        tenant: &str,
+        caller: &crate::policy::caller::Caller,
+        target: &Target,
+        body: &ReqBody,
+        mode: Option<&str>,
+        choice: Option<&str>,
+    ) -> Result<Option<crate::intent::QueryVector>, Response<Body>> {
+        let body = match body {
+            ReqBody::Buffered(b) => Some(&b[..]),
+            ReqBody::Streaming(_) => None,
+        };
+        crate::intent::prepare(
+            &self.delegator.intent,
+            &self.delegator.mesh,
+            crate::intent::Step {
+                tenant,
+                caller: &caller.id,
+                authenticated: !caller.id.starts_with("ingress:"),
+                target,
+                body,
+                mode,
+                choice,
+            },
+        )
+        .await
     }
 }
 

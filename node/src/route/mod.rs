@@ -146,7 +146,7 @@ impl MeshView {
         self.registry.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Registry> {
+    pub(crate) fn write(&self) -> std::sync::RwLockWriteGuard<'_, Registry> {
         self.registry.write().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -252,6 +252,11 @@ impl MeshView {
             .unwrap_or_else(|p| p.into_inner())
             .get(node)
             .copied()
+    }
+
+    /// The cached card with this digest.
+    pub fn card(&self, digest: &str) -> Option<Arc<AgentCard>> {
+        lock(&self.cards).get(digest).cloned()
     }
 
     /// Caches a card and feeds its text to the intent index of every
