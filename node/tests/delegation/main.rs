@@ -5,6 +5,7 @@
 mod admin;
 mod grpc;
 mod hygiene;
+mod intent;
 mod limits;
 mod listen;
 mod midresponse;

@@ -1,0 +1,343 @@
+//! Routing by intent: ask mode answers in the caller's dialect (A2A 0.3,
+//! A2A 1.0, plain HTTP), an authenticated caller's choice is learned and
+//! reaches another node by gossip, an operator removes it on every node;
+//! with the model installed, a node routes a paraphrase by meaning and
+//! says which scorer ran; a corrupt model directory is a startup error.
+
+use std::time::Duration;
+
+use dmsc_node::admin::status::admin_call;
+use dmsc_node::demo::mesh::{message_send, send_message_v10, LocalMesh};
+use dmsc_node::demo::sample_agent::{CardDialect, SampleAgent, SampleConfig, SampleSkill};
+use hyper::{Method, StatusCode};
+
+use super::security::{client_config, es256_key, jwt, tls_call, JWT_AUD, JWT_ISS};
+use super::{eventually, loopback};
+
+async fn skilled(name: &str, description: &str, tags: &[&str], examples: &[&str]) -> SampleAgent {
+    SampleAgent::start(
+        loopback(),
+        SampleConfig {
+            name: name.to_string(),
+            description: description.to_string(),
+            skills: vec![SampleSkill {
+                id: format!("{name}-skill"),
+                name: name.to_string(),
+                description: description.to_string(),
+                tags: tags.iter().map(|t| t.to_string()).collect(),
+                examples: examples.iter().map(|t| t.to_string()).collect(),
+            }],
+            delay: Duration::ZERO,
+            dialect: CardDialect::V03,
+        },
+    )
+    .await
+    .expect("sample agent")
+}
+
+async fn admin_json(m: &LocalMesh, i: usize, method: Method, path: &str) -> (u16, serde_json::Value) {
+    let token = m.admin_token(i);
+    let (status, body) = admin_call(
+        m.nodes[i].bound().admin,
+        method,
+        path,
+        Some(&token),
+        bytes::Bytes::new(),
+    )
+    .await
+    .expect("admin");
+    (status, serde_json::from_str(&body).unwrap_or_default())
+}
+
+fn learned_of(v: &serde_json::Value, agent: &str) -> Vec<String> {
+    v["learned"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["agent"] == agent)
+        .flat_map(|e| e["examples"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t.as_str().map(str::to_string))
+        .collect()
+}
+
+const TEXT: &str = "pay stub looks weird this month";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ask_mode_in_every_dialect_and_learning_from_choices_across_two_nodes() {
+    let jwks = tempfile::tempdir().expect("dir");
+    let key = es256_key("k1");
+    let jwks_path = jwks.path().join("jwks.json");
+    std::fs::write(&jwks_path, serde_json::json!({ "keys": [key.jwk] }).to_string()).expect("jwks");
+    let mesh = LocalMesh::start(&["n0", "n1"], "acme", |i, raw| {
+        raw.gossip.interval_ms = Some(100);
+        raw.delegation.health_interval_ms = Some(200);
+        if i == 0 {
+            raw.ingress.push(dmsc_node::config::RawIngress {
+                listen: "127.0.0.1:0".into(),
+                tls: Some(true),
+                auth: Some(vec!["jwt".into()]),
+                ..Default::default()
+            });
+            raw.jwt = Some(dmsc_node::config::RawJwt {
+                issuers: vec![JWT_ISS.into()],
+                audiences: vec![JWT_AUD.into()],
+                jwks_file: Some(jwks_path.clone()),
+                ..Default::default()
+            });
+        }
+    })
+    .await
+    .expect("mesh");
+    // Two agents the words cannot tell apart for "pay ...".
+    let payroll = skilled("payroll", "Answers pay questions", &["pay"], &["pay run"]).await;
+    let benefits = skilled("benefits", "Answers pay questions too", &["pay"], &["pay plan"]).await;
+    mesh.attach(0, &payroll.url(), None).await.expect("attach");
+    mesh.attach(1, &benefits.url(), None).await.expect("attach");
+    eventually(Duration::from_secs(10), "both routable everywhere", || {
+        mesh.routable_everywhere("payroll") && mesh.routable_everywhere("benefits")
+    })
+    .await;
+    let ask = [("dmsc-intent-mode", "ask")];
+
+    // A2A 0.3: a task in input-required listing both.
+    let (resp, body) = mesh
+        .call(0, "POST", "mesh.acme.dmsc", "/", &ask, message_send(TEXT))
+        .await
+        .expect("call");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(v["result"]["status"]["state"], "input-required", "{v}");
+    let names: Vec<&str> = v["result"]["metadata"]["dmsc.candidates"]
+        .as_array()
+        .expect("candidates")
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert!(names.contains(&"payroll") && names.contains(&"benefits"), "{v}");
+    let urls = v["result"]["status"]["message"]["parts"][1]["data"]["candidates"].to_string();
+    assert!(urls.contains("http://benefits.acme.dmsc/"), "{urls}");
+    assert!(!resp.headers()["dmsc-ask-id"].is_empty());
+
+    // A2A 1.0 (on the other node): the protobuf-JSON shape.
+    let (resp, body) = mesh
+        .call(1, "POST", "mesh.acme.dmsc", "/", &ask, send_message_v10(TEXT))
+        .await
+        .expect("call");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(v["id"], "r-1");
+    assert_eq!(v["result"]["task"]["status"]["state"], "TASK_STATE_INPUT_REQUIRED", "{v}");
+
+    // Plain HTTP: 300 with the list.
+    let (resp, body) = mesh
+        .call(
+            0,
+            "POST",
+            "mesh.acme.dmsc",
+            "/",
+            &[("dmsc-intent-mode", "ask"), ("dmsc-intent", TEXT)],
+            "hello",
+        )
+        .await
+        .expect("call");
+    assert_eq!(resp.status(), StatusCode::MULTIPLE_CHOICES);
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(v["candidates"].as_array().map(Vec::len), Some(2), "{v}");
+
+    // Best mode (the default) still routes.
+    let (resp, _) = mesh
+        .call(0, "POST", "mesh.acme.dmsc", "/", &[], message_send(TEXT))
+        .await
+        .expect("call");
+    assert_eq!(resp.status(), StatusCode::OK);
+
+    // An anonymous caller (plain ingress) choosing teaches nothing.
+    let (resp, _) = mesh
+        .call(0, "POST", "mesh.acme.dmsc", "/", &ask, message_send(TEXT))
+        .await
+        .expect("call");
+    let id = resp.headers()["dmsc-ask-id"].to_str().expect("id").to_string();
+    let (resp, _) = mesh
+        .call(
+            0,
+            "POST",
+            "benefits.acme.dmsc",
+            "/",
+            &[("dmsc-intent-choice", id.as_str())],
+            message_send(TEXT),
+        )
+        .await
+        .expect("call");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let (_, v) = admin_json(&mesh, 0, Method::GET, "/v1/learned").await;
+    assert!(learned_of(&v, "benefits").is_empty(), "{v}");
+
+    // An authenticated caller asks, then calls its choice by name: learned.
+    let tls = mesh.nodes[0].bound().ingress[1];
+    let token = jwt(&key, "k1", super::security::claims("acme", JWT_AUD, 300));
+    let bearer = format!("Bearer {token}");
+    let cfg = || client_config(&mesh.ca.cert_pem, None);
+    let (status, headers, body) = tls_call(
+        tls,
+        cfg(),
+        "POST",
+        "mesh.acme.dmsc",
+        "/",
+        &[("authorization", &bearer), ("dmsc-intent-mode", "ask")],
+        message_send(TEXT),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let id = headers["dmsc-ask-id"].to_str().expect("id").to_string();
+    let (status, _, body) = tls_call(
+        tls,
+        cfg(),
+        "POST",
+        "benefits.acme.dmsc",
+        "/",
+        &[("authorization", &bearer), ("dmsc-intent-choice", &id)],
+        message_send(TEXT),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, v) = admin_json(&mesh, 0, Method::GET, "/v1/learned").await;
+    assert_eq!(learned_of(&v, "benefits"), vec![TEXT.to_string()], "{v}");
+
+    // Gossip takes it to node 1, whose ranking now uses it: no ask there.
+    let mut learned_on_1 = false;
+    for _ in 0..100 {
+        let (_, v) = admin_json(&mesh, 1, Method::GET, "/v1/learned").await;
+        if learned_of(&v, "benefits") == vec![TEXT.to_string()] {
+            learned_on_1 = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(learned_on_1, "node 1 never saw the learned example");
+    let (resp, body) = mesh
+        .call(1, "POST", "mesh.acme.dmsc", "/", &ask, message_send(TEXT))
+        .await
+        .expect("call");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let agent = resp.headers()["dmsc-agent"].to_str().unwrap_or_default().to_string();
+    assert!(agent.contains("benefits"), "routed, not asked: {agent} {body:?}");
+    assert!(resp.headers().get("dmsc-ask-id").is_none(), "{agent}");
+
+    // The operator removes it on node 1; node 0 forgets it too.
+    let path = "/v1/learned/acme/benefits?text=pay+stub+looks+weird+this%20month";
+    let (status, v) = admin_json(&mesh, 1, Method::DELETE, path).await;
+    assert_eq!((status, v["removed"].as_u64()), (200, Some(1)), "{v}");
+    let mut gone_on_0 = false;
+    for _ in 0..100 {
+        let (_, v) = admin_json(&mesh, 0, Method::GET, "/v1/learned").await;
+        if learned_of(&v, "benefits").is_empty() {
+            gone_on_0 = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone_on_0, "node 0 kept the removed example");
+    let (status, _) = admin_json(&mesh, 1, Method::DELETE, path).await;
+    assert_eq!(status, 404);
+    drop((payroll, benefits, jwks));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_model_directory_is_a_startup_error_naming_the_file() {
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(dir.path().join("config.json"), "{ not json").expect("write");
+    let bad = dir.path().to_path_buf();
+    let err = LocalMesh::start(&["n0"], "acme", |_, raw| {
+        raw.intent.model_dir = Some(bad.clone());
+    })
+    .await
+    .err()
+    .expect("a corrupt model directory stops the node");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("config.json"), "{msg}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_model_a_paraphrase_is_routed_by_meaning() {
+    let Some(model) = dmsc_embed::installed_model_dir() else {
+        eprintln!("skipped: no model installed (scripts/fetch-model.sh; CI installs it)");
+        return;
+    };
+    let mesh = LocalMesh::start(&["n0", "n1"], "acme", |i, raw| {
+        raw.gossip.interval_ms = Some(100);
+        raw.delegation.health_interval_ms = Some(200);
+        if i == 0 {
+            raw.intent.model_dir = Some(model.clone());
+        }
+    })
+    .await
+    .expect("mesh");
+    let payroll = skilled(
+        "payroll",
+        "Runs payroll: salaries, payslips, tax withholding.",
+        &["payroll", "salary"],
+        &["Why is my salary late?"],
+    )
+    .await;
+    let facilities = skilled(
+        "facilities",
+        "Building maintenance: leaks, broken lights, heating, desks.",
+        &["facilities", "maintenance"],
+        &["The heating on floor 3 is off"],
+    )
+    .await;
+    mesh.attach(1, &payroll.url(), None).await.expect("attach");
+    mesh.attach(1, &facilities.url(), None).await.expect("attach");
+    eventually(Duration::from_secs(10), "routable", || {
+        mesh.routable_everywhere("payroll") && mesh.routable_everywhere("facilities")
+    })
+    .await;
+    // No word of either card: only meaning can route it.
+    let text = "water is dripping from the ceiling onto my keyboard";
+    let mut route = String::new();
+    let mut agent = String::new();
+    for _ in 0..100 {
+        let (resp, _) = mesh
+            .call(0, "POST", "mesh.acme.dmsc", "/", &[("dmsc-intent", text)], "x")
+            .await
+            .expect("call");
+        route = resp.headers()
+            .get("dmsc-route")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        agent = resp.headers()
+            .get("dmsc-agent")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        if resp.status() == StatusCode::OK && route.contains("hybrid") {
+            break;
+        }
+        // the cards are embedded in the background
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(route.contains("hybrid"), "{route}");
+    assert!(agent.contains("facilities"), "{agent}: {route}");
+    let text = "my last paycheck was smaller than it should be";
+    let (resp, _) = mesh
+        .call(0, "POST", "mesh.acme.dmsc", "/", &[("dmsc-intent", text)], "x")
+        .await
+        .expect("call");
+    let agent = resp.headers()["dmsc-agent"].to_str().unwrap_or_default().to_string();
+    assert!(agent.contains("payroll"), "{agent}");
+    // A long text is cut to the model's window, and the route says so.
+    let long = "my paycheck is wrong ".repeat(2000);
+    let (resp, _) = mesh
+        .call(0, "POST", "mesh.acme.dmsc", "/", &[], message_send(&long))
+        .await
+        .expect("call");
+    let route = resp.headers()["dmsc-route"].to_str().unwrap_or_default().to_string();
+    assert!(route.contains("truncated"), "{route}");
+    // status says which scorer runs
+    let (_, s0) = admin_json(&mesh, 0, Method::GET, "/v1/status").await;
+    let (_, s1) = admin_json(&mesh, 1, Method::GET, "/v1/status").await;
+    assert_eq!(s0["intent"]["scorer"], "hybrid", "{}", s0["intent"]);
+    assert_eq!(s1["intent"]["scorer"], "lexical-only", "{}", s1["intent"]);
+    drop((payroll, facilities));
+}
