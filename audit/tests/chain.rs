@@ -92,7 +92,7 @@ fn event(i: u64) -> Event {
             agent: format!("agent-{i}"),
             serial: "0a1b2c".into(),
             not_after: 1_900_000_000,
-            via: if i % 2 == 0 {
+            via: if i.is_multiple_of(2) {
                 EnrollVia::Renewal("09".into())
             } else {
                 EnrollVia::Token("tok-7".into())

@@ -253,7 +253,10 @@ pub fn run(args: IntentArgs) -> anyhow::Result<()> {
             }
         }
         for (i, t) in tallies.iter().enumerate() {
-            println!("{}", t.row(&format!("{} / {}", set.name, label(weights[i]))));
+            println!(
+                "{}",
+                t.row(&format!("{} / {}", set.name, label(weights[i])))
+            );
             let o = &mut overall[i];
             for s in 0..3 {
                 o.total[s] += t.total[s];

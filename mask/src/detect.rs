@@ -135,7 +135,7 @@ fn luhn(digits: &[u8]) -> bool {
         }
         sum += v;
     }
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 /// Longest Luhn-valid prefix of 13 to 19 digits that ends at the end of

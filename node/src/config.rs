@@ -165,7 +165,10 @@ impl RawIntent {
             fusion,
             learn_window: Duration::from_secs(self.learn_window_secs.unwrap_or(300).max(1)),
             learn_per_caller: self.learn_per_caller.unwrap_or(d.learn_per_caller),
-            learn_per_agent: self.learn_per_agent.unwrap_or(d.learn_per_agent).clamp(1, 1024),
+            learn_per_agent: self
+                .learn_per_agent
+                .unwrap_or(d.learn_per_agent)
+                .clamp(1, 1024),
         }
     }
 }

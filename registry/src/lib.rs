@@ -45,12 +45,12 @@ pub mod semantic;
 pub use card::{slug, AgentCard, CardError, Dialect, FieldProblem, Interface, Skill};
 pub use circuit::{Circuit, CircuitConfig, CircuitState};
 pub use intent::{Bm25, Document, FieldKind, Scorer};
-pub use semantic::{CardVectors, Fusion, Piece, Scores, Q8};
 pub use record::{
     agent_key, load_key, parse_agent_key, parse_load_key, AgentRecord, Health, LoadReport,
     RecordError, SkillTags,
 };
 pub use select::{Choice, LocalState, NoLocal, SelectError, Selection, Target};
+pub use semantic::{CardVectors, Fusion, Piece, Scores, Q8};
 
 /// `tenant/name` of an agent.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

@@ -371,7 +371,12 @@ impl Registry {
     /// The tenant's agents ranked for an intent: BM25 fused with the
     /// semantic scores of agents whose cards are embedded (when `query` is
     /// given). Best first; agents scoring 0 are left out.
-    pub fn rank_intent(&self, tenant: &str, text: &str, query: Option<&Q8>) -> Vec<(AgentId, Scores)> {
+    pub fn rank_intent(
+        &self,
+        tenant: &str,
+        text: &str,
+        query: Option<&Q8>,
+    ) -> Vec<(AgentId, Scores)> {
         let Some(t) = self.tenants.get(tenant) else {
             return Vec::new();
         };
@@ -827,7 +832,7 @@ mod tests {
                 .expect("some");
             assert!(s.sampled);
             let n: usize = s.id.name[1..].parse().expect("num");
-            assert!(n % 4 != 0 && n != 1 && n != 2, "{}", s.id);
+            assert!(!n.is_multiple_of(4) && n != 1 && n != 2, "{}", s.id);
             seen.insert(s.id);
         }
         assert!(seen.len() > 100, "{}", seen.len());

@@ -188,7 +188,10 @@ impl CardVectors {
 
     /// Heap bytes held (for the RSS budget).
     pub fn bytes(&self) -> usize {
-        self.pieces.iter().map(|(_, v)| v.bytes() + 24).sum::<usize>()
+        self.pieces
+            .iter()
+            .map(|(_, v)| v.bytes() + 24)
+            .sum::<usize>()
             + self.centroid.as_ref().map_or(0, Q8::bytes)
     }
 }
@@ -204,7 +207,9 @@ pub(crate) fn agent_score<'a>(
 ) -> Option<f32> {
     let best = best_two(query, card.pieces.iter().map(|(_, v)| v).chain(extra))?;
     Some(match &card.centroid {
-        Some(c) => (best + CENTROID_WEIGHT * query.dot(c)) / (1.0 + SECOND_WEIGHT + CENTROID_WEIGHT),
+        Some(c) => {
+            (best + CENTROID_WEIGHT * query.dot(c)) / (1.0 + SECOND_WEIGHT + CENTROID_WEIGHT)
+        }
         None => best / (1.0 + SECOND_WEIGHT),
     })
 }
@@ -265,11 +270,7 @@ pub struct Scores {
 
 /// Fuses a BM25 ranking with semantic scores, best first (ties by slot).
 /// `semantic` holds every agent of the tenant that has vectors.
-pub(crate) fn fuse(
-    fusion: Fusion,
-    lexical: &[(u32, f32)],
-    semantic: &[(u32, f32)],
-) -> Vec<Scores> {
+pub(crate) fn fuse(fusion: Fusion, lexical: &[(u32, f32)], semantic: &[(u32, f32)]) -> Vec<Scores> {
     let mut all: HashMap<u32, Scores, FxBuild> =
         HashMap::with_capacity_and_hasher(lexical.len() + semantic.len(), FxBuild::default());
     for &(slot, l) in lexical {
@@ -289,8 +290,15 @@ pub(crate) fn fuse(
         e.semantic = Some(s);
     }
     let lex_best = lexical.iter().map(|x| x.1).fold(0.0f32, f32::max);
-    let sem_best = semantic.iter().map(|x| x.1).fold(f32::NEG_INFINITY, f32::max);
-    let sem_on = semantic.is_empty().then_some(false).unwrap_or(sem_best > fusion.floor);
+    let sem_best = semantic
+        .iter()
+        .map(|x| x.1)
+        .fold(f32::NEG_INFINITY, f32::max);
+    let sem_on = if semantic.is_empty() {
+        false
+    } else {
+        sem_best > fusion.floor
+    };
     let w = if !sem_on {
         0.0
     } else if lex_best <= 0.0 {
@@ -404,8 +412,16 @@ mod tests {
 
     #[test]
     fn quantized_dot_is_close_to_the_float_one() {
-        let a = unit(&(0..384).map(|i| ((i * 7919) % 113) as f32 - 56.0).collect::<Vec<_>>());
-        let b = unit(&(0..384).map(|i| ((i * 104729) % 97) as f32 - 40.0).collect::<Vec<_>>());
+        let a = unit(
+            &(0..384)
+                .map(|i| ((i * 7919) % 113) as f32 - 56.0)
+                .collect::<Vec<_>>(),
+        );
+        let b = unit(
+            &(0..384)
+                .map(|i| ((i * 104729) % 97) as f32 - 40.0)
+                .collect::<Vec<_>>(),
+        );
         let exact: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
         let q = Q8::from_f32(&a).dot(&Q8::from_f32(&b));
         assert!((exact - q).abs() < 0.01, "{exact} vs {q}");
@@ -491,8 +507,14 @@ mod tests {
         assert_eq!(
             t,
             vec![
-                (Piece::Card, "invoice digest: Summaries of invoices.".to_string()),
-                (Piece::Skill(0), "Summarize: Reads an invoice (invoice, summary)".to_string()),
+                (
+                    Piece::Card,
+                    "invoice digest: Summaries of invoices.".to_string()
+                ),
+                (
+                    Piece::Skill(0),
+                    "Summarize: Reads an invoice (invoice, summary)".to_string()
+                ),
                 (Piece::Example(0), "sum up this bill".to_string()),
             ]
         );

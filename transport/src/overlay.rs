@@ -1618,7 +1618,7 @@ async fn sender_loop(weak: Weak<Inner>, to: SocketAddr, mut rx: mpsc::Receiver<B
                 retry_at = Some(tokio::time::Instant::now() + backoff);
                 // First failure (and then every tenth) at warn: a refused or
                 // vanished peer is worth one clear line, not one per gossip round.
-                if failures == 1 || failures % 10 == 0 {
+                if failures == 1 || failures.is_multiple_of(10) {
                     warn!(peer = %to, failures, retry_in = ?backoff, error = %e, "cannot reach overlay peer");
                 } else {
                     debug!(peer = %to, failures, error = %e, "cannot reach overlay peer");

@@ -159,7 +159,12 @@ fn sentence(text: &str, candidates: &[Candidate]) -> String {
 }
 
 /// The ask, in the dialect of the request (`body`: its buffered bytes).
-pub fn render(body: Option<&[u8]>, ask_id: &str, text: &str, candidates: &[Candidate]) -> Response<Body> {
+pub fn render(
+    body: Option<&[u8]>,
+    ask_id: &str,
+    text: &str,
+    candidates: &[Candidate],
+) -> Response<Body> {
     let request: Option<Value> = body.and_then(|b| serde_json::from_slice(b).ok());
     let list: Vec<Value> = candidates.iter().map(Candidate::json).collect();
     let say = sentence(text, candidates);
@@ -205,25 +210,37 @@ pub fn render(body: Option<&[u8]>, ask_id: &str, text: &str, candidates: &[Candi
         Some("message/send") => (
             StatusCode::OK,
             "application/json",
-            json!({"jsonrpc": "2.0", "id": rpc_id, "result": v03()}).to_string().into(),
+            json!({"jsonrpc": "2.0", "id": rpc_id, "result": v03()})
+                .to_string()
+                .into(),
         ),
         Some("SendMessage") => {
             let task = v10();
             (
                 StatusCode::OK,
                 "application/json",
-                json!({"jsonrpc": "2.0", "id": rpc_id, "result": task}).to_string().into(),
+                json!({"jsonrpc": "2.0", "id": rpc_id, "result": task})
+                    .to_string()
+                    .into(),
             )
         }
         Some("message/stream") => (
             StatusCode::OK,
             "text/event-stream",
-            format!("data: {}\n\n", json!({"jsonrpc": "2.0", "id": rpc_id, "result": v03()})).into(),
+            format!(
+                "data: {}\n\n",
+                json!({"jsonrpc": "2.0", "id": rpc_id, "result": v03()})
+            )
+            .into(),
         ),
         Some("SendStreamingMessage") => (
             StatusCode::OK,
             "text/event-stream",
-            format!("data: {}\n\n", json!({"jsonrpc": "2.0", "id": rpc_id, "result": v10()})).into(),
+            format!(
+                "data: {}\n\n",
+                json!({"jsonrpc": "2.0", "id": rpc_id, "result": v10()})
+            )
+            .into(),
         ),
         // HTTP+JSON binding (A2A 1.0): the request object is the message
         None if request.as_ref().is_some_and(|r| r.get("message").is_some()) => {
@@ -266,11 +283,23 @@ mod tests {
 
     async fn body(r: Response<Body>) -> (StatusCode, String, Value) {
         let status = r.status();
-        let ct = r.headers()[CONTENT_TYPE].to_str().unwrap_or_default().to_string();
-        let b = r.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+        let ct = r.headers()[CONTENT_TYPE]
+            .to_str()
+            .unwrap_or_default()
+            .to_string();
+        let b = r
+            .into_body()
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
         let s = String::from_utf8_lossy(&b).to_string();
         let json = s.strip_prefix("data: ").unwrap_or(&s).trim().to_string();
-        (status, ct, serde_json::from_str(&json).unwrap_or(Value::Null))
+        (
+            status,
+            ct,
+            serde_json::from_str(&json).unwrap_or(Value::Null),
+        )
     }
 
     #[tokio::test]
@@ -282,8 +311,13 @@ mod tests {
         assert_eq!(v["result"]["kind"], "task");
         assert_eq!(v["result"]["status"]["state"], "input-required");
         let parts = &v["result"]["status"]["message"]["parts"];
-        assert!(parts[0]["text"].as_str().is_some_and(|t| t.contains("payroll")));
-        assert_eq!(parts[1]["data"]["candidates"][1]["url"], "http://benefits.acme.dmsc/");
+        assert!(parts[0]["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("payroll")));
+        assert_eq!(
+            parts[1]["data"]["candidates"][1]["url"],
+            "http://benefits.acme.dmsc/"
+        );
         assert_eq!(v["result"]["metadata"]["dmsc.askId"], "ab");
 
         let send10 = br#"{"jsonrpc":"2.0","id":"x","method":"SendMessage","params":{"message":{"role":"ROLE_USER","messageId":"m","parts":[{"text":"my pay"}]}}}"#;
@@ -299,7 +333,10 @@ mod tests {
         let stream = br#"{"jsonrpc":"2.0","id":1,"method":"SendStreamingMessage","params":{"message":{"parts":[{"text":"my pay"}]}}}"#;
         let (_, ct, v) = body(render(Some(stream), "ab", "my pay", &cands())).await;
         assert_eq!(ct, "text/event-stream");
-        assert_eq!(v["result"]["task"]["status"]["state"], "TASK_STATE_INPUT_REQUIRED");
+        assert_eq!(
+            v["result"]["task"]["status"]["state"],
+            "TASK_STATE_INPUT_REQUIRED"
+        );
 
         let rest = br#"{"message":{"parts":[{"text":"my pay"}]}}"#;
         let (s, _, v) = body(render(Some(rest), "ab", "my pay", &cands())).await;
@@ -316,17 +353,32 @@ mod tests {
     fn pending_asks_resolve_by_id_or_text_within_the_window() {
         let now = Instant::now();
         let mut p = Pending::new(Duration::from_secs(60));
-        let id = p.remember("acme", "c", "my pay", vec!["payroll".into(), "benefits".into()], now);
+        let id = p.remember(
+            "acme",
+            "c",
+            "my pay",
+            vec!["payroll".into(), "benefits".into()],
+            now,
+        );
         // not a candidate
-        assert_eq!(p.resolve("acme", "c", "facilities", Some(&id), None, now), None);
+        assert_eq!(
+            p.resolve("acme", "c", "facilities", Some(&id), None, now),
+            None
+        );
         // another caller
-        assert_eq!(p.resolve("acme", "d", "payroll", Some(&id), None, now), None);
+        assert_eq!(
+            p.resolve("acme", "d", "payroll", Some(&id), None, now),
+            None
+        );
         assert_eq!(
             p.resolve("acme", "c", "payroll", Some(&id), None, now),
             Some("my pay".into())
         );
         // resolved once
-        assert_eq!(p.resolve("acme", "c", "payroll", Some(&id), None, now), None);
+        assert_eq!(
+            p.resolve("acme", "c", "payroll", Some(&id), None, now),
+            None
+        );
         p.remember("acme", "c", "my pay", vec!["payroll".into()], now);
         assert_eq!(
             p.resolve("acme", "c", "payroll", None, Some(" my pay "), now),
@@ -334,6 +386,9 @@ mod tests {
         );
         p.remember("acme", "c", "late", vec!["payroll".into()], now);
         let later = now + Duration::from_secs(61);
-        assert_eq!(p.resolve("acme", "c", "payroll", None, Some("late"), later), None);
+        assert_eq!(
+            p.resolve("acme", "c", "payroll", None, Some("late"), later),
+            None
+        );
     }
 }

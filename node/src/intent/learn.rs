@@ -120,11 +120,7 @@ impl Learned {
             return Err(Refused::Empty);
         }
         let k = (tenant.to_string(), agent.to_string());
-        if self
-            .merged_one(&k)
-            .iter()
-            .any(|t| same(t, &text))
-        {
+        if self.merged_one(&k).iter().any(|t| same(t, &text)) {
             return Ok(false);
         }
         let taught = self.taught.entry(caller.to_string()).or_default();
@@ -238,8 +234,7 @@ impl Learned {
         }
         let mut m = BTreeMap::new();
         for (k, v) in values {
-            let (Some(agent), Ok(mut r)) = (parse_key(k), serde_json::from_str::<Record>(v))
-            else {
+            let (Some(agent), Ok(mut r)) = (parse_key(k), serde_json::from_str::<Record>(v)) else {
                 continue;
             };
             // a peer's record is bounded like ours
@@ -264,8 +259,14 @@ mod tests {
     fn learn_dedup_caps_and_merge() {
         let now = Instant::now();
         let mut a = Learned::new("a", 3, 2, Duration::from_secs(3600));
-        assert_eq!(a.learn("acme", "x", "  my  paycheck is short ", "c1", now), Ok(true));
-        assert_eq!(a.learn("acme", "x", "MY PAYCHECK IS SHORT", "c1", now), Ok(false));
+        assert_eq!(
+            a.learn("acme", "x", "  my  paycheck is short ", "c1", now),
+            Ok(true)
+        );
+        assert_eq!(
+            a.learn("acme", "x", "MY PAYCHECK IS SHORT", "c1", now),
+            Ok(false)
+        );
         assert_eq!(a.learn("acme", "x", "second", "c1", now), Ok(true));
         assert_eq!(
             a.learn("acme", "x", "third", "c1", now),
@@ -292,20 +293,35 @@ mod tests {
         b.set_peer("a", &values);
         assert_eq!(b.merged()[&("acme".into(), "x".into())].len(), 3);
         assert_eq!(b.remove("acme", "x", Some("THIRD")), 1);
-        assert_eq!(b.merged()[&("acme".into(), "x".into())], vec!["second", "fourth"]);
+        assert_eq!(
+            b.merged()[&("acme".into(), "x".into())],
+            vec!["second", "fourth"]
+        );
         a.set_peer("b", &b.take_dirty());
-        assert_eq!(a.merged()[&("acme".into(), "x".into())], vec!["second", "fourth"]);
+        assert_eq!(
+            a.merged()[&("acme".into(), "x".into())],
+            vec!["second", "fourth"]
+        );
         // remove all
         assert_eq!(a.remove("acme", "x", None), 2);
         assert!(a.merged().is_empty());
         // garbage from a peer is ignored
-        b.set_peer("z", &[("learned/acme".into(), "{}".into()), ("learned/a/b".into(), "nope".into())]);
+        b.set_peer(
+            "z",
+            &[
+                ("learned/acme".into(), "{}".into()),
+                ("learned/a/b".into(), "nope".into()),
+            ],
+        );
         assert!(b.peers["z"].is_empty());
     }
 
     #[test]
     fn long_text_is_cut() {
-        assert_eq!(normalize(&"é".repeat(MAX_TEXT + 10)).chars().count(), MAX_TEXT);
+        assert_eq!(
+            normalize(&"é".repeat(MAX_TEXT + 10)).chars().count(),
+            MAX_TEXT
+        );
         assert_eq!(normalize("a\n\tb"), "a b");
     }
 }

@@ -431,13 +431,8 @@ pub async fn prepare(
                 })
                 .collect();
             let names = candidates.iter().map(|c| c.name.clone()).collect();
-            let id = lock(&intent.asks).remember(
-                tenant,
-                caller,
-                text,
-                names,
-                std::time::Instant::now(),
-            );
+            let id =
+                lock(&intent.asks).remember(tenant, caller, text, names, std::time::Instant::now());
             tracing::info!(tenant = %tenant, caller = %caller, ask = %id, candidates = candidates.len(), "intent unsure: asked the caller to choose");
             Err(ask::render(body, &id, text, &candidates))
         }
@@ -458,7 +453,9 @@ pub async fn prepare(
                     intent.wake();
                 }
                 Ok(false) => {}
-                Err(e) => tracing::info!(tenant = %tenant, agent = %agent, error = %e, "not learned"),
+                Err(e) => {
+                    tracing::info!(tenant = %tenant, agent = %agent, error = %e, "not learned")
+                }
             }
             Ok(None)
         }

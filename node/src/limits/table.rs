@@ -850,7 +850,7 @@ mod mesh_sim {
         let mut now = Duration::ZERO;
         while now < Duration::from_secs(secs) {
             let at = t0 + now;
-            if now.as_millis() % ROUND.as_millis() == 0 {
+            if now.as_millis().is_multiple_of(ROUND.as_millis()) {
                 // Last round's values arrive; this round's are published.
                 seen = published;
                 seen_has = has;

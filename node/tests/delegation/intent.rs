@@ -35,7 +35,12 @@ async fn skilled(name: &str, description: &str, tags: &[&str], examples: &[&str]
     .expect("sample agent")
 }
 
-async fn admin_json(m: &LocalMesh, i: usize, method: Method, path: &str) -> (u16, serde_json::Value) {
+async fn admin_json(
+    m: &LocalMesh,
+    i: usize,
+    method: Method,
+    path: &str,
+) -> (u16, serde_json::Value) {
     let token = m.admin_token(i);
     let (status, body) = admin_call(
         m.nodes[i].bound().admin,
@@ -67,7 +72,11 @@ async fn ask_mode_in_every_dialect_and_learning_from_choices_across_two_nodes() 
     let jwks = tempfile::tempdir().expect("dir");
     let key = es256_key("k1");
     let jwks_path = jwks.path().join("jwks.json");
-    std::fs::write(&jwks_path, serde_json::json!({ "keys": [key.jwk] }).to_string()).expect("jwks");
+    std::fs::write(
+        &jwks_path,
+        serde_json::json!({ "keys": [key.jwk] }).to_string(),
+    )
+    .expect("jwks");
     let mesh = LocalMesh::start(&["n0", "n1"], "acme", |i, raw| {
         raw.gossip.interval_ms = Some(100);
         raw.delegation.health_interval_ms = Some(200);
@@ -90,7 +99,13 @@ async fn ask_mode_in_every_dialect_and_learning_from_choices_across_two_nodes() 
     .expect("mesh");
     // Two agents the words cannot tell apart for "pay ...".
     let payroll = skilled("payroll", "Answers pay questions", &["pay"], &["pay run"]).await;
-    let benefits = skilled("benefits", "Answers pay questions too", &["pay"], &["pay plan"]).await;
+    let benefits = skilled(
+        "benefits",
+        "Answers pay questions too",
+        &["pay"],
+        &["pay plan"],
+    )
+    .await;
     mesh.attach(0, &payroll.url(), None).await.expect("attach");
     mesh.attach(1, &benefits.url(), None).await.expect("attach");
     eventually(Duration::from_secs(10), "both routable everywhere", || {
@@ -113,20 +128,33 @@ async fn ask_mode_in_every_dialect_and_learning_from_choices_across_two_nodes() 
         .iter()
         .filter_map(|c| c["name"].as_str())
         .collect();
-    assert!(names.contains(&"payroll") && names.contains(&"benefits"), "{v}");
+    assert!(
+        names.contains(&"payroll") && names.contains(&"benefits"),
+        "{v}"
+    );
     let urls = v["result"]["status"]["message"]["parts"][1]["data"]["candidates"].to_string();
     assert!(urls.contains("http://benefits.acme.dmsc/"), "{urls}");
     assert!(!resp.headers()["dmsc-ask-id"].is_empty());
 
     // A2A 1.0 (on the other node): the protobuf-JSON shape.
     let (resp, body) = mesh
-        .call(1, "POST", "mesh.acme.dmsc", "/", &ask, send_message_v10(TEXT))
+        .call(
+            1,
+            "POST",
+            "mesh.acme.dmsc",
+            "/",
+            &ask,
+            send_message_v10(TEXT),
+        )
         .await
         .expect("call");
     assert_eq!(resp.status(), StatusCode::OK);
     let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
     assert_eq!(v["id"], "r-1");
-    assert_eq!(v["result"]["task"]["status"]["state"], "TASK_STATE_INPUT_REQUIRED", "{v}");
+    assert_eq!(
+        v["result"]["task"]["status"]["state"], "TASK_STATE_INPUT_REQUIRED",
+        "{v}"
+    );
 
     // Plain HTTP: 300 with the list.
     let (resp, body) = mesh
@@ -156,7 +184,10 @@ async fn ask_mode_in_every_dialect_and_learning_from_choices_across_two_nodes() 
         .call(0, "POST", "mesh.acme.dmsc", "/", &ask, message_send(TEXT))
         .await
         .expect("call");
-    let id = resp.headers()["dmsc-ask-id"].to_str().expect("id").to_string();
+    let id = resp.headers()["dmsc-ask-id"]
+        .to_str()
+        .expect("id")
+        .to_string();
     let (resp, _) = mesh
         .call(
             0,
@@ -219,8 +250,14 @@ async fn ask_mode_in_every_dialect_and_learning_from_choices_across_two_nodes() 
         .await
         .expect("call");
     assert_eq!(resp.status(), StatusCode::OK);
-    let agent = resp.headers()["dmsc-agent"].to_str().unwrap_or_default().to_string();
-    assert!(agent.contains("benefits"), "routed, not asked: {agent} {body:?}");
+    let agent = resp.headers()["dmsc-agent"]
+        .to_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        agent.contains("benefits"),
+        "routed, not asked: {agent} {body:?}"
+    );
     assert!(resp.headers().get("dmsc-ask-id").is_none(), "{agent}");
 
     // The operator removes it on node 1; node 0 forgets it too.
@@ -251,16 +288,14 @@ async fn a_corrupt_model_directory_is_a_startup_error_naming_the_file() {
         raw.intent.model_dir = Some(bad.clone());
     })
     .await
-    .err()
-    .expect("a corrupt model directory stops the node");
+    .expect_err("a corrupt model directory stops the node");
     let msg = format!("{err:#}");
     assert!(msg.contains("config.json"), "{msg}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_model_a_paraphrase_is_routed_by_meaning() {
-    let Some(model) = dmsc_embed::installed_model_dir() else {
-        eprintln!("skipped: no model installed (scripts/fetch-model.sh; CI installs it)");
+    let Some(model) = dmsc_embed::model_for_tests() else {
         return;
     };
     let mesh = LocalMesh::start(&["n0", "n1"], "acme", |i, raw| {
@@ -287,9 +322,23 @@ async fn with_the_model_a_paraphrase_is_routed_by_meaning() {
     )
     .await;
     mesh.attach(1, &payroll.url(), None).await.expect("attach");
-    mesh.attach(1, &facilities.url(), None).await.expect("attach");
+    mesh.attach(1, &facilities.url(), None)
+        .await
+        .expect("attach");
     eventually(Duration::from_secs(10), "routable", || {
         mesh.routable_everywhere("payroll") && mesh.routable_everywhere("facilities")
+    })
+    .await;
+    // The cards are embedded in the background on the node with the model.
+    eventually(Duration::from_secs(20), "cards embedded on n0", || {
+        ["payroll", "facilities"].iter().all(|n| {
+            let id = dmsc_registry::AgentId::new("acme", *n);
+            mesh.nodes[0]
+                .mesh()
+                .read()
+                .get(&id)
+                .is_some_and(|e| e.has_vectors())
+        })
     })
     .await;
     // No word of either card: only meaning can route it.
@@ -298,15 +347,24 @@ async fn with_the_model_a_paraphrase_is_routed_by_meaning() {
     let mut agent = String::new();
     for _ in 0..100 {
         let (resp, _) = mesh
-            .call(0, "POST", "mesh.acme.dmsc", "/", &[("dmsc-intent", text)], "x")
+            .call(
+                0,
+                "POST",
+                "mesh.acme.dmsc",
+                "/",
+                &[("dmsc-intent", text)],
+                "x",
+            )
             .await
             .expect("call");
-        route = resp.headers()
+        route = resp
+            .headers()
             .get("dmsc-route")
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_string();
-        agent = resp.headers()
+        agent = resp
+            .headers()
             .get("dmsc-agent")
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
@@ -321,10 +379,20 @@ async fn with_the_model_a_paraphrase_is_routed_by_meaning() {
     assert!(agent.contains("facilities"), "{agent}: {route}");
     let text = "my last paycheck was smaller than it should be";
     let (resp, _) = mesh
-        .call(0, "POST", "mesh.acme.dmsc", "/", &[("dmsc-intent", text)], "x")
+        .call(
+            0,
+            "POST",
+            "mesh.acme.dmsc",
+            "/",
+            &[("dmsc-intent", text)],
+            "x",
+        )
         .await
         .expect("call");
-    let agent = resp.headers()["dmsc-agent"].to_str().unwrap_or_default().to_string();
+    let agent = resp.headers()["dmsc-agent"]
+        .to_str()
+        .unwrap_or_default()
+        .to_string();
     assert!(agent.contains("payroll"), "{agent}");
     // A long text is cut to the model's window, and the route says so.
     let long = "my paycheck is wrong ".repeat(2000);
@@ -332,7 +400,10 @@ async fn with_the_model_a_paraphrase_is_routed_by_meaning() {
         .call(0, "POST", "mesh.acme.dmsc", "/", &[], message_send(&long))
         .await
         .expect("call");
-    let route = resp.headers()["dmsc-route"].to_str().unwrap_or_default().to_string();
+    let route = resp.headers()["dmsc-route"]
+        .to_str()
+        .unwrap_or_default()
+        .to_string();
     assert!(route.contains("truncated"), "{route}");
     // status says which scorer runs
     let (_, s0) = admin_json(&mesh, 0, Method::GET, "/v1/status").await;

@@ -85,7 +85,7 @@ pub(crate) async fn keep_session(
             }
             Err(e) => {
                 failures += 1;
-                if failures == 1 || failures % 20 == 0 {
+                if failures == 1 || failures.is_multiple_of(20) {
                     warn!(relay = %relay.overlay, failures, error = %e, "no relay session");
                 } else {
                     debug!(relay = %relay.overlay, error = %e, "no relay session");
@@ -298,7 +298,7 @@ async fn run(
                 let now_me = paths.me();
                 // Again every 10 s too: a claim the relay could not check
                 // yet (its gossip did not know this node) is checked again.
-                if now_me != me || ticks % HELLO_AGAIN_TICKS == 0 {
+                if now_me != me || ticks.is_multiple_of(HELLO_AGAIN_TICKS) {
                     me = now_me;
                     send(Frame::Hello { advertised: me });
                 }
