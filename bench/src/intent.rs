@@ -41,6 +41,23 @@ pub struct IntentArgs {
     /// for offline analysis of scorers.
     #[arg(long)]
     pub dump: Option<PathBuf>,
+    /// Also register this many agents (the sets' cards under new names,
+    /// each with its own copy of the vectors) and report RSS and ranking
+    /// latency at that size.
+    #[arg(long, default_value_t = 0)]
+    pub agents: usize,
+}
+
+fn rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 #[derive(Deserialize)]
@@ -124,6 +141,7 @@ pub fn run(args: IntentArgs) -> anyhow::Result<()> {
     if sets.is_empty() {
         bail!("no sets");
     }
+    let rss_start = rss_kb();
     let model_dir = args.model.clone().or_else(dmsc_embed::installed_model_dir);
     let model = match &model_dir {
         Some(d) => {
@@ -137,7 +155,10 @@ pub fn run(args: IntentArgs) -> anyhow::Result<()> {
             None
         }
     };
+    let rss_model = rss_kb();
     let mut weights = vec![0.0f32];
+    // (tenant, card, vectors) of every card, for the scale run
+    let mut seen: Vec<(String, AgentCard, Option<CardVectors>)> = Vec::new();
     if model.is_some() {
         weights.extend(args.weights.iter().copied().filter(|w| *w > 0.0));
     }
@@ -174,7 +195,11 @@ pub fn run(args: IntentArgs) -> anyhow::Result<()> {
                     }
                     pieces.push((piece, v));
                 }
-                reg.set_vectors(&id, &digest, Arc::new(CardVectors::new(pieces)));
+                let v = CardVectors::new(pieces);
+                seen.push((set.tenant.clone(), card.clone(), Some(v.clone())));
+                reg.set_vectors(&id, &digest, Arc::new(v));
+            } else {
+                seen.push((set.tenant.clone(), card.clone(), None));
             }
         }
         let mut tallies: Vec<Tally> = vec![Tally::default(); weights.len()];
@@ -299,6 +324,9 @@ pub fn run(args: IntentArgs) -> anyhow::Result<()> {
     for (i, t) in overall.iter().enumerate() {
         println!("{}", t.row(&format!("**all** / {}", label(weights[i]))));
     }
+    if args.agents > 0 && !seen.is_empty() {
+        scale(&args, &seen, model.as_ref(), rss_start, rss_model)?;
+    }
     if model.is_some() {
         println!(
             "\ndecision (embed query + rank, uncached): p50 {:.1} ms, p99 {:.1} ms; rank alone (a cached query): p50 {:.0} us, p99 {:.0} us",
@@ -319,4 +347,57 @@ fn label(w: f32) -> String {
     } else {
         format!("hybrid w={w}")
     }
+}
+
+/// Registers `args.agents` agents and reports RSS and ranking latency.
+fn scale(
+    args: &IntentArgs,
+    seen: &[(String, AgentCard, Option<CardVectors>)],
+    model: Option<&dmsc_embed::Model>,
+    rss_start: u64,
+    rss_model: u64,
+) -> anyhow::Result<()> {
+    let mut reg = Registry::new();
+    let before = rss_kb();
+    for i in 0..args.agents {
+        let (tenant, card, vectors) = &seen[i % seen.len()];
+        let mut card = card.clone();
+        card.name = format!("{}-{i}", card.name);
+        let id = AgentId::new(tenant.clone(), card.name.clone());
+        let record = AgentRecord::from_card(&card, Health::Healthy, u64::MAX);
+        let digest = record.digest.clone();
+        reg.upsert("n1", id.clone(), record);
+        reg.set_card(&id, &card);
+        if let Some(v) = vectors {
+            // a copy per agent: distinct cards do not share vectors
+            reg.set_vectors(&id, &digest, Arc::new(v.clone()));
+        }
+    }
+    let after = rss_kb();
+    let tenant = &seen[0].0;
+    let q = "my paycheck was smaller than it should be this month";
+    let qv = match model {
+        Some(m) => Some(Q8::from_f32(&m.embed(q)?.vector)),
+        None => None,
+    };
+    let mut us = Vec::new();
+    for _ in 0..200 {
+        let t = Instant::now();
+        let r = reg.rank_intent(tenant, q, qv.as_ref());
+        us.push(t.elapsed().as_secs_f64() * 1e6);
+        std::hint::black_box(r);
+    }
+    let n = args.agents;
+    let per_tenant = n * seen.iter().filter(|s| &s.0 == tenant).count() / seen.len();
+    println!(
+        "\nscale: RSS {:.1} MB at start, {:.1} MB with the model (+{:.1}), {:.1} MB with {n} agents (+{:.1} for the agents, cards and vectors); ranking one query over {per_tenant} agents of one tenant: p50 {:.0} us, p99 {:.0} us",
+        rss_start as f64 / 1024.0,
+        rss_model as f64 / 1024.0,
+        (rss_model.saturating_sub(rss_start)) as f64 / 1024.0,
+        after as f64 / 1024.0,
+        (after.saturating_sub(before)) as f64 / 1024.0,
+        percentile(&mut us.clone(), 0.5),
+        percentile(&mut us, 0.99),
+    );
+    Ok(())
 }

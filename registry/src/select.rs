@@ -59,6 +59,10 @@ pub const INTENT_RELATIVE: f32 = 0.5;
 pub const INTENT_POOL: usize = 64;
 /// At most this many eligible intent matches compete.
 pub const INTENT_MAX: usize = 8;
+/// Tenants with more agents than this score only the agents whose card
+/// centroid is among this many closest to the query (and every lexical
+/// hit) piece by piece.
+pub const SEMANTIC_SCAN: usize = 256;
 /// Default margin within which another agent's intent score counts as
 /// equal to the best one's (a share of the best score).
 pub const INTENT_MARGIN: f32 = 0.05;
@@ -388,18 +392,41 @@ impl Registry {
 
     fn rank_in(&self, t: &crate::Tenant, text: &str, query: Option<&Q8>) -> Vec<Scores> {
         let lexical = t.scorer.query(text, INTENT_POOL);
+        let score = |q: &Q8, slot: u32| {
+            let e = self.slot(slot)?;
+            let v = e.vectors.as_ref()?;
+            let score = crate::semantic::agent_score(q, v, e.learned_vectors())?;
+            Some((slot, score))
+        };
         let semantic: Vec<(u32, f32)> = match query {
-            Some(q) => t
-                .by_name
-                .values()
-                .filter_map(|&slot| {
-                    let e = self.slot(slot)?;
-                    let v = e.vectors.as_ref()?;
-                    let score = crate::semantic::agent_score(q, v, e.learned_vectors())?;
-                    Some((slot, score))
-                })
-                .collect(),
             None => Vec::new(),
+            Some(q) if t.by_name.len() <= SEMANTIC_SCAN => {
+                t.by_name.values().filter_map(|&s| score(q, s)).collect()
+            }
+            Some(q) => {
+                // Many agents: one dot product each against the card's
+                // centroid picks the few worth scoring piece by piece
+                // (plus every lexical hit), so a decision stays in the
+                // sub-millisecond range at thousands of agents.
+                let mut by_centroid: Vec<(u32, f32)> = t
+                    .by_name
+                    .values()
+                    .filter_map(|&slot| {
+                        let c = self.slot(slot)?.vectors.as_ref()?.centroid.as_ref()?;
+                        Some((slot, q.dot(c)))
+                    })
+                    .collect();
+                let keep = SEMANTIC_SCAN.min(by_centroid.len());
+                if keep > 0 && by_centroid.len() > keep {
+                    by_centroid.select_nth_unstable_by(keep - 1, |a, b| b.1.total_cmp(&a.1));
+                    by_centroid.truncate(keep);
+                }
+                let mut slots: Vec<u32> = by_centroid.iter().map(|x| x.0).collect();
+                slots.extend(lexical.iter().map(|x| x.0));
+                slots.sort_unstable();
+                slots.dedup();
+                slots.into_iter().filter_map(|s| score(q, s)).collect()
+            }
         };
         crate::semantic::fuse(self.fusion, &lexical, &semantic)
     }

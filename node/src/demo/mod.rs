@@ -89,7 +89,11 @@ pub async fn run(
     anyhow::ensure!((1..=20).contains(&nodes), "--nodes must be within 1..=20");
     let names: Vec<String> = (0..nodes).map(node_name).collect();
     let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    // Intent routing uses the sentence-embedding model when it is
+    // installed (scripts/fetch-model.sh), else BM25 alone.
+    let model = dmsc_embed::installed_model_dir();
     let mesh = LocalMesh::start(&name_refs, TENANT, |i, raw| {
+        raw.intent.model_dir = model.clone();
         raw.region = Some(REGIONS[i % REGIONS.len()].to_string());
         raw.delegation.health_interval_ms = Some(1000);
         raw.delegation.load_interval_ms = Some(200);
@@ -168,6 +172,29 @@ pub async fn run(
         SAMPLES.len(),
         started.elapsed().as_millis()
     );
+    match &model {
+        Some(dir) => {
+            // Cards are embedded in the background; intents wait for it.
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(30)
+                && !mesh.nodes.iter().all(|n| {
+                    let reg = n.mesh().read();
+                    let done = reg.iter().all(|e| !e.has_card() || e.has_vectors());
+                    done
+                })
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            println!(
+                "intent scorer: hybrid (BM25 + sentence embeddings, model {}; cards embedded after {} ms)\n",
+                dir.display(),
+                started.elapsed().as_millis()
+            );
+        }
+        None => println!(
+            "intent scorer: lexical-only (BM25); scripts/fetch-model.sh installs the model for hybrid routing\n"
+        ),
+    }
     print!("{}", mesh.nodes[0].status().await.render());
 
     println!("\ndelegations (sent to an ingress the way an agent would):");
