@@ -187,13 +187,6 @@ impl Intent {
         }
     }
 
-    fn in_scope(&self, tenant: &str) -> bool {
-        match &self.fixed {
-            Some(f) => f.contains(tenant),
-            None => lock(&self.served).contains(tenant) || lock(&self.routed).contains(tenant),
-        }
-    }
-
     /// Tenants whose cards are embedded (for `status`).
     pub fn tenants(&self) -> Vec<String> {
         let mut t: Vec<String> = match &self.fixed {
@@ -253,7 +246,10 @@ impl Intent {
         loop {
             tokio::select! {
                 _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                // new cards are picked up within this (no hook in the
+                // registry's many update paths; a pass over 100k entries
+                // is a few milliseconds under the read lock)
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
             self.embed_missing(&model, &mesh).await;
         }
@@ -263,10 +259,14 @@ impl Intent {
         // What is missing, under a short read lock.
         let mut cards: HashMap<String, Vec<AgentId>> = HashMap::new();
         let mut learned: Vec<String> = Vec::new();
+        let scope: HashSet<String> = self.tenants().into_iter().collect();
+        if scope.is_empty() {
+            return;
+        }
         {
             let reg = mesh.read();
             for e in reg.iter() {
-                if !self.in_scope(&e.id.tenant) {
+                if !scope.contains(&e.id.tenant) {
                     continue;
                 }
                 if e.has_card() && !e.has_vectors() {
