@@ -320,7 +320,13 @@ pub(crate) fn fuse(fusion: Fusion, lexical: &[(u32, f32)], semantic: &[(u32, f32
                 }
                 _ => 0.0,
             };
-            s.fused = (1.0 - w) * l + w * m;
+            // An agent without vectors (card not fetched or not embedded
+            // yet) is ranked on its words, not sunk by a missing term.
+            s.fused = if sem_on && s.semantic.is_none() {
+                l
+            } else {
+                (1.0 - w) * l + w * m
+            };
             s
         })
         .filter(|s| s.fused > 0.0)
@@ -468,6 +474,10 @@ mod tests {
         assert_eq!(r.iter().map(|s| s.slot).collect::<Vec<_>>(), vec![1, 3, 2]);
         // nothing at all
         assert!(fuse(f, &[], &[(1, 0.01)]).is_empty());
+        // an agent with no vectors keeps its lexical score
+        let r = fuse(f, &[(9, 10.0), (2, 5.0)], &[(2, 0.6)]);
+        assert_eq!(r[0].slot, 9, "{r:?}");
+        assert!((r[0].fused - 1.0).abs() < 1e-6);
     }
 
     #[test]

@@ -732,18 +732,19 @@ impl Ingress {
                 }
             }
         };
-        let intent = match self
+        let prepared = match self
             .intent_step(
                 &tenant,
                 &caller,
                 &target,
                 &body,
+                &data_tags,
                 intent_mode.as_deref(),
                 intent_choice.as_deref(),
             )
             .await
         {
-            Ok(q) => q,
+            Ok(p) => p,
             Err(resp) => return resp,
         };
         let mut headers = parts.headers;
@@ -777,10 +778,17 @@ impl Ingress {
                 http2,
                 headers,
                 body,
-                intent,
+                intent: prepared.query,
             })
             .await;
         drop(permit);
+        if let (Some(lesson), crate::proto::outcome::Outcome::Served(_, resp)) =
+            (prepared.lesson, &outcome)
+        {
+            if resp.status().is_success() {
+                self.delegator.intent.learn(lesson, &self.delegator.mesh);
+            }
+        }
         let resp = outcome.render(request_bytes.as_deref(), grpc);
         match limits {
             Some(p) => resp.map(|b| crate::forward::body::guarded(b, vec![Box::new(p)])),
@@ -798,12 +806,35 @@ impl Ingress {
         caller: &crate::policy::caller::Caller,
         target: &Target,
         body: &ReqBody,
+        data_tags: &[String],
         mode: Option<&str>,
         choice: Option<&str>,
-    ) -> Result<Option<crate::intent::QueryVector>, Response<Body>> {
+    ) -> Result<crate::intent::Prepared, Response<Body>> {
         let body = match body {
             ReqBody::Buffered(b) => Some(&b[..]),
             ReqBody::Streaming(_) => None,
+        };
+        let policies = &self.delegator.security.policies;
+        let consumer = policies.get(&caller.tenant);
+        let provider = if caller.tenant == tenant {
+            consumer.clone()
+        } else {
+            policies.get(tenant)
+        };
+        let allowed = |name: &str, tags: &[String]| {
+            crate::policy::outbound(
+                consumer.as_deref(),
+                provider.as_deref(),
+                crate::policy::Route {
+                    caller: &caller.id,
+                    caller_tenant: &caller.tenant,
+                    tenant,
+                    target: dmsc_policy::Addressed::Agent { name, tags },
+                    data_tags,
+                    crosses_region: false,
+                },
+            )
+            .is_ok()
         };
         crate::intent::prepare(
             &self.delegator.intent,
@@ -811,11 +842,13 @@ impl Ingress {
             crate::intent::Step {
                 tenant,
                 caller: &caller.id,
+                caller_tenant: &caller.tenant,
                 authenticated: !caller.id.starts_with("ingress:"),
                 target,
                 body,
                 mode,
                 choice,
+                allowed: &allowed,
             },
         )
         .await

@@ -111,6 +111,13 @@ impl Pending {
         id
     }
 
+    /// Does the caller have asks pending (cheap; checked before reading
+    /// the body)?
+    pub fn has(&self, tenant: &str, caller: &str) -> bool {
+        self.by_caller
+            .contains_key(&(tenant.to_string(), caller.to_string()))
+    }
+
     /// A call by name to `agent`: if it resolves one of the caller's asks
     /// (by `choice` id, else by the same `text`) and `agent` was a
     /// candidate, the ask is done and its text returned (to learn).

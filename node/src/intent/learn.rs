@@ -28,6 +28,20 @@ pub const KEY_PREFIX: &str = "learned/";
 pub const MAX_TEXT: usize = 500;
 /// Removals remembered per agent.
 const MAX_DEL: usize = 256;
+/// A record's encoded size at most (a gossip message must hold it).
+pub const MAX_RECORD_BYTES: usize = 16 * 1024;
+
+/// Drops the oldest additions, then the oldest removals, until the record
+/// encodes within [`MAX_RECORD_BYTES`].
+fn fit(r: &mut Record) {
+    let size = |r: &Record| serde_json::to_string(r).map_or(usize::MAX, |s| s.len());
+    while size(r) > MAX_RECORD_BYTES && !r.add.is_empty() {
+        r.add.remove(0);
+    }
+    while size(r) > MAX_RECORD_BYTES && !r.del.is_empty() {
+        r.del.remove(0);
+    }
+}
 
 /// `learned/<tenant>/<agent>`.
 pub fn key(tenant: &str, agent: &str) -> String {
@@ -120,7 +134,9 @@ impl Learned {
             return Err(Refused::Empty);
         }
         let k = (tenant.to_string(), agent.to_string());
-        if self.merged_one(&k).iter().any(|t| same(t, &text)) {
+        // Known, or removed by an operator (a removal sticks: a caller
+        // never brings an example back).
+        if self.merged_one(&k).iter().any(|t| same(t, &text)) || self.removed(&k, &text) {
             return Ok(false);
         }
         let taught = self.taught.entry(caller.to_string()).or_default();
@@ -141,11 +157,11 @@ impl Learned {
                 .retain(|_, q| q.back().is_some_and(|t| now.duration_since(*t) < w));
         }
         let r = self.own.entry(k.clone()).or_default();
-        r.del.retain(|d| !same(d, &text));
         r.add.push(text);
         if r.add.len() > self.per_agent {
             r.add.remove(0);
         }
+        fit(r);
         self.dirty.insert(k);
         Ok(true)
     }
@@ -175,8 +191,17 @@ impl Learned {
         while r.del.len() > MAX_DEL {
             r.del.remove(0);
         }
+        fit(r);
         self.dirty.insert(k);
         gone.len()
+    }
+
+    fn removed(&self, k: &Agent, text: &str) -> bool {
+        self.own
+            .get(k)
+            .into_iter()
+            .chain(self.peers.values().filter_map(|p| p.get(k)))
+            .any(|r| r.del.iter().any(|d| same(d, text)))
     }
 
     fn merged_one(&self, k: &Agent) -> Vec<String> {
@@ -302,6 +327,25 @@ mod tests {
             a.merged()[&("acme".into(), "x".into())],
             vec!["second", "fourth"]
         );
+        // a removed example cannot be taught again
+        assert_eq!(a.learn("acme", "x", "third", "c9", later), Ok(false));
+        assert_eq!(
+            a.merged()[&("acme".into(), "x".into())],
+            vec!["second", "fourth"]
+        );
+        // records stay small enough for one gossip message
+        let mut big = Learned::new("big", 1000, 10_000, Duration::from_secs(3600));
+        for i in 0..100 {
+            let _ = big.learn(
+                "acme",
+                "y",
+                &format!("{i} {}", "\u{1}".repeat(400)),
+                "c",
+                later,
+            );
+        }
+        let recs = big.take_dirty();
+        assert!(recs[0].1.len() <= MAX_RECORD_BYTES, "{}", recs[0].1.len());
         // remove all
         assert_eq!(a.remove("acme", "x", None), 2);
         assert!(a.merged().is_empty());

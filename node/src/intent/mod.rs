@@ -98,7 +98,9 @@ pub struct Intent {
     /// Learned example text -> vector.
     examples: Mutex<Generations<Q8>>,
     wake: Notify,
-    permits: Semaphore,
+    /// Model passes at once; a permit moves into the blocking task, so a
+    /// caller that goes away does not free it before the pass ends.
+    permits: Arc<Semaphore>,
     pub asks: Mutex<ask::Pending>,
     pub learned: Mutex<learn::Learned>,
 }
@@ -159,7 +161,7 @@ impl Intent {
             cards: Mutex::new(Generations::new(CARD_CACHE)),
             examples: Mutex::new(Generations::new(CARD_CACHE)),
             wake: Notify::new(),
-            permits: Semaphore::new(MODEL_PERMITS),
+            permits: Arc::new(Semaphore::new(MODEL_PERMITS)),
             asks: Mutex::new(ask::Pending::new(cfg.learn_window)),
             learned: Mutex::new(learned),
             cfg,
@@ -206,20 +208,37 @@ impl Intent {
     /// blocking pool). `None` without a model, or if the model failed.
     pub async fn embed_query(&self, tenant: &str, text: &str) -> Option<QueryVector> {
         let model = self.model.clone()?;
-        if self.fixed.is_none() && lock(&self.routed).insert(tenant.to_string()) {
-            // the first intent for this tenant: embed its cards from now on
-            self.wake.notify_one();
+        match &self.fixed {
+            // not a tenant this node embeds cards for: no use
+            Some(f) if !f.contains(tenant) => return None,
+            Some(_) => {}
+            None => {
+                if lock(&self.routed).insert(tenant.to_string()) {
+                    // the first intent for this tenant: embed its cards from now on
+                    self.wake.notify_one();
+                }
+            }
         }
-        if let Some(q) = lock(&self.queries).get(tenant).and_then(|c| c.get(text)) {
+        // The model never reads past MAX_INPUT_BYTES: neither does the cache key.
+        let mut end = text.len().min(dmsc_embed::MAX_INPUT_BYTES);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        let key = &text[..end];
+        if let Some(q) = lock(&self.queries).get(tenant).and_then(|c| c.get(key)) {
             return Some(q);
         }
-        let _permit = self.permits.acquire().await.ok()?;
+        let permit = self.permits.clone().acquire_owned().await.ok()?;
         let owned = text.to_string();
-        let e = tokio::task::spawn_blocking(move || model.embed(&owned))
-            .await
-            .ok()?
-            .map_err(|e| tracing::warn!(error = %e, "embedding a query failed; lexical only"))
-            .ok()?;
+        let e = tokio::task::spawn_blocking(move || {
+            let e = model.embed(&owned);
+            drop(permit);
+            e
+        })
+        .await
+        .ok()?
+        .map_err(|e| tracing::warn!(error = %e, "embedding a query failed; lexical only"))
+        .ok()?;
         let q = QueryVector {
             vector: Arc::new(Q8::from_f32(&e.vector)),
             truncated: e.truncated,
@@ -227,7 +246,7 @@ impl Intent {
         lock(&self.queries)
             .entry(tenant.to_string())
             .or_insert_with(|| Generations::new(QUERY_CACHE))
-            .insert(text.to_string(), q.clone());
+            .insert(key.to_string(), q.clone());
         Some(q)
     }
 
@@ -237,11 +256,13 @@ impl Intent {
     }
 
     /// The embedding loop: cards and learned examples of the tenants in
-    /// scope that have no vectors yet get them. Ends when the task is
+    /// scope that have no vectors yet get them. Ends only when the task is
     /// aborted with the node.
     pub async fn run(self: Arc<Self>, mesh: Arc<MeshView>) {
         let Some(model) = self.model.clone() else {
-            return;
+            // The node's tasks run for its lifetime (one ending stops the
+            // node): without a model there is nothing to do, forever.
+            return std::future::pending().await;
         };
         loop {
             tokio::select! {
@@ -287,10 +308,11 @@ impl Intent {
                         continue;
                     };
                     let m = model.clone();
-                    let Ok(_permit) = self.permits.acquire().await else {
+                    let Ok(permit) = self.permits.clone().acquire_owned().await else {
                         return;
                     };
                     let made = tokio::task::spawn_blocking(move || {
+                        let _permit = permit;
                         let mut pieces = Vec::new();
                         for (piece, text) in card_texts(&card) {
                             pieces.push((piece, m.embed(&text)?.vector));
@@ -326,11 +348,16 @@ impl Intent {
                 continue;
             }
             let m = model.clone();
-            let Ok(_permit) = self.permits.acquire().await else {
+            let Ok(permit) = self.permits.clone().acquire_owned().await else {
                 return;
             };
             let t = text.clone();
-            if let Ok(Ok(e)) = tokio::task::spawn_blocking(move || m.embed(&t)).await {
+            let embedded = tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                m.embed(&t)
+            })
+            .await;
+            if let Ok(Ok(e)) = embedded {
                 lock(&self.examples).insert(text, Q8::from_f32(&e.vector));
                 fresh = true;
             }
@@ -376,15 +403,17 @@ pub async fn prepare(
     intent: &Intent,
     mesh: &MeshView,
     step: Step<'_>,
-) -> Result<Option<QueryVector>, hyper::Response<crate::proto::http::Body>> {
+) -> Result<Prepared, hyper::Response<crate::proto::http::Body>> {
     let Step {
         tenant,
         caller,
+        caller_tenant,
         authenticated,
         target,
         body,
         mode,
         choice,
+        allowed,
     } = step;
     match target {
         dmsc_registry::Target::Intent(text) => {
@@ -395,7 +424,10 @@ pub async fn prepare(
                 _ => intent.cfg.ask,
             };
             if !ask {
-                return Ok(q);
+                return Ok(Prepared {
+                    query: q,
+                    lesson: None,
+                });
             }
             let candidates = {
                 let reg = mesh.read();
@@ -404,13 +436,23 @@ pub async fn prepare(
                     .into_iter()
                     .filter_map(|(id, s)| {
                         let e = reg.get(&id)?;
-                        (e.record.health == dmsc_registry::Health::Healthy)
-                            .then(|| (id, s, e.record.digest.clone()))
+                        // Only what the caller may call: healthy, and
+                        // allowed by both tenants' policies (a cross-tenant
+                        // caller never sees agents not exported to it).
+                        let tags = crate::forward::agent_tags(&reg, &id);
+                        (e.record.health == dmsc_registry::Health::Healthy
+                            && allowed(&id.name, &tags))
+                        .then(|| (id, s, e.record.digest.clone()))
                     })
                     .collect();
                 let scores: Vec<dmsc_registry::Scores> = ranked.iter().map(|x| x.1).collect();
                 match intent.cfg.ask_rule.decide(&scores) {
-                    dmsc_registry::semantic::Ask::Route => return Ok(q),
+                    dmsc_registry::semantic::Ask::Route => {
+                        return Ok(Prepared {
+                            query: q,
+                            lesson: None,
+                        })
+                    }
                     dmsc_registry::semantic::Ask::Ask(n) => ranked
                         .into_iter()
                         .take(n)
@@ -431,43 +473,97 @@ pub async fn prepare(
                 })
                 .collect();
             let names = candidates.iter().map(|c| c.name.clone()).collect();
-            let id =
-                lock(&intent.asks).remember(tenant, caller, text, names, std::time::Instant::now());
+            let id = lock(&intent.asks).remember(
+                tenant,
+                caller,
+                &learn::normalize(text),
+                names,
+                std::time::Instant::now(),
+            );
             tracing::info!(tenant = %tenant, caller = %caller, ask = %id, candidates = candidates.len(), "intent unsure: asked the caller to choose");
             Err(ask::render(body, &id, text, &candidates))
         }
-        dmsc_registry::Target::Agent(agent) if authenticated => {
-            // A call by name may resolve an ask: learn from it.
-            let text = body.and_then(crate::proto::a2a::intent_text);
+        // A call by name may resolve an ask: its text is learned once the
+        // call succeeds ([`Intent::learn`]). Only a caller of the agent's
+        // own tenant that proved who it is teaches that tenant's routing.
+        dmsc_registry::Target::Agent(agent)
+            if authenticated
+                && caller_tenant == tenant
+                && lock(&intent.asks).has(tenant, caller) =>
+        {
+            let text = body
+                .and_then(crate::proto::a2a::intent_text)
+                .map(|t| learn::normalize(&t));
             let now = std::time::Instant::now();
-            let Some(learned) =
-                lock(&intent.asks).resolve(tenant, caller, agent, choice, text.as_deref(), now)
-            else {
-                return Ok(None);
-            };
-            let r = lock(&intent.learned).learn(tenant, agent, &learned, caller, now);
-            match r {
-                Ok(true) => {
-                    tracing::info!(tenant = %tenant, agent = %agent, caller = %caller, "learned an example from the caller's choice");
-                    intent.apply_learned(mesh);
-                    intent.wake();
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::info!(tenant = %tenant, agent = %agent, error = %e, "not learned")
-                }
-            }
-            Ok(None)
+            let lesson = lock(&intent.asks)
+                .resolve(tenant, caller, agent, choice, text.as_deref(), now)
+                .map(|text| Lesson {
+                    tenant: tenant.to_string(),
+                    agent: agent.clone(),
+                    caller: caller.to_string(),
+                    text,
+                });
+            Ok(Prepared {
+                query: None,
+                lesson,
+            })
         }
-        _ => Ok(None),
+        _ => Ok(Prepared::default()),
+    }
+}
+
+/// What [`prepare`] found.
+#[derive(Debug, Default)]
+pub struct Prepared {
+    /// The query's embedding, for an intent.
+    pub query: Option<QueryVector>,
+    /// A resolved ask, to learn if the call succeeds.
+    pub lesson: Option<Lesson>,
+}
+
+/// An example to learn: `text` for `tenant/agent`, taught by `caller`.
+#[derive(Debug, Clone)]
+pub struct Lesson {
+    pub tenant: String,
+    pub agent: String,
+    pub caller: String,
+    pub text: String,
+}
+
+impl Intent {
+    /// Learns a lesson (the call that resolved the ask succeeded).
+    pub fn learn(&self, lesson: Lesson, mesh: &MeshView) {
+        let Lesson {
+            tenant,
+            agent,
+            caller,
+            text,
+        } = lesson;
+        let r = lock(&self.learned).learn(
+            &tenant,
+            &agent,
+            &text,
+            &format!("{tenant}/{caller}"),
+            std::time::Instant::now(),
+        );
+        match r {
+            Ok(true) => {
+                tracing::info!(tenant = %tenant, agent = %agent, caller = %caller, "learned an example from the caller's choice");
+                self.apply_learned(mesh);
+                self.wake();
+            }
+            Ok(false) => {}
+            Err(e) => tracing::info!(tenant = %tenant, agent = %agent, error = %e, "not learned"),
+        }
     }
 }
 
 /// The request, as [`prepare`] needs it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct Step<'a> {
     pub tenant: &'a str,
     pub caller: &'a str,
+    pub caller_tenant: &'a str,
     /// The caller proved an identity (mTLS or JWT): only such callers teach.
     pub authenticated: bool,
     pub target: &'a dmsc_registry::Target,
@@ -477,6 +573,9 @@ pub struct Step<'a> {
     pub mode: Option<&'a str>,
     /// `dmsc-intent-choice`.
     pub choice: Option<&'a str>,
+    /// May the caller call this agent (name, skill tags) under the tenants'
+    /// policies? Candidates of an ask are filtered with it.
+    pub allowed: &'a (dyn Fn(&str, &[String]) -> bool + Sync),
 }
 
 /// Publishes this node's learned records and merges its peers' (every
@@ -488,6 +587,7 @@ pub async fn learned_loop(
     every: Duration,
 ) {
     let mut cursor: HashMap<String, (u64, u64)> = HashMap::new();
+    let mut ticks: u64 = 0;
     loop {
         tokio::time::sleep(every).await;
         let dirty = lock(&intent.learned).take_dirty();
@@ -523,8 +623,11 @@ pub async fn learned_loop(
         }
         if changed {
             intent.wake();
+            intent.apply_learned(&mesh);
+        } else if ticks % 25 == 0 {
+            // now and then, for agents that registered since
+            intent.apply_learned(&mesh);
         }
-        // also for agents that registered since
-        intent.apply_learned(&mesh);
+        ticks += 1;
     }
 }
