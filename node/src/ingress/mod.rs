@@ -739,8 +739,7 @@ impl Ingress {
                 &target,
                 &body,
                 &data_tags,
-                intent_mode.as_deref(),
-                intent_choice.as_deref(),
+                (intent_mode.as_deref(), intent_choice.as_deref()),
             )
             .await
         {
@@ -807,8 +806,7 @@ impl Ingress {
         target: &Target,
         body: &ReqBody,
         data_tags: &[String],
-        mode: Option<&str>,
-        choice: Option<&str>,
+        (mode, choice): (Option<&str>, Option<&str>),
     ) -> Result<crate::intent::Prepared, Response<Body>> {
         let body = match body {
             ReqBody::Buffered(b) => Some(&b[..]),

@@ -624,7 +624,7 @@ pub async fn learned_loop(
         if changed {
             intent.wake();
             intent.apply_learned(&mesh);
-        } else if ticks % 25 == 0 {
+        } else if ticks.is_multiple_of(25) {
             // now and then, for agents that registered since
             intent.apply_learned(&mesh);
         }
