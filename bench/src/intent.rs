@@ -46,6 +46,43 @@ pub struct IntentArgs {
     /// latency at that size.
     #[arg(long, default_value_t = 0)]
     pub agents: usize,
+    /// Which card pieces are embedded: `default` (what the node does:
+    /// `dmsc_registry::semantic::card_texts`), or an experiment:
+    /// `contextual` (each example prefixed with its skill's name),
+    /// `no-examples`, `examples-only`.
+    #[arg(long, default_value = "default")]
+    pub pieces: String,
+}
+
+/// The pieces embedded for a card under an experiment (see `--pieces`).
+fn pieces_of(card: &AgentCard, variant: &str) -> Vec<(dmsc_registry::Piece, String)> {
+    use dmsc_registry::Piece;
+    let base = card_texts(card);
+    match variant {
+        "contextual" => base
+            .into_iter()
+            .map(|(p, t)| match p {
+                Piece::Example(i) => {
+                    let skill = card
+                        .skills
+                        .get(usize::from(i))
+                        .map(|s| s.name.as_str())
+                        .unwrap_or("");
+                    (p, format!("{skill}: {t}"))
+                }
+                _ => (p, t),
+            })
+            .collect(),
+        "no-examples" => base
+            .into_iter()
+            .filter(|(p, _)| !matches!(p, Piece::Example(_)))
+            .collect(),
+        "examples-only" => base
+            .into_iter()
+            .filter(|(p, _)| matches!(p, Piece::Example(_)))
+            .collect(),
+        _ => base,
+    }
 }
 
 fn rss_kb() -> u64 {
@@ -185,7 +222,7 @@ pub fn run(args: IntentArgs) -> anyhow::Result<()> {
             reg.set_card(&id, &card);
             if let Some(m) = &model {
                 let mut pieces = Vec::new();
-                for (piece, text) in card_texts(&card) {
+                for (piece, text) in pieces_of(&card, args.pieces.as_str()) {
                     let v = m.embed(&text)?.vector;
                     if let Some(d) = dump.as_mut() {
                         use std::io::Write as _;

@@ -187,11 +187,13 @@ impl App {
         // A configured model that cannot be read is a configuration error
         // naming the file (exit 64), not a silent lexical fallback.
         let intent = Arc::new(
-            crate::intent::Intent::load(&name, config.intent.clone()).map_err(|e| {
-                NodeError::Config(crate::config::ConfigError(vec![format!(
-                    "intent.model_dir: {e}"
-                )]))
-            })?,
+            crate::intent::Intent::load(&name, config.intent.clone(), &config.data_dir).map_err(
+                |e| {
+                    NodeError::Config(crate::config::ConfigError(vec![format!(
+                        "intent.model_dir: {e}"
+                    )]))
+                },
+            )?,
         );
         for t in config
             .ingress

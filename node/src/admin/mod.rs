@@ -129,6 +129,9 @@ fn learned_remove(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(tenant, agent, text.as_deref());
+    if removed > 0 {
+        s.intent.save_learned();
+    }
     s.intent.apply_learned(&s.mesh);
     tracing::info!(tenant = %tenant, agent = %agent, removed, "learned examples removed by the operator");
     json(

@@ -739,7 +739,7 @@ impl Ingress {
                 &target,
                 &body,
                 &data_tags,
-                (intent_mode.as_deref(), intent_choice.as_deref()),
+                (intent_mode.as_deref(), intent_choice.as_deref(), &path),
             )
             .await
         {
@@ -806,7 +806,7 @@ impl Ingress {
         target: &Target,
         body: &ReqBody,
         data_tags: &[String],
-        (mode, choice): (Option<&str>, Option<&str>),
+        (mode, choice, path): (Option<&str>, Option<&str>, &str),
     ) -> Result<crate::intent::Prepared, Response<Body>> {
         let body = match body {
             ReqBody::Buffered(b) => Some(&b[..]),
@@ -847,6 +847,7 @@ impl Ingress {
                 mode,
                 choice,
                 allowed: &allowed,
+                path,
             },
         )
         .await

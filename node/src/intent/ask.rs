@@ -168,6 +168,7 @@ fn sentence(text: &str, candidates: &[Candidate]) -> String {
 /// The ask, in the dialect of the request (`body`: its buffered bytes).
 pub fn render(
     body: Option<&[u8]>,
+    path: &str,
     ask_id: &str,
     text: &str,
     candidates: &[Candidate],
@@ -249,9 +250,32 @@ pub fn render(
             )
             .into(),
         ),
-        // HTTP+JSON binding (A2A 1.0): the request object is the message
+        // HTTP+JSON binding: the request object holds the message; a 0.3
+        // client's message has `kind` fields, a 1.0 client's does not.
         None if request.as_ref().is_some_and(|r| r.get("message").is_some()) => {
-            (StatusCode::OK, "application/json", v10().to_string().into())
+            let v03_client = request
+                .as_ref()
+                .and_then(|r| r.get("message"))
+                .is_some_and(|m| {
+                    m.get("kind").is_some()
+                        || m.get("parts")
+                            .and_then(Value::as_array)
+                            .is_some_and(|p| p.iter().any(|p| p.get("kind").is_some()))
+                });
+            let task = if v03_client { v03() } else { v10() };
+            if path
+                .split('?')
+                .next()
+                .is_some_and(|p| p.ends_with("message:stream"))
+            {
+                (
+                    StatusCode::OK,
+                    "text/event-stream",
+                    format!("data: {task}\n\n").into(),
+                )
+            } else {
+                (StatusCode::OK, "application/json", task.to_string().into())
+            }
         }
         _ => (
             StatusCode::MULTIPLE_CHOICES,
@@ -312,7 +336,7 @@ mod tests {
     #[tokio::test]
     async fn asks_in_every_dialect() {
         let send03 = br#"{"jsonrpc":"2.0","id":7,"method":"message/send","params":{"message":{"kind":"message","role":"user","messageId":"m","parts":[{"kind":"text","text":"my pay"}]}}}"#;
-        let (s, ct, v) = body(render(Some(send03), "ab", "my pay", &cands())).await;
+        let (s, ct, v) = body(render(Some(send03), "/", "ab", "my pay", &cands())).await;
         assert_eq!((s, ct.as_str()), (StatusCode::OK, "application/json"));
         assert_eq!(v["id"], 7);
         assert_eq!(v["result"]["kind"], "task");
@@ -328,7 +352,7 @@ mod tests {
         assert_eq!(v["result"]["metadata"]["dmsc.askId"], "ab");
 
         let send10 = br#"{"jsonrpc":"2.0","id":"x","method":"SendMessage","params":{"message":{"role":"ROLE_USER","messageId":"m","parts":[{"text":"my pay"}]}}}"#;
-        let (s, _, v) = body(render(Some(send10), "ab", "my pay", &cands())).await;
+        let (s, _, v) = body(render(Some(send10), "/", "ab", "my pay", &cands())).await;
         assert_eq!(s, StatusCode::OK);
         assert_eq!(v["id"], "x");
         let task = &v["result"]["task"];
@@ -338,7 +362,7 @@ mod tests {
         assert_eq!(task["metadata"]["dmsc.candidates"][0]["name"], "payroll");
 
         let stream = br#"{"jsonrpc":"2.0","id":1,"method":"SendStreamingMessage","params":{"message":{"parts":[{"text":"my pay"}]}}}"#;
-        let (_, ct, v) = body(render(Some(stream), "ab", "my pay", &cands())).await;
+        let (_, ct, v) = body(render(Some(stream), "/", "ab", "my pay", &cands())).await;
         assert_eq!(ct, "text/event-stream");
         assert_eq!(
             v["result"]["task"]["status"]["state"],
@@ -346,11 +370,38 @@ mod tests {
         );
 
         let rest = br#"{"message":{"parts":[{"text":"my pay"}]}}"#;
-        let (s, _, v) = body(render(Some(rest), "ab", "my pay", &cands())).await;
+        let (s, _, v) = body(render(
+            Some(rest),
+            "/message:send",
+            "ab",
+            "my pay",
+            &cands(),
+        ))
+        .await;
         assert_eq!(s, StatusCode::OK);
         assert_eq!(v["task"]["status"]["state"], "TASK_STATE_INPUT_REQUIRED");
+        let (_, ct, v) = body(render(
+            Some(rest),
+            "/message:stream",
+            "ab",
+            "my pay",
+            &cands(),
+        ))
+        .await;
+        assert_eq!(ct, "text/event-stream");
+        assert_eq!(v["task"]["status"]["state"], "TASK_STATE_INPUT_REQUIRED");
+        let rest03 = br#"{"message":{"kind":"message","parts":[{"kind":"text","text":"my pay"}]}}"#;
+        let (_, _, v) = body(render(
+            Some(rest03),
+            "/v1/message:send",
+            "ab",
+            "my pay",
+            &cands(),
+        ))
+        .await;
+        assert_eq!(v["status"]["state"], "input-required", "{v}");
 
-        let (s, _, v) = body(render(Some(b"plain"), "ab", "my pay", &cands())).await;
+        let (s, _, v) = body(render(Some(b"plain"), "/", "ab", "my pay", &cands())).await;
         assert_eq!(s, StatusCode::MULTIPLE_CHOICES);
         assert_eq!(v["candidates"][0]["name"], "payroll");
         assert_eq!(v["ask_id"], "ab");

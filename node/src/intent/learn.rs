@@ -274,6 +274,42 @@ impl Learned {
     pub fn forget_peer(&mut self, node: &str) {
         self.peers.remove(node);
     }
+
+    /// This node's own records (what it learned and removed), to persist.
+    pub fn own_json(&self) -> String {
+        let list: Vec<serde_json::Value> = self
+            .own
+            .iter()
+            .map(|((t, a), r)| serde_json::json!({"tenant": t, "agent": a, "add": r.add, "del": r.del}))
+            .collect();
+        serde_json::Value::Array(list).to_string()
+    }
+
+    /// Restores this node's own records (at start) and marks them for
+    /// gossip. Entries that do not parse are skipped.
+    pub fn restore(&mut self, json: &str) -> usize {
+        let Ok(serde_json::Value::Array(list)) = serde_json::from_str::<serde_json::Value>(json)
+        else {
+            return 0;
+        };
+        let mut n = 0;
+        for v in list {
+            let (Some(t), Some(a)) = (v["tenant"].as_str(), v["agent"].as_str()) else {
+                continue;
+            };
+            let Ok(mut r) = serde_json::from_value::<Record>(v.clone()) else {
+                continue;
+            };
+            r.add.truncate(self.per_agent);
+            r.del.truncate(MAX_DEL);
+            fit(&mut r);
+            let k = (t.to_string(), a.to_string());
+            self.own.insert(k.clone(), r);
+            self.dirty.insert(k);
+            n += 1;
+        }
+        n
+    }
 }
 
 #[cfg(test)]
@@ -358,6 +394,20 @@ mod tests {
             ],
         );
         assert!(b.peers["z"].is_empty());
+        // own records survive a restart, removals included
+        let mut c = Learned::new("b", 3, 2, Duration::from_secs(3600));
+        assert_eq!(c.restore(&b.own_json()), 1);
+        c.set_peer("a", &values);
+        assert_eq!(
+            c.merged()[&("acme".into(), "x".into())],
+            vec!["second", "fourth"]
+        );
+        assert_eq!(
+            c.take_dirty().len(),
+            1,
+            "restored records are gossiped again"
+        );
+        assert_eq!(c.restore("not json"), 0);
     }
 
     #[test]

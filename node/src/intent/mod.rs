@@ -103,6 +103,10 @@ pub struct Intent {
     permits: Arc<Semaphore>,
     pub asks: Mutex<ask::Pending>,
     pub learned: Mutex<learn::Learned>,
+    /// Where this node's learned records are kept across restarts.
+    store: Option<std::path::PathBuf>,
+    /// Card digests whose embedding failed, and when (retried after a minute).
+    failed: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl std::fmt::Debug for Intent {
@@ -116,7 +120,11 @@ impl std::fmt::Debug for Intent {
 impl Intent {
     /// Loads the configured model (a missing or corrupt one is an error
     /// naming the file).
-    pub fn load(me: &str, cfg: IntentConfig) -> Result<Intent, dmsc_embed::Error> {
+    pub fn load(
+        me: &str,
+        cfg: IntentConfig,
+        data_dir: &std::path::Path,
+    ) -> Result<Intent, dmsc_embed::Error> {
         let model = match &cfg.model_dir {
             Some(dir) => {
                 let started = std::time::Instant::now();
@@ -136,7 +144,32 @@ impl Intent {
                 None
             }
         };
-        Ok(Intent::with_model(me, cfg, model))
+        let mut intent = Intent::with_model(me, cfg, model);
+        intent.persist_in(data_dir.join("intent-learned.json"));
+        Ok(intent)
+    }
+
+    /// Keeps this node's learned records in `path` (restored now, written
+    /// on every change).
+    pub fn persist_in(&mut self, path: std::path::PathBuf) {
+        if let Ok(json) = std::fs::read_to_string(&path) {
+            let n = lock(&self.learned).restore(&json);
+            tracing::info!(path = %path.display(), records = n, "learned intent examples restored");
+        }
+        self.store = Some(path);
+    }
+
+    /// Writes this node's learned records (after a change).
+    pub fn save_learned(&self) {
+        let Some(path) = &self.store else {
+            return;
+        };
+        let json = lock(&self.learned).own_json();
+        let tmp = path.with_extension("json.tmp");
+        let r = std::fs::write(&tmp, json).and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = r {
+            tracing::warn!(path = %path.display(), error = %e, "cannot save learned intent examples");
+        }
     }
 
     /// With an already loaded model (shared by the nodes of a demo or test).
@@ -164,6 +197,8 @@ impl Intent {
             permits: Arc::new(Semaphore::new(MODEL_PERMITS)),
             asks: Mutex::new(ask::Pending::new(cfg.learn_window)),
             learned: Mutex::new(learned),
+            store: None,
+            failed: Mutex::new(HashMap::new()),
             cfg,
         }
     }
@@ -228,7 +263,15 @@ impl Intent {
         if let Some(q) = lock(&self.queries).get(tenant).and_then(|c| c.get(key)) {
             return Some(q);
         }
-        let permit = self.permits.clone().acquire_owned().await.ok()?;
+        // Two passes at once; a request that cannot get one soon is ranked
+        // on its words rather than queued behind a flood of new texts.
+        let permit = tokio::time::timeout(
+            Duration::from_millis(500),
+            self.permits.clone().acquire_owned(),
+        )
+        .await
+        .ok()?
+        .ok()?;
         let owned = text.to_string();
         let e = tokio::task::spawn_blocking(move || {
             let e = model.embed(&owned);
@@ -301,6 +344,12 @@ impl Intent {
         }
         for (digest, ids) in cards {
             let cached = lock(&self.cards).get(&digest);
+            let recently_failed = lock(&self.failed)
+                .get(&digest)
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(60));
+            if cached.is_none() && recently_failed {
+                continue;
+            }
             let vectors = match cached {
                 Some(v) => v,
                 None => {
@@ -327,7 +376,12 @@ impl Intent {
                             v
                         }
                         Ok(Err(e)) => {
-                            tracing::warn!(digest = %digest, error = %e, "embedding a card failed; its agents stay lexical");
+                            tracing::warn!(digest = %digest, error = %e, "embedding a card failed; its agents stay lexical (retried in a minute)");
+                            let mut f = lock(&self.failed);
+                            if f.len() > 10_000 {
+                                f.retain(|_, t| t.elapsed() < Duration::from_secs(60));
+                            }
+                            f.insert(digest.clone(), std::time::Instant::now());
                             continue;
                         }
                         Err(_) => continue,
@@ -414,6 +468,7 @@ pub async fn prepare(
         mode,
         choice,
         allowed,
+        path,
     } = step;
     match target {
         dmsc_registry::Target::Intent(text) => {
@@ -481,7 +536,7 @@ pub async fn prepare(
                 std::time::Instant::now(),
             );
             tracing::info!(tenant = %tenant, caller = %caller, ask = %id, candidates = candidates.len(), "intent unsure: asked the caller to choose");
-            Err(ask::render(body, &id, text, &candidates))
+            Err(ask::render(body, path, &id, text, &candidates))
         }
         // A call by name may resolve an ask: its text is learned once the
         // call succeeds ([`Intent::learn`]). Only a caller of the agent's
@@ -549,6 +604,7 @@ impl Intent {
         match r {
             Ok(true) => {
                 tracing::info!(tenant = %tenant, agent = %agent, caller = %caller, "learned an example from the caller's choice");
+                self.save_learned();
                 self.apply_learned(mesh);
                 self.wake();
             }
@@ -576,6 +632,8 @@ pub struct Step<'a> {
     /// May the caller call this agent (name, skill tags) under the tenants'
     /// policies? Candidates of an ask are filtered with it.
     pub allowed: &'a (dyn Fn(&str, &[String]) -> bool + Sync),
+    /// The request's path (an HTTP+JSON `/message:stream` gets an event stream).
+    pub path: &'a str,
 }
 
 /// Publishes this node's learned records and merges its peers' (every

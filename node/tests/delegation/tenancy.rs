@@ -960,6 +960,41 @@ async fn intent_into_another_tenant_reaches_only_exported_agents() {
             "only the exported agent: {body}"
         );
     }
+    // Ask mode offers only what the caller may call: of four equal
+    // matches, one is exported, so there is nothing to ask about and no
+    // other agent's name reaches the caller.
+    let (status, body) = plain_call(
+        plain[1],
+        "mesh.acme.dmsc",
+        &[
+            ("dmsc-intent", "keep the books"),
+            ("dmsc-intent-mode", "ask"),
+        ],
+        &super::message_send("keep the books"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("books-d handled"), "{body}");
+    assert!(
+        !body.contains("books-a") && !body.contains("input-required"),
+        "{body}"
+    );
+    // Within acme the same question is asked, among all four.
+    let (status, body) = plain_call(
+        plain[0],
+        "mesh.acme.dmsc",
+        &[
+            ("dmsc-intent", "keep the books"),
+            ("dmsc-intent-mode", "ask"),
+        ],
+        &super::message_send("keep the books"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        body.contains("input-required") && body.contains("books-a"),
+        "{body}"
+    );
     // A capability the export does not list stays refused.
     let (status, body) = plain_call(plain[1], "books.cap.acme.dmsc", &[], "").await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
