@@ -306,6 +306,23 @@ pub(crate) fn fuse(fusion: Fusion, lexical: &[(u32, f32)], semantic: &[(u32, f32
     } else {
         fusion.semantic_weight.clamp(0.0, 1.0)
     };
+    // An agent without vectors (card not fetched or not embedded yet) is
+    // given the median semantic score of the others: neither sunk by the
+    // missing term nor lifted over agents the model does place.
+    let median_m = {
+        let mut ms: Vec<f32> = semantic
+            .iter()
+            .map(|&(_, v)| {
+                if sem_on && v > fusion.floor {
+                    (v - fusion.floor) / (sem_best - fusion.floor)
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        ms.sort_unstable_by(f32::total_cmp);
+        ms.get(ms.len() / 2).copied().unwrap_or(0.0)
+    };
     let mut out: Vec<Scores> = all
         .into_values()
         .map(|mut s| {
@@ -320,13 +337,12 @@ pub(crate) fn fuse(fusion: Fusion, lexical: &[(u32, f32)], semantic: &[(u32, f32
                 }
                 _ => 0.0,
             };
-            // An agent without vectors (card not fetched or not embedded
-            // yet) is ranked on its words, not sunk by a missing term.
-            s.fused = if sem_on && s.semantic.is_none() {
-                l
+            let m = if sem_on && s.semantic.is_none() {
+                median_m
             } else {
-                (1.0 - w) * l + w * m
+                m
             };
+            s.fused = (1.0 - w) * l + w * m;
             s
         })
         .filter(|s| s.fused > 0.0)
@@ -387,7 +403,13 @@ impl AskRule {
         let close = ranked
             .get(1)
             .is_some_and(|r| best.fused - r.fused < self.margin);
-        let weak = best.semantic.is_some_and(|s| s < self.min_semantic);
+        // With the model on, a best match it could not place (no vectors
+        // yet) is as unsure as a weak one.
+        let model_on = ranked.iter().any(|r| r.semantic.is_some());
+        let weak = match best.semantic {
+            Some(s) => s < self.min_semantic,
+            None => model_on,
+        };
         if !close && !weak {
             return Ask::Route;
         }
@@ -474,10 +496,16 @@ mod tests {
         assert_eq!(r.iter().map(|s| s.slot).collect::<Vec<_>>(), vec![1, 3, 2]);
         // nothing at all
         assert!(fuse(f, &[], &[(1, 0.01)]).is_empty());
-        // an agent with no vectors keeps its lexical score
-        let r = fuse(f, &[(9, 10.0), (2, 5.0)], &[(2, 0.6)]);
-        assert_eq!(r[0].slot, 9, "{r:?}");
-        assert!((r[0].fused - 1.0).abs() < 1e-6);
+        // an agent with no vectors counts as the median of the others on
+        // the semantic side: reachable by its words, not above a clear
+        // semantic winner
+        let sem3 = [(2, 0.6), (3, 0.3), (4, 0.2)];
+        let r = fuse(f, &[(9, 10.0), (2, 1.0)], &sem3);
+        let nine = r.iter().find(|s| s.slot == 9).expect("9 ranked");
+        assert!(nine.fused > 0.5, "{r:?}");
+        // (at the default weight, where the model's view dominates)
+        let r = fuse(Fusion::default(), &[(9, 1.0)], &sem3);
+        assert_eq!(r[0].slot, 2, "{r:?}");
     }
 
     #[test]

@@ -739,7 +739,12 @@ impl Ingress {
                 &target,
                 &body,
                 &data_tags,
-                (intent_mode.as_deref(), intent_choice.as_deref(), &path),
+                (
+                    intent_mode.as_deref(),
+                    intent_choice.as_deref(),
+                    &path,
+                    header_intent.as_deref(),
+                ),
             )
             .await
         {
@@ -806,7 +811,7 @@ impl Ingress {
         target: &Target,
         body: &ReqBody,
         data_tags: &[String],
-        (mode, choice, path): (Option<&str>, Option<&str>, &str),
+        (mode, choice, path, header_text): (Option<&str>, Option<&str>, &str, Option<&str>),
     ) -> Result<crate::intent::Prepared, Response<Body>> {
         let body = match body {
             ReqBody::Buffered(b) => Some(&b[..]),
@@ -848,6 +853,7 @@ impl Ingress {
                 choice,
                 allowed: &allowed,
                 path,
+                header_text,
             },
         )
         .await

@@ -134,6 +134,11 @@ impl Pending {
         let q = self.by_caller.get_mut(&k)?;
         let w = self.window;
         q.retain(|a| now.duration_since(a.at) < w);
+        if q.is_empty() {
+            self.by_caller.remove(&k);
+            return None;
+        }
+        let q = self.by_caller.get_mut(&k)?;
         let pos = q.iter().rposition(|a| match (choice, text) {
             (Some(c), _) => a.id == c,
             (None, Some(t)) => a.text.trim() == t.trim(),

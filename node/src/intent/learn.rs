@@ -72,11 +72,20 @@ fn same(a: &str, b: &str) -> bool {
     a.to_lowercase() == b.to_lowercase()
 }
 
+/// What a removal records: a short hash of the lowercased text, so a
+/// removed example's text is neither gossiped nor stored again.
+pub fn removal(text: &str) -> String {
+    use sha2::Digest as _;
+    let d = sha2::Sha256::digest(normalize(text).to_lowercase().as_bytes());
+    d.iter().take(12).map(|b| format!("{b:02x}")).collect()
+}
+
 /// One node's record for one agent.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Record {
     #[serde(default)]
     pub add: Vec<String>,
+    /// [`removal`] hashes of removed examples.
     #[serde(default)]
     pub del: Vec<String>,
 }
@@ -184,8 +193,9 @@ impl Learned {
         let r = self.own.entry(k.clone()).or_default();
         for g in &gone {
             r.add.retain(|a| !same(a, g));
-            if !r.del.iter().any(|d| same(d, g)) {
-                r.del.push(g.clone());
+            let h = removal(g);
+            if !r.del.contains(&h) {
+                r.del.push(h);
             }
         }
         while r.del.len() > MAX_DEL {
@@ -197,11 +207,12 @@ impl Learned {
     }
 
     fn removed(&self, k: &Agent, text: &str) -> bool {
+        let h = removal(text);
         self.own
             .get(k)
             .into_iter()
             .chain(self.peers.values().filter_map(|p| p.get(k)))
-            .any(|r| r.del.iter().any(|d| same(d, text)))
+            .any(|r| r.del.contains(&h))
     }
 
     fn merged_one(&self, k: &Agent) -> Vec<String> {
@@ -220,7 +231,7 @@ impl Learned {
             }
             del.extend(r.del.iter().map(String::as_str));
         }
-        add.retain(|a| !del.iter().any(|d| same(d, a)));
+        add.retain(|a| !del.contains(&removal(a).as_str()));
         add.truncate(self.per_agent);
         add
     }
@@ -266,8 +277,31 @@ impl Learned {
             r.add.truncate(self.per_agent);
             r.add.iter_mut().for_each(|a| *a = normalize(a));
             r.del.truncate(MAX_DEL);
+            r.del.retain(|d| d.len() <= 64);
             m.insert(agent, r);
         }
+        // A peer's removals become this node's too, so they outlive the
+        // peer (a node that leaves takes its own record with it).
+        for (agent, r) in &m {
+            let mine = self.own.entry(agent.clone()).or_default();
+            let mut changed = false;
+            for d in &r.del {
+                if !mine.del.contains(d) {
+                    mine.del.push(d.clone());
+                    changed = true;
+                }
+            }
+            if changed {
+                mine.add.retain(|a| !r.del.contains(&removal(a)));
+                while mine.del.len() > MAX_DEL {
+                    mine.del.remove(0);
+                }
+                fit(mine);
+                self.dirty.insert(agent.clone());
+            }
+        }
+        self.own
+            .retain(|_, r| !r.add.is_empty() || !r.del.is_empty());
         self.peers.insert(node.to_string(), m);
     }
 

@@ -105,6 +105,7 @@ pub struct Intent {
     pub learned: Mutex<learn::Learned>,
     /// Where this node's learned records are kept across restarts.
     store: Option<std::path::PathBuf>,
+    unsaved: std::sync::atomic::AtomicBool,
     /// Card digests whose embedding failed, and when (retried after a minute).
     failed: Mutex<HashMap<String, std::time::Instant>>,
 }
@@ -154,21 +155,41 @@ impl Intent {
     pub fn persist_in(&mut self, path: std::path::PathBuf) {
         if let Ok(json) = std::fs::read_to_string(&path) {
             let n = lock(&self.learned).restore(&json);
-            tracing::info!(path = %path.display(), records = n, "learned intent examples restored");
+            if n == 0 && !json.trim().is_empty() && json.trim() != "[]" {
+                // keep it for the operator; a save would overwrite it
+                let aside = path.with_extension("json.corrupt");
+                let _ = std::fs::rename(&path, &aside);
+                tracing::warn!(path = %path.display(), moved_to = %aside.display(), "learned intent examples unreadable; moved aside");
+            } else {
+                tracing::info!(path = %path.display(), records = n, "learned intent examples restored");
+            }
         }
         self.store = Some(path);
     }
 
-    /// Writes this node's learned records (after a change).
+    /// Marks this node's learned records for saving (the learned loop
+    /// writes them, off the request path, one writer).
     pub fn save_learned(&self) {
+        self.unsaved
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Writes the records if they changed: mode 0600 (learned texts come
+    /// from callers), atomically.
+    fn flush_learned(&self) {
+        if !self
+            .unsaved
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
         let Some(path) = &self.store else {
             return;
         };
         let json = lock(&self.learned).own_json();
-        let tmp = path.with_extension("json.tmp");
-        let r = std::fs::write(&tmp, json).and_then(|()| std::fs::rename(&tmp, path));
-        if let Err(e) = r {
+        if let Err(e) = dmsc_auth::token::write_private_atomic(path, json.as_bytes()) {
             tracing::warn!(path = %path.display(), error = %e, "cannot save learned intent examples");
+            self.save_learned();
         }
     }
 
@@ -198,6 +219,7 @@ impl Intent {
             asks: Mutex::new(ask::Pending::new(cfg.learn_window)),
             learned: Mutex::new(learned),
             store: None,
+            unsaved: std::sync::atomic::AtomicBool::new(false),
             failed: Mutex::new(HashMap::new()),
             cfg,
         }
@@ -469,6 +491,7 @@ pub async fn prepare(
         choice,
         allowed,
         path,
+        header_text,
     } = step;
     match target {
         dmsc_registry::Target::Intent(text) => {
@@ -527,14 +550,20 @@ pub async fn prepare(
                     score,
                 })
                 .collect();
-            let names = candidates.iter().map(|c| c.name.clone()).collect();
-            let id = lock(&intent.asks).remember(
-                tenant,
-                caller,
-                &learn::normalize(text),
-                names,
-                std::time::Instant::now(),
-            );
+            let names: Vec<String> = candidates.iter().map(|c| c.name.clone()).collect();
+            // Only an ask that can teach is remembered: an authenticated
+            // caller of the tenant itself.
+            let id = if authenticated && caller_tenant == tenant {
+                lock(&intent.asks).remember(
+                    tenant,
+                    caller,
+                    &learn::normalize(text),
+                    names,
+                    std::time::Instant::now(),
+                )
+            } else {
+                format!("{:016x}", rand::random::<u64>())
+            };
             tracing::info!(tenant = %tenant, caller = %caller, ask = %id, candidates = candidates.len(), "intent unsure: asked the caller to choose");
             Err(ask::render(body, path, &id, text, &candidates))
         }
@@ -546,8 +575,10 @@ pub async fn prepare(
                 && caller_tenant == tenant
                 && lock(&intent.asks).has(tenant, caller) =>
         {
-            let text = body
-                .and_then(crate::proto::a2a::intent_text)
+            // the text an intent would be routed by: header, else body
+            let text = header_text
+                .map(str::to_string)
+                .or_else(|| body.and_then(crate::proto::a2a::intent_text))
                 .map(|t| learn::normalize(&t));
             let now = std::time::Instant::now();
             let lesson = lock(&intent.asks)
@@ -634,6 +665,8 @@ pub struct Step<'a> {
     pub allowed: &'a (dyn Fn(&str, &[String]) -> bool + Sync),
     /// The request's path (an HTTP+JSON `/message:stream` gets an event stream).
     pub path: &'a str,
+    /// `dmsc-intent`.
+    pub header_text: Option<&'a str>,
 }
 
 /// Publishes this node's learned records and merges its peers' (every
@@ -649,9 +682,13 @@ pub async fn learned_loop(
     loop {
         tokio::time::sleep(every).await;
         let dirty = lock(&intent.learned).take_dirty();
+        if !dirty.is_empty() {
+            intent.save_learned();
+        }
         for (k, v) in dirty {
             gossip.set(&k, &v).await;
         }
+        intent.flush_learned();
         let scan = gossip.scan_since(learn::KEY_PREFIX, &cursor).await;
         let mut changed = false;
         let mut alive = HashSet::new();
