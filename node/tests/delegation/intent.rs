@@ -405,6 +405,20 @@ async fn with_the_model_a_paraphrase_is_routed_by_meaning() {
         .unwrap_or_default()
         .to_string();
     assert!(route.contains("truncated"), "{route}");
+    // Odd text never breaks routing: other scripts, emoji, a NUL.
+    for odd in [
+        "🙂🙂🙂",
+        "请帮我重置密码",
+        "Wasser tropft von der Decke",
+        "a\u{0}b",
+    ] {
+        let (resp, body) = mesh
+            .call(0, "POST", "mesh.acme.dmsc", "/", &[], message_send(odd))
+            .await
+            .expect("call");
+        let status = resp.status().as_u16();
+        assert!(status == 200 || status == 404, "{odd:?}: {status} {body:?}");
+    }
     // status says which scorer runs
     let (_, s0) = admin_json(&mesh, 0, Method::GET, "/v1/status").await;
     let (_, s1) = admin_json(&mesh, 1, Method::GET, "/v1/status").await;
