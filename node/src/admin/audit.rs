@@ -65,7 +65,7 @@ pub fn parse_since(s: &str, now: SystemTime) -> Result<u64, String> {
 }
 
 /// Minimal `%XX` and `+` decoding for query values.
-fn decode(v: &str) -> String {
+pub(crate) fn decode(v: &str) -> String {
     let bytes = v.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -120,7 +120,7 @@ fn learned_remove(
     let text: Option<String> = req.uri().query().and_then(|q| {
         q.split('&').find_map(|kv| {
             let (k, v) = kv.split_once('=')?;
-            (k == "text").then(|| percent_decode(v))
+            (k == "text").then(|| audit::decode(v))
         })
     });
     let removed = s
@@ -142,31 +142,6 @@ fn learned_remove(
         },
         &serde_json::json!({ "removed": removed }),
     )
-}
-
-/// `%XX` and `+` decoded (invalid escapes kept as they are).
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
-                let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok();
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(v) => {
-                        out.push(v);
-                        i += 2;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// `GET /v1/agents`: the agent table (of the reader's tenant only, for a

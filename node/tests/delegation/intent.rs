@@ -11,7 +11,7 @@ use dmsc_node::demo::mesh::{message_send, send_message_v10, LocalMesh};
 use dmsc_node::demo::sample_agent::{CardDialect, SampleAgent, SampleConfig, SampleSkill};
 use hyper::{Method, StatusCode};
 
-use super::security::{client_config, es256_key, jwt, tls_call, JWT_AUD, JWT_ISS};
+use super::security::{client_config, es256_key, jwt, tls_call, JWT_AUD};
 use super::{eventually, loopback};
 
 async fn skilled(name: &str, description: &str, tags: &[&str], examples: &[&str]) -> SampleAgent {
@@ -81,18 +81,7 @@ async fn ask_mode_in_every_dialect_and_learning_from_choices_across_two_nodes() 
         raw.gossip.interval_ms = Some(100);
         raw.delegation.health_interval_ms = Some(200);
         if i == 0 {
-            raw.ingress.push(dmsc_node::config::RawIngress {
-                listen: "127.0.0.1:0".into(),
-                tls: Some(true),
-                auth: Some(vec!["jwt".into()]),
-                ..Default::default()
-            });
-            raw.jwt = Some(dmsc_node::config::RawJwt {
-                issuers: vec![JWT_ISS.into()],
-                audiences: vec![JWT_AUD.into()],
-                jwks_file: Some(jwks_path.clone()),
-                ..Default::default()
-            });
+            super::security::jwt_ingress(raw, &jwks_path);
         }
     })
     .await

@@ -20,6 +20,23 @@ const TD_OTHER: &str = "other.test";
 pub(super) const JWT_ISS: &str = "https://idp.test";
 pub(super) const JWT_AUD: &str = "dmsc";
 
+/// Adds a TLS ingress that authenticates JWTs (issuer [`JWT_ISS`],
+/// audience [`JWT_AUD`], keys from `jwks`) to a node's configuration.
+pub(super) fn jwt_ingress(raw: &mut dmsc_node::RawConfig, jwks: &std::path::Path) {
+    raw.ingress.push(dmsc_node::config::RawIngress {
+        listen: "127.0.0.1:0".into(),
+        tls: Some(true),
+        auth: Some(vec!["jwt".into()]),
+        ..Default::default()
+    });
+    raw.jwt = Some(dmsc_node::config::RawJwt {
+        issuers: vec![JWT_ISS.into()],
+        audiences: vec![JWT_AUD.into()],
+        jwks_file: Some(jwks.to_path_buf()),
+        ..Default::default()
+    });
+}
+
 pub(super) fn client_config(
     ca_pem: &str,
     client: Option<(&str, &str)>,
@@ -1311,18 +1328,7 @@ async fn a_tenant_holding_its_share_of_a_shared_listener_does_not_shed_another()
     .expect("jwks");
     let mesh = LocalMesh::start(&["n0"], "acme", |_, raw| {
         raw.limits.max_in_flight_per_listener = Some(4);
-        raw.ingress.push(dmsc_node::config::RawIngress {
-            listen: "127.0.0.1:0".into(),
-            tls: Some(true),
-            auth: Some(vec!["jwt".into()]),
-            ..Default::default()
-        });
-        raw.jwt = Some(dmsc_node::config::RawJwt {
-            issuers: vec![JWT_ISS.into()],
-            audiences: vec![JWT_AUD.into()],
-            jwks_file: Some(jwks_path.clone()),
-            ..Default::default()
-        });
+        jwt_ingress(raw, &jwks_path);
     })
     .await
     .expect("mesh");

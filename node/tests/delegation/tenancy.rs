@@ -15,7 +15,6 @@ use hyper::StatusCode;
 
 use super::security::{
     attach_for, audit_entries, claims, client_config, es256_key, jwt, tls_call, JwtKey, JWT_AUD,
-    JWT_ISS,
 };
 use super::{agent, eventually};
 
@@ -90,18 +89,7 @@ async fn tenant_mesh() -> TenantMesh {
                     ..Default::default()
                 });
             }
-            raw.ingress.push(dmsc_node::config::RawIngress {
-                listen: "127.0.0.1:0".into(),
-                tls: Some(true),
-                auth: Some(vec!["jwt".into()]),
-                ..Default::default()
-            });
-            raw.jwt = Some(dmsc_node::config::RawJwt {
-                issuers: vec![JWT_ISS.into()],
-                audiences: vec![JWT_AUD.into()],
-                jwks_file: Some(jwks_path.clone()),
-                ..Default::default()
-            });
+            super::security::jwt_ingress(raw, &jwks_path);
         }
     })
     .await
