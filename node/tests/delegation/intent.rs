@@ -67,6 +67,29 @@ fn learned_of(v: &serde_json::Value, agent: &str) -> Vec<String> {
 
 const TEXT: &str = "pay stub looks weird this month";
 
+/// Routes `text` by intent through node 0: status, `dmsc-agent`, `dmsc-route`.
+async fn route_intent(mesh: &LocalMesh, text: &str) -> (StatusCode, String, String) {
+    let (resp, _) = mesh
+        .call(
+            0,
+            "POST",
+            "mesh.acme.dmsc",
+            "/",
+            &[("dmsc-intent", text)],
+            "x",
+        )
+        .await
+        .expect("call");
+    let h = |n: &str| {
+        resp.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    (resp.status(), h("dmsc-agent"), h("dmsc-route"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ask_mode_in_every_dialect_and_learning_from_choices_across_two_nodes() {
     let jwks = tempfile::tempdir().expect("dir");
@@ -331,58 +354,14 @@ async fn with_the_model_a_paraphrase_is_routed_by_meaning() {
     })
     .await;
     // No word of either card: only meaning can route it.
-    let text = "water is dripping from the ceiling onto my keyboard";
-    let mut route = String::new();
-    let mut agent = String::new();
-    for _ in 0..100 {
-        let (resp, _) = mesh
-            .call(
-                0,
-                "POST",
-                "mesh.acme.dmsc",
-                "/",
-                &[("dmsc-intent", text)],
-                "x",
-            )
-            .await
-            .expect("call");
-        route = resp
-            .headers()
-            .get("dmsc-route")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string();
-        agent = resp
-            .headers()
-            .get("dmsc-agent")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string();
-        if resp.status() == StatusCode::OK && route.contains("hybrid") {
-            break;
-        }
-        // the cards are embedded in the background
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (status, agent, route) =
+        route_intent(&mesh, "water is dripping from the ceiling onto my keyboard").await;
+    assert_eq!(status, StatusCode::OK, "{route}");
     assert!(route.contains("hybrid"), "{route}");
     assert!(agent.contains("facilities"), "{agent}: {route}");
-    let text = "my last paycheck was smaller than it should be";
-    let (resp, _) = mesh
-        .call(
-            0,
-            "POST",
-            "mesh.acme.dmsc",
-            "/",
-            &[("dmsc-intent", text)],
-            "x",
-        )
-        .await
-        .expect("call");
-    let agent = resp.headers()["dmsc-agent"]
-        .to_str()
-        .unwrap_or_default()
-        .to_string();
-    assert!(agent.contains("payroll"), "{agent}");
+    let (_, agent, route) =
+        route_intent(&mesh, "my last paycheck was smaller than it should be").await;
+    assert!(agent.contains("payroll"), "{agent}: {route}");
     // A long text is cut to the model's window, and the route says so.
     let long = "my paycheck is wrong ".repeat(2000);
     let (resp, _) = mesh
