@@ -74,6 +74,12 @@ enum Cmd {
     Balance(balance::Args),
     /// End-to-end overhead, server side: backend + two nodes (run via bench/e2e.sh).
     E2eServe,
+    /// The 1 KiB backend alone, for `bench/compare.sh` (each server its own
+    /// process, as a user runs them).
+    E2eBackend {
+        #[arg(long, default_value = "127.0.0.1:18000")]
+        listen: std::net::SocketAddr,
+    },
     /// End-to-end overhead, load side: direct vs 1 node vs 2 nodes (run via bench/e2e.sh).
     E2eLoad(e2e::LoadArgs),
     /// Audit log append throughput and record() latency per fsync policy.
@@ -346,6 +352,16 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(flood::load(args))?
+        }
+        Cmd::E2eBackend { listen } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let l = tokio::net::TcpListener::bind(listen).await?;
+                e2e::backend(l).await;
+                anyhow::Ok(())
+            })?
         }
         Cmd::E2eServe => {
             // One worker per available core: pinned to one core, one worker.

@@ -1,0 +1,226 @@
+#!/usr/bin/env bash
+# The reference comparison of PERFORMANCE.md, in one run, every server its
+# own process as users run them:
+#   direct    oha -> backend
+#   nginx     oha -> nginx -> mutual TLS 1.3 -> nginx -> backend
+#   haproxy   oha -> HAProxy -> mutual TLS 1.3 -> HAProxy -> backend
+#   dmsc      oha -> dmsc-node b (ingress) -> QUIC, mutual TLS 1.3 -> dmsc-node a -> backend
+# Backend: `dmsc-bench e2e-backend` (hyper, answers 1 KiB). Proxies: one
+# worker each, keep-alive upstream pools, TLS 1.3 with client certificates
+# between the hops and session reuse. dmsc: audit log on (the default),
+# plain ingress. All servers pinned to CPU 0, oha to CPU 1.
+# Load: oha open-loop at fixed rates with latency correction (-q RATE
+# --latency-correction), 1 KiB POST bodies; then a max-throughput run (-c 32).
+# CPU per request: utime+stime of the path's server processes (/proc) over
+# the 2000/s run, divided by the requests answered.
+# Rounds alternate the order of the paths; the table has every round.
+#
+# Needs: nginx (nginx-light), haproxy, openssl, oha (`cargo install oha`),
+# taskset. Bounded: about rounds x paths x (rates + 1) x SECS seconds.
+# Usage: bench/compare.sh [SECS] [ROUNDS]     (default 5 2)
+# DMSC_BENCH_AUDIT=off runs the dmsc nodes with the audit log off (to see
+# what it costs; the comparison itself is with it on, the default).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECS="${1:-5}"
+ROUNDS="${2:-2}"
+RATES=(500 2000)
+AUDIT=true
+[ "${DMSC_BENCH_AUDIT:-on}" = off ] && AUDIT=false
+for tool in nginx haproxy openssl oha taskset python3; do
+  command -v "$tool" >/dev/null 2>&1 || {
+    echo "compare.sh needs $tool (apt-get install nginx-light haproxy openssl util-linux; cargo install oha)" >&2
+    exit 2
+  }
+done
+cargo build --release -q -p dmsc-bench -p dmsc-node
+T="${CARGO_TARGET_DIR:-target}/release"
+W=$(mktemp -d /tmp/dmsc-compare.XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$W"
+}
+trap cleanup EXIT
+PIN0="taskset -c 0"
+PIN1="taskset -c 1"
+BACKEND=127.0.0.1:18000
+head -c 1024 /dev/zero | tr '\0' 'x' > "$W/body"
+
+# --- backend
+$PIN0 "$T/dmsc-bench" e2e-backend --listen "$BACKEND" & PIDS+=($!); BACKEND_PID=$!
+
+# --- certificates for the proxy chains (openssl, made here, one day)
+( cd "$W"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=bench-ca -keyout ca.key -out ca.pem 2>/dev/null
+  for n in front back; do
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=$n -keyout $n.key -out $n.csr 2>/dev/null
+    printf 'subjectAltName=IP:127.0.0.1,DNS:%s\n' "$n" > $n.ext
+    openssl x509 -req -in $n.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -extfile $n.ext -out $n.pem 2>/dev/null
+    cat $n.pem $n.key > $n.combined.pem
+  done )
+
+# --- nginx chain: 18080 -> mTLS -> 18443 -> backend
+common="worker_processes 1; daemon off; error_log $W/nginx-error.log error; events { worker_connections 4096; }"
+cat > "$W/nginx-back.conf" <<CONF
+$common pid $W/nginx-back.pid;
+http { access_log off; upstream b { server $BACKEND; keepalive 64; }
+  server { listen 127.0.0.1:18443 ssl; ssl_protocols TLSv1.3;
+    ssl_certificate $W/back.pem; ssl_certificate_key $W/back.key;
+    ssl_client_certificate $W/ca.pem; ssl_verify_client on;
+    ssl_session_cache shared:S:1m;
+    location / { proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+CONF
+cat > "$W/nginx-front.conf" <<CONF
+$common pid $W/nginx-front.pid;
+http { access_log off; upstream f { server 127.0.0.1:18443; keepalive 64; }
+  server { listen 127.0.0.1:18080;
+    location / { proxy_pass https://f; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_ssl_protocols TLSv1.3; proxy_ssl_session_reuse on;
+      proxy_ssl_certificate $W/front.pem; proxy_ssl_certificate_key $W/front.key;
+      proxy_ssl_trusted_certificate $W/ca.pem; proxy_ssl_verify on; proxy_ssl_name back; } } }
+CONF
+$PIN0 nginx -c "$W/nginx-back.conf" -p "$W" & PIDS+=($!); NGX_B=$!
+$PIN0 nginx -c "$W/nginx-front.conf" -p "$W" & PIDS+=($!); NGX_F=$!
+
+# --- HAProxy chain: 18081 -> mTLS -> 18444 -> backend
+cat > "$W/haproxy-back.cfg" <<CONF
+global
+  nbthread 1
+  tune.ssl.default-dh-param 2048
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:18444 ssl crt $W/back.combined.pem ca-file $W/ca.pem verify required ssl-min-ver TLSv1.3
+  default_backend be
+backend be
+  server s $BACKEND
+CONF
+cat > "$W/haproxy-front.cfg" <<CONF
+global
+  nbthread 1
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:18081
+  default_backend be
+backend be
+  server s 127.0.0.1:18444 ssl crt $W/front.combined.pem ca-file $W/ca.pem verify required sni str(back) verifyhost back ssl-min-ver TLSv1.3 ssl-reuse
+CONF
+$PIN0 haproxy -f "$W/haproxy-back.cfg" -db & PIDS+=($!); HAP_B=$!
+$PIN0 haproxy -f "$W/haproxy-front.cfg" -db & PIDS+=($!); HAP_F=$!
+
+# --- dmsc: node a is home to the backend, node b has the ingress
+( cd "$W"
+  "$T/dmsc-node" ca init --trust-domain bench.test --out dca >/dev/null
+  for n in a b; do "$T/dmsc-node" ca issue-node --ca-dir dca --name $n --out $n >/dev/null; done )
+cat > "$W/a.toml" <<CONF
+name = "a"
+data_dir = "$W/a/data"
+[overlay]
+listen = "127.0.0.1:17401"
+[tls]
+ca = "$W/a/ca.pem"
+cert = "$W/a/node.pem"
+key = "$W/a/node.key"
+[admin]
+listen = "127.0.0.1:19401"
+[audit]
+enabled = $AUDIT
+[[agents]]
+tenant = "bench"
+url = "http://$BACKEND"
+name = "echo"
+[[agents.skills]]
+id = "echo"
+tags = ["echo"]
+CONF
+cat > "$W/b.toml" <<CONF
+name = "b"
+data_dir = "$W/b/data"
+[overlay]
+listen = "127.0.0.1:17402"
+bootstrap = ["127.0.0.1:17401"]
+[tls]
+ca = "$W/b/ca.pem"
+cert = "$W/b/node.pem"
+key = "$W/b/node.key"
+[admin]
+listen = "127.0.0.1:19402"
+[audit]
+enabled = $AUDIT
+[[ingress]]
+listen = "127.0.0.1:18082"
+tenant = "bench"
+CONF
+RUST_LOG=error $PIN0 "$T/dmsc-node" run --config "$W/a.toml" >"$W/a.log" 2>&1 & PIDS+=($!); DMSC_A=$!
+RUST_LOG=error $PIN0 "$T/dmsc-node" run --config "$W/b.toml" >"$W/b.log" 2>&1 & PIDS+=($!); DMSC_B=$!
+
+# wait until every path answers
+ready() { curl -fsS -o /dev/null -m 2 -H "Host: $2" -d x "http://$1/" 2>/dev/null; }
+for i in $(seq 1 100); do
+  if ready $BACKEND x && ready 127.0.0.1:18080 x && ready 127.0.0.1:18081 x && ready 127.0.0.1:18082 echo.bench.dmsc; then
+    break
+  fi
+  [ "$i" = 100 ] && { echo "a path never answered; logs in $W" >&2; tail -5 "$W"/*.log >&2; exit 1; }
+  sleep 0.2
+done
+
+declare -A ADDR=([direct]=$BACKEND [nginx]=127.0.0.1:18080 [haproxy]=127.0.0.1:18081 [dmsc]=127.0.0.1:18082)
+declare -A HOST=([direct]=x [nginx]=x [haproxy]=x [dmsc]=echo.bench.dmsc)
+declare -A SERVERS=([direct]="$BACKEND_PID" [nginx]="$BACKEND_PID $NGX_F $NGX_B" [haproxy]="$BACKEND_PID $HAP_F $HAP_B" [dmsc]="$BACKEND_PID $DMSC_A $DMSC_B")
+
+# nginx and haproxy fork workers: count the whole process tree of each PID
+ticks() {
+  local total=0 p
+  for p in $(for r in $1; do echo "$r"; pgrep -P "$r" || true; done); do
+    read -r ut st < <(awk '{print $14, $15}' "/proc/$p/stat" 2>/dev/null || echo "0 0")
+    total=$((total + ut + st))
+  done
+  echo "$total"
+}
+HZ=$(getconf CLK_TCK)
+
+oha_run() { # path extra-args... -> json
+  $PIN1 oha -z "${SECS}s" --no-tui --output-format json -m POST -D "$W/body" \
+    -H "Host: ${HOST[$1]}" "${@:2}" "http://${ADDR[$1]}/" 2>/dev/null
+}
+field() { python3 -c 'import json,sys; d=json.load(sys.stdin); print(eval(sys.argv[1]))' "$1"; }
+
+PATHS=(direct nginx haproxy dmsc)
+echo "| round | path | p50 @500 | p99 @500 | p50 @2000 | p99 @2000 | ok @2000 | max req/s | server CPU/request @2000 |"
+echo "|---|---|---|---|---|---|---|---|---|"
+for round in $(seq 1 "$ROUNDS"); do
+  order=("${PATHS[@]}")
+  if [ $((round % 2)) = 0 ]; then order=(dmsc haproxy nginx direct); fi
+  for p in "${order[@]}"; do
+    row="| $round | $p"
+    for rate in "${RATES[@]}"; do
+      t0=$(ticks "${SERVERS[$p]}")
+      j=$(oha_run "$p" -q "$rate" --latency-correction -c 64)
+      t1=$(ticks "${SERVERS[$p]}")
+      p50=$(echo "$j" | field '"%.3f ms" % (d["latencyPercentiles"]["p50"]*1000)')
+      p99=$(echo "$j" | field '"%.3f ms" % (d["latencyPercentiles"]["p99"]*1000)')
+      row="$row | $p50 | $p99"
+      if [ "$rate" = 2000 ]; then
+        ok=$(echo "$j" | field 'd["statusCodeDistribution"].get("200", 0)')
+        cpu=$(python3 -c "print('%.0f us' % (($t1 - $t0) / $HZ / max($ok, 1) * 1e6))")
+        row="$row | $ok"
+      fi
+    done
+    j=$(oha_run "$p" -c 32)
+    rps=$(echo "$j" | field '"%.0f" % d["summary"]["requestsPerSec"]')
+    echo "$row | $rps | $cpu |"
+  done
+done
+echo
+echo "command: bench/compare.sh $SECS $ROUNDS (dmsc audit log: $AUDIT); servers pinned to CPU 0, oha to CPU 1; $(date -u +%F)"
