@@ -20,6 +20,8 @@
 # Usage: bench/compare.sh [SECS] [ROUNDS]     (default 5 2)
 # DMSC_BENCH_AUDIT=off runs the dmsc nodes with the audit log off (to see
 # what it costs; the comparison itself is with it on, the default).
+# DMSC_BENCH_PROFILE=FILE records a perf profile (-g, 999 Hz) of the two
+# dmsc nodes under max load instead (needs perf: apt-get install linux-perf).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS="${1:-5}"
@@ -175,6 +177,15 @@ for i in $(seq 1 100); do
   sleep 0.2
 done
 
+if [ -n "${DMSC_BENCH_PROFILE:-}" ]; then
+  # Profile the two dmsc nodes at max load instead of the comparison:
+  # perf report -i "$DMSC_BENCH_PROFILE" --no-children --sort dso,symbol
+  perf record -F 999 -g -o "$DMSC_BENCH_PROFILE" -p "$DMSC_A,$DMSC_B" -- sleep "$SECS" >/dev/null 2>&1 &
+  PERF=$!
+  $PIN1 oha -z "${SECS}s" --no-tui -c 32 -m POST -D "$W/body" -H "Host: echo.bench.dmsc" http://127.0.0.1:18082/ | grep -E "Requests/sec|Success rate"
+  wait "$PERF" || true
+  exit 0
+fi
 declare -A ADDR=([direct]=$BACKEND [nginx]=127.0.0.1:18080 [haproxy]=127.0.0.1:18081 [dmsc]=127.0.0.1:18082)
 declare -A HOST=([direct]=x [nginx]=x [haproxy]=x [dmsc]=echo.bench.dmsc)
 declare -A SERVERS=([direct]="$BACKEND_PID" [nginx]="$BACKEND_PID $NGX_F $NGX_B" [haproxy]="$BACKEND_PID $HAP_F $HAP_B" [dmsc]="$BACKEND_PID $DMSC_A $DMSC_B")
