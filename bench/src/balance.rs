@@ -9,12 +9,13 @@
 //! work x the agent's mean), so differences come from the choices alone.
 //!
 //! Policies:
-//! - `dmsc P2C`: `Registry::select` by tag, as the node calls it (default
-//!   `Choice::PowerOfTwo`). Each node has its own registry whose load
+//! - `dmsc P2C`: `Registry::select` by tag, as the node calls it, with
+//!   `Choice::PowerOfTwo`. Each node has its own registry whose load
 //!   reports are refreshed from the agents' true state every `--gossip-ms`
 //!   (nodes offset evenly, so views are up to one round stale), plus a
 //!   `LocalState` with the node's exact outstanding count per agent.
-//! - `dmsc least-loaded`: the same with `Choice::LeastLoaded`.
+//! - `dmsc least-loaded`: the same with `Choice::LeastLoaded` (the
+//!   default since this comparison: BENCHMARKS.md).
 //! - `round-robin`: per node, in turn. `random`: uniform.
 //! - `oracle`: knows every agent's true busy and queue counts and mean
 //!   service time, and joins the minimum expected response time. Not
@@ -77,8 +78,8 @@ enum Policy {
 impl Policy {
     fn name(self) -> &'static str {
         match self {
-            Policy::Dmsc => "dmsc P2C (default)",
-            Policy::DmscLeast => "dmsc least-loaded",
+            Policy::Dmsc => "dmsc P2C",
+            Policy::DmscLeast => "dmsc least-loaded (default)",
             Policy::RoundRobin => "round-robin",
             Policy::Random => "random",
             Policy::Oracle => "oracle",
@@ -197,9 +198,11 @@ fn simulate(a: &Args, w: &Workload, policy: Policy) -> anyhow::Result<Outcome> {
     let mut registries: Vec<Registry> = (0..a.nodes)
         .map(|_| {
             let mut r = Registry::new();
-            if policy == Policy::DmscLeast {
-                r.set_choice(Choice::LeastLoaded);
-            }
+            r.set_choice(if policy == Policy::DmscLeast {
+                Choice::LeastLoaded
+            } else {
+                Choice::PowerOfTwo
+            });
             for i in 0..n {
                 r.upsert(
                     &format!("agent-host-{i}"),

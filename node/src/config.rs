@@ -347,7 +347,8 @@ pub struct RawDelegation {
     pub health_interval_ms: Option<u64>,
     pub agent_ttl_secs: Option<u64>,
     pub load_interval_ms: Option<u64>,
-    /// `p2c` (power of two choices, default) or `least-loaded`.
+    /// `least-loaded` (default: the least loaded eligible candidate, of at
+    /// most 8 sampled on large sets) or `p2c` (power of two choices).
     pub selection: Option<String>,
     /// Routing by intent balances load only among the best-matching agent
     /// and its equals: the same card or skills, or an intent score within
@@ -542,7 +543,7 @@ impl Default for DelegationConfig {
             health_interval: Duration::from_secs(2),
             agent_ttl: Duration::from_secs(60),
             load_interval: Duration::from_millis(500),
-            selection: dmsc_registry::Choice::PowerOfTwo,
+            selection: dmsc_registry::Choice::LeastLoaded,
             intent_margin: dmsc_registry::select::INTENT_MARGIN,
         }
     }
@@ -779,8 +780,8 @@ impl RawDelegation {
                 errors,
             ),
             selection: match self.selection.as_deref() {
-                None | Some("p2c") => dmsc_registry::Choice::PowerOfTwo,
-                Some("least-loaded") => dmsc_registry::Choice::LeastLoaded,
+                Some("p2c") => dmsc_registry::Choice::PowerOfTwo,
+                None | Some("least-loaded") => dmsc_registry::Choice::LeastLoaded,
                 Some(other) => {
                     errors.push(format!(
                         "delegation.selection = `{other}` must be `p2c` or `least-loaded`"
