@@ -37,6 +37,8 @@ for tool in nginx haproxy openssl oha taskset python3; do
 done
 cargo build --release -q -p dmsc-bench -p dmsc-node
 T="${CARGO_TARGET_DIR:-target}/release"
+# DMSC_NODE_BIN=path runs another dmsc-node build (an A/B comparison).
+NODE="${DMSC_NODE_BIN:-$T/dmsc-node}"
 W=$(mktemp -d /tmp/dmsc-compare.XXXXXX)
 PIDS=()
 cleanup() {
@@ -123,8 +125,8 @@ $PIN0 haproxy -f "$W/haproxy-front.cfg" -db & PIDS+=($!); HAP_F=$!
 
 # --- dmsc: node a is home to the backend, node b has the ingress
 ( cd "$W"
-  "$T/dmsc-node" ca init --trust-domain bench.test --out dca >/dev/null
-  for n in a b; do "$T/dmsc-node" ca issue-node --ca-dir dca --name $n --out $n >/dev/null; done )
+  "$NODE" ca init --trust-domain bench.test --out dca >/dev/null
+  for n in a b; do "$NODE" ca issue-node --ca-dir dca --name $n --out $n >/dev/null; done )
 cat > "$W/a.toml" <<CONF
 name = "a"
 data_dir = "$W/a/data"
@@ -164,8 +166,8 @@ enabled = $AUDIT
 listen = "127.0.0.1:18082"
 tenant = "bench"
 CONF
-RUST_LOG=error $PIN0 "$T/dmsc-node" run --config "$W/a.toml" >"$W/a.log" 2>&1 & PIDS+=($!); DMSC_A=$!
-RUST_LOG=error $PIN0 "$T/dmsc-node" run --config "$W/b.toml" >"$W/b.log" 2>&1 & PIDS+=($!); DMSC_B=$!
+RUST_LOG=error $PIN0 "$NODE" run --config "$W/a.toml" >"$W/a.log" 2>&1 & PIDS+=($!); DMSC_A=$!
+RUST_LOG=error $PIN0 "$NODE" run --config "$W/b.toml" >"$W/b.log" 2>&1 & PIDS+=($!); DMSC_B=$!
 
 # wait until every path answers
 ready() { curl -fsS -o /dev/null -m 2 -H "Host: $2" -d x "http://$1/" 2>/dev/null; }
