@@ -738,7 +738,11 @@ impl Ingress {
                 &caller,
                 &target,
                 &body,
-                &data_tags,
+                (
+                    consumer_policy.as_deref(),
+                    provider_policy.as_deref(),
+                    &data_tags,
+                ),
                 (
                     intent_mode.as_deref(),
                     intent_choice.as_deref(),
@@ -810,24 +814,23 @@ impl Ingress {
         caller: &crate::policy::caller::Caller,
         target: &Target,
         body: &ReqBody,
-        data_tags: &[String],
+        // the consumer's and the provider's policies (looked up once by
+        // `handle`) and the request's data tags
+        (consumer, provider, data_tags): (
+            Option<&dmsc_policy::Policy>,
+            Option<&dmsc_policy::Policy>,
+            &[String],
+        ),
         (mode, choice, path, header_text): (Option<&str>, Option<&str>, &str, Option<&str>),
     ) -> Result<crate::intent::Prepared, Response<Body>> {
         let body = match body {
             ReqBody::Buffered(b) => Some(&b[..]),
             ReqBody::Streaming(_) => None,
         };
-        let policies = &self.delegator.security.policies;
-        let consumer = policies.get(&caller.tenant);
-        let provider = if caller.tenant == tenant {
-            consumer.clone()
-        } else {
-            policies.get(tenant)
-        };
         let allowed = |name: &str, tags: &[String]| {
             crate::policy::outbound(
-                consumer.as_deref(),
-                provider.as_deref(),
+                consumer,
+                provider,
                 crate::policy::Route {
                     caller: &caller.id,
                     caller_tenant: &caller.tenant,

@@ -49,6 +49,11 @@ impl Candidate {
     }
 }
 
+/// A fresh ask id (16 hex digits).
+pub fn new_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
 /// Asks per caller kept until resolved or expired.
 const PER_CALLER: usize = 16;
 /// Callers with pending asks, at most.
@@ -86,7 +91,7 @@ impl Pending {
         candidates: Vec<String>,
         now: Instant,
     ) -> String {
-        let id = format!("{:016x}", rand::random::<u64>());
+        let id = new_id();
         if self.by_caller.len() >= CALLERS {
             let w = self.window;
             self.by_caller

@@ -447,6 +447,10 @@ impl Intent {
     /// the registry, with their vectors where embedded.
     pub fn apply_learned(&self, mesh: &MeshView) {
         let merged = lock(&self.learned).merged();
+        // The common case, nothing learned anywhere: no write lock.
+        if merged.is_empty() && !mesh.read().iter().any(|e| e.learned().next().is_some()) {
+            return;
+        }
         let examples = lock(&self.examples);
         let mut reg = mesh.write();
         let ids: Vec<AgentId> = reg
@@ -562,7 +566,7 @@ pub async fn prepare(
                     std::time::Instant::now(),
                 )
             } else {
-                format!("{:016x}", rand::random::<u64>())
+                ask::new_id()
             };
             tracing::info!(tenant = %tenant, caller = %caller, ask = %id, candidates = candidates.len(), "intent unsure: asked the caller to choose");
             Err(ask::render(body, path, &id, text, &candidates))
