@@ -22,6 +22,7 @@
 # what it costs; the comparison itself is with it on, the default).
 # DMSC_BENCH_PROFILE=FILE records a perf profile (-g, 999 Hz) of the two
 # dmsc nodes under max load instead (needs perf: apt-get install linux-perf).
+# DMSC_BENCH_SYSCALLS=1 (or =max) counts their system calls per request.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS="${1:-5}"
@@ -127,17 +128,21 @@ $PIN0 haproxy -f "$W/haproxy-front.cfg" -db & PIDS+=($!); HAP_F=$!
 ( cd "$W"
   "$NODE" ca init --trust-domain bench.test --out dca >/dev/null
   for n in a b; do "$NODE" ca issue-node --ca-dir dca --name $n --out $n >/dev/null; done )
-cat > "$W/a.toml" <<CONF
+# dmsc_pair PREFIX BIN PORT_OFFSET: nodes PREFIXa (home of the backend) and
+# PREFIXb (ingress on 18082 + offset), both running BIN.
+dmsc_pair() {
+  local x=$1 bin=$2 o=$3
+  cat > "$W/${x}a.toml" <<CONF
 name = "a"
-data_dir = "$W/a/data"
+data_dir = "$W/${x}a/data"
 [overlay]
-listen = "127.0.0.1:17401"
+listen = "127.0.0.1:$((17401 + o))"
 [tls]
 ca = "$W/a/ca.pem"
 cert = "$W/a/node.pem"
 key = "$W/a/node.key"
 [admin]
-listen = "127.0.0.1:19401"
+listen = "127.0.0.1:$((19401 + o))"
 [audit]
 enabled = $AUDIT
 [[agents]]
@@ -148,31 +153,43 @@ name = "echo"
 id = "echo"
 tags = ["echo"]
 CONF
-cat > "$W/b.toml" <<CONF
+  cat > "$W/${x}b.toml" <<CONF
 name = "b"
-data_dir = "$W/b/data"
+data_dir = "$W/${x}b/data"
 [overlay]
-listen = "127.0.0.1:17402"
-bootstrap = ["127.0.0.1:17401"]
+listen = "127.0.0.1:$((17402 + o))"
+bootstrap = ["127.0.0.1:$((17401 + o))"]
 [tls]
 ca = "$W/b/ca.pem"
 cert = "$W/b/node.pem"
 key = "$W/b/node.key"
 [admin]
-listen = "127.0.0.1:19402"
+listen = "127.0.0.1:$((19402 + o))"
 [audit]
 enabled = $AUDIT
 [[ingress]]
-listen = "127.0.0.1:18082"
+listen = "127.0.0.1:$((18082 + o))"
 tenant = "bench"
 CONF
-RUST_LOG=error $PIN0 "$NODE" run --config "$W/a.toml" >"$W/a.log" 2>&1 & PIDS+=($!); DMSC_A=$!
-RUST_LOG=error $PIN0 "$NODE" run --config "$W/b.toml" >"$W/b.log" 2>&1 & PIDS+=($!); DMSC_B=$!
+  RUST_LOG=error $PIN0 "$bin" run --config "$W/${x}a.toml" >"$W/${x}a.log" 2>&1 & PIDS+=($!); PAIR_A=$!
+  RUST_LOG=error $PIN0 "$bin" run --config "$W/${x}b.toml" >"$W/${x}b.log" 2>&1 & PIDS+=($!); PAIR_B=$!
+}
+dmsc_pair "" "$NODE" 0
+DMSC_A=$PAIR_A
+DMSC_B=$PAIR_B
+# DMSC_NODE_BIN_B=path adds the path `dmsc-b`: a second pair of nodes
+# running that build (ingress 18092), for before/after in one run.
+if [ -n "${DMSC_NODE_BIN_B:-}" ]; then
+  dmsc_pair x "$DMSC_NODE_BIN_B" 10
+  DMSCX_A=$PAIR_A
+  DMSCX_B=$PAIR_B
+fi
 
 # wait until every path answers
 ready() { curl -fsS -o /dev/null -m 2 -H "Host: $2" -d x "http://$1/" 2>/dev/null; }
 for i in $(seq 1 100); do
-  if ready $BACKEND x && ready 127.0.0.1:18080 x && ready 127.0.0.1:18081 x && ready 127.0.0.1:18082 echo.bench.dmsc; then
+  if ready $BACKEND x && ready 127.0.0.1:18080 x && ready 127.0.0.1:18081 x && ready 127.0.0.1:18082 echo.bench.dmsc \
+    && { [ -z "${DMSC_NODE_BIN_B:-}" ] || ready 127.0.0.1:18092 echo.bench.dmsc; }; then
     break
   fi
   [ "$i" = 100 ] && { echo "a path never answered; logs in $W" >&2; tail -5 "$W"/*.log >&2; exit 1; }
@@ -182,15 +199,30 @@ done
 if [ -n "${DMSC_BENCH_PROFILE:-}" ]; then
   # Profile the two dmsc nodes at max load instead of the comparison:
   # perf report -i "$DMSC_BENCH_PROFILE" --no-children --sort dso,symbol
-  perf record -F 999 -g -o "$DMSC_BENCH_PROFILE" -p "$DMSC_A,$DMSC_B" -- sleep "$SECS" >/dev/null 2>&1 &
+  perf record ${DMSC_BENCH_PROFILE_EVENT:+-e "$DMSC_BENCH_PROFILE_EVENT"} -F 999 --call-graph "${DMSC_BENCH_CALLGRAPH:-fp}" -o "$DMSC_BENCH_PROFILE" -p "$DMSC_A,$DMSC_B" -- sleep "$SECS" >/dev/null 2>&1 &
   PERF=$!
   $PIN1 oha -z "${SECS}s" --no-tui -c 32 -m POST -D "$W/body" -H "Host: echo.bench.dmsc" http://127.0.0.1:18082/ | grep -E "Requests/sec|Success rate"
   wait "$PERF" || true
   exit 0
 fi
-declare -A ADDR=([direct]=$BACKEND [nginx]=127.0.0.1:18080 [haproxy]=127.0.0.1:18081 [dmsc]=127.0.0.1:18082)
-declare -A HOST=([direct]=x [nginx]=x [haproxy]=x [dmsc]=echo.bench.dmsc)
+if [ -n "${DMSC_BENCH_SYSCALLS:-}" ]; then
+  # Count the two dmsc nodes' system calls per request at 2000/s (or at max
+  # load with DMSC_BENCH_SYSCALLS=max) instead of the comparison (needs
+  # perf): where the kernel time of the profile comes from.
+  perf stat -x, -e 'syscalls:sys_enter_*' -p "$DMSC_A,$DMSC_B" -o "$W/stat" -- sleep "$SECS" >/dev/null 2>&1 &
+  PERF=$!
+  if [ "$DMSC_BENCH_SYSCALLS" = max ]; then load=(-c 32); else load=(-q 2000 --latency-correction -c 64); fi
+  n=$($PIN1 oha -z "${SECS}s" --no-tui "${load[@]}" -m POST -D "$W/body" -H "Host: echo.bench.dmsc" --output-format json http://127.0.0.1:18082/ \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin)["statusCodeDistribution"].get("200", 0))')
+  wait "$PERF" || true
+  echo "requests answered: $n; system calls per request (both nodes):"
+  awk -F, -v n="$n" '$1+0 > 0 { sub("syscalls:sys_enter_", "", $3); printf "%8.2f %s\n", $1 / n, $3 }' "$W/stat" | sort -rn
+  exit 0
+fi
+declare -A ADDR=([direct]=$BACKEND [nginx]=127.0.0.1:18080 [haproxy]=127.0.0.1:18081 [dmsc]=127.0.0.1:18082 [dmsc-b]=127.0.0.1:18092)
+declare -A HOST=([direct]=x [nginx]=x [haproxy]=x [dmsc]=echo.bench.dmsc [dmsc-b]=echo.bench.dmsc)
 declare -A SERVERS=([direct]="$BACKEND_PID" [nginx]="$BACKEND_PID $NGX_F $NGX_B" [haproxy]="$BACKEND_PID $HAP_F $HAP_B" [dmsc]="$BACKEND_PID $DMSC_A $DMSC_B")
+[ -n "${DMSC_NODE_BIN_B:-}" ] && SERVERS[dmsc-b]="$BACKEND_PID $DMSCX_A $DMSCX_B"
 
 # nginx and haproxy fork workers: count the whole process tree of each PID
 ticks() {
@@ -209,12 +241,17 @@ oha_run() { # path extra-args... -> json
 }
 field() { python3 -c 'import json,sys; d=json.load(sys.stdin); print(eval(sys.argv[1]))' "$1"; }
 
-PATHS=(direct nginx haproxy dmsc)
+# DMSC_BENCH_PATHS="nginx dmsc" runs a subset (quick A/B runs against nginx).
+default_paths="direct nginx haproxy dmsc${DMSC_NODE_BIN_B:+ dmsc-b}"
+read -r -a PATHS <<< "${DMSC_BENCH_PATHS:-$default_paths}"
 echo "| round | path | p50 @500 | p99 @500 | p50 @2000 | p99 @2000 | ok @2000 | max req/s | server CPU/request @2000 |"
 echo "|---|---|---|---|---|---|---|---|---|"
 for round in $(seq 1 "$ROUNDS"); do
   order=("${PATHS[@]}")
-  if [ $((round % 2)) = 0 ]; then order=(dmsc haproxy nginx direct); fi
+  if [ $((round % 2)) = 0 ]; then
+    order=()
+    for ((i = ${#PATHS[@]} - 1; i >= 0; i--)); do order+=("${PATHS[$i]}"); done
+  fi
   for p in "${order[@]}"; do
     row="| $round | $p"
     for rate in "${RATES[@]}"; do

@@ -297,3 +297,19 @@ proptest::proptest! {
         proptest::prop_assert_eq!(ks.open(&ctx, &s).expect("open"), data);
     }
 }
+
+#[test]
+fn nonces_are_never_reused_across_pool_refills() {
+    let (_dir, ks) = store();
+    // Several refills of the pool: every seal has its own nonce.
+    let n = 3 * NONCE_POOL / NONCE_LEN + 7;
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..n {
+        let s = ks.seal("acme", "ctx", b"x").expect("seal");
+        let tok = token::Token::parse(&s).expect("parse");
+        let nonce: [u8; NONCE_LEN] = tok.sealed[..NONCE_LEN].try_into().expect("nonce");
+        assert_ne!(nonce, [0; NONCE_LEN], "seal {i}");
+        assert!(seen.insert(nonce), "nonce reused at seal {i}");
+        assert_eq!(ks.open("ctx", &s).expect("open"), b"x");
+    }
+}

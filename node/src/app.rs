@@ -340,9 +340,7 @@ impl App {
             );
             ingress_addrs.push(addr);
         }
-        if let Some(streams) = overlay.incoming_streams() {
-            tasks.spawn(stream_loop(streams, delegator.clone()).in_current_span());
-        }
+        overlay.serve_streams(stream_handler(delegator.clone()));
         tasks.spawn(
             sync_loop(Sync {
                 gossip: gossip.clone(),
@@ -523,30 +521,25 @@ impl App {
     }
 }
 
-/// Serves delegation streams that peers open to this node (it is the
-/// agents' home node). Each stream is a task of this loop's set.
-async fn stream_loop(mut rx: mpsc::Receiver<BiStream>, delegator: Arc<Delegator>) {
-    let mut set = JoinSet::new();
-    loop {
-        tokio::select! {
-            s = rx.recv() => {
-                let Some(mut s) = s else { break };
+/// Serves the streams peers open to this node, each in the task the
+/// overlay accepted it in: delegations and control questions.
+fn stream_handler(delegator: Arc<Delegator>) -> dmsc_transport::overlay::StreamHandler {
+    let span = tracing::Span::current();
+    Arc::new(move |mut s: BiStream| {
+        let d = delegator.clone();
+        Box::pin(
+            async move {
                 match s.channel {
-                    Channel::Delegate => {
-                        let d = delegator.clone();
-                        set.spawn(async move { d.serve_stream(s).await }.in_current_span());
-                    }
-                    Channel::Control => {
-                        set.spawn(serve_control(s, delegator.clone()).in_current_span());
-                    }
+                    Channel::Delegate => d.serve_stream(s).await,
+                    Channel::Control => serve_control(s, d).await,
                     Channel::Gossip | Channel::Relay => {
                         s.send.reset(dmsc_transport::overlay::RESET_BUSY);
                     }
                 }
             }
-            Some(_) = set.join_next(), if !set.is_empty() => {}
-        }
-    }
+            .instrument(span.clone()),
+        )
+    })
 }
 
 /// `DMSC_IMPAIR` (chaos tests on kernels without netem): loss and delay on

@@ -137,9 +137,16 @@ pub fn decode_message(bytes: &[u8]) -> Result<(Channel, &[u8]), FrameError> {
 
 /// Incremental frame decoder for long-lived streams: feed bytes as they
 /// arrive, take frames out as they complete.
+///
+/// A chunk handed over as `Bytes` ([`Self::push_bytes`], what QUIC streams
+/// yield) is kept as it is while frames can be cut from it without copying;
+/// only a frame split across chunks is assembled in an owned buffer.
 #[derive(Debug, Default)]
 pub struct FrameDecoder {
+    /// Assembled bytes; never non-empty while `chunk` is.
     buf: BytesMut,
+    /// The undecoded rest of the last chunk, when `buf` is empty.
+    chunk: Bytes,
 }
 
 impl FrameDecoder {
@@ -148,18 +155,44 @@ impl FrameDecoder {
     }
 
     pub fn push(&mut self, bytes: &[u8]) {
+        self.spill();
         self.buf.extend_from_slice(bytes);
+    }
+
+    /// Like [`Self::push`], without a copy when nothing is pending.
+    pub fn push_bytes(&mut self, bytes: Bytes) {
+        if self.buf.is_empty() && self.chunk.is_empty() {
+            self.chunk = bytes;
+        } else {
+            self.push(&bytes);
+        }
+    }
+
+    /// Moves the pending chunk into the owned buffer.
+    fn spill(&mut self) {
+        if !self.chunk.is_empty() {
+            self.buf.extend_from_slice(&self.chunk);
+            self.chunk = Bytes::new();
+        }
     }
 
     /// The next complete frame, `Ok(None)` if more bytes are needed.
     pub fn next_frame(&mut self) -> Result<Option<Bytes>, FrameError> {
-        if self.buf.len() < 4 {
+        if !self.chunk.is_empty() {
+            match frame_len(&self.chunk)? {
+                Some(len) if self.chunk.len() >= 4 + len => {
+                    self.chunk.advance(4);
+                    return Ok(Some(self.chunk.split_to(len)));
+                }
+                _ => {
+                    self.spill();
+                    return Ok(None);
+                }
+            }
+        }
+        let Some(len) = frame_len(&self.buf)? else {
             return Ok(None);
-        }
-        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
-        if len > MAX_FRAME {
-            return Err(FrameError::TooLarge(len));
-        }
+        };
         if self.buf.len() < 4 + len {
             return Ok(None);
         }
@@ -169,16 +202,32 @@ impl FrameDecoder {
 
     /// Call at end of stream: leftover bytes mean the peer cut a frame short.
     pub fn finish(&self) -> Result<(), FrameError> {
-        match self.buf.len() {
+        let rest: &[u8] = if self.chunk.is_empty() {
+            &self.buf
+        } else {
+            &self.chunk
+        };
+        match rest.len() {
             0 => Ok(()),
             n if n < 4 => Err(FrameError::Truncated { have: n, want: 4 }),
             n => Err(FrameError::Truncated {
                 have: n - 4,
-                want: u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
-                    as usize,
+                want: u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize,
             }),
         }
     }
+}
+
+/// The length in a frame's prefix, `None` before 4 bytes are there.
+fn frame_len(b: &[u8]) -> Result<Option<usize>, FrameError> {
+    if b.len() < 4 {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    Ok(Some(len))
 }
 
 #[cfg(test)]
@@ -227,14 +276,33 @@ mod tests {
             }
             let mut d = FrameDecoder::new();
             let mut got = Vec::new();
-            for piece in wire.chunks(chunk) {
-                d.push(piece);
+            for (i, piece) in wire.chunks(chunk).enumerate() {
+                // Both ways in: copied slices and zero-copy chunks, mixed.
+                if i % 3 == 0 {
+                    d.push(piece);
+                } else {
+                    d.push_bytes(Bytes::copy_from_slice(piece));
+                }
                 while let Some(f) = d.next_frame().expect("valid") {
                     got.push(f.to_vec());
                 }
             }
             d.finish().expect("complete");
             prop_assert_eq!(got, frames);
+        }
+
+        #[test]
+        fn a_chunk_cut_short_is_reported_at_finish(
+            payload in proptest::collection::vec(any::<u8>(), 1..300),
+            cut in 1usize..300,
+        ) {
+            let mut wire = BytesMut::new();
+            encode_frame(&payload, &mut wire).expect("encode");
+            let cut = cut.min(wire.len() - 1);
+            let mut d = FrameDecoder::new();
+            d.push_bytes(wire.freeze().slice(..cut));
+            prop_assert_eq!(d.next_frame(), Ok(None));
+            prop_assert!(d.finish().is_err());
         }
     }
 

@@ -21,7 +21,10 @@
 //! - delegations use bidirectional streams: [`Overlay::open_stream`] opens
 //!   one on the pooled connection (a new stream is cheap; a new connection
 //!   or handshake per request is not), and the peer's reader hands streams
-//!   it accepts to [`Overlay::incoming_streams`] after checking the preamble.
+//!   it accepts, after checking the preamble, to the handler the node set
+//!   with [`Overlay::serve_streams`] (run in the task that read the
+//!   preamble: no queue and no second task per delegation), or else to
+//!   [`Overlay::incoming_streams`].
 //!   The wrappers [`StreamSend`]/[`StreamRecv`] keep quinn out of callers.
 //!   Each stream carries the peer's name and tenant scope, read once per
 //!   connection from the certificate the handshake verified, so the node's
@@ -326,6 +329,8 @@ struct Inner {
     inbound: mpsc::Sender<Inbound>,
     streams: mpsc::Sender<BiStream>,
     streams_rx: Mutex<Option<mpsc::Receiver<BiStream>>>,
+    /// Serves accepted streams in place of the queue, once set.
+    handler: std::sync::OnceLock<StreamHandler>,
     tasks: Mutex<JoinSet<()>>,
     /// Which way each packet goes (shared with the endpoint's socket).
     paths: Arc<Paths>,
@@ -467,6 +472,7 @@ impl Overlay {
             inbound,
             streams,
             streams_rx: Mutex::new(Some(streams_rx)),
+            handler: std::sync::OnceLock::new(),
             tasks: Mutex::new(JoinSet::new()),
             paths: paths.clone(),
             relay: Mutex::new(None),
@@ -593,6 +599,14 @@ impl Overlay {
     /// receiver once; the node's dispatcher owns it.
     pub fn incoming_streams(&self) -> Option<mpsc::Receiver<BiStream>> {
         lock(&self.inner.streams_rx).take()
+    }
+
+    /// Serves every bidirectional stream peers open from now on with
+    /// `handler`, in the task that accepted it (instead of queueing it for
+    /// [`Self::incoming_streams`]): one task per stream, no channel hop.
+    /// Set once; `false` if a handler was already set.
+    pub fn serve_streams(&self, handler: StreamHandler) -> bool {
+        self.inner.handler.set(handler).is_ok()
     }
 
     /// Closes the connection to `addr`, if any: streams in flight on it
@@ -1123,6 +1137,10 @@ async fn tcp_accept_loop(
     }
 }
 
+/// What [`Overlay::serve_streams`] runs for each accepted stream.
+pub type StreamHandler =
+    Arc<dyn Fn(BiStream) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync>;
+
 fn spawn<F>(inner: &Inner, fut: F)
 where
     F: std::future::Future<Output = ()> + Send + 'static,
@@ -1472,6 +1490,12 @@ async fn take_stream(
         send,
         recv,
     };
+    if let Some(handler) = inner.handler.get().cloned() {
+        // The stream may outlive this overlay handle's users.
+        drop(inner);
+        handler(stream).await;
+        return;
+    }
     if let Err(e) = inner.streams.try_send(stream) {
         bump(&inner.stats.streams_refused, 1);
         let mut stream = e.into_inner();

@@ -247,7 +247,7 @@ pub(super) async fn read_part(
             .await
             .map_err(|e| wire::WireError::Stream(e.to_string()))?;
         match chunk {
-            Some(bytes) => decoder.push(&bytes),
+            Some(bytes) => decoder.push_bytes(bytes),
             None => {
                 decoder.finish()?;
                 return Ok(None);

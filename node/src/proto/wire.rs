@@ -301,6 +301,11 @@ impl PartDecoder {
         self.frames.push(bytes);
     }
 
+    /// [`Self::push`] without a copy (see [`FrameDecoder::push_bytes`]).
+    pub fn push_bytes(&mut self, bytes: Bytes) {
+        self.frames.push_bytes(bytes);
+    }
+
     pub fn next_part(&mut self) -> Result<Option<Part>, WireError> {
         let Some(mut frame) = self.frames.next_frame()? else {
             return Ok(None);
