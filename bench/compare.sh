@@ -45,7 +45,7 @@ PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  rm -rf "$W"
+  [ -n "${DMSC_BENCH_KEEP:-}" ] && cp "$W"/*.log /tmp/ 2>/dev/null; rm -rf "$W"
 }
 trap cleanup EXIT
 PIN0="taskset -c 0"
@@ -203,6 +203,18 @@ if [ -n "${DMSC_BENCH_PROFILE:-}" ]; then
   PERF=$!
   $PIN1 oha -z "${SECS}s" --no-tui -c 32 -m POST -D "$W/body" -H "Host: echo.bench.dmsc" http://127.0.0.1:18082/ | grep -E "Requests/sec|Success rate"
   wait "$PERF" || true
+  exit 0
+fi
+if [ -n "${DMSC_BENCH_PACKETS:-}" ]; then
+  # The overlay's datagrams at 2000/s, by direction and size (needs tcpdump).
+  timeout "$((SECS + 1))" tcpdump -i lo -nn -q -w "$W/pcap" udp port 17401 >/dev/null 2>&1 &
+  TCPD=$!
+  sleep 0.5
+  n=$($PIN1 oha -z "${SECS}s" --no-tui -q 2000 --latency-correction -c 64 -m POST -D "$W/body" -H "Host: echo.bench.dmsc" --output-format json http://127.0.0.1:18082/ \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin)["statusCodeDistribution"].get("200", 0))')
+  wait "$TCPD" || true
+  echo "requests answered: $n; overlay datagrams per request by direction and size:"
+  tcpdump -r "$W/pcap" -nn -q 2>/dev/null > "$W/pkts"; cp "$W/pkts" /tmp/pkts.txt; awk -v n="$n" '{ split($3, s, "."); size = $NF; b = size < 100 ? "<100" : size < 300 ? "100-299" : size < 1000 ? "300-999" : ">=1000"; k = (s[5] == 17401 ? "to b" : "to a") " " b; c[k]++ } END { for (k in c) printf "%8.2f %s\n", c[k] / n, k }' "$W/pkts" | sort -k2
   exit 0
 fi
 if [ -n "${DMSC_BENCH_SYSCALLS:-}" ]; then

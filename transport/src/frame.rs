@@ -159,6 +159,11 @@ impl FrameDecoder {
         self.buf.extend_from_slice(bytes);
     }
 
+    /// No bytes pending (not even part of a frame).
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty() && self.chunk.is_empty()
+    }
+
     /// Like [`Self::push`], without a copy when nothing is pending.
     pub fn push_bytes(&mut self, bytes: Bytes) {
         if self.buf.is_empty() && self.chunk.is_empty() {

@@ -393,6 +393,9 @@ fn transport_config(cfg: &OverlayConfig) -> Arc<quinn::TransportConfig> {
     t.max_idle_timeout(cfg.idle_timeout.try_into().ok());
     t.max_concurrent_uni_streams(VarInt::from_u32(1024));
     t.max_concurrent_bidi_streams(VarInt::from_u32(4096));
+    let mut ack = quinn::AckFrequencyConfig::default();
+    ack.ack_eliciting_threshold(VarInt::from_u32(8));
+    t.ack_frequency_config(Some(ack));
     Arc::new(t)
 }
 
@@ -1138,8 +1141,11 @@ async fn tcp_accept_loop(
 }
 
 /// What [`Overlay::serve_streams`] runs for each accepted stream.
-pub type StreamHandler =
-    Arc<dyn Fn(BiStream) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync>;
+pub type StreamHandler = Arc<
+    dyn Fn(BiStream) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        + Send
+        + Sync,
+>;
 
 fn spawn<F>(inner: &Inner, fut: F)
 where

@@ -18,7 +18,7 @@ use tracing::{debug, warn, Instrument};
 
 use super::fault::BodyWatch;
 use super::local::{deliver_local, ToAgent};
-use super::remote::{copy_body, read_part, stream_body};
+use super::remote::{ended_already, read_part, send_body, stream_body};
 use super::Delegator;
 use crate::proto::http::{Body, BoxError, ErrorKind, MeshError};
 use crate::proto::outcome::Failure;
@@ -193,9 +193,13 @@ impl Delegator {
             // garbles is its failure, not the agent's.
             let watch = BodyWatch::default();
             let body = if head.empty_body {
+                // Take the stream's end if it came with the head, so that
+                // dropping it later sends the peer nothing.
+                ended_already(&mut recv, &mut decoder);
                 crate::proto::http::empty()
             } else {
-                watch.watch(stream_body(recv, decoder))
+                let declared = super::remote::declared_len(&headers);
+                watch.watch(stream_body(recv, decoder, declared))
             };
             let delivery = deliver_local(
                 &agent,
@@ -304,9 +308,7 @@ async fn write_response(
         delivered: true,
         failure: None,
     };
-    send.write_chunks(&mut wire::encode_response_head(&head)?.to_vec())
-        .await?;
-    copy_body(body, send).await
+    send_body(wire::encode_response_head(&head)?.to_vec(), body, send).await
 }
 
 /// A failure of this node's, typed (version 2) or, for a version 1

@@ -206,7 +206,15 @@ impl Delegator {
         let body = if plan.holds_response(content_type) {
             // Empty reservations always succeed.
             let mut permit = self.budget.try_reserve(0);
-            match hold(recv, decoder, deadline, permit.as_mut()).await {
+            match hold(
+                recv,
+                decoder,
+                deadline,
+                permit.as_mut(),
+                declared_len(&headers),
+            )
+            .await
+            {
                 Ok(held) => {
                     guards.extend(permit.map(|p| Box::new(p) as Box<dyn Send + Sync>));
                     held
@@ -224,7 +232,7 @@ impl Delegator {
                 }
             }
         } else {
-            stream_body(recv, decoder)
+            stream_body(recv, decoder, declared_len(&headers))
         };
         let mut resp = Response::new(guarded(body, guards));
         *resp.status_mut() = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -266,6 +274,7 @@ async fn hold(
     mut decoder: PartDecoder,
     deadline: Instant,
     mut permit: Option<&mut BodyPermit>,
+    declared: Option<u64>,
 ) -> Result<Body, wire::WireError> {
     let mut held: Vec<Frame<Bytes>> = Vec::new();
     let mut bytes = 0usize;
@@ -295,35 +304,81 @@ async fn hold(
     Ok(if whole {
         http_body_util::StreamBody::new(held).boxed()
     } else {
-        http_body_util::StreamBody::new(futures_util::StreamExt::chain(held, frames(recv, decoder)))
-            .boxed()
+        let left = declared.map(|n| n.saturating_sub(bytes as u64));
+        http_body_util::StreamBody::new(futures_util::StreamExt::chain(
+            held,
+            frames(recv, decoder, left),
+        ))
+        .boxed()
     })
 }
 
-/// The rest of a delegation stream as an HTTP body (data and trailers).
-pub(super) fn stream_body(recv: StreamRecv, decoder: PartDecoder) -> Body {
-    http_body_util::StreamBody::new(frames(recv, decoder)).boxed()
+/// The rest of a delegation stream as an HTTP body (data and trailers);
+/// `declared`: the body's `content-length`, if it has one.
+pub(super) fn stream_body(recv: StreamRecv, decoder: PartDecoder, declared: Option<u64>) -> Body {
+    http_body_util::StreamBody::new(frames(recv, decoder, declared)).boxed()
+}
+
+/// The `content-length` of a message with these headers, if it has one.
+pub(super) fn declared_len(headers: &hyper::HeaderMap) -> Option<u64> {
+    headers
+        .get(hyper::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// Whether the stream, with nothing left in `decoder`, has already ended
+/// cleanly (its FIN came with the data just decoded). A body whose length
+/// is known is dropped by hyper as soon as that many bytes went out, never
+/// polled for its end; a QUIC stream dropped before its end was read sends
+/// the peer a STOP_SENDING, one extra packet per delegation. So once a
+/// body's declared length has arrived, its end is taken here if it is
+/// already there (only then: a body of unknown length is read to its end
+/// by hyper anyway); a chunk that came instead is kept in `decoder`, and an
+/// error is left for the next read to report.
+pub(super) fn ended_already(recv: &mut StreamRecv, decoder: &mut PartDecoder) -> bool {
+    use futures_util::FutureExt as _;
+    if !decoder.is_empty() {
+        return false;
+    }
+    match recv.read_chunk(READ_CHUNK).now_or_never() {
+        Some(Ok(None)) => true,
+        Some(Ok(Some(bytes))) => {
+            decoder.push_bytes(bytes);
+            false
+        }
+        Some(Err(_)) | None => false,
+    }
 }
 
 /// The rest of a delegation stream as HTTP body frames.
+/// `left`: how many bytes of a declared length are still to come.
 fn frames(
     recv: StreamRecv,
     decoder: PartDecoder,
+    left: Option<u64>,
 ) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, BoxError>> + Send {
-    futures_util::stream::unfold(Some((recv, decoder)), |state| async move {
-        let (mut recv, mut decoder) = state?;
+    futures_util::stream::unfold(Some((recv, decoder, left)), |state| async move {
+        let (mut recv, mut decoder, mut left) = state?;
         loop {
             match read_part(&mut recv, &mut decoder).await {
                 Ok(Some(Part::Data(d))) => {
                     if d.is_empty() {
                         continue;
                     }
-                    return Some((Ok(Frame::data(d)), Some((recv, decoder))));
+                    left = left.map(|n| n.saturating_sub(d.len() as u64));
+                    if left == Some(0) && ended_already(&mut recv, &mut decoder) {
+                        // Read to its end: dropping it now sends nothing.
+                        return Some((Ok(Frame::data(d)), None));
+                    }
+                    return Some((Ok(Frame::data(d)), Some((recv, decoder, left))));
                 }
                 Ok(Some(Part::Trailers(t))) => {
                     return Some((
                         Ok(Frame::trailers(wire::from_wire_headers(&t))),
-                        Some((recv, decoder)),
+                        Some((recv, decoder, left)),
                     ));
                 }
                 Ok(Some(Part::Head(_))) => {
@@ -337,23 +392,70 @@ fn frames(
     })
 }
 
-/// Copies an HTTP body (data and trailers) into a delegation stream and
-/// finishes it. On an error the caller resets the stream.
-pub(super) async fn copy_body(mut body: Body, send: &mut StreamSend) -> Result<(), BoxError> {
+/// Copies a caller's streamed request body into the stream frame by frame
+/// as it arrives, and finishes it.
+async fn copy_body(mut body: Body, send: &mut StreamSend) -> Result<(), BoxError> {
     while let Some(frame) = body.frame().await {
+        let mut parts = Vec::with_capacity(2);
         match frame?.into_data() {
-            Ok(data) => {
-                let mut p = Vec::with_capacity(2);
-                wire::encode_data(data, &mut p);
-                send.write_chunks(&mut p).await?;
-            }
+            Ok(data) => wire::encode_data(data, &mut parts),
             Err(f) => {
                 if let Ok(t) = f.into_trailers() {
-                    send.write_chunks(&mut wire::encode_trailers(&t)?.to_vec())
-                        .await?;
+                    parts.extend(wire::encode_trailers(&t)?);
                 }
             }
         }
+        send.write_chunks(&mut parts).await?;
+    }
+    send.finish()?;
+    Ok(())
+}
+
+/// Most bytes [`send_body`] gathers before it writes.
+const COALESCE_LIMIT: usize = 64 * 1024;
+
+/// Sends `parts` (already encoded, e.g. a response head) and then `body`
+/// into the stream, and finishes it. Whatever the body has ready is taken
+/// into the same write, and a body that ends at once is finished with it:
+/// a small answer leaves as one QUIC packet (head, data and FIN), not one
+/// per part (each packet costs a system call and a wake-up on both sides).
+pub(super) async fn send_body(
+    mut parts: Vec<Bytes>,
+    mut body: Body,
+    send: &mut StreamSend,
+) -> Result<(), BoxError> {
+    use futures_util::FutureExt as _;
+    loop {
+        let pending: usize = parts.iter().map(Bytes::len).sum();
+        if pending >= COALESCE_LIMIT {
+            send.write_chunks(&mut parts).await?;
+            parts.clear();
+        }
+        let frame = if parts.is_empty() {
+            body.frame().await
+        } else {
+            match body.frame().now_or_never() {
+                Some(f) => f,
+                None => {
+                    // Nothing more right now: send what there is and wait.
+                    send.write_chunks(&mut parts).await?;
+                    parts.clear();
+                    continue;
+                }
+            }
+        };
+        let Some(frame) = frame else { break };
+        match frame?.into_data() {
+            Ok(data) => wire::encode_data(data, &mut parts),
+            Err(f) => {
+                if let Ok(t) = f.into_trailers() {
+                    parts.extend(wire::encode_trailers(&t)?);
+                }
+            }
+        }
+    }
+    if !parts.is_empty() {
+        send.write_chunks(&mut parts).await?;
     }
     send.finish()?;
     Ok(())

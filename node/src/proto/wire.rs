@@ -301,6 +301,11 @@ impl PartDecoder {
         self.frames.push(bytes);
     }
 
+    /// No bytes pending (not even part of a frame).
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
     /// [`Self::push`] without a copy (see [`FrameDecoder::push_bytes`]).
     pub fn push_bytes(&mut self, bytes: Bytes) {
         self.frames.push_bytes(bytes);
