@@ -53,6 +53,114 @@ pub struct RawConfig {
     pub relay: RawRelay,
     #[serde(default)]
     pub intent: RawIntent,
+    /// Edge agents over MQTT v5 (see `edge`); absent: no bridge.
+    #[serde(default)]
+    pub mqtt: Option<RawMqtt>,
+}
+
+/// `[mqtt]`: the broker this node bridges edge agents on.
+#[derive(Debug, Default, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawMqtt {
+    /// `mqtt://host:port` (port default 1883).
+    pub broker: String,
+    /// The tenants whose topics (`dmsc/<tenant>/...`) this node bridges.
+    pub tenants: Vec<String>,
+    /// Default: `dmsc-<node name>`.
+    pub client_id: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Largest message accepted or sent, in bytes (default 1 MiB).
+    pub max_message: Option<usize>,
+    /// Keep-alive in seconds (default 10).
+    pub keep_alive_secs: Option<u64>,
+}
+
+/// `[mqtt]`, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MqttConfig {
+    pub host: String,
+    pub port: u16,
+    pub tenants: Vec<String>,
+    pub client_id: Option<String>,
+    pub credentials: Option<(String, String)>,
+    pub max_message: usize,
+    pub keep_alive: Duration,
+}
+
+impl RawMqtt {
+    fn validate(&self, errors: &mut Vec<String>) -> Option<MqttConfig> {
+        let before = errors.len();
+        let (host, port) = match self.broker.split_once("://") {
+            Some(("mqtt", rest)) => {
+                let rest = rest.trim_end_matches('/');
+                match rest.rsplit_once(':') {
+                    Some((h, p)) => match p.parse::<u16>() {
+                        Ok(p) => (h.trim_matches(['[', ']']).to_string(), p),
+                        Err(_) => {
+                            errors.push(format!("mqtt.broker = {:?}: bad port `{p}`", self.broker));
+                            (String::new(), 0)
+                        }
+                    },
+                    None => (rest.to_string(), 1883),
+                }
+            }
+            Some(("mqtts", _)) => {
+                errors.push(format!(
+                    "mqtt.broker = {:?}: TLS to the broker (mqtts://) is not supported yet; use mqtt:// to a broker on loopback or a trusted network",
+                    self.broker
+                ));
+                (String::new(), 0)
+            }
+            _ => {
+                errors.push(format!(
+                    "mqtt.broker = {:?}: expected mqtt://HOST[:PORT]",
+                    self.broker
+                ));
+                (String::new(), 0)
+            }
+        };
+        if errors.len() == before && host.is_empty() {
+            errors.push(format!("mqtt.broker = {:?}: no host", self.broker));
+        }
+        if self.tenants.is_empty() {
+            errors.push("mqtt.tenants: name at least one tenant to bridge".to_string());
+        }
+        for t in &self.tenants {
+            if !dmsc_transport::identity::valid_name(t) {
+                errors.push(format!("mqtt.tenants: `{t}` is not a tenant name"));
+            }
+        }
+        let credentials = match (&self.username, &self.password) {
+            (Some(u), Some(p)) => Some((u.clone(), p.clone())),
+            (Some(u), None) => Some((u.clone(), String::new())),
+            (None, Some(_)) => {
+                errors.push("mqtt.password is set without mqtt.username".to_string());
+                None
+            }
+            (None, None) => None,
+        };
+        let max_message = self.max_message.unwrap_or(1 << 20);
+        if max_message < 1024 {
+            errors.push(format!(
+                "mqtt.max_message = {max_message}: at least 1024 bytes"
+            ));
+        }
+        let keep_alive = Duration::from_secs(self.keep_alive_secs.unwrap_or(10));
+        // (rumqttc refuses anything shorter.)
+        if keep_alive < Duration::from_secs(5) {
+            errors.push("mqtt.keep_alive_secs must be at least 5".to_string());
+        }
+        (errors.len() == before).then(|| MqttConfig {
+            host,
+            port,
+            tenants: self.tenants.clone(),
+            client_id: self.client_id.clone(),
+            credentials,
+            max_message,
+            keep_alive,
+        })
+    }
 }
 
 /// `[intent]`: routing by intent (`mesh.<tenant>.dmsc`).
@@ -700,6 +808,8 @@ pub struct NodeConfig {
     pub relay: Option<RelaySettings>,
     pub direct_upgrade: bool,
     pub intent: IntentConfig,
+    /// `Some`: bridge edge agents over MQTT.
+    pub mqtt: Option<MqttConfig>,
 }
 
 impl RawDelegation {
@@ -964,6 +1074,7 @@ impl RawConfig {
             enrollment: RawEnrollment::default(),
             relay: RawRelay::default(),
             intent: RawIntent::default(),
+            mqtt: None,
         }
     }
 
@@ -1368,6 +1479,7 @@ impl RawConfig {
         let limits = self.limits.validate(&mut errors);
         let enrollment = self.enrollment.validate(&mut errors);
         let intent = self.intent.validate(&mut errors);
+        let mqtt = self.mqtt.as_ref().and_then(|m| m.validate(&mut errors));
         if !errors.is_empty() {
             return Err(ConfigError(errors));
         }
@@ -1394,6 +1506,7 @@ impl RawConfig {
             relay,
             direct_upgrade: self.overlay.direct_upgrade.unwrap_or(true),
             intent,
+            mqtt,
             name: self.name,
             region: self.region.unwrap_or_else(|| DEFAULT_REGION.to_string()),
             // Every `None` above pushed an error, so these are present.

@@ -31,6 +31,7 @@ pub mod admin;
 pub mod app;
 pub mod config;
 pub mod control;
+pub mod edge;
 pub mod forward;
 pub mod ingress;
 pub mod intent;

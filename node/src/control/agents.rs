@@ -288,6 +288,60 @@ impl AgentsCtx {
         }
     }
 
+    /// Registers (or updates) an edge agent from the card it published over
+    /// MQTT; its health comes from its status topic, not from checks.
+    pub async fn add_edge(
+        &self,
+        id: AgentId,
+        card: AgentCard,
+        broker: &str,
+    ) -> Result<Arc<LocalAgent>, AgentError> {
+        let spec = RawAgent {
+            tenant: id.tenant.clone(),
+            url: format!(
+                "{broker}/{}",
+                crate::edge::topics::request(&id.tenant, &id.name)
+            ),
+            name: Some(id.name.clone()),
+            protocol: Some(crate::edge::PROTOCOL.to_string()),
+            ..Default::default()
+        };
+        let mut mesh_card = card.clone();
+        mesh_card.rewrite_urls(&format!("http://{}.{}.dmsc", id.name, id.tenant));
+        let digest = mesh_card.digest();
+        if let Some(old) = self.agents.get(&id) {
+            if !old.is_edge() {
+                return Err(AgentError::Duplicate(id));
+            }
+            if old.digest == digest {
+                // The retained card again (a reconnect): nothing changed.
+                return Ok(old);
+            }
+        }
+        let mesh_card_bytes = Bytes::from(mesh_card.to_bytes());
+        self.mesh.add_card(mesh_card);
+        let agent = Arc::new(LocalAgent {
+            id: id.clone(),
+            spec: spec.clone(),
+            base: Uri::from_static("http://edge.invalid/"),
+            card,
+            mesh_card: mesh_card_bytes,
+            digest,
+            health: AtomicU8::new(1),
+            in_flight: AtomicU32::new(0),
+            stats: Mutex::new(AgentStats::default()),
+            health_path: "/".into(),
+            protocol: ProtocolState::new(None),
+            published: Mutex::new(None),
+        });
+        self.agents.remove(&id);
+        self.agents
+            .insert(agent.clone())
+            .map_err(AgentError::Duplicate)?;
+        self.publish(&agent).await;
+        Ok(agent)
+    }
+
     /// Deregisters an agent: gone from this node, the registry and gossip.
     pub async fn remove(&self, id: &AgentId) -> bool {
         let Some(a) = self.agents.remove(id) else {
@@ -313,9 +367,26 @@ impl AgentsCtx {
             }
         }
         let agents = self.agents.all();
-        let checks = agents.iter().map(|a| check_health(a, &self.upstream));
+        let checks = agents.iter().map(|a| async move {
+            // An edge agent's health is its MQTT status, kept by the bridge.
+            if a.is_edge() {
+                None
+            } else {
+                Some(check_health(a, &self.upstream).await)
+            }
+        });
         let results = futures_util::future::join_all(checks).await;
         for (a, result) in agents.iter().zip(results) {
+            let Some(result) = result else {
+                let h = a.health();
+                let due = lock(&a.published).is_none_or(|(at, published)| {
+                    published != h || at.elapsed() >= self.cfg.agent_ttl / 3
+                });
+                if due {
+                    self.publish(a).await;
+                }
+                continue;
+            };
             let h = if result.is_ok() {
                 Health::Healthy
             } else {

@@ -16,6 +16,8 @@ pub type Client = hyper_util::client::legacy::Client<HttpConnector, Body>;
 pub struct Upstream {
     pub h1: Client,
     pub h2: Client,
+    /// Edge agents over MQTT (set once the bridge starts).
+    pub edge: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<crate::edge::Bridge>>>,
 }
 
 impl Upstream {
@@ -31,7 +33,11 @@ impl Upstream {
             .http2_only(true)
             .pool_idle_timeout(Duration::from_secs(30))
             .build(conn);
-        Upstream { h1, h2 }
+        Upstream {
+            h1,
+            h2,
+            edge: Default::default(),
+        }
     }
 }
 

@@ -99,6 +99,11 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl LocalAgent {
+    /// An edge agent, reached over MQTT (see [`crate::edge`]).
+    pub fn is_edge(&self) -> bool {
+        self.spec.protocol.as_deref() == Some(crate::edge::PROTOCOL)
+    }
+
     pub fn health(&self) -> Health {
         match self.health.load(Ordering::Relaxed) {
             1 => Health::Healthy,
@@ -286,6 +291,40 @@ pub(crate) async fn deliver_local(
     } = to;
     if (method == Method::GET || method == Method::HEAD) && is_card_path(path) {
         return Ok(serve_card(agent, &headers));
+    }
+    if agent.is_edge() {
+        let Some(bridge) = upstream.edge.get() else {
+            return Err(Failure::NotDelivered(
+                MeshError::new(ErrorKind::Unreachable, me, "this node has no MQTT bridge")
+                    .agent(&agent.id),
+            ));
+        };
+        let in_flight = InFlight::new(agent.clone());
+        let started = std::time::Instant::now();
+        let content_type: Option<String> = headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        drop(headers);
+        let result = bridge
+            .deliver(
+                agent,
+                me,
+                &method,
+                path,
+                content_type.as_deref(),
+                body,
+                deadline,
+                caller,
+                tenant,
+            )
+            .await;
+        lock(&agent.stats).observe(
+            started.elapsed(),
+            result.as_ref().is_ok_and(|r| !r.status().is_server_error()),
+        );
+        drop(in_flight);
+        return result;
     }
     let uri = agent.uri_for(path).map_err(|e| {
         Failure::Caller(

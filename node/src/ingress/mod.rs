@@ -247,6 +247,35 @@ impl Ingress {
     }
 }
 
+impl Ingress {
+    /// Names this ingress's unauthenticated callers in audit entries and
+    /// errors (default `ingress:<listen address>`).
+    pub fn with_label(mut self, label: String) -> Ingress {
+        self.label = label;
+        self
+    }
+
+    /// Serves one in-process HTTP/1.1 connection (the MQTT bridge's calls
+    /// into the mesh): the same path as a TCP caller of this listener.
+    pub(crate) async fn serve_io<I>(self: &Arc<Self>, io: I)
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let this = self.clone();
+        let auth = Arc::new(ConnIdentity::default());
+        let svc = hyper::service::service_fn(move |req| {
+            let (this, auth) = (this.clone(), auth.clone());
+            async move { Ok::<_, std::convert::Infallible>(this.handle(req, &auth).await) }
+        });
+        if let Err(e) = hyper::server::conn::http1::Builder::new()
+            .serve_connection(io, svc)
+            .await
+        {
+            debug!(error = %e, "in-process ingress connection ended");
+        }
+    }
+}
+
 impl std::fmt::Debug for Ingress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ingress")

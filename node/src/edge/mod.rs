@@ -1,0 +1,612 @@
+//! Edge agents over MQTT v5: the bridge between a broker and the mesh.
+//!
+//! Edge devices and constrained agents speak MQTT to a broker; the rest of
+//! the mesh speaks HTTP. A node with `[mqtt]` keeps one MQTT v5 session
+//! with the broker (rumqttc; persistent session, QoS 1, reconnect with
+//! backoff) and bridges the tenants it names, on the topics of
+//! [`topics`]:
+//!
+//! - **registration**: an agent publishes its A2A card, retained, on
+//!   `dmsc/<t>/agents/<name>/card`; the node validates it and makes the
+//!   agent one of its own (gossiped, routable by name, capability and
+//!   intent from any node, load reported). `offline` on its status topic
+//!   (its last will) marks it unhealthy; an empty retained card removes it.
+//! - **HTTP -> MQTT**: a delegation for an edge agent reaches this node
+//!   like any other ([`crate::forward::local::deliver_local`]) and is
+//!   published on the agent's `req` topic with a response topic, a
+//!   correlation id, the deadline as message expiry and the caller in
+//!   user properties; the answer on the node's `replies` topic becomes the
+//!   HTTP response.
+//! - **MQTT -> HTTP**: a message on `dmsc/<t>/call/<host>` is a request
+//!   from tenant `<t>` into the mesh: it goes through an in-process
+//!   ingress of that tenant (the same policy, limits, routing and audit
+//!   as an HTTP caller) and the answer is published on its response topic.
+//!
+//! Not yet: TLS to the broker, the embedded broker, streamed answers
+//! (`dmsc-stream`), agents declared in `[[agents]]` with `protocol = "mqtt"`.
+
+pub mod topics;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use dmsc_registry::{AgentCard, AgentId, Health};
+use http_body_util::BodyExt as _;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use tokio::sync::oneshot;
+use tracing::{debug, info, warn};
+
+use crate::config::MqttConfig;
+use crate::control::agents::AgentsCtx;
+use crate::forward::local::LocalAgent;
+use crate::ingress::Ingress;
+use crate::proto::http::{full, Body, ErrorKind, MeshError};
+use crate::proto::outcome::Failure;
+use topics::Topic;
+
+/// `protocol` of an edge agent's spec.
+pub const PROTOCOL: &str = "mqtt";
+
+/// User property: the HTTP status of an answer (default 200).
+pub const STATUS_PROPERTY: &str = "dmsc-status";
+/// User properties of a delegation: who calls, from which tenant.
+pub const CALLER_PROPERTY: &str = "dmsc-caller";
+pub const CALLER_TENANT_PROPERTY: &str = "dmsc-caller-tenant";
+/// User properties of a delegation: the HTTP method and path called.
+pub const METHOD_PROPERTY: &str = "dmsc-method";
+pub const PATH_PROPERTY: &str = "dmsc-path";
+/// User property of an error answer: the mesh error kind.
+pub const ERROR_PROPERTY: &str = "dmsc-error";
+
+/// Longest pause between reconnect attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// What the bridge counts (shown in `status` and logs).
+#[derive(Debug, Default)]
+pub struct EdgeStats {
+    pub connects: AtomicU64,
+    pub delegations: AtomicU64,
+    pub calls: AtomicU64,
+    /// Messages refused: bad topic use, bad payload, too large, no response topic.
+    pub refused: AtomicU64,
+    /// Answers that came after their delegation gave up, or twice.
+    pub late_replies: AtomicU64,
+}
+
+/// One answer from an edge agent.
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    content_type: Option<String>,
+    payload: Bytes,
+}
+
+/// The bridge's handle: delivery to edge agents.
+pub struct Bridge {
+    client: AsyncClient,
+    cfg: MqttConfig,
+    node: String,
+    connected: AtomicBool,
+    /// Delegations waiting for their answer, by correlation id.
+    pending: Mutex<HashMap<Bytes, oneshot::Sender<Reply>>>,
+    pub stats: EdgeStats,
+}
+
+impl std::fmt::Debug for Bridge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bridge")
+            .field("broker", &format!("{}:{}", self.cfg.host, self.cfg.port))
+            .field("tenants", &self.cfg.tenants)
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What the event loop needs besides the bridge.
+pub struct EdgeParts {
+    pub agents: AgentsCtx,
+    /// One in-process ingress per bridged tenant (MQTT -> HTTP calls).
+    pub ingress: HashMap<String, Arc<Ingress>>,
+}
+
+impl Bridge {
+    /// The bridge and its event loop (run it as a task of the node).
+    pub fn new(cfg: MqttConfig, node: &str) -> (Arc<Bridge>, EventLoop) {
+        let client_id = cfg
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("dmsc-{node}"));
+        let mut opts = MqttOptions::new(client_id, cfg.host.clone(), cfg.port);
+        opts.set_keep_alive(cfg.keep_alive);
+        // A persistent session: QoS 1 messages for this node queue at the
+        // broker while it reconnects.
+        opts.set_clean_start(false);
+        opts.set_session_expiry_interval(Some(3600));
+        opts.set_max_packet_size(Some(cfg.max_message as u32 + 4096));
+        if let Some((u, p)) = &cfg.credentials {
+            opts.set_credentials(u.clone(), p.clone());
+        }
+        let (client, eventloop) = AsyncClient::new(opts, 256);
+        let bridge = Arc::new(Bridge {
+            client,
+            cfg,
+            node: node.to_string(),
+            connected: AtomicBool::new(false),
+            pending: Mutex::new(HashMap::new()),
+            stats: EdgeStats::default(),
+        });
+        (bridge, eventloop)
+    }
+
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    pub fn broker(&self) -> String {
+        format!("mqtt://{}:{}", self.cfg.host, self.cfg.port)
+    }
+
+    pub fn tenants(&self) -> &[String] {
+        &self.cfg.tenants
+    }
+
+    /// Delivers one delegation to an edge agent: publishes it on the
+    /// agent's request topic and waits for the answer until `deadline`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn deliver(
+        &self,
+        agent: &LocalAgent,
+        me: &str,
+        method: &Method,
+        path: &str,
+        content_type: Option<&str>,
+        body: Body,
+        deadline: tokio::time::Instant,
+        caller: &str,
+        caller_tenant: &str,
+    ) -> Result<Response<Body>, Failure> {
+        let fail = |kind: ErrorKind, why: String| MeshError::new(kind, me, why).agent(&agent.id);
+        if !self.connected() {
+            return Err(Failure::NotDelivered(fail(
+                ErrorKind::Unreachable,
+                format!("the MQTT broker {} is not connected", self.broker()),
+            )));
+        }
+        let payload = match read_limited(body, self.cfg.max_message).await {
+            Ok(b) => b,
+            Err(e) => {
+                return Err(Failure::Caller(fail(
+                    ErrorKind::TooLarge,
+                    format!(
+                        "the request body could not be read within the MQTT message limit ({} bytes): {e}",
+                        self.cfg.max_message
+                    ),
+                )))
+            }
+        };
+        let correlation = Bytes::from(format!("{:032x}", rand::random::<u128>()));
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(correlation.clone(), tx);
+        let _forget = Forget(self, correlation.clone());
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let props = PublishProperties {
+            message_expiry_interval: Some(remaining.as_secs().max(1) as u32),
+            response_topic: Some(topics::replies(&agent.id.tenant, &self.node)),
+            correlation_data: Some(correlation),
+            content_type: content_type.map(str::to_string),
+            user_properties: vec![
+                (CALLER_PROPERTY.into(), caller.into()),
+                (CALLER_TENANT_PROPERTY.into(), caller_tenant.into()),
+                (METHOD_PROPERTY.into(), method.as_str().into()),
+                (PATH_PROPERTY.into(), path.into()),
+            ],
+            ..Default::default()
+        };
+        self.stats.delegations.fetch_add(1, Ordering::Relaxed);
+        let topic = topics::request(&agent.id.tenant, &agent.id.name);
+        let sent = tokio::time::timeout(
+            remaining,
+            self.client
+                .publish_with_properties(topic, QoS::AtLeastOnce, false, payload, props),
+        )
+        .await;
+        match sent {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(Failure::NotDelivered(fail(
+                    ErrorKind::Unreachable,
+                    format!("could not publish to the MQTT broker: {e}"),
+                )))
+            }
+            Err(_) => {
+                return Err(Failure::NotDelivered(fail(
+                    ErrorKind::Timeout,
+                    "the MQTT client's queue stayed full until the deadline".into(),
+                )))
+            }
+        }
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let reply = match tokio::time::timeout(remaining, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => {
+                return Err(Failure::MaybeDelivered(fail(
+                    ErrorKind::Unreachable,
+                    "the MQTT bridge stopped before the agent answered".into(),
+                )))
+            }
+            Err(_) => {
+                return Err(Failure::MaybeDelivered(fail(
+                    ErrorKind::Timeout,
+                    format!(
+                        "edge agent `{}` did not answer over MQTT within the deadline",
+                        agent.id
+                    ),
+                )))
+            }
+        };
+        let mut resp = Response::new(full(reply.payload));
+        *resp.status_mut() = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::OK);
+        if let Some(v) = reply
+            .content_type
+            .and_then(|c| HeaderValue::from_str(&c).ok())
+        {
+            resp.headers_mut().insert(CONTENT_TYPE, v);
+        }
+        Ok(resp)
+    }
+
+    /// Runs the MQTT session until the node stops: reconnects with
+    /// backoff, (re)subscribes on every connect, dispatches messages.
+    pub async fn run(self: Arc<Self>, mut eventloop: EventLoop, parts: EdgeParts) {
+        let parts = Arc::new(parts);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    backoff = Duration::from_millis(100);
+                    self.connected.store(true, Ordering::Relaxed);
+                    self.stats.connects.fetch_add(1, Ordering::Relaxed);
+                    info!(broker = %self.broker(), tenants = ?self.cfg.tenants, "MQTT bridge connected");
+                    for t in &self.cfg.tenants {
+                        for filter in topics::subscriptions(t, &self.node) {
+                            if let Err(e) = self.client.subscribe(filter, QoS::AtLeastOnce).await {
+                                warn!(error = %e, "MQTT subscribe failed");
+                            }
+                        }
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => self.dispatch(p, &parts).await,
+                Ok(_) => {}
+                Err(e) => {
+                    if self.connected.swap(false, Ordering::Relaxed) {
+                        warn!(broker = %self.broker(), error = %e, "MQTT bridge disconnected; reconnecting");
+                    } else {
+                        debug!(broker = %self.broker(), error = %e, "MQTT broker not reachable yet");
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    fn bridged(&self, tenant: &str) -> bool {
+        self.cfg.tenants.iter().any(|t| t == tenant)
+    }
+
+    fn refuse(&self, topic: &str, why: &str) {
+        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+        warn!(topic, "MQTT message refused: {why}");
+    }
+
+    async fn dispatch(self: &Arc<Self>, p: Publish, parts: &Arc<EdgeParts>) {
+        let Ok(topic) = std::str::from_utf8(&p.topic) else {
+            return self.refuse("<not UTF-8>", "the topic is not UTF-8");
+        };
+        let Some(parsed) = topics::parse(topic) else {
+            return;
+        };
+        let tenant = match &parsed {
+            Topic::Card { tenant, .. }
+            | Topic::Status { tenant, .. }
+            | Topic::Call { tenant, .. }
+            | Topic::Reply { tenant, .. } => *tenant,
+        };
+        if !self.bridged(tenant) {
+            return self.refuse(topic, "not a tenant this node bridges");
+        }
+        if p.payload.len() > self.cfg.max_message {
+            return self.refuse(
+                topic,
+                &format!(
+                    "{} bytes, over the limit of {}",
+                    p.payload.len(),
+                    self.cfg.max_message
+                ),
+            );
+        }
+        match parsed {
+            Topic::Card { tenant, name } => self.card(tenant, name, &p.payload, parts).await,
+            Topic::Status { tenant, name } => {
+                let id = AgentId::new(tenant, name);
+                let Some(a) = parts.agents.agents.get(&id).filter(|a| a.is_edge()) else {
+                    return;
+                };
+                let h = match &p.payload[..] {
+                    b"offline" => Health::Unhealthy,
+                    b"online" => Health::Healthy,
+                    _ => return self.refuse(topic, "status is `online` or `offline`"),
+                };
+                if a.set_health(h) {
+                    info!(agent = %id, health = ?h, "edge agent status");
+                    parts.agents.publish(&a).await;
+                }
+            }
+            Topic::Reply { node, .. } => {
+                if node != self.node {
+                    return;
+                }
+                let Some(correlation) = p
+                    .properties
+                    .as_ref()
+                    .and_then(|pr| pr.correlation_data.clone())
+                else {
+                    return self.refuse(topic, "an answer without correlation data");
+                };
+                let Some(tx) = lock(&self.pending).remove(&correlation) else {
+                    // QoS 1 may deliver twice; the first answer won.
+                    self.stats.late_replies.fetch_add(1, Ordering::Relaxed);
+                    return;
+                };
+                let props = p.properties.unwrap_or_default();
+                let status = user_property(&props, STATUS_PROPERTY)
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(200);
+                let _ = tx.send(Reply {
+                    status,
+                    content_type: props.content_type.clone(),
+                    payload: p.payload,
+                });
+            }
+            Topic::Call { tenant, host } => {
+                let props = p.properties.clone().unwrap_or_default();
+                let Some(response_topic) = props.response_topic.clone() else {
+                    return self
+                        .refuse(topic, "a call without a response topic cannot be answered");
+                };
+                if topics::parse(&response_topic).is_some()
+                    || !response_topic.starts_with(&format!("{}/{tenant}/", topics::ROOT))
+                {
+                    return self.refuse(
+                        topic,
+                        "the response topic must be the caller's own, under dmsc/<tenant>/",
+                    );
+                }
+                let Some(ingress) = parts.ingress.get(tenant).cloned() else {
+                    return;
+                };
+                self.stats.calls.fetch_add(1, Ordering::Relaxed);
+                let this = self.clone();
+                let host = host.to_string();
+                tokio::spawn(async move {
+                    let resp = call_mesh(&ingress, &host, &props, p.payload).await;
+                    this.answer(response_topic, props.correlation_data, resp)
+                        .await;
+                });
+            }
+        }
+    }
+
+    /// Registers, updates or (empty payload) removes an edge agent.
+    async fn card(&self, tenant: &str, name: &str, payload: &[u8], parts: &EdgeParts) {
+        let id = AgentId::new(tenant, name);
+        if payload.is_empty() {
+            if parts.agents.agents.get(&id).is_some_and(|a| a.is_edge()) {
+                parts.agents.remove(&id).await;
+                info!(agent = %id, "edge agent left (card cleared)");
+            }
+            return;
+        }
+        if !dmsc_transport::identity::valid_name(name) || name == "mesh" {
+            return self.refuse(
+                &topics::card(tenant, name),
+                "the agent name must be 1-63 of a-z, 0-9 and - (not `mesh`)",
+            );
+        }
+        let card = match edge_card(payload, tenant, name) {
+            Ok(c) => c,
+            Err(e) => {
+                return self.refuse(&topics::card(tenant, name), &format!("invalid card: {e}"))
+            }
+        };
+        match parts
+            .agents
+            .add_edge(id.clone(), card, &self.broker())
+            .await
+        {
+            Ok(_) => info!(agent = %id, broker = %self.broker(), "edge agent registered over MQTT"),
+            Err(e) => self.refuse(&topics::card(tenant, name), &e.to_string()),
+        }
+    }
+
+    /// Publishes the answer to an edge caller's call.
+    async fn answer(&self, topic: String, correlation: Option<Bytes>, resp: Response<Body>) {
+        let (parts, body) = resp.into_parts();
+        let payload = match read_limited(body, self.cfg.max_message).await {
+            Ok(b) => b,
+            Err(e) => {
+                let e = MeshError::new(
+                    ErrorKind::TooLarge,
+                    &self.node,
+                    format!(
+                        "the answer did not fit the MQTT message limit ({} bytes): {e}",
+                        self.cfg.max_message
+                    ),
+                );
+                let (_, body) = e.response(None).into_parts();
+                body.collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default()
+            }
+        };
+        let mut user_properties = vec![(
+            STATUS_PROPERTY.to_string(),
+            parts.status.as_u16().to_string(),
+        )];
+        if let Some(kind) = parts
+            .headers
+            .get("dmsc-error")
+            .and_then(|v| v.to_str().ok())
+        {
+            user_properties.push((ERROR_PROPERTY.into(), kind.into()));
+        }
+        let props = PublishProperties {
+            correlation_data: correlation,
+            content_type: parts
+                .headers
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+            user_properties,
+            ..Default::default()
+        };
+        if let Err(e) = self
+            .client
+            .publish_with_properties(topic, QoS::AtLeastOnce, false, payload, props)
+            .await
+        {
+            warn!(error = %e, "could not publish an answer to an edge caller");
+        }
+    }
+}
+
+/// An edge agent's card, validated like any other. An edge agent has no
+/// HTTP endpoint of its own: a card `url` that is missing or not http(s)
+/// (e.g. `mqtt://…`) is taken as its mesh name, which is what the mesh
+/// serves in every card anyway.
+fn edge_card(payload: &[u8], tenant: &str, name: &str) -> Result<AgentCard, String> {
+    let mut v: serde_json::Value = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+    if let Some(o) = v.as_object_mut() {
+        let http = o
+            .get("url")
+            .and_then(|u| u.as_str())
+            .is_some_and(|u| u.starts_with("http://") || u.starts_with("https://"));
+        if !http {
+            o.insert("url".into(), format!("http://{name}.{tenant}.dmsc").into());
+        }
+    }
+    AgentCard::from_value(v).map_err(|e| e.to_string())
+}
+
+/// A body's bytes, refused past `limit`. (Not `http_body_util::Limited`:
+/// its boxed error trips rustc's Send check in spawned futures.)
+async fn read_limited(mut body: Body, limit: usize) -> Result<Bytes, String> {
+    let mut out = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        if let Ok(data) = frame.into_data() {
+            if out.len() + data.len() > limit {
+                return Err(format!("longer than {limit} bytes"));
+            }
+            out.extend_from_slice(&data);
+        }
+    }
+    Ok(out.freeze())
+}
+
+/// Drops a delegation's pending entry however it ends.
+struct Forget<'a>(&'a Bridge, Bytes);
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.pending).remove(&self.1);
+    }
+}
+
+fn user_property<'a>(props: &'a PublishProperties, name: &str) -> Option<&'a str> {
+    props
+        .user_properties
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// An edge caller's message as an HTTP request to `host` through the
+/// tenant's in-process ingress.
+async fn call_mesh(
+    ingress: &Arc<Ingress>,
+    host: &str,
+    props: &PublishProperties,
+    payload: Bytes,
+) -> Response<Body> {
+    let method = user_property(props, METHOD_PROPERTY)
+        .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
+        .unwrap_or(Method::POST);
+    let path = user_property(props, PATH_PROPERTY).unwrap_or("/");
+    let bad = |why: String| MeshError::new(ErrorKind::BadRequest, "mqtt", why).response(None);
+    let mut req = match Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, host)
+        .body(full(payload))
+    {
+        Ok(r) => r,
+        Err(e) => return bad(format!("not a valid request: {e}")),
+    };
+    if let Some(ct) = props
+        .content_type
+        .as_deref()
+        .and_then(|c| HeaderValue::from_str(c).ok())
+    {
+        req.headers_mut().insert(CONTENT_TYPE, ct);
+    }
+    for (k, v) in &props.user_properties {
+        // Mesh request headers the caller may set (timeout, intent, tags).
+        if k.starts_with("dmsc-") && !k.starts_with("dmsc-caller") {
+            if let (Ok(name), Ok(value)) = (
+                hyper::header::HeaderName::from_bytes(k.as_bytes()),
+                HeaderValue::from_str(v),
+            ) {
+                req.headers_mut().insert(name, value);
+            }
+        }
+    }
+    let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+    let server = {
+        let ingress = ingress.clone();
+        tokio::spawn(async move { ingress.serve_io(TokioIo::new(server_io)).await })
+    };
+    let result = async {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(client_io))
+            .await
+            .map_err(|e| e.to_string())?;
+        let conn = tokio::spawn(conn);
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        conn.abort();
+        Ok::<_, String>(Response::from_parts(parts, full(body)))
+    }
+    .await;
+    server.abort();
+    result.unwrap_or_else(|e| {
+        MeshError::new(
+            ErrorKind::Unreachable,
+            "mqtt",
+            format!("in-process call failed: {e}"),
+        )
+        .response(None)
+    })
+}
