@@ -389,7 +389,9 @@ pub struct RawAudit {
 #[serde(deny_unknown_fields)]
 pub struct RawAgent {
     pub tenant: String,
-    /// The agent's own endpoint, e.g. `http://127.0.0.1:9101`.
+    /// The agent's own endpoint, e.g. `http://127.0.0.1:9101` (none for
+    /// `protocol = "mqtt"`: an edge agent is reached over the broker).
+    #[serde(default)]
     pub url: String,
     /// Mesh name; default: the card's name, slugged.
     pub name: Option<String>,
@@ -401,6 +403,8 @@ pub struct RawAgent {
     pub health_path: Option<String>,
     /// `grpc`, `h2c` or `http1`: how the node speaks to the agent, for
     /// health checks and calls. Default: found out by the health checks.
+    /// `mqtt`: an edge agent on the broker of `[mqtt]` (declare `name` and
+    /// `skills`; it answers on `dmsc/<tenant>/agents/<name>/req`).
     pub protocol: Option<String>,
     /// Data tags the agent may receive (`["pii", "financial"]`); a request
     /// with another tag is refused (403 `policy_violation`) by this node.
@@ -1344,6 +1348,16 @@ impl RawConfig {
             if let Err(e) = check_spec(a) {
                 errors.push(format!("agents[{i}]: {e}"));
             }
+            let bridged = self
+                .mqtt
+                .as_ref()
+                .is_some_and(|m| m.tenants.contains(&a.tenant));
+            if a.protocol.as_deref() == Some(crate::edge::PROTOCOL) && !bridged {
+                errors.push(format!(
+                    "agents[{i}]: protocol = \"mqtt\" needs [mqtt] with tenant `{}` in `tenants`",
+                    a.tenant
+                ));
+            }
         }
         let mut ingress = Vec::new();
         for (i, g) in self.ingress.iter().enumerate() {
@@ -1588,13 +1602,23 @@ pub fn check_spec(a: &RawAgent) -> Result<(), String> {
             a.tenant
         ));
     }
-    match a.url.parse::<hyper::Uri>() {
-        Ok(u) if u.scheme_str() == Some("http") && u.authority().is_some() => {}
-        Ok(_) => problems.push(format!(
-            "url = `{}` must be an absolute http:// URL (the agent's own endpoint)",
-            a.url
-        )),
-        Err(e) => problems.push(format!("url = `{}` is not a URL: {e}", a.url)),
+    let edge = a.protocol.as_deref() == Some(crate::edge::PROTOCOL);
+    if edge {
+        if a.name.is_none() || a.skills.is_none() {
+            problems.push(
+                "protocol = \"mqtt\" needs `name` and `skills` (an edge agent publishes no card over HTTP; or let it publish its card on dmsc/<tenant>/agents/<name>/card)"
+                    .to_string(),
+            );
+        }
+    } else {
+        match a.url.parse::<hyper::Uri>() {
+            Ok(u) if u.scheme_str() == Some("http") && u.authority().is_some() => {}
+            Ok(_) => problems.push(format!(
+                "url = `{}` must be an absolute http:// URL (the agent's own endpoint)",
+                a.url
+            )),
+            Err(e) => problems.push(format!("url = `{}` is not a URL: {e}", a.url)),
+        }
     }
     if let Some(n) = &a.name {
         if !dmsc_transport::identity::valid_name(n) || n == "mesh" {
@@ -1611,9 +1635,9 @@ pub fn check_spec(a: &RawAgent) -> Result<(), String> {
         }
     }
     if let Some(p) = &a.protocol {
-        if crate::proto::agent::Protocol::parse(p).is_none() {
+        if crate::proto::agent::Protocol::parse(p).is_none() && !edge {
             problems.push(format!(
-                "protocol = `{p}` must be `grpc`, `h2c` or `http1` (or left out: the node finds out)"
+                "protocol = `{p}` must be `grpc`, `h2c`, `http1` or `mqtt` (or left out: the node finds out)"
             ));
         }
     }
@@ -1858,6 +1882,55 @@ enabled = true
         assert!(RawConfig::from_env(&env).is_err());
     }
     #[test]
+    fn the_mqtt_section_and_edge_agents_are_checked_at_load() {
+        let d = files();
+        let file = d.path().join("node.toml");
+        let with = |rest: &str| {
+            std::fs::write(
+                &file,
+                format!(
+                    "name = \"eu-1\"\n[tls]\nca = \"ca.pem\"\ncert = \"node.pem\"\nkey = \"node.key\"\n{rest}\n"
+                ),
+            )
+            .expect("write");
+            RawConfig::from_file(&file).expect("file").validate()
+        };
+        let edge = "[[agents]]\ntenant = \"acme\"\nname = \"meter\"\nprotocol = \"mqtt\"\nskills = [{ id = \"read\", tags = [\"meter\"] }]\n";
+        let cfg = with(&format!(
+            "[mqtt]\nbroker = \"mqtt://127.0.0.1:1884\"\ntenants = [\"acme\"]\n{edge}"
+        ))
+        .expect("valid");
+        let m = cfg.mqtt.expect("mqtt");
+        assert_eq!(
+            (m.host.as_str(), m.port, m.max_message),
+            ("127.0.0.1", 1884, 1 << 20)
+        );
+        assert_eq!(
+            with("[mqtt]\nbroker = \"mqtt://broker\"\ntenants = [\"acme\"]")
+                .expect("default port")
+                .mqtt
+                .map(|m| m.port),
+            Some(1883)
+        );
+        for (bad, says) in [
+            ("[mqtt]\nbroker = \"mqtts://b:8883\"\ntenants = [\"acme\"]", "not supported yet"),
+            ("[mqtt]\nbroker = \"tcp://b\"\ntenants = [\"acme\"]", "expected mqtt://HOST[:PORT]"),
+            ("[mqtt]\nbroker = \"mqtt://b:x\"\ntenants = [\"acme\"]", "bad port"),
+            ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = []", "at least one tenant"),
+            ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"a/#\"]", "not a tenant name"),
+            ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"acme\"]\nkeep_alive_secs = 2", "at least 5"),
+            (edge, "needs [mqtt] with tenant `acme`"),
+            (
+                "[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"acme\"]\n[[agents]]\ntenant = \"acme\"\nprotocol = \"mqtt\"",
+                "needs `name` and `skills`",
+            ),
+        ] {
+            let e = with(bad).expect_err(bad).to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn an_agent_protocol_is_one_of_three() {
         let d = files();
         let file = d.path().join("node.toml");
@@ -1891,7 +1964,7 @@ skills = [{{ id = "greet" }}]
         let e = with(r#"protocol = "http2""#).expect_err("http2 is not a protocol name");
         assert!(
             e.to_string()
-                .contains("agents[0]: protocol = `http2` must be `grpc`, `h2c` or `http1`"),
+                .contains("agents[0]: protocol = `http2` must be `grpc`, `h2c`, `http1` or `mqtt`"),
             "{e}"
         ); // Data tags an agent accepts: names, checked at load.
         let cfg = with(r#"accepts = ["pii", "financial"]"#).expect("tags");

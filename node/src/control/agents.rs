@@ -270,6 +270,23 @@ impl AgentsCtx {
     /// tells the truth and delivery knows the agent's protocol from the
     /// first call (an HTTP/2-only agent must not get an HTTP/1.1 request).
     pub async fn add(&self, spec: &RawAgent) -> Result<Arc<LocalAgent>, AgentError> {
+        if spec.protocol.as_deref() == Some(crate::edge::PROTOCOL) {
+            // An edge agent declared in config: its card from its skills,
+            // its health from its MQTT status (up until it says otherwise).
+            check_spec(spec).map_err(AgentError::Spec)?;
+            let Some(bridge) = self.upstream.edge.get() else {
+                return Err(AgentError::Spec(
+                    "protocol = \"mqtt\" needs an MQTT bridge ([mqtt])".into(),
+                ));
+            };
+            let name = spec.name.clone().unwrap_or_default();
+            // Its card's URL is its mesh name (it has no HTTP endpoint).
+            let mut named = spec.clone();
+            named.url = format!("http://{name}.{}.dmsc", spec.tenant);
+            let card = declared_card(&named)?;
+            let id = AgentId::new(&spec.tenant, &name);
+            return self.add_edge(id, card, &bridge.broker()).await;
+        }
         match onboard(spec, &self.upstream, &self.agents, &self.mesh).await {
             Ok(a) => {
                 if let Err(e) = check_health(&a, &self.upstream).await {

@@ -41,7 +41,7 @@ use hyper_util::rt::TokioIo;
 use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
-use tokio::sync::oneshot;
+use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::config::MqttConfig;
@@ -65,6 +65,14 @@ pub const METHOD_PROPERTY: &str = "dmsc-method";
 pub const PATH_PROPERTY: &str = "dmsc-path";
 /// User property of an error answer: the mesh error kind.
 pub const ERROR_PROPERTY: &str = "dmsc-error";
+/// User property of a streamed answer: `more` on every message but the
+/// last, `end` on the last.
+pub const STREAM_PROPERTY: &str = "dmsc-stream";
+/// User property of a delegation: the caller's `Accept` (an SSE caller
+/// accepts `text/event-stream`: the agent may then stream).
+pub const ACCEPT_PROPERTY: &str = "dmsc-accept";
+/// Calls remembered for duplicate suppression (QoS 1 redelivers).
+const SEEN_CALLS: usize = 4096;
 
 /// Longest pause between reconnect attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -81,12 +89,15 @@ pub struct EdgeStats {
     pub late_replies: AtomicU64,
 }
 
-/// One answer from an edge agent.
+/// One answer message from an edge agent.
 #[derive(Debug)]
 struct Reply {
     status: u16,
     content_type: Option<String>,
     payload: Bytes,
+    /// `None`: a whole answer; `Some(false)`: part of a stream, more to
+    /// come; `Some(true)`: the stream's last message.
+    stream: Option<bool>,
 }
 
 /// The bridge's handle: delivery to edge agents.
@@ -96,7 +107,10 @@ pub struct Bridge {
     node: String,
     connected: AtomicBool,
     /// Delegations waiting for their answer, by correlation id.
-    pending: Mutex<HashMap<Bytes, oneshot::Sender<Reply>>>,
+    pending: Mutex<HashMap<Bytes, mpsc::UnboundedSender<Reply>>>,
+    /// Recent calls from the edge (response topic + correlation): a QoS 1
+    /// duplicate is not run twice.
+    seen: Mutex<std::collections::VecDeque<(String, Bytes)>>,
     pub stats: EdgeStats,
 }
 
@@ -144,6 +158,7 @@ impl Bridge {
             node: node.to_string(),
             connected: AtomicBool::new(false),
             pending: Mutex::new(HashMap::new()),
+            seen: Mutex::new(std::collections::VecDeque::new()),
             stats: EdgeStats::default(),
         });
         (bridge, eventloop)
@@ -165,18 +180,26 @@ impl Bridge {
     /// agent's request topic and waits for the answer until `deadline`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn deliver(
-        &self,
+        self: &Arc<Self>,
         agent: &LocalAgent,
         me: &str,
         method: &Method,
         path: &str,
         content_type: Option<&str>,
+        accept: Option<&str>,
         body: Body,
         deadline: tokio::time::Instant,
         caller: &str,
         caller_tenant: &str,
     ) -> Result<Response<Body>, Failure> {
         let fail = |kind: ErrorKind, why: String| MeshError::new(kind, me, why).agent(&agent.id);
+        if agent.health() == Health::Unhealthy {
+            // Its last will said offline (the mesh may not know yet).
+            return Err(Failure::NotDelivered(fail(
+                ErrorKind::Unreachable,
+                format!("edge agent `{}` is offline (its MQTT status)", agent.id),
+            )));
+        }
         if !self.connected() {
             return Err(Failure::NotDelivered(fail(
                 ErrorKind::Unreachable,
@@ -196,21 +219,25 @@ impl Bridge {
             }
         };
         let correlation = Bytes::from(format!("{:032x}", rand::random::<u128>()));
-        let (tx, rx) = oneshot::channel();
+        let (tx, mut rx) = mpsc::unbounded_channel();
         lock(&self.pending).insert(correlation.clone(), tx);
-        let _forget = Forget(self, correlation.clone());
+        let forget = Forget(self.clone(), correlation.clone());
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         let props = PublishProperties {
             message_expiry_interval: Some(remaining.as_secs().max(1) as u32),
             response_topic: Some(topics::replies(&agent.id.tenant, &self.node)),
             correlation_data: Some(correlation),
             content_type: content_type.map(str::to_string),
-            user_properties: vec![
-                (CALLER_PROPERTY.into(), caller.into()),
-                (CALLER_TENANT_PROPERTY.into(), caller_tenant.into()),
-                (METHOD_PROPERTY.into(), method.as_str().into()),
-                (PATH_PROPERTY.into(), path.into()),
-            ],
+            user_properties: [
+                (CALLER_PROPERTY, Some(caller)),
+                (CALLER_TENANT_PROPERTY, Some(caller_tenant)),
+                (METHOD_PROPERTY, Some(method.as_str())),
+                (PATH_PROPERTY, Some(path)),
+                (ACCEPT_PROPERTY, accept),
+            ]
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.to_string(), v?.to_string())))
+            .collect(),
             ..Default::default()
         };
         self.stats.delegations.fetch_add(1, Ordering::Relaxed);
@@ -237,9 +264,9 @@ impl Bridge {
             }
         }
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let reply = match tokio::time::timeout(remaining, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => {
+        let reply = match tokio::time::timeout(remaining, rx.recv()).await {
+            Ok(Some(r)) => r,
+            Ok(None) => {
                 return Err(Failure::MaybeDelivered(fail(
                     ErrorKind::Unreachable,
                     "the MQTT bridge stopped before the agent answered".into(),
@@ -255,14 +282,59 @@ impl Bridge {
                 )))
             }
         };
-        let mut resp = Response::new(full(reply.payload));
-        *resp.status_mut() = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::OK);
-        if let Some(v) = reply
-            .content_type
-            .and_then(|c| HeaderValue::from_str(&c).ok())
-        {
-            resp.headers_mut().insert(CONTENT_TYPE, v);
-        }
+        let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::OK);
+        let mut resp = match reply.stream {
+            None => {
+                let mut r = Response::new(full(reply.payload));
+                if let Some(v) = reply
+                    .content_type
+                    .as_deref()
+                    .and_then(|c| HeaderValue::from_str(c).ok())
+                {
+                    r.headers_mut().insert(CONTENT_TYPE, v);
+                }
+                r
+            }
+            _ => {
+                // A stream: server-sent events, one per message (an agent
+                // that sends `text/event-stream` itself is passed through),
+                // each within the delegation's timeout of the last.
+                let sse = reply.content_type.as_deref() == Some("text/event-stream");
+                let idle = remaining.max(Duration::from_secs(1));
+                let first = Some(reply);
+                let frames = futures_util::stream::unfold(
+                    (first, rx, forget, false),
+                    move |(first, mut rx, forget, done)| async move {
+                        if done {
+                            return None;
+                        }
+                        let r = match first {
+                            Some(r) => r,
+                            None => match tokio::time::timeout(idle, rx.recv()).await {
+                                Ok(Some(r)) => r,
+                                _ => {
+                                    let e: crate::proto::http::BoxError =
+                                        "the edge agent's stream stopped before its end".into();
+                                    return Some((Err(e), (None, rx, forget, true)));
+                                }
+                            },
+                        };
+                        let end = r.stream != Some(false);
+                        let data = if sse || r.payload.is_empty() {
+                            r.payload
+                        } else {
+                            sse_event(&r.payload)
+                        };
+                        Some((Ok(hyper::body::Frame::data(data)), (None, rx, forget, end)))
+                    },
+                );
+                let mut r = Response::new(http_body_util::StreamBody::new(frames).boxed());
+                r.headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+                r
+            }
+        };
+        *resp.status_mut() = status;
         Ok(resp)
     }
 
@@ -327,14 +399,22 @@ impl Bridge {
             return self.refuse(topic, "not a tenant this node bridges");
         }
         if p.payload.len() > self.cfg.max_message {
-            return self.refuse(
-                topic,
-                &format!(
-                    "{} bytes, over the limit of {}",
-                    p.payload.len(),
-                    self.cfg.max_message
-                ),
+            let why = format!(
+                "{} bytes, over the limit of {}",
+                p.payload.len(),
+                self.cfg.max_message
             );
+            self.refuse(topic, &why);
+            if let (Topic::Call { .. }, Some(props)) = (&parsed, &p.properties) {
+                if let Some(rt) = props.response_topic.clone() {
+                    if rt.starts_with(&format!("{}/{tenant}/", topics::ROOT)) {
+                        let e = MeshError::new(ErrorKind::TooLarge, &self.node, why);
+                        self.answer(rt, props.correlation_data.clone(), e.response(None))
+                            .await;
+                    }
+                }
+            }
+            return;
         }
         match parsed {
             Topic::Card { tenant, name } => self.card(tenant, name, &p.payload, parts).await,
@@ -364,12 +444,26 @@ impl Bridge {
                 else {
                     return self.refuse(topic, "an answer without correlation data");
                 };
-                let Some(tx) = lock(&self.pending).remove(&correlation) else {
+                let props = p.properties.unwrap_or_default();
+                let stream = match user_property(&props, STREAM_PROPERTY) {
+                    None => None,
+                    Some("end") => Some(true),
+                    Some(_) => Some(false),
+                };
+                let tx = {
+                    let mut pending = lock(&self.pending);
+                    // A whole answer or a stream's end closes the entry.
+                    if stream == Some(false) {
+                        pending.get(&correlation).cloned()
+                    } else {
+                        pending.remove(&correlation)
+                    }
+                };
+                let Some(tx) = tx else {
                     // QoS 1 may deliver twice; the first answer won.
                     self.stats.late_replies.fetch_add(1, Ordering::Relaxed);
                     return;
                 };
-                let props = p.properties.unwrap_or_default();
                 let status = user_property(&props, STATUS_PROPERTY)
                     .and_then(|s| s.parse().ok())
                     .unwrap_or(200);
@@ -377,6 +471,7 @@ impl Bridge {
                     status,
                     content_type: props.content_type.clone(),
                     payload: p.payload,
+                    stream,
                 });
             }
             Topic::Call { tenant, host } => {
@@ -396,6 +491,18 @@ impl Bridge {
                 let Some(ingress) = parts.ingress.get(tenant).cloned() else {
                     return;
                 };
+                if let Some(c) = &props.correlation_data {
+                    let key = (response_topic.clone(), c.clone());
+                    let mut seen = lock(&self.seen);
+                    if seen.contains(&key) {
+                        // A QoS 1 redelivery of a call already taken.
+                        return;
+                    }
+                    if seen.len() >= SEEN_CALLS {
+                        seen.pop_front();
+                    }
+                    seen.push_back(key);
+                }
                 self.stats.calls.fetch_add(1, Ordering::Relaxed);
                 let this = self.clone();
                 let host = host.to_string();
@@ -440,9 +547,68 @@ impl Bridge {
         }
     }
 
-    /// Publishes the answer to an edge caller's call.
+    /// Publishes the answer to an edge caller's call: one message, or for
+    /// a server-sent-event answer one message per chunk as it comes
+    /// (`dmsc-stream: more`) and a last one with `dmsc-stream: end`.
     async fn answer(&self, topic: String, correlation: Option<Bytes>, resp: Response<Body>) {
-        let (parts, body) = resp.into_parts();
+        let (parts, mut body) = resp.into_parts();
+        let content_type = parts
+            .headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let mut base = vec![(
+            STATUS_PROPERTY.to_string(),
+            parts.status.as_u16().to_string(),
+        )];
+        if let Some(kind) = parts
+            .headers
+            .get("dmsc-error")
+            .and_then(|v| v.to_str().ok())
+        {
+            base.push((ERROR_PROPERTY.into(), kind.into()));
+        }
+        let publish = |payload: Bytes, stream: Option<&str>| {
+            let mut user_properties = base.clone();
+            if let Some(s) = stream {
+                user_properties.push((STREAM_PROPERTY.into(), s.into()));
+            }
+            let props = PublishProperties {
+                correlation_data: correlation.clone(),
+                content_type: content_type.clone(),
+                user_properties,
+                ..Default::default()
+            };
+            self.client.publish_with_properties(
+                topic.clone(),
+                QoS::AtLeastOnce,
+                false,
+                payload,
+                props,
+            )
+        };
+        let sse = content_type
+            .as_deref()
+            .is_some_and(|c| c.starts_with("text/event-stream"));
+        if sse {
+            while let Some(frame) = body.frame().await {
+                let Ok(data) = frame.map(|f| f.into_data()) else {
+                    break;
+                };
+                let Ok(data) = data else { continue };
+                if data.len() > self.cfg.max_message {
+                    warn!("a streamed answer's chunk is over the MQTT message limit; stream cut");
+                    break;
+                }
+                if publish(data, Some("more")).await.is_err() {
+                    return;
+                }
+            }
+            if let Err(e) = publish(Bytes::new(), Some("end")).await {
+                warn!(error = %e, "could not publish an answer to an edge caller");
+            }
+            return;
+        }
         let payload = match read_limited(body, self.cfg.max_message).await {
             Ok(b) => b,
             Err(e) => {
@@ -461,32 +627,7 @@ impl Bridge {
                     .unwrap_or_default()
             }
         };
-        let mut user_properties = vec![(
-            STATUS_PROPERTY.to_string(),
-            parts.status.as_u16().to_string(),
-        )];
-        if let Some(kind) = parts
-            .headers
-            .get("dmsc-error")
-            .and_then(|v| v.to_str().ok())
-        {
-            user_properties.push((ERROR_PROPERTY.into(), kind.into()));
-        }
-        let props = PublishProperties {
-            correlation_data: correlation,
-            content_type: parts
-                .headers
-                .get(CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string),
-            user_properties,
-            ..Default::default()
-        };
-        if let Err(e) = self
-            .client
-            .publish_with_properties(topic, QoS::AtLeastOnce, false, payload, props)
-            .await
-        {
+        if let Err(e) = publish(payload, None).await {
             warn!(error = %e, "could not publish an answer to an edge caller");
         }
     }
@@ -526,10 +667,22 @@ async fn read_limited(mut body: Body, limit: usize) -> Result<Bytes, String> {
     Ok(out.freeze())
 }
 
-/// Drops a delegation's pending entry however it ends.
-struct Forget<'a>(&'a Bridge, Bytes);
+/// One server-sent event carrying `payload` (one `data:` line per line).
+fn sse_event(payload: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(payload.len() + 16);
+    for line in payload.split(|b| *b == b'\n') {
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(line.strip_suffix(b"\r").unwrap_or(line));
+        out.push(b'\n');
+    }
+    out.push(b'\n');
+    Bytes::from(out)
+}
 
-impl Drop for Forget<'_> {
+/// Drops a delegation's pending entry however it ends.
+struct Forget(Arc<Bridge>, Bytes);
+
+impl Drop for Forget {
     fn drop(&mut self) {
         lock(&self.0.pending).remove(&self.1);
     }
@@ -584,23 +737,26 @@ async fn call_mesh(
         }
     }
     let (client_io, server_io) = tokio::io::duplex(64 * 1024);
-    let server = {
-        let ingress = ingress.clone();
-        tokio::spawn(async move { ingress.serve_io(TokioIo::new(server_io)).await })
-    };
+    // Both halves end by themselves once the answer is read (or dropped).
+    let server = ingress.clone();
+    tokio::spawn(async move { server.serve_io(TokioIo::new(server_io)).await });
     let result = async {
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(client_io))
             .await
             .map_err(|e| e.to_string())?;
-        let conn = tokio::spawn(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "in-process call connection ended");
+            }
+        });
         let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-        let (parts, body) = resp.into_parts();
-        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-        conn.abort();
-        Ok::<_, String>(Response::from_parts(parts, full(body)))
+        // Streamed as it comes (an SSE answer is published event by event).
+        Ok::<_, String>(resp.map(|b| {
+            b.map_err(|e| Box::new(e) as crate::proto::http::BoxError)
+                .boxed()
+        }))
     }
     .await;
-    server.abort();
     result.unwrap_or_else(|e| {
         MeshError::new(
             ErrorKind::Unreachable,

@@ -301,10 +301,14 @@ pub(crate) async fn deliver_local(
         };
         let in_flight = InFlight::new(agent.clone());
         let started = std::time::Instant::now();
-        let content_type: Option<String> = headers
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+        let header = |name| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let content_type: Option<String> = header(CONTENT_TYPE);
+        let accept: Option<String> = header(hyper::header::ACCEPT);
         drop(headers);
         let result = bridge
             .deliver(
@@ -313,6 +317,7 @@ pub(crate) async fn deliver_local(
                 &method,
                 path,
                 content_type.as_deref(),
+                accept.as_deref(),
                 body,
                 deadline,
                 caller,

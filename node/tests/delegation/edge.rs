@@ -1,27 +1,31 @@
 //! Edge agents over MQTT v5 against a real mosquitto broker: an edge agent
 //! (rumqttc, written here: `mosquitto_sub` cannot answer requests) registers
-//! with its retained card on one node and is called over HTTP from another;
-//! it calls an HTTP agent through the mesh; its last will marks it down.
+//! with its retained card on one node and is called over HTTP from another,
+//! whole and streamed; it calls HTTP agents through the mesh, whole and
+//! streamed, and is refused another tenant's agent; a broker restart loses
+//! nothing; its last will marks it down.
 
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dmsc_node::config::RawMqtt;
-use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, PublishProperties};
+use dmsc_node::demo::mesh::{message_send, LocalMesh};
+use rumqttc::v5::mqttbytes::v5::{LastWill, LastWillProperties, Packet, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use tokio::sync::mpsc;
 
 use super::{agent, attach_routable, eventually, mesh_of};
-use dmsc_node::demo::mesh::message_send;
 
-/// A mosquitto on a loopback port of its own, stopped on drop; `None` (the
-/// test says why and passes) where mosquitto is not installed, except in CI.
+/// A mosquitto on a loopback port of its own, persistent (sessions and
+/// retained cards survive a restart, as brokers are run), stopped on drop.
+/// `None` (the test says why and passes) where mosquitto is not installed,
+/// except in CI.
 struct Broker {
     child: tokio::process::Child,
     port: u16,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Broker {
@@ -46,15 +50,19 @@ impl Broker {
             .expect("addr")
             .port();
         let dir = tempfile::tempdir().expect("dir");
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
-        )
-        .expect("conf");
+        let conf = format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n",
+            dir.path().display()
+        );
+        std::fs::write(dir.path().join("mosquitto.conf"), conf).expect("conf");
+        let child = Self::spawn(&dir, port).await;
+        Some(Broker { child, port, dir })
+    }
+
+    async fn spawn(dir: &tempfile::TempDir, port: u16) -> tokio::process::Child {
         let child = tokio::process::Command::new("mosquitto")
             .arg("-c")
-            .arg(&conf)
+            .arg(dir.path().join("mosquitto.conf"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
@@ -65,15 +73,23 @@ impl Broker {
                 .await
                 .is_ok()
             {
-                return Some(Broker {
-                    child,
-                    port,
-                    _dir: dir,
-                });
+                return child;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("mosquitto did not listen on {port}");
+    }
+
+    /// Stops the broker the way an operator does (SIGTERM: it saves its
+    /// state) and starts it again on the same port.
+    async fn restart(&mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .arg(pid.to_string())
+                .status();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+        self.child = Self::spawn(&self.dir, self.port).await;
     }
 }
 
@@ -94,76 +110,226 @@ const CARD: &str = r#"{
   "skills": [{"id": "read", "name": "Read meter", "description": "Current consumption in kWh", "tags": ["meter", "energy"]}]
 }"#;
 
-/// The edge agent: answers every request with `meter says: <body>` and
-/// forwards the answers to its own calls to `answers`.
+/// Where the edge agent reads the answers to its own calls.
+const ANSWERS: &str = "dmsc/acme/edge/meter/answers";
+
+/// An answer to one of the edge agent's calls.
+type Answer = (PublishProperties, Bytes);
+
+fn property<'a>(props: &'a PublishProperties, name: &str) -> Option<&'a str> {
+    props
+        .user_properties
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// The edge agent: answers every request with `meter says (<caller
+/// tenant>): <body>`, or three streamed messages to a caller that accepts
+/// server-sent events; on every (re)connect it subscribes, publishes its
+/// card and says `online`; answers to its own calls go to `answers`.
 async fn edge_agent(
     port: u16,
-    answers: mpsc::UnboundedSender<(PublishProperties, Bytes)>,
+    answers: mpsc::UnboundedSender<Answer>,
 ) -> (AsyncClient, tokio::task::JoinHandle<()>) {
     let mut opts = MqttOptions::new("meter", "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(5));
+    opts.set_clean_start(false);
+    opts.set_session_expiry_interval(Some(600));
+    // The will waits a second: a reconnect within it (a broker restart,
+    // a session takeover) cancels it, so a stale `offline` cannot land
+    // after the new connection's `online`.
     opts.set_last_will(LastWill::new(
         "dmsc/acme/agents/meter/status",
         "offline",
         QoS::AtLeastOnce,
         false,
-        None,
+        Some(LastWillProperties {
+            delay_interval: Some(1),
+            payload_format_indicator: None,
+            message_expiry_interval: None,
+            content_type: None,
+            response_topic: None,
+            correlation_data: None,
+            user_properties: Vec::new(),
+        }),
     ));
     let (client, mut events) = AsyncClient::new(opts, 64);
-    client
-        .subscribe("dmsc/acme/agents/meter/req", QoS::AtLeastOnce)
-        .await
-        .expect("subscribe");
-    client
-        .subscribe("dmsc/acme/edge/meter/answers", QoS::AtLeastOnce)
-        .await
-        .expect("subscribe");
-    client
-        .publish("dmsc/acme/agents/meter/card", QoS::AtLeastOnce, true, CARD)
-        .await
-        .expect("card");
     let c = client.clone();
     let task = tokio::spawn(async move {
         loop {
-            match events.poll().await {
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let props = p.properties.clone().unwrap_or_default();
-                    if &p.topic[..] == b"dmsc/acme/edge/meter/answers" {
-                        let _ = answers.send((props, p.payload));
-                        continue;
+            let p = match events.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    // (It also answers for `valve`, declared in config.)
+                    for t in ["dmsc/acme/agents/+/req", ANSWERS] {
+                        let _ = c.subscribe(t, QoS::AtLeastOnce).await;
                     }
-                    let Some(reply_to) = props.response_topic.clone() else {
-                        continue;
-                    };
-                    let caller = props
-                        .user_properties
-                        .iter()
-                        .find(|(k, _)| k == "dmsc-caller-tenant")
-                        .map(|(_, v)| v.clone())
-                        .unwrap_or_default();
-                    let mut body = format!("meter says ({caller}): ").into_bytes();
-                    body.extend_from_slice(&p.payload);
-                    let answer = PublishProperties {
-                        correlation_data: props.correlation_data.clone(),
-                        content_type: Some("text/plain".into()),
-                        user_properties: vec![("dmsc-status".into(), "200".into())],
-                        ..Default::default()
-                    };
                     let _ = c
-                        .publish_with_properties(reply_to, QoS::AtLeastOnce, false, body, answer)
+                        .publish("dmsc/acme/agents/meter/card", QoS::AtLeastOnce, true, CARD)
+                        .await;
+                    let _ = c
+                        .publish(
+                            "dmsc/acme/agents/meter/status",
+                            QoS::AtLeastOnce,
+                            false,
+                            "online",
+                        )
+                        .await;
+                    continue;
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => p,
+                Ok(_) => continue,
+                // The broker went away: rumqttc reconnects on the next poll.
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let props = p.properties.clone().unwrap_or_default();
+            if &p.topic[..] == ANSWERS.as_bytes() {
+                let _ = answers.send((props, p.payload));
+                continue;
+            }
+            let Some(reply_to) = props.response_topic.clone() else {
+                continue;
+            };
+            let answer = |stream: Option<&str>| PublishProperties {
+                correlation_data: props.correlation_data.clone(),
+                content_type: Some("application/json".into()),
+                user_properties: stream
+                    .map(|s| vec![("dmsc-stream".to_string(), s.to_string())])
+                    .unwrap_or_else(|| vec![("dmsc-status".into(), "200".into())]),
+                ..Default::default()
+            };
+            if property(&props, "dmsc-accept").is_some_and(|a| a.contains("text/event-stream")) {
+                for (i, marker) in ["more", "more", "end"].iter().enumerate() {
+                    let body = format!("{{\"n\":{}}}", i + 1);
+                    let _ = c
+                        .publish_with_properties(
+                            reply_to.clone(),
+                            QoS::AtLeastOnce,
+                            false,
+                            body,
+                            answer(Some(marker)),
+                        )
                         .await;
                 }
-                Ok(_) => {}
-                Err(_) => return,
+                continue;
             }
+            let caller = property(&props, "dmsc-caller-tenant").unwrap_or_default();
+            let mut body = format!("meter says ({caller}): ").into_bytes();
+            body.extend_from_slice(&p.payload);
+            let _ = c
+                .publish_with_properties(reply_to, QoS::AtLeastOnce, false, body, answer(None))
+                .await;
         }
+    });
+    // `online` again every second: the last status wins, so a stale
+    // `offline` (a will delivered late around a broker restart) does not
+    // stick.
+    let beat = client.clone();
+    let heartbeat = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let _ = beat.try_publish(
+                "dmsc/acme/agents/meter/status",
+                QoS::AtLeastOnce,
+                false,
+                "online",
+            );
+        }
+    });
+    // One handle for both: aborting it stops the agent and its heartbeat.
+    let task = tokio::spawn(async move {
+        let _stop = (AbortOnDrop(heartbeat), AbortOnDrop(task));
+        std::future::pending::<()>().await
     });
     (client, task)
 }
 
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Publishes a call from the edge and collects its answers until one that
+/// is not `dmsc-stream: more`.
+async fn edge_call(
+    edge: &AsyncClient,
+    answers: &mut mpsc::UnboundedReceiver<Answer>,
+    host: &str,
+    correlation: &'static [u8],
+    method: Option<&str>,
+    body: String,
+) -> Vec<Answer> {
+    let props = PublishProperties {
+        response_topic: Some(ANSWERS.into()),
+        correlation_data: Some(Bytes::from_static(correlation)),
+        content_type: Some("application/json".into()),
+        user_properties: method
+            .map(|m| vec![("dmsc-accept".to_string(), m.to_string())])
+            .unwrap_or_default(),
+        ..Default::default()
+    };
+    edge.publish_with_properties(
+        format!("dmsc/acme/call/{host}"),
+        QoS::AtLeastOnce,
+        false,
+        body,
+        props,
+    )
+    .await
+    .expect("call");
+    let mut got = Vec::new();
+    loop {
+        let (props, payload) = tokio::time::timeout(Duration::from_secs(10), answers.recv())
+            .await
+            .expect("an answer within 10 s")
+            .expect("answer");
+        assert_eq!(props.correlation_data.as_deref(), Some(correlation));
+        let more = property(&props, "dmsc-stream") == Some("more");
+        got.push((props, payload));
+        if !more {
+            return got;
+        }
+    }
+}
+
+async fn http_call(mesh: &LocalMesh, host: &str, accept: &str) -> (u16, String, String) {
+    let (resp, body) = mesh
+        .call(
+            0,
+            "POST",
+            host,
+            "/",
+            &[
+                ("content-type", "application/json"),
+                ("accept", accept),
+                ("dmsc-timeout", "3s"),
+            ],
+            r#"{"q":"now"}"#,
+        )
+        .await
+        .expect("call");
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    (
+        resp.status().as_u16(),
+        ct,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_mqtt_edge_agent_is_called_over_http_and_calls_http_agents_through_the_mesh() {
-    let Some(broker) = Broker::start().await else {
+    let Some(mut broker) = Broker::start().await else {
         return;
     };
     let port = broker.port;
@@ -175,11 +341,34 @@ async fn an_mqtt_edge_agent_is_called_over_http_and_calls_http_agents_through_th
                 tenants: vec!["acme".into()],
                 ..Default::default()
             });
+            // An edge agent declared in config rather than by its card.
+            raw.agents.push(dmsc_node::config::RawAgent {
+                tenant: "acme".into(),
+                name: Some("valve".into()),
+                protocol: Some("mqtt".into()),
+                skills: Some(vec![dmsc_node::config::RawSkill {
+                    id: "open".into(),
+                    tags: vec!["valve".into()],
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            });
         }
     })
     .await;
     let echo = agent("echo", &["echo"], "echoes").await;
     attach_routable(&mesh, 0, &echo, "echo").await;
+    // An agent of another tenant, which exports nothing to acme.
+    let other = agent("ledger", &["ledger"], "books").await;
+    mesh.nodes[0]
+        .agents()
+        .add(&dmsc_node::config::RawAgent {
+            tenant: "globex".into(),
+            url: other.url(),
+            ..Default::default()
+        })
+        .await
+        .expect("globex agent");
 
     let (tx, mut answers) = mpsc::unbounded_channel();
     let (edge, edge_task) = edge_agent(port, tx).await;
@@ -190,7 +379,19 @@ async fn an_mqtt_edge_agent_is_called_over_http_and_calls_http_agents_through_th
     )
     .await;
 
-    // HTTP -> MQTT: called by name from the node without the bridge, and by capability.
+    eventually(
+        Duration::from_secs(10),
+        "the declared edge agent is routable everywhere",
+        || mesh.routable_everywhere("valve"),
+    )
+    .await;
+    let (status, _, body) = http_call(&mesh, "valve.acme.dmsc", "*/*").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, r#"meter says (acme): {"q":"now"}"#)
+    );
+
+    // HTTP -> MQTT: by name from the node without the bridge, and by capability.
     for host in ["meter.acme.dmsc", "energy.cap.acme.dmsc"] {
         let (resp, body) = mesh
             .call(
@@ -213,83 +414,133 @@ async fn an_mqtt_edge_agent_is_called_over_http_and_calls_http_agents_through_th
         assert_eq!(resp.headers()["dmsc-agent"], "acme/meter");
         assert_eq!(resp.headers()["dmsc-node"], "n1");
     }
+    // Streamed: three messages, the last marked `end`, as server-sent events.
+    let (status, ct, body) = http_call(&mesh, "meter.acme.dmsc", "text/event-stream").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(ct, "text/event-stream");
+    assert_eq!(
+        body,
+        "data: {\"n\":1}\n\ndata: {\"n\":2}\n\ndata: {\"n\":3}\n\n"
+    );
 
     // MQTT -> HTTP: the edge agent calls the HTTP agent on n0 through the mesh.
-    let props = PublishProperties {
-        response_topic: Some("dmsc/acme/edge/meter/answers".into()),
-        correlation_data: Some(Bytes::from_static(b"c-1")),
-        content_type: Some("application/json".into()),
-        ..Default::default()
-    };
+    let got = edge_call(
+        &edge,
+        &mut answers,
+        "echo.acme.dmsc",
+        b"c-1",
+        None,
+        message_send("from the edge"),
+    )
+    .await;
+    assert_eq!(got.len(), 1);
+    let (props, payload) = &got[0];
+    let text = String::from_utf8_lossy(payload);
+    assert_eq!(property(props, "dmsc-status"), Some("200"), "{text}");
+    assert!(text.contains("from the edge"), "{text}");
+    // Streamed: each event as it comes, then `end`.
+    let body = message_send("stream me").replace("message/send", "message/stream");
+    let got = edge_call(
+        &edge,
+        &mut answers,
+        "echo.acme.dmsc",
+        b"c-2",
+        Some("text/event-stream"),
+        body,
+    )
+    .await;
+    let parts: Vec<String> = got
+        .iter()
+        .map(|(_, p)| String::from_utf8_lossy(p).into_owned())
+        .collect();
+    assert_eq!(
+        property(&got.last().expect("end").0, "dmsc-stream"),
+        Some("end")
+    );
+    assert_eq!(
+        parts.iter().filter(|p| p.contains("part ")).count(),
+        3,
+        "{parts:?}"
+    );
+    // Another tenant's agent that is not exported to acme: refused, and
+    // the refusal is the answer.
+    let got = edge_call(
+        &edge,
+        &mut answers,
+        "ledger.globex.dmsc",
+        b"c-3",
+        None,
+        message_send("let me in"),
+    )
+    .await;
+    let status = property(&got[0].0, "dmsc-status").unwrap_or_default();
+    assert!(
+        status == "403" || status == "404",
+        "{status}: {}",
+        String::from_utf8_lossy(&got[0].1)
+    );
+    // A QoS 1 redelivery (same response topic and correlation) runs once.
+    let again = edge_call(
+        &edge,
+        &mut answers,
+        "echo.acme.dmsc",
+        b"c-4",
+        None,
+        message_send("once"),
+    )
+    .await;
+    assert_eq!(again.len(), 1);
     edge.publish_with_properties(
         "dmsc/acme/call/echo.acme.dmsc",
         QoS::AtLeastOnce,
         false,
-        message_send("from the edge"),
-        props,
-    )
-    .await
-    .expect("call");
-    let (props, payload) = tokio::time::timeout(Duration::from_secs(10), answers.recv())
-        .await
-        .expect("an answer within 10 s")
-        .expect("answer");
-    assert_eq!(props.correlation_data.as_deref(), Some(&b"c-1"[..]));
-    let status = props
-        .user_properties
-        .iter()
-        .find(|(k, _)| k == "dmsc-status")
-        .map(|(_, v)| v.as_str());
-    assert_eq!(status, Some("200"), "{}", String::from_utf8_lossy(&payload));
-    assert!(
-        String::from_utf8_lossy(&payload).contains("from the edge"),
-        "{}",
-        String::from_utf8_lossy(&payload)
-    );
-
-    // A call with no response topic is refused, not answered somewhere else.
-    edge.publish(
-        "dmsc/acme/call/echo.acme.dmsc",
-        QoS::AtLeastOnce,
-        false,
-        "x",
+        message_send("once"),
+        PublishProperties {
+            response_topic: Some(ANSWERS.into()),
+            correlation_data: Some(Bytes::from_static(b"c-4")),
+            ..Default::default()
+        },
     )
     .await
     .expect("publish");
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), answers.recv())
+            .await
+            .is_err(),
+        "a duplicate call was answered twice"
+    );
 
-    // The agent's connection drops: its last will marks it unhealthy, and
-    // callers get an error instead of waiting.
-    // (Its event loop goes away without a DISCONNECT: the broker publishes
-    // the will as soon as the connection closes.)
+    // The broker restarts: the bridge and the agent reconnect, calls work
+    // again and none that was answered is lost.
+    broker.restart().await;
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, _, body) = http_call(&mesh, "meter.acme.dmsc", "*/*").await;
+        if status == 200 {
+            assert_eq!(body, r#"meter says (acme): {"q":"now"}"#);
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "no answer 20 s after the broker restart: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The agent's connection drops without a DISCONNECT: the broker
+    // publishes its last will, and callers get an error instead of waiting.
     edge_task.abort();
     drop(edge);
-    let until = std::time::Instant::now() + Duration::from_secs(15);
-    let (resp, body) = loop {
-        assert!(
-            std::time::Instant::now() < until,
-            "the last will never took effect"
-        );
-        let r = mesh
-            .call(
-                0,
-                "POST",
-                "meter.acme.dmsc",
-                "/",
-                &[("dmsc-timeout", "1s")],
-                "x",
-            )
-            .await
-            .expect("call");
-        if r.0.status() != 200 {
-            break r;
+    // (Until the will's one-second delay has passed, a call may still go
+    // to it and time out.)
+    let until = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, _, body) = http_call(&mesh, "meter.acme.dmsc", "*/*").await;
+        if [502, 503].contains(&status) {
+            break;
         }
+        assert!([200, 504].contains(&status), "{status}: {body}");
+        assert!(Instant::now() < until, "the last will never took effect");
         tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    assert!(
-        [503, 504].contains(&resp.status().as_u16()),
-        "{}: {}",
-        resp.status(),
-        String::from_utf8_lossy(&body)
-    );
-    drop(broker);
+    }
 }

@@ -772,7 +772,7 @@ async fn an_agent_added_through_the_admin_api_is_probed_before_its_first_call() 
     assert_eq!(resp.status(), 400);
     let body = resp.into_body().collect().await.expect("body").to_bytes();
     assert!(
-        String::from_utf8_lossy(&body).contains("must be `grpc`, `h2c` or `http1`"),
+        String::from_utf8_lossy(&body).contains("must be `grpc`, `h2c`, `http1` or `mqtt`"),
         "{body:?}"
     );
 
