@@ -31,6 +31,7 @@ mod flood;
 mod intent;
 mod jwt;
 mod mask;
+mod mqtt;
 mod policy;
 mod security;
 
@@ -54,6 +55,9 @@ struct Cli {
 enum Cmd {
     /// Intent routing accuracy on labelled sets (bench/intent/*.json).
     Intent(intent::IntentArgs),
+    /// MQTT request/response through the mesh vs directly on the broker
+    /// (needs mosquitto).
+    Mqtt(mqtt::MqttArgs),
     /// Gossip convergence, propagation, failure detection and bandwidth.
     Gossip {
         /// Real loopback cluster sizes.
@@ -344,6 +348,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Policy(args) => policy::run(args)?,
         Cmd::Mask(args) => mask::run(args)?,
         Cmd::Intent(args) => intent::run(args)?,
+        Cmd::Mqtt(args) => rt()?.block_on(mqtt::run(args))?,
         Cmd::Flood(args) => rt()?.block_on(flood::run(args))?,
         Cmd::FloodServe(args) => rt()?.block_on(flood::serve(args))?,
         Cmd::FloodLoad(args) => {

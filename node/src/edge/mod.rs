@@ -143,6 +143,11 @@ impl Bridge {
             .unwrap_or_else(|| format!("dmsc-{node}"));
         let mut opts = MqttOptions::new(client_id, cfg.host.clone(), cfg.port);
         opts.set_keep_alive(cfg.keep_alive);
+        // Small request/response messages: Nagle's algorithm against the
+        // broker's delayed ACKs would add ~40 ms to each.
+        let mut net = rumqttc::NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        opts.set_network_options(net);
         // A persistent session: QoS 1 messages for this node queue at the
         // broker while it reconnects.
         opts.set_clean_start(false);

@@ -77,7 +77,9 @@ pub fn subscriptions(tenant: &str, node: &str) -> [String; 4] {
     [
         format!("{ROOT}/{tenant}/agents/+/card"),
         format!("{ROOT}/{tenant}/agents/+/status"),
-        format!("{ROOT}/{tenant}/call/+"),
+        // Shared: where several nodes bridge a tenant on one broker, each
+        // call reaches one of them (MQTT v5 shared subscription).
+        format!("$share/dmsc-{tenant}/{ROOT}/{tenant}/call/+"),
         replies(tenant, node),
     ]
 }
@@ -135,7 +137,8 @@ mod tests {
     #[test]
     fn every_subscription_stays_inside_the_tenant() {
         for s in subscriptions("acme", "n1") {
-            assert!(s.starts_with("dmsc/acme/"), "{s}");
+            let filter = s.strip_prefix("$share/dmsc-acme/").unwrap_or(&s);
+            assert!(filter.starts_with("dmsc/acme/"), "{s}");
         }
     }
 }
