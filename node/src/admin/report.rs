@@ -129,8 +129,22 @@ pub(crate) async fn status_report(s: &Shared) -> StatusReport {
         mode: if s.intent.cfg.ask { "ask" } else { "best" }.to_string(),
         tenants: s.intent.tenants(),
     };
+    let mqtt = s.agents.upstream.edge.get().map(|b| {
+        use std::sync::atomic::Ordering::Relaxed;
+        super::status::MqttStatus {
+            broker: b.broker(),
+            connected: b.connected(),
+            tenants: b.tenants().to_vec(),
+            agents: s.agents.agents.all().iter().filter(|a| a.is_edge()).count(),
+            connects: b.stats.connects.load(Relaxed),
+            delegations: b.stats.delegations.load(Relaxed),
+            calls: b.stats.calls.load(Relaxed),
+            refused: b.stats.refused.load(Relaxed),
+        }
+    });
     StatusReport {
         intent,
+        mqtt,
         certificates,
         agents,
         pending_agents,

@@ -296,6 +296,7 @@ mod tests {
                 ..Default::default()
             },
             intent: IntentStatus::default(),
+            mqtt: None,
         }
     }
 

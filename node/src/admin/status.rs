@@ -24,6 +24,23 @@ pub struct StatusReport {
     pub certificates: CertStatus,
     #[serde(default)]
     pub intent: IntentStatus,
+    /// The MQTT bridge, if `[mqtt]` is set.
+    #[serde(default)]
+    pub mqtt: Option<MqttStatus>,
+}
+
+/// The MQTT bridge of edge agents.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MqttStatus {
+    pub broker: String,
+    pub connected: bool,
+    pub tenants: Vec<String>,
+    /// Edge agents this node is home to.
+    pub agents: usize,
+    pub connects: u64,
+    pub delegations: u64,
+    pub calls: u64,
+    pub refused: u64,
 }
 
 /// Routing by intent on this node.
@@ -266,6 +283,19 @@ impl StatusReport {
                 } else {
                     format!("; embeds {}", i.tenants.join(", "))
                 }
+            ));
+        }
+        if let Some(m) = &self.mqtt {
+            out.push_str(&format!(
+                "mqtt     {} {} for {}; {} edge agents; {} delegations, {} calls from the edge, {} messages refused, {} connects\n",
+                m.broker,
+                if m.connected { "connected" } else { "NOT CONNECTED" },
+                m.tenants.join(", "),
+                m.agents,
+                m.delegations,
+                m.calls,
+                m.refused,
+                m.connects
             ));
         }
         let g = &self.gossip;

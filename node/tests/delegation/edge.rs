@@ -385,6 +385,17 @@ async fn an_mqtt_edge_agent_is_called_over_http_and_calls_http_agents_through_th
         || mesh.routable_everywhere("valve"),
     )
     .await;
+    let st = mesh.nodes[1]
+        .status()
+        .await
+        .mqtt
+        .expect("status shows the bridge");
+    assert!(st.connected, "{st:?}");
+    assert_eq!(
+        (st.tenants.as_slice(), st.agents),
+        (&["acme".to_string()][..], 2)
+    );
+    assert!(mesh.nodes[0].status().await.mqtt.is_none());
     let (status, _, body) = http_call(&mesh, "valve.acme.dmsc", "*/*").await;
     assert_eq!(
         (status, body.as_str()),
@@ -479,6 +490,25 @@ async fn an_mqtt_edge_agent_is_called_over_http_and_calls_http_agents_through_th
         "{status}: {}",
         String::from_utf8_lossy(&got[0].1)
     );
+    // A call without a response topic is refused and counted.
+    let refused = mesh.nodes[1].status().await.mqtt.expect("mqtt").refused;
+    edge.publish(
+        "dmsc/acme/call/echo.acme.dmsc",
+        QoS::AtLeastOnce,
+        false,
+        "x",
+    )
+    .await
+    .expect("publish");
+    eventually(Duration::from_secs(5), "the refusal is counted", || {
+        mesh.nodes[1]
+            .agents()
+            .upstream
+            .edge
+            .get()
+            .is_some_and(|b| b.stats.refused.load(std::sync::atomic::Ordering::Relaxed) > refused)
+    })
+    .await;
     // A QoS 1 redelivery (same response topic and correlation) runs once.
     let again = edge_call(
         &edge,
