@@ -345,7 +345,8 @@ impl App {
             // Edge agents over MQTT: delivery reaches the bridge through
             // the upstream; calls from the edge enter through an
             // in-process ingress of their tenant.
-            let (bridge, eventloop) = crate::edge::Bridge::new(mqtt, &name);
+            let (bridge, eventloop) = crate::edge::Bridge::new(mqtt, &name)
+                .map_err(|e| NodeError::Config(crate::config::ConfigError(vec![e])))?;
             let mut ingress = std::collections::HashMap::new();
             for tenant in bridge.tenants() {
                 let spec = crate::config::IngressSpec {

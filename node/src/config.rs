@@ -62,8 +62,16 @@ pub struct RawConfig {
 #[derive(Debug, Default, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RawMqtt {
-    /// `mqtt://host:port` (port default 1883).
+    /// `mqtt://host[:port]` (default 1883) or `mqtts://host[:port]`
+    /// (TLS, default 8883).
     pub broker: String,
+    /// mqtts: the CA that signed the broker's certificate (PEM); default:
+    /// the system's roots.
+    pub ca: Option<PathBuf>,
+    /// mqtts: a client certificate chain and key (PEM) for brokers that
+    /// authenticate clients by certificate.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
     /// The tenants whose topics (`dmsc/<tenant>/...`) this node bridges.
     pub tenants: Vec<String>,
     /// Default: `dmsc-<node name>`.
@@ -76,11 +84,21 @@ pub struct RawMqtt {
     pub keep_alive_secs: Option<u64>,
 }
 
+/// TLS to the broker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MqttTls {
+    pub ca: Option<PathBuf>,
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
 /// `[mqtt]`, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MqttConfig {
     pub host: String,
     pub port: u16,
+    /// `Some` for mqtts: the CA (`None`: system roots) and the client
+    /// certificate and key, if any.
+    pub tls: Option<MqttTls>,
     pub tenants: Vec<String>,
     pub client_id: Option<String>,
     pub credentials: Option<(String, String)>,
@@ -91,9 +109,12 @@ pub struct MqttConfig {
 impl RawMqtt {
     fn validate(&self, errors: &mut Vec<String>) -> Option<MqttConfig> {
         let before = errors.len();
+        let scheme = self.broker.split_once("://").map(|(s, _)| s);
+        let tls = scheme == Some("mqtts");
         let (host, port) = match self.broker.split_once("://") {
-            Some(("mqtt", rest)) => {
+            Some(("mqtt" | "mqtts", rest)) => {
                 let rest = rest.trim_end_matches('/');
+                let default = if tls { 8883 } else { 1883 };
                 match rest.rsplit_once(':') {
                     Some((h, p)) => match p.parse::<u16>() {
                         Ok(p) => (h.trim_matches(['[', ']']).to_string(), p),
@@ -102,19 +123,12 @@ impl RawMqtt {
                             (String::new(), 0)
                         }
                     },
-                    None => (rest.to_string(), 1883),
+                    None => (rest.to_string(), default),
                 }
-            }
-            Some(("mqtts", _)) => {
-                errors.push(format!(
-                    "mqtt.broker = {:?}: TLS to the broker (mqtts://) is not supported yet; use mqtt:// to a broker on loopback or a trusted network",
-                    self.broker
-                ));
-                (String::new(), 0)
             }
             _ => {
                 errors.push(format!(
-                    "mqtt.broker = {:?}: expected mqtt://HOST[:PORT]",
+                    "mqtt.broker = {:?}: expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]",
                     self.broker
                 ));
                 (String::new(), 0)
@@ -140,6 +154,23 @@ impl RawMqtt {
             }
             (None, None) => None,
         };
+        for (what, p) in [("ca", &self.ca), ("cert", &self.cert), ("key", &self.key)] {
+            if let Some(p) = p {
+                if !tls {
+                    errors.push(format!("mqtt.{what} is only for an mqtts:// broker"));
+                } else if !p.is_file() {
+                    errors.push(format!("mqtt.{what} = `{}`: no such file", p.display()));
+                }
+            }
+        }
+        let client = match (&self.cert, &self.key) {
+            (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+            (None, None) => None,
+            _ => {
+                errors.push("mqtt.cert and mqtt.key go together".to_string());
+                None
+            }
+        };
         let max_message = self.max_message.unwrap_or(1 << 20);
         if max_message < 1024 {
             errors.push(format!(
@@ -154,6 +185,10 @@ impl RawMqtt {
         (errors.len() == before).then(|| MqttConfig {
             host,
             port,
+            tls: tls.then(|| MqttTls {
+                ca: self.ca.clone(),
+                client,
+            }),
             tenants: self.tenants.clone(),
             client_id: self.client_id.clone(),
             credentials,
@@ -1090,6 +1125,12 @@ impl RawConfig {
             .map_err(|e| ConfigError(vec![format!("`{}`: {e}", path.display())]))?;
         let base = path.parent().unwrap_or(Path::new("."));
         let jwks = raw.jwt.as_mut().and_then(|j| j.jwks_file.as_mut());
+        let mqtt = raw
+            .mqtt
+            .as_mut()
+            .map(|m| [&mut m.ca, &mut m.cert, &mut m.key].into_iter().flatten())
+            .into_iter()
+            .flatten();
         for p in [
             &mut raw.tls.ca,
             &mut raw.tls.cert,
@@ -1103,6 +1144,7 @@ impl RawConfig {
         .into_iter()
         .flatten()
         .chain(jwks)
+        .chain(mqtt)
         {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -1912,8 +1954,31 @@ enabled = true
                 .map(|m| m.port),
             Some(1883)
         );
+        let tls =
+            with("[mqtt]\nbroker = \"mqtts://broker\"\ntenants = [\"acme\"]\nca = \"ca.pem\"")
+                .expect("mqtts")
+                .mqtt
+                .expect("mqtt");
+        assert_eq!(tls.port, 8883);
+        let ca = tls.tls.expect("tls").ca.expect("ca");
+        assert!(
+            ca.is_absolute() && ca.ends_with("ca.pem"),
+            "{}",
+            ca.display()
+        );
         for (bad, says) in [
-            ("[mqtt]\nbroker = \"mqtts://b:8883\"\ntenants = [\"acme\"]", "not supported yet"),
+            (
+                "[mqtt]\nbroker = \"mqtts://b\"\ntenants = [\"acme\"]\nca = \"nope.pem\"",
+                "mqtt.ca = ",
+            ),
+            (
+                "[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"acme\"]\nca = \"ca.pem\"",
+                "only for an mqtts:// broker",
+            ),
+            (
+                "[mqtt]\nbroker = \"mqtts://b\"\ntenants = [\"acme\"]\ncert = \"node.pem\"",
+                "go together",
+            ),
             ("[mqtt]\nbroker = \"tcp://b\"\ntenants = [\"acme\"]", "expected mqtt://HOST[:PORT]"),
             ("[mqtt]\nbroker = \"mqtt://b:x\"\ntenants = [\"acme\"]", "bad port"),
             ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = []", "at least one tenant"),

@@ -193,14 +193,48 @@ pub async fn onboard(
         tenant: spec.tenant.clone(),
         name,
     };
+    let agent = local_agent(
+        id.clone(),
+        spec.clone(),
+        base,
+        card,
+        spec.health_path.clone().unwrap_or(health_default),
+        pinned(spec),
+        mesh,
+    );
+    agents
+        .insert(agent.clone())
+        .map_err(AgentError::Duplicate)?;
+    agents.clear_pending(spec);
+    info!(agent = %id, url = %spec.url, skills = agent.card.skills.len(), "agent onboarded");
+    Ok(agent)
+}
+
+/// The card as the mesh serves it: every URL rewritten to the mesh name.
+fn mesh_card(card: &AgentCard, id: &AgentId) -> AgentCard {
     let mut mesh_card = card.clone();
     mesh_card.rewrite_urls(&format!("http://{}.{}.dmsc", id.name, id.tenant));
-    let digest = mesh_card.digest();
-    let mesh_card_bytes = Bytes::from(mesh_card.to_bytes());
-    mesh.add_card(mesh_card);
-    let agent = Arc::new(LocalAgent {
-        id: id.clone(),
-        spec: spec.clone(),
+    mesh_card
+}
+
+/// A new local agent, its mesh card registered in `mesh`; healthy until a
+/// check (or, for an edge agent, its status) says otherwise.
+fn local_agent(
+    id: AgentId,
+    spec: RawAgent,
+    base: Uri,
+    card: AgentCard,
+    health_path: String,
+    protocol: Option<Protocol>,
+    mesh: &MeshView,
+) -> Arc<LocalAgent> {
+    let served = mesh_card(&card, &id);
+    let digest = served.digest();
+    let mesh_card_bytes = Bytes::from(served.to_bytes());
+    mesh.add_card(served);
+    Arc::new(LocalAgent {
+        id,
+        spec,
         base,
         card,
         mesh_card: mesh_card_bytes,
@@ -208,16 +242,10 @@ pub async fn onboard(
         health: AtomicU8::new(1),
         in_flight: AtomicU32::new(0),
         stats: Mutex::new(AgentStats::default()),
-        health_path: spec.health_path.clone().unwrap_or(health_default),
-        protocol: ProtocolState::new(pinned(spec)),
+        health_path,
+        protocol: ProtocolState::new(protocol),
         published: Mutex::new(None),
-    });
-    agents
-        .insert(agent.clone())
-        .map_err(AgentError::Duplicate)?;
-    agents.clear_pending(spec);
-    info!(agent = %id, url = %spec.url, skills = agent.card.skills.len(), "agent onboarded");
-    Ok(agent)
+    })
 }
 
 fn pinned(spec: &RawAgent) -> Option<Protocol> {
@@ -323,34 +351,24 @@ impl AgentsCtx {
             protocol: Some(crate::edge::PROTOCOL.to_string()),
             ..Default::default()
         };
-        let mut mesh_card = card.clone();
-        mesh_card.rewrite_urls(&format!("http://{}.{}.dmsc", id.name, id.tenant));
-        let digest = mesh_card.digest();
         if let Some(old) = self.agents.get(&id) {
             if !old.is_edge() {
                 return Err(AgentError::Duplicate(id));
             }
-            if old.digest == digest {
+            if old.digest == mesh_card(&card, &id).digest() {
                 // The retained card again (a reconnect): nothing changed.
                 return Ok(old);
             }
         }
-        let mesh_card_bytes = Bytes::from(mesh_card.to_bytes());
-        self.mesh.add_card(mesh_card);
-        let agent = Arc::new(LocalAgent {
-            id: id.clone(),
-            spec: spec.clone(),
-            base: Uri::from_static("http://edge.invalid/"),
+        let agent = local_agent(
+            id.clone(),
+            spec,
+            Uri::from_static("http://edge.invalid/"),
             card,
-            mesh_card: mesh_card_bytes,
-            digest,
-            health: AtomicU8::new(1),
-            in_flight: AtomicU32::new(0),
-            stats: Mutex::new(AgentStats::default()),
-            health_path: "/".into(),
-            protocol: ProtocolState::new(None),
-            published: Mutex::new(None),
-        });
+            "/".into(),
+            None,
+            &self.mesh,
+        );
         self.agents.remove(&id);
         self.agents
             .insert(agent.clone())

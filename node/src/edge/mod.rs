@@ -22,8 +22,10 @@
 //!   ingress of that tenant (the same policy, limits, routing and audit
 //!   as an HTTP caller) and the answer is published on its response topic.
 //!
-//! Not yet: TLS to the broker, the embedded broker, streamed answers
-//! (`dmsc-stream`), agents declared in `[[agents]]` with `protocol = "mqtt"`.
+//! Answers may be streamed (`dmsc-stream: more` … `end`, server-sent events
+//! on the HTTP side); `mqtts://` brokers are verified against `[mqtt] ca`.
+//! Not yet: the embedded broker, per-tenant broker sessions, active/standby
+//! between nodes bridging one tenant on one broker.
 
 pub mod topics;
 
@@ -135,8 +137,9 @@ pub struct EdgeParts {
 }
 
 impl Bridge {
-    /// The bridge and its event loop (run it as a task of the node).
-    pub fn new(cfg: MqttConfig, node: &str) -> (Arc<Bridge>, EventLoop) {
+    /// The bridge and its event loop (run it as a task of the node); `Err`
+    /// names a TLS file that cannot be used.
+    pub fn new(cfg: MqttConfig, node: &str) -> Result<(Arc<Bridge>, EventLoop), String> {
         let client_id = cfg
             .client_id
             .clone()
@@ -156,6 +159,11 @@ impl Bridge {
         if let Some((u, p)) = &cfg.credentials {
             opts.set_credentials(u.clone(), p.clone());
         }
+        if let Some(tls) = &cfg.tls {
+            opts.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(Arc::new(tls_config(tls)?)),
+            ));
+        }
         let (client, eventloop) = AsyncClient::new(opts, 256);
         let bridge = Arc::new(Bridge {
             client,
@@ -166,7 +174,7 @@ impl Bridge {
             seen: Mutex::new(std::collections::VecDeque::new()),
             stats: EdgeStats::default(),
         });
-        (bridge, eventloop)
+        Ok((bridge, eventloop))
     }
 
     pub fn connected(&self) -> bool {
@@ -174,7 +182,12 @@ impl Bridge {
     }
 
     pub fn broker(&self) -> String {
-        format!("mqtt://{}:{}", self.cfg.host, self.cfg.port)
+        let scheme = if self.cfg.tls.is_some() {
+            "mqtts"
+        } else {
+            "mqtt"
+        };
+        format!("{scheme}://{}:{}", self.cfg.host, self.cfg.port)
     }
 
     pub fn tenants(&self) -> &[String] {
@@ -634,6 +647,59 @@ impl Bridge {
         };
         if let Err(e) = publish(payload, None).await {
             warn!(error = %e, "could not publish an answer to an edge caller");
+        }
+    }
+}
+
+/// The TLS client of an mqtts broker connection: TLS 1.3 or 1.2 with
+/// ring, the broker verified against `ca` (or the system's roots), and the
+/// client certificate if one is configured.
+fn tls_config(tls: &crate::config::MqttTls) -> Result<rustls::ClientConfig, String> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| format!("mqtt: cannot read `{}`: {e}", p.display()))
+    };
+    let certs = |p: &std::path::Path| -> Result<Vec<CertificateDer<'static>>, String> {
+        let pem = read(p)?;
+        let v = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("mqtt: `{}`: {e}", p.display()))?;
+        if v.is_empty() {
+            return Err(format!("mqtt: `{}` holds no certificate", p.display()));
+        }
+        Ok(v)
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    match &tls.ca {
+        Some(ca) => {
+            for c in certs(ca)? {
+                roots
+                    .add(c)
+                    .map_err(|e| format!("mqtt: `{}`: {e}", ca.display()))?;
+            }
+        }
+        None => {
+            for c in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(c);
+            }
+        }
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("mqtt: TLS: {e}"))?
+    .with_root_certificates(roots);
+    match &tls.client {
+        None => Ok(builder.with_no_client_auth()),
+        Some((cert, key)) => {
+            let chain = certs(cert)?;
+            let key = PrivateKeyDer::from_pem_slice(&read(key)?)
+                .map_err(|e| format!("mqtt: `{}`: {e}", key.display()))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("mqtt: client certificate: {e}"))
         }
     }
 }

@@ -574,3 +574,108 @@ async fn an_mqtt_edge_agent_is_called_over_http_and_calls_http_agents_through_th
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A CA and a broker certificate for 127.0.0.1, as PEM files in `dir`.
+fn broker_certs(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca = rcgen::CertificateParams::default();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "broker test CA");
+    let ca_cert = ca.self_signed(&ca_key).expect("ca");
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_cert.pem(), &ca_key).expect("issuer");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut leaf = rcgen::CertificateParams::default();
+    leaf.subject_alt_names = vec![rcgen::SanType::IpAddress([127, 0, 0, 1].into())];
+    let cert = leaf.signed_by(&key, &issuer).expect("leaf");
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("broker.pem"),
+        dir.join("broker.key"),
+    );
+    std::fs::write(&paths.0, ca_cert.pem()).expect("ca");
+    std::fs::write(&paths.1, cert.pem()).expect("cert");
+    std::fs::write(&paths.2, key.serialize_pem()).expect("key");
+    paths
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtts_broker_is_bridged_over_tls_verified_by_its_ca() {
+    // mosquitto with a TLS listener for the node and a plain one for the
+    // edge agent (loopback only).
+    let Some(plain) = Broker::start().await else {
+        return;
+    };
+    let port = plain.port;
+    let (ca, cert, key) = broker_certs(plain.dir.path());
+    let tls_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let conf = plain.dir.path().join("mosquitto.conf");
+    let mut text = std::fs::read_to_string(&conf).expect("conf");
+    text.push_str(&format!(
+        "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n",
+        ca.display(),
+        cert.display(),
+        key.display()
+    ));
+    std::fs::write(&conf, text).expect("conf");
+    let mut broker = plain;
+    broker.restart().await;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", tls_port))
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mesh = mesh_of(&["n0", "n1"], |i, raw| {
+        if i == 1 {
+            raw.mqtt = Some(RawMqtt {
+                broker: format!("mqtts://127.0.0.1:{tls_port}"),
+                tenants: vec!["acme".into()],
+                ca: Some(ca.clone()),
+                ..Default::default()
+            });
+        }
+    })
+    .await;
+    let (tx, _answers) = mpsc::unbounded_channel();
+    let (_edge, edge_task) = edge_agent(port, tx).await;
+    eventually(
+        Duration::from_secs(10),
+        "the edge agent is routable over the TLS bridge",
+        || mesh.routable_everywhere("meter"),
+    )
+    .await;
+    let st = mesh.nodes[1].status().await.mqtt.expect("mqtt");
+    assert!(st.connected && st.broker.starts_with("mqtts://"), "{st:?}");
+    let (status, _, body) = http_call(&mesh, "meter.acme.dmsc", "*/*").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, r#"meter says (acme): {"q":"now"}"#)
+    );
+    edge_task.abort();
+
+    // A node that does not trust the broker's CA never connects (and says so).
+    let other = tempfile::tempdir().expect("dir");
+    let (other_ca, _, _) = broker_certs(other.path());
+    let wrong = mesh_of(&["w0"], |_, raw| {
+        raw.mqtt = Some(RawMqtt {
+            broker: format!("mqtts://127.0.0.1:{tls_port}"),
+            tenants: vec!["acme".into()],
+            ca: Some(other_ca.clone()),
+            ..Default::default()
+        });
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let st = wrong.nodes[0].status().await.mqtt.expect("mqtt");
+    assert!(!st.connected && st.connects == 0, "{st:?}");
+}
