@@ -129,6 +129,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// One delegation for an edge agent, as the request path hands it over.
+pub(crate) struct EdgeCall<'a> {
+    pub method: Method,
+    pub path: &'a str,
+    pub content_type: Option<String>,
+    /// The caller's `Accept` (`text/event-stream`: it takes a stream).
+    pub accept: Option<String>,
+    pub body: Body,
+    pub deadline: tokio::time::Instant,
+    pub caller: &'a str,
+    pub caller_tenant: &'a str,
+}
+
 /// What the event loop needs besides the bridge.
 pub struct EdgeParts {
     pub agents: AgentsCtx,
@@ -196,20 +209,22 @@ impl Bridge {
 
     /// Delivers one delegation to an edge agent: publishes it on the
     /// agent's request topic and waits for the answer until `deadline`.
-    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn deliver(
         self: &Arc<Self>,
         agent: &LocalAgent,
         me: &str,
-        method: &Method,
-        path: &str,
-        content_type: Option<&str>,
-        accept: Option<&str>,
-        body: Body,
-        deadline: tokio::time::Instant,
-        caller: &str,
-        caller_tenant: &str,
+        call: EdgeCall<'_>,
     ) -> Result<Response<Body>, Failure> {
+        let EdgeCall {
+            method,
+            path,
+            content_type,
+            accept,
+            body,
+            deadline,
+            caller,
+            caller_tenant,
+        } = call;
         let fail = |kind: ErrorKind, why: String| MeshError::new(kind, me, why).agent(&agent.id);
         if agent.health() == Health::Unhealthy {
             // Its last will said offline (the mesh may not know yet).
@@ -245,13 +260,13 @@ impl Bridge {
             message_expiry_interval: Some(remaining.as_secs().max(1) as u32),
             response_topic: Some(topics::replies(&agent.id.tenant, &self.node)),
             correlation_data: Some(correlation),
-            content_type: content_type.map(str::to_string),
+            content_type,
             user_properties: [
                 (CALLER_PROPERTY, Some(caller)),
                 (CALLER_TENANT_PROPERTY, Some(caller_tenant)),
                 (METHOD_PROPERTY, Some(method.as_str())),
                 (PATH_PROPERTY, Some(path)),
-                (ACCEPT_PROPERTY, accept),
+                (ACCEPT_PROPERTY, accept.as_deref()),
             ]
             .into_iter()
             .filter_map(|(k, v)| Some((k.to_string(), v?.to_string())))

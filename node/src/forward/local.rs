@@ -307,23 +307,18 @@ pub(crate) async fn deliver_local(
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string)
         };
-        let content_type: Option<String> = header(CONTENT_TYPE);
-        let accept: Option<String> = header(hyper::header::ACCEPT);
+        let call = crate::edge::EdgeCall {
+            content_type: header(CONTENT_TYPE),
+            accept: header(hyper::header::ACCEPT),
+            method,
+            path,
+            body,
+            deadline,
+            caller,
+            caller_tenant: tenant,
+        };
         drop(headers);
-        let result = bridge
-            .deliver(
-                agent,
-                me,
-                &method,
-                path,
-                content_type.as_deref(),
-                accept.as_deref(),
-                body,
-                deadline,
-                caller,
-                tenant,
-            )
-            .await;
+        let result = bridge.deliver(agent, me, call).await;
         lock(&agent.stats).observe(
             started.elapsed(),
             result.as_ref().is_ok_and(|r| !r.status().is_server_error()),
