@@ -385,7 +385,9 @@ impl Bridge {
                     info!(broker = %self.broker(), tenants = ?self.cfg.tenants, "MQTT bridge connected");
                     for t in &self.cfg.tenants {
                         for filter in topics::subscriptions(t, &self.node) {
-                            if let Err(e) = self.client.subscribe(filter, QoS::AtLeastOnce).await {
+                            // Never wait here: this loop is what drains
+                            // the client's queue.
+                            if let Err(e) = self.client.try_subscribe(filter, QoS::AtLeastOnce) {
                                 warn!(error = %e, "MQTT subscribe failed");
                             }
                         }
@@ -442,8 +444,9 @@ impl Bridge {
                 if let Some(rt) = props.response_topic.clone() {
                     if rt.starts_with(&format!("{}/{tenant}/", topics::ROOT)) {
                         let e = MeshError::new(ErrorKind::TooLarge, &self.node, why);
-                        self.answer(rt, props.correlation_data.clone(), e.response(None))
-                            .await;
+                        let (this, c) = (self.clone(), props.correlation_data.clone());
+                        // Not awaited here: this loop drains the client's queue.
+                        tokio::spawn(async move { this.answer(rt, c, e.response(None)).await });
                     }
                 }
             }
