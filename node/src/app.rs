@@ -341,6 +341,7 @@ impl App {
             ingress_addrs.push(addr);
         }
         overlay.serve_streams(stream_handler(delegator.clone()));
+        let mut edge = None;
         if let Some(mqtt) = config.mqtt.clone() {
             // Edge agents over MQTT: delivery reaches the bridge through
             // the upstream; calls from the edge enter through an
@@ -371,7 +372,11 @@ impl App {
                 .with_label(format!("mqtt:{}:{tenant}", bridge.broker()));
                 ingress.insert(tenant.clone(), Arc::new(i));
             }
-            let _ = agents.upstream.edge.set(bridge.clone());
+            let _ = agents
+                .upstream
+                .edge
+                .set(Arc::new(crate::edge::Link(bridge.clone())));
+            edge = Some(bridge.clone());
             info!(broker = %bridge.broker(), tenants = ?bridge.tenants(), "MQTT bridge starting");
             let parts = crate::edge::EdgeParts {
                 agents: agents.clone(),
@@ -437,6 +442,7 @@ impl App {
             mesh,
             agents,
             intent,
+            edge,
             metrics: Metrics::new(delegation_metrics, security_metrics, listener_metrics),
             started: Instant::now(),
             bound: bound.clone(),

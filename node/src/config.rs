@@ -1394,7 +1394,7 @@ impl RawConfig {
                 .mqtt
                 .as_ref()
                 .is_some_and(|m| m.tenants.contains(&a.tenant));
-            if a.protocol.as_deref() == Some(crate::edge::PROTOCOL) && !bridged {
+            if a.protocol.as_deref() == Some(crate::proto::agent::EDGE_PROTOCOL) && !bridged {
                 errors.push(format!(
                     "agents[{i}]: protocol = \"mqtt\" needs [mqtt] with tenant `{}` in `tenants`",
                     a.tenant
@@ -1644,7 +1644,7 @@ pub fn check_spec(a: &RawAgent) -> Result<(), String> {
             a.tenant
         ));
     }
-    let edge = a.protocol.as_deref() == Some(crate::edge::PROTOCOL);
+    let edge = a.protocol.as_deref() == Some(crate::proto::agent::EDGE_PROTOCOL);
     if edge {
         if a.name.is_none() || a.skills.is_none() {
             problems.push(

@@ -116,8 +116,8 @@ mod layering {
     /// Top-level modules, lowest layer first. `demo` and `ops` stand apart:
     /// they may use everything, and nothing on the request path uses them.
     const LAYERS: &[&str] = &[
-        "proto", "config", "metrics", "security", "policy", "limits", "route", "forward",
-        "ingress", "control", "admin", "app", "ops", "demo",
+        "proto", "config", "metrics", "security", "policy", "limits", "route", "intent", "forward",
+        "ingress", "control", "edge", "admin", "app", "ops", "demo",
     ];
 
     fn layer_of(module: &str) -> Option<usize> {

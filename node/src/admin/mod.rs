@@ -61,6 +61,8 @@ pub(crate) struct Shared {
     pub(crate) mesh: Arc<MeshView>,
     pub(crate) agents: AgentsCtx,
     pub(crate) intent: Arc<crate::intent::Intent>,
+    /// The MQTT bridge, if `[mqtt]` is set.
+    pub(crate) edge: Option<Arc<crate::edge::Bridge>>,
     pub(crate) metrics: Metrics,
     pub(crate) started: std::time::Instant,
     pub(crate) bound: Bound,

@@ -129,7 +129,7 @@ pub(crate) async fn status_report(s: &Shared) -> StatusReport {
         mode: if s.intent.cfg.ask { "ask" } else { "best" }.to_string(),
         tenants: s.intent.tenants(),
     };
-    let mqtt = s.agents.upstream.edge.get().map(|b| {
+    let mqtt = s.edge.as_ref().map(|b| {
         use std::sync::atomic::Ordering::Relaxed;
         super::status::MqttStatus {
             broker: b.broker(),

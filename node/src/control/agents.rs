@@ -31,6 +31,7 @@ use crate::forward::client::{Client, Upstream};
 use crate::forward::local::{
     lock, AgentStats, LocalAgent, LocalAgents, Protocol, ProtocolState, CARD_PATHS,
 };
+use crate::proto::agent::EDGE_PROTOCOL;
 use crate::proto::http::empty;
 use crate::route::MeshView;
 
@@ -298,7 +299,7 @@ impl AgentsCtx {
     /// tells the truth and delivery knows the agent's protocol from the
     /// first call (an HTTP/2-only agent must not get an HTTP/1.1 request).
     pub async fn add(&self, spec: &RawAgent) -> Result<Arc<LocalAgent>, AgentError> {
-        if spec.protocol.as_deref() == Some(crate::edge::PROTOCOL) {
+        if spec.protocol.as_deref() == Some(EDGE_PROTOCOL) {
             // An edge agent declared in config: its card from its skills,
             // its health from its MQTT status (up until it says otherwise).
             check_spec(spec).map_err(AgentError::Spec)?;
@@ -313,7 +314,8 @@ impl AgentsCtx {
             named.url = format!("http://{name}.{}.dmsc", spec.tenant);
             let card = declared_card(&named)?;
             let id = AgentId::new(&spec.tenant, &name);
-            return self.add_edge(id, card, &bridge.broker()).await;
+            let endpoint = bridge.endpoint(&id);
+            return self.add_edge(id, card, endpoint).await;
         }
         match onboard(spec, &self.upstream, &self.agents, &self.mesh).await {
             Ok(a) => {
@@ -335,20 +337,18 @@ impl AgentsCtx {
 
     /// Registers (or updates) an edge agent from the card it published over
     /// MQTT; its health comes from its status topic, not from checks.
+    /// `endpoint`: where it is reached ([`EdgeLink::endpoint`]).
     pub async fn add_edge(
         &self,
         id: AgentId,
         card: AgentCard,
-        broker: &str,
+        endpoint: String,
     ) -> Result<Arc<LocalAgent>, AgentError> {
         let spec = RawAgent {
             tenant: id.tenant.clone(),
-            url: format!(
-                "{broker}/{}",
-                crate::edge::topics::request(&id.tenant, &id.name)
-            ),
+            url: endpoint,
             name: Some(id.name.clone()),
-            protocol: Some(crate::edge::PROTOCOL.to_string()),
+            protocol: Some(EDGE_PROTOCOL.to_string()),
             ..Default::default()
         };
         if let Some(old) = self.agents.get(&id) {

@@ -48,14 +48,14 @@ use tracing::{debug, info, warn};
 
 use crate::config::MqttConfig;
 use crate::control::agents::AgentsCtx;
-use crate::forward::local::LocalAgent;
+use crate::forward::local::{EdgeCall, EdgeLink, LocalAgent};
 use crate::ingress::Ingress;
 use crate::proto::http::{full, Body, ErrorKind, MeshError};
 use crate::proto::outcome::Failure;
 use topics::Topic;
 
 /// `protocol` of an edge agent's spec.
-pub const PROTOCOL: &str = "mqtt";
+pub use crate::proto::agent::EDGE_PROTOCOL as PROTOCOL;
 
 /// User property: the HTTP status of an answer (default 200).
 pub const STATUS_PROPERTY: &str = "dmsc-status";
@@ -129,19 +129,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// One delegation for an edge agent, as the request path hands it over.
-pub(crate) struct EdgeCall<'a> {
-    pub method: Method,
-    pub path: &'a str,
-    pub content_type: Option<String>,
-    /// The caller's `Accept` (`text/event-stream`: it takes a stream).
-    pub accept: Option<String>,
-    pub body: Body,
-    pub deadline: tokio::time::Instant,
-    pub caller: &'a str,
-    pub caller_tenant: &'a str,
-}
-
 /// What the event loop needs besides the bridge.
 pub struct EdgeParts {
     pub agents: AgentsCtx,
@@ -210,7 +197,7 @@ impl Bridge {
     /// Delivers one delegation to an edge agent: publishes it on the
     /// agent's request topic and waits for the answer until `deadline`.
     pub(crate) async fn deliver(
-        self: &Arc<Self>,
+        self: Arc<Self>,
         agent: &LocalAgent,
         me: &str,
         call: EdgeCall<'_>,
@@ -575,7 +562,11 @@ impl Bridge {
         };
         match parts
             .agents
-            .add_edge(id.clone(), card, &self.broker())
+            .add_edge(
+                id.clone(),
+                card,
+                format!("{}/{}", self.broker(), topics::request(tenant, name)),
+            )
             .await
         {
             Ok(_) => info!(agent = %id, broker = %self.broker(), "edge agent registered over MQTT"),
@@ -766,6 +757,31 @@ fn sse_event(payload: &[u8]) -> Bytes {
     }
     out.push(b'\n');
     Bytes::from(out)
+}
+
+/// The bridge's handle as the request path holds it.
+#[derive(Debug)]
+pub struct Link(pub Arc<Bridge>);
+
+impl EdgeLink for Link {
+    fn deliver<'a>(
+        &'a self,
+        agent: &'a LocalAgent,
+        me: &'a str,
+        call: EdgeCall<'a>,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Response<Body>, Failure>> + Send + 'a>,
+    > {
+        Box::pin(self.0.clone().deliver(agent, me, call))
+    }
+
+    fn endpoint(&self, id: &AgentId) -> String {
+        format!(
+            "{}/{}",
+            self.0.broker(),
+            topics::request(&id.tenant, &id.name)
+        )
+    }
 }
 
 /// Drops a delegation's pending entry however it ends.

@@ -17,7 +17,7 @@ pub struct Upstream {
     pub h1: Client,
     pub h2: Client,
     /// Edge agents over MQTT (set once the bridge starts).
-    pub edge: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<crate::edge::Bridge>>>,
+    pub edge: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<dyn super::local::EdgeLink>>>,
 }
 
 impl Upstream {

@@ -28,6 +28,36 @@ use crate::proto::http::{full, strip_hop_by_hop, Body, ErrorKind, MeshError};
 use crate::proto::outcome::Failure;
 use crate::route::now_ms;
 
+/// How delivery reaches edge agents: the MQTT bridge (the `edge` module,
+/// a later layer) implements it and the node sets it in [`Upstream`].
+pub trait EdgeLink: Send + Sync + std::fmt::Debug {
+    /// Delivers one delegation to an edge agent of this node.
+    fn deliver<'a>(
+        &'a self,
+        agent: &'a LocalAgent,
+        me: &'a str,
+        call: EdgeCall<'a>,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Response<Body>, Failure>> + Send + 'a>,
+    >;
+    /// Where an edge agent is reached (its spec's `url`), e.g.
+    /// `mqtt://broker:1883/dmsc/acme/agents/meter/req`.
+    fn endpoint(&self, id: &AgentId) -> String;
+}
+
+/// One delegation for an edge agent, as the request path hands it over.
+pub struct EdgeCall<'a> {
+    pub method: Method,
+    pub path: &'a str,
+    pub content_type: Option<String>,
+    /// The caller's `Accept` (`text/event-stream`: it takes a stream).
+    pub accept: Option<String>,
+    pub body: Body,
+    pub deadline: tokio::time::Instant,
+    pub caller: &'a str,
+    pub caller_tenant: &'a str,
+}
+
 /// Card paths, newest first.
 pub const CARD_PATHS: [&str; 2] = ["/.well-known/agent-card.json", "/.well-known/agent.json"];
 
@@ -99,9 +129,9 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl LocalAgent {
-    /// An edge agent, reached over MQTT (see [`crate::edge`]).
+    /// An edge agent, reached over MQTT (through an [`EdgeLink`]).
     pub fn is_edge(&self) -> bool {
-        self.spec.protocol.as_deref() == Some(crate::edge::PROTOCOL)
+        self.spec.protocol.as_deref() == Some(crate::proto::agent::EDGE_PROTOCOL)
     }
 
     pub fn health(&self) -> Health {
@@ -307,7 +337,7 @@ pub(crate) async fn deliver_local(
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string)
         };
-        let call = crate::edge::EdgeCall {
+        let call = EdgeCall {
             content_type: header(CONTENT_TYPE),
             accept: header(hyper::header::ACCEPT),
             method,

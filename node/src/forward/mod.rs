@@ -548,21 +548,7 @@ impl Delegator {
     }
 }
 
-/// The tags of an agent's skills, as its gossiped record lists them.
-pub(crate) fn agent_tags(
-    reg: &dmsc_registry::Registry,
-    id: &dmsc_registry::AgentId,
-) -> Vec<String> {
-    reg.get(id)
-        .map(|e| {
-            e.record
-                .skills
-                .iter()
-                .flat_map(|s| s.tags.iter().map(|t| t.to_ascii_lowercase()))
-                .collect()
-        })
-        .unwrap_or_default()
-}
+pub(crate) use crate::route::agent_tags;
 
 /// The rule a refusal's text names (`... (rule `acme:export`)`), for the
 /// audit entry of a refusal that came back from a home node.

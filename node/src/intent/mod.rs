@@ -521,7 +521,7 @@ pub async fn prepare(
                         // Only what the caller may call: healthy, and
                         // allowed by both tenants' policies (a cross-tenant
                         // caller never sees agents not exported to it).
-                        let tags = crate::forward::agent_tags(&reg, &id);
+                        let tags = crate::route::agent_tags(&reg, &id);
                         (e.record.health == dmsc_registry::Health::Healthy
                             && allowed(&id.name, &tags))
                         .then(|| (id, s, e.record.digest.clone()))

@@ -5,6 +5,10 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU8, Ordering};
 
+/// `protocol` of an edge agent's spec: reached over MQTT (see the `edge`
+/// module).
+pub const EDGE_PROTOCOL: &str = "mqtt";
+
 /// How the node talks to an agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {

@@ -551,6 +551,22 @@ impl LocalState for MeshView {
     }
 }
 
+/// The tags of an agent's skills, as its gossiped record lists them.
+pub(crate) fn agent_tags(
+    reg: &dmsc_registry::Registry,
+    id: &dmsc_registry::AgentId,
+) -> Vec<String> {
+    reg.get(id)
+        .map(|e| {
+            e.record
+                .skills
+                .iter()
+                .flat_map(|s| s.tags.iter().map(|t| t.to_ascii_lowercase()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

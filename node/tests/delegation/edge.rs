@@ -500,15 +500,11 @@ async fn an_mqtt_edge_agent_is_called_over_http_and_calls_http_agents_through_th
     )
     .await
     .expect("publish");
-    eventually(Duration::from_secs(5), "the refusal is counted", || {
-        mesh.nodes[1]
-            .agents()
-            .upstream
-            .edge
-            .get()
-            .is_some_and(|b| b.stats.refused.load(std::sync::atomic::Ordering::Relaxed) > refused)
-    })
-    .await;
+    let until = Instant::now() + Duration::from_secs(5);
+    while mesh.nodes[1].status().await.mqtt.expect("mqtt").refused == refused {
+        assert!(Instant::now() < until, "the refusal was not counted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // A QoS 1 redelivery (same response topic and correlation) runs once.
     let again = edge_call(
         &edge,
