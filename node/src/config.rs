@@ -172,15 +172,23 @@ impl RawMqtt {
             }
         };
         let max_message = self.max_message.unwrap_or(1 << 20);
-        if max_message < 1024 {
+        // (MQTT's largest packet is 268,435,455 bytes; room for headers.)
+        if !(1024..=268_000_000).contains(&max_message) {
             errors.push(format!(
-                "mqtt.max_message = {max_message}: at least 1024 bytes"
+                "mqtt.max_message = {max_message}: between 1024 and 268000000 bytes"
             ));
         }
         let keep_alive = Duration::from_secs(self.keep_alive_secs.unwrap_or(10));
         // (rumqttc refuses anything shorter.)
-        if keep_alive < Duration::from_secs(5) {
-            errors.push("mqtt.keep_alive_secs must be at least 5".to_string());
+        if !(5..=65535).contains(&keep_alive.as_secs()) {
+            errors.push("mqtt.keep_alive_secs must be within 5..=65535".to_string());
+        }
+        if self
+            .client_id
+            .as_deref()
+            .is_some_and(|c| c.is_empty() || c.len() > 256)
+        {
+            errors.push("mqtt.client_id must be 1-256 characters".to_string());
         }
         (errors.len() == before).then(|| MqttConfig {
             host,
@@ -1983,7 +1991,10 @@ enabled = true
             ("[mqtt]\nbroker = \"mqtt://b:x\"\ntenants = [\"acme\"]", "bad port"),
             ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = []", "at least one tenant"),
             ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"a/#\"]", "not a tenant name"),
-            ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"acme\"]\nkeep_alive_secs = 2", "at least 5"),
+            ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"acme\"]\nkeep_alive_secs = 2", "within 5..=65535"),
+            ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"acme\"]\nkeep_alive_secs = 70000", "within 5..=65535"),
+            ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"acme\"]\nmax_message = 4294967295", "between 1024"),
+            ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"acme\"]\nclient_id = \"\"", "1-256 characters"),
             (edge, "needs [mqtt] with tenant `acme`"),
             (
                 "[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"acme\"]\n[[agents]]\ntenant = \"acme\"\nprotocol = \"mqtt\"",

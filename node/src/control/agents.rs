@@ -351,13 +351,14 @@ impl AgentsCtx {
             protocol: Some(EDGE_PROTOCOL.to_string()),
             ..Default::default()
         };
-        if let Some(old) = self.agents.get(&id) {
+        let old = self.agents.get(&id);
+        if let Some(old) = &old {
             if !old.is_edge() {
                 return Err(AgentError::Duplicate(id));
             }
             if old.digest == mesh_card(&card, &id).digest() {
                 // The retained card again (a reconnect): nothing changed.
-                return Ok(old);
+                return Ok(old.clone());
             }
         }
         let agent = local_agent(
@@ -369,6 +370,10 @@ impl AgentsCtx {
             None,
             &self.mesh,
         );
+        // An updated card keeps what its status last said.
+        if let Some(old) = &old {
+            agent.set_health(old.health());
+        }
         self.agents.remove(&id);
         self.agents
             .insert(agent.clone())

@@ -40,7 +40,7 @@ use http_body_util::BodyExt as _;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
+use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish, PublishProperties, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use tokio::sync::mpsc;
@@ -108,6 +108,8 @@ pub struct Bridge {
     cfg: MqttConfig,
     node: String,
     connected: AtomicBool,
+    /// The broker's maximum packet size (from its CONNACK).
+    broker_max: std::sync::atomic::AtomicU32,
     /// Delegations waiting for their answer, by correlation id.
     pending: Mutex<HashMap<Bytes, mpsc::UnboundedSender<Reply>>>,
     /// Recent calls from the edge (response topic + correlation): a QoS 1
@@ -170,6 +172,7 @@ impl Bridge {
             cfg,
             node: node.to_string(),
             connected: AtomicBool::new(false),
+            broker_max: std::sync::atomic::AtomicU32::new(u32::MAX),
             pending: Mutex::new(HashMap::new()),
             seen: Mutex::new(std::collections::VecDeque::new()),
             stats: EdgeStats::default(),
@@ -238,6 +241,16 @@ impl Bridge {
                 )))
             }
         };
+        if !self.fits(payload.len()) {
+            return Err(Failure::Caller(fail(
+                ErrorKind::TooLarge,
+                format!(
+                    "{} bytes: over the MQTT broker's packet limit ({} bytes)",
+                    payload.len(),
+                    self.broker_max.load(Ordering::Relaxed)
+                ),
+            )));
+        }
         let correlation = Bytes::from(format!("{:032x}", rand::random::<u128>()));
         let (tx, mut rx) = mpsc::unbounded_channel();
         lock(&self.pending).insert(correlation.clone(), tx);
@@ -302,7 +315,19 @@ impl Bridge {
                 )))
             }
         };
-        let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::OK);
+        let Some(status) = (200..=599)
+            .contains(&reply.status)
+            .then(|| StatusCode::from_u16(reply.status).ok())
+            .flatten()
+        else {
+            return Err(Failure::MaybeDelivered(fail(
+                ErrorKind::Unreachable,
+                format!(
+                    "edge agent `{}` answered with dmsc-status {} (200-599 expected)",
+                    agent.id, reply.status
+                ),
+            )));
+        };
         let mut resp = match reply.stream {
             None => {
                 let mut r = Response::new(full(reply.payload));
@@ -365,18 +390,38 @@ impl Bridge {
         let mut backoff = Duration::from_millis(100);
         loop {
             match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     backoff = Duration::from_millis(100);
+                    // The broker's packet limit: a bigger publish would
+                    // fail to encode and cost the whole connection.
+                    let limit = ack
+                        .properties
+                        .and_then(|p| p.max_packet_size)
+                        .unwrap_or(u32::MAX);
+                    self.broker_max.store(limit, Ordering::Relaxed);
                     self.connected.store(true, Ordering::Relaxed);
                     self.stats.connects.fetch_add(1, Ordering::Relaxed);
                     info!(broker = %self.broker(), tenants = ?self.cfg.tenants, "MQTT bridge connected");
-                    for t in &self.cfg.tenants {
-                        for filter in topics::subscriptions(t, &self.node) {
-                            // Never wait here: this loop is what drains
-                            // the client's queue.
-                            if let Err(e) = self.client.try_subscribe(filter, QoS::AtLeastOnce) {
-                                warn!(error = %e, "MQTT subscribe failed");
-                            }
+                    let filters: Vec<Filter> = self
+                        .cfg
+                        .tenants
+                        .iter()
+                        .flat_map(|t| topics::subscriptions(t, &self.node))
+                        .map(|f| Filter::new(f, QoS::AtLeastOnce))
+                        .collect();
+                    // From a task: this loop is what drains the client's
+                    // queue, so it must never wait on it.
+                    let client = self.client.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = client.subscribe_many(filters).await {
+                            warn!(error = %e, "MQTT subscribe failed");
+                        }
+                    });
+                }
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    for code in &ack.return_codes {
+                        if !matches!(code, SubscribeReasonCode::Success(_)) {
+                            warn!(?code, "the MQTT broker refused a subscription of the bridge (shared subscriptions unsupported, or its ACL)");
                         }
                     }
                 }
@@ -393,6 +438,12 @@ impl Bridge {
                 }
             }
         }
+    }
+
+    /// Whether a message with `payload` bytes fits the broker's packet
+    /// limit (with room for topic and properties).
+    fn fits(&self, payload: usize) -> bool {
+        payload + 4096 <= self.broker_max.load(Ordering::Relaxed) as usize
     }
 
     fn bridged(&self, tenant: &str) -> bool {
@@ -429,11 +480,11 @@ impl Bridge {
             self.refuse(topic, &why);
             if let (Topic::Call { .. }, Some(props)) = (&parsed, &p.properties) {
                 if let Some(rt) = props.response_topic.clone() {
-                    if rt.starts_with(&format!("{}/{tenant}/", topics::ROOT)) {
+                    if topics::valid_response_topic(&rt, tenant) {
                         let e = MeshError::new(ErrorKind::TooLarge, &self.node, why);
                         let (this, c) = (self.clone(), props.correlation_data.clone());
                         // Not awaited here: this loop drains the client's queue.
-                        tokio::spawn(async move { this.answer(rt, c, e.response(None)).await });
+                        tokio::spawn(async move { this.answer_error(rt, c, e, false).await });
                     }
                 }
             }
@@ -503,12 +554,10 @@ impl Bridge {
                     return self
                         .refuse(topic, "a call without a response topic cannot be answered");
                 };
-                if topics::parse(&response_topic).is_some()
-                    || !response_topic.starts_with(&format!("{}/{tenant}/", topics::ROOT))
-                {
+                if !topics::valid_response_topic(&response_topic, tenant) {
                     return self.refuse(
                         topic,
-                        "the response topic must be the caller's own, under dmsc/<tenant>/",
+                        "the response topic must be the caller's own: under dmsc/<tenant>/, not a card, status, request, call or replies topic, no wildcards",
                     );
                 }
                 let Some(ingress) = parts.ingress.get(tenant).cloned() else {
@@ -617,45 +666,110 @@ impl Bridge {
         let sse = content_type
             .as_deref()
             .is_some_and(|c| c.starts_with("text/event-stream"));
+        let too_large = |n: usize| {
+            MeshError::new(
+                ErrorKind::TooLarge,
+                &self.node,
+                format!(
+                    "the answer ({n} bytes or more) does not fit the MQTT message limit ({} bytes, broker limit {})",
+                    self.cfg.max_message,
+                    self.broker_max.load(Ordering::Relaxed)
+                ),
+            )
+        };
         if sse {
+            let mut failure = None;
             while let Some(frame) = body.frame().await {
-                let Ok(data) = frame.map(|f| f.into_data()) else {
-                    break;
+                let data = match frame.map(|f| f.into_data()) {
+                    Ok(Ok(d)) => d,
+                    Ok(Err(_)) => continue,
+                    Err(e) => {
+                        failure = Some(MeshError::new(
+                            ErrorKind::Unreachable,
+                            &self.node,
+                            format!("the streamed answer broke off: {e}"),
+                        ));
+                        break;
+                    }
                 };
-                let Ok(data) = data else { continue };
-                if data.len() > self.cfg.max_message {
-                    warn!("a streamed answer's chunk is over the MQTT message limit; stream cut");
+                if data.len() > self.cfg.max_message || !self.fits(data.len()) {
+                    failure = Some(too_large(data.len()));
                     break;
                 }
                 if publish(data, Some("more")).await.is_err() {
                     return;
                 }
             }
-            if let Err(e) = publish(Bytes::new(), Some("end")).await {
-                warn!(error = %e, "could not publish an answer to an edge caller");
+            match failure {
+                // The caller learns that the stream was cut, not a clean end.
+                Some(e) => self.answer_error(topic, correlation, e, true).await,
+                None => {
+                    if let Err(e) = publish(Bytes::new(), Some("end")).await {
+                        warn!(error = %e, "could not publish an answer to an edge caller");
+                    }
+                }
             }
             return;
         }
-        let payload = match read_limited(body, self.cfg.max_message).await {
-            Ok(b) => b,
-            Err(e) => {
-                let e = MeshError::new(
-                    ErrorKind::TooLarge,
-                    &self.node,
-                    format!(
-                        "the answer did not fit the MQTT message limit ({} bytes): {e}",
-                        self.cfg.max_message
-                    ),
-                );
-                let (_, body) = e.response(None).into_parts();
-                body.collect()
-                    .await
-                    .map(|b| b.to_bytes())
-                    .unwrap_or_default()
+        let limit = self
+            .cfg
+            .max_message
+            .min((self.broker_max.load(Ordering::Relaxed) as usize).saturating_sub(4096));
+        match read_limited(body, limit).await {
+            Ok(payload) => {
+                if let Err(e) = publish(payload, None).await {
+                    warn!(error = %e, "could not publish an answer to an edge caller");
+                }
             }
+            Err(_) => {
+                self.answer_error(topic, correlation, too_large(limit + 1), false)
+                    .await
+            }
+        }
+    }
+
+    /// Publishes `e` as the answer to an edge caller: its status,
+    /// `dmsc-error` and problem body (`dmsc-stream: end` when it ends a
+    /// stream).
+    async fn answer_error(
+        &self,
+        topic: String,
+        correlation: Option<Bytes>,
+        e: MeshError,
+        ends_stream: bool,
+    ) {
+        let (parts, body) = e.response(None).into_parts();
+        let payload = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let mut user_properties = vec![
+            (
+                STATUS_PROPERTY.to_string(),
+                parts.status.as_u16().to_string(),
+            ),
+            (ERROR_PROPERTY.to_string(), e.kind.as_str().to_string()),
+        ];
+        if ends_stream {
+            user_properties.push((STREAM_PROPERTY.into(), "end".into()));
+        }
+        let props = PublishProperties {
+            correlation_data: correlation,
+            content_type: parts
+                .headers
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+            user_properties,
+            ..Default::default()
         };
-        if let Err(e) = publish(payload, None).await {
-            warn!(error = %e, "could not publish an answer to an edge caller");
+        if let Err(e) = self
+            .client
+            .publish_with_properties(topic, QoS::AtLeastOnce, false, payload, props)
+            .await
+        {
+            warn!(error = %e, "could not publish an error answer to an edge caller");
         }
     }
 }
@@ -813,6 +927,15 @@ async fn call_mesh(
         .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
         .unwrap_or(Method::POST);
     let path = user_property(props, PATH_PROPERTY).unwrap_or("/");
+    if !path.starts_with('/') {
+        // (An absolute URI would name another host than the topic's.)
+        return MeshError::new(
+            ErrorKind::BadRequest,
+            "mqtt",
+            format!("{PATH_PROPERTY} must be a path starting with `/`, not `{path}`"),
+        )
+        .response(None);
+    }
     let bad = |why: String| MeshError::new(ErrorKind::BadRequest, "mqtt", why).response(None);
     let mut req = match Request::builder()
         .method(method)

@@ -47,6 +47,21 @@ pub fn parse(topic: &str) -> Option<Topic<'_>> {
     }
 }
 
+/// Whether an edge caller of `tenant` may have its answer published on
+/// `topic`: under its own `dmsc/<tenant>/`, no wildcards, and not one of
+/// the bridge's own topics (cards, statuses, requests, calls, replies):
+/// else a caller could make the node publish where only agents or the node
+/// should.
+pub fn valid_response_topic(topic: &str, tenant: &str) -> bool {
+    let Some(rest) = topic.strip_prefix(&format!("{ROOT}/{tenant}/")) else {
+        return false;
+    };
+    let first = rest.split('/').next().unwrap_or_default();
+    !rest.is_empty()
+        && !topic.contains(['+', '#'])
+        && !matches!(first, "agents" | "call" | "replies")
+}
+
 /// Where the node publishes delegations for `name`.
 pub fn request(tenant: &str, name: &str) -> String {
     format!("{ROOT}/{tenant}/agents/{name}/req")
@@ -131,6 +146,24 @@ mod tests {
             "other/acme/agents/x/card",
         ] {
             assert_eq!(parse(other), None, "{other:?}");
+        }
+    }
+
+    #[test]
+    fn a_response_topic_is_the_callers_own() {
+        assert!(valid_response_topic("dmsc/acme/edge/meter/answers", "acme"));
+        for bad in [
+            "dmsc/globex/edge/x",
+            "dmsc/acme/",
+            "dmsc/acme/agents/billing/req",
+            "dmsc/acme/agents/billing/card",
+            "dmsc/acme/call/billing.acme.dmsc",
+            "dmsc/acme/replies/n1",
+            "dmsc/acme/edge/+",
+            "dmsc/acme/edge/#",
+            "elsewhere/acme/x",
+        ] {
+            assert!(!valid_response_topic(bad, "acme"), "{bad}");
         }
     }
 
