@@ -231,14 +231,21 @@ impl Bridge {
         }
         let payload = match read_limited(body, self.cfg.max_message).await {
             Ok(b) => b,
-            Err(e) => {
+            Err(ReadError::TooLong) => {
                 return Err(Failure::Caller(fail(
                     ErrorKind::TooLarge,
                     format!(
-                        "the request body could not be read within the MQTT message limit ({} bytes): {e}",
+                        "the request body is over the MQTT message limit ({} bytes)",
                         self.cfg.max_message
                     ),
                 )))
+            }
+            Err(ReadError::Broken(e)) => {
+                // The caller's side (or the overlay stream) failed: not the agent.
+                return Err(Failure::Caller(fail(
+                    ErrorKind::BadRequest,
+                    format!("the request body failed before it was whole: {e}"),
+                )));
             }
         };
         if !self.fits(payload.len()) {
@@ -721,9 +728,17 @@ impl Bridge {
                     warn!(error = %e, "could not publish an answer to an edge caller");
                 }
             }
-            Err(_) => {
+            Err(ReadError::TooLong) => {
                 self.answer_error(topic, correlation, too_large(limit + 1), false)
                     .await
+            }
+            Err(ReadError::Broken(e)) => {
+                let e = MeshError::new(
+                    ErrorKind::Unreachable,
+                    &self.node,
+                    format!("the answer broke off: {e}"),
+                );
+                self.answer_error(topic, correlation, e, false).await
             }
         }
     }
@@ -847,18 +862,25 @@ fn edge_card(payload: &[u8], tenant: &str, name: &str) -> Result<AgentCard, Stri
 
 /// A body's bytes, refused past `limit`. (Not `http_body_util::Limited`:
 /// its boxed error trips rustc's Send check in spawned futures.)
-async fn read_limited(mut body: Body, limit: usize) -> Result<Bytes, String> {
+async fn read_limited(mut body: Body, limit: usize) -> Result<Bytes, ReadError> {
     let mut out = bytes::BytesMut::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| e.to_string())?;
+        let frame = frame.map_err(|e| ReadError::Broken(e.to_string()))?;
         if let Ok(data) = frame.into_data() {
             if out.len() + data.len() > limit {
-                return Err(format!("longer than {limit} bytes"));
+                return Err(ReadError::TooLong);
             }
             out.extend_from_slice(&data);
         }
     }
     Ok(out.freeze())
+}
+
+/// Why [`read_limited`] gave up.
+enum ReadError {
+    TooLong,
+    /// The body failed (its sender's side went away or broke).
+    Broken(String),
 }
 
 /// One server-sent event carrying `payload` (one `data:` line per line).

@@ -349,10 +349,12 @@ pub(crate) async fn deliver_local(
         };
         drop(headers);
         let result = bridge.deliver(agent, me, call).await;
-        lock(&agent.stats).observe(
-            started.elapsed(),
-            result.as_ref().is_ok_and(|r| !r.status().is_server_error()),
-        );
+        // What the caller did is not the agent's error rate.
+        match &result {
+            Ok(r) => lock(&agent.stats).observe(started.elapsed(), !r.status().is_server_error()),
+            Err(Failure::Caller(_)) => {}
+            Err(_) => lock(&agent.stats).observe(started.elapsed(), false),
+        }
         drop(in_flight);
         return result;
     }
