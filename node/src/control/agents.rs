@@ -417,29 +417,26 @@ impl AgentsCtx {
         });
         let results = futures_util::future::join_all(checks).await;
         for (a, result) in agents.iter().zip(results) {
-            let Some(result) = result else {
-                let h = a.health();
-                let due = lock(&a.published).is_none_or(|(at, published)| {
-                    published != h || at.elapsed() >= self.cfg.agent_ttl / 3
-                });
-                if due {
-                    self.publish(a).await;
-                }
-                continue;
-            };
-            let h = if result.is_ok() {
-                Health::Healthy
-            } else {
-                Health::Unhealthy
-            };
-            if a.set_health(h) {
-                match result {
-                    Ok(_) => info!(agent = %a.id, "agent healthy again"),
-                    Err(e) => {
-                        warn!(agent = %a.id, url = %a.spec.url, reason = %e, "agent failed its health check")
+            let h = match result {
+                // An edge agent: as its status last said.
+                None => a.health(),
+                Some(result) => {
+                    let h = if result.is_ok() {
+                        Health::Healthy
+                    } else {
+                        Health::Unhealthy
+                    };
+                    if a.set_health(h) {
+                        match result {
+                            Ok(_) => info!(agent = %a.id, "agent healthy again"),
+                            Err(e) => {
+                                warn!(agent = %a.id, url = %a.spec.url, reason = %e, "agent failed its health check")
+                            }
+                        }
                     }
+                    h
                 }
-            }
+            };
             let due = lock(&a.published).is_none_or(|(at, published)| {
                 published != h || at.elapsed() >= self.cfg.agent_ttl / 3
             });

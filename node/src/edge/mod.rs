@@ -48,7 +48,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::MqttConfig;
 use crate::control::agents::AgentsCtx;
-use crate::forward::local::{EdgeCall, EdgeLink, LocalAgent};
+use crate::forward::local::{lock, EdgeCall, EdgeLink, LocalAgent};
 use crate::ingress::Ingress;
 use crate::proto::http::{full, Body, ErrorKind, MeshError};
 use crate::proto::outcome::Failure;
@@ -127,10 +127,6 @@ impl std::fmt::Debug for Bridge {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// What the event loop needs besides the bridge.
 pub struct EdgeParts {
     pub agents: AgentsCtx,
@@ -191,6 +187,11 @@ impl Bridge {
             "mqtt"
         };
         format!("{scheme}://{}:{}", self.cfg.host, self.cfg.port)
+    }
+
+    /// Where an edge agent is reached: the broker and its request topic.
+    fn endpoint(&self, tenant: &str, name: &str) -> String {
+        format!("{}/{}", self.broker(), topics::request(tenant, name))
     }
 
     pub fn tenants(&self) -> &[String] {
@@ -618,11 +619,7 @@ impl Bridge {
         };
         match parts
             .agents
-            .add_edge(
-                id.clone(),
-                card,
-                format!("{}/{}", self.broker(), topics::request(tenant, name)),
-            )
+            .add_edge(id.clone(), card, self.endpoint(tenant, name))
             .await
         {
             Ok(_) => info!(agent = %id, broker = %self.broker(), "edge agent registered over MQTT"),
@@ -912,11 +909,7 @@ impl EdgeLink for Link {
     }
 
     fn endpoint(&self, id: &AgentId) -> String {
-        format!(
-            "{}/{}",
-            self.0.broker(),
-            topics::request(&id.tenant, &id.name)
-        )
+        self.0.endpoint(&id.tenant, &id.name)
     }
 }
 

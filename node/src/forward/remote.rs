@@ -392,25 +392,6 @@ fn frames(
     })
 }
 
-/// Copies a caller's streamed request body into the stream frame by frame
-/// as it arrives, and finishes it.
-async fn copy_body(mut body: Body, send: &mut StreamSend) -> Result<(), BoxError> {
-    while let Some(frame) = body.frame().await {
-        let mut parts = Vec::with_capacity(2);
-        match frame?.into_data() {
-            Ok(data) => wire::encode_data(data, &mut parts),
-            Err(f) => {
-                if let Ok(t) = f.into_trailers() {
-                    parts.extend(wire::encode_trailers(&t)?);
-                }
-            }
-        }
-        send.write_chunks(&mut parts).await?;
-    }
-    send.finish()?;
-    Ok(())
-}
-
 /// Most bytes [`send_body`] gathers before it writes.
 const COALESCE_LIMIT: usize = 64 * 1024;
 
@@ -464,7 +445,7 @@ pub(super) async fn send_body(
 /// The request body of a streamed remote delegation (runs beside the
 /// response read).
 async fn pump_body(body: Body, mut send: StreamSend) {
-    if let Err(e) = copy_body(body, &mut send).await {
+    if let Err(e) = send_body(Vec::new(), body, &mut send).await {
         debug!(error = %e, "body copy into the overlay stopped");
         send.reset(dmsc_transport::overlay::RESET_CANCELLED);
     }
