@@ -28,6 +28,7 @@ mod audit;
 mod balance;
 mod e2e;
 mod flood;
+mod gossip;
 mod intent;
 mod jwt;
 mod mask;
@@ -35,15 +36,8 @@ mod mqtt;
 mod policy;
 mod security;
 
-use std::time::Duration;
 
 use clap::Parser;
-use dmsc_gossip::sim::SimNetwork;
-use dmsc_gossip::{Gossip, GossipConfig, MemberState};
-use dmsc_node::config::{RawConfig, RawGossip};
-use dmsc_node::App;
-use dmsc_transport::pki::{CertificateAuthority, NODE_VALIDITY};
-use tokio::time::Instant;
 
 #[derive(Parser)]
 struct Cli {
@@ -59,21 +53,7 @@ enum Cmd {
     /// (needs mosquitto).
     Mqtt(mqtt::MqttArgs),
     /// Gossip convergence, propagation, failure detection and bandwidth.
-    Gossip {
-        /// Real loopback cluster sizes.
-        #[arg(long, value_delimiter = ',', default_value = "3,10,30")]
-        real: Vec<usize>,
-        /// Simulated cluster sizes.
-        #[arg(long, value_delimiter = ',', default_value = "100,500")]
-        sim: Vec<usize>,
-        #[arg(long, default_value_t = 200)]
-        interval_ms: u64,
-        #[arg(long, default_value_t = 8.0)]
-        phi: f64,
-        /// Steady-state window for the bandwidth figure.
-        #[arg(long, default_value_t = 5)]
-        window_secs: u64,
-    },
+    Gossip(gossip::GossipArgs),
     /// Load balancing quality: dmsc selection vs round-robin, random, oracle (simulated).
     Balance(balance::Args),
     /// End-to-end overhead, server side: backend + two nodes (run via bench/e2e.sh).
@@ -107,201 +87,6 @@ enum Cmd {
     FloodLoad(flood::FloodArgs),
 }
 
-struct Row {
-    kind: &'static str,
-    n: usize,
-    converge: Duration,
-    propagate: Duration,
-    detect: Duration,
-    bytes_per_node_sec: f64,
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
-}
-
-async fn wait_until<F, Fut>(limit: Duration, mut cond: F) -> anyhow::Result<Duration>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    loop {
-        if cond().await {
-            return Ok(start.elapsed());
-        }
-        anyhow::ensure!(
-            start.elapsed() < limit,
-            "condition not met within {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-async fn all_alive(nodes: &[&Gossip], n: usize) -> bool {
-    for g in nodes {
-        let alive = g
-            .members()
-            .await
-            .iter()
-            .filter(|m| m.state == MemberState::Alive)
-            .count();
-        if alive != n - 1 {
-            return false;
-        }
-    }
-    true
-}
-
-async fn all_have(nodes: &[&Gossip], key: &str, value: &str) -> bool {
-    for g in nodes {
-        if !g.values_of(key).await.iter().any(|(_, v)| v == value) {
-            return false;
-        }
-    }
-    true
-}
-
-async fn all_see_dead(nodes: &[&Gossip], name: &str) -> bool {
-    for g in nodes {
-        let m = g.members().await;
-        if m.iter().find(|m| m.name == name).map(|m| m.state) != Some(MemberState::Dead) {
-            return false;
-        }
-    }
-    true
-}
-
-async fn measure(
-    kind: &'static str,
-    n: usize,
-    gossips: Vec<&Gossip>,
-    started: Instant,
-    window: Duration,
-    kill: impl FnOnce(),
-) -> anyhow::Result<Row> {
-    let limit = Duration::from_secs(120);
-    wait_until(limit, || all_alive(&gossips, n)).await?;
-    let converge = started.elapsed();
-
-    let t = Instant::now();
-    gossips[n / 2].set("bench/key", "v1").await;
-    wait_until(limit, || all_have(&gossips, "bench/key", "v1")).await?;
-    let propagate = t.elapsed();
-
-    let before: u64 = gossips
-        .iter()
-        .map(|g| {
-            g.stats()
-                .bytes_sent
-                .load(std::sync::atomic::Ordering::Relaxed)
-        })
-        .sum();
-    let t = Instant::now();
-    tokio::time::sleep(window).await;
-    let after: u64 = gossips
-        .iter()
-        .map(|g| {
-            g.stats()
-                .bytes_sent
-                .load(std::sync::atomic::Ordering::Relaxed)
-        })
-        .sum();
-    let bytes_per_node_sec = (after - before) as f64 / n as f64 / t.elapsed().as_secs_f64();
-
-    let victim = gossips[n - 1].config().node_name.clone();
-    kill();
-    let t = Instant::now();
-    let others = &gossips[..n - 1];
-    wait_until(limit, || all_see_dead(others, &victim)).await?;
-    let detect = t.elapsed();
-    Ok(Row {
-        kind,
-        n,
-        converge,
-        propagate,
-        detect,
-        bytes_per_node_sec,
-    })
-}
-
-async fn real(n: usize, interval_ms: u64, phi: f64, window: Duration) -> anyhow::Result<Row> {
-    let dir = tempfile::tempdir()?;
-    let ca = CertificateAuthority::generate("bench.local")?;
-    let started = Instant::now();
-    let mut apps: Vec<App> = Vec::new();
-    for i in 0..n {
-        let name = format!("n{i}");
-        let nd = dir.path().join(&name);
-        ca.issue_node(&name, NODE_VALIDITY)?
-            .write_node_dir(&nd, &ca.cert_pem)?;
-        let mut raw = RawConfig::loopback(&name, &nd, apps.first().map(|a| a.bound().overlay));
-        raw.gossip = RawGossip {
-            interval_ms: Some(interval_ms),
-            phi_threshold: Some(phi),
-            ..Default::default()
-        };
-        apps.push(App::build(raw.validate()?).await?);
-    }
-    let victim = apps.pop().ok_or_else(|| anyhow::anyhow!("no nodes"))?;
-    let mut gossips: Vec<&Gossip> = apps.iter().map(|a| &**a.gossip()).collect();
-    gossips.push(&**victim.gossip());
-    // Crash, not leave: stop its gossip and close its overlay without announcing.
-    let crash = || {
-        // Abort its tasks outright (no leave), and close its overlay.
-        let (gossip, overlay) = (victim.gossip().clone(), victim.overlay().clone());
-        tokio::spawn(async move {
-            gossip.stop().await;
-            overlay.shutdown().await;
-        });
-    };
-    let row = measure("real QUIC", n, gossips, started, window, crash).await?;
-    for a in apps {
-        a.stop().await;
-    }
-    Ok(row)
-}
-
-async fn sim(n: usize, interval_ms: u64, phi: f64, window: Duration) -> anyhow::Result<Row> {
-    let net = SimNetwork::new(65_507);
-    let addr =
-        |i: usize| std::net::SocketAddr::from(([10, (i / 250) as u8, (i % 250) as u8, 1], 7400));
-    let started = Instant::now();
-    let mut nodes = Vec::new();
-    for i in 0..n {
-        let t = net.attach(addr(i));
-        let mut cfg = GossipConfig::new(&format!("n{i}"), addr(i), "sim");
-        cfg.seeds = vec![addr(0).to_string()];
-        cfg.interval = Duration::from_millis(interval_ms);
-        cfg.phi_threshold = phi;
-        cfg.suspect_after = cfg.interval * 5;
-        nodes.push(Gossip::start(cfg, &t, vec![]).await?);
-    }
-    let gossips: Vec<&Gossip> = nodes.iter().collect();
-    let victim = addr(n - 1);
-    measure("simulated", n, gossips, started, window, || {
-        net.isolate(victim)
-    })
-    .await
-}
-
-fn print(rows: &[Row], interval_ms: u64, phi: f64) {
-    println!("gossip interval {interval_ms} ms, phi threshold {phi}");
-    println!("| cluster | nodes | membership converged | key on all nodes | dead node detected by all | gossip bytes/node/s |");
-    println!("|---|---|---|---|---|---|");
-    for r in rows {
-        println!(
-            "| {} | {} | {} | {} | {} | {:.0} |",
-            r.kind,
-            r.n,
-            ms(r.converge),
-            ms(r.propagate),
-            ms(r.detect),
-            r.bytes_per_node_sec
-        );
-    }
-}
-
 fn rt() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -311,35 +96,7 @@ fn rt() -> anyhow::Result<tokio::runtime::Runtime> {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Gossip {
-            real: real_sizes,
-            sim: sim_sizes,
-            interval_ms,
-            phi,
-            window_secs,
-        } => {
-            let window = Duration::from_secs(window_secs);
-            let mut rows = Vec::new();
-            for n in real_sizes {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .enable_all()
-                    .build()?;
-                let row = rt.block_on(real(n, interval_ms, phi, window))?;
-                eprintln!("real {n}: done");
-                rows.push(row);
-            }
-            for n in sim_sizes {
-                // Paused clock: time advances only when every node is idle.
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .start_paused(true)
-                    .build()?;
-                let row = rt.block_on(sim(n, interval_ms, phi, window))?;
-                eprintln!("sim {n}: done");
-                rows.push(row);
-            }
-            print(&rows, interval_ms, phi);
-        }
+        Cmd::Gossip(args) => gossip::run(args)?,
         Cmd::Balance(args) => balance::run(args)?,
         Cmd::Audit(args) => rt()?.block_on(audit::run(args))?,
         Cmd::Jwt(args) => rt()?.block_on(jwt::run(args))?,

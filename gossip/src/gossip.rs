@@ -16,9 +16,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::info;
 
-use crate::link::{GossipStats, LinkTransport};
+use crate::link::{CompactPeers, GossipStats, LinkTransport};
 use crate::membership::{MemberState, MembershipTracker, Observation};
-use crate::KEY_LEFT;
+use crate::{wire, KEY_GOSSIP_WIRE, KEY_LEFT};
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +47,9 @@ pub struct GossipConfig {
     pub suspect_after: Duration,
     /// How long dead and departed nodes stay listed before they are forgotten.
     pub dead_grace: Duration,
+    /// Read and send compact digests ([`crate::wire`]) with peers that do
+    /// too. Off: this node speaks chitchat's encoding only (for comparison).
+    pub compact_digests: bool,
 }
 
 /// Defaults chosen from the measurements in BENCHMARKS.md (detection time vs bandwidth).
@@ -73,6 +76,7 @@ impl GossipConfig {
             phi_threshold: defaults::PHI,
             suspect_after: defaults::INTERVAL * 5,
             dead_grace: Duration::from_secs(3600),
+            compact_digests: true,
         }
     }
 }
@@ -167,13 +171,19 @@ impl Gossip {
             catchup_callback: None,
             extra_liveness_predicate: None,
         };
+        let mut initial = initial;
+        if cfg.compact_digests {
+            initial.push((KEY_GOSSIP_WIRE.to_string(), wire::VERSION.to_string()));
+        }
         let handle = spawn_chitchat(chitchat_cfg, initial, transport)
             .await
             .map_err(|e| GossipError::Start(e.to_string()))?;
         let tracker: Tracker = Arc::new(Mutex::new(MembershipTracker::new(cfg.suspect_after)));
+        let compact = cfg.compact_digests.then(|| transport.compact_peers());
         let sampler = tokio::spawn(sample_loop(
             handle.chitchat(),
             tracker.clone(),
+            compact,
             cfg.interval / 2,
         ));
         info!(node = %cfg.node_name, generation = cfg.generation, seeds = ?cfg.seeds, interval = ?cfg.interval, "gossip started");
@@ -351,9 +361,19 @@ impl Gossip {
     }
 }
 
+/// Whether a node's gossip says it reads this build's compact digests.
+fn reads_compact(state: &chitchat::NodeState) -> bool {
+    state
+        .get(KEY_GOSSIP_WIRE)
+        .is_some_and(|v| v.split(',').any(|f| f.trim() == wire::VERSION))
+}
+
+/// Every half round: feeds the membership tracker, and refreshes which
+/// peers get compact digests (`compact`; `None` when this node sends none).
 async fn sample_loop(
     chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>,
     tracker: Tracker,
+    compact: Option<CompactPeers>,
     every: Duration,
 ) {
     let mut tick = tokio::time::interval(every);
@@ -374,6 +394,18 @@ async fn sample_loop(
         }
         t.retain(|id| c.node_states().contains_key(id));
         drop(t);
+        if let Some(compact) = &compact {
+            let readers: std::collections::HashSet<SocketAddr> = c
+                .node_states()
+                .iter()
+                .filter(|(_, s)| reads_compact(s))
+                .map(|(id, _)| id.gossip_advertise_addr)
+                .collect();
+            let mut w = compact.write().unwrap_or_else(|p| p.into_inner());
+            if *w != readers {
+                *w = readers;
+            }
+        }
         drop(c);
     }
 }

@@ -21,13 +21,14 @@
 pub mod link;
 pub mod membership;
 pub mod sim;
+pub mod wire;
 
 mod gossip;
 
 pub use gossip::{
     defaults as gossip_defaults, Gossip, GossipConfig, GossipError, Member, NodeScan,
 };
-pub use link::{GossipStats, Link, LinkTransport};
+pub use link::{CompactPeers, GossipStats, Link, LinkTransport};
 pub use membership::MemberState;
 
 /// Key every node sets when it leaves on purpose (SIGTERM), so peers show
@@ -35,3 +36,6 @@ pub use membership::MemberState;
 pub const KEY_LEFT: &str = "left";
 /// Key holding the node's self-description (JSON, set by the node crate).
 pub const KEY_NODE: &str = "node";
+/// Key saying which compact gossip format the node reads ([`wire::VERSION`]);
+/// peers without it get chitchat's own encoding.
+pub const KEY_GOSSIP_WIRE: &str = "gossip-wire";

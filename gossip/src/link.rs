@@ -1,14 +1,16 @@
 //! The byte-moving boundary under chitchat, and the adapter chitchat sees.
 //!
 //! chitchat hands us typed messages addressed by `SocketAddr`; we encode them
-//! with chitchat's own wire codec and pass bytes to a [`Link`]. Sending never
+//! with chitchat's own wire codec, shrink their digests for peers that read
+//! the compact form ([`crate::wire`]), and pass bytes to a [`Link`]. Sending never
 //! blocks the gossip loop: a `Link` queues or drops. Messages larger than
 //! chitchat's 65,507-byte budget are refused here (chitchat sizes deltas to
 //! that limit, so this only trips on a bug) and counted.
 
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -16,6 +18,8 @@ use chitchat::transport::{Socket, Transport};
 use chitchat::{ChitchatMessage, Deserializable, Serializable};
 use tokio::sync::mpsc;
 use tracing::warn;
+
+use crate::wire::{self, KnownIds, PeerKnows};
 
 /// chitchat computes deltas against the UDP payload maximum.
 pub const MAX_GOSSIP_MESSAGE: usize = 65_507;
@@ -41,10 +45,21 @@ pub struct GossipStats {
     pub messages_sent: AtomicU64,
     pub messages_received: AtomicU64,
     pub invalid_messages: AtomicU64,
+    /// Of `bytes_sent`, by message: SYN and SYN-ACK carry a digest (one
+    /// entry per node), SYN-ACK and ACK a delta (changed keys).
+    pub syn_bytes_sent: AtomicU64,
+    pub syn_ack_bytes_sent: AtomicU64,
+    pub ack_bytes_sent: AtomicU64,
+    /// Messages sent with compact digests ([`crate::wire`]).
+    pub compact_sent: AtomicU64,
     /// Gossip rounds initiated: bursts of SYN messages (chitchat sends a
     /// round's SYNs back to back, one interval apart from the next round's).
     pub rounds: AtomicU64,
 }
+
+/// The peers (gossip addresses) that read compact digests, as their gossip
+/// says ([`crate::KEY_GOSSIP_WIRE`]); kept up to date by [`crate::Gossip`].
+pub type CompactPeers = Arc<RwLock<HashSet<SocketAddr>>>;
 
 /// chitchat `Transport` over a [`Link`] plus an inbox of `(from, bytes)`.
 pub struct LinkTransport {
@@ -52,6 +67,7 @@ pub struct LinkTransport {
     inbox: Mutex<Option<mpsc::Receiver<(SocketAddr, Bytes)>>>,
     local: SocketAddr,
     stats: Arc<GossipStats>,
+    compact_peers: CompactPeers,
 }
 
 impl LinkTransport {
@@ -66,11 +82,16 @@ impl LinkTransport {
             inbox: Mutex::new(Some(inbox)),
             local,
             stats: Arc::new(GossipStats::default()),
+            compact_peers: CompactPeers::default(),
         }
     }
 
     pub fn stats(&self) -> Arc<GossipStats> {
         self.stats.clone()
+    }
+
+    pub fn compact_peers(&self) -> CompactPeers {
+        self.compact_peers.clone()
     }
 }
 
@@ -92,7 +113,11 @@ impl Transport for LinkTransport {
             link: self.link.clone(),
             inbox,
             stats: self.stats.clone(),
+            compact_peers: self.compact_peers.clone(),
+            known: KnownIds::default(),
+            peers: HashMap::new(),
             buf: Vec::with_capacity(4096),
+            wire: Vec::with_capacity(4096),
             last_syn: None,
         }))
     }
@@ -102,7 +127,15 @@ struct LinkSocket {
     link: Arc<dyn Link>,
     inbox: mpsc::Receiver<(SocketAddr, Bytes)>,
     stats: Arc<GossipStats>,
+    compact_peers: CompactPeers,
+    /// The ids of this node's latest digest, to expand compact digests.
+    known: KnownIds,
+    /// Per peer, the nodes its last digest listed (see [`crate::wire`]).
+    peers: HashMap<SocketAddr, PeerKnows>,
+    /// chitchat's encoding of the message being sent.
     buf: Vec<u8>,
+    /// What goes on the wire (compact or the same as `buf`).
+    wire: Vec<u8>,
     last_syn: Option<tokio::time::Instant>,
 }
 
@@ -112,6 +145,11 @@ const SAME_ROUND: std::time::Duration = std::time::Duration::from_millis(5);
 #[async_trait]
 impl Socket for LinkSocket {
     async fn send(&mut self, to: SocketAddr, msg: ChitchatMessage) -> anyhow::Result<()> {
+        let by_kind = match msg {
+            ChitchatMessage::Syn { .. } => &self.stats.syn_bytes_sent,
+            ChitchatMessage::SynAck { .. } => &self.stats.syn_ack_bytes_sent,
+            _ => &self.stats.ack_bytes_sent,
+        };
         if matches!(msg, ChitchatMessage::Syn { .. }) {
             let now = tokio::time::Instant::now();
             if self
@@ -124,15 +162,36 @@ impl Socket for LinkSocket {
         }
         self.buf.clear();
         msg.serialize(&mut self.buf);
-        if self.buf.len() > MAX_GOSSIP_MESSAGE {
-            warn!(len = self.buf.len(), peer = %to, "gossip message over the 65,507-byte budget; dropped");
+        let compact = {
+            let readers = self.compact_peers.read().unwrap_or_else(|p| p.into_inner());
+            if self.peers.len() > readers.len() + 64 {
+                self.peers.retain(|a, _| readers.contains(a));
+            }
+            readers.contains(&to)
+        };
+        let nothing = PeerKnows::new();
+        let peer = compact.then(|| self.peers.get(&to).unwrap_or(&nothing));
+        match wire::encode(&self.buf, peer, &mut self.known, &mut self.wire) {
+            Ok(()) if self.wire.first() == Some(&wire::COMPACT) => {
+                self.stats.compact_sent.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(()) => {}
+            Err(e) => {
+                // chitchat's own encoding is always valid: this is a bug.
+                warn!(error = %e, "could not read an outgoing digest; sent as chitchat wrote it");
+                self.wire.clear();
+                self.wire.extend_from_slice(&self.buf);
+            }
+        }
+        if self.wire.len() > MAX_GOSSIP_MESSAGE {
+            warn!(len = self.wire.len(), peer = %to, "gossip message over the 65,507-byte budget; dropped");
             return Ok(());
         }
+        let len = self.wire.len() as u64;
         self.stats.messages_sent.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .bytes_sent
-            .fetch_add(self.buf.len() as u64, Ordering::Relaxed);
-        self.link.send(to, &self.buf);
+        self.stats.bytes_sent.fetch_add(len, Ordering::Relaxed);
+        by_kind.fetch_add(len, Ordering::Relaxed);
+        self.link.send(to, &self.wire);
         Ok(())
     }
 
@@ -147,7 +206,16 @@ impl Socket for LinkSocket {
             self.stats
                 .bytes_received
                 .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            match ChitchatMessage::deserialize(&mut &bytes[..]) {
+            let decoded = wire::decode(&bytes, &self.known, &mut self.buf)
+                .map_err(anyhow::Error::from)
+                .and_then(|listed| {
+                    let msg = ChitchatMessage::deserialize(&mut &self.buf[..])?;
+                    if let Some(listed) = listed {
+                        self.peers.insert(from, listed);
+                    }
+                    Ok(msg)
+                });
+            match decoded {
                 Ok(msg) => return Ok((from, msg)),
                 Err(e) => {
                     self.stats.invalid_messages.fetch_add(1, Ordering::Relaxed);

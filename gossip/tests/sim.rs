@@ -3,6 +3,7 @@
 //! every node is idle, so runs are fast and do not depend on machine load).
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use dmsc_gossip::sim::SimNetwork;
@@ -13,11 +14,17 @@ fn addr(i: usize) -> SocketAddr {
 }
 
 async fn cluster(net: &SimNetwork, n: usize) -> Vec<Gossip> {
+    cluster_with(net, n, |_| true).await
+}
+
+/// A cluster where node `i` sends and reads compact digests if `compact(i)`.
+async fn cluster_with(net: &SimNetwork, n: usize, compact: impl Fn(usize) -> bool) -> Vec<Gossip> {
     let mut nodes = Vec::with_capacity(n);
     for i in 0..n {
         let t = net.attach(addr(i));
         let mut cfg = GossipConfig::new(&format!("n{i}"), addr(i), "sim");
         cfg.generation = 1;
+        cfg.compact_digests = compact(i);
         cfg.seeds = vec![addr(0).to_string()];
         nodes.push(Gossip::start(cfg, &t, vec![]).await.expect("start"));
     }
@@ -191,10 +198,11 @@ async fn a_key_set_on_one_node_reaches_all_and_leave_is_seen_as_left() {
 async fn oversized_messages_are_dropped_by_the_mtu() {
     // A 1 KB MTU carries a node's first SYN (its digest names only itself)
     // but not the seed's replies once its digest names a few dozen nodes:
-    // the seed hears everyone, nobody hears the whole cluster back.
+    // the seed hears everyone, nobody hears the whole cluster back. (With
+    // chitchat's own digests: compact ones name 40 nodes in under 1 KB.)
     const N: usize = 40;
     let net = SimNetwork::new(1_024);
-    let nodes = cluster(&net, N).await;
+    let nodes = cluster_with(&net, N, |_| false).await;
     // Enough rounds that 40 nodes converge several times over without the
     // MTU (checked below on the same cluster with a large MTU).
     eventually!(
@@ -227,7 +235,7 @@ async fn oversized_messages_are_dropped_by_the_mtu() {
 
     // Control: the same cluster under a large MTU forms in fewer rounds.
     let net = SimNetwork::new(65_507);
-    let nodes = cluster(&net, N).await;
+    let nodes = cluster_with(&net, N, |_| false).await;
     eventually!(
         Duration::from_secs(60),
         nodes.iter().all(|g| g.rounds() >= 50)
@@ -237,4 +245,57 @@ async fn oversized_messages_are_dropped_by_the_mtu() {
         "without the MTU the cluster forms"
     );
     assert_eq!(net.dropped(), 0);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn nodes_with_and_without_compact_digests_form_one_cluster_and_compact_ones_send_less() {
+    // Half the nodes (the seed among them) speak only chitchat's encoding,
+    // as during a rolling upgrade: everyone converges, keys cross both ways,
+    // and a node that reads compact digests sends fewer bytes per digest.
+    const N: usize = 60;
+    let net = SimNetwork::new(65_507);
+    let nodes = cluster_with(&net, N, |i| i % 2 == 1).await;
+    eventually!(Duration::from_secs(60), all_alive(&nodes, N).await);
+    nodes[7].set("probe", "from-compact").await;
+    nodes[8].set("probe", "from-legacy").await;
+    eventually!(Duration::from_secs(30), {
+        let mut all = true;
+        for g in &nodes {
+            if !holds(g, "probe", "n7", "from-compact").await
+                || !holds(g, "probe", "n8", "from-legacy").await
+            {
+                all = false;
+                break;
+            }
+        }
+        all
+    });
+    // Steady state: SYN bytes per gossip round, by kind of node.
+    let before: Vec<(u64, u64)> = nodes.iter().map(syn_bytes_and_count).collect();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let mut per_syn = [(0u64, 0u64); 2];
+    for (i, g) in nodes.iter().enumerate() {
+        let (b, n) = syn_bytes_and_count(g);
+        per_syn[i % 2].0 += b - before[i].0;
+        per_syn[i % 2].1 += n - before[i].1;
+    }
+    let legacy = per_syn[0].0 as f64 / per_syn[0].1 as f64;
+    let compact = per_syn[1].0 as f64 / per_syn[1].1 as f64;
+    eprintln!("SYN bytes per round at {N} nodes: chitchat {legacy:.0}, compact (to a mixed cluster) {compact:.0}");
+    for (i, g) in nodes.iter().enumerate() {
+        let sent = g.stats().compact_sent.load(Ordering::Relaxed);
+        assert_eq!(sent > 0, i % 2 == 1, "n{i} sent {sent} compact messages");
+        assert_eq!(g.stats().invalid_messages.load(Ordering::Relaxed), 0, "n{i}");
+    }
+    // Half of a compact node's peers read compact digests: its SYNs average
+    // well under chitchat's.
+    assert!(compact < legacy * 0.8, "compact {compact:.0} vs chitchat {legacy:.0}");
+}
+
+fn syn_bytes_and_count(g: &Gossip) -> (u64, u64) {
+    let s = g.stats();
+    (
+        s.syn_bytes_sent.load(Ordering::Relaxed),
+        g.rounds(),
+    )
 }

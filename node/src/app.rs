@@ -135,6 +135,7 @@ impl App {
             .unwrap_or(config.gossip_interval * 5)
             .max(Duration::from_millis(500));
         gcfg.dead_grace = config.dead_grace;
+        gcfg.compact_digests = config.compact_digests;
         let started_at = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs())

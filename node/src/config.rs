@@ -807,6 +807,8 @@ pub struct RawGossip {
     pub phi_threshold: Option<f64>,
     pub suspect_after_ms: Option<u64>,
     pub dead_grace_secs: Option<u64>,
+    /// Compact digests with peers that read them (default true; docs/gossip.md).
+    pub compact_digests: Option<bool>,
 }
 
 /// Defaults, the bottom layer.
@@ -833,6 +835,7 @@ pub struct NodeConfig {
     pub phi_threshold: f64,
     pub suspect_after: Option<Duration>,
     pub dead_grace: Duration,
+    pub compact_digests: bool,
     pub agents: Vec<RawAgent>,
     pub ingress: Vec<IngressSpec>,
     pub delegation: DelegationConfig,
@@ -1586,6 +1589,7 @@ impl RawConfig {
             phi_threshold,
             suspect_after: self.gossip.suspect_after_ms.map(Duration::from_millis),
             dead_grace: Duration::from_secs(self.gossip.dead_grace_secs.unwrap_or(3600)),
+            compact_digests: self.gossip.compact_digests.unwrap_or(true),
         })
     }
 }
