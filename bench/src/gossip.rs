@@ -8,8 +8,8 @@
 //! tenant policy announcement, and the operator's revocations (every node
 //! re-publishes each one). During the bandwidth window the mesh changes the
 //! way a working one does: load reports change (`--load-changes` per node per
-//! second) and agent records are renewed every 20 s (a third of the default
-//! 60 s TTL). `--compact on|off|both` runs each size with and without
+//! second) and agent records are renewed (`--renew-secs`, by default every
+//! 100 s: a third of the default 300 s TTL). `--compact on|off|both` runs each size with and without
 //! compact digests (`docs/gossip.md`), side by side.
 
 use std::time::Duration;
@@ -38,12 +38,21 @@ pub struct GossipArgs {
     /// Steady-state window for the bandwidth figure.
     #[arg(long, default_value_t = 5)]
     window_secs: u64,
+    /// Time the mesh runs (with churn) before that window: a node learns
+    /// each peer's id list from that peer's own digests, so compact digests
+    /// reach their steady size only once every pair has talked.
+    #[arg(long, default_value_t = 10)]
+    settle_secs: u64,
     /// Agents per node (each: an `agent/…` record and a `load/…` report).
     #[arg(long, default_value_t = 5)]
     agents: usize,
     /// Load reports each node changes per second during the window.
     #[arg(long, default_value_t = 2.0)]
     load_changes: f64,
+    /// Seconds between renewals of each agent record (a node renews every
+    /// third of `agent_ttl_secs`, 300 s by default).
+    #[arg(long, default_value_t = 100)]
+    renew_secs: u64,
     /// Compact digests: on, off, or both (each size twice, side by side).
     #[arg(long, default_value = "both")]
     compact: String,
@@ -82,6 +91,8 @@ pub fn run(args: GossipArgs) -> anyhow::Result<()> {
     let w = Workload {
         agents: args.agents,
         load_changes: args.load_changes,
+        settle: Duration::from_secs(args.settle_secs),
+        renew: Duration::from_secs(args.renew_secs),
     };
     let mut rows = Vec::new();
     for n in sizes(&args.real)? {
@@ -105,8 +116,8 @@ pub fn run(args: GossipArgs) -> anyhow::Result<()> {
         }
     }
     println!(
-        "gossip interval {} ms, phi threshold {}, {} agents per node, {} load changes per node per second",
-        args.interval_ms, args.phi, args.agents, args.load_changes
+        "gossip interval {} ms, phi threshold {}, {} agents per node, {} load changes per node per second, records renewed every {} s, {} s window after {} s",
+        args.interval_ms, args.phi, args.agents, args.load_changes, args.renew_secs, args.window_secs, args.settle_secs
     );
     println!("| cluster | nodes | digests | membership converged | key on all nodes | dead node detected by all | gossip bytes/node/s | SYN | SYN-ACK | ACK |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
@@ -132,6 +143,8 @@ pub fn run(args: GossipArgs) -> anyhow::Result<()> {
 struct Workload {
     agents: usize,
     load_changes: f64,
+    settle: Duration,
+    renew: Duration,
 }
 
 /// A 64-hex-digit stand-in for a SHA-256 (card digests, policy digests, signatures).
@@ -153,7 +166,11 @@ fn record(node: usize, agent: usize) -> String {
             .map(|s| SkillTags {
                 id: format!("skill-{s}"),
                 name: format!("Skill {s} of agent {agent}"),
-                tags: vec!["invoices".into(), "billing".into(), format!("region-{node}")],
+                tags: vec![
+                    "invoices".into(),
+                    "billing".into(),
+                    format!("region-{node}"),
+                ],
             })
             .collect(),
         protocols: vec!["JSONRPC".into()],
@@ -177,10 +194,7 @@ fn load(i: u64) -> String {
 impl Workload {
     /// The keys node `i` starts with (besides the `node` key a real node sets itself).
     fn initial(&self, i: usize) -> Vec<(String, String)> {
-        let mut kv = vec![(
-            "policy/acme".to_string(),
-            format!("3:{}", hex64(7)),
-        )];
+        let mut kv = vec![("policy/acme".to_string(), format!("3:{}", hex64(7)))];
         for r in 0..3 {
             kv.push((
                 format!("revoked/{:032x}", r + 1),
@@ -225,7 +239,7 @@ impl Workload {
         } else {
             window
         };
-        let renew = Duration::from_secs(20) / self.agents as u32;
+        let renew = self.renew / self.agents as u32;
         // Spread the nodes' phases over one period.
         let mut next_load = Instant::now() + every.mul_f64((i % 97) as f64 / 97.0);
         let mut next_renew = Instant::now() + renew.mul_f64((i % 89) as f64 / 89.0);
@@ -322,6 +336,17 @@ fn total_sent(nodes: &[&Gossip]) -> [u64; 4] {
     t
 }
 
+/// Compact digest entries sent: (with the full id, by position).
+fn entries_sent(nodes: &[&Gossip]) -> (u64, u64) {
+    nodes.iter().fold((0, 0), |(f, p), g| {
+        let s = g.stats();
+        (
+            f + s.compact_full_entries.load(Ordering::Relaxed),
+            p + s.compact_positional_entries.load(Ordering::Relaxed),
+        )
+    })
+}
+
 struct Cluster<'a> {
     kind: &'static str,
     compact: bool,
@@ -346,7 +371,14 @@ async fn measure(
     wait_until(limit, || all_have(&gossips, "bench/key", "v1")).await?;
     let propagate = t.elapsed();
 
+    let settle: Vec<_> = gossips
+        .iter()
+        .enumerate()
+        .map(|(i, g)| w.churn(g, i, w.settle))
+        .collect();
+    futures_util::future::join_all(settle).await;
     let before = total_sent(&gossips);
+    let entries_before = entries_sent(&gossips);
     let t = Instant::now();
     let churn: Vec<_> = gossips
         .iter()
@@ -355,7 +387,14 @@ async fn measure(
         .collect();
     futures_util::future::join_all(churn).await;
     let after = total_sent(&gossips);
+    let entries = entries_sent(&gossips);
     let secs = t.elapsed().as_secs_f64();
+    eprintln!(
+        "{} {n}: compact digest entries in the window: {} with the full id, {} by position",
+        c.kind,
+        entries.0 - entries_before.0,
+        entries.1 - entries_before.1
+    );
     let mut rate = [0f64; 4];
     for (k, r) in rate.iter_mut().enumerate() {
         *r = (after[k] - before[k]) as f64 / n as f64 / secs;

@@ -36,7 +36,6 @@ mod mqtt;
 mod policy;
 mod security;
 
-
 use clap::Parser;
 
 #[derive(Parser)]

@@ -19,7 +19,7 @@ use chitchat::{ChitchatMessage, Deserializable, Serializable};
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use crate::wire::{self, KnownIds, PeerKnows};
+use crate::wire::{self, KnownIds, Listed, PeerList};
 
 /// chitchat computes deltas against the UDP payload maximum.
 pub const MAX_GOSSIP_MESSAGE: usize = 65_507;
@@ -50,8 +50,11 @@ pub struct GossipStats {
     pub syn_bytes_sent: AtomicU64,
     pub syn_ack_bytes_sent: AtomicU64,
     pub ack_bytes_sent: AtomicU64,
-    /// Messages sent with compact digests ([`crate::wire`]).
+    /// Messages sent with compact digests ([`crate::wire`]), and their
+    /// entries by how they name their node: in full, or by position.
     pub compact_sent: AtomicU64,
+    pub compact_full_entries: AtomicU64,
+    pub compact_positional_entries: AtomicU64,
     /// Gossip rounds initiated: bursts of SYN messages (chitchat sends a
     /// round's SYNs back to back, one interval apart from the next round's).
     pub rounds: AtomicU64,
@@ -130,8 +133,8 @@ struct LinkSocket {
     compact_peers: CompactPeers,
     /// The ids of this node's latest digest, to expand compact digests.
     known: KnownIds,
-    /// Per peer, the nodes its last digest listed (see [`crate::wire`]).
-    peers: HashMap<SocketAddr, PeerKnows>,
+    /// Per peer, the id list of its last digest (see [`crate::wire`]).
+    peers: HashMap<SocketAddr, PeerList>,
     /// chitchat's encoding of the message being sent.
     buf: Vec<u8>,
     /// What goes on the wire (compact or the same as `buf`).
@@ -169,13 +172,17 @@ impl Socket for LinkSocket {
             }
             readers.contains(&to)
         };
-        let nothing = PeerKnows::new();
-        let peer = compact.then(|| self.peers.get(&to).unwrap_or(&nothing));
+        let peer = compact.then(|| self.peers.get(&to));
         match wire::encode(&self.buf, peer, &mut self.known, &mut self.wire) {
-            Ok(()) if self.wire.first() == Some(&wire::COMPACT) => {
-                self.stats.compact_sent.fetch_add(1, Ordering::Relaxed);
+            Ok(e) if self.wire.first() == Some(&wire::COMPACT) => {
+                let s = &self.stats;
+                s.compact_sent.fetch_add(1, Ordering::Relaxed);
+                s.compact_full_entries
+                    .fetch_add(e.full as u64, Ordering::Relaxed);
+                s.compact_positional_entries
+                    .fetch_add(e.positional as u64, Ordering::Relaxed);
             }
-            Ok(()) => {}
+            Ok(_) => {}
             Err(e) => {
                 // chitchat's own encoding is always valid: this is a bug.
                 warn!(error = %e, "could not read an outgoing digest; sent as chitchat wrote it");
@@ -210,8 +217,14 @@ impl Socket for LinkSocket {
                 .map_err(anyhow::Error::from)
                 .and_then(|listed| {
                     let msg = ChitchatMessage::deserialize(&mut &self.buf[..])?;
-                    if let Some(listed) = listed {
-                        self.peers.insert(from, listed);
+                    match listed {
+                        Listed::List(list) => {
+                            self.peers.insert(from, list);
+                        }
+                        Listed::Unknown => {
+                            self.peers.remove(&from);
+                        }
+                        Listed::NoDigest => {}
                     }
                     Ok(msg)
                 });

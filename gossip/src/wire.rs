@@ -1,39 +1,47 @@
-//! Compact digests: chitchat's messages with digest entries a third of their size.
+//! Compact digests: chitchat's messages with digest entries a fifth of their size.
 //!
 //! Why: every SYN and SYN-ACK carries one digest entry per node of the mesh,
 //! and chitchat writes each as the node's full id (name, generation, address)
 //! plus three fixed 8-byte integers: 40-60 bytes, sent about six times per
-//! node per round. At 100 nodes the digests are nearly all of the gossip
-//! traffic (BENCHMARKS.md). Here an entry names a node by an 8-byte hash of
-//! its id, with three varints: 12-15 bytes.
+//! node per round. At 100 nodes the digests are most of the gossip traffic
+//! (BENCHMARKS.md).
 //!
-//! A hash is only useful to a receiver that knows the id behind it, and
-//! chitchat learns of new nodes from digests alone (a delta about a node it
-//! has never seen is ignored). So a sender hashes only the ids the peer
-//! itself listed in the last digest it sent us, and writes the others in
-//! full; the receiver maps hashes back through the ids of its own latest
-//! digest. An entry it still cannot map (it forgot that node since) is
+//! Peers mostly know the same nodes, so an entry need not name its node:
+//! each side keeps the id list of the last digest the other sent it (ids
+//! sorted by an 8-byte hash, the list named by a 4-byte tag), and a digest
+//! to that peer says, per node of *the peer's* list, present or not (one
+//! bit), followed by the values of the present ones (three varints: 4-7
+//! bytes). Nodes the peer did not list go with their full id. A node keeps
+//! its own last few lists, so a peer's reference to one that changed since
+//! still resolves. An entry that cannot be resolved (the list is gone) is
 //! dropped, which scuttlebutt reads as "send me all of that node", and the
-//! peer's next digest to it carries the id in full again.
+//! next exchange carries the right list again. chitchat learns of new nodes
+//! from digests alone (a delta about a node it has never seen is ignored),
+//! which is why unknown nodes always travel in full.
 //!
 //! This is a transcoder over chitchat's own byte format (pinned 0.11), not a
-//! fork: a compact message decodes back to the exact chitchat message. Only
-//! SYN and SYN-ACK change; ACK and BAD-CLUSTER have no digest and travel as
-//! chitchat writes them. Format, version 1:
+//! fork: a compact message decodes back to a chitchat message with the same
+//! digest. Only SYN and SYN-ACK change; ACK and BAD-CLUSTER have no digest
+//! and travel as chitchat writes them. Format, version 1 (numbers are LEB128
+//! varints unless sized):
 //!
 //! ```text
-//! 0xD5  type (0 SYN, 1 SYN-ACK)
-//! varint n, n x [chitchat id, heartbeat, last_gc_version, max_version]   ids in full
-//! varint m, m x [hash u64 LE, heartbeat, last_gc_version, max_version]   ids the peer knows
+//! 0xD5, type (0 SYN, 1 SYN-ACK), sender's list tag (u32 LE)
+//! n, n x [chitchat id, values]                                     nodes in full
+//! len of the receiver's list (0: none), and when not 0:
+//!   its tag (u32 LE), ceil(len/8) bytes of bits (LSB first), then the
+//!   values of every set bit's node, in order
 //! then, unchanged from chitchat: SYN: its cluster id; SYN-ACK: its delta
+//!
+//! values: heartbeat, max_version * 2 + (1 if last_gc_version > 0), and
+//!         last_gc_version only when that bit is set (it rarely is)
 //! ```
 //!
-//! (numbers as LEB128 varints). chitchat messages start with its magic
-//! number (`0x53 0xB0`), so the first byte tells the formats apart. A node
-//! sends compact digests only to peers whose gossip says they read them
-//! ([`crate::KEY_GOSSIP_WIRE`]).
+//! chitchat messages start with its magic number (`0x53 0xB0`), so the first
+//! byte tells the formats apart. A node sends compact digests only to peers
+//! whose gossip says they read them ([`crate::KEY_GOSSIP_WIRE`]).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, VecDeque};
 
 use sha2::{Digest as _, Sha256};
 
@@ -47,10 +55,10 @@ const CHITCHAT_HEADER: usize = 4; // magic u16, protocol version, message type
 const CHITCHAT_MAGIC: [u8; 2] = 45_139u16.to_le_bytes();
 const SYN: u8 = 0;
 const SYN_ACK: u8 = 1;
-/// The smallest hashed entry: the hash and three one-byte varints.
-const MIN_HASHED_ENTRY: usize = 11;
-/// The smallest full entry: an empty name, generation, IPv4 address, three varints.
-const MIN_FULL_ENTRY: usize = 2 + 8 + 7 + 3;
+/// The smallest full entry: an empty name, generation, IPv4 address, two one-byte values.
+const MIN_FULL_ENTRY: usize = 2 + 8 + 7 + 2;
+/// How many of its own past id lists a node resolves references to.
+const OWN_LISTS: usize = 4;
 
 /// Why bytes are not a message.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -61,28 +69,112 @@ pub enum WireError {
     Invalid(&'static str),
 }
 
-/// The node ids this node knows, by hash (the ids of its latest digest).
+/// An id list: node hashes in ascending order, named by its tag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct List {
+    tag: u32,
+    hashes: Vec<u64>,
+}
+
+impl List {
+    fn new(mut hashes: Vec<u64>) -> List {
+        hashes.sort_unstable();
+        hashes.dedup();
+        let mut h = Sha256::new();
+        for x in &hashes {
+            h.update(x.to_le_bytes());
+        }
+        let d = h.finalize();
+        List {
+            tag: u32::from_le_bytes([d[0], d[1], d[2], d[3]]),
+            hashes,
+        }
+    }
+}
+
+/// This node's own recent id lists (newest first) and the ids behind them.
 #[derive(Debug, Default)]
 pub struct KnownIds {
-    by_hash: HashMap<u64, Box<[u8]>>,
+    lists: VecDeque<List>,
+    ids: HashMap<u64, Box<[u8]>>,
 }
 
 impl KnownIds {
+    /// Nodes in this node's latest digest.
     pub fn len(&self) -> usize {
-        self.by_hash.len()
+        self.lists.front().map_or(0, |l| l.hashes.len())
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_hash.is_empty()
+        self.len() == 0
+    }
+
+    fn remember(&mut self, list: List, ids: Vec<(u64, &[u8])>) {
+        if self.lists.front().is_some_and(|l| l.tag == list.tag) {
+            return;
+        }
+        self.lists.push_front(list);
+        self.lists.truncate(OWN_LISTS);
+        for (h, id) in ids {
+            self.ids.entry(h).or_insert_with(|| Box::from(id));
+        }
+        let lists = &self.lists;
+        self.ids
+            .retain(|h, _| lists.iter().any(|l| l.hashes.binary_search(h).is_ok()));
+    }
+
+    fn list(&self, tag: u32, len: usize) -> Option<&List> {
+        self.lists
+            .iter()
+            .find(|l| l.tag == tag && l.hashes.len() == len)
     }
 }
 
-/// The nodes a peer listed in its last digest, by hash: those it can be sent hashes of.
-pub type PeerKnows = HashSet<u64>;
+/// A peer's id list as its last digest to us gave it: what a digest to it
+/// can refer to by position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerList {
+    tag: u32,
+    len: usize,
+    position: HashMap<u64, u32>,
+}
 
-/// The hash a compact entry names a node by: the first 8 bytes of the
-/// SHA-256 of its id as chitchat encodes it (stable across builds, and
-/// collisions are out of reach at any mesh size).
+impl PeerList {
+    fn new(list: &List) -> PeerList {
+        PeerList {
+            tag: list.tag,
+            len: list.hashes.len(),
+            position: list
+                .hashes
+                .iter()
+                .enumerate()
+                .map(|(i, h)| (*h, i as u32))
+                .collect(),
+        }
+    }
+}
+
+/// What a received message says about the sender's id list.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Listed {
+    /// Its digest, all of it understood.
+    List(PeerList),
+    /// A digest this node could not fully resolve: forget the old list.
+    Unknown,
+    /// No digest in this message.
+    NoDigest,
+}
+
+/// The digest entries of a compact message, by how they name their node.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Encoded {
+    pub full: usize,
+    pub positional: usize,
+}
+
+/// The hash a node is known by: the first 8 bytes of the SHA-256 of its id
+/// as chitchat encodes it (stable across builds; collisions are out of
+/// reach at any mesh size).
 fn id_hash(id: &[u8]) -> u64 {
     let d = Sha256::digest(id);
     let mut h = [0u8; 8];
@@ -111,6 +203,11 @@ impl<'a> Reader<'a> {
         Ok(u16::from_le_bytes([b[0], b[1]]))
     }
 
+    fn u32(&mut self) -> Result<u32, WireError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
     fn u64(&mut self) -> Result<u64, WireError> {
         let mut b = [0u8; 8];
         b.copy_from_slice(self.take(8)?);
@@ -129,11 +226,28 @@ impl<'a> Reader<'a> {
         Err(WireError::Invalid("varint longer than 64 bits"))
     }
 
-    /// A count of entries at least `min` bytes each, refused when the rest
-    /// of the message cannot hold them.
+    /// An entry's values: heartbeat, last gc version, max version (see the module doc).
+    fn fields(&mut self) -> Result<[u64; 3], WireError> {
+        let heartbeat = self.varint()?;
+        let versions = self.varint()?;
+        let gc = if versions & 1 == 1 { self.varint()? } else { 0 };
+        Ok([heartbeat, gc, versions >> 1])
+    }
+
+    /// A count of things, refused when the rest of the message cannot hold
+    /// them: entries of at least `min` bytes each.
     fn count(&mut self, min: usize) -> Result<usize, WireError> {
         let n = self.varint()?;
-        if n > (self.0.len() / min) as u64 {
+        if n > (self.0.len() / min.max(1)) as u64 {
+            return Err(WireError::Truncated);
+        }
+        Ok(n as usize)
+    }
+
+    /// A count of bits, refused when the rest of the message cannot hold them.
+    fn bit_count(&mut self) -> Result<usize, WireError> {
+        let n = self.varint()?;
+        if n > self.0.len() as u64 * 8 {
             return Err(WireError::Truncated);
         }
         Ok(n as usize)
@@ -163,6 +277,15 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
+fn put_fields(out: &mut Vec<u8>, &[heartbeat, gc, max_version]: &[u64; 3]) {
+    put_varint(out, heartbeat);
+    // Versions count keys set: 2^63 of them is out of reach.
+    put_varint(out, (max_version << 1) | u64::from(gc > 0));
+    if gc > 0 {
+        put_varint(out, gc);
+    }
+}
+
 /// The digest entries of a chitchat SYN or SYN-ACK (`None`: another message),
 /// each as (id bytes, heartbeat, last gc version, max version), and the rest
 /// of the message after the digest.
@@ -182,88 +305,107 @@ fn chitchat_digest(msg: &[u8]) -> Result<Option<Entries<'_>>, WireError> {
     Ok(Some((entries, r.0)))
 }
 
-fn put_fields(out: &mut Vec<u8>, fields: &[u64; 3]) {
-    for &f in fields {
-        put_varint(out, f);
-    }
-}
-
 /// Encodes a chitchat message (`msg`, as chitchat serialized it) for a peer.
-/// Always refreshes `known` from the message's digest (it lists every node
-/// this one knows). With `peer` (what the peer knows: it reads compact
-/// digests) a SYN or SYN-ACK goes out compact; otherwise `out` receives
-/// `msg` unchanged.
+/// Always records this node's id list from the message's digest (it lists
+/// every node this one knows) in `known`. With `peer` (the peer reads
+/// compact digests; its last list, if any) a SYN or SYN-ACK goes out
+/// compact; otherwise `out` receives `msg` unchanged.
 pub fn encode(
     msg: &[u8],
-    peer: Option<&PeerKnows>,
+    peer: Option<Option<&PeerList>>,
     known: &mut KnownIds,
     out: &mut Vec<u8>,
-) -> Result<(), WireError> {
+) -> Result<Encoded, WireError> {
     out.clear();
     let Some((entries, rest)) = chitchat_digest(msg)? else {
         out.extend_from_slice(msg);
-        return Ok(());
+        return Ok(Encoded::default());
     };
     let hashes: Vec<u64> = entries.iter().map(|(id, _)| id_hash(id)).collect();
-    known.by_hash = entries
-        .iter()
-        .zip(&hashes)
-        .map(|((id, _), h)| (*h, Box::from(*id)))
-        .collect();
+    let list = List::new(hashes.clone());
+    let tag = list.tag;
+    known.remember(
+        list,
+        hashes
+            .iter()
+            .zip(&entries)
+            .map(|(h, (id, _))| (*h, *id))
+            .collect(),
+    );
     let Some(peer) = peer else {
         out.extend_from_slice(msg);
-        return Ok(());
+        return Ok(Encoded::default());
     };
     out.push(COMPACT);
     out.push(msg[3]);
-    let full = hashes.iter().filter(|h| !peer.contains(h)).count();
+    out.extend_from_slice(&tag.to_le_bytes());
+    let at = |h: &u64| peer.and_then(|p| p.position.get(h).copied());
+    let full = hashes.iter().filter(|h| at(h).is_none()).count();
     put_varint(out, full as u64);
     for ((id, fields), h) in entries.iter().zip(&hashes) {
-        if !peer.contains(h) {
+        if at(h).is_none() {
             out.extend_from_slice(id);
             put_fields(out, fields);
         }
     }
-    put_varint(out, (entries.len() - full) as u64);
-    for ((_, fields), h) in entries.iter().zip(&hashes) {
-        if peer.contains(h) {
-            out.extend_from_slice(&h.to_le_bytes());
-            put_fields(out, fields);
+    match peer {
+        Some(p) if full < entries.len() => {
+            put_varint(out, p.len as u64);
+            out.extend_from_slice(&p.tag.to_le_bytes());
+            let mut present: Vec<(u32, &[u64; 3])> = entries
+                .iter()
+                .zip(&hashes)
+                .filter_map(|((_, f), h)| Some((at(h)?, f)))
+                .collect();
+            present.sort_unstable_by_key(|(i, _)| *i);
+            let bits_at = out.len();
+            out.resize(bits_at + p.len.div_ceil(8), 0);
+            for (i, _) in &present {
+                let i = *i as usize;
+                out[bits_at + i / 8] |= 1 << (i % 8);
+            }
+            for (_, f) in present {
+                put_fields(out, f);
+            }
         }
+        _ => put_varint(out, 0),
     }
     out.extend_from_slice(rest);
-    Ok(())
+    Ok(Encoded {
+        full,
+        positional: entries.len() - full,
+    })
 }
 
 /// Decodes what a peer sent into chitchat's format, in `out`: compact
-/// messages are expanded through `known` (hashed entries naming nodes this
-/// one does not know are dropped), anything else is copied for chitchat to
-/// decode (or refuse). Returns the nodes the peer's digest listed, when the
-/// message has one: what [`encode`] may send it hashes of.
-pub fn decode(
-    bytes: &[u8],
-    known: &KnownIds,
-    out: &mut Vec<u8>,
-) -> Result<Option<PeerKnows>, WireError> {
+/// messages are expanded through `known` (entries that cannot be resolved
+/// are dropped), anything else is copied for chitchat to decode (or refuse).
+/// Also says what the peer's digest listed: what [`encode`] may refer to.
+pub fn decode(bytes: &[u8], known: &KnownIds, out: &mut Vec<u8>) -> Result<Listed, WireError> {
     out.clear();
     if bytes.first() != Some(&COMPACT) {
         out.extend_from_slice(bytes);
-        return Ok(chitchat_digest(bytes)
-            .ok()
-            .flatten()
-            .map(|(entries, _)| entries.iter().map(|(id, _)| id_hash(id)).collect()));
+        return Ok(match chitchat_digest(bytes) {
+            Ok(Some((entries, _))) => Listed::List(PeerList::new(&List::new(
+                entries.iter().map(|(id, _)| id_hash(id)).collect(),
+            ))),
+            Ok(None) => Listed::NoDigest,
+            Err(_) => Listed::Unknown,
+        });
     }
     let mut r = Reader(&bytes[1..]);
     let kind = r.u8()?;
     if !matches!(kind, SYN | SYN_ACK) {
         return Err(WireError::Invalid("unknown compact message type"));
     }
+    let sender_tag = r.u32()?;
     out.extend_from_slice(&CHITCHAT_MAGIC);
     out.push(0); // chitchat protocol version 0
     out.push(kind);
     let count_at = out.len();
     out.extend_from_slice(&[0, 0]);
-    let mut listed = PeerKnows::new();
+    let mut listed = Vec::new();
+    let mut resolved = true;
     let mut kept = 0usize;
     let mut put = |out: &mut Vec<u8>, id: &[u8], fields: [u64; 3]| {
         kept += 1;
@@ -274,23 +416,37 @@ pub fn decode(
     };
     for _ in 0..r.count(MIN_FULL_ENTRY)? {
         let id = r.chitchat_id()?;
-        let fields = [r.varint()?, r.varint()?, r.varint()?];
-        listed.insert(id_hash(id));
+        let fields = r.fields()?;
+        listed.push(id_hash(id));
         put(out, id, fields);
     }
-    for _ in 0..r.count(MIN_HASHED_ENTRY)? {
-        let hash = r.u64()?;
-        let fields = [r.varint()?, r.varint()?, r.varint()?];
-        listed.insert(hash);
-        if let Some(id) = known.by_hash.get(&hash) {
-            put(out, id, fields);
+    let len = r.bit_count()?;
+    if len > 0 {
+        let tag = r.u32()?;
+        let bits = r.take(len.div_ceil(8))?;
+        let own = known.list(tag, len);
+        resolved = own.is_some();
+        for i in (0..len).filter(|i| bits[i / 8] & (1 << (i % 8)) != 0) {
+            let fields = r.fields()?;
+            let Some(h) = own.map(|l| l.hashes[i]) else {
+                continue;
+            };
+            listed.push(h);
+            if let Some(id) = known.ids.get(&h) {
+                put(out, id, fields);
+            }
         }
     }
     let kept = u16::try_from(kept)
         .map_err(|_| WireError::Invalid("more digest entries than chitchat can hold"))?;
     out[count_at..count_at + 2].copy_from_slice(&kept.to_le_bytes());
     out.extend_from_slice(r.0);
-    Ok(Some(listed))
+    let list = List::new(listed);
+    Ok(if resolved && list.tag == sender_tag {
+        Listed::List(PeerList::new(&list))
+    } else {
+        Listed::Unknown
+    })
 }
 
 #[cfg(test)]
@@ -356,15 +512,23 @@ mod tests {
     fn entries() -> Vec<(Vec<u8>, [u64; 3])> {
         vec![
             (
-                id("eu-west-1", 1_764_000_000_123, "10.0.0.1:7400".parse().unwrap()),
+                id(
+                    "eu-west-1",
+                    1_764_000_000_123,
+                    "10.0.0.1:7400".parse().expect("address"),
+                ),
                 [123_456, 0, 42],
             ),
             (
-                id("us-east-2", 1_764_000_000_456, "[fd00::2]:7400".parse().unwrap()),
+                id(
+                    "us-east-2",
+                    1_764_000_000_456,
+                    "[fd00::2]:7400".parse().expect("address"),
+                ),
                 [7, 3, 90_000],
             ),
             (
-                id("edge-7", 5, "192.168.1.7:1".parse().unwrap()),
+                id("edge-7", 5, "192.168.1.7:1".parse().expect("address")),
                 [u64::MAX, u64::MAX, 0],
             ),
         ]
@@ -374,54 +538,101 @@ mod tests {
         ChitchatMessage::deserialize(&mut &bytes[..]).expect("chitchat reads it")
     }
 
-    fn hashes(entries: &[(Vec<u8>, [u64; 3])]) -> PeerKnows {
-        entries.iter().map(|(id, _)| id_hash(id)).collect()
+    /// What `sender` learns of a node's id list from a digest that node sends.
+    fn list_of(node: &[(Vec<u8>, [u64; 3])], node_known: &mut KnownIds) -> PeerList {
+        let msg = chitchat_msg(SYN, node, &cluster_id("c"));
+        encode(&msg, None, node_known, &mut Vec::new()).expect("encodes");
+        match decode(&msg, &KnownIds::default(), &mut Vec::new()).expect("decodes") {
+            Listed::List(l) => l,
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
-    fn compact_messages_expand_to_the_exact_chitchat_bytes() {
+    fn compact_messages_expand_to_the_same_chitchat_digest() {
         for (kind, tail) in [(SYN, cluster_id("mesh.example")), (SYN_ACK, empty_delta())] {
             let msg = chitchat_msg(kind, &entries(), &tail);
-            let mut known = KnownIds::default();
-            // A peer that knows every node gets hashes; one that knows none, full ids.
-            for (peer, at_most) in [(hashes(&entries()), msg.len() / 2), (PeerKnows::new(), msg.len())] {
+            let mut receiver = KnownIds::default();
+            let receiver_list = list_of(&entries(), &mut receiver);
+            let mut sender = KnownIds::default();
+            // A peer we have a list of gets positions; one we have none of, full ids.
+            for (peer, at_most) in [(Some(&receiver_list), msg.len() / 3), (None, msg.len())] {
                 let mut wire = Vec::new();
-                encode(&msg, Some(&peer), &mut known, &mut wire).unwrap();
+                encode(&msg, Some(peer), &mut sender, &mut wire).expect("encodes");
                 assert_eq!(wire[0], COMPACT);
-                assert_eq!(known.len(), 3);
+                assert_eq!(sender.len(), 3);
                 assert!(wire.len() < at_most, "{} vs {}", wire.len(), msg.len());
                 let mut back = Vec::new();
-                let listed = decode(&wire, &known, &mut back).unwrap();
-                assert_eq!(back, msg);
-                assert_eq!(listed, Some(hashes(&entries())));
-                ChitchatMessage::deserialize(&mut &back[..]).expect("chitchat reads it");
+                let listed = decode(&wire, &receiver, &mut back).expect("decodes");
+                assert_eq!(parsed(&back), parsed(&msg));
+                assert_eq!(
+                    listed,
+                    Listed::List(receiver_list.clone()),
+                    "same nodes, same list"
+                );
             }
         }
     }
 
     #[test]
-    fn a_node_the_peer_does_not_know_goes_in_full_and_an_unmappable_hash_is_dropped() {
+    fn a_node_the_peer_did_not_list_goes_in_full() {
         let all = entries();
-        let msg = chitchat_msg(SYN, &all, &cluster_id("c"));
-        // The receiver's own digest lacks the second node.
-        let own = chitchat_msg(SYN, &[all[0].clone(), all[2].clone()], &cluster_id("c"));
+        let msg = chitchat_msg(SYN_ACK, &all, &empty_delta());
+        // The receiver's digest lacks the second node.
         let mut receiver = KnownIds::default();
-        encode(&own, None, &mut receiver, &mut Vec::new()).unwrap();
-
-        // The sender knows what the receiver listed: the new node goes in full.
+        let receiver_list = list_of(&[all[0].clone(), all[2].clone()], &mut receiver);
         let mut sender = KnownIds::default();
         let mut wire = Vec::new();
-        let listed = hashes(&[all[0].clone(), all[2].clone()]);
-        encode(&msg, Some(&listed), &mut sender, &mut wire).unwrap();
+        encode(&msg, Some(Some(&receiver_list)), &mut sender, &mut wire).expect("encodes");
         let mut back = Vec::new();
-        decode(&wire, &receiver, &mut back).unwrap();
-        // Full entries come first: the same digest, in another order.
-        assert_eq!(parsed(&back), parsed(&msg), "the receiver learns the new node's id");
+        let listed = decode(&wire, &receiver, &mut back).expect("decodes");
+        assert_eq!(
+            parsed(&back),
+            parsed(&msg),
+            "the receiver learns the new node's id"
+        );
+        // And it now knows the sender's list: the three nodes.
+        let Listed::List(sender_list) = listed else {
+            panic!("{listed:?}")
+        };
+        assert_eq!(sender_list.len, 3);
+        assert_eq!(sender_list.tag, sender.lists[0].tag);
+    }
 
-        // A stale view of the receiver (it forgot the node): that entry is dropped.
-        encode(&msg, Some(&hashes(&all)), &mut sender, &mut wire).unwrap();
-        decode(&wire, &receiver, &mut back).unwrap();
-        assert_eq!(back, own, "the entry the receiver cannot name is gone");
+    #[test]
+    fn a_reference_to_a_list_the_receiver_no_longer_has_is_dropped() {
+        let all = entries();
+        let mut receiver = KnownIds::default();
+        let old = list_of(&all[..1], &mut receiver);
+        // The receiver's membership changes more often than it keeps lists.
+        for n in 0..OWN_LISTS {
+            let more: Vec<_> = (0..=n)
+                .map(|k| {
+                    (
+                        id(&format!("x{k}"), 1, "10.9.9.9:1".parse().expect("address")),
+                        [1, 0, 1],
+                    )
+                })
+                .chain(all.iter().cloned())
+                .collect();
+            list_of(&more, &mut receiver);
+        }
+        let msg = chitchat_msg(SYN, &all, &cluster_id("c"));
+        let mut wire = Vec::new();
+        encode(&msg, Some(Some(&old)), &mut KnownIds::default(), &mut wire).expect("encodes");
+        let mut back = Vec::new();
+        let listed = decode(&wire, &receiver, &mut back).expect("decodes");
+        assert_eq!(
+            listed,
+            Listed::Unknown,
+            "the sender's list cannot be checked"
+        );
+        let expect = chitchat_msg(SYN, &all[1..], &cluster_id("c"));
+        assert_eq!(
+            parsed(&back),
+            parsed(&expect),
+            "only the nodes sent in full remain"
+        );
     }
 
     #[test]
@@ -434,49 +645,75 @@ mod tests {
         };
         let mut known = KnownIds::default();
         let mut wire = Vec::new();
-        encode(&ack, Some(&PeerKnows::new()), &mut known, &mut wire).unwrap();
+        encode(&ack, Some(None), &mut known, &mut wire).expect("encodes");
         assert_eq!(wire, ack);
         let mut back = Vec::new();
-        assert_eq!(decode(&ack, &known, &mut back).unwrap(), None, "no digest");
+        assert_eq!(
+            decode(&ack, &known, &mut back).expect("decodes"),
+            Listed::NoDigest
+        );
 
         let syn = chitchat_msg(SYN, &entries(), &cluster_id("c"));
-        encode(&syn, None, &mut known, &mut wire).unwrap();
+        encode(&syn, None, &mut known, &mut wire).expect("encodes");
         assert_eq!(wire, syn, "a peer without compact support");
         assert_eq!(known.len(), 3, "the ids are learned all the same");
-        let listed = decode(&syn, &known, &mut back).unwrap();
+        let listed = decode(&syn, &known, &mut back).expect("decodes");
         assert_eq!(back, syn, "chitchat bytes pass through");
-        assert_eq!(listed, Some(hashes(&entries())), "and say what the peer knows");
+        assert!(
+            matches!(listed, Listed::List(l) if l.len == 3),
+            "and say what the peer knows"
+        );
     }
 
     #[test]
     fn bad_compact_bytes_are_refused() {
         let known = KnownIds::default();
         let mut out = Vec::new();
-        assert_eq!(decode(&[COMPACT], &known, &mut out), Err(WireError::Truncated));
-        assert!(decode(&[COMPACT, 9, 0, 0], &known, &mut out).is_err());
+        let head = |kind: u8| vec![COMPACT, kind, 0, 0, 0, 0];
+        assert_eq!(
+            decode(&[COMPACT], &known, &mut out),
+            Err(WireError::Truncated)
+        );
+        assert!(decode(&head(9), &known, &mut out).is_err());
         // Counts larger than the bytes can hold.
-        assert_eq!(
-            decode(&[COMPACT, SYN, 0xff, 0xff, 0x03], &known, &mut out),
-            Err(WireError::Truncated)
-        );
-        assert_eq!(
-            decode(&[COMPACT, SYN, 0, 0xff, 0xff, 0x03], &known, &mut out),
-            Err(WireError::Truncated)
-        );
-        let overlong = [COMPACT, SYN, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x01];
-        assert!(decode(&overlong, &known, &mut out).is_err());
+        let mut b = head(SYN);
+        b.extend_from_slice(&[0xff, 0xff, 0x03]);
+        assert_eq!(decode(&b, &known, &mut out), Err(WireError::Truncated));
+        let mut b = head(SYN);
+        b.extend_from_slice(&[0, 0xff, 0xff, 0x03, 1, 2, 3, 4]);
+        assert_eq!(decode(&b, &known, &mut out), Err(WireError::Truncated));
+        let mut b = head(SYN);
+        b.extend_from_slice(&[
+            0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x01,
+        ]);
+        assert!(decode(&b, &known, &mut out).is_err());
     }
 
     proptest! {
         #[test]
-        fn the_compact_decoder_never_panics(body in proptest::collection::vec(any::<u8>(), 0..600)) {
-            let msg = chitchat_msg(SYN, &entries(), &cluster_id("c"));
-            let mut known = KnownIds::default();
-            encode(&msg, None, &mut known, &mut Vec::new()).unwrap();
+        fn the_compact_decoder_never_panics(
+            body in proptest::collection::vec(any::<u8>(), 0..600),
+            cut in any::<prop::sample::Index>(),
+            flip in any::<prop::sample::Index>(),
+            xor in 1u8..,
+        ) {
+            let mut receiver = KnownIds::default();
+            let list = list_of(&entries()[1..], &mut receiver);
+            // Random bytes after the marker.
             let mut bytes = vec![COMPACT];
             bytes.extend_from_slice(&body);
             let mut out = Vec::new();
-            if decode(&bytes, &known, &mut out).is_ok() {
+            if decode(&bytes, &receiver, &mut out).is_ok() {
+                let _ = ChitchatMessage::deserialize(&mut &out[..]);
+            }
+            // A valid message, one byte changed, then cut short.
+            let msg = chitchat_msg(SYN_ACK, &entries(), &empty_delta());
+            let mut wire = Vec::new();
+            encode(&msg, Some(Some(&list)), &mut KnownIds::default(), &mut wire).expect("encodes");
+            let at = flip.index(wire.len());
+            wire[at] ^= xor;
+            wire.truncate(cut.index(wire.len() + 1));
+            if decode(&wire, &receiver, &mut out).is_ok() {
                 let _ = ChitchatMessage::deserialize(&mut &out[..]);
             }
         }
@@ -485,7 +722,7 @@ mod tests {
         fn varints_round_trip(v in any::<u64>()) {
             let mut b = Vec::new();
             put_varint(&mut b, v);
-            prop_assert_eq!(Reader(&b).varint().unwrap(), v);
+            prop_assert_eq!(Reader(&b).varint().expect("varint"), v);
         }
     }
 }

@@ -285,17 +285,21 @@ async fn nodes_with_and_without_compact_digests_form_one_cluster_and_compact_one
     for (i, g) in nodes.iter().enumerate() {
         let sent = g.stats().compact_sent.load(Ordering::Relaxed);
         assert_eq!(sent > 0, i % 2 == 1, "n{i} sent {sent} compact messages");
-        assert_eq!(g.stats().invalid_messages.load(Ordering::Relaxed), 0, "n{i}");
+        assert_eq!(
+            g.stats().invalid_messages.load(Ordering::Relaxed),
+            0,
+            "n{i}"
+        );
     }
     // Half of a compact node's peers read compact digests: its SYNs average
     // well under chitchat's.
-    assert!(compact < legacy * 0.8, "compact {compact:.0} vs chitchat {legacy:.0}");
+    assert!(
+        compact < legacy * 0.8,
+        "compact {compact:.0} vs chitchat {legacy:.0}"
+    );
 }
 
 fn syn_bytes_and_count(g: &Gossip) -> (u64, u64) {
     let s = g.stats();
-    (
-        s.syn_bytes_sent.load(Ordering::Relaxed),
-        g.rounds(),
-    )
+    (s.syn_bytes_sent.load(Ordering::Relaxed), g.rounds())
 }

@@ -696,7 +696,10 @@ impl Default for DelegationConfig {
             max_timeout: Duration::from_secs(300),
             circuit: dmsc_registry::CircuitConfig::default(),
             health_interval: Duration::from_secs(2),
-            agent_ttl: Duration::from_secs(60),
+            // A backstop: a dead home node's agents leave with it (membership),
+            // a removed agent by its deleted key. Every renewal re-gossips the
+            // whole record, so a short TTL costs bandwidth (BENCHMARKS.md, gossip).
+            agent_ttl: Duration::from_secs(300),
             load_interval: Duration::from_millis(500),
             selection: dmsc_registry::Choice::LeastLoaded,
             intent_margin: dmsc_registry::select::INTENT_MARGIN,

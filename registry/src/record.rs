@@ -2,17 +2,24 @@
 //!
 //! Owns: the `agent/<tenant>/<name>` value ([`AgentRecord`]: card digest,
 //! skill ids/names/tags, protocols, health, registration expiry), the
-//! `load/<tenant>/<name>` value ([`LoadReport`]), their compact JSON
-//! encoding, and the key builders and parsers.
+//! `load/<tenant>/<name>` value ([`LoadReport`]), their encodings (compact
+//! JSON for the record, a short list of numbers for load), and the key
+//! builders and parsers.
 //!
 //! Why it is shaped so: gossip values must stay small (DESIGN.md, "what is
 //! gossiped"): the full card is fetched on demand from the home node and
 //! cached by digest, so the record carries only what selection by tag needs
 //! and the digest that says whether a cached card is current. Load is a
 //! separate key because it changes every gossip round while the record
-//! changes only when the agent does. Field names stay readable (`digest`,
-//! `expires_ms`): the record is a few hundred bytes either way, and a human
-//! reading gossip state in `status --json` should not need a decoder ring.
+//! changes only when the agent does. Record field names stay readable
+//! (`digest`, `expires_ms`): the record is a few hundred bytes either way,
+//! and a human reading gossip state in `status --json` should not need a
+//! decoder ring. Load reports are different: they are most of what a busy
+//! mesh gossips (BENCHMARKS.md, gossip), so they travel as
+//! `in_flight,queue,ewma_ms,error_rate,cpu` (`3,0,4.1`: trailing zeros
+//! left out, latency to two significant digits, rates to hundredths; 5-15
+//! bytes instead of ~70 as JSON), and a change below that precision is no
+//! change. The JSON form older nodes publish is still read.
 
 use std::fmt;
 
@@ -124,16 +131,93 @@ pub struct LoadReport {
     pub cpu: f32,
 }
 
+/// `x` to `digits` significant digits, as the shortest decimal text.
+fn significant(x: f32, digits: i32) -> String {
+    if !x.is_finite() || x <= 0.0 {
+        return "0".into();
+    }
+    let x = f64::from(x);
+    let decimals = digits - 1 - x.log10().floor() as i32;
+    if decimals > 0 {
+        let s = format!("{x:.*}", decimals as usize);
+        let s = s.trim_end_matches('0').trim_end_matches('.');
+        if s.is_empty() {
+            "0".into()
+        } else {
+            s.to_string()
+        }
+    } else {
+        let unit = 10f64.powi(-decimals);
+        format!("{:.0}", (x / unit).round() * unit)
+    }
+}
+
+/// `x` in 0..=1 to hundredths.
+fn hundredths(x: f32) -> String {
+    if !x.is_finite() || x <= 0.0 {
+        return "0".into();
+    }
+    let s = format!("{:.2}", x.min(1.0));
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    if s.is_empty() {
+        "0".into()
+    } else {
+        s.to_string()
+    }
+}
+
 impl LoadReport {
+    /// `in_flight,queue,ewma_ms,error_rate,cpu`, trailing zeros left out
+    /// (see the module doc); the same report at the precision it travels at
+    /// encodes the same, so callers compare encodings to see a change.
     pub fn encode(&self) -> String {
-        serde_json::to_string(self).unwrap_or_default()
+        let mut fields = [
+            self.in_flight.to_string(),
+            self.queue.to_string(),
+            significant(self.ewma_ms, 2),
+            hundredths(self.error_rate),
+            hundredths(self.cpu),
+        ]
+        .to_vec();
+        while fields.len() > 1 && fields.last().is_some_and(|f| f == "0") {
+            fields.pop();
+        }
+        fields.join(",")
     }
 
+    /// Reads [`encode`](Self::encode)'s form, or the JSON object older
+    /// nodes publish.
     pub fn decode(s: &str) -> Result<LoadReport, RecordError> {
         check_len(s)?;
-        serde_json::from_str(s).map_err(|e| RecordError::Json {
+        let bad = |reason: String| RecordError::Json {
             what: "load report",
-            reason: e.to_string(),
+            reason,
+        };
+        if s.trim_start().starts_with('{') {
+            return serde_json::from_str(s).map_err(|e| bad(e.to_string()));
+        }
+        let fields: Vec<&str> = s.split(',').collect();
+        if fields.len() > 5 {
+            return Err(bad(format!("{} fields, at most 5", fields.len())));
+        }
+        let count = |i: usize| -> Result<u32, RecordError> {
+            fields.get(i).map_or(Ok(0), |f| {
+                f.parse()
+                    .map_err(|_| bad(format!("field {} is not a count: `{f}`", i + 1)))
+            })
+        };
+        let number = |i: usize| -> Result<f32, RecordError> {
+            fields.get(i).map_or(Ok(0.0), |f| match f.parse::<f32>() {
+                Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+                _ => Err(bad(format!("field {} is not a number >= 0: `{f}`", i + 1))),
+            })
+        };
+        Ok(LoadReport {
+            in_flight: count(0)?,
+            queue: count(1)?,
+            ewma_ms: number(2)?,
+            error_rate: number(3)?,
+            cpu: number(4)?,
         })
     }
 }
@@ -233,9 +317,54 @@ mod tests {
             error_rate: 0.25,
             cpu: 0.5,
         };
-        assert_eq!(LoadReport::decode(&l.encode()), Ok(l));
+        assert_eq!(l.encode(), "3,1,13,0.25,0.5");
+        let back = LoadReport::decode(&l.encode()).expect("decodes");
+        assert_eq!((back.in_flight, back.queue, back.ewma_ms), (3, 1, 13.0));
+        assert_eq!((back.error_rate, back.cpu), (0.25, 0.5));
+        // At the precision it travels at, a report encodes to itself.
+        assert_eq!(back.encode(), l.encode());
         assert_eq!(LoadReport::default().in_flight, 0);
+        assert_eq!(LoadReport::default().encode(), "0");
+        assert_eq!(LoadReport::decode("0"), Ok(LoadReport::default()));
         let err = LoadReport::decode("{\"in_flight\":-1}").expect_err("negative");
         assert!(err.to_string().contains("load report"), "{err}");
+        // What older nodes publish is still read.
+        let json = r#"{"in_flight":2,"queue":0,"ewma_ms":4.5,"error_rate":0.0,"cpu":0.0}"#;
+        assert_eq!(LoadReport::decode(json).expect("decodes").in_flight, 2);
+        for bad in [
+            "x",
+            "1,2,3,4,5,6",
+            "-1",
+            "1,1,-2",
+            "1,1,NaN",
+            "1,,2",
+            "1,1,inf",
+        ] {
+            assert!(LoadReport::decode(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn load_values_are_short_and_round_to_what_matters() {
+        let l = |in_flight, ewma_ms, error_rate| LoadReport {
+            in_flight,
+            queue: 0,
+            ewma_ms,
+            error_rate,
+            cpu: 0.0,
+        };
+        assert_eq!(l(3, 4.1234, 0.0).encode(), "3,0,4.1");
+        assert_eq!(l(0, 0.0123, 0.0).encode(), "0,0,0.012");
+        assert_eq!(l(12, 127.4, 0.031).encode(), "12,0,130,0.03");
+        assert_eq!(l(1, 98_765.0, 1.5).encode(), "1,0,99000,1");
+        assert_eq!(l(1, 9.96, 0.0).encode(), "1,0,10");
+        assert_eq!(l(1, 0.0, 0.004).encode(), "1");
+        // A latency change under the second significant digit is no change.
+        assert_eq!(l(3, 4.12, 0.0).encode(), l(3, 4.14, 0.0).encode());
+        assert_ne!(l(3, 4.12, 0.0).encode(), l(3, 4.2, 0.0).encode());
+        let json_len = serde_json::to_string(&l(12, 127.4, 0.031))
+            .expect("json")
+            .len();
+        assert!(json_len > 60 && l(12, 127.4, 0.031).encode().len() < 15);
     }
 }

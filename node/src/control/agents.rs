@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use dmsc_registry::{slug, AgentCard, AgentId, Health, LoadReport};
+use dmsc_registry::{slug, AgentCard, AgentId, Health};
 use http_body_util::BodyExt;
 use hyper::{Method, Request, StatusCode, Uri};
 use tracing::{info, warn};
@@ -446,21 +446,20 @@ impl AgentsCtx {
         }
     }
 
-    /// Republishes load reports that changed (cheap: small values).
-    pub async fn load_round(&self, last: &mut HashMap<AgentId, LoadReport>) {
+    /// Republishes load reports that changed at the precision they travel
+    /// at (a latency change under its second significant digit is none).
+    pub async fn load_round(&self, last: &mut HashMap<AgentId, String>) {
         let agents = self.agents.all();
         last.retain(|id, _| agents.iter().any(|a| &a.id == id));
         for a in agents {
             let load = a.load();
-            if last.get(&a.id) != Some(&load) {
+            let value = load.encode();
+            if last.get(&a.id) != Some(&value) {
                 self.mesh.set_load(&a.id, load);
                 self.gossip
-                    .set(
-                        &dmsc_registry::load_key(&a.id.tenant, &a.id.name),
-                        &load.encode(),
-                    )
+                    .set(&dmsc_registry::load_key(&a.id.tenant, &a.id.name), &value)
                     .await;
-                last.insert(a.id.clone(), load);
+                last.insert(a.id.clone(), value);
             }
         }
     }
