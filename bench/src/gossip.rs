@@ -31,7 +31,8 @@ pub struct GossipArgs {
     /// Simulated cluster sizes (empty: none).
     #[arg(long, value_delimiter = ',', default_value = "100,500")]
     sim: Vec<String>,
-    #[arg(long, default_value_t = 200)]
+    /// Gossip round interval (default: the node's).
+    #[arg(long, default_value_t = dmsc_gossip::gossip_defaults::INTERVAL.as_millis() as u64)]
     interval_ms: u64,
     #[arg(long, default_value_t = 8.0)]
     phi: f64,

@@ -34,6 +34,7 @@ mod jwt;
 mod mask;
 mod mqtt;
 mod policy;
+mod rss;
 mod security;
 
 use clap::Parser;
@@ -51,6 +52,9 @@ enum Cmd {
     /// MQTT request/response through the mesh vs directly on the broker
     /// (needs mosquitto).
     Mqtt(mqtt::MqttArgs),
+    /// Memory of a node that knows many remote agents (a real `dmsc-node`
+    /// process learning them by gossip).
+    RegistryRss(rss::RssArgs),
     /// Gossip convergence, propagation, failure detection and bandwidth.
     Gossip(gossip::GossipArgs),
     /// Load balancing quality: dmsc selection vs round-robin, random, oracle (simulated).
@@ -105,6 +109,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Mask(args) => mask::run(args)?,
         Cmd::Intent(args) => intent::run(args)?,
         Cmd::Mqtt(args) => rt()?.block_on(mqtt::run(args))?,
+        Cmd::RegistryRss(args) => rt()?.block_on(rss::run(args))?,
         Cmd::Flood(args) => rt()?.block_on(flood::run(args))?,
         Cmd::FloodServe(args) => rt()?.block_on(flood::serve(args))?,
         Cmd::FloodLoad(args) => {
