@@ -171,7 +171,11 @@ impl Gossip {
             failure_detector_config: fd,
             marked_for_deletion_grace_period: cfg.dead_grace,
             catchup_callback: None,
-            extra_liveness_predicate: None,
+            // chitchat publishes a copy of every live node's whole state on
+            // a watch channel at each membership or version change; nothing
+            // here reads it (membership comes from `node_states`), and at
+            // 100k agents each copy is tens of MB. Keep it empty.
+            extra_liveness_predicate: Some(Box::new(|_| false)),
         };
         let mut initial = initial;
         if cfg.compact_digests {
@@ -282,8 +286,16 @@ impl Gossip {
         self.stats.rounds.load(Ordering::Relaxed)
     }
 
-    /// Every other node this node knows, each name once at its newest generation.
+    /// Every other node this node knows, each name once at its newest
+    /// generation, with all its keys.
     pub async fn members(&self) -> Vec<Member> {
+        self.members_with(|_| true).await
+    }
+
+    /// Like [`members`](Self::members), with only the keys `keep` accepts
+    /// (a node with 100k agents in gossip should not copy them all to count
+    /// its peers).
+    pub async fn members_with(&self, keep: impl Fn(&str) -> bool) -> Vec<Member> {
         let chitchat = self.handle().chitchat();
         let c = chitchat.lock().await;
         let now = Instant::now();
@@ -305,6 +317,7 @@ impl Gossip {
                 heartbeat: u64::from(state.heartbeat()),
                 values: state
                     .key_values()
+                    .filter(|(k, _)| keep(k))
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
             };

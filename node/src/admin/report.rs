@@ -15,22 +15,50 @@ use crate::control::clock::clock_skew;
 use crate::metrics::Metrics;
 use crate::proto::gossip::NodeAnnouncement;
 
-/// Builds the status report from live state.
-pub(crate) async fn status_report(s: &Shared) -> StatusReport {
-    let members = s.gossip.members().await;
-    let now = SystemTime::now();
-    let identity = s.security.identity();
-    let not_after = identity.info.not_after;
-    let expires_in = match not_after.duration_since(now) {
+/// Seconds until this node's certificate expires (negative: expired).
+fn cert_expires_in(s: &Shared) -> i64 {
+    match s
+        .security
+        .identity()
+        .info
+        .not_after
+        .duration_since(SystemTime::now())
+    {
         Ok(d) => d.as_secs() as i64,
         Err(e) => -(e.duration().as_secs() as i64),
-    };
-    // Names the overlay read from verified certificates, by peer address.
-    // Gossip names are what peers *say*; where a live connection proves a
-    // different name for the same address, the gossip entry is an impostor.
+    }
+}
+
+/// Names the overlay read from verified certificates, by peer address.
+type Verified = std::collections::HashMap<SocketAddr, String>;
+
+/// Gossip names are what peers *say*; where a live connection proves a
+/// different name for the same address, the gossip entry is an impostor:
+/// the name its certificate proves.
+fn impostor<'a>(m: &dmsc_gossip::Member, verified: &'a Verified) -> Option<&'a String> {
+    verified
+        .get(&m.addr)
+        .filter(|cert_name| **cert_name != m.name)
+}
+
+/// Where a state is counted: alive, suspect, dead, left.
+fn state_index(state: MemberState) -> usize {
+    match state {
+        MemberState::Alive => 0,
+        MemberState::Suspect => 1,
+        MemberState::Dead => 2,
+        MemberState::Left => 3,
+    }
+}
+
+/// Builds the status report from live state.
+pub(crate) async fn status_report(s: &Shared) -> StatusReport {
+    let members = s.gossip.members_with(|k| k == dmsc_gossip::KEY_NODE).await;
+    let identity = s.security.identity();
+    let not_after = identity.info.not_after;
+    let expires_in = cert_expires_in(s);
     let links = s.overlay.peers();
-    let verified: std::collections::HashMap<SocketAddr, String> =
-        links.iter().map(|p| (p.addr, p.name.clone())).collect();
+    let verified: Verified = links.iter().map(|p| (p.addr, p.name.clone())).collect();
     // A relayed peer is listed under its mapped address; its connection may
     // be keyed by the address it dialed us from: find it by name then.
     let link_of = |m: &dmsc_gossip::Member| {
@@ -47,8 +75,8 @@ pub(crate) async fn status_report(s: &Shared) -> StatusReport {
     let mut counts = [0usize; 4];
     let peers: Vec<PeerStatus> = members
         .iter()
-        .filter(|m| match verified.get(&m.addr) {
-            Some(cert_name) if *cert_name != m.name => {
+        .filter(|m| match impostor(m, &verified) {
+            Some(cert_name) => {
                 warn!(
                     claimed = %m.name,
                     certificate = %cert_name,
@@ -60,12 +88,7 @@ pub(crate) async fn status_report(s: &Shared) -> StatusReport {
             _ => true,
         })
         .map(|m| {
-            counts[match m.state {
-                MemberState::Alive => 0,
-                MemberState::Suspect => 1,
-                MemberState::Dead => 2,
-                MemberState::Left => 3,
-            }] += 1;
+            counts[state_index(m.state)] += 1;
             let ann: Option<NodeAnnouncement> = m
                 .values
                 .get(dmsc_gossip::KEY_NODE)
@@ -219,14 +242,28 @@ pub(crate) fn agent_statuses(s: &Shared) -> Vec<super::status::AgentStatus> {
 }
 
 /// Refreshes the metrics registry from live state and encodes it.
+/// (Not through [`status_report`]: its agent table and peer details are
+/// a copy of the whole registry, and a scrape should not cost that.)
 pub(crate) async fn metrics_text(s: &Shared) -> String {
-    let report = status_report(s).await;
+    let verified: Verified = s
+        .overlay
+        .peers()
+        .into_iter()
+        .map(|p| (p.addr, p.name))
+        .collect();
+    let mut counts = [0usize; 4];
+    for member in s.gossip.members_with(|_| false).await {
+        if impostor(&member, &verified).is_none() {
+            counts[state_index(member.state)] += 1;
+        }
+    }
+    let gstats = s.gossip.stats();
     let m = &s.metrics;
     for (state, n) in [
-        ("alive", report.gossip.alive),
-        ("suspect", report.gossip.suspect),
-        ("dead", report.gossip.dead),
-        ("left", report.gossip.left),
+        ("alive", counts[0]),
+        ("suspect", counts[1]),
+        ("dead", counts[2]),
+        ("left", counts[3]),
     ] {
         m.peers
             .get_or_create(&crate::metrics::StateLabel {
@@ -234,9 +271,15 @@ pub(crate) async fn metrics_text(s: &Shared) -> String {
             })
             .set(n as i64);
     }
-    Metrics::set_counter(&m.gossip_rounds, report.gossip.rounds);
-    Metrics::set_counter(&m.gossip_bytes_sent, report.gossip.bytes_sent);
-    Metrics::set_counter(&m.gossip_bytes_received, report.gossip.bytes_received);
+    Metrics::set_counter(&m.gossip_rounds, s.gossip.rounds());
+    Metrics::set_counter(
+        &m.gossip_bytes_sent,
+        gstats.bytes_sent.load(Ordering::Relaxed),
+    );
+    Metrics::set_counter(
+        &m.gossip_bytes_received,
+        gstats.bytes_received.load(Ordering::Relaxed),
+    );
     let o = s.overlay.stats();
     let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     Metrics::set_counter(&m.overlay_bytes_sent, ld(&o.bytes_sent));
@@ -280,7 +323,7 @@ pub(crate) async fn metrics_text(s: &Shared) -> String {
     m.set_handshakes("outbound", "failed", ld(&o.handshakes_failed_outbound));
     Metrics::set_counter(&m.probes_answered, ld(&o.probes_answered));
     m.connections.set(s.overlay.peers().len() as i64);
-    m.cert_expiry_seconds.set(report.node.cert_expires_in_secs);
+    m.cert_expiry_seconds.set(cert_expires_in(s));
     m.uptime_seconds.set(s.started.elapsed().as_secs() as i64);
     m.agents.set(s.mesh.read().len() as i64);
     m.security.revoked.set(s.security.revoked.len() as i64);

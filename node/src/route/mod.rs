@@ -60,6 +60,12 @@ impl Drop for Outstanding {
     }
 }
 
+/// A hash of a gossiped value, to notice that it changed.
+fn value_hash(v: &str) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(v)
+}
+
 /// What the last scans said about one node.
 #[derive(Debug)]
 struct NodeCache {
@@ -70,8 +76,13 @@ struct NodeCache {
     addr: Option<SocketAddr>,
     /// Newest delegation wire version the node announced.
     wire: u8,
-    /// Raw `agent/` and `load/` values by agent.
-    records: HashMap<AgentId, (String, String)>,
+    /// Hashes of its `agent/` and `load/` values by agent: what changed
+    /// since the last scan (the values themselves live in gossip and, decoded,
+    /// in the registry; a third copy costs ~350 bytes per agent).
+    records: HashMap<AgentId, (u64, u64)>,
+    /// Live again, its agents not yet back in the registry (their values
+    /// come with the next scan).
+    readmit: bool,
     /// Its `node` record, as announced.
     ann: Option<NodeAnnouncement>,
     /// Relays: the nodes with a live session (`relay/clients`).
@@ -90,6 +101,7 @@ impl NodeCache {
             relay_clients: None,
             wire: 1,
             records: HashMap::new(),
+            readmit: false,
         }
     }
 }
@@ -208,8 +220,15 @@ impl MeshView {
         }
     }
 
+    /// The circuit of `id` as requests last left it (closed for an agent
+    /// never called). Read-only: a status page over 100k agents must not
+    /// create state for each.
     pub fn circuit_state(&self, id: &AgentId) -> CircuitState {
-        lock(&self.local(id).circuit).state(Instant::now())
+        let local = self.local.read().unwrap_or_else(|p| p.into_inner());
+        match local.get(id) {
+            Some(l) => lock(&l.circuit).state(Instant::now()),
+            None => CircuitState::Closed,
+        }
     }
 
     pub fn outstanding(&self, id: &AgentId) -> u32 {
@@ -343,6 +362,8 @@ impl MeshView {
                 *entry = NodeCache::new(&scan.name, scan.generation);
                 anns_dirty = true;
             }
+            // This scan's agent values, by agent (only when the node changed).
+            let mut raw: Option<HashMap<AgentId, (String, String)>> = None;
             if let Some(values) = scan.values {
                 let mut records: HashMap<AgentId, (String, String)> = HashMap::new();
                 let mut loads: HashMap<AgentId, String> = HashMap::new();
@@ -371,36 +392,55 @@ impl MeshView {
                         *load = l;
                     }
                 }
-                if entry.live {
-                    for (id, (r, l)) in &records {
-                        match entry.records.get(id) {
-                            Some((or, ol)) if or == r && ol == l => {}
-                            Some((or, _)) if or == r => ops.push(Op::Load(id.clone(), l.clone())),
-                            _ => ops.push(Op::Upsert(
-                                scan.name.clone(),
-                                id.clone(),
-                                r.clone(),
-                                l.clone(),
-                            )),
+                let seen: HashMap<AgentId, (u64, u64)> = records
+                    .iter()
+                    .map(|(id, (r, l))| (id.clone(), (value_hash(r), value_hash(l))))
+                    .collect();
+                if entry.live && entry.readmit {
+                    for (id, (r, l)) in records {
+                        ops.push(Op::Upsert(scan.name.clone(), id, r, l));
+                    }
+                    entry.readmit = false;
+                } else if entry.live {
+                    for (id, (r, l)) in records {
+                        let now = seen.get(&id).copied().unwrap_or_default();
+                        match entry.records.get(&id) {
+                            Some(before) if *before == now => {}
+                            Some(before) if before.0 == now.0 => ops.push(Op::Load(id, l)),
+                            _ => ops.push(Op::Upsert(scan.name.clone(), id, r, l)),
                         }
                     }
                     for id in entry.records.keys() {
-                        if !records.contains_key(id) {
+                        if !seen.contains_key(id) {
                             ops.push(Op::Remove(id.clone()));
                         }
                     }
+                } else {
+                    raw = Some(records);
                 }
-                entry.records = records;
+                entry.records = seen;
                 entry.version = scan.version;
             }
             if live != entry.live {
                 anns_dirty = true;
-                for (id, (r, l)) in &entry.records {
-                    ops.push(if live {
-                        Op::Upsert(scan.name.clone(), id.clone(), r.clone(), l.clone())
-                    } else {
-                        Op::Remove(id.clone())
-                    });
+                if live {
+                    match raw {
+                        Some(records) => {
+                            for (id, (r, l)) in records {
+                                ops.push(Op::Upsert(scan.name.clone(), id, r, l));
+                            }
+                        }
+                        // Back without a change: only hashes of its values
+                        // are kept here, so the next scan (half a round
+                        // away) asks for its values and readmits its agents.
+                        None => {
+                            entry.version = 0;
+                            entry.readmit = true;
+                        }
+                    }
+                } else {
+                    ops.extend(entry.records.keys().cloned().map(Op::Remove));
+                    entry.readmit = false;
                 }
                 entry.live = live;
             }
@@ -699,10 +739,14 @@ mod tests {
         assert_eq!(gone, vec!["127.0.0.1:7409".parse().expect("addr")]);
         assert!(!selectable(&m));
         assert!(m.node_route("x").is_none());
-        // Back alive with nothing changed: its agents come back.
+        // Back alive with nothing changed: routable at once, and its agents
+        // come back with the next scan, which asks for its values.
         assert!(m
             .apply_scan(vec![scan(1, 5, MemberState::Alive, false)])
             .is_empty());
+        assert!(m.node_route("x").is_some());
+        assert_eq!(m.scan_cursor().get("x"), Some(&(1, 0)));
+        m.apply_scan(vec![scan(1, 5, MemberState::Alive, true)]);
         assert!(selectable(&m));
         // The key deleted (deregistered): gone.
         let mut s = scan(1, 6, MemberState::Alive, true);
