@@ -108,10 +108,18 @@ impl AgentRecord {
 
     pub fn decode(s: &str) -> Result<AgentRecord, RecordError> {
         check_len(s)?;
-        serde_json::from_str(s).map_err(|e| RecordError::Json {
+        let mut r: AgentRecord = serde_json::from_str(s).map_err(|e| RecordError::Json {
             what: "agent record",
             reason: e.to_string(),
-        })
+        })?;
+        // Kept for every remote agent: no growth slack (serde's vectors
+        // start at four elements; a record has two skills of three tags).
+        r.skills.shrink_to_fit();
+        for k in &mut r.skills {
+            k.tags.shrink_to_fit();
+        }
+        r.protocols.shrink_to_fit();
+        Ok(r)
     }
 }
 
