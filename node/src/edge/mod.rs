@@ -396,10 +396,21 @@ impl Bridge {
     pub async fn run(self: Arc<Self>, mut eventloop: EventLoop, parts: EdgeParts) {
         let parts = Arc::new(parts);
         let mut backoff = Duration::from_millis(100);
+        // Edge agents marked unhealthy because the broker went away.
+        let mut cut_off: Vec<AgentId> = Vec::new();
         loop {
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     backoff = Duration::from_millis(100);
+                    // Reachable again; a retained `offline` status, delivered
+                    // again with the subscriptions below, still wins.
+                    for id in cut_off.drain(..) {
+                        if let Some(a) = parts.agents.agents.get(&id).filter(|a| a.is_edge()) {
+                            if a.set_health(Health::Healthy) {
+                                parts.agents.publish(&a).await;
+                            }
+                        }
+                    }
                     // The broker's packet limit: a bigger publish would
                     // fail to encode and cost the whole connection.
                     let limit = ack
@@ -438,6 +449,14 @@ impl Bridge {
                 Err(e) => {
                     if self.connected.swap(false, Ordering::Relaxed) {
                         warn!(broker = %self.broker(), error = %e, "MQTT bridge disconnected; reconnecting");
+                        // Its edge agents cannot be reached through this node
+                        // now: say so in gossip, so that no node routes to them.
+                        for a in parts.agents.agents.all() {
+                            if a.is_edge() && a.set_health(Health::Unhealthy) {
+                                parts.agents.publish(&a).await;
+                                cut_off.push(a.id.clone());
+                            }
+                        }
                     } else {
                         debug!(broker = %self.broker(), error = %e, "MQTT broker not reachable yet");
                     }

@@ -2,7 +2,8 @@
 //! (rumqttc, written here: `mosquitto_sub` cannot answer requests) registers
 //! with its retained card on one node and is called over HTTP from another,
 //! whole and streamed; it calls HTTP agents through the mesh, whole and
-//! streamed, and is refused another tenant's agent; a broker restart loses
+//! streamed, and is refused another tenant's agent; while the broker is
+//! down the agent is unhealthy mesh-wide, and a broker restart loses
 //! nothing; its last will marks it down.
 
 use std::process::Stdio;
@@ -83,12 +84,26 @@ impl Broker {
     /// Stops the broker the way an operator does (SIGTERM: it saves its
     /// state) and starts it again on the same port.
     async fn restart(&mut self) {
+        self.stop().await;
+        self.child = Self::spawn(&self.dir, self.port).await;
+    }
+
+    async fn stop(&mut self) {
         if let Some(pid) = self.child.id() {
             let _ = std::process::Command::new("kill")
                 .arg(pid.to_string())
                 .status();
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+    }
+
+    /// Kills the broker outright (no wills sent, no state saved), as a
+    /// crash or a cut network looks to its clients; `start_again` revives it.
+    async fn crash(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    async fn start_again(&mut self) {
         self.child = Self::spawn(&self.dir, self.port).await;
     }
 }
@@ -536,8 +551,37 @@ async fn an_mqtt_edge_agent_is_called_over_http_and_calls_http_agents_through_th
         "a duplicate call was answered twice"
     );
 
-    // The broker restarts: the bridge and the agent reconnect, calls work
-    // again and none that was answered is lost.
+    // The broker goes away: the bridge's node says its edge agents are
+    // unreachable, and every node learns so (no node routes to them).
+    let meter = dmsc_registry::AgentId::new("acme", "meter");
+    let health_everywhere = |h: dmsc_registry::Health| {
+        mesh.nodes.iter().all(|n| {
+            n.mesh()
+                .read()
+                .get(&meter)
+                .is_some_and(|e| e.record.health == h)
+        })
+    };
+    broker.crash().await;
+    eventually(
+        Duration::from_secs(10),
+        "the edge agent unhealthy everywhere while the broker is down",
+        || health_everywhere(dmsc_registry::Health::Unhealthy),
+    )
+    .await;
+
+    // The broker comes back: the bridge and the agent reconnect, and the
+    // agent is healthy again.
+    broker.start_again().await;
+    eventually(
+        Duration::from_secs(20),
+        "the edge agent healthy everywhere again",
+        || health_everywhere(dmsc_registry::Health::Healthy),
+    )
+    .await;
+
+    // The broker restarts as operators restart it: calls work again and
+    // none that was answered is lost.
     broker.restart().await;
     let until = Instant::now() + Duration::from_secs(20);
     loop {
