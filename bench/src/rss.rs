@@ -1,7 +1,8 @@
 //! `dmsc-bench registry-rss`: the memory a node needs to know a large mesh.
 //!
-//! A publisher node (in this process) gossips `--agents` remote agents (a
-//! record and a load report each, spread over `--tenants`); the measured
+//! Publisher nodes (`--publishers`, in this process) gossip `--agents`
+//! remote agents (a record and a load report each, spread over `--tenants`
+//! and over the publishers, as a mesh spreads them); the measured
 //! node is a real `dmsc-node run` process that joins it and learns them
 //! all through gossip, as it would from a mesh of many nodes. Reported: the
 //! measured process's resident memory (VmRSS, and its peak VmHWM) before it
@@ -26,6 +27,11 @@ pub struct RssArgs {
     /// Tenants they are spread over.
     #[arg(long, default_value_t = 100)]
     tenants: usize,
+    /// Nodes they are spread over (each a full node in this process; at
+    /// 100k agents more than one saturates two cores: they also learn each
+    /// other's agents).
+    #[arg(long, default_value_t = 1)]
+    publishers: usize,
     /// The `dmsc-node` binary to measure (default: beside this one).
     #[arg(long)]
     node_bin: Option<PathBuf>,
@@ -129,18 +135,21 @@ pub async fn run(args: RssArgs) -> anyhow::Result<()> {
     let bin = node_bin(&args)?;
     let dir = tempfile::tempdir()?;
     let ca = CertificateAuthority::generate("bench.local")?;
-    for name in ["publisher", "measured"] {
-        ca.issue_node(name, NODE_VALIDITY)?
-            .write_node_dir(&dir.path().join(name), &ca.cert_pem)?;
+    ca.issue_node("measured", NODE_VALIDITY)?
+        .write_node_dir(&dir.path().join("measured"), &ca.cert_pem)?;
+    let mut publishers: Vec<App> = Vec::new();
+    for p in 0..args.publishers.max(1) {
+        let name = format!("publisher-{p}");
+        let nd = dir.path().join(&name);
+        ca.issue_node(&name, NODE_VALIDITY)?
+            .write_node_dir(&nd, &ca.cert_pem)?;
+        let seed = publishers.first().map(|a| a.bound().overlay);
+        publishers.push(App::build(RawConfig::loopback(&name, &nd, seed).validate()?).await?);
     }
-    let publisher = App::build(
-        RawConfig::loopback("publisher", &dir.path().join("publisher"), None).validate()?,
-    )
-    .await?;
     let t = Instant::now();
     for i in 0..args.agents {
         let (tenant, name) = (format!("t{}", i % args.tenants), format!("agent-{i}"));
-        let g = publisher.gossip();
+        let g = publishers[i % publishers.len()].gossip();
         g.set(&dmsc_registry::agent_key(&tenant, &name), &record(i))
             .await;
         let load = LoadReport {
@@ -151,11 +160,16 @@ pub async fn run(args: RssArgs) -> anyhow::Result<()> {
         g.set(&dmsc_registry::load_key(&tenant, &name), &load.encode())
             .await;
     }
-    eprintln!("publisher holds {} agents ({:?})", args.agents, t.elapsed());
+    eprintln!(
+        "{} publishers hold {} agents ({:?})",
+        publishers.len(),
+        args.agents,
+        t.elapsed()
+    );
 
     let admin = free_port()?;
     let measured_dir = dir.path().join("measured");
-    let config = write_config(&measured_dir, admin, publisher.bound().overlay)?;
+    let config = write_config(&measured_dir, admin, publishers[0].bound().overlay)?;
     let mut child = tokio::process::Command::new(&bin)
         .args(["run", "--config"])
         .arg(&config)
@@ -193,15 +207,16 @@ pub async fn run(args: RssArgs) -> anyhow::Result<()> {
     let full = rss_kib(pid)?;
     let ((idle_rss, _), idle_known, idle_at) = idle.unwrap_or(((0, 0), 0, Duration::ZERO));
     println!(
-        "| agents | tenants | RSS when up ({} agents known, {:.1} s) | RSS with all agents | peak RSS | all agents learned after |",
+        "| agents | tenants | nodes | RSS when up ({} agents known, {:.1} s) | RSS with all agents | peak RSS | all agents learned after |",
         idle_known,
         idle_at.as_secs_f64()
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     println!(
-        "| {} | {} | {:.1} MB | {:.1} MB | {:.1} MB | {:.1} s |",
+        "| {} | {} | {} | {:.1} MB | {:.1} MB | {:.1} MB | {:.1} s |",
         args.agents,
         args.tenants,
+        args.publishers.max(1),
         idle_rss as f64 / 1024.0,
         full.0 as f64 / 1024.0,
         full.1 as f64 / 1024.0,
@@ -217,6 +232,8 @@ pub async fn run(args: RssArgs) -> anyhow::Result<()> {
     {
         child.kill().await?;
     }
-    publisher.stop().await;
+    for p in publishers {
+        p.stop().await;
+    }
     Ok(())
 }
