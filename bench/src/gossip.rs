@@ -96,24 +96,30 @@ pub fn run(args: GossipArgs) -> anyhow::Result<()> {
         renew: Duration::from_secs(args.renew_secs),
     };
     let mut rows = Vec::new();
-    for n in sizes(&args.real)? {
+    let clusters = sizes(&args.real)?.into_iter().map(|n| (n, false));
+    for (n, simulated) in clusters.chain(sizes(&args.sim)?.into_iter().map(|n| (n, true))) {
         for &compact in modes {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
-            rows.push(rt.block_on(real(n, &args, compact, &w, window))?);
-            eprintln!("real {n} (compact {compact}): done");
-        }
-    }
-    for n in sizes(&args.sim)? {
-        for &compact in modes {
-            // Paused clock: time advances only when every node is idle.
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .start_paused(true)
-                .build()?;
-            rows.push(rt.block_on(sim(n, &args, compact, &w, window))?);
-            eprintln!("sim {n} (compact {compact}): done");
+            let run = Run {
+                args: &args,
+                compact,
+                w: &w,
+                window,
+            };
+            let row = if simulated {
+                // Paused clock: time advances only when every node is idle.
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .start_paused(true)
+                    .build()?;
+                rt.block_on(sim(n, &run))?
+            } else {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(real(n, &run))?
+            };
+            eprintln!("{} {n} (compact {compact}): done", row.kind);
+            rows.push(row);
         }
     }
     println!(
@@ -138,6 +144,15 @@ pub fn run(args: GossipArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// What one cluster run is measured with.
+#[derive(Clone, Copy)]
+struct Run<'a> {
+    args: &'a GossipArgs,
+    compact: bool,
+    w: &'a Workload,
+    window: Duration,
 }
 
 /// The keys a node of a working mesh gossips, and how they change.
@@ -418,13 +433,13 @@ async fn measure(
     })
 }
 
-async fn real(
-    n: usize,
-    args: &GossipArgs,
-    compact: bool,
-    w: &Workload,
-    window: Duration,
-) -> anyhow::Result<Row> {
+async fn real(n: usize, run: &Run<'_>) -> anyhow::Result<Row> {
+    let Run {
+        args,
+        compact,
+        w,
+        window,
+    } = *run;
     let dir = tempfile::tempdir()?;
     let ca = CertificateAuthority::generate("bench.local")?;
     let started = Instant::now();
@@ -471,13 +486,13 @@ async fn real(
     Ok(row)
 }
 
-async fn sim(
-    n: usize,
-    args: &GossipArgs,
-    compact: bool,
-    w: &Workload,
-    window: Duration,
-) -> anyhow::Result<Row> {
+async fn sim(n: usize, run: &Run<'_>) -> anyhow::Result<Row> {
+    let Run {
+        args,
+        compact,
+        w,
+        window,
+    } = *run;
     let net = SimNetwork::new(65_507);
     let addr =
         |i: usize| std::net::SocketAddr::from(([10, (i / 250) as u8, (i % 250) as u8, 1], 7400));
