@@ -48,7 +48,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::MqttConfig;
 use crate::control::agents::AgentsCtx;
-use crate::forward::local::{lock, EdgeCall, EdgeLink, LocalAgent};
+use crate::forward::local::{lock, EdgeAnswer, EdgeCall, EdgeLink, LocalAgent};
 use crate::ingress::Ingress;
 use crate::proto::http::{full, Body, ErrorKind, MeshError};
 use crate::proto::outcome::Failure;
@@ -921,9 +921,7 @@ impl EdgeLink for Link {
         agent: &'a LocalAgent,
         me: &'a str,
         call: EdgeCall<'a>,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Response<Body>, Failure>> + Send + 'a>,
-    > {
+    ) -> EdgeAnswer<'a> {
         Box::pin(self.0.clone().deliver(agent, me, call))
     }
 

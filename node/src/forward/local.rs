@@ -28,6 +28,11 @@ use crate::proto::http::{full, strip_hop_by_hop, Body, ErrorKind, MeshError};
 use crate::proto::outcome::Failure;
 use crate::route::now_ms;
 
+/// The answer of an edge agent, as [`EdgeLink::deliver`] returns it.
+pub type EdgeAnswer<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Response<Body>, Failure>> + Send + 'a>,
+>;
+
 /// How delivery reaches edge agents: the MQTT bridge (the `edge` module,
 /// a later layer) implements it and the node sets it in [`Upstream`].
 pub trait EdgeLink: Send + Sync + std::fmt::Debug {
@@ -37,9 +42,7 @@ pub trait EdgeLink: Send + Sync + std::fmt::Debug {
         agent: &'a LocalAgent,
         me: &'a str,
         call: EdgeCall<'a>,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Response<Body>, Failure>> + Send + 'a>,
-    >;
+    ) -> EdgeAnswer<'a>;
     /// Where an edge agent is reached (its spec's `url`), e.g.
     /// `mqtt://broker:1883/dmsc/acme/agents/meter/req`.
     fn endpoint(&self, id: &AgentId) -> String;

@@ -76,13 +76,11 @@ struct NodeCache {
     addr: Option<SocketAddr>,
     /// Newest delegation wire version the node announced.
     wire: u8,
-    /// Hashes of its `agent/` and `load/` values by agent: what changed
-    /// since the last scan (the values themselves live in gossip and, decoded,
-    /// in the registry; a third copy costs ~350 bytes per agent).
+    /// Hashes of its `agent/` and `load/` values by agent, while it is live:
+    /// what changed since the last scan (the values themselves live in
+    /// gossip and, decoded, in the registry; a third copy costs ~350 bytes
+    /// per agent). Empty while it is not live: nothing of it is registered.
     records: HashMap<AgentId, (u64, u64)>,
-    /// Live again, its agents not yet back in the registry (their values
-    /// come with the next scan).
-    readmit: bool,
     /// Its `node` record, as announced.
     ann: Option<NodeAnnouncement>,
     /// Relays: the nodes with a live session (`relay/clients`).
@@ -101,7 +99,6 @@ impl NodeCache {
             relay_clients: None,
             wire: 1,
             records: HashMap::new(),
-            readmit: false,
         }
     }
 }
@@ -362,8 +359,7 @@ impl MeshView {
                 *entry = NodeCache::new(&scan.name, scan.generation);
                 anns_dirty = true;
             }
-            // This scan's agent values, by agent (only when the node changed).
-            let mut raw: Option<HashMap<AgentId, (String, String)>> = None;
+            let had_values = scan.values.is_some();
             if let Some(values) = scan.values {
                 let mut records: HashMap<AgentId, (String, String)> = HashMap::new();
                 let mut loads: HashMap<AgentId, String> = HashMap::new();
@@ -392,16 +388,13 @@ impl MeshView {
                         *load = l;
                     }
                 }
-                let seen: HashMap<AgentId, (u64, u64)> = records
-                    .iter()
-                    .map(|(id, (r, l))| (id.clone(), (value_hash(r), value_hash(l))))
-                    .collect();
-                if entry.live && entry.readmit {
-                    for (id, (r, l)) in records {
-                        ops.push(Op::Upsert(scan.name.clone(), id, r, l));
-                    }
-                    entry.readmit = false;
-                } else if entry.live {
+                // A node that is not live has nothing in the registry (and
+                // no hashes here): its values wait until it is live again.
+                if live {
+                    let seen: HashMap<AgentId, (u64, u64)> = records
+                        .iter()
+                        .map(|(id, (r, l))| (id.clone(), (value_hash(r), value_hash(l))))
+                        .collect();
                     for (id, (r, l)) in records {
                         let now = seen.get(&id).copied().unwrap_or_default();
                         match entry.records.get(&id) {
@@ -415,32 +408,19 @@ impl MeshView {
                             ops.push(Op::Remove(id.clone()));
                         }
                     }
-                } else {
-                    raw = Some(records);
+                    entry.records = seen;
                 }
-                entry.records = seen;
                 entry.version = scan.version;
             }
             if live != entry.live {
                 anns_dirty = true;
-                if live {
-                    match raw {
-                        Some(records) => {
-                            for (id, (r, l)) in records {
-                                ops.push(Op::Upsert(scan.name.clone(), id, r, l));
-                            }
-                        }
-                        // Back without a change: only hashes of its values
-                        // are kept here, so the next scan (half a round
-                        // away) asks for its values and readmits its agents.
-                        None => {
-                            entry.version = 0;
-                            entry.readmit = true;
-                        }
-                    }
-                } else {
-                    ops.extend(entry.records.keys().cloned().map(Op::Remove));
-                    entry.readmit = false;
+                if !live {
+                    ops.extend(entry.records.drain().map(|(id, _)| Op::Remove(id)));
+                } else if !had_values {
+                    // Back without a change: only hashes of its values are
+                    // kept here, so the next scan (half a round away) asks
+                    // for its values and readmits its agents.
+                    entry.version = 0;
                 }
                 entry.live = live;
             }
