@@ -108,8 +108,15 @@ pub struct NodeScan {
     /// The node state's version in chitchat: it changes whenever a key does.
     pub version: u64,
     /// The node's keys under the prefix; `None` when the caller already has
-    /// this generation and version.
+    /// this generation and version. From [`Gossip::scan_changes`] only the
+    /// keys set since the caller's version unless `complete`.
     pub values: Option<Vec<(String, String)>>,
+    /// `values` holds every key of the node under the prefix (always so
+    /// from [`Gossip::scan_since`]).
+    pub complete: bool,
+    /// Keys under the prefix deleted since the caller's version (only in an
+    /// answer that is not `complete`).
+    pub deleted: Vec<String>,
 }
 
 /// A node's running gossip. Dropping it stops chitchat and the sampler.
@@ -230,13 +237,36 @@ impl Gossip {
 
     /// Every other node (newest generation per name) with its membership
     /// state and, when its state changed since what the caller `have`s
-    /// (`name -> (generation, version)`), its keys starting with `prefix`.
-    /// Unchanged nodes cost no copying, so a node with 100k agents in
-    /// gossip can call this every half round.
+    /// (`name -> (generation, version)`), all its keys starting with
+    /// `prefix`. Unchanged nodes cost no copying.
     pub async fn scan_since(
         &self,
         prefix: &str,
         have: &HashMap<String, (u64, u64)>,
+    ) -> Vec<NodeScan> {
+        self.scan(prefix, have, false).await
+    }
+
+    /// Like [`scan_since`](Self::scan_since), but a changed node carries only
+    /// the keys set or deleted since the caller's version: a node with 100k
+    /// agents whose load report changed costs one key, not 100k. The answer
+    /// is `complete` instead when a delta cannot be trusted: a node or
+    /// generation the caller has not seen, a caller version of 0, or
+    /// tombstones newer than the caller's version already collected (its
+    /// deletions would be missed).
+    pub async fn scan_changes(
+        &self,
+        prefix: &str,
+        have: &HashMap<String, (u64, u64)>,
+    ) -> Vec<NodeScan> {
+        self.scan(prefix, have, true).await
+    }
+
+    async fn scan(
+        &self,
+        prefix: &str,
+        have: &HashMap<String, (u64, u64)>,
+        deltas: bool,
     ) -> Vec<NodeScan> {
         let chitchat = self.handle().chitchat();
         let c = chitchat.lock().await;
@@ -262,21 +292,46 @@ impl Gossip {
             .into_values()
             .map(|(id, state, member_state)| {
                 let version = state.max_version();
-                let unchanged = have
+                let had = have
                     .get(&*id.node_id)
-                    .is_some_and(|&(g, v)| g == id.generation_id && v == version);
-                NodeScan {
+                    .filter(|&&(g, _)| g == id.generation_id)
+                    .map(|&(_, v)| v);
+                let mut scan = NodeScan {
                     name: id.node_id.to_string(),
                     generation: id.generation_id,
                     state: member_state,
                     version,
-                    values: (!unchanged).then(|| {
-                        state
-                            .iter_prefix(prefix)
-                            .map(|(k, v)| (k.to_string(), v.value.clone()))
-                            .collect()
-                    }),
+                    values: None,
+                    complete: true,
+                    deleted: Vec::new(),
+                };
+                match had {
+                    Some(v) if v == version => {}
+                    Some(v) if deltas && v > 0 && v < version && state.last_gc_version() <= v => {
+                        let mut set = Vec::new();
+                        for (k, vv) in state.key_values_including_deleted() {
+                            if vv.version <= v || !k.starts_with(prefix) {
+                                continue;
+                            }
+                            if vv.is_deleted() {
+                                scan.deleted.push(k.to_string());
+                            } else {
+                                set.push((k.to_string(), vv.value.clone()));
+                            }
+                        }
+                        scan.values = Some(set);
+                        scan.complete = false;
+                    }
+                    _ => {
+                        scan.values = Some(
+                            state
+                                .iter_prefix(prefix)
+                                .map(|(k, v)| (k.to_string(), v.value.clone()))
+                                .collect(),
+                        );
+                    }
                 }
+                scan
             })
             .collect()
     }

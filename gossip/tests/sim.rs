@@ -303,3 +303,72 @@ fn syn_bytes_and_count(g: &Gossip) -> (u64, u64) {
     let s = g.stats();
     (s.syn_bytes_sent.load(Ordering::Relaxed), g.rounds())
 }
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn scan_changes_carries_only_what_changed_and_everything_after_tombstones_are_collected() {
+    let net = SimNetwork::new(65_507);
+    let mut nodes = Vec::new();
+    for i in 0..2 {
+        let t = net.attach(addr(i));
+        let mut cfg = GossipConfig::new(&format!("n{i}"), addr(i), "sim");
+        cfg.generation = 1;
+        cfg.seeds = vec![addr(0).to_string()];
+        // Tombstones are collected after this grace (and dead nodes forgotten).
+        cfg.dead_grace = Duration::from_secs(20);
+        nodes.push(Gossip::start(cfg, &t, vec![]).await.expect("start"));
+    }
+    for k in ["a", "b", "c"] {
+        nodes[1].set(&format!("agent/{k}"), "1").await;
+    }
+    nodes[1].set("other", "x").await;
+    let have = std::collections::HashMap::new();
+    eventually!(Duration::from_secs(30), {
+        let s = nodes[0].scan_changes("agent/", &have).await;
+        s.first()
+            .and_then(|n| n.values.as_ref())
+            .is_some_and(|v| v.len() == 3)
+    });
+    let first = nodes[0].scan_changes("agent/", &have).await;
+    let n1 = first.first().expect("n1");
+    assert!(n1.complete);
+    let cursor: std::collections::HashMap<_, _> =
+        [("n1".to_string(), (n1.generation, n1.version))].into();
+    // Nothing changed: no values.
+    let same = nodes[0].scan_changes("agent/", &cursor).await;
+    assert!(same[0].values.is_none());
+    // One key changed, one deleted, one outside the prefix changed.
+    nodes[1].set("agent/b", "2").await;
+    nodes[1].delete("agent/c").await;
+    nodes[1].set("other", "y").await;
+    eventually!(
+        Duration::from_secs(30),
+        holds(&nodes[0], "other", "n1", "y").await
+    );
+    let delta = nodes[0].scan_changes("agent/", &cursor).await;
+    assert!(!delta[0].complete);
+    assert_eq!(
+        delta[0].values.as_deref(),
+        Some(&[("agent/b".to_string(), "2".to_string())][..])
+    );
+    assert_eq!(delta[0].deleted, vec!["agent/c".to_string()]);
+    // `scan_since` still answers with every key.
+    let full = nodes[0].scan_since("agent/", &cursor).await;
+    assert!(full[0].complete);
+    assert_eq!(full[0].values.as_ref().map(Vec::len), Some(2));
+    // Once the tombstone is collected a delta would miss the deletion:
+    // the answer is the whole state again.
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    nodes[1].set("agent/a", "3").await;
+    eventually!(Duration::from_secs(30), {
+        let s = nodes[0].scan_changes("agent/", &cursor).await;
+        s[0].values
+            .as_ref()
+            .is_some_and(|v| v.contains(&("agent/a".to_string(), "3".to_string())))
+    });
+    let after = nodes[0].scan_changes("agent/", &cursor).await;
+    assert!(
+        after[0].complete,
+        "tombstones newer than the cursor were collected"
+    );
+    assert_eq!(after[0].values.as_ref().map(Vec::len), Some(2));
+}

@@ -296,7 +296,7 @@ pub async fn sync_loop(sync: Sync) {
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let scan = gossip.scan_since("", &mesh.scan_cursor()).await;
+                let scan = gossip.scan_changes("", &mesh.scan_cursor()).await;
                 apply_revocations(&scan, &gossip, &sync.security, &sync.overlay);
                 apply_tenant_keys(&scan, &gossip, &sync.security);
                 // A digest that was fetched (applied, refused or failed) is

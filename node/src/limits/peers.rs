@@ -100,6 +100,8 @@ mod tests {
                     .map(|(t, v)| (usage_key(t), v.to_string()))
                     .collect()
             }),
+            complete: true,
+            deleted: Vec::new(),
         }
     }
 

@@ -88,6 +88,15 @@ struct NodeCache {
 }
 
 impl NodeCache {
+    /// Takes in its `node` record; true if that changed.
+    fn set_ann(&mut self, ann: Option<NodeAnnouncement>) -> bool {
+        self.addr = ann.as_ref().map(|a| a.overlay_addr);
+        self.wire = ann.as_ref().map(|a| a.wire).unwrap_or(1);
+        let changed = self.ann != ann;
+        self.ann = ann;
+        changed
+    }
+
     fn new(name: &str, generation: u64) -> NodeCache {
         NodeCache {
             name: name.to_string(),
@@ -335,7 +344,8 @@ impl MeshView {
     /// addresses of nodes that are dead or left.
     pub fn apply_scan(&self, scans: Vec<dmsc_gossip::NodeScan>) -> Vec<SocketAddr> {
         enum Op {
-            Upsert(String, AgentId, String, String),
+            /// Node, agent, record, and its load when that came too.
+            Upsert(String, AgentId, String, Option<String>),
             Load(AgentId, String),
             Remove(AgentId),
         }
@@ -361,15 +371,12 @@ impl MeshView {
             }
             let had_values = scan.values.is_some();
             if let Some(values) = scan.values {
-                let mut records: HashMap<AgentId, (String, String)> = HashMap::new();
+                let mut records: HashMap<AgentId, String> = HashMap::new();
                 let mut loads: HashMap<AgentId, String> = HashMap::new();
                 for (k, v) in values {
                     if k == dmsc_gossip::KEY_NODE {
                         let ann = serde_json::from_str::<NodeAnnouncement>(&v).ok();
-                        entry.addr = ann.as_ref().map(|a| a.overlay_addr);
-                        entry.wire = ann.as_ref().map(|a| a.wire).unwrap_or(1);
-                        anns_dirty |= entry.ann != ann;
-                        entry.ann = ann;
+                        anns_dirty |= entry.set_ann(ann);
                     } else if k == crate::proto::gossip::KEY_RELAY_CLIENTS {
                         entry.relay_clients = Some(
                             v.split(',')
@@ -378,37 +385,70 @@ impl MeshView {
                                 .collect(),
                         );
                     } else if let Some((t, n)) = dmsc_registry::parse_agent_key(&k) {
-                        records.insert(AgentId { tenant: t, name: n }, (v, String::new()));
+                        records.insert(AgentId { tenant: t, name: n }, v);
                     } else if let Some((t, n)) = dmsc_registry::parse_load_key(&k) {
                         loads.insert(AgentId { tenant: t, name: n }, v);
                     }
                 }
-                for (id, (_, load)) in records.iter_mut() {
-                    if let Some(l) = loads.remove(id) {
-                        *load = l;
+                let mut gone: Vec<AgentId> = Vec::new();
+                for k in &scan.deleted {
+                    if k == dmsc_gossip::KEY_NODE {
+                        anns_dirty |= entry.set_ann(None);
+                    } else if k == crate::proto::gossip::KEY_RELAY_CLIENTS {
+                        entry.relay_clients = None;
+                    } else if let Some((t, n)) = dmsc_registry::parse_agent_key(k) {
+                        gone.push(AgentId { tenant: t, name: n });
                     }
                 }
                 // A node that is not live has nothing in the registry (and
                 // no hashes here): its values wait until it is live again.
                 if live {
-                    let seen: HashMap<AgentId, (u64, u64)> = records
-                        .iter()
-                        .map(|(id, (r, l))| (id.clone(), (value_hash(r), value_hash(l))))
-                        .collect();
-                    for (id, (r, l)) in records {
-                        let now = seen.get(&id).copied().unwrap_or_default();
-                        match entry.records.get(&id) {
-                            Some(before) if *before == now => {}
-                            Some(before) if before.0 == now.0 => ops.push(Op::Load(id, l)),
-                            _ => ops.push(Op::Upsert(scan.name.clone(), id, r, l)),
+                    if scan.complete {
+                        // Every agent of the node: the ones not in it left.
+                        gone.extend(
+                            entry
+                                .records
+                                .keys()
+                                .filter(|id| !records.contains_key(*id))
+                                .cloned(),
+                        );
+                    }
+                    for id in gone {
+                        if entry.records.remove(&id).is_some() {
+                            ops.push(Op::Remove(id));
                         }
                     }
-                    for id in entry.records.keys() {
-                        if !seen.contains_key(id) {
-                            ops.push(Op::Remove(id.clone()));
+                    for (id, r) in records {
+                        // A delta without the load key: the load is unchanged.
+                        let load = loads.remove(&id);
+                        let rh = value_hash(&r);
+                        let lh = load.as_deref().map(value_hash);
+                        match entry.records.get_mut(&id) {
+                            Some(before) if before.0 == rh => {
+                                if let Some((lh, l)) =
+                                    lh.zip(load).filter(|(lh, _)| *lh != before.1)
+                                {
+                                    before.1 = lh;
+                                    ops.push(Op::Load(id, l));
+                                }
+                            }
+                            before => {
+                                let lh = lh.or(before.map(|b| b.1)).unwrap_or_default();
+                                entry.records.insert(id.clone(), (rh, lh));
+                                ops.push(Op::Upsert(scan.name.clone(), id, r, load));
+                            }
                         }
                     }
-                    entry.records = seen;
+                    // Loads changed alone (their records as before).
+                    for (id, l) in loads {
+                        if let Some(before) = entry.records.get_mut(&id) {
+                            let lh = value_hash(&l);
+                            if before.1 != lh {
+                                before.1 = lh;
+                                ops.push(Op::Load(id, l));
+                            }
+                        }
+                    }
                 }
                 entry.version = scan.version;
             }
@@ -503,7 +543,9 @@ impl MeshView {
                             }
                             let digest = record.digest.clone();
                             reg.upsert(&node, id.clone(), record);
-                            reg.set_load(&id, LoadReport::decode(&load).unwrap_or_default());
+                            if let Some(load) = load {
+                                reg.set_load(&id, LoadReport::decode(&load).unwrap_or_default());
+                            }
                             if let Some(card) = cards.get(&digest) {
                                 reg.set_card(&id, card);
                             }
@@ -622,6 +664,8 @@ mod tests {
                     ("node".to_string(), ann.to_string()),
                 ]
             }),
+            complete: true,
+            deleted: Vec::new(),
         }
     }
 
@@ -650,6 +694,8 @@ mod tests {
                 ("agent/acme/a".to_string(), record()),
                 ("node".to_string(), ann.to_string()),
             ]),
+            complete: true,
+            deleted: Vec::new(),
         }
     }
 
@@ -666,6 +712,8 @@ mod tests {
                 ("node".to_string(), ann.to_string()),
                 ("relay/clients".to_string(), clients.to_string()),
             ]),
+            complete: true,
+            deleted: Vec::new(),
         }
     }
 
@@ -742,5 +790,64 @@ mod tests {
         m.apply_scan(vec![]);
         assert!(!selectable(&m));
         assert!(m.scan_cursor().is_empty());
+    }
+
+    #[test]
+    fn deltas_apply_only_what_changed() {
+        let m = MeshView::new(
+            "me",
+            CircuitConfig::default(),
+            dmsc_registry::Choice::PowerOfTwo,
+        );
+        let a = AgentId::new("acme", "a");
+        let mut s = scan(1, 5, MemberState::Alive, true);
+        if let Some(v) = s.values.as_mut() {
+            v.push(("load/acme/a".into(), "3".into()));
+        }
+        m.apply_scan(vec![s]);
+        assert_eq!(m.read().get(&a).map(|e| e.load.in_flight), Some(3));
+        let delta = |version: u64, values: Vec<(String, String)>, deleted: Vec<String>| NodeScan {
+            values: Some(values),
+            complete: false,
+            deleted,
+            ..scan(1, version, MemberState::Alive, false)
+        };
+        // Only the load changed: the agent stays, with the new load.
+        m.apply_scan(vec![delta(
+            6,
+            vec![("load/acme/a".into(), "7".into())],
+            vec![],
+        )]);
+        assert_eq!(m.read().get(&a).map(|e| e.load.in_flight), Some(7));
+        assert!(selectable(&m));
+        assert!(
+            m.node_route("x").is_some(),
+            "a delta without `node` keeps the route"
+        );
+        // A renewed record without its load: the load stays.
+        let mut r = AgentRecord::decode(&record()).expect("record");
+        r.expires_ms += 1;
+        m.apply_scan(vec![delta(
+            7,
+            vec![("agent/acme/a".into(), r.encode())],
+            vec![],
+        )]);
+        assert_eq!(m.read().get(&a).map(|e| e.load.in_flight), Some(7));
+        assert_eq!(
+            m.read().get(&a).map(|e| e.record.expires_ms),
+            Some(r.expires_ms)
+        );
+        // A second agent in a delta joins; the first one's deletion removes it.
+        m.apply_scan(vec![delta(
+            8,
+            vec![("agent/acme/b".into(), record())],
+            vec!["agent/acme/a".into(), "load/acme/a".into()],
+        )]);
+        assert!(m.read().get(&a).is_none());
+        assert!(m.read().get(&AgentId::new("acme", "b")).is_some());
+        assert_eq!(m.scan_cursor().get("x"), Some(&(1, 8)));
+        // The node key deleted: no route.
+        m.apply_scan(vec![delta(9, vec![], vec!["node".into()])]);
+        assert!(m.node_route("x").is_none());
     }
 }
