@@ -358,8 +358,9 @@ pub(crate) async fn deliver_local(
             Err(Failure::Caller(_)) => {}
             Err(_) => lock(&agent.stats).observe(started.elapsed(), false),
         }
-        drop(in_flight);
-        return result;
+        // Counts until the answer is done: a streamed one ends with its
+        // last message, not when its first arrives.
+        return result.map(|r| r.map(|b| guarded(b, vec![Box::new(in_flight)])));
     }
     let uri = agent.uri_for(path).map_err(|e| {
         Failure::Caller(

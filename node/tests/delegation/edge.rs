@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use dmsc_node::config::RawMqtt;
 use dmsc_node::demo::mesh::{message_send, LocalMesh};
+use http_body_util::BodyExt as _;
 use rumqttc::v5::mqttbytes::v5::{LastWill, LastWillProperties, Packet, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
@@ -208,8 +209,9 @@ async fn edge_agent(
             let Some(reply_to) = props.response_topic.clone() else {
                 continue;
             };
-            let answer = |stream: Option<&str>| PublishProperties {
-                correlation_data: props.correlation_data.clone(),
+            let correlation = props.correlation_data.clone();
+            let answer = move |stream: Option<&str>| PublishProperties {
+                correlation_data: correlation.clone(),
                 content_type: Some("application/json".into()),
                 user_properties: stream
                     .map(|s| vec![("dmsc-stream".to_string(), s.to_string())])
@@ -217,18 +219,28 @@ async fn edge_agent(
                 ..Default::default()
             };
             if property(&props, "dmsc-accept").is_some_and(|a| a.contains("text/event-stream")) {
-                for (i, marker) in ["more", "more", "end"].iter().enumerate() {
-                    let body = format!("{{\"n\":{}}}", i + 1);
-                    let _ = c
-                        .publish_with_properties(
-                            reply_to.clone(),
-                            QoS::AtLeastOnce,
-                            false,
-                            body,
-                            answer(Some(marker)),
-                        )
-                        .await;
-                }
+                // A request that says `slow` takes a while before its end
+                // (sent from a task: this loop must keep polling for the
+                // client to send anything).
+                let slow = p.payload.windows(4).any(|w| w == b"slow");
+                let c = c.clone();
+                tokio::spawn(async move {
+                    for (i, marker) in ["more", "more", "end"].iter().enumerate() {
+                        if slow && *marker == "end" {
+                            tokio::time::sleep(Duration::from_millis(1500)).await;
+                        }
+                        let body = format!("{{\"n\":{}}}", i + 1);
+                        let _ = c
+                            .publish_with_properties(
+                                reply_to.clone(),
+                                QoS::AtLeastOnce,
+                                false,
+                                body,
+                                answer(Some(marker)),
+                            )
+                            .await;
+                    }
+                });
                 continue;
             }
             let caller = property(&props, "dmsc-caller-tenant").unwrap_or_default();
@@ -449,6 +461,46 @@ async fn an_mqtt_edge_agent_is_called_over_http_and_calls_http_agents_through_th
         "data: {\"n\":1}\n\ndata: {\"n\":2}\n\ndata: {\"n\":3}\n\n"
     );
 
+    // A streamed answer counts as in flight at the agent's node until its
+    // last message, not only until its first.
+    let meter = dmsc_registry::AgentId::new("acme", "meter");
+    let in_flight = || {
+        mesh.nodes[1]
+            .agents()
+            .agents
+            .get(&meter)
+            .map(|a| a.in_flight.load(std::sync::atomic::Ordering::Relaxed))
+    };
+    let resp = mesh
+        .send(
+            0,
+            "POST",
+            "meter.acme.dmsc",
+            "/",
+            &[
+                ("content-type", "application/json"),
+                ("accept", "text/event-stream"),
+                ("dmsc-timeout", "5s"),
+            ],
+            dmsc_node::proto::http::full(Bytes::from_static(br#"{"q":"slow"}"#)),
+        )
+        .await
+        .expect("streamed call");
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = body.frame().await.expect("a first event").expect("frame");
+    assert!(first.is_data());
+    assert_eq!(in_flight(), Some(1), "in flight while the stream runs");
+    while let Some(f) = body.frame().await {
+        f.expect("frame");
+    }
+    eventually(
+        Duration::from_secs(2),
+        "in flight back to 0 after the stream's end",
+        || in_flight() == Some(0),
+    )
+    .await;
+
     // MQTT -> HTTP: the edge agent calls the HTTP agent on n0 through the mesh.
     let got = edge_call(
         &edge,
@@ -553,7 +605,6 @@ async fn an_mqtt_edge_agent_is_called_over_http_and_calls_http_agents_through_th
 
     // The broker goes away: the bridge's node says its edge agents are
     // unreachable, and every node learns so (no node routes to them).
-    let meter = dmsc_registry::AgentId::new("acme", "meter");
     let health_everywhere = |h: dmsc_registry::Health| {
         mesh.nodes.iter().all(|n| {
             n.mesh()
