@@ -82,6 +82,9 @@ pub struct RawMqtt {
     pub max_message: Option<usize>,
     /// Keep-alive in seconds (default 10).
     pub keep_alive_secs: Option<u64>,
+    /// Calls from the edge into the mesh in progress at once, per tenant
+    /// (default 64); past it a call is answered `overloaded` (503).
+    pub max_calls: Option<usize>,
 }
 
 /// TLS to the broker.
@@ -104,6 +107,8 @@ pub struct MqttConfig {
     pub credentials: Option<(String, String)>,
     pub max_message: usize,
     pub keep_alive: Duration,
+    /// Concurrent calls from the edge, per tenant.
+    pub max_calls: usize,
 }
 
 impl RawMqtt {
@@ -183,6 +188,10 @@ impl RawMqtt {
         if !(5..=65535).contains(&keep_alive.as_secs()) {
             errors.push("mqtt.keep_alive_secs must be within 5..=65535".to_string());
         }
+        let max_calls = self.max_calls.unwrap_or(64);
+        if !(1..=65536).contains(&max_calls) {
+            errors.push(format!("mqtt.max_calls = {max_calls}: between 1 and 65536"));
+        }
         if self
             .client_id
             .as_deref()
@@ -202,6 +211,7 @@ impl RawMqtt {
             credentials,
             max_message,
             keep_alive,
+            max_calls,
         })
     }
 }
@@ -2000,6 +2010,7 @@ enabled = true
             ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"a/#\"]", "not a tenant name"),
             ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"acme\"]\nkeep_alive_secs = 2", "within 5..=65535"),
             ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"acme\"]\nkeep_alive_secs = 70000", "within 5..=65535"),
+            ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"acme\"]\nmax_calls = 0", "mqtt.max_calls = 0"),
             ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"acme\"]\nmax_message = 4294967295", "between 1024"),
             ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"acme\"]\nclient_id = \"\"", "1-256 characters"),
             (edge, "needs [mqtt] with tenant `acme`"),

@@ -115,6 +115,8 @@ pub struct Bridge {
     /// Recent calls from the edge (response topic + correlation): a QoS 1
     /// duplicate is not run twice.
     seen: Mutex<std::collections::VecDeque<(String, Bytes)>>,
+    /// Calls from the edge in progress, bounded per tenant (`max_calls`).
+    calls: HashMap<String, Arc<tokio::sync::Semaphore>>,
     pub stats: EdgeStats,
 }
 
@@ -163,7 +165,16 @@ impl Bridge {
             ));
         }
         let (client, eventloop) = AsyncClient::new(opts, 256);
+        let calls = cfg
+            .tenants
+            .iter()
+            .map(|t| {
+                let s = Arc::new(tokio::sync::Semaphore::new(cfg.max_calls));
+                (t.clone(), s)
+            })
+            .collect();
         let bridge = Arc::new(Bridge {
+            calls,
             client,
             cfg,
             node: node.to_string(),
@@ -590,13 +601,37 @@ impl Bridge {
                 let Some(ingress) = parts.ingress.get(tenant).cloned() else {
                     return;
                 };
-                if let Some(c) = &props.correlation_data {
-                    let key = (response_topic.clone(), c.clone());
+                let key = props
+                    .correlation_data
+                    .as_ref()
+                    .map(|c| (response_topic.clone(), c.clone()));
+                if key.as_ref().is_some_and(|k| lock(&self.seen).contains(k)) {
+                    // A QoS 1 redelivery of a call already taken.
+                    return;
+                }
+                let permit = self
+                    .calls
+                    .get(tenant)
+                    .and_then(|s| s.clone().try_acquire_owned().ok());
+                let Some(permit) = permit else {
+                    let why = format!(
+                        "{} calls from the edge of tenant `{tenant}` are in progress (mqtt.max_calls); retry later",
+                        self.cfg.max_calls
+                    );
+                    self.refuse(topic, &why);
+                    let e = MeshError::new(ErrorKind::Overloaded, &self.node, why);
+                    let this = self.clone();
+                    let c = props.correlation_data.clone();
+                    // Not awaited here: this loop drains the client's queue.
+                    tokio::spawn(
+                        async move { this.answer_error(response_topic, c, e, false).await },
+                    );
+                    return;
+                };
+                // Taken: a redelivery from now on is a duplicate (a call
+                // refused above may come again).
+                if let Some(key) = key {
                     let mut seen = lock(&self.seen);
-                    if seen.contains(&key) {
-                        // A QoS 1 redelivery of a call already taken.
-                        return;
-                    }
                     if seen.len() >= SEEN_CALLS {
                         seen.pop_front();
                     }
@@ -606,6 +641,8 @@ impl Bridge {
                 let this = self.clone();
                 let host = host.to_string();
                 tokio::spawn(async move {
+                    // Held until the answer is published (a stream's end).
+                    let _permit = permit;
                     let resp = call_mesh(&ingress, &host, &props, p.payload).await;
                     this.answer(response_topic, props.correlation_data, resp)
                         .await;

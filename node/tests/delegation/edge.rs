@@ -246,9 +246,16 @@ async fn edge_agent(
             let caller = property(&props, "dmsc-caller-tenant").unwrap_or_default();
             let mut body = format!("meter says ({caller}): ").into_bytes();
             body.extend_from_slice(&p.payload);
-            let _ = c
-                .publish_with_properties(reply_to, QoS::AtLeastOnce, false, body, answer(None))
-                .await;
+            let slow = p.payload.windows(4).any(|w| w == b"slow");
+            let c = c.clone();
+            tokio::spawn(async move {
+                if slow {
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                }
+                let _ = c
+                    .publish_with_properties(reply_to, QoS::AtLeastOnce, false, body, answer(None))
+                    .await;
+            });
         }
     });
     // `online` again every second: the last status wins, so a stale
@@ -366,6 +373,7 @@ async fn an_mqtt_edge_agent_is_called_over_http_and_calls_http_agents_through_th
             raw.mqtt = Some(RawMqtt {
                 broker: format!("mqtt://127.0.0.1:{port}"),
                 tenants: vec!["acme".into()],
+                max_calls: Some(2),
                 ..Default::default()
             });
             // An edge agent declared in config rather than by its card.
@@ -539,6 +547,49 @@ async fn an_mqtt_edge_agent_is_called_over_http_and_calls_http_agents_through_th
         parts.iter().filter(|p| p.contains("part ")).count(),
         3,
         "{parts:?}"
+    );
+    // Calls from the edge are bounded per tenant (max_calls = 2): while two
+    // slow ones are in progress a third is answered `overloaded` at once;
+    // the two still get their answers.
+    for c in [&b"c-slow-1"[..], b"c-slow-2"] {
+        edge.publish_with_properties(
+            "dmsc/acme/call/meter.acme.dmsc",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"q":"slow"}"#,
+            PublishProperties {
+                response_topic: Some(ANSWERS.into()),
+                correlation_data: Some(Bytes::copy_from_slice(c)),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("publish");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let third = edge_call(
+        &edge,
+        &mut answers,
+        "echo.acme.dmsc",
+        b"c-third",
+        None,
+        message_send("third"),
+    )
+    .await;
+    assert_eq!(property(&third[0].0, "dmsc-status"), Some("503"));
+    assert_eq!(property(&third[0].0, "dmsc-error"), Some("overloaded"));
+    let mut slow_answers = Vec::new();
+    while slow_answers.len() < 2 {
+        let (props, payload) = tokio::time::timeout(Duration::from_secs(10), answers.recv())
+            .await
+            .expect("the slow calls' answers")
+            .expect("answer");
+        assert_eq!(property(&props, "dmsc-status"), Some("200"));
+        slow_answers.push(String::from_utf8_lossy(&payload).into_owned());
+    }
+    assert!(
+        slow_answers.iter().all(|a| a.contains("slow")),
+        "{slow_answers:?}"
     );
     // Another tenant's agent that is not exported to acme: refused, and
     // the refusal is the answer.
