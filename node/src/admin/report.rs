@@ -158,6 +158,7 @@ pub(crate) async fn status_report(s: &Shared) -> StatusReport {
             broker: b.broker(),
             connected: b.connected(),
             tenants: b.tenants().to_vec(),
+            active: b.active_tenants(),
             agents: s.agents.agents.all().iter().filter(|a| a.is_edge()).count(),
             connects: b.stats.connects.load(Relaxed),
             delegations: b.stats.delegations.load(Relaxed),

@@ -35,6 +35,10 @@ pub struct MqttStatus {
     pub broker: String,
     pub connected: bool,
     pub tenants: Vec<String>,
+    /// Of `tenants`, those this node is the active bridge of (it registers
+    /// their edge agents); it stands by for the others.
+    #[serde(default)]
+    pub active: Vec<String>,
     /// Edge agents this node is home to.
     pub agents: usize,
     pub connects: u64,
@@ -290,7 +294,15 @@ impl StatusReport {
                 "mqtt     {} {} for {}; {} edge agents; {} delegations, {} calls from the edge, {} messages refused, {} connects\n",
                 m.broker,
                 if m.connected { "connected" } else { "NOT CONNECTED" },
-                m.tenants.join(", "),
+                m.tenants
+                    .iter()
+                    .map(|t| if m.active.contains(t) {
+                        format!("{t} (active)")
+                    } else {
+                        format!("{t} (standby)")
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 m.agents,
                 m.delegations,
                 m.calls,

@@ -24,8 +24,19 @@
 //!
 //! Answers may be streamed (`dmsc-stream: more` … `end`, server-sent events
 //! on the HTTP side); `mqtts://` brokers are verified against `[mqtt] ca`.
-//! Not yet: the embedded broker, per-tenant broker sessions, active/standby
-//! between nodes bridging one tenant on one broker.
+//!
+//! **Active/standby.** Several nodes may bridge one tenant on one broker
+//! (for availability). Each announces `edge/<tenant>` = the broker in
+//! gossip while connected; the live one with the lowest name is the
+//! tenant's *active* bridge and registers the agents whose cards it holds,
+//! the others hold the same retained cards and stand by. A standby takes
+//! over when the active one is gone from gossip or has lost the broker,
+//! and registers an agent only once no other live node has it (break
+//! before make: one home node at a time). Agents declared in `[[agents]]`
+//! stay with the node that declares them. Calls from the edge reach one
+//! bridge anyway (a shared subscription).
+//!
+//! Not yet: the embedded broker, per-tenant broker sessions.
 
 pub mod topics;
 
@@ -44,10 +55,11 @@ use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish, PublishProperties, Sub
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument as _};
 
 use crate::config::MqttConfig;
 use crate::control::agents::AgentsCtx;
+use crate::forward::body::AbortOnDrop;
 use crate::forward::local::{lock, EdgeAnswer, EdgeCall, EdgeLink, LocalAgent};
 use crate::ingress::Ingress;
 use crate::proto::http::{full, Body, ErrorKind, MeshError};
@@ -102,6 +114,15 @@ struct Reply {
     stream: Option<bool>,
 }
 
+/// An edge agent known from its retained card: registered while this node
+/// is its tenant's active bridge.
+#[derive(Debug, Clone)]
+struct Held {
+    card: AgentCard,
+    /// What its status topic said last (`None`: nothing yet).
+    status: Option<Health>,
+}
+
 /// The bridge's handle: delivery to edge agents.
 pub struct Bridge {
     client: AsyncClient,
@@ -117,6 +138,10 @@ pub struct Bridge {
     seen: Mutex<std::collections::VecDeque<(String, Bytes)>>,
     /// Calls from the edge in progress, bounded per tenant (`max_calls`).
     calls: HashMap<String, Arc<tokio::sync::Semaphore>>,
+    /// Edge agents by their retained cards, registered or standing by.
+    held: Mutex<HashMap<AgentId, Held>>,
+    /// Tenants this node is the active bridge of.
+    active: Mutex<std::collections::BTreeSet<String>>,
     pub stats: EdgeStats,
 }
 
@@ -175,6 +200,8 @@ impl Bridge {
             .collect();
         let bridge = Arc::new(Bridge {
             calls,
+            held: Mutex::new(HashMap::new()),
+            active: Mutex::new(Default::default()),
             client,
             cfg,
             node: node.to_string(),
@@ -207,6 +234,118 @@ impl Bridge {
 
     pub fn tenants(&self) -> &[String] {
         &self.cfg.tenants
+    }
+
+    /// The tenants this node is the active bridge of (the others it stands
+    /// by for).
+    pub fn active_tenants(&self) -> Vec<String> {
+        lock(&self.active).iter().cloned().collect()
+    }
+
+    /// Live peers that bridge `tenant` on this broker now, by gossip.
+    async fn peer_bridges(&self, parts: &EdgeParts) -> HashMap<String, Vec<String>> {
+        let broker = self.broker();
+        let members = parts
+            .agents
+            .gossip
+            .members_with(|k| k.starts_with(crate::proto::gossip::KEY_EDGE_PREFIX))
+            .await;
+        let mut out: HashMap<String, Vec<String>> = HashMap::new();
+        for m in members {
+            if !matches!(
+                m.state,
+                dmsc_gossip::MemberState::Alive | dmsc_gossip::MemberState::Suspect
+            ) {
+                continue;
+            }
+            for t in &self.cfg.tenants {
+                if m.values.get(&crate::proto::gossip::edge_key(t)) == Some(&broker) {
+                    out.entry(t.clone()).or_default().push(m.name.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// Brings the registrations of card agents in line with this node's
+    /// role per tenant: the active bridge registers what it holds (once no
+    /// other live node has the agent), a standby deregisters. Alone and
+    /// cut off from the broker, a node keeps its agents (marked unhealthy
+    /// by [`Bridge::run`]) rather than have none.
+    async fn reconcile(&self, parts: &EdgeParts) {
+        let peers = self.peer_bridges(parts).await;
+        let connected = self.connected();
+        for t in &self.cfg.tenants {
+            let others = peers.get(t).map(Vec::as_slice).unwrap_or_default();
+            let active = connected && others.iter().all(|n| **n > *self.node);
+            let keep = active || (!connected && others.is_empty());
+            let changed = if active {
+                lock(&self.active).insert(t.clone())
+            } else {
+                lock(&self.active).remove(t)
+            };
+            if changed {
+                if active {
+                    info!(tenant = %t, broker = %self.broker(), "MQTT bridge active for the tenant");
+                } else {
+                    info!(tenant = %t, broker = %self.broker(), standing_by_for = ?others, connected, "MQTT bridge standing by for the tenant");
+                }
+            }
+            let held: Vec<(AgentId, Held)> = lock(&self.held)
+                .iter()
+                .filter(|(id, _)| id.tenant == *t)
+                .map(|(id, h)| (id.clone(), h.clone()))
+                .collect();
+            for (id, h) in held {
+                let mine = parts.agents.agents.get(&id).is_some_and(|a| a.is_edge());
+                if !keep {
+                    if mine {
+                        parts.agents.remove(&id).await;
+                        info!(agent = %id, "edge agent handed over (this bridge stands by)");
+                    }
+                } else if active && !mine {
+                    let elsewhere = parts
+                        .agents
+                        .mesh
+                        .read()
+                        .get(&id)
+                        .is_some_and(|e| e.node != self.node);
+                    if elsewhere {
+                        // Its last home still has it: wait for it to let go.
+                        continue;
+                    }
+                    self.register(&id, h, parts).await;
+                }
+            }
+        }
+    }
+
+    /// Makes a held edge agent one of this node's.
+    async fn register(&self, id: &AgentId, h: Held, parts: &EdgeParts) {
+        let endpoint = self.endpoint(&id.tenant, &id.name);
+        match parts.agents.add_edge(id.clone(), h.card, endpoint).await {
+            Ok(a) => {
+                if let Some(s) = h.status {
+                    if a.set_health(s) {
+                        parts.agents.publish(&a).await;
+                    }
+                }
+                info!(agent = %id, broker = %self.broker(), "edge agent registered over MQTT");
+            }
+            Err(e) => self.refuse(&topics::card(&id.tenant, &id.name), &e.to_string()),
+        }
+    }
+
+    /// Announces (connected) or withdraws this node's bridges in gossip.
+    async fn announce(&self, parts: &EdgeParts, connected: bool) {
+        for t in &self.cfg.tenants {
+            let key = crate::proto::gossip::edge_key(t);
+            if connected {
+                parts.agents.gossip.set(&key, &self.broker()).await;
+            } else {
+                parts.agents.gossip.delete(&key).await;
+            }
+        }
     }
 
     /// Delivers one delegation to an edge agent: publishes it on the
@@ -409,6 +548,19 @@ impl Bridge {
         let mut backoff = Duration::from_millis(100);
         // Edge agents marked unhealthy because the broker went away.
         let mut cut_off: Vec<AgentId> = Vec::new();
+        // Who registers the edge agents: checked twice a second (gossip
+        // says when a peer bridging the same tenant comes or goes).
+        let (this, p) = (self.clone(), parts.clone());
+        let roles = tokio::spawn(
+            async move {
+                loop {
+                    this.reconcile(&p).await;
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+            .in_current_span(),
+        );
+        let _roles = AbortOnDrop(roles);
         loop {
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
@@ -430,6 +582,7 @@ impl Bridge {
                         .unwrap_or(u32::MAX);
                     self.broker_max.store(limit, Ordering::Relaxed);
                     self.connected.store(true, Ordering::Relaxed);
+                    self.announce(&parts, true).await;
                     self.stats.connects.fetch_add(1, Ordering::Relaxed);
                     info!(broker = %self.broker(), tenants = ?self.cfg.tenants, "MQTT bridge connected");
                     let filters: Vec<Filter> = self
@@ -460,6 +613,8 @@ impl Bridge {
                 Err(e) => {
                     if self.connected.swap(false, Ordering::Relaxed) {
                         warn!(broker = %self.broker(), error = %e, "MQTT bridge disconnected; reconnecting");
+                        // A standby that still has the broker takes over.
+                        self.announce(&parts, false).await;
                         // Its edge agents cannot be reached through this node
                         // now: say so in gossip, so that no node routes to them.
                         for a in parts.agents.agents.all() {
@@ -532,13 +687,16 @@ impl Bridge {
             Topic::Card { tenant, name } => self.card(tenant, name, &p.payload, parts).await,
             Topic::Status { tenant, name } => {
                 let id = AgentId::new(tenant, name);
-                let Some(a) = parts.agents.agents.get(&id).filter(|a| a.is_edge()) else {
-                    return;
-                };
                 let h = match &p.payload[..] {
                     b"offline" => Health::Unhealthy,
                     b"online" => Health::Healthy,
                     _ => return self.refuse(topic, "status is `online` or `offline`"),
+                };
+                if let Some(held) = lock(&self.held).get_mut(&id) {
+                    held.status = Some(h);
+                }
+                let Some(a) = parts.agents.agents.get(&id).filter(|a| a.is_edge()) else {
+                    return;
                 };
                 if a.set_health(h) {
                     info!(agent = %id, health = ?h, "edge agent status");
@@ -655,6 +813,7 @@ impl Bridge {
     async fn card(&self, tenant: &str, name: &str, payload: &[u8], parts: &EdgeParts) {
         let id = AgentId::new(tenant, name);
         if payload.is_empty() {
+            lock(&self.held).remove(&id);
             if parts.agents.agents.get(&id).is_some_and(|a| a.is_edge()) {
                 parts.agents.remove(&id).await;
                 info!(agent = %id, "edge agent left (card cleared)");
@@ -673,13 +832,28 @@ impl Bridge {
                 return self.refuse(&topics::card(tenant, name), &format!("invalid card: {e}"))
             }
         };
-        match parts
-            .agents
-            .add_edge(id.clone(), card, self.endpoint(tenant, name))
-            .await
-        {
-            Ok(_) => info!(agent = %id, broker = %self.broker(), "edge agent registered over MQTT"),
-            Err(e) => self.refuse(&topics::card(tenant, name), &e.to_string()),
+        let held = {
+            let mut all = lock(&self.held);
+            let status = all.get(&id).and_then(|h| h.status);
+            let h = Held { card, status };
+            all.insert(id.clone(), h.clone());
+            h
+        };
+        // A standby only holds it; the active bridge registers it now (a
+        // new card replaces the old one), or at its next check if another
+        // node still has it.
+        let registered = parts.agents.agents.get(&id).is_some_and(|a| a.is_edge());
+        let active = lock(&self.active).contains(tenant);
+        if registered || active {
+            let elsewhere = parts
+                .agents
+                .mesh
+                .read()
+                .get(&id)
+                .is_some_and(|e| e.node != self.node);
+            if !elsewhere {
+                self.register(&id, held, parts).await;
+            }
         }
     }
 

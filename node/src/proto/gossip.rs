@@ -52,6 +52,17 @@ fn is_direct(s: &str) -> bool {
 /// it is not counted as reachable through it.
 pub const KEY_RELAY_CLIENTS: &str = "relay/clients";
 
+/// Gossip key prefix of MQTT bridges: `edge/<tenant>` = the broker URL,
+/// set while the node's bridge for that tenant is connected. Of the live
+/// nodes bridging one tenant on one broker, the one with the lowest name
+/// registers its edge agents; the others stand by (see [`crate::edge`]).
+pub const KEY_EDGE_PREFIX: &str = "edge/";
+
+/// The gossip key of a tenant's MQTT bridge.
+pub fn edge_key(tenant: &str) -> String {
+    format!("{KEY_EDGE_PREFIX}{tenant}")
+}
+
 fn wire_v1() -> u8 {
     1
 }

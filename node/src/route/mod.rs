@@ -347,7 +347,8 @@ impl MeshView {
             /// Node, agent, record, and its load when that came too.
             Upsert(String, AgentId, String, Option<String>),
             Load(AgentId, String),
-            Remove(AgentId),
+            /// Node, agent: removed if the registry has it from that node.
+            Remove(String, AgentId),
         }
         let mut ops: Vec<Op> = Vec::new();
         let mut gone_nodes = Vec::new();
@@ -364,7 +365,13 @@ impl MeshView {
             if entry.generation != scan.generation {
                 // Restarted: its old agents go; the new generation's come in.
                 if entry.live {
-                    ops.extend(entry.records.keys().cloned().map(Op::Remove));
+                    let n = &entry.name;
+                    ops.extend(
+                        entry
+                            .records
+                            .keys()
+                            .map(|id| Op::Remove(n.clone(), id.clone())),
+                    );
                 }
                 *entry = NodeCache::new(&scan.name, scan.generation);
                 anns_dirty = true;
@@ -415,7 +422,7 @@ impl MeshView {
                     }
                     for id in gone {
                         if entry.records.remove(&id).is_some() {
-                            ops.push(Op::Remove(id));
+                            ops.push(Op::Remove(scan.name.clone(), id));
                         }
                     }
                     for (id, r) in records {
@@ -455,7 +462,13 @@ impl MeshView {
             if live != entry.live {
                 anns_dirty = true;
                 if !live {
-                    ops.extend(entry.records.drain().map(|(id, _)| Op::Remove(id)));
+                    let n = entry.name.clone();
+                    ops.extend(
+                        entry
+                            .records
+                            .drain()
+                            .map(|(id, _)| Op::Remove(n.clone(), id)),
+                    );
                 } else if !had_values {
                     // Back without a change: only hashes of its values are
                     // kept here, so the next scan (half a round away) asks
@@ -473,7 +486,11 @@ impl MeshView {
             let keep = present.contains(&e.name);
             anns_dirty |= !keep;
             if !keep && e.live {
-                ops.extend(e.records.keys().cloned().map(Op::Remove));
+                ops.extend(
+                    e.records
+                        .keys()
+                        .map(|id| Op::Remove(e.name.clone(), id.clone())),
+                );
             }
             keep
         });
@@ -557,9 +574,15 @@ impl MeshView {
                     Op::Load(id, load) => {
                         reg.set_load(&id, LoadReport::decode(&load).unwrap_or_default());
                     }
-                    Op::Remove(id) => {
-                        // Own agents never come from scans (they are ours).
-                        if reg.get(&id).is_some_and(|e| e.node != self.me) {
+                    Op::Remove(node, id) => {
+                        // Only from the node that had it: an agent that
+                        // moved (an edge agent's bridge handed over) stays
+                        // with its new home. Own agents never come from
+                        // scans (they are ours).
+                        if reg
+                            .get(&id)
+                            .is_some_and(|e| e.node == node && e.node != self.me)
+                        {
                             tracing::info!(agent = %id, "agent left the registry (node gone or deregistered)");
                             reg.remove(&id);
                             self.forget_local(&id);

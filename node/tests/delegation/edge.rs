@@ -717,6 +717,95 @@ async fn an_mqtt_edge_agent_is_called_over_http_and_calls_http_agents_through_th
     }
 }
 
+/// Calls `meter` from node 0: status, serving node, body.
+async fn call_meter(mesh: &LocalMesh) -> (u16, String, String) {
+    let (resp, body) = mesh
+        .call(
+            0,
+            "POST",
+            "meter.acme.dmsc",
+            "/",
+            &[("content-type", "application/json"), ("dmsc-timeout", "3s")],
+            r#"{"q":"now"}"#,
+        )
+        .await
+        .expect("call");
+    let node = resp
+        .headers()
+        .get("dmsc-node")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    (
+        resp.status().as_u16(),
+        node,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_bridges_of_one_tenant_one_is_home_and_the_other_takes_over_when_it_leaves() {
+    let Some(broker) = Broker::start().await else {
+        return;
+    };
+    let port = broker.port;
+    // n1 and n2 both bridge acme on the broker; n0 only has HTTP.
+    let mut mesh = mesh_of(&["n0", "n1", "n2"], |i, raw| {
+        if i > 0 {
+            raw.mqtt = Some(RawMqtt {
+                broker: format!("mqtt://127.0.0.1:{port}"),
+                tenants: vec!["acme".into()],
+                ..Default::default()
+            });
+        }
+    })
+    .await;
+    let (tx, _answers) = mpsc::unbounded_channel();
+    let (_edge, _edge_task) = edge_agent(port, tx).await;
+    let meter = dmsc_registry::AgentId::new("acme", "meter");
+    let home_everywhere = |mesh: &LocalMesh, home: &str| {
+        mesh.nodes
+            .iter()
+            .all(|n| n.mesh().read().get(&meter).is_some_and(|e| e.node == home))
+    };
+    // The live bridge with the lowest name is its home; the other holds
+    // the card and stands by.
+    eventually(
+        Duration::from_secs(15),
+        "meter's home is n1 on every node",
+        || home_everywhere(&mesh, "n1"),
+    )
+    .await;
+    let active = |st: dmsc_node::admin::status::StatusReport| st.mqtt.expect("mqtt").active;
+    assert_eq!(
+        active(mesh.nodes[1].status().await),
+        vec!["acme".to_string()]
+    );
+    assert!(active(mesh.nodes[2].status().await).is_empty());
+    assert!(mesh.nodes[2].agents().agents.get(&meter).is_none());
+    assert_eq!(
+        call_meter(&mesh).await,
+        (200, "n1".into(), r#"meter says (acme): {"q":"now"}"#.into())
+    );
+    // n1 leaves: n2 takes over, and the agent is reached through it.
+    mesh.nodes.remove(1).stop().await;
+    eventually(
+        Duration::from_secs(15),
+        "meter's home is n2 on every node",
+        || home_everywhere(&mesh, "n2"),
+    )
+    .await;
+    assert_eq!(
+        active(mesh.nodes[1].status().await),
+        vec!["acme".to_string()]
+    );
+    assert_eq!(
+        call_meter(&mesh).await,
+        (200, "n2".into(), r#"meter says (acme): {"q":"now"}"#.into())
+    );
+    drop(broker);
+}
+
 /// A CA and a broker certificate for 127.0.0.1, as PEM files in `dir`.
 fn broker_certs(
     dir: &std::path::Path,
