@@ -342,48 +342,58 @@ impl App {
             ingress_addrs.push(addr);
         }
         overlay.serve_streams(stream_handler(delegator.clone()));
-        let mut edge = None;
+        let mut edge = Vec::new();
         if let Some(mqtt) = config.mqtt.clone() {
             // Edge agents over MQTT: delivery reaches the bridge through
             // the upstream; calls from the edge enter through an
             // in-process ingress of their tenant.
-            let (bridge, eventloop) = crate::edge::Bridge::new(mqtt, &name)
-                .map_err(|e| NodeError::Config(crate::config::ConfigError(vec![e])))?;
+            if let Some(at) = &mqtt.embedded {
+                crate::edge::embedded::start(at, &mqtt)
+                    .map_err(|e| NodeError::Config(crate::config::ConfigError(vec![e])))?;
+            }
             let mut ingress = std::collections::HashMap::new();
-            for tenant in bridge.tenants() {
-                let spec = crate::config::IngressSpec {
-                    listen: config.admin_listen,
-                    tenant: Some(tenant.clone()),
-                    tls: false,
-                    mtls: false,
-                    jwt: false,
-                    allow_tls12: false,
-                };
-                let i = Ingress::new(IngressParts {
-                    spec,
-                    listen: config.admin_listen,
-                    me: name.clone(),
-                    cfg: config.delegation.clone(),
-                    budget: body_budget.clone(),
-                    delegator: delegator.clone(),
-                    security: security.clone(),
-                    tls: None,
-                    fair: None,
-                })
-                .with_label(format!("mqtt:{}:{tenant}", bridge.broker()));
-                ingress.insert(tenant.clone(), Arc::new(i));
+            let mut sessions = Vec::new();
+            for session in mqtt.sessions(&name) {
+                let (bridge, eventloop) = crate::edge::Bridge::new(session, &name)
+                    .map_err(|e| NodeError::Config(crate::config::ConfigError(vec![e])))?;
+                for tenant in bridge.tenants() {
+                    let spec = crate::config::IngressSpec {
+                        listen: config.admin_listen,
+                        tenant: Some(tenant.clone()),
+                        tls: false,
+                        mtls: false,
+                        jwt: false,
+                        allow_tls12: false,
+                    };
+                    let i = Ingress::new(IngressParts {
+                        spec,
+                        listen: config.admin_listen,
+                        me: name.clone(),
+                        cfg: config.delegation.clone(),
+                        budget: body_budget.clone(),
+                        delegator: delegator.clone(),
+                        security: security.clone(),
+                        tls: None,
+                        fair: None,
+                    })
+                    .with_label(format!("mqtt:{}:{tenant}", bridge.broker()));
+                    ingress.insert(tenant.clone(), Arc::new(i));
+                }
+                info!(broker = %bridge.broker(), tenants = ?bridge.tenants(), "MQTT bridge starting");
+                edge.push(bridge.clone());
+                sessions.push((bridge, eventloop));
             }
             let _ = agents
                 .upstream
                 .edge
-                .set(Arc::new(crate::edge::Link(bridge.clone())));
-            edge = Some(bridge.clone());
-            info!(broker = %bridge.broker(), tenants = ?bridge.tenants(), "MQTT bridge starting");
+                .set(Arc::new(crate::edge::Link(edge.clone())));
             let parts = crate::edge::EdgeParts {
                 agents: agents.clone(),
                 ingress,
             };
-            tasks.spawn(bridge.run(eventloop, parts).in_current_span());
+            for (bridge, eventloop) in sessions {
+                tasks.spawn(bridge.run(eventloop, parts.clone()).in_current_span());
+            }
         }
         tasks.spawn(
             sync_loop(Sync {

@@ -63,7 +63,8 @@ pub struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub struct RawMqtt {
     /// `mqtt://host[:port]` (default 1883) or `mqtts://host[:port]`
-    /// (TLS, default 8883).
+    /// (TLS, default 8883); empty with `embedded`.
+    #[serde(default)]
     pub broker: String,
     /// mqtts: the CA that signed the broker's certificate (PEM); default:
     /// the system's roots.
@@ -85,6 +86,33 @@ pub struct RawMqtt {
     /// Calls from the edge into the mesh in progress at once, per tenant
     /// (default 64); past it a call is answered `overloaded` (503).
     pub max_calls: Option<usize>,
+    /// `[mqtt.credentials.<tenant>]`: broker credentials of one tenant.
+    /// Such a tenant gets an MQTT session of its own (client id
+    /// `<client_id>-<tenant>`), so the broker's ACLs can confine what the
+    /// node does for it to `dmsc/<tenant>/#`; the other tenants share the
+    /// session of `username`/`password`/`cert`.
+    #[serde(default)]
+    pub credentials: std::collections::BTreeMap<String, RawMqttCredentials>,
+    /// Run the brokers in process instead of using `broker`: one per
+    /// tenant, at the address `listen` gives it (a broker per tenant keeps
+    /// each tenant's topics apart by construction). For a standalone edge
+    /// node; clients authenticate with the tenant's `credentials`.
+    #[serde(default)]
+    pub embedded: bool,
+    /// With `embedded`: `<tenant> = "ADDR:PORT"` for every bridged tenant.
+    #[serde(default)]
+    pub listen: std::collections::BTreeMap<String, String>,
+}
+
+/// `[mqtt.credentials.<tenant>]`.
+#[derive(Debug, Default, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawMqttCredentials {
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// mqtts: a client certificate chain and key (PEM) for this tenant's session.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
 }
 
 /// TLS to the broker.
@@ -109,6 +137,79 @@ pub struct MqttConfig {
     pub keep_alive: Duration,
     /// Concurrent calls from the edge, per tenant.
     pub max_calls: usize,
+    /// Tenants with a session of their own: its credentials and client
+    /// certificate.
+    pub per_tenant: std::collections::BTreeMap<String, MqttTenantSession>,
+    /// Embedded brokers, one per tenant, at these addresses.
+    pub embedded: Option<std::collections::BTreeMap<String, SocketAddr>>,
+    /// Calls from the edge are read through a shared subscription (several
+    /// nodes may bridge a tenant on one broker). Off for a session with an
+    /// embedded broker, which only this node reads.
+    pub shared_calls: bool,
+}
+
+/// A tenant's own MQTT session: who the node is to the broker for it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct MqttTenantSession {
+    pub credentials: Option<(String, String)>,
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
+impl MqttConfig {
+    /// The MQTT sessions the bridge keeps: one per tenant with credentials
+    /// of its own (or per embedded broker), one for the others. Each comes
+    /// back as a config of its own (its tenants, credentials, client id).
+    pub fn sessions(&self, node: &str) -> Vec<MqttConfig> {
+        let client_id = self
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("dmsc-{node}"));
+        let base = MqttConfig {
+            per_tenant: Default::default(),
+            embedded: None,
+            ..self.clone()
+        };
+        let mut out = Vec::new();
+        let shared: Vec<String> = self
+            .tenants
+            .iter()
+            .filter(|t| !self.per_tenant.contains_key(*t) && self.embedded.is_none())
+            .cloned()
+            .collect();
+        if !shared.is_empty() {
+            out.push(MqttConfig {
+                tenants: shared,
+                client_id: Some(client_id.clone()),
+                ..base.clone()
+            });
+        }
+        for t in &self.tenants {
+            let own = self.per_tenant.get(t);
+            let listen = self.embedded.as_ref().and_then(|e| e.get(t));
+            if own.is_none() && listen.is_none() {
+                continue;
+            }
+            let mut c = MqttConfig {
+                tenants: vec![t.clone()],
+                client_id: Some(format!("{client_id}-{t}")),
+                ..base.clone()
+            };
+            if let Some(own) = own {
+                c.credentials = own.credentials.clone();
+                if let (Some(tls), Some(client)) = (c.tls.as_mut(), &own.client) {
+                    tls.client = Some(client.clone());
+                }
+            }
+            if let Some(addr) = listen {
+                c.host = addr.ip().to_string();
+                c.port = addr.port();
+                c.tls = None;
+                c.shared_calls = false;
+            }
+            out.push(c);
+        }
+        out
+    }
 }
 
 impl RawMqtt {
@@ -117,6 +218,14 @@ impl RawMqtt {
         let scheme = self.broker.split_once("://").map(|(s, _)| s);
         let tls = scheme == Some("mqtts");
         let (host, port) = match self.broker.split_once("://") {
+            _ if self.embedded => {
+                if !self.broker.is_empty() {
+                    errors.push(
+                        "mqtt.broker and mqtt.embedded = true exclude each other (the embedded brokers listen at mqtt.listen)".to_string(),
+                    );
+                }
+                ("embedded".to_string(), 0)
+            }
             Some(("mqtt" | "mqtts", rest)) => {
                 let rest = rest.trim_end_matches('/');
                 let default = if tls { 8883 } else { 1883 };
@@ -199,7 +308,107 @@ impl RawMqtt {
         {
             errors.push("mqtt.client_id must be 1-256 characters".to_string());
         }
+        let mut per_tenant = std::collections::BTreeMap::new();
+        for (t, c) in &self.credentials {
+            if !self.tenants.contains(t) {
+                errors.push(format!(
+                    "mqtt.credentials.{t}: `{t}` is not one of mqtt.tenants"
+                ));
+            }
+            let credentials = match (&c.username, &c.password) {
+                (Some(u), p) => Some((u.clone(), p.clone().unwrap_or_default())),
+                (None, Some(_)) => {
+                    errors.push(format!(
+                        "mqtt.credentials.{t}.password is set without a username"
+                    ));
+                    None
+                }
+                (None, None) => None,
+            };
+            let client = match (&c.cert, &c.key) {
+                (Some(cert), Some(key)) => {
+                    if !tls {
+                        errors.push(format!(
+                            "mqtt.credentials.{t}: cert and key are only for an mqtts:// broker"
+                        ));
+                    }
+                    for p in [cert, key] {
+                        if !p.is_file() {
+                            errors.push(format!(
+                                "mqtt.credentials.{t}: `{}`: no such file",
+                                p.display()
+                            ));
+                        }
+                    }
+                    Some((cert.clone(), key.clone()))
+                }
+                (None, None) => None,
+                _ => {
+                    errors.push(format!("mqtt.credentials.{t}: cert and key go together"));
+                    None
+                }
+            };
+            if credentials.is_none() && client.is_none() {
+                errors.push(format!(
+                    "mqtt.credentials.{t}: give a username (and password) or a cert and key"
+                ));
+            }
+            per_tenant.insert(
+                t.clone(),
+                MqttTenantSession {
+                    credentials,
+                    client,
+                },
+            );
+        }
+        let embedded = if self.embedded {
+            let mut at = std::collections::BTreeMap::new();
+            for t in &self.tenants {
+                match self.listen.get(t).map(|a| a.parse::<SocketAddr>()) {
+                    Some(Ok(a)) => {
+                        at.insert(t.clone(), a);
+                    }
+                    Some(Err(_)) => errors.push(format!(
+                        "mqtt.listen.{t} = {:?}: expected ADDR:PORT",
+                        self.listen[t]
+                    )),
+                    None => errors.push(format!(
+                        "mqtt.listen.{t}: an embedded broker needs an address for every bridged tenant"
+                    )),
+                }
+            }
+            let mut seen = std::collections::HashSet::new();
+            for a in at.values() {
+                if !seen.insert(*a) {
+                    errors.push(format!(
+                        "mqtt.listen: {a} is given twice (one broker per tenant, so one address each)"
+                    ));
+                }
+            }
+            for (t, a) in &at {
+                // Anyone who can reach a non-loopback listener could
+                // otherwise connect: ask for the tenant's credentials.
+                if !a.ip().is_loopback()
+                    && per_tenant
+                        .get(t)
+                        .is_none_or(|s: &MqttTenantSession| s.credentials.is_none())
+                {
+                    errors.push(format!(
+                        "mqtt.listen.{t} = {a} is not a loopback address: set mqtt.credentials.{t} (username and password) for its clients"
+                    ));
+                }
+            }
+            Some(at)
+        } else {
+            if !self.listen.is_empty() {
+                errors.push("mqtt.listen is only for mqtt.embedded = true".to_string());
+            }
+            None
+        };
         (errors.len() == before).then(|| MqttConfig {
+            per_tenant,
+            embedded,
+            shared_calls: true,
             host,
             port,
             tls: tls.then(|| MqttTls {
@@ -2011,6 +2220,15 @@ enabled = true
             ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"acme\"]\nkeep_alive_secs = 2", "within 5..=65535"),
             ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"acme\"]\nkeep_alive_secs = 70000", "within 5..=65535"),
             ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"acme\"]\nmax_calls = 0", "mqtt.max_calls = 0"),
+            ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"acme\"]\n[mqtt.credentials.globex]\nusername = \"u\"", "`globex` is not one of mqtt.tenants"),
+            ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"acme\"]\n[mqtt.credentials.acme]\npassword = \"p\"", "password is set without a username"),
+            ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"acme\"]\n[mqtt.credentials.acme]\ncert = \"c.pem\"", "cert and key go together"),
+            ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"acme\"]\nembedded = true\n[mqtt.listen]\nacme = \"127.0.0.1:1884\"", "exclude each other"),
+            ("[mqtt]\nembedded = true\ntenants = [\"acme\"]", "needs an address for every bridged tenant"),
+            ("[mqtt]\nembedded = true\ntenants = [\"acme\"]\n[mqtt.listen]\nacme = \"nowhere\"", "expected ADDR:PORT"),
+            ("[mqtt]\nembedded = true\ntenants = [\"acme\", \"globex\"]\n[mqtt.listen]\nacme = \"127.0.0.1:1884\"\nglobex = \"127.0.0.1:1884\"", "given twice"),
+            ("[mqtt]\nembedded = true\ntenants = [\"acme\"]\n[mqtt.listen]\nacme = \"0.0.0.0:1884\"", "not a loopback address"),
+            ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"acme\"]\n[mqtt.listen]\nacme = \"127.0.0.1:1884\"", "only for mqtt.embedded"),
             ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"acme\"]\nmax_message = 4294967295", "between 1024"),
             ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"acme\"]\nclient_id = \"\"", "1-256 characters"),
             (edge, "needs [mqtt] with tenant `acme`"),

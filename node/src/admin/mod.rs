@@ -62,7 +62,8 @@ pub(crate) struct Shared {
     pub(crate) agents: AgentsCtx,
     pub(crate) intent: Arc<crate::intent::Intent>,
     /// The MQTT bridge, if `[mqtt]` is set.
-    pub(crate) edge: Option<Arc<crate::edge::Bridge>>,
+    /// The MQTT bridge's sessions (none without `[mqtt]`).
+    pub(crate) edge: Vec<Arc<crate::edge::Bridge>>,
     pub(crate) metrics: Metrics,
     pub(crate) started: std::time::Instant,
     pub(crate) bound: Bound,

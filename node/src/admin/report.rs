@@ -152,18 +152,31 @@ pub(crate) async fn status_report(s: &Shared) -> StatusReport {
         mode: if s.intent.cfg.ask { "ask" } else { "best" }.to_string(),
         tenants: s.intent.tenants(),
     };
-    let mqtt = s.edge.as_ref().map(|b| {
+    let mqtt = (!s.edge.is_empty()).then(|| {
         use std::sync::atomic::Ordering::Relaxed;
+        let sum = |f: &dyn Fn(&crate::edge::Bridge) -> u64| s.edge.iter().map(|b| f(b)).sum();
+        let mut brokers: Vec<String> = s.edge.iter().map(|b| b.broker()).collect();
+        brokers.dedup();
         super::status::MqttStatus {
-            broker: b.broker(),
-            connected: b.connected(),
-            tenants: b.tenants().to_vec(),
-            active: b.active_tenants(),
+            broker: brokers.join(", "),
+            connected: s.edge.iter().all(|b| b.connected()),
+            tenants: s.edge.iter().flat_map(|b| b.tenants().to_vec()).collect(),
+            active: s.edge.iter().flat_map(|b| b.active_tenants()).collect(),
             agents: s.agents.agents.all().iter().filter(|a| a.is_edge()).count(),
-            connects: b.stats.connects.load(Relaxed),
-            delegations: b.stats.delegations.load(Relaxed),
-            calls: b.stats.calls.load(Relaxed),
-            refused: b.stats.refused.load(Relaxed),
+            connects: sum(&|b| b.stats.connects.load(Relaxed)),
+            delegations: sum(&|b| b.stats.delegations.load(Relaxed)),
+            calls: sum(&|b| b.stats.calls.load(Relaxed)),
+            refused: sum(&|b| b.stats.refused.load(Relaxed)),
+            sessions: s
+                .edge
+                .iter()
+                .map(|b| super::status::MqttSession {
+                    broker: b.broker(),
+                    client_id: b.client_id().to_string(),
+                    tenants: b.tenants().to_vec(),
+                    connected: b.connected(),
+                })
+                .collect(),
         }
     });
     StatusReport {

@@ -45,6 +45,19 @@ pub struct MqttStatus {
     pub delegations: u64,
     pub calls: u64,
     pub refused: u64,
+    /// One per MQTT session (a tenant with credentials of its own, or an
+    /// embedded broker, has its own).
+    #[serde(default)]
+    pub sessions: Vec<MqttSession>,
+}
+
+/// One MQTT session of the bridge.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MqttSession {
+    pub broker: String,
+    pub client_id: String,
+    pub tenants: Vec<String>,
+    pub connected: bool,
 }
 
 /// Routing by intent on this node.

@@ -36,8 +36,13 @@
 //! stay with the node that declares them. Calls from the edge reach one
 //! bridge anyway (a shared subscription).
 //!
-//! Not yet: the embedded broker, per-tenant broker sessions.
+//! **Sessions.** A tenant with credentials of its own
+//! (`[mqtt.credentials.<tenant>]`) gets an MQTT session of its own, so the
+//! broker's ACLs confine the node per tenant; the other tenants share one.
+//! With `embedded = true` the node runs a broker per tenant in process
+//! ([`embedded`]) and keeps one session with each.
 
+pub mod embedded;
 pub mod topics;
 
 use std::collections::HashMap;
@@ -126,6 +131,7 @@ struct Held {
 /// The bridge's handle: delivery to edge agents.
 pub struct Bridge {
     client: AsyncClient,
+    client_id: String,
     cfg: MqttConfig,
     node: String,
     connected: AtomicBool,
@@ -155,6 +161,7 @@ impl std::fmt::Debug for Bridge {
 }
 
 /// What the event loop needs besides the bridge.
+#[derive(Clone)]
 pub struct EdgeParts {
     pub agents: AgentsCtx,
     /// One in-process ingress per bridged tenant (MQTT -> HTTP calls).
@@ -169,7 +176,7 @@ impl Bridge {
             .client_id
             .clone()
             .unwrap_or_else(|| format!("dmsc-{node}"));
-        let mut opts = MqttOptions::new(client_id, cfg.host.clone(), cfg.port);
+        let mut opts = MqttOptions::new(client_id.clone(), cfg.host.clone(), cfg.port);
         opts.set_keep_alive(cfg.keep_alive);
         // Small request/response messages: Nagle's algorithm against the
         // broker's delayed ACKs would add ~40 ms to each.
@@ -199,6 +206,7 @@ impl Bridge {
             })
             .collect();
         let bridge = Arc::new(Bridge {
+            client_id,
             calls,
             held: Mutex::new(HashMap::new()),
             active: Mutex::new(Default::default()),
@@ -234,6 +242,10 @@ impl Bridge {
 
     pub fn tenants(&self) -> &[String] {
         &self.cfg.tenants
+    }
+
+    pub fn client_id(&self) -> &str {
+        &self.client_id
     }
 
     /// The tenants this node is the active bridge of (the others it stands
@@ -589,7 +601,7 @@ impl Bridge {
                         .cfg
                         .tenants
                         .iter()
-                        .flat_map(|t| topics::subscriptions(t, &self.node))
+                        .flat_map(|t| topics::subscriptions(t, &self.node, self.cfg.shared_calls))
                         .map(|f| Filter::new(f, QoS::AtLeastOnce))
                         .collect();
                     // From a task: this loop is what drains the client's
@@ -1122,9 +1134,16 @@ fn sse_event(payload: &[u8]) -> Bytes {
     Bytes::from(out)
 }
 
-/// The bridge's handle as the request path holds it.
+/// The bridge's sessions as the request path holds them: an edge agent
+/// is reached through the session of its tenant.
 #[derive(Debug)]
-pub struct Link(pub Arc<Bridge>);
+pub struct Link(pub Vec<Arc<Bridge>>);
+
+impl Link {
+    fn session(&self, tenant: &str) -> Option<&Arc<Bridge>> {
+        self.0.iter().find(|b| b.bridged(tenant))
+    }
+}
 
 impl EdgeLink for Link {
     fn deliver<'a>(
@@ -1133,11 +1152,28 @@ impl EdgeLink for Link {
         me: &'a str,
         call: EdgeCall<'a>,
     ) -> EdgeAnswer<'a> {
-        Box::pin(self.0.clone().deliver(agent, me, call))
+        match self.session(&agent.id.tenant) {
+            Some(b) => Box::pin(b.clone().deliver(agent, me, call)),
+            None => {
+                let e = MeshError::new(
+                    ErrorKind::Unreachable,
+                    me,
+                    format!(
+                        "this node does not bridge tenant `{}` over MQTT",
+                        agent.id.tenant
+                    ),
+                )
+                .agent(&agent.id);
+                Box::pin(std::future::ready(Err(Failure::NotDelivered(e))))
+            }
+        }
     }
 
     fn endpoint(&self, id: &AgentId) -> String {
-        self.0.endpoint(&id.tenant, &id.name)
+        match self.session(&id.tenant) {
+            Some(b) => b.endpoint(&id.tenant, &id.name),
+            None => format!("mqtt://-/{}", topics::request(&id.tenant, &id.name)),
+        }
     }
 }
 

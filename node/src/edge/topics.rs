@@ -87,14 +87,19 @@ pub fn call(tenant: &str, host: &str) -> String {
     format!("{ROOT}/{tenant}/call/{host}")
 }
 
-/// The filters this node subscribes to for `tenant`.
-pub fn subscriptions(tenant: &str, node: &str) -> [String; 4] {
+/// The filters this node subscribes to for `tenant`. `shared`: calls
+/// through a shared subscription, so that where several nodes bridge a
+/// tenant on one broker each call reaches one of them (MQTT v5).
+pub fn subscriptions(tenant: &str, node: &str, shared: bool) -> [String; 4] {
+    let calls = format!("{ROOT}/{tenant}/call/+");
     [
         format!("{ROOT}/{tenant}/agents/+/card"),
         format!("{ROOT}/{tenant}/agents/+/status"),
-        // Shared: where several nodes bridge a tenant on one broker, each
-        // call reaches one of them (MQTT v5 shared subscription).
-        format!("$share/dmsc-{tenant}/{ROOT}/{tenant}/call/+"),
+        if shared {
+            format!("$share/dmsc-{tenant}/{calls}")
+        } else {
+            calls
+        },
         replies(tenant, node),
     ]
 }
@@ -169,7 +174,10 @@ mod tests {
 
     #[test]
     fn every_subscription_stays_inside_the_tenant() {
-        for s in subscriptions("acme", "n1") {
+        for s in subscriptions("acme", "n1", true)
+            .into_iter()
+            .chain(subscriptions("acme", "n1", false))
+        {
             let filter = s.strip_prefix("$share/dmsc-acme/").unwrap_or(&s);
             assert!(filter.starts_with("dmsc/acme/"), "{s}");
         }

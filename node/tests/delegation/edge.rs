@@ -32,6 +32,12 @@ struct Broker {
 
 impl Broker {
     async fn start() -> Option<Broker> {
+        Self::start_with(|_| "allow_anonymous true\n".to_string()).await
+    }
+
+    /// A broker whose config has `auth(dir)` (its authentication and ACL
+    /// lines; files it names go in `dir`) instead of anonymous access.
+    async fn start_with(auth: impl FnOnce(&std::path::Path) -> String) -> Option<Broker> {
         let installed = std::process::Command::new("mosquitto")
             .arg("-h")
             .stdout(Stdio::null())
@@ -53,7 +59,8 @@ impl Broker {
             .port();
         let dir = tempfile::tempdir().expect("dir");
         let conf = format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n",
+            "listener {port} 127.0.0.1\n{}persistence true\npersistence_location {}/\n",
+            auth(dir.path()),
             dir.path().display()
         );
         std::fs::write(dir.path().join("mosquitto.conf"), conf).expect("conf");
@@ -804,6 +811,330 @@ async fn of_two_bridges_of_one_tenant_one_is_home_and_the_other_takes_over_when_
         (200, "n2".into(), r#"meter says (acme): {"q":"now"}"#.into())
     );
     drop(broker);
+}
+
+/// A minimal edge agent `<tenant>/<name>` on the broker at `port` (as
+/// `user` when given): publishes its card, says `online`, and answers every
+/// request with `<name> says (<caller tenant>): <body>`.
+async fn plain_edge_agent(
+    port: u16,
+    tenant: &str,
+    name: &str,
+    user: Option<(&str, &str)>,
+) -> (AsyncClient, AbortOnDrop) {
+    let mut opts = MqttOptions::new(format!("{tenant}-{name}"), "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(5));
+    if let Some((u, p)) = user {
+        opts.set_credentials(u, p);
+    }
+    let (client, mut events) = AsyncClient::new(opts, 64);
+    let c = client.clone();
+    let (tenant, name) = (tenant.to_string(), name.to_string());
+    let card = CARD.replace("\"meter\"", &format!("{name:?}"));
+    let task = tokio::spawn(async move {
+        loop {
+            let p = match events.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let base = format!("dmsc/{tenant}/agents/{name}");
+                    let _ = c.subscribe(format!("{base}/req"), QoS::AtLeastOnce).await;
+                    let _ = c
+                        .publish(format!("{base}/card"), QoS::AtLeastOnce, true, card.clone())
+                        .await;
+                    let _ = c
+                        .publish(format!("{base}/status"), QoS::AtLeastOnce, false, "online")
+                        .await;
+                    continue;
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => p,
+                Ok(_) => continue,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let props = p.properties.clone().unwrap_or_default();
+            let Some(reply_to) = props.response_topic.clone() else {
+                continue;
+            };
+            let caller = property(&props, "dmsc-caller-tenant").unwrap_or_default();
+            let mut body = format!("{name} says ({caller}): ").into_bytes();
+            body.extend_from_slice(&p.payload);
+            let answer = PublishProperties {
+                correlation_data: props.correlation_data.clone(),
+                ..Default::default()
+            };
+            let _ = c
+                .publish_with_properties(reply_to, QoS::AtLeastOnce, false, body, answer)
+                .await;
+        }
+    });
+    (client, AbortOnDrop(task))
+}
+
+/// Calls `host` from node `i`: status and body.
+async fn call_from(mesh: &LocalMesh, i: usize, host: &str) -> (u16, String) {
+    let (resp, body) = mesh
+        .call(
+            i,
+            "POST",
+            host,
+            "/",
+            &[("content-type", "application/json"), ("dmsc-timeout", "3s")],
+            "hi",
+        )
+        .await
+        .expect("call");
+    (
+        resp.status().as_u16(),
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_tenant_with_credentials_of_its_own_has_a_session_of_its_own() {
+    // The broker confines every user to one tenant's topics: the node can
+    // bridge both tenants only with a session per tenant.
+    let Some(broker) = Broker::start_with(|dir| {
+        let pw = dir.join("passwords");
+        for (i, (u, p)) in [
+            ("acme-bridge", "a-secret"),
+            ("globex-bridge", "g-secret"),
+            ("acme-meter", "m-secret"),
+            ("globex-gauge", "x-secret"),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let mut cmd = std::process::Command::new("mosquitto_passwd");
+            if i == 0 {
+                cmd.arg("-c");
+            }
+            let ok = cmd
+                .args(["-b"])
+                .arg(&pw)
+                .args([u, p])
+                .status()
+                .expect("mosquitto_passwd runs");
+            assert!(ok.success());
+        }
+        let acl = dir.join("acl");
+        std::fs::write(
+            &acl,
+            "user acme-bridge\ntopic readwrite dmsc/acme/#\n\
+             user acme-meter\ntopic readwrite dmsc/acme/#\n\
+             user globex-bridge\ntopic readwrite dmsc/globex/#\n\
+             user globex-gauge\ntopic readwrite dmsc/globex/#\n",
+        )
+        .expect("acl");
+        format!(
+            "allow_anonymous false\npassword_file {}\nacl_file {}\n",
+            pw.display(),
+            acl.display()
+        )
+    })
+    .await
+    else {
+        return;
+    };
+    let port = broker.port;
+    let mesh = mesh_of(&["n0", "n1"], |i, raw| {
+        if i == 1 {
+            let creds = |u: &str, p: &str| dmsc_node::config::RawMqttCredentials {
+                username: Some(u.into()),
+                password: Some(p.into()),
+                ..Default::default()
+            };
+            raw.mqtt = Some(RawMqtt {
+                broker: format!("mqtt://127.0.0.1:{port}"),
+                tenants: vec!["acme".into(), "globex".into()],
+                credentials: [
+                    ("acme".to_string(), creds("acme-bridge", "a-secret")),
+                    ("globex".to_string(), creds("globex-bridge", "g-secret")),
+                ]
+                .into(),
+                ..Default::default()
+            });
+        }
+    })
+    .await;
+    let (_m, _mt) = plain_edge_agent(port, "acme", "meter", Some(("acme-meter", "m-secret"))).await;
+    let (_g, _gt) =
+        plain_edge_agent(port, "globex", "gauge", Some(("globex-gauge", "x-secret"))).await;
+    let gauge = dmsc_registry::AgentId::new("globex", "gauge");
+    eventually(
+        Duration::from_secs(15),
+        "both tenants' edge agents routable",
+        || {
+            mesh.routable_everywhere("meter")
+                && mesh
+                    .nodes
+                    .iter()
+                    .all(|n| n.mesh().read().get(&gauge).is_some())
+        },
+    )
+    .await;
+    assert_eq!(
+        call_from(&mesh, 0, "meter.acme.dmsc").await,
+        (200, "meter says (acme): hi".to_string())
+    );
+    let st = mesh.nodes[1].status().await.mqtt.expect("mqtt");
+    assert!(st.connected, "{st:?}");
+    let mut sessions: Vec<(String, Vec<String>)> = st
+        .sessions
+        .iter()
+        .map(|s| (s.client_id.clone(), s.tenants.clone()))
+        .collect();
+    sessions.sort();
+    assert_eq!(
+        sessions,
+        vec![
+            ("dmsc-n1-acme".to_string(), vec!["acme".to_string()]),
+            ("dmsc-n1-globex".to_string(), vec!["globex".to_string()]),
+        ]
+    );
+    drop(broker);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_broker_per_tenant_bridges_edge_agents_and_keeps_tenants_apart() {
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("port")
+            .local_addr()
+            .expect("addr")
+            .port()
+    };
+    let (acme_port, globex_port) = (free(), free());
+    let mesh = mesh_of(&["n0", "n1"], |i, raw| {
+        if i == 1 {
+            raw.mqtt = Some(RawMqtt {
+                embedded: true,
+                tenants: vec!["acme".into(), "globex".into()],
+                listen: [
+                    ("acme".to_string(), format!("127.0.0.1:{acme_port}")),
+                    ("globex".to_string(), format!("127.0.0.1:{globex_port}")),
+                ]
+                .into(),
+                credentials: [(
+                    "acme".to_string(),
+                    dmsc_node::config::RawMqttCredentials {
+                        username: Some("acme".into()),
+                        password: Some("a-secret".into()),
+                        ..Default::default()
+                    },
+                )]
+                .into(),
+                ..Default::default()
+            });
+        }
+    })
+    .await;
+    // An edge agent on acme's broker, with acme's credentials.
+    let (_m, _mt) = plain_edge_agent(acme_port, "acme", "meter", Some(("acme", "a-secret"))).await;
+    eventually(
+        Duration::from_secs(15),
+        "the edge agent on the embedded broker is routable everywhere",
+        || mesh.routable_everywhere("meter"),
+    )
+    .await;
+    assert_eq!(
+        call_from(&mesh, 0, "meter.acme.dmsc").await,
+        (200, "meter says (acme): hi".to_string())
+    );
+    let st = mesh.nodes[1].status().await.mqtt.expect("mqtt");
+    assert_eq!(st.sessions.len(), 2, "{st:?}");
+    assert!(st.sessions.iter().all(|s| s.connected), "{st:?}");
+
+    let installed = std::process::Command::new("mosquitto_pub")
+        .arg("--help")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if !installed {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI must have mosquitto-clients"
+        );
+        eprintln!("SKIPPED the mosquitto_pub checks: mosquitto-clients is not installed");
+        return;
+    }
+    // A card published with the real mosquitto_pub (MQTT v5, retained) on
+    // globex's broker registers a globex agent.
+    let card = CARD.replace("\"meter\"", "\"gauge\"");
+    let pubbed = std::process::Command::new("mosquitto_pub")
+        .args(["-V", "5", "-h", "127.0.0.1", "-p", &globex_port.to_string()])
+        .args([
+            "-q",
+            "1",
+            "-r",
+            "-t",
+            "dmsc/globex/agents/gauge/card",
+            "-m",
+            &card,
+        ])
+        .status()
+        .expect("mosquitto_pub");
+    assert!(pubbed.success());
+    let gauge = dmsc_registry::AgentId::new("globex", "gauge");
+    eventually(
+        Duration::from_secs(10),
+        "the card from mosquitto_pub registers globex/gauge",
+        || mesh.nodes[0].mesh().read().get(&gauge).is_some(),
+    )
+    .await;
+    // Tenants apart: the same card for acme, published on globex's broker,
+    // registers nothing (that broker is globex's alone).
+    let pubbed = std::process::Command::new("mosquitto_pub")
+        .args(["-V", "5", "-h", "127.0.0.1", "-p", &globex_port.to_string()])
+        .args([
+            "-q",
+            "1",
+            "-r",
+            "-t",
+            "dmsc/acme/agents/intruder/card",
+            "-m",
+            &card,
+        ])
+        .status()
+        .expect("mosquitto_pub");
+    assert!(pubbed.success());
+    // acme's broker asks for acme's credentials.
+    let refused = std::process::Command::new("mosquitto_pub")
+        .args(["-V", "5", "-h", "127.0.0.1", "-p", &acme_port.to_string()])
+        .args(["-q", "1", "-t", "dmsc/acme/agents/x/card", "-m", &card])
+        .stderr(Stdio::null())
+        .status()
+        .expect("mosquitto_pub");
+    assert!(
+        !refused.success(),
+        "acme's broker took a client without credentials"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let intruder = dmsc_registry::AgentId::new("acme", "intruder");
+    assert!(mesh.nodes[1].mesh().read().get(&intruder).is_none());
+    // An acme subscriber sees the node's requests to meter (one-way check
+    // with the real mosquitto_sub); a globex one does not.
+    let sub = |port: u16| {
+        std::process::Command::new("mosquitto_sub")
+            .args(["-V", "5", "-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-t", "dmsc/acme/agents/meter/req", "-C", "1", "-W", "3"])
+            .args(["-u", "acme", "-P", "a-secret"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto_sub")
+    };
+    let (on_acme, on_globex) = (sub(acme_port), sub(globex_port));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(call_from(&mesh, 0, "meter.acme.dmsc").await.0, 200);
+    let acme_out = on_acme.wait_with_output().expect("sub");
+    let globex_out = on_globex.wait_with_output().expect("sub");
+    assert!(
+        String::from_utf8_lossy(&acme_out.stdout).contains("hi"),
+        "{acme_out:?}"
+    );
+    assert!(globex_out.stdout.is_empty(), "{globex_out:?}");
 }
 
 /// A CA and a broker certificate for 127.0.0.1, as PEM files in `dir`.
