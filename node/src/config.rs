@@ -2188,6 +2188,36 @@ enabled = true
                 .map(|m| m.port),
             Some(1883)
         );
+        // Sessions: one per tenant with credentials of its own, one for the
+        // rest; an embedded broker per tenant, each with its own session.
+        let sessions = |toml: &str| -> Vec<(String, Vec<String>, Option<(String, String)>, u16, bool)> {
+            with(toml)
+                .expect(toml)
+                .mqtt
+                .expect("mqtt")
+                .sessions("n1")
+                .into_iter()
+                .map(|s| {
+                    let id = s.client_id.expect("client id");
+                    (id, s.tenants, s.credentials, s.port, s.shared_calls)
+                })
+                .collect()
+        };
+        let creds = |u: &str, p: &str| Some((u.to_string(), p.to_string()));
+        assert_eq!(
+            sessions("[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"acme\", \"globex\", \"initech\"]\nusername = \"all\"\npassword = \"p\"\n[mqtt.credentials.globex]\nusername = \"g\"\npassword = \"gp\""),
+            vec![
+                ("dmsc-n1".to_string(), vec!["acme".to_string(), "initech".to_string()], creds("all", "p"), 1883, true),
+                ("dmsc-n1-globex".to_string(), vec!["globex".to_string()], creds("g", "gp"), 1883, true),
+            ]
+        );
+        assert_eq!(
+            sessions("[mqtt]\nembedded = true\ntenants = [\"acme\", \"globex\"]\n[mqtt.listen]\nacme = \"127.0.0.1:2883\"\nglobex = \"127.0.0.1:2884\"\n[mqtt.credentials.acme]\nusername = \"acme\"\npassword = \"change-me\""),
+            vec![
+                ("dmsc-n1-acme".to_string(), vec!["acme".to_string()], creds("acme", "change-me"), 2883, false),
+                ("dmsc-n1-globex".to_string(), vec!["globex".to_string()], None, 2884, false),
+            ]
+        );
         let tls =
             with("[mqtt]\nbroker = \"mqtts://broker\"\ntenants = [\"acme\"]\nca = \"ca.pem\"")
                 .expect("mqtts")
