@@ -44,6 +44,10 @@ pub struct MqttArgs {
     /// Default: `set_tcp_nodelay true`, as low-latency brokers are run.
     #[arg(long)]
     broker_defaults: bool,
+    /// Use node b's embedded broker (`[mqtt] embedded = true`, rumqttd)
+    /// instead of mosquitto: clients and the agent connect to it.
+    #[arg(long)]
+    embedded: bool,
 }
 
 const ANSWERS: &str = "dmsc/bench/edge/client/answers";
@@ -240,17 +244,43 @@ where
 
 pub async fn run(args: MqttArgs) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let (_broker, port) = start_broker(&dir, args.broker_defaults).await?;
+    let (_broker, port) = if args.embedded {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        (None, port)
+    } else {
+        let (b, port) = start_broker(&dir, args.broker_defaults).await?;
+        (Some(b), port)
+    };
+    let embedded = args.embedded;
     let mesh = LocalMesh::start(&["a", "b"], "bench", |i, raw| {
         if i == 1 {
-            raw.mqtt = Some(RawMqtt {
-                broker: format!("mqtt://127.0.0.1:{port}"),
-                tenants: vec!["bench".into()],
-                ..Default::default()
+            raw.mqtt = Some(if embedded {
+                RawMqtt {
+                    embedded: true,
+                    tenants: vec!["bench".into()],
+                    listen: [("bench".to_string(), format!("127.0.0.1:{port}"))].into(),
+                    ..Default::default()
+                }
+            } else {
+                RawMqtt {
+                    broker: format!("mqtt://127.0.0.1:{port}"),
+                    tenants: vec!["bench".into()],
+                    ..Default::default()
+                }
             });
         }
     })
     .await?;
+    println!(
+        "broker: {}",
+        if embedded {
+            "node b's embedded broker (rumqttd)"
+        } else {
+            "mosquitto"
+        }
+    );
     let agent = edge_agent(port);
     let start = Instant::now();
     while !mesh.routable_everywhere("meter") {

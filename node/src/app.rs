@@ -348,8 +348,11 @@ impl App {
             // the upstream; calls from the edge enter through an
             // in-process ingress of their tenant.
             if let Some(at) = &mqtt.embedded {
-                crate::edge::embedded::start(at, &mqtt)
+                let fronts = crate::edge::embedded::start(at, &mqtt)
                     .map_err(|e| NodeError::Config(crate::config::ConfigError(vec![e])))?;
+                for f in fronts {
+                    tasks.spawn(crate::edge::embedded::serve(f).in_current_span());
+                }
             }
             let mut ingress = std::collections::HashMap::new();
             let mut sessions = Vec::new();

@@ -2190,7 +2190,8 @@ enabled = true
         );
         // Sessions: one per tenant with credentials of its own, one for the
         // rest; an embedded broker per tenant, each with its own session.
-        let sessions = |toml: &str| -> Vec<(String, Vec<String>, Option<(String, String)>, u16, bool)> {
+        type Session = (String, Vec<String>, Option<(String, String)>, u16, bool);
+        let sessions = |toml: &str| -> Vec<Session> {
             with(toml)
                 .expect(toml)
                 .mqtt
