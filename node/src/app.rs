@@ -565,6 +565,11 @@ impl App {
         let name = self.shared.security.identity().name().to_string();
         info!(node = %name, "shutting down: announcing departure");
         self.shared.ready.store(false, Ordering::Release);
+        // Calls from the edge stop coming to this node's MQTT sessions
+        // (they stay at the broker for the replies of a restart).
+        for b in &self.shared.edge {
+            b.leave(Duration::from_secs(1)).await;
+        }
         let _ = tokio::time::timeout(Duration::from_secs(2), self.shared.gossip.leave()).await;
         self.shared.gossip.stop().await;
         self.tasks.abort_all();

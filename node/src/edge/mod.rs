@@ -148,6 +148,8 @@ pub struct Bridge {
     held: Mutex<HashMap<AgentId, Held>>,
     /// Tenants this node is the active bridge of.
     active: Mutex<std::collections::BTreeSet<String>>,
+    /// Signalled on every UNSUBACK (see [`Bridge::leave`]).
+    unsubscribed: tokio::sync::Notify,
     pub stats: EdgeStats,
 }
 
@@ -210,6 +212,7 @@ impl Bridge {
             calls,
             held: Mutex::new(HashMap::new()),
             active: Mutex::new(Default::default()),
+            unsubscribed: tokio::sync::Notify::new(),
             client,
             cfg,
             node: node.to_string(),
@@ -345,6 +348,29 @@ impl Bridge {
                 info!(agent = %id, broker = %self.broker(), "edge agent registered over MQTT");
             }
             Err(e) => self.refuse(&topics::card(&id.tenant, &id.name), &e.to_string()),
+        }
+    }
+
+    /// Leaves the shared subscription of calls from the edge, waiting up
+    /// to `within` for the broker to confirm. Called when the node stops:
+    /// the session stays at the broker (persistent, for the replies a
+    /// restart would still want), and without this its share of the calls
+    /// would queue there instead of going to the bridges still running.
+    pub async fn leave(&self, within: Duration) {
+        if !self.cfg.shared_calls || !self.connected() {
+            return;
+        }
+        let wait = async {
+            for t in &self.cfg.tenants {
+                let filter = topics::subscriptions(t, &self.node, true)[2].clone();
+                if self.client.unsubscribe(filter).await.is_err() {
+                    return;
+                }
+                self.unsubscribed.notified().await;
+            }
+        };
+        if tokio::time::timeout(within, wait).await.is_err() {
+            warn!(broker = %self.broker(), "the MQTT broker did not confirm leaving the shared call subscription in time");
         }
     }
 
@@ -621,6 +647,7 @@ impl Bridge {
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => self.dispatch(p, &parts).await,
+                Ok(Event::Incoming(Packet::UnsubAck(_))) => self.unsubscribed.notify_one(),
                 Ok(_) => {}
                 Err(e) => {
                     if self.connected.swap(false, Ordering::Relaxed) {

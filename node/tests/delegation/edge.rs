@@ -767,8 +767,8 @@ async fn of_two_bridges_of_one_tenant_one_is_home_and_the_other_takes_over_when_
         }
     })
     .await;
-    let (tx, _answers) = mpsc::unbounded_channel();
-    let (_edge, _edge_task) = edge_agent(port, tx).await;
+    let (tx, mut answers) = mpsc::unbounded_channel();
+    let (edge, _edge_task) = edge_agent(port, tx).await;
     let meter = dmsc_registry::AgentId::new("acme", "meter");
     let home_everywhere = |mesh: &LocalMesh, home: &str| {
         mesh.nodes
@@ -810,6 +810,23 @@ async fn of_two_bridges_of_one_tenant_one_is_home_and_the_other_takes_over_when_
         call_meter(&mesh).await,
         (200, "n2".into(), r#"meter says (acme): {"q":"now"}"#.into())
     );
+    // Calls from the edge (a shared subscription of both bridges) are
+    // answered after the takeover too: none waits for the node that left.
+    for (i, c) in [&b"after-1"[..], b"after-2", b"after-3", b"after-4"]
+        .into_iter()
+        .enumerate()
+    {
+        let got = edge_call(
+            &edge,
+            &mut answers,
+            "meter.acme.dmsc",
+            c,
+            None,
+            format!("{{\"n\":{i}}}"),
+        )
+        .await;
+        assert_eq!(property(&got[0].0, "dmsc-status"), Some("200"));
+    }
     drop(broker);
 }
 
