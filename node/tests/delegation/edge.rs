@@ -444,6 +444,31 @@ async fn an_mqtt_edge_agent_is_called_over_http_and_calls_http_agents_through_th
         (200, r#"meter says (acme): {"q":"now"}"#)
     );
 
+    // An HTTP/2 caller (h2c, prior knowledge, as gRPC-style clients speak).
+    let tcp = tokio::net::TcpStream::connect(mesh.ingress(0))
+        .await
+        .expect("connect");
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .method("POST")
+        .uri("http://meter.acme.dmsc/")
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(Bytes::from_static(
+            br#"{"q":"h2"}"#,
+        )))
+        .expect("request");
+    let resp = h2.send_request(req).await.expect("h2 call");
+    assert_eq!(resp.version(), hyper::Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(&body[..], br#"meter says (acme): {"q":"h2"}"#);
+
     // HTTP -> MQTT: by name from the node without the bridge, and by capability.
     for host in ["meter.acme.dmsc", "energy.cap.acme.dmsc"] {
         let (resp, body) = mesh
@@ -996,6 +1021,28 @@ async fn each_tenant_with_credentials_of_its_own_has_a_session_of_its_own() {
     );
     let st = mesh.nodes[1].status().await.mqtt.expect("mqtt");
     assert!(st.connected, "{st:?}");
+    // The broker keeps each tenant's clients in their namespace: acme's
+    // agent cannot register into globex's (its card is refused by the ACL,
+    // so the node never sees it).
+    let (_x, _xt) = {
+        let mut opts = MqttOptions::new("acme-intruder", "127.0.0.1", port);
+        opts.set_credentials("acme-meter", "m-secret");
+        let (c, mut ev) = AsyncClient::new(opts, 8);
+        let card = CARD.replace("\"meter\"", "\"intruder\"");
+        c.publish(
+            "dmsc/globex/agents/intruder/card",
+            QoS::AtLeastOnce,
+            true,
+            card,
+        )
+        .await
+        .expect("queued");
+        let t = tokio::spawn(async move { while ev.poll().await.is_ok() {} });
+        (c, AbortOnDrop(t))
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let intruder = dmsc_registry::AgentId::new("globex", "intruder");
+    assert!(mesh.nodes[1].mesh().read().get(&intruder).is_none());
     let mut sessions: Vec<(String, Vec<String>)> = st
         .sessions
         .iter()
