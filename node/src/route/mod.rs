@@ -377,6 +377,7 @@ impl MeshView {
                 anns_dirty = true;
             }
             let had_values = scan.values.is_some();
+            let complete = scan.complete;
             if let Some(values) = scan.values {
                 let mut records: HashMap<AgentId, String> = HashMap::new();
                 let mut loads: HashMap<AgentId, String> = HashMap::new();
@@ -469,10 +470,11 @@ impl MeshView {
                             .drain()
                             .map(|(id, _)| Op::Remove(n.clone(), id)),
                     );
-                } else if !had_values {
-                    // Back without a change: only hashes of its values are
-                    // kept here, so the next scan (half a round away) asks
-                    // for its values and readmits its agents.
+                } else if !had_values || !complete {
+                    // Back without a change, or with only what changed
+                    // while it was away: nothing of it is registered here
+                    // any more, so the next scan (half a round away) asks
+                    // for all its values and readmits its agents.
                     entry.version = 0;
                 }
                 entry.live = live;
@@ -872,5 +874,25 @@ mod tests {
         // The node key deleted: no route.
         m.apply_scan(vec![delta(9, vec![], vec!["node".into()])]);
         assert!(m.node_route("x").is_none());
+
+        // Dead, then back with a change made meanwhile: the delta alone
+        // would not bring back its other agents, so the cursor goes to 0
+        // and the next (complete) scan readmits them all.
+        let m = MeshView::new(
+            "me",
+            CircuitConfig::default(),
+            dmsc_registry::Choice::PowerOfTwo,
+        );
+        m.apply_scan(vec![scan(1, 5, MemberState::Alive, true)]);
+        m.apply_scan(vec![scan(1, 5, MemberState::Dead, false)]);
+        assert!(!selectable(&m));
+        m.apply_scan(vec![delta(
+            6,
+            vec![("load/acme/a".into(), "1".into())],
+            vec![],
+        )]);
+        assert_eq!(m.scan_cursor().get("x"), Some(&(1, 0)));
+        m.apply_scan(vec![scan(1, 6, MemberState::Alive, true)]);
+        assert!(selectable(&m), "readmitted by the complete scan");
     }
 }

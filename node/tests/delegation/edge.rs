@@ -469,6 +469,56 @@ async fn an_mqtt_edge_agent_is_called_over_http_and_calls_http_agents_through_th
     let body = resp.into_body().collect().await.expect("body").to_bytes();
     assert_eq!(&body[..], br#"meter says (acme): {"q":"h2"}"#);
 
+    // One-way checks with mosquitto's own v5 clients: mosquitto_sub sees
+    // the node's request (with its user properties), a card published with
+    // mosquitto_pub registers an agent, an empty retained card removes it.
+    let port_s = port.to_string();
+    let watcher = std::process::Command::new("mosquitto_sub")
+        .args(["-V", "5", "-h", "127.0.0.1", "-p", &port_s])
+        .args(["-t", "dmsc/acme/agents/meter/req", "-C", "1", "-W", "5"])
+        .args(["-F", "%p"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto_sub (apt-get install mosquitto-clients)");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, _, _) = http_call(&mesh, "meter.acme.dmsc", "*/*").await;
+    assert_eq!(status, 200);
+    let seen = watcher.wait_with_output().expect("mosquitto_sub");
+    assert_eq!(
+        String::from_utf8_lossy(&seen.stdout).trim(),
+        r#"{"q":"now"}"#
+    );
+    let pub_card = |card: Option<&str>| {
+        let mut cmd = std::process::Command::new("mosquitto_pub");
+        cmd.args(["-V", "5", "-h", "127.0.0.1", "-p", &port_s])
+            .args(["-q", "1", "-r", "-t", "dmsc/acme/agents/gauge/card"]);
+        match card {
+            Some(c) => cmd.args(["-m", c]),
+            None => cmd.arg("-n"),
+        };
+        assert!(cmd.status().expect("mosquitto_pub").success());
+    };
+    pub_card(Some(&CARD.replace("\"meter\"", "\"gauge\"")));
+    eventually(
+        Duration::from_secs(10),
+        "the card from mosquitto_pub registers gauge everywhere",
+        || mesh.routable_everywhere("gauge"),
+    )
+    .await;
+    pub_card(None);
+    eventually(
+        Duration::from_secs(10),
+        "the cleared card removes gauge everywhere",
+        || {
+            let gauge = dmsc_registry::AgentId::new("acme", "gauge");
+            mesh.nodes
+                .iter()
+                .all(|n| n.mesh().read().get(&gauge).is_none())
+        },
+    )
+    .await;
+
     // HTTP -> MQTT: by name from the node without the bridge, and by capability.
     for host in ["meter.acme.dmsc", "energy.cap.acme.dmsc"] {
         let (resp, body) = mesh
