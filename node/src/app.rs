@@ -398,6 +398,36 @@ impl App {
                 tasks.spawn(bridge.run(eventloop, parts.clone()).in_current_span());
             }
         }
+        let intercept = match config.intercept.clone() {
+            None => None,
+            Some(icfg) => Some(
+                start_intercept(&icfg, &config, &mut tasks, |tenant: &str| {
+                    let spec = crate::config::IngressSpec {
+                        listen: SocketAddr::V4(icfg.listen),
+                        tenant: Some(tenant.to_string()),
+                        tls: false,
+                        mtls: false,
+                        jwt: false,
+                        allow_tls12: false,
+                    };
+                    Arc::new(
+                        Ingress::new(IngressParts {
+                            spec,
+                            listen: SocketAddr::V4(icfg.listen),
+                            me: name.clone(),
+                            cfg: config.delegation.clone(),
+                            budget: body_budget.clone(),
+                            delegator: delegator.clone(),
+                            security: security.clone(),
+                            tls: None,
+                            fair: None,
+                        })
+                        .with_label(format!("intercept:{tenant}")),
+                    )
+                })
+                .await,
+            ),
+        };
         tasks.spawn(
             sync_loop(Sync {
                 gossip: gossip.clone(),
@@ -457,6 +487,7 @@ impl App {
             agents,
             intent,
             edge,
+            intercept,
             metrics: Metrics::new(delegation_metrics, security_metrics, listener_metrics),
             started: Instant::now(),
             bound: bound.clone(),
@@ -710,6 +741,54 @@ async fn announce_paths(
                     .set(crate::proto::gossip::KEY_RELAY_CLIENTS, &clients)
                     .await;
             }
+        }
+    }
+}
+
+/// Starts interception (`[intercept]`): the listener and the kernel
+/// programs. Interception that cannot start leaves the node running without
+/// it, and says why (in the log and in `status`).
+async fn start_intercept(
+    cfg: &crate::config::InterceptConfig,
+    config: &NodeConfig,
+    tasks: &mut tokio::task::JoinSet<()>,
+    ingress: impl Fn(&str) -> Arc<Ingress>,
+) -> crate::intercept::State {
+    // This node's own agents: connections to their URL go to their name.
+    let own: Vec<(std::net::SocketAddrV4, String)> = config
+        .agents
+        .iter()
+        .filter_map(|a| {
+            let name = a.name.as_ref()?;
+            let uri: hyper::Uri = a.url.parse().ok()?;
+            let ip: std::net::Ipv4Addr = uri.host()?.parse().ok()?;
+            let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
+                Some("https") => 443,
+                _ => 80,
+            });
+            Some((
+                std::net::SocketAddrV4::new(ip, port),
+                format!("{name}.{}.dmsc", a.tenant),
+            ))
+        })
+        .collect();
+    let listener = match tokio::net::TcpListener::bind(cfg.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            let why = format!("intercept.listen = {}: {e}", cfg.listen);
+            warn!("interception off: {why}");
+            return crate::intercept::State::Off(why);
+        }
+    };
+    match crate::intercept::Intercept::start(cfg, own, ingress) {
+        Ok(ic) => {
+            let ic = Arc::new(ic);
+            tasks.spawn(ic.clone().serve(listener).in_current_span());
+            crate::intercept::State::On(ic)
+        }
+        Err(why) => {
+            warn!("interception off: {why} (the nftables fallback is not built yet)");
+            crate::intercept::State::Off(why)
         }
     }
 }

@@ -56,6 +56,153 @@ pub struct RawConfig {
     /// Edge agents over MQTT v5 (see `edge`); absent: no bridge.
     #[serde(default)]
     pub mqtt: Option<RawMqtt>,
+    /// Transparent interception of agents' outbound connections (see
+    /// `intercept`); absent: none.
+    #[serde(default)]
+    pub intercept: Option<RawIntercept>,
+}
+
+/// `[intercept]`: agents that call the mesh with no code change.
+#[derive(Debug, Default, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawIntercept {
+    /// The interception listener (IPv4, default 127.0.0.1:15080).
+    pub listen: Option<String>,
+    /// The virtual range of `.dmsc` names (default 198.19.0.0/16).
+    pub vip_range: Option<String>,
+    /// `[[intercept.bindings]]`: whose connections are intercepted.
+    #[serde(default)]
+    pub bindings: Vec<RawInterceptBinding>,
+    /// `[[intercept.map]]`: `addr = "10.0.0.5:8080"`, `name =
+    /// "search.globex.dmsc"`: connections to that address go to that mesh
+    /// name (gossip carries no agent URLs, so other nodes' agents are named
+    /// here; this node's own agents are mapped from their `url`).
+    #[serde(default)]
+    pub map: Vec<RawInterceptMap>,
+}
+
+/// One `[[intercept.bindings]]`.
+#[derive(Debug, Default, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawInterceptBinding {
+    /// A cgroup v2 group, relative to the cgroup2 mount (it must exist).
+    pub cgroup: String,
+    /// The tenant its processes call as.
+    pub tenant: String,
+    /// Which agent they are, in audit entries (default: the cgroup path).
+    pub agent: Option<String>,
+}
+
+/// One `[[intercept.map]]`.
+#[derive(Debug, Default, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawInterceptMap {
+    pub addr: String,
+    pub name: String,
+}
+
+/// `[intercept]`, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InterceptConfig {
+    pub listen: std::net::SocketAddrV4,
+    pub vip_range: (std::net::Ipv4Addr, u8),
+    pub bindings: Vec<InterceptBinding>,
+    /// Address (port 0: any port) -> mesh name.
+    pub map: Vec<(std::net::SocketAddrV4, String)>,
+}
+
+/// A validated binding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InterceptBinding {
+    pub cgroup: String,
+    pub tenant: String,
+    pub agent: Option<String>,
+}
+
+impl RawIntercept {
+    fn validate(&self, errors: &mut Vec<String>) -> Option<InterceptConfig> {
+        let before = errors.len();
+        let listen = match self.listen.as_deref().unwrap_or("127.0.0.1:15080").parse() {
+            Ok(a) => a,
+            Err(_) => {
+                errors.push(format!(
+                    "intercept.listen = {:?}: expected IPv4ADDR:PORT",
+                    self.listen
+                ));
+                "127.0.0.1:15080".parse().expect("literal")
+            }
+        };
+        let range = self.vip_range.as_deref().unwrap_or("198.19.0.0/16");
+        let vip_range = match range
+            .split_once('/')
+            .and_then(|(a, p)| Some((a.parse().ok()?, p.parse::<u8>().ok()?)))
+        {
+            Some((a, p)) if (8..=32).contains(&p) => (a, p),
+            _ => {
+                errors.push(format!(
+                    "intercept.vip_range = {range:?}: expected IPv4ADDR/PREFIX (8-32)"
+                ));
+                ("198.19.0.0".parse().expect("literal"), 16)
+            }
+        };
+        if self.bindings.is_empty() {
+            errors.push(
+                "intercept: add at least one [[intercept.bindings]] (cgroup and tenant)".into(),
+            );
+        }
+        let mut bindings = Vec::new();
+        for b in &self.bindings {
+            if !dmsc_transport::identity::valid_name(&b.tenant) {
+                errors.push(format!(
+                    "intercept.bindings: `{}` is not a tenant name",
+                    b.tenant
+                ));
+            }
+            if b.cgroup.trim_matches('/').is_empty() || b.cgroup.split('/').any(|p| p == "..") {
+                errors.push(format!(
+                    "intercept.bindings: cgroup {:?} must name a group below the cgroup2 root",
+                    b.cgroup
+                ));
+            }
+            bindings.push(InterceptBinding {
+                cgroup: b.cgroup.clone(),
+                tenant: b.tenant.clone(),
+                agent: b.agent.clone(),
+            });
+        }
+        let mut map = Vec::new();
+        for m in &self.map {
+            let addr = m.addr.parse::<std::net::SocketAddrV4>().or_else(|_| {
+                m.addr
+                    .parse::<std::net::Ipv4Addr>()
+                    .map(|ip| std::net::SocketAddrV4::new(ip, 0))
+            });
+            match addr {
+                Ok(a) => map.push((a, m.name.to_ascii_lowercase())),
+                Err(_) => errors.push(format!(
+                    "intercept.map: addr {:?}: expected IPv4ADDR[:PORT]",
+                    m.addr
+                )),
+            }
+            // (The full grammar is the ingress's; this catches the typo.)
+            let labels_ok = m.name.strip_suffix(".dmsc").is_some_and(|rest| {
+                rest.split('.').count() >= 2
+                    && rest.split('.').all(dmsc_transport::identity::valid_name)
+            });
+            if !labels_ok {
+                errors.push(format!(
+                    "intercept.map: name {:?} is not a mesh name (<agent>.<tenant>.dmsc, <tag>.cap.<tenant>.dmsc, mesh.<tenant>.dmsc)",
+                    m.name
+                ));
+            }
+        }
+        (errors.len() == before).then_some(InterceptConfig {
+            listen,
+            vip_range,
+            bindings,
+            map,
+        })
+    }
 }
 
 /// `[mqtt]`: the broker this node bridges edge agents on.
@@ -1082,6 +1229,8 @@ pub struct NodeConfig {
     pub intent: IntentConfig,
     /// `Some`: bridge edge agents over MQTT.
     pub mqtt: Option<MqttConfig>,
+    /// `Some`: intercept agents' outbound connections.
+    pub intercept: Option<InterceptConfig>,
 }
 
 impl RawDelegation {
@@ -1347,6 +1496,7 @@ impl RawConfig {
             relay: RawRelay::default(),
             intent: RawIntent::default(),
             mqtt: None,
+            intercept: None,
         }
     }
 
@@ -1769,6 +1919,10 @@ impl RawConfig {
         let enrollment = self.enrollment.validate(&mut errors);
         let intent = self.intent.validate(&mut errors);
         let mqtt = self.mqtt.as_ref().and_then(|m| m.validate(&mut errors));
+        let intercept = self
+            .intercept
+            .as_ref()
+            .and_then(|i| i.validate(&mut errors));
         if !errors.is_empty() {
             return Err(ConfigError(errors));
         }
@@ -1796,6 +1950,7 @@ impl RawConfig {
             direct_upgrade: self.overlay.direct_upgrade.unwrap_or(true),
             intent,
             mqtt,
+            intercept,
             name: self.name,
             region: self.region.unwrap_or_else(|| DEFAULT_REGION.to_string()),
             // Every `None` above pushed an error, so these are present.
@@ -2251,6 +2406,13 @@ enabled = true
             ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"acme\"]\nkeep_alive_secs = 2", "within 5..=65535"),
             ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"acme\"]\nkeep_alive_secs = 70000", "within 5..=65535"),
             ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"acme\"]\nmax_calls = 0", "mqtt.max_calls = 0"),
+            ("[intercept]", "at least one [[intercept.bindings]]"),
+            ("[intercept]\nlisten = \"[::1]:80\"\n[[intercept.bindings]]\ncgroup = \"a\"\ntenant = \"acme\"", "expected IPv4ADDR:PORT"),
+            ("[intercept]\nvip_range = \"198.19.0.0/40\"\n[[intercept.bindings]]\ncgroup = \"a\"\ntenant = \"acme\"", "intercept.vip_range"),
+            ("[intercept]\n[[intercept.bindings]]\ncgroup = \"../x\"\ntenant = \"acme\"", "below the cgroup2 root"),
+            ("[intercept]\n[[intercept.bindings]]\ncgroup = \"a\"\ntenant = \"Not A Tenant\"", "is not a tenant name"),
+            ("[intercept]\n[[intercept.bindings]]\ncgroup = \"a\"\ntenant = \"acme\"\n[[intercept.map]]\naddr = \"x\"\nname = \"billing.acme.dmsc\"", "expected IPv4ADDR[:PORT]"),
+            ("[intercept]\n[[intercept.bindings]]\ncgroup = \"a\"\ntenant = \"acme\"\n[[intercept.map]]\naddr = \"10.0.0.5:80\"\nname = \"billing.example.com\"", "is not a mesh name"),
             ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"acme\"]\n[mqtt.credentials.globex]\nusername = \"u\"", "`globex` is not one of mqtt.tenants"),
             ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"acme\"]\n[mqtt.credentials.acme]\npassword = \"p\"", "password is set without a username"),
             ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"acme\"]\n[mqtt.credentials.acme]\ncert = \"c.pem\"", "cert and key go together"),

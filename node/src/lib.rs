@@ -35,6 +35,7 @@ pub mod edge;
 pub mod forward;
 pub mod ingress;
 pub mod intent;
+pub mod intercept;
 pub mod limits;
 pub mod metrics;
 pub mod policy;
@@ -116,8 +117,23 @@ mod layering {
     /// Top-level modules, lowest layer first. `demo` and `ops` stand apart:
     /// they may use everything, and nothing on the request path uses them.
     const LAYERS: &[&str] = &[
-        "proto", "config", "metrics", "security", "policy", "limits", "route", "intent", "forward",
-        "ingress", "control", "edge", "admin", "app", "ops", "demo",
+        "proto",
+        "config",
+        "metrics",
+        "security",
+        "policy",
+        "limits",
+        "route",
+        "intent",
+        "forward",
+        "ingress",
+        "control",
+        "edge",
+        "intercept",
+        "admin",
+        "app",
+        "ops",
+        "demo",
     ];
 
     fn layer_of(module: &str) -> Option<usize> {

@@ -61,9 +61,10 @@ pub(crate) struct Shared {
     pub(crate) mesh: Arc<MeshView>,
     pub(crate) agents: AgentsCtx,
     pub(crate) intent: Arc<crate::intent::Intent>,
-    /// The MQTT bridge, if `[mqtt]` is set.
     /// The MQTT bridge's sessions (none without `[mqtt]`).
     pub(crate) edge: Vec<Arc<crate::edge::Bridge>>,
+    /// Transparent interception, if `[intercept]` is set.
+    pub(crate) intercept: Option<crate::intercept::State>,
     pub(crate) metrics: Metrics,
     pub(crate) started: std::time::Instant,
     pub(crate) bound: Bound,

@@ -179,7 +179,28 @@ pub(crate) async fn status_report(s: &Shared) -> StatusReport {
                 .collect(),
         }
     });
+    let intercept = s.intercept.as_ref().map(|st| {
+        use std::sync::atomic::Ordering::Relaxed;
+        match st {
+            crate::intercept::State::Off(why) => super::status::InterceptStatus {
+                mechanism: "off".into(),
+                reason: Some(why.clone()),
+                ..Default::default()
+            },
+            crate::intercept::State::On(ic) => super::status::InterceptStatus {
+                mechanism: "ebpf".into(),
+                reason: None,
+                listen: Some(ic.listen.to_string()),
+                bindings: ic.bindings(),
+                redirected: ic.kernel_stats().map(|k| k.redirected).unwrap_or(0),
+                http: ic.stats.http.load(Relaxed),
+                passthrough: ic.stats.passthrough.load(Relaxed),
+                unmatched: ic.stats.unmatched.load(Relaxed),
+            },
+        }
+    });
     StatusReport {
+        intercept,
         intent,
         mqtt,
         certificates,

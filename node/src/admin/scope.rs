@@ -189,6 +189,16 @@ pub fn scope_status(mut report: StatusReport, scope: &ReadScope) -> StatusReport
         r.clients.clear();
     }
     report.intent.tenants.retain(|t| t == tenant);
+    // Node-wide: bindings of every tenant.
+    report.intercept = None;
+    if let Some(m) = &mut report.mqtt {
+        m.tenants.retain(|t| t == tenant);
+        m.active.retain(|t| t == tenant);
+        m.sessions.retain(|s| s.tenants.contains(tenant));
+        for s in &mut m.sessions {
+            s.tenants.retain(|t| t == tenant);
+        }
+    }
     report
 }
 
@@ -238,6 +248,7 @@ mod tests {
 
     fn report() -> StatusReport {
         StatusReport {
+            intercept: None,
             node: NodeStatus {
                 name: "n0".into(),
                 region: "r".into(),

@@ -24,6 +24,9 @@ pub struct StatusReport {
     pub certificates: CertStatus,
     #[serde(default)]
     pub intent: IntentStatus,
+    /// Transparent interception, if `[intercept]` is set.
+    #[serde(default)]
+    pub intercept: Option<InterceptStatus>,
     /// The MQTT bridge, if `[mqtt]` is set.
     #[serde(default)]
     pub mqtt: Option<MqttStatus>,
@@ -49,6 +52,22 @@ pub struct MqttStatus {
     /// embedded broker, has its own).
     #[serde(default)]
     pub sessions: Vec<MqttSession>,
+}
+
+/// Transparent interception on this node.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct InterceptStatus {
+    /// `ebpf`, or `off` (then `reason` says why).
+    pub mechanism: String,
+    pub reason: Option<String>,
+    pub listen: Option<String>,
+    pub bindings: usize,
+    /// Connects the kernel sent to the listener.
+    pub redirected: u64,
+    pub http: u64,
+    pub passthrough: u64,
+    /// Connections to the listener that were not redirected (refused).
+    pub unmatched: u64,
 }
 
 /// One MQTT session of the bridge.
@@ -301,6 +320,21 @@ impl StatusReport {
                     format!("; embeds {}", i.tenants.join(", "))
                 }
             ));
+        }
+        if let Some(i) = &self.intercept {
+            match &i.reason {
+                Some(why) => out.push_str(&format!("intercept OFF: {why}\n")),
+                None => out.push_str(&format!(
+                    "intercept {} on {} for {} bindings; {} redirected, {} HTTP, {} passed through, {} refused\n",
+                    i.mechanism,
+                    i.listen.as_deref().unwrap_or("-"),
+                    i.bindings,
+                    i.redirected,
+                    i.http,
+                    i.passthrough,
+                    i.unmatched
+                )),
+            }
         }
         if let Some(m) = &self.mqtt {
             out.push_str(&format!(

@@ -276,6 +276,34 @@ impl Ingress {
     }
 }
 
+impl Ingress {
+    /// Serves one intercepted connection (HTTP/1.1 or HTTP/2 with prior
+    /// knowledge): requests whose `Host` is not a mesh name go to
+    /// `target_host`, the mesh name of the address the client dialled.
+    pub(crate) async fn serve_intercepted(
+        self: &Arc<Self>,
+        stream: tokio::net::TcpStream,
+        peer: SocketAddr,
+        target_host: Option<String>,
+    ) {
+        let this = self.clone();
+        let auth = Arc::new(ConnIdentity {
+            peer: Some(peer),
+            target_host,
+            ..Default::default()
+        });
+        let svc = hyper::service::service_fn(move |req| {
+            let (this, auth) = (this.clone(), auth.clone());
+            async move { Ok::<_, std::convert::Infallible>(this.handle(req, &auth).await) }
+        });
+        let builder =
+            hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+        if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+            debug!(error = %e, "intercepted connection ended");
+        }
+    }
+}
+
 impl std::fmt::Debug for Ingress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ingress")
@@ -372,6 +400,7 @@ impl Ingress {
                                 chain,
                                 serials,
                                 verdict,
+                                target_host: None,
                             });
                             this.serve_conn(conn, TokioIo::new(tls), auth).await
                         }
@@ -500,8 +529,16 @@ impl Ingress {
             )
             .response(None);
         }
-        let Some(host) = request_host(&req) else {
-            return MeshError::new(ErrorKind::BadTarget, me, "request has no Host").response(None);
+        let host = match (request_host(&req), &auth.target_host) {
+            // Intercepted: the Host names the address dialled, not a mesh
+            // target; the address's mesh name stands in for it.
+            (Some(h), Some(t)) if parse_host(&h).is_err() => t.clone(),
+            (None, Some(t)) => t.clone(),
+            (Some(h), _) => h,
+            (None, None) => {
+                return MeshError::new(ErrorKind::BadTarget, me, "request has no Host")
+                    .response(None)
+            }
         };
         let parsed = parse_host(&host);
         if parsed.is_err() && matches!(req.uri().path(), "/v1/enroll" | "/v1/renew") {

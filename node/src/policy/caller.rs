@@ -37,6 +37,10 @@ pub struct ConnIdentity {
     pub serials: Vec<String>,
     /// The chain's verdict: the agent it proves, or why it proves nothing.
     pub verdict: Option<Result<AgentIdentity, String>>,
+    /// An intercepted connection: the mesh name of the address its client
+    /// dialled, for requests whose `Host` names no mesh target (a client
+    /// that called `http://10.0.0.5:8080/`).
+    pub target_host: Option<String>,
 }
 
 /// Authenticates the callers of one listener.

@@ -7,6 +7,7 @@ mod edge;
 mod grpc;
 mod hygiene;
 mod intent;
+mod intercept;
 mod limits;
 mod listen;
 mod midresponse;

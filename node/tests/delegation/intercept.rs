@@ -1,0 +1,150 @@
+//! Transparent interception with the real kernel hook (root, a build with
+//! clang, curl; CI has all three): an unmodified client (curl) in a cgroup
+//! the test creates calls an agent's address; node 0 intercepts the connect,
+//! names the address from `[[intercept.map]]` and delegates to the agent on
+//! node 1. Loopback only: the intercepted address has nothing listening,
+//! so a connect that escaped interception is refused, not sent anywhere.
+
+use std::process::Command;
+
+use dmsc_node::config::{RawIntercept, RawInterceptBinding, RawInterceptMap};
+use dmsc_node::demo::mesh::message_send;
+
+use super::{agent, attach_routable, mesh_of};
+
+fn root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A cgroup of the test's own, removed on drop.
+struct TestCgroup {
+    rel: String,
+    path: std::path::PathBuf,
+}
+
+impl TestCgroup {
+    fn new(name: &str) -> TestCgroup {
+        let root = dmsc_ebpf::cgroup::mount().expect("cgroup2 mount");
+        let rel = format!("dmsc-{}-{name}", std::process::id());
+        let path = root.join(&rel);
+        std::fs::create_dir_all(&path).expect("create the test cgroup");
+        TestCgroup { rel, path }
+    }
+
+    /// Runs a shell command inside the group (the shell moves itself in,
+    /// then execs it); its stdout.
+    fn run(&self, cmd: &str) -> String {
+        let procs = self.path.join("cgroup.procs");
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!("echo $$ > {} && exec {cmd}", procs.display()))
+            .output()
+            .expect("sh");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unmodified_client_in_a_bound_cgroup_reaches_a_mesh_agent_by_its_address() {
+    let curl = Command::new("curl").arg("--version").output().is_ok();
+    if !root() || !dmsc_ebpf::built() || !curl {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI runs this as root, with clang at build time and curl installed"
+        );
+        eprintln!("SKIPPED: needs root, a build with clang (eBPF), and curl");
+        return;
+    }
+    let cg = TestCgroup::new("icpt");
+    let listen = format!("127.0.0.1:{}", free_port());
+    // The address the client dials: nothing listens there.
+    let dialled = format!("127.0.0.1:{}", free_port());
+    let (l2, d2, rel) = (listen.clone(), dialled.clone(), cg.rel.clone());
+    let mesh = mesh_of(&["n0", "n1"], move |i, raw| {
+        if i == 0 {
+            raw.intercept = Some(RawIntercept {
+                listen: Some(l2.clone()),
+                bindings: vec![RawInterceptBinding {
+                    cgroup: rel.clone(),
+                    tenant: "acme".into(),
+                    agent: Some("caller".into()),
+                }],
+                map: vec![RawInterceptMap {
+                    addr: d2.clone(),
+                    name: "echo.acme.dmsc".into(),
+                }],
+                ..Default::default()
+            });
+        }
+    })
+    .await;
+    let echo = agent("echo", &["echo"], "echoes").await;
+    attach_routable(&mesh, 1, &echo, "echo").await;
+    let st = mesh.nodes[0].status().await.intercept.expect("intercept");
+    assert_eq!(
+        (st.mechanism.as_str(), st.reason.as_deref()),
+        ("ebpf", None)
+    );
+
+    // curl in the cgroup, to the address: answered by the echo agent on
+    // node 1, through the mesh.
+    let body = message_send("intercepted hello");
+    let cmd = format!(
+        "curl -s -i -m 10 -H 'content-type: application/json' --data '{body}' http://{dialled}/"
+    );
+    let out = cg.run(&cmd);
+    let lower = out.to_ascii_lowercase();
+    assert!(lower.starts_with("http/1.1 200"), "{out}");
+    assert!(lower.contains("dmsc-agent: acme/echo"), "{out}");
+    assert!(lower.contains("dmsc-node: n1"), "{out}");
+    assert!(out.contains("intercepted hello"), "{out}");
+
+    // The same from outside the cgroup: not intercepted (refused: nothing
+    // listens there).
+    let direct = Command::new("curl")
+        .args(["-s", "-m", "5", &format!("http://{dialled}/")])
+        .output()
+        .expect("curl");
+    assert!(!direct.status.success());
+    // Dialling the listener itself from outside: no original destination,
+    // closed without an answer, and counted.
+    let sneak = Command::new("curl")
+        .args([
+            "-s",
+            "-m",
+            "5",
+            "-H",
+            "Host: echo.acme.dmsc",
+            &format!("http://{listen}/"),
+        ])
+        .output()
+        .expect("curl");
+    assert!(sneak.stdout.is_empty());
+    let st = mesh.nodes[0].status().await.intercept.expect("intercept");
+    assert!(
+        st.redirected >= 1 && st.http >= 1 && st.unmatched >= 1,
+        "{st:?}"
+    );
+    mesh.stop().await;
+}
