@@ -88,6 +88,68 @@ pub fn relative(root: &Path, path: &Path) -> String {
         .unwrap_or_else(|_| path.display().to_string())
 }
 
+/// Whether this process runs as root (interception needs it).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// A group of its own for a test or a benchmark, right below the cgroup2
+/// root (`dmsc-<pid>-<name>`), removed when dropped.
+#[derive(Debug)]
+pub struct Scratch {
+    pub group: Cgroup,
+    /// Its path relative to the mount (what `[intercept]` takes).
+    pub rel: String,
+}
+
+impl Scratch {
+    pub fn new(name: &str) -> Result<Scratch, InterceptError> {
+        let root = mount()?;
+        let rel = format!("dmsc-{}-{name}", std::process::id());
+        std::fs::create_dir_all(root.join(&rel)).map_err(|e| InterceptError::Cgroup {
+            path: root.join(&rel).display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok(Scratch {
+            group: Cgroup::resolve(&rel)?,
+            rel,
+        })
+    }
+
+    /// Runs a shell command inside the group (the shell moves itself in,
+    /// then execs the command; no code runs between fork and exec) and
+    /// returns its output.
+    pub fn run(&self, cmd: &str) -> std::io::Result<std::process::Output> {
+        let procs = self.group.path.join("cgroup.procs");
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("echo $$ > {} && exec {cmd}", procs.display()))
+            .output()
+    }
+
+    /// [`run`](Self::run)'s standard output, as text.
+    pub fn stdout(&self, cmd: &str) -> String {
+        self.run(cmd)
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        // (Fails while a process still lives in it; the test's processes
+        // have exited by now.)
+        let _ = std::fs::remove_dir(&self.group.path);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,52 +13,8 @@ use std::process::Command;
 use std::sync::mpsc;
 use std::time::Duration;
 
+use dmsc_ebpf::cgroup::{is_root, Scratch};
 use dmsc_ebpf::{Cgroup, Interceptor, Orig};
-
-fn root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
-/// A cgroup of the test's own, removed on drop.
-struct TestCgroup {
-    cg: Cgroup,
-}
-
-impl TestCgroup {
-    fn new() -> TestCgroup {
-        let root = dmsc_ebpf::cgroup::mount().expect("cgroup2 mount");
-        let rel = format!("dmsc-{}-redirect", std::process::id());
-        std::fs::create_dir_all(root.join(&rel)).expect("create the test cgroup");
-        TestCgroup {
-            cg: Cgroup::resolve(&rel).expect("resolve"),
-        }
-    }
-
-    /// Runs `cmd` (a shell command) inside the cgroup: the shell moves
-    /// itself in, then execs the command. Returns its stdout.
-    fn run(&self, cmd: &str) -> String {
-        let procs = self.cg.path.join("cgroup.procs");
-        let out = Command::new("sh")
-            .arg("-c")
-            .arg(format!("echo $$ > {} && exec {cmd}", procs.display()))
-            .output()
-            .expect("sh");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.cg.path);
-    }
-}
 
 /// A loopback server answering every connection with `body`, reporting each
 /// peer address on `peers`.
@@ -93,7 +49,7 @@ fn tool(name: &str) -> bool {
 
 #[test]
 fn connects_from_a_bound_cgroup_reach_the_listener_with_their_original_destination() {
-    if !root() || !dmsc_ebpf::built() || !tool("curl") {
+    if !is_root() || !dmsc_ebpf::built() || !tool("curl") {
         assert!(
             std::env::var("CI").is_err(),
             "CI runs this as root, with clang at build time and curl installed"
@@ -103,9 +59,9 @@ fn connects_from_a_bound_cgroup_reach_the_listener_with_their_original_destinati
     }
     let (agent, _agent_peers) = server("agent");
     let (node, node_peers) = server("node");
-    let cg = TestCgroup::new();
+    let cg = Scratch::new("redirect").expect("a test cgroup");
     let mut ic = Interceptor::load().expect("load the programs");
-    ic.bind(&cg.cg, 7, node).expect("bind");
+    ic.bind(&cg.group, 7, node).expect("bind");
     ic.add_dest(agent, 3).expect("dest");
     // The virtual range, on loopback so that nothing leaves the host even
     // if the redirect failed.
@@ -123,9 +79,12 @@ fn connects_from_a_bound_cgroup_reach_the_listener_with_their_original_destinati
 
     // curl in the cgroup to the agent's address: the node answers.
     let url = format!("http://{agent}/x");
-    assert_eq!(cg.run(&format!("curl -s -m 5 {url}")), "node");
+    assert_eq!(cg.stdout(&format!("curl -s -m 5 {url}")), "node");
     let o = take(&mut ic, &node_peers);
-    assert_eq!((o.dst, o.binding, o.cgroup, o.uid), (agent, 7, cg.cg.id, 0));
+    assert_eq!(
+        (o.dst, o.binding, o.cgroup, o.uid),
+        (agent, 7, cg.group.id, 0)
+    );
     // Taken: a second lookup finds nothing.
     assert!(ic
         .take_orig(SocketAddrV4::new([127, 0, 0, 1].into(), 1))
@@ -142,7 +101,7 @@ fn connects_from_a_bound_cgroup_reach_the_listener_with_their_original_destinati
     // client's getpeername shows the address it dialled.
     let py = "import socket; s=socket.create_connection(('127.77.1.2', 80), timeout=5); \
               p=s.getpeername(); print(p[0], p[1]); s.close()";
-    let seen = cg.run(&format!("python3 -c \"{py}\""));
+    let seen = cg.stdout(&format!("python3 -c \"{py}\""));
     assert_eq!(seen.trim(), "127.77.1.2 80");
     let o = take(&mut ic, &node_peers);
     assert_eq!(o.dst, "127.77.1.2:80".parse().expect("addr"));
@@ -150,14 +109,14 @@ fn connects_from_a_bound_cgroup_reach_the_listener_with_their_original_destinati
     assert!(stats.redirected >= 2 && stats.established >= 2, "{stats:?}");
 
     // Unbound: the cgroup's connects go where they were going.
-    assert!(ic.unbind(&cg.cg).expect("unbind"));
-    assert_eq!(cg.run(&format!("curl -s -m 5 {url}")), "agent");
+    assert!(ic.unbind(&cg.group).expect("unbind"));
+    assert_eq!(cg.stdout(&format!("curl -s -m 5 {url}")), "agent");
     // Bound again, then the interceptor dropped (as when the node exits):
     // nothing stays attached.
-    ic.bind(&cg.cg, 7, node).expect("bind again");
-    assert_eq!(cg.run(&format!("curl -s -m 5 {url}")), "node");
+    ic.bind(&cg.group, 7, node).expect("bind again");
+    assert_eq!(cg.stdout(&format!("curl -s -m 5 {url}")), "node");
     drop(ic);
-    assert_eq!(cg.run(&format!("curl -s -m 5 {url}")), "agent");
+    assert_eq!(cg.stdout(&format!("curl -s -m 5 {url}")), "agent");
 }
 
 #[test]

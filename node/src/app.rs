@@ -342,6 +342,30 @@ impl App {
             ingress_addrs.push(addr);
         }
         overlay.serve_streams(stream_handler(delegator.clone()));
+        // An ingress of one tenant that callers inside the node use (MQTT
+        // calls from the edge, intercepted connections): the same path as
+        // a TCP caller of a listener of that tenant.
+        let in_process = |tenant: &str, listen: SocketAddr, label: String| {
+            Ingress::new(IngressParts {
+                spec: crate::config::IngressSpec {
+                    listen,
+                    tenant: Some(tenant.to_string()),
+                    tls: false,
+                    mtls: false,
+                    jwt: false,
+                    allow_tls12: false,
+                },
+                listen,
+                me: name.clone(),
+                cfg: config.delegation.clone(),
+                budget: body_budget.clone(),
+                delegator: delegator.clone(),
+                security: security.clone(),
+                tls: None,
+                fair: None,
+            })
+            .with_label(label)
+        };
         let mut edge = Vec::new();
         if let Some(mqtt) = config.mqtt.clone() {
             // Edge agents over MQTT: delivery reaches the bridge through
@@ -360,26 +384,8 @@ impl App {
                 let (bridge, eventloop) = crate::edge::Bridge::new(session, &name)
                     .map_err(|e| NodeError::Config(crate::config::ConfigError(vec![e])))?;
                 for tenant in bridge.tenants() {
-                    let spec = crate::config::IngressSpec {
-                        listen: config.admin_listen,
-                        tenant: Some(tenant.clone()),
-                        tls: false,
-                        mtls: false,
-                        jwt: false,
-                        allow_tls12: false,
-                    };
-                    let i = Ingress::new(IngressParts {
-                        spec,
-                        listen: config.admin_listen,
-                        me: name.clone(),
-                        cfg: config.delegation.clone(),
-                        budget: body_budget.clone(),
-                        delegator: delegator.clone(),
-                        security: security.clone(),
-                        tls: None,
-                        fair: None,
-                    })
-                    .with_label(format!("mqtt:{}:{tenant}", bridge.broker()));
+                    let label = format!("mqtt:{}:{tenant}", bridge.broker());
+                    let i = in_process(tenant, config.admin_listen, label);
                     ingress.insert(tenant.clone(), Arc::new(i));
                 }
                 info!(broker = %bridge.broker(), tenants = ?bridge.tenants(), "MQTT bridge starting");
@@ -402,28 +408,8 @@ impl App {
             None => None,
             Some(icfg) => Some(
                 start_intercept(&icfg, &config, &mut tasks, |tenant: &str| {
-                    let spec = crate::config::IngressSpec {
-                        listen: SocketAddr::V4(icfg.listen),
-                        tenant: Some(tenant.to_string()),
-                        tls: false,
-                        mtls: false,
-                        jwt: false,
-                        allow_tls12: false,
-                    };
-                    Arc::new(
-                        Ingress::new(IngressParts {
-                            spec,
-                            listen: SocketAddr::V4(icfg.listen),
-                            me: name.clone(),
-                            cfg: config.delegation.clone(),
-                            budget: body_budget.clone(),
-                            delegator: delegator.clone(),
-                            security: security.clone(),
-                            tls: None,
-                            fair: None,
-                        })
-                        .with_label(format!("intercept:{tenant}")),
-                    )
+                    let label = format!("intercept:{tenant}");
+                    Arc::new(in_process(tenant, SocketAddr::V4(icfg.listen), label))
                 })
                 .await,
             ),

@@ -319,13 +319,7 @@ impl Bridge {
                         info!(agent = %id, "edge agent handed over (this bridge stands by)");
                     }
                 } else if active && !mine {
-                    let elsewhere = parts
-                        .agents
-                        .mesh
-                        .read()
-                        .get(&id)
-                        .is_some_and(|e| e.node != self.node);
-                    if elsewhere {
+                    if self.elsewhere(&id, parts) {
                         // Its last home still has it: wait for it to let go.
                         continue;
                     }
@@ -333,6 +327,17 @@ impl Bridge {
                 }
             }
         }
+    }
+
+    /// Whether another node has `id` in this node's registry (its last
+    /// home has not let go of it yet).
+    fn elsewhere(&self, id: &AgentId, parts: &EdgeParts) -> bool {
+        parts
+            .agents
+            .mesh
+            .read()
+            .get(id)
+            .is_some_and(|e| e.node != self.node)
     }
 
     /// Makes a held edge agent one of this node's.
@@ -883,16 +888,8 @@ impl Bridge {
         // node still has it.
         let registered = parts.agents.agents.get(&id).is_some_and(|a| a.is_edge());
         let active = lock(&self.active).contains(tenant);
-        if registered || active {
-            let elsewhere = parts
-                .agents
-                .mesh
-                .read()
-                .get(&id)
-                .is_some_and(|e| e.node != self.node);
-            if !elsewhere {
-                self.register(&id, held, parts).await;
-            }
+        if (registered || active) && !self.elsewhere(&id, parts) {
+            self.register(&id, held, parts).await;
         }
     }
 

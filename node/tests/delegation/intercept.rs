@@ -12,17 +12,6 @@ use dmsc_node::demo::mesh::message_send;
 
 use super::{agent, attach_routable, mesh_of};
 
-fn root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("port")
@@ -31,44 +20,10 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A cgroup of the test's own, removed on drop.
-struct TestCgroup {
-    rel: String,
-    path: std::path::PathBuf,
-}
-
-impl TestCgroup {
-    fn new(name: &str) -> TestCgroup {
-        let root = dmsc_ebpf::cgroup::mount().expect("cgroup2 mount");
-        let rel = format!("dmsc-{}-{name}", std::process::id());
-        let path = root.join(&rel);
-        std::fs::create_dir_all(&path).expect("create the test cgroup");
-        TestCgroup { rel, path }
-    }
-
-    /// Runs a shell command inside the group (the shell moves itself in,
-    /// then execs it); its stdout.
-    fn run(&self, cmd: &str) -> String {
-        let procs = self.path.join("cgroup.procs");
-        let out = Command::new("sh")
-            .arg("-c")
-            .arg(format!("echo $$ > {} && exec {cmd}", procs.display()))
-            .output()
-            .expect("sh");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.path);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unmodified_client_in_a_bound_cgroup_reaches_a_mesh_agent_by_its_address() {
     let curl = Command::new("curl").arg("--version").output().is_ok();
-    if !root() || !dmsc_ebpf::built() || !curl {
+    if !dmsc_ebpf::cgroup::is_root() || !dmsc_ebpf::built() || !curl {
         assert!(
             std::env::var("CI").is_err(),
             "CI runs this as root, with clang at build time and curl installed"
@@ -76,7 +31,7 @@ async fn an_unmodified_client_in_a_bound_cgroup_reaches_a_mesh_agent_by_its_addr
         eprintln!("SKIPPED: needs root, a build with clang (eBPF), and curl");
         return;
     }
-    let cg = TestCgroup::new("icpt");
+    let cg = dmsc_ebpf::cgroup::Scratch::new("icpt").expect("a test cgroup");
     let listen = format!("127.0.0.1:{}", free_port());
     // The address the client dials: nothing listens there.
     let dialled = format!("127.0.0.1:{}", free_port());
@@ -113,7 +68,7 @@ async fn an_unmodified_client_in_a_bound_cgroup_reaches_a_mesh_agent_by_its_addr
     let cmd = format!(
         "curl -s -i -m 10 -H 'content-type: application/json' --data '{body}' http://{dialled}/"
     );
-    let out = cg.run(&cmd);
+    let out = cg.stdout(&cmd);
     let lower = out.to_ascii_lowercase();
     assert!(lower.starts_with("http/1.1 200"), "{out}");
     assert!(lower.contains("dmsc-agent: acme/echo"), "{out}");
