@@ -30,6 +30,7 @@ mod e2e;
 mod flood;
 mod gossip;
 mod intent;
+mod intercept;
 mod jwt;
 mod mask;
 mod mqtt;
@@ -55,6 +56,11 @@ enum Cmd {
     /// Memory of a node that knows many remote agents (a real `dmsc-node`
     /// process learning them by gossip).
     RegistryRss(rss::RssArgs),
+    /// What transparent interception costs per connection (root, eBPF).
+    InterceptConnect(intercept::Args),
+    /// The client of `intercept-connect` (run by it, inside or outside the cgroup).
+    #[command(hide = true)]
+    InterceptConnectClient(intercept::ClientArgs),
     /// Gossip convergence, propagation, failure detection and bandwidth.
     Gossip(gossip::GossipArgs),
     /// Load balancing quality: dmsc selection vs round-robin, random, oracle (simulated).
@@ -110,6 +116,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::Intent(args) => intent::run(args)?,
         Cmd::Mqtt(args) => rt()?.block_on(mqtt::run(args))?,
         Cmd::RegistryRss(args) => rt()?.block_on(rss::run(args))?,
+        Cmd::InterceptConnect(args) => intercept::run(args)?,
+        Cmd::InterceptConnectClient(args) => intercept::client(args)?,
         Cmd::Flood(args) => rt()?.block_on(flood::run(args))?,
         Cmd::FloodServe(args) => rt()?.block_on(flood::serve(args))?,
         Cmd::FloodLoad(args) => {
