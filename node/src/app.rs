@@ -407,9 +407,12 @@ impl App {
         let intercept = match config.intercept.clone() {
             None => None,
             Some(icfg) => Some(
-                start_intercept(&icfg, &config, &mut tasks, |tenant: &str| {
-                    let label = format!("intercept:{tenant}");
-                    Arc::new(in_process(tenant, SocketAddr::V4(icfg.listen), label))
+                start_intercept(&icfg, &config, &mut tasks, |tenant: &str, caller: &str| {
+                    Arc::new(in_process(
+                        tenant,
+                        SocketAddr::V4(icfg.listen),
+                        caller.to_string(),
+                    ))
                 })
                 .await,
             ),
@@ -738,7 +741,7 @@ async fn start_intercept(
     cfg: &crate::config::InterceptConfig,
     config: &NodeConfig,
     tasks: &mut tokio::task::JoinSet<()>,
-    ingress: impl Fn(&str) -> Arc<Ingress>,
+    ingress: impl Fn(&str, &str) -> Arc<Ingress>,
 ) -> crate::intercept::State {
     // This node's own agents: connections to their URL go to their name.
     let own: Vec<(std::net::SocketAddrV4, String)> = config

@@ -16,6 +16,9 @@
 //! server speaks first) passes through untouched to its original
 //! destination, from the node (outside the cgroup, so not redirected).
 //!
+//! Who calls: the binding (`intercept:<tenant>/<agent>`), as the kernel
+//! saw the connection come from its cgroup; no credential in the agent.
+//!
 //! Not yet: the nftables fallback (without eBPF interception is off and
 //! `status` says why), `.dmsc` names (DNS and the virtual range are
 //! reserved in the kernel map, names come later), the CLI, onboarding.
@@ -51,7 +54,10 @@ pub struct InterceptStats {
 /// A binding as the listener uses it.
 struct Bound {
     cgroup: String,
-    tenant: String,
+    /// Its in-process ingress: its tenant, and its name as the caller in
+    /// audit entries and `dmsc-caller` (`intercept:<tenant>/<agent>`, or
+    /// the cgroup when the binding names no agent).
+    ingress: Arc<Ingress>,
 }
 
 /// Interception as configured and running.
@@ -61,8 +67,6 @@ pub struct Intercept {
     bindings: HashMap<u32, Bound>,
     /// Address (port 0: any) -> mesh name.
     names: HashMap<SocketAddrV4, String>,
-    /// One in-process ingress per binding tenant.
-    ingress: HashMap<String, Arc<Ingress>>,
     pub stats: InterceptStats,
 }
 
@@ -84,30 +88,30 @@ pub enum State {
 
 impl Intercept {
     /// Loads the programs, binds every cgroup and maps every named address.
-    /// `own`: this node's agents, `(url address, mesh name)`. `ingress`
-    /// makes the in-process ingress of a tenant.
+    /// `own`: this node's agents, `(url address, mesh name)`.
+    /// `ingress(tenant, caller)` makes the in-process ingress of a binding.
     pub fn start(
         cfg: &InterceptConfig,
         own: Vec<(SocketAddrV4, String)>,
-        ingress: impl Fn(&str) -> Arc<Ingress>,
+        ingress: impl Fn(&str, &str) -> Arc<Ingress>,
     ) -> Result<Intercept, String> {
         let mut ic = Interceptor::load().map_err(|e| e.to_string())?;
         let mut bindings = HashMap::new();
-        let mut tenants = HashMap::new();
         for (i, b) in cfg.bindings.iter().enumerate() {
             let id = i as u32 + 1;
             let cg = Cgroup::resolve(&b.cgroup).map_err(|e| e.to_string())?;
             ic.bind(&cg, id, cfg.listen).map_err(|e| e.to_string())?;
+            let caller = match &b.agent {
+                Some(a) => format!("intercept:{}/{a}", b.tenant),
+                None => format!("intercept:{}:cgroup:{}", b.tenant, b.cgroup),
+            };
             bindings.insert(
                 id,
                 Bound {
                     cgroup: b.cgroup.clone(),
-                    tenant: b.tenant.clone(),
+                    ingress: ingress(&b.tenant, &caller),
                 },
             );
-            tenants
-                .entry(b.tenant.clone())
-                .or_insert_with(|| ingress(&b.tenant));
         }
         let mut names = HashMap::new();
         for (i, (addr, name)) in own.into_iter().chain(cfg.map.iter().cloned()).enumerate() {
@@ -124,7 +128,6 @@ impl Intercept {
             listen: cfg.listen,
             bindings,
             names,
-            ingress: tenants,
             stats: InterceptStats::default(),
         })
     }
@@ -211,9 +214,7 @@ impl Intercept {
             self.stats.http.fetch_add(1, Relaxed);
             let target = self.name_of(orig.dst);
             debug!(%peer, dst = %orig.dst, target = ?target, cgroup = %bound.cgroup, uid = orig.uid, "intercepted HTTP connection");
-            if let Some(ingress) = self.ingress.get(&bound.tenant) {
-                ingress.serve_intercepted(stream, peer, target).await;
-            }
+            bound.ingress.serve_intercepted(stream, peer, target).await;
         } else {
             self.stats.passthrough.fetch_add(1, Relaxed);
             passthrough(stream, orig.dst).await;

@@ -74,6 +74,15 @@ async fn an_unmodified_client_in_a_bound_cgroup_reaches_a_mesh_agent_by_its_addr
     assert!(lower.contains("dmsc-agent: acme/echo"), "{out}");
     assert!(lower.contains("dmsc-node: n1"), "{out}");
     assert!(out.contains("intercepted hello"), "{out}");
+    // Audited with the binding as the caller, in its tenant.
+    let entries = super::security::audit_entries(&mesh, 0).await;
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["tenant"] == "acme"
+                && e["detail"].to_string().contains("intercept:acme/caller")),
+        "no audit entry names the binding: {entries:#?}"
+    );
 
     // The same from outside the cgroup: not intercepted (refused: nothing
     // listens there).
