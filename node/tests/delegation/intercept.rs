@@ -35,7 +35,22 @@ async fn an_unmodified_client_in_a_bound_cgroup_reaches_a_mesh_agent_by_its_addr
     let listen = format!("127.0.0.1:{}", free_port());
     // The address the client dials: nothing listens there.
     let dialled = format!("127.0.0.1:{}", free_port());
+    // A plain TCP service (not HTTP) on another mapped address: it echoes
+    // a line back.
+    let raw_service = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let raw_addr = raw_service.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        use std::io::{BufRead as _, Write as _};
+        for s in raw_service.incoming().flatten() {
+            let mut line = String::new();
+            let mut r = std::io::BufReader::new(s.try_clone().expect("clone"));
+            if r.read_line(&mut line).is_ok() {
+                let _ = (&s).write_all(format!("echo: {line}").as_bytes());
+            }
+        }
+    });
     let (l2, d2, rel) = (listen.clone(), dialled.clone(), cg.rel.clone());
+    let raw_s = raw_addr.to_string();
     let mesh = mesh_of(&["n0", "n1"], move |i, raw| {
         if i == 0 {
             raw.intercept = Some(RawIntercept {
@@ -45,10 +60,16 @@ async fn an_unmodified_client_in_a_bound_cgroup_reaches_a_mesh_agent_by_its_addr
                     tenant: "acme".into(),
                     agent: Some("caller".into()),
                 }],
-                map: vec![RawInterceptMap {
-                    addr: d2.clone(),
-                    name: "echo.acme.dmsc".into(),
-                }],
+                map: vec![
+                    RawInterceptMap {
+                        addr: d2.clone(),
+                        name: "echo.acme.dmsc".into(),
+                    },
+                    RawInterceptMap {
+                        addr: raw_s.clone(),
+                        name: "echo.acme.dmsc".into(),
+                    },
+                ],
                 ..Default::default()
             });
         }
@@ -84,6 +105,18 @@ async fn an_unmodified_client_in_a_bound_cgroup_reaches_a_mesh_agent_by_its_addr
         "no audit entry names the binding: {entries:#?}"
     );
 
+    // A protocol that is not HTTP (SSH's greeting here) to an intercepted
+    // address passes through to that address untouched.
+    let py = format!(
+        "import socket; s=socket.create_connection(('127.0.0.1', {}), timeout=5); \
+         s.sendall(b'SSH-2.0-probe\\n'); print(s.recv(100).decode().strip())",
+        raw_addr.port()
+    );
+    assert_eq!(
+        cg.stdout(&format!("python3 -c \"{py}\"")).trim(),
+        "echo: SSH-2.0-probe"
+    );
+
     // The same from outside the cgroup: not intercepted (refused: nothing
     // listens there).
     let direct = Command::new("curl")
@@ -107,7 +140,7 @@ async fn an_unmodified_client_in_a_bound_cgroup_reaches_a_mesh_agent_by_its_addr
     assert!(sneak.stdout.is_empty());
     let st = mesh.nodes[0].status().await.intercept.expect("intercept");
     assert!(
-        st.redirected >= 1 && st.http >= 1 && st.unmatched >= 1,
+        st.redirected >= 2 && st.http >= 1 && st.passthrough >= 1 && st.unmatched >= 1,
         "{st:?}"
     );
     mesh.stop().await;
