@@ -772,6 +772,19 @@ async fn start_intercept(
     match crate::intercept::Intercept::start(cfg, own, ingress) {
         Ok(ic) => {
             let ic = Arc::new(ic);
+            if let Some(at) = cfg.dns {
+                match tokio::net::UdpSocket::bind(at).await {
+                    Ok(sock) => {
+                        let up = crate::intercept::dns::upstream(at);
+                        info!(dns = %at, upstream = ?up, "answering .dmsc names");
+                        tasks.spawn(
+                            crate::intercept::dns::serve(sock, ic.vips.clone(), up)
+                                .in_current_span(),
+                        );
+                    }
+                    Err(e) => warn!(dns = %at, error = %e, "the .dmsc DNS responder cannot listen"),
+                }
+            }
             tasks.spawn(ic.clone().serve(listener).in_current_span());
             crate::intercept::State::On(ic)
         }

@@ -70,6 +70,10 @@ pub struct RawIntercept {
     pub listen: Option<String>,
     /// The virtual range of `.dmsc` names (default 198.19.0.0/16).
     pub vip_range: Option<String>,
+    /// A DNS responder for `.dmsc` names (UDP, e.g. "127.0.0.1:5353"): it
+    /// answers them with virtual addresses and relays other names to the
+    /// system's resolvers. Absent: none.
+    pub dns: Option<String>,
     /// `[[intercept.bindings]]`: whose connections are intercepted.
     #[serde(default)]
     pub bindings: Vec<RawInterceptBinding>,
@@ -106,6 +110,7 @@ pub struct RawInterceptMap {
 pub struct InterceptConfig {
     pub listen: std::net::SocketAddrV4,
     pub vip_range: (std::net::Ipv4Addr, u8),
+    pub dns: Option<SocketAddr>,
     pub bindings: Vec<InterceptBinding>,
     /// Address (port 0: any port) -> mesh name.
     pub map: Vec<(std::net::SocketAddrV4, String)>,
@@ -143,6 +148,17 @@ impl RawIntercept {
                     "intercept.vip_range = {range:?}: expected IPv4ADDR/PREFIX (8-32)"
                 ));
                 ("198.19.0.0".parse().expect("literal"), 16)
+            }
+        };
+        let dns = match self.dns.as_deref().map(str::parse::<SocketAddr>) {
+            None => None,
+            Some(Ok(a)) => Some(a),
+            Some(Err(_)) => {
+                errors.push(format!(
+                    "intercept.dns = {:?}: expected ADDR:PORT",
+                    self.dns
+                ));
+                None
             }
         };
         if self.bindings.is_empty() {
@@ -199,6 +215,7 @@ impl RawIntercept {
         (errors.len() == before).then_some(InterceptConfig {
             listen,
             vip_range,
+            dns,
             bindings,
             map,
         })
@@ -2407,6 +2424,7 @@ enabled = true
             ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"acme\"]\nkeep_alive_secs = 70000", "within 5..=65535"),
             ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"acme\"]\nmax_calls = 0", "mqtt.max_calls = 0"),
             ("[intercept]", "at least one [[intercept.bindings]]"),
+            ("[intercept]\ndns = \"nowhere\"\n[[intercept.bindings]]\ncgroup = \"a\"\ntenant = \"acme\"", "intercept.dns"),
             ("[intercept]\nlisten = \"[::1]:80\"\n[[intercept.bindings]]\ncgroup = \"a\"\ntenant = \"acme\"", "expected IPv4ADDR:PORT"),
             ("[intercept]\nvip_range = \"198.19.0.0/40\"\n[[intercept.bindings]]\ncgroup = \"a\"\ntenant = \"acme\"", "intercept.vip_range"),
             ("[intercept]\n[[intercept.bindings]]\ncgroup = \"../x\"\ntenant = \"acme\"", "below the cgroup2 root"),

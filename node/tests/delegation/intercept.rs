@@ -49,12 +49,19 @@ async fn an_unmodified_client_in_a_bound_cgroup_reaches_a_mesh_agent_by_its_addr
             }
         }
     });
+    let dns_addr = {
+        let u = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+        u.local_addr().expect("addr")
+    };
     let (l2, d2, rel) = (listen.clone(), dialled.clone(), cg.rel.clone());
     let raw_s = raw_addr.to_string();
     let mesh = mesh_of(&["n0", "n1"], move |i, raw| {
         if i == 0 {
             raw.intercept = Some(RawIntercept {
                 listen: Some(l2.clone()),
+                // On loopback: a redirect that failed would not leave the host.
+                vip_range: Some("127.77.0.0/16".into()),
+                dns: Some(dns_addr.to_string()),
                 bindings: vec![RawInterceptBinding {
                     cgroup: rel.clone(),
                     tenant: "acme".into(),
@@ -70,7 +77,6 @@ async fn an_unmodified_client_in_a_bound_cgroup_reaches_a_mesh_agent_by_its_addr
                         name: "echo.acme.dmsc".into(),
                     },
                 ],
-                ..Default::default()
             });
         }
     })
@@ -104,6 +110,59 @@ async fn an_unmodified_client_in_a_bound_cgroup_reaches_a_mesh_agent_by_its_addr
                 && e["detail"].to_string().contains("intercept:acme/caller")),
         "no audit entry names the binding: {entries:#?}"
     );
+
+    // `.dmsc` names: the node's DNS answers a virtual address, and a
+    // connection to it (any port) is named back from it.
+    let ask = |name: &str, qtype: u16| -> Vec<u8> {
+        let mut q = vec![0xab, 0xcd, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        for l in name.split('.') {
+            q.push(l.len() as u8);
+            q.extend_from_slice(l.as_bytes());
+        }
+        q.push(0);
+        q.extend_from_slice(&qtype.to_be_bytes());
+        q.extend_from_slice(&1u16.to_be_bytes());
+        let u = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+        u.set_read_timeout(Some(std::time::Duration::from_secs(3)))
+            .expect("timeout");
+        u.send_to(&q, dns_addr).expect("send");
+        let mut buf = [0u8; 512];
+        let n = u.recv(&mut buf).expect("a DNS answer");
+        buf[..n].to_vec()
+    };
+    let a = ask("echo.acme.dmsc", 1);
+    assert_eq!((a[0], a[1], a[3] & 0x0f, a[7]), (0xab, 0xcd, 0, 1), "{a:?}");
+    let vip = std::net::Ipv4Addr::new(
+        a[a.len() - 4],
+        a[a.len() - 3],
+        a[a.len() - 2],
+        a[a.len() - 1],
+    );
+    assert_eq!(vip.octets()[..2], [127, 77], "{vip}");
+    assert_eq!(ask("echo.acme.dmsc", 1), a, "stable");
+    let aaaa = ask("echo.acme.dmsc", 28);
+    assert_eq!(
+        (aaaa[3] & 0x0f, aaaa[7]),
+        (0, 0),
+        "AAAA: no records, not NXDOMAIN"
+    );
+    let nx = ask("not-a-mesh-name.dmsc", 1);
+    assert_eq!(nx[3] & 0x0f, 3, "NXDOMAIN");
+    // By name (curl resolves it to the virtual address) and by the bare
+    // address (the Host names no mesh target: the address names it).
+    for url in [
+        format!("--resolve echo.acme.dmsc:80:{vip} http://echo.acme.dmsc/"),
+        format!("http://{vip}:8080/"),
+    ] {
+        let out = cg.stdout(&format!(
+            "curl -s -i -m 10 -H 'content-type: application/json' --data '{body}' {url}"
+        ));
+        assert!(
+            out.to_ascii_lowercase().starts_with("http/1.1 200"),
+            "{url}: {out}"
+        );
+        assert!(out.contains("intercepted hello"), "{url}: {out}");
+    }
 
     // A protocol that is not HTTP (SSH's greeting here) to an intercepted
     // address passes through to that address untouched.

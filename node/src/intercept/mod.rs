@@ -19,9 +19,11 @@
 //! Who calls: the binding (`intercept:<tenant>/<agent>`), as the kernel
 //! saw the connection come from its cgroup; no credential in the agent.
 //!
+//! Names: `[intercept] dns` answers `.dmsc` names with virtual addresses
+//! ([`dns`]); a connection to one is named back from it.
+//!
 //! Not yet: the nftables fallback (without eBPF interception is off and
-//! `status` says why), `.dmsc` names (DNS and the virtual range are
-//! reserved in the kernel map, names come later), the CLI, onboarding.
+//! `status` says why), IPv6, the CLI, onboarding.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, SocketAddrV4};
@@ -35,6 +37,8 @@ use tracing::{debug, info, warn};
 
 use crate::config::InterceptConfig;
 use crate::ingress::Ingress;
+
+pub mod dns;
 
 /// How long a connection may stay silent before it is taken for a
 /// protocol where the server speaks first (and passed through).
@@ -67,6 +71,8 @@ pub struct Intercept {
     bindings: HashMap<u32, Bound>,
     /// Address (port 0: any) -> mesh name.
     names: HashMap<SocketAddrV4, String>,
+    /// The virtual addresses the DNS responder gave out.
+    pub vips: Arc<Mutex<dns::Vips>>,
     pub stats: InterceptStats,
 }
 
@@ -128,6 +134,7 @@ impl Intercept {
             listen: cfg.listen,
             bindings,
             names,
+            vips: Arc::new(Mutex::new(dns::Vips::new(cfg.vip_range.0, cfg.vip_range.1))),
             stats: InterceptStats::default(),
         })
     }
@@ -150,6 +157,13 @@ impl Intercept {
             .get(&dst)
             .or_else(|| self.names.get(&SocketAddrV4::new(*dst.ip(), 0)))
             .cloned()
+            .or_else(|| {
+                self.vips
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .name(*dst.ip())
+                    .map(str::to_string)
+            })
     }
 
     /// Accepts intercepted connections until the node stops.
