@@ -260,22 +260,27 @@ impl Bridge {
     /// Live peers that bridge `tenant` on this broker now, by gossip.
     async fn peer_bridges(&self, parts: &EdgeParts) -> HashMap<String, Vec<String>> {
         let broker = self.broker();
-        let members = parts
+        // Only the `edge/` keys of each node (a range of its key map), not a
+        // walk over every key of a mesh with many agents, twice a second.
+        let scans = parts
             .agents
             .gossip
-            .members_with(|k| k.starts_with(crate::proto::gossip::KEY_EDGE_PREFIX))
+            .scan_since(crate::proto::gossip::KEY_EDGE_PREFIX, &HashMap::new())
             .await;
         let mut out: HashMap<String, Vec<String>> = HashMap::new();
-        for m in members {
+        for n in scans {
             if !matches!(
-                m.state,
+                n.state,
                 dmsc_gossip::MemberState::Alive | dmsc_gossip::MemberState::Suspect
             ) {
                 continue;
             }
-            for t in &self.cfg.tenants {
-                if m.values.get(&crate::proto::gossip::edge_key(t)) == Some(&broker) {
-                    out.entry(t.clone()).or_default().push(m.name.clone());
+            for (k, v) in n.values.iter().flatten() {
+                let tenant = k.strip_prefix(crate::proto::gossip::KEY_EDGE_PREFIX);
+                if *v == broker && tenant.is_some_and(|t| self.bridged(t)) {
+                    out.entry(tenant.unwrap_or_default().to_string())
+                        .or_default()
+                        .push(n.name.clone());
                 }
             }
         }

@@ -99,6 +99,21 @@ pub fn answer(query: &[u8], q: &Question, a: Option<Ipv4Addr>, nxdomain: bool) -
     out
 }
 
+/// A standard query (recursion desired) for `name`, class IN: what a stub
+/// resolver sends (for tests and probes).
+pub fn query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for l in name.split('.') {
+        q.push(l.len().min(63) as u8);
+        q.extend_from_slice(&l.as_bytes()[..l.len().min(63)]);
+    }
+    q.push(0);
+    q.extend_from_slice(&qtype.to_be_bytes());
+    q.extend_from_slice(&CLASS_IN.to_be_bytes());
+    q
+}
+
 /// Virtual addresses for mesh names: stable per name (a hash of it into
 /// the range, the next free one on a collision), both ways.
 #[derive(Debug)]
@@ -221,15 +236,7 @@ mod tests {
 
     /// A query for `name` of type `qtype`, id 0x1234, RD set.
     fn query(name: &str, qtype: u16) -> Vec<u8> {
-        let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
-        for l in name.split('.') {
-            q.push(l.len() as u8);
-            q.extend_from_slice(l.as_bytes());
-        }
-        q.push(0);
-        q.extend_from_slice(&qtype.to_be_bytes());
-        q.extend_from_slice(&1u16.to_be_bytes());
-        q
+        super::query(0x1234, name, qtype)
     }
 
     #[test]

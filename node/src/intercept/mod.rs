@@ -47,7 +47,6 @@ const DETECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// What `status` shows.
 #[derive(Debug, Default)]
 pub struct InterceptStats {
-    pub accepted: AtomicU64,
     pub http: AtomicU64,
     pub passthrough: AtomicU64,
     /// Connections to the listener with no original destination (not
@@ -73,6 +72,8 @@ pub struct Intercept {
     names: HashMap<SocketAddrV4, String>,
     /// The virtual addresses the DNS responder gave out.
     pub vips: Arc<Mutex<dns::Vips>>,
+    /// The virtual range (network, prefix): no real host behind it.
+    vip_range: (std::net::Ipv4Addr, u8),
     pub stats: InterceptStats,
 }
 
@@ -135,6 +136,7 @@ impl Intercept {
             bindings,
             names,
             vips: Arc::new(Mutex::new(dns::Vips::new(cfg.vip_range.0, cfg.vip_range.1))),
+            vip_range: cfg.vip_range,
             stats: InterceptStats::default(),
         })
     }
@@ -166,6 +168,12 @@ impl Intercept {
             })
     }
 
+    fn is_virtual(&self, ip: std::net::Ipv4Addr) -> bool {
+        let (net, prefix) = self.vip_range;
+        let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+        u32::from(ip) & mask == u32::from(net) & mask
+    }
+
     /// Accepts intercepted connections until the node stops.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         info!(listen = %self.listen, bindings = self.bindings.len(), "interception listening (eBPF)");
@@ -184,7 +192,6 @@ impl Intercept {
     }
 
     async fn connection(&self, stream: TcpStream, peer: SocketAddr) {
-        self.stats.accepted.fetch_add(1, Relaxed);
         let SocketAddr::V4(p4) = peer else {
             self.stats.unmatched.fetch_add(1, Relaxed);
             return;
@@ -229,6 +236,10 @@ impl Intercept {
             let target = self.name_of(orig.dst);
             debug!(%peer, dst = %orig.dst, target = ?target, cgroup = %bound.cgroup, uid = orig.uid, "intercepted HTTP connection");
             bound.ingress.serve_intercepted(stream, peer, target).await;
+        } else if self.is_virtual(*orig.dst.ip()) {
+            // No host behind a virtual address to pass it to.
+            self.stats.unmatched.fetch_add(1, Relaxed);
+            debug!(%peer, dst = %orig.dst, "not HTTP, to a virtual address: closed");
         } else {
             self.stats.passthrough.fetch_add(1, Relaxed);
             passthrough(stream, orig.dst).await;

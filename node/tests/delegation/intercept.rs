@@ -114,14 +114,7 @@ async fn an_unmodified_client_in_a_bound_cgroup_reaches_a_mesh_agent_by_its_addr
     // `.dmsc` names: the node's DNS answers a virtual address, and a
     // connection to it (any port) is named back from it.
     let ask = |name: &str, qtype: u16| -> Vec<u8> {
-        let mut q = vec![0xab, 0xcd, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
-        for l in name.split('.') {
-            q.push(l.len() as u8);
-            q.extend_from_slice(l.as_bytes());
-        }
-        q.push(0);
-        q.extend_from_slice(&qtype.to_be_bytes());
-        q.extend_from_slice(&1u16.to_be_bytes());
+        let q = dmsc_node::intercept::dns::query(0xabcd, name, qtype);
         let u = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
         u.set_read_timeout(Some(std::time::Duration::from_secs(3)))
             .expect("timeout");
