@@ -50,6 +50,7 @@ pub enum EventKind {
     Policy(PolicyChange),
     Masked(Masked),
     RateLimited(RateLimited),
+    Onboarding(Onboarding),
 }
 
 impl EventKind {
@@ -65,6 +66,7 @@ impl EventKind {
             EventKind::Policy(_) => KIND_POLICY,
             EventKind::Masked(_) => KIND_MASKED,
             EventKind::RateLimited(_) => KIND_RATE_LIMITED,
+            EventKind::Onboarding(_) => KIND_ONBOARDING,
         }
     }
 }
@@ -78,6 +80,7 @@ pub(crate) const KIND_TENANT_KEY: &str = "tenant_key";
 pub(crate) const KIND_POLICY: &str = "policy";
 pub(crate) const KIND_MASKED: &str = "masked";
 pub(crate) const KIND_RATE_LIMITED: &str = "rate_limited";
+pub(crate) const KIND_ONBOARDING: &str = "onboarding";
 pub(crate) const KIND_CHECKPOINT: &str = "checkpoint";
 pub(crate) const KIND_RECOVERY: &str = "recovery";
 
@@ -96,6 +99,7 @@ impl Serialize for DetailRef<'_> {
             EventKind::Policy(d) => d.serialize(s),
             EventKind::Masked(d) => d.serialize(s),
             EventKind::RateLimited(d) => d.serialize(s),
+            EventKind::Onboarding(d) => d.serialize(s),
         }
     }
 }
@@ -261,6 +265,32 @@ pub struct RateLimited {
     pub window_s: Option<u64>,
 }
 
+/// A local agent process that redeemed a join token at the node's metadata
+/// endpoint: who it is (as the kernel says, not as it claims) and what it
+/// registered. Refusals are audited too (`outcome` says why).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Onboarding {
+    /// The agent the token names (empty if the token was not readable).
+    pub agent: String,
+    /// The token's public id (never its secret).
+    pub token: String,
+    /// How the process reached the node: `unix` (its socket's peer
+    /// credentials) or `http` (the link-local address).
+    pub via: String,
+    pub pid: u32,
+    pub uid: u32,
+    /// The process's cgroup v2 group.
+    pub cgroup: String,
+    /// Its network namespace, when it is a named one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
+    /// `ok`, or why it was refused.
+    pub outcome: String,
+    /// The digest of the card registered (on success).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub card: Option<String>,
+}
+
 /// A signed statement over the chain so far; written by the log itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
@@ -298,7 +328,8 @@ into_kind!(
     Enrollment,
     Revocation,
     TenantKey,
-    RateLimited
+    RateLimited,
+    Onboarding
 );
 
 impl From<Masked> for EventKind {

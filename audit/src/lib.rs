@@ -90,7 +90,7 @@ use std::path::PathBuf;
 
 pub use event::{
     AuthFailure, AuthMethod, Checkpoint, Delegation, Denied, EnrollVia, Enrollment, Event,
-    EventKind, Masked, PolicyChange, RateLimited, Recovery, Revocation, TenantKey,
+    EventKind, Masked, Onboarding, PolicyChange, RateLimited, Recovery, Revocation, TenantKey,
 };
 pub use line::{line_hash, parse_line, Body, Line, GENESIS_PREV, MAX_LINE};
 pub use seal::{

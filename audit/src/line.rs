@@ -15,8 +15,8 @@ use sha2::{Digest, Sha256};
 
 use crate::event::{
     Checkpoint, EventKind, Recovery, KIND_AUTH_FAILURE, KIND_CHECKPOINT, KIND_DELEGATION,
-    KIND_DENIED, KIND_ENROLLMENT, KIND_MASKED, KIND_POLICY, KIND_RATE_LIMITED, KIND_RECOVERY,
-    KIND_REVOCATION, KIND_TENANT_KEY,
+    KIND_DENIED, KIND_ENROLLMENT, KIND_MASKED, KIND_ONBOARDING, KIND_POLICY, KIND_RATE_LIMITED,
+    KIND_RECOVERY, KIND_REVOCATION, KIND_TENANT_KEY,
 };
 use crate::AuditError;
 
@@ -80,6 +80,7 @@ impl Line {
             KIND_REVOCATION => Body::Event(EventKind::Revocation(de(self)?)),
             KIND_TENANT_KEY => Body::Event(EventKind::TenantKey(de(self)?)),
             KIND_RATE_LIMITED => Body::Event(EventKind::RateLimited(de(self)?)),
+            KIND_ONBOARDING => Body::Event(EventKind::Onboarding(de(self)?)),
             KIND_CHECKPOINT => Body::Checkpoint(de(self)?),
             KIND_RECOVERY => Body::Recovery(de(self)?),
             other => {

@@ -139,6 +139,20 @@ pub enum TokenError {
         token_agent: String,
         expected: String,
     },
+    /// Redeemed by a process the token is not bound to (another cgroup or
+    /// user); the token is not consumed.
+    #[error("join token `{id}` is bound to {bound}, and the caller is {caller}")]
+    HolderMismatch {
+        id: String,
+        bound: String,
+        caller: String,
+    },
+    /// A token without a process binding, where one is required (the
+    /// node-local metadata endpoint); not consumed.
+    #[error(
+        "join token `{id}` is not bound to a cgroup or user (create it with --cgroup or --uid)"
+    )]
+    NotBound { id: String },
     /// A tenant or agent name that breaks the naming rule.
     #[error("{what} `{value}` is not a valid name (1-63 of a-z, 0-9, '-', not starting or ending with '-')")]
     InvalidName { what: &'static str, value: String },
@@ -160,6 +174,8 @@ impl TokenError {
             TokenError::Expired { .. } => "token_expired",
             TokenError::TenantMismatch { .. } => "token_tenant_mismatch",
             TokenError::AgentMismatch { .. } => "token_agent_mismatch",
+            TokenError::HolderMismatch { .. } => "token_holder_mismatch",
+            TokenError::NotBound { .. } => "token_not_bound",
             TokenError::InvalidName { .. } => "token_invalid_name",
             TokenError::InvalidTtl(_) => "token_invalid_ttl",
             TokenError::Store { .. } => "token_store",

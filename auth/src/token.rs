@@ -61,6 +61,61 @@ pub struct TokenInfo {
     pub expires_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339::option", default)]
     pub used_at: Option<OffsetDateTime>,
+    /// The local processes that may redeem it at a node's metadata
+    /// endpoint (`None`: any holder, by enrollment only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binding: Option<Binding>,
+}
+
+/// Which local processes may redeem a token: those in a cgroup v2 group
+/// (or below it) or those of one user.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Binding {
+    /// A path relative to the cgroup2 mount, with a leading `/`.
+    Cgroup(String),
+    Uid(u32),
+    /// A named network namespace (`/run/netns/<name>`): every process in it.
+    Netns(String),
+}
+
+impl std::fmt::Display for Binding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Binding::Cgroup(c) => write!(f, "cgroup {c}"),
+            Binding::Uid(u) => write!(f, "uid {u}"),
+            Binding::Netns(n) => write!(f, "netns {n}"),
+        }
+    }
+}
+
+/// The process redeeming a token, as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub uid: u32,
+    /// Its cgroup v2 group (relative to the mount, leading `/`).
+    pub cgroup: String,
+    /// The name of its network namespace, if it is a named one.
+    pub netns: Option<String>,
+}
+
+impl Binding {
+    /// Whether `holder` is one of the processes this binding names (a
+    /// cgroup's descendants are in it).
+    pub fn admits(&self, holder: &Holder) -> bool {
+        match self {
+            Binding::Uid(u) => *u == holder.uid,
+            Binding::Netns(n) => holder.netns.as_deref() == Some(n.as_str()),
+            Binding::Cgroup(c) => {
+                let c = c.trim_end_matches('/');
+                holder.cgroup == c
+                    || holder
+                        .cgroup
+                        .strip_prefix(c)
+                        .is_some_and(|rest| rest.starts_with('/'))
+            }
+        }
+    }
 }
 
 /// Counts for the admin API.
@@ -236,6 +291,19 @@ impl TokenStore {
         ttl: Duration,
         now: OffsetDateTime,
     ) -> Result<(String, TokenInfo), TokenError> {
+        self.create_bound(tenant, agent, ttl, None, now)
+    }
+
+    /// [`create_at`](Self::create_at) for a token only the processes of
+    /// `binding` may redeem (see [`redeem_held`](Self::redeem_held)).
+    pub fn create_bound(
+        &self,
+        tenant: &str,
+        agent: &str,
+        ttl: Duration,
+        binding: Option<Binding>,
+        now: OffsetDateTime,
+    ) -> Result<(String, TokenInfo), TokenError> {
         check_name("tenant", tenant)?;
         check_name("agent", agent)?;
         if ttl.is_zero() || ttl > MAX_TTL {
@@ -265,6 +333,7 @@ impl TokenStore {
                 ))
                 .unwrap_or(now),
             used_at: None,
+            binding,
         };
         let entry = Entry {
             info: info.clone(),
@@ -295,6 +364,28 @@ impl TokenStore {
         expect: Option<(&str, Option<&str>)>,
         now: OffsetDateTime,
     ) -> Result<TokenInfo, TokenError> {
+        self.redeem_inner(token, expect, None, now)
+    }
+
+    /// Redeems a bound token for the local process `holder`: refused,
+    /// without consuming it, when the token has no binding or its binding
+    /// does not admit the holder.
+    pub fn redeem_held(
+        &self,
+        token: &str,
+        holder: &Holder,
+        now: OffsetDateTime,
+    ) -> Result<TokenInfo, TokenError> {
+        self.redeem_inner(token, None, Some(holder), now)
+    }
+
+    fn redeem_inner(
+        &self,
+        token: &str,
+        expect: Option<(&str, Option<&str>)>,
+        holder: Option<&Holder>,
+        now: OffsetDateTime,
+    ) -> Result<TokenInfo, TokenError> {
         let (id, secret) = split_token(token)?;
         let hash = secret_hash(secret);
         self.update(|entries| {
@@ -314,6 +405,37 @@ impl TokenStore {
                     id: id.to_owned(),
                     at: info.expires_at,
                 });
+            }
+            if let (None, Some(b)) = (holder, &info.binding) {
+                // A bound token is for its processes at the metadata
+                // endpoint, never for a remote enrollment.
+                return Err(TokenError::HolderMismatch {
+                    id: id.to_owned(),
+                    bound: b.to_string(),
+                    caller: "a remote enrollment (redeem it at the node's metadata endpoint)"
+                        .into(),
+                });
+            }
+            if let Some(h) = holder {
+                match &info.binding {
+                    None => return Err(TokenError::NotBound { id: id.to_owned() }),
+                    Some(b) if !b.admits(h) => {
+                        return Err(TokenError::HolderMismatch {
+                            id: id.to_owned(),
+                            bound: b.to_string(),
+                            caller: format!(
+                                "uid {} in cgroup {}{}",
+                                h.uid,
+                                h.cgroup,
+                                h.netns
+                                    .as_ref()
+                                    .map(|n| format!(" in netns {n}"))
+                                    .unwrap_or_default()
+                            ),
+                        })
+                    }
+                    Some(_) => {}
+                }
             }
             if let Some((tenant, agent)) = expect {
                 if tenant != info.tenant {
@@ -483,6 +605,79 @@ mod tests {
         let disk = std::fs::read_to_string(s.path()).expect("read");
         assert!(!disk.contains(parts[2]));
         assert!(disk.contains(&secret_hash(parts[2])));
+    }
+
+    #[test]
+    fn a_bound_token_is_redeemed_only_by_its_processes_and_a_refusal_keeps_it() {
+        let (_d, s) = store();
+        let cg = Some(Binding::Cgroup("/agents/billing".into()));
+        let (token, _) = s
+            .create_bound("acme", "billing", DEFAULT_TTL, cg, now())
+            .expect("create");
+        let holder = |uid, cgroup: &str| Holder {
+            uid,
+            cgroup: cgroup.into(),
+            netns: None,
+        };
+        for wrong in ["/agents/billing2", "/agents", "/other/agents/billing"] {
+            let e = s
+                .redeem_held(&token, &holder(0, wrong), now())
+                .expect_err(wrong);
+            assert_eq!(e.code(), "token_holder_mismatch", "{wrong}: {e}");
+        }
+        // Below the group counts as in it; the token was not spent above.
+        let info = s
+            .redeem_held(&token, &holder(1000, "/agents/billing/worker-1"), now())
+            .expect("its own process");
+        assert_eq!(
+            (info.tenant.as_str(), info.agent.as_str()),
+            ("acme", "billing")
+        );
+        assert_eq!(
+            s.redeem_held(&token, &holder(1000, "/agents/billing"), now())
+                .expect_err("once")
+                .code(),
+            "token_used"
+        );
+        // By uid.
+        let (token, _) = s
+            .create_bound("acme", "bot", DEFAULT_TTL, Some(Binding::Uid(1001)), now())
+            .expect("create");
+        assert!(s.redeem_held(&token, &holder(1002, "/"), now()).is_err());
+        assert!(s.redeem_held(&token, &holder(1001, "/"), now()).is_ok());
+        // By network namespace.
+        let (token, _) = s
+            .create_bound(
+                "acme",
+                "boxed",
+                DEFAULT_TTL,
+                Some(Binding::Netns("agents-1".into())),
+                now(),
+            )
+            .expect("create");
+        assert!(s.redeem_held(&token, &holder(0, "/"), now()).is_err());
+        let mut inside = holder(0, "/");
+        inside.netns = Some("agents-1".into());
+        assert!(s.redeem_held(&token, &inside, now()).is_ok());
+        // A token with no binding is not for the metadata endpoint (and
+        // stays usable for enrollment).
+        let (token, _) = s.create("acme", "bot", DEFAULT_TTL).expect("create");
+        let e = s
+            .redeem_held(&token, &holder(0, "/x"), now())
+            .expect_err("unbound");
+        assert_eq!(e.code(), "token_not_bound");
+        assert!(s.redeem(&token, None, now()).is_ok());
+        // The binding survives a reopen.
+        let (token, _) = s
+            .create_bound("acme", "bot", DEFAULT_TTL, Some(Binding::Uid(7)), now())
+            .expect("create");
+        let again = TokenStore::open(s.path()).expect("reopen");
+        // Not at enrollment (no holder), and that refusal does not spend it.
+        assert_eq!(
+            again.redeem(&token, None, now()).expect_err("bound").code(),
+            "token_holder_mismatch"
+        );
+        assert!(again.redeem_held(&token, &holder(7, "/"), now()).is_ok());
     }
 
     #[test]

@@ -61,6 +61,12 @@ enum Cmd {
     /// The client of `intercept-connect` (run by it, inside or outside the cgroup).
     #[command(hide = true)]
     InterceptConnectClient(intercept::ClientArgs),
+    /// An intercepted request end to end (fresh connection and keep-alive)
+    /// against the node's ingress, eBPF and nftables (root).
+    InterceptRequest(intercept::RequestArgs),
+    /// The client of `intercept-request`.
+    #[command(hide = true)]
+    InterceptRequestClient(intercept::RequestClientArgs),
     /// Gossip convergence, propagation, failure detection and bandwidth.
     Gossip(gossip::GossipArgs),
     /// Load balancing quality: dmsc selection vs round-robin, random, oracle (simulated).
@@ -118,6 +124,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::RegistryRss(args) => rt()?.block_on(rss::run(args))?,
         Cmd::InterceptConnect(args) => intercept::run(args)?,
         Cmd::InterceptConnectClient(args) => intercept::client(args)?,
+        Cmd::InterceptRequest(args) => rt()?.block_on(intercept::request_run(args))?,
+        Cmd::InterceptRequestClient(args) => intercept::request_client(args)?,
         Cmd::Flood(args) => rt()?.block_on(flood::run(args))?,
         Cmd::FloodServe(args) => rt()?.block_on(flood::serve(args))?,
         Cmd::FloodLoad(args) => {

@@ -294,7 +294,7 @@ pub async fn auth_e2e(args: AuthE2eArgs) -> anyhow::Result<()> {
     let tls = mesh.nodes[1].bound().ingress[1];
     let (cert, _) = mesh.nodes[1]
         .security()
-        .create_token("acme", "client", Duration::from_secs(600))
+        .create_token("acme", "client", Duration::from_secs(600), None)
         .map_err(|r| anyhow::anyhow!("{}", r.reason))?;
     let enrolled = mesh.nodes[1]
         .security()

@@ -18,9 +18,15 @@ pub(crate) fn addr(a: SocketAddrV4) -> [u32; 2] {
     [ip(*a.ip()), u32::from(a.port())]
 }
 
-/// A `bindings` value: `{ binding, listener ip, listener port, flags }`.
-pub(crate) fn binding(id: u32, listener: SocketAddrV4) -> [u32; 4] {
-    [id, ip(*listener.ip()), u32::from(listener.port()), 0]
+/// A `bindings` value: `{ binding, listener ip, listener port, flags }`;
+/// flag bit 0: only the destination ports in the `ports` map.
+pub(crate) fn binding(id: u32, listener: SocketAddrV4, port_filter: bool) -> [u32; 4] {
+    [
+        id,
+        ip(*listener.ip()),
+        u32::from(listener.port()),
+        u32::from(port_filter),
+    ]
 }
 
 /// Where a redirected connection was going, and who made it.

@@ -19,7 +19,9 @@
 //! The links are file descriptors this process owns (aya uses
 //! `bpf_link_create` on kernels from 5.7; older ones are refused): nothing
 //! stays attached after the process exits, crash included, and nothing is
-//! pinned. IPv4 for now.
+//! pinned. IPv4 destinations, from IPv4 sockets and from dual-stack IPv6
+//! sockets (`::ffff:a.b.c.d`, which reach `connect6`); real IPv6
+//! destinations are not redirected (the listener is IPv4).
 
 pub mod cgroup;
 mod layout;
@@ -72,8 +74,14 @@ pub struct Interceptor {
 }
 
 struct Links {
-    connect4: aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId,
-    getpeername4: aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId,
+    binding: u32,
+    /// The binding's port filter (empty: every port).
+    ports: Vec<u16>,
+    /// connect4, connect6, getpeername4, getpeername6.
+    sock_addr: Vec<(
+        &'static str,
+        aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId,
+    )>,
     sockops: aya::programs::sock_ops::SockOpsLinkId,
 }
 
@@ -86,7 +94,10 @@ impl std::fmt::Debug for Interceptor {
 }
 
 const CONNECT4: &str = "dmsc_connect4";
+const CONNECT6: &str = "dmsc_connect6";
 const GETPEERNAME4: &str = "dmsc_getpeername4";
+const GETPEERNAME6: &str = "dmsc_getpeername6";
+const SOCK_ADDR: [&str; 4] = [CONNECT4, CONNECT6, GETPEERNAME4, GETPEERNAME6];
 const SOCKOPS: &str = "dmsc_sockops";
 
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> InterceptError {
@@ -116,7 +127,7 @@ impl Interceptor {
             return Err(InterceptError::OldKernel(format!("{kernel:?}")));
         }
         let mut ebpf = aya::Ebpf::load(object).map_err(|e| InterceptError::Load(e.to_string()))?;
-        for name in [CONNECT4, GETPEERNAME4] {
+        for name in SOCK_ADDR {
             let p: &mut aya::programs::CgroupSockAddr = program(&mut ebpf, name)?;
             p.load()
                 .map_err(|e| InterceptError::Load(format!("{name}: {e}")))?;
@@ -148,13 +159,15 @@ impl Interceptor {
 
     /// Redirects connects of processes in `cg` (and below it) to the
     /// selected destinations to `listener`; `binding` names the binding in
-    /// what [`take_orig`](Self::take_orig) returns. Refused if the calling
+    /// what [`take_orig`](Self::take_orig) returns; `ports`, if not empty,
+    /// are the only destination ports redirected. Refused if the calling
     /// process itself is inside `cg` (its own connects would loop).
     pub fn bind(
         &mut self,
         cg: &Cgroup,
         binding: u32,
         listener: SocketAddrV4,
+        ports: &[u16],
     ) -> Result<(), InterceptError> {
         if let Ok(own) = cgroup::own() {
             if own.path.starts_with(&cg.path) {
@@ -182,23 +195,56 @@ impl Interceptor {
         // EINVAL) and always coexists with other programs on the group,
         // like BPF_F_ALLOW_MULTI; aya passes `Single` as 0.
         let mode = aya::programs::links::CgroupAttachMode::Single;
-        let p: &mut aya::programs::CgroupSockAddr = program(&mut self.ebpf, CONNECT4)?;
-        let connect4 = p.attach(&file, mode).map_err(attach_err)?;
-        let p: &mut aya::programs::CgroupSockAddr = program(&mut self.ebpf, GETPEERNAME4)?;
-        let getpeername4 = p.attach(&file, mode).map_err(attach_err)?;
+        {
+            let mut filter: aya::maps::HashMap<_, [u32; 2], u32> = self.map("ports")?;
+            for p in ports {
+                filter
+                    .insert([binding, u32::from(*p)], 1, 0)
+                    .map_err(map_err("ports"))?;
+            }
+        }
+        let mut sock_addr = Vec::new();
+        for name in SOCK_ADDR {
+            let p: &mut aya::programs::CgroupSockAddr = program(&mut self.ebpf, name)?;
+            match p.attach(&file, mode) {
+                Ok(link) => sock_addr.push((name, link)),
+                Err(e) => {
+                    // Undo the part already attached.
+                    for (name, link) in sock_addr {
+                        let p: &mut aya::programs::CgroupSockAddr = program(&mut self.ebpf, name)?;
+                        let _ = p.detach(link);
+                    }
+                    return Err(attach_err(e));
+                }
+            }
+        }
         let p: &mut aya::programs::SockOps = program(&mut self.ebpf, SOCKOPS)?;
-        let sockops = p.attach(&file, mode).map_err(attach_err)?;
+        let sockops = match p.attach(&file, mode) {
+            Ok(l) => l,
+            Err(e) => {
+                for (name, link) in sock_addr {
+                    let p: &mut aya::programs::CgroupSockAddr = program(&mut self.ebpf, name)?;
+                    let _ = p.detach(link);
+                }
+                return Err(attach_err(e));
+            }
+        };
         self.links.insert(
             cg.id,
             Links {
-                connect4,
-                getpeername4,
+                binding,
+                ports: ports.to_vec(),
+                sock_addr,
                 sockops,
             },
         );
         let mut bindings: aya::maps::HashMap<_, u64, [u32; 4]> = self.map("bindings")?;
         bindings
-            .insert(cg.id, layout::binding(binding, listener), 0)
+            .insert(
+                cg.id,
+                layout::binding(binding, listener, !ports.is_empty()),
+                0,
+            )
             .map_err(map_err("bindings"))
     }
 
@@ -211,15 +257,22 @@ impl Interceptor {
             path: cg.display(),
             reason: format!("detach: {e}"),
         };
-        let p: &mut aya::programs::CgroupSockAddr = program(&mut self.ebpf, CONNECT4)?;
-        p.detach(links.connect4).map_err(detach_err)?;
-        let p: &mut aya::programs::CgroupSockAddr = program(&mut self.ebpf, GETPEERNAME4)?;
-        p.detach(links.getpeername4).map_err(detach_err)?;
+        // The binding first: from then on the programs let its connects
+        // through, whatever becomes of the detaching. (Already gone is fine.)
+        {
+            let mut bindings: aya::maps::HashMap<_, u64, [u32; 4]> = self.map("bindings")?;
+            let _ = bindings.remove(&cg.id);
+            let mut filter: aya::maps::HashMap<_, [u32; 2], u32> = self.map("ports")?;
+            for p in &links.ports {
+                let _ = filter.remove(&[links.binding, u32::from(*p)]);
+            }
+        }
+        for (name, link) in links.sock_addr {
+            let p: &mut aya::programs::CgroupSockAddr = program(&mut self.ebpf, name)?;
+            p.detach(link).map_err(detach_err)?;
+        }
         let p: &mut aya::programs::SockOps = program(&mut self.ebpf, SOCKOPS)?;
         p.detach(links.sockops).map_err(detach_err)?;
-        let mut bindings: aya::maps::HashMap<_, u64, [u32; 4]> = self.map("bindings")?;
-        // (Already gone is fine.)
-        let _ = bindings.remove(&cg.id);
         Ok(true)
     }
 

@@ -345,26 +345,35 @@ impl App {
         // An ingress of one tenant that callers inside the node use (MQTT
         // calls from the edge, intercepted connections): the same path as
         // a TCP caller of a listener of that tenant.
-        let in_process = |tenant: &str, listen: SocketAddr, label: String| {
-            Ingress::new(IngressParts {
-                spec: crate::config::IngressSpec {
+        let in_process = {
+            let (name, delegation, body_budget, delegator, security) = (
+                name.clone(),
+                config.delegation.clone(),
+                body_budget.clone(),
+                delegator.clone(),
+                security.clone(),
+            );
+            move |tenant: &str, listen: SocketAddr, label: String| {
+                Ingress::new(IngressParts {
+                    spec: crate::config::IngressSpec {
+                        listen,
+                        tenant: Some(tenant.to_string()),
+                        tls: false,
+                        mtls: false,
+                        jwt: false,
+                        allow_tls12: false,
+                    },
                     listen,
-                    tenant: Some(tenant.to_string()),
-                    tls: false,
-                    mtls: false,
-                    jwt: false,
-                    allow_tls12: false,
-                },
-                listen,
-                me: name.clone(),
-                cfg: config.delegation.clone(),
-                budget: body_budget.clone(),
-                delegator: delegator.clone(),
-                security: security.clone(),
-                tls: None,
-                fair: None,
-            })
-            .with_label(label)
+                    me: name.clone(),
+                    cfg: delegation.clone(),
+                    budget: body_budget.clone(),
+                    delegator: delegator.clone(),
+                    security: security.clone(),
+                    tls: None,
+                    fair: None,
+                })
+                .with_label(label)
+            }
         };
         let mut edge = Vec::new();
         if let Some(mqtt) = config.mqtt.clone() {
@@ -404,18 +413,35 @@ impl App {
                 tasks.spawn(bridge.run(eventloop, parts.clone()).in_current_span());
             }
         }
+        // Interception: now if configured, else at the first `intercept
+        // enable` (with the defaults).
+        let start = {
+            let (name, config) = (name.clone(), config.clone());
+            let parts = (security.clone(), agents.clone(), listeners.clone());
+            let in_process = in_process.clone();
+            move |icfg: crate::config::InterceptConfig| {
+                let (name, config, parts) = (name.clone(), config.clone(), parts.clone());
+                let make = {
+                    let listen = SocketAddr::V4(icfg.listen);
+                    let in_process = in_process.clone();
+                    move |tenant: &str, caller: &str| {
+                        Arc::new(in_process(tenant, listen, caller.to_string()))
+                    }
+                };
+                let fut: std::pin::Pin<
+                    Box<dyn std::future::Future<Output = crate::intercept::State> + Send>,
+                > = Box::pin(
+                    async move { start_intercept(&icfg, &name, &config, parts, make).await }
+                        .in_current_span(),
+                );
+                fut
+            }
+        };
         let intercept = match config.intercept.clone() {
-            None => None,
-            Some(icfg) => Some(
-                start_intercept(&icfg, &config, &mut tasks, |tenant: &str, caller: &str| {
-                    Arc::new(in_process(
-                        tenant,
-                        SocketAddr::V4(icfg.listen),
-                        caller.to_string(),
-                    ))
-                })
-                .await,
-            ),
+            Some(icfg) => Arc::new(crate::intercept::Slot::started(start(icfg).await)),
+            None => Arc::new(crate::intercept::Slot::lazy(Box::new(move || {
+                start(crate::config::InterceptConfig::defaults())
+            }))),
         };
         tasks.spawn(
             sync_loop(Sync {
@@ -590,6 +616,9 @@ impl App {
         for b in &self.shared.edge {
             b.leave(Duration::from_secs(1)).await;
         }
+        // Interception undone first: the agents' connections go direct
+        // again (nothing listens for them once the node is gone).
+        self.shared.intercept.close().await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.shared.gossip.leave()).await;
         self.shared.gossip.stop().await;
         self.tasks.abort_all();
@@ -734,14 +763,64 @@ async fn announce_paths(
     }
 }
 
+/// The metadata endpoint of onboarding (`[intercept] metadata_socket`,
+/// `metadata_listen`), undone when interception stops.
+fn start_metadata(
+    cfg: &crate::config::InterceptConfig,
+    ic: &Arc<crate::intercept::Intercept>,
+    security: Arc<crate::security::Security>,
+    agents: crate::control::agents::AgentsCtx,
+) -> Result<(), String> {
+    use crate::intercept::onboard::{self, Metadata};
+    if cfg.metadata_socket.is_none() && cfg.metadata_listen.is_none() {
+        return Ok(());
+    }
+    let meta = Arc::new(Metadata {
+        intercept: ic.clone(),
+        security,
+        agents,
+        connections: Arc::new(tokio::sync::Semaphore::new(
+            crate::intercept::onboard::MAX_CONNECTIONS,
+        )),
+    });
+    if let Some(path) = &cfg.metadata_socket {
+        let l = Metadata::bind_unix(path)?;
+        let p = path.clone();
+        ic.on_stop(move || {
+            let _ = std::fs::remove_file(p);
+        });
+        info!(socket = %path.display(), "metadata endpoint (onboarding) listening");
+        ic.spawn(meta.clone().serve_unix(l));
+    }
+    if let Some(at) = cfg.metadata_listen {
+        if let Some(cidr) = onboard::ensure_local_address(at)? {
+            info!(address = %cidr, "put the metadata address on lo");
+            ic.on_stop(move || onboard::remove_local_address(&cidr));
+        }
+        let std_l = std::net::TcpListener::bind(at)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|e| format!("intercept.metadata_listen = {at}: {e}"))?;
+        let l = tokio::net::TcpListener::from_std(std_l)
+            .map_err(|e| format!("intercept.metadata_listen = {at}: {e}"))?;
+        info!(listen = %at, "metadata endpoint (onboarding) listening");
+        ic.spawn(meta.serve_tcp(l));
+    }
+    Ok(())
+}
+
 /// Starts interception (`[intercept]`): the listener and the kernel
 /// programs. Interception that cannot start leaves the node running without
 /// it, and says why (in the log and in `status`).
 async fn start_intercept(
     cfg: &crate::config::InterceptConfig,
+    node: &str,
     config: &NodeConfig,
-    tasks: &mut tokio::task::JoinSet<()>,
-    ingress: impl Fn(&str, &str) -> Arc<Ingress>,
+    (security, agents, listeners): (
+        Arc<crate::security::Security>,
+        crate::control::agents::AgentsCtx,
+        crate::ingress::listen::Listeners,
+    ),
+    ingress: impl Fn(&str, &str) -> Arc<Ingress> + Send + std::marker::Sync + 'static,
 ) -> crate::intercept::State {
     // This node's own agents: connections to their URL go to their name.
     let own: Vec<(std::net::SocketAddrV4, String)> = config
@@ -761,35 +840,27 @@ async fn start_intercept(
             ))
         })
         .collect();
-    let listener = match tokio::net::TcpListener::bind(cfg.listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            let why = format!("intercept.listen = {}: {e}", cfg.listen);
-            warn!("interception off: {why}");
-            return crate::intercept::State::Off(why);
-        }
-    };
-    match crate::intercept::Intercept::start(cfg, own, ingress) {
+    match crate::intercept::Intercept::start(cfg, node, own, Box::new(ingress), listeners).await {
         Ok(ic) => {
-            let ic = Arc::new(ic);
             if let Some(at) = cfg.dns {
                 match tokio::net::UdpSocket::bind(at).await {
                     Ok(sock) => {
                         let up = crate::intercept::dns::upstream(at);
                         info!(dns = %at, upstream = ?up, "answering .dmsc names");
-                        tasks.spawn(
-                            crate::intercept::dns::serve(sock, ic.vips.clone(), up)
-                                .in_current_span(),
-                        );
+                        ic.spawn(crate::intercept::dns::serve(sock, ic.vips.clone(), up));
                     }
                     Err(e) => warn!(dns = %at, error = %e, "the .dmsc DNS responder cannot listen"),
                 }
             }
-            tasks.spawn(ic.clone().serve(listener).in_current_span());
+            if let Err(why) = start_metadata(cfg, &ic, security, agents) {
+                warn!("interception off: {why}");
+                ic.stop().await;
+                return crate::intercept::State::Off(why);
+            }
             crate::intercept::State::On(ic)
         }
         Err(why) => {
-            warn!("interception off: {why} (the nftables fallback is not built yet)");
+            warn!("interception off: {why}");
             crate::intercept::State::Off(why)
         }
     }

@@ -66,7 +66,12 @@ pub struct RawConfig {
 #[derive(Debug, Default, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RawIntercept {
-    /// The interception listener (IPv4, default 127.0.0.1:15080).
+    /// How connects are redirected: `auto` (default: eBPF for cgroup
+    /// bindings where it works, nftables otherwise and for uid bindings),
+    /// `ebpf` (no fallback) or `nftables` (never eBPF).
+    pub mode: Option<String>,
+    /// The eBPF interception listener (IPv4, default 127.0.0.1:15080);
+    /// nftables bindings get a listener each on 127.0.0.1.
     pub listen: Option<String>,
     /// The virtual range of `.dmsc` names (default 198.19.0.0/16).
     pub vip_range: Option<String>,
@@ -74,6 +79,15 @@ pub struct RawIntercept {
     /// answers them with virtual addresses and relays other names to the
     /// system's resolvers. Absent: none.
     pub dns: Option<String>,
+    /// The node-local metadata endpoint where an agent process redeems a
+    /// join token bound to its cgroup or user and registers its card: a
+    /// unix socket (the kernel tells who connects), e.g.
+    /// "/run/dmsc/meta.sock". Absent: none.
+    pub metadata_socket: Option<String>,
+    /// The same endpoint over HTTP on a link-local address for containers
+    /// (e.g. "169.254.77.77:80"; the node puts the address on `lo` if no
+    /// interface has it, and takes it away at stop).
+    pub metadata_listen: Option<String>,
     /// `[[intercept.bindings]]`: whose connections are intercepted.
     #[serde(default)]
     pub bindings: Vec<RawInterceptBinding>,
@@ -89,8 +103,16 @@ pub struct RawIntercept {
 #[derive(Debug, Default, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RawInterceptBinding {
-    /// A cgroup v2 group, relative to the cgroup2 mount (it must exist).
-    pub cgroup: String,
+    /// A cgroup v2 group, relative to the cgroup2 mount (it must exist)...
+    pub cgroup: Option<String>,
+    /// ...or a user id whose processes are intercepted (nftables only)...
+    pub uid: Option<u32>,
+    /// ...or a named network namespace (`/run/netns/<name>`, nftables
+    /// only): every process in it, by rules inside it.
+    pub netns: Option<String>,
+    /// Only connections to these destination ports (default: any port
+    /// of a selected address).
+    pub ports: Option<Vec<u16>>,
     /// The tenant its processes call as.
     pub tenant: String,
     /// Which agent they are, in audit entries (default: the cgroup path).
@@ -105,12 +127,121 @@ pub struct RawInterceptMap {
     pub name: String,
 }
 
+/// How interception redirects connects (`[intercept] mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InterceptMode {
+    Auto,
+    Ebpf,
+    Nftables,
+}
+
+/// Whose connects a binding intercepts: a cgroup v2 group (relative to
+/// the cgroup2 mount, with a leading `/`) or a user id. The same processes
+/// a join token can be bound to.
+pub use dmsc_auth::token::Binding as InterceptWho;
+
+/// Whose connects, as operators write it (config, CLI, admin API, token
+/// bindings): exactly one of the three.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WhoSpec<'a> {
+    pub cgroup: Option<&'a str>,
+    pub uid: Option<u32>,
+    pub netns: Option<&'a str>,
+}
+
+impl WhoSpec<'_> {
+    /// The binding it names.
+    pub fn parse(self) -> Result<InterceptWho, String> {
+        match (self.cgroup, self.uid, self.netns) {
+            (Some(c), None, None) => {
+                let c = c.trim();
+                if c.trim_matches('/').is_empty() || c.split('/').any(|p| p == ".." || p == ".") {
+                    return Err(format!(
+                        "cgroup {c:?} must name a group below the cgroup2 root"
+                    ));
+                }
+                Ok(InterceptWho::Cgroup(format!("/{}", c.trim_matches('/'))))
+            }
+            (None, Some(0), None) => {
+                Err("uid 0 cannot be a binding: the node itself runs as root".into())
+            }
+            (None, Some(u), None) => Ok(InterceptWho::Uid(u)),
+            (None, None, Some(n)) => {
+                let ok = !n.is_empty()
+                    && n.len() <= 64
+                    && !n.starts_with('.')
+                    && n.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+                if ok {
+                    Ok(InterceptWho::Netns(n.to_string()))
+                } else {
+                    Err(format!(
+                        "netns {n:?} is not a network namespace name (as in /run/netns)"
+                    ))
+                }
+            }
+            _ => Err("give exactly one of cgroup, uid and netns".into()),
+        }
+    }
+}
+
+impl InterceptBinding {
+    /// A binding from its parts as operators write them (config, CLI,
+    /// admin API).
+    pub fn parse(
+        who: WhoSpec<'_>,
+        tenant: &str,
+        agent: Option<&str>,
+    ) -> Result<InterceptBinding, String> {
+        let who = who.parse()?;
+        if !dmsc_transport::identity::valid_name(tenant) {
+            return Err(format!("`{tenant}` is not a tenant name"));
+        }
+        if let Some(a) = agent {
+            if !dmsc_transport::identity::valid_name(a) {
+                return Err(format!("`{a}` is not an agent name"));
+            }
+        }
+        Ok(InterceptBinding {
+            who,
+            ports: Vec::new(),
+            tenant: tenant.to_string(),
+            agent: agent.map(str::to_string),
+        })
+    }
+
+    /// The same binding, intercepting only connections to `ports`.
+    pub fn with_ports(mut self, ports: &[u16]) -> Result<InterceptBinding, String> {
+        if ports.contains(&0) {
+            return Err("port 0 cannot be a destination port".into());
+        }
+        let mut p = ports.to_vec();
+        p.sort_unstable();
+        p.dedup();
+        self.ports = p;
+        Ok(self)
+    }
+
+    /// The caller its connections are audited as.
+    pub fn caller(&self) -> String {
+        match (&self.agent, &self.who) {
+            (Some(a), _) => format!("intercept:{}/{a}", self.tenant),
+            (None, InterceptWho::Cgroup(c)) => format!("intercept:{}:cgroup:{c}", self.tenant),
+            (None, InterceptWho::Uid(u)) => format!("intercept:{}:uid:{u}", self.tenant),
+            (None, InterceptWho::Netns(n)) => format!("intercept:{}:netns:{n}", self.tenant),
+        }
+    }
+}
+
 /// `[intercept]`, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InterceptConfig {
+    pub mode: InterceptMode,
     pub listen: std::net::SocketAddrV4,
     pub vip_range: (std::net::Ipv4Addr, u8),
     pub dns: Option<SocketAddr>,
+    pub metadata_socket: Option<PathBuf>,
+    pub metadata_listen: Option<SocketAddr>,
     pub bindings: Vec<InterceptBinding>,
     /// Address (port 0: any port) -> mesh name.
     pub map: Vec<(std::net::SocketAddrV4, String)>,
@@ -119,9 +250,23 @@ pub struct InterceptConfig {
 /// A validated binding.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InterceptBinding {
-    pub cgroup: String,
+    pub who: InterceptWho,
+    /// The only destination ports intercepted (sorted; empty: any).
+    pub ports: Vec<u16>,
     pub tenant: String,
     pub agent: Option<String>,
+}
+
+impl InterceptConfig {
+    /// `[intercept]` with nothing set: what `intercept enable` starts on a
+    /// node whose config has no `[intercept]`.
+    pub fn defaults() -> InterceptConfig {
+        let mut errors = Vec::new();
+        let cfg = RawIntercept::default().validate(&mut errors);
+        // The defaults are literals that validate.
+        #[allow(clippy::expect_used)]
+        cfg.expect("the default [intercept] is valid")
+    }
 }
 
 impl RawIntercept {
@@ -161,30 +306,56 @@ impl RawIntercept {
                 None
             }
         };
-        if self.bindings.is_empty() {
-            errors.push(
-                "intercept: add at least one [[intercept.bindings]] (cgroup and tenant)".into(),
-            );
+        let metadata_socket = self.metadata_socket.as_deref().map(PathBuf::from);
+        if let Some(p) = &metadata_socket {
+            if !p.is_absolute() {
+                errors.push(format!(
+                    "intercept.metadata_socket = {p:?}: give an absolute path"
+                ));
+            }
         }
-        let mut bindings = Vec::new();
+        let metadata_listen = match self
+            .metadata_listen
+            .as_deref()
+            .map(str::parse::<SocketAddr>)
+        {
+            None => None,
+            Some(Ok(a)) if a.is_ipv4() => Some(a),
+            Some(_) => {
+                errors.push(format!(
+                    "intercept.metadata_listen = {:?}: expected IPv4ADDR:PORT",
+                    self.metadata_listen
+                ));
+                None
+            }
+        };
+        let mode = match self.mode.as_deref().unwrap_or("auto") {
+            "auto" => InterceptMode::Auto,
+            "ebpf" => InterceptMode::Ebpf,
+            "nftables" => InterceptMode::Nftables,
+            other => {
+                errors.push(format!(
+                    "intercept.mode = {other:?}: expected \"auto\", \"ebpf\" or \"nftables\""
+                ));
+                InterceptMode::Auto
+            }
+        };
+        let mut bindings: Vec<InterceptBinding> = Vec::new();
         for b in &self.bindings {
-            if !dmsc_transport::identity::valid_name(&b.tenant) {
-                errors.push(format!(
-                    "intercept.bindings: `{}` is not a tenant name",
-                    b.tenant
-                ));
+            let who = WhoSpec {
+                cgroup: b.cgroup.as_deref(),
+                uid: b.uid,
+                netns: b.netns.as_deref(),
+            };
+            match InterceptBinding::parse(who, &b.tenant, b.agent.as_deref())
+                .and_then(|x| x.with_ports(b.ports.as_deref().unwrap_or_default()))
+            {
+                Ok(b) if bindings.iter().any(|o| o.who == b.who) => {
+                    errors.push(format!("intercept.bindings: {} is bound twice", b.who))
+                }
+                Ok(b) => bindings.push(b),
+                Err(e) => errors.push(format!("intercept.bindings: {e}")),
             }
-            if b.cgroup.trim_matches('/').is_empty() || b.cgroup.split('/').any(|p| p == "..") {
-                errors.push(format!(
-                    "intercept.bindings: cgroup {:?} must name a group below the cgroup2 root",
-                    b.cgroup
-                ));
-            }
-            bindings.push(InterceptBinding {
-                cgroup: b.cgroup.clone(),
-                tenant: b.tenant.clone(),
-                agent: b.agent.clone(),
-            });
         }
         let mut map = Vec::new();
         for m in &self.map {
@@ -213,9 +384,12 @@ impl RawIntercept {
             }
         }
         (errors.len() == before).then_some(InterceptConfig {
+            mode,
             listen,
             vip_range,
             dns,
+            metadata_socket,
+            metadata_listen,
             bindings,
             map,
         })
@@ -2423,7 +2597,13 @@ enabled = true
             ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"acme\"]\nkeep_alive_secs = 2", "within 5..=65535"),
             ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"acme\"]\nkeep_alive_secs = 70000", "within 5..=65535"),
             ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"acme\"]\nmax_calls = 0", "mqtt.max_calls = 0"),
-            ("[intercept]", "at least one [[intercept.bindings]]"),
+            ("[intercept]\nmode = \"iptables\"", "intercept.mode"),
+            ("[intercept]\n[[intercept.bindings]]\nnetns = \"../x\"\ntenant = \"acme\"", "not a network namespace name"),
+            ("[intercept]\nmetadata_socket = \"meta.sock\"", "absolute path"),
+            ("[intercept]\nmetadata_listen = \"169.254.77.77\"", "intercept.metadata_listen"),
+            ("[intercept]\n[[intercept.bindings]]\nuid = 0\ntenant = \"acme\"", "uid 0 cannot be a binding"),
+            ("[intercept]\n[[intercept.bindings]]\nuid = 5\ncgroup = \"a\"\ntenant = \"acme\"", "exactly one of cgroup, uid and netns"),
+            ("[intercept]\n[[intercept.bindings]]\nuid = 5\ntenant = \"acme\"\n[[intercept.bindings]]\nuid = 5\ntenant = \"acme\"", "uid 5 is bound twice"),
             ("[intercept]\ndns = \"nowhere\"\n[[intercept.bindings]]\ncgroup = \"a\"\ntenant = \"acme\"", "intercept.dns"),
             ("[intercept]\nlisten = \"[::1]:80\"\n[[intercept.bindings]]\ncgroup = \"a\"\ntenant = \"acme\"", "expected IPv4ADDR:PORT"),
             ("[intercept]\nvip_range = \"198.19.0.0/40\"\n[[intercept.bindings]]\ncgroup = \"a\"\ntenant = \"acme\"", "intercept.vip_range"),

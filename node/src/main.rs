@@ -67,6 +67,11 @@ enum Cmd {
     /// shredding) statements; they spread to every node by gossip.
     #[command(subcommand)]
     Tenant(TenantCmd),
+    /// Transparent interception on a running node (its `[intercept]`
+    /// section): bind a cgroup's or a user's processes to a tenant, unbind,
+    /// list. Changes last until disabled or the node stops.
+    #[command(subcommand)]
+    Intercept(InterceptCmd),
     /// Check certificates, key files, CA agreement and clock skew with
     /// peers; exits 1 with a clear line for each problem.
     Check {
@@ -242,6 +247,16 @@ enum TokenCmd {
         /// Lifetime in seconds.
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
+        /// Bind it to a cgroup v2 group: only its processes may redeem it,
+        /// at the node's metadata endpoint (`[intercept] metadata_socket`).
+        #[arg(long, conflicts_with = "uid")]
+        cgroup: Option<String>,
+        /// Bind it to a user id (same endpoint).
+        #[arg(long, conflicts_with = "netns")]
+        uid: Option<u32>,
+        /// Bind it to a named network namespace (same endpoint).
+        #[arg(long)]
+        netns: Option<String>,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -274,6 +289,69 @@ enum AdminTokenCmd {
         #[command(flatten)]
         admin: AdminArgs,
     },
+}
+
+#[derive(Subcommand)]
+enum InterceptCmd {
+    /// Redirect the outbound connections of a cgroup's (or a user's)
+    /// processes to mesh agents through this node, as callers of a tenant.
+    Enable {
+        /// A cgroup v2 group, relative to the cgroup2 mount.
+        #[arg(long, required_unless_present_any = ["uid", "netns"], conflicts_with_all = ["uid", "netns"])]
+        cgroup: Option<String>,
+        /// A user id (nftables).
+        #[arg(long, conflicts_with = "netns")]
+        uid: Option<u32>,
+        /// A named network namespace, every process in it (nftables,
+        /// rules inside the namespace).
+        #[arg(long)]
+        netns: Option<String>,
+        #[arg(long)]
+        tenant: String,
+        /// The agent they are, in audit entries and `dmsc-caller`.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Only connections to these destination ports (e.g. 80,8080;
+        /// default: any port of a selected address).
+        #[arg(long, value_delimiter = ',')]
+        ports: Vec<u16>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Stop intercepting a cgroup, a user, or everything: their
+    /// connections go direct again and the rules are removed.
+    Disable {
+        #[arg(long, conflicts_with_all = ["uid", "netns", "all"])]
+        cgroup: Option<String>,
+        #[arg(long, conflicts_with_all = ["netns", "all"])]
+        uid: Option<u32>,
+        #[arg(long, conflicts_with = "all")]
+        netns: Option<String>,
+        #[arg(long, required_unless_present_any = ["cgroup", "uid", "netns"])]
+        all: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// The mechanism in use (eBPF or nftables, and why) and the bindings.
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// Percent-encodes what is not safe in a query value.
+fn query_escape(v: &str) -> String {
+    v.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"/._-".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
 fn parse_ttl(s: &str) -> Result<Duration, String> {
@@ -788,14 +866,22 @@ async fn ops(cmd: Cmd) -> anyhow::Result<ExitCode> {
             tenant,
             agent,
             ttl,
+            cgroup,
+            uid,
+            netns,
             admin,
         }) => {
             let v = ops::token_create(
                 admin.admin,
                 &admin.token()?,
-                &tenant,
-                &agent,
-                Duration::from_secs(ttl),
+                ops::TokenAsk {
+                    tenant: &tenant,
+                    agent: &agent,
+                    ttl: Duration::from_secs(ttl),
+                    cgroup: cgroup.as_deref(),
+                    uid,
+                    netns: netns.as_deref(),
+                },
             )
             .await?;
             eprintln!(
@@ -820,6 +906,126 @@ async fn ops(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 }
             );
             println!("{}", v["token"].as_str().unwrap_or_default());
+        }
+        Cmd::Intercept(InterceptCmd::Enable {
+            cgroup,
+            uid,
+            netns,
+            tenant,
+            agent,
+            ports,
+            admin,
+        }) => {
+            let body = serde_json::json!({
+                "cgroup": cgroup, "uid": uid, "netns": netns, "tenant": tenant, "agent": agent,
+                "ports": ports,
+            });
+            let v = ops::intercept_call(
+                admin.admin,
+                &admin.token()?,
+                hyper::Method::POST,
+                "/v1/intercept",
+                Some(body),
+            )
+            .await?;
+            let b = &v["bound"];
+            println!(
+                "intercepting {} as tenant {} ({})",
+                b["who"].as_str().unwrap_or("?"),
+                b["tenant"].as_str().unwrap_or("?"),
+                b["mechanism"].as_str().unwrap_or("?")
+            );
+        }
+        Cmd::Intercept(InterceptCmd::Disable {
+            cgroup,
+            uid,
+            netns,
+            all,
+            admin,
+        }) => {
+            let query = match (cgroup, uid, netns) {
+                _ if all => "all".to_string(),
+                (Some(c), _, _) => format!("cgroup={}", query_escape(&c)),
+                (None, Some(u), _) => format!("uid={u}"),
+                (None, None, Some(n)) => format!("netns={}", query_escape(&n)),
+                (None, None, None) => {
+                    anyhow::bail!("say which: --cgroup PATH, --uid N, --netns NAME or --all")
+                }
+            };
+            let v = ops::intercept_call(
+                admin.admin,
+                &admin.token()?,
+                hyper::Method::DELETE,
+                &format!("/v1/intercept?{query}"),
+                None,
+            )
+            .await?;
+            for w in v["removed"].as_array().cloned().unwrap_or_default() {
+                println!("no longer intercepting {}", w.as_str().unwrap_or("?"));
+            }
+        }
+        Cmd::Intercept(InterceptCmd::Status { json, admin }) => {
+            let v = ops::intercept_call(
+                admin.admin,
+                &admin.token()?,
+                hyper::Method::GET,
+                "/v1/intercept",
+                None,
+            )
+            .await?;
+            if json {
+                println!("{v:#}");
+            } else {
+                println!("mechanism: {}", v["mechanism"].as_str().unwrap_or("?"));
+                if let Some(why) = v["fallback"].as_str() {
+                    println!("eBPF unavailable: {why}");
+                }
+                if let Some(l) = v["listen"].as_str() {
+                    println!("eBPF listener: {l}");
+                }
+                for t in v["competing_tables"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                {
+                    println!(
+                        "warning: nftables table `{}` also redirects local connections and may take them first",
+                        t.as_str().unwrap_or("?")
+                    );
+                }
+                let bound = v["bindings"].as_array().cloned().unwrap_or_default();
+                if bound.is_empty() {
+                    println!("no bindings");
+                }
+                for b in bound {
+                    let ports: Vec<u16> = b["ports"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|p| u16::try_from(p.as_u64()?).ok())
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    println!(
+                        "{:<32}  {:<24}  {}{}{}",
+                        b["who"].as_str().unwrap_or("?"),
+                        format!(
+                            "{}{}",
+                            b["tenant"].as_str().unwrap_or("?"),
+                            b["agent"]
+                                .as_str()
+                                .map(|a| format!("/{a}"))
+                                .unwrap_or_default()
+                        ),
+                        b["mechanism"].as_str().unwrap_or("?"),
+                        b["listen"]
+                            .as_str()
+                            .map(|l| format!(" on {l}"))
+                            .unwrap_or_default(),
+                        dmsc_node::admin::status::ports_text(&ports)
+                    );
+                }
+            }
         }
         Cmd::AdminToken(AdminTokenCmd::List { admin }) => {
             let v = ops::admin_token_list(admin.admin, &admin.token()?).await?;
@@ -978,6 +1184,7 @@ fn main() -> ExitCode {
         | Cmd::Ca(_)
         | Cmd::Token(_)
         | Cmd::AdminToken(_)
+        | Cmd::Intercept(_)
         | Cmd::Revoke(_)
         | Cmd::Policy(_)
         | Cmd::Audit(_)
@@ -1043,6 +1250,7 @@ fn main() -> ExitCode {
             }
             cmd @ (Cmd::Token(_)
             | Cmd::AdminToken(_)
+            | Cmd::Intercept(_)
             | Cmd::Revoke(_)
             | Cmd::Policy(_)
             | Cmd::Audit(_)

@@ -6,7 +6,8 @@
 //! (GET the list, POST a statement from `dmsc-node ca revoke`),
 //! `/v1/tenant-keys` (GET each tenant's key ids and statements, POST a
 //! statement from `dmsc-node tenant rotate-key|delete`), and
-//! `/v1/check` (clock skew and reachability of every peer), `/v1/audit`
+//! `/v1/check` (clock skew and reachability of every peer), `/v1/intercept`
+//! (interception bindings, [`intercept`]), `/v1/audit`
 //! (recent audit entries, [`audit`]) and `/v1/admin-tokens` (POST
 //! `{"tenant","read_only":true,"ttl_secs"?}`: a tenant read token; GET the
 //! list; DELETE `/v1/admin-tokens/<id>`). Who may read what is
@@ -34,6 +35,7 @@ use dmsc_transport::Overlay;
 use report::{metrics_text, status_report};
 
 pub mod audit;
+mod intercept;
 mod policies;
 pub mod report;
 pub mod scope;
@@ -63,8 +65,9 @@ pub(crate) struct Shared {
     pub(crate) intent: Arc<crate::intent::Intent>,
     /// The MQTT bridge's sessions (none without `[mqtt]`).
     pub(crate) edge: Vec<Arc<crate::edge::Bridge>>,
-    /// Transparent interception, if `[intercept]` is set.
-    pub(crate) intercept: Option<crate::intercept::State>,
+    /// Transparent interception (started with the node if `[intercept]` is
+    /// set, else at the first `intercept enable`).
+    pub(crate) intercept: Arc<crate::intercept::Slot>,
     pub(crate) metrics: Metrics,
     pub(crate) started: std::time::Instant,
     pub(crate) bound: Bound,
@@ -269,23 +272,48 @@ async fn tokens_route(req: Request<hyper::body::Incoming>, s: &Shared) -> Respon
         tenant: String,
         agent: String,
         ttl_secs: Option<u64>,
+        /// Only processes of this cgroup (or user) may redeem it, at the
+        /// metadata endpoint.
+        cgroup: Option<String>,
+        uid: Option<u32>,
+        netns: Option<String>,
     }
-    let ask: Ask = match read_json(req, r#"{"tenant", "agent", "ttl_secs"?}"#).await {
+    let ask: Ask = match read_json(
+        req,
+        r#"{"tenant", "agent", "ttl_secs"?, "cgroup"? | "uid"? | "netns"?}"#,
+    )
+    .await
+    {
         Ok(a) => a,
         Err(r) => return r,
+    };
+    let binding = match (&ask.cgroup, ask.uid, &ask.netns) {
+        (None, None, None) => None,
+        (cgroup, uid, netns) => match (crate::config::WhoSpec {
+            cgroup: cgroup.as_deref(),
+            uid,
+            netns: netns.as_deref(),
+        })
+        .parse()
+        {
+            Ok(b) => Some(b),
+            Err(e) => return json(StatusCode::BAD_REQUEST, &serde_json::json!({"error": e})),
+        },
     };
     let ttl = std::time::Duration::from_secs(ask.ttl_secs.unwrap_or(3600));
     // The token store fsyncs: off the async workers.
     let sec = s.security.clone();
-    let made = tokio::task::spawn_blocking(move || sec.create_token(&ask.tenant, &ask.agent, ttl))
-        .await
-        .unwrap_or_else(|e| {
-            Err(crate::security::Refusal::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                format!("token task failed: {e}"),
-            ))
-        });
+    let made = tokio::task::spawn_blocking(move || {
+        sec.create_token(&ask.tenant, &ask.agent, ttl, binding)
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(crate::security::Refusal::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("token task failed: {e}"),
+        ))
+    });
     match made {
         Ok((token, info)) => json(
             StatusCode::CREATED,
@@ -294,6 +322,7 @@ async fn tokens_route(req: Request<hyper::body::Incoming>, s: &Shared) -> Respon
                 "id": info.id,
                 "tenant": info.tenant,
                 "agent": info.agent,
+                "binding": info.binding,
                 "expires_at": info.expires_at.unix_timestamp(),
             }),
         ),
@@ -543,6 +572,7 @@ enum Endpoint {
     TenantKeys,
     Learned,
     LearnedAgent,
+    Intercept,
 }
 
 impl Endpoint {
@@ -555,6 +585,7 @@ impl Endpoint {
             | Endpoint::Policies
             | Endpoint::TenantKeys => "GET, HEAD, POST",
             Endpoint::Agent | Endpoint::AdminToken | Endpoint::LearnedAgent => "DELETE",
+            Endpoint::Intercept => "GET, HEAD, POST, DELETE",
             Endpoint::Tokens => "POST",
             _ => "GET, HEAD",
         }
@@ -583,6 +614,7 @@ fn router() -> &'static matchit::Router<Endpoint> {
             ("/v1/tenant-keys", Endpoint::TenantKeys),
             ("/v1/learned", Endpoint::Learned),
             ("/v1/learned/{tenant}/{name}", Endpoint::LearnedAgent),
+            ("/v1/intercept", Endpoint::Intercept),
         ] {
             // The table above is fixed and its paths are distinct.
             #[allow(clippy::expect_used)]
@@ -639,6 +671,7 @@ async fn route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) -> Response<
         Endpoint::Revocations => Some("the revocation list"),
         Endpoint::AdminTokens => Some("the token list"),
         Endpoint::TenantKeys => Some("the tenant key list"),
+        Endpoint::Intercept => Some("the interception bindings"),
         _ => None,
     };
     if let (true, Some(what)) = (get, whole_node) {
@@ -691,6 +724,9 @@ async fn route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) -> Response<
         (Endpoint::TenantKeys, Method::POST) => tenant_keys_apply(req, &s).await,
         (Endpoint::Learned, _) if get => learned_list(&s, &scope),
         (Endpoint::LearnedAgent, Method::DELETE) => learned_remove(&req, &tenant, &name, &s),
+        (Endpoint::Intercept, _) if get => intercept::list(&s),
+        (Endpoint::Intercept, Method::POST) => intercept::enable(req, &s).await,
+        (Endpoint::Intercept, Method::DELETE) => intercept::disable(&req, &s).await,
         (e, _) => {
             let mut r = reply(
                 StatusCode::METHOD_NOT_ALLOWED,

@@ -179,7 +179,7 @@ pub(crate) async fn status_report(s: &Shared) -> StatusReport {
                 .collect(),
         }
     });
-    let intercept = s.intercept.as_ref().map(|st| {
+    let intercept = s.intercept.get().map(|st| {
         use std::sync::atomic::Ordering::Relaxed;
         match st {
             crate::intercept::State::Off(why) => super::status::InterceptStatus {
@@ -188,10 +188,12 @@ pub(crate) async fn status_report(s: &Shared) -> StatusReport {
                 ..Default::default()
             },
             crate::intercept::State::On(ic) => super::status::InterceptStatus {
-                mechanism: "ebpf".into(),
+                mechanism: ic.mechanism().as_str().into(),
                 reason: None,
-                listen: Some(ic.listen.to_string()),
-                bindings: ic.bindings(),
+                fallback: ic.fallback().map(str::to_string),
+                competing_tables: ic.competing(),
+                listen: ic.fallback().is_none().then(|| ic.listen.to_string()),
+                bound: ic.bindings(),
                 redirected: ic.kernel_stats().map(|k| k.redirected).unwrap_or(0),
                 http: ic.stats.http.load(Relaxed),
                 passthrough: ic.stats.passthrough.load(Relaxed),

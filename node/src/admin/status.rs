@@ -54,14 +54,33 @@ pub struct MqttStatus {
     pub sessions: Vec<MqttSession>,
 }
 
+/// `; ports 80, 8080` for a binding limited to some ports, else nothing.
+pub fn ports_text(ports: &[u16]) -> String {
+    if ports.is_empty() {
+        return String::new();
+    }
+    let p: Vec<String> = ports.iter().map(u16::to_string).collect();
+    format!("; ports {}", p.join(", "))
+}
+
 /// Transparent interception on this node.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct InterceptStatus {
-    /// `ebpf`, or `off` (then `reason` says why).
+    /// What cgroup bindings use: `ebpf` or `nftables` (then `fallback`
+    /// says why not eBPF); `off` when interception could not start (then
+    /// `reason` says why).
     pub mechanism: String,
     pub reason: Option<String>,
+    #[serde(default)]
+    pub fallback: Option<String>,
+    /// Other nftables tables that redirect locally generated connections
+    /// too: they may take intercepted connections first.
+    #[serde(default)]
+    pub competing_tables: Vec<String>,
+    /// The eBPF listener (nftables bindings list their own).
     pub listen: Option<String>,
-    pub bindings: usize,
+    #[serde(default)]
+    pub bound: Vec<crate::intercept::BindingStatus>,
     /// Connects the kernel sent to the listener.
     pub redirected: u64,
     pub http: u64,
@@ -324,16 +343,44 @@ impl StatusReport {
         if let Some(i) = &self.intercept {
             match &i.reason {
                 Some(why) => out.push_str(&format!("intercept OFF: {why}\n")),
-                None => out.push_str(&format!(
-                    "intercept {} on {} for {} bindings; {} redirected, {} HTTP, {} passed through, {} refused\n",
-                    i.mechanism,
-                    i.listen.as_deref().unwrap_or("-"),
-                    i.bindings,
-                    i.redirected,
-                    i.http,
-                    i.passthrough,
-                    i.unmatched
-                )),
+                None => {
+                    out.push_str(&format!(
+                        "intercept {}{} for {} bindings; {} redirected (eBPF), {} HTTP, {} passed through, {} refused\n",
+                        i.mechanism,
+                        i.listen.as_deref().map(|l| format!(" on {l}")).unwrap_or_default(),
+                        i.bound.len(),
+                        i.redirected,
+                        i.http,
+                        i.passthrough,
+                        i.unmatched
+                    ));
+                    if let Some(why) = &i.fallback {
+                        out.push_str(&format!("  eBPF unavailable ({why}): nftables\n"));
+                    }
+                    if !i.competing_tables.is_empty() {
+                        out.push_str(&format!(
+                            "  warning: nftables tables {} also redirect local connections and may take them first\n",
+                            i.competing_tables.join(", ")
+                        ));
+                    }
+                    for b in &i.bound {
+                        out.push_str(&format!(
+                            "  {} -> {}{} ({}{}){}\n",
+                            b.who,
+                            b.tenant,
+                            b.agent
+                                .as_deref()
+                                .map(|a| format!("/{a}"))
+                                .unwrap_or_default(),
+                            b.mechanism.as_str(),
+                            b.listen
+                                .as_deref()
+                                .map(|l| format!(" on {l}"))
+                                .unwrap_or_default(),
+                            ports_text(&b.ports)
+                        ));
+                    }
+                }
             }
         }
         if let Some(m) = &self.mqtt {

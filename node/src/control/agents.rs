@@ -166,6 +166,14 @@ fn declared_card(spec: &RawAgent) -> Result<AgentCard, AgentError> {
     })
 }
 
+/// A spec's problems, or its endpoint.
+fn checked_base(spec: &RawAgent) -> Result<Uri, AgentError> {
+    check_spec(spec).map_err(AgentError::Spec)?;
+    spec.url
+        .parse()
+        .map_err(|e| AgentError::Spec(format!("url: {e}")))
+}
+
 /// Onboards one agent: card, name, registration in `agents` and `mesh`.
 pub async fn onboard(
     spec: &RawAgent,
@@ -173,11 +181,7 @@ pub async fn onboard(
     agents: &LocalAgents,
     mesh: &MeshView,
 ) -> Result<Arc<LocalAgent>, AgentError> {
-    check_spec(spec).map_err(AgentError::Spec)?;
-    let base: Uri = spec
-        .url
-        .parse()
-        .map_err(|e| AgentError::Spec(format!("url: {e}")))?;
+    let base = checked_base(spec)?;
     let (card, health_default) = if spec.skills.is_some() {
         (declared_card(spec)?, "/".to_string())
     } else {
@@ -333,6 +337,44 @@ impl AgentsCtx {
                 Err(e)
             }
         }
+    }
+
+    /// Registers an agent from the card it handed to the node itself (the
+    /// metadata endpoint of `intercept`): no fetch; health-checked and
+    /// published like any other. `spec.url` is its endpoint.
+    pub async fn add_card(
+        &self,
+        spec: &RawAgent,
+        card: AgentCard,
+    ) -> Result<Arc<LocalAgent>, AgentError> {
+        let base = checked_base(spec)?;
+        let name = spec.name.clone().unwrap_or_else(|| slug(&card.name));
+        let id = AgentId {
+            tenant: spec.tenant.clone(),
+            name,
+        };
+        if self.agents.get(&id).is_some() {
+            return Err(AgentError::Duplicate(id));
+        }
+        let agent = local_agent(
+            id.clone(),
+            spec.clone(),
+            base,
+            card,
+            spec.health_path.clone().unwrap_or_else(|| "/".into()),
+            pinned(spec),
+            &self.mesh,
+        );
+        self.agents
+            .insert(agent.clone())
+            .map_err(AgentError::Duplicate)?;
+        if let Err(e) = check_health(&agent, &self.upstream).await {
+            warn!(agent = %agent.id, url = %agent.spec.url, reason = %e, "agent registered but failed its health check");
+            agent.set_health(Health::Unhealthy);
+        }
+        self.publish(&agent).await;
+        info!(agent = %id, url = %spec.url, "agent registered with its own card");
+        Ok(agent)
     }
 
     /// Registers (or updates) an edge agent from the card it published over

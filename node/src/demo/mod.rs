@@ -368,7 +368,7 @@ async fn security_act(mesh: &LocalMesh) -> anyhow::Result<()> {
         sec.identity().name()
     );
     let (token, _) = sec
-        .create_token(TENANT, "payer", Duration::from_secs(600))
+        .create_token(TENANT, "payer", Duration::from_secs(600), None)
         .map_err(|r| anyhow::anyhow!(r.reason))?;
     let anon = mesh::tls_client_config(ca, None)?;
     let enroll = serde_json::json!({ "token": token }).to_string();

@@ -282,25 +282,17 @@ impl Ingress {
     /// `target_host`, the mesh name of the address the client dialled.
     pub(crate) async fn serve_intercepted(
         self: &Arc<Self>,
+        conn: Conn,
         stream: tokio::net::TcpStream,
         peer: SocketAddr,
         target_host: Option<String>,
     ) {
-        let this = self.clone();
         let auth = Arc::new(ConnIdentity {
             peer: Some(peer),
             target_host,
             ..Default::default()
         });
-        let svc = hyper::service::service_fn(move |req| {
-            let (this, auth) = (this.clone(), auth.clone());
-            async move { Ok::<_, std::convert::Infallible>(this.handle(req, &auth).await) }
-        });
-        let builder =
-            hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-        if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
-            debug!(error = %e, "intercepted connection ended");
-        }
+        self.serve_conn(conn, TokioIo::new(stream), auth).await
     }
 }
 

@@ -234,12 +234,30 @@ pub fn read_admin_token(path: &Path) -> Result<String, String> {
 pub async fn token_create(
     admin: SocketAddr,
     admin_token: &str,
-    tenant: &str,
-    agent: &str,
-    ttl: Duration,
+    ask: TokenAsk<'_>,
 ) -> Result<serde_json::Value, StatusError> {
-    let body = serde_json::json!({"tenant": tenant, "agent": agent, "ttl_secs": ttl.as_secs()});
+    let body = serde_json::json!({
+        "tenant": ask.tenant,
+        "agent": ask.agent,
+        "ttl_secs": ask.ttl.as_secs(),
+        "cgroup": ask.cgroup,
+        "uid": ask.uid,
+        "netns": ask.netns,
+    });
     post_json(admin, admin_token, "/v1/tokens", body.to_string()).await
+}
+
+/// What `dmsc-node token create` asks for.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenAsk<'a> {
+    pub tenant: &'a str,
+    pub agent: &'a str,
+    pub ttl: Duration,
+    /// Only this cgroup's (or user's) processes may redeem it, at the
+    /// metadata endpoint.
+    pub cgroup: Option<&'a str>,
+    pub uid: Option<u32>,
+    pub netns: Option<&'a str>,
 }
 
 /// `dmsc-node admin-token create --tenant T --read-only`: asks the node for
@@ -306,6 +324,42 @@ pub async fn admin_token_revoke(
         });
     }
     Ok(())
+}
+
+/// `dmsc-node intercept enable|disable|status`: one call to the node's
+/// `/v1/intercept` (see `admin::intercept`); the node's answer, or its
+/// error message.
+pub async fn intercept_call(
+    admin: SocketAddr,
+    admin_token: &str,
+    method: hyper::Method,
+    path_and_query: &str,
+    body: Option<serde_json::Value>,
+) -> Result<serde_json::Value, StatusError> {
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let (status, text) = admin_call(
+        admin,
+        method,
+        path_and_query,
+        Some(admin_token),
+        body.into(),
+    )
+    .await?;
+    if !(200..300).contains(&status) {
+        let body = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_string))
+            .unwrap_or(text);
+        return Err(StatusError::Http {
+            addr: admin,
+            status,
+            body,
+        });
+    }
+    serde_json::from_str(&text).map_err(|e| StatusError::Decode {
+        addr: admin,
+        reason: e.to_string(),
+    })
 }
 
 /// `dmsc-node revoke apply FILE`: hands a signed revocation to the node,

@@ -568,7 +568,8 @@ impl Security {
             | dmsc_audit::EventKind::Masked(_)
             | dmsc_audit::EventKind::Policy(_)
             | dmsc_audit::EventKind::TenantKey(_)
-            | dmsc_audit::EventKind::RateLimited(_) => {}
+            | dmsc_audit::EventKind::RateLimited(_)
+            | dmsc_audit::EventKind::Onboarding(_) => {}
         }
     }
 
@@ -598,20 +599,42 @@ impl Security {
     }
 
     /// Creates a one-time join token (admin API / `dmsc-node token create`).
+    /// `binding`: only those local processes may redeem it, at the
+    /// metadata endpoint (`None`: any holder, by enrollment).
     pub fn create_token(
         &self,
         tenant: &str,
         agent: &str,
         ttl: Duration,
+        binding: Option<dmsc_auth::token::Binding>,
     ) -> Result<(String, dmsc_auth::token::TokenInfo), Refusal> {
-        // A token this node could never honour is refused now, not at enrollment.
-        if let Some(i) = self.issuer().filter(|i| !i.may_issue_for(tenant)) {
-            return Err(not_hosted(&i, tenant));
+        // A token this node could never honour is refused now, not at
+        // enrollment (a bound token is redeemed for no certificate).
+        if binding.is_none() {
+            if let Some(i) = self.issuer().filter(|i| !i.may_issue_for(tenant)) {
+                return Err(not_hosted(&i, tenant));
+            }
         }
         let store = &self.tokens;
         store
-            .create(tenant, agent, ttl)
+            .create_bound(tenant, agent, ttl, binding, time::OffsetDateTime::now_utc())
             .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.code(), e.reason()))
+    }
+
+    /// Redeems a bound join token for the local process `holder` (the
+    /// metadata endpoint). Blocking file I/O: call it on the blocking pool.
+    pub fn redeem_held(
+        &self,
+        token: &str,
+        holder: &dmsc_auth::token::Holder,
+    ) -> Result<dmsc_auth::token::TokenInfo, dmsc_auth::TokenError> {
+        self.tokens
+            .redeem_held(token, holder, time::OffsetDateTime::now_utc())
+    }
+
+    /// What the store knows of a token, by its public id (not spent).
+    pub fn token_info(&self, id: &str) -> Option<dmsc_auth::token::TokenInfo> {
+        self.tokens.list().into_iter().find(|t| t.id == id)
     }
 
     fn no_issuer(&self) -> Refusal {

@@ -249,8 +249,8 @@ impl tower_service::Service<hyper::Request<tonic::body::Body>> for Greeter {
 }
 
 /// A tonic server on loopback from the default builder (HTTP/2 only).
-struct GreeterServer {
-    addr: SocketAddr,
+pub(super) struct GreeterServer {
+    pub(super) addr: SocketAddr,
     log: Arc<Log>,
     /// `None` for a server without the health service.
     health: Option<HealthReporter>,
@@ -265,7 +265,7 @@ impl Drop for GreeterServer {
     }
 }
 
-async fn greeter_server(with_health: bool) -> GreeterServer {
+pub(super) async fn greeter_server(with_health: bool) -> GreeterServer {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("local addr");
     let log = Arc::new(Log::default());
@@ -307,7 +307,7 @@ async fn greeter_server(with_health: bool) -> GreeterServer {
 }
 
 /// The agent as a user declares it: tenant, name, url and skills.
-fn declared(addr: SocketAddr) -> RawAgent {
+pub(super) fn declared(addr: SocketAddr) -> RawAgent {
     RawAgent {
         tenant: "acme".into(),
         url: format!("http://{addr}"),

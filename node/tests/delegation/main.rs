@@ -49,6 +49,23 @@ async fn agent(name: &str, tags: &[&str], description: &str) -> SampleAgent {
     agent_with(name, tags, description, Duration::ZERO, CardDialect::V03).await
 }
 
+/// What [`agent`] runs: one skill with `tags`, an A2A 0.3 card.
+fn sample_config(name: &str, tags: &[&str], description: &str) -> SampleConfig {
+    SampleConfig {
+        name: name.to_string(),
+        description: description.to_string(),
+        skills: vec![SampleSkill {
+            id: format!("{name}-skill"),
+            name: description.to_string(),
+            description: description.to_string(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            examples: vec![description.to_string()],
+        }],
+        delay: Duration::ZERO,
+        dialect: CardDialect::V03,
+    }
+}
+
 async fn agent_with(
     name: &str,
     tags: &[&str],
@@ -56,24 +73,14 @@ async fn agent_with(
     delay: Duration,
     dialect: CardDialect,
 ) -> SampleAgent {
-    SampleAgent::start(
-        loopback(),
-        SampleConfig {
-            name: name.to_string(),
-            description: description.to_string(),
-            skills: vec![SampleSkill {
-                id: format!("{name}-skill"),
-                name: description.to_string(),
-                description: description.to_string(),
-                tags: tags.iter().map(|t| t.to_string()).collect(),
-                examples: vec![description.to_string()],
-            }],
-            delay,
-            dialect,
-        },
-    )
-    .await
-    .expect("sample agent")
+    let cfg = SampleConfig {
+        delay,
+        dialect,
+        ..sample_config(name, tags, description)
+    };
+    SampleAgent::start(loopback(), cfg)
+        .await
+        .expect("sample agent")
 }
 
 fn header(resp: &hyper::Response<()>, name: &str) -> String {

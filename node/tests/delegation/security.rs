@@ -245,7 +245,7 @@ async fn enroll(m: &SecureMesh, body: serde_json::Value) -> (StatusCode, hyper::
 fn token(m: &SecureMesh, tenant: &str, agent: &str, ttl: Duration) -> String {
     m.mesh.nodes[0]
         .security()
-        .create_token(tenant, agent, ttl)
+        .create_token(tenant, agent, ttl, None)
         .expect("token")
         .0
 }
@@ -322,7 +322,7 @@ async fn enrollment_with_valid_reused_expired_and_other_tenant_tokens() {
     // refuses at `now >= expires_at`).
     let (t, info) = m.mesh.nodes[0]
         .security()
-        .create_token("acme", "late", Duration::from_secs(1))
+        .create_token("acme", "late", Duration::from_secs(1), None)
         .expect("token");
     until_past(info.expires_at).await;
     let (status, _, body) = enroll(&m, serde_json::json!({ "token": t })).await;
