@@ -30,6 +30,9 @@ ROUNDS="${2:-2}"
 RATES=(500 2000)
 AUDIT=true
 [ "${DMSC_BENCH_AUDIT:-on}" = off ] && AUDIT=false
+# DMSC_BENCH_AUDIT_FSYNC=POLICY sets the nodes' audit.fsync (default: theirs).
+FSYNC=""
+[ -n "${DMSC_BENCH_AUDIT_FSYNC:-}" ] && FSYNC="fsync = \"$DMSC_BENCH_AUDIT_FSYNC\""
 for tool in nginx haproxy openssl oha taskset python3; do
   command -v "$tool" >/dev/null 2>&1 || {
     echo "compare.sh needs $tool (apt-get install nginx-light haproxy openssl util-linux; cargo install oha)" >&2
@@ -145,6 +148,7 @@ key = "$W/a/node.key"
 listen = "127.0.0.1:$((19401 + o))"
 [audit]
 enabled = $AUDIT
+$FSYNC
 [[agents]]
 tenant = "bench"
 url = "http://$BACKEND"
@@ -167,6 +171,7 @@ key = "$W/b/node.key"
 listen = "127.0.0.1:$((19402 + o))"
 [audit]
 enabled = $AUDIT
+$FSYNC
 [[ingress]]
 listen = "127.0.0.1:$((18082 + o))"
 tenant = "bench"

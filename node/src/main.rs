@@ -13,6 +13,13 @@ use dmsc_node::admin::status;
 use dmsc_node::config::{RawAdmin, RawConfig, RawOverlay, RawTls};
 use dmsc_node::{App, NodeError};
 
+/// The node's allocator: a proxy allocates and frees many small buffers per
+/// request, from several threads; jemalloc does that for less CPU and keeps
+/// less memory per small allocation than glibc's (BENCHMARKS.md, issue 14).
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "dmsc-node",
