@@ -22,7 +22,9 @@
 # what it costs; the comparison itself is with it on, the default).
 # DMSC_BENCH_PROFILE=FILE records a perf profile (-g, 999 Hz) of the two
 # dmsc nodes under max load instead (needs perf: apt-get install linux-perf).
-# DMSC_BENCH_SYSCALLS=1 (or =max) counts their system calls per request.
+# DMSC_BENCH_SYSCALLS=1 (or =max) counts their system calls per request
+# (other perf events with DMSC_BENCH_STAT_EVENTS, e.g. probe_libc:malloc
+# after `perf probe -x <libc> -a malloc`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS="${1:-5}"
@@ -226,7 +228,7 @@ if [ -n "${DMSC_BENCH_SYSCALLS:-}" ]; then
   # Count the two dmsc nodes' system calls per request at 2000/s (or at max
   # load with DMSC_BENCH_SYSCALLS=max) instead of the comparison (needs
   # perf): where the kernel time of the profile comes from.
-  perf stat -x, -e 'syscalls:sys_enter_*' -p "$DMSC_A,$DMSC_B" -o "$W/stat" -- sleep "$SECS" >/dev/null 2>&1 &
+  perf stat -x, -e "${DMSC_BENCH_STAT_EVENTS:-syscalls:sys_enter_*}" -p "$DMSC_A,$DMSC_B" -o "$W/stat" -- sleep "$SECS" >/dev/null 2>&1 &
   PERF=$!
   if [ "$DMSC_BENCH_SYSCALLS" = max ]; then load=(-c 32); else load=(-q 2000 --latency-correction -c 64); fi
   n=$($PIN1 oha -z "${SECS}s" --no-tui "${load[@]}" -m POST -D "$W/body" -H "Host: echo.bench.dmsc" --output-format json http://127.0.0.1:18082/ \

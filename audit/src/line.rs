@@ -177,22 +177,52 @@ pub(crate) fn encode_line<D: Serialize>(
     detail: D,
 ) -> Result<String, serde_json::Error> {
     let start = buf.len();
-    let out = LineOut {
-        seq: env.seq,
-        ts: env.ts,
-        node: env.node,
-        tenant: env.tenant,
-        kind: env.kind,
-        prev: env.prev,
-        detail,
-    };
-    if let Err(e) = serde_json::to_writer(&mut *buf, &out) {
+    if let Err(e) = serde_json::to_writer(&mut *buf, &env.with(detail)) {
         buf.truncate(start);
         return Err(e);
     }
+    Ok(finish_line(buf, start))
+}
+
+/// As [`encode_line`], with `detail` already JSON text (an object, e.g. a
+/// sealed detail): the envelope is serialized with a null detail, its last
+/// field, and the `null` replaced.
+pub(crate) fn encode_line_json(
+    buf: &mut Vec<u8>,
+    env: &Envelope<'_>,
+    detail: &[u8],
+) -> Result<String, serde_json::Error> {
+    let start = buf.len();
+    if let Err(e) = serde_json::to_writer(&mut *buf, &env.with(())) {
+        buf.truncate(start);
+        return Err(e);
+    }
+    debug_assert!(buf.ends_with(b"\"detail\":null}"));
+    buf.truncate(buf.len() - b"null}".len());
+    buf.extend_from_slice(detail);
+    buf.push(b'}');
+    Ok(finish_line(buf, start))
+}
+
+/// Hashes the line that starts at `start` and ends it with `\n`.
+fn finish_line(buf: &mut Vec<u8>, start: usize) -> String {
     let hash = line_hash(&buf[start..]);
     buf.push(b'\n');
-    Ok(hash)
+    hash
+}
+
+impl<'a> Envelope<'a> {
+    fn with<D: Serialize>(&self, detail: D) -> LineOut<'a, D> {
+        LineOut {
+            seq: self.seq,
+            ts: self.ts,
+            node: self.node,
+            tenant: self.tenant,
+            kind: self.kind,
+            prev: self.prev,
+            detail,
+        }
+    }
 }
 
 #[cfg(test)]

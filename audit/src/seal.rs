@@ -17,6 +17,7 @@
 //! deleted) withholds the fields (`"withheld":"<why>"`) rather than writing
 //! them in the clear.
 
+use serde::Serialize;
 use serde_json::{Map, Value};
 
 /// Seals and opens tenant payload for the audit log.
@@ -67,37 +68,209 @@ pub fn line_context(node: &str, seq: u64) -> String {
     format!("audit:{node}:{seq}")
 }
 
-/// Splits `detail` into clear fields and a sealed rest. `None` if nothing
-/// is to be sealed (the caller writes `detail` as it is).
-pub(crate) fn seal_detail(
+/// Seals the payload fields of `detail` (an event struct) and returns the
+/// line's `detail` as JSON text: its clear fields in the event's field
+/// order, then `"sealed"` (or `"withheld"` with the reason). The fields are
+/// routed to the clear text or to the payload as they are serialized, so
+/// no JSON value tree is built per line. `None` if the kind is not sealed
+/// (the caller writes `detail` as it is).
+pub(crate) fn seal_detail<D: Serialize + ?Sized>(
     sealer: &dyn Sealer,
     tenant: &str,
     kind: &str,
     context: &str,
-    detail: Value,
-) -> Option<Value> {
+    detail: &D,
+) -> Option<Vec<u8>> {
     let clear = clear_fields(kind)?;
-    let Value::Object(map) = detail else {
-        return None;
+    let mut split = Split {
+        clear_fields: clear,
+        clear: Vec::with_capacity(128),
+        payload: Vec::with_capacity(256),
     };
-    let (keep, payload): (Map<String, Value>, Map<String, Value>) = map
-        .into_iter()
-        .partition(|(k, _)| clear.contains(&k.as_str()));
-    let mut out = keep;
-    if payload.is_empty() {
-        return Some(Value::Object(out));
-    }
-    // A map of JSON values always serializes.
-    let bytes = serde_json::to_vec(&payload).unwrap_or_default();
-    match sealer.seal(tenant, context, &bytes) {
-        Ok(s) => {
-            out.insert(SEALED_FIELD.into(), Value::String(s));
+    let (mut out, tail) = match detail.serialize(&mut split) {
+        Ok(()) if split.payload.is_empty() => (split.clear, None),
+        Ok(()) => {
+            split.payload.push(b'}');
+            let tail = match sealer.seal(tenant, context, &split.payload) {
+                Ok(s) => (SEALED_FIELD, s),
+                Err(why) => (WITHHELD_FIELD, why),
+            };
+            (split.clear, Some(tail))
         }
-        Err(why) => {
-            out.insert(WITHHELD_FIELD.into(), Value::String(why));
-        }
+        // Unreachable for the event structs; never fall back to writing
+        // the payload in the clear.
+        Err(e) => (
+            Vec::new(),
+            Some((WITHHELD_FIELD, format!("not encodable: {e}"))),
+        ),
+    };
+    if let Some((field, value)) = tail {
+        out.push(if out.is_empty() { b'{' } else { b',' });
+        push_string(&mut out, field);
+        out.push(b':');
+        push_string(&mut out, &value);
     }
-    Some(Value::Object(out))
+    if out.is_empty() {
+        out.push(b'{');
+    }
+    out.push(b'}');
+    Some(out)
+}
+
+fn push_string(out: &mut Vec<u8>, s: &str) {
+    // Writing a string into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// A serializer that accepts one struct and writes each of its fields as
+/// JSON into `clear` or `payload` (each an object's opening brace and
+/// `"key":value` pairs, without the closing brace).
+struct Split {
+    clear_fields: &'static [&'static str],
+    clear: Vec<u8>,
+    payload: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct SplitError(String);
+
+impl SplitError {
+    fn not_a_struct() -> SplitError {
+        SplitError("an audit detail must be a struct".into())
+    }
+}
+
+impl std::fmt::Display for SplitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for SplitError {}
+
+impl serde::ser::Error for SplitError {
+    fn custom<T: std::fmt::Display>(msg: T) -> Self {
+        SplitError(msg.to_string())
+    }
+}
+
+type Impossible = serde::ser::Impossible<(), SplitError>;
+
+macro_rules! not_a_struct {
+    ($($name:ident($($arg:ty),*)),* $(,)?) => {
+        $(fn $name(self, $(_: $arg),*) -> Result<(), SplitError> { Err(SplitError::not_a_struct()) })*
+    };
+}
+
+impl serde::Serializer for &mut Split {
+    type Ok = ();
+    type Error = SplitError;
+    type SerializeSeq = Impossible;
+    type SerializeTuple = Impossible;
+    type SerializeTupleStruct = Impossible;
+    type SerializeTupleVariant = Impossible;
+    type SerializeMap = Impossible;
+    type SerializeStruct = Self;
+    type SerializeStructVariant = Impossible;
+
+    not_a_struct!(
+        serialize_bool(bool),
+        serialize_i8(i8),
+        serialize_i16(i16),
+        serialize_i32(i32),
+        serialize_i64(i64),
+        serialize_u8(u8),
+        serialize_u16(u16),
+        serialize_u32(u32),
+        serialize_u64(u64),
+        serialize_f32(f32),
+        serialize_f64(f64),
+        serialize_char(char),
+        serialize_str(&str),
+        serialize_bytes(&[u8]),
+        serialize_none(),
+        serialize_unit(),
+        serialize_unit_struct(&'static str),
+        serialize_unit_variant(&'static str, u32, &'static str),
+    );
+
+    fn serialize_some<T: Serialize + ?Sized>(self, _: &T) -> Result<(), SplitError> {
+        Err(SplitError::not_a_struct())
+    }
+    fn serialize_newtype_struct<T: Serialize + ?Sized>(
+        self,
+        _: &'static str,
+        value: &T,
+    ) -> Result<(), SplitError> {
+        value.serialize(self)
+    }
+    fn serialize_newtype_variant<T: Serialize + ?Sized>(
+        self,
+        _: &'static str,
+        _: u32,
+        _: &'static str,
+        _: &T,
+    ) -> Result<(), SplitError> {
+        Err(SplitError::not_a_struct())
+    }
+    fn serialize_seq(self, _: Option<usize>) -> Result<Impossible, SplitError> {
+        Err(SplitError::not_a_struct())
+    }
+    fn serialize_tuple(self, _: usize) -> Result<Impossible, SplitError> {
+        Err(SplitError::not_a_struct())
+    }
+    fn serialize_tuple_struct(self, _: &'static str, _: usize) -> Result<Impossible, SplitError> {
+        Err(SplitError::not_a_struct())
+    }
+    fn serialize_tuple_variant(
+        self,
+        _: &'static str,
+        _: u32,
+        _: &'static str,
+        _: usize,
+    ) -> Result<Impossible, SplitError> {
+        Err(SplitError::not_a_struct())
+    }
+    fn serialize_map(self, _: Option<usize>) -> Result<Impossible, SplitError> {
+        Err(SplitError::not_a_struct())
+    }
+    fn serialize_struct(self, _: &'static str, _: usize) -> Result<Self, SplitError> {
+        Ok(self)
+    }
+    fn serialize_struct_variant(
+        self,
+        _: &'static str,
+        _: u32,
+        _: &'static str,
+        _: usize,
+    ) -> Result<Impossible, SplitError> {
+        Err(SplitError::not_a_struct())
+    }
+}
+
+impl serde::ser::SerializeStruct for &mut Split {
+    type Ok = ();
+    type Error = SplitError;
+
+    fn serialize_field<T: Serialize + ?Sized>(
+        &mut self,
+        key: &'static str,
+        value: &T,
+    ) -> Result<(), SplitError> {
+        let out = if self.clear_fields.contains(&key) {
+            &mut self.clear
+        } else {
+            &mut self.payload
+        };
+        out.push(if out.is_empty() { b'{' } else { b',' });
+        push_string(out, key);
+        out.push(b':');
+        serde_json::to_writer(&mut *out, value).map_err(|e| SplitError(e.to_string()))
+    }
+
+    fn end(self) -> Result<(), SplitError> {
+        Ok(())
+    }
 }
 
 /// How a line's payload reads after [`open_line`].
@@ -184,17 +357,20 @@ mod tests {
             "serving_node":"n2","outcome":"ok","status":200,"duration_ms":3,"trace_id":"x"})
     }
 
+    fn event() -> crate::event::Delegation {
+        serde_json::from_value(delegation()).expect("a delegation event")
+    }
+
+    /// `seal_detail` as JSON, for the assertions.
+    fn sealed(sealer: &Fake, kind: &str, context: &str) -> Option<Value> {
+        seal_detail(sealer, "acme", kind, context, &event())
+            .map(|bytes| serde_json::from_slice(&bytes).expect("detail is JSON"))
+    }
+
     #[test]
     fn only_the_payload_is_sealed_and_it_opens_back_in_place() {
         let ctx = line_context("n1", 7);
-        let out = seal_detail(
-            &Fake { refuse: false },
-            "acme",
-            "delegation",
-            &ctx,
-            delegation(),
-        )
-        .expect("sealed");
+        let out = sealed(&Fake { refuse: false }, "delegation", &ctx).expect("sealed");
         let map = out.as_object().expect("object");
         let mut keys: Vec<&str> = map.keys().map(String::as_str).collect();
         keys.sort_unstable();
@@ -231,8 +407,7 @@ mod tests {
 
     #[test]
     fn a_refused_seal_withholds_and_operator_kinds_stay_clear() {
-        let out = seal_detail(&Fake { refuse: true }, "acme", "denied", "c", delegation())
-            .expect("withheld");
+        let out = sealed(&Fake { refuse: true }, "denied", "c").expect("withheld");
         let text = out.to_string();
         assert!(!text.contains("\"caller\""), "{text}");
         assert!(text.contains("\"withheld\":\"tenant deleted\""), "{text}");
@@ -244,13 +419,48 @@ mod tests {
             "recovery",
         ] {
             assert!(clear_fields(kind).is_none(), "{kind}");
-            assert!(
-                seal_detail(&Fake { refuse: false }, "acme", kind, "c", delegation()).is_none()
-            );
+            assert!(sealed(&Fake { refuse: false }, kind, "c").is_none());
         }
         // A kind this build does not know is sealed except what reports count.
-        let out = seal_detail(&Fake { refuse: false }, "acme", "masked", "c", delegation())
-            .expect("sealed");
+        let out = sealed(&Fake { refuse: false }, "masked", "c").expect("sealed");
         assert!(out.get("outcome").is_some() && out.get("caller").is_none());
+    }
+
+    #[test]
+    fn a_detail_that_is_not_a_struct_is_withheld_whole() {
+        let out = seal_detail(
+            &Fake { refuse: false },
+            "acme",
+            "delegation",
+            "c",
+            &"caller",
+        )
+        .expect("withheld");
+        let v: Value = serde_json::from_slice(&out).expect("JSON");
+        assert_eq!(
+            v,
+            serde_json::json!({"withheld": "not encodable: an audit detail must be a struct"})
+        );
+    }
+
+    #[test]
+    fn an_event_with_nothing_to_seal_keeps_its_clear_fields() {
+        let event = crate::event::Denied {
+            caller: String::new(),
+            target: String::new(),
+            reason: String::new(),
+            rule: Some("acme:export".into()),
+        };
+        // Only `rule` is clear for `denied`; the rest is sealed even when empty.
+        let out =
+            seal_detail(&Fake { refuse: false }, "acme", "denied", "c", &event).expect("sealed");
+        let v: Value = serde_json::from_slice(&out).expect("JSON");
+        assert_eq!(v["rule"], "acme:export");
+        assert!(
+            v["sealed"]
+                .as_str()
+                .is_some_and(|s| s.contains("\"caller\":\"\"")),
+            "{v}"
+        );
     }
 }

@@ -23,14 +23,15 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::Instrument as _;
 
 use crate::event::{DetailRef, Event, Recovery, KIND_CHECKPOINT, KIND_RECOVERY};
-use crate::line::{encode_line, line_hash, parse_line, Envelope, GENESIS_PREV, MAX_LINE};
+use crate::line::{
+    encode_line, encode_line_json, line_hash, parse_line, Envelope, GENESIS_PREV, MAX_LINE,
+};
 use crate::seal::{line_context, seal_detail};
 use crate::{AuditError, Sealer, Signer};
 
@@ -456,7 +457,9 @@ impl AuditLog {
             counters: counters.clone(),
         };
         if let Some(r) = prepared.recovery {
-            writer.push_line(None, KIND_RECOVERY, &r, now_ms());
+            writer.push_line(None, KIND_RECOVERY, now_ms(), |buf, env| {
+                encode_line(buf, env, &r)
+            });
         }
         let (tx, rx) = mpsc::channel(cfg.queue);
         let (stop_tx, stop_rx) = oneshot::channel();
@@ -763,17 +766,15 @@ impl Writer {
         for msg in batch.drain(..) {
             match msg {
                 Msg::Event { ts, event } => {
-                    let sealed = self.seal(&event);
-                    let pushed = match sealed {
-                        Some(detail) => {
-                            self.push_line(event.tenant.as_deref(), event.kind.name(), detail, ts)
-                        }
-                        None => self.push_line(
-                            event.tenant.as_deref(),
-                            event.kind.name(),
-                            DetailRef(&event.kind),
-                            ts,
-                        ),
+                    let tenant = event.tenant.as_deref();
+                    let kind = event.kind.name();
+                    let pushed = match self.seal(&event) {
+                        Some(detail) => self.push_line(tenant, kind, ts, |buf, env| {
+                            encode_line_json(buf, env, &detail)
+                        }),
+                        None => self.push_line(tenant, kind, ts, |buf, env| {
+                            encode_line(buf, env, DetailRef(&event.kind))
+                        }),
                     };
                     if pushed && self.since_checkpoint >= self.checkpoint_every {
                         self.push_checkpoint();
@@ -788,30 +789,25 @@ impl Writer {
         force
     }
 
-    /// The sealed `detail` of a tenant's event, bound to the seq it is about
-    /// to get; `None` when there is no sealer, no tenant or nothing to seal.
-    fn seal(&self, event: &Event) -> Option<serde_json::Value> {
+    /// The sealed `detail` of a tenant's event as JSON text, bound to the
+    /// seq it is about to get; `None` when there is no sealer, no tenant or
+    /// nothing to seal.
+    fn seal(&self, event: &Event) -> Option<Vec<u8>> {
         let sealer = self.sealer.as_deref()?;
         let tenant = event.tenant.as_deref()?;
         let kind = event.kind.name();
         crate::seal::clear_fields(kind)?;
-        let detail = match serde_json::to_value(DetailRef(&event.kind)) {
-            Ok(d) => d,
-            // Unreachable for these plain structs; never fall back to
-            // writing the payload in the clear.
-            Err(e) => serde_json::json!({ crate::WITHHELD_FIELD: format!("not encodable: {e}") }),
-        };
         let context = line_context(&self.node, self.next_seq);
-        seal_detail(sealer, tenant, kind, &context, detail)
+        seal_detail(sealer, tenant, kind, &context, &DetailRef(&event.kind))
     }
 
     /// Appends one encoded line to the buffer and advances the chain.
-    fn push_line<D: Serialize>(
+    fn push_line(
         &mut self,
         tenant: Option<&str>,
         kind: &str,
-        detail: D,
         ts: u64,
+        encode: impl FnOnce(&mut Vec<u8>, &Envelope<'_>) -> Result<String, serde_json::Error>,
     ) -> bool {
         let env = Envelope {
             seq: self.next_seq,
@@ -821,7 +817,7 @@ impl Writer {
             kind,
             prev: &self.prev,
         };
-        match encode_line(&mut self.buf, &env, detail) {
+        match encode(&mut self.buf, &env) {
             Ok(hash) => {
                 self.prev = hash;
                 self.next_seq += 1;
@@ -848,7 +844,9 @@ impl Writer {
         let seq = self.next_seq;
         match signer.sign(&self.node, seq, &self.prev) {
             Ok(cp) => {
-                if self.push_line(None, KIND_CHECKPOINT, &cp, now_ms()) {
+                if self.push_line(None, KIND_CHECKPOINT, now_ms(), |buf, env| {
+                    encode_line(buf, env, &cp)
+                }) {
                     self.buf_checkpoints += 1;
                     self.since_checkpoint = 0;
                 }
