@@ -230,7 +230,17 @@ fn three_processes_form_a_mesh_refuse_an_intruder_and_track_failures() {
     let n1 = Node::start("n1", &n1_config);
     let n2 = Node::start("n2", &write_config(d, "n2", &d.join("n2"), &[&n1.overlay]));
     let n3_config = write_config(d, "n3", &d.join("n3"), &[&n2.overlay]);
-    let mut n3 = Node::start("n3", &n3_config);
+    // n3 runs on one CPU, as the benchmarks pin nodes: its runtime is the
+    // single-threaded one, and everything below holds for it too.
+    let mut pinned = Command::new("taskset");
+    pinned
+        .args(["-c", "0", BIN, "run", "--config"])
+        .arg(&n3_config);
+    let mut n3 = Node::start_with("n3", pinned);
+    assert!(
+        n3.log_contains("single-threaded runtime"),
+        "n3 under taskset -c 0 should say it runs one thread"
+    );
 
     let t = eventually(
         Duration::from_secs(15),
