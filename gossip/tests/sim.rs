@@ -122,12 +122,12 @@ async fn two_hundred_nodes_converge_detect_a_cut_node_and_readmit_it() {
         m.len() == N - 1 && m.iter().all(|m| m.state == MemberState::Dead)
     });
     eprintln!("the isolated node saw all 199 others dead after {blind:?} more (simulated)");
-    // By now the control key has reached all 199 connected nodes, and the
-    // cut node kept gossiping; yet nothing crossed the cut either way.
-    assert!(
-        nodes[V].rounds() > victim_rounds + 10,
-        "the cut node kept running gossip rounds"
-    );
+    // By now the control key has reached all 199 connected nodes. The cut
+    // node keeps gossiping (detection can take as few as 10 rounds, so wait
+    // for more than that); yet nothing crosses the cut either way.
+    eventually!(Duration::from_secs(60), {
+        nodes[V].rounds() > victim_rounds + 10
+    });
     assert_eq!(
         net.bytes_sent(victim),
         victim_delivered,
