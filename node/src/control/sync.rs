@@ -389,9 +389,11 @@ pub async fn sync_loop(sync: Sync) {
                         publish_policy(&gossip, &tenant, version, &digest).await;
                     }
                     Ok((tenant, digest, Err(e))) => {
-                        // Another peer may have it: try again soon.
+                        // Another peer may have it, or the route was not
+                        // up yet: eligible again in a second (the next scan
+                        // that lists it, at most 5 s away), not in ten.
                         tracing::debug!(%tenant, error = %e, "policy fetch failed");
-                        let soon = Instant::now().checked_sub(Duration::from_secs(50));
+                        let soon = Instant::now().checked_sub(Duration::from_secs(59));
                         policy_seen.insert(digest, soon.unwrap_or_else(Instant::now));
                     }
                     _ => {}
