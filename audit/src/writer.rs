@@ -796,7 +796,6 @@ impl Writer {
         let sealer = self.sealer.as_deref()?;
         let tenant = event.tenant.as_deref()?;
         let kind = event.kind.name();
-        crate::seal::clear_fields(kind)?;
         let context = line_context(&self.node, self.next_seq);
         seal_detail(sealer, tenant, kind, &context, &DetailRef(&event.kind))
     }
