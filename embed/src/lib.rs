@@ -13,10 +13,11 @@
 //!
 //! # The model directory
 //!
-//! A sentence-transformers export of a BERT model: `config.json` (BERT
-//! configuration), `tokenizer.json` (a Hugging Face tokenizer) and
-//! `model.safetensors` (F32 weights, tensor names with or without a
-//! `bert.` prefix). Pooling is the mean over tokens, then L2
+//! A sentence-transformers export of a BERT or MPNet model (`model_type`
+//! in `config.json`; MPNet, which candle-transformers lacks, is in
+//! [`mpnet`]): `config.json`, `tokenizer.json` (a Hugging Face tokenizer)
+//! and `model.safetensors` (F32 weights, tensor names with or without a
+//! `bert.` / `mpnet.` prefix). Pooling is the mean over tokens, then L2
 //! normalisation (what `1_Pooling/config.json` and `modules.json` say for
 //! MiniLM; other poolings are not supported). Every problem names the file
 //! it is about ([`Error`]), so a bad `[intent] model_dir` is a clear
@@ -43,6 +44,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
 use tokenizers::{Tokenizer, TruncationParams};
+
+pub mod mpnet;
 
 /// Text beyond this many bytes is never tokenized (the model's window is
 /// far shorter: 256 word pieces are rarely more than 2 KB of text).
@@ -86,17 +89,33 @@ pub struct Embedding {
 /// A loaded sentence-embedding model. `Send + Sync`: one per process,
 /// shared by reference.
 pub struct Model {
-    bert: BertModel,
+    encoder: Encoder,
     tokenizer: Tokenizer,
     dim: usize,
     max_tokens: usize,
     dir: PathBuf,
 }
 
+/// The architectures this crate runs (`model_type` in `config.json`).
+enum Encoder {
+    Bert(BertModel),
+    MpNet(mpnet::MpNet),
+}
+
+impl Encoder {
+    fn name(&self) -> &'static str {
+        match self {
+            Encoder::Bert(_) => "bert",
+            Encoder::MpNet(_) => "mpnet",
+        }
+    }
+}
+
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Model")
             .field("dir", &self.dir)
+            .field("architecture", &self.encoder.name())
             .field("dim", &self.dim)
             .field("max_tokens", &self.max_tokens)
             .finish()
@@ -123,10 +142,13 @@ impl Model {
     pub fn load(dir: &Path) -> Result<Model, Error> {
         let config_path = dir.join("config.json");
         let bytes = read(&config_path)?;
-        let config: Config = serde_json::from_slice(&bytes)
-            .map_err(|e| corrupt(&config_path, format!("not a BERT configuration: {e}")))?;
         let raw: serde_json::Value =
             serde_json::from_slice(&bytes).map_err(|e| corrupt(&config_path, e))?;
+        let model_type = raw
+            .get("model_type")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("bert")
+            .to_string();
         let dim = raw
             .get("hidden_size")
             .and_then(serde_json::Value::as_u64)
@@ -138,35 +160,71 @@ impl Model {
             .and_then(serde_json::Value::as_u64)
             .and_then(|d| usize::try_from(d).ok())
             .unwrap_or(512);
+        enum Parsed {
+            Bert(Config),
+            MpNet(mpnet::Config),
+        }
+        let parsed =
+            match model_type.as_str() {
+                "bert" => Parsed::Bert(serde_json::from_value(raw).map_err(|e| {
+                    corrupt(&config_path, format!("not a BERT configuration: {e}"))
+                })?),
+                "mpnet" => Parsed::MpNet(serde_json::from_value(raw).map_err(|e| {
+                    corrupt(&config_path, format!("not an MPNet configuration: {e}"))
+                })?),
+                other => {
+                    return Err(corrupt(
+                        &config_path,
+                        format!("model_type `{other}` is not supported (bert or mpnet)"),
+                    ))
+                }
+            };
 
         let tok_path = dir.join("tokenizer.json");
         let bytes = read(&tok_path)?;
         let mut tokenizer = Tokenizer::from_bytes(&bytes).map_err(|e| corrupt(&tok_path, e))?;
-        // The shipped tokenizer pads every input to 128 word pieces: a short
+        // The shipped tokenizers pad every input to 128 word pieces: a short
         // query would cost a 128-token pass. One input at a time needs none.
         tokenizer.with_padding(None);
-        let max_tokens = DEFAULT_MAX_TOKENS.min(max_positions);
-        tokenizer
-            .with_truncation(Some(TruncationParams {
-                max_length: max_tokens,
-                ..Default::default()
-            }))
-            .map_err(|e| corrupt(&tok_path, e))?;
 
         let weights_path = dir.join("model.safetensors");
         let bytes = read(&weights_path)?;
         let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
             .map_err(|e| corrupt(&weights_path, e))?;
         drop(bytes);
-        // Exports differ: some name tensors `bert.embeddings...`, MiniLM's
-        // `embeddings...`.
-        let prefixed = tensors.keys().any(|k| k.starts_with("bert."));
+        // Exports differ: some name tensors `bert.embeddings...` (or
+        // `mpnet.`), MiniLM's and all-mpnet-base-v2's `embeddings...`.
+        let prefix = ["bert.", "mpnet."]
+            .into_iter()
+            .find(|p| tensors.keys().any(|k| k.starts_with(p)));
         let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
-        let vb = if prefixed { vb.pp("bert") } else { vb };
-        let bert = BertModel::load(vb, &config)
-            .map_err(|e| corrupt(&weights_path, format!("does not fit config.json: {e}")))?;
+        let vb = match prefix {
+            Some(p) => vb.pp(p.trim_end_matches('.')),
+            None => vb,
+        };
+        let unfit = |e: candle_core::Error| {
+            corrupt(&weights_path, format!("does not fit config.json: {e}"))
+        };
+        let (encoder, window) = match parsed {
+            Parsed::Bert(config) => (
+                Encoder::Bert(BertModel::load(vb, &config).map_err(unfit)?),
+                max_positions,
+            ),
+            Parsed::MpNet(config) => {
+                let m = mpnet::MpNet::load(vb, &config).map_err(unfit)?;
+                let window = m.max_tokens();
+                (Encoder::MpNet(m), window)
+            }
+        };
+        let max_tokens = DEFAULT_MAX_TOKENS.min(window);
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: max_tokens,
+                ..Default::default()
+            }))
+            .map_err(|e| corrupt(&tok_path, e))?;
         let model = Model {
-            bert,
+            encoder,
             tokenizer,
             dim,
             max_tokens,
@@ -191,6 +249,11 @@ impl Model {
     /// Word pieces per input, markers included.
     pub fn max_tokens(&self) -> usize {
         self.max_tokens
+    }
+
+    /// The architecture (`bert` or `mpnet`), as `config.json` names it.
+    pub fn architecture(&self) -> &'static str {
+        self.encoder.name()
     }
 
     /// The directory the model was loaded from.
@@ -219,10 +282,15 @@ impl Model {
         let ids = enc.get_ids();
         let tokens = ids.len();
         let truncated = cut || !enc.get_overflowing().is_empty();
-        let input = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
-        let types = input.zeros_like()?;
         let mask = Tensor::new(enc.get_attention_mask(), &Device::Cpu)?.unsqueeze(0)?;
-        let hidden = self.bert.forward(&input, &types, Some(&mask))?; // [1, n, dim]
+        let hidden = match &self.encoder {
+            Encoder::Bert(bert) => {
+                let input = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
+                let types = input.zeros_like()?;
+                bert.forward(&input, &types, Some(&mask))?
+            }
+            Encoder::MpNet(m) => m.forward(ids)?,
+        }; // [1, n, dim]
         let m = mask.to_dtype(DType::F32)?.unsqueeze(2)?; // [1, n, 1]
         let sum = hidden.broadcast_mul(&m)?.sum(1)?; // [1, dim]
         let count = m.sum(1)?.clamp(1.0, f64::MAX)?; // [1, 1]
@@ -247,18 +315,31 @@ pub fn normalize(v: &mut [f32]) {
     }
 }
 
-/// Where `scripts/fetch-model.sh` installs the model by default:
+/// The default model's directory name: all-MiniLM-L6-v2 (90 MB, about
+/// 10 ms a short query here).
+pub const MINILM: &str = "all-minilm-l6-v2";
+/// The larger model's: all-mpnet-base-v2 (440 MB, about seven times the
+/// cost of MiniLM per query, better at paraphrases; BENCHMARKS.md).
+pub const MPNET: &str = "all-mpnet-base-v2";
+
+/// Where `scripts/fetch-model.sh` installs the default model:
 /// `$DMSC_MODEL_DIR`, else `$XDG_DATA_HOME/dmsc/all-minilm-l6-v2`, else
 /// `$HOME/.local/share/dmsc/all-minilm-l6-v2`.
 pub fn default_model_dir() -> Option<PathBuf> {
     if let Some(d) = std::env::var_os("DMSC_MODEL_DIR").filter(|d| !d.is_empty()) {
         return Some(PathBuf::from(d));
     }
+    model_dir_named(MINILM)
+}
+
+/// Where `scripts/fetch-model.sh --model NAME` installs a model:
+/// `$XDG_DATA_HOME/dmsc/NAME`, else `$HOME/.local/share/dmsc/NAME`.
+pub fn model_dir_named(name: &str) -> Option<PathBuf> {
     let data = std::env::var_os("XDG_DATA_HOME")
         .filter(|d| !d.is_empty())
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))?;
-    Some(data.join("dmsc/all-minilm-l6-v2"))
+    Some(data.join("dmsc").join(name))
 }
 
 /// The installed model, if [`default_model_dir`] holds one (tests that need
@@ -267,16 +348,28 @@ pub fn installed_model_dir() -> Option<PathBuf> {
     default_model_dir().filter(|d| d.join("model.safetensors").is_file())
 }
 
-/// The installed model for a test that needs it: `None` (the test says
-/// it skips, and why) where it is absent, but a failure under `CI=true`,
-/// where `.ci/run` installs it, so CI never passes by skipping.
+/// The installed default model for a test that needs it: `None` (the test
+/// says it skips, and why) where it is absent, but a failure under
+/// `CI=true`, where `.ci/run` installs it, so CI never passes by skipping.
 pub fn model_for_tests() -> Option<PathBuf> {
-    let found = installed_model_dir();
+    for_tests(installed_model_dir(), MINILM)
+}
+
+/// [`model_for_tests`] for a model installed under its name
+/// (`scripts/fetch-model.sh --model mpnet`: [`MPNET`]).
+pub fn model_for_tests_named(name: &str) -> Option<PathBuf> {
+    let found = model_dir_named(name).filter(|d| d.join("model.safetensors").is_file());
+    for_tests(found, name)
+}
+
+fn for_tests(found: Option<PathBuf>, name: &str) -> Option<PathBuf> {
     if found.is_none() && std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("CI=true but no model installed: .ci/run runs scripts/fetch-model.sh first");
+        panic!(
+            "CI=true but model {name} is not installed: .ci/run runs scripts/fetch-model.sh first"
+        );
     }
     if found.is_none() {
-        eprintln!("skipped: no model installed (run scripts/fetch-model.sh; CI does)");
+        eprintln!("skipped: model {name} not installed (run scripts/fetch-model.sh; CI does)");
     }
     found
 }
@@ -298,6 +391,21 @@ mod tests {
         std::fs::write(dir.join("config.json"), "{not json").expect("write");
         let e = Model::load(&dir).expect_err("bad config");
         assert!(e.to_string().contains("config.json"), "{e}");
+        std::fs::write(
+            dir.join("config.json"),
+            r#"{"model_type": "gpt2", "hidden_size": 768}"#,
+        )
+        .expect("write");
+        let e = Model::load(&dir).expect_err("unsupported architecture");
+        assert!(e.to_string().contains("config.json"), "{e}");
+        assert!(e.to_string().contains("`gpt2` is not supported"), "{e}");
+        std::fs::write(
+            dir.join("config.json"),
+            r#"{"model_type": "mpnet", "hidden_size": 768}"#,
+        )
+        .expect("write");
+        let e = Model::load(&dir).expect_err("incomplete MPNet config");
+        assert!(e.to_string().contains("not an MPNet configuration"), "{e}");
         if let Some(real) = installed_model_dir() {
             std::fs::copy(real.join("config.json"), dir.join("config.json")).expect("copy");
             let e = Model::load(&dir).expect_err("no tokenizer");

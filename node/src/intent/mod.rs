@@ -132,6 +132,7 @@ impl Intent {
                 let m = dmsc_embed::Model::load(dir)?;
                 tracing::info!(
                     model_dir = %dir.display(),
+                    architecture = m.architecture(),
                     dim = m.dim(),
                     load_ms = started.elapsed().as_millis() as u64,
                     "intent routing: hybrid (BM25 + sentence embeddings)"
