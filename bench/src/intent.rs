@@ -31,6 +31,9 @@ pub struct IntentArgs {
     /// Model directory (default: the installed one, see scripts/fetch-model.sh).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// Keep the model's weights as exported (f32) instead of int8 (what the node does).
+    #[arg(long)]
+    pub f32: bool,
     /// Semantic weights to report besides lexical alone (1 = semantic alone).
     #[arg(long, value_delimiter = ',', default_value = "1,0.7")]
     pub weights: Vec<f32>,
@@ -183,7 +186,12 @@ pub fn run(args: IntentArgs) -> anyhow::Result<()> {
     let model = match &model_dir {
         Some(d) => {
             let t = Instant::now();
-            let m = dmsc_embed::Model::load(d)?;
+            let precision = if args.f32 {
+                dmsc_embed::Precision::F32
+            } else {
+                dmsc_embed::Precision::Int8
+            };
+            let m = dmsc_embed::Model::load_with(d, precision)?;
             eprintln!("model {} loaded in {:?}", d.display(), t.elapsed());
             Some(m)
         }

@@ -14,9 +14,9 @@
 //! # The model directory
 //!
 //! A sentence-transformers export of a BERT or MPNet model (`model_type`
-//! in `config.json`; MPNet, which candle-transformers lacks, is in
-//! [`mpnet`]): `config.json`, `tokenizer.json` (a Hugging Face tokenizer)
-//! and `model.safetensors` (F32 weights, tensor names with or without a
+//! in `config.json`; both run on this crate's own encoder, [`encoder`]):
+//! `config.json`, `tokenizer.json` (a Hugging Face tokenizer) and
+//! `model.safetensors` (F32 weights, tensor names with or without a
 //! `bert.` / `mpnet.` prefix). Pooling is the mean over tokens, then L2
 //! normalisation (what `1_Pooling/config.json` and `modules.json` say for
 //! MiniLM; other poolings are not supported). Every problem names the file
@@ -25,9 +25,11 @@
 //!
 //! # Cost
 //!
-//! On the 2-core reference machine a short query (15 tokens) takes about
-//! 10 ms, 128 tokens about 55 ms; the weights add about 90 MB RSS.
-//! [`Model::embed`] is CPU-bound and synchronous: callers run it on a
+//! The dense layers are kept as int8 ([`Precision::Int8`], the default;
+//! [`encoder`] says how). On the 2-core reference machine a short query
+//! (15 tokens) takes about 14 ms with all-MiniLM-L6-v2 and 30 ms with
+//! all-mpnet-base-v2, whose weights then add about 60 and 230 MB RSS
+//! (BENCHMARKS.md, issue 13). [`Model::embed`] is CPU-bound and synchronous: callers run it on a
 //! blocking pool, never on an async worker or under a lock.
 //!
 //! # Long and odd input
@@ -42,10 +44,11 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config};
 use tokenizers::{Tokenizer, TruncationParams};
 
-pub mod mpnet;
+pub mod encoder;
+
+pub use encoder::{Arch, Precision};
 
 /// Text beyond this many bytes is never tokenized (the model's window is
 /// far shorter: 256 word pieces are rarely more than 2 KB of text).
@@ -89,33 +92,18 @@ pub struct Embedding {
 /// A loaded sentence-embedding model. `Send + Sync`: one per process,
 /// shared by reference.
 pub struct Model {
-    encoder: Encoder,
+    encoder: encoder::Encoder,
     tokenizer: Tokenizer,
     dim: usize,
     max_tokens: usize,
     dir: PathBuf,
 }
 
-/// The architectures this crate runs (`model_type` in `config.json`).
-enum Encoder {
-    Bert(BertModel),
-    MpNet(mpnet::MpNet),
-}
-
-impl Encoder {
-    fn name(&self) -> &'static str {
-        match self {
-            Encoder::Bert(_) => "bert",
-            Encoder::MpNet(_) => "mpnet",
-        }
-    }
-}
-
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Model")
             .field("dir", &self.dir)
-            .field("architecture", &self.encoder.name())
+            .field("architecture", &self.encoder.arch().name())
             .field("dim", &self.dim)
             .field("max_tokens", &self.max_tokens)
             .finish()
@@ -138,47 +126,41 @@ fn read(path: &Path) -> Result<Vec<u8>, Error> {
 
 impl Model {
     /// Loads `dir/config.json`, `dir/tokenizer.json` and
-    /// `dir/model.safetensors`.
+    /// `dir/model.safetensors`, dense layers as int8 ([`Precision::Int8`]).
     pub fn load(dir: &Path) -> Result<Model, Error> {
+        Model::load_with(dir, Precision::default())
+    }
+
+    /// [`Model::load`] with the weights kept at `precision`.
+    pub fn load_with(dir: &Path, precision: Precision) -> Result<Model, Error> {
         let config_path = dir.join("config.json");
         let bytes = read(&config_path)?;
         let raw: serde_json::Value =
             serde_json::from_slice(&bytes).map_err(|e| corrupt(&config_path, e))?;
-        let model_type = raw
+        let arch = match raw
             .get("model_type")
             .and_then(serde_json::Value::as_str)
             .unwrap_or("bert")
-            .to_string();
-        let dim = raw
-            .get("hidden_size")
-            .and_then(serde_json::Value::as_u64)
-            .and_then(|d| usize::try_from(d).ok())
+        {
+            "bert" => Arch::Bert,
+            "mpnet" => Arch::MpNet,
+            other => {
+                return Err(corrupt(
+                    &config_path,
+                    format!("model_type `{other}` is not supported (bert or mpnet)"),
+                ))
+            }
+        };
+        let config: encoder::Config = serde_json::from_value(raw).map_err(|e| {
+            let what = match arch {
+                Arch::Bert => "a BERT",
+                Arch::MpNet => "an MPNet",
+            };
+            corrupt(&config_path, format!("not {what} configuration: {e}"))
+        })?;
+        let dim = Some(config.hidden_size)
             .filter(|d| (1..=4096).contains(d))
             .ok_or_else(|| corrupt(&config_path, "no usable hidden_size"))?;
-        let max_positions = raw
-            .get("max_position_embeddings")
-            .and_then(serde_json::Value::as_u64)
-            .and_then(|d| usize::try_from(d).ok())
-            .unwrap_or(512);
-        enum Parsed {
-            Bert(Config),
-            MpNet(mpnet::Config),
-        }
-        let parsed =
-            match model_type.as_str() {
-                "bert" => Parsed::Bert(serde_json::from_value(raw).map_err(|e| {
-                    corrupt(&config_path, format!("not a BERT configuration: {e}"))
-                })?),
-                "mpnet" => Parsed::MpNet(serde_json::from_value(raw).map_err(|e| {
-                    corrupt(&config_path, format!("not an MPNet configuration: {e}"))
-                })?),
-                other => {
-                    return Err(corrupt(
-                        &config_path,
-                        format!("model_type `{other}` is not supported (bert or mpnet)"),
-                    ))
-                }
-            };
 
         let tok_path = dir.join("tokenizer.json");
         let bytes = read(&tok_path)?;
@@ -189,33 +171,32 @@ impl Model {
 
         let weights_path = dir.join("model.safetensors");
         let bytes = read(&weights_path)?;
-        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-            .map_err(|e| corrupt(&weights_path, e))?;
-        drop(bytes);
+        // Tensors are converted one at a time as the encoder asks for them
+        // (and quantized at once), so the f32 copy of the whole model never
+        // exists beside the file's bytes.
+        let names: Vec<String> = candle_core::safetensors::SliceSafetensors::new(&bytes)
+            .map_err(|e| corrupt(&weights_path, e))?
+            .tensors()
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
         // Exports differ: some name tensors `bert.embeddings...` (or
         // `mpnet.`), MiniLM's and all-mpnet-base-v2's `embeddings...`.
         let prefix = ["bert.", "mpnet."]
             .into_iter()
-            .find(|p| tensors.keys().any(|k| k.starts_with(p)));
-        let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
-        let vb = match prefix {
-            Some(p) => vb.pp(p.trim_end_matches('.')),
-            None => vb,
+            .find(|p| names.iter().any(|k| k.starts_with(p)));
+        let encoder = {
+            let vb = VarBuilder::from_slice_safetensors(&bytes, DType::F32, &Device::Cpu)
+                .map_err(|e| corrupt(&weights_path, e))?;
+            let vb = match prefix {
+                Some(p) => vb.pp(p.trim_end_matches('.')),
+                None => vb,
+            };
+            encoder::Encoder::load(vb, arch, &config, precision)
+                .map_err(|e| corrupt(&weights_path, format!("does not fit config.json: {e}")))?
         };
-        let unfit = |e: candle_core::Error| {
-            corrupt(&weights_path, format!("does not fit config.json: {e}"))
-        };
-        let (encoder, window) = match parsed {
-            Parsed::Bert(config) => (
-                Encoder::Bert(BertModel::load(vb, &config).map_err(unfit)?),
-                max_positions,
-            ),
-            Parsed::MpNet(config) => {
-                let m = mpnet::MpNet::load(vb, &config).map_err(unfit)?;
-                let window = m.max_tokens();
-                (Encoder::MpNet(m), window)
-            }
-        };
+        drop(bytes);
+        let window = encoder.max_tokens();
         let max_tokens = DEFAULT_MAX_TOKENS.min(window);
         tokenizer
             .with_truncation(Some(TruncationParams {
@@ -253,7 +234,7 @@ impl Model {
 
     /// The architecture (`bert` or `mpnet`), as `config.json` names it.
     pub fn architecture(&self) -> &'static str {
-        self.encoder.name()
+        self.encoder.arch().name()
     }
 
     /// The directory the model was loaded from.
@@ -283,14 +264,7 @@ impl Model {
         let tokens = ids.len();
         let truncated = cut || !enc.get_overflowing().is_empty();
         let mask = Tensor::new(enc.get_attention_mask(), &Device::Cpu)?.unsqueeze(0)?;
-        let hidden = match &self.encoder {
-            Encoder::Bert(bert) => {
-                let input = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
-                let types = input.zeros_like()?;
-                bert.forward(&input, &types, Some(&mask))?
-            }
-            Encoder::MpNet(m) => m.forward(ids)?,
-        }; // [1, n, dim]
+        let hidden = self.encoder.forward(ids)?; // [1, n, dim]
         let m = mask.to_dtype(DType::F32)?.unsqueeze(2)?; // [1, n, 1]
         let sum = hidden.broadcast_mul(&m)?.sum(1)?; // [1, dim]
         let count = m.sum(1)?.clamp(1.0, f64::MAX)?; // [1, 1]
@@ -318,7 +292,7 @@ pub fn normalize(v: &mut [f32]) {
 /// The default model's directory name: all-MiniLM-L6-v2 (90 MB, about
 /// 10 ms a short query here).
 pub const MINILM: &str = "all-minilm-l6-v2";
-/// The larger model's: all-mpnet-base-v2 (440 MB, about seven times the
+/// The larger model's: all-mpnet-base-v2 (440 MB of f32 weights, about twice the
 /// cost of MiniLM per query, better at paraphrases; BENCHMARKS.md).
 pub const MPNET: &str = "all-mpnet-base-v2";
 
