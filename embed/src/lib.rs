@@ -365,21 +365,21 @@ mod tests {
         std::fs::write(dir.join("config.json"), "{not json").expect("write");
         let e = Model::load(&dir).expect_err("bad config");
         assert!(e.to_string().contains("config.json"), "{e}");
-        std::fs::write(
-            dir.join("config.json"),
-            r#"{"model_type": "gpt2", "hidden_size": 768}"#,
-        )
-        .expect("write");
-        let e = Model::load(&dir).expect_err("unsupported architecture");
-        assert!(e.to_string().contains("config.json"), "{e}");
-        assert!(e.to_string().contains("`gpt2` is not supported"), "{e}");
-        std::fs::write(
-            dir.join("config.json"),
-            r#"{"model_type": "mpnet", "hidden_size": 768}"#,
-        )
-        .expect("write");
-        let e = Model::load(&dir).expect_err("incomplete MPNet config");
-        assert!(e.to_string().contains("not an MPNet configuration"), "{e}");
+        for (config, says) in [
+            (
+                r#"{"model_type": "gpt2", "hidden_size": 768}"#,
+                "`gpt2` is not supported",
+            ),
+            (
+                r#"{"model_type": "mpnet", "hidden_size": 768}"#,
+                "not an MPNet configuration",
+            ),
+        ] {
+            std::fs::write(dir.join("config.json"), config).expect("write");
+            let e = Model::load(&dir).expect_err(says);
+            assert!(e.to_string().contains("config.json"), "{e}");
+            assert!(e.to_string().contains(says), "{e}");
+        }
         if let Some(real) = installed_model_dir() {
             std::fs::copy(real.join("config.json"), dir.join("config.json")).expect("copy");
             let e = Model::load(&dir).expect_err("no tokenizer");
