@@ -21,7 +21,9 @@
 //!
 //! Each dense layer's weights are quantized at load to GGML's Q8_0 (blocks
 //! of 32 int8 weights with one f16 scale) and multiplied in that form
-//! (candle's quantized matmul). For all-mpnet-base-v2 on the 2-core
+//! (candle's quantized matmul), where the layer's input width is a multiple
+//! of 256 (what candle's fast kernel takes: all of MPNet-base's layers,
+//! MiniLM-L6's output layers; the others stay f32). For all-mpnet-base-v2 on the 2-core
 //! reference machine that took a short query from 75 to 30 ms (p50) and
 //! the model from 428 to about 230 MB (candle keeps a second, matmul-ready
 //! copy of each quantized weight from its first use), with the same
@@ -55,7 +57,8 @@ impl Arch {
 /// How the weights are kept in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Precision {
-    /// Dense layers as Q8_0, word embeddings as f16 (the default).
+    /// Dense layers as Q8_0 where the fast int8 kernel applies (see
+    /// the module docs), word embeddings as f16 (the default).
     #[default]
     Int8,
     /// Everything f32, as exported.
@@ -101,6 +104,9 @@ fn default_act() -> String {
 /// Relative distances up to this are told apart by MPNet's log buckets.
 const MAX_DISTANCE: f32 = 128.0;
 
+/// Input widths the dense layers are quantized at (see [`Linear::load`]).
+const QUANT_MIN_K: usize = 256;
+
 /// A dense layer; its weights as Q8_0 blocks (8.5 bits a weight)
 /// multiplied without converting them back, or as f32.
 struct Linear {
@@ -112,7 +118,11 @@ impl Linear {
     fn load(inp: usize, out: usize, p: Precision, vb: VarBuilder) -> candle_core::Result<Linear> {
         let w = vb.get((out, inp), "weight")?;
         let b = vb.get(out, "bias")?;
-        let w = if p == Precision::F32 || !inp.is_multiple_of(32) {
+        // candle's fast int8 kernel (weights repacked into tiles, VNNI dot
+        // products) takes inputs whose width is a multiple of 256; others go
+        // through a generic per-block loop that is slower than f32 matrix
+        // products (MiniLM's 384-wide layers: p99 28 ms against 24).
+        let w = if p == Precision::F32 || !inp.is_multiple_of(QUANT_MIN_K) {
             QMatMul::Tensor(w)
         } else {
             QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0)?)?

@@ -25,11 +25,11 @@
 //!
 //! # Cost
 //!
-//! The dense layers are kept as int8 ([`Precision::Int8`], the default;
-//! [`encoder`] says how). On the 2-core reference machine a short query
-//! (15 tokens) takes about 14 ms with all-MiniLM-L6-v2 and 30 ms with
-//! all-mpnet-base-v2, whose weights then add about 60 and 230 MB RSS
-//! (BENCHMARKS.md, issue 13). [`Model::embed`] is CPU-bound and synchronous: callers run it on a
+//! The dense layers are kept as int8 where that is faster
+//! ([`Precision::Int8`], the default; [`encoder`] says how). On the 2-core
+//! reference machine a short query (15 tokens) takes about 14 ms with
+//! all-MiniLM-L6-v2 and 30 ms with all-mpnet-base-v2, whose weights then
+//! add about 75 and 230 MB RSS (BENCHMARKS.md, issue 13). [`Model::embed`] is CPU-bound and synchronous: callers run it on a
 //! blocking pool, never on an async worker or under a lock.
 //!
 //! # Long and odd input
@@ -290,7 +290,7 @@ pub fn normalize(v: &mut [f32]) {
 }
 
 /// The default model's directory name: all-MiniLM-L6-v2 (90 MB, about
-/// 10 ms a short query here).
+/// 14 ms a short query here).
 pub const MINILM: &str = "all-minilm-l6-v2";
 /// The larger model's: all-mpnet-base-v2 (440 MB of f32 weights, about twice the
 /// cost of MiniLM per query, better at paraphrases; BENCHMARKS.md).
