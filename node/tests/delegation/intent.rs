@@ -310,6 +310,19 @@ async fn with_the_model_a_paraphrase_is_routed_by_meaning() {
     let Some(model) = dmsc_embed::model_for_tests() else {
         return;
     };
+    routes_paraphrases_by_meaning(model).await;
+}
+
+/// The same with the larger model (an MPNet, 768 dimensions).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_mpnet_a_paraphrase_is_routed_by_meaning() {
+    let Some(model) = dmsc_embed::model_for_tests_named(dmsc_embed::MPNET) else {
+        return;
+    };
+    routes_paraphrases_by_meaning(model).await;
+}
+
+async fn routes_paraphrases_by_meaning(model: std::path::PathBuf) {
     let mesh = LocalMesh::start(&["n0", "n1"], "acme", |i, raw| {
         raw.gossip.interval_ms = Some(100);
         raw.delegation.health_interval_ms = Some(200);
