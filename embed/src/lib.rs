@@ -29,7 +29,8 @@
 //! ([`Precision::Int8`], the default; [`encoder`] says how). On the 2-core
 //! reference machine a short query (15 tokens) takes about 14 ms with
 //! all-MiniLM-L6-v2 and 30 ms with all-mpnet-base-v2, whose weights then
-//! add about 75 and 230 MB RSS (BENCHMARKS.md, issue 13). [`Model::embed`] is CPU-bound and synchronous: callers run it on a
+//! add about 75 and 230 MB RSS (BENCHMARKS.md, issue 13).
+//! [`Model::embed`] is CPU-bound and synchronous: callers run it on a
 //! blocking pool, never on an async worker or under a lock.
 //!
 //! # Long and odd input
@@ -174,22 +175,16 @@ impl Model {
         // Tensors are converted one at a time as the encoder asks for them
         // (and quantized at once), so the f32 copy of the whole model never
         // exists beside the file's bytes.
-        let names: Vec<String> = candle_core::safetensors::SliceSafetensors::new(&bytes)
-            .map_err(|e| corrupt(&weights_path, e))?
-            .tensors()
-            .into_iter()
-            .map(|(name, _)| name)
-            .collect();
-        // Exports differ: some name tensors `bert.embeddings...` (or
-        // `mpnet.`), MiniLM's and all-mpnet-base-v2's `embeddings...`.
-        let prefix = ["bert.", "mpnet."]
-            .into_iter()
-            .find(|p| names.iter().any(|k| k.starts_with(p)));
         let encoder = {
             let vb = VarBuilder::from_slice_safetensors(&bytes, DType::F32, &Device::Cpu)
                 .map_err(|e| corrupt(&weights_path, e))?;
-            let vb = match prefix {
-                Some(p) => vb.pp(p.trim_end_matches('.')),
+            // Exports differ: some name tensors `bert.embeddings...` (or
+            // `mpnet.`), MiniLM's and all-mpnet-base-v2's `embeddings...`.
+            let vb = match ["bert", "mpnet"]
+                .into_iter()
+                .find(|p| vb.contains_tensor(&format!("{p}.embeddings.word_embeddings.weight")))
+            {
+                Some(p) => vb.pp(p),
                 None => vb,
             };
             encoder::Encoder::load(vb, arch, &config, precision)
