@@ -204,6 +204,16 @@ impl App {
         {
             intent.serve_tenant(t);
         }
+        // Lexical intent indexes (and the cards that feed them) only for the
+        // tenants this node routes intent for: those it serves or is
+        // configured for now, any other from its first intent request.
+        {
+            let mut reg = mesh.write();
+            reg.index_intent_on_demand();
+            for t in intent.tenants() {
+                reg.index_intent(&t);
+            }
+        }
         tasks.spawn(intent.clone().run(mesh.clone()).in_current_span());
         tasks.spawn(
             crate::intent::learned_loop(

@@ -27,7 +27,7 @@
 
 #![forbid(unsafe_code)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -372,7 +372,9 @@ pub(crate) struct Tenant {
     pub(crate) by_name: HashMap<String, u32>,
     /// Interned lowercased tag -> slots of agents with a skill so tagged (each once).
     pub(crate) by_tag: HashMap<u32, Members, FxBuild>,
-    pub(crate) scorer: Box<dyn Scorer>,
+    /// The lexical intent index; `None` for a tenant outside the intent
+    /// scope (see [`Registry::index_intent_on_demand`]).
+    pub(crate) scorer: Option<Box<dyn Scorer>>,
 }
 
 type ScorerFactory = Box<dyn Fn() -> Box<dyn Scorer> + Send + Sync>;
@@ -387,7 +389,8 @@ pub struct Registry {
     /// walk through the entry's strings.
     pub(crate) hot: Vec<Hot>,
     free: Vec<u32>,
-    ids: BTreeMap<AgentId, u32>,
+    /// Live entries (an agent is found by its tenant's `by_name`).
+    live: usize,
     pub(crate) tenants: HashMap<String, Tenant>,
     /// Lowercased tags, interned across tenants (per-tenant indexes hold numbers).
     pub(crate) tags: Interner,
@@ -400,12 +403,15 @@ pub struct Registry {
     /// balanced among them); see [`Registry::set_intent_margin`].
     pub(crate) intent_margin: f32,
     pub(crate) fusion: Fusion,
+    /// Tenants whose lexical intent index is kept: `None` is every tenant
+    /// (the default); see [`Registry::index_intent_on_demand`].
+    intent_scope: Option<HashSet<String>>,
 }
 
 impl fmt::Debug for Registry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Registry")
-            .field("agents", &self.ids.len())
+            .field("agents", &self.live)
             .field("tenants", &self.tenants.len())
             .finish()
     }
@@ -429,7 +435,7 @@ impl Registry {
             entries: Vec::new(),
             hot: Vec::new(),
             free: Vec::new(),
-            ids: BTreeMap::new(),
+            live: 0,
             tenants: HashMap::new(),
             tags: Interner::default(),
             nodes: Interner::default(),
@@ -437,7 +443,54 @@ impl Registry {
             choice: Choice::default(),
             intent_margin: select::INTENT_MARGIN,
             fusion: Fusion::default(),
+            intent_scope: None,
         }
+    }
+
+    /// Keeps lexical intent indexes only for the tenants named with
+    /// [`Registry::index_intent`] from now on, and drops the others. A node
+    /// learns every agent of the mesh by gossip but routes intent only for
+    /// the tenants of its own callers: an index of every tenant's card
+    /// words would cost it about 450 bytes per remote agent (BENCHMARKS.md,
+    /// memory) for tenants it never asks about.
+    pub fn index_intent_on_demand(&mut self) {
+        let scope = self.intent_scope.get_or_insert_with(HashSet::new);
+        for (name, t) in &mut self.tenants {
+            if !scope.contains(name) {
+                t.scorer = None;
+            }
+        }
+    }
+
+    /// Is `tenant`'s lexical intent index kept (so intent selection for it
+    /// ranks by words)?
+    pub fn intent_indexed(&self, tenant: &str) -> bool {
+        self.intent_scope
+            .as_ref()
+            .is_none_or(|s| s.contains(tenant))
+    }
+
+    /// Keeps `tenant`'s lexical intent index from now on, building it from
+    /// the tenant's agents now if it was not kept (linear in their number:
+    /// about 1 ms per thousand agents).
+    pub fn index_intent(&mut self, tenant: &str) {
+        let Some(scope) = &mut self.intent_scope else {
+            return;
+        };
+        if !scope.insert(tenant.to_string()) {
+            return;
+        }
+        let Some(t) = self.tenants.get_mut(tenant) else {
+            return;
+        };
+        let mut scorer = (self.new_scorer)();
+        for &slot in t.by_name.values() {
+            let live = self.hot.get(slot as usize).is_some_and(|h| h.live);
+            if let (true, Some(e)) = (live, self.entries.get(slot as usize)) {
+                scorer.index(slot, &e.document());
+            }
+        }
+        t.scorer = Some(scorer);
     }
 
     /// How `select` chooses among eligible candidates (default P2C).
@@ -464,7 +517,7 @@ impl Registry {
     /// Adds or replaces an agent's record (and home node). Its load report is
     /// kept; its card text is kept only if the digest did not change.
     pub fn upsert(&mut self, node: &str, id: AgentId, record: AgentRecord) {
-        if let Some(&slot) = self.ids.get(&id) {
+        if let Some(slot) = self.slot_of(&id) {
             self.unindex(slot);
             let mut moved = None;
             if let Some(e) = self.slot_mut(slot) {
@@ -527,13 +580,13 @@ impl Registry {
                 s
             }
         };
-        self.ids.insert(id, slot);
+        self.live += 1;
         self.index(slot);
     }
 
     /// Updates an agent's load report; no-op for an unknown agent.
     pub fn set_load(&mut self, id: &AgentId, load: LoadReport) {
-        if let Some(&slot) = self.ids.get(id) {
+        if let Some(slot) = self.slot_of(id) {
             if let Some(e) = self.slot_mut(slot) {
                 e.load = load;
             }
@@ -548,7 +601,7 @@ impl Registry {
     /// when the agent is unknown or `card.digest()` differs from the
     /// record's digest (a stale or forged card).
     pub fn set_card(&mut self, id: &AgentId, card: &AgentCard) -> bool {
-        let Some(&slot) = self.ids.get(id) else {
+        let Some(slot) = self.slot_of(id) else {
             return false;
         };
         let digest = card.digest();
@@ -572,8 +625,12 @@ impl Registry {
         }
         e.card_text = Some(text);
         let doc = e.document();
-        if let Some(t) = self.tenants.get_mut(&id.tenant) {
-            t.scorer.index(slot, &doc);
+        if let Some(s) = self
+            .tenants
+            .get_mut(&id.tenant)
+            .and_then(|t| t.scorer.as_mut())
+        {
+            s.index(slot, &doc);
         }
         true
     }
@@ -587,7 +644,7 @@ impl Registry {
         digest: &str,
         vectors: std::sync::Arc<CardVectors>,
     ) -> bool {
-        let Some(&slot) = self.ids.get(id) else {
+        let Some(slot) = self.slot_of(id) else {
             return false;
         };
         match self.slot_mut(slot) {
@@ -603,7 +660,7 @@ impl Registry {
     /// embeds its tenant, vector); re-indexes its intent document. False
     /// when the agent is unknown.
     pub fn set_learned(&mut self, id: &AgentId, learned: Vec<(String, Option<Q8>)>) -> bool {
-        let Some(&slot) = self.ids.get(id) else {
+        let Some(slot) = self.slot_of(id) else {
             return false;
         };
         let Some(e) = self.slot_mut(slot) else {
@@ -614,15 +671,19 @@ impl Registry {
         }
         e.learned = learned;
         let doc = e.document();
-        if let Some(t) = self.tenants.get_mut(&id.tenant) {
-            t.scorer.index(slot, &doc);
+        if let Some(s) = self
+            .tenants
+            .get_mut(&id.tenant)
+            .and_then(|t| t.scorer.as_mut())
+        {
+            s.index(slot, &doc);
         }
         true
     }
 
     /// The agent's embedded card, if set.
     pub fn vectors(&self, id: &AgentId) -> Option<&std::sync::Arc<CardVectors>> {
-        let slot = *self.ids.get(id)?;
+        let slot = self.slot_of(id)?;
         self.slot(slot)?.vectors.as_ref()
     }
 
@@ -636,8 +697,9 @@ impl Registry {
     }
 
     pub fn remove(&mut self, id: &AgentId) -> Option<Entry> {
-        let slot = self.ids.remove(id)?;
+        let slot = self.slot_of(id)?;
         self.unindex(slot);
+        self.live -= 1;
         let entry = self
             .slot_mut(slot)
             .map(|e| std::mem::replace(e, Entry::placeholder()));
@@ -683,29 +745,40 @@ impl Registry {
     }
 
     pub fn get(&self, id: &AgentId) -> Option<&Entry> {
-        self.ids.get(id).and_then(|&s| self.slot(s))
+        self.slot_of(id).and_then(|s| self.slot(s))
     }
 
-    /// All entries, ordered by tenant, then name.
+    /// The slot of an agent: found through its tenant's name index (no
+    /// second map of every id: each would copy both strings of every
+    /// remote agent).
+    fn slot_of(&self, id: &AgentId) -> Option<u32> {
+        self.tenants.get(&id.tenant)?.by_name.get(&id.name).copied()
+    }
+
+    /// All entries, in no particular order (sort for display).
     pub fn iter(&self) -> impl Iterator<Item = &Entry> {
-        self.ids.values().filter_map(|&s| self.slot(s))
+        self.hot
+            .iter()
+            .zip(&self.entries)
+            .filter(|(h, _)| h.live)
+            .map(|(_, e)| e)
     }
 
-    /// Entries of one tenant, ordered by name.
+    /// Entries of one tenant, in no particular order.
     pub fn tenant_entries<'a>(&'a self, tenant: &'a str) -> impl Iterator<Item = &'a Entry> {
-        let start = AgentId::new(tenant, "");
-        self.ids
-            .range(start..)
-            .take_while(move |(id, _)| id.tenant == tenant)
-            .filter_map(|(_, &s)| self.slot(s))
+        self.tenants
+            .get(tenant)
+            .into_iter()
+            .flat_map(|t| t.by_name.values())
+            .filter_map(|&s| self.slot(s))
     }
 
     pub fn len(&self) -> usize {
-        self.ids.len()
+        self.live
     }
 
     pub fn is_empty(&self) -> bool {
-        self.ids.is_empty()
+        self.live == 0
     }
 
     /// Agents of `tenant` ranked by intent score for `text`, best first
@@ -715,7 +788,9 @@ impl Registry {
             return Vec::new();
         };
         t.scorer
-            .query(text, limit)
+            .as_ref()
+            .map(|s| s.query(text, limit))
+            .unwrap_or_default()
             .into_iter()
             .filter_map(|(s, score)| self.slot(s).map(|e| (e.id.clone(), score)))
             .collect()
@@ -764,20 +839,26 @@ impl Registry {
         let Some(e) = self.entries.get(slot as usize) else {
             return;
         };
+        let scoped = self
+            .intent_scope
+            .as_ref()
+            .is_none_or(|s| s.contains(&e.id.tenant));
         let tenant = self
             .tenants
             .entry(e.id.tenant.clone())
             .or_insert_with(|| Tenant {
                 by_name: HashMap::new(),
                 by_tag: HashMap::default(),
-                scorer: (self.new_scorer)(),
+                scorer: scoped.then(|| (self.new_scorer)()),
             });
         tenant.by_name.insert(e.id.name.clone(), slot);
         for tag in e.tag_keys() {
             let tag = self.tags.acquire(&tag);
             tenant.by_tag.entry(tag).or_default().push(slot);
         }
-        tenant.scorer.index(slot, &e.document());
+        if let Some(s) = &mut tenant.scorer {
+            s.index(slot, &e.document());
+        }
     }
 
     fn unindex(&mut self, slot: u32) {
@@ -803,7 +884,9 @@ impl Registry {
             }
             self.tags.release(&name);
         }
-        tenant.scorer.remove(slot);
+        if let Some(s) = &mut tenant.scorer {
+            s.remove(slot);
+        }
     }
 }
 
@@ -870,7 +953,7 @@ mod tests {
     }
 
     #[test]
-    fn iteration_order_remove_node_expire() {
+    fn iteration_remove_node_expire() {
         let mut r = Registry::new();
         for (t, n, node) in [
             ("b", "z", "n1"),
@@ -882,18 +965,84 @@ mod tests {
             rec.expires_ms = if n == "y" { 10 } else { 100 };
             r.upsert(node, AgentId::new(t, n), rec);
         }
-        let order: Vec<String> = r.iter().map(|e| e.id.to_string()).collect();
-        assert_eq!(order, vec!["a/x", "a/y", "b/a", "b/z"]);
-        let a: Vec<String> = r.tenant_entries("a").map(|e| e.id.name.clone()).collect();
+        let mut all: Vec<String> = r.iter().map(|e| e.id.to_string()).collect();
+        all.sort();
+        assert_eq!(all, vec!["a/x", "a/y", "b/a", "b/z"]);
+        let mut a: Vec<String> = r.tenant_entries("a").map(|e| e.id.name.clone()).collect();
+        a.sort();
         assert_eq!(a, vec!["x", "y"]);
         assert_eq!(r.expire(50), vec![AgentId::new("a", "y")]);
-        assert_eq!(
-            r.remove_node("n1"),
-            vec![AgentId::new("a", "x"), AgentId::new("b", "z")]
-        );
+        assert!(r.get(&AgentId::new("a", "y")).is_none());
+        let mut gone = r.remove_node("n1");
+        gone.sort();
+        assert_eq!(gone, vec![AgentId::new("a", "x"), AgentId::new("b", "z")]);
+        assert_eq!(r.tenant_entries("b").count(), 1);
         assert_eq!(r.len(), 1);
         assert_eq!(r.expire(101).len(), 1);
         assert!(r.is_empty());
+    }
+
+    #[test]
+    fn intent_indexes_on_demand_only_for_tenants_in_scope() {
+        let mut r = Registry::new();
+        r.upsert(
+            "n1",
+            AgentId::new("acme", "a"),
+            record(&["invoices"], Health::Healthy),
+        );
+        r.upsert(
+            "n1",
+            AgentId::new("beta", "b"),
+            record(&["invoices"], Health::Healthy),
+        );
+        assert_eq!(
+            r.match_intent("acme", "invoices", 5).len(),
+            1,
+            "eager by default"
+        );
+        r.index_intent_on_demand();
+        assert!(!r.intent_indexed("acme") && !r.intent_indexed("beta"));
+        assert!(
+            r.match_intent("acme", "invoices", 5).is_empty(),
+            "index dropped"
+        );
+        // tag selection does not depend on it
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1);
+        let by_tag = r.select(
+            "acme",
+            &Target::Tag("invoices".into()),
+            &NoLocal,
+            &[],
+            &mut rng,
+        );
+        assert_eq!(by_tag.map(|s| s.id.name).ok().as_deref(), Some("a"));
+        r.index_intent("acme");
+        assert!(r.intent_indexed("acme") && !r.intent_indexed("beta"));
+        assert_eq!(
+            r.match_intent("acme", "invoices", 5).len(),
+            1,
+            "built from the agents"
+        );
+        r.upsert(
+            "n1",
+            AgentId::new("acme", "c"),
+            record(&["invoices"], Health::Healthy),
+        );
+        assert_eq!(
+            r.match_intent("acme", "invoices", 5).len(),
+            2,
+            "kept up to date"
+        );
+        assert!(r.match_intent("beta", "invoices", 5).is_empty());
+        // a tenant that empties and comes back stays in scope
+        r.remove(&AgentId::new("acme", "a"));
+        r.remove(&AgentId::new("acme", "c"));
+        r.upsert(
+            "n1",
+            AgentId::new("acme", "d"),
+            record(&["invoices"], Health::Healthy),
+        );
+        assert_eq!(r.match_intent("acme", "invoices", 5).len(), 1);
     }
 
     #[test]

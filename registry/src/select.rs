@@ -395,7 +395,11 @@ impl Registry {
     }
 
     fn rank_in(&self, t: &crate::Tenant, text: &str, query: Option<&Q8>) -> Vec<Scores> {
-        let lexical = t.scorer.query(text, INTENT_POOL);
+        let lexical = t
+            .scorer
+            .as_ref()
+            .map(|s| s.query(text, INTENT_POOL))
+            .unwrap_or_default();
         let score = |q: &Q8, slot: u32| {
             let e = self.slot(slot)?;
             let v = e.vectors.as_ref()?;

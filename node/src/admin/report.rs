@@ -239,8 +239,15 @@ pub(crate) async fn status_report(s: &Shared) -> StatusReport {
     }
 }
 
-/// The agent table: every registered agent, with this node's view of it.
+/// The agent table: every registered agent, with this node's view of it,
+/// ordered by tenant, then name.
 pub(crate) fn agent_statuses(s: &Shared) -> Vec<super::status::AgentStatus> {
+    let mut all = agent_table(s);
+    all.sort_by(|a, b| (&a.tenant, &a.name).cmp(&(&b.tenant, &b.name)));
+    all
+}
+
+fn agent_table(s: &Shared) -> Vec<super::status::AgentStatus> {
     let reg = s.mesh.read();
     reg.iter()
         .map(|e| {
@@ -275,7 +282,7 @@ pub(crate) fn agent_statuses(s: &Shared) -> Vec<super::status::AgentStatus> {
                 local: local.is_some(),
             }
         })
-        .collect()
+        .collect::<Vec<_>>()
 }
 
 /// Refreshes the metrics registry from live state and encodes it.

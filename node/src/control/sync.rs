@@ -350,14 +350,13 @@ pub async fn sync_loop(sync: Sync) {
                 // A node whose certificate is scoped to some tenants would be
                 // refused (and audited) by the home nodes of all the others.
                 let scope = sync.security.identity().info.tenants.clone();
-                for (id, digest) in mesh.missing_cards() {
-                    if fetching.len() >= 8 {
-                        break;
-                    }
-                    if !crate::policy::in_scope(scope.as_deref(), &id.tenant) {
-                        continue;
-                    }
-                    if failed.contains_key(&digest) || !in_progress.insert(digest.clone()) {
+                let missing = mesh.missing_cards(8 - fetching.len().min(8), |id, digest| {
+                    !crate::policy::in_scope(scope.as_deref(), &id.tenant)
+                        || failed.contains_key(digest)
+                        || in_progress.contains(digest)
+                });
+                for (id, digest) in missing {
+                    if !in_progress.insert(digest.clone()) {
                         continue;
                     }
                     let (d, m) = (sync.cards.clone(), mesh.clone());

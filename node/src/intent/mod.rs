@@ -500,6 +500,7 @@ pub async fn prepare(
     } = step;
     match target {
         dmsc_registry::Target::Intent(text) => {
+            mesh.ensure_intent(tenant);
             let q = intent.embed_query(tenant, text).await;
             let ask = match mode.map(str::trim) {
                 Some(m) if m.eq_ignore_ascii_case("ask") => true,

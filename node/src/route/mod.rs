@@ -607,18 +607,47 @@ impl MeshView {
         gone_nodes
     }
 
-    /// Agents whose cards this node has not seen yet (digest unknown).
-    pub fn missing_cards(&self) -> Vec<(AgentId, String)> {
-        let all: Vec<(AgentId, String)> = self
-            .read()
-            .iter()
-            .filter(|e| !e.record.digest.is_empty() && !e.has_card())
-            .map(|e| (e.id.clone(), e.record.digest.clone()))
-            .collect();
+    /// Up to `limit` agents whose cards this node has not seen yet (digest
+    /// unknown) and wants: tenants with a lexical intent index (cards feed
+    /// only intent routing), not `skip`ped by the caller. Cheap to call
+    /// every tick with a large registry: nothing is copied but the answer.
+    pub fn missing_cards(
+        &self,
+        limit: usize,
+        skip: impl Fn(&AgentId, &str) -> bool,
+    ) -> Vec<(AgentId, String)> {
+        if limit == 0 {
+            return Vec::new();
+        }
+        // A few more than asked: some may turn out to be cached below.
+        let wanted: Vec<(AgentId, String)> = {
+            let reg = self.read();
+            reg.iter()
+                .filter(|e| {
+                    !e.record.digest.is_empty()
+                        && !e.has_card()
+                        && reg.intent_indexed(&e.id.tenant)
+                        && !skip(&e.id, &e.record.digest)
+                })
+                .take(limit.saturating_mul(4))
+                .map(|e| (e.id.clone(), e.record.digest.clone()))
+                .collect()
+        };
         let cards = lock(&self.cards);
-        all.into_iter()
+        wanted
+            .into_iter()
             .filter(|(_, d)| !cards.contains_key(d))
+            .take(limit)
             .collect()
+    }
+
+    /// Keeps `tenant`'s lexical intent index, building it now if this node
+    /// did not route intent for the tenant before (its cards are fetched
+    /// from then on).
+    pub fn ensure_intent(&self, tenant: &str) {
+        if !self.read().intent_indexed(tenant) {
+            self.write().index_intent(tenant);
+        }
     }
 }
 
