@@ -38,6 +38,9 @@ pub struct RssArgs {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 600)]
     timeout_secs: u64,
+    /// Seconds between the last agent learned and the reading of RSS.
+    #[arg(long, default_value_t = 5)]
+    settle_secs: u64,
 }
 
 fn record(i: usize) -> String {
@@ -203,7 +206,7 @@ pub async fn run(args: RssArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     // Let allocations settle (caches filled, gossip at steady state).
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
     let full = rss_kib(pid)?;
     let ((idle_rss, _), idle_known, idle_at) = idle.unwrap_or(((0, 0), 0, Duration::ZERO));
     println!(

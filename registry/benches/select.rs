@@ -1,7 +1,8 @@
 //! Selection cost at 10k and 100k registered agents: by tag (small sets,
 //! scanned), by tag (~100-member sets, sampled), by name, and by intent (10k).
 //! After criterion's means, prints p50/p99/max of 100k individually timed
-//! decisions per case, since the node cares about the tail.
+//! decisions per case, since the node cares about the tail; then what
+//! building one tenant's intent index on demand costs.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -295,10 +296,36 @@ fn percentiles() {
     }
 }
 
+/// A node builds a tenant's lexical intent index at that tenant's first
+/// intent request (`Registry::index_intent_on_demand`): what that costs.
+fn on_demand() {
+    println!("\nbuilding one tenant's intent index on demand (median of 5 tenants)");
+    println!("| agents | agents in the tenant | build |");
+    println!("|---|---|---|");
+    for n in [10_000, 100_000] {
+        let mut w = world(n);
+        w.reg.index_intent_on_demand();
+        let mut t: Vec<Duration> = (0..5)
+            .map(|i| {
+                let s = Instant::now();
+                w.reg.index_intent(&format!("tenant-{i}"));
+                s.elapsed()
+            })
+            .collect();
+        t.sort();
+        println!(
+            "| {n} | {} | {:.2} ms |",
+            n / TENANTS,
+            t[2].as_secs_f64() * 1e3
+        );
+    }
+}
+
 criterion_group!(benches, bench);
 
 fn main() {
     benches();
     Criterion::default().configure_from_args().final_summary();
     percentiles();
+    on_demand();
 }

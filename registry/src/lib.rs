@@ -29,6 +29,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -84,10 +85,20 @@ impl fmt::Display for AgentId {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
     pub id: AgentId,
-    /// Home node (the gossip node that owns the agent's keys).
-    pub node: String,
+    /// Home node (the gossip node that owns the agent's keys), shared by
+    /// all its agents.
+    pub node: Arc<str>,
     pub record: AgentRecord,
     pub load: LoadReport,
+    /// What only intent routing reads, boxed: most remote agents of a large
+    /// mesh belong to tenants this node does not route intent for, and
+    /// have none of it.
+    cold: Option<Box<Cold>>,
+}
+
+/// The intent side of an [`Entry`].
+#[derive(Debug, Clone, PartialEq, Default)]
+struct Cold {
     /// Card text (descriptions, examples) indexed for intent, when the card
     /// with `record.digest` has been fetched.
     card_text: Option<Vec<(FieldKind, String)>>,
@@ -103,7 +114,7 @@ impl Entry {
     fn placeholder() -> Entry {
         Entry {
             id: AgentId::new(String::new(), String::new()),
-            node: String::new(),
+            node: Arc::from(""),
             record: AgentRecord {
                 digest: String::new(),
                 skills: Vec::new(),
@@ -112,15 +123,13 @@ impl Entry {
                 expires_ms: 0,
             },
             load: LoadReport::default(),
-            card_text: None,
-            vectors: None,
-            learned: Vec::new(),
+            cold: None,
         }
     }
 
     /// Has the card matching the current record digest been added?
     pub fn has_card(&self) -> bool {
-        self.card_text.is_some()
+        self.cold.as_ref().is_some_and(|c| c.card_text.is_some())
     }
 
     /// Distinct skill tags, lowercased: the keys this entry is indexed under.
@@ -140,25 +149,37 @@ impl Entry {
 
     /// Is the card of this agent embedded?
     pub fn has_vectors(&self) -> bool {
-        self.vectors.is_some()
+        self.cold.as_ref().is_some_and(|c| c.vectors.is_some())
     }
 
     /// Learned examples not embedded yet.
     pub fn learned_unembedded(&self) -> impl Iterator<Item = &str> {
-        self.learned
-            .iter()
+        self.learned_pairs()
             .filter(|(_, v)| v.is_none())
             .map(|(t, _)| t.as_str())
     }
 
     /// Vectors of the examples learned for this agent.
     pub(crate) fn learned_vectors(&self) -> impl Iterator<Item = &Q8> {
-        self.learned.iter().filter_map(|(_, v)| v.as_ref())
+        self.learned_pairs().filter_map(|(_, v)| v.as_ref())
     }
 
     /// Examples learned for this agent from callers' choices.
     pub fn learned(&self) -> impl Iterator<Item = &str> {
-        self.learned.iter().map(|(t, _)| t.as_str())
+        self.learned_pairs().map(|(t, _)| t.as_str())
+    }
+
+    fn learned_pairs(&self) -> impl Iterator<Item = &(String, Option<Q8>)> {
+        self.cold.iter().flat_map(|c| c.learned.iter())
+    }
+
+    /// The embedded pieces of its card, when embedded.
+    pub(crate) fn card_vectors(&self) -> Option<&std::sync::Arc<CardVectors>> {
+        self.cold.as_ref()?.vectors.as_ref()
+    }
+
+    fn cold_mut(&mut self) -> &mut Cold {
+        self.cold.get_or_insert_with(Box::default)
     }
 
     fn document(&self) -> Document {
@@ -170,8 +191,10 @@ impl Entry {
                 d.push(FieldKind::Tag, t.as_str());
             }
         }
-        d.fields.extend(self.card_text.iter().flatten().cloned());
-        for (t, _) in &self.learned {
+        if let Some(text) = self.cold.as_ref().and_then(|c| c.card_text.as_ref()) {
+            d.fields.extend(text.iter().cloned());
+        }
+        for (t, _) in self.learned_pairs() {
             d.push(FieldKind::Example, t.as_str());
         }
         d
@@ -306,7 +329,7 @@ impl Members {
 #[derive(Debug, Default)]
 pub(crate) struct Interner {
     ids: HashMap<String, (u32, u32)>,
-    names: Vec<String>,
+    names: Vec<Arc<str>>,
     free: Vec<u32>,
 }
 
@@ -316,7 +339,15 @@ impl Interner {
     }
 
     pub(crate) fn name(&self, id: u32) -> &str {
-        self.names.get(id as usize).map_or("", String::as_str)
+        self.names.get(id as usize).map_or("", |n| n)
+    }
+
+    /// The string of `id`, shared.
+    pub(crate) fn shared(&self, id: u32) -> Arc<str> {
+        self.names
+            .get(id as usize)
+            .cloned()
+            .unwrap_or_else(|| Arc::from(""))
     }
 
     /// The number of `s`, counting one more user.
@@ -328,12 +359,12 @@ impl Interner {
         let id = match self.free.pop() {
             Some(id) => {
                 if let Some(n) = self.names.get_mut(id as usize) {
-                    *n = s.to_string();
+                    *n = Arc::from(s);
                 }
                 id
             }
             None => {
-                self.names.push(s.to_string());
+                self.names.push(Arc::from(s));
                 u32::try_from(self.names.len() - 1).unwrap_or(u32::MAX)
             }
         };
@@ -349,7 +380,7 @@ impl Interner {
                 let id = *id;
                 self.ids.remove(s);
                 if let Some(n) = self.names.get_mut(id as usize) {
-                    n.clear();
+                    *n = Arc::from("");
                 }
                 self.free.push(id);
             }
@@ -359,6 +390,15 @@ impl Interner {
     #[cfg(test)]
     fn len(&self) -> usize {
         self.ids.len()
+    }
+}
+
+/// Room for one more element, growing by an eighth rather than doubling:
+/// the slot vectors hold every agent of the mesh, and doubling would leave
+/// up to half of a large one unused. Amortized constant time all the same.
+fn grow<T>(v: &mut Vec<T>) {
+    if v.len() == v.capacity() {
+        v.reserve_exact((v.capacity() / 8).max(64));
     }
 }
 
@@ -472,7 +512,7 @@ impl Registry {
 
     /// Keeps `tenant`'s lexical intent index from now on, building it from
     /// the tenant's agents now if it was not kept (linear in their number:
-    /// about 1 ms per thousand agents).
+    /// about 11 ms for a tenant of 1,000 agents, BENCHMARKS.md).
     pub fn index_intent(&mut self, tenant: &str) {
         let Some(scope) = &mut self.intent_scope else {
             return;
@@ -522,12 +562,17 @@ impl Registry {
             let mut moved = None;
             if let Some(e) = self.slot_mut(slot) {
                 if e.record.digest != record.digest {
-                    e.card_text = None;
-                    e.vectors = None;
+                    if let Some(c) = &mut e.cold {
+                        c.card_text = None;
+                        c.vectors = None;
+                        if c.learned.is_empty() {
+                            e.cold = None;
+                        }
+                    }
                 }
                 e.record = record;
-                if e.node != node {
-                    moved = Some(std::mem::replace(&mut e.node, node.to_string()));
+                if *e.node != *node {
+                    moved = Some(e.node.clone());
                 }
             }
             let healthy = self
@@ -546,6 +591,12 @@ impl Registry {
                     h.node = n;
                 }
             }
+            if let Some(n) = node_id {
+                let shared = self.nodes.shared(n);
+                if let Some(e) = self.slot_mut(slot) {
+                    e.node = shared;
+                }
+            }
             self.index(slot);
             return;
         }
@@ -557,13 +608,11 @@ impl Registry {
             name: InlineName::new(&id.name),
         };
         let entry = Entry {
-            id: id.clone(),
-            node: node.to_string(),
+            id,
+            node: self.nodes.shared(hot.node),
             record,
             load: LoadReport::default(),
-            card_text: None,
-            vectors: None,
-            learned: Vec::new(),
+            cold: None,
         };
         let slot = match self.free.pop() {
             Some(s) => {
@@ -575,6 +624,8 @@ impl Registry {
                 // More than 4 billion agents on one node is not a use case;
                 // saturating only keeps this panic-free.
                 let s = u32::try_from(self.entries.len()).unwrap_or(u32::MAX);
+                grow(&mut self.entries);
+                grow(&mut self.hot);
                 self.entries.push(entry);
                 self.hot.push(hot);
                 s
@@ -623,7 +674,7 @@ impl Registry {
                 text.push((FieldKind::Example, ex.clone()));
             }
         }
-        e.card_text = Some(text);
+        e.cold_mut().card_text = Some(text);
         let doc = e.document();
         if let Some(s) = self
             .tenants
@@ -649,7 +700,7 @@ impl Registry {
         };
         match self.slot_mut(slot) {
             Some(e) if e.record.digest == digest => {
-                e.vectors = Some(vectors);
+                e.cold_mut().vectors = Some(vectors);
                 true
             }
             _ => false,
@@ -666,10 +717,10 @@ impl Registry {
         let Some(e) = self.slot_mut(slot) else {
             return false;
         };
-        if e.learned == learned {
+        if e.learned_pairs().eq(learned.iter()) {
             return true;
         }
-        e.learned = learned;
+        e.cold_mut().learned = learned;
         let doc = e.document();
         if let Some(s) = self
             .tenants
@@ -684,7 +735,7 @@ impl Registry {
     /// The agent's embedded card, if set.
     pub fn vectors(&self, id: &AgentId) -> Option<&std::sync::Arc<CardVectors>> {
         let slot = self.slot_of(id)?;
-        self.slot(slot)?.vectors.as_ref()
+        self.slot(slot)?.card_vectors()
     }
 
     /// How intent scores are fused (see [`semantic`]).
@@ -722,7 +773,7 @@ impl Registry {
     pub fn remove_node(&mut self, node: &str) -> Vec<AgentId> {
         let gone: Vec<AgentId> = self
             .iter()
-            .filter(|e| e.node == node)
+            .filter(|e| *e.node == *node)
             .map(|e| e.id.clone())
             .collect();
         for id in &gone {
@@ -927,7 +978,7 @@ mod tests {
         r.set_load(&AgentId::new("acme", "nobody"), load);
         r.upsert("n2", a.clone(), record(&["ocr"], Health::Healthy));
         let e = r.get(&a).expect("present");
-        assert_eq!(e.node, "n2");
+        assert_eq!(&*e.node, "n2");
         assert_eq!(e.load.in_flight, 4, "load survives a record update");
         assert_eq!(r.tag_members("acme", "billing"), None);
         assert_eq!(r.tag_members("acme", "ocr"), Some(&[0][..]));

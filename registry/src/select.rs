@@ -402,7 +402,7 @@ impl Registry {
             .unwrap_or_default();
         let score = |q: &Q8, slot: u32| {
             let e = self.slot(slot)?;
-            let v = e.vectors.as_ref()?;
+            let v = e.card_vectors()?;
             let score = crate::semantic::agent_score(q, v, e.learned_vectors())?;
             Some((slot, score))
         };
@@ -420,7 +420,7 @@ impl Registry {
                     .by_name
                     .values()
                     .filter_map(|&slot| {
-                        let c = self.slot(slot)?.vectors.as_ref()?.centroid.as_ref()?;
+                        let c = self.slot(slot)?.card_vectors()?.centroid.as_ref()?;
                         Some((slot, q.dot(c)))
                     })
                     .collect();

@@ -219,7 +219,7 @@ proptest! {
                     prop_assert_eq!(e.record.health, Health::Healthy);
                     prop_assert!(local.admits(&s.id), "circuit-open agent {}", s.id);
                     prop_assert!(!exclude.contains(&s.id), "excluded agent {}", s.id);
-                    prop_assert_eq!(&s.node, &e.node);
+                    prop_assert_eq!(s.node.as_str(), &*e.node);
                     if let Some((o, _)) = &s.other {
                         prop_assert!(o != &s.id);
                         prop_assert!(eligible(o) && o.tenant == tenant);

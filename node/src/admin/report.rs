@@ -263,7 +263,7 @@ fn agent_table(s: &Shared) -> Vec<super::status::AgentStatus> {
             super::status::AgentStatus {
                 tenant: e.id.tenant.clone(),
                 name: e.id.name.clone(),
-                node: e.node.clone(),
+                node: e.node.to_string(),
                 skills: e.record.skills.iter().map(|k| k.id.clone()).collect(),
                 tags,
                 health: e.record.health.to_string(),

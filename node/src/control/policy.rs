@@ -153,8 +153,8 @@ impl Delegator {
                         .any(|x| x.eq_ignore_ascii_case(t)),
                     dmsc_registry::Target::Intent(_) => true,
                 };
-                if hit && entry.node != self.me && !nodes.contains(&entry.node) {
-                    nodes.push(entry.node.clone());
+                if hit && *entry.node != *self.me && !nodes.iter().any(|n| **n == *entry.node) {
+                    nodes.push(entry.node.to_string());
                 }
                 if nodes.len() >= MAX_REPORT_NODES {
                     break;

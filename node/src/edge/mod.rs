@@ -342,7 +342,7 @@ impl Bridge {
             .mesh
             .read()
             .get(id)
-            .is_some_and(|e| e.node != self.node)
+            .is_some_and(|e| *e.node != *self.node)
     }
 
     /// Makes a held edge agent one of this node's.

@@ -583,7 +583,7 @@ impl MeshView {
                         // scans (they are ours).
                         if reg
                             .get(&id)
-                            .is_some_and(|e| e.node == node && e.node != self.me)
+                            .is_some_and(|e| *e.node == *node && *e.node != *self.me)
                         {
                             tracing::info!(agent = %id, "agent left the registry (node gone or deregistered)");
                             reg.remove(&id);

@@ -846,9 +846,12 @@ async fn of_two_bridges_of_one_tenant_one_is_home_and_the_other_takes_over_when_
     let (edge, _edge_task) = edge_agent(port, tx).await;
     let meter = dmsc_registry::AgentId::new("acme", "meter");
     let home_everywhere = |mesh: &LocalMesh, home: &str| {
-        mesh.nodes
-            .iter()
-            .all(|n| n.mesh().read().get(&meter).is_some_and(|e| e.node == home))
+        mesh.nodes.iter().all(|n| {
+            n.mesh()
+                .read()
+                .get(&meter)
+                .is_some_and(|e| *e.node == *home)
+        })
     };
     // The live bridge with the lowest name is its home; the other holds
     // the card and stands by.
