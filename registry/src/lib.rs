@@ -39,6 +39,7 @@ pub mod card;
 pub mod circuit;
 mod fx;
 pub mod intent;
+pub mod packed;
 pub mod record;
 pub mod select;
 pub mod semantic;
@@ -46,6 +47,7 @@ pub mod semantic;
 pub use card::{slug, AgentCard, CardError, Dialect, FieldProblem, Interface, Skill};
 pub use circuit::{Circuit, CircuitConfig, CircuitState};
 pub use intent::{Bm25, Document, FieldKind, Scorer};
+pub use packed::PackedRecord;
 pub use record::{
     agent_key, load_key, parse_agent_key, parse_load_key, AgentRecord, Health, LoadReport,
     RecordError, SkillTags,
@@ -88,7 +90,7 @@ pub struct Entry {
     /// Home node (the gossip node that owns the agent's keys), shared by
     /// all its agents.
     pub node: Arc<str>,
-    pub record: AgentRecord,
+    pub record: PackedRecord,
     pub load: LoadReport,
     /// What only intent routing reads, boxed: most remote agents of a large
     /// mesh belong to tenants this node does not route intent for, and
@@ -115,13 +117,13 @@ impl Entry {
         Entry {
             id: AgentId::new(String::new(), String::new()),
             node: Arc::from(""),
-            record: AgentRecord {
+            record: PackedRecord::pack(&AgentRecord {
                 digest: String::new(),
                 skills: Vec::new(),
                 protocols: Vec::new(),
                 health: Health::Unknown,
                 expires_ms: 0,
-            },
+            }),
             load: LoadReport::default(),
             cold: None,
         }
@@ -136,10 +138,8 @@ impl Entry {
     fn tag_keys(&self) -> Vec<String> {
         let mut tags: Vec<String> = self
             .record
-            .skills
-            .iter()
-            .flat_map(|s| s.tags.iter())
-            .map(|t| tag_key(t))
+            .tags()
+            .map(tag_key)
             .filter(|t| !t.is_empty())
             .collect();
         tags.sort();
@@ -184,11 +184,11 @@ impl Entry {
 
     fn document(&self) -> Document {
         let mut d = Document::default();
-        for s in &self.record.skills {
-            d.push(FieldKind::SkillName, s.name.as_str());
-            d.push(FieldKind::SkillId, s.id.as_str());
-            for t in &s.tags {
-                d.push(FieldKind::Tag, t.as_str());
+        for s in self.record.skills() {
+            d.push(FieldKind::SkillName, s.name);
+            d.push(FieldKind::SkillId, s.id);
+            for t in s.tags() {
+                d.push(FieldKind::Tag, t);
             }
         }
         if let Some(text) = self.cold.as_ref().and_then(|c| c.card_text.as_ref()) {
@@ -561,7 +561,7 @@ impl Registry {
             self.unindex(slot);
             let mut moved = None;
             if let Some(e) = self.slot_mut(slot) {
-                if e.record.digest != record.digest {
+                if e.record.digest() != record.digest {
                     if let Some(c) = &mut e.cold {
                         c.card_text = None;
                         c.vectors = None;
@@ -570,14 +570,14 @@ impl Registry {
                         }
                     }
                 }
-                e.record = record;
+                e.record = PackedRecord::pack(&record);
                 if *e.node != *node {
                     moved = Some(e.node.clone());
                 }
             }
             let healthy = self
                 .slot(slot)
-                .is_some_and(|e| e.record.health == Health::Healthy);
+                .is_some_and(|e| e.record.health() == Health::Healthy);
             let node_id = match moved {
                 Some(old) => {
                     self.nodes.release(&old);
@@ -610,7 +610,7 @@ impl Registry {
         let entry = Entry {
             id,
             node: self.nodes.shared(hot.node),
-            record,
+            record: PackedRecord::pack(&record),
             load: LoadReport::default(),
             cold: None,
         };
@@ -659,7 +659,7 @@ impl Registry {
         let Some(e) = self.slot_mut(slot) else {
             return false;
         };
-        if e.record.digest != digest {
+        if e.record.digest() != digest {
             return false;
         }
         let mut text = Vec::new();
@@ -699,7 +699,7 @@ impl Registry {
             return false;
         };
         match self.slot_mut(slot) {
-            Some(e) if e.record.digest == digest => {
+            Some(e) if e.record.digest() == digest => {
                 e.cold_mut().vectors = Some(vectors);
                 true
             }
@@ -786,7 +786,7 @@ impl Registry {
     pub fn expire(&mut self, now_unix_ms: u64) -> Vec<AgentId> {
         let gone: Vec<AgentId> = self
             .iter()
-            .filter(|e| e.record.expires_ms < now_unix_ms)
+            .filter(|e| e.record.expires_ms() < now_unix_ms)
             .map(|e| e.id.clone())
             .collect();
         for id in &gone {

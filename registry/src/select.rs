@@ -446,16 +446,11 @@ impl Registry {
         else {
             return false;
         };
-        if !ea.record.digest.is_empty() && ea.record.digest == eb.record.digest {
+        if !ea.record.digest().is_empty() && ea.record.digest() == eb.record.digest() {
             return true;
         }
         fn tags(e: &crate::Entry) -> Vec<&str> {
-            let mut t: Vec<&str> = e
-                .record
-                .skills
-                .iter()
-                .flat_map(|s| s.tags.iter().map(String::as_str))
-                .collect();
+            let mut t: Vec<&str> = e.record.tags().collect();
             t.sort_unstable();
             t.dedup();
             t

@@ -161,12 +161,8 @@ fn target() -> impl Strategy<Value = T> {
 }
 
 fn has_tag(r: &Registry, id: &AgentId, tag: &str) -> bool {
-    r.get(id).is_some_and(|e| {
-        e.record
-            .skills
-            .iter()
-            .any(|s| s.tags.iter().any(|t| t.eq_ignore_ascii_case(tag)))
-    })
+    r.get(id)
+        .is_some_and(|e| e.record.tags().any(|t| t.eq_ignore_ascii_case(tag)))
 }
 
 proptest! {
@@ -196,7 +192,7 @@ proptest! {
         };
         let exclude: Vec<AgentId> = excluded.iter().map(|&i| AgentId::new(tenant, name(i))).collect();
         let eligible = |id: &AgentId| {
-            r.get(id).is_some_and(|e| e.record.health == Health::Healthy)
+            r.get(id).is_some_and(|e| e.record.health() == Health::Healthy)
                 && local.admits(id)
                 && !exclude.contains(id)
         };
@@ -216,7 +212,7 @@ proptest! {
                 (Ok(s), _) => {
                     prop_assert_eq!(&s.id.tenant, tenant, "foreign agent {}", s.id);
                     let e = r.get(&s.id).expect("selected agent exists");
-                    prop_assert_eq!(e.record.health, Health::Healthy);
+                    prop_assert_eq!(e.record.health(), Health::Healthy);
                     prop_assert!(local.admits(&s.id), "circuit-open agent {}", s.id);
                     prop_assert!(!exclude.contains(&s.id), "excluded agent {}", s.id);
                     prop_assert_eq!(s.node.as_str(), &*e.node);
@@ -244,7 +240,7 @@ proptest! {
         // index consistency: every entry of the tenant with a tag is findable by name
         for e in r.iter() {
             let found = r.select(&e.id.tenant, &Target::Agent(e.id.name.clone()), &dmsc_registry::NoLocal, &[], &mut rng);
-            let healthy = e.record.health == Health::Healthy;
+            let healthy = e.record.health() == Health::Healthy;
             prop_assert_eq!(found.is_ok(), healthy, "{}: {:?}", e.id, found);
         }
     }

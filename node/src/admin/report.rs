@@ -252,21 +252,16 @@ fn agent_table(s: &Shared) -> Vec<super::status::AgentStatus> {
     reg.iter()
         .map(|e| {
             let local = s.agents.agents.get(&e.id);
-            let mut tags: Vec<String> = e
-                .record
-                .skills
-                .iter()
-                .flat_map(|k| k.tags.iter().cloned())
-                .collect();
+            let mut tags: Vec<String> = e.record.tags().map(str::to_string).collect();
             tags.sort();
             tags.dedup();
             super::status::AgentStatus {
                 tenant: e.id.tenant.clone(),
                 name: e.id.name.clone(),
                 node: e.node.to_string(),
-                skills: e.record.skills.iter().map(|k| k.id.clone()).collect(),
+                skills: e.record.skills().map(|k| k.id.to_string()).collect(),
                 tags,
-                health: e.record.health.to_string(),
+                health: e.record.health().to_string(),
                 circuit: s.mesh.circuit_state(&e.id).to_string(),
                 in_flight: e.load.in_flight,
                 outstanding: s.mesh.outstanding(&e.id),

@@ -145,12 +145,9 @@ impl Delegator {
             for entry in reg.tenant_entries(tenant) {
                 let hit = match target {
                     dmsc_registry::Target::Agent(n) => entry.id.name == *n,
-                    dmsc_registry::Target::Tag(t) => entry
-                        .record
-                        .skills
-                        .iter()
-                        .flat_map(|s| &s.tags)
-                        .any(|x| x.eq_ignore_ascii_case(t)),
+                    dmsc_registry::Target::Tag(t) => {
+                        entry.record.tags().any(|x| x.eq_ignore_ascii_case(t))
+                    }
                     dmsc_registry::Target::Intent(_) => true,
                 };
                 if hit && *entry.node != *self.me && !nodes.iter().any(|n| **n == *entry.node) {

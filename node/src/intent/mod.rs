@@ -358,7 +358,7 @@ impl Intent {
                 }
                 if e.has_card() && !e.has_vectors() {
                     cards
-                        .entry(e.record.digest.clone())
+                        .entry(e.record.digest().to_string())
                         .or_default()
                         .push(e.id.clone());
                 }
@@ -524,9 +524,9 @@ pub async fn prepare(
                         // allowed by both tenants' policies (a cross-tenant
                         // caller never sees agents not exported to it).
                         let tags = crate::route::agent_tags(&reg, &id);
-                        (e.record.health == dmsc_registry::Health::Healthy
+                        (e.record.health() == dmsc_registry::Health::Healthy
                             && allowed(&id.name, &tags))
-                        .then(|| (id, s, e.record.digest.clone()))
+                        .then(|| (id, s, e.record.digest().to_string()))
                     })
                     .collect();
                 let scores: Vec<dmsc_registry::Scores> = ranked.iter().map(|x| x.1).collect();

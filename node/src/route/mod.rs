@@ -293,7 +293,7 @@ impl MeshView {
         let ids: Vec<AgentId> = {
             let reg = self.read();
             reg.iter()
-                .filter(|e| e.record.digest == digest && !reg.has_card(&e.id))
+                .filter(|e| e.record.digest() == digest && !reg.has_card(&e.id))
                 .map(|e| e.id.clone())
                 .collect()
         };
@@ -624,13 +624,13 @@ impl MeshView {
             let reg = self.read();
             reg.iter()
                 .filter(|e| {
-                    !e.record.digest.is_empty()
+                    !e.record.digest().is_empty()
                         && !e.has_card()
                         && reg.intent_indexed(&e.id.tenant)
-                        && !skip(&e.id, &e.record.digest)
+                        && !skip(&e.id, e.record.digest())
                 })
                 .take(limit.saturating_mul(4))
-                .map(|e| (e.id.clone(), e.record.digest.clone()))
+                .map(|e| (e.id.clone(), e.record.digest().to_string()))
                 .collect()
         };
         let cards = lock(&self.cards);
@@ -673,13 +673,7 @@ pub(crate) fn agent_tags(
     id: &dmsc_registry::AgentId,
 ) -> Vec<String> {
     reg.get(id)
-        .map(|e| {
-            e.record
-                .skills
-                .iter()
-                .flat_map(|s| s.tags.iter().map(|t| t.to_ascii_lowercase()))
-                .collect()
-        })
+        .map(|e| e.record.tags().map(|t| t.to_ascii_lowercase()).collect())
         .unwrap_or_default()
 }
 
@@ -888,7 +882,7 @@ mod tests {
         )]);
         assert_eq!(m.read().get(&a).map(|e| e.load.in_flight), Some(7));
         assert_eq!(
-            m.read().get(&a).map(|e| e.record.expires_ms),
+            m.read().get(&a).map(|e| e.record.expires_ms()),
             Some(r.expires_ms)
         );
         // A second agent in a delta joins; the first one's deletion removes it.

@@ -743,7 +743,7 @@ async fn an_mqtt_edge_agent_is_called_over_http_and_calls_http_agents_through_th
             n.mesh()
                 .read()
                 .get(&meter)
-                .is_some_and(|e| e.record.health == h)
+                .is_some_and(|e| e.record.health() == h)
         })
     };
     broker.crash().await;

@@ -395,7 +395,7 @@ async fn a_killed_agent_stops_receiving_and_callers_keep_succeeding() {
                 n.mesh()
                     .read()
                     .get(&id)
-                    .is_some_and(|e| e.record.health == dmsc_registry::Health::Unhealthy)
+                    .is_some_and(|e| e.record.health() == dmsc_registry::Health::Unhealthy)
             })
         },
     )
