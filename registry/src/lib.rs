@@ -91,7 +91,6 @@ pub struct Entry {
     /// all its agents.
     pub node: Arc<str>,
     pub record: PackedRecord,
-    pub load: LoadReport,
     /// What only intent routing reads, boxed: most remote agents of a large
     /// mesh belong to tenants this node does not route intent for, and
     /// have none of it.
@@ -124,7 +123,6 @@ impl Entry {
                 health: Health::Unknown,
                 expires_ms: 0,
             }),
-            load: LoadReport::default(),
             cold: None,
         }
     }
@@ -407,9 +405,65 @@ pub(crate) fn tag_key(tag: &str) -> String {
     tag.trim().to_lowercase()
 }
 
+/// A tenant's agents by name: slots in a hash table whose keys are the
+/// entries' own names (a map keyed by `String` would keep a second copy of
+/// every remote agent's name). Hashed with std's DoS-resistant hasher:
+/// names come from the mesh.
+#[derive(Default)]
+pub(crate) struct Names {
+    slots: hashbrown::HashTable<u32>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl Names {
+    fn hash(&self, name: &str) -> u64 {
+        std::hash::BuildHasher::hash_one(&self.hasher, name)
+    }
+
+    /// The slot of `name`; `entries` are the registry's.
+    pub(crate) fn get(&self, name: &str, entries: &[Entry]) -> Option<u32> {
+        let is = |&s: &u32| entries.get(s as usize).is_some_and(|e| e.id.name == name);
+        self.slots.find(self.hash(name), is).copied()
+    }
+
+    /// Adds `slot` under its entry's name (replacing a slot of that name).
+    fn insert(&mut self, slot: u32, entries: &[Entry]) {
+        let Some(name) = entries.get(slot as usize).map(|e| e.id.name.as_str()) else {
+            return;
+        };
+        self.remove(name, entries);
+        let hasher = &self.hasher;
+        let rehash = |&s: &u32| {
+            let n = entries.get(s as usize).map_or("", |e| e.id.name.as_str());
+            std::hash::BuildHasher::hash_one(hasher, n)
+        };
+        self.slots
+            .insert_unique(std::hash::BuildHasher::hash_one(hasher, name), slot, rehash);
+    }
+
+    fn remove(&mut self, name: &str, entries: &[Entry]) {
+        let is = |&s: &u32| entries.get(s as usize).is_some_and(|e| e.id.name == name);
+        if let Ok(found) = self.slots.find_entry(self.hash(name), is) {
+            found.remove();
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    pub(crate) fn values(&self) -> impl Iterator<Item = &u32> {
+        self.slots.iter()
+    }
+}
+
 /// Indexes of one tenant.
 pub(crate) struct Tenant {
-    pub(crate) by_name: HashMap<String, u32>,
+    pub(crate) by_name: Names,
     /// Interned lowercased tag -> slots of agents with a skill so tagged (each once).
     pub(crate) by_tag: HashMap<u32, Members, FxBuild>,
     /// The lexical intent index; `None` for a tenant outside the intent
@@ -611,7 +665,6 @@ impl Registry {
             id,
             node: self.nodes.shared(hot.node),
             record: PackedRecord::pack(&record),
-            load: LoadReport::default(),
             cold: None,
         };
         let slot = match self.free.pop() {
@@ -638,13 +691,19 @@ impl Registry {
     /// Updates an agent's load report; no-op for an unknown agent.
     pub fn set_load(&mut self, id: &AgentId, load: LoadReport) {
         if let Some(slot) = self.slot_of(id) {
-            if let Some(e) = self.slot_mut(slot) {
-                e.load = load;
-            }
             if let Some(h) = self.hot.get_mut(slot as usize) {
                 h.load = load;
             }
         }
+    }
+
+    /// An agent's last load report (default until one arrived).
+    pub fn load(&self, id: &AgentId) -> Option<LoadReport> {
+        let slot = self.slot_of(id)?;
+        self.hot
+            .get(slot as usize)
+            .filter(|h| h.live)
+            .map(|h| h.load)
     }
 
     /// Adds the card's text (card description, skill descriptions and
@@ -803,7 +862,10 @@ impl Registry {
     /// second map of every id: each would copy both strings of every
     /// remote agent).
     fn slot_of(&self, id: &AgentId) -> Option<u32> {
-        self.tenants.get(&id.tenant)?.by_name.get(&id.name).copied()
+        self.tenants
+            .get(&id.tenant)?
+            .by_name
+            .get(&id.name, &self.entries)
     }
 
     /// All entries, in no particular order (sort for display).
@@ -898,11 +960,11 @@ impl Registry {
             .tenants
             .entry(e.id.tenant.clone())
             .or_insert_with(|| Tenant {
-                by_name: HashMap::new(),
+                by_name: Names::default(),
                 by_tag: HashMap::default(),
                 scorer: scoped.then(|| (self.new_scorer)()),
             });
-        tenant.by_name.insert(e.id.name.clone(), slot);
+        tenant.by_name.insert(slot, &self.entries);
         for tag in e.tag_keys() {
             let tag = self.tags.acquire(&tag);
             tenant.by_tag.entry(tag).or_default().push(slot);
@@ -922,7 +984,7 @@ impl Registry {
         let Some(tenant) = self.tenants.get_mut(&e.id.tenant) else {
             return;
         };
-        tenant.by_name.remove(&e.id.name);
+        tenant.by_name.remove(&e.id.name, &self.entries);
         for name in e.tag_keys() {
             let Some(tag) = self.tags.get(&name) else {
                 continue;
@@ -979,7 +1041,11 @@ mod tests {
         r.upsert("n2", a.clone(), record(&["ocr"], Health::Healthy));
         let e = r.get(&a).expect("present");
         assert_eq!(&*e.node, "n2");
-        assert_eq!(e.load.in_flight, 4, "load survives a record update");
+        assert_eq!(
+            r.load(&a).map(|l| l.in_flight),
+            Some(4),
+            "load survives a record update"
+        );
         assert_eq!(r.tag_members("acme", "billing"), None);
         assert_eq!(r.tag_members("acme", "ocr"), Some(&[0][..]));
         assert_eq!(r.node_of(0), "n2");

@@ -299,7 +299,7 @@ impl Registry {
         };
         match target {
             Target::Agent(name) => {
-                let slot = t.and_then(|t| t.by_name.get(name.as_str())).copied();
+                let slot = t.and_then(|t| t.by_name.get(name, &self.entries));
                 let Some(slot) = slot else {
                     return Err(SelectError::UnknownAgent {
                         tenant: tenant.to_string(),

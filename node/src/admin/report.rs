@@ -252,6 +252,7 @@ fn agent_table(s: &Shared) -> Vec<super::status::AgentStatus> {
     reg.iter()
         .map(|e| {
             let local = s.agents.agents.get(&e.id);
+            let load = reg.load(&e.id).unwrap_or_default();
             let mut tags: Vec<String> = e.record.tags().map(str::to_string).collect();
             tags.sort();
             tags.dedup();
@@ -263,13 +264,13 @@ fn agent_table(s: &Shared) -> Vec<super::status::AgentStatus> {
                 tags,
                 health: e.record.health().to_string(),
                 circuit: s.mesh.circuit_state(&e.id).to_string(),
-                in_flight: e.load.in_flight,
+                in_flight: load.in_flight,
                 outstanding: s.mesh.outstanding(&e.id),
                 p50_ms: local
                     .as_ref()
                     .and_then(|a| a.stats.lock().unwrap_or_else(|p| p.into_inner()).p50_ms()),
-                ewma_ms: f64::from(e.load.ewma_ms),
-                error_rate: f64::from(e.load.error_rate),
+                ewma_ms: f64::from(load.ewma_ms),
+                error_rate: f64::from(load.error_rate),
                 protocol: local
                     .as_ref()
                     .and_then(|a| a.protocol.current())
