@@ -24,6 +24,14 @@
 //! records, so checking a candidate is one cache line and the chosen
 //! agent's entry and strings are never dereferenced. Tags and node names
 //! are interned (reference-counted, so gossip cannot grow them without bound).
+//!
+//! Memory, since a node holds every agent of the mesh (~1.2 KB of node
+//! memory per remote agent at 100k, BENCHMARKS.md): a record is kept packed
+//! ([`packed`]); an agent is found through its tenant's name table, whose
+//! keys are the entries' own names (no second copy of any id); what only
+//! intent routing reads is boxed and absent for most agents; and a node can
+//! keep lexical intent indexes only for the tenants it routes intent for
+//! ([`Registry::index_intent_on_demand`]).
 
 #![forbid(unsafe_code)]
 
