@@ -564,6 +564,11 @@ impl Registry {
         }
     }
 
+    /// Does any agent of `tenant` live here?
+    pub fn has_tenant(&self, tenant: &str) -> bool {
+        self.tenants.contains_key(tenant)
+    }
+
     /// Is `tenant`'s lexical intent index kept (so intent selection for it
     /// ranks by words)?
     pub fn intent_indexed(&self, tenant: &str) -> bool {

@@ -621,6 +621,10 @@ impl MeshView {
     /// unknown) and wants: tenants with a lexical intent index (cards feed
     /// only intent routing), not `skip`ped by the caller. Cheap to call
     /// every tick with a large registry: nothing is copied but the answer.
+    ///
+    /// An agent whose card is cached but not set on it (its record landed
+    /// while [`MeshView::add_card`] was handing that card out) gets it here,
+    /// so such agents never crowd out the ones still to fetch.
     pub fn missing_cards(
         &self,
         limit: usize,
@@ -630,7 +634,7 @@ impl MeshView {
             return Vec::new();
         }
         // A few more than asked: some may turn out to be cached below.
-        let wanted: Vec<(AgentId, String)> = {
+        let candidates: Vec<(AgentId, String)> = {
             let reg = self.read();
             reg.iter()
                 .filter(|e| {
@@ -643,21 +647,40 @@ impl MeshView {
                 .map(|e| (e.id.clone(), e.record.digest().to_string()))
                 .collect()
         };
-        let cards = lock(&self.cards);
+        let mut wanted = Vec::new();
+        let mut cached = Vec::new();
+        {
+            let cards = lock(&self.cards);
+            for (id, digest) in candidates {
+                match cards.get(&digest) {
+                    Some(card) => cached.push((id, card.clone())),
+                    None => wanted.push((id, digest)),
+                }
+            }
+        }
+        if !cached.is_empty() {
+            let mut reg = self.write();
+            for (id, card) in cached {
+                reg.set_card(&id, &card);
+            }
+        }
+        wanted.truncate(limit);
         wanted
-            .into_iter()
-            .filter(|(_, d)| !cards.contains_key(d))
-            .take(limit)
-            .collect()
     }
 
     /// Keeps `tenant`'s lexical intent index, building it now if this node
     /// did not route intent for the tenant before (its cards are fetched
-    /// from then on).
+    /// from then on). A tenant without agents here is not kept: any label
+    /// of `mesh.<tenant>.dmsc` reaches this, and the scope must not grow
+    /// with made-up names; its first request once it has agents builds it.
     pub fn ensure_intent(&self, tenant: &str) {
-        if !self.read().intent_indexed(tenant) {
-            self.write().index_intent(tenant);
+        {
+            let reg = self.read();
+            if reg.intent_indexed(tenant) || !reg.has_tenant(tenant) {
+                return;
+            }
         }
+        self.write().index_intent(tenant);
     }
 }
 
@@ -848,6 +871,45 @@ mod tests {
         m.apply_scan(vec![]);
         assert!(!selectable(&m));
         assert!(m.scan_cursor().is_empty());
+    }
+
+    #[test]
+    fn cards_are_wanted_only_for_intent_tenants_and_a_stranded_one_is_set() {
+        let m = MeshView::new(
+            "me",
+            CircuitConfig::default(),
+            dmsc_registry::Choice::PowerOfTwo,
+        );
+        m.write().index_intent_on_demand();
+        let card = dmsc_registry::AgentCard::parse(
+            br#"{"name":"Doc","url":"http://h/","description":"Reads receipts",
+                 "skills":[{"id":"ocr","name":"OCR","tags":["ocr"]}]}"#,
+        )
+        .expect("card");
+        let rec = AgentRecord::from_card(&card, Health::Healthy, now_ms() + 60_000);
+        let (a, b) = (AgentId::new("acme", "a"), AgentId::new("acme", "b"));
+        m.write().upsert("x", a.clone(), rec.clone());
+        m.write().upsert("x", b.clone(), rec);
+        assert!(
+            m.missing_cards(8, |_, _| false).is_empty(),
+            "not routed for"
+        );
+        // a made-up tenant never enters the scope
+        m.ensure_intent("nobody");
+        assert!(!m.read().intent_indexed("nobody"));
+        m.ensure_intent("acme");
+        assert!(m.read().intent_indexed("acme"));
+        let wanted = m.missing_cards(8, |_, _| false);
+        assert_eq!(wanted.len(), 2);
+        assert!(
+            m.missing_cards(8, |id, _| *id == a).len() == 1,
+            "skip is honoured"
+        );
+        // cached, but not set on the agents (a record that landed while the
+        // card was handed out): set now, not fetched again
+        lock(&m.cards).insert(card.digest(), Arc::new(card));
+        assert!(m.missing_cards(8, |_, _| false).is_empty());
+        assert!(m.read().has_card(&a) && m.read().has_card(&b));
     }
 
     #[test]
