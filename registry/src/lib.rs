@@ -1114,22 +1114,18 @@ mod tests {
 
     #[test]
     fn intent_indexes_on_demand_only_for_tenants_in_scope() {
+        let add = |r: &mut Registry, t: &str, n: &str| {
+            r.upsert(
+                "n1",
+                AgentId::new(t, n),
+                record(&["invoices"], Health::Healthy),
+            )
+        };
+        let hits = |r: &Registry, t: &str| r.match_intent(t, "invoices", 5).len();
         let mut r = Registry::new();
-        r.upsert(
-            "n1",
-            AgentId::new("acme", "a"),
-            record(&["invoices"], Health::Healthy),
-        );
-        r.upsert(
-            "n1",
-            AgentId::new("beta", "b"),
-            record(&["invoices"], Health::Healthy),
-        );
-        assert_eq!(
-            r.match_intent("acme", "invoices", 5).len(),
-            1,
-            "eager by default"
-        );
+        add(&mut r, "acme", "a");
+        add(&mut r, "beta", "b");
+        assert_eq!(hits(&r, "acme"), 1, "eager by default");
         r.index_intent_on_demand();
         assert!(!r.intent_indexed("acme") && !r.intent_indexed("beta"));
         assert!(
@@ -1148,30 +1144,14 @@ mod tests {
         assert_eq!(by_tag.map(|s| s.id.name).ok().as_deref(), Some("a"));
         r.index_intent("acme");
         assert!(r.intent_indexed("acme") && !r.intent_indexed("beta"));
-        assert_eq!(
-            r.match_intent("acme", "invoices", 5).len(),
-            1,
-            "built from the agents"
-        );
-        r.upsert(
-            "n1",
-            AgentId::new("acme", "c"),
-            record(&["invoices"], Health::Healthy),
-        );
-        assert_eq!(
-            r.match_intent("acme", "invoices", 5).len(),
-            2,
-            "kept up to date"
-        );
+        assert_eq!(hits(&r, "acme"), 1, "built from the agents");
+        add(&mut r, "acme", "c");
+        assert_eq!(hits(&r, "acme"), 2, "kept up to date");
         assert!(r.match_intent("beta", "invoices", 5).is_empty());
         // a tenant that empties and comes back stays in scope
         r.remove(&AgentId::new("acme", "a"));
         r.remove(&AgentId::new("acme", "c"));
-        r.upsert(
-            "n1",
-            AgentId::new("acme", "d"),
-            record(&["invoices"], Health::Healthy),
-        );
+        add(&mut r, "acme", "d");
         assert_eq!(r.match_intent("acme", "invoices", 5).len(), 1);
     }
 

@@ -750,6 +750,14 @@ mod tests {
         }
     }
 
+    fn view() -> MeshView {
+        MeshView::new(
+            "me",
+            CircuitConfig::default(),
+            dmsc_registry::Choice::PowerOfTwo,
+        )
+    }
+
     fn selectable(m: &MeshView) -> bool {
         m.read()
             .select(
@@ -829,11 +837,7 @@ mod tests {
 
     #[test]
     fn scans_apply_changes_deaths_returns_and_restarts() {
-        let m = MeshView::new(
-            "me",
-            CircuitConfig::default(),
-            dmsc_registry::Choice::PowerOfTwo,
-        );
+        let m = view();
         assert!(m
             .apply_scan(vec![scan(1, 5, MemberState::Alive, true)])
             .is_empty());
@@ -875,11 +879,7 @@ mod tests {
 
     #[test]
     fn cards_are_wanted_only_for_intent_tenants_and_a_stranded_one_is_set() {
-        let m = MeshView::new(
-            "me",
-            CircuitConfig::default(),
-            dmsc_registry::Choice::PowerOfTwo,
-        );
+        let m = view();
         m.write().index_intent_on_demand();
         let card = dmsc_registry::AgentCard::parse(
             br#"{"name":"Doc","url":"http://h/","description":"Reads receipts",
@@ -914,11 +914,7 @@ mod tests {
 
     #[test]
     fn deltas_apply_only_what_changed() {
-        let m = MeshView::new(
-            "me",
-            CircuitConfig::default(),
-            dmsc_registry::Choice::PowerOfTwo,
-        );
+        let m = view();
         let a = AgentId::new("acme", "a");
         let mut s = scan(1, 5, MemberState::Alive, true);
         if let Some(v) = s.values.as_mut() {
@@ -973,11 +969,7 @@ mod tests {
         // Dead, then back with a change made meanwhile: the delta alone
         // would not bring back its other agents, so the cursor goes to 0
         // and the next (complete) scan readmits them all.
-        let m = MeshView::new(
-            "me",
-            CircuitConfig::default(),
-            dmsc_registry::Choice::PowerOfTwo,
-        );
+        let m = view();
         m.apply_scan(vec![scan(1, 5, MemberState::Alive, true)]);
         m.apply_scan(vec![scan(1, 5, MemberState::Dead, false)]);
         assert!(!selectable(&m));
