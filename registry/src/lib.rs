@@ -469,6 +469,14 @@ impl Names {
     }
 }
 
+/// A tenant's lexical intent index built aside
+/// ([`Registry::build_intent_index`]).
+pub struct IntentIndex {
+    tenant: String,
+    changed: u64,
+    scorer: Box<dyn Scorer>,
+}
+
 /// Indexes of one tenant.
 pub(crate) struct Tenant {
     pub(crate) by_name: Names,
@@ -477,6 +485,9 @@ pub(crate) struct Tenant {
     /// The lexical intent index; `None` for a tenant outside the intent
     /// scope (see [`Registry::index_intent_on_demand`]).
     pub(crate) scorer: Option<Box<dyn Scorer>>,
+    /// [`Registry::stamp`] of this tenant's last change of an intent
+    /// document (an agent in or out, a card, learned examples).
+    changed: u64,
 }
 
 type ScorerFactory = Box<dyn Fn() -> Box<dyn Scorer> + Send + Sync>;
@@ -508,6 +519,10 @@ pub struct Registry {
     /// Tenants whose lexical intent index is kept: `None` is every tenant
     /// (the default); see [`Registry::index_intent_on_demand`].
     intent_scope: Option<HashSet<String>>,
+    /// Bumped by every change of a tenant's intent documents (see
+    /// [`Tenant::changed`]): an index built aside is installed only if its
+    /// tenant did not change meanwhile.
+    stamp: u64,
 }
 
 impl fmt::Debug for Registry {
@@ -546,6 +561,7 @@ impl Registry {
             intent_margin: select::INTENT_MARGIN,
             fusion: Fusion::default(),
             intent_scope: None,
+            stamp: 0,
         }
     }
 
@@ -579,7 +595,9 @@ impl Registry {
 
     /// Keeps `tenant`'s lexical intent index from now on, building it from
     /// the tenant's agents now if it was not kept (linear in their number:
-    /// about 11 ms for a tenant of 1,000 agents, BENCHMARKS.md).
+    /// about 11 ms for a tenant of 1,000 agents, BENCHMARKS.md). To build a
+    /// large one without holding selection up, see
+    /// [`Registry::build_intent_index`].
     pub fn index_intent(&mut self, tenant: &str) {
         let Some(scope) = &mut self.intent_scope else {
             return;
@@ -587,17 +605,57 @@ impl Registry {
         if !scope.insert(tenant.to_string()) {
             return;
         }
-        let Some(t) = self.tenants.get_mut(tenant) else {
+        let scorer = self.tenants.get(tenant).map(|t| self.scorer_of(t));
+        if let (Some(t), Some(scorer)) = (self.tenants.get_mut(tenant), scorer) {
+            t.scorer = Some(scorer);
+        }
+    }
+
+    /// `tenant`'s lexical intent index, built from its agents without
+    /// changing the registry (so under a read lock, while selection goes
+    /// on), for [`Registry::install_intent_index`]. `None` when the tenant
+    /// is indexed already or has no agents here.
+    pub fn build_intent_index(&self, tenant: &str) -> Option<IntentIndex> {
+        if self.intent_indexed(tenant) {
+            return None;
+        }
+        let t = self.tenants.get(tenant)?;
+        Some(IntentIndex {
+            tenant: tenant.to_string(),
+            changed: t.changed,
+            scorer: self.scorer_of(t),
+        })
+    }
+
+    /// Keeps the tenant of `built` indexed from now on, with `built` if the
+    /// tenant did not change since it was built, else with an index built
+    /// now.
+    pub fn install_intent_index(&mut self, built: IntentIndex) {
+        let current = self
+            .tenants
+            .get(&built.tenant)
+            .is_some_and(|t| t.changed == built.changed);
+        let Some(scope) = &mut self.intent_scope else {
             return;
         };
+        if !current || scope.contains(&built.tenant) {
+            self.index_intent(&built.tenant);
+            return;
+        }
+        scope.insert(built.tenant.clone());
+        if let Some(t) = self.tenants.get_mut(&built.tenant) {
+            t.scorer = Some(built.scorer);
+        }
+    }
+
+    fn scorer_of(&self, t: &Tenant) -> Box<dyn Scorer> {
         let mut scorer = (self.new_scorer)();
         for &slot in t.by_name.values() {
-            let live = self.hot.get(slot as usize).is_some_and(|h| h.live);
-            if let (true, Some(e)) = (live, self.entries.get(slot as usize)) {
+            if let Some(e) = self.slot(slot) {
                 scorer.index(slot, &e.document());
             }
         }
-        t.scorer = Some(scorer);
+        scorer
     }
 
     /// How `select` chooses among eligible candidates (default P2C).
@@ -748,6 +806,10 @@ impl Registry {
         }
         e.cold_mut().card_text = Some(text);
         let doc = e.document();
+        self.stamp += 1;
+        if let Some(t) = self.tenants.get_mut(&id.tenant) {
+            t.changed = self.stamp;
+        }
         if let Some(s) = self
             .tenants
             .get_mut(&id.tenant)
@@ -794,6 +856,10 @@ impl Registry {
         }
         e.cold_mut().learned = learned;
         let doc = e.document();
+        self.stamp += 1;
+        if let Some(t) = self.tenants.get_mut(&id.tenant) {
+            t.changed = self.stamp;
+        }
         if let Some(s) = self
             .tenants
             .get_mut(&id.tenant)
@@ -976,7 +1042,10 @@ impl Registry {
                 by_name: Names::default(),
                 by_tag: HashMap::default(),
                 scorer: scoped.then(|| (self.new_scorer)()),
+                changed: 0,
             });
+        self.stamp += 1;
+        tenant.changed = self.stamp;
         tenant.by_name.insert(slot, &self.entries);
         for tag in e.tag_keys() {
             let tag = self.tags.acquire(&tag);
@@ -997,6 +1066,8 @@ impl Registry {
         let Some(tenant) = self.tenants.get_mut(&e.id.tenant) else {
             return;
         };
+        self.stamp += 1;
+        tenant.changed = self.stamp;
         tenant.by_name.remove(&e.id.name, &self.entries);
         for name in e.tag_keys() {
             let Some(tag) = self.tags.get(&name) else {
@@ -1148,6 +1219,19 @@ mod tests {
         add(&mut r, "acme", "c");
         assert_eq!(hits(&r, "acme"), 2, "kept up to date");
         assert!(r.match_intent("beta", "invoices", 5).is_empty());
+        // built aside (under a read lock) and installed: as if built in place,
+        // also when the tenant changed in between (then rebuilt)
+        let built = r.build_intent_index("beta").expect("beta has agents");
+        assert!(r.build_intent_index("acme").is_none(), "indexed already");
+        assert!(r.build_intent_index("nobody").is_none(), "no agents");
+        r.install_intent_index(built);
+        assert!(r.intent_indexed("beta"));
+        assert_eq!(hits(&r, "beta"), 1);
+        add(&mut r, "gamma", "g1");
+        let built = r.build_intent_index("gamma").expect("gamma has agents");
+        add(&mut r, "gamma", "g2");
+        r.install_intent_index(built);
+        assert_eq!(hits(&r, "gamma"), 2, "the agent added meanwhile is in");
         // a tenant that empties and comes back stays in scope
         r.remove(&AgentId::new("acme", "a"));
         r.remove(&AgentId::new("acme", "c"));

@@ -673,14 +673,19 @@ impl MeshView {
     /// from then on). A tenant without agents here is not kept: any label
     /// of `mesh.<tenant>.dmsc` reaches this, and the scope must not grow
     /// with made-up names; its first request once it has agents builds it.
+    /// The index is built under the read lock (selection goes on) and
+    /// installed under the write lock.
     pub fn ensure_intent(&self, tenant: &str) {
-        {
+        let built = {
             let reg = self.read();
             if reg.intent_indexed(tenant) || !reg.has_tenant(tenant) {
                 return;
             }
+            reg.build_intent_index(tenant)
+        };
+        if let Some(built) = built {
+            self.write().install_intent_index(built);
         }
-        self.write().index_intent(tenant);
     }
 }
 
