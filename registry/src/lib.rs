@@ -806,17 +806,7 @@ impl Registry {
         }
         e.cold_mut().card_text = Some(text);
         let doc = e.document();
-        self.stamp += 1;
-        if let Some(t) = self.tenants.get_mut(&id.tenant) {
-            t.changed = self.stamp;
-        }
-        if let Some(s) = self
-            .tenants
-            .get_mut(&id.tenant)
-            .and_then(|t| t.scorer.as_mut())
-        {
-            s.index(slot, &doc);
-        }
+        self.reindex(&id.tenant, slot, &doc);
         true
     }
 
@@ -856,17 +846,7 @@ impl Registry {
         }
         e.cold_mut().learned = learned;
         let doc = e.document();
-        self.stamp += 1;
-        if let Some(t) = self.tenants.get_mut(&id.tenant) {
-            t.changed = self.stamp;
-        }
-        if let Some(s) = self
-            .tenants
-            .get_mut(&id.tenant)
-            .and_then(|t| t.scorer.as_mut())
-        {
-            s.index(slot, &doc);
-        }
+        self.reindex(&id.tenant, slot, &doc);
         true
     }
 
@@ -1022,6 +1002,17 @@ impl Registry {
     fn slot_mut(&mut self, slot: u32) -> Option<&mut Entry> {
         let live = self.hot.get(slot as usize).is_some_and(|h| h.live);
         live.then(|| self.entries.get_mut(slot as usize)).flatten()
+    }
+
+    /// The intent document of `slot` (of `tenant`) changed.
+    fn reindex(&mut self, tenant: &str, slot: u32, doc: &Document) {
+        self.stamp += 1;
+        if let Some(t) = self.tenants.get_mut(tenant) {
+            t.changed = self.stamp;
+            if let Some(s) = &mut t.scorer {
+                s.index(slot, doc);
+            }
+        }
     }
 
     fn index(&mut self, slot: u32) {
