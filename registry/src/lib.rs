@@ -580,11 +580,6 @@ impl Registry {
         }
     }
 
-    /// Does any agent of `tenant` live here?
-    pub fn has_tenant(&self, tenant: &str) -> bool {
-        self.tenants.contains_key(tenant)
-    }
-
     /// Is `tenant`'s lexical intent index kept (so intent selection for it
     /// ranks by words)?
     pub fn intent_indexed(&self, tenant: &str) -> bool {
@@ -700,27 +695,19 @@ impl Registry {
                     moved = Some(e.node.clone());
                 }
             }
-            let healthy = self
-                .slot(slot)
-                .is_some_and(|e| e.record.health() == Health::Healthy);
-            let node_id = match moved {
-                Some(old) => {
-                    self.nodes.release(&old);
-                    Some(self.nodes.acquire(node))
-                }
-                None => None,
-            };
-            if let Some(h) = self.hot.get_mut(slot as usize) {
-                h.healthy = healthy;
-                if let Some(n) = node_id {
-                    h.node = n;
-                }
-            }
-            if let Some(n) = node_id {
+            if let Some(old) = moved {
+                self.nodes.release(&old);
+                let n = self.nodes.acquire(node);
                 let shared = self.nodes.shared(n);
                 if let Some(e) = self.slot_mut(slot) {
                     e.node = shared;
                 }
+                if let Some(h) = self.hot.get_mut(slot as usize) {
+                    h.node = n;
+                }
+            }
+            if let Some(h) = self.hot.get_mut(slot as usize) {
+                h.healthy = record.health == Health::Healthy;
             }
             self.index(slot);
             return;
@@ -852,8 +839,7 @@ impl Registry {
 
     /// The agent's embedded card, if set.
     pub fn vectors(&self, id: &AgentId) -> Option<&std::sync::Arc<CardVectors>> {
-        let slot = self.slot_of(id)?;
-        self.slot(slot)?.card_vectors()
+        self.get(id)?.card_vectors()
     }
 
     /// How intent scores are fused (see [`semantic`]).

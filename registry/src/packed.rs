@@ -114,12 +114,6 @@ impl PackedRecord {
     }
 }
 
-impl From<&AgentRecord> for PackedRecord {
-    fn from(r: &AgentRecord) -> Self {
-        PackedRecord::pack(r)
-    }
-}
-
 impl fmt::Debug for PackedRecord {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(&self.unpack(), f)

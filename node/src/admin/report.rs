@@ -242,14 +242,9 @@ pub(crate) async fn status_report(s: &Shared) -> StatusReport {
 /// The agent table: every registered agent, with this node's view of it,
 /// ordered by tenant, then name.
 pub(crate) fn agent_statuses(s: &Shared) -> Vec<super::status::AgentStatus> {
-    let mut all = agent_table(s);
-    all.sort_by(|a, b| (&a.tenant, &a.name).cmp(&(&b.tenant, &b.name)));
-    all
-}
-
-fn agent_table(s: &Shared) -> Vec<super::status::AgentStatus> {
     let reg = s.mesh.read();
-    reg.iter()
+    let mut all: Vec<super::status::AgentStatus> = reg
+        .iter()
         .map(|e| {
             let local = s.agents.agents.get(&e.id);
             let load = reg.load(&e.id).unwrap_or_default();
@@ -278,7 +273,9 @@ fn agent_table(s: &Shared) -> Vec<super::status::AgentStatus> {
                 local: local.is_some(),
             }
         })
-        .collect::<Vec<_>>()
+        .collect();
+    all.sort_by(|a, b| (&a.tenant, &a.name).cmp(&(&b.tenant, &b.name)));
+    all
 }
 
 /// Refreshes the metrics registry from live state and encodes it.

@@ -350,7 +350,7 @@ pub async fn sync_loop(sync: Sync) {
                 // A node whose certificate is scoped to some tenants would be
                 // refused (and audited) by the home nodes of all the others.
                 let scope = sync.security.identity().info.tenants.clone();
-                let missing = mesh.missing_cards(8 - fetching.len().min(8), |id, digest| {
+                let missing = mesh.missing_cards(8usize.saturating_sub(fetching.len()), |id, digest| {
                     !crate::policy::in_scope(scope.as_deref(), &id.tenant)
                         || failed.contains_key(digest)
                         || in_progress.contains(digest)

@@ -676,13 +676,7 @@ impl MeshView {
     /// The index is built under the read lock (selection goes on) and
     /// installed under the write lock.
     pub fn ensure_intent(&self, tenant: &str) {
-        let built = {
-            let reg = self.read();
-            if reg.intent_indexed(tenant) || !reg.has_tenant(tenant) {
-                return;
-            }
-            reg.build_intent_index(tenant)
-        };
+        let built = self.read().build_intent_index(tenant);
         if let Some(built) = built {
             self.write().install_intent_index(built);
         }
