@@ -206,7 +206,7 @@ done
 if [ -n "${DMSC_BENCH_PROFILE:-}" ]; then
   # Profile the two dmsc nodes at max load instead of the comparison:
   # perf report -i "$DMSC_BENCH_PROFILE" --no-children --sort dso,symbol
-  perf record ${DMSC_BENCH_PROFILE_EVENT:+-e "$DMSC_BENCH_PROFILE_EVENT"} -F 999 --call-graph "${DMSC_BENCH_CALLGRAPH:-fp}" -o "$DMSC_BENCH_PROFILE" -p "$DMSC_A,$DMSC_B" -- sleep "$SECS" >/dev/null 2>&1 &
+  perf record ${DMSC_BENCH_PROFILE_EVENT:+-e "$DMSC_BENCH_PROFILE_EVENT"} ${DMSC_BENCH_PROFILE_RATE:--F 999} --call-graph "${DMSC_BENCH_CALLGRAPH:-fp}" -o "$DMSC_BENCH_PROFILE" -p "$DMSC_A,$DMSC_B" -- sleep "$SECS" >/dev/null 2>&1 &
   PERF=$!
   $PIN1 oha -z "${SECS}s" --no-tui -c 32 -m POST -D "$W/body" -H "Host: echo.bench.dmsc" http://127.0.0.1:18082/ | grep -E "Requests/sec|Success rate"
   wait "$PERF" || true

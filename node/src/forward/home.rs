@@ -52,7 +52,7 @@ impl Delegator {
                     return;
                 }
             };
-        let head = match head {
+        let mut head = match head {
             Ok(h) => h,
             Err(e) => {
                 warn!(peer = %peer, error = %e, "refused delegation");
@@ -188,7 +188,7 @@ impl Delegator {
                     Some(me.kind.status().as_u16()),
                 );
             };
-            let headers = wire::from_wire_headers(&head.headers);
+            let headers = std::mem::take(&mut head.headers);
             // The calling node is this side's caller: a stream it cuts or
             // garbles is its failure, not the agent's.
             let watch = BodyWatch::default();
@@ -304,7 +304,7 @@ async fn write_response(
     let head = ResponseHead {
         version,
         status: parts.status.as_u16(),
-        headers: wire::to_wire_headers(&parts.headers),
+        headers: parts.headers,
         delivered: true,
         failure: None,
     };
@@ -323,7 +323,7 @@ async fn write_error(
         let head = ResponseHead {
             version,
             status: e.kind.status().as_u16(),
-            headers: Vec::new(),
+            headers: hyper::HeaderMap::new(),
             delivered,
             failure: Some(e.to_wire()),
         };
@@ -334,7 +334,7 @@ async fn write_error(
         let head = ResponseHead {
             version,
             status: parts.status.as_u16(),
-            headers: wire::to_wire_headers(&parts.headers),
+            headers: parts.headers,
             delivered,
             failure: None,
         };

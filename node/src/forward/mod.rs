@@ -39,7 +39,7 @@ use tracing::{debug, warn, Instrument};
 use crate::config::DelegationConfig;
 use crate::proto::http::{full, Body, ErrorKind, MeshError};
 use crate::proto::outcome::{Failure, Outcome, Served};
-use crate::proto::wire::{self, RequestHead, DELEGATION_VERSION};
+use crate::proto::wire::{RequestHead, DELEGATION_VERSION};
 use crate::route::attempts::{Attempts, Next};
 use crate::route::MeshView;
 use body::guarded;
@@ -473,7 +473,7 @@ impl Delegator {
                     method: method.to_string(),
                     path: path.clone(),
                     http: if http2 { 2 } else { 1 },
-                    headers: wire::to_wire_headers(&headers),
+                    headers: headers.clone(),
                     empty_body: matches!(&body, ReqBody::Buffered(b) if b.is_empty()),
                     caller_tenant: caller_tenant.clone(),
                     data_tags: data_tags.clone(),

@@ -166,7 +166,7 @@ impl Delegator {
                 ))
             }
         };
-        let head = head.map_err(|e| {
+        let mut head = head.map_err(|e| {
             Failure::MaybeDelivered(
                 MeshError::new(
                     ErrorKind::Unreachable,
@@ -199,7 +199,7 @@ impl Delegator {
                 head.status, head.version
             )));
         }
-        let headers = wire::from_wire_headers(&head.headers);
+        let headers = std::mem::take(&mut head.headers);
         let content_type = headers
             .get(hyper::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok());
@@ -296,7 +296,7 @@ async fn hold(
                     break false;
                 }
             }
-            Some(Part::Trailers(t)) => held.push(Frame::trailers(wire::from_wire_headers(&t))),
+            Some(Part::Trailers(t)) => held.push(Frame::trailers(t)),
             Some(Part::Head(_)) => return Err(wire::WireError::Unexpected("second head")),
         }
     };
@@ -376,10 +376,7 @@ fn frames(
                     return Some((Ok(Frame::data(d)), Some((recv, decoder, left))));
                 }
                 Ok(Some(Part::Trailers(t))) => {
-                    return Some((
-                        Ok(Frame::trailers(wire::from_wire_headers(&t))),
-                        Some((recv, decoder, left)),
-                    ));
+                    return Some((Ok(Frame::trailers(t)), Some((recv, decoder, left))));
                 }
                 Ok(Some(Part::Head(_))) => {
                     let e: BoxError = Box::new(wire::WireError::Unexpected("second head"));

@@ -25,7 +25,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use dmsc_transport::frame::{FrameDecoder, FrameError, MAX_FRAME};
-use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::header::HeaderMap;
 use serde::{Deserialize, Serialize};
 
 /// Newest version of the delegation heads this node writes and accepts.
@@ -40,8 +40,10 @@ const KIND_TRAILERS: u8 = 3;
 /// Largest body chunk put in one `Data` part.
 pub const MAX_DATA: usize = MAX_FRAME - 1;
 
-/// Header list as carried on the wire (names lowercase, values raw bytes).
-pub type WireHeaders = Vec<(String, Vec<u8>)>;
+/// Headers travel as a postcard sequence of `(name, value)` pairs (names
+/// lowercase, values raw bytes), read straight into and out of a
+/// [`HeaderMap`]: no list of owned strings in between (see [`header_list`]).
+pub type WireHeaders = HeaderMap;
 
 /// The request of one delegation, as the caller's node sends it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +62,7 @@ pub struct RequestHead {
     pub path: String,
     /// 2 when the caller spoke HTTP/2 (gRPC needs it end to end), else 1.
     pub http: u8,
+    #[serde(with = "header_list")]
     pub headers: WireHeaders,
     /// The request has no body (the home node sends none, not an empty chunked one).
     pub empty_body: bool,
@@ -83,6 +86,7 @@ struct RequestHeadV2 {
     method: String,
     path: String,
     http: u8,
+    #[serde(with = "header_list")]
     headers: WireHeaders,
     empty_body: bool,
 }
@@ -92,6 +96,7 @@ struct RequestHeadV2 {
 pub struct ResponseHead {
     pub version: u8,
     pub status: u16,
+    #[serde(with = "header_list")]
     pub headers: WireHeaders,
     /// False when the home node is sure the agent never saw the request
     /// (unknown agent, connect refused, circuit open): safe to retry elsewhere.
@@ -119,6 +124,7 @@ pub struct WireFailure {
 struct ResponseHeadV1 {
     version: u8,
     status: u16,
+    #[serde(with = "header_list")]
     headers: WireHeaders,
     delivered: bool,
 }
@@ -215,8 +221,7 @@ pub fn encode_data(mut data: Bytes, out: &mut Vec<Bytes>) {
 }
 
 pub fn encode_trailers(trailers: &HeaderMap) -> Result<[Bytes; 2], WireError> {
-    let list = to_wire_headers(trailers);
-    let body = postcard::to_stdvec(&list).map_err(|e| WireError::Decode {
+    let body = postcard::to_stdvec(&header_list::Ser(trailers)).map_err(|e| WireError::Decode {
         what: "trailers",
         reason: e.to_string(),
     })?;
@@ -324,12 +329,12 @@ impl PartDecoder {
             KIND_HEAD => Ok(Some(Part::Head(payload))),
             KIND_DATA => Ok(Some(Part::Data(payload))),
             KIND_TRAILERS => {
-                let list: WireHeaders =
+                let list: header_list::De =
                     postcard::from_bytes(&payload).map_err(|e| WireError::Decode {
                         what: "trailers",
                         reason: e.to_string(),
                     })?;
-                Ok(Some(Part::Trailers(list)))
+                Ok(Some(Part::Trailers(list.0)))
             }
             k => Err(WireError::Kind(k)),
         }
@@ -341,31 +346,87 @@ impl PartDecoder {
     }
 }
 
-pub fn to_wire_headers(map: &HeaderMap) -> WireHeaders {
-    map.iter()
-        .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
-        .collect()
-}
+/// (De)serializes a [`HeaderMap`] as the sequence of `(str, bytes)` pairs
+/// the wire has always carried (byte for byte what a `Vec<(String,
+/// Vec<u8>)>` encodes to in postcard), borrowing names and values from the
+/// input instead of allocating a string and a vector per header. Entries
+/// that are not valid HTTP are skipped on the way in (a peer node validated
+/// them once already; a bad one is not worth failing the whole delegation
+/// over).
+pub(crate) mod header_list {
+    use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+    use serde::de::{Deserializer, SeqAccess, Visitor};
+    use serde::ser::{SerializeSeq as _, Serializer};
+    use serde::{Deserialize, Serialize};
 
-/// Rebuilds a header map; entries that are not valid HTTP are skipped (a
-/// peer node validated them once already; a bad one is not worth failing
-/// the whole delegation over).
-pub fn from_wire_headers(list: &WireHeaders) -> HeaderMap {
-    let mut map = HeaderMap::with_capacity(list.len());
-    for (k, v) in list {
-        if let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(k.as_bytes()),
-            HeaderValue::from_bytes(v),
-        ) {
-            map.append(name, value);
+    pub fn serialize<S: Serializer>(map: &HeaderMap, s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(map.len()))?;
+        for (name, value) in map {
+            seq.serialize_element(&(name.as_str(), Raw(value.as_bytes())))?;
+        }
+        seq.end()
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<HeaderMap, D::Error> {
+        d.deserialize_seq(ListVisitor)
+    }
+
+    /// A value as bytes: the same postcard encoding as a `Vec<u8>`
+    /// (a length, then the bytes), written in one go.
+    struct Raw<'a>(&'a [u8]);
+
+    impl Serialize for Raw<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_bytes(self.0)
         }
     }
-    map
+
+    /// A whole map as a top-level value (trailers parts).
+    pub struct Ser<'a>(pub &'a HeaderMap);
+
+    impl Serialize for Ser<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            serialize(self.0, s)
+        }
+    }
+
+    pub struct De(pub HeaderMap);
+
+    impl<'de> Deserialize<'de> for De {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            deserialize(d).map(De)
+        }
+    }
+
+    struct ListVisitor;
+
+    impl<'de> Visitor<'de> for ListVisitor {
+        type Value = HeaderMap;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a list of (name, value) header pairs")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<HeaderMap, A::Error> {
+            // The hint comes from the peer: cap what it may make us reserve.
+            let mut map = HeaderMap::with_capacity(seq.size_hint().unwrap_or(0).min(64));
+            while let Some((name, value)) = seq.next_element::<(&'de str, &'de [u8])>()? {
+                if let (Ok(name), Ok(value)) = (
+                    HeaderName::from_bytes(name.as_bytes()),
+                    HeaderValue::from_bytes(value),
+                ) {
+                    map.append(name, value);
+                }
+            }
+            Ok(map)
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyper::header::HeaderValue;
     use proptest::prelude::*;
 
     fn head(path: String, body_headers: WireHeaders) -> RequestHead {
@@ -386,6 +447,68 @@ mod tests {
         }
     }
 
+    fn headers(list: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in list {
+            map.append(*k, HeaderValue::from_static(v));
+        }
+        map
+    }
+
+    /// What every node before this encoding wrote and read: a list of
+    /// owned pairs. The map encoding must be the same bytes both ways.
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct ListHead {
+        version: u8,
+        status: u16,
+        headers: Vec<(String, Vec<u8>)>,
+        delivered: bool,
+    }
+
+    #[test]
+    fn headers_keep_the_list_encoding_of_earlier_nodes() {
+        let map = headers(&[
+            ("content-type", "text/plain"),
+            ("x-custom", "a"),
+            ("x-custom", "b"),
+            ("set-cookie", "k=v; Path=/"),
+        ]);
+        let list: Vec<(String, Vec<u8>)> = map
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
+            .collect();
+        let new = ResponseHead {
+            version: 1,
+            status: 200,
+            headers: map.clone(),
+            delivered: true,
+            failure: None,
+        };
+        let [_, bytes] = encode_response_head(&new).expect("encode");
+        let old = ListHead {
+            version: 1,
+            status: 200,
+            headers: list,
+            delivered: true,
+        };
+        assert_eq!(&bytes[..], &postcard::to_stdvec(&old).expect("old")[..]);
+        let back: ListHead = postcard::from_bytes(&bytes).expect("an old reader reads it");
+        assert_eq!(back, old);
+        assert_eq!(decode_response_head(&bytes).expect("decode").headers, map);
+        // Entries a peer sends that are not HTTP are dropped, not fatal.
+        let bad = ListHead {
+            headers: vec![
+                ("bad name".into(), b"x".to_vec()),
+                ("ok".into(), b"fine".to_vec()),
+                ("x-nl".into(), b"a\nb".to_vec()),
+            ],
+            ..old
+        };
+        let bytes = postcard::to_stdvec(&bad).expect("encode");
+        let got = decode_response_head(&bytes).expect("decode").headers;
+        assert_eq!(got, headers(&[("ok", "fine")]));
+    }
+
     fn flatten(parts: &[Bytes]) -> Vec<u8> {
         parts.iter().flat_map(|b| b.iter().copied()).collect()
     }
@@ -397,7 +520,7 @@ mod tests {
             body in proptest::collection::vec(any::<u8>(), 0..5000),
             cut in 1usize..700,
         ) {
-            let h = head(path, vec![("content-type".into(), b"application/json".to_vec())]);
+            let h = head(path, headers(&[("content-type", "application/json")]));
             let mut parts: Vec<Bytes> = encode_request_head(&h).expect("head").to_vec();
             encode_data(Bytes::from(body.clone()), &mut parts);
             let mut trailers = HeaderMap::new();
@@ -420,7 +543,7 @@ mod tests {
                 Part::Data(d) => Some(d.to_vec()), _ => None }).flatten().collect();
             prop_assert_eq!(data, body);
             let Some(Part::Trailers(t)) = got.last() else { panic!("trailers last") };
-            prop_assert_eq!(from_wire_headers(t), trailers);
+            prop_assert_eq!(t, &trailers);
         }
 
         #[test]
@@ -438,7 +561,7 @@ mod tests {
 
         #[test]
         fn truncation_is_detected(cut in 0usize..40) {
-            let h = head("/x".into(), vec![]);
+            let h = head("/x".into(), HeaderMap::new());
             let wire = flatten(&encode_request_head(&h).expect("head"));
             let cut = cut.min(wire.len() - 1);
             let mut d = PartDecoder::new();
@@ -452,7 +575,7 @@ mod tests {
         ResponseHead {
             version,
             status: 504,
-            headers: vec![("content-type".into(), b"text/plain".to_vec())],
+            headers: headers(&[("content-type", "text/plain")]),
             delivered: true,
             failure,
         }
@@ -479,7 +602,7 @@ mod tests {
         // Request heads of every version decode; before 3 the caller's
         // tenant is the target's and there are no data tags.
         for v in [1, 2, 3] {
-            let mut h = head("/".into(), vec![]);
+            let mut h = head("/".into(), HeaderMap::new());
             h.version = v;
             let [_, body] = encode_request_head(&h).expect("encode");
             let back = decode_request_head(&body).expect("decode");
@@ -497,7 +620,7 @@ mod tests {
 
     #[test]
     fn other_versions_are_refused_clearly() {
-        let mut h = head("/".into(), vec![]);
+        let mut h = head("/".into(), HeaderMap::new());
         h.version = 9;
         let [_, body] = encode_request_head(&h).expect("encode");
         let err = decode_request_head(&body).expect_err("refused");

@@ -1185,7 +1185,7 @@ async fn a_tenant_scoped_node_cannot_act_for_another_tenant_on_the_overlay() {
             method: "POST".into(),
             path: "/".into(),
             http: 1,
-            headers: Vec::new(),
+            headers: Default::default(),
             empty_body: true,
             caller_tenant: "other".into(),
             data_tags: Vec::new(),

@@ -707,7 +707,7 @@ async fn data_tags_and_masking_end_to_end_through_two_nodes() {
         method: "POST".into(),
         path: "/".into(),
         http: 1,
-        headers: Vec::new(),
+        headers: Default::default(),
         empty_body: true,
         caller_tenant: "globex".into(),
         data_tags: vec!["phi".into()],
