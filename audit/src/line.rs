@@ -139,13 +139,35 @@ pub fn line_hash(bytes: &[u8]) -> String {
 }
 
 pub(crate) fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
-    }
+    push_hex(bytes, &mut s);
     s
+}
+
+fn push_hex(bytes: &[u8], out: &mut String) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+}
+
+/// The SHA-256 of a line just encoded, before it becomes the next line's
+/// `prev` (written in place of the last one: no string per line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LineDigest([u8; 32]);
+
+impl LineDigest {
+    /// Replaces `out` with the digest in lowercase hex (as [`line_hash`]).
+    pub(crate) fn write_hex(&self, out: &mut String) {
+        out.clear();
+        push_hex(&self.0, out);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn to_hex(self) -> String {
+        hex(&self.0)
+    }
 }
 
 #[derive(Serialize)]
@@ -175,7 +197,7 @@ pub(crate) fn encode_line<D: Serialize>(
     buf: &mut Vec<u8>,
     env: &Envelope<'_>,
     detail: D,
-) -> Result<String, serde_json::Error> {
+) -> Result<LineDigest, serde_json::Error> {
     let start = buf.len();
     if let Err(e) = serde_json::to_writer(&mut *buf, &env.with(detail)) {
         buf.truncate(start);
@@ -191,7 +213,7 @@ pub(crate) fn encode_line_json(
     buf: &mut Vec<u8>,
     env: &Envelope<'_>,
     detail: &[u8],
-) -> Result<String, serde_json::Error> {
+) -> Result<LineDigest, serde_json::Error> {
     let start = buf.len();
     if let Err(e) = serde_json::to_writer(&mut *buf, &env.with(())) {
         buf.truncate(start);
@@ -205,8 +227,8 @@ pub(crate) fn encode_line_json(
 }
 
 /// Hashes the line that starts at `start` and ends it with `\n`.
-fn finish_line(buf: &mut Vec<u8>, start: usize) -> String {
-    let hash = line_hash(&buf[start..]);
+fn finish_line(buf: &mut Vec<u8>, start: usize) -> LineDigest {
+    let hash = LineDigest(Sha256::digest(&buf[start..]).into());
     buf.push(b'\n');
     hash
 }
@@ -262,7 +284,7 @@ mod tests {
                 "{{\"seq\":7,\"ts\":1,\"node\":\"n1\",\"tenant\":\"acme\",\"kind\":\"denied\",\"prev\":\"{GENESIS_PREV}\",\"detail\":{{\"caller\":\"a\",\"target\":\"agent:b\",\"reason\":\"policy\"}}}}\n"
             )
         );
-        assert_eq!(hash, line_hash(text.trim_end().as_bytes()));
+        assert_eq!(hash.to_hex(), line_hash(text.trim_end().as_bytes()));
     }
 
     #[test]
@@ -409,7 +431,7 @@ mod tests {
             prop_assert_eq!(line.kind.as_str(), kind.name());
             prop_assert_eq!(&line.prev, &prev);
             prop_assert_eq!(line.body().expect("typed body"), Body::Event(kind));
-            prop_assert_eq!(hash, line_hash(&buf[..buf.len() - 1]));
+            prop_assert_eq!(hash.to_hex(), line_hash(&buf[..buf.len() - 1]));
         }
     }
 }

@@ -30,7 +30,8 @@ use tracing::Instrument as _;
 
 use crate::event::{DetailRef, Event, Recovery, KIND_CHECKPOINT, KIND_RECOVERY};
 use crate::line::{
-    encode_line, encode_line_json, line_hash, parse_line, Envelope, GENESIS_PREV, MAX_LINE,
+    encode_line, encode_line_json, line_hash, parse_line, Envelope, LineDigest, GENESIS_PREV,
+    MAX_LINE,
 };
 use crate::seal::{line_context, seal_detail};
 use crate::{AuditError, Sealer, Signer};
@@ -806,7 +807,7 @@ impl Writer {
         tenant: Option<&str>,
         kind: &str,
         ts: u64,
-        encode: impl FnOnce(&mut Vec<u8>, &Envelope<'_>) -> Result<String, serde_json::Error>,
+        encode: impl FnOnce(&mut Vec<u8>, &Envelope<'_>) -> Result<LineDigest, serde_json::Error>,
     ) -> bool {
         let env = Envelope {
             seq: self.next_seq,
@@ -818,7 +819,7 @@ impl Writer {
         };
         match encode(&mut self.buf, &env) {
             Ok(hash) => {
-                self.prev = hash;
+                hash.write_hex(&mut self.prev);
                 self.next_seq += 1;
                 self.since_checkpoint += 1;
                 self.buf_lines += 1;

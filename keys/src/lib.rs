@@ -615,23 +615,19 @@ impl KeyStore {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take(&self.rng)?;
-        let mut body = Vec::with_capacity(plaintext.len() + TAG_LEN);
-        body.extend_from_slice(plaintext);
-        key.seal_in_place_append_tag(
-            Nonce::assume_unique_for_key(nonce),
-            Aad::from(seal_aad(tenant, id, context)),
-            &mut body,
-        )
-        .map_err(|_| KeyError::Rng)?;
-        let mut sealed = Vec::with_capacity(NONCE_LEN + body.len());
+        // nonce | ciphertext | tag in one buffer, sealed in place.
+        let mut sealed = Vec::with_capacity(NONCE_LEN + plaintext.len() + TAG_LEN);
         sealed.extend_from_slice(&nonce);
-        sealed.extend_from_slice(&body);
-        Ok(Token {
-            tenant: tenant.to_string(),
-            key_id: id,
-            sealed,
-        }
-        .encode())
+        sealed.extend_from_slice(plaintext);
+        let tag = key
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(seal_aad(tenant, id, context)),
+                &mut sealed[NONCE_LEN..],
+            )
+            .map_err(|_| KeyError::Rng)?;
+        sealed.extend_from_slice(tag.as_ref());
+        Ok(token::encode(tenant, id, &sealed))
     }
 
     /// Opens a value from [`Self::seal`] with the same `context`, with

@@ -49,12 +49,7 @@ pub fn valid_tenant(name: &str) -> bool {
 
 impl Token {
     pub fn encode(&self) -> String {
-        format!(
-            "{TOKEN_PREFIX}{}:{}:{}",
-            self.tenant,
-            self.key_id,
-            URL_SAFE_NO_PAD.encode(&self.sealed)
-        )
+        encode(&self.tenant, self.key_id, &self.sealed)
     }
 
     /// Parses the text form. Never panics; checks shape only (the AEAD
@@ -89,6 +84,23 @@ impl Token {
             sealed,
         })
     }
+}
+
+/// The text form of a token, written into one string.
+pub(crate) fn encode(tenant: &str, key_id: u32, sealed: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::with_capacity(
+        TOKEN_PREFIX.len()
+            + tenant.len()
+            + 12
+            + base64::encoded_len(sealed.len(), false).unwrap_or(0),
+    );
+    s.push_str(TOKEN_PREFIX);
+    s.push_str(tenant);
+    // Writing into a String cannot fail.
+    let _ = write!(s, ":{key_id}:");
+    URL_SAFE_NO_PAD.encode_string(sealed, &mut s);
+    s
 }
 
 #[cfg(test)]

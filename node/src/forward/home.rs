@@ -87,13 +87,18 @@ impl Delegator {
                 || self.agents.get(&id),
             )
             .and_then(|agent| {
-                let tags = super::agent_tags(&self.mesh.read(), &id);
                 let policies = &self.security.policies;
                 let provider = policies.get(&head.tenant);
                 let consumer = if head.caller_tenant == head.tenant {
                     provider.clone()
                 } else {
                     policies.get(&head.caller_tenant)
+                };
+                // Tags only matter to a policy's rules: none, no lookup.
+                let tags = if consumer.is_none() && provider.is_none() {
+                    Vec::new()
+                } else {
+                    super::agent_tags(&self.mesh.read(), &id)
                 };
                 crate::policy::outbound(
                     consumer.as_deref(),

@@ -39,7 +39,7 @@ use tracing::{debug, warn, Instrument};
 use crate::config::DelegationConfig;
 use crate::proto::http::{full, Body, ErrorKind, MeshError};
 use crate::proto::outcome::{Failure, Outcome, Served};
-use crate::proto::wire::{RequestHead, DELEGATION_VERSION};
+use crate::proto::wire::{RequestHeadRef, DELEGATION_VERSION};
 use crate::route::attempts::{Attempts, Next};
 use crate::route::MeshView;
 use body::guarded;
@@ -263,7 +263,12 @@ impl Delegator {
                 .map(|sel| {
                     // The tenant policy for the agent picked (its name and
                     // tags), under the same read of the registry.
-                    let tags = agent_tags(&reg, &sel.id);
+                    // Tags only matter to a policy's rules: none, no lookup.
+                    let tags = if consumer.is_none() && provider.is_none() {
+                        Vec::new()
+                    } else {
+                        agent_tags(&reg, &sel.id)
+                    };
                     // Only the consumer's policy has region rules (its gate
                     // and its masking): without one, no need to know.
                     let cross_region = consumer.is_some() && self.crosses_region(&sel.node);
@@ -461,22 +466,22 @@ impl Delegator {
                     )),
                 }
             } else {
-                let head = RequestHead {
+                let head = RequestHeadRef {
                     version: DELEGATION_VERSION,
-                    tenant: tenant.clone(),
-                    caller: caller.clone(),
-                    agent: id.name.clone(),
+                    tenant: &tenant,
+                    caller: &caller,
+                    agent: &id.name,
                     deadline_ms: deadline
                         .saturating_duration_since(Instant::now())
                         .as_millis() as u64,
-                    trace_id: trace_id.clone(),
-                    method: method.to_string(),
-                    path: path.clone(),
+                    trace_id: &trace_id,
+                    method: method.as_str(),
+                    path: &path,
                     http: if http2 { 2 } else { 1 },
-                    headers: headers.clone(),
+                    headers: &headers,
                     empty_body: matches!(&body, ReqBody::Buffered(b) if b.is_empty()),
-                    caller_tenant: caller_tenant.clone(),
-                    data_tags: data_tags.clone(),
+                    caller_tenant: &caller_tenant,
+                    data_tags: &data_tags,
                 };
                 self.deliver_remote(&sel.node, &id, head, body, deadline, &plan)
                     .await

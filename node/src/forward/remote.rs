@@ -30,7 +30,7 @@ use super::{Delegator, ReqBody};
 use crate::proto::http::{Body, BoxError, ErrorKind, MeshError};
 use crate::proto::outcome::Failure;
 use crate::proto::wire::{
-    self, Part, PartDecoder, RequestHead, DELEGATION_VERSION, OLDEST_VERSION,
+    self, Part, PartDecoder, RequestHeadRef, DELEGATION_VERSION, OLDEST_VERSION,
 };
 use crate::route::attempts::Attempts;
 
@@ -50,7 +50,7 @@ impl Delegator {
         &self,
         node: &str,
         id: &AgentId,
-        mut head: RequestHead,
+        mut head: RequestHeadRef<'_>,
         body: ReqBody,
         deadline: Instant,
         plan: &Attempts,
@@ -108,7 +108,7 @@ impl Delegator {
                 "the address of home node `{node}` now answers as `{peer}`"
             )));
         }
-        let mut parts: Vec<Bytes> = match wire::encode_request_head(&head) {
+        let mut parts: Vec<Bytes> = match wire::encode_request_head(head) {
             Ok(p) => p.to_vec(),
             Err(e) => return Err(not_delivered(format!("cannot encode the request: {e}"))),
         };

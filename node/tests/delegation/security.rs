@@ -1190,7 +1190,7 @@ async fn a_tenant_scoped_node_cannot_act_for_another_tenant_on_the_overlay() {
             caller_tenant: "other".into(),
             data_tags: Vec::new(),
         };
-        let mut parts = dmsc_node::proto::wire::encode_request_head(&head)
+        let mut parts = dmsc_node::proto::wire::encode_request_head(head.as_ref())
             .expect("encode")
             .to_vec();
         stream.send.write_chunks(&mut parts).await.expect("write");

@@ -712,7 +712,7 @@ async fn data_tags_and_masking_end_to_end_through_two_nodes() {
         caller_tenant: "globex".into(),
         data_tags: vec!["phi".into()],
     };
-    let mut parts = dmsc_node::proto::wire::encode_request_head(&head)
+    let mut parts = dmsc_node::proto::wire::encode_request_head(head.as_ref())
         .expect("encode")
         .to_vec();
     stream.send.write_chunks(&mut parts).await.expect("write");
