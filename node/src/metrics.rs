@@ -8,8 +8,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
@@ -67,6 +68,42 @@ pub struct DelegationMetrics {
     pub tenant_shed: Family<TenantListenerLabels, Counter<u64, AtomicU64>>,
     /// All delegations recorded (the sum over `requests`), for tests and status.
     count: Arc<AtomicU64>,
+    /// `requests` and `inbound` counters found by borrowed labels.
+    requests_by: ByTenantOutcome,
+    inbound_by: ByTenantOutcome,
+}
+
+type Count = Counter<u64, AtomicU64>;
+
+/// The counters of a (tenant, outcome) family, found by `&str` labels: the
+/// family's own lookup takes an owned label set, two strings built per
+/// delegation. The family is never pruned, so a counter found once stays
+/// the one the family exports.
+#[derive(Clone, Debug, Default)]
+struct ByTenantOutcome(Arc<RwLock<HashMap<Box<str>, HashMap<Box<str>, Count>>>>);
+
+impl ByTenantOutcome {
+    fn inc(&self, family: &Family<DelegationLabels, Count>, tenant: &str, outcome: &str) {
+        let known = self.0.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = known.get(tenant).and_then(|m| m.get(outcome)) {
+            c.inc();
+            return;
+        }
+        drop(known);
+        let c = family
+            .get_or_create(&DelegationLabels {
+                tenant: tenant.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .clone();
+        c.inc();
+        self.0
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(tenant.into())
+            .or_default()
+            .insert(outcome.into(), c);
+    }
 }
 
 impl Default for DelegationMetrics {
@@ -84,18 +121,15 @@ impl Default for DelegationMetrics {
             rate_limited: Family::default(),
             tenant_shed: Family::default(),
             count: Arc::default(),
+            requests_by: ByTenantOutcome::default(),
+            inbound_by: ByTenantOutcome::default(),
         }
     }
 }
 
 impl DelegationMetrics {
     pub fn record(&self, tenant: &str, outcome: &str, elapsed: std::time::Duration) {
-        self.requests
-            .get_or_create(&DelegationLabels {
-                tenant: tenant.to_string(),
-                outcome: outcome.to_string(),
-            })
-            .inc();
+        self.requests_by.inc(&self.requests, tenant, outcome);
         self.duration.observe(elapsed.as_secs_f64());
         self.count
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -103,12 +137,7 @@ impl DelegationMetrics {
 
     /// One delegation this node served as the home node (for a peer).
     pub fn record_inbound(&self, tenant: &str, outcome: &str) {
-        self.inbound
-            .get_or_create(&DelegationLabels {
-                tenant: tenant.to_string(),
-                outcome: outcome.to_string(),
-            })
-            .inc();
+        self.inbound_by.inc(&self.inbound, tenant, outcome);
     }
 
     /// Delegations recorded since start.
@@ -525,5 +554,39 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn count(f: &Family<DelegationLabels, Count>, tenant: &str, outcome: &str) -> u64 {
+        f.get_or_create(&DelegationLabels {
+            tenant: tenant.into(),
+            outcome: outcome.into(),
+        })
+        .get()
+    }
+
+    #[test]
+    fn delegations_are_counted_in_the_exported_families() {
+        let m = DelegationMetrics::default();
+        let d = std::time::Duration::from_millis(1);
+        m.record("acme", "ok", d);
+        m.record("acme", "ok", d);
+        m.record("acme", "timeout", d);
+        m.record("globex", "ok", d);
+        m.record_inbound("acme", "ok");
+        // A clone (what the app hands around) counts into the same families.
+        let c = m.clone();
+        c.record("acme", "ok", d);
+        c.record_inbound("acme", "ok");
+        assert_eq!(count(&m.requests, "acme", "ok"), 3);
+        assert_eq!(count(&m.requests, "acme", "timeout"), 1);
+        assert_eq!(count(&m.requests, "globex", "ok"), 1);
+        assert_eq!(count(&m.inbound, "acme", "ok"), 2);
+        assert_eq!(count(&m.inbound, "globex", "ok"), 0);
+        assert_eq!(m.total(), 5);
     }
 }

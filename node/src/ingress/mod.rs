@@ -143,18 +143,24 @@ pub struct NotMeshAddress(pub String);
 
 /// Parses `<agent>.<tenant>.dmsc`, `<tag>.cap.<tenant>.dmsc`, `mesh.<tenant>.dmsc`.
 pub fn parse_host(host: &str) -> Result<(String, HostTarget), NotMeshAddress> {
-    let h = host.trim_end_matches('.').to_ascii_lowercase();
+    let trimmed = host.trim_end_matches('.');
+    // Hosts arrive lowercase nearly always: no copy then.
+    let h: std::borrow::Cow<'_, str> = if trimmed.bytes().any(|b| b.is_ascii_uppercase()) {
+        trimmed.to_ascii_lowercase().into()
+    } else {
+        trimmed.into()
+    };
     let bad = || NotMeshAddress(host.to_string());
     let Some(rest) = h.strip_suffix(".dmsc") else {
         return Err(bad());
     };
-    let labels: Vec<&str> = rest.split('.').collect();
-    match labels.as_slice() {
-        ["mesh", tenant] => Ok((tenant.to_string(), HostTarget::Intent)),
-        [agent, tenant] if !agent.is_empty() && !tenant.is_empty() => {
+    let mut labels = rest.split('.');
+    match (labels.next(), labels.next(), labels.next(), labels.next()) {
+        (Some("mesh"), Some(tenant), None, None) => Ok((tenant.to_string(), HostTarget::Intent)),
+        (Some(agent), Some(tenant), None, None) if !agent.is_empty() && !tenant.is_empty() => {
             Ok((tenant.to_string(), HostTarget::Agent(agent.to_string())))
         }
-        [tag, "cap", tenant] if !tag.is_empty() && !tenant.is_empty() => {
+        (Some(tag), Some("cap"), Some(tenant), None) if !tag.is_empty() && !tenant.is_empty() => {
             Ok((tenant.to_string(), HostTarget::Tag(tag.to_string())))
         }
         _ => Err(bad()),
@@ -942,6 +948,13 @@ mod tests {
         assert!(parse_host("example.com").is_err());
         assert!(parse_host("a.b.c.d.dmsc").is_err());
         assert!(parse_host(".acme.dmsc").is_err());
+        assert!(parse_host("acme.dmsc").is_err());
+        assert!(parse_host("x.cap..dmsc").is_err());
+        assert!(parse_host("a.b.cap.acme.dmsc").is_err());
+        assert!(matches!(
+            parse_host("BILLING.Acme.DMSC"),
+            Ok((t, HostTarget::Agent(a))) if t == "acme" && a == "billing"
+        ));
     }
 
     #[test]
