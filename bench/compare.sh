@@ -21,7 +21,10 @@
 # DMSC_BENCH_AUDIT=off runs the dmsc nodes with the audit log off (to see
 # what it costs; the comparison itself is with it on, the default).
 # DMSC_BENCH_PROFILE=FILE records a perf profile (-g, 999 Hz) of the two
-# dmsc nodes under max load instead (needs perf: apt-get install linux-perf).
+# dmsc nodes under max load instead (needs perf: apt-get install linux-perf);
+# DMSC_BENCH_PROFILE_RATE="-c 1" records every event instead of sampling
+# (e.g. DMSC_BENCH_PROFILE_EVENT=probe_dmsc:m after
+# `perf probe -x <build> -a 'm=_rjem_malloc'`: where allocations come from).
 # DMSC_BENCH_SYSCALLS=1 (or =max) counts their system calls per request
 # (other perf events with DMSC_BENCH_STAT_EVENTS, e.g. probe_libc:malloc
 # after `perf probe -x <libc> -a malloc`).
