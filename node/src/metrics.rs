@@ -80,7 +80,9 @@ type Count = Counter<u64, AtomicU64>;
 /// delegation. The family is never pruned, so a counter found once stays
 /// the one the family exports.
 #[derive(Clone, Debug, Default)]
-struct ByTenantOutcome(Arc<RwLock<HashMap<Box<str>, HashMap<Box<str>, Count>>>>);
+struct ByTenantOutcome(Arc<RwLock<HashMap<Box<str>, ByOutcome>>>);
+
+type ByOutcome = HashMap<Box<str>, Count>;
 
 impl ByTenantOutcome {
     fn inc(&self, family: &Family<DelegationLabels, Count>, tenant: &str, outcome: &str) {

@@ -96,7 +96,8 @@ pub struct Vouched<'a> {
 /// Replaces whatever `dmsc-*` headers are present with the node's own.
 pub fn vouch(headers: &mut HeaderMap, v: Vouched<'_>) {
     strip_mesh_headers(headers);
-    // Room for the four below at once (a map decoded from the wire has none).
+    // Room for the four below at once (a map decoded from the wire has no
+    // spare room).
     headers.reserve(4);
     let mut set = |name: &'static str, value: &str| {
         if let Ok(value) = HeaderValue::from_str(value) {

@@ -465,7 +465,9 @@ pub(crate) mod header_list {
                     HeaderName::from_bytes(name.as_bytes()),
                     HeaderValue::from_bytes(value),
                 ) {
-                    map.append(name, value);
+                    // A map holds at most 24,576 names; `append` would panic.
+                    map.try_append(name, value)
+                        .map_err(|_| serde::de::Error::custom("too many headers"))?;
                 }
             }
             Ok(map)
@@ -557,6 +559,30 @@ mod tests {
         let bytes = postcard::to_stdvec(&bad).expect("encode");
         let got = decode_response_head(&bytes).expect("decode").headers;
         assert_eq!(got, headers(&[("ok", "fine")]));
+    }
+
+    #[test]
+    fn a_head_with_more_names_than_a_map_holds_is_refused_not_a_panic() {
+        let names: Vec<(String, Vec<u8>)> = (0..25_000u32)
+            .map(|i| (format!("x{i}"), Vec::new()))
+            .collect();
+        let bytes = postcard::to_stdvec(&ListHead {
+            version: 2,
+            status: 200,
+            headers: names.clone(),
+            delivered: true,
+        })
+        .expect("encode");
+        assert!(bytes.len() < MAX_DATA);
+        // (postcard keeps no custom message: the head is "undecodable")
+        let err = decode_response_head(&bytes).expect_err("refused");
+        assert!(matches!(err, WireError::Decode { .. }), "{err}");
+        let trailers = postcard::to_stdvec(&names).expect("encode");
+        let mut d = PartDecoder::new();
+        d.push(&((trailers.len() + 1) as u32).to_be_bytes());
+        d.push(&[KIND_TRAILERS]);
+        d.push(&trailers);
+        assert!(d.next_part().is_err());
     }
 
     fn flatten(parts: &[Bytes]) -> Vec<u8> {
