@@ -5,6 +5,8 @@
 #   nginx     oha -> nginx -> mutual TLS 1.3 -> nginx -> backend
 #   haproxy   oha -> HAProxy -> mutual TLS 1.3 -> HAProxy -> backend
 #   dmsc      oha -> dmsc-node b (ingress) -> QUIC, mutual TLS 1.3 -> dmsc-node a -> backend
+#   dmsc-mtls the same, oha calling node b's TLS ingress with a client
+#             certificate (enrolled with a join token, as an agent does)
 # Backend: `dmsc-bench e2e-backend` (hyper, answers 1 KiB). Proxies: one
 # worker each, keep-alive upstream pools, TLS 1.3 with client certificates
 # between the hops and session reuse. dmsc: audit log on (the default),
@@ -135,7 +137,7 @@ $PIN0 haproxy -f "$W/haproxy-front.cfg" -db & PIDS+=($!); HAP_F=$!
 # --- dmsc: node a is home to the backend, node b has the ingress
 ( cd "$W"
   "$NODE" ca init --trust-domain bench.test --out dca >/dev/null
-  for n in a b; do "$NODE" ca issue-node --ca-dir dca --name $n --out $n >/dev/null; done )
+  for n in a b; do "$NODE" ca issue-node --ca-dir dca --name $n --san 127.0.0.1 --out $n >/dev/null; done )
 # dmsc_pair PREFIX BIN PORT_OFFSET: nodes PREFIXa (home of the backend) and
 # PREFIXb (ingress on 18082 + offset), both running BIN.
 dmsc_pair() {
@@ -180,6 +182,12 @@ $FSYNC
 [[ingress]]
 listen = "127.0.0.1:$((18082 + o))"
 tenant = "bench"
+# The same node's TLS ingress: callers prove who they are with a client
+# certificate (path dmsc-mtls).
+[[ingress]]
+listen = "127.0.0.1:$((18083 + o))"
+tls = true
+auth = ["mtls"]
 CONF
   RUST_LOG=error $PIN0 "$bin" run --config "$W/${x}a.toml" >"$W/${x}a.log" 2>&1 & PIDS+=($!); PAIR_A=$!
   RUST_LOG=error $PIN0 "$bin" run --config "$W/${x}b.toml" >"$W/${x}b.log" 2>&1 & PIDS+=($!); PAIR_B=$!
@@ -205,6 +213,16 @@ for i in $(seq 1 100); do
   [ "$i" = 100 ] && { echo "a path never answered; logs in $W" >&2; tail -5 "$W"/*.log >&2; exit 1; }
   sleep 0.2
 done
+
+# A caller certificate for the mTLS ingress, as an agent gets one: a join
+# token from node b's admin API, exchanged at its TLS ingress.
+TOKEN=$("$NODE" token create --tenant bench --agent caller --admin 127.0.0.1:19402 --admin-token "$W/b/data/admin.token")
+curl -fsS --cacert "$W/dca/ca.pem" https://127.0.0.1:18083/v1/enroll -d "{\"token\":\"$TOKEN\"}" \
+  | python3 -c 'import json,sys; d=json.load(sys.stdin); open(sys.argv[1]+"/caller.pem","w").write(d["certificate_chain"]); open(sys.argv[1]+"/caller.key","w").write(d["private_key"])' "$W"
+MTLS=(--cacert "$W/dca/ca.pem" --cert "$W/caller.pem" --key "$W/caller.key")
+code=$(curl -sS -o "$W/mtls-check" -w "%{http_code}" --cacert "$W/dca/ca.pem" --cert "$W/caller.pem" --key "$W/caller.key" \
+  -H "Host: echo.bench.dmsc" -d x https://127.0.0.1:18083/ || true)
+[ "$code" = 200 ] || { echo "the mTLS ingress answered $code: $(cat "$W/mtls-check" 2>/dev/null)" >&2; exit 1; }
 
 if [ -n "${DMSC_BENCH_PROFILE:-}" ]; then
   # Profile the two dmsc nodes at max load instead of the comparison:
@@ -241,9 +259,9 @@ if [ -n "${DMSC_BENCH_SYSCALLS:-}" ]; then
   awk -F, -v n="$n" '$1+0 > 0 { sub("syscalls:sys_enter_", "", $3); printf "%8.2f %s\n", $1 / n, $3 }' "$W/stat" | sort -rn
   exit 0
 fi
-declare -A ADDR=([direct]=$BACKEND [nginx]=127.0.0.1:18080 [haproxy]=127.0.0.1:18081 [dmsc]=127.0.0.1:18082 [dmsc-b]=127.0.0.1:18092)
-declare -A HOST=([direct]=x [nginx]=x [haproxy]=x [dmsc]=echo.bench.dmsc [dmsc-b]=echo.bench.dmsc)
-declare -A SERVERS=([direct]="$BACKEND_PID" [nginx]="$BACKEND_PID $NGX_F $NGX_B" [haproxy]="$BACKEND_PID $HAP_F $HAP_B" [dmsc]="$BACKEND_PID $DMSC_A $DMSC_B")
+declare -A ADDR=([direct]=$BACKEND [nginx]=127.0.0.1:18080 [haproxy]=127.0.0.1:18081 [dmsc]=127.0.0.1:18082 [dmsc-mtls]=127.0.0.1:18083 [dmsc-b]=127.0.0.1:18092)
+declare -A HOST=([direct]=x [nginx]=x [haproxy]=x [dmsc]=echo.bench.dmsc [dmsc-mtls]=echo.bench.dmsc [dmsc-b]=echo.bench.dmsc)
+declare -A SERVERS=([direct]="$BACKEND_PID" [nginx]="$BACKEND_PID $NGX_F $NGX_B" [haproxy]="$BACKEND_PID $HAP_F $HAP_B" [dmsc]="$BACKEND_PID $DMSC_A $DMSC_B" [dmsc-mtls]="$BACKEND_PID $DMSC_A $DMSC_B")
 [ -n "${DMSC_NODE_BIN_B:-}" ] && SERVERS[dmsc-b]="$BACKEND_PID $DMSCX_A $DMSCX_B"
 
 # nginx and haproxy fork workers: count the whole process tree of each PID
@@ -258,13 +276,15 @@ ticks() {
 HZ=$(getconf CLK_TCK)
 
 oha_run() { # path extra-args... -> json
+  local url="http://${ADDR[$1]}/" tls=()
+  [ "$1" = dmsc-mtls ] && { url="https://${ADDR[$1]}/"; tls=("${MTLS[@]}"); }
   $PIN1 oha -z "${SECS}s" --no-tui --output-format json -m POST -D "$W/body" \
-    -H "Host: ${HOST[$1]}" "${@:2}" "http://${ADDR[$1]}/" 2>/dev/null
+    -H "Host: ${HOST[$1]}" "${tls[@]}" "${@:2}" "$url" 2>/dev/null
 }
 field() { python3 -c 'import json,sys; d=json.load(sys.stdin); print(eval(sys.argv[1]))' "$1"; }
 
 # DMSC_BENCH_PATHS="nginx dmsc" runs a subset (quick A/B runs against nginx).
-default_paths="direct nginx haproxy dmsc${DMSC_NODE_BIN_B:+ dmsc-b}"
+default_paths="direct nginx haproxy dmsc dmsc-mtls${DMSC_NODE_BIN_B:+ dmsc-b}"
 read -r -a PATHS <<< "${DMSC_BENCH_PATHS:-$default_paths}"
 echo "| round | path | p50 @500 | p99 @500 | p50 @2000 | p99 @2000 | ok @2000 | max req/s | server CPU/request @2000 |"
 echo "|---|---|---|---|---|---|---|---|---|"

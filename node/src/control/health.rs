@@ -548,17 +548,28 @@ mod tests {
         }
 
         let unknown = ProtocolState::new(None);
-        assert!(!unknown.use_http2(false) && unknown.use_http2(true));
+        assert!(!unknown.use_http2(false, false) && unknown.use_http2(true, false));
         assert!(unknown.learn(Some(Protocol::Grpc)));
         assert!(!unknown.learn(Some(Protocol::Grpc)));
-        assert!(unknown.use_http2(false), "an h2-only agent gets HTTP/2");
+        assert!(
+            unknown.use_http2(false, false),
+            "an h2-only agent gets HTTP/2"
+        );
         unknown.learn(Some(Protocol::Http1));
-        assert!(!unknown.use_http2(false) && unknown.use_http2(true));
+        assert!(!unknown.use_http2(false, false) && !unknown.use_http2(false, true));
+        assert!(
+            !unknown.use_http2(true, false),
+            "an agent that answers HTTP/1.1 gets it from an HTTP/2 caller"
+        );
+        assert!(unknown.use_http2(true, true), "except gRPC");
 
         let http1 = ProtocolState::new(Some(Protocol::Http1));
-        assert!(!http1.use_http2(true), "pinned http1: HTTP/1.1 for all");
+        assert!(
+            !http1.use_http2(true, true),
+            "pinned http1: HTTP/1.1 for all"
+        );
         let h2c = ProtocolState::new(Some(Protocol::H2c));
-        assert!(h2c.use_http2(false));
+        assert!(h2c.use_http2(false, false));
         assert_eq!(h2c.current(), Some(Protocol::H2c));
     }
 

@@ -392,7 +392,11 @@ pub(crate) async fn deliver_local(
     // An HTTP/2-only agent (learnt by its health checks, or pinned) is
     // called over HTTP/2 whatever the caller spoke; the headers an HTTP/1.1
     // request may carry that HTTP/2 forbids went with the hop-by-hop ones.
-    let client = if agent.protocol.use_http2(http2) {
+    let grpc = req
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let client = if agent.protocol.use_http2(http2, grpc) {
         *req.version_mut() = Version::HTTP_2;
         &upstream.h2
     } else {

@@ -12,7 +12,8 @@ pub const EDGE_PROTOCOL: &str = "mqtt";
 /// How the node talks to an agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
-    /// HTTP/1.1 (HTTP/2 callers still reach it over HTTP/2 unless pinned).
+    /// HTTP/1.1 (HTTP/2 callers reach it over HTTP/1.1 too, except with
+    /// gRPC unless pinned).
     Http1,
     /// HTTP/2 with prior knowledge, not gRPC.
     H2c,
@@ -88,14 +89,18 @@ impl ProtocolState {
     }
 
     /// Whether to call the agent over HTTP/2, for a caller that spoke
-    /// HTTP/2 (`caller_http2`) or HTTP/1.1. An HTTP/2-only agent gets HTTP/2
-    /// whatever the caller spoke; a pinned `http1` agent gets HTTP/1.1; an
-    /// agent found to speak HTTP/1.1 (it may speak both) or not probed yet
-    /// gets the caller's version.
-    pub fn use_http2(&self, caller_http2: bool) -> bool {
+    /// HTTP/2 (`caller_http2`) or HTTP/1.1, with a gRPC request (`grpc`) or
+    /// not. An HTTP/2-only agent gets HTTP/2 whatever the caller spoke; a
+    /// pinned `http1` agent gets HTTP/1.1; an agent found to answer HTTP/1.1
+    /// gets HTTP/1.1 except for gRPC from an HTTP/2 caller (gRPC needs
+    /// HTTP/2's trailers): many agents (uvicorn, Node's `http`) do not speak
+    /// h2c at all, and an HTTP/2 caller (curl over TLS, a browser) must
+    /// still reach them. An agent not probed yet gets the caller's version.
+    pub fn use_http2(&self, caller_http2: bool, grpc: bool) -> bool {
         match (self.pinned, self.current()) {
             (Some(Protocol::Http1), _) => false,
             (_, Some(p)) if p.http2_only() => true,
+            (_, Some(Protocol::Http1)) => caller_http2 && grpc,
             _ => caller_http2,
         }
     }

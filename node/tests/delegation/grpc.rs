@@ -902,3 +902,80 @@ async fn an_http2_only_agent_with_a_card_onboards_with_nothing_but_its_url() {
     mesh.stop().await;
     server.abort();
 }
+
+/// An agent that speaks HTTP/1.1 only, as uvicorn or Node's `http` serve,
+/// and callers that speak HTTP/2 (curl over TLS negotiates it): the node
+/// calls the agent over HTTP/1.1, on the home node and through the overlay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_only_agent_is_reached_by_http2_callers() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen: Arc<Mutex<Vec<(hyper::Method, Version)>>> = Arc::default();
+    let log = seen.clone();
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let log = log.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let log = log.clone();
+                        async move {
+                            log.lock()
+                                .expect("log")
+                                .push((req.method().clone(), req.version()));
+                            let body = req.into_body().collect().await.expect("body").to_bytes();
+                            Ok::<_, Infallible>(hyper::Response::new(dmsc_node::proto::http::full(
+                                body,
+                            )))
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    let mesh = mesh_with(&["caller", "home"], declared(addr)).await;
+    eventually(
+        Duration::from_secs(10),
+        "probed as HTTP/1.1 and routable",
+        || protocol_on(&mesh, 1) == Some(Protocol::Http1) && mesh.routable_everywhere(AGENT),
+    )
+    .await;
+    for node in [1, 0] {
+        let tcp = tokio::net::TcpStream::connect(mesh.ingress(node))
+            .await
+            .expect("connect to ingress");
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .expect("h2c with prior knowledge");
+        tokio::spawn(conn);
+        let req = hyper::Request::post(format!("http://{AGENT}.acme.dmsc/tasks"))
+            .header("content-type", "application/json")
+            .body(dmsc_node::proto::http::full(format!("{{\"from\":{node}}}")))
+            .expect("request");
+        let resp = send.send_request(req).await.expect("answer");
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("body").to_bytes();
+        assert_eq!(parts.status, 200, "node {node}: {parts:?} {body:?}");
+        assert_eq!(parts.version, Version::HTTP_2);
+        assert_eq!(&body[..], format!("{{\"from\":{node}}}").as_bytes());
+    }
+    let posts: Vec<Version> = seen
+        .lock()
+        .expect("log")
+        .iter()
+        .filter(|(m, _)| *m == hyper::Method::POST)
+        .map(|(_, v)| *v)
+        .collect();
+    assert_eq!(posts, vec![Version::HTTP_11; 2]);
+    mesh.stop().await;
+    server.abort();
+}
