@@ -299,6 +299,9 @@ for round in $(seq 1 "$ROUNDS"); do
     for rate in "${RATES[@]}"; do
       t0=$(ticks "${SERVERS[$p]}")
       j=$(oha_run "$p" -q "$rate" --latency-correction -c 64)
+      # DMSC_BENCH_JSON=DIR keeps each run's oha report (connection times
+      # under "details": the TLS handshakes of the mTLS path, for one).
+      [ -n "${DMSC_BENCH_JSON:-}" ] && echo "$j" > "$DMSC_BENCH_JSON/$round-$p-$rate.json"
       t1=$(ticks "${SERVERS[$p]}")
       p50=$(echo "$j" | field '"%.3f ms" % (d["latencyPercentiles"]["p50"]*1000)')
       p99=$(echo "$j" | field '"%.3f ms" % (d["latencyPercentiles"]["p99"]*1000)')
