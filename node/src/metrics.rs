@@ -28,6 +28,10 @@ pub struct HandshakeLabels {
     pub result: String,
 }
 
+/// The `tenant` label of inbound delegations for an agent this node does
+/// not host (whatever tenant name the calling node sent).
+pub const OTHER_TENANT: &str = "(not hosted here)";
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DelegationLabels {
     pub tenant: String,
@@ -429,7 +433,7 @@ impl Metrics {
         );
         registry.register(
             "delegations_inbound",
-            "Delegations peers sent to this node's agents over the overlay, by tenant and outcome (this node enforcing the deadline shows as outcome=\"timeout\")",
+            "Delegations peers sent to this node's agents over the overlay, by tenant and outcome (this node enforcing the deadline shows as outcome=\"timeout\"; tenant=\"(not hosted here)\" for an agent this node does not host)",
             m.delegation.inbound.clone(),
         );
         registry.register(

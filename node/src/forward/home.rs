@@ -279,7 +279,14 @@ impl Delegator {
         // The serving side keeps its own record of every delegation it was
         // asked for: who (as the calling node vouched, over a verified
         // overlay connection) reached which of its agents, and how it went.
-        self.metrics.record_inbound(&head.tenant, &outcome);
+        // Labelled by tenant only for this node's own agents: a tenant name
+        // a peer made up must not add label sets to the metrics for good.
+        let tenant_label = if self.agents.get(&id).is_some() {
+            head.tenant.as_str()
+        } else {
+            crate::metrics::OTHER_TENANT
+        };
+        self.metrics.record_inbound(tenant_label, &outcome);
         if self.security.audit.is_some() {
             self.security.record(dmsc_audit::Event::tenant(
                 head.tenant.clone(),

@@ -1165,8 +1165,10 @@ async fn a_tenant_scoped_node_cannot_act_for_another_tenant_on_the_overlay() {
 
     // 2. A head forged directly on the rogue node's overlay connection, in
     // the current wire version (a typed failure comes back) and in version 1
-    // (what a node before the bump reads: the refusal rendered as a body).
-    for version in [dmsc_node::proto::wire::DELEGATION_VERSION, 1] {
+    // (what a node before the bump reads: the refusal rendered as a body);
+    // then one for a tenant nobody hosts.
+    let current = dmsc_node::proto::wire::DELEGATION_VERSION;
+    for (version, tenant) in [(current, "other"), (1, "other"), (current, "made-up")] {
         let overlay = &mesh.nodes[rogue].overlay();
         let mut stream = overlay
             .open_stream(
@@ -1177,7 +1179,7 @@ async fn a_tenant_scoped_node_cannot_act_for_another_tenant_on_the_overlay() {
             .expect("stream");
         let head = dmsc_node::proto::wire::RequestHead {
             version,
-            tenant: "other".into(),
+            tenant: tenant.into(),
             caller: "spiffe://mesh.dmsc.local/tenant/other/agent/forger".into(),
             agent: "ledger".into(),
             deadline_ms: 5000,
@@ -1187,7 +1189,7 @@ async fn a_tenant_scoped_node_cannot_act_for_another_tenant_on_the_overlay() {
             http: 1,
             headers: Default::default(),
             empty_body: true,
-            caller_tenant: "other".into(),
+            caller_tenant: tenant.into(),
             data_tags: Vec::new(),
         };
         let mut parts = dmsc_node::proto::wire::encode_request_head(head.as_ref())
@@ -1245,7 +1247,21 @@ async fn a_tenant_scoped_node_cannot_act_for_another_tenant_on_the_overlay() {
         "spiffe://mesh.dmsc.local/tenant/other/agent/forger (via node rogue)",
     )
     .await;
-    assert_eq!(forged.len(), 2, "one per wire version: {forged:#?}");
+    assert_eq!(forged.len(), 3, "one per forged head: {forged:#?}");
+    // The inbound counter is labelled by tenant for the agents the node
+    // hosts; a made-up tenant name adds no label set.
+    let inbound = &mesh.nodes[0].metrics().delegation.inbound;
+    let count = |tenant: &str| {
+        inbound
+            .get(&dmsc_node::metrics::DelegationLabels {
+                tenant: tenant.into(),
+                outcome: "forbidden".into(),
+            })
+            .map(|c| c.get())
+    };
+    assert_eq!(count("other"), Some(3), "step 1 and the two forged heads");
+    assert_eq!(count("made-up"), None);
+    assert_eq!(count(dmsc_node::metrics::OTHER_TENANT), Some(1));
 
     assert_eq!(
         ledger
