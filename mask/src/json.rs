@@ -1,7 +1,9 @@
 //! JSON masking by splicing: a validating scanner (RFC 8259) walks the
-//! document once, hands every string value (not keys) to the masker, and
-//! records where each changed value sits in the original bytes. Only those
-//! spans are rewritten, so everything else (numbers as written, key order,
+//! document once, hands every string value (not keys) and every number of
+//! 13 characters or more (a card number sent as a JSON number) to the
+//! masker, and records where each changed value sits in the original bytes
+//! (a masked number becomes the masked string). Only those spans are
+//! rewritten, so everything else (other numbers as written, key order,
 //! whitespace, escapes in untouched strings) stays byte-identical, and a
 //! document with no match is returned borrowed.
 //!
@@ -14,6 +16,9 @@
 use std::borrow::Cow;
 
 use crate::{Counts, Masker, Unmaskable};
+
+/// Numbers at least this long (the shortest payment card) are scanned too.
+const MIN_NUMBER_TO_SCAN: usize = 13;
 
 /// Deepest nesting of arrays and objects accepted.
 pub(crate) const MAX_DEPTH: usize = 128;
@@ -155,7 +160,16 @@ impl<'a> Scanner<'a> {
                 Some(b't') => self.literal(b"true")?,
                 Some(b'f') => self.literal(b"false")?,
                 Some(b'n') => self.literal(b"null")?,
-                Some(b'-' | b'0'..=b'9') => self.number()?,
+                Some(b'-' | b'0'..=b'9') => {
+                    let start = self.i;
+                    self.number()?;
+                    // A card number can travel as a JSON number: a long
+                    // one goes through the detectors like a string (and,
+                    // masked, becomes the masked string).
+                    if self.i - start >= MIN_NUMBER_TO_SCAN {
+                        on_value(start, self.i, Cow::Borrowed(&self.s[start..self.i]));
+                    }
+                }
                 Some(_) => return Err(self.err("expected a value")),
                 None => return Err(self.err("unexpected end, expected a value")),
             }

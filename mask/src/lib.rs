@@ -52,9 +52,13 @@
 //!
 //! Digits are ASCII digits: other scripts' digits are not detected.
 //!
+//! JSON numbers of 13 characters or more go through the detectors like
+//! strings: a card number sent as a number is masked, and the number
+//! becomes the masked string (its type changes; leaking it would be worse).
+//! Shorter numbers are left as written.
+//!
 //! Not masked: object keys (by design: masking a key could merge two keys),
-//! JSON numbers (a card number sent as a number stays: that would change
-//! the value's type), and values split across several strings or events.
+//! and values split across several strings or events.
 //! Base64 payloads (A2A file parts) are scanned as text like any string,
 //! so a rare accidental match inside one changes those bytes.
 //!
