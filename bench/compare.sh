@@ -229,7 +229,10 @@ if [ -n "${DMSC_BENCH_PROFILE:-}" ]; then
   # perf report -i "$DMSC_BENCH_PROFILE" --no-children --sort dso,symbol
   perf record ${DMSC_BENCH_PROFILE_EVENT:+-e "$DMSC_BENCH_PROFILE_EVENT"} ${DMSC_BENCH_PROFILE_RATE:--F 999} --call-graph "${DMSC_BENCH_CALLGRAPH:-fp}" -o "$DMSC_BENCH_PROFILE" -p "$DMSC_A,$DMSC_B" -- sleep "$SECS" >/dev/null 2>&1 &
   PERF=$!
-  $PIN1 oha -z "${SECS}s" --no-tui -c 32 -m POST -D "$W/body" -H "Host: echo.bench.dmsc" http://127.0.0.1:18082/ | grep -E "Requests/sec|Success rate"
+  # DMSC_BENCH_PROFILE_QPS=2000 profiles at that fixed rate instead (where
+  # the per-request CPU of a lightly loaded node goes).
+  if [ -n "${DMSC_BENCH_PROFILE_QPS:-}" ]; then load=(-q "$DMSC_BENCH_PROFILE_QPS" --latency-correction -c 64); else load=(-c 32); fi
+  $PIN1 oha -z "${SECS}s" --no-tui "${load[@]}" -m POST -D "$W/body" -H "Host: echo.bench.dmsc" http://127.0.0.1:18082/ | grep -E "Requests/sec|Success rate"
   wait "$PERF" || true
   exit 0
 fi
