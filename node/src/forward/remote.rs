@@ -203,7 +203,15 @@ impl Delegator {
         let content_type = headers
             .get(hyper::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok());
-        let body = if plan.holds_response(content_type) {
+        let body = if is_grpc_trailers_only(&headers) {
+            // gRPC "Trailers-Only": the status came in the head and nothing
+            // follows. An empty body lets hyper end the stream with that
+            // HEADERS frame; a streamed one would add an empty DATA frame
+            // that ends it instead, which gRPC clients refuse ("Stream
+            // removed"), losing the agent's status.
+            let _ = ended_already(&mut recv, &mut decoder);
+            crate::proto::http::empty()
+        } else if plan.holds_response(content_type) {
             // Empty reservations always succeed.
             let mut permit = self.budget.try_reserve(0);
             match hold(
@@ -317,6 +325,12 @@ async fn hold(
 /// `declared`: the body's `content-length`, if it has one.
 pub(super) fn stream_body(recv: StreamRecv, decoder: PartDecoder, declared: Option<u64>) -> Body {
     http_body_util::StreamBody::new(frames(recv, decoder, declared)).boxed()
+}
+
+/// A gRPC response whose head already carries its `grpc-status`: the
+/// "Trailers-Only" form, which has no body and no trailers.
+fn is_grpc_trailers_only(headers: &hyper::HeaderMap) -> bool {
+    headers.contains_key("grpc-status") && crate::proto::http::is_grpc(headers)
 }
 
 /// The `content-length` of a message with these headers, if it has one.

@@ -979,3 +979,71 @@ async fn an_http1_only_agent_is_reached_by_http2_callers() {
     mesh.stop().await;
     server.abort();
 }
+
+/// grpcio's own client (C-core), which, unlike tonic, refuses a
+/// "Trailers-Only" answer whose stream is ended by a separate empty DATA
+/// frame: unary calls by name through node 0 to the agent on node 1 (and
+/// on node 1 itself), the agent's own error status and message intact.
+const GRPCIO_SAY_HELLO: &str = r#"
+import sys, grpc
+ingress = sys.argv[1]
+with grpc.insecure_channel(ingress, options=[("grpc.default_authority", "greeter.acme.dmsc")]) as ch:
+    say = ch.unary_unary("/greet.Greeter/SayHello")
+    for name in sys.argv[2:]:
+        msg = name.encode()
+        try:
+            reply = say(b"\x0a" + bytes([len(msg)]) + msg, timeout=10)
+            print("OK", reply[2:].decode())
+        except grpc.RpcError as e:
+            print(e.code().name, e.details())
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpcio_client_gets_the_agents_status_through_two_nodes() {
+    let grpcio = std::process::Command::new("python3")
+        .args(["-c", "import grpc"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !grpcio {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI installs python3's grpcio (.ci/run)"
+        );
+        eprintln!("SKIPPED: needs python3 with grpcio (pip install grpcio)");
+        return;
+    }
+    let server = greeter_server(true).await;
+    let mesh = mesh_with(&["n0", "n1"], declared(server.addr)).await;
+    eventually(
+        Duration::from_secs(15),
+        "the agent is probed as gRPC and healthy on node 0",
+        || protocol_on(&mesh, 1) == Some(Protocol::Grpc) && health_on(&mesh, 0) == "healthy",
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let script = dir.path().join("say_hello.py");
+    std::fs::write(&script, GRPCIO_SAY_HELLO).expect("write");
+    for node in [0, 1] {
+        let ingress = mesh.ingress(node).to_string();
+        let out = tokio::task::spawn_blocking({
+            let script = script.clone();
+            move || {
+                std::process::Command::new("python3")
+                    .arg(&script)
+                    .args([&ingress, "ada", "nobody"])
+                    .output()
+                    .expect("python3")
+            }
+        })
+        .await
+        .expect("join");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            stdout.lines().collect::<Vec<_>>(),
+            ["OK hello, ada", "NOT_FOUND no such name"],
+            "through node {node}: {stdout}\n--\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    mesh.stop().await;
+}
