@@ -339,11 +339,39 @@ impl AgentCard {
         let mesh = mesh_url.trim_end_matches('/');
         let hosts: BTreeSet<String> = self
             .endpoint_urls()
-            .filter_map(|u| Origin::of(u).map(|(o, _)| o.host))
+            .filter_map(|u| {
+                Origin::of(u)
+                    .map(|(o, _)| o.host)
+                    .or_else(|| grpc_target(u).map(|(h, _)| h))
+            })
             .collect();
         if hosts.is_empty() {
             return;
         }
+        // A gRPC interface given as a bare `host:port` target (what a gRPC
+        // channel takes, and how a2a-sdk's samples write it) becomes the
+        // mesh name in the same form: `billing.acme.dmsc:80`.
+        let mesh_target = {
+            let authority = mesh.split_once("://").map_or(mesh, |(_, a)| a);
+            let authority = authority.split('/').next().unwrap_or(authority);
+            if authority
+                .rsplit_once(':')
+                .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+            {
+                authority.to_string()
+            } else {
+                format!("{authority}:80")
+            }
+        };
+        let rw_target = |s: &mut String| {
+            if Origin::of(s).is_none() {
+                if let Some((h, _)) = grpc_target(s) {
+                    if hosts.contains(&h) {
+                        *s = mesh_target.clone();
+                    }
+                }
+            }
+        };
         let rw = |s: &mut String| {
             if let Some((o, rest)) = Origin::of(s) {
                 if hosts.contains(&o.host) {
@@ -357,6 +385,9 @@ impl AgentCard {
             }
         };
         rw_opt(&mut self.url);
+        if let Some(u) = self.url.as_mut() {
+            rw_target(u);
+        }
         rw_opt(&mut self.description);
         rw_opt(&mut self.version);
         for list in [
@@ -368,6 +399,7 @@ impl AgentCard {
         {
             for i in list {
                 rw(&mut i.url);
+                rw_target(&mut i.url);
                 rewrite_value_map(&mut i.extra, &rw);
             }
         }
@@ -515,6 +547,33 @@ pub fn is_http_url(s: &str) -> bool {
     Origin::of(s).is_some()
 }
 
+/// The gRPC protocol binding, however a card spells it.
+fn is_grpc_binding(b: &str) -> bool {
+    b.eq_ignore_ascii_case("grpc")
+}
+
+/// A bare gRPC target, `host:port` or `[v6]:port` (no scheme, no path):
+/// its lowercased host and its port.
+fn grpc_target(s: &str) -> Option<(String, u16)> {
+    if s.contains("://") || s.contains(['/', '?', '#', '@']) || s.chars().any(char::is_whitespace) {
+        return None;
+    }
+    let (host, port) = if let Some(after) = s.strip_prefix('[') {
+        let (h, p) = after.split_once(']')?;
+        (format!("[{h}]"), p.strip_prefix(':')?)
+    } else {
+        let (h, p) = s.rsplit_once(':')?;
+        if h.contains(':') {
+            return None;
+        }
+        (h.to_string(), p)
+    };
+    if host.is_empty() || host == "[]" {
+        return None;
+    }
+    Some((host.to_ascii_lowercase(), port.parse().ok()?))
+}
+
 fn array_items<'a>(v: &'a Value, key: &str) -> impl Iterator<Item = &'a Value> {
     v.get(key).and_then(Value::as_array).into_iter().flatten()
 }
@@ -568,6 +627,19 @@ impl Problems {
         }
     }
 
+    /// An endpoint URL: an absolute http(s) URL, or, for the gRPC binding
+    /// (`grpc`: true), a bare `host:port` target as gRPC channels take it.
+    fn endpoint_url(&mut self, obj: &Map<String, Value>, path: &str, key: &str, grpc: bool) {
+        match obj.get(key) {
+            Some(Value::String(s)) if grpc && (is_http_url(s) || grpc_target(s).is_some()) => {}
+            Some(Value::String(_)) if grpc => self.add(
+                join(path, key),
+                "must be an absolute http or https URL, or host:port for the gRPC binding",
+            ),
+            _ => self.opt_url(obj, path, key),
+        }
+    }
+
     fn opt_string_array(&mut self, obj: &Map<String, Value>, path: &str, key: &str) {
         match obj.get(key) {
             None | Some(Value::Null) => {}
@@ -592,9 +664,14 @@ impl Problems {
                         self.add(path, "must be an object");
                         continue;
                     };
+                    let grpc = ["protocolBinding", "transport"].iter().any(|k| {
+                        o.get(*k)
+                            .and_then(Value::as_str)
+                            .is_some_and(is_grpc_binding)
+                    });
                     match o.get("url") {
                         None => self.add(join(&path, "url"), "missing"),
-                        Some(_) => self.opt_url(o, &path, "url"),
+                        Some(_) => self.endpoint_url(o, &path, "url", grpc),
                     }
                     for k in INTERFACE_OPTIONAL {
                         self.opt_string(o, &path, k);
@@ -629,7 +706,11 @@ fn validate(v: &Value) -> Vec<FieldProblem> {
     ] {
         p.opt_string(card, "", k);
     }
-    p.opt_url(card, "", "url");
+    let grpc = card
+        .get("preferredTransport")
+        .and_then(Value::as_str)
+        .is_some_and(is_grpc_binding);
+    p.endpoint_url(card, "", "url", grpc);
     p.interfaces(card, "additionalInterfaces");
     p.interfaces(card, "supportedInterfaces");
     p.opt_string_array(card, "", "defaultInputModes");
@@ -871,6 +952,53 @@ mod tests {
         // still a valid card, null kept
         let again = AgentCard::parse(&card.to_bytes()).expect("valid");
         assert_eq!(again.to_json()["description"], Value::Null);
+    }
+
+    #[test]
+    fn a_grpc_interface_may_be_a_bare_target_and_is_rewritten_as_one() {
+        // a2a-sdk 1.x samples: AgentInterface(protocol_binding=GRPC, url="127.0.0.1:50051")
+        let v = json!({
+            "name": "g", "skills": [],
+            "supportedInterfaces": [
+                {"url": "http://127.0.0.1:8000/", "protocolBinding": "JSONRPC", "protocolVersion": "1.0"},
+                {"url": "127.0.0.1:50051", "protocolBinding": "GRPC", "protocolVersion": "1.0"}
+            ]
+        });
+        let mut card = AgentCard::from_value(v).expect("a bare gRPC target is valid");
+        card.rewrite_urls("http://g.acme.dmsc");
+        let si = card.supported_interfaces.as_ref().expect("interfaces");
+        assert_eq!(si[0].url, "http://g.acme.dmsc/");
+        assert_eq!(si[1].url, "g.acme.dmsc:80");
+        let text = serde_json::to_string(&card.to_json()).expect("json");
+        assert!(!text.contains("127.0.0.1"), "{text}");
+        // 0.3: a top-level gRPC url
+        let mut card = AgentCard::from_value(json!({
+            "name": "g", "skills": [], "url": "[::1]:50051", "preferredTransport": "GRPC"
+        }))
+        .expect("valid");
+        card.rewrite_urls("http://g.acme.dmsc:8080/");
+        assert_eq!(card.url.as_deref(), Some("g.acme.dmsc:8080"));
+        // Only for gRPC: a JSON-RPC endpoint still needs an http(s) URL.
+        let err = AgentCard::from_value(json!({
+            "name": "g", "skills": [],
+            "supportedInterfaces": [{"url": "127.0.0.1:8000", "protocolBinding": "JSONRPC"}]
+        }))
+        .expect_err("not a URL");
+        assert!(
+            err.to_string().contains("supportedInterfaces[0].url"),
+            "{err}"
+        );
+        let err = AgentCard::from_value(json!({
+            "name": "g", "skills": [],
+            "supportedInterfaces": [{"url": "no port", "protocolBinding": "GRPC"}]
+        }))
+        .expect_err("not a target");
+        assert!(err.to_string().contains("host:port"), "{err}");
+        assert_eq!(grpc_target("h:1"), Some(("h".into(), 1)));
+        assert_eq!(grpc_target("H:1"), Some(("h".into(), 1)));
+        assert_eq!(grpc_target("::1:5"), None);
+        assert_eq!(grpc_target("h:x"), None);
+        assert_eq!(grpc_target("h/p:1"), None);
     }
 
     #[test]
