@@ -908,15 +908,18 @@ impl Bridge {
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let mut base = vec![(
-            STATUS_PROPERTY.to_string(),
-            parts.status.as_u16().to_string(),
-        )];
-        if let Some(kind) = parts
+        let kind = parts
             .headers
             .get("dmsc-error")
-            .and_then(|v| v.to_str().ok())
-        {
+            .and_then(|v| v.to_str().ok());
+        // A mesh error answers an HTTP JSON-RPC caller with 200 (what the
+        // A2A SDKs read); an MQTT caller has only `dmsc-status` to go by,
+        // so it gets the error's own status.
+        let status = kind
+            .and_then(ErrorKind::parse)
+            .map_or(parts.status, ErrorKind::status);
+        let mut base = vec![(STATUS_PROPERTY.to_string(), status.as_u16().to_string())];
+        if let Some(kind) = kind {
             base.push((ERROR_PROPERTY.into(), kind.into()));
         }
         let publish = |payload: Bytes, stream: Option<&str>| {

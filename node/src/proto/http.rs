@@ -232,12 +232,25 @@ impl MeshError {
 
     /// The response, in the dialect of the request whose body is `request`
     /// (a JSON-RPC request gets a JSON-RPC error with its id).
+    ///
+    /// A JSON-RPC error goes out with HTTP 200, as JSON-RPC servers (the
+    /// A2A SDKs' own) answer theirs: the SDK clients check the HTTP status
+    /// before they read a body, so a 404 or 503 reached their users as a
+    /// bare "HTTP Error 503" with the mesh's message lost. Only 401 and 429
+    /// stay, whose HTTP meaning clients act on (authenticate, slow down).
+    /// The kind is in the error's `data` and in `dmsc-error` either way. A
+    /// streaming call (`message/stream`, `SendStreamingMessage`, ...) gets
+    /// it as one SSE event, the shape its client reads.
     pub fn response(&self, request: Option<&[u8]>) -> Response<Body> {
-        let jsonrpc = request.and_then(jsonrpc_id);
+        let jsonrpc = request.and_then(jsonrpc_call);
+        let mut status = self.kind.status();
         let (ctype, body) = match jsonrpc {
-            Some(id) => (
-                "application/json",
-                json!({
+            Some((id, streaming)) => {
+                let keep = matches!(self.kind, ErrorKind::Unauthorized | ErrorKind::RateLimited);
+                if !keep {
+                    status = StatusCode::OK;
+                }
+                let body = json!({
                     "jsonrpc": "2.0",
                     "id": id,
                     "error": {
@@ -245,8 +258,16 @@ impl MeshError {
                         "message": self.detail,
                         "data": {"kind": self.kind.as_str(), "node": self.node, "agent": self.agent},
                     }
-                }),
-            ),
+                });
+                if streaming && !keep {
+                    (
+                        "text/event-stream",
+                        Value::String(format!("data: {body}\n\n")),
+                    )
+                } else {
+                    ("application/json", body)
+                }
+            }
             None => (
                 "application/problem+json",
                 json!({
@@ -259,8 +280,12 @@ impl MeshError {
                 }),
             ),
         };
-        let mut resp = Response::new(full(body.to_string()));
-        *resp.status_mut() = self.kind.status();
+        let text = match body {
+            Value::String(sse) => sse,
+            json => json.to_string(),
+        };
+        let mut resp = Response::new(full(text));
+        *resp.status_mut() = status;
         let h = resp.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
         h.insert("dmsc-error", HeaderValue::from_static(self.kind.as_str()));
@@ -371,6 +396,20 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
 
 /// The `id` of a JSON-RPC request body, if it is one.
 pub fn jsonrpc_id(body: &[u8]) -> Option<Value> {
+    jsonrpc_call(body).map(|(id, _)| id)
+}
+
+/// A2A's streaming methods, in both dialects: their answer is SSE.
+const STREAMING_METHODS: [&str; 4] = [
+    "message/stream",
+    "tasks/resubscribe",
+    "SendStreamingMessage",
+    "SubscribeToTask",
+];
+
+/// The `id` of a JSON-RPC request body, if it is one, and whether its
+/// method answers with a stream of events.
+fn jsonrpc_call(body: &[u8]) -> Option<(Value, bool)> {
     let first = body.iter().find(|b| !b.is_ascii_whitespace())?;
     if *first != b'{' {
         return None;
@@ -379,7 +418,11 @@ pub fn jsonrpc_id(body: &[u8]) -> Option<Value> {
     if v.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
         return None;
     }
-    Some(v.get("id").cloned().unwrap_or(Value::Null))
+    let streaming = v
+        .get("method")
+        .and_then(Value::as_str)
+        .is_some_and(|m| STREAMING_METHODS.contains(&m));
+    Some((v.get("id").cloned().unwrap_or(Value::Null), streaming))
 }
 
 /// Parses a `dmsc-timeout` value: `250ms`, `2s`, `1.5s`, or plain milliseconds.
@@ -421,11 +464,41 @@ mod tests {
             MeshError::new(ErrorKind::Timeout, "eu-1", "deadline of 300ms passed").agent("acme/x");
         let rpc = br#"{"jsonrpc":"2.0","id":7,"method":"message/send","params":{}}"#;
         let r = e.response(Some(rpc));
-        assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
+        // JSON-RPC errors go out as 200, as JSON-RPC servers answer theirs
+        // (the A2A SDKs read no body behind a 504).
+        assert_eq!(r.status(), StatusCode::OK);
         assert_eq!(r.headers()["content-type"], "application/json");
+        assert_eq!(r.headers()["dmsc-error"], "timeout");
         let r = e.response(Some(b"hello"));
+        assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
         assert_eq!(r.headers()["content-type"], "application/problem+json");
         assert_eq!(r.headers()["dmsc-error"], "timeout");
+        // 401 and 429 keep their HTTP meaning.
+        let r = MeshError::new(ErrorKind::RateLimited, "eu-1", "slow down").response(Some(rpc));
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()["content-type"], "application/json");
+    }
+
+    #[tokio::test]
+    async fn a_streaming_call_gets_its_error_as_one_sse_event() {
+        use http_body_util::BodyExt as _;
+        let e = MeshError::new(ErrorKind::UnknownAgent, "eu-1", "no agent `x`");
+        for (method, id) in [("message/stream", "1"), ("SendStreamingMessage", "\"s-1\"")] {
+            let rpc = format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"{method}","params":{{}}}}"#);
+            let r = e.response(Some(rpc.as_bytes()));
+            assert_eq!(r.status(), StatusCode::OK);
+            assert_eq!(r.headers()["content-type"], "text/event-stream");
+            let body = r.into_body().collect().await.expect("body").to_bytes();
+            let text = std::str::from_utf8(&body).expect("utf-8");
+            let data = text
+                .strip_prefix("data: ")
+                .and_then(|t| t.strip_suffix("\n\n"))
+                .expect("one event");
+            let v: Value = serde_json::from_str(data).expect("JSON-RPC");
+            assert_eq!(v["id"].to_string(), id);
+            assert_eq!(v["error"]["code"], -32051);
+            assert_eq!(v["error"]["data"]["kind"], "unknown-agent");
+        }
     }
 
     #[test]

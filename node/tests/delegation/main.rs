@@ -83,6 +83,29 @@ async fn agent_with(
         .expect("sample agent")
 }
 
+/// The kind of mesh error a caller got, in either shape: a JSON-RPC call's
+/// error (HTTP 200, the kind in `error.data`) or a problem document (its
+/// `title`, with the HTTP status of the kind). `None` for anything else.
+fn refusal_kind(status: hyper::StatusCode, body: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    let kind = if status == 200 {
+        v["error"]["data"]["kind"].as_str()?
+    } else {
+        v["title"].as_str()?
+    };
+    Some(kind.to_string())
+}
+
+/// Refused by tenant policy, in either shape (see [`refusal_kind`]): a
+/// problem document with 403, or a JSON-RPC error.
+fn forbidden(status: hyper::StatusCode, body: &str) -> bool {
+    (status == 200 || status == 403)
+        && matches!(
+            refusal_kind(status, body).as_deref(),
+            Some("forbidden" | "policy_violation")
+        )
+}
+
 fn header(resp: &hyper::Response<()>, name: &str) -> String {
     resp.headers()
         .get(name)
@@ -278,8 +301,12 @@ async fn by_name_by_capability_and_by_intent_across_nodes() {
         .call(0, "POST", "nobody.acme.dmsc", "/", &[], message_send("hi"))
         .await
         .expect("call");
-    assert_eq!(resp.status(), 404);
+    // A JSON-RPC caller gets the mesh's error as JSON-RPC, over HTTP 200
+    // (what the A2A SDKs read), the kind in `dmsc-error` too.
+    assert_eq!(resp.status(), 200);
+    assert_eq!(header(&resp, "dmsc-error"), "unknown-agent");
     let v: serde_json::Value = serde_json::from_slice(&body).expect("json-rpc error");
+    assert_eq!(v["error"]["code"], -32051, "{v}");
     assert_eq!(v["id"], 1, "JSON-RPC error echoes the id: {v}");
     assert!(v["error"]["message"]
         .as_str()
@@ -515,8 +542,12 @@ async fn the_deadline_holds_across_two_hops() {
         .await
         .expect("call");
     let took = start.elapsed();
-    assert_eq!(resp.status(), 504, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(resp.status(), 200, "{}", String::from_utf8_lossy(&body));
     assert_eq!(header(&resp, "dmsc-error"), "timeout");
+    assert_eq!(
+        refusal_kind(resp.status(), &String::from_utf8_lossy(&body)).as_deref(),
+        Some("timeout")
+    );
     assert!(took >= Duration::from_millis(290), "took {took:?}");
     // The home node (n2) enforced the deadline itself: it counts an inbound
     // delegation that ran out of time, and it did so while the agent (3 s)

@@ -258,9 +258,8 @@ async fn cross_tenant_matrix_needs_export_and_import_and_audits_both_nodes() {
             for auth in [false, true] {
                 for (label, host, intent, remote) in forms(p) {
                     let (status, body) = call_as(&m, c, auth, &host, &intent).await;
-                    assert_eq!(
-                        status,
-                        StatusCode::FORBIDDEN,
+                    assert!(
+                        super::forbidden(status, &body),
                         "{c} -> {p} {label} (auth {auth}) without policies: {body}"
                     );
                     let rule = format!("{p}:export");
@@ -302,15 +301,14 @@ async fn cross_tenant_matrix_needs_export_and_import_and_audits_both_nodes() {
                     let (status, body) = call_as(&m, c, auth, &host, &intent).await;
                     if allowed {
                         assert_eq!(
-                            status,
-                            StatusCode::OK,
+                            (status, super::refusal_kind(status, &body)),
+                            (StatusCode::OK, None),
                             "{c} -> {p} {label} (auth {auth}): {body}"
                         );
                         continue;
                     }
-                    assert_eq!(
-                        status,
-                        StatusCode::FORBIDDEN,
+                    assert!(
+                        super::forbidden(status, &body),
                         "{c} -> {p} {label} (auth {auth}): {body}"
                     );
                     // acme exports nothing to initech; nobody exports to acme
@@ -338,9 +336,8 @@ async fn cross_tenant_matrix_needs_export_and_import_and_audits_both_nodes() {
     for auth in [false, true] {
         for (label, host, intent, remote) in forms("acme") {
             let (status, body) = call_as(&m, "globex", auth, &host, &intent).await;
-            assert_eq!(
-                status,
-                StatusCode::FORBIDDEN,
+            assert!(
+                super::forbidden(status, &body),
                 "globex -> acme {label}: {body}"
             );
             assert!(body.contains("globex:import"), "{label}: {body}");
@@ -641,7 +638,11 @@ async fn data_tags_and_masking_end_to_end_through_two_nodes() {
         &super::message_send("x"),
     )
     .await;
-    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(
+        super::refusal_kind(status, &body).as_deref(),
+        Some("policy_violation"),
+        "{body}"
+    );
     for needle in ["policy_violation", "`phi`", "acme:export[0].data_tags"] {
         assert!(body.contains(needle), "`{needle}` missing: {body}");
     }
@@ -652,7 +653,7 @@ async fn data_tags_and_masking_end_to_end_through_two_nodes() {
     })
     .to_string();
     let (status, body) = plain_call(globex_in, host, &[], &with_meta).await;
-    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(super::forbidden(status, &body), "{body}");
     assert!(body.contains("acme:export[0].data_tags"), "{body}");
     // Unknown tag names are refused with the known ones listed.
     let (status, body) = plain_call(
@@ -674,7 +675,7 @@ async fn data_tags_and_masking_end_to_end_through_two_nodes() {
             &super::message_send("x"),
         )
         .await;
-        assert_eq!(status, StatusCode::FORBIDDEN, "{h}: {body}");
+        assert!(super::forbidden(status, &body), "{h}: {body}");
         assert!(body.contains("acme:agents.ledger.accepts"), "{h}: {body}");
     }
     let (status, body) = plain_call(
@@ -985,7 +986,7 @@ async fn intent_into_another_tenant_reaches_only_exported_agents() {
     );
     // A capability the export does not list stays refused.
     let (status, body) = plain_call(plain[1], "books.cap.acme.dmsc", &[], "").await;
-    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(super::forbidden(status, &body), "{body}");
     drop(agents);
 }
 
@@ -1023,8 +1024,11 @@ async fn an_agents_configured_accept_list_is_enforced_by_its_home_node() {
             &super::message_send("x"),
         )
         .await;
-        assert_eq!(status, StatusCode::FORBIDDEN, "{node}: {body}");
-        assert!(body.contains("policy_violation"), "{node}: {body}");
+        assert_eq!(
+            super::refusal_kind(status, &body).as_deref(),
+            Some("policy_violation"),
+            "{node}: {body}"
+        );
         assert!(
             body.contains("acme:config.agents.vault.accepts"),
             "{node}: {body}"
