@@ -27,8 +27,9 @@
 //! What the caller says about itself is not passed on: the `dmsc-*` headers
 //! it sends are consumed or removed, a second `Host` is refused, its address
 //! is appended to `X-Forwarded-For`, and the agent's node states the
-//! verified caller ([`crate::proto::forwarded`]). A `dmsc-timeout` beyond
-//! `delegation.max_timeout_ms` is clamped to it. Enrollment and renewal are
+//! verified caller ([`crate::proto::forwarded`]). A `dmsc-timeout` (or a
+//! gRPC call's `grpc-timeout`) beyond `delegation.max_timeout_ms` is
+//! clamped to it. Enrollment and renewal are
 //! rate-limited per source address ([`crate::security::throttle`]).
 
 use std::net::SocketAddr;
@@ -49,7 +50,9 @@ use crate::forward::budget::BodyBudget;
 use crate::forward::budget::BodyPermit;
 use crate::forward::{Delegation, Delegator, ReqBody};
 use crate::limits::FairShed;
-use crate::proto::http::{full, parse_timeout, Body, BoxError, ErrorKind, MeshError};
+use crate::proto::http::{
+    full, parse_grpc_timeout, parse_timeout, Body, BoxError, ErrorKind, MeshError,
+};
 use listen::{Conn, Server};
 
 pub mod listen;
@@ -610,11 +613,18 @@ impl Ingress {
             Err(e) => return refuse(e),
         };
         let cfg = &self.cfg;
-        let timeout = req
-            .headers()
-            .get("dmsc-timeout")
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_timeout)
+        // The caller's deadline: `dmsc-timeout`, else a gRPC call's own
+        // `grpc-timeout` (a gRPC client allowing 90 s must not be cut at
+        // the node's default), else the node's default; never past
+        // `max_timeout`.
+        let header_timeout = |name: &str, parse: fn(&str) -> Option<std::time::Duration>| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse)
+        };
+        let timeout = header_timeout("dmsc-timeout", parse_timeout)
+            .or_else(|| header_timeout("grpc-timeout", parse_grpc_timeout))
             .unwrap_or(cfg.timeout)
             .min(cfg.max_timeout);
         let deadline = tokio::time::Instant::now() + timeout;

@@ -425,6 +425,28 @@ fn jsonrpc_call(body: &[u8]) -> Option<(Value, bool)> {
     Some((v.get("id").cloned().unwrap_or(Value::Null), streaming))
 }
 
+/// Parses a gRPC `grpc-timeout` value: up to 8 digits and a unit, `H`,
+/// `M`, `S`, `m` (milliseconds), `u` (microseconds) or `n` (nanoseconds).
+pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    let unit = v.chars().last()?;
+    let digits = &v[..v.len() - unit.len_utf8()];
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    let d = match unit {
+        'H' => Duration::from_secs(n * 3600),
+        'M' => Duration::from_secs(n * 60),
+        'S' => Duration::from_secs(n),
+        'm' => Duration::from_millis(n),
+        'u' => Duration::from_micros(n),
+        'n' => Duration::from_nanos(n),
+        _ => return None,
+    };
+    (!d.is_zero()).then(|| d.min(MAX_DEADLINE))
+}
+
 /// Parses a `dmsc-timeout` value: `250ms`, `2s`, `1.5s`, or plain milliseconds.
 pub fn parse_timeout(v: &str) -> Option<Duration> {
     let v = v.trim();
@@ -446,6 +468,36 @@ pub fn parse_timeout(v: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        assert_eq!(parse_grpc_timeout("90S"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_grpc_timeout("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(
+            parse_grpc_timeout("99999999u"),
+            Some(Duration::from_micros(99_999_999))
+        );
+        assert_eq!(
+            parse_grpc_timeout("5000000n"),
+            Some(Duration::from_millis(5))
+        );
+        assert_eq!(parse_grpc_timeout("99999999H"), Some(MAX_DEADLINE));
+        for bad in [
+            "",
+            "S",
+            "123456789S",
+            "1.5S",
+            "-1S",
+            "10s",
+            "10",
+            "0m",
+            "10 S",
+        ] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn timeouts_parse() {

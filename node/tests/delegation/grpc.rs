@@ -108,6 +108,12 @@ impl UnaryService<HelloRequest> for SayHello {
             let name = request.into_inner().name;
             match name.as_str() {
                 "nobody" => Err(Status::not_found("no such name")),
+                "nap" => {
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    Ok(tonic::Response::new(HelloReply {
+                        message: "hello, nap".into(),
+                    }))
+                }
                 "slow" => {
                     let flag = DropFlag(log);
                     tokio::time::sleep(Duration::from_secs(60)).await;
@@ -1045,5 +1051,42 @@ async fn a_grpcio_client_gets_the_agents_status_through_two_nodes() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    mesh.stop().await;
+}
+
+/// A gRPC client's own deadline (`grpc-timeout`) is the delegation's
+/// deadline: a call allowed 10 s outlives the node's 1 s default, across
+/// the overlay; one without a deadline gets the default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_timeout_is_the_calls_deadline() {
+    let server = greeter_server(true).await;
+    let mesh = LocalMesh::start(&["n0", "n1"], "acme", |i, raw| {
+        raw.gossip.interval_ms = Some(100);
+        raw.delegation.health_interval_ms = Some(200);
+        raw.delegation.load_interval_ms = Some(100);
+        raw.delegation.timeout_ms = Some(1000);
+        if i == 1 {
+            raw.agents = vec![declared(server.addr)];
+        }
+    })
+    .await
+    .expect("mesh");
+    eventually(
+        Duration::from_secs(15),
+        "the agent is probed as gRPC and healthy on node 0",
+        || protocol_on(&mesh, 1) == Some(Protocol::Grpc) && health_on(&mesh, 0) == "healthy",
+    )
+    .await;
+    let mut client = client_to(&mesh, 0).await;
+    let mut patient = hello("nap");
+    patient.set_timeout(Duration::from_secs(10));
+    let reply = say_hello(&mut client, patient)
+        .await
+        .expect("a 1.5 s call within its own 10 s deadline");
+    assert_eq!(reply.get_ref().message, "hello, nap");
+    let status = say_hello(&mut client, hello("nap"))
+        .await
+        .expect_err("no deadline of its own: the node's 1 s");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     mesh.stop().await;
 }
