@@ -218,7 +218,7 @@ pub async fn onboard(
 /// The card as the mesh serves it: every URL rewritten to the mesh name.
 fn mesh_card(card: &AgentCard, id: &AgentId) -> AgentCard {
     let mut mesh_card = card.clone();
-    mesh_card.rewrite_urls(&format!("http://{}.{}.dmsc", id.name, id.tenant));
+    mesh_card.rewrite_urls(&crate::forward::local::mesh_url(id));
     mesh_card
 }
 

@@ -20,6 +20,7 @@ use tracing::debug;
 
 use super::body::{guarded, incoming};
 use super::client::Upstream;
+use super::extended::{self, CardAsk};
 use super::fault::BodyWatch;
 use crate::config::RawAgent;
 pub use crate::proto::agent::{Protocol, ProtocolState};
@@ -63,6 +64,12 @@ pub struct EdgeCall<'a> {
 
 /// Card paths, newest first.
 pub const CARD_PATHS: [&str; 2] = ["/.well-known/agent-card.json", "/.well-known/agent.json"];
+
+/// The address the mesh gives an agent, which every URL of its cards
+/// (well-known and extended) is rewritten to: `http://<agent>.<tenant>.dmsc`.
+pub fn mesh_url(id: &AgentId) -> String {
+    format!("http://{}.{}.dmsc", id.name, id.tenant)
+}
 
 /// Request statistics the home node keeps per agent (its load report).
 #[derive(Debug, Default)]
@@ -362,6 +369,42 @@ pub(crate) async fn deliver_local(
         // last message, not when its first arrives.
         return result.map(|r| r.map(|b| guarded(b, vec![Box::new(in_flight)])));
     }
+    // A request for the extended card: its answer is rewritten below.
+    let (card_ask, body) = match extended::rest_ask(&method, path) {
+        Some(ask) => (Some(ask), body),
+        None if extended::may_be_jsonrpc(&method, &headers, &body) => {
+            match tokio::time::timeout_at(deadline, extended::peek(body)).await {
+                Ok(Ok((ask, body))) => (ask.then_some(CardAsk::JsonRpc), body),
+                // Nothing reached the agent: the caller's upload failed or
+                // stalled, which is charged to no agent.
+                Ok(Err(e)) => {
+                    return Err(Failure::Caller(
+                        MeshError::new(
+                            ErrorKind::BadRequest,
+                            me,
+                            format!("the request body failed before the agent answered: {e}"),
+                        )
+                        .agent(&agent.id),
+                    ))
+                }
+                Err(_) => {
+                    return Err(Failure::Caller(
+                        MeshError::new(
+                            ErrorKind::Timeout,
+                            me,
+                            "the deadline passed while reading the request body",
+                        )
+                        .agent(&agent.id),
+                    ))
+                }
+            }
+        }
+        None => (None, body),
+    };
+    if card_ask.is_some() {
+        // The answer is rewritten, so it must come uncompressed.
+        headers.remove(hyper::header::ACCEPT_ENCODING);
+    }
     let uri = agent.uri_for(path).map_err(|e| {
         Failure::Caller(
             MeshError::new(ErrorKind::BadRequest, me, format!("bad path `{path}`: {e}"))
@@ -443,7 +486,11 @@ pub(crate) async fn deliver_local(
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             let body = guarded(incoming(body), vec![Box::new(in_flight)]);
-            return Ok(Response::from_parts(parts, body));
+            let resp = Response::from_parts(parts, body);
+            return match card_ask {
+                Some(ask) => extended::rewrite_answer(agent, me, ask, resp, deadline).await,
+                None => Ok(resp),
+            };
         }
     };
     match blame(failure, watch, me) {

@@ -50,6 +50,7 @@ use local::{deliver_local, LocalAgents, ToAgent, CARD_PATHS};
 pub(crate) mod body;
 pub mod budget;
 pub mod client;
+mod extended;
 pub mod fault;
 mod home;
 pub mod local;

@@ -6,6 +6,10 @@
 //! `SendStreamingMessage` with parts `{"text": ...}`, or the HTTP+JSON
 //! binding (`POST /message:send`) with the message at the top level. Only
 //! `text` matters here, so one walk covers all three.
+//!
+//! It also recognizes the requests for an agent's authenticated ("extended")
+//! card, whose answer the home node rewrites like the well-known card
+//! (`forward::extended`).
 
 use serde_json::Value;
 
@@ -38,6 +42,63 @@ fn message_text(message: &Value) -> Option<String> {
         .filter_map(|p| p.get("text").and_then(Value::as_str))
         .collect();
     (!texts.is_empty()).then(|| texts.join(" "))
+}
+
+/// JSON-RPC methods that answer with the agent's authenticated extended
+/// card as their `result`: A2A 0.3 and A2A 1.0.
+pub const EXTENDED_CARD_METHODS: [&str; 2] =
+    ["agent/getAuthenticatedExtendedCard", "GetExtendedAgentCard"];
+
+/// REST paths (suffixes: an interface may sit under any prefix, and A2A 1.0
+/// puts a tenant before it) that answer `GET` with the extended card: A2A
+/// 0.3 `/v1/card` and the deprecated `/agent/authenticatedExtendedCard`;
+/// A2A 1.0 `/extendedAgentCard` (a2a-sdk 1.x also `/{tenant}/...`).
+pub const EXTENDED_CARD_PATHS: [&str; 3] = [
+    "/v1/card",
+    "/agent/authenticatedExtendedCard",
+    "/extendedAgentCard",
+];
+
+/// True when a JSON-RPC request body asks for the extended card. The body is
+/// read as the agent reads it (the whole body one JSON object; of repeated
+/// keys the last counts, as in Python's `json`), so escapes or duplicate
+/// keys cannot hide the method from the mesh and still reach the agent.
+pub fn asks_extended_card(body: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(body).is_ok_and(|v| {
+        v.get("method")
+            .and_then(Value::as_str)
+            .is_some_and(|m| EXTENDED_CARD_METHODS.contains(&m))
+    })
+}
+
+/// True for a request path (query allowed) that ends in one of
+/// [`EXTENDED_CARD_PATHS`], compared after percent-decoding, as the agent's
+/// router compares it (Starlette routes on the decoded path), so
+/// `/extendedAgent%43ard` is recognized too.
+pub fn is_extended_card_path(path_and_query: &str) -> bool {
+    let path = path_and_query.split('?').next().unwrap_or_default();
+    let path = percent_decode(path.as_bytes());
+    EXTENDED_CARD_PATHS
+        .iter()
+        .any(|p| path.ends_with(p.as_bytes()))
+}
+
+fn percent_decode(s: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| char::from(b).to_digit(16);
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] == b'%' && i + 2 < s.len() {
+            if let (Some(h), Some(l)) = (hex(s[i + 1]), hex(s[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(s[i]);
+        i += 1;
+    }
+    out
 }
 
 /// The A2A metadata key a request's data tags are declared under.
@@ -94,6 +155,52 @@ mod tests {
         let other = br#"{"jsonrpc":"2.0","id":1,"method":"tasks/get","params":{"id":"t"}}"#;
         assert_eq!(intent_text(other), None);
         assert_eq!(intent_text(b"not json"), None);
+    }
+
+    #[test]
+    fn extended_card_requests_are_recognized() {
+        for body in [
+            &br#"{"jsonrpc":"2.0","id":"x","method":"agent/getAuthenticatedExtendedCard","params":{}}"#[..],
+            br#"{"jsonrpc":"2.0","id":3,"method":"GetExtendedAgentCard"}"#,
+            // escaped, and a repeated key whose last value counts
+            br#"{"jsonrpc":"2.0","id":3,"method":"\u0047etExtendedAgentCard"}"#,
+            br#"{"method":"message/send","jsonrpc":"2.0","id":3,"method":"GetExtendedAgentCard"}"#,
+        ] {
+            assert!(asks_extended_card(body), "{}", String::from_utf8_lossy(body));
+        }
+        for body in [
+            &br#"{"jsonrpc":"2.0","id":1,"method":"message/send","params":{}}"#[..],
+            br#"{"jsonrpc":"2.0","id":1,"method":"GetExtendedAgentCard"} trailing"#,
+            br#"[{"jsonrpc":"2.0","id":1,"method":"GetExtendedAgentCard"}]"#,
+            b"not json",
+        ] {
+            assert!(
+                !asks_extended_card(body),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        for path in [
+            "/v1/card",
+            "/a2a/v1/card?x=1",
+            "/agent/authenticatedExtendedCard",
+            "/extendedAgentCard",
+            "/acme/extendedAgentCard",
+            "/extendedAgent%43ard",
+            "/v1%2Fcard",
+        ] {
+            assert!(is_extended_card_path(path), "{path}");
+        }
+        for path in [
+            "/",
+            "/v1/cards",
+            "/card",
+            "/.well-known/agent-card.json",
+            "/x?p=/v1/card",
+            "/%",
+        ] {
+            assert!(!is_extended_card_path(path), "{path}");
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 mod admin;
 mod edge;
+mod extended_card;
 mod grpc;
 mod hygiene;
 mod intent;
