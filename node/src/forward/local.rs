@@ -511,7 +511,7 @@ fn serve_card(agent: &LocalAgent, headers: &hyper::HeaderMap) -> Response<Body> 
     let not_modified = headers
         .get(IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+        .is_some_and(|v| etag_matches(v, &etag));
     let mut resp = if not_modified {
         let mut r = Response::new(crate::proto::http::empty());
         *r.status_mut() = StatusCode::NOT_MODIFIED;
@@ -525,4 +525,14 @@ fn serve_card(agent: &LocalAgent, headers: &hyper::HeaderMap) -> Response<Body> 
         h.insert(ETAG, v);
     }
     resp
+}
+
+/// `If-None-Match` compares weakly (RFC 9110, 13.1.2): `W/"x"` matches
+/// `"x"`, as caches and clients send it back.
+fn etag_matches(if_none_match: &str, etag: &str) -> bool {
+    let opaque = |t: &str| t.trim().trim_start_matches("W/").to_string();
+    let ours = opaque(etag);
+    if_none_match
+        .split(',')
+        .any(|t| t.trim() == "*" || opaque(t) == ours)
 }

@@ -314,7 +314,8 @@ impl std::fmt::Debug for Ingress {
     }
 }
 
-fn refusal_response(r: &Refusal, me: &str, bearer: bool) -> Response<Body> {
+/// An authentication refusal as a mesh error (its kind by its status).
+fn refusal_error(r: &Refusal, me: &str) -> MeshError {
     let kind = match r.status {
         hyper::StatusCode::UNAUTHORIZED => ErrorKind::Unauthorized,
         hyper::StatusCode::FORBIDDEN => ErrorKind::Forbidden,
@@ -322,7 +323,11 @@ fn refusal_response(r: &Refusal, me: &str, bearer: bool) -> Response<Body> {
         hyper::StatusCode::SERVICE_UNAVAILABLE => ErrorKind::NoneAvailable,
         _ => ErrorKind::Internal,
     };
-    let mut resp = MeshError::new(kind, me, format!("{} ({})", r.reason, r.code)).response(None);
+    MeshError::new(kind, me, format!("{} ({})", r.reason, r.code))
+}
+
+fn refusal_response(r: &Refusal, me: &str, bearer: bool) -> Response<Body> {
+    let mut resp = refusal_error(r, me).response(None);
     *resp.status_mut() = r.status;
     if let Ok(v) = hyper::header::HeaderValue::from_str(&r.code) {
         resp.headers_mut().insert("dmsc-auth-error", v);
@@ -522,13 +527,35 @@ impl Ingress {
 
     async fn handle(&self, req: Request<Incoming>, auth: &ConnIdentity) -> Response<Body> {
         let me = &self.me;
+        // A gRPC caller reads every refusal as a gRPC status (grpcio turns a
+        // bare HTTP 400 into INTERNAL "Received http2 header with status").
+        let grpc = crate::proto::http::is_grpc(req.headers());
+        let refuse = |e: MeshError| {
+            if grpc {
+                e.grpc_response()
+            } else {
+                e.response(None)
+            }
+        };
+        if req.method() == hyper::Method::CONNECT {
+            // A proxy client (grpcio with `http_proxy`, curl -p) asks for a
+            // tunnel; passed on as a request, its 200 read as "tunnel open".
+            let mut r = MeshError::new(
+                ErrorKind::BadRequest,
+                me,
+                "CONNECT tunnels are not offered: send the request itself, to the mesh name \
+                 (`Host: <agent>.<tenant>.dmsc`, or an absolute URL in proxy form)",
+            )
+            .response(None);
+            *r.status_mut() = hyper::StatusCode::METHOD_NOT_ALLOWED;
+            return r;
+        }
         if crate::proto::forwarded::duplicate_host(req.headers()) {
-            return MeshError::new(
+            return refuse(MeshError::new(
                 ErrorKind::BadRequest,
                 me,
                 "the request has more than one Host header",
-            )
-            .response(None);
+            ));
         }
         let host = match (request_host(&req), &auth.target_host) {
             // Intercepted: the Host names the address dialled, not a mesh
@@ -537,8 +564,11 @@ impl Ingress {
             (None, Some(t)) => t.clone(),
             (Some(h), _) => h,
             (None, None) => {
-                return MeshError::new(ErrorKind::BadTarget, me, "request has no Host")
-                    .response(None)
+                return refuse(MeshError::new(
+                    ErrorKind::BadTarget,
+                    me,
+                    "request has no Host",
+                ))
             }
         };
         let parsed = parse_host(&host);
@@ -547,13 +577,12 @@ impl Ingress {
         }
         let caller = match self.authenticator().caller(req.headers(), auth).await {
             Ok(c) => c,
+            Err(r) if grpc => return refuse(refusal_error(&r, me)),
             Err(r) => return refusal_response(&r, me, self.spec.jwt),
         };
         let (tenant, target) = match parsed {
             Ok(t) => t,
-            Err(e) => {
-                return MeshError::new(ErrorKind::BadTarget, me, e.to_string()).response(None)
-            }
+            Err(e) => return refuse(MeshError::new(ErrorKind::BadTarget, me, e.to_string())),
         };
         // Data tags the caller declares (`dmsc-data-tags`); the A2A
         // metadata adds to them below when a policy has tag rules.
@@ -566,8 +595,11 @@ impl Ingress {
         let mut data_tags = match dmsc_policy::parse_tags(header_tags, consumer_policy.as_deref()) {
             Ok(t) => t,
             Err(e) => {
-                return MeshError::new(ErrorKind::BadRequest, me, format!("`{DATA_TAGS}`: {e}"))
-                    .response(None)
+                return refuse(MeshError::new(
+                    ErrorKind::BadRequest,
+                    me,
+                    format!("`{DATA_TAGS}`: {e}"),
+                ))
             }
         };
         let provider_policy = if caller.tenant == tenant {
@@ -591,14 +623,6 @@ impl Ingress {
         // refusal under flood costs no more than a policy denial. Both are
         // held until the response (its body, for the limits) is done. The
         // calling tenant's limits: its callers' requests are what it spends.
-        let grpc = crate::proto::http::is_grpc(req.headers());
-        let refuse = |e: MeshError| {
-            if grpc {
-                e.grpc_response()
-            } else {
-                e.response(None)
-            }
-        };
         let _slot = match self.fair.as_ref().map(|f| f.admit(&caller.tenant, me)) {
             Some(Err(e)) => return refuse(e),
             Some(Ok(slot)) => Some(slot),
@@ -680,12 +704,11 @@ impl Ingress {
                 tokio::time::timeout_at(deadline, read_buffered(body, cfg.max_buffered_body, p))
                     .await;
             let Ok(read) = read else {
-                return MeshError::new(
+                return refuse(MeshError::new(
                     ErrorKind::Timeout,
                     me,
                     "the deadline passed while reading the request body",
-                )
-                .response(None);
+                ));
             };
             match read {
                 Ok(b) => ReqBody::Buffered(b),
@@ -696,15 +719,14 @@ impl Ingress {
                     } else {
                         ErrorKind::BadRequest
                     };
-                    return MeshError::new(
+                    return refuse(MeshError::new(
                         kind,
                         me,
                         format!(
                             "reading the request body (limit {} bytes): {e}",
                             cfg.max_buffered_body
                         ),
-                    )
-                    .response(None);
+                    ));
                 }
             }
         } else {
@@ -728,7 +750,7 @@ impl Ingress {
                             me,
                             format!("A2A metadata `dmsc.dataTags`: {e}"),
                         )
-                        .response(Some(b))
+                        .into_response(grpc, Some(b))
                     }
                 }
             }
@@ -778,7 +800,7 @@ impl Ingress {
                 .refuse(&caller.id, &tenant, host.clone(), denial);
             self.delegator
                 .report_denial(&caller.id, &tenant, &addressed, &e);
-            return e.response(request_bytes.as_deref());
+            return e.into_response(grpc, request_bytes.as_deref());
         }
         let target = match target {
             HostTarget::Agent(a) => Target::Agent(a),
@@ -801,7 +823,7 @@ impl Ingress {
                             me,
                             "routing by intent needs a `dmsc-intent` header or an A2A message/send (SendMessage) request with text parts",
                         )
-                        .response(req_bytes.as_deref());
+                        .into_response(grpc, req_bytes.as_deref());
                     }
                 }
             }

@@ -4,7 +4,8 @@
 //! A2A 0.3 sends JSON-RPC `message/send` / `message/stream` with parts
 //! `{"kind": "text", "text": ...}`; A2A 1.0 sends `SendMessage` /
 //! `SendStreamingMessage` with parts `{"text": ...}`, or the HTTP+JSON
-//! binding (`POST /message:send`) with the message at the top level. Only
+//! binding (`POST /message:send`; 0.3's is `POST /v1/message:send`, its
+//! parts named `content`) with the message at the top level. Only
 //! `text` matters here, so one walk covers all three.
 //!
 //! It also recognizes the requests for an agent's authenticated ("extended")
@@ -35,8 +36,11 @@ pub fn intent_text(body: &[u8]) -> Option<String> {
 
 /// The text parts of one A2A message (either dialect), joined by spaces.
 fn message_text(message: &Value) -> Option<String> {
+    // A2A 0.3's HTTP+JSON binding (`POST /v1/message:send`, a2a-sdk 0.3's
+    // REST transport) names the parts `content`.
     let texts: Vec<&str> = message
-        .get("parts")?
+        .get("parts")
+        .or_else(|| message.get("content"))?
         .as_array()?
         .iter()
         .filter_map(|p| p.get("text").and_then(Value::as_str))
@@ -150,6 +154,8 @@ mod tests {
         assert_eq!(intent_text(v03).as_deref(), Some("summarize this invoice"));
         let v10 = br#"{"jsonrpc":"2.0","id":"a","method":"SendStreamingMessage","params":{"message":{"role":"ROLE_USER","messageId":"m","parts":[{"text":"translate"},{"text":"to French"}]}}}"#;
         assert_eq!(intent_text(v10).as_deref(), Some("translate to French"));
+        let rest03 = br#"{"message":{"messageId":"m","role":"ROLE_USER","content":[{"text":"weather in Lyon"}]}}"#;
+        assert_eq!(intent_text(rest03).as_deref(), Some("weather in Lyon"));
         let rest = br#"{"message":{"role":"ROLE_USER","parts":[{"text":"weather in Paris"}]}}"#;
         assert_eq!(intent_text(rest).as_deref(), Some("weather in Paris"));
         let other = br#"{"jsonrpc":"2.0","id":1,"method":"tasks/get","params":{"id":"t"}}"#;

@@ -298,6 +298,16 @@ impl MeshError {
 }
 
 impl MeshError {
+    /// The response in the caller's dialect: a gRPC status for a gRPC
+    /// call, else [`MeshError::response`] by the request's body.
+    pub fn into_response(self, grpc: bool, request: Option<&[u8]>) -> Response<Body> {
+        if grpc {
+            self.grpc_response()
+        } else {
+            self.response(request)
+        }
+    }
+
     /// The response for a gRPC caller: trailers-only (HTTP 200, no body)
     /// with `grpc-status` and `grpc-message`, which is how gRPC clients
     /// (grpcio, grpc-go, tonic) read a failure; `dmsc-error` and

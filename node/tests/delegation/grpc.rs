@@ -1090,3 +1090,52 @@ async fn grpc_timeout_is_the_calls_deadline() {
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     mesh.stop().await;
 }
+
+/// Refusals decided before any delegation (a host that names no mesh
+/// target, another tenant's agent) reach a gRPC caller as gRPC statuses,
+/// with the mesh's message; a CONNECT (a proxy client asking for a tunnel)
+/// is refused as such, not passed on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_refusals_reach_grpc_callers_as_grpc_statuses() {
+    let server = greeter_server(true).await;
+    let mesh = mesh_with(&["n0", "n1"], declared(server.addr)).await;
+    let call = |authority: &'static str| {
+        let ingress = mesh.ingress(0);
+        async move {
+            let channel = Endpoint::from_shared(format!("http://{ingress}"))
+                .expect("endpoint")
+                .origin(authority.parse().expect("origin"))
+                .connect()
+                .await
+                .expect("connect to ingress");
+            let mut client = tonic::client::Grpc::new(channel);
+            say_hello(&mut client, hello("ada")).await
+        }
+    };
+    let status = call("http://example.com")
+        .await
+        .expect_err("no mesh target");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("example.com"), "{status:?}");
+    let status = call("http://greeter.other.dmsc")
+        .await
+        .expect_err("another tenant");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("other"), "{status:?}");
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = tokio::net::TcpStream::connect(mesh.ingress(0))
+        .await
+        .expect("connect");
+    tcp.write_all(b"CONNECT greeter.acme.dmsc:80 HTTP/1.1\r\nHost: greeter.acme.dmsc:80\r\n\r\n")
+        .await
+        .expect("write");
+    let mut head = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut head))
+        .await
+        .expect("an answer")
+        .expect("read");
+    let head = String::from_utf8_lossy(&head[..n]);
+    assert!(head.starts_with("HTTP/1.1 405"), "{head}");
+    mesh.stop().await;
+}

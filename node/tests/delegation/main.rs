@@ -290,6 +290,20 @@ async fn by_name_by_capability_and_by_intent_across_nodes() {
         .await
         .expect("card");
     assert_eq!(resp.status(), 304);
+    // Compared weakly (RFC 9110), as caches send it back.
+    let weak = format!("\"other\", W/{etag}");
+    let (resp, _) = mesh
+        .call(
+            2,
+            "GET",
+            "translator.acme.dmsc",
+            "/.well-known/agent-card.json",
+            &[("if-none-match", &weak)],
+            "",
+        )
+        .await
+        .expect("card");
+    assert_eq!(resp.status(), 304, "{weak}");
 
     // Tenant isolation and unknown targets fail clearly.
     let (resp, body) = mesh
