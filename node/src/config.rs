@@ -1059,6 +1059,9 @@ pub struct RawDelegation {
     pub health_interval_ms: Option<u64>,
     pub agent_ttl_secs: Option<u64>,
     pub load_interval_ms: Option<u64>,
+    /// How often the home node fetches each agent's card again (a
+    /// conditional GET), so a redeployed agent's new skills reach the mesh.
+    pub card_refresh_interval_ms: Option<u64>,
     /// `least-loaded` (default: the least loaded eligible candidate, of at
     /// most 8 sampled on large sets) or `p2c` (power of two choices).
     pub selection: Option<String>,
@@ -1239,6 +1242,9 @@ pub struct DelegationConfig {
     pub health_interval: Duration,
     pub agent_ttl: Duration,
     pub load_interval: Duration,
+    /// How often each fetched agent card is fetched again (also right
+    /// after an agent recovers: a restart is often a redeploy).
+    pub card_refresh_interval: Duration,
     pub selection: dmsc_registry::Choice,
     pub intent_margin: f32,
 }
@@ -1258,6 +1264,10 @@ impl Default for DelegationConfig {
             // whole record, so a short TTL costs bandwidth (BENCHMARKS.md, gossip).
             agent_ttl: Duration::from_secs(300),
             load_interval: Duration::from_millis(500),
+            // A redeploy shows within a minute (at once if the agent was
+            // seen down); an unchanged card costs a 304 where the agent
+            // supports conditional GETs.
+            card_refresh_interval: Duration::from_secs(60),
             selection: dmsc_registry::Choice::LeastLoaded,
             intent_margin: dmsc_registry::select::INTENT_MARGIN,
         }
@@ -1499,6 +1509,12 @@ impl RawDelegation {
                 self.load_interval_ms,
                 "load_interval_ms",
                 d.load_interval,
+                errors,
+            ),
+            card_refresh_interval: ms(
+                self.card_refresh_interval_ms,
+                "card_refresh_interval_ms",
+                d.card_refresh_interval,
                 errors,
             ),
             selection: match self.selection.as_deref() {
@@ -2912,6 +2928,30 @@ audit_window_secs = 60
                 audit_failures_per_window: 2,
                 audit_window: Duration::from_secs(60),
             }
+        );
+    }
+
+    #[test]
+    fn card_refresh_interval_has_a_default_a_key_and_must_be_positive() {
+        let d = tempfile::tempdir().expect("dir");
+        let cfg = raw_with(d.path(), "").expect("valid");
+        assert_eq!(
+            cfg.delegation.card_refresh_interval,
+            Duration::from_secs(60)
+        );
+        let cfg =
+            raw_with(d.path(), "[delegation]\ncard_refresh_interval_ms = 5000\n").expect("valid");
+        assert_eq!(cfg.delegation.card_refresh_interval, Duration::from_secs(5));
+        let err = raw_with(
+            d.path(),
+            "[delegation]\ncard_refresh_interval_ms = 0\nhealth_interval_ms = 0\n",
+        )
+        .expect_err("invalid");
+        let text = err.to_string();
+        assert!(
+            text.contains("delegation.card_refresh_interval_ms must be > 0")
+                && text.contains("delegation.health_interval_ms"),
+            "{text}"
         );
     }
 

@@ -190,17 +190,20 @@ async fn agents_add(req: Request<hyper::body::Incoming>, s: &Shared) -> Response
         }
     };
     match s.agents.add(&spec).await {
-        Ok(a) => json(
-            StatusCode::CREATED,
-            &serde_json::json!({
-                "tenant": a.id.tenant,
-                "name": a.id.name,
-                "node": s.security.identity().name(),
-                "digest": a.digest,
-                "skills": a.card.skill_tags(),
-                "mesh_url": format!("http://{}.{}.dmsc", a.id.name, a.id.tenant),
-            }),
-        ),
+        Ok(a) => {
+            let card = a.card();
+            json(
+                StatusCode::CREATED,
+                &serde_json::json!({
+                    "tenant": a.id.tenant,
+                    "name": a.id.name,
+                    "node": s.security.identity().name(),
+                    "digest": card.digest,
+                    "skills": card.card.skill_tags(),
+                    "mesh_url": format!("http://{}.{}.dmsc", a.id.name, a.id.tenant),
+                }),
+            )
+        }
         Err(e) => {
             let status = match e {
                 crate::control::agents::AgentError::Spec(_) => StatusCode::BAD_REQUEST,

@@ -110,13 +110,11 @@ impl AgentStats {
     }
 }
 
-/// One agent this node is home to.
+/// One version of an agent's card: replaced whole when the agent serves a
+/// new one, so a reader never sees the card of one version with the digest
+/// of another.
 #[derive(Debug)]
-pub struct LocalAgent {
-    pub id: AgentId,
-    pub spec: RawAgent,
-    /// The agent's endpoint, requests go to `base` + path.
-    pub base: Uri,
+pub struct CardVersion {
     /// The card as the agent serves it.
     pub card: AgentCard,
     /// The card as the mesh serves it (every URL rewritten to the mesh
@@ -124,6 +122,45 @@ pub struct LocalAgent {
     /// a card fetched through the mesh from anywhere has the same digest.
     pub mesh_card: Bytes,
     pub digest: String,
+}
+
+/// Where an agent's card comes from, which decides whether the node
+/// fetches it again (only a card the agent serves can change behind the
+/// node's back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CardSource {
+    /// Fetched from the agent's well-known path; re-fetched periodically.
+    Fetched,
+    /// Built from the skills declared in config.
+    Declared,
+    /// Handed to the node by the agent itself (the metadata endpoint).
+    Handed,
+    /// Published by an edge agent over MQTT (the bridge follows it).
+    Edge,
+}
+
+/// What a conditional re-fetch of a card sends: where the card was found
+/// and the validators the agent sent with it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CardValidators {
+    /// The URL the card was fetched from.
+    pub url: String,
+    pub etag: Option<String>,
+    pub last_modified: Option<String>,
+}
+
+/// One agent this node is home to.
+#[derive(Debug)]
+pub struct LocalAgent {
+    pub id: AgentId,
+    pub spec: RawAgent,
+    /// The agent's endpoint, requests go to `base` + path.
+    pub base: Uri,
+    /// The current card (see [`LocalAgent::card`]).
+    pub(crate) card: RwLock<Arc<CardVersion>>,
+    pub card_source: CardSource,
+    /// For a fetched card: what the next fetch sends to get a 304.
+    pub(crate) validators: Mutex<Option<CardValidators>>,
     pub(crate) health: AtomicU8,
     /// Requests in progress at the agent through this node (from anywhere).
     pub in_flight: AtomicU32,
@@ -142,6 +179,22 @@ impl LocalAgent {
     /// An edge agent, reached over MQTT (through an [`EdgeLink`]).
     pub fn is_edge(&self) -> bool {
         self.spec.protocol.as_deref() == Some(crate::proto::agent::EDGE_PROTOCOL)
+    }
+
+    /// The agent's current card.
+    pub fn card(&self) -> Arc<CardVersion> {
+        self.card.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The digest of the agent's current card (as the mesh serves it).
+    pub fn digest(&self) -> String {
+        self.card().digest.clone()
+    }
+
+    /// Replaces the agent's card; the old one.
+    pub(crate) fn set_card(&self, card: CardVersion) -> Arc<CardVersion> {
+        let mut held = self.card.write().unwrap_or_else(|p| p.into_inner());
+        std::mem::replace(&mut *held, Arc::new(card))
     }
 
     pub fn health(&self) -> Health {
@@ -170,10 +223,11 @@ impl LocalAgent {
     }
 
     pub fn record(&self, ttl: Duration) -> AgentRecord {
+        let card = self.card();
         AgentRecord {
-            digest: self.digest.clone(),
-            skills: self.card.skill_tags(),
-            protocols: self.card.protocols(),
+            digest: card.digest.clone(),
+            skills: card.card.skill_tags(),
+            protocols: card.card.protocols(),
             health: self.health(),
             expires_ms: now_ms() + ttl.as_millis() as u64,
         }
@@ -507,7 +561,8 @@ pub(crate) async fn deliver_local(
 
 /// The agent's card as the mesh serves it (URLs rewritten), with an ETag.
 fn serve_card(agent: &LocalAgent, headers: &hyper::HeaderMap) -> Response<Body> {
-    let etag = format!("\"{}\"", agent.digest);
+    let card = agent.card();
+    let etag = format!("\"{}\"", card.digest);
     let not_modified = headers
         .get(IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
@@ -517,7 +572,7 @@ fn serve_card(agent: &LocalAgent, headers: &hyper::HeaderMap) -> Response<Body> 
         *r.status_mut() = StatusCode::NOT_MODIFIED;
         r
     } else {
-        Response::new(full(agent.mesh_card.clone()))
+        Response::new(full(card.mesh_card.clone()))
     };
     let h = resp.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

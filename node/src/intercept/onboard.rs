@@ -455,12 +455,7 @@ impl Metadata {
         }
         match (bound, registered) {
             (Ok(b), Ok(agent)) => {
-                audit(
-                    Some(&info.tenant),
-                    &info.agent,
-                    "ok",
-                    Some(agent.digest.clone()),
-                );
+                audit(Some(&info.tenant), &info.agent, "ok", Some(agent.digest()));
                 info!(agent = %agent.id, pid = caller.pid, uid = caller.uid, cgroup = %caller.cgroup, via, "agent onboarded through the metadata endpoint");
                 answer(
                     StatusCode::OK,

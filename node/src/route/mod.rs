@@ -312,6 +312,17 @@ impl MeshView {
         }
     }
 
+    /// Drops the cached card with this digest unless an agent's record
+    /// still names it: a card replaced by a new version (a redeployed
+    /// agent) would otherwise stay cached for good, on every node.
+    pub fn forget_card(&self, digest: &str) {
+        // Lock order: the registry, released, then `cards`.
+        let named = self.read().iter().any(|e| e.record.digest() == digest);
+        if !named {
+            lock(&self.cards).remove(digest);
+        }
+    }
+
     /// Registers (or refreshes) one of this node's own agents.
     pub fn upsert_own(&self, id: AgentId, record: AgentRecord, load: LoadReport) {
         // Lock order: never hold the registry while taking `cards` (or the
@@ -559,6 +570,8 @@ impl MeshView {
         }
 
         let now = now_ms();
+        // Digests of cards replaced by a new version (forgotten below).
+        let mut replaced = Vec::new();
         if !ops.is_empty() {
             // Lock order: cards, released, then the registry.
             let cards = lock(&self.cards).clone();
@@ -571,6 +584,13 @@ impl MeshView {
                                 tracing::info!(agent = %id, node = %node, "agent registered");
                             }
                             let digest = record.digest.clone();
+                            if let Some(old) = reg
+                                .get(&id)
+                                .map(|e| e.record.digest())
+                                .filter(|d| !d.is_empty() && *d != digest)
+                            {
+                                replaced.push(old.to_string());
+                            }
                             reg.upsert(&node, id.clone(), record);
                             if let Some(load) = load {
                                 reg.set_load(&id, LoadReport::decode(&load).unwrap_or_default());
@@ -602,6 +622,9 @@ impl MeshView {
                     }
                 }
             }
+        }
+        for digest in replaced {
+            self.forget_card(&digest);
         }
         // TTL expiry walks every record: once a second is plenty.
         let last = self.last_expiry.load(Ordering::Relaxed);
