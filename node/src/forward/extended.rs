@@ -23,8 +23,9 @@
 //! is taken as the card. It is held (up to [`MAX_CARD_BYTES`]) and must be a
 //! valid card (or a JSON-RPC response whose `result` is one); if it is too
 //! large, not JSON, compressed, or not a valid card, the caller gets a
-//! `unreachable` (502) error in its request's dialect instead (JSON-RPC,
-//! `id` echoed, for a JSON-RPC request), never the agent's bytes. Anything
+//! `unreachable` (502) error in its request's dialect instead (a JSON-RPC
+//! error, `id` echoed, over 200, for a JSON-RPC request), never the
+//! agent's bytes. Anything
 //! else (an error status, a JSON-RPC `error`, a non-JSON content type) is
 //! not a card and passes through unchanged.
 

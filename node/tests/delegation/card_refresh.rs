@@ -166,7 +166,11 @@ async fn by_tag(mesh: &LocalMesh, i: usize, tag: &str) -> (u16, String) {
         )
         .await
         .expect("call");
-    (resp.status().as_u16(), header(&resp, "dmsc-agent"))
+    // A JSON-RPC caller gets the mesh's errors over 200: the kind says
+    // which, as its HTTP status.
+    let status = dmsc_node::proto::http::ErrorKind::parse(&header(&resp, "dmsc-error"))
+        .map_or(resp.status(), |k| k.status());
+    (status.as_u16(), header(&resp, "dmsc-agent"))
 }
 
 /// Waits until `tag` routes to `acme/echo` on every node and `gone` routes

@@ -381,7 +381,13 @@ async fn what_is_not_a_card_passes_and_a_card_too_large_is_refused() {
             .expect("call");
         let text = String::from_utf8_lossy(&body);
         let head: String = text.chars().take(300).collect();
-        assert_eq!(resp.status(), 502, "{head}");
+        // A JSON-RPC error, over 200 (what the A2A SDKs read).
+        assert_eq!(resp.status(), 200, "{head}");
+        assert_eq!(
+            resp.headers().get("dmsc-error").map(|v| v.as_bytes()),
+            Some(&b"unreachable"[..]),
+            "{head}"
+        );
         assert!(!text.contains(&real), "address leaked: {head}");
         let v: Value = serde_json::from_slice(&body).expect("json");
         assert_eq!(v["id"], "big", "{v}");
