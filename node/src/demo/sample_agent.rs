@@ -197,6 +197,39 @@ fn reply_message(text: &str, v10: bool) -> Value {
     }
 }
 
+/// Event `i` of the three a streamed answer has, as A2A wants a task's
+/// stream (one Message per stream at most): the task, working; an
+/// artifact; the final status, completed. Each carries its text.
+fn stream_event(i: u32, text: &str, v10: bool) -> Value {
+    const TASK: &str = "sample-task";
+    const CONTEXT: &str = "sample-context";
+    let message = |text: &str| {
+        let mut m = reply_message(text, v10);
+        if v10 {
+            m["message"].take()
+        } else {
+            m["taskId"] = json!(TASK);
+            m["contextId"] = json!(CONTEXT);
+            m
+        }
+    };
+    match (i, v10) {
+        (0, false) => json!({"kind": "task", "id": TASK, "contextId": CONTEXT,
+            "status": {"state": "working", "message": message(text)}}),
+        (0, true) => json!({"task": {"id": TASK, "contextId": CONTEXT,
+            "status": {"state": "TASK_STATE_WORKING", "message": message(text)}}}),
+        (1, false) => json!({"kind": "artifact-update", "taskId": TASK, "contextId": CONTEXT,
+            "artifact": {"artifactId": "a-1", "parts": [{"kind": "text", "text": text}]},
+            "lastChunk": true}),
+        (1, true) => json!({"artifactUpdate": {"taskId": TASK, "contextId": CONTEXT,
+            "artifact": {"artifactId": "a-1", "parts": [{"text": text}]}, "lastChunk": true}}),
+        (_, false) => json!({"kind": "status-update", "taskId": TASK, "contextId": CONTEXT,
+            "status": {"state": "completed", "message": message(text)}, "final": true}),
+        (_, true) => json!({"statusUpdate": {"taskId": TASK, "contextId": CONTEXT,
+            "status": {"state": "TASK_STATE_COMPLETED", "message": message(text)}}}),
+    }
+}
+
 async fn handle(
     req: Request<Incoming>,
     cfg: &SampleConfig,
@@ -281,8 +314,9 @@ fn answer(method: &Method, body: &Bytes, cfg: &SampleConfig) -> Response<Body> {
                     if i > 0 {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
-                    let msg = reply_message(&format!("{name} part {}/3: {text}", i + 1), v10);
-                    let ev = json!({"jsonrpc": "2.0", "id": id, "result": msg});
+                    let said = format!("{name} part {}/3: {text}", i + 1);
+                    let ev =
+                        json!({"jsonrpc": "2.0", "id": id, "result": stream_event(i, &said, v10)});
                     let frame = Frame::data(Bytes::from(format!("data: {ev}\n\n")));
                     Some((Ok::<_, BoxError>(frame), i + 1))
                 }
