@@ -205,12 +205,28 @@ async fn agents_add(req: Request<hyper::body::Incoming>, s: &Shared) -> Response
             )
         }
         Err(e) => {
-            let status = match e {
-                crate::control::agents::AgentError::Spec(_) => StatusCode::BAD_REQUEST,
-                crate::control::agents::AgentError::Duplicate(_) => StatusCode::CONFLICT,
-                _ => StatusCode::UNPROCESSABLE_ENTITY,
-            };
-            json(status, &serde_json::json!({"error": e.to_string()}))
+            use crate::control::agents::AgentError;
+            match e {
+                AgentError::Spec(_) => json(
+                    StatusCode::BAD_REQUEST,
+                    &serde_json::json!({"error": e.to_string()}),
+                ),
+                AgentError::Duplicate(_) => json(
+                    StatusCode::CONFLICT,
+                    &serde_json::json!({"error": e.to_string()}),
+                ),
+                // Kept and retried every health round, as a declared agent
+                // is (listed as pending in `status`; DELETE stops it): say
+                // so, rather than a failure that is not one.
+                _ => json(
+                    StatusCode::ACCEPTED,
+                    &serde_json::json!({
+                        "pending": true,
+                        "error": e.to_string(),
+                        "retry": "every health round until it onboards; DELETE /v1/agents/<tenant>/<name> stops it",
+                    }),
+                ),
+            }
         }
     }
 }

@@ -502,8 +502,13 @@ impl AgentsCtx {
 
     /// Deregisters an agent: gone from this node, the registry and gossip.
     pub async fn remove(&self, id: &AgentId) -> bool {
+        // Not onboarded yet: it only stops being retried.
+        let was_pending = self.agents.remove_pending(id);
         let Some(a) = self.agents.remove(id) else {
-            return false;
+            if was_pending {
+                info!(agent = %id, "pending agent removed");
+            }
+            return was_pending;
         };
         self.mesh.remove_own(id);
         self.gossip

@@ -306,6 +306,16 @@ impl LocalAgents {
     pub(crate) fn clear_pending(&self, spec: &RawAgent) {
         lock(&self.pending).retain(|(s, _)| s != spec);
     }
+
+    /// Drops the pending specs of tenant `id.tenant` named `id.name` (a
+    /// spec without a name, named by its card, cannot be matched before
+    /// its card is read); true if any was.
+    pub(crate) fn remove_pending(&self, id: &AgentId) -> bool {
+        let mut p = lock(&self.pending);
+        let before = p.len();
+        p.retain(|(s, _)| !(s.tenant == id.tenant && s.name.as_deref() == Some(id.name.as_str())));
+        p.len() != before
+    }
 }
 
 /// One request in progress at a local agent, counted until dropped.

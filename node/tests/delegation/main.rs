@@ -665,17 +665,46 @@ async fn agents_onboard_and_leave_through_the_admin_api() {
         mesh.routable_everywhere("helper-1")
     })
     .await;
-    // A bad card is a clear error, not a crash.
+    // An agent that cannot be onboarded yet is a clear answer, not a
+    // crash: accepted as pending (retried each health round, as a declared
+    // one is), and DELETE stops it.
     let req = hyper::Request::post(format!("http://{admin}/v1/agents"))
         .header("authorization", &bearer)
         .body(dmsc_node::proto::http::full(
-            serde_json::json!({"tenant": "acme", "url": "http://127.0.0.1:1"}).to_string(),
+            serde_json::json!({"tenant": "acme", "url": "http://127.0.0.1:1", "name": "later"})
+                .to_string(),
         ))
         .expect("req");
     let resp = client.h1.request(req).await.expect("post");
-    assert_eq!(resp.status(), 422);
+    assert_eq!(resp.status(), 202);
     let body = resp.into_body().collect().await.expect("body").to_bytes();
-    assert!(String::from_utf8_lossy(&body).contains("cannot fetch the agent card"));
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(v["pending"], true, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cannot fetch the agent card"),
+        "{v}"
+    );
+    let pending = |n: &LocalMesh| {
+        n.nodes[1]
+            .agents()
+            .agents
+            .pending()
+            .iter()
+            .any(|(s, _)| s.name.as_deref() == Some("later"))
+    };
+    assert!(pending(&mesh));
+    for expected in [204, 404] {
+        let req = hyper::Request::delete(format!("http://{admin}/v1/agents/acme/later"))
+            .header("authorization", &bearer)
+            .body(dmsc_node::proto::http::empty())
+            .expect("req");
+        let resp = client.h1.request(req).await.expect("delete");
+        assert_eq!(resp.status(), expected);
+    }
+    assert!(!pending(&mesh), "no longer retried");
     let req = hyper::Request::delete(format!("http://{admin}/v1/agents/acme/helper-1"))
         .header("authorization", &bearer)
         .body(dmsc_node::proto::http::empty())
