@@ -141,7 +141,11 @@ impl Attempts {
     }
 
     /// A failure charged to the agent: try the next candidate, or stop.
-    fn after(&mut self, id: AgentId, retry: bool, e: MeshError) -> Verdict {
+    fn after(&mut self, id: AgentId, retry: bool, mut e: MeshError) -> Verdict {
+        // The error names the agent it is about (`error.data.agent`).
+        if e.agent.is_none() {
+            e.agent = Some(id.to_string());
+        }
         let next = if retry {
             self.exclude.push(id);
             self.last = Some(e);
@@ -161,6 +165,7 @@ impl Attempts {
         match self.last.take() {
             Some(prev) => MeshError {
                 retry_after: prev.retry_after,
+                agent: prev.agent,
                 ..MeshError::new(
                     prev.kind,
                     me,
@@ -295,6 +300,11 @@ mod tests {
         a.failed(id("a"), Failure::NotDelivered(err(ErrorKind::Unreachable)));
         let e = a.no_candidate("n1", err(ErrorKind::NoneAvailable));
         assert_eq!(e.kind, ErrorKind::Unreachable);
+        assert_eq!(
+            e.agent.as_deref(),
+            Some("acme/a"),
+            "names the agent that failed"
+        );
         assert!(e.detail.contains("no other candidate"), "{}", e.detail);
         let mut fresh = Attempts::new(2, true, false);
         assert_eq!(
