@@ -24,6 +24,7 @@
 //! and in `status`.
 
 pub mod ask;
+pub mod card;
 pub mod learn;
 
 use std::collections::{HashMap, HashSet};

@@ -126,6 +126,27 @@ async fn ask_mode_in_every_dialect_and_learning_from_choices_across_two_nodes() 
     .await;
     let ask = [("dmsc-intent-mode", "ask")];
 
+    // The router has a card, where an A2A client starts (both dialects'
+    // URL fields name the router, not an agent).
+    let (resp, body) = mesh
+        .call(
+            0,
+            "GET",
+            "mesh.acme.dmsc",
+            "/.well-known/agent-card.json",
+            &[],
+            "",
+        )
+        .await
+        .expect("router card");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let card: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(card["url"], "http://mesh.acme.dmsc/", "{card}");
+    assert_eq!(
+        card["supportedInterfaces"][0]["url"], "http://mesh.acme.dmsc/",
+        "{card}"
+    );
+
     // A2A 0.3: a task in input-required listing both.
     let (resp, body) = mesh
         .call(0, "POST", "mesh.acme.dmsc", "/", &ask, message_send(TEXT))
