@@ -540,14 +540,31 @@ impl Ingress {
         if req.method() == hyper::Method::CONNECT {
             // A proxy client (grpcio with `http_proxy`, curl -p) asks for a
             // tunnel; passed on as a request, its 200 read as "tunnel open".
-            let mut r = MeshError::new(
-                ErrorKind::BadRequest,
-                me,
-                "CONNECT tunnels are not offered: send the request itself, to the mesh name \
-                 (`Host: <agent>.<tenant>.dmsc`, or an absolute URL in proxy form)",
-            )
-            .response(None);
+            let body = serde_json::json!({
+                "type": "https://dmsc.dev/errors/bad-request",
+                "title": "bad-request",
+                "status": 405,
+                "detail": "CONNECT tunnels are not offered: send the request itself, to the mesh \
+                           name (`Host: <agent>.<tenant>.dmsc`, or an absolute URL in proxy form)",
+                "node": me,
+            });
+            let mut r = Response::new(full(body.to_string()));
             *r.status_mut() = hyper::StatusCode::METHOD_NOT_ALLOWED;
+            let h = r.headers_mut();
+            h.insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/problem+json"),
+            );
+            h.insert(
+                "dmsc-error",
+                hyper::header::HeaderValue::from_static("bad-request"),
+            );
+            h.insert(
+                hyper::header::ALLOW,
+                hyper::header::HeaderValue::from_static(
+                    "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS",
+                ),
+            );
             return r;
         }
         if crate::proto::forwarded::duplicate_host(req.headers()) {
