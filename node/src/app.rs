@@ -4,7 +4,9 @@
 //! `App::build` binds everything (port 0 works everywhere) and returns what it
 //! bound in [`Bound`], so tests and the demo never guess ports. `App::run`
 //! serves until the shutdown future resolves, then leaves the mesh politely:
-//! it announces `left` through gossip, stops gossip, and closes the overlay.
+//! it stops taking new work and announces `left` through gossip, waits for
+//! the requests in flight up to the grace period ([`crate::drain`]), stops
+//! gossip, and closes the overlay.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -236,6 +238,7 @@ impl App {
             }));
         }
         let delegation_metrics = crate::metrics::DelegationMetrics::default();
+        let drain = crate::drain::Drain::new();
         let local_agents = Arc::new(LocalAgents::default());
         let upstream = Upstream::new();
         let body_budget = crate::forward::budget::BodyBudget::new(
@@ -276,6 +279,7 @@ impl App {
             region: config.region.clone(),
             limiter: limiter.clone(),
             intent: intent.clone(),
+            drain: drain.clone(),
         });
         let agents = AgentsCtx {
             agents: local_agents,
@@ -286,7 +290,8 @@ impl App {
         };
         // One connection budget for every ingress and admin listener.
         let listener_metrics = crate::metrics::ListenerMetrics::default();
-        let listeners = Listeners::new(&name, config.limits.clone(), listener_metrics.clone());
+        let listeners = Listeners::new(&name, config.limits.clone(), listener_metrics.clone())
+            .with_drain(drain.clone());
         let mut ingress_addrs = Vec::new();
         let scope = identity.info.tenants.clone();
         for spec in &config.ingress {
@@ -517,8 +522,10 @@ impl App {
             started: Instant::now(),
             bound: bound.clone(),
             ready: AtomicBool::new(false),
+            drain,
         });
-        let server = listeners.server(format!("admin:{admin_addr}"), Protocols::Http1);
+        // The admin API answers while the node drains (`/ready` says so).
+        let server = listeners.server_undrained(format!("admin:{admin_addr}"), Protocols::Http1);
         tasks.spawn(admin::serve(admin_listener, shared.clone(), server).in_current_span());
         shared.ready.store(true, Ordering::Release);
         info!(
@@ -604,7 +611,19 @@ impl App {
 
     /// Serves until `shutdown` resolves, then drains: announce leaving,
     /// stop gossip, close the overlay (bounded).
-    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        self.run_with(shutdown, std::future::pending).await
+    }
+
+    /// As [`App::run`]; the future `again()` makes (a second signal,
+    /// made only after the first) cuts the drain short.
+    pub async fn run_with<F>(
+        mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+        again: impl FnOnce() -> F,
+    ) where
+        F: std::future::Future<Output = ()>,
+    {
         tokio::select! {
             _ = shutdown => {}
             Some(res) = self.tasks.join_next() => {
@@ -613,14 +632,42 @@ impl App {
                 }
             }
         }
-        self.stop().await;
+        self.stop_with(again()).await;
     }
 
-    /// Leaves the mesh and stops everything.
-    pub async fn stop(mut self) {
+    /// Leaves the mesh and stops everything, after the requests in flight
+    /// (up to `[limits] shutdown_grace_ms`).
+    pub async fn stop(self) {
+        self.stop_with(std::future::pending()).await
+    }
+
+    /// Whether the node has begun to shut down (it takes no new requests).
+    pub fn draining(&self) -> bool {
+        self.shared.drain.is_draining()
+    }
+
+    /// Requests this node is working on (ingress and from peers).
+    pub fn in_flight(&self) -> usize {
+        self.shared.drain.in_flight()
+    }
+
+    /// As [`App::stop`]; `force` resolving ends the drain at once.
+    ///
+    /// The order is the graceful drain of a proxy: stop taking new work
+    /// (not ready, listeners closed, new requests and delegations refused,
+    /// departure gossiped so peers route elsewhere), wait for the work in
+    /// flight up to the grace period, then close everything.
+    pub async fn stop_with(mut self, force: impl std::future::Future<Output = ()>) {
         let name = self.shared.security.identity().name().to_string();
-        info!(node = %name, "shutting down: announcing departure");
         self.shared.ready.store(false, Ordering::Release);
+        let grace = self.shared.config.limits.shutdown_grace;
+        let in_flight = self.shared.drain.start();
+        info!(
+            node = %name,
+            in_flight,
+            grace_ms = grace.as_millis() as u64,
+            "shutting down: draining (no new requests; announcing departure)"
+        );
         // Calls from the edge stop coming to this node's MQTT sessions
         // (they stay at the broker for the replies of a restart).
         for b in &self.shared.edge {
@@ -630,6 +677,25 @@ impl App {
         // again (nothing listens for them once the node is gone).
         self.shared.intercept.close().await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.shared.gossip.leave()).await;
+        let started = Instant::now();
+        match self.shared.drain.wait(grace, force).await {
+            crate::drain::Drained::Done => info!(
+                node = %name,
+                waited_ms = started.elapsed().as_millis() as u64,
+                "drained: every request in flight finished"
+            ),
+            crate::drain::Drained::Cut(left) => warn!(
+                node = %name,
+                cut = left,
+                grace_ms = grace.as_millis() as u64,
+                "grace period over: cutting the requests still in flight ([limits] shutdown_grace_ms)"
+            ),
+            crate::drain::Drained::Forced(left) => warn!(
+                node = %name,
+                cut = left,
+                "told again to stop: cutting the requests still in flight"
+            ),
+        }
         self.shared.gossip.stop().await;
         self.tasks.abort_all();
         self.shared.overlay.shutdown().await;

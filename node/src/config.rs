@@ -1084,6 +1084,9 @@ pub struct RawLimits {
     pub max_header_bytes: Option<usize>,
     pub max_headers: Option<usize>,
     pub h2_max_concurrent_streams: Option<u32>,
+    /// On shutdown, how long the node waits for the requests in flight
+    /// (default 25000; 0: stop at once).
+    pub shutdown_grace_ms: Option<u64>,
 }
 
 /// Listener limits, validated. The defaults suit a node on a host with the
@@ -1112,6 +1115,11 @@ pub struct LimitsConfig {
     pub max_headers: usize,
     /// Concurrent streams an HTTP/2 client may open on one connection.
     pub h2_max_concurrent_streams: u32,
+    /// On shutdown, how long the node waits for the requests in flight
+    /// (ingress and delegations from peers) before it cuts them; zero:
+    /// none. Under Kubernetes' default 30 s termination grace, so the node
+    /// still closes its overlay and audit log itself.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -1125,6 +1133,7 @@ impl Default for LimitsConfig {
             max_header_bytes: 64 * 1024,
             max_headers: 100,
             h2_max_concurrent_streams: 256,
+            shutdown_grace: Duration::from_secs(25),
         }
     }
 }
@@ -1218,6 +1227,16 @@ impl RawLimits {
                 }
                 Some(n) => n,
                 None => d.h2_max_concurrent_streams,
+            },
+            shutdown_grace: match self.shutdown_grace_ms {
+                Some(n) if n > 3_600_000 => {
+                    errors.push(format!(
+                        "limits.shutdown_grace_ms = {n} must be within 0..=3600000"
+                    ));
+                    d.shutdown_grace
+                }
+                Some(n) => Duration::from_millis(n),
+                None => d.shutdown_grace,
             },
         }
     }
@@ -1663,6 +1682,11 @@ pub const ENV: &[(&str, &str, EnvKind)] = &[
     (
         "DMSC_LIMITS_MAX_IN_FLIGHT_PER_LISTENER",
         "limits.max_in_flight_per_listener",
+        EnvKind::Whole,
+    ),
+    (
+        "DMSC_LIMITS_SHUTDOWN_GRACE_MS",
+        "limits.shutdown_grace_ms",
         EnvKind::Whole,
     ),
 ];
@@ -2195,7 +2219,7 @@ impl NodeConfig {
     /// The effective configuration as log fields (no secrets: key *paths* only).
     pub fn summary(&self) -> String {
         format!(
-            "name={} region={} overlay.listen={} overlay.advertise={} bootstrap={:?} admin.listen={} admin.open_reads={} tls.ca={} tls.cert={} tls.key={} gossip.interval={:?} gossip.phi={} ingress=[{}] agents={} delegation.timeout={:?} delegation.retries={} delegation.selection={:?} limits.header_read_timeout={:?} limits.idle_timeout={:?} limits.max_connections={} limits.max_connections_per_listener={} limits.max_in_flight_per_listener={}",
+            "name={} region={} overlay.listen={} overlay.advertise={} bootstrap={:?} admin.listen={} admin.open_reads={} tls.ca={} tls.cert={} tls.key={} gossip.interval={:?} gossip.phi={} ingress=[{}] agents={} delegation.timeout={:?} delegation.retries={} delegation.selection={:?} limits.header_read_timeout={:?} limits.idle_timeout={:?} limits.max_connections={} limits.max_connections_per_listener={} limits.max_in_flight_per_listener={} limits.shutdown_grace={:?}",
             self.name.as_deref().unwrap_or("<from certificate>"),
             self.region,
             self.overlay_listen,
@@ -2227,6 +2251,7 @@ impl NodeConfig {
             self.limits.max_connections,
             self.limits.max_connections_per_listener,
             self.limits.max_in_flight_per_listener,
+            self.limits.shutdown_grace,
         )
     }
 }
@@ -2723,6 +2748,9 @@ mod limits_tests {
         .expect("valid");
         assert_eq!(c.limits.header_read_timeout, Duration::from_millis(1500));
         assert_eq!(c.limits.max_in_flight_per_listener, 4);
+        assert_eq!(c.limits.shutdown_grace, Duration::from_secs(25));
+        let c = with_limits("[limits]\nshutdown_grace_ms = 0\n").expect("0: stop at once");
+        assert_eq!(c.limits.shutdown_grace, Duration::ZERO);
         assert_eq!(
             c.limits.idle_timeout,
             Duration::from_secs(60),
@@ -2754,7 +2782,8 @@ mod limits_tests {
         let e = with_limits(
             "[limits]\nheader_read_timeout_ms = 0\nidle_timeout_ms = 0\nmax_connections = 0\n\
              max_connections_per_listener = 0\nmax_in_flight_per_listener = 0\n\
-             max_header_bytes = 100\nmax_headers = 0\nh2_max_concurrent_streams = 0\n",
+             max_header_bytes = 100\nmax_headers = 0\nh2_max_concurrent_streams = 0\n\
+             shutdown_grace_ms = 3600001\n",
         )
         .expect_err("invalid");
         let text = e.to_string();
@@ -2767,6 +2796,7 @@ mod limits_tests {
             "max_header_bytes = 100 must be within 8192",
             "max_headers",
             "h2_max_concurrent_streams",
+            "shutdown_grace_ms = 3600001",
         ] {
             assert!(
                 text.contains(&format!("limits.{key}")),

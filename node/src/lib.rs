@@ -11,6 +11,8 @@
 //!   issues, revocations, bearer-token validation, the audit trail.
 //! - [`policy`]: which tenant a caller, and a calling node, may act for:
 //!   pure decisions, the same at the ingress and on the home node.
+//! - [`drain`]: graceful shutdown: the node's count of requests in
+//!   flight and the switch that makes every entrance refuse new work.
 //! - [`route`]: the registry view of this node (gossiped records, load,
 //!   circuits, outstanding requests) and selection.
 //! - [`forward`]: delivery: to a local agent, to a remote agent's home node
@@ -31,6 +33,7 @@ pub mod admin;
 pub mod app;
 pub mod config;
 pub mod control;
+pub mod drain;
 pub mod edge;
 pub mod forward;
 pub mod ingress;

@@ -581,7 +581,15 @@ async fn run(args: RunArgs) -> Result<(), NodeError> {
         return Ok(());
     }
     let app = App::build(config).await?;
-    app.run(shutdown_signal()).await;
+    // A second SIGTERM or Ctrl-C during the drain stops at once. Made only
+    // after the first, so the first signal does not also count as the second.
+    app.run_with(shutdown_signal(), || async {
+        shutdown_signal().await;
+        tracing::warn!(
+            "second shutdown signal: stopping without waiting for the requests in flight"
+        );
+    })
+    .await;
     Ok(())
 }
 

@@ -72,6 +72,8 @@ pub(crate) struct Shared {
     pub(crate) started: std::time::Instant,
     pub(crate) bound: Bound,
     pub(crate) ready: std::sync::atomic::AtomicBool,
+    /// Shutdown: `/ready` and `status` say when the node drains.
+    pub(crate) drain: Arc<crate::drain::Drain>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -701,7 +703,9 @@ async fn route(req: Request<hyper::body::Incoming>, s: Arc<Shared>) -> Response<
     match (endpoint, req.method().clone()) {
         (Endpoint::Live, _) if get => reply(StatusCode::OK, "text/plain", "live\n"),
         (Endpoint::Ready, _) if get => {
-            if s.ready.load(Ordering::Acquire) {
+            if s.drain.is_draining() {
+                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n")
+            } else if s.ready.load(Ordering::Acquire) {
                 reply(StatusCode::OK, "text/plain", "ready\n")
             } else {
                 reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")

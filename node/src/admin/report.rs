@@ -222,6 +222,8 @@ pub(crate) async fn status_report(s: &Shared) -> StatusReport {
                 .format(&time::format_description::well_known::Rfc3339)
                 .unwrap_or_default(),
             cert_expires_in_secs: expires_in,
+            draining: s.drain.is_draining(),
+            in_flight: s.drain.in_flight(),
         },
         peers,
         paths: paths_status(s),

@@ -261,6 +261,8 @@ mod tests {
                 uptime_secs: 1,
                 cert_not_after: "x".into(),
                 cert_expires_in_secs: 1,
+                draining: false,
+                in_flight: 0,
             },
             peers: vec![peer("n1"), peer("n2")],
             paths: PathsStatus {

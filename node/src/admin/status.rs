@@ -178,6 +178,12 @@ pub struct NodeStatus {
     pub cert_not_after: String,
     /// Negative once expired.
     pub cert_expires_in_secs: i64,
+    /// Shutting down: no new requests, the ones in flight finishing.
+    #[serde(default)]
+    pub draining: bool,
+    /// Requests the node is working on (from its ingress and from peers).
+    #[serde(default)]
+    pub in_flight: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -308,6 +314,12 @@ impl StatusReport {
             n.version
         ));
         out.push_str(&format!("cert     expires {expiry}\n"));
+        if n.draining {
+            out.push_str(&format!(
+                "state    DRAINING: no new requests, {} in flight\n",
+                n.in_flight
+            ));
+        }
         let c = &self.certificates;
         out.push_str(&format!(
             "certs    serial {}; issuer {}; {} agent certificate(s) issued, {} revoked mesh-wide, {} reload(s){}\n",

@@ -27,6 +27,10 @@ use crate::proto::wire::{self, Part, PartDecoder, ResponseHead, OLDEST_VERSION};
 /// How long a home node waits for the head of an incoming delegation.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a home node waits for the calling node to acknowledge the end
+/// of an answer before it lets the stream go.
+const ACK_WAIT: Duration = Duration::from_secs(2);
+
 impl Delegator {
     /// Serves one delegation stream from a peer node (this node is home).
     pub async fn serve_stream(&self, stream: BiStream) {
@@ -63,6 +67,25 @@ impl Delegator {
             }
         };
         let version = head.version;
+        // Shutting down: not delivered, so the calling node tries another
+        // candidate (it stops choosing this node once gossip says it left).
+        if self.drain.is_draining() {
+            let me = MeshError::new(
+                ErrorKind::Overloaded,
+                &self.me,
+                format!(
+                    "node {} is shutting down and takes no new delegations",
+                    self.me
+                ),
+            );
+            debug!(peer = %peer, agent = %head.agent, "draining: refused a new delegation");
+            let _ = write_error(&mut send, &me, false, version).await;
+            self.metrics
+                .record_inbound(crate::metrics::OTHER_TENANT, "draining");
+            return;
+        }
+        // Counted in the node's drain until the answer is acknowledged.
+        let _work = self.drain.begin();
         let id = AgentId {
             tenant: head.tenant.clone(),
             name: head.agent.clone(),
@@ -303,6 +326,11 @@ impl Delegator {
                 },
             ));
         }
+        // Finished is not received: a node that closes its overlay right
+        // after the last byte was written would lose what is still unacked.
+        // Waiting for the acknowledgement (one round trip) keeps the drain
+        // count up until the calling node has the whole answer.
+        let _ = tokio::time::timeout(ACK_WAIT, send.stopped()).await;
     }
 }
 

@@ -118,6 +118,9 @@ pub struct Delegator {
     pub(crate) limiter: Arc<crate::limits::Limiter>,
     /// Routing by intent: the model, asks, learned examples.
     pub(crate) intent: Arc<crate::intent::Intent>,
+    /// The node's shutdown state: delegations from peers are refused once
+    /// it drains, and counted while they run.
+    pub(crate) drain: Arc<crate::drain::Drain>,
 }
 
 /// A request that may safely be sent again: an idempotent method, or any
@@ -518,6 +521,12 @@ impl Delegator {
                 {
                     let wait = self.limiter.target_wait(&tenant, &id.name);
                     Failure::NotDelivered(e.retry_after(wait))
+                }
+                // A home node that is full or shutting down: soon, or elsewhere.
+                Failure::NotDelivered(e)
+                    if e.kind == ErrorKind::Overloaded && e.retry_after.is_none() =>
+                {
+                    Failure::NotDelivered(e.retry_after(Duration::from_secs(1)))
                 }
                 f => f,
             };

@@ -39,6 +39,13 @@
 //! timeout would change the request type the handlers see. The timeouts
 //! here are about connections, which is hyper's and this module's level.
 //!
+//! - **Shutdown**: once the node drains ([`crate::drain`]), an ingress
+//!   listener stops accepting, and a request that still arrives on an open
+//!   connection is answered 503 with `Retry-After: 1` (and, on HTTP/1,
+//!   `Connection: close`); the requests already in flight count in the
+//!   node's drain until their response bodies end. The admin listener is
+//!   exempt: `/ready` and `status` must answer while the node drains.
+//!
 //! [`Listeners`] holds what all listeners of a node share; [`Server`] is
 //! one listener; [`Conn`] is one admitted connection that a listener's own
 //! code (the TLS handshake and client-certificate judgement of an ingress)
@@ -67,6 +74,7 @@ use tower::{Service, ServiceBuilder, ServiceExt};
 use tracing::{debug, warn, Instrument};
 
 use crate::config::{LimitsConfig, MIN_HEADER_BYTES};
+use crate::drain::{Drain, Work};
 use crate::metrics::ListenerMetrics;
 use crate::proto::http::{full, Body, BoxError};
 
@@ -107,6 +115,7 @@ pub struct Listeners {
     limits: LimitsConfig,
     connections: Arc<Semaphore>,
     metrics: ListenerMetrics,
+    drain: Option<Arc<Drain>>,
 }
 
 impl Listeners {
@@ -117,16 +126,34 @@ impl Listeners {
             connections: Arc::new(Semaphore::new(limits.max_connections)),
             limits,
             metrics,
+            drain: None,
         }
+    }
+
+    /// Listeners made from now on stop taking requests when `drain` starts
+    /// and count theirs in it.
+    pub fn with_drain(mut self, drain: Arc<Drain>) -> Listeners {
+        self.drain = Some(drain);
+        self
+    }
+
+    /// A listener that keeps serving while the node drains (the admin API).
+    pub fn server_undrained(&self, name: impl Into<String>, protocols: Protocols) -> Server {
+        self.make(name.into(), protocols, None)
     }
 
     /// One listener, called `name` in logs and metrics (`ingress:<addr>`,
     /// `admin:<addr>`), with its own connection and in-flight budgets.
     pub fn server(&self, name: impl Into<String>, protocols: Protocols) -> Server {
+        self.make(name.into(), protocols, self.drain.clone())
+    }
+
+    fn make(&self, name: String, protocols: Protocols, drain: Option<Arc<Drain>>) -> Server {
         let l = &self.limits;
         Server {
             inner: Arc::new(ServerInner {
-                name: name.into(),
+                name,
+                drain,
                 node: self.node.clone(),
                 node_connections: self.connections.clone(),
                 connections: Arc::new(Semaphore::new(l.max_connections_per_listener)),
@@ -173,6 +200,8 @@ pub struct Server {
 
 struct ServerInner {
     name: String,
+    /// `None`: serves on while the node drains.
+    drain: Option<Arc<Drain>>,
     node: Arc<str>,
     limits: LimitsConfig,
     node_connections: Arc<Semaphore>,
@@ -213,9 +242,27 @@ impl Server {
         let mut paused_until: Option<Instant> = None;
         let mut accept_log = RateLimited::new(LOG_EVERY);
         let mut refuse_log = RateLimited::new(LOG_EVERY);
+        // Dropped when the node drains: new connections are refused by
+        // the kernel, the admitted ones are served on.
+        let mut listener = Some(listener);
+        let drain = self.inner.drain.clone();
         loop {
             tokio::select! {
-                accepted = listener.accept(), if paused_until.is_none() => match accepted {
+                _ = async {
+                    match &drain {
+                        Some(d) => d.started().await,
+                        None => std::future::pending().await,
+                    }
+                }, if listener.is_some() => {
+                    debug!(listener = name, "draining: no longer accepting connections");
+                    listener = None;
+                }
+                accepted = async {
+                    match &listener {
+                        Some(l) => l.accept().await,
+                        None => std::future::pending().await,
+                    }
+                }, if paused_until.is_none() && listener.is_some() => match accepted {
                     Ok((stream, peer)) => {
                         pause.reset();
                         match self.admit(peer) {
@@ -263,6 +310,9 @@ impl Server {
                     paused_until = None;
                 }
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                // Drained and every connection gone: park until the node
+                // drops this task.
+                else => std::future::pending::<()>().await,
             }
         }
     }
@@ -409,15 +459,29 @@ impl Conn {
             tower::service_fn(move |req: Request<Incoming>| {
                 let guard = activity.begin();
                 let (svc, s) = (limited.clone(), s.clone());
+                // Counted in the node's drain as long as the activity guard;
+                // `None` inside a drain: refused.
+                let work = s
+                    .drain
+                    .as_ref()
+                    .map(|d| (!d.is_draining()).then(|| d.begin()));
+                let http1 = req.version() < hyper::Version::HTTP_2;
                 async move {
-                    // Shed (or, never, a closed semaphore): answered here.
-                    let resp = svc.oneshot(req).await.unwrap_or_else(|e| s.refusal(&e));
+                    let (resp, work) = match work {
+                        Some(None) => (s.shutting_down(http1), None),
+                        // Shed (or, never, a closed semaphore): answered here.
+                        work => (
+                            svc.oneshot(req).await.unwrap_or_else(|e| s.refusal(&e)),
+                            work.flatten(),
+                        ),
+                    };
                     // The guard lives as long as the body: idle means no
                     // request *and* no response still streaming.
                     Ok::<_, Infallible>(resp.map(|b| {
                         GuardedBody {
                             inner: b,
                             _guard: guard,
+                            _work: work,
                         }
                         .boxed()
                     }))
@@ -481,6 +545,25 @@ impl Conn {
 }
 
 impl ServerInner {
+    /// The answer to a request that arrives while the node drains: 503,
+    /// `Retry-After: 1`, and on HTTP/1 `Connection: close`, so the client's
+    /// next request opens a connection (to another node, behind a balancer).
+    fn shutting_down(&self, http1: bool) -> Response<Body> {
+        let mut r = self.problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            format!(
+                "node {} is shutting down and takes no new requests; retry (another node)",
+                self.node
+            ),
+        );
+        if http1 {
+            r.headers_mut()
+                .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        r
+    }
+
     /// The answer to a request the limit refused: 503, `Retry-After: 1`,
     /// problem details.
     fn refusal(&self, e: &BoxError) -> Response<Body> {
@@ -505,6 +588,10 @@ impl ServerInner {
                 format!("listener {}: {e}", self.name),
             )
         };
+        self.problem(status, kind, detail)
+    }
+
+    fn problem(&self, status: StatusCode, kind: &'static str, detail: String) -> Response<Body> {
         let body = serde_json::json!({
             "type": format!("https://dmsc.dev/errors/{kind}"),
             "title": kind,
@@ -592,6 +679,7 @@ impl Drop for ActivityGuard {
 struct GuardedBody {
     inner: Body,
     _guard: ActivityGuard,
+    _work: Option<Work>,
 }
 
 impl hyper::body::Body for GuardedBody {

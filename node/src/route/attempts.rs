@@ -125,9 +125,12 @@ impl Attempts {
                     next: Next::Stop(e),
                 }
             }
-            // A target's rate limit at its home node: the agent did nothing
-            // wrong; another replica may have room.
-            Failure::NotDelivered(e) if e.kind == ErrorKind::RateLimited => {
+            // A target's rate limit at its home node, or a home node that
+            // is full or shutting down: the agent did nothing wrong;
+            // another replica may have room.
+            Failure::NotDelivered(e)
+                if matches!(e.kind, ErrorKind::RateLimited | ErrorKind::Overloaded) =>
+            {
                 let mut v = self.after(id, self.replayable, e);
                 v.charge_agent = false;
                 v
@@ -280,6 +283,15 @@ mod tests {
         a.begin();
         let v = a.failed(id("a"), Failure::NotDelivered(err(ErrorKind::RateLimited)));
         assert!(!retried(&v) && !v.charge_agent);
+    }
+
+    #[test]
+    fn a_home_node_shutting_down_sends_to_another_replica_and_charges_nobody() {
+        let mut a = Attempts::new(1, true, false);
+        a.begin();
+        let v = a.failed(id("a"), Failure::NotDelivered(err(ErrorKind::Overloaded)));
+        assert!(retried(&v) && !v.charge_agent);
+        assert_eq!(a.excluded(), &[id("a")]);
     }
 
     #[test]

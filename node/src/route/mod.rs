@@ -359,7 +359,7 @@ impl MeshView {
     /// `agent/` and `load/` keys the registry. Only nodes whose state
     /// changed carry values; a node going dead or left takes its agents out
     /// of the registry, coming back puts them in again. Returns the overlay
-    /// addresses of nodes that are dead or left.
+    /// addresses of nodes that are dead (not those that left: they drain).
     pub fn apply_scan(&self, scans: Vec<dmsc_gossip::NodeScan>) -> Vec<SocketAddr> {
         enum Op {
             /// Node, agent, record, and its load when that came too.
@@ -499,7 +499,10 @@ impl MeshView {
                 }
                 entry.live = live;
             }
-            if !live {
+            // Only a dead node's connection is closed: one that left is
+            // draining, finishing the delegations it serves, and closes
+            // its overlay itself when done.
+            if scan.state == MemberState::Dead {
                 gone_nodes.extend(entry.addr);
             }
         }

@@ -4,6 +4,7 @@
 
 mod admin;
 mod card_refresh;
+mod drain;
 mod edge;
 mod extended_card;
 mod grpc;
