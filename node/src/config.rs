@@ -2803,7 +2803,7 @@ mod limits_tests {
                 "missing {key}:\n{text}"
             );
         }
-        assert_eq!(e.0.len(), 8, "{text}");
+        assert_eq!(e.0.len(), 9, "{text}");
         assert!(with_limits("[limits]\nmax_conections = 5\n")
             .expect_err("typo")
             .to_string()

@@ -72,7 +72,7 @@ async fn a_delegation_in_flight_when_its_home_node_stops_gets_the_whole_answer()
         let mut ready = String::new();
         for _ in 0..50 {
             let mut s = tokio::net::TcpStream::connect(admin).await.expect("admin");
-            s.write_all(b"GET /ready HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            s.write_all(b"GET /ready HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n")
                 .await
                 .expect("write");
             ready.clear();
