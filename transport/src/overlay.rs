@@ -204,9 +204,16 @@ impl StreamSend {
         let _ = self.inner.reset(VarInt::from_u32(code));
     }
 
-    /// Resolves when the peer stops reading (it gave up on this stream).
-    pub async fn stopped(&mut self) {
-        let _ = self.inner.stopped().await;
+    /// Resolves when the peer stops reading (it gave up on this stream:
+    /// STOP_SENDING, or its connection is gone), or once a finished
+    /// stream's data is all acknowledged. The future borrows nothing, so
+    /// one can be held across writes to the same stream; it does nothing
+    /// until polled.
+    pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let stopped = self.inner.stopped();
+        async move {
+            let _ = stopped.await;
+        }
     }
 }
 

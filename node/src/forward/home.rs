@@ -18,7 +18,7 @@ use tracing::{debug, warn, Instrument};
 
 use super::fault::BodyWatch;
 use super::local::{deliver_local, ToAgent};
-use super::remote::{ended_already, read_part, send_body, stream_body};
+use super::remote::{ended_already, read_part, send_body, stream_body, CopyStopped};
 use super::Delegator;
 use crate::proto::http::{Body, BoxError, ErrorKind, MeshError};
 use crate::proto::outcome::Failure;
@@ -279,13 +279,25 @@ impl Delegator {
                     } else {
                         "ok"
                     };
-                    if let Err(e) = write_response(&mut send, resp, version).await {
-                        // Reset, never finish: a cut-off body must not look complete.
-                        send.reset(dmsc_transport::overlay::RESET_CANCELLED);
-                        debug!(error = %e, "response copy stopped (agent or caller went away)");
-                        return ("cut-off".to_string(), Some(status));
+                    match write_response(&mut send, resp, version).await {
+                        Ok(()) => (outcome.to_string(), Some(status)),
+                        // The caller gave up mid-response (cancelled, went
+                        // away): the agent's response was dropped at once,
+                        // which cancels its work (hyper resets its HTTP/2
+                        // stream or closes its HTTP/1.1 connection). Counted
+                        // as before the head; the agent is not blamed.
+                        Err(CopyStopped::PeerGone) => {
+                            send.reset(dmsc_transport::overlay::RESET_CANCELLED);
+                            debug!("caller gave up mid-response");
+                            ("cancelled".to_string(), Some(status))
+                        }
+                        Err(CopyStopped::Failed(e)) => {
+                            // Reset, never finish: a cut-off body must not look complete.
+                            send.reset(dmsc_transport::overlay::RESET_CANCELLED);
+                            debug!(error = %e, "response copy stopped (agent or caller went away)");
+                            ("cut-off".to_string(), Some(status))
+                        }
                     }
-                    (outcome.to_string(), Some(status))
                 }
                 Err(Failure::NotDelivered(e)) => {
                     let _ = write_error(&mut send, &e, false, version).await;
@@ -339,7 +351,7 @@ async fn write_response(
     send: &mut StreamSend,
     resp: Response<Body>,
     version: u8,
-) -> Result<(), BoxError> {
+) -> Result<(), CopyStopped> {
     let (parts, body) = resp.into_parts();
     let head = ResponseHead {
         version,
@@ -348,7 +360,8 @@ async fn write_response(
         delivered: true,
         failure: None,
     };
-    send_body(wire::encode_response_head(&head)?.to_vec(), body, send).await
+    let head = wire::encode_response_head(&head).map_err(|e| CopyStopped::Failed(e.into()))?;
+    send_body(head.to_vec(), body, send).await
 }
 
 /// A failure of this node's, typed (version 2) or, for a version 1

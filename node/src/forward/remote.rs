@@ -406,56 +406,109 @@ fn frames(
 /// Most bytes [`send_body`] gathers before it writes.
 const COALESCE_LIMIT: usize = 64 * 1024;
 
+/// Why [`send_body`] stopped before the end.
+#[derive(Debug)]
+pub(super) enum CopyStopped {
+    /// The peer stopped reading (STOP_SENDING, a reset, its connection
+    /// gone): nobody wants the rest, and the body was dropped at once.
+    PeerGone,
+    /// The body failed, or writing into the stream did.
+    Failed(BoxError),
+}
+
+impl std::fmt::Display for CopyStopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CopyStopped::PeerGone => f.write_str("the peer stopped reading"),
+            CopyStopped::Failed(e) => std::fmt::Display::fmt(e, f),
+        }
+    }
+}
+
 /// Sends `parts` (already encoded, e.g. a response head) and then `body`
 /// into the stream, and finishes it. Whatever the body has ready is taken
 /// into the same write, and a body that ends at once is finished with it:
 /// a small answer leaves as one QUIC packet (head, data and FIN), not one
 /// per part (each packet costs a system call and a wake-up on both sides).
+///
+/// While it waits on the body it also watches the peer: a peer that stops
+/// reading ends the copy at once ([`CopyStopped::PeerGone`]) and `body` is
+/// dropped, which cancels its source (an agent's response: hyper resets
+/// the HTTP/2 stream or closes the HTTP/1.1 connection). Without the watch
+/// a source that is silent for long (a watch, a long poll, SSE) would be
+/// noticed only at its next write. One watch serves the whole copy and is
+/// polled only when the body has nothing ready.
 pub(super) async fn send_body(
     mut parts: Vec<Bytes>,
     mut body: Body,
     send: &mut StreamSend,
-) -> Result<(), BoxError> {
+) -> Result<(), CopyStopped> {
     use futures_util::FutureExt as _;
+    let gone = send.stopped();
+    tokio::pin!(gone);
     loop {
         let pending: usize = parts.iter().map(Bytes::len).sum();
         if pending >= COALESCE_LIMIT {
-            send.write_chunks(&mut parts).await?;
-            parts.clear();
+            write_parts(send, &mut parts, gone.as_mut()).await?;
         }
         let frame = if parts.is_empty() {
-            body.frame().await
+            tokio::select! {
+                // The body first: the watch is polled only when it waits.
+                biased;
+                f = body.frame() => f,
+                () = &mut gone => return Err(CopyStopped::PeerGone),
+            }
         } else {
             match body.frame().now_or_never() {
                 Some(f) => f,
                 None => {
                     // Nothing more right now: send what there is and wait.
-                    send.write_chunks(&mut parts).await?;
-                    parts.clear();
+                    write_parts(send, &mut parts, gone.as_mut()).await?;
                     continue;
                 }
             }
         };
         let Some(frame) = frame else { break };
-        match frame?.into_data() {
+        match frame.map_err(CopyStopped::Failed)?.into_data() {
             Ok(data) => wire::encode_data(data, &mut parts),
             Err(f) => {
                 if let Ok(t) = f.into_trailers() {
-                    parts.extend(wire::encode_trailers(&t)?);
+                    parts.extend(
+                        wire::encode_trailers(&t).map_err(|e| CopyStopped::Failed(e.into()))?,
+                    );
                 }
             }
         }
     }
     if !parts.is_empty() {
-        send.write_chunks(&mut parts).await?;
+        write_parts(send, &mut parts, gone).await?;
     }
-    send.finish()?;
+    send.finish().map_err(|e| CopyStopped::Failed(e.into()))?;
     Ok(())
+}
+
+/// Writes and empties `parts`. A write fails once the peer stopped
+/// reading: that is the peer gone, not a failure of the copy.
+async fn write_parts(
+    send: &mut StreamSend,
+    parts: &mut Vec<Bytes>,
+    gone: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+) -> Result<(), CopyStopped> {
+    use futures_util::FutureExt as _;
+    let written = send.write_chunks(parts).await;
+    parts.clear();
+    written.map_err(|e| match gone.now_or_never() {
+        Some(()) => CopyStopped::PeerGone,
+        None => CopyStopped::Failed(e.into()),
+    })
 }
 
 /// The request body of a streamed remote delegation (runs beside the
 /// response read).
 async fn pump_body(body: Body, mut send: StreamSend) {
+    // The home node stopping the request stream (its agent answered
+    // without reading it all, or it gave up) ends the copy at once too,
+    // and with it the caller's upload.
     if let Err(e) = send_body(Vec::new(), body, &mut send).await {
         debug!(error = %e, "body copy into the overlay stopped");
         send.reset(dmsc_transport::overlay::RESET_CANCELLED);

@@ -70,14 +70,20 @@ struct HellosRequest {
     /// End the stream with an error status after the messages.
     #[prost(bool, tag = "3")]
     fail_at_end: bool,
+    /// Milliseconds between messages (a watch that is mostly silent);
+    /// 0: all at once.
+    #[prost(uint32, tag = "4")]
+    gap_ms: u32,
 }
 
 /// What the server saw: every Greeter call (path, HTTP version, headers)
-/// and whether the slow call's handler was dropped before it finished.
+/// and whether the slow call's handler, or a stream waiting out its gap,
+/// was dropped before it finished.
 #[derive(Default)]
 struct Log {
     calls: Mutex<Vec<(String, Version, HeaderMap)>>,
     slow_dropped: AtomicBool,
+    gap_dropped: AtomicBool,
 }
 
 impl Log {
@@ -86,12 +92,13 @@ impl Log {
     }
 }
 
-/// Sets the flag when the handler is dropped (cancelled) before it ends.
-struct DropFlag(Arc<Log>);
+/// Sets one of the log's flags when the handler is dropped (cancelled)
+/// before it ends.
+struct DropFlag(Arc<Log>, fn(&Log) -> &AtomicBool);
 
 impl Drop for DropFlag {
     fn drop(&mut self) {
-        self.0.slow_dropped.store(true, Ordering::SeqCst);
+        (self.1)(&self.0).store(true, Ordering::SeqCst);
     }
 }
 
@@ -115,7 +122,7 @@ impl UnaryService<HelloRequest> for SayHello {
                     }))
                 }
                 "slow" => {
-                    let flag = DropFlag(log);
+                    let flag = DropFlag(log, |l| &l.slow_dropped);
                     tokio::time::sleep(Duration::from_secs(60)).await;
                     std::mem::forget(flag);
                     Err(Status::internal("the slow call was never cancelled"))
@@ -128,8 +135,9 @@ impl UnaryService<HelloRequest> for SayHello {
     }
 }
 
-/// `SayHellos`: `count` greetings, then OK or (on request) `RESOURCE_EXHAUSTED`.
-struct SayHellos;
+/// `SayHellos`: `count` greetings, then OK or (on request) `RESOURCE_EXHAUSTED`;
+/// with a gap, the first at once and each next one `gap_ms` later.
+struct SayHellos(Arc<Log>);
 
 type Replies = BoxStream<'static, Result<HelloReply, Status>>;
 
@@ -149,6 +157,23 @@ impl ServerStreamingService<HellosRequest> for SayHellos {
             .collect();
         if r.fail_at_end {
             items.push(Err(Status::resource_exhausted("out of greetings")));
+        }
+        if r.gap_ms > 0 {
+            let gap = Duration::from_millis(r.gap_ms.into());
+            let log = self.0.clone();
+            let paced = stream::iter(items).enumerate().then(move |(i, item)| {
+                let log = log.clone();
+                async move {
+                    if i > 0 {
+                        // Dropped while silent: the call was cancelled.
+                        let flag = DropFlag(log, |l| &l.gap_dropped);
+                        tokio::time::sleep(gap).await;
+                        std::mem::forget(flag);
+                    }
+                    item
+                }
+            });
+            return ready(Ok(tonic::Response::new(paced.boxed())));
         }
         ready(Ok(tonic::Response::new(stream::iter(items).boxed())))
     }
@@ -235,7 +260,7 @@ impl tower_service::Service<hyper::Request<tonic::body::Body>> for Greeter {
                 }
                 SAY_HELLOS => {
                     tonic::server::Grpc::new(ProstCodec::<HelloReply, HellosRequest>::default())
-                        .server_streaming(SayHellos, req)
+                        .server_streaming(SayHellos(log), req)
                         .await
                 }
                 COLLECT_HELLOS => {
@@ -497,6 +522,7 @@ async fn an_http2_only_grpc_server_is_healthy_and_called_through_two_nodes() {
                 name: "bob".into(),
                 count: 5,
                 fail_at_end: false,
+                gap_ms: 0,
             }),
             streaming.clone(),
             ProstCodec::<HellosRequest, HelloReply>::default(),
@@ -527,6 +553,7 @@ async fn an_http2_only_grpc_server_is_healthy_and_called_through_two_nodes() {
                 name: "eve".into(),
                 count: 2,
                 fail_at_end: true,
+                gap_ms: 0,
             }),
             streaming,
             ProstCodec::<HellosRequest, HelloReply>::default(),
@@ -1137,5 +1164,89 @@ async fn early_refusals_reach_grpc_callers_as_grpc_statuses() {
         .expect("read");
     let head = String::from_utf8_lossy(&head[..n]);
     assert!(head.starts_with("HTTP/1.1 405"), "{head}");
+    mesh.stop().await;
+}
+
+/// A caller that cancels a server-streaming call after its first message,
+/// while the agent is silent (a watch that sends every 10 s), cancels the
+/// agent's handler through two nodes at once, not when the agent next
+/// sends: the calling node stops the overlay stream, and the home node,
+/// watching for that while it waits on the agent, drops the agent's
+/// response (an RST_STREAM to the agent). The home node counts it as
+/// cancelled, lets go of the agent at once, and does not blame the agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cancelled_while_the_agent_is_silent_cancels_the_agent_through_two_nodes() {
+    let server = greeter_server(true).await;
+    let mesh = mesh_with(&["n0", "n1"], declared(server.addr)).await;
+    eventually(
+        Duration::from_secs(15),
+        "the agent is probed as gRPC and healthy on node 0",
+        || protocol_on(&mesh, 1) == Some(Protocol::Grpc) && health_on(&mesh, 0) == "healthy",
+    )
+    .await;
+    let mut client = client_to(&mesh, 0).await;
+    client.ready().await.expect("channel ready");
+    let resp = client
+        .server_streaming(
+            tonic::Request::new(HellosRequest {
+                name: "watch".into(),
+                count: 3,
+                fail_at_end: false,
+                gap_ms: 10_000,
+            }),
+            PathAndQuery::from_static(SAY_HELLOS),
+            ProstCodec::<HellosRequest, HelloReply>::default(),
+        )
+        .await
+        .expect("server streaming SayHellos through the mesh");
+    assert_eq!(metadata(resp.metadata(), "dmsc-node"), "n1");
+    let mut stream = resp.into_inner();
+    let first = stream
+        .message()
+        .await
+        .expect("the first message")
+        .expect("a message, not the end");
+    assert_eq!(first.message, "hello #1, watch");
+    assert!(!server.log.gap_dropped.load(Ordering::SeqCst));
+    // The caller goes away (tonic resets its HTTP/2 stream).
+    drop(stream);
+    drop(client);
+    eventually(
+        Duration::from_secs(2),
+        "the agent's handler is cancelled long before its next message (10 s)",
+        || server.log.gap_dropped.load(Ordering::SeqCst),
+    )
+    .await;
+    let home = mesh.nodes[1].metrics().delegation.inbound.clone();
+    let cancelled = || {
+        home.get_or_create(&dmsc_node::metrics::DelegationLabels {
+            tenant: "acme".into(),
+            outcome: "cancelled".into(),
+        })
+        .get()
+    };
+    eventually(
+        Duration::from_secs(2),
+        "the home node counts the delegation as cancelled",
+        || cancelled() == 1,
+    )
+    .await;
+    let on = |i: usize| {
+        mesh.nodes[i]
+            .agent_statuses()
+            .into_iter()
+            .find(|a| a.name == AGENT)
+            .expect("the agent")
+    };
+    eventually(
+        Duration::from_secs(2),
+        "both nodes let go of the agent",
+        || on(1).in_flight == 0 && on(0).outstanding == 0,
+    )
+    .await;
+    // The caller's leaving is not the agent's failure.
+    let home = on(1);
+    assert_eq!(home.error_rate, 0.0, "{home:?}");
+    assert_eq!(on(0).circuit, "closed");
     mesh.stop().await;
 }

@@ -3,6 +3,7 @@
 //! requests sent to a node's ingress the way an agent would.
 
 mod admin;
+mod cancel;
 mod card_refresh;
 mod drain;
 mod edge;
