@@ -6,6 +6,7 @@ mod admin;
 mod card_refresh;
 mod edge;
 mod extended_card;
+mod followup;
 mod grpc;
 mod hygiene;
 mod intent;
