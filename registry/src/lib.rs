@@ -60,7 +60,7 @@ pub use record::{
     agent_key, load_key, parse_agent_key, parse_load_key, AgentRecord, Health, LoadReport,
     RecordError, SkillTags,
 };
-pub use select::{Choice, LocalState, NoLocal, SelectError, Selection, Target};
+pub use select::{serves_binding, Choice, LocalState, NoLocal, SelectError, Selection, Target};
 pub use semantic::{CardVectors, Fusion, Piece, Scores, Q8};
 
 /// `tenant/name` of an agent.

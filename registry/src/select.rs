@@ -250,6 +250,19 @@ struct Ctx<'a> {
     exclude: &'a [AgentId],
 }
 
+/// True if an agent whose card declares `protocols` serves the A2A
+/// protocol binding `binding` (`JSONRPC`, `HTTP+JSON`, `GRPC`; compared
+/// without case). A card that declares none serves JSON-RPC, the spec's
+/// default.
+pub fn serves_binding<'p>(mut protocols: impl Iterator<Item = &'p str>, binding: &str) -> bool {
+    let mut any = false;
+    let found = protocols.any(|p| {
+        any = true;
+        p.eq_ignore_ascii_case(binding)
+    });
+    found || (!any && binding.eq_ignore_ascii_case("JSONRPC"))
+}
+
 /// Result of picking up to two eligible slots.
 struct Pick {
     a: u32,
@@ -282,6 +295,24 @@ impl Registry {
         tenant: &str,
         target: &Target,
         query: Option<&Q8>,
+        local: &dyn LocalState,
+        exclude: &[AgentId],
+        rng: &mut R,
+    ) -> Result<Selection, SelectError> {
+        self.select_bound(tenant, target, query, None, local, exclude, rng)
+    }
+
+    /// [`Registry::select_with`] for a request in the A2A protocol binding
+    /// `binding` (`JSONRPC`, `HTTP+JSON`, ...): an intent is matched only
+    /// against the agents that serve it ([`serves_binding`]); an agent
+    /// addressed by name or tag is taken at its word. `None`: any binding.
+    #[allow(clippy::too_many_arguments)]
+    pub fn select_bound<R: Rng + ?Sized>(
+        &self,
+        tenant: &str,
+        target: &Target,
+        query: Option<&Q8>,
+        binding: Option<&str>,
         local: &dyn LocalState,
         exclude: &[AgentId],
         rng: &mut R,
@@ -326,7 +357,16 @@ impl Registry {
             }
             Target::Intent(text) => {
                 let t = t.ok_or_else(no_match)?;
-                let ranked = self.rank_in(t, text, query);
+                let mut ranked = self.rank_in(t, text, query);
+                if let Some(b) = binding {
+                    // before the relative cut: the best of those that can
+                    // take the request sets the bar
+                    ranked.retain(|s| {
+                        self.entries
+                            .get(s.slot as usize)
+                            .is_some_and(|e| serves_binding(e.record.protocols(), b))
+                    });
+                }
                 let best = ranked.first().map(|x| x.fused).ok_or_else(no_match)?;
                 let relevant: Vec<(u32, f32)> = ranked
                     .iter()
@@ -1032,6 +1072,38 @@ mod tests {
             )
             .expect("intent");
         assert!(s.why.contains("3 equivalent"), "{}", s.why);
+    }
+
+    #[test]
+    fn intent_matches_only_agents_serving_the_binding() {
+        let mut r = Registry::new();
+        let mut add = |n: &str, tags: &[&str], protocols: &[&str]| {
+            let mut rr = rec(tags, Health::Healthy);
+            rr.digest = n.into();
+            rr.protocols = protocols.iter().map(|p| p.to_string()).collect();
+            r.upsert("n", id("acme", n), rr);
+        };
+        // the best words belong to a REST-only agent
+        add("rest", &["ledger", "invoice", "payable"], &["HTTP+JSON"]);
+        add("rpc", &["invoice"], &["JSONRPC", "GRPC"]);
+        add("old", &["invoice", "ledger"], &[]);
+        let mut rng = StdRng::seed_from_u64(1);
+        let t = Target::Intent("ledger invoice payable".into());
+        let pick = |r: &Registry, b: Option<&str>, rng: &mut StdRng| {
+            r.select_bound("acme", &t, None, b, &NoLocal, &[], rng)
+                .map(|s| s.id.name)
+        };
+        assert_eq!(pick(&r, None, &mut rng).as_deref(), Ok("rest"));
+        assert_eq!(pick(&r, Some("HTTP+JSON"), &mut rng).as_deref(), Ok("rest"));
+        // no declared protocols: JSON-RPC, the spec's default
+        assert_eq!(pick(&r, Some("JSONRPC"), &mut rng).as_deref(), Ok("old"));
+        assert_eq!(pick(&r, Some("grpc"), &mut rng).as_deref(), Ok("rpc"));
+        assert!(matches!(
+            r.select_bound("acme", &t, None, Some("MQTT"), &NoLocal, &[], &mut rng),
+            Err(SelectError::NoMatch { .. })
+        ));
+        assert!(serves_binding([].into_iter(), "JSONRPC"));
+        assert!(!serves_binding(["HTTP+JSON"].into_iter(), "JSONRPC"));
     }
 
     #[test]

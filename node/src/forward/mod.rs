@@ -95,6 +95,13 @@ pub struct Delegation {
     /// For an intent: the query's embedding (made before selection, off
     /// the registry's lock); `None`: lexical ranking.
     pub intent: Option<crate::intent::QueryVector>,
+    /// Why the target was chosen before selection (a follow-up of an
+    /// intent-routed task), put before selection's own reason in
+    /// `dmsc-route`.
+    pub route_note: Option<String>,
+    /// The A2A protocol binding of the request (`JSONRPC`, `HTTP+JSON`,
+    /// `GRPC`): an intent goes only to agents that serve it.
+    pub binding: Option<&'static str>,
 }
 
 /// The delegation engine of a node (shared by ingress and the overlay side).
@@ -216,6 +223,8 @@ impl Delegator {
             headers,
             body,
             intent,
+            route_note,
+            binding,
         } = d;
         let request_bytes = match &body {
             ReqBody::Buffered(b) => Some(b.clone()),
@@ -256,10 +265,11 @@ impl Delegator {
             }
             let selection = {
                 let reg = self.mesh.read();
-                reg.select_with(
+                reg.select_bound(
                     &tenant,
                     &target,
                     intent.as_ref().map(|q| &*q.vector),
+                    binding,
                     &*self.mesh,
                     plan.excluded(),
                     &mut rand::thread_rng(),
@@ -296,6 +306,9 @@ impl Delegator {
             };
             let (sel, cross_region) = match selection {
                 Ok((mut s, Ok(()), cross_region)) => {
+                    if let Some(note) = &route_note {
+                        s.why = format!("{note}; {}", s.why);
+                    }
                     if intent.as_ref().is_some_and(|q| q.truncated) {
                         s.why.push_str("; query truncated to the model's window");
                     }
@@ -764,6 +777,8 @@ pub async fn fetch_card(
             headers: hyper::HeaderMap::new(),
             body: ReqBody::Buffered(Bytes::new()),
             intent: None,
+            route_note: None,
+            binding: None,
         })
         .await;
     let resp = match outcome {

@@ -16,7 +16,10 @@
 //! - `<agent>.<tenant>.dmsc`      -> that agent
 //! - `<tag>.cap.<tenant>.dmsc`    -> the best agent with a skill tagged `<tag>`
 //! - `mesh.<tenant>.dmsc`         -> by intent: the `dmsc-intent` header, or the
-//!   text of an A2A `message/send` / `SendMessage` (and streaming) request
+//!   text of an A2A `message/send` / `SendMessage` (and streaming) request,
+//!   among the agents serving the request's binding; a follow-up (a task
+//!   method, a message in a known task or context, a reply to an ask) goes
+//!   to the agent that has the task ([`crate::intent::followup`])
 //!
 //! Bodies up to `delegation.max_buffered_body` with a known length are read
 //! first (so a failed attempt can be retried elsewhere and intent can be
@@ -819,6 +822,20 @@ impl Ingress {
                 .report_denial(&caller.id, &tenant, &addressed, &e);
             return e.into_response(grpc, request_bytes.as_deref());
         }
+        let binding = crate::proto::a2a::binding(
+            grpc,
+            &path,
+            match &body {
+                ReqBody::Buffered(b) => Some(&b[..]),
+                ReqBody::Streaming(_) => None,
+            },
+        );
+        // Follow-ups of intent-routed work (a task method, a message in a
+        // known task or context, a reply to an ask) go where the work is.
+        let by_intent = target == HostTarget::Intent;
+        let scope = crate::intent::followup::Scope::new(&tenant, &caller.tenant, &caller.id);
+        let mut follow: Option<Follow> = None;
+        let mut body = body;
         let target = match target {
             HostTarget::Agent(a) => Target::Agent(a),
             HostTarget::Tag(t) => Target::Tag(t),
@@ -833,52 +850,86 @@ impl Ingress {
                 return r;
             }
             HostTarget::Intent => {
-                let text = match (&header_intent, &body) {
-                    (Some(t), _) => Some(t.clone()),
-                    (None, ReqBody::Buffered(b)) => crate::proto::a2a::intent_text(b),
-                    _ => None,
+                let found = match &body {
+                    ReqBody::Buffered(b) => crate::proto::a2a::follow_up(&path, b),
+                    ReqBody::Streaming(_) => None,
                 };
-                match text {
-                    Some(t) if !t.trim().is_empty() => Target::Intent(t),
-                    _ => {
+                match found.map(|f| self.follow_up(&tenant, &caller, &scope, f, &body)) {
+                    Some(Err(e)) => {
                         let req_bytes: Option<Bytes> = match &body {
                             ReqBody::Buffered(b) => Some(b.clone()),
                             _ => None,
                         };
-                        return MeshError::new(
-                            ErrorKind::BadRequest,
-                            me,
-                            "routing by intent needs a `dmsc-intent` header or an A2A message/send (SendMessage) request with text parts",
-                        )
-                        .into_response(grpc, req_bytes.as_deref());
+                        return e.into_response(grpc, req_bytes.as_deref());
+                    }
+                    Some(Ok(Some(f))) => {
+                        if let Some(b) = f.body.clone() {
+                            body = ReqBody::Buffered(b);
+                        }
+                        let t = Target::Agent(f.agent.clone());
+                        follow = Some(f);
+                        t
+                    }
+                    None | Some(Ok(None)) => {
+                        let text = match (&header_intent, &body) {
+                            (Some(t), _) => Some(t.clone()),
+                            (None, ReqBody::Buffered(b)) => crate::proto::a2a::intent_text(b),
+                            _ => None,
+                        };
+                        match text {
+                            Some(t) if !t.trim().is_empty() => Target::Intent(t),
+                            _ => {
+                                let req_bytes: Option<Bytes> = match &body {
+                                    ReqBody::Buffered(b) => Some(b.clone()),
+                                    _ => None,
+                                };
+                                return MeshError::new(
+                                    ErrorKind::BadRequest,
+                                    me,
+                                    "routing by intent needs a `dmsc-intent` header or an A2A message/send (SendMessage) request with text parts",
+                                )
+                                .into_response(grpc, req_bytes.as_deref());
+                            }
+                        }
                     }
                 }
             }
         };
-        let prepared = match self
-            .intent_step(
-                &tenant,
-                &caller,
-                &target,
-                &body,
-                (
-                    consumer_policy.as_deref(),
-                    provider_policy.as_deref(),
-                    &data_tags,
-                ),
-                (
-                    intent_mode.as_deref(),
-                    intent_choice.as_deref(),
-                    &path,
-                    header_intent.as_deref(),
-                ),
-            )
-            .await
-        {
-            Ok(p) => p,
-            Err(resp) => return resp,
+        let prepared = match follow.as_mut() {
+            Some(f) => crate::intent::Prepared {
+                query: None,
+                lesson: f.lesson.take(),
+            },
+            None => match self
+                .intent_step(
+                    &tenant,
+                    &caller,
+                    &target,
+                    &body,
+                    (
+                        consumer_policy.as_deref(),
+                        provider_policy.as_deref(),
+                        &data_tags,
+                    ),
+                    (
+                        intent_mode.as_deref(),
+                        intent_choice.as_deref(),
+                        &path,
+                        header_intent.as_deref(),
+                        binding,
+                    ),
+                )
+                .await
+            {
+                Ok(p) => p,
+                Err(resp) => return resp,
+            },
         };
         let mut headers = parts.headers;
+        if follow.as_ref().is_some_and(|f| f.body.is_some()) {
+            // the ask's reply became the asked request: another length
+            headers.remove(hyper::header::CONTENT_LENGTH);
+        }
         if caller.bearer {
             headers.remove(hyper::header::AUTHORIZATION);
         }
@@ -910,6 +961,8 @@ impl Ingress {
                 headers,
                 body,
                 intent: prepared.query,
+                route_note: follow.map(|f| f.why),
+                binding,
             })
             .await;
         drop(permit);
@@ -920,11 +973,189 @@ impl Ingress {
                 self.delegator.intent.learn(lesson, &self.delegator.mesh);
             }
         }
-        let resp = outcome.render(request_bytes.as_deref(), grpc);
+        // What the agent answers names its tasks: remembered for the
+        // follow-ups, read as the answer passes.
+        let served_by = outcome.served().map(|s| s.agent.name.clone());
+        let mut resp = outcome.render(request_bytes.as_deref(), grpc);
+        if let (true, Some(agent)) = (by_intent, served_by) {
+            let intent = self.delegator.intent.clone();
+            resp = crate::intent::followup::observe(resp, move |refs| {
+                intent
+                    .followups
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .record(&scope, refs, &agent, std::time::Instant::now());
+            });
+        }
         match limits {
             Some(p) => resp.map(|b| crate::forward::body::guarded(b, vec![Box::new(p)])),
             None => resp,
         }
+    }
+}
+
+/// Where a follow-up of intent-routed work goes, and why (`dmsc-route`).
+struct Follow {
+    agent: String,
+    why: String,
+    /// A reply to an ask, rewritten into the request first asked about.
+    body: Option<Bytes>,
+    /// A resolved ask, to learn if the call succeeds.
+    lesson: Option<crate::intent::Lesson>,
+}
+
+impl Ingress {
+    /// A request to `mesh.<tenant>.dmsc` that continues earlier work: the
+    /// agent that has the task or context ([`crate::intent::followup`]);
+    /// `Ok(None)`: nothing known, route by intent (a message naming only a
+    /// context this node did not see). A task nobody here made is A2A's
+    /// TaskNotFound.
+    fn follow_up(
+        &self,
+        tenant: &str,
+        caller: &crate::policy::caller::Caller,
+        scope: &crate::intent::followup::Scope,
+        found: crate::proto::a2a::FollowUp,
+        body: &ReqBody,
+    ) -> Result<Option<Follow>, MeshError> {
+        use crate::intent::followup::ASK_TASK_PREFIX;
+        use crate::proto::a2a::{FollowUp, Ref};
+        let me = &self.me;
+        let now = std::time::Instant::now();
+        let intent = &self.delegator.intent;
+        let not_found = |what: String| {
+            MeshError::new(
+                ErrorKind::TaskNotFound,
+                me,
+                format!(
+                    "{what} is not known to this node: a follow-up sent to mesh.{tenant}.dmsc reaches the agent \
+                     that answered the first request when it comes to the node that routed that request, \
+                     from the same caller, within an hour; otherwise call the agent by name \
+                     (`<agent>.{tenant}.dmsc`, named by `dmsc-agent` in its answer)"
+                ),
+            )
+        };
+        let (task, context) = match found {
+            FollowUp::TaskCall(id) => (Some(id), None),
+            FollowUp::Message { task, context } => (task, context),
+        };
+        // An answer in an ask's task (or, without a task, its context).
+        let ask = task
+            .as_deref()
+            .or(context.as_deref())
+            .filter(|id| id.starts_with(ASK_TASK_PREFIX));
+        if let Some(ask_task) = ask {
+            return self
+                .ask_reply(tenant, caller, scope, ask_task, body)
+                .map(Some);
+        }
+        let mut known = intent.followups.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(id) = task {
+            return match known.agent(scope, &Ref::Task(id.clone()), now) {
+                Some(agent) => Ok(Some(Follow {
+                    agent,
+                    why: format!("follow-up of task {id}"),
+                    body: None,
+                    lesson: None,
+                })),
+                None => Err(not_found(format!("task `{id}`"))),
+            };
+        }
+        Ok(context.and_then(|id| {
+            let agent = known.agent(scope, &Ref::Context(id.clone()), now)?;
+            Some(Follow {
+                agent,
+                why: format!("follow-up of context {id}"),
+                body: None,
+                lesson: None,
+            })
+        }))
+    }
+
+    /// A reply in an ask's task: the agent it names (by name or number)
+    /// gets the request first asked about.
+    fn ask_reply(
+        &self,
+        tenant: &str,
+        caller: &crate::policy::caller::Caller,
+        scope: &crate::intent::followup::Scope,
+        ask_task: &str,
+        body: &ReqBody,
+    ) -> Result<Follow, MeshError> {
+        use crate::intent::followup::{chosen, with_asked_text};
+        let me = &self.me;
+        let now = std::time::Instant::now();
+        let intent = &self.delegator.intent;
+        let by_name = format!(
+            "call the agent you choose by name (`<agent>.{tenant}.dmsc`) with your request"
+        );
+        let bad = |what: String| MeshError::new(ErrorKind::BadRequest, me, what);
+        let Some(ask) = intent
+            .followups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .ask(scope, ask_task, now)
+        else {
+            return Err(MeshError::new(
+                ErrorKind::TaskNotFound,
+                me,
+                format!(
+                    "ask `{ask_task}` is not known to this node (an ask is answered on the node that asked, \
+                     by the caller asked, within an hour); {by_name}"
+                ),
+            ));
+        };
+        let ReqBody::Buffered(b) = body else {
+            return Err(bad(format!(
+                "the reply to ask `{ask_task}` could not be read; {by_name}"
+            )));
+        };
+        if ask.text.is_empty() {
+            return Err(bad(format!(
+                "the text of ask `{ask_task}` was too long to keep; {by_name}"
+            )));
+        }
+        let reply = crate::proto::a2a::intent_text(b).unwrap_or_default();
+        let Some(agent) = chosen(&reply, &ask.candidates).cloned() else {
+            let list: Vec<String> = ask
+                .candidates
+                .iter()
+                .enumerate()
+                .map(|(i, c)| format!("{} ({c})", i + 1))
+                .collect();
+            return Err(bad(format!(
+                "reply to ask `{ask_task}` with the name or number of one of its candidates: {}; or {by_name}",
+                list.join(", ")
+            )));
+        };
+        let Some(rewritten) = with_asked_text(b, &ask.text) else {
+            return Err(bad(format!(
+                "the reply to ask `{ask_task}` is not an A2A message; {by_name}"
+            )));
+        };
+        // An authenticated caller of the tenant teaches its routing, as
+        // when it calls the chosen agent by name.
+        let lesson = (!caller.id.starts_with("ingress:") && caller.tenant == tenant)
+            .then(|| {
+                intent
+                    .asks
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .resolve(tenant, &caller.id, &agent, Some(&ask.id), None, now)
+            })
+            .flatten()
+            .map(|text| crate::intent::Lesson {
+                tenant: tenant.to_string(),
+                agent: agent.clone(),
+                caller: caller.id.clone(),
+                text,
+            });
+        Ok(Follow {
+            why: format!("answer to ask {}: {agent}", ask.id),
+            agent,
+            body: Some(rewritten),
+            lesson,
+        })
     }
 }
 
@@ -944,7 +1175,14 @@ impl Ingress {
             Option<&dmsc_policy::Policy>,
             &[String],
         ),
-        (mode, choice, path, header_text): (Option<&str>, Option<&str>, &str, Option<&str>),
+        // the request's intent headers, path and A2A binding
+        (mode, choice, path, header_text, binding): (
+            Option<&str>,
+            Option<&str>,
+            &str,
+            Option<&str>,
+            Option<&str>,
+        ),
     ) -> Result<crate::intent::Prepared, Response<Body>> {
         let body = match body {
             ReqBody::Buffered(b) => Some(&b[..]),
@@ -980,6 +1218,7 @@ impl Ingress {
                 allowed: &allowed,
                 path,
                 header_text,
+                binding,
             },
         )
         .await

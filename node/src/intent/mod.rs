@@ -25,6 +25,7 @@
 
 pub mod ask;
 pub mod card;
+pub mod followup;
 pub mod learn;
 
 use std::collections::{HashMap, HashSet};
@@ -104,6 +105,9 @@ pub struct Intent {
     permits: Arc<Semaphore>,
     pub asks: Mutex<ask::Pending>,
     pub learned: Mutex<learn::Learned>,
+    /// Which agent has which task of intent-routed work, and asks waiting
+    /// for a reply in their task ([`followup`]).
+    pub followups: Mutex<followup::Followups>,
     /// Where this node's learned records are kept across restarts.
     store: Option<std::path::PathBuf>,
     unsaved: std::sync::atomic::AtomicBool,
@@ -220,6 +224,7 @@ impl Intent {
             permits: Arc::new(Semaphore::new(MODEL_PERMITS)),
             asks: Mutex::new(ask::Pending::new(cfg.learn_window)),
             learned: Mutex::new(learned),
+            followups: Mutex::new(followup::Followups::default()),
             store: None,
             unsaved: std::sync::atomic::AtomicBool::new(false),
             failed: Mutex::new(HashMap::new()),
@@ -498,6 +503,7 @@ pub async fn prepare(
         allowed,
         path,
         header_text,
+        binding,
     } = step;
     match target {
         dmsc_registry::Target::Intent(text) => {
@@ -526,6 +532,9 @@ pub async fn prepare(
                         // caller never sees agents not exported to it).
                         let tags = crate::route::agent_tags(&reg, &id);
                         (e.record.health() == dmsc_registry::Health::Healthy
+                            && binding.is_none_or(|b| {
+                                dmsc_registry::serves_binding(e.record.protocols(), b)
+                            })
                             && allowed(&id.name, &tags))
                         .then(|| (id, s, e.record.digest().to_string()))
                     })
@@ -558,6 +567,7 @@ pub async fn prepare(
                 })
                 .collect();
             let names: Vec<String> = candidates.iter().map(|c| c.name.clone()).collect();
+            let offered = names.clone();
             // Only an ask that can teach is remembered: an authenticated
             // caller of the tenant itself.
             let id = if authenticated && caller_tenant == tenant {
@@ -571,6 +581,21 @@ pub async fn prepare(
             } else {
                 ask::new_id()
             };
+            // Any caller may answer in the ask's task: its request goes on
+            // to the agent it names ([`followup`]).
+            lock(&intent.followups).remember_ask(
+                &followup::Scope::new(tenant, caller_tenant, caller),
+                followup::AskRecord {
+                    id: id.clone(),
+                    text: if text.len() <= followup::MAX_ASK_TEXT {
+                        text.clone()
+                    } else {
+                        String::new()
+                    },
+                    candidates: offered,
+                },
+                std::time::Instant::now(),
+            );
             tracing::info!(tenant = %tenant, caller = %caller, ask = %id, candidates = candidates.len(), "intent unsure: asked the caller to choose");
             Err(ask::render(body, path, &id, text, &candidates))
         }
@@ -674,6 +699,8 @@ pub struct Step<'a> {
     pub path: &'a str,
     /// `dmsc-intent`.
     pub header_text: Option<&'a str>,
+    /// The request's A2A binding: only agents serving it are offered.
+    pub binding: Option<&'a str>,
 }
 
 /// Publishes this node's learned records and merges its peers' (every

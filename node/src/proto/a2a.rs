@@ -144,6 +144,175 @@ pub fn reply_text(response: &Value) -> Option<String> {
     message_text(message)
 }
 
+/// The A2A protocol binding a request uses, as agent cards name them: a
+/// JSON-RPC body is `JSONRPC`, a gRPC call `GRPC`, an HTTP+JSON path
+/// (`/message:send`, `/v1/message:stream`, `/tasks/...`) `HTTP+JSON`;
+/// `None` when the request says nothing (e.g. a `dmsc-intent` header over
+/// an opaque body).
+pub fn binding(grpc: bool, path: &str, body: Option<&[u8]>) -> Option<&'static str> {
+    if grpc {
+        return Some("GRPC");
+    }
+    if body.is_some_and(|b| crate::proto::http::jsonrpc_id(b).is_some()) {
+        return Some("JSONRPC");
+    }
+    let path = path.split('?').next().unwrap_or_default();
+    let rest = path.ends_with("/message:send")
+        || path.ends_with("/message:stream")
+        || path.contains("/tasks/")
+        || path.ends_with("/tasks");
+    rest.then_some("HTTP+JSON")
+}
+
+/// JSON-RPC methods about one existing task, in both dialects: a request
+/// to `mesh.<tenant>.dmsc` with one of these goes where the task is.
+pub const TASK_METHODS: [&str; 16] = [
+    "tasks/get",
+    "tasks/cancel",
+    "tasks/resubscribe",
+    "tasks/pushNotificationConfig/set",
+    "tasks/pushNotificationConfig/get",
+    "tasks/pushNotificationConfig/list",
+    "tasks/pushNotificationConfig/delete",
+    "GetTask",
+    "CancelTask",
+    "SubscribeToTask",
+    "CreateTaskPushNotificationConfig",
+    "SetTaskPushNotificationConfig",
+    "GetTaskPushNotificationConfig",
+    "ListTaskPushNotificationConfig",
+    "ListTaskPushNotificationConfigs",
+    "DeleteTaskPushNotificationConfig",
+];
+
+/// What a request names that an earlier answer made: a task (by its id)
+/// or a conversation (by its context id).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Ref {
+    Task(String),
+    Context(String),
+}
+
+impl std::fmt::Display for Ref {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ref::Task(id) => write!(f, "task {id}"),
+            Ref::Context(id) => write!(f, "context {id}"),
+        }
+    }
+}
+
+/// A request that continues something an agent started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FollowUp {
+    /// A task method (`tasks/get`, `CancelTask`, ..., or the HTTP+JSON
+    /// `/tasks/{id}` paths): it can only go to the agent that has the task.
+    TaskCall(String),
+    /// A message in an existing task (`taskId`) and/or conversation
+    /// (`contextId`), task first.
+    Message {
+        task: Option<String>,
+        context: Option<String>,
+    },
+}
+
+/// `tasks/<id>` (A2A 1.0 resource names; a2a-sdk's gRPC transport) or a
+/// plain id.
+fn task_id_of(v: &Value) -> Option<String> {
+    let s = v.as_str()?.trim();
+    let id = match s.strip_prefix("tasks/") {
+        Some(rest) => rest.split('/').next().unwrap_or_default(),
+        None => s,
+    };
+    (!id.is_empty()).then(|| id.to_string())
+}
+
+/// The task or conversation a request continues, if any: a JSON-RPC task
+/// method's `params.id` (`params.taskId`, `params.name` = `tasks/<id>`), a
+/// message's `taskId` / `contextId` (JSON-RPC or HTTP+JSON), or an
+/// HTTP+JSON task path (`/tasks/{id}`, `/v1/tasks/{id}:cancel`, ...).
+pub fn follow_up(path: &str, body: &[u8]) -> Option<FollowUp> {
+    let v: Option<Value> = serde_json::from_slice(body).ok();
+    match v
+        .as_ref()
+        .and_then(|v| v.get("method"))
+        .and_then(Value::as_str)
+    {
+        Some(m) if TASK_METHODS.contains(&m) => {
+            let p = v.as_ref()?.get("params")?;
+            let id = ["id", "taskId", "name", "parent"]
+                .iter()
+                .find_map(|k| p.get(*k).and_then(task_id_of))?;
+            return Some(FollowUp::TaskCall(id));
+        }
+        Some(m) if MESSAGE_METHODS.contains(&m) => {
+            return message_refs(v.as_ref()?.pointer("/params/message")?);
+        }
+        Some(_) => return None,
+        None => {}
+    }
+    // HTTP+JSON: `/tasks/{id}[:cancel|:subscribe][/...]` under any prefix.
+    let path = path.split('?').next().unwrap_or_default();
+    if let Some((_, rest)) = path
+        .rsplit_once("/tasks/")
+        .or_else(|| path.strip_prefix("tasks/").map(|r| ("", r)))
+    {
+        let id = rest.split('/').next().unwrap_or_default();
+        let id = id.split(':').next().unwrap_or_default();
+        if !id.is_empty() {
+            return Some(FollowUp::TaskCall(id.to_string()));
+        }
+    }
+    message_refs(v.as_ref()?.get("message")?)
+}
+
+fn message_refs(message: &Value) -> Option<FollowUp> {
+    let s = |k: &str| {
+        message
+            .get(k)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+    };
+    let (task, context) = (s("taskId"), s("contextId"));
+    (task.is_some() || context.is_some()).then_some(FollowUp::Message { task, context })
+}
+
+/// The task and context ids an agent's answer names: a JSON-RPC `result`
+/// (or an HTTP+JSON body, or one SSE event's data) that is a Task (`id`,
+/// `contextId`), a Message (`taskId`, `contextId`), or an update event,
+/// in either dialect (1.0 wraps them: `task`, `message`, `statusUpdate`,
+/// `artifactUpdate`).
+pub fn answer_refs(answer: &Value) -> Vec<Ref> {
+    let mut out = Vec::new();
+    let r = answer.get("result").unwrap_or(answer);
+    let wrapped = ["task", "message", "statusUpdate", "artifactUpdate"]
+        .iter()
+        .filter_map(|k| Some((*k == "task", r.get(*k)?)));
+    for (wrapped_task, o) in std::iter::once((false, r)).chain(wrapped) {
+        if !o.is_object() {
+            continue;
+        }
+        let s = |k: &str| o.get(k).and_then(Value::as_str).filter(|s| !s.is_empty());
+        // A Task has its own `id` (a Message has `messageId`, an update
+        // event `taskId`).
+        let is_task = wrapped_task
+            || o.get("kind").and_then(Value::as_str) == Some("task")
+            || (o.get("status").is_some() && o.get("messageId").is_none() && s("taskId").is_none());
+        if let (true, Some(id)) = (is_task, s("id")) {
+            out.push(Ref::Task(id.to_string()));
+        }
+        if let Some(id) = s("taskId") {
+            out.push(Ref::Task(id.to_string()));
+        }
+        if let Some(id) = s("contextId") {
+            out.push(Ref::Context(id.to_string()));
+        }
+    }
+    out.dedup();
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,5 +385,107 @@ mod tests {
         let rest = br#"{"message":{"parts":[]},"metadata":{"dmsc.dataTags":["confidential"]}}"#;
         assert_eq!(data_tags(rest), vec!["confidential"]);
         assert!(data_tags(b"{}").is_empty() && data_tags(b"nope").is_empty());
+    }
+
+    #[test]
+    fn follow_ups_are_read_in_both_dialects() {
+        let get03 = br#"{"jsonrpc":"2.0","id":1,"method":"tasks/get","params":{"id":"t-1","historyLength":2}}"#;
+        assert_eq!(
+            follow_up("/", get03),
+            Some(FollowUp::TaskCall("t-1".into()))
+        );
+        let cancel10 = br#"{"jsonrpc":"2.0","id":"x","method":"CancelTask","params":{"id":"t-2"}}"#;
+        assert_eq!(
+            follow_up("/", cancel10),
+            Some(FollowUp::TaskCall("t-2".into()))
+        );
+        let named = br#"{"jsonrpc":"2.0","id":"x","method":"SubscribeToTask","params":{"name":"tasks/t-3"}}"#;
+        assert_eq!(
+            follow_up("/", named),
+            Some(FollowUp::TaskCall("t-3".into()))
+        );
+        let push = br#"{"jsonrpc":"2.0","id":"x","method":"GetTaskPushNotificationConfig","params":{"taskId":"t-4","id":"cfg"}}"#;
+        // `id` names the config here, but `taskId` is not consulted first:
+        // either names something only that agent knows.
+        assert!(matches!(follow_up("/", push), Some(FollowUp::TaskCall(_))));
+        let msg = br#"{"jsonrpc":"2.0","id":1,"method":"message/send","params":{"message":{"kind":"message","taskId":"t-5","contextId":"c-5","parts":[{"kind":"text","text":"and then?"}]}}}"#;
+        assert_eq!(
+            follow_up("/", msg),
+            Some(FollowUp::Message {
+                task: Some("t-5".into()),
+                context: Some("c-5".into())
+            })
+        );
+        let ctx10 = br#"{"jsonrpc":"2.0","id":1,"method":"SendMessage","params":{"message":{"contextId":"c-6","parts":[{"text":"hi"}]}}}"#;
+        assert_eq!(
+            follow_up("/", ctx10),
+            Some(FollowUp::Message {
+                task: None,
+                context: Some("c-6".into())
+            })
+        );
+        let fresh = br#"{"jsonrpc":"2.0","id":1,"method":"SendMessage","params":{"message":{"parts":[{"text":"hi"}]}}}"#;
+        assert_eq!(follow_up("/", fresh), None);
+        assert_eq!(
+            follow_up("/v1/tasks/t-7:cancel", b""),
+            Some(FollowUp::TaskCall("t-7".into()))
+        );
+        assert_eq!(
+            follow_up("/tasks/t-8?historyLength=1", b""),
+            Some(FollowUp::TaskCall("t-8".into()))
+        );
+        let rest = br#"{"message":{"taskId":"t-9","parts":[{"text":"more"}]}}"#;
+        assert_eq!(
+            follow_up("/message:send", rest),
+            Some(FollowUp::Message {
+                task: Some("t-9".into()),
+                context: None
+            })
+        );
+        assert_eq!(follow_up("/", b"not json"), None);
+    }
+
+    #[test]
+    fn answers_name_their_task_and_context() {
+        let v = |s: &str| serde_json::from_str::<Value>(s).expect("json");
+        let task03 = v(
+            r#"{"jsonrpc":"2.0","id":1,"result":{"kind":"task","id":"t","contextId":"c","status":{"state":"working"}}}"#,
+        );
+        assert_eq!(
+            answer_refs(&task03),
+            [Ref::Task("t".into()), Ref::Context("c".into())]
+        );
+        let msg03 = v(
+            r#"{"jsonrpc":"2.0","id":1,"result":{"kind":"message","messageId":"m","taskId":"t","contextId":"c"}}"#,
+        );
+        assert_eq!(
+            answer_refs(&msg03),
+            [Ref::Task("t".into()), Ref::Context("c".into())]
+        );
+        let task10 = v(
+            r#"{"jsonrpc":"2.0","id":1,"result":{"task":{"id":"t","contextId":"c","status":{"state":"TASK_STATE_WORKING"}}}}"#,
+        );
+        assert_eq!(
+            answer_refs(&task10),
+            [Ref::Task("t".into()), Ref::Context("c".into())]
+        );
+        let got10 =
+            v(r#"{"jsonrpc":"2.0","id":1,"result":{"id":"t","contextId":"c","status":{}}}"#);
+        assert_eq!(
+            answer_refs(&got10),
+            [Ref::Task("t".into()), Ref::Context("c".into())]
+        );
+        let upd10 = v(
+            r#"{"jsonrpc":"2.0","id":1,"result":{"statusUpdate":{"taskId":"t","contextId":"c"}}}"#,
+        );
+        assert_eq!(
+            answer_refs(&upd10),
+            [Ref::Task("t".into()), Ref::Context("c".into())]
+        );
+        let plain =
+            v(r#"{"jsonrpc":"2.0","id":1,"result":{"kind":"message","messageId":"m","parts":[]}}"#);
+        assert!(answer_refs(&plain).is_empty());
+        let err = v(r#"{"jsonrpc":"2.0","id":1,"error":{"code":-32001,"message":"no"}}"#);
+        assert!(answer_refs(&err).is_empty());
     }
 }

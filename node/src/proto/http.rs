@@ -86,6 +86,9 @@ pub enum ErrorKind {
     Unmaskable,
     /// Policy says the body must be masked, but it is over the buffer limit (413).
     TooLarge,
+    /// A follow-up to `mesh.<tenant>.dmsc` names a task this node did not
+    /// route (A2A's TaskNotFound, -32001).
+    TaskNotFound,
     Internal,
 }
 
@@ -107,6 +110,7 @@ impl ErrorKind {
             ErrorKind::PolicyViolation => "policy_violation",
             ErrorKind::Unmaskable => "unmaskable",
             ErrorKind::TooLarge => "too-large",
+            ErrorKind::TaskNotFound => "task-not-found",
             ErrorKind::Internal => "internal",
         }
     }
@@ -128,6 +132,7 @@ impl ErrorKind {
             ErrorKind::PolicyViolation,
             ErrorKind::Unmaskable,
             ErrorKind::TooLarge,
+            ErrorKind::TaskNotFound,
             ErrorKind::Internal,
         ]
         .into_iter()
@@ -141,7 +146,9 @@ impl ErrorKind {
             ErrorKind::Forbidden | ErrorKind::PolicyViolation => StatusCode::FORBIDDEN,
             ErrorKind::Unmaskable => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ErrorKind::UnknownAgent | ErrorKind::NoMatch => StatusCode::NOT_FOUND,
+            ErrorKind::UnknownAgent | ErrorKind::NoMatch | ErrorKind::TaskNotFound => {
+                StatusCode::NOT_FOUND
+            }
             ErrorKind::NoneAvailable | ErrorKind::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::Unreachable => StatusCode::BAD_GATEWAY,
@@ -157,11 +164,11 @@ impl ErrorKind {
             ErrorKind::Unauthorized => 16,                     // UNAUTHENTICATED
             ErrorKind::Forbidden | ErrorKind::PolicyViolation => 7, // PERMISSION_DENIED
             ErrorKind::Unmaskable | ErrorKind::TooLarge => 9,  // FAILED_PRECONDITION
-            ErrorKind::UnknownAgent | ErrorKind::NoMatch => 5, // NOT_FOUND
+            ErrorKind::UnknownAgent | ErrorKind::NoMatch | ErrorKind::TaskNotFound => 5, // NOT_FOUND
             ErrorKind::NoneAvailable | ErrorKind::Unreachable => 14, // UNAVAILABLE
-            ErrorKind::Timeout => 4,                           // DEADLINE_EXCEEDED
-            ErrorKind::Overloaded | ErrorKind::RateLimited => 8, // RESOURCE_EXHAUSTED
-            ErrorKind::Internal => 13,                         // INTERNAL
+            ErrorKind::Timeout => 4,                                 // DEADLINE_EXCEEDED
+            ErrorKind::Overloaded | ErrorKind::RateLimited => 8,     // RESOURCE_EXHAUSTED
+            ErrorKind::Internal => 13,                               // INTERNAL
         }
     }
 
@@ -175,6 +182,8 @@ impl ErrorKind {
             ErrorKind::PolicyViolation => -32058,
             ErrorKind::Unmaskable | ErrorKind::TooLarge => -32059,
             ErrorKind::UnknownAgent | ErrorKind::NoMatch => -32051,
+            // A2A's own code: SDK clients raise their TaskNotFound error for it.
+            ErrorKind::TaskNotFound => -32001,
             ErrorKind::NoneAvailable => -32052,
             ErrorKind::Unreachable => -32053,
             ErrorKind::Timeout => -32054,

@@ -8,6 +8,7 @@ mod card_refresh;
 mod drain;
 mod edge;
 mod extended_card;
+mod followup;
 mod grpc;
 mod hygiene;
 mod intent;
