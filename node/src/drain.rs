@@ -120,7 +120,9 @@ pub struct Work(Arc<Drain>);
 
 impl Drop for Work {
     fn drop(&mut self) {
-        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+        // Only a drain waits for zero: outside one, the last request of a
+        // quiet moment need not take the waiters' lock.
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 && self.0.is_draining() {
             self.0.idle.notify_waiters();
         }
     }

@@ -839,7 +839,9 @@ impl Ingress {
         let target = match target {
             HostTarget::Agent(a) => Target::Agent(a),
             HostTarget::Tag(t) => Target::Tag(t),
-            HostTarget::Intent if method == hyper::Method::GET && is_card_path(&path) => {
+            HostTarget::Intent
+                if method == hyper::Method::GET && crate::forward::local::is_card_path(&path) =>
+            {
                 // The tenant's router card: where an A2A client starts.
                 let card = crate::intent::card::router_card(&tenant);
                 let mut r = Response::new(full(card.to_string()));
@@ -1223,12 +1225,6 @@ impl Ingress {
         )
         .await
     }
-}
-
-/// A well-known card path (query ignored).
-fn is_card_path(path_and_query: &str) -> bool {
-    let path = path_and_query.split('?').next().unwrap_or_default();
-    crate::forward::local::CARD_PATHS.contains(&path)
 }
 
 #[cfg(test)]
