@@ -83,6 +83,7 @@ impl App {
         ocfg.revoked = revoked.clone();
         ocfg.impair = impairment()?;
         ocfg.direct_upgrade = config.direct_upgrade;
+        ocfg.max_udp_payload = config.max_udp_payload;
         let (overlay, mut inbound) = Overlay::bind(ocfg).await?;
         let direct_addr = config.advertise.unwrap_or_else(|| overlay.local_addr());
         let relay = start_relay(&config, &overlay, direct_addr).await?;

@@ -1343,6 +1343,9 @@ pub struct RawOverlay {
     pub tcp_listen: Option<String>,
     /// Move relayed peers to a direct path by hole punching (default true).
     pub direct_upgrade: Option<bool>,
+    /// Ceiling of QUIC path MTU discovery, in bytes of UDP payload
+    /// (default 8952; 1200..=65527).
+    pub max_udp_payload: Option<u32>,
 }
 
 /// `[relay]`: this node forwards datagrams between mesh nodes.
@@ -1446,6 +1449,8 @@ pub struct NodeConfig {
     /// `Some`: this node is a relay.
     pub relay: Option<RelaySettings>,
     pub direct_upgrade: bool,
+    /// Ceiling of QUIC path MTU discovery (`overlay.max_udp_payload`).
+    pub max_udp_payload: u16,
     pub intent: IntentConfig,
     /// `Some`: bridge edge agents over MQTT.
     pub mqtt: Option<MqttConfig>,
@@ -1896,6 +1901,18 @@ impl RawConfig {
             .advertise
             .as_deref()
             .and_then(|v| addr("overlay.advertise", v, &mut errors));
+        let max_udp_payload = match self.overlay.max_udp_payload {
+            None => dmsc_transport::overlay::DEFAULT_MAX_UDP_PAYLOAD,
+            Some(v) => match u16::try_from(v) {
+                Ok(v) if dmsc_transport::overlay::MAX_UDP_PAYLOAD_RANGE.contains(&v) => v,
+                _ => {
+                    errors.push(format!(
+                        "overlay.max_udp_payload = {v} must be within 1200..=65527 (bytes of UDP payload)"
+                    ));
+                    dmsc_transport::overlay::DEFAULT_MAX_UDP_PAYLOAD
+                }
+            },
+        };
         if let (Some(l), None) = (overlay_listen, advertise) {
             if l.ip().is_unspecified() {
                 errors.push(format!(
@@ -2179,6 +2196,7 @@ impl RawConfig {
             tcp_listen,
             relay,
             direct_upgrade: self.overlay.direct_upgrade.unwrap_or(true),
+            max_udp_payload,
             intent,
             mqtt,
             intercept,
@@ -2442,6 +2460,10 @@ enabled = true
         assert_eq!(cfg.tcp_listen, Some("0.0.0.0:8443".parse().expect("addr")));
         assert!(!cfg.direct_upgrade);
         assert_eq!(
+            cfg.max_udp_payload,
+            dmsc_transport::overlay::DEFAULT_MAX_UDP_PAYLOAD
+        );
+        assert_eq!(
             cfg.relay.expect("relay role").limits.pair_packets_per_sec,
             20_000
         );
@@ -2638,6 +2660,8 @@ enabled = true
             ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"acme\"]\nkeep_alive_secs = 2", "within 5..=65535"),
             ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"acme\"]\nkeep_alive_secs = 70000", "within 5..=65535"),
             ("[mqtt]\nbroker = \"mqtt://b\"\ntenants = [\"acme\"]\nmax_calls = 0", "mqtt.max_calls = 0"),
+            ("[overlay]\nmax_udp_payload = 1000", "overlay.max_udp_payload = 1000 must be within 1200..=65527"),
+            ("[overlay]\nmax_udp_payload = 70000", "overlay.max_udp_payload = 70000"),
             ("[intercept]\nmode = \"iptables\"", "intercept.mode"),
             ("[intercept]\n[[intercept.bindings]]\nnetns = \"../x\"\ntenant = \"acme\"", "not a network namespace name"),
             ("[intercept]\nmetadata_socket = \"meta.sock\"", "absolute path"),

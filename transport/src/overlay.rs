@@ -101,7 +101,21 @@ pub struct OverlayConfig {
     pub impair: Option<Impair>,
     /// Try to move relayed peers to a direct path (hole punching).
     pub direct_upgrade: bool,
+    /// Largest UDP payload the overlay sends and accepts: the ceiling of
+    /// QUIC's path MTU discovery, which finds what each path carries
+    /// between 1200 bytes and this (see [`DEFAULT_MAX_UDP_PAYLOAD`]).
+    pub max_udp_payload: u16,
 }
+
+/// The default ceiling of path MTU discovery: a 9000-byte (jumbo) IPv6
+/// packet's UDP payload. Paths that carry less (a 1500-byte Ethernet or
+/// tunnel MTU) are found by discovery, which starts at 1200 bytes and only
+/// probes above what is known to work; paths that carry more (data-center
+/// jumbo frames, loopback) let a busy connection pack several delegations
+/// into one packet instead of one each, as TCP does with its segment size.
+pub const DEFAULT_MAX_UDP_PAYLOAD: u16 = 8952;
+/// Bounds of `max_udp_payload` (QUIC's minimum; the largest UDP payload).
+pub const MAX_UDP_PAYLOAD_RANGE: std::ops::RangeInclusive<u16> = 1200..=65527;
 
 impl OverlayConfig {
     pub fn new(listen: SocketAddr, identity: Arc<NodeIdentity>) -> Self {
@@ -116,6 +130,7 @@ impl OverlayConfig {
             refusals: Arc::default(),
             impair: None,
             direct_upgrade: true,
+            max_udp_payload: DEFAULT_MAX_UDP_PAYLOAD,
         }
     }
 }
@@ -307,6 +322,11 @@ pub struct PeerLink {
     pub serial: String,
     /// How its packets travel now: direct or through a relay, over UDP or TCP.
     pub path: PathInfo,
+    /// The largest UDP payload the connection sends now (path MTU
+    /// discovery's finding, up to `max_udp_payload`).
+    pub mtu: u16,
+    /// Packets the connection has declared lost so far.
+    pub lost_packets: u64,
 }
 
 struct Conn {
@@ -403,7 +423,14 @@ fn transport_config(cfg: &OverlayConfig) -> Arc<quinn::TransportConfig> {
     let mut ack = quinn::AckFrequencyConfig::default();
     ack.ack_eliciting_threshold(VarInt::from_u32(8));
     t.ack_frequency_config(Some(ack));
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(clamp_payload(cfg.max_udp_payload));
+    t.mtu_discovery_config(Some(mtu));
     Arc::new(t)
+}
+
+fn clamp_payload(v: u16) -> u16 {
+    v.clamp(*MAX_UDP_PAYLOAD_RANGE.start(), *MAX_UDP_PAYLOAD_RANGE.end())
 }
 
 type QuicConfigs = (
@@ -452,9 +479,10 @@ impl Overlay {
         let udp = std::net::UdpSocket::bind(cfg.listen).map_err(bind_err)?;
         let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
         let udp = runtime.wrap_udp_socket(udp).map_err(bind_err)?;
-        let socket = PathSocket::new(udp, paths.clone(), cfg.impair).map_err(bind_err)?;
+        let payload = clamp_payload(cfg.max_udp_payload);
+        let socket = PathSocket::new(udp, paths.clone(), cfg.impair, payload).map_err(bind_err)?;
         let endpoint = Endpoint::new_with_abstract_socket(
-            endpoint_config(&identity),
+            endpoint_config(&identity, payload),
             Some(server),
             Arc::new(socket),
             runtime,
@@ -711,14 +739,19 @@ impl Overlay {
         lock(&self.inner.conns)
             .iter()
             .filter(|(_, c)| c.conn.close_reason().is_none())
-            .map(|(addr, c)| PeerLink {
-                name: c.peer.to_string(),
-                addr: *addr,
-                rtt: c.conn.rtt(),
-                outbound: c.outbound,
-                since: c.since,
-                serial: c.serial.to_string(),
-                path: self.inner.paths.describe(*addr),
+            .map(|(addr, c)| {
+                let stats = c.conn.stats();
+                PeerLink {
+                    name: c.peer.to_string(),
+                    addr: *addr,
+                    rtt: c.conn.rtt(),
+                    outbound: c.outbound,
+                    since: c.since,
+                    serial: c.serial.to_string(),
+                    path: self.inner.paths.describe(*addr),
+                    mtu: stats.path.current_mtu,
+                    lost_packets: stats.path.lost_packets,
+                }
             })
             .collect()
     }
@@ -767,7 +800,7 @@ impl Overlay {
 /// it left in peers' pools (RFC 9000, 10.3), so a peer drops such a
 /// connection at its next packet instead of holding delegations on it until
 /// the idle timeout.
-fn endpoint_config(identity: &NodeIdentity) -> quinn::EndpointConfig {
+fn endpoint_config(identity: &NodeIdentity, max_udp_payload: u16) -> quinn::EndpointConfig {
     let derive = |label: &[u8]| {
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
         ctx.update(label);
@@ -786,6 +819,10 @@ fn endpoint_config(identity: &NodeIdentity) -> quinn::EndpointConfig {
     cfg.cid_generator(move || {
         Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
     });
+    // What peers may send us: as much as we send (and quinn's default,
+    // 1472, at the least, for peers that keep it).
+    cfg.max_udp_payload_size(max_udp_payload.max(1472))
+        .expect("clamped to quinn's bounds");
     cfg
 }
 

@@ -297,6 +297,90 @@ async fn a_probe_checks_the_handshake_without_touching_the_pooled_connection() {
     assert!(a.probe(x.local_addr()).await.is_err());
 }
 
+/// Sends `bytes` from `a` to `b` on one delegation stream and waits until
+/// `b` has read them all.
+async fn transfer(
+    a: &Overlay,
+    b_addr: std::net::SocketAddr,
+    streams: &mut tokio::sync::mpsc::Receiver<dmsc_transport::BiStream>,
+    bytes: usize,
+) {
+    let mut out = a
+        .open_stream(b_addr, Channel::Delegate)
+        .await
+        .expect("stream");
+    let chunk = bytes::Bytes::from(vec![7u8; 64 * 1024]);
+    let write = async {
+        for _ in 0..bytes / chunk.len() {
+            out.send.write_all(&chunk).await.expect("write");
+        }
+        out.send.finish().expect("finish");
+    };
+    let read = async {
+        let mut got = tokio::time::timeout(Duration::from_secs(5), streams.recv())
+            .await
+            .expect("in time")
+            .expect("open");
+        let mut n = 0;
+        while let Some(c) = got.recv.read_chunk(1 << 20).await.expect("read") {
+            n += c.len();
+        }
+        n
+    };
+    let ((), n) =
+        tokio::time::timeout(Duration::from_secs(20), async { tokio::join!(write, read) })
+            .await
+            .expect("transfer in time");
+    assert_eq!(n, bytes);
+}
+
+/// Path MTU discovery finds loopback's large MTU up to `max_udp_payload`
+/// (so a busy connection packs several delegations into one packet), and
+/// sends of many such packets at once (GSO, one IP packet of at most 64 KiB
+/// before the kernel splits it) never exceed what the kernel takes: with
+/// quinn's 10 datagrams per send, a refused send loses all of them, and
+/// discovery then falls back to 1200 bytes (what this test saw without the
+/// cap in `PathSocket`).
+#[tokio::test]
+async fn jumbo_packets_on_loopback_and_nothing_lost_in_bulk() {
+    let ca = CertificateAuthority::generate("mesh.test").expect("ca");
+    for payload in [8952u16, 1452] {
+        let bind = |name: &str| {
+            let mut cfg =
+                OverlayConfig::new("127.0.0.1:0".parse().expect("addr"), identity(&ca, name));
+            cfg.max_udp_payload = payload;
+            Overlay::bind(cfg)
+        };
+        let (a, _a_rx) = bind("a").await.expect("bind");
+        let (b, _b_rx) = bind("b").await.expect("bind");
+        let mut streams = b.incoming_streams().expect("b's streams");
+        transfer(&a, b.local_addr(), &mut streams, 4 << 20).await;
+        // Discovery probes one size per round trip: done within a moment
+        // (a probe lost to a busy machine ends the search a little lower).
+        let found = |mtu: u16| match payload {
+            1452 => (1200..=1452).contains(&mtu),
+            _ => mtu > 4 * 1452 && mtu <= payload,
+        };
+        let mut mtu = 0;
+        for _ in 0..100 {
+            mtu = a.peers()[0].mtu;
+            if found(mtu) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(found(mtu), "payload {payload}: mtu {mtu}");
+        // Bulk at that size: completes, and the size stays (a refused GSO
+        // send would lose every packet in it, and quinn would judge the
+        // path a black hole and fall back to 1200 bytes).
+        transfer(&a, b.local_addr(), &mut streams, 16 << 20).await;
+        let after = a.peers()[0].mtu;
+        assert!(found(after), "payload {payload}: mtu {after} after bulk");
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+}
+
 /// A node certificate scoped to tenants (`ca issue-node --tenant`) carries
 /// `urn:dmsc:tenant:<t>` URI SANs beside its SPIFFE ID: the overlay accepts
 /// it in both directions, and every stream from that peer carries the scope

@@ -105,6 +105,7 @@ pub(crate) async fn status_report(s: &Shared) -> StatusReport {
                 via: link.as_ref().and_then(|l| l.path.via.clone()),
                 transport: link.as_ref().map(|l| l.path.transport.to_string()),
                 path_note: link.as_ref().and_then(|l| l.path.note.clone()),
+                mtu: link.as_ref().map(|l| l.mtu),
                 reachability,
                 relays: via_claimed,
                 name: m.name.clone(),

@@ -243,6 +243,7 @@ mod tests {
             path_note: None,
             reachability: "direct".into(),
             relays: vec![],
+            mtu: None,
         }
     }
 

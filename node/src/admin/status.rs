@@ -220,6 +220,10 @@ pub struct PeerStatus {
     /// The relays the peer announces sessions with.
     #[serde(default)]
     pub relays: Vec<String>,
+    /// The largest UDP payload the connection sends now (path MTU
+    /// discovery, up to `overlay.max_udp_payload`), when one is up.
+    #[serde(default)]
+    pub mtu: Option<u16>,
 }
 
 /// This node's reachability and relay sessions.

@@ -111,10 +111,19 @@ impl Inner {
     }
 }
 
+/// The most UDP payload one GSO send may carry in all: an IPv4 packet's
+/// 65535 bytes less its IP and UDP headers.
+const MAX_GSO_BYTES: usize = 65507;
+
 /// The overlay endpoint's socket.
 pub struct PathSocket {
     inner: Arc<Inner>,
     paths: Arc<Paths>,
+    /// Datagrams coalesced by GRO that one receive buffer must hold.
+    receive_segments: usize,
+    /// Datagrams of one GSO send (all of them one IP packet before the
+    /// kernel splits it: 64 KiB at most, or the send fails).
+    transmit_segments: usize,
     /// Which receive source goes first this time.
     flip: std::sync::atomic::AtomicBool,
 }
@@ -132,7 +141,21 @@ impl PathSocket {
         udp: Arc<dyn AsyncUdpSocket>,
         paths: Arc<Paths>,
         impair: Option<Impair>,
+        max_udp_payload: u16,
     ) -> io::Result<PathSocket> {
+        // quinn sizes each receive buffer as payload x segments; the kernel
+        // never coalesces more than 64 KiB into one, so with large payloads
+        // fewer segments fill it (8 of 8952 bytes, not 64 of them).
+        let payload = usize::from(max_udp_payload.max(1200));
+        let receive_segments = udp
+            .max_receive_segments()
+            .min((u16::MAX as usize).div_ceil(payload));
+        // quinn batches up to 10 datagrams of the path's current size; at
+        // jumbo sizes that would pass 64 KiB, and the kernel refuses such a
+        // send with EMSGSIZE, which quinn takes as the loss of all of them.
+        let transmit_segments = udp
+            .max_transmit_segments()
+            .min((MAX_GSO_BYTES / payload).max(1));
         let ipv6 = udp.local_addr()?.is_ipv6();
         let impair = impair.filter(|i| i.loss > 0.0 || !i.delay.is_zero());
         let mut inner = Inner {
@@ -166,6 +189,8 @@ impl PathSocket {
         Ok(PathSocket {
             inner,
             paths,
+            receive_segments,
+            transmit_segments,
             flip: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -311,11 +336,11 @@ impl AsyncUdpSocket for PathSocket {
     }
 
     fn max_transmit_segments(&self) -> usize {
-        self.inner.udp.max_transmit_segments()
+        self.transmit_segments
     }
 
     fn max_receive_segments(&self) -> usize {
-        self.inner.udp.max_receive_segments()
+        self.receive_segments
     }
 
     fn may_fragment(&self) -> bool {
