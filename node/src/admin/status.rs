@@ -465,14 +465,13 @@ impl StatusReport {
             .peers
             .iter()
             .map(|p| {
+                let how = match p.mtu {
+                    Some(mtu) => format!("{}, mtu {mtu}", p.transport.as_deref().unwrap_or("quic")),
+                    None => p.transport.as_deref().unwrap_or("quic").to_string(),
+                };
                 let path = match (&p.path, &p.via) {
-                    (Some(path), Some(via)) => format!(
-                        "{path} via {via} ({})",
-                        p.transport.as_deref().unwrap_or("quic")
-                    ),
-                    (Some(path), None) => {
-                        format!("{path} ({})", p.transport.as_deref().unwrap_or("quic"))
-                    }
+                    (Some(path), Some(via)) => format!("{path} via {via} ({how})"),
+                    (Some(path), None) => format!("{path} ({how})"),
                     _ => "-".into(),
                 };
                 [
