@@ -168,6 +168,8 @@ pub(crate) async fn status_report(s: &Shared) -> StatusReport {
             delegations: sum(&|b| b.stats.delegations.load(Relaxed)),
             calls: sum(&|b| b.stats.calls.load(Relaxed)),
             refused: sum(&|b| b.stats.refused.load(Relaxed)),
+            late_replies: sum(&|b| b.stats.late_replies.load(Relaxed)),
+            duplicates: sum(&|b| b.stats.duplicates.load(Relaxed)),
             sessions: s
                 .edge
                 .iter()
@@ -176,6 +178,7 @@ pub(crate) async fn status_report(s: &Shared) -> StatusReport {
                     client_id: b.client_id().to_string(),
                     tenants: b.tenants().to_vec(),
                     connected: b.connected(),
+                    error: b.last_error(),
                 })
                 .collect(),
         }

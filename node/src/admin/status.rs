@@ -48,6 +48,12 @@ pub struct MqttStatus {
     pub delegations: u64,
     pub calls: u64,
     pub refused: u64,
+    /// Answers that came after their delegation gave up, or twice.
+    #[serde(default)]
+    pub late_replies: u64,
+    /// Calls the broker delivered again (DUP) after the bridge took them.
+    #[serde(default)]
+    pub duplicates: u64,
     /// One per MQTT session (a tenant with credentials of its own, or an
     /// embedded broker, has its own).
     #[serde(default)]
@@ -96,6 +102,9 @@ pub struct MqttSession {
     pub client_id: String,
     pub tenants: Vec<String>,
     pub connected: bool,
+    /// Why it cannot reach its broker, while it cannot (e.g. bad credentials).
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// Routing by intent on this node.
@@ -408,8 +417,10 @@ impl StatusReport {
                     .iter()
                     .map(|t| if m.active.contains(t) {
                         format!("{t} (active)")
-                    } else {
+                    } else if m.connected {
                         format!("{t} (standby)")
+                    } else {
+                        t.clone()
                     })
                     .collect::<Vec<_>>()
                     .join(", "),
@@ -419,6 +430,11 @@ impl StatusReport {
                 m.refused,
                 m.connects
             ));
+            for x in &m.sessions {
+                if let Some(e) = &x.error {
+                    out.push_str(&format!("         {} ({}): {e}\n", x.broker, x.client_id));
+                }
+            }
         }
         let g = &self.gossip;
         out.push_str(&format!(

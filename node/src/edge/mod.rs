@@ -106,12 +106,16 @@ pub struct EdgeStats {
     pub refused: AtomicU64,
     /// Answers that came after their delegation gave up, or twice.
     pub late_replies: AtomicU64,
+    /// Calls the broker delivered again (DUP) after the bridge took them.
+    pub duplicates: AtomicU64,
 }
 
 /// One answer message from an edge agent.
 #[derive(Debug)]
 struct Reply {
-    status: u16,
+    /// The agent's `dmsc-status`; `Err`: why the answer cannot be used
+    /// (over the message limit, a status that is not a number).
+    status: Result<u16, String>,
     content_type: Option<String>,
     payload: Bytes,
     /// `None`: a whole answer; `Some(false)`: part of a stream, more to
@@ -142,6 +146,8 @@ pub struct Bridge {
     /// Recent calls from the edge (response topic + correlation): a QoS 1
     /// duplicate is not run twice.
     seen: Mutex<std::collections::VecDeque<(String, Bytes)>>,
+    /// Why the last attempt to reach the broker failed (until it connects).
+    last_error: Mutex<Option<String>>,
     /// Calls from the edge in progress, bounded per tenant (`max_calls`).
     calls: HashMap<String, Arc<tokio::sync::Semaphore>>,
     /// Edge agents by their retained cards, registered or standing by.
@@ -189,7 +195,12 @@ impl Bridge {
         // broker while it reconnects.
         opts.set_clean_start(false);
         opts.set_session_expiry_interval(Some(3600));
-        opts.set_max_packet_size(Some(cfg.max_message as u32 + 4096));
+        // The most the broker may send us (MQTT v5 Maximum Packet Size;
+        // it drops bigger messages unseen): twice `max_message`, so that a
+        // call somewhat over the limit reaches us and gets its `too-large`
+        // answer instead of silence.
+        let packet = (cfg.max_message as u64 * 2 + 4096).min(u64::from(u32::MAX)) as u32;
+        opts.set_max_packet_size(Some(packet));
         if let Some((u, p)) = &cfg.credentials {
             opts.set_credentials(u.clone(), p.clone());
         }
@@ -220,6 +231,7 @@ impl Bridge {
             broker_max: std::sync::atomic::AtomicU32::new(u32::MAX),
             pending: Mutex::new(HashMap::new()),
             seen: Mutex::new(std::collections::VecDeque::new()),
+            last_error: Mutex::new(None),
             stats: EdgeStats::default(),
         });
         Ok((bridge, eventloop))
@@ -227,6 +239,11 @@ impl Bridge {
 
     pub fn connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Why the bridge cannot reach its broker, while it cannot.
+    pub fn last_error(&self) -> Option<String> {
+        lock(&self.last_error).clone()
     }
 
     pub fn broker(&self) -> String {
@@ -521,18 +538,22 @@ impl Bridge {
                 )))
             }
         };
-        let Some(status) = (200..=599)
-            .contains(&reply.status)
-            .then(|| StatusCode::from_u16(reply.status).ok())
-            .flatten()
-        else {
-            return Err(Failure::MaybeDelivered(fail(
-                ErrorKind::Unreachable,
-                format!(
-                    "edge agent `{}` answered with dmsc-status {} (200-599 expected)",
-                    agent.id, reply.status
-                ),
-            )));
+        let status = match &reply.status {
+            Ok(s) => (200..=599)
+                .contains(s)
+                .then(|| StatusCode::from_u16(*s).ok())
+                .flatten()
+                .ok_or_else(|| format!("with dmsc-status {s} (200-599 expected)")),
+            Err(why) => Err(why.clone()),
+        };
+        let status = match status {
+            Ok(s) => s,
+            Err(why) => {
+                return Err(Failure::MaybeDelivered(fail(
+                    ErrorKind::Unreachable,
+                    format!("edge agent `{}` answered {why}", agent.id),
+                )))
+            }
         };
         let mut resp = match reply.stream {
             None => {
@@ -570,6 +591,11 @@ impl Bridge {
                                 }
                             },
                         };
+                        if let Err(why) = r.status {
+                            let e: crate::proto::http::BoxError =
+                                format!("the edge agent's stream failed: it answered {why}").into();
+                            return Some((Err(e), (None, rx, forget, true)));
+                        }
                         let end = r.stream != Some(false);
                         let data = if sse || r.payload.is_empty() {
                             r.payload
@@ -630,6 +656,7 @@ impl Bridge {
                         .unwrap_or(u32::MAX);
                     self.broker_max.store(limit, Ordering::Relaxed);
                     self.connected.store(true, Ordering::Relaxed);
+                    lock(&self.last_error).take();
                     self.announce(&parts, true).await;
                     self.stats.connects.fetch_add(1, Ordering::Relaxed);
                     info!(broker = %self.broker(), tenants = ?self.cfg.tenants, "MQTT bridge connected");
@@ -673,8 +700,18 @@ impl Bridge {
                             }
                         }
                     } else {
-                        debug!(broker = %self.broker(), error = %e, "MQTT broker not reachable yet");
+                        // Never connected (or not since the last loss): a
+                        // wrong password or address must not stay silent;
+                        // a repeat of the same error is.
+                        let now = e.to_string();
+                        let changed = lock(&self.last_error).as_deref() != Some(now.as_str());
+                        if changed {
+                            warn!(broker = %self.broker(), error = %now, "MQTT bridge cannot connect; retrying");
+                        } else {
+                            debug!(broker = %self.broker(), error = %now, "MQTT broker not reachable yet");
+                        }
                     }
+                    *lock(&self.last_error) = Some(e.to_string());
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
@@ -720,6 +757,23 @@ impl Bridge {
                 self.cfg.max_message
             );
             self.refuse(topic, &why);
+            if let (Topic::Reply { node, .. }, Some(props)) = (&parsed, &p.properties) {
+                // An answer too large to pass on: its caller learns now,
+                // not at its deadline.
+                let tx = props
+                    .correlation_data
+                    .as_ref()
+                    .filter(|_| *node == self.node)
+                    .and_then(|c| lock(&self.pending).remove(c));
+                if let Some(tx) = tx {
+                    let _ = tx.send(Reply {
+                        status: Err(format!("with {why} (mqtt.max_message)")),
+                        content_type: None,
+                        payload: Bytes::new(),
+                        stream: None,
+                    });
+                }
+            }
             if let (Topic::Call { .. }, Some(props)) = (&parsed, &p.properties) {
                 if let Some(rt) = props.response_topic.clone() {
                     if topics::valid_response_topic(&rt, tenant) {
@@ -783,9 +837,12 @@ impl Bridge {
                     self.stats.late_replies.fetch_add(1, Ordering::Relaxed);
                     return;
                 };
-                let status = user_property(&props, STATUS_PROPERTY)
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(200);
+                let status = match user_property(&props, STATUS_PROPERTY) {
+                    None => Ok(200),
+                    Some(s) => s.parse::<u16>().map_err(|_| {
+                        format!("with dmsc-status `{s}`, not a number (200-599 expected)")
+                    }),
+                };
                 let _ = tx.send(Reply {
                     status,
                     content_type: props.content_type.clone(),
@@ -812,8 +869,18 @@ impl Bridge {
                     .correlation_data
                     .as_ref()
                     .map(|c| (response_topic.clone(), c.clone()));
-                if key.as_ref().is_some_and(|k| lock(&self.seen).contains(k)) {
-                    // A QoS 1 redelivery of a call already taken.
+                // A QoS 1 redelivery (the broker sets DUP) of a call already
+                // taken. Without DUP it is a new call, even with a
+                // correlation id used before (a device's counter restarts).
+                if p.dup
+                    && p.qos != QoS::AtMostOnce
+                    && key.as_ref().is_some_and(|k| lock(&self.seen).contains(k))
+                {
+                    self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                    debug!(
+                        topic,
+                        "MQTT call redelivered (DUP) after it was taken: dropped"
+                    );
                     return;
                 }
                 let permit = self

@@ -344,6 +344,43 @@ impl MeshView {
     pub fn remove_own(&self, id: &AgentId) {
         self.write().remove(id);
         self.forget_local(id);
+        // Another node may hold it too (an edge agent's bridge that took
+        // over): its record, kept out while the agent was ours, comes in.
+        self.refetch_holders(std::slice::from_ref(id));
+    }
+
+    /// Makes the next scan bring back, in full, the records of `ids` that
+    /// live nodes still hold. The registry keeps one home per agent; when
+    /// that home lets go (or was this node), another node that also
+    /// announced the agent (two bridges of one tenant for a moment, a
+    /// redeployed agent) becomes its home at once, instead of the agent
+    /// being missing until that node next changes its record.
+    fn refetch_holders(&self, ids: &[AgentId]) {
+        if ids.is_empty() {
+            return;
+        }
+        let keys: std::collections::HashSet<Box<str>> = ids.iter().map(cache_key).collect();
+        let mut cache = lock(&self.per_node);
+        for e in cache
+            .values_mut()
+            .filter(|e| e.live && !e.records.is_empty())
+        {
+            // The smaller side is walked: a node gone with 100k agents
+            // costs each peer entry its own size, not 100k lookups.
+            let before = e.records.len();
+            if before <= keys.len() {
+                e.records.retain(|k, _| !keys.contains(k));
+            } else {
+                for k in &keys {
+                    e.records.remove(k);
+                }
+            }
+            if e.records.len() != before {
+                // A full scan of it; the forgotten hashes make its
+                // records of `ids` new again.
+                e.version = 0;
+            }
+        }
     }
 
     /// `name -> (generation, version)` of every node this view has applied,
@@ -575,12 +612,23 @@ impl MeshView {
         let now = now_ms();
         // Digests of cards replaced by a new version (forgotten below).
         let mut replaced = Vec::new();
+        // Agents whose home let go of them: another node may hold them too.
+        let mut orphans: Vec<AgentId> = Vec::new();
         if !ops.is_empty() {
             // Lock order: cards, released, then the registry.
             let cards = lock(&self.cards).clone();
             let mut reg = self.write();
             for op in ops {
                 match op {
+                    Op::Upsert(node, id, raw, _)
+                        if reg.get(&id).is_some_and(|e| *e.node == *self.me) =>
+                    {
+                        // Ours: a peer's record does not take it over (two
+                        // bridges of one tenant, for a moment, both
+                        // register an edge agent). Kept in that node's cache
+                        // entry, it comes in if this node lets go.
+                        tracing::debug!(agent = %id, node = %node, bytes = raw.len(), "a peer announces an agent of this node; keeping ours");
+                    }
                     Op::Upsert(node, id, raw, load) => match AgentRecord::decode(&raw) {
                         Ok(record) => {
                             if reg.get(&id).is_none() {
@@ -621,6 +669,7 @@ impl MeshView {
                             tracing::info!(agent = %id, "agent left the registry (node gone or deregistered)");
                             reg.remove(&id);
                             self.forget_local(&id);
+                            orphans.push(id);
                         }
                     }
                 }
@@ -629,6 +678,7 @@ impl MeshView {
         for digest in replaced {
             self.forget_card(&digest);
         }
+        self.refetch_holders(&orphans);
         // TTL expiry walks every record: once a second is plenty.
         let last = self.last_expiry.load(Ordering::Relaxed);
         let expired = if now.saturating_sub(last) >= 1000 {
@@ -935,6 +985,64 @@ mod tests {
         lock(&m.cards).insert(card.digest(), Arc::new(card));
         assert!(m.missing_cards(8, |_, _| false).is_empty());
         assert!(m.read().has_card(&a) && m.read().has_card(&b));
+    }
+
+    /// Two nodes announce one agent (for a moment, two MQTT bridges of one
+    /// tenant both register its edge agent): when the one the registry has
+    /// it from lets go, the other's record takes over at the next scan, and
+    /// this node's own agent is never taken over by a peer's record.
+    #[test]
+    fn an_agent_two_nodes_announce_keeps_a_home_when_one_lets_go() {
+        let a = AgentId::new("acme", "a");
+        let named = |name: &str, version: u64, with_agent: bool| {
+            let ann = serde_json::json!({"name": name, "region": "r", "overlay_addr": "127.0.0.1:7409",
+                "spiffe_id": format!("spiffe://t/node/{name}"), "version": "0", "started_at": 0});
+            let mut values = vec![("node".to_string(), ann.to_string())];
+            if with_agent {
+                values.push(("agent/acme/a".to_string(), record()));
+            }
+            NodeScan {
+                name: name.into(),
+                values: Some(values),
+                ..scan(1, version, MemberState::Alive, false)
+            }
+        };
+        // A scan lists every node; an unchanged one without values.
+        let same = |name: &str, version: u64| NodeScan {
+            values: None,
+            ..named(name, version, false)
+        };
+        let home = |m: &MeshView| m.read().get(&a).map(|e| e.node.to_string());
+        let m = view();
+        m.apply_scan(vec![named("y", 3, true)]);
+        m.apply_scan(vec![same("y", 3), named("x", 5, true)]);
+        assert_eq!(home(&m).as_deref(), Some("x"), "the newer announcement");
+        // x lets go (its key deleted): y's record comes back with the very
+        // next scan, which asks y for everything.
+        m.apply_scan(vec![
+            same("y", 3),
+            NodeScan {
+                complete: false,
+                deleted: vec!["agent/acme/a".into()],
+                ..named("x", 6, false)
+            },
+        ]);
+        assert_eq!(home(&m), None);
+        assert_eq!(m.scan_cursor().get("y"), Some(&(1, 0)));
+        m.apply_scan(vec![named("y", 3, true), same("x", 6)]);
+        assert_eq!(home(&m).as_deref(), Some("y"));
+
+        // This node's own agent: a peer's record does not take it over,
+        // and comes in when this node lets go.
+        let m = view();
+        let own = AgentRecord::decode(&record()).expect("record");
+        m.upsert_own(a.clone(), own, LoadReport::default());
+        m.apply_scan(vec![named("y", 3, true)]);
+        assert_eq!(home(&m).as_deref(), Some("me"));
+        m.remove_own(&a);
+        assert_eq!(home(&m), None);
+        m.apply_scan(vec![named("y", 3, true)]);
+        assert_eq!(home(&m).as_deref(), Some("y"));
     }
 
     #[test]
