@@ -355,13 +355,13 @@ impl TokenStore {
     }
 
     /// Redeems a token at time `now`. `expect` is what the caller claims to
-    /// be (tenant, optionally agent); a mismatch is refused without
+    /// be (tenant and agent, each optional); a mismatch is refused without
     /// consuming the token. On success the token is marked used and the
     /// store persisted before this returns.
     pub fn redeem(
         &self,
         token: &str,
-        expect: Option<(&str, Option<&str>)>,
+        expect: (Option<&str>, Option<&str>),
         now: OffsetDateTime,
     ) -> Result<TokenInfo, TokenError> {
         self.redeem_inner(token, expect, None, now)
@@ -376,13 +376,13 @@ impl TokenStore {
         holder: &Holder,
         now: OffsetDateTime,
     ) -> Result<TokenInfo, TokenError> {
-        self.redeem_inner(token, None, Some(holder), now)
+        self.redeem_inner(token, (None, None), Some(holder), now)
     }
 
     fn redeem_inner(
         &self,
         token: &str,
-        expect: Option<(&str, Option<&str>)>,
+        expect: (Option<&str>, Option<&str>),
         holder: Option<&Holder>,
         now: OffsetDateTime,
     ) -> Result<TokenInfo, TokenError> {
@@ -437,21 +437,20 @@ impl TokenStore {
                     Some(_) => {}
                 }
             }
-            if let Some((tenant, agent)) = expect {
-                if tenant != info.tenant {
-                    return Err(TokenError::TenantMismatch {
-                        id: id.to_owned(),
-                        token_tenant: info.tenant.clone(),
-                        expected: crate::jwt::shown(tenant),
-                    });
-                }
-                if let Some(agent) = agent.filter(|a| *a != info.agent) {
-                    return Err(TokenError::AgentMismatch {
-                        id: id.to_owned(),
-                        token_agent: info.agent.clone(),
-                        expected: crate::jwt::shown(agent),
-                    });
-                }
+            let (tenant, agent) = expect;
+            if let Some(tenant) = tenant.filter(|t| *t != info.tenant) {
+                return Err(TokenError::TenantMismatch {
+                    id: id.to_owned(),
+                    token_tenant: info.tenant.clone(),
+                    expected: crate::jwt::shown(tenant),
+                });
+            }
+            if let Some(agent) = agent.filter(|a| *a != info.agent) {
+                return Err(TokenError::AgentMismatch {
+                    id: id.to_owned(),
+                    token_agent: info.agent.clone(),
+                    expected: crate::jwt::shown(agent),
+                });
             }
             info.used_at = Some(now);
             Ok(info.clone())
@@ -666,7 +665,7 @@ mod tests {
             .redeem_held(&token, &holder(0, "/x"), now())
             .expect_err("unbound");
         assert_eq!(e.code(), "token_not_bound");
-        assert!(s.redeem(&token, None, now()).is_ok());
+        assert!(s.redeem(&token, (None, None), now()).is_ok());
         // The binding survives a reopen.
         let (token, _) = s
             .create_bound("acme", "bot", DEFAULT_TTL, Some(Binding::Uid(7)), now())
@@ -674,7 +673,10 @@ mod tests {
         let again = TokenStore::open(s.path()).expect("reopen");
         // Not at enrollment (no holder), and that refusal does not spend it.
         assert_eq!(
-            again.redeem(&token, None, now()).expect_err("bound").code(),
+            again
+                .redeem(&token, (None, None), now())
+                .expect_err("bound")
+                .code(),
             "token_holder_mismatch"
         );
         assert!(again.redeem_held(&token, &holder(7, "/"), now()).is_ok());
@@ -702,11 +704,11 @@ mod tests {
         let (token, _) = s.create("acme", "bot", DEFAULT_TTL).expect("create");
         let t = now();
         let info = s
-            .redeem(&token, Some(("acme", Some("bot"))), t)
+            .redeem(&token, (Some("acme"), Some("bot")), t)
             .expect("redeem");
         assert_eq!(info.used_at, Some(t));
         assert_eq!((info.tenant.as_str(), info.agent.as_str()), ("acme", "bot"));
-        let e = s.redeem(&token, None, t).expect_err("reuse");
+        let e = s.redeem(&token, (None, None), t).expect_err("reuse");
         assert!(matches!(e, TokenError::Used { .. }), "{e}");
         assert!(e.reason().contains("was already used at"), "{e}");
     }
@@ -717,10 +719,16 @@ mod tests {
         let (token, info) = s.create("acme", "bot", DEFAULT_TTL).expect("create");
         let other = URL_SAFE_NO_PAD.encode([7u8; 32]);
         let forged = format!("dmsc-jt.{}.{other}", info.id);
-        assert_eq!(s.redeem(&forged, None, now()), Err(TokenError::Unknown));
+        assert_eq!(
+            s.redeem(&forged, (None, None), now()),
+            Err(TokenError::Unknown)
+        );
         let unknown = format!("dmsc-jt.0000000000000000.{other}");
-        assert_eq!(s.redeem(&unknown, None, now()), Err(TokenError::Unknown));
-        assert!(s.redeem(&token, None, now()).is_ok());
+        assert_eq!(
+            s.redeem(&unknown, (None, None), now()),
+            Err(TokenError::Unknown)
+        );
+        assert!(s.redeem(&token, (None, None), now()).is_ok());
     }
 
     #[test]
@@ -737,7 +745,7 @@ mod tests {
             "dmsc-jt.0011223344556677.AAAA",
             "dmsc-jt.0011223344556677.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA+",
         ] {
-            let e = s.redeem(bad, None, now()).expect_err(bad);
+            let e = s.redeem(bad, (None, None), now()).expect_err(bad);
             assert_eq!(e.code(), "token_malformed", "{bad}: {e}");
         }
     }
@@ -749,7 +757,7 @@ mod tests {
         let (token, info) = s
             .create_at("acme", "bot", DEFAULT_TTL, created)
             .expect("create");
-        let e = s.redeem(&token, None, now()).expect_err("expired");
+        let e = s.redeem(&token, (None, None), now()).expect_err("expired");
         assert_eq!(
             e,
             TokenError::Expired {
@@ -762,7 +770,7 @@ mod tests {
             .starts_with(&format!("join token `{}` expired at 20", info.id)));
         // Not consumed either: at a time inside its life it would still work.
         assert!(s
-            .redeem(&token, None, created + time::Duration::minutes(30))
+            .redeem(&token, (None, None), created + time::Duration::minutes(30))
             .is_ok());
     }
 
@@ -771,17 +779,22 @@ mod tests {
         let (_d, s) = store();
         let (token, info) = s.create("acme", "bot", DEFAULT_TTL).expect("create");
         let e = s
-            .redeem(&token, Some(("other", None)), now())
+            .redeem(&token, (Some("other"), None), now())
             .expect_err("tenant");
         assert_eq!(
             e.reason(),
             format!("join token `{}` is for tenant `acme`, not `other`", info.id)
         );
         let e = s
-            .redeem(&token, Some(("acme", Some("nope"))), now())
+            .redeem(&token, (Some("acme"), Some("nope")), now())
             .expect_err("agent");
         assert_eq!(e.code(), "token_agent_mismatch");
-        assert!(s.redeem(&token, Some(("acme", None)), now()).is_ok());
+        // An agent named without a tenant is checked too.
+        let e = s
+            .redeem(&token, (None, Some("nope")), now())
+            .expect_err("agent alone");
+        assert_eq!(e.code(), "token_agent_mismatch");
+        assert!(s.redeem(&token, (Some("acme"), None), now()).is_ok());
     }
 
     #[test]
@@ -792,17 +805,17 @@ mod tests {
             let s = TokenStore::open(&path).expect("open");
             let (a, _) = s.create("acme", "a", DEFAULT_TTL).expect("a");
             let (b, _) = s.create("acme", "b", DEFAULT_TTL).expect("b");
-            s.redeem(&a, None, now()).expect("redeem");
+            s.redeem(&a, (None, None), now()).expect("redeem");
             (a, b)
         };
         let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         let s = TokenStore::open(&path).expect("reopen");
         assert!(matches!(
-            s.redeem(&used, None, now()),
+            s.redeem(&used, (None, None), now()),
             Err(TokenError::Used { .. })
         ));
-        assert!(s.redeem(&unused, None, now()).is_ok());
+        assert!(s.redeem(&unused, (None, None), now()).is_ok());
         // No temp files left behind.
         let names: Vec<_> = std::fs::read_dir(dir.path())
             .expect("ls")
@@ -825,7 +838,7 @@ mod tests {
                     let (s, b, token) = (s.clone(), barrier.clone(), token.clone());
                     std::thread::spawn(move || {
                         b.wait();
-                        s.redeem(&token, None, now())
+                        s.redeem(&token, (None, None), now())
                     })
                 })
                 .collect();
@@ -852,7 +865,7 @@ mod tests {
             .expect("c");
         s.create_at("acme", "d", DEFAULT_TTL, t - time::Duration::days(2))
             .expect("d");
-        s.redeem(&a, None, t).expect("redeem");
+        s.redeem(&a, (None, None), t).expect("redeem");
         assert_eq!(
             s.counts(t),
             TokenCounts {

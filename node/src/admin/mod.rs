@@ -213,7 +213,7 @@ async fn agents_add(req: Request<hyper::body::Incoming>, s: &Shared) -> Response
                     StatusCode::BAD_REQUEST,
                     &serde_json::json!({"error": e.to_string()}),
                 ),
-                AgentError::Duplicate(_) => json(
+                AgentError::Duplicate(_) | AgentError::Elsewhere { .. } => json(
                     StatusCode::CONFLICT,
                     &serde_json::json!({"error": e.to_string()}),
                 ),

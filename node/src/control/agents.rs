@@ -61,6 +61,9 @@ pub enum AgentError {
     },
     #[error("agent `{0}` is already registered on this node (set a distinct `name`)")]
     Duplicate(AgentId),
+    /// Names are unique per tenant across the mesh: one home per agent.
+    #[error("agent `{id}` is already served by node `{node}`: an agent name is unique in its tenant across the mesh (set a distinct `name`, or remove it there first)")]
+    Elsewhere { id: AgentId, node: String },
 }
 
 /// What a card fetch brought: the card and what to send next time to get
@@ -258,6 +261,16 @@ pub async fn onboard(
         tenant: spec.tenant.clone(),
         name,
     };
+    // Another live node's agent of that name: registering it here would
+    // give the name two homes, and callers the wrong one.
+    if let Some(node) = mesh
+        .read()
+        .get(&id)
+        .map(|e| e.node.to_string())
+        .filter(|n| *n != mesh.me)
+    {
+        return Err(AgentError::Elsewhere { id, node });
+    }
     let agent = local_agent(
         id.clone(),
         spec.clone(),
@@ -405,7 +418,10 @@ impl AgentsCtx {
                 Ok(a)
             }
             Err(e) => {
-                if !matches!(e, AgentError::Spec(_) | AgentError::Duplicate(_)) {
+                if !matches!(
+                    e,
+                    AgentError::Spec(_) | AgentError::Duplicate(_) | AgentError::Elsewhere { .. }
+                ) {
                     self.agents.set_pending(spec.clone(), e.to_string());
                 }
                 Err(e)

@@ -240,6 +240,10 @@ impl Delegator {
                     headers,
                     body,
                     deadline,
+                    // The head carries what is left of the caller's
+                    // deadline (less after a hop or a retry): well under
+                    // the default is the caller's own short one.
+                    short_deadline: budget < self.cfg.timeout / 2,
                     caller: &head.caller,
                     tenant: &head.tenant,
                     trace_id: &head.trace_id,

@@ -351,6 +351,10 @@ pub(crate) struct ToAgent<'a> {
     pub(crate) headers: hyper::HeaderMap,
     pub(crate) body: Body,
     pub(crate) deadline: tokio::time::Instant,
+    /// The caller allowed less than the node's default timeout: a timeout
+    /// is its own choice and not the agent's error (see
+    /// [`crate::forward::Delegation::short_deadline`]).
+    pub(crate) short_deadline: bool,
     /// Who the node vouches for (as authenticated at ingress, or as the
     /// calling node stated over the verified overlay).
     pub(crate) caller: &'a str,
@@ -388,11 +392,18 @@ pub(crate) async fn deliver_local(
         mut headers,
         body,
         deadline,
+        short_deadline,
         caller,
         tenant,
         trace_id,
         watch,
     } = to;
+    // What the caller did, or a timeout within its own short deadline, is
+    // not the agent's error rate.
+    let charged = |f: &Failure| {
+        !matches!(f, Failure::Caller(_))
+            && !(short_deadline && f.error().kind == ErrorKind::Timeout)
+    };
     if (method == Method::GET || method == Method::HEAD) && is_card_path(path) {
         return Ok(serve_card(agent, &headers));
     }
@@ -426,8 +437,8 @@ pub(crate) async fn deliver_local(
         // What the caller did is not the agent's error rate.
         match &result {
             Ok(r) => lock(&agent.stats).observe(started.elapsed(), !r.status().is_server_error()),
-            Err(Failure::Caller(_)) => {}
-            Err(_) => lock(&agent.stats).observe(started.elapsed(), false),
+            Err(f) if charged(f) => lock(&agent.stats).observe(started.elapsed(), false),
+            Err(_) => {}
         }
         // Counts until the answer is done: a streamed one ends with its
         // last message, not when its first arrives.
@@ -535,7 +546,11 @@ pub(crate) async fn deliver_local(
             .agent(&agent.id),
         ),
         Ok(Err(e)) => {
-            let detail = format!("agent `{}` at {}: {e:#}", agent.id, agent.spec.url);
+            // The agent's address stays in the log: callers (of any node,
+            // any tenant the policy lets in) learn only its mesh name.
+            let why = crate::proto::http::error_chain(&e);
+            debug!(agent = %agent.id, url = %agent.spec.url, error = %why, "agent request failed");
+            let detail = format!("agent `{}`: {why}", agent.id);
             let err = MeshError::new(ErrorKind::Unreachable, me, detail).agent(&agent.id);
             if e.is_connect() {
                 Failure::NotDelivered(err)
@@ -563,7 +578,9 @@ pub(crate) async fn deliver_local(
             Err(f)
         }
         f => {
-            observe(false);
+            if charged(&f) {
+                observe(false);
+            }
             Err(f)
         }
     }

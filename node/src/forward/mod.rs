@@ -86,6 +86,11 @@ pub struct Delegation {
     pub data_tags: Vec<String>,
     pub target: Target,
     pub deadline: Instant,
+    /// The caller asked for less time than the node's default timeout: a
+    /// timeout is then its choice and not charged to the agent (else one
+    /// client with `dmsc-timeout: 1ms` could open an agent's circuit for
+    /// every caller).
+    pub short_deadline: bool,
     pub trace_id: String,
     pub method: Method,
     pub path: String,
@@ -216,6 +221,7 @@ impl Delegator {
             data_tags,
             target,
             deadline,
+            short_deadline,
             trace_id,
             method,
             path,
@@ -465,6 +471,7 @@ impl Delegator {
                                 headers: headers.clone(),
                                 body: body.into_body(),
                                 deadline,
+                                short_deadline,
                                 caller: &caller,
                                 tenant: &tenant,
                                 trace_id: &trace_id,
@@ -561,8 +568,12 @@ impl Delegator {
             if matches!(failure, Failure::Caller(_)) {
                 debug!(agent = %id, node = %sel.node, error = %failure.error(), "the caller's side failed; the agent is not charged");
             }
+            let callers_timeout = short_deadline && failure.error().kind == ErrorKind::Timeout;
+            if callers_timeout {
+                debug!(agent = %id, node = %sel.node, "timed out within the caller's own short deadline; the agent is not charged");
+            }
             let verdict = plan.failed(id.clone(), failure);
-            if verdict.charge_agent {
+            if verdict.charge_agent && !callers_timeout {
                 self.mesh.record_outcome(&id, false);
             }
             match verdict.next {
@@ -770,6 +781,7 @@ pub async fn fetch_card(
             data_tags: Vec::new(),
             target: Target::Agent(id.name.clone()),
             deadline: Instant::now() + Duration::from_secs(3),
+            short_deadline: false,
             trace_id: format!("{:032x}", rand::random::<u128>()),
             method: Method::GET,
             path: CARD_PATHS[0].to_string(),

@@ -667,10 +667,25 @@ impl Ingress {
                 .and_then(|v| v.to_str().ok())
                 .and_then(parse)
         };
+        if let Some(v) = req.headers().get("dmsc-timeout") {
+            if v.to_str().ok().and_then(parse_timeout).is_none() {
+                // Ignored, it would give the caller the default (30 s) while
+                // it asked for something else.
+                return refuse(MeshError::new(
+                    ErrorKind::BadRequest,
+                    me,
+                    format!(
+                        "dmsc-timeout `{}` is not a duration above 0 (500ms, 5s, 2m, 1h; a bare number is milliseconds)",
+                        String::from_utf8_lossy(v.as_bytes())
+                    ),
+                ));
+            }
+        }
         let timeout = header_timeout("dmsc-timeout", parse_timeout)
             .or_else(|| header_timeout("grpc-timeout", parse_grpc_timeout))
             .unwrap_or(cfg.timeout)
             .min(cfg.max_timeout);
+        let short_deadline = timeout < cfg.timeout;
         let deadline = tokio::time::Instant::now() + timeout;
         let trace = trace_id(&req);
         let http2 = req.version() == hyper::Version::HTTP_2;
@@ -956,6 +971,7 @@ impl Ingress {
                 data_tags,
                 target,
                 deadline,
+                short_deadline,
                 trace_id: trace,
                 method,
                 path,

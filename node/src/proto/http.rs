@@ -466,7 +466,8 @@ pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     (!d.is_zero()).then(|| d.min(MAX_DEADLINE))
 }
 
-/// Parses a `dmsc-timeout` value: `250ms`, `2s`, `1.5s`, or plain milliseconds.
+/// Parses a `dmsc-timeout` value: `250ms`, `2s`, `1.5s`, `2m`, `1h`, or
+/// plain milliseconds.
 pub fn parse_timeout(v: &str) -> Option<Duration> {
     let v = v.trim();
     let (num, unit) = if let Some(n) = v.strip_suffix("ms") {
@@ -475,6 +476,8 @@ pub fn parse_timeout(v: &str) -> Option<Duration> {
         (n, 1.0)
     } else if let Some(n) = v.strip_suffix('m') {
         (n, 60.0)
+    } else if let Some(n) = v.strip_suffix('h') {
+        (n, 3600.0)
     } else {
         (v, 0.001)
     };
@@ -524,7 +527,9 @@ mod tests {
         assert_eq!(parse_timeout("2s"), Some(Duration::from_secs(2)));
         assert_eq!(parse_timeout("1.5s"), Some(Duration::from_millis(1500)));
         assert_eq!(parse_timeout("400"), Some(Duration::from_millis(400)));
+        assert_eq!(parse_timeout("1h"), Some(Duration::from_secs(3600)));
         assert_eq!(parse_timeout("soon"), None);
+        assert_eq!(parse_timeout("0"), None);
         assert_eq!(parse_timeout("-1s"), None);
         assert_eq!(parse_timeout("1e20s"), Some(MAX_DEADLINE));
     }

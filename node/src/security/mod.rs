@@ -741,7 +741,8 @@ impl Security {
             .tenant
             .as_ref()
             .map(|t| format!("{t}/{}", req.agent.as_deref().unwrap_or("*")));
-        let expect = req.tenant.as_deref().map(|t| (t, req.agent.as_deref()));
+        // Each field given is checked (an agent named without a tenant too).
+        let expect = (req.tenant.as_deref(), req.agent.as_deref());
         let info = store
             .redeem(&req.token, expect, time::OffsetDateTime::now_utc())
             .map_err(|e| {

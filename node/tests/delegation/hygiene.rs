@@ -165,6 +165,78 @@ async fn malformed_cut_and_stalled_uploads_leave_the_agents_circuit_closed() {
     mesh.stop().await;
 }
 
+/// A caller that gives itself less time than the node's default timeout
+/// chose its timeout: it is not the agent's failure (else one client
+/// sending `dmsc-timeout: 1ms` opens an agent's circuit for everyone).
+/// Timeouts within the default deadline are still charged; a
+/// `dmsc-timeout` that is not a duration is refused, not ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_own_short_deadline_is_not_charged_to_the_agent() {
+    let mesh = mesh2(|_, raw| {
+        raw.delegation.circuit_failures = Some(3);
+        raw.delegation.timeout_ms = Some(400);
+    })
+    .await;
+    let echo = agent("echo", &["echo"], "echoes").await;
+    attach_routable(&mesh, 0, &echo, "echo").await;
+    echo.state.extra_delay_ms.store(600, Ordering::Relaxed);
+    for node in [0, 1] {
+        for i in 0..4 {
+            let (resp, body) = mesh
+                .call(
+                    node,
+                    "POST",
+                    "echo.acme.dmsc",
+                    "/",
+                    &[("dmsc-timeout", "50ms")],
+                    "x",
+                )
+                .await
+                .expect("call");
+            assert_eq!(
+                resp.status(),
+                504,
+                "node {node} #{i}: {}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+        assert_eq!(circuit(&mesh, node, "echo"), "closed", "node {node}");
+        assert_eq!(error_rate(&mesh, 0, "echo"), 0.0, "node {node}");
+    }
+    echo.state.extra_delay_ms.store(0, Ordering::Relaxed);
+    let (resp, _) = mesh
+        .call(1, "POST", "echo.acme.dmsc", "/", &[], "x")
+        .await
+        .expect("call");
+    assert_eq!(resp.status(), 200);
+    // Garbage is refused with the reason.
+    let (resp, body) = mesh
+        .call(
+            1,
+            "POST",
+            "echo.acme.dmsc",
+            "/",
+            &[("dmsc-timeout", "soon")],
+            "x",
+        )
+        .await
+        .expect("call");
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(resp.status(), 400, "{body}");
+    assert!(body.contains("dmsc-timeout `soon`"), "{body}");
+    // The node's own deadline running out is the agent's failure.
+    echo.state.extra_delay_ms.store(600, Ordering::Relaxed);
+    for _ in 0..3 {
+        let _ = mesh
+            .call(1, "POST", "echo.acme.dmsc", "/", &[], "x")
+            .await
+            .expect("call");
+    }
+    assert_eq!(circuit(&mesh, 1, "echo"), "open");
+    assert!(error_rate(&mesh, 0, "echo") > 0.0);
+    mesh.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_hears_the_caller_from_the_node_never_from_the_caller() {
     let mesh = mesh2(|_, _| {}).await;

@@ -668,6 +668,28 @@ async fn agents_onboard_and_leave_through_the_admin_api() {
         mesh.routable_everywhere("helper-1")
     })
     .await;
+    // The same name on another node: refused (one home per agent name in a
+    // tenant), and the first stays where it is.
+    let req = hyper::Request::post(format!("http://{}/v1/agents", mesh.nodes[2].bound().admin))
+        .header("authorization", format!("Bearer {}", mesh.admin_token(2)))
+        .body(dmsc_node::proto::http::full(onboard.to_string()))
+        .expect("req");
+    let resp = client.h1.request(req).await.expect("post");
+    assert_eq!(resp.status(), 409);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains("already served by node `n1`"), "{body}");
+    let id = dmsc_registry::AgentId::new("acme", "helper-1");
+    for n in &mesh.nodes {
+        assert_eq!(
+            n.mesh()
+                .read()
+                .get(&id)
+                .map(|e| e.node.to_string())
+                .as_deref(),
+            Some("n1")
+        );
+    }
     // An agent that cannot be onboarded yet is a clear answer, not a
     // crash: accepted as pending (retried each health round, as a declared
     // one is), and DELETE stops it.
