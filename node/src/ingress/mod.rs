@@ -443,8 +443,24 @@ impl Ingress {
             .response(None);
         }
         if req.method() != hyper::Method::POST {
-            let mut r = MeshError::new(ErrorKind::BadRequest, me, "use POST").response(None);
+            let body = serde_json::json!({
+                "type": "https://dmsc.dev/errors/bad-request",
+                "title": "bad-request",
+                "status": 405,
+                "detail": format!("{} takes POST", req.uri().path()),
+                "node": me,
+            });
+            let mut r = Response::new(full(body.to_string()));
             *r.status_mut() = hyper::StatusCode::METHOD_NOT_ALLOWED;
+            let h = r.headers_mut();
+            h.insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/problem+json"),
+            );
+            h.insert(
+                hyper::header::ALLOW,
+                hyper::header::HeaderValue::from_static("POST"),
+            );
             return r;
         }
         let renew = req.uri().path() == "/v1/renew";
