@@ -1207,7 +1207,10 @@ fn main() -> ExitCode {
         | Cmd::Check { .. }
         | Cmd::Netcheck { .. } => "warn",
         Cmd::SampleAgent { .. } => "info",
-        Cmd::Run(_) => "info",
+        // rumqttd (the embedded MQTT broker) logs every client that drops
+        // before its CONNECT (a port probe, the node's own readiness check)
+        // as an ERROR; the node's edge bridge says what matters.
+        Cmd::Run(_) => "info,rumqttd::server::broker=off",
     };
     init_logging(&cli.log_format, default_log);
     // With one CPU to run on (affinity or a cgroup quota), a work-stealing

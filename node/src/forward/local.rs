@@ -401,8 +401,9 @@ pub(crate) async fn deliver_local(
     // What the caller did, or a timeout within its own short deadline, is
     // not the agent's error rate.
     let charged = |f: &Failure| {
-        !matches!(f, Failure::Caller(_))
-            && !(short_deadline && f.error().kind == ErrorKind::Timeout)
+        let callers = matches!(f, Failure::Caller(_));
+        let own_deadline = short_deadline && f.error().kind == ErrorKind::Timeout;
+        !(callers || own_deadline)
     };
     if (method == Method::GET || method == Method::HEAD) && is_card_path(path) {
         return Ok(serve_card(agent, &headers));

@@ -233,7 +233,7 @@ impl Delegator {
                         MeshError::new(
                             ErrorKind::Unreachable,
                             &self.me,
-                            format!("home node `{node}` lost mid-response (nothing had reached the caller): {e}"),
+                            format!("the response through home node `{node}` broke off before it was whole (the agent cut it, or the node or the path was lost; nothing had reached the caller): {e}"),
                         )
                         .agent(id),
                     ));

@@ -329,6 +329,34 @@ fn refusal_error(r: &Refusal, me: &str) -> MeshError {
     MeshError::new(kind, me, format!("{} ({})", r.reason, r.code))
 }
 
+/// 405 as a problem document, with the methods that are served (`Allow`,
+/// which RFC 9110 requires).
+fn method_not_allowed(me: &str, detail: &str, allow: &'static str) -> Response<Body> {
+    let body = serde_json::json!({
+        "type": "https://dmsc.dev/errors/bad-request",
+        "title": "bad-request",
+        "status": 405,
+        "detail": detail,
+        "node": me,
+    });
+    let mut r = Response::new(full(body.to_string()));
+    *r.status_mut() = hyper::StatusCode::METHOD_NOT_ALLOWED;
+    let h = r.headers_mut();
+    h.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/problem+json"),
+    );
+    h.insert(
+        "dmsc-error",
+        hyper::header::HeaderValue::from_static("bad-request"),
+    );
+    h.insert(
+        hyper::header::ALLOW,
+        hyper::header::HeaderValue::from_static(allow),
+    );
+    r
+}
+
 fn refusal_response(r: &Refusal, me: &str, bearer: bool) -> Response<Body> {
     let mut resp = refusal_error(r, me).response(None);
     *resp.status_mut() = r.status;
@@ -443,25 +471,7 @@ impl Ingress {
             .response(None);
         }
         if req.method() != hyper::Method::POST {
-            let body = serde_json::json!({
-                "type": "https://dmsc.dev/errors/bad-request",
-                "title": "bad-request",
-                "status": 405,
-                "detail": format!("{} takes POST", req.uri().path()),
-                "node": me,
-            });
-            let mut r = Response::new(full(body.to_string()));
-            *r.status_mut() = hyper::StatusCode::METHOD_NOT_ALLOWED;
-            let h = r.headers_mut();
-            h.insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("application/problem+json"),
-            );
-            h.insert(
-                hyper::header::ALLOW,
-                hyper::header::HeaderValue::from_static("POST"),
-            );
-            return r;
+            return method_not_allowed(me, &format!("{} takes POST", req.uri().path()), "POST");
         }
         let renew = req.uri().path() == "/v1/renew";
         let attempt = if renew {
@@ -559,32 +569,12 @@ impl Ingress {
         if req.method() == hyper::Method::CONNECT {
             // A proxy client (grpcio with `http_proxy`, curl -p) asks for a
             // tunnel; passed on as a request, its 200 read as "tunnel open".
-            let body = serde_json::json!({
-                "type": "https://dmsc.dev/errors/bad-request",
-                "title": "bad-request",
-                "status": 405,
-                "detail": "CONNECT tunnels are not offered: send the request itself, to the mesh \
-                           name (`Host: <agent>.<tenant>.dmsc`, or an absolute URL in proxy form)",
-                "node": me,
-            });
-            let mut r = Response::new(full(body.to_string()));
-            *r.status_mut() = hyper::StatusCode::METHOD_NOT_ALLOWED;
-            let h = r.headers_mut();
-            h.insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("application/problem+json"),
+            return method_not_allowed(
+                me,
+                "CONNECT tunnels are not offered: send the request itself, to the mesh name \
+                 (`Host: <agent>.<tenant>.dmsc`, or an absolute URL in proxy form)",
+                "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS",
             );
-            h.insert(
-                "dmsc-error",
-                hyper::header::HeaderValue::from_static("bad-request"),
-            );
-            h.insert(
-                hyper::header::ALLOW,
-                hyper::header::HeaderValue::from_static(
-                    "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS",
-                ),
-            );
-            return r;
         }
         if crate::proto::forwarded::duplicate_host(req.headers()) {
             return refuse(MeshError::new(
