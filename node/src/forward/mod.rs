@@ -151,14 +151,22 @@ const IDEMPOTENCY_KEY: &str = "idempotency-key";
 /// tenants' target limits.
 pub(crate) const NODE_CALLER: &str = "node:";
 
-fn select_error(me: &str, e: SelectError) -> MeshError {
+fn select_error(me: &str, tenant: &str, target: &Target, e: SelectError) -> MeshError {
     let kind = match &e {
         SelectError::UnknownAgent { .. } => ErrorKind::UnknownAgent,
         SelectError::NoMatch { .. } => ErrorKind::NoMatch,
         _ => ErrorKind::NoneAvailable,
     };
     // The registry's messages already name the tenant and the target.
-    MeshError::new(kind, me, e.to_string())
+    let mut err = MeshError::new(kind, me, e.to_string());
+    if let Target::Agent(name) = target {
+        err = err.agent(AgentId::new(tenant, name.as_str()));
+    }
+    if kind == ErrorKind::NoneAvailable {
+        // Unhealthy or behind an open circuit: worth asking again soon.
+        err = err.retry_after(Duration::from_secs(1));
+    }
+    err
 }
 
 pub(crate) fn describe(target: &Target) -> String {
@@ -337,7 +345,7 @@ impl Delegator {
                             denial,
                         ));
                     }
-                    let e = select_error(&self.me, e);
+                    let e = select_error(&self.me, &tenant, &target, e);
                     return Outcome::Failed(plan.no_candidate(&self.me, e));
                 }
             };
@@ -572,13 +580,14 @@ impl Delegator {
             if callers_timeout {
                 debug!(agent = %id, node = %sel.node, "timed out within the caller's own short deadline; the agent is not charged");
             }
+            let why = failure.error().detail.clone();
             let verdict = plan.failed(id.clone(), failure);
             if verdict.charge_agent && !callers_timeout {
                 self.mesh.record_outcome(&id, false);
             }
             match verdict.next {
                 Next::Retry => {
-                    warn!(agent = %id, node = %sel.node, "failed; trying the next candidate");
+                    warn!(agent = %id, node = %sel.node, error = %why, "failed; trying the next candidate");
                     self.metrics.retries.inc();
                 }
                 Next::Stop(e) => return Outcome::Failed(e),

@@ -160,6 +160,14 @@ pub fn parse_host(host: &str) -> Result<(String, HostTarget), NotMeshAddress> {
     let Some(rest) = h.strip_suffix(".dmsc") else {
         return Err(bad());
     };
+    // Host name characters only (a space, a quote or a slash is a bad
+    // address, not an agent that happens to be missing).
+    if !rest
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err(bad());
+    }
     let mut labels = rest.split('.');
     match (labels.next(), labels.next(), labels.next(), labels.next()) {
         (Some("mesh"), Some(tenant), None, None) => Ok((tenant.to_string(), HostTarget::Intent)),
@@ -369,9 +377,13 @@ fn refusal_response(r: &Refusal, me: &str, bearer: bool) -> Response<Body> {
             .chars()
             .filter(|c| *c != '"' && *c != '\\')
             .collect();
-        if let Ok(v) = hyper::header::HeaderValue::from_str(&format!(
-            "Bearer error=\"invalid_token\", error_description=\"{desc}\""
-        )) {
+        // RFC 6750 3.1: a request without credentials gets no error code.
+        let challenge = if r.code == "no_credentials" {
+            "Bearer".to_string()
+        } else {
+            format!("Bearer error=\"invalid_token\", error_description=\"{desc}\"")
+        };
+        if let Ok(v) = hyper::header::HeaderValue::from_str(&challenge) {
             resp.headers_mut()
                 .insert(hyper::header::WWW_AUTHENTICATE, v);
         }
@@ -1273,6 +1285,9 @@ mod tests {
         assert!(parse_host("acme.dmsc").is_err());
         assert!(parse_host("x.cap..dmsc").is_err());
         assert!(parse_host("a.b.cap.acme.dmsc").is_err());
+        assert!(parse_host("a b.acme.dmsc").is_err());
+        assert!(parse_host("a\"b.acme.dmsc").is_err());
+        assert!(parse_host("sensor_2.acme.dmsc").is_ok());
         assert!(matches!(
             parse_host("BILLING.Acme.DMSC"),
             Ok((t, HostTarget::Agent(a))) if t == "acme" && a == "billing"

@@ -691,6 +691,11 @@ async fn jwt_valid_expired_wrong_audience_wrong_key_and_alg_none() {
             "algorithm `none` is not accepted",
         ),
     ];
+    // No token at all: 401 with a bare challenge (RFC 6750 3.1: no error
+    // code for a request that carried no credentials).
+    let (status, headers, body) = call_billing(&m, plain.clone(), &[]).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert_eq!(headers["www-authenticate"], "Bearer");
     for (what, token, reason) in cases {
         let (status, headers, body) =
             call_billing(&m, plain.clone(), &[("authorization", &bearer(&token))]).await;
