@@ -93,6 +93,10 @@ pub const ACCEPT_PROPERTY: &str = "dmsc-accept";
 /// Calls remembered for duplicate suppression (QoS 1 redelivers).
 const SEEN_CALLS: usize = 4096;
 
+/// How long a starting bridge listens to gossip before it may become a
+/// tenant's active bridge (a few gossip rounds).
+const SETTLE: Duration = Duration::from_secs(3);
+
 /// Longest pause between reconnect attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -156,6 +160,10 @@ pub struct Bridge {
     active: Mutex<std::collections::BTreeSet<String>>,
     /// Signalled on every UNSUBACK (see [`Bridge::leave`]).
     unsubscribed: tokio::sync::Notify,
+    /// Not active before this: gossip has had time to say which peers
+    /// already bridge these tenants (else a node joining a mesh with an
+    /// active bridge registers its edge agents too, for a moment).
+    settled_at: tokio::time::Instant,
     pub stats: EdgeStats,
 }
 
@@ -224,6 +232,7 @@ impl Bridge {
             held: Mutex::new(HashMap::new()),
             active: Mutex::new(Default::default()),
             unsubscribed: tokio::sync::Notify::new(),
+            settled_at: tokio::time::Instant::now() + SETTLE,
             client,
             cfg,
             node: node.to_string(),
@@ -312,6 +321,10 @@ impl Bridge {
     async fn reconcile(&self, parts: &EdgeParts) {
         let peers = self.peer_bridges(parts).await;
         let connected = self.connected();
+        if tokio::time::Instant::now() < self.settled_at {
+            // Too early to know the peers: hold what arrives, decide later.
+            return;
+        }
         for t in &self.cfg.tenants {
             let others = peers.get(t).map(Vec::as_slice).unwrap_or_default();
             let active = connected && others.iter().all(|n| **n > *self.node);
