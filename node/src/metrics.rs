@@ -23,6 +23,11 @@ pub struct StateLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabel {
+    pub event: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HandshakeLabels {
     pub direction: String,
     pub result: String,
@@ -259,6 +264,9 @@ pub struct Metrics {
     pub relay_bytes: Counter<u64, AtomicU64>,
     pub relay_refused: Family<ReasonLabel, Counter<u64, AtomicU64>>,
     pub relay_sessions: Gauge<i64, AtomicI64>,
+    /// MQTT sessions of the edge bridge connected now.
+    pub mqtt_connected: Gauge<i64, AtomicI64>,
+    pub mqtt_events: Family<EventLabel, Counter<u64, AtomicU64>>,
     pub path_relayed: Family<StateLabel, Counter<u64, AtomicU64>>,
     pub path_direct_upgrades: Counter<u64, AtomicU64>,
     pub path_direct_lost: Counter<u64, AtomicU64>,
@@ -308,6 +316,8 @@ impl Metrics {
             relay_bytes: Counter::default(),
             relay_refused: Family::default(),
             relay_sessions: Gauge::default(),
+            mqtt_connected: Gauge::default(),
+            mqtt_events: Family::default(),
             path_relayed: Family::default(),
             path_direct_upgrades: Counter::default(),
             path_direct_lost: Counter::default(),
@@ -380,6 +390,16 @@ impl Metrics {
             "relay_sessions",
             "Live relay sessions this relay serves",
             m.relay_sessions.clone(),
+        );
+        registry.register(
+            "mqtt_sessions_connected",
+            "MQTT sessions of the edge bridge connected to their broker now (alert when below the sessions configured: their tenants' edge agents are unreachable through this node)",
+            m.mqtt_connected.clone(),
+        );
+        registry.register(
+            "mqtt_events",
+            "MQTT edge bridge events (event = connects, delegations to edge agents, calls from the edge, refused messages, late_replies, duplicates dropped)",
+            m.mqtt_events.clone(),
         );
         registry.register(
             "overlay_relayed_datagrams",

@@ -365,6 +365,26 @@ pub(crate) async fn metrics_text(s: &Shared) -> String {
     m.set_handshakes("outbound", "ok", ld(&o.handshakes_ok_outbound));
     m.set_handshakes("outbound", "failed", ld(&o.handshakes_failed_outbound));
     Metrics::set_counter(&m.probes_answered, ld(&o.probes_answered));
+    if !s.edge.is_empty() {
+        m.mqtt_connected
+            .set(s.edge.iter().filter(|b| b.connected()).count() as i64);
+        let sum = |f: &dyn Fn(&crate::edge::EdgeStats) -> &std::sync::atomic::AtomicU64| {
+            s.edge.iter().map(|b| ld(f(&b.stats))).sum::<u64>()
+        };
+        for (event, v) in [
+            ("connects", sum(&|st| &st.connects)),
+            ("delegations", sum(&|st| &st.delegations)),
+            ("calls", sum(&|st| &st.calls)),
+            ("refused", sum(&|st| &st.refused)),
+            ("late_replies", sum(&|st| &st.late_replies)),
+            ("duplicates", sum(&|st| &st.duplicates)),
+        ] {
+            let c = m.mqtt_events.get_or_create(&crate::metrics::EventLabel {
+                event: event.into(),
+            });
+            Metrics::set_counter(&c, v);
+        }
+    }
     m.connections.set(s.overlay.peers().len() as i64);
     m.cert_expiry_seconds.set(cert_expires_in(s));
     m.uptime_seconds.set(s.started.elapsed().as_secs() as i64);

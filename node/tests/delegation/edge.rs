@@ -451,6 +451,18 @@ async fn an_mqtt_edge_agent_is_called_over_http_and_calls_http_agents_through_th
         (st.tenants.as_slice(), st.agents),
         (&["acme".to_string()][..], 2)
     );
+    let metrics = || async {
+        dmsc_node::admin::status::admin_get(mesh.nodes[1].bound().admin, "/metrics")
+            .await
+            .expect("metrics")
+            .1
+    };
+    let m = metrics().await;
+    assert!(m.contains("dmsc_mqtt_sessions_connected 1"), "{m}");
+    assert!(
+        m.contains("dmsc_mqtt_events_total{event=\"connects\"} 1"),
+        "{m}"
+    );
     assert!(mesh.nodes[0].status().await.mqtt.is_none());
     // An answer the bridge cannot pass on fails the call at once (502 with
     // the reason), not at the caller's deadline (504).
@@ -781,6 +793,8 @@ async fn an_mqtt_edge_agent_is_called_over_http_and_calls_http_agents_through_th
         || health_everywhere(dmsc_registry::Health::Unhealthy),
     )
     .await;
+    let m = metrics().await;
+    assert!(m.contains("dmsc_mqtt_sessions_connected 0"), "{m}");
 
     // The broker comes back: the bridge and the agent reconnect, and the
     // agent is healthy again.
