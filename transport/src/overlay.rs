@@ -325,8 +325,6 @@ pub struct PeerLink {
     /// The largest UDP payload the connection sends now (path MTU
     /// discovery's finding, up to `max_udp_payload`).
     pub mtu: u16,
-    /// Packets the connection has declared lost so far.
-    pub lost_packets: u64,
 }
 
 struct Conn {
@@ -739,19 +737,15 @@ impl Overlay {
         lock(&self.inner.conns)
             .iter()
             .filter(|(_, c)| c.conn.close_reason().is_none())
-            .map(|(addr, c)| {
-                let stats = c.conn.stats();
-                PeerLink {
-                    name: c.peer.to_string(),
-                    addr: *addr,
-                    rtt: c.conn.rtt(),
-                    outbound: c.outbound,
-                    since: c.since,
-                    serial: c.serial.to_string(),
-                    path: self.inner.paths.describe(*addr),
-                    mtu: stats.path.current_mtu,
-                    lost_packets: stats.path.lost_packets,
-                }
+            .map(|(addr, c)| PeerLink {
+                name: c.peer.to_string(),
+                addr: *addr,
+                rtt: c.conn.rtt(),
+                outbound: c.outbound,
+                since: c.since,
+                serial: c.serial.to_string(),
+                path: self.inner.paths.describe(*addr),
+                mtu: c.conn.stats().path.current_mtu,
             })
             .collect()
     }

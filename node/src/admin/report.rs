@@ -52,6 +52,14 @@ fn state_index(state: MemberState) -> usize {
 }
 
 /// Builds the status report from live state.
+/// One counter of the MQTT bridge, summed over its sessions.
+fn edge_total(s: &Shared, f: fn(&crate::edge::EdgeStats) -> &std::sync::atomic::AtomicU64) -> u64 {
+    s.edge
+        .iter()
+        .map(|b| f(&b.stats).load(std::sync::atomic::Ordering::Relaxed))
+        .sum()
+}
+
 pub(crate) async fn status_report(s: &Shared) -> StatusReport {
     let members = s.gossip.members_with(|k| k == dmsc_gossip::KEY_NODE).await;
     let identity = s.security.identity();
@@ -154,8 +162,6 @@ pub(crate) async fn status_report(s: &Shared) -> StatusReport {
         tenants: s.intent.tenants(),
     };
     let mqtt = (!s.edge.is_empty()).then(|| {
-        use std::sync::atomic::Ordering::Relaxed;
-        let sum = |f: &dyn Fn(&crate::edge::Bridge) -> u64| s.edge.iter().map(|b| f(b)).sum();
         let mut brokers: Vec<String> = s.edge.iter().map(|b| b.broker()).collect();
         brokers.dedup();
         super::status::MqttStatus {
@@ -164,12 +170,12 @@ pub(crate) async fn status_report(s: &Shared) -> StatusReport {
             tenants: s.edge.iter().flat_map(|b| b.tenants().to_vec()).collect(),
             active: s.edge.iter().flat_map(|b| b.active_tenants()).collect(),
             agents: s.agents.agents.all().iter().filter(|a| a.is_edge()).count(),
-            connects: sum(&|b| b.stats.connects.load(Relaxed)),
-            delegations: sum(&|b| b.stats.delegations.load(Relaxed)),
-            calls: sum(&|b| b.stats.calls.load(Relaxed)),
-            refused: sum(&|b| b.stats.refused.load(Relaxed)),
-            late_replies: sum(&|b| b.stats.late_replies.load(Relaxed)),
-            duplicates: sum(&|b| b.stats.duplicates.load(Relaxed)),
+            connects: edge_total(s, |st| &st.connects),
+            delegations: edge_total(s, |st| &st.delegations),
+            calls: edge_total(s, |st| &st.calls),
+            refused: edge_total(s, |st| &st.refused),
+            late_replies: edge_total(s, |st| &st.late_replies),
+            duplicates: edge_total(s, |st| &st.duplicates),
             sessions: s
                 .edge
                 .iter()
@@ -368,16 +374,13 @@ pub(crate) async fn metrics_text(s: &Shared) -> String {
     if !s.edge.is_empty() {
         m.mqtt_connected
             .set(s.edge.iter().filter(|b| b.connected()).count() as i64);
-        let sum = |f: &dyn Fn(&crate::edge::EdgeStats) -> &std::sync::atomic::AtomicU64| {
-            s.edge.iter().map(|b| ld(f(&b.stats))).sum::<u64>()
-        };
         for (event, v) in [
-            ("connects", sum(&|st| &st.connects)),
-            ("delegations", sum(&|st| &st.delegations)),
-            ("calls", sum(&|st| &st.calls)),
-            ("refused", sum(&|st| &st.refused)),
-            ("late_replies", sum(&|st| &st.late_replies)),
-            ("duplicates", sum(&|st| &st.duplicates)),
+            ("connects", edge_total(s, |st| &st.connects)),
+            ("delegations", edge_total(s, |st| &st.delegations)),
+            ("calls", edge_total(s, |st| &st.calls)),
+            ("refused", edge_total(s, |st| &st.refused)),
+            ("late_replies", edge_total(s, |st| &st.late_replies)),
+            ("duplicates", edge_total(s, |st| &st.duplicates)),
         ] {
             let c = m.mqtt_events.get_or_create(&crate::metrics::EventLabel {
                 event: event.into(),

@@ -319,12 +319,12 @@ impl Bridge {
     /// cut off from the broker, a node keeps its agents (marked unhealthy
     /// by [`Bridge::run`]) rather than have none.
     async fn reconcile(&self, parts: &EdgeParts) {
-        let peers = self.peer_bridges(parts).await;
-        let connected = self.connected();
         if tokio::time::Instant::now() < self.settled_at {
             // Too early to know the peers: hold what arrives, decide later.
             return;
         }
+        let peers = self.peer_bridges(parts).await;
+        let connected = self.connected();
         for t in &self.cfg.tenants {
             let others = peers.get(t).map(Vec::as_slice).unwrap_or_default();
             let active = connected && others.iter().all(|n| **n > *self.node);
@@ -700,6 +700,7 @@ impl Bridge {
                 Ok(Event::Incoming(Packet::UnsubAck(_))) => self.unsubscribed.notify_one(),
                 Ok(_) => {}
                 Err(e) => {
+                    let why = e.to_string();
                     if self.connected.swap(false, Ordering::Relaxed) {
                         warn!(broker = %self.broker(), error = %e, "MQTT bridge disconnected; reconnecting");
                         // A standby that still has the broker takes over.
@@ -716,15 +717,14 @@ impl Bridge {
                         // Never connected (or not since the last loss): a
                         // wrong password or address must not stay silent;
                         // a repeat of the same error is.
-                        let now = e.to_string();
-                        let changed = lock(&self.last_error).as_deref() != Some(now.as_str());
+                        let changed = lock(&self.last_error).as_deref() != Some(why.as_str());
                         if changed {
-                            warn!(broker = %self.broker(), error = %now, "MQTT bridge cannot connect; retrying");
+                            warn!(broker = %self.broker(), error = %why, "MQTT bridge cannot connect; retrying");
                         } else {
-                            debug!(broker = %self.broker(), error = %now, "MQTT broker not reachable yet");
+                            debug!(broker = %self.broker(), error = %why, "MQTT broker not reachable yet");
                         }
                     }
-                    *lock(&self.last_error) = Some(e.to_string());
+                    *lock(&self.last_error) = Some(why);
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }

@@ -679,30 +679,29 @@ impl Ingress {
         // `grpc-timeout` (a gRPC client allowing 90 s must not be cut at
         // the node's default), else the node's default; never past
         // `max_timeout`.
-        let header_timeout = |name: &str, parse: fn(&str) -> Option<std::time::Duration>| {
-            req.headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .and_then(parse)
-        };
-        if let Some(v) = req.headers().get("dmsc-timeout") {
-            if v.to_str().ok().and_then(parse_timeout).is_none() {
+        let asked = match req.headers().get("dmsc-timeout") {
+            Some(v) => match v.to_str().ok().and_then(parse_timeout) {
+                Some(t) => Some(t),
                 // Ignored, it would give the caller the default (30 s) while
                 // it asked for something else.
-                return refuse(MeshError::new(
-                    ErrorKind::BadRequest,
-                    me,
-                    format!(
-                        "dmsc-timeout `{}` is not a duration above 0 (500ms, 5s, 2m, 1h; a bare number is milliseconds)",
-                        String::from_utf8_lossy(v.as_bytes())
-                    ),
-                ));
-            }
-        }
-        let timeout = header_timeout("dmsc-timeout", parse_timeout)
-            .or_else(|| header_timeout("grpc-timeout", parse_grpc_timeout))
-            .unwrap_or(cfg.timeout)
-            .min(cfg.max_timeout);
+                None => {
+                    return refuse(MeshError::new(
+                        ErrorKind::BadRequest,
+                        me,
+                        format!(
+                            "dmsc-timeout `{}` is not a duration above 0 (500ms, 5s, 2m, 1h; a bare number is milliseconds)",
+                            String::from_utf8_lossy(v.as_bytes())
+                        ),
+                    ))
+                }
+            },
+            None => req
+                .headers()
+                .get("grpc-timeout")
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_grpc_timeout),
+        };
+        let timeout = asked.unwrap_or(cfg.timeout).min(cfg.max_timeout);
         let short_deadline = timeout < cfg.timeout;
         let deadline = tokio::time::Instant::now() + timeout;
         let trace = trace_id(&req);

@@ -678,6 +678,12 @@ impl MeshView {
         for digest in replaced {
             self.forget_card(&digest);
         }
+        // Only those still missing (a restarted node's agents were removed
+        // and came back in the same scan).
+        {
+            let reg = self.read();
+            orphans.retain(|id| reg.get(id).is_none());
+        }
         self.refetch_holders(&orphans);
         // TTL expiry walks every record: once a second is plenty.
         let last = self.last_expiry.load(Ordering::Relaxed);
