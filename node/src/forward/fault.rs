@@ -11,13 +11,19 @@
 //! waiting for the next bytes from the caller. Delivery code asks the watch
 //! after a failure instead of guessing from the HTTP client's error text.
 //!
+//! "Waiting" ends when the caller's side *wakes* the body, not when the
+//! agent's side next polls it: an agent that reads slowly leaves the body
+//! unpolled while the caller's bytes sit ready (with HTTP/2 each window's
+//! worth arrives only after the node read the last one), and the last poll's
+//! `Pending` would otherwise blame the caller for the agent's slowness.
+//!
 //! Buffered bodies need no watch: they are read whole at ingress, and a
 //! failure there is answered with 400 before any agent is involved.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll, Wake, Waker};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -27,7 +33,7 @@ use crate::proto::http::{Body, BoxError, ErrorKind, MeshError};
 
 /// The last thing the agent's side saw when it asked the body for data.
 const READY: u8 = 0;
-/// It asked, and the caller has not sent the bytes yet.
+/// It asked, and the caller's side has not woken it since.
 const WAITING_ON_CALLER: u8 = 1;
 /// The body ended cleanly.
 const DONE: u8 = 2;
@@ -38,6 +44,30 @@ const FAILED: u8 = 3;
 struct State {
     at: AtomicU8,
     error: OnceLock<String>,
+    /// The agent's side's waker while it waits; the body is polled with
+    /// this state as its waker, so the caller's side wakes it first.
+    waiter: Mutex<Option<Waker>>,
+}
+
+impl Wake for State {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        // The caller's side has something (bytes, the end, an error): from
+        // here on the agent's side is the one not asking.
+        let _ = self.at.compare_exchange(
+            WAITING_ON_CALLER,
+            READY,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        let waiter = self.waiter.lock().ok().and_then(|mut w| w.take());
+        if let Some(waiter) = waiter {
+            waiter.wake();
+        }
+    }
 }
 
 /// Watches one streamed request body; cheap to clone (all clones see the
@@ -115,9 +145,21 @@ impl hyper::body::Body for Watched {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        // Waiting until proven otherwise: a wake that comes while the body is
+        // polled (from another thread) then turns it to READY, not lost.
+        if self.state.at.load(Ordering::Acquire) != FAILED {
+            self.state.at.store(WAITING_ON_CALLER, Ordering::Release);
+        }
+        if let Ok(mut waiter) = self.state.waiter.lock() {
+            match waiter.as_mut() {
+                Some(w) => w.clone_from(cx.waker()),
+                None => *waiter = Some(cx.waker().clone()),
+            }
+        }
+        let waker = Waker::from(self.state.clone());
+        let polled = Pin::new(&mut self.inner).poll_frame(&mut Context::from_waker(&waker));
         let at = match &polled {
-            Poll::Pending => WAITING_ON_CALLER,
+            Poll::Pending => return polled,
             Poll::Ready(None) => DONE,
             Poll::Ready(Some(Err(e))) => {
                 let _ = self.state.error.set(e.to_string());
@@ -203,5 +245,26 @@ mod tests {
         drop(tx);
         assert!(body.frame().await.is_none());
         assert_eq!(watch.fault(ErrorKind::Timeout), None);
+    }
+
+    /// An agent that reads slowly stops polling while the caller's next
+    /// bytes arrive: the caller's side woke the body, so a timeout now is
+    /// the agent's even though the last poll found nothing.
+    #[tokio::test]
+    async fn bytes_that_arrive_unread_make_a_timeout_the_agents() {
+        let watch = BodyWatch::default();
+        let (tx, body) = channel_body();
+        let mut body = watch.watch(body);
+        assert!(poll_once(&mut body).await);
+        assert_eq!(watch.fault(ErrorKind::Timeout), Some(CallerFault::Stalled));
+        tx.send(Ok(Frame::data(Bytes::from_static(b"more"))))
+            .expect("send");
+        // Not polled again: the agent's side is busy (or slow).
+        assert_eq!(watch.fault(ErrorKind::Timeout), None);
+        // It asks again, takes the bytes, and asks for more the caller has
+        // not sent: waiting on the caller once more.
+        assert!(body.frame().await.is_some());
+        assert!(poll_once(&mut body).await);
+        assert_eq!(watch.fault(ErrorKind::Timeout), Some(CallerFault::Stalled));
     }
 }

@@ -622,3 +622,118 @@ async fn an_enrollment_flood_meets_429s_and_a_bounded_audit_trail() {
     assert!(report.is_clean(), "{report:?}");
     mesh.stop().await;
 }
+
+/// An agent that speaks HTTP/2 only (h2c, as hypercorn or a gRPC server
+/// does), reads the first 256 KiB of a request body and then stops
+/// reading; it serves `cfg`'s card.
+async fn slow_reader(cfg: dmsc_node::demo::sample_agent::SampleConfig) -> SocketAddr {
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind(super::loopback())
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let card = dmsc_node::demo::sample_agent::card(&cfg, addr).to_string();
+    tokio::spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            let card = card.clone();
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let card = card.clone();
+                    async move {
+                        if req.method() == hyper::Method::GET {
+                            let mut r = hyper::Response::new(Full::new(Bytes::from(card)));
+                            r.headers_mut().insert(
+                                "content-type",
+                                hyper::header::HeaderValue::from_static("application/json"),
+                            );
+                            return Ok::<_, hyper::Error>(r);
+                        }
+                        let mut body = req.into_body();
+                        while let Some(Ok(_)) = body.frame().await {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        Ok(hyper::Response::new(Full::new(Bytes::from_static(
+                            b"read it all",
+                        ))))
+                    }
+                });
+            tokio::spawn(async move {
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(conn), svc)
+                        .await;
+            });
+        }
+    });
+    addr
+}
+
+/// An HTTP/2 caller that uploads as fast as the node lets it, to an HTTP/2
+/// agent that reads slowly: flow-control windows (the agent's towards the
+/// node, the node's towards the caller), not the caller, hold the bytes
+/// back, so when the node's deadline passes it is the agent that did not
+/// answer in time (charged to it), not the caller that stalled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_upload_to_a_slow_reader_is_the_agents_timeout() {
+    let mesh = mesh2(|_, raw| {
+        raw.delegation.max_buffered_body = Some(1024);
+        raw.delegation.timeout_ms = Some(1000);
+    })
+    .await;
+    let slow = slow_reader(super::sample_config("slow", &["slow"], "reads slowly")).await;
+    mesh.attach(0, &format!("http://{slow}"), None)
+        .await
+        .expect("attach");
+    eventually(Duration::from_secs(5), "routable", || {
+        mesh.routable_everywhere("slow")
+    })
+    .await;
+    for node in [0, 1] {
+        let tcp = TcpStream::connect(mesh.ingress(node))
+            .await
+            .expect("connect");
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .expect("h2c handshake");
+        tokio::spawn(conn);
+        // 30 MiB in 60 KiB chunks, one every 2 ms: the node takes each
+        // chunk at once and finds the next one not there yet, as with any
+        // real caller.
+        let chunks = futures_util::stream::unfold(0u32, |i| async move {
+            if i == 512 {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            let chunk = hyper::body::Frame::data(Bytes::from(vec![b'u'; 60 * 1024]));
+            Some((Ok::<_, std::convert::Infallible>(chunk), i + 1))
+        });
+        let req = hyper::Request::post("http://slow.acme.dmsc/upload")
+            .body(http_body_util::StreamBody::new(Box::pin(chunks)))
+            .expect("request");
+        let started = Instant::now();
+        let resp = tokio::time::timeout(Duration::from_secs(20), send.send_request(req))
+            .await
+            .expect("an answer within 20 s")
+            .expect("response");
+        let status = resp.status();
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .map(|c| String::from_utf8_lossy(&c.to_bytes()).into_owned())
+            .unwrap_or_default();
+        assert_eq!(status, 504, "node {node}: {body}");
+        assert!(
+            body.contains("`acme/slow` did not answer within the deadline")
+                || body.contains("no response from `acme/slow`"),
+            "node {node}, after {:?}: {body}",
+            started.elapsed()
+        );
+    }
+    assert!(
+        error_rate(&mesh, 0, "slow") > 0.0,
+        "the timeouts were the agent's"
+    );
+    mesh.stop().await;
+}
