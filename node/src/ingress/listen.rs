@@ -166,6 +166,23 @@ impl Listeners {
     }
 }
 
+/// A request's HTTP/2 header list size as SETTINGS_MAX_HEADER_LIST_SIZE
+/// counts it (RFC 9113 6.5.2: name, value and 32 bytes per field), the
+/// pseudo-header fields included.
+fn header_list_size<B>(req: &Request<B>) -> usize {
+    let pseudo = req.method().as_str().len()
+        + req.uri().path_and_query().map_or(0, |p| p.as_str().len())
+        + req.uri().authority().map_or(0, |a| a.as_str().len())
+        + req.uri().scheme_str().map_or(0, str::len)
+        + 4 * (":method".len() + 32);
+    pseudo
+        + req
+            .headers()
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 32)
+            .sum::<usize>()
+}
+
 /// hyper's connection settings from the limits.
 fn http_builder(l: &LimitsConfig, protocols: Protocols) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
@@ -181,7 +198,12 @@ fn http_builder(l: &LimitsConfig, protocols: Protocols) -> auto::Builder<TokioEx
     b.http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(l.h2_max_concurrent_streams)
-        .max_header_list_size(u32::try_from(l.max_header_bytes).unwrap_or(u32::MAX))
+        // Twice the limit: h2 itself answers a list over its setting with
+        // REFUSED_STREAM, which clients read as "safe to retry" and repeat;
+        // up to twice the limit the node answers 431 (`headers_too_large`).
+        .max_header_list_size(
+            u32::try_from(l.max_header_bytes.saturating_mul(2)).unwrap_or(u32::MAX),
+        )
         .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
         .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS)
         .keep_alive_interval(H2_PING_INTERVAL)
@@ -466,11 +488,15 @@ impl Conn {
                     .as_ref()
                     .map(|d| (!d.is_draining()).then(|| d.begin()));
                 let http1 = req.version() < hyper::Version::HTTP_2;
+                let oversize = (!http1)
+                    .then(|| header_list_size(&req))
+                    .filter(|n| *n > s.limits.max_header_bytes);
                 async move {
-                    let (resp, work) = match work {
-                        Some(None) => (s.shutting_down(http1), None),
+                    let (resp, work) = match (work, oversize) {
+                        (Some(None), _) => (s.shutting_down(http1), None),
+                        (_, Some(size)) => (s.headers_too_large(size), None),
                         // Shed (or, never, a closed semaphore): answered here.
-                        work => (
+                        (work, None) => (
                             svc.oneshot(req).await.unwrap_or_else(|e| s.refusal(&e)),
                             work.flatten(),
                         ),
@@ -562,6 +588,20 @@ impl ServerInner {
                 .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
         }
         r
+    }
+
+    /// 431 for an HTTP/2 header list over `max_header_bytes` (HTTP/1's
+    /// limit is hyper's read buffer, which answers 431 itself).
+    fn headers_too_large(&self, size: usize) -> Response<Body> {
+        self.problem(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "bad-request",
+            format!(
+                "the request's header list is {size} bytes; this listener takes at most {} \
+                 (`limits.max_header_bytes`)",
+                self.limits.max_header_bytes
+            ),
+        )
     }
 
     /// The answer to a request the limit refused: 503, `Retry-After: 1`,
@@ -981,6 +1021,43 @@ mod tests {
         assert!(idle < Duration::from_secs(61), "{idle:?}");
         assert_eq!(metrics.timed_out("t", "idle"), 1);
         let _ = client_conn.await;
+    }
+
+    /// An HTTP/2 header list over the limit gets 431 with the reason, not a
+    /// refused stream (which clients retry); the connection serves on.
+    #[tokio::test]
+    async fn an_http2_header_list_over_the_limit_gets_431() {
+        let limits = LimitsConfig {
+            max_header_bytes: 8192,
+            ..limits()
+        };
+        let server =
+            Listeners::new("n", limits, ListenerMetrics::default()).server("t", Protocols::Auto);
+        let (client, _task) = serve(&server, tower::service_fn(ok));
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(client))
+                .await
+                .expect("h2 handshake");
+        tokio::spawn(conn);
+        let req = |value_len: usize| {
+            Request::builder()
+                .uri("http://x/")
+                .header("x-long", "a".repeat(value_len))
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .expect("request")
+        };
+        let resp = send
+            .send_request(req(9000))
+            .await
+            .expect("an answer, not a reset");
+        assert_eq!(resp.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        let body = String::from_utf8_lossy(&body);
+        assert!(body.contains("at most 8192"), "{body}");
+        assert!(body.contains("\"status\":431"), "{body}");
+        // Within the limit, on the same connection: served.
+        let resp = send.send_request(req(7000)).await.expect("response");
+        assert_eq!(resp.status(), StatusCode::OK);
     }
 
     #[tokio::test]
