@@ -161,7 +161,17 @@ pub fn cross_tenant(
         ),
         tags: false,
     };
-    let provider = provider.ok_or_else(no_export)?;
+    // A tenant without a policy (or one this node never heard of: the two
+    // look alike, so a caller cannot probe which tenants exist) exports
+    // nothing.
+    let provider = provider.ok_or_else(|| Refusal {
+        reason: format!(
+            "cross-tenant call refused: tenant `{}` has no policy, so it exports nothing \
+             (to tenant `{}` neither)",
+            c.to, c.from
+        ),
+        ..no_export()
+    })?;
     Side {
         by_tenant: &provider.exports_to,
         any: &provider.exports_any,
@@ -179,7 +189,14 @@ pub fn cross_tenant(
         ),
         tags: false,
     };
-    let consumer = consumer.ok_or_else(no_import)?;
+    let consumer = consumer.ok_or_else(|| Refusal {
+        reason: format!(
+            "cross-tenant call refused: tenant `{}` has no policy, so it imports nothing \
+             (from tenant `{}` neither)",
+            c.from, c.to
+        ),
+        ..no_import()
+    })?;
     Side {
         by_tenant: &consumer.imports_from,
         any: &consumer.imports_any,
@@ -351,6 +368,17 @@ data_tags = ["public"]
         // No export: the provider's side refuses.
         let r = cross_tenant(Some(&g), None, crossing(billing, NONE)).expect_err("no export");
         assert_eq!(r.rule, "acme:export");
+        assert_eq!(
+            r.to_string(),
+            "cross-tenant call refused: tenant `acme` has no policy, so it exports nothing (to tenant `globex` neither) (rule `acme:export`)"
+        );
+        let empty = Policy {
+            exports_to: Default::default(),
+            exports_any: Vec::new(),
+            ..acme()
+        };
+        let r =
+            cross_tenant(Some(&g), Some(&empty), crossing(billing, NONE)).expect_err("no export");
         assert_eq!(
             r.to_string(),
             "cross-tenant call refused: tenant `acme` does not export agent `billing` to tenant `globex` (rule `acme:export`)"

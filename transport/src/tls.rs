@@ -178,11 +178,22 @@ impl MeshPolicy {
 fn path_failure(err: &rustls::Error, leaf: &CertificateDer<'_>, roots: &[String]) -> String {
     match err {
         rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
-        | rustls::Error::InvalidCertificate(CertificateError::BadSignature) => format!(
-            "is not from this mesh: issued by `{}`, expected the mesh CA `{}`",
-            issuer_of(leaf),
-            roots.join("` or `")
-        ),
+        | rustls::Error::InvalidCertificate(CertificateError::BadSignature) => {
+            let issuer = issuer_of(leaf);
+            if roots.contains(&issuer) {
+                // Two CAs of one name (e.g. `ca init` run twice for the
+                // same trust domain): the name alone explains nothing.
+                format!(
+                    "is not from this mesh: issued by a CA named `{issuer}` like the mesh CA, \
+                     but with another key (its signature does not verify against the mesh CA's)"
+                )
+            } else {
+                format!(
+                    "is not from this mesh: issued by `{issuer}`, expected the mesh CA `{}`",
+                    roots.join("` or `")
+                )
+            }
+        }
         rustls::Error::InvalidCertificate(CertificateError::Expired)
         | rustls::Error::InvalidCertificate(CertificateError::ExpiredContext { .. }) => {
             "has expired".to_string()
@@ -677,5 +688,25 @@ mod tests {
         let open =
             NodeIssuer::load_pem(&open.issuer.cert_pem, &open.issuer.key_pem).expect("issuer");
         assert!(open.tenants.is_none() && open.may_issue_for("globex"));
+    }
+
+    /// A second CA made for the same trust domain has the mesh CA's name:
+    /// the refusal says so instead of naming one CA twice.
+    #[test]
+    fn a_ca_with_the_mesh_cas_name_and_another_key_is_named_as_such() {
+        let ca = CertificateAuthority::generate("td").expect("ca");
+        let twin = CertificateAuthority::generate("td").expect("twin");
+        let creds = twin
+            .issue_node_credentials("n1", NODE_VALIDITY, &[])
+            .expect("creds");
+        // Trusts `ca`, holds a certificate from `twin`.
+        let identity =
+            NodeIdentity::from_pem(&ca.cert_pem, &creds.node.cert_pem, &creds.node.key_pem)
+                .expect("identity");
+        let e = verify_own_chain(&identity).expect_err("another CA");
+        assert!(
+            e.contains("issued by a CA named `") && e.contains("with another key"),
+            "{e}"
+        );
     }
 }

@@ -293,7 +293,7 @@ mod tests {
         assert_eq!(d.rule(), Some("acme:export"));
         assert_eq!(
             d.to_string(),
-            "caller `jwt:x#a` of tenant `globex`: cross-tenant call refused: tenant `acme` does not export agent `billing` to tenant `globex` (rule `acme:export`)"
+            "caller `jwt:x#a` of tenant `globex`: cross-tenant call refused: tenant `acme` has no policy, so it exports nothing (to tenant `globex` neither) (rule `acme:export`)"
         );
         assert_eq!(
             decide(&store, route("a", "acme", "acme", billing, &[])),
