@@ -55,6 +55,53 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// A body whose first bytes were read already (`head`), then the rest as
+/// it comes: a request too large to hold whole, routed by its start.
+pub(crate) struct Prepended {
+    head: Option<Bytes>,
+    rest: Incoming,
+}
+
+impl hyper::body::Body for Prepended {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(head) = self.head.take() {
+            return Poll::Ready(Some(Ok(Frame::data(head))));
+        }
+        Pin::new(&mut self.rest)
+            .poll_frame(cx)
+            .map_err(|e| Box::new(e) as BoxError)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.head.is_none() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let n = self.head.as_ref().map_or(0, |h| h.len() as u64);
+        let rest = self.rest.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower() + n);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + n);
+        }
+        hint
+    }
+}
+
+pub(crate) fn prepended(head: Bytes, rest: Incoming) -> Body {
+    Prepended {
+        head: Some(head),
+        rest,
+    }
+    .boxed()
+}
+
 pub(crate) fn incoming(body: Incoming) -> Body {
     body.map_err(|e| Box::new(e) as BoxError).boxed()
 }

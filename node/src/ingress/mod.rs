@@ -92,13 +92,25 @@ enum BufferError {
     OverBudget,
 }
 
+/// What [`read_buffered`] read.
+enum Read {
+    /// The whole body.
+    Whole(Bytes),
+    /// The first bytes (at least `limit`) of a body over the limit, and the
+    /// rest of it unread: only when the caller asked to keep large bodies.
+    Start(Bytes, Incoming),
+}
+
 /// Reads a body whole, at most `limit` bytes, growing `permit` as the
 /// bytes arrive (a body that declared its length reserved it already).
+/// With `keep_large`, a body over the limit is not refused: its start is
+/// returned with the rest unread.
 async fn read_buffered(
     mut body: Incoming,
     limit: usize,
     permit: &mut BodyPermit,
-) -> Result<Bytes, BufferError> {
+    keep_large: bool,
+) -> Result<Read, BufferError> {
     let mut chunks: Vec<Bytes> = Vec::new();
     let mut total = 0usize;
     while let Some(frame) = body.frame().await {
@@ -107,15 +119,22 @@ async fn read_buffered(
             continue;
         };
         total += data.len();
-        if total > limit {
+        if total > limit && !keep_large {
             return Err(BufferError::TooLarge { limit });
         }
         if !permit.grow_to(total) {
             return Err(BufferError::OverBudget);
         }
         chunks.push(data);
+        if total > limit {
+            return Ok(Read::Start(concat(chunks, total), body));
+        }
     }
-    Ok(match chunks.len() {
+    Ok(Read::Whole(concat(chunks, total)))
+}
+
+fn concat(mut chunks: Vec<Bytes>, total: usize) -> Bytes {
+    match chunks.len() {
         0 => Bytes::new(),
         1 => chunks.swap_remove(0),
         _ => {
@@ -125,7 +144,7 @@ async fn read_buffered(
             }
             all.freeze()
         }
-    })
+    }
 }
 
 /// The mesh error with `Retry-After` (whole seconds, at least 1): 503 at a
@@ -732,6 +751,8 @@ impl Ingress {
             || ((tag_rules || mask_rules) && exact.is_none());
         // Held until the delegation is done: the buffered bytes live as long.
         let mut permit: Option<BodyPermit> = None;
+        // The text of an intent request too large to hold whole.
+        let mut start_text: Option<String> = None;
         let body = if buffer {
             let budget = &self.budget;
             let over_budget = || {
@@ -752,9 +773,14 @@ impl Ingress {
                 return over_budget();
             };
             let p = permit.insert(p);
-            let read =
-                tokio::time::timeout_at(deadline, read_buffered(body, cfg.max_buffered_body, p))
-                    .await;
+            // An intent request over the limit streams on, routed by the
+            // text of its start (masking needs it whole: refused as before).
+            let keep_large = needs_text && !mask_rules;
+            let read = tokio::time::timeout_at(
+                deadline,
+                read_buffered(body, cfg.max_buffered_body, p, keep_large),
+            )
+            .await;
             let Ok(read) = read else {
                 return refuse(MeshError::new(
                     ErrorKind::Timeout,
@@ -763,7 +789,11 @@ impl Ingress {
                 ));
             };
             match read {
-                Ok(b) => ReqBody::Buffered(b),
+                Ok(Read::Whole(b)) => ReqBody::Buffered(b),
+                Ok(Read::Start(start, rest)) => {
+                    start_text = crate::proto::a2a::intent_text_prefix(&start);
+                    ReqBody::Streaming(crate::forward::body::prepended(start, rest))
+                }
                 Err(BufferError::OverBudget) => return over_budget(),
                 Err(e) => {
                     let kind = if mask_rules && matches!(e, BufferError::TooLarge { .. }) {
@@ -908,7 +938,7 @@ impl Ingress {
                         let text = match (&header_intent, &body) {
                             (Some(t), _) => Some(t.clone()),
                             (None, ReqBody::Buffered(b)) => crate::proto::a2a::intent_text(b),
-                            _ => None,
+                            (None, ReqBody::Streaming(_)) => start_text.clone(),
                         };
                         match text {
                             Some(t) if !t.trim().is_empty() => Target::Intent(t),
@@ -973,6 +1003,15 @@ impl Ingress {
         if let Some(peer) = auth.peer {
             crate::proto::forwarded::append_forwarded_for(&mut headers, peer.ip());
         }
+        let routed_by_start = (matches!(target, Target::Intent(_))
+            && header_intent.is_none()
+            && start_text.is_some())
+        .then(|| {
+            format!(
+                "routed by the text in the request's first {} bytes (the request is larger)",
+                cfg.max_buffered_body
+            )
+        });
         // The request's dialect decides how an error is rendered (a JSON-RPC
         // request gets a JSON-RPC error with its id).
         let request_bytes = match &body {
@@ -996,7 +1035,7 @@ impl Ingress {
                 headers,
                 body,
                 intent: prepared.query,
-                route_note: follow.map(|f| f.why),
+                route_note: follow.map(|f| f.why).or(routed_by_start),
                 binding,
             })
             .await;

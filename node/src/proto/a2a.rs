@@ -34,6 +34,66 @@ pub fn intent_text(body: &[u8]) -> Option<String> {
     message_text(message)
 }
 
+/// The text of a message request of which only the first bytes are at hand
+/// (a request too large to hold whole: it streams on, routed by its start).
+/// The prefix is no JSON document, so this reads it leniently: every JSON
+/// string under a `"text"` key, the last one perhaps cut short. `None` when
+/// the prefix names a method that carries no message.
+pub fn intent_text_prefix(prefix: &[u8]) -> Option<String> {
+    let s = String::from_utf8_lossy(prefix);
+    let names_method = |m: &str| s.contains(&format!("\"method\":\"{m}\""));
+    if s.contains("\"method\"") && !MESSAGE_METHODS.iter().any(|m| names_method(m)) {
+        return None;
+    }
+    let mut texts = Vec::new();
+    let mut rest: &str = &s;
+    while let Some(at) = rest.find("\"text\"") {
+        rest = &rest[at + "\"text\"".len()..];
+        let value = rest.trim_start();
+        let Some(value) = value.strip_prefix(':').map(str::trim_start) else {
+            continue;
+        };
+        let Some(value) = value.strip_prefix('"') else {
+            continue;
+        };
+        let (text, used) = json_string_prefix(value);
+        if !text.trim().is_empty() {
+            texts.push(text);
+        }
+        rest = &value[used..];
+    }
+    (!texts.is_empty()).then(|| texts.join(" "))
+}
+
+/// Decodes the JSON string that starts at `s` (after its opening quote) up
+/// to its closing quote or the end of `s`: the text and the bytes used.
+fn json_string_prefix(s: &str) -> (String, usize) {
+    let mut out = String::new();
+    let mut chars = s.char_indices();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '"' => return (out, i + 1),
+            '\\' => match chars.next() {
+                Some((_, 'n')) => out.push('\n'),
+                Some((_, 't')) => out.push('\t'),
+                Some((_, 'r')) => out.push('\r'),
+                Some((_, 'u')) => {
+                    let hex: String = chars.by_ref().take(4).map(|(_, c)| c).collect();
+                    let c = u32::from_str_radix(&hex, 16)
+                        .ok()
+                        .and_then(char::from_u32)
+                        .unwrap_or(char::REPLACEMENT_CHARACTER);
+                    out.push(c);
+                }
+                Some((_, c)) => out.push(c),
+                None => break,
+            },
+            c => out.push(c),
+        }
+    }
+    (out, s.len())
+}
+
 /// The text parts of one A2A message (either dialect), joined by spaces.
 fn message_text(message: &Value) -> Option<String> {
     // A2A 0.3's HTTP+JSON binding (`POST /v1/message:send`, a2a-sdk 0.3's
@@ -315,6 +375,40 @@ pub fn answer_refs(answer: &Value) -> Vec<Ref> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_text_of_a_cut_request_is_read_from_its_start() {
+        let whole = serde_json::json!({
+            "jsonrpc": "2.0", "id": 1, "method": "message/send",
+            "params": {"message": {"role": "user", "messageId": "m", "parts": [
+                {"kind": "text", "text": "refund my \"order\"\nplease é"},
+                {"kind": "text", "text": "x".repeat(1000)},
+            ]}}
+        })
+        .to_string();
+        let cut = &whole.as_bytes()[..whole.len() - 600];
+        assert!(super::intent_text(cut).is_none(), "no JSON document");
+        let text = super::intent_text_prefix(cut).expect("text");
+        assert!(
+            text.starts_with("refund my \"order\"\nplease \u{e9} xxx"),
+            "{text}"
+        );
+        assert!(text.len() < 1000, "the second part is cut");
+        let escaped =
+            br#"{"method":"SendMessage","params":{"message":{"parts":[{"text":"caf\u00e9 \\ ok"#;
+        assert_eq!(
+            super::intent_text_prefix(escaped).as_deref(),
+            Some("café \\ ok")
+        );
+        // A method that carries no message: nothing to route by.
+        let other = br#"{"jsonrpc":"2.0","id":1,"method":"tasks/get","params":{"text":"x"#;
+        assert_eq!(super::intent_text_prefix(other), None);
+        // No text at all.
+        assert_eq!(
+            super::intent_text_prefix(br#"{"method":"SendMessage","params":{"#),
+            None
+        );
+    }
+
     use super::*;
 
     #[test]

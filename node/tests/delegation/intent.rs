@@ -428,3 +428,82 @@ async fn routes_paraphrases_by_meaning(model: std::path::PathBuf) {
     assert_eq!(s1["intent"]["scorer"], "lexical-only", "{}", s1["intent"]);
     drop((payroll, facilities));
 }
+
+/// An intent request larger than the node holds whole (`max_buffered_body`)
+/// is routed by the text in its first bytes, and reaches the agent whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_too_large_to_hold_is_routed_by_its_start() {
+    let mesh = LocalMesh::start(&["n0", "n1"], "acme", |_, raw| {
+        raw.gossip.interval_ms = Some(100);
+        raw.delegation.max_buffered_body = Some(64 * 1024);
+    })
+    .await
+    .expect("mesh");
+    let payroll = skilled(
+        "payroll",
+        "Runs payroll: salaries, payslips, tax withholding.",
+        &["payroll", "salary"],
+        &["Why is my salary late?"],
+    )
+    .await;
+    let facilities = skilled(
+        "facilities",
+        "Building maintenance: leaks, broken lights, heating, desks.",
+        &["facilities", "maintenance"],
+        &["The heating on floor 3 is off"],
+    )
+    .await;
+    mesh.attach(1, &payroll.url(), None).await.expect("attach");
+    mesh.attach(1, &facilities.url(), None)
+        .await
+        .expect("attach");
+    eventually(Duration::from_secs(10), "routable", || {
+        mesh.routable_everywhere("payroll") && mesh.routable_everywhere("facilities")
+    })
+    .await;
+    // 256 KiB of text, four times the limit; the words that route it first.
+    let text = format!("my salary payslip is wrong {}", "and more ".repeat(30_000));
+    let body = message_send(&text);
+    let len = body.len();
+    assert!(len > 4 * 64 * 1024);
+    for node in [0, 1] {
+        let (resp, _) = mesh
+            .call(node, "POST", "mesh.acme.dmsc", "/", &[], body.clone())
+            .await
+            .expect("call");
+        let h = |n: &str| {
+            resp.headers()
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert_eq!(
+            resp.status(),
+            StatusCode::OK,
+            "node {node}: {}",
+            h("dmsc-route")
+        );
+        assert!(
+            h("dmsc-agent").contains("payroll"),
+            "node {node}: {}",
+            h("dmsc-route")
+        );
+        assert!(
+            h("dmsc-route").contains("first 65536 bytes"),
+            "node {node}: {}",
+            h("dmsc-route")
+        );
+        let seen = payroll
+            .state
+            .last_headers()
+            .and_then(|h| h.get("content-length").cloned())
+            .and_then(|v| v.to_str().ok().and_then(|v| v.parse::<usize>().ok()));
+        assert_eq!(
+            seen,
+            Some(len),
+            "node {node}: the agent got the whole request"
+        );
+    }
+    mesh.stop().await;
+}
