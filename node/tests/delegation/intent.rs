@@ -343,16 +343,9 @@ async fn with_mpnet_a_paraphrase_is_routed_by_meaning() {
     routes_paraphrases_by_meaning(model).await;
 }
 
-async fn routes_paraphrases_by_meaning(model: std::path::PathBuf) {
-    let mesh = LocalMesh::start(&["n0", "n1"], "acme", |i, raw| {
-        raw.gossip.interval_ms = Some(100);
-        raw.delegation.health_interval_ms = Some(200);
-        if i == 0 {
-            raw.intent.model_dir = Some(model.clone());
-        }
-    })
-    .await
-    .expect("mesh");
+/// Two agents whose cards share no words, attached to node 1 and routable
+/// everywhere.
+async fn payroll_and_facilities(mesh: &LocalMesh) -> (SampleAgent, SampleAgent) {
     let payroll = skilled(
         "payroll",
         "Runs payroll: salaries, payslips, tax withholding.",
@@ -375,6 +368,20 @@ async fn routes_paraphrases_by_meaning(model: std::path::PathBuf) {
         mesh.routable_everywhere("payroll") && mesh.routable_everywhere("facilities")
     })
     .await;
+    (payroll, facilities)
+}
+
+async fn routes_paraphrases_by_meaning(model: std::path::PathBuf) {
+    let mesh = LocalMesh::start(&["n0", "n1"], "acme", |i, raw| {
+        raw.gossip.interval_ms = Some(100);
+        raw.delegation.health_interval_ms = Some(200);
+        if i == 0 {
+            raw.intent.model_dir = Some(model.clone());
+        }
+    })
+    .await
+    .expect("mesh");
+    let (payroll, facilities) = payroll_and_facilities(&mesh).await;
     // The cards are embedded in the background on the node with the model.
     eventually(Duration::from_secs(20), "cards embedded on n0", || {
         ["payroll", "facilities"].iter().all(|n| {
@@ -439,28 +446,7 @@ async fn a_request_too_large_to_hold_is_routed_by_its_start() {
     })
     .await
     .expect("mesh");
-    let payroll = skilled(
-        "payroll",
-        "Runs payroll: salaries, payslips, tax withholding.",
-        &["payroll", "salary"],
-        &["Why is my salary late?"],
-    )
-    .await;
-    let facilities = skilled(
-        "facilities",
-        "Building maintenance: leaks, broken lights, heating, desks.",
-        &["facilities", "maintenance"],
-        &["The heating on floor 3 is off"],
-    )
-    .await;
-    mesh.attach(1, &payroll.url(), None).await.expect("attach");
-    mesh.attach(1, &facilities.url(), None)
-        .await
-        .expect("attach");
-    eventually(Duration::from_secs(10), "routable", || {
-        mesh.routable_everywhere("payroll") && mesh.routable_everywhere("facilities")
-    })
-    .await;
+    let (payroll, _facilities) = payroll_and_facilities(&mesh).await;
     // 256 KiB of text, four times the limit; the words that route it first.
     let text = format!("my salary payslip is wrong {}", "and more ".repeat(30_000));
     let body = message_send(&text);
