@@ -322,6 +322,92 @@ impl AgentCard {
         out
     }
 
+    /// Fits the card to where the mesh reaches the agent: its registered
+    /// URL (`registered`, e.g. `http://10.0.0.5:9101/agents/billing`), to
+    /// be followed by [`Self::rewrite_urls`].
+    ///
+    /// - The mesh forwards every call to the registered URL's port, so an
+    ///   interface the card lists on another port (a2a-sdk's samples serve
+    ///   gRPC on a second one) could not be reached through the mesh: it is
+    ///   left out, and returned so the node can say so. Only when some
+    ///   interface is on the registered port (an agent behind a proxy whose
+    ///   card names only public URLs keeps them all).
+    /// - The mesh name stands for the registered URL, path included: an
+    ///   endpoint under the registered path loses that prefix
+    ///   (`http://10.0.0.5:9101/agents/billing/` becomes `.../`), since the
+    ///   node adds it back to every call.
+    pub fn fit_to(&mut self, registered: &str) -> Vec<String> {
+        let Some((base, rest)) = Origin::of(registered) else {
+            return Vec::new();
+        };
+        let base_path = rest
+            .split(['?', '#'])
+            .next()
+            .unwrap_or_default()
+            .trim_end_matches('/')
+            .to_string();
+        let port_of = |u: &str| {
+            Origin::of(u)
+                .map(|(o, _)| o.port)
+                .or_else(|| grpc_target(u).map(|(_, p)| p))
+        };
+        let on_base = |u: &str| port_of(u) == Some(base.port);
+        let any_on_base = self.endpoint_urls().any(on_base);
+        let mut left_out = Vec::new();
+        if any_on_base {
+            for list in [
+                &mut self.additional_interfaces,
+                &mut self.supported_interfaces,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                list.retain(|i| {
+                    let keep = port_of(&i.url).is_none() || on_base(&i.url);
+                    if !keep {
+                        let binding = i
+                            .protocol_binding
+                            .as_deref()
+                            .or(i.transport.as_deref())
+                            .unwrap_or("?");
+                        left_out.push(format!("{binding} at {}", i.url));
+                    }
+                    keep
+                });
+            }
+        }
+        if !base_path.is_empty() {
+            let strip = |u: &mut String| {
+                let Some((o, rest)) = Origin::of(u) else {
+                    return;
+                };
+                if o.port != base.port {
+                    return;
+                }
+                let Some(after) = rest.strip_prefix(base_path.as_str()) else {
+                    return;
+                };
+                if after.is_empty() || after.starts_with(['/', '?', '#']) {
+                    let head = &u[..u.len() - rest.len()];
+                    *u = format!("{head}{after}");
+                }
+            };
+            if let Some(u) = self.url.as_mut() {
+                strip(u);
+            }
+            for list in [
+                &mut self.additional_interfaces,
+                &mut self.supported_interfaces,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                list.iter_mut().for_each(|i| strip(&mut i.url));
+            }
+        }
+        left_out
+    }
+
     /// Points every URL of the agent's own endpoints at `mesh_url`, keeping
     /// each URL's path, query and fragment: with `mesh_url` =
     /// `http://billing.acme.dmsc`, `http://10.0.0.5:9101/a2a/v1` becomes
@@ -952,6 +1038,45 @@ mod tests {
         // still a valid card, null kept
         let again = AgentCard::parse(&card.to_bytes()).expect("valid");
         assert_eq!(again.to_json()["description"], Value::Null);
+    }
+
+    #[test]
+    fn a_card_is_fit_to_the_registered_url_before_the_rewrite() {
+        // a2a-sdk's sample shape: JSON-RPC and REST on the HTTP port, gRPC on
+        // another; the agent is registered under a path.
+        let v = json!({
+            "name": "e", "skills": [],
+            "supportedInterfaces": [
+                {"url": "http://127.0.0.1:8000/agents/e/", "protocolBinding": "JSONRPC", "protocolVersion": "1.0"},
+                {"url": "http://127.0.0.1:8000/agents/e/rest", "protocolBinding": "HTTP+JSON", "protocolVersion": "1.0"},
+                {"url": "127.0.0.1:50051", "protocolBinding": "GRPC", "protocolVersion": "1.0"}
+            ]
+        });
+        let mut card = AgentCard::from_value(v).expect("valid");
+        let left_out = card.fit_to("http://127.0.0.1:8000/agents/e");
+        assert_eq!(left_out, vec!["GRPC at 127.0.0.1:50051".to_string()]);
+        card.rewrite_urls("http://e.acme.dmsc");
+        let urls: Vec<&str> = card.endpoint_urls().collect();
+        assert_eq!(urls, ["http://e.acme.dmsc/", "http://e.acme.dmsc/rest"]);
+        // Registered at the gRPC port: the HTTP interfaces are the ones left out.
+        let mut card = AgentCard::from_value(json!({
+            "name": "e", "skills": [],
+            "supportedInterfaces": [
+                {"url": "http://127.0.0.1:8000/", "protocolBinding": "JSONRPC", "protocolVersion": "1.0"},
+                {"url": "127.0.0.1:50051", "protocolBinding": "GRPC", "protocolVersion": "1.0"}
+            ]
+        }))
+        .expect("valid");
+        assert_eq!(
+            card.fit_to("http://127.0.0.1:50051"),
+            vec!["JSONRPC at http://127.0.0.1:8000/".to_string()]
+        );
+        // Behind a proxy: the card names only public URLs; nothing is left out,
+        // and a path that is not the registered one stays.
+        let mut card = AgentCard::from_value(v03()).expect("valid");
+        let before = card.clone();
+        assert!(card.fit_to("http://192.168.1.9:7000/x").is_empty());
+        assert_eq!(card.digest(), before.digest());
     }
 
     #[test]

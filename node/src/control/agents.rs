@@ -290,23 +290,45 @@ pub async fn onboard(
     Ok(agent)
 }
 
-/// The card as the mesh serves it: every URL rewritten to the mesh name.
-fn mesh_card(card: &AgentCard, id: &AgentId) -> AgentCard {
+/// The card as the mesh serves it: fitted to the agent's registered URL
+/// (`base`; none for an edge agent) and every URL rewritten to the mesh
+/// name; and the interfaces left out because the mesh cannot reach them.
+pub(crate) fn mesh_card(
+    card: &AgentCard,
+    id: &AgentId,
+    base: Option<&Uri>,
+) -> (AgentCard, Vec<String>) {
     let mut mesh_card = card.clone();
+    let left_out = base.map_or_else(Vec::new, |b| mesh_card.fit_to(&b.to_string()));
     mesh_card.rewrite_urls(&crate::forward::local::mesh_url(id));
-    mesh_card
+    (mesh_card, left_out)
 }
 
 /// One version of an agent's card, and the served card to cache in the
 /// mesh view.
-fn card_version(card: AgentCard, id: &AgentId) -> (CardVersion, AgentCard) {
-    let served = mesh_card(&card, id);
+fn card_version(card: AgentCard, id: &AgentId, base: Option<&Uri>) -> (CardVersion, AgentCard) {
+    let (served, left_out) = mesh_card(&card, id, base);
     let version = CardVersion {
         digest: served.digest(),
         mesh_card: Bytes::from(served.to_bytes()),
         card,
+        left_out,
     };
     (version, served)
+}
+
+/// Says which interfaces the served card leaves out (at onboarding and when
+/// the card changes).
+fn warn_left_out(id: &AgentId, version: &CardVersion) {
+    if !version.left_out.is_empty() {
+        warn!(
+            agent = %id,
+            left_out = %version.left_out.join(", "),
+            "the mesh reaches this agent at its registered URL only, so the card it serves \
+             leaves out interfaces on other ports; register such a port as an agent of its own \
+             to reach it through the mesh"
+        );
+    }
 }
 
 /// A new local agent, its mesh card registered in `mesh`; healthy until a
@@ -322,7 +344,9 @@ fn local_agent(
     card_source: CardSource,
     mesh: &MeshView,
 ) -> Arc<LocalAgent> {
-    let (version, served) = card_version(card, &id);
+    let edge = spec.protocol.as_deref() == Some(EDGE_PROTOCOL);
+    let (version, served) = card_version(card, &id, (!edge).then_some(&base));
+    warn_left_out(&id, &version);
     mesh.add_card(served);
     Arc::new(LocalAgent {
         id,
@@ -489,7 +513,7 @@ impl AgentsCtx {
             if !old.is_edge() {
                 return Err(AgentError::Duplicate(id));
             }
-            if old.digest() == mesh_card(&card, &id).digest() {
+            if old.digest() == mesh_card(&card, &id, None).0.digest() {
                 // The retained card again (a reconnect): nothing changed.
                 return Ok(old.clone());
             }
@@ -618,7 +642,8 @@ impl AgentsCtx {
             return Refreshed::Gone;
         }
         *lock(&agent.validators) = Some(validators);
-        let (version, served) = card_version(card, &agent.id);
+        let base = (!agent.is_edge()).then_some(&agent.base);
+        let (version, served) = card_version(card, &agent.id, base);
         let old = agent.card();
         if version.digest == old.digest {
             return Refreshed::Unchanged;
@@ -637,6 +662,7 @@ impl AgentsCtx {
             after = %skills(&version.card),
             "agent card changed; the mesh serves and routes by the new one"
         );
+        warn_left_out(&agent.id, &version);
         // Cached before the record names it, so the record finds it.
         self.mesh.add_card(served);
         agent.set_card(version);

@@ -19,6 +19,10 @@
 //! body: [`peek`] reads it (up to [`PEEK_LIMIT`]) and hands the agent the
 //! same bytes.
 //!
+//! Over gRPC (A2A 1.0 `GetExtendedAgentCard`, 0.3 `GetAgentCard`) the card
+//! is protobuf, which is not rewritten: the call is refused with
+//! INVALID_ARGUMENT and the reason, before it reaches the agent.
+//!
 //! Fail closed: a successful (2xx) answer with a JSON (or no) content type
 //! is taken as the card. It is held (up to [`MAX_CARD_BYTES`]) and must be a
 //! valid card (or a JSON-RPC response whose `result` is one); if it is too
@@ -274,9 +278,9 @@ pub(crate) async fn rewrite_answer(
     };
     let mesh = mesh_url(&agent.id);
     let rewritten = match (ask, value) {
-        (CardAsk::Rest, card) => rewrite_card(card, &mesh),
+        (CardAsk::Rest, card) => rewrite_card(card, &mesh, &agent.base),
         (CardAsk::JsonRpc, Value::Object(mut envelope)) => match envelope.remove("result") {
-            Some(card) => rewrite_card(card, &mesh).map(|card| {
+            Some(card) => rewrite_card(card, &mesh, &agent.base).map(|card| {
                 envelope.insert("result".into(), card);
                 Value::Object(envelope)
             }),
@@ -297,9 +301,11 @@ pub(crate) async fn rewrite_answer(
     Ok(Response::from_parts(parts, full(bytes)))
 }
 
-/// The same rewrite the well-known card gets; the card must be valid.
-fn rewrite_card(card: Value, mesh: &str) -> Result<Value, String> {
+/// The same rewrite the well-known card gets (fitted to the registered URL
+/// `base`); the card must be valid.
+fn rewrite_card(card: Value, mesh: &str, base: &hyper::Uri) -> Result<Value, String> {
     let mut card = AgentCard::from_value(card).map_err(|e| e.to_string())?;
+    card.fit_to(&base.to_string());
     card.rewrite_urls(mesh);
     Ok(card.to_json())
 }

@@ -122,6 +122,9 @@ pub struct CardVersion {
     /// a card fetched through the mesh from anywhere has the same digest.
     pub mesh_card: Bytes,
     pub digest: String,
+    /// Interfaces of the card the served card leaves out: on other ports
+    /// than the registered URL's, where the mesh cannot reach them.
+    pub left_out: Vec<String>,
 }
 
 /// Where an agent's card comes from, which decides whether the node
@@ -444,6 +447,22 @@ pub(crate) async fn deliver_local(
         // Counts until the answer is done: a streamed one ends with its
         // last message, not when its first arrives.
         return result.map(|r| r.map(|b| guarded(b, vec![Box::new(in_flight)])));
+    }
+    // The card over gRPC is protobuf, which the mesh does not rewrite: it
+    // would hand the caller the agent's real addresses.
+    if crate::proto::http::is_grpc(&headers) && crate::proto::a2a::is_grpc_card_call(path) {
+        return Err(Failure::Caller(
+            MeshError::new(
+                ErrorKind::BadRequest,
+                me,
+                format!(
+                    "the mesh does not pass an agent card over gRPC (it could not rewrite the \
+                     agent's addresses in it); fetch it over JSON-RPC or REST at {}/",
+                    mesh_url(&agent.id)
+                ),
+            )
+            .agent(&agent.id),
+        ));
     }
     // A request for the extended card: its answer is rewritten below.
     let (card_ask, body) = match extended::rest_ask(&method, path) {

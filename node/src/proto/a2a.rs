@@ -123,6 +123,19 @@ pub const EXTENDED_CARD_PATHS: [&str; 3] = [
     "/extendedAgentCard",
 ];
 
+/// True for a gRPC call that answers with the agent's card: A2A 1.0's
+/// `A2AService/GetExtendedAgentCard`, A2A 0.3's `A2AService/GetAgentCard`
+/// (whatever the proto package). Its answer is protobuf, which the mesh
+/// does not rewrite, so the call is refused (fail closed).
+pub fn is_grpc_card_call(path: &str) -> bool {
+    path.trim_start_matches('/')
+        .split_once('/')
+        .is_some_and(|(service, method)| {
+            (service == "A2AService" || service.ends_with(".A2AService"))
+                && matches!(method, "GetExtendedAgentCard" | "GetAgentCard")
+        })
+}
+
 /// True when a JSON-RPC request body asks for the extended card. The body is
 /// read as the agent reads it (the whole body one JSON object; of repeated
 /// keys the last counts, as in Python's `json`), so escapes or duplicate
@@ -375,6 +388,24 @@ pub fn answer_refs(answer: &Value) -> Vec<Ref> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn grpc_card_calls_are_recognized() {
+        for p in [
+            "/a2a.v1.A2AService/GetExtendedAgentCard",
+            "/lf.a2a.v1.A2AService/GetExtendedAgentCard",
+            "/a2a.v1.A2AService/GetAgentCard",
+        ] {
+            assert!(super::is_grpc_card_call(p), "{p}");
+        }
+        for p in [
+            "/a2a.v1.A2AService/SendMessage",
+            "/helloworld.Greeter/GetAgentCard",
+            "/GetAgentCard",
+        ] {
+            assert!(!super::is_grpc_card_call(p), "{p}");
+        }
+    }
+
     #[test]
     fn the_text_of_a_cut_request_is_read_from_its_start() {
         let whole = serde_json::json!({

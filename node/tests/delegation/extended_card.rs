@@ -383,3 +383,134 @@ async fn what_is_not_a_card_passes_and_a_card_too_large_is_refused() {
     }
     mesh.stop().await;
 }
+
+/// An agent mounted under a path, whose card (a2a-sdk's sample shape) also
+/// lists gRPC on a port of its own: the card the mesh serves names the mesh
+/// address without the path (the node adds it to every call), leaves out
+/// the gRPC port it cannot reach, and a gRPC call for the card is refused
+/// before it reaches the agent (its protobuf answer is not rewritten).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_card_is_served_as_the_mesh_can_reach_the_agent() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    let card = json!({
+        "name": "pfx", "description": "mounted under a path", "version": "1",
+        "supportedInterfaces": [
+            {"url": format!("http://{addr}/agents/pfx/"), "protocolBinding": "JSONRPC", "protocolVersion": "1.0"},
+            {"url": format!("http://{addr}/agents/pfx/rest"), "protocolBinding": "HTTP+JSON", "protocolVersion": "1.0"},
+            {"url": "127.0.0.1:1", "protocolBinding": "GRPC", "protocolVersion": "1.0"}
+        ],
+        "capabilities": {}, "defaultInputModes": ["text/plain"], "defaultOutputModes": ["text/plain"],
+        "skills": [{"id": "p", "name": "p", "tags": ["pfx"]}]
+    });
+    let hits = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let task = {
+        let (card, hits) = (card.to_string(), hits.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (card, hits) = (card.clone(), hits.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            let (card, hits) = (card.clone(), hits.clone());
+                            async move {
+                                let path = req.uri().path().to_string();
+                                hits.lock().expect("hits").push(path.clone());
+                                Ok::<_, Infallible>(match path.as_str() {
+                                    "/agents/pfx/.well-known/agent-card.json" => {
+                                        json_response(200, card)
+                                    }
+                                    "/agents/pfx/" => {
+                                        json_response(200, json!({"path": path}).to_string())
+                                    }
+                                    _ => json_response(404, "{}".into()),
+                                })
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        })
+    };
+    let mesh = mesh_of(&["n0", "n1"], |_, _| {}).await;
+    mesh.attach(0, &format!("http://{addr}/agents/pfx"), None)
+        .await
+        .expect("attach");
+    eventually(Duration::from_secs(5), "routable", || {
+        mesh.routable_everywhere("pfx")
+    })
+    .await;
+    for node in [0, 1] {
+        let (resp, body) = mesh
+            .call(
+                node,
+                "GET",
+                "pfx.acme.dmsc",
+                "/.well-known/agent-card.json",
+                &[],
+                "",
+            )
+            .await
+            .expect("card");
+        assert_eq!(resp.status(), 200);
+        let served: Value = serde_json::from_slice(&body).expect("card");
+        assert_eq!(
+            endpoint_urls(&served),
+            ["http://pfx.acme.dmsc/", "http://pfx.acme.dmsc/rest"],
+            "node {node}: {served}"
+        );
+        // The card's own URL works: the agent sees its path once.
+        let (resp, body) = mesh
+            .call(node, "POST", "pfx.acme.dmsc", "/", &[], "{}")
+            .await
+            .expect("call");
+        assert_eq!(
+            resp.status(),
+            200,
+            "node {node}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        let v: Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(v["path"], "/agents/pfx/");
+        // gRPC for the card: refused with the reason, the agent never asked.
+        let tcp = tokio::net::TcpStream::connect(mesh.ingress(node))
+            .await
+            .expect("connect");
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .expect("h2c");
+        tokio::spawn(conn);
+        let req =
+            hyper::Request::post("http://pfx.acme.dmsc/a2a.v1.A2AService/GetExtendedAgentCard")
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(Full::new(Bytes::from_static(&[0, 0, 0, 0, 0])))
+                .expect("request");
+        let resp = send.send_request(req).await.expect("answer");
+        let resp = resp.map(|_| ());
+        assert_eq!(
+            header(&resp, "grpc-status"),
+            "3",
+            "node {node}: INVALID_ARGUMENT"
+        );
+        assert!(
+            header(&resp, "grpc-message").contains("does not pass an agent card over gRPC"),
+            "node {node}: {:?}",
+            resp.headers()
+        );
+        let asked = hits
+            .lock()
+            .expect("hits")
+            .iter()
+            .any(|p| p.contains("A2AService"));
+        assert!(!asked, "node {node}: the agent was asked");
+    }
+    task.abort();
+    mesh.stop().await;
+}
