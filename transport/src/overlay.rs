@@ -349,6 +349,11 @@ struct Inner {
     probe_client: Mutex<quinn::ClientConfig>,
     transport: Arc<quinn::TransportConfig>,
     conns: Mutex<HashMap<SocketAddr, Conn>>,
+    /// Addresses whose dial the peer refused as a duplicate, with the
+    /// peer's name: it keeps a connection of its own with us, filed here
+    /// under another address (e.g. its mapped one, when it reached us
+    /// through a relay), which [`pooled`] then uses for this address.
+    aliases: Mutex<HashMap<SocketAddr, Arc<str>>>,
     senders: Mutex<HashMap<SocketAddr, mpsc::Sender<Bytes>>>,
     stats: Arc<OverlayStats>,
     inbound: mpsc::Sender<Inbound>,
@@ -503,6 +508,7 @@ impl Overlay {
             probe_client: Mutex::new(probe_client),
             transport,
             conns: Mutex::new(HashMap::new()),
+            aliases: Mutex::new(HashMap::new()),
             senders: Mutex::new(HashMap::new()),
             stats: Arc::new(OverlayStats::default()),
             inbound,
@@ -1449,6 +1455,9 @@ async fn reader_loop(weak: Weak<Inner>, conn: Connection, peer: Arc<str>) {
             conns.remove(&from);
             info!(peer = %peer, addr = %from, reason = ?conn.close_reason(), "overlay peer disconnected");
         }
+        drop(conns);
+        // The peer refused our dial as a duplicate after we pooled it.
+        note_duplicate(&inner, from, &conn);
     }
 }
 
@@ -1554,7 +1563,12 @@ async fn connection_to(inner: &Arc<Inner>, addr: SocketAddr) -> Result<Connectio
     if let Some(c) = pooled(inner, addr) {
         return Ok(c);
     }
-    let conn = dial(inner, addr, false).await?;
+    let conn = match dial(inner, addr, false).await {
+        Ok(c) => c,
+        // Refused as a duplicate of a connection the peer keeps with us
+        // (`note_duplicate`): that one serves this address.
+        Err(e) => return pooled(inner, addr).ok_or(e),
+    };
     bump(&inner.stats.handshakes_ok_outbound, 1);
     adopt(inner, conn, true).ok_or_else(|| TransportError::Connect {
         addr,
@@ -1566,12 +1580,27 @@ async fn connection_to(inner: &Arc<Inner>, addr: SocketAddr) -> Result<Connectio
 /// has accepted our certificate. Counts failed handshakes; the caller
 /// counts a success once it keeps the connection.
 /// The live pooled connection for `addr`. A mapped address (a relayed
-/// node's) also finds a connection that node made to us directly, so a pair
-/// keeps one connection whichever way it was opened.
+/// node's) also finds a connection that node made to us directly, and an
+/// address whose dial the peer refused as a duplicate finds the connection
+/// the peer kept (`aliases`), so a pair keeps one connection whichever way
+/// it was opened.
 fn pooled(inner: &Inner, addr: SocketAddr) -> Option<Connection> {
     let conns = lock(&inner.conns);
     if let Some(c) = conns.get(&addr).filter(|c| c.conn.close_reason().is_none()) {
         return Some(c.conn.clone());
+    }
+    let alias = lock(&inner.aliases).get(&addr).cloned();
+    if let Some(peer) = alias {
+        let kept = conns
+            .values()
+            .filter(|c| c.peer == peer && c.conn.close_reason().is_none())
+            .max_by_key(|c| c.since)
+            .map(|c| c.conn.clone());
+        if kept.is_some() {
+            return kept;
+        }
+        // Gone too: dial this address again.
+        lock(&inner.aliases).remove(&addr);
     }
     if !path::is_mapped(addr) {
         return None;
@@ -1616,10 +1645,36 @@ async fn dial(inner: &Inner, addr: SocketAddr, probe: bool) -> Result<Connection
     // judged the client certificate, so a dial "succeeds" even when the peer
     // is about to refuse us. Wait for the handshake to be *confirmed* (the
     // server's HANDSHAKE_DONE frame, RFC 9001 4.1.2), or for the refusal.
-    confirmed(&conn, inner.cfg.connect_timeout)
-        .await
-        .map_err(failed)?;
+    if let Err(e) = confirmed(&conn, inner.cfg.connect_timeout).await {
+        note_duplicate(inner, addr, &conn);
+        return Err(failed(e));
+    }
     Ok(conn)
+}
+
+/// When the peer closed `conn` (ours, to `addr`) as a duplicate and keeps
+/// another live connection with us under another address, notes that one
+/// for `addr` ([`Inner::aliases`]): dialing `addr` again would be refused
+/// the same way, forever.
+fn note_duplicate(inner: &Inner, addr: SocketAddr, conn: &Connection) {
+    let refused_as_duplicate = matches!(
+        conn.close_reason(),
+        Some(quinn::ConnectionError::ApplicationClosed(c))
+            if c.error_code == VarInt::from_u32(CLOSE_DUPLICATE)
+    );
+    if !refused_as_duplicate {
+        return;
+    }
+    let Some(peer) = verified_peer(conn).map(|v| v.name) else {
+        return;
+    };
+    let kept_elsewhere = lock(&inner.conns)
+        .iter()
+        .any(|(a, c)| *a != addr && c.peer == peer && c.conn.close_reason().is_none());
+    if kept_elsewhere {
+        debug!(peer = %peer, %addr, "the peer keeps another connection with us; using it for this address");
+        lock(&inner.aliases).insert(addr, peer);
+    }
 }
 
 /// The accepting side's first stream on a connection: an empty `Control`

@@ -484,3 +484,29 @@ fn a_restarted_node_resets_the_connections_of_its_predecessor() {
         a.connect(b_addr).await.expect("a reaches the restarted b");
     });
 }
+
+/// A peer that keeps its own connection with us, filed here under another
+/// address than the one we dial (it reached us through a relay, or from
+/// another of its addresses), refuses our dial as a duplicate. We then use
+/// its connection for that address instead of dialing it again, forever.
+#[tokio::test]
+async fn a_dial_refused_as_a_duplicate_uses_the_connection_the_peer_kept() {
+    let ca = CertificateAuthority::generate("mesh.test").expect("ca");
+    // `a` wins the tie-break: the connection it opens is the one both keep.
+    let mut cfg = OverlayConfig::new("0.0.0.0:0".parse().expect("addr"), identity(&ca, "a"));
+    cfg.connect_timeout = Duration::from_secs(2);
+    let (a, _a) = Overlay::bind(cfg).await.expect("bind");
+    let (z, _z) = overlay(identity(&ca, "z")).await;
+    assert_eq!(a.connect(z.local_addr()).await.expect("a dials z"), "z");
+    wait_until("z sees a", Duration::from_secs(5), || z.peers().len() == 1).await;
+    // z knows `a` from 127.0.0.1; it reaches `a` at 127.0.0.2 as well.
+    let other = std::net::SocketAddr::from(([127, 0, 0, 2], a.local_addr().port()));
+    for i in 0..3 {
+        let s = z
+            .open_stream(other, Channel::Delegate)
+            .await
+            .unwrap_or_else(|e| panic!("stream {i} to a's other address: {e}"));
+        assert_eq!(&*s.peer, "a");
+    }
+    assert_eq!(z.peers().len(), 1, "one connection per pair");
+}
