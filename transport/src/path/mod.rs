@@ -57,8 +57,13 @@ pub(crate) const MAX_BY_DIRECT: usize = 4096;
 /// A UDP probe answered this recently means UDP gets out.
 const UDP_FRESH: Duration = Duration::from_secs(15);
 /// After a QUIC session attempt failed while probes got through, UDP is
-/// not trusted again for this long (small probes pass, QUIC does not).
-const QUIC_DISTRUST: Duration = Duration::from_secs(60);
+/// not trusted again for a while (small probes pass, QUIC does not): this
+/// long after the first failure, doubling with each further one in a row
+/// up to [`QUIC_DISTRUST_MAX`]; a QUIC session that opens ends it. A relay
+/// that restarts fails one attempt and costs only the first wait, a path
+/// that passes probes but never QUIC soon waits the longest.
+const QUIC_DISTRUST_FIRST: Duration = Duration::from_secs(5);
+const QUIC_DISTRUST_MAX: Duration = Duration::from_secs(60);
 
 /// Where the path layer gets the disco key of a pair: from the pair's QUIC
 /// connection (the overlay installs it).
@@ -219,6 +224,8 @@ pub(crate) struct State {
     /// When a QUIC relay session last failed to open although UDP probes
     /// were answered.
     pub quic_failed_at: Option<Instant>,
+    /// QUIC session attempts failed in a row while probes got through.
+    pub quic_failures: u32,
     pub next_session: u64,
 }
 
@@ -338,8 +345,23 @@ impl Paths {
         let mut st = lock(&self.st);
         if st.udp_ok_at.is_some_and(|t| t.elapsed() < UDP_FRESH) {
             st.quic_failed_at = Some(Instant::now());
+            st.quic_failures = st.quic_failures.saturating_add(1);
         }
         Self::recompute_udp(&mut st);
+    }
+
+    /// A QUIC session to a relay opened: UDP is trusted again at once.
+    pub(crate) fn note_quic_ok(&self) {
+        let mut st = lock(&self.st);
+        st.quic_failed_at = None;
+        st.quic_failures = 0;
+        Self::recompute_udp(&mut st);
+    }
+
+    /// How long UDP stays distrusted after the last failed QUIC attempt.
+    fn quic_distrust(failures: u32) -> Duration {
+        let doublings = failures.saturating_sub(1).min(8);
+        (QUIC_DISTRUST_FIRST * 2u32.pow(doublings)).min(QUIC_DISTRUST_MAX)
     }
 
     /// Re-evaluates the time-based part of "UDP is blocked" (the engine
@@ -358,7 +380,7 @@ impl Paths {
         st.udp_ok_at.is_some_and(|t| t.elapsed() < UDP_FRESH)
             && st
                 .quic_failed_at
-                .is_none_or(|f| f.elapsed() >= QUIC_DISTRUST)
+                .is_none_or(|f| f.elapsed() >= Self::quic_distrust(st.quic_failures))
     }
 
     pub(crate) fn activate(&self) {
@@ -678,5 +700,37 @@ impl Paths {
             return Route::Direct(dst);
         }
         self.route_with(dst, false)
+    }
+}
+
+#[cfg(test)]
+mod distrust_tests {
+    use super::*;
+
+    /// One failed QUIC attempt (a relay that restarted) costs a short wait;
+    /// failures in a row wait longer, up to a minute; a QUIC session that
+    /// opens trusts UDP again at once.
+    #[test]
+    fn quic_distrust_backs_off_and_a_quic_session_ends_it() {
+        let waits: Vec<u64> = (1..=6).map(|n| Paths::quic_distrust(n).as_secs()).collect();
+        assert_eq!(waits, [5, 10, 20, 40, 60, 60]);
+        assert_eq!(Paths::quic_distrust(u32::MAX).as_secs(), 60);
+        let (paths, _queues) = Paths::new("n", true);
+        paths.note_udp_ok(
+            "10.0.0.1:7400".parse().expect("addr"),
+            "10.0.0.2:7400".parse().expect("addr"),
+        );
+        assert!(paths.udp_usable());
+        paths.note_quic_failed();
+        assert!(
+            !paths.udp_usable(),
+            "distrusted after a failed QUIC attempt"
+        );
+        paths.note_quic_ok();
+        assert!(paths.udp_usable(), "a QUIC session ends the distrust");
+        // Without fresh probes a QUIC failure says nothing about UDP.
+        let (paths, _queues) = Paths::new("n", true);
+        paths.note_quic_failed();
+        assert_eq!(lock(&paths.st).quic_failures, 0);
     }
 }

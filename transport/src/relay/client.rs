@@ -121,7 +121,10 @@ async fn open(
     let mut why = String::new();
     if !paths.udp_blocked() {
         match open_quic(overlay, relay.overlay).await {
-            Ok(o) => return Ok(o),
+            Ok(o) => {
+                paths.note_quic_ok();
+                return Ok(o);
+            }
             Err(e) => {
                 paths.note_quic_failed();
                 why = format!("QUIC: {e}; ");
