@@ -87,10 +87,10 @@ impl App {
         let (overlay, mut inbound) = Overlay::bind(ocfg).await?;
         let direct_addr = config.advertise.unwrap_or_else(|| overlay.local_addr());
         let relay = start_relay(&config, &overlay, direct_addr).await?;
-        // A relay's TCP listener is assumed on its overlay address until its
-        // gossip record says otherwise.
-        for a in crate::config::resolve_hosts("a configured relay", &config.relays).await {
-            overlay.add_relay(dmsc_transport::RelayAddr { overlay: a, tcp: a });
+        // A relay's TCP listener is assumed on its overlay address (unless
+        // the entry names its port) until its gossip record says otherwise.
+        for r in crate::config::resolve_relays(&config.relays).await {
+            overlay.add_relay(r);
         }
         let established = overlay.establish(config.reachability, direct_addr).await;
         info!(

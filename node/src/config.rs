@@ -1929,12 +1929,11 @@ impl RawConfig {
         }
         let relays = self.overlay.relays.clone().unwrap_or_default();
         for r in &relays {
-            let ok = match r.rsplit_once(':') {
-                Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0),
-                None => false,
-            };
-            if !ok {
-                errors.push(format!("overlay.relays entry `{r}` is not HOST:PORT"));
+            if split_relay(r).is_none() {
+                errors.push(format!(
+                    "overlay.relays entry `{r}` is not HOST:PORT (or HOST:PORT;tcp=PORT for a relay \
+                     whose TCP listener is on another port)"
+                ));
             }
         }
         let reachability = match self.overlay.reachability.as_deref() {
@@ -2220,6 +2219,42 @@ impl RawConfig {
     }
 }
 
+/// A relay entry: `HOST:PORT` (its overlay address; its TCP listener on
+/// the same port) or `HOST:PORT;tcp=PORT` (its `overlay.tcp_listen` on
+/// another port, e.g. 443). `None` when malformed.
+pub fn split_relay(entry: &str) -> Option<(&str, Option<u16>)> {
+    let (udp, tcp) = match entry.split_once(';') {
+        Some((udp, rest)) => {
+            let port = rest.trim().strip_prefix("tcp=")?.parse::<u16>().ok()?;
+            if port == 0 {
+                return None;
+            }
+            (udp.trim(), Some(port))
+        }
+        None => (entry, None),
+    };
+    let (host, port) = udp.rsplit_once(':')?;
+    (!host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)).then_some((udp, tcp))
+}
+
+/// Resolves `overlay.relays` entries ([`split_relay`]) to relay addresses;
+/// an entry that does not resolve is logged and left out. A relay's TCP
+/// listener is on its overlay port unless the entry says otherwise (its
+/// gossip record corrects it later, for a node that gets gossip at all).
+pub async fn resolve_relays(list: &[String]) -> Vec<dmsc_transport::RelayAddr> {
+    let mut out = Vec::new();
+    for entry in list {
+        let Some((udp, tcp)) = split_relay(entry) else {
+            continue;
+        };
+        for overlay in resolve_hosts("a configured relay", &[udp.to_string()]).await {
+            let tcp = tcp.map_or(overlay, |p| SocketAddr::new(overlay.ip(), p));
+            out.push(dmsc_transport::RelayAddr { overlay, tcp });
+        }
+    }
+    out
+}
+
 /// Resolves `HOST:PORT` entries (relays, bootstrap peers) to their first
 /// address; an entry that does not resolve is logged and left out.
 pub async fn resolve_hosts(what: &str, list: &[String]) -> Vec<SocketAddr> {
@@ -2432,11 +2467,27 @@ listen = "127.0.0.1:9401"
         assert!(e.to_string().contains("DMSC_ADMIN_OPEN_READS"), "{e}");
     }
 
+    #[tokio::test]
+    async fn a_relay_entry_may_name_its_tcp_port() {
+        let got = resolve_relays(&["127.0.0.1:7400;tcp=443".into(), "127.0.0.2:7401".into()]).await;
+        let want = [
+            ("127.0.0.1:7400", "127.0.0.1:443"),
+            ("127.0.0.2:7401", "127.0.0.2:7401"),
+        ];
+        assert_eq!(got.len(), 2);
+        for (r, (udp, tcp)) in got.iter().zip(want) {
+            assert_eq!(
+                (r.overlay.to_string(), r.tcp.to_string()),
+                (udp.to_string(), tcp.to_string())
+            );
+        }
+    }
+
     #[test]
     fn relay_settings_parse_and_a_relay_cannot_be_relayed() {
         let text = r#"
 [overlay]
-relays = ["10.0.0.1:7400", "relay.example:443"]
+relays = ["10.0.0.1:7400", "relay.example:443", "10.0.0.2:7400;tcp=443"]
 reachability = "relayed"
 tcp_listen = "0.0.0.0:8443"
 direct_upgrade = false
@@ -2456,7 +2507,20 @@ enabled = true
         raw.tls.cert = Some(d.path().join("node.pem"));
         raw.tls.key = Some(d.path().join("node.key"));
         let cfg = raw.validate().expect("valid");
-        assert_eq!(cfg.relays.len(), 2);
+        assert_eq!(cfg.relays.len(), 3);
+        assert_eq!(
+            split_relay("10.0.0.2:7400;tcp=443"),
+            Some(("10.0.0.2:7400", Some(443)))
+        );
+        assert_eq!(split_relay("10.0.0.1:7400"), Some(("10.0.0.1:7400", None)));
+        for bad in [
+            "10.0.0.1:7400;tcp=0",
+            "10.0.0.1:7400;443",
+            "10.0.0.1;tcp=443",
+            ":7400",
+        ] {
+            assert_eq!(split_relay(bad), None, "{bad}");
+        }
         assert_eq!(cfg.tcp_listen, Some("0.0.0.0:8443".parse().expect("addr")));
         assert!(!cfg.direct_upgrade);
         assert_eq!(

@@ -73,16 +73,10 @@ pub async fn netcheck(config: &NodeConfig) -> Result<Report, NodeError> {
     let (overlay, _inbound) = Overlay::bind(OverlayConfig::new(bind, identity)).await?;
     // Same name as the running node: never take over its relay sessions.
     overlay.paths().set_probe_only();
-    let relays = resolve_hosts("a configured relay", &config.relays).await;
+    let mut candidates: Vec<RelayAddr> = crate::config::resolve_relays(&config.relays).await;
+    let relays: Vec<SocketAddr> = candidates.iter().map(|r| r.overlay).collect();
     let peers = resolve_hosts("a bootstrap peer", &config.bootstrap).await;
     // Relays: the configured ones, plus bootstrap peers that turn out to be.
-    let mut candidates: Vec<RelayAddr> = relays
-        .iter()
-        .map(|a| RelayAddr {
-            overlay: *a,
-            tcp: *a,
-        })
-        .collect();
     for p in &peers {
         if !relays.contains(p) {
             let a = RelayAddr {
