@@ -257,8 +257,11 @@ impl Engine {
                 }
             }
             DiscoIn::Direct { from, bytes } => match Disco::parse(&bytes) {
-                Some(msg @ Disco::Ping { .. }) => self.on_ping(from, msg),
-                Some(msg @ Disco::Pong { .. }) => self.on_pong(from, msg),
+                // With `direct_upgrade = false` this node takes no part in
+                // a peer's punching either (no pong, no ping back), so the
+                // pair stays relayed whichever side starts.
+                Some(msg @ Disco::Ping { .. }) if self.paths.upgrade => self.on_ping(from, msg),
+                Some(msg @ Disco::Pong { .. }) if self.paths.upgrade => self.on_pong(from, msg),
                 // A probe of one of this relay's session clients.
                 Some(Disco::RelayPing { tx, token })
                     if lock(&self.paths.st).welcome_tokens.contains(&token) =>
@@ -432,7 +435,7 @@ impl Engine {
             if failures > NOTE_AFTER {
                 lock(&self.paths.st).notes.insert(
                     adv,
-                    format!("direct path: {} probe rounds unanswered (a NAT that maps per destination, or a firewall); staying relayed", failures - 1),
+                    format!("direct path: {} probe rounds unanswered (the NATs or firewalls between drop them); staying relayed", failures - 1),
                 );
             }
             self.call_me_maybe(adv, &key);
