@@ -62,7 +62,8 @@ impl Delegator {
         };
         let Some((addr, speaks)) = self.mesh.node_route(node) else {
             return Err(not_delivered(format!(
-                "home node `{node}` has no known overlay address"
+                "home node `{node}` cannot be reached now: {}",
+                self.mesh.unroutable_reason(node)
             )));
         };
         // The newest version both sides speak (an older peer during a

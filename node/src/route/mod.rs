@@ -129,6 +129,9 @@ pub struct MeshView {
     /// Node name -> overlay address, from the gossiped `node` key.
     /// Live nodes: overlay address and the delegation wire version they speak.
     nodes: RwLock<HashMap<String, (SocketAddr, u8)>>,
+    /// Why a node gossip knows is not in `nodes` (for the error a caller
+    /// gets when its agent's home cannot be reached).
+    unroutable: RwLock<HashMap<String, &'static str>>,
     /// Live nodes' `node` records, and a counter bumped when they change.
     announcements: Mutex<Vec<NodeAnnouncement>>,
     /// On a relay: the nodes with a live session here (gossip does not show
@@ -153,6 +156,7 @@ impl MeshView {
             local: RwLock::new(HashMap::new()),
             circuit_cfg,
             nodes: RwLock::new(HashMap::new()),
+            unroutable: RwLock::new(HashMap::new()),
             announcements: Mutex::new(Vec::new()),
             own_relay_clients: Mutex::new(Vec::new()),
             announcements_version: Default::default(),
@@ -284,6 +288,16 @@ impl MeshView {
             .unwrap_or_else(|p| p.into_inner())
             .get(node)
             .copied()
+    }
+
+    /// Why `node` has no route (see [`Self::node_route`]), as a phrase.
+    pub fn unroutable_reason(&self, node: &str) -> &'static str {
+        self.unroutable
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node)
+            .copied()
+            .unwrap_or("gossip does not know it")
     }
 
     /// The cached card with this digest.
@@ -587,11 +601,23 @@ impl MeshView {
             }
             _ => true,
         };
-        let nodes: HashMap<String, (SocketAddr, u8)> = cache
-            .values()
-            .filter(|e| e.live && backed(e))
-            .filter_map(|e| e.addr.map(|a| (e.name.clone(), (a, e.wire))))
-            .collect();
+        let mut nodes: HashMap<String, (SocketAddr, u8)> = HashMap::new();
+        let mut unroutable: HashMap<String, &'static str> = HashMap::new();
+        for e in cache.values() {
+            let why = if !e.live {
+                "gossip sees it down"
+            } else if e.addr.is_none() {
+                "it announced no overlay address"
+            } else if !backed(e) {
+                "it is reachable only through relays, and no live relay has a session with it"
+            } else {
+                if let Some(a) = e.addr {
+                    nodes.insert(e.name.clone(), (a, e.wire));
+                }
+                continue;
+            };
+            unroutable.insert(e.name.clone(), why);
+        }
         let anns: Option<Vec<NodeAnnouncement>> = anns_dirty.then(|| {
             cache
                 .values()
@@ -601,6 +627,7 @@ impl MeshView {
         });
         drop(cache);
         *self.nodes.write().unwrap_or_else(|p| p.into_inner()) = nodes;
+        *self.unroutable.write().unwrap_or_else(|p| p.into_inner()) = unroutable;
         if let Some(anns) = anns {
             let mut a = lock(&self.announcements);
             if *a != anns {
@@ -900,6 +927,8 @@ mod tests {
         let v = m();
         v.apply_scan(vec![relay_scan("y"), relayed_scan("r")]);
         assert!(v.node_route("x").is_none());
+        assert!(v.unroutable_reason("x").contains("only through relays"));
+        assert_eq!(v.unroutable_reason("nobody"), "gossip does not know it");
         // r lists it: routable.
         let v = m();
         v.apply_scan(vec![relay_scan("x,y"), relayed_scan("r")]);

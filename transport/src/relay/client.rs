@@ -83,6 +83,9 @@ pub(crate) async fn keep_session(
             Ok(why) => {
                 debug!(relay = %relay.overlay, reason = %why, "relay session ended");
             }
+            // The overlay shut down (a node stopping, `netcheck` done) or
+            // let go of this relay: the session's end is no failure.
+            Err(_) if !overlay.upgrade().is_some_and(|o| o.wants_relay(relay)) => return,
             Err(e) => {
                 failures += 1;
                 if failures == 1 || failures.is_multiple_of(20) {
