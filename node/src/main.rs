@@ -1286,7 +1286,15 @@ fn main() -> ExitCode {
                 Ok(code) => code,
                 Err(e) => {
                     eprintln!("error: {e}");
-                    ExitCode::from(2)
+                    // 2 only when the node could not be reached (README's
+                    // exit codes); anything it answered, or bad input, is 1.
+                    let unreachable = e.chain().any(|c| {
+                        matches!(
+                            c.downcast_ref::<status::StatusError>(),
+                            Some(status::StatusError::Unreachable { .. })
+                        )
+                    });
+                    ExitCode::from(if unreachable { 2 } else { 1 })
                 }
             },
             Cmd::Ca(cmd) => match ca(cmd) {
