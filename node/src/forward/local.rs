@@ -584,6 +584,7 @@ pub(crate) async fn deliver_local(
             }
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
+            hide_agent_address(agent, &mut parts.headers);
             let body = guarded(incoming(body), vec![Box::new(in_flight)]);
             let resp = Response::from_parts(parts, body);
             return match card_ask {
@@ -604,6 +605,44 @@ pub(crate) async fn deliver_local(
             Err(f)
         }
     }
+}
+
+/// Points a redirect (`Location`, `Content-Location`) at the agent's own
+/// URL to its mesh name instead, as the card's URLs are: a client that
+/// followed the agent's real address would bypass the mesh (its policy,
+/// audit and mutual TLS). The registered path is dropped as in the card.
+fn hide_agent_address(agent: &LocalAgent, headers: &mut hyper::HeaderMap) {
+    for name in [hyper::header::LOCATION, hyper::header::CONTENT_LOCATION] {
+        let Some(value) = headers.get(&name).and_then(|v| v.to_str().ok()) else {
+            continue;
+        };
+        if let Some(new) = mesh_location(&agent.base, &mesh_url(&agent.id), value) {
+            if let Ok(v) = HeaderValue::from_str(&new) {
+                headers.insert(name, v);
+            }
+        }
+    }
+}
+
+/// `location` at `base`'s origin (and under its path) as the same place
+/// under `mesh` (`http://<agent>.<tenant>.dmsc`); `None` for any other URL
+/// (relative ones included: they resolve against the mesh name already).
+fn mesh_location(base: &Uri, mesh: &str, location: &str) -> Option<String> {
+    let origin = format!("{}://{}", base.scheme_str()?, base.authority()?);
+    let head = location.get(..origin.len())?;
+    if !head.eq_ignore_ascii_case(&origin) {
+        return None;
+    }
+    let rest = &location[origin.len()..];
+    if !(rest.is_empty() || rest.starts_with(['/', '?', '#'])) {
+        return None;
+    }
+    let prefix = base.path().trim_end_matches('/');
+    let rest = match rest.strip_prefix(prefix) {
+        Some(r) if !prefix.is_empty() && (r.is_empty() || r.starts_with(['/', '?', '#'])) => r,
+        _ => rest,
+    };
+    Some(format!("{}{rest}", mesh.trim_end_matches('/')))
 }
 
 /// The agent's card as the mesh serves it (URLs rewritten), with an ETag.
@@ -637,4 +676,33 @@ fn etag_matches(if_none_match: &str, etag: &str) -> bool {
     if_none_match
         .split(',')
         .any(|t| t.trim() == "*" || opaque(t) == ours)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirects_to_the_agent_point_at_its_mesh_name() {
+        let base: Uri = "http://127.0.0.1:29201/agents/pfx".parse().expect("uri");
+        let mesh = "http://pfx.acme.dmsc";
+        let at = |l: &str| mesh_location(&base, mesh, l);
+        assert_eq!(
+            at("http://127.0.0.1:29201/agents/pfx/message:send/").as_deref(),
+            Some("http://pfx.acme.dmsc/message:send/")
+        );
+        assert_eq!(
+            at("HTTP://127.0.0.1:29201/other?x=1").as_deref(),
+            Some("http://pfx.acme.dmsc/other?x=1")
+        );
+        assert_eq!(
+            at("http://127.0.0.1:29201").as_deref(),
+            Some("http://pfx.acme.dmsc")
+        );
+        // Another port, another host, a longer port number, relative: left alone.
+        assert_eq!(at("http://127.0.0.1:29202/x"), None);
+        assert_eq!(at("http://127.0.0.1:292011/x"), None);
+        assert_eq!(at("https://login.example/"), None);
+        assert_eq!(at("/relative"), None);
+    }
 }

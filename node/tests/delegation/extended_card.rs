@@ -388,7 +388,8 @@ async fn what_is_not_a_card_passes_and_a_card_too_large_is_refused() {
 /// lists gRPC on a port of its own: the card the mesh serves names the mesh
 /// address without the path (the node adds it to every call), leaves out
 /// the gRPC port it cannot reach, and a gRPC call for the card is refused
-/// before it reaches the agent (its protobuf answer is not rewritten).
+/// before it reaches the agent (its protobuf answer is not rewritten); the
+/// agent's redirects name the mesh address too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_card_is_served_as_the_mesh_can_reach_the_agent() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -422,6 +423,16 @@ async fn a_card_is_served_as_the_mesh_can_reach_the_agent() {
                                     }
                                     "/agents/pfx/" => {
                                         json_response(200, json!({"path": path}).to_string())
+                                    }
+                                    "/agents/pfx/moved" => {
+                                        let mut r = json_response(307, "{}".into());
+                                        let to = format!("http://{addr}/agents/pfx/message:send/");
+                                        r.headers_mut().insert(
+                                            "location",
+                                            hyper::header::HeaderValue::from_str(&to)
+                                                .expect("location"),
+                                        );
+                                        r
                                     }
                                     _ => json_response(404, "{}".into()),
                                 })
@@ -475,6 +486,16 @@ async fn a_card_is_served_as_the_mesh_can_reach_the_agent() {
         );
         let v: Value = serde_json::from_slice(&body).expect("json");
         assert_eq!(v["path"], "/agents/pfx/");
+        // A redirect names the mesh address, never the agent's.
+        let (resp, _) = mesh
+            .call(node, "GET", "pfx.acme.dmsc", "/moved", &[], "")
+            .await
+            .expect("call");
+        assert_eq!(resp.status(), 307);
+        assert_eq!(
+            header(&resp, "location"),
+            "http://pfx.acme.dmsc/message:send/"
+        );
         // gRPC for the card: refused with the reason, the agent never asked.
         let tcp = tokio::net::TcpStream::connect(mesh.ingress(node))
             .await
