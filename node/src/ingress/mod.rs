@@ -92,6 +92,25 @@ enum BufferError {
     OverBudget,
 }
 
+/// Reads and drops a small HTTP/2 request body (declared up to 64 KiB,
+/// within half a second) before an early refusal. Answering with the body
+/// unread ends the stream with RST_STREAM(NO_ERROR) after the response,
+/// which RFC 9113 allows but some clients (curl 7.88) report as a stream
+/// error instead of the response (the 401 that says why).
+async fn read_off_small_h2_body(req: Request<Incoming>) {
+    const SMALL: u64 = 64 * 1024;
+    if req.version() != hyper::Version::HTTP_2
+        || req.body().size_hint().exact().is_none_or(|n| n > SMALL)
+    {
+        return;
+    }
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_millis(500),
+        req.into_body().collect(),
+    )
+    .await;
+}
+
 /// What [`read_buffered`] read.
 enum Read {
     /// The whole body.
@@ -634,8 +653,14 @@ impl Ingress {
         }
         let caller = match self.authenticator().caller(req.headers(), auth).await {
             Ok(c) => c,
-            Err(r) if grpc => return refuse(refusal_error(&r, me)),
-            Err(r) => return refusal_response(&r, me, self.spec.jwt),
+            Err(r) => {
+                read_off_small_h2_body(req).await;
+                return if grpc {
+                    refuse(refusal_error(&r, me))
+                } else {
+                    refusal_response(&r, me, self.spec.jwt)
+                };
+            }
         };
         let (tenant, target) = match parsed {
             Ok(t) => t,
