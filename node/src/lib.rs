@@ -93,6 +93,7 @@ impl NodeError {
                     | dmsc_transport::TransportError::BadPem { .. }
                     | dmsc_transport::TransportError::NoPem { .. }
                     | dmsc_transport::TransportError::Identity(_)
+                    | dmsc_transport::TransportError::Statement(_)
             )
         };
         match self {

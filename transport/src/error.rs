@@ -26,6 +26,10 @@ pub enum TransportError {
     },
     #[error("certificate has no usable SPIFFE identity: {0}")]
     Identity(String),
+    /// A signed operator statement (a revocation, a tenant key action)
+    /// that is malformed or not signed by the mesh CA.
+    #[error("{0}")]
+    Statement(String),
     #[error("certificate generation failed: {0}")]
     CertGen(#[from] rcgen::Error),
     #[error("TLS configuration rejected: {0}")]

@@ -62,12 +62,12 @@ impl Revocation {
     ) -> Result<Self, TransportError> {
         let serial = normalize_serial(serial);
         if serial.is_empty() || !serial.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(TransportError::Identity(format!(
+            return Err(TransportError::Statement(format!(
                 "`{serial}` is not a certificate serial (hex digits)"
             )));
         }
         if reason.len() > 200 || reason.contains('\n') {
-            return Err(TransportError::Identity(
+            return Err(TransportError::Statement(
                 "revocation reason must be one line of at most 200 bytes".into(),
             ));
         }
@@ -88,21 +88,21 @@ impl Revocation {
     /// Parses a statement (JSON), bounded in size; does not check the signature.
     pub fn parse(bytes: &[u8]) -> Result<Self, TransportError> {
         if bytes.len() > MAX_REVOCATION_BYTES {
-            return Err(TransportError::Identity(format!(
+            return Err(TransportError::Statement(format!(
                 "revocation is {} bytes, more than {MAX_REVOCATION_BYTES}",
                 bytes.len()
             )));
         }
         let r: Revocation = serde_json::from_slice(bytes)
-            .map_err(|e| TransportError::Identity(format!("not a revocation statement: {e}")))?;
+            .map_err(|e| TransportError::Statement(format!("not a revocation statement: {e}")))?;
         if r.v != 1 {
-            return Err(TransportError::Identity(format!(
+            return Err(TransportError::Statement(format!(
                 "revocation format v{} is not supported (this node reads v1)",
                 r.v
             )));
         }
         if r.serial != normalize_serial(&r.serial) {
-            return Err(TransportError::Identity(format!(
+            return Err(TransportError::Statement(format!(
                 "revocation serial `{}` is not normalized",
                 r.serial
             )));
@@ -122,7 +122,7 @@ impl Revocation {
         if signed_by_roots(roots, msg.as_bytes(), &self.sig) {
             return Ok(());
         }
-        Err(TransportError::Identity(format!(
+        Err(TransportError::Statement(format!(
             "revocation of serial {} is not signed by the mesh CA",
             self.serial
         )))

@@ -49,7 +49,7 @@ fn canonical(tenant: &str, action: &str, seq: u64) -> String {
 }
 
 fn bad(why: String) -> TransportError {
-    TransportError::Identity(why)
+    TransportError::Statement(why)
 }
 
 fn check_fields(tenant: &str, action: &str) -> Result<(), TransportError> {
