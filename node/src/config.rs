@@ -2272,12 +2272,17 @@ impl NodeConfig {
     /// The effective configuration as log fields (no secrets: key *paths* only).
     pub fn summary(&self) -> String {
         format!(
-            "name={} region={} overlay.listen={} overlay.advertise={} bootstrap={:?} admin.listen={} admin.open_reads={} tls.ca={} tls.cert={} tls.key={} gossip.interval={:?} gossip.phi={} ingress=[{}] agents={} delegation.timeout={:?} delegation.retries={} delegation.selection={:?} limits.header_read_timeout={:?} limits.idle_timeout={:?} limits.max_connections={} limits.max_connections_per_listener={} limits.max_in_flight_per_listener={} limits.shutdown_grace={:?}",
+            "name={} region={} overlay.listen={} overlay.advertise={} bootstrap={:?} overlay.relays={:?} overlay.reachability={:?} overlay.tcp_listen={} overlay.direct_upgrade={} relay.enabled={} admin.listen={} admin.open_reads={} tls.ca={} tls.cert={} tls.key={} gossip.interval={:?} gossip.phi={} ingress=[{}] agents={} delegation.timeout={:?} delegation.retries={} delegation.selection={:?} limits.header_read_timeout={:?} limits.idle_timeout={:?} limits.max_connections={} limits.max_connections_per_listener={} limits.max_in_flight_per_listener={} limits.shutdown_grace={:?}",
             self.name.as_deref().unwrap_or("<from certificate>"),
             self.region,
             self.overlay_listen,
             self.advertise.map(|a| a.to_string()).unwrap_or_else(|| "<listen address>".into()),
             self.bootstrap,
+            self.relays,
+            self.reachability,
+            self.tcp_listen.map(|a| a.to_string()).unwrap_or_else(|| "<overlay address>".into()),
+            self.direct_upgrade,
+            self.relay.is_some(),
             self.admin_listen,
             self.admin_open_reads,
             self.ca.display(),
