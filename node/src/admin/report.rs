@@ -478,7 +478,19 @@ fn paths_status(s: &Shared) -> super::status::PathsStatus {
     } else {
         "unknown"
     };
+    let known = s.overlay.relays();
+    let mine = s.overlay.relay().is_some();
+    let warning = (sessions.is_empty() && !known.is_empty() && !mine).then(|| {
+        let list: Vec<String> = known.iter().map(|r| r.overlay.to_string()).collect();
+        format!(
+            "no session with any relay it knows ({}): peers behind NATs cannot reach this \
+             node through them, and if this node is behind a NAT or blocks UDP it is cut off \
+             (the log says why each attempt failed)",
+            list.join(", ")
+        )
+    });
     super::status::PathsStatus {
+        warning,
         reachability: if paths.relayed_mode() {
             "relayed".into()
         } else {

@@ -247,6 +247,11 @@ pub struct PathsStatus {
     pub sessions: Vec<RelaySessionStatus>,
     /// Set when this node is a relay.
     pub relay: Option<RelayRoleStatus>,
+    /// Something an operator should look at: e.g. relays known but no
+    /// session with any of them (a node that cannot reach its relays and
+    /// whose "direct" address may be a private one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -466,6 +471,9 @@ impl StatusReport {
                 r.bytes,
                 r.refused
             ));
+        }
+        if let Some(w) = &pa.warning {
+            out.push_str(&format!("\n         WARNING: {w}"));
         }
         out.push_str("\n\n");
         let header = [

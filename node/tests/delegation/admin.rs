@@ -243,3 +243,32 @@ async fn closed_reads_leave_node_health_only_without_a_token() {
     assert_eq!(status, 200, "{body}");
     mesh.stop().await;
 }
+
+/// A node that knows a relay but holds no session with it says so in
+/// `status`: a node cut off from its relays otherwise looks "direct", with
+/// nothing wrong shown (found in network namespaces behind a NAT).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_warns_when_no_relay_it_knows_has_a_session() {
+    let mesh = mesh_of(&["n0", "n1"], |i, raw| {
+        if i == 0 {
+            // Nothing listens there.
+            raw.overlay.relays = Some(vec!["127.0.0.1:9".into()]);
+        }
+    })
+    .await;
+    let token = mesh.admin_token(0);
+    let s = get_json(mesh.nodes[0].bound().admin, "/v1/status", Some(&token)).await;
+    let warning = s["paths"]["warning"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        warning.contains("no session with any relay it knows (127.0.0.1:9)"),
+        "{}",
+        s["paths"]
+    );
+    let token = mesh.admin_token(1);
+    let s = get_json(mesh.nodes[1].bound().admin, "/v1/status", Some(&token)).await;
+    assert!(s["paths"].get("warning").is_none(), "{}", s["paths"]);
+    mesh.stop().await;
+}
