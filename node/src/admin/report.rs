@@ -150,8 +150,8 @@ pub(crate) async fn status_report(s: &Shared) -> StatusReport {
     let certificates = super::status::CertStatus {
         node_serial: identity.info.serial_hex.clone(),
         issuer_not_after: s.security.issuer().map(|i| rfc3339(i.info.not_after)),
-        agents_issued: s.security.issued(),
-        revoked: s.security.revoked.len(),
+        agents_issued: Some(s.security.issued()),
+        revoked: Some(s.security.revoked.len()),
         tokens: s.security.token_counts(),
         reloads: s.security.reloads(),
     };

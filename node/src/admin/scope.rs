@@ -183,8 +183,8 @@ pub fn scope_status(mut report: StatusReport, scope: &ReadScope) -> StatusReport
         .collect();
     let c = &mut report.certificates;
     c.tokens = None;
-    c.agents_issued = 0;
-    c.revoked = 0;
+    c.agents_issued = None;
+    c.revoked = None;
     if let Some(r) = &mut report.paths.relay {
         r.clients.clear();
     }
@@ -305,8 +305,8 @@ mod tests {
             ],
             certificates: CertStatus {
                 tokens: Some([3, 1, 1, 1]),
-                agents_issued: 4,
-                revoked: 2,
+                agents_issued: Some(4),
+                revoked: Some(2),
                 ..Default::default()
             },
             intent: IntentStatus::default(),
@@ -324,7 +324,9 @@ mod tests {
         let peers: Vec<&str> = r.peers.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(peers, ["n1"], "n2 is home to globex only");
         assert_eq!(r.certificates.tokens, None);
-        assert_eq!(r.certificates.agents_issued, 0);
+        assert_eq!(r.certificates.agents_issued, None);
+        assert_eq!(r.certificates.revoked, None);
+        assert!(!r.render().contains("agent certificate(s) issued"));
         assert!(r.paths.relay.as_ref().is_some_and(|x| x.clients.is_empty()));
         assert_eq!(r.node.name, "n0", "node facts stay");
         let text = serde_json::to_string(&r).expect("json");

@@ -126,10 +126,13 @@ pub struct CertStatus {
     pub node_serial: String,
     /// RFC 3339 expiry of the node's issuing certificate, if it has one.
     pub issuer_not_after: Option<String>,
-    /// Agent certificates this node issued since it started.
-    pub agents_issued: u64,
-    /// Revoked certificates known mesh-wide.
-    pub revoked: usize,
+    /// Agent certificates this node issued since it started (left out for a
+    /// tenant token: they span tenants).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agents_issued: Option<u64>,
+    /// Revoked certificates known mesh-wide (left out for a tenant token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked: Option<usize>,
     /// Join tokens: issued, used, expired, active.
     pub tokens: Option<[usize; 4]>,
     /// Credential reloads since start.
@@ -339,18 +342,24 @@ impl StatusReport {
             ));
         }
         let c = &self.certificates;
+        let counts = match (c.agents_issued, c.revoked) {
+            (Some(i), Some(r)) => {
+                format!("; {i} agent certificate(s) issued, {r} revoked mesh-wide")
+            }
+            _ => String::new(),
+        };
         out.push_str(&format!(
-            "certs    serial {}; issuer {}; {} agent certificate(s) issued, {} revoked mesh-wide, {} reload(s){}\n",
+            "certs    serial {}; issuer {}{counts}; {} reload(s){}\n",
             c.node_serial,
             c.issuer_not_after
                 .as_deref()
                 .map(|t| format!("expires {t}"))
                 .unwrap_or_else(|| "none (no enrollment)".into()),
-            c.agents_issued,
-            c.revoked,
             c.reloads,
             c.tokens
-                .map(|[i, u, e, a]| format!("; join tokens {i} issued, {u} used, {e} expired, {a} active"))
+                .map(|[i, u, e, a]| format!(
+                    "; join tokens {i} issued, {u} used, {e} expired, {a} active"
+                ))
                 .unwrap_or_default()
         ));
         let i = &self.intent;
