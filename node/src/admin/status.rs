@@ -344,7 +344,7 @@ impl StatusReport {
         let c = &self.certificates;
         let counts = match (c.agents_issued, c.revoked) {
             (Some(i), Some(r)) => {
-                format!("; {i} agent certificate(s) issued, {r} revoked mesh-wide")
+                format!("; {i} agent certificate(s) issued since start, {r} revoked mesh-wide")
             }
             _ => String::new(),
         };
