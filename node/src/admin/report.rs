@@ -458,7 +458,12 @@ pub(crate) async fn peer_checks(s: &Shared) -> serde_json::Value {
             serde_json::json!({"secs_ago": ago, "reason": reason})
         })
         .collect();
-    serde_json::json!({ "peers": peers, "bootstrap": bootstrap, "refused": refused })
+    // This node's own certificate revoked: peers refuse its next connection.
+    let own = s.security.identity();
+    let own_revoked = s.security.revoked.revoked_in(own.chain.iter()).map(
+        |r| serde_json::json!({"spiffe": own.spiffe.to_string(), "serial": r.serial, "reason": r.reason}),
+    );
+    serde_json::json!({ "peers": peers, "bootstrap": bootstrap, "refused": refused, "own_revoked": own_revoked })
 }
 
 /// This node's side of the path layer: how peers reach it, its relay

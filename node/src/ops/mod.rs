@@ -190,6 +190,16 @@ fn peer_findings(body: &str, max_skew: Duration, out: &mut Vec<Finding>) {
             ))),
         }
     }
+    if let Some(r) = v["own_revoked"].as_object() {
+        out.push(Finding::fail(format!(
+            "this node's own certificate `{}` is revoked mesh-wide (serial {}, {}): peers refuse its \
+             next connection; issue a new one (`dmsc-node ca issue-node`) and replace the cert and \
+             key files (they are reloaded without a restart)",
+            r.get("spiffe").and_then(|x| x.as_str()).unwrap_or("?"),
+            r.get("serial").and_then(|x| x.as_str()).unwrap_or("?"),
+            r.get("reason").and_then(|x| x.as_str()).unwrap_or("?"),
+        )));
+    }
     for r in v["refused"].as_array().cloned().unwrap_or_default() {
         out.push(Finding::fail(format!(
             "{} s ago this node refused a peer's certificate: {} (another CA, trust domain, expiry or revocation on that peer)",

@@ -837,6 +837,15 @@ impl Security {
                 warn!(error = %e, "cannot persist revocations; they stay in memory and in gossip");
             }
             warn!(serial = %r.serial, reason = %r.reason, source, "certificate revoked");
+            let own = self.identity();
+            if self.revoked.revoked_in(own.chain.iter()).is_some() {
+                tracing::error!(
+                    serial = %r.serial,
+                    node = %own.spiffe,
+                    "this node's own certificate is revoked: peers refuse its next connection; \
+                     issue a new one (`dmsc-node ca issue-node`) and replace the cert and key files"
+                );
+            }
             self.record(Event::global(dmsc_audit::Revocation {
                 serial: r.serial.clone(),
                 reason: r.reason.clone(),

@@ -797,6 +797,25 @@ async fn a_revoked_node_certificate_is_refused_by_every_node_and_its_connections
     // n0 and n1 still talk to each other.
     assert!(has_peer(&mesh, 0, "n1") || has_peer(&mesh, 1, "n0"));
     assert_audited(&mesh, 1, "revocation", &serial).await;
+    // The revoked node itself, told too, says so in `check`.
+    let _ = dmsc_node::ops::revoke_apply(
+        mesh.nodes[2].bound().admin,
+        &mesh.admin_token(2),
+        rev.to_json(),
+    )
+    .await;
+    let findings = dmsc_node::ops::check(
+        mesh.nodes[2].config(),
+        mesh.nodes[2].bound().admin,
+        Duration::from_secs(1),
+    )
+    .await;
+    assert!(
+        findings
+            .iter()
+            .any(|f| !f.ok && f.line.contains("own certificate") && f.line.contains(&serial)),
+        "{findings:?}"
+    );
     mesh.stop().await;
 }
 
