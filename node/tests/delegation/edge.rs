@@ -492,16 +492,7 @@ async fn an_mqtt_edge_agent_is_called_over_http_and_calls_http_agents_through_th
     );
 
     // An HTTP/2 caller (h2c, prior knowledge, as gRPC-style clients speak).
-    let tcp = tokio::net::TcpStream::connect(mesh.ingress(0))
-        .await
-        .expect("connect");
-    let (mut h2, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .expect("h2 handshake");
-    tokio::spawn(conn);
+    let mut h2 = super::h2c(&mesh, 0).await;
     let req = hyper::Request::builder()
         .method("POST")
         .uri("http://meter.acme.dmsc/")

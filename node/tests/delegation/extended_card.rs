@@ -497,16 +497,7 @@ async fn a_card_is_served_as_the_mesh_can_reach_the_agent() {
             "http://pfx.acme.dmsc/message:send/"
         );
         // gRPC for the card: refused with the reason, the agent never asked.
-        let tcp = tokio::net::TcpStream::connect(mesh.ingress(node))
-            .await
-            .expect("connect");
-        let (mut send, conn) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(tcp),
-        )
-        .await
-        .expect("h2c");
-        tokio::spawn(conn);
+        let mut send = super::h2c(&mesh, node).await;
         let req =
             hyper::Request::post("http://pfx.acme.dmsc/a2a.v1.A2AService/GetExtendedAgentCard")
                 .header("content-type", "application/grpc")

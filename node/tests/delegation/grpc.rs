@@ -980,16 +980,7 @@ async fn an_http1_only_agent_is_reached_by_http2_callers() {
     )
     .await;
     for node in [1, 0] {
-        let tcp = tokio::net::TcpStream::connect(mesh.ingress(node))
-            .await
-            .expect("connect to ingress");
-        let (mut send, conn) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(tcp),
-        )
-        .await
-        .expect("h2c with prior knowledge");
-        tokio::spawn(conn);
+        let mut send = super::h2c(&mesh, node).await;
         let req = hyper::Request::post(format!("http://{AGENT}.acme.dmsc/tasks"))
             .header("content-type", "application/json")
             .body(dmsc_node::proto::http::full(format!("{{\"from\":{node}}}")))

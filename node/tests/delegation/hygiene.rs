@@ -689,16 +689,7 @@ async fn an_http2_upload_to_a_slow_reader_is_the_agents_timeout() {
     })
     .await;
     for node in [0, 1] {
-        let tcp = TcpStream::connect(mesh.ingress(node))
-            .await
-            .expect("connect");
-        let (mut send, conn) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(tcp),
-        )
-        .await
-        .expect("h2c handshake");
-        tokio::spawn(conn);
+        let mut send = super::h2c(&mesh, node).await;
         // 30 MiB in 60 KiB chunks, one every 2 ms: the node takes each
         // chunk at once and finds the next one not there yet, as with any
         // real caller.

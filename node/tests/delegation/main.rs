@@ -46,6 +46,27 @@ async fn attach_routable(mesh: &LocalMesh, node: usize, agent: &SampleAgent, nam
     .await;
 }
 
+/// An HTTP/2 caller (h2c, prior knowledge, as gRPC-style clients speak)
+/// on its own connection to node `i`'s ingress.
+async fn h2c<B>(mesh: &LocalMesh, i: usize) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tcp = tokio::net::TcpStream::connect(mesh.ingress(i))
+        .await
+        .expect("connect to ingress");
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2c with prior knowledge");
+    tokio::spawn(conn);
+    send
+}
+
 fn loopback() -> SocketAddr {
     "127.0.0.1:0".parse().expect("addr")
 }
