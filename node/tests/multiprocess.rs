@@ -283,8 +283,10 @@ fn three_processes_form_a_mesh_refuse_an_intruder_and_track_failures() {
                     rogue.log.lock().expect("l")
                 );
             }
+            // Both CAs were made for the same trust domain, so they share a
+            // name: the refusal says the key differs.
             n1.log_contains("refused overlay peer certificate")
-                && n1.log_contains("expected the mesh CA")
+                && n1.log_contains("like the mesh CA, but with another key")
                 && rogue.log_contains("cannot reach overlay peer")
         },
     );

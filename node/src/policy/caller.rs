@@ -100,6 +100,11 @@ impl Authenticator<'_> {
         };
         match &conn.verdict {
             None => Err(unauthorized("no_credentials", none.to_string())),
+            // Refused at the handshake because it is revoked: the same code
+            // as a revocation seen on an open connection.
+            Some(Err(reason)) if self.security.revoked.revoked_among(&conn.serials).is_some() => {
+                Err(unauthorized("cert_revoked", reason.clone()))
+            }
             Some(Err(reason)) => Err(unauthorized("cert_refused", reason.clone())),
             Some(Ok(who)) => {
                 if let Some(r) = self.security.revoked.revoked_among(&conn.serials) {

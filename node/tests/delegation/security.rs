@@ -611,7 +611,8 @@ async fn mtls_ingress_valid_expired_revoked_wrong_ca_and_other_trust_domain() {
     let (status, headers, body) = call_billing(&m, good, &[]).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
     assert!(body.contains("revoked"), "{body}");
-    assert_eq!(headers["dmsc-auth-error"], "cert_refused");
+    // The same code as on the open connection (it was `cert_refused`).
+    assert_eq!(headers["dmsc-auth-error"], "cert_revoked");
     assert_audited(&m.mesh, 0, "auth_failure", "revoked").await;
     assert_audited(&m.mesh, 0, "revocation", &serial).await;
     eventually(Duration::from_secs(5), "revocation reaches node 1", || {
