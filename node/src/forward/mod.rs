@@ -345,7 +345,24 @@ impl Delegator {
                             denial,
                         ));
                     }
-                    let e = select_error(&self.me, &tenant, &target, e);
+                    let mut e = select_error(&self.me, &tenant, &target, e);
+                    // A named agent whose home node just went away is not
+                    // unknown: it may be back (or elsewhere) soon.
+                    if let (ErrorKind::UnknownAgent, Target::Agent(name)) = (e.kind, &target) {
+                        let id = AgentId::new(&tenant, name.as_str());
+                        if let Some((node, ago)) = self.mesh.recently_gone(&id) {
+                            e = MeshError::new(
+                                ErrorKind::NoneAvailable,
+                                &self.me,
+                                format!(
+                                    "agent `{id}`: its home node `{node}` went away {}s ago (down or left, as gossip sees it), and no other node serves it; retry later",
+                                    ago.as_secs()
+                                ),
+                            )
+                            .agent(&id)
+                            .retry_after(Duration::from_secs(1));
+                        }
+                    }
                     return Outcome::Failed(plan.no_candidate(&self.me, e));
                 }
             };

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use dmsc_gossip::MemberState;
 use dmsc_registry::{
@@ -89,6 +89,12 @@ struct NodeCache {
     relay_clients: Option<Vec<String>>,
 }
 
+/// How long an agent whose home node went away is remembered for the
+/// error a caller gets (503 "home node down", not 404 "unknown agent").
+const RECENTLY_GONE: Duration = Duration::from_secs(300);
+/// Bound of that memory (a whole large node going away fits).
+const MAX_RECENTLY_GONE: usize = 100_000;
+
 /// The key of an agent in [`NodeCache::records`].
 fn cache_key(id: &AgentId) -> Box<str> {
     format!("{}/{}", id.tenant, id.name).into_boxed_str()
@@ -129,6 +135,9 @@ pub struct MeshView {
     /// Node name -> overlay address, from the gossiped `node` key.
     /// Live nodes: overlay address and the delegation wire version they speak.
     nodes: RwLock<HashMap<String, (SocketAddr, u8)>>,
+    /// Agents whose home node went down or left recently: the node, and
+    /// when (so a call by name says "home node down", not "unknown agent").
+    recently_gone: Mutex<HashMap<AgentId, (String, Instant)>>,
     /// Why a node gossip knows is not in `nodes` (for the error a caller
     /// gets when its agent's home cannot be reached).
     unroutable: RwLock<HashMap<String, &'static str>>,
@@ -157,6 +166,7 @@ impl MeshView {
             circuit_cfg,
             nodes: RwLock::new(HashMap::new()),
             unroutable: RwLock::new(HashMap::new()),
+            recently_gone: Mutex::new(HashMap::new()),
             announcements: Mutex::new(Vec::new()),
             own_relay_clients: Mutex::new(Vec::new()),
             announcements_version: Default::default(),
@@ -288,6 +298,15 @@ impl MeshView {
             .unwrap_or_else(|p| p.into_inner())
             .get(node)
             .copied()
+    }
+
+    /// The node `id` lived on, when that node went down or left within
+    /// [`RECENTLY_GONE`] and `id` has no home since.
+    pub fn recently_gone(&self, id: &AgentId) -> Option<(String, Duration)> {
+        let g = lock(&self.recently_gone);
+        let (node, at) = g.get(id)?;
+        let ago = at.elapsed();
+        (ago < RECENTLY_GONE).then(|| (node.clone(), ago))
     }
 
     /// Why `node` has no route (see [`Self::node_route`]), as a phrase.
@@ -534,13 +553,20 @@ impl MeshView {
                 anns_dirty = true;
                 if !live {
                     let n = entry.name.clone();
-                    ops.extend(
-                        entry
-                            .records
-                            .drain()
-                            .filter_map(|(k, _)| AgentId::parse(&k))
-                            .map(|id| Op::Remove(n.clone(), id)),
-                    );
+                    let ids: Vec<AgentId> = entry
+                        .records
+                        .drain()
+                        .filter_map(|(k, _)| AgentId::parse(&k))
+                        .collect();
+                    {
+                        let now = Instant::now();
+                        let mut g = lock(&self.recently_gone);
+                        g.retain(|_, (_, t)| now.duration_since(*t) < RECENTLY_GONE);
+                        if g.len() < MAX_RECENTLY_GONE {
+                            g.extend(ids.iter().map(|id| (id.clone(), (n.clone(), now))));
+                        }
+                    }
+                    ops.extend(ids.into_iter().map(|id| Op::Remove(n.clone(), id)));
                 } else if !had_values || !complete {
                     // Back without a change, or with only what changed
                     // while it was away: nothing of it is registered here

@@ -801,6 +801,16 @@ async fn a_dead_nodes_agents_leave_every_candidate_set() {
         assert_eq!(resp.status(), 200);
         assert_eq!(header(&resp, "dmsc-agent"), "acme/core");
     }
+    // Called by name, the dead node's agent is not "unknown": its home went
+    // away, and it may come back (503, retry later; was 404).
+    let (resp, body) = mesh
+        .call(0, "GET", "edge.acme.dmsc", "/", &[], "")
+        .await
+        .expect("call");
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(resp.status(), 503, "{body}");
+    assert_eq!(header(&resp, "dmsc-error"), "none-available");
+    assert!(body.contains("home node `n2` went away"), "{body}");
     mesh.stop().await;
 }
 
