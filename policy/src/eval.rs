@@ -164,13 +164,12 @@ pub fn cross_tenant(
     // A tenant without a policy (or one this node never heard of: the two
     // look alike, so a caller cannot probe which tenants exist) exports
     // nothing.
-    let provider = provider.ok_or_else(|| Refusal {
-        reason: format!(
-            "cross-tenant call refused: tenant `{}` has no policy, so it exports nothing \
-             (to tenant `{}` neither)",
-            c.to, c.from
-        ),
-        ..no_export()
+    let provider = provider.ok_or_else(|| {
+        no_policy(
+            no_export(),
+            c.to,
+            format!("exports nothing (to tenant `{}` neither)", c.from),
+        )
     })?;
     Side {
         by_tenant: &provider.exports_to,
@@ -189,13 +188,12 @@ pub fn cross_tenant(
         ),
         tags: false,
     };
-    let consumer = consumer.ok_or_else(|| Refusal {
-        reason: format!(
-            "cross-tenant call refused: tenant `{}` has no policy, so it imports nothing \
-             (from tenant `{}` neither)",
-            c.from, c.to
-        ),
-        ..no_import()
+    let consumer = consumer.ok_or_else(|| {
+        no_policy(
+            no_import(),
+            c.from,
+            format!("imports nothing (from tenant `{}` neither)", c.to),
+        )
     })?;
     Side {
         by_tenant: &consumer.imports_from,
@@ -209,6 +207,15 @@ pub fn cross_tenant(
         accepts(Some(provider), name, c.data_tags)?;
     }
     Ok(())
+}
+
+/// `refusal` (its rule kept) reworded for a `tenant` that has no policy:
+/// it `does` nothing across tenants.
+fn no_policy(refusal: Refusal, tenant: &str, does: String) -> Refusal {
+    Refusal {
+        reason: format!("cross-tenant call refused: tenant `{tenant}` has no policy, so it {does}"),
+        ..refusal
+    }
 }
 
 /// May `agent` of the policy's tenant receive data with these tags? An

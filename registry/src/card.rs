@@ -384,10 +384,7 @@ impl AgentCard {
                 if o.port != base.port {
                     return;
                 }
-                let Some(after) = rest.strip_prefix(base_path.as_str()) else {
-                    return;
-                };
-                if after.is_empty() || after.starts_with(['/', '?', '#']) {
+                if let Some(after) = under_path(rest, &base_path) {
                     let head = &u[..u.len() - rest.len()];
                     *u = format!("{head}{after}");
                 }
@@ -626,6 +623,14 @@ impl Origin {
             tail,
         ))
     }
+}
+
+/// What follows `prefix` (a path without a trailing `/`) in `rest` (a URL's
+/// path, query and fragment), when `rest` is at or under that path:
+/// `/agents/pfx/x` under `/agents/pfx` is `/x`; `/agents/pfxy` is not under.
+pub fn under_path<'a>(rest: &'a str, prefix: &str) -> Option<&'a str> {
+    let after = rest.strip_prefix(prefix)?;
+    (after.is_empty() || after.starts_with(['/', '?', '#'])).then_some(after)
 }
 
 /// True for an absolute `http://` or `https://` URL with a host.

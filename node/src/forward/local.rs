@@ -638,8 +638,8 @@ fn mesh_location(base: &Uri, mesh: &str, location: &str) -> Option<String> {
         return None;
     }
     let prefix = base.path().trim_end_matches('/');
-    let rest = match rest.strip_prefix(prefix) {
-        Some(r) if !prefix.is_empty() && (r.is_empty() || r.starts_with(['/', '?', '#'])) => r,
+    let rest = match dmsc_registry::card::under_path(rest, prefix) {
+        Some(after) if !prefix.is_empty() => after,
         _ => rest,
     };
     Some(format!("{}{rest}", mesh.trim_end_matches('/')))

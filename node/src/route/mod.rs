@@ -95,6 +95,54 @@ const RECENTLY_GONE: Duration = Duration::from_secs(300);
 /// Bound of that memory (a whole large node going away fits).
 const MAX_RECENTLY_GONE: usize = 100_000;
 
+/// Where node `e` is reached (its overlay address and wire version), or
+/// why it cannot be. A relayed node (announced so, or on a mapped address
+/// whatever it says) counts as reachable only through a live relay that
+/// lists it among its sessions: a claim no relay backs is no route. The
+/// backing relay must be another live node with the relay role, or this
+/// node (`me`) itself with a session for it (`own_clients`).
+fn route_of(
+    e: &NodeCache,
+    cache: &HashMap<String, NodeCache>,
+    me: &str,
+    own_clients: &[String],
+) -> Result<(SocketAddr, u8), &'static str> {
+    if !e.live {
+        return Err("gossip sees it down");
+    }
+    let Some(addr) = e.addr else {
+        return Err("it announced no overlay address");
+    };
+    let backed = match &e.ann {
+        Some(a)
+            if a.reachability != "direct" || dmsc_transport::path::is_mapped(a.overlay_addr) =>
+        {
+            a.via.iter().filter(|r| **r != e.name).any(|r| {
+                if r == me {
+                    return own_clients.contains(&e.name);
+                }
+                cache.get(r).is_some_and(|rc| {
+                    rc.live
+                        && rc
+                            .ann
+                            .as_ref()
+                            .is_some_and(|ra| ra.roles.iter().any(|x| x == "relay"))
+                        && rc
+                            .relay_clients
+                            .as_ref()
+                            .is_some_and(|c| c.contains(&e.name))
+                })
+            })
+        }
+        _ => true,
+    };
+    if backed {
+        Ok((addr, e.wire))
+    } else {
+        Err("it is reachable only through relays, and no live relay has a session with it")
+    }
+}
+
 /// The key of an agent in [`NodeCache::records`].
 fn cache_key(id: &AgentId) -> Box<str> {
     format!("{}/{}", id.tenant, id.name).into_boxed_str()
@@ -138,9 +186,6 @@ pub struct MeshView {
     /// Agents whose home node went down or left recently: the node, and
     /// when (so a call by name says "home node down", not "unknown agent").
     recently_gone: Mutex<HashMap<AgentId, (String, Instant)>>,
-    /// Why a node gossip knows is not in `nodes` (for the error a caller
-    /// gets when its agent's home cannot be reached).
-    unroutable: RwLock<HashMap<String, &'static str>>,
     /// Live nodes' `node` records, and a counter bumped when they change.
     announcements: Mutex<Vec<NodeAnnouncement>>,
     /// On a relay: the nodes with a live session here (gossip does not show
@@ -165,7 +210,6 @@ impl MeshView {
             local: RwLock::new(HashMap::new()),
             circuit_cfg,
             nodes: RwLock::new(HashMap::new()),
-            unroutable: RwLock::new(HashMap::new()),
             recently_gone: Mutex::new(HashMap::new()),
             announcements: Mutex::new(Vec::new()),
             own_relay_clients: Mutex::new(Vec::new()),
@@ -309,14 +353,17 @@ impl MeshView {
         (ago < RECENTLY_GONE).then(|| (node.clone(), ago))
     }
 
-    /// Why `node` has no route (see [`Self::node_route`]), as a phrase.
+    /// Why `node` has no route (see [`Self::node_route`]), as a phrase;
+    /// worked out when asked (a failed delegation), not on every scan.
     pub fn unroutable_reason(&self, node: &str) -> &'static str {
-        self.unroutable
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(node)
-            .copied()
-            .unwrap_or("gossip does not know it")
+        let cache = lock(&self.per_node);
+        let own_clients = lock(&self.own_relay_clients).clone();
+        match cache.get(node) {
+            None => "gossip does not know it",
+            Some(e) => route_of(e, &cache, &self.me, &own_clients)
+                .err()
+                .unwrap_or("it had none a moment ago"),
+        }
     }
 
     /// The cached card with this digest.
@@ -597,53 +644,14 @@ impl MeshView {
             }
             keep
         });
-        // A relayed node counts as reachable only through a live relay that
-        // lists it among its sessions: a claim no relay backs is no route.
-        // Relayed: announced so, or on a mapped address whatever it says.
-        // The backing relay must be another live node with the relay role,
-        // or this node itself with a session for it.
         let own_clients = lock(&self.own_relay_clients).clone();
-        let backed = |e: &NodeCache| match &e.ann {
-            Some(a)
-                if a.reachability != "direct"
-                    || dmsc_transport::path::is_mapped(a.overlay_addr) =>
-            {
-                a.via.iter().filter(|r| **r != e.name).any(|r| {
-                    if *r == self.me {
-                        return own_clients.contains(&e.name);
-                    }
-                    cache.get(r).is_some_and(|rc| {
-                        rc.live
-                            && rc
-                                .ann
-                                .as_ref()
-                                .is_some_and(|ra| ra.roles.iter().any(|x| x == "relay"))
-                            && rc
-                                .relay_clients
-                                .as_ref()
-                                .is_some_and(|c| c.contains(&e.name))
-                    })
-                })
-            }
-            _ => true,
-        };
-        let mut nodes: HashMap<String, (SocketAddr, u8)> = HashMap::new();
-        let mut unroutable: HashMap<String, &'static str> = HashMap::new();
-        for e in cache.values() {
-            let why = if !e.live {
-                "gossip sees it down"
-            } else if e.addr.is_none() {
-                "it announced no overlay address"
-            } else if !backed(e) {
-                "it is reachable only through relays, and no live relay has a session with it"
-            } else {
-                if let Some(a) = e.addr {
-                    nodes.insert(e.name.clone(), (a, e.wire));
-                }
-                continue;
-            };
-            unroutable.insert(e.name.clone(), why);
-        }
+        let nodes: HashMap<String, (SocketAddr, u8)> = cache
+            .values()
+            .filter_map(|e| {
+                let route = route_of(e, &cache, &self.me, &own_clients).ok()?;
+                Some((e.name.clone(), route))
+            })
+            .collect();
         let anns: Option<Vec<NodeAnnouncement>> = anns_dirty.then(|| {
             cache
                 .values()
@@ -653,7 +661,6 @@ impl MeshView {
         });
         drop(cache);
         *self.nodes.write().unwrap_or_else(|p| p.into_inner()) = nodes;
-        *self.unroutable.write().unwrap_or_else(|p| p.into_inner()) = unroutable;
         if let Some(anns) = anns {
             let mut a = lock(&self.announcements);
             if *a != anns {
