@@ -672,7 +672,10 @@ async fn slow_reader(cfg: dmsc_node::demo::sample_agent::SampleConfig) -> Socket
 /// agent that reads slowly: flow-control windows (the agent's towards the
 /// node, the node's towards the caller), not the caller, hold the bytes
 /// back, so when the node's deadline passes it is the agent that did not
-/// answer in time (charged to it), not the caller that stalled.
+/// answer in time (charged to it), not the caller that stalled. This run
+/// did not show the race `forward::fault` fixes (a verdict gone stale after
+/// a poll without a waker; that is its unit test's job): it guards the
+/// end-to-end attribution for HTTP/2 on both sides, locally and remotely.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_upload_to_a_slow_reader_is_the_agents_timeout() {
     let mesh = mesh2(|_, raw| {
