@@ -1,10 +1,13 @@
 //! A small built-in A2A agent for the demo, the README and tests: it serves
 //! an agent card (A2A 0.3 or 1.0 shape) and answers `message/send` /
 //! `SendMessage` with a message naming itself, `message/stream` /
-//! `SendStreamingMessage` with a few SSE events, and anything else with an
-//! echo. Skills, delay and a failure switch are configurable, so tests can
-//! make it slow or failing on demand.
+//! `SendStreamingMessage` with a few SSE events of a task of its own (a new
+//! id each time, kept so that `tasks/get` / `GetTask`, `tasks/cancel` /
+//! `CancelTask` and `ListTasks` find it, as an SDK client expects), and
+//! anything else with an echo. Skills, delay and a failure switch are
+//! configurable, so tests can make it slow or failing on demand.
 
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -90,6 +93,42 @@ pub struct SampleState {
     /// The headers of the last request answered (excluding card fetches),
     /// so a test can see what the mesh told the agent.
     pub last_headers: std::sync::Mutex<Option<hyper::HeaderMap>>,
+    /// The tasks its streamed answers made (the latest [`MAX_TASKS`]).
+    tasks: std::sync::Mutex<Tasks>,
+}
+
+/// How many tasks a sample agent remembers.
+pub const MAX_TASKS: usize = 1000;
+
+/// A task of a streamed answer, as `tasks/get` and `ListTasks` show it.
+#[derive(Debug, Clone)]
+struct SampleTask {
+    id: String,
+    context: String,
+    /// What the stream said last.
+    text: String,
+    done: bool,
+}
+
+/// The tasks a sample agent remembers, oldest first.
+#[derive(Debug, Default)]
+struct Tasks {
+    order: VecDeque<String>,
+    by_id: HashMap<String, SampleTask>,
+}
+
+impl Tasks {
+    fn put(&mut self, task: SampleTask) {
+        if !self.by_id.contains_key(&task.id) {
+            self.order.push_back(task.id.clone());
+            while self.order.len() > MAX_TASKS {
+                if let Some(old) = self.order.pop_front() {
+                    self.by_id.remove(&old);
+                }
+            }
+        }
+        self.by_id.insert(task.id.clone(), task);
+    }
 }
 
 impl SampleState {
@@ -99,6 +138,10 @@ impl SampleState {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    fn tasks(&self) -> std::sync::MutexGuard<'_, Tasks> {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -197,43 +240,65 @@ fn reply_message(text: &str, v10: bool) -> Value {
     }
 }
 
+/// A task in the request's dialect: working, or completed with its one
+/// artifact.
+fn task_json(t: &SampleTask, v10: bool) -> Value {
+    let message = agent_message(&t.text, v10, t);
+    let parts = if v10 {
+        json!([{"text": t.text}])
+    } else {
+        json!([{"kind": "text", "text": t.text}])
+    };
+    let state = match (t.done, v10) {
+        (false, false) => "working",
+        (true, false) => "completed",
+        (false, true) => "TASK_STATE_WORKING",
+        (true, true) => "TASK_STATE_COMPLETED",
+    };
+    let mut task = json!({"id": t.id, "contextId": t.context,
+        "status": {"state": state, "message": message}});
+    if t.done {
+        task["artifacts"] = json!([{"artifactId": "a-1", "parts": parts}]);
+    }
+    if !v10 {
+        task["kind"] = json!("task");
+    }
+    task
+}
+
+/// The agent's message within task `t`.
+fn agent_message(text: &str, v10: bool, t: &SampleTask) -> Value {
+    let mut m = reply_message(text, v10);
+    let mut m = if v10 { m["message"].take() } else { m };
+    m["taskId"] = json!(t.id);
+    m["contextId"] = json!(t.context);
+    m
+}
+
 /// Event `i` of the three a streamed answer has, as A2A wants a task's
 /// stream (one Message per stream at most): the task, working; an
 /// artifact; the final status, completed. Each carries its text.
-fn stream_event(i: u32, text: &str, v10: bool) -> Value {
-    const TASK: &str = "sample-task";
-    const CONTEXT: &str = "sample-context";
-    let message = |text: &str| {
-        let mut m = reply_message(text, v10);
-        if v10 {
-            m["message"].take()
-        } else {
-            m["taskId"] = json!(TASK);
-            m["contextId"] = json!(CONTEXT);
-            m
-        }
-    };
+fn stream_event(i: u32, t: &SampleTask, v10: bool) -> Value {
+    let (id, context, text) = (&t.id, &t.context, &t.text);
     match (i, v10) {
-        (0, false) => json!({"kind": "task", "id": TASK, "contextId": CONTEXT,
-            "status": {"state": "working", "message": message(text)}}),
-        (0, true) => json!({"task": {"id": TASK, "contextId": CONTEXT,
-            "status": {"state": "TASK_STATE_WORKING", "message": message(text)}}}),
-        (1, false) => json!({"kind": "artifact-update", "taskId": TASK, "contextId": CONTEXT,
+        (0, false) => task_json(t, false),
+        (0, true) => json!({"task": task_json(t, true)}),
+        (1, false) => json!({"kind": "artifact-update", "taskId": id, "contextId": context,
             "artifact": {"artifactId": "a-1", "parts": [{"kind": "text", "text": text}]},
             "lastChunk": true}),
-        (1, true) => json!({"artifactUpdate": {"taskId": TASK, "contextId": CONTEXT,
+        (1, true) => json!({"artifactUpdate": {"taskId": id, "contextId": context,
             "artifact": {"artifactId": "a-1", "parts": [{"text": text}]}, "lastChunk": true}}),
-        (_, false) => json!({"kind": "status-update", "taskId": TASK, "contextId": CONTEXT,
-            "status": {"state": "completed", "message": message(text)}, "final": true}),
-        (_, true) => json!({"statusUpdate": {"taskId": TASK, "contextId": CONTEXT,
-            "status": {"state": "TASK_STATE_COMPLETED", "message": message(text)}}}),
+        (_, false) => json!({"kind": "status-update", "taskId": id, "contextId": context,
+            "status": {"state": "completed", "message": agent_message(text, false, t)}, "final": true}),
+        (_, true) => json!({"statusUpdate": {"taskId": id, "contextId": context,
+            "status": {"state": "TASK_STATE_COMPLETED", "message": agent_message(text, true, t)}}}),
     }
 }
 
 async fn handle(
     req: Request<Incoming>,
     cfg: &SampleConfig,
-    state: &SampleState,
+    state: &Arc<SampleState>,
     addr: SocketAddr,
 ) -> Response<Body> {
     let path = req.uri().path().to_string();
@@ -268,7 +333,7 @@ async fn handle(
         *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
         r
     } else {
-        answer(&method, &body, cfg)
+        answer(&method, &body, cfg, state)
     };
     if let Ok(v) = hyper::header::HeaderValue::from_str(&cfg.name) {
         resp.headers_mut().insert("x-served-by", v);
@@ -276,7 +341,32 @@ async fn handle(
     resp
 }
 
-fn answer(method: &Method, body: &Bytes, cfg: &SampleConfig) -> Response<Body> {
+/// A JSON-RPC answer: `result`, or `error` when it is `Err((code, message))`.
+fn rpc_answer(id: Value, result: Result<Value, (i64, &str)>) -> Response<Body> {
+    let r = match result {
+        Ok(result) => json!({"jsonrpc": "2.0", "id": id, "result": result}),
+        Err((code, message)) => {
+            json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}})
+        }
+    };
+    let mut resp = Response::new(full(r.to_string()));
+    resp.headers_mut().insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// A2A's JSON-RPC error codes (the same in 0.3 and 1.0).
+const TASK_NOT_FOUND: (i64, &str) = (-32001, "Task not found");
+const TASK_NOT_CANCELABLE: (i64, &str) = (-32002, "Task cannot be canceled");
+
+fn answer(
+    method: &Method,
+    body: &Bytes,
+    cfg: &SampleConfig,
+    state: &Arc<SampleState>,
+) -> Response<Body> {
     let rpc: Option<Value> = serde_json::from_slice(body).ok();
     let rpc_method = rpc
         .as_ref()
@@ -291,22 +381,75 @@ fn answer(method: &Method, body: &Bytes, cfg: &SampleConfig) -> Response<Body> {
     let said = format!("{} handled: {text}", cfg.name);
     match rpc_method.as_deref() {
         Some(m @ ("message/send" | "SendMessage")) => {
-            let v10 = m == "SendMessage";
-            let r = json!({"jsonrpc": "2.0", "id": id, "result": reply_message(&said, v10)});
-            let mut resp = Response::new(full(r.to_string()));
-            resp.headers_mut().insert(
-                "content-type",
-                hyper::header::HeaderValue::from_static("application/json"),
-            );
-            resp
+            rpc_answer(id, Ok(reply_message(&said, m == "SendMessage")))
+        }
+        Some(m @ ("tasks/get" | "GetTask" | "tasks/cancel" | "CancelTask")) => {
+            let v10 = m.starts_with(char::is_uppercase);
+            let found = rpc
+                .as_ref()
+                .and_then(|v| v.pointer("/params/id"))
+                .and_then(Value::as_str)
+                .and_then(|t| state.tasks().by_id.get(t).cloned());
+            let result = match (found, matches!(m, "tasks/cancel" | "CancelTask")) {
+                (None, _) => Err(TASK_NOT_FOUND),
+                // Every task here is done, or about to be in 200 ms.
+                (Some(_), true) => Err(TASK_NOT_CANCELABLE),
+                (Some(t), false) => Ok(task_json(&t, v10)),
+            };
+            rpc_answer(id, result)
+        }
+        Some("ListTasks") => {
+            let params = rpc.as_ref().and_then(|v| v.get("params"));
+            let context = params
+                .and_then(|p| p.get("contextId"))
+                .and_then(Value::as_str);
+            let size = params
+                .and_then(|p| p.get("pageSize"))
+                .and_then(Value::as_u64)
+                .unwrap_or(50)
+                .clamp(1, 100) as usize;
+            let tasks = state.tasks();
+            let matching: Vec<&SampleTask> = tasks
+                .order
+                .iter()
+                .rev()
+                .filter_map(|t| tasks.by_id.get(t))
+                .filter(|t| context.is_none_or(|c| c == t.context))
+                .collect();
+            let page: Vec<Value> = matching
+                .iter()
+                .take(size)
+                .map(|t| task_json(t, true))
+                .collect();
+            let result = json!({"tasks": page, "nextPageToken": "", "pageSize": size,
+                "totalSize": matching.len()});
+            rpc_answer(id, Ok(result))
         }
         Some(m @ ("message/stream" | "SendStreamingMessage")) => {
             let v10 = m == "SendStreamingMessage";
             let name = cfg.name.clone();
+            let context = rpc
+                .as_ref()
+                .and_then(|v| v.pointer("/params/message/contextId"))
+                .and_then(Value::as_str)
+                .map_or_else(
+                    || format!("ctx-{:x}", rand::random::<u64>()),
+                    str::to_string,
+                );
+            let mut task = SampleTask {
+                id: format!("task-{:x}", rand::random::<u64>()),
+                context,
+                text: String::new(),
+                done: false,
+            };
+            let state = state.clone();
             let events = futures_util::stream::unfold(0u32, move |i| {
                 let id = id.clone();
-                let name = name.clone();
-                let text = text.clone();
+                let said = format!("{name} part {}/3: {text}", i + 1);
+                task.text = said;
+                task.done = i >= 2;
+                let task = task.clone();
+                let state = state.clone();
                 async move {
                     if i >= 3 {
                         return None;
@@ -314,9 +457,9 @@ fn answer(method: &Method, body: &Bytes, cfg: &SampleConfig) -> Response<Body> {
                     if i > 0 {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
-                    let said = format!("{name} part {}/3: {text}", i + 1);
+                    state.tasks().put(task.clone());
                     let ev =
-                        json!({"jsonrpc": "2.0", "id": id, "result": stream_event(i, &said, v10)});
+                        json!({"jsonrpc": "2.0", "id": id, "result": stream_event(i, &task, v10)});
                     let frame = Frame::data(Bytes::from(format!("data: {ev}\n\n")));
                     Some((Ok::<_, BoxError>(frame), i + 1))
                 }
@@ -334,6 +477,108 @@ fn answer(method: &Method, body: &Bytes, cfg: &SampleConfig) -> Response<Body> {
                 resp.headers_mut().insert("x-echo-method", v);
             }
             resp
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn call(agent: &SampleAgent, rpc: Value) -> String {
+        let client = crate::forward::client::Upstream::new().h1;
+        let req = Request::post(agent.url())
+            .header("content-type", "application/json")
+            .body(full(rpc.to_string()))
+            .expect("request");
+        let resp = client.request(req).await.expect("answer");
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        String::from_utf8(body.to_vec()).expect("utf-8")
+    }
+
+    async fn call_json(agent: &SampleAgent, rpc: Value) -> Value {
+        serde_json::from_str(&call(agent, rpc).await).expect("a JSON answer")
+    }
+
+    fn rpc(method: &str, params: Value) -> Value {
+        json!({"jsonrpc": "2.0", "id": 7, "method": method, "params": params})
+    }
+
+    /// The task id of a streamed answer's first event.
+    fn streamed_task(sse: &str, v10: bool) -> (String, String) {
+        let first = sse.lines().next().expect("an event");
+        let ev: Value =
+            serde_json::from_str(first.strip_prefix("data: ").expect("data")).expect("json");
+        let task = if v10 {
+            &ev["result"]["task"]
+        } else {
+            &ev["result"]
+        };
+        (
+            task["id"].as_str().expect("id").to_string(),
+            task["contextId"].as_str().expect("context").to_string(),
+        )
+    }
+
+    #[tokio::test]
+    async fn streamed_tasks_can_be_fetched_listed_and_not_cancelled_in_both_dialects() {
+        for (v10, stream, get, cancel) in [
+            (false, "message/stream", "tasks/get", "tasks/cancel"),
+            (true, "SendStreamingMessage", "GetTask", "CancelTask"),
+        ] {
+            let cfg = SampleConfig {
+                name: "s".into(),
+                description: "sample".into(),
+                skills: Vec::new(),
+                delay: Duration::ZERO,
+                dialect: if v10 {
+                    CardDialect::V10
+                } else {
+                    CardDialect::V03
+                },
+            };
+            let agent = SampleAgent::start(([127, 0, 0, 1], 0).into(), cfg)
+                .await
+                .expect("start");
+            let message = json!({"message": {"role": "user", "messageId": "m1",
+                "contextId": "c-1", "parts": [{"kind": "text", "text": "hi"}]}});
+            let (first, context) =
+                streamed_task(&call(&agent, rpc(stream, message.clone())).await, v10);
+            let (second, _) = streamed_task(&call(&agent, rpc(stream, message)).await, v10);
+            assert_ne!(first, second, "every stream is a task of its own");
+            assert_eq!(context, "c-1", "the caller's context is kept");
+
+            let got = call_json(&agent, rpc(get, json!({"id": first}))).await;
+            assert_eq!(got["id"], 7);
+            assert_eq!(got["result"]["id"], first.as_str());
+            let done = if v10 {
+                "TASK_STATE_COMPLETED"
+            } else {
+                "completed"
+            };
+            assert_eq!(got["result"]["status"]["state"], done, "{got}");
+            let text = &got["result"]["artifacts"][0]["parts"][0]["text"];
+            assert_eq!(text, "s part 3/3: hi", "{got}");
+
+            let none = call_json(&agent, rpc(get, json!({"id": "nope"}))).await;
+            assert_eq!(none["error"]["code"], -32001, "{none}");
+            let cancel = call_json(&agent, rpc(cancel, json!({"id": first}))).await;
+            assert_eq!(cancel["error"]["code"], -32002, "{cancel}");
+
+            if v10 {
+                let list = call_json(
+                    &agent,
+                    rpc("ListTasks", json!({"contextId": "c-1", "pageSize": 1})),
+                )
+                .await;
+                assert_eq!(list["result"]["totalSize"], 2, "{list}");
+                assert_eq!(
+                    list["result"]["tasks"][0]["id"],
+                    second.as_str(),
+                    "newest first"
+                );
+                assert_eq!(list["result"]["tasks"].as_array().map(Vec::len), Some(1));
+            }
         }
     }
 }

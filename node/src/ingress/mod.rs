@@ -1137,6 +1137,32 @@ impl Ingress {
         let (task, context) = match found {
             FollowUp::TaskCall(id) => (Some(id), None),
             FollowUp::Message { task, context } => (task, context),
+            FollowUp::ListTasks { context } => {
+                // A conversation's tasks are at the agent that has it; a
+                // listing of every task would have to ask every agent.
+                let known = context.as_ref().and_then(|id| {
+                    let mut known = intent.followups.lock().unwrap_or_else(|p| p.into_inner());
+                    known.agent(scope, &Ref::Context(id.clone()), now)
+                });
+                return match (known, context) {
+                    (Some(agent), Some(id)) => Ok(Some(Follow {
+                        agent,
+                        why: format!("tasks of context {id}"),
+                        body: None,
+                        lesson: None,
+                    })),
+                    (_, context) => Err(MeshError::new(
+                        ErrorKind::Unsupported,
+                        me,
+                        format!(
+                            "mesh.{tenant}.dmsc lists only the tasks of a conversation this node routed for this caller{}: \
+                             pass its contextId, or list an agent's tasks at the agent (`<agent>.{tenant}.dmsc`, \
+                             named by `dmsc-agent` in its answers)",
+                            context.map(|c| format!(" (context `{c}` is not one)")).unwrap_or_default()
+                        ),
+                    )),
+                };
+            }
         };
         // An answer in an ask's task (or, without a task, its context).
         let ask = task

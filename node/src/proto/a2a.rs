@@ -287,6 +287,9 @@ pub enum FollowUp {
         task: Option<String>,
         context: Option<String>,
     },
+    /// A listing of tasks (1.0's `ListTasks`, HTTP+JSON `GET /tasks`, gRPC
+    /// `ListTasks`), of one conversation when it names a `contextId`.
+    ListTasks { context: Option<String> },
 }
 
 /// `tasks/<id>` (A2A 1.0 resource names; a2a-sdk's gRPC transport) or a
@@ -306,11 +309,33 @@ fn task_id_of(v: &Value) -> Option<String> {
 /// HTTP+JSON task path (`/tasks/{id}`, `/v1/tasks/{id}:cancel`, ...).
 pub fn follow_up(path: &str, body: &[u8]) -> Option<FollowUp> {
     let v: Option<Value> = serde_json::from_slice(body).ok();
+    let (bare, query) = path.split_once('?').unwrap_or((path, ""));
+    // gRPC (a protobuf body, so no context read) and HTTP+JSON listings.
+    if bare.ends_with("/ListTasks") {
+        return Some(FollowUp::ListTasks { context: None });
+    }
+    if bare.ends_with("/tasks") || bare == "tasks" {
+        let context = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("contextId="))
+            .filter(|c| !c.is_empty())
+            .map(|c| String::from_utf8_lossy(&percent_decode(c.as_bytes())).into_owned());
+        return Some(FollowUp::ListTasks { context });
+    }
     match v
         .as_ref()
         .and_then(|v| v.get("method"))
         .and_then(Value::as_str)
     {
+        Some("ListTasks" | "tasks/list") => {
+            let context = v
+                .as_ref()
+                .and_then(|v| v.pointer("/params/contextId"))
+                .and_then(Value::as_str)
+                .filter(|c| !c.is_empty())
+                .map(str::to_string);
+            return Some(FollowUp::ListTasks { context });
+        }
         Some(m) if TASK_METHODS.contains(&m) => {
             let p = v.as_ref()?.get("params")?;
             let id = ["id", "taskId", "name", "parent"]
@@ -510,6 +535,34 @@ mod tests {
         let rest = br#"{"message":{"parts":[]},"metadata":{"dmsc.dataTags":["confidential"]}}"#;
         assert_eq!(data_tags(rest), vec!["confidential"]);
         assert!(data_tags(b"{}").is_empty() && data_tags(b"nope").is_empty());
+    }
+
+    #[test]
+    fn task_listings_are_read_in_every_binding() {
+        let list = |context: Option<&str>| {
+            Some(FollowUp::ListTasks {
+                context: context.map(str::to_string),
+            })
+        };
+        let rpc10 =
+            br#"{"jsonrpc":"2.0","id":1,"method":"ListTasks","params":{"contextId":"c-1"}}"#;
+        assert_eq!(follow_up("/", rpc10), list(Some("c-1")));
+        let rpc_all = br#"{"jsonrpc":"2.0","id":1,"method":"ListTasks","params":{}}"#;
+        assert_eq!(follow_up("/", rpc_all), list(None));
+        assert_eq!(
+            follow_up("/v1/tasks?pageSize=5&contextId=c%2F2", b""),
+            list(Some("c/2"))
+        );
+        assert_eq!(follow_up("/tasks", b""), list(None));
+        assert_eq!(
+            follow_up("/a2a.v1.A2AService/ListTasks", b"\x0a\x03c-1"),
+            list(None)
+        );
+        // A task of its own is still a task call.
+        assert_eq!(
+            follow_up("/v1/tasks/t-9", b""),
+            Some(FollowUp::TaskCall("t-9".into()))
+        );
     }
 
     #[test]

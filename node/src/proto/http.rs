@@ -89,6 +89,9 @@ pub enum ErrorKind {
     /// A follow-up to `mesh.<tenant>.dmsc` names a task this node did not
     /// route (A2A's TaskNotFound, -32001).
     TaskNotFound,
+    /// An A2A operation the mesh cannot do for `mesh.<tenant>.dmsc` (A2A's
+    /// UnsupportedOperationError, -32004), e.g. listing every task.
+    Unsupported,
     Internal,
 }
 
@@ -111,6 +114,7 @@ impl ErrorKind {
             ErrorKind::Unmaskable => "unmaskable",
             ErrorKind::TooLarge => "too-large",
             ErrorKind::TaskNotFound => "task-not-found",
+            ErrorKind::Unsupported => "unsupported",
             ErrorKind::Internal => "internal",
         }
     }
@@ -133,6 +137,7 @@ impl ErrorKind {
             ErrorKind::Unmaskable,
             ErrorKind::TooLarge,
             ErrorKind::TaskNotFound,
+            ErrorKind::Unsupported,
             ErrorKind::Internal,
         ]
         .into_iter()
@@ -141,7 +146,10 @@ impl ErrorKind {
 
     pub fn status(self) -> StatusCode {
         match self {
-            ErrorKind::BadTarget | ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+            // A2A's HTTP mapping of UnsupportedOperationError is 400.
+            ErrorKind::BadTarget | ErrorKind::BadRequest | ErrorKind::Unsupported => {
+                StatusCode::BAD_REQUEST
+            }
             ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorKind::Forbidden | ErrorKind::PolicyViolation => StatusCode::FORBIDDEN,
             ErrorKind::Unmaskable => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -168,6 +176,7 @@ impl ErrorKind {
             ErrorKind::NoneAvailable | ErrorKind::Unreachable => 14, // UNAVAILABLE
             ErrorKind::Timeout => 4,                                 // DEADLINE_EXCEEDED
             ErrorKind::Overloaded | ErrorKind::RateLimited => 8,     // RESOURCE_EXHAUSTED
+            ErrorKind::Unsupported => 12,                            // UNIMPLEMENTED
             ErrorKind::Internal => 13,                               // INTERNAL
         }
     }
@@ -184,6 +193,7 @@ impl ErrorKind {
             ErrorKind::UnknownAgent | ErrorKind::NoMatch => -32051,
             // A2A's own code: SDK clients raise their TaskNotFound error for it.
             ErrorKind::TaskNotFound => -32001,
+            ErrorKind::Unsupported => -32004,
             ErrorKind::NoneAvailable => -32052,
             ErrorKind::Unreachable => -32053,
             ErrorKind::Timeout => -32054,

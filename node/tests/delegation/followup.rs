@@ -392,6 +392,42 @@ async fn follow_ups_of_an_intent_routed_task_reach_the_agent_that_has_it() {
     // Only the first message of each task reached travel by its words.
     assert_eq!(travel.texts().len(), 4, "{:?}", travel.texts());
     assert!(payroll.texts().iter().all(|t| !t.contains("flight")));
+
+    // Listing a conversation's tasks goes where the conversation is; a
+    // listing of every task is not something the mesh can do (A2A's
+    // UnsupportedOperationError), said in the request's binding.
+    let context = v["result"]["contextId"]
+        .as_str()
+        .expect("context")
+        .to_string();
+    let (s, agent, route, v) =
+        to_mesh(&mesh, "/", rpc("ListTasks", json!({"contextId": context}))).await;
+    assert_eq!((s, agent.as_str()), (StatusCode::OK, "acme/payroll"), "{v}");
+    assert!(route.starts_with("tasks of context"), "{route}");
+    let (s, _, _, v) = to_mesh(&mesh, "/", rpc("ListTasks", json!({}))).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["error"]["code"], -32004, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("contextId"),
+        "{v}"
+    );
+    let (resp, body) = mesh
+        .call(
+            0,
+            "GET",
+            "mesh.acme.dmsc",
+            "/tasks?contextId=nobody",
+            &[],
+            String::new(),
+        )
+        .await
+        .expect("call");
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(header(&resp, "dmsc-error"), "unsupported");
+    assert!(String::from_utf8_lossy(&body).contains("context `nobody` is not one"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
