@@ -22,6 +22,13 @@
 //! The node takes each tenant's address itself and relays every client
 //! connection to its broker on a loopback port ([`serve`]): rumqttd leaves
 //! Nagle's algorithm on, which costs 44 ms per request/response otherwise.
+//! The relay also reads the protocol level of the client's CONNECT: a
+//! v3.1.1 or 3.1 client (mosquitto_sub's and most libraries' default) gets
+//! a CONNACK refusing its protocol version (return code 1), so it says why
+//! (rumqttd's v5 listener would just close the connection). No v3.1.1
+//! listener: the request/response contract needs v5's response topic and
+//! correlation data, and rumqttd 0.20's v3.1.1 side panics on a v5 publish
+//! with properties, which every request from the node is.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -170,10 +177,67 @@ pub async fn serve(front: Front) {
     }
 }
 
-async fn relay(client: TcpStream, broker: SocketAddr) -> std::io::Result<()> {
-    let inner = TcpStream::connect(broker).await?;
+/// How long a client has to send the start of its CONNECT.
+const CONNECT_WAIT: Duration = Duration::from_secs(10);
+
+/// The protocol level a CONNECT packet's start declares (3: MQTT 3.1, 4:
+/// 3.1.1, 5: v5); `None` while more bytes are needed; `Some(None)` for
+/// bytes that are no CONNECT (the v5 listener refuses them).
+fn connect_level(buf: &[u8]) -> Option<Option<u8>> {
+    let first = *buf.first()?;
+    if first != 0x10 {
+        return Some(None);
+    }
+    // Remaining length: 1 to 4 bytes, 7 bits each, high bit = more.
+    let mut at = 1;
+    loop {
+        let b = *buf.get(at)?;
+        at += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+        if at == 5 {
+            return Some(None);
+        }
+    }
+    let name_len = u16::from_be_bytes([*buf.get(at)?, *buf.get(at + 1)?]) as usize;
+    if name_len > 6 {
+        return Some(None);
+    }
+    buf.get(at + 2 + name_len).map(|level| Some(*level))
+}
+
+/// MQTT 3.1/3.1.1's CONNACK, return code 1: unacceptable protocol version.
+const CONNACK_BAD_VERSION: [u8; 4] = [0x20, 0x02, 0x00, 0x01];
+
+async fn relay(mut client: TcpStream, broker: SocketAddr) -> std::io::Result<()> {
+    // Read up to the CONNECT's protocol level (at most 14 bytes), keeping
+    // what was read for the broker.
+    let mut start = Vec::with_capacity(64);
+    let level = tokio::time::timeout(CONNECT_WAIT, async {
+        loop {
+            if let Some(level) = connect_level(&start) {
+                return Ok::<_, std::io::Error>(level);
+            }
+            if client.read_buf(&mut start).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    })
+    .await
+    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    if let Some(old @ (3 | 4)) = level {
+        client.write_all(&CONNACK_BAD_VERSION).await?;
+        let _ = client.shutdown().await;
+        let version = if old == 4 { "3.1.1" } else { "3.1" };
+        return Err(std::io::Error::other(format!(
+            "an MQTT {version} client, refused: the embedded broker speaks MQTT v5"
+        )));
+    }
+    let mut inner = TcpStream::connect(broker).await?;
     client.set_nodelay(true)?;
     inner.set_nodelay(true)?;
+    inner.write_all(&start).await?;
     let (mut cr, mut cw) = client.into_split();
     let (mut ir, mut iw) = inner.into_split();
     let up = async {
@@ -199,4 +263,33 @@ async fn relay(client: TcpStream, broker: SocketAddr) -> std::io::Result<()> {
         }
     };
     tokio::try_join!(up, down).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::connect_level;
+
+    #[test]
+    fn a_connects_protocol_level_is_read_from_its_first_bytes() {
+        // mosquitto_sub's v3.1.1 and v5 CONNECTs, and MQTT 3.1's.
+        let v311 = b"\x10\x1a\x00\x04MQTT\x04\x02\x00\x3c";
+        let v5 = b"\x10\x1b\x00\x04MQTT\x05\x02\x00\x3c\x00";
+        let v31 = b"\x10\x1c\x00\x06MQIsdp\x03\x02";
+        assert_eq!(connect_level(v311), Some(Some(4)));
+        assert_eq!(connect_level(v5), Some(Some(5)));
+        assert_eq!(connect_level(v31), Some(Some(3)));
+        // A long CONNECT (remaining length in two bytes).
+        assert_eq!(
+            connect_level(b"\x10\x80\x01\x00\x04MQTT\x05"),
+            Some(Some(5))
+        );
+        // Not yet: every prefix of a CONNECT asks for more.
+        for n in 0..9 {
+            assert_eq!(connect_level(&v311[..n]), None, "{n} bytes");
+        }
+        // Not a CONNECT at all.
+        assert_eq!(connect_level(b"GET / HTTP/1.1\r\n"), Some(None));
+        assert_eq!(connect_level(b"\x10\xff\xff\xff\xff\x00"), Some(None));
+        assert_eq!(connect_level(b"\x10\x10\x00\x40MQTT"), Some(None));
+    }
 }

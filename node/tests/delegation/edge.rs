@@ -1311,6 +1311,23 @@ async fn an_embedded_broker_per_tenant_bridges_edge_agents_and_keeps_tenants_apa
         "{acme_out:?}"
     );
     assert!(globex_out.stdout.is_empty(), "{globex_out:?}");
+    // mosquitto's default protocol, v3.1.1, is refused with a reason the
+    // client prints, not a dropped connection.
+    let old = std::process::Command::new("mosquitto_sub")
+        .args([
+            "-V",
+            "mqttv311",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &globex_port.to_string(),
+        ])
+        .args(["-t", "x", "-C", "1", "-W", "3"])
+        .output()
+        .expect("mosquitto_sub");
+    assert!(!old.status.success());
+    let said = String::from_utf8_lossy(&old.stderr);
+    assert!(said.contains("unacceptable protocol version"), "{said}");
 }
 
 /// A CA and a broker certificate for 127.0.0.1, as PEM files in `dir`.
