@@ -92,11 +92,18 @@ enum BufferError {
     OverBudget,
 }
 
+/// An early refusal (before the body is read): a small HTTP/2 request body
+/// is read off first. Answering with the body unread ends the stream with
+/// RST_STREAM(NO_ERROR) after the response, which RFC 9113 allows but some
+/// clients (curl 7.88) report as a stream error instead of the response
+/// (the 401, 429 or 400 that says why).
+async fn refused(req: Request<Incoming>, response: Response<Body>) -> Response<Body> {
+    read_off_small_h2_body(req).await;
+    response
+}
+
 /// Reads and drops a small HTTP/2 request body (declared up to 64 KiB,
-/// within half a second) before an early refusal. Answering with the body
-/// unread ends the stream with RST_STREAM(NO_ERROR) after the response,
-/// which RFC 9113 allows but some clients (curl 7.88) report as a stream
-/// error instead of the response (the 401 that says why).
+/// within half a second).
 async fn read_off_small_h2_body(req: Request<Incoming>) {
     const SMALL: u64 = 64 * 1024;
     if req.version() != hyper::Version::HTTP_2
@@ -627,11 +634,12 @@ impl Ingress {
             );
         }
         if crate::proto::forwarded::duplicate_host(req.headers()) {
-            return refuse(MeshError::new(
+            let r = refuse(MeshError::new(
                 ErrorKind::BadRequest,
                 me,
                 "the request has more than one Host header",
             ));
+            return refused(req, r).await;
         }
         let host = match (request_host(&req), &auth.target_host) {
             // Intercepted: the Host names the address dialled, not a mesh
@@ -640,11 +648,12 @@ impl Ingress {
             (None, Some(t)) => t.clone(),
             (Some(h), _) => h,
             (None, None) => {
-                return refuse(MeshError::new(
+                let r = refuse(MeshError::new(
                     ErrorKind::BadTarget,
                     me,
                     "request has no Host",
-                ))
+                ));
+                return refused(req, r).await;
             }
         };
         let parsed = parse_host(&host);
@@ -654,17 +663,20 @@ impl Ingress {
         let caller = match self.authenticator().caller(req.headers(), auth).await {
             Ok(c) => c,
             Err(r) => {
-                read_off_small_h2_body(req).await;
-                return if grpc {
+                let r = if grpc {
                     refuse(refusal_error(&r, me))
                 } else {
                     refusal_response(&r, me, self.spec.jwt)
                 };
+                return refused(req, r).await;
             }
         };
         let (tenant, target) = match parsed {
             Ok(t) => t,
-            Err(e) => return refuse(MeshError::new(ErrorKind::BadTarget, me, e.to_string())),
+            Err(e) => {
+                let r = refuse(MeshError::new(ErrorKind::BadTarget, me, e.to_string()));
+                return refused(req, r).await;
+            }
         };
         // Data tags the caller declares (`dmsc-data-tags`); the A2A
         // metadata adds to them below when a policy has tag rules.
@@ -677,11 +689,12 @@ impl Ingress {
         let mut data_tags = match dmsc_policy::parse_tags(header_tags, consumer_policy.as_deref()) {
             Ok(t) => t,
             Err(e) => {
-                return refuse(MeshError::new(
+                let r = refuse(MeshError::new(
                     ErrorKind::BadRequest,
                     me,
                     format!("`{DATA_TAGS}`: {e}"),
-                ))
+                ));
+                return refused(req, r).await;
             }
         };
         let provider_policy = if caller.tenant == tenant {
@@ -706,7 +719,7 @@ impl Ingress {
         // held until the response (its body, for the limits) is done. The
         // calling tenant's limits: its callers' requests are what it spends.
         let _slot = match self.fair.as_ref().map(|f| f.admit(&caller.tenant, me)) {
-            Some(Err(e)) => return refuse(e),
+            Some(Err(e)) => return refused(req, refuse(e)).await,
             Some(Ok(slot)) => Some(slot),
             None => None,
         };
@@ -716,7 +729,7 @@ impl Ingress {
             .admit_ingress(&caller.tenant, &caller.id, &host)
         {
             Ok(p) => p,
-            Err(e) => return refuse(e),
+            Err(e) => return refused(req, refuse(e)).await,
         };
         let cfg = &self.cfg;
         // The caller's deadline: `dmsc-timeout`, else a gRPC call's own
@@ -729,14 +742,15 @@ impl Ingress {
                 // Ignored, it would give the caller the default (30 s) while
                 // it asked for something else.
                 None => {
-                    return refuse(MeshError::new(
+                    let r = refuse(MeshError::new(
                         ErrorKind::BadRequest,
                         me,
                         format!(
                             "dmsc-timeout `{}` is not a duration above 0 (500ms, 5s, 2m, 1h; a bare number is milliseconds)",
                             String::from_utf8_lossy(v.as_bytes())
                         ),
-                    ))
+                    ));
+                    return refused(req, r).await;
                 }
             },
             None => req
