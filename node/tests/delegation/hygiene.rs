@@ -731,3 +731,41 @@ async fn an_http2_upload_to_a_slow_reader_is_the_agents_timeout() {
     );
     mesh.stop().await;
 }
+
+/// An early refusal over HTTP/2 (here a Host that is no mesh address)
+/// waits for a small body before answering: answered with the body unread,
+/// the stream ends in RST_STREAM after the response, which curl 7.88
+/// reports as an error instead of the 400 that says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_http2_refusal_reads_a_small_body_off_first() {
+    let mesh = mesh2(|_, _| {}).await;
+    let mut send = super::h2c(&mesh, 0).await;
+    let (go, gate) = tokio::sync::oneshot::channel::<()>();
+    let body = futures_util::stream::once(async move {
+        let _ = gate.await;
+        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(Bytes::from(vec![b'x'; 2000])))
+    });
+    let req = hyper::Request::post("http://not..a-mesh-name/")
+        .header("content-length", "2000")
+        .body(http_body_util::StreamBody::new(Box::pin(body)))
+        .expect("request");
+    let mut answer = tokio::spawn(async move { send.send_request(req).await });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut answer)
+            .await
+            .is_err(),
+        "answered before the body was sent"
+    );
+    go.send(()).expect("the body is still wanted");
+    let resp = tokio::time::timeout(Duration::from_secs(5), answer)
+        .await
+        .expect("an answer once the body is sent")
+        .expect("task")
+        .expect("response");
+    assert_eq!(resp.status(), 400);
+    assert_eq!(
+        resp.headers().get("dmsc-error").map(|v| v.as_bytes()),
+        Some(&b"bad-target"[..])
+    );
+    mesh.stop().await;
+}
