@@ -295,6 +295,26 @@ add rule inet {TABLE} block_out oifname != \"lo\" meta l4proto udp drop"
         )
     }
 
+    /// Sets the MTU of every interface of host or router `name` (not its
+    /// loopback): a path MTU that shrinks under running connections.
+    /// Packets over it that arrive from the networks' switch-side ports
+    /// are dropped without a word, as behind many tunnels.
+    pub fn set_mtu(&self, name: &str, mtu: u16) -> Result<()> {
+        let ns = self.ns(name)?;
+        let out = run(Command::new("ip").args(["-n", &ns, "-o", "link", "show"]))?;
+        for line in out.lines() {
+            // `2: site@if5: <...> mtu 1500 ...`
+            let Some(ifname) = line.split(": ").nth(1) else {
+                continue;
+            };
+            let ifname = ifname.split('@').next().unwrap_or(ifname);
+            if ifname != "lo" {
+                ip(&ns, &["link", "set", ifname, "mtu", &mtu.to_string()])?;
+            }
+        }
+        Ok(())
+    }
+
     /// Kills every process in the lab's namespaces and deletes them.
     pub fn teardown(&mut self) {
         for ns in self.created.drain(..).rev() {

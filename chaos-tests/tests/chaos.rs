@@ -776,6 +776,82 @@ fn nat_relay_tcp_fallback_and_relay_failover_under_load() {
     );
 }
 
+/// The path MTU of a relayed site shrinks mid-connection: s1 and its
+/// router go from 1500 to 1280 bytes, and larger packets from the wan are
+/// dropped without a word. The relay session and the overlay connections
+/// through it must survive it, and a large body must still get through.
+#[test]
+fn a_relayed_path_survives_a_path_mtu_black_hole() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(bin) = setup() else { return };
+    if !has_relay_support(&bin) {
+        eprintln!("skipping: this dmsc-node has no relay support");
+        return;
+    }
+    let mesh = relay_mesh(bin, Nat::Symmetric, false, false, true);
+    assert_eq!(
+        mesh.node("c2")
+            .status()
+            .expect("status")
+            .peer_path("s1")
+            .as_deref(),
+        Some("relayed")
+    );
+    let big = mesh.lab.dir().join("big.bin");
+    std::fs::write(&big, vec![b'x'; 200 * 1024]).expect("write body");
+    let post = |from: &str, to: &str| {
+        let started = Instant::now();
+        let out = mesh
+            .lab
+            .command(from, "curl")
+            .expect("cmd")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "20"])
+            .args(["-H", &format!("Host: {to}"), "--data-binary"])
+            .arg(format!("@{}", big.display()))
+            .arg(format!("http://{INGRESS}/echo"))
+            .output()
+            .expect("curl");
+        (
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            started.elapsed(),
+        )
+    };
+    let (code, took) = post("c2", "beta-s1.acme.dmsc");
+    eprintln!("[mtu] before: {code} in {took:?}");
+    // No connection of a node behind a NAT has packets larger than its
+    // direct path carries (1500-byte links): discovery through a relay
+    // would find any size, stale once the hole is punched.
+    for n in ["s1", "c2"] {
+        let st = mesh.node(n).status().expect("status");
+        for p in st.0["peers"].as_array().into_iter().flatten() {
+            eprintln!(
+                "[mtu] {n} -> {} path {} mtu {}",
+                p["name"], p["path"], p["mtu"]
+            );
+            assert!(p["mtu"].as_u64().is_some_and(|m| m <= 1472), "{n}: {p}");
+        }
+    }
+    mesh.lab.set_mtu("gw", 1280).expect("mtu");
+    mesh.lab.set_mtu("s1", 1280).expect("mtu");
+    let (code, took) = post("c2", "beta-s1.acme.dmsc");
+    eprintln!("[mtu] first large body after the drop: {code} in {took:?}");
+    let (code2, took2) = post("c2", "beta-s1.acme.dmsc");
+    eprintln!("[mtu] second: {code2} in {took2:?}");
+    // A node behind a NAT that went direct after punching (c2 -> c1): its
+    // connection kept the packet size the relayed path allowed.
+    let (code3, took3) = post("c2", "alpha-c1.acme.dmsc");
+    eprintln!("[mtu] c2 -> c1 (direct after punching): {code3} in {took3:?}");
+    assert_eq!(code3, "200");
+    let lost = mesh.node("s1").log_contains("relay session lost");
+    eprintln!("[mtu] s1's relay session lost: {lost}");
+    if lost || code != "200" {
+        mesh.dump_logs();
+    }
+    assert_eq!(code, "200", "the first large body after the drop");
+    assert!(!lost, "s1's relay session was lost");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+}
+
 // ---- the lab itself ------------------------------------------------------
 
 /// A process in a lab host, killed when dropped.

@@ -347,7 +347,13 @@ struct Inner {
     client: Mutex<quinn::ClientConfig>,
     /// The same credentials with the probe ALPN ([`Overlay::probe`]).
     probe_client: Mutex<quinn::ClientConfig>,
-    transport: Arc<quinn::TransportConfig>,
+    /// For dialing relays and relayed peers: MTU discovery off
+    /// ([`transport_config`]).
+    to_relay_client: Mutex<quinn::ClientConfig>,
+    /// The server config of a relay (for every connection) and for
+    /// relayed peers: MTU discovery off.
+    relay_server: Mutex<quinn::ServerConfig>,
+    transports: Transports,
     conns: Mutex<HashMap<SocketAddr, Conn>>,
     /// Addresses whose dial the peer refused as a duplicate, with the
     /// peer's name: it keeps a connection of its own with us, filed here
@@ -417,7 +423,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn transport_config(cfg: &OverlayConfig) -> Arc<quinn::TransportConfig> {
+/// The QUIC transport settings. `discover_mtu = false` keeps packets at
+/// QUIC's 1200-byte minimum, for connections whose path can change under
+/// them without quinn knowing:
+/// - to and from relays, whose sessions carry other nodes' traffic: a path
+///   MTU that shrinks leaves large packets lost until quinn's black-hole
+///   detection gives up on them (after several loss bursts), while a relay
+///   session counts as dead after 3.5 s of silence;
+/// - with relayed peers (mapped addresses), and all of a node behind a NAT
+///   (which reaches its peers through a relay until a hole is punched):
+///   discovery through a relay finds the largest size there is (the relay
+///   carries any), and the direct path found later may carry much less,
+///   which quinn, not told of the switch, would find out only by losses.
+fn transport_config(cfg: &OverlayConfig, discover_mtu: bool) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(cfg.keep_alive));
     t.max_idle_timeout(cfg.idle_timeout.try_into().ok());
@@ -426,9 +444,13 @@ fn transport_config(cfg: &OverlayConfig) -> Arc<quinn::TransportConfig> {
     let mut ack = quinn::AckFrequencyConfig::default();
     ack.ack_eliciting_threshold(VarInt::from_u32(8));
     t.ack_frequency_config(Some(ack));
-    let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(clamp_payload(cfg.max_udp_payload));
-    t.mtu_discovery_config(Some(mtu));
+    if discover_mtu {
+        let mut mtu = quinn::MtuDiscoveryConfig::default();
+        mtu.upper_bound(clamp_payload(cfg.max_udp_payload));
+        t.mtu_discovery_config(Some(mtu));
+    } else {
+        t.mtu_discovery_config(None);
+    }
     Arc::new(t)
 }
 
@@ -436,32 +458,64 @@ fn clamp_payload(v: u16) -> u16 {
     v.clamp(*MAX_UDP_PAYLOAD_RANGE.start(), *MAX_UDP_PAYLOAD_RANGE.end())
 }
 
-type QuicConfigs = (
-    quinn::ServerConfig,
-    quinn::ClientConfig,
-    quinn::ClientConfig,
-);
+/// The QUIC settings in use: MTU discovery on, and off ([`transport_config`]).
+struct Transports {
+    discovering: Arc<quinn::TransportConfig>,
+    fixed: Arc<quinn::TransportConfig>,
+}
+
+impl Transports {
+    fn new(cfg: &OverlayConfig) -> Transports {
+        Transports {
+            discovering: transport_config(cfg, true),
+            fixed: transport_config(cfg, false),
+        }
+    }
+}
+
+/// The server config (of a relay: MTU discovery off), the client config,
+/// the probe client config, and the client config for dialing relays.
+struct QuicConfigs {
+    server: quinn::ServerConfig,
+    relay_server: quinn::ServerConfig,
+    client: quinn::ClientConfig,
+    probe: quinn::ClientConfig,
+    to_relay: quinn::ClientConfig,
+}
 
 fn quic_configs(
     identity: &NodeIdentity,
     cfg: &OverlayConfig,
-    transport: &Arc<quinn::TransportConfig>,
+    transports: &Transports,
 ) -> Result<QuicConfigs, TransportError> {
+    let transport = &transports.discovering;
     let guard = tls::PeerGuard {
         revoked: cfg.revoked.clone(),
         refusals: cfg.refusals.clone(),
     };
     let server_tls = QuicServerConfig::try_from(tls::server_config(identity, &guard)?)?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_tls));
+    let mut relay_server = server.clone();
     server.transport_config(transport.clone());
-    let client_tls = QuicClientConfig::try_from(tls::client_config(identity, &guard)?)?;
-    let mut client = quinn::ClientConfig::new(Arc::new(client_tls));
+    relay_server.transport_config(transports.fixed.clone());
+    let client_tls = Arc::new(QuicClientConfig::try_from(tls::client_config(
+        identity, &guard,
+    )?)?);
+    let mut client = quinn::ClientConfig::new(client_tls.clone());
     client.transport_config(transport.clone());
+    let mut to_relay = quinn::ClientConfig::new(client_tls);
+    to_relay.transport_config(transports.fixed.clone());
     let mut probe_tls = tls::client_config(identity, &guard)?;
     probe_tls.alpn_protocols = vec![tls::ALPN_PROBE.to_vec()];
     let mut probe = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(probe_tls)?));
     probe.transport_config(transport.clone());
-    Ok((server, client, probe))
+    Ok(QuicConfigs {
+        server,
+        relay_server,
+        client,
+        probe,
+        to_relay,
+    })
 }
 
 impl Overlay {
@@ -471,8 +525,14 @@ impl Overlay {
         cfg: OverlayConfig,
     ) -> Result<(Overlay, mpsc::Receiver<Inbound>), TransportError> {
         let identity = cfg.identity.clone();
-        let transport = transport_config(&cfg);
-        let (server, client, probe_client) = quic_configs(&identity, &cfg, &transport)?;
+        let transports = Transports::new(&cfg);
+        let QuicConfigs {
+            server,
+            relay_server,
+            client,
+            probe: probe_client,
+            to_relay,
+        } = quic_configs(&identity, &cfg, &transports)?;
         let (tcp_client, tcp_server) = relay_tls(&identity, &cfg)?;
         let bind_err = |source| TransportError::Bind {
             addr: cfg.listen,
@@ -506,7 +566,9 @@ impl Overlay {
             cfg,
             client: Mutex::new(client),
             probe_client: Mutex::new(probe_client),
-            transport,
+            to_relay_client: Mutex::new(to_relay),
+            relay_server: Mutex::new(relay_server),
+            transports,
             conns: Mutex::new(HashMap::new()),
             aliases: Mutex::new(HashMap::new()),
             senders: Mutex::new(HashMap::new()),
@@ -679,12 +741,19 @@ impl Overlay {
                 self.inner.name
             )));
         }
-        let (server, client, probe) =
-            quic_configs(identity, &self.inner.cfg, &self.inner.transport)?;
+        let configs = quic_configs(identity, &self.inner.cfg, &self.inner.transports)?;
         let (tcp_client, tcp_server) = relay_tls(identity, &self.inner.cfg)?;
-        self.inner.endpoint.set_server_config(Some(server));
-        *lock(&self.inner.client) = client;
-        *lock(&self.inner.probe_client) = probe;
+        *lock(&self.inner.relay_server) = configs.relay_server.clone();
+        // (After the store: a relay starting now takes the new one.)
+        let relay = lock(&self.inner.relay).is_some();
+        self.inner.endpoint.set_server_config(Some(if relay {
+            configs.relay_server
+        } else {
+            configs.server
+        }));
+        *lock(&self.inner.client) = configs.client;
+        *lock(&self.inner.probe_client) = configs.probe;
+        *lock(&self.inner.to_relay_client) = configs.to_relay;
         *lock(&self.inner.tcp_tls) = tcp_client;
         *lock(&self.inner.tcp_server_tls) = tcp_server;
         info!(node = %self.inner.name, serial = %identity.info.serial_hex, "overlay now presents the reloaded certificate");
@@ -907,6 +976,10 @@ impl Overlay {
                 source,
             })?;
         *lock(&self.inner.relay) = Some(server.clone());
+        // Connections accepted from now on keep QUIC's minimum packet size
+        // ([`transport_config`]): a relay's sessions carry others' traffic.
+        let relay_server = lock(&self.inner.relay_server).clone();
+        self.inner.endpoint.set_server_config(Some(relay_server));
         let span = tracing::info_span!("relay", node = %self.inner.name);
         spawn(
             &self.inner,
@@ -1216,8 +1289,20 @@ async fn accept_loop(endpoint: Endpoint, weak: Weak<Inner>) {
         let remote = incoming.remote_address();
         let weak = weak.clone();
         let stats = inner.stats.clone();
+        // A relayed peer's connection, and every one of a node behind a NAT,
+        // keeps QUIC's minimum packet size ([`transport_config`]): a direct
+        // path found later may carry less than the relay did.
+        let connecting = if path::is_mapped(remote) || inner.paths.relayed_mode() {
+            incoming.accept_with(Arc::new(lock(&inner.relay_server).clone()))
+        } else {
+            incoming.accept()
+        };
         spawn(&inner, async move {
-            match incoming.await {
+            let accepted = match connecting {
+                Ok(c) => c.await,
+                Err(e) => Err(e),
+            };
+            match accepted {
                 Ok(conn) if is_probe(&conn) => {
                     // The handshake was the whole point (the dialer waits
                     // for the welcome); never pool a probe.
@@ -1621,6 +1706,9 @@ async fn dial(inner: &Inner, addr: SocketAddr, probe: bool) -> Result<Connection
     };
     let client = if probe {
         lock(&inner.probe_client).clone()
+    } else if inner.paths.is_relay_addr(addr) || path::is_mapped(addr) || inner.paths.relayed_mode()
+    {
+        lock(&inner.to_relay_client).clone()
     } else {
         lock(&inner.client).clone()
     };
