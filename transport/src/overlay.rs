@@ -347,12 +347,13 @@ struct Inner {
     client: Mutex<quinn::ClientConfig>,
     /// The same credentials with the probe ALPN ([`Overlay::probe`]).
     probe_client: Mutex<quinn::ClientConfig>,
-    /// For dialing relays and relayed peers: MTU discovery off
-    /// ([`transport_config`]).
-    to_relay_client: Mutex<quinn::ClientConfig>,
-    /// The server config of a relay (for every connection) and for
-    /// relayed peers: MTU discovery off.
-    relay_server: Mutex<quinn::ServerConfig>,
+    /// The client config with MTU discovery off ([`transport_config`]):
+    /// for dialing relays and relayed peers, and every dial of a node
+    /// behind a NAT.
+    fixed_mtu_client: Mutex<quinn::ClientConfig>,
+    /// The server config with MTU discovery off: a relay's for every
+    /// connection; otherwise for relayed peers and a node behind a NAT.
+    fixed_mtu_server: Mutex<quinn::ServerConfig>,
     transports: Transports,
     conns: Mutex<HashMap<SocketAddr, Conn>>,
     /// Addresses whose dial the peer refused as a duplicate, with the
@@ -473,14 +474,14 @@ impl Transports {
     }
 }
 
-/// The server config (of a relay: MTU discovery off), the client config,
-/// the probe client config, and the client config for dialing relays.
+/// The server and client configs, with MTU discovery and with it off
+/// ([`transport_config`]), and the probe client config.
 struct QuicConfigs {
     server: quinn::ServerConfig,
-    relay_server: quinn::ServerConfig,
+    fixed_mtu_server: quinn::ServerConfig,
     client: quinn::ClientConfig,
     probe: quinn::ClientConfig,
-    to_relay: quinn::ClientConfig,
+    fixed_mtu_client: quinn::ClientConfig,
 }
 
 fn quic_configs(
@@ -495,26 +496,26 @@ fn quic_configs(
     };
     let server_tls = QuicServerConfig::try_from(tls::server_config(identity, &guard)?)?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_tls));
-    let mut relay_server = server.clone();
+    let mut fixed_mtu_server = server.clone();
     server.transport_config(transport.clone());
-    relay_server.transport_config(transports.fixed.clone());
+    fixed_mtu_server.transport_config(transports.fixed.clone());
     let client_tls = Arc::new(QuicClientConfig::try_from(tls::client_config(
         identity, &guard,
     )?)?);
     let mut client = quinn::ClientConfig::new(client_tls.clone());
     client.transport_config(transport.clone());
-    let mut to_relay = quinn::ClientConfig::new(client_tls);
-    to_relay.transport_config(transports.fixed.clone());
+    let mut fixed_mtu_client = quinn::ClientConfig::new(client_tls);
+    fixed_mtu_client.transport_config(transports.fixed.clone());
     let mut probe_tls = tls::client_config(identity, &guard)?;
     probe_tls.alpn_protocols = vec![tls::ALPN_PROBE.to_vec()];
     let mut probe = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(probe_tls)?));
     probe.transport_config(transport.clone());
     Ok(QuicConfigs {
         server,
-        relay_server,
+        fixed_mtu_server,
         client,
         probe,
-        to_relay,
+        fixed_mtu_client,
     })
 }
 
@@ -528,10 +529,10 @@ impl Overlay {
         let transports = Transports::new(&cfg);
         let QuicConfigs {
             server,
-            relay_server,
+            fixed_mtu_server,
             client,
             probe: probe_client,
-            to_relay,
+            fixed_mtu_client,
         } = quic_configs(&identity, &cfg, &transports)?;
         let (tcp_client, tcp_server) = relay_tls(&identity, &cfg)?;
         let bind_err = |source| TransportError::Bind {
@@ -566,8 +567,8 @@ impl Overlay {
             cfg,
             client: Mutex::new(client),
             probe_client: Mutex::new(probe_client),
-            to_relay_client: Mutex::new(to_relay),
-            relay_server: Mutex::new(relay_server),
+            fixed_mtu_client: Mutex::new(fixed_mtu_client),
+            fixed_mtu_server: Mutex::new(fixed_mtu_server),
             transports,
             conns: Mutex::new(HashMap::new()),
             aliases: Mutex::new(HashMap::new()),
@@ -743,17 +744,17 @@ impl Overlay {
         }
         let configs = quic_configs(identity, &self.inner.cfg, &self.inner.transports)?;
         let (tcp_client, tcp_server) = relay_tls(identity, &self.inner.cfg)?;
-        *lock(&self.inner.relay_server) = configs.relay_server.clone();
+        *lock(&self.inner.fixed_mtu_server) = configs.fixed_mtu_server.clone();
         // (After the store: a relay starting now takes the new one.)
         let relay = lock(&self.inner.relay).is_some();
         self.inner.endpoint.set_server_config(Some(if relay {
-            configs.relay_server
+            configs.fixed_mtu_server
         } else {
             configs.server
         }));
         *lock(&self.inner.client) = configs.client;
         *lock(&self.inner.probe_client) = configs.probe;
-        *lock(&self.inner.to_relay_client) = configs.to_relay;
+        *lock(&self.inner.fixed_mtu_client) = configs.fixed_mtu_client;
         *lock(&self.inner.tcp_tls) = tcp_client;
         *lock(&self.inner.tcp_server_tls) = tcp_server;
         info!(node = %self.inner.name, serial = %identity.info.serial_hex, "overlay now presents the reloaded certificate");
@@ -978,8 +979,10 @@ impl Overlay {
         *lock(&self.inner.relay) = Some(server.clone());
         // Connections accepted from now on keep QUIC's minimum packet size
         // ([`transport_config`]): a relay's sessions carry others' traffic.
-        let relay_server = lock(&self.inner.relay_server).clone();
-        self.inner.endpoint.set_server_config(Some(relay_server));
+        let fixed_mtu_server = lock(&self.inner.fixed_mtu_server).clone();
+        self.inner
+            .endpoint
+            .set_server_config(Some(fixed_mtu_server));
         let span = tracing::info_span!("relay", node = %self.inner.name);
         spawn(
             &self.inner,
@@ -1293,7 +1296,7 @@ async fn accept_loop(endpoint: Endpoint, weak: Weak<Inner>) {
         // keeps QUIC's minimum packet size ([`transport_config`]): a direct
         // path found later may carry less than the relay did.
         let connecting = if path::is_mapped(remote) || inner.paths.relayed_mode() {
-            incoming.accept_with(Arc::new(lock(&inner.relay_server).clone()))
+            incoming.accept_with(Arc::new(lock(&inner.fixed_mtu_server).clone()))
         } else {
             incoming.accept()
         };
@@ -1708,7 +1711,7 @@ async fn dial(inner: &Inner, addr: SocketAddr, probe: bool) -> Result<Connection
         lock(&inner.probe_client).clone()
     } else if inner.paths.is_relay_addr(addr) || path::is_mapped(addr) || inner.paths.relayed_mode()
     {
-        lock(&inner.to_relay_client).clone()
+        lock(&inner.fixed_mtu_client).clone()
     } else {
         lock(&inner.client).clone()
     };
