@@ -107,6 +107,8 @@ struct SampleTask {
     context: String,
     /// What the stream said last.
     text: String,
+    /// The text of its artifact (once the stream has sent it).
+    artifact: Option<String>,
     done: bool,
 }
 
@@ -244,10 +246,11 @@ fn reply_message(text: &str, v10: bool) -> Value {
 /// artifact.
 fn task_json(t: &SampleTask, v10: bool) -> Value {
     let message = agent_message(&t.text, v10, t);
+    let artifact = t.artifact.as_deref().unwrap_or_default();
     let parts = if v10 {
-        json!([{"text": t.text}])
+        json!([{"text": artifact}])
     } else {
-        json!([{"kind": "text", "text": t.text}])
+        json!([{"kind": "text", "text": artifact}])
     };
     let state = match (t.done, v10) {
         (false, false) => "working",
@@ -257,7 +260,7 @@ fn task_json(t: &SampleTask, v10: bool) -> Value {
     };
     let mut task = json!({"id": t.id, "contextId": t.context,
         "status": {"state": state, "message": message}});
-    if t.done {
+    if t.artifact.is_some() {
         task["artifacts"] = json!([{"artifactId": "a-1", "parts": parts}]);
     }
     if !v10 {
@@ -360,6 +363,18 @@ fn rpc_answer(id: Value, result: Result<Value, (i64, &str)>) -> Response<Body> {
 /// A2A's JSON-RPC error codes (the same in 0.3 and 1.0).
 const TASK_NOT_FOUND: (i64, &str) = (-32001, "Task not found");
 const TASK_NOT_CANCELABLE: (i64, &str) = (-32002, "Task cannot be canceled");
+const NO_TASK_ID: (i64, &str) = (-32602, "Invalid params: `params.id` names no task");
+
+/// The conversation a request's message continues (its `contextId`), or a
+/// new one.
+fn context_of(rpc: Option<&Value>) -> String {
+    rpc.and_then(|v| v.pointer("/params/message/contextId"))
+        .and_then(Value::as_str)
+        .map_or_else(
+            || format!("ctx-{:x}", rand::random::<u64>()),
+            str::to_string,
+        )
+}
 
 fn answer(
     method: &Method,
@@ -381,16 +396,25 @@ fn answer(
     let said = format!("{} handled: {text}", cfg.name);
     match rpc_method.as_deref() {
         Some(m @ ("message/send" | "SendMessage")) => {
-            rpc_answer(id, Ok(reply_message(&said, m == "SendMessage")))
+            let v10 = m == "SendMessage";
+            let mut reply = reply_message(&said, v10);
+            let message = if v10 {
+                &mut reply["message"]
+            } else {
+                &mut reply
+            };
+            message["contextId"] = json!(context_of(rpc.as_ref()));
+            rpc_answer(id, Ok(reply))
         }
         Some(m @ ("tasks/get" | "GetTask" | "tasks/cancel" | "CancelTask")) => {
             let v10 = m.starts_with(char::is_uppercase);
-            let found = rpc
+            let asked = rpc
                 .as_ref()
                 .and_then(|v| v.pointer("/params/id"))
-                .and_then(Value::as_str)
-                .and_then(|t| state.tasks().by_id.get(t).cloned());
+                .and_then(Value::as_str);
+            let found = asked.and_then(|t| state.tasks().by_id.get(t).cloned());
             let result = match (found, matches!(m, "tasks/cancel" | "CancelTask")) {
+                _ if asked.is_none() => Err(NO_TASK_ID),
                 (None, _) => Err(TASK_NOT_FOUND),
                 // Every task here is done, or about to be in 200 ms.
                 (Some(_), true) => Err(TASK_NOT_CANCELABLE),
@@ -408,6 +432,12 @@ fn answer(
                 .and_then(Value::as_u64)
                 .unwrap_or(50)
                 .clamp(1, 100) as usize;
+            // The page token is how many tasks the pages before skipped.
+            let skip = params
+                .and_then(|p| p.get("pageToken"))
+                .and_then(Value::as_str)
+                .and_then(|t| t.parse::<usize>().ok())
+                .unwrap_or(0);
             let tasks = state.tasks();
             let matching: Vec<&SampleTask> = tasks
                 .order
@@ -418,10 +448,16 @@ fn answer(
                 .collect();
             let page: Vec<Value> = matching
                 .iter()
+                .skip(skip)
                 .take(size)
                 .map(|t| task_json(t, true))
                 .collect();
-            let result = json!({"tasks": page, "nextPageToken": "", "pageSize": size,
+            let next = if skip + size < matching.len() {
+                (skip + size).to_string()
+            } else {
+                String::new()
+            };
+            let result = json!({"tasks": page, "nextPageToken": next, "pageSize": size,
                 "totalSize": matching.len()});
             rpc_answer(id, Ok(result))
         }
@@ -440,12 +476,16 @@ fn answer(
                 id: format!("task-{:x}", rand::random::<u64>()),
                 context,
                 text: String::new(),
+                artifact: None,
                 done: false,
             };
             let state = state.clone();
             let events = futures_util::stream::unfold(0u32, move |i| {
                 let id = id.clone();
                 let said = format!("{name} part {}/3: {text}", i + 1);
+                if i == 1 {
+                    task.artifact = Some(said.clone());
+                }
                 task.text = said;
                 task.done = i >= 2;
                 let task = task.clone();
@@ -558,9 +598,11 @@ mod tests {
             };
             assert_eq!(got["result"]["status"]["state"], done, "{got}");
             let text = &got["result"]["artifacts"][0]["parts"][0]["text"];
-            assert_eq!(text, "s part 3/3: hi", "{got}");
+            assert_eq!(text, "s part 2/3: hi", "the streamed artifact: {got}");
 
             let none = call_json(&agent, rpc(get, json!({"id": "nope"}))).await;
+            let no_id = call_json(&agent, rpc(get, json!({}))).await;
+            assert_eq!(no_id["error"]["code"], -32602, "{no_id}");
             assert_eq!(none["error"]["code"], -32001, "{none}");
             let cancel = call_json(&agent, rpc(cancel, json!({"id": first}))).await;
             assert_eq!(cancel["error"]["code"], -32002, "{cancel}");

@@ -219,10 +219,16 @@ pub struct Table {
 fn describe(l: &Limit, mesh_wide: bool) -> String {
     let mut parts = Vec::new();
     if let Some(r) = l.rate {
-        parts.push(format!("{} requests/s (burst {})", r.per_sec, r.burst));
+        let unit = if r.per_sec == 1.0 {
+            "request"
+        } else {
+            "requests"
+        };
+        parts.push(format!("{} {unit}/s (burst {})", r.per_sec, r.burst));
     }
     if let Some(c) = l.concurrent {
-        parts.push(format!("{c} concurrent requests"));
+        let unit = if c == 1 { "request" } else { "requests" };
+        parts.push(format!("{c} concurrent {unit}"));
     }
     let mut s = parts.join(", ");
     if mesh_wide {
