@@ -3,8 +3,8 @@
 //! `SendMessage` with a message naming itself, `message/stream` /
 //! `SendStreamingMessage` with a few SSE events of a task of its own (a new
 //! id each time, kept so that `tasks/get` / `GetTask`, `tasks/cancel` /
-//! `CancelTask` and `ListTasks` find it, as an SDK client expects), and
-//! anything else with an echo. Skills, delay and a failure switch are
+//! `CancelTask` and `ListTasks` find it, as an SDK client expects), other
+//! JSON-RPC methods with Method not found, and anything else with an echo. Skills, delay and a failure switch are
 //! configurable, so tests can make it slow or failing on demand.
 
 use std::collections::{HashMap, VecDeque};
@@ -364,6 +364,7 @@ fn rpc_answer(id: Value, result: Result<Value, (i64, &str)>) -> Response<Body> {
 const TASK_NOT_FOUND: (i64, &str) = (-32001, "Task not found");
 const TASK_NOT_CANCELABLE: (i64, &str) = (-32002, "Task cannot be canceled");
 const NO_TASK_ID: (i64, &str) = (-32602, "Invalid params: `params.id` names no task");
+const METHOD_NOT_FOUND: (i64, &str) = (-32601, "Method not found");
 
 /// The conversation a request's message continues (its `contextId`), or a
 /// new one.
@@ -511,6 +512,12 @@ fn answer(
             );
             resp
         }
+        // Any other JSON-RPC request: A2A methods this agent does not
+        // serve (resubscribe, push configs, ...) get JSON-RPC's own error,
+        // which SDK clients read; an echo would be no JSON-RPC answer.
+        Some(_) if rpc.as_ref().is_some_and(|v| v["jsonrpc"] == "2.0") => {
+            rpc_answer(id, Err(METHOD_NOT_FOUND))
+        }
         _ => {
             let mut resp = Response::new(full(body.clone()));
             if let Ok(v) = hyper::header::HeaderValue::from_str(method.as_str()) {
@@ -603,6 +610,8 @@ mod tests {
             let none = call_json(&agent, rpc(get, json!({"id": "nope"}))).await;
             let no_id = call_json(&agent, rpc(get, json!({}))).await;
             assert_eq!(no_id["error"]["code"], -32602, "{no_id}");
+            let other = call_json(&agent, rpc("tasks/resubscribe", json!({"id": first}))).await;
+            assert_eq!(other["error"]["code"], -32601, "{other}");
             assert_eq!(none["error"]["code"], -32001, "{none}");
             let cancel = call_json(&agent, rpc(cancel, json!({"id": first}))).await;
             assert_eq!(cancel["error"]["code"], -32002, "{cancel}");
