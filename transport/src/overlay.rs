@@ -1286,16 +1286,20 @@ fn start_sender(inner: &Arc<Inner>, to: SocketAddr) -> mpsc::Sender<Bytes> {
     tx
 }
 
+/// Whether a connection with `peer` keeps QUIC's minimum packet size
+/// ([`transport_config`]): a relay, a relayed peer (a mapped address), or
+/// any peer of a node behind a NAT. (A relay accepts every connection so.)
+fn keeps_min_mtu(inner: &Inner, peer: SocketAddr) -> bool {
+    inner.paths.is_relay_addr(peer) || path::is_mapped(peer) || inner.paths.relayed_mode()
+}
+
 async fn accept_loop(endpoint: Endpoint, weak: Weak<Inner>) {
     while let Some(incoming) = endpoint.accept().await {
         let Some(inner) = weak.upgrade() else { return };
         let remote = incoming.remote_address();
         let weak = weak.clone();
         let stats = inner.stats.clone();
-        // A relayed peer's connection, and every one of a node behind a NAT,
-        // keeps QUIC's minimum packet size ([`transport_config`]): a direct
-        // path found later may carry less than the relay did.
-        let connecting = if path::is_mapped(remote) || inner.paths.relayed_mode() {
+        let connecting = if keeps_min_mtu(&inner, remote) {
             incoming.accept_with(Arc::new(lock(&inner.fixed_mtu_server).clone()))
         } else {
             incoming.accept()
@@ -1709,8 +1713,7 @@ async fn dial(inner: &Inner, addr: SocketAddr, probe: bool) -> Result<Connection
     };
     let client = if probe {
         lock(&inner.probe_client).clone()
-    } else if inner.paths.is_relay_addr(addr) || path::is_mapped(addr) || inner.paths.relayed_mode()
-    {
+    } else if keeps_min_mtu(inner, addr) {
         lock(&inner.fixed_mtu_client).clone()
     } else {
         lock(&inner.client).clone()

@@ -1,6 +1,7 @@
 //! Response and request bodies that carry guards: an outstanding count or a
 //! writer task lives exactly as long as the body it belongs to.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -55,14 +56,13 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// A body whose first bytes were read already (`head`), then the rest as
-/// it comes: a request too large to hold whole, routed by its start.
-pub(crate) struct Prepended {
-    head: Option<Bytes>,
-    rest: Incoming,
+/// Frames already read, then the rest of the body.
+struct Prefixed {
+    frames: VecDeque<Frame<Bytes>>,
+    rest: Body,
 }
 
-impl hyper::body::Body for Prepended {
+impl hyper::body::Body for Prefixed {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -70,36 +70,42 @@ impl hyper::body::Body for Prepended {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if let Some(head) = self.head.take() {
-            return Poll::Ready(Some(Ok(Frame::data(head))));
+        if let Some(f) = self.frames.pop_front() {
+            return Poll::Ready(Some(Ok(f)));
         }
-        Pin::new(&mut self.rest)
-            .poll_frame(cx)
-            .map_err(|e| Box::new(e) as BoxError)
+        Pin::new(&mut self.rest).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.head.is_none() && self.rest.is_end_stream()
+        self.frames.is_empty() && self.rest.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        let n = self.head.as_ref().map_or(0, |h| h.len() as u64);
+        let held: u64 = self
+            .frames
+            .iter()
+            .filter_map(|f| f.data_ref())
+            .map(|d| d.len() as u64)
+            .sum();
         let rest = self.rest.size_hint();
         let mut hint = SizeHint::new();
-        hint.set_lower(rest.lower() + n);
+        hint.set_lower(rest.lower() + held);
         if let Some(upper) = rest.upper() {
-            hint.set_upper(upper + n);
+            hint.set_upper(upper + held);
         }
         hint
     }
 }
 
+/// `frames` (read already, e.g. to look at a body's start), then `rest`.
+pub(crate) fn prefixed(frames: VecDeque<Frame<Bytes>>, rest: Body) -> Body {
+    Prefixed { frames, rest }.boxed()
+}
+
+/// A body whose first bytes were read already (`head`), then the rest as
+/// it comes: a request too large to hold whole, routed by its start.
 pub(crate) fn prepended(head: Bytes, rest: Incoming) -> Body {
-    Prepended {
-        head: Some(head),
-        rest,
-    }
-    .boxed()
+    prefixed(VecDeque::from([Frame::data(head)]), incoming(rest))
 }
 
 pub(crate) fn incoming(body: Incoming) -> Body {

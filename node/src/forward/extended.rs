@@ -34,19 +34,18 @@
 //! not a card and passes through unchanged.
 
 use std::collections::VecDeque;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use dmsc_registry::card::MAX_CARD_BYTES;
 use dmsc_registry::AgentCard;
 use http_body_util::BodyExt;
-use hyper::body::{Body as _, Frame, SizeHint};
+use hyper::body::{Body as _, Frame};
 use hyper::header::{HeaderValue, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{HeaderMap, Method, Response};
 use serde_json::Value;
 use tokio::time::Instant;
 
+use super::body::prefixed;
 use super::local::{mesh_url, LocalAgent};
 use crate::proto::a2a;
 use crate::proto::http::{full, Body, BoxError, ErrorKind, MeshError};
@@ -127,7 +126,7 @@ pub(crate) async fn peek(mut body: Body) -> Result<(bool, Body), BoxError> {
             break false;
         }
     };
-    Ok((verdict, Prefixed { frames, rest: body }.boxed()))
+    Ok((verdict, prefixed(frames, body)))
 }
 
 /// `None` while the bytes so far may still become a card request; else
@@ -156,47 +155,6 @@ fn undecided_or(seen: &[u8]) -> Option<bool> {
         ),
         Some(Err(e)) if e.is_eof() => None,
         _ => Some(false),
-    }
-}
-
-/// Frames already read, then the rest of the body.
-struct Prefixed {
-    frames: VecDeque<Frame<Bytes>>,
-    rest: Body,
-}
-
-impl hyper::body::Body for Prefixed {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if let Some(f) = self.frames.pop_front() {
-            return Poll::Ready(Some(Ok(f)));
-        }
-        Pin::new(&mut self.rest).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.frames.is_empty() && self.rest.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        let held: u64 = self
-            .frames
-            .iter()
-            .filter_map(|f| f.data_ref())
-            .map(|d| d.len() as u64)
-            .sum();
-        let rest = self.rest.size_hint();
-        let mut hint = SizeHint::new();
-        hint.set_lower(rest.lower() + held);
-        if let Some(upper) = rest.upper() {
-            hint.set_upper(upper + held);
-        }
-        hint
     }
 }
 

@@ -447,13 +447,7 @@ async fn a_card_is_served_as_the_mesh_can_reach_the_agent() {
         })
     };
     let mesh = mesh_of(&["n0", "n1"], |_, _| {}).await;
-    mesh.attach(0, &format!("http://{addr}/agents/pfx"), None)
-        .await
-        .expect("attach");
-    eventually(Duration::from_secs(5), "routable", || {
-        mesh.routable_everywhere("pfx")
-    })
-    .await;
+    super::attach_url_routable(&mesh, 0, &format!("http://{addr}/agents/pfx"), "pfx").await;
     for node in [0, 1] {
         let (resp, body) = mesh
             .call(

@@ -684,13 +684,7 @@ async fn an_http2_upload_to_a_slow_reader_is_the_agents_timeout() {
     })
     .await;
     let slow = slow_reader(super::sample_config("slow", &["slow"], "reads slowly")).await;
-    mesh.attach(0, &format!("http://{slow}"), None)
-        .await
-        .expect("attach");
-    eventually(Duration::from_secs(5), "routable", || {
-        mesh.routable_everywhere("slow")
-    })
-    .await;
+    super::attach_url_routable(&mesh, 0, &format!("http://{slow}"), "slow").await;
     for node in [0, 1] {
         let mut send = super::h2c(&mesh, node).await;
         // 30 MiB in 60 KiB chunks, one every 2 ms: the node takes each
@@ -763,9 +757,6 @@ async fn an_early_http2_refusal_reads_a_small_body_off_first() {
         .expect("task")
         .expect("response");
     assert_eq!(resp.status(), 400);
-    assert_eq!(
-        resp.headers().get("dmsc-error").map(|v| v.as_bytes()),
-        Some(&b"bad-target"[..])
-    );
+    assert_eq!(header(&resp, "dmsc-error"), "bad-target");
     mesh.stop().await;
 }

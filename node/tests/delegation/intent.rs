@@ -12,7 +12,7 @@ use dmsc_node::demo::sample_agent::{CardDialect, SampleAgent, SampleConfig, Samp
 use hyper::{Method, StatusCode};
 
 use super::security::{client_config, es256_key, jwt, tls_call, JWT_AUD};
-use super::{eventually, loopback};
+use super::{eventually, header, loopback};
 
 async fn skilled(name: &str, description: &str, tags: &[&str], examples: &[&str]) -> SampleAgent {
     SampleAgent::start(
@@ -80,14 +80,11 @@ async fn route_intent(mesh: &LocalMesh, text: &str) -> (StatusCode, String, Stri
         )
         .await
         .expect("call");
-    let h = |n: &str| {
-        resp.headers()
-            .get(n)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string()
-    };
-    (resp.status(), h("dmsc-agent"), h("dmsc-route"))
+    (
+        resp.status(),
+        header(&resp, "dmsc-agent"),
+        header(&resp, "dmsc-route"),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -457,13 +454,7 @@ async fn a_request_too_large_to_hold_is_routed_by_its_start() {
             .call(node, "POST", "mesh.acme.dmsc", "/", &[], body.clone())
             .await
             .expect("call");
-        let h = |n: &str| {
-            resp.headers()
-                .get(n)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_string()
-        };
+        let h = |n: &str| header(&resp, n);
         assert_eq!(
             resp.status(),
             StatusCode::OK,

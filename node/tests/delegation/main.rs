@@ -39,7 +39,13 @@ async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool
 
 /// Attaches `agent` to node `node` and waits until every node can route to it.
 async fn attach_routable(mesh: &LocalMesh, node: usize, agent: &SampleAgent, name: &str) {
-    mesh.attach(node, &agent.url(), None).await.expect("attach");
+    attach_url_routable(mesh, node, &agent.url(), name).await;
+}
+
+/// Attaches the agent at `url` to `node` and waits until every node can
+/// route to `name`.
+async fn attach_url_routable(mesh: &LocalMesh, node: usize, url: &str, name: &str) {
+    mesh.attach(node, url, None).await.expect("attach");
     eventually(Duration::from_secs(5), "routable", || {
         mesh.routable_everywhere(name)
     })
@@ -132,7 +138,7 @@ fn forbidden(status: hyper::StatusCode, body: &str) -> bool {
         )
 }
 
-fn header(resp: &hyper::Response<()>, name: &str) -> String {
+fn header<B>(resp: &hyper::Response<B>, name: &str) -> String {
     resp.headers()
         .get(name)
         .and_then(|v| v.to_str().ok())
