@@ -12,10 +12,13 @@ pub type Client = hyper_util::client::legacy::Client<HttpConnector, Body>;
 
 /// Pooled clients to local agents: HTTP/1.1 for most, h2c (prior
 /// knowledge) when the caller spoke HTTP/2, which is what gRPC needs.
+/// Delegations to HTTP/1.1 agents take the lean client of [`super::h1`];
+/// the node's own calls (health checks, cards) take hyper's.
 #[derive(Clone, Debug)]
 pub struct Upstream {
     pub h1: Client,
     pub h2: Client,
+    pub delegations: super::h1::H1Client,
     /// Edge agents over MQTT (set once the bridge starts).
     pub edge: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<dyn super::local::EdgeLink>>>,
 }
@@ -36,6 +39,7 @@ impl Upstream {
         Upstream {
             h1,
             h2,
+            delegations: super::h1::H1Client::new(),
             edge: Default::default(),
         }
     }

@@ -534,18 +534,29 @@ pub(crate) async fn deliver_local(
         .headers()
         .get(hyper::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    let client = if agent.protocol.use_http2(http2, grpc) {
-        *req.version_mut() = Version::HTTP_2;
-        &upstream.h2
-    } else {
-        *req.version_mut() = Version::HTTP_11;
-        &upstream.h1
+    let h2 = agent.protocol.use_http2(http2, grpc);
+    // What failed, and whether nothing reached the agent.
+    let call = async {
+        if h2 {
+            *req.version_mut() = Version::HTTP_2;
+            match upstream.h2.request(req).await {
+                Ok(resp) => Ok(resp.map(incoming)),
+                Err(e) => Err((crate::proto::http::error_chain(&e), e.is_connect())),
+            }
+        } else {
+            *req.version_mut() = Version::HTTP_11;
+            upstream
+                .delegations
+                .request(req)
+                .await
+                .map_err(|e| (e.to_string(), e.is_connect()))
+        }
     };
     // Counts until the response body is done (or this future is dropped
     // because the caller went away): the gossiped in-flight load.
     let in_flight = InFlight::new(agent.clone());
     let started = std::time::Instant::now();
-    let result = tokio::time::timeout(remaining, client.request(req)).await;
+    let result = tokio::time::timeout(remaining, call).await;
     let observe = |ok: bool| {
         agent
             .stats
@@ -565,14 +576,13 @@ pub(crate) async fn deliver_local(
             )
             .agent(&agent.id),
         ),
-        Ok(Err(e)) => {
+        Ok(Err((why, connect))) => {
             // The agent's address stays in the log: callers (of any node,
             // any tenant the policy lets in) learn only its mesh name.
-            let why = crate::proto::http::error_chain(&e);
             debug!(agent = %agent.id, url = %agent.spec.url, error = %why, "agent request failed");
             let detail = format!("agent `{}`: {why}", agent.id);
             let err = MeshError::new(ErrorKind::Unreachable, me, detail).agent(&agent.id);
-            if e.is_connect() {
+            if connect {
                 Failure::NotDelivered(err)
             } else {
                 Failure::MaybeDelivered(err)
@@ -585,7 +595,7 @@ pub(crate) async fn deliver_local(
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             hide_agent_address(agent, &mut parts.headers);
-            let body = guarded(incoming(body), vec![Box::new(in_flight)]);
+            let body = guarded(body, vec![Box::new(in_flight)]);
             let resp = Response::from_parts(parts, body);
             return match card_ask {
                 Some(ask) => extended::rewrite_answer(agent, me, ask, resp, deadline).await,

@@ -52,6 +52,7 @@ pub mod budget;
 pub mod client;
 mod extended;
 pub mod fault;
+pub mod h1;
 mod home;
 pub mod local;
 pub mod mask;
