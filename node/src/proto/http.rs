@@ -181,6 +181,39 @@ impl ErrorKind {
         }
     }
 
+    /// The `google.rpc.Code` name of an HTTP+JSON error body, as A2A 1.0
+    /// maps its own errors (an unsupported operation is a failed
+    /// precondition there, where gRPC callers get UNIMPLEMENTED).
+    fn rpc_status(self) -> &'static str {
+        match self {
+            ErrorKind::Unsupported => "FAILED_PRECONDITION",
+            k => match k.grpc_code() {
+                3 => "INVALID_ARGUMENT",
+                4 => "DEADLINE_EXCEEDED",
+                5 => "NOT_FOUND",
+                7 => "PERMISSION_DENIED",
+                8 => "RESOURCE_EXHAUSTED",
+                9 => "FAILED_PRECONDITION",
+                12 => "UNIMPLEMENTED",
+                14 => "UNAVAILABLE",
+                16 => "UNAUTHENTICATED",
+                _ => "INTERNAL",
+            },
+        }
+    }
+
+    /// The A2A error reason (`ErrorInfo`, domain `a2a-protocol.org`) of
+    /// the kinds A2A itself defines.
+    fn a2a_reason(self) -> Option<&'static str> {
+        match self {
+            ErrorKind::TaskNotFound => Some("TASK_NOT_FOUND"),
+            ErrorKind::Unsupported => Some("UNSUPPORTED_OPERATION"),
+            ErrorKind::BadRequest | ErrorKind::BadTarget => Some("INVALID_REQUEST"),
+            ErrorKind::Internal => Some("INTERNAL_ERROR"),
+            _ => None,
+        }
+    }
+
     /// JSON-RPC error code: -32600 for a bad request, -32001 (A2A "task not
     /// found" family is -32001..-32006; the mesh uses -32050..) otherwise.
     fn jsonrpc_code(self) -> i64 {
@@ -249,6 +282,39 @@ impl MeshError {
         self
     }
 
+    /// The same error as a `google.rpc.Status` in JSON (AIP-193), the form
+    /// A2A 1.0's HTTP+JSON binding answers errors in: SDK clients of that
+    /// binding read `error.message`, and map the first `ErrorInfo`'s reason
+    /// (domain `a2a-protocol.org`) to their own error types. Carried as the
+    /// `error` member of the problem details, so one body serves both.
+    fn status_object(&self) -> Value {
+        let mut details = Vec::with_capacity(2);
+        if let Some(reason) = self.kind.a2a_reason() {
+            details.push(json!({
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": reason,
+                "domain": "a2a-protocol.org",
+            }));
+        }
+        let mut metadata = serde_json::Map::new();
+        metadata.insert("node".into(), Value::String(self.node.clone()));
+        if let Some(agent) = &self.agent {
+            metadata.insert("agent".into(), Value::String(agent.clone()));
+        }
+        details.push(json!({
+            "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+            "reason": self.kind.as_str().to_ascii_uppercase().replace('-', "_"),
+            "domain": "dmsc.dev",
+            "metadata": metadata,
+        }));
+        json!({
+            "code": self.kind.status().as_u16(),
+            "status": self.kind.rpc_status(),
+            "message": self.detail,
+            "details": details,
+        })
+    }
+
     /// The response, in the dialect of the request whose body is `request`
     /// (a JSON-RPC request gets a JSON-RPC error with its id).
     ///
@@ -296,6 +362,7 @@ impl MeshError {
                     "detail": self.detail,
                     "node": self.node,
                     "agent": self.agent,
+                    "error": self.status_object(),
                 }),
             ),
         };
@@ -563,6 +630,39 @@ mod tests {
         let r = MeshError::new(ErrorKind::RateLimited, "eu-1", "slow down").response(Some(rpc));
         assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(r.headers()["content-type"], "application/json");
+    }
+
+    #[tokio::test]
+    async fn problem_details_carry_the_a2a_http_json_status_too() {
+        use http_body_util::BodyExt as _;
+        async fn body(e: &MeshError) -> Value {
+            let b = e.response(None).into_body().collect().await.expect("body");
+            serde_json::from_slice::<Value>(&b.to_bytes()).expect("JSON")
+        }
+        // An A2A error: its reason first, in A2A's domain, as A2A 1.0 maps it.
+        let e = MeshError::new(
+            ErrorKind::Unsupported,
+            "eu-1",
+            "list the tasks of one context",
+        );
+        let v = body(&e).await;
+        assert_eq!(v["detail"], "list the tasks of one context");
+        assert_eq!(v["error"]["code"], 400);
+        assert_eq!(v["error"]["status"], "FAILED_PRECONDITION");
+        assert_eq!(v["error"]["message"], "list the tasks of one context");
+        let details = v["error"]["details"].as_array().expect("details");
+        assert_eq!(details[0]["reason"], "UNSUPPORTED_OPERATION");
+        assert_eq!(details[0]["domain"], "a2a-protocol.org");
+        assert_eq!(details[1]["reason"], "UNSUPPORTED");
+        assert_eq!(details[1]["domain"], "dmsc.dev");
+        // A mesh error A2A has no name for: the mesh's reason only.
+        let e = MeshError::new(ErrorKind::RateLimited, "eu-1", "slow down").agent("acme/x");
+        let v = body(&e).await;
+        assert_eq!(v["error"]["status"], "RESOURCE_EXHAUSTED");
+        let details = v["error"]["details"].as_array().expect("details");
+        assert_eq!(details.len(), 1);
+        assert_eq!(details[0]["reason"], "RATE_LIMITED");
+        assert_eq!(details[0]["metadata"]["agent"], "acme/x");
     }
 
     #[tokio::test]
