@@ -25,7 +25,11 @@
 //! The relay also reads the protocol level of the client's CONNECT: a
 //! v3.1.1 or 3.1 client (mosquitto_sub's and most libraries' default) gets
 //! a CONNACK refusing its protocol version (return code 1), so it says why
-//! (rumqttd's v5 listener would just close the connection). No v3.1.1
+//! (rumqttd's v5 listener would just close the connection). With tenant
+//! credentials set, it reads a v5 client's whole CONNECT (up to 64 KiB)
+//! and answers a missing or wrong username or password with CONNACK 0x86
+//! (bad user name or password), logged as a warning; rumqttd would close
+//! the connection without a word. No v3.1.1
 //! listener: the request/response contract needs v5's response topic and
 //! correlation data, and rumqttd 0.20's v3.1.1 side panics on a v5 publish
 //! with properties, which every request from the node is.
@@ -52,6 +56,8 @@ pub struct Front {
     pub tenant: String,
     listener: std::net::TcpListener,
     broker: SocketAddr,
+    /// The username and password the tenant's clients must give, if any.
+    credentials: Option<Arc<(String, String)>>,
 }
 
 /// Starts the broker of every tenant (on a loopback port of its own) and
@@ -133,6 +139,11 @@ pub fn start(at: &BTreeMap<String, SocketAddr>, cfg: &MqttConfig) -> Result<Vec<
             tenant: tenant.clone(),
             listener,
             broker,
+            credentials: cfg
+                .per_tenant
+                .get(tenant)
+                .and_then(|s| s.credentials.clone())
+                .map(Arc::new),
         });
     }
     Ok(fronts)
@@ -168,10 +179,16 @@ pub async fn serve(front: Front) {
             continue;
         };
         let broker = front.broker;
+        let credentials = front.credentials.clone();
+        let tenant = front.tenant.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            if let Err(e) = relay(client, broker).await {
-                debug!(%peer, error = %e, "embedded MQTT client connection ended");
+            match relay(client, broker, credentials.as_deref()).await {
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    warn!(%tenant, %peer, error = %e, "embedded MQTT broker: client refused");
+                }
+                Err(e) => debug!(%peer, error = %e, "embedded MQTT client connection ended"),
+                Ok(()) => {}
             }
         });
     }
@@ -210,7 +227,97 @@ fn connect_level(buf: &[u8]) -> Option<Option<u8>> {
 /// MQTT 3.1/3.1.1's CONNACK, return code 1: unacceptable protocol version.
 const CONNACK_BAD_VERSION: [u8; 4] = [0x20, 0x02, 0x00, 0x01];
 
-async fn relay(mut client: TcpStream, broker: SocketAddr) -> std::io::Result<()> {
+/// MQTT v5's CONNACK, reason 0x86: bad user name or password (no session
+/// present, no properties).
+const CONNACK_BAD_CREDENTIALS: [u8; 5] = [0x20, 0x03, 0x00, 0x86, 0x00];
+
+/// The largest CONNECT the relay reads whole to check its credentials
+/// (one with a larger will message goes to the broker, which checks them
+/// itself).
+const MAX_CHECKED_CONNECT: usize = 64 * 1024;
+
+/// A CONNECT's fixed header: the packet's whole length, once its
+/// remaining-length bytes are all there.
+fn packet_len(buf: &[u8]) -> Option<usize> {
+    let mut len = 0usize;
+    for i in 0..4 {
+        let b = *buf.get(1 + i)?;
+        len |= usize::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some(1 + i + 1 + len);
+        }
+    }
+    None
+}
+
+/// The username and password of a whole MQTT v5 CONNECT packet (each
+/// `None` if absent); `None` if the packet does not parse.
+fn v5_credentials(packet: &[u8]) -> Option<(Option<&[u8]>, Option<&[u8]>)> {
+    struct Reader<'a>(&'a [u8]);
+    impl<'a> Reader<'a> {
+        fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+            if self.0.len() < n {
+                return None;
+            }
+            let (a, b) = self.0.split_at(n);
+            self.0 = b;
+            Some(a)
+        }
+        fn byte(&mut self) -> Option<u8> {
+            self.take(1).map(|b| b[0])
+        }
+        fn sized(&mut self) -> Option<&'a [u8]> {
+            let n = u16::from_be_bytes(self.take(2)?.try_into().ok()?);
+            self.take(usize::from(n))
+        }
+        fn varint(&mut self) -> Option<usize> {
+            let mut n = 0usize;
+            for i in 0..4 {
+                let b = self.byte()?;
+                n |= usize::from(b & 0x7f) << (7 * i);
+                if b & 0x80 == 0 {
+                    return Some(n);
+                }
+            }
+            None
+        }
+    }
+    let mut r = Reader(packet);
+    r.byte()?; // the packet type
+    r.varint()?; // the remaining length
+    r.sized()?; // the protocol name
+    if r.byte()? != 5 {
+        return None;
+    }
+    let flags = r.byte()?;
+    r.take(2)?; // keep alive
+    let props = r.varint()?;
+    r.take(props)?;
+    r.sized()?; // the client id
+    if flags & 0x04 != 0 {
+        let will_props = r.varint()?;
+        r.take(will_props)?;
+        r.sized()?; // the will topic
+        r.sized()?; // the will payload
+    }
+    let user = if flags & 0x80 != 0 {
+        Some(r.sized()?)
+    } else {
+        None
+    };
+    let pass = if flags & 0x40 != 0 {
+        Some(r.sized()?)
+    } else {
+        None
+    };
+    Some((user, pass))
+}
+
+async fn relay(
+    mut client: TcpStream,
+    broker: SocketAddr,
+    credentials: Option<&(String, String)>,
+) -> std::io::Result<()> {
     // Read up to the CONNECT's protocol level (at most 14 bytes), keeping
     // what was read for the broker.
     let mut start = Vec::with_capacity(64);
@@ -233,6 +340,38 @@ async fn relay(mut client: TcpStream, broker: SocketAddr) -> std::io::Result<()>
         return Err(std::io::Error::other(format!(
             "an MQTT {version} client, refused: the embedded broker speaks MQTT v5"
         )));
+    }
+    // A v5 client with the wrong username or password gets a CONNACK that
+    // says so (rumqttd would close the connection without a word), and the
+    // node logs it. The broker checks the same credentials again.
+    if let (Some((user, pass)), Some(5)) = (credentials, level) {
+        let whole = tokio::time::timeout(CONNECT_WAIT, async {
+            loop {
+                match packet_len(&start) {
+                    Some(n) if n > MAX_CHECKED_CONNECT => return Ok(None),
+                    Some(n) if start.len() >= n => return Ok(Some(n)),
+                    _ => {}
+                }
+                if client.read_buf(&mut start).await? == 0 {
+                    return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+                }
+            }
+        })
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        if let Some(n) = whole {
+            let given = v5_credentials(&start[..n]);
+            let good = given
+                .is_some_and(|(u, p)| u == Some(user.as_bytes()) && p == Some(pass.as_bytes()));
+            if given.is_some() && !good {
+                client.write_all(&CONNACK_BAD_CREDENTIALS).await?;
+                let _ = client.shutdown().await;
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    "bad username or password (CONNACK 0x86)",
+                ));
+            }
+        }
     }
     let mut inner = TcpStream::connect(broker).await?;
     client.set_nodelay(true)?;
@@ -267,7 +406,29 @@ async fn relay(mut client: TcpStream, broker: SocketAddr) -> std::io::Result<()>
 
 #[cfg(test)]
 mod tests {
-    use super::connect_level;
+    use super::{connect_level, packet_len, v5_credentials};
+
+    #[test]
+    fn a_v5_connects_credentials_are_read_past_its_will() {
+        // mosquitto_sub -V 5 -u alice -P secret, and with a will.
+        let plain =
+            b"\x10\x1f\x00\x04MQTT\x05\xc2\x00\x3c\x00\x00\x03sub\x00\x05alice\x00\x06secret";
+        assert_eq!(packet_len(plain), Some(plain.len()));
+        assert_eq!(
+            v5_credentials(plain),
+            Some((Some(&b"alice"[..]), Some(&b"secret"[..])))
+        );
+        let will = b"\x10\x2a\x00\x04MQTT\x05\xc6\x00\x3c\x00\x00\x03sub\x02\x01\x01\x00\x01w\x00\x03bye\x00\x05alice\x00\x06secret";
+        assert_eq!(
+            v5_credentials(will),
+            Some((Some(&b"alice"[..]), Some(&b"secret"[..])))
+        );
+        // Without credentials; and cut short, which does not parse.
+        let none = b"\x10\x10\x00\x04MQTT\x05\x02\x00\x3c\x00\x00\x03sub";
+        assert_eq!(v5_credentials(none), Some((None, None)));
+        assert_eq!(v5_credentials(&plain[..plain.len() - 3]), None);
+        assert_eq!(packet_len(&b"\x10\x80"[..]), None);
+    }
 
     #[test]
     fn a_connects_protocol_level_is_read_from_its_first_bytes() {

@@ -1275,17 +1275,22 @@ async fn an_embedded_broker_per_tenant_bridges_edge_agents_and_keeps_tenants_apa
         .status()
         .expect("mosquitto_pub");
     assert!(pubbed.success());
-    // acme's broker asks for acme's credentials.
-    let refused = std::process::Command::new("mosquitto_pub")
-        .args(["-V", "5", "-h", "127.0.0.1", "-p", &acme_port.to_string()])
-        .args(["-q", "1", "-t", "dmsc/acme/agents/x/card", "-m", &card])
-        .stderr(Stdio::null())
-        .status()
-        .expect("mosquitto_pub");
-    assert!(
-        !refused.success(),
-        "acme's broker took a client without credentials"
-    );
+    // acme's broker asks for acme's credentials, and a client without them
+    // or with a wrong password is told why (CONNACK 0x86), not dropped.
+    for creds in [&[][..], &["-u", "acme", "-P", "wrong"][..]] {
+        let refused = std::process::Command::new("mosquitto_pub")
+            .args(["-V", "5", "-h", "127.0.0.1", "-p", &acme_port.to_string()])
+            .args(creds)
+            .args(["-q", "1", "-t", "dmsc/acme/agents/x/card", "-m", &card])
+            .output()
+            .expect("mosquitto_pub");
+        assert!(
+            !refused.status.success(),
+            "acme's broker took a client with {creds:?}"
+        );
+        let said = String::from_utf8_lossy(&refused.stderr).to_lowercase();
+        assert!(said.contains("user name or password"), "{creds:?}: {said}");
+    }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let intruder = dmsc_registry::AgentId::new("acme", "intruder");
     assert!(mesh.nodes[1].mesh().read().get(&intruder).is_none());
