@@ -250,9 +250,16 @@ fn packet_len(buf: &[u8]) -> Option<usize> {
     None
 }
 
-/// The username and password of a whole MQTT v5 CONNECT packet (each
-/// `None` if absent); `None` if the packet does not parse.
-fn v5_credentials(packet: &[u8]) -> Option<(Option<&[u8]>, Option<&[u8]>)> {
+/// What a CONNECT logs in with (each `None` if absent).
+#[derive(Debug, PartialEq)]
+struct Login<'a> {
+    user: Option<&'a [u8]>,
+    pass: Option<&'a [u8]>,
+}
+
+/// The login of a whole MQTT v5 CONNECT packet; `None` if the packet does
+/// not parse.
+fn v5_credentials(packet: &[u8]) -> Option<Login<'_>> {
     struct Reader<'a>(&'a [u8]);
     impl<'a> Reader<'a> {
         fn take(&mut self, n: usize) -> Option<&'a [u8]> {
@@ -310,7 +317,7 @@ fn v5_credentials(packet: &[u8]) -> Option<(Option<&[u8]>, Option<&[u8]>)> {
     } else {
         None
     };
-    Some((user, pass))
+    Some(Login { user, pass })
 }
 
 async fn relay(
@@ -361,8 +368,9 @@ async fn relay(
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
         if let Some(n) = whole {
             let given = v5_credentials(&start[..n]);
-            let good = given
-                .is_some_and(|(u, p)| u == Some(user.as_bytes()) && p == Some(pass.as_bytes()));
+            let good = given.as_ref().is_some_and(|l| {
+                l.user == Some(user.as_bytes()) && l.pass == Some(pass.as_bytes())
+            });
             if given.is_some() && !good {
                 client.write_all(&CONNACK_BAD_CREDENTIALS).await?;
                 let _ = client.shutdown().await;
@@ -406,7 +414,14 @@ async fn relay(
 
 #[cfg(test)]
 mod tests {
-    use super::{connect_level, packet_len, v5_credentials};
+    use super::{connect_level, packet_len, v5_credentials, Login};
+
+    fn login<'a>(user: &'a [u8], pass: &'a [u8]) -> Option<Login<'a>> {
+        Some(Login {
+            user: Some(user),
+            pass: Some(pass),
+        })
+    }
 
     #[test]
     fn a_v5_connects_credentials_are_read_past_its_will() {
@@ -414,18 +429,18 @@ mod tests {
         let plain =
             b"\x10\x1f\x00\x04MQTT\x05\xc2\x00\x3c\x00\x00\x03sub\x00\x05alice\x00\x06secret";
         assert_eq!(packet_len(plain), Some(plain.len()));
-        assert_eq!(
-            v5_credentials(plain),
-            Some((Some(&b"alice"[..]), Some(&b"secret"[..])))
-        );
+        assert_eq!(v5_credentials(plain), login(b"alice", b"secret"));
         let will = b"\x10\x2a\x00\x04MQTT\x05\xc6\x00\x3c\x00\x00\x03sub\x02\x01\x01\x00\x01w\x00\x03bye\x00\x05alice\x00\x06secret";
-        assert_eq!(
-            v5_credentials(will),
-            Some((Some(&b"alice"[..]), Some(&b"secret"[..])))
-        );
+        assert_eq!(v5_credentials(will), login(b"alice", b"secret"));
         // Without credentials; and cut short, which does not parse.
         let none = b"\x10\x10\x00\x04MQTT\x05\x02\x00\x3c\x00\x00\x03sub";
-        assert_eq!(v5_credentials(none), Some((None, None)));
+        assert_eq!(
+            v5_credentials(none),
+            Some(Login {
+                user: None,
+                pass: None
+            })
+        );
         assert_eq!(v5_credentials(&plain[..plain.len() - 3]), None);
         assert_eq!(packet_len(&b"\x10\x80"[..]), None);
     }
