@@ -510,16 +510,19 @@ enum AuditCmd {
 
 fn init_logging(format: &str, default: &str) {
     use std::io::IsTerminal;
+    use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
+    let logging = tracing_subscriber::registry()
+        .with(filter)
+        .with(dmsc_node::edge::embedded::QuietBrokerRouter);
     if format == "json" {
-        builder.json().init();
+        logging.with(fmt.json()).init();
     } else {
-        builder.init();
+        logging.with(fmt).init();
     }
 }
 

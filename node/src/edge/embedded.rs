@@ -412,9 +412,86 @@ async fn relay(
     tokio::try_join!(up, down).map(|_| ())
 }
 
+/// A logging layer that drops rumqttd's router ERROR "no-connection id N
+/// is already gone": the router logs it whenever a client sends its
+/// DISCONNECT and then closes the socket, as well-behaved clients do (both
+/// reach the router as a disconnection, and the second finds the first
+/// done), so every normal disconnect looked like a failure in the node's
+/// log. Every other message of the router is kept.
+#[derive(Debug, Clone, Copy)]
+pub struct QuietBrokerRouter;
+
+impl QuietBrokerRouter {
+    const TARGET: &'static str = "rumqttd::router::routing";
+
+    fn benign(message: &str) -> bool {
+        message.starts_with("no-connection id ") && message.ends_with(" is already gone")
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for QuietBrokerRouter {
+    fn event_enabled(
+        &self,
+        event: &tracing::Event<'_>,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        if event.metadata().target() != Self::TARGET {
+            return true;
+        }
+        struct Message(String);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                if f.name() == "message" {
+                    self.0 = format!("{v:?}");
+                }
+            }
+        }
+        let mut m = Message(String::new());
+        event.record(&mut m);
+        !Self::benign(&m.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{connect_level, packet_len, v5_credentials, Login};
+    use super::{connect_level, packet_len, v5_credentials, Login, QuietBrokerRouter};
+
+    #[test]
+    fn the_broker_routers_disconnect_noise_is_dropped_and_nothing_else() {
+        use std::sync::{Arc, Mutex};
+        use tracing_subscriber::prelude::*;
+        #[derive(Clone, Default)]
+        struct Seen(Arc<Mutex<Vec<String>>>);
+        impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Seen {
+            fn on_event(
+                &self,
+                e: &tracing::Event<'_>,
+                _: tracing_subscriber::layer::Context<'_, S>,
+            ) {
+                let mut v = self.0.lock().expect("lock");
+                v.push(format!(
+                    "{} {}",
+                    e.metadata().target(),
+                    e.metadata().level()
+                ));
+            }
+        }
+        let seen = Seen::default();
+        let subscriber = tracing_subscriber::registry()
+            .with(QuietBrokerRouter)
+            .with(seen.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            // As rumqttd 0.20 logs them (router/routing.rs).
+            tracing::error!(target: "rumqttd::router::routing", "no-connection id {} is already gone", 7);
+            tracing::error!(target: "rumqttd::router::routing", "no space for new connection");
+            tracing::error!(target: "dmsc_node::edge", "no-connection id {} is already gone", 7);
+        });
+        let seen = seen.0.lock().expect("lock").clone();
+        assert_eq!(
+            seen,
+            ["rumqttd::router::routing ERROR", "dmsc_node::edge ERROR"],
+        );
+    }
 
     fn login<'a>(user: &'a [u8], pass: &'a [u8]) -> Option<Login<'a>> {
         Some(Login {
