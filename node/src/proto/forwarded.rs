@@ -25,16 +25,17 @@ use std::time::Duration;
 
 use hyper::header::{HeaderMap, HeaderName, HeaderValue, HOST};
 
+// Names made once, not parsed from text on every request.
 /// The verified caller, as the agent sees it.
-pub const CALLER: &str = "dmsc-caller";
+pub const CALLER: HeaderName = HeaderName::from_static("dmsc-caller");
 /// The verified caller's tenant.
-pub const CALLER_TENANT: &str = "dmsc-caller-tenant";
+pub const CALLER_TENANT: HeaderName = HeaderName::from_static("dmsc-caller-tenant");
 /// The trace id of the delegation.
-pub const TRACE_ID: &str = "dmsc-trace-id";
+pub const TRACE_ID: HeaderName = HeaderName::from_static("dmsc-trace-id");
 /// The remaining deadline.
-pub const TIMEOUT: &str = "dmsc-timeout";
+pub const TIMEOUT: HeaderName = HeaderName::from_static("dmsc-timeout");
 /// The client address chain.
-pub const X_FORWARDED_FOR: &str = "x-forwarded-for";
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// True for the mesh's own header namespace.
 fn is_mesh_header(name: &HeaderName) -> bool {
@@ -67,7 +68,7 @@ pub fn duplicate_host(headers: &HeaderMap) -> bool {
 pub fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
     let mut list = String::new();
     for v in headers
-        .get_all(X_FORWARDED_FOR)
+        .get_all(&X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .map(str::trim)
@@ -99,7 +100,7 @@ pub fn vouch(headers: &mut HeaderMap, v: Vouched<'_>) {
     // Room for the four below at once (a map decoded from the wire has no
     // spare room).
     headers.reserve(4);
-    let mut set = |name: &'static str, value: &str| {
+    let mut set = |name: HeaderName, value: &str| {
         if let Ok(value) = HeaderValue::from_str(value) {
             headers.insert(name, value);
         }

@@ -44,14 +44,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for n in named {
         headers.remove(n);
     }
+    // Names made once, not parsed from text on every request.
+    const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+    const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
     for h in [
-        "connection",
-        "proxy-connection",
-        "keep-alive",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-authorization",
-        "proxy-authenticate",
+        hyper::header::CONNECTION,
+        PROXY_CONNECTION,
+        KEEP_ALIVE,
+        hyper::header::TRANSFER_ENCODING,
+        hyper::header::UPGRADE,
+        hyper::header::PROXY_AUTHORIZATION,
+        hyper::header::PROXY_AUTHENTICATE,
     ] {
         headers.remove(h);
     }
