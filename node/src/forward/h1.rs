@@ -31,7 +31,12 @@
 //!   its end with nothing after it, on a connection whose request went out
 //!   whole. An idle connection the agent closed is noticed at checkout (the
 //!   runtime has seen it readable: the agent's FIN) and dropped; idle ones
-//!   expire after 30 s, and at most 256 are kept per agent address.
+//!   expire after 1.5 s (sooner if the agent's `Keep-Alive` says so), under
+//!   the servers' own idle timeouts, and at most 256 are kept per agent
+//!   address. A body-less idempotent request (GET, HEAD, OPTIONS, DELETE)
+//!   that a reused connection loses before any byte of the answer (the
+//!   agent closed it as the request went out) is sent once more on a new
+//!   connection.
 //!
 //! Errors say what happened in words a caller can act on; only a failed
 //! connect is "not delivered" (the next candidate may be tried).
@@ -52,8 +57,15 @@ use tokio::net::TcpStream;
 
 use crate::proto::http::{empty, full, Body, BoxError};
 
-/// How long a connection may wait idle in the pool.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a connection may wait idle in the pool: less than the idle
+/// timeouts of the servers agents run on (gunicorn 2 s, uvicorn and
+/// Node.js 5 s), so that a request never goes out on a connection the
+/// agent is closing at that moment (a race no client can see coming). An
+/// agent that states a shorter `Keep-Alive: timeout` gets that, less half
+/// a second.
+const IDLE_LIMIT: Duration = Duration::from_millis(1500);
+/// What is kept off an agent's stated keep-alive timeout.
+const IDLE_MARGIN: Duration = Duration::from_millis(500);
 /// The most idle connections kept per agent address.
 const MAX_IDLE: usize = 256;
 /// How long a connect may take (then the agent is unreachable).
@@ -124,7 +136,7 @@ struct Pool {
 #[derive(Debug)]
 struct Idle {
     io: TcpStream,
-    since: Instant,
+    expires: Instant,
 }
 
 impl Pool {
@@ -132,32 +144,30 @@ impl Pool {
     fn checkout(&self, key: &str) -> Option<TcpStream> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(key)?;
+        let now = Instant::now();
         while let Some(c) = list.pop() {
-            if c.since.elapsed() >= IDLE_TIMEOUT {
-                // The rest waited longer still.
-                list.clear();
-                return None;
-            }
-            if still_open(&c.io) {
+            if c.expires > now && still_open(&c.io) {
                 return Some(c.io);
             }
         }
         None
     }
 
-    fn put(&self, key: &str, io: TcpStream) {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.entry(key.into()).or_default();
+    /// Keeps `io` for reuse for at most `idle` (nothing if that is zero).
+    fn put(&self, key: &str, io: TcpStream, idle: Duration) {
+        if idle.is_zero() {
+            return;
+        }
+        let mut idle_list = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle_list.entry(key.into()).or_default();
         // The oldest are at the front; drop those that expired.
-        let expired = list
-            .iter()
-            .take_while(|c| c.since.elapsed() >= IDLE_TIMEOUT)
-            .count();
+        let now = Instant::now();
+        let expired = list.iter().take_while(|c| c.expires <= now).count();
         list.drain(..expired);
         if list.len() < MAX_IDLE {
             list.push(Idle {
                 io,
-                since: Instant::now(),
+                expires: now + idle,
             });
         }
     }
@@ -170,6 +180,47 @@ impl Pool {
 fn still_open(io: &TcpStream) -> bool {
     let mut probe = [0u8; 1];
     matches!(io.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+/// How long a connection that served this answer may wait idle: the
+/// agent's own `Keep-Alive: timeout=N`, less a margin, if that is shorter
+/// than [`IDLE_LIMIT`].
+fn idle_limit(headers: &HeaderMap) -> Duration {
+    let stated = headers
+        .get("keep-alive")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.split(',')
+                .filter_map(|p| p.trim().strip_prefix("timeout="))
+                .find_map(|n| n.trim().parse::<u64>().ok())
+        })
+        .map(|secs| Duration::from_secs(secs).saturating_sub(IDLE_MARGIN));
+    stated.map_or(IDLE_LIMIT, |s| s.min(IDLE_LIMIT))
+}
+
+/// A failure that a connection the agent closed while it sat in the pool
+/// shows when it is used: the request went out, the answer never began.
+fn lost_to_a_close(e: &H1Error) -> bool {
+    use std::io::ErrorKind as K;
+    match e {
+        H1Error::Closed => true,
+        H1Error::Io(e) => matches!(
+            e.kind(),
+            K::ConnectionReset | K::BrokenPipe | K::ConnectionAborted | K::UnexpectedEof
+        ),
+        _ => false,
+    }
+}
+
+/// A request that may be sent again after it was lost that way: idempotent
+/// (RFC 9110 9.2.2) and without a body, so nothing needs replaying.
+fn resendable(parts: &hyper::http::request::Parts, body: &Body) -> bool {
+    use hyper::body::Body as _;
+    let idempotent = matches!(
+        parts.method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::DELETE | Method::TRACE
+    );
+    idempotent && body.is_end_stream()
 }
 
 /// How the request body is framed.
@@ -192,15 +243,26 @@ impl H1Client {
             .authority()
             .ok_or_else(|| malformed("the agent's URL has no host"))?;
         let key = authority.as_str();
-        let mut io = match self.pool.checkout(key) {
-            Some(io) => io,
-            None => connect(authority).await?,
+        let (mut io, reused) = match self.pool.checkout(key) {
+            Some(io) => (io, true),
+            None => (connect(authority).await?, false),
         };
         let head_only = parts.method == Method::HEAD;
         let (framing, head) = encode_head(&parts, &body)?;
+        let again = (reused && resendable(&parts, &body)).then(|| head.clone());
         let mut buf = BytesMut::with_capacity(READ_SIZE);
-        let (mut answer, sent) = exchange(&mut io, head, body, framing, &mut buf).await?;
+        let (mut answer, sent) = match exchange(&mut io, head, body, framing, &mut buf).await {
+            Ok(done) => done,
+            Err(e) if lost_to_a_close(&e) && buf.is_empty() && again.is_some() => {
+                let head = again.unwrap_or_default();
+                tracing::debug!(agent = %key, error = %e, "a pooled connection was closed by the agent as the request went out; sending it again on a new one");
+                io = connect(authority).await?;
+                exchange(&mut io, head, empty(), framing, &mut buf).await?
+            }
+            Err(e) => return Err(e),
+        };
         let reuse = sent && answer.version == Version::HTTP_11 && !answer.close;
+        let idle = idle_limit(&answer.headers);
         let mut resp = Response::new(empty());
         *resp.status_mut() = answer.status;
         *resp.version_mut() = answer.version;
@@ -214,7 +276,7 @@ impl H1Client {
                 // The usual small answer: here whole already.
                 let data = buf.split_to(n as usize).freeze();
                 if reuse && buf.is_empty() {
-                    self.pool.put(key, io);
+                    self.pool.put(key, io, idle);
                 }
                 *resp.headers_mut() = answer.headers;
                 *resp.body_mut() = if data.is_empty() { empty() } else { full(data) };
@@ -228,12 +290,12 @@ impl H1Client {
         match decode {
             None => {
                 if reuse && buf.is_empty() {
-                    self.pool.put(key, io);
+                    self.pool.put(key, io, idle);
                 }
             }
             Some(decode) => {
                 let reuse = (reuse && !matches!(decode, Decode::Close))
-                    .then(|| (self.pool.clone(), Box::<str>::from(key)));
+                    .then(|| (self.pool.clone(), Box::<str>::from(key), idle));
                 *resp.body_mut() = Streamed {
                     io: Some(io),
                     buf,
@@ -705,16 +767,17 @@ struct Streamed {
     io: Option<TcpStream>,
     buf: BytesMut,
     decode: Decode,
-    /// Where the connection goes back to, if it may be reused.
-    reuse: Option<(Arc<Pool>, Box<str>)>,
+    /// Where the connection goes back to, and for how long, if it may be
+    /// reused.
+    reuse: Option<(Arc<Pool>, Box<str>, Duration)>,
 }
 
 impl Streamed {
     /// The body was read to its end: the connection may serve another.
     fn finish(&mut self) {
-        if let (Some(io), Some((pool, key))) = (self.io.take(), self.reuse.take()) {
+        if let (Some(io), Some((pool, key, idle))) = (self.io.take(), self.reuse.take()) {
             if self.buf.is_empty() {
-                pool.put(&key, io);
+                pool.put(&key, io, idle);
             }
         }
     }
@@ -1056,6 +1119,116 @@ s.serve_forever()
             assert_eq!(text(resp).await, "ok");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// An agent whose first connection answers one request and then closes
+    /// as the second arrives (as a server whose keep-alive timeout fires
+    /// just then does); later connections answer every request.
+    async fn closing_agent() -> (String, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}/", listener.local_addr().expect("bound"));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut io, _) = listener.accept().await.expect("accept");
+                let first = count.fetch_add(1, Ordering::SeqCst) == 0;
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    for served in 0.. {
+                        let mut seen = Vec::new();
+                        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match io.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => seen.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        if first && served == 1 {
+                            return; // closed with the request unanswered
+                        }
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if io.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (url, accepted)
+    }
+
+    #[tokio::test]
+    async fn a_get_lost_to_an_agents_close_is_sent_again_and_a_post_is_not() {
+        let client = H1Client::new();
+        let (url, accepted) = closing_agent().await;
+        for _ in 0..2 {
+            let resp = client
+                .request(request(Method::GET, &url, empty()))
+                .await
+                .expect("the GET is answered, the second time on a new connection");
+            assert_eq!(text(resp).await, "ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        // A POST may have been acted on: never sent twice.
+        let (url, _) = closing_agent().await;
+        let resp = client
+            .request(request(Method::POST, &url, full("pay")))
+            .await
+            .expect("the first POST is answered");
+        assert_eq!(text(resp).await, "ok");
+        let err = client
+            .request(request(Method::POST, &url, full("pay")))
+            .await
+            .expect_err("the second POST is lost");
+        assert!(lost_to_a_close(&err), "{err}");
+    }
+
+    #[tokio::test]
+    async fn connections_idle_past_the_agents_keep_alive_are_not_reused() {
+        assert_eq!(idle_limit(&HeaderMap::new()), IDLE_LIMIT);
+        let ka = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert("keep-alive", HeaderValue::from_static(v));
+            idle_limit(&h)
+        };
+        assert_eq!(ka("timeout=1, max=100"), Duration::from_millis(500));
+        assert_eq!(ka("timeout=5"), IDLE_LIMIT);
+        assert_eq!(ka("timeout=0"), Duration::ZERO);
+        // An agent that says it keeps idle connections 1 s: one idle for
+        // 0.7 s is not reused, one idle for 0.1 s is.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}/", listener.local_addr().expect("bound"));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (io, _) = listener.accept().await.expect("accept");
+                count.fetch_add(1, Ordering::SeqCst);
+                let svc =
+                    hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| async {
+                        let mut resp =
+                            Response::new(http_body_util::Full::new(Bytes::from_static(b"ok")));
+                        resp.headers_mut()
+                            .insert("keep-alive", HeaderValue::from_static("timeout=1"));
+                        Ok::<_, hyper::Error>(resp)
+                    });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(io), svc),
+                );
+            }
+        });
+        let client = H1Client::new();
+        for pause in [100, 700, 0] {
+            let resp = client
+                .request(request(Method::GET, &url, empty()))
+                .await
+                .expect("the agent answers");
+            assert_eq!(text(resp).await, "ok");
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+        }
+        // One connection for the first two, a new one after the long pause.
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
     /// Decodes `wire` fed one byte at a time: the decoder never depends on
