@@ -28,8 +28,12 @@ impl Upstream {
         let mut conn = HttpConnector::new();
         conn.set_nodelay(true);
         conn.set_connect_timeout(Some(Duration::from_secs(2)));
+        // Health checks (every 2 s by default) and card fetches: idle
+        // connections kept no longer than delegations keep theirs, under
+        // the agents' own idle timeouts (a check must not fail because the
+        // agent closed the connection as it went out; see `super::h1`).
         let h1 = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_idle_timeout(super::h1::IDLE_LIMIT)
             .pool_max_idle_per_host(256)
             .build(conn.clone());
         let h2 = hyper_util::client::legacy::Client::builder(TokioExecutor::new())

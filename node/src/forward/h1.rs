@@ -63,7 +63,7 @@ use crate::proto::http::{empty, full, Body, BoxError};
 /// agent is closing at that moment (a race no client can see coming). An
 /// agent that states a shorter `Keep-Alive: timeout` gets that, less half
 /// a second.
-const IDLE_LIMIT: Duration = Duration::from_millis(1500);
+pub(crate) const IDLE_LIMIT: Duration = Duration::from_millis(1500);
 /// What is kept off an agent's stated keep-alive timeout.
 const IDLE_MARGIN: Duration = Duration::from_millis(500);
 /// The most idle connections kept per agent address.
