@@ -8,7 +8,8 @@
 //! once: A2A 0.3's `url`/`preferredTransport` and A2A 1.0's
 //! `supportedInterfaces` (a 1.x client prefers the latter and speaks 1.0,
 //! a 0.3 client reads the former; each ignores the other's fields). Both
-//! are answered at the same address: the node reads either dialect.
+//! are answered at the same address: the node reads either dialect, over
+//! JSON-RPC and over HTTP+JSON (REST), so the card lists both bindings.
 
 use serde_json::{json, Value};
 
@@ -27,8 +28,15 @@ pub fn router_card(tenant: &str) -> Value {
         "protocolVersion": "0.3.0",
         "url": url,
         "preferredTransport": "JSONRPC",
+        // The router reads both bindings (a REST message goes to an agent
+        // that serves REST); SDK clients pick from what the card lists.
+        "additionalInterfaces": [
+            {"url": url, "transport": "JSONRPC"},
+            {"url": url, "transport": "HTTP+JSON"}
+        ],
         "supportedInterfaces": [
-            {"url": url, "protocolBinding": "JSONRPC", "protocolVersion": "1.0"}
+            {"url": url, "protocolBinding": "JSONRPC", "protocolVersion": "1.0"},
+            {"url": url, "protocolBinding": "HTTP+JSON", "protocolVersion": "1.0"}
         ],
         "provider": {"organization": "dmsc mesh", "url": url},
         "capabilities": {"streaming": true},
@@ -58,6 +66,8 @@ mod tests {
         let si = card.supported_interfaces.as_ref().expect("1.0 interfaces");
         assert_eq!(si[0].url, "http://mesh.acme.dmsc/");
         assert_eq!(si[0].protocol_binding.as_deref(), Some("JSONRPC"));
+        assert_eq!(si[1].protocol_binding.as_deref(), Some("HTTP+JSON"));
+        assert_eq!(v["additionalInterfaces"][1]["transport"], "HTTP+JSON");
         // What a2a-sdk 0.3's AgentCard model requires.
         for k in [
             "name",
