@@ -595,6 +595,10 @@ pub(crate) async fn deliver_local(
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             hide_agent_address(agent, &mut parts.headers);
+            // The HTTP version is the hop's: the caller hears the node's
+            // (an HTTP/1.0 agent's answer reached an HTTP/1.1 caller with
+            // an `HTTP/1.0` status line).
+            parts.version = Version::HTTP_11;
             let body = guarded(body, vec![Box::new(in_flight)]);
             let resp = Response::from_parts(parts, body);
             return match card_ask {
