@@ -621,6 +621,60 @@ async fn the_deadline_holds_across_two_hops() {
     mesh.stop().await;
 }
 
+/// Python's `http.server` as people run it: HTTP/1.0, the answer read to
+/// the close (no length). It reaches HTTP/1.1 callers whole and in HTTP/1.1
+/// (the version is the hop's), from a local agent and through a second
+/// node, on every call (no connection is reused after a close).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_1_0_agents_answers_reach_callers_whole_in_http_1_1() {
+    let script = r#"
+import http.server, json
+CARD = json.dumps({"name": "oldtimer", "description": "an HTTP/1.0 agent", "url": "http://x/",
+    "version": "1", "capabilities": {}, "defaultInputModes": ["text/plain"],
+    "defaultOutputModes": ["text/plain"],
+    "skills": [{"id": "old", "name": "old", "description": "old", "tags": ["old"]}]}).encode()
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("content-type", "application/json" if "agent" in self.path else "text/plain")
+        self.end_headers()
+        self.wfile.write(CARD if "agent" in self.path else b"to the close " * 4000)
+    def log_message(self, *a): pass
+s = http.server.HTTPServer(("127.0.0.1", 0), H)
+print(s.server_address[1], flush=True)
+s.serve_forever()
+"#;
+    let mut child = tokio::process::Command::new("python3")
+        .args(["-c", script])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3 runs");
+    let mut out = tokio::io::BufReader::new(child.stdout.take().expect("piped"));
+    let mut port = String::new();
+    tokio::io::AsyncBufReadExt::read_line(&mut out, &mut port)
+        .await
+        .expect("port");
+    let mesh = mesh_of(&["n0", "n1"], |_, _| {}).await;
+    attach_url_routable(
+        &mesh,
+        0,
+        &format!("http://127.0.0.1:{}", port.trim()),
+        "oldtimer",
+    )
+    .await;
+    for node in [0, 1, 0, 1] {
+        let (resp, body) = mesh
+            .call(node, "GET", "oldtimer.acme.dmsc", "/", &[], "")
+            .await
+            .expect("answered");
+        assert_eq!(resp.status(), 200, "node {node}");
+        assert_eq!(resp.version(), hyper::Version::HTTP_11, "node {node}");
+        assert_eq!(body, "to the close ".repeat(4000), "node {node}");
+    }
+    mesh.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamed_response_flows_through_two_nodes_as_it_comes() {
     let mesh = mesh3(|_, _| {}).await;
