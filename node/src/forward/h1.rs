@@ -894,6 +894,15 @@ mod tests {
         req
     }
 
+    /// A GET's answer body, which must come.
+    async fn get(client: &H1Client, url: &str) -> String {
+        let resp = client
+            .request(request(Method::GET, url, empty()))
+            .await
+            .expect("the agent answers");
+        text(resp).await
+    }
+
     async fn text(resp: Response<Body>) -> String {
         let bytes = resp
             .into_body()
@@ -904,55 +913,86 @@ mod tests {
         String::from_utf8(bytes.to_vec()).expect("UTF-8")
     }
 
+    /// An agent on a loopback port (its URL without a trailing slash): each
+    /// connection goes to `serve` with its number (from 0); counts them.
+    async fn agent_at<F, Fut>(serve: F) -> (String, Arc<AtomicUsize>)
+    where
+        F: Fn(TcpStream, usize) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("bound"));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (io, _) = listener.accept().await.expect("accept");
+                tokio::spawn(serve(io, count.fetch_add(1, Ordering::SeqCst)));
+            }
+        });
+        (url, accepted)
+    }
+
+    /// A whole answer with a body of "ok".
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+
+    /// Reads one request head off `io`; false if the connection ended.
+    async fn read_request(io: &mut TcpStream) -> bool {
+        let mut buf = vec![0u8; 4096];
+        let mut seen = Vec::new();
+        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+            match io.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+        true
+    }
+
     /// A hyper HTTP/1.1 server (keep-alive, its defaults) that echoes the
     /// request body (`/reject`: 413 without reading it); counts the
     /// connections it accepted and keeps every body it read whole.
     async fn hyper_echo() -> (String, Arc<AtomicUsize>, Arc<Mutex<Vec<Bytes>>>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let url = format!("http://{}", listener.local_addr().expect("bound"));
-        let accepted = Arc::new(AtomicUsize::new(0));
         let bodies = Arc::new(Mutex::new(Vec::new()));
-        let (count, seen) = (accepted.clone(), bodies.clone());
-        tokio::spawn(async move {
-            loop {
-                let (io, _) = listener.accept().await.expect("accept");
-                count.fetch_add(1, Ordering::SeqCst);
+        let seen = bodies.clone();
+        let (url, accepted) = agent_at(move |io, _| {
+            let seen = seen.clone();
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let seen = seen.clone();
-                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let seen = seen.clone();
-                    async move {
-                        let path = req.uri().path().to_string();
-                        if path == "/reject" {
-                            let mut resp = Response::new(
-                                http_body_util::Full::new(Bytes::from_static(b"too large"))
-                                    .map_err(|e| match e {})
-                                    .boxed(),
-                            );
-                            *resp.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
-                            return Ok(resp);
-                        }
-                        let body = req.into_body().collect().await?.to_bytes();
-                        seen.lock().expect("lock").push(body.clone());
-                        let answer = if path == "/stream" {
-                            // No length: hyper sends it chunked.
-                            let chunks: Vec<Result<_, hyper::Error>> =
-                                (0..3).map(|_| Ok(Frame::data(body.clone()))).collect();
-                            http_body_util::StreamBody::new(futures_util::stream::iter(chunks))
-                                .boxed()
-                        } else {
-                            http_body_util::Full::new(body)
+                async move {
+                    let path = req.uri().path().to_string();
+                    if path == "/reject" {
+                        let mut resp = Response::new(
+                            http_body_util::Full::new(Bytes::from_static(b"too large"))
                                 .map_err(|e| match e {})
-                                .boxed()
-                        };
-                        Ok::<_, hyper::Error>(Response::new(answer))
+                                .boxed(),
+                        );
+                        *resp.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+                        return Ok(resp);
                     }
-                });
-                tokio::spawn(
-                    hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(io), svc),
-                );
+                    let body = req.into_body().collect().await?.to_bytes();
+                    seen.lock().expect("lock").push(body.clone());
+                    let answer = if path == "/stream" {
+                        // No length: hyper sends it chunked.
+                        let chunks: Vec<Result<_, hyper::Error>> =
+                            (0..3).map(|_| Ok(Frame::data(body.clone()))).collect();
+                        http_body_util::StreamBody::new(futures_util::stream::iter(chunks)).boxed()
+                    } else {
+                        http_body_util::Full::new(body)
+                            .map_err(|e| match e {})
+                            .boxed()
+                    };
+                    Ok::<_, hyper::Error>(Response::new(answer))
+                }
+            });
+            async move {
+                let io = hyper_util::rt::TokioIo::new(io);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, svc)
+                    .await;
             }
-        });
+        })
+        .await;
         (url, accepted, bodies)
     }
 
@@ -980,11 +1020,7 @@ mod tests {
             .expect("the agent answers");
         assert!(resp.headers().contains_key(TRANSFER_ENCODING));
         assert_eq!(text(resp).await, "ababab");
-        let resp = client
-            .request(request(Method::GET, &format!("{url}/echo"), empty()))
-            .await
-            .expect("the agent answers");
-        assert_eq!(text(resp).await, "");
+        assert_eq!(get(&client, &format!("{url}/echo")).await, "");
         assert_eq!(accepted.load(Ordering::SeqCst), 1, "one pooled connection");
     }
 
@@ -1046,77 +1082,21 @@ mod tests {
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
-    /// Python's `http.server` as people run it: HTTP/1.0, the body read to
-    /// the close (no length).
-    #[tokio::test]
-    async fn an_http_1_0_answer_is_read_to_the_close() {
-        let script = r#"
-import http.server, sys
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("content-type", "text/plain")
-        self.end_headers()
-        self.wfile.write(b"to the close " * 1000)
-    def log_message(self, *a): pass
-s = http.server.HTTPServer(("127.0.0.1", 0), H)
-print(s.server_address[1], flush=True)
-s.serve_forever()
-"#;
-        let mut child = tokio::process::Command::new("python3")
-            .args(["-c", script])
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("python3 runs");
-        let mut out = tokio::io::BufReader::new(child.stdout.take().expect("piped"));
-        let mut port = String::new();
-        tokio::io::AsyncBufReadExt::read_line(&mut out, &mut port)
-            .await
-            .expect("the agent answers");
-        let url = format!("http://127.0.0.1:{}/", port.trim());
-        let client = H1Client::new();
-        for _ in 0..2 {
-            let resp = client
-                .request(request(Method::GET, &url, empty()))
-                .await
-                .expect("the agent answers");
-            assert_eq!(resp.version(), Version::HTTP_10);
-            assert_eq!(text(resp).await, "to the close ".repeat(1000));
-        }
-    }
-
     /// A server that closes a kept-alive connection while it is idle in the
     /// pool (as uvicorn does after 5 s): the next request takes a new one.
     #[tokio::test]
     async fn an_idle_connection_the_agent_closed_is_not_reused() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let url = format!("http://{}/", listener.local_addr().expect("bound"));
-        tokio::spawn(async move {
-            loop {
-                let (mut io, _) = listener.accept().await.expect("accept");
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 4096];
-                    let mut seen = Vec::new();
-                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                        let n = io.read(&mut buf).await.expect("read");
-                        seen.extend_from_slice(&buf[..n]);
-                    }
-                    io.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                        .await
-                        .expect("write");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    // Closed while idle.
-                });
+        let (url, _) = agent_at(|mut io, _| async move {
+            if read_request(&mut io).await {
+                let _ = io.write_all(OK).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                // Closed while idle.
             }
-        });
+        })
+        .await;
         let client = H1Client::new();
         for _ in 0..3 {
-            let resp = client
-                .request(request(Method::GET, &url, empty()))
-                .await
-                .expect("the agent answers");
-            assert_eq!(text(resp).await, "ok");
+            assert_eq!(get(&client, &url).await, "ok");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
@@ -1125,48 +1105,26 @@ s.serve_forever()
     /// as the second arrives (as a server whose keep-alive timeout fires
     /// just then does); later connections answer every request.
     async fn closing_agent() -> (String, Arc<AtomicUsize>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let url = format!("http://{}/", listener.local_addr().expect("bound"));
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            loop {
-                let (mut io, _) = listener.accept().await.expect("accept");
-                let first = count.fetch_add(1, Ordering::SeqCst) == 0;
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 4096];
-                    for served in 0.. {
-                        let mut seen = Vec::new();
-                        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                            match io.read(&mut buf).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => seen.extend_from_slice(&buf[..n]),
-                            }
-                        }
-                        if first && served == 1 {
-                            return; // closed with the request unanswered
-                        }
-                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                        if io.write_all(answer).await.is_err() {
-                            return;
-                        }
-                    }
-                });
+        agent_at(|mut io, n| async move {
+            for served in 0.. {
+                if !read_request(&mut io).await || (n == 0 && served == 1) {
+                    return; // closed (the second time with the request unanswered)
+                }
+                if io.write_all(OK).await.is_err() {
+                    return;
+                }
             }
-        });
-        (url, accepted)
+        })
+        .await
     }
 
     #[tokio::test]
     async fn a_get_lost_to_an_agents_close_is_sent_again_and_a_post_is_not() {
         let client = H1Client::new();
         let (url, accepted) = closing_agent().await;
+        // The second time on a new connection.
         for _ in 0..2 {
-            let resp = client
-                .request(request(Method::GET, &url, empty()))
-                .await
-                .expect("the GET is answered, the second time on a new connection");
-            assert_eq!(text(resp).await, "ok");
+            assert_eq!(get(&client, &url).await, "ok");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
         // A POST may have been acted on: never sent twice.
@@ -1196,35 +1154,19 @@ s.serve_forever()
         assert_eq!(ka("timeout=0"), Duration::ZERO);
         // An agent that says it keeps idle connections 1 s: one idle for
         // 0.7 s is not reused, one idle for 0.1 s is.
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let url = format!("http://{}/", listener.local_addr().expect("bound"));
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            loop {
-                let (io, _) = listener.accept().await.expect("accept");
-                count.fetch_add(1, Ordering::SeqCst);
-                let svc =
-                    hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| async {
-                        let mut resp =
-                            Response::new(http_body_util::Full::new(Bytes::from_static(b"ok")));
-                        resp.headers_mut()
-                            .insert("keep-alive", HeaderValue::from_static("timeout=1"));
-                        Ok::<_, hyper::Error>(resp)
-                    });
-                tokio::spawn(
-                    hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(io), svc),
-                );
+        let (url, accepted) = agent_at(|mut io, _| async move {
+            while read_request(&mut io).await {
+                let answer =
+                    b"HTTP/1.1 200 OK\r\nkeep-alive: timeout=1\r\ncontent-length: 2\r\n\r\nok";
+                if io.write_all(answer).await.is_err() {
+                    return;
+                }
             }
-        });
+        })
+        .await;
         let client = H1Client::new();
         for pause in [100, 700, 0] {
-            let resp = client
-                .request(request(Method::GET, &url, empty()))
-                .await
-                .expect("the agent answers");
-            assert_eq!(text(resp).await, "ok");
+            assert_eq!(get(&client, &url).await, "ok");
             tokio::time::sleep(Duration::from_millis(pause)).await;
         }
         // One connection for the first two, a new one after the long pause.
