@@ -79,11 +79,11 @@ pub fn start(at: &BTreeMap<String, SocketAddr>, cfg: &MqttConfig) -> Result<Vec<
             .map_err(|e| {
                 format!("mqtt: no loopback port for the embedded broker of {tenant}: {e}")
             })?;
-        let auth = cfg
+        let credentials = cfg
             .per_tenant
             .get(tenant)
-            .and_then(|s| s.credentials.clone())
-            .map(|(u, p)| HashMap::from([(u, p)]));
+            .and_then(|s| s.credentials.clone());
+        let auth = credentials.clone().map(|(u, p)| HashMap::from([(u, p)]));
         let connections = ConnectionSettings {
             connection_timeout_ms: 5_000,
             // Room for the topic and properties around the largest payload.
@@ -134,16 +134,12 @@ pub fn start(at: &BTreeMap<String, SocketAddr>, cfg: &MqttConfig) -> Result<Vec<
                 "mqtt: the embedded broker of {tenant} did not start listening on {broker}"
             ));
         }
-        info!(%tenant, %addr, auth = cfg.per_tenant.get(tenant).is_some_and(|s| s.credentials.is_some()), "embedded MQTT broker listening");
+        info!(%tenant, %addr, auth = credentials.is_some(), "embedded MQTT broker listening");
         fronts.push(Front {
             tenant: tenant.clone(),
             listener,
             broker,
-            credentials: cfg
-                .per_tenant
-                .get(tenant)
-                .and_then(|s| s.credentials.clone())
-                .map(Arc::new),
+            credentials: credentials.map(Arc::new),
         });
     }
     Ok(fronts)
@@ -320,6 +316,27 @@ fn v5_credentials(packet: &[u8]) -> Option<Login<'_>> {
     Some(Login { user, pass })
 }
 
+/// Reads from `client` into `buf` until `enough` says what was read
+/// suffices (within [`CONNECT_WAIT`]).
+async fn read_until<T>(
+    client: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    mut enough: impl FnMut(&[u8]) -> Option<T>,
+) -> std::io::Result<T> {
+    tokio::time::timeout(CONNECT_WAIT, async {
+        loop {
+            if let Some(t) = enough(buf) {
+                return Ok(t);
+            }
+            if client.read_buf(buf).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    })
+    .await
+    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+}
+
 async fn relay(
     mut client: TcpStream,
     broker: SocketAddr,
@@ -328,18 +345,7 @@ async fn relay(
     // Read up to the CONNECT's protocol level (at most 14 bytes), keeping
     // what was read for the broker.
     let mut start = Vec::with_capacity(64);
-    let level = tokio::time::timeout(CONNECT_WAIT, async {
-        loop {
-            if let Some(level) = connect_level(&start) {
-                return Ok::<_, std::io::Error>(level);
-            }
-            if client.read_buf(&mut start).await? == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-        }
-    })
-    .await
-    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    let level = read_until(&mut client, &mut start, connect_level).await?;
     if let Some(old @ (3 | 4)) = level {
         client.write_all(&CONNACK_BAD_VERSION).await?;
         let _ = client.shutdown().await;
@@ -352,20 +358,12 @@ async fn relay(
     // says so (rumqttd would close the connection without a word), and the
     // node logs it. The broker checks the same credentials again.
     if let (Some((user, pass)), Some(5)) = (credentials, level) {
-        let whole = tokio::time::timeout(CONNECT_WAIT, async {
-            loop {
-                match packet_len(&start) {
-                    Some(n) if n > MAX_CHECKED_CONNECT => return Ok(None),
-                    Some(n) if start.len() >= n => return Ok(Some(n)),
-                    _ => {}
-                }
-                if client.read_buf(&mut start).await? == 0 {
-                    return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
-                }
-            }
+        let whole = read_until(&mut client, &mut start, |read| match packet_len(read) {
+            Some(n) if n > MAX_CHECKED_CONNECT => Some(None),
+            Some(n) if read.len() >= n => Some(Some(n)),
+            _ => None,
         })
-        .await
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        .await?;
         if let Some(n) = whole {
             let given = v5_credentials(&start[..n]);
             let good = given.as_ref().is_some_and(|l| {

@@ -42,6 +42,7 @@
 //! connect is "not delivered" (the next candidate may be tried).
 
 use std::collections::HashMap;
+use std::io::Write as _;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
@@ -159,7 +160,13 @@ impl Pool {
             return;
         }
         let mut idle_list = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle_list.entry(key.into()).or_default();
+        // The key is copied only the first time (a lookup allocates nothing).
+        if !idle_list.contains_key(key) {
+            idle_list.insert(key.into(), Vec::new());
+        }
+        let Some(list) = idle_list.get_mut(key) else {
+            return;
+        };
         // The oldest are at the front; drop those that expired.
         let now = Instant::now();
         let expired = list.iter().take_while(|c| c.expires <= now).count();
@@ -186,8 +193,9 @@ fn still_open(io: &TcpStream) -> bool {
 /// agent's own `Keep-Alive: timeout=N`, less a margin, if that is shorter
 /// than [`IDLE_LIMIT`].
 fn idle_limit(headers: &HeaderMap) -> Duration {
+    const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
     let stated = headers
-        .get("keep-alive")
+        .get(KEEP_ALIVE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
             v.split(',')
@@ -253,13 +261,14 @@ impl H1Client {
         let mut buf = BytesMut::with_capacity(READ_SIZE);
         let (mut answer, sent) = match exchange(&mut io, head, body, framing, &mut buf).await {
             Ok(done) => done,
-            Err(e) if lost_to_a_close(&e) && buf.is_empty() && again.is_some() => {
-                let head = again.unwrap_or_default();
-                tracing::debug!(agent = %key, error = %e, "a pooled connection was closed by the agent as the request went out; sending it again on a new one");
-                io = connect(authority).await?;
-                exchange(&mut io, head, empty(), framing, &mut buf).await?
-            }
-            Err(e) => return Err(e),
+            Err(e) => match again {
+                Some(head) if lost_to_a_close(&e) && buf.is_empty() => {
+                    tracing::debug!(agent = %key, error = %e, "a pooled connection was closed by the agent as the request went out; sending it again on a new one");
+                    io = connect(authority).await?;
+                    exchange(&mut io, head, empty(), framing, &mut buf).await?
+                }
+                _ => return Err(e),
+            },
         };
         let reuse = sent && answer.version == Version::HTTP_11 && !answer.close;
         let idle = idle_limit(&answer.headers);
@@ -275,12 +284,10 @@ impl H1Client {
             Framing::Length(n) if buf.len() as u64 >= n => {
                 // The usual small answer: here whole already.
                 let data = buf.split_to(n as usize).freeze();
-                if reuse && buf.is_empty() {
-                    self.pool.put(key, io, idle);
+                if !data.is_empty() {
+                    *resp.body_mut() = full(data);
                 }
-                *resp.headers_mut() = answer.headers;
-                *resp.body_mut() = if data.is_empty() { empty() } else { full(data) };
-                return Ok(resp);
+                None
             }
             Framing::Length(n) => Some(Decode::Length(n)),
             Framing::Chunked => Some(Decode::Chunked(Chunked::Size)),
@@ -288,6 +295,7 @@ impl H1Client {
         };
         *resp.headers_mut() = answer.headers;
         match decode {
+            // Read whole: the connection may serve the next request.
             None => {
                 if reuse && buf.is_empty() {
                     self.pool.put(key, io, idle);
@@ -345,11 +353,9 @@ fn encode_head(
         None => None,
     };
     let hint = body.size_hint();
-    let framing = match (declared, hint.exact()) {
-        (Some(n), _) => Upload::Length(n),
-        (None, Some(n)) => Upload::Length(n),
-        (None, None) => Upload::Chunked,
-    };
+    let framing = declared
+        .or(hint.exact())
+        .map_or(Upload::Chunked, Upload::Length);
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let mut head = Vec::with_capacity(256 + hint.exact().unwrap_or(0).min(16 * 1024) as usize);
     head.extend_from_slice(parts.method.as_str().as_bytes());
@@ -369,9 +375,8 @@ fn encode_head(
         // A body-less GET (or DELETE, ...) says nothing, as clients do.
         Upload::Length(0) if declared.is_none() && !has_payload_semantics(&parts.method) => {}
         Upload::Length(n) if declared.is_none() => {
-            head.extend_from_slice(b"content-length: ");
-            head.extend_from_slice(n.to_string().as_bytes());
-            head.extend_from_slice(b"\r\n");
+            // Writing into a Vec cannot fail.
+            let _ = write!(head, "content-length: {n}\r\n");
         }
         Upload::Length(_) => {}
         Upload::Chunked => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
@@ -480,7 +485,8 @@ async fn write_request<W: AsyncWrite + Unpin>(
                 out.extend_from_slice(&data);
             }
             Upload::Chunked => {
-                out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                // Writing into a Vec cannot fail.
+                let _ = write!(out, "{:x}\r\n", data.len());
                 out.extend_from_slice(&data);
                 out.extend_from_slice(b"\r\n");
             }
