@@ -105,6 +105,8 @@ pub(crate) fn seal_detail<D: Serialize + ?Sized>(
         ),
     };
     if let Some((field, value)) = tail {
+        // The sealed value is most of the line: room for it in one step.
+        out.reserve(field.len() + value.len() + 8);
         out.push(if out.is_empty() { b'{' } else { b',' });
         push_string(&mut out, field);
         out.push(b':');

@@ -718,8 +718,11 @@ fn stream_handler(delegator: Arc<Delegator>) -> dmsc_transport::overlay::StreamH
         let d = delegator.clone();
         Box::pin(
             async move {
+                // The delegation's future is several KiB: boxed where it is
+                // made, so the instrumented wrapper and the box around it
+                // move only this block's few words.
                 match s.channel {
-                    Channel::Delegate => d.serve_stream(s).await,
+                    Channel::Delegate => Box::pin(d.serve_stream(s)).await,
                     Channel::Control => serve_control(s, d).await,
                     Channel::Gossip | Channel::Relay => {
                         s.send.reset(dmsc_transport::overlay::RESET_BUSY);

@@ -110,7 +110,12 @@ impl Delegator {
             )));
         }
         let mut parts: Vec<Bytes> = match wire::encode_request_head(head) {
-            Ok(p) => p.to_vec(),
+            Ok(p) => {
+                // Room for the body's part header and bytes too.
+                let mut parts = Vec::with_capacity(4);
+                parts.extend(p);
+                parts
+            }
             Err(e) => return Err(not_delivered(format!("cannot encode the request: {e}"))),
         };
         let mut guards: Vec<Box<dyn Send + Sync>> = Vec::new();

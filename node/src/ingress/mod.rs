@@ -258,7 +258,18 @@ fn trace_id<B>(req: &Request<B>) -> String {
     {
         return id.chars().take(64).collect();
     }
-    format!("{:032x}", rand::random::<u128>())
+    hex_id(rand::random::<u128>())
+}
+
+/// `id` as 32 lowercase hex digits (a new trace id on every request that
+/// brings none: no formatting machinery for it).
+fn hex_id(id: u128) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(32);
+    for shift in (0..32).rev() {
+        out.push(DIGITS[((id >> (shift * 4)) & 0xf) as usize] as char);
+    }
+    out
 }
 
 /// One ingress listener.
@@ -330,7 +341,10 @@ impl Ingress {
         let auth = Arc::new(ConnIdentity::default());
         let svc = hyper::service::service_fn(move |req| {
             let (this, auth) = (this.clone(), auth.clone());
-            async move { Ok::<_, std::convert::Infallible>(this.handle(req, &auth).await) }
+            async move {
+                let handled = Box::pin(this.handle(req, &auth)).await;
+                Ok::<_, std::convert::Infallible>(handled)
+            }
         });
         if let Err(e) = hyper::server::conn::http1::Builder::new()
             .serve_connection(io, svc)
@@ -511,7 +525,13 @@ impl Ingress {
         let this = self.clone();
         let svc = tower::service_fn(move |req| {
             let (this, auth) = (this.clone(), auth.clone());
-            async move { Ok::<_, std::convert::Infallible>(this.handle(req, &auth).await) }
+            // Boxed where it is made: the request's future is several KiB,
+            // and the service layers above move theirs by value, so only
+            // this pointer is copied from layer to layer.
+            async move {
+                let handled = Box::pin(this.handle(req, &auth)).await;
+                Ok::<_, std::convert::Infallible>(handled)
+            }
         });
         conn.serve(io, svc).await
     }
@@ -934,7 +954,9 @@ impl Ingress {
         // Follow-ups of intent-routed work (a task method, a message in a
         // known task or context, a reply to an ask) go where the work is.
         let by_intent = target == HostTarget::Intent;
-        let scope = crate::intent::followup::Scope::new(&tenant, &caller.tenant, &caller.id);
+        // Whose follow-ups these are (intent routing only).
+        let followup_scope = by_intent
+            .then(|| crate::intent::followup::Scope::new(&tenant, &caller.tenant, &caller.id));
         let mut follow: Option<Follow> = None;
         let mut body = body;
         let target = match target {
@@ -957,7 +979,8 @@ impl Ingress {
                     ReqBody::Buffered(b) => crate::proto::a2a::follow_up(&path, b),
                     ReqBody::Streaming(_) => None,
                 };
-                match found.map(|f| self.follow_up(&tenant, &caller, &scope, f, &body)) {
+                let found = found.zip(followup_scope.as_ref());
+                match found.map(|(f, scope)| self.follow_up(&tenant, &caller, scope, f, &body)) {
                     Some(Err(e)) => {
                         let req_bytes: Option<Bytes> = match &body {
                             ReqBody::Buffered(b) => Some(b.clone()),
@@ -1090,7 +1113,7 @@ impl Ingress {
         // follow-ups, read as the answer passes.
         let served_by = outcome.served().map(|s| s.agent.name.clone());
         let mut resp = outcome.render(request_bytes.as_deref(), grpc);
-        if let (true, Some(agent)) = (by_intent, served_by) {
+        if let (Some(scope), Some(agent)) = (followup_scope, served_by) {
             let intent = self.delegator.intent.clone();
             resp = crate::intent::followup::observe(resp, move |refs| {
                 intent
@@ -1395,6 +1418,18 @@ mod tests {
             parse_host("BILLING.Acme.DMSC"),
             Ok((t, HostTarget::Agent(a))) if t == "acme" && a == "billing"
         ));
+    }
+
+    #[test]
+    fn trace_ids_are_32_hex_digits_as_formatted() {
+        for id in [
+            0u128,
+            1,
+            u128::MAX,
+            0x0123_4567_89ab_cdef_fedc_ba98_7654_3210,
+        ] {
+            assert_eq!(hex_id(id), format!("{id:032x}"));
+        }
     }
 
     #[test]

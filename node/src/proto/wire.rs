@@ -165,11 +165,23 @@ fn part_header(kind: u8, len: usize) -> Bytes {
     b.freeze()
 }
 
-fn encode_head<T: Serialize>(head: &T) -> Result<[Bytes; 2], WireError> {
-    let body = postcard::to_stdvec(head).map_err(|e| WireError::Decode {
-        what: "head",
-        reason: e.to_string(),
-    })?;
+/// The bytes a header map takes on the wire, about (names, values and
+/// their lengths): the size a head's buffer starts at, so encoding it does
+/// not grow the buffer step by step.
+fn headers_len(headers: &HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum()
+}
+
+/// Encodes a head into a buffer of `size` bytes to start with.
+fn encode_head<T: Serialize>(head: &T, size: usize) -> Result<[Bytes; 2], WireError> {
+    let body =
+        postcard::to_extend(head, Vec::with_capacity(size)).map_err(|e| WireError::Decode {
+            what: "head",
+            reason: e.to_string(),
+        })?;
     if body.len() > MAX_DATA {
         return Err(FrameError::TooLarge(body.len()).into());
     }
@@ -244,21 +256,41 @@ impl RequestHead {
 /// Encodes a request head in its `version` (before 3: without the caller
 /// tenant and the data tags).
 pub fn encode_request_head(head: RequestHeadRef<'_>) -> Result<[Bytes; 2], WireError> {
-    encode_head(&head)
+    let strings = [
+        head.tenant,
+        head.caller,
+        head.agent,
+        head.trace_id,
+        head.method,
+        head.path,
+        head.caller_tenant,
+    ];
+    let size = strings.iter().map(|s| s.len() + 2).sum::<usize>()
+        + head.data_tags.iter().map(|t| t.len() + 2).sum::<usize>()
+        + headers_len(head.headers)
+        + 32;
+    encode_head(&head, size)
 }
 
 /// Encodes a response head in its `version` (1: without the failure, which
 /// the caller then renders into status, headers and body itself).
 pub fn encode_response_head(head: &ResponseHead) -> Result<[Bytes; 2], WireError> {
     if head.version == 1 {
-        return encode_head(&ResponseHeadV1 {
-            version: 1,
-            status: head.status,
-            headers: head.headers.clone(),
-            delivered: head.delivered,
-        });
+        return encode_head(
+            &ResponseHeadV1 {
+                version: 1,
+                status: head.status,
+                headers: head.headers.clone(),
+                delivered: head.delivered,
+            },
+            headers_len(&head.headers) + 16,
+        );
     }
-    encode_head(head)
+    let failure = head
+        .failure
+        .as_ref()
+        .map_or(0, |f| f.kind.len() + f.detail.len() + f.node.len() + 16);
+    encode_head(head, headers_len(&head.headers) + failure + 16)
 }
 
 /// A body chunk as parts (split at [`MAX_DATA`]), payloads not copied.
