@@ -27,6 +27,8 @@
 # DMSC_BENCH_PROFILE_RATE="-c 1" records every event instead of sampling
 # (e.g. DMSC_BENCH_PROFILE_EVENT=probe_dmsc:m after
 # `perf probe -x <build> -a 'm=_rjem_malloc'`: where allocations come from).
+# DMSC_BENCH_TRACE=1 traces the two nodes' system calls at 200/s, one
+# request at a time, and prints where a delegation's time goes between them.
 # DMSC_BENCH_SYSCALLS=1 (or =max) counts their system calls per request
 # (other perf events with DMSC_BENCH_STAT_EVENTS, e.g. probe_libc:malloc
 # after `perf probe -x <libc> -a malloc`).
@@ -246,6 +248,20 @@ if [ -n "${DMSC_BENCH_PACKETS:-}" ]; then
   wait "$TCPD" || true
   echo "requests answered: $n; overlay datagrams per request by direction and size:"
   tcpdump -r "$W/pcap" -nn -q 2>/dev/null > "$W/pkts"; cp "$W/pkts" /tmp/pkts.txt; awk -v n="$n" '{ split($3, s, "."); size = $NF; b = size < 100 ? "<100" : size < 300 ? "100-299" : size < 1000 ? "300-999" : ">=1000"; k = (s[5] == 17401 ? "to b" : "to a") " " b; c[k]++ } END { for (k in c) printf "%8.2f %s\n", c[k] / n, k }' "$W/pkts" | sort -k2
+  exit 0
+fi
+if [ -n "${DMSC_BENCH_TRACE:-}" ]; then
+  # Where a lightly loaded delegation's time goes (needs perf): the two
+  # nodes' system calls at 200/s, one request at a time, cut into segments
+  # by bench/trace-segments.py.
+  perf trace -e recvfrom,sendto,writev,sendmsg,recvmmsg -p "$DMSC_B,$DMSC_A" -o "$W/trace" >/dev/null 2>&1 &
+  TRACE=$!
+  sleep 0.5
+  $PIN1 oha -z "${SECS}s" --no-tui -q 200 --latency-correction -c 1 -m POST -D "$W/body" -H "Host: echo.bench.dmsc" http://127.0.0.1:18082/ >/dev/null
+  sleep 0.2
+  kill -INT "$TRACE" 2>/dev/null || true
+  wait "$TRACE" || true
+  python3 "$(dirname "$0")/trace-segments.py" "$W/trace" "$DMSC_B" "$DMSC_A"
   exit 0
 fi
 if [ -n "${DMSC_BENCH_SYSCALLS:-}" ]; then
