@@ -14,6 +14,7 @@ critical path; prints the median and p90 of each over all requests.
 Tracing costs every system call something, so the segments come out about
 twice as long as without it: read their shares, not their values.
 """
+import os
 import re
 import statistics
 import sys
@@ -26,7 +27,6 @@ def main():
     tids = {}
     for pid, side in ((ingress, 'in'), (home, 'home')):
         try:
-            import os
             for t in os.listdir(f'/proc/{pid}/task'):
                 tids[t] = side
         except OSError:

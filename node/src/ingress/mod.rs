@@ -258,18 +258,7 @@ fn trace_id<B>(req: &Request<B>) -> String {
     {
         return id.chars().take(64).collect();
     }
-    hex_id(rand::random::<u128>())
-}
-
-/// `id` as 32 lowercase hex digits (a new trace id on every request that
-/// brings none: no formatting machinery for it).
-fn hex_id(id: u128) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(32);
-    for shift in (0..32).rev() {
-        out.push(DIGITS[((id >> (shift * 4)) & 0xf) as usize] as char);
-    }
-    out
+    crate::proto::hex(&rand::random::<[u8; 16]>())
 }
 
 /// One ingress listener.
@@ -339,13 +328,7 @@ impl Ingress {
     {
         let this = self.clone();
         let auth = Arc::new(ConnIdentity::default());
-        let svc = hyper::service::service_fn(move |req| {
-            let (this, auth) = (this.clone(), auth.clone());
-            async move {
-                let handled = Box::pin(this.handle(req, &auth)).await;
-                Ok::<_, std::convert::Infallible>(handled)
-            }
-        });
+        let svc = hyper::service::service_fn(move |req| this.clone().answer(auth.clone(), req));
         if let Err(e) = hyper::server::conn::http1::Builder::new()
             .serve_connection(io, svc)
             .await
@@ -523,17 +506,20 @@ impl Ingress {
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
         let this = self.clone();
-        let svc = tower::service_fn(move |req| {
-            let (this, auth) = (this.clone(), auth.clone());
-            // Boxed where it is made: the request's future is several KiB,
-            // and the service layers above move theirs by value, so only
-            // this pointer is copied from layer to layer.
-            async move {
-                let handled = Box::pin(this.handle(req, &auth)).await;
-                Ok::<_, std::convert::Infallible>(handled)
-            }
-        });
+        let svc = tower::service_fn(move |req| this.clone().answer(auth.clone(), req));
         conn.serve(io, svc).await
+    }
+
+    /// A connection's service: [`Self::handle`], its future boxed where it
+    /// is made. That future is several KiB, and the service layers above
+    /// move theirs by value, so only this pointer is copied from layer to
+    /// layer.
+    async fn answer(
+        self: Arc<Self>,
+        auth: Arc<ConnIdentity>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, std::convert::Infallible> {
+        Ok(Box::pin(self.handle(req, &auth)).await)
     }
 
     /// `POST /v1/enroll` and `POST /v1/renew` (TLS listeners only).
@@ -1428,7 +1414,7 @@ mod tests {
             u128::MAX,
             0x0123_4567_89ab_cdef_fedc_ba98_7654_3210,
         ] {
-            assert_eq!(hex_id(id), format!("{id:032x}"));
+            assert_eq!(crate::proto::hex(&id.to_be_bytes()), format!("{id:032x}"));
         }
     }
 

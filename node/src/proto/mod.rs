@@ -14,3 +14,16 @@ pub mod gossip;
 pub mod http;
 pub mod outcome;
 pub mod wire;
+
+/// `bytes` as lowercase hex, two digits a byte: how ids, secrets and hashes
+/// are written (a trace id is the hex of 16 random bytes). Without the
+/// formatter: a new trace id is made on every request that brings none.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    out
+}

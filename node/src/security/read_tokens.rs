@@ -24,6 +24,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+use crate::proto::hex;
+
 /// Prefix of every tenant read token.
 pub const READ_TOKEN_PREFIX: &str = "dmsc-rt";
 /// The store file in the data directory.
@@ -83,10 +85,6 @@ struct File {
 pub struct ReadTokens {
     path: PathBuf,
     entries: Mutex<BTreeMap<String, Entry>>,
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn secret_hash(secret: &str) -> String {
