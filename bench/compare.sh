@@ -13,8 +13,8 @@
 # plain ingress. All servers pinned to CPU 0, oha to CPU 1.
 # Load: oha open-loop at fixed rates with latency correction (-q RATE
 # --latency-correction), 1 KiB POST bodies; then a max-throughput run (-c 32).
-# CPU per request: utime+stime of the path's server processes (/proc) over
-# the 2000/s run, divided by the requests answered.
+# CPU per request: run time of the path's server processes (schedstat) over
+# the 2000/s run (and the 500/s run), divided by the requests answered.
 # Rounds alternate the order of the paths; the table has every round.
 #
 # Needs: nginx (nginx-light), haproxy, openssl, oha (`cargo install oha`),
@@ -29,7 +29,7 @@
 # `perf probe -x <build> -a 'm=_rjem_malloc'`: where allocations come from).
 # DMSC_BENCH_TRACE=1 traces the two nodes' system calls at 200/s, one
 # request at a time, and prints where a delegation's time goes between them.
-# DMSC_BENCH_SYSCALLS=1 (or =max) counts their system calls per request
+# DMSC_BENCH_SYSCALLS=1 (or =max, or =RATE) counts their system calls per request
 # (other perf events with DMSC_BENCH_STAT_EVENTS, e.g. probe_libc:malloc
 # after `perf probe -x <libc> -a malloc`).
 set -euo pipefail
@@ -143,7 +143,15 @@ $PIN0 haproxy -f "$W/haproxy-front.cfg" -db & PIDS+=($!); HAP_F=$!
 # dmsc_pair PREFIX BIN PORT_OFFSET: nodes PREFIXa (home of the backend) and
 # PREFIXb (ingress on 18082 + offset), both running BIN.
 dmsc_pair() {
-  local x=$1 bin=$2 o=$3
+  local x=$1 bin=$2 o=$3 audit=$AUDIT fsync=$FSYNC
+  # DMSC_BENCH_AUDIT_B / DMSC_BENCH_AUDIT_FSYNC_B / DMSC_BENCH_AUDIT_LINGER_B
+  # set them for the dmsc-b pair.
+  if [ -n "$x" ]; then
+    [ -n "${DMSC_BENCH_AUDIT_B:-}" ] && { audit=true; [ "$DMSC_BENCH_AUDIT_B" = off ] && audit=false; }
+    [ -n "${DMSC_BENCH_AUDIT_FSYNC_B:-}" ] && fsync="fsync = \"$DMSC_BENCH_AUDIT_FSYNC_B\""
+    [ -n "${DMSC_BENCH_AUDIT_LINGER_B:-}" ] && fsync="$fsync
+linger_ms = $DMSC_BENCH_AUDIT_LINGER_B"
+  fi
   cat > "$W/${x}a.toml" <<CONF
 name = "a"
 data_dir = "$W/${x}a/data"
@@ -156,8 +164,8 @@ key = "$W/a/node.key"
 [admin]
 listen = "127.0.0.1:$((19401 + o))"
 [audit]
-enabled = $AUDIT
-$FSYNC
+enabled = $audit
+$fsync
 [[agents]]
 tenant = "bench"
 url = "http://$BACKEND"
@@ -179,8 +187,8 @@ key = "$W/b/node.key"
 [admin]
 listen = "127.0.0.1:$((19402 + o))"
 [audit]
-enabled = $AUDIT
-$FSYNC
+enabled = $audit
+$fsync
 [[ingress]]
 listen = "127.0.0.1:$((18082 + o))"
 tenant = "bench"
@@ -254,14 +262,17 @@ if [ -n "${DMSC_BENCH_TRACE:-}" ]; then
   # Where a lightly loaded delegation's time goes (needs perf): the two
   # nodes' system calls at 200/s, one request at a time, cut into segments
   # by bench/trace-segments.py.
-  perf trace -e recvfrom,sendto,writev,sendmsg,recvmmsg -p "$DMSC_B,$DMSC_A" -o "$W/trace" >/dev/null 2>&1 &
+  # DMSC_BENCH_TRACE_EVENTS=... traces other system calls (then only the
+  # raw trace is kept, in DMSC_BENCH_TRACE_OUT, e.g. to see every wake-up).
+  perf trace -e "${DMSC_BENCH_TRACE_EVENTS:-recvfrom,sendto,writev,sendmsg,recvmmsg}" -p "$DMSC_B,$DMSC_A" -o "$W/trace" >/dev/null 2>&1 &
   TRACE=$!
   sleep 0.5
-  $PIN1 oha -z "${SECS}s" --no-tui -q 200 --latency-correction -c 1 -m POST -D "$W/body" -H "Host: echo.bench.dmsc" http://127.0.0.1:18082/ >/dev/null
+  $PIN1 oha -z "${SECS}s" --no-tui -q "${DMSC_BENCH_TRACE_RATE:-200}" --latency-correction -c 1 -m POST -D "$W/body" -H "Host: echo.bench.dmsc" http://127.0.0.1:18082/ >/dev/null
   sleep 0.2
   kill -INT "$TRACE" 2>/dev/null || true
   wait "$TRACE" || true
-  python3 "$(dirname "$0")/trace-segments.py" "$W/trace" "$DMSC_B" "$DMSC_A"
+  [ -n "${DMSC_BENCH_TRACE_OUT:-}" ] && cp "$W/trace" "$DMSC_BENCH_TRACE_OUT"
+  [ -z "${DMSC_BENCH_TRACE_EVENTS:-}" ] && python3 "$(dirname "$0")/trace-segments.py" "$W/trace" "$DMSC_B" "$DMSC_A"
   exit 0
 fi
 if [ -n "${DMSC_BENCH_SYSCALLS:-}" ]; then
@@ -270,7 +281,11 @@ if [ -n "${DMSC_BENCH_SYSCALLS:-}" ]; then
   # perf): where the kernel time of the profile comes from.
   perf stat -x, -e "${DMSC_BENCH_STAT_EVENTS:-syscalls:sys_enter_*}" -p "$DMSC_A,$DMSC_B" -o "$W/stat" -- sleep "$SECS" >/dev/null 2>&1 &
   PERF=$!
-  if [ "$DMSC_BENCH_SYSCALLS" = max ]; then load=(-c 32); else load=(-q 2000 --latency-correction -c 64); fi
+  case "$DMSC_BENCH_SYSCALLS" in
+    max) load=(-c 32) ;;
+    [0-9]*) load=(-q "$DMSC_BENCH_SYSCALLS" --latency-correction -c 64) ;;
+    *) load=(-q 2000 --latency-correction -c 64) ;;
+  esac
   n=$($PIN1 oha -z "${SECS}s" --no-tui "${load[@]}" -m POST -D "$W/body" -H "Host: echo.bench.dmsc" --output-format json http://127.0.0.1:18082/ \
     | python3 -c 'import json,sys; print(json.load(sys.stdin)["statusCodeDistribution"].get("200", 0))')
   wait "$PERF" || true
@@ -283,16 +298,16 @@ declare -A HOST=([direct]=x [nginx]=x [haproxy]=x [dmsc]=echo.bench.dmsc [dmsc-m
 declare -A SERVERS=([direct]="$BACKEND_PID" [nginx]="$BACKEND_PID $NGX_F $NGX_B" [haproxy]="$BACKEND_PID $HAP_F $HAP_B" [dmsc]="$BACKEND_PID $DMSC_A $DMSC_B" [dmsc-mtls]="$BACKEND_PID $DMSC_A $DMSC_B")
 [ -n "${DMSC_NODE_BIN_B:-}" ] && SERVERS[dmsc-b]="$BACKEND_PID $DMSCX_A $DMSCX_B"
 
-# nginx and haproxy fork workers: count the whole process tree of each PID
+# nginx and haproxy fork workers: count the whole process tree of each PID.
+# CPU time in nanoseconds, exact (the scheduler's run time of every thread,
+# /proc/PID/task/TID/schedstat), not /proc/PID/stat's 10 ms ticks.
 ticks() {
-  local total=0 p
+  local p
   for p in $(for r in $1; do echo "$r"; pgrep -P "$r" || true; done); do
-    read -r ut st < <(awk '{print $14, $15}' "/proc/$p/stat" 2>/dev/null || echo "0 0")
-    total=$((total + ut + st))
-  done
-  echo "$total"
+    cat /proc/"$p"/task/*/schedstat 2>/dev/null || true
+  done | awk -v f="${2:-1}" '{ t += $f } END { printf "%.0f\n", t }'
 }
-HZ=$(getconf CLK_TCK)
+declare -A cpus runs
 
 oha_run() { # path extra-args... -> json
   local url="http://${ADDR[$1]}/" tls=()
@@ -305,8 +320,8 @@ field() { python3 -c 'import json,sys; d=json.load(sys.stdin); print(eval(sys.ar
 # DMSC_BENCH_PATHS="nginx dmsc" runs a subset (quick A/B runs against nginx).
 default_paths="direct nginx haproxy dmsc dmsc-mtls${DMSC_NODE_BIN_B:+ dmsc-b}"
 read -r -a PATHS <<< "${DMSC_BENCH_PATHS:-$default_paths}"
-echo "| round | path | p50 @500 | p99 @500 | p50 @2000 | p99 @2000 | ok @2000 | max req/s | server CPU/request @2000 |"
-echo "|---|---|---|---|---|---|---|---|---|"
+echo "| round | path | p50 @500 | p99 @500 | p50 @2000 | p99 @2000 | ok @2000 | max req/s | server CPU/request @2000 | @500 | times scheduled/request @500 |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
 for round in $(seq 1 "$ROUNDS"); do
   order=("${PATHS[@]}")
   if [ $((round % 2)) = 0 ]; then
@@ -316,24 +331,23 @@ for round in $(seq 1 "$ROUNDS"); do
   for p in "${order[@]}"; do
     row="| $round | $p"
     for rate in "${RATES[@]}"; do
-      t0=$(ticks "${SERVERS[$p]}")
+      t0=$(ticks "${SERVERS[$p]}"); s0=$(ticks "${SERVERS[$p]}" 3)
       j=$(oha_run "$p" -q "$rate" --latency-correction -c 64)
       # DMSC_BENCH_JSON=DIR keeps each run's oha report (connection times
       # under "details": the TLS handshakes of the mTLS path, for one).
       [ -n "${DMSC_BENCH_JSON:-}" ] && echo "$j" > "$DMSC_BENCH_JSON/$round-$p-$rate.json"
-      t1=$(ticks "${SERVERS[$p]}")
+      t1=$(ticks "${SERVERS[$p]}"); s1=$(ticks "${SERVERS[$p]}" 3)
       p50=$(echo "$j" | field '"%.3f ms" % (d["latencyPercentiles"]["p50"]*1000)')
       p99=$(echo "$j" | field '"%.3f ms" % (d["latencyPercentiles"]["p99"]*1000)')
       row="$row | $p50 | $p99"
-      if [ "$rate" = 2000 ]; then
-        ok=$(echo "$j" | field 'd["statusCodeDistribution"].get("200", 0)')
-        cpu=$(python3 -c "print('%.0f us' % (($t1 - $t0) / $HZ / max($ok, 1) * 1e6))")
-        row="$row | $ok"
-      fi
+      ok=$(echo "$j" | field 'd["statusCodeDistribution"].get("200", 0)')
+      cpus[$rate]=$(python3 -c "print('%.0f us' % (($t1 - $t0) / 1e3 / max($ok, 1)))")
+      runs[$rate]=$(python3 -c "print('%.1f' % (($s1 - $s0) / max($ok, 1)))")
+      [ "$rate" = 2000 ] && row="$row | $ok"
     done
     j=$(oha_run "$p" -c 32)
     rps=$(echo "$j" | field '"%.0f" % d["summary"]["requestsPerSec"]')
-    echo "$row | $rps | $cpu |"
+    echo "$row | $rps | ${cpus[2000]} | ${cpus[500]} | ${runs[500]} |"
   done
 done
 echo

@@ -51,6 +51,11 @@
 //! `interval`) for the entries of the next moment, takes everything queued
 //! (up to 4096 entries), writes it with one `write` call, then:
 //!
+//! The task does not wait for a write before it takes more entries: the
+//! I/O thread's answer is taken before the next write (or within a second
+//! when none follows), so that it does not wake the runtime once per batch;
+//! a `flush()` waits for its own sync.
+//!
 //! * `batch` (default): `sync_data` after every such write. An entry is on
 //!   stable storage at most one linger plus one sync after it was recorded;
 //!   under load one fsync covers every entry of those milliseconds (group

@@ -48,6 +48,8 @@ pub const LOG_FILE: &str = "audit.jsonl";
 const MAX_BATCH: usize = 4096;
 /// Pause between retries after a failed write.
 const RETRY: Duration = Duration::from_secs(1);
+/// How soon the answer of a write that no other write followed is taken.
+const REAP: Duration = Duration::from_secs(1);
 /// How far back from the end `open` looks for the last line.
 const TAIL_WINDOW: usize = 2 * MAX_LINE + 2;
 
@@ -459,6 +461,8 @@ impl AuditLog {
             prev: prepared.prev,
             since_checkpoint: prepared.since_checkpoint,
             buf: Vec::with_capacity(64 * 1024),
+            spare: Vec::with_capacity(64 * 1024),
+            in_flight: None,
             buf_lines: 0,
             buf_checkpoints: 0,
             waiters: Vec::new(),
@@ -696,14 +700,15 @@ impl Io {
         Ok(Io { jobs })
     }
 
-    /// Runs one write on the thread; `Err` if the thread is gone.
-    async fn run(
+    /// Hands one write to the thread; the answer comes on the returned
+    /// channel. `Err` if the thread is gone.
+    fn submit(
         &self,
         file: Arc<File>,
         buf: Vec<u8>,
         committed: u64,
         sync: bool,
-    ) -> Result<IoDone, String> {
+    ) -> Result<oneshot::Receiver<IoDone>, String> {
         let (done, answer) = oneshot::channel();
         self.jobs
             .send(IoJob {
@@ -714,10 +719,18 @@ impl Io {
                 done,
             })
             .map_err(|_| "the audit I/O thread is gone".to_string())?;
-        answer
-            .await
-            .map_err(|_| "the audit I/O thread stopped during a write".to_string())
+        Ok(answer)
     }
+}
+
+/// A write handed to the I/O thread whose answer the writer has not taken
+/// yet, with what to count (or give back) once it comes.
+struct InFlight {
+    answer: oneshot::Receiver<IoDone>,
+    lines: u64,
+    checkpoints: u64,
+    /// `flush()` callers this write's sync releases.
+    waiters: Vec<oneshot::Sender<()>>,
 }
 
 struct Writer {
@@ -736,6 +749,10 @@ struct Writer {
     since_checkpoint: u64,
     /// Encoded lines not yet written (kept across a failed write).
     buf: Vec<u8>,
+    /// The buffer of the last write, back from the I/O thread, for reuse.
+    spare: Vec<u8>,
+    /// The write on the I/O thread, if its answer has not been taken.
+    in_flight: Option<InFlight>,
     buf_lines: u64,
     buf_checkpoints: u64,
     /// `flush()` callers waiting for the next synced write.
@@ -769,6 +786,10 @@ impl Writer {
         let mut sync_tick = tokio::time::interval_at(start + sync_period, sync_period);
         sync_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let interval_policy = matches!(self.fsync, FsyncPolicy::Interval(_));
+        // A batch's write is not waited for (see `submit`): its answer is
+        // taken before the next write, or by this tick when none follows.
+        let mut reap_tick = tokio::time::interval_at(start + REAP, REAP);
+        reap_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut batch = Vec::with_capacity(MAX_BATCH);
 
         if !self.buf.is_empty() {
@@ -795,18 +816,26 @@ impl Writer {
                     }
                     if !self.linger.is_zero() {
                         // Group commit: let the entries of the next moment
-                        // join this write and this sync.
-                        let until = tokio::time::Instant::now() + self.linger;
+                        // join this write and this sync. The writer sleeps
+                        // through the linger and then takes what came, so
+                        // an entry arriving meanwhile costs its producer a
+                        // queue push and nothing else (no wake-up, no timer
+                        // set again per entry).
+                        tokio::time::sleep(self.linger).await;
                         while batch.len() < MAX_BATCH {
-                            let room = MAX_BATCH - batch.len();
-                            match tokio::time::timeout_at(until, rx.recv_many(&mut batch, room)).await {
-                                Ok(n) if n > 0 => {}
-                                _ => break,
+                            match rx.try_recv() {
+                                Ok(msg) => batch.push(msg),
+                                Err(_) => break,
                             }
                         }
                     }
                     let force = self.absorb(&mut batch);
-                    let _ = self.commit(force).await;
+                    if self.submit(force).await.is_ok() && self.wait_for_write(interval_policy) {
+                        let _ = self.reap(true).await;
+                    }
+                }
+                _ = reap_tick.tick(), if self.in_flight.is_some() => {
+                    let _ = self.reap(false).await;
                 }
                 _ = cp_tick.tick() => {
                     if self.since_checkpoint > 0 {
@@ -959,9 +988,31 @@ impl Writer {
     }
 
     /// Writes the buffer with one call and syncs if the policy (or `force`)
-    /// says so. On a write error the partial bytes are cut off again and the
-    /// buffer is kept for a retry.
+    /// says so, and waits for it. On a write error the partial bytes are cut
+    /// off again and the buffer is kept for a retry.
     async fn commit(&mut self, force_sync: bool) -> Result<(), AuditError> {
+        self.submit(force_sync).await?;
+        self.reap(true).await
+    }
+
+    /// Whether the batch just submitted must be waited for: a `flush()`
+    /// caller is waiting on its sync, or the interval policy needs to know
+    /// what is still unsynced. Otherwise the answer is taken later, so that
+    /// the I/O thread's answer does not wake the runtime once per batch.
+    fn wait_for_write(&self, interval_policy: bool) -> bool {
+        interval_policy
+            || self
+                .in_flight
+                .as_ref()
+                .is_some_and(|f| !f.waiters.is_empty())
+    }
+
+    /// Hands the buffer to the I/O thread, with a sync if the policy (or
+    /// `force`) says so, without waiting for the write. The write before it
+    /// is reaped first (waited for if it is still running), so at most one is
+    /// in flight and a failed one is retried before anything after it.
+    async fn submit(&mut self, force_sync: bool) -> Result<(), AuditError> {
+        self.reap(true).await?;
         let sync = force_sync
             || match self.fsync {
                 FsyncPolicy::Batch => true,
@@ -977,23 +1028,66 @@ impl Writer {
             return Ok(());
         }
         let file = self.file.clone();
-        let buf = std::mem::take(&mut self.buf);
-        let committed = self.committed_len;
-        let done = self.io.run(file, buf, committed, sync).await;
-        let (mut buf, written, synced) = match done {
-            Ok(r) => r,
-            Err(e) => {
-                self.counters.lost.fetch_add(self.buf_lines, Relaxed);
-                self.buf_lines = 0;
-                self.buf_checkpoints = 0;
-                return Err(AuditError::Writer {
-                    path: self.path.clone(),
-                    reason: e,
+        let buf = std::mem::replace(&mut self.buf, std::mem::take(&mut self.spare));
+        let lines = std::mem::take(&mut self.buf_lines);
+        let checkpoints = std::mem::take(&mut self.buf_checkpoints);
+        match self.io.submit(file, buf, self.committed_len, sync) {
+            Ok(answer) => {
+                let waiters = if sync {
+                    std::mem::take(&mut self.waiters)
+                } else {
+                    Vec::new()
+                };
+                self.in_flight = Some(InFlight {
+                    answer,
+                    lines,
+                    checkpoints,
+                    waiters,
                 });
+                Ok(())
+            }
+            Err(reason) => {
+                self.counters.lost.fetch_add(lines, Relaxed);
+                Err(AuditError::Writer {
+                    path: self.path.clone(),
+                    reason,
+                })
+            }
+        }
+    }
+
+    /// Takes the answer of the write in flight, if any: waits for it with
+    /// `wait`, else only if it has come. A failed write puts its bytes back
+    /// in front of whatever was encoded since, for the retry.
+    async fn reap(&mut self, wait: bool) -> Result<(), AuditError> {
+        let Some(mut f) = self.in_flight.take() else {
+            return Ok(());
+        };
+        let done = if wait {
+            (&mut f.answer).await.ok()
+        } else {
+            match f.answer.try_recv() {
+                Ok(done) => Some(done),
+                Err(oneshot::error::TryRecvError::Empty) => {
+                    self.in_flight = Some(f);
+                    return Ok(());
+                }
+                Err(oneshot::error::TryRecvError::Closed) => None,
             }
         };
+        let Some((mut buf, written, synced)) = done else {
+            self.counters.lost.fetch_add(f.lines, Relaxed);
+            return Err(AuditError::Writer {
+                path: self.path.clone(),
+                reason: "the audit I/O thread stopped during a write".into(),
+            });
+        };
         if let Err(e) = written {
+            buf.extend_from_slice(&self.buf);
             self.buf = buf;
+            self.buf_lines += f.lines;
+            self.buf_checkpoints += f.checkpoints;
+            self.waiters.append(&mut f.waiters);
             self.counters.write_errors.fetch_add(1, Relaxed);
             tracing::error!(path = %self.path.display(), pending = self.buf_lines, "audit write failed, retrying: {e}");
             return Err(AuditError::Io {
@@ -1005,17 +1099,13 @@ impl Writer {
         let n = buf.len() as u64;
         self.committed_len += n;
         self.counters.bytes.fetch_add(n, Relaxed);
-        self.counters.appended.fetch_add(self.buf_lines, Relaxed);
-        self.counters
-            .checkpoints
-            .fetch_add(self.buf_checkpoints, Relaxed);
-        self.buf_lines = 0;
-        self.buf_checkpoints = 0;
+        self.counters.appended.fetch_add(f.lines, Relaxed);
+        self.counters.checkpoints.fetch_add(f.checkpoints, Relaxed);
         buf.clear();
         if buf.capacity() > 8 << 20 {
             buf.shrink_to(1 << 20);
         }
-        self.buf = buf;
+        self.spare = buf;
         self.dirty = n > 0 || self.dirty;
         match synced {
             None => Ok(()),
@@ -1026,14 +1116,16 @@ impl Writer {
                 self.counters
                     .last_fsync_micros
                     .store(u64::try_from(took.as_micros()).unwrap_or(u64::MAX), Relaxed);
-                for w in self.waiters.drain(..) {
+                for w in f.waiters {
                     let _ = w.send(());
                 }
                 Ok(())
             }
             Some(Err(e)) => {
                 // The bytes are in the file (page cache); only durability is
-                // in doubt. Keep `dirty` so the next commit syncs again.
+                // in doubt. Keep `dirty` (and the waiters) so the next
+                // commit syncs again.
+                self.waiters.append(&mut f.waiters);
                 self.counters.write_errors.fetch_add(1, Relaxed);
                 tracing::error!(path = %self.path.display(), "audit fsync failed: {e}");
                 Err(AuditError::Io {

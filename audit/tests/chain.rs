@@ -617,6 +617,32 @@ async fn flush_makes_entries_visible_before_shutdown() {
     task.shutdown().await.expect("shutdown");
 }
 
+/// The default `batch` policy does not wait for a batch's write before the
+/// next one (the I/O thread's answer would wake the runtime once per
+/// batch): the lines still reach the file and the counters, also when no
+/// later batch or flush comes to take the answer.
+#[tokio::test]
+async fn unflushed_batches_reach_the_file_and_the_counters() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (h, task) = AuditLog::open(config(dir.path()), None).expect("open");
+    for i in 0..3 {
+        h.record(event(i)).await.expect("record");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        eventually(Duration::from_secs(3), || h.stats().appended == 3
+            && h.stats().fsyncs >= 1)
+        .await,
+        "counters after 3 s: {:?}",
+        h.stats()
+    );
+    assert_eq!(read_lines(dir.path()).len(), 3);
+    let stats = task.shutdown().await.expect("shutdown");
+    assert_eq!(stats.appended, 3, "no checkpoint without a signer");
+    assert_eq!(read_lines(dir.path()).len(), 3);
+    assert_eq!(stats.lost, 0);
+}
+
 async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
     while tokio::time::Instant::now() < deadline {

@@ -982,6 +982,10 @@ pub struct RawAudit {
     pub fsync: Option<String>,
     pub checkpoint_every: Option<u64>,
     pub checkpoint_interval_ms: Option<u64>,
+    /// Group commit window of the `batch` policy: after an entry arrives
+    /// the writer waits this long for more before it writes and syncs
+    /// (default 5, at most 1000; 0 writes each arrival at once).
+    pub linger_ms: Option<u64>,
 }
 
 /// `[[agents]]`: an agent this node is home to.
@@ -1325,6 +1329,7 @@ pub struct AuditSettings {
     pub fsync: String,
     pub checkpoint_every: u64,
     pub checkpoint_interval: Duration,
+    pub linger: Duration,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]
@@ -2125,6 +2130,12 @@ impl RawConfig {
             if let Err(e) = fsync.parse::<dmsc_audit::FsyncPolicy>() {
                 errors.push(format!("audit.fsync: {e}"));
             }
+            let linger_ms = self.audit.linger_ms.unwrap_or(5);
+            if linger_ms > 1000 {
+                errors.push(format!(
+                    "audit.linger_ms: {linger_ms} is more than 1000 (an entry would wait that long to reach the disk)"
+                ));
+            }
             Some(AuditSettings {
                 dir: self
                     .audit
@@ -2136,6 +2147,7 @@ impl RawConfig {
                 checkpoint_interval: Duration::from_millis(
                     self.audit.checkpoint_interval_ms.unwrap_or(10_000).max(10),
                 ),
+                linger: Duration::from_millis(linger_ms),
             })
         } else {
             None
@@ -2567,6 +2579,10 @@ enabled = true
                 interval_ms: Some(0),
                 ..Default::default()
             },
+            audit: RawAudit {
+                linger_ms: Some(5000),
+                ..Default::default()
+            },
             ..Default::default()
         };
         let err = raw.validate().expect_err("invalid");
@@ -2581,10 +2597,11 @@ enabled = true
             "relay-without-port",
             "sometimes",
             "pair_packets_per_sec",
+            "audit.linger_ms",
         ] {
             assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
         }
-        assert!(err.0.len() >= 9, "{text}");
+        assert!(err.0.len() >= 10, "{text}");
     }
 
     #[test]

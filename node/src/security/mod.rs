@@ -347,6 +347,7 @@ impl Security {
                 cfg.fsync = a.fsync.parse::<dmsc_audit::FsyncPolicy>()?;
                 cfg.checkpoint_every = a.checkpoint_every;
                 cfg.checkpoint_interval = a.checkpoint_interval;
+                cfg.linger = a.linger;
                 cfg.sealer = Some(Arc::new(tenant_keys::AuditSealer(
                     tenant_keys.store.clone(),
                 )));
