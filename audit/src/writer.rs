@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc::error::TrySendError;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 use tracing::Instrument as _;
 
@@ -250,6 +250,8 @@ enum Msg {
 pub struct AuditHandle {
     tx: mpsc::Sender<Msg>,
     counters: Arc<Counters>,
+    /// Tells the writer to cut its linger short: the queue is full.
+    full: Arc<Notify>,
 }
 
 impl std::fmt::Debug for AuditHandle {
@@ -273,6 +275,7 @@ impl AuditHandle {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(msg)) => {
                 self.counters.queue_full_waits.fetch_add(1, Relaxed);
+                self.full.notify_one();
                 self.tx.send(msg).await.map_err(|_| self.rejected())
             }
             Err(TrySendError::Closed(_)) => Err(self.rejected()),
@@ -287,7 +290,10 @@ impl AuditHandle {
             event,
         }) {
             Ok(()) => true,
-            Err(_) => {
+            Err(e) => {
+                if matches!(e, TrySendError::Full(_)) {
+                    self.full.notify_one();
+                }
                 self.rejected();
                 false
             }
@@ -306,7 +312,10 @@ impl AuditHandle {
             event,
         }) {
             Ok(()) => Ok(()),
-            Err(TrySendError::Full(Msg::Event { event, .. })) => Err(event),
+            Err(TrySendError::Full(Msg::Event { event, .. })) => {
+                self.full.notify_one();
+                Err(event)
+            }
             Err(_) => {
                 self.rejected();
                 Ok(())
@@ -439,6 +448,7 @@ impl AuditLog {
             tracing::warn!(path = %path.display(), "audit log has no signer: no checkpoints will be written, so a rewrite of the whole chain would go unnoticed");
         }
         let counters = Arc::new(Counters::default());
+        let full = Arc::new(Notify::new());
         let io = Io::start().map_err(|e| AuditError::Writer {
             path: path.clone(),
             reason: format!("cannot start the audit I/O thread: {e}"),
@@ -470,6 +480,7 @@ impl AuditLog {
             dirty: false,
             last_sync: Instant::now(),
             counters: counters.clone(),
+            full: full.clone(),
         };
         if let Some(r) = prepared.recovery {
             writer.push_line(None, KIND_RECOVERY, now_ms(), |buf, env| {
@@ -488,6 +499,7 @@ impl AuditLog {
             AuditHandle {
                 tx,
                 counters: counters.clone(),
+                full,
             },
             AuditTask {
                 stop: Some(stop_tx),
@@ -762,6 +774,8 @@ struct Writer {
     dirty: bool,
     last_sync: Instant,
     counters: Arc<Counters>,
+    /// Producers found the queue full: stop lingering.
+    full: Arc<Notify>,
 }
 
 impl Writer {
@@ -820,8 +834,12 @@ impl Writer {
                         // through the linger and then takes what came, so
                         // an entry arriving meanwhile costs its producer a
                         // queue push and nothing else (no wake-up, no timer
-                        // set again per entry).
-                        tokio::time::sleep(self.linger).await;
+                        // set again per entry). Producers that find the
+                        // queue full cut it short.
+                        tokio::select! {
+                            _ = tokio::time::sleep(self.linger) => {}
+                            _ = self.full.notified() => {}
+                        }
                         while batch.len() < MAX_BATCH {
                             match rx.try_recv() {
                                 Ok(msg) => batch.push(msg),
