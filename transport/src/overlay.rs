@@ -542,7 +542,10 @@ impl Overlay {
         let (paths, (disco_rx, relayed_disco_rx)) = Paths::new(identity.name(), cfg.direct_upgrade);
         let udp = std::net::UdpSocket::bind(cfg.listen).map_err(bind_err)?;
         let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
-        let udp = runtime.wrap_udp_socket(udp).map_err(bind_err)?;
+        // Not `runtime.wrap_udp_socket`: that one is watched for writing too,
+        // which costs a wake-up per datagram sent (path/udp.rs).
+        let udp: Arc<dyn quinn::AsyncUdpSocket> =
+            Arc::new(crate::path::OverlayUdp::new(udp).map_err(bind_err)?);
         let payload = clamp_payload(cfg.max_udp_payload);
         let socket = PathSocket::new(udp, paths.clone(), cfg.impair, payload).map_err(bind_err)?;
         let endpoint = Endpoint::new_with_abstract_socket(

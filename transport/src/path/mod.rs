@@ -30,6 +30,7 @@
 pub mod disco;
 mod engine;
 mod socket;
+mod udp;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -43,6 +44,7 @@ use tokio::sync::mpsc;
 
 pub(crate) use engine::spawn_engine;
 pub use socket::{Impair, PathSocket};
+pub(crate) use udp::UdpSocket as OverlayUdp;
 
 use crate::relay::frame::Frame;
 use crate::relay::server::RelayServer;
