@@ -64,6 +64,36 @@ async fn messages_flow_both_ways_on_one_connection() {
     b.shutdown().await;
 }
 
+/// The overlay's own UDP socket (path/udp.rs) on IPv6: messages both ways.
+#[tokio::test]
+async fn messages_flow_over_ipv6_loopback() {
+    let ca = CertificateAuthority::generate("mesh.test").expect("ca");
+    let bind = |name| {
+        let mut cfg = OverlayConfig::new("[::1]:0".parse().expect("addr"), identity(&ca, name));
+        cfg.connect_timeout = Duration::from_secs(2);
+        Overlay::bind(cfg)
+    };
+    let (a, mut a_rx) = bind("a").await.expect("bind a on ::1");
+    let (b, mut b_rx) = bind("b").await.expect("bind b on ::1");
+    assert!(a.local_addr().is_ipv6());
+    a.send(b.local_addr(), Channel::Gossip, b"hello b")
+        .expect("send");
+    let m = tokio::time::timeout(Duration::from_secs(5), b_rx.recv())
+        .await
+        .expect("in time")
+        .expect("open");
+    assert_eq!(&m.payload[..], b"hello b");
+    assert_eq!(m.from, a.local_addr());
+    b.send(m.from, Channel::Gossip, b"hello a").expect("send");
+    let r = tokio::time::timeout(Duration::from_secs(5), a_rx.recv())
+        .await
+        .expect("in time")
+        .expect("open");
+    assert_eq!(&r.payload[..], b"hello a");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 async fn assert_refused(good: &Overlay, bad: &Overlay) {
     // Both directions: the bad node dialing, and the good node dialing it.
     let e = bad.connect(good.local_addr()).await;
