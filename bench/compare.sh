@@ -27,8 +27,9 @@
 # DMSC_BENCH_PROFILE_RATE="-c 1" records every event instead of sampling
 # (e.g. DMSC_BENCH_PROFILE_EVENT=probe_dmsc:m after
 # `perf probe -x <build> -a 'm=_rjem_malloc'`: where allocations come from).
-# DMSC_BENCH_TRACE=1 traces the two nodes' system calls at 200/s, one
-# request at a time, and prints where a delegation's time goes between them.
+# DMSC_BENCH_TRACE=1 traces the two nodes' system calls at 200/s (or
+# DMSC_BENCH_TRACE_RATE), one request at a time, and prints where a
+# delegation's time goes between them.
 # DMSC_BENCH_SYSCALLS=1 (or =max, or =RATE) counts their system calls per request
 # (other perf events with DMSC_BENCH_STAT_EVENTS, e.g. probe_libc:malloc
 # after `perf probe -x <libc> -a malloc`).
@@ -299,13 +300,14 @@ declare -A SERVERS=([direct]="$BACKEND_PID" [nginx]="$BACKEND_PID $NGX_F $NGX_B"
 [ -n "${DMSC_NODE_BIN_B:-}" ] && SERVERS[dmsc-b]="$BACKEND_PID $DMSCX_A $DMSCX_B"
 
 # nginx and haproxy fork workers: count the whole process tree of each PID.
-# CPU time in nanoseconds, exact (the scheduler's run time of every thread,
-# /proc/PID/task/TID/schedstat), not /proc/PID/stat's 10 ms ticks.
-ticks() {
+# Prints the CPU time in nanoseconds, exact (the scheduler's run time of
+# every thread, /proc/PID/task/TID/schedstat, not /proc/PID/stat's 10 ms
+# ticks), and how many times those threads were scheduled.
+schedstat() {
   local p
   for p in $(for r in $1; do echo "$r"; pgrep -P "$r" || true; done); do
     cat /proc/"$p"/task/*/schedstat 2>/dev/null || true
-  done | awk -v f="${2:-1}" '{ t += $f } END { printf "%.0f\n", t }'
+  done | awk '{ t += $1; n += $3 } END { printf "%.0f %.0f\n", t, n }'
 }
 declare -A cpus runs
 
@@ -331,12 +333,12 @@ for round in $(seq 1 "$ROUNDS"); do
   for p in "${order[@]}"; do
     row="| $round | $p"
     for rate in "${RATES[@]}"; do
-      t0=$(ticks "${SERVERS[$p]}"); s0=$(ticks "${SERVERS[$p]}" 3)
+      read -r t0 s0 < <(schedstat "${SERVERS[$p]}")
       j=$(oha_run "$p" -q "$rate" --latency-correction -c 64)
       # DMSC_BENCH_JSON=DIR keeps each run's oha report (connection times
       # under "details": the TLS handshakes of the mTLS path, for one).
       [ -n "${DMSC_BENCH_JSON:-}" ] && echo "$j" > "$DMSC_BENCH_JSON/$round-$p-$rate.json"
-      t1=$(ticks "${SERVERS[$p]}"); s1=$(ticks "${SERVERS[$p]}" 3)
+      read -r t1 s1 < <(schedstat "${SERVERS[$p]}")
       p50=$(echo "$j" | field '"%.3f ms" % (d["latencyPercentiles"]["p50"]*1000)')
       p99=$(echo "$j" | field '"%.3f ms" % (d["latencyPercentiles"]["p99"]*1000)')
       row="$row | $p50 | $p99"

@@ -848,7 +848,7 @@ impl Writer {
                         }
                     }
                     let force = self.absorb(&mut batch);
-                    if self.submit(force).await.is_ok() && self.wait_for_write(interval_policy) {
+                    if self.submit(force).await.is_ok() && self.wait_for_write() {
                         let _ = self.reap(true).await;
                     }
                 }
@@ -1017,8 +1017,8 @@ impl Writer {
     /// caller is waiting on its sync, or the interval policy needs to know
     /// what is still unsynced. Otherwise the answer is taken later, so that
     /// the I/O thread's answer does not wake the runtime once per batch.
-    fn wait_for_write(&self, interval_policy: bool) -> bool {
-        interval_policy
+    fn wait_for_write(&self) -> bool {
+        matches!(self.fsync, FsyncPolicy::Interval(_))
             || self
                 .in_flight
                 .as_ref()

@@ -19,16 +19,37 @@ async fn overlay(
     Overlay,
     tokio::sync::mpsc::Receiver<dmsc_transport::Inbound>,
 ) {
-    let mut cfg = OverlayConfig::new("127.0.0.1:0".parse().expect("addr"), id);
+    overlay_on("127.0.0.1:0", id).await
+}
+
+async fn overlay_on(
+    listen: &str,
+    id: Arc<NodeIdentity>,
+) -> (
+    Overlay,
+    tokio::sync::mpsc::Receiver<dmsc_transport::Inbound>,
+) {
+    let mut cfg = OverlayConfig::new(listen.parse().expect("addr"), id);
     cfg.connect_timeout = Duration::from_secs(2);
     Overlay::bind(cfg).await.expect("bind")
 }
 
 #[tokio::test]
 async fn messages_flow_both_ways_on_one_connection() {
+    messages_flow_both_ways_on("127.0.0.1:0").await;
+}
+
+/// The overlay's own UDP socket (path/udp.rs) on IPv6.
+#[tokio::test]
+async fn messages_flow_over_ipv6_loopback() {
+    messages_flow_both_ways_on("[::1]:0").await;
+}
+
+async fn messages_flow_both_ways_on(listen: &str) {
     let ca = CertificateAuthority::generate("mesh.test").expect("ca");
-    let (a, mut a_rx) = overlay(identity(&ca, "a")).await;
-    let (b, mut b_rx) = overlay(identity(&ca, "b")).await;
+    let (a, mut a_rx) = overlay_on(listen, identity(&ca, "a")).await;
+    let (b, mut b_rx) = overlay_on(listen, identity(&ca, "b")).await;
+    assert_eq!(a.local_addr().is_ipv6(), listen.starts_with('['));
 
     a.send(b.local_addr(), Channel::Gossip, b"hello b")
         .expect("send");
@@ -60,36 +81,6 @@ async fn messages_flow_both_ways_on_one_connection() {
     );
     assert_eq!(a.peers().len(), 1);
     assert_eq!(a.peers()[0].name, "b");
-    a.shutdown().await;
-    b.shutdown().await;
-}
-
-/// The overlay's own UDP socket (path/udp.rs) on IPv6: messages both ways.
-#[tokio::test]
-async fn messages_flow_over_ipv6_loopback() {
-    let ca = CertificateAuthority::generate("mesh.test").expect("ca");
-    let bind = |name| {
-        let mut cfg = OverlayConfig::new("[::1]:0".parse().expect("addr"), identity(&ca, name));
-        cfg.connect_timeout = Duration::from_secs(2);
-        Overlay::bind(cfg)
-    };
-    let (a, mut a_rx) = bind("a").await.expect("bind a on ::1");
-    let (b, mut b_rx) = bind("b").await.expect("bind b on ::1");
-    assert!(a.local_addr().is_ipv6());
-    a.send(b.local_addr(), Channel::Gossip, b"hello b")
-        .expect("send");
-    let m = tokio::time::timeout(Duration::from_secs(5), b_rx.recv())
-        .await
-        .expect("in time")
-        .expect("open");
-    assert_eq!(&m.payload[..], b"hello b");
-    assert_eq!(m.from, a.local_addr());
-    b.send(m.from, Channel::Gossip, b"hello a").expect("send");
-    let r = tokio::time::timeout(Duration::from_secs(5), a_rx.recv())
-        .await
-        .expect("in time")
-        .expect("open");
-    assert_eq!(&r.payload[..], b"hello a");
     a.shutdown().await;
     b.shutdown().await;
 }

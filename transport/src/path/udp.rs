@@ -143,17 +143,15 @@ impl fmt::Debug for WritablePoller {
 impl UdpPoller for WritablePoller {
     fn poll_writable(self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        // quinn asks before every send: answer at once unless a send
-        // found the buffer full.
-        if this.waiting.is_none() && !this.socket.full.load(Ordering::Relaxed) {
-            return Poll::Ready(Ok(()));
-        }
-        if this.waiting.is_none() {
-            let dup = this.socket.io.get_ref().try_clone()?;
-            this.waiting = Some(register(dup, Interest::WRITABLE)?);
-        }
-        let Some(fd) = this.waiting.as_ref() else {
-            return Poll::Ready(Ok(()));
+        let fd = match this.waiting {
+            Some(ref fd) => fd,
+            // quinn asks before every send: answer at once unless a send
+            // found the buffer full.
+            None if !this.socket.full.load(Ordering::Relaxed) => return Poll::Ready(Ok(())),
+            None => {
+                let dup = this.socket.io.get_ref().try_clone()?;
+                this.waiting.insert(register(dup, Interest::WRITABLE)?)
+            }
         };
         let ready = ready!(fd.poll_write_ready(cx)).map(drop);
         // Writable (or broken): stop watching until a send finds it full.
