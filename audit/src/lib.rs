@@ -46,15 +46,11 @@
 //!
 //! # Durability ([`FsyncPolicy`])
 //!
-//! One task owns the file; `record()` only queues. When an entry arrives the
-//! task lingers ([`AuditConfig::linger`], 5 ms by default, none for
-//! `interval`) for the entries of the next moment, takes everything queued
-//! (up to 4096 entries), writes it with one `write` call, then:
-//!
-//! The task does not wait for a write before it takes more entries: the
-//! I/O thread's answer is taken before the next write (or within a second
-//! when none follows), so that it does not wake the runtime once per batch;
-//! a `flush()` waits for its own sync.
+//! One task owns the chain; `record()` only queues. The task encodes each
+//! entry as it arrives and hands the line to the appender's thread, which
+//! lingers ([`AuditConfig::linger`], 5 ms by default, none for `interval`)
+//! for the lines of the next moment, writes everything it has with one
+//! `write` call, then:
 //!
 //! * `batch` (default): `sync_data` after every such write. An entry is on
 //!   stable storage at most one linger plus one sync after it was recorded;
@@ -83,6 +79,7 @@
 
 #![forbid(unsafe_code)]
 
+mod appender;
 mod event;
 mod line;
 pub mod report;

@@ -1,38 +1,35 @@
-//! The writer: one tokio task owns the file; handles feed it through a
+//! The writer: one tokio task owns the chain; handles feed it through a
 //! bounded queue.
 //!
 //! A single owner makes `seq` and `prev` trivially consistent (no lock around
-//! "hash the last line, then append") and turns fsync into group commit: while
-//! one batch is being written and synced on the writer's I/O thread, the next
-//! one piles up in the queue and goes out with one `write` and one
-//! `sync_data`. That thread runs at the lowest CPU priority (nice 19): where
-//! it competes for a CPU with the node's request path (a node on one core),
-//! requests go first and each batch grows, so the log costs fewer syscalls
-//! per entry under load (measured: 10-15 % more delegations per second at
-//! max load on one core, BENCHMARKS.md); on an idle CPU it runs at once.
-//! Producers pay a `try_send` (a few atomics); they only wait when the disk
-//! is a whole queue (64k entries by default) behind, and then they wait
-//! rather than lose entries — an audit log that silently drops is worse than
-//! one that slows the data path. If a write fails (disk full, I/O error) the
-//! task cuts the partial bytes back off, keeps the encoded lines and retries
-//! every second without taking more from the queue, so producers feel the
-//! backpressure instead of entries vanishing; `try_record` is the escape hatch
-//! for callers that must never wait.
+//! "hash the last line, then append"). It encodes each entry as it arrives,
+//! in the same turn of the runtime that recorded it, and hands the line to
+//! the appender's thread (`appender`), which lingers for group commit, writes
+//! with one `write`, syncs and keeps the counters: the runtime never waits
+//! for the disk or wakes for it. Producers pay a `try_send` (a few atomics);
+//! they only wait when the disk is a whole queue (64k entries by default, plus
+//! 8 MiB of encoded lines) behind, and then they wait rather than lose
+//! entries: an audit log that silently drops is worse than one that slows the
+//! data path. If a write fails (disk full, I/O error) the appender cuts the
+//! partial bytes back off, keeps the lines and retries every second; the
+//! writer stops taking from the queue once too much waits, so producers feel
+//! the backpressure instead of entries vanishing. `try_record` is the escape
+//! hatch for callers that must never wait.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write as _;
 use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc::error::TrySendError;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::Instrument as _;
 
+use crate::appender::{Appender, Target, MAX_PENDING};
 use crate::event::{DetailRef, Event, Recovery, KIND_CHECKPOINT, KIND_RECOVERY};
 use crate::line::{
     encode_line, encode_line_json, line_hash, parse_line, Envelope, LineDigest, GENESIS_PREV,
@@ -46,10 +43,6 @@ pub const LOG_FILE: &str = "audit.jsonl";
 
 /// Most messages taken from the queue for one write.
 const MAX_BATCH: usize = 4096;
-/// Pause between retries after a failed write.
-const RETRY: Duration = Duration::from_secs(1);
-/// How soon the answer of a write that no other write followed is taken.
-const REAP: Duration = Duration::from_secs(1);
 /// How far back from the end `open` looks for the last line.
 const TAIL_WINDOW: usize = 2 * MAX_LINE + 2;
 
@@ -183,17 +176,17 @@ impl AuditConfig {
 }
 
 #[derive(Default)]
-struct Counters {
-    appended: AtomicU64,
-    checkpoints: AtomicU64,
-    queue_full_waits: AtomicU64,
-    rejected: AtomicU64,
-    lost: AtomicU64,
-    bytes: AtomicU64,
-    fsyncs: AtomicU64,
-    last_fsync_micros: AtomicU64,
-    write_errors: AtomicU64,
-    checkpoint_failures: AtomicU64,
+pub(crate) struct Counters {
+    pub appended: AtomicU64,
+    pub checkpoints: AtomicU64,
+    pub queue_full_waits: AtomicU64,
+    pub rejected: AtomicU64,
+    pub lost: AtomicU64,
+    pub bytes: AtomicU64,
+    pub fsyncs: AtomicU64,
+    pub last_fsync_micros: AtomicU64,
+    pub write_errors: AtomicU64,
+    pub checkpoint_failures: AtomicU64,
 }
 
 /// A snapshot of the writer's counters.
@@ -250,8 +243,6 @@ enum Msg {
 pub struct AuditHandle {
     tx: mpsc::Sender<Msg>,
     counters: Arc<Counters>,
-    /// Tells the writer to cut its linger short: the queue is full.
-    full: Arc<Notify>,
 }
 
 impl std::fmt::Debug for AuditHandle {
@@ -275,7 +266,6 @@ impl AuditHandle {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(msg)) => {
                 self.counters.queue_full_waits.fetch_add(1, Relaxed);
-                self.full.notify_one();
                 self.tx.send(msg).await.map_err(|_| self.rejected())
             }
             Err(TrySendError::Closed(_)) => Err(self.rejected()),
@@ -290,10 +280,7 @@ impl AuditHandle {
             event,
         }) {
             Ok(()) => true,
-            Err(e) => {
-                if matches!(e, TrySendError::Full(_)) {
-                    self.full.notify_one();
-                }
+            Err(_) => {
                 self.rejected();
                 false
             }
@@ -312,10 +299,7 @@ impl AuditHandle {
             event,
         }) {
             Ok(()) => Ok(()),
-            Err(TrySendError::Full(Msg::Event { event, .. })) => {
-                self.full.notify_one();
-                Err(event)
-            }
+            Err(TrySendError::Full(Msg::Event { event, .. })) => Err(event),
             Err(_) => {
                 self.rejected();
                 Ok(())
@@ -448,39 +432,37 @@ impl AuditLog {
             tracing::warn!(path = %path.display(), "audit log has no signer: no checkpoints will be written, so a rewrite of the whole chain would go unnoticed");
         }
         let counters = Arc::new(Counters::default());
-        let full = Arc::new(Notify::new());
-        let io = Io::start().map_err(|e| AuditError::Writer {
+        let appender = Appender::start(Target {
             path: path.clone(),
-            reason: format!("cannot start the audit I/O thread: {e}"),
-        })?;
-        let mut writer = Writer {
-            path: path.clone(),
-            io,
-            file: Arc::new(prepared.file),
-            node: cfg.node.clone(),
+            file: prepared.file,
+            len: prepared.len,
             fsync: cfg.fsync,
-            checkpoint_every: cfg.checkpoint_every,
             linger: match cfg.fsync {
                 // An interval policy already batches its syncs.
                 FsyncPolicy::Interval(_) => Duration::ZERO,
                 _ => cfg.linger,
             },
+            counters: counters.clone(),
+        })
+        .map_err(|e| AuditError::Writer {
+            path: path.clone(),
+            reason: format!("cannot start the audit I/O thread: {e}"),
+        })?;
+        let mut writer = Writer {
+            path: path.clone(),
+            appender,
+            node: cfg.node.clone(),
+            checkpoint_every: cfg.checkpoint_every,
             signer,
             sealer: cfg.sealer.clone(),
             next_seq: prepared.next_seq,
             prev: prepared.prev,
             since_checkpoint: prepared.since_checkpoint,
             buf: Vec::with_capacity(64 * 1024),
-            spare: Vec::with_capacity(64 * 1024),
-            in_flight: None,
             buf_lines: 0,
             buf_checkpoints: 0,
             waiters: Vec::new(),
-            committed_len: prepared.len,
-            dirty: false,
-            last_sync: Instant::now(),
             counters: counters.clone(),
-            full: full.clone(),
         };
         if let Some(r) = prepared.recovery {
             writer.push_line(None, KIND_RECOVERY, now_ms(), |buf, env| {
@@ -499,7 +481,6 @@ impl AuditLog {
             AuditHandle {
                 tx,
                 counters: counters.clone(),
-                full,
             },
             AuditTask {
                 stop: Some(stop_tx),
@@ -650,132 +631,24 @@ fn prepare(dir: &Path, node: &str) -> Result<Prepared, AuditError> {
     })
 }
 
-/// What one write (and sync) on the I/O thread gives back: the buffer (to
-/// keep on failure, or reuse), the write's result and the sync's time.
-type IoDone = (
-    Vec<u8>,
-    std::io::Result<()>,
-    Option<std::io::Result<Duration>>,
-);
-
-/// One write for the I/O thread: append `buf` to `file` (cut back to
-/// `committed` bytes if that fails, so no half line is left) and sync if
-/// asked.
-struct IoJob {
-    file: Arc<File>,
-    buf: Vec<u8>,
-    committed: u64,
-    sync: bool,
-    done: oneshot::Sender<IoDone>,
-}
-
-/// The writer's file I/O thread (see the module header for why it is a
-/// thread of its own, at the lowest priority).
-struct Io {
-    jobs: std::sync::mpsc::Sender<IoJob>,
-}
-
-impl Io {
-    fn start() -> std::io::Result<Io> {
-        let (jobs, rx) = std::sync::mpsc::channel::<IoJob>();
-        std::thread::Builder::new()
-            .name("audit-io".into())
-            .spawn(move || {
-                // On Linux this thread's own nice value (each thread has one).
-                if let Err(e) = rustix::process::setpriority_process(None, 19) {
-                    tracing::debug!("audit I/O thread keeps its priority: {e}");
-                }
-                // Ends when the writer (the only sender) is gone.
-                for job in rx {
-                    let IoJob {
-                        file,
-                        buf,
-                        committed,
-                        sync,
-                        done,
-                    } = job;
-                    let written = (&*file).write_all(&buf);
-                    if let Err(e) = written {
-                        // Do not leave half a line behind: the next attempt
-                        // appends the whole buffer again.
-                        let _ = file.set_len(committed);
-                        let _ = done.send((buf, Err(e), None));
-                        continue;
-                    }
-                    let synced = sync.then(|| {
-                        let t = Instant::now();
-                        file.sync_data().map(|()| t.elapsed())
-                    });
-                    let _ = done.send((buf, Ok(()), synced));
-                }
-            })?;
-        Ok(Io { jobs })
-    }
-
-    /// Hands one write to the thread; the answer comes on the returned
-    /// channel. `Err` if the thread is gone.
-    fn submit(
-        &self,
-        file: Arc<File>,
-        buf: Vec<u8>,
-        committed: u64,
-        sync: bool,
-    ) -> Result<oneshot::Receiver<IoDone>, String> {
-        let (done, answer) = oneshot::channel();
-        self.jobs
-            .send(IoJob {
-                file,
-                buf,
-                committed,
-                sync,
-                done,
-            })
-            .map_err(|_| "the audit I/O thread is gone".to_string())?;
-        Ok(answer)
-    }
-}
-
-/// A write handed to the I/O thread whose answer the writer has not taken
-/// yet, with what to count (or give back) once it comes.
-struct InFlight {
-    answer: oneshot::Receiver<IoDone>,
-    lines: u64,
-    checkpoints: u64,
-    /// `flush()` callers this write's sync releases.
-    waiters: Vec<oneshot::Sender<()>>,
-}
-
 struct Writer {
     path: PathBuf,
-    io: Io,
-    file: Arc<File>,
+    appender: Appender,
     node: String,
-    fsync: FsyncPolicy,
     checkpoint_every: u64,
-    linger: Duration,
     signer: Option<Signer>,
     sealer: Option<Arc<dyn Sealer>>,
     next_seq: u64,
     prev: String,
     /// Lines since the last checkpoint.
     since_checkpoint: u64,
-    /// Encoded lines not yet written (kept across a failed write).
+    /// Encoded lines not yet handed to the appender.
     buf: Vec<u8>,
-    /// The buffer of the last write, back from the I/O thread, for reuse.
-    spare: Vec<u8>,
-    /// The write on the I/O thread, if its answer has not been taken.
-    in_flight: Option<InFlight>,
     buf_lines: u64,
     buf_checkpoints: u64,
-    /// `flush()` callers waiting for the next synced write.
+    /// `flush()` callers, handed over with the lines before them.
     waiters: Vec<oneshot::Sender<()>>,
-    committed_len: u64,
-    /// Written but not yet synced.
-    dirty: bool,
-    last_sync: Instant,
     counters: Arc<Counters>,
-    /// Producers found the queue full: stop lingering.
-    full: Arc<Notify>,
 }
 
 impl Writer {
@@ -785,41 +658,26 @@ impl Writer {
         mut stop: oneshot::Receiver<()>,
         checkpoint_interval: Duration,
     ) -> Result<(), AuditError> {
-        // Clamp absurd periods (`interval:<huge ms>`): `Instant + Duration`
-        // would overflow, and a year is "never" for a running node anyway.
+        // Clamp absurd periods: `Instant + Duration` would overflow, and a
+        // year is "never" for a running node anyway.
         const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
         let checkpoint_interval = checkpoint_interval.min(YEAR);
         let start = tokio::time::Instant::now();
         let mut cp_tick =
             tokio::time::interval_at(start + checkpoint_interval, checkpoint_interval);
         cp_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let sync_period = match self.fsync {
-            FsyncPolicy::Interval(d) => d.min(YEAR),
-            _ => Duration::from_secs(3600),
-        };
-        let mut sync_tick = tokio::time::interval_at(start + sync_period, sync_period);
-        sync_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let interval_policy = matches!(self.fsync, FsyncPolicy::Interval(_));
-        // A batch's write is not waited for (see `submit`): its answer is
-        // taken before the next write, or by this tick when none follows.
-        let mut reap_tick = tokio::time::interval_at(start + REAP, REAP);
-        reap_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut batch = Vec::with_capacity(MAX_BATCH);
 
-        if !self.buf.is_empty() {
-            let _ = self.commit(true).await;
-        }
-        loop {
-            if !self.buf.is_empty() {
-                // The last write failed: retry before taking more, so the
-                // queue fills and producers wait instead of entries vanishing.
+        self.hand_off(false);
+        'run: loop {
+            // The disk is far behind (or failing): take no more entries
+            // until it catches up, so the queue fills and producers wait.
+            while self.appender.pending() >= MAX_PENDING {
                 tokio::select! {
                     biased;
-                    _ = &mut stop => break,
-                    _ = tokio::time::sleep(RETRY) => {}
+                    _ = &mut stop => break 'run,
+                    _ = self.appender.drained() => {}
                 }
-                let _ = self.commit(false).await;
-                continue;
             }
             tokio::select! {
                 biased;
@@ -828,41 +686,17 @@ impl Writer {
                     if n == 0 {
                         break; // every handle is gone
                     }
-                    if !self.linger.is_zero() {
-                        // Group commit: let the entries of the next moment
-                        // join this write and this sync. The writer sleeps
-                        // through the linger and then takes what came, so
-                        // an entry arriving meanwhile costs its producer a
-                        // queue push and nothing else (no wake-up, no timer
-                        // set again per entry). Producers that find the
-                        // queue full cut it short.
-                        tokio::select! {
-                            _ = tokio::time::sleep(self.linger) => {}
-                            _ = self.full.notified() => {}
-                        }
-                        while batch.len() < MAX_BATCH {
-                            match rx.try_recv() {
-                                Ok(msg) => batch.push(msg),
-                                Err(_) => break,
-                            }
-                        }
-                    }
+                    // Encoded now, in the turn of the runtime that recorded
+                    // them (one or a few lines, never a whole linger's
+                    // worth); the appender lingers for group commit.
                     let force = self.absorb(&mut batch);
-                    if self.submit(force).await.is_ok() && self.wait_for_write() {
-                        let _ = self.reap(true).await;
-                    }
-                }
-                _ = reap_tick.tick(), if self.in_flight.is_some() => {
-                    let _ = self.reap(false).await;
+                    self.hand_off(force);
                 }
                 _ = cp_tick.tick() => {
                     if self.since_checkpoint > 0 {
                         self.push_checkpoint();
-                        let _ = self.commit(false).await;
+                        self.hand_off(false);
                     }
-                }
-                _ = sync_tick.tick(), if interval_policy && self.dirty => {
-                    let _ = self.commit(true).await;
                 }
             }
         }
@@ -875,34 +709,19 @@ impl Writer {
                 break;
             }
             self.absorb(&mut batch);
-            if self.buf.len() >= 1 << 22 {
-                let _ = self.commit(false).await;
-            }
+            self.hand_off(false);
         }
         if self.since_checkpoint > 0 {
             self.push_checkpoint();
         }
-        let mut last = self.commit(true).await;
-        for _ in 0..2 {
-            if last.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            last = self.commit(true).await;
-        }
-        if let Err(e) = last {
-            self.counters.lost.fetch_add(self.buf_lines, Relaxed);
-            tracing::error!(path = %self.path.display(), lost = self.buf_lines, "audit log shut down with entries it could not write: {e}");
-            return Err(AuditError::Writer {
+        self.hand_off(true);
+        self.appender.close().await.map_err(|e| match e {
+            AuditError::Writer { reason, .. } => AuditError::Writer {
                 path: self.path.clone(),
-                reason: format!(
-                    "{} entries could not be written at shutdown ({e})",
-                    self.buf_lines
-                ),
-            });
-        }
-        tracing::debug!(path = %self.path.display(), next_seq = self.next_seq, "audit log closed");
-        Ok(())
+                reason,
+            },
+            e => e,
+        })
     }
 
     /// Encodes a batch of messages; true if a `flush()` asked for a sync.
@@ -1005,154 +824,18 @@ impl Writer {
         }
     }
 
-    /// Writes the buffer with one call and syncs if the policy (or `force`)
-    /// says so, and waits for it. On a write error the partial bytes are cut
-    /// off again and the buffer is kept for a retry.
-    async fn commit(&mut self, force_sync: bool) -> Result<(), AuditError> {
-        self.submit(force_sync).await?;
-        self.reap(true).await
-    }
-
-    /// Whether the batch just submitted must be waited for: a `flush()`
-    /// caller is waiting on its sync, or the interval policy needs to know
-    /// what is still unsynced. Otherwise the answer is taken later, so that
-    /// the I/O thread's answer does not wake the runtime once per batch.
-    fn wait_for_write(&self) -> bool {
-        matches!(self.fsync, FsyncPolicy::Interval(_))
-            || self
-                .in_flight
-                .as_ref()
-                .is_some_and(|f| !f.waiters.is_empty())
-    }
-
-    /// Hands the buffer to the I/O thread, with a sync if the policy (or
-    /// `force`) says so, without waiting for the write. The write before it
-    /// is reaped first (waited for if it is still running), so at most one is
-    /// in flight and a failed one is retried before anything after it.
-    async fn submit(&mut self, force_sync: bool) -> Result<(), AuditError> {
-        self.reap(true).await?;
-        let sync = force_sync
-            || match self.fsync {
-                FsyncPolicy::Batch => true,
-                FsyncPolicy::Interval(d) => self.last_sync.elapsed() >= d,
-                FsyncPolicy::Never => false,
-            };
-        if self.buf.is_empty() && !(sync && self.dirty) {
-            if sync {
-                for w in self.waiters.drain(..) {
-                    let _ = w.send(());
-                }
-            }
-            return Ok(());
-        }
-        let file = self.file.clone();
-        let buf = std::mem::replace(&mut self.buf, std::mem::take(&mut self.spare));
+    /// Hands the encoded lines (and the `flush()` callers after them) to
+    /// the appender.
+    fn hand_off(&mut self, sync_now: bool) {
         let lines = std::mem::take(&mut self.buf_lines);
         let checkpoints = std::mem::take(&mut self.buf_checkpoints);
-        match self.io.submit(file, buf, self.committed_len, sync) {
-            Ok(answer) => {
-                let waiters = if sync {
-                    std::mem::take(&mut self.waiters)
-                } else {
-                    Vec::new()
-                };
-                self.in_flight = Some(InFlight {
-                    answer,
-                    lines,
-                    checkpoints,
-                    waiters,
-                });
-                Ok(())
-            }
-            Err(reason) => {
-                self.counters.lost.fetch_add(lines, Relaxed);
-                Err(AuditError::Writer {
-                    path: self.path.clone(),
-                    reason,
-                })
-            }
-        }
-    }
-
-    /// Takes the answer of the write in flight, if any: waits for it with
-    /// `wait`, else only if it has come. A failed write puts its bytes back
-    /// in front of whatever was encoded since, for the retry.
-    async fn reap(&mut self, wait: bool) -> Result<(), AuditError> {
-        let Some(mut f) = self.in_flight.take() else {
-            return Ok(());
-        };
-        let done = if wait {
-            (&mut f.answer).await.ok()
-        } else {
-            match f.answer.try_recv() {
-                Ok(done) => Some(done),
-                Err(oneshot::error::TryRecvError::Empty) => {
-                    self.in_flight = Some(f);
-                    return Ok(());
-                }
-                Err(oneshot::error::TryRecvError::Closed) => None,
-            }
-        };
-        let Some((mut buf, written, synced)) = done else {
-            self.counters.lost.fetch_add(f.lines, Relaxed);
-            return Err(AuditError::Writer {
-                path: self.path.clone(),
-                reason: "the audit I/O thread stopped during a write".into(),
-            });
-        };
-        if let Err(e) = written {
-            buf.extend_from_slice(&self.buf);
-            self.buf = buf;
-            self.buf_lines += f.lines;
-            self.buf_checkpoints += f.checkpoints;
-            self.waiters.append(&mut f.waiters);
-            self.counters.write_errors.fetch_add(1, Relaxed);
-            tracing::error!(path = %self.path.display(), pending = self.buf_lines, "audit write failed, retrying: {e}");
-            return Err(AuditError::Io {
-                path: self.path.clone(),
-                op: "appending to the log",
-                source: e,
-            });
-        }
-        let n = buf.len() as u64;
-        self.committed_len += n;
-        self.counters.bytes.fetch_add(n, Relaxed);
-        self.counters.appended.fetch_add(f.lines, Relaxed);
-        self.counters.checkpoints.fetch_add(f.checkpoints, Relaxed);
-        buf.clear();
-        if buf.capacity() > 8 << 20 {
-            buf.shrink_to(1 << 20);
-        }
-        self.spare = buf;
-        self.dirty = n > 0 || self.dirty;
-        match synced {
-            None => Ok(()),
-            Some(Ok(took)) => {
-                self.dirty = false;
-                self.last_sync = Instant::now();
-                self.counters.fsyncs.fetch_add(1, Relaxed);
-                self.counters
-                    .last_fsync_micros
-                    .store(u64::try_from(took.as_micros()).unwrap_or(u64::MAX), Relaxed);
-                for w in f.waiters {
-                    let _ = w.send(());
-                }
-                Ok(())
-            }
-            Some(Err(e)) => {
-                // The bytes are in the file (page cache); only durability is
-                // in doubt. Keep `dirty` (and the waiters) so the next
-                // commit syncs again.
-                self.waiters.append(&mut f.waiters);
-                self.counters.write_errors.fetch_add(1, Relaxed);
-                tracing::error!(path = %self.path.display(), "audit fsync failed: {e}");
-                Err(AuditError::Io {
-                    path: self.path.clone(),
-                    op: "syncing the log to disk",
-                    source: e,
-                })
-            }
-        }
+        self.appender.hand_off(
+            &mut self.buf,
+            lines,
+            checkpoints,
+            &mut self.waiters,
+            sync_now,
+        );
     }
 }
 

@@ -617,10 +617,9 @@ async fn flush_makes_entries_visible_before_shutdown() {
     task.shutdown().await.expect("shutdown");
 }
 
-/// The default `batch` policy does not wait for a batch's write before the
-/// next one (the I/O thread's answer would wake the runtime once per
-/// batch): the lines still reach the file and the counters, also when no
-/// later batch or flush comes to take the answer.
+/// Under the default `batch` policy nobody waits for a batch's write (the
+/// writer hands lines to the I/O thread and goes on): the lines still reach
+/// the file and the counters, also when no later batch or flush follows.
 #[tokio::test]
 async fn unflushed_batches_reach_the_file_and_the_counters() {
     let dir = tempfile::tempdir().expect("tempdir");
