@@ -30,6 +30,9 @@
 # DMSC_BENCH_TRACE=1 traces the two nodes' system calls at 200/s (or
 # DMSC_BENCH_TRACE_RATE), one request at a time, and prints where a
 # delegation's time goes between them.
+# DMSC_BENCH_HOPS=1 shows, for nginx and dmsc (or DMSC_BENCH_PATHS), how
+# each server thread's runs on the shared CPU split into reacting to a
+# request or answer and the work after passing it on (bench/hops.py).
 # DMSC_BENCH_SYSCALLS=1 (or =max, or =RATE) counts their system calls per request
 # (other perf events with DMSC_BENCH_STAT_EVENTS, e.g. probe_libc:malloc
 # after `perf probe -x <libc> -a malloc`).
@@ -274,6 +277,31 @@ if [ -n "${DMSC_BENCH_TRACE:-}" ]; then
   wait "$TRACE" || true
   [ -n "${DMSC_BENCH_TRACE_OUT:-}" ] && cp "$W/trace" "$DMSC_BENCH_TRACE_OUT"
   [ -z "${DMSC_BENCH_TRACE_EVENTS:-}" ] && python3 "$(dirname "$0")/trace-segments.py" "$W/trace" "$DMSC_B" "$DMSC_A"
+  exit 0
+fi
+if [ -n "${DMSC_BENCH_HOPS:-}" ]; then
+  # Where a light request's time goes, hop by hop, for each path of
+  # DMSC_BENCH_PATHS (default "nginx dmsc") at DMSC_BENCH_HOPS_RATE (500/s):
+  # every scheduler switch and send on CPU 0, where all servers run
+  # (needs perf), read by bench/hops.py.
+  declare -A HOP_PIDS=([nginx]="$BACKEND_PID=backend $NGX_F=nginx-front $NGX_B=nginx-back"
+    [haproxy]="$BACKEND_PID=backend $HAP_F=haproxy-front $HAP_B=haproxy-back"
+    [dmsc]="$BACKEND_PID=backend $DMSC_B=dmsc-ingress $DMSC_A=dmsc-home")
+  declare -A HOP_URL=([nginx]=127.0.0.1:18080 [haproxy]=127.0.0.1:18081 [dmsc]=127.0.0.1:18082)
+  declare -A HOP_HOST=([nginx]=x [haproxy]=x [dmsc]=echo.bench.dmsc)
+  for p in ${DMSC_BENCH_PATHS:-nginx dmsc}; do
+    perf record -C 0 -e sched:sched_switch -e 'syscalls:sys_enter_send*' -e syscalls:sys_enter_writev \
+      -e syscalls:sys_enter_write -o "$W/hops.data" -- sleep "$SECS" >/dev/null 2>&1 &
+    PERF=$!
+    n=$($PIN1 oha -z "${SECS}s" --no-tui -q "${DMSC_BENCH_HOPS_RATE:-500}" --latency-correction -c 64 -m POST -D "$W/body" \
+      -H "Host: ${HOP_HOST[$p]}" --output-format json "http://${HOP_URL[$p]}/" \
+      | python3 -c 'import json,sys; print(json.load(sys.stdin)["statusCodeDistribution"].get("200", 0))')
+    wait "$PERF" || true
+    echo "== $p"
+    perf script -i "$W/hops.data" -F tid,time,event,trace 2>/dev/null > "$W/hops.txt"
+    # shellcheck disable=SC2086
+    python3 "$(dirname "$0")/hops.py" "$W/hops.txt" "$n" ${HOP_PIDS[$p]}
+  done
   exit 0
 fi
 if [ -n "${DMSC_BENCH_SYSCALLS:-}" ]; then

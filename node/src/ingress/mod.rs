@@ -890,10 +890,15 @@ impl Ingress {
             let agent_tags;
             let addressed = match &target {
                 HostTarget::Agent(a) => {
-                    agent_tags = crate::forward::agent_tags(
-                        &self.delegator.mesh.read(),
-                        &dmsc_registry::AgentId::new(tenant.as_str(), a.as_str()),
-                    );
+                    // Tags only matter to a policy's rules: none, no lookup.
+                    agent_tags = if consumer_policy.is_none() && provider_policy.is_none() {
+                        Vec::new()
+                    } else {
+                        crate::forward::agent_tags(
+                            &self.delegator.mesh.read(),
+                            &dmsc_registry::AgentId::new(tenant.as_str(), a.as_str()),
+                        )
+                    };
                     dmsc_policy::Addressed::Agent {
                         name: a,
                         tags: &agent_tags,
