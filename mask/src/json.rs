@@ -1,6 +1,6 @@
 //! JSON masking by splicing: a validating scanner (RFC 8259) walks the
-//! document once, hands every string value (not keys) and every number of
-//! 13 characters or more (a card number sent as a JSON number) to the
+//! document once, hands every string value (not keys) and every integer of
+//! 13 digits or more (a card number sent as a JSON number) to the
 //! masker, and records where each changed value sits in the original bytes
 //! (a masked number becomes the masked string). Only those spans are
 //! rewritten, so everything else (other numbers as written, key order,
@@ -17,7 +17,8 @@ use std::borrow::Cow;
 
 use crate::{Counts, Masker, Unmaskable};
 
-/// Numbers at least this long (the shortest payment card) are scanned too.
+/// Integers at least this long (the shortest payment card) are scanned too;
+/// a number with a fraction or an exponent is never a card number.
 const MIN_NUMBER_TO_SCAN: usize = 13;
 
 /// Deepest nesting of arrays and objects accepted.
@@ -164,9 +165,13 @@ impl<'a> Scanner<'a> {
                     let start = self.i;
                     self.number()?;
                     // A card number can travel as a JSON number: a long
-                    // one goes through the detectors like a string (and,
-                    // masked, becomes the masked string).
-                    if self.i - start >= MIN_NUMBER_TO_SCAN {
+                    // integer goes through the detectors like a string
+                    // (and, masked, becomes the masked string). The digits
+                    // of a float (`-4037.5113237635087`) are not one.
+                    let n = &self.b[start..self.i];
+                    if n.len() >= MIN_NUMBER_TO_SCAN
+                        && !n.iter().any(|c| matches!(c, b'.' | b'e' | b'E'))
+                    {
                         on_value(start, self.i, Cow::Borrowed(&self.s[start..self.i]));
                     }
                 }

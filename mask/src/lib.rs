@@ -52,10 +52,11 @@
 //!
 //! Digits are ASCII digits: other scripts' digits are not detected.
 //!
-//! JSON numbers of 13 characters or more go through the detectors like
+//! JSON integers of 13 digits or more go through the detectors like
 //! strings: a card number sent as a number is masked, and the number
 //! becomes the masked string (its type changes; leaking it would be worse).
-//! Shorter numbers are left as written.
+//! Shorter numbers, and any with a fraction or an exponent, are left as
+//! written.
 //!
 //! Not masked: object keys (by design: masking a key could merge two keys),
 //! and values split across several strings or events.

@@ -364,10 +364,10 @@ fn json_splices_only_changed_values() {
 #[test]
 fn a_card_number_sent_as_a_json_number_is_masked() {
     let m = all();
-    let body = br#"{"card": 4111111111111111, "n": 12345, "ts": 1733400000000, "id": 4111111111111112, "x": 5.5e-3, "bare": [2000000000008]}"#;
+    let body = br#"{"card": 4111111111111111, "n": 12345, "ts": 1733400000000, "id": 4111111111111112, "x": 5.5e-3, "f": -4037.5113237635087, "bare": [2000000000008]}"#;
     let mut c = Counts::new();
     let out = m.mask_json(body, &mut c).expect("valid json");
-    let want = br#"{"card": "[masked:payment_card]", "n": 12345, "ts": 1733400000000, "id": 4111111111111112, "x": 5.5e-3, "bare": ["[masked:payment_card]"]}"#;
+    let want = br#"{"card": "[masked:payment_card]", "n": 12345, "ts": 1733400000000, "id": 4111111111111112, "x": 5.5e-3, "f": -4037.5113237635087, "bare": ["[masked:payment_card]"]}"#;
     assert_eq!(
         std::str::from_utf8(&out).expect("utf8"),
         std::str::from_utf8(want).expect("utf8")
