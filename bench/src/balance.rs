@@ -167,7 +167,7 @@ impl LocalState for NodeLocal<'_> {
             .copied()
             .unwrap_or(0)
     }
-    fn admits(&self, _: &AgentId) -> bool {
+    fn admits(&self, _: &AgentId, _: &str) -> bool {
         true
     }
 }

@@ -13,7 +13,8 @@
 //!   tenant's agents are never candidates (tenant isolation).
 //! - Eligible: gossip says [`Health::Healthy`](crate::Health::Healthy) (an agent whose health is
 //!   `Unknown` has not been probed yet by its home node and is not sent
-//!   traffic), this node's circuit for it admits ([`LocalState::admits`]),
+//!   traffic), this node's circuits for it and for the path to its home
+//!   node admit ([`LocalState::admits`]),
 //!   and it is not in `exclude` (already tried for this request).
 //! - Choice ([`Choice`], default [`Choice::LeastLoaded`]): the eligible
 //!   candidate with the lowest [`load_score`] (ties broken at random) of a
@@ -100,8 +101,9 @@ impl fmt::Display for Target {
 pub trait LocalState {
     /// Requests this node has sent to `id` and not yet seen answered.
     fn outstanding(&self, id: &AgentId) -> u32;
-    /// Does this node's circuit for `id` let a request through?
-    fn admits(&self, id: &AgentId) -> bool;
+    /// Do this node's circuits for `id`, and for the path to its home
+    /// node `node`, let a request through?
+    fn admits(&self, id: &AgentId, node: &str) -> bool;
 }
 
 /// No local state: nothing outstanding, every circuit closed (tests, benches).
@@ -112,7 +114,7 @@ impl LocalState for NoLocal {
     fn outstanding(&self, _: &AgentId) -> u32 {
         0
     }
-    fn admits(&self, _: &AgentId) -> bool {
+    fn admits(&self, _: &AgentId, _: &str) -> bool {
         true
     }
 }
@@ -161,7 +163,7 @@ pub enum SelectError {
     UnknownAgent { tenant: String, name: String },
     #[error("no agent of tenant `{tenant}` matches {target}")]
     NoMatch { tenant: String, target: String },
-    #[error("{target} of tenant `{tenant}`: {candidates} candidate(s), none eligible ({unhealthy} not healthy, {circuit_open} circuit open on this node, {excluded} already tried)")]
+    #[error("{target} of tenant `{tenant}`: {candidates} candidate(s), none eligible ({unhealthy} not healthy, {circuit_open} held back by an open circuit on this node (the agent's, or the path's to its home node), {excluded} already tried)")]
     NoneEligible {
         tenant: String,
         target: String,
@@ -217,7 +219,7 @@ impl Registry {
         };
         if !cx.exclude.is_empty() && cx.exclude.contains(&e.id) {
             Verdict::Excluded
-        } else if !cx.local.admits(&e.id) {
+        } else if !cx.local.admits(&e.id, self.node_of(slot)) {
             Verdict::CircuitOpen
         } else {
             Verdict::Eligible
@@ -776,6 +778,8 @@ mod tests {
     #[derive(Default)]
     struct Local {
         open: HashSet<AgentId>,
+        /// Nodes whose path circuit is open.
+        dark: HashSet<String>,
         outstanding: HashMap<AgentId, u32>,
     }
 
@@ -783,8 +787,8 @@ mod tests {
         fn outstanding(&self, id: &AgentId) -> u32 {
             self.outstanding.get(id).copied().unwrap_or(0)
         }
-        fn admits(&self, id: &AgentId) -> bool {
-            !self.open.contains(id)
+        fn admits(&self, id: &AgentId, node: &str) -> bool {
+            !self.open.contains(id) && !self.dark.contains(node)
         }
     }
 
@@ -871,6 +875,39 @@ mod tests {
         assert_eq!(s.id, id("acme", "b"));
     }
 
+    /// A node whose path this node's circuit has opened takes none of its
+    /// agents out of the registry, but none of them is chosen.
+    #[test]
+    fn agents_behind_an_open_path_are_not_eligible() {
+        let mut r = Registry::new();
+        r.upsert("n1", id("acme", "a"), rec(&["x"], Health::Healthy));
+        r.upsert("n1", id("acme", "b"), rec(&["x"], Health::Healthy));
+        r.upsert("n2", id("acme", "c"), rec(&["x"], Health::Healthy));
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut local = Local::default();
+        local.dark.insert("n1".into());
+        for _ in 0..20 {
+            let s = r
+                .select("acme", &Target::Tag("x".into()), &local, &[], &mut rng)
+                .expect("c");
+            assert_eq!((s.id, s.node.as_str()), (id("acme", "c"), "n2"));
+        }
+        local.dark.insert("n2".into());
+        let err = r
+            .select("acme", &Target::Tag("x".into()), &local, &[], &mut rng)
+            .expect_err("every path open");
+        assert!(
+            matches!(
+                err,
+                SelectError::NoneEligible {
+                    circuit_open: 3,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
     #[test]
     fn exclusion_circuit_and_errors() {
         let mut r = Registry::new();
@@ -905,7 +942,7 @@ mod tests {
                 excluded: 1
             }
         );
-        assert_eq!(err.to_string(), "tag `x` of tenant `acme`: 3 candidate(s), none eligible (1 not healthy, 1 circuit open on this node, 1 already tried)");
+        assert_eq!(err.to_string(), "tag `x` of tenant `acme`: 3 candidate(s), none eligible (1 not healthy, 1 held back by an open circuit on this node (the agent's, or the path's to its home node), 1 already tried)");
         let err = r
             .select("acme", &Target::Tag("y".into()), &NoLocal, &[], &mut rng)
             .expect_err("no tag");

@@ -140,7 +140,7 @@ impl LocalState for Local {
     fn outstanding(&self, id: &AgentId) -> u32 {
         (id.name.len() % 3) as u32
     }
-    fn admits(&self, id: &AgentId) -> bool {
+    fn admits(&self, id: &AgentId, _: &str) -> bool {
         !self.open.contains(id)
     }
 }
@@ -193,7 +193,7 @@ proptest! {
         let exclude: Vec<AgentId> = excluded.iter().map(|&i| AgentId::new(tenant, name(i))).collect();
         let eligible = |id: &AgentId| {
             r.get(id).is_some_and(|e| e.record.health() == Health::Healthy)
-                && local.admits(id)
+                && local.admits(id, "")
                 && !exclude.contains(id)
         };
         let mut rng = StdRng::seed_from_u64(seed);
@@ -213,7 +213,7 @@ proptest! {
                     prop_assert_eq!(&s.id.tenant, tenant, "foreign agent {}", s.id);
                     let e = r.get(&s.id).expect("selected agent exists");
                     prop_assert_eq!(e.record.health(), Health::Healthy);
-                    prop_assert!(local.admits(&s.id), "circuit-open agent {}", s.id);
+                    prop_assert!(local.admits(&s.id, &s.node), "circuit-open agent {}", s.id);
                     prop_assert!(!exclude.contains(&s.id), "excluded agent {}", s.id);
                     prop_assert_eq!(s.node.as_str(), &*e.node);
                     if let Some((o, _)) = &s.other {

@@ -46,6 +46,10 @@ pub enum TransportError {
     },
     #[error("overlay stream error: {0}")]
     Stream(String),
+    /// The connection a stream ran on was lost (timed out, closed, reset):
+    /// the path failed, not the stream's peer application.
+    #[error("overlay connection lost: {0}")]
+    ConnectionLost(String),
     #[error("frame error: {0}")]
     Frame(#[from] crate::frame::FrameError),
     #[error("the overlay is shut down")]

@@ -238,6 +238,9 @@ impl StreamRecv {
         match self.0.read_chunk(max, true).await {
             Ok(Some(c)) => Ok(Some(c.bytes)),
             Ok(None) => Ok(None),
+            Err(quinn::ReadError::ConnectionLost(e)) => {
+                Err(TransportError::ConnectionLost(e.to_string()))
+            }
             Err(e) => Err(TransportError::Stream(e.to_string())),
         }
     }

@@ -114,6 +114,7 @@ pub(crate) async fn status_report(s: &Shared) -> StatusReport {
                 transport: link.as_ref().map(|l| l.path.transport.to_string()),
                 path_note: link.as_ref().and_then(|l| l.path.note.clone()),
                 mtu: link.as_ref().map(|l| l.mtu),
+                circuit: s.mesh.path_state(&m.name).to_string(),
                 reachability,
                 relays: via_claimed,
                 name: m.name.clone(),

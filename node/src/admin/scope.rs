@@ -244,6 +244,7 @@ mod tests {
             reachability: "direct".into(),
             relays: vec![],
             mtu: None,
+            circuit: "closed".into(),
         }
     }
 

@@ -236,6 +236,11 @@ pub struct PeerStatus {
     /// discovery, up to `overlay.max_udp_payload`), when one is up.
     #[serde(default)]
     pub mtu: Option<u16>,
+    /// This node's circuit for the path to the peer (`closed`, `open`,
+    /// `half-open`): delegations that could not reach it, judged once for
+    /// all of its agents (docs/delegation.md).
+    #[serde(default)]
+    pub circuit: String,
 }
 
 /// This node's reachability and relay sessions.
@@ -502,11 +507,14 @@ impl StatusReport {
                     Some(mtu) => format!("{}, mtu {mtu}", p.transport.as_deref().unwrap_or("quic")),
                     None => p.transport.as_deref().unwrap_or("quic").to_string(),
                 };
-                let path = match (&p.path, &p.via) {
+                let mut path = match (&p.path, &p.via) {
                     (Some(path), Some(via)) => format!("{path} via {via} ({how})"),
                     (Some(path), None) => format!("{path} ({how})"),
                     _ => "-".into(),
                 };
+                if !p.circuit.is_empty() && p.circuit != "closed" {
+                    path.push_str(&format!("; circuit {}", p.circuit));
+                }
                 [
                     p.name.clone(),
                     p.region.clone(),

@@ -40,7 +40,7 @@ use crate::config::DelegationConfig;
 use crate::proto::http::{full, Body, ErrorKind, MeshError};
 use crate::proto::outcome::{Failure, Outcome, Served};
 use crate::proto::wire::{RequestHeadRef, DELEGATION_VERSION};
-use crate::route::attempts::{Attempts, Next};
+use crate::route::attempts::{Attempts, Charge, Next};
 use crate::route::MeshView;
 use body::guarded;
 use client::Upstream;
@@ -368,7 +368,7 @@ impl Delegator {
                 }
             };
             let id = sel.id.clone();
-            if !self.mesh.admit(&id) {
+            if !self.mesh.admit(&id) || !self.mesh.admit_path(&sel.node) {
                 plan.skip(id);
                 continue;
             }
@@ -538,6 +538,7 @@ impl Delegator {
             };
             let failure = match result {
                 Ok(resp) => {
+                    self.mesh.record_path(&sel.node, true);
                     // An answer to a request whose body then failed says
                     // nothing about the agent.
                     if !watch.failed() {
@@ -559,6 +560,11 @@ impl Delegator {
                 }
                 Err(f) => local::blame(f, &watch, &self.me),
             };
+            // The home node answered (with a failure of its own): the path
+            // to it works.
+            if sel.node != self.me && !matches!(failure, Failure::Path { .. }) {
+                self.mesh.record_path(&sel.node, true);
+            }
             // A home node's refusal by the target's limit crosses the
             // overlay without its wait; this node knows the same limits.
             let failure = match failure {
@@ -600,8 +606,10 @@ impl Delegator {
             }
             let why = failure.error().detail.clone();
             let verdict = plan.failed(id.clone(), failure);
-            if verdict.charge_agent && !callers_timeout {
-                self.mesh.record_outcome(&id, false);
+            match verdict.charge {
+                Charge::Agent if !callers_timeout => self.mesh.record_outcome(&id, false),
+                Charge::Path if !callers_timeout => self.mesh.record_path(&sel.node, false),
+                Charge::Agent | Charge::Path | Charge::Nobody => {}
             }
             match verdict.next {
                 Next::Retry => {

@@ -60,6 +60,12 @@ impl Delegator {
                 MeshError::new(ErrorKind::Unreachable, &self.me, detail).agent(id),
             )
         };
+        // The home node could not be reached: the path's failure, not the
+        // agent's.
+        let path_failed = |detail: String, maybe_delivered: bool| Failure::Path {
+            error: MeshError::new(ErrorKind::Unreachable, &self.me, detail).agent(id),
+            maybe_delivered,
+        };
         let Some((addr, speaks)) = self.mesh.node_route(node) else {
             return Err(not_delivered(format!(
                 "home node `{node}` cannot be reached now: {}",
@@ -86,14 +92,23 @@ impl Delegator {
         {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
-                return Err(not_delivered(format!(
-                    "home node `{node}` unreachable: {e}"
-                )))
+                return Err(path_failed(
+                    format!("home node `{node}` unreachable: {e}"),
+                    false,
+                ))
             }
             Err(_) => {
-                return Err(not_delivered(format!(
-                    "home node `{node}` did not answer in time"
-                )))
+                // Within the caller's deadline: a timeout (not charged when
+                // the caller chose a short one).
+                return Err(Failure::Path {
+                    error: MeshError::new(
+                        ErrorKind::Timeout,
+                        &self.me,
+                        format!("home node `{node}` could not be reached within the deadline"),
+                    )
+                    .agent(id),
+                    maybe_delivered: false,
+                });
             }
         };
         let BiStream {
@@ -105,9 +120,10 @@ impl Delegator {
         if *peer != *node {
             // A stale address now belongs to another node: not our target.
             send.reset(dmsc_transport::overlay::RESET_CANCELLED);
-            return Err(not_delivered(format!(
-                "the address of home node `{node}` now answers as `{peer}`"
-            )));
+            return Err(path_failed(
+                format!("the address of home node `{node}` now answers as `{peer}`"),
+                false,
+            ));
         }
         let mut parts: Vec<Bytes> = match wire::encode_request_head(head) {
             Ok(p) => {
@@ -123,13 +139,13 @@ impl Delegator {
             // The common case: head and body in one write.
             wire::encode_data(bytes, &mut parts);
             if let Err(e) = send.write_chunks(&mut parts).await {
-                return Err(not_delivered(format!("home node `{node}`: {e}")));
+                return Err(path_failed(format!("home node `{node}`: {e}"), false));
             }
             let _ = send.finish();
         } else {
             let body = body.into_body();
             if let Err(e) = send.write_chunks(&mut parts).await {
-                return Err(not_delivered(format!("home node `{node}`: {e}")));
+                return Err(path_failed(format!("home node `{node}`: {e}"), false));
             }
             let task = tokio::spawn(pump_body(body, send).in_current_span());
             guards.push(Box::new(AbortOnDrop(task)));
@@ -159,6 +175,12 @@ impl Delegator {
                         format!("home node `{node}` sent {other:?} instead of a response head"),
                     )
                     .agent(id),
+                ))
+            }
+            Ok(Err(e @ wire::WireError::ConnectionLost(_))) => {
+                return Err(path_failed(
+                    format!("the connection to home node `{node}` was lost mid-delegation: {e}"),
+                    true,
                 ))
             }
             Ok(Err(e)) => {
@@ -264,10 +286,10 @@ pub(super) async fn read_part(
         if let Some(p) = decoder.next_part()? {
             return Ok(Some(p));
         }
-        let chunk = recv
-            .read_chunk(READ_CHUNK)
-            .await
-            .map_err(|e| wire::WireError::Stream(e.to_string()))?;
+        let chunk = recv.read_chunk(READ_CHUNK).await.map_err(|e| match e {
+            dmsc_transport::TransportError::ConnectionLost(e) => wire::WireError::ConnectionLost(e),
+            e => wire::WireError::Stream(e.to_string()),
+        })?;
         match chunk {
             Some(bytes) => decoder.push_bytes(bytes),
             None => {

@@ -34,12 +34,23 @@ pub enum Failure {
     /// request the home node judged malformed): charged to no agent, never
     /// retried.
     Caller(MeshError),
+    /// The path to the agent's home node failed: no stream could be opened
+    /// to it, or its connection was lost before it answered. Nothing is
+    /// known about the agent: charged to this node's circuit for the path,
+    /// not to the agent. With `maybe_delivered` the request had been sent.
+    Path {
+        error: MeshError,
+        maybe_delivered: bool,
+    },
 }
 
 impl Failure {
     pub fn error(&self) -> &MeshError {
         match self {
-            Failure::NotDelivered(e) | Failure::MaybeDelivered(e) | Failure::Caller(e) => e,
+            Failure::NotDelivered(e)
+            | Failure::MaybeDelivered(e)
+            | Failure::Caller(e)
+            | Failure::Path { error: e, .. } => e,
         }
     }
 }

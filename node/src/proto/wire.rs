@@ -154,6 +154,9 @@ pub enum WireError {
     Version(u8),
     #[error("overlay stream: {0}")]
     Stream(String),
+    /// The overlay connection under the stream was lost.
+    #[error("overlay connection lost: {0}")]
+    ConnectionLost(String),
     #[error("unexpected {0} on a delegation stream")]
     Unexpected(&'static str),
 }

@@ -1,6 +1,7 @@
 //! Retry decisions for one delegation, as a sans-I/O state machine: the
 //! forwarding loop asks which candidates to leave out, reports each attempt's
-//! failure, and is told whether to charge the agent's circuit and whether to
+//! failure, and is told whom to charge (the agent's circuit, the path's to
+//! its home node, or nobody) and whether to
 //! try the next candidate or stop with an error. No clocks, sockets or
 //! registry here, so every rule is tested on values.
 //!
@@ -13,6 +14,9 @@
 //!   deadline is spent);
 //! - the caller's own failures (bad or cut body) and a home node's policy
 //!   refusal are never retried and never charged to the agent;
+//! - a failed path to the home node (no stream, or the connection lost) is
+//!   charged to the path, not the agent, and retried by the same rules as
+//!   the agent's failures (before or after the request was sent);
 //! - at most `retries` further candidates; a candidate whose circuit is
 //!   open is skipped and counts as one;
 //! - a response is held back from the caller (until it is whole, or the
@@ -36,11 +40,20 @@ pub enum Next {
     Stop(MeshError),
 }
 
+/// Whom a failed attempt counts against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Charge {
+    Nobody,
+    /// The agent (its circuit breaker and error rate).
+    Agent,
+    /// This node's circuit for the path to the agent's home node.
+    Path,
+}
+
 /// The verdict on one failed attempt.
 #[derive(Debug)]
 pub struct Verdict {
-    /// Count it against the agent (circuit breaker, error rate).
-    pub charge_agent: bool,
+    pub charge: Charge,
     pub next: Next,
 }
 
@@ -112,7 +125,7 @@ impl Attempts {
     pub fn failed(&mut self, id: AgentId, failure: Failure) -> Verdict {
         match failure {
             Failure::Caller(e) => Verdict {
-                charge_agent: false,
+                charge: Charge::Nobody,
                 next: Next::Stop(e),
             },
             // A home node's tenant policy refused: another candidate of the
@@ -121,7 +134,7 @@ impl Attempts {
                 if matches!(e.kind, ErrorKind::Forbidden | ErrorKind::PolicyViolation) =>
             {
                 Verdict {
-                    charge_agent: false,
+                    charge: Charge::Nobody,
                     next: Next::Stop(e),
                 }
             }
@@ -132,13 +145,23 @@ impl Attempts {
                 if matches!(e.kind, ErrorKind::RateLimited | ErrorKind::Overloaded) =>
             {
                 let mut v = self.after(id, self.replayable, e);
-                v.charge_agent = false;
+                v.charge = Charge::Nobody;
                 v
             }
             Failure::NotDelivered(e) => self.after(id, self.replayable, e),
             Failure::MaybeDelivered(e) => {
                 let retry = self.replayable && self.idempotent && e.kind != ErrorKind::Timeout;
                 self.after(id, retry, e)
+            }
+            Failure::Path {
+                error,
+                maybe_delivered,
+            } => {
+                let retry = self.replayable
+                    && (!maybe_delivered || (self.idempotent && error.kind != ErrorKind::Timeout));
+                let mut v = self.after(id, retry, error);
+                v.charge = Charge::Path;
+                v
             }
         }
     }
@@ -157,7 +180,7 @@ impl Attempts {
             Next::Stop(e)
         };
         Verdict {
-            charge_agent: true,
+            charge: Charge::Agent,
             next,
         }
     }
@@ -232,12 +255,12 @@ mod tests {
         let mut a = Attempts::new(2, true, false);
         assert!(a.begin());
         let v = a.failed(id("a"), Failure::NotDelivered(err(ErrorKind::Unreachable)));
-        assert!(retried(&v) && v.charge_agent);
+        assert!(retried(&v) && v.charge == Charge::Agent);
         assert_eq!(a.excluded(), [id("a")]);
         let mut streamed = Attempts::new(2, false, true);
         assert!(streamed.begin());
         let v = streamed.failed(id("a"), Failure::NotDelivered(err(ErrorKind::Unreachable)));
-        assert!(!retried(&v) && v.charge_agent);
+        assert!(!retried(&v) && v.charge == Charge::Agent);
     }
 
     #[test]
@@ -252,7 +275,31 @@ mod tests {
             a.begin();
             let v = a.failed(id("a"), Failure::MaybeDelivered(err(kind)));
             assert_eq!(retried(&v), retry, "{replayable} {idempotent} {kind:?}");
-            assert!(v.charge_agent);
+            assert!(v.charge == Charge::Agent);
+        }
+    }
+
+    #[test]
+    fn a_failed_path_is_charged_to_the_path_and_retried_like_the_agents_failures() {
+        for (maybe_delivered, replayable, idempotent, kind, retry) in [
+            (false, true, false, ErrorKind::Unreachable, true),
+            (false, false, true, ErrorKind::Unreachable, false),
+            (true, true, true, ErrorKind::Unreachable, true),
+            (true, true, false, ErrorKind::Unreachable, false),
+            (true, true, true, ErrorKind::Timeout, false),
+        ] {
+            let mut a = Attempts::new(2, replayable, idempotent);
+            a.begin();
+            let v = a.failed(
+                id("a"),
+                Failure::Path {
+                    error: err(kind),
+                    maybe_delivered,
+                },
+            );
+            let case = format!("{maybe_delivered} {replayable} {idempotent} {kind:?}");
+            assert_eq!(retried(&v), retry, "{case}");
+            assert_eq!(v.charge, Charge::Path, "{case}");
         }
     }
 
@@ -261,9 +308,9 @@ mod tests {
         let mut a = Attempts::new(2, true, true);
         a.begin();
         let v = a.failed(id("a"), Failure::Caller(err(ErrorKind::BadRequest)));
-        assert!(!retried(&v) && !v.charge_agent);
+        assert!(!retried(&v) && v.charge == Charge::Nobody);
         let v = a.failed(id("a"), Failure::NotDelivered(err(ErrorKind::Forbidden)));
-        assert!(!retried(&v) && !v.charge_agent);
+        assert!(!retried(&v) && v.charge == Charge::Nobody);
         assert!(a.excluded().is_empty());
     }
 
@@ -273,7 +320,7 @@ mod tests {
         a.begin();
         let limited = err(ErrorKind::RateLimited).retry_after(std::time::Duration::from_secs(2));
         let v = a.failed(id("a"), Failure::NotDelivered(limited));
-        assert!(retried(&v) && !v.charge_agent);
+        assert!(retried(&v) && v.charge == Charge::Nobody);
         // No other replica: the caller gets the 429 with its wait.
         let e = a.no_candidate("n1", err(ErrorKind::UnknownAgent));
         assert_eq!(e.kind, ErrorKind::RateLimited);
@@ -282,7 +329,7 @@ mod tests {
         let mut a = Attempts::new(1, false, false);
         a.begin();
         let v = a.failed(id("a"), Failure::NotDelivered(err(ErrorKind::RateLimited)));
-        assert!(!retried(&v) && !v.charge_agent);
+        assert!(!retried(&v) && v.charge == Charge::Nobody);
     }
 
     #[test]
@@ -290,7 +337,7 @@ mod tests {
         let mut a = Attempts::new(1, true, false);
         a.begin();
         let v = a.failed(id("a"), Failure::NotDelivered(err(ErrorKind::Overloaded)));
-        assert!(retried(&v) && !v.charge_agent);
+        assert!(retried(&v) && v.charge == Charge::Nobody);
         assert_eq!(a.excluded(), &[id("a")]);
     }
 
@@ -387,7 +434,7 @@ mod tests {
         a.begin();
         assert!(a.holds_response(None));
         let v = a.failed(id("a"), lost());
-        assert!(retried(&v) && v.charge_agent);
+        assert!(retried(&v) && v.charge == Charge::Agent);
         let mut post = Attempts::new(2, true, false);
         post.begin();
         assert!(!post.holds_response(None));

@@ -180,6 +180,11 @@ pub struct MeshView {
     registry: RwLock<Registry>,
     local: RwLock<HashMap<AgentId, Arc<AgentLocal>>>,
     circuit_cfg: CircuitConfig,
+    /// This node's circuits for the paths to other nodes (created at a
+    /// path's first failure): a home node that cannot be reached, or whose
+    /// connection is lost mid-delegation, is judged here once for all its
+    /// agents instead of being charged to each of them.
+    paths: RwLock<HashMap<String, Mutex<Circuit>>>,
     /// Node name -> overlay address, from the gossiped `node` key.
     /// Live nodes: overlay address and the delegation wire version they speak.
     nodes: RwLock<HashMap<String, (SocketAddr, u8)>>,
@@ -209,6 +214,7 @@ impl MeshView {
             registry: RwLock::new(registry),
             local: RwLock::new(HashMap::new()),
             circuit_cfg,
+            paths: RwLock::new(HashMap::new()),
             nodes: RwLock::new(HashMap::new()),
             recently_gone: Mutex::new(HashMap::new()),
             announcements: Mutex::new(Vec::new()),
@@ -277,6 +283,58 @@ impl MeshView {
         if before != after {
             tracing::info!(agent = %id, from = %before, to = %after, "circuit changed");
         }
+    }
+
+    /// Asks the circuit of the path to `node` for permission to send (this
+    /// node's own agents need no path).
+    pub fn admit_path(&self, node: &str) -> bool {
+        let paths = self.paths.read().unwrap_or_else(|p| p.into_inner());
+        paths
+            .get(node)
+            .is_none_or(|c| lock(c).admit(Instant::now()))
+    }
+
+    /// Records whether the path to `node` carried a delegation to its home
+    /// node (an answer of any kind from it counts as the path working).
+    pub fn record_path(&self, node: &str, ok: bool) {
+        if node == self.me {
+            return;
+        }
+        if ok {
+            let paths = self.paths.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(c) = paths.get(node) {
+                Self::judge_path(node, &mut lock(c), true);
+            }
+            return;
+        }
+        let mut paths = self.paths.write().unwrap_or_else(|p| p.into_inner());
+        let c = paths
+            .entry(node.to_string())
+            .or_insert_with(|| Mutex::new(Circuit::new(self.circuit_cfg.clone())));
+        Self::judge_path(node, &mut lock(c), false);
+    }
+
+    fn judge_path(node: &str, c: &mut Circuit, ok: bool) {
+        let now = Instant::now();
+        let before = c.state(now);
+        if ok {
+            c.on_success(now);
+        } else {
+            c.on_failure(now);
+        }
+        let after = c.state(now);
+        if before != after {
+            tracing::info!(node, from = %before, to = %after, "path circuit changed");
+        }
+    }
+
+    /// The circuit of the path to `node` (closed for a path that never
+    /// failed).
+    pub fn path_state(&self, node: &str) -> CircuitState {
+        let paths = self.paths.read().unwrap_or_else(|p| p.into_inner());
+        paths
+            .get(node)
+            .map_or(CircuitState::Closed, |c| lock(c).state(Instant::now()))
     }
 
     /// Drops this node's state for an agent that left, unless requests to
@@ -644,6 +702,14 @@ impl MeshView {
             }
             keep
         });
+        // A forgotten node's path circuit goes with it (a node that comes
+        // back under the name starts closed).
+        {
+            let mut paths = self.paths.write().unwrap_or_else(|p| p.into_inner());
+            if !paths.is_empty() {
+                paths.retain(|n, _| cache.values().any(|e| e.name == *n));
+            }
+        }
         let own_clients = lock(&self.own_relay_clients).clone();
         let nodes: HashMap<String, (SocketAddr, u8)> = cache
             .values()
@@ -830,14 +896,17 @@ impl LocalState for MeshView {
         MeshView::outstanding(self, id)
     }
 
-    fn admits(&self, id: &AgentId) -> bool {
+    fn admits(&self, id: &AgentId, node: &str) -> bool {
         // A read-only look: an open circuit whose wait is over counts as
-        // admitting (the real half-open transition happens in `admit`).
-        self.local
+        // admitting (the real half-open transition happens in `admit` and
+        // `admit_path`).
+        let agent = self
+            .local
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(id)
-            .is_none_or(|l| lock(&l.circuit).state(Instant::now()) != CircuitState::Open)
+            .is_none_or(|l| lock(&l.circuit).state(Instant::now()) != CircuitState::Open);
+        agent && (node == self.me || self.path_state(node) != CircuitState::Open)
     }
 }
 
@@ -945,6 +1014,60 @@ mod tests {
             complete: true,
             deleted: Vec::new(),
         }
+    }
+
+    /// A home node that cannot be reached is judged once, on the path's
+    /// circuit: none of its agents is chosen while it is open, no agent's
+    /// circuit hears of it, a probe after the open period closes it, and a
+    /// node gossip forgets takes its path's circuit along.
+    #[test]
+    fn a_failing_path_is_judged_once_for_all_of_its_nodes_agents() {
+        let v = MeshView::new(
+            "me",
+            CircuitConfig {
+                consecutive_failures: 2,
+                open_for: Duration::from_millis(50),
+                ..CircuitConfig::default()
+            },
+            dmsc_registry::Choice::PowerOfTwo,
+        );
+        v.apply_scan(vec![scan(1, 1, MemberState::Alive, true)]);
+        let here = |v: &MeshView| {
+            v.read()
+                .select(
+                    "acme",
+                    &Target::Tag("t".into()),
+                    v,
+                    &[],
+                    &mut rand::thread_rng(),
+                )
+                .map(|s| s.node)
+        };
+        assert_eq!(here(&v).as_deref(), Ok("x"));
+        v.record_path("x", false);
+        assert_eq!(v.path_state("x"), CircuitState::Closed);
+        v.record_path("x", false);
+        assert_eq!(v.path_state("x"), CircuitState::Open);
+        assert!(!v.admit_path("x"));
+        assert!(here(&v).is_err(), "no agent behind an open path is chosen");
+        assert_eq!(
+            v.circuit_state(&AgentId::new("acme", "a")),
+            CircuitState::Closed
+        );
+        // This node's own agents need no path; a working path leaves no state.
+        v.record_path("me", false);
+        v.record_path("y", true);
+        assert!(v.admit_path("me"));
+        assert_eq!(v.paths.read().expect("paths").len(), 1);
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(v.admit_path("x"), "the probe after the open period");
+        v.record_path("x", true);
+        assert_eq!(v.path_state("x"), CircuitState::Closed);
+        assert_eq!(here(&v).as_deref(), Ok("x"));
+        v.record_path("x", false);
+        v.record_path("x", false);
+        v.apply_scan(Vec::new());
+        assert!(v.paths.read().expect("paths").is_empty());
     }
 
     #[test]
