@@ -538,7 +538,6 @@ impl Delegator {
             };
             let failure = match result {
                 Ok(resp) => {
-                    self.mesh.record_path(&sel.node, true);
                     // An answer to a request whose body then failed says
                     // nothing about the agent.
                     if !watch.failed() {
@@ -560,11 +559,6 @@ impl Delegator {
                 }
                 Err(f) => local::blame(f, &watch, &self.me),
             };
-            // The home node answered (with a failure of its own): the path
-            // to it works.
-            if sel.node != self.me && !matches!(failure, Failure::Path { .. }) {
-                self.mesh.record_path(&sel.node, true);
-            }
             // A home node's refusal by the target's limit crosses the
             // overlay without its wait; this node knows the same limits.
             let failure = match failure {

@@ -194,6 +194,9 @@ impl Delegator {
                 ))
             }
         };
+        // The home node answered (a failure of its own included): the path
+        // to it works.
+        self.mesh.record_path(node, true);
         let mut head = head.map_err(|e| {
             Failure::MaybeDelivered(
                 MeshError::new(
