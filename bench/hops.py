@@ -19,7 +19,6 @@ the next hop waits for when it does not preempt). Threads are named
 read, so run this while the processes live (compare.sh does).
 """
 import collections
-import os
 import re
 import statistics
 import sys

@@ -75,6 +75,7 @@ impl Shared {
 
 /// The writer's side of the appender.
 pub(crate) struct Appender {
+    path: PathBuf,
     shared: Arc<Shared>,
     /// The thread's final report, taken by [`Appender::close`].
     done: Option<oneshot::Receiver<Result<(), AuditError>>>,
@@ -101,6 +102,7 @@ impl Appender {
         });
         let (report, done) = oneshot::channel();
         let theirs = shared.clone();
+        let path = target.path.clone();
         std::thread::Builder::new()
             .name("audit-io".into())
             .spawn(move || {
@@ -111,6 +113,7 @@ impl Appender {
                 let _ = report.send(Thread::new(target).run(&theirs));
             })?;
         Ok(Appender {
+            path,
             shared,
             done: Some(done),
         })
@@ -131,12 +134,7 @@ impl Appender {
             return;
         }
         let mut p = self.shared.lock();
-        if p.buf.is_empty() {
-            std::mem::swap(&mut p.buf, buf);
-        } else {
-            p.buf.extend_from_slice(buf);
-            buf.clear();
-        }
+        move_bytes(buf, &mut p.buf);
         p.lines += lines;
         p.checkpoints += checkpoints;
         p.waiters.append(waiters);
@@ -170,7 +168,7 @@ impl Appender {
         match self.done.take() {
             Some(done) => done.await.unwrap_or_else(|_| {
                 Err(AuditError::Writer {
-                    path: PathBuf::new(),
+                    path: self.path.clone(),
                     reason: "the audit I/O thread stopped abnormally".into(),
                 })
             }),
@@ -185,6 +183,17 @@ impl Drop for Appender {
         // write what it has and end.
         self.shared.lock().closing = true;
         self.shared.wake.notify_one();
+    }
+}
+
+/// Moves `from`'s bytes to the end of `to`, leaving `from` empty: a swap
+/// (no copy) when `to` is empty, which is the usual case.
+fn move_bytes(from: &mut Vec<u8>, to: &mut Vec<u8>) {
+    if to.is_empty() {
+        std::mem::swap(from, to);
+    } else {
+        to.extend_from_slice(from);
+        from.clear();
     }
 }
 
@@ -290,12 +299,7 @@ impl Thread {
                 .0;
             p.lingering = false;
         }
-        if self.buf.is_empty() {
-            std::mem::swap(&mut self.buf, &mut p.buf);
-        } else {
-            self.buf.extend_from_slice(&p.buf);
-            p.buf.clear();
-        }
+        move_bytes(&mut p.buf, &mut self.buf);
         self.lines += std::mem::take(&mut p.lines);
         self.checkpoints += std::mem::take(&mut p.checkpoints);
         if !p.waiters.is_empty() || p.sync_now {

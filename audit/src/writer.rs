@@ -449,7 +449,6 @@ impl AuditLog {
             reason: format!("cannot start the audit I/O thread: {e}"),
         })?;
         let mut writer = Writer {
-            path: path.clone(),
             appender,
             node: cfg.node.clone(),
             checkpoint_every: cfg.checkpoint_every,
@@ -632,7 +631,6 @@ fn prepare(dir: &Path, node: &str) -> Result<Prepared, AuditError> {
 }
 
 struct Writer {
-    path: PathBuf,
     appender: Appender,
     node: String,
     checkpoint_every: u64,
@@ -715,13 +713,9 @@ impl Writer {
             self.push_checkpoint();
         }
         self.hand_off(true);
-        self.appender.close().await.map_err(|e| match e {
-            AuditError::Writer { reason, .. } => AuditError::Writer {
-                path: self.path.clone(),
-                reason,
-            },
-            e => e,
-        })
+        self.appender.close().await?;
+        tracing::debug!(next_seq = self.next_seq, "audit log closed");
+        Ok(())
     }
 
     /// Encodes a batch of messages; true if a `flush()` asked for a sync.

@@ -303,23 +303,9 @@ impl Delegator {
                         }
                     }
                 }
-                Err(Failure::NotDelivered(e)) => {
-                    let _ = write_error(&mut send, &e, false, version).await;
-                    (e.kind.as_str().to_string(), Some(e.kind.status().as_u16()))
-                }
-                // (A path failure does not arise delivering to this node's
-                // own agent; were it to, it says what `maybe_delivered` says.)
-                Err(Failure::Path {
-                    error: e,
-                    maybe_delivered: false,
-                }) => {
-                    let _ = write_error(&mut send, &e, false, version).await;
-                    (e.kind.as_str().to_string(), Some(e.kind.status().as_u16()))
-                }
-                Err(Failure::MaybeDelivered(e))
-                | Err(Failure::Caller(e))
-                | Err(Failure::Path { error: e, .. }) => {
-                    let _ = write_error(&mut send, &e, true, version).await;
+                Err(f) => {
+                    let e = f.error();
+                    let _ = write_error(&mut send, e, f.maybe_delivered(), version).await;
                     (e.kind.as_str().to_string(), Some(e.kind.status().as_u16()))
                 }
             }

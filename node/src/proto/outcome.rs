@@ -53,6 +53,17 @@ impl Failure {
             | Failure::Path { error: e, .. } => e,
         }
     }
+
+    /// Whether the request may have reached the agent.
+    pub fn maybe_delivered(&self) -> bool {
+        match self {
+            Failure::NotDelivered(_) => false,
+            Failure::Path {
+                maybe_delivered, ..
+            } => *maybe_delivered,
+            Failure::MaybeDelivered(_) | Failure::Caller(_) => true,
+        }
+    }
 }
 
 /// A finished delegation.

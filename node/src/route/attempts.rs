@@ -148,22 +148,25 @@ impl Attempts {
                 v.charge = Charge::Nobody;
                 v
             }
-            Failure::NotDelivered(e) => self.after(id, self.replayable, e),
-            Failure::MaybeDelivered(e) => {
-                let retry = self.replayable && self.idempotent && e.kind != ErrorKind::Timeout;
-                self.after(id, retry, e)
-            }
+            Failure::NotDelivered(e) => self.after(id, self.may_retry(false, &e), e),
+            Failure::MaybeDelivered(e) => self.after(id, self.may_retry(true, &e), e),
             Failure::Path {
                 error,
                 maybe_delivered,
             } => {
-                let retry = self.replayable
-                    && (!maybe_delivered || (self.idempotent && error.kind != ErrorKind::Timeout));
+                let retry = self.may_retry(maybe_delivered, &error);
                 let mut v = self.after(id, retry, error);
                 v.charge = Charge::Path;
                 v
             }
         }
+    }
+
+    /// Whether another candidate may get the request: one that certainly
+    /// did not reach the agent, if the body can be sent again; one that may
+    /// have, only for an idempotent method and never after a timeout.
+    fn may_retry(&self, maybe_delivered: bool, e: &MeshError) -> bool {
+        self.replayable && (!maybe_delivered || (self.idempotent && e.kind != ErrorKind::Timeout))
     }
 
     /// A failure charged to the agent: try the next candidate, or stop.

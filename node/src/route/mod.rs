@@ -272,16 +272,9 @@ impl MeshView {
 
     pub fn record_outcome(&self, id: &AgentId, ok: bool) {
         let l = self.local(id);
-        let mut c = lock(&l.circuit);
-        let before = c.state(Instant::now());
-        if ok {
-            c.on_success(Instant::now());
-        } else {
-            c.on_failure(Instant::now());
-        }
-        let after = c.state(Instant::now());
-        if before != after {
-            tracing::info!(agent = %id, from = %before, to = %after, "circuit changed");
+        let changed = judge(&mut lock(&l.circuit), ok);
+        if let Some((from, to)) = changed {
+            tracing::info!(agent = %id, %from, %to, "circuit changed");
         }
     }
 
@@ -300,31 +293,21 @@ impl MeshView {
         if node == self.me {
             return;
         }
-        if ok {
+        let changed = if ok {
+            // A path that never failed has no circuit to tell.
             let paths = self.paths.read().unwrap_or_else(|p| p.into_inner());
-            if let Some(c) = paths.get(node) {
-                Self::judge_path(node, &mut lock(c), true);
-            }
-            return;
-        }
-        let mut paths = self.paths.write().unwrap_or_else(|p| p.into_inner());
-        let c = paths
-            .entry(node.to_string())
-            .or_insert_with(|| Mutex::new(Circuit::new(self.circuit_cfg.clone())));
-        Self::judge_path(node, &mut lock(c), false);
-    }
-
-    fn judge_path(node: &str, c: &mut Circuit, ok: bool) {
-        let now = Instant::now();
-        let before = c.state(now);
-        if ok {
-            c.on_success(now);
+            let changed = paths.get(node).and_then(|c| judge(&mut lock(c), true));
+            changed
         } else {
-            c.on_failure(now);
-        }
-        let after = c.state(now);
-        if before != after {
-            tracing::info!(node, from = %before, to = %after, "path circuit changed");
+            let mut paths = self.paths.write().unwrap_or_else(|p| p.into_inner());
+            let c = paths
+                .entry(node.to_string())
+                .or_insert_with(|| Mutex::new(Circuit::new(self.circuit_cfg.clone())));
+            let changed = judge(&mut lock(c), false);
+            changed
+        };
+        if let Some((from, to)) = changed {
+            tracing::info!(node, %from, %to, "path circuit changed");
         }
     }
 
@@ -908,6 +891,19 @@ impl LocalState for MeshView {
             .is_none_or(|l| lock(&l.circuit).state(Instant::now()) != CircuitState::Open);
         agent && (node == self.me || self.path_state(node) != CircuitState::Open)
     }
+}
+
+/// Records one outcome on a circuit; the change of state, if any.
+fn judge(c: &mut Circuit, ok: bool) -> Option<(CircuitState, CircuitState)> {
+    let now = Instant::now();
+    let before = c.state(now);
+    if ok {
+        c.on_success(now);
+    } else {
+        c.on_failure(now);
+    }
+    let after = c.state(now);
+    (before != after).then_some((before, after))
 }
 
 /// The tags of an agent's skills, as its gossiped record lists them.
