@@ -32,7 +32,9 @@
 # delegation's time goes between them.
 # DMSC_BENCH_HOPS=1 shows, for nginx and dmsc (or DMSC_BENCH_PATHS), how
 # each server thread's runs on the shared CPU split into reacting to a
-# request or answer and the work after passing it on (bench/hops.py).
+# request or answer and the work after passing it on (bench/hops.py), and
+# the path's server-side latency per request with what its slowest 1 % ran
+# into (bench/tail.py).
 # DMSC_BENCH_SYSCALLS=1 (or =max, or =RATE) counts their system calls per request
 # (other perf events with DMSC_BENCH_STAT_EVENTS, e.g. probe_libc:malloc
 # after `perf probe -x <libc> -a malloc`).
@@ -287,11 +289,18 @@ if [ -n "${DMSC_BENCH_HOPS:-}" ]; then
   declare -A HOP_PIDS=([nginx]="$BACKEND_PID=backend $NGX_F=nginx-front $NGX_B=nginx-back"
     [haproxy]="$BACKEND_PID=backend $HAP_F=haproxy-front $HAP_B=haproxy-back"
     [dmsc]="$BACKEND_PID=backend $DMSC_B=dmsc-ingress $DMSC_A=dmsc-home")
+  declare -A HOP_FRONT=([nginx]="$NGX_F" [haproxy]="$HAP_F" [dmsc]="$DMSC_B")
   declare -A HOP_URL=([nginx]=127.0.0.1:18080 [haproxy]=127.0.0.1:18081 [dmsc]=127.0.0.1:18082)
   declare -A HOP_HOST=([nginx]=x [haproxy]=x [dmsc]=echo.bench.dmsc)
   for p in ${DMSC_BENCH_PATHS:-nginx dmsc}; do
-    perf record -C 0 -e sched:sched_switch -e 'syscalls:sys_enter_send*' -e syscalls:sys_enter_writev \
-      -e syscalls:sys_enter_write -o "$W/hops.data" -- sleep "$SECS" >/dev/null 2>&1 &
+    # DMSC_BENCH_HOPS=profile also samples the CPU (call graphs; use a build
+    # with debug info) and charges the samples to each hop's phases
+    # (bench/critical.py): what the critical path is made of.
+    prof=()
+    [ "$DMSC_BENCH_HOPS" = profile ] && prof=(-F 10000 -e cycles --call-graph dwarf,8192)
+    # perf itself on the client CPU: its own writes stay out of the trace.
+    $PIN1 perf record -C 0 "${prof[@]}" -e sched:sched_switch -e 'syscalls:sys_enter_send*' -e syscalls:sys_enter_writev \
+      -e syscalls:sys_enter_write -e syscalls:sys_enter_recvfrom -o "$W/hops.data" -- sleep "$SECS" >/dev/null 2>&1 &
     PERF=$!
     n=$($PIN1 oha -z "${SECS}s" --no-tui -q "${DMSC_BENCH_HOPS_RATE:-500}" --latency-correction -c 64 -m POST -D "$W/body" \
       -H "Host: ${HOP_HOST[$p]}" --output-format json "http://${HOP_URL[$p]}/" \
@@ -301,6 +310,15 @@ if [ -n "${DMSC_BENCH_HOPS:-}" ]; then
     perf script -i "$W/hops.data" -F tid,time,event,trace 2>/dev/null > "$W/hops.txt"
     # shellcheck disable=SC2086
     python3 "$(dirname "$0")/hops.py" "$W/hops.txt" "$n" ${HOP_PIDS[$p]}
+    python3 "$(dirname "$0")/tail.py" "$W/hops.txt" "${HOP_FRONT[$p]}"
+    # DMSC_BENCH_HOPS_OUT=PREFIX keeps the trace (PREFIX.PATH).
+    [ -n "${DMSC_BENCH_HOPS_OUT:-}" ] && cp "$W/hops.txt" "$DMSC_BENCH_HOPS_OUT.$p"
+    if [ "$DMSC_BENCH_HOPS" = profile ]; then
+      perf script -i "$W/hops.data" -F comm,tid,time,event,trace,ip,sym,dso 2>/dev/null > "$W/critical.txt"
+      # shellcheck disable=SC2086
+      python3 "$(dirname "$0")/critical.py" "$W/critical.txt" ${HOP_PIDS[$p]} ${DMSC_BENCH_CRITICAL_OWNER:-}
+      [ -n "${DMSC_BENCH_CRITICAL_OUT:-}" ] && cp "$W/critical.txt" "$DMSC_BENCH_CRITICAL_OUT.$p"
+    fi
   done
   exit 0
 fi
