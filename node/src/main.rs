@@ -204,17 +204,23 @@ enum CaCmd {
         #[arg(long, default_value_t = 365)]
         days: u64,
     },
-    /// Sign a revocation of a certificate (by serial or file) with the CA
-    /// key; prints the statement (JSON) for `dmsc-node revoke apply`.
+    /// Sign a revocation of a certificate (by serial or file), or of every
+    /// certificate of a node, with the CA key; prints the statements (JSON,
+    /// one per line) for `dmsc-node revoke apply`.
     Revoke {
         #[arg(long)]
         ca_dir: PathBuf,
         /// Serial in hex (as `status`, the audit log or openssl print it).
-        #[arg(long, conflicts_with = "cert", required_unless_present = "cert")]
+        #[arg(long, conflicts_with_all = ["cert", "node"], required_unless_present_any = ["cert", "node"])]
         serial: Option<String>,
         /// A PEM certificate to revoke (its leaf).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "node")]
         cert: Option<PathBuf>,
+        /// Every unexpired certificate this CA issued to the node of that
+        /// name (node and issuing certificates; the CA directory's
+        /// issued.jsonl): cuts the node and the agents it certified off.
+        #[arg(long)]
+        node: Option<String>,
         #[arg(long, default_value = "unspecified")]
         reason: String,
         /// Write the statement here instead of stdout.
@@ -416,7 +422,8 @@ enum PolicyCmd {
 
 #[derive(Subcommand)]
 enum RevokeCmd {
-    /// Publish a revocation from `dmsc-node ca revoke` through a node.
+    /// Publish revocations from `dmsc-node ca revoke` (one statement or
+    /// several, one per line) through a node.
     Apply {
         file: PathBuf,
         #[command(flatten)]
@@ -634,20 +641,38 @@ fn ca(cmd: CaCmd) -> anyhow::Result<()> {
             ca_dir,
             serial,
             cert,
+            node,
             reason,
             out,
         } => {
-            let r = ca::revoke(&ca_dir, serial, cert.as_deref(), &reason)?;
+            let (revocations, what) = match node {
+                Some(name) => {
+                    let signed = ca::revoke_node(&ca_dir, &name, &reason)?;
+                    let what = signed
+                        .iter()
+                        .map(|(i, r)| format!("{} certificate, serial {}", i.role, r.serial))
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                    let rs: Vec<_> = signed.into_iter().map(|(_, r)| r).collect();
+                    let what = format!("{} revocation(s) of node `{name}` ({what})", rs.len());
+                    (rs, what)
+                }
+                None => {
+                    let r = ca::revoke(&ca_dir, serial, cert.as_deref(), &reason)?;
+                    let what = format!("revocation of serial {}", r.serial);
+                    (vec![r], what)
+                }
+            };
             match out {
                 Some(path) => {
-                    ca::write_revocation(&r, &path)?;
-                    eprintln!(
-                        "revocation of serial {} written to {}",
-                        r.serial,
-                        path.display()
-                    );
+                    ca::write_revocations(&revocations, &path)?;
+                    eprintln!("{what} written to {}", path.display());
                 }
-                None => println!("{}", r.to_json()),
+                None => {
+                    for r in &revocations {
+                        println!("{}", r.to_json());
+                    }
+                }
             }
         }
     }
@@ -1068,20 +1093,47 @@ async fn ops(cmd: Cmd) -> anyhow::Result<ExitCode> {
             println!("tenant read token `{id}` revoked");
         }
         Cmd::Revoke(RevokeCmd::Apply { file, admin }) => {
-            let statement = std::fs::read_to_string(&file)
+            let text = std::fs::read_to_string(&file)
                 .map_err(|e| anyhow::anyhow!("cannot read `{}`: {e}", file.display()))?;
-            let v = ops::revoke_apply(admin.admin, &admin.token()?, statement.trim().to_string())
-                .await?;
-            println!(
-                "serial {} revoked ({}); closed connections: {}",
-                v["serial"].as_str().unwrap_or("?"),
-                if v["new"].as_bool() == Some(true) {
-                    "new"
-                } else {
-                    "already known"
-                },
-                v["closed_connections"]
-            );
+            // One statement, or several (`ca revoke --node`: one per line).
+            let statements = serde_json::Deserializer::from_str(&text)
+                .into_iter::<serde_json::Value>()
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| {
+                    anyhow::anyhow!("`{}` is not revocation statements: {e}", file.display())
+                })?;
+            if statements.is_empty() {
+                anyhow::bail!("`{}` holds no revocation statement", file.display());
+            }
+            let token = admin.token()?;
+            let mut failed = 0;
+            for statement in &statements {
+                match ops::revoke_apply(admin.admin, &token, statement.to_string()).await {
+                    Ok(v) => println!(
+                        "serial {} revoked ({}); closed connections: {}",
+                        v["serial"].as_str().unwrap_or("?"),
+                        if v["new"].as_bool() == Some(true) {
+                            "new"
+                        } else {
+                            "already known"
+                        },
+                        v["closed_connections"]
+                    ),
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!(
+                            "serial {}: {e}",
+                            statement["serial"].as_str().unwrap_or("?")
+                        );
+                    }
+                }
+            }
+            if failed > 0 {
+                anyhow::bail!(
+                    "{failed} of {} statements were not applied",
+                    statements.len()
+                );
+            }
         }
         Cmd::Tenant(TenantCmd::RotateKey { statement }) => {
             tenant_statement(statement, "rotate-key").await?

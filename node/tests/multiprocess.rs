@@ -613,6 +613,52 @@ fn operator_commands_token_revoke_check_and_audit_verify() {
     let v: serde_json::Value = serde_json::from_slice(&status.stdout).expect("json");
     assert_eq!(v["certificates"]["revoked"], 1);
     assert!(n1.log_contains("certificate revoked"));
+
+    // Every certificate of n2 by its name, from the CA's ledger: the node
+    // certificate (already revoked) and its issuing certificate.
+    let revs = d.join("revs.jsonl");
+    let revoke_node = |name: &str| {
+        run(&[
+            "ca",
+            "revoke",
+            "--ca-dir",
+            ca.to_str().expect("utf8"),
+            "--node",
+            name,
+            "--out",
+            revs.to_str().expect("utf8"),
+        ])
+    };
+    let out = revoke_node("n2");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("2 revocation(s) of node `n2` (node certificate"),
+        "{}",
+        text(&out)
+    );
+    let out = run(&[
+        "revoke",
+        "apply",
+        revs.to_str().expect("utf8"),
+        "--admin",
+        &n1.admin,
+        "--admin-token",
+        admin_token,
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let applied = text(&out);
+    assert!(applied.contains("revoked (already known)"), "{applied}");
+    assert!(applied.contains("revoked (new)"), "{applied}");
+    let status = run(&["status", "--json", "--admin", &n1.admin]);
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).expect("json");
+    assert_eq!(v["certificates"]["revoked"], 2);
+    let out = revoke_node("n9");
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("lists no unexpired certificate of node `n9`"),
+        "{}",
+        text(&out)
+    );
     drop(n2);
 
     // Tenant keys: rotate through the local node, then a delete signed to a
