@@ -168,7 +168,44 @@ fn names_node(cert: &X509Certificate<'_>, node: &str) -> bool {
 
 /// Checks one checkpoint line. Returns the SHA-256 fingerprint of the
 /// signer's certificate, or why it does not verify.
+/// Why a checkpoint does not verify.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum CheckpointFault {
+    /// Its certificate does not chain to the roots given: the wrong CA
+    /// bundle, or a key of another CA.
+    Untrusted(String),
+    /// Anything else: the checkpoint or the lines it covers were altered.
+    Invalid(String),
+}
+
+impl std::fmt::Display for CheckpointFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CheckpointFault::Untrusted(s) | CheckpointFault::Invalid(s) => f.write_str(s),
+        }
+    }
+}
+
 pub(crate) fn check_checkpoint(
+    node: &str,
+    line_seq: u64,
+    line_prev: &str,
+    ts_ms: u64,
+    cp: &Checkpoint,
+    roots: &[Vec<u8>],
+) -> Result<String, CheckpointFault> {
+    check_checkpoint_inner(node, line_seq, line_prev, ts_ms, cp, roots).map_err(|e| {
+        if e.contains(NOT_FROM_ROOTS) {
+            CheckpointFault::Untrusted(e)
+        } else {
+            CheckpointFault::Invalid(e)
+        }
+    })
+}
+
+const NOT_FROM_ROOTS: &str = "was not issued by any of the trusted roots";
+
+fn check_checkpoint_inner(
     node: &str,
     line_seq: u64,
     line_prev: &str,
@@ -214,7 +251,7 @@ pub(crate) fn check_checkpoint(
         }
         if !chained {
             return Err(format!(
-                "checkpoint cert ({}) was not issued by any of the trusted roots",
+                "checkpoint cert ({}) {NOT_FROM_ROOTS}",
                 cert.subject()
             ));
         }
@@ -269,12 +306,13 @@ mod tests {
         let early = check_checkpoint("n1", 0, head, 0, &cp, &own);
         assert!(early
             .expect_err("before not_before")
+            .to_string()
             .contains("not valid at"));
         // Roots that do not include the self-signed cert.
         let stranger = Signer::generate_self_signed("n1").expect("signer");
         let err = check_checkpoint("n1", 0, head, now_ms, &cp, &[stranger.cert_der().to_vec()])
             .expect_err("stranger root");
-        assert!(err.contains("not issued by"), "{err}");
+        assert!(matches!(err, CheckpointFault::Untrusted(_)), "{err}");
     }
 
     #[test]

@@ -46,7 +46,7 @@ use sha2::{Digest, Sha256};
 
 use crate::event::{Checkpoint, KIND_CHECKPOINT};
 use crate::line::{hex, parse_line, Line, GENESIS_PREV, MAX_LINE};
-use crate::signer::{certs_der, check_checkpoint};
+use crate::signer::{certs_der, check_checkpoint, CheckpointFault};
 use crate::writer::LOG_FILE;
 use crate::AuditError;
 
@@ -464,7 +464,9 @@ impl Chain {
                 None => "the start of the log".to_string(),
             };
             let verdict = serde_json::from_value::<Checkpoint>(line.detail.clone())
-                .map_err(|e| format!("checkpoint detail is malformed: {e}"))
+                .map_err(|e| {
+                    CheckpointFault::Invalid(format!("checkpoint detail is malformed: {e}"))
+                })
                 .and_then(|cp| {
                     check_checkpoint(&line.node, s, &line.prev, line.ts, &cp, &opts.roots)
                 });
@@ -476,7 +478,15 @@ impl Chain {
                     report.signers.insert(fingerprint);
                     self.last_cp_line = Some((cur.no, s));
                 }
-                Err(reason) => {
+                Err(CheckpointFault::Untrusted(reason)) => {
+                    return Ok(problem(
+                        cur.no,
+                        Some(s),
+                        ProblemKind::BadSignature,
+                        format!("{reason}: if --ca is this mesh's CA bundle, this checkpoint was signed with a key of another CA (forged); otherwise verify with the right bundle"),
+                    ));
+                }
+                Err(CheckpointFault::Invalid(reason)) => {
                     return Ok(problem(
                         cur.no,
                         Some(s),

@@ -245,6 +245,14 @@ async fn checkpoints_from_another_ca_are_refused_with_roots() {
     assert_eq!(p.kind, ProblemKind::BadSignature);
     assert_eq!(p.line as u64, EVERY + 1, "the first checkpoint");
     assert!(p.detail.contains("not issued by"), "{}", p.detail);
+    // Says the likelier cause (the wrong bundle) and not that lines were
+    // rewritten: every line is intact.
+    assert!(
+        p.detail.contains("otherwise verify with the right bundle")
+            && !p.detail.contains("rewritten"),
+        "{}",
+        p.detail
+    );
 }
 
 #[tokio::test]

@@ -53,18 +53,26 @@ pub struct App {
 }
 
 impl App {
-    pub async fn build(config: NodeConfig) -> Result<App, NodeError> {
-        let identity = Arc::new(NodeIdentity::load(&config.ca, &config.cert, &config.key)?);
-        let name = identity.name().to_string();
+    /// The node's identity from its configured credentials: readable,
+    /// a key that belongs to the certificate, and the configured name, if
+    /// any, the certificate's (`run --validate-only` checks the same).
+    pub fn identity(config: &NodeConfig) -> Result<NodeIdentity, NodeError> {
+        let identity = NodeIdentity::load(&config.ca, &config.cert, &config.key)?;
         if let Some(configured) = &config.name {
-            if *configured != name {
+            if configured != identity.name() {
                 return Err(NodeError::NameMismatch {
                     configured: configured.clone(),
-                    cert: name,
+                    cert: identity.name().to_string(),
                     path: config.cert.clone(),
                 });
             }
         }
+        Ok(identity)
+    }
+
+    pub async fn build(config: NodeConfig) -> Result<App, NodeError> {
+        let identity = Arc::new(Self::identity(&config)?);
+        let name = identity.name().to_string();
         let span = tracing::info_span!("node", node = %name);
         Self::build_inner(config, identity).instrument(span).await
     }

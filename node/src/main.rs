@@ -168,7 +168,10 @@ enum CaCmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Issue a node certificate: writes node.pem, node.key (0600) and ca.pem.
+    /// Issue a node's credentials: its certificate (node.pem, node.key
+    /// 0600), its issuing certificate for agents (issuer.pem, issuer.key
+    /// 0600) and a copy of ca.pem; recorded in the CA directory's
+    /// issued.jsonl (`ca revoke --node`).
     IssueNode {
         #[arg(long)]
         ca_dir: PathBuf,
@@ -207,14 +210,15 @@ enum CaCmd {
     /// Sign a revocation of a certificate (by serial or file), or of every
     /// certificate of a node, with the CA key; prints the statements (JSON,
     /// one per line) for `dmsc-node revoke apply`.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["serial", "cert", "node"])))]
     Revoke {
         #[arg(long)]
         ca_dir: PathBuf,
         /// Serial in hex (as `status`, the audit log or openssl print it).
-        #[arg(long, conflicts_with_all = ["cert", "node"], required_unless_present_any = ["cert", "node"])]
+        #[arg(long)]
         serial: Option<String>,
         /// A PEM certificate to revoke (its leaf).
-        #[arg(long, conflicts_with = "node")]
+        #[arg(long)]
         cert: Option<PathBuf>,
         /// Every unexpired certificate this CA issued to the node of that
         /// name (node and issuing certificates; the CA directory's
@@ -585,8 +589,9 @@ async fn run(args: RunArgs) -> Result<(), NodeError> {
     let config = load_config(&args)?;
     tracing::info!(config = %config.summary(), "effective configuration");
     if args.validate_only {
-        // Loading the identity catches unreadable or mismatched credentials too.
-        dmsc_transport::NodeIdentity::load(&config.ca, &config.cert, &config.key)?;
+        // As `run` takes the identity: unreadable files, a key of another
+        // pair, a name the certificate does not carry.
+        dmsc_node::App::identity(&config)?;
         println!("configuration is valid");
         return Ok(());
     }
@@ -677,6 +682,16 @@ fn ca(cmd: CaCmd) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Writes a command's output; `false` once the reader went away (`| head`):
+/// the command stops quietly instead of panicking on a broken pipe.
+fn write_out(out: &mut impl std::io::Write, text: &str) -> anyhow::Result<bool> {
+    match out.write_all(text.as_bytes()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(anyhow::anyhow!("cannot write the output: {e}")),
+    }
 }
 
 /// Reads an optional admin token file.
@@ -776,8 +791,9 @@ async fn policy(cmd: PolicyCmd) -> anyhow::Result<ExitCode> {
                     println!(
                         "{:<24} {:>8} {:>6}  {:<24} {}",
                         e["tenant"].as_str().unwrap_or("?"),
-                        e["version"],
-                        e["rules"],
+                        // A JSON value's Display ignores the width.
+                        e["version"].to_string(),
+                        e["rules"].to_string(),
                         e["signer"].as_str().unwrap_or("?"),
                         e["digest"].as_str().unwrap_or("?").get(..16).unwrap_or("")
                     );
@@ -1167,18 +1183,19 @@ async fn ops(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 .as_deref()
                 .map(|s| dmsc_node::admin::audit::parse_since(s, std::time::SystemTime::now()))
                 .transpose()
-                .map_err(|e| anyhow::anyhow!("--since: {e}"))?;
+                .map_err(|e| anyhow::anyhow!("--since: {}", e.trim_start_matches("since: ")))?;
             let path = match (file, data_dir) {
                 (Some(f), _) => f,
                 (None, Some(d)) => d.join("audit"),
                 (None, None) => PathBuf::from("data/audit"),
             };
             let report = ops::audit_report(&path, &tenant, since_ms)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+            let text = if json {
+                serde_json::to_string_pretty(&report)? + "\n"
             } else {
-                print!("{}", report.render(ops::rfc3339_ms));
-            }
+                report.render(ops::rfc3339_ms)
+            };
+            write_out(&mut std::io::stdout().lock(), &text)?;
         }
         Cmd::Audit(AuditCmd::Tail {
             dir,
@@ -1191,6 +1208,7 @@ async fn ops(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 eprintln!("warning: sealed tenant fields stay sealed: {e}");
                 None
             });
+            let mut out = std::io::stdout().lock();
             for line in dmsc_audit::tail(&dir, tenant.as_deref())? {
                 match line {
                     Ok(mut l) => {
@@ -1198,13 +1216,13 @@ async fn ops(cmd: Cmd) -> anyhow::Result<ExitCode> {
                             &mut l,
                             sealer.as_ref().map(|s| s as &dyn dmsc_audit::Sealer),
                         );
-                        println!(
-                            "{}",
-                            serde_json::json!({
-                                "seq": l.seq, "ts": l.ts, "node": l.node, "tenant": l.tenant,
-                                "kind": l.kind, "detail": l.detail,
-                            })
-                        )
+                        let json = serde_json::json!({
+                            "seq": l.seq, "ts": l.ts, "node": l.node, "tenant": l.tenant,
+                            "kind": l.kind, "detail": l.detail,
+                        });
+                        if !write_out(&mut out, &format!("{json}\n"))? {
+                            break;
+                        }
                     }
                     Err(e) => eprintln!("error: {e}"),
                 }
@@ -1305,7 +1323,7 @@ fn main() -> ExitCode {
                     Some(Ok(t)) => Some(t),
                     Some(Err(e)) => {
                         eprintln!("error: {e}");
-                        return ExitCode::from(2);
+                        return ExitCode::from(1);
                     }
                 };
                 match status::fetch_with(admin, token.as_deref()).await {
@@ -1325,7 +1343,10 @@ fn main() -> ExitCode {
                     }
                     Err(e) => {
                         eprintln!("error: {e}");
-                        ExitCode::from(2)
+                        // 2 only when the node could not be reached; an
+                        // answer (401, 403, ...) is 1, as for every command.
+                        let unreachable = matches!(e, status::StatusError::Unreachable { .. });
+                        ExitCode::from(if unreachable { 2 } else { 1 })
                     }
                 }
             }
@@ -1343,10 +1364,17 @@ fn main() -> ExitCode {
                     eprintln!("error: {e}");
                     // 2 only when the node could not be reached (README's
                     // exit codes); anything it answered, or bad input, is 1.
+                    // (A transparent wrapper hides the wrapped error from
+                    // the chain: the policy commands' is looked into.)
                     let unreachable = e.chain().any(|c| {
                         matches!(
                             c.downcast_ref::<status::StatusError>(),
                             Some(status::StatusError::Unreachable { .. })
+                        ) || matches!(
+                            c.downcast_ref::<dmsc_node::ops::policy::PolicyCmdError>(),
+                            Some(dmsc_node::ops::policy::PolicyCmdError::Admin(
+                                status::StatusError::Unreachable { .. }
+                            ))
                         )
                     });
                     ExitCode::from(if unreachable { 2 } else { 1 })
@@ -1393,4 +1421,29 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    /// A reader that went away (`dmsc-node audit tail | head -1`).
+    struct Closed;
+
+    impl std::io::Write for Closed {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn output_to_a_closed_pipe_stops_quietly_and_other_write_errors_fail() {
+        assert!(!super::write_out(&mut Closed, "line\n").expect("quiet"));
+        let mut full = std::io::Cursor::new([0u8; 2]);
+        assert!(super::write_out(&mut full, "too long\n").is_err());
+        let mut fine = Vec::new();
+        assert!(super::write_out(&mut fine, "line\n").expect("written"));
+        assert_eq!(fine, b"line\n");
+    }
 }

@@ -405,6 +405,69 @@ fn bad_config_exits_64_listing_every_problem() {
     }
 }
 
+#[test]
+fn validate_only_refuses_what_run_refuses() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let ca = d.join("ca");
+    let s = |p: &std::path::Path| p.to_str().expect("utf8").to_string();
+    let out = run(&["ca", "init", "--trust-domain", "v.test", "--out", &s(&ca)]);
+    assert!(out.status.success(), "{}", text(&out));
+    for name in ["a", "b"] {
+        let out = run(&[
+            "ca",
+            "issue-node",
+            "--ca-dir",
+            &s(&ca),
+            "--name",
+            name,
+            "--out",
+            &s(&d.join(name)),
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let config = |name: &str, key_of: &str| {
+        let path = d.join(format!("{name}-{key_of}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "name = \"{name}\"\ndata_dir = \"{data}\"\n[overlay]\nlisten = \"127.0.0.1:0\"\n\
+                 [tls]\nca = \"{a}/ca.pem\"\ncert = \"{a}/node.pem\"\nkey = \"{k}/node.key\"\n\
+                 [admin]\nlisten = \"127.0.0.1:0\"\n",
+                data = d.join("data").display(),
+                a = d.join("a").display(),
+                k = d.join(key_of).display(),
+            ),
+        )
+        .expect("write");
+        path
+    };
+    let validate = |path: &std::path::Path| {
+        Command::new(BIN)
+            .args(["run", "--validate-only", "--config"])
+            .arg(path)
+            .output()
+            .expect("run")
+    };
+    let out = validate(&config("a", "a"));
+    assert!(out.status.success(), "{}", text(&out));
+    let out = validate(&config("q", "a"));
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(
+        text(&out).contains("config says name = `q` but the certificate"),
+        "{}",
+        text(&out)
+    );
+    let out = validate(&config("a", "b"));
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(
+        text(&out).contains("does not belong to the certificate"),
+        "{}",
+        text(&out)
+    );
+    assert!(!d.join("data").exists(), "validation wrote nothing");
+}
+
 fn run(args: &[&str]) -> std::process::Output {
     Command::new(BIN)
         .args(args)
@@ -1114,6 +1177,12 @@ fn policy_commands_issue_tenant_sign_apply_show_and_diff() {
         "{}",
         text(&out)
     );
+    // The table's columns line up: every row's signer starts under SIGNER.
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    let col = table.find("SIGNER").expect("header");
+    for row in table.lines().skip(1) {
+        assert_eq!(row.find("tenant-admin:"), Some(col), "{table}");
+    }
     // diff: the same document is no difference; an edit is shown, exit 1.
     let out = run(&[
         "policy",

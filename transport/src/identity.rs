@@ -346,6 +346,26 @@ impl NodeIdentity {
             }
         })?;
         let info = cert_info(&chain[0])?;
+        // A key of another pair would only fail at the first handshake
+        // (rustls checks it when a configuration is built): say so here,
+        // naming both files.
+        let signing = crate::tls::provider()
+            .key_provider
+            .load_private_key(key_der.clone_key())
+            .map_err(|e| TransportError::BadPem {
+                path: key.to_path_buf(),
+                what: "private key",
+                reason: e.to_string(),
+            })?;
+        if let Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) =
+            rustls::sign::CertifiedKey::new(chain.clone(), signing).keys_match()
+        {
+            return Err(TransportError::Identity(format!(
+                "the private key `{}` does not belong to the certificate `{}`",
+                key.display(),
+                cert.display()
+            )));
+        }
         if info.spiffe.node_name().is_none() {
             return Err(TransportError::Identity(format!(
                 "`{}` names `{}`, which is not a node identity (spiffe://<td>/node/<name>)",

@@ -650,6 +650,20 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
+    fn a_key_of_another_pair_is_named_when_the_identity_loads() {
+        let ca = CertificateAuthority::generate("mesh.test").expect("ca");
+        let a = ca.issue_node("a", NODE_VALIDITY).expect("a");
+        let b = ca.issue_node("b", NODE_VALIDITY).expect("b");
+        assert!(crate::NodeIdentity::from_pem(&ca.cert_pem, &a.cert_pem, &a.key_pem).is_ok());
+        let e = crate::NodeIdentity::from_pem(&ca.cert_pem, &a.cert_pem, &b.key_pem)
+            .expect_err("b's key with a's certificate");
+        assert!(
+            matches!(&e, TransportError::Identity(m) if m.contains("does not belong to the certificate")),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn ca_init_and_issue_node_write_what_they_promise() {
         let dir = tempfile::tempdir().expect("tempdir");
         let ca = CertificateAuthority::generate("mesh.test").expect("ca");

@@ -927,9 +927,27 @@ impl Ingress {
                 ReqBody::Streaming(_) => None,
             };
             let addressed = host_target(&target);
+            // A tenant nobody serves (no agent known, no policy) is only a
+            // name someone typed into a Host header: its denial is audited
+            // under the caller's tenant, so no key or state is made for it.
+            // (The answer is the same either way: no probing for tenants.)
+            let audited = if caller.tenant != tenant
+                && provider_policy.is_none()
+                && self
+                    .delegator
+                    .mesh
+                    .read()
+                    .tenant_entries(&tenant)
+                    .next()
+                    .is_none()
+            {
+                &caller.tenant
+            } else {
+                &tenant
+            };
             let e = self
                 .delegator
-                .refuse(&caller.id, &tenant, host.clone(), denial);
+                .refuse(&caller.id, audited, host.clone(), denial);
             self.delegator
                 .report_denial(&caller.id, &tenant, &addressed, &e);
             return e.into_response(grpc, request_bytes.as_deref());

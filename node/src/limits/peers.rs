@@ -73,7 +73,11 @@ impl PeerUsage {
             for (t, v) in &n.usage {
                 let p = out.entry(t.clone()).or_default();
                 p.sum += v;
-                p.count += 1;
+                // A published zero says the node was idle a round ago, not
+                // that it is now: during a warm-up it counts as silent.
+                if *v > 0.0 {
+                    p.count += 1;
+                }
             }
         }
         (live, out)
@@ -115,7 +119,12 @@ mod tests {
                 MemberState::Alive,
                 Some(&[("acme", "40"), ("beta", "2")]),
             ),
-            scan("b", 7, MemberState::Suspect, Some(&[("acme", "20")])),
+            scan(
+                "b",
+                7,
+                MemberState::Suspect,
+                Some(&[("acme", "20"), ("beta", "0")]),
+            ),
             scan("c", 1, MemberState::Alive, Some(&[])),
         ]);
         let (live, sums) = p.sums();

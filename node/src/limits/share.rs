@@ -17,8 +17,13 @@
 //! so for a warm-up of three gossip rounds it counts each live node that published nothing as
 //! having its own demand: a spray that starts on every node at once is
 //! split evenly from the first request instead of every node taking the
-//! whole limit until gossip catches up. After the warm-up, no value means
-//! no demand.
+//! whole limit until gossip catches up; a node that published zero (idle
+//! a round ago) counts as silent too. After the warm-up, no value means no
+//! demand. A node coming out of an idle spell counts its own fresh demand,
+//! not the zero it published (that would hold it at the floor, refusing a
+//! burst with a wait of seconds, until its next round), and while its
+//! share is provisional a refusal's `Retry-After` is at most the warm-up
+//! left.
 
 use std::time::Duration;
 
@@ -38,7 +43,9 @@ pub struct View {
     pub others: f64,
     /// Live nodes in the mesh, this one included (at least 1).
     pub live: usize,
-    /// Other live nodes that published a demand for this tenant.
+    /// Other live nodes that published a demand above zero for this
+    /// tenant (a published zero is an idle spell's, stale once traffic
+    /// starts: counted as silent).
     pub published: usize,
     /// Whether this node is within its warm-up for this tenant.
     pub warming: bool,

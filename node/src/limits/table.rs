@@ -198,6 +198,7 @@ struct TenantState {
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Peers {
     pub sum: f64,
+    /// How many published a demand above zero.
     pub count: usize,
 }
 
@@ -390,7 +391,16 @@ impl Table {
         };
         let whole_token = match take_rate(&mut s.whole, &whole_l, f, Scope::Tenant, now) {
             Ok(t) => t,
-            Err(r) => {
+            Err(mut r) => {
+                // Within the warm-up the share is provisional: it is taken
+                // again when the warm-up ends (or sooner, as gossip tells),
+                // so the wait at today's share may be far too long.
+                if let Some(t) = s.active_since {
+                    let settles = (t + warmup).saturating_duration_since(now);
+                    if !settles.is_zero() {
+                        r.retry_after = r.retry_after.min(settles);
+                    }
+                }
                 undo_caller(s, &held);
                 return Err(r);
             }
@@ -542,9 +552,13 @@ fn fraction_of(
     // one. (Its fresh demand against the others' published values would
     // overshoot whenever demand moves, on every node at once.) A change
     // counts from the next round, when it is published.
+    // A node that published no demand, or none (an idle spell), counts its
+    // fresh demand: a published zero is stale the moment traffic starts,
+    // and holding the node to the floor until its next round would refuse
+    // a burst with a wait of many seconds.
     let mine = match s.published {
-        Some(p) => p,
-        None => s.demand.rate(now),
+        Some(p) if p > 0.0 => p,
+        _ => s.demand.rate(now),
     };
     share::fraction(View {
         mine,
@@ -735,6 +749,77 @@ mod tests {
         assert_eq!(t.fraction("acme", t0 + 299 * MS), 1.0 / 3.0);
         // Nobody else spoke up: the tenant's traffic is all here.
         assert_eq!(t.fraction("acme", t0 + 300 * MS), 1.0);
+    }
+
+    #[test]
+    fn a_node_out_of_an_idle_spell_counts_its_fresh_demand_not_its_published_zero() {
+        let t0 = Instant::now();
+        let mut t = table(
+            TenantLimits {
+                tenant: rate(2.0, 3),
+                ..Default::default()
+            },
+            t0,
+        );
+        t.set_warmup(3000 * MS);
+        // Traffic, published; then an idle spell, published as zero; the
+        // two other nodes published zero too.
+        let _ = t.admit_ingress("acme", "c", t0);
+        assert!(!t.usage_updates(t0 + 100 * MS).is_empty());
+        let _ = t.usage_updates(t0 + 5000 * MS);
+        let idle = t0 + 10_000 * MS;
+        assert_eq!(
+            t.usage_updates(idle),
+            vec![("acme".to_string(), Some("0".to_string()))]
+        );
+        let mut peers = HashMap::new();
+        peers.insert("acme".to_string(), Peers { sum: 0.0, count: 0 });
+        t.set_peers(3, peers);
+        // A burst: the warm-up splits it three ways (a third of the rate,
+        // one token), not the floor's fifteenth with a 7.5 s wait.
+        assert!(t.admit_ingress("acme", "c", idle).is_ok());
+        let r = t.admit_ingress("acme", "c", idle).expect_err("one token");
+        assert_eq!(r.scope, Scope::Tenant);
+        assert!(
+            r.retry_after >= 1400 * MS && r.retry_after <= 1501 * MS,
+            "{:?}",
+            r.retry_after
+        );
+        // Past the warm-up, nobody else spoke up: the whole limit is here.
+        assert_eq!(t.fraction("acme", idle + 3000 * MS), 1.0);
+    }
+
+    #[test]
+    fn a_refusal_during_the_warm_up_waits_no_longer_than_the_warm_up() {
+        let t0 = Instant::now();
+        let mut t = table(
+            TenantLimits {
+                tenant: rate(2.0, 3),
+                ..Default::default()
+            },
+            t0,
+        );
+        t.set_warmup(300 * MS);
+        let mut peers = HashMap::new();
+        peers.insert(
+            "acme".to_string(),
+            Peers {
+                sum: 1000.0,
+                count: 2,
+            },
+        );
+        t.set_peers(3, peers);
+        // The others are busy: this node has the floor, a token per 7.5 s.
+        assert!(t.admit_ingress("acme", "c", t0).is_ok());
+        let r = t
+            .admit_ingress("acme", "c", t0 + 100 * MS)
+            .expect_err("floor");
+        assert_eq!(r.retry_after, 200 * MS, "the warm-up's 200 ms left");
+        // After the warm-up the wait is the share's own.
+        let r = t
+            .admit_ingress("acme", "c", t0 + 400 * MS)
+            .expect_err("floor");
+        assert!(r.retry_after > 5000 * MS, "{:?}", r.retry_after);
     }
 
     #[test]

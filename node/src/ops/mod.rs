@@ -452,10 +452,15 @@ pub fn audit_verify(
         None => dmsc_audit::VerifyOptions::default(),
     };
     let r = dmsc_audit::verify(dir, &opts)?;
+    let against = if ca.is_some() {
+        ""
+    } else {
+        " (against the certificates they carry only: give --ca to check that they come from this mesh's nodes)"
+    };
     Ok(match &r.problem {
         None => (
             format!(
-                "{}: {} entries, {} signed checkpoints verified, {} entries after the last checkpoint; tenants: {}",
+                "{}: {} entries, {} signed checkpoints verified{against}, {} entries after the last checkpoint; tenants: {}",
                 r.path.display(),
                 r.entries,
                 r.checkpoints,

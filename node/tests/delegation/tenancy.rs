@@ -235,6 +235,34 @@ async fn denial_rules(mesh: &LocalMesh, i: usize, tenant: &str) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_nobody_serves_is_refused_like_any_and_leaves_no_state() {
+    let m = tenant_mesh().await;
+    let (known, body_known) = call_as(&m, "acme", false, "agent.globex.dmsc", &None).await;
+    let (unknown, body) = call_as(&m, "acme", false, "agent.nosuchtenant.dmsc", &None).await;
+    assert!(super::forbidden(known, &body_known), "{body_known}");
+    assert!(super::forbidden(unknown, &body), "{body}");
+    assert!(
+        body.contains("tenant `nosuchtenant` has no policy, so it exports nothing"),
+        "{body}"
+    );
+    // Audited as the caller's tenant's denial; no key for the typed name.
+    let entries = audit_entries(&m.mesh, 0).await;
+    assert!(
+        entries.iter().any(|e| e["kind"] == "denied"
+            && e["tenant"] == "acme"
+            && e.to_string().contains("nosuchtenant")),
+        "{entries:#?}"
+    );
+    assert!(
+        !entries.iter().any(|e| e["tenant"] == "nosuchtenant"),
+        "{entries:#?}"
+    );
+    let keys = m.mesh.nodes[0].config().data_dir.join(dmsc_keys::KEYS_DIR);
+    assert!(keys.join("globex.json").exists(), "the known tenant's key");
+    assert!(!keys.join("nosuchtenant.json").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cross_tenant_matrix_needs_export_and_import_and_audits_both_nodes() {
     let m = tenant_mesh().await;
     // Own tenant: always allowed, with or without policies.
