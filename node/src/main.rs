@@ -753,12 +753,14 @@ async fn policy(cmd: PolicyCmd) -> anyhow::Result<ExitCode> {
                     }
                 );
             } else {
-                eprintln!(
-                    "refused ({status}): {}",
-                    v["error"].as_str().unwrap_or_default()
-                );
+                let error = v["error"].as_str().unwrap_or_default();
+                eprintln!("refused ({status}): {error}");
+                // The problems list repeats a single problem as the error.
                 for pr in v["problems"].as_array().into_iter().flatten() {
-                    eprintln!("  {}", pr.as_str().unwrap_or_default());
+                    let pr = pr.as_str().unwrap_or_default();
+                    if pr != error {
+                        eprintln!("  {pr}");
+                    }
                 }
                 return Ok(ExitCode::from(1));
             }
@@ -1208,6 +1210,12 @@ async fn ops(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 eprintln!("warning: sealed tenant fields stay sealed: {e}");
                 None
             });
+            if sealer.is_none() && !data_dir.join(dmsc_keys::KEYS_DIR).is_dir() {
+                eprintln!(
+                    "warning: sealed tenant fields stay sealed: `{}` holds no tenant keys (--data-dir: the node's data directory)",
+                    data_dir.display()
+                );
+            }
             let mut out = std::io::stdout().lock();
             for line in dmsc_audit::tail(&dir, tenant.as_deref())? {
                 match line {

@@ -198,7 +198,11 @@ impl Limiter {
         let whose = match r.scope {
             Scope::Tenant => format!("tenant `{tenant}`"),
             Scope::Caller => format!("caller `{caller}` of tenant `{tenant}`"),
-            Scope::Target => format!("{target} of tenant `{tenant}`"),
+            // `agent:<name>` as audited; said as the other scopes are.
+            Scope::Target => match target.strip_prefix("agent:") {
+                Some(agent) => format!("agent `{agent}` of tenant `{tenant}`"),
+                None => format!("`{target}` of tenant `{tenant}`"),
+            },
         };
         MeshError::new(
             ErrorKind::RateLimited,
