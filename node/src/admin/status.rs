@@ -377,7 +377,8 @@ impl StatusReport {
                     .map(|d| format!(" (model {d})"))
                     .unwrap_or_else(|| " (no [intent] model_dir)".into()),
                 i.mode,
-                if i.tenants.is_empty() {
+                // The tenants it would embed for: only with a model.
+                if i.tenants.is_empty() || i.model_dir.is_none() {
                     String::new()
                 } else {
                     format!("; embeds {}", i.tenants.join(", "))

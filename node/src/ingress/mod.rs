@@ -989,7 +989,9 @@ impl Ingress {
                     ReqBody::Streaming(_) => None,
                 };
                 let found = found.zip(followup_scope.as_ref());
-                match found.map(|(f, scope)| self.follow_up(&tenant, &caller, scope, f, &body)) {
+                match found
+                    .map(|(f, scope)| self.follow_up(&tenant, &caller, scope, f, &body, grpc))
+                {
                     Some(Err(e)) => {
                         let req_bytes: Option<Bytes> = match &body {
                             ReqBody::Buffered(b) => Some(b.clone()),
@@ -1162,6 +1164,7 @@ impl Ingress {
         scope: &crate::intent::followup::Scope,
         found: crate::proto::a2a::FollowUp,
         body: &ReqBody,
+        grpc: bool,
     ) -> Result<Option<Follow>, MeshError> {
         use crate::intent::followup::ASK_TASK_PREFIX;
         use crate::proto::a2a::{FollowUp, Ref};
@@ -1180,8 +1183,13 @@ impl Ingress {
                 ),
             )
         };
+        // A task method (get, cancel, resubscribe), not a message in it.
+        let mut task_call: Option<String> = None;
         let (task, context) = match found {
-            FollowUp::TaskCall(id) => (Some(id), None),
+            FollowUp::TaskCall(id) => {
+                task_call = Some(id.clone());
+                (Some(id), None)
+            }
             FollowUp::Message { task, context } => (task, context),
             FollowUp::ListTasks { context } => {
                 // A conversation's tasks are at the agent that has it; a
@@ -1197,6 +1205,17 @@ impl Ingress {
                         body: None,
                         lesson: None,
                     })),
+                    // Over gRPC the body is protobuf, not read: no
+                    // contextId can help there.
+                    (_, _) if grpc => Err(MeshError::new(
+                        ErrorKind::Unsupported,
+                        me,
+                        format!(
+                            "mesh.{tenant}.dmsc does not list tasks over gRPC (the mesh does not read protobuf \
+                             requests): list an agent's tasks at the agent (`<agent>.{tenant}.dmsc`, named by \
+                             `dmsc-agent` in its answers), or over JSON-RPC or HTTP+JSON with the contextId"
+                        ),
+                    )),
                     (_, context) => Err(MeshError::new(
                         ErrorKind::Unsupported,
                         me,
@@ -1210,6 +1229,20 @@ impl Ingress {
                 };
             }
         };
+        // An ask is the mesh's question, not an agent's task: there is no
+        // state to get, cancel or subscribe to, only a reply to give.
+        if let Some(id) = task_call.filter(|id| id.starts_with(ASK_TASK_PREFIX)) {
+            return Err(MeshError::new(
+                ErrorKind::Unsupported,
+                me,
+                format!(
+                    "`{id}` is this mesh's question, not an agent's task: it has no state to get, cancel or \
+                     subscribe to (its candidates are in the answer that asked). Reply in it with a message \
+                     naming a candidate (its name or number), or call the agent you choose by name \
+                     (`<agent>.{tenant}.dmsc`)"
+                ),
+            ));
+        }
         // An answer in an ask's task (or, without a task, its context).
         let ask = task
             .as_deref()

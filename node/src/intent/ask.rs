@@ -170,7 +170,7 @@ fn sentence(text: &str, candidates: &[Candidate]) -> String {
         .map(|c| format!("{} ({})", c.name, c.url))
         .collect();
     format!(
-        "Several agents could handle \"{s}\": {}. Call the one you choose by name.",
+        "Several agents could handle \"{s}\": {}. Call the one you choose by name, or reply here with its name or number.",
         names.join(", ")
     )
 }

@@ -341,20 +341,14 @@ pub async fn admin_token_revoke(
 /// error message.
 pub async fn intercept_call(
     admin: SocketAddr,
-    admin_token: &str,
+    admin_token: Option<&str>,
     method: hyper::Method,
     path_and_query: &str,
     body: Option<serde_json::Value>,
 ) -> Result<serde_json::Value, StatusError> {
     let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let (status, text) = admin_call(
-        admin,
-        method,
-        path_and_query,
-        Some(admin_token),
-        body.into(),
-    )
-    .await?;
+    let (status, text) =
+        admin_call(admin, method, path_and_query, admin_token, body.into()).await?;
     if !(200..300).contains(&status) {
         let body = serde_json::from_str::<serde_json::Value>(&text)
             .ok()

@@ -28,11 +28,14 @@ const SETTLE: Duration = Duration::from_millis(3000);
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
-    pub udp: bool,
+    /// Whether QUIC over UDP leaves this host: a relay answered over QUIC,
+    /// a UDP probe was answered, or a bootstrap peer saw this host's own
+    /// address; `None` (JSON null) when there was nothing to ask.
+    pub udp: Option<bool>,
     pub tcp: bool,
     /// `endpoint-independent`, `endpoint-dependent` or `unknown`.
     pub mapping: String,
-    /// This host's address as each relay saw it.
+    /// This host's address as each relay or bootstrap peer saw it.
     pub observed: Vec<Observed>,
     pub relays: Vec<RelayReport>,
     pub peers: Vec<PeerReport>,
@@ -118,6 +121,8 @@ pub async fn netcheck(config: &NodeConfig) -> Result<Report, NodeError> {
         });
     }
     let mut observed: Vec<(SocketAddr, SocketAddr)> = paths.observed();
+    // A peer that saw this host's own (unmapped) address heard it over UDP.
+    let mut peer_saw_udp = false;
     // Bootstrap peers that are not relays observe us too (a relay and a
     // direct peer are two observers).
     for p in &peers {
@@ -132,6 +137,7 @@ pub async fn netcheck(config: &NodeConfig) -> Result<Report, NodeError> {
         if let Ok(Ok(o)) = asked {
             if !dmsc_transport::path::is_mapped(o) {
                 observed.push((*p, o));
+                peer_saw_udp = true;
             }
         }
     }
@@ -174,7 +180,16 @@ pub async fn netcheck(config: &NodeConfig) -> Result<Report, NodeError> {
             },
         });
     }
-    let udp = relay_reports.iter().any(|r| r.quic) || paths.udp_answered_within(SETTLE * 2);
+    let udp = if relay_reports.iter().any(|r| r.quic)
+        || paths.udp_answered_within(SETTLE * 2)
+        || peer_saw_udp
+    {
+        Some(true)
+    } else if relay_reports.is_empty() {
+        None
+    } else {
+        Some(false)
+    };
     let tcp = relay_reports.iter().any(|r| r.tcp);
     overlay.shutdown().await;
     Ok(Report {
@@ -197,24 +212,25 @@ impl Report {
     /// The report in words.
     pub fn text(&self) -> String {
         let mut out = String::from("netcheck\n");
-        let yes = |b: bool| if b { "yes" } else { "no" };
         out.push_str(&format!(
-            "  * UDP: {}{}\n",
-            yes(self.udp),
-            if self.udp {
-                ""
-            } else if self.relays.is_empty() {
-                " (no relay to ask: set overlay.relays)"
-            } else {
-                " (blocked: the node will reach the mesh through a relay over TCP)"
+            "  * UDP: {}\n",
+            match self.udp {
+                Some(true) => "yes",
+                Some(false) => "no (blocked: the node will reach the mesh through a relay over TCP)",
+                None => "unknown (no relay to ask and no bootstrap peer saw this host: set overlay.relays)",
             }
         ));
         if self.observed.is_empty() {
             out.push_str("  * Public address: unknown (no relay saw this host over UDP)\n");
         }
         for o in &self.observed {
+            let who = if self.relays.iter().any(|r| r.addr == o.relay) {
+                "relay"
+            } else {
+                "peer"
+            };
             out.push_str(&format!(
-                "  * Public address: {} (as relay {} sees it)\n",
+                "  * Public address: {} (as {who} {} sees it)\n",
                 o.address, o.relay
             ));
         }
@@ -266,5 +282,61 @@ impl Report {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(udp: Option<bool>, relays: &[&str], observed: &[(&str, &str)]) -> Report {
+        Report {
+            udp,
+            tcp: false,
+            mapping: "unknown".into(),
+            observed: observed
+                .iter()
+                .map(|(r, a)| Observed {
+                    relay: r.to_string(),
+                    address: a.to_string(),
+                })
+                .collect(),
+            relays: relays
+                .iter()
+                .map(|r| RelayReport {
+                    addr: r.to_string(),
+                    quic: true,
+                    quic_rtt_ms: None,
+                    tcp: false,
+                    tcp_rtt_ms: None,
+                    detail: String::new(),
+                })
+                .collect(),
+            peers: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn udp_is_unknown_without_anyone_to_ask_and_observers_are_named_for_what_they_are() {
+        let text = report(None, &[], &[]).text();
+        assert!(text.contains("UDP: unknown (no relay to ask"), "{text}");
+        let json = serde_json::to_value(report(None, &[], &[])).expect("json");
+        assert_eq!(json["udp"], serde_json::Value::Null);
+
+        let text = report(
+            Some(true),
+            &["10.0.0.1:7401"],
+            &[
+                ("10.0.0.1:7401", "1.2.3.4:5"),
+                ("10.0.0.2:7401", "1.2.3.4:5"),
+            ],
+        )
+        .text();
+        assert!(text.contains("UDP: yes"), "{text}");
+        assert!(text.contains("(as relay 10.0.0.1:7401 sees it)"), "{text}");
+        assert!(text.contains("(as peer 10.0.0.2:7401 sees it)"), "{text}");
+        assert!(report(Some(false), &["10.0.0.1:7401"], &[])
+            .text()
+            .contains("UDP: no (blocked"));
     }
 }

@@ -218,6 +218,20 @@ async fn ask_mode_in_every_dialect_and_learning_from_choices_across_two_nodes() 
         .to_str()
         .expect("id")
         .to_string();
+    // Polling the ask's task: no state to get, said as A2A says it.
+    let get = format!(
+        r#"{{"jsonrpc":"2.0","id":7,"method":"tasks/get","params":{{"id":"dmsc-ask-{id}"}}}}"#
+    );
+    let (resp, body) = mesh
+        .call(0, "POST", "mesh.acme.dmsc", "/", &[], get)
+        .await
+        .expect("call");
+    let body = String::from_utf8_lossy(&body).to_string();
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["error"]["code"], -32004, "{body}");
+    assert_eq!(v["id"], 7, "{body}");
+    assert!(body.contains("this mesh's question"), "{body}");
+    assert_eq!(resp.status(), StatusCode::OK);
     let (resp, _) = mesh
         .call(
             0,

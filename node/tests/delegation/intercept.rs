@@ -314,7 +314,7 @@ async fn the_nftables_fallback_intercepts_a_user_and_a_cgroup_bound_at_run_time(
     let token = mesh.admin_token(0);
     let call = |method: hyper::Method, path: &str, body: Option<serde_json::Value>| {
         let (token, path) = (token.clone(), path.to_string());
-        async move { dmsc_node::ops::intercept_call(admin, &token, method, &path, body).await }
+        async move { dmsc_node::ops::intercept_call(admin, Some(&token), method, &path, body).await }
     };
     let bound = call(
         hyper::Method::POST,
@@ -799,7 +799,7 @@ async fn namespace_case(nft: bool) {
     // (nowhere, from this namespace).
     dmsc_node::ops::intercept_call(
         mesh.nodes[0].bound().admin,
-        &mesh.admin_token(0),
+        Some(&mesh.admin_token(0)),
         hyper::Method::DELETE,
         &format!("/v1/intercept?{which}"),
         None,
@@ -820,7 +820,7 @@ async fn namespace_case(nft: bool) {
     // is not.
     let bound = dmsc_node::ops::intercept_call(
         mesh.nodes[0].bound().admin,
-        &mesh.admin_token(0),
+        Some(&mesh.admin_token(0)),
         hyper::Method::POST,
         "/v1/intercept",
         Some(again),
@@ -972,10 +972,15 @@ async fn an_agent_process_onboards_through_the_metadata_endpoint_and_a_wrong_cgr
         .expect("call");
     assert_eq!(resp.status(), 200, "{}", String::from_utf8_lossy(&body));
     // Its cgroup is intercepted as that agent now.
-    let listed =
-        dmsc_node::ops::intercept_call(admin, &root, hyper::Method::GET, "/v1/intercept", None)
-            .await
-            .expect("list");
+    let listed = dmsc_node::ops::intercept_call(
+        admin,
+        Some(&root),
+        hyper::Method::GET,
+        "/v1/intercept",
+        None,
+    )
+    .await
+    .expect("list");
     let bindings = listed["bindings"].as_array().cloned().unwrap_or_default();
     assert!(
         bindings
@@ -1071,14 +1076,19 @@ async fn a_node_without_an_intercept_section_starts_interception_at_the_first_en
     let admin = mesh.nodes[0].bound().admin;
     let token = mesh.admin_token(0);
     assert!(mesh.nodes[0].status().await.intercept.is_none());
-    let listed =
-        dmsc_node::ops::intercept_call(admin, &token, hyper::Method::GET, "/v1/intercept", None)
-            .await
-            .expect("list");
+    let listed = dmsc_node::ops::intercept_call(
+        admin,
+        Some(&token),
+        hyper::Method::GET,
+        "/v1/intercept",
+        None,
+    )
+    .await
+    .expect("list");
     assert_eq!(listed["started"], false, "{listed}");
     dmsc_node::ops::intercept_call(
         admin,
-        &token,
+        Some(&token),
         hyper::Method::DELETE,
         "/v1/intercept?all",
         None,
@@ -1087,7 +1097,7 @@ async fn a_node_without_an_intercept_section_starts_interception_at_the_first_en
     .expect("nothing to disable is fine");
     let bound = dmsc_node::ops::intercept_call(
         admin,
-        &token,
+        Some(&token),
         hyper::Method::POST,
         "/v1/intercept",
         Some(serde_json::json!({"uid": 1001, "tenant": "acme"})),
