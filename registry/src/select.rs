@@ -363,11 +363,22 @@ impl Registry {
                 if let Some(b) = binding {
                     // before the relative cut: the best of those that can
                     // take the request sets the bar
+                    let matched = ranked.len();
                     ranked.retain(|s| {
                         self.entries
                             .get(s.slot as usize)
                             .is_some_and(|e| serves_binding(e.record.protocols(), b))
                     });
+                    if ranked.is_empty() && matched > 0 {
+                        // Say so: "no match" would blame the text.
+                        return Err(SelectError::NoMatch {
+                            tenant: tenant.to_string(),
+                            target: format!(
+                                "{target} in the {b} binding ({matched} agent(s) match the text, none lists {b} \
+                                 among its interfaces: call it in a binding it serves, e.g. JSON-RPC)"
+                            ),
+                        });
+                    }
                 }
                 let best = ranked.first().map(|x| x.fused).ok_or_else(no_match)?;
                 let relevant: Vec<(u32, f32)> = ranked
@@ -1137,7 +1148,7 @@ mod tests {
         assert_eq!(pick(&r, Some("grpc"), &mut rng).as_deref(), Ok("rpc"));
         assert!(matches!(
             r.select_bound("acme", &t, None, Some("MQTT"), &NoLocal, &[], &mut rng),
-            Err(SelectError::NoMatch { .. })
+            Err(SelectError::NoMatch { ref target, .. }) if target.contains("3 agent(s) match the text, none lists MQTT")
         ));
         assert!(serves_binding([].into_iter(), "JSONRPC"));
         assert!(!serves_binding(["HTTP+JSON"].into_iter(), "JSONRPC"));

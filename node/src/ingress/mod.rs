@@ -975,7 +975,13 @@ impl Ingress {
                 if method == hyper::Method::GET && crate::forward::local::is_card_path(&path) =>
             {
                 // The tenant's router card: where an A2A client starts.
-                let card = crate::intent::card::router_card(&tenant);
+                let rest = self
+                    .delegator
+                    .mesh
+                    .read()
+                    .tenant_entries(&tenant)
+                    .any(|e| dmsc_registry::serves_binding(e.record.protocols(), "HTTP+JSON"));
+                let card = crate::intent::card::router_card(&tenant, rest);
                 let mut r = Response::new(full(card.to_string()));
                 r.headers_mut().insert(
                     hyper::header::CONTENT_TYPE,

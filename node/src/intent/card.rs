@@ -9,13 +9,25 @@
 //! `supportedInterfaces` (a 1.x client prefers the latter and speaks 1.0,
 //! a 0.3 client reads the former; each ignores the other's fields). Both
 //! are answered at the same address: the node reads either dialect, over
-//! JSON-RPC and over HTTP+JSON (REST), so the card lists both bindings.
+//! JSON-RPC and over HTTP+JSON (REST). A REST message can only go to an
+//! agent that serves REST, so the card lists HTTP+JSON only while some
+//! agent of the tenant does (an SDK that prefers REST would otherwise pick
+//! a binding no agent can take).
 
 use serde_json::{json, Value};
 
-/// The router card of `tenant`.
-pub fn router_card(tenant: &str) -> Value {
+/// The router card of `tenant`; `rest`: some agent of the tenant serves
+/// HTTP+JSON, so the card lists that binding too.
+pub fn router_card(tenant: &str, rest: bool) -> Value {
     let url = format!("http://mesh.{tenant}.dmsc/");
+    let mut additional = vec![json!({"url": url, "transport": "JSONRPC"})];
+    let mut supported =
+        vec![json!({"url": url, "protocolBinding": "JSONRPC", "protocolVersion": "1.0"})];
+    if rest {
+        additional.push(json!({"url": url, "transport": "HTTP+JSON"}));
+        supported
+            .push(json!({"url": url, "protocolBinding": "HTTP+JSON", "protocolVersion": "1.0"}));
+    }
     json!({
         "name": format!("mesh.{tenant}.dmsc"),
         "description": format!(
@@ -28,16 +40,9 @@ pub fn router_card(tenant: &str) -> Value {
         "protocolVersion": "0.3.0",
         "url": url,
         "preferredTransport": "JSONRPC",
-        // The router reads both bindings (a REST message goes to an agent
-        // that serves REST); SDK clients pick from what the card lists.
-        "additionalInterfaces": [
-            {"url": url, "transport": "JSONRPC"},
-            {"url": url, "transport": "HTTP+JSON"}
-        ],
-        "supportedInterfaces": [
-            {"url": url, "protocolBinding": "JSONRPC", "protocolVersion": "1.0"},
-            {"url": url, "protocolBinding": "HTTP+JSON", "protocolVersion": "1.0"}
-        ],
+        // SDK clients pick from what the card lists.
+        "additionalInterfaces": additional,
+        "supportedInterfaces": supported,
         "provider": {"organization": "dmsc mesh", "url": url},
         "capabilities": {"streaming": true},
         "defaultInputModes": ["text/plain"],
@@ -60,7 +65,17 @@ mod tests {
 
     #[test]
     fn the_router_card_is_a_valid_card_in_both_dialects() {
-        let v = router_card("acme");
+        let without_rest = router_card("acme", false);
+        dmsc_registry::AgentCard::from_value(without_rest.clone()).expect("a valid card");
+        assert_eq!(
+            without_rest["supportedInterfaces"].as_array().map(Vec::len),
+            Some(1)
+        );
+        assert_eq!(
+            without_rest["additionalInterfaces"][0]["transport"],
+            "JSONRPC"
+        );
+        let v = router_card("acme", true);
         let card = dmsc_registry::AgentCard::from_value(v.clone()).expect("a valid card");
         assert_eq!(card.url.as_deref(), Some("http://mesh.acme.dmsc/"));
         let si = card.supported_interfaces.as_ref().expect("1.0 interfaces");

@@ -143,6 +143,12 @@ async fn ask_mode_in_every_dialect_and_learning_from_choices_across_two_nodes() 
         card["supportedInterfaces"][0]["url"], "http://mesh.acme.dmsc/",
         "{card}"
     );
+    // No agent of this tenant serves HTTP+JSON: the card does not offer it.
+    assert_eq!(
+        card["supportedInterfaces"].as_array().map(Vec::len),
+        Some(1),
+        "{card}"
+    );
 
     // A2A 0.3: a task in input-required listing both.
     let (resp, body) = mesh
