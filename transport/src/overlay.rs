@@ -1087,6 +1087,7 @@ impl Overlay {
         let decided = |relayed: bool, reason: String| {
             let advertised = if relayed { mapped } else { direct };
             paths.set_me(advertised, relayed);
+            paths.set_decided(&reason);
             Established {
                 advertised,
                 relayed,

@@ -98,6 +98,13 @@ async fn a_relayed_node_is_reached_through_a_relay_that_sees_only_ciphertext() {
         a.o.local_addr(),
         "loopback answers the dial-back: direct"
     );
+    // Each says why, for `status`.
+    let why = a.o.paths().decided().unwrap_or_default();
+    assert!(
+        why.contains("dial-back") && why.contains("reachable directly"),
+        "{why}"
+    );
+    assert!(n.o.paths().decided().is_some_and(|w| !w.is_empty()));
     wait_until("n registered at the relay", Duration::from_secs(5), || {
         server.knows(mapped_addr("n"))
     })

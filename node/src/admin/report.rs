@@ -502,6 +502,7 @@ fn paths_status(s: &Shared) -> super::status::PathsStatus {
         } else {
             "direct".into()
         },
+        reason: paths.decided(),
         advertised: s.bound.overlay.to_string(),
         udp: udp.into(),
         sessions: sessions

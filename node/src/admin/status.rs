@@ -248,6 +248,9 @@ pub struct PeerStatus {
 pub struct PathsStatus {
     /// `direct` or `relayed`.
     pub reachability: String,
+    /// Why (the decision taken at start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     /// The overlay address peers use for this node.
     pub advertised: String,
     /// `ok`, `blocked` (relay sessions over TCP only) or `unknown`.
@@ -463,8 +466,14 @@ impl StatusReport {
         ));
         let pa = &self.paths;
         out.push_str(&format!(
-            "paths    {} at {}; UDP {}",
-            pa.reachability, pa.advertised, pa.udp
+            "paths    {} at {}{}; UDP {}",
+            pa.reachability,
+            pa.advertised,
+            pa.reason
+                .as_deref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default(),
+            pa.udp
         ));
         for x in &pa.sessions {
             out.push_str(&format!(

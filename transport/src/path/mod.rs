@@ -197,6 +197,8 @@ pub(crate) struct State {
     /// This node's advertised overlay address.
     pub me: Option<SocketAddr>,
     pub relayed_mode: bool,
+    /// Why this node is reachable as it is (the start-up decision).
+    pub decided: Option<String>,
     pub udp_blocked: bool,
     /// Overlay addresses of relays (sent to directly).
     pub relay_addrs: HashSet<SocketAddr>,
@@ -418,6 +420,16 @@ impl Paths {
 
     pub fn relayed_mode(&self) -> bool {
         lock(&self.st).relayed_mode
+    }
+
+    /// Why this node is reachable directly or through relays: the reason
+    /// of the decision taken when the overlay started (`status`).
+    pub fn decided(&self) -> Option<String> {
+        lock(&self.st).decided.clone()
+    }
+
+    pub(crate) fn set_decided(&self, why: &str) {
+        lock(&self.st).decided = Some(why.to_string());
     }
 
     pub fn udp_blocked(&self) -> bool {
