@@ -139,6 +139,7 @@ pub(crate) async fn status_report(s: &Shared) -> StatusReport {
         .into_iter()
         .map(|(spec, error)| super::status::PendingAgent {
             tenant: spec.tenant,
+            name: spec.name,
             url: spec.url,
             error,
         })

@@ -295,11 +295,13 @@ mod tests {
             pending_agents: vec![
                 PendingAgent {
                     tenant: "globex".into(),
+                    name: None,
                     url: "http://g".into(),
                     error: "down".into(),
                 },
                 PendingAgent {
                     tenant: "acme".into(),
+                    name: Some("a".into()),
                     url: "http://a".into(),
                     error: "down".into(),
                 },

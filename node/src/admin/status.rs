@@ -171,6 +171,10 @@ pub struct AgentStatus {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PendingAgent {
     pub tenant: String,
+    /// The name it was registered with, if any (what `DELETE
+    /// /v1/agents/<tenant>/<name>` takes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     pub url: String,
     pub error: String,
 }
@@ -591,7 +595,15 @@ impl StatusReport {
             out.push_str(&table(&header, &rows));
         }
         for p in &self.pending_agents {
-            out.push_str(&format!("pending  {} {}: {}\n", p.tenant, p.url, p.error));
+            let name = p
+                .name
+                .as_deref()
+                .map(|n| format!("/{n}"))
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "pending  {}{name} {}: {}\n",
+                p.tenant, p.url, p.error
+            ));
         }
         out
     }

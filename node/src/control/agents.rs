@@ -52,7 +52,7 @@ const MAX_CARD: usize = 1 << 20;
 pub enum AgentError {
     #[error("invalid agent spec: {0}")]
     Spec(String),
-    #[error("cannot fetch the agent card from {url}: {reason}")]
+    #[error("cannot fetch the agent card from {url}: {reason} (an agent without a card, such as a gRPC server: declare its `name` and `skills`, and `protocol = \"grpc\"` for gRPC, and the node builds its card)")]
     Fetch { url: String, reason: String },
     #[error("agent card from {url}: {error}")]
     Card {

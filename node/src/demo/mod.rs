@@ -347,14 +347,19 @@ async fn tls_post(
     ))
 }
 
-/// The reason a refusal carries (`detail` of the problem or JSON-RPC error).
+/// The reason a refusal carries (`detail` of the problem, or the JSON-RPC
+/// error with its kind: those come over HTTP 200, which alone reads as a
+/// success).
 fn reason(body: &str) -> String {
     let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
-    v["detail"]
-        .as_str()
-        .or_else(|| v["error"]["message"].as_str())
-        .unwrap_or(body)
-        .to_string()
+    if let Some(message) = v["error"]["message"].as_str() {
+        return format!(
+            "JSON-RPC error {} ({}): {message}",
+            v["error"]["code"],
+            v["error"]["data"]["kind"].as_str().unwrap_or("error")
+        );
+    }
+    v["detail"].as_str().unwrap_or(body).to_string()
 }
 
 /// Enrollment, mTLS, refusals, revocation and the audit trail, on node 0's

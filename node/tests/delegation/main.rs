@@ -802,6 +802,20 @@ async fn agents_onboard_and_leave_through_the_admin_api() {
             .any(|(s, _)| s.name.as_deref() == Some("later"))
     };
     assert!(pending(&mesh));
+    // `status` names it (what DELETE takes) and says what a card-less agent needs.
+    let report = dmsc_node::admin::status::fetch_with(admin, None)
+        .await
+        .expect("status");
+    let p = report
+        .pending_agents
+        .iter()
+        .find(|p| p.name.as_deref() == Some("later"))
+        .expect("pending agent named");
+    assert!(
+        p.error.contains("declare its `name` and `skills`"),
+        "{}",
+        p.error
+    );
     for expected in [204, 404] {
         let req = hyper::Request::delete(format!("http://{admin}/v1/agents/acme/later"))
             .header("authorization", &bearer)
