@@ -862,6 +862,9 @@ impl Overlay {
     /// Closes every connection and stops all tasks, waiting briefly so peers
     /// receive the close frames.
     pub async fn shutdown(&self) {
+        // Relay sessions end with the endpoint: wanted no more, they stop
+        // without a warning and without trying again (over TCP) first.
+        lock(&self.inner.relays).clear();
         self.inner
             .endpoint
             .close(VarInt::from_u32(CLOSE_SHUTDOWN), b"shutdown");

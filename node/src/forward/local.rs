@@ -570,8 +570,10 @@ pub(crate) async fn deliver_local(
                 ErrorKind::Timeout,
                 me,
                 format!(
-                    "agent `{}` did not answer within the deadline ({remaining:?})",
-                    agent.id
+                    "agent `{}` did not answer in the {} ms left of the caller's deadline \
+                     (`dmsc-timeout`, a gRPC call's own, else the node's default)",
+                    agent.id,
+                    remaining.as_millis()
                 ),
             )
             .agent(&agent.id),

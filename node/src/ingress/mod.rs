@@ -1021,17 +1021,18 @@ impl Ingress {
                         };
                         match text {
                             Some(t) if !t.trim().is_empty() => Target::Intent(t),
-                            _ => {
+                            found => {
                                 let req_bytes: Option<Bytes> = match &body {
                                     ReqBody::Buffered(b) => Some(b.clone()),
                                     _ => None,
                                 };
-                                return MeshError::new(
-                                    ErrorKind::BadRequest,
-                                    me,
-                                    "routing by intent needs a `dmsc-intent` header or an A2A message/send (SendMessage) request with text parts",
-                                )
-                                .into_response(grpc, req_bytes.as_deref());
+                                let what = if found.is_some() {
+                                    "routing by intent needs text to route by: the `dmsc-intent` header or the message's text parts are empty"
+                                } else {
+                                    "routing by intent needs a `dmsc-intent` header or an A2A message/send (SendMessage) request with text parts"
+                                };
+                                return MeshError::new(ErrorKind::BadRequest, me, what)
+                                    .into_response(grpc, req_bytes.as_deref());
                             }
                         }
                     }
