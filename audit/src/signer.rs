@@ -194,90 +194,66 @@ pub(crate) fn check_checkpoint(
     cp: &Checkpoint,
     roots: &[Vec<u8>],
 ) -> Result<String, CheckpointFault> {
-    check_checkpoint_inner(node, line_seq, line_prev, ts_ms, cp, roots).map_err(|e| {
-        if e.contains(NOT_FROM_ROOTS) {
-            CheckpointFault::Untrusted(e)
-        } else {
-            CheckpointFault::Invalid(e)
-        }
-    })
-}
-
-const NOT_FROM_ROOTS: &str = "was not issued by any of the trusted roots";
-
-fn check_checkpoint_inner(
-    node: &str,
-    line_seq: u64,
-    line_prev: &str,
-    ts_ms: u64,
-    cp: &Checkpoint,
-    roots: &[Vec<u8>],
-) -> Result<String, String> {
+    use CheckpointFault::{Invalid, Untrusted};
     if cp.seq != line_seq {
-        return Err(format!(
+        return Err(Invalid(format!(
             "checkpoint says seq {} but sits on line seq {line_seq}",
             cp.seq
-        ));
+        )));
     }
     if cp.head != line_prev {
-        return Err(format!(
+        return Err(Invalid(format!(
             "checkpoint head {} is not the line's prev {line_prev}",
             cp.head
-        ));
+        )));
     }
     let der = B64
         .decode(&cp.cert)
-        .map_err(|e| format!("checkpoint cert is not base64: {e}"))?;
+        .map_err(|e| Invalid(format!("checkpoint cert is not base64: {e}")))?;
     let (_, cert) = X509Certificate::from_der(&der)
-        .map_err(|e| format!("checkpoint cert is not an X.509 certificate: {e}"))?;
+        .map_err(|e| Invalid(format!("checkpoint cert is not an X.509 certificate: {e}")))?;
     if !names_node(&cert, node) {
-        return Err(format!(
+        return Err(Invalid(format!(
             "checkpoint cert ({}) is not a certificate of node `{node}`",
             cert.subject()
-        ));
+        )));
     }
     if !roots.is_empty() {
-        let mut chained = false;
-        for root in roots {
-            let Ok((_, root)) = X509Certificate::from_der(root) else {
-                continue;
-            };
-            if root.subject().as_raw() == cert.issuer().as_raw()
-                && cert.verify_signature(Some(root.public_key())).is_ok()
-            {
-                chained = true;
-                break;
-            }
-        }
+        let chained = roots.iter().any(|root| {
+            X509Certificate::from_der(root).is_ok_and(|(_, root)| {
+                root.subject().as_raw() == cert.issuer().as_raw()
+                    && cert.verify_signature(Some(root.public_key())).is_ok()
+            })
+        });
         if !chained {
-            return Err(format!(
-                "checkpoint cert ({}) {NOT_FROM_ROOTS}",
+            return Err(Untrusted(format!(
+                "checkpoint cert ({}) was not issued by any of the trusted roots",
                 cert.subject()
-            ));
+            )));
         }
         let at = i64::try_from(ts_ms / 1000)
             .ok()
             .and_then(|s| ASN1Time::from_timestamp(s).ok());
         if !at.is_some_and(|t| cert.validity().is_valid_at(t)) {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "checkpoint cert ({}) was not valid at the checkpoint's time ({ts_ms} ms)",
                 cert.subject()
-            ));
+            )));
         }
     }
     let sig = B64
         .decode(&cp.sig)
-        .map_err(|e| format!("checkpoint sig is not base64: {e}"))?;
+        .map_err(|e| Invalid(format!("checkpoint sig is not base64: {e}")))?;
     let key = ring::signature::UnparsedPublicKey::new(
         &ring::signature::ECDSA_P256_SHA256_ASN1,
         cert.public_key().subject_public_key.data.as_ref(),
     );
     key.verify(&checkpoint_message(node, cp.seq, &cp.head), &sig)
         .map_err(|_| {
-            format!(
+            Invalid(format!(
                 "signature does not verify over head {} at seq {}",
                 cp.head, cp.seq
-            )
+            ))
         })?;
     Ok(line_hash(&der))
 }

@@ -582,6 +582,22 @@ mod tests {
         }
     }
 
+    /// A table whose tenant `acme` has a tenant-wide rate.
+    fn tenant_limited(per_sec: f64, burst: u32, now: Instant) -> Table {
+        table(
+            TenantLimits {
+                tenant: rate(per_sec, burst),
+                ..Default::default()
+            },
+            now,
+        )
+    }
+
+    /// What the other nodes published for `acme`.
+    fn acme_peers(sum: f64, count: usize) -> HashMap<String, Peers> {
+        HashMap::from([("acme".to_string(), Peers { sum, count })])
+    }
+
     fn table(l: TenantLimits, now: Instant) -> Table {
         let mut t = Table::default();
         t.set_peers(1, HashMap::new());
@@ -603,13 +619,7 @@ mod tests {
     #[test]
     fn the_tenant_rate_admits_the_burst_then_waits_for_a_token() {
         let t0 = Instant::now();
-        let mut t = table(
-            TenantLimits {
-                tenant: rate(10.0, 3),
-                ..Default::default()
-            },
-            t0,
-        );
+        let mut t = tenant_limited(10.0, 3, t0);
         for _ in 0..3 {
             assert!(t.admit_ingress("acme", "c", t0).is_ok());
         }
@@ -699,24 +709,10 @@ mod tests {
     #[test]
     fn the_share_follows_the_peers_demand() {
         let t0 = Instant::now();
-        let mut t = table(
-            TenantLimits {
-                tenant: rate(100.0, 10),
-                ..Default::default()
-            },
-            t0,
-        );
+        let mut t = tenant_limited(100.0, 10, t0);
         // Three live nodes, both others publish 60 req/s; this one sees 60
         // in a period.
-        let mut peers = HashMap::new();
-        peers.insert(
-            "acme".to_string(),
-            Peers {
-                sum: 120.0,
-                count: 2,
-            },
-        );
-        t.set_peers(3, peers);
+        t.set_peers(3, acme_peers(120.0, 2));
         for i in 0..60 {
             let _ = t.admit_ingress("acme", "c", t0 + i * 10 * MS);
         }
@@ -736,13 +732,7 @@ mod tests {
     #[test]
     fn silent_peers_count_as_busy_only_during_the_warm_up() {
         let t0 = Instant::now();
-        let mut t = table(
-            TenantLimits {
-                tenant: rate(90.0, 9),
-                ..Default::default()
-            },
-            t0,
-        );
+        let mut t = tenant_limited(90.0, 9, t0);
         t.set_peers(3, HashMap::new());
         t.set_warmup(300 * MS);
         assert!(t.admit_ingress("acme", "c", t0).is_ok());
@@ -754,13 +744,7 @@ mod tests {
     #[test]
     fn a_node_out_of_an_idle_spell_counts_its_fresh_demand_not_its_published_zero() {
         let t0 = Instant::now();
-        let mut t = table(
-            TenantLimits {
-                tenant: rate(2.0, 3),
-                ..Default::default()
-            },
-            t0,
-        );
+        let mut t = tenant_limited(2.0, 3, t0);
         t.set_warmup(3000 * MS);
         // Traffic, published; then an idle spell, published as zero; the
         // two other nodes published zero too.
@@ -772,9 +756,7 @@ mod tests {
             t.usage_updates(idle),
             vec![("acme".to_string(), Some("0".to_string()))]
         );
-        let mut peers = HashMap::new();
-        peers.insert("acme".to_string(), Peers { sum: 0.0, count: 0 });
-        t.set_peers(3, peers);
+        t.set_peers(3, acme_peers(0.0, 0));
         // A burst: the warm-up splits it three ways (a third of the rate,
         // one token), not the floor's fifteenth with a 7.5 s wait.
         assert!(t.admit_ingress("acme", "c", idle).is_ok());
@@ -792,23 +774,9 @@ mod tests {
     #[test]
     fn a_refusal_during_the_warm_up_waits_no_longer_than_the_warm_up() {
         let t0 = Instant::now();
-        let mut t = table(
-            TenantLimits {
-                tenant: rate(2.0, 3),
-                ..Default::default()
-            },
-            t0,
-        );
+        let mut t = tenant_limited(2.0, 3, t0);
         t.set_warmup(300 * MS);
-        let mut peers = HashMap::new();
-        peers.insert(
-            "acme".to_string(),
-            Peers {
-                sum: 1000.0,
-                count: 2,
-            },
-        );
-        t.set_peers(3, peers);
+        t.set_peers(3, acme_peers(1000.0, 2));
         // The others are busy: this node has the floor, a token per 7.5 s.
         assert!(t.admit_ingress("acme", "c", t0).is_ok());
         let r = t
@@ -825,13 +793,7 @@ mod tests {
     #[test]
     fn usage_is_published_on_meaningful_changes_and_withdrawn_with_the_limits() {
         let t0 = Instant::now();
-        let mut t = table(
-            TenantLimits {
-                tenant: rate(100.0, 10),
-                ..Default::default()
-            },
-            t0,
-        );
+        let mut t = tenant_limited(100.0, 10, t0);
         assert!(t.usage_updates(t0).is_empty(), "no demand, nothing said");
         for _ in 0..40 {
             let _ = t.admit_ingress("acme", "c", t0);

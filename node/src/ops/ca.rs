@@ -313,7 +313,8 @@ pub fn write_tenant_key_statement(
 mod tests {
     use super::*;
 
-    fn issue(ca_dir: &Path, out: &Path, name: &str) {
+    /// Issues node `name` into `out`; what `ca issue-node` says.
+    fn issue(ca_dir: &Path, out: &Path, name: &str) -> String {
         issue_node(&IssueNode {
             ca_dir: ca_dir.to_path_buf(),
             name: name.into(),
@@ -322,7 +323,7 @@ mod tests {
             sans: Vec::new(),
             tenants: Vec::new(),
         })
-        .expect("issue");
+        .expect("issue")
     }
 
     #[test]
@@ -330,9 +331,9 @@ mod tests {
         let d = tempfile::tempdir().expect("tempdir");
         let ca_dir = d.path().join("ca");
         init("test.example", &ca_dir).expect("init");
-        issue(&ca_dir, &d.path().join("a1"), "a");
-        issue(&ca_dir, &d.path().join("b"), "b");
-        issue(&ca_dir, &d.path().join("a2"), "a");
+        for (out, name) in [("a1", "a"), ("b", "b"), ("a2", "a")] {
+            issue(&ca_dir, &d.path().join(out), name);
+        }
         // An expired one of `a`'s, as a CA that ran a year ago wrote it.
         let old = Issued {
             serial: "1234".into(),
@@ -373,15 +374,7 @@ mod tests {
         init("test.example", &ca_dir).expect("init");
         // Stands in for read-only media (root writes through permissions).
         std::fs::create_dir(ca_dir.join(LEDGER)).expect("dir");
-        let said = issue_node(&IssueNode {
-            ca_dir: ca_dir.clone(),
-            name: "a".into(),
-            out: d.path().join("a"),
-            days: 1,
-            sans: Vec::new(),
-            tenants: Vec::new(),
-        })
-        .expect("issued");
+        let said = issue(&ca_dir, &d.path().join("a"), "a");
         assert!(
             said.contains("warning: cannot open the ledger") && said.contains("node "),
             "{said}"
@@ -394,7 +387,7 @@ mod tests {
         let d = tempfile::tempdir().expect("tempdir");
         let ca_dir = d.path().join("ca");
         init("test.example", &ca_dir).expect("init");
-        issue(&ca_dir, &d.path().join("a"), "a");
+        let _ = issue(&ca_dir, &d.path().join("a"), "a");
         append_ledger(&ca_dir, "{\"serial\":\n").expect("append");
         let e = issued_to(&ca_dir, "a").expect_err("damaged");
         assert!(matches!(e, CaError::Ledger { line: 3, .. }), "{e}");

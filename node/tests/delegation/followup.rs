@@ -497,19 +497,7 @@ async fn intent_picks_only_agents_serving_the_requests_binding() {
     );
     assert!(v["task"]["id"].is_string(), "{v}");
     // An agent serves HTTP+JSON: the router's card offers that binding.
-    let (resp, body) = mesh
-        .call(
-            0,
-            "GET",
-            "mesh.acme.dmsc",
-            "/.well-known/agent-card.json",
-            &[],
-            "",
-        )
-        .await
-        .expect("router card");
-    assert_eq!(resp.status(), StatusCode::OK);
-    let card: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    let card = super::acme_router_card(&mesh, 0).await;
     assert_eq!(
         card["supportedInterfaces"][1]["protocolBinding"], "HTTP+JSON",
         "{card}"

@@ -125,19 +125,7 @@ async fn ask_mode_in_every_dialect_and_learning_from_choices_across_two_nodes() 
 
     // The router has a card, where an A2A client starts (both dialects'
     // URL fields name the router, not an agent).
-    let (resp, body) = mesh
-        .call(
-            0,
-            "GET",
-            "mesh.acme.dmsc",
-            "/.well-known/agent-card.json",
-            &[],
-            "",
-        )
-        .await
-        .expect("router card");
-    assert_eq!(resp.status(), StatusCode::OK);
-    let card: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    let card = super::acme_router_card(&mesh, 0).await;
     assert_eq!(card["url"], "http://mesh.acme.dmsc/", "{card}");
     assert_eq!(
         card["supportedInterfaces"][0]["url"], "http://mesh.acme.dmsc/",

@@ -28,6 +28,23 @@ use dmsc_node::demo::mesh::{message_send, send_message_v10, LocalMesh};
 use dmsc_node::demo::sample_agent::{CardDialect, SampleAgent, SampleConfig, SampleSkill};
 use http_body_util::BodyExt;
 
+/// The router card of `mesh.acme.dmsc`, as node `i` serves it.
+async fn acme_router_card(mesh: &LocalMesh, i: usize) -> serde_json::Value {
+    let (resp, body) = mesh
+        .call(
+            i,
+            "GET",
+            "mesh.acme.dmsc",
+            "/.well-known/agent-card.json",
+            &[],
+            "",
+        )
+        .await
+        .expect("router card");
+    assert_eq!(resp.status(), hyper::StatusCode::OK);
+    serde_json::from_slice(&body).expect("json")
+}
+
 /// Polls `cond` every 50 ms until it holds or `within` passes.
 async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
