@@ -478,21 +478,12 @@ impl Chain {
                     report.signers.insert(fingerprint);
                     self.last_cp_line = Some((cur.no, s));
                 }
-                Err(CheckpointFault::Untrusted(reason)) => {
-                    return Ok(problem(
-                        cur.no,
-                        Some(s),
-                        ProblemKind::BadSignature,
-                        format!("{reason}: if --ca is this mesh's CA bundle, this checkpoint was signed with a key of another CA (forged); otherwise verify with the right bundle"),
-                    ));
-                }
-                Err(CheckpointFault::Invalid(reason)) => {
-                    return Ok(problem(
-                        cur.no,
-                        Some(s),
-                        ProblemKind::BadSignature,
-                        format!("{reason}; every hash link up to here is intact, so the lines between {since} and this checkpoint were rewritten with recomputed hashes, or this checkpoint was forged"),
-                    ));
+                Err(fault) => {
+                    let why = match fault {
+                        CheckpointFault::Untrusted(reason) => format!("{reason}: if --ca is this mesh's CA bundle, this checkpoint was signed with a key of another CA (forged); otherwise verify with the right bundle"),
+                        CheckpointFault::Invalid(reason) => format!("{reason}; every hash link up to here is intact, so the lines between {since} and this checkpoint were rewritten with recomputed hashes, or this checkpoint was forged"),
+                    };
+                    return Ok(problem(cur.no, Some(s), ProblemKind::BadSignature, why));
                 }
             }
         } else {
