@@ -785,21 +785,32 @@ async fn policy(cmd: PolicyCmd) -> anyhow::Result<ExitCode> {
                 );
                 print!("{}", v["document"].as_str().unwrap_or_default());
             } else {
-                println!(
-                    "{:<24} {:>8} {:>6}  {:<24} DIGEST",
-                    "TENANT", "VERSION", "RULES", "SIGNER"
+                let rows: Vec<[String; 5]> = v["policies"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|e| {
+                        [
+                            e["tenant"].as_str().unwrap_or("?").to_string(),
+                            e["version"].to_string(),
+                            e["rules"].to_string(),
+                            e["signer"].as_str().unwrap_or("?").to_string(),
+                            e["digest"]
+                                .as_str()
+                                .unwrap_or("?")
+                                .get(..16)
+                                .unwrap_or("")
+                                .to_string(),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    dmsc_node::admin::status::table(
+                        &["TENANT", "VERSION", "RULES", "SIGNER", "DIGEST"],
+                        &rows
+                    )
                 );
-                for e in v["policies"].as_array().into_iter().flatten() {
-                    println!(
-                        "{:<24} {:>8} {:>6}  {:<24} {}",
-                        e["tenant"].as_str().unwrap_or("?"),
-                        // A JSON value's Display ignores the width.
-                        e["version"].to_string(),
-                        e["rules"].to_string(),
-                        e["signer"].as_str().unwrap_or("?"),
-                        e["digest"].as_str().unwrap_or("?").get(..16).unwrap_or("")
-                    );
-                }
             }
         }
         PolicyCmd::Diff {

@@ -1180,8 +1180,14 @@ fn policy_commands_issue_tenant_sign_apply_show_and_diff() {
     // The table's columns line up: every row's signer starts under SIGNER.
     let table = String::from_utf8_lossy(&out.stdout).to_string();
     let col = table.find("SIGNER").expect("header");
+    let digest = table.find("DIGEST").expect("header");
     for row in table.lines().skip(1) {
         assert_eq!(row.find("tenant-admin:"), Some(col), "{table}");
+        let d = row.get(digest..).unwrap_or_default();
+        assert!(
+            d.len() == 16 && d.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{table}"
+        );
     }
     // diff: the same document is no difference; an edit is shown, exit 1.
     let out = run(&[

@@ -163,6 +163,14 @@ pub enum SelectError {
     UnknownAgent { tenant: String, name: String },
     #[error("no agent of tenant `{tenant}` matches {target}")]
     NoMatch { tenant: String, target: String },
+    /// Agents match the text, but none serves the request's binding.
+    #[error("{matched} agent(s) of tenant `{tenant}` match {target}, but none serves the {binding} binding this request uses (none lists it among its card's interfaces): send it in a binding they serve, e.g. JSON-RPC")]
+    NoBinding {
+        tenant: String,
+        target: String,
+        binding: String,
+        matched: usize,
+    },
     #[error("{target} of tenant `{tenant}`: {candidates} candidate(s), none eligible ({unhealthy} not healthy, {circuit_open} held back by an open circuit on this node (the agent's, or the path's to its home node), {excluded} already tried)")]
     NoneEligible {
         tenant: String,
@@ -371,12 +379,11 @@ impl Registry {
                     });
                     if ranked.is_empty() && matched > 0 {
                         // Say so: "no match" would blame the text.
-                        return Err(SelectError::NoMatch {
+                        return Err(SelectError::NoBinding {
                             tenant: tenant.to_string(),
-                            target: format!(
-                                "{target} in the {b} binding ({matched} agent(s) match the text, none lists {b} \
-                                 among its interfaces: call it in a binding it serves, e.g. JSON-RPC)"
-                            ),
+                            target: target.to_string(),
+                            binding: b.to_string(),
+                            matched,
                         });
                     }
                 }
@@ -1148,7 +1155,7 @@ mod tests {
         assert_eq!(pick(&r, Some("grpc"), &mut rng).as_deref(), Ok("rpc"));
         assert!(matches!(
             r.select_bound("acme", &t, None, Some("MQTT"), &NoLocal, &[], &mut rng),
-            Err(SelectError::NoMatch { ref target, .. }) if target.contains("3 agent(s) match the text, none lists MQTT")
+            Err(SelectError::NoBinding { matched: 3, ref binding, .. }) if binding == "MQTT"
         ));
         assert!(serves_binding([].into_iter(), "JSONRPC"));
         assert!(!serves_binding(["HTTP+JSON"].into_iter(), "JSONRPC"));

@@ -231,6 +231,10 @@ proptest! {
                     // completeness: nothing eligible with that tag
                     prop_assert!(!any_eligible(&|id| has_tag(&r, id, tag)), "{:?} but an eligible agent exists", res);
                 }
+                (Err(e @ SelectError::NoBinding { .. }), Target::Tag(_)) => {
+                    // only an intent is filtered by binding
+                    prop_assert!(false, "a binding refusal for a tag: {:?}", e);
+                }
                 (Err(_), Target::Agent(n)) => {
                     prop_assert!(!eligible(&AgentId::new(tenant, n.clone())), "{:?}", res);
                 }

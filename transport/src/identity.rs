@@ -360,11 +360,11 @@ impl NodeIdentity {
         if let Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) =
             rustls::sign::CertifiedKey::new(chain.clone(), signing).keys_match()
         {
-            return Err(TransportError::Identity(format!(
-                "the private key `{}` does not belong to the certificate `{}`",
-                key.display(),
-                cert.display()
-            )));
+            return Err(TransportError::BadPem {
+                path: key.to_path_buf(),
+                what: "private key",
+                reason: format!("it does not belong to the certificate `{}`", cert.display()),
+            });
         }
         if info.spiffe.node_name().is_none() {
             return Err(TransportError::Identity(format!(

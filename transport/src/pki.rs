@@ -658,7 +658,7 @@ mod tests {
         let e = crate::NodeIdentity::from_pem(&ca.cert_pem, &a.cert_pem, &b.key_pem)
             .expect_err("b's key with a's certificate");
         assert!(
-            matches!(&e, TransportError::Identity(m) if m.contains("does not belong to the certificate")),
+            matches!(&e, TransportError::BadPem { reason, .. } if reason.contains("does not belong to the certificate")),
             "{e}"
         );
     }

@@ -610,7 +610,7 @@ impl StatusReport {
 }
 
 /// Left-aligned columns, two spaces apart, last column unpadded.
-fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
+pub fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
     let mut widths = header.map(str::len);
     for r in rows {
         for (w, c) in widths.iter_mut().zip(r) {

@@ -352,7 +352,8 @@ async fn tls_post(
 /// success).
 fn reason(body: &str) -> String {
     let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
-    if let Some(message) = v["error"]["message"].as_str() {
+    // (Problem details carry an `error` member too: a google.rpc.Status.)
+    if let (Some("2.0"), Some(message)) = (v["jsonrpc"].as_str(), v["error"]["message"].as_str()) {
         return format!(
             "JSON-RPC error {} ({}): {message}",
             v["error"]["code"],

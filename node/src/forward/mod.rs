@@ -155,7 +155,7 @@ pub(crate) const NODE_CALLER: &str = "node:";
 fn select_error(me: &str, tenant: &str, target: &Target, e: SelectError) -> MeshError {
     let kind = match &e {
         SelectError::UnknownAgent { .. } => ErrorKind::UnknownAgent,
-        SelectError::NoMatch { .. } => ErrorKind::NoMatch,
+        SelectError::NoMatch { .. } | SelectError::NoBinding { .. } => ErrorKind::NoMatch,
         _ => ErrorKind::NoneAvailable,
     };
     // The registry's messages already name the tenant and the target.

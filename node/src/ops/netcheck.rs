@@ -32,7 +32,9 @@ pub struct Report {
     /// a UDP probe was answered, or a bootstrap peer saw this host's own
     /// address; `None` (JSON null) when there was nothing to ask.
     pub udp: Option<bool>,
-    pub tcp: bool,
+    /// Whether a relay took a session over TCP + TLS; `None` (JSON null)
+    /// without a relay to try.
+    pub tcp: Option<bool>,
     /// `endpoint-independent`, `endpoint-dependent` or `unknown`.
     pub mapping: String,
     /// This host's address as each relay or bootstrap peer saw it.
@@ -190,7 +192,7 @@ pub async fn netcheck(config: &NodeConfig) -> Result<Report, NodeError> {
     } else {
         Some(false)
     };
-    let tcp = relay_reports.iter().any(|r| r.tcp);
+    let tcp = (!relay_reports.is_empty()).then(|| relay_reports.iter().any(|r| r.tcp));
     overlay.shutdown().await;
     Ok(Report {
         udp,
@@ -237,19 +239,17 @@ impl Report {
         out.push_str(&format!(
             "  * NAT mapping: {}\n",
             match self.mapping.as_str() {
-                "endpoint-independent" => "endpoint-independent (every relay sees the same address: hole punching can work)",
+                "endpoint-independent" => "endpoint-independent (every relay and peer asked sees the same address: hole punching can work)",
                 "endpoint-dependent" => "endpoint-dependent (the address differs per destination, a symmetric NAT: relayed peers stay relayed)",
-                _ => "unknown (needs two relays to compare)",
+                _ => "unknown (needs two relays or bootstrap peers to compare)",
             }
         ));
         out.push_str(&format!(
             "  * TCP fallback: {}\n",
-            if self.tcp {
-                "reachable"
-            } else if self.relays.is_empty() {
-                "no relay to try"
-            } else {
-                "not reachable"
+            match self.tcp {
+                Some(true) => "reachable",
+                Some(false) => "not reachable",
+                None => "no relay to try",
             }
         ));
         if !self.relays.is_empty() {
@@ -292,7 +292,7 @@ mod tests {
     fn report(udp: Option<bool>, relays: &[&str], observed: &[(&str, &str)]) -> Report {
         Report {
             udp,
-            tcp: false,
+            tcp: None,
             mapping: "unknown".into(),
             observed: observed
                 .iter()
