@@ -1191,12 +1191,9 @@ impl Ingress {
             )
         };
         // A task method (get, cancel, resubscribe), not a message in it.
-        let mut task_call: Option<String> = None;
+        let task_method = matches!(found, FollowUp::TaskCall(_));
         let (task, context) = match found {
-            FollowUp::TaskCall(id) => {
-                task_call = Some(id.clone());
-                (Some(id), None)
-            }
+            FollowUp::TaskCall(id) => (Some(id), None),
             FollowUp::Message { task, context } => (task, context),
             FollowUp::ListTasks { context } => {
                 // A conversation's tasks are at the agent that has it; a
@@ -1238,7 +1235,10 @@ impl Ingress {
         };
         // An ask is the mesh's question, not an agent's task: there is no
         // state to get, cancel or subscribe to, only a reply to give.
-        if let Some(id) = task_call.filter(|id| id.starts_with(ASK_TASK_PREFIX)) {
+        if let Some(id) = task
+            .as_deref()
+            .filter(|id| task_method && id.starts_with(ASK_TASK_PREFIX))
+        {
             return Err(MeshError::new(
                 ErrorKind::Unsupported,
                 me,
