@@ -81,6 +81,9 @@ pub enum ProblemKind {
     Reordered,
     Inserted,
     BadSignature,
+    /// A checkpoint's certificate does not chain to the roots given: signed
+    /// with a key of another CA (a forgery), or the wrong `--ca` bundle.
+    UntrustedSigner,
     Unparsable,
     TruncatedTail,
 }
@@ -479,11 +482,11 @@ impl Chain {
                     self.last_cp_line = Some((cur.no, s));
                 }
                 Err(fault) => {
-                    let why = match fault {
-                        CheckpointFault::Untrusted(reason) => format!("{reason}: if --ca is this mesh's CA bundle, this checkpoint was signed with a key of another CA (forged); otherwise verify with the right bundle"),
-                        CheckpointFault::Invalid(reason) => format!("{reason}; every hash link up to here is intact, so the lines between {since} and this checkpoint were rewritten with recomputed hashes, or this checkpoint was forged"),
+                    let (kind, why) = match fault {
+                        CheckpointFault::Untrusted(reason) => (ProblemKind::UntrustedSigner, format!("{reason}: if --ca is this mesh's CA bundle, this checkpoint was signed with a key of another CA (forged); otherwise verify with the right bundle")),
+                        CheckpointFault::Invalid(reason) => (ProblemKind::BadSignature, format!("{reason}; every hash link up to here is intact, so the lines between {since} and this checkpoint were rewritten with recomputed hashes, or this checkpoint was forged")),
                     };
-                    return Ok(problem(cur.no, Some(s), ProblemKind::BadSignature, why));
+                    return Ok(problem(cur.no, Some(s), kind, why));
                 }
             }
         } else {

@@ -242,7 +242,7 @@ async fn checkpoints_from_another_ca_are_refused_with_roots() {
     )
     .expect("verify");
     let p = problem(&r);
-    assert_eq!(p.kind, ProblemKind::BadSignature);
+    assert_eq!(p.kind, ProblemKind::UntrustedSigner);
     assert_eq!(p.line as u64, EVERY + 1, "the first checkpoint");
     assert!(p.detail.contains("not issued by"), "{}", p.detail);
     // Says the likelier cause (the wrong bundle) and not that lines were
@@ -453,7 +453,7 @@ async fn resigned_rewrite_needs_roots_to_be_caught() {
     assert!(check(dir.path()).is_clean());
     let r = verify(dir.path(), &VerifyOptions { roots: vec![root] }).expect("verify");
     let p = problem(&r);
-    assert_eq!(p.kind, ProblemKind::BadSignature, "{p}");
+    assert_eq!(p.kind, ProblemKind::UntrustedSigner, "{p}");
     assert_eq!(
         p.line as u64,
         EVERY + 1,

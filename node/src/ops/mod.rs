@@ -463,6 +463,11 @@ pub fn audit_verify(
             ),
             true,
         ),
+        // A foreign signer is a forgery or the wrong bundle: said as such.
+        Some(p) if p.kind == dmsc_audit::ProblemKind::UntrustedSigner => (
+            format!("{}: UNTRUSTED: {p}", r.path.display()),
+            false,
+        ),
         Some(p) => (format!("{}: TAMPERED: {p}", r.path.display()), false),
     })
 }
