@@ -781,7 +781,7 @@ fn operator_commands_token_revoke_check_and_audit_verify() {
     let out = run(&["audit", "verify", "--dir", &audit_s, "--ca", &ca_pem]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(
-        text(&out).contains("signed checkpoints verified"),
+        text(&out).contains("signed checkpoint") && text(&out).contains(" verified"),
         "{}",
         text(&out)
     );

@@ -452,22 +452,25 @@ pub fn audit_verify(
         " (against the certificates they carry only: give --ca to check that they come from this mesh's nodes)"
     };
     Ok(match &r.problem {
-        None => (
-            format!(
-                "{}: {} entries, {} signed checkpoints verified{against}, {} entries after the last checkpoint; tenants: {}",
-                r.path.display(),
-                r.entries,
-                r.checkpoints,
-                r.unsealed,
-                r.tenants.iter().cloned().collect::<Vec<_>>().join(", ")
-            ),
-            true,
-        ),
+        None => {
+            let count =
+                |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+            (
+                format!(
+                    "{}: {}, {} verified{against}, {} after the last checkpoint; tenants: {}",
+                    r.path.display(),
+                    count(r.entries, "entry", "entries"),
+                    count(r.checkpoints, "signed checkpoint", "signed checkpoints"),
+                    count(r.unsealed, "entry", "entries"),
+                    r.tenants.iter().cloned().collect::<Vec<_>>().join(", ")
+                ),
+                true,
+            )
+        }
         // A foreign signer is a forgery or the wrong bundle: said as such.
-        Some(p) if p.kind == dmsc_audit::ProblemKind::UntrustedSigner => (
-            format!("{}: UNTRUSTED: {p}", r.path.display()),
-            false,
-        ),
+        Some(p) if p.kind == dmsc_audit::ProblemKind::UntrustedSigner => {
+            (format!("{}: UNTRUSTED: {p}", r.path.display()), false)
+        }
         Some(p) => (format!("{}: TAMPERED: {p}", r.path.display()), false),
     })
 }

@@ -173,23 +173,46 @@ pub fn diff(old: &str, new: &str) -> String {
             };
         }
     }
+    // The edit script, removals before additions (as diff(1) prints them).
     let (mut i, mut j) = (0, 0);
-    let mut out = String::new();
+    let mut ops: Vec<(char, &str)> = Vec::new();
     while i < a.len() || j < b.len() {
         if i < a.len() && j < b.len() && a[i] == b[j] {
-            out.push_str(&format!("  {}\n", a[i]));
+            ops.push((' ', a[i]));
             i += 1;
             j += 1;
-        } else if j < b.len() && (i == a.len() || lcs[i][j + 1] >= lcs[i + 1][j]) {
-            out.push_str(&format!("+ {}\n", b[j]));
-            j += 1;
+        } else if i < a.len() && (j == b.len() || lcs[i + 1][j] >= lcs[i][j + 1]) {
+            ops.push(('-', a[i]));
+            i += 1;
         } else {
-            out.push_str(&format!("- {}\n", a[i]));
-            i += 1;
+            ops.push(('+', b[j]));
+            j += 1;
         }
+    }
+    // Unchanged lines only near a change; a skipped run is one `...`.
+    let near = |k: usize| {
+        let from = k.saturating_sub(DIFF_CONTEXT);
+        let to = (k + DIFF_CONTEXT + 1).min(ops.len());
+        ops[from..to].iter().any(|(t, _)| *t != ' ')
+    };
+    let mut out = String::new();
+    let mut skipped = false;
+    for (k, (tag, line)) in ops.iter().enumerate() {
+        if *tag == ' ' && !near(k) {
+            if !skipped {
+                out.push_str("  ...\n");
+                skipped = true;
+            }
+            continue;
+        }
+        skipped = false;
+        out.push_str(&format!("{tag} {line}\n"));
     }
     out
 }
+
+/// Unchanged lines `policy diff` shows around each change.
+const DIFF_CONTEXT: usize = 3;
 
 #[cfg(test)]
 mod tests {
@@ -198,7 +221,14 @@ mod tests {
     #[test]
     fn diffs_show_removed_and_added_lines() {
         assert_eq!(diff("a\nb\n", "a\nb\n"), "");
-        assert_eq!(diff("a\nb\nc\n", "a\nx\nc\n"), "  a\n+ x\n- b\n  c\n");
+        assert_eq!(diff("a\nb\nc\n", "a\nx\nc\n"), "  a\n- b\n+ x\n  c\n");
         assert_eq!(diff("", "a\n"), "+ a\n");
+        // Far from the change, unchanged lines are one `...`.
+        let old: String = (1..=20).map(|n| format!("{n}\n")).collect();
+        let new = old.replace("\n10\n", "\nten\n");
+        assert_eq!(
+            diff(&old, &new),
+            "  ...\n  7\n  8\n  9\n- 10\n+ ten\n  11\n  12\n  13\n  ...\n"
+        );
     }
 }
