@@ -83,7 +83,7 @@ enum Cmd {
     /// peers; exits 1 with a clear line for each problem.
     Check {
         #[command(flatten)]
-        run: RunArgs,
+        run: ConfigArgs,
         /// Clock skew with a peer above this fails the check.
         #[arg(long, default_value_t = 1000)]
         max_skew_ms: u64,
@@ -93,7 +93,7 @@ enum Cmd {
     /// bootstrap peer.
     Netcheck {
         #[command(flatten)]
-        run: RunArgs,
+        run: ConfigArgs,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -129,6 +129,16 @@ enum Cmd {
 
 #[derive(clap::Args)]
 struct RunArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Check the configuration and exit.
+    #[arg(long)]
+    validate_only: bool,
+}
+
+/// The node's configuration: a file, and flags over it.
+#[derive(clap::Args)]
+struct ConfigArgs {
     /// TOML configuration file.
     #[arg(long, short)]
     config: Option<PathBuf>,
@@ -154,9 +164,6 @@ struct RunArgs {
     cert: Option<PathBuf>,
     #[arg(long)]
     key: Option<PathBuf>,
-    /// Check the configuration and exit.
-    #[arg(long)]
-    validate_only: bool,
 }
 
 #[derive(Subcommand)]
@@ -553,7 +560,7 @@ async fn shutdown_signal() {
     }
 }
 
-fn load_config(args: &RunArgs) -> Result<dmsc_node::NodeConfig, dmsc_node::ConfigError> {
+fn load_config(args: &ConfigArgs) -> Result<dmsc_node::NodeConfig, dmsc_node::ConfigError> {
     let file = match &args.config {
         Some(p) => RawConfig::from_file(p)?,
         None => RawConfig::default(),
@@ -586,7 +593,7 @@ fn load_config(args: &RunArgs) -> Result<dmsc_node::NodeConfig, dmsc_node::Confi
 }
 
 async fn run(args: RunArgs) -> Result<(), NodeError> {
-    let config = load_config(&args)?;
+    let config = load_config(&args.config)?;
     tracing::info!(config = %config.summary(), "effective configuration");
     if args.validate_only {
         // As `run` takes the identity: unreadable files, a key of another
