@@ -1206,7 +1206,7 @@ async fn ops(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 .as_deref()
                 .map(|s| dmsc_node::admin::audit::parse_since(s, std::time::SystemTime::now()))
                 .transpose()
-                .map_err(|e| anyhow::anyhow!("--since: {}", e.trim_start_matches("since: ")))?;
+                .map_err(|e| anyhow::anyhow!("--since: {e}"))?;
             let path = match (file, data_dir) {
                 (Some(f), _) => f,
                 (None, Some(d)) => d.join("audit"),
@@ -1393,17 +1393,10 @@ fn main() -> ExitCode {
                     eprintln!("error: {e}");
                     // 2 only when the node could not be reached (README's
                     // exit codes); anything it answered, or bad input, is 1.
-                    // (A transparent wrapper hides the wrapped error from
-                    // the chain: the policy commands' is looked into.)
                     let unreachable = e.chain().any(|c| {
                         matches!(
                             c.downcast_ref::<status::StatusError>(),
                             Some(status::StatusError::Unreachable { .. })
-                        ) || matches!(
-                            c.downcast_ref::<dmsc_node::ops::policy::PolicyCmdError>(),
-                            Some(dmsc_node::ops::policy::PolicyCmdError::Admin(
-                                status::StatusError::Unreachable { .. }
-                            ))
                         )
                     });
                     ExitCode::from(if unreachable { 2 } else { 1 })

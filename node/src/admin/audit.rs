@@ -54,9 +54,8 @@ pub fn parse_since(s: &str, now: SystemTime) -> Result<u64, String> {
         let ms = t.unix_timestamp_nanos() / 1_000_000;
         return u64::try_from(ms).map_err(|_| format!("`{s}` is before 1970"));
     }
-    let back = parse_duration(s).map_err(|e| {
-        format!("since: {e} (or give an RFC 3339 time such as 2026-12-04T10:00:00Z)")
-    })?;
+    let back = parse_duration(s)
+        .map_err(|e| format!("{e} (or give an RFC 3339 time such as 2026-12-04T10:00:00Z)"))?;
     let now_ms = now
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -118,7 +117,7 @@ impl AuditQuery {
                 "tenant" => q.tenant = Some(v),
                 "since" => match parse_since(&v, now) {
                     Ok(ms) => q.since_ms = Some(ms),
-                    Err(e) => errors.push(e),
+                    Err(e) => errors.push(format!("since: {e}")),
                 },
                 "limit" => match v.parse::<usize>() {
                     Ok(n) if (1..=MAX_LIMIT).contains(&n) => q.limit = n,

@@ -395,11 +395,8 @@ impl Table {
                 // Within the warm-up the share is provisional: it is taken
                 // again when the warm-up ends (or sooner, as gossip tells),
                 // so the wait at today's share may be far too long.
-                if let Some(t) = s.active_since {
-                    let settles = (t + warmup).saturating_duration_since(now);
-                    if !settles.is_zero() {
-                        r.retry_after = r.retry_after.min(settles);
-                    }
+                if let Some(left) = warm_up_left(s, warmup, now) {
+                    r.retry_after = r.retry_after.min(left);
                 }
                 undo_caller(s, &held);
                 return Err(r);
@@ -536,6 +533,13 @@ fn rate_of(l: &Limit) -> (f64, f64) {
         .unwrap_or((0.0, 0.0))
 }
 
+/// How long this node's share of the tenant stays provisional: the warm-up
+/// left since it began seeing the tenant's traffic (`None`: settled).
+fn warm_up_left(s: &TenantState, warmup: Duration, now: Instant) -> Option<Duration> {
+    let left = (s.active_since? + warmup).saturating_duration_since(now);
+    (!left.is_zero()).then_some(left)
+}
+
 fn fraction_of(
     s: &mut TenantState,
     live: usize,
@@ -544,18 +548,15 @@ fn fraction_of(
     now: Instant,
 ) -> f64 {
     let peers = peers.unwrap_or_default();
-    let warming = s
-        .active_since
-        .is_some_and(|t| now.saturating_duration_since(t) < warmup);
+    let warming = warm_up_left(s, warmup, now).is_some();
     // What the others see of this node, once it has said anything: every
     // node then divides by the same numbers and the fractions add up to
     // one. (Its fresh demand against the others' published values would
     // overshoot whenever demand moves, on every node at once.) A change
-    // counts from the next round, when it is published.
-    // A node that published no demand, or none (an idle spell), counts its
-    // fresh demand: a published zero is stale the moment traffic starts,
-    // and holding the node to the floor until its next round would refuse
-    // a burst with a wait of many seconds.
+    // counts from the next round, when it is published. Until the node has
+    // published a demand above zero (none yet, or an idle spell's zero,
+    // stale the moment traffic starts) it counts its fresh demand: held to
+    // the floor until its next round, a burst would wait many seconds.
     let mine = match s.published {
         Some(p) if p > 0.0 => p,
         _ => s.demand.rate(now),

@@ -67,33 +67,37 @@ fn unix_secs(t: std::time::SystemTime) -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// The ledger lines of certificate PEMs issued to `name`, in `role` order.
-fn ledger_lines(name: &str, certs: &[(&str, &str)]) -> Result<String, CaError> {
+/// The ledger entries of certificate PEMs issued to `name`, by role.
+fn ledger_entries(name: &str, certs: &[(&str, &str)]) -> Result<Vec<Issued>, CaError> {
     let now = unix_secs(std::time::SystemTime::now());
-    let mut out = String::new();
-    for (role, pem) in certs {
-        let der = dmsc_transport::identity::certs_from_pem(pem, Path::new(role))?;
-        let info = der
-            .first()
-            .map(|d| dmsc_transport::identity::cert_info(d))
-            .transpose()?
-            .ok_or_else(|| CaError::Unparsable(PathBuf::from(role)))?;
-        let line = Issued {
-            serial: info.serial_hex,
-            role: (*role).to_string(),
-            name: name.to_string(),
-            issued_at: now,
-            not_after: unix_secs(info.not_after),
-        };
-        out.push_str(&serde_json::to_string(&line).unwrap_or_default());
-        out.push('\n');
-    }
-    Ok(out)
+    certs
+        .iter()
+        .map(|(role, pem)| {
+            let der = dmsc_transport::identity::certs_from_pem(pem, Path::new(role))?;
+            let info = der
+                .first()
+                .map(|d| dmsc_transport::identity::cert_info(d))
+                .transpose()?
+                .ok_or_else(|| CaError::Unparsable(PathBuf::from(role)))?;
+            Ok(Issued {
+                serial: info.serial_hex,
+                role: (*role).to_string(),
+                name: name.to_string(),
+                issued_at: now,
+                not_after: unix_secs(info.not_after),
+            })
+        })
+        .collect()
 }
 
-/// Appends `lines` to the ledger in `ca_dir` and syncs it.
-fn append_ledger(ca_dir: &Path, lines: &str) -> Result<(), CaError> {
+/// Appends `entries` to the ledger in `ca_dir`, one JSON line each, and
+/// syncs it.
+fn append_ledger(ca_dir: &Path, entries: &[Issued]) -> Result<(), CaError> {
     use std::io::Write;
+    let lines: String = entries
+        .iter()
+        .map(|e| serde_json::to_string(e).unwrap_or_default() + "\n")
+        .collect();
     let path = ca_dir.join(LEDGER);
     let io = |what, source| CaError::Io {
         what,
@@ -192,7 +196,7 @@ pub fn issue_node(req: &IssueNode) -> Result<String, CaError> {
         &sans,
         &req.tenants,
     )?;
-    let lines = ledger_lines(
+    let entries = ledger_entries(
         &req.name,
         &[
             ("node", &creds.node.cert_pem),
@@ -201,10 +205,9 @@ pub fn issue_node(req: &IssueNode) -> Result<String, CaError> {
     )?;
     // A CA directory on read-only media still issues; the operator is told
     // what `ca revoke --node` will not know.
-    let unrecorded = append_ledger(&req.ca_dir, &lines).err().map(|e| {
-        let serials: Vec<String> = lines
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Issued>(l).ok())
+    let unrecorded = append_ledger(&req.ca_dir, &entries).err().map(|e| {
+        let serials: Vec<String> = entries
+            .iter()
             .map(|i| format!("{} {}", i.role, i.serial))
             .collect();
         format!(
@@ -342,11 +345,7 @@ mod tests {
             issued_at: 1,
             not_after: 2,
         };
-        append_ledger(
-            &ca_dir,
-            &(serde_json::to_string(&old).expect("json") + "\n"),
-        )
-        .expect("append");
+        append_ledger(&ca_dir, &[old]).expect("append");
 
         let found = issued_to(&ca_dir, "a").expect("found");
         let roles: Vec<&str> = found.iter().map(|i| i.role.as_str()).collect();
@@ -388,7 +387,12 @@ mod tests {
         let ca_dir = d.path().join("ca");
         init("test.example", &ca_dir).expect("init");
         let _ = issue(&ca_dir, &d.path().join("a"), "a");
-        append_ledger(&ca_dir, "{\"serial\":\n").expect("append");
+        use std::io::Write;
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(ca_dir.join(LEDGER))
+            .and_then(|mut f| f.write_all(b"{\"serial\":\n"))
+            .expect("append");
         let e = issued_to(&ca_dir, "a").expect_err("damaged");
         assert!(matches!(e, CaError::Ledger { line: 3, .. }), "{e}");
     }

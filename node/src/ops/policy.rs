@@ -24,7 +24,9 @@ pub enum PolicyCmdError {
     Policy(#[from] dmsc_policy::PolicyError),
     #[error(transparent)]
     Transport(#[from] dmsc_transport::TransportError),
-    #[error(transparent)]
+    /// Not transparent: the exit code looks for the admin API's error in
+    /// the chain (a transparent wrapper would skip it).
+    #[error("{0}")]
     Admin(#[from] StatusError),
     #[error("give --ca-dir (operator CA) or --cert and --key (a tenant admin key from `ca issue-tenant`)")]
     NoKey,
