@@ -385,6 +385,18 @@ fn status_fails_clearly_when_the_node_is_down() {
 }
 
 #[test]
+fn an_unreachable_node_is_exit_code_2_for_status_and_the_policy_commands() {
+    // README: 2 when the node could not be reached, whatever the command.
+    for args in [
+        &["status", "--admin", "127.0.0.1:9"][..],
+        &["policy", "show", "--admin", "127.0.0.1:9"][..],
+    ] {
+        let out = Command::new(BIN).args(args).output().expect("run");
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out));
+    }
+}
+
+#[test]
 fn bad_config_exits_64_listing_every_problem() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = dir.path().join("bad.toml");
