@@ -56,7 +56,12 @@ for tool in nginx haproxy openssl oha taskset python3; do
 done
 cargo build --release -q -p dmsc-bench -p dmsc-node
 T="${CARGO_TARGET_DIR:-target}/release"
-# DMSC_NODE_BIN=path runs another dmsc-node build (an A/B comparison).
+# DMSC_NODE_BIN=path runs another dmsc-node build (an A/B comparison);
+# DMSC_BENCH_PGO=1 builds and runs the profile-guided release build
+# (scripts/release-pgo.sh: the production build, about 20 minutes).
+if [ -n "${DMSC_BENCH_PGO:-}" ] && [ -z "${DMSC_NODE_BIN:-}" ]; then
+  DMSC_NODE_BIN=$(scripts/release-pgo.sh)
+fi
 NODE="${DMSC_NODE_BIN:-$T/dmsc-node}"
 W=$(mktemp -d /tmp/dmsc-compare.XXXXXX)
 PIDS=()
