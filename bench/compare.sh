@@ -9,7 +9,8 @@
 #             certificate (enrolled with a join token, as an agent does)
 # Backend: `dmsc-bench e2e-backend` (hyper, answers 1 KiB). Proxies: one
 # worker each, keep-alive upstream pools, TLS 1.3 with client certificates
-# between the hops and session reuse. dmsc: audit log on (the default),
+# between the hops and session reuse. dmsc: the production build (profile-
+# guided, scripts/release-pgo.sh; see DMSC_BENCH_BUILD), audit log on (the default),
 # plain ingress. All servers pinned to CPU 0, oha to CPU 1.
 # Load: oha open-loop at fixed rates with latency correction (-q RATE
 # --latency-correction), 1 KiB POST bodies; then a max-throughput run (-c 32).
@@ -18,7 +19,8 @@
 # Rounds alternate the order of the paths; the table has every round.
 #
 # Needs: nginx (nginx-light), haproxy, openssl, oha (`cargo install oha`),
-# taskset. Bounded: about rounds x paths x (rates + 1) x SECS seconds.
+# taskset, and for the profile-guided build llvm-profdata of rustc's LLVM
+# (apt-get install llvm-22 for rustc 1.95). Bounded: about rounds x paths x (rates + 1) x SECS seconds.
 # Usage: bench/compare.sh [SECS] [ROUNDS]     (default 5 2)
 # DMSC_BENCH_AUDIT=off runs the dmsc nodes with the audit log off (to see
 # what it costs; the comparison itself is with it on, the default).
@@ -56,13 +58,22 @@ for tool in nginx haproxy openssl oha taskset python3; do
 done
 cargo build --release -q -p dmsc-bench -p dmsc-node
 T="${CARGO_TARGET_DIR:-target}/release"
-# DMSC_NODE_BIN=path runs another dmsc-node build (an A/B comparison);
-# DMSC_BENCH_PGO=1 builds and runs the profile-guided release build
-# (scripts/release-pgo.sh: the production build, about 20 minutes).
-if [ -n "${DMSC_BENCH_PGO:-}" ] && [ -z "${DMSC_NODE_BIN:-}" ]; then
-  DMSC_NODE_BIN=$(scripts/release-pgo.sh)
+# The nodes run the production build: the profile-guided one
+# (scripts/release-pgo.sh; about 20 minutes the first time on a tree, then
+# reused; needs llvm-profdata of rustc's LLVM). DMSC_BENCH_BUILD=release
+# runs the plain `cargo build --release` instead; DMSC_NODE_BIN=path runs
+# any build (DMSC_NODE_BIN_B below: an A/B comparison).
+if [ -z "${DMSC_NODE_BIN:-}" ]; then
+  case "${DMSC_BENCH_BUILD:-pgo}" in
+    pgo) DMSC_NODE_BIN=$(scripts/release-pgo.sh) || {
+           echo "compare.sh: no profile-guided build (above); DMSC_BENCH_BUILD=release measures the plain release build" >&2
+           exit 2
+         } ;;
+    release) DMSC_NODE_BIN="$T/dmsc-node" ;;
+    *) echo "DMSC_BENCH_BUILD is pgo or release" >&2; exit 2 ;;
+  esac
 fi
-NODE="${DMSC_NODE_BIN:-$T/dmsc-node}"
+NODE="$DMSC_NODE_BIN"
 W=$(mktemp -d /tmp/dmsc-compare.XXXXXX)
 PIDS=()
 cleanup() {
@@ -404,4 +415,4 @@ for round in $(seq 1 "$ROUNDS"); do
   done
 done
 echo
-echo "command: bench/compare.sh $SECS $ROUNDS (dmsc audit log: $AUDIT); servers pinned to CPU 0, oha to CPU 1; $(date -u +%F)"
+echo "command: bench/compare.sh $SECS $ROUNDS (dmsc-node: $NODE${DMSC_NODE_BIN_B:+, dmsc-b: $DMSC_NODE_BIN_B}; audit log: $AUDIT); servers pinned to CPU 0, oha to CPU 1; $(date -u +%F)"

@@ -69,6 +69,22 @@ cleanup() {
 }
 trap cleanup EXIT
 
+OUT="$T/pgo-use/$host/release/dmsc-node"
+# The source the binary was built from: a rerun on the same tree (a git
+# checkout, committed or not) reuses it instead of training again.
+source_key() {
+  git -C "$ROOT" rev-parse -q --verify HEAD 2>/dev/null || return 0
+  git -C "$ROOT" diff HEAD -- . ':!*.md' ':!bench/*.sh' ':!bench/*.py' 2>/dev/null | sha256sum
+  git -C "$ROOT" ls-files --others --exclude-standard -- '*.rs' '*.toml' '*.lock' 2>/dev/null | sha256sum
+  rustc -V
+}
+KEY=$(source_key)
+if [ -z "$TRAIN_ONLY" ] && [ -n "$KEY" ] && [ -x "$OUT" ] && [ "$(cat "$T/pgo.key" 2>/dev/null)" = "$KEY" ]; then
+  echo "reusing the PGO build of this tree" >&2
+  echo "$OUT"
+  exit 0
+fi
+
 # --- 1. the instrumented build (--target: the flags reach only the
 # node's own artifacts, not build scripts or proc macros)
 if [ -z "$TRAIN_ONLY" ]; then
@@ -149,4 +165,5 @@ ls "$DATA"/*.profraw >/dev/null 2>&1 || { echo "the training wrote no profile in
 "$PROFDATA" merge -o "$T/pgo.profdata" "$DATA"
 RUSTFLAGS="-Cprofile-use=$T/pgo.profdata -Cllvm-args=-pgo-warn-missing-function=false" \
   cargo build --release --locked -q -p dmsc-node --target "$host" --target-dir "$T/pgo-use"
-echo "$T/pgo-use/$host/release/dmsc-node"
+[ -n "$KEY" ] && printf '%s\n' "$KEY" > "$T/pgo.key"
+echo "$OUT"
