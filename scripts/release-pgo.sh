@@ -72,10 +72,13 @@ trap cleanup EXIT
 OUT="$T/pgo-use/$host/release/dmsc-node"
 # The source the binary was built from: a rerun on the same tree (a git
 # checkout, committed or not) reuses it instead of training again.
+# (Documents and the benchmark scripts do not count.)
 source_key() {
-  git -C "$ROOT" rev-parse -q --verify HEAD 2>/dev/null || return 0
-  git -C "$ROOT" diff HEAD -- . ':!*.md' ':!bench/*.sh' ':!bench/*.py' 2>/dev/null | sha256sum
-  git -C "$ROOT" ls-files --others --exclude-standard -- '*.rs' '*.toml' '*.lock' 2>/dev/null | sha256sum
+  git -C "$ROOT" rev-parse -q --verify HEAD >/dev/null 2>&1 || return 0
+  local files=(. ':!*.md' ':!bench/*.sh' ':!bench/*.py')
+  git -C "$ROOT" ls-files -s -- "${files[@]}" | sha256sum
+  git -C "$ROOT" diff -- "${files[@]}" | sha256sum
+  git -C "$ROOT" ls-files --others --exclude-standard -- '*.rs' '*.toml' '*.lock' | sha256sum
   rustc -V
 }
 KEY=$(source_key)
