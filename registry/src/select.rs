@@ -428,6 +428,15 @@ impl Registry {
                     let sep = if i == 0 { " " } else { ", " };
                     let _ = write!(sel.why, "{sep}{} {:.2}", self.name_of(s.slot), s.fused);
                 }
+                // The best's raw scores: the fused ones are relative (the
+                // best is about 1.00 however weak the match).
+                if let Some(b) = ranked.first() {
+                    let _ = write!(sel.why, " (best: BM25 {:.2}", b.lexical);
+                    if let Some(m) = b.semantic {
+                        let _ = write!(sel.why, ", meaning {m:.2}");
+                    }
+                    sel.why.push(')');
+                }
                 if top.len() > 1 {
                     let _ = write!(sel.why, "; {} equivalent", top.len());
                 }

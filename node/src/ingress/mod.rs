@@ -782,7 +782,12 @@ impl Ingress {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string)
         };
-        let header_intent = header("dmsc-intent");
+        // Intent text is free text: UTF-8 as clients send it (not only the
+        // visible ASCII `to_str` accepts); invalid bytes are replaced.
+        let header_intent = req
+            .headers()
+            .get("dmsc-intent")
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
         let intent_mode = header("dmsc-intent-mode");
         let intent_choice = header("dmsc-intent-choice");
         let (parts, body) = req.into_parts();

@@ -405,9 +405,19 @@ async fn routes_paraphrases_by_meaning(model: std::path::PathBuf) {
     assert_eq!(status, StatusCode::OK, "{route}");
     assert!(route.contains("hybrid"), "{route}");
     assert!(agent.contains("facilities"), "{agent}: {route}");
+    assert!(
+        route.contains("meaning 0."),
+        "the raw scores are shown: {route}"
+    );
     let (_, agent, route) =
         route_intent(&mesh, "my last paycheck was smaller than it should be").await;
     assert!(agent.contains("payroll"), "{agent}: {route}");
+    // Letters that mean nothing share no word with any card and are near
+    // nothing: no match, not a confident route to the nearest noise.
+    for noise in ["qzxv plorbt", "qzxv plorbt wugga", "zzkq vrrp blen"] {
+        let (status, agent, route) = route_intent(&mesh, noise).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{noise}: {agent} {route}");
+    }
     // A long text is cut to the model's window, and the route says so.
     let long = "my paycheck is wrong ".repeat(2000);
     let (resp, _) = mesh
@@ -438,6 +448,41 @@ async fn routes_paraphrases_by_meaning(model: std::path::PathBuf) {
     let (_, s1) = admin_json(&mesh, 1, Method::GET, "/v1/status").await;
     assert_eq!(s0["intent"]["scorer"], "hybrid", "{}", s0["intent"]);
     assert_eq!(s1["intent"]["scorer"], "lexical-only", "{}", s1["intent"]);
+    drop((payroll, facilities));
+}
+
+/// A `dmsc-intent` header is free text: UTF-8 beyond ASCII is read as
+/// such (it was taken for no header at all), lexical-only here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_intent_header_in_utf8_is_read_as_text() {
+    let mesh = LocalMesh::start(&["n0", "n1"], "acme", |_, raw| {
+        raw.gossip.interval_ms = Some(100);
+        raw.delegation.health_interval_ms = Some(200);
+    })
+    .await
+    .expect("mesh");
+    let (payroll, facilities) = payroll_and_facilities(&mesh).await;
+    let text = "salaire 💶 — salary déjà late";
+    let (resp, body) = mesh
+        .call(
+            0,
+            "POST",
+            "mesh.acme.dmsc",
+            "/",
+            &[("dmsc-intent", text)],
+            "x",
+        )
+        .await
+        .expect("call");
+    let route = resp
+        .headers()
+        .get("dmsc-route")
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .unwrap_or_default();
+    assert_eq!(resp.status(), StatusCode::OK, "{body:?}");
+    assert_eq!(header(&resp, "dmsc-agent"), "acme/payroll", "{route}");
+    assert!(route.contains(text), "the text as sent: {route}");
+    assert!(route.contains("(best: BM25 "), "{route}");
     drop((payroll, facilities));
 }
 
