@@ -59,8 +59,10 @@ done
 cargo build --release -q -p dmsc-bench -p dmsc-node
 T="${CARGO_TARGET_DIR:-target}/release"
 # The nodes run the production build: the profile-guided one
-# (scripts/release-pgo.sh; about 20 minutes the first time on a tree, then
-# reused; needs llvm-profdata of rustc's LLVM). DMSC_BENCH_BUILD=release
+# (scripts/release-pgo.sh: two more release builds, about 20 minutes, the
+# first time for a tree's sources, reused after; needs llvm-profdata of
+# rustc's LLVM). The plain build above is still made (dmsc-bench, and the
+# node for DMSC_BENCH_BUILD=release). DMSC_BENCH_BUILD=release
 # runs the plain `cargo build --release` instead; DMSC_NODE_BIN=path runs
 # any build (DMSC_NODE_BIN_B below: an A/B comparison).
 if [ -z "${DMSC_NODE_BIN:-}" ]; then

@@ -3,8 +3,9 @@
 running ingress node, as agents send them (keep-alive connections, a mix of
 request kinds), on the plain ingress and on the mTLS ingress with a caller
 certificate enrolled by join token. Bounded: a fixed number of requests per
-connection, and a timeout on every one. Exits 1 when the mesh does not
-answer as it should (so a broken build is not trained on errors)."""
+connection, a timeout on every one, a deadline per ingress, and a stop after
+20 failures in a row. Exits 1 when the mesh does not answer as it should
+(so a broken build is not trained on errors)."""
 import argparse
 import http.client
 import json
@@ -58,23 +59,30 @@ def one(conn, kind, n, tenant, agent):
         body, expect = b'x' * 64, (404,)
     conn.request(method, '/', body=body, headers=headers)
     resp = conn.getresponse()
-    resp.read()
-    return resp.status in expect
+    data = resp.read()
+    # the agent's answer, through the mesh (the backend always says something)
+    return resp.status in expect and (resp.status != 200 or len(data) > 0)
 
 
-def worker(make, count, tenant, agent, seed, result):
+def worker(make, count, tenant, agent, seed, deadline, result):
     plan = [k for w, k in KINDS for _ in range(w)]
-    ok = bad = 0
+    ok = bad = in_a_row = 0
     conn = make()
     for n in range(count):
+        if time.time() > deadline or in_a_row >= 20:
+            bad += count - n  # not sent: counted against the run
+            break
         kind = plan[(n * 7 + seed) % len(plan)]
         try:
             if one(conn, kind, n, tenant, agent):
                 ok += 1
+                in_a_row = 0
             else:
                 bad += 1
+                in_a_row += 1
         except (OSError, http.client.HTTPException):
             bad += 1
+            in_a_row += 1
             conn.close()
             conn = make()
     conn.close()
@@ -83,8 +91,9 @@ def worker(make, count, tenant, agent, seed, result):
 
 def drive(make, label, args):
     result, threads = [], []
+    deadline = time.time() + args.seconds
     for i in range(args.connections):
-        t = threading.Thread(target=worker, args=(make, args.requests, args.tenant, args.agent, i, result))
+        t = threading.Thread(target=worker, args=(make, args.requests, args.tenant, args.agent, i, deadline, result))
         t.start()
         threads.append(t)
     for t in threads:
@@ -92,7 +101,9 @@ def drive(make, label, args):
     ok = sum(r[0] for r in result)
     bad = sum(r[1] for r in result)
     print(f'{label}: {ok} as expected, {bad} not', file=sys.stderr)
-    return bad <= (ok + bad) // 20
+    # Loopback, a warm mesh: anything but the expected answers is a fault
+    # (a profile trained on errors would optimize the wrong paths).
+    return len(result) == args.connections and ok > 0 and bad <= ok // 1000
 
 
 def main():
@@ -107,7 +118,8 @@ def main():
     p.add_argument('--agent', required=True)
     p.add_argument('--work', required=True)
     p.add_argument('--connections', type=int, default=4)
-    p.add_argument('--requests', type=int, default=4000)
+    p.add_argument('--requests', type=int, default=4000, help='per connection')
+    p.add_argument('--seconds', type=float, default=300, help='at most, per ingress')
     args = p.parse_args()
 
     host, port = args.plain.rsplit(':', 1)
@@ -125,19 +137,24 @@ def main():
             return 1
         time.sleep(0.2)
 
-    token = subprocess.run(
+    made = subprocess.run(
         [args.node_bin, 'token', 'create', '--tenant', args.tenant, '--agent', 'caller',
          '--admin', args.admin, '--admin-token', args.admin_token],
-        check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        stdout=subprocess.PIPE, text=True, timeout=30)  # its errors go to our stderr
+    if made.returncode != 0 or not made.stdout.strip():
+        print(f'token create failed (exit {made.returncode})', file=sys.stderr)
+        return 1
+    token = made.stdout.strip().splitlines()[-1]
     ctx = ssl.create_default_context(cafile=args.ca)
     thost, tport = args.tls.rsplit(':', 1)
     c = http.client.HTTPSConnection(thost, int(tport), context=ctx, timeout=10)
     c.request('POST', '/v1/enroll', body=json.dumps({'token': token}))
     r = c.getresponse()
-    enrolled = json.loads(r.read())
+    raw = r.read()
     if r.status != 200:
-        print(f'enrollment answered {r.status}: {enrolled}', file=sys.stderr)
+        print(f'enrollment answered {r.status}: {raw[:500]!r}', file=sys.stderr)
         return 1
+    enrolled = json.loads(raw)
     with open(f'{args.work}/caller.pem', 'w') as f:
         f.write(enrolled['certificate_chain'])
     with open(f'{args.work}/caller.key', 'w') as f:
