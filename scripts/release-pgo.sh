@@ -54,12 +54,14 @@ case "$T" in /*) ;; *) T="$ROOT/$T" ;; esac
 DATA="$T/pgo-data"
 W=$(mktemp -d /tmp/dmsc-pgo.XXXXXX)
 PIDS=()
+# stopped PID TENTHS: whether the process is gone within TENTHS x 0.1 s.
+stopped() {
+  for _ in $(seq 1 "$2"); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
+  return 1
+}
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do
-    for _ in $(seq 1 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$p" 2>/dev/null || true
-  done
+  for p in "${PIDS[@]}"; do stopped "$p" 100 || kill -KILL "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -rf "$W"
 }
@@ -187,8 +189,7 @@ for p in "$BACKEND_PID" "$NODE_A" "$NODE_B"; do
 done
 kill -TERM "$NODE_A" "$NODE_B"
 for p in "$NODE_A" "$NODE_B"; do
-  for _ in $(seq 1 300); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-  kill -0 "$p" 2>/dev/null && { echo "a node did not stop within 30 s of SIGTERM" >&2; exit 1; }
+  stopped "$p" 300 || { echo "a node did not stop within 30 s of SIGTERM" >&2; exit 1; }
   wait "$p" || { echo "a node exited with status $? on SIGTERM; logs:" >&2; tail -5 "$W"/a.log "$W"/b.log >&2; exit 1; }
 done
 
@@ -197,7 +198,7 @@ done
 # --- 3. the optimized build
 echo "3/3 optimized build" >&2
 for part in demo node-a node-b; do
-  ls "$DATA/$part"-*.profraw >/dev/null 2>&1 && [ -n "$(find "$DATA" -name "$part-*.profraw" -size +0)" ] \
+  [ -n "$(find "$DATA" -name "$part-*.profraw" -size +0)" ] \
     || { echo "the training wrote no profile for $part into $DATA" >&2; exit 1; }
 done
 "$PROFDATA" merge -o "$T/pgo.profdata" "$DATA"

@@ -166,8 +166,6 @@ fn names_node(cert: &X509Certificate<'_>, node: &str) -> bool {
             .any(|cn| cn.as_str().ok() == Some(node))
 }
 
-/// Checks one checkpoint line. Returns the SHA-256 fingerprint of the
-/// signer's certificate, or why it does not verify.
 /// Why a checkpoint does not verify.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum CheckpointFault {
@@ -186,6 +184,8 @@ impl std::fmt::Display for CheckpointFault {
     }
 }
 
+/// Checks one checkpoint line. Returns the SHA-256 fingerprint of the
+/// signer's certificate, or why it does not verify.
 pub(crate) fn check_checkpoint(
     node: &str,
     line_seq: u64,

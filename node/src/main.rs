@@ -1227,16 +1227,20 @@ async fn ops(cmd: Cmd) -> anyhow::Result<ExitCode> {
         }) => {
             // Without readable keys, tail still prints every line (sealed
             // fields say why they stay sealed).
-            let sealer = ops::audit_sealer(&data_dir).unwrap_or_else(|e| {
-                eprintln!("warning: sealed tenant fields stay sealed: {e}");
-                None
-            });
-            if sealer.is_none() && !data_dir.join(dmsc_keys::KEYS_DIR).is_dir() {
-                eprintln!(
-                    "warning: sealed tenant fields stay sealed: `{}` holds no tenant keys (--data-dir: the node's data directory)",
-                    data_dir.display()
-                );
-            }
+            let sealer = match ops::audit_sealer(&data_dir) {
+                Ok(Some(s)) => Some(s),
+                Ok(None) => {
+                    eprintln!(
+                        "warning: sealed tenant fields stay sealed: `{}` holds no tenant keys (--data-dir: the node's data directory)",
+                        data_dir.display()
+                    );
+                    None
+                }
+                Err(e) => {
+                    eprintln!("warning: sealed tenant fields stay sealed: {e}");
+                    None
+                }
+            };
             let mut out = std::io::stdout().lock();
             for line in dmsc_audit::tail(&dir, tenant.as_deref())? {
                 match line {
