@@ -244,7 +244,7 @@ for i in $(seq 1 100); do
     && { [ -z "${DMSC_NODE_BIN_B:-}" ] || ready 127.0.0.1:18092 echo.bench.dmsc; }; then
     break
   fi
-  [ "$i" = 100 ] && { echo "a path never answered; logs in $W" >&2; tail -5 "$W"/*.log >&2; exit 1; }
+  [ "$i" = 100 ] && { echo "a path never answered; logs in $W" >&2; tail -n 5 "$W"/*.log >&2; exit 1; }
   sleep 0.2
 done
 

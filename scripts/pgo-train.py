@@ -9,6 +9,7 @@ connection, a timeout on every one, a deadline per ingress, and a stop after
 import argparse
 import http.client
 import json
+import os
 import ssl
 import subprocess
 import sys
@@ -58,6 +59,22 @@ def one(conn, kind, n, tenant, agent):
     data = resp.read()
     # the agent's answer, through the mesh (the backend always says something)
     return resp.status in expect and (resp.status != 200 or len(data) > 0)
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def probe(conn, tenant, agent):
+    """One 1 KiB POST: (delegated?, what was answered)."""
+    conn.request('POST', '/', body=b'x' * 1024, headers={'Host': f'{agent}.{tenant}.dmsc'})
+    resp = conn.getresponse()
+    data = resp.read()
+    return resp.status == 200 and len(data) > 0, f'{resp.status} {data[:300]!r}'
 
 
 def worker(make, count, tenant, agent, seed, deadline, result):
@@ -115,23 +132,34 @@ def main():
     p.add_argument('--work', required=True)
     p.add_argument('--connections', type=int, default=4)
     p.add_argument('--requests', type=int, default=4000, help='per connection')
+    p.add_argument('--watch', type=int, nargs='*', default=[],
+                   help='PIDs of the mesh: their exit ends the wait for the first delegation')
     p.add_argument('--seconds', type=float, default=300, help='at most, per ingress')
     args = p.parse_args()
 
     host, port = args.plain.rsplit(':', 1)
     plain = lambda: http.client.HTTPConnection(host, int(port), timeout=10)  # noqa: E731
-    deadline = time.time() + 30
+    start = time.time()
+    last = 'no answer yet'
     while True:  # the remote agent is known once gossip has carried it
+        c = plain()
         try:
-            c = plain()
-            if one(c, 'post-1k', 0, args.tenant, args.agent):
+            ok, last = probe(c, args.tenant, args.agent)
+            if ok:
                 break
-        except (OSError, http.client.HTTPException):
-            pass
-        if time.time() > deadline:
-            print('the ingress never delegated to the agent', file=sys.stderr)
+        except (OSError, http.client.HTTPException) as e:
+            last = f'{type(e).__name__}: {e}'
+        finally:
+            c.close()
+        gone = [pid for pid in args.watch if not alive(pid)]
+        if gone:
+            print(f'process {gone} exited before the first delegation; last: {last}', file=sys.stderr)
+            return 1
+        if time.time() > start + 90:
+            print(f'the ingress never delegated to the agent in 90 s; last: {last}', file=sys.stderr)
             return 1
         time.sleep(0.2)
+    print(f'first delegation after {time.time() - start:.1f} s', file=sys.stderr)
 
     made = subprocess.run(
         [args.node_bin, 'token', 'create', '--tenant', args.tenant, '--agent', 'caller',

@@ -114,7 +114,7 @@ fi
 # --- 2. training
 echo "2/3 training" >&2
 (cd "$W" && LLVM_PROFILE_FILE="$DATA/demo-%m.profraw" timeout 60 "$GEN" demo --duration 12 >"$W/demo.log" 2>&1) \
-  || { echo "the demo failed; its output:" >&2; tail -20 "$W/demo.log" >&2; exit 1; }
+  || { echo "the demo failed; its output:" >&2; tail -n 20 "$W/demo.log" >&2; exit 1; }
 
 # Free loopback ports (TCP and UDP) for the backend, the overlays, the
 # admin APIs and the two ingresses.
@@ -176,21 +176,21 @@ tls = true
 auth = ["mtls"]
 CONF
 # SIGTERM ends them cleanly, which writes their profiles.
-LLVM_PROFILE_FILE="$DATA/node-a-%m.profraw" RUST_LOG=error "$GEN" run --config "$W/a.toml" >"$W/a.log" 2>&1 & PIDS+=($!); NODE_A=$!
-LLVM_PROFILE_FILE="$DATA/node-b-%m.profraw" RUST_LOG=error "$GEN" run --config "$W/b.toml" >"$W/b.log" 2>&1 & PIDS+=($!); NODE_B=$!
+LLVM_PROFILE_FILE="$DATA/node-a-%m.profraw" RUST_LOG=warn "$GEN" run --config "$W/a.toml" >"$W/a.log" 2>&1 & PIDS+=($!); NODE_A=$!
+LLVM_PROFILE_FILE="$DATA/node-b-%m.profraw" RUST_LOG=warn "$GEN" run --config "$W/b.toml" >"$W/b.log" 2>&1 & PIDS+=($!); NODE_B=$!
 timeout -k 5 900 python3 "$ROOT/scripts/pgo-train.py" --plain 127.0.0.1:$P_IN --tls 127.0.0.1:$P_TLS \
   --admin 127.0.0.1:$P_AB --admin-token "$W/b/data/admin.token" --ca "$W/ca/ca.pem" \
-  --node-bin "$GEN" --tenant train --agent echo --work "$W" --requests "$REQUESTS" \
-  || { echo "the training load failed; node logs:" >&2; tail -5 "$W"/a.log "$W"/b.log >&2; exit 1; }
+  --node-bin "$GEN" --tenant train --agent echo --work "$W" --requests "$REQUESTS" --watch "$BACKEND_PID" "$NODE_A" "$NODE_B" \
+  || { echo "the training load failed; node logs:" >&2; tail -n 30 "$W"/a.log "$W"/b.log >&2; exit 1; }
 # Still up after the load, and a clean exit on SIGTERM (which is what
 # writes an instrumented binary's profile).
 for p in "$BACKEND_PID" "$NODE_A" "$NODE_B"; do
-  kill -0 "$p" 2>/dev/null || { echo "a training process died; logs:" >&2; tail -5 "$W"/*.log >&2; exit 1; }
+  kill -0 "$p" 2>/dev/null || { echo "a training process died; logs:" >&2; tail -n 5 "$W"/*.log >&2; exit 1; }
 done
 kill -TERM "$NODE_A" "$NODE_B"
 for p in "$NODE_A" "$NODE_B"; do
   stopped "$p" 300 || { echo "a node did not stop within 30 s of SIGTERM" >&2; exit 1; }
-  wait "$p" || { echo "a node exited with status $? on SIGTERM; logs:" >&2; tail -5 "$W"/a.log "$W"/b.log >&2; exit 1; }
+  wait "$p" || { echo "a node exited with status $? on SIGTERM; logs:" >&2; tail -n 30 "$W"/a.log "$W"/b.log >&2; exit 1; }
 done
 
 [ -n "$TRAIN_ONLY" ] && exit 0
