@@ -519,18 +519,66 @@ pub struct AgentIdentity {
     pub renewed_from: Vec<String>,
 }
 
+/// Why a client certificate chain proves no agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentRefused {
+    /// The reason, fit for a 401 body.
+    pub reason: String,
+    /// The agent the chain proves in every other respect, when only a
+    /// revocation refused it: its tenant is verified (the chain, the trust
+    /// domain and the issuer's tenant limit all held), so the refusal can be
+    /// audited in that tenant's log.
+    pub revoked: Option<Box<AgentIdentity>>,
+}
+
+impl From<String> for AgentRefused {
+    fn from(reason: String) -> Self {
+        AgentRefused {
+            reason,
+            revoked: None,
+        }
+    }
+}
+
+impl std::fmt::Display for AgentRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
 /// Judges a client certificate chain presented at the agent ingress: it must
 /// chain to a mesh root (through a node's issuing certificate), be within
-/// its validity, carry an agent SPIFFE ID of our trust domain, and contain
-/// no revoked certificate. The error is the reason, fit for a 401 body.
+/// its validity, carry an agent SPIFFE ID of our trust domain (of a tenant
+/// its issuer may issue for), and contain no revoked certificate. The
+/// revocation is checked last, so a revoked chain still names the agent
+/// it proves ([`AgentRefused::revoked`]).
 pub fn verify_agent(
     chain: &[CertificateDer<'_>],
     identity: &NodeIdentity,
     revoked: &RevocationSet,
     now: UnixTime,
-) -> Result<AgentIdentity, String> {
+) -> Result<AgentIdentity, AgentRefused> {
+    let who = verify_agent_chain(chain, identity, now)?;
+    match revoked.revoked_in(chain.iter()) {
+        Some(r) => Err(AgentRefused {
+            reason: format!(
+                "certificate `{}` is revoked (serial {}: {})",
+                who.spiffe, r.serial, r.reason
+            ),
+            revoked: Some(Box::new(who)),
+        }),
+        None => Ok(who),
+    }
+}
+
+/// [`verify_agent`] but for revocation.
+fn verify_agent_chain(
+    chain: &[CertificateDer<'_>],
+    identity: &NodeIdentity,
+    now: UnixTime,
+) -> Result<AgentIdentity, AgentRefused> {
     let Some((leaf, intermediates)) = chain.split_first() else {
-        return Err("no client certificate".into());
+        return Err(String::from("no client certificate").into());
     };
     let info = cert_info(leaf).map_err(|e| e.to_string())?;
     webpki_client_verifier(identity)
@@ -549,13 +597,8 @@ pub fn verify_agent(
             info.spiffe,
             info.spiffe.trust_domain,
             identity.trust_domain()
-        ));
-    }
-    if let Some(r) = revoked.revoked_in(chain.iter()) {
-        return Err(format!(
-            "certificate `{}` is revoked (serial {}: {})",
-            info.spiffe, r.serial, r.reason
-        ));
+        )
+        .into());
     }
     // The issuing certificate that signed it may be limited to tenants.
     // Which one signed is decided by the signature, not by the name: a
@@ -572,7 +615,8 @@ pub fn verify_agent(
                         info.spiffe,
                         info.issuer,
                         allowed.join("`, `")
-                    ));
+                    )
+                    .into());
                 }
             }
         }
@@ -589,7 +633,8 @@ pub fn verify_agent(
         _ => Err(format!(
             "certificate `{}` is not an agent identity (spiffe://<td>/tenant/<t>/agent/<a>)",
             info.spiffe
-        )),
+        )
+        .into()),
     }
 }
 
@@ -661,6 +706,8 @@ mod tests {
         let forged = params.signed_by(&leaf_key, &signer).expect("sign");
         let chain = chain_of(&format!("{}{}", forged.pem(), creds.issuer.cert_pem));
         let e = verify_agent(&chain, &identity, &revoked, UnixTime::now()).expect_err("forged");
+        assert!(e.revoked.is_none());
+        let e = e.reason;
         assert!(e.contains("may only issue for tenants `acme`"), "{e}");
         // A decoy with the issuer's name (and no tenant limit) placed first
         // in the chain changes nothing: the signature decides the issuer.
@@ -678,8 +725,31 @@ mod tests {
             decoy.pem(),
             creds.issuer.cert_pem
         ));
-        let e = verify_agent(&chain, &identity, &revoked, UnixTime::now()).expect_err("decoy");
+        let e = verify_agent(&chain, &identity, &revoked, UnixTime::now())
+            .expect_err("decoy")
+            .reason;
         assert!(e.contains("may only issue for tenants `acme`"), "{e}");
+
+        // Revoked: refused, naming the agent the chain proves otherwise;
+        // a forged chain that is also revoked names nobody.
+        for c in [&ok.chain_pem, &forged.pem()] {
+            let serial = crate::identity::cert_info(&chain_of(c)[0])
+                .expect("info")
+                .serial_hex;
+            revoked.insert(crate::Revocation::sign(&ca, &serial, "key-compromise").expect("sign"));
+        }
+        let e = verify_agent(
+            &chain_of(&ok.chain_pem),
+            &identity,
+            &revoked,
+            UnixTime::now(),
+        )
+        .expect_err("revoked");
+        assert!(e.reason.contains("is revoked"), "{}", e.reason);
+        assert_eq!(e.revoked.map(|w| w.tenant).as_deref(), Some("acme"));
+        let chain = chain_of(&format!("{}{}", forged.pem(), creds.issuer.cert_pem));
+        let e = verify_agent(&chain, &identity, &revoked, UnixTime::now()).expect_err("forged");
+        assert!(e.revoked.is_none(), "{e:?}");
 
         // An unrestricted issuer (no tenant SANs) issues for anyone.
         let open = ca

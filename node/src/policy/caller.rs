@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 
-use dmsc_transport::tls::AgentIdentity;
+use dmsc_transport::tls::{AgentIdentity, AgentRefused};
 use rustls::pki_types::CertificateDer;
 
 use crate::config::IngressSpec;
@@ -36,7 +36,7 @@ pub struct ConnIdentity {
     /// checked on every request).
     pub serials: Vec<String>,
     /// The chain's verdict: the agent it proves, or why it proves nothing.
-    pub verdict: Option<Result<AgentIdentity, String>>,
+    pub verdict: Option<Result<AgentIdentity, AgentRefused>>,
     /// An intercepted connection: the mesh name of the address its client
     /// dialled, for requests whose `Host` names no mesh target (a client
     /// that called `http://10.0.0.5:8080/`).
@@ -102,10 +102,13 @@ impl Authenticator<'_> {
             None => Err(unauthorized("no_credentials", none.to_string())),
             // Refused at the handshake because it is revoked: the same code
             // as a revocation seen on an open connection.
-            Some(Err(reason)) if self.security.revoked.revoked_among(&conn.serials).is_some() => {
-                Err(unauthorized("cert_revoked", reason.clone()))
+            Some(Err(r))
+                if r.revoked.is_some()
+                    || self.security.revoked.revoked_among(&conn.serials).is_some() =>
+            {
+                Err(unauthorized("cert_revoked", r.reason.clone()))
             }
-            Some(Err(reason)) => Err(unauthorized("cert_refused", reason.clone())),
+            Some(Err(r)) => Err(unauthorized("cert_refused", r.reason.clone())),
             Some(Ok(who)) => {
                 if let Some(r) = self.security.revoked.revoked_among(&conn.serials) {
                     Err(unauthorized(
@@ -150,9 +153,12 @@ impl Authenticator<'_> {
             .first()
             .and_then(|c| dmsc_transport::identity::cert_info(c).ok())
             .map(|i| i.spiffe.to_string());
+        // The tenant of a chain that verified (only then is it the tenant's
+        // entry: anyone can claim a tenant in a chain of their own).
         let tenant = match &conn.verdict {
             Some(Ok(who)) => Some(who.tenant.clone()),
-            _ => None,
+            Some(Err(r)) => r.revoked.as_ref().map(|who| who.tenant.clone()),
+            None => None,
         };
         self.auth_failure_event(method, &r.reason, conn, claimed, tenant)
     }

@@ -812,7 +812,10 @@ impl Security {
     }
 
     /// Judges a client certificate chain from the agent ingress.
-    pub fn verify_agent(&self, chain: &[CertificateDer<'_>]) -> Result<AgentIdentity, String> {
+    pub fn verify_agent(
+        &self,
+        chain: &[CertificateDer<'_>],
+    ) -> Result<AgentIdentity, dmsc_transport::tls::AgentRefused> {
         dmsc_transport::tls::verify_agent(
             chain,
             &self.identity(),
