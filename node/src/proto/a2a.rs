@@ -41,28 +41,39 @@ pub fn intent_text(body: &[u8]) -> Option<String> {
 /// the prefix names a method that carries no message.
 pub fn intent_text_prefix(prefix: &[u8]) -> Option<String> {
     let s = String::from_utf8_lossy(prefix);
-    let names_method = |m: &str| s.contains(&format!("\"method\":\"{m}\""));
-    if s.contains("\"method\"") && !MESSAGE_METHODS.iter().any(|m| names_method(m)) {
+    // JSON allows whitespace around the colon (Python's json.dumps writes
+    // `"method": "SendMessage"`).
+    let methods = string_values(&s, "method");
+    if !methods.is_empty() && !methods.iter().any(|m| MESSAGE_METHODS.contains(&m.as_str())) {
         return None;
     }
-    let mut texts = Vec::new();
-    let mut rest: &str = &s;
-    while let Some(at) = rest.find("\"text\"") {
-        rest = &rest[at + "\"text\"".len()..];
-        let value = rest.trim_start();
-        let Some(value) = value.strip_prefix(':').map(str::trim_start) else {
+    let texts: Vec<String> = string_values(&s, "text")
+        .into_iter()
+        .filter(|t| !t.trim().is_empty())
+        .collect();
+    (!texts.is_empty()).then(|| texts.join(" "))
+}
+
+/// Every JSON string value under the key `key` in `s`, read leniently (the
+/// last one perhaps cut short): `"key"`, whitespace, `:`, whitespace, a
+/// string.
+fn string_values(s: &str, key: &str) -> Vec<String> {
+    let quoted = format!("\"{key}\"");
+    let mut out = Vec::new();
+    let mut rest = s;
+    while let Some(at) = rest.find(&quoted) {
+        rest = &rest[at + quoted.len()..];
+        let Some(value) = rest.trim_start().strip_prefix(':').map(str::trim_start) else {
             continue;
         };
         let Some(value) = value.strip_prefix('"') else {
             continue;
         };
         let (text, used) = json_string_prefix(value);
-        if !text.trim().is_empty() {
-            texts.push(text);
-        }
+        out.push(text);
         rest = &value[used..];
     }
-    (!texts.is_empty()).then(|| texts.join(" "))
+    out
 }
 
 /// Decodes the JSON string that starts at `s` (after its opening quote) up
@@ -458,6 +469,16 @@ mod tests {
         // A method that carries no message: nothing to route by.
         let other = br#"{"jsonrpc":"2.0","id":1,"method":"tasks/get","params":{"text":"x"#;
         assert_eq!(super::intent_text_prefix(other), None);
+        // Whitespace between keys and values, as Python's json.dumps and
+        // indented documents have it.
+        let spaced = br#"{"jsonrpc": "2.0", "method" :
+          "SendMessage", "params": {"message": {"parts": [{"text" : "full echo"#;
+        assert_eq!(
+            super::intent_text_prefix(spaced).as_deref(),
+            Some("full echo")
+        );
+        let spaced_other = br#"{"jsonrpc": "2.0", "method": "tasks/get", "params": {"text": "x"#;
+        assert_eq!(super::intent_text_prefix(spaced_other), None);
         // No text at all.
         assert_eq!(
             super::intent_text_prefix(br#"{"method":"SendMessage","params":{"#),
