@@ -1190,8 +1190,10 @@ impl Ingress {
                 format!(
                     "{what} is not known to this node: a follow-up sent to mesh.{tenant}.dmsc reaches the agent \
                      that answered the first request when it comes to the node that routed that request, \
-                     from the same caller, within an hour; otherwise call the agent by name \
-                     (`<agent>.{tenant}.dmsc`, named by `dmsc-agent` in its answer)"
+                     from the same caller, within an hour, and the first answer was a stream or a JSON \
+                     body of at most {} bytes; otherwise call the agent by name \
+                     (`<agent>.{tenant}.dmsc`, named by `dmsc-agent` in its answer)",
+                    crate::intent::followup::MAX_JSON
                 ),
             )
         };

@@ -41,8 +41,10 @@ use crate::proto::http::{Body, BoxError};
 pub const CAPACITY: usize = 10_000;
 /// How long a task or context is remembered after it was last seen.
 pub const TTL: Duration = Duration::from_secs(3600);
-/// A JSON answer larger than this is not read for its ids.
-pub const MAX_JSON: usize = 64 * 1024;
+/// A JSON answer larger than this is not read for its ids (its frames
+/// are held, by reference, until its end: an A2A Task with artifacts
+/// easily passes 64 KiB, and a2a-sdk writes the artifacts before the ids).
+pub const MAX_JSON: usize = 1024 * 1024;
 /// An SSE line longer than this stops the reading of that stream.
 const MAX_LINE: usize = 256 * 1024;
 /// Original text of an ask kept for the reply that resolves it.
@@ -544,7 +546,21 @@ mod tests {
             [Ref::Task("t2".into()), Ref::Context("c2".into())],
             "the first event with a task is enough"
         );
-        // large JSON: not read
+        // a Task whose artifacts (150 KB, written before its ids, as
+        // a2a-sdk does) pass 64 KiB: read
+        let artifacts = format!(r#"[{{"parts":[{{"text":"{}"}}]}}]"#, "a".repeat(150_000));
+        let task = format!(
+            r#"{{"result":{{"artifacts":{artifacts},"contextId":"c3","id":"t3","kind":"task","status":{{}}}}}}"#
+        );
+        let mut r = hyper::Response::new(full(task.clone()));
+        r.headers_mut()
+            .insert("content-type", "application/json".parse().expect("hv"));
+        assert_eq!(drain(observe(r, sink.clone())).await.len(), task.len());
+        assert_eq!(
+            std::mem::take(&mut *seen.lock().expect("lock")),
+            [Ref::Task("t3".into()), Ref::Context("c3".into())]
+        );
+        // larger than MAX_JSON: not read
         let big = format!(
             r#"{{"result":{{"id":"t","status":{{}},"pad":"{}"}}}}"#,
             "x".repeat(MAX_JSON)
