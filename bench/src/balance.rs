@@ -215,6 +215,7 @@ fn simulate(a: &Args, w: &Workload, policy: Policy) -> anyhow::Result<Outcome> {
                             tags: vec![TAG.into()],
                         }],
                         protocols: vec!["JSONRPC".into()],
+                        a2a: Vec::new(),
                         health: Health::Healthy,
                         expires_ms: u64::MAX,
                     },

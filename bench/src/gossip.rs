@@ -190,6 +190,7 @@ fn record(node: usize, agent: usize) -> String {
             })
             .collect(),
         protocols: vec!["JSONRPC".into()],
+        a2a: Vec::new(),
         health: Health::Healthy,
         expires_ms: now_ms() + 60_000,
     }

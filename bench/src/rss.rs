@@ -58,6 +58,7 @@ fn record(i: usize) -> String {
             })
             .collect(),
         protocols: vec!["JSONRPC".into()],
+        a2a: Vec::new(),
         health: Health::Healthy,
         // Far out: the publisher does not renew them during the run.
         expires_ms: u64::MAX / 2,

@@ -109,6 +109,7 @@ fn world(n: usize) -> World {
                 tags,
             }],
             protocols: vec!["JSONRPC".into()],
+            a2a: Vec::new(),
             // 10% unhealthy, spread over tenants and pools
             health: if (i / TENANTS / 10) % 10 == 9 {
                 Health::Unhealthy

@@ -518,6 +518,124 @@ impl AgentCard {
         )
     }
 
+    /// The A2A protocol binding and version of each endpoint the card
+    /// lists, as far as it says (`("JSONRPC", V10)`, deduplicated, in card
+    /// order): a `supportedInterfaces` entry's own `protocolVersion` (1.0
+    /// when it has none: the version that has that list); the top-level
+    /// `url` and `additionalInterfaces` take the card's `protocolVersion`
+    /// (0.3 cards carry it) unless an entry states its own. Empty when the
+    /// card states no version at all (a card built from config): unknown.
+    pub fn a2a_interfaces(&self) -> Vec<(String, Dialect)> {
+        let of = |v: &str| {
+            if v.starts_with("0.") {
+                Some(Dialect::V03)
+            } else if v.starts_with("1.") {
+                Some(Dialect::V10)
+            } else {
+                None
+            }
+        };
+        let card_version = self.protocol_version.as_deref().and_then(of);
+        let top = self.url.as_ref().map(|_| {
+            (
+                self.preferred_transport.as_deref().unwrap_or("JSONRPC"),
+                card_version,
+            )
+        });
+        let additional = self.additional_interfaces.iter().flatten().map(|i| {
+            (
+                i.transport
+                    .as_deref()
+                    .or(i.protocol_binding.as_deref())
+                    .unwrap_or(""),
+                i.protocol_version.as_deref().map_or(card_version, of),
+            )
+        });
+        let supported = self.supported_interfaces.iter().flatten().map(|i| {
+            (
+                i.protocol_binding
+                    .as_deref()
+                    .or(i.transport.as_deref())
+                    .unwrap_or(""),
+                i.protocol_version.as_deref().map_or(Some(Dialect::V10), of),
+            )
+        });
+        let mut out: Vec<(String, Dialect)> = Vec::new();
+        for (b, v) in top.into_iter().chain(additional).chain(supported) {
+            let Some(v) = v else { continue };
+            if !b.is_empty()
+                && !out
+                    .iter()
+                    .any(|(ob, ov)| ob.eq_ignore_ascii_case(b) && *ov == v)
+            {
+                out.push((b.to_string(), v));
+            }
+        }
+        out
+    }
+
+    /// The path (and query) of the agent's endpoint for the A2A protocol
+    /// binding `binding` (`JSONRPC`, `HTTP+JSON`), preferring one of
+    /// version `dialect`; `None` when the card lists no http(s) endpoint for
+    /// it. On a card fitted to the agent's registered URL
+    /// ([`AgentCard::fit_to`]) this is the path a request through the mesh
+    /// takes.
+    pub fn endpoint_path(&self, binding: &str, dialect: Option<Dialect>) -> Option<String> {
+        let card_dialect = self.dialect();
+        // (url, binding, version) of every endpoint, in card order.
+        let top = self.url.as_deref().map(|u| {
+            (
+                u,
+                self.preferred_transport.as_deref().unwrap_or("JSONRPC"),
+                Some(card_dialect),
+            )
+        });
+        let version = |v: &Option<String>, default: Dialect| match v.as_deref() {
+            Some(v) if v.starts_with("0.") => Some(Dialect::V03),
+            Some(v) if v.starts_with("1.") => Some(Dialect::V10),
+            Some(_) => None,
+            None => Some(default),
+        };
+        let additional = self.additional_interfaces.iter().flatten().map(|i| {
+            (
+                i.url.as_str(),
+                i.transport
+                    .as_deref()
+                    .or(i.protocol_binding.as_deref())
+                    .unwrap_or(""),
+                version(&i.protocol_version, card_dialect),
+            )
+        });
+        let supported = self.supported_interfaces.iter().flatten().map(|i| {
+            (
+                i.url.as_str(),
+                i.protocol_binding
+                    .as_deref()
+                    .or(i.transport.as_deref())
+                    .unwrap_or(""),
+                version(&i.protocol_version, Dialect::V10),
+            )
+        });
+        let matching: Vec<(&str, Option<Dialect>)> = top
+            .into_iter()
+            .chain(additional)
+            .chain(supported)
+            .filter(|(_, b, _)| b.eq_ignore_ascii_case(binding))
+            .map(|(u, _, v)| (u, v))
+            .collect();
+        let best = matching
+            .iter()
+            .find(|(_, v)| dialect.is_some() && *v == dialect)
+            .or(matching.first())?;
+        let (_, rest) = Origin::of(best.0)?;
+        let rest = rest.split('#').next().unwrap_or_default();
+        Some(if rest.starts_with('/') {
+            rest.to_string()
+        } else {
+            format!("/{rest}")
+        })
+    }
+
     /// Protocol bindings the agent serves (`JSONRPC`, `GRPC`, `HTTP+JSON`),
     /// deduplicated, in card order. A 0.3 card without `preferredTransport`
     /// serves JSON-RPC (the spec's default).
@@ -956,6 +1074,69 @@ mod tests {
             AgentCard::from_value(c).expect("valid").dialect(),
             Dialect::V10
         );
+    }
+
+    #[test]
+    fn versions_and_endpoint_paths_as_the_card_states_them() {
+        let a = AgentCard::from_value(v03()).expect("valid");
+        let b = AgentCard::from_value(v10()).expect("valid");
+        let pairs = |c: &AgentCard| -> Vec<(String, Dialect)> { c.a2a_interfaces() };
+        assert_eq!(
+            pairs(&a),
+            [
+                ("JSONRPC".to_string(), Dialect::V03),
+                ("GRPC".to_string(), Dialect::V03)
+            ]
+        );
+        assert_eq!(
+            pairs(&b),
+            [
+                ("JSONRPC".to_string(), Dialect::V10),
+                ("GRPC".to_string(), Dialect::V10)
+            ]
+        );
+        assert_eq!(a.endpoint_path("JSONRPC", None).as_deref(), Some("/a2a/v1"));
+        assert_eq!(b.endpoint_path("jsonrpc", None).as_deref(), Some("/a2a"));
+        assert_eq!(a.endpoint_path("HTTP+JSON", None), None);
+        // an agent that speaks both (a2a-sdk 1.x with its 0.3 compatibility):
+        // the endpoint of the request's version first
+        let both = AgentCard::from_value(json!({
+            "name": "Both", "description": "d", "version": "1",
+            "supportedInterfaces": [
+                {"url": "http://h:1/rpc", "protocolBinding": "JSONRPC", "protocolVersion": "1.0"},
+                {"url": "http://h:1/legacy/rpc", "protocolBinding": "JSONRPC", "protocolVersion": "0.3"},
+                {"url": "http://h:1/rest/", "protocolBinding": "HTTP+JSON"}
+            ],
+            "skills": []
+        }))
+        .expect("valid");
+        assert_eq!(
+            pairs(&both),
+            [
+                ("JSONRPC".to_string(), Dialect::V10),
+                ("JSONRPC".to_string(), Dialect::V03),
+                ("HTTP+JSON".to_string(), Dialect::V10)
+            ]
+        );
+        let path = |b: &str, d| both.endpoint_path(b, d);
+        assert_eq!(path("JSONRPC", None).as_deref(), Some("/rpc"));
+        assert_eq!(path("JSONRPC", Some(Dialect::V10)).as_deref(), Some("/rpc"));
+        assert_eq!(
+            path("JSONRPC", Some(Dialect::V03)).as_deref(),
+            Some("/legacy/rpc")
+        );
+        assert_eq!(
+            path("HTTP+JSON", Some(Dialect::V03)).as_deref(),
+            Some("/rest/")
+        );
+        // a card that states no version (one built from config): unknown
+        let bare = AgentCard::from_value(json!({
+            "name": "n", "description": "d", "version": "0", "url": "http://h:1",
+            "capabilities": {}, "defaultInputModes": [], "defaultOutputModes": [], "skills": []
+        }))
+        .expect("valid");
+        assert!(bare.a2a_interfaces().is_empty());
+        assert_eq!(bare.endpoint_path("JSONRPC", None).as_deref(), Some("/"));
     }
 
     #[test]

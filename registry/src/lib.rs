@@ -60,7 +60,9 @@ pub use record::{
     agent_key, load_key, parse_agent_key, parse_load_key, AgentRecord, Health, LoadReport,
     RecordError, SkillTags,
 };
-pub use select::{serves_binding, Choice, LocalState, NoLocal, SelectError, Selection, Target};
+pub use select::{
+    serves_binding, Choice, LocalState, NoLocal, SelectError, Selection, Speaks, Target,
+};
 pub use semantic::{CardVectors, Fusion, Piece, Scores, Q8};
 
 /// `tenant/name` of an agent.
@@ -128,6 +130,7 @@ impl Entry {
                 digest: String::new(),
                 skills: Vec::new(),
                 protocols: Vec::new(),
+                a2a: Vec::new(),
                 health: Health::Unknown,
                 expires_ms: 0,
             }),
@@ -1077,6 +1080,7 @@ mod tests {
                 tags: tags.iter().map(|t| t.to_string()).collect(),
             }],
             protocols: vec!["JSONRPC".into()],
+            a2a: Vec::new(),
             health,
             expires_ms: 1_000,
         }

@@ -19,6 +19,7 @@
 
 use std::fmt;
 
+use crate::card::Dialect;
 use crate::record::{AgentRecord, Health, SkillTags};
 
 /// See the module docs.
@@ -27,6 +28,22 @@ pub struct PackedRecord {
     data: Box<[u8]>,
     expires_ms: u64,
     health: Health,
+    /// The A2A binding and version pairs the card states, one bit each
+    /// ([`A2A_PAIRS`]); 0: it states none.
+    a2a: u8,
+}
+
+/// The A2A bindings and versions a record keeps, by bit (other bindings,
+/// such as MQTT, say nothing of A2A versions).
+const A2A_BINDINGS: [&str; 3] = ["JSONRPC", "HTTP+JSON", "GRPC"];
+const A2A_VERSIONS: [Dialect; 2] = [Dialect::V03, Dialect::V10];
+
+fn a2a_bit(binding: &str, d: Dialect) -> Option<u8> {
+    let b = A2A_BINDINGS
+        .iter()
+        .position(|x| x.eq_ignore_ascii_case(binding))?;
+    let v = A2A_VERSIONS.iter().position(|x| *x == d)?;
+    Some(1 << (b * A2A_VERSIONS.len() + v))
 }
 
 impl PackedRecord {
@@ -52,10 +69,20 @@ impl PackedRecord {
         for p in r.protocols.iter().take(usize::from(u16::MAX)) {
             put_str(&mut data, p);
         }
+        let a2a = r
+            .a2a
+            .iter()
+            .filter_map(|s| {
+                let (b, v) = s.rsplit_once(' ')?;
+                let d = A2A_VERSIONS.iter().find(|d| d.to_string() == v)?;
+                a2a_bit(b, *d)
+            })
+            .fold(0u8, |m, bit| m | bit);
         PackedRecord {
             data: data.into_boxed_slice(),
             expires_ms: r.expires_ms,
             health: r.health,
+            a2a,
         }
     }
 
@@ -72,6 +99,10 @@ impl PackedRecord {
                 })
                 .collect(),
             protocols: self.protocols().map(str::to_string).collect(),
+            a2a: self
+                .a2a_interfaces()
+                .map(|(b, d)| format!("{b} {d}"))
+                .collect(),
             health: self.health,
             expires_ms: self.expires_ms,
         }
@@ -102,6 +133,30 @@ impl PackedRecord {
     /// Every tag of every skill, as the record has them (not deduplicated).
     pub fn tags(&self) -> impl Iterator<Item = &str> {
         self.skills().flat_map(|s| s.tags())
+    }
+
+    /// The A2A binding and version pairs the agent's card states (none:
+    /// unknown).
+    pub fn a2a_interfaces(&self) -> impl Iterator<Item = (&'static str, Dialect)> + '_ {
+        A2A_BINDINGS.iter().flat_map(move |b| {
+            A2A_VERSIONS
+                .iter()
+                .filter(move |d| a2a_bit(b, **d).is_some_and(|bit| self.a2a & bit != 0))
+                .map(move |d| (*b, *d))
+        })
+    }
+
+    /// Whether the agent speaks A2A version `d` (in `binding`, if given):
+    /// its card states that pair, or states no version at all, or the
+    /// binding is none the record keeps versions for.
+    pub fn speaks(&self, binding: Option<&str>, d: Dialect) -> bool {
+        if self.a2a == 0 {
+            return true;
+        }
+        match binding {
+            Some(b) => a2a_bit(b, d).is_none_or(|bit| self.a2a & bit != 0),
+            None => self.a2a_interfaces().any(|(_, v)| v == d),
+        }
     }
 
     /// Protocol bindings (`JSONRPC`, `GRPC`, `HTTP+JSON`, `MQTT`).
@@ -248,6 +303,7 @@ mod tests {
                 },
             ],
             protocols: vec!["JSONRPC".into(), "GRPC".into()],
+            a2a: vec!["JSONRPC 1.0".into(), "GRPC 0.3".into()],
             health: Health::Unhealthy,
             expires_ms: 42,
         }
@@ -265,14 +321,25 @@ mod tests {
         assert_eq!(ids, ["sum", "empty"]);
         assert_eq!(p.tags().collect::<Vec<_>>(), ["text", "résumé", ""]);
         assert_eq!(p.protocols().collect::<Vec<_>>(), ["JSONRPC", "GRPC"]);
+        assert!(
+            p.speaks(Some("JSONRPC"), Dialect::V10) && !p.speaks(Some("jsonrpc"), Dialect::V03)
+        );
+        assert!(p.speaks(Some("GRPC"), Dialect::V03) && !p.speaks(Some("HTTP+JSON"), Dialect::V10));
+        assert!(p.speaks(None, Dialect::V03) && p.speaks(Some("MQTT"), Dialect::V03));
         let empty = AgentRecord {
             digest: String::new(),
             skills: vec![],
             protocols: vec![],
+            a2a: Vec::new(),
             health: Health::Unknown,
             expires_ms: 0,
         };
         assert_eq!(PackedRecord::pack(&empty).unpack(), empty);
+        // a card that states no version: unknown, so any
+        let unknown = PackedRecord::pack(&empty);
+        assert!(
+            unknown.speaks(Some("HTTP+JSON"), Dialect::V03) && unknown.speaks(None, Dialect::V10)
+        );
         // one allocation: the strings' bytes, two bytes per length or count
         let text: usize = 64 + 3 + 9 + 4 + "résumé".len() + 5 + 7 + 4;
         // digest, skill count, 2 skills (id, name, tag count) and 3 tags,

@@ -81,6 +81,12 @@ pub struct AgentRecord {
     /// Protocol bindings (`JSONRPC`, `GRPC`, `HTTP+JSON`, `MQTT`).
     #[serde(default)]
     pub protocols: Vec<String>,
+    /// The A2A binding and version of each endpoint, as the card states
+    /// them (`"JSONRPC 1.0"`, `"HTTP+JSON 0.3"`:
+    /// [`AgentCard::a2a_interfaces`]); empty when it states none (unknown),
+    /// and in records of nodes that predate the field.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub a2a: Vec<String>,
     #[serde(default)]
     pub health: Health,
     /// Registration expiry, unix milliseconds; the home node renews it.
@@ -95,6 +101,7 @@ impl AgentRecord {
             digest: card.digest(),
             skills: card.skill_tags(),
             protocols: card.protocols(),
+            a2a: a2a_strings(card),
             health,
             expires_ms,
         }
@@ -121,6 +128,14 @@ impl AgentRecord {
         r.protocols.shrink_to_fit();
         Ok(r)
     }
+}
+
+/// [`AgentRecord::a2a`] of a card.
+pub fn a2a_strings(card: &AgentCard) -> Vec<String> {
+    card.a2a_interfaces()
+        .iter()
+        .map(|(b, d)| format!("{b} {d}"))
+        .collect()
 }
 
 /// Value of the gossip key `load/<tenant>/<name>`, refreshed about every gossip round.
@@ -301,6 +316,7 @@ mod tests {
                 tags: vec!["invoice".into(), "summarization".into()],
             }],
             protocols: vec!["JSONRPC".into()],
+            a2a: Vec::new(),
             health: Health::Healthy,
             expires_ms: 1_700_000_000_000,
         };

@@ -46,6 +46,7 @@ use std::fmt::{self, Write as _};
 
 use rand::Rng;
 
+use crate::card::Dialect;
 use crate::record::LoadReport;
 use crate::semantic::{Scores, Q8};
 use crate::{AgentId, Registry};
@@ -163,8 +164,9 @@ pub enum SelectError {
     UnknownAgent { tenant: String, name: String },
     #[error("no agent of tenant `{tenant}` matches {target}")]
     NoMatch { tenant: String, target: String },
-    /// Agents match the text, but none serves the request's binding.
-    #[error("{matched} agent(s) of tenant `{tenant}` match {target}, but none serves the {binding} binding this request uses (none lists it among its card's interfaces): send it in a binding they serve, e.g. JSON-RPC")]
+    /// Agents match the text, but none serves the request's binding or A2A
+    /// version (`binding` says which: "the HTTP+JSON binding", "A2A 1.0").
+    #[error("{matched} agent(s) of tenant `{tenant}` match {target}, but none serves {binding}, which this request uses (by their cards' interfaces): send it in a binding and A2A version they serve")]
     NoBinding {
         tenant: String,
         target: String,
@@ -260,6 +262,34 @@ struct Ctx<'a> {
     exclude: &'a [AgentId],
 }
 
+/// What a request speaks, as far as its node can tell: its A2A protocol
+/// binding (`JSONRPC`, `HTTP+JSON`, `GRPC`) and A2A version. An intent is
+/// matched only against the agents that serve both.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Speaks<'a> {
+    pub binding: Option<&'a str>,
+    pub a2a: Option<Dialect>,
+}
+
+impl Speaks<'_> {
+    /// Whether the agent of `record` can take the request.
+    pub fn served_by(&self, record: &crate::PackedRecord) -> bool {
+        self.binding
+            .is_none_or(|b| serves_binding(record.protocols(), b))
+            && self.a2a.is_none_or(|d| record.speaks(self.binding, d))
+    }
+
+    /// For messages: "the HTTP+JSON binding of A2A 1.0".
+    pub fn describe(&self) -> String {
+        match (self.binding, self.a2a) {
+            (Some(b), Some(d)) => format!("the {b} binding of A2A {d}"),
+            (Some(b), None) => format!("the {b} binding"),
+            (None, Some(d)) => format!("A2A {d}"),
+            (None, None) => "any binding".to_string(),
+        }
+    }
+}
+
 /// True if an agent whose card declares `protocols` serves the A2A
 /// protocol binding `binding` (`JSONRPC`, `HTTP+JSON`, `GRPC`; compared
 /// without case). A card that declares none serves JSON-RPC, the spec's
@@ -309,20 +339,29 @@ impl Registry {
         exclude: &[AgentId],
         rng: &mut R,
     ) -> Result<Selection, SelectError> {
-        self.select_bound(tenant, target, query, None, local, exclude, rng)
+        self.select_bound(
+            tenant,
+            target,
+            query,
+            Speaks::default(),
+            local,
+            exclude,
+            rng,
+        )
     }
 
-    /// [`Registry::select_with`] for a request in the A2A protocol binding
-    /// `binding` (`JSONRPC`, `HTTP+JSON`, ...): an intent is matched only
-    /// against the agents that serve it ([`serves_binding`]); an agent
-    /// addressed by name or tag is taken at its word. `None`: any binding.
+    /// [`Registry::select_with`] for a request that [`Speaks`] an A2A
+    /// protocol binding (`JSONRPC`, `HTTP+JSON`, ...) and version: an
+    /// intent is matched only against the agents that serve both
+    /// ([`serves_binding`], [`crate::PackedRecord::speaks`]); an agent
+    /// addressed by name or tag is taken at its word.
     #[allow(clippy::too_many_arguments)]
     pub fn select_bound<R: Rng + ?Sized>(
         &self,
         tenant: &str,
         target: &Target,
         query: Option<&Q8>,
-        binding: Option<&str>,
+        speaks: Speaks<'_>,
         local: &dyn LocalState,
         exclude: &[AgentId],
         rng: &mut R,
@@ -368,21 +407,21 @@ impl Registry {
             Target::Intent(text) => {
                 let t = t.ok_or_else(no_match)?;
                 let mut ranked = self.rank_in(t, text, query);
-                if let Some(b) = binding {
+                if speaks != Speaks::default() {
                     // before the relative cut: the best of those that can
                     // take the request sets the bar
                     let matched = ranked.len();
                     ranked.retain(|s| {
                         self.entries
                             .get(s.slot as usize)
-                            .is_some_and(|e| serves_binding(e.record.protocols(), b))
+                            .is_some_and(|e| speaks.served_by(&e.record))
                     });
                     if ranked.is_empty() && matched > 0 {
                         // Say so: "no match" would blame the text.
                         return Err(SelectError::NoBinding {
                             tenant: tenant.to_string(),
                             target: target.to_string(),
-                            binding: b.to_string(),
+                            binding: speaks.describe(),
                             matched,
                         });
                     }
@@ -789,6 +828,7 @@ mod tests {
                 tags: tags.iter().map(|t| t.to_string()).collect(),
             }],
             protocols: vec![],
+            a2a: Vec::new(),
             health,
             expires_ms: 0,
         }
@@ -1154,7 +1194,11 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(1);
         let t = Target::Intent("ledger invoice payable".into());
         let pick = |r: &Registry, b: Option<&str>, rng: &mut StdRng| {
-            r.select_bound("acme", &t, None, b, &NoLocal, &[], rng)
+            let speaks = Speaks {
+                binding: b,
+                a2a: None,
+            };
+            r.select_bound("acme", &t, None, speaks, &NoLocal, &[], rng)
                 .map(|s| s.id.name)
         };
         assert_eq!(pick(&r, None, &mut rng).as_deref(), Ok("rest"));
@@ -1163,11 +1207,75 @@ mod tests {
         assert_eq!(pick(&r, Some("JSONRPC"), &mut rng).as_deref(), Ok("old"));
         assert_eq!(pick(&r, Some("grpc"), &mut rng).as_deref(), Ok("rpc"));
         assert!(matches!(
-            r.select_bound("acme", &t, None, Some("MQTT"), &NoLocal, &[], &mut rng),
-            Err(SelectError::NoBinding { matched: 3, ref binding, .. }) if binding == "MQTT"
+            r.select_bound(
+                "acme",
+                &t,
+                None,
+                Speaks {
+                    binding: Some("MQTT"),
+                    a2a: None
+                },
+                &NoLocal,
+                &[],
+                &mut rng
+            ),
+            Err(SelectError::NoBinding { matched: 3, ref binding, .. }) if binding == "the MQTT binding"
         ));
         assert!(serves_binding([].into_iter(), "JSONRPC"));
         assert!(!serves_binding(["HTTP+JSON"].into_iter(), "JSONRPC"));
+    }
+
+    #[test]
+    fn intent_matches_only_agents_speaking_the_a2a_version() {
+        let mut r = Registry::new();
+        let mut add = |n: &str, tags: &[&str], a2a: &[&str]| {
+            let mut rr = rec(tags, Health::Healthy);
+            rr.digest = n.into();
+            rr.a2a = a2a.iter().map(|p| format!("JSONRPC {p}")).collect();
+            r.upsert("n", id("acme", n), rr);
+        };
+        add("old", &["translate", "legacy", "task"], &["0.3"]);
+        add("new", &["translate"], &["1.0"]);
+        add("both", &["translate", "task"], &["0.3", "1.0"]);
+        let mut rng = StdRng::seed_from_u64(1);
+        let t = Target::Intent("translate this legacy task".into());
+        let pick = |r: &Registry, a2a: Option<Dialect>, rng: &mut StdRng| {
+            let speaks = Speaks {
+                binding: Some("JSONRPC"),
+                a2a,
+            };
+            r.select_bound("acme", &t, None, speaks, &NoLocal, &[], rng)
+                .map(|s| s.id.name)
+        };
+        assert_eq!(pick(&r, None, &mut rng).as_deref(), Ok("old"));
+        assert_eq!(pick(&r, Some(Dialect::V03), &mut rng).as_deref(), Ok("old"));
+        assert_eq!(
+            pick(&r, Some(Dialect::V10), &mut rng).as_deref(),
+            Ok("both")
+        );
+        // nobody speaks it: said so, with the version
+        let mut only_old = Registry::new();
+        let mut rr = rec(&["translate"], Health::Healthy);
+        rr.a2a = vec!["JSONRPC 0.3".into()];
+        only_old.upsert("n", id("acme", "old"), rr);
+        let e = only_old
+            .select_bound(
+                "acme",
+                &t,
+                None,
+                Speaks {
+                    binding: Some("JSONRPC"),
+                    a2a: Some(Dialect::V10),
+                },
+                &NoLocal,
+                &[],
+                &mut rng,
+            )
+            .expect_err("no 1.0 agent");
+        assert!(
+            e.to_string().contains("the JSONRPC binding of A2A 1.0"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -95,6 +95,7 @@ fn apply(r: &mut Registry, op: &Op) {
                     tags: t,
                 }],
                 protocols: vec!["JSONRPC".into()],
+                a2a: Vec::new(),
                 health: *health,
                 expires_ms: *expires,
             };

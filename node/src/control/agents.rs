@@ -311,6 +311,7 @@ fn card_version(card: AgentCard, id: &AgentId, base: Option<&Uri>) -> (CardVersi
     let version = CardVersion {
         digest: served.digest(),
         mesh_card: Bytes::from(served.to_bytes()),
+        served: served.clone(),
         card,
         left_out,
     };

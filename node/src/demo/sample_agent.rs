@@ -225,9 +225,12 @@ pub fn card(cfg: &SampleConfig, addr: SocketAddr) -> Value {
             card["url"] = url.into();
             card["preferredTransport"] = "JSONRPC".into();
         }
+        // It answers both versions at one endpoint (as a2a-sdk 1.x does
+        // with its 0.3 compatibility on), and says so.
         CardDialect::V10 => {
             card["supportedInterfaces"] = json!([
-                {"url": url, "protocolBinding": "JSONRPC", "protocolVersion": "1.0"}
+                {"url": url, "protocolBinding": "JSONRPC", "protocolVersion": "1.0"},
+                {"url": url, "protocolBinding": "JSONRPC", "protocolVersion": "0.3"}
             ]);
         }
     }

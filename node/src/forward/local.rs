@@ -121,6 +121,9 @@ pub struct CardVersion {
     /// name), pre-encoded; its digest is the one gossiped and the ETag, so
     /// a card fetched through the mesh from anywhere has the same digest.
     pub mesh_card: Bytes,
+    /// The same, parsed: where a request addressed to a routed name goes
+    /// ([`routed_path`]).
+    pub served: AgentCard,
     pub digest: String,
     /// Interfaces of the card the served card leaves out: on other ports
     /// than the registered URL's, where the mesh cannot reach them.
@@ -231,6 +234,7 @@ impl LocalAgent {
             digest: card.digest.clone(),
             skills: card.card.skill_tags(),
             protocols: card.card.protocols(),
+            a2a: dmsc_registry::record::a2a_strings(&card.card),
             health: self.health(),
             expires_ms: now_ms() + ttl.as_millis() as u64,
         }
@@ -464,6 +468,10 @@ pub(crate) async fn deliver_local(
             .agent(&agent.id),
         ));
     }
+    // Sent to a router's endpoint (an intent, a capability): on to this
+    // agent's endpoint for the request's binding.
+    let routed = routed_path(&agent.card(), &method, path, &headers);
+    let path = routed.as_deref().unwrap_or(path);
     // A request for the extended card: its answer is rewritten below.
     let (card_ask, body) = match extended::rest_ask(&method, path) {
         Some(ask) => (Some(ask), body),
@@ -682,6 +690,69 @@ fn serve_card(agent: &LocalAgent, headers: &hyper::HeaderMap) -> Response<Body> 
         h.insert(ETAG, v);
     }
     resp
+}
+
+/// The path on this agent of a request addressed to a name the mesh
+/// resolves to one of several agents, `mesh.<tenant>.dmsc` (intent) or
+/// `<tag>.cap.<tenant>.dmsc` (capability). The caller sent it to the
+/// router's endpoint, whose JSON-RPC and HTTP+JSON interfaces are at `/`
+/// (the router card, [`crate::intent::card`]), knowing nothing of the
+/// agent picked: a JSON-RPC `POST /` goes to the agent's JSON-RPC
+/// endpoint, an HTTP+JSON path (`/message:send`, `/tasks/<id>`, 0.3's
+/// `/v1/...`) under its HTTP+JSON endpoint, each as its card names it (for
+/// the request's A2A version, when the card names one per version).
+/// `None`: the path stays (a name addressed directly, or nothing to move).
+fn routed_path(
+    card: &CardVersion,
+    method: &Method,
+    path: &str,
+    headers: &hyper::HeaderMap,
+) -> Option<String> {
+    use crate::proto::host::HostTarget;
+    let host = headers.get(HOST)?.to_str().ok()?;
+    let host = match host.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    };
+    if !matches!(
+        crate::proto::host::parse_host(host),
+        Ok((_, HostTarget::Intent | HostTarget::Tag(_)))
+    ) {
+        return None;
+    }
+    let (p, query) = match path.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path, None),
+    };
+    let jsonrpc = *method == Method::POST && p == "/";
+    let rest = !jsonrpc
+        && (crate::proto::a2a::binding(false, p, None) == Some("HTTP+JSON")
+            || crate::proto::a2a::EXTENDED_CARD_PATHS
+                .iter()
+                .any(|c| p.ends_with(c)));
+    let binding = match (jsonrpc, rest) {
+        (true, _) => "JSONRPC",
+        (_, true) => "HTTP+JSON",
+        _ => return None,
+    };
+    let dialect = crate::proto::a2a::request_dialect(headers, p, None);
+    let endpoint = card.served.endpoint_path(binding, dialect)?;
+    let endpoint = endpoint.split('?').next().unwrap_or_default();
+    let prefix = endpoint.trim_end_matches('/');
+    if prefix.is_empty() {
+        return None;
+    }
+    let moved = if jsonrpc {
+        endpoint.to_string()
+    } else if p.starts_with(&format!("{prefix}/")) {
+        return None;
+    } else {
+        format!("{prefix}{p}")
+    };
+    Some(match query {
+        Some(q) => format!("{moved}?{q}"),
+        None => moved,
+    })
 }
 
 /// `If-None-Match` compares weakly (RFC 9110, 13.1.2): `W/"x"` matches

@@ -105,9 +105,10 @@ pub struct Delegation {
     /// intent-routed task), put before selection's own reason in
     /// `dmsc-route`.
     pub route_note: Option<String>,
-    /// The A2A protocol binding of the request (`JSONRPC`, `HTTP+JSON`,
-    /// `GRPC`): an intent goes only to agents that serve it.
-    pub binding: Option<&'static str>,
+    /// The A2A protocol binding (`JSONRPC`, `HTTP+JSON`, `GRPC`) and
+    /// version of the request: an intent goes only to agents that serve
+    /// both.
+    pub speaks: dmsc_registry::Speaks<'static>,
 }
 
 /// The delegation engine of a node (shared by ingress and the overlay side).
@@ -239,7 +240,7 @@ impl Delegator {
             body,
             intent,
             route_note,
-            binding,
+            speaks,
         } = d;
         let request_bytes = match &body {
             ReqBody::Buffered(b) => Some(b.clone()),
@@ -284,7 +285,7 @@ impl Delegator {
                     &tenant,
                     &target,
                     intent.as_ref().map(|q| &*q.vector),
-                    binding,
+                    speaks,
                     &*self.mesh,
                     plan.excluded(),
                     &mut rand::thread_rng(),
@@ -819,7 +820,7 @@ pub async fn fetch_card(
             body: ReqBody::Buffered(Bytes::new()),
             intent: None,
             route_note: None,
-            binding: None,
+            speaks: dmsc_registry::Speaks::default(),
         })
         .await;
     let resp = match outcome {

@@ -179,52 +179,7 @@ fn retry_later(e: MeshError, after: std::time::Duration) -> Response<Body> {
     e.retry_after(after).response(None)
 }
 
-/// What a host name asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HostTarget {
-    Agent(String),
-    Tag(String),
-    Intent,
-}
-
-/// A host name that names nothing in the mesh.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("`{0}` is not a mesh address: mesh addresses are <agent>.<tenant>.dmsc, <tag>.cap.<tenant>.dmsc or mesh.<tenant>.dmsc")]
-pub struct NotMeshAddress(pub String);
-
-/// Parses `<agent>.<tenant>.dmsc`, `<tag>.cap.<tenant>.dmsc`, `mesh.<tenant>.dmsc`.
-pub fn parse_host(host: &str) -> Result<(String, HostTarget), NotMeshAddress> {
-    let trimmed = host.trim_end_matches('.');
-    // Hosts arrive lowercase nearly always: no copy then.
-    let h: std::borrow::Cow<'_, str> = if trimmed.bytes().any(|b| b.is_ascii_uppercase()) {
-        trimmed.to_ascii_lowercase().into()
-    } else {
-        trimmed.into()
-    };
-    let bad = || NotMeshAddress(host.to_string());
-    let Some(rest) = h.strip_suffix(".dmsc") else {
-        return Err(bad());
-    };
-    // Host name characters only (a space, a quote or a slash is a bad
-    // address, not an agent that happens to be missing).
-    if !rest
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'))
-    {
-        return Err(bad());
-    }
-    let mut labels = rest.split('.');
-    match (labels.next(), labels.next(), labels.next(), labels.next()) {
-        (Some("mesh"), Some(tenant), None, None) => Ok((tenant.to_string(), HostTarget::Intent)),
-        (Some(agent), Some(tenant), None, None) if !agent.is_empty() && !tenant.is_empty() => {
-            Ok((tenant.to_string(), HostTarget::Agent(agent.to_string())))
-        }
-        (Some(tag), Some("cap"), Some(tenant), None) if !tag.is_empty() && !tenant.is_empty() => {
-            Ok((tenant.to_string(), HostTarget::Tag(tag.to_string())))
-        }
-        _ => Err(bad()),
-    }
-}
+pub use crate::proto::host::{parse_host, HostTarget, NotMeshAddress};
 
 /// The host a request is for: the absolute URI (proxy form, h2
 /// `:authority`) or the `Host` header, without a port.
@@ -968,6 +923,20 @@ impl Ingress {
         // Follow-ups of intent-routed work (a task method, a message in a
         // known task or context, a reply to an ask) go where the work is.
         let by_intent = target == HostTarget::Intent;
+        // Where the mesh picks the agent by meaning, it picks one that
+        // speaks the request's A2A version too.
+        let a2a = if by_intent {
+            crate::proto::a2a::request_dialect(
+                &parts.headers,
+                &path,
+                match &body {
+                    ReqBody::Buffered(b) => Some(&b[..]),
+                    ReqBody::Streaming(_) => None,
+                },
+            )
+        } else {
+            None
+        };
         // Whose follow-ups these are (intent routing only).
         let followup_scope = by_intent
             .then(|| crate::intent::followup::Scope::new(&tenant, &caller.tenant, &caller.id));
@@ -1065,7 +1034,7 @@ impl Ingress {
                         intent_choice.as_deref(),
                         &path,
                         header_intent.as_deref(),
-                        binding,
+                        dmsc_registry::Speaks { binding, a2a },
                     ),
                 )
                 .await
@@ -1121,7 +1090,7 @@ impl Ingress {
                 body,
                 intent: prepared.query,
                 route_note: follow.map(|f| f.why).or(routed_by_start),
-                binding,
+                speaks: dmsc_registry::Speaks { binding, a2a },
             })
             .await;
         drop(permit);
@@ -1393,13 +1362,13 @@ impl Ingress {
             Option<&dmsc_policy::Policy>,
             &[String],
         ),
-        // the request's intent headers, path and A2A binding
-        (mode, choice, path, header_text, binding): (
+        // the request's intent headers, path and A2A binding and version
+        (mode, choice, path, header_text, speaks): (
             Option<&str>,
             Option<&str>,
             &str,
             Option<&str>,
-            Option<&str>,
+            dmsc_registry::Speaks<'_>,
         ),
     ) -> Result<crate::intent::Prepared, Response<Body>> {
         let body = match body {
@@ -1436,7 +1405,7 @@ impl Ingress {
                 allowed: &allowed,
                 path,
                 header_text,
-                binding,
+                speaks,
             },
         )
         .await

@@ -503,7 +503,7 @@ pub async fn prepare(
         allowed,
         path,
         header_text,
-        binding,
+        speaks,
     } = step;
     match target {
         dmsc_registry::Target::Intent(text) => {
@@ -532,9 +532,7 @@ pub async fn prepare(
                         // caller never sees agents not exported to it).
                         let tags = crate::route::agent_tags(&reg, &id);
                         (e.record.health() == dmsc_registry::Health::Healthy
-                            && binding.is_none_or(|b| {
-                                dmsc_registry::serves_binding(e.record.protocols(), b)
-                            })
+                            && speaks.served_by(&e.record)
                             && allowed(&id.name, &tags))
                         .then(|| (id, s, e.record.digest().to_string()))
                     })
@@ -699,8 +697,9 @@ pub struct Step<'a> {
     pub path: &'a str,
     /// `dmsc-intent`.
     pub header_text: Option<&'a str>,
-    /// The request's A2A binding: only agents serving it are offered.
-    pub binding: Option<&'a str>,
+    /// The request's A2A binding and version: only agents serving both
+    /// are offered.
+    pub speaks: dmsc_registry::Speaks<'a>,
 }
 
 /// Publishes this node's learned records and merges its peers' (every

@@ -14,6 +14,64 @@
 
 use serde_json::Value;
 
+/// The A2A version a request speaks, as far as it says: its `A2A-Version`
+/// header (a 1.0 client sends it; an agent takes a missing one as 0.3),
+/// else its JSON-RPC method (0.3's are paths such as `message/send`, 1.0's
+/// names such as `SendMessage`; read from `body`, or leniently from the
+/// start of a large one), else its HTTP+JSON path (0.3's are under `/v1/`).
+/// `None`: it does not say (a GET, a gRPC call).
+pub fn request_dialect(
+    headers: &hyper::HeaderMap,
+    path: &str,
+    body: Option<&[u8]>,
+) -> Option<dmsc_registry::Dialect> {
+    use dmsc_registry::Dialect;
+    if let Some(v) = headers.get("a2a-version").and_then(|v| v.to_str().ok()) {
+        let v = v.trim();
+        if v.starts_with("1.") || v == "1" {
+            return Some(Dialect::V10);
+        }
+        if v.starts_with("0.") {
+            return Some(Dialect::V03);
+        }
+    }
+    if let Some(b) = body {
+        let head = &b[..b.len().min(64 * 1024)];
+        // Only `method` is kept (the rest is skipped, not built).
+        #[derive(serde::Deserialize)]
+        struct Method<'a> {
+            #[serde(borrow)]
+            method: Option<std::borrow::Cow<'a, str>>,
+        }
+        let method = serde_json::from_slice::<Method<'_>>(b)
+            .ok()
+            .and_then(|m| m.method.map(|m| m.into_owned()))
+            .or_else(|| {
+                string_values(&String::from_utf8_lossy(head), "method")
+                    .into_iter()
+                    .next()
+            });
+        if let Some(m) = method {
+            return Some(if m.contains('/') {
+                Dialect::V03
+            } else {
+                Dialect::V10
+            });
+        }
+    }
+    let path = path.split('?').next().unwrap_or_default();
+    if path.ends_with("/message:send") || path.ends_with("/message:stream") {
+        return Some(
+            if path.ends_with("/v1/message:send") || path.ends_with("/v1/message:stream") {
+                Dialect::V03
+            } else {
+                Dialect::V10
+            },
+        );
+    }
+    None
+}
+
 /// JSON-RPC methods that carry a message to route by intent.
 pub const MESSAGE_METHODS: [&str; 4] = [
     "message/send",
@@ -44,7 +102,11 @@ pub fn intent_text_prefix(prefix: &[u8]) -> Option<String> {
     // JSON allows whitespace around the colon (Python's json.dumps writes
     // `"method": "SendMessage"`).
     let methods = string_values(&s, "method");
-    if !methods.is_empty() && !methods.iter().any(|m| MESSAGE_METHODS.contains(&m.as_str())) {
+    if !methods.is_empty()
+        && !methods
+            .iter()
+            .any(|m| MESSAGE_METHODS.contains(&m.as_str()))
+    {
         return None;
     }
     let texts: Vec<String> = string_values(&s, "text")

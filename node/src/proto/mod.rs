@@ -2,7 +2,8 @@
 //! node state. The delegation wire format between nodes ([`wire`]), the HTTP
 //! body type, header rules and the mesh's own error kinds ([`http`]), the
 //! `dmsc-*` headers the node owns ([`forwarded`]), what
-//! the A2A dialects carry that the mesh reads ([`a2a`]), the protocol an
+//! the A2A dialects carry that the mesh reads ([`a2a`]), mesh
+//! addresses ([`host`]), the protocol an
 //! agent speaks ([`agent`]), the gossip keys
 //! a node publishes ([`gossip`]), and the typed outcome of a delegation
 //! ([`outcome`]).
@@ -11,6 +12,7 @@ pub mod a2a;
 pub mod agent;
 pub mod forwarded;
 pub mod gossip;
+pub mod host;
 pub mod http;
 pub mod outcome;
 pub mod wire;

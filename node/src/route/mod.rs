@@ -931,6 +931,7 @@ mod tests {
                 tags: vec!["t".into()],
             }],
             protocols: vec!["jsonrpc".into()],
+            a2a: Vec::new(),
             health: Health::Healthy,
             expires_ms: now_ms() + 60_000,
         }

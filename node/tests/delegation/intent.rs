@@ -28,7 +28,9 @@ async fn skilled(name: &str, description: &str, tags: &[&str], examples: &[&str]
                 examples: examples.iter().map(|t| t.to_string()).collect(),
             }],
             delay: Duration::ZERO,
-            dialect: CardDialect::V03,
+            // both versions (a card of 1.0 that lists 0.3 too): the tests
+            // here route requests of either by intent
+            dialect: CardDialect::V10,
         },
     )
     .await
@@ -522,5 +524,182 @@ async fn a_request_too_large_to_hold_is_routed_by_its_start() {
             "node {node}: the agent got the whole request"
         );
     }
+    mesh.stop().await;
+}
+
+/// An A2A 1.0 agent whose card puts its JSON-RPC endpoint at
+/// `/a2a/jsonrpc` and its HTTP+JSON one under `/a2a/rest` (as a2a-sdk's
+/// `rpc_url` and `path_prefix` do); it answers only there, with the path it
+/// was called at.
+async fn agent_at_paths(
+    name: &str,
+    tags: &[&str],
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use http_body_util::{BodyExt as _, Full};
+    let listener = tokio::net::TcpListener::bind(loopback())
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let card = serde_json::json!({
+        "name": name, "description": "adds numbers", "version": "1.0.0",
+        "capabilities": {}, "defaultInputModes": ["text/plain"], "defaultOutputModes": ["text/plain"],
+        "supportedInterfaces": [
+            {"url": format!("http://{addr}/a2a/jsonrpc"), "protocolBinding": "JSONRPC", "protocolVersion": "1.0"},
+            {"url": format!("http://{addr}/a2a/rest"), "protocolBinding": "HTTP+JSON", "protocolVersion": "1.0"}
+        ],
+        "skills": [{"id": "math", "name": "math", "description": "adds numbers", "tags": tags}]
+    })
+    .to_string();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let card = card.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let card = card.clone();
+                        async move {
+                            let path = req.uri().path().to_string();
+                            let _ = req.into_body().collect().await;
+                            let (status, body) = match path.as_str() {
+                            "/.well-known/agent-card.json" => (200, card),
+                            "/a2a/jsonrpc" | "/a2a/rest/message:send" => (
+                                200,
+                                serde_json::json!({"jsonrpc": "2.0", "id": 1, "result": {"path": path}}).to_string(),
+                            ),
+                            _ => (404, String::new()),
+                        };
+                            let mut resp =
+                                hyper::Response::new(Full::new(bytes::Bytes::from(body)));
+                            *resp.status_mut() = StatusCode::from_u16(status).expect("status");
+                            resp.headers_mut()
+                                .insert("content-type", "application/json".parse().expect("hv"));
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// What a caller sent to the router (`mesh.<tenant>.dmsc`, whose
+/// interfaces are at `/`) reaches the endpoint the picked agent's card
+/// names for that binding; and only an agent that speaks the request's A2A
+/// version is picked (an A2A 0.3 agent cannot answer `SendMessage`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_intent_reaches_the_agents_own_endpoint_in_its_a2a_version() {
+    let mesh = super::mesh_of(&["n0", "n1"], |_, _| {}).await;
+    // The 0.3 agent (its card says 0.3 only) matches the words best.
+    let old = SampleAgent::start(
+        loopback(),
+        SampleConfig {
+            name: "oldmath".into(),
+            description: "adds numbers, sums and totals".into(),
+            skills: vec![SampleSkill {
+                id: "oldmath-skill".into(),
+                name: "oldmath".into(),
+                description: "adds numbers, sums and totals".into(),
+                tags: vec!["math".into(), "add".into(), "sum".into()],
+                examples: vec!["add 2 and 3".into()],
+            }],
+            delay: Duration::ZERO,
+            dialect: CardDialect::V03,
+        },
+    )
+    .await
+    .expect("sample agent");
+    let (addr, server) = agent_at_paths("pathy", &["math"]).await;
+    super::attach_routable(&mesh, 0, &old, "oldmath").await;
+    super::attach_url_routable(&mesh, 0, &format!("http://{addr}"), "pathy").await;
+    let v10 = send_message_v10("add 2 and 3 math sum");
+    for node in [0, 1] {
+        // A2A 1.0 JSON-RPC at the router's `/`: the 1.0 agent, at its path.
+        let (resp, body) = mesh
+            .call(
+                node,
+                "POST",
+                "mesh.acme.dmsc",
+                "/",
+                &[("a2a-version", "1.0"), ("content-type", "application/json")],
+                v10.clone(),
+            )
+            .await
+            .expect("call");
+        let body = String::from_utf8_lossy(&body).into_owned();
+        assert_eq!(resp.status(), StatusCode::OK, "node {node}: {body}");
+        assert_eq!(
+            header(&resp, "dmsc-agent"),
+            "acme/pathy",
+            "node {node}: {body}"
+        );
+        assert!(
+            body.contains("\"path\":\"/a2a/jsonrpc\""),
+            "node {node}: {body}"
+        );
+        // The same in HTTP+JSON: under its REST endpoint.
+        let rest = serde_json::json!({"message": {"role": "ROLE_USER", "messageId": "m1", "parts": [{"text": "add 2 and 3 math sum"}]}}).to_string();
+        let (resp, body) = mesh
+            .call(
+                node,
+                "POST",
+                "mesh.acme.dmsc",
+                "/message:send",
+                &[("a2a-version", "1.0"), ("content-type", "application/json")],
+                rest,
+            )
+            .await
+            .expect("call");
+        let body = String::from_utf8_lossy(&body).into_owned();
+        assert_eq!(resp.status(), StatusCode::OK, "node {node}: {body}");
+        assert!(
+            body.contains("\"path\":\"/a2a/rest/message:send\""),
+            "node {node}: {body}"
+        );
+        // A2A 0.3 `message/send`: the 0.3 agent, which matches best.
+        let (resp, body) = mesh
+            .call(
+                node,
+                "POST",
+                "mesh.acme.dmsc",
+                "/",
+                &[("content-type", "application/json")],
+                message_send("add 2 and 3 math sum"),
+            )
+            .await
+            .expect("call");
+        assert_eq!(
+            resp.status(),
+            StatusCode::OK,
+            "{}",
+            String::from_utf8_lossy(&body)
+        );
+        assert_eq!(header(&resp, "dmsc-agent"), "acme/oldmath");
+    }
+    // Called by name, the path is the caller's (its card's URL says where).
+    let (resp, body) = mesh
+        .call(
+            1,
+            "POST",
+            "pathy.acme.dmsc",
+            "/a2a/jsonrpc",
+            &[("a2a-version", "1.0")],
+            v10,
+        )
+        .await
+        .expect("call");
+    assert_eq!(
+        resp.status(),
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    server.abort();
     mesh.stop().await;
 }
