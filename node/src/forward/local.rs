@@ -452,6 +452,25 @@ pub(crate) async fn deliver_local(
         // last message, not when its first arrives.
         return result.map(|r| r.map(|b| guarded(b, vec![Box::new(in_flight)])));
     }
+    // A gRPC server resets every stream that is not gRPC: that would be a
+    // failure charged to the agent (anyone's curl, or a monitoring probe,
+    // could open its circuit for every gRPC caller). It is the caller's.
+    if agent.protocol.current() == Some(crate::proto::agent::Protocol::Grpc)
+        && !crate::proto::http::is_grpc(&headers)
+    {
+        return Err(Failure::Caller(
+            MeshError::new(
+                ErrorKind::BadRequest,
+                me,
+                format!(
+                    "{} is a gRPC server: call it with a gRPC client (content-type \
+                     application/grpc); this request is {method} {path}",
+                    agent.id
+                ),
+            )
+            .agent(&agent.id),
+        ));
+    }
     // The card over gRPC is protobuf, which the mesh does not rewrite: it
     // would hand the caller the agent's real addresses.
     if crate::proto::http::is_grpc(&headers) && crate::proto::a2a::is_grpc_card_call(path) {

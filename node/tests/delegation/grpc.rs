@@ -740,6 +740,45 @@ async fn a_grpc_server_without_the_health_service_is_alive() {
     mesh.stop().await;
 }
 
+/// Plain HTTP requests to a gRPC server (a curl, a monitoring probe) are
+/// the caller's mistake: refused with the reason, never charged to the
+/// agent, whose gRPC callers are still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_to_a_grpc_server_is_the_callers_mistake() {
+    let server = greeter_server(true).await;
+    let mesh = mesh_with(&["n0", "n1"], declared(server.addr)).await;
+    eventually(
+        Duration::from_secs(15),
+        "node 1 finds out the agent speaks gRPC and node 0 sees it healthy",
+        || protocol_on(&mesh, 1) == Some(Protocol::Grpc) && health_on(&mesh, 0) == "healthy",
+    )
+    .await;
+    for i in 0..8 {
+        let method = if i % 2 == 0 { "GET" } else { "POST" };
+        let (resp, body) = mesh
+            .call(0, method, "greeter.acme.dmsc", "/", &[], "x")
+            .await
+            .expect("call");
+        let body = String::from_utf8_lossy(&body);
+        assert_eq!(resp.status(), 400, "#{i}: {body}");
+        assert!(body.contains("is a gRPC server"), "#{i}: {body}");
+    }
+    let id = dmsc_registry::AgentId::new("acme", AGENT);
+    for i in [0, 1] {
+        assert_eq!(
+            mesh.nodes[i].mesh().circuit_state(&id).to_string(),
+            "closed",
+            "node {i}"
+        );
+    }
+    let mut client = client_to(&mesh, 0).await;
+    let reply = say_hello(&mut client, hello("ada"))
+        .await
+        .expect("unary SayHello after the plain requests");
+    assert_eq!(reply.get_ref().message, "hello, ada");
+    mesh.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pinned_protocol_is_the_only_one_probed() {
     // The same HTTP/2-only server pinned to `http1`: never probed over
