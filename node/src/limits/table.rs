@@ -83,13 +83,33 @@ impl TenantLimits {
         })
     }
 
+    /// The limit of caller `id`: its exception, named by the id itself
+    /// (a SPIFFE ID, `jwt:<iss>#<sub>`, `ingress:<addr>`) or, for an agent
+    /// certificate, by `tenant/agent`; else the default.
     fn caller(&self, id: &str) -> Limit {
-        self.callers.get(id).copied().unwrap_or(self.per_caller)
+        if self.callers.is_empty() {
+            return self.per_caller;
+        }
+        self.callers
+            .get(id)
+            .or_else(|| self.callers.get(&short_caller_id(id)?))
+            .copied()
+            .unwrap_or(self.per_caller)
     }
 
     fn target(&self, name: &str) -> Limit {
         self.targets.get(name).copied().unwrap_or(self.per_target)
     }
+}
+
+/// `tenant/agent` of an agent's SPIFFE ID
+/// (`spiffe://<td>/tenant/<tenant>/agent/<agent>`).
+fn short_caller_id(id: &str) -> Option<String> {
+    let path = id.strip_prefix("spiffe://")?.split_once('/')?.1;
+    let rest = path.strip_prefix("tenant/")?;
+    let (tenant, agent) = rest.split_once("/agent/")?;
+    (!tenant.is_empty() && !agent.is_empty() && !agent.contains('/'))
+        .then(|| format!("{tenant}/{agent}"))
 }
 
 /// Which limit refused.
@@ -604,6 +624,38 @@ mod tests {
         t.set_peers(1, HashMap::new());
         t.set("acme", Some(l), now);
         t
+    }
+
+    #[test]
+    fn a_caller_exception_names_the_caller_id_or_tenant_slash_agent() {
+        let t0 = Instant::now();
+        let l = TenantLimits {
+            per_caller: rate(1.0, 1),
+            callers: HashMap::from([
+                ("acme/payer".to_string(), rate(100.0, 100)),
+                ("jwt:https://idp#batch".to_string(), rate(100.0, 100)),
+            ]),
+            ..Default::default()
+        };
+        let mut t = table(l, t0);
+        for caller in [
+            "spiffe://mesh.test/tenant/acme/agent/payer",
+            "jwt:https://idp#batch",
+        ] {
+            for i in 0..10 {
+                assert!(t.admit_ingress("acme", caller, t0).is_ok(), "{caller} #{i}");
+            }
+        }
+        // anyone else: the default, one token
+        let other = "spiffe://mesh.test/tenant/acme/agent/other";
+        assert!(t.admit_ingress("acme", other, t0).is_ok());
+        assert!(t.admit_ingress("acme", other, t0).is_err());
+        assert_eq!(
+            short_caller_id("spiffe://td/tenant/a/agent/b").as_deref(),
+            Some("a/b")
+        );
+        assert_eq!(short_caller_id("spiffe://td/node/n1"), None);
+        assert_eq!(short_caller_id("ingress:127.0.0.1:1"), None);
     }
 
     #[test]
