@@ -159,6 +159,7 @@ impl Listeners {
                 connections: Arc::new(Semaphore::new(l.max_connections_per_listener)),
                 in_flight: Arc::new(Semaphore::new(l.max_in_flight_per_listener)),
                 http: http_builder(l, protocols),
+                protocols,
                 limits: l.clone(),
                 metrics: self.metrics.clone(),
             }),
@@ -230,6 +231,7 @@ struct ServerInner {
     connections: Arc<Semaphore>,
     in_flight: Arc<Semaphore>,
     http: auto::Builder<TokioExecutor>,
+    protocols: Protocols,
     metrics: ListenerMetrics,
 }
 
@@ -455,10 +457,30 @@ fn judge(phase: Phase, now: Instant, seen: Seen, limits: &LimitsConfig) -> (Phas
     }
 }
 
+/// Whether a `CONNECT` asks for a tunnel this listener opens: to a mesh
+/// name (`<agent>.<tenant>.dmsc:<port>`, any port), on a listener that
+/// speaks HTTP/2 too (an ingress, not the admin API). Inside, the
+/// connection carries the client's own HTTP requests, which name the mesh
+/// target themselves and are served like any other: never a byte is relayed
+/// anywhere else.
+fn tunnel_to_mesh<B>(req: &Request<B>, protocols: Protocols) -> bool {
+    req.method() == hyper::Method::CONNECT
+        && protocols == Protocols::Auto
+        && req
+            .uri()
+            .host()
+            .is_some_and(|h| crate::proto::host::parse_host(h).is_ok())
+}
+
 impl Conn {
     /// Serves HTTP on `io` with `service` until the client leaves or a
     /// limit closes the connection. The service sits behind the listener's
     /// in-flight limit and load shedding.
+    ///
+    /// A proxy client's `CONNECT` to a mesh name (grpcio with `http_proxy`
+    /// set, `curl -p`) is answered 200 and the tunnel served as a
+    /// connection of its own on the same budget ([`tunnel_to_mesh`]); once,
+    /// not a tunnel in a tunnel.
     pub async fn serve<I, S>(self, io: I, service: S)
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -468,7 +490,37 @@ impl Conn {
             + 'static,
         S::Future: Send + 'static,
     {
+        let Some(tunnel) = self.serve_io(io, service.clone(), true).await else {
+            return;
+        };
+        let peer = self.peer;
+        match tunnel.await {
+            Ok(upgraded) => {
+                debug!(%peer, "CONNECT tunnel open");
+                self.serve_io(upgraded, service, false).await;
+            }
+            Err(e) => debug!(%peer, error = %e, "CONNECT tunnel never opened"),
+        }
+    }
+
+    /// [`Conn::serve`] on one transport: the connection, or the tunnel in
+    /// it. Returns the tunnel a `CONNECT` opened (when `tunnels`).
+    async fn serve_io<I, S>(
+        &self,
+        io: I,
+        service: S,
+        tunnels: bool,
+    ) -> Option<hyper::upgrade::OnUpgrade>
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+        S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
         let s = self.server.inner.clone();
+        let tunnel: Arc<std::sync::Mutex<Option<hyper::upgrade::OnUpgrade>>> = Arc::default();
         let activity = Arc::new(Activity::new());
         let limited = ServiceBuilder::new()
             .load_shed()
@@ -477,8 +529,13 @@ impl Conn {
             ))
             .service(service);
         let tracked = {
-            let (activity, s) = (activity.clone(), s.clone());
-            tower::service_fn(move |req: Request<Incoming>| {
+            let (activity, s, tunnel) = (activity.clone(), s.clone(), tunnel.clone());
+            tower::service_fn(move |mut req: Request<Incoming>| {
+                // Not while draining: that answer is the 503 below.
+                let draining = s.drain.as_ref().is_some_and(|d| d.is_draining());
+                let open = (tunnels && !draining && tunnel_to_mesh(&req, s.protocols))
+                    .then(|| hyper::upgrade::on(&mut req));
+                let tunnel = tunnel.clone();
                 let guard = activity.begin();
                 let (svc, s) = (limited.clone(), s.clone());
                 // Counted in the node's drain as long as the activity guard;
@@ -492,6 +549,19 @@ impl Conn {
                     .then(|| header_list_size(&req))
                     .filter(|n| *n > s.limits.max_header_bytes);
                 async move {
+                    if let Some(open) = open {
+                        // 200: the tunnel opens once this answer is out.
+                        *tunnel.lock().unwrap_or_else(|p| p.into_inner()) = Some(open);
+                        let ok = Response::new(crate::proto::http::empty());
+                        return Ok::<_, Infallible>(ok.map(|b| {
+                            GuardedBody {
+                                inner: b,
+                                _guard: guard,
+                                _work: None,
+                            }
+                            .boxed()
+                        }));
+                    }
                     let (resp, work) = match (work, oversize) {
                         (Some(None), _) => (s.shutting_down(http1), None),
                         (_, Some(size)) => (s.headers_too_large(size), None),
@@ -516,7 +586,7 @@ impl Conn {
         };
         let conn = s
             .http
-            .serve_connection(io, TowerToHyperService::new(tracked));
+            .serve_connection_with_upgrades(io, TowerToHyperService::new(tracked));
         let mut conn = std::pin::pin!(conn);
         let limits = &s.limits;
         let timed_out = |reason: &str| {
@@ -542,8 +612,9 @@ impl Conn {
                         } else {
                             debug!(%peer, error = %e, "connection ended");
                         }
+                        return None;
                     }
-                    return;
+                    return tunnel.lock().unwrap_or_else(|p| p.into_inner()).take();
                 }
                 _ = timer.as_mut() => {
                     let (next, verdict) = judge(phase, Instant::now(), activity.seen(), limits);
@@ -561,7 +632,7 @@ impl Conn {
                                 timed_out(reason);
                             }
                             debug!(%peer, reason, "closing");
-                            return;
+                            return None;
                         }
                     }
                 }

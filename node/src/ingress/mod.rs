@@ -585,12 +585,17 @@ impl Ingress {
             }
         };
         if req.method() == hyper::Method::CONNECT {
-            // A proxy client (grpcio with `http_proxy`, curl -p) asks for a
-            // tunnel; passed on as a request, its 200 read as "tunnel open".
+            // A tunnel to a mesh name was opened by the listener
+            // (`listen::tunnel_to_mesh`); this one asks for another host,
+            // or a tunnel inside the tunnel.
             return method_not_allowed(
                 me,
-                "CONNECT tunnels are not offered: send the request itself, to the mesh name \
-                 (`Host: <agent>.<tenant>.dmsc`, or an absolute URL in proxy form)",
+                &format!(
+                    "CONNECT is offered to mesh names only (<agent>.<tenant>.dmsc:<port>, \
+                     <tag>.cap.<tenant>.dmsc, mesh.<tenant>.dmsc), once per connection; \
+                     not to `{}`",
+                    req.uri()
+                ),
                 "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS",
             );
         }

@@ -1050,7 +1050,9 @@ async fn an_http1_only_agent_is_reached_by_http2_callers() {
 const GRPCIO_SAY_HELLO: &str = r#"
 import sys, grpc
 ingress = sys.argv[1]
-with grpc.insecure_channel(ingress, options=[("grpc.default_authority", "greeter.acme.dmsc")]) as ch:
+# dialling the mesh name itself goes through `http_proxy` (a CONNECT tunnel)
+opts = [] if ingress.endswith(".dmsc:80") else [("grpc.default_authority", "greeter.acme.dmsc")]
+with grpc.insecure_channel(ingress, options=opts) as ch:
     say = ch.unary_unary("/greet.Greeter/SayHello")
     for name in sys.argv[2:]:
         msg = name.encode()
@@ -1086,16 +1088,24 @@ async fn a_grpcio_client_gets_the_agents_status_through_two_nodes() {
     let dir = tempfile::tempdir().expect("temp dir");
     let script = dir.path().join("say_hello.py");
     std::fs::write(&script, GRPCIO_SAY_HELLO).expect("write");
-    for node in [0, 1] {
+    // by the ingress address on both nodes, then by the mesh name with the
+    // ingress as `http_proxy` (as a process set up for A2A SDKs has it)
+    for (node, proxied) in [(0, false), (1, false), (1, true)] {
         let ingress = mesh.ingress(node).to_string();
         let out = tokio::task::spawn_blocking({
             let script = script.clone();
             move || {
-                std::process::Command::new("python3")
-                    .arg(&script)
-                    .args([&ingress, "ada", "nobody"])
-                    .output()
-                    .expect("python3")
+                let mut cmd = std::process::Command::new("python3");
+                cmd.arg(&script).env_remove("no_proxy").env_remove("NO_PROXY");
+                if proxied {
+                    cmd.env("http_proxy", format!("http://{ingress}"))
+                        .args(["greeter.acme.dmsc:80", "ada", "nobody"]);
+                } else {
+                    cmd.env_remove("http_proxy")
+                        .env_remove("HTTP_PROXY")
+                        .args([&ingress, "ada", "nobody"]);
+                }
+                cmd.output().expect("python3")
             }
         })
         .await
@@ -1104,7 +1114,7 @@ async fn a_grpcio_client_gets_the_agents_status_through_two_nodes() {
         assert_eq!(
             stdout.lines().collect::<Vec<_>>(),
             ["OK hello, ada", "NOT_FOUND no such name"],
-            "through node {node}: {stdout}\n--\n{}",
+            "through node {node} (proxied: {proxied}): {stdout}\n--\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
     }

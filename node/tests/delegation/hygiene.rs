@@ -761,3 +761,68 @@ async fn an_early_http2_refusal_reads_a_small_body_off_first() {
     assert_eq!(header(&resp, "dmsc-error"), "bad-target");
     mesh.stop().await;
 }
+
+/// A proxy client's CONNECT (grpcio with `http_proxy`, `curl -p`) to a
+/// mesh name opens a tunnel on the ingress connection; the requests inside
+/// (HTTP/1.1, or HTTP/2 with prior knowledge as grpcio speaks it) are
+/// served like any other. A CONNECT to any other host is refused, and so
+/// is a tunnel inside the tunnel: the ingress relays no bytes anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_tunnel_to_a_mesh_name_carries_requests_and_nothing_else() {
+    let mesh = mesh2(|_, _| {}).await;
+    let echo = agent("echo", &["echo"], "echoes").await;
+    attach_routable(&mesh, 0, &echo, "echo").await;
+    async fn connect(addr: SocketAddr, authority: &str) -> (TcpStream, RawResponse) {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        let req = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
+        s.write_all(req.as_bytes()).await.expect("write");
+        let r = read_head(&mut s).await;
+        (s, r)
+    }
+    // HTTP/1.1 inside, from node 1 (the agent lives on node 0)
+    let (mut s, r) = connect(mesh.ingress(1), "echo.acme.dmsc:80").await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    let body = message_send("through the tunnel");
+    let req = format!(
+        "POST / HTTP/1.1\r\nHost: echo.acme.dmsc\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let r = read_head(&mut s).await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert!(r.head.contains("dmsc-agent: acme/echo"), "{}", r.head);
+    drop(s);
+    // HTTP/2 with prior knowledge inside
+    let (s, r) = connect(mesh.ingress(1), "echo.acme.dmsc:80").await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(s),
+    )
+    .await
+    .expect("h2 in the tunnel");
+    tokio::spawn(conn);
+    let req = hyper::Request::post("http://echo.acme.dmsc/")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(message_send("h2 in the tunnel"))))
+        .expect("request");
+    let resp = send.send_request(req).await.expect("h2 request");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(header(&resp, "dmsc-agent"), "acme/echo");
+    // Not to another host, and not a tunnel in the tunnel.
+    let (_, r) = connect(mesh.ingress(1), "example.com:443").await;
+    assert_eq!(r.status, 405, "{}", r.head);
+    assert!(
+        r.head.contains("allow:") || r.head.contains("Allow:"),
+        "{}",
+        r.head
+    );
+    let (mut s, r) = connect(mesh.ingress(1), "echo.acme.dmsc:80").await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    s.write_all(b"CONNECT echo.acme.dmsc:80 HTTP/1.1\r\nHost: echo.acme.dmsc:80\r\n\r\n")
+        .await
+        .expect("write");
+    let r = read_head(&mut s).await;
+    assert_eq!(r.status, 405, "{}", r.head);
+    mesh.stop().await;
+}
