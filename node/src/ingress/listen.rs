@@ -532,10 +532,10 @@ impl Conn {
             let (activity, s, tunnel) = (activity.clone(), s.clone(), tunnel.clone());
             tower::service_fn(move |mut req: Request<Incoming>| {
                 // Not while draining: that answer is the 503 below.
-                let draining = s.drain.as_ref().is_some_and(|d| d.is_draining());
-                let open = (tunnels && !draining && tunnel_to_mesh(&req, s.protocols))
-                    .then(|| hyper::upgrade::on(&mut req));
-                let tunnel = tunnel.clone();
+                let open = (tunnels
+                    && tunnel_to_mesh(&req, s.protocols)
+                    && !s.drain.as_ref().is_some_and(|d| d.is_draining()))
+                .then(|| (hyper::upgrade::on(&mut req), tunnel.clone()));
                 let guard = activity.begin();
                 let (svc, s) = (limited.clone(), s.clone());
                 // Counted in the node's drain as long as the activity guard;
@@ -549,7 +549,7 @@ impl Conn {
                     .then(|| header_list_size(&req))
                     .filter(|n| *n > s.limits.max_header_bytes);
                 async move {
-                    if let Some(open) = open {
+                    if let Some((open, tunnel)) = open {
                         // 200: the tunnel opens once this answer is out.
                         *tunnel.lock().unwrap_or_else(|p| p.into_inner()) = Some(open);
                         let ok = Response::new(crate::proto::http::empty());

@@ -1096,10 +1096,15 @@ async fn a_grpcio_client_gets_the_agents_status_through_two_nodes() {
             let script = script.clone();
             move || {
                 let mut cmd = std::process::Command::new("python3");
-                cmd.arg(&script).env_remove("no_proxy").env_remove("NO_PROXY");
+                cmd.arg(&script)
+                    .env_remove("no_proxy")
+                    .env_remove("NO_PROXY");
                 if proxied {
-                    cmd.env("http_proxy", format!("http://{ingress}"))
-                        .args(["greeter.acme.dmsc:80", "ada", "nobody"]);
+                    cmd.env("http_proxy", format!("http://{ingress}")).args([
+                        "greeter.acme.dmsc:80",
+                        "ada",
+                        "nobody",
+                    ]);
                 } else {
                     cmd.env_remove("http_proxy")
                         .env_remove("HTTP_PROXY")
