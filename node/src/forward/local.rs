@@ -733,6 +733,17 @@ fn routed_path(
         Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
         _ => host,
     };
+    // Most requests name an agent: told apart without parsing (which
+    // allocates) by the labels a routed name has.
+    let has = |label: &[u8]| {
+        host.as_bytes()
+            .windows(label.len())
+            .any(|w| w.eq_ignore_ascii_case(label))
+    };
+    let starts_mesh = host.len() > 5 && host.as_bytes()[..5].eq_ignore_ascii_case(b"mesh.");
+    if !starts_mesh && !has(b".cap.") {
+        return None;
+    }
     if !matches!(
         crate::proto::host::parse_host(host),
         Ok((_, HostTarget::Intent | HostTarget::Tag(_)))
