@@ -1199,7 +1199,8 @@ async fn early_refusals_reach_grpc_callers_as_grpc_statuses() {
     let mut tcp = tokio::net::TcpStream::connect(mesh.ingress(0))
         .await
         .expect("connect");
-    tcp.write_all(b"CONNECT greeter.acme.dmsc:80 HTTP/1.1\r\nHost: greeter.acme.dmsc:80\r\n\r\n")
+    // A tunnel is opened to mesh names only (`hygiene::a_connect_tunnel_...`).
+    tcp.write_all(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
         .await
         .expect("write");
     let mut head = vec![0u8; 512];
