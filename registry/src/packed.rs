@@ -147,14 +147,23 @@ impl PackedRecord {
     }
 
     /// Whether the agent speaks A2A version `d` (in `binding`, if given):
-    /// its card states that pair, or states no version at all, or the
-    /// binding is none the record keeps versions for.
+    /// its card states that pair, or states no version for that binding
+    /// (or none at all), or the binding is none the record keeps versions
+    /// for.
     pub fn speaks(&self, binding: Option<&str>, d: Dialect) -> bool {
         if self.a2a == 0 {
             return true;
         }
         match binding {
-            Some(b) => a2a_bit(b, d).is_none_or(|bit| self.a2a & bit != 0),
+            Some(b) => {
+                let any_version = A2A_VERSIONS
+                    .iter()
+                    .filter_map(|v| a2a_bit(b, *v))
+                    .fold(0u8, |m, bit| m | bit);
+                any_version == 0
+                    || self.a2a & any_version == 0
+                    || a2a_bit(b, d).is_some_and(|bit| self.a2a & bit != 0)
+            }
             None => self.a2a_interfaces().any(|(_, v)| v == d),
         }
     }
@@ -324,8 +333,10 @@ mod tests {
         assert!(
             p.speaks(Some("JSONRPC"), Dialect::V10) && !p.speaks(Some("jsonrpc"), Dialect::V03)
         );
-        assert!(p.speaks(Some("GRPC"), Dialect::V03) && !p.speaks(Some("HTTP+JSON"), Dialect::V10));
+        assert!(p.speaks(Some("GRPC"), Dialect::V03) && !p.speaks(Some("GRPC"), Dialect::V10));
         assert!(p.speaks(None, Dialect::V03) && p.speaks(Some("MQTT"), Dialect::V03));
+        // a binding the card states no version for: unknown, so any
+        assert!(p.speaks(Some("HTTP+JSON"), Dialect::V03));
         let empty = AgentRecord {
             digest: String::new(),
             skills: vec![],

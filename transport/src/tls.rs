@@ -565,7 +565,13 @@ pub fn verify_agent(
                 "certificate `{}` is revoked (serial {}: {})",
                 who.spiffe, r.serial, r.reason
             ),
-            revoked: Some(Box::new(who)),
+            // Only when the agent's own certificate (or one it was renewed
+            // from) is what is revoked: under a revoked issuing
+            // certificate, whoever holds its key can mint any tenant's name.
+            revoked: revoked
+                .revoked_in(chain.iter().skip(1))
+                .is_none()
+                .then(|| Box::new(who)),
         }),
         None => Ok(who),
     }
@@ -749,6 +755,23 @@ mod tests {
         assert_eq!(e.revoked.map(|w| w.tenant).as_deref(), Some("acme"));
         let chain = chain_of(&format!("{}{}", forged.pem(), creds.issuer.cert_pem));
         let e = verify_agent(&chain, &identity, &revoked, UnixTime::now()).expect_err("forged");
+        assert!(e.revoked.is_none(), "{e:?}");
+        // Its issuing certificate revoked: refused, naming nobody (whoever
+        // holds a revoked issuer's key can mint any name under it).
+        let issuer_revoked = RevocationSet::new();
+        let issuer_serial = crate::identity::cert_info(&chain_of(&creds.issuer.cert_pem)[0])
+            .expect("info")
+            .serial_hex;
+        issuer_revoked
+            .insert(crate::Revocation::sign(&ca, &issuer_serial, "key-compromise").expect("sign"));
+        let e = verify_agent(
+            &chain_of(&ok.chain_pem),
+            &identity,
+            &issuer_revoked,
+            UnixTime::now(),
+        )
+        .expect_err("issuer revoked");
+        assert!(e.reason.contains("is revoked"), "{}", e.reason);
         assert!(e.revoked.is_none(), "{e:?}");
 
         // An unrestricted issuer (no tenant SANs) issues for anyone.

@@ -405,6 +405,9 @@ pub(crate) async fn deliver_local(
         trace_id,
         watch,
     } = to;
+    // Sent to a router's endpoint (an intent, a capability): the ingress
+    // said so, for this node only.
+    let routed_to = headers.remove(crate::proto::forwarded::ROUTED);
     // What the caller did, or a timeout within its own short deadline, is
     // not the agent's error rate.
     let charged = |f: &Failure| {
@@ -455,8 +458,17 @@ pub(crate) async fn deliver_local(
     // A gRPC server resets every stream that is not gRPC: that would be a
     // failure charged to the agent (anyone's curl, or a monitoring probe,
     // could open its circuit for every gRPC caller). It is the caller's.
+    // (Unless its card says it serves another binding on this port too, as
+    // a tonic server beside an axum router may.)
     if agent.protocol.current() == Some(crate::proto::agent::Protocol::Grpc)
         && !crate::proto::http::is_grpc(&headers)
+        && (agent.card_source == CardSource::Declared
+            || agent
+                .card()
+                .served
+                .protocols()
+                .iter()
+                .all(|p| p.eq_ignore_ascii_case("GRPC")))
     {
         return Err(Failure::Caller(
             MeshError::new(
@@ -489,7 +501,9 @@ pub(crate) async fn deliver_local(
     }
     // Sent to a router's endpoint (an intent, a capability): on to this
     // agent's endpoint for the request's binding.
-    let routed = routed_path(&agent.card(), &method, path, &headers);
+    let routed = routed_to
+        .as_ref()
+        .and_then(|r| routed_path(&agent.card(), &method, path, r, &headers));
     let path = routed.as_deref().unwrap_or(path);
     // A request for the extended card: its answer is rewritten below.
     let (card_ask, body) = match extended::rest_ask(&method, path) {
@@ -711,68 +725,57 @@ fn serve_card(agent: &LocalAgent, headers: &hyper::HeaderMap) -> Response<Body> 
     resp
 }
 
-/// The path on this agent of a request addressed to a name the mesh
-/// resolves to one of several agents, `mesh.<tenant>.dmsc` (intent) or
-/// `<tag>.cap.<tenant>.dmsc` (capability). The caller sent it to the
-/// router's endpoint, whose JSON-RPC and HTTP+JSON interfaces are at `/`
-/// (the router card, [`crate::intent::card`]), knowing nothing of the
+/// The path on this agent of a request sent to a router's endpoint: a
+/// name the mesh resolves to one of several agents, `mesh.<tenant>.dmsc`
+/// (intent) or `<tag>.cap.<tenant>.dmsc` (capability), as the ingress said
+/// in `dmsc-routed` (`<binding> <version>`, [`ROUTED`]). The caller sent it
+/// to the router's endpoint, whose JSON-RPC and HTTP+JSON interfaces are at
+/// `/` (the router card, [`crate::intent::card`]), knowing nothing of the
 /// agent picked: a JSON-RPC `POST /` goes to the agent's JSON-RPC
 /// endpoint, an HTTP+JSON path (`/message:send`, `/tasks/<id>`, 0.3's
 /// `/v1/...`) under its HTTP+JSON endpoint, each as its card names it (for
 /// the request's A2A version, when the card names one per version).
-/// `None`: the path stays (a name addressed directly, or nothing to move).
+/// `None`: the path stays (nothing to move).
+///
+/// [`ROUTED`]: crate::proto::forwarded::ROUTED
 fn routed_path(
     card: &CardVersion,
     method: &Method,
     path: &str,
+    routed: &HeaderValue,
     headers: &hyper::HeaderMap,
 ) -> Option<String> {
-    use crate::proto::host::HostTarget;
-    let host = headers.get(HOST)?.to_str().ok()?;
-    let host = match host.rsplit_once(':') {
-        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => host,
-    };
-    // Most requests name an agent: told apart without parsing (which
-    // allocates) by the labels a routed name has.
-    let has = |label: &[u8]| {
-        host.as_bytes()
-            .windows(label.len())
-            .any(|w| w.eq_ignore_ascii_case(label))
-    };
-    let starts_mesh = host.len() > 5 && host.as_bytes()[..5].eq_ignore_ascii_case(b"mesh.");
-    if !starts_mesh && !has(b".cap.") {
-        return None;
-    }
-    if !matches!(
-        crate::proto::host::parse_host(host),
-        Ok((_, HostTarget::Intent | HostTarget::Tag(_)))
-    ) {
-        return None;
-    }
+    let (said_binding, said_version) = routed.to_str().ok()?.split_once(' ')?;
     let (p, query) = match path.split_once('?') {
         Some((p, q)) => (p, Some(q)),
         None => (path, None),
     };
-    let jsonrpc = *method == Method::POST && p == "/";
-    let rest = !jsonrpc
-        && (crate::proto::a2a::binding(false, p, None) == Some("HTTP+JSON")
-            || crate::proto::a2a::EXTENDED_CARD_PATHS
-                .iter()
-                .any(|c| p.ends_with(c)));
-    let binding = match (jsonrpc, rest) {
-        (true, _) => "JSONRPC",
-        (_, true) => "HTTP+JSON",
+    let rest_path = crate::proto::a2a::binding(false, p, None) == Some("HTTP+JSON")
+        || crate::proto::a2a::EXTENDED_CARD_PATHS
+            .iter()
+            .any(|c| p.ends_with(c));
+    let binding = match said_binding {
+        "JSONRPC" | "HTTP+JSON" => said_binding,
+        // not known at the ingress (a body it did not hold whole)
+        "-" if *method == Method::POST && p == "/" => "JSONRPC",
+        "-" if rest_path => "HTTP+JSON",
         _ => return None,
     };
-    let dialect = crate::proto::a2a::request_dialect(headers, p, None);
+    let dialect = match said_version {
+        "0.3" => Some(dmsc_registry::Dialect::V03),
+        "1.0" => Some(dmsc_registry::Dialect::V10),
+        _ => crate::proto::a2a::request_dialect(headers, p, None),
+    };
     let endpoint = card.served.endpoint_path(binding, dialect)?;
     let endpoint = endpoint.split('?').next().unwrap_or_default();
     let prefix = endpoint.trim_end_matches('/');
     if prefix.is_empty() {
         return None;
     }
-    let moved = if jsonrpc {
+    let moved = if binding == "JSONRPC" {
+        if p != "/" {
+            return None;
+        }
         endpoint.to_string()
     } else if p.starts_with(&format!("{prefix}/")) {
         return None;

@@ -465,6 +465,9 @@ fn judge(phase: Phase, now: Instant, seen: Seen, limits: &LimitsConfig) -> (Phas
 /// anywhere else.
 fn tunnel_to_mesh<B>(req: &Request<B>, protocols: Protocols) -> bool {
     req.method() == hyper::Method::CONNECT
+        // HTTP/1.1's CONNECT takes the whole connection; HTTP/2's is one
+        // stream of many (refused with 405, like any other host)
+        && req.version() < hyper::Version::HTTP_2
         && protocols == Protocols::Auto
         && req
             .uri()

@@ -928,9 +928,11 @@ impl Ingress {
         // Follow-ups of intent-routed work (a task method, a message in a
         // known task or context, a reply to an ask) go where the work is.
         let by_intent = target == HostTarget::Intent;
+        // Sent to a router's endpoint: the agent picked gets it at its own.
+        let routed = by_intent || matches!(target, HostTarget::Tag(_));
         // Where the mesh picks the agent by meaning, it picks one that
         // speaks the request's A2A version too.
-        let a2a = if by_intent {
+        let a2a = if routed {
             crate::proto::a2a::request_dialect(
                 &parts.headers,
                 &path,
@@ -1059,6 +1061,16 @@ impl Ingress {
         // What the caller says in the mesh's namespace was read above or is
         // not for the agent; the agent's node states the verified caller.
         crate::proto::forwarded::strip_mesh_headers(&mut headers);
+        if routed {
+            let v = format!(
+                "{} {}",
+                binding.unwrap_or("-"),
+                a2a.map_or_else(|| "-".to_string(), |d| d.to_string())
+            );
+            if let Ok(v) = hyper::header::HeaderValue::from_str(&v) {
+                headers.insert(crate::proto::forwarded::ROUTED, v);
+            }
+        }
         if let Some(peer) = auth.peer {
             crate::proto::forwarded::append_forwarded_for(&mut headers, peer.ip());
         }
@@ -1095,7 +1107,10 @@ impl Ingress {
                 body,
                 intent: prepared.query,
                 route_note: follow.map(|f| f.why).or(routed_by_start),
-                speaks: dmsc_registry::Speaks { binding, a2a },
+                speaks: dmsc_registry::Speaks {
+                    binding,
+                    a2a: a2a.filter(|_| by_intent),
+                },
             })
             .await;
         drop(permit);

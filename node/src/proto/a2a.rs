@@ -43,14 +43,18 @@ pub fn request_dialect(
             #[serde(borrow)]
             method: Option<std::borrow::Cow<'a, str>>,
         }
-        let method = serde_json::from_slice::<Method<'_>>(b)
-            .ok()
-            .and_then(|m| m.method.map(|m| m.into_owned()))
-            .or_else(|| {
+        let method = match serde_json::from_slice::<Method<'_>>(b) {
+            // the top-level `method` only (an HTTP+JSON body has none; a
+            // `method` inside its message's data says nothing)
+            Ok(m) => m.method.map(|m| m.into_owned()),
+            // the start of a JSON object too large to hold whole
+            Err(_) if b.trim_ascii_start().starts_with(b"{") => {
                 string_values(&String::from_utf8_lossy(head), "method")
                     .into_iter()
                     .next()
-            });
+            }
+            Err(_) => None,
+        };
         if let Some(m) = method {
             return Some(if m.contains('/') {
                 Dialect::V03

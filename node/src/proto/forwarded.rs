@@ -34,6 +34,13 @@ pub const CALLER_TENANT: HeaderName = HeaderName::from_static("dmsc-caller-tenan
 pub const TRACE_ID: HeaderName = HeaderName::from_static("dmsc-trace-id");
 /// The remaining deadline.
 pub const TIMEOUT: HeaderName = HeaderName::from_static("dmsc-timeout");
+/// Between nodes only: the request was sent to a router's endpoint (an
+/// intent or capability address, whose interfaces are at `/`), in
+/// `<binding> <A2A version>` (`-` for one not known): the agent's node
+/// moves it to the agent's own endpoint (`forward::local`) and removes it.
+/// Set by the ingress after it removed every `dmsc-*` header the caller
+/// sent, so no caller sets it.
+pub const ROUTED: HeaderName = HeaderName::from_static("dmsc-routed");
 /// The client address chain.
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
