@@ -767,9 +767,14 @@ fn routed_path(
         _ => crate::proto::a2a::request_dialect(headers, p, None),
     };
     let endpoint = card.served.endpoint_path(binding, dialect)?;
-    let endpoint = endpoint.split('?').next().unwrap_or_default();
+    // The endpoint's own query (`?api-version=2`) stays, before the
+    // request's.
+    let (endpoint, endpoint_query) = match endpoint.split_once('?') {
+        Some((e, q)) => (e, Some(q)),
+        None => (endpoint.as_str(), None),
+    };
     let prefix = endpoint.trim_end_matches('/');
-    if prefix.is_empty() {
+    if prefix.is_empty() && endpoint_query.is_none() {
         return None;
     }
     let moved = if binding == "JSONRPC" {
@@ -782,9 +787,10 @@ fn routed_path(
     } else {
         format!("{prefix}{p}")
     };
-    Some(match query {
-        Some(q) => format!("{moved}?{q}"),
-        None => moved,
+    Some(match (endpoint_query, query) {
+        (Some(e), Some(q)) => format!("{moved}?{e}&{q}"),
+        (Some(q), None) | (None, Some(q)) => format!("{moved}?{q}"),
+        (None, None) => moved,
     })
 }
 
@@ -801,6 +807,56 @@ fn etag_matches(if_none_match: &str, etag: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_routed_request_moves_to_the_endpoint_the_card_names() {
+        let card = AgentCard::from_value(serde_json::json!({
+            "name": "p", "description": "d", "version": "1",
+            "supportedInterfaces": [
+                {"url": "http://p.acme.dmsc/a2a?v=2", "protocolBinding": "JSONRPC", "protocolVersion": "1.0"},
+                {"url": "http://p.acme.dmsc/old", "protocolBinding": "JSONRPC", "protocolVersion": "0.3"},
+                {"url": "http://p.acme.dmsc/rest/", "protocolBinding": "HTTP+JSON"}
+            ],
+            "skills": []
+        }))
+        .expect("card");
+        let cv = CardVersion {
+            mesh_card: Bytes::new(),
+            served: card.clone(),
+            digest: String::new(),
+            card,
+            left_out: Vec::new(),
+        };
+        let none = hyper::HeaderMap::new();
+        let moved = |m: Method, path: &str, said: &'static str| {
+            routed_path(&cv, &m, path, &HeaderValue::from_static(said), &none)
+        };
+        assert_eq!(
+            moved(Method::POST, "/", "JSONRPC 1.0").as_deref(),
+            Some("/a2a?v=2")
+        );
+        assert_eq!(
+            moved(Method::POST, "/", "JSONRPC 0.3").as_deref(),
+            Some("/old")
+        );
+        // what the ingress could not tell, from the request itself
+        assert_eq!(moved(Method::POST, "/", "- -").as_deref(), Some("/a2a?v=2"));
+        assert_eq!(
+            moved(Method::POST, "/message:send?x=1", "HTTP+JSON 1.0").as_deref(),
+            Some("/rest/message:send?x=1")
+        );
+        assert_eq!(
+            moved(Method::GET, "/tasks/t1", "- -").as_deref(),
+            Some("/rest/tasks/t1")
+        );
+        // already there, or nothing to move
+        assert_eq!(
+            moved(Method::POST, "/rest/message:send", "HTTP+JSON 1.0"),
+            None
+        );
+        assert_eq!(moved(Method::POST, "/other", "JSONRPC 1.0"), None);
+        assert_eq!(moved(Method::GET, "/", "- -"), None);
+    }
 
     #[test]
     fn redirects_to_the_agent_point_at_its_mesh_name() {

@@ -475,6 +475,29 @@ fn tunnel_to_mesh<B>(req: &Request<B>, protocols: Protocols) -> bool {
             .is_some_and(|h| crate::proto::host::parse_host(h).is_ok())
 }
 
+/// What answers a connection's requests ([`Conn::serve`]).
+pub trait ConnService:
+    Service<
+        Request<Incoming>,
+        Response = Response<Body>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> ConnService for S
+where
+    S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+}
+
 impl Conn {
     /// Serves HTTP on `io` with `service` until the client leaves or a
     /// limit closes the connection. The service sits behind the listener's
@@ -487,11 +510,7 @@ impl Conn {
     pub async fn serve<I, S>(self, io: I, service: S)
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-        S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
-            + Clone
-            + Send
-            + 'static,
-        S::Future: Send + 'static,
+        S: ConnService,
     {
         let Some(tunnel) = self.serve_io(io, service.clone(), true).await else {
             return;
@@ -516,11 +535,7 @@ impl Conn {
     ) -> Option<hyper::upgrade::OnUpgrade>
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-        S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
-            + Clone
-            + Send
-            + 'static,
-        S::Future: Send + 'static,
+        S: ConnService,
     {
         let s = self.server.inner.clone();
         let tunnel: Arc<std::sync::Mutex<Option<hyper::upgrade::OnUpgrade>>> = Arc::default();
