@@ -128,6 +128,21 @@ pub enum Dialect {
     V10,
 }
 
+impl Dialect {
+    /// The dialect of a stated protocol version (`0.3.0`, `1.0`, `1`);
+    /// `None` for any other.
+    pub fn of_version(v: &str) -> Option<Dialect> {
+        let v = v.trim();
+        if v == "1" || v.starts_with("1.") {
+            Some(Dialect::V10)
+        } else if v.starts_with("0.") {
+            Some(Dialect::V03)
+        } else {
+            None
+        }
+    }
+}
+
 impl fmt::Display for Dialect {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -526,15 +541,7 @@ impl AgentCard {
     /// (0.3 cards carry it) unless an entry states its own. Empty when the
     /// card states no version at all (a card built from config): unknown.
     pub fn a2a_interfaces(&self) -> Vec<(String, Dialect)> {
-        let of = |v: &str| {
-            if v.starts_with("0.") {
-                Some(Dialect::V03)
-            } else if v.starts_with("1.") {
-                Some(Dialect::V10)
-            } else {
-                None
-            }
-        };
+        let of = Dialect::of_version;
         let card_version = self.protocol_version.as_deref().and_then(of);
         let top = self.url.as_ref().map(|_| {
             (
@@ -590,11 +597,8 @@ impl AgentCard {
                 Some(card_dialect),
             )
         });
-        let version = |v: &Option<String>, default: Dialect| match v.as_deref() {
-            Some(v) if v.starts_with("0.") => Some(Dialect::V03),
-            Some(v) if v.starts_with("1.") => Some(Dialect::V10),
-            Some(_) => None,
-            None => Some(default),
+        let version = |v: &Option<String>, default: Dialect| {
+            v.as_deref().map_or(Some(default), Dialect::of_version)
         };
         let additional = self.additional_interfaces.iter().flatten().map(|i| {
             (

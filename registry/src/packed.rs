@@ -74,8 +74,7 @@ impl PackedRecord {
             .iter()
             .filter_map(|s| {
                 let (b, v) = s.rsplit_once(' ')?;
-                let d = A2A_VERSIONS.iter().find(|d| d.to_string() == v)?;
-                a2a_bit(b, *d)
+                a2a_bit(b, Dialect::of_version(v)?)
             })
             .fold(0u8, |m, bit| m | bit);
         PackedRecord {

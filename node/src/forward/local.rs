@@ -750,22 +750,21 @@ fn routed_path(
         Some((p, q)) => (p, Some(q)),
         None => (path, None),
     };
-    let rest_path = crate::proto::a2a::binding(false, p, None) == Some("HTTP+JSON")
-        || crate::proto::a2a::EXTENDED_CARD_PATHS
-            .iter()
-            .any(|c| p.ends_with(c));
+    let rest_path = || {
+        crate::proto::a2a::binding(false, p, None) == Some("HTTP+JSON")
+            || crate::proto::a2a::EXTENDED_CARD_PATHS
+                .iter()
+                .any(|c| p.ends_with(c))
+    };
     let binding = match said_binding {
         "JSONRPC" | "HTTP+JSON" => said_binding,
         // not known at the ingress (a body it did not hold whole)
         "-" if *method == Method::POST && p == "/" => "JSONRPC",
-        "-" if rest_path => "HTTP+JSON",
+        "-" if rest_path() => "HTTP+JSON",
         _ => return None,
     };
-    let dialect = match said_version {
-        "0.3" => Some(dmsc_registry::Dialect::V03),
-        "1.0" => Some(dmsc_registry::Dialect::V10),
-        _ => crate::proto::a2a::request_dialect(headers, p, None),
-    };
+    let dialect = dmsc_registry::Dialect::of_version(said_version)
+        .or_else(|| crate::proto::a2a::request_dialect(headers, p, None));
     let endpoint = card.served.endpoint_path(binding, dialect)?;
     // The endpoint's own query (`?api-version=2`) stays, before the
     // request's.

@@ -16,52 +16,38 @@ use serde_json::Value;
 
 /// The A2A version a request speaks, as far as it says: its `A2A-Version`
 /// header (a 1.0 client sends it; an agent takes a missing one as 0.3),
-/// else its JSON-RPC method (0.3's are paths such as `message/send`, 1.0's
-/// names such as `SendMessage`; read from `body`, or leniently from the
-/// start of a large one), else its HTTP+JSON path (0.3's are under `/v1/`).
-/// `None`: it does not say (a GET, a gRPC call).
+/// else the top-level JSON-RPC `method` of its whole `body` (0.3's are
+/// paths such as `message/send`, 1.0's names such as `SendMessage`), else
+/// its HTTP+JSON path (0.3's are under `/v1/`). `None`: it does not say (a
+/// GET, a gRPC call, a body too large to hold).
 pub fn request_dialect(
     headers: &hyper::HeaderMap,
     path: &str,
     body: Option<&[u8]>,
 ) -> Option<dmsc_registry::Dialect> {
     use dmsc_registry::Dialect;
-    if let Some(v) = headers.get("a2a-version").and_then(|v| v.to_str().ok()) {
-        let v = v.trim();
-        if v.starts_with("1.") || v == "1" {
-            return Some(Dialect::V10);
-        }
-        if v.starts_with("0.") {
-            return Some(Dialect::V03);
-        }
+    if let Some(d) = headers
+        .get("a2a-version")
+        .and_then(|v| v.to_str().ok())
+        .and_then(Dialect::of_version)
+    {
+        return Some(d);
     }
-    if let Some(b) = body {
-        let head = &b[..b.len().min(64 * 1024)];
-        // Only `method` is kept (the rest is skipped, not built).
-        #[derive(serde::Deserialize)]
-        struct Method<'a> {
-            #[serde(borrow)]
-            method: Option<std::borrow::Cow<'a, str>>,
-        }
-        let method = match serde_json::from_slice::<Method<'_>>(b) {
-            // the top-level `method` only (an HTTP+JSON body has none; a
-            // `method` inside its message's data says nothing)
-            Ok(m) => m.method.map(|m| m.into_owned()),
-            // the start of a JSON object too large to hold whole
-            Err(_) if b.trim_ascii_start().starts_with(b"{") => {
-                string_values(&String::from_utf8_lossy(head), "method")
-                    .into_iter()
-                    .next()
-            }
-            Err(_) => None,
-        };
-        if let Some(m) = method {
-            return Some(if m.contains('/') {
-                Dialect::V03
-            } else {
-                Dialect::V10
-            });
-        }
+    // Only the top-level `method` is kept (the rest is skipped, not built;
+    // an HTTP+JSON body has none, and a `method` in its message's data
+    // says nothing).
+    #[derive(serde::Deserialize)]
+    struct Method<'a> {
+        #[serde(borrow)]
+        method: Option<std::borrow::Cow<'a, str>>,
+    }
+    let method = body.and_then(|b| serde_json::from_slice::<Method<'_>>(b).ok()?.method);
+    if let Some(m) = method {
+        return Some(if m.contains('/') {
+            Dialect::V03
+        } else {
+            Dialect::V10
+        });
     }
     let path = path.split('?').next().unwrap_or_default();
     if path.ends_with("/message:send") || path.ends_with("/message:stream") {
